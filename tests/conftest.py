@@ -1,0 +1,85 @@
+"""Shared fixtures: one real PostgreSQL cluster per test session, a fresh database per test.
+
+The cluster comes from `flux.pg.cluster`, the same module `flux dev` uses, so the suite runs
+anywhere, as root too. Without server binaries the suite fails under CI=true and skips
+database tests elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from flux.errors import ClusterError
+from flux.pg.cluster import SUPERUSER, Cluster, ClusterInfo
+
+# fsync off: these clusters are throwaway; the engine's own durability is tested by killing
+# the engine, not the machine.
+TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "shared_buffers": "'256MB'", "max_wal_size": "'4GB'"}
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state_dir = tmp_path_factory.mktemp("cluster")
+    os.chmod(state_dir, 0o755)
+    for parent in state_dir.parents:  # the server account must traverse pytest's temp tree
+        if parent == Path(tmp_path_factory.getbasetemp()).parent:
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o011)
+    cluster = Cluster(state_dir=state_dir, settings=TEST_SETTINGS)
+    try:
+        cluster.start()
+    except ClusterError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI: {exc} -- {exc.hint}")
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_info(pg_cluster: Cluster) -> ClusterInfo:
+    return pg_cluster.start()
+
+
+def _drop_slots(admin_dsn: str, dbname: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        for slot, pid in conn.execute(
+            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (dbname,)
+        ).fetchall():
+            if pid:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            for _ in range(50):
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                    break
+                except psycopg.errors.ObjectInUse:
+                    import time
+
+                    time.sleep(0.1)
+
+
+@pytest.fixture
+def dsn(pg_info: ClusterInfo) -> Iterator[str]:
+    """DSN of a fresh, empty database on the session cluster; dropped (with its slots) afterwards."""
+    dbname = f"t_{uuid.uuid4().hex[:12]}"
+    janitor = DatabaseJanitor(
+        user=SUPERUSER, host="127.0.0.1", port=pg_info.port, dbname=dbname, password=None
+    )
+    janitor.init()
+    yield f"postgresql://{SUPERUSER}@127.0.0.1:{pg_info.port}/{dbname}"
+    _drop_slots(pg_info.dsn, dbname)
+    janitor.drop()
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the per-test database, for setting up tables and writing rows."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        yield connection

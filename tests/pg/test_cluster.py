@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import psycopg
+
+from flux.pg.cluster import find_bindir
+
+
+def test_find_bindir_returns_directory_with_server_binaries():
+    bindir = find_bindir()
+    assert (bindir / "initdb").is_file() and (bindir / "postgres").is_file()
+
+
+def test_session_cluster_has_logical_wal_level(conn: psycopg.Connection):
+    assert conn.execute("SHOW wal_level").fetchone()[0] == "logical"
+
+
+def test_start_is_idempotent_and_keeps_port(pg_cluster):
+    first = pg_cluster.start()
+    second = pg_cluster.start()
+    assert first.port == second.port

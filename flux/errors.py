@@ -99,6 +99,9 @@ class StreamError(FluxError):
 
 
 _CONNECTION_SQLSTATE_CLASSES = ("08", "57")  # connection exception; operator intervention (shutdown, terminate)
+# Transient by nature: serialization failures and deadlocks, insufficient resources, lock timeouts.
+_TRANSIENT_SQLSTATE_CLASSES = ("40", "53")
+_TRANSIENT_SQLSTATES = ("55P03", "55006")
 
 
 def from_psycopg(exc: psycopg.Error, message: str, *, hint: str | None = None, **context: Any) -> FluxError:
@@ -107,4 +110,6 @@ def from_psycopg(exc: psycopg.Error, message: str, *, hint: str | None = None, *
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, psycopg.OperationalError) and (sqlstate is None or sqlstate[:2] in _CONNECTION_SQLSTATE_CLASSES):
         return ConnectionLostError(f"{message}: {detail}", hint=hint, sqlstate=sqlstate, **context)
+    transient = sqlstate is not None and (sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES)
+    context.setdefault("retryable", transient)
     return DatabaseError(f"{message}: {detail}", hint=hint, sqlstate=sqlstate, **context)

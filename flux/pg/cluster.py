@@ -24,7 +24,8 @@ from pathlib import Path
 
 from flux.errors import ClusterError
 
-SUPERUSER = "flux"
+# Not "flux": with search_path "$user", public a role named flux would create its tables in the flux schema.
+SUPERUSER = "postgres"
 DATABASE = "postgres"
 UNPRIVILEGED_USERS = ("postgres", "nobody")
 

@@ -1,0 +1,337 @@
+"""Transaction assembly: decoded pgoutput messages in, `flux.state_mutations` rows out.
+
+`Assembler` tracks relations and the open transaction, assigns each change its position
+(`seq`) and its request context, and builds typed JSON row images. It does no I/O of its own:
+what it needs from the catalog (primary keys, non-built-in types) comes through the small
+`Catalog` protocol, and rows go to whoever calls it.
+
+The request context contract (public, see README):
+- a transactional logical message with prefix `flux` carries a JSON object with `request_id`;
+- each change gets the context of the most recent `flux` message before it in its transaction;
+  changes before the first message get the first one (reported as a `Backfill`);
+- malformed content never drops a change: request_id is NULL and the raw text is kept;
+- changes with no message at all are recorded with request_id NULL (xid identifies them).
+
+It does not deduplicate or decide what to skip on restart: the engine does, from the
+commit LSN in BEGIN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import orjson
+
+from flux.cdc import pgoutput as pg
+from flux.cdc.values import Convert, TypeCatalog
+from flux.cdc.wire import format_lsn, pg_time_to_datetime
+from flux.errors import StreamError
+
+CONTEXT_PREFIX = "flux"
+MAX_RAW_CONTEXT = 4096
+
+
+class Catalog(Protocol):
+    """What the assembler needs to know that the stream does not say."""
+
+    def primary_key(self, relation_id: int) -> tuple[str, ...] | None:
+        """Primary-key column names of a relation, in key order; None if it has none (or is gone)."""
+
+    def learn_types(self, types: TypeCatalog, type_oids: list[int]) -> None:
+        """Teach `types` the given non-built-in type OIDs."""
+
+
+@dataclass(slots=True)
+class MutationRow:
+    """One row of flux.state_mutations, in COPY column order (see `COLUMNS`)."""
+
+    request_id: str | None
+    context: str | None  # JSON text
+    schema_name: str
+    table_name: str
+    op: str
+    row_key: str | None
+    old: str | None
+    new: str | None
+    old_complete: bool | None
+    missing_columns: list[str] | None
+    changed_columns: list[str] | None
+    xid: int
+    commit_lsn: str
+    commit_time: datetime
+    seq: int
+
+    def as_tuple(self) -> tuple:
+        return (
+            self.request_id, self.context, self.schema_name, self.table_name, self.op, self.row_key,
+            self.old, self.new, self.old_complete, self.missing_columns, self.changed_columns,
+            self.xid, self.commit_lsn, self.commit_time, self.seq,
+        )
+
+
+COLUMNS = (
+    "request_id", "context", "schema_name", "table_name", "op", "row_key", "old", "new", "old_complete",
+    "missing_columns", "changed_columns", "xid", "commit_lsn", "commit_time", "seq",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Backfill:
+    """Changes seq < `before_seq` of the transaction at `commit_lsn` take this context."""
+
+    commit_lsn: str
+    before_seq: int
+    request_id: str | None
+    context: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionEnd:
+    xid: int
+    commit_lsn: int
+    end_lsn: int
+    commit_time: datetime
+    changes: int
+
+
+@dataclass(slots=True)
+class _Transaction:
+    xid: int
+    commit_lsn: int
+    commit_lsn_text: str
+    commit_time: datetime
+    seq: int = 0
+    request_id: str | None = None
+    context: str | None = None
+    has_context: bool = False
+
+
+@dataclass(slots=True)
+class _Table:
+    relation: pg.Relation
+    names: tuple[str, ...]
+    converters: tuple[Convert, ...]
+    key_indexes: tuple[int, ...]  # replica identity key columns (pgoutput flags)
+    primary_key: tuple[int, ...] | None
+    full_identity: bool
+    pk_resolved: bool = False
+    pk_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def parse_context(content: bytes) -> tuple[str | None, str]:
+    """(request_id, context JSON text) from a `flux` message; malformed content is kept raw."""
+    try:
+        value = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        request_id = value.get("request_id")
+        if isinstance(request_id, str) and request_id:
+            return request_id, orjson.dumps(value).decode()
+        problem = "request_id missing or not a non-empty string"
+    else:
+        problem = "content is not a JSON object"
+    raw = content[:MAX_RAW_CONTEXT].decode("utf-8", errors="replace")
+    return None, orjson.dumps({"malformed": problem, "raw": raw}).decode()
+
+
+class Assembler:
+    """Turns one replication session's messages into rows. Create a new one per session."""
+
+    def __init__(self, *, catalog: Catalog, types: TypeCatalog | None = None) -> None:
+        self.catalog = catalog
+        self.types = types or TypeCatalog()
+        self._tables: dict[int, _Table] = {}
+        self._txn: _Transaction | None = None
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._txn is not None
+
+    def begin(self, msg: pg.Begin) -> None:
+        if self._txn is not None:
+            raise StreamError("BEGIN inside an open transaction", xid=msg.xid, lsn=format_lsn(msg.final_lsn))
+        self._txn = _Transaction(
+            xid=msg.xid,
+            commit_lsn=msg.final_lsn,
+            commit_lsn_text=format_lsn(msg.final_lsn),
+            commit_time=pg_time_to_datetime(msg.commit_time),
+        )
+
+    def abandon(self) -> None:
+        """Forget the open transaction (the engine skips it, or the connection dropped mid-way)."""
+        self._txn = None
+
+    def commit(self, msg: pg.Commit) -> TransactionEnd:
+        txn = self._require("COMMIT", msg.commit_lsn)
+        self._txn = None
+        return TransactionEnd(
+            xid=txn.xid, commit_lsn=msg.commit_lsn, end_lsn=msg.end_lsn, commit_time=txn.commit_time, changes=txn.seq
+        )
+
+    def relation(self, msg: pg.Relation) -> None:
+        unknown = [c.type_oid for c in msg.columns if self.types.converter(c.type_oid) is None]
+        if unknown:
+            self.catalog.learn_types(self.types, unknown)
+        self._tables[msg.relation_id] = _Table(
+            relation=msg,
+            names=tuple(c.name for c in msg.columns),
+            converters=tuple(self.types.converter_or_text(c.type_oid) for c in msg.columns),
+            key_indexes=tuple(i for i, c in enumerate(msg.columns) if c.is_key),
+            primary_key=None,
+            full_identity=msg.replica_identity == "f",
+        )
+
+    def message(self, msg: pg.LogicalMessage) -> Backfill | None:
+        """Apply a logical message; returns a Backfill when earlier changes take its context."""
+        if msg.prefix != CONTEXT_PREFIX or not msg.transactional or self._txn is None:
+            return None
+        txn = self._txn
+        txn.request_id, txn.context = parse_context(msg.content)
+        first = not txn.has_context
+        txn.has_context = True
+        if first and txn.seq > 0:
+            return Backfill(txn.commit_lsn_text, txn.seq, txn.request_id, txn.context)
+        return None
+
+    def change(self, msg: pg.Insert | pg.Update | pg.Delete) -> MutationRow:
+        txn = self._require("change", 0)
+        table = self._table(msg.relation_id)
+        rel = table.relation
+        if isinstance(msg, pg.Insert):
+            new, missing = self._image(table, msg.new, None)
+            return self._row(txn, table, "insert", None, new, None, missing, list(new), key_source=new)
+        if isinstance(msg, pg.Update):
+            old_raw = msg.old if msg.old_kind == "O" else None
+            old_complete = old_raw is not None
+            new, missing = self._image(table, msg.new, old_raw)
+            if old_raw is not None:
+                old, _ = self._image(table, old_raw, None)
+                changed = [table.names[i] for i, (a, b) in enumerate(zip(old_raw, msg.new)) if b is not pg.UNCHANGED_TOAST and a != b]
+            else:
+                source = msg.old if msg.old is not None else msg.new  # no old tuple: key unchanged
+                old = self._key_image(table, source)
+                changed = None
+            return self._row(txn, table, "update", old, new, old_complete, missing, changed, key_source=new)
+        if isinstance(msg, pg.Delete):
+            if msg.old_kind == "O":
+                old, _ = self._image(table, msg.old, None)
+                return self._row(txn, table, "delete", old, None, True, None, list(old), key_source=old)
+            old = self._key_image(table, msg.old)
+            return self._row(txn, table, "delete", old, None, False, None, None, key_source=old)
+        raise StreamError(f"Not a row change: {type(msg).__name__}", relation=f"{rel.namespace}.{rel.name}")
+
+    def truncate(self, msg: pg.Truncate) -> list[MutationRow]:
+        txn = self._require("TRUNCATE", 0)
+        rows = []
+        for relation_id in msg.relation_ids:
+            table = self._table(relation_id)
+            rows.append(self._row(txn, table, "truncate", None, None, None, None, None, key_source=None))
+        return rows
+
+    # -- images -------------------------------------------------------------------------
+
+    def _image(self, table: _Table, values: tuple, fallback: tuple | None) -> tuple[dict[str, Any], list[str] | None]:
+        image: dict[str, Any] = {}
+        missing: list[str] | None = None
+        for i, value in enumerate(values):
+            if value is None:
+                image[table.names[i]] = None
+                continue
+            if value is pg.UNCHANGED_TOAST:
+                value = fallback[i] if fallback is not None else pg.UNCHANGED_TOAST
+                if value is pg.UNCHANGED_TOAST:
+                    missing = (missing or []) + [table.names[i]]
+                    continue
+                if value is None:
+                    image[table.names[i]] = None
+                    continue
+            if isinstance(value, bytes):  # binary format is never requested; keep it visible if it comes
+                image[table.names[i]] = "\\x" + value.hex()
+                continue
+            image[table.names[i]] = table.converters[i](value)
+        return image, missing
+
+    def _key_image(self, table: _Table, values: tuple) -> dict[str, Any]:
+        """Only the replica-identity key columns: what pgoutput sends when identity is not FULL."""
+        image: dict[str, Any] = {}
+        for i in table.key_indexes:
+            value = values[i]
+            if value is None or value is pg.UNCHANGED_TOAST:
+                image[table.names[i]] = None
+            elif isinstance(value, bytes):
+                image[table.names[i]] = "\\x" + value.hex()
+            else:
+                image[table.names[i]] = table.converters[i](value)
+        return image
+
+    def _row(
+        self,
+        txn: _Transaction,
+        table: _Table,
+        op: str,
+        old: dict | None,
+        new: dict | None,
+        old_complete: bool | None,
+        missing: list[str] | None,
+        changed: list[str] | None,
+        *,
+        key_source: dict | None,
+    ) -> MutationRow:
+        row_key = None
+        if key_source is not None:
+            pk = self._primary_key(table)
+            if pk and all(name in key_source for name in pk):
+                row_key = _dumps({name: key_source[name] for name in pk})
+        seq = txn.seq
+        txn.seq += 1
+        rel = table.relation
+        return MutationRow(
+            request_id=txn.request_id,
+            context=txn.context,
+            schema_name=rel.namespace,
+            table_name=rel.name,
+            op=op,
+            row_key=row_key,
+            old=_dumps(old) if old is not None else None,
+            new=_dumps(new) if new is not None else None,
+            old_complete=old_complete,
+            missing_columns=missing,
+            changed_columns=changed,
+            xid=txn.xid,
+            commit_lsn=txn.commit_lsn_text,
+            commit_time=txn.commit_time,
+            seq=seq,
+        )
+
+    def _primary_key(self, table: _Table) -> tuple[str, ...]:
+        if not table.pk_resolved:
+            names = self.catalog.primary_key(table.relation.relation_id)
+            # The catalog is read now, not as of the change: if the key no longer matches the
+            # stream's columns (dropped table, DDL since), row_key stays NULL rather than wrong.
+            table.pk_names = tuple(n for n in names if n in table.names) if names else ()
+            if names and len(table.pk_names) != len(names):
+                table.pk_names = ()
+            table.pk_resolved = True
+        return table.pk_names
+
+    def _table(self, relation_id: int) -> _Table:
+        table = self._tables.get(relation_id)
+        if table is None:
+            raise StreamError(
+                "A change refers to a relation the stream never described",
+                hint="This breaks pgoutput's ordering guarantee; restart the engine to resync.",
+                relation_id=relation_id,
+            )
+        return table
+
+    def _require(self, what: str, lsn: int) -> _Transaction:
+        if self._txn is None:
+            raise StreamError(f"{what} outside a transaction", lsn=format_lsn(lsn) if lsn else None)
+        return self._txn
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()

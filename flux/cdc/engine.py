@@ -1,0 +1,277 @@
+"""The CDC engine: one loop that reads, assembles, writes and acknowledges.
+
+    run():  connect → resume from stored progress → loop { read frame → decode → assemble
+            → write batch → commit with progress → acknowledge } → on failure back off, reconnect
+
+Delivery is exactly once in `flux.state_mutations`:
+- mutations and progress commit in one sink transaction;
+- the server hears a flush LSN only after that commit;
+- after any restart, transactions whose commit LSN is not newer than the stored progress are
+  skipped (the server resends from its confirmed position, which may be older).
+
+Huge source transactions are written in batches inside one open sink transaction, so memory
+stays bounded by `batch_rows`; they become visible atomically at their commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from flux.cdc import pgoutput as pg
+from flux.cdc.assembler import Assembler, MutationRow
+from flux.cdc.sink import MutationSink, PostgresCatalog, PostgresSink, Progress
+from flux.cdc.stream import ReplicationStream
+from flux.cdc.wire import Keepalive, format_lsn
+from flux.errors import FluxError
+
+log = logging.getLogger("flux.cdc")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dsn: str
+    slot: str = "flux"
+    publication: str = "flux"
+    batch_rows: int = 5000  # rows buffered in memory before a COPY
+    max_commit_delay: float = 0.2  # seconds a finished source transaction may wait for its sink commit
+    status_interval: float = 5.0  # seconds between standby status updates
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    reconcile_interval: float = 10.0  # seconds between --all-tables checks for new tables
+
+
+@dataclass
+class EngineStats:
+    transactions: int = 0
+    mutations: int = 0
+    skipped_transactions: int = 0
+    reconnects: int = 0
+    last_commit_time: datetime | None = None
+    confirmed_lsn: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.stats = EngineStats()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask `run()` to flush what is complete and return. Safe from any thread or signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, *, install_signal_handlers: bool = True) -> EngineStats:
+        """Consume until stopped, reconnecting with capped exponential backoff."""
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        delay = self.config.backoff_initial
+        last_logged = 0.0
+        while not self.stopping:
+            session = _Session(self.config, self.stats, self._stop)
+            try:
+                session.open()
+                delay = self.config.backoff_initial
+                session.consume()
+            except FluxError as exc:
+                if not exc.retryable:
+                    session.close(flush=False)
+                    raise
+                self.stats.reconnects += 1
+                now = time.monotonic()
+                if now - last_logged > 10 or delay <= self.config.backoff_initial:  # rate-limit repeated errors
+                    log.warning("%s; reconnecting in %.1fs", exc, delay)
+                    last_logged = now
+                session.close(flush=False)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.config.backoff_max)
+                continue
+            except BaseException:
+                session.close(flush=False)
+                raise
+            session.close(flush=True)
+        return self.stats
+
+
+class _Session:
+    """One connection's worth of consuming: state here is discarded on reconnect."""
+
+    def __init__(self, config: EngineConfig, stats: EngineStats, stop: threading.Event) -> None:
+        self.config = config
+        self.stats = stats
+        self._stop = stop
+        self.sink: MutationSink | None = None
+        self.catalog: PostgresCatalog | None = None
+        self.stream: ReplicationStream | None = None
+        self.assembler: Assembler | None = None
+        self.progress: Progress | None = None
+        self.skipping = False
+        self.buffer: list[MutationRow] = []
+        self.uncommitted_rows = 0  # written or buffered since the last sink commit
+        self.pending_end: Progress | None = None  # last source transaction ended but not yet committed to the sink
+        self.pending_since = 0.0
+        self.confirmed = 0  # flush LSN the server may forget up to
+        self.received = 0
+        self.last_status = 0.0
+        self.last_reconcile = time.monotonic()
+        self.txn_written_without_context = 0
+
+    def open(self) -> None:
+        cfg = self.config
+        self.sink = PostgresSink(dsn=cfg.dsn)
+        self.catalog = PostgresCatalog(dsn=cfg.dsn)
+        self.progress = self.sink.load_progress(cfg.slot)
+        start = self.progress.end_lsn if self.progress else 0
+        self.confirmed = start
+        self.assembler = Assembler(catalog=self.catalog)
+        self.stream = ReplicationStream(dsn=cfg.dsn, slot=cfg.slot, publication=cfg.publication, start_lsn=start)
+        self.stream.open()
+        log.info("streaming slot %s from %s", cfg.slot, format_lsn(start))
+
+    def consume(self) -> None:
+        assert self.stream is not None and self.assembler is not None
+        while not self._stop.is_set():
+            wait = 0.0 if self.pending_end is not None else min(0.5, self.config.status_interval)
+            frame = self.stream.read(wait)
+            now = time.monotonic()
+            if frame is None:
+                if self.pending_end is not None:
+                    self._commit()
+                self._maybe_status(now)
+                self._maybe_reconcile(now)
+                continue
+            if isinstance(frame, Keepalive):
+                self.received = max(self.received, frame.wal_end)
+                if self.pending_end is not None:
+                    self._commit()
+                advanced = False
+                if not self.assembler.in_transaction and self.pending_end is None and not self.buffer:
+                    # Nothing in flight: everything before the server's position is either
+                    # recorded or not published, so it need not be kept (no pinned WAL when idle).
+                    advanced = frame.wal_end > self.confirmed
+                    self.confirmed = max(self.confirmed, frame.wal_end)
+                self._maybe_status(now, force=frame.reply_requested or advanced)
+                continue
+            self.received = max(self.received, frame.data_start)
+            self._handle(pg.decode(frame.payload, lsn=frame.data_start))
+            if self.pending_end is not None and (
+                self.uncommitted_rows >= self.config.batch_rows or now - self.pending_since >= self.config.max_commit_delay
+            ):
+                self._commit()
+            self._maybe_status(now)
+
+    def _handle(self, msg: pg.PgoutputMessage) -> None:
+        asm = self.assembler
+        assert asm is not None and self.sink is not None
+        if isinstance(msg, (pg.Insert, pg.Update, pg.Delete)):
+            if not self.skipping:
+                self._add(asm.change(msg))
+        elif isinstance(msg, pg.Begin):
+            asm.begin(msg)
+            self.skipping = self.progress is not None and msg.final_lsn <= self.progress.commit_lsn
+            self.txn_written_without_context = 0
+        elif isinstance(msg, pg.Commit):
+            end = asm.commit(msg)
+            if self.skipping:
+                self.stats.skipped_transactions += 1
+                self.skipping = False
+                if self.pending_end is None and not self.buffer:
+                    self.confirmed = max(self.confirmed, end.end_lsn)
+                return
+            self.stats.transactions += 1
+            self.stats.last_commit_time = end.commit_time
+            if self.pending_end is None:
+                self.pending_since = time.monotonic()
+            self.pending_end = Progress(self.config.slot, end.commit_lsn, end.end_lsn, end.commit_time)
+        elif isinstance(msg, pg.Relation):
+            asm.relation(msg)
+        elif isinstance(msg, pg.LogicalMessage):
+            if self.skipping:
+                return
+            backfill = asm.message(msg)
+            if backfill is not None:
+                for row in self.buffer:
+                    if row.commit_lsn == backfill.commit_lsn and row.seq < backfill.before_seq:
+                        row.request_id, row.context = backfill.request_id, backfill.context
+                if self.txn_written_without_context:
+                    self.sink.backfill(backfill)
+        elif isinstance(msg, pg.Truncate):
+            if not self.skipping:
+                for row in asm.truncate(msg):
+                    self._add(row)
+        # Origin and Type messages carry nothing the log needs: types are read from the catalog.
+
+    def _add(self, row: MutationRow) -> None:
+        self.buffer.append(row)
+        self.uncommitted_rows += 1
+        if len(self.buffer) >= self.config.batch_rows:
+            self._write_buffer()
+
+    def _write_buffer(self) -> None:
+        assert self.sink is not None
+        if self.buffer:
+            if self.assembler is not None and self.assembler.in_transaction:
+                self.txn_written_without_context += sum(1 for r in self.buffer if r.request_id is None and r.context is None)
+            self.sink.write(self.buffer)
+            self.buffer = []
+
+    def _commit(self) -> None:
+        """Commit every finished source transaction, then tell the server it may forget them."""
+        assert self.sink is not None and self.pending_end is not None and self.stream is not None
+        if self.assembler is not None and self.assembler.in_transaction:
+            return  # rows of the open transaction are in the sink transaction too; wait for its COMMIT
+        self._write_buffer()
+        self.sink.commit(self.pending_end, mutations=self.uncommitted_rows)
+        self.stats.mutations += self.uncommitted_rows
+        self.progress = self.pending_end
+        self.confirmed = max(self.confirmed, self.pending_end.end_lsn)
+        self.stats.confirmed_lsn = self.confirmed
+        self.pending_end = None
+        self.uncommitted_rows = 0
+        self._maybe_status(time.monotonic(), force=True)
+
+    def _maybe_status(self, now: float, *, force: bool = False) -> None:
+        if self.stream is None or not self.stream.is_open:
+            return
+        if force or now - self.last_status >= self.config.status_interval:
+            self.stream.send_status(written=max(self.received, self.confirmed), flushed=self.confirmed)
+            self.stats.confirmed_lsn = self.confirmed
+            self.last_status = now
+
+    def _maybe_reconcile(self, now: float) -> None:
+        if now - self.last_reconcile < self.config.reconcile_interval:
+            return
+        self.last_reconcile = now
+        from flux.cdc.attach import reconcile_new_tables
+
+        added = reconcile_new_tables(self.config.dsn, slot=self.config.slot)
+        for name in added:
+            log.info("now capturing new table %s", name)
+
+    def close(self, *, flush: bool) -> None:
+        """Release connections. With `flush`, finished transactions are committed first; a
+        transaction still open at the stop is rolled back and resent on the next start."""
+        if flush and self.sink is not None and self.pending_end is not None:
+            if self.assembler is not None and self.assembler.in_transaction:
+                log.info("stopping mid-transaction: its rows will be resent on the next start")
+            else:
+                try:
+                    self._commit()
+                except FluxError as exc:
+                    log.warning("could not flush on stop: %s", exc)
+        if self.sink is not None:
+            self.sink.rollback()
+            self.sink.close()
+        if self.catalog is not None:
+            self.catalog.close()
+        if self.stream is not None:
+            self.stream.close()

@@ -1,0 +1,183 @@
+"""Where mutations go: the `MutationSink` seam and its PostgreSQL implementation.
+
+The contract every sink keeps, and the engine relies on for exactly-once delivery:
+- `write()` may be called many times inside one sink transaction (bounded memory for huge
+  source transactions); nothing is visible until `commit()`;
+- `commit(progress)` makes the written rows and the progress durable atomically;
+- `load_progress()` returns the last committed progress, so a restarted engine can skip
+  every source transaction whose commit LSN is not newer;
+- `rollback()` discards everything since the last commit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import psycopg
+
+from flux.cdc.assembler import COLUMNS, Backfill, MutationRow
+from flux.cdc.wire import format_lsn, parse_lsn
+from flux.errors import from_psycopg
+from flux.store.schema import ensure_schema
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    slot_name: str
+    commit_lsn: int
+    end_lsn: int
+    commit_time: datetime | None
+
+
+class MutationSink(Protocol):
+    def load_progress(self, slot_name: str) -> Progress | None: ...
+
+    def write(self, rows: Sequence[MutationRow]) -> None: ...
+
+    def backfill(self, backfill: Backfill) -> None: ...
+
+    def commit(self, progress: Progress, *, mutations: int) -> None: ...
+
+    def rollback(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_COPY_SQL = f"COPY flux.state_mutations ({', '.join(COLUMNS)}) FROM STDIN"
+
+
+class PostgresSink:
+    """Writes into `flux.state_mutations` of a PostgreSQL database (usually the source itself).
+
+    Rows go through COPY in batches; progress is an upsert into `flux.cdc_progress` in the
+    same transaction.
+    """
+
+    def __init__(self, *, dsn: str, connect_timeout: int = 10) -> None:
+        self.dsn = dsn
+        try:
+            self._conn = psycopg.connect(dsn, autocommit=False, connect_timeout=connect_timeout, application_name="flux-sink")
+            self._conn.execute("SET synchronous_commit = on")
+            self._conn.commit()
+            self._autocommit_schema()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not open the mutation store connection") from exc
+        self._host = socket.gethostname()
+        self._pid = os.getpid()
+
+    def _autocommit_schema(self) -> None:
+        self._conn.autocommit = True
+        try:
+            ensure_schema(self._conn)
+        finally:
+            self._conn.autocommit = False
+
+    def load_progress(self, slot_name: str) -> Progress | None:
+        try:
+            row = self._conn.execute(
+                "SELECT commit_lsn::text, end_lsn::text, commit_time FROM flux.cdc_progress WHERE slot_name = %s",
+                (slot_name,),
+            ).fetchone()
+            self._conn.commit()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not read the engine's progress", slot=slot_name) from exc
+        if row is None:
+            return None
+        return Progress(slot_name, parse_lsn(row[0]), parse_lsn(row[1]), row[2])
+
+    def write(self, rows: Sequence[MutationRow]) -> None:
+        if not rows:
+            return
+        try:
+            with self._conn.cursor() as cur, cur.copy(_COPY_SQL) as copy:
+                for row in rows:
+                    copy.write_row(row.as_tuple())
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not write mutations", commit_lsn=rows[0].commit_lsn) from exc
+
+    def backfill(self, backfill: Backfill) -> None:
+        try:
+            self._conn.execute(
+                "UPDATE flux.state_mutations SET request_id = %s, context = %s::jsonb"
+                " WHERE commit_lsn = %s::pg_lsn AND seq < %s",
+                (backfill.request_id, backfill.context, backfill.commit_lsn, backfill.before_seq),
+            )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not attach a request context", commit_lsn=backfill.commit_lsn) from exc
+
+    def commit(self, progress: Progress, *, mutations: int) -> None:
+        try:
+            self._conn.execute(
+                """
+                INSERT INTO flux.cdc_progress AS p
+                    (slot_name, commit_lsn, end_lsn, commit_time, mutations, consumer_host, consumer_pid, heartbeat_at, updated_at)
+                VALUES (%s, %s::pg_lsn, %s::pg_lsn, %s, %s, %s, %s, now(), now())
+                ON CONFLICT (slot_name) DO UPDATE SET
+                    commit_lsn = excluded.commit_lsn, end_lsn = excluded.end_lsn, commit_time = excluded.commit_time,
+                    mutations = p.mutations + excluded.mutations, consumer_host = excluded.consumer_host,
+                    consumer_pid = excluded.consumer_pid, heartbeat_at = now(), updated_at = now()
+                """,
+                (
+                    progress.slot_name, format_lsn(progress.commit_lsn), format_lsn(progress.end_lsn),
+                    progress.commit_time, mutations, self._host, self._pid,
+                ),
+            )
+            self._conn.commit()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not commit mutations", lsn=format_lsn(progress.commit_lsn)) from exc
+
+    def rollback(self) -> None:
+        try:
+            self._conn.rollback()
+        except psycopg.Error:
+            pass  # a dead connection has nothing to roll back; the server discards the transaction
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except psycopg.Error:
+            pass
+
+
+class PostgresCatalog:
+    """Catalog lookups for the assembler, on a separate autocommit connection."""
+
+    def __init__(self, *, dsn: str, connect_timeout: int = 10) -> None:
+        try:
+            self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout, application_name="flux-catalog")
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not open the catalog connection") from exc
+
+    def primary_key(self, relation_id: int) -> tuple[str, ...] | None:
+        try:
+            rows = self._conn.execute(
+                """
+                SELECT a.attname FROM pg_index i
+                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                WHERE i.indrelid = %s AND i.indisprimary
+                ORDER BY array_position(i.indkey::int2[], a.attnum)
+                """,
+                (relation_id,),
+            ).fetchall()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not read a primary key from the catalog", relation_id=relation_id) from exc
+        return tuple(r[0] for r in rows) or None
+
+    def learn_types(self, types, type_oids: list[int]) -> None:
+        try:
+            rows = self._conn.execute(types.LEARN_QUERY, (type_oids,)).fetchall()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not read types from the catalog") from exc
+        for oid, category, element_oid, base_oid in rows:
+            types.learn(int(oid), category=category, element_oid=int(element_oid), base_oid=int(base_oid))
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except psycopg.Error:
+            pass

@@ -1,0 +1,140 @@
+"""The replication connection: START_REPLICATION over psycopg's libpq wrapper, frames in, status out.
+
+`ReplicationStream` owns one `replication=database` connection. It reads CopyData frames
+(`read`), parses their envelope with `flux.cdc.wire`, and sends standby status updates
+(`send_status`). It does not decode pgoutput, track transactions, or decide what is safe to
+acknowledge: the engine does, and tells the stream which LSN to report.
+
+Session settings fix the text form of values the walsender produces (ISO dates in UTC,
+round-trippable floats, hex bytea), so `flux.cdc.values` can rely on them.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+
+import psycopg
+from psycopg import pq
+
+from flux.cdc.wire import Keepalive, XLogData, format_lsn, parse_frame, pg_now_us, standby_status
+from flux.errors import ConnectionLostError, DatabaseError, from_psycopg
+
+WALSENDER_OPTIONS = (
+    "-c DateStyle=ISO,YMD -c TimeZone=UTC -c IntervalStyle=iso_8601"
+    " -c extra_float_digits=3 -c bytea_output=hex -c application_name=flux-cdc"
+)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ReplicationStream:
+    """One logical replication session on `slot`, publishing `publication` with pgoutput v1."""
+
+    def __init__(self, *, dsn: str, slot: str, publication: str, start_lsn: int = 0, connect_timeout: int = 10) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self.publication = publication
+        self.start_lsn = start_lsn
+        self.connect_timeout = connect_timeout
+        self._conn: psycopg.Connection | None = None
+        self._pgconn: pq.abc.PGconn | None = None
+
+    def open(self) -> None:
+        try:
+            self._conn = psycopg.connect(
+                self.dsn,
+                autocommit=True,
+                replication="database",
+                options=WALSENDER_OPTIONS,
+                connect_timeout=self.connect_timeout,
+            )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not open the replication connection", slot=self.slot) from exc
+        pgconn = self._conn.pgconn
+        command = (
+            f"START_REPLICATION SLOT {quote_ident(self.slot)} LOGICAL {format_lsn(self.start_lsn)} "
+            f"(proto_version '1', publication_names {quote_literal(quote_ident(self.publication))}, messages 'true')"
+        )
+        pgconn.send_query(command.encode())
+        result = pgconn.get_result()
+        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+            message = (result.error_message if result is not None else pgconn.error_message).decode(errors="replace").strip()
+            sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE) if result is not None else None
+            self.close()
+            exc_cls = ConnectionLostError if sqlstate in (None, b"55006") else DatabaseError  # 55006: slot in use
+            raise exc_cls(
+                f"START_REPLICATION failed: {message}",
+                hint="Check that the slot and publication exist (`flux attach`) and that no other consumer holds the slot.",
+                slot=self.slot,
+                publication=self.publication,
+                sqlstate=sqlstate.decode() if sqlstate else None,
+            )
+        pgconn.nonblocking = 1
+        self._pgconn = pgconn
+
+    @property
+    def is_open(self) -> bool:
+        return self._pgconn is not None
+
+    def read(self, timeout: float) -> XLogData | Keepalive | None:
+        """The next frame, or None if none arrived within `timeout` seconds."""
+        pgconn = self._require()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                nbytes, data = pgconn.get_copy_data(1)
+            except psycopg.Error as exc:
+                raise self._lost(str(exc)) from exc
+            if nbytes > 0:
+                return parse_frame(data)
+            if nbytes == -1:  # COPY ended: the server closed the stream (shutdown, terminate)
+                result = pgconn.get_result()
+                message = result.error_message.decode(errors="replace").strip() if result is not None else ""
+                raise self._lost(message or "the server ended the replication stream")
+            if nbytes < -1:
+                raise self._lost(pgconn.error_message.decode(errors="replace").strip())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                readable, _, _ = select.select([pgconn.socket], [], [], remaining)
+                if readable:
+                    pgconn.consume_input()
+            except (OSError, psycopg.Error) as exc:
+                raise self._lost(str(exc)) from exc
+
+    def send_status(self, *, written: int, flushed: int, reply_requested: bool = False) -> None:
+        pgconn = self._require()
+        message = standby_status(
+            written=written, flushed=flushed, applied=flushed, now_us=pg_now_us(time.time()), reply_requested=reply_requested
+        )
+        try:
+            if pgconn.put_copy_data(message) != 1:
+                raise self._lost(pgconn.error_message.decode(errors="replace").strip())
+            while pgconn.flush() == 1:
+                select.select([], [pgconn.socket], [], 1.0)
+        except psycopg.Error as exc:
+            raise self._lost(str(exc)) from exc
+
+    def close(self) -> None:
+        conn, self._conn, self._pgconn = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # closing a broken socket has nothing useful to report
+                pass
+
+    def _require(self) -> pq.abc.PGconn:
+        if self._pgconn is None:
+            raise ConnectionLostError("The replication stream is not open", slot=self.slot)
+        return self._pgconn
+
+    def _lost(self, detail: str) -> ConnectionLostError:
+        return ConnectionLostError(f"Replication connection lost: {detail}", slot=self.slot)

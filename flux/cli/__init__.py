@@ -1,0 +1,51 @@
+"""The `flux` command line: one Typer app with a sub-app per command group.
+
+Each command module parses flags, calls a library function that returns data, and hands
+that data to `flux.cli.output` to render as rich text or `--json`. Errors become a one-line
+message with a hint and a non-zero exit here, at the edge, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from flux.cli import attach, cdc, dev, state
+from flux.cli.output import fail
+
+app = typer.Typer(
+    name="flux",
+    help="Flux: a function runtime with built-in debugging. Every change is keyed by request_id.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("dev")(dev.dev)
+app.command("attach")(attach.attach)
+app.command("detach")(attach.detach)
+app.add_typer(cdc.app, name="cdc")
+app.add_typer(state.app, name="state")
+
+
+def main() -> None:
+    from flux.errors import FluxError
+
+    try:
+        app(standalone_mode=False)
+    except FluxError as exc:
+        fail(exc)
+    except typer.Abort:
+        sys.stderr.write("Aborted.\n")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,68 @@
+"""`flux attach` and `flux detach`: connect Flux to a database it did not create, and undo that."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from flux.cdc import attach as lib
+from flux.cli.common import DatabaseOption, JsonOption, resolve_dsn
+from flux.cli.output import console, print_json, rich_escape
+
+SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
+PublicationOption = Annotated[str, typer.Option("--publication", help="Publication name.")]
+
+
+def attach(
+    database: DatabaseOption = None,
+    tables: Annotated[str | None, typer.Option("--tables", help="Comma-separated tables to capture (SCHEMA.TABLE allowed).")] = None,
+    all_tables: Annotated[bool, typer.Option("--all-tables", help="Capture every table outside system schemas and `flux`, including tables created later.")] = False,
+    slot: SlotOption = "flux",
+    publication: PublicationOption = "flux",
+    json: JsonOption = False,
+) -> None:
+    """Check the server, then create the flux schema, publication, REPLICA IDENTITY FULL and slot. Idempotent."""
+    names = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    result = lib.attach(resolve_dsn(database), tables=names, all_tables=all_tables, slot=slot, publication=publication)
+    if json:
+        print_json(result)
+        return
+    scope = "all tables" if result.all_tables else f"{len(result.tables)} table(s)"
+    console.print(f"[bold]Attached[/]  slot [cyan]{slot}[/] · publication [cyan]{publication}[/] · {scope}")
+    for table in result.tables:
+        console.print(f"  captures {rich_escape(table)}")
+    if not result.changed_anything:
+        console.print("  Nothing changed: already attached this way.")
+    for item in result.created:
+        console.print(f"  [green]+[/] {rich_escape(item)}")
+    for change in result.replica_identity_changed:
+        console.print(
+            f"  [yellow]~[/] {rich_escape(change['table'])}: REPLICA IDENTITY {change['previous']} → FULL"
+            f"  [dim](`flux detach` restores {change['previous']})[/]"
+        )
+    for warning in result.warnings:
+        console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
+
+
+def detach(
+    database: DatabaseOption = None,
+    slot: SlotOption = "flux",
+    publication: Annotated[str | None, typer.Option("--publication", help="Publication name (default: the one attach recorded).")] = None,
+    drop_data: Annotated[bool, typer.Option("--drop-data", help="Also drop the flux schema and every recorded mutation.")] = False,
+    json: JsonOption = False,
+) -> None:
+    """Drop the slot and publication and restore replica identities. Keeps recorded data unless --drop-data."""
+    result = lib.detach(resolve_dsn(database), slot=slot, publication=publication, drop_data=drop_data)
+    if json:
+        print_json(result)
+        return
+    console.print(f"[bold]Detached[/]  slot [cyan]{slot}[/]")
+    for item in result.dropped:
+        console.print(f"  [red]-[/] {rich_escape(item)}")
+    for item in result.restored:
+        console.print(f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']}")
+    if not result.data_dropped:
+        console.print("  Recorded mutations kept in schema flux (use --drop-data to remove them).")
+    for warning in result.warnings:
+        console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")

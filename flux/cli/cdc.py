@@ -1,0 +1,87 @@
+"""`flux cdc run` and `flux cdc status`: the engine in the foreground, and its health."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from flux.cdc.status import CdcStatus, cdc_status
+from flux.cli.common import DatabaseOption, JsonOption, resolve_dsn
+from flux.cli.output import console, print_json, rich_escape
+
+app = typer.Typer(help="The change-data-capture engine.", no_args_is_help=True)
+
+SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+
+
+@app.command("run")
+def run(
+    database: DatabaseOption = None,
+    slot: SlotOption = "flux",
+    publication: Annotated[str | None, typer.Option("--publication", help="Publication (default: the one attach recorded).")] = None,
+    batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows per COPY batch; bounds memory for huge transactions.")] = 5000,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Consume the slot and record every change into flux.state_mutations until SIGINT/SIGTERM."""
+    from flux.cdc.engine import Engine, EngineConfig
+    from flux.cdc.attach import connect
+
+    dsn = resolve_dsn(database)
+    setup_logging(verbose)
+    if publication is None:
+        with connect(dsn) as conn:
+            row = None
+            if conn.execute("SELECT to_regclass('flux.attachments')").fetchone()[0]:
+                row = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+        publication = row[0] if row else "flux"
+    engine = Engine(EngineConfig(dsn=dsn, slot=slot, publication=publication, batch_rows=batch_rows))
+    stats = engine.run()
+    logging.getLogger("flux.cdc").info(
+        "stopped: %d transactions, %d mutations recorded this run", stats.transactions, stats.mutations
+    )
+
+
+@app.command("status")
+def status(database: DatabaseOption = None, slot: SlotOption = "flux", json: JsonOption = False) -> None:
+    """Slot state, confirmed LSN, lag, retained WAL, mutations recorded, and whether a consumer runs."""
+    result = cdc_status(resolve_dsn(database), slot=slot)
+    if json:
+        print_json(result)
+        return
+    render_status(result)
+
+
+def _bytes(n: int | None) -> str:
+    from flux.cdc.attach import _human_bytes
+
+    return "-" if n is None else _human_bytes(n)
+
+
+def render_status(s: CdcStatus) -> None:
+    console.print(f"[bold]CDC[/]  slot [cyan]{s.slot}[/] on database [cyan]{s.database}[/]")
+    consumer = f"running (pid {s.consumer_pid})" if s.consumer_running else "[red]not running[/]"
+    rows = [
+        ("slot", "exists" if s.slot_exists else "[red]missing[/]"),
+        ("consumer", consumer),
+        ("publication", f"{s.publication} ({s.published_tables} tables)" if s.publication else "-"),
+        ("confirmed LSN", s.confirmed_lsn or "-"),
+        ("server LSN", s.current_lsn or "-"),
+        ("lag", f"{_bytes(s.lag_bytes)} · {s.lag_seconds:.1f}s" if s.lag_seconds is not None else _bytes(s.lag_bytes)),
+        ("retained WAL", f"{_bytes(s.retained_wal_bytes)}" + (f" ({s.wal_status})" if s.wal_status else "")),
+        ("mutations", f"{s.mutations_recorded:,}"),
+        ("last commit", f"{s.last_commit_time:%Y-%m-%d %H:%M:%S} UTC at {s.last_commit_lsn}" if s.last_commit_time else "-"),
+    ]
+    for label, value in rows:
+        console.print(f"  {label:<14} {value}")
+    for warning in s.warnings:
+        console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")

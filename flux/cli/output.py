@@ -1,0 +1,54 @@
+"""Rendering, the one shared last step of every command: rich text for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, NoReturn
+
+import orjson
+from rich.console import Console
+
+from flux.errors import FluxError
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def to_json(data: Any) -> bytes:
+    return orjson.dumps(data, default=_default, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.buffer.write(to_json(data) + b"\n")
+    sys.stdout.flush()
+
+
+def fail(exc: FluxError) -> NoReturn:
+    """The CLI's single exit path for errors: one line, a hint, a non-zero code, no traceback."""
+    if "--json" in sys.argv[1:]:
+        sys.stdout.buffer.write(orjson.dumps(exc.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    err_console.print(f"[bold red]error:[/] {rich_escape(str(exc))}")
+    if exc.hint:
+        err_console.print(f"[dim]hint:[/] {rich_escape(exc.hint)}")
+    sys.exit(exc.exit_code)
+
+
+def rich_escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 
+from tests.support import RunningEngine, start_engine
+
+from flux.cdc.attach import attach
 from flux.errors import ClusterError
 from flux.pg.cluster import SUPERUSER, Cluster, ClusterInfo
 
@@ -83,3 +86,20 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the per-test database, for setting up tables and writing rows."""
     with psycopg.connect(dsn, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture
+def capture(dsn: str) -> Iterator[Callable[..., RunningEngine]]:
+    """capture(tables=[...]) or capture(all_tables=True): attach, then run the engine until the test ends."""
+    running: list[RunningEngine] = []
+
+    def _capture(*, tables: list[str] | None = None, all_tables: bool = False, **config) -> RunningEngine:
+        attach(dsn, tables=tables, all_tables=all_tables)
+        engine = start_engine(dsn, **config)
+        running.append(engine)
+        return engine
+
+    yield _capture
+    for engine in running:
+        engine.engine.stop()
+        engine.thread.join(timeout=30)

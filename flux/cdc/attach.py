@@ -76,15 +76,19 @@ def connect(dsn: str) -> psycopg.Connection:
 # -- checks -------------------------------------------------------------------------------
 
 
-def check_server(conn: psycopg.Connection, *, slot: str) -> None:
-    """Raise PreflightError with the exact fix for the first requirement the server misses."""
-    version_num, version = conn.execute("SELECT current_setting('server_version_num')::int, current_setting('server_version')").fetchone()
+def require_server_version(version_num: int, version: str) -> None:
     if version_num < MIN_SERVER_VERSION:
         raise PreflightError(
             f"PostgreSQL 14 or newer is required, this server runs {version}",
             hint="pgoutput's 'messages' option, which carries the request id, appeared in PostgreSQL 14. Upgrade the server.",
             server_version=version,
         )
+
+
+def check_server(conn: psycopg.Connection, *, slot: str) -> None:
+    """Raise PreflightError with the exact fix for the first requirement the server misses."""
+    version_num, version = conn.execute("SELECT current_setting('server_version_num')::int, current_setting('server_version')").fetchone()
+    require_server_version(version_num, version)
     wal_level = conn.execute("SHOW wal_level").fetchone()[0]
     if wal_level != "logical":
         raise PreflightError(

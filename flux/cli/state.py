@@ -1,0 +1,232 @@
+"""`flux state`: row history and blame, read from the mutation log.
+
+Commands parse flags, call `flux.store.queries`, and render the dataclasses it returns as
+rich text or `--json`. Times are shown in UTC.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Annotated, Any
+
+import orjson
+import psycopg
+import typer
+from rich.markup import escape
+
+from flux.cli.common import DatabaseOption, JsonOption, resolve_dsn
+from flux.cli.output import console, print_json
+from flux.errors import ConfigError, from_psycopg
+from flux.store import queries
+from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Writer
+
+app = typer.Typer(help="Row history and blame from the mutation log.", no_args_is_help=True)
+
+TableArg = Annotated[str, typer.Argument(help='Table: NAME or SCHEMA.NAME; quote odd names: \'"my schema"."My Table"\'.', show_default=False)]
+IdOption = Annotated[str | None, typer.Option("--id", help="Value of the table's single-column primary key.", show_default=False)]
+KeyOption = Annotated[
+    list[str] | None,
+    typer.Option("--key", help="COL=VALUE; repeat for each primary-key column, or any columns of a table without one.", show_default=False),
+]
+RULE = "─" * 40
+SHORT_ID = 8
+ROW_CLIP = 80  # a keyless row in `blame TABLE` is shown by its image, clipped
+_LOOKS_NUMERIC = re.compile(r"[+-]?\.?\d")
+
+
+@app.command()
+def history(
+    table: TableArg,
+    id_value: IdOption = None,
+    key: KeyOption = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Show only the newest N changes.", show_default=False)] = None,
+    json: JsonOption = False,
+    database: DatabaseOption = None,
+) -> None:
+    """Every recorded change of one row, oldest first."""
+    schema, name = queries.parse_table(table)
+    keys = parse_keys(key)
+    with _connect(database) as conn:
+        result = queries.row_history(conn, schema, name, id_value=id_value, key=keys, limit=limit)
+    if json:
+        print_json(result)
+    else:
+        render_history(result)
+
+
+@app.command()
+def blame(
+    table: TableArg,
+    id_value: IdOption = None,
+    key: KeyOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Rows to list when no row is named.")] = 20,
+    json: JsonOption = False,
+    database: DatabaseOption = None,
+) -> None:
+    """Who last changed each column of a row; without a row, the most recently changed rows."""
+    schema, name = queries.parse_table(table)
+    keys = parse_keys(key)
+    with _connect(database) as conn:
+        if id_value is None and not keys:
+            recent = queries.table_blame(conn, schema, name, limit=limit)
+            if json:
+                print_json({"schema": schema, "table": name, "rows": recent})
+            else:
+                render_table_blame(schema, name, recent)
+            return
+        result = queries.row_blame(conn, schema, name, id_value=id_value, key=keys)
+    if json:
+        print_json(result)
+    else:
+        render_row_blame(result)
+
+
+def parse_keys(items: list[str] | None) -> dict[str, str] | None:
+    """`["org=1", "id=a"]` -> {"org": "1", "id": "a"}; the value may contain `=`."""
+    if not items:
+        return None
+    keys: dict[str, str] = {}
+    for item in items:
+        col, sep, value = item.partition("=")
+        if not sep or not col.strip():
+            raise ConfigError(f"--key {item!r} is not COL=VALUE")
+        if col.strip() in keys:
+            raise ConfigError(f"--key names column {col.strip()!r} twice")
+        keys[col.strip()] = value
+    return keys
+
+
+@contextmanager
+def _connect(database: str | None) -> Iterator[psycopg.Connection]:
+    dsn = resolve_dsn(database)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            yield conn
+    except psycopg.Error as exc:
+        raise from_psycopg(exc, "Reading the mutation log failed") from exc
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def _value(value: Any) -> str:
+    """A value as compact JSON; a string bare when it cannot be mistaken for another value."""
+    text = orjson.dumps(value, default=_exact).decode()
+    if isinstance(value, str) and text == f'"{value}"' and value and value == value.strip():
+        if value not in ("null", "true", "false") and not _LOOKS_NUMERIC.match(value):
+            return value
+    return text
+
+
+def _exact(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))
+    return str(value)
+
+
+def _time(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _who(w: Writer | Mutation) -> str:
+    if w.request_id is None:
+        return f"[dim]xid:{w.xid} (no request context)[/]"
+    fn = f"  [dim]{escape(w.function)}[/]" if w.function else ""
+    return f"[bold]req:{escape(w.request_id[:SHORT_ID])}[/]{fn}"
+
+
+def _row_title(schema: str, table: str, match: dict[str, str]) -> str:
+    cols = ", ".join(f"{escape(c)} = {escape(v)}" for c, v in match.items())
+    return f"{escape(queries.format_table(schema, table))} / {cols}"
+
+
+def render_history(h: RowHistory) -> None:
+    console.print()
+    console.print(f"  [bold]Row[/]  {_row_title(h.schema, h.table, h.match)}")
+    console.print(f"  [dim]{RULE}[/]")
+    if h.total > len(h.mutations):
+        console.print(f"  [dim]newest {len(h.mutations)} of {h.total} changes · times UTC[/]")
+    if h.matched_on == "images":
+        console.print("  [dim]no primary key: matched on row values[/]")
+    width = max([8, *(len(c) for m in h.mutations for c in (m.new or m.old or {}))])
+    for m in h.mutations:
+        console.print()
+        console.print(f"  {_time(m.commit_time)}  {_who(m)}")
+        for line in _mutation_lines(m, width):
+            console.print(line)
+    console.print()
+
+
+def _mutation_lines(m: Mutation, width: int) -> list[str]:
+    def col(name: str) -> str:
+        return escape(name.ljust(width))
+
+    def image(values: dict[str, Any] | None) -> list[tuple[str, Any]]:  # the header names the key already
+        return [(c, v) for c, v in (values or {}).items() if c not in (m.row_key or {})]
+
+    lines: list[str] = []
+    if m.op == "insert":
+        lines = [f"  [green]+[/] {col(c)} → {escape(_value(v))}" for c, v in image(m.new)] or ["  [green]+[/] inserted"]
+    elif m.op == "update":
+        new, old = m.new or {}, m.old or {}
+        missing = set(m.missing_columns or ())
+        names = m.changed_columns if m.changed_columns is not None else [c for c, _ in image(new) if c not in missing]
+        for c in names:
+            was = f"  [dim](was {escape(_value(old[c]))})[/]" if m.old_complete and c in old else ""
+            lines.append(f"    {col(c)} → {escape(_value(new.get(c)))}{was}")
+        if not names:
+            lines.append("    [dim](no column changed)[/]")
+    elif m.op == "delete":
+        lines = ["  [red]-[/] deleted"]
+        lines += [f"    [dim]{col(c)}   {escape(_value(v))}[/]" for c, v in image(m.old)]
+    else:
+        lines = ["  [red]-[/] truncated [dim](every row of the table)[/]"]
+    if m.op in ("update", "delete") and m.old_complete is False:
+        lines.append("    [dim](only key columns of the old row are known)[/]")
+    return lines
+
+
+def render_row_blame(b: RowBlame) -> None:
+    console.print()
+    console.print(f"  [bold]Blame[/]  {_row_title(b.schema, b.table, b.match)}")
+    console.print(f"  [dim]{RULE}[/]")
+    if b.deleted and b.deleted_by is not None:
+        how = "truncated" if b.deleted_by.op == "truncate" else "deleted"
+        console.print(f"  [red]{how}[/]  {_time(b.deleted_by.commit_time)}  {_who(b.deleted_by)}")
+        if b.columns:
+            console.print("  [dim]values before it:[/]")
+    width = max([8, *(len(c.column) for c in b.columns)])
+    vwidth = min(40, max([4, *(len(_value(c.value)) for c in b.columns)]))
+    for c in b.columns:
+        value = escape(_value(c.value).ljust(vwidth))
+        if c.set_by is None:
+            origin = "[dim](set before capture)[/]"
+        else:
+            maybe = "[dim]≤[/] " if not c.certain else ""
+            origin = f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by)}  [dim]{c.set_by.op}[/]"
+        line = f"  {escape(c.column.ljust(width))}  {value}  {origin}"
+        console.print(f"[dim]{line}[/]" if b.deleted else line)
+    if any(not c.certain for c in b.columns):
+        console.print("  [dim]≤: set by this change or an earlier one (the old row was not fully known)[/]")
+    console.print()
+
+
+def render_table_blame(schema: str, table: str, rows: list[RecentChange]) -> None:
+    console.print()
+    console.print(f"  [bold]Recently changed[/]  {escape(queries.format_table(schema, table))}")
+    console.print(f"  [dim]{RULE}[/]")
+    for r in rows:
+        w = r.writer
+        if w.op == "truncate":
+            what = "[red]every row[/]"
+        elif r.row_key is not None:
+            what = escape(", ".join(f"{c} = {_value(v)}" for c, v in r.row_key.items()))
+        else:
+            row = _value(r.row or {})
+            what = escape(row if len(row) <= ROW_CLIP else row[: ROW_CLIP - 1] + "…")
+        console.print(f"  {_time(w.commit_time)}  {w.op:<8}  {what}  {_who(w)}")
+    console.print()

@@ -1,0 +1,573 @@
+"""Read side of the mutation log: row history, blame, and request-id lookup.
+
+Library functions over a psycopg connection that return frozen dataclasses; the CLI renders
+them. Everything here only reads `flux.state_mutations` and the catalog.
+
+How a row is found:
+- `--id VALUE` names the single-column primary key. The key column comes from the catalog,
+  or, when the table no longer exists, from the keys recorded in `row_key`.
+- `--key COL=VALUE ...` names all primary-key columns (matched on `row_key`), or, for a table
+  without a primary key, any columns, matched on the row images (`new` or `old` contains them).
+- Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
+  `42` matches a recorded `42`, `42.0` or `"42"`.
+
+Not guaranteed: a row of a table without a primary key is followed only while its images
+contain the given values (an update that changes them ends the trail); blame of a column
+whose last writer predates capture has no writer; a truncate is attributed to every row of
+its table that had a mutation before it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from flux.errors import AmbiguousError, ConfigError, NotFoundError
+
+DEFAULT_SCHEMA = "public"
+REQUEST_PREFIX = "req:"
+MAX_CANDIDATES = 10  # request ids listed in an AmbiguousError
+_MAX_KEY_FORMS = 64  # typed combinations tried for a composite key
+_TABLE_BLAME_BATCH = 500
+
+_PLAIN_IDENT = re.compile(r"[^\W\dA-Z][\w$]*")  # needs no quotes (ASCII upper case folds)
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}")
+_INT64 = 2**63
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """One entry of the mutation log, with its images decoded (numerics as exact Decimals)."""
+
+    op: str  # insert | update | delete | truncate
+    request_id: str | None
+    function: str | None  # context->>'function'
+    context: dict[str, Any] | None
+    xid: int
+    commit_lsn: str
+    commit_time: datetime
+    seq: int
+    row_key: dict[str, Any] | None
+    old: dict[str, Any] | None
+    new: dict[str, Any] | None
+    old_complete: bool | None
+    missing_columns: tuple[str, ...] | None
+    changed_columns: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class RowHistory:
+    schema: str
+    table: str
+    match: dict[str, str]  # column -> value as given (for --id, the primary-key column)
+    matched_on: str  # "row_key" | "images"
+    total: int  # mutations of the row in the log; `mutations` may hold only the newest of them
+    mutations: tuple[Mutation, ...]  # oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class Writer:
+    """The mutation that wrote something: who, when, how."""
+
+    op: str
+    request_id: str | None
+    function: str | None
+    commit_time: datetime
+    xid: int
+    commit_lsn: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnBlame:
+    column: str
+    value: Any
+    set_by: Writer | None  # None: set before capture started
+    certain: bool  # False: the old image was incomplete, so it was set by `set_by` or earlier
+
+
+@dataclass(frozen=True, slots=True)
+class RowBlame:
+    schema: str
+    table: str
+    match: dict[str, str]
+    deleted: bool
+    deleted_by: Writer | None  # the delete or truncate that removed the row
+    last: Writer  # the row's latest mutation
+    columns: tuple[ColumnBlame, ...]  # current values; when deleted, the values it had
+
+
+@dataclass(frozen=True, slots=True)
+class RecentChange:
+    """A recently changed row of a table and its last writer (`table_blame`)."""
+
+    row_key: dict[str, Any] | None  # None for a table without a primary key, and for a truncate
+    row: dict[str, Any] | None  # the image after the change (before it, for a delete)
+    writer: Writer
+
+
+# -- names -----------------------------------------------------------------------------------
+
+
+def parse_table(name: str) -> tuple[str, str]:
+    """`users` -> (public, users); `billing.invoices`; `"my schema"."Tábla x"`.
+
+    Quoted parts are taken as is (`""` is a quote); unquoted parts fold ASCII to lower case,
+    as Postgres does.
+    """
+    parts: list[str] = []
+    i, n = 0, len(name)
+    while True:
+        while i < n and name[i].isspace():
+            i += 1
+        if i < n and name[i] == '"':
+            buf: list[str] = []
+            i += 1
+            while True:
+                if i >= n:
+                    raise ConfigError(f"Unterminated quoted identifier in table name {name!r}")
+                if name[i] == '"':
+                    if i + 1 < n and name[i + 1] == '"':
+                        buf.append('"')
+                        i += 2
+                        continue
+                    i += 1
+                    break
+                buf.append(name[i])
+                i += 1
+            part = "".join(buf)
+            while i < n and name[i].isspace():
+                i += 1
+        else:
+            start = i
+            while i < n and name[i] not in '."':
+                i += 1
+            part = _fold(name[start:i].strip())
+        if not part:
+            raise ConfigError(f"Empty name part in table name {name!r}", hint='Write TABLE or SCHEMA.TABLE; quote odd names: \'"my schema"."My Table"\'.')
+        parts.append(part)
+        if i >= n:
+            break
+        if name[i] != ".":
+            raise ConfigError(f"Unexpected {name[i]!r} in table name {name!r}", hint='Quote names with odd characters: \'"my schema"."My Table"\'.')
+        i += 1
+    if len(parts) > 2:
+        raise ConfigError(f"Too many dots in table name {name!r}", hint="Write TABLE or SCHEMA.TABLE.")
+    return (DEFAULT_SCHEMA, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def quote_name(name: str) -> str:
+    return name if _PLAIN_IDENT.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def format_table(schema: str, table: str) -> str:
+    """The inverse of `parse_table`: `users`, `billing.invoices`, `"my schema"."Tábla x"`."""
+    return quote_name(table) if schema == DEFAULT_SCHEMA else f"{quote_name(schema)}.{quote_name(table)}"
+
+
+def _fold(part: str) -> str:
+    return "".join(c.lower() if "A" <= c <= "Z" else c for c in part)
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+def _int_or_decimal(text: str) -> int | Decimal:
+    value = int(text)
+    return value if -_INT64 <= value < _INT64 else Decimal(text)  # orjson stops at 64 bits
+
+
+def load_json(text: str | None) -> Any:
+    """jsonb text -> Python, keeping numbers exact (Decimal, or int within 64 bits)."""
+    if text is None:
+        return None
+    return json.loads(text, parse_float=Decimal, parse_int=_int_or_decimal)
+
+
+_MUTATION_COLUMNS = sql.SQL(
+    "op, request_id, context->>'function', context::text, xid, commit_lsn::text, commit_time, seq,"
+    " row_key::text, old::text, new::text, old_complete, missing_columns, changed_columns"
+)
+
+
+def _mutation(row: tuple, columns: tuple[str, ...] = ()) -> Mutation:
+    op, rid, fn, ctx, xid, lsn, time, seq, key, old, new, complete, missing, changed = row[:14]
+    return Mutation(
+        op=op, request_id=rid, function=fn, context=load_json(ctx), xid=xid, commit_lsn=lsn,
+        commit_time=time, seq=seq, row_key=load_json(key),
+        old=_in_order(load_json(old), columns), new=_in_order(load_json(new), columns),
+        old_complete=complete,
+        missing_columns=tuple(missing) if missing is not None else None,
+        changed_columns=tuple(changed) if changed is not None else None,
+    )
+
+
+def _in_order(image: dict[str, Any] | None, columns: tuple[str, ...]) -> dict[str, Any] | None:
+    """jsonb keeps keys sorted by length; show them in table order, unknown ones last."""
+    if not image or not columns:
+        return image
+    rank = {c: i for i, c in enumerate(columns)}
+    return dict(sorted(image.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def _writer(m: Mutation) -> Writer:
+    return Writer(op=m.op, request_id=m.request_id, function=m.function, commit_time=m.commit_time,
+                  xid=m.xid, commit_lsn=m.commit_lsn, seq=m.seq)
+
+
+# -- finding a row ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _RowMatch:
+    match: dict[str, str]
+    matched_on: str
+    where: sql.Composable
+    params: dict[str, Any]
+    columns: tuple[str, ...]  # table order, to show images in; empty when the table is gone
+
+
+def _value_forms(value: str) -> list[str]:
+    """The JSON texts a CLI value may have been recorded as."""
+    forms = [json.dumps(value, ensure_ascii=False)]
+    text = value.strip()
+    if _NUMBER.fullmatch(text):
+        forms.append(str(Decimal(text)))
+    elif text in ("true", "false", "null"):
+        forms.append(text)
+    elif _UUID.fullmatch(text) and text != text.lower():
+        forms.append(json.dumps(text.lower()))
+    return forms
+
+
+def _object_forms(values: dict[str, str]) -> list[str]:
+    per_column = [[json.dumps(col, ensure_ascii=False) + ":" + form for form in _value_forms(v)] for col, v in values.items()]
+    combos = itertools.islice(itertools.product(*per_column), _MAX_KEY_FORMS)
+    return ["{" + ",".join(combo) + "}" for combo in combos]
+
+
+def _require_log(conn: psycopg.Connection) -> None:
+    if not conn.execute("SELECT to_regclass('flux.state_mutations') IS NOT NULL").fetchone()[0]:
+        raise NotFoundError("This database has no Flux mutation log", hint="Run `flux attach` to start recording changes.")
+
+
+@dataclass(frozen=True, slots=True)
+class _Catalog:
+    primary_key: tuple[str, ...] | None  # in key order
+    columns: tuple[str, ...]  # in table order
+
+
+def _catalog(conn: psycopg.Connection, schema: str, table: str) -> _Catalog | None:
+    """The table as it is now, or None when it does not exist (any more)."""
+    row = conn.execute(
+        """
+        SELECT (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                  FROM pg_index i
+                  CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = c.oid AND i.indisprimary),
+               (SELECT array_agg(a.attname::text ORDER BY a.attnum)
+                  FROM pg_attribute a
+                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
+        """,
+        (schema, table),
+    ).fetchone()
+    if row is None:
+        return None
+    return _Catalog(primary_key=tuple(row[0]) if row[0] else None, columns=tuple(row[1] or ()))
+
+
+def _recorded_key(conn: psycopg.Connection, schema: str, table: str) -> tuple[str, ...] | None:
+    """Key columns of the table's latest recorded row change (for a table that is gone)."""
+    row = conn.execute(
+        "SELECT row_key::text FROM flux.state_mutations WHERE schema_name = %s AND table_name = %s"
+        " AND op <> 'truncate' ORDER BY commit_lsn DESC, seq DESC LIMIT 1",
+        (schema, table),
+    ).fetchone()
+    key = load_json(row[0]) if row else None
+    return tuple(key) if key else None
+
+
+def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None:
+    _require_log(conn)
+    if conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM flux.state_mutations WHERE schema_name = %s AND table_name = %s)", (schema, table)
+    ).fetchone()[0]:
+        return
+    name = format_table(schema, table)
+    # Spelled differently only in case: asked of the catalog, as the log has no index for it.
+    similar = [
+        format_table(s, t)
+        for s, t in conn.execute(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE lower(n.nspname) = lower(%s) AND lower(c.relname) = lower(%s) AND c.relkind IN ('r', 'p')"
+            " AND (n.nspname, c.relname) <> (%s, %s) ORDER BY 1, 2 LIMIT 5",
+            (schema, table, schema, table),
+        ).fetchall()
+    ]
+    exists = _catalog(conn, schema, table) is not None
+    if similar:
+        hint = "Did you mean " + " or ".join(f"'{s}'" for s in similar) + "? Quote mixed-case names."
+    elif exists:
+        hint = "The table exists but no change of it is recorded: is it captured? See `flux attach --tables`."
+    else:
+        hint = "No such table either. Is it captured? See `flux attach --tables`."
+    raise NotFoundError(f"No recorded mutations for table {name}", hint=hint, table=name)
+
+
+def _row_match(
+    conn: psycopg.Connection, schema: str, table: str, id_value: str | None, key: dict[str, str] | None
+) -> _RowMatch:
+    if id_value is not None and key:
+        raise ConfigError("Give either --id or --key, not both")
+    if id_value is None and not key:
+        raise ConfigError("Name a row with --id VALUE or --key COL=VALUE")
+    name = format_table(schema, table)
+    catalog = _catalog(conn, schema, table)
+    pk = catalog.primary_key if catalog else _recorded_key(conn, schema, table)
+    columns = catalog.columns if catalog else ()
+    if id_value is not None:
+        if pk is None:
+            raise ConfigError(
+                f"Table {name} has no primary key, so --id has nothing to match",
+                hint="Name the row by its values: --key COL=VALUE (repeatable).", table=name,
+            )
+        if len(pk) > 1:
+            example = " ".join(f"--key {c}=..." for c in pk)
+            raise ConfigError(
+                f"Table {name} has a composite primary key ({', '.join(pk)})",
+                hint=f"Use --key for each key column: {example}", table=name,
+            )
+        key = {pk[0]: id_value}
+    assert key is not None
+    if pk is None:
+        where = sql.SQL("(new @> ANY(%(forms)s::jsonb[]) OR old @> ANY(%(forms)s::jsonb[]))")
+        return _RowMatch(dict(key), "images", where, {"forms": _object_forms(key)}, columns)
+    if set(key) != set(pk):
+        example = " ".join(f"--key {c}=..." for c in pk)
+        raise ConfigError(
+            f"--key must name exactly the primary-key columns of {name}: {', '.join(pk)}",
+            hint=f"Use {example}", table=name,
+        )
+    ordered = {c: key[c] for c in pk}
+    where = sql.SQL("row_key = ANY(%(forms)s::jsonb[])")
+    return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(ordered)}, columns)
+
+
+def _describe(schema: str, table: str, match: dict[str, str]) -> str:
+    return f"{format_table(schema, table)} / " + ", ".join(f"{c} = {v}" for c, v in match.items())
+
+
+def _fetch_row(
+    conn: psycopg.Connection, schema: str, table: str, m: _RowMatch, limit: int | None
+) -> tuple[int, list[Mutation]]:
+    """The row's mutations and the truncates after its first one, newest `limit`, oldest first."""
+    query = sql.SQL(
+        """
+        WITH row_m AS MATERIALIZED (
+            SELECT commit_lsn AS lsn, seq AS pos, {cols}
+              FROM flux.state_mutations
+             WHERE schema_name = %(schema)s AND table_name = %(table)s AND op <> 'truncate' AND {where}
+        ), first_m AS (
+            SELECT lsn, pos FROM row_m ORDER BY lsn, pos LIMIT 1
+        ), history AS (
+            SELECT * FROM row_m
+            UNION ALL
+            SELECT commit_lsn, seq, {cols}
+              FROM flux.state_mutations, first_m f
+             WHERE schema_name = %(schema)s AND table_name = %(table)s AND op = 'truncate'
+               AND (commit_lsn, seq) > (f.lsn, f.pos)
+        )
+        SELECT *, count(*) OVER () FROM history ORDER BY lsn DESC, pos DESC LIMIT %(limit)s
+        """
+    ).format(cols=_MUTATION_COLUMNS, where=m.where)
+    rows = conn.execute(query, {"schema": schema, "table": table, "limit": limit, **m.params}).fetchall()
+    total = rows[0][-1] if rows else 0
+    return total, [_mutation(r[2:], m.columns) for r in reversed(rows)]
+
+
+# -- history ---------------------------------------------------------------------------------
+
+
+def row_history(
+    conn: psycopg.Connection,
+    schema: str,
+    table: str,
+    *,
+    id_value: str | None = None,
+    key: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> RowHistory:
+    """Every recorded change of one row, oldest first; with `limit`, only the newest N."""
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    _require_recorded(conn, schema, table)
+    m = _row_match(conn, schema, table, id_value, key)
+    total, mutations = _fetch_row(conn, schema, table, m, limit)
+    if not mutations:
+        _no_row(schema, table, m)
+    return RowHistory(schema=schema, table=table, match=m.match, matched_on=m.matched_on, total=total,
+                      mutations=tuple(mutations))
+
+
+def _no_row(schema: str, table: str, m: _RowMatch) -> None:
+    where = _describe(schema, table, m.match)
+    raise NotFoundError(
+        f"No recorded mutations for row {where}",
+        hint=f"The table has recorded changes, but none of this row. `flux state blame {format_table(schema, table)}` lists recently changed rows.",
+        table=format_table(schema, table),
+    )
+
+
+# -- blame -----------------------------------------------------------------------------------
+
+
+def row_blame(
+    conn: psycopg.Connection,
+    schema: str,
+    table: str,
+    *,
+    id_value: str | None = None,
+    key: dict[str, str] | None = None,
+) -> RowBlame:
+    """Each column's current value and the mutation that last set it."""
+    _require_recorded(conn, schema, table)
+    m = _row_match(conn, schema, table, id_value, key)
+    _, mutations = _fetch_row(conn, schema, table, m, None)
+    if not mutations:
+        _no_row(schema, table, m)
+    return _blame(schema, table, m.match, mutations)
+
+
+def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutation]) -> RowBlame:
+    state: dict[str, ColumnBlame] = {}
+    deleted_by: Writer | None = None
+    for mut in mutations:
+        w = _writer(mut)
+        if mut.op in ("delete", "truncate"):
+            deleted_by = w
+            continue
+        image = mut.new or {}
+        missing = set(mut.missing_columns or ())
+        if mut.op == "insert" or deleted_by is not None:
+            state, deleted_by = {}, None
+        changed = set(mut.changed_columns) if mut.changed_columns is not None else None
+        next_state: dict[str, ColumnBlame] = {}
+        for col, value in image.items():
+            before = state.get(col)
+            if col in missing:  # unchanged and unknown (TOAST): carried over below when known
+                continue
+            if mut.op == "insert" or (changed is not None and col in changed):
+                next_state[col] = ColumnBlame(col, value, w, True)
+            elif before is not None and (changed is not None or before.value == value):
+                next_state[col] = ColumnBlame(col, value, before.set_by, before.certain)
+            elif changed is not None:  # unchanged, but first seen now: set before capture
+                next_state[col] = ColumnBlame(col, value, None, True)
+            elif before is not None:  # old image incomplete, value differs: this update set it
+                next_state[col] = ColumnBlame(col, value, w, True)
+            else:  # no earlier value and no way to tell whether this update changed it
+                next_state[col] = ColumnBlame(col, value, w, False)
+        for col in missing:
+            if col in state:
+                next_state[col] = state[col]
+        state = next_state
+    return RowBlame(
+        schema=schema, table=table, match=match, deleted=deleted_by is not None, deleted_by=deleted_by,
+        last=_writer(mutations[-1]), columns=tuple(state.values()),
+    )
+
+
+def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int = 20) -> list[RecentChange]:
+    """The most recently changed rows of a table, newest first, each with its last writer.
+
+    Walks the log backwards. A truncate ends the walk: every older row was removed by it, so it
+    is listed once as the last writer of all of them.
+    """
+    if limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    _require_recorded(conn, schema, table)
+    catalog = _catalog(conn, schema, table)
+    columns = catalog.columns if catalog else ()
+    seen: set[str] = set()
+    out: list[RecentChange] = []
+    after: tuple[str, int] | None = None
+    while len(out) < limit:
+        page = sql.SQL("AND (commit_lsn, seq) < (%(lsn)s::pg_lsn, %(seq)s)") if after else sql.SQL("")
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT {cols} FROM flux.state_mutations WHERE schema_name = %(schema)s AND table_name = %(table)s {page}"
+                " ORDER BY commit_lsn DESC, seq DESC LIMIT %(batch)s"
+            ).format(cols=_MUTATION_COLUMNS, page=page),
+            {"schema": schema, "table": table, "lsn": after[0] if after else None, "seq": after[1] if after else None,
+             "batch": _TABLE_BLAME_BATCH},
+        ).fetchall()
+        for row in rows:
+            mut = _mutation(row, columns)
+            if mut.row_key is not None:
+                ident = json.dumps(mut.row_key, sort_keys=True, default=str)
+                if ident in seen:
+                    continue
+                seen.add(ident)
+            out.append(RecentChange(row_key=mut.row_key, row=mut.new if mut.new is not None else mut.old, writer=_writer(mut)))
+            if mut.op == "truncate" or len(out) >= limit:
+                return out
+        if len(rows) < _TABLE_BLAME_BATCH:
+            break
+        after = (rows[-1][5], rows[-1][7])
+    return out
+
+
+# -- request ids -----------------------------------------------------------------------------
+
+
+def resolve_request_id(conn: psycopg.Connection, prefix: str) -> str:
+    """A unique prefix (optionally `req:`-prefixed, as printed) -> the full request id."""
+    text = prefix.strip()
+    if text.lower().startswith(REQUEST_PREFIX):
+        text = text[len(REQUEST_PREFIX):]
+    if not text:
+        raise ConfigError("Empty request id")
+    _require_log(conn)
+    found = _request_ids(conn, text)
+    if not found and text != text.lower():
+        found = _request_ids(conn, text.lower())
+    if not found:
+        raise NotFoundError(f"No request with id starting {text!r}", hint="Ids are printed as req:XXXXXXXX by `flux state history`.", request_id=text)
+    if text in found:
+        return text
+    if len(found) == 1:
+        return found[0]
+    count = f"more than {MAX_CANDIDATES}" if len(found) > MAX_CANDIDATES else str(len(found))
+    raise AmbiguousError(
+        f"Request id {text!r} is ambiguous: it starts {count} request ids: " + ", ".join(found[:MAX_CANDIDATES]),
+        hint="Give more characters of the id.", request_id=text,
+    )
+
+
+def _request_ids(conn: psycopg.Connection, prefix: str) -> list[str]:
+    # Sources of request ids: the mutation log now; trace_requests joins here when it exists.
+    pattern = re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
+    rows = conn.execute(
+        "SELECT DISTINCT request_id FROM flux.state_mutations WHERE request_id LIKE %s ORDER BY 1 LIMIT %s",
+        (pattern, MAX_CANDIDATES + 1),
+    ).fetchall()
+    ids = [r[0] for r in rows]
+    if prefix not in ids and conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM flux.state_mutations WHERE request_id = %s)", (prefix,)
+    ).fetchone()[0]:
+        ids.append(prefix)  # an exact id wins even when more than MAX_CANDIDATES ids extend it
+    return ids

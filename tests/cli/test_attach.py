@@ -1,0 +1,215 @@
+"""`flux attach`, `flux detach` and `flux cdc status` through the real CLI against real servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from flux.cdc.attach import require_server_version
+from flux.cli import app
+from flux.errors import PreflightError
+from flux.pg.cluster import Cluster
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def run_flux(*args: str):
+    """Through the real entry point, so FluxError handling (one line, hint, exit code) is covered."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "flux", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def replica_cluster(tmp_path_factory) -> Cluster:
+    state = tmp_path_factory.mktemp("replica_cluster")
+    state.chmod(0o755)
+    cluster = Cluster(state_dir=state, settings={"wal_level": "replica", "fsync": "off"})
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+def test_attach_creates_schema_publication_slot_and_full_identity(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    result = invoke("attach", "--database", dsn, "--tables", "users", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["tables"] == ["public.users"]
+    assert data["replica_identity_changed"] == [{"table": "public.users", "previous": "DEFAULT", "restored_by_detach": True}]
+    assert conn.execute("SELECT relreplident FROM pg_class WHERE relname = 'users'").fetchone()[0] == "f"
+    assert conn.execute("SELECT plugin FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == "pgoutput"
+    assert conn.execute("SELECT count(*) FROM pg_publication_tables WHERE pubname = 'flux'").fetchone()[0] == 1
+
+
+def test_attach_twice_changes_nothing(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    second = json.loads(invoke("attach", "--database", dsn, "--tables", "users", "--json").stdout)
+    assert second["created"] == [] and second["replica_identity_changed"] == []
+    text = invoke("attach", "--database", dsn, "--tables", "users").stdout
+    assert "Nothing changed" in text
+
+
+def test_attach_text_output_lists_identity_changes_and_what_detach_restores(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    out = invoke("attach", "--database", dsn, "--tables", "users").stdout
+    assert "public.users: REPLICA IDENTITY DEFAULT → FULL" in out
+    assert "restores DEFAULT" in out
+
+
+def test_attach_all_tables_never_publishes_the_flux_schema(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--all-tables")
+    schemas = {r[0] for r in conn.execute("SELECT schemaname FROM pg_publication_tables WHERE pubname = 'flux'")}
+    assert schemas == {"public"}
+
+
+def test_attach_reads_dsn_from_environment(dsn, conn, monkeypatch):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    monkeypatch.setenv("FLUX_DATABASE_URL", dsn)
+    assert invoke("attach", "--tables", "a").exit_code == 0
+
+
+def test_attach_unknown_table_fails_with_hint(dsn):
+    proc = run_flux("attach", "--database", dsn, "--tables", "nope")
+    assert proc.returncode == 3
+    assert "No table 'nope'" in proc.stderr and "hint:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_attach_without_table_choice_is_a_usage_error(dsn):
+    proc = run_flux("attach", "--database", dsn)
+    assert proc.returncode == 2 and "--all-tables" in proc.stderr
+
+
+def test_attach_refuses_wal_level_replica_and_shows_the_fix(replica_cluster):
+    proc = run_flux("attach", "--database", replica_cluster.start().dsn, "--all-tables")
+    assert proc.returncode == 4
+    assert "wal_level is 'replica'" in proc.stderr
+    assert "ALTER SYSTEM SET wal_level = logical" in proc.stderr and "restart" in proc.stderr
+
+
+def test_attach_refuses_role_without_replication(dsn, conn):
+    conn.execute("CREATE ROLE app_noreplication LOGIN")
+    conn.execute("GRANT CREATE ON DATABASE " + conn.info.dbname + " TO app_noreplication")
+    try:
+        proc = run_flux("attach", "--database", dsn.replace("postgres@", "app_noreplication@"), "--all-tables")
+        assert proc.returncode == 4
+        assert "may not use replication" in proc.stderr and "WITH REPLICATION" in proc.stderr
+    finally:
+        conn.execute("REVOKE CREATE ON DATABASE " + conn.info.dbname + " FROM app_noreplication")
+        conn.execute("DROP ROLE app_noreplication")
+
+
+def test_attach_refuses_tables_the_role_does_not_own(dsn, conn):
+    conn.execute("CREATE TABLE owned_by_postgres (id int PRIMARY KEY)")
+    conn.execute("CREATE ROLE app_repl LOGIN REPLICATION")
+    conn.execute("GRANT CREATE ON DATABASE " + conn.info.dbname + " TO app_repl")
+    try:
+        proc = run_flux("attach", "--database", dsn.replace("postgres@", "app_repl@"), "--tables", "owned_by_postgres")
+        assert proc.returncode == 4
+        assert "does not own: public.owned_by_postgres (owner postgres)" in proc.stderr
+    finally:
+        conn.execute("REVOKE CREATE ON DATABASE " + conn.info.dbname + " FROM app_repl")
+        conn.execute("DROP ROLE app_repl")
+
+
+def test_attach_refuses_when_no_replication_slot_is_free(tmp_path):
+    tmp_path.chmod(0o755)
+    cluster = Cluster(state_dir=tmp_path, settings={"max_replication_slots": "1", "max_wal_senders": "2", "fsync": "off"})
+    info = cluster.start()
+    try:
+        with psycopg.connect(info.dsn, autocommit=True) as c:
+            c.execute("SELECT pg_create_logical_replication_slot('someone_else', 'pgoutput')")
+        proc = run_flux("attach", "--database", info.dsn, "--all-tables")
+        assert proc.returncode == 4
+        assert "No free replication slot: 1 of max_replication_slots=1" in proc.stderr
+        assert "pg_drop_replication_slot('someone_else')" in proc.stderr
+    finally:
+        cluster.destroy()
+
+
+def test_server_version_below_14_is_refused_with_upgrade_hint():
+    with pytest.raises(PreflightError) as info:
+        require_server_version(130011, "13.11")
+    assert "14 or newer" in info.value.message and "Upgrade" in info.value.hint
+
+
+def test_detach_drops_slot_and_publication_restores_identity_and_keeps_data(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    conn.execute("CREATE UNIQUE INDEX users_id_idx ON users (id)")
+    conn.execute("ALTER TABLE users REPLICA IDENTITY USING INDEX users_id_idx")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    result = json.loads(invoke("detach", "--database", dsn, "--json").stdout)
+    assert result["restored"] == [{"table": "public.users", "restored": "USING INDEX users_id_idx"}]
+    assert conn.execute("SELECT relreplident FROM pg_class WHERE relname = 'users'").fetchone()[0] == "i"
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+    assert conn.execute("SELECT to_regclass('flux.state_mutations')").fetchone()[0] is not None
+
+
+def test_detach_with_drop_data_removes_the_flux_schema(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    assert invoke("detach", "--database", dsn, "--drop-data").exit_code == 0
+    assert conn.execute("SELECT to_regnamespace('flux')").fetchone()[0] is None
+
+
+def test_status_reports_inactive_slot_with_warning(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    data = json.loads(invoke("cdc", "status", "--database", dsn, "--json").stdout)
+    assert data["slot_exists"] is True and data["consumer_running"] is False
+    assert data["publication"] == "flux" and data["published_tables"] == 1
+    assert any("no consumer" in w for w in data["warnings"])
+    text = invoke("cdc", "status", "--database", dsn).stdout
+    assert "not running" in text and "warning:" in text
+
+
+def test_status_of_running_engine_reports_consumer_mutations_and_no_lag(dsn, conn, capture):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    running = capture(tables=["users"])
+    conn.execute("INSERT INTO users SELECT generate_series(1, 10)")
+    running.caught_up()
+    data = json.loads(invoke("cdc", "status", "--database", dsn, "--json").stdout)
+    assert data["consumer_running"] is True and data["consumer_pid"]
+    assert data["mutations_recorded"] == 10
+    assert data["last_commit_lsn"] and data["lag_bytes"] is not None
+    assert not any("no consumer" in w for w in data["warnings"])
+
+
+def test_status_warns_when_retained_wal_is_large(dsn, conn):
+    from flux.cdc.attach import slot_warnings
+
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY, pad text)")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    conn.execute("INSERT INTO users SELECT g, repeat('x', 1000) FROM generate_series(1, 2000) g")
+    warnings = slot_warnings(conn, "flux", retained_limit=1 << 20)
+    assert any("retains" in w and "MB of WAL" in w for w in warnings)
+
+
+def test_status_on_unattached_database_is_not_found(dsn):
+    proc = run_flux("cdc", "status", "--database", dsn)
+    assert proc.returncode == 3 and "not attached" in proc.stderr
+
+
+def test_every_command_has_help():
+    for args in (["attach"], ["detach"], ["dev"], ["cdc", "run"], ["cdc", "status"], ["state", "history"], ["state", "blame"]):
+        result = invoke(*args, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output, args
+
+
+def test_every_command_is_documented_in_readme():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for command in ("flux dev", "flux attach", "flux detach", "flux cdc run", "flux cdc status", "flux state history", "flux state blame"):
+        assert command in readme, command

@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from flux.cli.state import app
+from flux.errors import ConfigError, NotFoundError
+from flux.store.schema import ensure_schema
+
+T0 = datetime(2026, 3, 10, 14, 20, 11, tzinfo=timezone.utc)
+RID1 = "4f9a3b2c-0000-4000-8000-000000000001"
+RID2 = "550e8400-e29b-41d4-a716-446655440000"
+RID3 = "7b1d3f9a-0000-4000-8000-000000000003"
+
+
+def record(conn: psycopg.Connection, table: str, op: str, *, schema: str = "public", request_id: str | None = None,
+           function: str | None = None, key: Any = None, old: Any = None, new: Any = None,
+           old_complete: bool | None = None, changed: list[str] | None = None) -> None:
+    """Write one mutation in its own transaction, a minute after the previous one; JSON text passes as is."""
+    n = conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0]
+    context = {"request_id": request_id, "function": function} if request_id else None
+    conn.execute(
+        "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, old, new,"
+        " old_complete, changed_columns, xid, commit_lsn, commit_time, seq)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, 0)",
+        (request_id, _j(context), schema, table, op, _j(key), _j(old), _j(new), old_complete, changed,
+         1200 + n, f"0/{(n + 1) * 0x100:X}", T0 + timedelta(minutes=n)),
+    )
+
+
+def _j(value: Any) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+@pytest.fixture
+def users(conn: psycopg.Connection) -> psycopg.Connection:
+    """The seed's story of users / id = 42: signed up, plan cleared by a failed request, upgraded."""
+    ensure_schema(conn)
+    # ensure_schema made schema `flux`, which the default search_path ("$user") now puts first.
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text, plan text)")
+    record(conn, "users", "insert", request_id=RID1, function="create_user", key={"id": 42},
+           new={"id": 42, "email": "alice@example.com", "plan": "free"})
+    record(conn, "users", "update", request_id=RID2, function="create_user", key={"id": 42}, old_complete=True,
+           old={"id": 42, "email": "alice@example.com", "plan": "free"},
+           new={"id": 42, "email": "alice@example.com", "plan": None}, changed=["plan"])
+    record(conn, "users", "update", request_id=RID3, function="upgrade", key={"id": 42}, old_complete=True,
+           old={"id": 42, "email": "alice@example.com", "plan": None},
+           new={"id": 42, "email": "alice@example.com", "plan": "pro"}, changed=["plan"])
+    return conn
+
+
+def invoke(dsn: str, *args: str):
+    return CliRunner().invoke(app, [*args, "--database", dsn])
+
+
+def test_history_text_has_seed_like_lines(users, dsn):
+    result = invoke(dsn, "history", "users", "--id", "42")
+    assert result.exit_code == 0, result.output
+    lines = [line.rstrip() for line in result.output.splitlines()]
+    assert "  Row  users / id = 42" in lines
+    assert "  2026-03-10 14:20:11  req:4f9a3b2c  create_user" in lines
+    assert "  + email    → alice@example.com" in lines
+    assert "  + plan     → free" in lines
+    assert "  2026-03-10 14:21:11  req:550e8400  create_user" in lines
+    assert "    plan     → null  (was free)" in lines
+    assert "    plan     → pro  (was null)" in lines
+
+
+def test_history_json_has_full_request_ids_and_fields(users, dsn):
+    result = invoke(dsn, "history", "users", "--id", "42", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["schema"] == "public" and data["table"] == "users" and data["match"] == {"id": "42"}
+    assert [m["request_id"] for m in data["mutations"]] == [RID1, RID2, RID3]
+    first = data["mutations"][0]
+    assert first["op"] == "insert" and first["function"] == "create_user" and first["row_key"] == {"id": 42}
+    assert first["commit_time"].startswith("2026-03-10T14:20:11")
+    assert data["mutations"][1]["changed_columns"] == ["plan"]
+
+
+def test_history_limit_keeps_newest_and_says_so(users, dsn):
+    result = invoke(dsn, "history", "users", "--id", "42", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert "req:7b1d3f9a" in result.output and "req:4f9a3b2c" not in result.output
+    assert "newest 1 of 3 changes" in result.output
+
+
+def test_history_composite_key_via_repeated_key(conn, dsn):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.members (org int, id text, role text, PRIMARY KEY (org, id))")
+    record(conn, "members", "insert", request_id=RID1, key={"org": 1, "id": "a"}, new={"org": 1, "id": "a", "role": "admin"})
+    record(conn, "members", "insert", request_id=RID2, key={"org": 2, "id": "a"}, new={"org": 2, "id": "a", "role": "guest"})
+    result = invoke(dsn, "history", "members", "--key", "org=2", "--key", "id=a")
+    assert result.exit_code == 0, result.output
+    assert "members / org = 2, id = a" in result.output
+    assert "guest" in result.output and "admin" not in result.output
+
+
+def test_history_without_primary_key_matches_row_values(conn, dsn):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.events (name text, n int)")
+    record(conn, "events", "insert", request_id=RID1, new={"name": "signup", "n": 1})
+    record(conn, "events", "insert", request_id=RID2, new={"name": "login", "n": 1})
+    result = invoke(dsn, "history", "events", "--key", "name=signup")
+    assert result.exit_code == 0, result.output
+    assert "matched on row values" in result.output
+    assert "req:4f9a3b2c" in result.output and "req:550e8400" not in result.output
+
+
+def test_history_shows_delete_then_reinsert(users, dsn):
+    record(users, "users", "delete", request_id=RID1, function="purge", key={"id": 42}, old={"id": 42}, old_complete=False)
+    record(users, "users", "insert", request_id=RID2, key={"id": 42}, new={"id": 42, "email": "bob@example.com", "plan": "free"})
+    out = invoke(dsn, "history", "users", "--id", "42").output
+    deleted = out.index("- deleted")
+    assert out.index("(only key columns of the old row are known)") > deleted
+    assert out.index("+ email    → bob@example.com") > deleted
+
+
+def test_history_shows_truncate(users, dsn):
+    record(users, "users", "truncate", request_id=None)
+    out = invoke(dsn, "history", "users", "--id", "42").output
+    assert "- truncated" in out
+    assert "xid:" in out and "(no request context)" in out
+
+
+def test_history_of_quoted_schema_and_table_names(conn, dsn):
+    ensure_schema(conn)
+    conn.execute('CREATE SCHEMA "my schema"; CREATE TABLE "my schema"."Tábla x" (id int PRIMARY KEY, v text)')
+    record(conn, "Tábla x", "insert", schema="my schema", request_id=RID1, key={"id": 1}, new={"id": 1, "v": "ok"})
+    result = invoke(dsn, "history", '"my schema"."Tábla x"', "--id", "1")
+    assert result.exit_code == 0, result.output
+    assert '"my schema"."Tábla x" / id = 1' in result.output and "+ v" in result.output
+
+
+def test_history_json_keeps_30_digit_numeric_exact(conn, dsn):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.acct (id int PRIMARY KEY, bal numeric)")
+    record(conn, "acct", "insert", request_id=RID1, key={"id": 1}, new='{"id": 1, "bal": 123456789012345678901234567890.000000000001}')
+    record(conn, "acct", "update", request_id=RID2, key={"id": 1}, old_complete=True, changed=["bal"],
+           old='{"id": 1, "bal": 123456789012345678901234567890.000000000001}', new='{"id": 1, "bal": 999999999999999999999999999999}')
+    result = invoke(dsn, "history", "acct", "--id", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert '"bal": 123456789012345678901234567890.000000000001' in result.stdout
+    assert '"bal": 999999999999999999999999999999' in result.stdout
+
+
+def test_history_of_unknown_table_is_not_found_with_capture_hint(users, dsn):
+    result = invoke(dsn, "history", "nosuch", "--id", "1")
+    assert isinstance(result.exception, NotFoundError)
+    assert "No recorded mutations for table nosuch" in str(result.exception)
+    assert "flux attach --tables" in result.exception.hint
+
+
+def test_history_needs_id_or_key(users, dsn):
+    result = invoke(dsn, "history", "users")
+    assert isinstance(result.exception, ConfigError)
+
+
+def test_blame_attributes_each_column_to_its_request(users, dsn):
+    result = invoke(dsn, "blame", "users", "--id", "42", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    by = {c["column"]: (c["value"], c["set_by"]["request_id"]) for c in data["columns"]}
+    assert by == {"id": (42, RID1), "email": ("alice@example.com", RID1), "plan": ("pro", RID3)}
+    assert data["deleted"] is False
+
+
+def test_blame_text_lists_columns_with_writer(users, dsn):
+    out = invoke(dsn, "blame", "users", "--id", "42").output
+    plan = next(line for line in out.splitlines() if line.strip().startswith("plan"))
+    assert "pro" in plan and "req:7b1d3f9a" in plan and "upgrade" in plan
+
+
+def test_blame_of_deleted_row_says_who_deleted_it(users, dsn):
+    record(users, "users", "delete", request_id=RID2, function="purge", key={"id": 42},
+           old={"id": 42, "email": "alice@example.com", "plan": "pro"}, old_complete=True)
+    out = invoke(dsn, "blame", "users", "--id", "42").output
+    assert "deleted  2026-03-10 14:23:11  req:550e8400  purge" in out
+
+
+def test_blame_without_key_lists_recently_changed_rows(users, dsn):
+    record(users, "users", "insert", request_id=RID2, function="create_user", key={"id": 7}, new={"id": 7, "email": "b", "plan": "free"})
+    result = invoke(dsn, "blame", "users", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["row_key"], r["writer"]["request_id"]) for r in rows] == [({"id": 7}, RID2), ({"id": 42}, RID3)]
+    text = invoke(dsn, "blame", "users", "--limit", "1").output
+    assert "id = 7" in text and "id = 42" not in text
+
+
+def test_bad_key_flag_is_a_config_error(users, dsn):
+    result = invoke(dsn, "history", "users", "--key", "id")
+    assert isinstance(result.exception, ConfigError)
+
+
+def test_every_command_has_help():
+    for command in ("history", "blame"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "--database" in result.output

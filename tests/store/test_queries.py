@@ -1,0 +1,331 @@
+from __future__ import annotations
+
+import itertools
+import json
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from flux.errors import AmbiguousError, ConfigError, NotFoundError
+from flux.store.queries import (
+    parse_table,
+    resolve_request_id,
+    row_blame,
+    row_history,
+    table_blame,
+)
+from flux.store.schema import ensure_schema
+
+T0 = datetime(2026, 3, 10, 14, 20, 11, tzinfo=timezone.utc)
+_tx = itertools.count(1)
+
+
+def record(
+    conn: psycopg.Connection,
+    table: str,
+    op: str,
+    *,
+    schema: str = "public",
+    request_id: str | None = None,
+    function: str | None = None,
+    key: dict | None = None,
+    old: dict | str | None = None,
+    new: dict | str | None = None,
+    old_complete: bool | None = None,
+    changed: list[str] | None = None,
+    seq: int = 0,
+    tx: int | None = None,
+) -> int:
+    """Write one mutation as the engine would: each call its own transaction unless `tx` is given.
+
+    Images may be given as JSON text, to carry numerics no Python float could.
+    """
+    n = tx if tx is not None else next(_tx)
+    if op in ("update", "delete") and old_complete is None:
+        old_complete = True
+    if op == "update" and changed is None and isinstance(old, dict) and isinstance(new, dict) and old_complete:
+        changed = [c for c in new if old.get(c) != new[c]]
+    context = {"request_id": request_id, "function": function} if request_id else None
+    conn.execute(
+        "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, old, new,"
+        " old_complete, changed_columns, xid, commit_lsn, commit_time, seq)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s)",
+        (
+            request_id, _j(context), schema, table, op, _j(key), _j(old), _j(new), old_complete, changed,
+            1000 + n, f"0/{n * 0x100:X}", T0 + timedelta(seconds=n), seq,
+        ),
+    )
+    return n
+
+
+def _j(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+@pytest.fixture
+def log(conn: psycopg.Connection) -> psycopg.Connection:
+    """A database with the mutation log. Tests create their tables as public.X: ensure_schema made
+    schema `flux`, which the default search_path ("$user", public) now puts first."""
+    ensure_schema(conn)
+    return conn
+
+
+def ops(history) -> list[tuple[str, str | None]]:
+    return [(m.op, m.request_id) for m in history.mutations]
+
+
+# -- parse_table -------------------------------------------------------------------------------
+
+
+def test_parse_table_defaults_to_public_schema():
+    assert parse_table("users") == ("public", "users")
+
+
+def test_parse_table_splits_schema_and_folds_unquoted_case():
+    assert parse_table("Billing.Invoices") == ("billing", "invoices")
+
+
+def test_parse_table_keeps_quoted_names_with_dots_spaces_and_non_ascii():
+    assert parse_table('"my schema"."Tábla x.y"') == ("my schema", "Tábla x.y")
+    assert parse_table('"say ""hi"""') == ("public", 'say "hi"')
+
+
+def test_parse_table_rejects_malformed_names():
+    for bad in ["", "a.b.c", '"open', "a..b"]:
+        with pytest.raises(ConfigError):
+            parse_table(bad)
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+def test_history_of_single_pk_row_matches_id_recorded_as_number(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text, plan text)")
+    record(log, "users", "insert", request_id="r1", key={"id": 42}, new={"id": 42, "email": "a@x", "plan": "free"})
+    record(log, "users", "insert", request_id="r2", key={"id": 7}, new={"id": 7, "email": "b@x", "plan": "free"})
+    h = row_history(log, "public", "users", id_value="42")
+    assert h.match == {"id": "42"} and h.matched_on == "row_key"
+    assert ops(h) == [("insert", "r1")]
+    assert h.mutations[0].new == {"id": 42, "email": "a@x", "plan": "free"}
+
+
+def test_history_matches_id_recorded_as_string(log):
+    log.execute("CREATE TABLE public.docs (slug text PRIMARY KEY, body text)")
+    record(log, "docs", "insert", request_id="r1", key={"slug": "007"}, new={"slug": "007", "body": "x"})
+    assert ops(row_history(log, "public", "docs", id_value="007")) == [("insert", "r1")]
+
+
+def test_history_is_oldest_first_and_limit_keeps_newest(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, plan text)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1, "plan": "a"})
+    for i, plan in enumerate(["b", "c", "d"], start=2):
+        record(log, "users", "update", request_id=f"r{i}", key={"id": 1}, old={"id": 1, "plan": "x"}, new={"id": 1, "plan": plan})
+    assert [r for _, r in ops(row_history(log, "public", "users", id_value="1"))] == ["r1", "r2", "r3", "r4"]
+    limited = row_history(log, "public", "users", id_value="1", limit=2)
+    assert [r for _, r in ops(limited)] == ["r3", "r4"]
+    assert limited.total == 4
+
+
+def test_history_orders_changes_within_one_transaction_by_seq(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, plan text)")
+    tx = next(_tx)
+    record(log, "users", "update", request_id="second", key={"id": 1}, old={"id": 1, "plan": "a"}, new={"id": 1, "plan": "b"}, tx=tx, seq=1)
+    record(log, "users", "insert", request_id="first", key={"id": 1}, new={"id": 1, "plan": "a"}, tx=tx, seq=0)
+    assert [r for _, r in ops(row_history(log, "public", "users", id_value="1"))] == ["first", "second"]
+
+
+def test_history_with_composite_key_via_key(log):
+    log.execute("CREATE TABLE public.members (org int, id text, role text, PRIMARY KEY (org, id))")
+    record(log, "members", "insert", request_id="r1", key={"org": 1, "id": "a"}, new={"org": 1, "id": "a", "role": "x"})
+    record(log, "members", "insert", request_id="r2", key={"org": 2, "id": "a"}, new={"org": 2, "id": "a", "role": "y"})
+    h = row_history(log, "public", "members", key={"id": "a", "org": "2"})
+    assert h.match == {"org": "2", "id": "a"}
+    assert ops(h) == [("insert", "r2")]
+
+
+def test_history_with_id_on_composite_key_says_to_use_key(log):
+    log.execute("CREATE TABLE public.members (org int, id text, PRIMARY KEY (org, id))")
+    record(log, "members", "insert", key={"org": 1, "id": "a"}, new={"org": 1, "id": "a"})
+    with pytest.raises(ConfigError) as err:
+        row_history(log, "public", "members", id_value="a")
+    assert "--key org=... --key id=..." in err.value.hint
+
+
+def test_history_of_table_without_primary_key_matches_images(log):
+    log.execute("CREATE TABLE public.events (name text, n numeric)")
+    record(log, "events", "insert", request_id="r1", new={"name": "a", "n": 1})
+    record(log, "events", "insert", request_id="r2", new={"name": "b", "n": 1})
+    record(log, "events", "delete", request_id="r3", old={"name": "a", "n": 1.0})
+    h = row_history(log, "public", "events", key={"name": "a", "n": "1"})
+    assert h.matched_on == "images"
+    assert ops(h) == [("insert", "r1"), ("delete", "r3")]
+
+
+def test_history_falls_back_to_recorded_key_when_table_is_gone(log):
+    record(log, "gone", "insert", request_id="r1", key={"uid": 5}, new={"uid": 5})
+    h = row_history(log, "public", "gone", id_value="5")
+    assert h.match == {"uid": "5"} and ops(h) == [("insert", "r1")]
+
+
+def test_history_shows_delete_then_reinsert(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, plan text)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1, "plan": "a"})
+    record(log, "users", "delete", request_id="r2", key={"id": 1}, old={"id": 1, "plan": "a"})
+    record(log, "users", "insert", request_id="r3", key={"id": 1}, new={"id": 1, "plan": "b"})
+    assert ops(row_history(log, "public", "users", id_value="1")) == [("insert", "r1"), ("delete", "r2"), ("insert", "r3")]
+
+
+def test_history_includes_truncates_after_the_rows_first_change_only(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "truncate", request_id="before")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})
+    record(log, "users", "truncate", request_id="t1")
+    record(log, "other", "truncate", request_id="elsewhere")
+    assert ops(row_history(log, "public", "users", id_value="1")) == [("insert", "r1"), ("truncate", "t1")]
+
+
+def test_history_of_quoted_schema_and_table_with_spaces_and_non_ascii(log):
+    log.execute('CREATE SCHEMA "my schema"; CREATE TABLE "my schema"."Tábla x" (id int PRIMARY KEY)')
+    record(log, "Tábla x", "insert", schema="my schema", request_id="r1", key={"id": 1}, new={"id": 1})
+    schema, table = parse_table('"my schema"."Tábla x"')
+    assert ops(row_history(log, schema, table, id_value="1")) == [("insert", "r1")]
+
+
+def test_history_keeps_30_digit_numerics_exact(log):
+    log.execute("CREATE TABLE public.acct (id int PRIMARY KEY, bal numeric, big numeric)")
+    record(log, "acct", "insert", key={"id": 1},
+           new='{"id": 1, "bal": 12345678901234567890.1234567891, "big": 123456789012345678901234567890}')
+    new = row_history(log, "public", "acct", id_value="1").mutations[0].new
+    assert new["bal"] == Decimal("12345678901234567890.1234567891")
+    assert new["big"] == Decimal("123456789012345678901234567890")
+
+
+def test_history_of_uncaptured_table_says_so(log):
+    log.execute("CREATE TABLE public.quiet (id int PRIMARY KEY)")
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "quiet", id_value="1")
+    assert "flux attach --tables" in err.value.hint
+
+
+def test_history_of_unknown_row_points_to_blame(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", key={"id": 1}, new={"id": 1})
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "users", id_value="2")
+    assert "flux state blame users" in err.value.hint
+
+
+def test_history_suggests_the_mixed_case_name(log):
+    log.execute('CREATE TABLE public."Users" (id int PRIMARY KEY)')
+    record(log, "Users", "insert", key={"id": 1}, new={"id": 1})
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "users", id_value="1")
+    assert '"Users"' in err.value.hint
+
+
+def test_history_without_flux_schema_says_to_attach(conn):
+    with pytest.raises(NotFoundError) as err:
+        row_history(conn, "public", "users", id_value="1")
+    assert "flux attach" in err.value.hint
+
+
+# -- blame -------------------------------------------------------------------------------------
+
+
+def test_blame_attributes_each_column_to_the_request_that_last_set_it(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text, plan text)")
+    record(log, "users", "insert", request_id="r1", function="create_user", key={"id": 1}, new={"id": 1, "email": "a", "plan": "free"})
+    record(log, "users", "update", request_id="r2", function="upgrade", key={"id": 1},
+           old={"id": 1, "email": "a", "plan": "free"}, new={"id": 1, "email": "a", "plan": "pro"})
+    record(log, "users", "update", request_id="r3", function="rename", key={"id": 1},
+           old={"id": 1, "email": "a", "plan": "pro"}, new={"id": 1, "email": "b", "plan": "pro"})
+    b = row_blame(log, "public", "users", id_value="1")
+    by = {c.column: (c.value, c.set_by.request_id, c.set_by.function) for c in b.columns}
+    assert by == {"id": (1, "r1", "create_user"), "email": ("b", "r3", "rename"), "plan": ("pro", "r2", "upgrade")}
+    assert not b.deleted and b.last.request_id == "r3"
+
+
+def test_blame_without_full_old_image_uses_value_changes(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, plan text)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1, "plan": "a"})
+    record(log, "users", "update", request_id="r2", key={"id": 1}, old={"id": 1}, old_complete=False, new={"id": 1, "plan": "a"})
+    record(log, "users", "update", request_id="r3", key={"id": 1}, old={"id": 1}, old_complete=False, new={"id": 1, "plan": "b"})
+    by = {c.column: c.set_by.request_id for c in row_blame(log, "public", "users", id_value="1").columns}
+    assert by == {"id": "r1", "plan": "r3"}
+
+
+def test_blame_of_deleted_row_names_the_deleter(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, plan text)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1, "plan": "a"})
+    record(log, "users", "delete", request_id="r2", function="purge", key={"id": 1}, old={"id": 1, "plan": "a"})
+    b = row_blame(log, "public", "users", id_value="1")
+    assert b.deleted and b.deleted_by.request_id == "r2" and b.deleted_by.function == "purge"
+    assert {c.column: c.value for c in b.columns} == {"id": 1, "plan": "a"}
+
+
+def test_blame_of_truncated_row_is_deleted_by_the_truncate(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})
+    record(log, "users", "truncate", request_id="t")
+    b = row_blame(log, "public", "users", id_value="1")
+    assert b.deleted and b.deleted_by.op == "truncate" and b.deleted_by.request_id == "t"
+
+
+def test_table_blame_lists_recent_rows_once_with_last_writer(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, plan text)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1, "plan": "a"})
+    record(log, "users", "insert", request_id="r2", key={"id": 2}, new={"id": 2, "plan": "a"})
+    record(log, "users", "update", request_id="r3", key={"id": 1}, old={"id": 1, "plan": "a"}, new={"id": 1, "plan": "b"})
+    rows = table_blame(log, "public", "users")
+    assert [(r.row_key, r.writer.request_id, r.writer.op) for r in rows] == [({"id": 1}, "r3", "update"), ({"id": 2}, "r2", "insert")]
+    assert [r.row_key for r in table_blame(log, "public", "users", limit=1)] == [{"id": 1}]
+
+
+def test_table_blame_stops_at_a_truncate(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})
+    record(log, "users", "truncate", request_id="t")
+    record(log, "users", "insert", request_id="r2", key={"id": 2}, new={"id": 2})
+    rows = table_blame(log, "public", "users")
+    assert [(r.writer.op, r.writer.request_id) for r in rows] == [("insert", "r2"), ("truncate", "t")]
+
+
+# -- request ids -------------------------------------------------------------------------------
+
+
+def test_request_id_prefix_resolves_when_unique(log):
+    record(log, "users", "insert", request_id="4f9a3b2c-1111", key={"id": 1}, new={"id": 1})
+    record(log, "users", "insert", request_id="550e8400-2222", key={"id": 2}, new={"id": 2})
+    assert resolve_request_id(log, "4f9a") == "4f9a3b2c-1111"
+    assert resolve_request_id(log, "req:550e8400") == "550e8400-2222"
+
+
+def test_request_id_prefix_ambiguous_lists_candidates(log):
+    record(log, "users", "insert", request_id="abc-1", key={"id": 1}, new={"id": 1})
+    record(log, "users", "insert", request_id="abc-2", key={"id": 2}, new={"id": 2})
+    with pytest.raises(AmbiguousError) as err:
+        resolve_request_id(log, "abc")
+    assert "abc-1" in str(err.value) and "abc-2" in str(err.value)
+
+
+def test_request_id_exact_match_wins_over_longer_ids(log):
+    record(log, "users", "insert", request_id="abc", key={"id": 1}, new={"id": 1})
+    record(log, "users", "insert", request_id="abcd", key={"id": 2}, new={"id": 2})
+    assert resolve_request_id(log, "abc") == "abc"
+
+
+def test_request_id_prefix_without_match_is_not_found(log):
+    record(log, "users", "insert", request_id="abc", key={"id": 1}, new={"id": 1})
+    with pytest.raises(NotFoundError):
+        resolve_request_id(log, "zz")
+
+
+def test_request_id_prefix_treats_like_wildcards_literally(log):
+    record(log, "users", "insert", request_id="a_c", key={"id": 1}, new={"id": 1})
+    record(log, "users", "insert", request_id="abc", key={"id": 2}, new={"id": 2})
+    assert resolve_request_id(log, "a_") == "a_c"

@@ -1,0 +1,90 @@
+"""Helpers shared by engine tests: run a real engine in a thread, wait for it, read what it recorded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+
+from flux.cdc.attach import attach
+from flux.cdc.engine import Engine, EngineConfig
+
+
+def wait_caught_up(dsn: str, *, slot: str = "flux", timeout: float = 30.0) -> None:
+    """Block until the slot has confirmed everything written so far (so it has been recorded)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        target = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            done = conn.execute(
+                "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (target, slot)
+            ).fetchone()
+            if done and done[0]:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"slot {slot} did not reach {target} within {timeout}s")
+            time.sleep(0.05)
+
+
+@dataclass
+class RunningEngine:
+    dsn: str
+    engine: Engine
+    thread: threading.Thread
+    errors: list[BaseException]
+
+    def caught_up(self, timeout: float = 30.0) -> None:
+        if self.errors:
+            raise self.errors[0]
+        wait_caught_up(self.dsn, slot=self.engine.config.slot, timeout=timeout)
+        if self.errors:
+            raise self.errors[0]
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self.thread.join(timeout=30)
+        if self.errors:
+            raise self.errors[0]
+
+
+def start_engine(dsn: str, **config) -> RunningEngine:
+    engine = Engine(EngineConfig(dsn=dsn, **config))
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            engine.run(install_signal_handlers=False)
+        except BaseException as exc:  # surfaced to the test by caught_up()/stop()
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="flux-engine", daemon=True)
+    thread.start()
+    return RunningEngine(dsn, engine, thread, errors)
+
+
+def mutations(dsn: str, table: str | None = None) -> list[dict]:
+    """Recorded mutations in log order, images parsed with exact numerics."""
+    import json
+    from decimal import Decimal
+
+    query = (
+        "SELECT request_id, context::text, schema_name, table_name, op, row_key::text, old::text, new::text,"
+        " old_complete, missing_columns, changed_columns, xid, commit_lsn::text, seq"
+        " FROM flux.state_mutations {} ORDER BY commit_lsn, seq"
+    )
+    where, params = ("WHERE table_name = %s", (table,)) if table else ("", ())
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(query.format(where), params).fetchall()
+    load = lambda text: None if text is None else json.loads(text, parse_float=Decimal)  # noqa: E731
+    keys = ("request_id", "context", "schema", "table", "op", "row_key", "old", "new", "old_complete",
+            "missing_columns", "changed_columns", "xid", "commit_lsn", "seq")
+    out = []
+    for row in rows:
+        item = dict(zip(keys, row))
+        for k in ("context", "row_key", "old", "new"):
+            item[k] = load(item[k])
+        out.append(item)
+    return out

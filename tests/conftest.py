@@ -16,11 +16,10 @@ import psycopg
 import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from tests.support import RunningEngine, start_engine
-
 from flux.cdc.attach import attach
 from flux.errors import ClusterError
 from flux.pg.cluster import SUPERUSER, Cluster, ClusterInfo
+from tests.support import RunningEngine, start_engine
 
 # fsync off: these clusters are throwaway; the engine's own durability is tested by killing
 # the engine, not the machine.

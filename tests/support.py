@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg
 
-from flux.cdc.attach import attach
 from flux.cdc.engine import Engine, EngineConfig
 
 

@@ -14,6 +14,7 @@ engine's periodic `reconcile_new_tables()` (writes in the first seconds may be m
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import psycopg
@@ -21,6 +22,8 @@ from psycopg import sql
 
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
 from flux.store.schema import SCHEMA, ensure_schema
+
+log = logging.getLogger("flux.cdc")
 
 MIN_SERVER_VERSION = 140000
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast", SCHEMA)
@@ -414,12 +417,13 @@ def reconcile_new_tables(dsn: str, *, slot: str) -> list[str]:
         added = []
         for table in missing:
             try:
-                for part in _with_partitions(conn, table):
-                    _set_full_identity(conn, slot, part)
-                conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table.ident))
+                with conn.transaction():
+                    for part in _with_partitions(conn, table):
+                        _set_full_identity(conn, slot, part)
+                    conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table.ident))
                 added.append(str(table))
-            except psycopg.Error as exc:  # dropped meanwhile, or not ours: try again next round
-                raise from_psycopg(exc, "Could not capture a new table", table=str(table), retryable=True) from exc
+            except psycopg.Error as exc:  # dropped meanwhile, or not ours: say so, try again next round
+                log.warning("cannot capture new table %s yet: %s", table, str(exc).strip().splitlines()[0])
         return added
 
 

@@ -33,8 +33,8 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Consume the slot and record every change into flux.state_mutations until SIGINT/SIGTERM."""
-    from flux.cdc.engine import Engine, EngineConfig
     from flux.cdc.attach import connect
+    from flux.cdc.engine import Engine, EngineConfig
 
     dsn = resolve_dsn(database)
     setup_logging(verbose)

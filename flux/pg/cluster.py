@@ -49,7 +49,10 @@ INSTALL_HINT = (
 
 
 def find_bindir() -> Path:
-    """Locate the newest server binaries: `pg_config --bindir`, then the usual Debian and RPM paths."""
+    """Locate the newest server binaries: $FLUX_PG_BINDIR alone if set, else `pg_config --bindir`,
+    then the usual Debian and RPM paths."""
+    if os.environ.get("FLUX_PG_BINDIR"):
+        return _check_bindirs([Path(os.environ["FLUX_PG_BINDIR"])])
     candidates: list[Path] = []
     pg_config = shutil.which("pg_config")
     if pg_config:
@@ -62,6 +65,10 @@ def find_bindir() -> Path:
     versioned.sort(key=_version_of_path, reverse=True)
     candidates += [Path(p) for p in versioned]
     candidates += [Path("/usr/local/pgsql/bin"), Path("/opt/homebrew/bin"), Path("/usr/local/bin"), Path("/usr/bin")]
+    return _check_bindirs(candidates)
+
+
+def _check_bindirs(candidates: list[Path]) -> Path:
     for bindir in candidates:
         if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file() and (bindir / "postgres").is_file():
             return bindir

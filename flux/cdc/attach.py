@@ -413,6 +413,21 @@ def reconcile_new_tables(dsn: str, *, slot: str) -> list[str]:
         if not row or not row[1]:
             return []
         publication = row[0]
+        # Partitions attached after attach (ATTACH PARTITION) need FULL identity too.
+        for schema, name in conn.execute(
+            """
+            SELECT n.nspname, c.relname FROM pg_publication p
+            JOIN pg_publication_rel pr ON pr.prpubid = p.oid
+            CROSS JOIN LATERAL pg_partition_tree(pr.prrelid) t
+            JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE p.pubname = %s AND t.level > 0 AND c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
+            """,
+            (publication,),
+        ).fetchall():
+            try:
+                _set_full_identity(conn, slot, TableRef(schema, name))
+            except psycopg.Error as exc:
+                log.warning("cannot set REPLICA IDENTITY FULL on partition %s.%s: %s", schema, name, str(exc).strip().splitlines()[0])
         missing = sorted(set(all_user_tables(conn)) - set(published_tables(conn, publication)), key=str)
         added = []
         for table in missing:

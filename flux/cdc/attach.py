@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
+from flux.store.queries import split_table_name
 from flux.store.schema import SCHEMA, ensure_schema
 
 log = logging.getLogger("flux.cdc")
@@ -157,42 +158,10 @@ def check_ownership(conn: psycopg.Connection, tables: list[TableRef]) -> None:
 # -- table selection ----------------------------------------------------------------------
 
 
-def parse_table_name(name: str) -> tuple[str | None, str]:
-    """'users' → (None, 'users'); 'billing.invoices'; '"my schema"."Tábla x"' keeps quoted parts verbatim."""
-    parts: list[str] = []
-    i, text = 0, name.strip()
-    while i < len(text):
-        if text[i] == '"':
-            j, buf = i + 1, []
-            while j < len(text):
-                if text[j] == '"' and j + 1 < len(text) and text[j + 1] == '"':
-                    buf.append('"')
-                    j += 2
-                elif text[j] == '"':
-                    break
-                else:
-                    buf.append(text[j])
-                    j += 1
-            parts.append("".join(buf))
-            i = j + 1
-        else:
-            j = text.find(".", i)
-            j = len(text) if j == -1 else j
-            parts.append(text[i:j])
-            i = j
-        if i < len(text) and text[i] == ".":
-            i += 1
-    if len(parts) == 1:
-        return None, parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise ConfigError(f"Not a table name: {name!r}", hint="Use TABLE or SCHEMA.TABLE; quote names with dots.")
-
-
 def resolve_tables(conn: psycopg.Connection, names: list[str]) -> list[TableRef]:
     found: list[TableRef] = []
     for name in names:
-        schema, table = parse_table_name(name)
+        schema, table = split_table_name(name)
         row = conn.execute(
             """
             SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

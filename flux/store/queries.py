@@ -122,11 +122,14 @@ class RecentChange:
 
 
 def parse_table(name: str) -> tuple[str, str]:
-    """`users` -> (public, users); `billing.invoices`; `"my schema"."Tábla x"`.
+    """`users` -> (public, users); `billing.invoices`; `"my schema"."Tábla x"`."""
+    schema, table = split_table_name(name)
+    return (schema or DEFAULT_SCHEMA, table)
 
-    Quoted parts are taken as is (`""` is a quote); unquoted parts fold ASCII to lower case,
-    as Postgres does.
-    """
+
+def split_table_name(name: str) -> tuple[str | None, str]:
+    """(schema or None, table). Quoted parts are taken as is (`""` is a quote); unquoted parts
+    fold ASCII to lower case, as Postgres does."""
     parts: list[str] = []
     i, n = 0, len(name)
     while True:
@@ -165,7 +168,7 @@ def parse_table(name: str) -> tuple[str, str]:
         i += 1
     if len(parts) > 2:
         raise ConfigError(f"Too many dots in table name {name!r}", hint="Write TABLE or SCHEMA.TABLE.")
-    return (DEFAULT_SCHEMA, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 
 def quote_name(name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flux.cdc.attach import attach, parse_table_name, published_tables, reconcile_new_tables
+from flux.cdc.attach import attach, published_tables, reconcile_new_tables
 from flux.errors import ConfigError
 
 
@@ -13,15 +13,15 @@ def identities(conn, *names: str) -> dict[str, str]:
     return dict(rows)
 
 
-def test_parse_table_name_handles_quoted_parts_with_dots_and_spaces():
-    assert parse_table_name('"my schema"."Tábla.x"') == ("my schema", "Tábla.x")
-    assert parse_table_name("billing.invoices") == ("billing", "invoices")
-    assert parse_table_name("users") == (None, "users")
+def test_attach_resolves_unquoted_names_case_insensitively_via_search_path(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    assert attach(dsn, tables=["Users"]).tables == ["public.users"]
 
 
-def test_parse_table_name_rejects_three_parts():
-    with pytest.raises(ConfigError):
-        parse_table_name("a.b.c")
+def test_attach_resolves_quoted_schema_and_table_names(dsn, conn):
+    conn.execute('CREATE SCHEMA "my schema"')
+    conn.execute('CREATE TABLE "my schema"."Tábla.x" (id int PRIMARY KEY)')
+    assert attach(dsn, tables=['"my schema"."Tábla.x"']).tables == ["my schema.Tábla.x"]
 
 
 def test_attach_refuses_the_flux_schema(dsn, conn):

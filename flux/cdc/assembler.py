@@ -18,6 +18,7 @@ commit LSN in BEGIN.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from flux.cdc import pgoutput as pg
-from flux.cdc.values import Convert, TypeCatalog
+from flux.cdc.values import Convert, TypeCatalog, jsonb_refuses
 from flux.cdc.wire import format_lsn, pg_time_to_datetime
 from flux.errors import StreamError
 
@@ -120,8 +121,17 @@ class _Table:
     pk_names: tuple[str, ...] = field(default_factory=tuple)
 
 
+_NUL_ESCAPE = re.compile(r"\\(u0000|.)", re.S)  # each escape in turn: `\\u0000` is not a NUL
+
+
 def parse_context(content: bytes) -> tuple[str | None, str]:
-    """(request_id, context JSON text) from a `flux` message; malformed content is kept raw."""
+    """(request_id, context JSON text) from a `flux` message; malformed content is kept raw.
+
+    Valid content is kept as sent, not re-encoded: orjson reads integers beyond 64 bits and
+    long decimals as floats, while jsonb keeps them exact. Content jsonb would refuse (U+0000,
+    a number beyond numeric's range) is re-encoded with U+0000 as U+FFFD instead: storing it
+    as sent would stop the sink for good.
+    """
     try:
         value = orjson.loads(content)
     except orjson.JSONDecodeError:
@@ -129,12 +139,20 @@ def parse_context(content: bytes) -> tuple[str | None, str]:
     if isinstance(value, dict):
         request_id = value.get("request_id")
         if isinstance(request_id, str) and request_id:
-            return request_id, orjson.dumps(value).decode()
+            text = content.decode()  # orjson accepted it: valid UTF-8
+            if jsonb_refuses(text):
+                text = _NUL_ESCAPE.sub(_no_nul, orjson.dumps(value).decode())
+                request_id = request_id.replace("\x00", "\ufffd")
+            return request_id, text
         problem = "request_id missing or not a non-empty string"
     else:
         problem = "content is not a JSON object"
-    raw = content[:MAX_RAW_CONTEXT].decode("utf-8", errors="replace")
+    raw = content[:MAX_RAW_CONTEXT].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
     return None, orjson.dumps({"malformed": problem, "raw": raw}).decode()
+
+
+def _no_nul(escape: re.Match) -> str:
+    return "\\ufffd" if escape.group(1) == "u0000" else escape.group(0)
 
 
 class Assembler:
@@ -255,9 +273,17 @@ class Assembler:
         return image, missing
 
     def _key_image(self, table: _Table, values: tuple) -> dict[str, Any]:
-        """Only the replica-identity key columns: what pgoutput sends when identity is not FULL."""
+        """Only the replica-identity key columns: what pgoutput sends when identity is not FULL.
+
+        A relation that says FULL flags every column as key, yet can still send an update
+        without an old tuple: a partition whose own identity is not FULL, published through
+        its FULL root. Its old row is then known by the primary key only.
+        """
         image: dict[str, Any] = {}
-        for i in table.key_indexes:
+        indexes = table.key_indexes
+        if table.full_identity:
+            indexes = tuple(table.names.index(name) for name in self._primary_key(table))
+        for i in indexes:
             value = values[i]
             if value is None or value is pg.UNCHANGED_TOAST:
                 image[table.names[i]] = None

@@ -22,12 +22,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+import psycopg
+
 from flux.cdc import pgoutput as pg
 from flux.cdc.assembler import Assembler, MutationRow
 from flux.cdc.sink import MutationSink, PostgresCatalog, PostgresSink, Progress
 from flux.cdc.stream import ReplicationStream
 from flux.cdc.wire import Keepalive, format_lsn
-from flux.errors import FluxError
+from flux.errors import FluxError, from_psycopg
 
 log = logging.getLogger("flux.cdc")
 
@@ -140,7 +142,10 @@ class _Session:
     def consume(self) -> None:
         assert self.stream is not None and self.assembler is not None
         while not self._stop.is_set():
-            wait = 0.0 if self.pending_end is not None else min(0.5, self.config.status_interval)
+            # Poll without waiting only while a finished transaction can be committed right away;
+            # inside an open one, its COMMIT must arrive first (no busy loop).
+            committable = self.pending_end is not None and not self.assembler.in_transaction
+            wait = 0.0 if committable else min(0.5, self.config.status_interval)
             frame = self.stream.read(wait)
             now = time.monotonic()
             if frame is None:
@@ -251,19 +256,23 @@ class _Session:
         if now - self.last_reconcile < self.config.reconcile_interval:
             return
         self.last_reconcile = now
-        from flux.cdc.attach import reconcile_new_tables
+        from flux.cdc.autocapture import reconcile_new_tables
 
-        added = reconcile_new_tables(self.config.dsn, slot=self.config.slot)
+        try:
+            added = reconcile_new_tables(self.config.dsn, slot=self.config.slot)
+        except psycopg.Error as exc:  # not every query in there is wrapped; a dropped connection is retried
+            raise from_psycopg(exc, "Could not check for new tables", slot=self.config.slot) from exc
         for name in added:
             log.info("now capturing new table %s", name)
 
     def close(self, *, flush: bool) -> None:
-        """Release connections. With `flush`, finished transactions are committed first; a
-        transaction still open at the stop is rolled back and resent on the next start."""
-        if flush and self.sink is not None and self.pending_end is not None:
+        """Release connections. With `flush`, finished transactions are committed first, unless a
+        transaction is still open: it shares their sink transaction, so all of it is rolled back
+        and resent on the next start."""
+        if flush and self.sink is not None:
             if self.assembler is not None and self.assembler.in_transaction:
                 log.info("stopping mid-transaction: its rows will be resent on the next start")
-            else:
+            elif self.pending_end is not None:
                 try:
                     self._commit()
                 except FluxError as exc:

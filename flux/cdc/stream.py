@@ -18,7 +18,7 @@ import psycopg
 from psycopg import pq
 
 from flux.cdc.wire import Keepalive, XLogData, format_lsn, parse_frame, pg_now_us, standby_status
-from flux.errors import ConnectionLostError, DatabaseError, from_psycopg
+from flux.errors import ConnectionLostError, from_psycopg
 
 WALSENDER_OPTIONS = (
     "-c DateStyle=ISO,YMD -c TimeZone=UTC -c IntervalStyle=iso_8601"
@@ -62,20 +62,24 @@ class ReplicationStream:
             f"START_REPLICATION SLOT {quote_ident(self.slot)} LOGICAL {format_lsn(self.start_lsn)} "
             f"(proto_version '1', publication_names {quote_literal(quote_ident(self.publication))}, messages 'true')"
         )
-        pgconn.send_query(command.encode())
-        result = pgconn.get_result()
-        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
-            message = (result.error_message if result is not None else pgconn.error_message).decode(errors="replace").strip()
-            sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE) if result is not None else None
+        hint = "Check that the slot and publication exist (`flux attach`) and that no other consumer holds the slot."
+        try:
+            pgconn.send_query(command.encode())
+            result = pgconn.get_result()
+        except psycopg.Error as exc:  # the server went away between connecting and this command
             self.close()
-            exc_cls = ConnectionLostError if sqlstate in (None, b"55006") else DatabaseError  # 55006: slot in use
-            raise exc_cls(
-                f"START_REPLICATION failed: {message}",
-                hint="Check that the slot and publication exist (`flux attach`) and that no other consumer holds the slot.",
-                slot=self.slot,
-                publication=self.publication,
-                sqlstate=sqlstate.decode() if sqlstate else None,
-            )
+            raise from_psycopg(exc, "START_REPLICATION failed", hint=hint, slot=self.slot) from exc
+        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+            if result is None or result.status != pq.ExecStatus.FATAL_ERROR:
+                message = pgconn.error_message.decode(errors="replace").strip() or "the server sent no result"
+                self.close()
+                raise ConnectionLostError(f"START_REPLICATION failed: {message}", hint=hint, slot=self.slot)
+            self.close()
+            # Classified by SQLSTATE like every other server error: a backend terminated or shutting
+            # down (57P01, 57P03) is a lost connection, a slot still held by a dying consumer
+            # (55006) is transient, a missing slot or publication is not.
+            exc = psycopg.errors.error_from_result(result)
+            raise from_psycopg(exc, "START_REPLICATION failed", hint=hint, slot=self.slot, publication=self.publication)
         pgconn.nonblocking = 1
         self._pgconn = pgconn
 

@@ -18,8 +18,8 @@ What the JSON image looks like:
 - everything else (text, bytea's `\\x..`, uuid, date, time, interval, enum, ...) is the text.
 
 Not guaranteed: values are not validated (malformed text gives a wrong value or a
-ValueError from `int`/`float`, never a silent repair); a `json` value whose text contains
-`\\u0000` (which jsonb rejects) is kept as a string so that the image can still be stored;
+ValueError from `int`/`float`, never a silent repair); a `json` value that jsonb would
+refuse (see `jsonb_refuses`) is kept as a string so that the image can still be stored;
 array delimiters other than `,` are known only for `box`.
 """
 
@@ -53,10 +53,37 @@ def _numeric(text: str) -> Fragment | str:
     return Fragment(text)  # numeric_out never uses exponents or a bare '.': valid JSON as is
 
 
+# Each JSON escape in turn, so that an escaped backslash followed by `u0000` is not taken for `\u0000`.
+_JSON_ESCAPES = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.S)
+# A number jsonb's numeric may not hold (131072 digits before the point, 16383 after, counting
+# the exponent). Conservative: any 4-digit exponent or 15000-digit run, even inside a string.
+_HUGE_NUMBER = re.compile(r"\d[eE][+-]?\d{4}|(?<!\d)\d{15000}")
+
+
+def jsonb_refuses(text: str) -> bool:
+    """Whether valid JSON `text` may be refused by jsonb (json accepts it): a `\\u0000` escape,
+    a surrogate escape not in a high-low pair, or a number beyond numeric's range. It errs
+    towards True; storing a refused value would stop the sink."""
+    if "\\u" in text:
+        high_end = -1  # end of a high-surrogate escape still waiting for its low half
+        for m in _JSON_ESCAPES.finditer(text):
+            escape = m.group(1)
+            code = int(escape[1:], 16) if len(escape) == 5 else -1
+            if high_end >= 0:
+                if m.start() != high_end or not 0xDC00 <= code <= 0xDFFF:
+                    return True
+                high_end = -1
+            elif code == 0 or 0xDC00 <= code <= 0xDFFF:
+                return True
+            elif 0xD800 <= code <= 0xDBFF:
+                high_end = m.end()
+        if high_end >= 0:
+            return True
+    return _HUGE_NUMBER.search(text) is not None
+
+
 def _json(text: str) -> Fragment | str:
-    if "\\u0000" in text:  # valid json, but jsonb refuses it: keep the text
-        return text
-    return Fragment(text)
+    return text if jsonb_refuses(text) else Fragment(text)
 
 
 def _timestamp(text: str) -> str:

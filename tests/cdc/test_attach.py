@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
-from flux.cdc.attach import attach, published_tables, reconcile_new_tables
+from flux.cdc.attach import NO_TRIGGER_WARNING, attach, detach
+from flux.cdc.autocapture import reconcile_new_tables
+from flux.cdc.publication import captured_tables, published_schemas
 from flux.errors import ConfigError
 
 
@@ -36,7 +39,7 @@ def test_attach_with_other_tables_updates_the_publication_and_restores_dropped_i
     conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
     attach(dsn, tables=["a"])
     result = attach(dsn, tables=["b"])
-    assert [str(t) for t in published_tables(conn, "flux")] == ["public.b"]
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.b"]
     assert "publication flux: removed public.a" in result.created
     assert identities(conn, "a", "b") == {"a": "d", "b": "f"}
 
@@ -48,23 +51,78 @@ def test_partitions_get_full_identity_on_attach(dsn, conn):
     assert identities(conn, "m", "m1") == {"m": "f", "m1": "f"}
 
 
+def test_all_tables_by_superuser_publishes_whole_schemas(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, all_tables=True)
+    assert published_schemas(conn, "flux") == ["public"]
+
+
 def test_event_trigger_captures_table_created_later_in_its_own_transaction(dsn, conn):
     attach(dsn, all_tables=True)
     conn.execute("CREATE TABLE later (id int PRIMARY KEY)")
-    assert "public.later" in [str(t) for t in published_tables(conn, "flux")]
+    assert "public.later" in [str(t) for t in captured_tables(conn, "flux")]
     assert identities(conn, "later") == {"later": "f"}
 
 
-def test_reconcile_adds_new_tables_and_attached_partitions_without_event_trigger(dsn, conn):
+def test_event_trigger_adds_new_schemas(dsn, conn):
+    attach(dsn, all_tables=True)
+    conn.execute("CREATE SCHEMA billing")
+    conn.execute("CREATE TABLE billing.invoices (id int PRIMARY KEY)")
+    assert "billing.invoices" in [str(t) for t in captured_tables(conn, "flux")]
+    assert identities(conn, "invoices") == {"invoices": "f"}
+
+
+def test_event_trigger_gives_full_identity_to_partitions_of_an_explicitly_listed_table(dsn, conn):
+    conn.execute("CREATE TABLE m (id int, t date, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
+    attach(dsn, tables=["m"])
+    conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM ('2020-01-01') TO ('2021-01-01')")
+    conn.execute("CREATE TABLE m2 (id int, t date NOT NULL, PRIMARY KEY (id, t))")
+    conn.execute("ALTER TABLE m ATTACH PARTITION m2 FOR VALUES FROM ('2021-01-01') TO ('2022-01-01')")
+    assert identities(conn, "m1", "m2") == {"m1": "f", "m2": "f"}
+
+
+def test_event_trigger_leaves_tables_outside_the_capture_alone(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    assert identities(conn, "other") == {"other": "d"}
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+
+
+def test_reconcile_without_trigger_sets_full_identity_on_new_tables_and_partitions(dsn, conn):
     conn.execute("CREATE TABLE m (id int, t date, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
     attach(dsn, all_tables=True)
     conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")
     conn.execute("CREATE TABLE m2 (id int, t date NOT NULL, PRIMARY KEY (id, t))")
     conn.execute("ALTER TABLE m ATTACH PARTITION m2 FOR VALUES FROM ('2021-01-01') TO ('2022-01-01')")
     conn.execute("CREATE TABLE newt (id int PRIMARY KEY)")
-    assert reconcile_new_tables(dsn, slot="flux") == ["public.newt"]
+    conn.execute("CREATE SCHEMA extra")
+    changed = reconcile_new_tables(dsn, slot="flux")
+    assert set(changed) == {"REPLICA IDENTITY FULL on public.m2", "REPLICA IDENTITY FULL on public.newt", "schema extra"}
     assert identities(conn, "m2", "newt") == {"m2": "f", "newt": "f"}
     assert reconcile_new_tables(dsn, slot="flux") == []
+
+
+def test_reconcile_for_non_superuser_publishes_new_tables_one_by_one(dsn, conn):
+    conn.execute("CREATE ROLE app_owner LOGIN REPLICATION")
+    conn.execute(f'GRANT CREATE ON DATABASE "{conn.info.dbname}" TO app_owner')
+    conn.execute("GRANT CREATE ON SCHEMA public TO app_owner")
+    app = dsn.replace("postgres@", "app_owner@")
+    try:
+        with psycopg.connect(app, autocommit=True) as app_conn:
+            app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+            result = attach(app, all_tables=True)
+            assert NO_TRIGGER_WARNING in result.warnings
+            app_conn.execute("CREATE TABLE public.newt (id int PRIMARY KEY)")
+            assert reconcile_new_tables(app, slot="flux") == ["public.newt"]
+            assert [str(t) for t in captured_tables(app_conn, "flux")] == ["public.a", "public.newt"]
+            assert identities(app_conn, "newt") == {"newt": "f"}
+    finally:
+        detach(dsn, drop_data=True)
+        conn.execute("DROP TABLE IF EXISTS public.a, public.newt")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM app_owner")
+        conn.execute(f'REVOKE CREATE ON DATABASE "{conn.info.dbname}" FROM app_owner')
+        conn.execute("DROP ROLE app_owner")
 
 
 def test_reconcile_does_nothing_for_an_explicit_table_list(dsn, conn):
@@ -74,17 +132,16 @@ def test_reconcile_does_nothing_for_an_explicit_table_list(dsn, conn):
     assert reconcile_new_tables(dsn, slot="flux") == []
 
 
-def test_non_superuser_all_tables_attach_warns_about_the_capture_gap(dsn, conn):
-    conn.execute("CREATE ROLE app_owner LOGIN REPLICATION")
-    conn.execute(f'GRANT CREATE ON DATABASE "{conn.info.dbname}" TO app_owner')
+def test_application_role_can_still_create_tables_under_the_event_trigger(dsn, conn):
+    attach(dsn, all_tables=True)
+    conn.execute("CREATE ROLE app_user LOGIN")
+    conn.execute("GRANT CREATE ON SCHEMA public TO app_user")
     try:
-        result = attach(dsn.replace("postgres@", "app_owner@"), all_tables=True)
-        assert any("Not a superuser, so no event trigger" in w for w in result.warnings)
+        with psycopg.connect(dsn.replace("postgres@", "app_user@"), autocommit=True) as app_conn:
+            app_conn.execute("CREATE TABLE public.made_by_app (id int PRIMARY KEY)")
+        assert "public.made_by_app" in [str(t) for t in captured_tables(conn, "flux")]
+        assert identities(conn, "made_by_app") == {"made_by_app": "f"}
     finally:
-        from tests.conftest import _drop_slots
-
-        conn.execute("DROP PUBLICATION IF EXISTS flux")
-        _drop_slots(dsn, conn.info.dbname)
-        conn.execute("DROP SCHEMA flux CASCADE")
-        conn.execute(f'REVOKE CREATE ON DATABASE "{conn.info.dbname}" FROM app_owner')
-        conn.execute("DROP ROLE app_owner")
+        conn.execute("DROP TABLE IF EXISTS public.made_by_app")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM app_user")
+        conn.execute("DROP ROLE app_user")

@@ -1,0 +1,193 @@
+"""Keeping capture complete as the schema grows: tables, schemas and partitions created later.
+
+Two mechanisms, the first preferred:
+- an event trigger (superuser only), which acts inside the DDL's own transaction: it publishes
+  a new table for `--all-tables` attachments (on PostgreSQL 15+ the publication covers whole
+  schemas, so even the rows of CREATE TABLE AS are captured), adds new schemas, and gives
+  REPLICA IDENTITY FULL to new tables and to partitions of any captured table;
+- `reconcile()`, which the engine runs every few seconds when idle, for roles that cannot own an
+  event trigger. Changes to a table in the seconds before it runs are not captured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import psycopg
+from psycopg import sql
+
+from flux.cdc.publication import (
+    SCHEMA_PUBLICATION_VERSION,
+    TableRef,
+    all_user_tables,
+    published_schemas,
+    published_tables,
+    set_full_identity,
+    user_schemas,
+    with_partitions,
+)
+
+log = logging.getLogger("flux.cdc")
+
+EVENT_TRIGGER = "flux_capture_new_tables"
+
+_TRIGGER_FUNCTION = """
+CREATE OR REPLACE FUNCTION flux.capture_new_tables() RETURNS event_trigger
+LANGUAGE plpgsql
+-- Runs for every role's DDL: as its (superuser) owner, so that an application role can still
+-- create tables, with a fixed search_path so that nothing it calls can be shadowed.
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    obj record;
+    att record;
+    rel record;
+    root record;
+    published boolean;
+BEGIN
+    FOR obj IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        IF obj.object_type = 'schema' AND obj.command_tag = 'CREATE SCHEMA' THEN
+            FOR att IN SELECT a.publication_name FROM flux.attachments a WHERE a.all_tables AND EXISTS (
+                    SELECT 1 FROM pg_publication p JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid
+                    WHERE p.pubname = a.publication_name) LOOP
+                EXECUTE format('ALTER PUBLICATION %I ADD TABLES IN SCHEMA %I', att.publication_name,
+                               (SELECT nspname FROM pg_namespace WHERE oid = obj.objid));
+            END LOOP;
+        ELSIF obj.object_type = 'table' THEN
+            -- The new table; for ALTER TABLE (e.g. ATTACH PARTITION) the partitions below it.
+            FOR rel IN
+                SELECT c.oid, c.relispartition, c.relreplident, n.nspname, c.relname
+                FROM (SELECT obj.objid AS relid, 0 AS level  -- pg_partition_tree is empty for plain tables
+                      UNION SELECT p.relid, p.level FROM pg_partition_tree(obj.objid) p WHERE p.level > 0) t
+                JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
+                  AND n.nspname NOT IN ('flux', 'pg_catalog', 'information_schema')
+                  AND (obj.command_tag <> 'ALTER TABLE' OR t.level > 0)
+            LOOP
+                SELECT n.nspname, c.relname INTO root
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.oid = COALESCE((SELECT a.relid FROM pg_partition_ancestors(rel.oid) a
+                                        JOIN pg_class ac ON ac.oid = a.relid WHERE NOT ac.relispartition), rel.oid);
+                FOR att IN SELECT * FROM flux.attachments LOOP
+                    published := EXISTS (SELECT 1 FROM pg_publication_tables pt WHERE pt.pubname = att.publication_name
+                                         AND pt.schemaname = root.nspname AND pt.tablename = root.relname);
+                    IF NOT published AND att.all_tables AND NOT rel.relispartition THEN
+                        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I', att.publication_name, rel.nspname, rel.relname);
+                        published := true;
+                    END IF;
+                    IF published AND rel.relreplident <> 'f' THEN
+                        INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous)
+                        VALUES (att.slot_name, rel.nspname, rel.relname, rel.relreplident) ON CONFLICT DO NOTHING;
+                        EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', rel.nspname, rel.relname);
+                        rel.relreplident := 'f';
+                    END IF;
+                END LOOP;
+            END LOOP;
+        END IF;
+    END LOOP;
+EXCEPTION WHEN OTHERS THEN
+    -- Never fail the user's DDL: the engine's reconcile pass captures the table later.
+    RAISE WARNING 'flux: could not set up capture for new objects: %', SQLERRM;
+END
+$fn$;
+"""
+
+
+def install_event_trigger(conn: psycopg.Connection) -> str | None:
+    """Install the trigger if missing. Returns a description of what it created, or None."""
+    if conn.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (EVENT_TRIGGER,)).fetchone():
+        return None
+    tags = ["CREATE TABLE", "CREATE TABLE AS", "SELECT INTO", "ALTER TABLE"]
+    if conn.info.server_version >= SCHEMA_PUBLICATION_VERSION:
+        tags.append("CREATE SCHEMA")
+    conn.execute(_TRIGGER_FUNCTION)
+    conn.execute(
+        sql.SQL("CREATE EVENT TRIGGER {} ON ddl_command_end WHEN TAG IN ({}) EXECUTE FUNCTION flux.capture_new_tables()").format(
+            sql.Identifier(EVENT_TRIGGER), sql.SQL(", ").join(map(sql.Literal, tags))
+        )
+    )
+    return f"event trigger {EVENT_TRIGGER} (captures tables and partitions created later)"
+
+
+def drop_event_trigger(conn: psycopg.Connection) -> bool:
+    if not conn.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (EVENT_TRIGGER,)).fetchone():
+        return False
+    conn.execute(sql.SQL("DROP EVENT TRIGGER {}").format(sql.Identifier(EVENT_TRIGGER)))
+    conn.execute("DROP FUNCTION IF EXISTS flux.capture_new_tables()")
+    return True
+
+
+def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
+    """Capture what appeared since attach without the trigger. Returns what it changed."""
+    if not conn.execute("SELECT to_regclass('flux.attachments')").fetchone()[0]:
+        return []
+    row = conn.execute("SELECT publication_name, all_tables FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+    if row is None:
+        return []
+    publication, all_tables = row
+    changed: list[str] = []
+    # Partitions created or attached later need FULL identity too, whatever the attach mode.
+    for schema, name in conn.execute(
+        """
+        WITH roots AS MATERIALIZED (  -- filter first: the cast must only see published names
+            SELECT format('%%I.%%I', schemaname, tablename) AS name FROM pg_publication_tables WHERE pubname = %s
+        )
+        SELECT DISTINCT n.nspname, c.relname FROM roots
+        CROSS JOIN LATERAL pg_partition_tree(roots.name::regclass) t
+        JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE t.level > 0 AND c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
+        """,
+        (publication,),
+    ).fetchall():
+        table = TableRef(schema, name)
+        _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: set_full_identity(conn, slot, t))
+    if not all_tables:
+        return changed
+    schemas = published_schemas(conn, publication)
+    if schemas:  # schema mode: new schemas, and FULL identity for tables the trigger did not see
+        for schema in sorted(set(user_schemas(conn)) - set(schemas)):
+            statement = sql.SQL("ALTER PUBLICATION {} ADD TABLES IN SCHEMA {}").format(sql.Identifier(publication), sql.Identifier(schema))
+            _try(conn, changed, f"schema {schema}", lambda st=statement: conn.execute(st))
+        # Tables Flux never touched (none recorded) and not FULL were created since: a user's
+        # deliberate change to a table attach set up is left alone.
+        for schema, name in conn.execute(
+            """
+            SELECT pt.schemaname, pt.tablename FROM pg_publication_tables pt
+            JOIN pg_namespace n ON n.nspname = pt.schemaname JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+            WHERE pt.pubname = %s AND c.relreplident <> 'f' AND NOT EXISTS (
+                SELECT 1 FROM flux.replica_identity_changes r
+                WHERE r.slot_name = %s AND r.schema_name = pt.schemaname AND r.table_name = pt.tablename)
+            """,
+            (publication, slot),
+        ).fetchall():
+            table = TableRef(schema, name)
+            _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: [set_full_identity(conn, slot, p) for p in with_partitions(conn, t)])
+        return changed
+    for table in sorted(set(all_user_tables(conn)) - set(published_tables(conn, publication)), key=str):
+        def capture(table: TableRef = table) -> None:
+            for part in with_partitions(conn, table):
+                set_full_identity(conn, slot, part)
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table.ident))
+
+        _try(conn, changed, str(table), capture)
+    return changed
+
+
+def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callable[[], object]) -> None:
+    """One reconcile step in its own transaction: a table dropped meanwhile, or not ours, is
+    logged and retried next round rather than stopping the engine."""
+    try:
+        with conn.transaction():
+            action()
+        changed.append(what)
+    except psycopg.Error as exc:
+        log.warning("cannot capture %s yet: %s", what, str(exc).strip().splitlines()[0])
+
+
+def reconcile_new_tables(dsn: str, *, slot: str) -> list[str]:
+    """`reconcile` on a connection of its own (the engine calls this when idle)."""
+    from flux.cdc.attach import connect
+
+    with connect(dsn) as conn:
+        return reconcile(conn, slot=slot)

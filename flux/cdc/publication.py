@@ -1,0 +1,249 @@
+"""The database objects capture is made of: which tables, the publication, replica identities.
+
+Small idempotent operations on one connection, used by `attach`, `detach` and
+`autocapture`. They do not check prerequisites (that is `attach.check_server`) and do not
+create the slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from flux.errors import ConfigError, NotFoundError, PreflightError
+from flux.store.queries import split_table_name
+from flux.store.schema import SCHEMA
+
+SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast", SCHEMA)
+# FOR TABLES IN SCHEMA (PostgreSQL 15+) publishes tables from the moment they exist,
+# rows of CREATE TABLE AS included; it needs a superuser.
+SCHEMA_PUBLICATION_VERSION = 150000
+
+
+@dataclass(frozen=True)
+class TableRef:
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+
+def resolve_tables(conn: psycopg.Connection, names: list[str]) -> list[TableRef]:
+    found: list[TableRef] = []
+    for name in names:
+        schema, table = split_table_name(name)
+        row = conn.execute(
+            """
+            SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relname = %s AND c.relkind IN ('r', 'p')
+              AND (n.nspname = %s OR (%s::text IS NULL AND n.oid = ANY (current_schemas(false)::regnamespace[])))
+            ORDER BY array_position(current_schemas(false), n.nspname::name) LIMIT 1
+            """,
+            (table, schema, schema),
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"No table {name!r} in this database", hint="Check the name; qualify it as SCHEMA.TABLE if needed.", table=name)
+        if row[0] == SCHEMA:
+            raise ConfigError("Flux never captures its own schema", hint="Choose tables outside the 'flux' schema.", table=name)
+        found.append(TableRef(row[0], row[1]))
+    return sorted(set(found), key=str)
+
+
+def all_user_tables(conn: psycopg.Connection) -> list[TableRef]:
+    """Ordinary and partitioned tables outside system schemas and `flux`; partitions come via their root."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+          AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_temp%%' AND n.nspname NOT LIKE 'pg\\_toast%%'
+        ORDER BY 1, 2
+        """,
+        (list(SYSTEM_SCHEMAS),),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]
+
+
+def published_tables(conn: psycopg.Connection, publication: str) -> list[TableRef]:
+    """Tables named in the publication one by one (not those published through a schema)."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_publication p
+        JOIN pg_publication_rel pr ON pr.prpubid = p.oid
+        JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE p.pubname = %s ORDER BY 1, 2
+        """,
+        (publication,),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]
+
+
+def check_ownership(conn: psycopg.Connection, tables: list[TableRef]) -> None:
+    if not tables:
+        return
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname, pg_get_userbyid(c.relowner)
+        FROM unnest(%s::text[], %s::text[]) AS t(s, r)
+        JOIN pg_namespace n ON n.nspname = t.s
+        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
+        WHERE NOT pg_has_role(current_user, c.relowner, 'USAGE')
+        """,
+        ([t.schema for t in tables], [t.name for t in tables]),
+    ).fetchall()
+    if rows:
+        listed = ", ".join(f"{s}.{r} (owner {o})" for s, r, o in rows[:10])
+        owner = rows[0][2]
+        raise PreflightError(
+            f"Setting REPLICA IDENTITY and publishing needs table ownership; the current role does not own: {listed}",
+            hint=f'Grant membership in the owning role (GRANT "{owner}" TO current_user) or attach as the owner.',
+            tables=len(rows),
+        )
+
+
+def with_partitions(conn: psycopg.Connection, table: TableRef) -> list[TableRef]:
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t
+        JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p')
+        """,
+        (sql.Identifier(table.schema, table.name).as_string(conn),),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows] or [table]
+
+
+def user_schemas(conn: psycopg.Connection) -> list[str]:
+    rows = conn.execute(
+        """
+        SELECT nspname FROM pg_namespace
+        WHERE nspname <> ALL (%s) AND nspname NOT LIKE 'pg\\_%%' ORDER BY 1
+        """,
+        (list(SYSTEM_SCHEMAS),),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def published_schemas(conn: psycopg.Connection, publication: str) -> list[str]:
+    if conn.info.server_version < SCHEMA_PUBLICATION_VERSION:
+        return []
+    rows = conn.execute(
+        """
+        SELECT n.nspname FROM pg_publication p JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid
+        JOIN pg_namespace n ON n.oid = pn.pnnspid WHERE p.pubname = %s ORDER BY 1
+        """,
+        (publication,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def set_full_identity(conn: psycopg.Connection, slot: str, table: TableRef) -> dict | None:
+    """REPLICA IDENTITY FULL on `table`, recording what it was. None when it already was FULL."""
+    current, index = conn.execute(
+        """
+        SELECT c.relreplident, (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                                WHERE i.indrelid = c.oid AND i.indisreplident)
+        FROM pg_class c WHERE c.oid = %s::regclass
+        """,
+        (sql.Identifier(table.schema, table.name).as_string(conn),),
+    ).fetchone()
+    if current == "f":
+        return None
+    conn.execute(
+        """
+        INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous, previous_index)
+        VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING
+        """,
+        (slot, table.schema, table.name, current, index),
+    )
+    conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table.ident))
+    return {"table": str(table), "previous": identity_name(current, index), "restored_by_detach": True}
+
+
+def identity_name(code: str, index: str | None) -> str:
+    return {"d": "DEFAULT", "n": "NOTHING", "f": "FULL", "i": f"USING INDEX {index}"}.get(code, code)
+
+
+def sync_publication(
+    conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None, slot: str
+) -> list[str]:
+    """Make the publication publish exactly `chosen`, or with `schemas` those whole schemas.
+
+    Returns what changed. Tables no longer published get their replica identity restored.
+    """
+    changes: list[str] = []
+    name = sql.Identifier(publication)
+    exists = conn.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    if exists is None:
+        if schemas:
+            what = sql.SQL("FOR TABLES IN SCHEMA {}").format(sql.SQL(", ").join(map(sql.Identifier, schemas)))
+            described = f"schemas {', '.join(schemas)}"
+        elif chosen:
+            what = sql.SQL("FOR TABLE {}").format(sql.SQL(", ").join(t.ident for t in chosen))
+            described = f"{len(chosen)} tables"
+        else:
+            what, described = sql.SQL(""), "no tables yet"
+        conn.execute(sql.SQL("CREATE PUBLICATION {} {} WITH (publish_via_partition_root = true)").format(name, what))
+        return [f"publication {publication} ({described})"]
+    if not exists[0]:
+        conn.execute(sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(name))
+        changes.append(f"publication {publication}: publish_via_partition_root = true")
+    current = set(published_tables(conn, publication))
+    wanted = set() if schemas else set(chosen)
+    for table in sorted(wanted - current, key=str):
+        conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(name, table.ident))
+        changes.append(f"publication {publication}: added {table}")
+    for table in sorted(current - wanted, key=str):
+        conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, table.ident))
+        if not schemas or table.schema not in set(schemas or []):
+            restore_identity(conn, slot, table, result_list=[])
+            changes.append(f"publication {publication}: removed {table}")
+    current_schemas = set(published_schemas(conn, publication))
+    wanted_schemas = set(schemas or [])
+    for schema in sorted(wanted_schemas - current_schemas):
+        conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
+        changes.append(f"publication {publication}: added schema {schema}")
+    for schema in sorted(current_schemas - wanted_schemas):
+        conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
+        changes.append(f"publication {publication}: removed schema {schema}")
+    return changes
+
+
+def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, result_list: list[dict]) -> None:
+    row = conn.execute(
+        "SELECT previous, previous_index FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s AND table_name = %s",
+        (slot, table.schema, table.name),
+    ).fetchone()
+    if row is None:
+        return
+    previous, index = row
+    exists = conn.execute("SELECT to_regclass(%s)", (sql.Identifier(table.schema, table.name).as_string(conn),)).fetchone()[0]
+    if exists:
+        clause = {
+            "d": sql.SQL("DEFAULT"),
+            "n": sql.SQL("NOTHING"),
+            "f": sql.SQL("FULL"),
+            "i": sql.SQL("USING INDEX {}").format(sql.Identifier(index or "")),
+        }[previous]
+        conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table.ident, clause))
+        result_list.append({"table": str(table), "restored": identity_name(previous, index)})
+    conn.execute(
+        "DELETE FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s AND table_name = %s",
+        (slot, table.schema, table.name),
+    )
+
+
+
+
+def captured_tables(conn: psycopg.Connection, publication: str) -> list[TableRef]:
+    """Every table the publication publishes, named or through a schema (roots, not partitions)."""
+    rows = conn.execute(
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2", (publication,)
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]

@@ -1,0 +1,121 @@
+"""End-to-end basics through the real engine: an insert with its context, TRUNCATE, `seq`, and restarts."""
+
+from __future__ import annotations
+
+import functools
+
+import psycopg
+import pytest
+
+from tests.support import mutations, start_engine
+
+QUICK = 0.1  # seconds; see `capture`
+
+
+@pytest.fixture
+def capture(capture):
+    """The shared `capture`, with status_interval=0.1: the engine's idle read waits at most that
+    long, so it notices stop() (teardown) and reports progress (caught_up) sooner."""
+    return functools.partial(capture, status_interval=QUICK)
+
+
+def test_insert_is_recorded_with_request_id_from_context_message(dsn, conn, capture):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    running = capture(tables=["users"])
+    with psycopg.connect(dsn) as c:
+        c.execute("SELECT pg_logical_emit_message(true, 'flux', '{\"request_id\": \"req-1\", \"function\": \"signup\"}')")
+        c.execute("INSERT INTO users VALUES (42, 'alice@example.com')")
+    running.caught_up()
+    [m] = mutations(dsn, "users")
+    assert (m["request_id"], m["op"], m["row_key"], m["new"]) == ("req-1", "insert", {"id": 42}, {"id": 42, "email": "alice@example.com"})
+    assert m["context"]["function"] == "signup"
+
+
+def test_truncate_of_two_tables_in_one_statement_records_one_row_per_table(dsn, conn, capture):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    conn.execute("INSERT INTO a VALUES (1), (2)")
+    conn.execute("INSERT INTO b VALUES (1)")
+    running = capture(tables=["a", "b"])
+    conn.execute("TRUNCATE a, b")
+    running.caught_up()
+    rows = mutations(dsn)
+    assert sorted((m["table"], m["op"], m["row_key"], m["old"], m["new"]) for m in rows) == [
+        ("a", "truncate", None, None, None),
+        ("b", "truncate", None, None, None),
+    ]
+    assert len({m["commit_lsn"] for m in rows}) == 1
+    assert [m["seq"] for m in rows] == [0, 1]
+
+
+def test_truncate_of_a_partitioned_table_is_one_row_under_the_root(dsn, conn, capture):
+    conn.execute("CREATE TABLE p (k int, PRIMARY KEY (k)) PARTITION BY RANGE (k)")
+    conn.execute("CREATE TABLE p_low PARTITION OF p FOR VALUES FROM (0) TO (10)")
+    conn.execute("CREATE TABLE p_high PARTITION OF p FOR VALUES FROM (10) TO (20)")
+    conn.execute("INSERT INTO p VALUES (1), (11)")
+    running = capture(tables=["p"])
+    conn.execute("TRUNCATE p")
+    running.caught_up()
+    assert [(m["table"], m["op"]) for m in mutations(dsn)] == [("p", "truncate")]
+
+
+def test_seq_is_the_position_of_the_change_in_its_transaction(dsn, conn, capture):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    running = capture(tables=["a", "b"])
+    with psycopg.connect(dsn) as c:
+        c.execute("INSERT INTO a VALUES (1, 'x')")
+        c.execute("SELECT pg_logical_emit_message(true, 'flux', '{\"request_id\": \"r\"}')")  # not a change: no seq
+        c.execute("INSERT INTO b VALUES (1)")
+        c.execute("UPDATE a SET v = 'y'")
+        c.execute("DELETE FROM b")
+    with psycopg.connect(dsn) as c:
+        c.execute("INSERT INTO b VALUES (2)")
+    running.caught_up()
+    rows = mutations(dsn)
+    assert [(m["table"], m["op"], m["seq"]) for m in rows] == [
+        ("a", "insert", 0), ("b", "insert", 1), ("a", "update", 2), ("b", "delete", 3), ("b", "insert", 0),
+    ]
+    assert len({m["commit_lsn"] for m in rows[:4]}) == 1
+    assert rows[4]["commit_lsn"] != rows[0]["commit_lsn"]
+
+
+def test_commit_lsn_and_seq_are_unique_in_the_mutation_log(dsn, conn, capture):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    running = capture(tables=["a"])
+    conn.execute("INSERT INTO a SELECT generate_series(1, 50)")
+    conn.execute("UPDATE a SET id = id + 100")
+    running.caught_up()
+    rows = mutations(dsn, "a")
+    assert len(rows) == 100
+    assert len({(m["commit_lsn"], m["seq"]) for m in rows}) == 100
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute(
+            "INSERT INTO flux.state_mutations (schema_name, table_name, op, xid, commit_lsn, commit_time, seq)"
+            " SELECT schema_name, table_name, op, xid, commit_lsn, commit_time, seq FROM flux.state_mutations LIMIT 1"
+        )
+
+
+def test_restarted_engine_records_what_was_written_while_stopped_without_duplicates(dsn, conn, capture):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    running = capture(tables=["a"])
+    for i in range(1, 4):
+        conn.execute("INSERT INTO a VALUES (%s, 'recorded before stop')", (i,))
+    running.caught_up()
+    for i in range(4, 7):
+        conn.execute("INSERT INTO a VALUES (%s, 'maybe recorded before stop')", (i,))
+    running.stop()  # no wait: these may or may not be recorded yet
+    for i in range(7, 10):
+        conn.execute("INSERT INTO a VALUES (%s, 'written while stopped')", (i,))
+    conn.execute("UPDATE a SET v = 'updated while stopped' WHERE id = 1")
+    restarted = start_engine(dsn, status_interval=QUICK)
+    try:
+        restarted.caught_up()
+        conn.execute("INSERT INTO a VALUES (10, 'after restart')")
+        restarted.caught_up()
+    finally:
+        restarted.stop()
+    rows = mutations(dsn, "a")
+    expected = [("insert", i) for i in range(1, 10)] + [("update", 1), ("insert", 10)]
+    assert [(m["op"], m["row_key"]["id"]) for m in rows] == expected
+    assert len({(m["commit_lsn"], m["seq"]) for m in rows}) == len(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import dataclass
 
@@ -11,12 +12,17 @@ import psycopg
 from flux.cdc.engine import Engine, EngineConfig
 
 
-def wait_caught_up(dsn: str, *, slot: str = "flux", timeout: float = 30.0) -> None:
-    """Block until the slot has confirmed everything written so far (so it has been recorded)."""
+def wait_caught_up(dsn: str, *, slot: str = "flux", timeout: float = 30.0, alive: Callable[[], None] | None = None) -> None:
+    """Block until the slot has confirmed everything written so far (so it has been recorded).
+
+    `alive` is called while waiting and may raise, e.g. the error of an engine that died.
+    """
     with psycopg.connect(dsn, autocommit=True) as conn:
         target = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
         deadline = time.monotonic() + timeout
         while True:
+            if alive is not None:
+                alive()
             done = conn.execute(
                 "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (target, slot)
             ).fetchone()
@@ -35,9 +41,10 @@ class RunningEngine:
     errors: list[BaseException]
 
     def caught_up(self, timeout: float = 30.0) -> None:
-        if self.errors:
-            raise self.errors[0]
-        wait_caught_up(self.dsn, slot=self.engine.config.slot, timeout=timeout)
+        """Wait until everything written so far is recorded; an engine that died raises its own error."""
+        wait_caught_up(self.dsn, slot=self.engine.config.slot, timeout=timeout, alive=self._raise_error)
+
+    def _raise_error(self) -> None:
         if self.errors:
             raise self.errors[0]
 
@@ -49,6 +56,9 @@ class RunningEngine:
 
 
 def start_engine(dsn: str, **config) -> RunningEngine:
+    # A short status interval: the idle read waits at most that long, so the engine notices
+    # stop() and acknowledges progress (what caught_up waits for) sooner.
+    config.setdefault("status_interval", 0.1)
     engine = Engine(EngineConfig(dsn=dsn, **config))
     errors: list[BaseException] = []
 

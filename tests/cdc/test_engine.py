@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import psycopg
 import pytest
 
 from tests.support import mutations, start_engine
-
-QUICK = 0.1  # seconds; see `capture`
-
-
-@pytest.fixture
-def capture(capture):
-    """The shared `capture`, with status_interval=0.1: the engine's idle read waits at most that
-    long, so it notices stop() (teardown) and reports progress (caught_up) sooner."""
-    return functools.partial(capture, status_interval=QUICK)
 
 
 def test_insert_is_recorded_with_request_id_from_context_message(dsn, conn, capture):
@@ -108,7 +97,7 @@ def test_restarted_engine_records_what_was_written_while_stopped_without_duplica
     for i in range(7, 10):
         conn.execute("INSERT INTO a VALUES (%s, 'written while stopped')", (i,))
     conn.execute("UPDATE a SET v = 'updated while stopped' WHERE id = 1")
-    restarted = start_engine(dsn, status_interval=QUICK)
+    restarted = start_engine(dsn)
     try:
         restarted.caught_up()
         conn.execute("INSERT INTO a VALUES (10, 'after restart')")

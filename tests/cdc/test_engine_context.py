@@ -7,22 +7,10 @@ take the first one; malformed content never drops a change.
 
 from __future__ import annotations
 
-import functools
-
 import orjson
 import psycopg
-import pytest
 
 from tests.support import mutations
-
-QUICK = 0.1  # seconds; see `capture`
-
-
-@pytest.fixture
-def capture(capture):
-    """The shared `capture`, with status_interval=0.1: the engine's idle read waits at most that
-    long, so it notices stop() (teardown) and reports progress (caught_up) sooner."""
-    return functools.partial(capture, status_interval=QUICK)
 
 
 def flux_message(content: object, *, transactional: bool = True, prefix: str = "flux") -> tuple[str, tuple]:

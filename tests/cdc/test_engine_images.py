@@ -7,7 +7,6 @@ so a numeric that was stored as a float would show its rounding here.
 
 from __future__ import annotations
 
-import functools
 import os
 from decimal import Decimal
 
@@ -16,15 +15,9 @@ import pytest
 
 from tests.support import mutations
 
-QUICK = 0.1  # seconds; see `capture`
 THIRTY_DIGITS = "123456789012345678901234.567890"  # 30 significant digits: beyond any float
 
 
-@pytest.fixture
-def capture(capture):
-    """The shared `capture`, with status_interval=0.1: the engine's idle read waits at most that
-    long, so it notices stop() (teardown) and reports progress (caught_up) sooner."""
-    return functools.partial(capture, status_interval=QUICK)
 
 
 def write(dsn: str, *statements: str, params: tuple | None = None) -> None:

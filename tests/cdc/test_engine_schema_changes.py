@@ -3,21 +3,9 @@ partitions created after `attach --all-tables` (captured through the event trigg
 
 from __future__ import annotations
 
-import functools
-
 import psycopg
-import pytest
 
 from tests.support import mutations, start_engine
-
-QUICK = 0.1  # seconds; see `capture`
-
-
-@pytest.fixture
-def capture(capture):
-    """The shared `capture`, with status_interval=0.1: the engine's idle read waits at most that
-    long, so it notices stop() (teardown) and reports progress (caught_up) sooner."""
-    return functools.partial(capture, status_interval=QUICK)
 
 
 def images(dsn: str, table: str) -> list[tuple[str, dict | None, dict | None]]:
@@ -112,7 +100,7 @@ def test_row_key_is_null_not_wrong_when_the_key_column_was_renamed_before_the_en
     conn.execute("INSERT INTO t VALUES (1, 'x')")
     conn.execute("ALTER TABLE t RENAME COLUMN id TO key")
     conn.execute("INSERT INTO t VALUES (2, 'y')")
-    restarted = start_engine(dsn, status_interval=QUICK)
+    restarted = start_engine(dsn)
     try:
         restarted.caught_up()
     finally:

@@ -43,6 +43,13 @@ class Catalog(Protocol):
     def learn_types(self, types: TypeCatalog, type_oids: list[int]) -> None:
         """Teach `types` the given non-built-in type OIDs."""
 
+    def identity_full_everywhere(self, relation_id: int) -> bool:
+        """Whether every partition under a relation is REPLICA IDENTITY FULL (True for a plain table).
+
+        pgoutput sends a partition's old row as 'O' (complete) when its published root is FULL,
+        even when the partition itself only logged its key columns.
+        """
+
 
 @dataclass(slots=True)
 class MutationRow:
@@ -117,6 +124,7 @@ class _Table:
     key_indexes: tuple[int, ...]  # replica identity key columns (pgoutput flags)
     primary_key: tuple[int, ...] | None
     full_identity: bool
+    old_images_full: bool  # 'O' old tuples really are whole rows (see Catalog.identity_full_everywhere)
     pk_resolved: bool = False
     pk_names: tuple[str, ...] = field(default_factory=tuple)
 
@@ -200,6 +208,7 @@ class Assembler:
             key_indexes=tuple(i for i, c in enumerate(msg.columns) if c.is_key),
             primary_key=None,
             full_identity=msg.replica_identity == "f",
+            old_images_full=msg.replica_identity == "f" and self.catalog.identity_full_everywhere(msg.relation_id),
         )
 
     def message(self, msg: pg.LogicalMessage) -> Backfill | None:
@@ -222,7 +231,7 @@ class Assembler:
             new, missing = self._image(table, msg.new, None)
             return self._row(txn, table, "insert", None, new, None, missing, list(new), key_source=new)
         if isinstance(msg, pg.Update):
-            old_raw = msg.old if msg.old_kind == "O" else None
+            old_raw = msg.old if msg.old_kind == "O" and table.old_images_full else None
             old_complete = old_raw is not None
             new, missing = self._image(table, msg.new, old_raw)
             if old_raw is not None:
@@ -234,7 +243,7 @@ class Assembler:
                 changed = None
             return self._row(txn, table, "update", old, new, old_complete, missing, changed, key_source=new)
         if isinstance(msg, pg.Delete):
-            if msg.old_kind == "O":
+            if msg.old_kind == "O" and table.old_images_full:
                 old, _ = self._image(table, msg.old, None)
                 return self._row(txn, table, "delete", old, None, True, None, list(old), key_source=old)
             old = self._key_image(table, msg.old)

@@ -4,8 +4,9 @@ The contract every sink keeps, and the engine relies on for exactly-once deliver
 - `write()` may be called many times inside one sink transaction (bounded memory for huge
   source transactions); nothing is visible until `commit()`;
 - `commit(progress)` makes the written rows and the progress durable atomically;
-- `load_progress()` returns the last committed progress, so a restarted engine can skip
-  every source transaction whose commit LSN is not newer;
+- `load_progress()` returns the last committed progress, waiting for a commit a previous
+  consumer still has in flight, so a restarted engine can skip every source transaction whose
+  commit LSN is not newer;
 - `rollback()` discards everything since the last commit.
 """
 
@@ -140,6 +141,13 @@ class PostgresSink:
         try:
             # FOR SHARE waits out a previous consumer's commit still in flight (a killed engine's
             # backend may finish its COMMIT after the process died) and then reads what it wrote.
+            # The placeholder row gives it a row to wait on before the first commit too: the
+            # insert waits on that consumer's uncommitted insert of the same key.
+            self._conn.execute(
+                "INSERT INTO flux.cdc_progress (slot_name, commit_lsn, end_lsn) VALUES (%s, '0/0', '0/0')"
+                " ON CONFLICT (slot_name) DO NOTHING",
+                (slot_name,),
+            )
             row = self._conn.execute(
                 "SELECT commit_lsn::text, end_lsn::text, commit_time FROM flux.cdc_progress WHERE slot_name = %s FOR SHARE",
                 (slot_name,),
@@ -147,7 +155,7 @@ class PostgresSink:
             self._conn.commit()
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not read the engine's progress", slot=slot_name) from exc
-        if row is None:
+        if row is None or row[0] == "0/0":
             return None
         return Progress(slot_name, parse_lsn(row[0]), parse_lsn(row[1]), row[2])
 
@@ -228,6 +236,20 @@ class PostgresCatalog:
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not read a primary key from the catalog", relation_id=relation_id) from exc
         return tuple(r[0] for r in rows) or None
+
+    def identity_full_everywhere(self, relation_id: int) -> bool:
+        try:
+            row = self._conn.execute(
+                """
+                SELECT coalesce(bool_and(c.relreplident = 'f'), true)
+                FROM pg_partition_tree(%s::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
+                WHERE c.relkind = 'r'
+                """,
+                (relation_id,),
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not read replica identities from the catalog", relation_id=relation_id) from exc
+        return bool(row[0])
 
     def learn_types(self, types, type_oids: list[int]) -> None:
         try:

@@ -287,11 +287,6 @@ def test_update_on_a_partition_without_full_identity_keeps_only_key_columns_as_o
     assert (m["old_complete"], m["changed_columns"]) == (False, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgoutput sends a key-only old tuple of a non-FULL partition as 'O' (its FULL root's identity); "
-    "the assembler cannot tell without a catalog lookup (PostgresCatalog in sink.py) and records it complete with NULLs",
-)
 def test_delete_on_a_partition_without_full_identity_is_not_presented_as_complete(dsn, conn, capture):
     conn.execute("CREATE TABLE m (region text, id int, v int, PRIMARY KEY (region, id)) PARTITION BY LIST (region)")
     conn.execute("CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu')")

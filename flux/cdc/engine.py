@@ -156,7 +156,12 @@ class _Session:
                 continue
             if isinstance(frame, Keepalive):
                 self.received = max(self.received, frame.wal_end)
-                if self.pending_end is not None:
+                # The walsender sends one each time it catches up, which under steady writes is
+                # after nearly every transaction: committing on each would mean one sink commit
+                # per source transaction. Idleness is caught by an empty read instead.
+                if self.pending_end is not None and (
+                    frame.reply_requested or now - self.pending_since >= self.config.max_commit_delay
+                ):
                     self._commit()
                 advanced = False
                 if not self.assembler.in_transaction and self.pending_end is None and not self.buffer:

@@ -104,15 +104,17 @@ class ReplicationStream:
                 raise self._lost(message or "the server ended the replication stream")
             if nbytes < -1:
                 raise self._lost(pgconn.error_message.decode(errors="replace").strip())
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
+            # libpq's buffer is empty: look at the socket too (even with no time left), so that
+            # "nothing arrived" really means nothing is waiting, not just nothing buffered yet.
+            remaining = max(0.0, deadline - time.monotonic())
             try:
                 readable, _, _ = select.select([pgconn.socket], [], [], remaining)
                 if readable:
                     pgconn.consume_input()
             except (OSError, psycopg.Error) as exc:
                 raise self._lost(str(exc)) from exc
+            if not readable and time.monotonic() >= deadline:
+                return None
 
     def send_status(self, *, written: int, flushed: int, reply_requested: bool = False) -> None:
         pgconn = self._require()

@@ -263,22 +263,21 @@ class Assembler:
     def _image(self, table: _Table, values: tuple, fallback: tuple | None) -> tuple[dict[str, Any], list[str] | None]:
         image: dict[str, Any] = {}
         missing: list[str] | None = None
-        for i, value in enumerate(values):
-            if value is None:
-                image[table.names[i]] = None
+        for i, (name, convert, value) in enumerate(zip(table.names, table.converters, values)):
+            if value.__class__ is str:  # the common case first: this loop runs for every column
+                image[name] = convert(value)
                 continue
             if value is pg.UNCHANGED_TOAST:
                 value = fallback[i] if fallback is not None else pg.UNCHANGED_TOAST
                 if value is pg.UNCHANGED_TOAST:
-                    missing = (missing or []) + [table.names[i]]
+                    missing = (missing or []) + [name]
                     continue
-                if value is None:
-                    image[table.names[i]] = None
-                    continue
-            if isinstance(value, bytes):  # binary format is never requested; keep it visible if it comes
-                image[table.names[i]] = "\\x" + value.hex()
-                continue
-            image[table.names[i]] = table.converters[i](value)
+            if value is None:
+                image[name] = None
+            elif isinstance(value, bytes):  # binary format is never requested; keep it visible if it comes
+                image[name] = "\\x" + value.hex()
+            else:
+                image[name] = convert(value)
         return image, missing
 
     def _key_image(self, table: _Table, values: tuple) -> dict[str, Any]:

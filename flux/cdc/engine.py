@@ -19,8 +19,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 
@@ -28,10 +30,14 @@ from flux.cdc import pgoutput as pg
 from flux.cdc.assembler import Assembler, MutationRow
 from flux.cdc.sink import MutationSink, PostgresCatalog, PostgresSink, Progress
 from flux.cdc.stream import ReplicationStream
-from flux.cdc.wire import Keepalive, format_lsn
-from flux.errors import FluxError, from_psycopg
+from flux.cdc.wire import Keepalive, format_lsn, parse_frame, xlogdata
+from flux.errors import DecodeError, FluxError, from_psycopg
 
 log = logging.getLogger("flux.cdc")
+
+# Rows handed to the sink's open COPY at a time: small enough that the server ingests while
+# the engine decodes, large enough to amortize the call.
+WRITE_ROWS = 500
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class EngineConfig:
     dsn: str
     slot: str = "flux"
     publication: str = "flux"
-    batch_rows: int = 5000  # rows buffered in memory before a COPY
+    batch_rows: int = 5000  # rows per sink commit under load; also caps rows buffered in memory
     max_commit_delay: float = 0.2  # seconds a finished source transaction may wait for its sink commit
     status_interval: float = 5.0  # seconds between standby status updates
     backoff_initial: float = 0.5
@@ -141,19 +147,35 @@ class _Session:
 
     def consume(self) -> None:
         assert self.stream is not None and self.assembler is not None
+        handlers = self._handlers
         while not self._stop.is_set():
             # Poll without waiting only while a finished transaction can be committed right away;
             # inside an open one, its COMMIT must arrive first (no busy loop).
             committable = self.pending_end is not None and not self.assembler.in_transaction
             wait = 0.0 if committable else min(0.5, self.config.status_interval)
-            frame = self.stream.read(wait)
+            raw = self.stream.read(wait)
             now = time.monotonic()
-            if frame is None:
+            if raw is None:
                 if self.pending_end is not None:
                     self._commit()
                 self._maybe_status(now)
                 self._maybe_reconcile(now)
                 continue
+            data = xlogdata(raw)
+            if data is not None:
+                self.received = max(self.received, data[0])
+                msg = pg.decode(data[1], lsn=data[0])
+                handler = handlers.get(type(msg))
+                if handler is not None:  # Origin and Type carry nothing the log needs
+                    handler(msg)
+                if self.pending_end is not None and (
+                    self.uncommitted_rows >= self.config.batch_rows or now - self.pending_since >= self.config.max_commit_delay
+                ):
+                    self._commit()
+                if now - self.last_status >= self.config.status_interval:
+                    self._maybe_status(now)
+                continue
+            frame = parse_frame(raw)
             if isinstance(frame, Keepalive):
                 self.received = max(self.received, frame.wal_end)
                 # The walsender sends one each time it catches up, which under steady writes is
@@ -171,59 +193,59 @@ class _Session:
                     self.confirmed = max(self.confirmed, frame.wal_end)
                 self._maybe_status(now, force=frame.reply_requested or advanced)
                 continue
-            self.received = max(self.received, frame.data_start)
-            self._handle(pg.decode(frame.payload, lsn=frame.data_start))
-            if self.pending_end is not None and (
-                self.uncommitted_rows >= self.config.batch_rows or now - self.pending_since >= self.config.max_commit_delay
-            ):
-                self._commit()
-            self._maybe_status(now)
+            raise DecodeError("XLogData or keepalive expected", first_byte=raw[0])
 
-    def _handle(self, msg: pg.PgoutputMessage) -> None:
-        asm = self.assembler
-        assert asm is not None and self.sink is not None
-        if isinstance(msg, (pg.Insert, pg.Update, pg.Delete)):
-            if not self.skipping:
-                self._add(asm.change(msg))
-        elif isinstance(msg, pg.Begin):
-            asm.begin(msg)
-            self.skipping = self.progress is not None and msg.final_lsn <= self.progress.commit_lsn
-            self.txn_written_without_context = 0
-        elif isinstance(msg, pg.Commit):
-            end = asm.commit(msg)
-            if self.skipping:
-                self.stats.skipped_transactions += 1
-                self.skipping = False
-                if self.pending_end is None and not self.buffer:
-                    self.confirmed = max(self.confirmed, end.end_lsn)
-                return
-            self.stats.transactions += 1
-            self.stats.last_commit_time = end.commit_time
-            if self.pending_end is None:
-                self.pending_since = time.monotonic()
-            self.pending_end = Progress(self.config.slot, end.commit_lsn, end.end_lsn, end.commit_time)
-        elif isinstance(msg, pg.Relation):
-            asm.relation(msg)
-        elif isinstance(msg, pg.LogicalMessage):
-            if self.skipping:
-                return
-            backfill = asm.message(msg)
-            if backfill is not None:
-                for row in self.buffer:
-                    if row.commit_lsn == backfill.commit_lsn and row.seq < backfill.before_seq:
-                        row.request_id, row.context = backfill.request_id, backfill.context
-                if self.txn_written_without_context:
-                    self.sink.backfill(backfill)
-        elif isinstance(msg, pg.Truncate):
-            if not self.skipping:
-                for row in asm.truncate(msg):
-                    self._add(row)
-        # Origin and Type messages carry nothing the log needs: types are read from the catalog.
+    @property
+    def _handlers(self) -> dict[type, Callable[[Any], None]]:
+        return {
+            pg.Insert: self._on_change, pg.Update: self._on_change, pg.Delete: self._on_change,
+            pg.Begin: self._on_begin, pg.Commit: self._on_commit, pg.Relation: self.assembler.relation,
+            pg.LogicalMessage: self._on_message, pg.Truncate: self._on_truncate,
+        }
+
+    def _on_change(self, msg: pg.Insert | pg.Update | pg.Delete) -> None:
+        if not self.skipping:
+            self._add(self.assembler.change(msg))
+
+    def _on_begin(self, msg: pg.Begin) -> None:
+        self.assembler.begin(msg)
+        self.skipping = self.progress is not None and msg.final_lsn <= self.progress.commit_lsn
+        self.txn_written_without_context = 0
+
+    def _on_commit(self, msg: pg.Commit) -> None:
+        end = self.assembler.commit(msg)
+        if self.skipping:
+            self.stats.skipped_transactions += 1
+            self.skipping = False
+            if self.pending_end is None and not self.buffer:
+                self.confirmed = max(self.confirmed, end.end_lsn)
+            return
+        self.stats.transactions += 1
+        self.stats.last_commit_time = end.commit_time
+        if self.pending_end is None:
+            self.pending_since = time.monotonic()
+        self.pending_end = Progress(self.config.slot, end.commit_lsn, end.end_lsn, end.commit_time)
+
+    def _on_message(self, msg: pg.LogicalMessage) -> None:
+        if self.skipping:
+            return
+        backfill = self.assembler.message(msg)
+        if backfill is not None:
+            for row in self.buffer:
+                if row.commit_lsn == backfill.commit_lsn and row.seq < backfill.before_seq:
+                    row.request_id, row.context = backfill.request_id, backfill.context
+            if self.txn_written_without_context:
+                self.sink.backfill(backfill)
+
+    def _on_truncate(self, msg: pg.Truncate) -> None:
+        if not self.skipping:
+            for row in self.assembler.truncate(msg):
+                self._add(row)
 
     def _add(self, row: MutationRow) -> None:
         self.buffer.append(row)
         self.uncommitted_rows += 1
-        if len(self.buffer) >= self.config.batch_rows:
+        if len(self.buffer) >= min(self.config.batch_rows, WRITE_ROWS):
             self._write_buffer()
 
     def _write_buffer(self) -> None:

@@ -114,7 +114,7 @@ def _copy_text(rows: Sequence[MutationRow]) -> Iterator[str]:
 class PostgresSink:
     """Writes into `flux.state_mutations` of a PostgreSQL database (usually the source itself).
 
-    Rows go through COPY in batches; progress is an upsert into `flux.cdc_progress` in the
+    Rows stream through one COPY per sink transaction; progress is an upsert into `flux.cdc_progress` in the
     same transaction.
     """
 
@@ -129,6 +129,9 @@ class PostgresSink:
             raise from_psycopg(exc, "Could not open the mutation store connection") from exc
         self._host = socket.gethostname()
         self._pid = os.getpid()
+        self._cursor: psycopg.Cursor | None = None
+        self._copy_context = None
+        self._copy: psycopg.Copy | None = None
 
     def _autocommit_schema(self) -> None:
         self._conn.autocommit = True
@@ -160,17 +163,37 @@ class PostgresSink:
         return Progress(slot_name, parse_lsn(row[0]), parse_lsn(row[1]), row[2])
 
     def write(self, rows: Sequence[MutationRow]) -> None:
+        """Stream rows into the COPY of the current sink transaction, opening it if needed.
+
+        The COPY stays open until commit (or a backfill), so the server ingests one batch
+        while the engine decodes the next: the two run in parallel.
+        """
         if not rows:
             return
         try:
-            with self._conn.cursor() as cur, cur.copy(_COPY_SQL) as copy:
-                for chunk in _copy_text(rows):
-                    copy.write(chunk)
+            if self._copy is None:
+                self._cursor = self._conn.cursor()
+                self._copy_context = self._cursor.copy(_COPY_SQL)
+                self._copy = self._copy_context.__enter__()
+            for chunk in _copy_text(rows):
+                self._copy.write(chunk)
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not write mutations", commit_lsn=rows[0].commit_lsn) from exc
 
+    def _finish_copy(self) -> None:
+        """End the open COPY; waits for the server to have stored every row sent."""
+        if self._copy is None:
+            return
+        context, cursor = self._copy_context, self._cursor
+        self._copy = self._copy_context = self._cursor = None
+        try:
+            context.__exit__(None, None, None)
+        finally:
+            cursor.close()
+
     def backfill(self, backfill: Backfill) -> None:
         try:
+            self._finish_copy()
             self._conn.execute(
                 "UPDATE flux.state_mutations SET request_id = %s, context = %s::jsonb"
                 " WHERE commit_lsn = %s::pg_lsn AND seq < %s",
@@ -181,6 +204,7 @@ class PostgresSink:
 
     def commit(self, progress: Progress, *, mutations: int) -> None:
         try:
+            self._finish_copy()
             self._conn.execute(
                 """
                 INSERT INTO flux.cdc_progress AS p
@@ -201,6 +225,13 @@ class PostgresSink:
             raise from_psycopg(exc, "Could not commit mutations", lsn=format_lsn(progress.commit_lsn)) from exc
 
     def rollback(self) -> None:
+        context, self._copy, self._copy_context, self._cursor = self._copy_context, None, None, None
+        try:
+            if context is not None:  # abort the COPY (CopyFail) so that ROLLBACK can run
+                abort = RuntimeError("flux sink rollback")
+                context.__exit__(type(abort), abort, None)
+        except (psycopg.Error, RuntimeError):
+            pass
         try:
             self._conn.rollback()
         except psycopg.Error:

@@ -17,7 +17,7 @@ import time
 import psycopg
 from psycopg import pq
 
-from flux.cdc.wire import Keepalive, XLogData, format_lsn, parse_frame, pg_now_us, standby_status
+from flux.cdc.wire import format_lsn, pg_now_us, standby_status
 from flux.errors import ConnectionLostError, from_psycopg
 
 WALSENDER_OPTIONS = (
@@ -87,8 +87,9 @@ class ReplicationStream:
     def is_open(self) -> bool:
         return self._pgconn is not None
 
-    def read(self, timeout: float) -> XLogData | Keepalive | None:
-        """The next frame, or None if none arrived within `timeout` seconds."""
+    def read(self, timeout: float) -> memoryview | None:
+        """The next CopyData frame, raw (see `flux.cdc.wire`), or None if none arrived within
+        `timeout` seconds. The view is valid until the next call."""
         pgconn = self._require()
         deadline = time.monotonic() + timeout
         while True:
@@ -97,7 +98,7 @@ class ReplicationStream:
             except psycopg.Error as exc:
                 raise self._lost(str(exc)) from exc
             if nbytes > 0:
-                return parse_frame(data)
+                return data
             if nbytes == -1:  # COPY ended: the server closed the stream (shutdown, terminate)
                 result = pgconn.get_result()
                 message = result.error_message.decode(errors="replace").strip() if result is not None else ""

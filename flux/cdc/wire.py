@@ -21,6 +21,7 @@ _PG_EPOCH_UNIX_US = 946_684_800_000_000
 _XLOGDATA_HEADER = struct.Struct("!QQq")  # data start, wal end, send time
 _KEEPALIVE = struct.Struct("!QqB")  # wal end, send time, reply requested
 _STATUS = struct.Struct("!cQQQqB")
+_U64 = struct.Struct("!Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,18 @@ def parse_frame(frame: bytes | memoryview) -> XLogData | Keepalive:
         end, sent, reply = _KEEPALIVE.unpack_from(view, 1)
         return Keepalive(end, sent, bool(reply))
     raise DecodeError(f"Unknown replication frame type {chr(kind)!r}", first_byte=kind)
+
+
+def xlogdata(frame: memoryview) -> tuple[int, memoryview] | None:
+    """(data start LSN, pgoutput payload) of an XLogData frame; None for any other frame.
+
+    The engine's hot path: no object per frame. `parse_frame` is the general form.
+    """
+    if not frame or frame[0] != 0x77:
+        return None
+    if len(frame) < 1 + _XLOGDATA_HEADER.size:
+        raise DecodeError("Truncated XLogData header", length=len(frame))
+    return _U64.unpack_from(frame, 1)[0], frame[1 + _XLOGDATA_HEADER.size :]
 
 
 def standby_status(*, written: int, flushed: int, applied: int, now_us: int, reply_requested: bool = False) -> bytes:

@@ -38,6 +38,7 @@ log = logging.getLogger("flux.cdc")
 # Rows handed to the sink's open COPY at a time: small enough that the server ingests while
 # the engine decodes, large enough to amortize the call.
 WRITE_ROWS = 500
+PROGRESS_LOG_INTERVAL = 10.0  # seconds between "recorded N mutations" log lines while busy
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class _Session:
         self.last_status = 0.0
         self.last_reconcile = time.monotonic()
         self.txn_written_without_context = 0
+        self.last_progress_log = time.monotonic()
+        self.logged_mutations = stats.mutations
 
     def open(self) -> None:
         cfg = self.config
@@ -278,6 +281,12 @@ class _Session:
             self.stream.send_status(written=max(self.received, self.confirmed), flushed=self.confirmed)
             self.stats.confirmed_lsn = self.confirmed
             self.last_status = now
+            if now - self.last_progress_log >= PROGRESS_LOG_INTERVAL and self.stats.mutations != self.logged_mutations:
+                # Progress on long work (a backlog drain) without a line per transaction.
+                rate = (self.stats.mutations - self.logged_mutations) / max(now - self.last_progress_log, 1e-9)
+                log.info("recorded %d mutations (%.0f/s), confirmed %s", self.stats.mutations, rate, format_lsn(self.confirmed))
+                self.logged_mutations = self.stats.mutations
+                self.last_progress_log = now
 
     def _maybe_reconcile(self, now: float) -> None:
         if now - self.last_reconcile < self.config.reconcile_interval:

@@ -8,7 +8,7 @@ import typer
 
 from flux.cdc import attach as lib
 from flux.cli.common import DatabaseOption, JsonOption, resolve_dsn
-from flux.cli.output import console, print_json, rich_escape
+from flux.cli.output import console, err_console, print_json, rich_escape
 
 SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
 PublicationOption = Annotated[str, typer.Option("--publication", help="Publication name.")]
@@ -24,6 +24,8 @@ def attach(
 ) -> None:
     """Check the server, then create the flux schema, publication, REPLICA IDENTITY FULL and slot. Idempotent."""
     names = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    if not json:
+        err_console.print("[dim]Checking the server and setting up capture (creating the slot waits for open transactions to end) …[/]")
     result = lib.attach(resolve_dsn(database), tables=names, all_tables=all_tables, slot=slot, publication=publication)
     if json:
         print_json(result)

@@ -3,17 +3,23 @@
     .venv/bin/python bench/cdc.py [--quick] [--out bench/results/cdc-DATE.json] [--profile]
 
 One run starts its own throwaway PostgreSQL cluster (fsync, synchronous_commit and
-full_page_writes on), runs two phases, prints a summary, writes JSON, and destroys the cluster:
+full_page_writes on), runs two phases, prints a summary with the issue's targets judged on this
+run, writes JSON, and destroys the cluster:
 
-1. Steady state. pgbench's built-in tpcb-like script at full speed: without Flux
-   (wal_level=replica, no slot, default replica identity), with Flux (attached to the four
-   pgbench tables, `flux cdc run` consuming), and without Flux again. The two runs without
-   Flux bracket the one with it, so drift over the run shows.
+1. Steady state. pgbench's tpcb-like workload at full speed in five configurations: no capture
+   (wal_level=replica, no slot, default replica identity); a generic row-audit trigger; Flux
+   attached with the engine stopped (the write path's own cost: logical WAL, full old rows and a
+   request-context message per transaction), after which the engine drains what piled up; Flux
+   attached with the engine consuming concurrently (on this machine it competes with pgbench
+   for the same cores); Flux attached, engine stopped, without the message (a diagnostic that
+   splits the write path's cost); and no capture again. The two runs without capture bracket the others,
+   so drift over the run shows.
 2. Backlog. With the engine stopped, a server-side loop commits many tpcb-like transactions;
-   then `pg_recvlogical` (the same pgoutput stream to a file: the limit of decoding here) and
-   the engine each drain it from their own slot, created at the same point. Decode-only peers
-   then decode the same payloads in-process: Flux's decoder, pypgoutput's decoder, and Flux's
-   decoder plus assembler (everything the engine does but I/O).
+   then `pg_recvlogical` (the same pgoutput stream to a file: the limit of decoding here), the
+   engine and pypgoutput's reader (in a virtualenv of its own) each drain it from their own slot,
+   created at the same point. Decode-only peers then decode the same payloads in-process: Flux's
+   decoder, pypgoutput's decoder, and Flux's decoder plus assembler (everything the engine does
+   but I/O).
 
 The machine is shared and noisy: compare figures within one run (the ratios), not across runs.
 See bench/README.md for what each figure means. It does not measure a remote sink, network
@@ -48,20 +54,23 @@ sys.path[:0] = [str(SNAPSHOT), str(ROOT / "bench")]
 
 import psycopg  # noqa: E402
 from cdc_probe import (  # noqa: E402
-    BATCH_SQL, LAG_SQL, BenchError, CpuWindow, Monitor, batching, cpu_seconds, latency_summary, machine_info,
-    parse_pgbench, peak_rss_mib, source_fingerprint, time_decoders, top_functions,
+    BATCH_SQL, CONTEXT_SQL, LAG_SQL, BenchError, CpuWindow, Monitor, batching, context_summary, cpu_seconds,
+    latency_summary, machine_info, parse_pgbench, peak_rss_mib, source_fingerprint, time_decoders, top_functions,
 )  # fmt: skip
-from cdc_report import summary  # noqa: E402
+from cdc_pypgoutput import ensure_venv  # noqa: E402
+from cdc_report import summary, targets  # noqa: E402
+from cdc_workload import (  # noqa: E402
+    AUDIT_INSTALL_SQL, AUDIT_REMOVE_SQL, BACKLOG_SQL, CHANGES_PER_TXN, TABLES, with_context_message,
+)  # fmt: skip
 
 from flux.cdc.attach import attach, detach  # noqa: E402
 from flux.cdc.sink import PostgresCatalog  # noqa: E402
 from flux.pg.cluster import Cluster, wait_until_accepting  # noqa: E402
 
 PYTHON = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable
-TABLES = ["public.pgbench_accounts", "public.pgbench_branches", "public.pgbench_tellers", "public.pgbench_history"]
-CHANGES_PER_TXN = 4  # tpcb-like: three UPDATEs and one INSERT
 SLOT = PUBLICATION = "flux"
 PEEK_SLOT = "bench_peek"
+PYPGOUTPUT_SLOT = "bench_pypgoutput"
 
 # Normal durability, stated explicitly. A large max_wal_size and a long checkpoint_timeout keep
 # checkpoints out of the measured windows; every measured run starts right after a CHECKPOINT.
@@ -88,41 +97,23 @@ class Params:
     decode_repeats: int = 3  # decode peers alternate; the best time of each counts
     catchup_timeout_s: float = 180.0
     drain_timeout_s: float = 300.0
+    pypgoutput_timeout_s: float = 900.0  # pypgoutput's reader is the slow peer: one round only
 
 
 QUICK = Params(warmup_s=3, run_s=15, backlog_txns=125_000, drain_rounds=1, decode_repeats=2)
-
-
-# One tpcb-like transaction per iteration, committed by the loop: the same four changes as
-# pgbench's script, without a client round trip per statement.
-BACKLOG_SQL = """
-DO $$
-DECLARE v_aid int; v_bid int; v_tid int; v_delta int;
-BEGIN
-  FOR i IN 1..{n} LOOP
-    v_aid := 1 + floor(random() * {accounts})::int;
-    v_bid := 1 + floor(random() * {branches})::int;
-    v_tid := 1 + floor(random() * {tellers})::int;
-    v_delta := floor(random() * 10001)::int - 5000;
-    UPDATE pgbench_accounts SET abalance = abalance + v_delta WHERE aid = v_aid;
-    UPDATE pgbench_tellers SET tbalance = tbalance + v_delta WHERE tid = v_tid;
-    UPDATE pgbench_branches SET bbalance = bbalance + v_delta WHERE bid = v_bid;
-    INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (v_tid, v_bid, v_aid, v_delta, CURRENT_TIMESTAMP);
-    COMMIT;
-  END LOOP;
-END $$
-"""
 
 
 # -- the benchmark ---------------------------------------------------------------------------
 
 
 class Bench:
-    def __init__(self, params: Params, workdir: Path, *, profile: bool) -> None:
+    def __init__(self, params: Params, workdir: Path, *, profile: bool, pypgoutput: tuple[str | None, str | None]) -> None:
         self.params = params
+        self.pypgoutput = pypgoutput  # (python of its virtualenv, or None and why not)
         self.workdir = workdir
         self.profile = profile
         self.children: list[subprocess.Popen] = []
+        self.groups: list[int] = []  # process groups to end on cleanup (pypgoutput's reader forks)
         self.cluster: Cluster | None = None
         self.wal_level = ""
         self.port = 0
@@ -154,10 +145,13 @@ class Bench:
         self.port, self.bindir, self.wal_level = info.port, info.bindir, wal_level
         wait_until_accepting(self.dsn)
 
-    def pgbench(self, seconds: int) -> dict:
+    def pgbench(self, seconds: int, script: Path | None = None) -> dict:
+        """pgbench's built-in tpcb-like script, or `script` (a file) when given."""
         p = self.params
+        # A custom script gets :scale only from -s (pgbench reads it from pgbench_branches for built-ins alone).
+        workload = ["-f", str(script), "-s", str(p.scale)] if script else ["-b", "tpcb-like"]
         proc = self.spawn(
-            [f"{self.bindir}/pgbench", "-n", "-b", "tpcb-like", "-c", str(p.clients), "-j", str(p.threads), "-T", str(seconds), self.dsn],
+            [f"{self.bindir}/pgbench", "-n", *workload, "-c", str(p.clients), "-j", str(p.threads), "-T", str(seconds), self.dsn],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         out, err = proc.communicate()
@@ -217,6 +211,11 @@ class Bench:
                 proc.wait()
 
     def cleanup(self) -> None:
+        for pgid in self.groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass  # already gone
         for proc in self.children:
             if proc.poll() is None:
                 proc.terminate()
@@ -240,84 +239,158 @@ class Bench:
             mutations = got[0][0] if got else 0
         return (*row, mutations)
 
-    def measured_run(self, label: str, *, engine: subprocess.Popen | None = None, walsender: int | None = None) -> dict:
+    def wal_stats(self) -> tuple[int, int]:
+        """(WAL records, full-page images) written by the server so far (pg_stat_wal, PostgreSQL 14+)."""
+        return self.sql("SELECT wal_records, wal_fpi FROM pg_stat_wal")[0]
+
+    def measured_run(
+        self, label: str, *, script: Path | None = None, captured: bool = False,
+        engine: subprocess.Popen | None = None, walsender: int | None = None,
+    ) -> dict:  # fmt: skip
+        """One pgbench window after a warm-up. `captured`: Flux's slot exists; `engine`: the engine
+        consumes it meanwhile (it must have caught up with the warm-up before the window starts)."""
         p = self.params
         self.sql("VACUUM pgbench_branches, pgbench_tellers")
         self.sql("CHECKPOINT")
-        self.pgbench(p.warmup_s)
-        flux = engine is not None
-        if flux and self.wait_confirmed(SLOT, self.sql("SELECT pg_current_wal_lsn()::text")[0][0], p.catchup_timeout_s) is None:
+        warmup = self.pgbench(p.warmup_s, script)
+        if engine is not None and self.wait_confirmed(SLOT, self.sql("SELECT pg_current_wal_lsn()::text")[0][0], p.catchup_timeout_s) is None:
             raise BenchError("the engine did not catch up with the warm-up run")
         print(f"  {label}: pgbench {p.clients} clients, {p.run_s}s ...", flush=True)
-        pids = {"engine": engine.pid, "walsender": walsender, "sink_backend": self.sink_pid()} if flux else {}
-        monitor = Monitor(self.dsn, flux=flux)
+        pids = {"engine": engine.pid, "walsender": walsender, "sink_backend": self.sink_pid()} if engine else {}
+        monitor = Monitor(self.dsn, flux=captured)
         monitor.start()
-        ts0, lsn0, _, mut0 = self.snapshot(flux=flux)
+        ts0, lsn0, _, mut0 = self.snapshot(flux=captured)
+        wal0 = self.wal_stats()
         window = CpuWindow(pids).start()
-        bench = self.pgbench(p.run_s)
+        bench = self.pgbench(p.run_s, script)
         cpu = window.stop()
-        ts1, lsn1, lsn1_text, mut1 = self.snapshot(flux=flux)
+        ts1, lsn1, lsn1_text, mut1 = self.snapshot(flux=captured)
+        wal1 = self.wal_stats()
+        txns = bench["transactions"] or None
         samples = monitor.stop()
         wall = cpu["wall_s"]
         run = {
             "wal_level": self.wal_level,
+            "workload": f"tpcb-like + flux context message ({script.name})" if script else "tpcb-like (built-in)",
             "pgbench": bench,
+            "warmup_transactions": warmup["transactions"],
             "source_changes_per_s": round(CHANGES_PER_TXN * bench["transactions"] / wall),
-            "wal_bytes_per_txn": round((lsn1 - lsn0) / bench["transactions"]) if bench["transactions"] else None,
+            "wal_bytes_per_txn": round((lsn1 - lsn0) / txns) if txns else None,
+            "wal_records_per_txn": round((wal1[0] - wal0[0]) / txns, 2) if txns else None,
+            "wal_full_page_images_per_txn": round((wal1[1] - wal0[1]) / txns, 3) if txns else None,
             "cpu": cpu,
         }
-        if flux:
+        if captured:
+            run["max_slot_lag_bytes"] = max((s[3] or 0 for s in samples), default=None)
+        if engine is not None:
             catchup = self.wait_confirmed(SLOT, lsn1_text, p.catchup_timeout_s)
             ts_window = (ts0, ts1)
             run["persisted_changes_per_s"] = round((mut1 - mut0) / wall)
             run["persisted_in_window"] = mut1 - mut0
             run["catch_up_after_load_s"] = round(catchup, 2) if catchup is not None else None
-            run["max_slot_lag_bytes"] = max((s[3] or 0 for s in samples), default=None)
             run["lag_by_commit_time"] = latency_summary(self.sql(LAG_SQL.format(column="commit_time"), ts_window))
             run["lag_by_recorded_at"] = latency_summary(self.sql(LAG_SQL.format(column="recorded_at"), ts_window))
             run["batching"] = batching(self.sql(BATCH_SQL.format(where="WHERE commit_time BETWEEN %s AND %s"), ts_window))
             recorded = run["lag_by_commit_time"]["rows"]
             run["recorded_vs_expected"] = {"recorded": recorded, "expected": CHANGES_PER_TXN * bench["transactions"]}
+            if script:
+                run["request_context"] = context_summary(self.sql(CONTEXT_SQL, ts_window))
             run["engine_peak_rss_mib"] = peak_rss_mib(engine.pid)
         run["timeline"] = {
-            "columns": ["t_s", "wal_lsn_bytes"] + (["persisted_mutations", "slot_lag_bytes"] if flux else []),
+            "columns": ["t_s", "wal_lsn_bytes"] + (["persisted_mutations", "slot_lag_bytes"] if captured else []),
             "samples": samples,
         }
         return run
+
+    def audit_run(self) -> dict:
+        """(d): the generic row-audit trigger on the four tables, no Flux."""
+        self.sql(AUDIT_INSTALL_SQL)
+        run = self.measured_run("(d) row-audit trigger (wal_level=replica)")
+        rows, size = self.sql("SELECT count(*), pg_total_relation_size('audit_log') FROM audit_log")[0]
+        expected = CHANGES_PER_TXN * (run["warmup_transactions"] + run["pgbench"]["transactions"])
+        run["audit_log"] = {"rows": rows, "expected_rows": expected, "bytes": size}
+        self.sql(AUDIT_REMOVE_SQL)
+        return run
+
+    def drain_after_stopped_window(self, stopped: dict) -> tuple[subprocess.Popen, int, dict]:
+        """Start the engine after window (b) and time it until it has confirmed all of it.
+
+        Returns the engine (left running for window (c)), its walsender, and the figures."""
+        p = self.params
+        target, lag = self.sql(
+            "SELECT pg_current_wal_lsn()::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint"
+            " FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
+        )[0]  # fmt: skip
+        mut0 = self.snapshot(flux=True)[3]
+        print(f"  engine draining what window (b) left ({lag / 2**20:.0f} MiB of WAL) ...", flush=True)
+        t0 = time.monotonic()
+        engine = self.start_engine("engine-steady")
+        walsender = self.wait_streaming(engine, "engine-steady")
+        streaming = time.monotonic() - t0
+        done = self.wait_confirmed(SLOT, target, p.catchup_timeout_s)
+        seconds = time.monotonic() - t0
+        if done is None:
+            self.stop_process(engine)
+            raise BenchError(f"the engine did not drain window (b) within {p.catchup_timeout_s:.0f}s: it falls behind")
+        drained = self.snapshot(flux=True)[3] - mut0
+        expected = CHANGES_PER_TXN * (stopped["warmup_transactions"] + stopped["pgbench"]["transactions"])
+        return engine, walsender, {
+            "seconds": round(seconds, 2),
+            "streaming_after_s": round(streaming, 2),
+            "slot_lag_bytes_at_start": lag,
+            "changes": drained,
+            "expected_changes": expected,
+            "changes_per_s": round(drained / seconds) if seconds else None,
+            "vs_load_seconds": round(seconds / (p.warmup_s + stopped["cpu"]["wall_s"]), 2),
+        }
 
     def steady(self) -> dict:
         p = self.params
         print(f"steady state: pgbench -i -s {p.scale}", flush=True)
         self.start_cluster("replica")
         subprocess.run([f"{self.bindir}/pgbench", "-i", "-q", "-s", str(p.scale), self.dsn], check=True, capture_output=True)
-        before = self.measured_run("without Flux (wal_level=replica)")
+        builtin = subprocess.run([f"{self.bindir}/pgbench", "--show-script=tpcb-like"], capture_output=True, text=True, check=True)
+        script = self.workdir / "tpcb-like-flux-context.sql"
+        script.write_text(with_context_message(builtin.stderr or builtin.stdout))
+        runs = {"no_capture_before": self.measured_run("(a) no capture (wal_level=replica)")}
+        runs["audit_trigger"] = self.audit_run()
 
         self.start_cluster("logical")
         attach(self.dsn, tables=TABLES, slot=SLOT, publication=PUBLICATION)
-        engine = self.start_engine("engine-steady")
+        runs["flux_engine_stopped"] = self.measured_run("(b) Flux attached, engine stopped", script=script, captured=True)
+        engine, walsender, drain = self.drain_after_stopped_window(runs["flux_engine_stopped"])
         try:
-            walsender = self.wait_streaming(engine, "engine-steady")
-            with_flux = self.measured_run("with Flux (attached, engine running)", engine=engine, walsender=walsender)
+            runs["flux_engine_consuming"] = self.measured_run(
+                "(c) Flux attached, engine consuming", script=script, captured=True, engine=engine, walsender=walsender
+            )
         finally:
             self.stop_process(engine)
         if engine.returncode not in (0, -signal.SIGTERM):
             raise BenchError(f"engine exited with {engine.returncode}:\n{self.engine_log('engine-steady')}")
+        # Diagnostic, not a target: (b) without the message splits its cost into capture (logical WAL,
+        # full old rows) and the message (one more statement per transaction, and its WAL record).
+        runs["flux_engine_stopped_no_message"] = self.measured_run("(b0) Flux attached, engine stopped, no message", captured=True)
         detach(self.dsn, slot=SLOT)
 
         self.start_cluster("replica")
-        after = self.measured_run("without Flux again (wal_level=replica)")
-        baseline = statistics.mean([before["pgbench"]["tps"], after["pgbench"]["tps"]])
-        source = with_flux["source_changes_per_s"]
+        runs["no_capture_after"] = self.measured_run("(a) no capture again (wal_level=replica)")
+        before, after, consuming = runs["no_capture_before"], runs["no_capture_after"], runs["flux_engine_consuming"]
+        base_tps = statistics.mean([before["pgbench"]["tps"], after["pgbench"]["tps"]])
+        base_wal = statistics.mean([before["wal_bytes_per_txn"], after["wal_bytes_per_txn"]])
+        peers = ("flux_engine_stopped", "flux_engine_consuming", "audit_trigger", "flux_engine_stopped_no_message")
+        source = consuming["source_changes_per_s"]
         return {
-            "without_flux_before": before,
-            "with_flux": with_flux,
-            "without_flux_after": after,
+            "script": script.read_text(),
+            **runs,
+            "drain_after_engine_stopped": drain,
             "ratios": {
-                "tps_with_flux_vs_without": round(with_flux["pgbench"]["tps"] / baseline, 3),
-                "persisted_vs_source_change_rate": round(with_flux["persisted_changes_per_s"] / source, 3) if source else None,
-                "wal_per_txn_with_flux_vs_without": round(
-                    with_flux["wal_bytes_per_txn"] / statistics.mean([before["wal_bytes_per_txn"], after["wal_bytes_per_txn"]]), 2
+                "tps_vs_no_capture": {name: round(runs[name]["pgbench"]["tps"] / base_tps, 3) for name in peers},
+                "no_capture_after_vs_before": round(after["pgbench"]["tps"] / before["pgbench"]["tps"], 3),
+                "tps_message_vs_no_message": round(
+                    runs["flux_engine_stopped"]["pgbench"]["tps"] / runs["flux_engine_stopped_no_message"]["pgbench"]["tps"], 3
                 ),
+                "wal_per_txn_vs_no_capture": {name: round(runs[name]["wal_bytes_per_txn"] / base_wal, 2) for name in peers},
+                "persisted_vs_source_change_rate": round(consuming["persisted_changes_per_s"] / source, 3) if source else None,
             },
         }
 
@@ -394,6 +467,41 @@ class Bench:
             "changes_per_s": round(changes / elapsed),
             "output_bytes": size,
             "walsender_cpu_s": round(cpu_ws, 2) if cpu_ws is not None else None,
+        }
+
+    def drain_pypgoutput(self, target: str, changes: int, slot: str) -> dict:
+        """pypgoutput's LogicalReplicationReader, in its own virtualenv, from launch to exit."""
+        python, why = self.pypgoutput
+        if python is None:
+            return {"error": f"no virtualenv for pypgoutput's reader: {why}"}
+        cmd = [python, str(ROOT / "bench/cdc_pypgoutput.py"), self.dsn, slot, PUBLICATION, target, str(changes)]
+        window = CpuWindow({}).start()
+        t0 = time.monotonic()
+        proc = self.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.groups.append(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=self.params.pypgoutput_timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            return {"error": f"did not reach {target} within {self.params.pypgoutput_timeout_s:.0f}s: {err.strip()[-800:]}"}
+        elapsed = time.monotonic() - t0
+        cpu = window.stop()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its extractor process, if it outlived the reader
+        except OSError:
+            pass
+        lines = out.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            return {"error": f"exited with {proc.returncode}: {err.strip()[-800:]}"}
+        got = json.loads(lines[-1])
+        if got["changes_seen"] != changes:
+            return {"error": f"the reader ended after {got['changes_seen']:,} of {changes:,} changes: {err.strip()[-800:]}", **got}
+        return {
+            "seconds": round(elapsed, 2),
+            "changes_per_s": round(changes / elapsed),
+            **got,
+            "machine_busy_pct_of_all_cores": cpu["machine_busy_pct_of_all_cores"],
         }
 
     def drain_engine(self, target: str, changes: int, slot: str, *, profile: bool) -> dict:
@@ -504,7 +612,7 @@ class Bench:
         # With --profile, one more engine drain runs under py-spy; it never counts as the best.
         engine_slots = [SLOT] + [f"flux_round{r + 1}" for r in range(1, p.drain_rounds + self.profile)]
         recv_slots = [f"bench_recvlogical_{r}" for r in rounds]
-        for slot in engine_slots[1:] + recv_slots + [PEEK_SLOT]:  # all start where the first is: nothing published since
+        for slot in engine_slots[1:] + recv_slots + [PYPGOUTPUT_SLOT, PEEK_SLOT]:  # all start where the first is
             self.sql("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
         self.sql("CHECKPOINT")
         print(f"  generating {p.backlog_txns:,} transactions with the engine stopped ...", flush=True)
@@ -519,6 +627,10 @@ class Bench:
         if self.profile:
             print(f"  engine draining {changes:,} changes under py-spy (not counted) ...", flush=True)
             engine.append(self.drain_engine(target, changes, engine_slots[-1], profile=True))
+        print(f"  pypgoutput's reader draining {changes:,} changes (one round) ...", flush=True)
+        reader = self.drain_pypgoutput(target, changes, PYPGOUTPUT_SLOT)
+        if "error" in reader:
+            print(f"  pypgoutput's reader: no figure: {reader['error']}", flush=True)
         print("  decode-only peers ...", flush=True)
         decode = self.decode_peers(target, changes)
         # The best unprofiled round of each: noise on a shared machine only ever slows a run down.
@@ -528,10 +640,14 @@ class Bench:
             "generated": generated,
             "pg_recvlogical": best_recv,
             "engine": best_engine,
+            "pypgoutput_reader": reader,
             "rounds": {"pg_recvlogical": recv, "engine": engine},
             "decode": decode,
             "ratios": {
                 "engine_vs_pg_recvlogical": round(best_engine["changes_per_s"] / best_recv["changes_per_s"], 3),
+                "engine_vs_pypgoutput_reader": (
+                    round(best_engine["changes_per_s"] / reader["changes_per_s"], 2) if "changes_per_s" in reader else None
+                ),
                 "flux_decoder_vs_pypgoutput": round(decode["flux_decoder"]["changes_per_s"] / decode["pypgoutput_decoder"]["changes_per_s"], 2),
                 "engine_vs_flux_decode_and_assemble": round(best_engine["changes_per_s"] / decode["flux_decode_and_assemble"]["changes_per_s"], 3),
             },
@@ -561,10 +677,14 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+    print("pypgoutput's reader: checking its virtualenv (bench/.venv-pypgoutput) ...", flush=True)
+    pypgoutput = ensure_venv(PYTHON)
+    if pypgoutput[0] is None:
+        print(f"  not available, so no figure for it: {pypgoutput[1]}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-cdc-"))
     os.chmod(workdir, 0o755)  # the server account must reach the cluster below it
-    bench = Bench(params, workdir, profile=args.profile)
-    started = time.monotonic()
+    bench = Bench(params, workdir, profile=args.profile, pypgoutput=pypgoutput)
     try:
         result: dict = {"benchmark": "cdc", "date": now.isoformat(timespec="seconds"), "quick": args.quick,
                         "params": asdict(params), "server_settings": SERVER_SETTINGS,
@@ -573,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         result["steady"] = bench.steady()
         result["backlog"] = bench.backlog()
         result["machine"] = bench.machine()
+        result["targets"] = targets(result)
         if source_fingerprint(ROOT) != result["flux_source_sha256"]:
             result["note"] = "flux/ changed during the run; this run measured the copy taken at its start"
             print(f"note: {result['note']}", file=sys.stderr)

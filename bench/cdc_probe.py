@@ -124,6 +124,18 @@ SELECT count(*), count(DISTINCT recorded_at), count(DISTINCT commit_lsn) FROM fl
 """
 
 
+# Did each source transaction's changes get its own request id from the `flux` message?
+CONTEXT_SQL = """
+SELECT count(*), count(*) FILTER (WHERE request_id IS NULL), count(DISTINCT request_id), count(DISTINCT commit_lsn)
+FROM flux.state_mutations WHERE commit_time BETWEEN %s AND %s
+"""
+
+
+def context_summary(rows: list[tuple]) -> dict:
+    changes, without, request_ids, source_txns = rows[0]
+    return {"changes": changes, "without_request_id": without, "distinct_request_ids": request_ids, "source_txns": source_txns}
+
+
 def batching(rows: list[tuple]) -> dict:
     changes, sink_commits, source_txns = rows[0]
     return {

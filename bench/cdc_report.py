@@ -1,18 +1,124 @@
-"""The readable summary of one bench/cdc.py result (the JSON holds everything)."""
+"""The issue's targets judged on one bench/cdc.py result, and the readable summary (the JSON holds everything)."""
 
 from __future__ import annotations
 
+# The issue's targets. "Keeps up" is read as: persisted ≈ source rate, caught up within a
+# couple of seconds of the load stopping, and commit->persisted lag p99 under half a second.
+PERSISTED_VS_SOURCE_MIN = 0.98
+CATCH_UP_MAX_S = 2.0
+LAG_P99_MAX_MS = 500.0
+DRAIN_VS_RECVLOGICAL_MIN = 0.5
+DRAIN_VS_PYPGOUTPUT_MIN = 3.0
+WRITE_PATH_TPS_MIN = 0.95
+
+STEADY_RUNS = [  # (JSON key, label)
+    ("no_capture_before", "(a) no capture, before"),
+    ("audit_trigger", "(d) row-audit trigger"),
+    ("flux_engine_stopped", "(b) Flux attached, engine stopped"),
+    ("flux_engine_consuming", "(c) Flux attached, engine consuming"),
+    ("flux_engine_stopped_no_message", "(b0) as (b), without the message"),
+    ("no_capture_after", "(a) no capture, after"),
+]
+
+
+def _check(what: str, measured: float | None, limit: float, *, at_most: bool = False, unit: str = "") -> dict:
+    if measured is None:
+        ok = False
+    else:
+        ok = measured <= limit if at_most else measured >= limit
+    return {"what": what, "measured": measured, "limit": f"{'<=' if at_most else '>='} {limit}{unit}", "pass": ok}
+
+
+def _judge(target: str, checks: list[dict], *, not_judged: str | None = None) -> dict:
+    out: dict = {"target": target, "checks": checks, "pass": all(c["pass"] for c in checks)}
+    if not_judged:
+        out["pass"], out["not_judged"] = None, not_judged
+    return out
+
+
+def targets(result: dict) -> dict:
+    """Pass or fail of each target, from this run's figures only."""
+    s, b = result["steady"], result["backlog"]
+    consuming = s["flux_engine_consuming"]
+    keeps_up = _judge(
+        "(i) the engine never falls behind at full load: persisted/source ~ 1.0, caught up right after the load, lag p99 < 500 ms",
+        [
+            _check("persisted / source change rate", s["ratios"]["persisted_vs_source_change_rate"], PERSISTED_VS_SOURCE_MIN),
+            _check("caught up after the load stopped (s)", consuming["catch_up_after_load_s"], CATCH_UP_MAX_S, at_most=True, unit=" s"),
+            _check("commit->persisted lag p99 (ms)", consuming["lag_by_commit_time"]["p99_ms"], LAG_P99_MAX_MS, at_most=True, unit=" ms"),
+        ],
+    )
+    reader = b["pypgoutput_reader"]
+    drain_checks = [_check("engine / pg_recvlogical changes/s", b["ratios"]["engine_vs_pg_recvlogical"], DRAIN_VS_RECVLOGICAL_MIN)]
+    vs_reader = b["ratios"].get("engine_vs_pypgoutput_reader")
+    if vs_reader is not None:
+        drain_checks.append(_check("engine / pypgoutput reader changes/s", vs_reader, DRAIN_VS_PYPGOUTPUT_MIN))
+    drain = _judge(
+        "(ii) backlog drain >= 50% of pg_recvlogical's rate and >= 3x pypgoutput reader's rate",
+        drain_checks,
+        not_judged=None if vs_reader is not None else f"no pypgoutput reader figure: {reader.get('error')}",
+    )
+    if vs_reader is None and not all(c["pass"] for c in drain_checks):
+        drain["pass"] = False  # one half failed already: the missing half cannot rescue it
+    write_path = _judge(
+        "(iii) write-path TPS with Flux attached, engine not consuming (b) >= 95% of no capture (a)",
+        [_check("TPS (b) / mean TPS (a)", s["ratios"]["tps_vs_no_capture"]["flux_engine_stopped"], WRITE_PATH_TPS_MIN)],
+    )
+    return {"engine_keeps_up": keeps_up, "backlog_drain": drain, "write_path": write_path}
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "PASS", False: "FAIL", None: "n/a"}[passed]
+
+
+def _target_lines(t: dict) -> list[str]:
+    lines = ["Targets (judged on this run):"]
+    for item in t.values():
+        lines.append(f"  {_verdict(item['pass']):4}  {item['target']}")
+        for c in item["checks"]:
+            lines.append(f"          {_verdict(c['pass']):4}  {c['what']}: {c['measured']}  (target {c['limit']})")
+        if item.get("not_judged"):
+            lines.append(f"          not judged: {item['not_judged'][:300]}")
+    return lines
+
 
 def _steady_lines(s: dict, p: dict) -> list[str]:
-    before, flux, after = s["without_flux_before"], s["with_flux"], s["without_flux_after"]
+    ratios, flux, drain = s["ratios"], s["flux_engine_consuming"], s["drain_after_engine_stopped"]
     lag, lag2, cpu, batch = flux["lag_by_commit_time"], flux["lag_by_recorded_at"], flux["cpu"], flux["batching"]
-    ratios = s["ratios"]
-    return [
-        f"Steady state: pgbench tpcb-like, scale {p['scale']}, {p['clients']} clients, {p['run_s']}s per run",
-        f"  TPS without Flux        {before['pgbench']['tps']:>9.0f} (before)  {after['pgbench']['tps']:.0f} (after)"
-        f"   WAL/txn {before['wal_bytes_per_txn']} / {after['wal_bytes_per_txn']} B",
-        f"  TPS with Flux           {flux['pgbench']['tps']:>9.0f}   {ratios['tps_with_flux_vs_without']:.2f} of without"
-        f"   WAL/txn {flux['wal_bytes_per_txn']} B (x{ratios['wal_per_txn_with_flux_vs_without']}, incl. Flux's own writes)",
+    lines = [
+        f"Steady state: pgbench tpcb-like, scale {p['scale']}, {p['clients']} clients, {p['run_s']}s per run;"
+        " (b) and (c) add a `flux` context message to each transaction",
+        f"  {'':38}{'TPS':>7}  {'vs (a)':>6}  {'WAL/txn':>9}  {'FPI/txn':>7}",
+    ]
+    for key, label in STEADY_RUNS:
+        if key not in s:  # results from before (b0) existed
+            continue
+        run = s[key]
+        vs = ratios["tps_vs_no_capture"].get(key)
+        extra = ""
+        if key == "audit_trigger":
+            log = run["audit_log"]
+            extra = f"   audit_log {log['rows']:,} rows, {log['bytes'] / 2**20:.0f} MiB"
+        elif key == "flux_engine_stopped":
+            extra = f"   max slot lag {run['max_slot_lag_bytes'] or 0:,} B"
+        elif key == "flux_engine_consuming":
+            extra = "   the engine, walsender and sink share the 2 cores with pgbench"
+        elif key == "flux_engine_stopped_no_message":
+            extra = f"   diagnostic: capture without the message; TPS (b)/(b0) {ratios['tps_message_vs_no_message']:.2f}"
+        elif key == "no_capture_after":
+            extra = f"   after/before {ratios['no_capture_after_vs_before']:.2f}"
+        lines.append(
+            f"  {label:38}{run['pgbench']['tps']:>7.0f}  {f'{vs:.2f}' if vs is not None else '':>6}  {run['wal_bytes_per_txn']:>7} B"
+            f"  {run['wal_full_page_images_per_txn']:>7}{extra}"
+        )
+        if key == "flux_engine_stopped":
+            lines.append(
+                f"      then the engine drained it: {drain['seconds']}s for {drain['changes']:,} changes"
+                f" (expected {drain['expected_changes']:,}; {drain['changes_per_s']:,}/s; streaming after {drain['streaming_after_s']}s;"
+                f" {drain['vs_load_seconds']}x the load's duration)"
+            )
+    lines += [
+        "  with the engine consuming (c):",
         f"  source changes/s        {flux['source_changes_per_s']:>9,}",
         f"  persisted changes/s     {flux['persisted_changes_per_s']:>9,}   {ratios['persisted_vs_source_change_rate']:.2f} of source;"
         + (f" caught up {flux['catch_up_after_load_s']}s after the load stopped;" if flux["catch_up_after_load_s"] is not None
@@ -23,15 +129,24 @@ def _steady_lines(s: dict, p: dict) -> list[str]:
         f"  recorded / expected     {flux['recorded_vs_expected']['recorded']:,} / {flux['recorded_vs_expected']['expected']:,}"
         f"   in {batch['sink_commits']:,} sink commits of {batch['changes_per_sink_commit']} changes"
         f" ({batch['source_txns_per_sink_commit']} source transactions)",
+    ]
+    ctx = flux.get("request_context")
+    if ctx:
+        lines.append(
+            f"  request context         {ctx['without_request_id']:,} of {ctx['changes']:,} changes without a request_id;"
+            f" {ctx['distinct_request_ids']:,} distinct ids for {ctx['source_txns']:,} source transactions"
+        )
+    lines.append(
         f"  engine CPU              {cpu.get('engine_cpu_pct_of_one_core')}% of one core"
         f"  (walsender {cpu.get('walsender_cpu_pct_of_one_core')}%, sink backend {cpu.get('sink_backend_cpu_pct_of_one_core')}%;"
-        f" machine {cpu['machine_busy_pct_of_all_cores']}% busy)   peak RSS {flux['engine_peak_rss_mib']:.0f} MiB",
-    ]
+        f" machine {cpu['machine_busy_pct_of_all_cores']}% busy)   peak RSS {flux['engine_peak_rss_mib']:.0f} MiB"
+    )
+    return lines
 
 
 def _backlog_lines(b: dict, p: dict) -> list[str]:
     e, r, d, g, ratios = b["engine"], b["pg_recvlogical"], b["decode"], b["generated"], b["ratios"]
-    rounds = b["rounds"]
+    rounds, reader = b["rounds"], b["pypgoutput_reader"]
     lines = [
         f"Backlog: {g['changes']:,} changes in {g['transactions']:,} transactions ({g['wal_bytes'] / 2**20:.0f} MiB WAL),"
         f" best of {p['drain_rounds']} round(s)",
@@ -43,6 +158,13 @@ def _backlog_lines(b: dict, p: dict) -> list[str]:
         f" {e['batching']['changes_per_sink_commit']} changes per sink commit;"
         f" recorded {e['recorded_vs_expected']['recorded']:,} / {e['recorded_vs_expected']['expected']:,}",
     ]
+    if "changes_per_s" in reader:
+        lines.append(
+            f"  pypgoutput reader       {reader['changes_per_s']:>9,} changes/s  ({reader['seconds']}s, one round, pydantic"
+            f" {reader['pydantic']})   the engine is {ratios['engine_vs_pypgoutput_reader']:.2f}x this"
+        )
+    else:
+        lines.append(f"  pypgoutput reader       no figure: {reader.get('error', '?')[:300]}")
     if len(rounds["engine"]) > 1:
         lines.append(
             "    all rounds, changes/s: pg_recvlogical " + ", ".join(f"{x['changes_per_s']:,}" for x in rounds["pg_recvlogical"])
@@ -71,4 +193,5 @@ def summary(result: dict) -> str:
         f"{m['nproc']} cores, {m['postgres'].split(' on ')[0]}, Python {m['python']}, flux {result['flux_source_sha256']}"
     )
     return "\n".join([head, "", *_steady_lines(result["steady"], result["params"]), "",
-                      *_backlog_lines(result["backlog"], result["params"])])  # fmt: skip
+                      *_backlog_lines(result["backlog"], result["params"]), "",
+                      *_target_lines(result["targets"])])  # fmt: skip

@@ -9,8 +9,11 @@ Delivery is exactly once in `flux.state_mutations`:
 - after any restart, transactions whose commit LSN is not newer than the stored progress are
   skipped (the server resends from its confirmed position, which may be older).
 
-Huge source transactions are written in batches inside one open sink transaction, so memory
-stays bounded by `batch_rows`; they become visible atomically at their commit.
+Rows stream into one open COPY per sink transaction, at most `WRITE_ROWS` held in memory, so a
+huge source transaction needs bounded memory and becomes visible atomically at its commit.
+
+It does not parallelize: decoding, assembling and writing share one thread, while the server's
+walsender and the sink's backend work in their own processes.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class EngineConfig:
     status_interval: float = 5.0  # seconds between standby status updates
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
-    reconcile_interval: float = 10.0  # seconds between --all-tables checks for new tables
+    reconcile_interval: float = 10.0  # seconds between idle checks for tables and partitions created since attach
 
 
 @dataclass

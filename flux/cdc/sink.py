@@ -21,7 +21,7 @@ from typing import Protocol
 
 import psycopg
 
-from flux.cdc.assembler import Backfill, MutationRow
+from flux.cdc.assembler import COLUMNS, Backfill, MutationRow
 from flux.cdc.wire import format_lsn, parse_lsn
 from flux.errors import from_psycopg
 from flux.store.schema import ensure_schema
@@ -49,10 +49,7 @@ class MutationSink(Protocol):
     def close(self) -> None: ...
 
 
-_COPY_COLUMNS = (  # the order `_copy_text` writes in
-    "request_id", "context", "schema_name", "table_name", "op", "row_key", "old", "new", "old_complete",
-    "missing_columns", "changed_columns", "xid", "commit_lsn", "commit_time", "seq",
-)
+_COPY_COLUMNS = COLUMNS  # `_copy_text` writes in MutationRow's field order
 _COPY_SQL = f"COPY flux.state_mutations ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
 _COPY_CHUNK = 1 << 20  # characters per copy.write(): bounds the text held on top of the rows
 

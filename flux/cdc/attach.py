@@ -253,13 +253,13 @@ def slot_warnings(conn: psycopg.Connection, slot: str, *, retained_limit: int = 
             "Run `flux cdc run` (or `flux dev`), or `flux detach` if Flux is no longer wanted."
         )
     if retained is not None and retained >= retained_limit:
-        warnings.append(f"Slot '{slot}' retains {_human_bytes(retained)} of WAL; the disk fills if this keeps growing.")
+        warnings.append(f"Slot '{slot}' retains {human_bytes(retained)} of WAL; the disk fills if this keeps growing.")
     if wal_status in ("unreserved", "lost"):
         warnings.append(f"Slot '{slot}' WAL status is '{wal_status}': changes may be lost (max_slot_wal_keep_size).")
     return warnings
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if size < 1024 or unit == "TB":

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from flux.cdc.attach import human_bytes
 from flux.cdc.status import CdcStatus, cdc_status
 from flux.cli.common import DatabaseOption, JsonOption, resolve_dsn
 from flux.cli.output import console, print_json, rich_escape
@@ -62,9 +63,7 @@ def status(database: DatabaseOption = None, slot: SlotOption = "flux", json: Jso
 
 
 def _bytes(n: int | None) -> str:
-    from flux.cdc.attach import _human_bytes
-
-    return "-" if n is None else _human_bytes(n)
+    return "-" if n is None else human_bytes(n)
 
 
 def render_status(s: CdcStatus) -> None:

@@ -31,6 +31,7 @@ import psycopg
 from psycopg import sql
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
+from flux.store.schema import SCHEMA_VERSION, schema_version
 
 DEFAULT_SCHEMA = "public"
 REQUEST_PREFIX = "req:"
@@ -264,6 +265,15 @@ def _object_forms(values: dict[str, str]) -> list[str]:
 def _require_log(conn: psycopg.Connection) -> None:
     if not conn.execute("SELECT to_regclass('flux.state_mutations') IS NOT NULL").fetchone()[0]:
         raise NotFoundError("This database has no Flux mutation log", hint="Run `flux attach` to start recording changes.")
+    version = schema_version(conn)
+    if version != SCHEMA_VERSION:
+        # Reads never run DDL: the engine and `flux attach` upgrade the schema.
+        raise ConfigError(
+            f"The flux schema is version {version}; this Flux reads version {SCHEMA_VERSION}",
+            hint="Run `flux attach` (or restart `flux cdc run`) with this Flux to upgrade it."
+            if version is not None and version < SCHEMA_VERSION else "Use the Flux release that wrote this schema.",
+            schema_version=version,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +377,12 @@ def _row_match(
             hint=f"Use {example}", table=name,
         )
     ordered = {c: key[c] for c in pk}
-    where = sql.SQL("row_key = ANY(%(forms)s::jsonb[])")
+    # The hash finds the row through its index; the exact comparison rules out collisions.
+    where = sql.SQL(
+        "flux.row_hash(schema_name, table_name, row_key)"
+        " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
+        " AND row_key = ANY(%(forms)s::jsonb[])"
+    )
     return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(ordered)}, columns)
 
 
@@ -375,10 +390,8 @@ def _describe(schema: str, table: str, match: dict[str, str]) -> str:
     return f"{format_table(schema, table)} / " + ", ".join(f"{c} = {v}" for c, v in match.items())
 
 
-def _fetch_row(
-    conn: psycopg.Connection, schema: str, table: str, m: _RowMatch, limit: int | None
-) -> tuple[int, list[Mutation]]:
-    """The row's mutations and the truncates after its first one, newest `limit`, oldest first."""
+def _row_query(schema: str, table: str, m: _RowMatch, limit: int | None) -> tuple[sql.Composed, dict[str, Any]]:
+    """The row's mutations and the truncates after its first one, newest first, with the total."""
     query = sql.SQL(
         """
         WITH row_m AS MATERIALIZED (
@@ -398,7 +411,14 @@ def _fetch_row(
         SELECT *, count(*) OVER () FROM history ORDER BY lsn DESC, pos DESC LIMIT %(limit)s
         """
     ).format(cols=_MUTATION_COLUMNS, where=m.where)
-    rows = conn.execute(query, {"schema": schema, "table": table, "limit": limit, **m.params}).fetchall()
+    return query, {"schema": schema, "table": table, "limit": limit, **m.params}
+
+
+def _fetch_row(
+    conn: psycopg.Connection, schema: str, table: str, m: _RowMatch, limit: int | None
+) -> tuple[int, list[Mutation]]:
+    """The row's mutations and the truncates after its first one, newest `limit`, oldest first."""
+    rows = conn.execute(*_row_query(schema, table, m, limit)).fetchall()
     total = rows[0][-1] if rows else 0
     return total, [_mutation(r[2:], m.columns) for r in reversed(rows)]
 

@@ -10,14 +10,50 @@ This module owns the DDL and its version. It does not decide what is captured (t
   is no old image (insert). `missing_columns` lists columns whose value is unknown in both
   images (an unchanged TOASTed value with no full old image).
 - `changed_columns` is NULL when it cannot be known (old image incomplete).
+
+Its indexes are chosen for write cost as much as for reads: the engine appends every row
+change, so each index is paid for per row. History by row goes through `flux.row_hash()`, an
+8-byte hash of (schema, table, key) rather than the jsonb key itself: with COPY of 600k engine
+rows, server time per row fell from 16.9 us (v1 indexes) to 12.9 us. Readers recheck the exact
+key. The table index is ascending, which serves newest-first reads by scanning backwards.
+
+Versions: `flux.meta.schema_version`. `ensure_schema` creates the current version, or upgrades
+an older one in place (`_MIGRATIONS`), under an advisory lock so concurrent starts do it once.
 """
 
 from __future__ import annotations
 
 import psycopg
 
+from flux.errors import ConfigError
+
 SCHEMA = "flux"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Shared by the DDL and the v1 -> v2 migration. jsonb_hash_extended and hashtextextended are
+# the functions hash partitioning relies on, so their values are stable across versions.
+INDEXES = """
+CREATE OR REPLACE FUNCTION flux.row_hash(schema_name text, table_name text, row_key jsonb) RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN hashtextextended(table_name, jsonb_hash_extended(row_key, hashtextextended(schema_name, 0)));
+-- History of one row, in order; readers also compare schema, table and row_key exactly.
+CREATE INDEX IF NOT EXISTS state_mutations_row_hash_idx
+    ON flux.state_mutations (flux.row_hash(schema_name, table_name, row_key), commit_lsn, seq);
+-- Blame without a key: the latest changes of a table (scanned backwards).
+CREATE INDEX IF NOT EXISTS state_mutations_table_lsn_idx
+    ON flux.state_mutations (schema_name, table_name, commit_lsn, seq);
+-- Everything one request did; text_pattern_ops also serves request-id prefix lookups.
+CREATE INDEX IF NOT EXISTS state_mutations_request_idx
+    ON flux.state_mutations (request_id text_pattern_ops) WHERE request_id IS NOT NULL;
+"""
+
+_MIGRATIONS: dict[int, str] = {
+    # v1 indexed the jsonb key itself and the table by DESC order.
+    2: INDEXES + """
+DROP INDEX IF EXISTS flux.state_mutations_row_idx;
+DROP INDEX IF EXISTS flux.state_mutations_table_idx;
+""",
+}
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS flux;
@@ -48,15 +84,7 @@ CREATE TABLE IF NOT EXISTS flux.state_mutations (
     CONSTRAINT state_mutations_commit_lsn_seq_key UNIQUE (commit_lsn, seq)
 );
 
--- History of one row: by table and key, newest first.
-CREATE INDEX IF NOT EXISTS state_mutations_row_idx
-    ON flux.state_mutations (schema_name, table_name, row_key, commit_lsn DESC, seq DESC);
--- Blame without a key: the latest changes of a table.
-CREATE INDEX IF NOT EXISTS state_mutations_table_idx
-    ON flux.state_mutations (schema_name, table_name, commit_lsn DESC, seq DESC);
--- Everything one request did; text_pattern_ops also serves request-id prefix lookups.
-CREATE INDEX IF NOT EXISTS state_mutations_request_idx
-    ON flux.state_mutations (request_id text_pattern_ops) WHERE request_id IS NOT NULL;
+{indexes}
 
 -- The engine's progress, written in the same transaction as the mutations it covers.
 CREATE TABLE IF NOT EXISTS flux.cdc_progress (
@@ -89,17 +117,29 @@ CREATE TABLE IF NOT EXISTS flux.replica_identity_changes (
     changed_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (slot_name, schema_name, table_name)
 );
-"""
+""".replace("{indexes}", INDEXES)
+
+
+def schema_version(conn: psycopg.Connection) -> int | None:
+    """The recorded schema version, or None when there is no `flux` schema."""
+    if not conn.execute("SELECT to_regclass('flux.meta') IS NOT NULL").fetchone()[0]:
+        return None
+    row = conn.execute("SELECT value::text FROM flux.meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 1
 
 
 def ensure_schema(conn: psycopg.Connection) -> bool:
-    """Create the `flux` schema and tables if missing. Returns True when anything was created."""
+    """Create the `flux` schema and tables, or upgrade them. Returns True when anything changed.
+
+    An upgrade rebuilds indexes, which takes a lock that holds the engine's writes back for as
+    long as that takes on a large log; it happens once, at the first start of a newer Flux.
+    """
     existed = conn.execute(
         "SELECT to_regclass('flux.state_mutations') IS NOT NULL AND to_regclass('flux.cdc_progress') IS NOT NULL"
         " AND to_regclass('flux.attachments') IS NOT NULL AND to_regclass('flux.replica_identity_changes') IS NOT NULL"
     ).fetchone()[0]
     if existed:
-        return False
+        return _upgrade(conn)
     with conn.transaction():
         # Serialize concurrent first runs; CREATE ... IF NOT EXISTS alone races on catalogs.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux.schema'))")
@@ -109,6 +149,30 @@ def ensure_schema(conn: psycopg.Connection) -> bool:
             (str(SCHEMA_VERSION),),
         )
     return True
+
+
+def _upgrade(conn: psycopg.Connection) -> bool:
+    version = schema_version(conn)
+    assert version is not None
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"The flux schema is version {version}, newer than this Flux understands ({SCHEMA_VERSION})",
+            hint="Upgrade Flux (pip install -U flux) on this machine.", schema_version=version,
+        )
+    if version == SCHEMA_VERSION:
+        return False
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux.schema'))")
+        version = schema_version(conn)  # a concurrent start may have upgraded while we waited
+        assert version is not None
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute(_MIGRATIONS[target])
+        conn.execute(
+            "INSERT INTO flux.meta (key, value) VALUES ('schema_version', %s::jsonb)"
+            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (str(SCHEMA_VERSION),),
+        )
+    return version < SCHEMA_VERSION
 
 
 def drop_schema(conn: psycopg.Connection) -> None:

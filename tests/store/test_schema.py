@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+
+from flux.errors import ConfigError
+from flux.store import queries
+from flux.store.schema import SCHEMA_VERSION, ensure_schema, schema_version
+
+V1_INDEXES = """
+DROP INDEX flux.state_mutations_row_hash_idx;
+DROP INDEX flux.state_mutations_table_lsn_idx;
+DROP FUNCTION flux.row_hash(text, text, jsonb);
+CREATE INDEX state_mutations_row_idx
+    ON flux.state_mutations (schema_name, table_name, row_key, commit_lsn DESC, seq DESC);
+CREATE INDEX state_mutations_table_idx
+    ON flux.state_mutations (schema_name, table_name, commit_lsn DESC, seq DESC);
+UPDATE flux.meta SET value = '1' WHERE key = 'schema_version';
+"""
+
+
+def _indexes(conn: psycopg.Connection) -> set[str]:
+    rows = conn.execute("SELECT indexname::text FROM pg_indexes WHERE schemaname = 'flux' AND tablename = 'state_mutations'")
+    return {r[0] for r in rows}
+
+
+def _insert(conn: psycopg.Connection, table: str, key: int, lsn: int) -> None:
+    conn.execute(
+        "INSERT INTO flux.state_mutations (schema_name, table_name, op, row_key, new, xid, commit_lsn, commit_time, seq)"
+        " VALUES ('public', %s, 'insert', %s, %s, 1, %s::pg_lsn, now(), 0)",
+        (table, json.dumps({"id": key}), json.dumps({"id": key}), f"0/{lsn:X}"),
+    )
+
+
+def _as_v1(conn: psycopg.Connection) -> None:
+    ensure_schema(conn)
+    conn.execute(V1_INDEXES)
+
+
+def test_ensure_schema_creates_the_current_version_then_changes_nothing(conn):
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert ensure_schema(conn) is False
+
+
+def test_ensure_schema_upgrades_v1_indexes_in_place_and_keeps_the_log(conn):
+    _as_v1(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    _insert(conn, "users", 7, 0x100)
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    names = _indexes(conn)
+    assert {"state_mutations_row_hash_idx", "state_mutations_table_lsn_idx"} <= names
+    assert not {"state_mutations_row_idx", "state_mutations_table_idx"} & names
+    history = queries.row_history(conn, "public", "users", id_value="7")
+    assert [m.new for m in history.mutations] == [{"id": 7}]
+
+
+def test_reads_of_an_older_schema_say_how_to_upgrade(conn):
+    _as_v1(conn)
+    with pytest.raises(ConfigError) as err:
+        queries.row_history(conn, "public", "users", id_value="7")
+    assert "flux attach" in err.value.hint
+
+
+def test_ensure_schema_refuses_a_newer_schema(conn):
+    ensure_schema(conn)
+    conn.execute("UPDATE flux.meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(ConfigError) as err:
+        ensure_schema(conn)
+    assert "Upgrade Flux" in err.value.hint
+
+
+def test_row_history_finds_the_row_through_the_hash_index(conn):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    conn.execute(
+        "INSERT INTO flux.state_mutations (schema_name, table_name, op, row_key, new, xid, commit_lsn, commit_time, seq)"
+        " SELECT 'public', t, 'insert', jsonb_build_object('id', i), jsonb_build_object('id', i), 1,"
+        "        ('0/' || to_hex(i * 16 + length(t)))::pg_lsn, now(), 0"
+        "   FROM generate_series(1, 20000) i, unnest(ARRAY['users', 'orders']) t"
+    )
+    conn.execute("ANALYZE flux.state_mutations")
+    match = queries._row_match(conn, "public", "users", "42", None)
+    query, params = queries._row_query("public", "users", match, None)
+    plan = json.dumps(conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()[0])
+    assert "state_mutations_row_hash_idx" in plan
+    assert "Seq Scan" not in plan

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from flux.cli import attach, cdc, dev, state
+from flux.cli import attach, cdc, dev, init, serve, state, trace
 from flux.cli.output import fail
 
 app = typer.Typer(
@@ -22,10 +22,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("dev")(dev.dev)
+app.command("serve")(serve.serve)
 app.command("attach")(attach.attach)
 app.command("detach")(attach.detach)
+app.command("init")(init.init)
 app.add_typer(cdc.app, name="cdc")
 app.add_typer(state.app, name="state")
+app.command("trace")(trace.trace)
+app.command("why")(trace.why)
+app.command("requests")(trace.requests)
 
 
 def main() -> None:

@@ -23,6 +23,9 @@ def setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
     )
+    # One line per outbound call or served request is noise; traces record every one of them.
+    for chatty in ("httpx", "httpcore", "hypercorn.access"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.command("run")

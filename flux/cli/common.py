@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import psycopg
 import typer
 
-from flux.errors import ConfigError
+from flux.errors import ConfigError, from_psycopg
 
 DatabaseOption = Annotated[
     str | None,
@@ -54,3 +57,14 @@ def resolve_dsn(flag: str | None) -> str:
         "No database given",
         hint=f"Pass --database DSN, set {ENV_DSN}, or run `flux dev` in this directory first.",
     )
+
+
+@contextmanager
+def connect(database: str | None, *, failing: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the resolved DSN; psycopg errors become FluxErrors saying `failing`."""
+    dsn = resolve_dsn(database)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            yield conn
+    except psycopg.Error as exc:
+        raise from_psycopg(exc, failing) from exc

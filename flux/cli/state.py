@@ -7,20 +7,17 @@ rich text or `--json`. Times are shown in UTC.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any
 
 import orjson
-import psycopg
 import typer
 from rich.markup import escape
 
-from flux.cli.common import DatabaseOption, JsonOption, resolve_dsn
+from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, print_json
-from flux.errors import ConfigError, from_psycopg
+from flux.errors import ConfigError
 from flux.store import queries
 from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Writer
 
@@ -100,14 +97,8 @@ def parse_keys(items: list[str] | None) -> dict[str, str] | None:
     return keys
 
 
-@contextmanager
-def _connect(database: str | None) -> Iterator[psycopg.Connection]:
-    dsn = resolve_dsn(database)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            yield conn
-    except psycopg.Error as exc:
-        raise from_psycopg(exc, "Reading the mutation log failed") from exc
+def _connect(database: str | None):
+    return connect(database, failing="Reading the mutation log failed")
 
 
 # -- rendering -------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ change, so each index is paid for per row. History by row goes through `flux.row
 rows, server time per row fell from 16.9 us (v1 indexes) to 12.9 us. Readers recheck the exact
 key. The table index is ascending, which serves newest-first reads by scanning backwards.
 
+`trace_requests` (v3) holds one trace per request the gateway served: its spans, redacted
+request and response, and replay tape, keyed by request_id. The key is `COLLATE "C"` so that
+an id-prefix `LIKE` is a range scan of the primary key. The CDC publication excludes the `flux`
+schema, so writing traces never feeds the engine.
+
 Versions: `flux.meta.schema_version`. `ensure_schema` creates the current version, or upgrades
 an older one in place (`_MIGRATIONS`), under an advisory lock so concurrent starts do it once.
 """
@@ -28,7 +33,7 @@ import psycopg
 from flux.errors import ConfigError
 
 SCHEMA = "flux"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Shared by the DDL and the v1 -> v2 migration. jsonb_hash_extended and hashtextextended are
 # the functions hash partitioning relies on, so their values are stable across versions.
@@ -47,12 +52,40 @@ CREATE INDEX IF NOT EXISTS state_mutations_request_idx
     ON flux.state_mutations (request_id text_pattern_ops) WHERE request_id IS NOT NULL;
 """
 
+# Shared by the DDL and the v2 -> v3 migration.
+TRACES = """
+CREATE TABLE IF NOT EXISTS flux.trace_requests (
+    id            text COLLATE "C" PRIMARY KEY,   -- the request_id (uuid4 text); "C" so prefix LIKE uses the PK
+    tenant        text,                 -- NULL when the request was rejected before a tenant was known (401)
+    function      text,                 -- NULL for 404 (no route)
+    method        text NOT NULL,
+    path          text NOT NULL,
+    status        integer NOT NULL,
+    duration_ms   double precision NOT NULL,
+    started_at    timestamptz NOT NULL,
+    error         text,                 -- one-line summary, NULL when ok
+    spans         jsonb NOT NULL,       -- flat list of spans (below), parents before children
+    request       jsonb NOT NULL,       -- {"headers": {...redacted}, "query": {...}, "body": <json|str|null>, "body_truncated": bool, "body_bytes": int}
+    response      jsonb NOT NULL,       -- {"headers": {...}, "body": ..., "body_truncated": bool, "body_bytes": int}
+    recording     jsonb,                -- the replay tape (below); NULL when recording is off or the function never ran
+    code_version  text,                 -- sha256 of the function source, first 16 hex chars
+    git_commit    text,                 -- HEAD commit of the project when it is a git repo
+    replay_of     text,                 -- NULL; set by the replay engine later
+    recorded_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS trace_requests_started_idx ON flux.trace_requests (started_at);
+CREATE INDEX IF NOT EXISTS trace_requests_tenant_started_idx ON flux.trace_requests (tenant, started_at);
+CREATE INDEX IF NOT EXISTS trace_requests_function_started_idx ON flux.trace_requests (function, started_at);
+"""
+
 _MIGRATIONS: dict[int, str] = {
     # v1 indexed the jsonb key itself and the table by DESC order.
     2: INDEXES + """
 DROP INDEX IF EXISTS flux.state_mutations_row_idx;
 DROP INDEX IF EXISTS flux.state_mutations_table_idx;
 """,
+    # v3 records traces.
+    3: TRACES,
 }
 
 DDL = """
@@ -117,7 +150,9 @@ CREATE TABLE IF NOT EXISTS flux.replica_identity_changes (
     changed_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (slot_name, schema_name, table_name)
 );
-""".replace("{indexes}", INDEXES)
+
+{traces}
+""".replace("{indexes}", INDEXES).replace("{traces}", TRACES)
 
 
 def schema_version(conn: psycopg.Connection) -> int | None:
@@ -134,6 +169,8 @@ def ensure_schema(conn: psycopg.Connection) -> bool:
     An upgrade rebuilds indexes, which takes a lock that holds the engine's writes back for as
     long as that takes on a large log; it happens once, at the first start of a newer Flux.
     """
+    # The tables every version has: a schema with them is upgraded, never re-created, so tables
+    # a later version added (trace_requests) come from its migration and the version is bumped.
     existed = conn.execute(
         "SELECT to_regclass('flux.state_mutations') IS NOT NULL AND to_regclass('flux.cdc_progress') IS NOT NULL"
         " AND to_regclass('flux.attachments') IS NOT NULL AND to_regclass('flux.replica_identity_changes') IS NOT NULL"

@@ -11,7 +11,6 @@ import os
 from decimal import Decimal
 
 import psycopg
-import pytest
 
 from tests.support import mutations
 

@@ -9,6 +9,11 @@ from flux.errors import ConfigError
 from flux.store import queries
 from flux.store.schema import SCHEMA_VERSION, ensure_schema, schema_version
 
+V2_TABLES = """
+DROP TABLE flux.trace_requests;
+UPDATE flux.meta SET value = '2' WHERE key = 'schema_version';
+"""
+
 V1_INDEXES = """
 DROP INDEX flux.state_mutations_row_hash_idx;
 DROP INDEX flux.state_mutations_table_lsn_idx;
@@ -34,18 +39,51 @@ def _insert(conn: psycopg.Connection, table: str, key: int, lsn: int) -> None:
     )
 
 
-def _as_v1(conn: psycopg.Connection) -> None:
+def _as_v2(conn: psycopg.Connection) -> None:
     ensure_schema(conn)
+    conn.execute(V2_TABLES)
+
+
+def _as_v1(conn: psycopg.Connection) -> None:
+    _as_v2(conn)
     conn.execute(V1_INDEXES)
+
+
+def _has_traces(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass('flux.trace_requests') IS NOT NULL").fetchone()[0]
 
 
 def test_ensure_schema_creates_the_current_version_then_changes_nothing(conn):
     assert ensure_schema(conn) is True
-    assert schema_version(conn) == SCHEMA_VERSION
+    assert schema_version(conn) == SCHEMA_VERSION == 3
+    assert _has_traces(conn)
     assert ensure_schema(conn) is False
 
 
-def test_ensure_schema_upgrades_v1_indexes_in_place_and_keeps_the_log(conn):
+def test_trace_ids_are_c_collated_so_prefix_lookups_use_the_primary_key(conn):
+    ensure_schema(conn)
+    collation = conn.execute(
+        "SELECT collation_name FROM information_schema.columns"
+        " WHERE table_schema = 'flux' AND table_name = 'trace_requests' AND column_name = 'id'"
+    ).fetchone()[0]
+    assert collation == "C"
+
+
+def test_ensure_schema_upgrades_v2_to_v3_adding_traces_and_keeping_the_log(conn):
+    _as_v2(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    _insert(conn, "users", 7, 0x100)
+    assert not _has_traces(conn)
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert _has_traces(conn)
+    indexes = {r[0] for r in conn.execute("SELECT indexname::text FROM pg_indexes WHERE tablename = 'trace_requests'")}
+    assert {"trace_requests_started_idx", "trace_requests_tenant_started_idx", "trace_requests_function_started_idx"} <= indexes
+    history = queries.row_history(conn, "public", "users", id_value="7")
+    assert [m.new for m in history.mutations] == [{"id": 7}]
+
+
+def test_ensure_schema_upgrades_v1_to_v3_in_place_and_keeps_the_log(conn):
     _as_v1(conn)
     conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
     _insert(conn, "users", 7, 0x100)
@@ -54,6 +92,7 @@ def test_ensure_schema_upgrades_v1_indexes_in_place_and_keeps_the_log(conn):
     names = _indexes(conn)
     assert {"state_mutations_row_hash_idx", "state_mutations_table_lsn_idx"} <= names
     assert not {"state_mutations_row_idx", "state_mutations_table_idx"} & names
+    assert _has_traces(conn)
     history = queries.row_history(conn, "public", "users", id_value="7")
     assert [m.new for m in history.mutations] == [{"id": 7}]
 

@@ -1,0 +1,356 @@
+"""Gateway benchmark: Flux against a bare Quart handler doing the same work, in one run.
+
+    .venv/bin/python bench/gateway.py            # about 2 minutes on 2 cores
+    .venv/bin/python bench/gateway.py --quick    # about 1 minute
+    .venv/bin/python bench/gateway.py --out bench/results/gateway-mine.json
+
+The work per request: one INSERT into PostgreSQL and one outbound HTTP call to a local stub.
+Three servers run it, each its own process on 127.0.0.1, against the same throwaway cluster
+and the same stub (also its own process):
+
+- `bare`: a Quart handler in Python on Hypercorn (psycopg pool + httpx): the floor;
+- `flux`: `flux serve --no-engine` with recording on (trace rows with spans and replay tape);
+- `flux-norecord`: the same with `--no-record`.
+
+The load generator is this process: a minimal HTTP/1.1 keep-alive client (asyncio streams),
+so the client's own cost stays small and equal for all three. Per server: a warm-up, then a
+latency phase (one request at a time) and a throughput phase (`--concurrency` connections for
+`--seconds`). The servers are measured in rounds, interleaved (bare, flux, flux-norecord, ...),
+and the figures are medians over rounds, because these machines are noisy. Ratios are judged,
+not absolute numbers.
+
+Isolate acquire time is measured two ways: in-process on a warm pool (acquire, release, let
+the pool refill, repeat), and from the `flux.isolate_acquire_ms` attribute of the function
+spans the `flux` server recorded under load.
+
+The CDC engine is not running in any of them: this measures the request path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FUNCTION = """
+export default async function (req, ctx) {
+  const { rows } = await ctx.db.query("INSERT INTO items (n) VALUES ($1) RETURNING id", [req.body.n]);
+  const res = await ctx.fetch(STUB + "/v1/charges", { method: "POST", body: { id: rows[0].id } });
+  return { status: 200, body: { id: rows[0].id, charge: (await res.json()).id } };
+}
+"""
+
+TARGETS = {"recording_cost_max": 0.15, "p50_added_ms_max": 2.0, "acquire_p50_ms_max": 1.0}
+
+
+# --- servers run as subprocesses of this script ----------------------------------------------
+
+def run_stub(port: int) -> None:
+    """A fixed-answer HTTP/1.1 keep-alive server: cheap, so it never becomes the bottleneck."""
+    body = b'{"id": "ch_123"}'
+    response = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                writer.write(response)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def run_bare(port: int, dsn: str, stub: str) -> None:
+    """The floor: the same insert and outbound call in a plain Quart handler."""
+    import flux.runtime.host  # noqa: F401 -- the same httpx fix Flux runs with (sniffio), for a fair floor
+    import httpx
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+    from psycopg_pool import AsyncConnectionPool
+    from quart import Quart, request
+
+    app = Quart("bare")
+    state: dict = {}
+
+    @app.before_serving
+    async def start() -> None:
+        state["pool"] = AsyncConnectionPool(dsn, min_size=4, max_size=32, open=False)
+        await state["pool"].open(wait=True)
+        state["http"] = httpx.AsyncClient()
+
+    @app.post("/item")
+    async def item():
+        body = await request.get_json()
+        async with state["pool"].connection() as conn:
+            cur = await conn.execute("INSERT INTO items (n) VALUES (%s) RETURNING id", (body["n"],))
+            (item_id,) = await cur.fetchone()
+        res = await state["http"].post(stub + "/v1/charges", json={"id": item_id}, timeout=10)
+        return {"id": item_id, "charge": res.json()["id"]}
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    shutdown = asyncio.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, shutdown.set)
+        await serve(app, config, shutdown_trigger=shutdown.wait)
+
+    asyncio.run(main())
+
+
+# --- the load generator ----------------------------------------------------------------------
+
+async def _connection(port: int):
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def _request(reader, writer, path: str, n: int) -> float:
+    body = b'{"n": %d}' % n
+    started = time.perf_counter()
+    writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    if status != 200:
+        raise RuntimeError(f"{path} answered {status}")
+    return time.perf_counter() - started
+
+
+async def latency(port: int, path: str, count: int) -> list[float]:
+    reader, writer = await _connection(port)
+    out = [await _request(reader, writer, path, i) for i in range(count)]
+    writer.close()
+    return out
+
+
+async def throughput(port: int, path: str, concurrency: int, seconds: float) -> tuple[int, list[float]]:
+    deadline = time.perf_counter() + seconds
+    times: list[float] = []
+
+    async def worker(w: int) -> None:
+        reader, writer = await _connection(port)
+        i = 0
+        while time.perf_counter() < deadline:
+            times.append(await _request(reader, writer, path, w * 1_000_000 + i))
+            i += 1
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return len(times) / (time.perf_counter() - started), times
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server for port {port} exited with {proc.returncode}: see {proc.args}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def acquire_in_process(project: Path, samples: int) -> dict:
+    from flux.project import load_project
+    from flux.runtime.isolate import IsolatePool, compile_function
+
+    async def main() -> list[float]:
+        fn = load_project(project).functions["item"]
+        pool = IsolatePool(compile_function(fn), size=4, memory_mb=128)
+        pool.warm_now()
+        for _ in range(samples):
+            (await pool.acquire()).close()
+            await asyncio.sleep(0.004)  # a request's worth of time: the pool refills meanwhile
+        times = list(pool.acquire_times)
+        pool.close()
+        empty = IsolatePool(compile_function(fn), size=0, memory_mb=128)
+        for _ in range(50):
+            (await empty.acquire()).close()
+        cold = list(empty.acquire_times)
+        return times, cold
+
+    warm, cold = asyncio.run(main())
+    return {"samples": len(warm), "warm_p50_ms": pct(warm, 0.5), "warm_p99_ms": pct(warm, 0.99),
+            "cold_p50_ms": pct(cold, 0.5), "cold_p99_ms": pct(cold, 0.99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--stub", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stub:
+        return run_stub(args.stub)
+    if args.bare:
+        return run_bare(int(args.bare[0]), args.bare[1], args.bare[2])
+
+    seconds = args.seconds or (4.0 if args.quick else 8.0)
+    rounds = args.rounds or (2 if args.quick else 3)
+    latency_count = 200 if args.quick else 400
+
+    import psycopg
+
+    from flux.pg.cluster import Cluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="flux-bench-gateway-"))
+    os.chmod(tmp, 0o755)
+    (tmp / "cluster").mkdir()
+    os.chmod(tmp / "cluster", 0o777)
+    cluster = Cluster(state_dir=tmp / "cluster", settings={"max_connections": "200"})
+    procs: list[subprocess.Popen] = []
+    try:
+        print("starting PostgreSQL …", flush=True)
+        dsn = cluster.start().dsn
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (id bigserial PRIMARY KEY, n bigint NOT NULL)")
+        from flux.gateway.server import ensure_store
+
+        ensure_store(dsn)
+        stub_port = free_port()
+        stub = f"http://127.0.0.1:{stub_port}"
+        project = tmp / "project"
+        (project / "functions").mkdir(parents=True)
+        (project / "flux.toml").write_text(f'[project]\nname = "bench"\n[tools]\n"127.0.0.1:{stub_port}" = "stub"\n')
+        (project / "functions" / "item.js").write_text(f"const STUB = {json.dumps(stub)};\n" + FUNCTION)
+
+        def spawn(argv: list[str], port: int) -> subprocess.Popen:
+            log = open(tmp / f"server-{len(procs)}.log", "w")  # a file: a full pipe would stall the server
+            proc = subprocess.Popen(argv, cwd=project, stdout=log, stderr=subprocess.STDOUT, text=True)
+            procs.append(proc)
+            wait_listening(port, proc)
+            return proc
+
+        spawn([sys.executable, __file__, "--stub", str(stub_port)], stub_port)
+        servers = {}
+        bare_port = free_port()
+        spawn([sys.executable, __file__, "--bare", str(bare_port), dsn, stub], bare_port)
+        servers["bare"] = (bare_port, "/item")
+        for name, extra in (("flux", []), ("flux-norecord", ["--no-record"])):
+            port = free_port()
+            spawn([sys.executable, "-m", "flux", "serve", "--database", dsn, "--no-engine", "--port", str(port),
+                   "--project", str(project), "--workers", "64", "--pool-size", "8", *extra], port)
+            servers[name] = (port, "/item")
+
+        results: dict[str, list[dict]] = {name: [] for name in servers}
+        for name, (port, path) in servers.items():  # warm-up, not counted
+            asyncio.run(throughput(port, path, args.concurrency, 2.0))
+        for r in range(rounds):
+            for name, (port, path) in servers.items():
+                lat = asyncio.run(latency(port, path, latency_count))
+                rps, times = asyncio.run(throughput(port, path, args.concurrency, seconds))
+                row = {"latency_p50_ms": pct(lat, 0.5), "latency_p99_ms": pct(lat, 0.99), "rps": rps,
+                       "load_p50_ms": pct(times, 0.5), "load_p99_ms": pct(times, 0.99)}
+                results[name].append(row)
+                print(f"round {r + 1} {name:14} {rps:8.0f} req/s  p50 {row['latency_p50_ms']:6.2f} ms  "
+                      f"p99 {row['latency_p99_ms']:6.2f} ms  (under load p50 {row['load_p50_ms']:.1f} p99 {row['load_p99_ms']:.1f})",
+                      flush=True)
+        for proc in procs[2:]:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs[2:]:
+            proc.wait(timeout=60)
+
+        summary = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in results.items()}
+        with psycopg.connect(dsn) as conn:
+            served = [r[0] for r in conn.execute(
+                "SELECT (s->'attributes'->>'flux.isolate_acquire_ms')::float FROM flux.trace_requests t,"
+                " jsonb_array_elements(t.spans) s WHERE s->'attributes'->>'flux.kind' = 'function'")]
+            traces = conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0]
+        acquire = acquire_in_process(project, 300 if args.quick else 1000)
+        acquire["served_p50_ms"] = statistics.median(served) if served else None
+        acquire["served_p99_ms"] = sorted(served)[int(len(served) * 0.99)] if served else None
+        acquire["served_samples"] = len(served)
+
+        recording_cost = 1 - summary["flux"]["rps"] / summary["flux-norecord"]["rps"]
+        added_p50 = summary["flux"]["latency_p50_ms"] - summary["bare"]["latency_p50_ms"]
+        verdict = {
+            "recording_cost": recording_cost,
+            "recording_cost_ok": recording_cost <= TARGETS["recording_cost_max"],
+            "p50_added_ms": added_p50,
+            "p50_added_ok": added_p50 <= TARGETS["p50_added_ms_max"],
+            "flux_vs_bare_rps": summary["flux"]["rps"] / summary["bare"]["rps"],
+            "acquire_p50_ms": acquire["warm_p50_ms"],
+            "acquire_ok": acquire["warm_p50_ms"] <= TARGETS["acquire_p50_ms_max"],
+        }
+        print()
+        print(f"recording cost        {recording_cost * 100:5.1f}% of throughput   (target <= 15%)  "
+              f"{'MET' if verdict['recording_cost_ok'] else 'NOT MET'}")
+        print(f"p50 added over bare   {added_p50:5.2f} ms                 (target <= 2 ms)  "
+              f"{'MET' if verdict['p50_added_ok'] else 'NOT MET'}")
+        print(f"warm acquire p50      {acquire['warm_p50_ms']:5.3f} ms (p99 {acquire['warm_p99_ms']:.3f})   (target <= 1 ms)  "
+              f"{'MET' if verdict['acquire_ok'] else 'NOT MET'}")
+        print(f"  under load, from recorded spans: p50 {acquire['served_p50_ms']} ms, p99 {acquire['served_p99_ms']} ms;"
+              f" cold (empty pool) p50 {acquire['cold_p50_ms']:.2f} ms")
+        print(f"flux / bare throughput {verdict['flux_vs_bare_rps']:.2f}x; {traces} trace rows written")
+
+        out = args.out or ROOT / "bench" / "results" / (
+            f"gateway-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}{'-quick' if args.quick else ''}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "when": datetime.now(timezone.utc).isoformat(), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "config": {"concurrency": args.concurrency, "seconds": seconds, "rounds": rounds, "latency_requests": latency_count},
+            "targets": TARGETS, "rounds": results, "median": summary, "acquire": acquire, "verdict": verdict,
+        }, indent=2))
+        print(f"saved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        cluster.destroy()
+
+
+if __name__ == "__main__":
+    main()

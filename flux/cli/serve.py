@@ -1,0 +1,126 @@
+"""`flux serve`: the gateway and the CDC engine against a database you run (`--database`).
+
+`run_stack()` is shared with `flux dev`: it runs the engine in a thread and the gateway on
+the main thread's asyncio loop, and stops both on Ctrl-C or SIGTERM: the gateway stops
+accepting, finishes requests in flight and drains its trace queue; then the engine flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flux.cli.common import DatabaseOption, resolve_dsn
+from flux.cli.output import console, rich_escape
+
+log = logging.getLogger("flux")
+
+HostOption = Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for all).")]
+PortOption = Annotated[int, typer.Option("--port", "-p", help="TCP port to listen on.")]
+WorkersOption = Annotated[
+    int,
+    typer.Option("--workers", help="How many function executions may run at once (each in its own V8 isolate and thread); "
+                 "further requests wait for a free slot. One process serves them all."),
+]
+PoolOption = Annotated[int, typer.Option("--pool-size", help="Warm isolates kept ready per function.")]
+ProjectOption = Annotated[Path, typer.Option("--project", help="The project directory (holding flux.toml).")]
+RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write a trace row (spans and replay tape) per request.")]
+
+
+def run_stack(
+    *, dsn: str, root: Path | None, host: str, port: int, workers: int, pool_size: int, record: bool,
+    reload: bool, engine: bool, on_ready=None,
+) -> None:
+    from flux.cdc.engine import Engine, EngineConfig
+
+    cdc = Engine(EngineConfig(dsn=dsn, slot="flux", publication="flux")) if engine else None
+    errors: list[BaseException] = []
+    thread = None
+    if cdc is not None:
+        def target() -> None:
+            try:
+                cdc.run(install_signal_handlers=False)
+            except BaseException as exc:  # reported after the gateway stops
+                errors.append(exc)
+
+        thread = threading.Thread(target=target, name="flux-engine", daemon=True)
+        thread.start()
+    try:
+        if root is not None:
+            from flux.gateway.server import ServeConfig, serve
+
+            config = ServeConfig(root=root, dsn=dsn, host=host, port=port, workers=workers, pool_size=pool_size,
+                                 record=record, reload=reload)
+            asyncio.run(serve(config, on_ready=on_ready))
+        elif cdc is not None:
+            if on_ready is not None:
+                on_ready(None)
+            import signal
+
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            while not stop.wait(0.5) and thread is not None and thread.is_alive():
+                pass
+    finally:
+        if cdc is not None and thread is not None:
+            cdc.stop()
+            thread.join(timeout=30)
+            log.info("engine stopped")
+    if errors:
+        raise errors[0]
+
+
+def serve(
+    database: DatabaseOption = None,
+    project: ProjectOption = Path("."),
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    workers: WorkersOption = 64,
+    pool_size: PoolOption = 4,
+    record: RecordOption = True,
+    attach_all: Annotated[bool, typer.Option("--attach", help="First attach Flux to every table of the database (idempotent; "
+                                             "see `flux attach --all-tables`).")] = False,
+    engine: Annotated[bool, typer.Option("--engine/--no-engine", help="Also run the CDC engine in this process.")] = True,
+    reload: Annotated[bool, typer.Option("--reload", help="Reload functions when their files change.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Serve the project's functions over HTTP against --database, recording every request, with the CDC engine."""
+    from flux.cdc.attach import attach
+    from flux.cli.cdc import setup_logging
+    from flux.gateway.server import ensure_store
+    from flux.project import find_project_root
+
+    setup_logging(verbose)
+    dsn = resolve_dsn(database)
+    root = find_project_root(project)
+    if attach_all:
+        attach(dsn, all_tables=True)
+    elif engine:
+        _require_attached(dsn)
+    ensure_store(dsn)
+
+    def ready(url: str | None) -> None:
+        console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
+
+    run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=record,
+              reload=reload, engine=engine, on_ready=ready)
+
+
+def _require_attached(dsn: str) -> None:
+    import psycopg
+
+    from flux.errors import ConfigError
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        slot = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()
+    if slot is None:
+        raise ConfigError(
+            "Flux is not attached to this database (no replication slot 'flux')",
+            hint="Run `flux attach --all-tables` (or --tables a,b) first, pass --attach, or use --no-engine.",
+        )

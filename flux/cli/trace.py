@@ -1,0 +1,295 @@
+"""`flux trace`, `flux why` and `flux requests`: what a request did, and why it failed.
+
+Commands parse flags, call `flux.store.traces`, and render the dataclasses it returns as rich
+text or `--json`. Times are shown in UTC; durations are each span's own (inclusive) duration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.markup import escape
+
+from flux.cli.common import DatabaseOption, JsonOption, connect
+from flux.cli.output import console, print_json
+from flux.errors import ConfigError
+from flux.store import traces
+from flux.store.queries import format_table
+from flux.store.traces import RowChange, TraceRecord, TraceSummary, Why
+
+IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
+SHORT_ID = 8
+ERROR_CLIP = 60
+_SINCE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
+
+
+def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption = False) -> None:
+    """The span tree of one request: every call it made, how long each took, which failed."""
+    with _connect(database) as conn:
+        record = traces.get_trace(conn, id_or_prefix)
+        writes = traces.count_mutations(conn, record.id)
+    if json:
+        print_json({**dataclasses.asdict(record), "db_writes": writes})
+    else:
+        render_trace(record, writes)
+
+
+def why(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption = False) -> None:
+    """Why a request ended as it did: its spans, the root cause of a failure, and the rows it changed."""
+    with _connect(database) as conn:
+        result = traces.explain(conn, id_or_prefix)
+    if json:
+        print_json(result)
+    else:
+        render_why(result)
+
+
+def requests(
+    function: Annotated[str | None, typer.Option("--function", "-f", help="Only requests to this function.", show_default=False)] = None,
+    status: Annotated[str | None, typer.Option("--status", "-s", help="2xx, 4xx, 5xx, an exact code (500), or `error` (4xx/5xx).", show_default=False)] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Only requests this recent: 30s, 10m, 2h, 1d.", show_default=False)] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only requests of this tenant.", show_default=False)] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N requests.")] = 50,
+    database: DatabaseOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Recent requests, newest first."""
+    window = parse_since(since) if since is not None else None
+    with _connect(database) as conn:
+        rows = traces.list_traces(conn, function=function, status=status, since=window, tenant=tenant, limit=limit)
+    if json:
+        print_json(rows)
+    else:
+        render_requests(rows)
+
+
+def parse_since(text: str) -> timedelta:
+    """`30s`, `10m`, `2h`, `1d` (or `1.5h`) -> a timedelta."""
+    match = _SINCE.fullmatch(text.strip().lower())
+    if not match:
+        raise ConfigError(f"--since {text!r} is not a duration", hint="Write a number and a unit: 30s, 10m, 2h, 1d.")
+    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+
+
+def _connect(database: str | None):
+    return connect(database, failing="Reading traces failed")
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def duration(ms: float) -> str:
+    if ms < 1:
+        return f"{ms:.1f}ms"
+    if ms < 1000:
+        return f"{round(ms)}ms"
+    return f"{ms / 1000:.2f}s"
+
+
+def status_text(code: int) -> str:
+    """`200 OK`, `504 Gateway Timeout`; the bare number for a code without a phrase."""
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return str(code)
+
+
+def _status_color(code: int) -> str:
+    return "red" if code >= 500 else "yellow" if code >= 400 else "green"
+
+
+def _time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _children(spans: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Roots and each span's children, in start order; a span whose parent is unknown is a root."""
+    ids = {s["id"] for s in spans}
+    roots: list[dict[str, Any]] = []
+    children: dict[str, list[dict[str, Any]]] = {}
+    for s in sorted(spans, key=lambda s: s.get("start") or 0):
+        parent = s.get("parent")
+        (children.setdefault(parent, []) if parent in ids else roots).append(s)
+    return roots, children
+
+
+def _failed_here(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> bool:
+    """The span failed, and not only because a call inside it did."""
+    return span.get("status") == "error" and not any(c.get("status") == "error" for c in children.get(span["id"], ()))
+
+
+def _label(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> tuple[str, str | None]:
+    """What the right-hand column shows, and its colour: the failure where it started, else the duration."""
+    if _failed_here(span, children) and (span.get("attributes") or {}).get("flux.kind") not in _DURATION_KINDS:
+        return traces.error_label(span), "red"
+    return duration(span.get("duration_ms") or 0), "red" if span.get("status") == "error" else None
+
+
+def _walk(roots: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(tree prefix drawn with ├─ └─ │, depth, span), depth first."""
+
+    def visit(span: dict[str, Any], lead: str, last: bool, depth: int) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        yield (lead + ("└─ " if last else "├─ ") if depth else ""), depth, span
+        below = lead + ("   " if last else "│  ") if depth else ""
+        kids = children.get(span["id"], [])
+        for i, child in enumerate(kids):
+            yield from visit(child, below, i == len(kids) - 1, depth + 1)
+
+    for root in roots:
+        yield from visit(root, "", True, 0)
+
+
+def _span_lines(rows: list[tuple[str, dict[str, Any]]], children: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """`  <prefix><name>   <label>` with the labels right-aligned in one column."""
+    labels = [_label(span, children) for _, span in rows]
+    width = max(len(lead) + len(span.get("name") or "") for lead, span in rows) + 3
+    lwidth = max(len(text) for text, _ in labels)
+    lines = []
+    for (lead, span), (text, color) in zip(rows, labels):
+        name = span.get("name") or "?"
+        pad = " " * (width - len(lead) - len(name))
+        shown = escape(text.rjust(lwidth))
+        lines.append(f"  {lead}{escape(name)}{pad}{f'[{color}]{shown}[/]' if color else shown}")
+    return lines
+
+
+def _origin_failures(spans: list[dict[str, Any]]) -> int:
+    _, children = _children(spans)
+    return sum(1 for s in spans if _failed_here(s, children))
+
+
+def render_trace(t: TraceRecord, db_writes: int) -> None:
+    roots, children = _children(t.spans)
+    color = _status_color(t.status)
+    console.print()
+    console.print(f"  [bold]Trace Graph[/]  {escape(t.id[:SHORT_ID])}")
+    console.print(f"  {escape(t.method)} {escape(t.path)} · [{color}]{escape(status_text(t.status))}[/] · {duration(t.duration_ms)}")
+    if t.spans:
+        for line in _span_lines([(lead, span) for lead, _, span in _walk(roots, children)], children):
+            console.print(line)
+    # Errors counts failures where they started, not the spans that failed because of them.
+    console.print(f"  [dim]── Spans: {len(t.spans)}  ·  Errors: {_origin_failures(t.spans)}  ·  DB writes: {db_writes}[/]")
+    console.print()
+
+
+def render_why(w: Why) -> None:
+    t = w.trace
+    console.print()
+    console.print(f"  [bold]Execution[/]  {escape(w.request_id[:SHORT_ID])}")
+    if t is None:
+        fn = f"function: {escape(w.function)}  " if w.function else ""
+        console.print(f"  {fn}[dim](no trace recorded)[/]")
+    else:
+        target = f"function: {escape(t.function)}" if t.function else "[dim]no function (no route)[/]"
+        console.print(f"  {escape(t.method)} {escape(t.path)}  →  {target}")
+        console.print(f"  {_time(t.started_at)} UTC  ·  {duration(t.duration_ms)}")
+        _why_spans(t)
+        color = _status_color(t.status)
+        outcome = f"{t.status} — {escape(t.error)}" if t.error else escape(status_text(t.status))
+        console.print(f"  [bold]Status[/]  [{color}]{outcome}[/]")
+    if w.cause is not None and t is not None:
+        _why_cause(w, t)
+    if w.mutations:
+        console.print("  [bold]Rows changed[/]")
+        for m in w.mutations:
+            console.print(f"    {escape(format_table(m.schema, m.table))}  {m.op}  {escape(_key_text(m))}")
+            hint = history_hint(m)
+            if hint:
+                console.print(f"      [dim]{escape(hint)}[/]")
+    for note in w.notes:
+        console.print(f"  [yellow]note:[/] {escape(note)}")
+    console.print()
+
+
+def _why_spans(t: TraceRecord) -> None:
+    roots, children = _children(t.spans)
+    # The function's own tree when it ran; the gateway is its frame, shown in `flux trace`.
+    fn = [s for s in t.spans if (s.get("attributes") or {}).get("flux.kind") == "function"]
+    start = fn[:1] or roots
+    rows = [("  " * depth, span) for _, depth, span in _walk(start, children)]
+    if rows:
+        console.print("  [bold]Spans[/]")
+        for line in _span_lines(rows, children):
+            console.print(line)
+
+
+def _why_cause(w: Why, t: TraceRecord) -> None:
+    c = w.cause
+    assert c is not None
+    failed = t.status >= 400 or t.error is not None
+    console.print("  [bold]Root cause[/]" if failed else "  [bold]Failed call[/]  [dim](handled: the request succeeded)[/]")
+    if c.error and c.label.lower() in c.error.lower():
+        what = f"[red]{escape(c.error)}[/]"  # "timeout after 3000 ms", "HTTP 429"
+    else:
+        what = f"[red]{escape(c.label)}[/]" + (f"  {escape(c.error)}" if c.error else "")
+    console.print(f"    {escape(c.span)}  {what}")
+    if c.exception and c.exception != c.error:
+        console.print(f"    {escape(c.exception)}")
+    if c.thrown_at:
+        console.print(f"    thrown at {escape(c.thrown_at)}")
+    if c.call_site and c.call_site != c.thrown_at:
+        console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
+
+
+def _arg(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+
+
+def _key_text(m: RowChange) -> str:
+    if m.op == "truncate":
+        return "every row"
+    if not m.row_key:
+        return "(no primary key)"
+    return ", ".join(f"{col} = {_arg(v)}" for col, v in m.row_key.items())
+
+
+def history_hint(m: RowChange) -> str | None:
+    """The `flux state` command that shows the row's whole history."""
+    table = shlex.quote(format_table(m.schema, m.table))
+    if m.op == "truncate" or not m.row_key:
+        return f"flux state blame {table}"
+    if len(m.row_key) == 1:
+        (value,) = m.row_key.values()
+        return f"flux state history {table} --id {shlex.quote(_arg(value))}"
+    keys = " ".join(f"--key {shlex.quote(f'{col}={_arg(v)}')}" for col, v in m.row_key.items())
+    return f"flux state history {table} {keys}"
+
+
+def render_requests(rows: list[TraceSummary]) -> None:
+    """One line per request, columns sized to their contents (lines wrap rather than clip)."""
+    if not rows:
+        console.print("[dim]No requests recorded (that match).[/]")
+        return
+    cells = [
+        (r.id[:SHORT_ID], _time(r.started_at), f"{r.method} {r.path}", r.function or "—", str(r.status),
+         duration(r.duration_ms), _clip(r.error or ""))
+        for r in rows
+    ]
+    header = ("ID", "TIME (UTC)", "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR")
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    right = {4, 5}
+
+    def line(values: tuple[str, ...], styles: tuple[str | None, ...]) -> str:
+        out = []
+        for i, (value, width, style) in enumerate(zip(values, widths, styles)):
+            text = escape(value.rjust(width) if i in right else value if i == len(values) - 1 else value.ljust(width))
+            out.append(f"[{style}]{text}[/]" if style and value else text)
+        return "  " + "  ".join(out).rstrip()
+
+    console.print(f"[dim]{line(header, (None,) * len(header))}[/]")
+    for r, c in zip(rows, cells):
+        console.print(line(c, ("bold", None, None, None, _status_color(r.status), None, "red")))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= ERROR_CLIP else text[: ERROR_CLIP - 1] + "…"

@@ -1,0 +1,320 @@
+"""The gateway: a Quart app that turns each HTTP request into one recorded execution.
+
+    request -> request_id -> tenant (API key) -> route -> body checks -> runtime -> response
+                                                                         \\-> trace record (queued)
+
+Every answer, including 401/404/413/400, carries `x-flux-request-id` and is recorded as one
+`flux.trace_requests` row. The app is built by `create_app()`; long-lived pieces (the isolate
+pools, the database pool, the trace writer) live on a `Gateway` object stored on the app and
+are started and stopped by the app's lifespan (`before_serving` / `after_serving`).
+
+Tenants see only their own traces through `GET /_flux/requests[/<id>]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import datetime, timezone
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from quart import Quart, Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from flux.gateway.traces import TraceSink, redact, redact_headers
+from flux.project import Project, Tenant
+from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
+from flux.runtime.host import Clock, FetchPolicy, Span, Transport
+from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
+from flux.store.traces import TraceRecord
+
+log = logging.getLogger("flux.gateway")
+
+REQUEST_ID_HEADER = "x-flux-request-id"
+REPLAY_HEADER = "x-flux-replay"
+API_KEY_HEADER = "x-flux-api-key"
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+
+class Functions:
+    """The project's compiled functions and their isolate pools; swapped whole on reload."""
+
+    def __init__(self, project: Project, *, pool_size: int) -> None:
+        self.project = project
+        self.compiled: dict[str, CompiledFunction] = {
+            name: compile_function(fn, memory_mb=project.limits.memory_mb) for name, fn in project.functions.items()
+        }
+        self.pools = {
+            name: IsolatePool(c, size=pool_size if c.script is not None else 0, memory_mb=project.limits.memory_mb)
+            for name, c in self.compiled.items()
+        }
+
+    @property
+    def load_errors(self) -> list[str]:
+        return [c.error for c in self.compiled.values() if c.error]
+
+    def warm(self) -> None:
+        for pool in self.pools.values():
+            pool.warm_now()
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+class Gateway:
+    """Everything a request needs, held for the app's lifetime."""
+
+    def __init__(
+        self, project: Project, *, transport: Transport, db_pool: Any | None, sink: TraceSink | None,
+        workers: int = 64, pool_size: int = 4, record: bool = True, trace_reader: Any = None,
+    ) -> None:
+        self.transport = transport
+        self.trace_reader = trace_reader  # async (tenant, request_id | None, args) -> data
+        self.db_pool = db_pool
+        self.sink = sink
+        self.record = record
+        self.workers = workers
+        self.pool_size = pool_size
+        self.functions = Functions(project, pool_size=pool_size)
+        self.executor = self._executor(project)
+        self._slots = asyncio.Semaphore(workers)
+        for error in self.functions.load_errors:
+            log.error("function failed to load: %s", error)
+
+    def _executor(self, project: Project) -> Executor:
+        return Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=self.transport,
+                        db_pool=self.db_pool)
+
+    @property
+    def project(self) -> Project:
+        return self.functions.project
+
+    def reload(self, project: Project) -> list[str]:
+        """Swap in a new version of the project; requests in flight finish on the old one."""
+        old = self.functions
+        self.functions = Functions(project, pool_size=self.pool_size)
+        self.executor = self._executor(project)
+        self.functions.warm()
+        old.close()
+        return self.functions.load_errors
+
+    async def handle(self, method: str, path: str) -> Response:
+        clock = Clock()
+        started_at = datetime.now(timezone.utc)
+        request_id = str(uuid.uuid4())
+        gateway = Span(id=new_span_id(), parent=None, name="gateway", kind="server", start=clock.now_ms(),
+                       attributes={"flux.kind": "gateway", "http.method": method, "http.target": path})
+        functions = self.functions  # one consistent version for the whole request
+        project = functions.project
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        tenant = project.tenant_for_key(_api_key(headers))
+        trace = _Trace(request_id, started_at, clock, gateway, method, path, headers, project, request.args.to_dict())
+        if tenant is None:
+            return self._reply(trace, None, None, _error(401, "missing or invalid API key",
+                               "Send the tenant's key as `Authorization: Bearer KEY` or `x-flux-api-key: KEY`."))
+        trace.tenant = tenant
+        function = project.route(method, path)
+        if function is None:
+            return self._reply(trace, tenant, None, _error(404, f"no function is routed at {method} {path}",
+                               "Routes come from [routes] in flux.toml; the default is POST /<function>."))
+        pool = functions.pools[function]
+        trace.function = functions.compiled[function]
+        limit = project.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return self._reply(trace, tenant, function, _error(413, f"the request body is over the {limit}-byte limit",
+                               "Raise [limits] max_body_bytes in flux.toml, or send less."))
+        try:
+            raw = await request.get_data(cache=False, as_text=False)
+        except RequestEntityTooLarge:
+            return self._reply(trace, tenant, function, _error(413, f"the request body is over the {limit}-byte limit",
+                               "Raise [limits] max_body_bytes in flux.toml, or send less."))
+        trace.raw_body = raw
+        try:
+            body = _parse_body(raw, headers.get("content-type", ""))
+        except ValueError as exc:
+            return self._reply(trace, tenant, function, _error(400, f"the request body is not valid JSON: {exc}",
+                               "Send a JSON body with content-type application/json."))
+        trace.body = body
+        invocation = Invocation(
+            request_id=request_id, tenant=tenant.name, secrets=tenant.secrets, parent_span=gateway.id,
+            replay=headers.get(REPLAY_HEADER, "").lower() == "true", record=self.record,
+            request={"method": method, "path": path, "query": trace.query, "body": body,
+                     "headers": {k: v for k, v in headers.items() if k not in (API_KEY_HEADER,) and not _is_flux_auth(k, v, tenant)}},
+        )
+        async with self._slots:
+            execution = await self.executor.run(pool, invocation)
+        return self._reply(trace, tenant, function, execution)
+
+    def _reply(self, trace: _Trace, tenant: Tenant | None, function: str | None, execution: Execution) -> Response:
+        status = execution.status
+        headers = dict(execution.headers)
+        headers[REQUEST_ID_HEADER] = trace.request_id
+        secrets = tenant.secrets if tenant else {}
+        body = execution.body
+        if execution.error is not None:
+            body = redact({**body, "request_id": trace.request_id}, secrets)  # Flux's own error bodies
+        if isinstance(body, str):
+            payload = body.encode()
+            headers.setdefault("content-type", "text/plain; charset=utf-8")
+        elif body is None and status in (204, 304):
+            payload = b""
+        else:
+            payload = orjson.dumps(body)
+            headers.setdefault("content-type", "application/json")
+        if self.sink is not None and self.record:
+            self.sink.submit(trace.record(execution, function, status, headers, payload, secrets))
+        return Response(payload, status=status, headers=headers)
+
+
+class _Trace:
+    """What the gateway learns about a request as it goes, turned into one TraceRecord at the end."""
+
+    def __init__(self, request_id: str, started_at: datetime, clock: Clock, span: Span, method: str, path: str,
+                 headers: dict[str, str], project: Project, query: dict[str, str]) -> None:
+        self.request_id = request_id
+        self.started_at = started_at
+        self.clock = clock
+        self.span = span
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.project = project
+        self.query = query
+        self.tenant: Tenant | None = None
+        self.function: CompiledFunction | None = None
+        self.raw_body: bytes | None = None
+        self.body: Any = None
+
+    def record(self, execution: Execution, function: str | None, status: int, headers: dict[str, str],
+               payload: bytes, secrets: dict[str, str]) -> TraceRecord:
+        span = self.span
+        span.duration_ms = self.clock.now_ms() - span.start
+        span.attributes["http.status_code"] = status
+        if self.tenant is not None:
+            span.attributes["flux.tenant"] = self.tenant.name
+        if status >= 500 or function is None or status in (400, 401, 413):
+            span.status = "error"
+            span.error = execution.error
+        if function is None or execution.spans and execution.spans[0].get("parent") != span.id:
+            spans = [span.to_dict()]
+        else:
+            spans = [span.to_dict(), *execution.spans]
+        limit = self.project.limits.record_body_bytes
+        record = {
+            "spans": spans,
+            "request": {"headers": redact_headers(self.headers), "query": self.query, **_body_record(self.raw_body, self.body, limit)},
+            "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit)},
+            "recording": execution.recording,
+            "error": execution.error,
+        }
+        record = redact(record, secrets)
+        return TraceRecord(
+            id=self.request_id, tenant=self.tenant.name if self.tenant else None, function=function,
+            method=self.method, path=self.path, status=status, duration_ms=round(span.duration_ms, 3),
+            started_at=self.started_at, error=record["error"], spans=record["spans"], request=record["request"],
+            response=record["response"], recording=record["recording"],
+            code_version=self.function.function.code_version if self.function else None,
+            git_commit=self.project.git_commit if self.function else None, replay_of=None,
+        )
+
+
+def _body_record(raw: bytes | None, parsed: Any, limit: int) -> dict[str, Any]:
+    if raw is None:
+        return {"body": None, "body_truncated": False, "body_bytes": 0}
+    if len(raw) > limit:
+        return {"body": raw[:limit].decode("utf-8", "replace"), "body_truncated": True, "body_bytes": len(raw)}
+    if parsed is None and raw:
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            parsed = raw.decode("utf-8", "replace")
+    return {"body": parsed, "body_truncated": False, "body_bytes": len(raw)}
+
+
+def _api_key(headers: dict[str, str]) -> str | None:
+    if headers.get(API_KEY_HEADER):
+        return headers[API_KEY_HEADER]
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def _is_flux_auth(name: str, value: str, tenant: Tenant) -> bool:
+    return name == "authorization" and value[7:].strip() in tenant.api_keys
+
+
+def _parse_body(raw: bytes, content_type: str) -> Any:
+    if not raw:
+        return None
+    if "json" in content_type or not content_type:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(str(exc).split(":")[0]) from None
+    return raw.decode("utf-8", "replace")
+
+
+def _error(status: int, message: str, hint: str) -> Execution:
+    return Execution(status=status, headers={}, body={"error": message, "hint": hint, "status": HTTPStatus(status).phrase},
+                     error=message)
+
+
+def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = None) -> Quart:
+    """The Quart app for a Gateway. `on_startup` / `on_shutdown` are awaited in the app's lifespan."""
+    app = Quart("flux")
+    app.config["MAX_CONTENT_LENGTH"] = gateway.project.limits.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    app.extensions["flux"] = gateway
+
+    @app.before_serving
+    async def _start() -> None:
+        gateway.functions.warm()
+        if on_startup is not None:
+            await on_startup()
+
+    @app.after_serving
+    async def _stop() -> None:
+        if on_shutdown is not None:
+            await on_shutdown()
+        gateway.functions.close()
+
+    @app.get("/_flux/health")
+    async def _health() -> Response:
+        return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled),
+                                      "load_errors": gateway.functions.load_errors}), content_type="application/json")
+
+    @app.get("/_flux/requests")
+    async def _requests() -> Response:
+        return await _tenant_traces(gateway, None)
+
+    @app.get("/_flux/requests/<request_id>")
+    async def _request(request_id: str) -> Response:
+        return await _tenant_traces(gateway, request_id)
+
+    @app.route("/", defaults={"path": ""}, methods=_METHODS)
+    @app.route("/<path:path>", methods=_METHODS)
+    async def _function(path: str) -> Response:
+        return await gateway.handle(request.method, "/" + path)
+
+    return app
+
+
+async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
+    """A tenant's own traces, by API key; never another tenant's."""
+    from flux.errors import FluxError
+
+    tenant = gateway.project.tenant_for_key(_api_key({k.lower(): v for k, v in request.headers.items()}))
+    if tenant is None:
+        return Response(orjson.dumps({"error": "missing or invalid API key"}), status=401, content_type="application/json")
+    reader = gateway.trace_reader
+    if reader is None:
+        return Response(orjson.dumps({"error": "traces are not stored (no database)"}), status=404, content_type="application/json")
+    try:
+        data = await reader(tenant.name, request_id, request.args.to_dict())
+    except FluxError as exc:
+        status = 404 if type(exc).__name__ == "NotFoundError" else 400
+        return Response(orjson.dumps({"error": exc.message, "hint": exc.hint}), status=status, content_type="application/json")
+    return Response(orjson.dumps(data, default=str), content_type="application/json")

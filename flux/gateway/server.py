@@ -1,0 +1,154 @@
+"""Serving a project: the database pool, the trace writer, hypercorn, reload, and clean shutdown.
+
+`serve()` is the one loop of the gateway process. It owns the order of start and stop:
+
+    schema -> db pool -> trace writer -> app (isolate pools warm) -> hypercorn ... signal
+    -> stop accepting -> finish requests in flight -> drain traces -> close pools
+
+One process, one asyncio loop. `workers` bounds how many function executions run at the
+same time (each in its own isolate, on its own V8 thread); requests beyond that wait for a
+slot. `pool_size` is the number of warm isolates kept per function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from psycopg_pool import AsyncConnectionPool
+
+from flux.errors import ConfigError, from_psycopg
+from flux.gateway.app import Gateway, create_app
+from flux.gateway.traces import TraceWriter
+from flux.project import Project, load_project
+from flux.runtime.host import HttpxTransport
+
+log = logging.getLogger("flux.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    root: Path
+    dsn: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 64
+    pool_size: int = 4
+    record: bool = True
+    reload: bool = False
+    drain_timeout: float = 10.0
+
+
+def ensure_store(dsn: str) -> None:
+    from flux.store.schema import ensure_schema
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ensure_schema(conn)
+    except psycopg.Error as exc:
+        raise from_psycopg(exc, "Could not prepare the flux schema", hint="Check --database / FLUX_DATABASE_URL.") from exc
+
+
+def trace_reader(dsn: str) -> Callable[[str, str | None, dict[str, str]], Awaitable[Any]]:
+    """Tenant-scoped reads for GET /_flux/requests, run in a thread on a short-lived connection."""
+    from datetime import timedelta
+
+    from flux.store import traces
+
+    def read(tenant: str, request_id: str | None, args: dict[str, str]) -> Any:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            if request_id is not None:
+                return traces.get_trace(conn, request_id, tenant=tenant)
+            since = args.get("since_seconds")
+            return traces.list_traces(
+                conn, tenant=tenant, function=args.get("function"), status=args.get("status"),
+                since=timedelta(seconds=float(since)) if since else None, limit=min(int(args.get("limit", 50)), 500),
+            )
+
+    async def reader(tenant: str, request_id: str | None, args: dict[str, str]) -> Any:
+        return await asyncio.to_thread(read, tenant, request_id, args)
+
+    return reader
+
+
+async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
+    """A started Gateway and the coroutine function that stops it (drains traces, closes pools)."""
+    db_pool = AsyncConnectionPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
+                                  kwargs={"autocommit": False})
+    try:
+        await db_pool.open(wait=True, timeout=15)
+    except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged
+        raise ConfigError(f"Could not connect to the database: {exc}", hint="Check --database / FLUX_DATABASE_URL.") from exc
+    writer = TraceWriter(config.dsn) if config.record else None
+    if writer is not None:
+        await writer.start()
+    transport = HttpxTransport()
+    gateway = Gateway(project, transport=transport, db_pool=db_pool, sink=writer, workers=config.workers,
+                      pool_size=config.pool_size, record=config.record, trace_reader=trace_reader(config.dsn))
+
+    async def stop() -> None:
+        if writer is not None:
+            try:
+                await asyncio.wait_for(writer.close(), config.drain_timeout)
+            except TimeoutError:
+                log.error("gave up draining traces after %.0fs: %d records not written", config.drain_timeout,
+                          writer._queue.qsize())
+        await transport.aclose()
+        await db_pool.close()
+
+    return gateway, stop
+
+
+async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
+    ensure_store(config.dsn)
+    project = load_project(config.root)
+    gateway, stop = await build(config, project)
+    app = create_app(gateway, on_shutdown=stop)
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, shutdown.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    hc = HypercornConfig()
+    hc.bind = [f"{config.host}:{config.port}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = max(1.0, project.limits.timeout_ms / 1000 + 1)
+    watcher = asyncio.create_task(_watch(gateway, shutdown)) if config.reload else None
+    if on_ready is not None:
+        loop.call_soon(on_ready, f"http://{config.host}:{config.port}")
+    try:
+        await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.5) -> None:
+    """Reload functions and flux.toml when their files change (flux dev)."""
+    seen = gateway.project.fingerprint()
+    while not shutdown.is_set():
+        await asyncio.sleep(interval)
+        current = gateway.project.fingerprint()
+        if current == seen:
+            continue
+        seen = current
+        try:
+            project = load_project(gateway.project.root)
+        except ConfigError as exc:
+            log.error("not reloaded: %s%s", exc, f" (hint: {exc.hint})" if exc.hint else "")
+            continue
+        errors = gateway.reload(project)
+        log.info("reloaded %d function(s)%s", len(project.functions), f"; {len(errors)} failed to load" if errors else "")
+        for error in errors:
+            log.error("function failed to load: %s", error)

@@ -1,0 +1,137 @@
+"""Trace records off the response path: redaction, and the batching writer.
+
+`redact()` is applied once to the whole record (spans, tape, request, response, error), so
+no per-field rule can let a secret slip through: every string that contains a secret's value
+gets `[secret:NAME]` in its place. Sensitive headers (authorization, cookies, API keys) are
+replaced by `[redacted]` before that.
+
+`TraceWriter` takes records from the gateway with `submit()` (never awaits, never blocks a
+response) and writes them in batches, one round trip per batch. `close()` drains the queue.
+What a hard crash can lose: the records still queued, at most `max_queue`, typically the
+last `flush_interval` seconds of requests. A full queue (the database is down or too slow)
+drops new records with an error log that counts them; it never slows responses down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+import psycopg
+
+from flux.errors import from_psycopg
+from flux.store.traces import TraceRecord, insert_traces_async
+
+log = logging.getLogger("flux.gateway")
+
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-flux-api-key", "x-api-key"})
+
+
+def redact_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {k: ("[redacted]" if k.lower() in SENSITIVE_HEADERS else v) for k, v in headers.items()}
+
+
+def redact(value: Any, secrets: dict[str, str]) -> Any:
+    """`value` with every secret value replaced by `[secret:NAME]`, in keys and strings at any depth."""
+    if not secrets:
+        return value
+    # Longest first, so a secret that contains another is replaced whole.
+    pairs = sorted(((v, f"[secret:{k}]") for k, v in secrets.items() if v), key=lambda p: -len(p[0]))
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            for secret, label in pairs:
+                if secret in v:
+                    v = v.replace(secret, label)
+            return v
+        if isinstance(v, dict):
+            return {walk(k): walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(value)
+
+
+class TraceSink(Protocol):
+    def submit(self, record: TraceRecord) -> None: ...
+
+
+class TraceWriter:
+    """Batches trace records into `flux.trace_requests` from one background task."""
+
+    def __init__(self, dsn: str, *, batch_size: int = 500, flush_interval: float = 0.05, max_queue: int = 20_000) -> None:
+        self.dsn = dsn
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self._queue: asyncio.Queue[TraceRecord] = asyncio.Queue(maxsize=max_queue)
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.written = 0
+        self.dropped = 0
+        self._last_drop_log = 0.0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="flux-trace-writer")
+
+    def submit(self, record: TraceRecord) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if time.monotonic() - self._last_drop_log > 5:
+                self._last_drop_log = time.monotonic()
+                log.error("trace queue full: %d trace records dropped so far (is the database reachable?)", self.dropped)
+
+    async def flushed(self) -> None:
+        """Wait until everything submitted so far is written (for tests and the bench)."""
+        await self._queue.join()
+
+    async def close(self) -> None:
+        """Write everything queued, then stop."""
+        self._closing = True
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        if self.dropped:
+            log.error("%d trace records were dropped because the queue was full", self.dropped)
+
+    async def _run(self) -> None:
+        conn: psycopg.AsyncConnection | None = None
+        delay = 0.2
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.flush_interval
+            while len(batch) < self.batch_size:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except TimeoutError:
+                    break
+            while True:
+                try:
+                    if conn is None or conn.closed:
+                        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                    await insert_traces_async(conn, batch)
+                    self.written += len(batch)
+                    delay = 0.2
+                    break
+                except psycopg.Error as exc:
+                    error = from_psycopg(exc, "writing trace records failed")
+                    log.warning("%s; retrying %d records in %.1fs", error, len(batch), delay)
+                    if conn is not None:
+                        await conn.close()
+                        conn = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            for _ in batch:
+                self._queue.task_done()

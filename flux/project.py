@@ -1,0 +1,263 @@
+"""A Flux project on disk: `flux.toml` plus `functions/*.js`, resolved once into frozen config.
+
+This module reads files and environment variables and nothing else: it does not compile
+JavaScript (that is `flux.runtime.isolate`) and it does not serve anything. A function's
+source is read when the project is loaded; `Project.reload()` returns a new Project, so a
+request in flight keeps the code it started with.
+
+Config errors name the file and the key, with a hint. Function *syntax* errors are not config
+errors: the project still loads, the broken function is reported, and its route answers 500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flux.errors import ConfigError
+
+CONFIG_FILE = "flux.toml"
+FUNCTIONS_DIR = "functions"
+DEFAULT_TENANT = "default"
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    timeout_ms: int = 5000
+    memory_mb: int = 128
+    max_body_bytes: int = 1024 * 1024
+    record_body_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    allow: tuple[str, ...] | None = None  # None: every host is allowed
+    timeout_ms: int = 10_000
+    tools: dict[str, str] = field(default_factory=dict)  # host or host:port -> tool name
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    api_keys: tuple[str, ...] = ()
+    secrets: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    name: str
+    path: Path
+    source: str
+    code_version: str  # sha256 of the source, 16 hex chars
+
+    @property
+    def display_path(self) -> str:
+        return f"{FUNCTIONS_DIR}/{self.path.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    root: Path
+    name: str
+    functions: dict[str, Function]
+    routes: dict[tuple[str, str], str]  # (METHOD, /path) -> function name
+    limits: Limits
+    fetch: FetchConfig
+    tenants: dict[str, Tenant]
+    git_commit: str | None
+    setup_sql: Path | None = None
+
+    @property
+    def requires_api_key(self) -> bool:
+        return any(t.api_keys for t in self.tenants.values())
+
+    def tenant_for_key(self, key: str | None) -> Tenant | None:
+        if not self.requires_api_key:
+            return self.tenants[DEFAULT_TENANT]
+        if not key:
+            return None
+        for tenant in self.tenants.values():
+            if key in tenant.api_keys:
+                return tenant
+        return None
+
+    def route(self, method: str, path: str) -> str | None:
+        return self.routes.get((method.upper(), path.rstrip("/") or "/"))
+
+    def reload(self) -> Project:
+        return load_project(self.root)
+
+    def fingerprint(self) -> tuple:
+        """Changes whenever flux.toml or a function file changes; `flux dev` polls it."""
+        files = [self.root / CONFIG_FILE, *sorted((self.root / FUNCTIONS_DIR).glob("*.js"))]
+        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    here = (start or Path.cwd()).resolve()
+    for directory in [here, *here.parents]:
+        if (directory / CONFIG_FILE).is_file():
+            return directory
+    raise ConfigError(
+        f"No {CONFIG_FILE} in {here} or its parents",
+        hint="Run `flux init` to create a project, or cd into one.",
+    )
+
+
+def load_project(root: Path) -> Project:
+    root = root.resolve()
+    config_path = root / CONFIG_FILE
+    try:
+        config = tomllib.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"No {CONFIG_FILE} in {root}", hint="Run `flux init` to create a project.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path} is not valid TOML: {exc}", hint="Fix the file and retry.") from None
+    where = str(config_path)
+    functions = _load_functions(root)
+    routes = _routes(config.get("routes", {}), functions, where)
+    shared_secrets = _secrets(config.get("secrets", {}), where, "secrets")
+    tenants = _tenants(config.get("tenants", {}), shared_secrets, where)
+    dev = _table(config, "dev", where)
+    setup_sql = root / dev["setup_sql"] if dev.get("setup_sql") else None
+    return Project(
+        root=root,
+        name=str(_table(config, "project", where).get("name", root.name)),
+        functions=functions,
+        routes=routes,
+        limits=_limits(_table(config, "limits", where), where),
+        fetch=_fetch(_table(config, "fetch", where), _table(config, "tools", where), where),
+        tenants=tenants,
+        git_commit=git_commit(root),
+        setup_sql=setup_sql,
+    )
+
+
+def _table(config: dict, key: str, where: str) -> dict:
+    value = config.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] in {where} must be a table", hint=f"Write it as [{key}] with key = value lines.")
+    return value
+
+
+def _load_functions(root: Path) -> dict[str, Function]:
+    functions = {}
+    for path in sorted((root / FUNCTIONS_DIR).glob("*.js")):
+        name = path.stem
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"Function file name {path.name} is not a valid function name",
+                hint="Use letters, digits, _ and -, starting with a letter.", file=str(path),
+            )
+        source = path.read_text()
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        functions[name] = Function(name=name, path=path, source=source, code_version=digest)
+    return functions
+
+
+def _routes(table: dict, functions: dict[str, Function], where: str) -> dict[tuple[str, str], str]:
+    routes = {("POST", f"/{name}"): name for name in functions}
+    for spec, target in table.items():
+        method, _, path = str(spec).strip().partition(" ")
+        method = method.upper()
+        path = path.strip()
+        if method not in _METHODS or not path.startswith("/"):
+            raise ConfigError(
+                f'Route "{spec}" in {where} is not "METHOD /path"', hint='Write routes like "POST /signup" = "create_user".'
+            )
+        if target not in functions:
+            raise ConfigError(
+                f'Route "{spec}" points at function "{target}", which has no file',
+                hint=f"Create {FUNCTIONS_DIR}/{target}.js or fix the route.", file=where,
+            )
+        routes[(method, path.rstrip("/") or "/")] = str(target)
+    return routes
+
+
+def _positive_int(table: dict, key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key} in {where} must be a positive integer, not {value!r}", hint=f"For example: {key} = {default}")
+    return value
+
+
+def _limits(table: dict, where: str) -> Limits:
+    d = Limits()
+    return Limits(
+        timeout_ms=_positive_int(table, "timeout_ms", d.timeout_ms, where),
+        memory_mb=_positive_int(table, "memory_mb", d.memory_mb, where),
+        max_body_bytes=_positive_int(table, "max_body_bytes", d.max_body_bytes, where),
+        record_body_bytes=_positive_int(table, "record_body_bytes", d.record_body_bytes, where),
+    )
+
+
+def _fetch(table: dict, tools: dict, where: str) -> FetchConfig:
+    allow = table.get("allow")
+    if allow is not None and (not isinstance(allow, list) or not all(isinstance(h, str) for h in allow)):
+        raise ConfigError(f"[fetch] allow in {where} must be a list of hosts", hint='For example: allow = ["api.stripe.com"]')
+    return FetchConfig(
+        allow=tuple(h.lower() for h in allow) if allow is not None else None,
+        timeout_ms=_positive_int(table, "timeout_ms", FetchConfig().timeout_ms, where),
+        tools={str(host).lower(): str(tool) for host, tool in tools.items()},
+    )
+
+
+def _secrets(table: Any, where: str, key: str) -> dict[str, str]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{key}] in {where} must be a table", hint="NAME = \"value\" or NAME = { env = \"VAR\" }")
+    secrets = {}
+    for name, spec in table.items():
+        if isinstance(spec, str):
+            value = spec
+        elif isinstance(spec, dict) and isinstance(spec.get("env"), str):
+            value = os.environ.get(spec["env"])
+            if value is None:
+                raise ConfigError(
+                    f"Secret {name} reads ${spec['env']}, which is not set",
+                    hint=f"export {spec['env']}=... before starting Flux.", file=where,
+                )
+        else:
+            raise ConfigError(f"Secret {name} in [{key}] must be a string or {{ env = \"VAR\" }}", hint="See README: Secrets.")
+        if not value:
+            raise ConfigError(f"Secret {name} in [{key}] is empty", hint="An empty secret cannot be redacted; give it a value.")
+        secrets[str(name)] = value
+    return secrets
+
+
+def _tenants(table: dict, shared: dict[str, str], where: str) -> dict[str, Tenant]:
+    if not table:
+        return {DEFAULT_TENANT: Tenant(DEFAULT_TENANT, (), dict(shared))}
+    tenants = {}
+    seen_keys: dict[str, str] = {}
+    for name, spec in table.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"[tenants.{name}] in {where} must be a table", hint='api_keys = ["..."]')
+        keys = spec.get("api_keys", [])
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+            raise ConfigError(f"tenants.{name}.api_keys in {where} must be a list of strings", hint='api_keys = ["..."]')
+        for key in keys:
+            if key in seen_keys:
+                raise ConfigError(f"An API key is shared by tenants {seen_keys[key]} and {name}", hint="Give each tenant its own keys.")
+            seen_keys[key] = name
+        secrets = {**shared, **_secrets(spec.get("secrets", {}), where, f"tenants.{name}.secrets")}
+        tenants[str(name)] = Tenant(str(name), tuple(keys), secrets)
+    return tenants
+
+
+def git_commit(root: Path) -> str | None:
+    """HEAD of the git repository holding `root`, or None when it is not one (or git is absent)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

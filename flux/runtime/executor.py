@@ -1,0 +1,332 @@
+"""Run one request in one fresh isolate: the runtime's core loop.
+
+    start the handler -> drain the outbox -> run host calls -> settle them -> ... -> result
+
+The loop runs under the request's deadline. Every isolate call is `eval_cancelable`; when
+the deadline passes the isolate is closed (that also stops JS spinning in a microtask), the
+database transaction is cancelled and rolled back, and the request ends with 504. An
+out-of-memory isolate ends its own request with 500. Neither touches any other request.
+
+The result carries the function's span (with its step children and client spans), the
+replay tape and the response. The executor does not redact secrets and does not write
+traces: the gateway does both, once, on the whole record.
+
+Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v1:
+    {"v": 1, "truncated": bool, "entropy": hex, "events": [[seq, kind, data], ...]}
+`seq` is one counter over everything the function observed, in order. Kinds: "now" (ms),
+"random" (float), "uuid" (str), "random_bytes" (hex), "db" ({sql, params, result | error}),
+"fetch" ({url, method, headers, body, status, response_headers, response_body} or
+{url, method, error, timeout}), "timer" (ms). `entropy` is the part of the host-supplied randomness
+that crypto.randomUUID and getRandomValues consumed, in order (hex).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets as secrets_module
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from py_mini_racer import JSEvalException, JSOOMException
+
+from flux.project import Limits
+from flux.runtime.host import (
+    Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, as_text, db_span_name,
+)
+from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
+
+log = logging.getLogger("flux.runtime")
+
+RECORDING_VERSION = 1
+ENTROPY_BYTES = 4096
+
+
+@dataclass(slots=True)
+class Execution:
+    status: int
+    headers: dict[str, str]
+    body: Any
+    error: str | None = None
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    recording: dict[str, Any] | None = None
+    db_outcome: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    request_id: str
+    tenant: str
+    request: dict[str, Any]  # {method, path, query, headers, body}
+    secrets: dict[str, str]
+    parent_span: str | None
+    replay: bool = False
+    record: bool = True
+
+
+def new_span_id() -> str:
+    return secrets_module.token_hex(8)
+
+
+def _eval_arg(value: Any) -> str:
+    """A JSON document as a JS string literal, for JSON.parse on the JS side (never an object literal)."""
+    return orjson.dumps(orjson.dumps(value).decode()).decode()
+
+
+class Executor:
+    def __init__(
+        self, *, limits: Limits, fetch_policy: FetchPolicy, transport: Transport, db_pool: Any | None
+    ) -> None:
+        self.limits = limits
+        self.fetch_policy = fetch_policy
+        self.transport = transport
+        self.db_pool = db_pool
+
+    async def run(self, pool: IsolatePool, call: Invocation) -> Execution:
+        compiled = pool.compiled
+        clock = Clock()
+        span = Span(id=new_span_id(), parent=call.parent_span, name=compiled.name, kind="internal",
+                    start=clock.now_ms(), attributes={"flux.kind": "function", "code.filepath": compiled.function.display_path,
+                                                      "flux.code_version": compiled.function.code_version})
+        if compiled.script is None:
+            return self._finish_error(span, clock, 500, "FunctionLoadError", compiled.error or "the function did not load", "")
+        run = _Run(self, compiled, call, span, clock)
+        isolate = await pool.acquire()
+        span.attributes["flux.isolate_acquire_ms"] = round(pool.acquire_times[-1] * 1000, 3)
+        try:
+            async with asyncio.timeout(self.limits.timeout_ms / 1000):
+                done, result = await run.loop(isolate)
+        except TimeoutError:
+            isolate.close()  # stops JS even mid-microtask; the isolate is never reused anyway
+            await run.cancel()
+            return self._finish_error(
+                span, clock, 504, "TimeoutError", f"the function exceeded its time limit ({self.limits.timeout_ms} ms)", "",
+                run=run,
+            )
+        except JSOOMException:
+            isolate.close()
+            await run.cancel()
+            return self._finish_error(
+                span, clock, 500, "MemoryLimitExceeded", f"the function exceeded its memory limit ({self.limits.memory_mb} MB)",
+                "", run=run,
+            )
+        except _Stuck as exc:
+            isolate.close()
+            await run.cancel()
+            return self._finish_error(span, clock, 500, "FunctionStuck", str(exc), "", run=run)
+        except JSEvalException as exc:
+            isolate.close()
+            await run.cancel()
+            return self._finish_error(span, clock, 500, type(exc).__name__, str(exc).strip().splitlines()[0], "", run=run)
+        pool.release(isolate)
+        run.absorb(result)
+        if not done["ok"]:
+            await run.cancel()
+            error = done["error"]
+            status = 500
+            return self._finish_error(span, clock, status, error.get("name", "Error"), error.get("message", ""),
+                                      error.get("stack", ""), run=run)
+        try:
+            status, headers, body = _response(orjson.loads(done["value"]))
+        except ValueError as exc:
+            await run.cancel()
+            return self._finish_error(span, clock, 500, "InvalidResponse", str(exc), "", run=run)
+        await run.cancel_inflight()
+        try:
+            await run.db.finish(commit=True)
+        except HostCallError as exc:
+            return self._finish_error(span, clock, 500, "DatabaseError", str(exc), "", run=run)
+        span.duration_ms = clock.now_ms() - span.start
+        span.attributes["db.transaction"] = run.db.outcome if run.db.statements else None
+        span.attributes = {k: v for k, v in span.attributes.items() if v is not None}
+        return Execution(status=status, headers=headers, body=body, spans=run.spans(),
+                         recording=run.recording(), db_outcome=run.db.outcome if run.db.statements else None)
+
+    def _finish_error(self, span: Span, clock: Clock, status: int, name: str, message: str, stack: str,
+                      *, run: _Run | None = None) -> Execution:
+        span.status = "error"
+        summary = message if name in ("Error", "") else f"{name}: {message}"
+        span.error = summary
+        span.events.append({"name": "exception", "time": clock.now_ms(), "attributes": {
+            "exception.type": name, "exception.message": message, "exception.stacktrace": stack}})
+        span.duration_ms = clock.now_ms() - span.start
+        if run is not None:
+            span.attributes["db.transaction"] = run.db.outcome if run.db.statements else None
+            span.attributes = {k: v for k, v in span.attributes.items() if v is not None}
+        body = {"error": summary, "type": name}
+        if stack:
+            body["stack"] = stack
+        return Execution(status=status, headers={}, body=body, error=summary,
+                         spans=run.spans() if run else [span.to_dict()],
+                         recording=run.recording() if run else None,
+                         db_outcome=run.db.outcome if run and run.db.statements else None)
+
+
+class _Stuck(Exception):
+    pass
+
+
+def _response(value: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    status = value.get("status", 200)
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+        raise ValueError(f"the handler returned status {status!r}; it must be an integer from 100 to 599")
+    headers = value.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise ValueError("the handler returned headers that are not an object of name: value")
+    return status, {str(k): str(v) for k, v in headers.items()}, value.get("body")
+
+
+class _Run:
+    """The state of one execution: in-flight host calls, the client spans and the tape."""
+
+    def __init__(self, executor: Executor, compiled: CompiledFunction, call: Invocation, span: Span, clock: Clock) -> None:
+        self.x = executor
+        self.compiled = compiled
+        self.call = call
+        self.span = span
+        self.clock = clock
+        self.entropy = os.urandom(ENTROPY_BYTES).hex()
+        self.db = DbSession(executor.db_pool, {
+            "request_id": call.request_id, "tenant": call.tenant, "function": compiled.name,
+            **({"replay": True} if call.replay else {}),
+        })
+        self.inflight: dict[asyncio.Task, int] = {}
+        self.client_spans: list[Span] = []
+        self.host_events: list[list[Any]] = []
+        self.js: dict[str, Any] = {"tape": [], "truncated": False, "spans": [], "events": []}
+
+    async def loop(self, isolate: Isolate) -> tuple[dict[str, Any], dict[str, Any]]:
+        start = {
+            "entropy": self.entropy, "span_id": self.span.id, "file": self.compiled.function.display_path,
+            "request": self.call.request, "request_id": self.call.request_id, "tenant": self.call.tenant,
+            "function": self.compiled.name, "replay": self.call.replay, "secrets": self.call.secrets,
+        }
+        out = orjson.loads(await isolate.eval_cancelable(f"__flux_start({_eval_arg(start)})"))
+        drained = False  # start's answer predates the microtasks it queued
+        while True:
+            for call_id, op, args, parent, seq, site in out["calls"]:
+                task = asyncio.ensure_future(self._host_call(op, args, parent, seq, site))
+                self.inflight[task] = call_id
+            if out["done"] is not None:
+                return out["done"], out["result"]
+            if not self.inflight:
+                if not drained:
+                    out, drained = orjson.loads(await isolate.eval_cancelable("__flux_drain()")), True
+                    continue
+                raise _Stuck("the function is awaiting a Promise that nothing will settle")
+            finished, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
+            settled = []
+            for task in finished:
+                call_id = self.inflight.pop(task)
+                ok, value = task.result()
+                settled.append([call_id, ok, value])
+            await isolate.eval_cancelable(f"__flux_settle({_eval_arg(settled)})")
+            out, drained = orjson.loads(await isolate.eval_cancelable("__flux_drain()")), True
+
+    async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
+        if op == "timer":
+            await asyncio.sleep(args["ms"] / 1000)
+            self.host_events.append([seq, "timer", args["ms"]])
+            return True, None
+        span = Span(id=new_span_id(), parent=parent or self.span.id, name=op, kind="client", start=self.clock.now_ms())
+        if site:
+            span.attributes["code.location"] = site
+        self.client_spans.append(span)
+        try:
+            if op == "db":
+                return True, await self._db(span, args, seq)
+            if op == "fetch":
+                return True, await self._fetch(span, args, seq)
+            raise HostCallError({"name": "TypeError", "message": f"unknown ctx operation {op!r}"})
+        except HostCallError as exc:
+            span.status = "error"
+            span.error = exc.info.get("message")
+            return False, exc.info
+        except asyncio.CancelledError:
+            span.attributes["flux.abandoned"] = True  # the request ended before this call did
+            raise
+        finally:
+            span.duration_ms = self.clock.now_ms() - span.start
+
+    async def _db(self, span: Span, args: dict[str, Any], seq: int) -> Any:
+        sql, params = args["sql"], args["params"]
+        span.name = db_span_name(sql)
+        span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": sql})
+        event: dict[str, Any] = {"sql": sql, "params": params}
+        self.host_events.append([seq, "db", event])
+        try:
+            result = await self.db.query(sql, params)
+        except HostCallError as exc:
+            event["error"] = exc.info
+            if exc.info.get("sqlstate"):
+                span.attributes["db.sqlstate"] = exc.info["sqlstate"]
+            raise
+        span.attributes["db.rows"] = result["rowCount"]
+        event["result"] = result
+        return result
+
+    async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
+        url, method = args["url"], args["method"]
+        span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
+        event: dict[str, Any] = {"url": url, "method": method, "headers": args["headers"], "body": args["body"]}
+        self.host_events.append([seq, "fetch", event])
+        try:
+            host, hostport = self.x.fetch_policy.check(url)
+        except HostCallError as exc:
+            event["error"] = exc.info["message"]
+            raise
+        span.name = self.x.fetch_policy.span_name(url, host, hostport, args.get("name"))
+        timeout_ms = args.get("timeout_ms") or self.x.fetch_policy.config.timeout_ms
+        try:
+            result = await self.x.transport.send(method, url, args["headers"], args["body"], timeout_ms / 1000)
+        except TimeoutError:
+            span.attributes["timeout"] = True
+            event.update(error="timeout", timeout=True)
+            raise HostCallError({"name": "TimeoutError", "message": f"{span.name}: no response within {timeout_ms} ms",
+                                 "timeout": True}) from None
+        except OSError as exc:
+            event.update(error=str(exc), timeout=False)
+            raise HostCallError({"name": "FetchError", "message": f"{span.name}: {exc}"}) from None
+        span.attributes["http.status_code"] = result.status
+        if result.status >= 400:
+            span.status = "error"
+            span.error = f"HTTP {result.status} {result.reason}".strip()
+        body, truncated = as_text(result.body)
+        event.update(status=result.status, response_headers=result.headers, response_body=body,
+                     **({"response_truncated": True} if truncated else {}))
+        return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": result.url}
+
+    def absorb(self, result: dict[str, Any]) -> None:
+        self.js = result
+
+    async def cancel_inflight(self) -> None:
+        for task in self.inflight:
+            task.cancel()
+        for task in list(self.inflight):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 -- abandoned calls: outcome no longer matters
+                pass
+        self.inflight.clear()
+
+    async def cancel(self) -> None:
+        await self.cancel_inflight()
+        await self.db.abort()
+
+    def spans(self) -> list[dict[str, Any]]:
+        out = [self.span.to_dict()]
+        self.span.events.extend(self.js.get("events", []))
+        out[0]["events"] = self.span.events
+        out.extend(self.js.get("spans", []))
+        out.extend(s.to_dict() for s in sorted(self.client_spans, key=lambda s: s.start))
+        return out
+
+    def recording(self) -> dict[str, Any] | None:
+        if not self.call.record:
+            return None
+        events = sorted([*self.js.get("tape", []), *self.host_events], key=lambda e: e[0])
+        # Only the entropy the function consumed: replay supplies the same bytes in the same order.
+        return {"v": RECORDING_VERSION, "truncated": bool(self.js.get("truncated")),
+                "entropy": self.js.get("entropy_used", ""), "events": events}

@@ -1,0 +1,332 @@
+// Flux runtime prelude: evaluated once in every fresh isolate, before the function's own code.
+//
+// It owns the JS half of the host bridge and of the recording. JS never calls Python: ctx calls
+// push [callId, op, args, parentSpanId, seq, callsite] onto an outbox and return a Promise;
+// the host drains the outbox with __flux_drain(), runs the calls, and settles them with
+// __flux_settle(). Every eval is cancelable, so a spinning function can always be stopped.
+//
+// Non-determinism the function observes (Date, Math.random, crypto) is recorded on a tape with
+// one sequence counter shared with host calls, so the replay engine knows the order of all of it.
+// Span timing and ids use the real, unrecorded clock and generator.
+(function () {
+  "use strict";
+  const g = globalThis;
+  const RealDate = Date;
+  const realNow = RealDate.now.bind(RealDate);
+  const realRandom = Math.random.bind(Math);
+  const MAX_TAPE_EVENTS = 10000;
+
+  const outbox = [];
+  const pending = new Map();
+  const tape = [];
+  const spans = [];          // finished step spans
+  const functionEvents = []; // ctx.log / console events on the function span
+  const openSteps = [];
+  let truncated = false;
+  let nextCall = 1;
+  let seq = 0;
+  let entropy = "";
+  let entropyAt = 0;
+  let functionSpanId = null;
+  let fileName = "";
+  let done = null;
+  let started = false;
+
+  function record(kind, value) {
+    const s = seq++;
+    if (tape.length < MAX_TAPE_EVENTS) tape.push([s, kind, value]);
+    else truncated = true;
+    return s;
+  }
+
+  // --- recorded sources of non-determinism -------------------------------------------
+  function now() {
+    const t = realNow();
+    record("now", t);
+    return t;
+  }
+  g.Date = new Proxy(RealDate, {
+    construct(target, args, newTarget) {
+      return Reflect.construct(target, args.length === 0 ? [now()] : args, newTarget);
+    },
+    apply() {
+      return new RealDate(now()).toString();
+    },
+    get(target, prop, receiver) {
+      return prop === "now" ? now : Reflect.get(target, prop, receiver);
+    },
+  });
+  Math.random = function random() {
+    const v = realRandom();
+    record("random", v);
+    return v;
+  };
+
+  function takeEntropy(n) {
+    if (entropyAt + 2 * n > entropy.length) {
+      throw new Error("Flux: this request used up its entropy budget (crypto.randomUUID / getRandomValues)");
+    }
+    const bytes = new Uint8Array(n);
+    for (let i = 0; i < n; i++) bytes[i] = parseInt(entropy.substr(entropyAt + 2 * i, 2), 16);
+    entropyAt += 2 * n;
+    return bytes;
+  }
+  const hex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  g.crypto = Object.freeze({
+    randomUUID() {
+      const b = takeEntropy(16);
+      b[6] = (b[6] & 0x0f) | 0x40;
+      b[8] = (b[8] & 0x3f) | 0x80;
+      const h = hex(b);
+      const uuid = `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+      record("uuid", uuid);
+      return uuid;
+    },
+    getRandomValues(array) {
+      if (!ArrayBuffer.isView(array) || array instanceof Float32Array || array instanceof Float64Array) {
+        throw new TypeError("crypto.getRandomValues needs an integer typed array");
+      }
+      if (array.byteLength > 65536) throw new RangeError("crypto.getRandomValues: at most 65536 bytes");
+      const src = takeEntropy(array.byteLength);
+      new Uint8Array(array.buffer, array.byteOffset, array.byteLength).set(src);
+      record("random_bytes", hex(src));
+      return array;
+    },
+  });
+
+  // --- the host bridge ------------------------------------------------------------------
+  function callsite() {
+    const stack = new Error().stack || "";
+    for (const line of stack.split("\n")) {
+      const at = line.indexOf(fileName);
+      if (fileName && at >= 0) return line.slice(at).replace(/\)$/, "");
+    }
+    return null;
+  }
+
+  function hostCall(op, args, parent) {
+    const id = nextCall++;
+    const site = callsite();
+    outbox.push([id, op, args, parent, seq++, site]);
+    return new Promise((resolve, reject) => pending.set(id, { resolve, reject, site }));
+  }
+
+  function makeError(info, site) {
+    const err = new Error(info.message);
+    err.name = info.name || "Error";
+    for (const key of ["code", "sqlstate", "status", "timeout", "span"]) {
+      if (info[key] !== undefined && info[key] !== null) err[key] = info[key];
+    }
+    if (site) err.stack = `${err.name}: ${err.message}\n    at ${site}`;
+    return err;
+  }
+
+  function makeResponse(r) {
+    const headers = r.headers || {};
+    return Object.freeze({
+      status: r.status,
+      statusText: r.statusText || "",
+      ok: r.status >= 200 && r.status < 300,
+      url: r.url,
+      headers: Object.freeze({
+        get: (name) => headers[String(name).toLowerCase()] ?? null,
+        has: (name) => String(name).toLowerCase() in headers,
+        entries: () => Object.entries(headers),
+      }),
+      text: async () => r.body,
+      json: async () => JSON.parse(r.body),
+    });
+  }
+
+  function currentParent(bound) {
+    if (bound) return bound;
+    // Calls through the root ctx nest under the open step only when steps are not concurrent.
+    for (let i = 0; i < openSteps.length; i++) {
+      const expected = i === 0 ? functionSpanId : openSteps[i - 1].id;
+      if (openSteps[i].parent !== expected) return functionSpanId;
+    }
+    return openSteps.length ? openSteps[openSteps.length - 1].id : functionSpanId;
+  }
+
+  function spanId() {
+    let s = "";
+    for (let i = 0; i < 16; i++) s += Math.floor(realRandom() * 16).toString(16);
+    return s;
+  }
+
+  // The function's own frames only: the prelude's frames say nothing to the user.
+  function userStack(stack) {
+    return String(stack || "").split("\n").filter((line) => !line.includes("<anonymous>"))
+      .map((line) => line.replace("globalThis.__flux_handler", "default")).join("\n");
+  }
+
+  function describe(e) {
+    if (e instanceof Error) {
+      return { name: e.name, message: String(e.message), stack: userStack(e.stack), sqlstate: e.sqlstate ?? null };
+    }
+    let text;
+    try { text = JSON.stringify(e); } catch (_) { text = String(e); }
+    return { name: "NonErrorThrown", message: `the function threw a non-Error value: ${text}`, stack: "", sqlstate: null };
+  }
+
+  function formatArgs(args) {
+    return args.map((a) => {
+      if (typeof a === "string") return a;
+      try { return JSON.stringify(a); } catch (_) { return String(a); }
+    }).join(" ");
+  }
+
+  function addEvent(parent, name, attributes) {
+    const event = { name, time: realNow(), attributes };
+    const step = openSteps.find((s) => s.id === parent);
+    (step ? step.events : functionEvents).push(event);
+  }
+
+  function makeCtx(info, bound) {
+    const ctx = {
+      requestId: info.request_id,
+      tenant: info.tenant,
+      function: info.function,
+      replay: info.replay,
+      secrets: info.secrets,
+      db: Object.freeze({
+        query(sql, params) {
+          if (typeof sql !== "string") throw new TypeError("ctx.db.query(sql, params): sql must be a string");
+          if (params !== undefined && !Array.isArray(params)) {
+            throw new TypeError("ctx.db.query(sql, params): params must be an array (use $1, $2 ... placeholders)");
+          }
+          return hostCall("db", { sql, params: params || [] }, currentParent(bound));
+        },
+      }),
+      fetch(url, init) {
+        init = init || {};
+        const headers = {};
+        for (const [k, v] of Object.entries(init.headers || {})) headers[String(k).toLowerCase()] = String(v);
+        let body = init.body;
+        if (body !== undefined && body !== null && typeof body !== "string") body = JSON.stringify(body);
+        const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body: body ?? null,
+          name: init.name ?? null, timeout_ms: init.timeout_ms ?? init.timeout ?? null };
+        return hostCall("fetch", args, currentParent(bound)).then(makeResponse);
+      },
+      log(...args) {
+        const attrs = args.length > 1 && args[args.length - 1] && typeof args[args.length - 1] === "object" ? args.pop() : {};
+        addEvent(currentParent(bound), "log", { message: formatArgs(args), ...JSON.parse(JSON.stringify(attrs)) });
+      },
+      async step(name, fn) {
+        if (typeof fn !== "function") throw new TypeError("ctx.step(name, fn): fn must be a function");
+        const span = { id: spanId(), parent: currentParent(bound), name: String(name), kind: "internal", start: realNow(),
+          duration_ms: 0, status: "ok", error: null, attributes: { "flux.kind": "step" }, events: [] };
+        openSteps.push(span);
+        try {
+          return await fn(makeCtx(info, span.id));
+        } catch (e) {
+          const d = describe(e);
+          span.status = "error";
+          span.error = d.message;
+          span.events.push({ name: "exception", time: realNow(),
+            attributes: { "exception.type": d.name, "exception.message": d.message, "exception.stacktrace": d.stack } });
+          throw e;
+        } finally {
+          span.duration_ms = realNow() - span.start;
+          openSteps.splice(openSteps.indexOf(span), 1);
+          spans.push(span);
+        }
+      },
+    };
+    return Object.freeze(ctx);
+  }
+
+  // Timers run on the host, so the host always knows what the function is waiting for.
+  const timers = new Map();
+  g.setTimeout = function setTimeout(fn, ms, ...args) {
+    const id = nextCall;
+    const delay = Math.max(0, Number(ms) || 0);
+    timers.set(id, true);
+    hostCall("timer", { ms: delay }, null).then(() => {
+      if (timers.delete(id) && typeof fn === "function") fn(...args);
+    });
+    return id;
+  };
+  g.clearTimeout = function clearTimeout(id) { timers.delete(id); };
+  g.setInterval = function setInterval() { throw new Error("setInterval is not available in Flux functions"); };
+  g.console = Object.freeze(Object.fromEntries(["log", "info", "warn", "error", "debug"].map((level) =>
+    [level, (...args) => addEvent(currentParent(null), "log", { message: formatArgs(args), level })])));
+
+  // Return values must survive JSON: reject what JSON.stringify would silently change.
+  function checkSerializable(value, path, seen) {
+    const t = typeof value;
+    if (value === null || t === "string" || t === "boolean") return;
+    if (t === "number") {
+      if (!Number.isFinite(value)) throw new TypeError(`${path} is ${value}, which JSON cannot represent`);
+      return;
+    }
+    if (t === "undefined") return;
+    if (t === "function" || t === "symbol" || t === "bigint") throw new TypeError(`${path} is a ${t}, which JSON cannot represent`);
+    if (seen.has(value)) throw new TypeError(`${path} refers back to itself (a cycle)`);
+    if (value instanceof RealDate) return;
+    const proto = Object.getPrototypeOf(value);
+    if (!Array.isArray(value) && proto !== Object.prototype && proto !== null) {
+      throw new TypeError(`${path} is a ${value.constructor?.name || "non-plain object"}, which JSON cannot represent`);
+    }
+    seen.add(value);
+    for (const [k, v] of Object.entries(value)) checkSerializable(v, Array.isArray(value) ? `${path}[${k}]` : `${path}.${k}`, seen);
+    seen.delete(value);
+  }
+
+  function finish(ok, payload) {
+    if (done) return;
+    done = ok ? { ok: true, value: payload } : { ok: false, error: payload };
+  }
+
+  g.__flux_start = function (input) {
+    if (started) throw new Error("Flux: an isolate runs one request only");
+    started = true;
+    const info = JSON.parse(input);
+    entropy = info.entropy;
+    functionSpanId = info.span_id;
+    fileName = info.file;
+    const handler = g.__flux_handler;
+    if (typeof handler !== "function") {
+      finish(false, { name: "TypeError", message: `${info.file} must \`export default async function (req, ctx)\``, stack: "" });
+      return;
+    }
+    const ctx = makeCtx(info, null);
+    let result;
+    try {
+      result = handler(info.request, ctx);
+    } catch (e) {
+      finish(false, describe(e));
+      return g.__flux_drain();
+    }
+    Promise.resolve(result).then((value) => {
+      try {
+        if (value === undefined || value === null || typeof value !== "object" || Array.isArray(value)) {
+          throw new TypeError(`the handler must return {status, headers, body}, not ${value === null ? "null" : Array.isArray(value) ? "an array" : typeof value}`);
+        }
+        checkSerializable(value, "the return value", new Set());
+        finish(true, JSON.stringify(value));
+      } catch (e) {
+        finish(false, { ...describe(e), name: "NonSerializableReturn" });
+      }
+    }, (e) => finish(false, describe(e)));
+    return g.__flux_drain();
+  };
+
+  // __flux_start returns what __flux_drain would, saving a round trip for handlers that call ctx
+  // before their first await. Microtasks run only after an eval returns, so settling needs a drain.
+  g.__flux_drain = function () {
+    const out = { calls: outbox.splice(0, outbox.length), done };
+    if (done) out.result = { tape, truncated, entropy_used: entropy.slice(0, entropyAt), spans: spans.concat(openSteps), events: functionEvents };
+    return JSON.stringify(out);
+  };
+
+  g.__flux_settle = function (input) {
+    for (const [id, ok, value] of JSON.parse(input)) {
+      const p = pending.get(id);
+      if (!p) continue;
+      pending.delete(id);
+      if (ok) p.resolve(value);
+      else p.reject(makeError(value, p.site));
+    }
+  };
+})();

@@ -1,0 +1,492 @@
+"""Trace rows (`flux.trace_requests`): writing them in batches, finding and explaining them.
+
+The gateway writes one `TraceRecord` per request through `insert_traces_async`; the CLI reads
+them back with `get_trace`, `list_traces` and `explain`. Every function here takes a psycopg
+connection and returns frozen dataclasses; rendering is the CLI's job.
+
+How a trace is found: by its request id or a unique prefix of it (at least `MIN_PREFIX`
+characters, optionally written `req:...` as `flux state` prints it). The primary key is
+`COLLATE "C"`, so the prefix `LIKE` is a range scan of it.
+
+`explain` joins the two records Flux keeps of a request, its trace and its row changes in the
+mutation log, and picks the root cause of a failure out of the spans. It does not guarantee
+that both exist: a request served with tracing off has only row changes, and a request whose
+transaction rolled back, or whose tables are not captured, has only a trace. It says which.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.types.json import Jsonb
+
+from flux.errors import AmbiguousError, ConfigError, NotFoundError
+from flux.store import queries
+from flux.store.schema import SCHEMA_VERSION, schema_version
+
+MIN_PREFIX = 4
+MAX_CANDIDATES = queries.MAX_CANDIDATES
+STATUS_FILTERS = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # or an exact code such as "500"
+_FRAME_LOCATION = re.compile(r"(functions/[^\s():]+:\d+(?::\d+)?)")
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")  # \u0000 not itself escaped (\\u0000 is text)
+_DB_WRITE = re.compile(r"^db\.(insert|update|delete|merge)\b")
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    """One row of `flux.trace_requests`; the jsonb columns as Python objects."""
+
+    id: str  # the request_id
+    tenant: str | None
+    function: str | None
+    method: str
+    path: str
+    status: int
+    duration_ms: float
+    started_at: datetime
+    error: str | None
+    spans: list[dict[str, Any]]
+    request: dict[str, Any]
+    response: dict[str, Any]
+    recording: dict[str, Any] | None = None
+    code_version: str | None = None
+    git_commit: str | None = None
+    replay_of: str | None = None
+    recorded_at: datetime | None = None  # set by the database; ignored on insert
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSummary:
+    """A trace without its payloads, as `flux requests` lists them."""
+
+    id: str
+    started_at: datetime
+    tenant: str | None
+    function: str | None
+    method: str
+    path: str
+    status: int
+    duration_ms: float
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """One row a request changed, from the mutation log."""
+
+    schema: str
+    table: str
+    op: str  # insert | update | delete | truncate
+    row_key: dict[str, Any] | None
+    changed_columns: tuple[str, ...] | None
+    commit_time: datetime
+    function: str | None  # context->>'function'
+
+
+@dataclass(frozen=True, slots=True)
+class RootCause:
+    """The span a failure started in, and where the function threw."""
+
+    span_id: str
+    span: str  # its name
+    kind: str | None  # attributes["flux.kind"]: gateway | function | db | fetch | step
+    error: str | None  # the span's own error, e.g. "timeout after 3000 ms"
+    label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"
+    exception: str | None  # what the function threw: "Error: Stripe API timeout"
+    thrown_at: str | None  # first frame in the function's source: "functions/signup.js:7:11"
+    call_site: str | None  # where the failing call was made: the span's code.location
+
+
+@dataclass(frozen=True, slots=True)
+class Why:
+    """Everything `flux why` knows about one request."""
+
+    request_id: str
+    function: str | None
+    trace: TraceRecord | None  # None: no trace was recorded
+    mutations: tuple[RowChange, ...]  # in commit order
+    cause: RootCause | None  # None when no span failed
+    notes: tuple[str, ...]  # what is missing and what that may mean
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _std_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return _json_default(value)
+
+
+def _dumps(value: Any) -> bytes:
+    """JSON for a jsonb column. jsonb refuses NUL in strings (SQLSTATE 22P05), which would fail
+    the whole batch on every retry; a NUL a client sent is stored as U+FFFD instead."""
+    try:
+        data = orjson.dumps(value, default=_json_default)
+    except TypeError:  # an integer past 64 bits, which orjson does not write
+        data = json.dumps(value, default=_std_default, ensure_ascii=False).encode()
+    return _NUL_ESCAPE.sub(rb"\1\\ufffd", data) if b"\\u0000" in data else data
+
+
+_COLUMNS = (
+    "id, tenant, function, method, path, status, duration_ms, started_at, error,"
+    " spans, request, response, recording, code_version, git_commit, replay_of"
+)
+_INSERT = (
+    f"INSERT INTO flux.trace_requests ({_COLUMNS})"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+
+
+def _text(value: str | None) -> str | None:
+    """text columns refuse NUL as jsonb does; a path or an error message may carry one."""
+    return value.replace("\x00", "\ufffd") if value is not None and "\x00" in value else value
+
+
+def _params(r: TraceRecord) -> tuple:
+    return (
+        r.id, _text(r.tenant), _text(r.function), _text(r.method), _text(r.path), r.status, r.duration_ms,
+        r.started_at, _text(r.error), Jsonb(r.spans, _dumps), Jsonb(r.request, _dumps), Jsonb(r.response, _dumps),
+        None if r.recording is None else Jsonb(r.recording, _dumps), r.code_version, r.git_commit, r.replay_of,
+    )
+
+
+def insert_traces(conn: psycopg.Connection, records: list[TraceRecord]) -> None:
+    """Write a batch in one round trip (executemany runs as one pipeline). A record whose id is
+    already stored is skipped, so a batch retried after a lost acknowledgement is harmless."""
+    if not records:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(_INSERT, [_params(r) for r in records])
+
+
+async def insert_traces_async(aconn: psycopg.AsyncConnection, records: list[TraceRecord]) -> None:
+    """`insert_traces` for the gateway's writer task."""
+    if not records:
+        return
+    async with aconn.cursor() as cur:
+        await cur.executemany(_INSERT, [_params(r) for r in records])
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _load(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # an integer past 64 bits, which orjson does not read
+        return json.loads(text)
+
+
+_SELECT = (
+    "SELECT id, tenant, function, method, path, status, duration_ms, started_at, error,"
+    " spans::text, request::text, response::text, recording::text, code_version, git_commit, replay_of, recorded_at"
+    " FROM flux.trace_requests"
+)
+
+
+def _record(row: tuple) -> TraceRecord:
+    (id_, tenant, function, method, path, status, duration, started, error, spans, request, response,
+     recording, code_version, git_commit, replay_of, recorded_at) = row
+    return TraceRecord(
+        id=id_, tenant=tenant, function=function, method=method, path=path, status=status, duration_ms=duration,
+        started_at=started, error=error, spans=_load(spans), request=_load(request), response=_load(response),
+        recording=_load(recording), code_version=code_version, git_commit=git_commit, replay_of=replay_of,
+        recorded_at=recorded_at,
+    )
+
+
+def _require_traces(conn: psycopg.Connection) -> None:
+    version = schema_version(conn)
+    if version is None:
+        raise NotFoundError(
+            "This database has no Flux traces", hint="Traces are recorded by `flux dev` and `flux serve` against this database."
+        )
+    if version != SCHEMA_VERSION:
+        # Reads never run DDL: the gateway, the engine and `flux attach` upgrade the schema.
+        raise ConfigError(
+            f"The flux schema is version {version}; this Flux reads version {SCHEMA_VERSION}",
+            hint="Run `flux dev`, `flux attach` or `flux cdc run` with this Flux to upgrade it."
+            if version < SCHEMA_VERSION else "Use the Flux release that wrote this schema.",
+            schema_version=version,
+        )
+
+
+def _prefix(id_or_prefix: str) -> str:
+    text = id_or_prefix.strip()
+    if text.lower().startswith(queries.REQUEST_PREFIX):
+        text = text[len(queries.REQUEST_PREFIX):]
+    if len(text) < MIN_PREFIX:
+        raise ConfigError(
+            f"Request id {text!r} is too short to look up", hint=f"Give at least {MIN_PREFIX} characters of the id.",
+        )
+    return text
+
+
+def _like(prefix: str) -> str:
+    return re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
+
+
+def _trace_ids(conn: psycopg.Connection, prefix: str, tenant: str | None) -> list[str]:
+    """Ids starting with `prefix`, in order, at most MAX_CANDIDATES + 1 (plus the exact id, if it exists)."""
+    tenant_sql = " AND tenant = %(tenant)s" if tenant is not None else ""
+    params = {"like": _like(prefix), "exact": prefix, "tenant": tenant, "limit": MAX_CANDIDATES + 1}
+    ids = [r[0] for r in conn.execute(
+        f"SELECT id FROM flux.trace_requests WHERE id LIKE %(like)s{tenant_sql} ORDER BY id LIMIT %(limit)s", params
+    ).fetchall()]
+    if len(ids) > MAX_CANDIDATES and prefix not in ids and conn.execute(
+        f"SELECT EXISTS (SELECT 1 FROM flux.trace_requests WHERE id = %(exact)s{tenant_sql})", params
+    ).fetchone()[0]:
+        ids.append(prefix)  # an exact id wins even when more than MAX_CANDIDATES ids extend it
+    return ids
+
+
+def _pick(prefix: str, found: list[str], what: str) -> str | None:
+    """The one id `prefix` names: an exact match, or the only one; None when there is none."""
+    if not found:
+        return None
+    if prefix in found or len(found) == 1:
+        return prefix if prefix in found else found[0]
+    count = f"more than {MAX_CANDIDATES}" if len(found) > MAX_CANDIDATES else str(len(found))
+    raise AmbiguousError(
+        f"Request id {prefix!r} is ambiguous: it starts {count} {what}",
+        hint="Give more characters of the id. Candidates: " + ", ".join(found[:MAX_CANDIDATES]), request_id=prefix,
+    )
+
+
+def _resolve_trace(conn: psycopg.Connection, prefix: str, tenant: str | None) -> str | None:
+    found = _trace_ids(conn, prefix, tenant)
+    if not found and prefix != prefix.lower():  # uuids are stored in lower case
+        prefix = prefix.lower()
+        found = _trace_ids(conn, prefix, tenant)
+    return _pick(prefix, found, "traces")
+
+
+def _fetch(conn: psycopg.Connection, request_id: str) -> TraceRecord | None:
+    row = conn.execute(_SELECT + " WHERE id = %s", (request_id,)).fetchone()
+    return _record(row) if row else None
+
+
+def get_trace(conn: psycopg.Connection, id_or_prefix: str, *, tenant: str | None = None) -> TraceRecord:
+    """The trace of a request, by its id or a unique prefix; with `tenant`, only that tenant's."""
+    prefix = _prefix(id_or_prefix)
+    _require_traces(conn)
+    request_id = _resolve_trace(conn, prefix, tenant)
+    record = _fetch(conn, request_id) if request_id else None
+    if record is None:
+        scope = f" of tenant {tenant!r}" if tenant is not None else ""
+        raise NotFoundError(
+            f"No trace{scope} with id starting {prefix!r}",
+            hint="`flux requests` lists recent requests; `flux why ID` also looks in the mutation log.",
+            request_id=prefix,
+        )
+    return record
+
+
+def _status_filter(status: str) -> tuple[str, dict[str, Any]]:
+    text = status.strip().lower()
+    if text == "error":
+        return "(status >= 400 OR error IS NOT NULL)", {}
+    if len(text) == 3 and text[0] in "12345" and text[1:] == "xx":
+        low = int(text[0]) * 100
+        return "status >= %(low)s AND status < %(high)s", {"low": low, "high": low + 100}
+    if text.isdigit() and 100 <= int(text) <= 599:
+        return "status = %(code)s", {"code": int(text)}
+    raise ConfigError(
+        f"Unknown status filter {status!r}", hint="Use a class (2xx, 4xx, 5xx), an exact code (500), or `error`.",
+    )
+
+
+def list_traces(
+    conn: psycopg.Connection,
+    *,
+    function: str | None = None,
+    status: str | None = None,
+    since: timedelta | None = None,
+    tenant: str | None = None,
+    limit: int = 50,
+) -> list[TraceSummary]:
+    """Recent requests, newest first. `status`: "2xx" / "4xx" / "5xx" / ..., "500", or "error" (4xx, 5xx or
+    an error recorded); `since`: started within that long before the database's now()."""
+    if limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    where: list[str] = []
+    params: dict[str, Any] = {"limit": limit}
+    if status is not None:
+        clause, more = _status_filter(status)
+        where.append(clause)
+        params.update(more)
+    if function is not None:
+        where.append("function = %(function)s")
+        params["function"] = function
+    if tenant is not None:
+        where.append("tenant = %(tenant)s")
+        params["tenant"] = tenant
+    if since is not None:
+        where.append("started_at >= now() - %(since)s")
+        params["since"] = since
+    _require_traces(conn)
+    rows = conn.execute(
+        "SELECT id, started_at, tenant, function, method, path, status, duration_ms, error FROM flux.trace_requests"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY started_at DESC, id DESC LIMIT %(limit)s",
+        params,
+    ).fetchall()
+    return [TraceSummary(*row) for row in rows]
+
+
+# -- the request's row changes -----------------------------------------------------------------
+
+
+def request_mutations(conn: psycopg.Connection, request_id: str) -> list[RowChange]:
+    """The rows one request changed, in commit order."""
+    rows = conn.execute(
+        "SELECT schema_name, table_name, op, row_key::text, changed_columns, commit_time, context->>'function'"
+        " FROM flux.state_mutations WHERE request_id = %s ORDER BY commit_lsn, seq",
+        (request_id,),
+    ).fetchall()
+    key_order: dict[tuple[str, str], tuple[str, ...]] = {}
+    for s, t, *_ in rows:  # jsonb sorts keys by length; show a composite key in primary-key order
+        if (s, t) not in key_order:
+            catalog = queries._catalog(conn, s, t)
+            key_order[(s, t)] = (catalog.primary_key or ()) if catalog else ()
+    return [
+        RowChange(schema=s, table=t, op=op, row_key=queries._in_order(queries.load_json(key), key_order[(s, t)]),
+                  changed_columns=tuple(changed) if changed is not None else None, commit_time=time, function=fn)
+        for s, t, op, key, changed, time, fn in rows
+    ]
+
+
+def count_mutations(conn: psycopg.Connection, request_id: str) -> int:
+    """How many row changes the mutation log holds for a request ("DB writes" of `flux trace`)."""
+    return conn.execute("SELECT count(*) FROM flux.state_mutations WHERE request_id = %s", (request_id,)).fetchone()[0]
+
+
+# -- why -------------------------------------------------------------------------------------
+
+
+def explain(conn: psycopg.Connection, id_or_prefix: str) -> Why:
+    """The trace and the row changes of one request, and the root cause when it failed.
+
+    The prefix is looked up in both records; it must name one request across them.
+    """
+    prefix = _prefix(id_or_prefix)
+    _require_traces(conn)
+    found = sorted(set(_trace_ids(conn, prefix, None)) | set(queries._request_ids(conn, prefix)))
+    if not found and prefix != prefix.lower():
+        prefix = prefix.lower()
+        found = sorted(set(_trace_ids(conn, prefix, None)) | set(queries._request_ids(conn, prefix)))
+    request_id = _pick(prefix, found, "requests")
+    if request_id is None:
+        raise NotFoundError(
+            f"No request with id starting {prefix!r}: neither a trace nor a row change",
+            hint="`flux requests` lists recent requests.", request_id=prefix,
+        )
+    trace = _fetch(conn, request_id)
+    mutations = tuple(request_mutations(conn, request_id))
+    function = trace.function if trace else next((m.function for m in mutations if m.function), None)
+    return Why(
+        request_id=request_id, function=function, trace=trace, mutations=mutations,
+        cause=root_cause(trace.spans) if trace else None, notes=tuple(_notes(trace, mutations)),
+    )
+
+
+def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...]) -> list[str]:
+    if trace is None:
+        return [(
+            f"No trace was recorded for this request, only its {len(mutations)} row change(s): it was served with"
+            " tracing off, by another Flux, or its trace was lost before it was written."
+        )]
+    if mutations:
+        return []
+    function_span = next((s for s in trace.spans if (s.get("attributes") or {}).get("flux.kind") == "function"), None)
+    outcome = ((function_span or {}).get("attributes") or {}).get("db.transaction")
+    writes = [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
+    if function_span is None:
+        return ["The request changed no rows: it ended at the gateway and never ran a function."]
+    if outcome == "rolled_back" or (writes and trace.status >= 500):
+        return ["The request changed no rows: its transaction was rolled back."]
+    if writes:
+        return [(
+            f"The trace shows {len(writes)} write(s) but the mutation log has no row change of this request:"
+            " are those tables captured (`flux attach`), and has the engine caught up?"
+        )]
+    return ["The request changed no rows."]
+
+
+def _depths(spans: list[dict[str, Any]]) -> dict[str, int]:
+    ids = {s["id"] for s in spans}
+    depth: dict[str, int] = {}
+    for s in spans:  # parents come before children; an unknown parent makes a root
+        parent = s.get("parent")
+        depth[s["id"]] = depth.get(parent, 0) + 1 if parent in ids else 0
+    return depth
+
+
+def error_label(span: dict[str, Any]) -> str:
+    """The short form of a span's failure: "timeout", an HTTP status, a SQLSTATE, or "error"."""
+    attrs = span.get("attributes") or {}
+    if attrs.get("timeout"):
+        return "timeout"
+    code = attrs.get("http.status_code")
+    if isinstance(code, int) and code >= 400:
+        return str(code)
+    if attrs.get("db.sqlstate"):
+        return str(attrs["db.sqlstate"])
+    return "error"
+
+
+def _exception(span: dict[str, Any]) -> dict[str, Any] | None:
+    for event in reversed(span.get("events") or []):
+        if event.get("name") == "exception":
+            return event.get("attributes") or {}
+    return None
+
+
+def root_cause(spans: list[dict[str, Any]]) -> RootCause | None:
+    """The deepest failed span (a call or step inside the function before the function itself),
+    the earliest one among equals; with what the function threw and where."""
+    failed = [s for s in spans if s.get("status") == "error"]
+    if not failed:
+        return None
+    depth = _depths(spans)
+    span = min(failed, key=lambda s: (-depth[s["id"]], s.get("start") or 0))
+    by_id = {s["id"]: s for s in spans}
+    # The exception: the failed span's own, else its nearest ancestor's (a step's, the function's).
+    exc: dict[str, Any] | None = None
+    node: dict[str, Any] | None = span
+    while node is not None and exc is None:
+        exc = _exception(node)
+        node = by_id.get(node.get("parent"))
+    thrown, thrown_at = None, None
+    if exc is not None:
+        name, message = exc.get("exception.type"), exc.get("exception.message")
+        thrown = f"{name}: {message}" if name and message else (message or name)
+        match = _FRAME_LOCATION.search(exc.get("exception.stacktrace") or "")
+        thrown_at = match.group(1) if match else None
+    attrs = span.get("attributes") or {}
+    return RootCause(
+        span_id=span["id"], span=span.get("name") or "?", kind=attrs.get("flux.kind"), error=span.get("error"),
+        label=error_label(span), exception=thrown, thrown_at=thrown_at, call_site=attrs.get("code.location"),
+    )

@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from flux.cli import app
+from flux.cli.trace import parse_since
+from flux.errors import AmbiguousError, ConfigError, NotFoundError
+from flux.store.traces import insert_traces
+from tests.store.test_traces import FAIL, NO_TRACE, OK, OK2, seed, span, trace
+
+
+@pytest.fixture
+def seeded(conn: psycopg.Connection) -> psycopg.Connection:
+    seed(conn)
+    return conn
+
+
+def invoke(dsn: str, *args: str):
+    return CliRunner().invoke(app, [*args, "--database", dsn])
+
+
+def lines(output: str) -> list[str]:
+    return [line.rstrip() for line in output.splitlines()]
+
+
+# -- flux trace ------------------------------------------------------------------------------
+
+
+def test_trace_draws_the_span_tree_with_right_aligned_durations(seeded, dsn):
+    result = invoke(dsn, "trace", "91a3f1")
+    assert result.exit_code == 0, result.output
+    out = lines(result.output)
+    assert "  Trace Graph  91a3f1c2" in out
+    assert "  POST /create_order · 200 OK · 194ms" in out
+    tree = out[out.index("  Trace Graph  91a3f1c2") + 2:][:5]
+    assert [line.split()[0:2] for line in tree] == [
+        ["gateway", "194ms"], ["└─", "create_order"], ["├─", "db.insert(orders)"], ["├─", "stripe.charge"], ["└─", "slack.notify"],
+    ]
+    assert tree[2].startswith("     ├─ ")
+    assert {len(line) for line in tree} == {len(tree[0])}  # one right-aligned column
+    assert tree[4].endswith(" 429")
+
+
+def test_trace_summary_counts_spans_failures_and_db_writes(seeded, dsn):
+    out = invoke(dsn, "trace", OK).output
+    assert "── Spans: 5  ·  Errors: 1  ·  DB writes: 1" in out
+
+
+def test_trace_of_a_timeout_shows_timeout_and_the_status_phrase(seeded, dsn):
+    out = lines(invoke(dsn, "trace", "550e8400").output)
+    assert "  POST /signup · 500 Internal Server Error · 44ms" in out
+    assert any(line.startswith("     └─ stripe.create") and line.endswith("timeout") for line in out)
+    assert "  ── Spans: 4  ·  Errors: 1  ·  DB writes: 0" in out
+
+
+def test_trace_json_is_the_record_with_db_writes(seeded, dsn):
+    result = invoke(dsn, "trace", OK, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["id"] == OK and data["status"] == 200 and data["db_writes"] == 1
+    assert [s["name"] for s in data["spans"]][:2] == ["gateway", "create_order"]
+    assert data["recording"]["v"] == 1
+
+
+def test_trace_ambiguous_prefix_names_the_candidates(seeded, dsn):
+    result = invoke(dsn, "trace", "91a3f")
+    assert isinstance(result.exception, AmbiguousError)
+    assert OK in result.exception.hint and OK2 in result.exception.hint
+
+
+def test_trace_unknown_id_is_not_found(seeded, dsn):
+    result = invoke(dsn, "trace", "deadbeef")
+    assert isinstance(result.exception, NotFoundError)
+
+
+def test_trace_too_short_a_prefix_is_a_usage_error(seeded, dsn):
+    result = invoke(dsn, "trace", "550")
+    assert isinstance(result.exception, ConfigError)
+
+
+def test_trace_error_exits_with_a_hint_through_main(seeded, dsn):
+    proc = subprocess.run([sys.executable, "-m", "flux", "trace", "deadbeef", "--database", dsn],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == NotFoundError.exit_code
+    assert "error:" in proc.stderr and "hint:" in proc.stderr
+
+
+# -- flux why --------------------------------------------------------------------------------
+
+
+def test_why_shows_the_seed_execution_block(seeded, dsn):
+    result = invoke(dsn, "why", "550e8400")
+    assert result.exit_code == 0, result.output
+    out = lines(result.output)
+    assert "  Execution  550e8400" in out
+    assert "  POST /signup  →  function: create_user" in out
+    assert any(line.endswith(" UTC  ·  44ms") for line in out)
+    spans = out[out.index("  Spans") + 1:][:3]
+    assert [line.split()[0] for line in spans] == ["create_user", "db.insert(users)", "stripe.create"]
+    assert spans[1].startswith("    db.insert(users)") and spans[2].endswith("timeout")
+    assert "  Status  500 — Stripe API timeout" in out
+
+
+def test_why_names_the_root_cause_and_where_it_was_thrown(seeded, dsn):
+    out = lines(invoke(dsn, "why", FAIL).output)
+    cause = out[out.index("  Root cause") + 1:]
+    assert cause[0] == "    stripe.create  timeout after 3000 ms"
+    assert "    Error: Stripe API timeout" in cause
+    assert "    thrown at functions/signup.js:7:11" in cause
+    assert "    call made at functions/signup.js:6:26" in cause
+
+
+def test_why_says_a_failed_request_changed_no_rows(seeded, dsn):
+    out = invoke(dsn, "why", FAIL).output
+    assert "Rows changed" not in out
+    assert "note: The request changed no rows: its transaction was rolled back." in out
+
+
+def test_why_lists_rows_changed_with_history_hints(seeded, dsn):
+    out = lines(invoke(dsn, "why", NO_TRACE[:8]).output)
+    assert "    users  update  id = 42" in out
+    assert "      flux state history users --id 42" in out
+    assert "    members  update  org = 1, id = a" in out
+    assert "      flux state history members --key org=1 --key id=a" in out
+
+
+def test_why_without_a_trace_says_so(seeded, dsn):
+    out = invoke(dsn, "why", NO_TRACE).output
+    assert "function: set_role  (no trace recorded)" in out
+    assert "No trace was recorded for this request" in out
+
+
+def test_why_of_a_succeeded_request_shows_the_handled_failure(seeded, dsn):
+    out = lines(invoke(dsn, "why", OK).output)
+    assert "  Status  200 OK" in out
+    assert "  Failed call  (handled: the request succeeded)" in out
+    assert "    slack.notify  HTTP 429" in out
+    assert "      flux state history orders --id 1" in out
+
+
+def test_why_json_has_cause_mutations_and_notes(seeded, dsn):
+    result = invoke(dsn, "why", NO_TRACE, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["request_id"] == NO_TRACE and data["trace"] is None and data["cause"] is None
+    assert [(m["table"], m["op"], m["row_key"]) for m in data["mutations"]] == [
+        ("members", "update", {"org": 1, "id": "a"}), ("users", "update", {"id": 42})]
+    assert data["notes"] and "No trace" in data["notes"][0]
+    cause = json.loads(invoke(dsn, "why", FAIL, "--json").stdout)["cause"]
+    assert cause["span"] == "stripe.create" and cause["thrown_at"] == "functions/signup.js:7:11"
+
+
+def test_why_of_an_unknown_request_is_not_found(seeded, dsn):
+    result = invoke(dsn, "why", "deadbeef")
+    assert isinstance(result.exception, NotFoundError)
+
+
+def test_why_of_a_trace_with_writes_but_no_logged_rows_asks_about_capture(seeded, dsn):
+    insert_traces(seeded, [trace("c0ffee00-0000-4000-8000-000000000004")])
+    out = invoke(dsn, "why", "c0ffee00").output
+    assert "the mutation log has no row change of this request" in out and "flux attach" in out
+
+
+# -- flux requests ---------------------------------------------------------------------------
+
+
+def test_requests_lists_newest_first_with_every_column(seeded, dsn):
+    result = invoke(dsn, "requests")
+    assert result.exit_code == 0, result.output
+    out = lines(result.output)
+    assert out[0].split() == ["ID", "TIME", "(UTC)", "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR"]
+    assert [line.split()[0] for line in out[1:]] == [OK[:8], FAIL[:8], OK2[:8]]
+    fail = out[2].split()
+    assert fail[3:] == ["POST", "/signup", "create_user", "500", "44ms", "Stripe", "API", "timeout"]
+
+
+def test_requests_filters_by_status_function_tenant_and_since(seeded, dsn):
+    def ids(*args: str) -> list[str]:
+        result = invoke(dsn, "requests", *args)
+        assert result.exit_code == 0, result.output
+        return [line.split()[0] for line in lines(result.output)[1:]]
+
+    assert ids("--status", "5xx") == [FAIL[:8]]
+    assert ids("--status", "2xx") == [OK[:8], OK2[:8]]
+    assert ids("--function", "list_orders") == [OK2[:8]]
+    assert ids("--tenant", "acme") == [FAIL[:8], OK2[:8]]
+    assert ids("--since", "1h") == [OK[:8], FAIL[:8]]
+    assert ids("--limit", "1") == [OK[:8]]
+
+
+def test_requests_json_lists_summaries(seeded, dsn):
+    data = json.loads(invoke(dsn, "requests", "--status", "error", "--json").stdout)
+    assert [(r["id"], r["status"], r["function"], r["error"]) for r in data] == [(FAIL, 500, "create_user", "Stripe API timeout")]
+
+
+def test_requests_with_nothing_matching_says_so(seeded, dsn):
+    assert "No requests recorded" in invoke(dsn, "requests", "--status", "4xx").output
+
+
+def test_requests_bad_since_is_a_usage_error(seeded, dsn):
+    result = invoke(dsn, "requests", "--since", "yesterday")
+    assert isinstance(result.exception, ConfigError)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("30s", timedelta(seconds=30)), ("10m", timedelta(minutes=10)),
+                                                ("2h", timedelta(hours=2)), ("1d", timedelta(days=1)),
+                                                ("1.5h", timedelta(minutes=90))])
+def test_parse_since_units(text, expected):
+    assert parse_since(text) == expected
+
+
+def test_gateway_only_trace_shows_its_status_on_the_gateway_span(conn, dsn):
+    seed(conn)
+    gw = span("gateway", "server", "gateway", ms=0.3, error="no route for GET /nope", http__status_code=404)
+    insert_traces(conn, [trace("0badf00d-0000-4000-8000-000000000005", function=None, status=404, path="/nope",
+                               error="no route for GET /nope", spans=[gw], ms=0.3)])
+    out = lines(invoke(dsn, "trace", "0badf00d").output)
+    assert "  POST /nope · 404 Not Found · 0.3ms" in out
+    assert any(line.startswith("  gateway") and line.endswith("404") for line in out)
+
+
+def test_every_trace_command_has_help():
+    for command in ("trace", "why", "requests"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "--database" in result.output and "--json" in result.output

@@ -1,0 +1,121 @@
+"""Helpers for runtime and gateway tests: projects on disk, a real local HTTP stub, a gateway to call.
+
+The stub is a real HTTP server on 127.0.0.1 (these machines have no internet): `/ok` answers
+JSON, `/slow` waits `?ms=` before answering, `/status/N` answers status N, `/echo` returns
+what it was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import textwrap
+import threading
+import time
+from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+def write_project(root: Path, functions: dict[str, str], toml: str = "") -> Path:
+    (root / "functions").mkdir(parents=True, exist_ok=True)
+    (root / "flux.toml").write_text(textwrap.dedent(toml) or '[project]\nname = "test"\n')
+    for name, source in functions.items():
+        (root / "functions" / f"{name}.js").write_text(textwrap.dedent(source).lstrip())
+    return root
+
+
+class _StubHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        url = urlsplit(self.path)
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.requests.append({"path": url.path, "method": self.command, "headers": dict(self.headers), "body": body.decode()})
+        status, payload = 200, {"id": "cus_123", "path": url.path}
+        if url.path.startswith("/slow"):
+            time.sleep(int(parse_qs(url.query).get("ms", ["2000"])[0]) / 1000)
+        elif url.path.startswith("/status/"):
+            status = int(url.path.rsplit("/", 1)[1])
+            payload = {"error": "rate limited" if status == 429 else "failed"}
+        elif url.path.startswith("/echo"):
+            payload = {"method": self.command, "body": body.decode(), "authorization": self.headers.get("authorization")}
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the caller timed out and left
+            pass
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class Stub:
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _StubHandler)
+        self.server.daemon_threads = True
+        self.server.requests = []
+        self.port = self.server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self.server.requests
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ListSink:
+    """A TraceSink that keeps records in memory, for tests that inspect records before storage."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def submit(self, record: Any) -> None:
+        self.records.append(record)
+
+
+@asynccontextmanager
+async def running_gateway(root: Path, dsn: str | None, *, sink: Any = None, workers: int = 64, pool_size: int = 2, record: bool = True):
+    """A Gateway over a real database pool and real HTTP, with its Quart test client."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from flux.gateway.app import Gateway, create_app
+    from flux.project import load_project
+    from flux.runtime.host import HttpxTransport
+
+    pool = None
+    if dsn is not None:
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=16, open=False)
+        await pool.open(wait=True)
+    transport = HttpxTransport()
+    gateway = Gateway(load_project(root), transport=transport, db_pool=pool, sink=sink, workers=workers,
+                      pool_size=pool_size, record=record)
+    app = create_app(gateway)
+    try:
+        async with app.test_app() as test_app:
+            yield gateway, test_app.test_client()
+    finally:
+        await transport.aclose()
+        if pool is not None:
+            await pool.close()

@@ -1,0 +1,48 @@
+"""Serving: reload on file change, and the gateway's own pieces wired by `build()`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from flux.gateway.server import _watch
+from tests.functions import running_gateway, write_project
+
+
+def test_changed_function_files_are_reloaded_and_requests_use_the_new_code(tmp_path):
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, client):
+            shutdown = asyncio.Event()
+            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+            first = await (await client.post("/v")).get_data(as_text=True)
+            time.sleep(0.01)  # a distinct mtime
+            (tmp_path / "functions" / "v.js").write_text("export default async function () { return {status: 200, body: 'two'}; }\n")
+            (tmp_path / "functions" / "w.js").write_text("export default async function () { return {status: 200, body: 'new'}; }\n")
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if "w" in gateway.functions.compiled:
+                    break
+            second = await (await client.post("/v")).get_data(as_text=True)
+            added = await (await client.post("/w")).get_data(as_text=True)
+            shutdown.set()
+            watcher.cancel()
+            return first, second, added
+
+    assert asyncio.run(scenario()) == ("one", "two", "new")
+
+
+def test_a_reload_that_breaks_a_function_keeps_serving_the_others(tmp_path):
+    write_project(tmp_path, {"a": "export default async function () { return {status: 200, body: 'a'}; }",
+                             "b": "export default async function () { return {status: 200, body: 'b'}; }"})
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, client):
+            (tmp_path / "functions" / "a.js").write_text("export default async function () {\n  return {;\n}\n")
+            errors = gateway.reload(gateway.project.reload())
+            return errors, (await client.post("/a")).status_code, await (await client.post("/b")).get_data(as_text=True)
+
+    errors, broken, ok = asyncio.run(scenario())
+    assert errors and errors[0].startswith("functions/a.js:2: SyntaxError")
+    assert broken == 500 and ok == "b"

@@ -1,0 +1,317 @@
+"""The runtime's core loop with real V8 isolates, a real database and real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from flux.project import load_project
+from flux.runtime.executor import Execution, Executor, Invocation
+from flux.runtime.host import FetchPolicy, HttpxTransport
+from flux.runtime.isolate import IsolatePool, compile_function
+from tests.functions import Stub, write_project
+
+
+def execute(root: Path, name: str, body: Any = None, *, dsn: str | None = None, times: int = 1, **invocation: Any) -> list[Execution]:
+    project = load_project(root)
+
+    async def main() -> list[Execution]:
+        db_pool = None
+        if dsn is not None:
+            db_pool = AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False)
+            await db_pool.open(wait=True)
+        transport = HttpxTransport()
+        executor = Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=transport, db_pool=db_pool)
+        pool = IsolatePool(compile_function(project.functions[name]), size=1, memory_mb=project.limits.memory_mb)
+        try:
+            results = []
+            for i in range(times):
+                call = Invocation(request_id=f"req-{i}", tenant="default", secrets=invocation.pop("secrets", {}),
+                                  parent_span=None, request={"method": "POST", "path": f"/{name}", "query": {}, "headers": {}, "body": body},
+                                  **invocation)
+                results.append(await executor.run(pool, call))
+            return results
+        finally:
+            pool.close()
+            await transport.aclose()
+            if db_pool is not None:
+                await db_pool.close()
+
+    return asyncio.run(main())
+
+
+def run1(root: Path, name: str, body: Any = None, **kw: Any) -> Execution:
+    return execute(root, name, body, **kw)[0]
+
+
+def spans_by_name(execution: Execution) -> dict[str, dict]:
+    return {s["name"]: s for s in execution.spans}
+
+
+FAST = '[limits]\ntimeout_ms = 1000\nmemory_mb = 32\n'
+
+
+def test_an_infinite_loop_ends_with_504_within_the_time_limit(tmp_path):
+    write_project(tmp_path, {"spin": "export default async function () { while (true) {} }"}, FAST)
+    started = time.monotonic()
+    result = run1(tmp_path, "spin")
+    assert result.status == 504 and "time limit (1000 ms)" in result.error
+    assert time.monotonic() - started < 3
+
+
+def test_an_infinite_loop_inside_a_microtask_is_stopped_too(tmp_path):
+    write_project(tmp_path, {"spin": "export default async function () { await null; for (;;) {} }"}, FAST)
+    result = run1(tmp_path, "spin")
+    assert result.status == 504
+
+
+def test_a_memory_bomb_ends_that_request_only(tmp_path):
+    write_project(tmp_path, {
+        "bomb": "export default async function () { const a = []; for (;;) a.push(new Array(100000).fill('x' + a.length)); }",
+        "ok": "export default async function () { return {status: 200, body: 'fine'}; }",
+    }, FAST.replace("timeout_ms = 1000", "timeout_ms = 20000"))
+    bomb = run1(tmp_path, "bomb")
+    assert bomb.status == 500 and "memory limit (32 MB)" in bomb.error
+    assert run1(tmp_path, "ok").body == "fine"
+
+
+def test_a_function_sees_no_host_objects(tmp_path):
+    write_project(tmp_path, {"probe": """
+        export default async function () {
+          const names = ["require", "process", "fetch", "XMLHttpRequest", "Deno", "Bun", "module", "exports", "__dirname", "WebSocket"];
+          const found = names.filter((n) => typeof globalThis[n] !== "undefined");
+          let imported = "no";
+          try { await import("fs"); imported = "yes"; } catch (e) { imported = "refused"; }
+          return {status: 200, body: {found, imported}};
+        }
+    """})
+    result = run1(tmp_path, "probe")
+    assert result.body == {"found": [], "imported": "refused"}
+
+
+def test_no_state_carries_over_between_requests(tmp_path):
+    write_project(tmp_path, {"count": """
+        globalThis.hits = (globalThis.hits || 0);
+        export default async function () { globalThis.hits += 1; return {status: 200, body: globalThis.hits}; }
+    """})
+    assert [r.body for r in execute(tmp_path, "count", times=3)] == [1, 1, 1]
+
+
+def test_a_thrown_error_is_500_with_its_js_stack(tmp_path):
+    write_project(tmp_path, {"boom": """
+        export default async function () {
+          throw new Error("kaboom");
+        }
+    """})
+    result = run1(tmp_path, "boom")
+    assert result.status == 500 and result.error == "kaboom"
+    assert "functions/boom.js:2" in result.body["stack"]
+    [event] = [e for e in result.spans[0]["events"] if e["name"] == "exception"]
+    assert "functions/boom.js:2" in event["attributes"]["exception.stacktrace"]
+
+
+def test_a_non_serializable_return_is_500_naming_the_value(tmp_path):
+    write_project(tmp_path, {"bad": "export default async function () { return {status: 200, body: {when: new Map()}}; }"})
+    result = run1(tmp_path, "bad")
+    assert result.status == 500 and "body.when is a Map" in result.error
+
+
+def test_awaiting_a_promise_nothing_settles_is_a_clear_500(tmp_path):
+    write_project(tmp_path, {"stuck": "export default async function () { await new Promise(() => {}); }"})
+    result = run1(tmp_path, "stuck")
+    assert result.status == 500 and "nothing will settle" in result.error
+
+
+def test_a_syntax_error_is_reported_with_file_and_line(tmp_path):
+    write_project(tmp_path, {"broken": "export default async function () {\n  let x = ;\n}\n"})
+    compiled = compile_function(load_project(tmp_path).functions["broken"])
+    assert compiled.error.startswith("functions/broken.js:2: SyntaxError")
+    result = run1(tmp_path, "broken")
+    assert result.status == 500 and "functions/broken.js:2" in result.error
+
+
+def test_db_statements_commit_together_when_the_handler_succeeds(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    write_project(tmp_path, {"two": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          const { rows } = await ctx.db.query("SELECT count(*)::int AS n FROM users", []);
+          return {status: 201, body: rows[0].n};
+        }
+    """})
+    result = run1(tmp_path, "two", dsn=dsn)
+    assert result.status == 201 and result.body == 1 and result.db_outcome == "committed"
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 1
+
+
+def test_db_statements_roll_back_when_the_handler_throws(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    write_project(tmp_path, {"fail": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          throw new Error("after the insert");
+        }
+    """})
+    result = run1(tmp_path, "fail", dsn=dsn)
+    assert result.status == 500 and result.db_outcome == "rolled_back"
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_the_transaction_starts_with_the_flux_context_message(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    conn.execute("SELECT pg_create_logical_replication_slot('peek', 'test_decoding')")
+    write_project(tmp_path, {"w": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          return {status: 200};
+        }
+    """})
+    run1(tmp_path, "w", dsn=dsn)
+    changes = [r[0] for r in conn.execute("SELECT data FROM pg_logical_slot_get_changes('peek', NULL, NULL)")]
+    body = [c for c in changes if not c.startswith(("BEGIN", "COMMIT"))]
+    assert body[0].startswith("message: transactional: 1 prefix: flux")
+    assert '"request_id":"req-0"' in body[0] and '"function":"w"' in body[0] and '"tenant":"default"' in body[0]
+    assert body[1].startswith("table public.users: INSERT")
+
+
+def test_sql_errors_carry_their_sqlstate(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (email text UNIQUE)")
+    conn.execute("INSERT INTO users VALUES ('a@x')")
+    write_project(tmp_path, {"dup": """
+        export default async function (req, ctx) {
+          try { await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]); }
+          catch (e) { return {status: 409, body: {sqlstate: e.sqlstate, message: e.message}}; }
+        }
+    """})
+    result = run1(tmp_path, "dup", dsn=dsn)
+    assert result.body["sqlstate"] == "23505" and "SQLSTATE 23505" in result.body["message"]
+    db = spans_by_name(result)["db.insert(users)"]
+    assert db["status"] == "error" and db["attributes"]["db.sqlstate"] == "23505"
+
+
+def test_spans_nest_steps_and_name_db_and_tool_calls(tmp_path, dsn, conn, stub: Stub):
+    conn.execute("CREATE TABLE orders (id serial PRIMARY KEY, total int)")
+    write_project(tmp_path, {"create_order": f"""
+        export default async function (req, ctx) {{
+          await ctx.db.query("INSERT INTO orders (total) VALUES ($1)", [10]);
+          await ctx.step("charge", async () => {{
+            await ctx.fetch("{stub.url}/v1/charges", {{method: "POST"}});
+          }});
+          await ctx.fetch("{stub.url}/status/429", {{name: "slack.notify"}});
+          await ctx.db.query("SELECT * FROM orders", []);
+          return {{status: 200}};
+        }}
+    """}, f'[tools]\n"{stub.host}" = "stripe"\n')
+    result = run1(tmp_path, "create_order", dsn=dsn)
+    spans = spans_by_name(result)
+    function = spans["create_order"]
+    assert set(spans) == {"create_order", "db.insert(orders)", "charge", "stripe.charges", "slack.notify", "db.select(orders)"}
+    assert spans["charge"]["parent"] == function["id"] and spans["charge"]["kind"] == "internal"
+    assert spans["stripe.charges"]["parent"] == spans["charge"]["id"] and spans["stripe.charges"]["kind"] == "client"
+    assert spans["db.insert(orders)"]["parent"] == function["id"]
+    assert spans["slack.notify"]["status"] == "error" and spans["slack.notify"]["attributes"]["http.status_code"] == 429
+    assert spans["stripe.charges"]["attributes"]["http.status_code"] == 200
+    for span in result.spans:
+        assert set(span) == {"id", "parent", "name", "kind", "start", "duration_ms", "status", "error", "attributes", "events"}
+
+
+def test_a_fetch_timeout_rejects_with_a_timeout_error_span(tmp_path, stub: Stub):
+    write_project(tmp_path, {"slow": f"""
+        export default async function (req, ctx) {{
+          await ctx.fetch("{stub.url}/slow?ms=3000", {{name: "stripe.create", timeout_ms: 200}});
+        }}
+    """})
+    result = run1(tmp_path, "slow")
+    assert result.status == 500 and "stripe.create: no response within 200 ms" in result.error
+    span = spans_by_name(result)["stripe.create"]
+    assert span["status"] == "error" and span["attributes"]["timeout"] is True
+    assert span["attributes"]["code.location"].startswith("functions/slow.js:2")
+
+
+def test_fetch_outside_the_allow_list_is_refused(tmp_path, stub: Stub):
+    write_project(tmp_path, {"out": """
+        export default async function (req, ctx) {
+          try { await ctx.fetch("http://10.255.255.1/x"); } catch (e) { return {status: 200, body: e.message}; }
+        }
+    """}, f'[fetch]\nallow = ["{stub.host}"]\n')
+    result = run1(tmp_path, "out")
+    assert "10.255.255.1:80 are not allowed" in result.body
+    assert stub.requests == []
+
+
+def test_a_function_sees_the_request_secrets_and_replay_flag(tmp_path, stub: Stub):
+    write_project(tmp_path, {"who": f"""
+        export default async function (req, ctx) {{
+          const r = await ctx.fetch("{stub.url}/echo", {{method: "POST", headers: {{authorization: "Bearer " + ctx.secrets.KEY}}, body: req.body}});
+          return {{status: 200, body: {{replay: ctx.replay, echoed: (await r.json()).authorization, id: ctx.requestId}}}};
+        }}
+    """})
+    result = run1(tmp_path, "who", {"a": 1}, secrets={"KEY": "s3cr3t"}, replay=True)
+    assert result.body == {"replay": True, "echoed": "Bearer s3cr3t", "id": "req-0"}
+    assert stub.requests[0]["body"] == '{"a":1}'
+
+
+def test_recording_has_time_random_uuid_db_and_fetch_in_order(tmp_path, dsn, conn, stub: Stub):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    write_project(tmp_path, {"all": f"""
+        export default async function (req, ctx) {{
+          const t = Date.now();
+          const d = new Date().toISOString();
+          const r = Math.random();
+          const u = crypto.randomUUID();
+          const {{ rows }} = await ctx.db.query("INSERT INTO users (email) VALUES ($1) RETURNING id", [u]);
+          const res = await ctx.fetch("{stub.url}/ok");
+          await new Promise((resolve) => setTimeout(resolve, 5));
+          return {{status: 200, body: {{t, d, r, u, id: rows[0].id, paid: (await res.json()).id}}}};
+        }}
+    """})
+    result = run1(tmp_path, "all", dsn=dsn)
+    tape = result.recording
+    assert tape["v"] == 1 and tape["truncated"] is False
+    kinds = [e[1] for e in tape["events"]]
+    assert kinds == ["now", "now", "random", "uuid", "db", "fetch", "timer"]
+    assert [e[0] for e in tape["events"]] == sorted(e[0] for e in tape["events"])
+    values = {e[1]: e[2] for e in tape["events"]}
+    body = result.body
+    assert tape["events"][0][2] == body["t"] and values["random"] == body["r"] and values["uuid"] == body["u"]
+    assert values["db"]["params"] == [body["u"]] and values["db"]["result"]["rows"] == [{"id": body["id"]}]
+    assert values["fetch"]["status"] == 200 and '"cus_123"' in values["fetch"]["response_body"]
+    assert values["timer"] == 5
+    assert len(tape["entropy"]) == 32  # one uuid's 16 bytes, as hex
+
+
+def test_recording_off_keeps_no_tape(tmp_path):
+    write_project(tmp_path, {"t": "export default async function () { return {status: 200, body: Date.now()}; }"})
+    assert run1(tmp_path, "t", record=False).recording is None
+
+
+def test_concurrent_requests_in_one_isolate_pool_stay_separate(tmp_path, stub: Stub):
+    write_project(tmp_path, {"echo": f"""
+        export default async function (req, ctx) {{
+          globalThis.seen = (globalThis.seen || []).concat(req.body.n);
+          await ctx.fetch("{stub.url}/slow?ms=50");
+          return {{status: 200, body: {{n: req.body.n, seen: globalThis.seen}}}};
+        }}
+    """})
+    project = load_project(tmp_path)
+
+    async def main() -> list[Execution]:
+        transport = HttpxTransport()
+        executor = Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=transport, db_pool=None)
+        pool = IsolatePool(compile_function(project.functions["echo"]), size=4, memory_mb=64)
+        pool.warm_now()
+        calls = [Invocation(request_id=f"r{n}", tenant="default", secrets={}, parent_span=None,
+                            request={"method": "POST", "path": "/echo", "query": {}, "headers": {}, "body": {"n": n}})
+                 for n in range(20)]
+        try:
+            return await asyncio.gather(*(executor.run(pool, c) for c in calls))
+        finally:
+            pool.close()
+            await transport.aclose()
+
+    results = asyncio.run(main())
+    assert [r.body for r in results] == [{"n": n, "seen": [n]} for n in range(20)]

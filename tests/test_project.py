@@ -1,0 +1,102 @@
+"""flux.toml and functions/*.js resolved into a Project."""
+
+from __future__ import annotations
+
+import pytest
+
+from flux.errors import ConfigError
+from flux.project import DEFAULT_TENANT, load_project
+from tests.functions import write_project
+
+FN = "export default async function () { return {status: 200}; }"
+
+
+def test_every_function_gets_post_slash_name_and_flux_toml_adds_routes(tmp_path):
+    write_project(tmp_path, {"create_user": FN, "hello": FN}, '[routes]\n"POST /signup" = "create_user"\n"GET /hi/" = "hello"\n')
+    project = load_project(tmp_path)
+    assert project.route("POST", "/signup") == "create_user"
+    assert project.route("POST", "/create_user") == "create_user"
+    assert project.route("get", "/hi") == "hello"
+    assert project.route("GET", "/signup") is None
+
+
+def test_a_route_to_a_missing_function_is_a_config_error_with_a_hint(tmp_path):
+    write_project(tmp_path, {"hello": FN}, '[routes]\n"POST /signup" = "create_user"\n')
+    with pytest.raises(ConfigError) as info:
+        load_project(tmp_path)
+    assert "create_user" in str(info.value) and "functions/create_user.js" in info.value.hint
+
+
+def test_a_malformed_route_is_a_config_error(tmp_path):
+    write_project(tmp_path, {"hello": FN}, '[routes]\n"signup" = "hello"\n')
+    with pytest.raises(ConfigError, match="METHOD /path"):
+        load_project(tmp_path)
+
+
+def test_without_tenants_every_request_is_the_default_tenant_with_shared_secrets(tmp_path):
+    write_project(tmp_path, {"hello": FN}, '[secrets]\nKEY = "v"\n')
+    project = load_project(tmp_path)
+    assert not project.requires_api_key
+    assert project.tenant_for_key(None).name == DEFAULT_TENANT and project.tenant_for_key(None).secrets == {"KEY": "v"}
+
+
+def test_tenants_are_found_by_api_key_and_get_their_own_secrets(tmp_path):
+    write_project(tmp_path, {"hello": FN}, """
+        [secrets]
+        SHARED = "s"
+        [tenants.acme]
+        api_keys = ["k1"]
+        [tenants.acme.secrets]
+        OWN = "a"
+        [tenants.globex]
+        api_keys = ["k2"]
+    """)
+    project = load_project(tmp_path)
+    assert project.tenant_for_key("k1").secrets == {"SHARED": "s", "OWN": "a"}
+    assert project.tenant_for_key("k2").secrets == {"SHARED": "s"}
+    assert project.tenant_for_key("nope") is None and project.tenant_for_key(None) is None
+
+
+def test_an_api_key_shared_by_two_tenants_is_refused(tmp_path):
+    write_project(tmp_path, {"hello": FN}, '[tenants.a]\napi_keys = ["k"]\n[tenants.b]\napi_keys = ["k"]\n')
+    with pytest.raises(ConfigError, match="shared by tenants a and b"):
+        load_project(tmp_path)
+
+
+def test_a_secret_from_an_unset_environment_variable_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLUX_TEST_UNSET", raising=False)
+    write_project(tmp_path, {"hello": FN}, '[secrets]\nKEY = { env = "FLUX_TEST_UNSET" }\n')
+    with pytest.raises(ConfigError) as info:
+        load_project(tmp_path)
+    assert "export FLUX_TEST_UNSET" in info.value.hint
+
+
+def test_a_secret_reads_its_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX_TEST_KEY", "from-env")
+    write_project(tmp_path, {"hello": FN}, '[secrets]\nKEY = { env = "FLUX_TEST_KEY" }\n')
+    assert load_project(tmp_path).tenant_for_key(None).secrets == {"KEY": "from-env"}
+
+
+def test_code_version_is_a_hash_of_the_source_and_changes_with_it(tmp_path):
+    write_project(tmp_path, {"hello": FN})
+    before = load_project(tmp_path).functions["hello"].code_version
+    (tmp_path / "functions" / "hello.js").write_text(FN + "\n// changed\n")
+    after = load_project(tmp_path).functions["hello"].code_version
+    assert len(before) == 16 and before != after
+
+
+def test_git_commit_is_recorded_when_the_project_is_a_repository(tmp_path):
+    import subprocess
+
+    write_project(tmp_path, {"hello": FN})
+    assert load_project(tmp_path).git_commit is None
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@x", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert load_project(tmp_path).git_commit == head
+
+
+def test_invalid_limits_are_config_errors(tmp_path):
+    write_project(tmp_path, {"hello": FN}, "[limits]\ntimeout_ms = 0\n")
+    with pytest.raises(ConfigError, match="timeout_ms"):
+        load_project(tmp_path)

@@ -198,7 +198,7 @@ class _Trace:
             span.attributes["flux.tenant"] = self.tenant.name
         if status >= 500 or function is None or status in (400, 401, 413):
             span.status = "error"
-            span.error = execution.error
+            span.error = execution.error or _returned_error(status, execution.body)
         if function is None or execution.spans and execution.spans[0].get("parent") != span.id:
             spans = [span.to_dict()]
         else:
@@ -209,7 +209,7 @@ class _Trace:
             "request": {"headers": redact_headers(self.headers), "query": self.query, **_body_record(self.raw_body, self.body, limit)},
             "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit)},
             "recording": execution.recording,
-            "error": execution.error,
+            "error": execution.error or _returned_error(status, execution.body),
         }
         record = redact(record, secrets)
         return TraceRecord(
@@ -220,6 +220,18 @@ class _Trace:
             code_version=self.function.function.code_version if self.function else None,
             git_commit=self.project.git_commit if self.function else None, replay_of=None,
         )
+
+
+def _returned_error(status: int, body: Any) -> str | None:
+    """The one-line error of a 4xx/5xx the function returned itself: its body's `error`, or the status."""
+    if status < 400:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return body["error"].splitlines()[0][:500] if body["error"] else HTTPStatus(status).phrase
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def _body_record(raw: bytes | None, parsed: Any, limit: int) -> dict[str, Any]:

@@ -1,0 +1,11 @@
+// hello: the smallest function. Default route: POST /hello
+//
+//   curl -s localhost:8000/hello -d '{"name": "Ada"}'
+//
+// `new Date()` is recorded, so a replay of this request sees the same time.
+export default async function (req, ctx) {
+  return {
+    status: 200,
+    body: { hello: req.body?.name ?? "world", now: new Date().toISOString() },
+  };
+}

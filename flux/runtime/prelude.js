@@ -64,7 +64,7 @@
 
   function takeEntropy(n) {
     if (entropyAt + 2 * n > entropy.length) {
-      throw new Error("Flux: this request used up its entropy budget (crypto.randomUUID / getRandomValues)");
+      throw new Error("Flux: this request used up its 1 KB of randomness (64 crypto.randomUUID() calls, or getRandomValues bytes)");
     }
     const bytes = new Uint8Array(n);
     for (let i = 0; i < n; i++) bytes[i] = parseInt(entropy.substr(entropyAt + 2 * i, 2), 16);

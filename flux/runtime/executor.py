@@ -120,6 +120,10 @@ class Executor:
             isolate.close()
             await run.cancel()
             return self._finish_error(span, clock, 500, type(exc).__name__, str(exc).strip().splitlines()[0], "", run=run)
+        except asyncio.CancelledError:  # the client went away or the server stops: free the isolate, roll back
+            isolate.close()
+            await asyncio.shield(run.cancel())
+            raise
         pool.release(isolate)
         run.absorb(result)
         if not done["ok"]:

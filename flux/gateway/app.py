@@ -24,6 +24,7 @@ import orjson
 from quart import Quart, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from flux.errors import FluxError, NotFoundError
 from flux.gateway.traces import TraceSink, redact, redact_headers
 from flux.project import Project, Tenant
 from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
@@ -316,8 +317,6 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
 async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
     """A tenant's own traces, by API key; never another tenant's."""
-    from flux.errors import FluxError
-
     tenant = gateway.project.tenant_for_key(_api_key({k.lower(): v for k, v in request.headers.items()}))
     if tenant is None:
         return Response(orjson.dumps({"error": "missing or invalid API key"}), status=401, content_type="application/json")
@@ -327,6 +326,6 @@ async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
     try:
         data = await reader(tenant.name, request_id, request.args.to_dict())
     except FluxError as exc:
-        status = 404 if type(exc).__name__ == "NotFoundError" else 400
+        status = 404 if isinstance(exc, NotFoundError) else 400
         return Response(orjson.dumps({"error": exc.message, "hint": exc.hint}), status=status, content_type="application/json")
     return Response(orjson.dumps(data, default=str), content_type="application/json")

@@ -18,6 +18,7 @@ import logging
 import uuid
 from datetime import datetime, timezone
 from http import HTTPStatus
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -83,6 +84,7 @@ class Gateway:
         self.functions = Functions(project, pool_size=pool_size)
         self.executor = self._executor(project)
         self._slots = asyncio.Semaphore(workers)
+        self.reload_hooks: list[Callable[[Project], None]] = []  # app settings that follow flux.toml
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
 
@@ -101,6 +103,8 @@ class Gateway:
         self.executor = self._executor(project)
         self.functions.warm()
         old.close()
+        for hook in self.reload_hooks:
+            hook(project)
         return self.functions.load_errors
 
     async def handle(self, method: str, path: str) -> Response:
@@ -279,6 +283,8 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     """The Quart app for a Gateway. `on_startup` / `on_shutdown` are awaited in the app's lifespan."""
     app = Quart("flux")
     app.config["MAX_CONTENT_LENGTH"] = gateway.project.limits.max_body_bytes
+    # Quart sizes each request's body reader from this, so a reload with a new limit must update it.
+    gateway.reload_hooks.append(lambda project: app.config.update(MAX_CONTENT_LENGTH=project.limits.max_body_bytes))
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["flux"] = gateway
 

@@ -46,3 +46,19 @@ def test_a_reload_that_breaks_a_function_keeps_serving_the_others(tmp_path):
     errors, broken, ok = asyncio.run(scenario())
     assert errors and errors[0].startswith("functions/a.js:2: SyntaxError")
     assert broken == 500 and ok == "b"
+
+
+def test_a_reload_applies_a_changed_body_limit(tmp_path):
+    echo = "export default async function (req) { return {status: 200, body: req.body.length}; }"
+    write_project(tmp_path, {"echo": echo}, "[limits]\nmax_body_bytes = 1024\n")
+    body = {"data": "x" * 2048, "headers": {"content-type": "text/plain"}}
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, client):
+            before = (await client.post("/echo", **body)).status_code
+            (tmp_path / "flux.toml").write_text("[limits]\nmax_body_bytes = 4096\n")
+            gateway.reload(gateway.project.reload())
+            after = await client.post("/echo", **body)
+            return before, after.status_code, await after.get_data(as_text=True)
+
+    assert asyncio.run(scenario()) == (413, 200, "2048")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import orjson
 
@@ -31,6 +32,7 @@ from flux.cdc.wire import format_lsn, pg_time_to_datetime
 from flux.errors import StreamError
 
 CONTEXT_PREFIX = "flux"
+TupleValueNotToast: TypeAlias = str | bytes | None
 MAX_RAW_CONTEXT = 4096
 
 
@@ -65,7 +67,7 @@ class MutationRow:
     new: str | None
     old_complete: bool | None
     missing_columns: list[str] | None
-    changed_columns: list[str] | None
+    changed_columns: Sequence[str] | None
     xid: int
     commit_lsn: str
     commit_time: datetime
@@ -95,8 +97,7 @@ class Backfill:
     context: str
 
 
-@dataclass(frozen=True, slots=True)
-class TransactionEnd:
+class TransactionEnd(NamedTuple):  # one per source transaction: a tuple is cheapest to build
     xid: int
     commit_lsn: int
     end_lsn: int
@@ -122,7 +123,6 @@ class _Table:
     names: tuple[str, ...]
     converters: tuple[Convert, ...]
     key_indexes: tuple[int, ...]  # replica identity key columns (pgoutput flags)
-    primary_key: tuple[int, ...] | None
     full_identity: bool
     old_images_full: bool  # 'O' old tuples really are whole rows (see Catalog.identity_full_everywhere)
     pk_resolved: bool = False
@@ -206,7 +206,6 @@ class Assembler:
             names=tuple(c.name for c in msg.columns),
             converters=tuple(self.types.converter_or_text(c.type_oid) for c in msg.columns),
             key_indexes=tuple(i for i, c in enumerate(msg.columns) if c.is_key),
-            primary_key=None,
             full_identity=msg.replica_identity == "f",
             old_images_full=msg.replica_identity == "f" and self.catalog.identity_full_everywhere(msg.relation_id),
         )
@@ -224,38 +223,48 @@ class Assembler:
         return None
 
     def change(self, msg: pg.Insert | pg.Update | pg.Delete) -> MutationRow:
-        txn = self._require("change", 0)
-        table = self._table(msg.relation_id)
-        rel = table.relation
+        """The row of any change; the engine calls `insert`, `update` and `delete` directly."""
         if isinstance(msg, pg.Insert):
-            new, missing = self._image(table, msg.new, None)
-            return self._row(txn, table, "insert", None, new, None, missing, list(new), key_source=new)
+            return self.insert(msg)
         if isinstance(msg, pg.Update):
-            old_raw = msg.old if msg.old_kind == "O" and table.old_images_full else None
-            old_complete = old_raw is not None
-            new, missing = self._image(table, msg.new, old_raw)
-            if old_raw is not None:
-                old, _ = self._image(table, old_raw, None)
-                changed = [table.names[i] for i, (a, b) in enumerate(zip(old_raw, msg.new)) if b is not pg.UNCHANGED_TOAST and a != b]
-            else:
-                source = msg.old if msg.old is not None else msg.new  # no old tuple: key unchanged
-                old = self._key_image(table, source)
-                changed = None
-            return self._row(txn, table, "update", old, new, old_complete, missing, changed, key_source=new)
+            return self.update(msg)
         if isinstance(msg, pg.Delete):
-            if msg.old_kind == "O" and table.old_images_full:
-                old, _ = self._image(table, msg.old, None)
-                return self._row(txn, table, "delete", old, None, True, None, list(old), key_source=old)
-            old = self._key_image(table, msg.old)
-            return self._row(txn, table, "delete", old, None, False, None, None, key_source=old)
-        raise StreamError(f"Not a row change: {type(msg).__name__}", relation=f"{rel.namespace}.{rel.name}")
+            return self.delete(msg)
+        raise StreamError(f"Not a row change: {type(msg).__name__}")
+
+    def insert(self, msg: pg.Insert) -> MutationRow:
+        txn = self._txn or self._require("INSERT", 0)
+        table = self._table(msg.relation_id)
+        new, missing = self._image(table, msg.new, None)
+        changed = table.names if missing is None else tuple(new)
+        return self._row(txn, table, "insert", None, new, None, missing, changed, new)
+
+    def update(self, msg: pg.Update) -> MutationRow:
+        txn = self._txn or self._require("UPDATE", 0)
+        table = self._table(msg.relation_id)
+        if msg.old_kind == "O" and table.old_images_full:
+            old, new, changed, missing = self._update_images(table, msg.old, msg.new)
+            return self._row(txn, table, "update", old, new, True, missing, changed, new)
+        new, missing = self._image(table, msg.new, None)
+        # Only the key of the old row is known; no old tuple at all means the key did not change.
+        old = self._key_image(table, msg.old if msg.old is not None else msg.new)
+        return self._row(txn, table, "update", old, new, False, missing, None, new)
+
+    def delete(self, msg: pg.Delete) -> MutationRow:
+        txn = self._txn or self._require("DELETE", 0)
+        table = self._table(msg.relation_id)
+        if msg.old_kind == "O" and table.old_images_full:
+            old, _ = self._image(table, msg.old, None)
+            return self._row(txn, table, "delete", old, None, True, None, tuple(old), old)
+        old = self._key_image(table, msg.old)
+        return self._row(txn, table, "delete", old, None, False, None, None, old)
 
     def truncate(self, msg: pg.Truncate) -> list[MutationRow]:
         txn = self._require("TRUNCATE", 0)
         rows = []
         for relation_id in msg.relation_ids:
             table = self._table(relation_id)
-            rows.append(self._row(txn, table, "truncate", None, None, None, None, None, key_source=None))
+            rows.append(self._row(txn, table, "truncate", None, None, None, None, None, None))
         return rows
 
     # -- images -------------------------------------------------------------------------
@@ -272,13 +281,45 @@ class Assembler:
                 if value is pg.UNCHANGED_TOAST:
                     missing = (missing or []) + [name]
                     continue
-            if value is None:
-                image[name] = None
-            elif isinstance(value, bytes):  # binary format is never requested; keep it visible if it comes
-                image[name] = "\\x" + value.hex()
-            else:
-                image[name] = convert(value)
+            image[name] = _odd_value(value, convert)
         return image, missing
+
+    def _update_images(
+        self, table: _Table, old_values: tuple, new_values: tuple
+    ) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str] | None]:
+        """(old image, new image, changed columns, missing columns) of an update with its whole old row.
+
+        One pass over both tuples: a column whose text did not change is converted once. A
+        column is changed when the new tuple carries a value that differs from the old one.
+        """
+        old: dict[str, Any] = {}
+        new: dict[str, Any] = {}
+        changed: list[str] = []
+        missing: list[str] | None = None
+        for name, convert, a, b in zip(table.names, table.converters, old_values, new_values):
+            if b.__class__ is str:
+                value = new[name] = convert(b)
+                if a == b:
+                    old[name] = value
+                    continue
+                changed.append(name)
+            elif b is pg.UNCHANGED_TOAST:  # not sent: the old row has it
+                if a is pg.UNCHANGED_TOAST:
+                    missing = (missing or []) + [name]
+                    continue
+                new[name] = old[name] = convert(a) if a.__class__ is str else _odd_value(a, convert)
+                continue
+            else:
+                new[name] = _odd_value(b, convert)
+                if a == b:
+                    old[name] = new[name]
+                    continue
+                changed.append(name)
+            if a.__class__ is str:
+                old[name] = convert(a)
+            elif a is not pg.UNCHANGED_TOAST:
+                old[name] = _odd_value(a, convert)
+        return old, new, tuple(changed), missing
 
     def _key_image(self, table: _Table, values: tuple) -> dict[str, Any]:
         """Only the replica-identity key columns: what pgoutput sends when identity is not FULL.
@@ -293,12 +334,7 @@ class Assembler:
             indexes = tuple(table.names.index(name) for name in self._primary_key(table))
         for i in indexes:
             value = values[i]
-            if value is None or value is pg.UNCHANGED_TOAST:
-                image[table.names[i]] = None
-            elif isinstance(value, bytes):
-                image[table.names[i]] = "\\x" + value.hex()
-            else:
-                image[table.names[i]] = table.converters[i](value)
+            image[table.names[i]] = None if value is pg.UNCHANGED_TOAST else _odd_value(value, table.converters[i])
         return image
 
     def _row(
@@ -310,35 +346,25 @@ class Assembler:
         new: dict | None,
         old_complete: bool | None,
         missing: list[str] | None,
-        changed: list[str] | None,
-        *,
+        changed: Sequence[str] | None,
         key_source: dict | None,
     ) -> MutationRow:
         row_key = None
         if key_source is not None:
-            pk = self._primary_key(table)
-            if pk and all(name in key_source for name in pk):
-                row_key = _dumps({name: key_source[name] for name in pk})
+            pk = table.pk_names if table.pk_resolved else self._primary_key(table)
+            if pk:
+                try:
+                    row_key = _dumps({name: key_source[name] for name in pk})
+                except KeyError:  # a key column is not in this image
+                    row_key = None
         seq = txn.seq
-        txn.seq += 1
+        txn.seq = seq + 1
         rel = table.relation
         return MutationRow(
-            request_id=txn.request_id,
-            context=txn.context,
-            schema_name=rel.namespace,
-            table_name=rel.name,
-            op=op,
-            row_key=row_key,
-            old=_dumps(old) if old is not None else None,
-            new=_dumps(new) if new is not None else None,
-            old_complete=old_complete,
-            missing_columns=missing,
-            changed_columns=changed,
-            xid=txn.xid,
-            commit_lsn=txn.commit_lsn_text,
-            commit_time=txn.commit_time,
-            seq=seq,
-        )
+            txn.request_id, txn.context, rel.namespace, rel.name, op, row_key,
+            None if old is None else _dumps(old), None if new is None else _dumps(new),
+            old_complete, missing, changed, txn.xid, txn.commit_lsn_text, txn.commit_time, seq,
+        )  # fmt: skip
 
     def _primary_key(self, table: _Table) -> tuple[str, ...]:
         if not table.pk_resolved:
@@ -369,3 +395,12 @@ class Assembler:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _odd_value(value: TupleValueNotToast, convert: Convert) -> Any:
+    """A value that is not the usual text: NULL, or binary (never requested; kept visible if it comes)."""
+    if value is None:
+        return None
+    if value.__class__ is bytes:
+        return "\\x" + value.hex()
+    return convert(value)

@@ -5,15 +5,17 @@
 
 Delivery is exactly once in `flux.state_mutations`:
 - mutations and progress commit in one sink transaction;
-- the server hears a flush LSN only after that commit;
+- the server hears a flush LSN only after that commit has completed (the sink commits on a
+  worker thread, `PipelinedSink`, while this loop goes on reading and decoding);
 - after any restart, transactions whose commit LSN is not newer than the stored progress are
   skipped (the server resends from its confirmed position, which may be older).
 
 Rows stream into one open COPY per sink transaction, at most `WRITE_ROWS` held in memory, so a
 huge source transaction needs bounded memory and becomes visible atomically at its commit.
 
-It does not parallelize: decoding, assembling and writing share one thread, while the server's
-walsender and the sink's backend work in their own processes.
+Decoding and assembling run on the engine's thread; COPY formatting and the sink's round trips
+on the sink's worker thread (one GIL: they overlap where the worker waits on the server). The
+server's walsender and the sink's backend work in their own processes.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from typing import Any
 import psycopg
 
 from flux.cdc import pgoutput as pg
-from flux.cdc.assembler import Assembler, MutationRow
-from flux.cdc.sink import MutationSink, PostgresCatalog, PostgresSink, Progress
+from flux.cdc.assembler import Assembler, MutationRow, TransactionEnd
+from flux.cdc.pipelined import Durable, PipelinedSink
+from flux.cdc.sink import PostgresCatalog, PostgresSink, Progress
 from flux.cdc.stream import ReplicationStream
 from flux.cdc.wire import Keepalive, format_lsn, parse_frame, xlogdata
 from flux.errors import DecodeError, FluxError, from_psycopg
@@ -42,6 +45,8 @@ log = logging.getLogger("flux.cdc")
 # the engine decodes, large enough to amortize the call.
 WRITE_ROWS = 500
 PROGRESS_LOG_INTERVAL = 10.0  # seconds between "recorded N mutations" log lines while busy
+DURABLE_POLL = 0.01  # seconds an idle read waits while a sink commit is in flight, to acknowledge it soon
+FLUSH_TIMEOUT = 60.0  # seconds a clean stop waits for the sink's last commits
 
 
 @dataclass(frozen=True)
@@ -121,17 +126,19 @@ class _Session:
         self.config = config
         self.stats = stats
         self._stop = stop
-        self.sink: MutationSink | None = None
+        self.sink: PipelinedSink | None = None
         self.catalog: PostgresCatalog | None = None
         self.stream: ReplicationStream | None = None
         self.assembler: Assembler | None = None
         self.progress: Progress | None = None
         self.skipping = False
         self.buffer: list[MutationRow] = []
+        self.write_rows = min(config.batch_rows, WRITE_ROWS)
         self.uncommitted_rows = 0  # written or buffered since the last sink commit
-        self.pending_end: Progress | None = None  # last source transaction ended but not yet committed to the sink
+        self.pending_end: TransactionEnd | None = None  # last source transaction ended but not yet handed to the sink to commit
         self.pending_since = 0.0
         self.confirmed = 0  # flush LSN the server may forget up to
+        self.durable = Durable(None, 0)  # the sink's last completed commit, as the engine last saw it
         self.received = 0
         self.last_status = 0.0
         self.last_reconcile = time.monotonic()
@@ -141,7 +148,8 @@ class _Session:
 
     def open(self) -> None:
         cfg = self.config
-        self.sink = PostgresSink(dsn=cfg.dsn)
+        # Queue at most one batch: a sink slower than the stream holds the engine back, not its memory.
+        self.sink = PipelinedSink(PostgresSink(dsn=cfg.dsn), max_queued_rows=cfg.batch_rows)
         self.catalog = PostgresCatalog(dsn=cfg.dsn)
         self.progress = self.sink.load_progress(cfg.slot)
         start = self.progress.end_lsn if self.progress else 0
@@ -152,15 +160,22 @@ class _Session:
         log.info("streaming slot %s from %s", cfg.slot, format_lsn(start))
 
     def consume(self) -> None:
-        assert self.stream is not None and self.assembler is not None
-        handlers = self._handlers
-        while not self._stop.is_set():
-            # Poll without waiting only while a finished transaction can be committed right away;
-            # inside an open one, its COMMIT must arrive first (no busy loop).
-            committable = self.pending_end is not None and not self.assembler.in_transaction
-            wait = 0.0 if committable else min(0.5, self.config.status_interval)
-            raw = self.stream.read(wait)
-            now = time.monotonic()
+        assert self.stream is not None and self.assembler is not None and self.sink is not None
+        # Locals: this loop runs once per message.
+        handlers, sink, assembler, read, decode = self._handlers, self.sink, self.assembler, self.stream.read, pg.decode
+        batch_rows, max_delay = self.config.batch_rows, self.config.max_commit_delay
+        status_interval = self.config.status_interval
+        idle_wait = min(0.5, status_interval)
+        stop, monotonic = self._stop, time.monotonic
+        while not stop.is_set():
+            if sink.durable is not self.durable:
+                self._on_durable(sink.durable)
+            if self.pending_end is not None and not assembler.in_transaction:
+                wait = 0.0  # a finished transaction can be committed right away: poll, do not wait
+            else:  # inside an open transaction its COMMIT must arrive first (no busy loop)
+                wait = DURABLE_POLL if sink.pending_commits else idle_wait
+            raw = read(wait)
+            now = monotonic()
             if raw is None:
                 if self.pending_end is not None:
                     self._commit()
@@ -169,16 +184,18 @@ class _Session:
                 continue
             data = xlogdata(raw)
             if data is not None:
-                self.received = max(self.received, data[0])
-                msg = pg.decode(data[1], lsn=data[0])
-                handler = handlers.get(type(msg))
+                lsn, payload = data
+                if lsn > self.received:
+                    self.received = lsn
+                msg = decode(payload, lsn=lsn)
+                handler = handlers.get(msg.__class__)
                 if handler is not None:  # Origin and Type carry nothing the log needs
                     handler(msg)
                 if self.pending_end is not None and (
-                    self.uncommitted_rows >= self.config.batch_rows or now - self.pending_since >= self.config.max_commit_delay
+                    self.uncommitted_rows >= batch_rows or now - self.pending_since >= max_delay
                 ):
                     self._commit()
-                if now - self.last_status >= self.config.status_interval:
+                if now - self.last_status >= status_interval:
                     self._maybe_status(now)
                 continue
             frame = parse_frame(raw)
@@ -192,7 +209,7 @@ class _Session:
                 ):
                     self._commit()
                 advanced = False
-                if not self.assembler.in_transaction and self.pending_end is None and not self.buffer:
+                if self._nothing_in_flight():
                     # Nothing in flight: everything before the server's position is either
                     # recorded or not published, so it need not be kept (no pinned WAL when idle).
                     advanced = frame.wal_end > self.confirmed
@@ -204,14 +221,22 @@ class _Session:
     @property
     def _handlers(self) -> dict[type, Callable[[Any], None]]:
         return {
-            pg.Insert: self._on_change, pg.Update: self._on_change, pg.Delete: self._on_change,
+            pg.Insert: self._on_insert, pg.Update: self._on_update, pg.Delete: self._on_delete,
             pg.Begin: self._on_begin, pg.Commit: self._on_commit, pg.Relation: self.assembler.relation,
             pg.LogicalMessage: self._on_message, pg.Truncate: self._on_truncate,
         }
 
-    def _on_change(self, msg: pg.Insert | pg.Update | pg.Delete) -> None:
+    def _on_insert(self, msg: pg.Insert) -> None:
         if not self.skipping:
-            self._add(self.assembler.change(msg))
+            self._add(self.assembler.insert(msg))
+
+    def _on_update(self, msg: pg.Update) -> None:
+        if not self.skipping:
+            self._add(self.assembler.update(msg))
+
+    def _on_delete(self, msg: pg.Delete) -> None:
+        if not self.skipping:
+            self._add(self.assembler.delete(msg))
 
     def _on_begin(self, msg: pg.Begin) -> None:
         self.assembler.begin(msg)
@@ -223,14 +248,14 @@ class _Session:
         if self.skipping:
             self.stats.skipped_transactions += 1
             self.skipping = False
-            if self.pending_end is None and not self.buffer:
+            if self._nothing_in_flight():
                 self.confirmed = max(self.confirmed, end.end_lsn)
             return
         self.stats.transactions += 1
         self.stats.last_commit_time = end.commit_time
         if self.pending_end is None:
             self.pending_since = time.monotonic()
-        self.pending_end = Progress(self.config.slot, end.commit_lsn, end.end_lsn, end.commit_time)
+        self.pending_end = end
 
     def _on_message(self, msg: pg.LogicalMessage) -> None:
         if self.skipping:
@@ -249,9 +274,10 @@ class _Session:
                 self._add(row)
 
     def _add(self, row: MutationRow) -> None:
-        self.buffer.append(row)
+        buffer = self.buffer
+        buffer.append(row)
         self.uncommitted_rows += 1
-        if len(self.buffer) >= min(self.config.batch_rows, WRITE_ROWS):
+        if len(buffer) >= self.write_rows:
             self._write_buffer()
 
     def _write_buffer(self) -> None:
@@ -263,19 +289,29 @@ class _Session:
             self.buffer = []
 
     def _commit(self) -> None:
-        """Commit every finished source transaction, then tell the server it may forget them."""
-        assert self.sink is not None and self.pending_end is not None and self.stream is not None
+        """Hand the sink the commit of every finished source transaction; `_on_durable` acknowledges it."""
+        assert self.sink is not None and self.pending_end is not None
         if self.assembler is not None and self.assembler.in_transaction:
             return  # rows of the open transaction are in the sink transaction too; wait for its COMMIT
         self._write_buffer()
-        self.sink.commit(self.pending_end, mutations=self.uncommitted_rows)
-        self.stats.mutations += self.uncommitted_rows
-        self.progress = self.pending_end
-        self.confirmed = max(self.confirmed, self.pending_end.end_lsn)
-        self.stats.confirmed_lsn = self.confirmed
+        end = self.pending_end
+        self.progress = Progress(self.config.slot, end.commit_lsn, end.end_lsn, end.commit_time)
+        self.sink.commit(self.progress, mutations=self.uncommitted_rows)
         self.pending_end = None
         self.uncommitted_rows = 0
+
+    def _on_durable(self, durable: Durable) -> None:
+        """A sink commit completed: the server may now forget what it covered."""
+        self.stats.mutations += durable.mutations - self.durable.mutations
+        self.durable = durable
+        if durable.progress is not None:
+            self.confirmed = max(self.confirmed, durable.progress.end_lsn)
         self._maybe_status(time.monotonic(), force=True)
+
+    def _nothing_in_flight(self) -> bool:
+        """No change received is waiting to be recorded: all of it has committed, or none was published."""
+        assert self.assembler is not None and self.sink is not None
+        return not self.assembler.in_transaction and self.pending_end is None and not self.buffer and not self.sink.pending_commits
 
     def _maybe_status(self, now: float, *, force: bool = False) -> None:
         if self.stream is None or not self.stream.is_open:
@@ -305,19 +341,19 @@ class _Session:
             log.info("now capturing new table %s", name)
 
     def close(self, *, flush: bool) -> None:
-        """Release connections. With `flush`, finished transactions are committed first, unless a
-        transaction is still open: it shares their sink transaction, so all of it is rolled back
-        and resent on the next start."""
+        """Release connections. With `flush`, finished transactions are committed and acknowledged
+        first, except those sharing a sink transaction with one still open: all of that is rolled
+        back and resent on the next start."""
         if flush and self.sink is not None:
-            if self.assembler is not None and self.assembler.in_transaction:
-                log.info("stopping mid-transaction: its rows will be resent on the next start")
-            elif self.pending_end is not None:
-                try:
+            try:
+                if self.assembler is not None and self.assembler.in_transaction:
+                    log.info("stopping mid-transaction: its rows will be resent on the next start")
+                elif self.pending_end is not None:
                     self._commit()
-                except FluxError as exc:
-                    log.warning("could not flush on stop: %s", exc)
+                self._on_durable(self.sink.wait_durable(FLUSH_TIMEOUT))
+            except FluxError as exc:
+                log.warning("could not flush on stop: %s", exc)
         if self.sink is not None:
-            self.sink.rollback()
             self.sink.close()
         if self.catalog is not None:
             self.catalog.close()

@@ -1,4 +1,4 @@
-"""Decode one pgoutput message (protocol version 1) into a small frozen dataclass.
+"""Decode one pgoutput message (protocol version 1) into a small immutable object.
 
 `decode(payload, lsn=...)` takes the bytes of one pgoutput message -- the payload of one
 XLogData frame, or one `data` row of `pg_logical_slot_peek_binary_changes` -- and returns a
@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 from flux.cdc.wire import format_lsn
 from flux.errors import DecodeError
@@ -77,15 +77,18 @@ UNCHANGED_TOAST: Final = UnchangedToast()
 TupleValue: TypeAlias = str | bytes | None | UnchangedToast
 
 
-@dataclass(frozen=True, slots=True)
-class Begin:
+# The five messages of every transaction are NamedTuples: the engine makes one per message, and
+# a tuple is built about three times as fast as a frozen dataclass. Like any tuple, each compares
+# equal to a plain tuple of the same values.
+
+
+class Begin(NamedTuple):
     final_lsn: int
     commit_time: int  # microseconds since 2000-01-01 UTC
     xid: int
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(NamedTuple):
     flags: int
     commit_lsn: int
     end_lsn: int
@@ -122,22 +125,19 @@ class Type:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
-class Insert:
+class Insert(NamedTuple):
     relation_id: int
     new: tuple[TupleValue, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Update:
+class Update(NamedTuple):
     relation_id: int
     old_kind: str | None  # 'K' replica-identity key, 'O' whole old row (REPLICA IDENTITY FULL), None
     old: tuple[TupleValue, ...] | None
     new: tuple[TupleValue, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Delete:
+class Delete(NamedTuple):
     relation_id: int
     old_kind: str  # 'K' or 'O'
     old: tuple[TupleValue, ...]

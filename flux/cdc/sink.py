@@ -65,11 +65,11 @@ def _text(value: str | None) -> str:
     return value
 
 
-def _array(names: list[str] | None, cache: dict[tuple[str, ...], str]) -> str:
+def _array(names: Sequence[str] | None, cache: dict[tuple[str, ...], str]) -> str:
     """A text[] in COPY text format, every element quoted so that no name needs special-casing."""
     if names is None:
         return "\\N"
-    key = tuple(names)
+    key = names if names.__class__ is tuple else tuple(names)
     literal = cache.get(key)
     if literal is None:  # the same column lists repeat row after row
         quoted = ('"' + n.replace("\\", "\\\\").replace('"', '\\"') + '"' for n in names)
@@ -82,23 +82,28 @@ def _copy_text(rows: Sequence[MutationRow]) -> Iterator[str]:
 
     Built here rather than by `copy.write_row`: psycopg's generic dumpers (its list dumper
     above all) cost about three times as much per row, and this loop bounds the engine's
-    throughput on large transactions.
+    throughput on large transactions. Values that repeat row after row (request ids, contexts,
+    names, a transaction's xid, LSN and time) are escaped once per call.
     """
     arrays: dict[tuple[str, ...], str] = {}
-    last_time: datetime | None = None
-    time_text = ""
+    repeated: dict[str | None, str] = {None: "\\N"}
+    last_lsn: str | None = None
+    txn_text = ""
     lines: list[str] = []
     size = 0
     for r in rows:
-        if r.commit_time is not last_time:  # one object per source transaction
-            last_time, time_text = r.commit_time, r.commit_time.isoformat()
+        if r.commit_lsn is not last_lsn:  # one string object per source transaction
+            last_lsn = r.commit_lsn
+            txn_text = f"{r.xid}\t{last_lsn}\t{r.commit_time.isoformat()}\t"
+        head = repeated.get(r.request_id), repeated.get(r.context), repeated.get(r.schema_name), repeated.get(r.table_name)
+        if None in head:
+            head = tuple(repeated.setdefault(v, _text(v)) for v in (r.request_id, r.context, r.schema_name, r.table_name))
         complete = r.old_complete
         line = "\t".join((
-            _text(r.request_id), _text(r.context), _text(r.schema_name), _text(r.table_name), r.op,
-            _text(r.row_key), _text(r.old), _text(r.new), "\\N" if complete is None else ("t" if complete else "f"),
-            _array(r.missing_columns, arrays), _array(r.changed_columns, arrays),
-            str(r.xid), r.commit_lsn, time_text, str(r.seq),
-        )) + "\n"
+            *head, r.op, _text(r.row_key), _text(r.old), _text(r.new),
+            "\\N" if complete is None else ("t" if complete else "f"),
+            _array(r.missing_columns, arrays), _array(r.changed_columns, arrays), txn_text,
+        )) + str(r.seq) + "\n"
         lines.append(line)
         size += len(line)
         if size >= _COPY_CHUNK:

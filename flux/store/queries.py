@@ -38,6 +38,11 @@ REQUEST_PREFIX = "req:"
 MAX_CANDIDATES = 10  # request ids listed in an AmbiguousError
 _MAX_KEY_FORMS = 64  # typed combinations tried for a composite key
 _TABLE_BLAME_BATCH = 500
+# One table's mutations, through its hash index (see flux.store.schema); the names are rechecked.
+_TABLE_IS = (
+    "flux.table_hash(schema_name, table_name) = flux.table_hash(%(schema)s, %(table)s)"
+    " AND schema_name = %(schema)s AND table_name = %(table)s"
+)
 
 _PLAIN_IDENT = re.compile(r"[^\W\dA-Z][\w$]*")  # needs no quotes (ASCII upper case folds)
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
@@ -307,9 +312,9 @@ def _catalog(conn: psycopg.Connection, schema: str, table: str) -> _Catalog | No
 def _recorded_key(conn: psycopg.Connection, schema: str, table: str) -> tuple[str, ...] | None:
     """Key columns of the table's latest recorded row change (for a table that is gone)."""
     row = conn.execute(
-        "SELECT row_key::text FROM flux.state_mutations WHERE schema_name = %s AND table_name = %s"
+        f"SELECT row_key::text FROM flux.state_mutations WHERE {_TABLE_IS}"
         " AND op <> 'truncate' ORDER BY commit_lsn DESC, seq DESC LIMIT 1",
-        (schema, table),
+        {"schema": schema, "table": table},
     ).fetchone()
     key = load_json(row[0]) if row else None
     return tuple(key) if key else None
@@ -318,7 +323,7 @@ def _recorded_key(conn: psycopg.Connection, schema: str, table: str) -> tuple[st
 def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None:
     _require_log(conn)
     if conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM flux.state_mutations WHERE schema_name = %s AND table_name = %s)", (schema, table)
+        f"SELECT EXISTS (SELECT 1 FROM flux.state_mutations WHERE {_TABLE_IS})", {"schema": schema, "table": table}
     ).fetchone()[0]:
         return
     name = format_table(schema, table)
@@ -405,12 +410,11 @@ def _row_query(schema: str, table: str, m: _RowMatch, limit: int | None) -> tupl
             UNION ALL
             SELECT commit_lsn, seq, {cols}
               FROM flux.state_mutations, first_m f
-             WHERE schema_name = %(schema)s AND table_name = %(table)s AND op = 'truncate'
-               AND (commit_lsn, seq) > (f.lsn, f.pos)
+             WHERE {table_is} AND op = 'truncate' AND (commit_lsn, seq) > (f.lsn, f.pos)
         )
         SELECT *, count(*) OVER () FROM history ORDER BY lsn DESC, pos DESC LIMIT %(limit)s
         """
-    ).format(cols=_MUTATION_COLUMNS, where=m.where)
+    ).format(cols=_MUTATION_COLUMNS, where=m.where, table_is=sql.SQL(_TABLE_IS))
     return query, {"schema": schema, "table": table, "limit": limit, **m.params}
 
 
@@ -532,9 +536,9 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
         page = sql.SQL("AND (commit_lsn, seq) < (%(lsn)s::pg_lsn, %(seq)s)") if after else sql.SQL("")
         rows = conn.execute(
             sql.SQL(
-                "SELECT {cols} FROM flux.state_mutations WHERE schema_name = %(schema)s AND table_name = %(table)s {page}"
+                "SELECT {cols} FROM flux.state_mutations WHERE {table_is} {page}"
                 " ORDER BY commit_lsn DESC, seq DESC LIMIT %(batch)s"
-            ).format(cols=_MUTATION_COLUMNS, page=page),
+            ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), page=page),
             {"schema": schema, "table": table, "lsn": after[0] if after else None, "seq": after[1] if after else None,
              "batch": _TABLE_BLAME_BATCH},
         ).fetchall()

@@ -9,6 +9,19 @@ from flux.errors import ConfigError
 from flux.store import queries
 from flux.store.schema import SCHEMA_VERSION, ensure_schema, schema_version
 
+# Each older version as its DDL left the log: a current schema taken back step by step.
+V3_LOG = """
+DROP INDEX flux.state_mutations_table_hash_idx;
+DROP INDEX flux.state_mutations_id_idx;
+DROP FUNCTION flux.table_hash(text, text);
+CREATE INDEX state_mutations_table_lsn_idx ON flux.state_mutations (schema_name, table_name, commit_lsn, seq);
+ALTER TABLE flux.state_mutations
+    DROP CONSTRAINT state_mutations_pkey,
+    ADD CONSTRAINT state_mutations_pkey PRIMARY KEY (id),
+    ADD CONSTRAINT state_mutations_commit_lsn_seq_key UNIQUE (commit_lsn, seq);
+UPDATE flux.meta SET value = '3' WHERE key = 'schema_version';
+"""
+
 V2_TABLES = """
 DROP TABLE flux.trace_requests;
 UPDATE flux.meta SET value = '2' WHERE key = 'schema_version';
@@ -39,8 +52,13 @@ def _insert(conn: psycopg.Connection, table: str, key: int, lsn: int) -> None:
     )
 
 
-def _as_v2(conn: psycopg.Connection) -> None:
+def _as_v3(conn: psycopg.Connection) -> None:
     ensure_schema(conn)
+    conn.execute(V3_LOG)
+
+
+def _as_v2(conn: psycopg.Connection) -> None:
+    _as_v3(conn)
     conn.execute(V2_TABLES)
 
 
@@ -55,7 +73,7 @@ def _has_traces(conn: psycopg.Connection) -> bool:
 
 def test_ensure_schema_creates_the_current_version_then_changes_nothing(conn):
     assert ensure_schema(conn) is True
-    assert schema_version(conn) == SCHEMA_VERSION == 3
+    assert schema_version(conn) == SCHEMA_VERSION == 4
     assert _has_traces(conn)
     assert ensure_schema(conn) is False
 
@@ -67,6 +85,29 @@ def test_trace_ids_are_c_collated_so_prefix_lookups_use_the_primary_key(conn):
         " WHERE table_schema = 'flux' AND table_name = 'trace_requests' AND column_name = 'id'"
     ).fetchone()[0]
     assert collation == "C"
+
+
+def _constraints(conn: psycopg.Connection) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'flux.state_mutations'::regclass"
+        " AND contype IN ('p', 'u')"
+    )
+    return dict(rows.fetchall())
+
+
+def test_ensure_schema_upgrades_v3_to_v4_with_cheaper_indexes_and_keeps_the_log(conn):
+    _as_v3(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    _insert(conn, "users", 7, 0x100)
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert _constraints(conn) == {"state_mutations_pkey": "PRIMARY KEY (commit_lsn, seq)"}
+    names = _indexes(conn)
+    assert {"state_mutations_table_hash_idx", "state_mutations_id_idx", "state_mutations_row_hash_idx"} <= names
+    assert "state_mutations_table_lsn_idx" not in names
+    history = queries.row_history(conn, "public", "users", id_value="7")
+    assert [m.new for m in history.mutations] == [{"id": 7}]
+    assert [c.row_key for c in queries.table_blame(conn, "public", "users", limit=5)] == [{"id": 7}]
 
 
 def test_ensure_schema_upgrades_v2_to_v3_adding_traces_and_keeping_the_log(conn):
@@ -83,15 +124,15 @@ def test_ensure_schema_upgrades_v2_to_v3_adding_traces_and_keeping_the_log(conn)
     assert [m.new for m in history.mutations] == [{"id": 7}]
 
 
-def test_ensure_schema_upgrades_v1_to_v3_in_place_and_keeps_the_log(conn):
+def test_ensure_schema_upgrades_v1_to_the_current_version_in_place_and_keeps_the_log(conn):
     _as_v1(conn)
     conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
     _insert(conn, "users", 7, 0x100)
     assert ensure_schema(conn) is True
     assert schema_version(conn) == SCHEMA_VERSION
     names = _indexes(conn)
-    assert {"state_mutations_row_hash_idx", "state_mutations_table_lsn_idx"} <= names
-    assert not {"state_mutations_row_idx", "state_mutations_table_idx"} & names
+    assert {"state_mutations_row_hash_idx", "state_mutations_table_hash_idx"} <= names
+    assert not {"state_mutations_row_idx", "state_mutations_table_idx", "state_mutations_table_lsn_idx"} & names
     assert _has_traces(conn)
     history = queries.row_history(conn, "public", "users", id_value="7")
     assert [m.new for m in history.mutations] == [{"id": 7}]
@@ -127,3 +168,20 @@ def test_row_history_finds_the_row_through_the_hash_index(conn):
     plan = json.dumps(conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()[0])
     assert "state_mutations_row_hash_idx" in plan
     assert "Seq Scan" not in plan
+
+
+def test_table_blame_reads_the_latest_changes_through_the_table_hash_index(conn):
+    ensure_schema(conn)
+    conn.execute(
+        "INSERT INTO flux.state_mutations (schema_name, table_name, op, row_key, new, xid, commit_lsn, commit_time, seq)"
+        " SELECT 'public', t, 'insert', jsonb_build_object('id', i), jsonb_build_object('id', i), 1,"
+        "        ('0/' || to_hex(i * 16 + n))::pg_lsn, now(), 0"
+        "   FROM generate_series(1, 20000) i, unnest(ARRAY['users', 'orders', 'items', 'carts']) WITH ORDINALITY u(t, n)"
+    )
+    conn.execute("ANALYZE flux.state_mutations")
+    query = psycopg.sql.SQL(
+        "EXPLAIN (FORMAT JSON) SELECT * FROM flux.state_mutations WHERE {} ORDER BY commit_lsn DESC, seq DESC LIMIT 500"
+    ).format(psycopg.sql.SQL(queries._TABLE_IS))
+    plan = json.dumps(conn.execute(query, {"schema": "public", "table": "users"}).fetchone()[0])
+    assert "state_mutations_table_hash_idx" in plan
+    assert "Seq Scan" not in plan and "Sort" not in plan

@@ -54,7 +54,7 @@ class EngineConfig:
     dsn: str
     slot: str = "flux"
     publication: str = "flux"
-    batch_rows: int = 5000  # rows per sink commit under load; also caps rows buffered in memory
+    batch_rows: int = 10_000  # rows per sink commit under load; also caps rows queued for the sink
     max_commit_delay: float = 0.2  # seconds a finished source transaction may wait for its sink commit
     status_interval: float = 5.0  # seconds between standby status updates
     backoff_initial: float = 0.5
@@ -208,13 +208,7 @@ class _Session:
                     frame.reply_requested or now - self.pending_since >= self.config.max_commit_delay
                 ):
                     self._commit()
-                advanced = False
-                if self._nothing_in_flight():
-                    # Nothing in flight: everything before the server's position is either
-                    # recorded or not published, so it need not be kept (no pinned WAL when idle).
-                    advanced = frame.wal_end > self.confirmed
-                    self.confirmed = max(self.confirmed, frame.wal_end)
-                self._maybe_status(now, force=frame.reply_requested or advanced)
+                self._maybe_status(now, force=self._advance_if_idle() or frame.reply_requested)
                 continue
             raise DecodeError("XLogData or keepalive expected", first_byte=raw[0])
 
@@ -306,7 +300,16 @@ class _Session:
         self.durable = durable
         if durable.progress is not None:
             self.confirmed = max(self.confirmed, durable.progress.end_lsn)
+        self._advance_if_idle()
         self._maybe_status(time.monotonic(), force=True)
+
+    def _advance_if_idle(self) -> bool:
+        """With nothing in flight, everything the server has sent is recorded or not published, so
+        it need not be kept: confirm up to the server's last position (no pinned WAL when idle)."""
+        if self.received > self.confirmed and self._nothing_in_flight():
+            self.confirmed = self.received
+            return True
+        return False
 
     def _nothing_in_flight(self) -> bool:
         """No change received is waiting to be recorded: all of it has committed, or none was published."""

@@ -1,7 +1,7 @@
-"""A `MutationSink` on a worker thread, so that the engine decodes while the sink commits.
+"""A sink on a worker thread, so that the engine decodes while the sink commits.
 
-`PipelinedSink` wraps another sink and makes every call on it from one worker thread, in the
-order the engine made them. `write`, `backfill` and `commit` return as soon as they are queued;
+`PipelinedSink` wraps another sink (an `EncodingSink`) and makes every call on it from one
+worker thread, in the order the engine made them; only encoding rows happens on the caller's. `write`, `backfill` and `commit` return as soon as they are queued;
 `durable` reports the last commit that has completed. The engine acknowledges to the server
 only what `durable` reports, so delivery stays exactly once: a crash loses the queue and the
 open sink transaction, and the server resends everything after the last durable progress.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flux.cdc.assembler import Backfill, MutationRow
-from flux.cdc.sink import MutationSink, Progress
+from flux.cdc.sink import EncodingSink, Progress
 from flux.errors import ConnectionLostError
 
 log = logging.getLogger("flux.cdc")
@@ -50,7 +50,7 @@ class Durable:
 class PipelinedSink:
     """Runs `sink` on a worker thread. Create one per engine session; `close()` ends it."""
 
-    def __init__(self, sink: MutationSink, *, max_queued_rows: int) -> None:
+    def __init__(self, sink: EncodingSink, *, max_queued_rows: int) -> None:
         self._sink = sink
         self._max_queued_rows = max(1, max_queued_rows)
         self._queue: deque[tuple[str, Any]] = deque()
@@ -85,11 +85,16 @@ class PipelinedSink:
         return self._call(lambda: self._sink.load_progress(slot_name))
 
     def write(self, rows: Sequence[MutationRow]) -> None:
-        """Queue rows for the open sink transaction; waits while the queue is full."""
+        """Queue rows for the open sink transaction; waits while the queue is full.
+
+        The rows are encoded here, on the caller's thread: the worker then holds the GIL only
+        briefly between its calls to the server, so it answers the server as soon as it can.
+        """
+        encoded = self._sink.encode(rows)
         with self._changed:
             while self._queued_rows >= self._max_queued_rows and self._error is None:
                 self._changed.wait()
-            self._put("write", rows, rows=len(rows))
+            self._put("write", encoded, rows=encoded.rows)
 
     def backfill(self, backfill: Backfill) -> None:
         with self._changed:
@@ -171,12 +176,12 @@ class PipelinedSink:
                     return
                 kind, payload = self._queue.popleft()
                 if kind == "write":
-                    self._queued_rows -= len(payload)
+                    self._queued_rows -= payload.rows
                     self._changed.notify_all()  # room in the queue
                 self._running = kind
             try:
                 if kind == "write":
-                    sink.write(payload)
+                    sink.write_encoded(payload)
                 elif kind == "backfill":
                     sink.backfill(payload)
                 elif kind == "commit":

@@ -49,6 +49,26 @@ class MutationSink(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedRows:
+    """Rows in a sink's wire form, ready to send."""
+
+    chunks: tuple[bytes, ...]
+    rows: int
+    first_commit_lsn: str
+
+
+class EncodingSink(MutationSink, Protocol):
+    """A sink that encodes rows apart from sending them, so that the two can run on different threads.
+
+    `write(rows)` is `write_encoded(encode(rows))`; `encode` is pure and may run on any thread.
+    """
+
+    def encode(self, rows: Sequence[MutationRow]) -> EncodedRows: ...
+
+    def write_encoded(self, encoded: EncodedRows) -> None: ...
+
+
 _COPY_COLUMNS = COLUMNS  # `_copy_text` writes in MutationRow's field order
 _COPY_SQL = f"COPY flux.state_mutations ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
 _COPY_CHUNK = 1 << 20  # characters per copy.write(): bounds the text held on top of the rows
@@ -165,22 +185,31 @@ class PostgresSink:
         return Progress(slot_name, parse_lsn(row[0]), parse_lsn(row[1]), row[2])
 
     def write(self, rows: Sequence[MutationRow]) -> None:
+        self.write_encoded(self.encode(rows))
+
+    @staticmethod
+    def encode(rows: Sequence[MutationRow]) -> EncodedRows:
+        """Rows as COPY text, UTF-8 encoded."""
+        chunks = tuple(chunk.encode() for chunk in _copy_text(rows))
+        return EncodedRows(chunks, len(rows), rows[0].commit_lsn if rows else "")
+
+    def write_encoded(self, encoded: EncodedRows) -> None:
         """Stream rows into the COPY of the current sink transaction, opening it if needed.
 
         The COPY stays open until commit (or a backfill), so the server ingests one batch
         while the engine decodes the next: the two run in parallel.
         """
-        if not rows:
+        if not encoded.rows:
             return
         try:
             if self._copy is None:
                 self._cursor = self._conn.cursor()
                 self._copy_context = self._cursor.copy(_COPY_SQL)
                 self._copy = self._copy_context.__enter__()
-            for chunk in _copy_text(rows):
+            for chunk in encoded.chunks:
                 self._copy.write(chunk)
         except psycopg.Error as exc:
-            raise from_psycopg(exc, "Could not write mutations", commit_lsn=rows[0].commit_lsn) from exc
+            raise from_psycopg(exc, "Could not write mutations", commit_lsn=encoded.first_commit_lsn) from exc
 
     def _finish_copy(self) -> None:
         """End the open COPY; waits for the server to have stored every row sent."""
@@ -207,22 +236,24 @@ class PostgresSink:
     def commit(self, progress: Progress, *, mutations: int) -> None:
         try:
             self._finish_copy()
-            self._conn.execute(
-                """
-                INSERT INTO flux.cdc_progress AS p
-                    (slot_name, commit_lsn, end_lsn, commit_time, mutations, consumer_host, consumer_pid, heartbeat_at, updated_at)
-                VALUES (%s, %s::pg_lsn, %s::pg_lsn, %s, %s, %s, %s, now(), now())
-                ON CONFLICT (slot_name) DO UPDATE SET
-                    commit_lsn = excluded.commit_lsn, end_lsn = excluded.end_lsn, commit_time = excluded.commit_time,
-                    mutations = p.mutations + excluded.mutations, consumer_host = excluded.consumer_host,
-                    consumer_pid = excluded.consumer_pid, heartbeat_at = now(), updated_at = now()
-                """,
-                (
-                    progress.slot_name, format_lsn(progress.commit_lsn), format_lsn(progress.end_lsn),
-                    progress.commit_time, mutations, self._host, self._pid,
-                ),
-            )
-            self._conn.commit()
+            # Progress and COMMIT in one round trip: the server waits for the next command in between otherwise.
+            with self._conn.pipeline():
+                self._conn.execute(
+                    """
+                    INSERT INTO flux.cdc_progress AS p
+                        (slot_name, commit_lsn, end_lsn, commit_time, mutations, consumer_host, consumer_pid, heartbeat_at, updated_at)
+                    VALUES (%s, %s::pg_lsn, %s::pg_lsn, %s, %s, %s, %s, now(), now())
+                    ON CONFLICT (slot_name) DO UPDATE SET
+                        commit_lsn = excluded.commit_lsn, end_lsn = excluded.end_lsn, commit_time = excluded.commit_time,
+                        mutations = p.mutations + excluded.mutations, consumer_host = excluded.consumer_host,
+                        consumer_pid = excluded.consumer_pid, heartbeat_at = now(), updated_at = now()
+                    """,
+                    (
+                        progress.slot_name, format_lsn(progress.commit_lsn), format_lsn(progress.end_lsn),
+                        progress.commit_time, mutations, self._host, self._pid,
+                    ),
+                )
+                self._conn.commit()
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not commit mutations", lsn=format_lsn(progress.commit_lsn)) from exc
 

@@ -91,7 +91,7 @@ class ReplicationStream:
         """The next CopyData frame, raw (see `flux.cdc.wire`), or None if none arrived within
         `timeout` seconds. The view is valid until the next call."""
         pgconn = self._require()
-        deadline = time.monotonic() + timeout
+        deadline = None
         while True:
             try:
                 nbytes, data = pgconn.get_copy_data(1)
@@ -99,6 +99,8 @@ class ReplicationStream:
                 raise self._lost(str(exc)) from exc
             if nbytes > 0:
                 return data
+            if deadline is None:  # only now: most calls find a frame buffered already
+                deadline = time.monotonic() + timeout
             if nbytes == -1:  # COPY ended: the server closed the stream (shutdown, terminate)
                 result = pgconn.get_result()
                 message = result.error_message.decode(errors="replace").strip() if result is not None else ""

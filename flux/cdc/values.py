@@ -57,7 +57,9 @@ def _numeric(text: str) -> Fragment | str:
 _JSON_ESCAPES = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.S)
 # A number jsonb's numeric may not hold (131072 digits before the point, 16383 after, counting
 # the exponent). Conservative: any 4-digit exponent or 15000-digit run, even inside a string.
-_HUGE_NUMBER = re.compile(r"\d[eE][+-]?\d{4}|(?<!\d)\d{15000}")
+# The exponent is found from its letter (the regex engine skips fast to an 'e'), then the digit before it is checked.
+_EXPONENT_4 = re.compile(r"[eE][+-]?\d{4}")
+_DIGITS_15000 = re.compile(r"\d{15000}")
 
 
 def jsonb_refuses(text: str) -> bool:
@@ -79,7 +81,9 @@ def jsonb_refuses(text: str) -> bool:
                 high_end = m.end()
         if high_end >= 0:
             return True
-    return _HUGE_NUMBER.search(text) is not None
+    if len(text) >= 15000 and _DIGITS_15000.search(text):
+        return True
+    return any(m.start() > 0 and text[m.start() - 1].isdigit() for m in _EXPONENT_4.finditer(text))
 
 
 def _json(text: str) -> Fragment | str:

@@ -33,7 +33,7 @@ def run(
     database: DatabaseOption = None,
     slot: SlotOption = "flux",
     publication: Annotated[str | None, typer.Option("--publication", help="Publication (default: the one attach recorded).")] = None,
-    batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows per sink commit under load (several source transactions share one commit).")] = 5000,
+    batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows per sink commit under load (several source transactions share one commit); also the most rows queued for the sink.")] = 10_000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Consume the slot and record every change into flux.state_mutations until SIGINT/SIGTERM."""

@@ -55,7 +55,7 @@ class EngineConfig:
     slot: str = "flux"
     publication: str = "flux"
     batch_rows: int = 10_000  # rows per sink commit under load; also caps rows queued for the sink
-    max_commit_delay: float = 0.2  # seconds a finished source transaction may wait for its sink commit
+    max_commit_delay: float = 0.2  # seconds a finished source transaction may wait for a sink commit to start, none being in flight
     status_interval: float = 5.0  # seconds between standby status updates
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -168,16 +168,22 @@ class _Session:
         idle_wait = min(0.5, status_interval)
         stop, monotonic = self._stop, time.monotonic
         while not stop.is_set():
+            # Group commit: one sink commit in flight at a time. What finishes meanwhile waits and
+            # goes in the next one, handed over as soon as the one in flight is durable.
             if sink.durable is not self.durable:
                 self._on_durable(sink.durable)
-            if self.pending_end is not None and not assembler.in_transaction:
+                if self.pending_end is not None:
+                    self._commit()
+            if sink.pending_commits:
+                wait = DURABLE_POLL  # read on, and look at the commit in flight again soon
+            elif self.pending_end is not None and not assembler.in_transaction:
                 wait = 0.0  # a finished transaction can be committed right away: poll, do not wait
             else:  # inside an open transaction its COMMIT must arrive first (no busy loop)
-                wait = DURABLE_POLL if sink.pending_commits else idle_wait
+                wait = idle_wait
             raw = read(wait)
             now = monotonic()
             if raw is None:
-                if self.pending_end is not None:
+                if self.pending_end is not None and not sink.pending_commits:
                     self._commit()
                 self._maybe_status(now)
                 self._maybe_reconcile(now)
@@ -192,7 +198,7 @@ class _Session:
                 if handler is not None:  # Origin and Type carry nothing the log needs
                     handler(msg)
                 if self.pending_end is not None and (
-                    self.uncommitted_rows >= batch_rows or now - self.pending_since >= max_delay
+                    self.uncommitted_rows >= batch_rows or (now - self.pending_since >= max_delay and not sink.pending_commits)
                 ):
                     self._commit()
                 if now - self.last_status >= status_interval:
@@ -204,8 +210,8 @@ class _Session:
                 # The walsender sends one each time it catches up, which under steady writes is
                 # after nearly every transaction: committing on each would mean one sink commit
                 # per source transaction. Idleness is caught by an empty read instead.
-                if self.pending_end is not None and (
-                    frame.reply_requested or now - self.pending_since >= self.config.max_commit_delay
+                if self.pending_end is not None and not sink.pending_commits and (
+                    frame.reply_requested or now - self.pending_since >= max_delay
                 ):
                     self._commit()
                 self._maybe_status(now, force=self._advance_if_idle() or frame.reply_requested)

@@ -6,14 +6,15 @@ One run starts its own throwaway PostgreSQL cluster (fsync, synchronous_commit a
 full_page_writes on), runs two phases, prints a summary with the issue's targets judged on this
 run, writes JSON, and destroys the cluster:
 
-1. Steady state. pgbench's tpcb-like workload at full speed in five configurations: no capture
+1. Steady state. pgbench's tpcb-like workload at full speed in these configurations: no capture
    (wal_level=replica, no slot, default replica identity); a generic row-audit trigger; Flux
    attached with the engine stopped (the write path's own cost: logical WAL, full old rows and a
    request-context message per transaction), after which the engine drains what piled up; Flux
    attached with the engine consuming concurrently (on this machine it competes with pgbench
    for the same cores); Flux attached, engine stopped, without the message (a diagnostic that
    splits the write path's cost); and no capture again. The two runs without capture bracket the others,
-   so drift over the run shows.
+   so drift over the run shows. No capture and Flux attached (engine stopped) also run with prepared
+   statements (`pgbench -M prepared`), bracketed the same way.
 2. Backlog. With the engine stopped, a server-side loop commits many tpcb-like transactions;
    then `pg_recvlogical` (the same pgoutput stream to a file: the limit of decoding here), the
    engine and pypgoutput's reader (in a virtualenv of its own) each drain it from their own slot,
@@ -90,7 +91,8 @@ class Params:
     clients: int = 8  # pgbench -c (2 cores: 8 clients saturate the CPU)
     threads: int = 2  # pgbench -j
     warmup_s: int = 5  # unmeasured pgbench run before each measured one
-    run_s: int = 30  # each measured pgbench run
+    run_s: int = 15  # each measured pgbench run
+    write_path_rounds: int = 6  # rounds of (a) against (b), alternating which goes first (even: as often each)
     backlog_txns: int = 150_000  # x4 changes
     backlog_sessions: int = 2
     drain_rounds: int = 2  # pg_recvlogical and the engine alternate, each round on fresh slots; the best counts
@@ -100,7 +102,7 @@ class Params:
     pypgoutput_timeout_s: float = 900.0  # pypgoutput's reader is the slow peer: one round only
 
 
-QUICK = Params(warmup_s=3, run_s=15, backlog_txns=125_000, drain_rounds=1, decode_repeats=2)
+QUICK = Params(warmup_s=3, run_s=10, write_path_rounds=4, backlog_txns=125_000, drain_rounds=1, decode_repeats=2)
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -145,13 +147,13 @@ class Bench:
         self.port, self.bindir, self.wal_level = info.port, info.bindir, wal_level
         wait_until_accepting(self.dsn)
 
-    def pgbench(self, seconds: int, script: Path | None = None) -> dict:
-        """pgbench's built-in tpcb-like script, or `script` (a file) when given."""
+    def pgbench(self, seconds: int, script: Path | None = None, protocol: str = "simple") -> dict:
+        """pgbench's built-in tpcb-like script, or `script` (a file) when given; `protocol` is pgbench's -M."""
         p = self.params
         # A custom script gets :scale only from -s (pgbench reads it from pgbench_branches for built-ins alone).
         workload = ["-f", str(script), "-s", str(p.scale)] if script else ["-b", "tpcb-like"]
         proc = self.spawn(
-            [f"{self.bindir}/pgbench", "-n", *workload, "-c", str(p.clients), "-j", str(p.threads), "-T", str(seconds), self.dsn],
+            [f"{self.bindir}/pgbench", "-n", "-M", protocol, *workload, "-c", str(p.clients), "-j", str(p.threads), "-T", str(seconds), self.dsn],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         out, err = proc.communicate()
@@ -245,14 +247,14 @@ class Bench:
 
     def measured_run(
         self, label: str, *, script: Path | None = None, captured: bool = False,
-        engine: subprocess.Popen | None = None, walsender: int | None = None,
+        engine: subprocess.Popen | None = None, walsender: int | None = None, protocol: str = "simple",
     ) -> dict:  # fmt: skip
         """One pgbench window after a warm-up. `captured`: Flux's slot exists; `engine`: the engine
         consumes it meanwhile (it must have caught up with the warm-up before the window starts)."""
         p = self.params
         self.sql("VACUUM pgbench_branches, pgbench_tellers")
         self.sql("CHECKPOINT")
-        warmup = self.pgbench(p.warmup_s, script)
+        warmup = self.pgbench(p.warmup_s, script, protocol)
         if engine is not None and self.wait_confirmed(SLOT, self.sql("SELECT pg_current_wal_lsn()::text")[0][0], p.catchup_timeout_s) is None:
             raise BenchError("the engine did not catch up with the warm-up run")
         print(f"  {label}: pgbench {p.clients} clients, {p.run_s}s ...", flush=True)
@@ -262,7 +264,7 @@ class Bench:
         ts0, lsn0, _, mut0 = self.snapshot(flux=captured)
         wal0 = self.wal_stats()
         window = CpuWindow(pids).start()
-        bench = self.pgbench(p.run_s, script)
+        bench = self.pgbench(p.run_s, script, protocol)
         cpu = window.stop()
         ts1, lsn1, lsn1_text, mut1 = self.snapshot(flux=captured)
         wal1 = self.wal_stats()
@@ -272,6 +274,7 @@ class Bench:
         run = {
             "wal_level": self.wal_level,
             "workload": f"tpcb-like + flux context message ({script.name})" if script else "tpcb-like (built-in)",
+            "protocol": protocol,
             "pgbench": bench,
             "warmup_transactions": warmup["transactions"],
             "source_changes_per_s": round(CHANGES_PER_TXN * bench["transactions"] / wall),
@@ -344,6 +347,48 @@ class Bench:
             "vs_load_seconds": round(seconds / (p.warmup_s + stopped["cpu"]["wall_s"]), 2),
         }
 
+    def use_capture(self, captured: bool) -> None:
+        """Restart the cluster as Flux attached (wal_level=logical, `flux attach`) or as no capture
+        (wal_level=replica, no slot, the tables' own replica identity). Either way it restarts, so
+        that both start alike."""
+        if captured:
+            self.start_cluster("logical")
+            attach(self.dsn, tables=TABLES, slot=SLOT, publication=PUBLICATION)
+        else:
+            if self.wal_level == "logical":
+                detach(self.dsn, slot=SLOT)  # a logical slot keeps the server from starting at wal_level=replica
+            self.start_cluster("replica")
+
+    def write_path(self, script: Path, prepared_script: Path) -> list[dict]:
+        """Target (iii): rounds of no capture against Flux attached with the engine stopped, each
+        with pgbench's simple protocol and with prepared statements. Which goes first alternates, so
+        that drift over the run falls on both alike; the last window is Flux's (b), so that the
+        engine's drain of it follows."""
+        p = self.params
+        rounds = []
+        for r in range(p.write_path_rounds):
+            flux_first = (p.write_path_rounds - r) % 2 == 0  # the last round runs (a) first
+            tag = f"round {r + 1}/{p.write_path_rounds}"
+            got: dict = {"flux_first": flux_first}
+            for captured in (flux_first, not flux_first):
+                self.use_capture(captured)
+                if captured:
+                    got["flux_prepared"] = self.measured_run(
+                        f"(b') {tag}: Flux attached, engine stopped, prepared statements",
+                        script=prepared_script, captured=True, protocol="prepared",
+                    )
+                    # The drain after the last (b) counts (b)'s transactions only.
+                    self.sql("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (SLOT,))
+                    got["flux"] = self.measured_run(f"(b) {tag}: Flux attached, engine stopped", script=script, captured=True)
+                else:
+                    got["no_capture"] = self.measured_run(f"(a) {tag}: no capture (wal_level=replica)")
+                    got["no_capture_prepared"] = self.measured_run(f"(a') {tag}: no capture, prepared statements", protocol="prepared")
+            got["tps_ratio"] = round(got["flux"]["pgbench"]["tps"] / got["no_capture"]["pgbench"]["tps"], 3)
+            got["prepared_tps_ratio"] = round(got["flux_prepared"]["pgbench"]["tps"] / got["no_capture_prepared"]["pgbench"]["tps"], 3)
+            print(f"  {tag}: TPS (b)/(a) {got['tps_ratio']:.3f}, prepared (b')/(a') {got['prepared_tps_ratio']:.3f}", flush=True)
+            rounds.append(got)
+        return rounds
+
     def steady(self) -> dict:
         p = self.params
         print(f"steady state: pgbench -i -s {p.scale}", flush=True)
@@ -352,13 +397,11 @@ class Bench:
         builtin = subprocess.run([f"{self.bindir}/pgbench", "--show-script=tpcb-like"], capture_output=True, text=True, check=True)
         script = self.workdir / "tpcb-like-flux-context.sql"
         script.write_text(with_context_message(builtin.stderr or builtin.stdout))
-        runs = {"no_capture_before": self.measured_run("(a) no capture (wal_level=replica)")}
-        runs["audit_trigger"] = self.audit_run()
-
-        self.start_cluster("logical")
-        attach(self.dsn, tables=TABLES, slot=SLOT, publication=PUBLICATION)
-        runs["flux_engine_stopped"] = self.measured_run("(b) Flux attached, engine stopped", script=script, captured=True)
-        engine, walsender, drain = self.drain_after_stopped_window(runs["flux_engine_stopped"])
+        prepared_script = self.workdir / "tpcb-like-flux-context-prepared.sql"
+        prepared_script.write_text(with_context_message(builtin.stderr or builtin.stdout, prepared=True))
+        runs = {"audit_trigger": self.audit_run()}
+        rounds = self.write_path(script, prepared_script)  # ends attached, right after a (b) window
+        engine, walsender, drain = self.drain_after_stopped_window(rounds[-1]["flux"])
         try:
             runs["flux_engine_consuming"] = self.measured_run(
                 "(c) Flux attached, engine consuming", script=script, captured=True, engine=engine, walsender=walsender
@@ -372,24 +415,37 @@ class Bench:
         runs["flux_engine_stopped_no_message"] = self.measured_run("(b0) Flux attached, engine stopped, no message", captured=True)
         detach(self.dsn, slot=SLOT)
 
-        self.start_cluster("replica")
-        runs["no_capture_after"] = self.measured_run("(a) no capture again (wal_level=replica)")
-        before, after, consuming = runs["no_capture_before"], runs["no_capture_after"], runs["flux_engine_consuming"]
-        base_tps = statistics.mean([before["pgbench"]["tps"], after["pgbench"]["tps"]])
-        base_wal = statistics.mean([before["wal_bytes_per_txn"], after["wal_bytes_per_txn"]])
-        peers = ("flux_engine_stopped", "flux_engine_consuming", "audit_trigger", "flux_engine_stopped_no_message")
+        base_tps = statistics.mean(r["no_capture"]["pgbench"]["tps"] for r in rounds)
+        base_wal = statistics.mean(r["no_capture"]["wal_bytes_per_txn"] for r in rounds)
+        ratios = [r["tps_ratio"] for r in rounds]
+        prepared = [r["prepared_tps_ratio"] for r in rounds]
+        consuming = runs["flux_engine_consuming"]
         source = consuming["source_changes_per_s"]
+        flux_wal = statistics.mean(r["flux"]["wal_bytes_per_txn"] for r in rounds)
         return {
             "script": script.read_text(),
+            "prepared_script": prepared_script.read_text(),
+            "write_path": {
+                "rounds": rounds,
+                "tps_ratio_median": round(statistics.median(ratios), 3),
+                "tps_ratio_range": [min(ratios), max(ratios)],
+                "prepared_tps_ratio_median": round(statistics.median(prepared), 3),
+                "prepared_tps_ratio_range": [min(prepared), max(prepared)],
+                "no_capture_tps_mean": round(base_tps, 1),
+                "flux_tps_mean": round(statistics.mean(r["flux"]["pgbench"]["tps"] for r in rounds), 1),
+            },
             **runs,
             "drain_after_engine_stopped": drain,
             "ratios": {
-                "tps_vs_no_capture": {name: round(runs[name]["pgbench"]["tps"] / base_tps, 3) for name in peers},
-                "no_capture_after_vs_before": round(after["pgbench"]["tps"] / before["pgbench"]["tps"], 3),
+                # Peers measured once, against the mean of every (a) window.
+                "tps_vs_no_capture": {name: round(runs[name]["pgbench"]["tps"] / base_tps, 3) for name in runs},
                 "tps_message_vs_no_message": round(
-                    runs["flux_engine_stopped"]["pgbench"]["tps"] / runs["flux_engine_stopped_no_message"]["pgbench"]["tps"], 3
+                    rounds[-1]["flux"]["pgbench"]["tps"] / runs["flux_engine_stopped_no_message"]["pgbench"]["tps"], 3
                 ),
-                "wal_per_txn_vs_no_capture": {name: round(runs[name]["wal_bytes_per_txn"] / base_wal, 2) for name in peers},
+                "wal_per_txn_vs_no_capture": {
+                    "flux_engine_stopped": round(flux_wal / base_wal, 2),
+                    **{name: round(runs[name]["wal_bytes_per_txn"] / base_wal, 2) for name in runs},
+                },
                 "persisted_vs_source_change_rate": round(consuming["persisted_changes_per_s"] / source, 3) if source else None,
             },
         }

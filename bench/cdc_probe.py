@@ -231,25 +231,25 @@ def decoder_peers(payloads: list[bytes], catalog: Catalog) -> dict[str, Callable
 
     classes = {ord("B"): pypg.Begin, ord("C"): pypg.Commit, ord("R"): pypg.Relation, ord("I"): pypg.Insert,
                ord("U"): pypg.Update, ord("D"): pypg.Delete, ord("T"): pypg.Truncate}  # fmt: skip
+    decodable = [p for p in payloads if p[0] in classes]  # it has no decoder for logical messages ('M')
 
     def pypgoutput_decoder() -> None:
-        for payload in payloads:
+        for payload in decodable:
             classes[payload[0]](payload)
 
     def flux_decode_and_assemble() -> None:
         """What the engine does to each message, short of reading the socket and writing the sink."""
         decode, asm = pgoutput.decode, Assembler(catalog=catalog)
-        change_types = (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)
+        handlers = {
+            pgoutput.Insert: asm.insert, pgoutput.Update: asm.update, pgoutput.Delete: asm.delete,
+            pgoutput.Begin: asm.begin, pgoutput.Commit: asm.commit, pgoutput.Relation: asm.relation,
+            pgoutput.LogicalMessage: asm.message,
+        }  # fmt: skip
         for payload in payloads:
             msg = decode(payload)
-            if isinstance(msg, change_types):
-                asm.change(msg).as_tuple()
-            elif isinstance(msg, pgoutput.Begin):
-                asm.begin(msg)
-            elif isinstance(msg, pgoutput.Commit):
-                asm.commit(msg)
-            elif isinstance(msg, pgoutput.Relation):
-                asm.relation(msg)
+            handler = handlers.get(msg.__class__)
+            if handler is not None:
+                handler(msg)
 
     return {
         "flux_decoder": flux_decoder,

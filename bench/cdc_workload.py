@@ -2,7 +2,7 @@
 
 - the tpcb-like script with Flux's request-context message in each transaction;
 - the generic row-audit trigger, the classic alternative to CDC;
-- the server-side loop that commits the backlog.
+- the server-side loop that commits the backlog (with the same message).
 
 Nothing here connects to a server or runs a process: bench/cdc.py does.
 """
@@ -14,25 +14,36 @@ TABLES = ["public.pgbench_accounts", "public.pgbench_branches", "public.pgbench_
 
 # The message as the README recommends sending it: with BEGIN, in the same round trip
 # (`\\;` makes one pgbench command of both), so it costs one WAL record and no extra round trip.
-# The request id is unique per transaction: the client's id and a 50-bit random number
-# (pgbench has no per-transaction counter).
+# The JSON is built by the client, as an application does (flux.context builds it with orjson):
+# pgbench substitutes its variables into the literal. The request id is unique per transaction:
+# the client's id and a 50-bit random number (pgbench has no per-transaction counter).
 CONTEXT_STATEMENTS = (
     "\\set rid random(1, 1125899906842624)\n",
     "BEGIN \\; SELECT pg_logical_emit_message(true, 'flux', "
-    "format('{\"request_id\": \"pgbench-%s-%s\", \"function\": \"pgbench\"}', :client_id, :rid));\n",
+    "'{\"request_id\": \"pgbench-:client_id-:rid\", \"function\": \"pgbench\"}');\n",
+)
+# With prepared statements (`pgbench -M prepared`, as drivers run repeated statements) one
+# command is one statement, so the message is a statement of its own, one more round trip: what
+# `flux.context.emit` costs on a psycopg connection. Variables are parameters there, so the JSON is
+# built by format(); the casts type the parameters.
+PREPARED_CONTEXT_STATEMENTS = (
+    CONTEXT_STATEMENTS[0],
+    "BEGIN;\nSELECT pg_logical_emit_message(true, 'flux', "
+    "format('{\"request_id\": \"pgbench-%s-%s\", \"function\": \"pgbench\"}', :client_id::int, :rid::bigint));\n",
 )
 
 
-def with_context_message(builtin: str) -> str:
+def with_context_message(builtin: str, *, prepared: bool = False) -> str:
     """pgbench's built-in script (`pgbench --show-script=tpcb-like`) plus the `flux` message.
 
-    BEGIN and the message go together as the transaction's first command; the rest is unchanged.
+    BEGIN and the message go together as the transaction's first command (with `prepared`, as
+    its first two); the rest is unchanged.
     """
     lines = [line + "\n" for line in builtin.splitlines() if line.strip() and not line.startswith("--")]
     begin = next((i for i, line in enumerate(lines) if line.strip().upper() == "BEGIN;"), None)
     if begin is None:
         raise ValueError(f"no BEGIN; in pgbench's tpcb-like script:\n{builtin}")
-    set_rid, begin_and_emit = CONTEXT_STATEMENTS
+    set_rid, begin_and_emit = PREPARED_CONTEXT_STATEMENTS if prepared else CONTEXT_STATEMENTS
     return "".join([set_rid, *lines[:begin], begin_and_emit, *lines[begin + 1 :]])
 
 
@@ -68,7 +79,8 @@ AUDIT_REMOVE_SQL = "".join(f"DROP TRIGGER audit_row ON {table};\n" for table in 
 
 
 # One tpcb-like transaction per iteration, committed by the loop: the same four changes as
-# pgbench's script, without a client round trip per statement.
+# pgbench's script, without a client round trip per statement, each with its `flux` context
+# message as Flux's own writes carry one (so the engine records a request id and a context per row).
 BACKLOG_SQL = """
 DO $$
 DECLARE v_aid int; v_bid int; v_tid int; v_delta int;
@@ -78,6 +90,8 @@ BEGIN
     v_bid := 1 + floor(random() * {branches})::int;
     v_tid := 1 + floor(random() * {tellers})::int;
     v_delta := floor(random() * 10001)::int - 5000;
+    PERFORM pg_logical_emit_message(true, 'flux',
+        format('{{"request_id": "backlog-%s-%s", "function": "backlog"}}', pg_backend_pid(), i));
     UPDATE pgbench_accounts SET abalance = abalance + v_delta WHERE aid = v_aid;
     UPDATE pgbench_tellers SET tbalance = tbalance + v_delta WHERE tid = v_tid;
     UPDATE pgbench_branches SET bbalance = bbalance + v_delta WHERE bid = v_bid;

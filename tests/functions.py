@@ -102,13 +102,13 @@ async def running_gateway(root: Path, dsn: str | None, *, sink: Any = None, work
 
     from flux.gateway.app import Gateway, create_app
     from flux.project import load_project
-    from flux.runtime.host import HttpxTransport
+    from flux.runtime.host import AiohttpTransport
 
     pool = None
     if dsn is not None:
         pool = AsyncConnectionPool(dsn, min_size=1, max_size=16, open=False)
         await pool.open(wait=True)
-    transport = HttpxTransport()
+    transport = AiohttpTransport()
     gateway = Gateway(load_project(root), transport=transport, db_pool=pool, sink=sink, workers=workers,
                       pool_size=pool_size, record=record)
     app = create_app(gateway)

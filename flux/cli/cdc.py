@@ -24,7 +24,7 @@ def setup_logging(verbose: bool) -> None:
         datefmt="%Y-%m-%d %H:%M:%S",
     )
     # One line per outbound call or served request is noise; traces record every one of them.
-    for chatty in ("httpx", "httpcore", "hypercorn.access"):
+    for chatty in ("aiohttp.client", "hypercorn.access"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 

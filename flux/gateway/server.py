@@ -29,7 +29,7 @@ from flux.errors import ConfigError, from_psycopg
 from flux.gateway.app import Gateway, create_app
 from flux.gateway.traces import TraceWriter
 from flux.project import Project, load_project
-from flux.runtime.host import HttpxTransport
+from flux.runtime.host import AiohttpTransport
 
 log = logging.getLogger("flux.gateway")
 
@@ -90,7 +90,7 @@ async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callabl
     writer = TraceWriter(config.dsn) if config.record else None
     if writer is not None:
         await writer.start()
-    transport = HttpxTransport()
+    transport = AiohttpTransport()
     gateway = Gateway(project, transport=transport, db_pool=db_pool, sink=writer, workers=config.workers,
                       pool_size=config.pool_size, record=config.record, trace_reader=trace_reader(config.dsn))
 

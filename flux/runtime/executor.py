@@ -70,6 +70,18 @@ def new_span_id() -> str:
     return secrets_module.token_hex(8)
 
 
+async def _then_drain(isolate: Isolate, code: str) -> dict[str, Any]:
+    """Run `code`, then `__flux_drain()` once the microtasks it queued have run: what the function
+    did meanwhile. Microtasks run only when an eval ends, so the drain is an eval of its own; both
+    are posted together (an isolate runs its evals in order), so the loop waits once."""
+    drain = asyncio.ensure_future(isolate.eval_cancelable("__flux_drain()"))
+    try:
+        await isolate.eval_cancelable(code)
+        return orjson.loads(await drain)
+    finally:
+        drain.cancel()  # a no-op once it is done; on an error or a timeout it must not outlive the request
+
+
 def _eval_arg(value: Any) -> str:
     """A JSON document as a JS string literal, for JSON.parse on the JS side (never an object literal)."""
     return orjson.dumps(orjson.dumps(value).decode()).decode()
@@ -207,8 +219,7 @@ class _Run:
             "request": self.call.request, "request_id": self.call.request_id, "tenant": self.call.tenant,
             "function": self.compiled.name, "replay": self.call.replay, "secrets": self.call.secrets,
         }
-        out = orjson.loads(await isolate.eval_cancelable(f"__flux_start({_eval_arg(start)})"))
-        drained = False  # start's answer predates the microtasks it queued
+        out = await _then_drain(isolate, f"__flux_start({_eval_arg(start)})")
         while True:
             for call_id, op, args, parent, seq, site in out["calls"]:
                 task = asyncio.ensure_future(self._host_call(op, args, parent, seq, site))
@@ -216,9 +227,6 @@ class _Run:
             if out["done"] is not None:
                 return out["done"], out["result"]
             if not self.inflight:
-                if not drained:
-                    out, drained = orjson.loads(await isolate.eval_cancelable("__flux_drain()")), True
-                    continue
                 raise _Stuck("the function is awaiting a Promise that nothing will settle")
             finished, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
             settled = []
@@ -226,8 +234,7 @@ class _Run:
                 call_id = self.inflight.pop(task)
                 ok, value = task.result()
                 settled.append([call_id, ok, value])
-            await isolate.eval_cancelable(f"__flux_settle({_eval_arg(settled)})")
-            out, drained = orjson.loads(await isolate.eval_cancelable("__flux_drain()")), True
+            out = await _then_drain(isolate, f"__flux_settle({_eval_arg(settled)})")
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
         if op == "timer":

@@ -5,10 +5,11 @@
 attributes every write of the request; `finish(commit=...)` commits or rolls back. Statements
 are serialised: a request's queries share one connection, in the order the function issued them.
 
-`Transport` is the seam for outbound calls: `HttpxTransport` in production; anything with the
-same `send()` in tests. `FetchPolicy` applies the allow-list and names spans after tools.
+`Transport` is the seam for outbound calls: `AiohttpTransport` in production (aiohttp costs
+about a fifth of httpx's CPU per call, and outbound calls were most of the gateway's Python
+work). `FetchPolicy` applies the allow-list and names spans after tools.
 
-What this module does not do: it never sees JavaScript, and it does not redact (the executor
+What this module does not do: it never sees JavaScript, and it does not redact (the gateway
 redacts the whole trace at the end, once, so nothing can slip past a per-field rule).
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import orjson
 import psycopg
 from psycopg.rows import dict_row
@@ -33,13 +33,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.project import FetchConfig
-
-try:
-    import sniffio  # noqa: F401
-except ImportError:
-    # httpcore runs `import sniffio` on every request; without the package, each failed import
-    # searches sys.path again (about 0.1 ms a call). A None entry makes it fail at once.
-    sys.modules.setdefault("sniffio", None)
 
 _VERB = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
 _IDENT = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
@@ -221,26 +214,36 @@ class Transport(Protocol):
     async def send(self, method: str, url: str, headers: dict[str, str], body: str | None, timeout_s: float) -> FetchResult: ...
 
 
-class HttpxTransport:
+class AiohttpTransport:
+    """`ctx.fetch` over one aiohttp session (its connection pool), made at the first call: it
+    needs the running loop. Redirects are not followed, proxies from the environment are not
+    used, and cookies are never kept: a cookie one request receives must not reach another's
+    call (another tenant's, even)."""
+
     def __init__(self) -> None:
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self._session: aiohttp.ClientSession | None = None
 
     async def send(self, method: str, url: str, headers: dict[str, str], body: str | None, timeout_s: float) -> FetchResult:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
         try:
-            response = await self._client.request(
-                method, url, headers=headers, content=body.encode() if body is not None else None, timeout=timeout_s
-            )
-        except httpx.TimeoutException:
+            async with self._session.request(
+                method, url, headers=headers, data=body.encode() if body is not None else None,
+                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                text = await response.text(errors="replace")
+        except TimeoutError:  # aiohttp's timeouts are asyncio's, which are TimeoutError since 3.11
             raise TimeoutError(f"no response within {timeout_s * 1000:.0f} ms") from None
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot send to
             raise OSError(f"{type(exc).__name__}: {exc}") from None
         return FetchResult(
-            status=response.status_code, headers={k.lower(): v for k, v in response.headers.items()},
-            body=response.text, url=str(response.url), reason=response.reason_phrase,
+            status=response.status, headers={k.lower(): v for k, v in response.headers.items()},
+            body=text, url=str(response.url), reason=response.reason or "",
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 class FetchPolicy:

@@ -19,19 +19,21 @@ import re
 import time
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from py_mini_racer import JSEvalException, LibAlreadyInitializedError, MiniRacer, init_mini_racer
 
 # Compile eagerly: each isolate runs its code once, so V8's lazy compilation would put the
 # compile of every prelude function on the request path (measured: the first eval of a request
 # 0.83 -> 0.51 ms). The cost moves to warming, off the response path.
-V8_FLAGS = ("--single-threaded", "--no-lazy")
+V8_FLAGS = ("--single-threaded", "--no-lazy", "--no-enable-lazy-source-positions")
 try:
     init_mini_racer(flags=V8_FLAGS)
 except LibAlreadyInitializedError:  # an embedding application initialised V8 first: keep its flags
     pass
 
-try:
+try:  # mini-racer's own internal seams (pinned: mini-racer 0.14); see Isolate
+    from py_mini_racer._context import _UNCANCELABLE_TASK_CALLBACK_ID
     from py_mini_racer._mini_racer import _make_context
 except ImportError:  # another mini-racer: isolates are then made on the loop thread
     _make_context = None
@@ -98,28 +100,30 @@ def _load_error(function: Function, exc: JSEvalException) -> str:
 class Isolate:
     """One V8 isolate holding the prelude and one function, used for one request and closed.
 
-    The expensive halves of its life, creating and freeing the V8 isolate, run on a worker
-    thread (the native calls release the GIL), so they overlap with the event loop's work
-    instead of stalling it. mini-racer binds an isolate to an event loop when it is made; the
-    context is made for the running loop explicitly, through `_make_context(event_loop=...)`,
-    which is mini-racer's own internal seam (pinned: mini-racer 0.14).
+    Creating, loading and freeing an isolate (about 3 ms of CPU) happen on worker threads,
+    never on the event loop: `new_isolate_async` makes the context there and runs the prelude
+    and the function's code with synchronous evals that no loop sees (the context is nobody
+    else's yet). The context is bound to the running loop when it is made, so that a request's
+    `eval_cancelable` calls resolve on that loop. Both rest on mini-racer's internal seams,
+    `_make_context(event_loop=...)` and its uncancelable-task queue (pinned: mini-racer 0.14).
     """
 
-    __slots__ = ("_maker", "mr")
+    __slots__ = ("_maker", "context")
 
-    def __init__(self, mr: MiniRacer, maker: object | None) -> None:
-        self.mr = mr
+    def __init__(self, context: Any, maker: Any) -> None:
+        self.context = context  # py_mini_racer's Context, or a MiniRacer where its internals are missing
         self._maker = maker
 
     async def eval_cancelable(self, code: str) -> object:
-        return await self.mr.eval_cancelable(code)
+        return await self.context.eval_cancelable(code)
 
     def close(self) -> None:
         """Free the isolate now; this also stops JS that is still running in it."""
-        mr, maker, self._maker = self.mr, self._maker, None
-        mr.close()
+        maker, self._maker = self._maker, None
         if maker is not None:
             maker.__exit__(None, None, None)
+        elif isinstance(self.context, MiniRacer):
+            self.context.close()
 
     def close_soon(self) -> None:
         """Free the isolate on a worker thread, off the response path."""
@@ -129,50 +133,57 @@ class Isolate:
             self.close()
 
 
-def _load(mr: MiniRacer, compiled: CompiledFunction, memory_mb: int) -> None:
+def _eval_unshared(context: Any, code: str) -> object:
+    """A synchronous eval from any thread, for a context no one else uses yet (its results queue is single file)."""
+    handle = context._python_to_value_handle(code)
+    context._dll.mr_eval(context._ctx, handle.raw, _UNCANCELABLE_TASK_CALLBACK_ID)
+    return context._value_handle_to_python(context._non_cancelable_mr_task_results_queue.get())
+
+
+def _make_loaded(compiled: CompiledFunction, memory_mb: int, loop: asyncio.AbstractEventLoop) -> Isolate:
+    """A context bound to `loop`, with the prelude and the function loaded; runs on any thread."""
     assert compiled.script is not None
-    mr.set_hard_memory_limit(memory_mb * 1024 * 1024)
-    mr.eval(PRELUDE)
-    mr.eval(compiled.script)
+    maker = _make_context(event_loop=loop)
+    context = maker.__enter__()
+    try:
+        context.set_hard_memory_limit(memory_mb * 1024 * 1024)
+        _eval_unshared(context, PRELUDE)
+        _eval_unshared(context, compiled.script)
+    except BaseException:
+        maker.__exit__(None, None, None)
+        raise
+    return Isolate(context, maker)
 
 
 def new_isolate(compiled: CompiledFunction, *, memory_mb: int) -> Isolate:
-    """An isolate made entirely on the calling thread (no worker thread)."""
+    """An isolate made entirely on the calling thread, for the loop running there (if any)."""
+    assert compiled.script is not None
+    if _make_context is not None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            return _make_loaded(compiled, memory_mb, loop)
     mr = MiniRacer()
-    _load(mr, compiled, memory_mb)
+    mr.set_hard_memory_limit(memory_mb * 1024 * 1024)
+    mr.eval(PRELUDE)
+    mr.eval(compiled.script)
     return Isolate(mr, None)
 
 
 async def new_isolate_async(compiled: CompiledFunction, *, memory_mb: int) -> Isolate:
-    """An isolate whose V8 half is made on a worker thread, bound to the running loop."""
+    """An isolate made and loaded on a worker thread, bound to the running loop."""
     if _make_context is None:
         return new_isolate(compiled, memory_mb=memory_mb)
-    loop = asyncio.get_running_loop()
-
-    def make() -> tuple[object, object]:
-        maker = _make_context(event_loop=loop)
-        return maker, maker.__enter__()
-
-    maker, context = await asyncio.to_thread(make)
-    mr = MiniRacer(context=context)
-    try:
-        mr.set_hard_memory_limit(memory_mb * 1024 * 1024)
-        # Cancelable evals wait without blocking the loop, unlike MiniRacer.eval.
-        await mr.eval_cancelable(PRELUDE)
-        await mr.eval_cancelable(compiled.script)
-    except BaseException:
-        mr.close()
-        maker.__exit__(None, None, None)
-        raise
-    return Isolate(mr, maker)
+    return await asyncio.to_thread(_make_loaded, compiled, memory_mb, asyncio.get_running_loop())
 
 
 class IsolatePool:
     """Warm isolates for one compiled function; `acquire()` hands out a fresh one.
 
-    An isolate takes about 2 ms of CPU to make and free, most of it on a worker thread
-    (`new_isolate_async`); loading the prelude and the function (about 0.6 ms) runs on the
-    loop. That work is batched: used isolates are parked by `release()`, and only when the
+    An isolate takes about 3 ms of CPU to make, load and free, all of it on worker threads
+    (`new_isolate_async`, `Isolate.close`). That work is batched: used isolates are parked by `release()`, and only when the
     pool falls to half its size does one maintenance pass free the parked ones and refill to
     full. Most requests therefore run while no isolate is being made or freed.
     """

@@ -296,7 +296,7 @@
       result = handler(info.request, ctx);
     } catch (e) {
       finish(false, describe(e));
-      return g.__flux_drain();
+      return;
     }
     Promise.resolve(result).then((value) => {
       try {
@@ -309,11 +309,10 @@
         finish(false, { ...describe(e), name: "NonSerializableReturn" });
       }
     }, (e) => finish(false, describe(e)));
-    return g.__flux_drain();
   };
 
-  // __flux_start returns what __flux_drain would, saving a round trip for handlers that call ctx
-  // before their first await. Microtasks run only after an eval returns, so settling needs a drain.
+  // What the function did since the last drain. Microtasks run only when an eval ends, so the host
+  // drains in an eval of its own after each __flux_start and __flux_settle (posted right behind it).
   g.__flux_drain = function () {
     const out = { calls: outbox.splice(0, outbox.length), done };
     if (done) out.result = { tape, truncated, entropy_used: entropy.slice(0, entropyAt), spans: spans.concat(openSteps), events: functionEvents };

@@ -171,11 +171,12 @@ def _params(r: TraceRecord) -> tuple:
 
 
 def insert_traces(conn: psycopg.Connection, records: list[TraceRecord]) -> None:
-    """Write a batch in one round trip (executemany runs as one pipeline). A record whose id is
-    already stored is skipped, so a batch retried after a lost acknowledgement is harmless."""
+    """Write a batch in one round trip (executemany runs as one pipeline) and one transaction
+    (one commit, one WAL flush, however many records). A record whose id is already stored is
+    skipped, so a batch retried after a lost acknowledgement is harmless."""
     if not records:
         return
-    with conn.cursor() as cur:
+    with conn.transaction(), conn.cursor() as cur:
         cur.executemany(_INSERT, [_params(r) for r in records])
 
 
@@ -183,7 +184,7 @@ async def insert_traces_async(aconn: psycopg.AsyncConnection, records: list[Trac
     """`insert_traces` for the gateway's writer task."""
     if not records:
         return
-    async with aconn.cursor() as cur:
+    async with aconn.transaction(), aconn.cursor() as cur:
         await cur.executemany(_INSERT, [_params(r) for r in records])
 
 

@@ -11,7 +11,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from flux.project import load_project
 from flux.runtime.executor import Execution, Executor, Invocation
-from flux.runtime.host import FetchPolicy, HttpxTransport
+from flux.runtime.host import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import IsolatePool, compile_function
 from tests.functions import Stub, write_project
 
@@ -24,7 +24,7 @@ def execute(root: Path, name: str, body: Any = None, *, dsn: str | None = None, 
         if dsn is not None:
             db_pool = AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False)
             await db_pool.open(wait=True)
-        transport = HttpxTransport()
+        transport = AiohttpTransport()
         executor = Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=transport, db_pool=db_pool)
         pool = IsolatePool(compile_function(project.functions[name]), size=1, memory_mb=project.limits.memory_mb)
         try:
@@ -300,7 +300,7 @@ def test_concurrent_requests_in_one_isolate_pool_stay_separate(tmp_path, stub: S
     project = load_project(tmp_path)
 
     async def main() -> list[Execution]:
-        transport = HttpxTransport()
+        transport = AiohttpTransport()
         executor = Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=transport, db_pool=None)
         pool = IsolatePool(compile_function(project.functions["echo"]), size=4, memory_mb=64)
         pool.warm_now()

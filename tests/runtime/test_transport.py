@@ -31,7 +31,7 @@ async def _server(reply: Callable[[str, dict[str, str], bytes], bytes]) -> tuple
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 writer.write(reply(target, headers, body))
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):  # the client left, or the test ended
             writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)

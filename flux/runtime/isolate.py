@@ -234,10 +234,16 @@ class IsolatePool:
             self._maintenance = None
 
     async def _maintain(self) -> None:
-        used, self._used = self._used, []
-        if used:
-            await asyncio.to_thread(lambda: [isolate.close() for isolate in used])
-        while not self._closed and len(self._warm) < self.size:
+        """Free what requests have used, then refill. Freeing comes first at every step: while
+        requests outpace a refill, the isolates they park would otherwise pile up until the
+        process runs out of memory mappings (V8 then aborts the whole process)."""
+        while not self._closed:
+            if self._used:
+                used, self._used = self._used, []
+                await asyncio.to_thread(lambda: [isolate.close() for isolate in used])
+                continue
+            if len(self._warm) >= self.size:
+                return
             try:
                 isolate = await new_isolate_async(self.compiled, memory_mb=self.memory_mb)
             except Exception:  # noqa: BLE001 -- a failed warm-up must not kill the pool; acquire retries inline

@@ -1,6 +1,6 @@
 """CDC benchmark: what capturing costs the write path, and how fast the engine drains a backlog.
 
-    .venv/bin/python bench/cdc.py [--quick] [--out bench/results/cdc-DATE.json] [--profile]
+    .venv/bin/python bench/cdc.py [--quick] [--out bench/results/cdc-DATE.json] [--profile] [--prepared]
 
 One run starts its own throwaway PostgreSQL cluster (fsync, synchronous_commit and
 full_page_writes on), runs two phases, prints a summary with the issue's targets judged on this
@@ -12,9 +12,8 @@ run, writes JSON, and destroys the cluster:
    request-context message per transaction), after which the engine drains what piled up; Flux
    attached with the engine consuming concurrently (on this machine it competes with pgbench
    for the same cores); Flux attached, engine stopped, without the message (a diagnostic that
-   splits the write path's cost); and no capture again. The two runs without capture bracket the others,
-   so drift over the run shows. No capture and Flux attached (engine stopped) also run with prepared
-   statements (`pgbench -M prepared`), bracketed the same way.
+   splits the write path's cost). No capture and Flux attached (engine stopped) alternate in rounds;
+   with `--prepared` each round also runs both with prepared statements (`pgbench -M prepared`).
 2. Backlog. With the engine stopped, a server-side loop commits many tpcb-like transactions;
    then `pg_recvlogical` (the same pgoutput stream to a file: the limit of decoding here), the
    engine and pypgoutput's reader (in a virtualenv of its own) each drain it from their own slot,
@@ -41,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -92,7 +91,11 @@ class Params:
     threads: int = 2  # pgbench -j
     warmup_s: int = 5  # unmeasured pgbench run before each measured one
     run_s: int = 15  # each measured pgbench run
-    write_path_rounds: int = 6  # rounds of (a) against (b), alternating which goes first (even: as often each)
+    # Rounds of (a) against (b), alternating which goes first (even: as often each). One round's ratio
+    # had a standard deviation of 0.04 to 0.09 between runs here, so a median of 6 could be off by
+    # 0.05 itself, as much as the cost judged; 12 rounds halve the variance.
+    write_path_rounds: int = 12
+    prepared: bool = False  # also (a') and (b') in every round: prepared statements, a diagnostic
     backlog_txns: int = 150_000  # x4 changes
     backlog_sessions: int = 2
     drain_rounds: int = 2  # pg_recvlogical and the engine alternate, each round on fresh slots; the best counts
@@ -102,7 +105,7 @@ class Params:
     pypgoutput_timeout_s: float = 900.0  # pypgoutput's reader is the slow peer: one round only
 
 
-QUICK = Params(warmup_s=3, run_s=10, write_path_rounds=4, backlog_txns=125_000, drain_rounds=1, decode_repeats=2)
+QUICK = Params(warmup_s=3, run_s=10, write_path_rounds=6, backlog_txns=125_000, drain_rounds=1, decode_repeats=2)
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -360,10 +363,10 @@ class Bench:
             self.start_cluster("replica")
 
     def write_path(self, script: Path, prepared_script: Path) -> list[dict]:
-        """Target (iii): rounds of no capture against Flux attached with the engine stopped, each
-        with pgbench's simple protocol and with prepared statements. Which goes first alternates, so
-        that drift over the run falls on both alike; the last window is Flux's (b), so that the
-        engine's drain of it follows."""
+        """Target (iii): rounds of no capture against Flux attached with the engine stopped (with
+        `--prepared`, each also with prepared statements). Which goes first alternates, so that
+        drift over the run falls on both alike; the last window is Flux's (b), so that the engine's
+        drain of it follows."""
         p = self.params
         rounds = []
         for r in range(p.write_path_rounds):
@@ -373,19 +376,28 @@ class Bench:
             for captured in (flux_first, not flux_first):
                 self.use_capture(captured)
                 if captured:
-                    got["flux_prepared"] = self.measured_run(
-                        f"(b') {tag}: Flux attached, engine stopped, prepared statements",
-                        script=prepared_script, captured=True, protocol="prepared",
-                    )
-                    # The drain after the last (b) counts (b)'s transactions only.
-                    self.sql("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (SLOT,))
+                    if p.prepared:
+                        got["flux_prepared"] = self.measured_run(
+                            f"(b') {tag}: Flux attached, engine stopped, prepared statements",
+                            script=prepared_script, captured=True, protocol="prepared",
+                        )
+                        # The drain after the last (b) counts (b)'s transactions only.
+                        self.sql("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (SLOT,))
                     got["flux"] = self.measured_run(f"(b) {tag}: Flux attached, engine stopped", script=script, captured=True)
                 else:
                     got["no_capture"] = self.measured_run(f"(a) {tag}: no capture (wal_level=replica)")
-                    got["no_capture_prepared"] = self.measured_run(f"(a') {tag}: no capture, prepared statements", protocol="prepared")
+                    if p.prepared:
+                        got["no_capture_prepared"] = self.measured_run(
+                            f"(a') {tag}: no capture, prepared statements", protocol="prepared"
+                        )
             got["tps_ratio"] = round(got["flux"]["pgbench"]["tps"] / got["no_capture"]["pgbench"]["tps"], 3)
-            got["prepared_tps_ratio"] = round(got["flux_prepared"]["pgbench"]["tps"] / got["no_capture_prepared"]["pgbench"]["tps"], 3)
-            print(f"  {tag}: TPS (b)/(a) {got['tps_ratio']:.3f}, prepared (b')/(a') {got['prepared_tps_ratio']:.3f}", flush=True)
+            line = f"  {tag}: TPS (b)/(a) {got['tps_ratio']:.3f}"
+            if p.prepared:
+                got["prepared_tps_ratio"] = round(
+                    got["flux_prepared"]["pgbench"]["tps"] / got["no_capture_prepared"]["pgbench"]["tps"], 3
+                )
+                line += f", prepared (b')/(a') {got['prepared_tps_ratio']:.3f}"
+            print(line, flush=True)
             rounds.append(got)
         return rounds
 
@@ -418,7 +430,7 @@ class Bench:
         base_tps = statistics.mean(r["no_capture"]["pgbench"]["tps"] for r in rounds)
         base_wal = statistics.mean(r["no_capture"]["wal_bytes_per_txn"] for r in rounds)
         ratios = [r["tps_ratio"] for r in rounds]
-        prepared = [r["prepared_tps_ratio"] for r in rounds]
+        prepared = [r["prepared_tps_ratio"] for r in rounds if "prepared_tps_ratio" in r]
         consuming = runs["flux_engine_consuming"]
         source = consuming["source_changes_per_s"]
         flux_wal = statistics.mean(r["flux"]["wal_bytes_per_txn"] for r in rounds)
@@ -429,8 +441,8 @@ class Bench:
                 "rounds": rounds,
                 "tps_ratio_median": round(statistics.median(ratios), 3),
                 "tps_ratio_range": [min(ratios), max(ratios)],
-                "prepared_tps_ratio_median": round(statistics.median(prepared), 3),
-                "prepared_tps_ratio_range": [min(prepared), max(prepared)],
+                **({"prepared_tps_ratio_median": round(statistics.median(prepared), 3),
+                    "prepared_tps_ratio_range": [min(prepared), max(prepared)]} if prepared else {}),
                 "no_capture_tps_mean": round(base_tps, 1),
                 "flux_tps_mean": round(statistics.mean(r["flux"]["pgbench"]["tps"] for r in rounds), 1),
             },
@@ -724,8 +736,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Shorter runs (about half the time).")
     parser.add_argument("--out", type=Path, help="JSON result path (default: bench/results/cdc-DATE.json).")
     parser.add_argument("--profile", action="store_true", help="Sample the engine with py-spy during the backlog drain.")
+    parser.add_argument("--prepared", action="store_true",
+                        help="Also run (a') and (b') with prepared statements in every write-path round (doubles its time).")
     args = parser.parse_args(argv)
-    params = QUICK if args.quick else Params()
+    params = replace(QUICK if args.quick else Params(), prepared=args.prepared)
     now = datetime.now(timezone.utc)
     out = args.out or ROOT / "bench/results" / f"cdc-{now:%Y-%m-%d-%H%M}{'-quick' if args.quick else ''}.json"
 

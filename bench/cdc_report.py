@@ -84,23 +84,27 @@ def _target_lines(t: dict) -> list[str]:
 def _steady_lines(s: dict, p: dict) -> list[str]:
     ratios, flux, drain, w = s["ratios"], s["flux_engine_consuming"], s["drain_after_engine_stopped"], s["write_path"]
     lag, lag2, cpu, batch = flux["lag_by_commit_time"], flux["lag_by_recorded_at"], flux["cpu"], flux["batching"]
+    prepared = "prepared_tps_ratio_median" in w
     lines = [
         f"Steady state: pgbench tpcb-like, scale {p['scale']}, {p['clients']} clients, {p['run_s']}s per run;"
         " (b), (b') and (c) add a `flux` context message to each transaction",
         f"  write path, {len(w['rounds'])} rounds      (a) no capture      (b) Flux attached      (b)/(a)"
-        "   prepared: (a')    (b')   (b')/(a')",
+        + ("   prepared: (a')    (b')   (b')/(a')" if prepared else ""),
     ]
     for i, r in enumerate(w["rounds"], 1):
         order = "b first" if r["flux_first"] else "a first"
-        lines.append(
-            f"    round {i} ({order})      {r['no_capture']['pgbench']['tps']:>9.0f}      {r['flux']['pgbench']['tps']:>12.0f}"
-            f"          {r['tps_ratio']:.3f}      {r['no_capture_prepared']['pgbench']['tps']:>9.0f} {r['flux_prepared']['pgbench']['tps']:>7.0f}"
-            f"     {r['prepared_tps_ratio']:.3f}"
-        )
+        line = (f"    round {i} ({order})      {r['no_capture']['pgbench']['tps']:>9.0f}      {r['flux']['pgbench']['tps']:>12.0f}"
+                f"          {r['tps_ratio']:.3f}")
+        if prepared:
+            line += (f"      {r['no_capture_prepared']['pgbench']['tps']:>9.0f} {r['flux_prepared']['pgbench']['tps']:>7.0f}"
+                     f"     {r['prepared_tps_ratio']:.3f}")
+        lines.append(line)
+    median = f"    median (b)/(a) {w['tps_ratio_median']:.3f} (range {w['tps_ratio_range'][0]:.3f}-{w['tps_ratio_range'][1]:.3f})"
+    if prepared:
+        median += (f"; prepared statements, the message one more round trip: median (b')/(a') {w['prepared_tps_ratio_median']:.3f}"
+                   f" (range {w['prepared_tps_ratio_range'][0]:.3f}-{w['prepared_tps_ratio_range'][1]:.3f})")
     lines += [
-        f"    median (b)/(a) {w['tps_ratio_median']:.3f} (range {w['tps_ratio_range'][0]:.3f}-{w['tps_ratio_range'][1]:.3f});"
-        f" prepared statements, the message one more round trip: median (b')/(a') {w['prepared_tps_ratio_median']:.3f}"
-        f" (range {w['prepared_tps_ratio_range'][0]:.3f}-{w['prepared_tps_ratio_range'][1]:.3f})",
+        median,
         f"    WAL per transaction: (b) {ratios['wal_per_txn_vs_no_capture']['flux_engine_stopped']:.2f}x (a)",
         f"    then the engine drained the last (b): {drain['seconds']}s for {drain['changes']:,} changes"
         f" (expected {drain['expected_changes']:,}; {drain['changes_per_s']:,}/s; streaming after {drain['streaming_after_s']}s;"

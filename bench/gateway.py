@@ -1,7 +1,7 @@
 """Gateway benchmark: Flux against a bare Quart handler doing the same work, in one run.
 
-    .venv/bin/python bench/gateway.py            # about 2 minutes on 2 cores
-    .venv/bin/python bench/gateway.py --quick    # about 1 minute
+    .venv/bin/python bench/gateway.py            # about 4 minutes on 2 cores
+    .venv/bin/python bench/gateway.py --quick    # about 2 minutes
     .venv/bin/python bench/gateway.py --out bench/results/gateway-mine.json
 
 The work per request: one INSERT into PostgreSQL and one outbound HTTP call to a local stub.
@@ -13,11 +13,11 @@ and the same stub (also its own process):
 - `flux-norecord`: the same with `--no-record`.
 
 The load generator is this process: a minimal HTTP/1.1 keep-alive client (asyncio streams),
-so the client's own cost stays small and equal for all three. Per server: a warm-up, then a
-latency phase (one request at a time) and a throughput phase (`--concurrency` connections for
-`--seconds`). The servers are measured in rounds, interleaved (bare, flux, flux-norecord, ...),
-and the figures are medians over rounds, because these machines are noisy. Ratios are judged,
-not absolute numbers.
+so the client's own cost stays small and equal for all three. Per server: a warm-up, then two
+latency phases, one request at a time (started at a light fixed rate, then back to back), and a
+throughput phase (`--concurrency` connections for `--seconds`). The servers are measured in
+rounds, interleaved (bare, flux, flux-norecord, ...), and the figures are medians over rounds,
+because these machines are noisy. Ratios are judged, not absolute numbers.
 
 Isolate acquire time is measured two ways: in-process on a warm pool (acquire, release, let
 the pool refill, repeat), and from the `flux.isolate_acquire_ms` attribute of the function
@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -54,9 +55,11 @@ export default async function (req, ctx) {
 """
 
 TARGETS = {"recording_cost_max": 0.15, "p50_added_ms_max": 2.0, "acquire_p50_ms_max": 1.0}
-# Added latency is judged at a light, fixed rate: back to back, one at a time, Flux runs near its
-# capacity on 2 cores (each request also costs a fresh isolate, about 2 ms of CPU on other
-# threads), so that figure mixes queueing for CPU into the latency; it is reported beside.
+# Added latency is measured two ways, one request at a time: back to back, and started at a light,
+# fixed rate. Neither is clean on its own here: back to back, each Flux request's fresh isolate
+# (about 2 ms of CPU on other threads) competes with the next request on 2 cores; at a light rate,
+# the bare handler's p50 grows (1.0 -> 2.5 ms in one run, apparently waking idle CPUs) while Flux's
+# does not. The target is judged on the worse of the two.
 LIGHT_RATE = 50.0  # requests per second
 
 
@@ -136,38 +139,57 @@ def run_bare(port: int, dsn: str, stub: str) -> None:
 
 # --- the load generator ----------------------------------------------------------------------
 
-async def _connection(port: int):
-    return await asyncio.open_connection("127.0.0.1", port)
+class _Connection:
+    """One HTTP/1.1 keep-alive connection that reopens when the server closes it (Hypercorn does
+    after `keep_alive_max_requests`, 1000 by default); reconnecting is not counted in a request's time."""
 
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
 
-async def _request(reader, writer, path: str, n: int) -> float:
-    body = b'{"n": %d}' % n
-    started = time.perf_counter()
-    writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                 % (path.encode(), len(body), body))
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    await reader.readexactly(length)
-    if status != 200:
-        raise RuntimeError(f"{path} answered {status}")
-    return time.perf_counter() - started
+    async def request(self, path: str, n: int) -> float:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = b'{"n": %d}' % n
+        started = time.perf_counter()
+        self.writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                          % (path.encode(), len(body), body))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length, close = 0, False
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        await self.reader.readexactly(length)
+        elapsed = time.perf_counter() - started
+        if close:
+            self.close()
+        if status != 200:
+            raise RuntimeError(f"{path} answered {status}")
+        return elapsed
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
 
 async def latency(port: int, path: str, count: int, rate: float | None = None) -> list[float]:
     """`count` requests one at a time on one connection: back to back, or started every 1/`rate`
     seconds (a request still running when the next is due delays it)."""
-    reader, writer = await _connection(port)
+    connection = _Connection(port)
     out = []
     started = time.perf_counter()
     for i in range(count):
         if rate is not None:
             await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
-        out.append(await _request(reader, writer, path, i))
-    writer.close()
+        out.append(await connection.request(path, i))
+    connection.close()
     return out
 
 
@@ -176,12 +198,12 @@ async def throughput(port: int, path: str, concurrency: int, seconds: float) -> 
     times: list[float] = []
 
     async def worker(w: int) -> None:
-        reader, writer = await _connection(port)
+        connection = _Connection(port)
         i = 0
         while time.perf_counter() < deadline:
-            times.append(await _request(reader, writer, path, w * 1_000_000 + i))
+            times.append(await connection.request(path, w * 1_000_000 + i))
             i += 1
-        writer.close()
+        connection.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -340,8 +362,8 @@ def main() -> None:
             "recording_cost": recording_cost,
             "recording_cost_ok": recording_cost <= TARGETS["recording_cost_max"],
             "p50_added_ms": added_p50,
-            "p50_added_ok": added_p50 <= TARGETS["p50_added_ms_max"],
             "p50_added_back_to_back_ms": added_back_to_back,
+            "p50_added_ok": max(added_p50, added_back_to_back) <= TARGETS["p50_added_ms_max"],
             "flux_vs_bare_rps": summary["flux"]["rps"] / summary["bare"]["rps"],
             "acquire_p50_ms": acquire["warm_p50_ms"],
             "acquire_ok": acquire["warm_p50_ms"] <= TARGETS["acquire_p50_ms_max"],
@@ -349,12 +371,11 @@ def main() -> None:
         print()
         print(f"recording cost        {recording_cost * 100:5.1f}% of throughput   (target <= 15%)  "
               f"{'MET' if verdict['recording_cost_ok'] else 'NOT MET'}")
-        print(f"p50 added over bare   {added_p50:5.2f} ms at {LIGHT_RATE:.0f} req/s     (target <= 2 ms)  "
-              f"{'MET' if verdict['p50_added_ok'] else 'NOT MET'}")
-        print(f"  back to back, one at a time: {added_back_to_back:.2f} ms added (Flux near its capacity here; not judged)")
+        print(f"p50 added over bare   {added_p50:5.2f} ms at {LIGHT_RATE:.0f} req/s, {added_back_to_back:.2f} ms back to back"
+              f"   (target <= 2 ms, both)  {'MET' if verdict['p50_added_ok'] else 'NOT MET'}")
         print(f"warm acquire p50      {acquire['warm_p50_ms']:5.3f} ms (p99 {acquire['warm_p99_ms']:.3f})   (target <= 1 ms)  "
               f"{'MET' if verdict['acquire_ok'] else 'NOT MET'}")
-        print(f"  under load, from recorded spans: p50 {acquire['served_p50_ms']} ms, p99 {acquire['served_p99_ms']} ms;"
+        print(f"  under load, from recorded spans: p50 {acquire['served_p50_ms'] or 0:.2f} ms, p99 {acquire['served_p99_ms'] or 0:.2f} ms;"
               f" cold (empty pool) p50 {acquire['cold_p50_ms']:.2f} ms")
         print(f"flux / bare throughput {verdict['flux_vs_bare_rps']:.2f}x; {traces} trace rows written")
 
@@ -373,6 +394,7 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
         cluster.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """V8 isolates for functions: compiling a function's source, and a pre-warmed pool of isolates.
 
-Every request gets a fresh `MiniRacer` (its own isolate: no state is shared with any other
-request or tenant), already holding the prelude and the function's code. Used isolates are
-closed, never returned. The pool refills in the background, off the response path.
+Every request gets a fresh isolate (a mini-racer context of its own: no state is shared with
+any other request or tenant), already holding the prelude and the function's code. Used isolates
+are closed, never returned. The pool refills in the background on worker threads, off the
+response path and off the event loop.
 
 Only `eval_cancelable` is used once an isolate serves a request, so a deadline can always
 interrupt it; `close()` is what stops JS spinning inside a microtask.

@@ -85,9 +85,10 @@ def _steady_lines(s: dict, p: dict) -> list[str]:
     ratios, flux, drain, w = s["ratios"], s["flux_engine_consuming"], s["drain_after_engine_stopped"], s["write_path"]
     lag, lag2, cpu, batch = flux["lag_by_commit_time"], flux["lag_by_recorded_at"], flux["cpu"], flux["batching"]
     prepared = "prepared_tps_ratio_median" in w
+    with_message = "(b), (b') and (c)" if prepared else "(b) and (c)"
     lines = [
         f"Steady state: pgbench tpcb-like, scale {p['scale']}, {p['clients']} clients, {p['run_s']}s per run;"
-        " (b), (b') and (c) add a `flux` context message to each transaction",
+        f" {with_message} add a `flux` context message to each transaction",
         f"  write path, {len(w['rounds'])} rounds      (a) no capture      (b) Flux attached      (b)/(a)"
         + ("   prepared: (a')    (b')   (b')/(a')" if prepared else ""),
     ]

@@ -19,9 +19,9 @@ commit LSN in BEGIN.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import orjson
@@ -32,8 +32,8 @@ from flux.cdc.wire import format_lsn, pg_time_to_datetime
 from flux.errors import StreamError
 
 CONTEXT_PREFIX = "flux"
-TupleValueNotToast: TypeAlias = str | bytes | None
 MAX_RAW_CONTEXT = 4096
+TupleValueNotToast: TypeAlias = str | bytes | None  # a pgoutput tuple value other than UNCHANGED_TOAST
 
 
 class Catalog(Protocol):
@@ -222,20 +222,10 @@ class Assembler:
             return Backfill(txn.commit_lsn_text, txn.seq, txn.request_id, txn.context)
         return None
 
-    def change(self, msg: pg.Insert | pg.Update | pg.Delete) -> MutationRow:
-        """The row of any change; the engine calls `insert`, `update` and `delete` directly."""
-        if isinstance(msg, pg.Insert):
-            return self.insert(msg)
-        if isinstance(msg, pg.Update):
-            return self.update(msg)
-        if isinstance(msg, pg.Delete):
-            return self.delete(msg)
-        raise StreamError(f"Not a row change: {type(msg).__name__}")
-
     def insert(self, msg: pg.Insert) -> MutationRow:
         txn = self._txn or self._require("INSERT", 0)
         table = self._table(msg.relation_id)
-        new, missing = self._image(table, msg.new, None)
+        new, missing = self._image(table, msg.new)
         changed = table.names if missing is None else tuple(new)
         return self._row(txn, table, "insert", None, new, None, missing, changed, new)
 
@@ -245,7 +235,7 @@ class Assembler:
         if msg.old_kind == "O" and table.old_images_full:
             old, new, changed, missing = self._update_images(table, msg.old, msg.new)
             return self._row(txn, table, "update", old, new, True, missing, changed, new)
-        new, missing = self._image(table, msg.new, None)
+        new, missing = self._image(table, msg.new)
         # Only the key of the old row is known; no old tuple at all means the key did not change.
         old = self._key_image(table, msg.old if msg.old is not None else msg.new)
         return self._row(txn, table, "update", old, new, False, missing, None, new)
@@ -254,7 +244,7 @@ class Assembler:
         txn = self._txn or self._require("DELETE", 0)
         table = self._table(msg.relation_id)
         if msg.old_kind == "O" and table.old_images_full:
-            old, _ = self._image(table, msg.old, None)
+            old, _ = self._image(table, msg.old)
             return self._row(txn, table, "delete", old, None, True, None, tuple(old), old)
         old = self._key_image(table, msg.old)
         return self._row(txn, table, "delete", old, None, False, None, None, old)
@@ -269,19 +259,17 @@ class Assembler:
 
     # -- images -------------------------------------------------------------------------
 
-    def _image(self, table: _Table, values: tuple, fallback: tuple | None) -> tuple[dict[str, Any], list[str] | None]:
+    def _image(self, table: _Table, values: tuple) -> tuple[dict[str, Any], list[str] | None]:
+        """(image, missing columns) of one tuple on its own: an unchanged TOASTed value is missing."""
         image: dict[str, Any] = {}
         missing: list[str] | None = None
-        for i, (name, convert, value) in enumerate(zip(table.names, table.converters, values)):
+        for name, convert, value in zip(table.names, table.converters, values):
             if value.__class__ is str:  # the common case first: this loop runs for every column
                 image[name] = convert(value)
-                continue
-            if value is pg.UNCHANGED_TOAST:
-                value = fallback[i] if fallback is not None else pg.UNCHANGED_TOAST
-                if value is pg.UNCHANGED_TOAST:
-                    missing = (missing or []) + [name]
-                    continue
-            image[name] = _odd_value(value, convert)
+            elif value is pg.UNCHANGED_TOAST:
+                missing = (missing or []) + [name]
+            else:
+                image[name] = _odd_value(value, convert)
         return image, missing
 
     def _update_images(

@@ -1,8 +1,9 @@
 """A sink on a worker thread, so that the engine decodes while the sink commits.
 
 `PipelinedSink` wraps another sink (an `EncodingSink`) and makes every call on it from one
-worker thread, in the order the engine made them; only encoding rows happens on the caller's. `write`, `backfill` and `commit` return as soon as they are queued;
-`durable` reports the last commit that has completed. The engine acknowledges to the server
+worker thread, in the order the engine made them; only encoding rows happens on the caller's.
+`write`, `backfill` and `commit` return as soon as they are queued; `durable` reports the last
+commit that has completed. The engine acknowledges to the server
 only what `durable` reports, so delivery stays exactly once: a crash loses the queue and the
 open sink transaction, and the server resends everything after the last durable progress.
 
@@ -18,7 +19,7 @@ may commit), and the next call from the engine raises the error. The engine then
 session and reconnects, as it does for any other sink error.
 
 What it does not do: it does not retry, reorder or merge calls; `close()` discards what is not
-committed unless asked to flush.
+committed (`wait_durable()` first keeps it).
 """
 
 from __future__ import annotations
@@ -126,9 +127,12 @@ class PipelinedSink:
             self._closing = True
             self._drop_queue()
         self._thread.join(JOIN_TIMEOUT)
-        if self._thread.is_alive():  # stuck in a call on a dead connection: closing it below ends that call
+        if self._thread.is_alive():
+            # Stuck in a call on a dead connection, which holds the connection's lock: a rollback
+            # would wait behind it. Closing does not wait, ends that call, and the server rolls back.
             log.warning("the mutation store did not answer within %.0fs; closing its connection", JOIN_TIMEOUT)
-        self._sink.rollback()
+        else:
+            self._sink.rollback()
         self._sink.close()
 
     # -- internals (the lock is `_changed`) ----------------------------------------------------

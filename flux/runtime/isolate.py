@@ -101,7 +101,7 @@ def _load_error(function: Function, exc: JSEvalException) -> str:
 class Isolate:
     """One V8 isolate holding the prelude and one function, used for one request and closed.
 
-    Creating, loading and freeing an isolate (about 3 ms of CPU) happen on worker threads,
+    Creating, loading and freeing an isolate (about 2 ms of CPU) happen on worker threads,
     never on the event loop: `new_isolate_async` makes the context there and runs the prelude
     and the function's code with synchronous evals that no loop sees (the context is nobody
     else's yet). The context is bound to the running loop when it is made, so that a request's
@@ -183,10 +183,10 @@ async def new_isolate_async(compiled: CompiledFunction, *, memory_mb: int) -> Is
 class IsolatePool:
     """Warm isolates for one compiled function; `acquire()` hands out a fresh one.
 
-    An isolate takes about 3 ms of CPU to make, load and free, all of it on worker threads
-    (`new_isolate_async`, `Isolate.close`). That work is batched: used isolates are parked by `release()`, and only when the
-    pool falls to half its size does one maintenance pass free the parked ones and refill to
-    full. Most requests therefore run while no isolate is being made or freed.
+    An isolate takes about 2 ms of CPU to make, load and free, all of it on worker threads
+    (`new_isolate_async`, `Isolate.close`). That work is batched: used isolates are parked by
+    `release()`, and only when the pool falls to half its size does one maintenance pass free the
+    parked ones and refill to full. Most requests therefore run while no isolate is being made or freed.
     """
 
     def __init__(self, compiled: CompiledFunction, *, size: int, memory_mb: int) -> None:

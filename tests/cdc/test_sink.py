@@ -78,7 +78,7 @@ def test_backfill_gives_the_rows_already_written_the_context_that_came_after_the
 
 @pytest.fixture
 def blocker(dsn):
-    """Holds the engine progress row locked, so that a sink's commit waits until `release()`."""
+    """Holds the engine progress row locked, so that a sink's commit waits until the test rolls it back."""
     PostgresSink(dsn=dsn).close()  # creates the schema
     conn = psycopg.connect(dsn)
     conn.execute("INSERT INTO flux.cdc_progress (slot_name, commit_lsn, end_lsn) VALUES ('s', '0/0', '0/0')")

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 
 from flux.runtime.host import AiohttpTransport
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.functions import free_port
 
 
 async def _server(reply: Callable[[str, dict[str, str], bytes], bytes]) -> tuple[asyncio.Server, str]:
@@ -54,15 +49,22 @@ def _echo(target: str, headers: dict[str, str], body: bytes) -> bytes:
     return _response("201 Created", echoed, "Content-Type: application/json; charset=utf-8", "X-Answer: 42")
 
 
+@asynccontextmanager
+async def _echo_transport() -> AsyncIterator[tuple[AiohttpTransport, str]]:
+    """A transport and the base URL of an `_echo` server, both closed afterwards."""
+    server, base = await _server(_echo)
+    transport = AiohttpTransport()
+    try:
+        yield transport, base
+    finally:
+        await transport.aclose()
+        server.close()
+
+
 def test_a_call_returns_status_reason_lower_cased_headers_and_the_body_as_text():
     async def main() -> None:
-        server, base = await _server(_echo)
-        transport = AiohttpTransport()
-        try:
+        async with _echo_transport() as (transport, base):
             result = await transport.send("POST", base + "/v1/charges", {"X-Key": "k"}, '{"amount": 5}', 5.0)
-        finally:
-            await transport.aclose()
-            server.close()
         assert (result.status, result.reason, result.url) == (201, "Created", base + "/v1/charges")
         assert result.headers["x-answer"] == "42" and result.headers["content-type"].startswith("application/json")
         sent = json.loads(result.body)
@@ -73,13 +75,8 @@ def test_a_call_returns_status_reason_lower_cased_headers_and_the_body_as_text()
 
 def test_redirects_are_returned_not_followed():
     async def main() -> None:
-        server, base = await _server(_echo)
-        transport = AiohttpTransport()
-        try:
+        async with _echo_transport() as (transport, base):
             result = await transport.send("GET", base + "/redirect", {}, None, 5.0)
-        finally:
-            await transport.aclose()
-            server.close()
         assert (result.status, result.headers["location"]) == (302, "/elsewhere")
 
     asyncio.run(main())
@@ -87,14 +84,9 @@ def test_redirects_are_returned_not_followed():
 
 def test_a_cookie_one_call_receives_is_never_sent_on_a_later_call():
     async def main() -> None:
-        server, base = await _server(_echo)
-        transport = AiohttpTransport()
-        try:
+        async with _echo_transport() as (transport, base):
             await transport.send("GET", base + "/cookie", {}, None, 5.0)
             later = json.loads((await transport.send("GET", base + "/echo", {}, None, 5.0)).body)
-        finally:
-            await transport.aclose()
-            server.close()
         assert "cookie" not in later["headers"]
 
     asyncio.run(main())
@@ -102,14 +94,9 @@ def test_a_cookie_one_call_receives_is_never_sent_on_a_later_call():
 
 def test_a_call_without_an_answer_in_time_raises_timeout_error():
     async def main() -> None:
-        server, base = await _server(_echo)
-        transport = AiohttpTransport()
-        try:
+        async with _echo_transport() as (transport, base):
             with pytest.raises(TimeoutError, match="no response within 200 ms"):
                 await transport.send("GET", base + "/slow", {}, None, 0.2)
-        finally:
-            await transport.aclose()
-            server.close()
 
     asyncio.run(main())
 
@@ -119,7 +106,7 @@ def test_a_call_that_cannot_connect_raises_os_error():
         transport = AiohttpTransport()
         try:
             with pytest.raises(OSError):
-                await transport.send("GET", f"http://127.0.0.1:{_free_port()}/", {}, None, 5.0)
+                await transport.send("GET", f"http://127.0.0.1:{free_port()}/", {}, None, 5.0)
         finally:
             await transport.aclose()
 
@@ -127,16 +114,11 @@ def test_a_call_that_cannot_connect_raises_os_error():
 
 
 def test_proxies_from_the_environment_are_not_used(monkeypatch):
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
 
     async def main() -> None:
-        server, base = await _server(_echo)
-        transport = AiohttpTransport()
-        try:
+        async with _echo_transport() as (transport, base):
             result = await transport.send("GET", base + "/echo", {}, None, 5.0)
-        finally:
-            await transport.aclose()
-            server.close()
         assert result.status == 201
 
     asyncio.run(main())

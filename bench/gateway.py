@@ -1,7 +1,7 @@
 """Gateway benchmark: Flux against a bare Quart handler doing the same work, in one run.
 
     .venv/bin/python bench/gateway.py            # about 4 minutes on 2 cores
-    .venv/bin/python bench/gateway.py --quick    # about 2 minutes
+    .venv/bin/python bench/gateway.py --quick    # about 1 minute
     .venv/bin/python bench/gateway.py --out bench/results/gateway-mine.json
 
 The work per request: one INSERT into PostgreSQL and one outbound HTTP call to a local stub.
@@ -18,6 +18,11 @@ latency phases, one request at a time (started at a light fixed rate, then back 
 throughput phase (`--concurrency` connections for `--seconds`). The servers are measured in
 rounds, interleaved (bare, flux, flux-norecord, ...), and the figures are medians over rounds,
 because these machines are noisy. Ratios are judged, not absolute numbers.
+
+A diagnostic, not a target: `flux-deep-pool` is `flux` with a pool deep enough that no isolate is
+made or freed during its back-to-back phase (it is started fresh each round, with its pool full).
+Its p50 against `flux`'s is what the fresh isolate per request costs other requests on these
+cores; against `bare`'s, what the rest of Flux's request path costs.
 
 Isolate acquire time is measured two ways: in-process on a warm pool (acquire, release, let
 the pool refill, repeat), and from the `flux.isolate_acquire_ms` attribute of the function
@@ -42,6 +47,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -61,6 +67,7 @@ TARGETS = {"recording_cost_max": 0.15, "p50_added_ms_max": 2.0, "acquire_p50_ms_
 # the bare handler's p50 grows (1.0 -> 2.5 ms in one run, apparently waking idle CPUs) while Flux's
 # does not. The target is judged on the worse of the two.
 LIGHT_RATE = 50.0  # requests per second
+DEEP_POOL_WARMUP = 20
 
 
 # --- servers run as subprocesses of this script ----------------------------------------------
@@ -229,12 +236,17 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def deep_pool_round(spawn: Callable[[list[str], int], subprocess.Popen], argv: list[str], port: int, count: int) -> dict:
+    """One back-to-back phase on a fresh `flux serve` whose pool holds every isolate the phase uses
+    (twice over, so the pool never falls to its refill mark): no isolate is made or freed meanwhile."""
+    proc = spawn([*argv, "--port", str(port)], port)
+    try:
+        asyncio.run(latency(port, "/item_deep", DEEP_POOL_WARMUP))  # connections and caches, not counted
+        lat = asyncio.run(latency(port, "/item_deep", count))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return {"latency_p50_ms": pct(lat, 0.5), "latency_p99_ms": pct(lat, 0.99)}
 
 
 def acquire_in_process(project: Path, samples: int) -> dict:
@@ -283,7 +295,7 @@ def main() -> None:
 
     import psycopg
 
-    from flux.pg.cluster import Cluster
+    from flux.pg.cluster import Cluster, free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="flux-bench-gateway-"))
     os.chmod(tmp, 0o755)
@@ -305,6 +317,12 @@ def main() -> None:
         (project / "functions").mkdir(parents=True)
         (project / "flux.toml").write_text(f'[project]\nname = "bench"\n[tools]\n"127.0.0.1:{stub_port}" = "stub"\n')
         (project / "functions" / "item.js").write_text(f"const STUB = {json.dumps(stub)};\n" + FUNCTION)
+        # The deep-pool server's own project: its function has its own name, so its trace rows stay
+        # out of the acquire figures read back below.
+        deep_project = tmp / "project-deep"
+        (deep_project / "functions").mkdir(parents=True)
+        (deep_project / "flux.toml").write_text((project / "flux.toml").read_text())
+        (deep_project / "functions" / "item_deep.js").write_text((project / "functions" / "item.js").read_text())
 
         def spawn(argv: list[str], port: int) -> subprocess.Popen:
             log = open(tmp / f"server-{len(procs)}.log", "w")  # a file: a full pipe would stall the server
@@ -318,13 +336,15 @@ def main() -> None:
         bare_port = free_port()
         spawn([sys.executable, __file__, "--bare", str(bare_port), dsn, stub], bare_port)
         servers["bare"] = (bare_port, "/item")
+        base = [sys.executable, "-m", "flux", "serve", "--database", dsn, "--no-engine", "--workers", "64"]
+        serve = [*base, "--project", str(project)]
         for name, extra in (("flux", []), ("flux-norecord", ["--no-record"])):
             port = free_port()
-            spawn([sys.executable, "-m", "flux", "serve", "--database", dsn, "--no-engine", "--port", str(port),
-                   "--project", str(project), "--workers", "64", "--pool-size", "8", *extra], port)
+            spawn([*serve, "--port", str(port), "--pool-size", "8", *extra], port)
             servers[name] = (port, "/item")
+        deep_pool = [*base, "--project", str(deep_project), "--pool-size", str(2 * (latency_count + DEEP_POOL_WARMUP) + 2)]
 
-        results: dict[str, list[dict]] = {name: [] for name in servers}
+        results: dict[str, list[dict]] = {name: [] for name in [*servers, "flux-deep-pool"]}
         for name, (port, path) in servers.items():  # warm-up, not counted
             asyncio.run(throughput(port, path, args.concurrency, 2.0))
         for r in range(rounds):
@@ -339,8 +359,13 @@ def main() -> None:
                 print(f"round {r + 1} {name:14} {rps:8.0f} req/s  at {LIGHT_RATE:.0f} req/s p50 {row['light_p50_ms']:5.2f} ms"
                       f" p99 {row['light_p99_ms']:5.2f}  back to back p50 {row['latency_p50_ms']:5.2f} p99 {row['latency_p99_ms']:5.2f}"
                       f"  (under load p50 {row['load_p50_ms']:.1f} p99 {row['load_p99_ms']:.1f})", flush=True)
+            row = deep_pool_round(spawn, deep_pool, free_port(), latency_count)
+            results["flux-deep-pool"].append(row)
+            print(f"round {r + 1} {'flux-deep-pool':14} {'':8}                                     back to back p50"
+                  f" {row['latency_p50_ms']:5.2f} p99 {row['latency_p99_ms']:5.2f}  (no isolate made or freed meanwhile)", flush=True)
         for proc in procs[2:]:
-            proc.send_signal(signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for proc in procs[2:]:
             proc.wait(timeout=60)
 
@@ -348,7 +373,7 @@ def main() -> None:
         with psycopg.connect(dsn) as conn:
             served = [r[0] for r in conn.execute(
                 "SELECT (s->'attributes'->>'flux.isolate_acquire_ms')::float FROM flux.trace_requests t,"
-                " jsonb_array_elements(t.spans) s WHERE s->'attributes'->>'flux.kind' = 'function'")]
+                " jsonb_array_elements(t.spans) s WHERE t.function = 'item' AND s->'attributes'->>'flux.kind' = 'function'")]
             traces = conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0]
         acquire = acquire_in_process(project, 300 if args.quick else 1000)
         acquire["served_p50_ms"] = statistics.median(served) if served else None
@@ -367,6 +392,9 @@ def main() -> None:
             "flux_vs_bare_rps": summary["flux"]["rps"] / summary["bare"]["rps"],
             "acquire_p50_ms": acquire["warm_p50_ms"],
             "acquire_ok": acquire["warm_p50_ms"] <= TARGETS["acquire_p50_ms_max"],
+            # Diagnostics, not targets: back to back, what isolate churn adds and what the rest of Flux adds.
+            "isolate_churn_ms": summary["flux"]["latency_p50_ms"] - summary["flux-deep-pool"]["latency_p50_ms"],
+            "p50_added_without_churn_ms": summary["flux-deep-pool"]["latency_p50_ms"] - summary["bare"]["latency_p50_ms"],
         }
         print()
         print(f"recording cost        {recording_cost * 100:5.1f}% of throughput   (target <= 15%)  "
@@ -378,6 +406,8 @@ def main() -> None:
         print(f"  under load, from recorded spans: p50 {acquire['served_p50_ms'] or 0:.2f} ms, p99 {acquire['served_p99_ms'] or 0:.2f} ms;"
               f" cold (empty pool) p50 {acquire['cold_p50_ms']:.2f} ms")
         print(f"flux / bare throughput {verdict['flux_vs_bare_rps']:.2f}x; {traces} trace rows written")
+        print(f"back to back, of the {added_back_to_back:.2f} ms added: {verdict['isolate_churn_ms']:.2f} ms is isolate churn"
+              f" (flux against flux-deep-pool), {verdict['p50_added_without_churn_ms']:.2f} ms the rest of Flux's path")
 
         out = args.out or ROOT / "bench" / "results" / (
             f"gateway-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}{'-quick' if args.quick else ''}.json")

@@ -8,7 +8,6 @@ what it was sent.
 from __future__ import annotations
 
 import json
-import socket
 import textwrap
 import threading
 import time
@@ -77,12 +76,6 @@ class Stub:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ListSink:

@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flux.pg.cluster import Cluster
-from tests.functions import free_port
+from flux.pg.cluster import Cluster, free_port
 from tests.support import wait_caught_up
 
 

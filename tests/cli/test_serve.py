@@ -11,7 +11,8 @@ import time
 import httpx
 import psycopg
 
-from tests.functions import free_port, write_project
+from flux.pg.cluster import free_port
+from tests.functions import write_project
 from tests.support import wait_caught_up
 
 

@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from flux.pg.cluster import free_port
 from flux.runtime.host import AiohttpTransport
-from tests.functions import free_port
 
 
 async def _server(reply: Callable[[str, dict[str, str], bytes], bytes]) -> tuple[asyncio.Server, str]:

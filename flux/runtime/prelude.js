@@ -95,13 +95,34 @@
   });
 
   // --- the host bridge ------------------------------------------------------------------
+  // Where in the function's file a ctx call was made ("functions/x.js:LINE:COL"). Read from
+  // structured frames: formatting the whole stack as text (`new Error().stack`) cost about 0.09 ms
+  // per call in a fresh isolate, on the request path. The hook is set on the real Error and
+  // restored around one synchronous capture; if the function made that impossible (froze Error),
+  // the call simply has no location.
+  const RealError = Error;
+  const captureStackTrace = Error.captureStackTrace;
+  const structuredFrames = (_, frames) => frames;
   function callsite() {
-    const stack = new Error().stack || "";
-    for (const line of stack.split("\n")) {
-      const at = line.indexOf(fileName);
-      if (fileName && at >= 0) return line.slice(at).replace(/\)$/, "");
+    if (!fileName) return null;
+    const previous = RealError.prepareStackTrace;
+    try {
+      RealError.prepareStackTrace = structuredFrames;
+    } catch (_) {
+      return null;
     }
-    return null;
+    try {
+      const holder = {};
+      captureStackTrace(holder, hostCall);
+      const frames = holder.stack;
+      if (!Array.isArray(frames)) return null;
+      for (const frame of frames) {
+        if (frame.getScriptNameOrSourceURL() === fileName) return `${fileName}:${frame.getLineNumber()}:${frame.getColumnNumber()}`;
+      }
+      return null;
+    } finally {
+      RealError.prepareStackTrace = previous;
+    }
   }
 
   function hostCall(op, args, parent) {

@@ -232,6 +232,42 @@ def test_a_fetch_timeout_rejects_with_a_timeout_error_span(tmp_path, stub: Stub)
     assert span["attributes"]["code.location"].startswith("functions/slow.js:2")
 
 
+def test_each_ctx_call_span_has_the_file_line_and_column_of_the_call(tmp_path, stub: Stub):
+    write_project(tmp_path, {"where": f"""
+        async function helper(ctx) {{
+          return ctx.fetch("{stub.url}/ok", {{name: "a"}});
+        }}
+        export default async function (req, ctx) {{
+          await helper(ctx);
+          await ctx.step("s", async (c) => {{ await c.fetch("{stub.url}/ok", {{name: "b"}}); }});
+          await Promise.all([1].map(() => ctx.fetch("{stub.url}/ok", {{name: "c"}})));
+          return {{status: 200}};
+        }}
+    """})
+    spans = spans_by_name(run1(tmp_path, "where"))
+    assert spans["a"]["attributes"]["code.location"] == "functions/where.js:2:14"
+    assert spans["b"]["attributes"]["code.location"] == "functions/where.js:6:46"
+    assert spans["c"]["attributes"]["code.location"] == "functions/where.js:7:39"  # V8 points at the called name
+
+
+def test_a_function_that_sets_its_own_stack_hook_or_freezes_error_keeps_working(tmp_path, stub: Stub):
+    write_project(tmp_path, {"hooked": f"""
+        export default async function (req, ctx) {{
+          Error.prepareStackTrace = () => "mine";
+          await ctx.fetch("{stub.url}/ok", {{name: "hooked"}});
+          const mine = new Error("x").stack;
+          Object.freeze(Error);
+          await ctx.fetch("{stub.url}/ok", {{name: "frozen"}});
+          return {{status: 200, body: {{mine}}}};
+        }}
+    """})
+    result = run1(tmp_path, "hooked")
+    assert result.status == 200 and result.body == {"mine": "mine"}
+    spans = spans_by_name(result)
+    assert spans["hooked"]["attributes"]["code.location"] == "functions/hooked.js:3:13"
+    assert "code.location" not in spans["frozen"]["attributes"] and spans["frozen"]["status"] == "ok"
+
+
 def test_fetch_outside_the_allow_list_is_refused(tmp_path, stub: Stub):
     write_project(tmp_path, {"out": """
         export default async function (req, ctx) {

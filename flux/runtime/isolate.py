@@ -186,7 +186,9 @@ class IsolatePool:
     An isolate takes about 2 ms of CPU to make, load and free, all of it on worker threads
     (`new_isolate_async`, `Isolate.close`). That work is batched: used isolates are parked by
     `release()`, and only when the pool falls to half its size does one maintenance pass free the
-    parked ones and refill to full. Most requests therefore run while no isolate is being made or freed.
+    parked ones and refill to full. At a light rate most requests therefore run while no isolate is
+    being made or freed; under sustained load the refill runs nearly all the time, on the same cores
+    as the requests (`bench/gateway.py`'s `flux-deep-pool` measures what that costs them).
     """
 
     def __init__(self, compiled: CompiledFunction, *, size: int, memory_mb: int) -> None:

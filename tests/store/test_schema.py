@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -67,6 +68,13 @@ def _as_v1(conn: psycopg.Connection) -> None:
     conn.execute(V1_INDEXES)
 
 
+def _with_one_recorded_user(conn: psycopg.Connection, as_older: Callable[[psycopg.Connection], None]) -> None:
+    """An older schema (made by `as_older`) whose log holds one change of public.users, id 7."""
+    as_older(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    _insert(conn, "users", 7, 0x100)
+
+
 def _has_traces(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass('flux.trace_requests') IS NOT NULL").fetchone()[0]
 
@@ -96,9 +104,7 @@ def _constraints(conn: psycopg.Connection) -> dict[str, str]:
 
 
 def test_ensure_schema_upgrades_v3_to_v4_with_cheaper_indexes_and_keeps_the_log(conn):
-    _as_v3(conn)
-    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
-    _insert(conn, "users", 7, 0x100)
+    _with_one_recorded_user(conn, _as_v3)
     assert ensure_schema(conn) is True
     assert schema_version(conn) == SCHEMA_VERSION
     assert _constraints(conn) == {"state_mutations_pkey": "PRIMARY KEY (commit_lsn, seq)"}
@@ -111,9 +117,7 @@ def test_ensure_schema_upgrades_v3_to_v4_with_cheaper_indexes_and_keeps_the_log(
 
 
 def test_ensure_schema_upgrades_v2_to_v3_adding_traces_and_keeping_the_log(conn):
-    _as_v2(conn)
-    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
-    _insert(conn, "users", 7, 0x100)
+    _with_one_recorded_user(conn, _as_v2)
     assert not _has_traces(conn)
     assert ensure_schema(conn) is True
     assert schema_version(conn) == SCHEMA_VERSION
@@ -125,9 +129,7 @@ def test_ensure_schema_upgrades_v2_to_v3_adding_traces_and_keeping_the_log(conn)
 
 
 def test_ensure_schema_upgrades_v1_to_the_current_version_in_place_and_keeps_the_log(conn):
-    _as_v1(conn)
-    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
-    _insert(conn, "users", 7, 0x100)
+    _with_one_recorded_user(conn, _as_v1)
     assert ensure_schema(conn) is True
     assert schema_version(conn) == SCHEMA_VERSION
     names = _indexes(conn)

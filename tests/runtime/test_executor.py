@@ -320,6 +320,29 @@ def test_recording_has_time_random_uuid_db_and_fetch_in_order(tmp_path, dsn, con
     assert len(tape["entropy"]) == 32  # one uuid's 16 bytes, as hex
 
 
+def test_every_clock_the_function_can_read_is_recorded(tmp_path):
+    # Intl's format() without a date and Date reached through an instance's constructor read the
+    # clock; each read is a "now" event holding what the function saw. Temporal, whose Now would
+    # read it past the tape, is not there (a polyfill reads Date).
+    write_project(tmp_path, {"clocks": """
+        export default async function () {
+          const seen = [new (new Date(0).constructor)().getTime(), new Date(0).constructor.now()];
+          const year = new Intl.DateTimeFormat("en-US", {timeZone: "UTC", year: "numeric"});
+          return {status: 200, body: {seen, year: year.format(), parts: year.formatToParts()[0].value,
+                                      sameFormat: year.format === year.format, temporal: typeof Temporal}};
+        }
+    """})
+    result = run1(tmp_path, "clocks")
+    assert result.status == 200, result.error
+    events = result.recording["events"]
+    assert [e[1] for e in events] == ["now"] * 4
+    body = result.body
+    assert [e[2] for e in events[:2]] == body["seen"]
+    assert body["year"] == str(time.gmtime(events[2][2] / 1000).tm_year)
+    assert body["parts"] == str(time.gmtime(events[3][2] / 1000).tm_year)
+    assert body["sameFormat"] is True and body["temporal"] == "undefined"
+
+
 def test_recording_off_keeps_no_tape(tmp_path):
     write_project(tmp_path, {"t": "export default async function () { return {status: 200, body: Date.now()}; }"})
     assert run1(tmp_path, "t", record=False).recording is None

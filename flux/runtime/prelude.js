@@ -60,9 +60,9 @@
   Object.defineProperty(RealDate.prototype, "constructor", { value: g.Date, writable: true, configurable: true });
 
   // Temporal.Now reads the clock past the tape, and wrapping it would cost about 0.16 ms per
-  // isolate (reading Temporal builds all of it), so functions run without Temporal. A Temporal
-  // polyfill reads Date, which is recorded. V8_FLAGS leaves Temporal out already; this covers an
-  // application that started V8 with its own flags.
+  // isolate (reading Temporal builds all of it), so functions run without Temporal; a polyfill
+  // that reads the clock through Date is recorded. V8_FLAGS leaves Temporal out already; this
+  // covers an application that started V8 with its own flags.
   delete g.Temporal;
 
   // Intl's format() and formatToParts() without a date read the clock too.

@@ -323,7 +323,7 @@ def test_recording_has_time_random_uuid_db_and_fetch_in_order(tmp_path, dsn, con
 def test_every_clock_the_function_can_read_is_recorded(tmp_path):
     # Intl's format() without a date and Date reached through an instance's constructor read the
     # clock; each read is a "now" event holding what the function saw. Temporal, whose Now would
-    # read it past the tape, is not there (a polyfill reads Date).
+    # read it past the tape, is not there.
     write_project(tmp_path, {"clocks": """
         export default async function () {
           const seen = [new (new Date(0).constructor)().getTime(), new Date(0).constructor.now()];

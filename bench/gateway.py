@@ -1,6 +1,6 @@
 """Gateway benchmark: Flux against a bare Quart handler doing the same work, in one run.
 
-    .venv/bin/python bench/gateway.py            # about 4 minutes on 2 cores
+    .venv/bin/python bench/gateway.py            # about 3 minutes on 2 cores
     .venv/bin/python bench/gateway.py --quick    # about 1 minute
     .venv/bin/python bench/gateway.py --out bench/results/gateway-mine.json
 

@@ -102,12 +102,14 @@ def _load_error(function: Function, exc: JSEvalException) -> str:
 class Isolate:
     """One V8 isolate holding the prelude and one function, used for one request and closed.
 
-    Creating, loading and freeing an isolate (about 2 ms of CPU) happen on worker threads,
-    never on the event loop: `new_isolate_async` makes the context there and runs the prelude
-    and the function's code with synchronous evals that no loop sees (the context is nobody
-    else's yet). The context is bound to the running loop when it is made, so that a request's
-    `eval_cancelable` calls resolve on that loop. Both rest on mini-racer's internal seams,
-    `_make_context(event_loop=...)` and its uncancelable-task queue (pinned: mini-racer 0.14).
+    For requests, creating, loading and freeing an isolate (about 2 ms of CPU) happen on worker
+    threads: `new_isolate_async` makes the context there and runs the prelude and the function's
+    code with synchronous evals that no loop sees (the context is nobody else's yet). Only the
+    start-up fill (`IsolatePool.warm_now`), closing the isolate of a failed request (timeout,
+    memory, JS error: `Executor.run`) and closing a pool run on the loop. The context is bound
+    to the running loop when it is made, so that a request's `eval_cancelable` calls resolve on
+    that loop. Both rest on mini-racer's internal seams, `_make_context(event_loop=...)` and its
+    uncancelable-task queue (pinned: mini-racer 0.14).
     """
 
     __slots__ = ("_maker", "context")
@@ -184,8 +186,8 @@ async def new_isolate_async(compiled: CompiledFunction, *, memory_mb: int) -> Is
 class IsolatePool:
     """Warm isolates for one compiled function; `acquire()` hands out a fresh one.
 
-    An isolate takes about 2 ms of CPU to make, load and free, all of it on worker threads
-    (`new_isolate_async`, `Isolate.close`). That work is batched: used isolates are parked by
+    An isolate takes about 2 ms of CPU to make, load and free; refills do all of it on worker
+    threads (`new_isolate_async`, `Isolate.close`). That work is batched: used isolates are parked by
     `release()`, and only when the pool falls to half its size does one maintenance pass free the
     parked ones and refill to full. At a light rate most requests therefore run while no isolate is
     being made or freed; under sustained load the refill runs nearly all the time, on the same cores

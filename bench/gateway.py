@@ -5,24 +5,21 @@
     .venv/bin/python bench/gateway.py --out bench/results/gateway-mine.json
 
 The work per request: one INSERT into PostgreSQL and one outbound HTTP call to a local stub.
-Three servers run it, each its own process on 127.0.0.1, against the same throwaway cluster
+Four servers run it, each its own process on 127.0.0.1, against the same throwaway cluster
 and the same stub (also its own process):
 
 - `bare`: a Quart handler in Python on Hypercorn (psycopg pool + aiohttp, as Flux uses): the floor;
 - `flux`: `flux serve --no-engine` with recording on (trace rows with spans and replay tape);
-- `flux-norecord`: the same with `--no-record`.
+- `flux-norecord`: the same with `--no-record`;
+- `flux-isolates`: `flux` with `FLUX_REALMS=off`, so each request gets a whole new isolate instead
+  of a fresh realm in a reused one. A diagnostic, not a target: what realms save, in the same run.
 
 The load generator is this process: a minimal HTTP/1.1 keep-alive client (asyncio streams),
-so the client's own cost stays small and equal for all three. Per server: a warm-up, then two
+so the client's own cost stays small and equal for all of them. Per server: a warm-up, then two
 latency phases, one request at a time (started at a light fixed rate, then back to back), and a
 throughput phase (`--concurrency` connections for `--seconds`). The servers are measured in
 rounds, interleaved (bare, flux, flux-norecord, ...), and the figures are medians over rounds,
 because these machines are noisy. Ratios are judged, not absolute numbers.
-
-A diagnostic, not a target: `flux-deep-pool` is `flux` with a pool deep enough that no isolate is
-made or freed during its back-to-back phase (it is started fresh each round, with its pool full).
-Its p50 against `flux`'s is what the fresh isolate per request costs other requests on these
-cores; against `bare`'s, what the rest of Flux's request path costs.
 
 Isolate acquire time is measured two ways: in-process on a warm pool (acquire, release, let
 the pool refill, repeat), and from the `flux.isolate_acquire_ms` attribute of the function
@@ -47,7 +44,6 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,12 +58,11 @@ export default async function (req, ctx) {
 
 TARGETS = {"recording_cost_max": 0.15, "p50_added_ms_max": 2.0, "acquire_p50_ms_max": 1.0}
 # Added latency is measured two ways, one request at a time: back to back, and started at a light,
-# fixed rate. Neither is clean on its own here: back to back, each Flux request's fresh isolate
-# (about 2 ms of CPU on other threads) competes with the next request on 2 cores; at a light rate,
-# the bare handler's p50 grows (1.0 -> 2.5 ms in one run, apparently waking idle CPUs) while Flux's
-# does not. The target is judged on the worse of the two.
+# fixed rate. Neither is clean on its own here: back to back, the work that readies the next
+# request's fresh context (on other threads) competes with the next request on 2 cores; at a light
+# rate, the bare handler's p50 grows (1.0 -> 2.5 ms in one run, apparently waking idle CPUs) while
+# Flux's does not. The target is judged on the worse of the two.
 LIGHT_RATE = 50.0  # requests per second
-DEEP_POOL_WARMUP = 20
 
 
 # --- servers run as subprocesses of this script ----------------------------------------------
@@ -236,19 +231,6 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def deep_pool_round(spawn: Callable[[list[str], int], subprocess.Popen], argv: list[str], port: int, count: int) -> dict:
-    """One back-to-back phase on a fresh `flux serve` whose pool holds every isolate the phase uses
-    (twice over, so the pool never falls to its refill mark): no isolate is made or freed meanwhile."""
-    proc = spawn([*argv, "--port", str(port)], port)
-    try:
-        asyncio.run(latency(port, "/item_deep", DEEP_POOL_WARMUP))  # connections and caches, not counted
-        lat = asyncio.run(latency(port, "/item_deep", count))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    return {"latency_p50_ms": pct(lat, 0.5), "latency_p99_ms": pct(lat, 0.99)}
-
-
 def acquire_in_process(project: Path, samples: int) -> dict:
     from flux.project import load_project
     from flux.runtime.isolate import IsolatePool, compile_function
@@ -258,13 +240,13 @@ def acquire_in_process(project: Path, samples: int) -> dict:
         pool = IsolatePool(compile_function(fn), size=4, memory_mb=128)
         pool.warm_now()
         for _ in range(samples):
-            (await pool.acquire()).close()
-            await asyncio.sleep(0.004)  # a request's worth of time: the pool refills meanwhile
+            pool.release(await pool.acquire())
+            await asyncio.sleep(0.004)  # a request's worth of time: the pool renews and refills meanwhile
         times = list(pool.acquire_times)
         pool.close()
         empty = IsolatePool(compile_function(fn), size=0, memory_mb=128)
         for _ in range(50):
-            (await empty.acquire()).close()
+            empty.discard(await empty.acquire())
         cold = list(empty.acquire_times)
         return times, cold
 
@@ -317,16 +299,17 @@ def main() -> None:
         (project / "functions").mkdir(parents=True)
         (project / "flux.toml").write_text(f'[project]\nname = "bench"\n[tools]\n"127.0.0.1:{stub_port}" = "stub"\n')
         (project / "functions" / "item.js").write_text(f"const STUB = {json.dumps(stub)};\n" + FUNCTION)
-        # The deep-pool server's own project: its function has its own name, so its trace rows stay
-        # out of the acquire figures read back below.
-        deep_project = tmp / "project-deep"
-        (deep_project / "functions").mkdir(parents=True)
-        (deep_project / "flux.toml").write_text((project / "flux.toml").read_text())
-        (deep_project / "functions" / "item_deep.js").write_text((project / "functions" / "item.js").read_text())
+        # The isolate-per-request server's own project: its function has its own name, so its trace
+        # rows stay out of the acquire figures read back below.
+        isolates_project = tmp / "project-isolates"
+        (isolates_project / "functions").mkdir(parents=True)
+        (isolates_project / "flux.toml").write_text((project / "flux.toml").read_text())
+        (isolates_project / "functions" / "item_isolates.js").write_text((project / "functions" / "item.js").read_text())
 
-        def spawn(argv: list[str], port: int) -> subprocess.Popen:
+        def spawn(argv: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
             log = open(tmp / f"server-{len(procs)}.log", "w")  # a file: a full pipe would stall the server
-            proc = subprocess.Popen(argv, cwd=project, stdout=log, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(argv, cwd=project, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                    env={**os.environ, **(env or {})})
             procs.append(proc)
             wait_listening(port, proc)
             return proc
@@ -337,14 +320,16 @@ def main() -> None:
         spawn([sys.executable, __file__, "--bare", str(bare_port), dsn, stub], bare_port)
         servers["bare"] = (bare_port, "/item")
         base = [sys.executable, "-m", "flux", "serve", "--database", dsn, "--no-engine", "--workers", "64"]
-        serve = [*base, "--project", str(project)]
-        for name, extra in (("flux", []), ("flux-norecord", ["--no-record"])):
+        for name, extra, env, path in (
+            ("flux", ["--project", str(project)], None, "/item"),
+            ("flux-norecord", ["--project", str(project), "--no-record"], None, "/item"),
+            ("flux-isolates", ["--project", str(isolates_project)], {"FLUX_REALMS": "off"}, "/item_isolates"),
+        ):
             port = free_port()
-            spawn([*serve, "--port", str(port), "--pool-size", "8", *extra], port)
-            servers[name] = (port, "/item")
-        deep_pool = [*base, "--project", str(deep_project), "--pool-size", str(2 * (latency_count + DEEP_POOL_WARMUP) + 2)]
+            spawn([*base, "--port", str(port), "--pool-size", "8", *extra], port, env)
+            servers[name] = (port, path)
 
-        results: dict[str, list[dict]] = {name: [] for name in [*servers, "flux-deep-pool"]}
+        results: dict[str, list[dict]] = {name: [] for name in servers}
         for name, (port, path) in servers.items():  # warm-up, not counted
             asyncio.run(throughput(port, path, args.concurrency, 2.0))
         for r in range(rounds):
@@ -359,10 +344,6 @@ def main() -> None:
                 print(f"round {r + 1} {name:14} {rps:8.0f} req/s  at {LIGHT_RATE:.0f} req/s p50 {row['light_p50_ms']:5.2f} ms"
                       f" p99 {row['light_p99_ms']:5.2f}  back to back p50 {row['latency_p50_ms']:5.2f} p99 {row['latency_p99_ms']:5.2f}"
                       f"  (under load p50 {row['load_p50_ms']:.1f} p99 {row['load_p99_ms']:.1f})", flush=True)
-            row = deep_pool_round(spawn, deep_pool, free_port(), latency_count)
-            results["flux-deep-pool"].append(row)
-            print(f"round {r + 1} {'flux-deep-pool':14} {'':8}                                     back to back p50"
-                  f" {row['latency_p50_ms']:5.2f} p99 {row['latency_p99_ms']:5.2f}  (no isolate made or freed meanwhile)", flush=True)
         for proc in procs[2:]:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -392,9 +373,10 @@ def main() -> None:
             "flux_vs_bare_rps": summary["flux"]["rps"] / summary["bare"]["rps"],
             "acquire_p50_ms": acquire["warm_p50_ms"],
             "acquire_ok": acquire["warm_p50_ms"] <= TARGETS["acquire_p50_ms_max"],
-            # Diagnostics, not targets: back to back, what isolate churn adds and what the rest of Flux adds.
-            "isolate_churn_ms": summary["flux"]["latency_p50_ms"] - summary["flux-deep-pool"]["latency_p50_ms"],
-            "p50_added_without_churn_ms": summary["flux-deep-pool"]["latency_p50_ms"] - summary["bare"]["latency_p50_ms"],
+            # Diagnostics, not targets: what realms save against a whole isolate per request.
+            "realms_save_back_to_back_ms": summary["flux-isolates"]["latency_p50_ms"] - summary["flux"]["latency_p50_ms"],
+            "realms_save_light_ms": summary["flux-isolates"]["light_p50_ms"] - summary["flux"]["light_p50_ms"],
+            "realms_throughput_gain": summary["flux"]["rps"] / summary["flux-isolates"]["rps"],
         }
         print()
         print(f"recording cost        {recording_cost * 100:5.1f}% of throughput   (target <= 15%)  "
@@ -406,8 +388,9 @@ def main() -> None:
         print(f"  under load, from recorded spans: p50 {acquire['served_p50_ms'] or 0:.2f} ms, p99 {acquire['served_p99_ms'] or 0:.2f} ms;"
               f" cold (empty pool) p50 {acquire['cold_p50_ms']:.2f} ms")
         print(f"flux / bare throughput {verdict['flux_vs_bare_rps']:.2f}x; {traces} trace rows written")
-        print(f"back to back, of the {added_back_to_back:.2f} ms added: {verdict['isolate_churn_ms']:.2f} ms is isolate churn"
-              f" (flux against flux-deep-pool), {verdict['p50_added_without_churn_ms']:.2f} ms the rest of Flux's path")
+        print(f"realms against an isolate per request (flux-isolates): p50 {verdict['realms_save_back_to_back_ms']:.2f} ms"
+              f" less back to back, {verdict['realms_save_light_ms']:.2f} ms less at {LIGHT_RATE:.0f} req/s,"
+              f" {verdict['realms_throughput_gain']:.2f}x the throughput")
 
         out = args.out or ROOT / "bench" / "results" / (
             f"gateway-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}{'-quick' if args.quick else ''}.json")

@@ -1,11 +1,13 @@
-"""Run one request in one fresh isolate: the runtime's core loop.
+"""Run one request in a fresh JS context from the isolate pool: the runtime's core loop.
 
     start the handler -> drain the outbox -> run host calls -> settle them -> ... -> result
 
 The loop runs under the request's deadline. Every isolate call is `eval_cancelable`; when
-the deadline passes the isolate is closed (that also stops JS spinning in a microtask), the
-database transaction is cancelled and rolled back, and the request ends with 504. An
-out-of-memory isolate ends its own request with 500. Neither touches any other request.
+the deadline passes the isolate is discarded (closing it also stops JS spinning in a
+microtask), the database transaction is cancelled and rolled back, and the request ends with
+504. An out-of-memory isolate ends its own request with 500. Neither touches any other request:
+a discarded isolate is never handed out again, and the pool renews only isolates released by a
+request that ended cleanly.
 
 The result carries the function's span (with its step children and client spans), the
 replay tape and the response. The executor does not redact secrets and does not write
@@ -111,30 +113,34 @@ class Executor:
             async with asyncio.timeout(self.limits.timeout_ms / 1000):
                 done, result = await run.loop(isolate)
         except TimeoutError:
-            isolate.close()  # stops JS even mid-microtask; the isolate is never reused anyway
+            pool.discard(isolate)  # stops JS even mid-microtask
             await run.cancel()
             return self._finish_error(
                 span, clock, 504, "TimeoutError", f"the function exceeded its time limit ({self.limits.timeout_ms} ms)", "",
                 run=run,
             )
         except JSOOMException:
-            isolate.close()
+            pool.discard(isolate)
             await run.cancel()
             return self._finish_error(
                 span, clock, 500, "MemoryLimitExceeded", f"the function exceeded its memory limit ({self.limits.memory_mb} MB)",
                 "", run=run,
             )
         except _Stuck as exc:
-            isolate.close()
+            pool.discard(isolate)
             await run.cancel()
             return self._finish_error(span, clock, 500, "FunctionStuck", str(exc), "", run=run)
         except JSEvalException as exc:
-            isolate.close()
+            pool.discard(isolate)
             await run.cancel()
             return self._finish_error(span, clock, 500, type(exc).__name__, str(exc).strip().splitlines()[0], "", run=run)
         except asyncio.CancelledError:  # the client went away or the server stops: free the isolate, roll back
-            isolate.close()
+            pool.discard(isolate)
             await asyncio.shield(run.cancel())
+            raise
+        except Exception:  # a bug in Flux: the isolate is not reused and the pool stays counted; the gateway reports it
+            pool.discard(isolate)
+            await run.cancel()
             raise
         pool.release(isolate)
         run.absorb(result)

@@ -1,12 +1,15 @@
 """V8 isolates for functions: compiling a function's source, and a pre-warmed pool of isolates.
 
-Every request gets a fresh isolate (a mini-racer context of its own: no state is shared with
-any other request or tenant), already holding the prelude and the function's code. Used isolates
-are closed, never returned. The pool refills in the background on worker threads, off the
-response path and off the event loop.
+Every request runs in a fresh JS context: its own global object and its own built-ins, already
+holding the prelude and the function's code, with nothing left by any other request or tenant.
+Where V8's ShadowRealm hook can be set (`flux.runtime.realm`), that context is a new realm inside
+a reused isolate: after a request the isolate drops the used realm and makes the next one, on a
+worker thread, off the response path. Elsewhere an isolate serves one request and is closed.
 
 Only `eval_cancelable` is used once an isolate serves a request, so a deadline can always
-interrupt it; `close()` is what stops JS spinning inside a microtask.
+interrupt it; `close()` is what stops JS spinning inside a microtask. An isolate whose request
+ended at the isolate level (time limit, memory limit, a failed eval, a function stuck on a promise
+nothing settles) is discarded, never reused; a function that throws is an ordinary request.
 
 What this module does not do: it does not run the request protocol (that is
 `flux.runtime.executor`) and it does not limit concurrency (the gateway does).
@@ -22,13 +25,16 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import orjson
 from py_mini_racer import JSEvalException, LibAlreadyInitializedError, MiniRacer, init_mini_racer
 
 # Compile eagerly: each isolate runs its code once, so V8's lazy compilation would put the
 # compile of every prelude function on the request path (measured: the first eval of a request
 # 0.83 -> 0.51 ms). The cost moves to warming, off the response path.
 # No Temporal: Temporal.Now would read the clock past the recording (see prelude.js).
-V8_FLAGS = ("--single-threaded", "--no-lazy", "--no-enable-lazy-source-positions", "--no-harmony-temporal")
+# ShadowRealm: each request's fresh context (flux.runtime.realm).
+V8_FLAGS = ("--single-threaded", "--no-lazy", "--no-enable-lazy-source-positions", "--no-harmony-temporal",
+            "--harmony-shadow-realm")
 try:
     init_mini_racer(flags=V8_FLAGS)
 except LibAlreadyInitializedError:  # an embedding application initialised V8 first: keep its flags
@@ -37,8 +43,11 @@ except LibAlreadyInitializedError:  # an embedding application initialised V8 fi
 try:  # mini-racer's own internal seams (pinned: mini-racer 0.14); see Isolate
     from py_mini_racer._context import _UNCANCELABLE_TASK_CALLBACK_ID
     from py_mini_racer._mini_racer import _make_context
-except ImportError:  # another mini-racer: isolates are then made on the loop thread
+
+    from flux.runtime.realm import HOOK
+except ImportError:  # another mini-racer: isolates are then made on the loop thread, one per request
     _make_context = None
+    HOOK = None
 
 from flux.project import Function
 
@@ -99,27 +108,70 @@ def _load_error(function: Function, exc: JSEvalException) -> str:
     return first
 
 
-class Isolate:
-    """One V8 isolate holding the prelude and one function, used for one request and closed.
+# How often a reused isolate collects its garbage, and when it is retired. Used realms are
+# garbage that V8 leaves in place until a full collection (about 140 KB each): collected every 32
+# requests it takes about 1.5 ms, on a worker thread while the isolate is parked. An isolate that
+# keeps much live data after a collection, or has served many requests, is closed instead.
+COLLECT_EVERY = 32
+RETIRE_AFTER = 10_000
+RETIRE_AT_HEAP_FRACTION = 0.25
 
-    For requests, creating, loading and freeing an isolate (about 2 ms of CPU) happen on worker
-    threads: `new_isolate_async` makes the context there and runs the prelude and the function's
-    code with synchronous evals that no loop sees (the context is nobody else's yet). Only the
-    start-up fill (`IsolatePool.warm_now`), closing the isolate of a failed request (timeout,
-    memory, JS error: `Executor.run`) and closing a pool run on the loop. The context is bound
-    to the running loop when it is made, so that a request's `eval_cancelable` calls resolve on
-    that loop. Both rest on mini-racer's internal seams, `_make_context(event_loop=...)` and its
-    uncancelable-task queue (pinned: mini-racer 0.14).
+# The isolate's own context holds only this bridge; each request's code runs in a fresh realm
+# made by __flux_fresh. Strings cross a realm's boundary, and the host protocol is strings only.
+_BRIDGE = """(function (prelude, script) {
+  const g = globalThis;
+  g.__flux_fresh = function () {
+    g.__flux_start = g.__flux_drain = g.__flux_settle = undefined;
+    const realm = new ShadowRealm();
+    realm.evaluate(prelude);
+    realm.evaluate(script);
+    g.__flux_start = realm.evaluate("__flux_start");
+    g.__flux_drain = realm.evaluate("__flux_drain");
+    g.__flux_settle = realm.evaluate("__flux_settle");
+  };
+})"""
+_REALM_PROBE = "(() => { try { return new ShadowRealm().evaluate('1 + 1') === 2; } catch (e) { return false; } })()"
+
+
+class Isolate:
+    """One V8 isolate holding the prelude and one function, ready for one request.
+
+    Making, loading, renewing and freeing happen on worker threads for requests:
+    `new_isolate_async` makes the context there and loads it with synchronous evals that no
+    loop sees (the context is nobody else's yet), and `renew` runs the same way while the
+    isolate is parked between requests. Only the start-up fill (`IsolatePool.warm_now`),
+    closing the isolate of a failed request (`IsolatePool.discard`) and closing a pool run on the
+    loop. The context is bound to the running loop when it is made, so that a request's
+    `eval_cancelable` calls resolve on that loop. Both rest on mini-racer's internal seams,
+    `_make_context(event_loop=...)` and its uncancelable-task queue (pinned: mini-racer 0.14).
     """
 
-    __slots__ = ("_maker", "context")
+    __slots__ = ("_maker", "context", "renewable", "served")
 
-    def __init__(self, context: Any, maker: Any) -> None:
+    def __init__(self, context: Any, maker: Any, *, renewable: bool = False) -> None:
         self.context = context  # py_mini_racer's Context, or a MiniRacer where its internals are missing
         self._maker = maker
+        self.renewable = renewable  # holds its function in a realm, and can make a fresh one
+        self.served = 0
 
     async def eval_cancelable(self, code: str) -> object:
         return await self.context.eval_cancelable(code)
+
+    def renew(self) -> bool:
+        """Replace the used realm with a fresh one; False when the isolate should be retired.
+
+        Runs on a worker thread while the isolate is parked: no request is using it.
+        """
+        self.served += 1
+        if not self.renewable or self.served >= RETIRE_AFTER:
+            return False
+        if self.served % COLLECT_EVERY == 0:
+            self.context.low_memory_notification()
+            heap = orjson.loads(self.context.heap_stats())
+            if heap["used_heap_size"] > RETIRE_AT_HEAP_FRACTION * heap["heap_size_limit"]:
+                return False
+        _eval_unshared(self.context, "__flux_fresh()")
+        return True
 
     def close(self) -> None:
         """Free the isolate now; this also stops JS that is still running in it."""
@@ -138,25 +190,52 @@ class Isolate:
 
 
 def _eval_unshared(context: Any, code: str) -> object:
-    """A synchronous eval from any thread, for a context no one else uses yet (its results queue is single file)."""
+    """A synchronous eval from any thread, for a context no one else uses now (its results queue is single file)."""
     handle = context._python_to_value_handle(code)
     context._dll.mr_eval(context._ctx, handle.raw, _UNCANCELABLE_TASK_CALLBACK_ID)
     return context._value_handle_to_python(context._non_cancelable_mr_task_results_queue.get())
 
 
+_realms_refused = False  # logged once: V8 started without ShadowRealm (an embedding application's flags)
+
+
+def _load(context: Any, compiled: CompiledFunction) -> bool:
+    """Load the prelude and the function: in a fresh realm where possible (True), else in the
+    isolate's own context, for one request (False)."""
+    global _realms_refused
+    assert compiled.script is not None
+    if HOOK is not None and not _realms_refused:
+        if _realms_work(context):
+            _eval_unshared(context, f"{_BRIDGE}({orjson.dumps(PRELUDE).decode()}, {orjson.dumps(compiled.script).decode()})")
+            _eval_unshared(context, "__flux_fresh()")
+            return True
+        _realms_refused = True
+        log.warning("V8 has no ShadowRealm (started with other flags?): each isolate serves one request")
+    _eval_unshared(context, PRELUDE)
+    _eval_unshared(context, compiled.script)
+    return False
+
+
+def _realms_work(context: Any) -> bool:
+    assert HOOK is not None
+    try:
+        HOOK.install(context)
+    except RuntimeError:
+        return False
+    return _eval_unshared(context, _REALM_PROBE) is True
+
+
 def _make_loaded(compiled: CompiledFunction, memory_mb: int, loop: asyncio.AbstractEventLoop) -> Isolate:
     """A context bound to `loop`, with the prelude and the function loaded; runs on any thread."""
-    assert compiled.script is not None
     maker = _make_context(event_loop=loop)
     context = maker.__enter__()
     try:
         context.set_hard_memory_limit(memory_mb * 1024 * 1024)
-        _eval_unshared(context, PRELUDE)
-        _eval_unshared(context, compiled.script)
+        renewable = _load(context, compiled)
     except BaseException:
         maker.__exit__(None, None, None)
         raise
-    return Isolate(context, maker)
+    return Isolate(context, maker, renewable=renewable)
 
 
 def new_isolate(compiled: CompiledFunction, *, memory_mb: int) -> Isolate:
@@ -180,18 +259,55 @@ async def new_isolate_async(compiled: CompiledFunction, *, memory_mb: int) -> Is
     """An isolate made and loaded on a worker thread, bound to the running loop."""
     if _make_context is None:
         return new_isolate(compiled, memory_mb=memory_mb)
-    return await asyncio.to_thread(_make_loaded, compiled, memory_mb, asyncio.get_running_loop())
+    return await _on_worker_thread(_make_loaded, compiled, memory_mb, asyncio.get_running_loop())
+
+
+async def _on_worker_thread(work: Any, *args: Any) -> Any:
+    """`work(*args)` on a worker thread, returning an isolate or a list of them. If the caller is
+    cancelled meanwhile (a pool closing, a client gone), the thread still finishes, and what it
+    returns is closed rather than lost with its threads and memory."""
+    future = asyncio.get_running_loop().run_in_executor(None, work, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_close_result)
+        raise
+
+
+def _close_result(future: asyncio.Future) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    result = future.result()
+    for isolate in result if isinstance(result, list) else [result]:
+        isolate.close_soon()
+
+
+def _renew_or_close(isolates: list[Isolate]) -> list[Isolate]:
+    """Worker thread: give each used isolate a fresh realm, or close it; the renewed ones."""
+    renewed = []
+    for isolate in isolates:
+        try:
+            if isolate.renew():
+                renewed.append(isolate)
+                continue
+        except Exception:  # noqa: BLE001 -- this isolate is lost, the pool makes another
+            log.exception("could not renew an isolate; closing it")
+        isolate.close()
+    return renewed
 
 
 class IsolatePool:
-    """Warm isolates for one compiled function; `acquire()` hands out a fresh one.
+    """Warm isolates for one compiled function; `acquire()` hands out one with a fresh context.
 
-    An isolate takes about 2 ms of CPU to make, load and free; refills do all of it on worker
-    threads (`new_isolate_async`, `Isolate.close`). That work is batched: used isolates are parked by
-    `release()`, and only when the pool falls to half its size does one maintenance pass free the
-    parked ones and refill to full. At a light rate most requests therefore run while no isolate is
-    being made or freed; under sustained load the refill runs nearly all the time, on the same cores
-    as the requests (`bench/gateway.py`'s `flux-deep-pool` measures what that costs them).
+    A request hands its isolate back with `release()` when it ended cleanly, or `discard()`
+    when it failed (the isolate is closed at once). Released isolates are parked; a maintenance
+    pass, started when the pool falls to half its size or the parked ones outnumber it, renews
+    them on a worker thread (a fresh realm: 0.35 to 0.45 ms each) and makes new isolates only
+    while warm plus handed-out isolates are fewer than `size` (about 2 ms of CPU each, plus
+    freeing later). Isolates beyond `size` after a burst are closed.
+    Where realms are unavailable every released isolate is closed and replaced, so under
+    sustained load that refill runs nearly all the time, on the same cores as the requests
+    (`bench/gateway.py`'s `flux-isolates` measures that mode against realms).
     """
 
     def __init__(self, compiled: CompiledFunction, *, size: int, memory_mb: int) -> None:
@@ -201,6 +317,7 @@ class IsolatePool:
         self.memory_mb = memory_mb
         self._warm: list[Isolate] = []
         self._used: list[Isolate] = []
+        self._out = 0  # handed out, neither released nor discarded yet
         self._maintenance: asyncio.Task | None = None
         self._closed = False
         self.acquire_times: list[float] = []  # seconds, for the bench and the function span
@@ -215,6 +332,7 @@ class IsolatePool:
             isolate = self._warm.pop()
         else:
             isolate = await new_isolate_async(self.compiled, memory_mb=self.memory_mb)
+        self._out += 1
         self.acquire_times.append(time.perf_counter() - started)
         if len(self.acquire_times) > 10_000:
             del self.acquire_times[:5_000]
@@ -223,13 +341,19 @@ class IsolatePool:
         return isolate
 
     def release(self, isolate: Isolate) -> None:
-        """A used isolate: never handed out again, freed by the next maintenance pass."""
+        """An isolate whose request ended cleanly: renewed by the next maintenance pass, or freed."""
+        self._out -= 1
         if self._closed:
             isolate.close_soon()
             return
         self._used.append(isolate)
-        if len(self._used) > max(self.size, 1):
+        if len(self._used) > max(self.size, 1) or len(self._warm) <= self.low_water:
             self._schedule_maintenance()
+
+    def discard(self, isolate: Isolate) -> None:
+        """An isolate whose request failed: closed now (that also stops JS still running in it)."""
+        self._out -= 1
+        isolate.close()
 
     def _schedule_maintenance(self) -> None:
         if self._closed or (self._maintenance is not None and not self._maintenance.done()):
@@ -240,15 +364,22 @@ class IsolatePool:
             self._maintenance = None
 
     async def _maintain(self) -> None:
-        """Free what requests have used, then refill. Freeing comes first at every step: while
-        requests outpace a refill, the isolates they park would otherwise pile up until the
-        process runs out of memory mappings (V8 then aborts the whole process)."""
+        """Renew or free what requests have used, then refill. Used isolates come first at every
+        step: while requests outpace a refill, the isolates they park would otherwise pile up
+        until the process runs out of memory mappings (V8 then aborts the whole process)."""
         while not self._closed:
             if self._used:
                 used, self._used = self._used, []
-                await asyncio.to_thread(lambda: [isolate.close() for isolate in used])
+                renewed = await _on_worker_thread(_renew_or_close, used)
+                if self._closed:
+                    for isolate in renewed:
+                        isolate.close_soon()
+                    return
+                self._warm.extend(renewed)
+                while len(self._warm) > max(self.size, 1):  # the tail of a burst
+                    self._warm.pop(0).close_soon()
                 continue
-            if len(self._warm) >= self.size:
+            if len(self._warm) + self._out >= self.size:
                 return
             try:
                 isolate = await new_isolate_async(self.compiled, memory_mb=self.memory_mb)

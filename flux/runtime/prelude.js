@@ -1,4 +1,5 @@
-// Flux runtime prelude: evaluated once in every fresh isolate, before the function's own code.
+// Flux runtime prelude: evaluated once in every request's fresh context (a realm, or a whole new
+// isolate; see isolate.py), before the function's own code.
 //
 // It owns the JS half of the host bridge and of the recording. JS never calls Python: ctx calls
 // push [callId, op, args, parentSpanId, seq, callsite] onto an outbox and return a Promise;
@@ -64,6 +65,31 @@
   // that reads the clock through Date is recorded. V8_FLAGS leaves Temporal out already; this
   // covers an application that started V8 with its own flags.
   delete g.Temporal;
+  // A nested realm would have its own, unrecorded clock and random numbers.
+  delete g.ShadowRealm;
+
+  // Nothing of a request may run after it ends: its isolate serves the next request (in a fresh
+  // realm). These would run the function's callbacks from V8's own task queue, between the host's
+  // evals, at any later time: finalizers, async waits, and WebAssembly compiled in the background.
+  // WebAssembly keeps its promise API, compiled synchronously instead.
+  delete g.FinalizationRegistry;
+  if (g.Atomics) delete g.Atomics.waitAsync;
+  if (g.WebAssembly) {
+    const W = g.WebAssembly;
+    const toModule = (source) => (source instanceof W.Module ? source : new W.Module(source));
+    W.compile = function compile(bytes) {
+      return Promise.resolve().then(() => new W.Module(bytes));
+    };
+    W.instantiate = function instantiate(source, imports) {
+      return Promise.resolve().then(() => {
+        const module = toModule(source);
+        const instance = new W.Instance(module, imports);
+        return source instanceof W.Module ? instance : { module, instance };
+      });
+    };
+    delete W.compileStreaming;
+    delete W.instantiateStreaming;
+  }
 
   // Intl's format() and formatToParts() without a date read the clock too.
   const DateTimeFormat = Intl.DateTimeFormat.prototype;

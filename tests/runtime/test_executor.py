@@ -93,6 +93,19 @@ def test_a_function_sees_no_host_objects(tmp_path):
     assert result.body == {"found": [], "imported": "refused"}
 
 
+def test_nothing_a_request_starts_can_run_after_it_ends(tmp_path):
+    """Its isolate serves the next request: V8's own task queue must hold none of its callbacks."""
+    write_project(tmp_path, {"probe": """
+        export default async function () {
+          const { instance } = await WebAssembly.instantiate(new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0]));
+          const gone = [typeof FinalizationRegistry, typeof Atomics.waitAsync, typeof ShadowRealm,
+                        typeof WebAssembly.instantiateStreaming, typeof WebAssembly.compileStreaming];
+          return {status: 200, body: {wasm: instance instanceof WebAssembly.Instance, gone}};
+        }
+    """})
+    assert run1(tmp_path, "probe").body == {"wasm": True, "gone": ["undefined"] * 5}
+
+
 def test_no_state_carries_over_between_requests(tmp_path):
     write_project(tmp_path, {"count": """
         globalThis.hits = (globalThis.hits || 0);

@@ -1,21 +1,71 @@
-"""The isolate pool keeps a bounded number of isolates alive, however fast requests come."""
+"""The isolate pool: fresh realms in reused isolates, bounded however fast requests come."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
-from flux.project import Function
-from flux.runtime.isolate import IsolatePool, compile_function
+import orjson
+from py_mini_racer._context import context_count
+
+from flux.project import FetchConfig, Function, Limits
+from flux.runtime import isolate as isolate_module
+from flux.runtime.executor import Execution, Executor, Invocation
+from flux.runtime.host import AiohttpTransport, FetchPolicy
+from flux.runtime.isolate import Isolate, IsolatePool, compile_function
 
 SOURCE = "export default async function (req, ctx) { return { status: 200, body: {} }; }\n"
 
+# Top-level code and the handler both leave state behind, in globals and in a built-in.
+STATEFUL = """
+globalThis.loads = (globalThis.loads || 0) + 1;
+Array.prototype.marker = (Array.prototype.marker || 0) + 1;
+export default async function (req, ctx) {
+  globalThis.hits = (globalThis.hits || 0) + 1;
+  if (req.body.fail) throw new Error("planned failure");
+  return { status: 200, body: { loads: globalThis.loads, hits: globalThis.hits, marker: [].marker } };
+}
+"""
 
-def _pool(tmp_path, size: int) -> IsolatePool:
+
+def _pool(tmp_path: Path, size: int, source: str = SOURCE) -> IsolatePool:
     path = tmp_path / "functions" / "ok.js"
-    path.parent.mkdir(parents=True)
-    path.write_text(SOURCE)
-    function = Function(name="ok", path=path, source=SOURCE, code_version="0" * 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source)
+    function = Function(name="ok", path=path, source=source, code_version="0" * 16)
     return IsolatePool(compile_function(function), size=size, memory_mb=32)
+
+
+async def _serve(pool: IsolatePool, bodies: list[dict]) -> list[Execution]:
+    """Requests one after another, with a pause after each so the pool can renew what was used."""
+    transport = AiohttpTransport()
+    executor = Executor(limits=Limits(), fetch_policy=FetchPolicy(FetchConfig()), transport=transport, db_pool=None)
+    results = []
+    try:
+        for n, body in enumerate(bodies):
+            call = Invocation(request_id=f"r{n}", tenant="default", secrets={}, parent_span=None,
+                              request={"method": "POST", "path": "/ok", "query": {}, "headers": {}, "body": body})
+            results.append(await executor.run(pool, call))
+            await asyncio.sleep(0.005)
+    finally:
+        await transport.aclose()
+    return results
+
+
+def _serve_on_one_isolate(tmp_path: Path, bodies: list[dict]) -> tuple[list[Execution], list[Isolate]]:
+    """`bodies` served by a pool of one isolate running STATEFUL: the results, and the pool's warm
+    isolates at the end (closed by then; their counters remain)."""
+
+    async def main() -> tuple[list[Execution], list[Isolate]]:
+        pool = _pool(tmp_path, size=1, source=STATEFUL)
+        try:
+            return await _serve(pool, bodies), list(pool._warm)
+        finally:
+            pool.close()
+
+    return asyncio.run(main())
 
 
 def test_isolates_used_while_the_pool_refills_are_freed_as_it_goes(tmp_path):
@@ -34,3 +84,91 @@ def test_isolates_used_while_the_pool_refills_are_freed_as_it_goes(tmp_path):
         return most_parked
 
     assert asyncio.run(main()) <= 8
+
+
+def test_an_isolate_serves_many_requests_each_in_a_fresh_realm(tmp_path):
+    bodies = [{"fail": n % 5 == 4} for n in range(40)]  # a thrown error does not end the isolate's reuse
+    results, warm = _serve_on_one_isolate(tmp_path, bodies)
+    assert [r.status for r in results] == [500 if b["fail"] else 200 for b in bodies]
+    assert all(r.body == {"loads": 1, "hits": 1, "marker": 1} for r in results if r.status == 200)
+    assert max(isolate.served for isolate in warm) >= 30  # one isolate, reused; not one per request
+
+
+def test_a_reused_isolate_collects_the_realms_it_used(tmp_path):
+    async def main() -> tuple[int, int]:
+        pool = _pool(tmp_path, size=1)
+        try:
+            await _serve(pool, [{}] * 100)
+            isolate = max(pool._warm, key=lambda i: i.served)
+            heap = orjson.loads(await asyncio.to_thread(isolate.context.heap_stats))
+            return isolate.served, heap["used_heap_size"]
+        finally:
+            pool.close()
+
+    served, used_heap = asyncio.run(main())
+    assert served >= 80
+    # Uncollected, 80 used realms hold over 10 MB.
+    assert used_heap < 6 * 1024 * 1024
+
+
+def test_an_isolate_is_retired_after_its_last_request(tmp_path, monkeypatch):
+    monkeypatch.setattr(isolate_module, "RETIRE_AFTER", 3)
+    results, warm = _serve_on_one_isolate(tmp_path, [{}] * 12)
+    assert [r.status for r in results] == [200] * 12
+    assert warm and max(isolate.served for isolate in warm) < 3
+
+
+def test_without_realms_each_isolate_serves_one_request(tmp_path, monkeypatch):
+    """A mini-racer whose V8 lacks the hook's symbols still runs every request in a fresh context."""
+    monkeypatch.setattr(isolate_module, "HOOK", None)
+    results, warm = _serve_on_one_isolate(tmp_path, [{}] * 5)
+    assert [r.body for r in results] == [{"loads": 1, "hits": 1, "marker": 1}] * 5
+    assert warm and not any(isolate.renewable for isolate in warm)
+
+
+def test_a_v8_started_by_the_application_without_shadow_realm_still_serves(tmp_path):
+    """An embedding application that initialised V8 with its own flags gets an isolate per request."""
+    path = tmp_path / "ok.js"
+    path.write_text(SOURCE)
+    script = f"""
+import asyncio
+from pathlib import Path
+from py_mini_racer import init_mini_racer
+init_mini_racer(flags=("--single-threaded",))
+from flux.project import Function
+from flux.runtime import isolate
+
+async def main():
+    function = Function(name="ok", path=Path({str(path)!r}), source=Path({str(path)!r}).read_text(), code_version="0" * 16)
+    loaded = await isolate.new_isolate_async(isolate.compile_function(function), memory_mb=32)
+    print(loaded.renewable, await loaded.eval_cancelable("typeof __flux_start"))
+    loaded.close()
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "function"]
+    assert "V8 has no ShadowRealm" in out.stderr
+
+
+def test_closing_a_pool_while_it_renews_frees_every_isolate(tmp_path):
+    """The renewing thread outlives the cancelled maintenance pass; what it renews is still freed."""
+
+    async def main() -> tuple[int, int]:
+        before = context_count()
+        pool = _pool(tmp_path, size=4)
+        pool.warm_now()
+        for isolate in [await pool.acquire() for _ in range(4)]:
+            pool.release(isolate)
+        await asyncio.sleep(0)  # the maintenance pass starts renewing on a worker thread
+        during = pool._maintenance is not None and not pool._maintenance.done()
+        pool.close()
+        for _ in range(200):
+            if context_count() == before:
+                break
+            await asyncio.sleep(0.01)
+        return during, context_count() - before
+
+    renewing, left = asyncio.run(main())
+    assert renewing
+    assert left == 0

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import deque
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -146,13 +147,14 @@ class Isolate:
     `_make_context(event_loop=...)` and its uncancelable-task queue (pinned: mini-racer 0.14).
     """
 
-    __slots__ = ("_maker", "context", "renewable", "served")
+    __slots__ = ("_maker", "context", "parked_at", "renewable", "served")
 
     def __init__(self, context: Any, maker: Any, *, renewable: bool = False) -> None:
         self.context = context  # py_mini_racer's Context, or a MiniRacer where its internals are missing
         self._maker = maker
         self.renewable = renewable  # holds its function in a realm, and can make a fresh one
         self.served = 0
+        self.parked_at = 0.0  # time.monotonic() when it last became ready for a request
 
     async def eval_cancelable(self, code: str) -> object:
         return await self.context.eval_cancelable(code)
@@ -263,8 +265,8 @@ async def new_isolate_async(compiled: CompiledFunction, *, memory_mb: int) -> Is
 
 
 async def _on_worker_thread(work: Any, *args: Any) -> Any:
-    """`work(*args)` on a worker thread, returning an isolate or a list of them. If the caller is
-    cancelled meanwhile (a pool closing, a client gone), the thread still finishes, and what it
+    """`work(*args)` on a worker thread, returning an isolate or None. If the caller is cancelled
+    meanwhile (a pool closing, a client gone), the thread still finishes, and the isolate it
     returns is closed rather than lost with its threads and memory."""
     future = asyncio.get_running_loop().run_in_executor(None, work, *args)
     try:
@@ -275,36 +277,37 @@ async def _on_worker_thread(work: Any, *args: Any) -> Any:
 
 
 def _close_result(future: asyncio.Future) -> None:
-    if future.cancelled() or future.exception() is not None:
-        return
-    result = future.result()
-    for isolate in result if isinstance(result, list) else [result]:
-        isolate.close_soon()
+    if not future.cancelled() and future.exception() is None and future.result() is not None:
+        future.result().close_soon()
 
 
-def _renew_or_close(isolates: list[Isolate]) -> list[Isolate]:
-    """Worker thread: give each used isolate a fresh realm, or close it; the renewed ones."""
-    renewed = []
-    for isolate in isolates:
-        try:
-            if isolate.renew():
-                renewed.append(isolate)
-                continue
-        except Exception:  # noqa: BLE001 -- this isolate is lost, the pool makes another
-            log.exception("could not renew an isolate; closing it")
-        isolate.close()
-    return renewed
+def _renew_or_close(isolate: Isolate) -> Isolate | None:
+    """Worker thread: give a used isolate a fresh realm (and it back), or close it (and None)."""
+    try:
+        if isolate.renew():
+            return isolate
+    except Exception:  # noqa: BLE001 -- this isolate is lost, the pool makes another
+        log.exception("could not renew an isolate; closing it")
+    isolate.close()
+    return None
+
+
+# Isolates beyond the pool's size, left over from a burst, are closed after idling this long.
+IDLE_TRIM_S = 30.0
 
 
 class IsolatePool:
     """Warm isolates for one compiled function; `acquire()` hands out one with a fresh context.
 
     A request hands its isolate back with `release()` when it ended cleanly, or `discard()`
-    when it failed (the isolate is closed at once). Released isolates are parked; a maintenance
-    pass, started when the pool falls to half its size or the parked ones outnumber it, renews
-    them on a worker thread (a fresh realm: 0.35 to 0.45 ms each) and makes new isolates only
-    while warm plus handed-out isolates are fewer than `size` (about 2 ms of CPU each, plus
-    freeing later). Isolates beyond `size` after a burst are closed.
+    when it failed (the isolate is closed at once). A maintenance pass renews released isolates
+    on worker threads (a fresh realm: 0.35 to 0.45 ms each), each ready for the next request as
+    soon as it is renewed, and makes new isolates (2 ms of CPU and more) only while warm plus
+    handed-out isolates are fewer than `size`, or for a request that found none. A request that
+    finds the pool empty while isolates are being renewed waits for one of them rather than
+    making its own; only when every isolate is in use does it make one, so the pool grows to the
+    concurrency it sees and stops growing there. Isolates beyond `size` are closed once they have
+    idled for `IDLE_TRIM_S`.
     Where realms are unavailable every released isolate is closed and replaced, so under
     sustained load that refill runs nearly all the time, on the same cores as the requests
     (`bench/gateway.py`'s `flux-isolates` measures that mode against realms).
@@ -315,24 +318,35 @@ class IsolatePool:
         self.size = size
         self.low_water = size // 2
         self.memory_mb = memory_mb
-        self._warm: list[Isolate] = []
-        self._used: list[Isolate] = []
-        self._out = 0  # handed out, neither released nor discarded yet
+        self._warm: list[Isolate] = []  # the last one is handed out first; the first idles longest
+        self._used: list[Isolate] = []  # released, waiting for the maintenance pass
+        self._renewing = 0  # on worker threads now, each back in well under a millisecond
+        self._making = 0  # new isolates the maintenance pass is making for the pool
+        self._out = 0  # handed out (or to a waiting request), neither released nor discarded yet
+        self._waiters: deque[asyncio.Future[Isolate | None]] = deque()  # requests waiting for a renewal
         self._maintenance: asyncio.Task | None = None
+        self._trim: asyncio.TimerHandle | None = None
         self._closed = False
+        self.made = 0  # isolates made over the pool's life
         self.acquire_times: list[float] = []  # seconds, for the bench and the function span
 
     def warm_now(self) -> None:
         while len(self._warm) < self.size:
-            self._warm.append(new_isolate(self.compiled, memory_mb=self.memory_mb))
+            self._park(new_isolate(self.compiled, memory_mb=self.memory_mb))
+            self.made += 1
 
     async def acquire(self) -> Isolate:
         started = time.perf_counter()
+        isolate: Isolate | None = None
         if self._warm:
             isolate = self._warm.pop()
-        else:
+            self._out += 1
+        elif not self._closed and len(self._waiters) < len(self._used) + self._renewing + self._making:
+            isolate = await self._renewed()  # one is on its way, much sooner than a new one of its own
+        if isolate is None:
             isolate = await new_isolate_async(self.compiled, memory_mb=self.memory_mb)
-        self._out += 1
+            self.made += 1
+            self._out += 1
         self.acquire_times.append(time.perf_counter() - started)
         if len(self.acquire_times) > 10_000:
             del self.acquire_times[:5_000]
@@ -340,15 +354,44 @@ class IsolatePool:
             self._schedule_maintenance()
         return isolate
 
+    async def _renewed(self) -> Isolate | None:
+        """The next isolate the maintenance pass makes ready, already counted as handed out;
+        None if the pool closes first."""
+        waiter: asyncio.Future[Isolate | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._schedule_maintenance()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self._out -= 1
+                self._park(waiter.result())  # handed over just as the request was cancelled
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def _park(self, isolate: Isolate) -> None:
+        """An isolate ready for a request: to a waiting request, else to the warm list."""
+        if self._closed:
+            isolate.close_soon()
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(isolate)
+                self._out += 1
+                return
+        isolate.parked_at = time.monotonic()
+        self._warm.append(isolate)
+
     def release(self, isolate: Isolate) -> None:
-        """An isolate whose request ended cleanly: renewed by the next maintenance pass, or freed."""
+        """An isolate whose request ended cleanly: renewed by the maintenance pass, or freed."""
         self._out -= 1
         if self._closed:
             isolate.close_soon()
             return
         self._used.append(isolate)
-        if len(self._used) > max(self.size, 1) or len(self._warm) <= self.low_water:
-            self._schedule_maintenance()
+        self._schedule_maintenance()
 
     def discard(self, isolate: Isolate) -> None:
         """An isolate whose request failed: closed now (that also stops JS still running in it)."""
@@ -370,31 +413,73 @@ class IsolatePool:
         while not self._closed:
             if self._used:
                 used, self._used = self._used, []
-                renewed = await _on_worker_thread(_renew_or_close, used)
-                if self._closed:
-                    for isolate in renewed:
-                        isolate.close_soon()
-                    return
-                self._warm.extend(renewed)
-                while len(self._warm) > max(self.size, 1):  # the tail of a burst
-                    self._warm.pop(0).close_soon()
+                await self._renew(used)
                 continue
-            if len(self._warm) + self._out >= self.size:
-                return
+            waiting = any(not waiter.done() for waiter in self._waiters)  # a renewal fell through
+            if not waiting and len(self._warm) + self._out >= self.size:
+                break
+            self._making += 1
             try:
                 isolate = await new_isolate_async(self.compiled, memory_mb=self.memory_mb)
             except Exception:  # noqa: BLE001 -- a failed warm-up must not kill the pool; acquire retries inline
                 log.exception("could not warm an isolate for %s", self.compiled.name)
-                return
+                self._send_waiters_away()
+                break
+            finally:
+                self._making -= 1
+            self.made += 1
             if self._closed:
                 isolate.close_soon()
                 return
-            self._warm.append(isolate)
+            self._park(isolate)
+        self._schedule_trim()
+
+    async def _renew(self, used: list[Isolate]) -> None:
+        """Renew `used` on worker threads, all at once; each is ready for a request as soon as it
+        is done. If the pass is cancelled (the pool closing), those still renewing are closed
+        when they are done, never lost."""
+        loop = asyncio.get_running_loop()
+        pending = {loop.run_in_executor(None, _renew_or_close, isolate) for isolate in used}
+        self._renewing += len(pending)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    self._renewing -= 1
+                    renewed = future.result()
+                    if renewed is not None:
+                        self._park(renewed)
+        except asyncio.CancelledError:
+            for future in pending:
+                self._renewing -= 1
+                future.add_done_callback(_close_result)
+            raise
+
+    def _send_waiters_away(self) -> None:
+        """Requests waiting for an isolate that will not come make their own (see acquire)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _schedule_trim(self) -> None:
+        if self._trim is None and not self._closed and len(self._warm) > self.size:
+            self._trim = asyncio.get_running_loop().call_later(IDLE_TRIM_S, self._trim_idle)
+
+    def _trim_idle(self) -> None:
+        self._trim = None
+        idle_since = time.monotonic() - IDLE_TRIM_S
+        while len(self._warm) > self.size and self._warm[0].parked_at <= idle_since:
+            self._warm.pop(0).close_soon()
+        self._schedule_trim()
 
     def close(self) -> None:
         self._closed = True
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self._trim is not None:
+            self._trim.cancel()
+        self._send_waiters_away()
         for isolate in self._warm + self._used:
             isolate.close()
         self._warm.clear()

@@ -174,3 +174,53 @@ def test_closing_a_pool_while_it_renews_frees_every_isolate(tmp_path):
     renewing, left = asyncio.run(main())
     assert renewing
     assert left == 0
+
+
+def _concurrent(pool: IsolatePool, streams: int, each: int) -> list[Execution]:
+    async def main() -> list[Execution]:
+        transport = AiohttpTransport()
+        executor = Executor(limits=Limits(), fetch_policy=FetchPolicy(FetchConfig()), transport=transport, db_pool=None)
+
+        async def stream(s: int) -> list[Execution]:
+            return [await executor.run(pool, Invocation(
+                request_id=f"r{s}-{n}", tenant="default", secrets={}, parent_span=None,
+                request={"method": "POST", "path": "/ok", "query": {}, "headers": {}, "body": {}})) for n in range(each)]
+
+        try:
+            return [r for results in await asyncio.gather(*(stream(s) for s in range(streams))) for r in results]
+        finally:
+            await transport.aclose()
+
+    return asyncio.run(main())
+
+
+def test_under_more_concurrency_than_its_size_the_pool_grows_to_it_and_no_further(tmp_path):
+    """Requests that find the pool empty wait for a renewal rather than each making an isolate."""
+    pool = _pool(tmp_path, size=2)
+    try:
+        results = _concurrent(pool, streams=8, each=40)
+    finally:
+        pool.close()
+    assert [r.status for r in results] == [200] * 320
+    assert pool.made <= 12  # about one per concurrent request; making one per request would be 320
+
+
+def test_isolates_left_from_a_burst_are_closed_once_idle(tmp_path, monkeypatch):
+    monkeypatch.setattr(isolate_module, "IDLE_TRIM_S", 0.05)
+
+    async def main() -> tuple[int, int, int]:
+        pool = _pool(tmp_path, size=2)
+        pool.warm_now()
+        isolates = [await pool.acquire() for _ in range(6)]
+        for isolate in isolates:
+            pool.release(isolate)
+        await pool._maintenance
+        after_burst = len(pool._warm)
+        await asyncio.sleep(0.3)
+        try:
+            return after_burst, len(pool._warm), pool.made
+        finally:
+            pool.close()
+
+    after_burst, after_idling, made = asyncio.run(main())
+    assert (after_burst, after_idling, made) == (6, 2, 6)

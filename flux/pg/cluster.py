@@ -151,6 +151,9 @@ class ClusterInfo:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}"
 
 
+RELOCATED_ROOT = Path("/var/tmp/flux-clusters")  # data directories the server account cannot keep under state_dir
+
+
 class Cluster:
     """One PostgreSQL cluster in `data_dir`, created on first `start()`.
 
@@ -192,7 +195,7 @@ class Cluster:
         if _reachable_by(self._user, self.state_dir):
             return local
         digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:16]
-        return Path("/var/tmp/flux-clusters") / digest / "pgdata"
+        return RELOCATED_ROOT / digest / "pgdata"
 
     def _run(self, args: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         kwargs: dict = {}
@@ -276,6 +279,11 @@ class Cluster:
         data_dir = self._data_dir(meta)
         self.stop(mode="immediate")
         shutil.rmtree(data_dir, ignore_errors=True)
+        if data_dir.parent.parent == RELOCATED_ROOT:
+            try:
+                data_dir.parent.rmdir()  # the relocated cluster's own directory, now empty
+            except OSError:
+                pass
         try:
             self._meta_path.unlink()
         except FileNotFoundError:

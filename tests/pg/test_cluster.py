@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import psycopg
 
-from flux.pg.cluster import find_bindir
+from flux.pg.cluster import RELOCATED_ROOT, Cluster, find_bindir
 
 
 def test_find_bindir_returns_directory_with_server_binaries():
@@ -18,3 +18,13 @@ def test_start_is_idempotent_and_keeps_port(pg_cluster):
     first = pg_cluster.start()
     second = pg_cluster.start()
     assert first.port == second.port
+
+
+def test_destroy_leaves_no_directory_behind(tmp_path):
+    """Not the data directory, nor, where it had to move under /var/tmp/flux-clusters, its own one."""
+    cluster = Cluster(state_dir=tmp_path / "state")
+    cluster.start()
+    data_dir = cluster._data_dir(cluster._load_meta())
+    cluster.destroy()
+    assert not data_dir.exists()
+    assert not (data_dir.parent.parent == RELOCATED_ROOT and data_dir.parent.exists())

@@ -140,9 +140,8 @@ class Isolate:
     Making, loading, renewing and freeing happen on worker threads for requests:
     `new_isolate_async` makes the context there and loads it with synchronous evals that no
     loop sees (the context is nobody else's yet), and `renew` runs the same way while the
-    isolate is parked between requests. Only the start-up fill (`IsolatePool.warm_now`),
-    closing the isolate of a failed request (`IsolatePool.discard`) and closing a pool run on the
-    loop. The context is bound to the running loop when it is made, so that a request's
+    isolate is parked between requests. Only the start-up fill (`IsolatePool.warm_now`) and
+    closing a pool run on the loop. The context is bound to the running loop when it is made, so that a request's
     `eval_cancelable` calls resolve on that loop. Both rest on mini-racer's internal seams,
     `_make_context(event_loop=...)` and its uncancelable-task queue (pinned: mini-racer 0.14).
     """
@@ -394,9 +393,10 @@ class IsolatePool:
         self._schedule_maintenance()
 
     def discard(self, isolate: Isolate) -> None:
-        """An isolate whose request failed: closed now (that also stops JS still running in it)."""
+        """An isolate whose request failed: closed on a worker thread, which also stops JS still
+        running in it (freeing a heap a memory bomb filled takes milliseconds: not on the loop)."""
         self._out -= 1
-        isolate.close()
+        isolate.close_soon()
 
     def _schedule_maintenance(self) -> None:
         if self._closed or (self._maintenance is not None and not self._maintenance.done()):

@@ -224,3 +224,18 @@ def test_isolates_left_from_a_burst_are_closed_once_idle(tmp_path, monkeypatch):
 
     after_burst, after_idling, made = asyncio.run(main())
     assert (after_burst, after_idling, made) == (6, 2, 6)
+
+
+def test_a_discarded_isolate_is_freed(tmp_path):
+    async def main() -> int:
+        before = context_count()
+        pool = _pool(tmp_path, size=0)
+        pool.discard(await pool.acquire())
+        for _ in range(200):
+            if context_count() == before:
+                break
+            await asyncio.sleep(0.01)
+        pool.close()
+        return context_count() - before
+
+    assert asyncio.run(main()) == 0

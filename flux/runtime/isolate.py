@@ -141,9 +141,10 @@ class Isolate:
     `new_isolate_async` makes the context there and loads it with synchronous evals that no
     loop sees (the context is nobody else's yet), and `renew` runs the same way while the
     isolate is parked between requests. Only the start-up fill (`IsolatePool.warm_now`) and
-    closing a pool run on the loop. The context is bound to the running loop when it is made, so that a request's
-    `eval_cancelable` calls resolve on that loop. Both rest on mini-racer's internal seams,
-    `_make_context(event_loop=...)` and its uncancelable-task queue (pinned: mini-racer 0.14).
+    closing a pool run on the loop. The context is bound to the running loop when it is made,
+    so that a request's `eval_cancelable` calls resolve on that loop. Both rest on mini-racer's
+    internal seams, `_make_context(event_loop=...)` and its uncancelable-task queue (pinned:
+    mini-racer 0.14).
     """
 
     __slots__ = ("_maker", "context", "parked_at", "renewable", "served")

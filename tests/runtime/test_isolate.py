@@ -156,7 +156,7 @@ asyncio.run(main())
 def test_closing_a_pool_while_it_renews_frees_every_isolate(tmp_path):
     """The renewing thread outlives the cancelled maintenance pass; what it renews is still freed."""
 
-    async def main() -> tuple[int, int]:
+    async def main() -> tuple[bool, int]:
         before = context_count()
         pool = _pool(tmp_path, size=4)
         pool.warm_now()

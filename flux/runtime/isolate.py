@@ -147,12 +147,13 @@ class Isolate:
     mini-racer 0.14).
     """
 
-    __slots__ = ("_maker", "context", "parked_at", "renewable", "served")
+    __slots__ = ("_maker", "context", "memory_limit", "parked_at", "renewable", "served")
 
-    def __init__(self, context: Any, maker: Any, *, renewable: bool = False) -> None:
+    def __init__(self, context: Any, maker: Any, *, renewable: bool = False, memory_limit: int = 0) -> None:
         self.context = context  # py_mini_racer's Context, or a MiniRacer where its internals are missing
         self._maker = maker
         self.renewable = renewable  # holds its function in a realm, and can make a fresh one
+        self.memory_limit = memory_limit  # bytes: the hard heap limit set on the isolate
         self.served = 0
         self.parked_at = 0.0  # time.monotonic() when it last became ready for a request
 
@@ -169,8 +170,8 @@ class Isolate:
             return False
         if self.served % COLLECT_EVERY == 0:
             self.context.low_memory_notification()
-            heap = orjson.loads(self.context.heap_stats())
-            if heap["used_heap_size"] > RETIRE_AT_HEAP_FRACTION * heap["heap_size_limit"]:
+            # Against the limit Flux set, not V8's own `heap_size_limit` (about 1.5 GB).
+            if orjson.loads(self.context.heap_stats())["used_heap_size"] > RETIRE_AT_HEAP_FRACTION * self.memory_limit:
                 return False
         _eval_unshared(self.context, "__flux_fresh()")
         return True
@@ -231,13 +232,14 @@ def _make_loaded(compiled: CompiledFunction, memory_mb: int, loop: asyncio.Abstr
     """A context bound to `loop`, with the prelude and the function loaded; runs on any thread."""
     maker = _make_context(event_loop=loop)
     context = maker.__enter__()
+    memory_limit = memory_mb * 1024 * 1024
     try:
-        context.set_hard_memory_limit(memory_mb * 1024 * 1024)
+        context.set_hard_memory_limit(memory_limit)
         renewable = _load(context, compiled)
     except BaseException:
         maker.__exit__(None, None, None)
         raise
-    return Isolate(context, maker, renewable=renewable)
+    return Isolate(context, maker, renewable=renewable, memory_limit=memory_limit)
 
 
 def new_isolate(compiled: CompiledFunction, *, memory_mb: int) -> Isolate:
@@ -300,7 +302,7 @@ class IsolatePool:
     """Warm isolates for one compiled function; `acquire()` hands out one with a fresh context.
 
     A request hands its isolate back with `release()` when it ended cleanly, or `discard()`
-    when it failed (the isolate is closed at once). A maintenance pass renews released isolates
+    when it failed (the isolate is never reused, and is closed on a worker thread). A maintenance pass renews released isolates
     on worker threads (a fresh realm: 0.35 to 0.45 ms each), each ready for the next request as
     soon as it is renewed, and makes new isolates (2 ms of CPU and more) only while warm plus
     handed-out isolates are fewer than `size`, or for a request that found none. A request that

@@ -61,9 +61,9 @@
   Object.defineProperty(RealDate.prototype, "constructor", { value: g.Date, writable: true, configurable: true });
 
   // Temporal.Now reads the clock past the tape, and wrapping it would cost about 0.16 ms per
-  // isolate (reading Temporal builds all of it), so functions run without Temporal; a polyfill
-  // that reads the clock through Date is recorded. V8_FLAGS leaves Temporal out already; this
-  // covers an application that started V8 with its own flags.
+  // context (measured in a fresh isolate: reading Temporal builds all of it), so functions run
+  // without Temporal; a polyfill that reads the clock through Date is recorded. V8_FLAGS leaves
+  // Temporal out already; this covers an application that started V8 with its own flags.
   delete g.Temporal;
   // A nested realm would have its own, unrecorded clock and random numbers.
   delete g.ShadowRealm;

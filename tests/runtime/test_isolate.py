@@ -120,6 +120,15 @@ def test_an_isolate_is_retired_after_its_last_request(tmp_path, monkeypatch):
     assert warm and max(isolate.served for isolate in warm) < 3
 
 
+def test_an_isolate_holding_too_much_of_its_memory_limit_is_retired(tmp_path, monkeypatch):
+    """Judged against the pool's memory limit (32 MB here), not V8's own heap limit (about 1.5 GB)."""
+    monkeypatch.setattr(isolate_module, "COLLECT_EVERY", 1)
+    monkeypatch.setattr(isolate_module, "RETIRE_AT_HEAP_FRACTION", 0.001)  # 33 KB: less than any isolate holds
+    results, warm = _serve_on_one_isolate(tmp_path, [{}] * 5)
+    assert [r.status for r in results] == [200] * 5
+    assert warm and max(isolate.served for isolate in warm) == 0
+
+
 def test_without_realms_each_isolate_serves_one_request(tmp_path, monkeypatch):
     """A mini-racer whose V8 lacks the hook's symbols still runs every request in a fresh context."""
     monkeypatch.setattr(isolate_module, "HOOK", None)

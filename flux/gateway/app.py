@@ -47,10 +47,12 @@ class Functions:
     def __init__(self, project: Project, *, pool_size: int) -> None:
         self.project = project
         self.compiled: dict[str, CompiledFunction] = {
-            name: compile_function(fn, memory_mb=project.limits.memory_mb) for name, fn in project.functions.items()
+            name: compile_function(fn, memory_mb=project.limits.memory_mb, timeout_ms=project.limits.timeout_ms)
+            for name, fn in project.functions.items()
         }
         self.pools = {
-            name: IsolatePool(c, size=pool_size if c.script is not None else 0, memory_mb=project.limits.memory_mb)
+            name: IsolatePool(c, size=pool_size if c.script is not None else 0, memory_mb=project.limits.memory_mb,
+                              timeout_ms=project.limits.timeout_ms)
             for name, c in self.compiled.items()
         }
 

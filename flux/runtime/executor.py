@@ -2,10 +2,10 @@
 
     start the handler -> drain the outbox -> run host calls -> settle them -> ... -> result
 
-The loop runs under the request's deadline. Every isolate call is `eval_cancelable`; when
-the deadline passes the isolate is discarded (closing it also stops JS spinning in a
-microtask), the database transaction is cancelled and rolled back, and the request ends with
-504. An out-of-memory isolate ends its own request with 500. Neither touches any other request:
+The loop runs under the request's deadline. Each step posts an eval and waits on the drain eval
+behind it, which is cancelable; when the deadline passes the isolate is discarded (closing it
+stops JS still running in it, in an eval or in a microtask), the database transaction is
+cancelled and rolled back, and the request ends with 504. An out-of-memory isolate ends its own request with 500. Neither touches any other request:
 a discarded isolate is never handed out again, and the pool renews only isolates released by a
 request that ended cleanly.
 
@@ -74,14 +74,8 @@ def new_span_id() -> str:
 
 async def _then_drain(isolate: Isolate, code: str) -> dict[str, Any]:
     """Run `code`, then `__flux_drain()` once the microtasks it queued have run: what the function
-    did meanwhile. Microtasks run only when an eval ends, so the drain is an eval of its own; both
-    are posted together (an isolate runs its evals in order), so the loop waits once."""
-    drain = asyncio.ensure_future(isolate.eval_cancelable("__flux_drain()"))
-    try:
-        await isolate.eval_cancelable(code)
-        return orjson.loads(await drain)
-    finally:
-        drain.cancel()  # a no-op once it is done; on an error or a timeout it must not outlive the request
+    did meanwhile. Microtasks run only when an eval ends, so the drain is an eval of its own."""
+    return orjson.loads(await isolate.eval_then(code, "__flux_drain()"))
 
 
 def _eval_arg(value: Any) -> str:

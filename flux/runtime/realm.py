@@ -23,13 +23,15 @@ import ctypes
 import logging
 import os
 import queue
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import py_mini_racer
 from py_mini_racer._context import _UNCANCELABLE_TASK_CALLBACK_ID
 
 log = logging.getLogger("flux.runtime")
+T = TypeVar("T")
 
 # V8 14 (mini-racer 0.14), Itanium C++ ABI.
 _GET_CURRENT = "_ZN2v87Isolate10GetCurrentEv"
@@ -79,29 +81,43 @@ class RealmHook:
         """Set the hook on the isolate of `context`, a mini-racer Context that no one else uses yet.
 
         V8 wants the `Isolate*`, which only the isolate's own thread can read
-        (`Isolate::GetCurrent`). mini-racer delivers an uncancelable eval's result from that
-        thread, inside the eval's task, so a tap on its results queue reads it there.
+        (`Isolate::GetCurrent`).
         """
-        results = context._non_cancelable_mr_task_results_queue
-        get_current = self._get_current
-        isolate: list[int] = []
-
-        class Tap(queue.Queue):
-            def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-                isolate.append(get_current())
-                results.put(item, block, timeout)
-
-        # mini-racer's Context is a frozen dataclass; the tap is removed before the context is shared.
-        object.__setattr__(context, "_non_cancelable_mr_task_results_queue", Tap())
-        try:
-            code = context._python_to_value_handle("0")
-            context._dll.mr_eval(context._ctx, code.raw, _UNCANCELABLE_TASK_CALLBACK_ID)
-            results.get()
-        finally:
-            object.__setattr__(context, "_non_cancelable_mr_task_results_queue", results)
-        if not isolate or not isolate[0]:
+        isolate = on_isolate_thread(context, self._get_current)
+        if not isolate:
             raise RuntimeError("could not read the V8 isolate of a mini-racer context")
-        self._set_hook(isolate[0], self._callback_address)
+        self._set_hook(isolate, self._callback_address)
+
+
+def on_isolate_thread(context: Any, work: Callable[[], T]) -> T:
+    """`work()` run on the isolate's own thread; `context` is a mini-racer Context no one else uses yet.
+
+    mini-racer delivers an uncancelable eval's result from that thread, inside the eval's task,
+    so a tap on its results queue runs `work` there, with the GIL held.
+    """
+    results = context._non_cancelable_mr_task_results_queue
+    outcome: list[Any] = []
+
+    class Tap(queue.Queue):
+        def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+            try:
+                outcome.append((True, work()))
+            except BaseException as exc:  # noqa: BLE001 -- re-raised on the caller's thread, below
+                outcome.append((False, exc))
+            results.put(item, block, timeout)
+
+    # mini-racer's Context is a frozen dataclass; the tap is removed before the context is shared.
+    object.__setattr__(context, "_non_cancelable_mr_task_results_queue", Tap())
+    try:
+        code = context._python_to_value_handle("0")
+        context._dll.mr_eval(context._ctx, code.raw, _UNCANCELABLE_TASK_CALLBACK_ID)
+        results.get()
+    finally:
+        object.__setattr__(context, "_non_cancelable_mr_task_results_queue", results)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _load() -> RealmHook | None:

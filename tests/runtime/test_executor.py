@@ -147,6 +147,25 @@ def test_a_syntax_error_is_reported_with_file_and_line(tmp_path):
     assert result.status == 500 and "functions/broken.js:2" in result.error
 
 
+def test_top_level_code_that_never_finishes_is_a_load_error(tmp_path):
+    write_project(tmp_path, {"hang": "for (;;) {}\nexport default async function () { return {status: 200}; }\n"})
+    function = load_project(tmp_path).functions["hang"]
+    started = time.monotonic()
+    compiled = compile_function(function, timeout_ms=300)
+    assert compiled.error == "functions/hang.js: its top-level code did not finish within 300 ms"
+    assert time.monotonic() - started < 5
+
+
+def test_the_load_time_limit_holds_inside_a_running_loop(tmp_path):
+    """`flux dev` reloads functions from its event loop, where mini-racer cannot time an eval."""
+    write_project(tmp_path, {"hang": "while (true) {}\nexport default async function () { return {status: 200}; }\n"})
+
+    async def main() -> str | None:
+        return compile_function(load_project(tmp_path).functions["hang"], timeout_ms=300).error
+
+    assert asyncio.run(main()) == "functions/hang.js: its top-level code did not finish within 300 ms"
+
+
 def test_db_statements_commit_together_when_the_handler_succeeds(tmp_path, dsn, conn):
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
     write_project(tmp_path, {"two": """

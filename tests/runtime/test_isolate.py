@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
+import pytest
+from py_mini_racer import JSEvalException
 from py_mini_racer._context import context_count
 
 from flux.project import FetchConfig, Function, Limits
@@ -15,6 +18,7 @@ from flux.runtime import isolate as isolate_module
 from flux.runtime.executor import Execution, Executor, Invocation
 from flux.runtime.host import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import Isolate, IsolatePool, compile_function
+from flux.runtime.realm import on_isolate_thread
 
 SOURCE = "export default async function (req, ctx) { return { status: 200, body: {} }; }\n"
 
@@ -162,8 +166,9 @@ asyncio.run(main())
     assert "V8 has no ShadowRealm" in out.stderr
 
 
-def test_closing_a_pool_while_it_renews_frees_every_isolate(tmp_path):
-    """The renewing thread outlives the cancelled maintenance pass; what it renews is still freed."""
+@pytest.mark.parametrize("turns", [1, 2], ids=["renewals-not-started", "renewals-posted"])
+def test_closing_a_pool_while_it_renews_frees_every_isolate(tmp_path, turns):
+    """Renewals cut short by the pool closing, before or after their evals were posted, free their isolates."""
 
     async def main() -> tuple[bool, int]:
         before = context_count()
@@ -171,8 +176,9 @@ def test_closing_a_pool_while_it_renews_frees_every_isolate(tmp_path):
         pool.warm_now()
         for isolate in [await pool.acquire() for _ in range(4)]:
             pool.release(isolate)
-        await asyncio.sleep(0)  # the maintenance pass starts renewing on a worker thread
-        during = pool._maintenance is not None and not pool._maintenance.done()
+        for _ in range(turns):  # 1: the pass has started its renewals; 2: they have posted their evals
+            await asyncio.sleep(0)
+        during = pool._renewing == 4
         pool.close()
         for _ in range(200):
             if context_count() == before:
@@ -248,3 +254,82 @@ def test_a_discarded_isolate_is_freed(tmp_path):
         return context_count() - before
 
     assert asyncio.run(main()) == 0
+
+
+def test_a_renewal_that_does_not_finish_in_time_closes_its_isolate(tmp_path, caplog):
+    """Top-level code runs again in every fresh realm; if it spins there, the isolate is closed and replaced."""
+
+    async def main() -> tuple[int, int, int]:
+        before = context_count()
+        pool = _pool(tmp_path, size=1)
+        pool.timeout_ms = 200
+        pool.warm_now()
+        isolate = await pool.acquire()
+        await isolate.eval_cancelable("__flux_fresh = function () { for (;;) {} }")  # the bridge's realm maker now spins
+        pool.release(isolate)
+        await pool._maintenance  # the renewal times out; a new isolate replaces it
+        warm = len(pool._warm)
+        pool.close()
+        for _ in range(200):
+            if context_count() == before:
+                break
+            await asyncio.sleep(0.01)
+        return warm, pool.made, context_count() - before
+
+    warm, made, left = asyncio.run(main())
+    assert (warm, made, left) == (1, 2, 0)
+    assert "did not finish within 200 ms in a fresh realm" in caplog.text
+
+
+def _thread_states() -> int:
+    """The interpreter's Python thread states, one per thread that runs or keeps one."""
+    python = ctypes.pythonapi
+    python.PyInterpreterState_Get.restype = ctypes.c_void_p
+    python.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
+    python.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
+    python.PyThreadState_Next.argtypes = [ctypes.c_void_p]
+    python.PyThreadState_Next.restype = ctypes.c_void_p
+    count, state = 0, python.PyInterpreterState_ThreadHead(python.PyInterpreterState_Get())
+    while state:
+        count, state = count + 1, python.PyThreadState_Next(state)
+    return count
+
+
+def test_a_reused_isolate_answers_in_one_kept_thread_state_freed_when_it_closes(tmp_path):
+    """Not a fresh thread state (and an mmap and a munmap) per callback from the isolate's thread."""
+
+    async def main() -> tuple[int, int, bool, int]:
+        before = _thread_states()
+        pool = _pool(tmp_path, size=2)
+        pool.warm_now()
+        await _serve(pool, [{}] * 6)
+        isolate = pool._warm[-1]
+        kept = isolate.thread_state
+        answered_in = on_isolate_thread(isolate.context, ctypes.pythonapi.PyThreadState_Get)
+        during = _thread_states()
+        pool.close()
+        return before, during, answered_in == kept, _thread_states()
+
+    before, during, same, after = asyncio.run(main())
+    assert during == before + 2
+    assert same
+    assert after == before
+
+
+def test_eval_then_answers_with_the_second_eval_or_the_first_evals_error(tmp_path):
+    async def main() -> tuple[object, str]:
+        pool = _pool(tmp_path, size=1)
+        pool.warm_now()
+        isolate = await pool.acquire()
+        try:
+            answer = await isolate.eval_then("globalThis.n = 41", "n + 1")
+            with pytest.raises(JSEvalException) as failed:
+                await isolate.eval_then("throw new Error('the first failed')", "'the second ran'")
+            return answer, str(failed.value)
+        finally:
+            pool.discard(isolate)
+            pool.close()
+
+    answer, error = asyncio.run(main())
+    assert answer == 42
+    assert "the first failed" in error

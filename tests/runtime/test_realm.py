@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
+import pytest
 from py_mini_racer._mini_racer import _make_context
 
 from flux.runtime.isolate import _eval_unshared
-from flux.runtime.realm import HOOK
+from flux.runtime.realm import HOOK, on_isolate_thread
 
 
 def test_the_hook_is_found_in_the_pinned_mini_racer():
@@ -41,3 +43,15 @@ def test_realms_can_be_switched_off():
     out = subprocess.run([sys.executable, "-c", "from flux.runtime.realm import HOOK; print(HOOK)"],
                          env={**os.environ, "FLUX_REALMS": "off"}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
+
+
+def test_work_runs_on_the_isolates_own_thread_and_its_errors_reach_the_caller():
+    maker = _make_context()
+    context = maker.__enter__()
+    try:
+        assert on_isolate_thread(context, threading.get_native_id) != threading.get_native_id()
+        with pytest.raises(ZeroDivisionError):
+            on_isolate_thread(context, lambda: 1 / 0)
+        assert _eval_unshared(context, "6 * 7") == 42  # the context's results queue is still in order
+    finally:
+        maker.__exit__(None, None, None)

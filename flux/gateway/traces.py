@@ -70,6 +70,7 @@ class TraceWriter:
         self._task: asyncio.Task | None = None
         self._closing = False
         self.written = 0
+        self.batches = 0
         self.dropped = 0
         self._last_drop_log = 0.0
 
@@ -108,21 +109,19 @@ class TraceWriter:
         delay = 0.2
         while True:
             batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.flush_interval
-            while len(batch) < self.batch_size:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except TimeoutError:
-                    break
+            if self._queue.qsize() < self.batch_size - 1 and not self._closing:
+                # One timer per batch: a wait_for per record cost a task and a timer each, on the loop
+                # that serves requests.
+                await asyncio.sleep(self.flush_interval)
+            while len(batch) < self.batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             while True:
                 try:
                     if conn is None or conn.closed:
                         conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
                     await insert_traces_async(conn, batch)
                     self.written += len(batch)
+                    self.batches += 1
                     delay = 0.2
                     break
                 except psycopg.Error as exc:

@@ -5,9 +5,9 @@
 The loop runs under the request's deadline. Each step posts an eval and waits on the drain eval
 behind it, which is cancelable; when the deadline passes the isolate is discarded (closing it
 stops JS still running in it, in an eval or in a microtask), the database transaction is
-cancelled and rolled back, and the request ends with 504. An out-of-memory isolate ends its own request with 500. Neither touches any other request:
-a discarded isolate is never handed out again, and the pool renews only isolates released by a
-request that ended cleanly.
+cancelled and rolled back, and the request ends with 504. An out-of-memory isolate ends its own
+request with 500. Neither touches any other request: a discarded isolate is never handed out
+again, and the pool renews only isolates released by a request that ended cleanly.
 
 The result carries the function's span (with its step children and client spans), the
 replay tape and the response. The executor does not redact secrets and does not write

@@ -3,7 +3,7 @@
 Why: a mini-racer isolate per request costs about 1.5 ms of CPU to make, load and free, and
 freeing it hands memory back to the OS with `munmap`, which flushes the TLB of the CPU serving
 requests (README, gateway benchmark). A new V8 context in a live isolate, loaded with the prelude
-and the function, costs 0.35 to 0.45 ms and returns no memory to the OS.
+and the function, costs 0.3 to 0.45 ms and returns no memory to the OS.
 
 How: `new ShadowRealm()` is a new native context (its own global object and its own built-ins)
 in the same isolate, reachable only through strings, numbers and wrapped functions. V8 asks the

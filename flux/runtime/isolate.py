@@ -395,16 +395,15 @@ IDLE_TRIM_S = 30.0
 class IsolatePool:
     """Warm isolates for one compiled function; `acquire()` hands out one with a fresh context.
 
-    A request hands its isolate back with `release()` when it ended cleanly, or `discard()`
-    when it failed (the isolate is never reused, and is closed on a worker thread). A
-    maintenance pass renews released isolates, all at once (a fresh realm: 0.3 to 0.45 ms of
-    the isolate's own thread each), each ready for the next request as soon as it is renewed,
-    and makes new isolates (2 ms of CPU and more) only while warm plus
-    handed-out isolates are fewer than `size`, or for a request that found none. A request that
-    finds the pool empty while isolates are being renewed waits for one of them rather than
-    making its own; only when every isolate is in use does it make one, so the pool grows to the
-    concurrency it sees and stops growing there. Isolates beyond `size` are closed once they have
-    idled for `IDLE_TRIM_S`.
+    A request hands its isolate back with `release()` when it ended cleanly, or `discard()` when it
+    failed (the isolate is never reused, and is closed on a worker thread). A maintenance pass
+    renews released isolates, all at once (a fresh realm: 0.3 to 0.45 ms of the isolate's own thread
+    each), each ready for the next request as soon as it is renewed, and makes new isolates (2 ms of
+    CPU and more) only while warm plus handed-out isolates are fewer than `size`, or for a request
+    that found none. A request that finds the pool empty while isolates are being renewed waits for
+    one of them rather than making its own; only when every isolate is in use does it make one, so
+    the pool grows to the concurrency it sees and stops growing there. Isolates beyond `size` are
+    closed once they have idled for `IDLE_TRIM_S`.
     Where realms are unavailable every released isolate is closed and replaced, so under
     sustained load that refill runs nearly all the time, on the same cores as the requests
     (`bench/gateway.py`'s `flux-isolates` measures that mode against realms).
@@ -537,14 +536,16 @@ class IsolatePool:
         """Renew `used` all at once; each is ready for a request as soon as it is renewed. If the
         pass is cancelled (the pool closing), so are the renewals, and their isolates are closed."""
         self._renewing += len(used)
-        started: set[int] = set()
+        started: set[int] = set()  # renewals whose body ran: they close what they do not renew
         renewals = {asyncio.ensure_future(self._renew_one(isolate, started)): isolate for isolate in used}
         try:
             await asyncio.wait(renewals)
         except asyncio.CancelledError:
             for renewal, isolate in renewals.items():
                 renewal.cancel()
-                if id(isolate) not in started:  # cancelled before it ran, so it never will: close it here
+                # Cancelled before its body ran (even if its task has ended: a task cancelled before
+                # its first step only closes the coroutine), so nothing else will close it.
+                if id(isolate) not in started:
                     self._renewing -= 1
                     isolate.close_soon()
             raise

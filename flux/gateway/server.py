@@ -82,7 +82,7 @@ def trace_reader(dsn: str) -> Callable[[str, str | None, dict[str, str]], Awaita
 async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
     """A started Gateway and the coroutine function that stops it (drains traces, closes pools)."""
     db_pool = AsyncConnectionPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
-                                  kwargs={"autocommit": False})
+                                  kwargs={"autocommit": True})  # DbSession runs BEGIN itself
     try:
         await db_pool.open(wait=True, timeout=15)
     except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged

@@ -115,7 +115,12 @@ class HostCallError(Exception):
 
 
 class DbSession:
-    """One request's database transaction, opened at the first query."""
+    """One request's database transaction, opened at the first query.
+
+    The session runs its own BEGIN and COMMIT on a connection in autocommit mode (it switches a
+    pool's connection to it), so that BEGIN travels with the context message and the first
+    statement: one round trip, where psycopg's implicit BEGIN would take one of its own.
+    """
 
     def __init__(self, pool: AsyncConnectionPool | None, context: dict[str, Any]) -> None:
         self._pool = pool
@@ -135,10 +140,13 @@ class DbSession:
                 first = self._conn is None
                 if first:
                     self._conn = await self._pool.getconn()
+                    if not self._conn.autocommit:  # psycopg would send its own BEGIN, a round trip of its own
+                        await self._conn.set_autocommit(True)
                 cur = psycopg.AsyncRawCursor(self._conn, row_factory=dict_row)
                 if first:
-                    # The context message and the first statement share one round trip.
+                    # BEGIN, the context message and the first statement share one round trip.
                     async with self._conn.pipeline():
+                        await self._conn.execute("BEGIN")
                         await self._conn.execute(
                             "SELECT pg_logical_emit_message(true, %s::text, %s::text)", (CONTEXT_PREFIX, self._context)
                         )

@@ -26,6 +26,9 @@ Isolate acquire time is measured two ways: in-process on a warm pool (acquire, r
 the pool renew and refill, repeat), and from the `flux.isolate_acquire_ms` attribute of the function
 spans the `flux` server recorded under load.
 
+Where a `flux` request's time goes (start step, INSERT, settle step, stub call, last step and
+COMMIT, gateway) is read back from the spans of the trace rows it recorded in its latency phases.
+
 The CDC engine is not running in any of them: this measures the request path.
 """
 
@@ -218,6 +221,34 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
 
 
+# Where a `flux` request's time goes, from the spans of its trace row (ms): the gateway span holds
+# the function span, which holds the INSERT's and the stub call's client spans; the gaps between
+# them are the isolate's steps. The function span ends after the COMMIT.
+PHASES = {
+    "start_step": "acquire + start step, to the first ctx call",
+    "insert": "INSERT (with BEGIN and the context message)",
+    "settle_step": "settle step, to the second ctx call",
+    "stub_call": "stub call",
+    "last_step_and_commit": "last settle step + COMMIT",
+    "gateway_outside_function": "gateway, outside the function span",
+}
+
+
+def span_phases(spans: list[dict]) -> dict[str, float] | None:
+    kinds = {s["attributes"].get("flux.kind"): s for s in spans}
+    if not {"gateway", "function", "db", "fetch"} <= kinds.keys():
+        return None
+    gateway, function, db, fetch = kinds["gateway"], kinds["function"], kinds["db"], kinds["fetch"]
+
+    def end(span: dict) -> float:
+        return span["start"] + span["duration_ms"]
+
+    return {"start_step": db["start"] - function["start"], "insert": db["duration_ms"],
+            "settle_step": fetch["start"] - end(db), "stub_call": fetch["duration_ms"],
+            "last_step_and_commit": end(function) - end(fetch),
+            "gateway_outside_function": gateway["duration_ms"] - function["duration_ms"]}
+
+
 def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     import socket
 
@@ -333,10 +364,16 @@ def main() -> None:
         results: dict[str, list[dict]] = {name: [] for name in servers}
         for name, (port, path) in servers.items():  # warm-up, not counted
             asyncio.run(throughput(port, path, args.concurrency, 2.0))
+        windows: dict[str, list[tuple[float, float]]] = {"light": [], "back_to_back": []}  # the flux server's, epoch s
         for r in range(rounds):
             for name, (port, path) in servers.items():
+                t0 = time.time()
                 light = asyncio.run(latency(port, path, light_count, LIGHT_RATE))
+                t1 = time.time()
                 lat = asyncio.run(latency(port, path, latency_count))
+                if name == "flux":
+                    windows["light"].append((t0, t1))
+                    windows["back_to_back"].append((t1, time.time()))
                 rps, times = asyncio.run(throughput(port, path, args.concurrency, seconds))
                 row = {"light_p50_ms": pct(light, 0.5), "light_p99_ms": pct(light, 0.99),
                        "latency_p50_ms": pct(lat, 0.5), "latency_p99_ms": pct(lat, 0.99), "rps": rps,
@@ -357,6 +394,14 @@ def main() -> None:
                 "SELECT (s->'attributes'->>'flux.isolate_acquire_ms')::float FROM flux.trace_requests t,"
                 " jsonb_array_elements(t.spans) s WHERE t.function = 'item' AND s->'attributes'->>'flux.kind' = 'function'")]
             traces = conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0]
+            rows = conn.execute("SELECT extract(epoch FROM started_at)::float, spans FROM flux.trace_requests"
+                                " WHERE function = 'item' AND status = 200").fetchall()
+        breakdown: dict[str, dict[str, float]] = {}
+        for phase, spans_of_phase in windows.items():
+            found = [span_phases(spans) for started, spans in rows if any(a <= started <= b for a, b in spans_of_phase)]
+            found = [f for f in found if f is not None]
+            breakdown[phase] = {k: statistics.median(f[k] for f in found) for k in PHASES} if found else {}
+            breakdown[phase]["requests"] = len(found)
         acquire = acquire_in_process(project, 300 if args.quick else 1000)
         acquire["served_p50_ms"] = statistics.median(served) if served else None
         acquire["served_p99_ms"] = sorted(served)[int(len(served) * 0.99)] if served else None
@@ -393,6 +438,12 @@ def main() -> None:
               f" less back to back, {verdict['realms_save_light_ms']:.2f} ms less at {LIGHT_RATE:.0f} req/s,"
               f" {verdict['realms_throughput_gain']:.2f}x the throughput")
 
+        print(f"where a flux request's time goes, p50 from its spans (ms):  at {LIGHT_RATE:.0f} req/s | back to back")
+        for key, label in PHASES.items():
+            light_ms, b2b_ms = breakdown["light"].get(key), breakdown["back_to_back"].get(key)
+            if light_ms is not None and b2b_ms is not None:
+                print(f"  {label:55} {light_ms:6.2f} | {b2b_ms:6.2f}")
+
         out = args.out or ROOT / "bench" / "results" / (
             f"gateway-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}{'-quick' if args.quick else ''}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +452,7 @@ def main() -> None:
             "config": {"concurrency": args.concurrency, "seconds": seconds, "rounds": rounds, "latency_requests": latency_count,
                        "light_rate_per_s": LIGHT_RATE, "light_requests": light_count},
             "targets": TARGETS, "rounds": results, "median": summary, "acquire": acquire, "verdict": verdict,
+            "breakdown": breakdown,
         }, indent=2))
         print(f"saved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     finally:

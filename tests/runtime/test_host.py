@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psycopg
@@ -15,7 +16,7 @@ from flux.runtime.host import DbSession, HostCallError
 CONTEXT = {"request_id": "r1", "tenant": "default", "function": "w"}
 
 
-def _traced_session(dsn: str, trace: Path, autocommit: bool, work) -> list[str]:
+def _traced_session(dsn: str, trace: Path, autocommit: bool, work: Callable[[DbSession], Awaitable[None]]) -> list[str]:
     """Run `work(session)` on a one-connection pool whose protocol messages libpq writes to
     `trace`; the backend's messages, one line each."""
 
@@ -31,7 +32,7 @@ def _traced_session(dsn: str, trace: Path, autocommit: bool, work) -> list[str]:
             try:
                 await work(DbSession(pool, CONTEXT))
             finally:
-                async with pool.connection() as conn:
+                async with pool.connection(timeout=5) as conn:  # a session left open fails here, not hangs
                     conn.pgconn.untrace()  # flushes libpq's buffered trace
                 await pool.close()
 

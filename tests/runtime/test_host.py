@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import pq
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from flux.runtime.host import DbSession, HostCallError
@@ -69,3 +70,127 @@ def test_a_failed_first_statement_rolls_back_and_leaves_nothing(dsn, conn, tmp_p
     _traced_session(dsn, tmp_path / "libpq.trace", True, work)
     assert outcome == ["rolled_back"]
     assert conn.execute("SELECT email FROM users ORDER BY id").fetchall() == [("a@x",)]
+
+
+def _on_pool(dsn: str, work: Callable[[AsyncConnectionPool], Awaitable[None]]) -> None:
+    async def main() -> None:
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
+        await pool.open(wait=True)
+        try:
+            await work(pool)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_query_holds_one_statement(dsn, conn):
+    """Values travel apart from the statement (the extended protocol), first statement or later."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    errors: list[str | None] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        for _ in range(2):
+            try:
+                await session.query("INSERT INTO users (email) VALUES ('a@x'); DELETE FROM users", [])
+            except HostCallError as exc:
+                errors.append(exc.info["sqlstate"])
+        await session.finish(commit=True)
+
+    _on_pool(dsn, work)
+    assert errors == ["42601", "42601"]  # "cannot insert multiple commands into a prepared statement"
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_an_interrupted_query_closes_its_connection_and_commits_nothing(dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    outcomes: list[str | None] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("INSERT INTO users (email) VALUES ($1)", ["lost@x"])
+        sleeping = asyncio.ensure_future(session.query("SELECT pg_sleep(30)", []))
+        await asyncio.sleep(0.3)
+        sleeping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeping
+        await session.abort()
+        outcomes.append(session.outcome)
+        # The pool's one connection was closed mid-exchange; the next session gets a new one.
+        after = DbSession(pool, CONTEXT)
+        await asyncio.wait_for(after.query("INSERT INTO users (email) VALUES ($1)", ["kept@x"]), 10)
+        await after.finish(commit=True)
+        outcomes.append(after.outcome)
+
+    _on_pool(dsn, work)
+    assert outcomes == ["rolled_back", "committed"]
+    assert conn.execute("SELECT email FROM users").fetchall() == [("kept@x",)]
+
+
+def test_a_query_the_database_encoding_cannot_hold_is_a_clear_error(dsn, conn):
+    conn.execute("DROP DATABASE IF EXISTS latin1_db")
+    conn.execute("CREATE DATABASE latin1_db ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    errors: list[str] = []
+
+    async def work() -> None:
+        pool = AsyncConnectionPool(make_conninfo(dsn, dbname="latin1_db"), min_size=1, max_size=1, open=False)
+        await pool.open(wait=True)
+        try:
+            session = DbSession(pool, CONTEXT)
+            try:
+                await session.query("SELECT '€' AS sign", [])
+            except HostCallError as exc:
+                errors.append(exc.info["message"])
+            await session.finish(commit=False)
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(work())
+    finally:
+        conn.execute("DROP DATABASE latin1_db")
+    assert errors == ["the query has a character the database's encoding (LATIN1) cannot hold: '€'"]
+
+
+def test_a_statement_run_again_on_a_connection_is_prepared_there(dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    prepared: list[str] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        for n in range(3):
+            session = DbSession(pool, CONTEXT)
+            await session.query("INSERT INTO users (email) VALUES ($1)", [f"{n}@x"])
+            await session.finish(commit=True)
+        async with pool.connection() as same:  # the pool's one connection
+            cur = await same.execute("SELECT statement FROM pg_prepared_statements WHERE name LIKE 'flux_%' ORDER BY statement")
+            prepared.extend(row[0] for row in await cur.fetchall())
+
+    _on_pool(dsn, work)
+    assert prepared == ["INSERT INTO users (email) VALUES ($1)", "SELECT pg_logical_emit_message(true, $1::text, $2::text)"]
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 3
+
+
+def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn):
+    """`SELECT *` prepared before a column was added: the server refuses it (0A000); as the
+    transaction's first statement it is prepared again and the request never sees the error."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    conn.execute("INSERT INTO users (email) VALUES ('a@x')")
+    rows: list[list[dict]] = []
+
+    async def read(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        rows.append((await session.query("SELECT * FROM users", []))["rows"])
+        await session.finish(commit=True)
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        await read(pool)
+        await read(pool)  # prepared now
+        async with pool.connection() as other:
+            await other.execute("ALTER TABLE users ADD COLUMN plan text DEFAULT 'free'")
+            await other.commit()
+        await read(pool)
+        await read(pool)
+
+    _on_pool(dsn, work)
+    assert rows[-2] == rows[-1] == [{"id": 1, "email": "a@x", "plan": "free"}]

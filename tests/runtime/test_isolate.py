@@ -248,6 +248,33 @@ def test_isolates_left_from_a_burst_are_closed_once_idle(tmp_path, monkeypatch):
     assert (after_burst, after_idling, made) == (6, 2, 6)
 
 
+def test_a_released_isolate_is_renewed_after_a_delay_while_another_is_warm_and_at_once_otherwise(tmp_path):
+    """The delay keeps the renewal off the CPU while the request commits and answers."""
+
+    async def main() -> tuple[bool, bool, bool]:
+        pool = _pool(tmp_path, size=4)  # above its low-water mark after one acquire: no refill pass runs
+        pool.warm_now()
+        first = await pool.acquire()
+        pool.release(first)
+        for _ in range(3):  # loop turns enough for a pass started at once to take it
+            await asyncio.sleep(0)
+        waited = first in pool._used
+        for _ in range(500):
+            if first in pool._warm:
+                break
+            await asyncio.sleep(0.01)
+        renewed = first in pool._warm
+        a, *_ = [await pool.acquire() for _ in range(4)]  # no isolate is warm now
+        pool.release(a)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        at_once = a not in pool._used
+        pool.close()
+        return waited, renewed, at_once
+
+    assert asyncio.run(main()) == (True, True, True)
+
+
 def test_a_discarded_isolate_is_freed(tmp_path):
     async def main() -> int:
         before = context_count()

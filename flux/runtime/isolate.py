@@ -383,6 +383,11 @@ async def _on_worker_thread(work: Any, *args: Any) -> Any:
         raise
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _close_result(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is None and future.result() is not None:
         future.result().close_soon()
@@ -406,8 +411,8 @@ class IsolatePool:
     A request hands its isolate back with `release()` when it ended cleanly, or `discard()` when it
     failed (the isolate is never reused, and is closed on a worker thread). A maintenance pass
     renews released isolates, all at once (a fresh realm: 0.3 to 0.45 ms of the isolate's own thread
-    each), each ready for the next request as soon as it is renewed; it starts `RENEW_DELAY_S` after
-    a release while another isolate is warm, at once otherwise. It makes new isolates (2 ms of
+    each), each ready for the next request as soon as it is renewed; it holds them `RENEW_DELAY_S`
+    after a release while another isolate is warm and no request waits. It makes new isolates (2 ms of
     CPU and more) only while warm plus handed-out isolates are fewer than `size`, or for a request
     that found none. A request that finds the pool empty while isolates are being renewed waits for
     one of them rather than making its own; only when every isolate is in use does it make one, so
@@ -431,6 +436,8 @@ class IsolatePool:
         self._out = 0  # handed out (or to a waiting request), neither released nor discarded yet
         self._waiters: deque[asyncio.Future[Isolate | None]] = deque()  # requests waiting for a renewal
         self._maintenance: asyncio.Task | None = None
+        self._renew_at = 0.0  # time.monotonic() before which the pass holds released isolates
+        self._hold: asyncio.Future[None] | None = None  # the pass waiting for _renew_at
         self._trim: asyncio.TimerHandle | None = None
         self._closed = False
         self.made = 0  # isolates made over the pool's life
@@ -465,6 +472,7 @@ class IsolatePool:
         None if the pool closes first."""
         waiter: asyncio.Future[Isolate | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._end_hold()
         self._schedule_maintenance()
         try:
             return await waiter
@@ -497,10 +505,11 @@ class IsolatePool:
             isolate.close_soon()
             return
         self._used.append(isolate)
-        if self._warm:  # the next request has an isolate: renew this one once the response is out
-            asyncio.get_running_loop().call_later(RENEW_DELAY_S, self._schedule_maintenance)
-        else:
-            self._schedule_maintenance()
+        # While the next request has an isolate, the pass waits until this response is out.
+        self._renew_at = time.monotonic() + RENEW_DELAY_S if self._warm else 0.0
+        if not self._warm:
+            self._end_hold()
+        self._schedule_maintenance()
 
     def discard(self, isolate: Isolate) -> None:
         """An isolate whose request failed: closed on a worker thread, which also stops JS still
@@ -522,6 +531,7 @@ class IsolatePool:
         until the process runs out of memory mappings (V8 then aborts the whole process)."""
         while not self._closed:
             if self._used:
+                await self._hold_until_renew_at()
                 used, self._used = self._used, []
                 await self._renew(used)
                 continue
@@ -543,6 +553,25 @@ class IsolatePool:
                 return
             self._park(isolate)
         self._schedule_trim()
+
+    async def _hold_until_renew_at(self) -> None:
+        """Wait out `RENEW_DELAY_S` after the last release, unless no isolate is warm, or a
+        request starts waiting for a renewal meanwhile (`_end_hold`)."""
+        delay = self._renew_at - time.monotonic()
+        if delay <= 0 or not self._warm:
+            return
+        loop = asyncio.get_running_loop()
+        self._hold = hold = loop.create_future()
+        timer = loop.call_later(delay, _resolve, hold)
+        try:
+            await hold
+        finally:
+            timer.cancel()
+            self._hold = None
+
+    def _end_hold(self) -> None:
+        if self._hold is not None:
+            _resolve(self._hold)
 
     async def _renew(self, used: list[Isolate]) -> None:
         """Renew `used` all at once; each is ready for a request as soon as it is renewed. If the

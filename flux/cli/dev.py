@@ -60,9 +60,10 @@ def dev(
             if "no consumer" not in warning:  # the engine starts right below
                 console.print(f"[yellow]warning:[/] {rich_escape(warning)}")
         console.print(f"[bold green]Flux dev[/]  database [cyan]{rich_escape(dsn)}[/]")
-        console.print(f"  psql {rich_escape(dsn)}")
 
+        # Printed once Ctrl-C is handled: a script that reads these lines may stop us at once.
         def ready(url: str | None) -> None:
+            console.print(f"  psql {rich_escape(dsn)}")
             if url is None:
                 console.print("  Change rows in any table, then: flux state history TABLE --id ID")
             else:

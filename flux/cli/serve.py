@@ -58,13 +58,13 @@ def run_stack(
                                  record=record, reload=reload)
             asyncio.run(serve(config, on_ready=on_ready))
         elif cdc is not None:
-            if on_ready is not None:
-                on_ready(None)
             import signal
 
             stop = threading.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
+            if on_ready is not None:  # after the handlers: whoever is told we are ready may stop us
+                on_ready(None)
             while not stop.wait(0.5) and thread is not None and thread.is_alive():
                 pass
     finally:

@@ -261,11 +261,16 @@ class _Statement:
     prepare: bool = False  # prepare `name` in the same exchange, before executing it
     cache: _Prepared | None = None
 
+    @property
+    def key(self) -> tuple[bytes, tuple[int, ...]]:
+        """What a connection's prepared statements are found by: the SQL and its parameter types."""
+        return self.sql, tuple(self.types or ())
+
 
 class _Prepared:
     """What Flux has prepared on one connection, by (SQL, parameter types)."""
 
-    __slots__ = ("names", "seen", "made", "__weakref__")
+    __slots__ = ("names", "seen", "made")
 
     def __init__(self) -> None:
         self.names: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
@@ -282,17 +287,19 @@ def _statement(conn: psycopg.AsyncConnection, sql: bytes, values: Sequence[Buffe
     cache = _PREPARED.get(conn)
     if cache is None:
         cache = _PREPARED[conn] = _Prepared()
-    key = (sql, tuple(types))
+    statement = _Statement(sql, values, types, formats)
+    key = statement.key
     name = cache.names.get(key)
     if name is not None:
-        return _Statement(sql, values, types, formats, name=name, cache=cache)
-    if key in cache.seen and len(cache.names) < PREPARED_MAX:
+        statement.name, statement.cache = name, cache
+    elif key in cache.seen and len(cache.names) < PREPARED_MAX:
         cache.made += 1
-        return _Statement(sql, values, types, formats, name=b"flux_%d" % cache.made, prepare=True, cache=cache)
-    if len(cache.seen) >= 4 * PREPARED_MAX:  # statements seen once each, such as SQL built per request
-        cache.seen.clear()
-    cache.seen.add(key)
-    return _Statement(sql, values, types, formats)
+        statement.name, statement.prepare, statement.cache = b"flux_%d" % cache.made, True, cache
+    else:
+        if len(cache.seen) >= 4 * PREPARED_MAX:  # statements seen once each, such as SQL built per request
+            cache.seen.clear()
+        cache.seen.add(key)
+    return statement
 
 
 async def _exchange(conn: psycopg.AsyncConnection, statements: list[_Statement]) -> list[PGresult]:
@@ -317,7 +324,7 @@ async def _exchange(conn: psycopg.AsyncConnection, statements: list[_Statement])
     results: list[PGresult] = []
     error: psycopg.Error | None = None
     for st in statements:
-        key = (st.sql, tuple(st.types or ()))
+        key = st.key
         if st.prepare:
             prepared = next(received)
             if prepared.status == pq.ExecStatus.COMMAND_OK and st.cache is not None:

@@ -152,8 +152,8 @@ _COLUMNS = (
 )
 # A batch is one jsonb document, one row per record: one statement, one parameter. psycopg's
 # executemany adapted 16 parameters per record, and its pipeline and transaction took three round
-# trips: 330 to 380 us of the gateway loop's CPU for a batch of one and 30 to 50 us a record in
-# larger ones (measured with the bench's records); this way about 120 us a batch of up to twenty.
+# trips: 330 to 490 us of the gateway loop's CPU for a batch of one to three records, 580 to 870 us
+# for 17 to 20 (measured with the bench's records); this way 75 to 150 us and 135 to 300 us.
 _INSERT = (
     f"INSERT INTO flux.trace_requests ({_COLUMNS}) SELECT {_COLUMNS}"
     " FROM jsonb_to_recordset(%s::jsonb) AS r(id text, tenant text, function text, method text, path text,"

@@ -133,21 +133,16 @@ def test_a_query_the_database_encoding_cannot_hold_is_a_clear_error(dsn, conn):
     conn.execute("CREATE DATABASE latin1_db ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
     errors: list[str] = []
 
-    async def work() -> None:
-        pool = AsyncConnectionPool(make_conninfo(dsn, dbname="latin1_db"), min_size=1, max_size=1, open=False)
-        await pool.open(wait=True)
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
         try:
-            session = DbSession(pool, CONTEXT)
-            try:
-                await session.query("SELECT '€' AS sign", [])
-            except HostCallError as exc:
-                errors.append(exc.info["message"])
-            await session.finish(commit=False)
-        finally:
-            await pool.close()
+            await session.query("SELECT '€' AS sign", [])
+        except HostCallError as exc:
+            errors.append(exc.info["message"])
+        await session.finish(commit=False)
 
     try:
-        asyncio.run(work())
+        _on_pool(make_conninfo(dsn, dbname="latin1_db"), work)
     finally:
         conn.execute("DROP DATABASE latin1_db")
     assert errors == ["the query has a character the database's encoding (LATIN1) cannot hold: '€'"]

@@ -15,12 +15,13 @@ and the same stub (also its own process):
   of a fresh realm in a reused one. A diagnostic, not a target: what realms save, in the same run.
 
 The load generator is this process: a minimal HTTP/1.1 keep-alive client (asyncio streams),
-so the client's own cost stays small and equal for all of them. Per server: a warm-up, then two
-latency phases, one request at a time (started at a light fixed rate, then back to back), and a
-throughput phase (`--concurrency` connections for `--seconds`). The servers are measured in
-rounds, interleaved (bare, flux, flux-norecord, ...), and the figures are medians over rounds,
-because these machines are noisy. Figures are judged against a peer measured in the same run
-(a ratio, or a difference from `bare`), not as absolute numbers.
+so the client's own cost stays small and equal for all of them. After a warm-up per server come
+the latency rounds, then the throughput rounds. A latency round measures each server in turn with
+two phases, one request at a time (started at a light fixed rate, then back to back), in an order
+that alternates from round to round; a throughput round gives each server `--concurrency`
+connections for `--seconds`. The figures are medians over rounds, because these machines are
+noisy. Figures are judged against a peer measured in the same run (a ratio, or a difference from
+`bare`), not as absolute numbers.
 
 Isolate acquire time is measured two ways: in-process on a warm pool (acquire, release, let
 the pool renew and refill, repeat), and from the `flux.isolate_acquire_ms` attribute of the function
@@ -361,12 +362,17 @@ def main() -> None:
             spawn([*base, "--port", str(port), "--pool-size", "8", *extra], port, env)
             servers[name] = (port, path)
 
-        results: dict[str, list[dict]] = {name: [] for name in servers}
+        results: dict[str, list[dict]] = {name: [{} for _ in range(rounds)] for name in servers}
         for name, (port, path) in servers.items():  # warm-up, not counted
             asyncio.run(throughput(port, path, args.concurrency, 2.0))
         windows: dict[str, list[tuple[float, float]]] = {"light": [], "back_to_back": []}  # the flux server's, epoch s
+        # Every latency round first, then every throughput round (see bench/README.md): a latency
+        # phase that follows another server's 8 s at full load measures how this machine recovers
+        # from it as much as the server. Latency rounds alternate the servers' order, so that no
+        # server always runs first or after the same neighbour.
         for r in range(rounds):
-            for name, (port, path) in servers.items():
+            order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
+            for name, (port, path) in order:
                 t0 = time.time()
                 light = asyncio.run(latency(port, path, light_count, LIGHT_RATE))
                 t1 = time.time()
@@ -374,14 +380,19 @@ def main() -> None:
                 if name == "flux":
                     windows["light"].append((t0, t1))
                     windows["back_to_back"].append((t1, time.time()))
+                row = results[name][r]
+                row.update({"light_p50_ms": pct(light, 0.5), "light_p99_ms": pct(light, 0.99),
+                            "latency_p50_ms": pct(lat, 0.5), "latency_p99_ms": pct(lat, 0.99)})
+                print(f"round {r + 1} {name:14} at {LIGHT_RATE:.0f} req/s p50 {row['light_p50_ms']:5.2f} ms"
+                      f" p99 {row['light_p99_ms']:5.2f}  back to back p50 {row['latency_p50_ms']:5.2f} p99 {row['latency_p99_ms']:5.2f}",
+                      flush=True)
+        for r in range(rounds):
+            for name, (port, path) in servers.items():
                 rps, times = asyncio.run(throughput(port, path, args.concurrency, seconds))
-                row = {"light_p50_ms": pct(light, 0.5), "light_p99_ms": pct(light, 0.99),
-                       "latency_p50_ms": pct(lat, 0.5), "latency_p99_ms": pct(lat, 0.99), "rps": rps,
-                       "load_p50_ms": pct(times, 0.5), "load_p99_ms": pct(times, 0.99)}
-                results[name].append(row)
-                print(f"round {r + 1} {name:14} {rps:8.0f} req/s  at {LIGHT_RATE:.0f} req/s p50 {row['light_p50_ms']:5.2f} ms"
-                      f" p99 {row['light_p99_ms']:5.2f}  back to back p50 {row['latency_p50_ms']:5.2f} p99 {row['latency_p99_ms']:5.2f}"
-                      f"  (under load p50 {row['load_p50_ms']:.1f} p99 {row['load_p99_ms']:.1f})", flush=True)
+                row = results[name][r]
+                row.update({"rps": rps, "load_p50_ms": pct(times, 0.5), "load_p99_ms": pct(times, 0.99)})
+                print(f"round {r + 1} {name:14} {rps:8.0f} req/s at {args.concurrency} connections"
+                      f"  p50 {row['load_p50_ms']:.1f} ms p99 {row['load_p99_ms']:.1f}", flush=True)
         for proc in procs[2:]:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -450,6 +461,7 @@ def main() -> None:
         out.write_text(json.dumps({
             "when": datetime.now(timezone.utc).isoformat(), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "config": {"concurrency": args.concurrency, "seconds": seconds, "rounds": rounds, "latency_requests": latency_count,
+                       "phases": "latency rounds (alternating order), then throughput rounds",
                        "light_rate_per_s": LIGHT_RATE, "light_requests": light_count},
             "targets": TARGETS, "rounds": results, "median": summary, "acquire": acquire, "verdict": verdict,
             "breakdown": breakdown,

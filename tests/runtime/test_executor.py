@@ -264,6 +264,39 @@ def test_a_fetch_timeout_rejects_with_a_timeout_error_span(tmp_path, stub: Stub)
     assert span["attributes"]["code.location"].startswith("functions/slow.js:2")
 
 
+def test_a_call_in_flight_at_the_time_limit_is_recorded_as_abandoned(tmp_path, stub: Stub):
+    write_project(tmp_path, {"slow": f"""
+        export default async function (req, ctx) {{
+          await ctx.fetch("{stub.url}/slow?ms=3000", {{name: "stripe.create"}});
+        }}
+    """}, "[limits]\ntimeout_ms = 300\n")
+    started = time.monotonic()
+    result = run1(tmp_path, "slow")
+    assert result.status == 504 and time.monotonic() - started < 2
+    assert spans_by_name(result)["stripe.create"]["attributes"]["flux.abandoned"] is True
+
+
+def test_calls_made_together_run_concurrently_and_each_settles_as_it_finishes(tmp_path, stub: Stub):
+    write_project(tmp_path, {"fan": f"""
+        export default async function (req, ctx) {{
+          const slow = ctx.fetch("{stub.url}/slow?ms=400", {{name: "slow"}});
+          await ctx.fetch("{stub.url}/slow?ms=200", {{name: "first"}});
+          const order = ["first"];
+          await ctx.fetch("{stub.url}/ok", {{name: "second"}});  // while "slow" is still in flight
+          order.push("second");
+          await slow;
+          order.push("slow");
+          return {{status: 200, body: order}};
+        }}
+    """})
+    started = time.monotonic()
+    result = run1(tmp_path, "fan")
+    assert result.status == 200 and result.body == ["first", "second", "slow"]
+    assert time.monotonic() - started < 0.58  # 200 + 400 ms one after the other
+    spans = spans_by_name(result)
+    assert spans["second"]["start"] < spans["slow"]["start"] + spans["slow"]["duration_ms"]
+
+
 def test_each_ctx_call_span_has_the_file_line_and_column_of_the_call(tmp_path, stub: Stub):
     write_project(tmp_path, {"where": f"""
         async function helper(ctx) {{

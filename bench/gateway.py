@@ -288,6 +288,77 @@ def acquire_in_process(project: Path, samples: int) -> dict:
             "cold_p50_ms": pct(cold, 0.5), "cold_p99_ms": pct(cold, 0.99)}
 
 
+class Rig:
+    """What every server is measured against: a throwaway cluster with the `items` table and
+    Flux's trace store, the stub, the bare server, and a project whose function calls the stub.
+    Servers run as subprocesses, each logging to a file (a full pipe would stall it)."""
+
+    def __init__(self, prefix: str) -> None:
+        from flux.pg.cluster import Cluster
+
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        os.chmod(self.tmp, 0o755)
+        (self.tmp / "cluster").mkdir()
+        os.chmod(self.tmp / "cluster", 0o777)  # initdb runs as an unprivileged user under root
+        self.cluster = Cluster(state_dir=self.tmp / "cluster", settings={"max_connections": "200"})
+        self.project = self.tmp / "project"
+        self.procs: list[subprocess.Popen] = []
+        self.flux: list[subprocess.Popen] = []
+        self.dsn = ""
+        self.bare_port = 0
+        self.bare: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import psycopg
+
+        from flux.gateway.server import ensure_store
+        from flux.pg.cluster import free_port
+
+        self.dsn = self.cluster.start().dsn
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (id bigserial PRIMARY KEY, n bigint NOT NULL)")
+        ensure_store(self.dsn)
+        stub_port = free_port()
+        stub = f"http://127.0.0.1:{stub_port}"
+        (self.project / "functions").mkdir(parents=True)
+        (self.project / "flux.toml").write_text(f'[project]\nname = "bench"\n[tools]\n"127.0.0.1:{stub_port}" = "stub"\n')
+        (self.project / "functions" / "item.js").write_text(f"const STUB = {json.dumps(stub)};\n" + FUNCTION)
+        self.spawn([sys.executable, __file__, "--stub", str(stub_port)], stub_port)
+        self.bare_port = free_port()
+        self.bare = self.spawn([sys.executable, __file__, "--bare", str(self.bare_port), self.dsn, stub], self.bare_port)
+
+    def spawn(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"server-{len(self.procs)}.log", "w")
+        proc = subprocess.Popen(argv, cwd=self.project, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})})
+        self.procs.append(proc)
+        wait_listening(port, proc)
+        return proc
+
+    def spawn_flux(self, port: int, extra: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`flux serve` without the engine, as the bench runs it; `env` may point PYTHONPATH at another tree."""
+        proc = self.spawn([sys.executable, "-m", "flux", "serve", "--database", self.dsn, "--no-engine", "--workers", "64",
+                           "--port", str(port), "--pool-size", "8", *extra], port, env)
+        self.flux.append(proc)
+        return proc
+
+    def stop_flux(self) -> None:
+        """Stop the flux servers gracefully, so that they write the trace records they hold."""
+        for proc in self.flux:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.flux:
+            proc.wait(timeout=60)
+        self.flux.clear()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        self.cluster.destroy()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -310,56 +381,27 @@ def main() -> None:
 
     import psycopg
 
-    from flux.pg.cluster import Cluster, free_port
+    from flux.pg.cluster import free_port
 
-    tmp = Path(tempfile.mkdtemp(prefix="flux-bench-gateway-"))
-    os.chmod(tmp, 0o755)
-    (tmp / "cluster").mkdir()
-    os.chmod(tmp / "cluster", 0o777)
-    cluster = Cluster(state_dir=tmp / "cluster", settings={"max_connections": "200"})
-    procs: list[subprocess.Popen] = []
+    rig = Rig("flux-bench-gateway-")
     try:
         print("starting PostgreSQL …", flush=True)
-        dsn = cluster.start().dsn
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE items (id bigserial PRIMARY KEY, n bigint NOT NULL)")
-        from flux.gateway.server import ensure_store
-
-        ensure_store(dsn)
-        stub_port = free_port()
-        stub = f"http://127.0.0.1:{stub_port}"
-        project = tmp / "project"
-        (project / "functions").mkdir(parents=True)
-        (project / "flux.toml").write_text(f'[project]\nname = "bench"\n[tools]\n"127.0.0.1:{stub_port}" = "stub"\n')
-        (project / "functions" / "item.js").write_text(f"const STUB = {json.dumps(stub)};\n" + FUNCTION)
+        rig.start()
+        dsn, project = rig.dsn, rig.project
         # The isolate-per-request server's own project: its function has its own name, so its trace
         # rows stay out of the acquire figures read back below.
-        isolates_project = tmp / "project-isolates"
+        isolates_project = rig.tmp / "project-isolates"
         (isolates_project / "functions").mkdir(parents=True)
         (isolates_project / "flux.toml").write_text((project / "flux.toml").read_text())
         (isolates_project / "functions" / "item_isolates.js").write_text((project / "functions" / "item.js").read_text())
-
-        def spawn(argv: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-            log = open(tmp / f"server-{len(procs)}.log", "w")  # a file: a full pipe would stall the server
-            proc = subprocess.Popen(argv, cwd=project, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, **(env or {})})
-            procs.append(proc)
-            wait_listening(port, proc)
-            return proc
-
-        spawn([sys.executable, __file__, "--stub", str(stub_port)], stub_port)
-        servers = {}
-        bare_port = free_port()
-        spawn([sys.executable, __file__, "--bare", str(bare_port), dsn, stub], bare_port)
-        servers["bare"] = (bare_port, "/item")
-        base = [sys.executable, "-m", "flux", "serve", "--database", dsn, "--no-engine", "--workers", "64"]
+        servers = {"bare": (rig.bare_port, "/item")}
         for name, extra, env, path in (
             ("flux", ["--project", str(project)], None, "/item"),
             ("flux-norecord", ["--project", str(project), "--no-record"], None, "/item"),
             ("flux-isolates", ["--project", str(isolates_project)], {"FLUX_REALMS": "off"}, "/item_isolates"),
         ):
             port = free_port()
-            spawn([*base, "--port", str(port), "--pool-size", "8", *extra], port, env)
+            rig.spawn_flux(port, extra, env)
             servers[name] = (port, path)
 
         results: dict[str, list[dict]] = {name: [{} for _ in range(rounds)] for name in servers}
@@ -393,11 +435,7 @@ def main() -> None:
                 row.update({"rps": rps, "load_p50_ms": pct(times, 0.5), "load_p99_ms": pct(times, 0.99)})
                 print(f"round {r + 1} {name:14} {rps:8.0f} req/s at {args.concurrency} connections"
                       f"  p50 {row['load_p50_ms']:.1f} ms p99 {row['load_p99_ms']:.1f}", flush=True)
-        for proc in procs[2:]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs[2:]:
-            proc.wait(timeout=60)
+        rig.stop_flux()
 
         summary = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in results.items()}
         with psycopg.connect(dsn) as conn:
@@ -468,11 +506,7 @@ def main() -> None:
         }, indent=2))
         print(f"saved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-        cluster.destroy()
-        shutil.rmtree(tmp, ignore_errors=True)
+        rig.close()
 
 
 if __name__ == "__main__":

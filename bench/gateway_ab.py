@@ -5,8 +5,8 @@
 
 `bench/gateway.py` judges the targets; this answers a narrower question with less noise. A flux
 server's latency drifts over seconds to minutes with no change of work (the same process can be
-0.5 ms slower for a while), so two servers measured once each differ by that much even when their
-code is the same. Here:
+0.5 to 0.8 ms slower for a while), so two servers measured once each differ by that much even when
+their code is the same. Here:
 
 - each session starts a fresh A server and a fresh B server (start order alternating), against the
   same cluster, stub and bare handler as `bench/gateway.py`;

@@ -289,12 +289,13 @@ def test_calls_made_together_run_concurrently_and_each_settles_as_it_finishes(tm
           return {{status: 200, body: order}};
         }}
     """})
-    started = time.monotonic()
     result = run1(tmp_path, "fan")
     assert result.status == 200 and result.body == ["first", "second", "slow"]
-    assert time.monotonic() - started < 0.58  # 200 + 400 ms one after the other
     spans = spans_by_name(result)
-    assert spans["second"]["start"] < spans["slow"]["start"] + spans["slow"]["duration_ms"]
+    end = {name: span["start"] + span["duration_ms"] for name, span in spans.items()}
+    # The spans' own times, so that a loaded machine cannot make the check pass or fail.
+    assert spans["slow"]["start"] < end["first"] and spans["first"]["start"] < end["slow"]
+    assert spans["second"]["start"] < end["slow"]
 
 
 def test_each_ctx_call_span_has_the_file_line_and_column_of_the_call(tmp_path, stub: Stub):

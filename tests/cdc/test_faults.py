@@ -241,15 +241,14 @@ class _Writer:
                     self.w.record(request_id, None)
                     continue
             except psycopg.errors.UniqueViolation:  # the deliberate failure: a key that exists
-                self.conn.rollback()
+                try:
+                    self.conn.rollback()
+                except psycopg.OperationalError as exc:  # the server went away right after the failure
+                    self._reconnect(exc)
                 self.w.record(request_id, None)
                 continue
-            except psycopg.OperationalError:
-                if not self.w.survive_disconnects:
-                    raise
-                self.w.disconnects += 1
-                self.conn.close()
-                self.conn = self._connect()
+            except psycopg.OperationalError as exc:
+                self._reconnect(exc)
                 if xid is None or not self._committed(request_id):
                     self.w.record(request_id, None)
                     continue
@@ -257,6 +256,14 @@ class _Writer:
             self.w.record(request_id, Committed(self.index, number, xid, changes))
             if self.w.pause:
                 time.sleep(self.w.pause)
+
+    def _reconnect(self, cause: psycopg.OperationalError) -> None:
+        """A new connection after a lost one; `cause` raised where the workload expects none."""
+        if not self.w.survive_disconnects:
+            raise cause
+        self.w.disconnects += 1
+        self.conn.close()
+        self.conn = self._connect()
 
     def _connect(self) -> psycopg.Connection:
         deadline = time.monotonic() + 60

@@ -121,15 +121,33 @@ def run_bare(port: int, dsn: str, stub: str) -> None:
     async def stop() -> None:
         await state["http"].close()
 
+    async def insert(n: int) -> int:
+        async with state["pool"].connection() as conn:
+            cur = await conn.execute("INSERT INTO items (n) VALUES (%s) RETURNING id", (n,))
+            (item_id,) = await cur.fetchone()
+        return item_id
+
+    async def charge(item_id: int) -> str:
+        async with state["http"].post(stub + "/v1/charges", json={"id": item_id}, timeout=aiohttp.ClientTimeout(total=10)) as res:
+            return (await res.json())["id"]
+
     @app.post("/item")
     async def item():
-        body = await request.get_json()
-        async with state["pool"].connection() as conn:
-            cur = await conn.execute("INSERT INTO items (n) VALUES (%s) RETURNING id", (body["n"],))
-            (item_id,) = await cur.fetchone()
-        async with state["http"].post(stub + "/v1/charges", json={"id": item_id}, timeout=aiohttp.ClientTimeout(total=10)) as res:
-            charge = (await res.json())["id"]
-        return {"id": item_id, "charge": charge}
+        item_id = await insert((await request.get_json())["n"])
+        return {"id": item_id, "charge": await charge(item_id)}
+
+    # One part of /item each, for bench/gateway_parts.py (PARTS).
+    @app.post("/noop")
+    async def noop():
+        return {"n": (await request.get_json())["n"]}
+
+    @app.post("/db")
+    async def db():
+        return {"id": await insert((await request.get_json())["n"])}
+
+    @app.post("/fetch")
+    async def fetch():
+        return {"charge": await charge((await request.get_json())["n"])}
 
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
@@ -215,6 +233,14 @@ async def throughput(port: int, path: str, concurrency: int, seconds: float) -> 
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return len(times) / (time.perf_counter() - started), times
+
+
+def save_results(out: Path | None, stem: str, data: dict) -> None:
+    """`data` as JSON at `out`, or under bench/results/ named after `stem` and the time (UTC)."""
+    out = out or ROOT / "bench" / "results" / f"{stem}-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"when": datetime.now(timezone.utc).isoformat(), **data}, indent=2))
+    print(f"saved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -305,6 +331,7 @@ class Rig:
         self.procs: list[subprocess.Popen] = []
         self.flux: list[subprocess.Popen] = []
         self.dsn = ""
+        self.stub = ""
         self.bare_port = 0
         self.bare: subprocess.Popen | None = None
 
@@ -319,7 +346,7 @@ class Rig:
             conn.execute("CREATE TABLE items (id bigserial PRIMARY KEY, n bigint NOT NULL)")
         ensure_store(self.dsn)
         stub_port = free_port()
-        stub = f"http://127.0.0.1:{stub_port}"
+        stub = self.stub = f"http://127.0.0.1:{stub_port}"
         (self.project / "functions").mkdir(parents=True)
         (self.project / "flux.toml").write_text(f'[project]\nname = "bench"\n[tools]\n"127.0.0.1:{stub_port}" = "stub"\n')
         (self.project / "functions" / "item.js").write_text(f"const STUB = {json.dumps(stub)};\n" + FUNCTION)
@@ -493,18 +520,14 @@ def main() -> None:
             if light_ms is not None and b2b_ms is not None:
                 print(f"  {label:55} {light_ms:6.2f} | {b2b_ms:6.2f}")
 
-        out = args.out or ROOT / "bench" / "results" / (
-            f"gateway-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}{'-quick' if args.quick else ''}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "when": datetime.now(timezone.utc).isoformat(), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        save_results(args.out, "gateway" + ("-quick" if args.quick else ""), {
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "config": {"concurrency": args.concurrency, "seconds": seconds, "rounds": rounds, "latency_requests": latency_count,
                        "phases": "latency rounds (alternating order), then throughput rounds",
                        "light_rate_per_s": LIGHT_RATE, "light_requests": light_count},
             "targets": TARGETS, "rounds": results, "median": summary, "acquire": acquire, "verdict": verdict,
             "breakdown": breakdown,
-        }, indent=2))
-        print(f"saved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+        })
     finally:
         rig.close()
 

@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gateway import LIGHT_RATE, Rig, latency, pct, throughput  # noqa: E402 -- after the path is set
+from gateway import LIGHT_RATE, Rig, latency, pct, save_results, throughput  # noqa: E402 -- after the path is set
 
 
 def loop_cpu_ms(pid: int) -> float:
@@ -133,14 +131,11 @@ def main() -> None:
                            ("light_p50_ms", f"p50 at {LIGHT_RATE:.0f}/s")):
             v = verdict[key]
             print(f"B - A {label:22} {v['median_b_minus_a']:+.3f} ms (median over {v['blocks']} blocks; B lower in {v['b_lower_in']})")
-        out = args.out or ROOT / "bench" / "results" / f"gateway-ab-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "when": datetime.now(timezone.utc).isoformat(), "a": args.a, "b": args.b,
+        save_results(args.out, "gateway-ab", {
+            "a": args.a, "b": args.b,
             "config": {"sessions": args.sessions, "blocks": args.blocks, "requests": args.requests, "light_rate_per_s": LIGHT_RATE},
             "median": summary, "verdict": verdict, "blocks": blocks,
-        }, indent=2))
-        print(f"saved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+        })
     finally:
         rig.close()
         for tree in made:

@@ -235,9 +235,9 @@ async def throughput(port: int, path: str, concurrency: int, seconds: float) -> 
     return len(times) / (time.perf_counter() - started), times
 
 
-def save_results(out: Path | None, stem: str, data: dict) -> None:
-    """`data` as JSON at `out`, or under bench/results/ named after `stem` and the time (UTC)."""
-    out = out or ROOT / "bench" / "results" / f"{stem}-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}.json"
+def save_results(out: Path | None, stem: str, data: dict, suffix: str = "") -> None:
+    """`data` as JSON at `out`, or under bench/results/ as STEM-TIME(UTC)SUFFIX.json."""
+    out = out or ROOT / "bench" / "results" / f"{stem}-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"when": datetime.now(timezone.utc).isoformat(), **data}, indent=2))
     print(f"saved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
@@ -520,14 +520,14 @@ def main() -> None:
             if light_ms is not None and b2b_ms is not None:
                 print(f"  {label:55} {light_ms:6.2f} | {b2b_ms:6.2f}")
 
-        save_results(args.out, "gateway" + ("-quick" if args.quick else ""), {
+        save_results(args.out, "gateway", {
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "config": {"concurrency": args.concurrency, "seconds": seconds, "rounds": rounds, "latency_requests": latency_count,
                        "phases": "latency rounds (alternating order), then throughput rounds",
                        "light_rate_per_s": LIGHT_RATE, "light_requests": light_count},
             "targets": TARGETS, "rounds": results, "median": summary, "acquire": acquire, "verdict": verdict,
             "breakdown": breakdown,
-        })
+        }, "-quick" if args.quick else "")
     finally:
         rig.close()
 

@@ -14,8 +14,9 @@ four functions, each served by `flux serve` and by the bare Quart handler (the s
 
 The servers are measured in blocks that alternate between them, path by path, and the added
 latency is the median over blocks of Flux's p50 minus the bare handler's. Afterwards the `flux`
-server's trace rows give where its time went: each step (the isolate's turns, between `ctx` calls),
-each `ctx` call, and the gateway around the function. Results go to bench/results/.
+server's trace rows of the measured blocks (not the warm-up's) give where its time went: each
+step (the isolate's turns, between `ctx` calls), each `ctx` call, and the gateway around the
+function. Results go to bench/results/.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import json
 import statistics
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +96,7 @@ def main() -> None:
             for server_port in servers.values():
                 asyncio.run(throughput(server_port, f"/{path}", 4, 1.0))
         blocks: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
+        measured_from = datetime.now(timezone.utc)  # the warm-up's trace rows are left out of the parts
         for block in range(args.blocks):
             for path in PATHS:
                 row = {}
@@ -104,7 +107,8 @@ def main() -> None:
             print(f"block {block + 1}/{args.blocks}", flush=True)
         rig.stop_flux()  # writes the trace rows it holds
         with psycopg.connect(rig.dsn) as conn:
-            rows = conn.execute("SELECT function, spans FROM flux.trace_requests WHERE status = 200").fetchall()
+            rows = conn.execute("SELECT function, spans FROM flux.trace_requests WHERE status = 200 AND started_at >= %s",
+                                (measured_from,)).fetchall()
 
         summary: dict[str, dict] = {}
         for path in PATHS:

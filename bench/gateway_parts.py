@@ -73,7 +73,7 @@ def phases(spans: list[dict]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", type=int, default=8, help="blocks per path (default 8)")
-    parser.add_argument("--requests", type=int, default=200, help="requests per server per block (default 200)")
+    parser.add_argument("--requests", type=int, default=200, help="requests per server per block (default 200; with --rate, at most 2 seconds' worth)")
     parser.add_argument("--rate", type=float, default=None, help="start requests at this rate per second (default: back to back)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

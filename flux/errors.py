@@ -83,6 +83,19 @@ class PreflightError(DatabaseError):
     exit_code = 4
 
 
+class ServerNotReadyError(DatabaseError):
+    """The database server cannot be reached: it is not running, not accepting connections, or the DSN points elsewhere."""
+
+    exit_code = 4
+    retryable = True
+
+
+class InUseError(FluxError):
+    """Something Flux needs is held by another process: a project's `flux dev`, a TCP port."""
+
+    exit_code = 2
+
+
 class ClusterError(FluxError):
     """The embedded PostgreSQL cluster could not be found, created or started."""
 

@@ -78,16 +78,6 @@ class Stub:
         self.server.server_close()
 
 
-class ListSink:
-    """A TraceSink that keeps records in memory, for tests that inspect records before storage."""
-
-    def __init__(self) -> None:
-        self.records: list[Any] = []
-
-    def submit(self, record: Any) -> None:
-        self.records.append(record)
-
-
 @asynccontextmanager
 async def running_gateway(root: Path, dsn: str | None, *, sink: Any = None, workers: int = 64, pool_size: int = 2, record: bool = True):
     """A Gateway over a real database pool and real HTTP, with its Quart test client."""

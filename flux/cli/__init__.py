@@ -37,7 +37,7 @@ def main() -> None:
     from flux.errors import FluxError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except FluxError as exc:
         fail(exc)
     except typer.Abort:
@@ -45,12 +45,20 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # click's usage errors arrive here with standalone_mode=False
-        import click
+    except Exception as exc:
+        if not _is_click_exception(exc):
+            raise
+        exc.show()  # click's usage message; for a bare group, its help
+        sys.exit(exc.exit_code)
+    # Without standalone mode, click returns the code of `typer.Exit` / `ctx.exit(code)` (e.g. 0 for --help).
+    if isinstance(code, int):
+        sys.exit(code)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+
+def _is_click_exception(exc: Exception) -> bool:
+    """A usage error from click, recognised by what it does rather than by its class.
+
+    Typer 0.29 raises exceptions of the click it vendors (`typer._click`), earlier releases those
+    of the standalone click; both show themselves and carry their exit code (2 for usage errors).
+    """
+    return callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)

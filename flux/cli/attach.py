@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from flux.cdc import attach as lib
-from flux.cli.common import DatabaseOption, JsonOption, resolve_dsn
+from flux.cli.common import DatabaseOption, JsonOption, reaching, resolve_database
 from flux.cli.output import console, err_console, print_json, rich_escape
 
 SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
@@ -24,9 +24,11 @@ def attach(
 ) -> None:
     """Check the server, then create the flux schema, publication, REPLICA IDENTITY FULL and slot. Idempotent."""
     names = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    db = resolve_database(database)
     if not json:
         err_console.print("[dim]Checking the server and setting up capture (creating the slot waits for open transactions to end) …[/]")
-    result = lib.attach(resolve_dsn(database), tables=names, all_tables=all_tables, slot=slot, publication=publication)
+    with reaching(db):
+        result = lib.attach(db.dsn, tables=names, all_tables=all_tables, slot=slot, publication=publication)
     if json:
         print_json(result)
         return
@@ -55,7 +57,9 @@ def detach(
     json: JsonOption = False,
 ) -> None:
     """Drop the slot and publication and restore replica identities. Keeps recorded data unless --drop-data."""
-    result = lib.detach(resolve_dsn(database), slot=slot, publication=publication, drop_data=drop_data)
+    db = resolve_database(database)
+    with reaching(db):
+        result = lib.detach(db.dsn, slot=slot, publication=publication, drop_data=drop_data)
     if json:
         print_json(result)
         return

@@ -9,7 +9,7 @@ import typer
 
 from flux.cdc.attach import human_bytes
 from flux.cdc.status import CdcStatus, cdc_status
-from flux.cli.common import DatabaseOption, JsonOption, resolve_dsn
+from flux.cli.common import DatabaseOption, JsonOption, reaching, resolve_database
 from flux.cli.output import console, print_json, rich_escape
 
 app = typer.Typer(help="The change-data-capture engine.", no_args_is_help=True)
@@ -40,10 +40,11 @@ def run(
     from flux.cdc.attach import connect
     from flux.cdc.engine import Engine, EngineConfig
 
-    dsn = resolve_dsn(database)
+    db = resolve_database(database)
+    dsn = db.dsn
     setup_logging(verbose)
     if publication is None:
-        with connect(dsn) as conn:
+        with reaching(db), connect(dsn) as conn:
             row = None
             if conn.execute("SELECT to_regclass('flux.attachments')").fetchone()[0]:
                 row = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
@@ -58,7 +59,9 @@ def run(
 @app.command("status")
 def status(database: DatabaseOption = None, slot: SlotOption = "flux", json: JsonOption = False) -> None:
     """Slot state, confirmed LSN, lag, retained WAL, mutations recorded, and whether a consumer runs."""
-    result = cdc_status(resolve_dsn(database), slot=slot)
+    db = resolve_database(database)
+    with reaching(db):
+        result = cdc_status(db.dsn, slot=slot)
     if json:
         print_json(result)
         return

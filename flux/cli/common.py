@@ -6,13 +6,15 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import psycopg
 import typer
+from psycopg.conninfo import conninfo_to_dict
 
-from flux.errors import ConfigError, from_psycopg
+from flux.errors import ConfigError, ConnectionLostError, ServerNotReadyError, from_psycopg
 
 DatabaseOption = Annotated[
     str | None,
@@ -27,44 +29,103 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 ENV_DSN = "FLUX_DATABASE_URL"
 STATE_DIR = ".flux"
+CONNECT_TIMEOUT = 10  # seconds; a firewalled host must not hang a command
+
+# Where a DSN came from: it decides what to tell the user when the server cannot be reached.
+FROM_FLAG = "--database"
+FROM_ENV = ENV_DSN
+FROM_EMBEDDED = "embedded"
 
 
-def project_cluster_meta(start: Path | None = None) -> dict | None:
-    """`.flux/cluster.json` of the nearest enclosing directory that ran `flux dev`."""
+@dataclass(frozen=True, slots=True)
+class Database:
+    """A DSN and where it came from; `project` is the directory whose `flux dev` owns an embedded one."""
+
+    dsn: str
+    source: str  # FROM_FLAG, FROM_ENV or FROM_EMBEDDED
+    project: Path | None = None
+
+    def unreachable(self, exc: BaseException) -> ServerNotReadyError:
+        """The error for a server that does not answer, with a hint that fits where the DSN came from."""
+        detail = _first_line(exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc)
+        if self.source == FROM_EMBEDDED:
+            return ServerNotReadyError(
+                f"Cannot reach the embedded database of {self.project}: {detail}",
+                hint="Start `flux dev` in that project, or pass --database DSN.",
+            )
+        where = "the database given by --database" if self.source == FROM_FLAG else f"the database in ${ENV_DSN}"
+        return ServerNotReadyError(f"Cannot reach {where}: {detail}",
+                                   hint="Check that the server is running and the DSN is right.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def project_cluster_meta(start: Path | None = None) -> tuple[Path, dict] | None:
+    """The nearest enclosing directory that ran `flux dev`, and its `.flux/cluster.json`."""
     here = (start or Path.cwd()).resolve()
     for directory in [here, *here.parents]:
         meta = directory / STATE_DIR / "cluster.json"
         if meta.is_file():
             try:
-                return json.loads(meta.read_text())
+                return directory, json.loads(meta.read_text())
             except ValueError:
                 return None
     return None
 
 
-def resolve_dsn(flag: str | None) -> str:
+def checked_dsn(dsn: str, source: str) -> str:
+    """`dsn` if libpq can parse it; a malformed one is a usage error, not a failed connection."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(
+            f"{source} is not a valid PostgreSQL DSN: {_first_line(exc)}",
+            hint="Write a URL, postgresql://USER@HOST:PORT/DBNAME, or key=value pairs, 'host=HOST port=PORT dbname=DBNAME'.",
+        ) from exc
+    return dsn
+
+
+def resolve_database(flag: str | None) -> Database:
     """--database, then $FLUX_DATABASE_URL, then the embedded cluster of this project."""
     if flag:
-        return flag
+        return Database(checked_dsn(flag, FROM_FLAG), FROM_FLAG)
     if os.environ.get(ENV_DSN):
-        return os.environ[ENV_DSN]
-    meta = project_cluster_meta()
-    if meta and meta.get("port"):
+        return Database(checked_dsn(os.environ[ENV_DSN], f"${ENV_DSN}"), FROM_ENV)
+    found = project_cluster_meta()
+    if found and found[1].get("port"):
         from flux.pg.cluster import DATABASE, SUPERUSER
 
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{meta['port']}/{DATABASE}"
+        directory, meta = found
+        return Database(f"postgresql://{SUPERUSER}@127.0.0.1:{meta['port']}/{DATABASE}", FROM_EMBEDDED, directory)
     raise ConfigError(
         "No database given",
         hint=f"Pass --database DSN, set {ENV_DSN}, or run `flux dev` in this directory first.",
     )
 
 
+def resolve_dsn(flag: str | None) -> str:
+    return resolve_database(flag).dsn
+
+
+@contextmanager
+def reaching(db: Database) -> Iterator[None]:
+    """Run a step against `db`; a server that cannot be reached becomes ServerNotReadyError (exit 4)."""
+    try:
+        yield
+    except ConnectionLostError as exc:
+        raise db.unreachable(exc) from exc
+
+
 @contextmanager
 def connect(database: str | None, *, failing: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the resolved DSN; psycopg errors become FluxErrors saying `failing`."""
-    dsn = resolve_dsn(database)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            yield conn
-    except psycopg.Error as exc:
-        raise from_psycopg(exc, failing) from exc
+    db = resolve_database(database)
+    with reaching(db):
+        try:
+            with psycopg.connect(db.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, failing) from exc

@@ -2,19 +2,25 @@
 
 In a directory with flux.toml it serves the project's functions on http://127.0.0.1:PORT,
 reloading them when their files change. Elsewhere it runs the database and the engine only.
+One `flux dev` runs per project on its embedded database (`.flux/dev.lock`), and it stops
+the embedded server only if it started it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import typer
 
-from flux.cli.common import STATE_DIR
+from flux.cli.common import CONNECT_TIMEOUT, ENV_DSN, FROM_EMBEDDED, FROM_FLAG, STATE_DIR, Database, checked_dsn, reaching
 from flux.cli.output import console, rich_escape
 from flux.cli.serve import HostOption, PoolOption, PortOption, WorkersOption, run_stack
+
+LOCK_FILE = "dev.lock"
 
 
 def dev(
@@ -32,7 +38,7 @@ def dev(
     from flux.cdc.attach import attach
     from flux.cli.cdc import setup_logging
     from flux.errors import ConfigError
-    from flux.gateway.server import ensure_store
+    from flux.gateway.server import check_port, ensure_store
     from flux.pg.cluster import Cluster
     from flux.project import find_project_root, load_project
 
@@ -41,21 +47,30 @@ def dev(
         root: Path | None = find_project_root()
     except ConfigError:
         root = None
-    state_dir = (root or Path.cwd()) / STATE_DIR
-    cluster = None
-    if database is None:
-        cluster = Cluster(state_dir=state_dir)
-        console.print(f"Starting embedded PostgreSQL in {rich_escape(str(state_dir))} …")
-        dsn = cluster.start().dsn
-    else:
-        dsn = database
+    project_dir = root or Path.cwd()
+    state_dir = project_dir / STATE_DIR
+    given = checked_dsn(database, FROM_FLAG) if database is not None else None
+    lock = hold_project_lock(state_dir) if given is None else None
+    cluster = info = None
     try:
         if root is not None:
-            project = load_project(root)  # config errors surface before anything listens
-            if project.setup_sql is not None:
-                _run_setup_sql(dsn, project.setup_sql)
-        result = attach(dsn, all_tables=True)
-        ensure_store(dsn)
+            check_port(host, port)  # before the database starts: nothing to undo
+        _warn_about_env_dsn(given)
+        if given is None:
+            cluster = Cluster(state_dir=state_dir)
+            console.print(f"Starting embedded PostgreSQL in {rich_escape(str(state_dir))} …")
+            info = cluster.start()
+            db = Database(info.dsn, FROM_EMBEDDED, project_dir)
+        else:
+            db = Database(given, FROM_FLAG)
+        dsn = db.dsn
+        with reaching(db):
+            if root is not None:
+                project = load_project(root)  # config errors surface before anything listens
+                if project.setup_sql is not None:
+                    _run_setup_sql(dsn, project.setup_sql)
+            result = attach(dsn, all_tables=True)
+            ensure_store(dsn)
         for warning in result.warnings:
             if "no consumer" not in warning:  # the engine starts right below
                 console.print(f"[yellow]warning:[/] {rich_escape(warning)}")
@@ -71,19 +86,69 @@ def dev(
                 names = ", ".join(sorted(load_project(root).functions)) if root else ""
                 console.print(f"  functions: {rich_escape(names)}  (reloaded when their files change)")
                 console.print("  Then: flux requests · flux trace ID · flux why ID")
-            console.print("  Ctrl-C stops everything" + (" and the embedded PostgreSQL." if cluster else "."))
+            stops_server = info is not None and info.started
+            console.print("  Ctrl-C stops everything" + (" and the embedded PostgreSQL." if stops_server else "."))
 
         run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=True,
                   reload=True, engine=True, on_ready=ready)
         logging.getLogger("flux").info("stopped")
     finally:
-        if cluster is not None:
+        if info is not None and info.started:
             cluster.stop()
             console.print("Embedded PostgreSQL stopped (data kept in .flux/).")
+        elif info is not None:  # someone else started it, and may still use it
+            console.print("Embedded PostgreSQL left running: it was running before this flux dev started"
+                          f" (pg_ctl stop -D {rich_escape(info.data_dir)} stops it).")
+        if lock is not None:
+            lock.close()
+
+
+def hold_project_lock(state_dir: Path) -> IO[str]:
+    """An exclusive lock on .flux/dev.lock, held for the life of the process: one `flux dev` per project.
+
+    A second one would reuse the running cluster, fight the first engine for the replication slot,
+    and stop the first one's database when it exits. The OS releases a flock when its process ends,
+    however it ends, so a crash leaves no stale lock; the file keeps the holder's pid for the message.
+    """
+    from flux.errors import InUseError
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held until the process ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise InUseError(
+            f"flux dev is already running for this project (pid {holder})",
+            hint=f"Use that one (every command run in {state_dir.parent} reads its database), or stop it first.",
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _warn_about_env_dsn(given: str | None) -> None:
+    """flux dev never reads $FLUX_DATABASE_URL (an exported production URL must not receive schema.sql),
+    but the other commands do: say so, or they read another database than the one dev writes to."""
+    env = os.environ.get(ENV_DSN)
+    if not env or env == given:
+        return
+    uses = "the database given by --database" if given else "its embedded database"
+    console.print(
+        f"[yellow]warning:[/] {ENV_DSN} is set, but flux dev uses {uses}, never {ENV_DSN}. Other commands in this"
+        f" shell (flux requests, trace, why, state) read {ENV_DSN}: unset it, or pass them --database."
+    )
 
 
 def _run_setup_sql(dsn: str, path: Path) -> None:
-    """[dev] setup_sql: the project's schema, applied at each start (write it idempotently)."""
+    """[dev] setup_sql: the project's schema, applied at each start (write it idempotently).
+
+    SQL the server refuses is the project's to fix (ConfigError); a server that cannot be reached
+    stays a ConnectionLostError for the caller to report as such.
+    """
     import psycopg
 
     from flux.errors import ConfigError, from_psycopg
@@ -91,7 +156,14 @@ def _run_setup_sql(dsn: str, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"[dev] setup_sql names {path}, which does not exist", hint="Fix the path in flux.toml.")
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(path.read_text())
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+            try:
+                conn.execute(path.read_text())
+            except psycopg.Error as exc:
+                error = from_psycopg(exc, f"Running {path.name} failed")
+                if error.retryable:  # the connection dropped, or a transient conflict: not the SQL's fault
+                    raise error from exc
+                raise ConfigError(error.message, hint="Fix the SQL; it runs at every `flux dev` start.",
+                                  sqlstate=exc.sqlstate) from exc
     except psycopg.Error as exc:
-        raise from_psycopg(exc, f"Running {path.name} failed", hint="Fix the SQL; it runs at every `flux dev` start.") from exc
+        raise from_psycopg(exc, "Could not connect to the database") from exc

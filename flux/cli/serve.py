@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from flux.cli.common import DatabaseOption, resolve_dsn
+from flux.cli.common import CONNECT_TIMEOUT, DatabaseOption, reaching, resolve_database
 from flux.cli.output import console, rich_escape
 
 log = logging.getLogger("flux")
@@ -93,17 +93,20 @@ def serve(
     """Serve the project's functions over HTTP against --database, recording every request, with the CDC engine."""
     from flux.cdc.attach import attach
     from flux.cli.cdc import setup_logging
-    from flux.gateway.server import ensure_store
+    from flux.gateway.server import check_port, ensure_store
     from flux.project import find_project_root
 
     setup_logging(verbose)
-    dsn = resolve_dsn(database)
+    db = resolve_database(database)
+    dsn = db.dsn
     root = find_project_root(project)
-    if attach_all:
-        attach(dsn, all_tables=True)
-    elif engine:
-        _require_attached(dsn)
-    ensure_store(dsn)
+    check_port(host, port)  # before attach changes anything
+    with reaching(db):
+        if attach_all:
+            attach(dsn, all_tables=True)
+        elif engine:
+            _require_attached(dsn)
+        ensure_store(dsn)
 
     def ready(url: str | None) -> None:
         console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
@@ -115,10 +118,13 @@ def serve(
 def _require_attached(dsn: str) -> None:
     import psycopg
 
-    from flux.errors import ConfigError
+    from flux.errors import ConfigError, from_psycopg
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        slot = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+            slot = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()
+    except psycopg.Error as exc:
+        raise from_psycopg(exc, "Could not read the replication slots") from exc
     if slot is None:
         raise ConfigError(
             "Flux is not attached to this database (no replication slot 'flux')",

@@ -78,7 +78,13 @@ def parse_since(text: str) -> timedelta:
     match = _SINCE.fullmatch(text.strip().lower())
     if not match:
         raise ConfigError(f"--since {text!r} is not a duration", hint="Write a number and a unit: 30s, 10m, 2h, 1d.")
-    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        window = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    except OverflowError:  # past timedelta's own range (about 2.7 million years)
+        window = None
+    if window is None or window > traces.MAX_SINCE:
+        raise ConfigError(f"--since {text!r} is too long", hint=f"Give a window of at most {traces.MAX_SINCE.days}d (100 years).")
+    return window
 
 
 def _connect(database: str | None):
@@ -190,8 +196,7 @@ def render_why(w: Why) -> None:
         fn = f"function: {escape(w.function)}  " if w.function else ""
         console.print(f"  {fn}[dim](no trace recorded)[/]")
     else:
-        target = f"function: {escape(t.function)}" if t.function else "[dim]no function (no route)[/]"
-        console.print(f"  {escape(t.method)} {escape(t.path)}  →  {target}")
+        console.print(f"  {escape(t.method)} {escape(t.path)}  →  {_target(w)}")
         console.print(f"  {_time(t.started_at)} UTC  ·  {duration(t.duration_ms)}")
         _why_spans(t)
         color = _status_color(t.status)
@@ -209,6 +214,17 @@ def render_why(w: Why) -> None:
     for note in w.notes:
         console.print(f"  [yellow]note:[/] {escape(note)}")
     console.print()
+
+
+def _target(w: Why) -> str:
+    """Where the request went: its function, or why the gateway answered without running one."""
+    t = w.trace
+    assert t is not None
+    if not t.function:
+        return f"[dim]not routed: {escape(w.not_run or 'no function')}[/]"
+    if w.not_run:
+        return f"function: {escape(t.function)}  [dim](not run: {escape(w.not_run)})[/]"
+    return f"function: {escape(t.function)}"
 
 
 def _why_spans(t: TraceRecord) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import psycopg
 from quart import Quart, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -29,7 +30,7 @@ from flux.errors import FluxError, NotFoundError
 from flux.gateway.traces import TraceSink, redact, redact_headers
 from flux.project import Project, Tenant
 from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
-from flux.runtime.host import Clock, FetchPolicy, Span, Transport
+from flux.runtime.host import Clock, FetchPolicy, Span, Transport, as_text, every_secret_form
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
 from flux.store.traces import TraceRecord
 
@@ -153,7 +154,12 @@ class Gateway:
                      "headers": {k: v for k, v in headers.items() if k not in (API_KEY_HEADER,) and not _is_flux_auth(k, v, tenant)}},
         )
         async with self._slots:
-            execution = await self.executor.run(pool, invocation)
+            try:
+                execution = await self.executor.run(pool, invocation)
+            except Exception:  # a bug in Flux: the request still gets its id, a clear answer and a trace
+                log.exception("request %s: running %s failed inside Flux", request_id, function)
+                execution = _error(500, "Flux failed while running the function (an internal error)",
+                                   "The gateway's log has the details, under this request id.")
         return self._reply(trace, tenant, function, execution)
 
     def _reply(self, trace: _Trace, tenant: Tenant | None, function: str | None, execution: Execution) -> Response:
@@ -213,8 +219,9 @@ class _Trace:
         limit = self.project.limits.record_body_bytes
         record = {
             "spans": spans,
-            "request": {"headers": redact_headers(self.headers), "query": self.query, **_body_record(self.raw_body, self.body, limit)},
-            "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit)},
+            "request": {"headers": redact_headers(self.headers), "query": self.query,
+                        **_body_record(self.raw_body, self.body, limit, secrets)},
+            "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit, secrets)},
             "recording": execution.recording,
             "error": execution.error or _returned_error(status, execution.body),
         }
@@ -241,11 +248,16 @@ def _returned_error(status: int, body: Any) -> str | None:
         return f"HTTP {status}"
 
 
-def _body_record(raw: bytes | None, parsed: Any, limit: int) -> dict[str, Any]:
+def _body_record(raw: bytes | None, parsed: Any, limit: int, secrets: dict[str, str]) -> dict[str, Any]:
     if raw is None:
         return {"body": None, "body_truncated": False, "body_bytes": 0}
     if len(raw) > limit:
-        return {"body": raw[:limit].decode("utf-8", "replace"), "body_truncated": True, "body_bytes": len(raw)}
+        head = raw[:limit].decode("utf-8", "replace")
+        forms = every_secret_form(secrets)
+        # Past the cut too, as far as a secret could reach: one that straddles it moves the cut back.
+        text = raw[:limit + 4 * max(map(len, forms), default=0)].decode("utf-8", "replace")
+        body, _ = as_text(text, len(head), forms)
+        return {"body": body, "body_truncated": True, "body_bytes": len(raw)}
     if parsed is None and raw:
         try:
             parsed = orjson.loads(raw)
@@ -331,9 +343,40 @@ async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
     reader = gateway.trace_reader
     if reader is None:
         return Response(orjson.dumps({"error": "traces are not stored (no database)"}), status=404, content_type="application/json")
+    args = request.args.to_dict()
+    problem = _trace_query_problem(request_id, args)
+    if problem is not None:
+        return Response(orjson.dumps({"error": problem}), status=400, content_type="application/json")
     try:
-        data = await reader(tenant.name, request_id, request.args.to_dict())
+        data = await reader(tenant.name, request_id, args)
     except FluxError as exc:
         status = 404 if isinstance(exc, NotFoundError) else 400
         return Response(orjson.dumps({"error": exc.message, "hint": exc.hint}), status=status, content_type="application/json")
+    except psycopg.Error as exc:
+        log.warning("reading traces for tenant %s failed: %s", tenant.name, exc)
+        return Response(orjson.dumps({"error": "reading traces failed: the database did not answer"}), status=503,
+                        content_type="application/json")
     return Response(orjson.dumps(data, default=str), content_type="application/json")
+
+
+MAX_SINCE_SECONDS = 10 * 366 * 86400
+
+
+def _trace_query_problem(request_id: str | None, args: dict[str, str]) -> str | None:
+    """What is wrong with a GET /_flux/requests query, if anything."""
+    if any("\x00" in text for text in [request_id or "", *args, *args.values()]):
+        return "the query holds a NUL character"
+    if "limit" in args:
+        try:
+            if int(args["limit"]) < 1:
+                raise ValueError
+        except ValueError:
+            return f"limit must be a whole number of at least 1, not {args['limit']!r}"
+    if args.get("since_seconds"):
+        try:
+            since = float(args["since_seconds"])
+        except ValueError:
+            since = -1.0
+        if not 0 < since <= MAX_SINCE_SECONDS:  # also refuses nan and inf
+            return f"since_seconds must be a number of seconds from 0 to {MAX_SINCE_SECONDS}, not {args['since_seconds']!r}"
+    return None

@@ -2,7 +2,7 @@
 
 `serve()` is the one loop of the gateway process. It owns the order of start and stop:
 
-    schema -> db pool -> trace writer -> app (isolate pools warm) -> hypercorn ... signal
+    bind the port -> schema -> db pool -> trace writer -> app (isolate pools warm) -> hypercorn ... signal
     -> stop accepting -> finish requests in flight -> drain traces -> close pools
 
 One process, one asyncio loop. `workers` bounds how many function executions run at the
@@ -13,9 +13,11 @@ slot. `pool_size` is the number of warm isolates kept per function.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from psycopg_pool import AsyncConnectionPool
 
-from flux.errors import ConfigError, from_psycopg
+from flux.errors import ConfigError, InUseError, from_psycopg
 from flux.gateway.app import Gateway, create_app
 from flux.gateway.traces import TraceWriter
 from flux.project import Project, load_project
@@ -100,15 +102,51 @@ async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callabl
             try:
                 await asyncio.wait_for(writer.close(), config.drain_timeout)
             except TimeoutError:
+                # `pending` counts the batch being retried too, which the queue's size leaves out.
                 log.error("gave up draining traces after %.0fs: %d records not written", config.drain_timeout,
-                          writer._queue.qsize())
+                          writer.pending)
+                if writer.dropped:  # close() reports these when it finishes; it did not
+                    log.error("%d trace records were dropped because the queue was full", writer.dropped)
         await transport.aclose()
         await db_pool.close()
 
     return gateway, stop
 
 
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to host:port as hypercorn binds them (its own code, SO_REUSEADDR included).
+
+    A port in use is an InUseError, any other refusal a ConfigError: both before anything listens.
+    """
+    hc = HypercornConfig()
+    hc.bind = [f"{host}:{port}"]
+    try:
+        return hc.create_sockets().insecure_sockets
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise InUseError(f"Port {port} is in use on {host}", hint="Pass --port N, or stop the process that listens there.") from exc
+        raise ConfigError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}", hint="Check --host and --port.") from exc
+    except OverflowError as exc:  # a port past 65535
+        raise ConfigError(f"Cannot listen on {host}:{port}: {exc}", hint="Pass --port N with N from 1 to 65535.") from exc
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail now if the gateway could not listen on host:port (before a database or an engine starts)."""
+    for sock in bind_sockets(host, port):
+        sock.close()
+
+
 async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
+    # Bound first, and held: a port taken meanwhile fails here, before anything starts or says it serves.
+    sockets = bind_sockets(config.host, config.port)
+    try:
+        await _serve(config, sockets, on_ready)
+    finally:
+        for sock in sockets:
+            sock.close()  # a no-op for those handed to hypercorn
+
+
+async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None) -> None:
     ensure_store(config.dsn)
     project = load_project(config.root)
     gateway, stop = await build(config, project)
@@ -124,14 +162,15 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
             loop.add_signal_handler(sig, shutdown.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    port = sockets[0].getsockname()[1]  # the real one, should --port be 0
     hc = HypercornConfig()
-    hc.bind = [f"{config.host}:{config.port}"]
+    hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn serves the sockets bound above
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = max(1.0, project.limits.timeout_ms / 1000 + 1)
     watcher = asyncio.create_task(_watch(gateway, shutdown)) if config.reload else None
     if on_ready is not None:
-        loop.call_soon(on_ready, f"http://{config.host}:{config.port}")
+        loop.call_soon(on_ready, f"http://{config.host}:{port}")
     try:
         await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)
     finally:

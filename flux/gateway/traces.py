@@ -10,11 +10,18 @@ response) and writes them in batches, one round trip per batch. `close()` drains
 What a hard crash can lose: the records still queued, at most `max_queue`, typically the
 last `flush_interval` seconds of requests. A full queue (the database is down or too slow)
 drops new records with an error log that counts them; it never slows responses down.
+
+No record can stop the writer. A batch is one jsonb document, which PostgreSQL caps at 256 MB,
+so a record over `MAX_RECORD_BYTES` is stored without its recording (a query can return
+hundreds of megabytes), and batches are cut at `MAX_BATCH_BYTES`. A batch the database refuses
+for what it holds rather than for being unreachable is written record by record, and a record
+refused on its own is logged with its request id and counted in `failed`, never retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Protocol
@@ -22,9 +29,14 @@ from typing import Any, Protocol
 import psycopg
 
 from flux.errors import from_psycopg
-from flux.store.traces import TraceRecord, insert_traces_async
+from flux.runtime.host import secret_forms
+from flux.store.traces import TraceRecord, encode_trace, insert_encoded_traces_async
 
 log = logging.getLogger("flux.gateway")
+
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+SHRUNK_STRING_CHARS = 4096  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
 
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-flux-api-key", "x-api-key"})
 
@@ -34,11 +46,13 @@ def redact_headers(headers: dict[str, str]) -> dict[str, str]:
 
 
 def redact(value: Any, secrets: dict[str, str]) -> Any:
-    """`value` with every secret value replaced by `[secret:NAME]`, in keys and strings at any depth."""
+    """`value` with every secret value replaced by `[secret:NAME]`, in keys and strings at any
+    depth, also where JSON escaped it (a secret holding a quote, a backslash or a line break)."""
     if not secrets:
         return value
     # Longest first, so a secret that contains another is replaced whole.
-    pairs = sorted(((v, f"[secret:{k}]") for k, v in secrets.items() if v), key=lambda p: -len(p[0]))
+    pairs = sorted(((form, f"[secret:{k}]") for k, v in secrets.items() if v for form in secret_forms(v)),
+                   key=lambda p: -len(p[0]))
 
     def walk(v: Any) -> Any:
         if isinstance(v, str):
@@ -71,8 +85,15 @@ class TraceWriter:
         self._closing = False
         self.written = 0
         self.batches = 0
-        self.dropped = 0
+        self.dropped = 0  # refused by a full queue
+        self.failed = 0  # refused by the database on their own
+        self.shrunk = 0  # stored without their recording, over MAX_RECORD_BYTES
         self._last_drop_log = 0.0
+
+    @property
+    def pending(self) -> int:
+        """Records submitted and not yet written or given up: queued, and the batch in flight."""
+        return self._queue._unfinished_tasks  # type: ignore[attr-defined]  # done only once written
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="flux-trace-writer")
@@ -115,22 +136,67 @@ class TraceWriter:
                 await asyncio.sleep(self.flush_interval)
             while len(batch) < self.batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            while True:
-                try:
-                    if conn is None or conn.closed:
-                        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                    await insert_traces_async(conn, batch)
-                    self.written += len(batch)
-                    self.batches += 1
-                    delay = 0.2
-                    break
-                except psycopg.Error as exc:
-                    error = from_psycopg(exc, "writing trace records failed")
-                    log.warning("%s; retrying %d records in %.1fs", error, len(batch), delay)
-                    if conn is not None:
-                        await conn.close()
-                        conn = None
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
+            chunks: list[list[tuple[str, bytes]]] = [[]]
+            size = 0
+            for record in batch:
+                encoded = self._encode(record)
+                if chunks[-1] and size + len(encoded) > MAX_BATCH_BYTES:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append((record.id, encoded))
+                size += len(encoded)
+            for chunk in chunks:
+                pending = [chunk]
+                while pending:
+                    part = pending.pop()
+                    try:
+                        if conn is None or conn.closed:
+                            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                        await insert_encoded_traces_async(conn, [encoded for _, encoded in part])
+                        self.written += len(part)
+                        self.batches += 1
+                        delay = 0.2
+                    except psycopg.OperationalError as exc:  # unreachable, restarting, out of connections
+                        log.warning("%s; retrying %d records in %.1fs", from_psycopg(exc, "writing trace records failed"),
+                                    len(part), delay)
+                        if conn is not None:
+                            await conn.close()
+                            conn = None
+                        pending.append(part)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 10.0)
+                    except psycopg.Error as exc:  # refused for what the batch holds: find the record
+                        if len(part) > 1:
+                            pending.extend([part[len(part) // 2:], part[:len(part) // 2]])
+                            continue
+                        self.failed += 1
+                        log.error("%s; trace of request %s not stored", from_psycopg(exc, "writing a trace record failed"),
+                                  part[0][0])
             for _ in batch:
                 self._queue.task_done()
+
+    def _encode(self, record: TraceRecord) -> bytes:
+        encoded = encode_trace(record)
+        if len(encoded) <= MAX_RECORD_BYTES:
+            return encoded
+        self.shrunk += 1
+        note = f"not stored: this trace was {len(encoded)} bytes, over the {MAX_RECORD_BYTES}-byte limit of a stored trace"
+        log.warning("trace of request %s: %s", record.id, note)
+        recording = record.recording and {"v": record.recording.get("v"), "truncated": True, "omitted": note, "events": []}
+        smaller = encode_trace(dataclasses.replace(record, recording=recording))
+        if len(smaller) <= MAX_RECORD_BYTES:
+            return smaller
+        return encode_trace(dataclasses.replace(
+            record, recording=recording, spans=_shrink(record.spans), request=_shrink(record.request),
+            response=_shrink(record.response), error=_shrink(record.error)))
+
+
+def _shrink(value: Any) -> Any:
+    """`value` with every long string cut to SHRUNK_STRING_CHARS, marked as cut."""
+    if isinstance(value, str):
+        return value if len(value) <= SHRUNK_STRING_CHARS else value[:SHRUNK_STRING_CHARS] + "…[cut]"
+    if isinstance(value, dict):
+        return {k: _shrink(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shrink(v) for v in value]
+    return value

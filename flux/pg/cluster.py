@@ -145,6 +145,7 @@ class ClusterInfo:
     data_dir: str
     port: int
     bindir: str
+    started: bool = False  # this start() started the server; False: it was running already
 
     @property
     def dsn(self) -> str:
@@ -245,7 +246,11 @@ class Cluster:
         return self._run([str(self.bindir / "pg_ctl"), "status", "-D", str(data_dir)], check=False).returncode == 0
 
     def start(self) -> ClusterInfo:
-        """Create the cluster if needed and start it; reuse a running one. Idempotent."""
+        """Create the cluster if needed and start it; reuse a running one. Idempotent.
+
+        `started` on the result says which: whoever reused a running server did not start it,
+        and should leave stopping it to whoever did.
+        """
         meta = self._load_meta()
         data_dir = self._data_dir(meta)
         if not (data_dir / "PG_VERSION").exists():
@@ -261,7 +266,7 @@ class Cluster:
         self._write_settings(data_dir, port)
         self._run([pg_ctl, "start", "-w", "-t", "60", "-D", str(data_dir), "-l", str(data_dir / "server.log")])
         self._save_meta({"data_dir": str(data_dir), "port": port})
-        return ClusterInfo(data_dir=str(data_dir), port=port, bindir=str(self.bindir))
+        return ClusterInfo(data_dir=str(data_dir), port=port, bindir=str(self.bindir), started=True)
 
     def stop(self, *, mode: str = "fast") -> None:
         meta = self._load_meta()

@@ -25,8 +25,10 @@ that crypto.randomUUID and getRandomValues consumed, in order (hex).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import secrets as secrets_module
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +38,7 @@ from py_mini_racer import JSEvalException, JSOOMException
 
 from flux.project import Limits
 from flux.runtime.host import (
-    Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, as_text, db_span_name,
+    Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, as_text, db_span_name, every_secret_form,
 )
 from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
 
@@ -72,10 +74,27 @@ def new_span_id() -> str:
     return secrets_module.token_hex(8)
 
 
-async def _then_drain(isolate: Isolate, code: str) -> dict[str, Any]:
-    """Run `code`, then `__flux_drain()` once the microtasks it queued have run: what the function
-    did meanwhile. Microtasks run only when an eval ends, so the drain is an eval of its own."""
-    return orjson.loads(await isolate.eval_then(code, "__flux_drain()"))
+async def _then_drain(isolate: Isolate, op: str, arg: Any) -> dict[str, Any]:
+    """Run the bridge's `op` with `arg`, then its drain once the microtasks `op` queued have run:
+    what the function did meanwhile. Microtasks run only when an eval ends, so the drain is an
+    eval of its own."""
+    text = await isolate.eval_then(f'{isolate.bridge}("{op}",{_eval_arg(arg)})', isolate.drain_code)
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return _well_formed(json.loads(text))
+
+
+def _well_formed(value: Any) -> Any:
+    """`value` with each lone UTF-16 surrogate (a JS string may hold one; JSON escapes it, and
+    orjson refuses it) made U+FFFD, as `String.prototype.toWellFormed` does."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_well_formed(k): _well_formed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_well_formed(v) for v in value]
+    return value
 
 
 def _eval_arg(value: Any) -> str:
@@ -116,13 +135,13 @@ class Executor:
         except JSOOMException:
             pool.discard(isolate)
             await run.cancel()
-            return self._finish_error(
-                span, clock, 500, "MemoryLimitExceeded", f"the function exceeded its memory limit ({self.limits.memory_mb} MB)",
-                "", run=run,
-            )
+            return self._out_of_memory(span, clock, run)
         except _Stuck as exc:
+            exhausted = isolate.memory_exhausted()  # V8 stopped a microtask at the limit, so nothing settles
             pool.discard(isolate)
             await run.cancel()
+            if exhausted:
+                return self._out_of_memory(span, clock, run)
             return self._finish_error(span, clock, 500, "FunctionStuck", str(exc), "", run=run)
         except JSEvalException as exc:
             pool.discard(isolate)
@@ -136,6 +155,10 @@ class Executor:
             pool.discard(isolate)
             await run.cancel()
             raise
+        if isolate.memory_exhausted():  # the limit was hit in a microtask, after the handler's result
+            pool.discard(isolate)
+            await run.cancel()
+            return self._out_of_memory(span, clock, run)
         pool.release(isolate)
         run.absorb(result)
         if not done["ok"]:
@@ -154,11 +177,18 @@ class Executor:
             await run.db.finish(commit=True)
         except HostCallError as exc:
             return self._finish_error(span, clock, 500, "DatabaseError", str(exc), "", run=run)
+        if run.db.lost_writes is not None and status < 400:  # never answer a success whose writes are gone
+            return self._finish_error(span, clock, 500, "TransactionAborted",
+                                      f"the handler returned {status}, but {run.db.lost_writes}", "", run=run)
         span.duration_ms = clock.now_ms() - span.start
         span.attributes["db.transaction"] = run.db.outcome if run.db.statements else None
         span.attributes = {k: v for k, v in span.attributes.items() if v is not None}
         return Execution(status=status, headers=headers, body=body, spans=run.spans(),
                          recording=run.recording(), db_outcome=run.db.outcome if run.db.statements else None)
+
+    def _out_of_memory(self, span: Span, clock: Clock, run: _Run) -> Execution:
+        return self._finish_error(span, clock, 500, "MemoryLimitExceeded",
+                                  f"the function exceeded its memory limit ({self.limits.memory_mb} MB)", "", run=run)
 
     def _finish_error(self, span: Span, clock: Clock, status: int, name: str, message: str, stack: str,
                       *, run: _Run | None = None) -> Execution:
@@ -184,14 +214,30 @@ class _Stuck(Exception):
     pass
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL and other controls
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's to set
+
+
 def _response(value: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    """The handler's {status, headers, body}, checked before its transaction commits: a response
+    the HTTP server would refuse must not leave a write behind it."""
     status = value.get("status", 200)
     if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
         raise ValueError(f"the handler returned status {status!r}; it must be an integer from 100 to 599")
     headers = value.get("headers") or {}
     if not isinstance(headers, dict):
         raise ValueError("the handler returned headers that are not an object of name: value")
-    return status, {str(k): str(v) for k, v in headers.items()}, value.get("body")
+    checked: dict[str, str] = {}
+    for name, header in headers.items():
+        name, header = str(name), str(header)
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"the handler returned the header name {name!r}, which HTTP does not allow")
+        if _HEADER_VALUE_FORBIDDEN.search(header):
+            raise ValueError(f"the handler returned header {name!r} with a control character (such as a line break) in its value")
+        if name.lower() not in _FRAMING_HEADERS:
+            checked[name] = header
+    return status, checked, value.get("body")
 
 
 class _Run:
@@ -208,6 +254,7 @@ class _Run:
             "request_id": call.request_id, "tenant": call.tenant, "function": compiled.name,
             **({"replay": True} if call.replay else {}),
         })
+        self.secret_forms = every_secret_form(call.secrets)
         self.inflight: dict[asyncio.Task, int] = {}
         self.client_spans: list[Span] = []
         self.host_events: list[list[Any]] = []
@@ -219,7 +266,7 @@ class _Run:
             "request": self.call.request, "request_id": self.call.request_id, "tenant": self.call.tenant,
             "function": self.compiled.name, "replay": self.call.replay, "secrets": self.call.secrets,
         }
-        out = await _then_drain(isolate, f"__flux_start({_eval_arg(start)})")
+        out = await _then_drain(isolate, "start", start)
         while True:
             calls = out["calls"]
             if out["done"] is None and len(calls) == 1 and not self.inflight:
@@ -236,7 +283,7 @@ class _Run:
                     raise _Stuck("the function is awaiting a Promise that nothing will settle")
                 finished, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                 settled = [[self.inflight.pop(task), *task.result()] for task in finished]
-            out = await _then_drain(isolate, f"__flux_settle({_eval_arg(settled)})")
+            out = await _then_drain(isolate, "settle", settled)
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
         if op == "timer":
@@ -285,12 +332,15 @@ class _Run:
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
         event: dict[str, Any] = {"url": url, "method": method, "headers": args["headers"], "body": args["body"]}
         self.host_events.append([seq, "fetch", event])
+        policy = self.x.fetch_policy
+        span.name = str(args.get("name") or "fetch")  # until the URL names the tool
         try:
-            host, hostport = self.x.fetch_policy.check(url)
+            host, hostport = policy.parse(url)
+            span.name = policy.span_name(url, host, hostport, args.get("name"))
+            policy.check(host, hostport)
         except HostCallError as exc:
             event["error"] = exc.info["message"]
             raise
-        span.name = self.x.fetch_policy.span_name(url, host, hostport, args.get("name"))
         timeout_ms = args.get("timeout_ms") or self.x.fetch_policy.config.timeout_ms
         try:
             result = await self.x.transport.send(method, url, args["headers"], args["body"], timeout_ms / 1000)
@@ -306,7 +356,7 @@ class _Run:
         if result.status >= 400:
             span.status = "error"
             span.error = f"HTTP {result.status} {result.reason}".strip()
-        body, truncated = as_text(result.body)
+        body, truncated = as_text(result.body, secrets=self.secret_forms)
         event.update(status=result.status, response_headers=result.headers, response_body=body,
                      **({"response_truncated": True} if truncated else {}))
         return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": result.url}

@@ -4,6 +4,8 @@
 (`pg_logical_emit_message`) carrying request_id, tenant and function, so the CDC engine
 attributes every write of the request; `finish(commit=...)` commits or rolls back. Statements
 are serialised: a request's queries share one connection, in the order the function issued them.
+Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused, and the
+connection's session state is reset before another request gets it.
 
 `Transport` is the seam for outbound calls: `AiohttpTransport` in production (aiohttp costs
 about a fifth of httpx's CPU per call, and outbound calls were most of the gateway's Python
@@ -50,6 +52,9 @@ _TABLE = {
     "merge": re.compile(r"\bMERGE\s+INTO\s+" + _IDENT, re.IGNORECASE),
 }
 MAX_RECORDED_FETCH_BODY = 1024 * 1024
+# A ctx.fetch response is read whole into the gateway's memory (the isolate's limit does not cover
+# it), so it is refused past this.
+MAX_FETCH_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
 def db_span_name(sql: str) -> str:
@@ -138,6 +143,10 @@ class DbSession:
     planning it (measured: 15 to 45 us of the server's CPU per request of the bench). A connection
     whose exchange was interrupted (a time limit, a client gone) is closed rather than reused: its
     protocol state is unknown.
+
+    PostgreSQL aborts a transaction at its first failed statement. A function that catches that
+    error and returns still cannot commit what it wrote before it: `lost_writes` then says so, and
+    the executor does not let such a request answer as a success.
     """
 
     def __init__(self, pool: AsyncConnectionPool | None, context: dict[str, Any]) -> None:
@@ -146,6 +155,9 @@ class DbSession:
         self._conn: psycopg.AsyncConnection | None = None
         self._lock = asyncio.Lock()
         self.statements = 0
+        self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
+        self.aborted_by: str | None = None  # the failure that aborted it: "db.insert(users): duplicate key ... (SQLSTATE 23505)"
+        self.lost_writes: str | None = None  # why the writes of a handler that returned were rolled back
         self.outcome: str | None = None  # "committed" | "rolled_back" once finished
 
     async def query(self, sql: str, params: list[Any]) -> dict[str, Any]:
@@ -154,6 +166,9 @@ class DbSession:
         async with self._lock:
             if self.outcome is not None:
                 raise HostCallError({"name": "FluxError", "message": "ctx.db was used after the request finished"})
+            refusal = _refusal(sql)
+            if refusal is not None:
+                raise HostCallError({"name": "FluxError", "message": refusal, "sqlstate": None})
             try:
                 first = self._conn is None
                 if first:
@@ -193,6 +208,8 @@ class DbSession:
                     row_count = result.command_tuples if result.command_tuples is not None else -1
                 self.statements += 1
                 command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
+                if command not in _READS:
+                    self.writes += 1
                 return json_ready({"rows": rows, "rowCount": row_count, "command": command})
             except UnicodeEncodeError as exc:
                 raise HostCallError({
@@ -202,30 +219,51 @@ class DbSession:
             except psycopg.Error as exc:
                 diag = exc.diag
                 detail = (diag.message_primary or str(exc).strip().splitlines()[0]) if diag else str(exc)
+                if exc.sqlstate != _IN_FAILED_TRANSACTION:
+                    self.aborted_by = f"{db_span_name(sql)}: {detail}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
                 raise HostCallError({
                     "name": "DatabaseError", "message": f"{detail} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else detail,
                     "sqlstate": exc.sqlstate, "detail": diag.message_detail if diag else None,
                 }) from None
 
     async def finish(self, *, commit: bool) -> None:
-        """Commit or roll back, and give the connection back. Never raises for a rollback."""
+        """Commit or roll back, reset the session, and give the connection back. Never raises for
+        a rollback. A commit asked of a transaction that a failed statement aborted rolls back,
+        and sets `lost_writes` when statements before it had written."""
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is None:
                 self.outcome = self.outcome or ("committed" if commit else "rolled_back")
                 return
             assert self._pool is not None
+            if conn.closed:  # a query cut short closed it: whatever it had done is rolled back
+                self.outcome = "rolled_back"
+                await self._pool.putconn(conn)
+                if commit:
+                    raise HostCallError({
+                        "name": "DatabaseError", "sqlstate": None,
+                        "message": "the transaction could not commit: a ctx.db query was still running when the handler "
+                                   "returned (was it awaited?), and stopping it closed the connection, so the "
+                                   "request's writes were rolled back"})
+                return
+            reset = [_statement(conn, sql, [], [], None) for sql in _SESSION_RESET]
             try:
                 status = conn.info.transaction_status
                 if commit and status == pq.TransactionStatus.INTRANS:
-                    await _exchange(conn, [_Statement(b"COMMIT")])
+                    await _exchange(conn, [_Statement(b"COMMIT"), *reset])
                     self.outcome = "committed"
                 else:
-                    if status != pq.TransactionStatus.IDLE:
-                        await _exchange(conn, [_Statement(b"ROLLBACK")])
+                    await _exchange(conn, [_Statement(b"ROLLBACK"), *reset] if status != pq.TransactionStatus.IDLE else reset)
                     self.outcome = "rolled_back"
+                    if commit and status == pq.TransactionStatus.INERROR and self.writes:
+                        self.lost_writes = (
+                            f"its transaction was rolled back: {self.aborted_by or 'a statement'} failed, and the function "
+                            f"went on after catching that error, but PostgreSQL had aborted the transaction there, so what "
+                            f"the request wrote could not commit. Let the error propagate, or run the statement between "
+                            f"SAVEPOINT name and ROLLBACK TO SAVEPOINT name")
             except psycopg.Error as exc:
                 self.outcome = "rolled_back"
+                await conn.close()  # the session reset was skipped with the failed statement: not reusable
                 if commit:
                     raise HostCallError({"name": "DatabaseError", "message": f"commit failed: {exc}", "sqlstate": exc.sqlstate}) from None
             finally:
@@ -250,6 +288,81 @@ PREPARED_MAX = 64
 # SQLSTATEs that say a prepared statement can no longer be used: its result type changed (a
 # column added under `SELECT *`), or it is gone. It is forgotten, and prepared again next time.
 _STALE_PREPARED = frozenset({"0A000", "26000"})
+
+# Command tags of statements that a rollback loses nothing of.
+_READS = frozenset({"SELECT", "SHOW", "FETCH", "EXPLAIN", "DECLARE", "MOVE", "CLOSE", "LOCK", "SAVEPOINT", "RELEASE",
+                    "ROLLBACK", "SET", "RESET"})
+# Session state a function can leave on a pooled connection, for the next request or tenant to see:
+# settings (SET, set_config(..., false)), its role, LISTEN, session advisory locks, temporary
+# tables, held cursors, sequences' currval. Sent after the COMMIT or ROLLBACK, in the same round
+# trip, and prepared on the connection after its first use (measured: 18 us more per request).
+# SQL-level prepared statements are refused instead (DEALLOCATE ALL would drop Flux's own).
+_SESSION_RESET = (b"RESET ALL", b"SET SESSION AUTHORIZATION DEFAULT", b"UNLISTEN *",
+                  b"SELECT pg_advisory_unlock_all()", b"DISCARD TEMP", b"CLOSE ALL", b"DISCARD SEQUENCES")
+_IN_FAILED_TRANSACTION = "25P02"  # each statement after the one that aborted the transaction
+_ENDS_TRANSACTION = frozenset({"BEGIN", "START", "COMMIT", "END", "ABORT", "ROLLBACK"})
+
+
+def _refusal(sql: str) -> str | None:
+    """Why `ctx.db.query` refuses `sql`, if it does: it would end the request's transaction, so
+    that a later throw could no longer roll the request back and later writes would run outside
+    the transaction that carries the request's id; or it would leave a prepared statement on the
+    pooled connection; or libpq would cut it short."""
+    if "\x00" in sql:
+        return "ctx.db.query: the statement holds a NUL character, which PostgreSQL cannot take (libpq would cut it there)"
+    words = _leading_words(sql, 1)
+    if not words:
+        return None
+    first = words[0]
+    if first == "ROLLBACK" or first == "PREPARE":
+        words = _leading_words(sql, 4)
+        rest = words[1:]
+        if first == "ROLLBACK" and rest[:1] in (["WORK"], ["TRANSACTION"]):
+            rest = rest[1:]
+        if first == "ROLLBACK" and rest[:1] == ["TO"]:
+            return None  # back to the request's own savepoint: the transaction goes on
+        if first == "PREPARE" and rest[:1] == ["TRANSACTION"]:
+            first = "PREPARE TRANSACTION"
+    if first in _ENDS_TRANSACTION or first == "PREPARE TRANSACTION":
+        return (f"ctx.db.query cannot run {first}: a request's statements run in one transaction, which Flux commits "
+                f"when the handler returns and rolls back when it throws. To undo part of it, use SAVEPOINT name and "
+                f"ROLLBACK TO SAVEPOINT name.")
+    if first in ("PREPARE", "DEALLOCATE"):
+        return (f"ctx.db.query cannot run {first}: Flux prepares statements itself, and an SQL-level prepared "
+                f"statement would outlive the request on a pooled connection. Pass values as parameters ($1, $2 ...).")
+    return None
+
+
+def _leading_words(sql: str, count: int) -> list[str]:
+    """The first `count` words of a statement, upper-cased, past whitespace and comments (block
+    comments nest in PostgreSQL)."""
+    words: list[str] = []
+    i, n = 0, len(sql)
+    while i < n and len(words) < count:
+        c = sql[i]
+        if c.isspace():
+            i += 1
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif sql.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if sql.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif sql.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        elif c.isalpha() or c == "_":
+            end = i + 1
+            while end < n and (sql[end].isalnum() or sql[end] in "_$"):
+                end += 1
+            words.append(sql[i:end].upper())
+            i = end
+        else:
+            break
+    return words
 
 
 @dataclass(slots=True)
@@ -403,7 +516,7 @@ class AiohttpTransport:
                 method, url, headers=headers, data=body.encode() if body is not None else None,
                 allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
-                text = await response.text(errors="replace")
+                text = (await _read_capped(response)).decode(response.get_encoding(), errors="replace")
         except TimeoutError:  # aiohttp's timeouts are asyncio's, which are TimeoutError since 3.11
             raise TimeoutError(f"no response within {timeout_s * 1000:.0f} ms") from None
         except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot send to
@@ -418,27 +531,47 @@ class AiohttpTransport:
             await self._session.close()
 
 
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The body, refused (OSError) past MAX_FETCH_RESPONSE_BYTES before it is all in memory."""
+    declared = response.content_length
+    if declared is not None and declared <= MAX_FETCH_RESPONSE_BYTES:
+        return await response.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_FETCH_RESPONSE_BYTES:
+            raise OSError(f"the response body is over {MAX_FETCH_RESPONSE_BYTES // (1024 * 1024)} MB, the most ctx.fetch reads")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class FetchPolicy:
     """The allow-list and the host-to-tool map of flux.toml [fetch] and [tools]."""
 
     def __init__(self, config: FetchConfig) -> None:
         self.config = config
 
-    def check(self, url: str) -> tuple[str, str]:
-        """(host, host:port) of an allowed http(s) URL; HostCallError otherwise."""
-        parts = urlsplit(url)
+    def parse(self, url: str) -> tuple[str, str]:
+        """(host, host:port) of an absolute http(s) URL; HostCallError otherwise."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # ValueError when out of range or not a number
+        except ValueError as exc:
+            raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {url!r} is not a valid URL ({exc})"}) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch needs an absolute http(s) URL, not {url!r}"})
         host = parts.hostname.lower()
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        hostport = f"{host}:{port}"
+        return host, f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
+
+    def check(self, host: str, hostport: str) -> None:
+        """HostCallError unless the allow-list lets calls reach `host`."""
         allow = self.config.allow
         if allow is not None and host not in allow and hostport not in allow:
             raise HostCallError({
                 "name": "FetchNotAllowed",
                 "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",
             })
-        return host, hostport
 
     def span_name(self, url: str, host: str, hostport: str, explicit: str | None) -> str:
         if explicit:
@@ -450,5 +583,32 @@ class FetchPolicy:
         return f"{tool}.{segments[-1]}" if segments else tool
 
 
-def as_text(body: str, limit: int = MAX_RECORDED_FETCH_BODY) -> tuple[str, bool]:
-    return (body, False) if len(body) <= limit else (body[:limit], True)
+def as_text(body: str, limit: int = MAX_RECORDED_FETCH_BODY, secrets: Sequence[str] = ()) -> tuple[str, bool]:
+    """`body` cut to `limit` characters, and whether it was. Never inside one of `secrets`: the
+    part of a secret left before the cut would be past what redaction recognises."""
+    if len(body) <= limit:
+        return body, False
+    cut, moved = limit, True
+    while moved:
+        moved = False
+        for secret in secrets:
+            start = body.find(secret, max(0, cut - len(secret) + 1), cut + len(secret) - 1) if secret else -1
+            if start != -1 and start < cut:
+                cut, moved = start, True
+    return body[:cut], True
+
+
+def secret_forms(value: str) -> list[str]:
+    """A secret's value as it may appear in a recording: as is, and escaped by JSON once or twice
+    (Flux itself JSON-encodes log arguments, fetch bodies and thrown non-Error values)."""
+    forms = [value]
+    for _ in range(2):
+        escaped = orjson.dumps(forms[-1]).decode()[1:-1]
+        if escaped == forms[-1]:
+            break
+        forms.append(escaped)
+    return forms
+
+
+def every_secret_form(secrets: dict[str, str]) -> list[str]:
+    return [form for value in secrets.values() if value for form in secret_forms(value)]

@@ -21,6 +21,7 @@ import asyncio
 import ctypes
 import logging
 import re
+import secrets
 import threading
 import time
 from collections import deque
@@ -36,9 +37,12 @@ from py_mini_racer import JSEvalException, JSTimeoutException, LibAlreadyInitial
 # compile of every prelude function on the request path (measured: the first eval of a request
 # 0.83 -> 0.51 ms). The cost moves to warming, off the response path.
 # No Temporal: Temporal.Now would read the clock past the recording (see prelude.js).
-# ShadowRealm: each request's fresh context (flux.runtime.realm).
+# ShadowRealm: each request's fresh context (flux.runtime.realm). V8 lets code make functions
+# from strings (`new Function`, indirect eval) only in the context the host entered, which is the
+# isolate's own, not the realm: without the flag, in a realm they throw "no access" and return
+# undefined. Nothing of the isolate's own context is reachable from a realm, so nothing is lost.
 V8_FLAGS = ("--single-threaded", "--no-lazy", "--no-enable-lazy-source-positions", "--no-harmony-temporal",
-            "--harmony-shadow-realm")
+            "--harmony-shadow-realm", "--allow-unsafe-function-constructor")
 try:
     init_mini_racer(flags=V8_FLAGS)
 except LibAlreadyInitializedError:  # an embedding application initialised V8 first: keep its flags
@@ -81,6 +85,9 @@ def to_script(function: Function) -> str:
     """
     source, count = _EXPORT_DEFAULT.subn(r"\1globalThis.__flux_handler = ", function.source, count=1)
     if count == 0:
+        if re.search(r"\bexport\s+default\b", function.source):
+            raise ValueError(f"{function.display_path}: put `export default` at the start of a line (Flux finds the "
+                             f"handler there)")
         raise ValueError(f"{function.display_path} has no `export default async function (req, ctx)`")
     return f"{source}\n//# sourceURL={function.display_path}\n"
 
@@ -133,21 +140,30 @@ COLLECT_EVERY = 32
 RETIRE_AFTER = 10_000
 RETIRE_AT_HEAP_FRACTION = 0.25
 
-# The isolate's own context holds only this bridge; each request's code runs in a fresh realm
-# made by __flux_fresh. Strings cross a realm's boundary, and the host protocol is strings only.
+# The isolate's own context holds only this: each request's code runs in a fresh realm made by
+# __flux_fresh, and `__flux` calls the prelude's bridge there (a wrapped function: strings cross a
+# realm's boundary, and the host protocol is strings only). The function's code, in the realm,
+# cannot reach the isolate's own global object.
+_REALM_BRIDGE = "__flux"
 _BRIDGE = """(function (prelude, script) {
   const g = globalThis;
   g.__flux_fresh = function () {
-    g.__flux_start = g.__flux_drain = g.__flux_settle = undefined;
+    g.__flux = undefined;
     const realm = new ShadowRealm();
-    realm.evaluate(prelude);
+    const bridge = realm.evaluate(prelude);
     realm.evaluate(script);
-    g.__flux_start = realm.evaluate("__flux_start");
-    g.__flux_drain = realm.evaluate("__flux_drain");
-    g.__flux_settle = realm.evaluate("__flux_settle");
+    g.__flux = bridge;
   };
 })"""
 _REALM_PROBE = "(() => { try { return new ShadowRealm().evaluate('1 + 1') === 2; } catch (e) { return false; } })()"
+
+
+def _bridge_in_own_context() -> tuple[str, str]:
+    """For an isolate whose function runs in its own context: the bridge's name and the code that
+    binds it. A lexical binding at a script's top level is no property of the global object, so
+    the function's code can reach it only by its name, which is random."""
+    name = f"__flux_{secrets.token_hex(16)}"
+    return name, f"const {name} = (\n{PRELUDE.rstrip().removesuffix(';')}\n);"
 
 
 # mini-racer answers every eval through a ctypes callback on the isolate's thread, and ctypes
@@ -187,11 +203,14 @@ class Isolate:
     uncancelable-task queue (pinned: mini-racer 0.14).
     """
 
-    __slots__ = ("_closing", "_maker", "context", "memory_limit", "parked_at", "renewable", "served", "thread_state")
+    __slots__ = ("_closing", "_maker", "bridge", "context", "drain_code", "memory_limit", "parked_at", "renewable", "served",
+                 "thread_state")
 
-    def __init__(self, context: Any, maker: Any, *, renewable: bool = False, memory_limit: int = 0,
+    def __init__(self, context: Any, maker: Any, *, bridge: str, renewable: bool = False, memory_limit: int = 0,
                  thread_state: int | None = None) -> None:
         self.context = context  # py_mini_racer's Context, or a MiniRacer where its internals are missing
+        self.bridge = bridge  # the name of the prelude's bridge(op, input) in the isolate's own context
+        self.drain_code = f'{bridge}("drain")'
         self._maker = maker
         self._closing = threading.Lock()  # close() may come from the loop and a worker thread at once
         self.thread_state = thread_state  # the Python thread state kept on the isolate's thread
@@ -199,6 +218,11 @@ class Isolate:
         self.memory_limit = memory_limit  # bytes: the hard heap limit set on the isolate
         self.served = 0
         self.parked_at = 0.0  # time.monotonic() when it last became ready for a request
+
+    def memory_exhausted(self) -> bool:
+        """Whether V8 reached the hard memory limit: it then stops the JS running, which may have
+        been a microtask after the eval that started it had answered."""
+        return bool(self.context.was_hard_memory_limit_reached())
 
     async def eval_cancelable(self, code: str) -> object:
         return await self.context.eval_cancelable(code)
@@ -305,21 +329,22 @@ def _eval_unshared(context: Any, code: str) -> object:
 _realms_refused = False  # logged once: V8 started without ShadowRealm (an embedding application's flags)
 
 
-def _load(context: Any, compiled: CompiledFunction) -> bool:
+def _load(context: Any, compiled: CompiledFunction) -> tuple[bool, str]:
     """Load the prelude and the function: in a fresh realm where possible (True), else in the
-    isolate's own context, for one request (False)."""
+    isolate's own context, for one request (False); and the name of the bridge."""
     global _realms_refused
     assert compiled.script is not None
     if HOOK is not None and not _realms_refused:
         if _realms_work(context):
             _eval_unshared(context, f"{_BRIDGE}({orjson.dumps(PRELUDE).decode()}, {orjson.dumps(compiled.script).decode()})")
             _eval_unshared(context, "__flux_fresh()")
-            return True
+            return True, _REALM_BRIDGE
         _realms_refused = True
         log.warning("V8 has no ShadowRealm (started with other flags?): each isolate serves one request")
-    _eval_unshared(context, PRELUDE)
+    bridge, code = _bridge_in_own_context()
+    _eval_unshared(context, code)
     _eval_unshared(context, compiled.script)
-    return False
+    return False, bridge
 
 
 def _realms_work(context: Any) -> bool:
@@ -338,13 +363,13 @@ def _make_loaded(compiled: CompiledFunction, memory_mb: int, loop: asyncio.Abstr
     memory_limit = memory_mb * 1024 * 1024
     try:
         context.set_hard_memory_limit(memory_limit)
-        renewable = _load(context, compiled)
+        renewable, bridge = _load(context, compiled)
         # An isolate serving one request gets few callbacks: it keeps no thread state.
         thread_state = on_isolate_thread(context, _keep_thread_state) if renewable else None
     except BaseException:
         maker.__exit__(None, None, None)
         raise
-    return Isolate(context, maker, renewable=renewable, memory_limit=memory_limit, thread_state=thread_state)
+    return Isolate(context, maker, bridge=bridge, renewable=renewable, memory_limit=memory_limit, thread_state=thread_state)
 
 
 def new_isolate(compiled: CompiledFunction, *, memory_mb: int) -> Isolate:
@@ -359,9 +384,10 @@ def new_isolate(compiled: CompiledFunction, *, memory_mb: int) -> Isolate:
             return _make_loaded(compiled, memory_mb, loop)
     mr = MiniRacer()
     mr.set_hard_memory_limit(memory_mb * 1024 * 1024)
-    mr.eval(PRELUDE)
+    bridge, code = _bridge_in_own_context()
+    mr.eval(code)
     mr.eval(compiled.script)
-    return Isolate(mr, None)
+    return Isolate(mr, None, bridge=bridge)
 
 
 async def new_isolate_async(compiled: CompiledFunction, *, memory_mb: int) -> Isolate:

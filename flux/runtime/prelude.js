@@ -3,8 +3,12 @@
 //
 // It owns the JS half of the host bridge and of the recording. JS never calls Python: ctx calls
 // push [callId, op, args, parentSpanId, seq, callsite] onto an outbox and return a Promise;
-// the host drains the outbox with __flux_drain(), runs the calls, and settles them with
-// __flux_settle(). Every eval is cancelable, so a spinning function can always be stopped.
+// the host drains the outbox ("drain"), runs the calls, and settles them ("settle"). Every eval
+// is cancelable, so a spinning function can always be stopped.
+//
+// The script's value is the bridge, `bridge(op, input)`, and nothing of it is left on the global
+// object: a function that could call it could settle its own calls with forged results, off the
+// tape. The host keeps the bridge where the function's code cannot name it (isolate.py).
 //
 // Non-determinism the function observes (Date, Math.random, crypto) is recorded on a tape with
 // one sequence counter shared with host calls, so the replay engine knows the order of all of it.
@@ -16,6 +20,9 @@
   const realNow = RealDate.now.bind(RealDate);
   const realRandom = Math.random.bind(Math);
   const MAX_TAPE_EVENTS = 10000;
+  // ctx calls and timers waiting at once: each is a task on the host's loop, which other requests share.
+  const MAX_PENDING_CALLS = 1000;
+  const MAX_TIMER_MS = 2147483647; // as browsers: a longer delay would overflow
 
   const outbox = [];
   const pending = new Map();
@@ -184,6 +191,9 @@
   }
 
   function hostCall(op, args, parent) {
+    if (pending.size >= MAX_PENDING_CALLS) {
+      throw new RangeError(`Flux: at most ${MAX_PENDING_CALLS} ctx calls and timers can be pending at once in a request`);
+    }
     const id = nextCall++;
     const site = callsite();
     outbox.push([id, op, args, parent, seq++, site]);
@@ -274,7 +284,14 @@
           if (params !== undefined && !Array.isArray(params)) {
             throw new TypeError("ctx.db.query(sql, params): params must be an array (use $1, $2 ... placeholders)");
           }
-          return hostCall("db", { sql, params: params || [] }, currentParent(bound));
+          // A BigInt goes as its decimal text, which PostgreSQL reads into any numeric column.
+          params = (params || []).map((p) => (typeof p === "bigint" ? p.toString() : p));
+          try {
+            JSON.stringify(params);
+          } catch (e) {
+            throw new TypeError(`ctx.db.query(sql, params): the params cannot be sent as JSON: ${e.message}`);
+          }
+          return hostCall("db", { sql, params }, currentParent(bound));
         },
       }),
       fetch(url, init) {
@@ -283,8 +300,12 @@
         for (const [k, v] of Object.entries(init.headers || {})) headers[String(k).toLowerCase()] = String(v);
         let body = init.body;
         if (body !== undefined && body !== null && typeof body !== "string") body = JSON.stringify(body);
+        const timeout = init.timeout_ms ?? init.timeout ?? null;
+        if (timeout !== null && !(typeof timeout === "number" && timeout > 0 && timeout <= MAX_TIMER_MS)) {
+          throw new TypeError(`ctx.fetch: timeout_ms must be a positive number of milliseconds, not ${String(timeout)}`);
+        }
         const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body: body ?? null,
-          name: init.name ?? null, timeout_ms: init.timeout_ms ?? init.timeout ?? null };
+          name: init.name ?? null, timeout_ms: timeout };
         return hostCall("fetch", args, currentParent(bound)).then(makeResponse);
       },
       log(...args) {
@@ -319,7 +340,7 @@
   const timers = new Map();
   g.setTimeout = function setTimeout(fn, ms, ...args) {
     const id = nextCall;
-    const delay = Math.max(0, Number(ms) || 0);
+    const delay = Math.min(Math.max(0, Number(ms) || 0), MAX_TIMER_MS);
     timers.set(id, true);
     hostCall("timer", { ms: delay }, null).then(() => {
       if (timers.delete(id) && typeof fn === "function") fn(...args);
@@ -357,14 +378,16 @@
     done = ok ? { ok: true, value: payload } : { ok: false, error: payload };
   }
 
-  g.__flux_start = function (input) {
+  function start(input) {
     if (started) throw new Error("Flux: an isolate runs one request only");
     started = true;
     const info = JSON.parse(input);
     entropy = info.entropy;
     functionSpanId = info.span_id;
     fileName = info.file;
+    // The function's file assigned its default export here (isolate.py, to_script).
     const handler = g.__flux_handler;
+    Reflect.deleteProperty(g, "__flux_handler");
     if (typeof handler !== "function") {
       finish(false, { name: "TypeError", message: `${info.file} must \`export default async function (req, ctx)\``, stack: "" });
       return;
@@ -388,17 +411,17 @@
         finish(false, { ...describe(e), name: "NonSerializableReturn" });
       }
     }, (e) => finish(false, describe(e)));
-  };
+  }
 
   // What the function did since the last drain. Microtasks run only when an eval ends, so the host
-  // drains in an eval of its own after each __flux_start and __flux_settle (posted right behind it).
-  g.__flux_drain = function () {
+  // drains in an eval of its own after each start and settle (posted right behind it).
+  function drain() {
     const out = { calls: outbox.splice(0, outbox.length), done };
     if (done) out.result = { tape, truncated, entropy_used: entropy.slice(0, entropyAt), spans: spans.concat(openSteps), events: functionEvents };
     return JSON.stringify(out);
-  };
+  }
 
-  g.__flux_settle = function (input) {
+  function settle(input) {
     for (const [id, ok, value] of JSON.parse(input)) {
       const p = pending.get(id);
       if (!p) continue;
@@ -406,5 +429,10 @@
       if (ok) p.resolve(value);
       else p.reject(makeError(value, p.site));
     }
+  }
+
+  const operations = { start, drain, settle };
+  return function bridge(op, input) {
+    return operations[op](input);
   };
 })();

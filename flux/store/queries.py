@@ -36,6 +36,7 @@ from flux.store.schema import SCHEMA_VERSION, schema_version
 DEFAULT_SCHEMA = "public"
 REQUEST_PREFIX = "req:"
 MAX_CANDIDATES = 10  # request ids listed in an AmbiguousError
+MAX_LIMIT = 1_000_000_000  # far past any listing; PostgreSQL refuses a LIMIT past 2**63 - 1
 _MAX_KEY_FORMS = 64  # typed combinations tried for a composite key
 _TABLE_BLAME_BATCH = 500
 # One table's mutations, through its hash index (see flux.store.schema); the names are rechecked.
@@ -122,6 +123,12 @@ class RecentChange:
     row_key: dict[str, Any] | None  # None for a table without a primary key, and for a truncate
     row: dict[str, Any] | None  # the image after the change (before it, for a delete)
     writer: Writer
+
+
+def check_limit(limit: int) -> None:
+    """Before querying: a LIMIT the server would refuse is a usage error, not a database error."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ConfigError(f"--limit {limit} is out of range", hint=f"Give a number from 1 to {MAX_LIMIT:,}.")
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -440,8 +447,8 @@ def row_history(
     limit: int | None = None,
 ) -> RowHistory:
     """Every recorded change of one row, oldest first; with `limit`, only the newest N."""
-    if limit is not None and limit < 1:
-        raise ConfigError("--limit must be at least 1")
+    if limit is not None:
+        check_limit(limit)
     _require_recorded(conn, schema, table)
     m = _row_match(conn, schema, table, id_value, key)
     total, mutations = _fetch_row(conn, schema, table, m, limit)
@@ -524,8 +531,7 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
     Walks the log backwards. A truncate ends the walk: every older row was removed by it, so it
     is listed once as the last writer of all of them.
     """
-    if limit < 1:
-        raise ConfigError("--limit must be at least 1")
+    check_limit(limit)
     _require_recorded(conn, schema, table)
     catalog = _catalog(conn, schema, table)
     columns = catalog.columns if catalog else ()

@@ -1,7 +1,7 @@
 """Trace rows (`flux.trace_requests`): writing them in batches, finding and explaining them.
 
-The gateway writes one `TraceRecord` per request through `insert_traces_async`; the CLI reads
-them back with `get_trace`, `list_traces` and `explain`. Every function here takes a psycopg
+The gateway writes one `TraceRecord` per request through `insert_encoded_traces_async`; the CLI
+reads them back with `get_trace`, `list_traces` and `explain`. Every function here takes a psycopg
 connection and returns frozen dataclasses; rendering is the CLI's job.
 
 How a trace is found: by its request id or a unique prefix of it (at least `MIN_PREFIX`
@@ -33,10 +33,18 @@ from flux.store.schema import SCHEMA_VERSION, schema_version
 
 MIN_PREFIX = 4
 MAX_CANDIDATES = queries.MAX_CANDIDATES
+MAX_SINCE = timedelta(days=36_500)  # 100 years; now() minus much more leaves timestamptz's range
 STATUS_FILTERS = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # or an exact code such as "500"
 _FRAME_LOCATION = re.compile(r"(functions/[^\s():]+:\d+(?::\d+)?)")
 _NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")  # \u0000 not itself escaped (\\u0000 is text)
 _DB_WRITE = re.compile(r"^db\.(insert|update|delete|merge)\b")
+# The answers the gateway gives without running a function, by status (README, "The gateway").
+_GATEWAY_ANSWERS = {
+    401: "no valid API key",
+    404: "no route",
+    400: "the request body is not valid JSON",
+    413: "the request body is over max_body_bytes",
+}
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -117,6 +125,7 @@ class Why:
     mutations: tuple[RowChange, ...]  # in commit order
     cause: RootCause | None  # None when no span failed
     notes: tuple[str, ...]  # what is missing and what that may mean
+    not_run: str | None = None  # why the gateway answered without running a function; None when one ran
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -163,14 +172,23 @@ _INSERT = (
 )
 
 
-def _batch(records: list[TraceRecord]) -> Jsonb:
-    """The records as one jsonb array; `_dumps` makes a NUL in any string, text columns included, U+FFFD."""
-    return Jsonb([{
+def _row(r: TraceRecord) -> dict[str, Any]:
+    return {
         "id": r.id, "tenant": r.tenant, "function": r.function, "method": r.method, "path": r.path,
         "status": r.status, "duration_ms": r.duration_ms, "started_at": r.started_at, "error": r.error,
         "spans": r.spans, "request": r.request, "response": r.response, "recording": r.recording,
         "code_version": r.code_version, "git_commit": r.git_commit, "replay_of": r.replay_of,
-    } for r in records], _dumps)
+    }
+
+
+def _batch(records: list[TraceRecord]) -> Jsonb:
+    """The records as one jsonb array; `_dumps` makes a NUL in any string, text columns included, U+FFFD."""
+    return Jsonb([_row(r) for r in records], _dumps)
+
+
+def encode_trace(record: TraceRecord) -> bytes:
+    """One record as the JSON `insert_encoded_traces_async` writes, so a writer can size it first."""
+    return _dumps(_row(record))
 
 
 def insert_traces(conn: psycopg.Connection, records: list[TraceRecord]) -> None:
@@ -182,11 +200,16 @@ def insert_traces(conn: psycopg.Connection, records: list[TraceRecord]) -> None:
             conn.execute(_INSERT, [_batch(records)])
 
 
-async def insert_traces_async(aconn: psycopg.AsyncConnection, records: list[TraceRecord]) -> None:
-    """`insert_traces` for the gateway's writer task, on an autocommit connection: the statement
-    is its own transaction (psycopg would spend a round trip each on BEGIN and COMMIT)."""
-    if records:
-        await aconn.execute(_INSERT, [_batch(records)])
+async def insert_encoded_traces_async(aconn: psycopg.AsyncConnection, encoded: list[bytes]) -> None:
+    """`insert_traces` for the gateway's writer task, of records it encoded with `encode_trace` (to
+    size its batches), on an autocommit connection: the statement is its own transaction (psycopg
+    would spend a round trip each on BEGIN and COMMIT)."""
+    if encoded:
+        await aconn.execute(_INSERT, [Jsonb(b"[" + b",".join(encoded) + b"]", _as_is)])
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -331,8 +354,9 @@ def list_traces(
 ) -> list[TraceSummary]:
     """Recent requests, newest first. `status`: "2xx" / "4xx" / "5xx" / ..., "500", or "error" (4xx, 5xx or
     an error recorded); `since`: started within that long before the database's now()."""
-    if limit < 1:
-        raise ConfigError("--limit must be at least 1")
+    queries.check_limit(limit)
+    if since is not None and not timedelta(0) <= since <= MAX_SINCE:
+        raise ConfigError("--since is out of range", hint=f"Give a window from 0 to {MAX_SINCE.days} days.")
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit}
     if status is not None:
@@ -410,8 +434,34 @@ def explain(conn: psycopg.Connection, id_or_prefix: str) -> Why:
     function = trace.function if trace else next((m.function for m in mutations if m.function), None)
     return Why(
         request_id=request_id, function=function, trace=trace, mutations=mutations,
-        cause=root_cause(trace.spans) if trace else None, notes=tuple(_notes(trace, mutations)),
+        cause=_cause(trace) if trace else None, notes=tuple(_notes(trace, mutations)),
+        not_run=not_run(trace) if trace else None,
     )
+
+
+def _function_span(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The function's own span: the gateway records it under its span when, and only when, the function ran."""
+    return next((s for s in spans if (s.get("attributes") or {}).get("flux.kind") == "function"), None)
+
+
+def not_run(trace: TraceRecord) -> str | None:
+    """Why the gateway answered without running a function ("no valid API key", ...); None when one ran."""
+    if _function_span(trace.spans) is not None:
+        return None
+    return _GATEWAY_ANSWERS.get(trace.status, f"the gateway answered {trace.status}")
+
+
+def _cause(trace: TraceRecord) -> RootCause | None:
+    """`root_cause`, except that a status the function returned itself (nothing in it failed, the
+    gateway only passed the status on) is the function's, not the gateway's."""
+    cause = root_cause(trace.spans)
+    function = _function_span(trace.spans)
+    if cause is None or cause.kind != "gateway" or function is None:
+        return cause
+    returned = f"returned {trace.status}" + (f": {trace.error}" if trace.error else "")
+    return RootCause(span_id=function["id"], span=function.get("name") or "?", kind="function", error=returned,
+                     label=str(trace.status), exception=None, thrown_at=None,
+                     call_site=(function.get("attributes") or {}).get("code.location"))
 
 
 def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...]) -> list[str]:
@@ -422,7 +472,7 @@ def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...]) -> list[
         )]
     if mutations:
         return []
-    function_span = next((s for s in trace.spans if (s.get("attributes") or {}).get("flux.kind") == "function"), None)
+    function_span = _function_span(trace.spans)
     outcome = ((function_span or {}).get("attributes") or {}).get("db.transaction")
     writes = [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
     if function_span is None:

@@ -128,9 +128,14 @@ def test_a_failed_pipelined_commit_is_raised_and_never_reported_done(dsn, blocke
     try:
         sink.write([row("0/10", 0)])
         sink.commit(progress(0x10), mutations=1)
-        time.sleep(0.3)
-        pid = blocker.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'flux-sink'").fetchone()[0]
-        blocker.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # Its own connection: inside the blocker's transaction pg_stat_activity would be one frozen snapshot.
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            deadline = time.monotonic() + 10
+            query = "SELECT pid FROM pg_stat_activity WHERE application_name = 'flux-sink' AND wait_event_type = 'Lock'"
+            while (waiting := admin.execute(query).fetchone()) is None:
+                assert time.monotonic() < deadline, "the sink's commit never waited on the locked row"
+                time.sleep(0.02)
+            admin.execute("SELECT pg_terminate_backend(%s)", (waiting[0],))
         blocker.rollback()
         deadline = time.monotonic() + 10
         with pytest.raises(ConnectionLostError):

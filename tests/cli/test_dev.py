@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,17 +14,19 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from flux.pg.cluster import Cluster
+from flux.pg.cluster import Cluster, free_port
+from tests.functions import write_project
 from tests.support import wait_caught_up
 
 
-def start_dev(project: Path) -> tuple[subprocess.Popen, str]:
+def start_dev(project: Path, *, env: dict[str, str] | None = None, lines: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`flux dev` in `project`, once it printed its DSN; `lines` receives what it printed until then."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flux", "dev"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
     deadline = time.monotonic() + 60
-    lines = []
+    lines = [] if lines is None else lines
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         lines.append(line)
@@ -33,6 +36,12 @@ def start_dev(project: Path) -> tuple[subprocess.Popen, str]:
             break
     proc.kill()
     pytest.fail("flux dev did not print its DSN:\n" + "".join(lines))
+
+
+def run_dev(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """A `flux dev` expected to stop by itself, at start-up."""
+    return subprocess.run([sys.executable, "-m", "flux", "dev", *args], cwd=project, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "200"})
 
 
 def stop_dev(proc: subprocess.Popen) -> str:
@@ -94,3 +103,73 @@ def test_dev_without_server_binaries_says_what_to_install(project, tmp_path_fact
     assert "No PostgreSQL server binaries" in proc.stderr
     assert "apt-get install postgresql" in proc.stderr and "--database" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_second_dev_in_the_same_project_refuses_at_once_and_leaves_the_first_running(project):
+    first, dsn = start_dev(project)
+    try:
+        started = time.monotonic()
+        second = run_dev(project)
+        assert time.monotonic() - started < 15  # refused before starting anything
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"flux dev is already running for this project (pid {first.pid})" in second.stderr
+        assert "hint:" in second.stderr and "Traceback" not in second.stderr
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the first one's database is still up
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        stop_dev(first)
+    assert first.returncode == 0
+
+
+def test_dev_leaves_running_an_embedded_server_it_did_not_start(project):
+    cluster = Cluster(state_dir=project / ".flux")
+    cluster.start()  # started by someone else, who may still be using it
+    proc, _ = start_dev(project)
+    out = stop_dev(proc)
+    assert proc.returncode == 0, out
+    assert "Embedded PostgreSQL left running" in out and "Embedded PostgreSQL stopped" not in out
+    assert cluster.is_running()
+
+
+def test_dev_on_a_port_in_use_says_so_before_starting_the_database(project):
+    write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_dev(project, "--port", str(port))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: Port {port} is in use on 127.0.0.1" in result.stderr and "--port N" in result.stderr
+    assert "gateway http" not in result.stdout and "Starting embedded PostgreSQL" not in result.stdout
+    assert "Traceback" not in result.stderr
+    assert not Cluster(state_dir=project / ".flux").is_running()
+
+
+def test_dev_warns_that_other_commands_read_flux_database_url(project):
+    elsewhere = f"postgresql://postgres@127.0.0.1:{free_port()}/production"
+    printed: list[str] = []
+    proc, dsn = start_dev(project, env={"FLUX_DATABASE_URL": elsewhere}, lines=printed)
+    stop_dev(proc)
+    assert dsn != elsewhere  # it used its embedded database
+    warning = next(line for line in printed if line.startswith("warning: FLUX_DATABASE_URL is set"))
+    assert "flux dev uses its embedded database" in warning and "unset it, or pass them --database" in warning
+
+
+def test_dev_with_a_bad_schema_sql_is_a_config_error(project):
+    write_project(project, {"hello": "export default async function () { return {status: 200}; }"},
+                  '[project]\nname = "t"\n[dev]\nsetup_sql = "schema.sql"\n')
+    (project / "schema.sql").write_text("CREATE TABLEX oops;\n")
+    result = run_dev(project, "--port", str(free_port()))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error: Running schema.sql failed: syntax error" in result.stderr and "hint: Fix the SQL" in result.stderr
+    assert "Embedded PostgreSQL stopped" in result.stdout
+
+
+def test_dev_against_an_unreachable_database_says_so_rather_than_blaming_the_sql(project):
+    write_project(project, {"hello": "export default async function () { return {status: 200}; }"},
+                  '[project]\nname = "t"\n[dev]\nsetup_sql = "schema.sql"\n')
+    (project / "schema.sql").write_text("CREATE TABLE IF NOT EXISTS t (id int);\n")
+    result = run_dev(project, "--port", str(free_port()), "--database", f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "Cannot reach the database given by --database" in result.stderr
+    assert "Check that the server is running" in result.stderr and "Fix the SQL" not in result.stderr

@@ -110,6 +110,14 @@ def test_init_prints_what_it_created_and_the_next_steps(tmp_path):
     assert "curl -s http://127.0.0.1:8000/signup" in out and "ada@example.com" in out
 
 
+def test_every_curl_with_a_json_body_in_the_scaffold_says_it_is_json(project):
+    # Without the header curl sends form data, which a function reads as text, not as JSON.
+    calls = [line for path in project.rglob("*") if path.is_file() for line in path.read_text().splitlines()
+             if "curl " in line and "-d '{" in line]
+    assert calls
+    assert all("-H 'content-type: application/json'" in line for line in calls), calls
+
+
 def test_init_refuses_to_overwrite_existing_files_without_force(project):
     (project / "flux.toml").write_text("# mine\n")
     result = init(str(project))

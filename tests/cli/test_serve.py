@@ -4,16 +4,51 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import psycopg
+import pytest
 
-from flux.pg.cluster import free_port
+from flux.cli.serve import run_stack
+from flux.errors import InUseError
+from flux.pg.cluster import Cluster, free_port
 from tests.functions import write_project
 from tests.support import wait_caught_up
+
+HELLO = "export default async function () { return {status: 200, body: 'hi'}; }"
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another process listens on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def start_serve(project, *args: str) -> tuple[subprocess.Popen, int]:
+    """`flux serve` in `project`, once it answers HTTP."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flux", "serve", *args, "--port", str(port)],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5)
+            return proc, port
+        except httpx.ConnectError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("flux serve did not start listening:\n" + proc.stdout.read())
+            time.sleep(0.2)
 
 
 def test_serve_answers_http_and_drains_its_traces_on_sigterm(tmp_path, dsn, conn):
@@ -58,3 +93,42 @@ def test_serve_refuses_a_database_flux_is_not_attached_to(tmp_path, dsn):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "not attached" in result.stderr and "flux attach" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_before_attaching(tmp_path, dsn, conn, taken_port):
+    write_project(tmp_path, {"hello": HELLO})
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--attach", "--port", str(taken_port)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: Port {taken_port} is in use on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone() == (0,)
+
+
+def test_a_port_taken_after_the_check_fails_before_the_stack_says_it_serves(tmp_path, dsn, conn, taken_port):
+    write_project(tmp_path, {"hello": HELLO})
+    told: list[str | None] = []
+    with pytest.raises(InUseError):
+        run_stack(dsn=dsn, root=tmp_path, host="127.0.0.1", port=taken_port, workers=1, pool_size=1, record=True,
+                  reload=False, engine=False, on_ready=told.append)
+    assert told == []
+    assert conn.execute("SELECT to_regclass('flux.trace_requests')").fetchone() == (None,)  # nothing started
+
+
+@pytest.mark.slow
+def test_serve_counts_the_batch_it_was_retrying_among_the_traces_it_could_not_write(tmp_path):
+    cluster = Cluster(state_dir=tmp_path / "pg")
+    try:
+        info = cluster.start()
+        project = write_project(tmp_path / "app", {"hello": HELLO})
+        proc, port = start_serve(project, "--database", info.dsn, "--no-engine")
+        try:
+            cluster.stop(mode="immediate")
+            for _ in range(3):
+                assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=10).status_code == 200
+            time.sleep(1)  # the writer has taken the three as a batch and retries it: none is queued
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+    finally:
+        cluster.destroy()
+    assert "gave up draining traces after 10s: 3 records not written" in out, out

@@ -193,6 +193,12 @@ def test_blame_without_key_lists_recently_changed_rows(users, dsn):
     assert "id = 7" in text and "id = 42" not in text
 
 
+@pytest.mark.parametrize("command", [["history", "users", "--id", "42"], ["blame", "users"]], ids=" ".join)
+def test_a_limit_past_the_maximum_is_a_usage_error_not_a_database_error(users, dsn, command):
+    result = invoke(dsn, *command, "--limit", "99999999999999999999")
+    assert isinstance(result.exception, ConfigError) and "--limit" in str(result.exception)
+
+
 def test_bad_key_flag_is_a_config_error(users, dsn):
     result = invoke(dsn, "history", "users", "--key", "id")
     assert isinstance(result.exception, ConfigError)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from flux.cli import app
 from flux.cli.trace import parse_since
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
-from flux.store.traces import insert_traces
+from flux.store.schema import ensure_schema
+from flux.store.traces import TraceRecord, insert_traces
 from tests.store.test_traces import FAIL, NO_TRACE, OK, OK2, seed, span, trace
 
 
@@ -162,6 +163,43 @@ def test_why_of_an_unknown_request_is_not_found(seeded, dsn):
     assert isinstance(result.exception, NotFoundError)
 
 
+def gateway_only(request_id: str, status: int, error: str, *, function: str | None = "hello") -> TraceRecord:
+    """A trace of a request the gateway answered itself: its own span, no function span under it."""
+    gw = span("gateway", "server", "gateway", ms=0.3, error=error, http__status_code=status)
+    return trace(request_id, function=function, status=status, path="/hello", error=error, spans=[gw], ms=0.3)
+
+
+def test_why_of_a_request_without_a_valid_api_key_says_it_was_not_routed(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [gateway_only("a0000401-0000-4000-8000-000000000001", 401, "missing or invalid API key",
+                                      function=None)])
+    out = lines(invoke(dsn, "why", "a0000401").output)
+    assert "  POST /hello  →  not routed: no valid API key" in out
+
+
+def test_why_of_a_request_stopped_at_the_gateway_says_the_function_did_not_run(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [gateway_only("a0000413-0000-4000-8000-000000000001", 413, "the request body is over the 10-byte limit"),
+                         gateway_only("a0000400-0000-4000-8000-000000000001", 400, "the request body is not valid JSON")])
+    too_big = lines(invoke(dsn, "why", "a0000413").output)
+    assert "  POST /hello  →  function: hello  (not run: the request body is over max_body_bytes)" in too_big
+    not_json = lines(invoke(dsn, "why", "a0000400").output)
+    assert "  POST /hello  →  function: hello  (not run: the request body is not valid JSON)" in not_json
+
+
+def test_why_blames_the_function_for_a_status_it_returned_itself(conn, dsn):
+    ensure_schema(conn)
+    error = 'send JSON like {"email": "ada@example.com"}'
+    gw = span("gateway", "server", "gateway", ms=1, error=error, http__status_code=400)
+    fn = span("create_user", "internal", "function", parent=gw, ms=0.8)
+    insert_traces(conn, [trace("a0000400-0000-4000-8000-00000000000f", function="create_user", status=400,
+                               path="/signup", error=error, spans=[gw, fn], ms=1)])
+    out = lines(invoke(dsn, "why", "a0000400").output)
+    assert "  POST /signup  →  function: create_user" in out
+    cause = out[out.index("  Root cause") + 1]
+    assert cause == f"    create_user  returned 400: {error}"
+
+
 def test_why_of_a_trace_with_writes_but_no_logged_rows_asks_about_capture(seeded, dsn):
     insert_traces(seeded, [trace("c0ffee00-0000-4000-8000-000000000004")])
     out = invoke(dsn, "why", "c0ffee00").output
@@ -231,3 +269,14 @@ def test_every_trace_command_has_help():
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0, result.output
         assert "--database" in result.output and "--json" in result.output
+
+
+@pytest.mark.parametrize("since", ["1000000000d", "999999999d", "36501d"])
+def test_requests_since_past_a_hundred_years_is_a_usage_error(seeded, dsn, since):
+    result = invoke(dsn, "requests", "--since", since)
+    assert isinstance(result.exception, ConfigError) and "too long" in str(result.exception)
+
+
+def test_requests_limit_past_the_maximum_is_a_usage_error_not_a_database_error(seeded, dsn):
+    result = invoke(dsn, "requests", "-n", "99999999999999999999")
+    assert isinstance(result.exception, ConfigError) and "--limit" in str(result.exception)

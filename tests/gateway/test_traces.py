@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import socket
 from datetime import datetime, timezone
 
+import orjson
 import psycopg
 
+from flux.gateway import traces
 from flux.gateway.traces import TraceWriter
 from flux.store.schema import ensure_schema
 from flux.store.traces import TraceRecord
@@ -50,3 +54,80 @@ def test_closing_the_writer_writes_what_is_queued(dsn, conn: psycopg.Connection)
 
     assert asyncio.run(main()) == 3
     assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0] == 3
+
+
+def _write(dsn: str, records: list[TraceRecord]) -> TraceWriter:
+    async def main() -> TraceWriter:
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        for record in records:
+            writer.submit(record)
+        await asyncio.wait_for(writer.close(), 30)
+        return writer
+
+    return asyncio.run(main())
+
+
+def test_a_record_the_database_refuses_is_left_out_and_the_rest_are_written(dsn, conn: psycopg.Connection, caplog):
+    """Retrying such a batch would stop every later trace from being written."""
+    ensure_schema(conn)
+    refused = dataclasses.replace(_record(2), status=2**40)  # past the integer column
+    writer = _write(dsn, [_record(1), refused, _record(3)])
+    assert (writer.written, writer.failed) == (2, 1)
+    stored = {row[0] for row in conn.execute("SELECT id FROM flux.trace_requests")}
+    assert stored == {_record(1).id, _record(3).id}
+    assert any(refused.id in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
+def test_a_record_over_the_size_limit_is_stored_without_its_recording(dsn, conn: psycopg.Connection, monkeypatch):
+    """A query can return hundreds of megabytes, and a batch is one jsonb document (256 MB at most)."""
+    ensure_schema(conn)
+    monkeypatch.setattr(traces, "MAX_RECORD_BYTES", 20_000)
+    recording = {"v": 1, "truncated": False, "entropy": "", "events": [[0, "db", {"sql": "SELECT", "result": "x" * 30_000}]]}
+    big = dataclasses.replace(_record(1), recording=recording, response={"body": "ok"})
+    writer = _write(dsn, [big, _record(2)])
+    assert (writer.written, writer.shrunk) == (2, 1)
+    stored, response = conn.execute("SELECT recording, response FROM flux.trace_requests WHERE id = %s", [big.id]).fetchone()
+    assert stored["truncated"] is True and stored["events"] == [] and "over the 20000-byte limit" in stored["omitted"]
+    assert response == {"body": "ok"}
+
+
+def test_records_are_written_in_batches_under_the_size_limit(dsn, conn: psycopg.Connection, monkeypatch):
+    ensure_schema(conn)
+    monkeypatch.setattr(traces, "MAX_BATCH_BYTES", 3_000)
+    records = [dataclasses.replace(_record(n), response={"body": "x" * 1_000}) for n in range(6)]
+    writer = _write(dsn, records)
+    assert writer.written == 6 and writer.batches >= 3
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0] == 6
+
+
+def test_pending_counts_the_batch_being_retried():
+    """What a shutdown that gives up reports as not written."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def main() -> int:
+        writer = TraceWriter(f"postgresql://nobody@127.0.0.1:{port}/none?connect_timeout=1", flush_interval=0.01)
+        await writer.start()
+        for n in range(3):
+            writer.submit(_record(n))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if writer._queue.empty():  # the batch was taken, and its write is failing
+                break
+        pending = writer.pending
+        writer._task.cancel()
+        return pending
+
+    assert asyncio.run(main()) == 3
+
+
+def test_a_secret_that_json_escaped_is_redacted_too():
+    """Flux JSON-encodes log arguments, fetch bodies and thrown non-Error values; a PEM key holds line breaks."""
+    secret = 'line one\nwith "quotes" and \\ backslash'
+    once = orjson.dumps({"key": secret}).decode()
+    twice = orjson.dumps({"message": once}).decode()
+    redacted = traces.redact({"log": once, "error": twice, "plain": secret}, {"PEM": secret})
+    assert "line one" not in orjson.dumps(redacted).decode()
+    assert redacted["plain"] == "[secret:PEM]" and redacted["log"] == '{"key":"[secret:PEM]"}'

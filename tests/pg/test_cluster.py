@@ -28,3 +28,12 @@ def test_destroy_leaves_no_directory_behind(tmp_path):
     cluster.destroy()
     assert not data_dir.exists()
     assert not (data_dir.parent.parent == RELOCATED_ROOT and data_dir.parent.exists())
+
+
+def test_start_says_whether_it_started_the_server_or_found_it_running(tmp_path):
+    cluster = Cluster(state_dir=tmp_path / "state")
+    try:
+        assert cluster.start().started is True
+        assert cluster.start().started is False
+    finally:
+        cluster.destroy()

@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from flux.project import load_project
 from flux.runtime.executor import Execution, Executor, Invocation
+from flux.runtime import host
 from flux.runtime.host import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import IsolatePool, compile_function
 from tests.functions import Stub, write_project
@@ -48,6 +50,35 @@ def run1(root: Path, name: str, body: Any = None, **kw: Any) -> Execution:
     return execute(root, name, body, **kw)[0]
 
 
+def execute_waves(root: Path, name: str, waves: list[list[Any]], *, size: int) -> list[list[Execution]]:
+    """Each wave's request bodies run at once, wave after wave, all on one isolate pool and one executor."""
+    project = load_project(root)
+
+    async def main() -> list[list[Execution]]:
+        transport = AiohttpTransport()
+        executor = Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=transport, db_pool=None)
+        pool = IsolatePool(compile_function(project.functions[name]), size=size, memory_mb=project.limits.memory_mb)
+        pool.warm_now()
+        try:
+            results = []
+            for w, bodies in enumerate(waves):
+                calls = [Invocation(request_id=f"req-{w}-{i}", tenant="default", secrets={}, parent_span=None,
+                                    request={"method": "POST", "path": f"/{name}", "query": {}, "headers": {}, "body": body})
+                         for i, body in enumerate(bodies)]
+                results.append(list(await asyncio.gather(*(executor.run(pool, c) for c in calls))))
+            return results
+        finally:
+            pool.close()
+            await transport.aclose()
+
+    return asyncio.run(main())
+
+
+def overlap(a: Execution, b: Execution) -> bool:
+    first, second = a.spans[0], b.spans[0]
+    return first["start"] < second["start"] + second["duration_ms"] and second["start"] < first["start"] + first["duration_ms"]
+
+
 def spans_by_name(execution: Execution) -> dict[str, dict]:
     return {s["name"]: s for s in execution.spans}
 
@@ -55,12 +86,20 @@ def spans_by_name(execution: Execution) -> dict[str, dict]:
 FAST = '[limits]\ntimeout_ms = 1000\nmemory_mb = 32\n'
 
 
-def test_an_infinite_loop_ends_with_504_within_the_time_limit(tmp_path):
-    write_project(tmp_path, {"spin": "export default async function () { while (true) {} }"}, FAST)
-    started = time.monotonic()
-    result = run1(tmp_path, "spin")
-    assert result.status == 504 and "time limit (1000 ms)" in result.error
-    assert time.monotonic() - started < 3
+@pytest.mark.parametrize("size", [1, 3])
+def test_an_infinite_loop_ends_with_504_within_the_time_limit(tmp_path, size):
+    write_project(tmp_path, {"spin": """
+        export default async function (req) {
+          if (req.body === "spin") { while (true) {} }
+          return {status: 200, body: "fine"};
+        }
+    """}, FAST)
+    # The spin shares its pool with normal requests, during it and after it.
+    [[spin, during], after] = execute_waves(tmp_path, "spin", [["spin", "ok"], ["ok"] * (size + 1)], size=size)
+    assert spin.status == 504 and "time limit (1000 ms)" in spin.error
+    assert spin.spans[0]["duration_ms"] < 3000
+    assert overlap(spin, during)
+    assert [(r.status, r.body) for r in [during, *after]] == [(200, "fine")] * (size + 2)
 
 
 def test_an_infinite_loop_inside_a_microtask_is_stopped_too(tmp_path):
@@ -69,14 +108,19 @@ def test_an_infinite_loop_inside_a_microtask_is_stopped_too(tmp_path):
     assert result.status == 504
 
 
-def test_a_memory_bomb_ends_that_request_only(tmp_path):
-    write_project(tmp_path, {
-        "bomb": "export default async function () { const a = []; for (;;) a.push(new Array(100000).fill('x' + a.length)); }",
-        "ok": "export default async function () { return {status: 200, body: 'fine'}; }",
-    }, FAST.replace("timeout_ms = 1000", "timeout_ms = 20000"))
-    bomb = run1(tmp_path, "bomb")
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_memory_bomb_ends_that_request_only(tmp_path, size):
+    write_project(tmp_path, {"bomb": """
+        export default async function (req) {
+          if (req.body === "bomb") { const a = []; for (;;) a.push(new Array(100000).fill('x' + a.length)); }
+          return {status: 200, body: "fine"};
+        }
+    """}, FAST.replace("timeout_ms = 1000", "timeout_ms = 20000"))
+    # The bomb shares its pool with normal requests, during it and after it.
+    [[bomb, during], after] = execute_waves(tmp_path, "bomb", [["bomb", "ok"], ["ok"] * (size + 1)], size=size)
     assert bomb.status == 500 and "memory limit (32 MB)" in bomb.error
-    assert run1(tmp_path, "ok").body == "fine"
+    assert overlap(bomb, during)
+    assert [(r.status, r.body) for r in [during, *after]] == [(200, "fine")] * (size + 2)
 
 
 def test_a_function_sees_no_host_objects(tmp_path):
@@ -91,6 +135,29 @@ def test_a_function_sees_no_host_objects(tmp_path):
     """})
     result = run1(tmp_path, "probe")
     assert result.body == {"found": [], "imported": "refused"}
+
+
+def test_the_host_bridge_is_out_of_the_functions_reach(tmp_path):
+    """A function that could call the bridge could settle its own calls with forged results, off the tape."""
+    write_project(tmp_path, {"probe": """
+        export default async function () {
+          const names = Object.getOwnPropertyNames(globalThis).filter((n) => n.includes("flux"));
+          return {status: 200, body: {names, start: typeof __flux_start, settle: typeof __flux_settle, bridge: typeof __flux}};
+        }
+    """})
+    body = run1(tmp_path, "probe").body
+    assert body == {"names": [], "start": "undefined", "settle": "undefined", "bridge": "undefined"}
+
+
+def test_a_function_can_make_functions_from_strings(tmp_path):
+    write_project(tmp_path, {"dynamic": """
+        export default async function () {
+          const AsyncFunction = (async () => {}).constructor;
+          const twice = await new AsyncFunction("x", "return x * 2")(21);
+          return {status: 200, body: [new Function("a", "return a + 1")(1), (0, eval)("1 + 2"), twice]};
+        }
+    """})
+    assert run1(tmp_path, "dynamic").body == [2, 3, 42]
 
 
 def test_nothing_a_request_starts_can_run_after_it_ends(tmp_path):
@@ -191,6 +258,41 @@ def test_db_statements_roll_back_when_the_handler_throws(tmp_path, dsn, conn):
     result = run1(tmp_path, "fail", dsn=dsn)
     assert result.status == 500 and result.db_outcome == "rolled_back"
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_a_success_whose_writes_a_caught_failure_rolled_back_answers_500(tmp_path, dsn, conn):
+    """PostgreSQL aborts the transaction at the failed statement: the client must not be told 201."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    write_project(tmp_path, {"caught": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("INSERT INTO users (email) VALUES ($1) RETURNING id", ["a@x"]);
+          try { await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]); } catch (e) {}
+          return {status: 201, body: {id: rows[0].id}};
+        }
+    """})
+    result = run1(tmp_path, "caught", dsn=dsn)
+    assert result.status == 500 and result.db_outcome == "rolled_back"
+    assert result.error.startswith("TransactionAborted: the handler returned 201, but its transaction was rolled back")
+    assert "SQLSTATE 23505" in result.error
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_a_conflict_answered_after_a_caught_failure_keeps_its_status(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    conn.execute("INSERT INTO users (email) VALUES ('a@x')")
+    write_project(tmp_path, {"signup": """
+        export default async function (req, ctx) {
+          try {
+            await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          } catch (e) {
+            if (e.sqlstate === "23505") return {status: 409, body: "taken"};
+            throw e;
+          }
+          return {status: 201};
+        }
+    """})
+    result = run1(tmp_path, "signup", dsn=dsn)
+    assert (result.status, result.body, result.error) == (409, "taken", None)
 
 
 def test_the_transaction_starts_with_the_flux_context_message(tmp_path, dsn, conn):
@@ -440,3 +542,162 @@ def test_concurrent_requests_in_one_isolate_pool_stay_separate(tmp_path, stub: S
 
     results = asyncio.run(main())
     assert [r.body for r in results] == [{"n": n, "seen": [n]} for n in range(20)]
+
+
+def test_a_refused_fetch_span_is_named_as_the_call_asked(tmp_path, stub: Stub):
+    write_project(tmp_path, {"out": """
+        export default async function (req, ctx) {
+          for (const init of [{name: "stripe.create"}, {}]) {
+            try { await ctx.fetch("http://10.255.255.1/x", init); } catch (e) {}
+          }
+          return {status: 200};
+        }
+    """}, f'[fetch]\nallow = ["{stub.host}"]\n')
+    spans = run1(tmp_path, "out").spans
+    assert [s["name"] for s in spans if s["kind"] == "client"] == ["stripe.create", "fetch 10.255.255.1:80"]
+
+
+def test_an_invalid_fetch_url_or_timeout_is_an_error_the_function_can_catch(tmp_path, stub: Stub):
+    write_project(tmp_path, {"bad": f"""
+        export default async function (req, ctx) {{
+          const errors = [];
+          for (const [url, init] of [["http://127.0.0.1:99999/", {{}}], ["{stub.url}/ok", {{timeout_ms: "abc"}}],
+                                     ["{stub.url}/ok", {{timeout_ms: -5}}]]) {{
+            try {{ await ctx.fetch(url, init); errors.push("none"); }} catch (e) {{ errors.push(e.name + ": " + e.message); }}
+          }}
+          return {{status: 200, body: errors}};
+        }}
+    """})
+    result = run1(tmp_path, "bad")
+    assert result.status == 200
+    assert result.body[0].startswith("TypeError: ctx.fetch: 'http://127.0.0.1:99999/' is not a valid URL")
+    assert result.body[1:] == ["TypeError: ctx.fetch: timeout_ms must be a positive number of milliseconds, not abc",
+                               "TypeError: ctx.fetch: timeout_ms must be a positive number of milliseconds, not -5"]
+    assert stub.requests == []
+
+
+def test_a_fetch_response_over_the_size_limit_is_refused(tmp_path, stub: Stub, monkeypatch):
+    """The response is read into the gateway's memory, which the isolate's limit does not cover."""
+    monkeypatch.setattr(host, "MAX_FETCH_RESPONSE_BYTES", 10)
+    write_project(tmp_path, {"big": f"""
+        export default async function (req, ctx) {{
+          try {{ await ctx.fetch("{stub.url}/ok"); }} catch (e) {{ return {{status: 200, body: e.name + ": " + e.message}}; }}
+          return {{status: 200, body: "read"}};
+        }}
+    """})
+    assert "the response body is over" in run1(tmp_path, "big").body
+
+
+def test_a_timer_longer_than_any_delay_waits_as_the_longest(tmp_path):
+    write_project(tmp_path, {"later": """
+        export default async function () {
+          setTimeout(() => {}, Infinity);
+          return {status: 200, body: "not waited for"};
+        }
+    """})
+    result = run1(tmp_path, "later")
+    assert (result.status, result.body) == (200, "not waited for")
+
+
+def test_more_pending_calls_than_the_limit_is_an_error_the_function_can_catch(tmp_path):
+    write_project(tmp_path, {"many": """
+        export default async function () {
+          try {
+            for (let i = 0; i < 5000; i++) setTimeout(() => {}, 1);
+          } catch (e) {
+            return {status: 200, body: e.name + ": " + e.message};
+          }
+          return {status: 200, body: "all set"};
+        }
+    """})
+    assert run1(tmp_path, "many").body == "RangeError: Flux: at most 1000 ctx calls and timers can be pending at once in a request"
+
+
+def test_a_lone_surrogate_in_what_the_function_reports_becomes_a_replacement_character(tmp_path):
+    write_project(tmp_path, {"odd": """
+        export default async function (req, ctx) {
+          ctx.log("half \\uD800 a pair");
+          return {status: 200, body: "ok"};
+        }
+    """})
+    result = run1(tmp_path, "odd")
+    assert result.status == 200
+    [log] = [e for e in result.spans[0]["events"] if e["name"] == "log"]
+    assert log["attributes"]["message"] == "half \ufffd a pair"
+
+
+def test_db_params_json_cannot_carry_are_an_error_the_function_can_catch(tmp_path):
+    write_project(tmp_path, {"cyclic": """
+        export default async function (req, ctx) {
+          const a = {}; a.self = a;
+          try { await ctx.db.query("SELECT $1::jsonb", [a]); } catch (e) { return {status: 200, body: e.name}; }
+        }
+    """})
+    assert run1(tmp_path, "cyclic").body == "TypeError"
+
+
+def test_a_bigint_param_is_sent_as_its_decimal_text(tmp_path, dsn, conn):
+    write_project(tmp_path, {"big": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT ($1::numeric + 1)::text AS n", [2n ** 70n]);
+          return {status: 200, body: rows[0].n};
+        }
+    """})
+    assert run1(tmp_path, "big", dsn=dsn).body == str(2**70 + 1)
+
+
+def test_a_response_header_http_refuses_is_a_500_and_its_writes_roll_back(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    write_project(tmp_path, {"split": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          return {status: 200, headers: {"x-next": "a\\r\\nset-cookie: evil=1"}};
+        }
+    """})
+    result = run1(tmp_path, "split", dsn=dsn)
+    assert result.status == 500 and result.error.startswith("InvalidResponse: the handler returned header 'x-next'")
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_framing_headers_the_function_returns_are_left_to_the_server(tmp_path):
+    write_project(tmp_path, {"framed": """
+        export default async function () {
+          return {status: 200, headers: {"Content-Length": "1", "x-kept": "yes"}, body: "longer than one byte"};
+        }
+    """})
+    assert run1(tmp_path, "framed").headers == {"x-kept": "yes"}
+
+
+def test_a_query_left_running_when_the_handler_returns_rolls_back_with_a_clear_error(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    write_project(tmp_path, {"floating": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          ctx.db.query("SELECT pg_sleep(5)");
+          await new Promise((resolve) => setTimeout(resolve, 200));  // the query is on its way meanwhile
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "floating", dsn=dsn)
+    assert result.status == 500 and "a ctx.db query was still running when the handler returned" in result.error
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_an_export_default_that_is_not_at_a_line_start_is_named_in_the_load_error(tmp_path):
+    write_project(tmp_path, {"inline": "const f = 1; export default async function () { return {status: 200}; }\n"})
+    compiled = compile_function(load_project(tmp_path).functions["inline"])
+    assert compiled.error == "functions/inline.js: put `export default` at the start of a line (Flux finds the handler there)"
+
+
+def test_running_out_of_memory_in_a_microtask_after_returning_is_a_memory_error(tmp_path):
+    """V8 stops the microtask at the limit after the handler's eval has answered; the isolate is not reused."""
+    write_project(tmp_path, {"grow": """
+        export default async function () {
+          const kept = [];
+          const grow = () => { kept.push(new Array(200000).fill(kept.length)); return Promise.resolve().then(grow); };
+          grow();
+          return {status: 200};
+        }
+    """}, FAST)
+    result = run1(tmp_path, "grow")
+    assert result.status == 500 and result.error == "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -12,7 +14,7 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from flux.runtime.host import DbSession, HostCallError
+from flux.runtime.host import _SESSION_RESET, DbSession, HostCallError, as_text
 
 CONTEXT = {"request_id": "r1", "tenant": "default", "function": "w"}
 
@@ -162,7 +164,9 @@ def test_a_statement_run_again_on_a_connection_is_prepared_there(dsn, conn):
             prepared.extend(row[0] for row in await cur.fetchall())
 
     _on_pool(dsn, work)
-    assert prepared == ["INSERT INTO users (email) VALUES ($1)", "SELECT pg_logical_emit_message(true, $1::text, $2::text)"]
+    # The session reset after each COMMIT is the same statements every time: prepared too.
+    reset = {sql.decode() for sql in _SESSION_RESET}
+    assert set(prepared) == {"INSERT INTO users (email) VALUES ($1)", "SELECT pg_logical_emit_message(true, $1::text, $2::text)", *reset}
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 3
 
 
@@ -189,3 +193,147 @@ def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn
 
     _on_pool(dsn, work)
     assert rows[-2] == rows[-1] == [{"id": 1, "email": "a@x", "plan": "free"}]
+
+
+@pytest.mark.parametrize("sql", ["COMMIT", "rollback", "ROLLBACK WORK", "/* why /* nested */ */ END", "-- done\nABORT",
+                                 "BEGIN", "start transaction", "PREPARE TRANSACTION 'x'"])
+def test_a_statement_that_would_end_the_transaction_is_refused(dsn, conn, sql):
+    """Otherwise a later throw could not roll the request back, and later writes would lose its id."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    refusals: list[str] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("INSERT INTO users (email) VALUES ($1)", ["before@x"])
+        with pytest.raises(HostCallError) as refused:
+            await session.query(sql, [])
+        refusals.append(refused.value.info["message"])
+        await session.query("INSERT INTO users (email) VALUES ($1)", ["after@x"])
+        await session.finish(commit=False)  # the handler threw
+
+    _on_pool(dsn, work)
+    assert "cannot run" in refusals[0] and "SAVEPOINT" in refusals[0]
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_rolling_back_to_a_savepoint_keeps_the_transaction_going(dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    outcome: list[Any] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("INSERT INTO users (email) VALUES ($1)", ["a@x"])
+        await session.query("SAVEPOINT again", [])
+        with pytest.raises(HostCallError):
+            await session.query("INSERT INTO users (email) VALUES ($1)", ["a@x"])
+        await session.query("ROLLBACK TO SAVEPOINT again", [])
+        await session.finish(commit=True)
+        outcome.extend([session.outcome, session.lost_writes])
+
+    _on_pool(dsn, work)
+    assert outcome == ["committed", None]
+    assert conn.execute("SELECT email FROM users").fetchall() == [("a@x",)]
+
+
+def _refusal_of(dsn: str, sql: str) -> str:
+    """The message `query` refuses `sql` with."""
+    refusals: list[str] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        with pytest.raises(HostCallError) as refused:
+            await session.query(sql, [])
+        refusals.append(refused.value.info["message"])
+        await session.finish(commit=False)
+
+    _on_pool(dsn, work)
+    return refusals[0]
+
+
+@pytest.mark.parametrize("sql", ["PREPARE mine AS SELECT 1", "DEALLOCATE ALL", "deallocate flux_1"])
+def test_sql_level_prepared_statements_are_refused(dsn, sql):
+    """They would outlive the request on a pooled connection, and DEALLOCATE would drop Flux's own."""
+    refusal = _refusal_of(dsn, sql)
+    assert "cannot run" in refusal and "prepares statements itself" in refusal
+
+
+def test_the_next_request_on_a_connection_sees_none_of_the_last_ones_session_state(dsn, conn):
+    """Settings, role, LISTEN, advisory locks, temporary tables and currval would otherwise carry
+    over to whichever request, of any tenant, gets the pooled connection next."""
+    role = f"flux_test_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} NOLOGIN")
+    conn.execute("CREATE SEQUENCE ids")
+    seen: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        first = DbSession(pool, CONTEXT)
+        for sql in ["SELECT set_config('app.tenant', 'acme', false)", "SET statement_timeout = 1234",
+                    "CREATE TEMP TABLE scratch (v text)", "SELECT pg_advisory_lock(42)", "LISTEN news",
+                    "SELECT nextval('ids')", f"SET ROLE {role}"]:
+            await first.query(sql, [])
+        await first.finish(commit=True)
+        second = DbSession(pool, CONTEXT)
+        result = await second.query(
+            "SELECT current_setting('app.tenant', true) AS tenant, current_setting('statement_timeout') AS timeout,"
+            " to_regclass('pg_temp.scratch') IS NULL AS no_scratch, current_user AS who,"
+            " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS advisory,"
+            " (SELECT count(*) FROM pg_listening_channels()) AS listening", [])
+        seen.append(result["rows"][0])
+        with pytest.raises(HostCallError) as no_currval:
+            await second.query("SELECT currval('ids')", [])
+        seen.append({"currval": no_currval.value.info["sqlstate"]})
+        await second.finish(commit=False)
+
+    try:
+        _on_pool(dsn, work)
+    finally:
+        conn.execute(f"DROP ROLE {role}")
+    superuser = conn.execute("SELECT current_user").fetchone()[0]
+    assert seen == [{"tenant": "", "timeout": "0", "no_scratch": True, "who": superuser, "advisory": 0, "listening": 0},
+                    {"currval": "55000"}]  # "currval of sequence is not yet defined in this session"
+
+
+def _commit_after_a_caught_failure(dsn: str, before: list[tuple[str, list[Any]]], failing: tuple[str, list[Any]]) -> list[Any]:
+    """Run `before`, then `failing`, whose error is caught, then commit, as a handler that returns
+    after catching it: the session's outcome and `lost_writes`."""
+    outcome: list[Any] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        for sql, params in before:
+            await session.query(sql, params)
+        with pytest.raises(HostCallError):
+            await session.query(*failing)
+        await session.finish(commit=True)
+        outcome.extend([session.outcome, session.lost_writes])
+
+    _on_pool(dsn, work)
+    return outcome
+
+
+def test_a_commit_after_a_caught_failure_says_what_was_lost(dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    insert = "INSERT INTO users (email) VALUES ($1)"
+    outcome, lost = _commit_after_a_caught_failure(dsn, [(insert, ["first@x"]), (insert, ["dup@x"])], (insert, ["dup@x"]))
+    assert outcome == "rolled_back" and "db.insert(users)" in lost and "SQLSTATE 23505" in lost
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_a_caught_failure_before_any_write_loses_nothing(dsn, conn):
+    """The usual insert-or-409: nothing the function was told had succeeded is rolled back."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    conn.execute("INSERT INTO users (email) VALUES ('taken@x')")
+    outcome = _commit_after_a_caught_failure(dsn, [("SELECT id FROM users WHERE email = $1", ["other@x"])],
+                                             ("INSERT INTO users (email) VALUES ($1)", ["taken@x"]))
+    assert outcome == ["rolled_back", None]
+
+
+def test_a_cut_never_falls_inside_a_secret():
+    """The part of a secret left before the cut would be past what redaction recognises."""
+    assert as_text("aaaa-SECRET-bbbb", 8, ["SECRET"]) == ("aaaa-", True)
+    assert as_text("aaaa-SECRET-bbbb", 12, ["SECRET"]) == ("aaaa-SECRET-", True)
+
+
+def test_a_statement_with_a_nul_is_refused(dsn):
+    """libpq would send only the statement's text before the NUL, while the span records all of it."""
+    assert "NUL" in _refusal_of(dsn, "SELECT 1\x00; DROP TABLE users")

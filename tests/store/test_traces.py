@@ -15,10 +15,11 @@ from flux.store.schema import drop_schema, ensure_schema
 from flux.store.traces import (
     TraceRecord,
     count_mutations,
+    encode_trace,
     explain,
     get_trace,
+    insert_encoded_traces_async,
     insert_traces,
-    insert_traces_async,
     list_traces,
     request_mutations,
 )
@@ -140,12 +141,12 @@ def test_insert_is_idempotent_on_id(conn):
     assert get_trace(conn, OK).status == 200
 
 
-def test_insert_traces_async_writes_a_batch(dsn, conn):
+def test_insert_encoded_traces_async_writes_a_batch(dsn, conn):
     ensure_schema(conn)
 
     async def write() -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
-            await insert_traces_async(aconn, [trace(OK), fail_trace()])
+            await insert_encoded_traces_async(aconn, [encode_trace(trace(OK)), encode_trace(fail_trace())])
 
     asyncio.run(write())
     assert {r[0] for r in conn.execute("SELECT id FROM flux.trace_requests")} == {OK, FAIL}

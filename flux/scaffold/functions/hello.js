@@ -1,6 +1,6 @@
 // hello: the smallest function. Default route: POST /hello
 //
-//   curl -s localhost:8000/hello -d '{"name": "Ada"}'
+//   curl -s localhost:8000/hello -H 'content-type: application/json' -d '{"name": "Ada"}'
 //
 // `new Date()` is recorded, so a replay of this request sees the same time.
 export default async function (req, ctx) {

@@ -1,0 +1,66 @@
+"""`flux.cli.common`: where a command's database comes from, and what it says when it cannot reach it.
+
+Run as the real command, since the exit code is set at the edge.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flux.pg.cluster import Cluster, free_port
+
+
+def flux(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "FLUX_DATABASE_URL"}
+    return subprocess.run([sys.executable, "-m", "flux", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={**environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def stopped_dev_project(tmp_path_factory: pytest.TempPathFactory):
+    """A project whose `flux dev` has stopped: its cluster exists, recorded in .flux/, and is not running."""
+    project = tmp_path_factory.mktemp("stopped")
+    cluster = Cluster(state_dir=project / ".flux")
+    cluster.start()
+    cluster.stop()
+    yield project
+    cluster.destroy()
+
+
+@pytest.mark.parametrize("args", [
+    ["requests"], ["trace", "deadbeef"], ["why", "deadbeef"], ["state", "history", "users", "--id", "1"], ["cdc", "status"],
+], ids=" ".join)
+def test_commands_in_a_project_whose_dev_stopped_say_to_start_it_and_exit_4(stopped_dev_project, args):
+    result = flux(stopped_dev_project, *args)
+    assert result.returncode == 4, result.stderr
+    assert f"Cannot reach the embedded database of {stopped_dev_project}" in result.stderr
+    assert "hint: Start `flux dev` in that project, or pass --database DSN." in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_database_flag_asks_to_check_the_server_and_exits_4(tmp_path):
+    result = flux(tmp_path, "requests", "--database", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    assert result.returncode == 4, result.stderr
+    assert "Cannot reach the database given by --database" in result.stderr
+    assert "hint: Check that the server is running and the DSN is right." in result.stderr
+
+
+def test_an_unreachable_environment_dsn_is_named_as_the_source(tmp_path):
+    dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    result = flux(tmp_path, "why", "deadbeef", env={"FLUX_DATABASE_URL": dsn})
+    assert result.returncode == 4, result.stderr
+    assert "Cannot reach the database in $FLUX_DATABASE_URL" in result.stderr
+    assert "hint: Check that the server is running" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["requests"], ["cdc", "status"], ["attach", "--all-tables"]], ids=" ".join)
+def test_a_malformed_dsn_is_a_usage_error_with_a_hint(tmp_path, args):
+    result = flux(tmp_path, *args, "--database", "not a dsn")
+    assert result.returncode == 2, result.stderr
+    assert "--database is not a valid PostgreSQL DSN" in result.stderr
+    assert "hint: Write a URL, postgresql://USER@HOST:PORT/DBNAME" in result.stderr

@@ -1,0 +1,44 @@
+"""`flux.cli.main`, the entry point: usage errors are click's message and exit 2, never a traceback.
+
+Run as the real command (`python -m flux`), since the traceback came from what main() let through.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def flux(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flux", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [
+    ["requests", "--limit", "0"],
+    ["requests", "-n", "abc"],
+    ["requests", "--bogus"],
+    ["trace"],
+    ["nosuchcmd"],
+    ["dev", "--port", "abc"],
+], ids=" ".join)
+def test_a_usage_error_prints_the_usage_and_exits_2_without_a_traceback(tmp_path, args):
+    result = flux(tmp_path, *args)
+    assert result.returncode == 2, result.stderr
+    assert "Usage:" in result.stderr and "Error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["state"]], ids=lambda args: " ".join(["flux", *args]))
+def test_a_group_without_a_command_shows_its_help_without_a_traceback(tmp_path, args):
+    result = flux(tmp_path, *args)
+    assert result.returncode in (0, 2)  # click >= 8.2 exits 2 for a group run without its command
+    assert "Commands" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_exits_0(tmp_path):
+    result = flux(tmp_path, "--help")
+    assert result.returncode == 0 and "requests" in result.stdout

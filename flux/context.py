@@ -23,7 +23,9 @@ The contract, as the CDC engine reads it (see `flux.cdc.assembler`):
 `Request` (`.request_id`, `.connection`, `.execute()`), and commits when the block ends or rolls
 back when it raises. On a connection that already has a transaction open, psycopg makes the
 block a savepoint: the message then commits or rolls back with that outer transaction, and
-the outer transaction's earlier changes take this context only if it had none before.
+the outer transaction's earlier changes take this context only if it had none before. When a
+`request()` block nested in another ends, the outer block's context is emitted again, so that
+the outer block's later changes are its own again.
 
 `emit()` is for callers that manage their own transaction: call it inside the transaction,
 ideally before the first write.
@@ -37,6 +39,7 @@ grants to PUBLIC by default.
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +52,8 @@ from psycopg import pq
 from flux.cdc.assembler import CONTEXT_PREFIX
 
 _EMIT_SQL = "SELECT pg_logical_emit_message(true, %s::text, %s::text)"
+# The context of the innermost open `request()` block, per connection.
+_in_force: weakref.WeakKeyDictionary[psycopg.Connection, tuple[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,5 +101,16 @@ def request(conn: psycopg.Connection, request_id: str | None = None, **extra: An
     connection that already has a transaction open). `extra` keys (tenant, function, user, ...)
     are kept in the recorded `context`.
     """
+    outer = _in_force.get(conn)
     with conn.transaction():
-        yield Request(emit(conn, request_id, **extra), conn)
+        request_id = emit(conn, request_id, **extra)
+        _in_force[conn] = (request_id, extra)
+        try:
+            yield Request(request_id, conn)
+        finally:
+            if outer is None:
+                _in_force.pop(conn, None)
+            else:
+                _in_force[conn] = outer
+    if outer is not None:  # still inside the outer block's transaction: its later changes are its own
+        emit(conn, outer[0], **outer[1])

@@ -84,6 +84,21 @@ def test_request_inside_an_open_transaction_is_undone_when_the_outer_transaction
     assert [(i, rid) for i, rid, _ in recorded(dsn)] == [(3, "inner")]
 
 
+def test_changes_after_a_nested_request_block_are_the_outer_requests_again(dsn, running):
+    with psycopg.connect(dsn, autocommit=True) as c:
+        with flux.context.request(c, request_id="outer") as outer:
+            outer.execute("INSERT INTO items VALUES (1, 'outer, before')")
+            with flux.context.request(c, request_id="inner") as inner:
+                inner.execute("INSERT INTO items VALUES (2, 'inner')")
+            outer.execute("INSERT INTO items VALUES (3, 'outer, after')")
+            with pytest.raises(RuntimeError):
+                with flux.context.request(c, request_id="failed"):
+                    raise RuntimeError("rolled back to its savepoint")
+            outer.execute("INSERT INTO items VALUES (4, 'outer, last')")
+    running.caught_up()
+    assert [(i, rid) for i, rid, _ in recorded(dsn)] == [(1, "outer"), (2, "inner"), (3, "outer"), (4, "outer")]
+
+
 def test_emit_refuses_an_autocommit_connection_outside_a_transaction(conn):
     with pytest.raises(ValueError, match="open transaction"):
         flux.context.emit(conn, "req-1")

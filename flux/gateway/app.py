@@ -209,7 +209,9 @@ class _Trace:
         span.attributes["http.status_code"] = status
         if self.tenant is not None:
             span.attributes["flux.tenant"] = self.tenant.name
-        if status >= 500 or function is None or status in (400, 401, 413):
+        # A server error, or a refusal of the gateway's own (no function ran: 400, 401, 404, 413). A
+        # 4xx the function returned is its answer, not a failure.
+        if status >= 500 or (status >= 400 and not execution.spans):
             span.status = "error"
             span.error = execution.error or _returned_error(status, execution.body)
         if function is None or execution.spans and execution.spans[0].get("parent") != span.id:

@@ -13,13 +13,17 @@ The result carries the function's span (with its step children and client spans)
 replay tape and the response. The executor does not redact secrets and does not write
 traces: the gateway does both, once, on the whole record.
 
-Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v1:
-    {"v": 1, "truncated": bool, "entropy": hex, "events": [[seq, kind, data], ...]}
-`seq` is one counter over everything the function observed, in order. Kinds: "now" (ms),
-"random" (float), "uuid" (str), "random_bytes" (hex), "db" ({sql, params, result | error}),
-"fetch" ({url, method, headers, body, status, response_headers, response_body} or
-{url, method, error, timeout}), "timer" (ms). `entropy` is the part of the host-supplied randomness
-that crypto.randomUUID and getRandomValues consumed, in order (hex).
+Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v2:
+    {"v": 2, "truncated": bool, "entropy": hex, "events": [[seq, kind, data], ...]}
+and "incomplete": true when the request ended before the function did. `seq` is one counter over
+everything the function observed, in order. Kinds: "now" (ms), "random" (float), "uuid" (str),
+"random_bytes" (hex), "db" ({sql, params, result | error}), "fetch" ({url, method, headers, body,
+status, status_text, url_final, response_headers, response_body} or {url, method, headers, body,
+error}), "timer" (ms), and "settled" (the seq of the call whose result reached the function then:
+results arrive in the order the host settles them, not the order of the calls). A call the
+request ended before has "abandoned": true and neither result nor error. An error is what the
+function's Error got: {name, message, ...} (sqlstate, timeout). `entropy` is the part of the
+host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
 
 log = logging.getLogger("flux.runtime")
 
-RECORDING_VERSION = 1
+RECORDING_VERSION = 2
+MAX_TAPE_EVENTS = 10_000  # as prelude.js: the JS side stops recording there, and so does the host
 ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the isolate at start
 
 
@@ -124,7 +129,7 @@ class Executor:
         span.attributes["flux.isolate_acquire_ms"] = round(pool.acquire_times[-1] * 1000, 3)
         try:
             async with asyncio.timeout(self.limits.timeout_ms / 1000):
-                done, result = await run.loop(isolate)
+                done = await run.loop(isolate)
         except TimeoutError:
             pool.discard(isolate)  # stops JS even mid-microtask
             await run.cancel()
@@ -160,7 +165,6 @@ class Executor:
             await run.cancel()
             return self._out_of_memory(span, clock, run)
         pool.release(isolate)
-        run.absorb(result)
         if not done["ok"]:
             await run.cancel()
             error = done["error"]
@@ -258,7 +262,14 @@ class _Run:
         self.inflight: dict[asyncio.Task, int] = {}
         self.client_spans: list[Span] = []
         self.host_events: list[list[Any]] = []
-        self.js: dict[str, Any] = {"tape": [], "truncated": False, "spans": [], "events": []}
+        # What the JS side has handed over, drain by drain: kept when the request is cut short.
+        self.js_tape: list[list[Any]] = []
+        self.js_spans: list[dict[str, Any]] = []
+        self.js_events: list[dict[str, Any]] = []
+        self.open_steps: list[dict[str, Any]] = []
+        self.truncated = False
+        self.entropy_used = ""
+        self.finished = False  # the function ran to its end (returned or threw)
 
     async def loop(self, isolate: Isolate) -> tuple[dict[str, Any], dict[str, Any]]:
         start = {
@@ -266,7 +277,7 @@ class _Run:
             "request": self.call.request, "request_id": self.call.request_id, "tenant": self.call.tenant,
             "function": self.compiled.name, "replay": self.call.replay, "secrets": self.call.secrets,
         }
-        out = await _then_drain(isolate, "start", start)
+        out = self._take(await _then_drain(isolate, "start", start))
         while True:
             calls = out["calls"]
             if out["done"] is None and len(calls) == 1 and not self.inflight:
@@ -275,15 +286,39 @@ class _Run:
                 call_id, *call = calls[0]
                 settled = [[call_id, *await self._host_call(*call)]]
             else:
+                if out["done"] is not None:  # calls made and not awaited as the function ended: never run
+                    for _, *call in calls:
+                        self._abandoned(*call)
+                    self.finished = True
+                    return out["done"]
                 for call_id, *call in calls:
                     self.inflight[asyncio.ensure_future(self._host_call(*call))] = call_id
-                if out["done"] is not None:
-                    return out["done"], out["result"]
                 if not self.inflight:
                     raise _Stuck("the function is awaiting a Promise that nothing will settle")
                 finished, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                 settled = [[self.inflight.pop(task), *task.result()] for task in finished]
-            out = await _then_drain(isolate, "settle", settled)
+            out = self._take(await _then_drain(isolate, "settle", settled))
+
+    def _take(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Keep what a drain handed over of the recording and the spans."""
+        self.js_tape.extend(out.get("tape", ()))
+        self.js_spans.extend(out.get("spans", ()))
+        self.js_events.extend(out.get("events", ()))
+        self.open_steps = out.get("open", [])
+        self.truncated = self.truncated or bool(out.get("truncated"))
+        self.entropy_used += out.get("entropy", "")
+        return out
+
+    def _abandoned(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> None:
+        """A call the request ended before running: its span and its tape entry say so (a timer
+        that never fired has neither)."""
+        if op == "timer":
+            return
+        name = db_span_name(args.get("sql", "")) if op == "db" else op
+        span = Span(id=new_span_id(), parent=parent or self.span.id, name=name, kind="client", start=self.clock.now_ms(),
+                    attributes={"flux.abandoned": True, **({"code.location": site} if site else {})})
+        self.client_spans.append(span)
+        self.host_events.append([seq, op, {**args, "abandoned": True}])
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
         if op == "timer":
@@ -318,6 +353,9 @@ class _Run:
         self.host_events.append([seq, "db", event])
         try:
             result = await self.db.query(sql, params)
+        except asyncio.CancelledError:
+            event["abandoned"] = True
+            raise
         except HostCallError as exc:
             event["error"] = exc.info
             if exc.info.get("sqlstate"):
@@ -338,31 +376,29 @@ class _Run:
             host, hostport = policy.parse(url)
             span.name = policy.span_name(url, host, hostport, args.get("name"))
             policy.check(host, hostport)
+            timeout_ms = args.get("timeout_ms") or policy.config.timeout_ms
+            try:
+                result = await self.x.transport.send(method, url, args["headers"], args["body"], timeout_ms / 1000)
+            except TimeoutError:
+                span.attributes["timeout"] = True
+                raise HostCallError({"name": "TimeoutError", "message": f"{span.name}: no response within {timeout_ms} ms",
+                                     "timeout": True}) from None
+            except OSError as exc:
+                raise HostCallError({"name": "FetchError", "message": f"{span.name}: {exc}"}) from None
         except HostCallError as exc:
-            event["error"] = exc.info["message"]
+            event["error"] = exc.info  # what the function's Error got
             raise
-        timeout_ms = args.get("timeout_ms") or self.x.fetch_policy.config.timeout_ms
-        try:
-            result = await self.x.transport.send(method, url, args["headers"], args["body"], timeout_ms / 1000)
-        except TimeoutError:
-            span.attributes["timeout"] = True
-            event.update(error="timeout", timeout=True)
-            raise HostCallError({"name": "TimeoutError", "message": f"{span.name}: no response within {timeout_ms} ms",
-                                 "timeout": True}) from None
-        except OSError as exc:
-            event.update(error=str(exc), timeout=False)
-            raise HostCallError({"name": "FetchError", "message": f"{span.name}: {exc}"}) from None
+        except asyncio.CancelledError:
+            event["abandoned"] = True
+            raise
         span.attributes["http.status_code"] = result.status
         if result.status >= 400:
             span.status = "error"
             span.error = f"HTTP {result.status} {result.reason}".strip()
         body, truncated = as_text(result.body, secrets=self.secret_forms)
-        event.update(status=result.status, response_headers=result.headers, response_body=body,
-                     **({"response_truncated": True} if truncated else {}))
+        event.update(status=result.status, status_text=result.reason, url_final=result.url, response_headers=result.headers,
+                     response_body=body, **({"response_truncated": True} if truncated else {}))
         return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": result.url}
-
-    def absorb(self, result: dict[str, Any]) -> None:
-        self.js = result
 
     async def cancel_inflight(self) -> None:
         for task in self.inflight:
@@ -380,16 +416,56 @@ class _Run:
 
     def spans(self) -> list[dict[str, Any]]:
         out = [self.span.to_dict()]
-        self.span.events.extend(self.js.get("events", []))
-        out[0]["events"] = self.span.events
-        out.extend(self.js.get("spans", []))
-        out.extend(s.to_dict() for s in sorted(self.client_spans, key=lambda s: s.start))
-        return out
+        out[0]["events"] = sorted([*self.span.events, *self.js_events], key=lambda e: e.get("time") or 0)
+        steps = [*self.js_spans, *(self._unfinished(step) for step in self.open_steps)]
+        clients = [s.to_dict() for s in sorted(self.client_spans, key=lambda s: s.start)]
+        _cover_children(steps, [*steps, *clients])
+        return [*out, *steps, *clients]
+
+    def _unfinished(self, step: dict[str, Any]) -> dict[str, Any]:
+        """A step still open when the request ended: over by now, and failed if the function did not finish."""
+        step = {**step, "duration_ms": self.clock.now_ms() - step["start"]}
+        if not self.finished:
+            step.update(status="error", error="the request ended before this step did")
+        return step
 
     def recording(self) -> dict[str, Any] | None:
         if not self.call.record:
             return None
-        events = sorted([*self.js.get("tape", []), *self.host_events], key=lambda e: e[0])
+        events = sorted([*self.js_tape, *self.host_events], key=lambda e: e[0])
+        truncated = self.truncated or len(events) > MAX_TAPE_EVENTS
         # Only the entropy the function consumed: replay supplies the same bytes in the same order.
-        return {"v": RECORDING_VERSION, "truncated": bool(self.js.get("truncated")),
-                "entropy": self.js.get("entropy_used", ""), "events": events}
+        recording = {"v": RECORDING_VERSION, "truncated": truncated, "entropy": self.entropy_used,
+                     "events": events[:MAX_TAPE_EVENTS]}
+        if not self.finished:  # a time limit, a memory limit, a Promise nothing settles: up to the last step
+            recording["incomplete"] = True
+        return recording
+
+
+def _cover_children(steps: list[dict[str, Any]], spans: list[dict[str, Any]]) -> None:
+    """Stretch each step span over its children. Steps are timed in JS, by Date.now()'s whole
+    milliseconds; calls on the host, to the microsecond, so a step could seem shorter than a call in it."""
+    ends: dict[str, tuple[float, float]] = {}
+    for span in spans:
+        parent = span.get("parent")
+        if parent is None:
+            continue
+        start, end = span["start"], span["start"] + span["duration_ms"]
+        known = ends.get(parent)
+        ends[parent] = (min(start, known[0]), max(end, known[1])) if known else (start, end)
+    for _ in range(len(steps)):  # nested steps: a child step stretched may stretch its parent
+        changed = False
+        for step in steps:
+            extent = ends.get(step["id"])
+            if extent is None:
+                continue
+            start, end = min(step["start"], extent[0]), max(step["start"] + step["duration_ms"], extent[1])
+            if (start, end) != (step["start"], step["start"] + step["duration_ms"]):
+                step["start"], step["duration_ms"] = start, end - start
+                changed = True
+                parent = step.get("parent")
+                if parent is not None:
+                    known = ends.get(parent)
+                    ends[parent] = (min(start, known[0]), max(end, known[1])) if known else (start, end)
+        if not changed:
+            break

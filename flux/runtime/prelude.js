@@ -26,10 +26,14 @@
 
   const outbox = [];
   const pending = new Map();
-  const tape = [];
-  const spans = [];          // finished step spans
-  const functionEvents = []; // ctx.log / console events on the function span
+  // What each drain hands the host, so that a request cut short (a time limit) still has its
+  // recording and its spans up to its last step.
+  const tape = [];           // tape events since the last drain
+  const spans = [];          // step spans finished since the last drain
+  const functionEvents = []; // ctx.log / console events on the function span, since the last drain
   const openSteps = [];
+  let taped = 0;
+  let entropySent = 0;
   let truncated = false;
   let nextCall = 1;
   let seq = 0;
@@ -42,8 +46,12 @@
 
   function record(kind, value) {
     const s = seq++;
-    if (tape.length < MAX_TAPE_EVENTS) tape.push([s, kind, value]);
-    else truncated = true;
+    if (taped < MAX_TAPE_EVENTS) {
+      taped++;
+      tape.push([s, kind, value]);
+    } else {
+      truncated = true;
+    }
     return s;
   }
 
@@ -80,6 +88,9 @@
   // evals, at any later time: finalizers, async waits, and WebAssembly compiled in the background.
   // WebAssembly keeps its promise API, compiled synchronously instead.
   delete g.FinalizationRegistry;
+  // A WeakRef's deref() says whether V8 has collected its target yet: GC timing, which no replay
+  // can reproduce.
+  delete g.WeakRef;
   if (g.Atomics) delete g.Atomics.waitAsync;
   if (g.WebAssembly) {
     const W = g.WebAssembly;
@@ -196,8 +207,9 @@
     }
     const id = nextCall++;
     const site = callsite();
-    outbox.push([id, op, args, parent, seq++, site]);
-    return new Promise((resolve, reject) => pending.set(id, { resolve, reject, site }));
+    const callSeq = seq++;
+    outbox.push([id, op, args, parent, callSeq, site]);
+    return new Promise((resolve, reject) => pending.set(id, { resolve, reject, site, callSeq }));
   }
 
   function makeError(info, site) {
@@ -417,15 +429,26 @@
   // drains in an eval of its own after each start and settle (posted right behind it).
   function drain() {
     const out = { calls: outbox.splice(0, outbox.length), done };
-    if (done) out.result = { tape, truncated, entropy_used: entropy.slice(0, entropyAt), spans: spans.concat(openSteps), events: functionEvents };
+    if (tape.length) out.tape = tape.splice(0, tape.length);
+    if (spans.length) out.spans = spans.splice(0, spans.length);
+    if (functionEvents.length) out.events = functionEvents.splice(0, functionEvents.length);
+    if (openSteps.length) out.open = openSteps;
+    if (truncated) out.truncated = true;
+    if (entropyAt > entropySent) {
+      out.entropy = entropy.slice(entropySent, entropyAt);
+      entropySent = entropyAt;
+    }
     return JSON.stringify(out);
   }
 
+  // Results reach the function in the order the host settles them, which need not be the order of
+  // the calls: the tape says when each one arrived ("settled", with the call's seq).
   function settle(input) {
     for (const [id, ok, value] of JSON.parse(input)) {
       const p = pending.get(id);
       if (!p) continue;
       pending.delete(id);
+      record("settled", p.callSeq);
       if (ok) p.resolve(value);
       else p.reject(makeError(value, p.site));
     }

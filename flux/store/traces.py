@@ -477,7 +477,7 @@ def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...]) -> list[
     writes = [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
     if function_span is None:
         return ["The request changed no rows: it ended at the gateway and never ran a function."]
-    if outcome == "rolled_back" or (writes and trace.status >= 500):
+    if outcome == "rolled_back" or (outcome is None and writes and trace.status >= 500):
         return ["The request changed no rows: its transaction was rolled back."]
     if writes:
         return [(
@@ -488,11 +488,19 @@ def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...]) -> list[
 
 
 def _depths(spans: list[dict[str, Any]]) -> dict[str, int]:
-    ids = {s["id"] for s in spans}
+    """Each span's depth, by its parent links (steps are listed as they finish, after their own
+    children); an unknown parent, or a cycle, makes a root."""
+    parents = {s["id"]: s.get("parent") for s in spans}
     depth: dict[str, int] = {}
-    for s in spans:  # parents come before children; an unknown parent makes a root
-        parent = s.get("parent")
-        depth[s["id"]] = depth.get(parent, 0) + 1 if parent in ids else 0
+    for span_id in parents:
+        chain: list[str] = []
+        node: str | None = span_id
+        while node in parents and node not in depth and node not in chain:
+            chain.append(node)
+            node = parents[node]
+        base = depth.get(node, -1) if node in depth else -1  # node: a known depth, or past the roots
+        for n, member in enumerate(reversed(chain), start=1):
+            depth[member] = base + n
     return depth
 
 

@@ -14,7 +14,7 @@ from flux.cli.trace import parse_since
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.schema import ensure_schema
 from flux.store.traces import TraceRecord, insert_traces
-from tests.store.test_traces import FAIL, NO_TRACE, OK, OK2, seed, span, trace
+from tests.traces_seed import FAIL, NO_TRACE, OK, OK2, seed, span, trace
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_trace_json_is_the_record_with_db_writes(seeded, dsn):
     data = json.loads(result.stdout)
     assert data["id"] == OK and data["status"] == 200 and data["db_writes"] == 1
     assert [s["name"] for s in data["spans"]][:2] == ["gateway", "create_order"]
-    assert data["recording"]["v"] == 1
+    assert data["recording"]["v"] == 2
 
 
 def test_trace_ambiguous_prefix_names_the_candidates(seeded, dsn):

@@ -70,7 +70,7 @@ def test_every_answer_carries_a_request_id_that_names_its_trace_row(tmp_path, ds
     assert trace["error"] is None and trace["replay_of"] is None and trace["duration_ms"] > 0
     assert [s["name"] for s in trace["spans"]] == ["gateway", "create_user", "db.insert(users)"]
     assert trace["request"]["body"] == {"email": "a@x"} and trace["response"]["body"] == {"id": 1}
-    assert len(trace["code_version"]) == 16 and trace["recording"]["v"] == 1
+    assert len(trace["code_version"]) == 16 and trace["recording"]["v"] == 2
 
 
 def test_the_default_route_is_post_slash_function(tmp_path, dsn, conn, users):

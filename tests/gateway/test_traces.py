@@ -83,7 +83,7 @@ def test_a_record_over_the_size_limit_is_stored_without_its_recording(dsn, conn:
     """A query can return hundreds of megabytes, and a batch is one jsonb document (256 MB at most)."""
     ensure_schema(conn)
     monkeypatch.setattr(traces, "MAX_RECORD_BYTES", 20_000)
-    recording = {"v": 1, "truncated": False, "entropy": "", "events": [[0, "db", {"sql": "SELECT", "result": "x" * 30_000}]]}
+    recording = {"v": 2, "truncated": False, "entropy": "", "events": [[0, "db", {"sql": "SELECT", "result": "x" * 30_000}]]}
     big = dataclasses.replace(_record(1), recording=recording, response={"body": "ok"})
     writer = _write(dsn, [big, _record(2)])
     assert (writer.written, writer.shrunk) == (2, 1)

@@ -475,10 +475,12 @@ def test_recording_has_time_random_uuid_db_and_fetch_in_order(tmp_path, dsn, con
     """})
     result = run1(tmp_path, "all", dsn=dsn)
     tape = result.recording
-    assert tape["v"] == 1 and tape["truncated"] is False
+    assert tape["v"] == 2 and tape["truncated"] is False and "incomplete" not in tape
     kinds = [e[1] for e in tape["events"]]
-    assert kinds == ["now", "now", "random", "uuid", "db", "fetch", "timer"]
+    assert kinds == ["now", "now", "random", "uuid", "db", "settled", "fetch", "settled", "timer", "settled"]
     assert [e[0] for e in tape["events"]] == sorted(e[0] for e in tape["events"])
+    calls = [e[0] for e in tape["events"] if e[1] in ("db", "fetch", "timer")]
+    assert [e[2] for e in tape["events"] if e[1] == "settled"] == calls  # each result arrived before the next call
     values = {e[1]: e[2] for e in tape["events"]}
     body = result.body
     assert tape["events"][0][2] == body["t"] and values["random"] == body["r"] and values["uuid"] == body["u"]
@@ -701,3 +703,99 @@ def test_running_out_of_memory_in_a_microtask_after_returning_is_a_memory_error(
     """}, FAST)
     result = run1(tmp_path, "grow")
     assert result.status == 500 and result.error == "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)"
+
+
+def test_the_tape_says_when_each_result_reached_the_function(tmp_path, stub: Stub):
+    """Results arrive in the order the host settles them, not the order of the calls: a replay
+    that settled them by call order would run the function differently."""
+    write_project(tmp_path, {"race": f"""
+        export default async function (req, ctx) {{
+          const order = [];
+          const slow = ctx.fetch("{stub.url}/slow?ms=200").then(() => order.push("slow"));
+          const fast = ctx.fetch("{stub.url}/ok").then(() => order.push("fast"));
+          await Promise.all([slow, fast]);
+          return {{status: 200, body: order}};
+        }}
+    """})
+    result = run1(tmp_path, "race")
+    assert result.body == ["fast", "slow"]
+    events = result.recording["events"]
+    [slow_call, fast_call] = [e[0] for e in events if e[1] == "fetch"]
+    assert [e[2] for e in events if e[1] == "settled"] == [fast_call, slow_call]
+
+
+def test_a_request_cut_short_keeps_its_recording_and_steps_up_to_its_last_step(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    write_project(tmp_path, {"spin": """
+        export default async function (req, ctx) {
+          const t = Date.now();
+          const r = Math.random();
+          await ctx.step("spinning", async (s) => {
+            s.log("about to spin");
+            await s.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+            for (;;) {}
+          });
+        }
+    """}, FAST)
+    result = run1(tmp_path, "spin", dsn=dsn)
+    assert result.status == 504
+    tape = result.recording
+    assert tape["incomplete"] is True
+    # The step that spun (the INSERT's result arriving, then the loop) never handed anything over.
+    assert [e[1] for e in tape["events"]] == ["now", "random", "db"]
+    step = next(s for s in result.spans if s["name"] == "spinning")
+    assert step["status"] == "error" and step["error"] == "the request ended before this step did"
+    assert [e["attributes"]["message"] for e in step["events"]] == ["about to spin"]
+    [db] = [s for s in result.spans if s["name"] == "db.insert(users)"]
+    assert db["parent"] == step["id"]
+
+
+def test_a_fetch_error_on_the_tape_is_what_the_functions_error_got(tmp_path, stub: Stub):
+    write_project(tmp_path, {"fail": f"""
+        export default async function (req, ctx) {{
+          const seen = [];
+          for (const url of ["http://10.255.255.1/x", "{stub.url}/slow?ms=500"]) {{
+            try {{ await ctx.fetch(url, {{timeout_ms: 100}}); }} catch (e) {{ seen.push([e.name, e.message]); }}
+          }}
+          return {{status: 200, body: seen}};
+        }}
+    """}, f'[fetch]\nallow = ["{stub.host}"]\n')
+    result = run1(tmp_path, "fail")
+    errors = [e[2]["error"] for e in result.recording["events"] if e[1] == "fetch"]
+    assert [[e["name"], e["message"]] for e in errors] == result.body
+    assert errors[1]["timeout"] is True
+
+
+def test_a_call_the_function_did_not_wait_for_is_recorded_as_abandoned(tmp_path, stub: Stub):
+    write_project(tmp_path, {"leave": f"""
+        export default async function (req, ctx) {{
+          ctx.fetch("{stub.url}/ok");
+          return {{status: 200}};
+        }}
+    """})
+    result = run1(tmp_path, "leave")
+    [event] = [e[2] for e in result.recording["events"] if e[1] == "fetch"]
+    assert event["abandoned"] is True and "error" not in event and "status" not in event
+    [span] = [s for s in result.spans if s["kind"] == "client"]
+    assert span["attributes"]["flux.abandoned"] is True
+    assert stub.requests == []
+
+
+def test_a_step_span_covers_the_calls_made_in_it(tmp_path, stub: Stub):
+    """Steps are timed by Date.now()'s whole milliseconds, calls to the microsecond."""
+    write_project(tmp_path, {"steps": f"""
+        export default async function (req, ctx) {{
+          await ctx.step("outer", (s) => s.step("inner", (t) => t.fetch("{stub.url}/ok")));
+          return {{status: 200}};
+        }}
+    """})
+    spans = {s["name"]: s for s in run1(tmp_path, "steps").spans}
+    for parent, child in [("outer", "inner"), ("inner", f"fetch {stub.host}")]:
+        p, c = spans[parent], spans[child]
+        assert p["start"] <= c["start"] and c["start"] + c["duration_ms"] <= p["start"] + p["duration_ms"]
+
+
+def test_weak_references_are_not_there(tmp_path):
+    """deref() would tell when V8 collected the target: GC timing, which no replay reproduces."""
+    write_project(tmp_path, {"weak": "export default async function () { return {status: 200, body: typeof WeakRef}; }"})
+    assert run1(tmp_path, "weak").body == "undefined"

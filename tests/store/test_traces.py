@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import psycopg
 import pytest
@@ -13,7 +11,6 @@ import pytest
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.schema import drop_schema, ensure_schema
 from flux.store.traces import (
-    TraceRecord,
     count_mutations,
     encode_trace,
     explain,
@@ -23,96 +20,7 @@ from flux.store.traces import (
     list_traces,
     request_mutations,
 )
-
-# Request ids: OK and OK2 share the prefix "91a3f"; FAIL is the seed's 550e8400.
-OK = "91a3f1c2-7d4e-4b6a-9c1d-2e3f4a5b6c7d"
-OK2 = "91a3f9e8-0000-4000-8000-000000000002"
-FAIL = "550e8400-e29b-41d4-a716-446655440000"
-NO_TRACE = "7b1d3f9a-0000-4000-8000-000000000003"
-NOW = datetime.now(UTC).replace(microsecond=0)
-STACK = "Error: Stripe API timeout\n    at default (functions/signup.js:7:11)\n    at async <anonymous>:1:1"
-_ids = itertools.count(1)
-_tx = itertools.count(1)
-
-
-def span(name: str, kind: str, flux_kind: str, *, parent: dict | None = None, start: float = 0.0, ms: float = 1.0,
-         error: str | None = None, events: list | None = None, **attributes: Any) -> dict[str, Any]:
-    """A span as the runtime writes it; attribute names are given with `__` for each dot."""
-    attrs = {"flux.kind": flux_kind, **{k.replace("__", "."): v for k, v in attributes.items()}}
-    return {"id": f"{next(_ids):016x}", "parent": parent["id"] if parent else None, "name": name, "kind": kind,
-            "start": 1764880000000.0 + start, "duration_ms": ms, "status": "error" if error else "ok", "error": error,
-            "attributes": attrs, "events": events or []}
-
-
-def ok_spans() -> list[dict[str, Any]]:
-    """The seed's create_order: a db insert, a charge, and a Slack call that got 429 (handled)."""
-    gw = span("gateway", "server", "gateway", ms=194, http__status_code=200)
-    fn = span("create_order", "internal", "function", parent=gw, start=2, ms=192, db__transaction="committed")
-    return [
-        gw, fn,
-        span("db.insert(orders)", "client", "db", parent=fn, start=3, ms=4, db__statement="INSERT INTO orders ..."),
-        span("stripe.charge", "client", "fetch", parent=fn, start=8, ms=180, http__status_code=200),
-        span("slack.notify", "client", "fetch", parent=fn, start=189, ms=3, error="HTTP 429", http__status_code=429,
-             code__location="functions/create_order.js:14:9"),
-    ]
-
-
-def fail_spans() -> list[dict[str, Any]]:
-    """The seed's create_user: the insert ran, then the Stripe call timed out and the function threw."""
-    gw = span("gateway", "server", "gateway", ms=45, error="Stripe API timeout", http__status_code=500)
-    exc = {"name": "exception", "time": 1764880000044.0, "attributes": {
-        "exception.type": "Error", "exception.message": "Stripe API timeout", "exception.stacktrace": STACK}}
-    fn = span("create_user", "internal", "function", parent=gw, start=1, ms=44, error="Stripe API timeout",
-              events=[exc], db__transaction="rolled_back")
-    return [
-        gw, fn,
-        span("db.insert(users)", "client", "db", parent=fn, start=2, ms=3),
-        span("stripe.create", "client", "fetch", parent=fn, start=6, ms=38, error="timeout after 3000 ms", timeout=True,
-             code__location="functions/signup.js:6:26"),
-    ]
-
-
-def trace(request_id: str, *, function: str | None = "create_order", status: int = 200, path: str = "/create_order",
-          tenant: str | None = "default", ago: timedelta = timedelta(minutes=1), error: str | None = None,
-          spans: list[dict[str, Any]] | None = None, ms: float = 194.0) -> TraceRecord:
-    return TraceRecord(
-        id=request_id, tenant=tenant, function=function, method="POST", path=path, status=status, duration_ms=ms,
-        started_at=NOW - ago, error=error, spans=spans if spans is not None else ok_spans(),
-        request={"headers": {"content-type": "application/json"}, "query": {}, "body": {"email": "a@example.com"},
-                 "body_truncated": False, "body_bytes": 25},
-        response={"headers": {}, "body": {"id": 1}, "body_truncated": False, "body_bytes": 8},
-        recording={"v": 1, "truncated": False, "entropy": "ab", "events": [[0, "now", 1764880000000.5]]},
-        code_version="0123456789abcdef", git_commit=None,
-    )
-
-
-def fail_trace() -> TraceRecord:
-    return trace(FAIL, function="create_user", status=500, path="/signup", error="Stripe API timeout",
-                 spans=fail_spans(), ms=44.0, tenant="acme", ago=timedelta(minutes=3))
-
-
-def mutation(conn: psycopg.Connection, table: str, op: str, *, request_id: str | None, key: dict | None,
-             new: dict | None = None, function: str | None = None, seq: int = 0, tx: int | None = None) -> None:
-    """One row of the mutation log as the engine writes it, each call its own transaction unless `tx` is given."""
-    n = tx if tx is not None else next(_tx)
-    context = {"request_id": request_id, "function": function} if request_id else None
-    conn.execute(
-        "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, new,"
-        " xid, commit_lsn, commit_time, seq) VALUES (%s, %s, 'public', %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s)",
-        (request_id, json.dumps(context) if context else None, table, op, json.dumps(key) if key else None,
-         json.dumps(new) if new else None, 1000 + n, f"0/{n * 0x100:X}", NOW + timedelta(seconds=n), seq),
-    )
-
-
-def seed(conn: psycopg.Connection) -> None:
-    """OK (200, one order written), OK2 (200, another tenant), FAIL (500, rolled back: no rows), and
-    NO_TRACE: a request whose row changes are logged but whose trace is not."""
-    ensure_schema(conn)
-    conn.execute("CREATE TABLE public.members (org int, id text, role text, PRIMARY KEY (org, id))")
-    insert_traces(conn, [trace(OK), trace(OK2, tenant="acme", ago=timedelta(days=2), function="list_orders"), fail_trace()])
-    mutation(conn, "orders", "insert", request_id=OK, key={"id": 1}, new={"id": 1, "total": 40}, function="create_order")
-    mutation(conn, "members", "update", request_id=NO_TRACE, key={"org": 1, "id": "a"}, function="set_role", seq=0, tx=90)
-    mutation(conn, "users", "update", request_id=NO_TRACE, key={"id": 42}, function="set_role", seq=1, tx=90)
+from tests.traces_seed import FAIL, NO_TRACE, NOW, OK, OK2, fail_trace, mutation, seed, span, trace
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from flux.cdc.publication import (
     user_schemas,
     with_partitions,
 )
-from flux.errors import ConfigError, PreflightError, from_psycopg
+from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
 from flux.store.schema import ensure_schema
 
 log = logging.getLogger("flux.cdc")
@@ -130,6 +130,15 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
             )
 
 
+# pgoutput publishes a partitioned table's changes under its own name (publish_via_partition_root,
+# so that history follows the table rather than its partitions), and then leaves out a TRUNCATE of
+# one of its partitions.
+PARTITION_TRUNCATE_WARNING = (
+    "{table} is partitioned: a TRUNCATE of one of its partitions is not recorded (PostgreSQL's pgoutput leaves it "
+    "out); a TRUNCATE of {table} itself, and DELETEs, are."
+)
+
+
 def attach(
     dsn: str,
     *,
@@ -153,13 +162,17 @@ def attach(
             with conn.transaction():
                 if ensure_schema(conn):
                     result.created.append("schema flux")
+                _check_names_are_flux(conn, slot, publication)
                 schemas = user_schemas(conn) if schema_mode else None
                 result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot)
                 for table in chosen:
-                    for part in with_partitions(conn, table):
+                    parts = with_partitions(conn, table)
+                    for part in parts:
                         change = set_full_identity(conn, slot, part)
                         if change:
                             result.replica_identity_changed.append(change)
+                    if len(parts) > 1:
+                        result.warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
                 _record_attachment(conn, slot, publication, all_tables)
                 if superuser:
                     created = autocapture.install_event_trigger(conn)
@@ -178,6 +191,35 @@ def attach(
         return result
 
 
+def _check_names_are_flux(conn: psycopg.Connection, slot: str, publication: str) -> None:
+    """Refuse a slot or a publication of that name that Flux did not make here (another tool's:
+    taking it over would change or drop what that tool reads), and a second attachment (one
+    slot captures a database; two would record each change twice)."""
+    other = conn.execute("SELECT slot_name FROM flux.attachments WHERE slot_name <> %s LIMIT 1", (slot,)).fetchone()
+    if other is not None:
+        raise PreflightError(
+            f"This database is already attached, through slot {other[0]}",
+            hint=f"One slot captures a database: run attach with --slot {other[0]}, or `flux detach --slot {other[0]}` first.",
+            slot=slot,
+        )
+    mine = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+    if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone() and (
+            mine is None or mine[0] != publication):
+        raise PreflightError(
+            f"A publication named {publication} exists, and Flux did not make it",
+            hint="Another tool may publish through it: pass --publication NAME to give Flux its own.",
+            publication=publication,
+        )
+    existing = conn.execute("SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    if existing is not None and (mine is None or existing != (conn.info.dbname, "pgoutput")):
+        database, plugin = existing
+        raise PreflightError(
+            f"A replication slot named {slot} exists (database {database}, plugin {plugin}), and Flux did not make it here",
+            hint="Another tool may read it: pass --slot NAME to give Flux its own.",
+            slot=slot,
+        )
+
+
 def _record_attachment(conn: psycopg.Connection, slot: str, publication: str, all_tables: bool) -> None:
     previous = conn.execute("SELECT publication_name, all_tables FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
     if previous != (publication, all_tables):
@@ -193,10 +235,17 @@ def _record_attachment(conn: psycopg.Connection, slot: str, publication: str, al
 def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop_data: bool = False) -> DetachResult:
     with connect(dsn) as conn:
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
-        if publication is None and has_schema:
-            row = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
-            publication = row[0] if row else None
-        publication = publication or "flux"
+        row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+        if not row:  # never drop a slot or a publication Flux did not make
+            raise NotFoundError(
+                f"No Flux attachment uses slot {slot} in this database",
+                hint="`flux cdc status --slot NAME` shows an attachment; there is nothing of Flux's to detach here.",
+                slot=slot,
+            )
+        if publication is not None and publication != row[0]:
+            raise ConfigError(f"Slot {slot}'s attachment publishes through {row[0]}, not {publication}",
+                              hint=f"Leave out --publication, or pass --publication {row[0]}.")
+        publication = row[0]
         result = DetachResult(slot=slot, publication=publication)
         try:
             active = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
@@ -246,16 +295,20 @@ def slot_warnings(conn: psycopg.Connection, slot: str, *, retained_limit: int = 
     if row is None:
         return []
     active, retained, wal_status = row
+    if wal_status == "lost":
+        return [f"Slot '{slot}' was invalidated: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so "
+                "changes since the engine last kept up were not recorded. `flux detach` then `flux attach` start over."]
     warnings = []
     if not active:
         warnings.append(
-            f"Slot '{slot}' has no consumer: PostgreSQL keeps all WAL from its position until one reads it. "
+            f"Slot '{slot}' has no consumer: PostgreSQL keeps WAL from its position until one reads it. "
             "Run `flux cdc run` (or `flux dev`), or `flux detach` if Flux is no longer wanted."
         )
     if retained is not None and retained >= retained_limit:
         warnings.append(f"Slot '{slot}' retains {human_bytes(retained)} of WAL; the disk fills if this keeps growing.")
-    if wal_status in ("unreserved", "lost"):
-        warnings.append(f"Slot '{slot}' WAL status is '{wal_status}': changes may be lost (max_slot_wal_keep_size).")
+    if wal_status == "unreserved":
+        warnings.append(f"Slot '{slot}' WAL status is 'unreserved': past max_slot_wal_keep_size, changes will be lost "
+                        "unless the engine catches up.")
     return warnings
 
 

@@ -194,6 +194,11 @@ def sync_publication(
     if not exists[0]:
         conn.execute(sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(name))
         changes.append(f"publication {publication}: publish_via_partition_root = true")
+    every_op = conn.execute("SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication WHERE pubname = %s",
+                            (publication,)).fetchone()[0]
+    if not every_op:  # someone narrowed it: changes it leaves out would be lost without a word
+        conn.execute(sql.SQL("ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')").format(name))
+        changes.append(f"publication {publication}: publish = insert, update, delete, truncate")
     current = set(published_tables(conn, publication))
     wanted = set() if schemas else set(chosen)
     for table in sorted(wanted - current, key=str):

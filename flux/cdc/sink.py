@@ -143,7 +143,10 @@ class PostgresSink:
     def __init__(self, *, dsn: str, connect_timeout: int = 10) -> None:
         self.dsn = dsn
         try:
-            self._conn = psycopg.connect(dsn, autocommit=False, connect_timeout=connect_timeout, application_name="flux-sink")
+            # UTF-8 as the stream: the images are written as JSON already encoded (the server
+            # converts to a database's own encoding).
+            self._conn = psycopg.connect(dsn, autocommit=False, connect_timeout=connect_timeout, application_name="flux-sink",
+                                         client_encoding="UTF8")
             self._conn.execute("SET synchronous_commit = on")
             self._conn.commit()
             self._autocommit_schema()

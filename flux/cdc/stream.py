@@ -52,6 +52,7 @@ class ReplicationStream:
                 self.dsn,
                 autocommit=True,
                 replication="database",
+                client_encoding="UTF8",  # pgoutput sends text in the client's encoding: the decoder reads UTF-8
                 options=WALSENDER_OPTIONS,
                 connect_timeout=self.connect_timeout,
             )
@@ -79,7 +80,13 @@ class ReplicationStream:
             # down (57P01, 57P03) is a lost connection, a slot still held by a dying consumer
             # (55006) is transient, a missing slot or publication is not.
             exc = psycopg.errors.error_from_result(result)
-            raise from_psycopg(exc, "START_REPLICATION failed", hint=hint, slot=self.slot, publication=self.publication)
+            detail = exc.diag.message_detail
+            if detail and "invalidated" in detail:  # PostgreSQL removed WAL the slot still needed
+                hint = ("The slot fell further behind than max_slot_wal_keep_size allows, so the changes made since the "
+                        "engine last kept up were never recorded. `flux detach` then `flux attach` start capture over; "
+                        "the gap cannot be recovered.")
+            failing = "START_REPLICATION failed" + (f" ({detail})" if detail else "")
+            raise from_psycopg(exc, failing, hint=hint, slot=self.slot, publication=self.publication)
         pgconn.nonblocking = 1
         self._pgconn = pgconn
 

@@ -151,7 +151,8 @@ class TraceWriter:
                     part = pending.pop()
                     try:
                         if conn is None or conn.closed:
-                            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                            # UTF-8: the records go as JSON already encoded (the server converts to its own).
+                            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8")
                         await insert_encoded_traces_async(conn, [encoded for _, encoded in part])
                         self.written += len(part)
                         self.batches += 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from flux.cdc.attach import NO_TRIGGER_WARNING, attach, detach
+from flux.cdc.attach import NO_TRIGGER_WARNING, PARTITION_TRUNCATE_WARNING, attach, detach
 from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.publication import captured_tables, published_schemas
-from flux.errors import ConfigError
+from flux.errors import ConfigError, NotFoundError, PreflightError
 
 
 def identities(conn, *names: str) -> dict[str, str]:
@@ -145,3 +145,55 @@ def test_application_role_can_still_create_tables_under_the_event_trigger(dsn, c
         conn.execute("DROP TABLE IF EXISTS public.made_by_app")
         conn.execute("REVOKE CREATE ON SCHEMA public FROM app_user")
         conn.execute("DROP ROLE app_user")
+
+
+def test_attach_refuses_a_publication_flux_did_not_make(dsn, conn):
+    """Taking it over would change what another tool publishes."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    conn.execute("CREATE PUBLICATION flux FOR TABLE other WITH (publish = 'insert')")
+    with pytest.raises(PreflightError, match="publication named flux exists, and Flux did not make it"):
+        attach(dsn, tables=["t"])
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.other"]
+
+
+def test_attach_refuses_a_slot_flux_did_not_make(dsn, conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pg_create_logical_replication_slot('flux', 'test_decoding')")
+    with pytest.raises(PreflightError, match="replication slot named flux exists .*plugin test_decoding"):
+        attach(dsn, tables=["t"])
+
+
+def test_attach_refuses_a_second_attachment_in_the_same_database(dsn, conn):
+    """Two slots would record each change twice."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    with pytest.raises(PreflightError, match="already attached, through slot flux"):
+        attach(dsn, tables=["t"], slot="second", publication="second")
+
+
+def test_detach_leaves_a_slot_flux_did_not_make(dsn, conn):
+    conn.execute("SELECT pg_create_logical_replication_slot('tool', 'test_decoding')")
+    with pytest.raises(NotFoundError, match="No Flux attachment uses slot tool"):
+        detach(dsn, slot="tool")
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tool'").fetchone()[0] == 1
+
+
+def test_attach_widens_its_own_publication_back_to_every_operation(dsn, conn):
+    """A publication narrowed to inserts would drop updates, deletes and truncates without a word."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    conn.execute("ALTER PUBLICATION flux SET (publish = 'insert')")
+    result = attach(dsn, tables=["t"])
+    assert "publication flux: publish = insert, update, delete, truncate" in result.created
+    flags = conn.execute("SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = 'flux'").fetchone()
+    assert flags == (True, True, True, True)
+
+
+def test_attach_says_a_truncate_of_one_partition_is_not_recorded(dsn, conn):
+    """pgoutput leaves it out when it publishes through the partitioned table."""
+    conn.execute("CREATE TABLE parted (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)")
+    conn.execute("CREATE TABLE parted_eu PARTITION OF parted FOR VALUES IN ('eu')")
+    conn.execute("CREATE TABLE plain (id int PRIMARY KEY)")
+    warnings = attach(dsn, tables=["parted", "plain"]).warnings
+    assert [w for w in warnings if "partition" in w] == [PARTITION_TRUNCATE_WARNING.format(table="public.parted")]

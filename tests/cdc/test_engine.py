@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
+from flux.cdc.attach import attach
 from tests.support import mutations, start_engine
 
 
@@ -108,3 +112,26 @@ def test_restarted_engine_records_what_was_written_while_stopped_without_duplica
     expected = [("insert", i) for i in range(1, 10)] + [("update", 1), ("insert", 10)]
     assert [(m["op"], m["row_key"]["id"]) for m in rows] == expected
     assert len({(m["commit_lsn"], m["seq"]) for m in rows}) == len(rows)
+
+
+def test_a_database_that_is_not_utf8_is_captured_in_its_own_characters(dsn, conn):
+    """pgoutput sends text in the client's encoding: the replication connection asks for UTF-8."""
+    name = f"latin_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    latin = make_conninfo(dsn, dbname=name)
+    try:
+        with psycopg.connect(latin, autocommit=True) as c:
+            c.execute("CREATE TABLE words (id int PRIMARY KEY, word text)")
+        attach(latin, tables=["words"])
+        running = start_engine(latin)
+        try:
+            with psycopg.connect(latin, autocommit=True) as c:
+                c.execute("INSERT INTO words VALUES (1, 'café crème')")
+            running.caught_up()
+        finally:
+            running.stop()
+        assert [m["new"] for m in mutations(latin, "words")] == [{"id": 1, "word": "café crème"}]
+    finally:
+        with psycopg.connect(latin, autocommit=True) as c:
+            c.execute("SELECT pg_drop_replication_slot('flux')")
+        conn.execute(f"DROP DATABASE {name}")

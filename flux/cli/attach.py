@@ -23,7 +23,7 @@ def attach(
     json: JsonOption = False,
 ) -> None:
     """Check the server, then create the flux schema, publication, REPLICA IDENTITY FULL and slot. Idempotent."""
-    names = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    names = split_table_list(tables) if tables else None
     db = resolve_database(database)
     if not json:
         err_console.print("[dim]Checking the server and setting up capture (creating the slot waits for open transactions to end) …[/]")
@@ -47,6 +47,23 @@ def attach(
         )
     for warning in result.warnings:
         console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
+
+
+def split_table_list(text: str) -> list[str]:
+    """`a, "my schema"."b,c"` -> ['a', '"my schema"."b,c"']: commas inside double quotes are part of a name."""
+    names: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in text:
+        if char == '"':
+            quoted = not quoted  # a doubled "" inside a name toggles twice: still quoted
+        if char == "," and not quoted:
+            names.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    names.append("".join(current))
+    return [name.strip() for name in names if name.strip()]
 
 
 def detach(

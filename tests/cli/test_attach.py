@@ -213,3 +213,12 @@ def test_every_command_is_documented_in_readme():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     for command in ("flux dev", "flux attach", "flux detach", "flux cdc run", "flux cdc status", "flux state history", "flux state blame"):
         assert command in readme, command
+
+
+def test_tables_are_split_on_commas_outside_quoted_names(dsn, conn):
+    conn.execute('CREATE SCHEMA "sp ace"')
+    conn.execute('CREATE TABLE "sp ace"."Tä.b,le" (id int PRIMARY KEY)')
+    conn.execute("CREATE TABLE plain (id int PRIMARY KEY)")
+    result = invoke("attach", "--database", dsn, "--tables", '"sp ace"."Tä.b,le", plain', "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads(result.stdout)["tables"]) == ["public.plain", "sp ace.Tä.b,le"]

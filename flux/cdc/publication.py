@@ -214,9 +214,18 @@ def sync_publication(
     for schema in sorted(wanted_schemas - current_schemas):
         conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
         changes.append(f"publication {publication}: added schema {schema}")
-    for schema in sorted(current_schemas - wanted_schemas):
+    dropped_schemas = sorted(current_schemas - wanted_schemas)
+    keep = {part for table in chosen for part in with_partitions(conn, table)} if dropped_schemas else set()
+    for schema in dropped_schemas:
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
         changes.append(f"publication {publication}: removed schema {schema}")
+        # Its tables no longer captured get back the identity they had before Flux.
+        for (table_name,) in conn.execute(
+            "SELECT table_name FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s ORDER BY 1",
+            (slot, schema),
+        ).fetchall():
+            if TableRef(schema, table_name) not in keep:
+                restore_identity(conn, slot, TableRef(schema, table_name), result_list=[])
     return changes
 
 

@@ -345,8 +345,17 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None
         ).fetchall()
     ]
     exists = _catalog(conn, schema, table) is not None
+    # A partition's changes are recorded under its partitioned table (the root of its tree).
+    root = conn.execute(
+        "SELECT n.nspname::text, c.relname::text FROM pg_partition_root(to_regclass(%s)) r(oid)"
+        " JOIN pg_class c ON c.oid = r.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
+        (format_table(schema, table),),
+    ).fetchone() if exists else None
     if similar:
         hint = "Did you mean " + " or ".join(f"'{s}'" for s in similar) + "? Quote mixed-case names."
+    elif root is not None and root != (schema, table):
+        parent = format_table(*root)
+        hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {parent} ...`."
     elif exists:
         hint = "The table exists but no change of it is recorded: is it captured? See `flux attach --tables`."
     else:

@@ -197,3 +197,13 @@ def test_attach_says_a_truncate_of_one_partition_is_not_recorded(dsn, conn):
     conn.execute("CREATE TABLE plain (id int PRIMARY KEY)")
     warnings = attach(dsn, tables=["parted", "plain"]).warnings
     assert [w for w in warnings if "partition" in w] == [PARTITION_TRUNCATE_WARNING.format(table="public.parted")]
+
+
+def test_narrowing_all_tables_to_a_list_restores_the_identity_of_the_tables_left_out(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    attach(dsn, all_tables=True)
+    assert identities(conn, "a", "b") == {"a": "f", "b": "f"}
+    attach(dsn, tables=["a"])
+    assert identities(conn, "a", "b") == {"a": "f", "b": "d"}
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]

@@ -212,6 +212,16 @@ def test_history_of_uncaptured_table_says_so(log):
     assert "flux attach --tables" in err.value.hint
 
 
+def test_history_of_a_partition_points_to_its_partitioned_table(log):
+    """Changes are published, and recorded, under the partitioned table."""
+    log.execute("CREATE TABLE public.parted (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)")
+    log.execute("CREATE TABLE public.parted_eu PARTITION OF public.parted FOR VALUES IN ('eu')")
+    record(log, "parted", "insert", key={"id": 1, "region": "eu"}, new={"id": 1, "region": "eu"})
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "parted_eu", key={"id": "1", "region": "eu"})
+    assert "partition" in err.value.hint and "flux state history parted" in err.value.hint
+
+
 def test_history_of_unknown_row_points_to_blame(log):
     log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
     record(log, "users", "insert", key={"id": 1}, new={"id": 1})

@@ -106,10 +106,6 @@ def resolve_database(flag: str | None) -> Database:
     )
 
 
-def resolve_dsn(flag: str | None) -> str:
-    return resolve_database(flag).dsn
-
-
 @contextmanager
 def reaching(db: Database) -> Iterator[None]:
     """Run a step against `db`; a server that cannot be reached becomes ServerNotReadyError (exit 4)."""

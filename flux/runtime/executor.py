@@ -271,7 +271,7 @@ class _Run:
         self.entropy_used = ""
         self.finished = False  # the function ran to its end (returned or threw)
 
-    async def loop(self, isolate: Isolate) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def loop(self, isolate: Isolate) -> dict[str, Any]:
         start = {
             "entropy": self.entropy, "span_id": self.span.id, "file": self.compiled.function.display_path,
             "request": self.call.request, "request_id": self.call.request_id, "tenant": self.call.tenant,

@@ -18,6 +18,7 @@ redacts the whole trace at the end, once, so nothing can slip past a per-field r
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 import weakref
@@ -598,7 +599,8 @@ def as_text(body: str, limit: int = MAX_RECORDED_FETCH_BODY, secrets: Sequence[s
     return body[:cut], True
 
 
-def secret_forms(value: str) -> list[str]:
+@functools.lru_cache(maxsize=1024)  # a tenant's secrets are the same for each of its requests
+def secret_forms(value: str) -> tuple[str, ...]:
     """A secret's value as it may appear in a recording: as is, and escaped by JSON once or twice
     (Flux itself JSON-encodes log arguments, fetch bodies and thrown non-Error values)."""
     forms = [value]
@@ -607,7 +609,7 @@ def secret_forms(value: str) -> list[str]:
         if escaped == forms[-1]:
             break
         forms.append(escaped)
-    return forms
+    return tuple(forms)
 
 
 def every_secret_form(secrets: dict[str, str]) -> list[str]:

@@ -498,7 +498,7 @@ def _depths(spans: list[dict[str, Any]]) -> dict[str, int]:
         while node in parents and node not in depth and node not in chain:
             chain.append(node)
             node = parents[node]
-        base = depth.get(node, -1) if node in depth else -1  # node: a known depth, or past the roots
+        base = depth.get(node, -1)  # a known depth, or past the roots (an unknown parent, a cycle)
         for n, member in enumerate(reversed(chain), start=1):
             depth[member] = base + n
     return depth

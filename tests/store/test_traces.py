@@ -19,6 +19,7 @@ from flux.store.traces import (
     insert_traces,
     list_traces,
     request_mutations,
+    root_cause,
 )
 from tests.traces_seed import FAIL, NO_TRACE, NOW, OK, OK2, fail_trace, mutation, seed, span, trace
 
@@ -223,6 +224,26 @@ def test_explain_of_a_successful_request_lists_its_rows_and_the_handled_failure(
     assert [(m.table, m.op, m.row_key) for m in why.mutations] == [("orders", "insert", {"id": 1})]
     assert why.notes == ()
     assert why.cause is not None and (why.cause.span, why.cause.label) == ("slack.notify", "429")
+
+
+def test_the_root_cause_of_a_nested_step_is_the_inner_step_though_it_is_listed_first(conn):
+    """Steps are recorded as they finish: an inner step before the outer one that holds it."""
+    gw = span("gateway", "server", "gateway", error="inner broke")
+    fn = span("f", "internal", "function", parent=gw, error="inner broke")
+    outer = span("outer", "internal", "step", parent=fn, error="inner broke")
+    inner = span("inner", "internal", "step", parent=outer, error="inner broke")
+    cause = root_cause([gw, fn, inner, outer])
+    assert cause is not None and cause.span == "inner"
+
+
+def test_explain_trusts_a_committed_transaction_when_the_log_has_no_rows(seeded):
+    """A 500 whose transaction committed: its writes went to tables that are not captured."""
+    gw = span("gateway", "server", "gateway", error="failed", http__status_code=500)
+    fn = span("f", "internal", "function", parent=gw, db__transaction="committed")
+    spans = [gw, fn, span("db.insert(unlogged)", "client", "db", parent=fn)]
+    insert_traces(seeded, [trace("c0ffee00-0000-4000-8000-000000000005", status=500, spans=spans)])
+    (note,) = explain(seeded, "c0ffee00").notes
+    assert "rolled back" not in note and "flux attach" in note
 
 
 def test_explain_notes_writes_the_log_did_not_record(seeded):

@@ -18,6 +18,7 @@ commit LSN in BEGIN.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,13 @@ from flux.errors import StreamError
 
 CONTEXT_PREFIX = "flux"
 MAX_RAW_CONTEXT = 4096
+# jsonb holds at most 256 MiB per value (and per string in it): a larger image would fail its
+# whole sink transaction on every retry. Columns that do not fit are left out of both images
+# and listed in missing_columns, largest first, with a warning (JSON text is at least as
+# large as jsonb's own form, so the margin covers jsonb's per-entry overhead).
+MAX_IMAGE_BYTES = 200 * 1024 * 1024
+
+log = logging.getLogger("flux.cdc")
 TupleValueNotToast: TypeAlias = str | bytes | None  # a pgoutput tuple value other than UNCHANGED_TOAST
 
 
@@ -348,9 +356,15 @@ class Assembler:
         seq = txn.seq
         txn.seq = seq + 1
         rel = table.relation
+        old_json = None if old is None else orjson.dumps(old)
+        new_json = None if new is None else orjson.dumps(new)
+        if len(old_json or b"") > MAX_IMAGE_BYTES or len(new_json or b"") > MAX_IMAGE_BYTES:
+            old_json, new_json, missing = _fit_images(old, new, missing, f"{rel.namespace}.{rel.name}", row_key)
+            if row_key is not None and len(row_key) > MAX_IMAGE_BYTES:
+                row_key = None
         return MutationRow(
             txn.request_id, txn.context, rel.namespace, rel.name, op, row_key,
-            None if old is None else _dumps(old), None if new is None else _dumps(new),
+            None if old_json is None else old_json.decode(), None if new_json is None else new_json.decode(),
             old_complete, missing, changed, txn.xid, txn.commit_lsn_text, txn.commit_time, seq,
         )  # fmt: skip
 
@@ -383,6 +397,31 @@ class Assembler:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _fit_images(
+    old: dict | None, new: dict | None, missing: list[str] | None, table: str, row_key: str | None
+) -> tuple[bytes | None, bytes | None, list[str] | None]:
+    """The images without their largest columns, until each fits in MAX_IMAGE_BYTES (see there)."""
+    sizes: dict[str, int] = {}
+    for image in (old, new):
+        for name, value in (image or {}).items():
+            sizes[name] = max(sizes.get(name, 0), len(orjson.dumps(value)))
+    dropped: list[str] = []
+    while True:
+        old_json = None if old is None else orjson.dumps(old)
+        new_json = None if new is None else orjson.dumps(new)
+        if len(old_json or b"") <= MAX_IMAGE_BYTES and len(new_json or b"") <= MAX_IMAGE_BYTES:
+            break
+        name = max((n for n in sizes if n not in dropped), key=sizes.__getitem__)
+        dropped.append(name)
+        old = None if old is None else {k: v for k, v in old.items() if k != name}
+        new = None if new is None else {k: v for k, v in new.items() if k != name}
+    for name in dropped:
+        log.warning("%s row %s: column %s (%d bytes as JSON) is too large for a jsonb image; "
+                    "it is left out of the images and listed in missing_columns",
+                    table, row_key if row_key is None or len(row_key) <= 200 else row_key[:200] + "…", name, sizes[name])
+    return old_json, new_json, (missing or []) + dropped
 
 
 def _odd_value(value: TupleValueNotToast, convert: Convert) -> Any:

@@ -21,6 +21,7 @@ class CdcStatus:
     current_lsn: str | None = None
     lag_bytes: int | None = None
     lag_seconds: float | None = None
+    lag_is_upper_bound: bool = False  # lag_seconds is the age of the newest recorded commit, not a measure
     retained_wal_bytes: int | None = None
     wal_status: str | None = None
     publication: str | None = None
@@ -76,9 +77,11 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
             if progress:
                 (status.mutations_recorded, status.last_commit_lsn, status.last_commit_time,
                  status.last_recorded_at, behind) = progress
-                if status.lag_seconds is None and not status.active:
-                    # No walsender to measure: the age of the newest recorded commit bounds the lag.
+                if status.lag_seconds is None and behind is not None:
+                    # No walsender measure (no consumer, or none reported since the WAL it is behind on
+                    # was written): the age of the newest recorded commit bounds the lag.
                     status.lag_seconds = behind
+                    status.lag_is_upper_bound = True
         if status.lag_seconds is None and status.lag_bytes == 0:
             status.lag_seconds = 0.0
         status.warnings = slot_warnings(conn, slot)

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import pq
 
 from flux.cdc.wire import format_lsn, pg_now_us, standby_status
-from flux.errors import ConnectionLostError, from_psycopg
+from flux.errors import ConnectionLostError, NotFoundError, PreflightError, from_psycopg
 
 WALSENDER_OPTIONS = (
     "-c DateStyle=ISO,YMD -c TimeZone=UTC -c IntervalStyle=iso_8601"
@@ -58,6 +58,7 @@ class ReplicationStream:
             )
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not open the replication connection", slot=self.slot) from exc
+        self._check_wal_level()
         pgconn = self._conn.pgconn
         command = (
             f"START_REPLICATION SLOT {quote_ident(self.slot)} LOGICAL {format_lsn(self.start_lsn)} "
@@ -80,6 +81,12 @@ class ReplicationStream:
             # down (57P01, 57P03) is a lost connection, a slot still held by a dying consumer
             # (55006) is transient, a missing slot or publication is not.
             exc = psycopg.errors.error_from_result(result)
+            if isinstance(exc, psycopg.errors.UndefinedObject):
+                raise NotFoundError(
+                    f"Replication slot {self.slot!r} does not exist",
+                    hint="Run `flux attach` on this database first, or pass the slot it made with --slot.",
+                    slot=self.slot,
+                ) from exc
             detail = exc.diag.message_detail
             if detail and "invalidated" in detail:  # PostgreSQL removed WAL the slot still needed
                 hint = ("The slot fell further behind than max_slot_wal_keep_size allows, so the changes made since the "
@@ -89,6 +96,23 @@ class ReplicationStream:
             raise from_psycopg(exc, failing, hint=hint, slot=self.slot, publication=self.publication)
         pgconn.nonblocking = 1
         self._pgconn = pgconn
+
+    def _check_wal_level(self) -> None:
+        """Refuse a server that cannot decode logically, with the fix, before asking for the slot
+        (whose own error would blame the slot). SHOW is a replication command: one round trip."""
+        assert self._conn is not None
+        try:
+            wal_level = self._conn.execute("SHOW wal_level").fetchone()[0]
+        except psycopg.Error as exc:
+            self.close()
+            raise from_psycopg(exc, "Could not read wal_level on the replication connection", slot=self.slot) from exc
+        if wal_level != "logical":
+            self.close()
+            raise PreflightError(
+                f"wal_level is '{wal_level}', logical decoding needs 'logical'",
+                hint="Run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL, and `flux attach` if not done yet.",
+                wal_level=wal_level, slot=self.slot,
+            )
 
     @property
     def is_open(self) -> bool:

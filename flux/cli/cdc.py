@@ -81,7 +81,8 @@ def render_status(s: CdcStatus) -> None:
         ("publication", f"{s.publication} ({s.published_tables} tables)" if s.publication else "-"),
         ("confirmed LSN", s.confirmed_lsn or "-"),
         ("server LSN", s.current_lsn or "-"),
-        ("lag", f"{_bytes(s.lag_bytes)} · {s.lag_seconds:.1f}s" if s.lag_seconds is not None else _bytes(s.lag_bytes)),
+        ("lag", _bytes(s.lag_bytes) if s.lag_seconds is None
+         else f"{_bytes(s.lag_bytes)} · {'at most ' if s.lag_is_upper_bound else ''}{s.lag_seconds:.1f}s"),
         ("retained WAL", f"{_bytes(s.retained_wal_bytes)}" + (f" ({s.wal_status})" if s.wal_status else "")),
         ("mutations", f"{s.mutations_recorded:,}"),
         ("last commit", f"{s.last_commit_time:%Y-%m-%d %H:%M:%S} UTC at {s.last_commit_lsn}" if s.last_commit_time else "-"),

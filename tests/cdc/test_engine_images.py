@@ -232,6 +232,38 @@ def test_changed_toasted_value_is_recorded_old_and_new(dsn, conn, capture):
     assert (m["old_complete"], m["missing_columns"], m["changed_columns"]) == (True, None, ["body"])
 
 
+# -- values too large for a jsonb image --------------------------------------------------------
+
+
+def test_the_image_size_cap_fits_in_jsonb(conn):
+    """The cap is what keeps a huge value from failing its sink transaction on every retry:
+    an image of that size, as one object with one string, must be a valid jsonb."""
+    from flux.cdc.assembler import MAX_IMAGE_BYTES
+
+    size = conn.execute("SELECT pg_column_size(jsonb_build_object('body', repeat('x', %s)))",
+                        (MAX_IMAGE_BYTES - len('{"body":""}'),)).fetchone()[0]
+    assert size > MAX_IMAGE_BYTES - 100
+
+
+def test_a_value_too_large_for_an_image_is_left_out_listed_missing_and_logged(dsn, conn, capture, monkeypatch, caplog):
+    from flux.cdc import assembler
+
+    monkeypatch.setattr(assembler, "MAX_IMAGE_BYTES", 50_000)
+    conn.execute("CREATE TABLE files (id int PRIMARY KEY, name text, body text, notes text)")
+    body, notes = big_text(80_000), big_text(30_000)
+    conn.execute("INSERT INTO files VALUES (1, 'a.txt', %s, %s)", (body, notes))
+    running = capture(tables=["files"])
+    write(dsn, "UPDATE files SET name = 'b.txt'", "INSERT INTO files VALUES (2, 'small', 's', 'n')")
+    running.caught_up()
+    big, small = mutations(dsn, "files")
+    assert big["old"] == {"id": 1, "name": "a.txt", "notes": notes}  # only the largest column had to go
+    assert big["new"] == {"id": 1, "name": "b.txt", "notes": notes}
+    assert (big["missing_columns"], big["changed_columns"], big["row_key"]) == (["body"], ["name"], {"id": 1})
+    assert small["new"] == {"id": 2, "name": "small", "body": "s", "notes": "n"} and small["missing_columns"] is None
+    [warning] = [r.getMessage() for r in caplog.records if "too large for a jsonb image" in r.getMessage()]
+    assert "public.files" in warning and '{"id":1}' in warning and "column body" in warning
+
+
 # -- key-only old images (identity no longer FULL) -------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import psycopg
@@ -99,6 +100,54 @@ def test_attach_refuses_wal_level_replica_and_shows_the_fix(replica_cluster):
     assert "ALTER SYSTEM SET wal_level = logical" in proc.stderr and "restart" in proc.stderr
 
 
+def test_cdc_run_refuses_wal_level_replica_with_the_fix_and_exit_4(replica_cluster):
+    proc = run_flux("cdc", "run", "--database", replica_cluster.start().dsn)
+    assert proc.returncode == 4, proc.stderr
+    assert "wal_level is 'replica'" in proc.stderr and "ALTER SYSTEM SET wal_level = logical" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cdc_run_without_attach_names_the_missing_slot_and_exits_3(dsn):
+    proc = run_flux("cdc", "run", "--database", dsn, "--slot", "never_made")
+    assert proc.returncode == 3, proc.stderr
+    assert "Replication slot 'never_made' does not exist" in proc.stderr and "flux attach" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def lost_slot_dsn(tmp_path_factory) -> str:
+    """A database whose slot PostgreSQL invalidated: it fell further behind than max_slot_wal_keep_size."""
+    state = tmp_path_factory.mktemp("small_wal_keep_cluster")
+    state.chmod(0o755)
+    cluster = Cluster(state_dir=state, settings={"fsync": "off", "max_slot_wal_keep_size": "'1MB'"})
+    dsn = cluster.start().dsn
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+            assert invoke("attach", "--database", dsn, "--tables", "users").exit_code == 0
+            for n in range(4):  # WAL segments the slot still needs, then a checkpoint removes them
+                conn.execute("INSERT INTO users SELECT g FROM generate_series(%s::int, %s::int) g", (n * 1000, n * 1000 + 999))
+                conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+            assert conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == "lost"
+        yield dsn
+    finally:
+        cluster.destroy()
+
+
+def test_cdc_run_on_an_invalidated_slot_says_the_gap_is_lost_and_how_to_start_over(lost_slot_dsn):
+    proc = run_flux("cdc", "run", "--database", lost_slot_dsn)
+    assert proc.returncode == 1, proc.stderr
+    assert "invalidated" in proc.stderr
+    assert "max_slot_wal_keep_size" in proc.stderr and "`flux detach` then `flux attach`" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cdc_status_warns_that_an_invalidated_slot_lost_changes(lost_slot_dsn):
+    data = json.loads(invoke("cdc", "status", "--database", lost_slot_dsn, "--json").stdout)
+    assert data["wal_status"] == "lost"
+    assert [w for w in data["warnings"] if "was invalidated" in w and "not recorded" in w]
+
+
 def test_attach_refuses_role_without_replication(dsn, conn):
     conn.execute("CREATE ROLE app_noreplication LOGIN")
     conn.execute("GRANT CREATE ON DATABASE " + conn.info.dbname + " TO app_noreplication")
@@ -186,6 +235,23 @@ def test_status_of_running_engine_reports_consumer_mutations_and_no_lag(dsn, con
     assert data["mutations_recorded"] == 10
     assert data["last_commit_lsn"] and data["lag_bytes"] is not None
     assert not any("no consumer" in w for w in data["warnings"])
+
+
+def test_status_of_a_stopped_engine_behind_bounds_its_lag_by_the_newest_recorded_commit(dsn, conn, capture):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    running = capture(tables=["users"])
+    conn.execute("INSERT INTO users VALUES (1)")
+    running.caught_up()
+    running.stop()
+    deadline = time.monotonic() + 10  # the walsender ends just after the engine
+    while conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0]:
+        assert time.monotonic() < deadline, "the slot stayed active after the engine stopped"
+        time.sleep(0.05)
+    conn.execute("INSERT INTO users VALUES (2)")
+    data = json.loads(invoke("cdc", "status", "--database", dsn, "--json").stdout)
+    assert data["consumer_running"] is False and data["lag_bytes"] > 0
+    assert data["lag_is_upper_bound"] is True and data["lag_seconds"] >= 0
+    assert "· at most " in invoke("cdc", "status", "--database", dsn).stdout
 
 
 def test_status_warns_when_retained_wal_is_large(dsn, conn):

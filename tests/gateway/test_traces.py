@@ -68,6 +68,16 @@ def _write(dsn: str, records: list[TraceRecord]) -> TraceWriter:
     return asyncio.run(main())
 
 
+def test_records_are_sent_as_utf8_whatever_the_client_encoding_the_environment_asks_for(dsn, conn, monkeypatch):
+    """The records go as JSON already encoded in UTF-8: a session in another encoding would store mojibake or refuse them."""
+    ensure_schema(conn)
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    text = "café 日本 ✓"
+    writer = _write(dsn, [dataclasses.replace(_record(1), error=text, response={"body": text})])
+    assert (writer.written, writer.failed) == (1, 0)
+    assert conn.execute("SELECT error, response->>'body' FROM flux.trace_requests").fetchone() == (text, text)
+
+
 def test_a_record_the_database_refuses_is_left_out_and_the_rest_are_written(dsn, conn: psycopg.Connection, caplog):
     """Retrying such a batch would stop every later trace from being written."""
     ensure_schema(conn)

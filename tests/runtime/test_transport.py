@@ -122,3 +122,25 @@ def test_proxies_from_the_environment_are_not_used(monkeypatch):
         assert result.status == 201
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("framing", ["content-length: 30", "connection: close"])
+def test_a_response_body_over_the_cap_raises_os_error_whether_or_not_it_declares_its_length(monkeypatch, framing):
+    from flux.runtime import host
+
+    monkeypatch.setattr(host, "MAX_FETCH_RESPONSE_BYTES", 10)
+
+    def reply(target: str, headers: dict[str, str], body: bytes) -> bytes:
+        return f"HTTP/1.1 200 OK\r\n{framing}\r\n\r\n".encode() + b"x" * 30
+
+    async def main() -> None:
+        server, base = await _server(reply)
+        transport = AiohttpTransport()
+        try:
+            with pytest.raises(OSError, match="the response body is over"):
+                await transport.send("GET", base + "/big", {}, None, 5.0)
+        finally:
+            await transport.aclose()
+            server.close()
+
+    asyncio.run(main())

@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from flux import STOP_SIGNALS
 from flux.cdc import pgoutput as pg
 from flux.cdc.assembler import Assembler, MutationRow, TransactionEnd
 from flux.cdc.pipelined import Durable, PipelinedSink
@@ -89,7 +90,7 @@ class Engine:
     def run(self, *, install_signal_handlers: bool = True) -> EngineStats:
         """Consume until stopped, reconnecting with capped exponential backoff."""
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, lambda *_: self.stop())
         delay = self.config.backoff_initial
         last_logged = 0.0
@@ -106,7 +107,7 @@ class Engine:
                 self.stats.reconnects += 1
                 now = time.monotonic()
                 if now - last_logged > 10 or delay <= self.config.backoff_initial:  # rate-limit repeated errors
-                    log.warning("%s; reconnecting in %.1fs", exc, delay)
+                    log.warning("%s; reconnecting in %.1fs%s", exc, delay, f" (hint: {exc.hint})" if exc.hint else "")
                     last_logged = now
                 session.close(flush=False)
                 self._stop.wait(delay)

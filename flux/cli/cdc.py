@@ -78,7 +78,7 @@ def render_status(s: CdcStatus) -> None:
     rows = [
         ("slot", "exists" if s.slot_exists else "[red]missing[/]"),
         ("consumer", consumer),
-        ("publication", f"{s.publication} ({s.published_tables} tables)" if s.publication else "-"),
+        ("publication", f"{s.publication} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})" if s.publication else "-"),
         ("confirmed LSN", s.confirmed_lsn or "-"),
         ("server LSN", s.current_lsn or "-"),
         ("lag", _bytes(s.lag_bytes) if s.lag_seconds is None

@@ -58,7 +58,8 @@ def dev(
         _warn_about_env_dsn(given)
         if given is None:
             cluster = Cluster(state_dir=state_dir)
-            console.print(f"Starting embedded PostgreSQL in {rich_escape(str(state_dir))} …")
+            verb = "Using the embedded PostgreSQL already running" if cluster.is_running() else "Starting embedded PostgreSQL"
+            console.print(f"{verb} in {rich_escape(str(state_dir))} …")
             info = cluster.start()
             db = Database(info.dsn, FROM_EMBEDDED, project_dir)
         else:
@@ -98,7 +99,7 @@ def dev(
             console.print("Embedded PostgreSQL stopped (data kept in .flux/).")
         elif info is not None:  # someone else started it, and may still use it
             console.print("Embedded PostgreSQL left running: it was running before this flux dev started"
-                          f" (pg_ctl stop -D {rich_escape(info.data_dir)} stops it).")
+                          f" ({rich_escape(cluster.stop_command())} stops it).")
         if lock is not None:
             lock.close()
 

@@ -28,7 +28,8 @@ WorkersOption = Annotated[
                  "further requests wait for a free slot. One process serves them all."),
 ]
 PoolOption = Annotated[int, typer.Option("--pool-size", help="Warm isolates kept ready per function.")]
-ProjectOption = Annotated[Path, typer.Option("--project", help="The project directory (holding flux.toml).")]
+ProjectOption = Annotated[Path, typer.Option("--project", help="The project directory (holding flux.toml); by default, "
+                                             "the one enclosing the current directory.", show_default=False)]
 RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write a trace row (spans and replay tape) per request.")]
 
 
@@ -60,8 +61,10 @@ def run_stack(
         elif cdc is not None:
             import signal
 
+            from flux import STOP_SIGNALS
+
             stop = threading.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, lambda *_: stop.set())
             if on_ready is not None:  # after the handlers: whoever is told we are ready may stop us
                 on_ready(None)

@@ -70,7 +70,7 @@ def requests(
     if json:
         print_json(rows)
     else:
-        render_requests(rows)
+        render_requests(rows, filtered=any(v is not None for v in (function, status, since, tenant)))
 
 
 def parse_since(text: str) -> timedelta:
@@ -281,10 +281,10 @@ def history_hint(m: RowChange) -> str | None:
     return f"flux state history {table} {keys}"
 
 
-def render_requests(rows: list[TraceSummary]) -> None:
+def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None:
     """One line per request, columns sized to their contents (lines wrap rather than clip)."""
     if not rows:
-        console.print("[dim]No requests recorded (that match).[/]")
+        console.print("[dim]No recorded request matches these filters.[/]" if filtered else "[dim]No requests recorded yet.[/]")
         return
     cells = [
         (r.id[:SHORT_ID], _time(r.started_at), f"{r.method} {r.path}", r.function or "—", str(r.status),

@@ -16,7 +16,6 @@ import asyncio
 import errno
 import gc
 import logging
-import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from psycopg_pool import AsyncConnectionPool
 
+from flux import STOP_SIGNALS
 from flux.errors import ConfigError, InUseError, from_psycopg
 from flux.gateway.app import Gateway, create_app
 from flux.gateway.traces import TraceWriter
@@ -157,7 +157,7 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     app = create_app(gateway, on_startup=started, on_shutdown=stop)
     shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             loop.add_signal_handler(sig, shutdown.set)
         except (NotImplementedError, RuntimeError):  # not the main thread

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -273,6 +274,12 @@ class Cluster:
         data_dir = self._data_dir(meta)
         if (data_dir / "PG_VERSION").exists():
             self._run([str(self.bindir / "pg_ctl"), "stop", "-w", "-m", mode, "-D", str(data_dir)], check=False)
+
+    def stop_command(self) -> str:
+        """The shell command that stops this cluster, for a person to run (as the server's account when root)."""
+        data_dir = self._data_dir(self._load_meta())
+        command = f"{shlex.quote(str(self.bindir / 'pg_ctl'))} stop -D {shlex.quote(str(data_dir))}"
+        return command if self._user is None else f"runuser -u {shlex.quote(self._user.pw_name)} -- {command}"
 
     def restart(self, *, mode: str = "fast") -> ClusterInfo:
         """Stop and start on the same port (tests use this to simulate a server restart)."""

@@ -129,7 +129,10 @@ def _load_error(function: Function, exc: JSEvalException) -> str:
     first = re.sub(r"^(<anonymous>|" + re.escape(function.display_path) + r"):", f"{function.display_path}:", first)
     if not first.startswith(function.display_path):
         first = f"{function.display_path}: {first}"
-    return first
+    # An error at the end of input is reported on the lines to_script appends: name the file's last line.
+    last_line = max(1, len(function.source.splitlines()))
+    return re.sub(r"^(" + re.escape(function.display_path) + r"):(\d+):",
+                  lambda m: f"{m.group(1)}:{min(int(m.group(2)), last_line)}:", first, count=1)
 
 
 # How often a reused isolate collects its garbage, and when it is retired. Used realms are

@@ -121,14 +121,40 @@ def test_a_second_dev_in_the_same_project_refuses_at_once_and_leaves_the_first_r
     assert first.returncode == 0
 
 
-def test_dev_leaves_running_an_embedded_server_it_did_not_start(project):
+def test_dev_leaves_running_an_embedded_server_it_did_not_start_and_prints_a_command_that_stops_it(project):
     cluster = Cluster(state_dir=project / ".flux")
     cluster.start()  # started by someone else, who may still be using it
-    proc, _ = start_dev(project)
+    printed: list[str] = []
+    proc, _ = start_dev(project, lines=printed)
     out = stop_dev(proc)
     assert proc.returncode == 0, out
+    assert "Using the embedded PostgreSQL already running" in "".join(printed)
     assert "Embedded PostgreSQL left running" in out and "Embedded PostgreSQL stopped" not in out
     assert cluster.is_running()
+    command = out.split("Embedded PostgreSQL left running", 1)[1].split("(", 1)[1].rsplit(" stops it)", 1)[0]
+    stopped = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0, stopped.stderr  # as printed, even as root
+    assert not cluster.is_running()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGHUP, signal.SIGTERM])
+def test_dev_stops_cleanly_on_a_closed_terminal_or_sigterm_with_and_without_functions(project, stop_signal):
+    printed: list[str] = []
+    write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
+    proc, _ = start_dev(project, lines=printed)
+    proc.send_signal(stop_signal)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "gateway http" in "".join(printed) + out and "Embedded PostgreSQL stopped" in out, out
+    assert not Cluster(state_dir=project / ".flux").is_running()
+
+
+def test_dev_without_functions_stops_cleanly_on_sighup(project):
+    proc, _ = start_dev(project)
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Embedded PostgreSQL stopped" in out, out
+    assert not Cluster(state_dir=project / ".flux").is_running()
 
 
 def test_dev_on_a_port_in_use_says_so_before_starting_the_database(project):

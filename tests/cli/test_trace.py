@@ -239,7 +239,12 @@ def test_requests_json_lists_summaries(seeded, dsn):
 
 
 def test_requests_with_nothing_matching_says_so(seeded, dsn):
-    assert "No requests recorded" in invoke(dsn, "requests", "--status", "4xx").output
+    assert "No recorded request matches these filters" in invoke(dsn, "requests", "--status", "4xx").output
+
+
+def test_requests_on_an_empty_store_says_nothing_is_recorded_yet(conn, dsn):
+    ensure_schema(conn)
+    assert "No requests recorded yet" in invoke(dsn, "requests").output
 
 
 def test_requests_bad_since_is_a_usage_error(seeded, dsn):

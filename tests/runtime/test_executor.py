@@ -200,6 +200,12 @@ def test_a_non_serializable_return_is_500_naming_the_value(tmp_path):
     assert result.status == 500 and "body.when is a Map" in result.error
 
 
+def test_a_file_that_ends_too_soon_is_reported_at_its_last_line(tmp_path):
+    write_project(tmp_path, {"cut": "export default async function () {\n  return {status: 200};\n"})
+    compiled = compile_function(load_project(tmp_path).functions["cut"])
+    assert compiled.error.startswith("functions/cut.js:2: SyntaxError: Unexpected end of input"), compiled.error
+
+
 def test_awaiting_a_promise_nothing_settles_is_a_clear_500(tmp_path):
     write_project(tmp_path, {"stuck": "export default async function () { await new Promise(() => {}); }"})
     result = run1(tmp_path, "stuck")

@@ -80,7 +80,7 @@ def mutations(dsn: str, table: str | None = None) -> list[dict]:
 
     query = (
         "SELECT request_id, context::text, schema_name, table_name, op, row_key::text, old::text, new::text,"
-        " old_complete, missing_columns, changed_columns, xid, commit_lsn::text, seq"
+        " old_complete, missing_columns, changed_columns, xid, commit_lsn::text, seq, old_row_key::text"
         " FROM flux.state_mutations {} ORDER BY commit_lsn, seq"
     )
     where, params = ("WHERE table_name = %s", (table,)) if table else ("", ())
@@ -88,11 +88,11 @@ def mutations(dsn: str, table: str | None = None) -> list[dict]:
         rows = conn.execute(query.format(where), params).fetchall()
     load = lambda text: None if text is None else json.loads(text, parse_float=Decimal)  # noqa: E731
     keys = ("request_id", "context", "schema", "table", "op", "row_key", "old", "new", "old_complete",
-            "missing_columns", "changed_columns", "xid", "commit_lsn", "seq")
+            "missing_columns", "changed_columns", "xid", "commit_lsn", "seq", "old_row_key")
     out = []
     for row in rows:
         item = dict(zip(keys, row))
-        for k in ("context", "row_key", "old", "new"):
+        for k in ("context", "row_key", "old", "new", "old_row_key"):
             item[k] = load(item[k])
         out.append(item)
     return out

@@ -80,18 +80,19 @@ class MutationRow:
     commit_lsn: str
     commit_time: datetime
     seq: int
+    old_row_key: str | None = None  # an UPDATE that changed the primary key: the old one (row_key is the new)
 
     def as_tuple(self) -> tuple:
         return (
             self.request_id, self.context, self.schema_name, self.table_name, self.op, self.row_key,
             self.old, self.new, self.old_complete, self.missing_columns, self.changed_columns,
-            self.xid, self.commit_lsn, self.commit_time, self.seq,
+            self.xid, self.commit_lsn, self.commit_time, self.seq, self.old_row_key,
         )
 
 
 COLUMNS = (
     "request_id", "context", "schema_name", "table_name", "op", "row_key", "old", "new", "old_complete",
-    "missing_columns", "changed_columns", "xid", "commit_lsn", "commit_time", "seq",
+    "missing_columns", "changed_columns", "xid", "commit_lsn", "commit_time", "seq", "old_row_key",
 )
 
 
@@ -345,12 +346,15 @@ class Assembler:
         changed: Sequence[str] | None,
         key_source: dict | None,
     ) -> MutationRow:
-        row_key = None
+        row_key = old_row_key = None
         if key_source is not None:
             pk = table.pk_names if table.pk_resolved else self._primary_key(table)
             if pk:
                 try:
-                    row_key = _dumps({name: key_source[name] for name in pk})
+                    key = {name: key_source[name] for name in pk}
+                    row_key = _dumps(key)
+                    if op == "update" and old is not None and any(old.get(name, key[name]) != key[name] for name in pk):
+                        old_row_key = _dumps({name: old.get(name) for name in pk})
                 except KeyError:  # a key column is not in this image
                     row_key = None
         seq = txn.seq
@@ -365,7 +369,7 @@ class Assembler:
         return MutationRow(
             txn.request_id, txn.context, rel.namespace, rel.name, op, row_key,
             None if old_json is None else old_json.decode(), None if new_json is None else new_json.decode(),
-            old_complete, missing, changed, txn.xid, txn.commit_lsn_text, txn.commit_time, seq,
+            old_complete, missing, changed, txn.xid, txn.commit_lsn_text, txn.commit_time, seq, old_row_key,
         )  # fmt: skip
 
     def _primary_key(self, table: _Table) -> tuple[str, ...]:

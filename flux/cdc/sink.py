@@ -123,7 +123,7 @@ def _copy_text(rows: Sequence[MutationRow]) -> Iterator[str]:
             *head, r.op, _text(r.row_key), _text(r.old), _text(r.new),
             "\\N" if complete is None else ("t" if complete else "f"),
             _array(r.missing_columns, arrays), _array(r.changed_columns, arrays), txn_text,
-        )) + str(r.seq) + "\n"
+        )) + str(r.seq) + ("\t\\N\n" if r.old_row_key is None else f"\t{_text(r.old_row_key)}\n")
         lines.append(line)
         size += len(line)
         if size >= _COPY_CHUNK:

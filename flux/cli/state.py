@@ -7,6 +7,7 @@ rich text or `--json`. Times are shown in UTC.
 from __future__ import annotations
 
 import re
+import shlex
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any
@@ -147,12 +148,12 @@ def render_history(h: RowHistory) -> None:
     for m in h.mutations:
         console.print()
         console.print(f"  {_time(m.commit_time)}  {_who(m)}")
-        for line in _mutation_lines(m, width):
+        for line in _mutation_lines(m, width, h.schema, h.table):
             console.print(line)
     console.print()
 
 
-def _mutation_lines(m: Mutation, width: int) -> list[str]:
+def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[str]:
     def col(name: str) -> str:
         return escape(name.ljust(width))
 
@@ -178,7 +179,32 @@ def _mutation_lines(m: Mutation, width: int) -> list[str]:
         lines = ["  [red]-[/] truncated [dim](every row of the table)[/]"]
     if m.op in ("update", "delete") and m.old_complete is False:
         lines.append("    [dim](only key columns of the old row are known)[/]")
+    if m.key_change == "out" and m.row_key is not None:
+        lines.append(f"    [yellow]primary key changed to {escape(_key(m.row_key))}[/] [dim]· the row goes on in "
+                     f"{escape(history_command(schema, table, m.row_key))}[/]")
+    elif m.key_change == "in" and m.old_row_key is not None:
+        lines.append(f"    [yellow]primary key changed from {escape(_key(m.old_row_key))}[/] [dim]· earlier changes: "
+                     f"{escape(history_command(schema, table, m.old_row_key))}[/]")
     return lines
+
+
+def key_arg(value: Any) -> str:
+    """A key value as a command-line argument."""
+    return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+
+
+def history_command(schema: str, table: str, row_key: dict[str, Any]) -> str:
+    """`flux state history` of the row with this primary key."""
+    name = shlex.quote(queries.format_table(schema, table))
+    if len(row_key) == 1:
+        (value,) = row_key.values()
+        return f"flux state history {name} --id {shlex.quote(key_arg(value))}"
+    keys = " ".join(f"--key {shlex.quote(f'{col}={key_arg(v)}')}" for col, v in row_key.items())
+    return f"flux state history {name} {keys}"
+
+
+def _key(row_key: dict[str, Any]) -> str:
+    return ", ".join(f"{c} = {_value(v)}" for c, v in row_key.items())
 
 
 def render_row_blame(b: RowBlame) -> None:
@@ -186,8 +212,11 @@ def render_row_blame(b: RowBlame) -> None:
     console.print(f"  [bold]Blame[/]  {_row_title(b.schema, b.table, b.match)}")
     console.print(f"  [dim]{RULE}[/]")
     if b.deleted and b.deleted_by is not None:
-        how = "truncated" if b.deleted_by.op == "truncate" else "deleted"
+        how = "truncated" if b.deleted_by.op == "truncate" else "moved" if b.moved_to is not None else "deleted"
         console.print(f"  [red]{how}[/]  {_time(b.deleted_by.commit_time)}  {_who(b.deleted_by)}")
+        if b.moved_to is not None:
+            console.print(f"  [dim]its primary key became {escape(_key(b.moved_to))}: "
+                          f"{escape(history_command(b.schema, b.table, b.moved_to).replace('history', 'blame', 1))}[/]")
         if b.columns:
             console.print("  [dim]values before it:[/]")
     width = max([8, *(len(c.column) for c in b.columns)])

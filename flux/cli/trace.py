@@ -14,12 +14,12 @@ from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.markup import escape
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, print_json
+from flux.cli.state import history_command, key_arg
 from flux.errors import ConfigError
 from flux.store import traces
 from flux.store.queries import format_table
@@ -257,28 +257,19 @@ def _why_cause(w: Why, t: TraceRecord) -> None:
         console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
 
 
-def _arg(value: Any) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
-
-
 def _key_text(m: RowChange) -> str:
     if m.op == "truncate":
         return "every row"
     if not m.row_key:
         return "(no primary key)"
-    return ", ".join(f"{col} = {_arg(v)}" for col, v in m.row_key.items())
+    return ", ".join(f"{col} = {key_arg(v)}" for col, v in m.row_key.items())
 
 
 def history_hint(m: RowChange) -> str | None:
     """The `flux state` command that shows the row's whole history."""
-    table = shlex.quote(format_table(m.schema, m.table))
     if m.op == "truncate" or not m.row_key:
-        return f"flux state blame {table}"
-    if len(m.row_key) == 1:
-        (value,) = m.row_key.values()
-        return f"flux state history {table} --id {shlex.quote(_arg(value))}"
-    keys = " ".join(f"--key {shlex.quote(f'{col}={_arg(v)}')}" for col, v in m.row_key.items())
-    return f"flux state history {table} {keys}"
+        return f"flux state blame {shlex.quote(format_table(m.schema, m.table))}"
+    return history_command(m.schema, m.table, m.row_key)
 
 
 def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None:

@@ -19,6 +19,7 @@ its table that had a mutation before it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -72,6 +73,10 @@ class Mutation:
     old_complete: bool | None
     missing_columns: tuple[str, ...] | None
     changed_columns: tuple[str, ...] | None
+    old_row_key: dict[str, Any] | None = None  # an update that changed the primary key: the old one
+    # In a row's history, for an update that changed its primary key: "out" when it moved the row
+    # away from the key asked for (to `row_key`), "in" when it brought the row there (from `old_row_key`).
+    key_change: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +116,10 @@ class RowBlame:
     table: str
     match: dict[str, str]
     deleted: bool
-    deleted_by: Writer | None  # the delete or truncate that removed the row
+    deleted_by: Writer | None  # the delete or truncate that removed the row, or the update that moved it
     last: Writer  # the row's latest mutation
     columns: tuple[ColumnBlame, ...]  # current values; when deleted, the values it had
+    moved_to: dict[str, Any] | None = None  # deleted_by changed the row's primary key to this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +220,12 @@ def load_json(text: str | None) -> Any:
 
 _MUTATION_COLUMNS = sql.SQL(
     "op, request_id, context->>'function', context::text, xid, commit_lsn::text, commit_time, seq,"
-    " row_key::text, old::text, new::text, old_complete, missing_columns, changed_columns"
+    " row_key::text, old::text, new::text, old_complete, missing_columns, changed_columns, old_row_key::text"
 )
 
 
 def _mutation(row: tuple, columns: tuple[str, ...] = ()) -> Mutation:
-    op, rid, fn, ctx, xid, lsn, time, seq, key, old, new, complete, missing, changed = row[:14]
+    op, rid, fn, ctx, xid, lsn, time, seq, key, old, new, complete, missing, changed, old_key = row[:15]
     return Mutation(
         op=op, request_id=rid, function=fn, context=load_json(ctx), xid=xid, commit_lsn=lsn,
         commit_time=time, seq=seq, row_key=load_json(key),
@@ -227,6 +233,7 @@ def _mutation(row: tuple, columns: tuple[str, ...] = ()) -> Mutation:
         old_complete=complete,
         missing_columns=tuple(missing) if missing is not None else None,
         changed_columns=tuple(changed) if changed is not None else None,
+        old_row_key=load_json(old_key),
     )
 
 
@@ -398,11 +405,15 @@ def _row_match(
             hint=f"Use {example}", table=name,
         )
     ordered = {c: key[c] for c in pk}
-    # The hash finds the row through its index; the exact comparison rules out collisions.
+    # The hash finds the row through its index; the exact comparison rules out collisions. An
+    # update that changed the primary key belongs to the histories of both keys.
     where = sql.SQL(
-        "flux.row_hash(schema_name, table_name, row_key)"
+        "(flux.row_hash(schema_name, table_name, row_key)"
         " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
         " AND row_key = ANY(%(forms)s::jsonb[])"
+        " OR old_row_key IS NOT NULL AND flux.row_hash(schema_name, table_name, old_row_key)"
+        " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
+        " AND old_row_key = ANY(%(forms)s::jsonb[]))"
     )
     return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(ordered)}, columns)
 
@@ -440,7 +451,12 @@ def _fetch_row(
     """The row's mutations and the truncates after its first one, newest `limit`, oldest first."""
     rows = conn.execute(*_row_query(schema, table, m, limit)).fetchall()
     total = rows[0][-1] if rows else 0
-    return total, [_mutation(r[2:], m.columns) for r in reversed(rows)]
+    mutations = [_mutation(r[2:], m.columns) for r in reversed(rows)]
+    if m.matched_on == "row_key":
+        keys = [load_json(form) for form in m.params["forms"]]
+        mutations = [mut if mut.old_row_key is None else
+                     dataclasses.replace(mut, key_change="out" if mut.old_row_key in keys else "in") for mut in mutations]
+    return total, mutations
 
 
 # -- history ---------------------------------------------------------------------------------
@@ -493,21 +509,49 @@ def row_blame(
     _, mutations = _fetch_row(conn, schema, table, m, None)
     if not mutations:
         _no_row(schema, table, m)
-    return _blame(schema, table, m.match, mutations)
+    return _blame(schema, table, m.match, _with_earlier_keys(conn, schema, table, mutations))
+
+
+MAX_KEY_HOPS = 16  # how many primary-key changes blame follows back
+
+
+def _with_earlier_keys(conn: psycopg.Connection, schema: str, table: str, mutations: list[Mutation],
+                       hops: int = MAX_KEY_HOPS) -> list[Mutation]:
+    """The current row's changes: when an update brought it to this key from another one, the
+    changes it had under that key come first (as `git log --follow` does), back to its insert."""
+    arrivals = [i for i, mut in enumerate(mutations) if mut.key_change == "in"]
+    if not arrivals or hops == 0:
+        return mutations
+    arrival = mutations[arrivals[-1]]
+    assert arrival.old_row_key is not None
+    before = _row_match(conn, schema, table, None, {c: _key_text(v) for c, v in arrival.old_row_key.items()})
+    _, earlier = _fetch_row(conn, schema, table, before, None)
+    at = next((i for i, mut in enumerate(earlier) if (mut.commit_lsn, mut.seq) == (arrival.commit_lsn, arrival.seq)), 0)
+    return _with_earlier_keys(conn, schema, table, earlier[:at], hops - 1) + mutations[arrivals[-1]:]
+
+
+def _key_text(value: Any) -> str:
+    """A recorded key value as the CLI would give it (its forms match what was recorded)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutation]) -> RowBlame:
     state: dict[str, ColumnBlame] = {}
     deleted_by: Writer | None = None
+    moved_to: dict[str, Any] | None = None
     for mut in mutations:
         w = _writer(mut)
-        if mut.op in ("delete", "truncate"):
-            deleted_by = w
+        if mut.op in ("delete", "truncate") or mut.key_change == "out":
+            deleted_by, moved_to = w, mut.row_key if mut.key_change == "out" else None
             continue
         image = mut.new or {}
         missing = set(mut.missing_columns or ())
         if mut.op == "insert" or deleted_by is not None:
-            state, deleted_by = {}, None
+            state, deleted_by, moved_to = {}, None, None
         changed = set(mut.changed_columns) if mut.changed_columns is not None else None
         next_state: dict[str, ColumnBlame] = {}
         for col, value in image.items():
@@ -530,7 +574,7 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
         state = next_state
     return RowBlame(
         schema=schema, table=table, match=match, deleted=deleted_by is not None, deleted_by=deleted_by,
-        last=_writer(mutations[-1]), columns=tuple(state.values()),
+        last=_writer(mutations[-1]), columns=tuple(state.values()), moved_to=moved_to,
     )
 
 

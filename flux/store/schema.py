@@ -10,6 +10,8 @@ This module owns the DDL and its version. It does not decide what is captured (t
   is no old image (insert). `missing_columns` lists columns whose value is unknown in both
   images (an unchanged TOASTed value with no full old image).
 - `changed_columns` is NULL when it cannot be known (old image incomplete).
+- `old_row_key` is the old primary key of an UPDATE that changed it (`row_key` is the new one);
+  NULL otherwise (v5).
 
 Its indexes are chosen for write cost as much as for reads: the engine appends every row
 change, so each index is paid for per row. History by row goes through `flux.row_hash()`, an
@@ -38,7 +40,7 @@ import psycopg
 from flux.errors import ConfigError
 
 SCHEMA = "flux"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # jsonb_hash_extended and hashtextextended are the functions hash partitioning relies on, so
 # their values are stable across PostgreSQL versions.
@@ -64,6 +66,15 @@ CREATE INDEX IF NOT EXISTS state_mutations_table_hash_idx
     ON flux.state_mutations (flux.table_hash(schema_name, table_name), commit_lsn, seq);
 -- Lookups by id: ids increase in insert order, so block ranges summarise them well.
 CREATE INDEX IF NOT EXISTS state_mutations_id_idx ON flux.state_mutations USING brin (id);
+"""
+
+# v5: an UPDATE that changes the primary key also carries the old key, so that the history of
+# the old key ends with it. Few rows have one, so the index is partial and costs the engine
+# nothing per row otherwise.
+OLD_ROW_KEY_INDEX = """
+CREATE INDEX IF NOT EXISTS state_mutations_old_row_hash_idx
+    ON flux.state_mutations (flux.row_hash(schema_name, table_name, old_row_key), commit_lsn, seq)
+    WHERE old_row_key IS NOT NULL;
 """
 
 # Shared by the DDL and the v2 -> v3 migration.
@@ -110,6 +121,8 @@ ALTER TABLE flux.state_mutations
     DROP CONSTRAINT state_mutations_commit_lsn_seq_key,
     ADD CONSTRAINT state_mutations_pkey PRIMARY KEY (commit_lsn, seq);
 """,
+    # v5 records the old key of a key-changing UPDATE.
+    5: "ALTER TABLE flux.state_mutations ADD COLUMN IF NOT EXISTS old_row_key jsonb;\n" + OLD_ROW_KEY_INDEX,
 }
 
 DDL = """
@@ -138,11 +151,13 @@ CREATE TABLE IF NOT EXISTS flux.state_mutations (
     commit_time     timestamptz NOT NULL,
     seq             integer NOT NULL,
     recorded_at     timestamptz NOT NULL DEFAULT now(),
+    old_row_key     jsonb,
     CONSTRAINT state_mutations_pkey PRIMARY KEY (commit_lsn, seq)
 );
 
 {row_hash}
 {table_hash}
+{old_row_key_index}
 
 -- The engine's progress, written in the same transaction as the mutations it covers.
 CREATE TABLE IF NOT EXISTS flux.cdc_progress (
@@ -177,7 +192,8 @@ CREATE TABLE IF NOT EXISTS flux.replica_identity_changes (
 );
 
 {traces}
-""".replace("{row_hash}", ROW_HASH).replace("{table_hash}", TABLE_HASH).replace("{traces}", TRACES)
+""".replace("{row_hash}", ROW_HASH).replace("{table_hash}", TABLE_HASH).replace("{old_row_key_index}", OLD_ROW_KEY_INDEX) \
+   .replace("{traces}", TRACES)
 
 
 def schema_version(conn: psycopg.Connection) -> int | None:

@@ -264,6 +264,31 @@ def test_a_value_too_large_for_an_image_is_left_out_listed_missing_and_logged(ds
     assert "public.files" in warning and '{"id":1}' in warning and "column body" in warning
 
 
+# -- primary-key changes ------------------------------------------------------------------------
+
+
+def test_an_update_that_changes_the_primary_key_records_the_old_key_too(dsn, conn, capture):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    conn.execute("INSERT INTO users VALUES (1, 'a')")
+    running = capture(tables=["users"])
+    write(dsn, "UPDATE users SET id = 2", "UPDATE users SET email = 'b'")
+    running.caught_up()
+    moved, renamed = mutations(dsn, "users")
+    assert (moved["row_key"], moved["old_row_key"], moved["changed_columns"]) == ({"id": 2}, {"id": 1}, ["id"])
+    assert (renamed["row_key"], renamed["old_row_key"]) == ({"id": 2}, None)
+
+
+def test_a_key_change_without_full_identity_records_the_old_key_from_the_key_image(dsn, conn, capture):
+    conn.execute("CREATE TABLE users (a int, b text, email text, PRIMARY KEY (a, b))")
+    conn.execute("INSERT INTO users VALUES (1, 'x', 'e')")
+    running = capture(tables=["users"])
+    conn.execute("ALTER TABLE users REPLICA IDENTITY DEFAULT")
+    write(dsn, "UPDATE users SET b = 'y'")
+    running.caught_up()
+    m = only(dsn, "users")
+    assert (m["row_key"], m["old_row_key"], m["old_complete"]) == ({"a": 1, "b": "y"}, {"a": 1, "b": "x"}, False)
+
+
 # -- key-only old images (identity no longer FULL) -------------------------------------------
 
 

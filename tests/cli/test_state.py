@@ -20,16 +20,16 @@ RID3 = "7b1d3f9a-0000-4000-8000-000000000003"
 
 def record(conn: psycopg.Connection, table: str, op: str, *, schema: str = "public", request_id: str | None = None,
            function: str | None = None, key: Any = None, old: Any = None, new: Any = None,
-           old_complete: bool | None = None, changed: list[str] | None = None) -> None:
+           old_complete: bool | None = None, changed: list[str] | None = None, old_key: Any = None) -> None:
     """Write one mutation in its own transaction, a minute after the previous one; JSON text passes as is."""
     n = conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0]
     context = {"request_id": request_id, "function": function} if request_id else None
     conn.execute(
         "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, old, new,"
-        " old_complete, changed_columns, xid, commit_lsn, commit_time, seq)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, 0)",
+        " old_complete, changed_columns, xid, commit_lsn, commit_time, seq, old_row_key)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, 0, %s)",
         (request_id, _j(context), schema, table, op, _j(key), _j(old), _j(new), old_complete, changed,
-         1200 + n, f"0/{(n + 1) * 0x100:X}", T0 + timedelta(minutes=n)),
+         1200 + n, f"0/{(n + 1) * 0x100:X}", T0 + timedelta(minutes=n), _j(old_key)),
     )
 
 
@@ -181,6 +181,34 @@ def test_blame_of_deleted_row_says_who_deleted_it(users, dsn):
            old={"id": 42, "email": "alice@example.com", "plan": "pro"}, old_complete=True)
     out = invoke(dsn, "blame", "users", "--id", "42").output
     assert "deleted  2026-03-10 14:23:11  req:550e8400  purge" in out
+
+
+def _move_42_to_43(users) -> None:
+    record(users, "users", "update", request_id=RID2, function="merge", key={"id": 43}, old_key={"id": 42}, old_complete=True,
+           old={"id": 42, "email": "alice@example.com", "plan": "pro"},
+           new={"id": 43, "email": "alice@example.com", "plan": "pro"}, changed=["id"])
+
+
+def test_history_of_both_keys_shows_the_key_change_and_points_to_the_other(users, dsn):
+    _move_42_to_43(users)
+    old_key = invoke(dsn, "history", "users", "--id", "42").output
+    assert "id       → 43  (was 42)" in old_key
+    assert "primary key changed to id = 43 · the row goes on in flux state history users --id 43" in old_key
+    new_key = invoke(dsn, "history", "users", "--id", "43").output
+    assert "primary key changed from id = 42 · earlier changes: flux state history users --id 42" in new_key
+    data = json.loads(invoke(dsn, "history", "users", "--id", "43", "--json").stdout)
+    [moved] = data["mutations"]
+    assert (moved["key_change"], moved["old_row_key"], moved["row_key"]) == ("in", {"id": 42}, {"id": 43})
+
+
+def test_blame_of_an_old_key_says_where_the_row_moved(users, dsn):
+    _move_42_to_43(users)
+    out = invoke(dsn, "blame", "users", "--id", "42").output
+    assert "moved  2026-03-10 14:23:11  req:550e8400  merge" in out
+    assert "its primary key became id = 43: flux state blame users --id 43" in out
+    data = json.loads(invoke(dsn, "blame", "users", "--id", "43", "--json").stdout)
+    by = {c["column"]: c["set_by"]["request_id"] for c in data["columns"]}
+    assert by == {"id": RID2, "email": RID1, "plan": RID3}  # followed back through the key change
 
 
 def test_blame_without_key_lists_recently_changed_rows(users, dsn):

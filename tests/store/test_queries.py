@@ -38,6 +38,7 @@ def record(
     changed: list[str] | None = None,
     seq: int = 0,
     tx: int | None = None,
+    old_key: dict | None = None,
 ) -> int:
     """Write one mutation as the engine would: each call its own transaction unless `tx` is given.
 
@@ -51,11 +52,11 @@ def record(
     context = {"request_id": request_id, "function": function} if request_id else None
     conn.execute(
         "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, old, new,"
-        " old_complete, changed_columns, xid, commit_lsn, commit_time, seq)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s)",
+        " old_complete, changed_columns, xid, commit_lsn, commit_time, seq, old_row_key)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s, %s)",
         (
             request_id, _j(context), schema, table, op, _j(key), _j(old), _j(new), old_complete, changed,
-            1000 + n, f"0/{n * 0x100:X}", T0 + timedelta(seconds=n), seq,
+            1000 + n, f"0/{n * 0x100:X}", T0 + timedelta(seconds=n), seq, _j(old_key),
         ),
     )
     return n
@@ -284,6 +285,44 @@ def test_blame_of_truncated_row_is_deleted_by_the_truncate(log):
     record(log, "users", "truncate", request_id="t")
     b = row_blame(log, "public", "users", id_value="1")
     assert b.deleted and b.deleted_by.op == "truncate" and b.deleted_by.request_id == "t"
+
+
+def _moved_twice(log) -> None:
+    """users 1 is inserted and upgraded, becomes 2 (r3), is renamed, then becomes 3 (r5)."""
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text, plan text)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1, "email": "a", "plan": "free"})
+    record(log, "users", "update", request_id="r2", key={"id": 1},
+           old={"id": 1, "email": "a", "plan": "free"}, new={"id": 1, "email": "a", "plan": "pro"})
+    record(log, "users", "update", request_id="r3", key={"id": 2}, old_key={"id": 1},
+           old={"id": 1, "email": "a", "plan": "pro"}, new={"id": 2, "email": "a", "plan": "pro"})
+    record(log, "users", "update", request_id="r4", key={"id": 2},
+           old={"id": 2, "email": "a", "plan": "pro"}, new={"id": 2, "email": "b", "plan": "pro"})
+    record(log, "users", "update", request_id="r5", key={"id": 3}, old_key={"id": 2},
+           old={"id": 2, "email": "b", "plan": "pro"}, new={"id": 3, "email": "b", "plan": "pro"})
+
+
+def test_history_of_each_key_holds_the_update_that_changed_it_marked_out_or_in(log):
+    _moved_twice(log)
+    first = row_history(log, "public", "users", id_value="1")
+    assert [(m.request_id, m.key_change) for m in first.mutations] == [("r1", None), ("r2", None), ("r3", "out")]
+    assert first.mutations[-1].row_key == {"id": 2} and first.mutations[-1].old_row_key == {"id": 1}
+    middle = row_history(log, "public", "users", id_value="2")
+    assert [(m.request_id, m.key_change) for m in middle.mutations] == [("r3", "in"), ("r4", None), ("r5", "out")]
+
+
+def test_blame_by_an_old_key_says_the_row_moved_and_where(log):
+    _moved_twice(log)
+    b = row_blame(log, "public", "users", id_value="1")
+    assert b.deleted and b.deleted_by.request_id == "r3" and b.moved_to == {"id": 2}
+    assert {c.column: c.value for c in b.columns} == {"id": 1, "email": "a", "plan": "pro"}
+
+
+def test_blame_by_the_current_key_follows_the_row_back_through_its_key_changes(log):
+    _moved_twice(log)
+    b = row_blame(log, "public", "users", id_value="3")
+    assert not b.deleted and b.moved_to is None and b.last.request_id == "r5"
+    by = {c.column: (c.value, c.set_by.request_id) for c in b.columns}
+    assert by == {"id": (3, "r5"), "email": ("b", "r4"), "plan": ("pro", "r2")}
 
 
 def test_table_blame_lists_recent_rows_once_with_last_writer(log):

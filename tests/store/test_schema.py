@@ -11,6 +11,12 @@ from flux.store import queries
 from flux.store.schema import SCHEMA_VERSION, ensure_schema, schema_version
 
 # Each older version as its DDL left the log: a current schema taken back step by step.
+V4_LOG = """
+DROP INDEX flux.state_mutations_old_row_hash_idx;
+ALTER TABLE flux.state_mutations DROP COLUMN old_row_key;
+UPDATE flux.meta SET value = '4' WHERE key = 'schema_version';
+"""
+
 V3_LOG = """
 DROP INDEX flux.state_mutations_table_hash_idx;
 DROP INDEX flux.state_mutations_id_idx;
@@ -53,8 +59,13 @@ def _insert(conn: psycopg.Connection, table: str, key: int, lsn: int) -> None:
     )
 
 
-def _as_v3(conn: psycopg.Connection) -> None:
+def _as_v4(conn: psycopg.Connection) -> None:
     ensure_schema(conn)
+    conn.execute(V4_LOG)
+
+
+def _as_v3(conn: psycopg.Connection) -> None:
+    _as_v4(conn)
     conn.execute(V3_LOG)
 
 
@@ -81,7 +92,7 @@ def _has_traces(conn: psycopg.Connection) -> bool:
 
 def test_ensure_schema_creates_the_current_version_then_changes_nothing(conn):
     assert ensure_schema(conn) is True
-    assert schema_version(conn) == SCHEMA_VERSION == 4
+    assert schema_version(conn) == SCHEMA_VERSION == 5
     assert _has_traces(conn)
     assert ensure_schema(conn) is False
 
@@ -101,6 +112,15 @@ def _constraints(conn: psycopg.Connection) -> dict[str, str]:
         " AND contype IN ('p', 'u')"
     )
     return dict(rows.fetchall())
+
+
+def test_ensure_schema_upgrades_v4_to_v5_recording_old_keys_and_keeps_the_log(conn):
+    _with_one_recorded_user(conn, _as_v4)
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert "state_mutations_old_row_hash_idx" in _indexes(conn)
+    history = queries.row_history(conn, "public", "users", id_value="7")
+    assert [(m.new, m.old_row_key) for m in history.mutations] == [({"id": 7}, None)]
 
 
 def test_ensure_schema_upgrades_v3_to_v4_with_cheaper_indexes_and_keeps_the_log(conn):
@@ -168,7 +188,7 @@ def test_row_history_finds_the_row_through_the_hash_index(conn):
     match = queries._row_match(conn, "public", "users", "42", None)
     query, params = queries._row_query("public", "users", match, None)
     plan = json.dumps(conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()[0])
-    assert "state_mutations_row_hash_idx" in plan
+    assert "state_mutations_row_hash_idx" in plan and "state_mutations_old_row_hash_idx" in plan
     assert "Seq Scan" not in plan
 
 

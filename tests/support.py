@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -96,3 +97,21 @@ def mutations(dsn: str, table: str | None = None) -> list[dict]:
             item[k] = load(item[k])
         out.append(item)
     return out
+
+
+@contextmanager
+def table_owner_role(conn: psycopg.Connection, dsn: str, name: str) -> Iterator[str]:
+    """A non-superuser role that may replicate and create tables in `dsn`'s database (so it owns
+    what it creates), as an application's owner role is; yields its DSN. Dropped afterwards, with
+    everything it owns."""
+    db = conn.info.dbname
+    conn.execute(f"CREATE ROLE {name} LOGIN REPLICATION")
+    conn.execute(f'GRANT CREATE ON DATABASE "{db}" TO {name}')
+    conn.execute(f"GRANT CREATE ON SCHEMA public TO {name}")
+    try:
+        yield dsn.replace("postgres@", f"{name}@")
+    finally:
+        conn.execute(f"DROP OWNED BY {name}")
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {name}")
+        conn.execute(f'REVOKE CREATE ON DATABASE "{db}" FROM {name}')
+        conn.execute(f"DROP ROLE {name}")

@@ -53,12 +53,8 @@ class Catalog(Protocol):
     def learn_types(self, types: TypeCatalog, type_oids: list[int]) -> None:
         """Teach `types` the given non-built-in type OIDs."""
 
-    def identity_full_everywhere(self, relation_id: int) -> bool:
-        """Whether every partition under a relation is REPLICA IDENTITY FULL (True for a plain table).
-
-        pgoutput sends a partition's old row as 'O' (complete) when its published root is FULL,
-        even when the partition itself only logged its key columns.
-        """
+    def is_partitioned(self, relation_id: int) -> bool:
+        """Whether a relation is a partitioned table (False for a plain one, or one that is gone)."""
 
 
 @dataclass(slots=True)
@@ -133,9 +129,10 @@ class _Table:
     converters: tuple[Convert, ...]
     key_indexes: tuple[int, ...]  # replica identity key columns (pgoutput flags)
     full_identity: bool
-    old_images_full: bool  # 'O' old tuples really are whole rows (see Catalog.identity_full_everywhere)
+    partitioned: bool  # its 'O' old tuples may be key-only rows (see Assembler._old_is_whole)
     pk_resolved: bool = False
     pk_names: tuple[str, ...] = field(default_factory=tuple)
+    pk_positions: frozenset[int] | None = None
 
 
 _NUL_ESCAPE = re.compile(r"\\(u0000|.)", re.S)  # each escape in turn: `\\u0000` is not a NUL
@@ -158,7 +155,11 @@ def parse_context(content: bytes) -> tuple[str | None, str]:
         if isinstance(request_id, str) and request_id:
             text = content.decode()  # orjson accepted it: valid UTF-8
             if jsonb_refuses(text):
-                text = _NUL_ESCAPE.sub(_no_nul, orjson.dumps(value).decode())
+                # U+0000 escapes as U+FFFD in the text as sent, which keeps its numbers exact;
+                # re-encoded only when that is not enough (lone surrogates, huge numbers).
+                text = _NUL_ESCAPE.sub(_no_nul, text)
+                if jsonb_refuses(text):
+                    text = _NUL_ESCAPE.sub(_no_nul, orjson.dumps(value).decode())
                 request_id = request_id.replace("\x00", "\ufffd")
             return request_id, text
         problem = "request_id missing or not a non-empty string"
@@ -216,7 +217,7 @@ class Assembler:
             converters=tuple(self.types.converter_or_text(c.type_oid) for c in msg.columns),
             key_indexes=tuple(i for i, c in enumerate(msg.columns) if c.is_key),
             full_identity=msg.replica_identity == "f",
-            old_images_full=msg.replica_identity == "f" and self.catalog.identity_full_everywhere(msg.relation_id),
+            partitioned=msg.replica_identity == "f" and self.catalog.is_partitioned(msg.relation_id),
         )
 
     def message(self, msg: pg.LogicalMessage) -> Backfill | None:
@@ -241,7 +242,7 @@ class Assembler:
     def update(self, msg: pg.Update) -> MutationRow:
         txn = self._txn or self._require("UPDATE", 0)
         table = self._table(msg.relation_id)
-        if msg.old_kind == "O" and table.old_images_full:
+        if msg.old_kind == "O" and self._old_is_whole(table, msg.old):
             old, new, changed, missing = self._update_images(table, msg.old, msg.new)
             return self._row(txn, table, "update", old, new, True, missing, changed, new)
         new, missing = self._image(table, msg.new)
@@ -252,7 +253,7 @@ class Assembler:
     def delete(self, msg: pg.Delete) -> MutationRow:
         txn = self._txn or self._require("DELETE", 0)
         table = self._table(msg.relation_id)
-        if msg.old_kind == "O" and table.old_images_full:
+        if msg.old_kind == "O" and self._old_is_whole(table, msg.old):
             old, _ = self._image(table, msg.old)
             return self._row(txn, table, "delete", old, None, True, None, tuple(old), old)
         old = self._key_image(table, msg.old)
@@ -317,6 +318,26 @@ class Assembler:
             elif a is not pg.UNCHANGED_TOAST:
                 old[name] = _odd_value(a, convert)
         return old, new, tuple(changed), missing
+
+    def _old_is_whole(self, table: _Table, old: tuple) -> bool:
+        """Whether an 'O' old tuple is the whole old row.
+
+        For a plain table, 'O' means the table was REPLICA IDENTITY FULL when the change was made
+        (the Relation message is as of the change). A partitioned table publishes under its root,
+        and pgoutput sends 'O' when the root is FULL, even for a partition that logged only its key
+        (its own identity not FULL at the time, e.g. one created since attach, before Flux set it):
+        the other columns then come as NULLs. The catalog says only how partitions are now, so the
+        tuple itself decides: a non-key value that is not NULL can only come from a whole row. A
+        whole row whose non-key columns are all NULL is taken for a key-only one (recorded as
+        incomplete, never with NULLs it did not have).
+        """
+        if not table.partitioned:
+            return True
+        positions = table.pk_positions
+        if positions is None:
+            pk = self._primary_key(table)
+            positions = table.pk_positions = frozenset(table.names.index(name) for name in pk)
+        return any(value is not None for i, value in enumerate(old) if i not in positions)
 
     def _key_image(self, table: _Table, values: tuple) -> dict[str, Any]:
         """Only the replica-identity key columns: what pgoutput sends when identity is not FULL.

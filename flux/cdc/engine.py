@@ -54,7 +54,7 @@ FLUSH_TIMEOUT = 60.0  # seconds a clean stop waits for the sink's last commits
 class EngineConfig:
     dsn: str
     slot: str = "flux"
-    publication: str = "flux"
+    publication: str | None = None  # None: the one `flux attach` recorded for the slot, else "flux"
     batch_rows: int = 10_000  # rows per sink commit under load; also caps rows queued for the sink
     max_commit_delay: float = 0.2  # seconds a finished source transaction may wait for a sink commit to start, none being in flight
     status_interval: float = 5.0  # seconds between standby status updates
@@ -156,7 +156,9 @@ class _Session:
         start = self.progress.end_lsn if self.progress else 0
         self.confirmed = start
         self.assembler = Assembler(catalog=self.catalog)
-        self.stream = ReplicationStream(dsn=cfg.dsn, slot=cfg.slot, publication=cfg.publication, start_lsn=start)
+        # Read at each connection, not once at start: a server not up yet is retried like any other.
+        publication = cfg.publication or self.catalog.attached_publication(cfg.slot) or "flux"
+        self.stream = ReplicationStream(dsn=cfg.dsn, slot=cfg.slot, publication=publication, start_lsn=start)
         self.stream.open()
         log.info("streaming slot %s from %s", cfg.slot, format_lsn(start))
 

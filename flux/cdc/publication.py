@@ -102,7 +102,9 @@ def check_ownership(conn: psycopg.Connection, tables: list[TableRef]) -> None:
         owner = rows[0][2]
         raise PreflightError(
             f"Setting REPLICA IDENTITY and publishing needs table ownership; the current role does not own: {listed}",
-            hint=f'Grant membership in the owning role (GRANT "{owner}" TO current_user) or attach as the owner.',
+            hint=f"Attach as the owner, make the attaching role the owner (ALTER TABLE ... OWNER TO ...), or leave these "
+                 f"tables out (--tables). Membership in the owning role (GRANT \"{owner}\" TO ...) also works, but gives "
+                 f"the attaching role everything that role owns.",
             tables=len(rows),
         )
 

@@ -12,6 +12,7 @@ The contract every sink keeps, and the engine relies on for exactly-once deliver
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,8 @@ from flux.cdc.assembler import COLUMNS, Backfill, MutationRow
 from flux.cdc.wire import format_lsn, parse_lsn
 from flux.errors import from_psycopg
 from flux.store.schema import ensure_schema
+
+log = logging.getLogger("flux.cdc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,19 +307,22 @@ class PostgresCatalog:
             raise from_psycopg(exc, "Could not read a primary key from the catalog", relation_id=relation_id) from exc
         return tuple(r[0] for r in rows) or None
 
-    def identity_full_everywhere(self, relation_id: int) -> bool:
+    def attached_publication(self, slot: str) -> str | None:
+        """The publication `flux attach` recorded for `slot`, if any."""
         try:
-            row = self._conn.execute(
-                """
-                SELECT coalesce(bool_and(c.relreplident = 'f'), true)
-                FROM pg_partition_tree(%s::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
-                WHERE c.relkind = 'r'
-                """,
-                (relation_id,),
-            ).fetchone()
+            if not self._conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]:
+                return None
+            row = self._conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
         except psycopg.Error as exc:
-            raise from_psycopg(exc, "Could not read replica identities from the catalog", relation_id=relation_id) from exc
-        return bool(row[0])
+            raise from_psycopg(exc, "Could not read the attachment", slot=slot) from exc
+        return row[0] if row else None
+
+    def is_partitioned(self, relation_id: int) -> bool:
+        try:
+            row = self._conn.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = %s", (relation_id,)).fetchone()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not read a table's kind from the catalog", relation_id=relation_id) from exc
+        return bool(row and row[0])
 
     def learn_types(self, types, type_oids: list[int]) -> None:
         try:
@@ -325,6 +331,10 @@ class PostgresCatalog:
             raise from_psycopg(exc, "Could not read types from the catalog") from exc
         for oid, category, element_oid, base_oid in rows:
             types.learn(int(oid), category=category, element_oid=int(element_oid), base_oid=int(base_oid))
+        gone = sorted(set(type_oids) - {int(row[0]) for row in rows})
+        if gone:  # the catalog is read now, not as of the change: a type dropped since is unknown
+            log.warning("column types %s are no longer in the catalog (dropped since the change was written?): "
+                        "their values are recorded as their text form", ", ".join(map(str, gone)))
 
     def close(self) -> None:
         try:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import psycopg
+
 from flux.cdc.attach import connect, slot_warnings
+from flux.cdc.publication import SYSTEM_SCHEMAS
 from flux.errors import NotFoundError
 
 
@@ -85,6 +88,61 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
         if status.lag_seconds is None and status.lag_bytes == 0:
             status.lag_seconds = 0.0
         status.warnings = slot_warnings(conn, slot)
+        if has_schema and status.publication is not None:
+            status.warnings += capture_gaps(conn, slot, status.publication)
         if not status.slot_exists:
             status.warnings.append(f"Slot '{slot}' does not exist: nothing is being captured. Run `flux attach`.")
         return status
+
+
+_GAPS_SHOWN = 10
+
+
+def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[str]:
+    """What the attachment should capture and does not: tables that `--all-tables` left out (the
+    engine re-checks every few seconds, but cannot take a table its role does not own), and
+    captured tables or partitions whose old rows are logged by key only (identity not FULL)."""
+    all_tables = conn.execute("SELECT all_tables FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+    warnings = []
+    if all_tables and all_tables[0]:
+        missing = conn.execute(
+            """
+            SELECT format('%%I.%%I', n.nspname, c.relname), pg_get_userbyid(c.relowner),
+                   pg_has_role(current_user, c.relowner, 'USAGE')
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+              AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%'
+              AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt
+                              WHERE pt.pubname = %s AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
+            ORDER BY 1
+            """,
+            (list(SYSTEM_SCHEMAS), publication),
+        ).fetchall()
+        if missing:
+            listed = ", ".join(f"{name} (owner {owner})" for name, owner, _ in missing[:_GAPS_SHOWN])
+            more = f" and {len(missing) - _GAPS_SHOWN} more" if len(missing) > _GAPS_SHOWN else ""
+            not_owned = [name for name, _, owned in missing if not owned]
+            why = (" The role Flux runs as does not own "
+                   + ("them" if len(not_owned) == len(missing) else f"{len(not_owned)} of them")
+                   + ": make it the owner (ALTER TABLE ... OWNER TO ...), or attach as the owner.") if not_owned else \
+                  " The engine adds new tables within seconds; run `flux attach --all-tables` if these stay."
+            warnings.append(f"{len(missing)} table(s) are not captured, so their changes are not recorded: {listed}{more}.{why}")
+    key_only = conn.execute(
+        """
+        SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname)
+        FROM pg_publication_tables pt
+        JOIN pg_namespace rn ON rn.nspname = pt.schemaname
+        JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = pt.tablename
+        CROSS JOIN LATERAL (SELECT r.oid AS relid UNION SELECT relid FROM pg_partition_tree(r.oid)) t  -- empty for plain tables
+        JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE pt.pubname = %s AND c.relkind = 'r' AND c.relreplident <> 'f'
+        ORDER BY 1
+        """,
+        (publication,),
+    ).fetchall()
+    if key_only:
+        listed = ", ".join(name for (name,) in key_only[:_GAPS_SHOWN])
+        more = f" and {len(key_only) - _GAPS_SHOWN} more" if len(key_only) > _GAPS_SHOWN else ""
+        warnings.append(f"{len(key_only)} captured table(s) are not REPLICA IDENTITY FULL, so their old rows are recorded "
+                        f"by key only: {listed}{more}. `flux attach` sets FULL (it needs to own them).")
+    return warnings

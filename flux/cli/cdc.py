@@ -37,19 +37,12 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Consume the slot and record every change into flux.state_mutations until SIGINT/SIGTERM."""
-    from flux.cdc.attach import connect
     from flux.cdc.engine import Engine, EngineConfig
 
     db = resolve_database(database)
-    dsn = db.dsn
     setup_logging(verbose)
-    if publication is None:
-        with reaching(db), connect(dsn) as conn:
-            row = None
-            if conn.execute("SELECT to_regclass('flux.attachments')").fetchone()[0]:
-                row = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
-        publication = row[0] if row else "flux"
-    engine = Engine(EngineConfig(dsn=dsn, slot=slot, publication=publication, batch_rows=batch_rows))
+    # A server that is not up yet is retried with backoff (boot order under systemd or compose).
+    engine = Engine(EngineConfig(dsn=db.dsn, slot=slot, publication=publication, batch_rows=batch_rows))
     stats = engine.run()
     logging.getLogger("flux.cdc").info(
         "stopped: %d transactions, %d mutations recorded this run", stats.transactions, stats.mutations

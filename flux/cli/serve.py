@@ -39,7 +39,7 @@ def run_stack(
 ) -> None:
     from flux.cdc.engine import Engine, EngineConfig
 
-    cdc = Engine(EngineConfig(dsn=dsn, slot="flux", publication="flux")) if engine else None
+    cdc = Engine(EngineConfig(dsn=dsn, slot="flux")) if engine else None
     errors: list[BaseException] = []
     thread = None
     if cdc is not None:

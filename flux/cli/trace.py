@@ -107,7 +107,7 @@ def status_text(code: int) -> str:
     try:
         return f"{code} {HTTPStatus(code).phrase}"
     except ValueError:
-        return str(code)
+        return "499 Client Closed Request" if code == 499 else str(code)  # the gateway's record of a client gone first
 
 
 def _status_color(code: int) -> str:

@@ -9,6 +9,11 @@ pools, the database pool, the trace writer) live on a `Gateway` object stored on
 are started and stopped by the app's lifespan (`before_serving` / `after_serving`).
 
 Tenants see only their own traces through `GET /_flux/requests[/<id>]`.
+
+A client that goes away does not stop its function: once started, a function runs to its end
+(its time limit bounds that), commits or rolls back as it would have, and is recorded, marked
+`flux.client_disconnected`. Its outcome never depends on when the client hung up. A client
+that leaves before the function starts is recorded as a 499 and nothing runs.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ REQUEST_ID_HEADER = "x-flux-request-id"
 REPLAY_HEADER = "x-flux-replay"
 API_KEY_HEADER = "x-flux-api-key"
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+CLIENT_GONE = "the client disconnected before the response was sent"
 
 
 class Functions:
@@ -87,6 +93,7 @@ class Gateway:
         self.functions = Functions(project, pool_size=pool_size)
         self.executor = self._executor(project)
         self._slots = asyncio.Semaphore(workers)
+        self._detached: set[asyncio.Future[Execution]] = set()  # executions whose client went away
         self.reload_hooks: list[Callable[[Project], None]] = []  # app settings that follow flux.toml
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
@@ -140,6 +147,10 @@ class Gateway:
         except RequestEntityTooLarge:
             return self._reply(trace, tenant, function, _error(413, f"the request body is over the {limit}-byte limit",
                                "Raise [limits] max_body_bytes in flux.toml, or send less."))
+        except asyncio.CancelledError:
+            self._reply(trace, tenant, function, _error(CLIENT_CLOSED_REQUEST, "the client disconnected before its request body arrived",
+                        "Nothing ran. The client (or a proxy in front of Flux) closed the connection."), client_gone=True)
+            raise
         trace.raw_body = raw
         try:
             body = _parse_body(raw, headers.get("content-type", ""))
@@ -153,16 +164,45 @@ class Gateway:
             request={"method": method, "path": path, "query": trace.query, "body": body,
                      "headers": {k: v for k, v in headers.items() if k not in (API_KEY_HEADER,) and not _is_flux_auth(k, v, tenant)}},
         )
-        async with self._slots:
-            try:
-                execution = await self.executor.run(pool, invocation)
-            except Exception:  # a bug in Flux: the request still gets its id, a clear answer and a trace
-                log.exception("request %s: running %s failed inside Flux", request_id, function)
-                execution = _error(500, "Flux failed while running the function (an internal error)",
-                                   "The gateway's log has the details, under this request id.")
+        work = asyncio.ensure_future(self._execute(pool, invocation, function))
+        try:
+            execution = await asyncio.shield(work)
+        except asyncio.CancelledError:  # the client went away, or the server stops: see the module's doc
+            self._detached.add(work)
+            work.add_done_callback(lambda done: self._record_detached(done, trace, tenant, function))
+            raise
         return self._reply(trace, tenant, function, execution)
 
-    def _reply(self, trace: _Trace, tenant: Tenant | None, function: str | None, execution: Execution) -> Response:
+    async def _execute(self, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
+        async with self._slots:
+            try:
+                return await self.executor.run(pool, invocation)
+            except Exception:  # a bug in Flux: the request still gets its id, a clear answer and a trace
+                log.exception("request %s: running %s failed inside Flux", invocation.request_id, function)
+                return _error(500, "Flux failed while running the function (an internal error)",
+                              "The gateway's log has the details, under this request id.")
+
+    def _record_detached(self, done: asyncio.Future[Execution], trace: _Trace, tenant: Tenant | None, function: str) -> None:
+        self._detached.discard(done)
+        if done.cancelled():  # stopped by a server shutdown that could not wait: the executor rolled back
+            execution = _error(503, "the server stopped before the function finished; its transaction was rolled back",
+                               "Stop the server with SIGTERM or Ctrl-C, which waits for functions in flight.")
+        else:
+            execution = done.result()
+        self._reply(trace, tenant, function, execution, client_gone=True)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait for the functions whose client went away (at shutdown, before traces are drained)."""
+        if not self._detached:
+            return
+        _, late = await asyncio.wait(set(self._detached), timeout=timeout)
+        for work in late:
+            work.cancel()
+        if late:
+            await asyncio.wait(late, timeout=5)
+
+    def _reply(self, trace: _Trace, tenant: Tenant | None, function: str | None, execution: Execution,
+               *, client_gone: bool = False) -> Response:
         status = execution.status
         headers = dict(execution.headers)
         headers[REQUEST_ID_HEADER] = trace.request_id
@@ -179,7 +219,7 @@ class Gateway:
             payload = orjson.dumps(body)
             headers.setdefault("content-type", "application/json")
         if self.sink is not None and self.record:
-            self.sink.submit(trace.record(execution, function, status, headers, payload, secrets))
+            self.sink.submit(trace.record(execution, function, status, headers, payload, secrets, client_gone=client_gone))
         return Response(payload, status=status, headers=headers)
 
 
@@ -203,12 +243,14 @@ class _Trace:
         self.body: Any = None
 
     def record(self, execution: Execution, function: str | None, status: int, headers: dict[str, str],
-               payload: bytes, secrets: dict[str, str]) -> TraceRecord:
+               payload: bytes, secrets: dict[str, str], *, client_gone: bool = False) -> TraceRecord:
         span = self.span
         span.duration_ms = self.clock.now_ms() - span.start
         span.attributes["http.status_code"] = status
         if self.tenant is not None:
             span.attributes["flux.tenant"] = self.tenant.name
+        if client_gone:  # the answer was never sent
+            span.attributes["flux.client_disconnected"] = True
         # A server error, or a refusal of the gateway's own (no function ran: 400, 401, 404, 413). A
         # 4xx the function returned is its answer, not a failure.
         if status >= 500 or (status >= 400 and not execution.spans):
@@ -225,7 +267,8 @@ class _Trace:
                         **_body_record(self.raw_body, self.body, limit, secrets)},
             "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit, secrets)},
             "recording": execution.recording,
-            "error": execution.error or _returned_error(status, execution.body),
+            "error": execution.error or _returned_error(status, execution.body)
+                     or (CLIENT_GONE if client_gone else None),
         }
         record = redact(record, secrets)
         return TraceRecord(
@@ -290,9 +333,12 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
     return raw.decode("utf-8", "replace")
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left first; never sent
+
+
 def _error(status: int, message: str, hint: str) -> Execution:
-    return Execution(status=status, headers={}, body={"error": message, "hint": hint, "status": HTTPStatus(status).phrase},
-                     error=message)
+    phrase = "Client Closed Request" if status == CLIENT_CLOSED_REQUEST else HTTPStatus(status).phrase
+    return Execution(status=status, headers={}, body={"error": message, "hint": hint, "status": phrase}, error=message)
 
 
 def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = None) -> Quart:
@@ -312,6 +358,8 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
     @app.after_serving
     async def _stop() -> None:
+        # Functions whose client went away run on past their request: their traces go in the drain.
+        await gateway.settle(timeout=gateway.project.limits.timeout_ms / 1000 + 5)
         if on_shutdown is not None:
             await on_shutdown()
         gateway.functions.close()

@@ -82,6 +82,17 @@ def trace_reader(dsn: str) -> Callable[[str, str | None, dict[str, str]], Awaita
     return reader
 
 
+def _expected_discard(record: logging.LogRecord) -> bool:
+    """False for psycopg_pool's warning about a closed connection handed back: the runtime closes a
+    connection on purpose when a request's time limit or client cut its exchange short (see
+    `DbSession`), and the pool replaces it. Its span already says why; the warning, per request
+    and without a request id, would only be noise."""
+    return not record.getMessage().startswith("discarding closed connection")
+
+
+logging.getLogger("psycopg.pool").addFilter(_expected_discard)
+
+
 async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
     """A started Gateway and the coroutine function that stops it (drains traces, closes pools)."""
     db_pool = AsyncConnectionPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,

@@ -127,8 +127,9 @@ class Executor:
         run = _Run(self, compiled, call, span, clock)
         isolate = await pool.acquire()
         span.attributes["flux.isolate_acquire_ms"] = round(pool.acquire_times[-1] * 1000, 3)
+        deadline = asyncio.get_running_loop().time() + self.limits.timeout_ms / 1000  # the COMMIT too
         try:
-            async with asyncio.timeout(self.limits.timeout_ms / 1000):
+            async with asyncio.timeout_at(deadline):
                 done = await run.loop(isolate)
         except TimeoutError:
             pool.discard(isolate)  # stops JS even mid-microtask
@@ -178,8 +179,12 @@ class Executor:
             return self._finish_error(span, clock, 500, "InvalidResponse", str(exc), "", run=run)
         await run.cancel_inflight()
         try:
-            await run.db.finish(commit=True)
+            await run.db.finish(commit=True, deadline=deadline)
         except HostCallError as exc:
+            if run.db.commit_timed_out:  # cancelled at the deadline: rolled back, as any request over its limit
+                return self._finish_error(
+                    span, clock, 504, "TimeoutError", f"the function exceeded its time limit ({self.limits.timeout_ms} ms) "
+                    "while its transaction committed (deferred triggers run then); it was rolled back", "", run=run)
             return self._finish_error(span, clock, 500, "DatabaseError", str(exc), "", run=run)
         if run.db.lost_writes is not None and status < 400:  # never answer a success whose writes are gone
             return self._finish_error(span, clock, 500, "TransactionAborted",

@@ -160,6 +160,8 @@ class DbSession:
         self.aborted_by: str | None = None  # the failure that aborted it: "db.insert(users): duplicate key ... (SQLSTATE 23505)"
         self.lost_writes: str | None = None  # why the writes of a handler that returned were rolled back
         self.outcome: str | None = None  # "committed" | "rolled_back" once finished
+        self.commit_timed_out = False  # the COMMIT outran the request's deadline and was cancelled
+        self._commit_cancel: asyncio.Future[None] | None = None  # held: a task nothing references may vanish
 
     async def query(self, sql: str, params: list[Any]) -> dict[str, Any]:
         if self._pool is None:
@@ -227,10 +229,15 @@ class DbSession:
                     "sqlstate": exc.sqlstate, "detail": diag.message_detail if diag else None,
                 }) from None
 
-    async def finish(self, *, commit: bool) -> None:
+    async def finish(self, *, commit: bool, deadline: float | None = None) -> None:
         """Commit or roll back, reset the session, and give the connection back. Never raises for
         a rollback. A commit asked of a transaction that a failed statement aborted rolls back,
-        and sets `lost_writes` when statements before it had written."""
+        and sets `lost_writes` when statements before it had written.
+
+        A COMMIT still running at `deadline` (loop time; deferred triggers run in it) is cancelled
+        on the server, not abandoned: the server's answer then says whether it committed, and the
+        connection stays usable. `commit_timed_out` is set when the cancel was sent.
+        """
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is None:
@@ -251,7 +258,12 @@ class DbSession:
             try:
                 status = conn.info.transaction_status
                 if commit and status == pq.TransactionStatus.INTRANS:
-                    await _exchange(conn, [_Statement(b"COMMIT"), *reset])
+                    timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._cancel_commit, conn)
+                    try:
+                        await _exchange(conn, [_Statement(b"COMMIT"), *reset])
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
                     self.outcome = "committed"
                 else:
                     await _exchange(conn, [_Statement(b"ROLLBACK"), *reset] if status != pq.TransactionStatus.IDLE else reset)
@@ -263,22 +275,36 @@ class DbSession:
                             f"the request wrote could not commit. Let the error propagate, or run the statement between "
                             f"SAVEPOINT name and ROLLBACK TO SAVEPOINT name")
             except psycopg.Error as exc:
-                self.outcome = "rolled_back"
                 await conn.close()  # the session reset was skipped with the failed statement: not reusable
+                if commit and getattr(exc, "flux_index", 0) > 0 and self.outcome is None and status == pq.TransactionStatus.INTRANS:
+                    self.outcome = "committed"  # the COMMIT went through; a reset statement after it failed
+                    return
+                self.outcome = "rolled_back"
                 if commit:
                     raise HostCallError({"name": "DatabaseError", "message": f"commit failed: {exc}", "sqlstate": exc.sqlstate}) from None
             finally:
+                if self._commit_cancel is not None:  # delivered before the connection serves anyone else
+                    await self._commit_cancel
                 await self._pool.putconn(conn)
+
+    def _cancel_commit(self, conn: psycopg.AsyncConnection) -> None:
+        self.commit_timed_out = True
+        self._commit_cancel = asyncio.ensure_future(_cancel_on_server(conn))
 
     async def abort(self) -> None:
         """After a timeout: cancel whatever runs on the connection, then roll back."""
         conn = self._conn
         if conn is not None and conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
-            try:
-                await asyncio.wait_for(conn.cancel_safe(), 5)
-            except (psycopg.Error, TimeoutError):
-                pass
+            await _cancel_on_server(conn)
         await self.finish(commit=False)
+
+
+async def _cancel_on_server(conn: psycopg.AsyncConnection) -> None:
+    """Ask the server to stop what `conn` runs; the statement then fails with SQLSTATE 57014."""
+    try:
+        await asyncio.wait_for(conn.cancel_safe(), 5)
+    except (psycopg.Error, TimeoutError):
+        pass
 
 
 _CONTEXT_MESSAGE = b"SELECT pg_logical_emit_message(true, $1::text, $2::text)"
@@ -419,7 +445,8 @@ def _statement(conn: psycopg.AsyncConnection, sql: bytes, values: Sequence[Buffe
 
 async def _exchange(conn: psycopg.AsyncConnection, statements: list[_Statement]) -> list[PGresult]:
     """Send `statements` in one pipeline, with one Sync, and return their results, one each;
-    the first failed statement's error is raised (the server skips the rest up to the Sync)."""
+    the first failed statement's error is raised (the server skips the rest up to the Sync),
+    with its position in `statements` as `flux_index`."""
     pgconn = conn.pgconn
     try:
         pgconn.enter_pipeline_mode()
@@ -438,7 +465,7 @@ async def _exchange(conn: psycopg.AsyncConnection, statements: list[_Statement])
         raise
     results: list[PGresult] = []
     error: psycopg.Error | None = None
-    for st in statements:
+    for index, st in enumerate(statements):
         key = st.key
         if st.prepare:
             prepared = next(received)
@@ -446,9 +473,11 @@ async def _exchange(conn: psycopg.AsyncConnection, statements: list[_Statement])
                 st.cache.names[key] = st.name  # type: ignore[assignment]
             elif prepared.status == pq.ExecStatus.FATAL_ERROR and error is None:
                 error = psycopg.errors.error_from_result(prepared, encoding=conn.info.encoding)
+                error.flux_index = index  # type: ignore[attr-defined]
         result = next(received)
         if result.status == pq.ExecStatus.FATAL_ERROR and error is None:
             error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+            error.flux_index = index  # type: ignore[attr-defined]
             if st.cache is not None and not st.prepare and error.sqlstate in _STALE_PREPARED:
                 st.cache.names.pop(key, None)
         results.append(result)

@@ -9,6 +9,7 @@ from flux.cdc.attach import NO_TRIGGER_WARNING, PARTITION_TRUNCATE_WARNING, atta
 from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.publication import captured_tables, published_schemas
 from flux.errors import ConfigError, NotFoundError, PreflightError
+from tests.support import table_owner_role
 
 
 def identities(conn, *names: str) -> dict[str, str]:
@@ -104,25 +105,18 @@ def test_reconcile_without_trigger_sets_full_identity_on_new_tables_and_partitio
 
 
 def test_reconcile_for_non_superuser_publishes_new_tables_one_by_one(dsn, conn):
-    conn.execute("CREATE ROLE app_owner LOGIN REPLICATION")
-    conn.execute(f'GRANT CREATE ON DATABASE "{conn.info.dbname}" TO app_owner')
-    conn.execute("GRANT CREATE ON SCHEMA public TO app_owner")
-    app = dsn.replace("postgres@", "app_owner@")
-    try:
-        with psycopg.connect(app, autocommit=True) as app_conn:
-            app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
-            result = attach(app, all_tables=True)
-            assert NO_TRIGGER_WARNING in result.warnings
-            app_conn.execute("CREATE TABLE public.newt (id int PRIMARY KEY)")
-            assert reconcile_new_tables(app, slot="flux") == ["public.newt"]
-            assert [str(t) for t in captured_tables(app_conn, "flux")] == ["public.a", "public.newt"]
-            assert identities(app_conn, "newt") == {"newt": "f"}
-    finally:
-        detach(dsn, drop_data=True)
-        conn.execute("DROP TABLE IF EXISTS public.a, public.newt")
-        conn.execute("REVOKE CREATE ON SCHEMA public FROM app_owner")
-        conn.execute(f'REVOKE CREATE ON DATABASE "{conn.info.dbname}" FROM app_owner')
-        conn.execute("DROP ROLE app_owner")
+    with table_owner_role(conn, dsn, "app_owner") as app:
+        try:
+            with psycopg.connect(app, autocommit=True) as app_conn:
+                app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+                result = attach(app, all_tables=True)
+                assert NO_TRIGGER_WARNING in result.warnings
+                app_conn.execute("CREATE TABLE public.newt (id int PRIMARY KEY)")
+                assert reconcile_new_tables(app, slot="flux") == ["public.newt"]
+                assert [str(t) for t in captured_tables(app_conn, "flux")] == ["public.a", "public.newt"]
+                assert identities(app_conn, "newt") == {"newt": "f"}
+        finally:
+            detach(dsn, drop_data=True)
 
 
 def test_reconcile_does_nothing_for_an_explicit_table_list(dsn, conn):

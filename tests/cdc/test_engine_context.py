@@ -28,6 +28,16 @@ def setup_items(conn: psycopg.Connection, capture, **config):
     return capture(tables=["items"], **config)
 
 
+def one_insert_under(dsn: str, running, content: object) -> tuple[str | None, dict | None]:
+    """(request_id, context) recorded for one insert made after a `flux` message of `content`."""
+    with psycopg.connect(dsn) as c:
+        c.execute(*flux_message(content))
+        c.execute("INSERT INTO items VALUES (1, 'x')")
+    running.caught_up()
+    [recorded] = contexts(dsn, "items")
+    return recorded
+
+
 def test_changes_after_a_message_get_its_request_id_and_extra_keys(dsn, conn, capture):
     running = setup_items(conn, capture)
     with psycopg.connect(dsn) as c:
@@ -101,34 +111,19 @@ def test_change_without_any_message_has_null_request_id_and_its_xid(dsn, conn, c
 
 
 def test_content_that_is_not_json_is_kept_raw_with_null_request_id(dsn, conn, capture):
-    running = setup_items(conn, capture)
-    with psycopg.connect(dsn) as c:
-        c.execute(*flux_message("request 7, not json"))
-        c.execute("INSERT INTO items VALUES (1, 'x')")
-    running.caught_up()
-    [(rid, ctx)] = contexts(dsn, "items")
+    rid, ctx = one_insert_under(dsn, setup_items(conn, capture), "request 7, not json")
     assert rid is None
     assert ctx["raw"] == "request 7, not json"
     assert ctx["malformed"]
 
 
 def test_json_object_without_request_id_is_kept_raw_with_null_request_id(dsn, conn, capture):
-    running = setup_items(conn, capture)
-    with psycopg.connect(dsn) as c:
-        c.execute(*flux_message('{"tenant": "acme"}'))
-        c.execute("INSERT INTO items VALUES (1, 'x')")
-    running.caught_up()
-    [(rid, ctx)] = contexts(dsn, "items")
+    rid, ctx = one_insert_under(dsn, setup_items(conn, capture), '{"tenant": "acme"}')
     assert (rid, ctx["raw"]) == (None, '{"tenant": "acme"}')
 
 
 def test_json_array_is_kept_raw_with_null_request_id(dsn, conn, capture):
-    running = setup_items(conn, capture)
-    with psycopg.connect(dsn) as c:
-        c.execute(*flux_message('[{"request_id": "req-1"}]'))
-        c.execute("INSERT INTO items VALUES (1, 'x')")
-    running.caught_up()
-    [(rid, ctx)] = contexts(dsn, "items")
+    rid, ctx = one_insert_under(dsn, setup_items(conn, capture), '[{"request_id": "req-1"}]')
     assert (rid, ctx["raw"]) == (None, '[{"request_id": "req-1"}]')
 
 
@@ -148,15 +143,16 @@ def test_context_that_jsonb_cannot_store_is_recorded_without_stopping_the_engine
     assert (raw_rid, raw_ctx["raw"]) == (None, "{\ufffd")
 
 
+def test_a_context_with_a_nul_escape_keeps_its_numbers_exact(dsn, conn, capture):
+    rid, ctx = one_insert_under(dsn, setup_items(conn, capture), '{"request_id": "G\\u0000x", "n": 123456789012345678901234567890}')
+    assert (rid, ctx["n"]) == ("G\ufffdx", 123456789012345678901234567890)
+
+
 def test_extra_keys_keep_numbers_exactly_as_sent(dsn, conn, capture):
-    running = setup_items(conn, capture)
-    with psycopg.connect(dsn) as c:
-        c.execute(*flux_message('{"request_id": "req-1", "order": 123456789012345678901234567890, "rate": 0.1000000000000000055511151231257827}'))
-        c.execute("INSERT INTO items VALUES (1, 'x')")
-    running.caught_up()
-    [m] = mutations(dsn, "items")
-    assert m["context"]["order"] == 123456789012345678901234567890
-    assert str(m["context"]["rate"]) == "0.1000000000000000055511151231257827"
+    _, ctx = one_insert_under(dsn, setup_items(conn, capture),
+                              '{"request_id": "req-1", "order": 123456789012345678901234567890, "rate": 0.1000000000000000055511151231257827}')
+    assert ctx["order"] == 123456789012345678901234567890
+    assert str(ctx["rate"]) == "0.1000000000000000055511151231257827"
 
 
 def test_non_transactional_flux_message_does_not_set_context(dsn, conn, capture):

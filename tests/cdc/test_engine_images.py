@@ -31,6 +31,14 @@ def only(dsn: str, table: str) -> dict:
     return m
 
 
+def partitioned_m(conn: psycopg.Connection, *regions: str) -> None:
+    """Table m partitioned by region, one partition m_<region> and one row (region, n, 10 n) per region."""
+    conn.execute("CREATE TABLE m (region text, id int, v int, PRIMARY KEY (region, id)) PARTITION BY LIST (region)")
+    for n, region in enumerate(regions, 1):
+        conn.execute(f"CREATE TABLE m_{region} PARTITION OF m FOR VALUES IN ('{region}')")
+        conn.execute("INSERT INTO m VALUES (%s, %s, %s)", (region, n, 10 * n))
+
+
 # -- typed values ---------------------------------------------------------------------------
 
 
@@ -264,6 +272,17 @@ def test_a_value_too_large_for_an_image_is_left_out_listed_missing_and_logged(ds
     assert "public.files" in warning and '{"id":1}' in warning and "column body" in warning
 
 
+def test_a_type_dropped_before_the_engine_reads_the_change_is_recorded_as_text_with_a_warning(dsn, conn, capture, caplog):
+    conn.execute("CREATE DOMAIN posint AS int CHECK (VALUE > 0)")
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, qty posint)")
+    running = capture(tables=["orders"])
+    # A type swap in one migration: the insert's row was written with the domain, gone at commit.
+    write(dsn, "INSERT INTO orders VALUES (1, 42)", "ALTER TABLE orders ALTER qty TYPE int", "DROP DOMAIN posint")
+    running.caught_up()
+    assert only(dsn, "orders")["new"] == {"id": 1, "qty": "42"}
+    assert any("no longer in the catalog" in r.getMessage() for r in caplog.records)
+
+
 # -- primary-key changes ------------------------------------------------------------------------
 
 
@@ -331,9 +350,7 @@ def test_unchanged_toasted_value_without_full_old_image_is_listed_missing_and_ab
 
 def test_update_on_a_partition_without_full_identity_keeps_only_key_columns_as_old(dsn, conn, capture):
     # The root stays FULL, so pgoutput flags every column as key: the key comes from the catalog.
-    conn.execute("CREATE TABLE m (region text, id int, v int, PRIMARY KEY (region, id)) PARTITION BY LIST (region)")
-    conn.execute("CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu')")
-    conn.execute("INSERT INTO m VALUES ('eu', 1, 10)")
+    partitioned_m(conn, "eu")
     running = capture(tables=["m"])
     conn.execute("ALTER TABLE m_eu REPLICA IDENTITY DEFAULT")
     write(dsn, "UPDATE m SET v = 11")
@@ -343,10 +360,30 @@ def test_update_on_a_partition_without_full_identity_keeps_only_key_columns_as_o
     assert (m["old_complete"], m["changed_columns"]) == (False, None)
 
 
+def test_a_partition_made_full_after_a_key_only_change_still_records_that_change_as_key_only(dsn, conn, capture):
+    """The catalog says how partitions are when the engine reads a change, not when it was made:
+    here FULL again by the time the engine reads a delete logged with the key only."""
+    partitioned_m(conn, "eu")
+    running = capture(tables=["m"])
+    write(dsn, "ALTER TABLE m_eu REPLICA IDENTITY DEFAULT", "DELETE FROM m", "ALTER TABLE m_eu REPLICA IDENTITY FULL")
+    running.caught_up()
+    m = only(dsn, "m")
+    assert (m["old"], m["old_complete"]) == ({"region": "eu", "id": 1}, False)
+
+
+def test_a_full_partition_keeps_whole_old_rows_while_another_partition_is_key_only(dsn, conn, capture):
+    partitioned_m(conn, "eu", "us")
+    running = capture(tables=["m"])
+    conn.execute("ALTER TABLE m_us REPLICA IDENTITY DEFAULT")
+    write(dsn, "UPDATE m SET v = v + 1")
+    running.caught_up()
+    eu, us = sorted(mutations(dsn, "m"), key=lambda r: r["row_key"]["id"])
+    assert (eu["old"], eu["old_complete"], eu["changed_columns"]) == ({"region": "eu", "id": 1, "v": 10}, True, ["v"])
+    assert (us["old"], us["old_complete"]) == ({"region": "us", "id": 2}, False)
+
+
 def test_delete_on_a_partition_without_full_identity_is_not_presented_as_complete(dsn, conn, capture):
-    conn.execute("CREATE TABLE m (region text, id int, v int, PRIMARY KEY (region, id)) PARTITION BY LIST (region)")
-    conn.execute("CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu')")
-    conn.execute("INSERT INTO m VALUES ('eu', 1, 10)")
+    partitioned_m(conn, "eu")
     running = capture(tables=["m"])
     conn.execute("ALTER TABLE m_eu REPLICA IDENTITY DEFAULT")
     write(dsn, "DELETE FROM m")

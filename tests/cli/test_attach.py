@@ -14,6 +14,7 @@ from flux.cdc.attach import require_server_version
 from flux.cli import app
 from flux.errors import PreflightError
 from flux.pg.cluster import Cluster
+from tests.support import table_owner_role
 
 runner = CliRunner()
 
@@ -107,6 +108,27 @@ def test_cdc_run_refuses_wal_level_replica_with_the_fix_and_exit_4(replica_clust
     assert "Traceback" not in proc.stderr
 
 
+def test_cdc_run_started_before_its_server_waits_for_it_rather_than_exiting():
+    """Boot order under systemd or compose: the engine may start first."""
+    import signal
+    import subprocess
+    import sys
+
+    from flux.pg.cluster import free_port
+
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    proc = subprocess.Popen([sys.executable, "-m", "flux", "cdc", "run", "--database", down],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "reconnecting in" in out and "Traceback" not in out
+
+
 def test_cdc_run_without_attach_names_the_missing_slot_and_exits_3(dsn):
     proc = run_flux("cdc", "run", "--database", dsn, "--slot", "never_made")
     assert proc.returncode == 3, proc.stderr
@@ -171,6 +193,23 @@ def test_attach_refuses_tables_the_role_does_not_own(dsn, conn):
     finally:
         conn.execute("REVOKE CREATE ON DATABASE " + conn.info.dbname + " FROM app_repl")
         conn.execute("DROP ROLE app_repl")
+
+
+def test_status_warns_of_a_table_all_tables_cannot_capture_and_of_key_only_identities(dsn, conn):
+    with table_owner_role(conn, dsn, "app_owner2") as app:
+        try:
+            with psycopg.connect(app, autocommit=True) as app_conn:
+                app_conn.execute("CREATE TABLE public.mine (id int PRIMARY KEY)")
+                assert invoke("attach", "--database", app, "--all-tables").exit_code == 0
+                app_conn.execute("ALTER TABLE public.mine REPLICA IDENTITY DEFAULT")  # undone by hand
+            conn.execute("CREATE TABLE public.dba_table (id int PRIMARY KEY)")  # owned by postgres, not by app_owner2
+            data = json.loads(invoke("cdc", "status", "--database", app, "--json").stdout)
+            [gap] = [w for w in data["warnings"] if "not captured" in w]
+            assert "1 table(s) are not captured" in gap and "public.dba_table (owner postgres)" in gap and "does not own them" in gap
+            [key_only] = [w for w in data["warnings"] if "REPLICA IDENTITY FULL" in w]
+            assert "by key only: public.mine." in key_only
+        finally:
+            invoke("detach", "--database", dsn, "--drop-data")
 
 
 def test_attach_refuses_when_no_replication_slot_is_free(tmp_path):

@@ -132,3 +132,61 @@ def test_serve_counts_the_batch_it_was_retrying_among_the_traces_it_could_not_wr
     finally:
         cluster.destroy()
     assert "gave up draining traces after 10s: 3 records not written" in out, out
+
+
+def _traces_of(dsn: str, function: str, count: int, timeout: float = 15) -> list[tuple]:
+    """(status, error, gateway span attributes) of `function`'s trace rows, once there are `count`."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as check:
+        while True:
+            rows = check.execute("SELECT status, error, spans->0->'attributes' FROM flux.trace_requests WHERE function = %s",
+                                 (function,)).fetchall()
+            if len(rows) >= count or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+
+
+def test_a_client_that_hangs_up_does_not_stop_its_function_which_commits_and_is_recorded(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"slow_signup": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", [req.body.email]);
+          await ctx.db.query("SELECT pg_sleep(1)", []);
+          return { status: 201, body: "created" };
+        }
+    """})
+    proc, port = start_serve(project, "--database", dsn, "--no-engine")
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"http://127.0.0.1:{port}/slow_signup", json={"email": "gone@x"}, timeout=0.3)
+        [(status, error, attributes)] = _traces_of(dsn, "slow_signup", 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert (status, error) == (201, "the client disconnected before the response was sent")
+    assert attributes["flux.client_disconnected"] is True
+    assert conn.execute("SELECT email FROM users").fetchall() == [("gone@x",)]
+
+
+def test_a_client_that_hangs_up_before_its_body_arrives_is_recorded_as_499_and_nothing_runs(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"signup": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["never"]);
+          return { status: 201 };
+        }
+    """})
+    proc, port = start_serve(project, "--database", dsn, "--no-engine")
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"POST /signup HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: 100\r\n\r\n{\"email\"")
+            time.sleep(0.3)
+        [(status, error, attributes)] = _traces_of(dsn, "signup", 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert (status, error) == (499, "the client disconnected before its request body arrived")
+    assert attributes["flux.client_disconnected"] is True
+    assert conn.execute("SELECT count(*) FROM users").fetchone() == (0,)

@@ -253,6 +253,26 @@ def test_db_statements_commit_together_when_the_handler_succeeds(tmp_path, dsn, 
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 1
 
 
+def test_a_commit_that_outruns_the_time_limit_is_cancelled_rolled_back_and_answers_504(tmp_path, dsn, conn):
+    """Deferred constraint triggers run in the COMMIT: the request's limit covers them too."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    conn.execute("CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$")
+    conn.execute("CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON users DEFERRABLE INITIALLY DEFERRED"
+                  " FOR EACH ROW EXECUTE FUNCTION slow_check()")
+    write_project(tmp_path, {"slow": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          return {status: 201};
+        }
+    """}, "[limits]\ntimeout_ms = 500\n")
+    started = time.monotonic()
+    first, second = execute(tmp_path, "slow", dsn=dsn, times=2)
+    assert time.monotonic() - started < 4  # two requests, each cut at its limit rather than after 5 s
+    assert (first.status, first.db_outcome) == (504, "rolled_back") and "while its transaction committed" in first.error
+    assert second.status == 504  # the connection the cancel went through still served the next request
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
 def test_db_statements_roll_back_when_the_handler_throws(tmp_path, dsn, conn):
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
     write_project(tmp_path, {"fail": """

@@ -21,6 +21,9 @@ The verdict is the median of B - A over paired blocks, with how many blocks B wo
 same code on both sides) shows what difference is noise: on 2026-12-06, 4 sessions gave -0.13 ms
 back to back (B lower in 24 of 40 blocks) and -0.02 ms of loop CPU per request, so an effect
 smaller than that needs more sessions. Results are saved under bench/results/.
+
+Both sides serve one database, so both must use the same `flux` schema version: a tree from before
+a schema change (v5 came with cf537d6) refuses the newer schema its peer created, and exits 2.
 """
 
 from __future__ import annotations

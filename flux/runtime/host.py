@@ -201,18 +201,19 @@ class DbSession:
                         raise
                     await _exchange(conn, [_Statement(b"ROLLBACK")])
                     result = (await _exchange(conn, statements()))[-1]
+                self.statements += 1
+                command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
+                if command not in _READS:
+                    self.writes += 1
                 rows: list[dict[str, Any]] = []
                 if result.status == pq.ExecStatus.TUPLES_OK:
+                    _check_result_size(result)  # the statement ran: its writes stand unless the function throws
                     transformer.set_pgresult(result)
                     names = [(result.fname(i) or b"").decode(encoding, "replace") for i in range(result.nfields)]
                     rows = transformer.load_rows(0, result.ntuples, lambda values: dict(zip(names, values)))
                     row_count = result.ntuples
                 else:
                     row_count = result.command_tuples if result.command_tuples is not None else -1
-                self.statements += 1
-                command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
-                if command not in _READS:
-                    self.writes += 1
                 return json_ready({"rows": rows, "rowCount": row_count, "command": command})
             except UnicodeEncodeError as exc:
                 raise HostCallError({
@@ -297,6 +298,34 @@ class DbSession:
         if conn is not None and conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
             await _cancel_on_server(conn)
         await self.finish(commit=False)
+
+
+# The most a query may hand a function, counted as the server sent it: a result is converted to
+# Python objects and then to JSON in the gateway's memory, which no isolate limit covers (and one
+# past the isolate's heap could not reach the function anyway). Results of fewer cells than
+# _SIZED_FROM are not measured: they cannot come near it unless their values are huge, and those
+# the isolate's own limit stops.
+MAX_QUERY_RESULT_BYTES = 64 * 1024 * 1024
+_SIZED_FROM = 10_000
+
+
+def _check_result_size(result: PGresult) -> None:
+    rows, columns = result.ntuples, result.nfields
+    if rows * columns < _SIZED_FROM:
+        return
+    value = result.get_value  # a copy of the cell (psycopg exposes no length): freed at once, and
+    size = 0                   # the walk stops as soon as the cap is passed
+    for row in range(rows):
+        for column in range(columns):
+            cell = value(row, column)
+            if cell is not None:
+                size += len(cell)
+        if size > MAX_QUERY_RESULT_BYTES:
+            raise HostCallError({
+                "name": "RangeError", "sqlstate": None,
+                "message": f"ctx.db.query: the result ({rows:,} rows) is over {MAX_QUERY_RESULT_BYTES // (1024 * 1024)} MB, "
+                           f"the most a query may return to a function; select fewer rows (LIMIT, a cursor with FETCH) "
+                           f"or columns"})
 
 
 async def _cancel_on_server(conn: psycopg.AsyncConnection) -> None:

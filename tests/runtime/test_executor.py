@@ -338,6 +338,23 @@ def test_the_transaction_starts_with_the_flux_context_message(tmp_path, dsn, con
     assert body[1].startswith("table public.users: INSERT")
 
 
+def test_a_result_over_the_size_limit_is_refused_before_it_is_converted_and_its_writes_stand(tmp_path, dsn, conn, monkeypatch):
+    monkeypatch.setattr(host, "MAX_QUERY_RESULT_BYTES", 100_000)
+    conn.execute("CREATE TABLE items (id serial PRIMARY KEY, pad text)")
+    write_project(tmp_path, {"big": """
+        export default async function (req, ctx) {
+          try {
+            await ctx.db.query("INSERT INTO items (pad) SELECT repeat('x', 100) FROM generate_series(1, 20000) RETURNING *", []);
+          } catch (e) { return {status: 200, body: e.name + ": " + e.message}; }
+          return {status: 200, body: "read"};
+        }
+    """})
+    result = run1(tmp_path, "big", dsn=dsn)
+    assert result.status == 200 and result.body.startswith("RangeError: ctx.db.query: the result (20,000 rows) is over ")
+    assert "select fewer rows (LIMIT" in result.body
+    assert result.db_outcome == "committed" and conn.execute("SELECT count(*) FROM items").fetchone() == (20000,)
+
+
 def test_sql_errors_carry_their_sqlstate(tmp_path, dsn, conn):
     conn.execute("CREATE TABLE users (email text UNIQUE)")
     conn.execute("INSERT INTO users VALUES ('a@x')")

@@ -18,11 +18,14 @@ commit LSN in BEGIN.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import orjson
@@ -34,11 +37,13 @@ from flux.errors import StreamError
 
 CONTEXT_PREFIX = "flux"
 MAX_RAW_CONTEXT = 4096
-# jsonb holds at most 256 MiB per value (and per string in it): a larger image would fail its
-# whole sink transaction on every retry. Columns that do not fit are left out of both images
-# and listed in missing_columns, largest first, with a warning (JSON text is at least as
-# large as jsonb's own form, so the margin covers jsonb's per-entry overhead).
-MAX_IMAGE_BYTES = 200 * 1024 * 1024
+# An image the server cannot store as jsonb would fail its whole sink transaction on every retry.
+# jsonb holds at most 256 MiB per value, and can be 6 times the JSON text's size (`0,` is 2 bytes
+# of text and 12 of jsonb: a numeric and its entry); parsing one also builds an in-memory tree of
+# 32 bytes per element, which must stay under PostgreSQL's 1 GiB allocation limit. 32 MiB of JSON
+# stays under both in the worst case (tested: 16 million zeros). Columns that do not fit are
+# left out of both images and listed in missing_columns, largest first, with a warning.
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 log = logging.getLogger("flux.cdc")
 TupleValueNotToast: TypeAlias = str | bytes | None  # a pgoutput tuple value other than UNCHANGED_TOAST
@@ -132,7 +137,8 @@ class _Table:
     partitioned: bool  # its 'O' old tuples may be key-only rows (see Assembler._old_is_whole)
     pk_resolved: bool = False
     pk_names: tuple[str, ...] = field(default_factory=tuple)
-    pk_positions: frozenset[int] | None = None
+    pk_positions: tuple[int, ...] | None = None  # of pk_names, in the tuples (resolved with them)
+    other_positions: tuple[int, ...] | None = None  # every other column's
 
 
 _NUL_ESCAPE = re.compile(r"\\(u0000|.)", re.S)  # each escape in turn: `\\u0000` is not a NUL
@@ -242,13 +248,16 @@ class Assembler:
     def update(self, msg: pg.Update) -> MutationRow:
         txn = self._txn or self._require("UPDATE", 0)
         table = self._table(msg.relation_id)
+        # No old tuple at all means the key did not change; otherwise its text says (as sent: a
+        # converted numeric compares by identity).
+        moved = msg.old is not None and self._key_moved(table, msg.old, msg.new)
         if msg.old_kind == "O" and self._old_is_whole(table, msg.old):
             old, new, changed, missing = self._update_images(table, msg.old, msg.new)
-            return self._row(txn, table, "update", old, new, True, missing, changed, new)
+            return self._row(txn, table, "update", old, new, True, missing, changed, new, moved)
         new, missing = self._image(table, msg.new)
-        # Only the key of the old row is known; no old tuple at all means the key did not change.
+        # Only the key of the old row is known.
         old = self._key_image(table, msg.old if msg.old is not None else msg.new)
-        return self._row(txn, table, "update", old, new, False, missing, None, new)
+        return self._row(txn, table, "update", old, new, False, missing, None, new, moved)
 
     def delete(self, msg: pg.Delete) -> MutationRow:
         txn = self._txn or self._require("DELETE", 0)
@@ -333,11 +342,23 @@ class Assembler:
         """
         if not table.partitioned:
             return True
-        positions = table.pk_positions
-        if positions is None:
-            pk = self._primary_key(table)
-            positions = table.pk_positions = frozenset(table.names.index(name) for name in pk)
-        return any(value is not None for i, value in enumerate(old) if i not in positions)
+        if table.other_positions is None:
+            self._primary_key(table)
+        for i in table.other_positions:  # type: ignore[union-attr]  # a loop, not any(): this runs per row
+            if old[i] is not None:
+                return True
+        return False
+
+    def _key_moved(self, table: _Table, old: tuple, new: tuple) -> bool:
+        """Whether an update's tuples differ in a primary-key column. A key column not sent again
+        is unchanged; one the old tuple lacks (its identity logs another index) is unknown."""
+        if table.pk_positions is None:
+            self._primary_key(table)
+        for i in table.pk_positions:  # type: ignore[union-attr]  # a loop, not any(): this runs per row
+            before, after = old[i], new[i]
+            if before != after and before is not None and after is not pg.UNCHANGED_TOAST:
+                return True
+        return False
 
     def _key_image(self, table: _Table, values: tuple) -> dict[str, Any]:
         """Only the replica-identity key columns: what pgoutput sends when identity is not FULL.
@@ -366,18 +387,18 @@ class Assembler:
         missing: list[str] | None,
         changed: Sequence[str] | None,
         key_source: dict | None,
+        key_moved: bool = False,
     ) -> MutationRow:
         row_key = old_row_key = None
         if key_source is not None:
             pk = table.pk_names if table.pk_resolved else self._primary_key(table)
             if pk:
                 try:
-                    key = {name: key_source[name] for name in pk}
-                    row_key = _dumps(key)
-                    if op == "update" and old is not None and any(old.get(name, key[name]) != key[name] for name in pk):
-                        old_row_key = _dumps({name: old.get(name) for name in pk})
+                    row_key = _dumps({name: key_source[name] for name in pk})
                 except KeyError:  # a key column is not in this image
                     row_key = None
+                if key_moved and row_key is not None and old is not None:
+                    old_row_key = _old_key(old, pk, row_key)
         seq = txn.seq
         txn.seq = seq + 1
         rel = table.relation
@@ -401,6 +422,8 @@ class Assembler:
             table.pk_names = tuple(n for n in names if n in table.names) if names else ()
             if names and len(table.pk_names) != len(names):
                 table.pk_names = ()
+            table.pk_positions = tuple(table.names.index(name) for name in table.pk_names)
+            table.other_positions = tuple(i for i in range(len(table.names)) if i not in table.pk_positions)
             table.pk_resolved = True
         return table.pk_names
 
@@ -422,6 +445,17 @@ class Assembler:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _old_key(old: dict, pk: tuple[str, ...], row_key: str) -> str | None:
+    """The old primary key of an update whose key text changed, or None when it is the same key
+    (numeric 1.0 and 1.00 are one key value, and one jsonb)."""
+    key = {name: old.get(name) for name in pk}
+    if None in key.values():  # a key column the old row did not carry
+        return None
+    text = _dumps(key)
+    exact = functools.partial(json.loads, parse_float=Decimal)
+    return None if exact(text) == exact(row_key) else text
 
 
 def _fit_images(

@@ -108,7 +108,8 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
         missing = conn.execute(
             """
             SELECT format('%%I.%%I', n.nspname, c.relname), pg_get_userbyid(c.relowner),
-                   pg_has_role(current_user, c.relowner, 'USAGE')
+                   -- the engine's role is the one that attached: the publication's owner
+                   pg_has_role((SELECT pubowner FROM pg_publication WHERE pubname = %s), c.relowner, 'USAGE')
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
               AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%'
@@ -116,13 +117,13 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
                               WHERE pt.pubname = %s AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
             ORDER BY 1
             """,
-            (list(SYSTEM_SCHEMAS), publication),
+            (publication, list(SYSTEM_SCHEMAS), publication),
         ).fetchall()
         if missing:
             listed = ", ".join(f"{name} (owner {owner})" for name, owner, _ in missing[:_GAPS_SHOWN])
             more = f" and {len(missing) - _GAPS_SHOWN} more" if len(missing) > _GAPS_SHOWN else ""
             not_owned = [name for name, _, owned in missing if not owned]
-            why = (" The role Flux runs as does not own "
+            why = (" The role Flux attached as does not own "
                    + ("them" if len(not_owned) == len(missing) else f"{len(not_owned)} of them")
                    + ": make it the owner (ALTER TABLE ... OWNER TO ...), or attach as the owner.") if not_owned else \
                   " The engine adds new tables within seconds; run `flux attach --all-tables` if these stay."

@@ -96,12 +96,20 @@ def dev(
     finally:
         if info is not None and info.started:
             cluster.stop()
-            console.print("Embedded PostgreSQL stopped (data kept in .flux/).")
+            _say("Embedded PostgreSQL stopped (data kept in .flux/).")
         elif info is not None:  # someone else started it, and may still use it
-            console.print("Embedded PostgreSQL left running: it was running before this flux dev started"
-                          f" ({rich_escape(cluster.stop_command())} stops it).")
+            _say("Embedded PostgreSQL left running: it was running before this flux dev started"
+                 f" ({rich_escape(cluster.stop_command())} stops it).")
         if lock is not None:
             lock.close()
+
+
+def _say(text: str) -> None:
+    """A last word that a closed terminal (the SIGHUP that stopped us) cannot turn into a traceback."""
+    try:
+        console.print(text)
+    except OSError:
+        pass
 
 
 def hold_project_lock(state_dir: Path) -> IO[str]:

@@ -189,8 +189,12 @@ def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[st
 
 
 def key_arg(value: Any) -> str:
-    """A key value as a command-line argument."""
-    return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    """A key value as `--id`/`--key` take it: numbers as their digits (exact, past 64 bits too)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+        return str(value)
+    return orjson.dumps(value, default=str).decode()
 
 
 def history_command(schema: str, table: str, row_key: dict[str, Any]) -> str:

@@ -13,7 +13,9 @@ Tenants see only their own traces through `GET /_flux/requests[/<id>]`.
 A client that goes away does not stop its function: once started, a function runs to its end
 (its time limit bounds that), commits or rolls back as it would have, and is recorded, marked
 `flux.client_disconnected`. Its outcome never depends on when the client hung up. A client
-that leaves before the function starts is recorded as a 499 and nothing runs.
+that leaves before the function starts (while its body arrives, or while it waits for a worker)
+is recorded as a 499 and nothing runs. At shutdown the gateway lets started functions finish
+and answers queued requests 503 (`Gateway.settle`).
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ class Gateway:
         self.functions = Functions(project, pool_size=pool_size)
         self.executor = self._executor(project)
         self._slots = asyncio.Semaphore(workers)
-        self._detached: set[asyncio.Future[Execution]] = set()  # executions whose client went away
+        self._running: set[asyncio.Future[Execution]] = set()  # executions started, their client there or not
+        self._queued = 0  # requests waiting for a worker slot
+        self._stopping = False
         self.reload_hooks: list[Callable[[Project], None]] = []  # app settings that follow flux.toml
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
@@ -164,38 +168,66 @@ class Gateway:
             request={"method": method, "path": path, "query": trace.query, "body": body,
                      "headers": {k: v for k, v in headers.items() if k not in (API_KEY_HEADER,) and not _is_flux_auth(k, v, tenant)}},
         )
-        work = asyncio.ensure_future(self._execute(pool, invocation, function))
+        # A worker slot first, in the request's own task: a client that leaves while it waits
+        # leaves nothing running behind it (under overload, abandoned requests are shed).
+        self._queued += 1
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            self._reply(trace, tenant, function, _error(
+                CLIENT_CLOSED_REQUEST, "the client disconnected while its request waited for a free worker",
+                "Nothing ran. Raise --workers, or look for what keeps the workers busy."), client_gone=True)
+            raise
+        finally:
+            self._queued -= 1
+        if self._stopping:
+            self._slots.release()
+            return self._reply(trace, tenant, function, _error(503, "the server is stopping; the function did not run",
+                                                                 "Send the request again (to another instance)."))
+        work = asyncio.ensure_future(self._execute(pool, invocation, function))  # releases the slot
+        self._running.add(work)
+        work.add_done_callback(self._running.discard)
         try:
             execution = await asyncio.shield(work)
-        except asyncio.CancelledError:  # the client went away, or the server stops: see the module's doc
-            self._detached.add(work)
+        except asyncio.CancelledError:  # the client went away: see the module's doc
             work.add_done_callback(lambda done: self._record_detached(done, trace, tenant, function))
             raise
         return self._reply(trace, tenant, function, execution)
 
     async def _execute(self, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
-        async with self._slots:
-            try:
-                return await self.executor.run(pool, invocation)
-            except Exception:  # a bug in Flux: the request still gets its id, a clear answer and a trace
-                log.exception("request %s: running %s failed inside Flux", invocation.request_id, function)
-                return _error(500, "Flux failed while running the function (an internal error)",
-                              "The gateway's log has the details, under this request id.")
+        try:
+            return await self.executor.run(pool, invocation)
+        except Exception:  # a bug in Flux: the request still gets its id, a clear answer and a trace
+            log.exception("request %s: running %s failed inside Flux", invocation.request_id, function)
+            return _error(500, "Flux failed while running the function (an internal error)",
+                          "The gateway's log has the details, under this request id.")
+        finally:
+            self._slots.release()
 
     def _record_detached(self, done: asyncio.Future[Execution], trace: _Trace, tenant: Tenant | None, function: str) -> None:
-        self._detached.discard(done)
-        if done.cancelled():  # stopped by a server shutdown that could not wait: the executor rolled back
-            execution = _error(503, "the server stopped before the function finished; its transaction was rolled back",
-                               "Stop the server with SIGTERM or Ctrl-C, which waits for functions in flight.")
+        if done.cancelled():  # cut off by a shutdown that could not wait for it
+            execution = _error(503, "the server stopped before the function finished (its span and the mutation log say "
+                                    "what became of its transaction)", "Stop the server with SIGTERM or Ctrl-C, which "
+                                    "waits for functions in flight up to their time limit.")
         else:
             execution = done.result()
         self._reply(trace, tenant, function, execution, client_gone=True)
 
     async def settle(self, timeout: float) -> None:
-        """Wait for the functions whose client went away (at shutdown, before traces are drained)."""
-        if not self._detached:
-            return
-        _, late = await asyncio.wait(set(self._detached), timeout=timeout)
+        """At shutdown, before traces are drained: let every started function finish (whether or not
+        its client or the HTTP server is still there), and answer queued requests 503 without
+        running them. Functions still running after `timeout` are cancelled (they roll back)."""
+        self._stopping = True
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._running or self._queued:
+            if self._running:
+                await asyncio.wait(set(self._running), timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(0.01)  # queued requests take a freed slot, see _stopping, and answer
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+        late = set(self._running)
         for work in late:
             work.cancel()
         if late:
@@ -358,7 +390,8 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
     @app.after_serving
     async def _stop() -> None:
-        # Functions whose client went away run on past their request: their traces go in the drain.
+        # Functions run on past their request (a client gone, the HTTP server's grace period over):
+        # their traces go in the drain.
         await gateway.settle(timeout=gateway.project.limits.timeout_ms / 1000 + 5)
         if on_shutdown is not None:
             await on_shutdown()

@@ -181,7 +181,7 @@ class Executor:
         try:
             await run.db.finish(commit=True, deadline=deadline)
         except HostCallError as exc:
-            if run.db.commit_timed_out:  # cancelled at the deadline: rolled back, as any request over its limit
+            if run.db.commit_timed_out and exc.info.get("sqlstate") == "57014":  # cancelled at the deadline: rolled back
                 return self._finish_error(
                     span, clock, 504, "TimeoutError", f"the function exceeded its time limit ({self.limits.timeout_ms} ms) "
                     "while its transaction committed (deferred triggers run then); it was rolled back", "", run=run)

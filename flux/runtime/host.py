@@ -161,7 +161,7 @@ class DbSession:
         self.lost_writes: str | None = None  # why the writes of a handler that returned were rolled back
         self.outcome: str | None = None  # "committed" | "rolled_back" once finished
         self.commit_timed_out = False  # the COMMIT outran the request's deadline and was cancelled
-        self._commit_cancel: asyncio.Future[None] | None = None  # held: a task nothing references may vanish
+        self._commit_cancel: asyncio.Future[bool] | None = None  # held: a task nothing references may vanish
 
     async def query(self, sql: str, params: list[Any]) -> dict[str, Any]:
         if self._pool is None:
@@ -236,8 +236,10 @@ class DbSession:
         and sets `lost_writes` when statements before it had written.
 
         A COMMIT still running at `deadline` (loop time; deferred triggers run in it) is cancelled
-        on the server, not abandoned: the server's answer then says whether it committed, and the
-        connection stays usable. `commit_timed_out` is set when the cancel was sent.
+        on the server, not abandoned: the server's answer then says whether it committed (a
+        cancelled one fails with SQLSTATE 57014 and rolls back; its connection is then closed, as
+        after any failed exchange, and the pool replaces it). `commit_timed_out` is set when the
+        cancel was sent.
         """
         async with self._lock:
             conn, self._conn = self._conn, None
@@ -284,9 +286,13 @@ class DbSession:
                 if commit:
                     raise HostCallError({"name": "DatabaseError", "message": f"commit failed: {exc}", "sqlstate": exc.sqlstate}) from None
             finally:
-                if self._commit_cancel is not None:  # delivered before the connection serves anyone else
-                    await self._commit_cancel
-                await self._pool.putconn(conn)
+                try:
+                    # Delivered before the connection serves anyone else; one that could not be
+                    # delivered in time might still arrive, so that connection is not reused.
+                    if self._commit_cancel is not None and not await self._commit_cancel:
+                        await conn.close()
+                finally:
+                    await self._pool.putconn(conn)
 
     def _cancel_commit(self, conn: psycopg.AsyncConnection) -> None:
         self.commit_timed_out = True
@@ -328,12 +334,14 @@ def _check_result_size(result: PGresult) -> None:
                            f"or columns"})
 
 
-async def _cancel_on_server(conn: psycopg.AsyncConnection) -> None:
-    """Ask the server to stop what `conn` runs; the statement then fails with SQLSTATE 57014."""
+async def _cancel_on_server(conn: psycopg.AsyncConnection) -> bool:
+    """Ask the server to stop what `conn` runs (the statement then fails with SQLSTATE 57014);
+    False when the request could not be delivered within 5 s."""
     try:
         await asyncio.wait_for(conn.cancel_safe(), 5)
     except (psycopg.Error, TimeoutError):
-        pass
+        return False
+    return True
 
 
 _CONTEXT_MESSAGE = b"SELECT pg_logical_emit_message(true, $1::text, $2::text)"

@@ -190,3 +190,66 @@ def test_a_client_that_hangs_up_before_its_body_arrives_is_recorded_as_499_and_n
     assert (status, error) == (499, "the client disconnected before its request body arrived")
     assert attributes["flux.client_disconnected"] is True
     assert conn.execute("SELECT count(*) FROM users").fetchone() == (0,)
+
+
+SLOW_SIGNUP = """
+    export default async function (req, ctx) {
+      await ctx.db.query("INSERT INTO users (email) VALUES ($1)", [req.body.email]);
+      await ctx.db.query("SELECT pg_sleep(0.7)", []);
+      return { status: 201, body: "created" };
+    }
+"""
+
+
+def _send_and_hang_up(port: int, body: bytes, after: float) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"POST /signup HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(after)
+
+
+def test_a_client_that_hangs_up_while_waiting_for_a_worker_is_recorded_as_499_and_nothing_runs(tmp_path, dsn, conn):
+    import threading
+
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"signup": SLOW_SIGNUP})
+    proc, port = start_serve(project, "--database", dsn, "--no-engine", "--workers", "1")
+    try:
+        first = threading.Thread(target=httpx.post, args=(f"http://127.0.0.1:{port}/signup",),
+                                 kwargs={"json": {"email": "first@x"}, "timeout": 10})
+        first.start()
+        time.sleep(0.2)  # the first holds the only worker
+        _send_and_hang_up(port, b'{"email": "gone@x"}', after=0.2)
+        first.join()
+        rows = sorted(_traces_of(dsn, "signup", 2), key=lambda r: r[0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert [(status, error) for status, error, _ in rows] == [
+        (201, None), (499, "the client disconnected while its request waited for a free worker")]
+    assert conn.execute("SELECT email FROM users").fetchall() == [("first@x",)]
+
+
+def test_at_shutdown_started_functions_finish_and_queued_requests_are_answered_503_all_recorded(tmp_path, dsn, conn):
+    import concurrent.futures
+
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"signup": SLOW_SIGNUP}, "[limits]\ntimeout_ms = 1000\n")  # 2 s of grace
+    proc, port = start_serve(project, "--database", dsn, "--no-engine", "--workers", "1")
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        sent = [pool.submit(httpx.post, f"http://127.0.0.1:{port}/signup", json={"email": f"{n}@x"}, timeout=30)
+                for n in range(6)]
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        for request in sent:
+            try:
+                request.result()
+            except httpx.HTTPError:  # cut off by the HTTP server's grace period
+                pass
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    with psycopg.connect(dsn, autocommit=True) as check:
+        statuses = sorted(r[0] for r in check.execute("SELECT status FROM flux.trace_requests WHERE function = 'signup'"))
+        created = check.execute("SELECT count(*) FROM users").fetchone()[0]
+    assert len(statuses) == 6 and set(statuses) <= {201, 503}, statuses  # every request recorded
+    assert 503 in statuses and statuses.count(201) == created  # a 503 never ran; a 201 committed

@@ -201,6 +201,18 @@ def test_history_of_both_keys_shows_the_key_change_and_points_to_the_other(users
     assert (moved["key_change"], moved["old_row_key"], moved["row_key"]) == ("in", {"id": 42}, {"id": 43})
 
 
+def test_pointers_to_a_decimal_or_big_integer_key_are_commands_that_find_the_row(conn, dsn):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.prices (id numeric PRIMARY KEY, v text)")
+    big = 2**70
+    record(conn, "prices", "update", request_id=RID1, key='{"id": %d}' % big, old_key='{"id": 2.5}', old_complete=True,
+           old='{"id": 2.5, "v": "a"}', new='{"id": %d, "v": "a"}' % big, changed=["id"])
+    out = invoke(dsn, "history", "prices", "--id", "2.5").output
+    assert f"the row goes on in flux state history prices --id {big}" in out
+    assert invoke(dsn, "history", "prices", "--id", str(big)).exit_code == 0
+    assert "earlier changes: flux state history prices --id 2.5" in invoke(dsn, "history", "prices", "--id", str(big)).output
+
+
 def test_blame_of_an_old_key_says_where_the_row_moved(users, dsn):
     _move_42_to_43(users)
     out = invoke(dsn, "blame", "users", "--id", "42").output

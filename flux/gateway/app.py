@@ -213,11 +213,15 @@ class Gateway:
             execution = done.result()
         self._reply(trace, tenant, function, execution, client_gone=True)
 
+    def stop_starting(self) -> None:
+        """From now on, requests still waiting for a worker are answered 503 and run nothing."""
+        self._stopping = True
+
     async def settle(self, timeout: float) -> None:
         """At shutdown, before traces are drained: let every started function finish (whether or not
         its client or the HTTP server is still there), and answer queued requests 503 without
         running them. Functions still running after `timeout` are cancelled (they roll back)."""
-        self._stopping = True
+        self.stop_starting()
         deadline = asyncio.get_running_loop().time() + timeout
         while self._running or self._queued:
             if self._running:

@@ -168,9 +168,14 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     app = create_app(gateway, on_startup=started, on_shutdown=stop)
     shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def begin_shutdown() -> None:
+        gateway.stop_starting()  # queued requests get their 503 while their clients still listen
+        shutdown.set()
+
     for sig in STOP_SIGNALS:
         try:
-            loop.add_signal_handler(sig, shutdown.set)
+            loop.add_signal_handler(sig, begin_shutdown)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     port = sockets[0].getsockname()[1]  # the real one, should --port be 0
@@ -178,7 +183,9 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn serves the sockets bound above
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    hc.graceful_timeout = max(1.0, project.limits.timeout_ms / 1000 + 1)
+    # Requests in flight end within their time limit, their COMMIT included; a cancel at the
+    # deadline may take up to 5 s more to reach the server.
+    hc.graceful_timeout = project.limits.timeout_ms / 1000 + 6
     watcher = asyncio.create_task(_watch(gateway, shutdown)) if config.reload else None
     if on_ready is not None:
         loop.call_soon(on_ready, f"http://{config.host}:{port}")

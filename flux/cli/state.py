@@ -188,22 +188,13 @@ def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[st
     return lines
 
 
-def key_arg(value: Any) -> str:
-    """A key value as `--id`/`--key` take it: numbers as their digits (exact, past 64 bits too)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
-        return str(value)
-    return orjson.dumps(value, default=str).decode()
-
-
 def history_command(schema: str, table: str, row_key: dict[str, Any]) -> str:
     """`flux state history` of the row with this primary key."""
     name = shlex.quote(queries.format_table(schema, table))
     if len(row_key) == 1:
         (value,) = row_key.values()
-        return f"flux state history {name} --id {shlex.quote(key_arg(value))}"
-    keys = " ".join(f"--key {shlex.quote(f'{col}={key_arg(v)}')}" for col, v in row_key.items())
+        return f"flux state history {name} --id {shlex.quote(queries.key_text(value))}"
+    keys = " ".join(f"--key {shlex.quote(f'{col}={queries.key_text(v)}')}" for col, v in row_key.items())
     return f"flux state history {name} {keys}"
 
 

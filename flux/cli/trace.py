@@ -19,10 +19,10 @@ from rich.markup import escape
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, print_json
-from flux.cli.state import history_command, key_arg
+from flux.cli.state import history_command
 from flux.errors import ConfigError
 from flux.store import traces
-from flux.store.queries import format_table
+from flux.store.queries import format_table, key_text
 from flux.store.traces import RowChange, TraceRecord, TraceSummary, Why
 
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
@@ -262,7 +262,7 @@ def _key_text(m: RowChange) -> str:
         return "every row"
     if not m.row_key:
         return "(no primary key)"
-    return ", ".join(f"{col} = {key_arg(v)}" for col, v in m.row_key.items())
+    return ", ".join(f"{col} = {key_text(v)}" for col, v in m.row_key.items())
 
 
 def history_hint(m: RowChange) -> str | None:

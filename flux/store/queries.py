@@ -524,14 +524,15 @@ def _with_earlier_keys(conn: psycopg.Connection, schema: str, table: str, mutati
         return mutations
     arrival = mutations[arrivals[-1]]
     assert arrival.old_row_key is not None
-    before = _row_match(conn, schema, table, None, {c: _key_text(v) for c, v in arrival.old_row_key.items()})
+    before = _row_match(conn, schema, table, None, {c: key_text(v) for c, v in arrival.old_row_key.items()})
     _, earlier = _fetch_row(conn, schema, table, before, None)
     at = next((i for i, mut in enumerate(earlier) if (mut.commit_lsn, mut.seq) == (arrival.commit_lsn, arrival.seq)), 0)
     return _with_earlier_keys(conn, schema, table, earlier[:at], hops - 1) + mutations[arrivals[-1]:]
 
 
-def _key_text(value: Any) -> str:
-    """A recorded key value as the CLI would give it (its forms match what was recorded)."""
+def key_text(value: Any) -> str:
+    """A recorded key value as `--id`/`--key` take it (its forms match what was recorded): numbers
+    as their digits, exact past 64 bits too."""
     if isinstance(value, str):
         return value
     if isinstance(value, Decimal):

@@ -31,6 +31,16 @@ def only(dsn: str, table: str) -> dict:
     return m
 
 
+def key_only_change(conn: psycopg.Connection, capture, table: str, key_only: str, statement: str) -> dict:
+    """The one mutation `statement` records on captured `table` once `key_only` (the table, or a
+    partition of it) logs its old rows by key only, as after a user undid what attach set."""
+    running = capture(tables=[table])
+    conn.execute(f"ALTER TABLE {key_only} REPLICA IDENTITY DEFAULT")
+    write(running.dsn, statement)
+    running.caught_up()
+    return only(running.dsn, table)
+
+
 def partitioned_m(conn: psycopg.Connection, *regions: str) -> None:
     """Table m partitioned by region, one partition m_<region> and one row (region, n, 10 n) per region."""
     conn.execute("CREATE TABLE m (region text, id int, v int, PRIMARY KEY (region, id)) PARTITION BY LIST (region)")
@@ -314,11 +324,7 @@ def test_an_update_keeping_a_numeric_key_is_not_a_key_change_with_or_without_ful
 def test_a_key_change_without_full_identity_records_the_old_key_from_the_key_image(dsn, conn, capture):
     conn.execute("CREATE TABLE users (a int, b text, email text, PRIMARY KEY (a, b))")
     conn.execute("INSERT INTO users VALUES (1, 'x', 'e')")
-    running = capture(tables=["users"])
-    conn.execute("ALTER TABLE users REPLICA IDENTITY DEFAULT")
-    write(dsn, "UPDATE users SET b = 'y'")
-    running.caught_up()
-    m = only(dsn, "users")
+    m = key_only_change(conn, capture, "users", "users", "UPDATE users SET b = 'y'")
     assert (m["row_key"], m["old_row_key"], m["old_complete"]) == ({"a": 1, "b": "y"}, {"a": 1, "b": "x"}, False)
 
 
@@ -328,11 +334,7 @@ def test_a_key_change_without_full_identity_records_the_old_key_from_the_key_ima
 def test_update_without_full_identity_records_key_only_old_image_marked_incomplete(dsn, conn, capture):
     conn.execute("CREATE TABLE plans (id int PRIMARY KEY, name text, price int)")
     conn.execute("INSERT INTO plans VALUES (1, 'free', 0)")
-    running = capture(tables=["plans"])
-    conn.execute("ALTER TABLE plans REPLICA IDENTITY DEFAULT")  # the user undid what attach set
-    write(dsn, "UPDATE plans SET price = 5")
-    running.caught_up()
-    m = only(dsn, "plans")
+    m = key_only_change(conn, capture, "plans", "plans", "UPDATE plans SET price = 5")  # the user undid what attach set
     assert (m["old"], m["new"]) == ({"id": 1}, {"id": 1, "name": "free", "price": 5})
     assert (m["old_complete"], m["changed_columns"], m["missing_columns"]) == (False, None, None)
     assert m["row_key"] == {"id": 1}
@@ -341,11 +343,7 @@ def test_update_without_full_identity_records_key_only_old_image_marked_incomple
 def test_delete_without_full_identity_records_key_only_old_image_marked_incomplete(dsn, conn, capture):
     conn.execute("CREATE TABLE plans (a int, b text, name text, PRIMARY KEY (a, b))")
     conn.execute("INSERT INTO plans VALUES (1, 'x', 'free')")
-    running = capture(tables=["plans"])
-    conn.execute("ALTER TABLE plans REPLICA IDENTITY DEFAULT")
-    write(dsn, "DELETE FROM plans")
-    running.caught_up()
-    m = only(dsn, "plans")
+    m = key_only_change(conn, capture, "plans", "plans", "DELETE FROM plans")
     assert (m["op"], m["old"], m["new"]) == ("delete", {"a": 1, "b": "x"}, None)
     assert (m["old_complete"], m["changed_columns"], m["row_key"]) == (False, None, {"a": 1, "b": "x"})
 
@@ -353,11 +351,7 @@ def test_delete_without_full_identity_records_key_only_old_image_marked_incomple
 def test_unchanged_toasted_value_without_full_old_image_is_listed_missing_and_absent(dsn, conn, capture):
     conn.execute("CREATE TABLE files (id int PRIMARY KEY, name text, body text)")
     conn.execute("INSERT INTO files VALUES (1, 'a.txt', %s)", (big_text(),))
-    running = capture(tables=["files"])
-    conn.execute("ALTER TABLE files REPLICA IDENTITY DEFAULT")
-    write(dsn, "UPDATE files SET name = 'b.txt'")
-    running.caught_up()
-    m = only(dsn, "files")
+    m = key_only_change(conn, capture, "files", "files", "UPDATE files SET name = 'b.txt'")
     assert m["new"] == {"id": 1, "name": "b.txt"}
     assert (m["old"], m["old_complete"], m["missing_columns"], m["changed_columns"]) == ({"id": 1}, False, ["body"], None)
 
@@ -365,11 +359,7 @@ def test_unchanged_toasted_value_without_full_old_image_is_listed_missing_and_ab
 def test_update_on_a_partition_without_full_identity_keeps_only_key_columns_as_old(dsn, conn, capture):
     # The root stays FULL, so pgoutput flags every column as key: the key comes from the catalog.
     partitioned_m(conn, "eu")
-    running = capture(tables=["m"])
-    conn.execute("ALTER TABLE m_eu REPLICA IDENTITY DEFAULT")
-    write(dsn, "UPDATE m SET v = 11")
-    running.caught_up()
-    m = only(dsn, "m")
+    m = key_only_change(conn, capture, "m", "m_eu", "UPDATE m SET v = 11")
     assert (m["old"], m["new"]) == ({"region": "eu", "id": 1}, {"region": "eu", "id": 1, "v": 11})
     assert (m["old_complete"], m["changed_columns"]) == (False, None)
 
@@ -398,11 +388,7 @@ def test_a_full_partition_keeps_whole_old_rows_while_another_partition_is_key_on
 
 def test_delete_on_a_partition_without_full_identity_is_not_presented_as_complete(dsn, conn, capture):
     partitioned_m(conn, "eu")
-    running = capture(tables=["m"])
-    conn.execute("ALTER TABLE m_eu REPLICA IDENTITY DEFAULT")
-    write(dsn, "DELETE FROM m")
-    running.caught_up()
-    m = only(dsn, "m")
+    m = key_only_change(conn, capture, "m", "m_eu", "DELETE FROM m")
     assert m["old"] != {"region": "eu", "id": 1, "v": None}, "a NULL the row never had"
     assert (m["old"], m["old_complete"], m["changed_columns"]) == ({"region": "eu", "id": 1}, False, None)
 

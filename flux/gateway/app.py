@@ -213,6 +213,10 @@ class Gateway:
             execution = done.result()
         self._reply(trace, tenant, function, execution, client_gone=True)
 
+    def load(self) -> dict[str, int]:
+        """Functions running now (their clients there or not) and requests waiting for a worker."""
+        return {"running": len(self._running), "queued": self._queued, "workers": self.workers}
+
     def stop_starting(self) -> None:
         """From now on, requests still waiting for a worker are answered 503 and run nothing."""
         self._stopping = True
@@ -404,7 +408,8 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     @app.get("/_flux/health")
     async def _health() -> Response:
         return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled),
-                                      "load_errors": gateway.functions.load_errors}), content_type="application/json")
+                                      "load_errors": gateway.functions.load_errors, **gateway.load()}),
+                        content_type="application/json")
 
     @app.get("/_flux/requests")
     async def _requests() -> Response:

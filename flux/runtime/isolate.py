@@ -31,7 +31,7 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from py_mini_racer import JSEvalException, JSTimeoutException, LibAlreadyInitializedError, MiniRacer, init_mini_racer
+from py_mini_racer import JSEvalException, LibAlreadyInitializedError, MiniRacer, init_mini_racer, mini_racer
 
 # Compile eagerly: each isolate runs its code once, so V8's lazy compilation would put the
 # compile of every prelude function on the request path (measured: the first eval of a request
@@ -102,24 +102,26 @@ def compile_function(function: Function, *, memory_mb: int = 128, timeout_ms: in
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _compile(function, script, memory_mb, timeout_ms)
-    # mini-racer applies a time limit only to an isolate on a loop of its own; one runs here.
+        return asyncio.run(_compile(function, script, memory_mb, timeout_ms))
+    # Blocking the caller's loop is the point (a reload swaps every function at once), but
+    # the scratch isolate needs a loop of its own to answer on: one on a worker thread.
     with ThreadPoolExecutor(1) as thread:
-        return thread.submit(_compile, function, script, memory_mb, timeout_ms).result()
+        return thread.submit(asyncio.run, _compile(function, script, memory_mb, timeout_ms)).result()
 
 
-def _compile(function: Function, script: str, memory_mb: int, timeout_ms: int) -> CompiledFunction:
-    mr = MiniRacer()
-    try:
+async def _compile(function: Function, script: str, memory_mb: int, timeout_ms: int) -> CompiledFunction:
+    # The context is freed (which stops top-level code still spinning) while this loop still
+    # runs: the stopped eval's answer then lands on a live loop, not a closed one.
+    with mini_racer(asyncio.get_running_loop()) as mr:
         mr.set_hard_memory_limit(memory_mb * 1024 * 1024)
-        mr.eval(PRELUDE)  # a prelude error is Flux's bug: let it raise
-        mr.eval(script, timeout_sec=timeout_ms / 1000)
-    except JSTimeoutException:
-        return CompiledFunction(function, None, f"{function.display_path}: its top-level code did not finish within {timeout_ms} ms")
-    except JSEvalException as exc:
-        return CompiledFunction(function, None, _load_error(function, exc))
-    finally:
-        mr.close()  # also stops top-level code still spinning
+        await mr.eval_cancelable(PRELUDE)  # a prelude error is Flux's bug: let it raise
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                await mr.eval_cancelable(script)
+        except TimeoutError:
+            return CompiledFunction(function, None, f"{function.display_path}: its top-level code did not finish within {timeout_ms} ms")
+        except JSEvalException as exc:
+            return CompiledFunction(function, None, _load_error(function, exc))
     return CompiledFunction(function, script)
 
 

@@ -201,11 +201,16 @@ SLOW_SIGNUP = """
 """
 
 
-def _send_and_hang_up(port: int, body: bytes, after: float) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as client:
-        client.sendall(b"POST /signup HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                       b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        time.sleep(after)
+def _gateway_load(port: int) -> tuple[int, int]:
+    health = httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5).json()
+    return health["running"], health["queued"]
+
+
+def _wait_for_load(port: int, running: int, queued: int) -> None:
+    deadline = time.monotonic() + 30
+    while (load := _gateway_load(port)) != (running, queued):
+        assert time.monotonic() < deadline, load
+        time.sleep(0.02)
 
 
 def test_a_client_that_hangs_up_while_waiting_for_a_worker_is_recorded_as_499_and_nothing_runs(tmp_path, dsn, conn):
@@ -218,8 +223,12 @@ def test_a_client_that_hangs_up_while_waiting_for_a_worker_is_recorded_as_499_an
         first = threading.Thread(target=httpx.post, args=(f"http://127.0.0.1:{port}/signup",),
                                  kwargs={"json": {"email": "first@x"}, "timeout": 10})
         first.start()
-        time.sleep(0.2)  # the first holds the only worker
-        _send_and_hang_up(port, b'{"email": "gone@x"}', after=0.2)
+        _wait_for_load(port, running=1, queued=0)  # the first holds the only worker
+        body = b'{"email": "gone@x"}'
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"POST /signup HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            _wait_for_load(port, running=1, queued=1)
         first.join()
         rows = sorted(_traces_of(dsn, "signup", 2), key=lambda r: r[0])
     finally:
@@ -239,7 +248,12 @@ def test_at_shutdown_started_functions_finish_and_queued_requests_are_answered_5
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         sent = [pool.submit(httpx.post, f"http://127.0.0.1:{port}/signup", json={"email": f"{n}@x"}, timeout=30)
                 for n in range(6)]
-        time.sleep(0.3)
+        # Until every request has reached the gateway: running, waiting for the worker, or answered
+        # (counted first, so that none counts twice).
+        deadline = time.monotonic() + 30
+        while sum(request.done() for request in sent) + sum(_gateway_load(port)) < len(sent):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         concurrent.futures.wait(sent)
     out, _ = proc.communicate(timeout=60)

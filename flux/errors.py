@@ -123,6 +123,9 @@ def from_psycopg(exc: psycopg.Error, message: str, *, hint: str | None = None, *
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, psycopg.OperationalError) and (sqlstate is None or sqlstate[:2] in _CONNECTION_SQLSTATE_CLASSES):
         return ConnectionLostError(f"{message}: {detail}", hint=hint, sqlstate=sqlstate, **context)
+    if hint is None and sqlstate == "42501":
+        hint = ("Connect as a role with that privilege, such as the one that ran `flux attach`. To let a role read what "
+                "Flux records: GRANT USAGE ON SCHEMA flux TO <role>; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO <role>;")
     transient = sqlstate is not None and (sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES)
     context.setdefault("retryable", transient)
     return DatabaseError(f"{message}: {detail}", hint=hint, sqlstate=sqlstate, **context)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -18,8 +19,11 @@ class CdcStatus:
     database: str
     slot_exists: bool
     active: bool = False
-    consumer_pid: int | None = None
     consumer_running: bool = False
+    consumer_pid: int | None = None  # the engine's process, as its replication connection names it
+    consumer_host: str | None = None
+    consumer_application: str | None = None  # that connection's application_name, whoever the consumer is
+    walsender_pid: int | None = None  # the server process streaming to it
     confirmed_lsn: str | None = None
     current_lsn: str | None = None
     lag_bytes: int | None = None
@@ -36,6 +40,9 @@ class CdcStatus:
     warnings: list[str] = field(default_factory=list)
 
 
+_CONSUMER = re.compile(r"flux-cdc (\d+)@(.*)")  # flux.cdc.stream.consumer_name
+
+
 def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
     with connect(dsn) as conn:
         database, current = conn.execute("SELECT current_database(), pg_current_wal_lsn()::text").fetchone()
@@ -45,7 +52,7 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
             SELECT s.active, s.active_pid, s.confirmed_flush_lsn::text,
                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, s.wal_status,
-                   extract(epoch FROM r.flush_lag)::float8
+                   extract(epoch FROM r.flush_lag)::float8, r.application_name
             FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
             WHERE s.slot_name = %s
             """,
@@ -60,9 +67,12 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
             )
         if row is not None:
             status.slot_exists = True
-            (status.active, status.consumer_pid, status.confirmed_lsn, status.lag_bytes,
-             status.retained_wal_bytes, status.wal_status, flush_lag) = row
+            (status.active, status.walsender_pid, status.confirmed_lsn, status.lag_bytes,
+             status.retained_wal_bytes, status.wal_status, flush_lag, status.consumer_application) = row
             status.consumer_running = bool(status.active)
+            named = _CONSUMER.fullmatch(status.consumer_application or "")
+            if status.consumer_running and named:
+                status.consumer_pid, status.consumer_host = int(named[1]), named[2]
             status.lag_seconds = flush_lag
         if has_schema:
             attached = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()

@@ -12,6 +12,8 @@ round-trippable floats, hex bytea), so `flux.cdc.values` can rely on them.
 from __future__ import annotations
 
 import select
+import os
+import socket
 import time
 
 import psycopg
@@ -22,8 +24,14 @@ from flux.errors import ConnectionLostError, NotFoundError, PreflightError, from
 
 WALSENDER_OPTIONS = (
     "-c DateStyle=ISO,YMD -c TimeZone=UTC -c IntervalStyle=iso_8601"
-    " -c extra_float_digits=3 -c bytea_output=hex -c application_name=flux-cdc"
+    " -c extra_float_digits=3 -c bytea_output=hex"
 )
+
+
+def consumer_name() -> str:
+    """The replication connection's application_name: who holds the slot, for `flux cdc status`
+    (the server knows only its own walsender's pid). PostgreSQL keeps 63 bytes of it."""
+    return f"flux-cdc {os.getpid()}@{socket.gethostname()}"[:63]
 
 
 def quote_ident(name: str) -> str:
@@ -54,6 +62,7 @@ class ReplicationStream:
                 replication="database",
                 client_encoding="UTF8",  # pgoutput sends text in the client's encoding: the decoder reads UTF-8
                 options=WALSENDER_OPTIONS,
+                application_name=consumer_name(),
                 connect_timeout=self.connect_timeout,
             )
         except psycopg.Error as exc:

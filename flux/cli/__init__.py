@@ -12,7 +12,7 @@ import sys
 import typer
 
 from flux.cli import attach, cdc, dev, init, serve, state, trace
-from flux.cli.output import fail
+from flux.cli.output import fail, print_json
 
 app = typer.Typer(
     name="flux",
@@ -34,12 +34,17 @@ app.command("requests")(trace.requests)
 
 
 def main() -> None:
-    from flux.errors import FluxError
+    import psycopg
+
+    from flux.errors import ConfigError, FluxError, from_psycopg
 
     try:
+        _check_encoding(sys.argv[1:])
         code = app(standalone_mode=False)
     except FluxError as exc:
         fail(exc)
+    except psycopg.Error as exc:  # one no command wrapped with its own words: still one line and a hint
+        fail(from_psycopg(exc, "The database refused the operation"))
     except typer.Abort:
         sys.stderr.write("Aborted.\n")
         sys.exit(130)
@@ -48,11 +53,28 @@ def main() -> None:
     except Exception as exc:
         if not _is_click_exception(exc):
             raise
+        if "--json" in sys.argv[1:] and exc.exit_code == ConfigError.exit_code and hasattr(exc, "format_message"):
+            print_json({"error": "UsageError", "message": exc.format_message(), "hint": "See the command's --help.",
+                        "retryable": False, "context": {}})
         exc.show()  # click's usage message; for a bare group, its help
         sys.exit(exc.exit_code)
     # Without standalone mode, click returns the code of `typer.Exit` / `ctx.exit(code)` (e.g. 0 for --help).
     if isinstance(code, int):
         sys.exit(code)
+
+
+def _check_encoding(args: list[str]) -> None:
+    """Arguments the locale could not decode reach Python as lone surrogates, which no database
+    query or output can carry: refuse them up front rather than fail deep inside."""
+    from flux.errors import ConfigError
+
+    for position, arg in enumerate(args, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"Argument {position} is not valid UTF-8: {arg.encode('utf-8', 'backslashreplace').decode()}",
+                              hint="Flux reads arguments as UTF-8 text; check the terminal's locale (LANG) and the "
+                                   "value's encoding.") from None
 
 
 def _is_click_exception(exc: Exception) -> bool:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
+import psycopg
 import typer
 
 from flux.cdc.attach import human_bytes
 from flux.cdc.status import CdcStatus, cdc_status
 from flux.cli.common import DatabaseOption, JsonOption, reaching, resolve_database
 from flux.cli.output import console, print_json, rich_escape
+from flux.errors import NotFoundError, from_psycopg
 
 app = typer.Typer(help="The change-data-capture engine.", no_args_is_help=True)
 
@@ -54,11 +56,16 @@ def status(database: DatabaseOption = None, slot: SlotOption = "flux", json: Jso
     """Slot state, confirmed LSN, lag, retained WAL, mutations recorded, and whether a consumer runs."""
     db = resolve_database(database)
     with reaching(db):
-        result = cdc_status(db.dsn, slot=slot)
+        try:
+            result = cdc_status(db.dsn, slot=slot)
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not read the CDC status") from exc
     if json:
         print_json(result)
-        return
-    render_status(result)
+    else:
+        render_status(result)
+    if not result.slot_exists:  # for scripts and health checks: nothing is being captured
+        raise typer.Exit(NotFoundError.exit_code)
 
 
 def _bytes(n: int | None) -> str:
@@ -67,7 +74,12 @@ def _bytes(n: int | None) -> str:
 
 def render_status(s: CdcStatus) -> None:
     console.print(f"[bold]CDC[/]  slot [cyan]{s.slot}[/] on database [cyan]{s.database}[/]")
-    consumer = f"running (pid {s.consumer_pid})" if s.consumer_running else "[red]not running[/]"
+    if not s.consumer_running:
+        consumer = "[red]not running[/]"
+    elif s.consumer_pid is not None:
+        consumer = f"running (pid {s.consumer_pid} on {rich_escape(s.consumer_host or '?')})"
+    else:  # not a Flux engine, or one that does not name itself
+        consumer = f"running ({rich_escape(s.consumer_application or 'unnamed')}, walsender pid {s.walsender_pid})"
     rows = [
         ("slot", "exists" if s.slot_exists else "[red]missing[/]"),
         ("consumer", consumer),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -271,10 +273,38 @@ def test_status_of_running_engine_reports_consumer_mutations_and_no_lag(dsn, con
     conn.execute("INSERT INTO users SELECT generate_series(1, 10)")
     running.caught_up()
     data = json.loads(invoke("cdc", "status", "--database", dsn, "--json").stdout)
-    assert data["consumer_running"] is True and data["consumer_pid"]
+    # The engine runs in this process: its pid and host, not the server's walsender.
+    assert data["consumer_running"] is True
+    assert (data["consumer_pid"], data["consumer_host"]) == (os.getpid(), socket.gethostname())
+    assert data["walsender_pid"] == conn.execute(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] != os.getpid()
+    assert f"running (pid {os.getpid()} on {socket.gethostname()})" in invoke("cdc", "status", "--database", dsn).stdout
     assert data["mutations_recorded"] == 10
     assert data["last_commit_lsn"] and data["lag_bytes"] is not None
     assert not any("no consumer" in w for w in data["warnings"])
+
+
+def test_status_of_a_slot_that_does_not_exist_exits_3_after_reporting_it(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    result = invoke("cdc", "status", "--database", dsn, "--slot", "nope", "--json")
+    assert result.exit_code == 3
+    data = json.loads(result.stdout)
+    assert data["slot_exists"] is False and any("Slot 'nope' does not exist" in w for w in data["warnings"])
+
+
+def test_status_as_a_role_that_may_not_read_the_flux_schema_is_one_line_with_a_hint(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    conn.execute("CREATE ROLE status_reader LOGIN")
+    try:
+        proc = run_flux("cdc", "status", "--database", dsn.replace("postgres@", "status_reader@"), "--json")
+    finally:
+        conn.execute("DROP ROLE status_reader")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    error = json.loads(proc.stdout)
+    assert error["message"].startswith("Could not read the CDC status: permission denied")
+    assert "GRANT SELECT ON ALL TABLES IN SCHEMA flux" in error["hint"]
 
 
 def test_status_of_a_stopped_engine_behind_bounds_its_lag_by_the_newest_recorded_commit(dsn, conn, capture):

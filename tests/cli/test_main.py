@@ -42,3 +42,19 @@ def test_a_group_without_a_command_shows_its_help_without_a_traceback(tmp_path, 
 def test_help_exits_0(tmp_path):
     result = flux(tmp_path, "--help")
     assert result.returncode == 0 and "requests" in result.stdout
+
+
+def test_a_usage_error_with_json_also_prints_a_json_error_on_stdout(tmp_path):
+    import json
+
+    result = flux(tmp_path, "requests", "--limit", "0", "--json")
+    assert result.returncode == 2 and "Usage:" in result.stderr
+    error = json.loads(result.stdout)
+    assert error["error"] == "UsageError" and "--limit" in error["message"] and error["hint"]
+
+
+def test_an_argument_that_is_not_utf8_is_a_usage_error_not_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flux", "trace", b"abcd\xff".decode("utf-8", "surrogateescape")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "Argument 2 is not valid UTF-8: abcd\\udcff" in result.stderr and "hint:" in result.stderr

@@ -365,23 +365,27 @@
     [level, (...args) => addEvent(currentParent(null), "log", { message: formatArgs(args), level })])));
 
   // Return values must survive JSON: reject what JSON.stringify would silently change.
+  // `path` is where in the return value (`body.when`, `body.items[2]`), "" for the value itself.
   function checkSerializable(value, path, seen) {
+    const where = path ? `the return value's ${path}` : "the return value";
     const t = typeof value;
     if (value === null || t === "string" || t === "boolean") return;
     if (t === "number") {
-      if (!Number.isFinite(value)) throw new TypeError(`${path} is ${value}, which JSON cannot represent`);
+      if (!Number.isFinite(value)) throw new TypeError(`${where} is ${value}, which JSON cannot represent`);
       return;
     }
     if (t === "undefined") return;
-    if (t === "function" || t === "symbol" || t === "bigint") throw new TypeError(`${path} is a ${t}, which JSON cannot represent`);
-    if (seen.has(value)) throw new TypeError(`${path} refers back to itself (a cycle)`);
+    if (t === "function" || t === "symbol" || t === "bigint") throw new TypeError(`${where} is a ${t}, which JSON cannot represent`);
+    if (seen.has(value)) throw new TypeError(`${where} refers back to itself (a cycle)`);
     if (value instanceof RealDate) return;
     const proto = Object.getPrototypeOf(value);
     if (!Array.isArray(value) && proto !== Object.prototype && proto !== null) {
-      throw new TypeError(`${path} is a ${value.constructor?.name || "non-plain object"}, which JSON cannot represent`);
+      throw new TypeError(`${where} is a ${value.constructor?.name || "non-plain object"}, which JSON cannot represent`);
     }
     seen.add(value);
-    for (const [k, v] of Object.entries(value)) checkSerializable(v, Array.isArray(value) ? `${path}[${k}]` : `${path}.${k}`, seen);
+    for (const [k, v] of Object.entries(value)) {
+      checkSerializable(v, Array.isArray(value) ? `${path}[${k}]` : path ? `${path}.${k}` : k, seen);
+    }
     seen.delete(value);
   }
 
@@ -417,7 +421,7 @@
         if (value === undefined || value === null || typeof value !== "object" || Array.isArray(value)) {
           throw new TypeError(`the handler must return {status, headers, body}, not ${value === null ? "null" : Array.isArray(value) ? "an array" : typeof value}`);
         }
-        checkSerializable(value, "the return value", new Set());
+        checkSerializable(value, "", new Set());
         finish(true, JSON.stringify(value));
       } catch (e) {
         finish(false, { ...describe(e), name: "NonSerializableReturn" });

@@ -197,7 +197,7 @@ def test_a_thrown_error_is_500_with_its_js_stack(tmp_path):
 def test_a_non_serializable_return_is_500_naming_the_value(tmp_path):
     write_project(tmp_path, {"bad": "export default async function () { return {status: 200, body: {when: new Map()}}; }"})
     result = run1(tmp_path, "bad")
-    assert result.status == 500 and "body.when is a Map" in result.error
+    assert result.status == 500 and "the return value's body.when is a Map" in result.error
 
 
 def test_a_file_that_ends_too_soon_is_reported_at_its_last_line(tmp_path):

@@ -50,6 +50,7 @@ log = logging.getLogger("flux.runtime")
 
 RECORDING_VERSION = 2
 MAX_TAPE_EVENTS = 10_000  # as prelude.js: the JS side stops recording there, and so does the host
+SALVAGE_S = 0.1  # past the deadline, for the last drain of a request cut short (about 1 ms)
 ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the isolate at start
 
 
@@ -83,7 +84,10 @@ async def _then_drain(isolate: Isolate, op: str, arg: Any) -> dict[str, Any]:
     """Run the bridge's `op` with `arg`, then its drain once the microtasks `op` queued have run:
     what the function did meanwhile. Microtasks run only when an eval ends, so the drain is an
     eval of its own."""
-    text = await isolate.eval_then(f'{isolate.bridge}("{op}",{_eval_arg(arg)})', isolate.drain_code)
+    return _drained(await isolate.eval_then(f'{isolate.bridge}("{op}",{_eval_arg(arg)})', isolate.drain_code))
+
+
+def _drained(text: str) -> dict[str, Any]:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -132,6 +136,7 @@ class Executor:
             async with asyncio.timeout_at(deadline):
                 done = await run.loop(isolate)
         except TimeoutError:
+            await run.salvage(isolate)
             pool.discard(isolate)  # stops JS even mid-microtask
             await run.cancel()
             return self._finish_error(
@@ -303,6 +308,17 @@ class _Run:
                 finished, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                 settled = [[self.inflight.pop(task), *task.result()] for task in finished]
             out = self._take(await _then_drain(isolate, "settle", settled))
+
+    async def salvage(self, isolate: Isolate) -> None:
+        """After the deadline: what the function did since the last drain (its logs, tape, spans, the
+        steps it was in), so that a function stopped mid-loop still shows where it was. Calls it
+        made meanwhile never ran: they are recorded as abandoned."""
+        text = await isolate.salvage(isolate.drain_code, timeout_s=SALVAGE_S)
+        if text is None:
+            return
+        out = self._take(_drained(text))
+        for _, *call in out.get("calls", ()):
+            self._abandoned(*call)
 
     def _take(self, out: dict[str, Any]) -> dict[str, Any]:
         """Keep what a drain handed over of the recording and the spans."""

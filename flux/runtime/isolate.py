@@ -208,7 +208,7 @@ class Isolate:
     uncancelable-task queue (pinned: mini-racer 0.14).
     """
 
-    __slots__ = ("_closing", "_maker", "bridge", "context", "drain_code", "memory_limit", "parked_at", "renewable", "served",
+    __slots__ = ("_closing", "_maker", "bridge", "context", "drain_code", "memory_limit", "parked_at", "posted", "renewable", "served",
                  "thread_state")
 
     def __init__(self, context: Any, maker: Any, *, bridge: str, renewable: bool = False, memory_limit: int = 0,
@@ -223,6 +223,7 @@ class Isolate:
         self.memory_limit = memory_limit  # bytes: the hard heap limit set on the isolate
         self.served = 0
         self.parked_at = 0.0  # time.monotonic() when it last became ready for a request
+        self.posted: int | None = None  # mini-racer's task id of eval_then's last `code`
 
     def memory_exhausted(self) -> bool:
         """Whether V8 reached the hard memory limit: it then stops the JS running, which may have
@@ -251,7 +252,7 @@ class Isolate:
                 pending.cancel()
         context = self.context
         code_handle = context._python_to_value_handle(code)  # referenced until `code` has run
-        context._dll.mr_eval(context._ctx, code_handle.raw, _UNCANCELABLE_TASK_CALLBACK_ID)
+        self.posted = context._dll.mr_eval(context._ctx, code_handle.raw, _UNCANCELABLE_TASK_CALLBACK_ID)
         try:
             result = await context.eval_cancelable(then)
         except JSEvalException:
@@ -259,6 +260,21 @@ class Isolate:
             raise
         self._raise_posted_error()
         return result
+
+    async def salvage(self, code: str, *, timeout_s: float) -> object | None:
+        """For a request its deadline cut short, before the isolate is discarded: stop JS still
+        running in eval_then's `code` (cancelling `then` does not reach it), then run `code` in
+        what is left; None if that fails or overruns. V8 stops a running script without undoing
+        what it did, so the function's state is as it was at the deadline."""
+        if isinstance(self.context, MiniRacer):  # no task ids without mini-racer's internals
+            return None
+        if self.posted is not None:
+            self.context._dll.mr_cancel_task(self.context._ctx, self.posted)  # ignored if it has ended
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.context.eval_cancelable(code)
+        except (TimeoutError, JSEvalException):
+            return None
 
     def _raise_posted_error(self) -> None:
         """`code`'s error, if it failed (eval_then)."""

@@ -108,6 +108,24 @@ def test_an_infinite_loop_inside_a_microtask_is_stopped_too(tmp_path):
     assert result.status == 504
 
 
+def test_a_function_stopped_mid_loop_keeps_what_it_did_and_the_step_it_was_in(tmp_path):
+    write_project(tmp_path, {"spin": """
+        export default async function (req, ctx) {
+          ctx.log("before the loop");
+          const started = Date.now();
+          await ctx.step("busy", async () => { ctx.fetch("http://127.0.0.1:9/never"); for (;;) {} });
+        }
+    """}, FAST)
+    result = run1(tmp_path, "spin")
+    assert result.status == 504
+    [busy] = [span for span in result.spans if span["name"] == "busy"]
+    assert (busy["status"], busy["error"]) == ("error", "the request ended before this step did")
+    assert [e["attributes"]["message"] for e in result.spans[0]["events"] if e["name"] == "log"] == ["before the loop"]
+    kinds = [(kind, data.get("abandoned")) for _, kind, data in result.recording["events"] if kind != "now"]
+    assert kinds == [("fetch", True)] and result.recording["incomplete"] is True
+    assert any(kind == "now" for _, kind, _ in result.recording["events"])  # Date.now() before the loop
+
+
 @pytest.mark.parametrize("size", [1, 3])
 def test_a_memory_bomb_ends_that_request_only(tmp_path, size):
     write_project(tmp_path, {"bomb": """

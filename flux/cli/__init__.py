@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from flux.cli import attach, cdc, dev, init, serve, state, trace
+from flux.cli import attach, cdc, dev, init, prune, serve, state, trace
 from flux.cli.output import fail, print_json
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.add_typer(state.app, name="state")
 app.command("trace")(trace.trace)
 app.command("why")(trace.why)
 app.command("requests")(trace.requests)
+app.command("prune")(prune.prune)
 
 
 def main() -> None:

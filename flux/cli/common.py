@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +28,10 @@ DatabaseOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+MAX_DURATION = timedelta(days=36_500)  # 100 years; now() minus much more leaves timestamptz's range
 
 ENV_DSN = "FLUX_DATABASE_URL"
 STATE_DIR = ".flux"
@@ -125,3 +131,17 @@ def connect(database: str | None, *, failing: str) -> Iterator[psycopg.Connectio
                 yield conn
         except psycopg.Error as exc:
             raise from_psycopg(exc, failing) from exc
+
+
+def parse_duration(text: str, option: str) -> timedelta:
+    """`30s`, `10m`, `2h`, `1d` (or `1.5h`), given to `option` -> a timedelta."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match:
+        raise ConfigError(f"{option} {text!r} is not a duration", hint="Write a number and a unit: 30s, 10m, 2h, 1d.")
+    try:
+        window = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    except OverflowError:  # past timedelta's own range (about 2.7 million years)
+        window = None
+    if window is None or window > MAX_DURATION:
+        raise ConfigError(f"{option} {text!r} is too long", hint=f"Give at most {MAX_DURATION.days}d (100 years).")
+    return window

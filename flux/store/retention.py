@@ -1,0 +1,153 @@
+"""Retention: deleting what Flux recorded before a cutoff (`flux prune`).
+
+Both logs only grow: one trace row per request, one mutation row per row change. `prune`
+deletes the rows older than a cutoff in batches, each its own short transaction, so that the
+gateway's trace writer and the CDC engine, which append meanwhile, never wait on it for long,
+and an interrupted prune keeps what it has done.
+
+How old is decided:
+- a trace by its `started_at`, through `trace_requests_started_idx`;
+- a mutation by its transaction's commit time. There is no index on `commit_time`, but commit
+  order is LSN order, so commit times rise with `commit_lsn`, the primary key's first column: a
+  binary search over the key finds the first LSN at or past the cutoff, and everything before it
+  goes (a whole transaction at a time, since its rows share one commit LSN). Commit times of
+  concurrent transactions can be a few microseconds out of LSN order; the cut follows the LSN.
+
+What it does not do: it does not VACUUM (autovacuum reclaims the space in time; a manual
+`VACUUM flux.state_mutations` returns it at once), and it does not touch user tables or the
+replication slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+
+from flux.errors import ConfigError, InUseError, NotFoundError
+from flux.store.schema import SCHEMA_VERSION, schema_version
+
+DEFAULT_BATCH_ROWS = 5_000
+_LOCK = "flux.prune"
+
+# (what, deleted so far, to delete in all): called after each batch
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class PruneResult:
+    cutoff: datetime
+    dry_run: bool
+    traces: int | None  # deleted (or, for a dry run, to delete); None when not asked for
+    mutations: int | None
+    seconds: float
+
+
+def prune(
+    conn: psycopg.Connection,
+    *,
+    older_than: timedelta,
+    traces: bool = True,
+    mutations: bool = True,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Delete traces and mutations older than `older_than`; `conn` must be in autocommit mode."""
+    if older_than <= timedelta(0):
+        raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
+    if not traces and not mutations:
+        raise ConfigError("Nothing to prune", hint="Leave out --no-traces or --no-mutations.")
+    version = schema_version(conn)
+    if version is None:
+        raise NotFoundError("This database has no flux schema: nothing was recorded here",
+                            hint="Check --database (or FLUX_DATABASE_URL).")
+    if version != SCHEMA_VERSION:
+        raise ConfigError(f"The flux schema is version {version}; this Flux prunes version {SCHEMA_VERSION}",
+                          hint="Run the Flux release that matches the schema (a newer Flux upgrades it at start).")
+    started = time.monotonic()
+    if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_LOCK,)).fetchone()[0]:
+        raise InUseError("Another `flux prune` is running on this database",
+                         hint="Wait for it to finish; running two at once only makes them compete.")
+    try:
+        cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0]
+        result = PruneResult(cutoff=cutoff, dry_run=dry_run, traces=None, mutations=None, seconds=0.0)
+        if traces:
+            result.traces = _prune_traces(conn, cutoff, batch_rows, dry_run, progress)
+        if mutations:
+            result.mutations = _prune_mutations(conn, cutoff, batch_rows, dry_run, progress)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _prune_traces(conn: psycopg.Connection, cutoff: datetime, batch_rows: int, dry_run: bool,
+                  progress: Progress | None) -> int:
+    total = conn.execute("SELECT count(*) FROM flux.trace_requests WHERE started_at < %s", (cutoff,)).fetchone()[0]
+    if dry_run:
+        return total
+    return _in_batches(conn, "traces", total, progress, """
+        DELETE FROM flux.trace_requests WHERE id IN (
+            SELECT id FROM flux.trace_requests WHERE started_at < %s ORDER BY started_at LIMIT %s)
+        """, (cutoff, batch_rows))
+
+
+def _prune_mutations(conn: psycopg.Connection, cutoff: datetime, batch_rows: int, dry_run: bool,
+                     progress: Progress | None) -> int:
+    cut = first_lsn_at_or_after(conn, cutoff)
+    if cut is None:  # every recorded mutation is older than the cutoff
+        cut = conn.execute("SELECT (max(commit_lsn) + 1::numeric)::text FROM flux.state_mutations").fetchone()[0]
+        if cut is None:  # nothing recorded at all
+            return 0
+    total = conn.execute("SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn", (cut,)).fetchone()[0]
+    if dry_run:
+        return total
+    return _in_batches(conn, "mutations", total, progress, """
+        DELETE FROM flux.state_mutations WHERE (commit_lsn, seq) IN (
+            SELECT commit_lsn, seq FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn ORDER BY commit_lsn, seq LIMIT %s)
+        """, (cut, batch_rows))
+
+
+def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | None:
+    """The commit LSN of the first recorded transaction committed at or after `cutoff`, or None
+    when there is none: a binary search over the primary key (index probes, about two per bit of
+    the LSN range), since commit times rise with commit LSNs."""
+    probe = """
+        SELECT commit_lsn - '0/0'::pg_lsn, commit_time FROM flux.state_mutations
+        WHERE commit_lsn >= '0/0'::pg_lsn + %s::numeric ORDER BY commit_lsn LIMIT 1
+    """
+    lowest, highest = conn.execute(
+        "SELECT min(commit_lsn) - '0/0'::pg_lsn, max(commit_lsn) - '0/0'::pg_lsn FROM flux.state_mutations").fetchone()
+    if highest is None:
+        return None
+    answer, committed = conn.execute(probe, (highest,)).fetchone()
+    if committed < cutoff:
+        return None
+    answer, low, high = int(answer), int(lowest), int(answer)  # rows in [low, high) are not known yet
+    while low < high:
+        middle = (low + high) // 2
+        lsn, committed = conn.execute(probe, (middle,)).fetchone()  # one exists: `answer` >= middle
+        lsn = int(lsn)
+        if lsn >= high:  # no row in [middle, high)
+            high = middle
+        elif committed < cutoff:  # neither it nor any row before it
+            low = lsn + 1
+        else:
+            answer = high = lsn
+    return conn.execute("SELECT ('0/0'::pg_lsn + %s::numeric)::text", (answer,)).fetchone()[0]
+
+
+def _in_batches(conn: psycopg.Connection, what: str, total: int, progress: Progress | None, delete: str,
+                params: tuple) -> int:
+    deleted = 0
+    while True:
+        batch = conn.execute(delete, params).rowcount
+        deleted += batch
+        if progress is not None:
+            progress(what, deleted, max(total, deleted))
+        if batch < params[-1]:
+            return deleted

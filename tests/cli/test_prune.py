@@ -1,0 +1,45 @@
+"""`flux prune`: the command over flux.store.retention."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from typer.testing import CliRunner
+
+from flux.cli import app
+from flux.errors import ConfigError
+from flux.store.schema import ensure_schema
+from flux.store.traces import insert_traces
+from tests.traces_seed import trace
+
+runner = CliRunner()
+
+
+def seed(conn) -> None:
+    ensure_schema(conn)
+    insert_traces(conn, [trace(f"{days:08x}-0000-4000-8000-000000000000", ago=timedelta(days=days)) for days in (40, 1)])
+
+
+def test_prune_json_says_what_it_deleted(dsn, conn):
+    seed(conn)
+    result = runner.invoke(app, ["prune", "--older-than", "30d", "--database", dsn, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["traces"], data["mutations"], data["dry_run"]) == (1, 0, False)
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (1,)
+
+
+def test_prune_dry_run_text_says_what_it_would_delete(dsn, conn):
+    seed(conn)
+    result = runner.invoke(app, ["prune", "--older-than", "2d", "--dry-run", "--no-mutations", "--database", dsn])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Would delete 1 traces recorded before ")
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (2,)
+
+
+def test_prune_needs_a_duration_it_can_read(dsn, conn):
+    seed(conn)
+    result = runner.invoke(app, ["prune", "--older-than", "a month", "--database", dsn])
+    assert isinstance(result.exception, ConfigError) and "--older-than 'a month' is not a duration" in str(result.exception)
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (2,)

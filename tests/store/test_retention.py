@@ -1,0 +1,112 @@
+"""`flux.store.retention`: pruning traces by start time and mutations by commit time, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from flux.errors import ConfigError, InUseError, NotFoundError
+from flux.store.retention import first_lsn_at_or_after, prune
+from flux.store.schema import ensure_schema
+from flux.store.traces import insert_traces
+from tests.traces_seed import NOW, trace
+
+
+def transaction(conn: psycopg.Connection, lsn: int, days_ago: float, rows: int = 1) -> None:
+    """One committed transaction of `rows` row changes, as the engine records it."""
+    conn.execute(
+        "INSERT INTO flux.state_mutations (schema_name, table_name, op, row_key, new, xid, commit_lsn, commit_time, seq)"
+        " SELECT 'public', 'users', 'insert', jsonb_build_object('id', s), jsonb_build_object('id', s), 1,"
+        " '0/0'::pg_lsn + %s::numeric, %s, s FROM generate_series(0, %s - 1) s",
+        (lsn, NOW - timedelta(days=days_ago), rows),
+    )
+
+
+@pytest.fixture
+def recorded(conn: psycopg.Connection) -> psycopg.Connection:
+    """Traces started 40, 31, 29 and 1 days ago; transactions committed then, with LSNs far apart."""
+    ensure_schema(conn)
+    insert_traces(conn, [trace(f"{days:08x}-0000-4000-8000-000000000000", ago=timedelta(days=days)) for days in (40, 31, 29, 1)])
+    for lsn, days, rows in [(0x1000, 40, 3), (0x5_0000_0000, 31, 1), (0x5_0000_0100, 29, 2), (0x9_0000_0000, 1, 1)]:
+        transaction(conn, lsn, days, rows)
+    return conn
+
+
+def remaining(conn: psycopg.Connection) -> tuple[list[int], list[int]]:
+    traces = [round((NOW - t).total_seconds() / 86400) for (t,) in conn.execute(
+        "SELECT started_at FROM flux.trace_requests ORDER BY started_at")]
+    mutations = [round((NOW - t).total_seconds() / 86400) for (t,) in conn.execute(
+        "SELECT commit_time FROM flux.state_mutations ORDER BY commit_lsn, seq")]
+    return traces, mutations
+
+
+def test_prune_deletes_what_is_older_than_the_cutoff_and_keeps_the_rest(recorded):
+    result = prune(recorded, older_than=timedelta(days=30))
+    assert (result.traces, result.mutations, result.dry_run) == (2, 4, False)
+    assert remaining(recorded) == ([29, 1], [29, 29, 1])
+
+
+def test_a_dry_run_counts_and_deletes_nothing(recorded):
+    result = prune(recorded, older_than=timedelta(days=30), dry_run=True)
+    assert (result.traces, result.mutations, result.dry_run) == (2, 4, True)
+    assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])
+
+
+def test_prune_can_leave_either_log_alone(recorded):
+    result = prune(recorded, older_than=timedelta(days=30), traces=False)
+    assert (result.traces, result.mutations) == (None, 4)
+    assert remaining(recorded) == ([40, 31, 29, 1], [29, 29, 1])
+
+
+def test_a_cutoff_past_every_mutation_deletes_them_all(recorded):
+    assert prune(recorded, older_than=timedelta(hours=1)).mutations == 7
+    assert remaining(recorded) == ([], [])
+
+
+def test_prune_deletes_in_batches_and_reports_each(recorded):
+    seen: list[tuple[str, int, int]] = []
+    prune(recorded, older_than=timedelta(days=30), batch_rows=100, progress=lambda *p: seen.append(p))
+    assert seen == [("traces", 2, 2), ("mutations", 4, 4)]
+    for lsn in range(200):
+        transaction(recorded, 0x10 + lsn, 50)
+    seen.clear()
+    prune(recorded, older_than=timedelta(days=30), batch_rows=100, progress=lambda *p: seen.append(p))
+    assert seen == [("traces", 0, 0), ("mutations", 100, 200), ("mutations", 200, 200), ("mutations", 200, 200)]
+
+
+def test_the_cut_lsn_is_the_first_transaction_committed_at_or_after_the_cutoff(conn):
+    ensure_schema(conn)
+    rng = random.Random(7)
+    lsn, days = 0x100, 400.0
+    for _ in range(300):  # gaps from bytes to terabytes of WAL; commit times rise with LSNs
+        lsn += rng.choice([1, 0x40, 0x10_0000, 0x3_0000_0000, 0x100_0000_0000])
+        days -= rng.random() * 2
+        transaction(conn, lsn, days, rows=rng.choice([1, 1, 3]))
+    for cutoff_days in [500, 400, 250.5, 100, 7, 3.25, 0.5, -1] + [rng.uniform(0, 400) for _ in range(30)]:
+        cutoff = NOW - timedelta(days=cutoff_days)
+        expected = conn.execute("SELECT min(commit_lsn)::text FROM flux.state_mutations WHERE commit_time >= %s",
+                                (cutoff,)).fetchone()[0]
+        assert first_lsn_at_or_after(conn, cutoff) == expected, cutoff_days
+
+
+def test_a_second_prune_at_the_same_time_is_refused(recorded, dsn):
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('flux.prune'))")
+        with pytest.raises(InUseError):
+            prune(recorded, older_than=timedelta(days=30))
+    assert prune(recorded, older_than=timedelta(days=30)).traces == 2  # the lock went with its session
+
+
+def test_prune_refuses_a_database_without_the_flux_schema(conn):
+    with pytest.raises(NotFoundError):
+        prune(conn, older_than=timedelta(days=30))
+
+
+@pytest.mark.parametrize("kwargs", [{"older_than": timedelta(0)}, {"older_than": timedelta(days=1), "traces": False,
+                                                                    "mutations": False}])
+def test_prune_refuses_nothing_to_do(recorded, kwargs):
+    with pytest.raises(ConfigError):
+        prune(recorded, **kwargs)

@@ -1,7 +1,8 @@
 """`flux trace`, `flux why` and `flux requests`: what a request did, and why it failed.
 
-Commands parse flags, call `flux.store.traces`, and render the dataclasses it returns as rich
-text or `--json`. Times are shown in UTC; durations are each span's own (inclusive) duration.
+Commands parse flags, call `flux.store.traces` and `flux.store.why`, and render the dataclasses
+they return as rich text or `--json`. Times are shown in UTC; durations are each span's own
+(inclusive) duration.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from flux.cli.state import history_command
 from flux.errors import ConfigError
 from flux.store import traces
 from flux.store.queries import format_table, key_text
-from flux.store.traces import RowChange, TraceRecord, TraceSummary, Why
+from flux.store.traces import TraceRecord, TraceSummary
+from flux.store.why import RowChange, Why, error_label, explain
 
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
@@ -47,7 +49,7 @@ def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption
 def why(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption = False) -> None:
     """Why a request ended as it did: its spans, the root cause of a failure, and the rows it changed."""
     with _connect(database) as conn:
-        result = traces.explain(conn, id_or_prefix)
+        result = explain(conn, id_or_prefix)
     if json:
         print_json(result)
     else:
@@ -137,7 +139,7 @@ def _failed_here(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]
 def _label(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> tuple[str, str | None]:
     """What the right-hand column shows, and its colour: the failure where it started, else the duration."""
     if _failed_here(span, children) and (span.get("attributes") or {}).get("flux.kind") not in _DURATION_KINDS:
-        return traces.error_label(span), "red"
+        return error_label(span), "red"
     return duration(span.get("duration_ms") or 0), "red" if span.get("status") == "error" else None
 
 

@@ -206,6 +206,7 @@ def render_why(w: Why) -> None:
         console.print(f"  [bold]Status[/]  [{color}]{outcome}[/]")
     if w.cause is not None and t is not None:
         _why_cause(w, t)
+    _why_failures(w)
     if w.mutations:
         console.print("  [bold]Rows changed[/]")
         for m in w.mutations:
@@ -244,19 +245,53 @@ def _why_spans(t: TraceRecord) -> None:
 def _why_cause(w: Why, t: TraceRecord) -> None:
     c = w.cause
     assert c is not None
-    failed = t.status >= 400 or t.error is not None
-    console.print("  [bold]Root cause[/]" if failed else "  [bold]Failed call[/]  [dim](handled: the request succeeded)[/]")
-    if c.error and c.label.lower() in c.error.lower():
-        what = f"[red]{escape(c.error)}[/]"  # "timeout after 3000 ms", "HTTP 429"
+    if c.link == "failed_before":
+        how = "threw" if c.exception else f"returned {t.status}"
+        qualifier = f"the last call that failed before the function {how}"
+    elif c.link == "own" and c.exception is None and t.status < 500:
+        qualifier = "the function's own answer"
     else:
-        what = f"[red]{escape(c.label)}[/]" + (f"  {escape(c.error)}" if c.error else "")
-    console.print(f"    {escape(c.span)}  {what}")
-    if c.exception and c.exception != c.error:
-        console.print(f"    {escape(c.exception)}")
+        qualifier = None
+    console.print("  [bold]Root cause[/]" + (f"  [dim]({escape(qualifier)})[/]" if qualifier else ""))
+    if c.link == "own" and c.exception:  # thrown in the function or a step: the error is the exception
+        console.print(f"    {escape(c.span)}  [red]{escape(c.exception)}[/]")
+    else:
+        console.print(f"    {escape(c.span)}  {_failure(c.label, c.error)}")
+    if c.link == "failed_before":
+        if c.call_site:
+            console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
+        if c.exception:
+            console.print(f"    then the function threw  [red]{escape(c.exception)}[/]")
+        if c.thrown_at:
+            console.print(f"    thrown at {escape(c.thrown_at)}")
+        return
+    if c.link == "same_error" and c.exception and c.error and not c.exception.endswith(c.error):
+        console.print(f"    {escape(c.exception)}")  # the function's own message, wrapping the call's
     if c.thrown_at:
         console.print(f"    thrown at {escape(c.thrown_at)}")
     if c.call_site and c.call_site != c.thrown_at:
         console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
+
+
+def _why_failures(w: Why) -> None:
+    if not w.failures:
+        return
+    if w.cause is None:
+        console.print("  [bold]Failed calls[/]  [dim](handled: the request succeeded)[/]")
+    else:
+        console.print("  [bold]Other failed calls[/]")
+    for f in w.failures:
+        site = f"  [dim]at {escape(f.call_site)}[/]" if f.call_site else ""
+        console.print(f"    {escape(f.span)}  {_failure(f.label, f.error)}{site}")
+    if w.failure_count > len(w.failures):
+        console.print(f"    [dim]… and {w.failure_count - len(w.failures):,} more (flux trace shows them all)[/]")
+
+
+def _failure(label: str, error: str | None) -> str:
+    """A failure's short label and its error, once: "timeout after 3000 ms", "23505  duplicate key ..."."""
+    if error and label.lower() in error.lower():
+        return f"[red]{escape(error)}[/]"
+    return f"[red]{escape(label)}[/]" + (f"  {escape(error)}" if error else "")
 
 
 def _key_text(m: RowChange) -> str:

@@ -20,6 +20,7 @@ import psycopg
 from flux.store import queries, traces
 from flux.store.traces import TraceRecord
 
+MAX_FAILURES = 10  # failed calls listed besides the root cause; Why.failure_count counts them all
 _FRAME_LOCATION = re.compile(r"(functions/[^\s():]+:\d+(?::\d+)?)")
 _DB_WRITE = re.compile(r"^db\.(insert|update|delete|merge)\b")
 # The answers the gateway gives without running a function, by status (README, "The gateway").
@@ -48,15 +49,39 @@ class RowChange:
 
 
 @dataclass(frozen=True, slots=True)
-class RootCause:
-    """The span a failure started in, and where the function threw."""
+class FailedCall:
+    """A call or step that failed where it started (not only because a call inside it failed)."""
 
     span_id: str
     span: str  # its name
-    kind: str | None  # attributes["flux.kind"]: gateway | function | db | fetch | step
-    error: str | None  # the span's own error, e.g. "timeout after 3000 ms"
+    kind: str | None  # attributes["flux.kind"]: db | fetch | step
+    error: str | None  # the span's own error, e.g. "HTTP 429 Too Many Requests"
     label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"
-    exception: str | None  # what the function threw: "Error: Stripe API timeout"
+    call_site: str | None  # where in the function the call was made: the span's code.location
+
+
+@dataclass(frozen=True, slots=True)
+class RootCause:
+    """What ended the request: the span named as its cause, how it is tied to that end, and what the
+    function threw and where. `link` says how sure that is:
+
+    - "same_error": the function threw this call's own error (the same message, the message wrapped
+      in its own, or thrown where the call was made).
+    - "failed_before": the function threw an error of its own, or returned a 5xx, after this call
+      failed; the last call that failed before that. Likely the cause, not certainly.
+    - "own": the function's own doing, with no call to blame: it threw (in the function, or in
+      the step named), Flux stopped it (time limit, memory), or it returned the status itself (a
+      4xx always counts as its answer, whatever failed before it).
+    - "gateway": the gateway answered without running the function.
+    """
+
+    span_id: str
+    span: str  # its name
+    kind: str | None  # attributes["flux.kind"]: gateway | function | step | db | fetch
+    error: str | None  # the span's own error ("timeout after 3000 ms"; "returned 404: no such widget 7")
+    label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"; the status returned
+    link: str  # same_error | failed_before | own | gateway
+    exception: str | None  # what the function threw ("Error: Stripe API timeout"); None when it returned
     thrown_at: str | None  # first frame in the function's source: "functions/signup.js:7:11"
     call_site: str | None  # where the failing call was made: the span's code.location
 
@@ -69,7 +94,9 @@ class Why:
     function: str | None
     trace: TraceRecord | None  # None: no trace was recorded
     mutations: tuple[RowChange, ...]  # in commit order
-    cause: RootCause | None  # None when no span failed
+    cause: RootCause | None  # None when the request succeeded (or no trace was recorded)
+    failures: tuple[FailedCall, ...]  # the other calls and steps that failed, in order; at most MAX_FAILURES
+    failure_count: int  # how many failed besides the cause, listed or not
     notes: tuple[str, ...]  # what is missing and what that may mean
     not_run: str | None = None  # why the gateway answered without running a function; None when one ran
 
@@ -100,16 +127,19 @@ def request_mutations(conn: psycopg.Connection, request_id: str) -> list[RowChan
 
 
 def explain(conn: psycopg.Connection, id_or_prefix: str) -> Why:
-    """The trace and the row changes of one request, and the root cause when it failed.
+    """The trace and the row changes of one request, the root cause when it failed, and the calls that
+    failed besides it (handled ones, for a request that succeeded).
 
     The prefix is looked up in both records; it must name one request across them.
     """
     request_id, trace = traces.find_request(conn, id_or_prefix)
     mutations = tuple(request_mutations(conn, request_id))
     function = trace.function if trace else next((m.function for m in mutations if m.function), None)
+    cause = root_cause(trace) if trace else None
+    others = [f for f in failed_calls(trace.spans) if cause is None or f.span_id != cause.span_id] if trace else []
     return Why(
-        request_id=request_id, function=function, trace=trace, mutations=mutations,
-        cause=_cause(trace) if trace else None, notes=tuple(_notes(trace, mutations)),
+        request_id=request_id, function=function, trace=trace, mutations=mutations, cause=cause,
+        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others), notes=tuple(_notes(trace, mutations)),
         not_run=not_run(trace) if trace else None,
     )
 
@@ -124,19 +154,6 @@ def not_run(trace: TraceRecord) -> str | None:
     if _function_span(trace.spans) is not None:
         return None
     return _GATEWAY_ANSWERS.get(trace.status, f"the gateway answered {trace.status}")
-
-
-def _cause(trace: TraceRecord) -> RootCause | None:
-    """`root_cause`, except that a status the function returned itself (nothing in it failed, the
-    gateway only passed the status on) is the function's, not the gateway's."""
-    cause = root_cause(trace.spans)
-    function = _function_span(trace.spans)
-    if cause is None or cause.kind != "gateway" or function is None:
-        return cause
-    returned = f"returned {trace.status}" + (f": {trace.error}" if trace.error else "")
-    return RootCause(span_id=function["id"], span=function.get("name") or "?", kind="function", error=returned,
-                     label=str(trace.status), exception=None, thrown_at=None,
-                     call_site=(function.get("attributes") or {}).get("code.location"))
 
 
 def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...]) -> list[str]:
@@ -199,29 +216,95 @@ def _exception(span: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def root_cause(spans: list[dict[str, Any]]) -> RootCause | None:
-    """The deepest failed span (a call or step inside the function before the function itself),
-    the earliest one among equals; with what the function threw and where."""
-    failed = [s for s in spans if s.get("status") == "error"]
-    if not failed:
-        return None
-    depth = _depths(spans)
-    span = min(failed, key=lambda s: (-depth[s["id"]], s.get("start") or 0))
-    by_id = {s["id"]: s for s in spans}
-    # The exception: the failed span's own, else its nearest ancestor's (a step's, the function's).
-    exc: dict[str, Any] | None = None
-    node: dict[str, Any] | None = span
-    while node is not None and exc is None:
-        exc = _exception(node)
-        node = by_id.get(node.get("parent"))
-    thrown, thrown_at = None, None
-    if exc is not None:
-        name, message = exc.get("exception.type"), exc.get("exception.message")
-        thrown = f"{name}: {message}" if name and message else (message or name)
-        match = _FRAME_LOCATION.search(exc.get("exception.stacktrace") or "")
-        thrown_at = match.group(1) if match else None
+def _kind(span: dict[str, Any]) -> str | None:
+    return (span.get("attributes") or {}).get("flux.kind")
+
+
+def _end(span: dict[str, Any]) -> float:
+    return (span.get("start") or 0) + (span.get("duration_ms") or 0)
+
+
+def _failed_here(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The calls and steps that failed where they started, in start order: not the gateway or the
+    function, and not a step that failed only because a call or step inside it did."""
+    failed_parents = {s.get("parent") for s in spans if s.get("status") == "error"}
+    return sorted((s for s in spans if s.get("status") == "error" and _kind(s) not in ("gateway", "function")
+                   and s["id"] not in failed_parents), key=lambda s: s.get("start") or 0)
+
+
+def failed_calls(spans: list[dict[str, Any]]) -> list[FailedCall]:
+    """Every call and step that failed where it started, in the order they started."""
+    return [FailedCall(span_id=s["id"], span=s.get("name") or "?", kind=_kind(s), error=s.get("error"),
+                       label=error_label(s), call_site=(s.get("attributes") or {}).get("code.location"))
+            for s in _failed_here(spans)]
+
+
+def _same_error(span: dict[str, Any], message: str, thrown_at: str | None) -> int:
+    """How surely the thrown error is this failed call's own: 3 the same (its message, its message
+    after its span's name as Flux quotes a statement that aborted the transaction, or thrown where
+    the call was made: a ctx error's stack is its call site), 2 wrapped in the function's own
+    message, 1 its SQLSTATE named, 0 not at all."""
+    attrs = span.get("attributes") or {}
+    error = span.get("error") or ""
+    if error and (error == message or f"{span.get('name')}: {error}" in message):
+        return 3
+    if thrown_at is not None and attrs.get("code.location") == thrown_at:
+        return 3
+    if error and error in message:
+        return 2
+    if attrs.get("db.sqlstate") and re.search(rf"\b{re.escape(str(attrs['db.sqlstate']))}\b", message):
+        return 1
+    return 0
+
+
+def root_cause(trace: TraceRecord) -> RootCause | None:
+    """What ended a request that failed; None when it succeeded. See `RootCause` for the links.
+
+    A call that failed and was handled is never named with another error's stack: the cause of a
+    thrown error is the call whose error it is, else (the function's code threw) the last call that
+    failed before the throw, said to be that, else the function or the step it was thrown in.
+    """
+    function = _function_span(trace.spans)
+    if function is None:
+        gateway = next((s for s in trace.spans if s.get("status") == "error" and not s.get("parent")), None)
+        return _root(gateway, "gateway") if gateway is not None else None
+    exc = _exception(function)
+    if exc is None:  # the function returned its status
+        if trace.status < 400:
+            return None
+        returned = f"returned {trace.status}" + (f": {trace.error}" if trace.error else "")
+        failed = _failed_here(trace.spans)
+        if trace.status < 500 or not failed:  # a 4xx is the function's answer
+            return _root(function, "own", error=returned, label=str(trace.status))
+        return _root(max(failed, key=_end), "failed_before")
+    message = exc.get("exception.message") or ""
+    name = exc.get("exception.type")
+    thrown = f"{name}: {message}" if name and message else (message or name)
+    frame = _FRAME_LOCATION.search(exc.get("exception.stacktrace") or "")
+    thrown_at = frame.group(1) if frame else None
+    thrown_time = exc.get("time")
+    # Only what had failed by the time of the throw; the 1 ms allows for steps' whole-ms clock.
+    failed = [s for s in _failed_here(trace.spans) if thrown_time is None or _end(s) <= thrown_time + 1]
+    scored = [(score, _end(s), s) for s in failed if s.get("kind") == "client"
+              and (score := _same_error(s, message, thrown_at))]
+    if scored:
+        return _root(max(scored, key=lambda t: t[:2])[2], "same_error", exception=thrown, thrown_at=thrown_at)
+    # Steps the error passed through carry it too: they are where it was thrown, not failures before it.
+    carriers = [s for s in trace.spans if _kind(s) == "step" and (_exception(s) or {}).get("exception.message") == message]
+    before = [s for s in failed if s not in carriers]
+    code_threw = bool(exc.get("exception.stacktrace")) or name == "NonErrorThrown"  # else Flux stopped the function
+    if code_threw and before:
+        return _root(max(before, key=_end), "failed_before", exception=thrown, thrown_at=thrown_at)
+    depth = _depths(trace.spans)
+    where = max(carriers, key=lambda s: depth[s["id"]]) if carriers else function
+    return _root(where, "own", exception=thrown, thrown_at=thrown_at)
+
+
+def _root(span: dict[str, Any], link: str, *, error: str | None = None, label: str | None = None,
+          exception: str | None = None, thrown_at: str | None = None) -> RootCause:
     attrs = span.get("attributes") or {}
     return RootCause(
-        span_id=span["id"], span=span.get("name") or "?", kind=attrs.get("flux.kind"), error=span.get("error"),
-        label=error_label(span), exception=thrown, thrown_at=thrown_at, call_site=attrs.get("code.location"),
+        span_id=span["id"], span=span.get("name") or "?", kind=attrs.get("flux.kind"), error=error or span.get("error"),
+        label=label or error_label(span), link=link, exception=exception, thrown_at=thrown_at,
+        call_site=attrs.get("code.location"),
     )

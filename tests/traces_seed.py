@@ -149,6 +149,20 @@ def mutation(conn: psycopg.Connection, table: str, op: str, *, request_id: str |
     )
 
 
+def bulk_mutations(conn: psycopg.Connection, table: str, op: str, count: int, *, request_id: str, first_id: int = 1) -> None:
+    """`count` rows of one transaction as the engine writes them (keys first_id, first_id + 1, ...), in one statement."""
+    n = next(_tx)
+    conn.execute(
+        "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, new, xid,"
+        " commit_lsn, commit_time, seq) SELECT %(rid)s, %(context)s, 'public', %(table)s, %(op)s,"
+        " jsonb_build_object('id', i), jsonb_build_object('id', i, 'note', repeat('x', 200)), %(xid)s, %(lsn)s::pg_lsn,"
+        " %(time)s, i - %(first)s FROM generate_series(%(first)s, %(first)s + %(count)s - 1) AS i",
+        {"rid": request_id, "context": json.dumps({"request_id": request_id, "function": "bulk"}), "table": table,
+         "op": op, "xid": 1000 + n, "lsn": f"0/{n * 0x100:X}", "time": NOW + timedelta(seconds=n), "first": first_id,
+         "count": count},
+    )
+
+
 def seed(conn: psycopg.Connection) -> None:
     """OK (200, one order written), OK2 (200, another tenant), FAIL (500, rolled back: no rows), and
     NO_TRACE: a request whose row changes are logged but whose trace is not."""

@@ -25,7 +25,7 @@ from flux.errors import ConfigError
 from flux.store import traces
 from flux.store.queries import format_table, key_text
 from flux.store.traces import TraceRecord, TraceSummary
-from flux.store.why import RowChange, Why, error_label, explain
+from flux.store.why import MAX_ROWS, RowChange, Why, error_label, explain
 
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
@@ -46,10 +46,15 @@ def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption
         render_trace(record, writes)
 
 
-def why(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption = False) -> None:
+def why(
+    id_or_prefix: IdArg,
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Show at most N changed rows (also in --json); all are counted.")] = MAX_ROWS,
+    database: DatabaseOption = None,
+    json: JsonOption = False,
+) -> None:
     """Why a request ended as it did: its spans, the root cause of a failure, and the rows it changed."""
     with _connect(database) as conn:
-        result = explain(conn, id_or_prefix)
+        result = explain(conn, id_or_prefix, rows=rows)
     if json:
         print_json(result)
     else:
@@ -208,12 +213,7 @@ def render_why(w: Why) -> None:
         _why_cause(w, t)
     _why_failures(w)
     if w.mutations:
-        console.print("  [bold]Rows changed[/]")
-        for m in w.mutations:
-            console.print(f"    {escape(format_table(m.schema, m.table))}  {m.op}  {escape(_key_text(m))}")
-            hint = history_hint(m)
-            if hint:
-                console.print(f"      [dim]{escape(hint)}[/]")
+        _why_rows(w)
     for note in w.notes:
         console.print(f"  [yellow]note:[/] {escape(note)}")
     console.print()
@@ -292,6 +292,29 @@ def _failure(label: str, error: str | None) -> str:
     if error and label.lower() in error.lower():
         return f"[red]{escape(error)}[/]"
     return f"[red]{escape(label)}[/]" + (f"  {escape(error)}" if error else "")
+
+
+def _why_rows(w: Why) -> None:
+    """Each row with its history hint; when there are more than were fetched, how many more, and
+    the counts by table and operation with one `flux state blame` hint per table."""
+    if w.mutations_truncated:
+        tables = f"{len(w.tables)} table" + ("s" if len(w.tables) != 1 else "")
+        console.print(f"  [bold]Rows changed[/]  {w.mutation_count:,} in {tables}; the first {len(w.mutations):,} shown")
+    else:
+        console.print("  [bold]Rows changed[/]")
+    for m in w.mutations:
+        console.print(f"    {escape(format_table(m.schema, m.table))}  {m.op}  {escape(_key_text(m))}")
+        hint = history_hint(m)
+        if hint:
+            console.print(f"      [dim]{escape(hint)}[/]")
+    if not w.mutations_truncated:
+        return
+    console.print(f"    [dim]… and {w.mutation_count - len(w.mutations):,} more[/]")
+    console.print("  [bold]Rows changed by table[/]")
+    for t in w.tables:
+        ops = ", ".join(f"{n:,} {op}" for op, n in t.ops.items())
+        console.print(f"    {escape(format_table(t.schema, t.table))}  {t.rows:,} rows: {ops}")
+        console.print(f"      [dim]flux state blame {escape(shlex.quote(format_table(t.schema, t.table)))}[/]")
 
 
 def _key_text(m: RowChange) -> str:

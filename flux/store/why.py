@@ -17,10 +17,13 @@ from typing import Any
 
 import psycopg
 
+from flux.errors import ConfigError
 from flux.store import queries, traces
 from flux.store.traces import TraceRecord
 
+MAX_ROWS = 20  # row changes `explain` gives by default; Why.mutation_count and Why.tables count them all
 MAX_FAILURES = 10  # failed calls listed besides the root cause; Why.failure_count counts them all
+_OPS = ("insert", "update", "delete", "truncate")
 _FRAME_LOCATION = re.compile(r"(functions/[^\s():]+:\d+(?::\d+)?)")
 _DB_WRITE = re.compile(r"^db\.(insert|update|delete|merge)\b")
 # The answers the gateway gives without running a function, by status (README, "The gateway").
@@ -46,6 +49,16 @@ class RowChange:
     changed_columns: tuple[str, ...] | None
     commit_time: datetime
     function: str | None  # context->>'function'
+
+
+@dataclass(frozen=True, slots=True)
+class TableChanges:
+    """How many rows of one table a request changed, by operation."""
+
+    schema: str
+    table: str
+    rows: int
+    ops: dict[str, int]  # {"insert": 19990, "update": 5}: insert, update, delete, truncate, those it did
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +106,10 @@ class Why:
     request_id: str
     function: str | None
     trace: TraceRecord | None  # None: no trace was recorded
-    mutations: tuple[RowChange, ...]  # in commit order
+    mutations: tuple[RowChange, ...]  # the first ones, in commit order (explain's `rows`)
+    mutation_count: int  # all the request's row changes
+    mutations_truncated: bool  # mutations holds fewer than mutation_count
+    tables: tuple[TableChanges, ...]  # all the row changes by table, in the order of each table's first change
     cause: RootCause | None  # None when the request succeeded (or no trace was recorded)
     failures: tuple[FailedCall, ...]  # the other calls and steps that failed, in order; at most MAX_FAILURES
     failure_count: int  # how many failed besides the cause, listed or not
@@ -104,12 +120,13 @@ class Why:
 # -- the request's row changes -----------------------------------------------------------------
 
 
-def request_mutations(conn: psycopg.Connection, request_id: str) -> list[RowChange]:
-    """The rows one request changed, in commit order."""
+def request_mutations(conn: psycopg.Connection, request_id: str, *, limit: int | None = None) -> list[RowChange]:
+    """The rows one request changed, in commit order; with `limit`, the first `limit` of them."""
     rows = conn.execute(
         "SELECT schema_name, table_name, op, row_key::text, changed_columns, commit_time, context->>'function'"
-        " FROM flux.state_mutations WHERE request_id = %s ORDER BY commit_lsn, seq",
-        (request_id,),
+        " FROM flux.state_mutations WHERE request_id = %s ORDER BY commit_lsn, seq"
+        + (" LIMIT %s" if limit is not None else ""),
+        (request_id, limit) if limit is not None else (request_id,),
     ).fetchall()
     key_order: dict[tuple[str, str], tuple[str, ...]] = {}
     for s, t, *_ in rows:  # jsonb sorts keys by length; show a composite key in primary-key order
@@ -123,23 +140,48 @@ def request_mutations(conn: psycopg.Connection, request_id: str) -> list[RowChan
     ]
 
 
+def request_tables(conn: psycopg.Connection, request_id: str) -> list[TableChanges]:
+    """How many rows of each table one request changed, by operation. Counted by the database: no
+    row key or image is sent for it."""
+    counts = conn.execute(
+        "SELECT schema_name, table_name, op, count(*), min(n) FROM ("
+        " SELECT schema_name, table_name, op, row_number() OVER (ORDER BY commit_lsn, seq) AS n"
+        " FROM flux.state_mutations WHERE request_id = %s) AS changes"
+        " GROUP BY schema_name, table_name, op",
+        (request_id,),
+    ).fetchall()
+    first: dict[tuple[str, str], int] = {}
+    ops: dict[tuple[str, str], dict[str, int]] = {}
+    for schema, table, op, count, n in sorted(counts, key=lambda c: _OPS.index(c[2]) if c[2] in _OPS else len(_OPS)):
+        first[(schema, table)] = min(n, first.get((schema, table), n))
+        ops.setdefault((schema, table), {})[op] = count
+    return [TableChanges(schema=s, table=t, rows=sum(ops[(s, t)].values()), ops=ops[(s, t)])
+            for s, t in sorted(first, key=first.__getitem__)]
+
+
 # -- why -------------------------------------------------------------------------------------
 
 
-def explain(conn: psycopg.Connection, id_or_prefix: str) -> Why:
-    """The trace and the row changes of one request, the root cause when it failed, and the calls that
-    failed besides it (handled ones, for a request that succeeded).
+def explain(conn: psycopg.Connection, id_or_prefix: str, *, rows: int = MAX_ROWS) -> Why:
+    """The trace and the row changes of one request (the first `rows` of them, and how many of each
+    table and operation), the root cause when it failed, and the calls that failed besides it
+    (handled ones, for a request that succeeded).
 
     The prefix is looked up in both records; it must name one request across them.
     """
+    if not 1 <= rows <= queries.MAX_LIMIT:
+        raise ConfigError(f"--rows {rows} is out of range", hint=f"Give a number from 1 to {queries.MAX_LIMIT:,}.")
     request_id, trace = traces.find_request(conn, id_or_prefix)
-    mutations = tuple(request_mutations(conn, request_id))
+    mutations = tuple(request_mutations(conn, request_id, limit=rows))
+    tables = tuple(request_tables(conn, request_id))
+    count = sum(t.rows for t in tables)
     function = trace.function if trace else next((m.function for m in mutations if m.function), None)
     cause = root_cause(trace) if trace else None
     others = [f for f in failed_calls(trace.spans) if cause is None or f.span_id != cause.span_id] if trace else []
     return Why(
-        request_id=request_id, function=function, trace=trace, mutations=mutations, cause=cause,
-        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others), notes=tuple(_notes(trace, mutations)),
+        request_id=request_id, function=function, trace=trace, mutations=mutations, mutation_count=count,
+        mutations_truncated=count > len(mutations), tables=tables, cause=cause,
+        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others), notes=tuple(_notes(trace, count)),
         not_run=not_run(trace) if trace else None,
     )
 
@@ -156,13 +198,13 @@ def not_run(trace: TraceRecord) -> str | None:
     return _GATEWAY_ANSWERS.get(trace.status, f"the gateway answered {trace.status}")
 
 
-def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...]) -> list[str]:
+def _notes(trace: TraceRecord | None, mutation_count: int) -> list[str]:
     if trace is None:
         return [(
-            f"No trace was recorded for this request, only its {len(mutations)} row change(s): it was served with"
+            f"No trace was recorded for this request, only its {mutation_count:,} row change(s): it was served with"
             " tracing off, by another Flux, or its trace was lost before it was written."
         )]
-    if mutations:
+    if mutation_count:
         return []
     function_span = _function_span(trace.spans)
     outcome = ((function_span or {}).get("attributes") or {}).get("db.transaction")

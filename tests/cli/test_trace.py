@@ -14,7 +14,19 @@ from flux.cli.trace import parse_since
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.schema import ensure_schema
 from flux.store.traces import TraceRecord, insert_traces
-from tests.traces_seed import FAIL, NO_TRACE, OK, OK2, nested_spans, retry_spans, returned_spans, seed, span, trace
+from tests.traces_seed import (
+    FAIL,
+    NO_TRACE,
+    OK,
+    OK2,
+    bulk_mutations,
+    nested_spans,
+    retry_spans,
+    returned_spans,
+    seed,
+    span,
+    trace,
+)
 
 
 @pytest.fixture
@@ -153,6 +165,31 @@ def test_why_lists_rows_changed_with_history_hints(seeded, dsn):
     assert "      flux state history users --id 42" in out
     assert "    members  update  org = 1, id = a" in out
     assert "      flux state history members --key org=1 --key id=a" in out
+
+
+def test_why_of_many_rows_shows_the_first_ones_and_counts_per_table_and_op(conn, dsn):
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 19_990, request_id=NO_TRACE)
+    bulk_mutations(conn, "audit", "update", 10, request_id=NO_TRACE)
+    out = lines(invoke(dsn, "why", NO_TRACE).output)
+    assert len(out) < 70
+    at = out.index("  Rows changed  20,000 in 2 tables; the first 20 shown")
+    assert out[at + 1:at + 3] == ["    users  insert  id = 1", "      flux state history users --id 1"]
+    assert out[at + 41:at + 48] == [
+        "    … and 19,980 more", "  Rows changed by table",
+        "    users  19,990 rows: 19,990 insert", "      flux state blame users",
+        "    audit  10 rows: 10 update", "      flux state blame audit", "  note: No trace was recorded for this request, only"
+        " its 20,000 row change(s): it was served with tracing off, by another Flux, or its trace was lost before it was written."]
+
+
+def test_why_json_bounds_the_rows_and_says_so(conn, dsn):
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 25, request_id=NO_TRACE)
+    data = json.loads(invoke(dsn, "why", NO_TRACE, "--json").stdout)
+    assert (len(data["mutations"]), data["mutation_count"], data["mutations_truncated"]) == (20, 25, True)
+    assert data["tables"] == [{"schema": "public", "table": "users", "rows": 25, "ops": {"insert": 25}}]
+    everything = json.loads(invoke(dsn, "why", NO_TRACE, "--json", "--rows", "25").stdout)
+    assert (len(everything["mutations"]), everything["mutations_truncated"]) == (25, False)
 
 
 def test_why_without_a_trace_says_so(seeded, dsn):

@@ -7,15 +7,17 @@ import asyncio
 import psycopg
 import pytest
 
+from flux.errors import ConfigError
 from flux.gateway.traces import TraceWriter
 from flux.store.schema import ensure_schema
 from flux.store.traces import TraceRecord, insert_traces
-from flux.store.why import MAX_FAILURES, explain, request_mutations, root_cause
+from flux.store.why import MAX_FAILURES, MAX_ROWS, explain, request_mutations, root_cause
 from tests.functions import Stub, running_gateway, write_project
 from tests.traces_seed import (
     FAIL,
     NO_TRACE,
     OK,
+    bulk_mutations,
     exception,
     nested_spans,
     retry_spans,
@@ -44,6 +46,36 @@ def test_request_mutations_in_commit_order(seeded):
 
 def test_request_mutations_show_a_composite_key_in_primary_key_order(seeded):
     assert list(request_mutations(seeded, NO_TRACE)[0].row_key) == ["org", "id"]
+
+
+def test_request_mutations_with_a_limit_gives_the_first_rows(conn):
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 50, request_id=OK)
+    assert [m.row_key for m in request_mutations(conn, OK, limit=3)] == [{"id": 1}, {"id": 2}, {"id": 3}]
+
+
+def test_explain_of_a_request_that_changed_many_rows_gives_the_first_and_counts_all(conn):
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 19_990, request_id=OK)
+    bulk_mutations(conn, "audit", "insert", 5, request_id=OK)
+    bulk_mutations(conn, "users", "update", 5, request_id=OK, first_id=3)
+    why = explain(conn, OK)
+    assert [m.row_key for m in why.mutations] == [{"id": n} for n in range(1, MAX_ROWS + 1)]
+    assert (why.mutation_count, why.mutations_truncated) == (20_000, True)
+    assert [(t.table, t.rows, t.ops) for t in why.tables] == [
+        ("users", 19_995, {"insert": 19_990, "update": 5}), ("audit", 5, {"insert": 5})]
+
+
+def test_explain_rows_sets_how_many_changes_it_gives(conn):
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 30, request_id=OK)
+    assert len(explain(conn, OK, rows=30).mutations) == 30 and not explain(conn, OK, rows=30).mutations_truncated
+    assert len(explain(conn, OK, rows=5).mutations) == 5
+
+
+def test_explain_rows_out_of_range_is_a_usage_error(seeded):
+    with pytest.raises(ConfigError):
+        explain(seeded, OK, rows=0)
 
 
 # -- explain ---------------------------------------------------------------------------------

@@ -208,17 +208,19 @@ def _notes(trace: TraceRecord | None, mutation_count: int) -> list[str]:
         return []
     function_span = _function_span(trace.spans)
     outcome = ((function_span or {}).get("attributes") or {}).get("db.transaction")
+    # Statements the trace names as writes and that succeeded; one its name hides (a write in a CTE
+    # or in a called function) is not counted, so the note then says less, never something false.
     writes = [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
     if function_span is None:
         return ["The request changed no rows: it ended at the gateway and never ran a function."]
-    if outcome == "rolled_back" or (outcome is None and writes and trace.status >= 500):
+    if not writes:  # db.transaction says rolled_back after reads too: there was nothing to undo
+        return ["The request changed no rows."]
+    if outcome == "rolled_back" or (outcome is None and trace.status >= 500):
         return ["The request changed no rows: its transaction was rolled back."]
-    if writes:
-        return [(
-            f"The trace shows {len(writes)} write(s) but the mutation log has no row change of this request:"
-            " are those tables captured (`flux attach`), and has the engine caught up?"
-        )]
-    return ["The request changed no rows."]
+    return [(
+        f"The trace shows {len(writes)} write(s) but the mutation log has no row change of this request:"
+        " are those tables captured (`flux attach`), and has the engine caught up?"
+    )]
 
 
 def _depths(spans: list[dict[str, Any]]) -> dict[str, int]:

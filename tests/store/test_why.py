@@ -115,6 +115,24 @@ def test_explain_of_a_successful_request_lists_its_rows_and_the_handled_failure_
     assert [(f.span, f.label, f.call_site) for f in why.failures] == [("slack.notify", "429", "functions/create_order.js:14:9")]
 
 
+def test_explain_of_a_failed_request_that_only_read_does_not_say_rolled_back(conn):
+    """The runtime records db.transaction = rolled_back for any statement, reads too: nothing was undone."""
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=5, error="boom", http__status_code=500)
+    fn = span("sel", "internal", "function", parent=gw, ms=4, error="boom", db__transaction="rolled_back",
+              events=[exception("boom", at=4, frames="    at default (functions/sel.js:3:9)")])
+    spans = [gw, fn, span("db.select", "client", "db", parent=fn, start=1, ms=1, db__statement="SELECT 1")]
+    insert_traces(conn, [trace(FAIL, status=500, error="boom", spans=spans)])
+    assert explain(conn, FAIL).notes == ("The request changed no rows.",)
+
+
+def test_explain_of_a_failed_request_whose_only_write_failed_does_not_say_rolled_back(conn):
+    ensure_schema(conn)
+    spans = retry_spans()
+    insert_traces(conn, [trace(FAIL, status=500, error="DatabaseError: duplicate key", spans=spans[:2] + spans[-1:])])
+    assert explain(conn, FAIL).notes == ("The request changed no rows.",)
+
+
 def test_explain_trusts_a_committed_transaction_when_the_log_has_no_rows(seeded):
     """A 500 whose transaction committed: its writes went to tables that are not captured."""
     gw = span("gateway", "server", "gateway", error="failed", http__status_code=500)

@@ -30,6 +30,7 @@ from flux.store.why import MAX_ROWS, RowChange, Why, error_label, explain
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
 ERROR_CLIP = 60
+_SQLSTATE = re.compile(r"\(SQLSTATE [0-9A-Z]{5}\)")  # how the runtime ends a database error's message
 _SINCE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
@@ -359,4 +360,12 @@ def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= ERROR_CLIP else text[: ERROR_CLIP - 1] + "…"
+    """At most ERROR_CLIP characters. A SQLSTATE the cut would lose is kept: it says what kind of
+    database error this is, which the start of the message alone often does not."""
+    if len(text) <= ERROR_CLIP:
+        return text
+    code = _SQLSTATE.search(text)
+    if code is None or code.end() < ERROR_CLIP:
+        return text[: ERROR_CLIP - 1] + "…"
+    tail = f" {code.group(0)}" + ("…" if code.end() < len(text) else "")
+    return text[: ERROR_CLIP - 1 - len(tail)].rstrip() + "…" + tail

@@ -330,6 +330,30 @@ def test_requests_json_lists_summaries(seeded, dsn):
     assert [(r["id"], r["status"], r["function"], r["error"]) for r in data] == [(FAIL, 500, "create_user", "Stripe API timeout")]
 
 
+def test_requests_clips_a_long_database_error_before_its_sqlstate(conn, dsn):
+    ensure_schema(conn)
+    error = 'DatabaseError: duplicate key value violates unique constraint "tags_pkey" (SQLSTATE 23505)'
+    insert_traces(conn, [trace(FAIL, status=500, error=error, spans=retry_spans())])
+    (row,) = lines(invoke(dsn, "requests").output)[1:]
+    assert row.endswith("  DatabaseError: duplicate key value violate… (SQLSTATE 23505)")
+
+
+def test_requests_keeps_a_sqlstate_from_the_middle_of_a_long_error(conn, dsn):
+    ensure_schema(conn)
+    error = ("TransactionAborted: the handler returned 200, but its transaction was rolled back: db.insert(tags):"
+             ' duplicate key value violates unique constraint "tags_pkey" (SQLSTATE 23505) failed, and the function went on')
+    insert_traces(conn, [trace(FAIL, status=500, error=error, spans=retry_spans())])
+    (row,) = lines(invoke(dsn, "requests").output)[1:]
+    assert row.endswith("  TransactionAborted: the handler returned… (SQLSTATE 23505)…")
+
+
+def test_requests_clips_a_long_error_without_a_sqlstate_at_its_end(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(FAIL, status=500, error="x" * 100, spans=retry_spans())])
+    (row,) = lines(invoke(dsn, "requests").output)[1:]
+    assert row.endswith("  " + "x" * 59 + "…")
+
+
 def test_requests_with_nothing_matching_says_so(seeded, dsn):
     assert "No recorded request matches these filters" in invoke(dsn, "requests", "--status", "4xx").output
 

@@ -60,6 +60,63 @@ def fail_spans() -> list[dict[str, Any]]:
     ]
 
 
+def exception(message: str, *, at: float, type_: str = "Error", frames: str = "") -> dict[str, Any]:
+    """The `exception` event the runtime puts on a span an error was thrown through, `at` ms after the
+    seed's epoch; an error Flux raised itself (time limit, memory) has no `frames`, so no stack."""
+    return {"name": "exception", "time": 1764880000000.0 + at, "attributes": {
+        "exception.type": type_, "exception.message": message,
+        "exception.stacktrace": f"{type_}: {message}\n{frames}" if frames else ""}}
+
+
+def retry_spans() -> list[dict[str, Any]]:
+    """A function that got a 429, retried it successfully, then threw an uncaught duplicate-key error
+    (a ctx error's stack is the call site). Captured from the runtime's spans for the same code."""
+    error = 'duplicate key value violates unique constraint "tags_pkey" (SQLSTATE 23505)'
+    gw = span("gateway", "server", "gateway", ms=60, error=f"DatabaseError: {error}", http__status_code=500)
+    fn = span("retry", "internal", "function", parent=gw, start=1, ms=58, error=f"DatabaseError: {error}",
+              events=[exception(error, at=59, type_="DatabaseError", frames="    at functions/retry.js:6:16")],
+              db__transaction="rolled_back")
+    return [
+        gw, fn,
+        span("stub.limit", "client", "fetch", parent=fn, start=2, ms=1, error="HTTP 429 Too Many Requests",
+             http__status_code=429, code__location="functions/retry.js:3:21"),
+        span("stub.limit", "client", "fetch", parent=fn, start=4, ms=45, http__status_code=200,
+             code__location="functions/retry.js:4:36"),
+        span("db.insert(tags)", "client", "db", parent=fn, start=50, ms=4, db__rows=1,
+             code__location="functions/retry.js:5:16"),
+        span("db.insert(tags)", "client", "db", parent=fn, start=55, ms=3, error=error, db__sqlstate="23505",
+             code__location="functions/retry.js:6:16"),
+    ]
+
+
+def nested_spans() -> list[dict[str, Any]]:
+    """A fetch 500 ignored inside two nested steps (steps are listed as they finish, inner first), then
+    a syntax error thrown at line 8. Captured from the runtime's spans for the same code."""
+    error = 'syntax error at or near "SELEC" (SQLSTATE 42601)'
+    gw = span("gateway", "server", "gateway", ms=65, error=f"DatabaseError: {error}", http__status_code=500)
+    fn = span("nested", "internal", "function", parent=gw, start=1, ms=64, error=f"DatabaseError: {error}",
+              events=[exception(error, at=64, type_="DatabaseError", frames="    at functions/nested.js:8:16")],
+              db__transaction="rolled_back")
+    outer = span("outer", "internal", "step", parent=fn, start=7, ms=50)
+    inner = span("inner", "internal", "step", parent=outer, start=7, ms=50)
+    return [
+        gw, fn, inner, outer,
+        span("stub.flaky", "client", "fetch", parent=inner, start=10, ms=44, error="HTTP 500 Internal Server Error",
+             http__status_code=500, code__location="functions/nested.js:4:17"),
+        span("db.select", "client", "db", parent=fn, start=58, ms=1, db__rows=1, code__location="functions/nested.js:7:16"),
+        span("db.query", "client", "db", parent=fn, start=62, ms=1, error=error, db__sqlstate="42601",
+             code__location="functions/nested.js:8:16"),
+    ]
+
+
+def returned_spans(status: int, error: str | None, *calls: dict[str, Any]) -> list[dict[str, Any]]:
+    """A function that returned `status` itself after `calls` (made with `parent=None`): the gateway's
+    span fails only for a 5xx (a 4xx the function returned is its answer)."""
+    gw = span("gateway", "server", "gateway", ms=14, http__status_code=status, error=error if status >= 500 else None)
+    fn = span("widget", "internal", "function", parent=gw, start=1, ms=12)
+    return [gw, fn, *({**c, "parent": fn["id"]} for c in calls)]
+
+
 def trace(request_id: str, *, function: str | None = "create_order", status: int = 200, path: str = "/create_order",
           tenant: str | None = "default", ago: timedelta = timedelta(minutes=1), error: str | None = None,
           spans: list[dict[str, Any]] | None = None, ms: float = 194.0) -> TraceRecord:
@@ -89,6 +146,20 @@ def mutation(conn: psycopg.Connection, table: str, op: str, *, request_id: str |
         " xid, commit_lsn, commit_time, seq) VALUES (%s, %s, 'public', %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s)",
         (request_id, json.dumps(context) if context else None, table, op, json.dumps(key) if key else None,
          json.dumps(new) if new else None, 1000 + n, f"0/{n * 0x100:X}", NOW + timedelta(seconds=n), seq),
+    )
+
+
+def bulk_mutations(conn: psycopg.Connection, table: str, op: str, count: int, *, request_id: str, first_id: int = 1) -> None:
+    """`count` rows of one transaction as the engine writes them (keys first_id, first_id + 1, ...), in one statement."""
+    n = next(_tx)
+    conn.execute(
+        "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, new, xid,"
+        " commit_lsn, commit_time, seq) SELECT %(rid)s, %(context)s, 'public', %(table)s, %(op)s,"
+        " jsonb_build_object('id', i), jsonb_build_object('id', i, 'note', repeat('x', 200)), %(xid)s, %(lsn)s::pg_lsn,"
+        " %(time)s, i - %(first)s FROM generate_series(%(first)s, %(first)s + %(count)s - 1) AS i",
+        {"rid": request_id, "context": json.dumps({"request_id": request_id, "function": "bulk"}), "table": table,
+         "op": op, "xid": 1000 + n, "lsn": f"0/{n * 0x100:X}", "time": NOW + timedelta(seconds=n), "first": first_id,
+         "count": count},
     )
 
 

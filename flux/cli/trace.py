@@ -1,7 +1,8 @@
 """`flux trace`, `flux why` and `flux requests`: what a request did, and why it failed.
 
-Commands parse flags, call `flux.store.traces`, and render the dataclasses it returns as rich
-text or `--json`. Times are shown in UTC; durations are each span's own (inclusive) duration.
+Commands parse flags, call `flux.store.traces` and `flux.store.why`, and render the dataclasses
+they return as rich text or `--json`. Times are shown in UTC; durations are each span's own
+(inclusive) duration.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from flux.cli.state import history_command
 from flux.errors import ConfigError
 from flux.store import traces
 from flux.store.queries import format_table, key_text
-from flux.store.traces import RowChange, TraceRecord, TraceSummary, Why
+from flux.store.traces import TraceRecord, TraceSummary
+from flux.store.why import MAX_ROWS, RowChange, Why, error_label, explain
 
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
 ERROR_CLIP = 60
+_SQLSTATE = re.compile(r"\(SQLSTATE [0-9A-Z]{5}\)")  # how the runtime ends a database error's message
 _SINCE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
@@ -44,10 +47,15 @@ def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption
         render_trace(record, writes)
 
 
-def why(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption = False) -> None:
+def why(
+    id_or_prefix: IdArg,
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Show at most N changed rows (also in --json); all are counted.")] = MAX_ROWS,
+    database: DatabaseOption = None,
+    json: JsonOption = False,
+) -> None:
     """Why a request ended as it did: its spans, the root cause of a failure, and the rows it changed."""
     with _connect(database) as conn:
-        result = traces.explain(conn, id_or_prefix)
+        result = explain(conn, id_or_prefix, rows=rows)
     if json:
         print_json(result)
     else:
@@ -137,7 +145,7 @@ def _failed_here(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]
 def _label(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> tuple[str, str | None]:
     """What the right-hand column shows, and its colour: the failure where it started, else the duration."""
     if _failed_here(span, children) and (span.get("attributes") or {}).get("flux.kind") not in _DURATION_KINDS:
-        return traces.error_label(span), "red"
+        return error_label(span), "red"
     return duration(span.get("duration_ms") or 0), "red" if span.get("status") == "error" else None
 
 
@@ -204,13 +212,9 @@ def render_why(w: Why) -> None:
         console.print(f"  [bold]Status[/]  [{color}]{outcome}[/]")
     if w.cause is not None and t is not None:
         _why_cause(w, t)
+    _why_failures(w)
     if w.mutations:
-        console.print("  [bold]Rows changed[/]")
-        for m in w.mutations:
-            console.print(f"    {escape(format_table(m.schema, m.table))}  {m.op}  {escape(_key_text(m))}")
-            hint = history_hint(m)
-            if hint:
-                console.print(f"      [dim]{escape(hint)}[/]")
+        _why_rows(w)
     for note in w.notes:
         console.print(f"  [yellow]note:[/] {escape(note)}")
     console.print()
@@ -242,19 +246,76 @@ def _why_spans(t: TraceRecord) -> None:
 def _why_cause(w: Why, t: TraceRecord) -> None:
     c = w.cause
     assert c is not None
-    failed = t.status >= 400 or t.error is not None
-    console.print("  [bold]Root cause[/]" if failed else "  [bold]Failed call[/]  [dim](handled: the request succeeded)[/]")
-    if c.error and c.label.lower() in c.error.lower():
-        what = f"[red]{escape(c.error)}[/]"  # "timeout after 3000 ms", "HTTP 429"
+    if c.link == "failed_before":
+        how = "threw" if c.exception else f"returned {t.status}"
+        qualifier = f"the last call that failed before the function {how}"
+    elif c.link == "own" and c.exception is None and t.status < 500:
+        qualifier = "the function's own answer"
     else:
-        what = f"[red]{escape(c.label)}[/]" + (f"  {escape(c.error)}" if c.error else "")
-    console.print(f"    {escape(c.span)}  {what}")
-    if c.exception and c.exception != c.error:
-        console.print(f"    {escape(c.exception)}")
+        qualifier = None
+    console.print("  [bold]Root cause[/]" + (f"  [dim]({escape(qualifier)})[/]" if qualifier else ""))
+    if c.link == "own" and c.exception:  # thrown in the function or a step: the error is the exception
+        console.print(f"    {escape(c.span)}  [red]{escape(c.exception)}[/]")
+    else:
+        console.print(f"    {escape(c.span)}  {_failure(c.label, c.error)}")
+    if c.link == "failed_before":
+        if c.call_site:
+            console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
+        if c.exception:
+            console.print(f"    then the function threw  [red]{escape(c.exception)}[/]")
+        if c.thrown_at:
+            console.print(f"    thrown at {escape(c.thrown_at)}")
+        return
+    if c.link == "same_error" and c.exception and c.error and not c.exception.endswith(c.error):
+        console.print(f"    {escape(c.exception)}")  # the function's own message, wrapping the call's
     if c.thrown_at:
         console.print(f"    thrown at {escape(c.thrown_at)}")
     if c.call_site and c.call_site != c.thrown_at:
         console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
+
+
+def _why_failures(w: Why) -> None:
+    if not w.failures:
+        return
+    if w.cause is None:
+        console.print("  [bold]Failed calls[/]  [dim](handled: the request succeeded)[/]")
+    else:
+        console.print("  [bold]Other failed calls[/]")
+    for f in w.failures:
+        site = f"  [dim]at {escape(f.call_site)}[/]" if f.call_site else ""
+        console.print(f"    {escape(f.span)}  {_failure(f.label, f.error)}{site}")
+    if w.failure_count > len(w.failures):
+        console.print(f"    [dim]… and {w.failure_count - len(w.failures):,} more (flux trace shows them all)[/]")
+
+
+def _failure(label: str, error: str | None) -> str:
+    """A failure's short label and its error, once: "timeout after 3000 ms", "23505  duplicate key ..."."""
+    if error and label.lower() in error.lower():
+        return f"[red]{escape(error)}[/]"
+    return f"[red]{escape(label)}[/]" + (f"  {escape(error)}" if error else "")
+
+
+def _why_rows(w: Why) -> None:
+    """Each row with its history hint; when there are more than were fetched, how many more, and
+    the counts by table and operation with one `flux state blame` hint per table."""
+    if w.mutations_truncated:
+        tables = f"{len(w.tables)} table" + ("s" if len(w.tables) != 1 else "")
+        console.print(f"  [bold]Rows changed[/]  {w.mutation_count:,} in {tables}; the first {len(w.mutations):,} shown")
+    else:
+        console.print("  [bold]Rows changed[/]")
+    for m in w.mutations:
+        console.print(f"    {escape(format_table(m.schema, m.table))}  {m.op}  {escape(_key_text(m))}")
+        hint = history_hint(m)
+        if hint:
+            console.print(f"      [dim]{escape(hint)}[/]")
+    if not w.mutations_truncated:
+        return
+    console.print(f"    [dim]… and {w.mutation_count - len(w.mutations):,} more[/]")
+    console.print("  [bold]Rows changed by table[/]")
+    for t in w.tables:
+        ops = ", ".join(f"{n:,} {op}" for op, n in t.ops.items())
+        console.print(f"    {escape(format_table(t.schema, t.table))}  {t.rows:,} rows: {ops}")
+        console.print(f"      [dim]flux state blame {escape(shlex.quote(format_table(t.schema, t.table)))}[/]")
 
 
 def _key_text(m: RowChange) -> str:
@@ -299,4 +360,12 @@ def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= ERROR_CLIP else text[: ERROR_CLIP - 1] + "…"
+    """At most ERROR_CLIP characters. A SQLSTATE the cut would lose is kept: it says what kind of
+    database error this is, which the start of the message alone often does not."""
+    if len(text) <= ERROR_CLIP:
+        return text
+    code = _SQLSTATE.search(text)
+    if code is None or code.end() < ERROR_CLIP:
+        return text[: ERROR_CLIP - 1] + "…"
+    tail = f" {code.group(0)}" + ("…" if code.end() < len(text) else "")
+    return text[: ERROR_CLIP - 1 - len(tail)].rstrip() + "…" + tail

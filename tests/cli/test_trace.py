@@ -14,7 +14,19 @@ from flux.cli.trace import parse_since
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.schema import ensure_schema
 from flux.store.traces import TraceRecord, insert_traces
-from tests.traces_seed import FAIL, NO_TRACE, OK, OK2, seed, span, trace
+from tests.traces_seed import (
+    FAIL,
+    NO_TRACE,
+    OK,
+    OK2,
+    bulk_mutations,
+    nested_spans,
+    retry_spans,
+    returned_spans,
+    seed,
+    span,
+    trace,
+)
 
 
 @pytest.fixture
@@ -109,13 +121,36 @@ def test_why_shows_the_seed_execution_block(seeded, dsn):
     assert "  Status  500 — Stripe API timeout" in out
 
 
-def test_why_names_the_root_cause_and_where_it_was_thrown(seeded, dsn):
+def test_why_names_the_last_failed_call_before_an_error_the_function_threw_itself_and_says_so(seeded, dsn):
     out = lines(invoke(dsn, "why", FAIL).output)
-    cause = out[out.index("  Root cause") + 1:]
-    assert cause[0] == "    stripe.create  timeout after 3000 ms"
-    assert "    Error: Stripe API timeout" in cause
-    assert "    thrown at functions/signup.js:7:11" in cause
-    assert "    call made at functions/signup.js:6:26" in cause
+    at = out.index("  Root cause  (the last call that failed before the function threw)")
+    assert out[at + 1:at + 5] == [
+        "    stripe.create  timeout after 3000 ms",
+        "    call made at functions/signup.js:6:26",
+        "    then the function threw  Error: Stripe API timeout",
+        "    thrown at functions/signup.js:7:11",
+    ]
+
+
+def test_why_names_the_call_whose_error_was_thrown_and_lists_the_handled_one_apart(conn, dsn):
+    ensure_schema(conn)
+    error = 'duplicate key value violates unique constraint "tags_pkey" (SQLSTATE 23505)'
+    insert_traces(conn, [trace(FAIL, status=500, error=f"DatabaseError: {error}", spans=retry_spans())])
+    out = lines(invoke(dsn, "why", FAIL).output)
+    at = out.index("  Root cause")
+    assert out[at + 1:at + 3] == [f"    db.insert(tags)  {error}", "    thrown at functions/retry.js:6:16"]
+    assert out[at + 3:at + 5] == ["  Other failed calls", "    stub.limit  HTTP 429 Too Many Requests  at functions/retry.js:3:21"]
+
+
+def test_why_json_gives_the_same_cause_and_failures_as_the_text(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(FAIL, status=500, error="DatabaseError: syntax error", spans=nested_spans())])
+    data = json.loads(invoke(dsn, "why", FAIL, "--json").stdout)
+    cause = data["cause"]
+    assert (cause["span"], cause["label"], cause["link"], cause["thrown_at"], cause["call_site"]) == (
+        "db.query", "42601", "same_error", "functions/nested.js:8:16", "functions/nested.js:8:16")
+    assert [(f["span"], f["label"]) for f in data["failures"]] == [("stub.flaky", "500")]
+    assert data["failure_count"] == 1
 
 
 def test_why_says_a_failed_request_changed_no_rows(seeded, dsn):
@@ -132,6 +167,31 @@ def test_why_lists_rows_changed_with_history_hints(seeded, dsn):
     assert "      flux state history members --key org=1 --key id=a" in out
 
 
+def test_why_of_many_rows_shows_the_first_ones_and_counts_per_table_and_op(conn, dsn):
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 19_990, request_id=NO_TRACE)
+    bulk_mutations(conn, "audit", "update", 10, request_id=NO_TRACE)
+    out = lines(invoke(dsn, "why", NO_TRACE).output)
+    assert len(out) < 70
+    at = out.index("  Rows changed  20,000 in 2 tables; the first 20 shown")
+    assert out[at + 1:at + 3] == ["    users  insert  id = 1", "      flux state history users --id 1"]
+    assert out[at + 41:at + 48] == [
+        "    … and 19,980 more", "  Rows changed by table",
+        "    users  19,990 rows: 19,990 insert", "      flux state blame users",
+        "    audit  10 rows: 10 update", "      flux state blame audit", "  note: No trace was recorded for this request, only"
+        " its 20,000 row change(s): it was served with tracing off, by another Flux, or its trace was lost before it was written."]
+
+
+def test_why_json_bounds_the_rows_and_says_so(conn, dsn):
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 25, request_id=NO_TRACE)
+    data = json.loads(invoke(dsn, "why", NO_TRACE, "--json").stdout)
+    assert (len(data["mutations"]), data["mutation_count"], data["mutations_truncated"]) == (20, 25, True)
+    assert data["tables"] == [{"schema": "public", "table": "users", "rows": 25, "ops": {"insert": 25}}]
+    everything = json.loads(invoke(dsn, "why", NO_TRACE, "--json", "--rows", "25").stdout)
+    assert (len(everything["mutations"]), everything["mutations_truncated"]) == (25, False)
+
+
 def test_why_without_a_trace_says_so(seeded, dsn):
     out = invoke(dsn, "why", NO_TRACE).output
     assert "function: set_role  (no trace recorded)" in out
@@ -141,9 +201,33 @@ def test_why_without_a_trace_says_so(seeded, dsn):
 def test_why_of_a_succeeded_request_shows_the_handled_failure(seeded, dsn):
     out = lines(invoke(dsn, "why", OK).output)
     assert "  Status  200 OK" in out
-    assert "  Failed call  (handled: the request succeeded)" in out
-    assert "    slack.notify  HTTP 429" in out
+    assert "  Root cause" not in out
+    at = out.index("  Failed calls  (handled: the request succeeded)")
+    assert out[at + 1] == "    slack.notify  HTTP 429  at functions/create_order.js:14:9"
     assert "      flux state history orders --id 1" in out
+
+
+def test_why_of_a_succeeded_request_lists_every_handled_failure(conn, dsn):
+    ensure_schema(conn)
+    fn = span("three", "internal", "function")
+    calls = [span("a.one", "client", "fetch", parent=fn, start=1, error="HTTP 429 Too Many Requests", http__status_code=429),
+             span("b.two", "client", "fetch", parent=fn, start=2, error="HTTP 500 Internal Server Error", http__status_code=500),
+             span("db.query", "client", "db", parent=fn, start=3, error="syntax error (SQLSTATE 42601)", db__sqlstate="42601")]
+    insert_traces(conn, [trace(OK, spans=[fn, *calls])])
+    out = lines(invoke(dsn, "why", OK).output)
+    at = out.index("  Failed calls  (handled: the request succeeded)")
+    assert out[at + 1:at + 4] == ["    a.one  HTTP 429 Too Many Requests", "    b.two  HTTP 500 Internal Server Error",
+                                  "    db.query  syntax error (SQLSTATE 42601)"]
+
+
+def test_why_bounds_the_failed_calls_it_lists(conn, dsn):
+    ensure_schema(conn)
+    fn = span("loop", "internal", "function")
+    calls = [span(f"call.{n}", "client", "fetch", parent=fn, start=n, error="HTTP 429", http__status_code=429) for n in range(15)]
+    insert_traces(conn, [trace(OK, spans=[fn, *calls])])
+    out = lines(invoke(dsn, "why", OK).output)
+    at = out.index("  Failed calls  (handled: the request succeeded)")
+    assert out[at + 10:at + 12] == ["    call.9  HTTP 429", "    … and 5 more (flux trace shows them all)"]
 
 
 def test_why_json_has_cause_mutations_and_notes(seeded, dsn):
@@ -187,17 +271,25 @@ def test_why_of_a_request_stopped_at_the_gateway_says_the_function_did_not_run(c
     assert "  POST /hello  →  function: hello  (not run: the request body is not valid JSON)" in not_json
 
 
-def test_why_blames_the_function_for_a_status_it_returned_itself(conn, dsn):
+def test_why_says_a_returned_4xx_was_the_functions_own_answer_in_text_and_json(conn, dsn):
     ensure_schema(conn)
-    error = 'send JSON like {"email": "ada@example.com"}'
-    gw = span("gateway", "server", "gateway", ms=1, error=error, http__status_code=400)
-    fn = span("create_user", "internal", "function", parent=gw, ms=0.8)
-    insert_traces(conn, [trace("a0000400-0000-4000-8000-00000000000f", function="create_user", status=400,
-                               path="/signup", error=error, spans=[gw, fn], ms=1)])
-    out = lines(invoke(dsn, "why", "a0000400").output)
-    assert "  POST /signup  →  function: create_user" in out
-    cause = out[out.index("  Root cause") + 1]
-    assert cause == f"    create_user  returned 400: {error}"
+    insert_traces(conn, [trace(FAIL, status=404, error="no such widget 7", spans=returned_spans(404, "no such widget 7"))])
+    out = lines(invoke(dsn, "why", FAIL).output)
+    at = out.index("  Root cause  (the function's own answer)")
+    assert out[at + 1] == "    widget  returned 404: no such widget 7"
+    cause = json.loads(invoke(dsn, "why", FAIL, "--json").stdout)["cause"]
+    assert (cause["span"], cause["kind"], cause["link"], cause["error"]) == ("widget", "function", "own", "returned 404: no such widget 7")
+
+
+def test_why_of_a_returned_5xx_after_a_failed_call_names_the_call_and_says_how(conn, dsn):
+    ensure_schema(conn)
+    timeout = span("stripe.create", "client", "fetch", start=2, ms=2000, error="stripe.create: no response within 2000 ms",
+                   timeout=True, code__location="functions/create_user.js:31:21")
+    insert_traces(conn, [trace(FAIL, status=500, error="Stripe API timeout", spans=returned_spans(500, "Stripe API timeout", timeout))])
+    out = lines(invoke(dsn, "why", FAIL).output)
+    at = out.index("  Root cause  (the last call that failed before the function returned 500)")
+    assert out[at + 1:at + 3] == ["    stripe.create  timeout  stripe.create: no response within 2000 ms",
+                                  "    call made at functions/create_user.js:31:21"]
 
 
 def test_why_of_a_trace_with_writes_but_no_logged_rows_asks_about_capture(seeded, dsn):
@@ -236,6 +328,30 @@ def test_requests_filters_by_status_function_tenant_and_since(seeded, dsn):
 def test_requests_json_lists_summaries(seeded, dsn):
     data = json.loads(invoke(dsn, "requests", "--status", "error", "--json").stdout)
     assert [(r["id"], r["status"], r["function"], r["error"]) for r in data] == [(FAIL, 500, "create_user", "Stripe API timeout")]
+
+
+def test_requests_clips_a_long_database_error_before_its_sqlstate(conn, dsn):
+    ensure_schema(conn)
+    error = 'DatabaseError: duplicate key value violates unique constraint "tags_pkey" (SQLSTATE 23505)'
+    insert_traces(conn, [trace(FAIL, status=500, error=error, spans=retry_spans())])
+    (row,) = lines(invoke(dsn, "requests").output)[1:]
+    assert row.endswith("  DatabaseError: duplicate key value violate… (SQLSTATE 23505)")
+
+
+def test_requests_keeps_a_sqlstate_from_the_middle_of_a_long_error(conn, dsn):
+    ensure_schema(conn)
+    error = ("TransactionAborted: the handler returned 200, but its transaction was rolled back: db.insert(tags):"
+             ' duplicate key value violates unique constraint "tags_pkey" (SQLSTATE 23505) failed, and the function went on')
+    insert_traces(conn, [trace(FAIL, status=500, error=error, spans=retry_spans())])
+    (row,) = lines(invoke(dsn, "requests").output)[1:]
+    assert row.endswith("  TransactionAborted: the handler returned… (SQLSTATE 23505)…")
+
+
+def test_requests_clips_a_long_error_without_a_sqlstate_at_its_end(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(FAIL, status=500, error="x" * 100, spans=retry_spans())])
+    (row,) = lines(invoke(dsn, "requests").output)[1:]
+    assert row.endswith("  " + "x" * 59 + "…")
 
 
 def test_requests_with_nothing_matching_says_so(seeded, dsn):

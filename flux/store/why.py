@@ -1,0 +1,354 @@
+"""`flux why`: what one request did and why it ended as it did.
+
+`explain` joins the two records Flux keeps of a request, its trace (`flux.store.traces`) and its
+row changes in the mutation log, and picks the root cause of a failure out of the spans. It does
+not guarantee that both exist: a request served with tracing off has only row changes, and a
+request whose transaction rolled back, or whose tables are not captured, has only a trace. It
+says which. Every function here takes a psycopg connection and returns frozen dataclasses;
+rendering is the CLI's job.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from flux.errors import ConfigError
+from flux.store import queries, traces
+from flux.store.traces import TraceRecord
+
+MAX_ROWS = 20  # row changes `explain` gives by default; Why.mutation_count and Why.tables count them all
+MAX_FAILURES = 10  # failed calls listed besides the root cause; Why.failure_count counts them all
+_OPS = ("insert", "update", "delete", "truncate")
+_FRAME_LOCATION = re.compile(r"(functions/[^\s():]+:\d+(?::\d+)?)")
+_DB_WRITE = re.compile(r"^db\.(insert|update|delete|merge)\b")
+# The answers the gateway gives without running a function, by status (README, "The gateway").
+_GATEWAY_ANSWERS = {
+    401: "no valid API key",
+    404: "no route",
+    400: "the request body is not valid JSON",
+    413: "the request body is over max_body_bytes",
+}
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """One row a request changed, from the mutation log."""
+
+    schema: str
+    table: str
+    op: str  # insert | update | delete | truncate
+    row_key: dict[str, Any] | None
+    changed_columns: tuple[str, ...] | None
+    commit_time: datetime
+    function: str | None  # context->>'function'
+
+
+@dataclass(frozen=True, slots=True)
+class TableChanges:
+    """How many rows of one table a request changed, by operation."""
+
+    schema: str
+    table: str
+    rows: int
+    ops: dict[str, int]  # {"insert": 19990, "update": 5}: insert, update, delete, truncate, those it did
+
+
+@dataclass(frozen=True, slots=True)
+class FailedCall:
+    """A call or step that failed where it started (not only because a call inside it failed)."""
+
+    span_id: str
+    span: str  # its name
+    kind: str | None  # attributes["flux.kind"]: db | fetch | step
+    error: str | None  # the span's own error, e.g. "HTTP 429 Too Many Requests"
+    label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"
+    call_site: str | None  # where in the function the call was made: the span's code.location
+
+
+@dataclass(frozen=True, slots=True)
+class RootCause:
+    """What ended the request: the span named as its cause, how it is tied to that end, and what the
+    function threw and where. `link` says how sure that is:
+
+    - "same_error": the function threw this call's own error (the same message, the message wrapped
+      in its own, or thrown where the call was made).
+    - "failed_before": the function threw an error of its own, or returned a 5xx, after this call
+      failed; the last call that failed before that. Likely the cause, not certainly.
+    - "own": the function's own doing, with no call to blame: it threw (in the function, or in
+      the step named), Flux stopped it (time limit, memory), or it returned the status itself (a
+      4xx always counts as its answer, whatever failed before it).
+    - "gateway": the gateway answered without running the function.
+    """
+
+    span_id: str
+    span: str  # its name
+    kind: str | None  # attributes["flux.kind"]: gateway | function | step | db | fetch
+    error: str | None  # the span's own error ("timeout after 3000 ms"; "returned 404: no such widget 7")
+    label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"; the status returned
+    link: str  # same_error | failed_before | own | gateway
+    exception: str | None  # what the function threw ("Error: Stripe API timeout"); None when it returned
+    thrown_at: str | None  # first frame in the function's source: "functions/signup.js:7:11"
+    call_site: str | None  # where the failing call was made: the span's code.location
+
+
+@dataclass(frozen=True, slots=True)
+class Why:
+    """Everything `flux why` knows about one request."""
+
+    request_id: str
+    function: str | None
+    trace: TraceRecord | None  # None: no trace was recorded
+    mutations: tuple[RowChange, ...]  # the first ones, in commit order (explain's `rows`)
+    mutation_count: int  # all the request's row changes
+    mutations_truncated: bool  # mutations holds fewer than mutation_count
+    tables: tuple[TableChanges, ...]  # all the row changes by table, in the order of each table's first change
+    cause: RootCause | None  # None when the request succeeded (or no trace was recorded)
+    failures: tuple[FailedCall, ...]  # the other calls and steps that failed, in order; at most MAX_FAILURES
+    failure_count: int  # how many failed besides the cause, listed or not
+    notes: tuple[str, ...]  # what is missing and what that may mean
+    not_run: str | None = None  # why the gateway answered without running a function; None when one ran
+
+
+# -- the request's row changes -----------------------------------------------------------------
+
+
+def request_mutations(conn: psycopg.Connection, request_id: str, *, limit: int | None = None) -> list[RowChange]:
+    """The rows one request changed, in commit order; with `limit`, the first `limit` of them."""
+    rows = conn.execute(
+        "SELECT schema_name, table_name, op, row_key::text, changed_columns, commit_time, context->>'function'"
+        " FROM flux.state_mutations WHERE request_id = %s ORDER BY commit_lsn, seq"
+        + (" LIMIT %s" if limit is not None else ""),
+        (request_id, limit) if limit is not None else (request_id,),
+    ).fetchall()
+    key_order: dict[tuple[str, str], tuple[str, ...]] = {}
+    for s, t, *_ in rows:  # jsonb sorts keys by length; show a composite key in primary-key order
+        if (s, t) not in key_order:
+            catalog = queries._catalog(conn, s, t)
+            key_order[(s, t)] = (catalog.primary_key or ()) if catalog else ()
+    return [
+        RowChange(schema=s, table=t, op=op, row_key=queries._in_order(queries.load_json(key), key_order[(s, t)]),
+                  changed_columns=tuple(changed) if changed is not None else None, commit_time=time, function=fn)
+        for s, t, op, key, changed, time, fn in rows
+    ]
+
+
+def request_tables(conn: psycopg.Connection, request_id: str) -> list[TableChanges]:
+    """How many rows of each table one request changed, by operation. Counted by the database: no
+    row key or image is sent for it."""
+    counts = conn.execute(
+        "SELECT schema_name, table_name, op, count(*), min(n) FROM ("
+        " SELECT schema_name, table_name, op, row_number() OVER (ORDER BY commit_lsn, seq) AS n"
+        " FROM flux.state_mutations WHERE request_id = %s) AS changes"
+        " GROUP BY schema_name, table_name, op",
+        (request_id,),
+    ).fetchall()
+    first: dict[tuple[str, str], int] = {}
+    ops: dict[tuple[str, str], dict[str, int]] = {}
+    for schema, table, op, count, n in sorted(counts, key=lambda c: _OPS.index(c[2]) if c[2] in _OPS else len(_OPS)):
+        first[(schema, table)] = min(n, first.get((schema, table), n))
+        ops.setdefault((schema, table), {})[op] = count
+    return [TableChanges(schema=s, table=t, rows=sum(ops[(s, t)].values()), ops=ops[(s, t)])
+            for s, t in sorted(first, key=first.__getitem__)]
+
+
+# -- why -------------------------------------------------------------------------------------
+
+
+def explain(conn: psycopg.Connection, id_or_prefix: str, *, rows: int = MAX_ROWS) -> Why:
+    """The trace and the row changes of one request (the first `rows` of them, and how many of each
+    table and operation), the root cause when it failed, and the calls that failed besides it
+    (handled ones, for a request that succeeded).
+
+    The prefix is looked up in both records; it must name one request across them.
+    """
+    if not 1 <= rows <= queries.MAX_LIMIT:
+        raise ConfigError(f"--rows {rows} is out of range", hint=f"Give a number from 1 to {queries.MAX_LIMIT:,}.")
+    request_id, trace = traces.find_request(conn, id_or_prefix)
+    mutations = tuple(request_mutations(conn, request_id, limit=rows))
+    tables = tuple(request_tables(conn, request_id))
+    count = sum(t.rows for t in tables)
+    function = trace.function if trace else next((m.function for m in mutations if m.function), None)
+    cause = root_cause(trace) if trace else None
+    others = [f for f in failed_calls(trace.spans) if cause is None or f.span_id != cause.span_id] if trace else []
+    return Why(
+        request_id=request_id, function=function, trace=trace, mutations=mutations, mutation_count=count,
+        mutations_truncated=count > len(mutations), tables=tables, cause=cause,
+        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others), notes=tuple(_notes(trace, count)),
+        not_run=not_run(trace) if trace else None,
+    )
+
+
+def _function_span(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The function's own span: the gateway records it under its span when, and only when, the function ran."""
+    return next((s for s in spans if (s.get("attributes") or {}).get("flux.kind") == "function"), None)
+
+
+def not_run(trace: TraceRecord) -> str | None:
+    """Why the gateway answered without running a function ("no valid API key", ...); None when one ran."""
+    if _function_span(trace.spans) is not None:
+        return None
+    return _GATEWAY_ANSWERS.get(trace.status, f"the gateway answered {trace.status}")
+
+
+def _notes(trace: TraceRecord | None, mutation_count: int) -> list[str]:
+    if trace is None:
+        return [(
+            f"No trace was recorded for this request, only its {mutation_count:,} row change(s): it was served with"
+            " tracing off, by another Flux, or its trace was lost before it was written."
+        )]
+    if mutation_count:
+        return []
+    function_span = _function_span(trace.spans)
+    outcome = ((function_span or {}).get("attributes") or {}).get("db.transaction")
+    # Statements the trace names as writes and that succeeded; one its name hides (a write in a CTE
+    # or in a called function) is not counted, so the note then says less, never something false.
+    writes = [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
+    if function_span is None:
+        return ["The request changed no rows: it ended at the gateway and never ran a function."]
+    if not writes:  # db.transaction says rolled_back after reads too: there was nothing to undo
+        return ["The request changed no rows."]
+    if outcome == "rolled_back" or (outcome is None and trace.status >= 500):
+        return ["The request changed no rows: its transaction was rolled back."]
+    return [(
+        f"The trace shows {len(writes)} write(s) but the mutation log has no row change of this request:"
+        " are those tables captured (`flux attach`), and has the engine caught up?"
+    )]
+
+
+def _depths(spans: list[dict[str, Any]]) -> dict[str, int]:
+    """Each span's depth, by its parent links (steps are listed as they finish, after their own
+    children); an unknown parent, or a cycle, makes a root."""
+    parents = {s["id"]: s.get("parent") for s in spans}
+    depth: dict[str, int] = {}
+    for span_id in parents:
+        chain: list[str] = []
+        node: str | None = span_id
+        while node in parents and node not in depth and node not in chain:
+            chain.append(node)
+            node = parents[node]
+        base = depth.get(node, -1)  # a known depth, or past the roots (an unknown parent, a cycle)
+        for n, member in enumerate(reversed(chain), start=1):
+            depth[member] = base + n
+    return depth
+
+
+def error_label(span: dict[str, Any]) -> str:
+    """The short form of a span's failure: "timeout", an HTTP status, a SQLSTATE, or "error"."""
+    attrs = span.get("attributes") or {}
+    if attrs.get("timeout"):
+        return "timeout"
+    code = attrs.get("http.status_code")
+    if isinstance(code, int) and code >= 400:
+        return str(code)
+    if attrs.get("db.sqlstate"):
+        return str(attrs["db.sqlstate"])
+    return "error"
+
+
+def _exception(span: dict[str, Any]) -> dict[str, Any] | None:
+    for event in reversed(span.get("events") or []):
+        if event.get("name") == "exception":
+            return event.get("attributes") or {}
+    return None
+
+
+def _kind(span: dict[str, Any]) -> str | None:
+    return (span.get("attributes") or {}).get("flux.kind")
+
+
+def _end(span: dict[str, Any]) -> float:
+    return (span.get("start") or 0) + (span.get("duration_ms") or 0)
+
+
+def _failed_here(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The calls and steps that failed where they started, in start order: not the gateway or the
+    function, and not a step that failed only because a call or step inside it did."""
+    failed_parents = {s.get("parent") for s in spans if s.get("status") == "error"}
+    return sorted((s for s in spans if s.get("status") == "error" and _kind(s) not in ("gateway", "function")
+                   and s["id"] not in failed_parents), key=lambda s: s.get("start") or 0)
+
+
+def failed_calls(spans: list[dict[str, Any]]) -> list[FailedCall]:
+    """Every call and step that failed where it started, in the order they started."""
+    return [FailedCall(span_id=s["id"], span=s.get("name") or "?", kind=_kind(s), error=s.get("error"),
+                       label=error_label(s), call_site=(s.get("attributes") or {}).get("code.location"))
+            for s in _failed_here(spans)]
+
+
+def _same_error(span: dict[str, Any], message: str, thrown_at: str | None) -> int:
+    """How surely the thrown error is this failed call's own: 3 the same (its message, its message
+    after its span's name as Flux quotes a statement that aborted the transaction, or thrown where
+    the call was made: a ctx error's stack is its call site), 2 wrapped in the function's own
+    message, 1 its SQLSTATE named, 0 not at all."""
+    attrs = span.get("attributes") or {}
+    error = span.get("error") or ""
+    if error and (error == message or f"{span.get('name')}: {error}" in message):
+        return 3
+    if thrown_at is not None and attrs.get("code.location") == thrown_at:
+        return 3
+    if error and error in message:
+        return 2
+    if attrs.get("db.sqlstate") and re.search(rf"\b{re.escape(str(attrs['db.sqlstate']))}\b", message):
+        return 1
+    return 0
+
+
+def root_cause(trace: TraceRecord) -> RootCause | None:
+    """What ended a request that failed; None when it succeeded. See `RootCause` for the links.
+
+    A call that failed and was handled is never named with another error's stack: the cause of a
+    thrown error is the call whose error it is, else (the function's code threw) the last call that
+    failed before the throw, said to be that, else the function or the step it was thrown in.
+    """
+    function = _function_span(trace.spans)
+    if function is None:
+        gateway = next((s for s in trace.spans if s.get("status") == "error" and not s.get("parent")), None)
+        return _root(gateway, "gateway") if gateway is not None else None
+    exc = _exception(function)
+    if exc is None:  # the function returned its status
+        if trace.status < 400:
+            return None
+        returned = f"returned {trace.status}" + (f": {trace.error}" if trace.error else "")
+        failed = _failed_here(trace.spans)
+        if trace.status < 500 or not failed:  # a 4xx is the function's answer
+            return _root(function, "own", error=returned, label=str(trace.status))
+        return _root(max(failed, key=_end), "failed_before")
+    message = exc.get("exception.message") or ""
+    name = exc.get("exception.type")
+    thrown = f"{name}: {message}" if name and message else (message or name)
+    frame = _FRAME_LOCATION.search(exc.get("exception.stacktrace") or "")
+    thrown_at = frame.group(1) if frame else None
+    thrown_time = exc.get("time")
+    # Only what had failed by the time of the throw; the 1 ms allows for steps' whole-ms clock.
+    failed = [s for s in _failed_here(trace.spans) if thrown_time is None or _end(s) <= thrown_time + 1]
+    scored = [(score, _end(s), s) for s in failed if s.get("kind") == "client"
+              and (score := _same_error(s, message, thrown_at))]
+    if scored:
+        return _root(max(scored, key=lambda t: t[:2])[2], "same_error", exception=thrown, thrown_at=thrown_at)
+    # Steps the error passed through carry it too: they are where it was thrown, not failures before it.
+    carriers = [s for s in trace.spans if _kind(s) == "step" and (_exception(s) or {}).get("exception.message") == message]
+    before = [s for s in failed if s not in carriers]
+    code_threw = bool(exc.get("exception.stacktrace")) or name == "NonErrorThrown"  # else Flux stopped the function
+    if code_threw and before:
+        return _root(max(before, key=_end), "failed_before", exception=thrown, thrown_at=thrown_at)
+    depth = _depths(trace.spans)
+    where = max(carriers, key=lambda s: depth[s["id"]]) if carriers else function
+    return _root(where, "own", exception=thrown, thrown_at=thrown_at)
+
+
+def _root(span: dict[str, Any], link: str, *, error: str | None = None, label: str | None = None,
+          exception: str | None = None, thrown_at: str | None = None) -> RootCause:
+    attrs = span.get("attributes") or {}
+    return RootCause(
+        span_id=span["id"], span=span.get("name") or "?", kind=attrs.get("flux.kind"), error=error or span.get("error"),
+        label=label or error_label(span), link=link, exception=exception, thrown_at=thrown_at,
+        call_site=attrs.get("code.location"),
+    )

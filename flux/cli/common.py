@@ -17,6 +17,7 @@ import typer
 from psycopg.conninfo import conninfo_to_dict
 
 from flux.errors import ConfigError, ConnectionLostError, ServerNotReadyError, from_psycopg
+from flux.store.traces import MAX_SINCE
 
 DatabaseOption = Annotated[
     str | None,
@@ -31,7 +32,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-MAX_DURATION = timedelta(days=36_500)  # 100 years; now() minus much more leaves timestamptz's range
+MAX_DURATION = MAX_SINCE  # now() minus much more leaves timestamptz's range
 
 ENV_DSN = "FLUX_DATABASE_URL"
 STATE_DIR = ".flux"

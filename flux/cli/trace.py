@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from flux.cli.common import DatabaseOption, JsonOption, connect
+from flux.cli.common import DatabaseOption, JsonOption, connect, parse_duration
 from flux.cli.output import console, print_json
 from flux.cli.state import history_command
 from flux.errors import ConfigError
@@ -31,8 +31,6 @@ IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it
 SHORT_ID = 8
 ERROR_CLIP = 60
 _SQLSTATE = re.compile(r"\(SQLSTATE [0-9A-Z]{5}\)")  # how the runtime ends a database error's message
-_SINCE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
 
 
@@ -83,16 +81,7 @@ def requests(
 
 def parse_since(text: str) -> timedelta:
     """`30s`, `10m`, `2h`, `1d` (or `1.5h`) -> a timedelta."""
-    match = _SINCE.fullmatch(text.strip().lower())
-    if not match:
-        raise ConfigError(f"--since {text!r} is not a duration", hint="Write a number and a unit: 30s, 10m, 2h, 1d.")
-    try:
-        window = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-    except OverflowError:  # past timedelta's own range (about 2.7 million years)
-        window = None
-    if window is None or window > traces.MAX_SINCE:
-        raise ConfigError(f"--since {text!r} is too long", hint=f"Give a window of at most {traces.MAX_SINCE.days}d (100 years).")
-    return window
+    return parse_duration(text, "--since")
 
 
 def _connect(database: str | None):

@@ -190,12 +190,35 @@ def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[st
 
 def history_command(schema: str, table: str, row_key: dict[str, Any]) -> str:
     """`flux state history` of the row with this primary key."""
-    name = shlex.quote(queries.format_table(schema, table))
+    name = shell_word(queries.format_table(schema, table))
     if len(row_key) == 1:
         (value,) = row_key.values()
-        return f"flux state history {name} --id {shlex.quote(queries.key_text(value))}"
-    keys = " ".join(f"--key {shlex.quote(f'{col}={queries.key_text(v)}')}" for col, v in row_key.items())
+        return f"flux state history {name} --id {shell_word(queries.key_text(value))}"
+    keys = " ".join(f"--key {shell_word(f'{col}={queries.key_text(v)}')}" for col, v in row_key.items())
     return f"flux state history {name} {keys}"
+
+
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def shell_word(text: str) -> str:
+    """`text` as one shell word that survives being shown in a terminal and pasted back.
+
+    shlex.quote, unless the text holds a character a terminal does not show as itself (a tab
+    shows as spaces, a newline breaks the line): then bash's $'...' form, with each such
+    character escaped as its UTF-8 bytes (\\xHH, which bash reads back in any locale; zsh too).
+    """
+    if not any(queries.hidden(c) for c in text):
+        return shlex.quote(text)
+    return "$'" + "".join(map(_dollar_escape, text)) + "'"
+
+
+def _dollar_escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if queries.hidden(char):
+        return "".join(f"\\x{b:02x}" for b in char.encode("utf-8", "surrogatepass"))
+    return char
 
 
 def _key(row_key: dict[str, Any]) -> str:

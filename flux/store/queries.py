@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -201,6 +202,14 @@ def format_table(schema: str, table: str) -> str:
 
 def _fold(part: str) -> str:
     return "".join(c.lower() if "A" <= c <= "Z" else c for c in part)
+
+
+def hidden(char: str) -> bool:
+    """A character a terminal does not show as itself: a control or format character (a tab
+    shows as spaces, a newline breaks the line, a zero-width space shows as nothing), a line or
+    paragraph separator, a space other than U+0020."""
+    category = unicodedata.category(char)
+    return category in ("Cc", "Cf", "Cs", "Zl", "Zp") or (category == "Zs" and char != " ")
 
 
 # -- decoding --------------------------------------------------------------------------------

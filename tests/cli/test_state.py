@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -8,7 +11,7 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from flux.cli.state import app
+from flux.cli.state import app, history_command
 from flux.errors import ConfigError, NotFoundError
 from flux.store.schema import ensure_schema
 
@@ -211,6 +214,41 @@ def test_pointers_to_a_decimal_or_big_integer_key_are_commands_that_find_the_row
     assert f"the row goes on in flux state history prices --id {big}" in out
     assert invoke(dsn, "history", "prices", "--id", str(big)).exit_code == 0
     assert "earlier changes: flux state history prices --id 2.5" in invoke(dsn, "history", "prices", "--id", str(big)).output
+
+
+# Keys a terminal would show as something else (a tab as spaces, a newline as a line break), or
+# that rich could read as markup or an emoji code.
+ODD_KEYS = ["tab\there", "two\nlines", "cr\rand\x1bescape", "nbsp\u00a0zero\u200bwidth\u0085", "it's a \\ [bold]x[/] :smile:"]
+
+
+def _bash(script: str, **env: str) -> subprocess.CompletedProcess:
+    """Run a command line as a user pasting it into bash would; `flux` is this Python's. Output
+    as bytes: text mode would turn a \\r into a newline."""
+    prelude = f'flux() {{ "{sys.executable}" -m flux "$@"; }}\n'
+    return subprocess.run(["bash", "-c", prelude + script], env={**os.environ, **env}, capture_output=True)
+
+
+@pytest.mark.parametrize("key", ODD_KEYS, ids=repr)
+def test_history_command_is_one_line_that_bash_reads_back_as_the_key(key):
+    command = history_command("public", "tags", {"k": key})
+    assert "\n" not in command
+    args = _bash(command.replace("flux", "printf '%s\\0'", 1)).stdout.decode().split("\0")
+    assert args[-2] == key
+
+
+@pytest.mark.parametrize("key", ODD_KEYS, ids=repr)
+def test_a_printed_pointer_to_an_odd_key_run_in_bash_finds_the_row(conn, dsn, key):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.tags (k text PRIMARY KEY, v text)")
+    record(conn, "tags", "insert", request_id=RID1, key={"k": key}, new={"k": key, "v": "a"})
+    record(conn, "tags", "update", request_id=RID2, key={"k": "plain"}, old_key={"k": key}, old_complete=True,
+           old={"k": key, "v": "a"}, new={"k": "plain", "v": "a"}, changed=["k"])
+    out = invoke(dsn, "history", "tags", "--id", "plain").output
+    [line] = [line for line in out.splitlines() if "earlier changes: " in line]
+    command = line.split("earlier changes: ", 1)[1].rstrip()
+    found = _bash(f'{command} --json --database "$DSN"', DSN=dsn)
+    assert found.returncode == 0, found.stderr
+    assert [m["request_id"] for m in json.loads(found.stdout)["mutations"]] == [RID1, RID2]
 
 
 def test_blame_of_an_old_key_says_where_the_row_moved(users, dsn):

@@ -10,6 +10,9 @@ How a row is found:
   without a primary key, any columns, matched on the row images (`new` or `old` contains them).
 - Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
   `42` matches a recorded `42`, `42.0` or `"42"`.
+- A primary key is looked up through the row hash index, once per combination of its columns'
+  forms. Past 64 combinations (7 or more columns whose text could be a number, a boolean or a
+  uuid) the columns are compared one by one instead, over all of the table's mutations.
 
 Not guaranteed: a row of a table without a primary key is followed only while its images
 contain the given values (an update that changes them ends the trail); blame of a column
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import json
 import re
 import unicodedata
@@ -39,7 +43,7 @@ DEFAULT_SCHEMA = "public"
 REQUEST_PREFIX = "req:"
 MAX_CANDIDATES = 10  # request ids listed in an AmbiguousError
 MAX_LIMIT = 1_000_000_000  # far past any listing; PostgreSQL refuses a LIMIT past 2**63 - 1
-_MAX_KEY_FORMS = 64  # typed combinations tried for a composite key
+_MAX_KEY_FORMS = 64  # typed combinations of a primary key looked up through the row hash index
 _TABLE_BLAME_BATCH = 500
 # One table's mutations, through its hash index (see flux.store.schema); the names are rechecked.
 _TABLE_IS = (
@@ -269,6 +273,7 @@ class _RowMatch:
     where: sql.Composable
     params: dict[str, Any]
     columns: tuple[str, ...]  # table order, to show images in; empty when the table is gone
+    values: dict[str, list[Any]]  # per matched column, the values its given text may have been recorded as
 
 
 def _value_forms(value: str) -> list[str]:
@@ -284,10 +289,37 @@ def _value_forms(value: str) -> list[str]:
     return forms
 
 
-def _object_forms(values: dict[str, str]) -> list[str]:
-    per_column = [[json.dumps(col, ensure_ascii=False) + ":" + form for form in _value_forms(v)] for col, v in values.items()]
-    combos = itertools.islice(itertools.product(*per_column), _MAX_KEY_FORMS)
-    return ["{" + ",".join(combo) + "}" for combo in combos]
+def _object_forms(forms: dict[str, list[str]]) -> list[str]:
+    """Every combination of the columns' forms, as jsonb objects."""
+    per_column = [[json.dumps(col, ensure_ascii=False) + ":" + form for form in column_forms] for col, column_forms in forms.items()]
+    return ["{" + ",".join(combo) + "}" for combo in itertools.product(*per_column)]
+
+
+def _columns_match(image: str, forms: dict[str, list[str]], *, whole: bool) -> sql.Composable:
+    """SQL: each given column of `image` is one of its forms (jsonb equality: 1 = 1.0, "1" <> 1);
+    `whole`: and the image has no other column. Parameters col<i>, forms<i>, cols (`_column_params`)."""
+    parts = [sql.SQL(f"{image} -> %(col{i})s = ANY(%(forms{i})s::jsonb[])") for i in range(len(forms))]
+    if whole:
+        parts.append(sql.SQL(f"{image} - %(cols)s::text[] = '{{}}'::jsonb"))
+    return sql.SQL("(") + sql.SQL(" AND ").join(parts) + sql.SQL(")")
+
+
+def _column_params(forms: dict[str, list[str]]) -> dict[str, Any]:
+    params: dict[str, Any] = {"cols": list(forms)}
+    for i, (col, column_forms) in enumerate(forms.items()):
+        params[f"col{i}"], params[f"forms{i}"] = col, column_forms
+    return params
+
+
+def _kind(value: Any) -> str:
+    return "boolean" if isinstance(value, bool) else "number" if isinstance(value, (int, Decimal)) else type(value).__name__
+
+
+def _is_key(key: dict[str, Any] | None, values: dict[str, list[Any]]) -> bool:
+    """`key` is the row asked for: as `_columns_match(..., whole=True)` judges it in SQL."""
+    return key is not None and key.keys() == values.keys() and all(
+        any(_kind(key[c]) == _kind(v) and key[c] == v for v in vs) for c, vs in values.items()
+    )
 
 
 def _require_log(conn: psycopg.Connection) -> None:
@@ -405,8 +437,10 @@ def _row_match(
         key = {pk[0]: id_value}
     assert key is not None
     if pk is None:
-        where = sql.SQL("(new @> ANY(%(forms)s::jsonb[]) OR old @> ANY(%(forms)s::jsonb[]))")
-        return _RowMatch(dict(key), "images", where, {"forms": _object_forms(key)}, columns)
+        forms = {c: _value_forms(v) for c, v in key.items()}
+        where = sql.SQL("{table_is} AND ({new} OR {old})").format(
+            table_is=sql.SQL(_TABLE_IS), new=_columns_match("new", forms, whole=False), old=_columns_match("old", forms, whole=False))
+        return _RowMatch(dict(key), "images", where, _column_params(forms), columns, _loaded(forms))
     if set(key) != set(pk):
         example = " ".join(f"--key {c}=..." for c in pk)
         raise ConfigError(
@@ -414,17 +448,29 @@ def _row_match(
             hint=f"Use {example}", table=name,
         )
     ordered = {c: key[c] for c in pk}
-    # The hash finds the row through its index; the exact comparison rules out collisions. An
-    # update that changed the primary key belongs to the histories of both keys.
-    where = sql.SQL(
-        "(flux.row_hash(schema_name, table_name, row_key)"
-        " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
-        " AND row_key = ANY(%(forms)s::jsonb[])"
-        " OR old_row_key IS NOT NULL AND flux.row_hash(schema_name, table_name, old_row_key)"
-        " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
-        " AND old_row_key = ANY(%(forms)s::jsonb[]))"
-    )
-    return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(ordered)}, columns)
+    forms = {c: _value_forms(v) for c, v in ordered.items()}
+    if math.prod(map(len, forms.values())) <= _MAX_KEY_FORMS:
+        # The hash finds the row through its index; the exact comparison rules out collisions. An
+        # update that changed the primary key belongs to the histories of both keys.
+        where = sql.SQL(
+            "(flux.row_hash(schema_name, table_name, row_key)"
+            " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
+            " AND row_key = ANY(%(forms)s::jsonb[])"
+            " OR old_row_key IS NOT NULL AND flux.row_hash(schema_name, table_name, old_row_key)"
+            " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
+            " AND old_row_key = ANY(%(forms)s::jsonb[]))"
+        )
+        return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(forms)}, columns, _loaded(forms))
+    # Too many typed combinations to look each up by its hash (7 or more columns whose text could be
+    # a number, a boolean or a uuid): compared column by column over the table's mutations instead.
+    where = sql.SQL("{table_is} AND ({key} OR old_row_key IS NOT NULL AND {old_key})").format(
+        table_is=sql.SQL(_TABLE_IS), key=_columns_match("row_key", forms, whole=True),
+        old_key=_columns_match("old_row_key", forms, whole=True))
+    return _RowMatch(ordered, "row_key", where, _column_params(forms), columns, _loaded(forms))
+
+
+def _loaded(forms: dict[str, list[str]]) -> dict[str, list[Any]]:
+    return {c: [load_json(form) for form in column_forms] for c, column_forms in forms.items()}
 
 
 def _describe(schema: str, table: str, match: dict[str, str]) -> str:
@@ -462,9 +508,9 @@ def _fetch_row(
     total = rows[0][-1] if rows else 0
     mutations = [_mutation(r[2:], m.columns) for r in reversed(rows)]
     if m.matched_on == "row_key":
-        keys = [load_json(form) for form in m.params["forms"]]
         mutations = [mut if mut.old_row_key is None else
-                     dataclasses.replace(mut, key_change="out" if mut.old_row_key in keys else "in") for mut in mutations]
+                     dataclasses.replace(mut, key_change="out" if _is_key(mut.old_row_key, m.values) else "in")
+                     for mut in mutations]
     return total, mutations
 
 

@@ -149,6 +149,34 @@ def test_history_with_composite_key_via_key(log):
     assert ops(h) == [("insert", "r2")]
 
 
+WIDE = "CREATE TABLE public.wide (c1 int, c2 int, c3 int, c4 int, c5 int, c6 int, c7 int, v text, PRIMARY KEY (c1, c2, c3, c4, c5, c6, c7))"
+WIDE_KEY = {f"c{i}": str(i) for i in range(1, 8)}
+
+
+def test_history_finds_a_key_of_seven_numeric_columns(log):
+    log.execute(WIDE)
+    record(log, "wide", "insert", request_id="r1", key={f"c{i}": i for i in range(1, 8)}, new={"v": "a"})
+    record(log, "wide", "insert", request_id="other", key={**{f"c{i}": i for i in range(1, 7)}, "c7": 8}, new={"v": "b"})
+    assert ops(row_history(log, "public", "wide", key=WIDE_KEY)) == [("insert", "r1")]
+
+
+def test_history_of_a_wide_key_spans_a_change_of_a_key_columns_type(log):
+    """c1 was text, then became int: the row's key was recorded in both forms."""
+    log.execute(WIDE)
+    record(log, "wide", "insert", request_id="as text", key={"c1": "1", **{f"c{i}": i for i in range(2, 8)}}, new={"v": "a"})
+    record(log, "wide", "update", request_id="as int", key={f"c{i}": i for i in range(1, 8)}, old={"v": "a"}, new={"v": "b"})
+    assert ops(row_history(log, "public", "wide", key=WIDE_KEY)) == [("insert", "as text"), ("update", "as int")]
+
+
+def test_history_of_a_wide_key_marks_the_update_that_changed_it(log):
+    log.execute(WIDE)
+    record(log, "wide", "insert", request_id="r1", key={f"c{i}": i for i in range(1, 8)}, new={"v": "a"})
+    record(log, "wide", "update", request_id="r2", key={f"c{i}": i + 1 for i in range(1, 8)},
+           old_key={f"c{i}": i for i in range(1, 8)}, old={"v": "a"}, new={"v": "a"})
+    h = row_history(log, "public", "wide", key=WIDE_KEY)
+    assert [(m.request_id, m.key_change) for m in h.mutations] == [("r1", None), ("r2", "out")]
+
+
 def test_history_with_id_on_composite_key_says_to_use_key(log):
     log.execute("CREATE TABLE public.members (org int, id text, PRIMARY KEY (org, id))")
     record(log, "members", "insert", key={"org": 1, "id": "a"}, new={"org": 1, "id": "a"})

@@ -9,7 +9,8 @@ How a row is found:
 - `--key COL=VALUE ...` names all primary-key columns (matched on `row_key`), or, for a table
   without a primary key, any columns, matched on the row images (`new` or `old` contains them).
 - Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
-  `42` matches a recorded `42`, `42.0` or `"42"`.
+  `42` matches a recorded `42`, `42.0` or `"42"`, and a uuid in any form PostgreSQL reads
+  (no hyphens, braces, upper case) matches its canonical text.
 - A primary key is looked up through the row hash index, once per combination of its columns'
   forms. Past 64 combinations (7 or more columns whose text could be a number, a boolean or a
   uuid) the columns are compared one by one instead, over all of the table's mutations.
@@ -53,7 +54,8 @@ _TABLE_IS = (
 
 _PLAIN_IDENT = re.compile(r"[^\W\dA-Z][\w$]*")  # needs no quotes (ASCII upper case folds)
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
-_UUID = re.compile(r"[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}")
+# As PostgreSQL reads a uuid: optionally in braces, a hyphen allowed after any group of four digits.
+_UUID = re.compile(r"(\{)?[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}(?(1)\})")
 _INT64 = 2**63
 
 
@@ -284,8 +286,11 @@ def _value_forms(value: str) -> list[str]:
         forms.append(str(Decimal(text)))
     elif text in ("true", "false", "null"):
         forms.append(text)
-    elif _UUID.fullmatch(text) and text != text.lower():
-        forms.append(json.dumps(text.lower()))
+    if _UUID.fullmatch(text):
+        digits = re.sub(r"[{}-]", "", text).lower()
+        canonical = json.dumps(f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}")
+        if canonical != forms[0]:
+            forms.append(canonical)
     return forms
 
 

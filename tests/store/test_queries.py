@@ -177,6 +177,18 @@ def test_history_of_a_wide_key_marks_the_update_that_changed_it(log):
     assert [(m.request_id, m.key_change) for m in h.mutations] == [("r1", None), ("r2", "out")]
 
 
+UUID = "7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c"
+
+
+@pytest.mark.parametrize("given", ["7f3b1c2e9a4d4e8bb1c23d4e5f6a7b8c", "{7F3B1C2E-9A4D-4E8B-B1C2-3D4E5F6A7B8C}",
+                                   "7f3b-1c2e-9a4d-4e8b-b1c2-3d4e-5f6a-7b8c", "{7f3b1c2e9a4d4e8bb1c23d4e5f6a7b8c}"])
+def test_history_finds_a_uuid_key_given_in_any_form_postgres_reads(log, given):
+    assert log.execute("SELECT %s::uuid::text", (given,)).fetchone()[0] == UUID
+    log.execute("CREATE TABLE public.docs (id uuid PRIMARY KEY)")
+    record(log, "docs", "insert", request_id="r1", key={"id": UUID}, new={"id": UUID})
+    assert ops(row_history(log, "public", "docs", id_value=given)) == [("insert", "r1")]
+
+
 def test_history_with_id_on_composite_key_says_to_use_key(log):
     log.execute("CREATE TABLE public.members (org int, id text, PRIMARY KEY (org, id))")
     record(log, "members", "insert", key={"org": 1, "id": "a"}, new={"org": 1, "id": "a"})

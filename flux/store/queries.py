@@ -239,21 +239,21 @@ _MUTATION_COLUMNS = sql.SQL(
 )
 
 
-def _mutation(row: tuple, columns: tuple[str, ...] = ()) -> Mutation:
+def _mutation(row: tuple, columns: tuple[str, ...] = (), key_columns: tuple[str, ...] = ()) -> Mutation:
     op, rid, fn, ctx, xid, lsn, time, seq, key, old, new, complete, missing, changed, old_key = row[:15]
     return Mutation(
         op=op, request_id=rid, function=fn, context=load_json(ctx), xid=xid, commit_lsn=lsn,
-        commit_time=time, seq=seq, row_key=load_json(key),
+        commit_time=time, seq=seq, row_key=_in_order(load_json(key), key_columns),
         old=_in_order(load_json(old), columns), new=_in_order(load_json(new), columns),
         old_complete=complete,
         missing_columns=tuple(missing) if missing is not None else None,
         changed_columns=tuple(changed) if changed is not None else None,
-        old_row_key=load_json(old_key),
+        old_row_key=_in_order(load_json(old_key), key_columns),
     )
 
 
 def _in_order(image: dict[str, Any] | None, columns: tuple[str, ...]) -> dict[str, Any] | None:
-    """jsonb keeps keys sorted by length; show them in table order, unknown ones last."""
+    """jsonb keeps keys sorted by length; show them in table (or primary-key) order, unknown ones last."""
     if not image or not columns:
         return image
     rank = {c: i for i, c in enumerate(columns)}
@@ -275,6 +275,7 @@ class _RowMatch:
     where: sql.Composable
     params: dict[str, Any]
     columns: tuple[str, ...]  # table order, to show images in; empty when the table is gone
+    key_columns: tuple[str, ...]  # primary-key order, to show keys in; empty without a primary key
     values: dict[str, list[Any]]  # per matched column, the values its given text may have been recorded as
 
 
@@ -445,7 +446,7 @@ def _row_match(
         forms = {c: _value_forms(v) for c, v in key.items()}
         where = sql.SQL("{table_is} AND ({new} OR {old})").format(
             table_is=sql.SQL(_TABLE_IS), new=_columns_match("new", forms, whole=False), old=_columns_match("old", forms, whole=False))
-        return _RowMatch(dict(key), "images", where, _column_params(forms), columns, _loaded(forms))
+        return _RowMatch(dict(key), "images", where, _column_params(forms), columns, (), _loaded(forms))
     if set(key) != set(pk):
         example = " ".join(f"--key {c}=..." for c in pk)
         raise ConfigError(
@@ -465,13 +466,13 @@ def _row_match(
             " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
             " AND old_row_key = ANY(%(forms)s::jsonb[]))"
         )
-        return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(forms)}, columns, _loaded(forms))
+        return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(forms)}, columns, pk, _loaded(forms))
     # Too many typed combinations to look each up by its hash (7 or more columns whose text could be
     # a number, a boolean or a uuid): compared column by column over the table's mutations instead.
     where = sql.SQL("{table_is} AND ({key} OR old_row_key IS NOT NULL AND {old_key})").format(
         table_is=sql.SQL(_TABLE_IS), key=_columns_match("row_key", forms, whole=True),
         old_key=_columns_match("old_row_key", forms, whole=True))
-    return _RowMatch(ordered, "row_key", where, _column_params(forms), columns, _loaded(forms))
+    return _RowMatch(ordered, "row_key", where, _column_params(forms), columns, pk, _loaded(forms))
 
 
 def _loaded(forms: dict[str, list[str]]) -> dict[str, list[Any]]:
@@ -511,7 +512,7 @@ def _fetch_row(
     """The row's mutations and the truncates after its first one, newest `limit`, oldest first."""
     rows = conn.execute(*_row_query(schema, table, m, limit)).fetchall()
     total = rows[0][-1] if rows else 0
-    mutations = [_mutation(r[2:], m.columns) for r in reversed(rows)]
+    mutations = [_mutation(r[2:], m.columns, m.key_columns) for r in reversed(rows)]
     if m.matched_on == "row_key":
         mutations = [mut if mut.old_row_key is None else
                      dataclasses.replace(mut, key_change="out" if _is_key(mut.old_row_key, m.values) else "in")
@@ -649,6 +650,7 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
     _require_recorded(conn, schema, table)
     catalog = _catalog(conn, schema, table)
     columns = catalog.columns if catalog else ()
+    key_columns = (catalog.primary_key if catalog else _recorded_key(conn, schema, table)) or ()
     seen: set[str] = set()
     out: list[RecentChange] = []
     after: tuple[str, int] | None = None
@@ -663,7 +665,7 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
              "batch": _TABLE_BLAME_BATCH},
         ).fetchall()
         for row in rows:
-            mut = _mutation(row, columns)
+            mut = _mutation(row, columns, key_columns)
             if mut.row_key is not None:
                 ident = json.dumps(mut.row_key, sort_keys=True, default=str)
                 if ident in seen:

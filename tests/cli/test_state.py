@@ -261,6 +261,31 @@ def test_blame_of_an_old_key_says_where_the_row_moved(users, dsn):
     assert by == {"id": RID2, "email": RID1, "plan": RID3}  # followed back through the key change
 
 
+def _move_acme_1_to_99(conn) -> None:
+    """A composite key whose jsonb order (id, org: shorter first) is not its primary-key order (org, id)."""
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.members (org text, id int, role text, PRIMARY KEY (org, id))")
+    record(conn, "members", "insert", request_id=RID1, key={"org": "acme", "id": 1}, new={"org": "acme", "id": 1, "role": "x"})
+    record(conn, "members", "update", request_id=RID2, key={"org": "acme", "id": 99}, old_key={"org": "acme", "id": 1},
+           old_complete=True, old={"org": "acme", "id": 1, "role": "x"}, new={"org": "acme", "id": 99, "role": "x"}, changed=["id"])
+
+
+def test_key_change_lines_show_a_composite_key_in_primary_key_order(conn, dsn):
+    _move_acme_1_to_99(conn)
+    out = invoke(dsn, "history", "members", "--key", "org=acme", "--key", "id=1").output
+    assert ("primary key changed to org = acme, id = 99 · the row goes on in "
+            "flux state history members --key org=acme --key id=99") in out
+    back = invoke(dsn, "history", "members", "--key", "org=acme", "--key", "id=99").output
+    assert "primary key changed from org = acme, id = 1 · earlier changes: flux state history members --key org=acme --key id=1" in back
+
+
+def test_table_blame_shows_a_composite_key_in_primary_key_order(conn, dsn):
+    _move_acme_1_to_99(conn)
+    assert "org = acme, id = 99" in invoke(dsn, "blame", "members").output
+    rows = json.loads(invoke(dsn, "blame", "members", "--json").stdout)["rows"]
+    assert list(rows[0]["row_key"]) == ["org", "id"]
+
+
 def test_blame_without_key_lists_recently_changed_rows(users, dsn):
     record(users, "users", "insert", request_id=RID2, function="create_user", key={"id": 7}, new={"id": 7, "email": "b", "plan": "free"})
     result = invoke(dsn, "blame", "users", "--json")

@@ -655,12 +655,8 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
     out: list[RecentChange] = []
     after: tuple[str, int] | None = None
     while len(out) < limit:
-        page = sql.SQL("AND (commit_lsn, seq) < (%(lsn)s::pg_lsn, %(seq)s)") if after else sql.SQL("")
         rows = conn.execute(
-            sql.SQL(
-                "SELECT {cols} FROM flux.state_mutations WHERE {table_is} {page}"
-                " ORDER BY commit_lsn DESC, seq DESC LIMIT %(batch)s"
-            ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), page=page),
+            _recent_query(paged=after is not None),
             {"schema": schema, "table": table, "lsn": after[0] if after else None, "seq": after[1] if after else None,
              "batch": _TABLE_BLAME_BATCH},
         ).fetchall()
@@ -678,6 +674,19 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
             break
         after = (rows[-1][5], rows[-1][7])
     return out
+
+
+def _recent_query(*, paged: bool) -> sql.Composed:
+    """A batch of a table's mutations, newest first, read backwards through the table hash index.
+
+    The order names the table's column: a bare `commit_lsn` would be the select list's text
+    (`commit_lsn::text`), which sorts 0/1000 before 0/F00 and cannot use the index.
+    """
+    page = sql.SQL("AND (m.commit_lsn, m.seq) < (%(lsn)s::pg_lsn, %(seq)s)") if paged else sql.SQL("")
+    return sql.SQL(
+        "SELECT {cols} FROM flux.state_mutations m WHERE {table_is} {page}"
+        " ORDER BY m.commit_lsn DESC, m.seq DESC LIMIT %(batch)s"
+    ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), page=page)
 
 
 # -- request ids -----------------------------------------------------------------------------

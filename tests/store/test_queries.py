@@ -375,6 +375,13 @@ def test_table_blame_lists_recent_rows_once_with_last_writer(log):
     assert [r.row_key for r in table_blame(log, "public", "users", limit=1)] == [{"id": 1}]
 
 
+def test_table_blame_orders_by_lsn_not_by_its_text(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", request_id="at 0/F00", key={"id": 1}, new={"id": 1}, tx=0xF)
+    record(log, "users", "insert", request_id="at 0/1000", key={"id": 2}, new={"id": 2}, tx=0x10)
+    assert [r.writer.request_id for r in table_blame(log, "public", "users")] == ["at 0/1000", "at 0/F00"]
+
+
 def test_table_blame_stops_at_a_truncate(log):
     log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
     record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})

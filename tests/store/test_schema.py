@@ -201,10 +201,9 @@ def test_table_blame_reads_the_latest_changes_through_the_table_hash_index(conn)
         "   FROM generate_series(1, 20000) i, unnest(ARRAY['users', 'orders', 'items', 'carts']) WITH ORDINALITY u(t, n)"
     )
     conn.execute("ANALYZE flux.state_mutations")
-    query = psycopg.sql.SQL(
-        "EXPLAIN (FORMAT JSON) SELECT * FROM flux.state_mutations WHERE {} ORDER BY commit_lsn DESC, seq DESC LIMIT 500"
-    ).format(psycopg.sql.SQL(queries._TABLE_IS))
-    plan = json.dumps(conn.execute(query, {"schema": "public", "table": "users"}).fetchone()[0])
+    query = psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + queries._recent_query(paged=True)
+    params = {"schema": "public", "table": "users", "lsn": "0/FFFFFFFF", "seq": 0, "batch": 500}
+    plan = json.dumps(conn.execute(query, params).fetchone()[0])
     assert "state_mutations_table_hash_idx" in plan
     assert "Seq Scan" not in plan and "Sort" not in plan
 

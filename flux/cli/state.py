@@ -262,7 +262,9 @@ def render_table_blame(schema: str, table: str, rows: list[RecentChange]) -> Non
         if w.op == "truncate":
             what = "[red]every row[/]"
         elif r.row_key is not None:
-            what = escape(", ".join(f"{c} = {_value(v)}" for c, v in r.row_key.items()))
+            what = escape(_key(r.row_key))
+            if r.moved_from is not None:
+                what += f"  [dim](moved from {escape(_key(r.moved_from))})[/]"
         else:
             row = _value(r.row or {})
             what = escape(row if len(row) <= ROW_CLIP else row[: ROW_CLIP - 1] + "…")

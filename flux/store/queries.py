@@ -136,6 +136,7 @@ class RecentChange:
     row_key: dict[str, Any] | None  # None for a table without a primary key, and for a truncate
     row: dict[str, Any] | None  # the image after the change (before it, for a delete)
     writer: Writer
+    moved_from: dict[str, Any] | None = None  # the change moved the row here from this primary key
 
 
 def check_limit(limit: int) -> None:
@@ -644,7 +645,9 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
     """The most recently changed rows of a table, newest first, each with its last writer.
 
     Walks the log backwards. A truncate ends the walk: every older row was removed by it, so it
-    is listed once as the last writer of all of them.
+    is listed once as the last writer of all of them. A row whose primary key changed is listed
+    under its new key only (`moved_from` on the change that moved it, when that is its latest):
+    no row has the old key any more, unless a later change of that key put one there.
     """
     check_limit(limit)
     _require_recorded(conn, schema, table)
@@ -662,12 +665,15 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
         ).fetchall()
         for row in rows:
             mut = _mutation(row, columns, key_columns)
+            if mut.old_row_key is not None:  # older changes of the old key are of this row, now moved
+                seen.add(_ident(mut.old_row_key))
             if mut.row_key is not None:
-                ident = json.dumps(mut.row_key, sort_keys=True, default=str)
+                ident = _ident(mut.row_key)
                 if ident in seen:
                     continue
                 seen.add(ident)
-            out.append(RecentChange(row_key=mut.row_key, row=mut.new if mut.new is not None else mut.old, writer=_writer(mut)))
+            out.append(RecentChange(row_key=mut.row_key, row=mut.new if mut.new is not None else mut.old, writer=_writer(mut),
+                                    moved_from=mut.old_row_key))
             if mut.op == "truncate" or len(out) >= limit:
                 return out
         if len(rows) < _TABLE_BLAME_BATCH:
@@ -687,6 +693,10 @@ def _recent_query(*, paged: bool) -> sql.Composed:
         "SELECT {cols} FROM flux.state_mutations m WHERE {table_is} {page}"
         " ORDER BY m.commit_lsn DESC, m.seq DESC LIMIT %(batch)s"
     ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), page=page)
+
+
+def _ident(row_key: dict[str, Any]) -> str:
+    return json.dumps(row_key, sort_keys=True, default=str)
 
 
 # -- request ids -----------------------------------------------------------------------------

@@ -286,6 +286,14 @@ def test_table_blame_shows_a_composite_key_in_primary_key_order(conn, dsn):
     assert list(rows[0]["row_key"]) == ["org", "id"]
 
 
+def test_table_blame_shows_a_moved_row_under_its_new_key_and_where_it_came_from(users, dsn):
+    _move_42_to_43(users)
+    lines = [line.strip() for line in invoke(dsn, "blame", "users").output.splitlines() if "req:" in line]
+    assert len(lines) == 1 and "update    id = 43  (moved from id = 42)  req:550e8400  merge" in lines[0]
+    [row] = json.loads(invoke(dsn, "blame", "users", "--json").stdout)["rows"]
+    assert (row["row_key"], row["moved_from"]) == ({"id": 43}, {"id": 42})
+
+
 def test_blame_without_key_lists_recently_changed_rows(users, dsn):
     record(users, "users", "insert", request_id=RID2, function="create_user", key={"id": 7}, new={"id": 7, "email": "b", "plan": "free"})
     result = invoke(dsn, "blame", "users", "--json")

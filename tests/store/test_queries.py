@@ -391,6 +391,18 @@ def test_table_blame_stops_at_a_truncate(log):
     assert [(r.writer.op, r.writer.request_id) for r in rows] == [("insert", "r2"), ("truncate", "t")]
 
 
+def test_table_blame_lists_a_row_whose_key_changed_under_its_new_key_only(log):
+    _moved_twice(log)
+    rows = table_blame(log, "public", "users")
+    assert [(r.row_key, r.writer.request_id, r.moved_from) for r in rows] == [({"id": 3}, "r5", {"id": 2})]
+
+
+def test_table_blame_lists_a_row_inserted_under_a_key_another_row_left(log):
+    _moved_twice(log)
+    record(log, "users", "insert", request_id="r6", key={"id": 1}, new={"id": 1, "email": "c", "plan": "free"})
+    assert [(r.row_key, r.writer.request_id) for r in table_blame(log, "public", "users")] == [({"id": 1}, "r6"), ({"id": 3}, "r5")]
+
+
 # -- request ids -------------------------------------------------------------------------------
 
 

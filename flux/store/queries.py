@@ -34,6 +34,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
 
@@ -94,6 +95,7 @@ class RowHistory:
     matched_on: str  # "row_key" | "images"
     total: int  # mutations of the row in the log; `mutations` may hold only the newest of them
     mutations: tuple[Mutation, ...]  # oldest first
+    key: dict[str, Any] | None = None  # the primary key as recorded (typed), when matched on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,7 @@ class RowBlame:
     last: Writer  # the row's latest mutation
     columns: tuple[ColumnBlame, ...]  # current values; when deleted, the values it had
     moved_to: dict[str, Any] | None = None  # deleted_by changed the row's primary key to this one
+    key: dict[str, Any] | None = None  # the primary key as recorded (typed), when matched on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +220,60 @@ def hidden(char: str) -> bool:
     paragraph separator, a space other than U+0020."""
     category = unicodedata.category(char)
     return category in ("Cc", "Cf", "Cs", "Zl", "Zp") or (category == "Zs" and char != " ")
+
+
+# -- values as text --------------------------------------------------------------------------
+
+
+def key_text(value: Any) -> str:
+    """A recorded value as Flux shows it, in `flux why`, history and blame alike: text bare unless
+    it could be misread, then as a JSON string; anything else as compact JSON, numbers exact.
+
+    Misread: text that is empty, has spaces at either end, holds a character JSON escapes or a
+    terminal does not show as itself, holds `, ` (which separates key columns), or that `--id`
+    would also try as a number, boolean or null (`"42"`, `"true"`).
+    """
+    if isinstance(value, str) and _plain(value) and not (_NUMBER.fullmatch(value) or value in ("true", "false", "null")):
+        return value
+    return _json_text(value)
+
+
+def given_text(text: str) -> str:
+    """A value as given to `--id`/`--key`, as Flux shows it: as `key_text`, except that text that
+    reads as a number stays bare (it was given as text, and is matched in each of its forms)."""
+    return text if _plain(text) else _json_text(text)
+
+
+def key_arg(value: Any) -> str:
+    """A recorded key value as `--id`/`--key` take it (its forms match what was recorded): text as
+    it is, numbers as their digits, exact past 64 bits too."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _plain(text: str) -> bool:
+    return (text != "" and text == text.strip() and ", " not in text and not any(map(hidden, text))
+            and json.dumps(text, ensure_ascii=False) == f'"{text}"')
+
+
+def _json_text(value: Any) -> str:
+    text = orjson.dumps(value, default=_exact).decode()
+    # JSON leaves DEL, C1 controls and invisible characters as they are; a terminal would not show them.
+    return "".join(_json_escape(c) if ord(c) >= 0x7F and hidden(c) else c for c in text)
+
+
+def _json_escape(char: str) -> str:
+    units = char.encode("utf-16-be", "surrogatepass")
+    return "".join(f"\\u{int.from_bytes(units[i:i + 2], 'big'):04x}" for i in range(0, len(units), 2))
+
+
+def _exact(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))
+    return str(value)
 
 
 # -- decoding --------------------------------------------------------------------------------
@@ -481,7 +538,18 @@ def _loaded(forms: dict[str, list[str]]) -> dict[str, list[Any]]:
 
 
 def _describe(schema: str, table: str, match: dict[str, str]) -> str:
-    return f"{format_table(schema, table)} / " + ", ".join(f"{c} = {v}" for c, v in match.items())
+    return f"{format_table(schema, table)} / " + ", ".join(f"{c} = {given_text(v)}" for c, v in match.items())
+
+
+def _recorded_as(m: _RowMatch, mutations: list[Mutation]) -> dict[str, Any] | None:
+    """The key asked for as the newest of these changes recorded it: typed (42, or "42" for text)."""
+    if m.matched_on != "row_key":
+        return None
+    for mut in reversed(mutations):
+        for key in (mut.row_key, mut.old_row_key):
+            if _is_key(key, m.values):
+                return key
+    return None
 
 
 def _row_query(schema: str, table: str, m: _RowMatch, limit: int | None) -> tuple[sql.Composed, dict[str, Any]]:
@@ -542,7 +610,7 @@ def row_history(
     if not mutations:
         _no_row(schema, table, m)
     return RowHistory(schema=schema, table=table, match=m.match, matched_on=m.matched_on, total=total,
-                      mutations=tuple(mutations))
+                      mutations=tuple(mutations), key=_recorded_as(m, mutations))
 
 
 def _no_row(schema: str, table: str, m: _RowMatch) -> None:
@@ -571,7 +639,7 @@ def row_blame(
     _, mutations = _fetch_row(conn, schema, table, m, None)
     if not mutations:
         _no_row(schema, table, m)
-    return _blame(schema, table, m.match, _with_earlier_keys(conn, schema, table, mutations))
+    return _blame(schema, table, m.match, _with_earlier_keys(conn, schema, table, mutations), key=_recorded_as(m, mutations))
 
 
 MAX_KEY_HOPS = 16  # how many primary-key changes blame follows back
@@ -586,23 +654,14 @@ def _with_earlier_keys(conn: psycopg.Connection, schema: str, table: str, mutati
         return mutations
     arrival = mutations[arrivals[-1]]
     assert arrival.old_row_key is not None
-    before = _row_match(conn, schema, table, None, {c: key_text(v) for c, v in arrival.old_row_key.items()})
+    before = _row_match(conn, schema, table, None, {c: key_arg(v) for c, v in arrival.old_row_key.items()})
     _, earlier = _fetch_row(conn, schema, table, before, None)
     at = next((i for i, mut in enumerate(earlier) if (mut.commit_lsn, mut.seq) == (arrival.commit_lsn, arrival.seq)), 0)
     return _with_earlier_keys(conn, schema, table, earlier[:at], hops - 1) + mutations[arrivals[-1]:]
 
 
-def key_text(value: Any) -> str:
-    """A recorded key value as `--id`/`--key` take it (its forms match what was recorded): numbers
-    as their digits, exact past 64 bits too."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Decimal):
-        return str(value)
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutation]) -> RowBlame:
+def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutation], *,
+           key: dict[str, Any] | None) -> RowBlame:
     state: dict[str, ColumnBlame] = {}
     deleted_by: Writer | None = None
     moved_to: dict[str, Any] | None = None
@@ -637,7 +696,7 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
         state = next_state
     return RowBlame(
         schema=schema, table=table, match=match, deleted=deleted_by is not None, deleted_by=deleted_by,
-        last=_writer(mutations[-1]), columns=tuple(state.values()), moved_to=moved_to,
+        last=_writer(mutations[-1]), columns=tuple(state.values()), moved_to=moved_to, key=key,
     )
 
 

@@ -294,6 +294,34 @@ def test_table_blame_shows_a_moved_row_under_its_new_key_and_where_it_came_from(
     assert (row["row_key"], row["moved_from"]) == ({"id": 43}, {"id": 42})
 
 
+@pytest.mark.parametrize(("key", "shown"), [("42", '"42"'), (" lead space", '" lead space"'),
+                                          ("7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c", "7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c")], ids=repr)
+def test_a_text_key_reads_the_same_in_history_blame_and_table_blame(conn, dsn, key, shown):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.tags (k text PRIMARY KEY, v text)")
+    record(conn, "tags", "insert", request_id=RID1, key={"k": key}, new={"k": key, "v": "a"})
+    assert f"  Row  tags / k = {shown}" in invoke(dsn, "history", "tags", "--id", key).output.splitlines()
+    assert f"  Blame  tags / k = {shown}" in invoke(dsn, "blame", "tags", "--id", key).output.splitlines()
+    assert f"  insert    k = {shown}  req:4f9a3b2c" in invoke(dsn, "blame", "tags").output
+
+
+def test_flux_why_shows_a_key_as_flux_state_does(conn, dsn):
+    from flux.cli import app as flux_app
+
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.tags (k text PRIMARY KEY, v text)")
+    record(conn, "tags", "insert", request_id=RID1, key={"k": " 42"}, new={"k": " 42", "v": "a"})
+    out = CliRunner().invoke(flux_app, ["why", RID1, "--database", dsn]).output
+    assert 'tags  insert  k = " 42"' in out
+    assert "flux state history tags --id ' 42'" in out
+
+
+def test_a_row_not_found_names_the_value_as_given(users, dsn):
+    result = invoke(dsn, "history", "users", "--id", " 7")
+    assert isinstance(result.exception, NotFoundError)
+    assert 'row users / id = " 7"' in str(result.exception)
+
+
 def test_blame_without_key_lists_recently_changed_rows(users, dsn):
     record(users, "users", "insert", request_id=RID2, function="create_user", key={"id": 7}, new={"id": 7, "email": "b", "plan": "free"})
     result = invoke(dsn, "blame", "users", "--json")

@@ -11,6 +11,7 @@ import pytest
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.queries import (
+    key_text,
     parse_table,
     resolve_request_id,
     row_blame,
@@ -100,6 +101,20 @@ def test_parse_table_rejects_malformed_names():
     for bad in ["", "a.b.c", '"open', "a..b"]:
         with pytest.raises(ConfigError):
             parse_table(bad)
+
+
+# -- key_text ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (42, "42"), (Decimal("123456789012345678901234567890.10"), "123456789012345678901234567890.10"), (True, "true"), (None, "null"),
+    ("acme", "acme"), ("7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c", "7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c"), ("42abc", "42abc"),
+    ("42", '"42"'), ("-1.5e3", '"-1.5e3"'), ("true", '"true"'), ("null", '"null"'), ("", '""'), (" lead space", '" lead space"'),
+    ("trail ", '"trail "'), ("a, b", '"a, b"'), ('say "hi"', '"say \\"hi\\""'), ("tab\there", '"tab\\there"'),
+    ("zero\u200bwidth\u0085", '"zero\\u200bwidth\\u0085"'), ({"a": [1, "x"]}, '{"a":[1,"x"]}'),
+], ids=repr)
+def test_key_text_quotes_text_that_could_be_misread_and_nothing_else(value, shown):
+    assert key_text(value) == shown
 
 
 # -- history -----------------------------------------------------------------------------------

@@ -87,9 +87,10 @@ def parse_keys(items: list[str] | None) -> dict[str, str] | None:
     for item in items:
         col, sep, value = item.partition("=")
         if not sep or not col.strip():
-            raise ConfigError(f"--key {item!r} is not COL=VALUE")
+            example = f"--key {shell_word(f'{item}=VALUE')}" if not sep else f"--key {shell_word(f'COL{item}')}"
+            raise ConfigError(f"--key {item!r} is not COL=VALUE", hint=f"Name the column and its value: {example}.")
         if col.strip() in keys:
-            raise ConfigError(f"--key names column {col.strip()!r} twice")
+            raise ConfigError(f"--key names column {col.strip()!r} twice", hint="Give each column once, with the one value to match.")
         keys[col.strip()] = value
     return keys
 

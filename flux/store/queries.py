@@ -170,7 +170,8 @@ def split_table_name(name: str) -> tuple[str | None, str]:
             i += 1
             while True:
                 if i >= n:
-                    raise ConfigError(f"Unterminated quoted identifier in table name {name!r}")
+                    raise ConfigError(f"Unterminated quoted identifier in table name {name!r}",
+                                      hint='Close each quoted part: \'"my schema"."My Table"\'; inside one, write "" for a ".')
                 if name[i] == '"':
                     if i + 1 < n and name[i + 1] == '"':
                         buf.append('"')
@@ -478,14 +479,18 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None
 def _row_match(
     conn: psycopg.Connection, schema: str, table: str, id_value: str | None, key: dict[str, str] | None
 ) -> _RowMatch:
-    if id_value is not None and key:
-        raise ConfigError("Give either --id or --key, not both")
-    if id_value is None and not key:
-        raise ConfigError("Name a row with --id VALUE or --key COL=VALUE")
     name = format_table(schema, table)
     catalog = _catalog(conn, schema, table)
     pk = catalog.primary_key if catalog else _recorded_key(conn, schema, table)
     columns = catalog.columns if catalog else ()
+    if (id_value is not None) == bool(key):
+        naming = ("--key COL=VALUE (repeatable): it has no primary key" if pk is None else
+                  f"--id VALUE (its primary key is {pk[0]})" if len(pk) == 1 else " ".join(f"--key {c}=..." for c in pk))
+        if id_value is not None:
+            raise ConfigError("Give either --id or --key, not both", hint=f"Name a row of {name} with {naming}.", table=name)
+        raise ConfigError("Name a row with --id VALUE or --key COL=VALUE",
+                          hint=f"Name a row of {name} with {naming}; `flux state blame {name}` lists recently changed rows.",
+                          table=name)
     if id_value is not None:
         if pk is None:
             raise ConfigError(
@@ -767,7 +772,7 @@ def resolve_request_id(conn: psycopg.Connection, prefix: str) -> str:
     if text.lower().startswith(REQUEST_PREFIX):
         text = text[len(REQUEST_PREFIX):]
     if not text:
-        raise ConfigError("Empty request id")
+        raise ConfigError("Empty request id", hint="Give a request id, or its first characters, as `flux requests` lists them.")
     _require_log(conn)
     found = _request_ids(conn, text)
     if not found and text != text.lower():

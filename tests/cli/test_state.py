@@ -343,6 +343,20 @@ def test_bad_key_flag_is_a_config_error(users, dsn):
     assert isinstance(result.exception, ConfigError)
 
 
+@pytest.mark.parametrize(("args", "hint"), [
+    (["history", "users", "--id", "42", "--key", "id=42"], "Name a row of users with --id VALUE (its primary key is id)."),
+    (["history", "users"], "Name a row of users with --id VALUE (its primary key is id); `flux state blame users` lists"),
+    (["history", "users", "--key", "id"], "Name the column and its value: --key id=VALUE."),
+    (["history", "users", "--key", "=42"], "Name the column and its value: --key COL=42."),
+    (["history", "users", "--key", "id=1", "--key", "id=2"], "Give each column once"),
+    (["history", '"unterminated', "--id", "1"], 'Close each quoted part: \'"my schema"."My Table"\''),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_usage_error_says_how_to_write_it(users, dsn, args, hint):
+    result = invoke(dsn, *args)
+    assert isinstance(result.exception, ConfigError)
+    assert hint in (result.exception.hint or "")
+
+
 def test_every_command_has_help():
     for command in ("history", "blame"):
         result = CliRunner().invoke(app, [command, "--help"])

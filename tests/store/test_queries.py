@@ -448,6 +448,12 @@ def test_request_id_prefix_without_match_is_not_found(log):
         resolve_request_id(log, "zz")
 
 
+def test_an_empty_request_id_says_what_to_give(log):
+    with pytest.raises(ConfigError) as err:
+        resolve_request_id(log, "req:")
+    assert "flux requests" in err.value.hint
+
+
 def test_request_id_prefix_treats_like_wildcards_literally(log):
     record(log, "users", "insert", request_id="a_c", key={"id": 1}, new={"id": 1})
     record(log, "users", "insert", request_id="abc", key={"id": 2}, new={"id": 2})

@@ -29,6 +29,7 @@ KeyOption = Annotated[
 ]
 RULE = "─" * 40
 SHORT_ID = 8
+BLAME_ROWS = 20  # rows `blame TABLE` lists by default
 ROW_CLIP = 80  # a keyless row in `blame TABLE` is shown by its image, clipped
 
 
@@ -57,16 +58,24 @@ def blame(
     table: TableArg,
     id_value: IdOption = None,
     key: KeyOption = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Rows to list when no row is named.")] = 20,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", "-n", min=1, help=f"Without a row: how many recently changed rows to list (default {BLAME_ROWS}).",
+        show_default=False)] = None,
     json: JsonOption = False,
     database: DatabaseOption = None,
 ) -> None:
     """Who last changed each column of a row; without a row, the most recently changed rows."""
     schema, name = queries.parse_table(table)
     keys = parse_keys(key)
+    if limit is not None and (id_value is not None or keys):
+        raise ConfigError(
+            "--limit lists recently changed rows, so it goes without --id/--key",
+            hint="Blame of one row shows each of its columns once; `flux state history` with the same row and "
+                 "--limit N shows its newest N changes.",
+        )
     with _connect(database) as conn:
         if id_value is None and not keys:
-            recent = queries.table_blame(conn, schema, name, limit=limit)
+            recent = queries.table_blame(conn, schema, name, limit=limit or BLAME_ROWS)
             if json:
                 print_json({"schema": schema, "table": name, "rows": recent})
             else:

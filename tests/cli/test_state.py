@@ -332,6 +332,12 @@ def test_blame_without_key_lists_recently_changed_rows(users, dsn):
     assert "id = 7" in text and "id = 42" not in text
 
 
+def test_blame_of_a_row_refuses_a_limit(users, dsn):
+    result = invoke(dsn, "blame", "users", "--id", "42", "--limit", "1")
+    assert isinstance(result.exception, ConfigError) and "--limit" in str(result.exception)
+    assert "flux state history" in result.exception.hint
+
+
 @pytest.mark.parametrize("command", [["history", "users", "--id", "42"], ["blame", "users"]], ids=" ".join)
 def test_a_limit_past_the_maximum_is_a_usage_error_not_a_database_error(users, dsn, command):
     result = invoke(dsn, *command, "--limit", "99999999999999999999")

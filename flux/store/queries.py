@@ -39,7 +39,7 @@ import psycopg
 from psycopg import sql
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
-from flux.store.schema import SCHEMA_VERSION, schema_version
+from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
 
 DEFAULT_SCHEMA = "public"
 REQUEST_PREFIX = "req:"
@@ -464,16 +464,36 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None
         " JOIN pg_class c ON c.oid = r.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
         (format_table(schema, table),),
     ).fetchone() if exists else None
-    if similar:
+    if schema == SCHEMA:
+        hint = f"Tables of the {SCHEMA} schema are Flux's own records: Flux never captures them."
+    elif similar:
         hint = "Did you mean " + " or ".join(f"'{s}'" for s in similar) + "? Quote mixed-case names."
     elif root is not None and root != (schema, table):
         parent = format_table(*root)
         hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {parent} ...`."
     elif exists:
-        hint = "The table exists but no change of it is recorded: is it captured? See `flux attach --tables`."
+        hint = _capture_hint(conn, schema, table)
     else:
         hint = "No such table either. Is it captured? See `flux attach --tables`."
     raise NotFoundError(f"No recorded mutations for table {name}", hint=hint, table=name)
+
+
+def _capture_hint(conn: psycopg.Connection, schema: str, table: str) -> str:
+    """Why an existing table has no recorded change: whether a publication of an attachment has it."""
+    name = format_table(schema, table)
+    publication = conn.execute(
+        "SELECT a.publication_name FROM flux.attachments a JOIN pg_publication_tables p ON p.pubname = a.publication_name"
+        " WHERE p.schemaname = %s AND p.tablename = %s ORDER BY 1 LIMIT 1",
+        (schema, table),
+    ).fetchone()
+    if publication is not None:
+        return (f"{name} is captured (publication {publication[0]}), but no change of it is recorded yet: changes made "
+                "before `flux attach` are not recorded, later ones once `flux cdc run` has read them (`flux cdc status` "
+                "shows how far it is).")
+    if conn.execute("SELECT EXISTS (SELECT 1 FROM flux.attachments)").fetchone()[0]:
+        return (f"{name} is not captured: give it to `flux attach --tables` with the other tables to capture (the list "
+                "replaces the current one), or use `flux attach --all-tables`.")
+    return f"Nothing is captured in this database yet: `flux attach --tables {name}` (or `--all-tables`) starts recording."
 
 
 def _row_match(

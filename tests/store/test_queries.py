@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from flux.cdc.attach import attach
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.queries import (
     key_text,
@@ -261,11 +262,33 @@ def test_history_keeps_30_digit_numerics_exact(log):
     assert new["big"] == Decimal("123456789012345678901234567890")
 
 
-def test_history_of_uncaptured_table_says_so(log):
+def test_history_in_a_database_capturing_nothing_says_how_to_start(log):
     log.execute("CREATE TABLE public.quiet (id int PRIMARY KEY)")
     with pytest.raises(NotFoundError) as err:
         row_history(log, "public", "quiet", id_value="1")
-    assert "flux attach --tables" in err.value.hint
+    assert "Nothing is captured" in err.value.hint and "flux attach --tables quiet" in err.value.hint
+
+
+def test_history_of_a_table_left_out_of_capture_says_it_is_not_captured(log, dsn):
+    log.execute("CREATE TABLE public.quiet (id int PRIMARY KEY); CREATE TABLE public.loud (id int PRIMARY KEY)")
+    attach(dsn, tables=["loud"])
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "quiet", id_value="1")
+    assert err.value.hint.startswith("quiet is not captured") and "flux attach --tables" in err.value.hint
+
+
+def test_history_of_a_captured_table_without_changes_says_it_is_captured(log, dsn):
+    log.execute("CREATE TABLE public.quiet (id int PRIMARY KEY)")
+    attach(dsn, tables=["quiet"])
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "quiet", id_value="1")
+    assert err.value.hint.startswith("quiet is captured (publication flux)") and "flux cdc status" in err.value.hint
+
+
+def test_history_of_a_flux_table_says_flux_never_captures_its_own(log):
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "flux", "state_mutations", id_value="1")
+    assert "never captures" in err.value.hint
 
 
 def test_history_of_a_partition_points_to_its_partitioned_table(log):

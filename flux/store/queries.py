@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass

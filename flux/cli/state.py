@@ -6,13 +6,10 @@ rich text or `--json`. Times are shown in UTC.
 
 from __future__ import annotations
 
-import re
 import shlex
 from datetime import datetime, timezone
-from decimal import Decimal
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.markup import escape
 
@@ -20,7 +17,7 @@ from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, print_json
 from flux.errors import ConfigError
 from flux.store import queries
-from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Writer
+from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Writer, key_text
 
 app = typer.Typer(help="Row history and blame from the mutation log.", no_args_is_help=True)
 
@@ -32,8 +29,8 @@ KeyOption = Annotated[
 ]
 RULE = "─" * 40
 SHORT_ID = 8
+BLAME_ROWS = 20  # rows `blame TABLE` lists by default
 ROW_CLIP = 80  # a keyless row in `blame TABLE` is shown by its image, clipped
-_LOOKS_NUMERIC = re.compile(r"[+-]?\.?\d")
 
 
 @app.command()
@@ -61,16 +58,24 @@ def blame(
     table: TableArg,
     id_value: IdOption = None,
     key: KeyOption = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Rows to list when no row is named.")] = 20,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", "-n", min=1, help=f"Without a row: how many recently changed rows to list (default {BLAME_ROWS}).",
+        show_default=False)] = None,
     json: JsonOption = False,
     database: DatabaseOption = None,
 ) -> None:
     """Who last changed each column of a row; without a row, the most recently changed rows."""
     schema, name = queries.parse_table(table)
     keys = parse_keys(key)
+    if limit is not None and (id_value is not None or keys):
+        raise ConfigError(
+            "--limit lists recently changed rows, so it goes without --id/--key",
+            hint="Blame of one row shows each of its columns once; `flux state history` with the same row and "
+                 "--limit N shows its newest N changes.",
+        )
     with _connect(database) as conn:
         if id_value is None and not keys:
-            recent = queries.table_blame(conn, schema, name, limit=limit)
+            recent = queries.table_blame(conn, schema, name, limit=limit or BLAME_ROWS)
             if json:
                 print_json({"schema": schema, "table": name, "rows": recent})
             else:
@@ -91,9 +96,10 @@ def parse_keys(items: list[str] | None) -> dict[str, str] | None:
     for item in items:
         col, sep, value = item.partition("=")
         if not sep or not col.strip():
-            raise ConfigError(f"--key {item!r} is not COL=VALUE")
+            example = f"--key {shell_word(f'{item}=VALUE')}" if not sep else f"--key {shell_word(f'COL{item}')}"
+            raise ConfigError(f"--key {item!r} is not COL=VALUE", hint=f"Name the column and its value: {example}.")
         if col.strip() in keys:
-            raise ConfigError(f"--key names column {col.strip()!r} twice")
+            raise ConfigError(f"--key names column {col.strip()!r} twice", hint="Give each column once, with the one value to match.")
         keys[col.strip()] = value
     return keys
 
@@ -103,21 +109,6 @@ def _connect(database: str | None):
 
 
 # -- rendering -------------------------------------------------------------------------------
-
-
-def _value(value: Any) -> str:
-    """A value as compact JSON; a string bare when it cannot be mistaken for another value."""
-    text = orjson.dumps(value, default=_exact).decode()
-    if isinstance(value, str) and text == f'"{value}"' and value and value == value.strip():
-        if value not in ("null", "true", "false") and not _LOOKS_NUMERIC.match(value):
-            return value
-    return text
-
-
-def _exact(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return orjson.Fragment(str(value))
-    return str(value)
 
 
 def _time(t: datetime) -> str:
@@ -131,14 +122,15 @@ def _who(w: Writer | Mutation) -> str:
     return f"[bold]req:{escape(w.request_id[:SHORT_ID])}[/]{fn}"
 
 
-def _row_title(schema: str, table: str, match: dict[str, str]) -> str:
-    cols = ", ".join(f"{escape(c)} = {escape(v)}" for c, v in match.items())
-    return f"{escape(queries.format_table(schema, table))} / {cols}"
+def _row_title(schema: str, table: str, match: dict[str, str], key: dict[str, Any] | None) -> str:
+    """The row: by its key as recorded (shown as everywhere else), or by the values given."""
+    cols = _key(key) if key is not None else ", ".join(f"{c} = {queries.given_text(v)}" for c, v in match.items())
+    return escape(f"{queries.format_table(schema, table)} / {cols}")
 
 
 def render_history(h: RowHistory) -> None:
     console.print()
-    console.print(f"  [bold]Row[/]  {_row_title(h.schema, h.table, h.match)}")
+    console.print(f"  [bold]Row[/]  {_row_title(h.schema, h.table, h.match, h.key)}")
     console.print(f"  [dim]{RULE}[/]")
     if h.total > len(h.mutations):
         console.print(f"  [dim]newest {len(h.mutations)} of {h.total} changes · times UTC[/]")
@@ -162,19 +154,19 @@ def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[st
 
     lines: list[str] = []
     if m.op == "insert":
-        lines = [f"  [green]+[/] {col(c)} → {escape(_value(v))}" for c, v in image(m.new)] or ["  [green]+[/] inserted"]
+        lines = [f"  [green]+[/] {col(c)} → {escape(key_text(v))}" for c, v in image(m.new)] or ["  [green]+[/] inserted"]
     elif m.op == "update":
         new, old = m.new or {}, m.old or {}
         missing = set(m.missing_columns or ())
         names = m.changed_columns if m.changed_columns is not None else [c for c, _ in image(new) if c not in missing]
         for c in names:
-            was = f"  [dim](was {escape(_value(old[c]))})[/]" if m.old_complete and c in old else ""
-            lines.append(f"    {col(c)} → {escape(_value(new.get(c)))}{was}")
+            was = f"  [dim](was {escape(key_text(old[c]))})[/]" if m.old_complete and c in old else ""
+            lines.append(f"    {col(c)} → {escape(key_text(new.get(c)))}{was}")
         if not names:
             lines.append("    [dim](no column changed)[/]")
     elif m.op == "delete":
         lines = ["  [red]-[/] deleted"]
-        lines += [f"    [dim]{col(c)}   {escape(_value(v))}[/]" for c, v in image(m.old)]
+        lines += [f"    [dim]{col(c)}   {escape(key_text(v))}[/]" for c, v in image(m.old)]
     else:
         lines = ["  [red]-[/] truncated [dim](every row of the table)[/]"]
     if m.op in ("update", "delete") and m.old_complete is False:
@@ -190,21 +182,44 @@ def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[st
 
 def history_command(schema: str, table: str, row_key: dict[str, Any]) -> str:
     """`flux state history` of the row with this primary key."""
-    name = shlex.quote(queries.format_table(schema, table))
+    name = shell_word(queries.format_table(schema, table))
     if len(row_key) == 1:
         (value,) = row_key.values()
-        return f"flux state history {name} --id {shlex.quote(queries.key_text(value))}"
-    keys = " ".join(f"--key {shlex.quote(f'{col}={queries.key_text(v)}')}" for col, v in row_key.items())
+        return f"flux state history {name} --id {shell_word(queries.key_arg(value))}"
+    keys = " ".join(f"--key {shell_word(f'{col}={queries.key_arg(v)}')}" for col, v in row_key.items())
     return f"flux state history {name} {keys}"
 
 
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def shell_word(text: str) -> str:
+    """`text` as one shell word that survives being shown in a terminal and pasted back.
+
+    shlex.quote, unless the text holds a character a terminal does not show as itself (a tab
+    shows as spaces, a newline breaks the line): then bash's $'...' form, with each such
+    character escaped as its UTF-8 bytes (\\xHH, which bash reads back in any locale; zsh too).
+    """
+    if not any(queries.hidden(c) for c in text):
+        return shlex.quote(text)
+    return "$'" + "".join(map(_dollar_escape, text)) + "'"
+
+
+def _dollar_escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if queries.hidden(char):
+        return "".join(f"\\x{b:02x}" for b in char.encode("utf-8", "surrogatepass"))
+    return char
+
+
 def _key(row_key: dict[str, Any]) -> str:
-    return ", ".join(f"{c} = {_value(v)}" for c, v in row_key.items())
+    return ", ".join(f"{c} = {key_text(v)}" for c, v in row_key.items())
 
 
 def render_row_blame(b: RowBlame) -> None:
     console.print()
-    console.print(f"  [bold]Blame[/]  {_row_title(b.schema, b.table, b.match)}")
+    console.print(f"  [bold]Blame[/]  {_row_title(b.schema, b.table, b.match, b.key)}")
     console.print(f"  [dim]{RULE}[/]")
     if b.deleted and b.deleted_by is not None:
         how = "truncated" if b.deleted_by.op == "truncate" else "moved" if b.moved_to is not None else "deleted"
@@ -215,9 +230,9 @@ def render_row_blame(b: RowBlame) -> None:
         if b.columns:
             console.print("  [dim]values before it:[/]")
     width = max([8, *(len(c.column) for c in b.columns)])
-    vwidth = min(40, max([4, *(len(_value(c.value)) for c in b.columns)]))
+    vwidth = min(40, max([4, *(len(key_text(c.value)) for c in b.columns)]))
     for c in b.columns:
-        value = escape(_value(c.value).ljust(vwidth))
+        value = escape(key_text(c.value).ljust(vwidth))
         if c.set_by is None:
             origin = "[dim](set before capture)[/]"
         else:
@@ -239,9 +254,11 @@ def render_table_blame(schema: str, table: str, rows: list[RecentChange]) -> Non
         if w.op == "truncate":
             what = "[red]every row[/]"
         elif r.row_key is not None:
-            what = escape(", ".join(f"{c} = {_value(v)}" for c, v in r.row_key.items()))
+            what = escape(_key(r.row_key))
+            if r.moved_from is not None:
+                what += f"  [dim](moved from {escape(_key(r.moved_from))})[/]"
         else:
-            row = _value(r.row or {})
+            row = key_text(r.row or {})
             what = escape(row if len(row) <= ROW_CLIP else row[: ROW_CLIP - 1] + "…")
         console.print(f"  {_time(w.commit_time)}  {w.op:<8}  {what}  {_who(w)}")
     console.print()

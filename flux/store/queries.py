@@ -9,7 +9,11 @@ How a row is found:
 - `--key COL=VALUE ...` names all primary-key columns (matched on `row_key`), or, for a table
   without a primary key, any columns, matched on the row images (`new` or `old` contains them).
 - Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
-  `42` matches a recorded `42`, `42.0` or `"42"`.
+  `42` matches a recorded `42`, `42.0` or `"42"`, and a uuid in any form PostgreSQL reads
+  (no hyphens, braces, upper case) matches its canonical text.
+- A primary key is looked up through the row hash index, once per combination of its columns'
+  forms. Past 64 combinations (7 or more columns whose text could be a number, a boolean or a
+  uuid) the columns are compared one by one instead, over all of the table's mutations.
 
 Not guaranteed: a row of a table without a primary key is followed only while its images
 contain the given values (an update that changes them ends the trail); blame of a column
@@ -22,23 +26,26 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
-from flux.store.schema import SCHEMA_VERSION, schema_version
+from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
 
 DEFAULT_SCHEMA = "public"
 REQUEST_PREFIX = "req:"
 MAX_CANDIDATES = 10  # request ids listed in an AmbiguousError
 MAX_LIMIT = 1_000_000_000  # far past any listing; PostgreSQL refuses a LIMIT past 2**63 - 1
-_MAX_KEY_FORMS = 64  # typed combinations tried for a composite key
+_MAX_KEY_FORMS = 64  # typed combinations of a primary key looked up through the row hash index
 _TABLE_BLAME_BATCH = 500
 # One table's mutations, through its hash index (see flux.store.schema); the names are rechecked.
 _TABLE_IS = (
@@ -48,7 +55,8 @@ _TABLE_IS = (
 
 _PLAIN_IDENT = re.compile(r"[^\W\dA-Z][\w$]*")  # needs no quotes (ASCII upper case folds)
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
-_UUID = re.compile(r"[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}")
+# As PostgreSQL reads a uuid: optionally in braces, a hyphen allowed after any group of four digits.
+_UUID = re.compile(r"(\{)?[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}(?(1)\})")
 _INT64 = 2**63
 
 
@@ -87,6 +95,7 @@ class RowHistory:
     matched_on: str  # "row_key" | "images"
     total: int  # mutations of the row in the log; `mutations` may hold only the newest of them
     mutations: tuple[Mutation, ...]  # oldest first
+    key: dict[str, Any] | None = None  # the primary key as recorded (typed), when matched on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +129,7 @@ class RowBlame:
     last: Writer  # the row's latest mutation
     columns: tuple[ColumnBlame, ...]  # current values; when deleted, the values it had
     moved_to: dict[str, Any] | None = None  # deleted_by changed the row's primary key to this one
+    key: dict[str, Any] | None = None  # the primary key as recorded (typed), when matched on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,7 @@ class RecentChange:
     row_key: dict[str, Any] | None  # None for a table without a primary key, and for a truncate
     row: dict[str, Any] | None  # the image after the change (before it, for a delete)
     writer: Writer
+    moved_from: dict[str, Any] | None = None  # the change moved the row here from this primary key
 
 
 def check_limit(limit: int) -> None:
@@ -159,7 +170,8 @@ def split_table_name(name: str) -> tuple[str | None, str]:
             i += 1
             while True:
                 if i >= n:
-                    raise ConfigError(f"Unterminated quoted identifier in table name {name!r}")
+                    raise ConfigError(f"Unterminated quoted identifier in table name {name!r}",
+                                      hint='Close each quoted part: \'"my schema"."My Table"\'; inside one, write "" for a ".')
                 if name[i] == '"':
                     if i + 1 < n and name[i + 1] == '"':
                         buf.append('"')
@@ -203,6 +215,68 @@ def _fold(part: str) -> str:
     return "".join(c.lower() if "A" <= c <= "Z" else c for c in part)
 
 
+def hidden(char: str) -> bool:
+    """A character a terminal does not show as itself: a control or format character (a tab
+    shows as spaces, a newline breaks the line, a zero-width space shows as nothing), a line or
+    paragraph separator, a space other than U+0020."""
+    category = unicodedata.category(char)
+    return category in ("Cc", "Cf", "Cs", "Zl", "Zp") or (category == "Zs" and char != " ")
+
+
+# -- values as text --------------------------------------------------------------------------
+
+
+def key_text(value: Any) -> str:
+    """A recorded value as Flux shows it, in `flux why`, history and blame alike: text bare unless
+    it could be misread, then as a JSON string; anything else as compact JSON, numbers exact.
+
+    Misread: text that is empty, has spaces at either end, holds a character JSON escapes or a
+    terminal does not show as itself, holds `, ` (which separates key columns), or that `--id`
+    would also try as a number, boolean or null (`"42"`, `"true"`).
+    """
+    if isinstance(value, str) and _plain(value) and not (_NUMBER.fullmatch(value) or value in ("true", "false", "null")):
+        return value
+    return _json_text(value)
+
+
+def given_text(text: str) -> str:
+    """A value as given to `--id`/`--key`, as Flux shows it: as `key_text`, except that text that
+    reads as a number stays bare (it was given as text, and is matched in each of its forms)."""
+    return text if _plain(text) else _json_text(text)
+
+
+def key_arg(value: Any) -> str:
+    """A recorded key value as `--id`/`--key` take it (its forms match what was recorded): text as
+    it is, numbers as their digits, exact past 64 bits too."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _plain(text: str) -> bool:
+    return (text != "" and text == text.strip() and ", " not in text and not any(map(hidden, text))
+            and json.dumps(text, ensure_ascii=False) == f'"{text}"')
+
+
+def _json_text(value: Any) -> str:
+    text = orjson.dumps(value, default=_exact).decode()
+    # JSON leaves DEL, C1 controls and invisible characters as they are; a terminal would not show them.
+    return "".join(_json_escape(c) if ord(c) >= 0x7F and hidden(c) else c for c in text)
+
+
+def _json_escape(char: str) -> str:
+    units = char.encode("utf-16-be", "surrogatepass")
+    return "".join(f"\\u{int.from_bytes(units[i:i + 2], 'big'):04x}" for i in range(0, len(units), 2))
+
+
+def _exact(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))
+    return str(value)
+
+
 # -- decoding --------------------------------------------------------------------------------
 
 
@@ -224,21 +298,21 @@ _MUTATION_COLUMNS = sql.SQL(
 )
 
 
-def _mutation(row: tuple, columns: tuple[str, ...] = ()) -> Mutation:
+def _mutation(row: tuple, columns: tuple[str, ...] = (), key_columns: tuple[str, ...] = ()) -> Mutation:
     op, rid, fn, ctx, xid, lsn, time, seq, key, old, new, complete, missing, changed, old_key = row[:15]
     return Mutation(
         op=op, request_id=rid, function=fn, context=load_json(ctx), xid=xid, commit_lsn=lsn,
-        commit_time=time, seq=seq, row_key=load_json(key),
+        commit_time=time, seq=seq, row_key=_in_order(load_json(key), key_columns),
         old=_in_order(load_json(old), columns), new=_in_order(load_json(new), columns),
         old_complete=complete,
         missing_columns=tuple(missing) if missing is not None else None,
         changed_columns=tuple(changed) if changed is not None else None,
-        old_row_key=load_json(old_key),
+        old_row_key=_in_order(load_json(old_key), key_columns),
     )
 
 
 def _in_order(image: dict[str, Any] | None, columns: tuple[str, ...]) -> dict[str, Any] | None:
-    """jsonb keeps keys sorted by length; show them in table order, unknown ones last."""
+    """jsonb keeps keys sorted by length; show them in table (or primary-key) order, unknown ones last."""
     if not image or not columns:
         return image
     rank = {c: i for i, c in enumerate(columns)}
@@ -260,6 +334,8 @@ class _RowMatch:
     where: sql.Composable
     params: dict[str, Any]
     columns: tuple[str, ...]  # table order, to show images in; empty when the table is gone
+    key_columns: tuple[str, ...]  # primary-key order, to show keys in; empty without a primary key
+    values: dict[str, list[Any]]  # per matched column, the values its given text may have been recorded as
 
 
 def _value_forms(value: str) -> list[str]:
@@ -270,15 +346,45 @@ def _value_forms(value: str) -> list[str]:
         forms.append(str(Decimal(text)))
     elif text in ("true", "false", "null"):
         forms.append(text)
-    elif _UUID.fullmatch(text) and text != text.lower():
-        forms.append(json.dumps(text.lower()))
+    if _UUID.fullmatch(text):
+        digits = re.sub(r"[{}-]", "", text).lower()
+        canonical = json.dumps(f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}")
+        if canonical != forms[0]:
+            forms.append(canonical)
     return forms
 
 
-def _object_forms(values: dict[str, str]) -> list[str]:
-    per_column = [[json.dumps(col, ensure_ascii=False) + ":" + form for form in _value_forms(v)] for col, v in values.items()]
-    combos = itertools.islice(itertools.product(*per_column), _MAX_KEY_FORMS)
-    return ["{" + ",".join(combo) + "}" for combo in combos]
+def _object_forms(forms: dict[str, list[str]]) -> list[str]:
+    """Every combination of the columns' forms, as jsonb objects."""
+    per_column = [[json.dumps(col, ensure_ascii=False) + ":" + form for form in column_forms] for col, column_forms in forms.items()]
+    return ["{" + ",".join(combo) + "}" for combo in itertools.product(*per_column)]
+
+
+def _columns_match(image: str, forms: dict[str, list[str]], *, whole: bool) -> sql.Composable:
+    """SQL: each given column of `image` is one of its forms (jsonb equality: 1 = 1.0, "1" <> 1);
+    `whole`: and the image has no other column. Parameters col<i>, forms<i>, cols (`_column_params`)."""
+    parts = [sql.SQL(f"{image} -> %(col{i})s = ANY(%(forms{i})s::jsonb[])") for i in range(len(forms))]
+    if whole:
+        parts.append(sql.SQL(f"{image} - %(cols)s::text[] = '{{}}'::jsonb"))
+    return sql.SQL("(") + sql.SQL(" AND ").join(parts) + sql.SQL(")")
+
+
+def _column_params(forms: dict[str, list[str]]) -> dict[str, Any]:
+    params: dict[str, Any] = {"cols": list(forms)}
+    for i, (col, column_forms) in enumerate(forms.items()):
+        params[f"col{i}"], params[f"forms{i}"] = col, column_forms
+    return params
+
+
+def _kind(value: Any) -> str:
+    return "boolean" if isinstance(value, bool) else "number" if isinstance(value, (int, Decimal)) else type(value).__name__
+
+
+def _is_key(key: dict[str, Any] | None, values: dict[str, list[Any]]) -> bool:
+    """`key` is the row asked for: as `_columns_match(..., whole=True)` judges it in SQL."""
+    return key is not None and key.keys() == values.keys() and all(
+        any(_kind(key[c]) == _kind(v) and key[c] == v for v in vs) for c, vs in values.items()
+    )
 
 
 def _require_log(conn: psycopg.Connection) -> None:
@@ -358,29 +464,53 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None
         " JOIN pg_class c ON c.oid = r.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
         (format_table(schema, table),),
     ).fetchone() if exists else None
-    if similar:
+    if schema == SCHEMA:
+        hint = f"Tables of the {SCHEMA} schema are Flux's own records: Flux never captures them."
+    elif similar:
         hint = "Did you mean " + " or ".join(f"'{s}'" for s in similar) + "? Quote mixed-case names."
     elif root is not None and root != (schema, table):
         parent = format_table(*root)
         hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {parent} ...`."
     elif exists:
-        hint = "The table exists but no change of it is recorded: is it captured? See `flux attach --tables`."
+        hint = _capture_hint(conn, schema, table)
     else:
         hint = "No such table either. Is it captured? See `flux attach --tables`."
     raise NotFoundError(f"No recorded mutations for table {name}", hint=hint, table=name)
 
 
+def _capture_hint(conn: psycopg.Connection, schema: str, table: str) -> str:
+    """Why an existing table has no recorded change: whether a publication of an attachment has it."""
+    name = format_table(schema, table)
+    publication = conn.execute(
+        "SELECT a.publication_name FROM flux.attachments a JOIN pg_publication_tables p ON p.pubname = a.publication_name"
+        " WHERE p.schemaname = %s AND p.tablename = %s ORDER BY 1 LIMIT 1",
+        (schema, table),
+    ).fetchone()
+    if publication is not None:
+        return (f"{name} is captured (publication {publication[0]}), but no change of it is recorded yet: changes made "
+                "before `flux attach` are not recorded, later ones once `flux cdc run` has read them (`flux cdc status` "
+                "shows how far it is).")
+    if conn.execute("SELECT EXISTS (SELECT 1 FROM flux.attachments)").fetchone()[0]:
+        return (f"{name} is not captured: give it to `flux attach --tables` with the other tables to capture (the list "
+                "replaces the current one), or use `flux attach --all-tables`.")
+    return f"Nothing is captured in this database yet: `flux attach --tables {name}` (or `--all-tables`) starts recording."
+
+
 def _row_match(
     conn: psycopg.Connection, schema: str, table: str, id_value: str | None, key: dict[str, str] | None
 ) -> _RowMatch:
-    if id_value is not None and key:
-        raise ConfigError("Give either --id or --key, not both")
-    if id_value is None and not key:
-        raise ConfigError("Name a row with --id VALUE or --key COL=VALUE")
     name = format_table(schema, table)
     catalog = _catalog(conn, schema, table)
     pk = catalog.primary_key if catalog else _recorded_key(conn, schema, table)
     columns = catalog.columns if catalog else ()
+    if (id_value is not None) == bool(key):
+        naming = ("--key COL=VALUE (repeatable): it has no primary key" if pk is None else
+                  f"--id VALUE (its primary key is {pk[0]})" if len(pk) == 1 else " ".join(f"--key {c}=..." for c in pk))
+        if id_value is not None:
+            raise ConfigError("Give either --id or --key, not both", hint=f"Name a row of {name} with {naming}.", table=name)
+        raise ConfigError("Name a row with --id VALUE or --key COL=VALUE",
+                          hint=f"Name a row of {name} with {naming}; `flux state blame {name}` lists recently changed rows.",
+                          table=name)
     if id_value is not None:
         if pk is None:
             raise ConfigError(
@@ -396,8 +526,10 @@ def _row_match(
         key = {pk[0]: id_value}
     assert key is not None
     if pk is None:
-        where = sql.SQL("(new @> ANY(%(forms)s::jsonb[]) OR old @> ANY(%(forms)s::jsonb[]))")
-        return _RowMatch(dict(key), "images", where, {"forms": _object_forms(key)}, columns)
+        forms = {c: _value_forms(v) for c, v in key.items()}
+        where = sql.SQL("{table_is} AND ({new} OR {old})").format(
+            table_is=sql.SQL(_TABLE_IS), new=_columns_match("new", forms, whole=False), old=_columns_match("old", forms, whole=False))
+        return _RowMatch(dict(key), "images", where, _column_params(forms), columns, (), _loaded(forms))
     if set(key) != set(pk):
         example = " ".join(f"--key {c}=..." for c in pk)
         raise ConfigError(
@@ -405,21 +537,44 @@ def _row_match(
             hint=f"Use {example}", table=name,
         )
     ordered = {c: key[c] for c in pk}
-    # The hash finds the row through its index; the exact comparison rules out collisions. An
-    # update that changed the primary key belongs to the histories of both keys.
-    where = sql.SQL(
-        "(flux.row_hash(schema_name, table_name, row_key)"
-        " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
-        " AND row_key = ANY(%(forms)s::jsonb[])"
-        " OR old_row_key IS NOT NULL AND flux.row_hash(schema_name, table_name, old_row_key)"
-        " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
-        " AND old_row_key = ANY(%(forms)s::jsonb[]))"
-    )
-    return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(ordered)}, columns)
+    forms = {c: _value_forms(v) for c, v in ordered.items()}
+    if math.prod(map(len, forms.values())) <= _MAX_KEY_FORMS:
+        # The hash finds the row through its index; the exact comparison rules out collisions. An
+        # update that changed the primary key belongs to the histories of both keys.
+        where = sql.SQL(
+            "(flux.row_hash(schema_name, table_name, row_key)"
+            " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
+            " AND row_key = ANY(%(forms)s::jsonb[])"
+            " OR old_row_key IS NOT NULL AND flux.row_hash(schema_name, table_name, old_row_key)"
+            " = ANY(ARRAY(SELECT flux.row_hash(%(schema)s, %(table)s, f) FROM unnest(%(forms)s::jsonb[]) f))"
+            " AND old_row_key = ANY(%(forms)s::jsonb[]))"
+        )
+        return _RowMatch(ordered, "row_key", where, {"forms": _object_forms(forms)}, columns, pk, _loaded(forms))
+    # Too many typed combinations to look each up by its hash (7 or more columns whose text could be
+    # a number, a boolean or a uuid): compared column by column over the table's mutations instead.
+    where = sql.SQL("{table_is} AND ({key} OR old_row_key IS NOT NULL AND {old_key})").format(
+        table_is=sql.SQL(_TABLE_IS), key=_columns_match("row_key", forms, whole=True),
+        old_key=_columns_match("old_row_key", forms, whole=True))
+    return _RowMatch(ordered, "row_key", where, _column_params(forms), columns, pk, _loaded(forms))
+
+
+def _loaded(forms: dict[str, list[str]]) -> dict[str, list[Any]]:
+    return {c: [load_json(form) for form in column_forms] for c, column_forms in forms.items()}
 
 
 def _describe(schema: str, table: str, match: dict[str, str]) -> str:
-    return f"{format_table(schema, table)} / " + ", ".join(f"{c} = {v}" for c, v in match.items())
+    return f"{format_table(schema, table)} / " + ", ".join(f"{c} = {given_text(v)}" for c, v in match.items())
+
+
+def _recorded_as(m: _RowMatch, mutations: list[Mutation]) -> dict[str, Any] | None:
+    """The key asked for as the newest of these changes recorded it: typed (42, or "42" for text)."""
+    if m.matched_on != "row_key":
+        return None
+    for mut in reversed(mutations):
+        for key in (mut.row_key, mut.old_row_key):
+            if _is_key(key, m.values):
+                return key
+    return None
 
 
 def _row_query(schema: str, table: str, m: _RowMatch, limit: int | None) -> tuple[sql.Composed, dict[str, Any]]:
@@ -451,11 +606,11 @@ def _fetch_row(
     """The row's mutations and the truncates after its first one, newest `limit`, oldest first."""
     rows = conn.execute(*_row_query(schema, table, m, limit)).fetchall()
     total = rows[0][-1] if rows else 0
-    mutations = [_mutation(r[2:], m.columns) for r in reversed(rows)]
+    mutations = [_mutation(r[2:], m.columns, m.key_columns) for r in reversed(rows)]
     if m.matched_on == "row_key":
-        keys = [load_json(form) for form in m.params["forms"]]
         mutations = [mut if mut.old_row_key is None else
-                     dataclasses.replace(mut, key_change="out" if mut.old_row_key in keys else "in") for mut in mutations]
+                     dataclasses.replace(mut, key_change="out" if _is_key(mut.old_row_key, m.values) else "in")
+                     for mut in mutations]
     return total, mutations
 
 
@@ -480,7 +635,7 @@ def row_history(
     if not mutations:
         _no_row(schema, table, m)
     return RowHistory(schema=schema, table=table, match=m.match, matched_on=m.matched_on, total=total,
-                      mutations=tuple(mutations))
+                      mutations=tuple(mutations), key=_recorded_as(m, mutations))
 
 
 def _no_row(schema: str, table: str, m: _RowMatch) -> None:
@@ -509,7 +664,7 @@ def row_blame(
     _, mutations = _fetch_row(conn, schema, table, m, None)
     if not mutations:
         _no_row(schema, table, m)
-    return _blame(schema, table, m.match, _with_earlier_keys(conn, schema, table, mutations))
+    return _blame(schema, table, m.match, _with_earlier_keys(conn, schema, table, mutations), key=_recorded_as(m, mutations))
 
 
 MAX_KEY_HOPS = 16  # how many primary-key changes blame follows back
@@ -524,23 +679,14 @@ def _with_earlier_keys(conn: psycopg.Connection, schema: str, table: str, mutati
         return mutations
     arrival = mutations[arrivals[-1]]
     assert arrival.old_row_key is not None
-    before = _row_match(conn, schema, table, None, {c: key_text(v) for c, v in arrival.old_row_key.items()})
+    before = _row_match(conn, schema, table, None, {c: key_arg(v) for c, v in arrival.old_row_key.items()})
     _, earlier = _fetch_row(conn, schema, table, before, None)
     at = next((i for i, mut in enumerate(earlier) if (mut.commit_lsn, mut.seq) == (arrival.commit_lsn, arrival.seq)), 0)
     return _with_earlier_keys(conn, schema, table, earlier[:at], hops - 1) + mutations[arrivals[-1]:]
 
 
-def key_text(value: Any) -> str:
-    """A recorded key value as `--id`/`--key` take it (its forms match what was recorded): numbers
-    as their digits, exact past 64 bits too."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Decimal):
-        return str(value)
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutation]) -> RowBlame:
+def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutation], *,
+           key: dict[str, Any] | None) -> RowBlame:
     state: dict[str, ColumnBlame] = {}
     deleted_by: Writer | None = None
     moved_to: dict[str, Any] | None = None
@@ -575,7 +721,7 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
         state = next_state
     return RowBlame(
         schema=schema, table=table, match=match, deleted=deleted_by is not None, deleted_by=deleted_by,
-        last=_writer(mutations[-1]), columns=tuple(state.values()), moved_to=moved_to,
+        last=_writer(mutations[-1]), columns=tuple(state.values()), moved_to=moved_to, key=key,
     )
 
 
@@ -583,39 +729,58 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
     """The most recently changed rows of a table, newest first, each with its last writer.
 
     Walks the log backwards. A truncate ends the walk: every older row was removed by it, so it
-    is listed once as the last writer of all of them.
+    is listed once as the last writer of all of them. A row whose primary key changed is listed
+    under its new key only (`moved_from` on the change that moved it, when that is its latest):
+    no row has the old key any more, unless a later change of that key put one there.
     """
     check_limit(limit)
     _require_recorded(conn, schema, table)
     catalog = _catalog(conn, schema, table)
     columns = catalog.columns if catalog else ()
+    key_columns = (catalog.primary_key if catalog else _recorded_key(conn, schema, table)) or ()
     seen: set[str] = set()
     out: list[RecentChange] = []
     after: tuple[str, int] | None = None
     while len(out) < limit:
-        page = sql.SQL("AND (commit_lsn, seq) < (%(lsn)s::pg_lsn, %(seq)s)") if after else sql.SQL("")
         rows = conn.execute(
-            sql.SQL(
-                "SELECT {cols} FROM flux.state_mutations WHERE {table_is} {page}"
-                " ORDER BY commit_lsn DESC, seq DESC LIMIT %(batch)s"
-            ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), page=page),
+            _recent_query(paged=after is not None),
             {"schema": schema, "table": table, "lsn": after[0] if after else None, "seq": after[1] if after else None,
              "batch": _TABLE_BLAME_BATCH},
         ).fetchall()
         for row in rows:
-            mut = _mutation(row, columns)
+            mut = _mutation(row, columns, key_columns)
+            if mut.old_row_key is not None:  # older changes of the old key are of this row, now moved
+                seen.add(_ident(mut.old_row_key))
             if mut.row_key is not None:
-                ident = json.dumps(mut.row_key, sort_keys=True, default=str)
+                ident = _ident(mut.row_key)
                 if ident in seen:
                     continue
                 seen.add(ident)
-            out.append(RecentChange(row_key=mut.row_key, row=mut.new if mut.new is not None else mut.old, writer=_writer(mut)))
+            out.append(RecentChange(row_key=mut.row_key, row=mut.new if mut.new is not None else mut.old, writer=_writer(mut),
+                                    moved_from=mut.old_row_key))
             if mut.op == "truncate" or len(out) >= limit:
                 return out
         if len(rows) < _TABLE_BLAME_BATCH:
             break
         after = (rows[-1][5], rows[-1][7])
     return out
+
+
+def _recent_query(*, paged: bool) -> sql.Composed:
+    """A batch of a table's mutations, newest first, read backwards through the table hash index.
+
+    The order names the table's column: a bare `commit_lsn` would be the select list's text
+    (`commit_lsn::text`), which sorts 0/1000 before 0/F00 and cannot use the index.
+    """
+    page = sql.SQL("AND (m.commit_lsn, m.seq) < (%(lsn)s::pg_lsn, %(seq)s)") if paged else sql.SQL("")
+    return sql.SQL(
+        "SELECT {cols} FROM flux.state_mutations m WHERE {table_is} {page}"
+        " ORDER BY m.commit_lsn DESC, m.seq DESC LIMIT %(batch)s"
+    ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), page=page)
+
+
+def _ident(row_key: dict[str, Any]) -> str:
+    return json.dumps(row_key, sort_keys=True, default=str)
 
 
 # -- request ids -----------------------------------------------------------------------------
@@ -627,7 +792,7 @@ def resolve_request_id(conn: psycopg.Connection, prefix: str) -> str:
     if text.lower().startswith(REQUEST_PREFIX):
         text = text[len(REQUEST_PREFIX):]
     if not text:
-        raise ConfigError("Empty request id")
+        raise ConfigError("Empty request id", hint="Give a request id, or its first characters, as `flux requests` lists them.")
     _require_log(conn)
     found = _request_ids(conn, text)
     if not found and text != text.lower():

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -8,7 +11,7 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from flux.cli.state import app
+from flux.cli.state import app, history_command
 from flux.errors import ConfigError, NotFoundError
 from flux.store.schema import ensure_schema
 
@@ -213,6 +216,41 @@ def test_pointers_to_a_decimal_or_big_integer_key_are_commands_that_find_the_row
     assert "earlier changes: flux state history prices --id 2.5" in invoke(dsn, "history", "prices", "--id", str(big)).output
 
 
+# Keys a terminal would show as something else (a tab as spaces, a newline as a line break), or
+# that rich could read as markup or an emoji code.
+ODD_KEYS = ["tab\there", "two\nlines", "cr\rand\x1bescape", "nbsp\u00a0zero\u200bwidth\u0085", "it's a \\ [bold]x[/] :smile:"]
+
+
+def _bash(script: str, **env: str) -> subprocess.CompletedProcess:
+    """Run a command line as a user pasting it into bash would; `flux` is this Python's. Output
+    as bytes: text mode would turn a \\r into a newline."""
+    prelude = f'flux() {{ "{sys.executable}" -m flux "$@"; }}\n'
+    return subprocess.run(["bash", "-c", prelude + script], env={**os.environ, **env}, capture_output=True)
+
+
+@pytest.mark.parametrize("key", ODD_KEYS, ids=repr)
+def test_history_command_is_one_line_that_bash_reads_back_as_the_key(key):
+    command = history_command("public", "tags", {"k": key})
+    assert "\n" not in command
+    args = _bash(command.replace("flux", "printf '%s\\0'", 1)).stdout.decode().split("\0")
+    assert args[-2] == key
+
+
+@pytest.mark.parametrize("key", ODD_KEYS, ids=repr)
+def test_a_printed_pointer_to_an_odd_key_run_in_bash_finds_the_row(conn, dsn, key):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.tags (k text PRIMARY KEY, v text)")
+    record(conn, "tags", "insert", request_id=RID1, key={"k": key}, new={"k": key, "v": "a"})
+    record(conn, "tags", "update", request_id=RID2, key={"k": "plain"}, old_key={"k": key}, old_complete=True,
+           old={"k": key, "v": "a"}, new={"k": "plain", "v": "a"}, changed=["k"])
+    out = invoke(dsn, "history", "tags", "--id", "plain").output
+    [line] = [line for line in out.splitlines() if "earlier changes: " in line]
+    command = line.split("earlier changes: ", 1)[1].rstrip()
+    found = _bash(f'{command} --json --database "$DSN"', DSN=dsn)
+    assert found.returncode == 0, found.stderr
+    assert [m["request_id"] for m in json.loads(found.stdout)["mutations"]] == [RID1, RID2]
+
+
 def test_blame_of_an_old_key_says_where_the_row_moved(users, dsn):
     _move_42_to_43(users)
     out = invoke(dsn, "blame", "users", "--id", "42").output
@@ -221,6 +259,67 @@ def test_blame_of_an_old_key_says_where_the_row_moved(users, dsn):
     data = json.loads(invoke(dsn, "blame", "users", "--id", "43", "--json").stdout)
     by = {c["column"]: c["set_by"]["request_id"] for c in data["columns"]}
     assert by == {"id": RID2, "email": RID1, "plan": RID3}  # followed back through the key change
+
+
+def _move_acme_1_to_99(conn) -> None:
+    """A composite key whose jsonb order (id, org: shorter first) is not its primary-key order (org, id)."""
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.members (org text, id int, role text, PRIMARY KEY (org, id))")
+    record(conn, "members", "insert", request_id=RID1, key={"org": "acme", "id": 1}, new={"org": "acme", "id": 1, "role": "x"})
+    record(conn, "members", "update", request_id=RID2, key={"org": "acme", "id": 99}, old_key={"org": "acme", "id": 1},
+           old_complete=True, old={"org": "acme", "id": 1, "role": "x"}, new={"org": "acme", "id": 99, "role": "x"}, changed=["id"])
+
+
+def test_key_change_lines_show_a_composite_key_in_primary_key_order(conn, dsn):
+    _move_acme_1_to_99(conn)
+    out = invoke(dsn, "history", "members", "--key", "org=acme", "--key", "id=1").output
+    assert ("primary key changed to org = acme, id = 99 · the row goes on in "
+            "flux state history members --key org=acme --key id=99") in out
+    back = invoke(dsn, "history", "members", "--key", "org=acme", "--key", "id=99").output
+    assert "primary key changed from org = acme, id = 1 · earlier changes: flux state history members --key org=acme --key id=1" in back
+
+
+def test_table_blame_shows_a_composite_key_in_primary_key_order(conn, dsn):
+    _move_acme_1_to_99(conn)
+    assert "org = acme, id = 99" in invoke(dsn, "blame", "members").output
+    rows = json.loads(invoke(dsn, "blame", "members", "--json").stdout)["rows"]
+    assert list(rows[0]["row_key"]) == ["org", "id"]
+
+
+def test_table_blame_shows_a_moved_row_under_its_new_key_and_where_it_came_from(users, dsn):
+    _move_42_to_43(users)
+    lines = [line.strip() for line in invoke(dsn, "blame", "users").output.splitlines() if "req:" in line]
+    assert len(lines) == 1 and "update    id = 43  (moved from id = 42)  req:550e8400  merge" in lines[0]
+    [row] = json.loads(invoke(dsn, "blame", "users", "--json").stdout)["rows"]
+    assert (row["row_key"], row["moved_from"]) == ({"id": 43}, {"id": 42})
+
+
+@pytest.mark.parametrize(("key", "shown"), [("42", '"42"'), (" lead space", '" lead space"'),
+                                          ("7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c", "7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c")], ids=repr)
+def test_a_text_key_reads_the_same_in_history_blame_and_table_blame(conn, dsn, key, shown):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.tags (k text PRIMARY KEY, v text)")
+    record(conn, "tags", "insert", request_id=RID1, key={"k": key}, new={"k": key, "v": "a"})
+    assert f"  Row  tags / k = {shown}" in invoke(dsn, "history", "tags", "--id", key).output.splitlines()
+    assert f"  Blame  tags / k = {shown}" in invoke(dsn, "blame", "tags", "--id", key).output.splitlines()
+    assert f"  insert    k = {shown}  req:4f9a3b2c" in invoke(dsn, "blame", "tags").output
+
+
+def test_flux_why_shows_a_key_as_flux_state_does(conn, dsn):
+    from flux.cli import app as flux_app
+
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.tags (k text PRIMARY KEY, v text)")
+    record(conn, "tags", "insert", request_id=RID1, key={"k": " 42"}, new={"k": " 42", "v": "a"})
+    out = CliRunner().invoke(flux_app, ["why", RID1, "--database", dsn]).output
+    assert 'tags  insert  k = " 42"' in out
+    assert "flux state history tags --id ' 42'" in out
+
+
+def test_a_row_not_found_names_the_value_as_given(users, dsn):
+    result = invoke(dsn, "history", "users", "--id", " 7")
+    assert isinstance(result.exception, NotFoundError)
+    assert 'row users / id = " 7"' in str(result.exception)
 
 
 def test_blame_without_key_lists_recently_changed_rows(users, dsn):
@@ -233,6 +332,12 @@ def test_blame_without_key_lists_recently_changed_rows(users, dsn):
     assert "id = 7" in text and "id = 42" not in text
 
 
+def test_blame_of_a_row_refuses_a_limit(users, dsn):
+    result = invoke(dsn, "blame", "users", "--id", "42", "--limit", "1")
+    assert isinstance(result.exception, ConfigError) and "--limit" in str(result.exception)
+    assert "flux state history" in result.exception.hint
+
+
 @pytest.mark.parametrize("command", [["history", "users", "--id", "42"], ["blame", "users"]], ids=" ".join)
 def test_a_limit_past_the_maximum_is_a_usage_error_not_a_database_error(users, dsn, command):
     result = invoke(dsn, *command, "--limit", "99999999999999999999")
@@ -242,6 +347,20 @@ def test_a_limit_past_the_maximum_is_a_usage_error_not_a_database_error(users, d
 def test_bad_key_flag_is_a_config_error(users, dsn):
     result = invoke(dsn, "history", "users", "--key", "id")
     assert isinstance(result.exception, ConfigError)
+
+
+@pytest.mark.parametrize(("args", "hint"), [
+    (["history", "users", "--id", "42", "--key", "id=42"], "Name a row of users with --id VALUE (its primary key is id)."),
+    (["history", "users"], "Name a row of users with --id VALUE (its primary key is id); `flux state blame users` lists"),
+    (["history", "users", "--key", "id"], "Name the column and its value: --key id=VALUE."),
+    (["history", "users", "--key", "=42"], "Name the column and its value: --key COL=42."),
+    (["history", "users", "--key", "id=1", "--key", "id=2"], "Give each column once"),
+    (["history", '"unterminated', "--id", "1"], 'Close each quoted part: \'"my schema"."My Table"\''),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_usage_error_says_how_to_write_it(users, dsn, args, hint):
+    result = invoke(dsn, *args)
+    assert isinstance(result.exception, ConfigError)
+    assert hint in (result.exception.hint or "")
 
 
 def test_every_command_has_help():

@@ -9,8 +9,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from flux.cdc.attach import attach
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.queries import (
+    key_text,
     parse_table,
     resolve_request_id,
     row_blame,
@@ -102,6 +104,20 @@ def test_parse_table_rejects_malformed_names():
             parse_table(bad)
 
 
+# -- key_text ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (42, "42"), (Decimal("123456789012345678901234567890.10"), "123456789012345678901234567890.10"), (True, "true"), (None, "null"),
+    ("acme", "acme"), ("7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c", "7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c"), ("42abc", "42abc"),
+    ("42", '"42"'), ("-1.5e3", '"-1.5e3"'), ("true", '"true"'), ("null", '"null"'), ("", '""'), (" lead space", '" lead space"'),
+    ("trail ", '"trail "'), ("a, b", '"a, b"'), ('say "hi"', '"say \\"hi\\""'), ("tab\there", '"tab\\there"'),
+    ("zero\u200bwidth\u0085", '"zero\\u200bwidth\\u0085"'), ({"a": [1, "x"]}, '{"a":[1,"x"]}'),
+], ids=repr)
+def test_key_text_quotes_text_that_could_be_misread_and_nothing_else(value, shown):
+    assert key_text(value) == shown
+
+
 # -- history -----------------------------------------------------------------------------------
 
 
@@ -147,6 +163,46 @@ def test_history_with_composite_key_via_key(log):
     h = row_history(log, "public", "members", key={"id": "a", "org": "2"})
     assert h.match == {"org": "2", "id": "a"}
     assert ops(h) == [("insert", "r2")]
+
+
+WIDE = "CREATE TABLE public.wide (c1 int, c2 int, c3 int, c4 int, c5 int, c6 int, c7 int, v text, PRIMARY KEY (c1, c2, c3, c4, c5, c6, c7))"
+WIDE_KEY = {f"c{i}": str(i) for i in range(1, 8)}
+
+
+def test_history_finds_a_key_of_seven_numeric_columns(log):
+    log.execute(WIDE)
+    record(log, "wide", "insert", request_id="r1", key={f"c{i}": i for i in range(1, 8)}, new={"v": "a"})
+    record(log, "wide", "insert", request_id="other", key={**{f"c{i}": i for i in range(1, 7)}, "c7": 8}, new={"v": "b"})
+    assert ops(row_history(log, "public", "wide", key=WIDE_KEY)) == [("insert", "r1")]
+
+
+def test_history_of_a_wide_key_spans_a_change_of_a_key_columns_type(log):
+    """c1 was text, then became int: the row's key was recorded in both forms."""
+    log.execute(WIDE)
+    record(log, "wide", "insert", request_id="as text", key={"c1": "1", **{f"c{i}": i for i in range(2, 8)}}, new={"v": "a"})
+    record(log, "wide", "update", request_id="as int", key={f"c{i}": i for i in range(1, 8)}, old={"v": "a"}, new={"v": "b"})
+    assert ops(row_history(log, "public", "wide", key=WIDE_KEY)) == [("insert", "as text"), ("update", "as int")]
+
+
+def test_history_of_a_wide_key_marks_the_update_that_changed_it(log):
+    log.execute(WIDE)
+    record(log, "wide", "insert", request_id="r1", key={f"c{i}": i for i in range(1, 8)}, new={"v": "a"})
+    record(log, "wide", "update", request_id="r2", key={f"c{i}": i + 1 for i in range(1, 8)},
+           old_key={f"c{i}": i for i in range(1, 8)}, old={"v": "a"}, new={"v": "a"})
+    h = row_history(log, "public", "wide", key=WIDE_KEY)
+    assert [(m.request_id, m.key_change) for m in h.mutations] == [("r1", None), ("r2", "out")]
+
+
+UUID = "7f3b1c2e-9a4d-4e8b-b1c2-3d4e5f6a7b8c"
+
+
+@pytest.mark.parametrize("given", ["7f3b1c2e9a4d4e8bb1c23d4e5f6a7b8c", "{7F3B1C2E-9A4D-4E8B-B1C2-3D4E5F6A7B8C}",
+                                   "7f3b-1c2e-9a4d-4e8b-b1c2-3d4e-5f6a-7b8c", "{7f3b1c2e9a4d4e8bb1c23d4e5f6a7b8c}"])
+def test_history_finds_a_uuid_key_given_in_any_form_postgres_reads(log, given):
+    assert log.execute("SELECT %s::uuid::text", (given,)).fetchone()[0] == UUID
+    log.execute("CREATE TABLE public.docs (id uuid PRIMARY KEY)")
+    record(log, "docs", "insert", request_id="r1", key={"id": UUID}, new={"id": UUID})
+    assert ops(row_history(log, "public", "docs", id_value=given)) == [("insert", "r1")]
 
 
 def test_history_with_id_on_composite_key_says_to_use_key(log):
@@ -206,11 +262,33 @@ def test_history_keeps_30_digit_numerics_exact(log):
     assert new["big"] == Decimal("123456789012345678901234567890")
 
 
-def test_history_of_uncaptured_table_says_so(log):
+def test_history_in_a_database_capturing_nothing_says_how_to_start(log):
     log.execute("CREATE TABLE public.quiet (id int PRIMARY KEY)")
     with pytest.raises(NotFoundError) as err:
         row_history(log, "public", "quiet", id_value="1")
-    assert "flux attach --tables" in err.value.hint
+    assert "Nothing is captured" in err.value.hint and "flux attach --tables quiet" in err.value.hint
+
+
+def test_history_of_a_table_left_out_of_capture_says_it_is_not_captured(log, dsn):
+    log.execute("CREATE TABLE public.quiet (id int PRIMARY KEY); CREATE TABLE public.loud (id int PRIMARY KEY)")
+    attach(dsn, tables=["loud"])
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "quiet", id_value="1")
+    assert err.value.hint.startswith("quiet is not captured") and "flux attach --tables" in err.value.hint
+
+
+def test_history_of_a_captured_table_without_changes_says_it_is_captured(log, dsn):
+    log.execute("CREATE TABLE public.quiet (id int PRIMARY KEY)")
+    attach(dsn, tables=["quiet"])
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "quiet", id_value="1")
+    assert err.value.hint.startswith("quiet is captured (publication flux)") and "flux cdc status" in err.value.hint
+
+
+def test_history_of_a_flux_table_says_flux_never_captures_its_own(log):
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "flux", "state_mutations", id_value="1")
+    assert "never captures" in err.value.hint
 
 
 def test_history_of_a_partition_points_to_its_partitioned_table(log):
@@ -335,6 +413,13 @@ def test_table_blame_lists_recent_rows_once_with_last_writer(log):
     assert [r.row_key for r in table_blame(log, "public", "users", limit=1)] == [{"id": 1}]
 
 
+def test_table_blame_orders_by_lsn_not_by_its_text(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", request_id="at 0/F00", key={"id": 1}, new={"id": 1}, tx=0xF)
+    record(log, "users", "insert", request_id="at 0/1000", key={"id": 2}, new={"id": 2}, tx=0x10)
+    assert [r.writer.request_id for r in table_blame(log, "public", "users")] == ["at 0/1000", "at 0/F00"]
+
+
 def test_table_blame_stops_at_a_truncate(log):
     log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
     record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})
@@ -342,6 +427,18 @@ def test_table_blame_stops_at_a_truncate(log):
     record(log, "users", "insert", request_id="r2", key={"id": 2}, new={"id": 2})
     rows = table_blame(log, "public", "users")
     assert [(r.writer.op, r.writer.request_id) for r in rows] == [("insert", "r2"), ("truncate", "t")]
+
+
+def test_table_blame_lists_a_row_whose_key_changed_under_its_new_key_only(log):
+    _moved_twice(log)
+    rows = table_blame(log, "public", "users")
+    assert [(r.row_key, r.writer.request_id, r.moved_from) for r in rows] == [({"id": 3}, "r5", {"id": 2})]
+
+
+def test_table_blame_lists_a_row_inserted_under_a_key_another_row_left(log):
+    _moved_twice(log)
+    record(log, "users", "insert", request_id="r6", key={"id": 1}, new={"id": 1, "email": "c", "plan": "free"})
+    assert [(r.row_key, r.writer.request_id) for r in table_blame(log, "public", "users")] == [({"id": 1}, "r6"), ({"id": 3}, "r5")]
 
 
 # -- request ids -------------------------------------------------------------------------------
@@ -372,6 +469,12 @@ def test_request_id_prefix_without_match_is_not_found(log):
     record(log, "users", "insert", request_id="abc", key={"id": 1}, new={"id": 1})
     with pytest.raises(NotFoundError):
         resolve_request_id(log, "zz")
+
+
+def test_an_empty_request_id_says_what_to_give(log):
+    with pytest.raises(ConfigError) as err:
+        resolve_request_id(log, "req:")
+    assert "flux requests" in err.value.hint
 
 
 def test_request_id_prefix_treats_like_wildcards_literally(log):

@@ -201,9 +201,26 @@ def test_table_blame_reads_the_latest_changes_through_the_table_hash_index(conn)
         "   FROM generate_series(1, 20000) i, unnest(ARRAY['users', 'orders', 'items', 'carts']) WITH ORDINALITY u(t, n)"
     )
     conn.execute("ANALYZE flux.state_mutations")
-    query = psycopg.sql.SQL(
-        "EXPLAIN (FORMAT JSON) SELECT * FROM flux.state_mutations WHERE {} ORDER BY commit_lsn DESC, seq DESC LIMIT 500"
-    ).format(psycopg.sql.SQL(queries._TABLE_IS))
-    plan = json.dumps(conn.execute(query, {"schema": "public", "table": "users"}).fetchone()[0])
+    query = psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + queries._recent_query(paged=True)
+    params = {"schema": "public", "table": "users", "lsn": "0/FFFFFFFF", "seq": 0, "batch": 500}
+    plan = json.dumps(conn.execute(query, params).fetchone()[0])
     assert "state_mutations_table_hash_idx" in plan
     assert "Seq Scan" not in plan and "Sort" not in plan
+
+
+def test_row_history_of_a_wide_numeric_key_reads_the_tables_mutations_through_the_table_hash_index(conn):
+    """Seven numeric columns are 128 typed combinations: compared column by column, not hashed."""
+    ensure_schema(conn)
+    conn.execute(
+        "INSERT INTO flux.state_mutations (schema_name, table_name, op, row_key, new, xid, commit_lsn, commit_time, seq)"
+        " SELECT 'public', t, 'insert', k, k, 1, ('0/' || to_hex(i * 16 + n))::pg_lsn, now(), 0"
+        "   FROM generate_series(1, 20000) i, unnest(ARRAY['wide', 'orders', 'items', 'carts']) WITH ORDINALITY u(t, n),"
+        "        LATERAL (SELECT jsonb_object_agg('c' || c, i + c) FROM generate_series(1, 7) c) j(k)"
+    )
+    conn.execute("ANALYZE flux.state_mutations")
+    match = queries._row_match(conn, "public", "wide", None, {f"c{c}": str(42 + c) for c in range(1, 8)})
+    query, params = queries._row_query("public", "wide", match, None)
+    plan = json.dumps(conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()[0])
+    assert "state_mutations_table_hash_idx" in plan
+    assert "Seq Scan" not in plan
+    assert len(queries._fetch_row(conn, "public", "wide", match, None)[1]) == 1

@@ -234,7 +234,7 @@ def render_row_blame(b: RowBlame) -> None:
     for c in b.columns:
         value = escape(key_text(c.value).ljust(vwidth))
         if c.set_by is None:
-            origin = "[dim](set before capture)[/]"
+            origin = "[dim](set before the recorded history)[/]"
         else:
             maybe = "[dim]≤[/] " if not c.certain else ""
             origin = f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by)}  [dim]{c.set_by.op}[/]"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shlex
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -20,7 +19,7 @@ from rich.markup import escape
 
 from flux.cli.common import DatabaseOption, JsonOption, connect, parse_duration
 from flux.cli.output import console, print_json
-from flux.cli.state import history_command
+from flux.cli.state import history_command, shell_word
 from flux.errors import ConfigError
 from flux.store import traces
 from flux.store.queries import format_table, key_text
@@ -304,7 +303,7 @@ def _why_rows(w: Why) -> None:
     for t in w.tables:
         ops = ", ".join(f"{n:,} {op}" for op, n in t.ops.items())
         console.print(f"    {escape(format_table(t.schema, t.table))}  {t.rows:,} rows: {ops}")
-        console.print(f"      [dim]flux state blame {escape(shlex.quote(format_table(t.schema, t.table)))}[/]")
+        console.print(f"      [dim]flux state blame {escape(shell_word(format_table(t.schema, t.table)))}[/]")
 
 
 def _key_text(m: RowChange) -> str:
@@ -318,7 +317,7 @@ def _key_text(m: RowChange) -> str:
 def history_hint(m: RowChange) -> str | None:
     """The `flux state` command that shows the row's whole history."""
     if m.op == "truncate" or not m.row_key:
-        return f"flux state blame {shlex.quote(format_table(m.schema, m.table))}"
+        return f"flux state blame {shell_word(format_table(m.schema, m.table))}"
     return history_command(m.schema, m.table, m.row_key)
 
 

@@ -97,7 +97,8 @@ def test_a_second_prune_at_the_same_time_is_refused(recorded, dsn):
         other.execute("SELECT pg_advisory_lock(hashtext('flux.prune'))")
         with pytest.raises(InUseError):
             prune(recorded, older_than=timedelta(days=30))
-    assert prune(recorded, older_than=timedelta(days=30)).traces == 2  # the lock went with its session
+        other.execute("SELECT pg_advisory_unlock(hashtext('flux.prune'))")
+        assert prune(recorded, older_than=timedelta(days=30)).traces == 2
 
 
 def test_prune_refuses_a_database_without_the_flux_schema(conn):

@@ -17,6 +17,7 @@ import re
 import subprocess
 import tomllib
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,14 @@ class Limits:
     memory_mb: int = 128
     max_body_bytes: int = 1024 * 1024
     record_body_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long recorded data is kept (`[retention]`); None keeps it for good."""
+
+    traces: timedelta | None = None
+    mutations: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +83,7 @@ class Project:
     tenants: dict[str, Tenant]
     git_commit: str | None
     setup_sql: Path | None = None
+    retention: Retention = Retention()
 
     @property
     def requires_api_key(self) -> bool:
@@ -138,6 +148,7 @@ def load_project(root: Path) -> Project:
         tenants=tenants,
         git_commit=git_commit(root),
         setup_sql=setup_sql,
+        retention=_retention(_table(config, "retention", where), where),
     )
 
 
@@ -197,6 +208,43 @@ def _limits(table: dict, where: str) -> Limits:
         max_body_bytes=_positive_int(table, "max_body_bytes", d.max_body_bytes, where),
         record_body_bytes=_positive_int(table, "record_body_bytes", d.record_body_bytes, where),
     )
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+MAX_DURATION = timedelta(days=36_500)  # 100 years; now() minus much more leaves timestamptz's range
+
+
+def parse_duration(text: str, what: str) -> timedelta:
+    """`30s`, `10m`, `2h`, `1d` (or `1.5h`) -> a timedelta; `what` names the setting in errors."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match:
+        raise ConfigError(f"{what} {text!r} is not a duration", hint="Write a number and a unit: 30s, 10m, 2h, 1d.")
+    try:
+        window = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    except OverflowError:  # past timedelta's own range (about 2.7 million years)
+        window = None
+    if window is None or window > MAX_DURATION:
+        raise ConfigError(f"{what} {text!r} is too long", hint=f"Give at most {MAX_DURATION.days}d (100 years).")
+    return window
+
+
+def _retention(table: dict, where: str) -> Retention:
+    periods = {}
+    for key in ("traces", "mutations"):
+        value = table.get(key)
+        if value is None:
+            continue
+        period = parse_duration(value, f"[retention] {key} in {where}") if isinstance(value, str) else None
+        if period is None or period <= timedelta(0):
+            raise ConfigError(f"[retention] {key} in {where} must be a positive duration, not {value!r}",
+                              hint=f'For example: {key} = "30d"')
+        periods[key] = period
+    unknown = set(table) - {"traces", "mutations"}
+    if unknown:
+        raise ConfigError(f"[retention] in {where} has unknown keys: {', '.join(sorted(unknown))}",
+                          hint='Use traces = "30d" and mutations = "90d".')
+    return Retention(**periods)
 
 
 def _fetch(table: dict, tools: dict, where: str) -> FetchConfig:

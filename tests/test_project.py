@@ -100,3 +100,21 @@ def test_invalid_limits_are_config_errors(tmp_path):
     write_project(tmp_path, {"hello": FN}, "[limits]\ntimeout_ms = 0\n")
     with pytest.raises(ConfigError, match="timeout_ms"):
         load_project(tmp_path)
+
+
+def test_retention_periods_are_read_from_flux_toml(tmp_path):
+    from datetime import timedelta
+
+    write_project(tmp_path, {"a": FN}, '[retention]\ntraces = "30d"\nmutations = "12h"\n')
+    retention = load_project(tmp_path).retention
+    assert (retention.traces, retention.mutations) == (timedelta(days=30), timedelta(hours=12))
+    write_project(tmp_path, {"a": FN}, "")
+    assert load_project(tmp_path).retention.traces is None  # kept for good unless configured
+
+
+@pytest.mark.parametrize("setting", ['traces = "a month"', "traces = 30", 'traces = "0d"', 'trace = "30d"'])
+def test_a_retention_setting_that_is_not_a_positive_duration_is_a_config_error(tmp_path, setting):
+    write_project(tmp_path, {"a": FN}, f"[retention]\n{setting}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_project(tmp_path)
+    assert "[retention]" in str(caught.value) and caught.value.hint

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +15,6 @@ import typer
 from psycopg.conninfo import conninfo_to_dict
 
 from flux.errors import ConfigError, ConnectionLostError, ServerNotReadyError, from_psycopg
-from flux.store.traces import MAX_SINCE
 
 DatabaseOption = Annotated[
     str | None,
@@ -30,9 +27,6 @@ DatabaseOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-MAX_DURATION = MAX_SINCE  # now() minus much more leaves timestamptz's range
 
 ENV_DSN = "FLUX_DATABASE_URL"
 STATE_DIR = ".flux"
@@ -132,17 +126,3 @@ def connect(database: str | None, *, failing: str) -> Iterator[psycopg.Connectio
                 yield conn
         except psycopg.Error as exc:
             raise from_psycopg(exc, failing) from exc
-
-
-def parse_duration(text: str, option: str) -> timedelta:
-    """`30s`, `10m`, `2h`, `1d` (or `1.5h`), given to `option` -> a timedelta."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if not match:
-        raise ConfigError(f"{option} {text!r} is not a duration", hint="Write a number and a unit: 30s, 10m, 2h, 1d.")
-    try:
-        window = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-    except OverflowError:  # past timedelta's own range (about 2.7 million years)
-        window = None
-    if window is None or window > MAX_DURATION:
-        raise ConfigError(f"{option} {text!r} is too long", hint=f"Give at most {MAX_DURATION.days}d (100 years).")
-    return window

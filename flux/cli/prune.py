@@ -6,8 +6,9 @@ from typing import Annotated
 
 import typer
 
-from flux.cli.common import DatabaseOption, JsonOption, connect, parse_duration
+from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, err_console, print_json
+from flux.project import parse_duration
 from flux.store import retention
 
 

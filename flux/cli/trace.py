@@ -17,10 +17,11 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from flux.cli.common import DatabaseOption, JsonOption, connect, parse_duration
+from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, print_json
 from flux.cli.state import history_command, shell_word
 from flux.errors import ConfigError
+from flux.project import parse_duration
 from flux.store import traces
 from flux.store.queries import format_table, key_text
 from flux.store.traces import TraceRecord, TraceSummary

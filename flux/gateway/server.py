@@ -33,6 +33,7 @@ from flux.gateway.app import Gateway, create_app
 from flux.gateway.traces import TraceWriter
 from flux.project import Project, load_project
 from flux.runtime.host import AiohttpTransport
+from flux.store import retention
 
 log = logging.getLogger("flux.gateway")
 
@@ -187,11 +188,13 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     # deadline may take up to 5 s more to reach the server.
     hc.graceful_timeout = project.limits.timeout_ms / 1000 + 6
     watcher = asyncio.create_task(_watch(gateway, shutdown)) if config.reload else None
+    pruner = asyncio.create_task(retention.keep(config.dsn, lambda: gateway.project.retention))
     if on_ready is not None:
         loop.call_soon(on_ready, f"http://{config.host}:{port}")
     try:
         await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)
     finally:
+        pruner.cancel()  # a pass on its worker thread finishes its batch; the next never starts
         if watcher is not None:
             watcher.cancel()
 

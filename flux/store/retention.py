@@ -20,6 +20,9 @@ replication slot.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +30,11 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from flux.errors import ConfigError, InUseError, NotFoundError
+from flux.errors import ConfigError, FluxError, InUseError, NotFoundError
+from flux.project import Retention
 from flux.store.schema import SCHEMA_VERSION, schema_version
+
+log = logging.getLogger("flux.retention")
 
 DEFAULT_BATCH_ROWS = 5_000
 _LOCK = "flux.prune"
@@ -55,8 +61,10 @@ def prune(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     dry_run: bool = False,
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> PruneResult:
-    """Delete traces and mutations older than `older_than`; `conn` must be in autocommit mode."""
+    """Delete traces and mutations older than `older_than`; `conn` must be in autocommit mode.
+    Once `stop` is set, it returns after the batch in hand, with what it has deleted."""
     if older_than <= timedelta(0):
         raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
     if not traces and not mutations:
@@ -75,41 +83,40 @@ def prune(
     try:
         cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0]
         result = PruneResult(cutoff=cutoff, dry_run=dry_run, traces=None, mutations=None, seconds=0.0)
+        batches = _Batches(conn, batch_rows, progress, stop or threading.Event())
         if traces:
-            result.traces = _prune_traces(conn, cutoff, batch_rows, dry_run, progress)
+            result.traces = _prune_traces(conn, cutoff, dry_run, batches)
         if mutations:
-            result.mutations = _prune_mutations(conn, cutoff, batch_rows, dry_run, progress)
+            result.mutations = _prune_mutations(conn, cutoff, dry_run, batches)
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     result.seconds = round(time.monotonic() - started, 3)
     return result
 
 
-def _prune_traces(conn: psycopg.Connection, cutoff: datetime, batch_rows: int, dry_run: bool,
-                  progress: Progress | None) -> int:
-    total = conn.execute("SELECT count(*) FROM flux.trace_requests WHERE started_at < %s", (cutoff,)).fetchone()[0]
+def _prune_traces(conn: psycopg.Connection, cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
+    count = "SELECT count(*) FROM flux.trace_requests WHERE started_at < %s"
     if dry_run:
-        return total
-    return _in_batches(conn, "traces", total, progress, """
+        return conn.execute(count, (cutoff,)).fetchone()[0]
+    return batches.delete("traces", count, """
         DELETE FROM flux.trace_requests WHERE id IN (
             SELECT id FROM flux.trace_requests WHERE started_at < %s ORDER BY started_at LIMIT %s)
-        """, (cutoff, batch_rows))
+        """, cutoff)
 
 
-def _prune_mutations(conn: psycopg.Connection, cutoff: datetime, batch_rows: int, dry_run: bool,
-                     progress: Progress | None) -> int:
+def _prune_mutations(conn: psycopg.Connection, cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     cut = first_lsn_at_or_after(conn, cutoff)
     if cut is None:  # every recorded mutation is older than the cutoff
         cut = conn.execute("SELECT (max(commit_lsn) + 1::numeric)::text FROM flux.state_mutations").fetchone()[0]
         if cut is None:  # nothing recorded at all
             return 0
-    total = conn.execute("SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn", (cut,)).fetchone()[0]
+    count = "SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn"
     if dry_run:
-        return total
-    return _in_batches(conn, "mutations", total, progress, """
+        return conn.execute(count, (cut,)).fetchone()[0]
+    return batches.delete("mutations", count, """
         DELETE FROM flux.state_mutations WHERE (commit_lsn, seq) IN (
             SELECT commit_lsn, seq FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn ORDER BY commit_lsn, seq LIMIT %s)
-        """, (cut, batch_rows))
+        """, cut)
 
 
 def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | None:
@@ -141,13 +148,65 @@ def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | N
     return conn.execute("SELECT ('0/0'::pg_lsn + %s::numeric)::text", (answer,)).fetchone()[0]
 
 
-def _in_batches(conn: psycopg.Connection, what: str, total: int, progress: Progress | None, delete: str,
-                params: tuple) -> int:
-    deleted = 0
+@dataclass
+class _Batches:
+    conn: psycopg.Connection
+    rows: int
+    progress: Progress | None
+    stop: threading.Event
+
+    def delete(self, what: str, count: str, delete: str, bound: object) -> int:
+        """Run `delete` (its parameters: `bound`, then the batch size) until a batch comes back short.
+        The total for the progress report is counted only when someone watches (a count is a
+        scan of an index, long on a large log)."""
+        total = self.conn.execute(count, (bound,)).fetchone()[0] if self.progress is not None else 0
+        deleted = 0
+        while not self.stop.is_set():
+            batch = self.conn.execute(delete, (bound, self.rows)).rowcount
+            deleted += batch
+            if self.progress is not None:
+                self.progress(what, deleted, max(total, deleted))
+            if batch < self.rows:
+                break
+        return deleted
+
+
+# `[retention]` in flux.toml: `flux serve` and `flux dev` prune this often, the first time soon
+# after they start (not at once: start-up has enough to do).
+KEEP_EVERY_S = 3600.0
+KEEP_FIRST_AFTER_S = 60.0
+
+
+async def keep(dsn: str, current: Callable[[], Retention], *, every_s: float = KEEP_EVERY_S,
+               first_after_s: float = KEEP_FIRST_AFTER_S) -> None:
+    """Apply `current()` (the project's retention, re-read each time: a reload may change it)
+    until cancelled. Each pass runs on a worker thread with its own connection. A pass that fails
+    is logged and tried again next time; one that finds another prune running (another server of
+    the same database) leaves the work to it."""
+    await asyncio.sleep(first_after_s)
     while True:
-        batch = conn.execute(delete, params).rowcount
-        deleted += batch
-        if progress is not None:
-            progress(what, deleted, max(total, deleted))
-        if batch < params[-1]:
-            return deleted
+        retention = current()
+        for what, period in (("traces", retention.traces), ("mutations", retention.mutations)):
+            if period is None:
+                continue
+            stop = threading.Event()
+            try:
+                result = await asyncio.to_thread(_prune_one, dsn, what, period, stop)
+            except InUseError:
+                log.debug("retention: another prune is running on this database; %s left to it", what)
+                continue
+            except (FluxError, psycopg.Error) as exc:
+                hint = f" (hint: {exc.hint})" if isinstance(exc, FluxError) and exc.hint else ""
+                log.warning("retention: pruning %s failed, tried again in %.0f s: %s%s", what, every_s, exc, hint)
+                continue
+            finally:
+                stop.set()  # cancelled (the server stops): the thread ends after its batch in hand
+            deleted = result.traces if what == "traces" else result.mutations
+            if deleted:
+                log.info("retention: deleted %d %s recorded before %s", deleted, what, f"{result.cutoff:%Y-%m-%d %H:%M:%S}")
+        await asyncio.sleep(every_s)
+
+
+def _prune_one(dsn: str, what: str, period: timedelta, stop: threading.Event) -> PruneResult:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="flux-retention") as conn:
+        return prune(conn, older_than=period, traces=what == "traces", mutations=what == "mutations", stop=stop)

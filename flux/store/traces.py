@@ -24,12 +24,13 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
+from flux.project import MAX_DURATION
 from flux.store import queries
 from flux.store.schema import SCHEMA_VERSION, schema_version
 
 MIN_PREFIX = 4
 MAX_CANDIDATES = queries.MAX_CANDIDATES
-MAX_SINCE = timedelta(days=36_500)  # 100 years; now() minus much more leaves timestamptz's range
+MAX_SINCE = MAX_DURATION
 STATUS_FILTERS = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # or an exact code such as "500"
 _NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")  # \u0000 not itself escaped (\\u0000 is text)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
+import time
 from datetime import timedelta
 
 import psycopg
 import pytest
 
 from flux.errors import ConfigError, InUseError, NotFoundError
-from flux.store.retention import first_lsn_at_or_after, prune
+from flux.project import Retention
+from flux.store.retention import first_lsn_at_or_after, keep, prune
 from flux.store.schema import ensure_schema
 from flux.store.traces import insert_traces
 from tests.traces_seed import NOW, trace
@@ -111,3 +115,33 @@ def test_prune_refuses_a_database_without_the_flux_schema(conn):
 def test_prune_refuses_nothing_to_do(recorded, kwargs):
     with pytest.raises(ConfigError):
         prune(recorded, **kwargs)
+
+
+def test_a_set_stop_ends_the_prune_after_its_batch_in_hand(recorded):
+    stop = threading.Event()
+    for lsn in range(300):
+        transaction(recorded, 0x10 + lsn, 50)
+
+    def progress(what: str, done: int, total: int) -> None:
+        if what == "mutations":
+            stop.set()  # during the first batch of mutations
+
+    result = prune(recorded, older_than=timedelta(days=30), batch_rows=100, progress=progress, stop=stop)
+    assert (result.traces, result.mutations) == (2, 100)
+    assert recorded.execute("SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < '0/1000'").fetchone() == (200,)
+
+
+def test_keep_applies_the_projects_retention_until_cancelled(recorded, dsn):
+    periods = Retention(traces=timedelta(days=30), mutations=timedelta(days=35))
+
+    async def main() -> None:
+        keeper = asyncio.create_task(keep(dsn, lambda: periods, every_s=0.05, first_after_s=0))
+        deadline = time.monotonic() + 10
+        while remaining(recorded) != ([29, 1], [31, 29, 29, 1]):
+            assert time.monotonic() < deadline, remaining(recorded)
+            await asyncio.sleep(0.05)
+        keeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await keeper
+
+    asyncio.run(main())

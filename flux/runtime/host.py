@@ -141,9 +141,11 @@ class DbSession:
     Every statement uses the extended protocol, so a query string holds one statement and its
     values travel apart from it. A statement a connection runs a second time is prepared on it
     (in the same round trip), as psycopg does after five: the server then skips parsing and
-    planning it (measured: 15 to 45 us of the server's CPU per request of the bench). A connection
-    whose exchange was interrupted (a time limit, a client gone) is closed rather than reused: its
-    protocol state is unknown.
+    planning it (measured: 15 to 45 us of the server's CPU per request of the bench). Prepared
+    statements do not outlive a tenant on a connection: the first round trip of a request of
+    another tenant starts with DEALLOCATE ALL, since any session can read their text (a secret
+    inlined in the SQL) in `pg_prepared_statements`. A connection whose exchange was interrupted
+    (a time limit, a client gone) is closed rather than reused: its protocol state is unknown.
 
     PostgreSQL aborts a transaction at its first failed statement. A function that catches that
     error and returns still cannot commit what it wrote before it: `lost_writes` then says so, and
@@ -153,7 +155,9 @@ class DbSession:
     def __init__(self, pool: AsyncConnectionPool | None, context: dict[str, Any]) -> None:
         self._pool = pool
         self._context = orjson.dumps(context)
+        self._tenant = context.get("tenant")
         self._conn: psycopg.AsyncConnection | None = None
+        self._begun = False  # BEGIN was sent on _conn
         self._lock = asyncio.Lock()
         self.statements = 0
         self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
@@ -173,8 +177,8 @@ class DbSession:
             if refusal is not None:
                 raise HostCallError({"name": "FluxError", "message": refusal, "sqlstate": None})
             try:
-                first = self._conn is None
-                if first:
+                first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
+                if self._conn is None:
                     self._conn = await self._pool.getconn()
                 conn = self._conn
                 encoding = conn.info.encoding
@@ -187,9 +191,13 @@ class DbSession:
                     if not first:
                         return [statement]
                     message = _statement(conn, _CONTEXT_MESSAGE, [CONTEXT_PREFIX.encode(), self._context], [_TEXT_OID] * 2, None)
-                    return [_Statement(b"BEGIN"), message, statement]
+                    begin = [_Statement(b"BEGIN"), message, statement]
+                    return [_Statement(b"DEALLOCATE ALL"), *begin] if switched else begin
 
+                # Only now, once nothing can fail before BEGIN (and a DEALLOCATE) is sent.
+                switched = first and _serve_tenant(conn, self._tenant)
                 sent = statements()
+                self._begun = True
                 try:
                     result = (await _exchange(conn, sent))[-1]
                 except psycopg.Error as exc:
@@ -360,9 +368,11 @@ _READS = frozenset({"SELECT", "SHOW", "FETCH", "EXPLAIN", "DECLARE", "MOVE", "CL
 # settings (SET, set_config(..., false)), its role, LISTEN, session advisory locks, temporary
 # tables, held cursors, sequences' currval. Sent after the COMMIT or ROLLBACK, in the same round
 # trip, and prepared on the connection after its first use (measured: 18 us more per request).
-# SQL-level prepared statements are refused instead (DEALLOCATE ALL would drop Flux's own).
+# Flux's own prepared statements stay for the same tenant's next requests and are dropped when
+# the connection passes to another tenant (`_serve_tenant`); SQL-level ones are refused.
 _SESSION_RESET = (b"RESET ALL", b"SET SESSION AUTHORIZATION DEFAULT", b"UNLISTEN *",
                   b"SELECT pg_advisory_unlock_all()", b"DISCARD TEMP", b"CLOSE ALL", b"DISCARD SEQUENCES")
+_FLUX_STATEMENTS = frozenset({_CONTEXT_MESSAGE, *_SESSION_RESET})  # the same for every tenant
 _IN_FAILED_TRANSACTION = "25P02"  # each statement after the one that aborted the transaction
 _ENDS_TRANSACTION = frozenset({"BEGIN", "START", "COMMIT", "END", "ABORT", "ROLLBACK"})
 
@@ -446,17 +456,35 @@ class _Statement:
 
 
 class _Prepared:
-    """What Flux has prepared on one connection, by (SQL, parameter types)."""
+    """What Flux has prepared on one connection, by (SQL, parameter types), and for which tenant."""
 
-    __slots__ = ("names", "seen", "made")
+    __slots__ = ("names", "seen", "made", "tenant")
 
-    def __init__(self) -> None:
+    def __init__(self, tenant: str | None = None) -> None:
         self.names: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
         self.seen: set[tuple[bytes, tuple[int, ...]]] = set()
         self.made = 0
+        self.tenant = tenant
 
 
 _PREPARED: weakref.WeakKeyDictionary[psycopg.AsyncConnection, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def _serve_tenant(conn: psycopg.AsyncConnection, tenant: str | None) -> bool:
+    """Whether `conn` last served another tenant. Its prepared statements must then go (the
+    caller sends DEALLOCATE ALL, which also drops any a function made through a DO block): their
+    text, a secret or data inlined in SQL included, is in `pg_prepared_statements` for any later
+    request on the connection to read. Flux's own statements are prepared again at their next use,
+    so that a pool shared by tenants in turn keeps them prepared."""
+    cache = _PREPARED.get(conn)
+    if cache is None:
+        _PREPARED[conn] = _Prepared(tenant)
+        return False
+    if cache.tenant == tenant:
+        return False
+    _PREPARED[conn] = fresh = _Prepared(tenant)
+    fresh.seen = {key for key in cache.seen if key[0] in _FLUX_STATEMENTS}
+    return True
 
 
 def _statement(conn: psycopg.AsyncConnection, sql: bytes, values: Sequence[Buffer | None], types: Sequence[int],
@@ -648,7 +676,6 @@ class FetchPolicy:
             return f"fetch {hostport}"
         segments = [s for s in urlsplit(url).path.split("/") if s]
         return f"{tool}.{segments[-1]}" if segments else tool
-
 
 def as_text(body: str, limit: int = MAX_RECORDED_FETCH_BODY, secrets: Sequence[str] = ()) -> tuple[str, bool]:
     """`body` cut to `limit` characters, and whether it was. Never inside one of `secrets`: the

@@ -431,3 +431,77 @@ def test_a_bad_trace_query_is_a_400_with_the_reason(tmp_path, dsn, conn, trace_s
 
     status, body = run(scenario())
     assert status == 400 and body["error"]
+
+
+ACME_TOKEN = "acme-token-7Hq2Lx9Pz4"
+ACME_PIN = "90817263544"
+ACME_HOST = "SecretHostMK7"
+ACME_URL_TOKEN = "tok en%2Fsecret_9z"
+PEM_LINES = ["-----BEGIN TEST KEY-----", "MIIEvQIBADANBgkqhkiG9w0B", "AQEFAASCBKcwggSjAgEAAoIB", "-----END TEST KEY-----"]
+SHARED_KEY = "shared-key-5d8e2c91"
+PEM_IN_TOML = r"\n".join(PEM_LINES)  # a TOML basic string's escapes
+SECRETS = f"""
+[secrets]
+SHARED_KEY = "{SHARED_KEY}"
+[tenants.acme]
+api_keys = ["key-acme"]
+[tenants.acme.secrets]
+ACME_TOKEN = "{ACME_TOKEN}"
+ACME_PIN = "{ACME_PIN}"
+ACME_HOST = "{ACME_HOST}"
+ACME_URL_TOKEN = "{ACME_URL_TOKEN}"
+ACME_PEM = "{PEM_IN_TOML}"
+[tenants.globex]
+api_keys = ["key-globex"]
+"""
+ACME = {"headers": {"x-flux-api-key": "key-acme"}}
+GLOBEX = {"headers": {"x-flux-api-key": "key-globex"}}
+
+
+def leaks(conn: psycopg.Connection, request_id: str, *needles: str) -> list[str]:
+    """The columns of a stored trace that hold any of `needles`."""
+    row = stored(conn, request_id)
+    return [column for column, value in row.items()
+            if value is not None and any(n in json.dumps(value, ensure_ascii=False) for n in needles)]
+
+
+async def call_and_read(root: Path, dsn: str, requests: list[tuple], key: str) -> tuple[list[tuple[int, dict, bytes]], list[tuple[int, str]]]:
+    """`call`, then each request's trace as `GET /_flux/requests/<id>` answers it to API key `key`."""
+    from flux.gateway.server import trace_reader
+
+    writer = TraceWriter(dsn, flush_interval=0.01)
+    await writer.start()
+    out, read = [], []
+    async with running_gateway(root, dsn, sink=writer) as (gateway, client):
+        gateway.trace_reader = trace_reader(dsn)
+        for method, path, options in requests:
+            response = await client.open(path, method=method, **options)
+            out.append((response.status_code, dict(response.headers), await response.get_data()))
+        await writer.flushed()
+        for _, headers, _ in out:
+            answer = await client.get(f"/_flux/requests/{headers['x-flux-request-id']}", headers={"x-flux-api-key": key})
+            read.append((answer.status_code, await answer.get_data(as_text=True)))
+    await writer.close()
+    return out, read
+
+
+def test_a_tenant_never_reads_another_tenants_secret_from_the_connections_prepared_statements(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {
+        "inline": """
+            export default async function (req, ctx) {
+              for (let i = 0; i < 3; i++) await ctx.db.query("SELECT 'inline:" + ctx.secrets.ACME_TOKEN + "' AS v");
+              return { status: 200 };
+            }
+        """,
+        "prepared": """
+            export default async function (req, ctx) {
+              const { rows } = await ctx.db.query("SELECT name, statement FROM pg_prepared_statements");
+              return { status: 200, body: rows };
+            }
+        """,
+    }, SECRETS)
+    [_, (status, headers, body)], [_, (read_status, read)] = run(call_and_read(
+        tmp_path, dsn, [("POST", "/inline", ACME), ("POST", "/prepared", GLOBEX)], "key-globex"))
+    assert status == 200 and read_status == 200
+    assert ACME_TOKEN not in body.decode() and ACME_TOKEN not in read
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN) == []

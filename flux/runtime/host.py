@@ -18,7 +18,6 @@ redacts the whole trace at the end, once, so nothing can slip past a per-field r
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import time
 import weakref
@@ -230,7 +229,9 @@ class DbSession:
                 }) from None
             except psycopg.Error as exc:
                 diag = exc.diag
-                detail = (diag.message_primary or str(exc).strip().splitlines()[0]) if diag else str(exc)
+                # Whole: a first line could hold part of a secret (a PEM key's first line) that
+                # redaction, which sees the trace at the end, could no longer recognise.
+                detail = (diag.message_primary or str(exc).strip()) if diag else str(exc)
                 if exc.sqlstate != _IN_FAILED_TRANSACTION:
                     self.aborted_by = f"{db_span_name(sql)}: {detail}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
                 raise HostCallError({
@@ -676,34 +677,3 @@ class FetchPolicy:
             return f"fetch {hostport}"
         segments = [s for s in urlsplit(url).path.split("/") if s]
         return f"{tool}.{segments[-1]}" if segments else tool
-
-def as_text(body: str, limit: int = MAX_RECORDED_FETCH_BODY, secrets: Sequence[str] = ()) -> tuple[str, bool]:
-    """`body` cut to `limit` characters, and whether it was. Never inside one of `secrets`: the
-    part of a secret left before the cut would be past what redaction recognises."""
-    if len(body) <= limit:
-        return body, False
-    cut, moved = limit, True
-    while moved:
-        moved = False
-        for secret in secrets:
-            start = body.find(secret, max(0, cut - len(secret) + 1), cut + len(secret) - 1) if secret else -1
-            if start != -1 and start < cut:
-                cut, moved = start, True
-    return body[:cut], True
-
-
-@functools.lru_cache(maxsize=1024)  # a tenant's secrets are the same for each of its requests
-def secret_forms(value: str) -> tuple[str, ...]:
-    """A secret's value as it may appear in a recording: as is, and escaped by JSON once or twice
-    (Flux itself JSON-encodes log arguments, fetch bodies and thrown non-Error values)."""
-    forms = [value]
-    for _ in range(2):
-        escaped = orjson.dumps(forms[-1]).decode()[1:-1]
-        if escaped == forms[-1]:
-            break
-        forms.append(escaped)
-    return tuple(forms)
-
-
-def every_secret_form(secrets: dict[str, str]) -> list[str]:
-    return [form for value in secrets.values() if value for form in secret_forms(value)]

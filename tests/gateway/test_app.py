@@ -505,3 +505,80 @@ def test_a_tenant_never_reads_another_tenants_secret_from_the_connections_prepar
     assert status == 200 and read_status == 200
     assert ACME_TOKEN not in body.decode() and ACME_TOKEN not in read
     assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN) == []
+
+
+def test_another_tenants_secret_is_redacted_from_a_trace_without_its_name(tmp_path, dsn, conn, trace_store):
+    """Defence in depth: a function may come by another tenant's secret in data (here, a row)."""
+    conn.execute("CREATE TABLE notes (v text)")
+    write_project(tmp_path, {
+        "keep": "export default async function (req, ctx) { await ctx.db.query('INSERT INTO notes VALUES ($1)', [ctx.secrets.ACME_TOKEN]); return {status: 200}; }",
+        "read": "export default async function (req, ctx) { const { rows } = await ctx.db.query('SELECT v FROM notes'); return {status: 200, body: rows}; }",
+    }, SECRETS)
+    [_, (status, headers, _)], [_, (read_status, read)] = run(call_and_read(
+        tmp_path, dsn, [("POST", "/keep", ACME), ("POST", "/read", GLOBEX)], "key-globex"))
+    assert status == 200 and read_status == 200
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN, "ACME_TOKEN") == []
+    assert ACME_TOKEN not in read and "ACME_TOKEN" not in read and '"body": [{"v": "[secret]"}]' in json.dumps(json.loads(read))
+
+
+def test_a_long_returned_error_is_cut_only_after_its_secret_is_redacted(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"fail": """
+        export default async function (req, ctx) {
+          return { status: 500, body: { error: "x".repeat(485) + ctx.secrets.ACME_TOKEN } };
+        }
+    """}, SECRETS)
+    [(status, headers, _)] = run(call(tmp_path, dsn, [("POST", "/fail", ACME)]))
+    trace = stored(conn, headers["x-flux-request-id"])
+    assert status == 500 and trace["error"] == "x" * 485 and trace["spans"][0]["error"] == "x" * 485
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN[:8]) == []
+
+
+def test_a_multi_line_secret_returned_as_the_error_leaves_no_line_of_it(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"fail": "export default async function (req, ctx) { return {status: 500, body: {error: ctx.secrets.ACME_PEM}}; }"},
+                  SECRETS)
+    [(status, headers, _)] = run(call(tmp_path, dsn, [("POST", "/fail", ACME)]))
+    assert status == 500 and stored(conn, headers["x-flux-request-id"])["error"] == "[secret:ACME_PEM]"
+    assert leaks(conn, headers["x-flux-request-id"], *PEM_LINES) == []
+
+
+def test_a_v8_error_through_the_bridge_leaves_no_line_of_a_secret(tmp_path, dsn, conn, users):
+    """A db param whose toJSON throws when the host reads the call: V8's error, not the function's."""
+    write_project(tmp_path, {"tj": """
+        export default async function (req, ctx) {
+          let calls = 0;
+          const param = { toJSON() { if (++calls > 1) throw new Error("tj " + ctx.secrets.ACME_PEM); return 1; } };
+          await ctx.db.query("SELECT $1::int AS v", [param]);
+          return { status: 200 };
+        }
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/tj", ACME)]))
+    assert status == 500 and "JSEvalException" in body.decode()
+    assert not [line for line in PEM_LINES if line in body.decode()]
+    assert leaks(conn, headers["x-flux-request-id"], *PEM_LINES) == []
+
+
+def test_a_numeric_secret_that_comes_back_as_a_number_is_redacted(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"pin": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT $1::bigint AS pin", [ctx.secrets.ACME_PIN]);
+          ctx.log("pin", { pin: Number(ctx.secrets.ACME_PIN) });
+          return { status: 200, body: rows[0] };
+        }
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/pin", ACME)]))
+    assert status == 200 and json.loads(body) == {"pin": int(ACME_PIN)}  # the function's answer is its own
+    assert leaks(conn, headers["x-flux-request-id"], ACME_PIN) == []
+
+
+def test_a_secret_in_the_path_or_query_is_redacted_with_a_tenant_or_without(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"}, SECRETS)
+    results = run(call(tmp_path, dsn, [
+        ("GET", f"/nope/{ACME_TOKEN}", ACME),  # 404
+        ("POST", f"/f/{SHARED_KEY}?k={SHARED_KEY}", {}),  # 401: no tenant, every secret is still redacted
+    ]))
+    assert [status for status, _, _ in results] == [404, 401]
+    for _, headers, body in results:
+        assert ACME_TOKEN not in body.decode() and SHARED_KEY not in body.decode()
+        assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN, SHARED_KEY) == []
+    assert stored(conn, results[0][1]["x-flux-request-id"])["path"] == "/nope/[secret:ACME_TOKEN]"
+    assert stored(conn, results[1][1]["x-flux-request-id"])["request"]["query"] == {"k": "[secret]"}

@@ -25,6 +25,10 @@ results arrive in the order the host settles them, not the order of the calls). 
 request ended before has "abandoned": true and neither result nor error. An error is what the
 function's Error got: {name, message, ...} (sqlstate, timeout). `entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
+A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
+HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
+response's `url` the function got; in `headers` and `response_headers`, sensitive headers
+(authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import orjson
 from py_mini_racer import JSEvalException, JSOOMException
 
 from flux.project import Limits
-from flux.redaction import Redactor, as_text, one_line
+from flux.redaction import Redactor, as_text, one_line, redact_headers
 from flux.runtime.host import (
     MAX_RECORDED_FETCH_BODY, Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, db_span_name,
 )
@@ -380,7 +384,7 @@ class _Run:
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         url, method = args["url"], args["method"]
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
-        event: dict[str, Any] = {"url": url, "method": method, "headers": args["headers"], "body": args["body"]}
+        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]), "body": args["body"]}
         self.host_events.append([seq, "fetch", event])
         policy = self.x.fetch_policy
         span.name = str(args.get("name") or "fetch")  # until the URL names the tool
@@ -408,9 +412,9 @@ class _Run:
             span.status = "error"
             span.error = f"HTTP {result.status} {result.reason}".strip()
         body, truncated = as_text(result.body, MAX_RECORDED_FETCH_BODY, self.secret_forms)
-        event.update(status=result.status, status_text=result.reason, url_final=result.url, response_headers=result.headers,
+        event.update(status=result.status, status_text=result.reason, url_final=url, response_headers=redact_headers(result.headers),
                      response_body=body, **({"response_truncated": True} if truncated else {}))
-        return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": result.url}
+        return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": url}
 
     async def cancel_inflight(self) -> None:
         for task in self.inflight:

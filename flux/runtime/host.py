@@ -649,7 +649,8 @@ class FetchPolicy:
         self.config = config
 
     def parse(self, url: str) -> tuple[str, str]:
-        """(host, host:port) of an absolute http(s) URL; HostCallError otherwise."""
+        """(host, host:port) of an absolute http(s) URL, the host spelled as in the URL (a secret
+        in it is then the text redaction knows); HostCallError otherwise."""
         try:
             parts = urlsplit(url)
             port = parts.port  # ValueError when out of range or not a number
@@ -657,13 +658,15 @@ class FetchPolicy:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {url!r} is not a valid URL ({exc})"}) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch needs an absolute http(s) URL, not {url!r}"})
-        host = parts.hostname.lower()
+        # parts.hostname is lower-cased; the host as written is the netloc's, past any user info.
+        written = parts.netloc.rpartition("@")[2]
+        host = written[1:written.find("]")] if written.startswith("[") else written.partition(":")[0]
         return host, f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
     def check(self, host: str, hostport: str) -> None:
-        """HostCallError unless the allow-list lets calls reach `host`."""
+        """HostCallError unless the allow-list lets calls reach `host` (hosts match in any case)."""
         allow = self.config.allow
-        if allow is not None and host not in allow and hostport not in allow:
+        if allow is not None and host.lower() not in allow and hostport.lower() not in allow:
             raise HostCallError({
                 "name": "FetchNotAllowed",
                 "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",
@@ -672,7 +675,7 @@ class FetchPolicy:
     def span_name(self, url: str, host: str, hostport: str, explicit: str | None) -> str:
         if explicit:
             return str(explicit)
-        tool = self.config.tools.get(hostport) or self.config.tools.get(host)
+        tool = self.config.tools.get(hostport.lower()) or self.config.tools.get(host.lower())
         if tool is None:
             return f"fetch {hostport}"
         segments = [s for s in urlsplit(url).path.split("/") if s]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import threading
@@ -14,7 +15,7 @@ import pytest
 
 from flux.gateway.traces import TraceWriter
 from flux.store.schema import ensure_schema
-from tests.functions import Stub, running_gateway, write_project
+from tests.functions import SESSION_COOKIE, Stub, running_gateway, write_project
 
 SECRET = "sk_live_4f9a3b2c_DO_NOT_LEAK"
 
@@ -570,6 +571,42 @@ def test_a_numeric_secret_that_comes_back_as_a_number_is_redacted(tmp_path, dsn,
     assert leaks(conn, headers["x-flux-request-id"], ACME_PIN) == []
 
 
+def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
+    """The HTTP client's rewrite of the URL (a space as +, %2F as /) is not the secret's text."""
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("{stub.url}/echo?k=" + ctx.secrets.ACME_URL_TOKEN);
+          return {{ status: 200, body: res.url.endsWith(ctx.secrets.ACME_URL_TOKEN) }};
+        }}
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert status == 200 and leaks(conn, headers["x-flux-request-id"], "secret_9z") == []
+    assert json.loads(body) is True  # the response's url is the one the function asked for, as on the tape
+
+
+def test_sensitive_headers_of_a_fetch_are_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
+    """A Basic credential is the secret base64-encoded; a cookie the upstream sets is a credential too."""
+    write_project(tmp_path, {"call": f"""
+        const A = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        function base64(text) {{  // V8 alone has no btoa
+          let out = "";
+          for (let i = 0; i < text.length; i += 3) {{
+            const n = (text.charCodeAt(i) << 16) | ((text.charCodeAt(i + 1) || 0) << 8) | (text.charCodeAt(i + 2) || 0);
+            out += A[n >> 18] + A[(n >> 12) & 63] + (i + 1 < text.length ? A[(n >> 6) & 63] : "=") + (i + 2 < text.length ? A[n & 63] : "=");
+          }}
+          return out;
+        }}
+        export default async function (req, ctx) {{
+          await ctx.fetch("{stub.url}/cookie", {{ headers: {{ authorization: "Basic " + base64("user:" + ctx.secrets.ACME_TOKEN) }} }});
+          return {{ status: 200 }};
+        }}
+    """}, SECRETS)
+    [(status, headers, _)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    basic = base64.b64encode(f"user:{ACME_TOKEN}".encode()).decode()
+    assert status == 200 and stub.requests[0]["headers"]["authorization"] == f"Basic {basic}"
+    assert leaks(conn, headers["x-flux-request-id"], basic, SESSION_COOKIE) == []
+
+
 def test_a_secret_in_the_path_or_query_is_redacted_with_a_tenant_or_without(tmp_path, dsn, conn, users):
     write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"}, SECRETS)
     results = run(call(tmp_path, dsn, [
@@ -582,3 +619,15 @@ def test_a_secret_in_the_path_or_query_is_redacted_with_a_tenant_or_without(tmp_
         assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN, SHARED_KEY) == []
     assert stored(conn, results[0][1]["x-flux-request-id"])["path"] == "/nope/[secret:ACME_TOKEN]"
     assert stored(conn, results[1][1]["x-flux-request-id"])["request"]["query"] == {"k": "[secret]"}
+
+
+def test_a_secret_host_is_redacted_in_any_case(tmp_path, dsn, conn, users, stub: Stub):
+    """yarl and aiohttp lower-case a host; Flux names it as the URL spells it."""
+    write_project(tmp_path, {"call": """
+        export default async function (req, ctx) {
+          try { await ctx.fetch("http://" + ctx.secrets.ACME_HOST + ":18151/h"); } catch (e) { return {status: 200, body: e.message}; }
+        }
+    """}, SECRETS + f'[fetch]\nallow = ["{stub.host}"]\n')
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert status == 200 and f"{ACME_HOST}:18151 are not allowed" in body.decode()
+    assert leaks(conn, headers["x-flux-request-id"], ACME_HOST, ACME_HOST.lower()) == []

@@ -36,7 +36,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from flux.errors import FluxError, NotFoundError
 from flux.gateway.traces import TraceSink
 from flux.project import Project, Tenant
-from flux.redaction import Redactor, as_text, one_line, redact_headers
+from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
 from flux.runtime.host import Clock, FetchPolicy, Span, Transport
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
@@ -53,11 +53,12 @@ CLIENT_GONE = "the client disconnected before the response was sent"
 
 class Functions:
     """The project's compiled functions and their isolate pools, and what every request needs of
-    its config worked out once (every secret's forms); swapped whole on reload."""
+    its config worked out once (every secret's forms, every API key); swapped whole on reload."""
 
     def __init__(self, project: Project, *, pool_size: int) -> None:
         self.project = project
         self.redactor = Redactor.of(project)
+        self.api_keys = frozenset(key for tenant in project.tenants.values() for key in tenant.api_keys)
         self.compiled: dict[str, CompiledFunction] = {
             name: compile_function(fn, memory_mb=project.limits.memory_mb, timeout_ms=project.limits.timeout_ms)
             for name, fn in project.functions.items()
@@ -169,7 +170,8 @@ class Gateway:
             request_id=request_id, tenant=tenant.name, secrets=tenant.secrets, parent_span=gateway.id,
             replay=headers.get(REPLAY_HEADER, "").lower() == "true", record=self.record,
             request={"method": method, "path": path, "query": trace.query, "body": body,
-                     "headers": {k: v for k, v in headers.items() if k not in (API_KEY_HEADER,) and not _is_flux_auth(k, v, tenant)}},
+                     "headers": {k: v for k, v in headers.items()
+                                 if k != API_KEY_HEADER and not _carries_api_key(v, functions.api_keys)}},
         )
         # A worker slot first, in the request's own task: a client that leaves while it waits
         # leaves nothing running behind it (under overload, abandoned requests are shed).
@@ -302,10 +304,12 @@ class _Trace:
             spans = [span.to_dict(), *execution.spans]
         limit = self.project.limits.record_body_bytes
         redactor = self.functions.redactor
+        api_keys = self.functions.api_keys
+        request_headers = {k: REDACTED if _carries_api_key(v, api_keys) else v for k, v in redact_headers(self.headers).items()}
         record = {
             "path": self.path,
             "spans": spans,
-            "request": {"headers": redact_headers(self.headers), "query": self.query,
+            "request": {"headers": request_headers, "query": self.query,
                         **_body_record(self.raw_body, self.body, limit, redactor)},
             "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit, redactor)},
             "recording": execution.recording,
@@ -366,8 +370,11 @@ def _api_key(headers: dict[str, str]) -> str | None:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
 
-def _is_flux_auth(name: str, value: str, tenant: Tenant) -> bool:
-    return name == "authorization" and value[7:].strip() in tenant.api_keys
+def _carries_api_key(value: str, api_keys: frozenset[str]) -> bool:
+    """Whether a header's value is any tenant's API key, bare or as a bearer token: no function, and
+    no trace, sees one (a request may carry another tenant's key beside the one it is served by)."""
+    value = value.strip()
+    return value in api_keys or (value[:7].lower() == "bearer " and value[7:].strip() in api_keys)
 
 
 def _parse_body(raw: bytes, content_type: str) -> Any:

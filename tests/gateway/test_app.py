@@ -631,3 +631,13 @@ def test_a_secret_host_is_redacted_in_any_case(tmp_path, dsn, conn, users, stub:
     [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
     assert status == 200 and f"{ACME_HOST}:18151 are not allowed" in body.decode()
     assert leaks(conn, headers["x-flux-request-id"], ACME_HOST, ACME_HOST.lower()) == []
+
+
+def test_a_function_sees_no_api_key_in_any_header(tmp_path, dsn, conn, users):
+    """A request may carry another tenant's key beside its own; neither reaches the function or the trace."""
+    write_project(tmp_path, {"echo": "export default async function (req) { return {status: 200, body: req.headers}; }"}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/echo", {"headers": {
+        "x-flux-api-key": "key-acme", "authorization": "Bearer key-globex", "x-forwarded-key": "key-globex"}})]))
+    assert status == 200 and stored(conn, headers["x-flux-request-id"])["tenant"] == "acme"
+    assert "key-" not in body.decode()
+    assert leaks(conn, headers["x-flux-request-id"], "key-acme", "key-globex") == []

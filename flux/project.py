@@ -90,8 +90,9 @@ class Project:
         return any(t.api_keys for t in self.tenants.values())
 
     def tenant_for_key(self, key: str | None) -> Tenant | None:
+        """The tenant a request with API key `key` is served as; None when there is none (a 401)."""
         if not self.requires_api_key:
-            return self.tenants[DEFAULT_TENANT]
+            return self.tenants.get(DEFAULT_TENANT)  # load_project makes sure there is one
         if not key:
             return None
         for tenant in self.tenants.values():
@@ -297,6 +298,11 @@ def _tenants(table: dict, shared: dict[str, str], where: str) -> dict[str, Tenan
             seen_keys[key] = name
         secrets = {**shared, **_secrets(spec.get("secrets", {}), where, f"tenants.{name}.secrets")}
         tenants[str(name)] = Tenant(str(name), tuple(keys), secrets)
+    if not seen_keys and DEFAULT_TENANT not in tenants:
+        raise ConfigError(
+            f"[tenants] in {where} gives no tenant api_keys, so every request would be served as tenant "
+            f"{DEFAULT_TENANT}, which it does not define",
+            hint=f'Give each tenant api_keys = ["..."], or name the one tenant [tenants.{DEFAULT_TENANT}].', file=where)
     return tenants
 
 

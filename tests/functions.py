@@ -2,7 +2,7 @@
 
 The stub is a real HTTP server on 127.0.0.1 (these machines have no internet): `/ok` answers
 JSON, `/slow` waits `?ms=` before answering, `/status/N` answers status N, `/echo` returns
-what it was sent.
+what it was sent, `/cookie` sets the cookie `session=<SESSION_COOKIE>`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+SESSION_COOKIE = "upstream-session-8c1f0e"
 
 
 def write_project(root: Path, functions: dict[str, str], toml: str = "") -> Path:
@@ -46,6 +48,8 @@ class _StubHandler(BaseHTTPRequestHandler):
         try:
             self.send_response(status)
             self.send_header("content-type", "application/json")
+            if url.path.startswith("/cookie"):
+                self.send_header("set-cookie", f"session={SESSION_COOKIE}; HttpOnly")
             self.send_header("content-length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

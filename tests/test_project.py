@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from flux.errors import ConfigError
-from flux.project import DEFAULT_TENANT, load_project
+from flux.project import DEFAULT_TENANT, Tenant, load_project
 from tests.functions import write_project
 
 FN = "export default async function () { return {status: 200}; }"
@@ -55,6 +57,26 @@ def test_tenants_are_found_by_api_key_and_get_their_own_secrets(tmp_path):
     assert project.tenant_for_key("k1").secrets == {"SHARED": "s", "OWN": "a"}
     assert project.tenant_for_key("k2").secrets == {"SHARED": "s"}
     assert project.tenant_for_key("nope") is None and project.tenant_for_key(None) is None
+
+
+def test_tenants_without_api_keys_and_without_a_default_tenant_are_a_config_error(tmp_path):
+    """Every request would be served as tenant `default`, which would not exist."""
+    write_project(tmp_path, {"hello": FN}, '[tenants.acme.secrets]\nTOKEN = "t"\n')
+    with pytest.raises(ConfigError) as info:
+        load_project(tmp_path)
+    assert "no tenant api_keys" in str(info.value) and "[tenants.default]" in info.value.hint
+
+
+def test_tenants_without_api_keys_serve_the_default_tenant(tmp_path):
+    write_project(tmp_path, {"hello": FN}, '[tenants.default.secrets]\nTOKEN = "t"\n[tenants.acme]\n')
+    assert load_project(tmp_path).tenant_for_key(None).secrets == {"TOKEN": "t"}
+
+
+def test_finding_a_tenant_never_raises(tmp_path):
+    """A Project built by other code than load_project, without a default tenant: no request may crash."""
+    write_project(tmp_path, {"hello": FN})
+    project = dataclasses.replace(load_project(tmp_path), tenants={"acme": Tenant("acme")})
+    assert project.tenant_for_key(None) is None and project.tenant_for_key("k") is None
 
 
 def test_an_api_key_shared_by_two_tenants_is_refused(tmp_path):

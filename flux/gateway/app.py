@@ -34,10 +34,11 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from flux.errors import FluxError, NotFoundError
-from flux.gateway.traces import TraceSink, redact, redact_headers
+from flux.gateway.traces import TraceSink
 from flux.project import Project, Tenant
+from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
-from flux.runtime.host import Clock, FetchPolicy, Span, Transport, as_text, every_secret_form
+from flux.runtime.host import Clock, FetchPolicy, Span, Transport
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
 from flux.store.traces import TraceRecord
 
@@ -51,10 +52,13 @@ CLIENT_GONE = "the client disconnected before the response was sent"
 
 
 class Functions:
-    """The project's compiled functions and their isolate pools; swapped whole on reload."""
+    """The project's compiled functions and their isolate pools, and what every request needs of
+    its config worked out once (every secret's forms, every API key); swapped whole on reload."""
 
     def __init__(self, project: Project, *, pool_size: int) -> None:
         self.project = project
+        self.redactor = Redactor.of(project)
+        self.api_keys = frozenset(key for tenant in project.tenants.values() for key in tenant.api_keys)
         self.compiled: dict[str, CompiledFunction] = {
             name: compile_function(fn, memory_mb=project.limits.memory_mb, timeout_ms=project.limits.timeout_ms)
             for name, fn in project.functions.items()
@@ -104,7 +108,7 @@ class Gateway:
 
     def _executor(self, project: Project) -> Executor:
         return Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=self.transport,
-                        db_pool=self.db_pool)
+                        db_pool=self.db_pool, redactor=self.functions.redactor)
 
     @property
     def project(self) -> Project:
@@ -131,7 +135,7 @@ class Gateway:
         project = functions.project
         headers = {k.lower(): v for k, v in request.headers.items()}
         tenant = project.tenant_for_key(_api_key(headers))
-        trace = _Trace(request_id, started_at, clock, gateway, method, path, headers, project, request.args.to_dict())
+        trace = _Trace(request_id, started_at, clock, gateway, method, path, headers, functions, request.args.to_dict())
         if tenant is None:
             return self._reply(trace, None, None, _error(401, "missing or invalid API key",
                                "Send the tenant's key as `Authorization: Bearer KEY` or `x-flux-api-key: KEY`."))
@@ -166,7 +170,8 @@ class Gateway:
             request_id=request_id, tenant=tenant.name, secrets=tenant.secrets, parent_span=gateway.id,
             replay=headers.get(REPLAY_HEADER, "").lower() == "true", record=self.record,
             request={"method": method, "path": path, "query": trace.query, "body": body,
-                     "headers": {k: v for k, v in headers.items() if k not in (API_KEY_HEADER,) and not _is_flux_auth(k, v, tenant)}},
+                     "headers": {k: v for k, v in headers.items()
+                                 if k != API_KEY_HEADER and not _carries_api_key(v, functions.api_keys)}},
         )
         # A worker slot first, in the request's own task: a client that leaves while it waits
         # leaves nothing running behind it (under overload, abandoned requests are shed).
@@ -248,8 +253,8 @@ class Gateway:
         headers[REQUEST_ID_HEADER] = trace.request_id
         secrets = tenant.secrets if tenant else {}
         body = execution.body
-        if execution.error is not None:
-            body = redact({**body, "request_id": trace.request_id}, secrets)  # Flux's own error bodies
+        if execution.error is not None:  # Flux's own error bodies
+            body = trace.functions.redactor.redact({**body, "request_id": trace.request_id}, secrets)
         if isinstance(body, str):
             payload = body.encode()
             headers.setdefault("content-type", "text/plain; charset=utf-8")
@@ -267,7 +272,7 @@ class _Trace:
     """What the gateway learns about a request as it goes, turned into one TraceRecord at the end."""
 
     def __init__(self, request_id: str, started_at: datetime, clock: Clock, span: Span, method: str, path: str,
-                 headers: dict[str, str], project: Project, query: dict[str, str]) -> None:
+                 headers: dict[str, str], functions: Functions, query: dict[str, str]) -> None:
         self.request_id = request_id
         self.started_at = started_at
         self.clock = clock
@@ -275,7 +280,8 @@ class _Trace:
         self.method = method
         self.path = path
         self.headers = headers
-        self.project = project
+        self.functions = functions
+        self.project = functions.project
         self.query = query
         self.tenant: Tenant | None = None
         self.function: CompiledFunction | None = None
@@ -301,19 +307,29 @@ class _Trace:
         else:
             spans = [span.to_dict(), *execution.spans]
         limit = self.project.limits.record_body_bytes
+        redactor = self.functions.redactor
+        api_keys = self.functions.api_keys
+        request_headers = {k: REDACTED if _carries_api_key(v, api_keys) else v for k, v in redact_headers(self.headers).items()}
         record = {
+            "path": self.path,
             "spans": spans,
-            "request": {"headers": redact_headers(self.headers), "query": self.query,
-                        **_body_record(self.raw_body, self.body, limit, secrets)},
-            "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit, secrets)},
+            "request": {"headers": request_headers, "query": self.query,
+                        **_body_record(self.raw_body, self.body, limit, redactor)},
+            "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit, redactor)},
             "recording": execution.recording,
             "error": execution.error or _returned_error(status, execution.body)
                      or (CLIENT_GONE if client_gone else None),
         }
-        record = redact(record, secrets)
+        # Every tenant's secrets, not only this one's; without a tenant (a 401), all as `[secret]`.
+        record = redactor.redact(record, secrets)
+        # One line each, cut only now that no secret is left to cut into.
+        if record["error"] is not None:
+            record["error"] = one_line(record["error"])
+        if record["spans"][0]["error"] is not None:
+            record["spans"][0]["error"] = one_line(record["spans"][0]["error"])
         return TraceRecord(
             id=self.request_id, tenant=self.tenant.name if self.tenant else None, function=function,
-            method=self.method, path=self.path, status=status, duration_ms=round(span.duration_ms, 3),
+            method=self.method, path=record["path"], status=status, duration_ms=round(span.duration_ms, 3),
             started_at=self.started_at, error=record["error"], spans=record["spans"], request=record["request"],
             response=record["response"], recording=record["recording"],
             code_version=self.function.function.code_version if self.function else None,
@@ -322,26 +338,26 @@ class _Trace:
 
 
 def _returned_error(status: int, body: Any) -> str | None:
-    """The one-line error of a 4xx/5xx the function returned itself: its body's `error`, or the status."""
+    """The error of a 4xx/5xx the function returned itself: its body's `error`, or the status. Whole:
+    the record cuts it to one line once it is redacted."""
     if status < 400:
         return None
     if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return body["error"].splitlines()[0][:500] if body["error"] else HTTPStatus(status).phrase
+        return body["error"] if body["error"].strip() else HTTPStatus(status).phrase
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return f"HTTP {status}"
 
 
-def _body_record(raw: bytes | None, parsed: Any, limit: int, secrets: dict[str, str]) -> dict[str, Any]:
+def _body_record(raw: bytes | None, parsed: Any, limit: int, redactor: Redactor) -> dict[str, Any]:
     if raw is None:
         return {"body": None, "body_truncated": False, "body_bytes": 0}
     if len(raw) > limit:
         head = raw[:limit].decode("utf-8", "replace")
-        forms = every_secret_form(secrets)
         # Past the cut too, as far as a secret could reach: one that straddles it moves the cut back.
-        text = raw[:limit + 4 * max(map(len, forms), default=0)].decode("utf-8", "replace")
-        body, _ = as_text(text, len(head), forms)
+        text = raw[:limit + 4 * redactor.longest].decode("utf-8", "replace")
+        body, _ = as_text(text, len(head), redactor.forms)
         return {"body": body, "body_truncated": True, "body_bytes": len(raw)}
     if parsed is None and raw:
         try:
@@ -358,8 +374,11 @@ def _api_key(headers: dict[str, str]) -> str | None:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
 
-def _is_flux_auth(name: str, value: str, tenant: Tenant) -> bool:
-    return name == "authorization" and value[7:].strip() in tenant.api_keys
+def _carries_api_key(value: str, api_keys: frozenset[str]) -> bool:
+    """Whether a header's value is any tenant's API key, bare or as a bearer token: no function, and
+    no trace, sees one (a request may carry another tenant's key beside the one it is served by)."""
+    value = value.strip()
+    return value in api_keys or (value[:7].lower() == "bearer " and value[7:].strip() in api_keys)
 
 
 def _parse_body(raw: bytes, content_type: str) -> Any:

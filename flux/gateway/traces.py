@@ -1,9 +1,8 @@
-"""Trace records off the response path: redaction, and the batching writer.
+"""Trace records off the response path: the batching writer.
 
-`redact()` is applied once to the whole record (spans, tape, request, response, error), so
-no per-field rule can let a secret slip through: every string that contains a secret's value
-gets `[secret:NAME]` in its place. Sensitive headers (authorization, cookies, API keys) are
-replaced by `[redacted]` before that.
+The records it takes are redacted already: the gateway applies `flux.redaction` once to the whole
+record (path, spans, tape, request, response, error), so no per-field rule can let a secret slip
+through.
 
 `TraceWriter` takes records from the gateway with `submit()` (never awaits, never blocks a
 response) and writes them in batches, one round trip per batch. `close()` drains the queue.
@@ -29,7 +28,6 @@ from typing import Any, Protocol
 import psycopg
 
 from flux.errors import from_psycopg
-from flux.runtime.host import secret_forms
 from flux.store.traces import TraceRecord, encode_trace, insert_encoded_traces_async
 
 log = logging.getLogger("flux.gateway")
@@ -37,36 +35,6 @@ log = logging.getLogger("flux.gateway")
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 SHRUNK_STRING_CHARS = 4096  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
-
-SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-flux-api-key", "x-api-key"})
-
-
-def redact_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {k: ("[redacted]" if k.lower() in SENSITIVE_HEADERS else v) for k, v in headers.items()}
-
-
-def redact(value: Any, secrets: dict[str, str]) -> Any:
-    """`value` with every secret value replaced by `[secret:NAME]`, in keys and strings at any
-    depth, also where JSON escaped it (a secret holding a quote, a backslash or a line break)."""
-    if not secrets:
-        return value
-    # Longest first, so a secret that contains another is replaced whole.
-    pairs = sorted(((form, f"[secret:{k}]") for k, v in secrets.items() if v for form in secret_forms(v)),
-                   key=lambda p: -len(p[0]))
-
-    def walk(v: Any) -> Any:
-        if isinstance(v, str):
-            for secret, label in pairs:
-                if secret in v:
-                    v = v.replace(secret, label)
-            return v
-        if isinstance(v, dict):
-            return {walk(k): walk(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [walk(x) for x in v]
-        return v
-
-    return walk(value)
 
 
 class TraceSink(Protocol):

@@ -10,8 +10,9 @@ request with 500. Neither touches any other request: a discarded isolate is neve
 again, and the pool renews only isolates released by a request that ended cleanly.
 
 The result carries the function's span (with its step children and client spans), the
-replay tape and the response. The executor does not redact secrets and does not write
-traces: the gateway does both, once, on the whole record.
+replay tape and the response. The executor does not write traces, and redacts only where it
+summarises (a V8 error's first line) or cuts (a fetch body); the gateway redacts the whole
+record, once.
 
 Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v2:
     {"v": 2, "truncated": bool, "entropy": hex, "events": [[seq, kind, data], ...]}
@@ -24,6 +25,10 @@ results arrive in the order the host settles them, not the order of the calls). 
 request ended before has "abandoned": true and neither result nor error. An error is what the
 function's Error got: {name, message, ...} (sqlstate, timeout). `entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
+A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
+HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
+response's `url` the function got; in `headers` and `response_headers`, sensitive headers
+(authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ import orjson
 from py_mini_racer import JSEvalException, JSOOMException
 
 from flux.project import Limits
+from flux.redaction import Redactor, as_text, one_line, redact_headers
 from flux.runtime.host import (
-    Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, as_text, db_span_name, every_secret_form,
+    MAX_RECORDED_FETCH_BODY, Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, db_span_name,
 )
 from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
 
@@ -113,12 +119,14 @@ def _eval_arg(value: Any) -> str:
 
 class Executor:
     def __init__(
-        self, *, limits: Limits, fetch_policy: FetchPolicy, transport: Transport, db_pool: Any | None
+        self, *, limits: Limits, fetch_policy: FetchPolicy, transport: Transport, db_pool: Any | None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.limits = limits
         self.fetch_policy = fetch_policy
         self.transport = transport
         self.db_pool = db_pool
+        self.redactor = redactor or Redactor(())  # the project's secrets, every tenant's
 
     async def run(self, pool: IsolatePool, call: Invocation) -> Execution:
         compiled = pool.compiled
@@ -157,7 +165,10 @@ class Executor:
         except JSEvalException as exc:
             pool.discard(isolate)
             await run.cancel()
-            return self._finish_error(span, clock, 500, type(exc).__name__, str(exc).strip().splitlines()[0], "", run=run)
+            # Redacted whole, then cut to its first line: a cut secret (a PEM key's first line) is
+            # past what redaction recognises.
+            message = one_line(self.redactor.redact(str(exc), call.secrets))
+            return self._finish_error(span, clock, 500, type(exc).__name__, message, "", run=run)
         except asyncio.CancelledError:  # the client went away or the server stops: free the isolate, roll back
             pool.discard(isolate)
             await asyncio.shield(run.cancel())
@@ -268,7 +279,7 @@ class _Run:
             "request_id": call.request_id, "tenant": call.tenant, "function": compiled.name,
             **({"replay": True} if call.replay else {}),
         })
-        self.secret_forms = every_secret_form(call.secrets)
+        self.secret_forms = executor.redactor.forms
         self.inflight: dict[asyncio.Task, int] = {}
         self.client_spans: list[Span] = []
         self.host_events: list[list[Any]] = []
@@ -389,7 +400,7 @@ class _Run:
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         url, method = args["url"], args["method"]
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
-        event: dict[str, Any] = {"url": url, "method": method, "headers": args["headers"], "body": args["body"]}
+        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]), "body": args["body"]}
         self.host_events.append([seq, "fetch", event])
         policy = self.x.fetch_policy
         span.name = str(args.get("name") or "fetch")  # until the URL names the tool
@@ -416,10 +427,10 @@ class _Run:
         if result.status >= 400:
             span.status = "error"
             span.error = f"HTTP {result.status} {result.reason}".strip()
-        body, truncated = as_text(result.body, secrets=self.secret_forms)
-        event.update(status=result.status, status_text=result.reason, url_final=result.url, response_headers=result.headers,
+        body, truncated = as_text(result.body, MAX_RECORDED_FETCH_BODY, self.secret_forms)
+        event.update(status=result.status, status_text=result.reason, url_final=url, response_headers=redact_headers(result.headers),
                      response_body=body, **({"response_truncated": True} if truncated else {}))
-        return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": result.url}
+        return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": url}
 
     async def cancel_inflight(self) -> None:
         for task in self.inflight:

@@ -18,7 +18,6 @@ redacts the whole trace at the end, once, so nothing can slip past a per-field r
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import time
 import weakref
@@ -141,9 +140,11 @@ class DbSession:
     Every statement uses the extended protocol, so a query string holds one statement and its
     values travel apart from it. A statement a connection runs a second time is prepared on it
     (in the same round trip), as psycopg does after five: the server then skips parsing and
-    planning it (measured: 15 to 45 us of the server's CPU per request of the bench). A connection
-    whose exchange was interrupted (a time limit, a client gone) is closed rather than reused: its
-    protocol state is unknown.
+    planning it (measured: 15 to 45 us of the server's CPU per request of the bench). Prepared
+    statements do not outlive a tenant on a connection: the first round trip of a request of
+    another tenant starts with DEALLOCATE ALL, since any session can read their text (a secret
+    inlined in the SQL) in `pg_prepared_statements`. A connection whose exchange was interrupted
+    (a time limit, a client gone) is closed rather than reused: its protocol state is unknown.
 
     PostgreSQL aborts a transaction at its first failed statement. A function that catches that
     error and returns still cannot commit what it wrote before it: `lost_writes` then says so, and
@@ -153,7 +154,9 @@ class DbSession:
     def __init__(self, pool: AsyncConnectionPool | None, context: dict[str, Any]) -> None:
         self._pool = pool
         self._context = orjson.dumps(context)
+        self._tenant = context.get("tenant")
         self._conn: psycopg.AsyncConnection | None = None
+        self._begun = False  # BEGIN was sent on _conn
         self._lock = asyncio.Lock()
         self.statements = 0
         self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
@@ -173,8 +176,8 @@ class DbSession:
             if refusal is not None:
                 raise HostCallError({"name": "FluxError", "message": refusal, "sqlstate": None})
             try:
-                first = self._conn is None
-                if first:
+                first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
+                if self._conn is None:
                     self._conn = await self._pool.getconn()
                 conn = self._conn
                 encoding = conn.info.encoding
@@ -187,9 +190,13 @@ class DbSession:
                     if not first:
                         return [statement]
                     message = _statement(conn, _CONTEXT_MESSAGE, [CONTEXT_PREFIX.encode(), self._context], [_TEXT_OID] * 2, None)
-                    return [_Statement(b"BEGIN"), message, statement]
+                    begin = [_Statement(b"BEGIN"), message, statement]
+                    return [_Statement(b"DEALLOCATE ALL"), *begin] if switched else begin
 
+                # Only now, once nothing can fail before BEGIN (and a DEALLOCATE) is sent.
+                switched = first and _serve_tenant(conn, self._tenant)
                 sent = statements()
+                self._begun = True
                 try:
                     result = (await _exchange(conn, sent))[-1]
                 except psycopg.Error as exc:
@@ -222,7 +229,9 @@ class DbSession:
                 }) from None
             except psycopg.Error as exc:
                 diag = exc.diag
-                detail = (diag.message_primary or str(exc).strip().splitlines()[0]) if diag else str(exc)
+                # Whole: a first line could hold part of a secret (a PEM key's first line) that
+                # redaction, which sees the trace at the end, could no longer recognise.
+                detail = (diag.message_primary or str(exc).strip()) if diag else str(exc)
                 if exc.sqlstate != _IN_FAILED_TRANSACTION:
                     self.aborted_by = f"{db_span_name(sql)}: {detail}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
                 raise HostCallError({
@@ -360,9 +369,11 @@ _READS = frozenset({"SELECT", "SHOW", "FETCH", "EXPLAIN", "DECLARE", "MOVE", "CL
 # settings (SET, set_config(..., false)), its role, LISTEN, session advisory locks, temporary
 # tables, held cursors, sequences' currval. Sent after the COMMIT or ROLLBACK, in the same round
 # trip, and prepared on the connection after its first use (measured: 18 us more per request).
-# SQL-level prepared statements are refused instead (DEALLOCATE ALL would drop Flux's own).
+# Flux's own prepared statements stay for the same tenant's next requests and are dropped when
+# the connection passes to another tenant (`_serve_tenant`); SQL-level ones are refused.
 _SESSION_RESET = (b"RESET ALL", b"SET SESSION AUTHORIZATION DEFAULT", b"UNLISTEN *",
                   b"SELECT pg_advisory_unlock_all()", b"DISCARD TEMP", b"CLOSE ALL", b"DISCARD SEQUENCES")
+_FLUX_STATEMENTS = frozenset({_CONTEXT_MESSAGE, *_SESSION_RESET})  # the same for every tenant
 _IN_FAILED_TRANSACTION = "25P02"  # each statement after the one that aborted the transaction
 _ENDS_TRANSACTION = frozenset({"BEGIN", "START", "COMMIT", "END", "ABORT", "ROLLBACK"})
 
@@ -446,17 +457,35 @@ class _Statement:
 
 
 class _Prepared:
-    """What Flux has prepared on one connection, by (SQL, parameter types)."""
+    """What Flux has prepared on one connection, by (SQL, parameter types), and for which tenant."""
 
-    __slots__ = ("names", "seen", "made")
+    __slots__ = ("names", "seen", "made", "tenant")
 
-    def __init__(self) -> None:
+    def __init__(self, tenant: str | None = None) -> None:
         self.names: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
         self.seen: set[tuple[bytes, tuple[int, ...]]] = set()
         self.made = 0
+        self.tenant = tenant
 
 
 _PREPARED: weakref.WeakKeyDictionary[psycopg.AsyncConnection, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def _serve_tenant(conn: psycopg.AsyncConnection, tenant: str | None) -> bool:
+    """Whether `conn` last served another tenant. Its prepared statements must then go (the
+    caller sends DEALLOCATE ALL, which also drops any a function made through a DO block): their
+    text, a secret or data inlined in SQL included, is in `pg_prepared_statements` for any later
+    request on the connection to read. Flux's own statements are prepared again at their next use,
+    so that a pool shared by tenants in turn keeps them prepared."""
+    cache = _PREPARED.get(conn)
+    if cache is None:
+        _PREPARED[conn] = _Prepared(tenant)
+        return False
+    if cache.tenant == tenant:
+        return False
+    _PREPARED[conn] = fresh = _Prepared(tenant)
+    fresh.seen = {key for key in cache.seen if key[0] in _FLUX_STATEMENTS}
+    return True
 
 
 def _statement(conn: psycopg.AsyncConnection, sql: bytes, values: Sequence[Buffer | None], types: Sequence[int],
@@ -620,7 +649,8 @@ class FetchPolicy:
         self.config = config
 
     def parse(self, url: str) -> tuple[str, str]:
-        """(host, host:port) of an absolute http(s) URL; HostCallError otherwise."""
+        """(host, host:port) of an absolute http(s) URL, the host spelled as in the URL (a secret
+        in it is then the text redaction knows); HostCallError otherwise."""
         try:
             parts = urlsplit(url)
             port = parts.port  # ValueError when out of range or not a number
@@ -628,13 +658,15 @@ class FetchPolicy:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {url!r} is not a valid URL ({exc})"}) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch needs an absolute http(s) URL, not {url!r}"})
-        host = parts.hostname.lower()
+        # parts.hostname is lower-cased; the host as written is the netloc's, past any user info.
+        written = parts.netloc.rpartition("@")[2]
+        host = written[1:written.find("]")] if written.startswith("[") else written.partition(":")[0]
         return host, f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
     def check(self, host: str, hostport: str) -> None:
-        """HostCallError unless the allow-list lets calls reach `host`."""
+        """HostCallError unless the allow-list lets calls reach `host` (hosts match in any case)."""
         allow = self.config.allow
-        if allow is not None and host not in allow and hostport not in allow:
+        if allow is not None and host.lower() not in allow and hostport.lower() not in allow:
             raise HostCallError({
                 "name": "FetchNotAllowed",
                 "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",
@@ -643,40 +675,8 @@ class FetchPolicy:
     def span_name(self, url: str, host: str, hostport: str, explicit: str | None) -> str:
         if explicit:
             return str(explicit)
-        tool = self.config.tools.get(hostport) or self.config.tools.get(host)
+        tool = self.config.tools.get(hostport.lower()) or self.config.tools.get(host.lower())
         if tool is None:
             return f"fetch {hostport}"
         segments = [s for s in urlsplit(url).path.split("/") if s]
         return f"{tool}.{segments[-1]}" if segments else tool
-
-
-def as_text(body: str, limit: int = MAX_RECORDED_FETCH_BODY, secrets: Sequence[str] = ()) -> tuple[str, bool]:
-    """`body` cut to `limit` characters, and whether it was. Never inside one of `secrets`: the
-    part of a secret left before the cut would be past what redaction recognises."""
-    if len(body) <= limit:
-        return body, False
-    cut, moved = limit, True
-    while moved:
-        moved = False
-        for secret in secrets:
-            start = body.find(secret, max(0, cut - len(secret) + 1), cut + len(secret) - 1) if secret else -1
-            if start != -1 and start < cut:
-                cut, moved = start, True
-    return body[:cut], True
-
-
-@functools.lru_cache(maxsize=1024)  # a tenant's secrets are the same for each of its requests
-def secret_forms(value: str) -> tuple[str, ...]:
-    """A secret's value as it may appear in a recording: as is, and escaped by JSON once or twice
-    (Flux itself JSON-encodes log arguments, fetch bodies and thrown non-Error values)."""
-    forms = [value]
-    for _ in range(2):
-        escaped = orjson.dumps(forms[-1]).decode()[1:-1]
-        if escaped == forms[-1]:
-            break
-        forms.append(escaped)
-    return tuple(forms)
-
-
-def every_secret_form(secrets: dict[str, str]) -> list[str]:
-    return [form for value in secrets.values() if value for form in secret_forms(value)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import threading
@@ -14,7 +15,7 @@ import pytest
 
 from flux.gateway.traces import TraceWriter
 from flux.store.schema import ensure_schema
-from tests.functions import Stub, running_gateway, write_project
+from tests.functions import SESSION_COOKIE, Stub, running_gateway, write_project
 
 SECRET = "sk_live_4f9a3b2c_DO_NOT_LEAK"
 
@@ -431,3 +432,212 @@ def test_a_bad_trace_query_is_a_400_with_the_reason(tmp_path, dsn, conn, trace_s
 
     status, body = run(scenario())
     assert status == 400 and body["error"]
+
+
+ACME_TOKEN = "acme-token-7Hq2Lx9Pz4"
+ACME_PIN = "90817263544"
+ACME_HOST = "SecretHostMK7"
+ACME_URL_TOKEN = "tok en%2Fsecret_9z"
+PEM_LINES = ["-----BEGIN TEST KEY-----", "MIIEvQIBADANBgkqhkiG9w0B", "AQEFAASCBKcwggSjAgEAAoIB", "-----END TEST KEY-----"]
+SHARED_KEY = "shared-key-5d8e2c91"
+PEM_IN_TOML = r"\n".join(PEM_LINES)  # a TOML basic string's escapes
+SECRETS = f"""
+[secrets]
+SHARED_KEY = "{SHARED_KEY}"
+[tenants.acme]
+api_keys = ["key-acme"]
+[tenants.acme.secrets]
+ACME_TOKEN = "{ACME_TOKEN}"
+ACME_PIN = "{ACME_PIN}"
+ACME_HOST = "{ACME_HOST}"
+ACME_URL_TOKEN = "{ACME_URL_TOKEN}"
+ACME_PEM = "{PEM_IN_TOML}"
+[tenants.globex]
+api_keys = ["key-globex"]
+"""
+ACME = {"headers": {"x-flux-api-key": "key-acme"}}
+GLOBEX = {"headers": {"x-flux-api-key": "key-globex"}}
+
+
+def leaks(conn: psycopg.Connection, request_id: str, *needles: str) -> list[str]:
+    """The columns of a stored trace that hold any of `needles`."""
+    row = stored(conn, request_id)
+    return [column for column, value in row.items()
+            if value is not None and any(n in json.dumps(value, ensure_ascii=False) for n in needles)]
+
+
+async def call_and_read(root: Path, dsn: str, requests: list[tuple], key: str) -> tuple[list[tuple[int, dict, bytes]], list[tuple[int, str]]]:
+    """`call`, then each request's trace as `GET /_flux/requests/<id>` answers it to API key `key`."""
+    from flux.gateway.server import trace_reader
+
+    writer = TraceWriter(dsn, flush_interval=0.01)
+    await writer.start()
+    out, read = [], []
+    async with running_gateway(root, dsn, sink=writer) as (gateway, client):
+        gateway.trace_reader = trace_reader(dsn)
+        for method, path, options in requests:
+            response = await client.open(path, method=method, **options)
+            out.append((response.status_code, dict(response.headers), await response.get_data()))
+        await writer.flushed()
+        for _, headers, _ in out:
+            answer = await client.get(f"/_flux/requests/{headers['x-flux-request-id']}", headers={"x-flux-api-key": key})
+            read.append((answer.status_code, await answer.get_data(as_text=True)))
+    await writer.close()
+    return out, read
+
+
+def test_a_tenant_never_reads_another_tenants_secret_from_the_connections_prepared_statements(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {
+        "inline": """
+            export default async function (req, ctx) {
+              for (let i = 0; i < 3; i++) await ctx.db.query("SELECT 'inline:" + ctx.secrets.ACME_TOKEN + "' AS v");
+              return { status: 200 };
+            }
+        """,
+        "prepared": """
+            export default async function (req, ctx) {
+              const { rows } = await ctx.db.query("SELECT name, statement FROM pg_prepared_statements");
+              return { status: 200, body: rows };
+            }
+        """,
+    }, SECRETS)
+    [_, (status, headers, body)], [_, (read_status, read)] = run(call_and_read(
+        tmp_path, dsn, [("POST", "/inline", ACME), ("POST", "/prepared", GLOBEX)], "key-globex"))
+    assert status == 200 and read_status == 200
+    assert ACME_TOKEN not in body.decode() and ACME_TOKEN not in read
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN) == []
+
+
+def test_another_tenants_secret_is_redacted_from_a_trace_without_its_name(tmp_path, dsn, conn, trace_store):
+    """Defence in depth: a function may come by another tenant's secret in data (here, a row)."""
+    conn.execute("CREATE TABLE notes (v text)")
+    write_project(tmp_path, {
+        "keep": "export default async function (req, ctx) { await ctx.db.query('INSERT INTO notes VALUES ($1)', [ctx.secrets.ACME_TOKEN]); return {status: 200}; }",
+        "read": "export default async function (req, ctx) { const { rows } = await ctx.db.query('SELECT v FROM notes'); return {status: 200, body: rows}; }",
+    }, SECRETS)
+    [_, (status, headers, _)], [_, (read_status, read)] = run(call_and_read(
+        tmp_path, dsn, [("POST", "/keep", ACME), ("POST", "/read", GLOBEX)], "key-globex"))
+    assert status == 200 and read_status == 200
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN, "ACME_TOKEN") == []
+    assert ACME_TOKEN not in read and "ACME_TOKEN" not in read and '"body": [{"v": "[secret]"}]' in json.dumps(json.loads(read))
+
+
+def test_a_long_returned_error_is_cut_only_after_its_secret_is_redacted(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"fail": """
+        export default async function (req, ctx) {
+          return { status: 500, body: { error: "x".repeat(485) + ctx.secrets.ACME_TOKEN } };
+        }
+    """}, SECRETS)
+    [(status, headers, _)] = run(call(tmp_path, dsn, [("POST", "/fail", ACME)]))
+    trace = stored(conn, headers["x-flux-request-id"])
+    assert status == 500 and trace["error"] == "x" * 485 and trace["spans"][0]["error"] == "x" * 485
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN[:8]) == []
+
+
+def test_a_multi_line_secret_returned_as_the_error_leaves_no_line_of_it(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"fail": "export default async function (req, ctx) { return {status: 500, body: {error: ctx.secrets.ACME_PEM}}; }"},
+                  SECRETS)
+    [(status, headers, _)] = run(call(tmp_path, dsn, [("POST", "/fail", ACME)]))
+    assert status == 500 and stored(conn, headers["x-flux-request-id"])["error"] == "[secret:ACME_PEM]"
+    assert leaks(conn, headers["x-flux-request-id"], *PEM_LINES) == []
+
+
+def test_a_v8_error_through_the_bridge_leaves_no_line_of_a_secret(tmp_path, dsn, conn, users):
+    """A db param whose toJSON throws when the host reads the call: V8's error, not the function's."""
+    write_project(tmp_path, {"tj": """
+        export default async function (req, ctx) {
+          let calls = 0;
+          const param = { toJSON() { if (++calls > 1) throw new Error("tj " + ctx.secrets.ACME_PEM); return 1; } };
+          await ctx.db.query("SELECT $1::int AS v", [param]);
+          return { status: 200 };
+        }
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/tj", ACME)]))
+    assert status == 500 and "JSEvalException" in body.decode()
+    assert not [line for line in PEM_LINES if line in body.decode()]
+    assert leaks(conn, headers["x-flux-request-id"], *PEM_LINES) == []
+
+
+def test_a_numeric_secret_that_comes_back_as_a_number_is_redacted(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"pin": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT $1::bigint AS pin", [ctx.secrets.ACME_PIN]);
+          ctx.log("pin", { pin: Number(ctx.secrets.ACME_PIN) });
+          return { status: 200, body: rows[0] };
+        }
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/pin", ACME)]))
+    assert status == 200 and json.loads(body) == {"pin": int(ACME_PIN)}  # the function's answer is its own
+    assert leaks(conn, headers["x-flux-request-id"], ACME_PIN) == []
+
+
+def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
+    """The HTTP client's rewrite of the URL (a space as +, %2F as /) is not the secret's text."""
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("{stub.url}/echo?k=" + ctx.secrets.ACME_URL_TOKEN);
+          return {{ status: 200, body: res.url.endsWith(ctx.secrets.ACME_URL_TOKEN) }};
+        }}
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert status == 200 and leaks(conn, headers["x-flux-request-id"], "secret_9z") == []
+    assert json.loads(body) is True  # the response's url is the one the function asked for, as on the tape
+
+
+def test_sensitive_headers_of_a_fetch_are_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
+    """A Basic credential is the secret base64-encoded; a cookie the upstream sets is a credential too."""
+    write_project(tmp_path, {"call": f"""
+        const A = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        function base64(text) {{  // V8 alone has no btoa
+          let out = "";
+          for (let i = 0; i < text.length; i += 3) {{
+            const n = (text.charCodeAt(i) << 16) | ((text.charCodeAt(i + 1) || 0) << 8) | (text.charCodeAt(i + 2) || 0);
+            out += A[n >> 18] + A[(n >> 12) & 63] + (i + 1 < text.length ? A[(n >> 6) & 63] : "=") + (i + 2 < text.length ? A[n & 63] : "=");
+          }}
+          return out;
+        }}
+        export default async function (req, ctx) {{
+          await ctx.fetch("{stub.url}/cookie", {{ headers: {{ authorization: "Basic " + base64("user:" + ctx.secrets.ACME_TOKEN) }} }});
+          return {{ status: 200 }};
+        }}
+    """}, SECRETS)
+    [(status, headers, _)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    basic = base64.b64encode(f"user:{ACME_TOKEN}".encode()).decode()
+    assert status == 200 and stub.requests[0]["headers"]["authorization"] == f"Basic {basic}"
+    assert leaks(conn, headers["x-flux-request-id"], basic, SESSION_COOKIE) == []
+
+
+def test_a_secret_in_the_path_or_query_is_redacted_with_a_tenant_or_without(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"}, SECRETS)
+    results = run(call(tmp_path, dsn, [
+        ("GET", f"/nope/{ACME_TOKEN}", ACME),  # 404
+        ("POST", f"/f/{SHARED_KEY}?k={SHARED_KEY}", {}),  # 401: no tenant, every secret is still redacted
+    ]))
+    assert [status for status, _, _ in results] == [404, 401]
+    for _, headers, body in results:
+        assert ACME_TOKEN not in body.decode() and SHARED_KEY not in body.decode()
+        assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN, SHARED_KEY) == []
+    assert stored(conn, results[0][1]["x-flux-request-id"])["path"] == "/nope/[secret:ACME_TOKEN]"
+    assert stored(conn, results[1][1]["x-flux-request-id"])["request"]["query"] == {"k": "[secret]"}
+
+
+def test_a_secret_host_is_redacted_in_any_case(tmp_path, dsn, conn, users, stub: Stub):
+    """yarl and aiohttp lower-case a host; Flux names it as the URL spells it."""
+    write_project(tmp_path, {"call": """
+        export default async function (req, ctx) {
+          try { await ctx.fetch("http://" + ctx.secrets.ACME_HOST + ":18151/h"); } catch (e) { return {status: 200, body: e.message}; }
+        }
+    """}, SECRETS + f'[fetch]\nallow = ["{stub.host}"]\n')
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert status == 200 and f"{ACME_HOST}:18151 are not allowed" in body.decode()
+    assert leaks(conn, headers["x-flux-request-id"], ACME_HOST, ACME_HOST.lower()) == []
+
+
+def test_a_function_sees_no_api_key_in_any_header(tmp_path, dsn, conn, users):
+    """A request may carry another tenant's key beside its own; neither reaches the function or the trace."""
+    write_project(tmp_path, {"echo": "export default async function (req) { return {status: 200, body: req.headers}; }"}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/echo", {"headers": {
+        "x-flux-api-key": "key-acme", "authorization": "Bearer key-globex", "x-forwarded-key": "key-globex"}})]))
+    assert status == 200 and stored(conn, headers["x-flux-request-id"])["tenant"] == "acme"
+    assert "key-" not in body.decode()
+    assert leaks(conn, headers["x-flux-request-id"], "key-acme", "key-globex") == []

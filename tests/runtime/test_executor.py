@@ -620,6 +620,58 @@ def test_a_refused_fetch_span_is_named_as_the_call_asked(tmp_path, stub: Stub):
     assert [s["name"] for s in spans if s["kind"] == "client"] == ["stripe.create", "fetch 10.255.255.1:80"]
 
 
+def test_a_refused_fetch_names_its_host_as_the_url_spells_it(tmp_path, stub: Stub):
+    """A secret in the host is then the text redaction knows, not its lower-cased form."""
+    write_project(tmp_path, {"out": """
+        export default async function (req, ctx) {
+          try { await ctx.fetch("http://SecretHostMK7:18151/h"); } catch (e) { return {status: 200, body: e.message}; }
+        }
+    """}, f'[fetch]\nallow = ["{stub.host}"]\n')
+    result = run1(tmp_path, "out")
+    assert result.body.startswith("outbound calls to SecretHostMK7:18151 are not allowed")
+    assert [s["name"] for s in result.spans if s["kind"] == "client"] == ["fetch SecretHostMK7:18151"]
+
+
+def test_the_allow_list_and_tools_match_a_host_in_any_case(tmp_path, stub: Stub):
+    write_project(tmp_path, {"out": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("http://LocalHost:{stub.port}/v1/charges");
+          return {{status: 200, body: res.status}};
+        }}
+    """}, f'[fetch]\nallow = ["localhost:{stub.port}"]\n[tools]\n"localhost:{stub.port}" = "stripe"\n')
+    result = run1(tmp_path, "out")
+    assert result.body == 200 and [s["name"] for s in result.spans if s["kind"] == "client"] == ["stripe.charges"]
+
+
+def test_sensitive_fetch_headers_are_redacted_on_the_tape_by_name(tmp_path, stub: Stub):
+    """The call itself carries them; the tape, which a replay reads, has `[redacted]` in their place."""
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("{stub.url}/cookie", {{headers: {{Authorization: "Basic dXNlcjpwdw==", Cookie: "a=1", "x-trace": "t1"}}}});
+          return {{status: 200, body: res.headers.get("set-cookie")}};
+        }}
+    """})
+    result = run1(tmp_path, "call")
+    [event] = [e[2] for e in result.recording["events"] if e[1] == "fetch"]
+    assert result.body.startswith("session=") and stub.requests[0]["headers"]["authorization"] == "Basic dXNlcjpwdw=="
+    assert event["headers"] == {"authorization": "[redacted]", "cookie": "[redacted]", "x-trace": "t1"}
+    assert event["response_headers"]["set-cookie"] == "[redacted]"
+    assert event["response_headers"]["content-type"] == "application/json"
+
+
+def test_a_fetch_on_the_tape_keeps_its_url_as_the_function_wrote_it(tmp_path, stub: Stub):
+    """Redirects are not followed; the HTTP client's rewrite (a space as +, %2F as /) would hide a secret."""
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("{stub.url}/echo?k=a b%2Fc");
+          return {{status: 200, body: res.url}};
+        }}
+    """})
+    result = run1(tmp_path, "call")
+    [event] = [e[2] for e in result.recording["events"] if e[1] == "fetch"]
+    assert event["url"] == event["url_final"] == result.body == f"{stub.url}/echo?k=a b%2Fc"
+
+
 def test_an_invalid_fetch_url_or_timeout_is_an_error_the_function_can_catch(tmp_path, stub: Stub):
     write_project(tmp_path, {"bad": f"""
         export default async function (req, ctx) {{

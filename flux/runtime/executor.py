@@ -248,8 +248,10 @@ def _response(value: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     """The handler's {status, headers, body}, checked before its transaction commits: a response
     the HTTP server would refuse must not leave a write behind it."""
     status = value.get("status", 200)
-    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-        raise ValueError(f"the handler returned status {status!r}; it must be an integer from 100 to 599")
+    # A 1xx is an interim answer (101 switches protocols): sent as the final one, it breaks the
+    # connection after the transaction has committed.
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+        raise ValueError(f"the handler returned status {status!r}; it must be an integer from 200 to 599")
     headers = value.get("headers") or {}
     if not isinstance(headers, dict):
         raise ValueError("the handler returned headers that are not an object of name: value")

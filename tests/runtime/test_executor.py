@@ -774,6 +774,21 @@ def test_a_response_header_http_refuses_is_a_500_and_its_writes_roll_back(tmp_pa
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("status", [100, 101, 199])
+def test_an_interim_status_is_a_500_and_its_writes_roll_back(tmp_path, dsn, conn, status):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    write_project(tmp_path, {"interim": f"""
+        export default async function (req, ctx) {{
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          return {{status: {status}}};
+        }}
+    """})
+    result = run1(tmp_path, "interim", dsn=dsn)
+    assert (result.status, result.error) == (
+        500, f"InvalidResponse: the handler returned status {status}; it must be an integer from 200 to 599")
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
 def test_framing_headers_the_function_returns_are_left_to_the_server(tmp_path):
     write_project(tmp_path, {"framed": """
         export default async function () {

@@ -364,29 +364,41 @@
   g.console = Object.freeze(Object.fromEntries(["log", "info", "warn", "error", "debug"].map((level) =>
     [level, (...args) => addEvent(currentParent(null), "log", { message: formatArgs(args), level })])));
 
-  // Return values must survive JSON: reject what JSON.stringify would silently change.
-  // `path` is where in the return value (`body.when`, `body.items[2]`), "" for the value itself.
-  function checkSerializable(value, path, seen) {
-    const where = path ? `the return value's ${path}` : "the return value";
-    const t = typeof value;
-    if (value === null || t === "string" || t === "boolean") return;
-    if (t === "number") {
-      if (!Number.isFinite(value)) throw new TypeError(`${where} is ${value}, which JSON cannot represent`);
-      return;
-    }
-    if (t === "undefined") return;
-    if (t === "function" || t === "symbol" || t === "bigint") throw new TypeError(`${where} is a ${t}, which JSON cannot represent`);
-    if (seen.has(value)) throw new TypeError(`${where} refers back to itself (a cycle)`);
-    if (value instanceof RealDate) return;
-    const proto = Object.getPrototypeOf(value);
-    if (!Array.isArray(value) && proto !== Object.prototype && proto !== null) {
-      throw new TypeError(`${where} is a ${value.constructor?.name || "non-plain object"}, which JSON cannot represent`);
-    }
-    seen.add(value);
-    for (const [k, v] of Object.entries(value)) {
-      checkSerializable(v, Array.isArray(value) ? `${path}[${k}]` : path ? `${path}.${k}` : k, seen);
-    }
-    seen.delete(value);
+  // The return value as JSON, refusing what JSON.stringify would silently change, in one pass:
+  // JSON.stringify calls each value's toJSON (once, as it always does) and then the replacer, with
+  // the value's holder as `this`, before it descends into the value. `paths` names each object
+  // descended into (`body.items[2]`, "" for the value itself) for the error; `parents` chains
+  // them, for cycles.
+  function serialize(value) {
+    const paths = new Map();
+    const parents = new Map();
+    const pathOf = (holder, key) => {
+      const at = paths.get(holder);
+      return at === undefined ? "" : Array.isArray(holder) ? `${at}[${key}]` : at ? `${at}.${key}` : key;
+    };
+    const refuse = (holder, key, what) => {
+      const path = pathOf(holder, key);
+      return new TypeError(`${path ? `the return value's ${path}` : "the return value"} ${what}`);
+    };
+    return JSON.stringify(value, function (key, v) {
+      const t = typeof v;
+      if (v === null || v === undefined || t === "string" || t === "boolean") return v;
+      if (t === "number") {
+        if (!Number.isFinite(v)) throw refuse(this, key, `is ${v}, which JSON cannot represent`);
+        return v;
+      }
+      if (t !== "object") throw refuse(this, key, `is a ${t}, which JSON cannot represent`);
+      for (let h = this; h !== undefined; h = parents.get(h)) {
+        if (h === v) throw refuse(this, key, "refers back to itself (a cycle)");
+      }
+      const proto = Object.getPrototypeOf(v);
+      if (proto !== Object.prototype && proto !== null && !Array.isArray(v)) {
+        throw refuse(this, key, `is a ${v.constructor?.name || "non-plain object"}, which JSON cannot represent`);
+      }
+      paths.set(v, pathOf(this, key));
+      parents.set(v, this);
+      return v;
+    });
   }
 
   function finish(ok, payload) {
@@ -421,8 +433,7 @@
         if (value === undefined || value === null || typeof value !== "object" || Array.isArray(value)) {
           throw new TypeError(`the handler must return {status, headers, body}, not ${value === null ? "null" : Array.isArray(value) ? "an array" : typeof value}`);
         }
-        checkSerializable(value, "", new Set());
-        finish(true, JSON.stringify(value));
+        finish(true, serialize(value));
       } catch (e) {
         finish(false, { ...describe(e), name: "NonSerializableReturn" });
       }

@@ -90,10 +90,12 @@ async def _then_drain(isolate: Isolate, op: str, arg: Any) -> dict[str, Any]:
     """Run the bridge's `op` with `arg`, then its drain once the microtasks `op` queued have run:
     what the function did meanwhile. Microtasks run only when an eval ends, so the drain is an
     eval of its own."""
-    return _drained(await isolate.eval_then(f'{isolate.bridge}("{op}",{_eval_arg(arg)})', isolate.drain_code))
+    return _from_js(await isolate.eval_then(f'{isolate.bridge}("{op}",{_eval_arg(arg)})', isolate.drain_code))
 
 
-def _drained(text: str) -> dict[str, Any]:
+def _from_js(text: str) -> Any:
+    """JSON text from the isolate. A JS string may hold a lone surrogate, which JSON escapes and
+    orjson refuses: the rare text that holds one is read again, each made U+FFFD."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -189,7 +191,7 @@ class Executor:
             return self._finish_error(span, clock, status, error.get("name", "Error"), error.get("message", ""),
                                       error.get("stack", ""), run=run)
         try:
-            status, headers, body = _response(orjson.loads(done["value"]))
+            status, headers, body = _response(_from_js(done["value"]))
         except ValueError as exc:
             await run.cancel()
             return self._finish_error(span, clock, 500, "InvalidResponse", str(exc), "", run=run)
@@ -329,7 +331,7 @@ class _Run:
         text = await isolate.salvage(isolate.drain_code, timeout_s=SALVAGE_S)
         if text is None:
             return
-        out = self._take(_drained(text))
+        out = self._take(_from_js(text))
         for _, *call in out.get("calls", ()):
             self._abandoned(*call)
 

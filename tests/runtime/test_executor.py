@@ -798,6 +798,12 @@ def test_framing_headers_the_function_returns_are_left_to_the_server(tmp_path):
     assert run1(tmp_path, "framed").headers == {"x-kept": "yes"}
 
 
+def test_a_lone_surrogate_in_the_returned_body_becomes_a_replacement_character(tmp_path):
+    write_project(tmp_path, {"odd": 'export default async function () { return {status: 200, body: {text: "half \\uD800 a pair"}}; }'})
+    result = run1(tmp_path, "odd")
+    assert (result.status, result.body) == (200, {"text": "half \ufffd a pair"})
+
+
 def test_a_query_left_running_when_the_handler_returns_rolls_back_with_a_clear_error(tmp_path, dsn, conn):
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
     write_project(tmp_path, {"floating": """

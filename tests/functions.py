@@ -83,8 +83,7 @@ class Stub:
 
 
 @asynccontextmanager
-async def running_gateway(root: Path, dsn: str | None, *, sink: Any = None, workers: int = 64, pool_size: int = 2, record: bool = True):
-    """A Gateway over a real database pool and real HTTP, with its Quart test client."""
+async def _gateway_app(root: Path, dsn: str | None, *, sink: Any, workers: int, pool_size: int, record: bool):
     from psycopg_pool import AsyncConnectionPool
 
     from flux.gateway.app import Gateway, create_app
@@ -98,11 +97,64 @@ async def running_gateway(root: Path, dsn: str | None, *, sink: Any = None, work
     transport = AiohttpTransport()
     gateway = Gateway(load_project(root), transport=transport, db_pool=pool, sink=sink, workers=workers,
                       pool_size=pool_size, record=record)
-    app = create_app(gateway)
     try:
-        async with app.test_app() as test_app:
-            yield gateway, test_app.test_client()
+        yield gateway, create_app(gateway)
     finally:
         await transport.aclose()
         if pool is not None:
             await pool.close()
+
+
+@asynccontextmanager
+async def running_gateway(root: Path, dsn: str | None, *, sink: Any = None, workers: int = 64, pool_size: int = 2, record: bool = True):
+    """A Gateway over a real database pool and real HTTP, with its Quart test client."""
+    async with _gateway_app(root, dsn, sink=sink, workers=workers, pool_size=pool_size, record=record) as (gateway, app):
+        async with app.test_app() as test_app:
+            yield gateway, test_app.test_client()
+
+
+@asynccontextmanager
+async def served_gateway(root: Path, dsn: str | None = None, *, sink: Any = None):
+    """A Gateway served by real Hypercorn on a free port, and `exchange(request) -> (status, headers,
+    body)` that sends raw HTTP/1.1 bytes and reads the answer as it came on the wire (the test
+    client rebuilds a response, adding a content-length and a content-type of its own).
+    `headers` is a list of (lower-cased name, value), repeated headers included."""
+    import asyncio
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from flux.gateway.server import bind_sockets
+
+    [sock] = bind_sockets("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = config.errorlog = None
+    stop = asyncio.Event()
+
+    async def exchange(request: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # the request says `connection: close`
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(":") for line in lines)]
+        return int(status_line.split()[1]), headers, body
+
+    async with _gateway_app(root, dsn, sink=sink, workers=8, pool_size=1, record=True) as (gateway, app):
+        server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))
+        for _ in range(200):  # until it listens
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        try:
+            yield gateway, exchange
+        finally:
+            stop.set()
+            await server

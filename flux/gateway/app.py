@@ -249,20 +249,24 @@ class Gateway:
     def _reply(self, trace: _Trace, tenant: Tenant | None, function: str | None, execution: Execution,
                *, client_gone: bool = False) -> Response:
         status = execution.status
-        headers = dict(execution.headers)
-        headers[REQUEST_ID_HEADER] = trace.request_id
+        # The function's own headers, less the request id: that is Flux's, one per answer.
+        headers = [(k, v) for k, v in execution.headers if k != REQUEST_ID_HEADER]
+        typed = any(k == "content-type" for k, _ in headers)  # the function's content-type wins
+        headers.append((REQUEST_ID_HEADER, trace.request_id))
         secrets = tenant.secrets if tenant else {}
         body = execution.body
         if execution.error is not None:  # Flux's own error bodies
             body = trace.functions.redactor.redact({**body, "request_id": trace.request_id}, secrets)
         if isinstance(body, str):
             payload = body.encode()
-            headers.setdefault("content-type", "text/plain; charset=utf-8")
+            if not typed:
+                headers.append(("content-type", "text/plain; charset=utf-8"))
         elif body is None and status in (204, 304):
             payload = b""
         else:
             payload = orjson.dumps(body)
-            headers.setdefault("content-type", "application/json")
+            if not typed:
+                headers.append(("content-type", "application/json"))
         if self.sink is not None and self.record:
             self.sink.submit(trace.record(execution, function, status, headers, payload, secrets, client_gone=client_gone))
         return Response(payload, status=status, headers=headers)
@@ -288,7 +292,7 @@ class _Trace:
         self.raw_body: bytes | None = None
         self.body: Any = None
 
-    def record(self, execution: Execution, function: str | None, status: int, headers: dict[str, str],
+    def record(self, execution: Execution, function: str | None, status: int, headers: list[tuple[str, str]],
                payload: bytes, secrets: dict[str, str], *, client_gone: bool = False) -> TraceRecord:
         span = self.span
         span.duration_ms = self.clock.now_ms() - span.start
@@ -315,7 +319,7 @@ class _Trace:
             "spans": spans,
             "request": {"headers": request_headers, "query": self.query,
                         **_body_record(self.raw_body, self.body, limit, redactor)},
-            "response": {"headers": redact_headers(headers), **_body_record(payload, None, limit, redactor)},
+            "response": {"headers": redact_headers(_header_record(headers)), **_body_record(payload, None, limit, redactor)},
             "recording": execution.recording,
             "error": execution.error or _returned_error(status, execution.body)
                      or (CLIENT_GONE if client_gone else None),
@@ -335,6 +339,15 @@ class _Trace:
             code_version=self.function.function.code_version if self.function else None,
             git_commit=self.project.git_commit if self.function else None, replay_of=None,
         )
+
+
+def _header_record(pairs: list[tuple[str, str]]) -> dict[str, str | list[str]]:
+    """Headers as recorded: name -> value, or the list of its values for a repeated header."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        known = out.get(name)
+        out[name] = value if known is None else [*known, value] if isinstance(known, list) else [known, value]
+    return out
 
 
 def _returned_error(status: int, body: Any) -> str | None:
@@ -397,7 +410,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left fi
 
 def _error(status: int, message: str, hint: str) -> Execution:
     phrase = "Client Closed Request" if status == CLIENT_CLOSED_REQUEST else HTTPStatus(status).phrase
-    return Execution(status=status, headers={}, body={"error": message, "hint": hint, "status": phrase}, error=message)
+    return Execution(status=status, headers=[], body={"error": message, "hint": hint, "status": phrase}, error=message)
 
 
 def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = None) -> Quart:

@@ -63,8 +63,8 @@ ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the is
 @dataclass(slots=True)
 class Execution:
     status: int
-    headers: dict[str, str]
-    body: Any
+    headers: list[tuple[str, str]]  # lower-cased names, a repeated header as several pairs
+    body: Any  # None: no body
     error: str | None = None
     spans: list[dict[str, Any]] = field(default_factory=list)
     recording: dict[str, Any] | None = None
@@ -231,7 +231,7 @@ class Executor:
         body = {"error": summary, "type": name}
         if stack:
             body["stack"] = stack
-        return Execution(status=status, headers={}, body=body, error=summary,
+        return Execution(status=status, headers=[], body=body, error=summary,
                          spans=run.spans() if run else [span.to_dict()],
                          recording=run.recording() if run else None,
                          db_outcome=run.db.outcome if run and run.db.statements else None)
@@ -246,9 +246,11 @@ _HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's to set
 
 
-def _response(value: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+def _response(value: dict[str, Any]) -> tuple[int, list[tuple[str, str]], Any]:
     """The handler's {status, headers, body}, checked before its transaction commits: a response
-    the HTTP server would refuse must not leave a write behind it."""
+    the HTTP server would refuse must not leave a write behind it. Header names come back lower-cased
+    (HTTP's are case-insensitive), one pair per value: an array is a repeated header, and so are
+    case variants of one name. The prelude has made numbers their JS text."""
     status = value.get("status", 200)
     # A 1xx is an interim answer (101 switches protocols): sent as the final one, it breaks the
     # connection after the transaction has committed.
@@ -257,16 +259,30 @@ def _response(value: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     headers = value.get("headers") or {}
     if not isinstance(headers, dict):
         raise ValueError("the handler returned headers that are not an object of name: value")
-    checked: dict[str, str] = {}
-    for name, header in headers.items():
-        name, header = str(name), str(header)
+    checked: list[tuple[str, str]] = []
+    for name, values in headers.items():
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"the handler returned the header name {name!r}, which HTTP does not allow")
-        if _HEADER_VALUE_FORBIDDEN.search(header):
-            raise ValueError(f"the handler returned header {name!r} with a control character (such as a line break) in its value")
-        if name.lower() not in _FRAMING_HEADERS:
-            checked[name] = header
+        lower = name.lower()
+        for header in values if isinstance(values, list) else (values,):
+            if not isinstance(header, str):
+                what = f"an array holding {_js_type(header)}" if isinstance(values, list) else _js_type(header)
+                raise ValueError(f"the handler returned header {name!r} as {what}; a header's value must be "
+                                 "a string, a number, or an array of them (a repeated header)")
+            if _HEADER_VALUE_FORBIDDEN.search(header):
+                raise ValueError(f"the handler returned header {name!r} with a control character (such as a line break) in its value")
+            if lower not in _FRAMING_HEADERS:
+                checked.append((lower, header))
     return status, checked, value.get("body")
+
+
+def _js_type(value: Any) -> str:
+    """What a JSON value that is not a string was in JS, for an error."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return orjson.dumps(value).decode()  # null, true, false
 
 
 class _Run:

@@ -368,10 +368,11 @@
   // JSON.stringify calls each value's toJSON (once, as it always does) and then the replacer, with
   // the value's holder as `this`, before it descends into the value. `paths` names each object
   // descended into (`body.items[2]`, "" for the value itself) for the error; `parents` chains
-  // them, for cycles.
+  // them, for cycles. A header's number is sent as its JS text (`1e-7`, not Python's `1e-07`).
   function serialize(value) {
     const paths = new Map();
     const parents = new Map();
+    let headers = null;
     const pathOf = (holder, key) => {
       const at = paths.get(holder);
       return at === undefined ? "" : Array.isArray(holder) ? `${at}[${key}]` : at ? `${at}.${key}` : key;
@@ -385,7 +386,8 @@
       if (v === null || v === undefined || t === "string" || t === "boolean") return v;
       if (t === "number") {
         if (!Number.isFinite(v)) throw refuse(this, key, `is ${v}, which JSON cannot represent`);
-        return v;
+        const header = headers !== null && (this === headers || (parents.get(this) === headers && Array.isArray(this)));
+        return header ? String(v) : v;
       }
       if (t !== "object") throw refuse(this, key, `is a ${t}, which JSON cannot represent`);
       for (let h = this; h !== undefined; h = parents.get(h)) {
@@ -395,8 +397,10 @@
       if (proto !== Object.prototype && proto !== null && !Array.isArray(v)) {
         throw refuse(this, key, `is a ${v.constructor?.name || "non-plain object"}, which JSON cannot represent`);
       }
-      paths.set(v, pathOf(this, key));
+      const path = pathOf(this, key);
+      paths.set(v, path);
       parents.set(v, this);
+      if (path === "headers") headers = v;
       return v;
     });
   }

@@ -15,7 +15,7 @@ import pytest
 
 from flux.gateway.traces import TraceWriter
 from flux.store.schema import ensure_schema
-from tests.functions import SESSION_COOKIE, Stub, running_gateway, write_project
+from tests.functions import SESSION_COOKIE, Stub, running_gateway, served_gateway, write_project
 
 SECRET = "sk_live_4f9a3b2c_DO_NOT_LEAK"
 
@@ -72,6 +72,28 @@ def test_every_answer_carries_a_request_id_that_names_its_trace_row(tmp_path, ds
     assert [s["name"] for s in trace["spans"]] == ["gateway", "create_user", "db.insert(users)"]
     assert trace["request"]["body"] == {"email": "a@x"} and trace["response"]["body"] == {"id": 1}
     assert len(trace["code_version"]) == 16 and trace["recording"]["v"] == 2
+
+
+def http(method: str, path: str, headers: list[tuple[str, str]] = (), body: bytes = b"") -> bytes:
+    """One raw HTTP/1.1 request, after which the server closes the connection."""
+    lines = [f"{method} {path} HTTP/1.1", "host: flux", f"content-length: {len(body)}", "connection: close",
+             *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def on_the_wire(root: Path, dsn: str, requests: list[bytes]) -> list[tuple[int, list[tuple[str, str]], bytes]]:
+    """Send raw requests to the gateway served by Hypercorn, as they come back on the wire; wait
+    until their traces are written."""
+    writer = TraceWriter(dsn, flush_interval=0.01)
+    await writer.start()
+    async with served_gateway(root, dsn, sink=writer) as (_, exchange):
+        out = [await exchange(raw) for raw in requests]
+    await writer.close()
+    return out
+
+
+def names(headers: list[tuple[str, str]]) -> list[str]:
+    return [name for name, _ in headers]
 
 
 def test_the_default_route_is_post_slash_function(tmp_path, dsn, conn, users):
@@ -145,6 +167,33 @@ def test_a_function_with_a_syntax_error_answers_500_and_the_others_still_work(tm
         ("POST", "/broken", {}), ("POST", "/create_user", {"json": {"email": "c@x"}})]))
     assert broken == 500 and "functions/broken.js:2: SyntaxError" in json.loads(body)["error"]
     assert ok == 200
+
+
+def test_the_functions_content_type_replaces_the_default_in_any_case(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"page": "export default async function () { return {status: 200, headers: {'Content-Type': 'text/html'}, body: '<p>hi</p>'}; }"})
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http("POST", "/page")]))
+    assert (status, body) == (200, b"<p>hi</p>")
+    assert [value for name, value in headers if name == "content-type"] == ["text/html"]
+
+
+def test_the_request_id_header_is_flux_own_and_sent_once(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"own": "export default async function () { return {status: 200, headers: {'X-Flux-Request-Id': 'mine'}}; }"})
+    [(status, headers, _)] = run(on_the_wire(tmp_path, dsn, [http("POST", "/own")]))
+    [request_id] = [value for name, value in headers if name == "x-flux-request-id"]
+    assert status == 200 and stored(conn, request_id)["status"] == 200
+
+
+def test_an_array_header_is_sent_repeated_and_recorded_as_a_list(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"many": """
+        export default async function () {
+          return {status: 200, headers: {"set-cookie": ["a=1", "b=2"], "x-rep": ["one", 2]}};
+        }
+    """})
+    [(status, headers, _)] = run(on_the_wire(tmp_path, dsn, [http("POST", "/many")]))
+    assert [(name, value) for name, value in headers if name in ("set-cookie", "x-rep")] == [
+        ("set-cookie", "a=1"), ("set-cookie", "b=2"), ("x-rep", "one"), ("x-rep", "2")]
+    recorded = stored(conn, dict(headers)["x-flux-request-id"])["response"]["headers"]
+    assert (recorded["set-cookie"], recorded["x-rep"]) == ("[redacted]", ["one", "2"])
 
 
 TENANTS = f"""

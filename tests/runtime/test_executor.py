@@ -795,7 +795,43 @@ def test_framing_headers_the_function_returns_are_left_to_the_server(tmp_path):
           return {status: 200, headers: {"Content-Length": "1", "x-kept": "yes"}, body: "longer than one byte"};
         }
     """})
-    assert run1(tmp_path, "framed").headers == {"x-kept": "yes"}
+    assert run1(tmp_path, "framed").headers == [("x-kept", "yes")]
+
+
+@pytest.mark.parametrize(("value", "said"), [("null", "null"), ("true", "true"), ("{a: 1}", "an object"),
+                                           ('["a=1", null]', "an array holding null")])
+def test_a_header_value_that_is_not_text_is_a_500_naming_the_header_and_its_writes_roll_back(tmp_path, dsn, conn, value, said):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    write_project(tmp_path, {"odd": f"""
+        export default async function (req, ctx) {{
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          return {{status: 200, headers: {{"x-odd": {value}}}}};
+        }}
+    """})
+    result = run1(tmp_path, "odd", dsn=dsn)
+    assert (result.status, result.error) == (500, f"InvalidResponse: the handler returned header 'x-odd' as {said}; a header's "
+                                                  "value must be a string, a number, or an array of them (a repeated header)")
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_a_number_in_a_header_is_sent_as_its_js_text(tmp_path):
+    write_project(tmp_path, {"n": """
+        export default async function () {
+          return {status: 200, headers: {"x-small": 1e-7, "x-whole": 2.0, "x-big": 1e21, "x-list": [1.5, "two"]}};
+        }
+    """})
+    assert run1(tmp_path, "n").headers == [("x-small", "1e-7"), ("x-whole", "2"), ("x-big", "1e+21"),
+                                           ("x-list", "1.5"), ("x-list", "two")]
+
+
+def test_header_names_are_case_insensitive_and_each_value_of_one_name_is_sent(tmp_path):
+    write_project(tmp_path, {"cookies": """
+        export default async function () {
+          return {status: 200, headers: {"Set-Cookie": ["a=1", "b=2"], "set-cookie": "c=3", "X-Kept": "yes"}};
+        }
+    """})
+    assert run1(tmp_path, "cookies").headers == [("set-cookie", "a=1"), ("set-cookie", "b=2"), ("set-cookie", "c=3"),
+                                                 ("x-kept", "yes")]
 
 
 def test_a_lone_surrogate_in_the_returned_body_becomes_a_replacement_character(tmp_path):

@@ -51,6 +51,12 @@ _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 CLIENT_GONE = "the client disconnected before the response was sent"
 
 
+class _Answer(Response):
+    """An answer with no body has no content-type (Quart's default would be text/html)."""
+
+    default_mimetype = None
+
+
 class Functions:
     """The project's compiled functions and their isolate pools, and what every request needs of
     its config worked out once (every secret's forms, every API key); swapped whole on reload."""
@@ -257,19 +263,27 @@ class Gateway:
         body = execution.body
         if execution.error is not None:  # Flux's own error bodies
             body = trace.functions.redactor.redact({**body, "request_id": trace.request_id}, secrets)
-        if isinstance(body, str):
+        if status in (204, 304):  # HTTP allows neither a body nor its length on these
+            if body is not None:
+                trace.span.attributes["flux.response_body_dropped"] = f"a {status} response has no body; the function's was not sent"
+            payload = b""
+        elif body is None:  # no body: nothing to type
+            payload = b""
+        elif isinstance(body, str):
             payload = body.encode()
             if not typed:
                 headers.append(("content-type", "text/plain; charset=utf-8"))
-        elif body is None and status in (204, 304):
-            payload = b""
         else:
             payload = orjson.dumps(body)
             if not typed:
                 headers.append(("content-type", "application/json"))
         if self.sink is not None and self.record:
             self.sink.submit(trace.record(execution, function, status, headers, payload, secrets, client_gone=client_gone))
-        return Response(payload, status=status, headers=headers)
+        # To a HEAD request the HTTP server sends these headers, the length included, and no body.
+        response = _Answer(payload, status=status, headers=headers)
+        if status in (204, 304):
+            response.headers.pop("content-length", None)  # Quart sets it; HTTP forbids it on a 204
+        return response
 
 
 class _Trace:

@@ -169,6 +169,24 @@ def test_a_function_with_a_syntax_error_answers_500_and_the_others_still_work(tm
     assert ok == 200
 
 
+@pytest.mark.parametrize("status", [204, 304])
+def test_a_204_or_304_goes_without_a_body_or_its_length_and_the_trace_says_its_body_was_dropped(tmp_path, dsn, conn, trace_store, status):
+    write_project(tmp_path, {"gone": f"export default async function () {{ return {{status: {status}, body: 'ignored'}}; }}"})
+    [(got, headers, body)] = run(on_the_wire(tmp_path, dsn, [http("POST", "/gone")]))
+    assert (got, body) == (status, b"")
+    assert "content-length" not in names(headers) and "content-type" not in names(headers)
+    trace = stored(conn, dict(headers)["x-flux-request-id"])
+    assert trace["spans"][0]["attributes"]["flux.response_body_dropped"] == f"a {status} response has no body; the function's was not sent"
+    assert (trace["response"]["body"], trace["response"]["body_bytes"]) == (None, 0)
+
+
+def test_an_answer_without_a_body_is_empty_and_has_no_content_type(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"moved": "export default async function () { return {status: 302, headers: {Location: '/next'}}; }"})
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http("POST", "/moved")]))
+    assert (status, body, dict(headers)["location"], dict(headers)["content-length"]) == (302, b"", "/next", "0")
+    assert "content-type" not in names(headers)
+
+
 def test_the_functions_content_type_replaces_the_default_in_any_case(tmp_path, dsn, conn, trace_store):
     write_project(tmp_path, {"page": "export default async function () { return {status: 200, headers: {'Content-Type': 'text/html'}, body: '<p>hi</p>'}; }"})
     [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http("POST", "/page")]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -31,6 +32,7 @@ from typing import Any
 import orjson
 import psycopg
 from quart import Quart, Response, request
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from flux.errors import FluxError, NotFoundError
@@ -139,9 +141,11 @@ class Gateway:
                        attributes={"flux.kind": "gateway", "http.method": method, "http.target": path})
         functions = self.functions  # one consistent version for the whole request
         project = functions.project
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers = _request_headers(request.scope["headers"])
+        client = request.scope.get("client")
+        trace = _Trace(request_id, started_at, clock, gateway, method, path, headers, functions, _query(request.args),
+                       client[0] if client else None)
         tenant = project.tenant_for_key(_api_key(headers))
-        trace = _Trace(request_id, started_at, clock, gateway, method, path, headers, functions, request.args.to_dict())
         if tenant is None:
             return self._reply(trace, None, None, _error(401, "missing or invalid API key",
                                "Send the tenant's key as `Authorization: Bearer KEY` or `x-flux-api-key: KEY`."))
@@ -175,7 +179,7 @@ class Gateway:
         invocation = Invocation(
             request_id=request_id, tenant=tenant.name, secrets=tenant.secrets, parent_span=gateway.id,
             replay=headers.get(REPLAY_HEADER, "").lower() == "true", record=self.record,
-            request={"method": method, "path": path, "query": trace.query, "body": body,
+            request={"method": method, "path": path, "query": trace.query, "body": body, "ip": trace.ip,
                      "headers": {k: v for k, v in headers.items()
                                  if k != API_KEY_HEADER and not _carries_api_key(v, functions.api_keys)}},
         )
@@ -290,7 +294,7 @@ class _Trace:
     """What the gateway learns about a request as it goes, turned into one TraceRecord at the end."""
 
     def __init__(self, request_id: str, started_at: datetime, clock: Clock, span: Span, method: str, path: str,
-                 headers: dict[str, str], functions: Functions, query: dict[str, str]) -> None:
+                 headers: dict[str, str], functions: Functions, query: dict[str, str | list[str]], ip: str | None) -> None:
         self.request_id = request_id
         self.started_at = started_at
         self.clock = clock
@@ -301,6 +305,7 @@ class _Trace:
         self.functions = functions
         self.project = functions.project
         self.query = query
+        self.ip = ip
         self.tenant: Tenant | None = None
         self.function: CompiledFunction | None = None
         self.raw_body: bytes | None = None
@@ -331,7 +336,7 @@ class _Trace:
         record = {
             "path": self.path,
             "spans": spans,
-            "request": {"headers": request_headers, "query": self.query,
+            "request": {"headers": request_headers, "query": self.query, "ip": self.ip,
                         **_body_record(self.raw_body, self.body, limit, redactor)},
             "response": {"headers": redact_headers(_header_record(headers)), **_body_record(payload, None, limit, redactor)},
             "recording": execution.recording,
@@ -394,6 +399,24 @@ def _body_record(raw: bytes | None, parsed: Any, limit: int, redactor: Redactor)
     return {"body": parsed, "body_truncated": False, "body_bytes": len(raw)}
 
 
+def _request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's headers as the client sent them, from the ASGI scope (Quart's own adds a
+    `Remote-Addr` that a client's header of that name replaced), names lower-cased. A repeated
+    header's values are joined with ", " (a cookie's with "; "), as Node and fetch join them."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        known = headers.get(key)
+        headers[key] = text if known is None else f"{known}; {text}" if key == "cookie" else f"{known}, {text}"
+    return headers
+
+
+def _query(args: MultiDict[str, str]) -> dict[str, str | list[str]]:
+    """The query string: a key given once has its value, a key given more than once the list of
+    its values, in order (`?a=1&a=2`: ["1", "2"]), as Node's querystring gives them."""
+    return {key: values[0] if len(values) == 1 else values for key, values in args.lists()}
+
+
 def _api_key(headers: dict[str, str]) -> str | None:
     if headers.get(API_KEY_HEADER):
         return headers[API_KEY_HEADER]
@@ -402,8 +425,15 @@ def _api_key(headers: dict[str, str]) -> str | None:
 
 
 def _carries_api_key(value: str, api_keys: frozenset[str]) -> bool:
-    """Whether a header's value is any tenant's API key, bare or as a bearer token: no function, and
-    no trace, sees one (a request may carry another tenant's key beside the one it is served by)."""
+    """Whether a header's value is any tenant's API key, bare or as a bearer token, or holds one as
+    one of a repeated header's values: no function, and no trace, sees one (a request may carry
+    another tenant's key beside the one it is served by)."""
+    if _is_api_key(value, api_keys):
+        return True
+    return ("," in value or ";" in value) and any(_is_api_key(part, api_keys) for part in re.split("[,;]", value))
+
+
+def _is_api_key(value: str, api_keys: frozenset[str]) -> bool:
     value = value.strip()
     return value in api_keys or (value[:7].lower() == "bearer " and value[7:].strip() in api_keys)
 
@@ -475,7 +505,7 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
 async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
     """A tenant's own traces, by API key; never another tenant's."""
-    tenant = gateway.project.tenant_for_key(_api_key({k.lower(): v for k, v in request.headers.items()}))
+    tenant = gateway.project.tenant_for_key(_api_key(_request_headers(request.scope["headers"])))
     if tenant is None:
         return Response(orjson.dumps({"error": "missing or invalid API key"}), status=401, content_type="application/json")
     reader = gateway.trace_reader

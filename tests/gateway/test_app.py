@@ -128,6 +128,35 @@ def test_an_unknown_route_is_404_and_recorded(tmp_path, dsn, conn, users):
     assert "no function is routed at GET /nowhere" in trace["error"]
 
 
+ECHO = "export default async function (req) { return {status: 200, body: {headers: req.headers, query: req.query, ip: req.ip}}; }"
+
+
+def test_a_repeated_request_header_is_joined_as_node_joins_it(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"echo": ECHO})
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/echo", {"headers": [
+        ("x-rep", "one"), ("X-Rep", "two"), ("cookie", "a=1"), ("cookie", "b=2")]})]))
+    seen = json.loads(body)["headers"]
+    assert status == 200 and (seen["x-rep"], seen["cookie"]) == ("one, two", "a=1; b=2")
+    assert stored(conn, headers["x-flux-request-id"])["request"]["headers"]["x-rep"] == "one, two"
+
+
+def test_a_query_key_given_more_than_once_has_the_list_of_its_values(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"echo": ECHO})
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/echo?a=1&a=2&b=3", {})]))
+    assert status == 200 and json.loads(body)["query"] == {"a": ["1", "2"], "b": "3"}
+    assert stored(conn, headers["x-flux-request-id"])["request"]["query"] == {"a": ["1", "2"], "b": "3"}
+
+
+def test_the_client_address_is_req_ip_from_the_socket_and_never_a_header(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"echo": ECHO})
+    [(_, headers, plain), (_, _, claimed)] = run(on_the_wire(tmp_path, dsn, [
+        http("POST", "/echo"), http("POST", "/echo", [("Remote-Addr", "6.6.6.6")])]))
+    plain, claimed = json.loads(plain), json.loads(claimed)
+    assert (plain["ip"], "remote-addr" in plain["headers"]) == ("127.0.0.1", False)
+    assert (claimed["ip"], claimed["headers"]["remote-addr"]) == ("127.0.0.1", "6.6.6.6")  # the client's own header, as sent
+    assert stored(conn, dict(headers)["x-flux-request-id"])["request"]["ip"] == "127.0.0.1"
+
+
 def test_a_throwing_function_is_500_with_the_js_stack_recorded(tmp_path, dsn, conn, users):
     write_project(tmp_path, {"boom": "export default async function () {\n  throw new Error('kaboom');\n}\n"})
     [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/boom", {})]))
@@ -703,8 +732,9 @@ def test_a_secret_host_is_redacted_in_any_case(tmp_path, dsn, conn, users, stub:
 def test_a_function_sees_no_api_key_in_any_header(tmp_path, dsn, conn, users):
     """A request may carry another tenant's key beside its own; neither reaches the function or the trace."""
     write_project(tmp_path, {"echo": "export default async function (req) { return {status: 200, body: req.headers}; }"}, SECRETS)
-    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/echo", {"headers": {
-        "x-flux-api-key": "key-acme", "authorization": "Bearer key-globex", "x-forwarded-key": "key-globex"}})]))
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/echo", {"headers": [
+        ("x-flux-api-key", "key-acme"), ("authorization", "Bearer key-globex"), ("x-forwarded-key", "key-globex"),
+        ("x-repeated", "one"), ("x-repeated", "key-globex")]})]))  # joined, the key is one of its values
     assert status == 200 and stored(conn, headers["x-flux-request-id"])["tenant"] == "acme"
     assert "key-" not in body.decode()
     assert leaks(conn, headers["x-flux-request-id"], "key-acme", "key-globex") == []

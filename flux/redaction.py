@@ -5,8 +5,9 @@ of every secret a project configures, built once per project load, that replaces
 replaces each form of each of them, in strings and keys at any depth and in numbers whose text
 is one: the requesting tenant's own secrets (`own`) as `[secret:NAME]`, any other as `[secret]`,
 since a tenant must not learn another tenant's secret, nor its name or owner. A record without a
-tenant (a 401) has no own secrets: everything in it is `[secret]`. Sensitive headers are
-`[redacted]` by name (`redact_headers`).
+tenant (a 401) has no own secrets: everything in it is `[secret]`. `redact_bytes` does the same
+in bytes, for a body that is not text, before it is encoded. Sensitive headers are `[redacted]`
+by name (`redact_headers`).
 
 Text is redacted before it is summarised: `one_line` and `as_text` shorten text without cutting
 inside a secret or a label, so no part of a secret is left for redaction to miss.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr
 from urllib.parse import quote, quote_plus
 
 import orjson
@@ -85,6 +86,7 @@ class Redactor:
             for form in secret_forms(value):
                 owners.setdefault(form, set()).add(value)
         self.forms: tuple[str, ...] = tuple(sorted(owners, key=len, reverse=True))
+        self.byte_forms = tuple(form.encode("utf-8", "surrogatepass") for form in self.forms)  # in a body that is not text
         self.longest = len(self.forms[0]) if self.forms else 0
         self._owners = {form: frozenset(v) for form, v in owners.items()}
         self._probes = [orjson.dumps(form).decode()[1:-1] for form in self.forms]  # as in JSON text
@@ -106,11 +108,7 @@ class Redactor:
             found = tuple(form for form, probe in zip(self.forms, self._probes) if probe in text)
         if not found:
             return value
-        names = {v: k for k, v in (own or {}).items()}
-        labels = {}
-        for form in found:
-            name = next((names[v] for v in self._owners[form] if v in names), None)
-            labels[form] = f"[secret:{name}]" if name is not None else OTHER_SECRET
+        labels = self._labels(found, own)
         numbers = {form: label for form, label in labels.items() if _NUMBER.fullmatch(form)}
 
         def walk(v: Any) -> Any:
@@ -129,6 +127,24 @@ class Redactor:
 
         return walk(value)
 
+    def redact_bytes(self, data: bytes, own: Mapping[str, str] | None = None) -> bytes:
+        """`data` with each secret form's UTF-8 bytes replaced by its label, as `redact` does in text:
+        for a body that is not text, which is recorded encoded (base64), where no scan of the
+        record could see a secret any more."""
+        found = {form: raw for form, raw in zip(self.forms, self.byte_forms) if raw in data}
+        for form, label in self._labels(found, own).items():
+            data = data.replace(found[form], label.encode())
+        return data
+
+    def _labels(self, found: Iterable[str], own: Mapping[str, str] | None) -> dict[str, str]:
+        """Each form's label: `[secret:NAME]` for one of `own`'s secrets, `[secret]` for any other."""
+        names = {v: k for k, v in (own or {}).items()}
+        labels = {}
+        for form in found:
+            name = next((names[v] for v in self._owners[form] if v in names), None)
+            labels[form] = f"[secret:{name}]" if name is not None else OTHER_SECRET
+        return labels
+
 
 def one_line(text: str, limit: int = ERROR_CHARS) -> str:
     """The first line of `text`, cut to `limit` characters, never inside a `[secret...]` label.
@@ -145,9 +161,10 @@ def one_line(text: str, limit: int = ERROR_CHARS) -> str:
     return line[:limit]
 
 
-def as_text(body: str, limit: int, secrets: Sequence[str] = ()) -> tuple[str, bool]:
-    """`body` cut to `limit` characters, and whether it was. Never inside one of `secrets`: the
-    part of a secret left before the cut would be past what redaction recognises."""
+def as_text(body: AnyStr, limit: int, secrets: Sequence[AnyStr] = ()) -> tuple[AnyStr, bool]:
+    """`body` cut to `limit` characters (or bytes, for bytes and secrets' bytes), and whether it
+    was. Never inside one of `secrets`: the part of a secret left before the cut would be past
+    what redaction recognises."""
     if len(body) <= limit:
         return body, False
     cut, moved = limit, True

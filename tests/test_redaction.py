@@ -66,6 +66,13 @@ def test_a_cut_never_falls_inside_a_secret():
     assert as_text("aaaa-SECRET-bbbb", 12, ["SECRET"]) == ("aaaa-SECRET-", True)
 
 
+def test_a_secret_in_bytes_is_redacted_as_in_text_and_the_other_bytes_kept():
+    """A body that is not text is recorded as base64, which no scan of the record can look into."""
+    redactor = Redactor(["acme-token-0123456789", "globex-token-9876543210"])
+    data = b"\xff\x00acme-token-0123456789\x80globex-token-9876543210"
+    assert redactor.redact_bytes(data, {"ACME": "acme-token-0123456789"}) == b"\xff\x00[secret:ACME]\x80[secret]"
+
+
 def test_one_line_keeps_the_first_line_and_never_cuts_a_label():
     assert one_line("  first\nsecond") == "first"
     assert one_line("x" * 495 + "[secret:TOKEN] tail") == "x" * 495

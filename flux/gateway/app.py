@@ -21,6 +21,7 @@ and answers queued requests 503 (`Gateway.settle`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import uuid
@@ -34,6 +35,7 @@ import psycopg
 from quart import Quart, Response, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import parse_options_header
 
 from flux.errors import FluxError, NotFoundError
 from flux.gateway.traces import TraceSink
@@ -171,7 +173,7 @@ class Gateway:
             raise
         trace.raw_body = raw
         try:
-            body = _parse_body(raw, headers.get("content-type", ""))
+            body, trace.charset = _parse_body(raw, headers.get("content-type", ""))
         except ValueError as exc:
             return self._reply(trace, tenant, function, _error(400, f"the request body is not valid JSON: {exc}",
                                "Send a JSON body with content-type application/json."))
@@ -309,7 +311,8 @@ class _Trace:
         self.tenant: Tenant | None = None
         self.function: CompiledFunction | None = None
         self.raw_body: bytes | None = None
-        self.body: Any = None
+        self.body: Any = None  # bytes for a body that is not text
+        self.charset = "utf-8"  # a text body's
 
     def record(self, execution: Execution, function: str | None, status: int, headers: list[tuple[str, str]],
                payload: bytes, secrets: dict[str, str], *, client_gone: bool = False) -> TraceRecord:
@@ -337,8 +340,8 @@ class _Trace:
             "path": self.path,
             "spans": spans,
             "request": {"headers": request_headers, "query": self.query, "ip": self.ip,
-                        **_body_record(self.raw_body, self.body, limit, redactor)},
-            "response": {"headers": redact_headers(_header_record(headers)), **_body_record(payload, None, limit, redactor)},
+                        **_body_record(self.raw_body, self.body, limit, redactor, secrets, self.charset)},
+            "response": {"headers": redact_headers(_header_record(headers)), **_body_record(payload, None, limit, redactor, secrets)},
             "recording": execution.recording,
             "error": execution.error or _returned_error(status, execution.body)
                      or (CLIENT_GONE if client_gone else None),
@@ -382,13 +385,18 @@ def _returned_error(status: int, body: Any) -> str | None:
         return f"HTTP {status}"
 
 
-def _body_record(raw: bytes | None, parsed: Any, limit: int, redactor: Redactor) -> dict[str, Any]:
+def _body_record(raw: bytes | None, parsed: Any, limit: int, redactor: Redactor, own: dict[str, str],
+                 charset: str = "utf-8") -> dict[str, Any]:
     if raw is None:
         return {"body": None, "body_truncated": False, "body_bytes": 0}
+    if isinstance(parsed, bytes):  # not text: base64, within the limit, of bytes redacted before (base64 hides a secret)
+        kept, truncated = as_text(raw, limit // 4 * 3, redactor.byte_forms)
+        return {"body": base64.b64encode(redactor.redact_bytes(kept, own)).decode(), "body_encoding": "base64",
+                "body_truncated": truncated, "body_bytes": len(raw)}
     if len(raw) > limit:
-        head = raw[:limit].decode("utf-8", "replace")
+        head = raw[:limit].decode(charset, "replace")
         # Past the cut too, as far as a secret could reach: one that straddles it moves the cut back.
-        text = raw[:limit + 4 * redactor.longest].decode("utf-8", "replace")
+        text = raw[:limit + 4 * redactor.longest].decode(charset, "replace")
         body, _ = as_text(text, len(head), redactor.forms)
         return {"body": body, "body_truncated": True, "body_bytes": len(raw)}
     if parsed is None and raw:
@@ -438,15 +446,39 @@ def _is_api_key(value: str, api_keys: frozenset[str]) -> bool:
     return value in api_keys or (value[:7].lower() == "bearer " and value[7:].strip() in api_keys)
 
 
-def _parse_body(raw: bytes, content_type: str) -> Any:
+# Types whose bodies are bytes, whatever they hold: a function gets them exact, never as text.
+_BINARY_TYPES = frozenset({"application/octet-stream", "application/pdf", "application/zip", "application/gzip",
+                           "application/wasm", "application/protobuf", "application/x-protobuf", "application/msgpack"})
+_BINARY_FAMILIES = ("image/", "audio/", "video/", "font/", "multipart/")
+
+
+def _parse_body(raw: bytes, content_type: str) -> tuple[Any, str]:
+    """The request body as `req.body` has it, and the charset it was read in. JSON (no content type,
+    or a JSON type) is parsed (None when empty; a ValueError says why it does not parse); a binary
+    type's body is its bytes; any other body is text in its declared charset (UTF-8 by default),
+    or its bytes when it is not valid in that charset: never text with a byte lost."""
+    if not content_type or content_type == "application/json":  # the common case, without parsing the type
+        return _json(raw), "utf-8"
+    mimetype, options = parse_options_header(content_type)
+    mimetype = mimetype.lower()
+    if "json" in mimetype:  # JSON is UTF-8 (RFC 8259); application/json defines no charset
+        return _json(raw), "utf-8"
+    if mimetype in _BINARY_TYPES or mimetype.startswith(_BINARY_FAMILIES):
+        return raw, ""
+    charset = options.get("charset") or "utf-8"
+    try:
+        return raw.decode(charset), charset
+    except (LookupError, ValueError):  # not valid in its charset, or a charset Python does not know
+        return raw, ""
+
+
+def _json(raw: bytes) -> Any:
     if not raw:
         return None
-    if "json" in content_type or not content_type:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(str(exc).split(":")[0]) from None
-    return raw.decode("utf-8", "replace")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(str(exc).split(":")[0]) from None
 
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left first; never sent

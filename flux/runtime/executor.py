@@ -34,6 +34,7 @@ response's `url` the function got; in `headers` and `response_headers`, sensitiv
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -75,7 +76,7 @@ class Execution:
 class Invocation:
     request_id: str
     tenant: str
-    request: dict[str, Any]  # {method, path, query, headers, body}
+    request: dict[str, Any]  # {method, path, query, headers, body, ip}; body: bytes for a body that is not text
     secrets: dict[str, str]
     parent_span: str | None
     replay: bool = False
@@ -318,6 +319,9 @@ class _Run:
             "request": self.call.request, "request_id": self.call.request_id, "tenant": self.call.tenant,
             "function": self.compiled.name, "replay": self.call.replay, "secrets": self.call.secrets,
         }
+        if isinstance(self.call.request.get("body"), bytes):  # JSON carries bytes as base64; JS gets a Uint8Array
+            start["request"] = {**self.call.request, "body": base64.b64encode(self.call.request["body"]).decode()}
+            start["body_base64"] = True
         out = self._take(await _then_drain(isolate, "start", start))
         while True:
             calls = out["calls"]

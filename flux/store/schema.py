@@ -90,7 +90,7 @@ CREATE TABLE IF NOT EXISTS flux.trace_requests (
     started_at    timestamptz NOT NULL,
     error         text,                 -- one-line summary, NULL when ok
     spans         jsonb NOT NULL,       -- flat list of spans (below), parents before children
-    request       jsonb NOT NULL,       -- {"headers": {...redacted}, "query": {...}, "body": <json|str|null>, "body_truncated": bool, "body_bytes": int}
+    request       jsonb NOT NULL,       -- {"headers": {...redacted}, "query": {...}, "ip": str|null, "body": <json|str|null>, ["body_encoding": "base64",] "body_truncated": bool, "body_bytes": int}
     response      jsonb NOT NULL,       -- {"headers": {...}, "body": ..., "body_truncated": bool, "body_bytes": int}
     recording     jsonb,                -- the replay tape (below); NULL when recording is off or the function never ran
     code_version  text,                 -- sha256 of the function source, first 16 hex chars

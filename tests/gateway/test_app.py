@@ -157,6 +157,52 @@ def test_the_client_address_is_req_ip_from_the_socket_and_never_a_header(tmp_pat
     assert stored(conn, dict(headers)["x-flux-request-id"])["request"]["ip"] == "127.0.0.1"
 
 
+BODY = """
+export default async function (req) {
+  const body = req.body;
+  return {status: 200, body: body instanceof Uint8Array ? {bytes: Array.from(body)} : {text: body}};
+}
+"""
+
+
+def test_a_binary_body_reaches_the_function_as_its_bytes_and_the_trace_as_base64(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"body": BODY})
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": b"\x00\x01\xff\xfe\x80", "headers": {"content-type": "application/octet-stream"}})]))
+    assert status == 200 and json.loads(body) == {"bytes": [0, 1, 255, 254, 128]}
+    recorded = stored(conn, headers["x-flux-request-id"])["request"]
+    assert (recorded["body"], recorded["body_encoding"], recorded["body_bytes"]) == ("AAH//oA=", "base64", 5)
+
+
+def test_a_text_body_is_read_in_its_declared_charset(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"body": BODY})
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": b"caf\xe9", "headers": {"content-type": "text/plain; charset=iso-8859-1"}})]))
+    assert status == 200 and json.loads(body) == {"text": "caf\u00e9"}
+    assert stored(conn, headers["x-flux-request-id"])["request"]["body"] == "caf\u00e9"
+
+
+def test_a_text_body_not_valid_in_its_charset_reaches_the_function_as_its_bytes(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"body": BODY})
+    [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {"data": b"caf\xe9", "headers": {"content-type": "text/plain"}})]))
+    assert status == 200 and json.loads(body) == {"bytes": [99, 97, 102, 233]}
+
+
+def test_an_empty_text_body_is_an_empty_string(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"body": BODY})
+    [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {"data": b"", "headers": {"content-type": "text/plain"}})]))
+    assert status == 200 and json.loads(body) == {"text": ""}
+
+
+def test_a_binary_body_is_recorded_within_the_body_limit(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"body": BODY}, "[limits]\nrecord_body_bytes = 64\n")
+    [(status, headers, _)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": bytes(range(100)), "headers": {"content-type": "image/png"}})]))
+    recorded = stored(conn, headers["x-flux-request-id"])["request"]
+    assert status == 200 and len(recorded["body"]) <= 64
+    assert (base64.b64decode(recorded["body"]), recorded["body_truncated"], recorded["body_bytes"]) == (bytes(range(48)), True, 100)
+
+
 def test_a_throwing_function_is_500_with_the_js_stack_recorded(tmp_path, dsn, conn, users):
     write_project(tmp_path, {"boom": "export default async function () {\n  throw new Error('kaboom');\n}\n"})
     [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/boom", {})]))
@@ -665,6 +711,14 @@ def test_a_numeric_secret_that_comes_back_as_a_number_is_redacted(tmp_path, dsn,
     [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/pin", ACME)]))
     assert status == 200 and json.loads(body) == {"pin": int(ACME_PIN)}  # the function's answer is its own
     assert leaks(conn, headers["x-flux-request-id"], ACME_PIN) == []
+
+
+def test_a_secret_in_a_binary_body_is_redacted_before_it_is_recorded(tmp_path, dsn, conn, users):
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"}, SECRETS)
+    [(status, headers, _)] = run(call(tmp_path, dsn, [("POST", "/f", {
+        "data": b"\x00" + ACME_TOKEN.encode() + b"\xff", "headers": {"content-type": "application/octet-stream", **ACME["headers"]}})]))
+    recorded = stored(conn, headers["x-flux-request-id"])["request"]["body"]
+    assert status == 200 and base64.b64decode(recorded) == b"\x00[secret:ACME_TOKEN]\xff"
 
 
 def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):

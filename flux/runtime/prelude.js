@@ -42,6 +42,7 @@
   let functionSpanId = null;
   let fileName = "";
   let done = null;
+  let reported = false; // unhandled rejections, once the handler has finished
   let started = false;
 
   function record(kind, value) {
@@ -205,6 +206,42 @@
     }
   }
 
+  // A ctx call's promise is a CallPromise, so that the prelude can tell whether anything took up
+  // its rejection: await, then, catch, finally and Promise.all all call `then` on a promise that
+  // is not a plain Promise (a plain one they take up inside V8, unseen), and what `then` returns
+  // is a CallPromise too. A rejection nothing took up by the time the handler finished is logged
+  // on the function span, as Node reports an unhandled rejection. The function's own promises
+  // (an async function's, Promise.reject) are V8's, whose rejection hook mini-racer does not
+  // expose: those go unseen.
+  const unhandled = new Map(); // rejected CallPromise -> its reason, until something takes it up
+  const takenUp = new WeakSet();
+  class CallPromise extends Promise {
+    constructor(executor) {
+      let self = null;
+      super((resolve, reject) => executor(resolve, (reason) => {
+        if (self !== null && !takenUp.has(self)) unhandled.set(self, reason);
+        reject(reason);
+      }));
+      self = this;
+    }
+
+    then(onFulfilled, onRejected) {
+      takenUp.add(this);
+      unhandled.delete(this);
+      return super.then(onFulfilled, onRejected);
+    }
+  }
+
+  function reportUnhandled() {
+    for (const reason of unhandled.values()) {
+      const text = reason instanceof RealError ? `${reason.name}: ${reason.message}` : formatArgs([reason]);
+      functionEvents.push({ name: "log", time: realNow(), attributes: {
+        message: `Unhandled promise rejection: ${text}`, level: "error",
+        ...(reason instanceof RealError ? exceptionAttributes(reason) : {}) } });
+    }
+    unhandled.clear();
+  }
+
   function hostCall(op, args, parent) {
     if (pending.size >= MAX_PENDING_CALLS) {
       throw new RangeError(`Flux: at most ${MAX_PENDING_CALLS} ctx calls and timers can be pending at once in a request`);
@@ -213,7 +250,7 @@
     const site = callsite();
     const callSeq = seq++;
     outbox.push([id, op, args, parent, callSeq, site]);
-    return new Promise((resolve, reject) => pending.set(id, { resolve, reject, site, callSeq }));
+    return new CallPromise((resolve, reject) => pending.set(id, { resolve, reject, site, callSeq }));
   }
 
   function makeError(info, site) {
@@ -274,11 +311,44 @@
     return { name: "NonErrorThrown", message: `the function threw a non-Error value: ${text}`, stack: "", sqlstate: null };
   }
 
+  // Log arguments as Node's console writes them: an Error as "Name: message", its stack frames and
+  // its own fields (`code`) as JSON; anything else as JSON, an Error inside it as "Name: message"
+  // (JSON.stringify would give {}: an Error's fields are not enumerable).
   function formatArgs(args) {
     return args.map((a) => {
       if (typeof a === "string") return a;
-      try { return JSON.stringify(a); } catch (_) { return String(a); }
+      if (a instanceof RealError) return errorText(a);
+      try { return JSON.stringify(a, errorsAsText) ?? String(a); } catch (_) { return String(a); }
     }).join(" ");
+  }
+
+  function errorsAsText(key, value) {
+    return value instanceof RealError ? `${value.name}: ${value.message}` : value;
+  }
+
+  function errorText(e) {
+    const frames = userStack(e.stack).split("\n").filter((line) => /^\s+at /.test(line));
+    const fields = Object.fromEntries(Object.entries(e).filter(([k]) => k !== "name" && k !== "message" && k !== "stack"));
+    let own = "";
+    if (Object.keys(fields).length) {
+      try { own = ` ${JSON.stringify(fields, errorsAsText)}`; } catch (_) { own = ""; }
+    }
+    return [`${e.name}: ${e.message}`, ...frames].join("\n") + own;
+  }
+
+  // An Error as OpenTelemetry's exception attributes.
+  function exceptionAttributes(e) {
+    return { "exception.type": String(e.name), "exception.message": String(e.message), "exception.stacktrace": userStack(e.stack) };
+  }
+
+  // A log's own keys win over the attributes passed with it: one of those named like them is kept
+  // as `attributes.<name>`, so nothing the function logs is lost and nothing overrides the message.
+  const LOG_KEYS = new Set(["message", "level", "exception.type", "exception.message", "exception.stacktrace"]);
+  function logAttributes(event, attrs) {
+    let plain;
+    try { plain = JSON.parse(JSON.stringify(attrs, errorsAsText)); } catch (e) { plain = { "attributes.error": String(e) }; }
+    for (const [k, v] of Object.entries(plain)) event[LOG_KEYS.has(k) ? `attributes.${k}` : k] = v;
+    return event;
   }
 
   function addEvent(parent, name, attributes) {
@@ -324,9 +394,16 @@
           name: init.name ?? null, timeout_ms: timeout };
         return hostCall("fetch", args, currentParent(bound)).then(makeResponse);
       },
+      // ctx.log(message..., attrs): a last object is the event's attributes; an Error last (or
+      // before them) is its exception attributes, and the message is what comes before it.
       log(...args) {
-        const attrs = args.length > 1 && args[args.length - 1] && typeof args[args.length - 1] === "object" ? args.pop() : {};
-        addEvent(currentParent(bound), "log", { message: formatArgs(args), ...JSON.parse(JSON.stringify(attrs)) });
+        const last = args[args.length - 1];
+        const attrs = args.length > 1 && last && typeof last === "object" && !(last instanceof RealError) ? args.pop() : null;
+        const error = args[args.length - 1] instanceof RealError ? args[args.length - 1] : null;
+        if (error) args.pop();
+        const event = { message: args.length ? formatArgs(args) : `${error.name}: ${error.message}` };
+        if (error) Object.assign(event, exceptionAttributes(error));
+        addEvent(currentParent(bound), "log", attrs ? logAttributes(event, attrs) : event);
       },
       async step(name, fn) {
         if (typeof fn !== "function") throw new TypeError("ctx.step(name, fn): fn must be a function");
@@ -452,6 +529,10 @@
   // What the function did since the last drain. Microtasks run only when an eval ends, so the host
   // drains in an eval of its own after each start and settle (posted right behind it).
   function drain() {
+    if (done && !reported) {  // the handler has finished: a rejection nothing took up by now never will be
+      reported = true;
+      reportUnhandled();
+    }
     const out = { calls: outbox.splice(0, outbox.length), done };
     if (tape.length) out.tape = tape.splice(0, tape.length);
     if (spans.length) out.spans = spans.splice(0, spans.length);

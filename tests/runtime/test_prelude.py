@@ -32,3 +32,56 @@ def test_what_a_to_json_returns_must_be_json_too(tmp_path):
     write_project(tmp_path, {"bad": "export default async function () { return {status: 200, body: {x: {toJSON() { return new Map(); }}}}; }"})
     result = run1(tmp_path, "bad")
     assert result.status == 500 and "the return value's body.x is a Map, which JSON cannot represent" in result.error
+
+
+def logs(result) -> list[dict]:
+    return [e["attributes"] for e in result.spans[0]["events"] if e["name"] == "log"]
+
+
+def test_console_writes_an_error_as_its_name_message_stack_and_fields(tmp_path):
+    write_project(tmp_path, {"log": """
+        export default async function () {
+          const err = new Error("boom"); err.code = "E1";
+          console.error(err);
+          return {status: 200};
+        }
+    """})
+    [log] = logs(run1(tmp_path, "log"))
+    assert log == {"message": 'Error: boom\n    at default (functions/log.js:2:15) {"code":"E1"}', "level": "error"}
+
+
+def test_ctx_log_keeps_an_error_as_its_exception_attributes(tmp_path):
+    write_project(tmp_path, {"log": """
+        export default async function (req, ctx) {
+          ctx.log("charge failed", new TypeError("card declined"));
+          return {status: 200};
+        }
+    """})
+    [log] = logs(run1(tmp_path, "log"))
+    assert log == {"message": "charge failed", "exception.type": "TypeError", "exception.message": "card declined",
+                   "exception.stacktrace": "TypeError: card declined\n    at default (functions/log.js:2:28)"}
+
+
+def test_attributes_never_override_the_log_message(tmp_path):
+    write_project(tmp_path, {"log": """
+        export default async function (req, ctx) {
+          ctx.log("charged", {message: "from the attributes", id: 7});
+          return {status: 200};
+        }
+    """})
+    assert logs(run1(tmp_path, "log")) == [{"message": "charged", "attributes.message": "from the attributes", "id": 7}]
+
+
+def test_a_ctx_call_rejection_nothing_took_up_is_logged_when_the_handler_finishes(tmp_path):
+    write_project(tmp_path, {"unhandled": """
+        export default async function (req, ctx) {
+          ctx.db.query("SELECT 'left alone'");                          // no database: each call rejects
+          ctx.db.query("SELECT 'caught'").catch(() => {});
+          try { await ctx.db.query("SELECT 'awaited'"); } catch (e) {}
+          await new Promise((resolve) => setTimeout(resolve, 10));      // the first two have failed by now
+          return {status: 200};
+        }
+    """})
+    [log] = logs(run1(tmp_path, "unhandled"))  # the first call's only
+    assert log["message"] == f"Unhandled promise rejection: {log['exception.type']}: {log['exception.message']}"
+    assert log["level"] == "error" and "functions/unhandled.js:2:" in log["exception.stacktrace"]

@@ -302,6 +302,7 @@ class _Run:
         })
         self.secret_forms = executor.redactor.forms
         self.inflight: dict[asyncio.Task, int] = {}
+        self.timers: dict[int, list[Any]] = {}  # call id -> its tape event, for timers not yet settled
         self.client_spans: list[Span] = []
         self.host_events: list[list[Any]] = []
         # What the JS side has handed over, drain by drain: kept when the request is cut short.
@@ -325,6 +326,11 @@ class _Run:
         out = self._take(await _then_drain(isolate, "start", start))
         while True:
             calls = out["calls"]
+            if "cancel" in out:
+                self._clear(out["cancel"])
+            for call_id, op, args, _, seq, _ in calls:
+                if op == "timer":  # on the tape once it reaches the function
+                    self.timers[call_id] = [seq, "timer", args["ms"]]
             if out["done"] is None and len(calls) == 1 and not self.inflight:
                 # The function waits on this one call alone: it runs here, without a task of its
                 # own and a wait on it (in-process, 0.03 to 0.04 ms less per call).
@@ -342,7 +348,21 @@ class _Run:
                     raise _Stuck("the function is awaiting a Promise that nothing will settle")
                 finished, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                 settled = [[self.inflight.pop(task), *task.result()] for task in finished]
+            for call_id, *_ in settled:
+                if call_id in self.timers:
+                    self.host_events.append(self.timers.pop(call_id))
             out = self._take(await _then_drain(isolate, "settle", settled))
+
+    def _clear(self, call_ids: list[int]) -> None:
+        """Timers the function cleared once they were on the host: their tasks end now, unsettled,
+        and leave nothing on the tape (each would hold a task on the shared loop until it fired)."""
+        cleared = set(call_ids)
+        for task, call_id in list(self.inflight.items()):
+            if call_id in cleared:
+                task.cancel()
+                del self.inflight[task]
+        for call_id in cleared:
+            self.timers.pop(call_id, None)
 
     async def salvage(self, isolate: Isolate) -> None:
         """After the deadline: what the function did since the last drain (its logs, tape, spans, the
@@ -379,7 +399,6 @@ class _Run:
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
         if op == "timer":
             await asyncio.sleep(args["ms"] / 1000)
-            self.host_events.append([seq, "timer", args["ms"]])
             return True, None
         span = Span(id=new_span_id(), parent=parent or self.span.id, name=op, kind="client", start=self.clock.now_ms())
         if site:

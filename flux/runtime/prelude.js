@@ -26,6 +26,7 @@
 
   const outbox = [];
   const pending = new Map();
+  const cancelled = []; // ids of timers cleared after they went to the host, since the last drain
   // What each drain hands the host, so that a request cut short (a time limit) still has its
   // recording and its spans up to its last step.
   const tape = [];           // tape events since the last drain
@@ -440,8 +441,15 @@
     });
     return id;
   };
-  g.clearTimeout = function clearTimeout(id) { timers.delete(id); };
-  g.setInterval = function setInterval() { throw new Error("setInterval is not available in Flux functions"); };
+  // A cleared timer never fires and stops counting against the limit at once: its call leaves
+  // the outbox if it has not gone to the host yet, else the host cancels it (`cancel`, drained).
+  g.clearTimeout = function clearTimeout(id) {
+    if (!timers.delete(id)) return;
+    pending.delete(id);
+    const at = outbox.findIndex((call) => call[0] === id);
+    if (at === -1) cancelled.push(id);
+    else outbox.splice(at, 1);
+  };
   g.console = Object.freeze(Object.fromEntries(["log", "info", "warn", "error", "debug"].map((level) =>
     [level, (...args) => addEvent(currentParent(null), "log", { message: formatArgs(args), level })])));
 
@@ -534,6 +542,7 @@
       reportUnhandled();
     }
     const out = { calls: outbox.splice(0, outbox.length), done };
+    if (cancelled.length) out.cancel = cancelled.splice(0, cancelled.length);
     if (tape.length) out.tape = tape.splice(0, tape.length);
     if (spans.length) out.spans = spans.splice(0, spans.length);
     if (functionEvents.length) out.events = functionEvents.splice(0, functionEvents.length);

@@ -714,6 +714,21 @@ def test_a_timer_longer_than_any_delay_waits_as_the_longest(tmp_path):
     assert (result.status, result.body) == (200, "not waited for")
 
 
+def test_a_timer_cleared_once_on_the_host_is_cancelled_there(tmp_path):
+    """Its task would hold the shared loop (and this request) until it fired."""
+    write_project(tmp_path, {"cleared": """
+        export default async function () {
+          const long = setTimeout(() => {}, 60000);
+          await new Promise((resolve) => setTimeout(resolve, 10));  // the long timer is on the host by now
+          clearTimeout(long);
+          await new Promise(() => {});  // nothing left that could settle it
+        }
+    """}, FAST)
+    result = run1(tmp_path, "cleared")
+    assert result.status == 500 and "nothing will settle" in result.error
+    assert [kind for _, kind, _ in result.recording["events"]] == ["timer", "settled"]  # the short timer only
+
+
 def test_more_pending_calls_than_the_limit_is_an_error_the_function_can_catch(tmp_path):
     write_project(tmp_path, {"many": """
         export default async function () {

@@ -85,3 +85,23 @@ def test_a_ctx_call_rejection_nothing_took_up_is_logged_when_the_handler_finishe
     [log] = logs(run1(tmp_path, "unhandled"))  # the first call's only
     assert log["message"] == f"Unhandled promise rejection: {log['exception.type']}: {log['exception.message']}"
     assert log["level"] == "error" and "functions/unhandled.js:2:" in log["exception.stacktrace"]
+
+
+def test_a_cleared_timer_does_not_count_against_the_pending_limit(tmp_path):
+    write_project(tmp_path, {"timers": """
+        export default async function () {
+          for (let i = 0; i < 1001; i++) clearTimeout(setTimeout(() => {}, 60000));
+          return {status: 200, body: "all cleared"};
+        }
+    """})
+    result = run1(tmp_path, "timers")
+    assert (result.status, result.body) == (200, "all cleared")
+
+
+def test_set_interval_is_not_there_like_any_other_missing_global(tmp_path):
+    write_project(tmp_path, {"interval": """
+        export default async function () {
+          try { setInterval(() => {}, 10); } catch (e) { return {status: 200, body: [typeof setInterval, e.name]}; }
+        }
+    """})
+    assert run1(tmp_path, "interval").body == ["undefined", "ReferenceError"]

@@ -318,8 +318,7 @@
   function formatArgs(args) {
     return args.map((a) => {
       if (typeof a === "string") return a;
-      if (a instanceof RealError) return errorText(a);
-      try { return JSON.stringify(a, errorsAsText) ?? String(a); } catch (_) { return String(a); }
+      try { return a instanceof RealError ? errorText(a) : JSON.stringify(a, errorsAsText) ?? String(a); } catch (_) { return String(a); }
     }).join(" ");
   }
 
@@ -332,7 +331,7 @@
     const fields = Object.fromEntries(Object.entries(e).filter(([k]) => k !== "name" && k !== "message" && k !== "stack"));
     let own = "";
     if (Object.keys(fields).length) {
-      try { own = ` ${JSON.stringify(fields, errorsAsText)}`; } catch (_) { own = ""; }
+      try { own = ` ${JSON.stringify(fields, errorsAsText)}`; } catch (_) { own = ""; }  // a BigInt field, say
     }
     return [`${e.name}: ${e.message}`, ...frames].join("\n") + own;
   }

@@ -50,6 +50,17 @@ def test_console_writes_an_error_as_its_name_message_stack_and_fields(tmp_path):
     assert log == {"message": 'Error: boom\n    at default (functions/log.js:2:15) {"code":"E1"}', "level": "error"}
 
 
+def test_logging_a_value_that_cannot_be_read_writes_its_string_and_never_throws(tmp_path):
+    write_project(tmp_path, {"log": """
+        export default async function () {
+          console.log("seen", new Proxy(new Error("x"), {ownKeys() { throw new Error("no keys"); }}));
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "log")
+    assert result.status == 200 and logs(result) == [{"message": "seen Error: x", "level": "log"}]
+
+
 def test_ctx_log_keeps_an_error_as_its_exception_attributes(tmp_path):
     write_project(tmp_path, {"log": """
         export default async function (req, ctx) {

@@ -4,8 +4,9 @@
 (`pg_logical_emit_message`) carrying request_id, tenant and function, so the CDC engine
 attributes every write of the request; `finish(commit=...)` commits or rolls back. Statements
 are serialised: a request's queries share one connection, in the order the function issued them.
-Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused, and the
-connection's session state is reset before another request gets it.
+Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused (the rules on
+a statement's text are `sqltext`'s), and the connection's session state is reset before another
+request gets it.
 
 `Transport` is the seam for outbound calls: `AiohttpTransport` in production (aiohttp costs
 about a fifth of httpx's CPU per call, and outbound calls were most of the gateway's Python
@@ -41,6 +42,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.project import FetchConfig
+from flux.runtime.sqltext import refusal
 
 _VERB = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
 _IDENT = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
@@ -172,9 +174,9 @@ class DbSession:
         async with self._lock:
             if self.outcome is not None:
                 raise HostCallError({"name": "FluxError", "message": "ctx.db was used after the request finished"})
-            refusal = _refusal(sql)
-            if refusal is not None:
-                raise HostCallError({"name": "FluxError", "message": refusal, "sqlstate": None})
+            refused = refusal(sql)
+            if refused is not None:
+                raise HostCallError({"name": "FluxError", "message": refused, "sqlstate": None})
             try:
                 first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
                 if self._conn is None:
@@ -375,69 +377,6 @@ _SESSION_RESET = (b"RESET ALL", b"SET SESSION AUTHORIZATION DEFAULT", b"UNLISTEN
                   b"SELECT pg_advisory_unlock_all()", b"DISCARD TEMP", b"CLOSE ALL", b"DISCARD SEQUENCES")
 _FLUX_STATEMENTS = frozenset({_CONTEXT_MESSAGE, *_SESSION_RESET})  # the same for every tenant
 _IN_FAILED_TRANSACTION = "25P02"  # each statement after the one that aborted the transaction
-_ENDS_TRANSACTION = frozenset({"BEGIN", "START", "COMMIT", "END", "ABORT", "ROLLBACK"})
-
-
-def _refusal(sql: str) -> str | None:
-    """Why `ctx.db.query` refuses `sql`, if it does: it would end the request's transaction, so
-    that a later throw could no longer roll the request back and later writes would run outside
-    the transaction that carries the request's id; or it would leave a prepared statement on the
-    pooled connection; or libpq would cut it short."""
-    if "\x00" in sql:
-        return "ctx.db.query: the statement holds a NUL character, which PostgreSQL cannot take (libpq would cut it there)"
-    words = _leading_words(sql, 1)
-    if not words:
-        return None
-    first = words[0]
-    if first == "ROLLBACK" or first == "PREPARE":
-        words = _leading_words(sql, 4)
-        rest = words[1:]
-        if first == "ROLLBACK" and rest[:1] in (["WORK"], ["TRANSACTION"]):
-            rest = rest[1:]
-        if first == "ROLLBACK" and rest[:1] == ["TO"]:
-            return None  # back to the request's own savepoint: the transaction goes on
-        if first == "PREPARE" and rest[:1] == ["TRANSACTION"]:
-            first = "PREPARE TRANSACTION"
-    if first in _ENDS_TRANSACTION or first == "PREPARE TRANSACTION":
-        return (f"ctx.db.query cannot run {first}: a request's statements run in one transaction, which Flux commits "
-                f"when the handler returns and rolls back when it throws. To undo part of it, use SAVEPOINT name and "
-                f"ROLLBACK TO SAVEPOINT name.")
-    if first in ("PREPARE", "DEALLOCATE"):
-        return (f"ctx.db.query cannot run {first}: Flux prepares statements itself, and an SQL-level prepared "
-                f"statement would outlive the request on a pooled connection. Pass values as parameters ($1, $2 ...).")
-    return None
-
-
-def _leading_words(sql: str, count: int) -> list[str]:
-    """The first `count` words of a statement, upper-cased, past whitespace and comments (block
-    comments nest in PostgreSQL)."""
-    words: list[str] = []
-    i, n = 0, len(sql)
-    while i < n and len(words) < count:
-        c = sql[i]
-        if c.isspace():
-            i += 1
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            i = n if end < 0 else end + 1
-        elif sql.startswith("/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-        elif c.isalpha() or c == "_":
-            end = i + 1
-            while end < n and (sql[end].isalnum() or sql[end] in "_$"):
-                end += 1
-            words.append(sql[i:end].upper())
-            i = end
-        else:
-            break
-    return words
 
 
 @dataclass(slots=True)

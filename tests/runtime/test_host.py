@@ -260,7 +260,8 @@ def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn
 
 
 @pytest.mark.parametrize("sql", ["COMMIT", "rollback", "ROLLBACK WORK", "/* why /* nested */ */ END", "-- done\nABORT",
-                                 "BEGIN", "start transaction", "PREPARE TRANSACTION 'x'"])
+                                 "BEGIN", "start transaction", "PREPARE TRANSACTION 'x'",
+                                 ";COMMIT", "/* x */ ; ; ROLLBACK", "-- c\n;\n; end", "; PREPARE TRANSACTION 'x'"])
 def test_a_statement_that_would_end_the_transaction_is_refused(dsn, conn, sql):
     """Otherwise a later throw could not roll the request back, and later writes would lose its id."""
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")

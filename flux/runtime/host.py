@@ -6,7 +6,7 @@ attributes every write of the request; `finish(commit=...)` commits or rolls bac
 are serialised: a request's queries share one connection, in the order the function issued them.
 Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused (the rules on
 a statement's text are `sqltext`'s), and the connection's session state is reset before another
-request gets it.
+request gets it. How values cross is `dbvalues`'.
 
 `Transport` is the seam for outbound calls: `AiohttpTransport` in production (aiohttp costs
 about a fifth of httpx's CPU per call, and outbound calls were most of the gateway's Python
@@ -24,8 +24,6 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
-from decimal import Decimal
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -42,6 +40,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.project import FetchConfig
+from flux.runtime.dbvalues import LoadContext, ResultTypes, json_ready
 from flux.runtime.sqltext import refusal
 
 _VERB = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
@@ -67,24 +66,6 @@ def db_span_name(sql: str) -> str:
     kind = verb.group(1).lower()
     table = _TABLE[kind].search(sql, verb.start(1))
     return f"db.{kind}({table.group(1).replace(chr(34), '')})" if table else f"db.{kind}"
-
-
-def to_json_value(value: Any) -> Any:
-    """orjson `default`: database values the way JS code expects them."""
-    if isinstance(value, Decimal):
-        return str(value)  # exact; a JS number would round
-    if isinstance(value, (bytes, memoryview)):
-        return "\\x" + bytes(value).hex()
-    if isinstance(value, timedelta):
-        return str(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
-
-
-def json_ready(value: Any) -> Any:
-    """Round-trip through orjson, so results hold only JSON types (for the tape and for JS)."""
-    return orjson.loads(orjson.dumps(value, default=to_json_value))
 
 
 @dataclass(slots=True)
@@ -162,6 +143,7 @@ class DbSession:
         self._lock = asyncio.Lock()
         self.statements = 0
         self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
+        self._types = _result_types(pool) if pool is not None else ResultTypes()
         self.aborted_by: str | None = None  # the failure that aborted it: "db.insert(users): duplicate key ... (SQLSTATE 23505)"
         self.lost_writes: str | None = None  # why the writes of a handler that returned were rolled back
         self.outcome: str | None = None  # "committed" | "rolled_back" once finished
@@ -183,7 +165,7 @@ class DbSession:
                     self._conn = await self._pool.getconn()
                 conn = self._conn
                 encoding = conn.info.encoding
-                transformer = Transformer(conn)
+                transformer = Transformer(LoadContext(self._types.adapters, conn))
                 values = transformer.dump_sequence([_adapt(p) for p in params], [PyFormat.AUTO] * len(params))
                 sql_bytes = sql.encode(encoding)
 
@@ -217,6 +199,9 @@ class DbSession:
                 rows: list[dict[str, Any]] = []
                 if result.status == pq.ExecStatus.TUPLES_OK:
                     _check_result_size(result)  # the statement ran: its writes stand unless the function throws
+                    unknown = self._types.unknown(result)
+                    if unknown:
+                        await self._learn_types(conn, unknown)
                     transformer.set_pgresult(result)
                     names = [(result.fname(i) or b"").decode(encoding, "replace") for i in range(result.nfields)]
                     rows = transformer.load_rows(0, result.ntuples, lambda values: dict(zip(names, values)))
@@ -240,6 +225,21 @@ class DbSession:
                     "name": "DatabaseError", "message": f"{detail} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else detail,
                     "sqlstate": exc.sqlstate, "detail": diag.message_detail if diag else None,
                 }) from None
+
+    async def _learn_types(self, conn: psycopg.AsyncConnection, unknown: list[int]) -> None:
+        """Ask pg_type which of `unknown` are arrays (once per type and pool), so that their values
+        come back as lists. In a savepoint: the request's transaction must survive the lookup
+        failing (a role that may not read pg_type, a statement_timeout the function set), the
+        values then coming back as text."""
+        lookup = _Statement(ResultTypes.LEARN_QUERY, [b"{%s}" % b",".join(b"%d" % oid for oid in unknown)], [0], None)
+        try:
+            found = (await _exchange(conn, [_Statement(b"SAVEPOINT flux_types"), lookup, _Statement(b"RELEASE flux_types")]))[1]
+        except psycopg.Error:
+            await _exchange(conn, [_Statement(b"ROLLBACK TO flux_types"), _Statement(b"RELEASE flux_types")])
+            return
+        value = found.get_value
+        self._types.learn(unknown, [(int(value(r, 0)), int(value(r, 1)), value(r, 2).decode())  # type: ignore[union-attr]
+                                    for r in range(found.ntuples)])
 
     async def finish(self, *, commit: bool, deadline: float | None = None) -> None:
         """Commit or roll back, reset the session, and give the connection back. Never raises for
@@ -408,6 +408,15 @@ class _Prepared:
 
 
 _PREPARED: weakref.WeakKeyDictionary[psycopg.AsyncConnection, _Prepared] = weakref.WeakKeyDictionary()
+# One database's types per pool: what its results load with, array types learned included.
+_RESULT_TYPES: weakref.WeakKeyDictionary[AsyncConnectionPool, ResultTypes] = weakref.WeakKeyDictionary()
+
+
+def _result_types(pool: AsyncConnectionPool) -> ResultTypes:
+    types = _RESULT_TYPES.get(pool)
+    if types is None:
+        types = _RESULT_TYPES[pool] = ResultTypes()
+    return types
 
 
 def _serve_tenant(conn: psycopg.AsyncConnection, tenant: str | None) -> bool:

@@ -1,4 +1,4 @@
-"""Values across `ctx.db`: query results as the JSON a function gets.
+"""Values across `ctx.db`: query results as the JSON a function gets, and its parameters as psycopg dumps them.
 
 Results load with psycopg's loaders except where a Python value would lose or change what
 PostgreSQL said, or could not be made at all:
@@ -15,6 +15,8 @@ PostgreSQL said, or could not be made at all:
 - an array of a type psycopg does not know (an enum, a domain, citext...) is a list of its
   elements, once `ResultTypes` has learned from pg_type that the type is an array.
 
+Parameters: `adapt_param` makes a JS value one psycopg dumps as the PostgreSQL type it means.
+
 What this module does not do: it does no I/O. `ResultTypes.LEARN_QUERY` is run by the session.
 """
 
@@ -29,6 +31,7 @@ import psycopg
 from psycopg import postgres, pq
 from psycopg.adapt import AdaptersMap, Buffer, Loader
 from psycopg.types.array import register_array
+from psycopg.types.json import Jsonb
 from psycopg.types import TypeInfo
 
 _TEXT = pq.Format.TEXT
@@ -195,3 +198,48 @@ def to_json_value(value: Any) -> Any:
 def json_ready(value: Any) -> Any:
     """Round-trip through orjson, so results hold only JSON types (for the tape and for JS)."""
     return orjson.loads(orjson.dumps(value, default=to_json_value))
+
+
+class ParamError(ValueError):
+    """A parameter no PostgreSQL type takes as it is; the message says which and why."""
+
+
+def adapt_param(value: Any, number: int) -> Any:
+    """A JS value (as JSON brought it) as psycopg should dump it, `number` being its $n.
+
+    An object is jsonb, and so is an array holding an object at any depth. Other arrays are
+    PostgreSQL arrays, nested ones multi-dimensional; their numbers are one type (JSON gives 1.0
+    as 1, and psycopg dumps no list of ints and floats). Bytes (a Uint8Array) are bytea."""
+    if isinstance(value, dict):
+        return Jsonb(value)
+    if isinstance(value, list):
+        kinds: set[type] = set()
+        if _holds_object(value, kinds):
+            return Jsonb(value)
+        kinds.discard(type(None))
+        if kinds == {int, float}:
+            return _floats(value)
+        if len(kinds) > 1:
+            names = " and ".join(sorted({_JS_NAMES.get(k, k.__name__) for k in kinds}))
+            raise ParamError(f"ctx.db.query: ${number} is an array of {names}; a PostgreSQL array holds values of one type")
+    return value
+
+
+_JS_NAMES = {int: "numbers", float: "numbers", str: "strings", bool: "booleans", bytes: "bytes"}
+
+
+def _holds_object(value: list[Any], kinds: set[type]) -> bool:
+    """Whether `value` holds an object at any depth; gathers the types of its other leaves."""
+    for item in value:
+        if isinstance(item, dict):
+            return True
+        if isinstance(item, list):
+            if _holds_object(item, kinds):
+                return True
+        else:
+            kinds.add(type(item))
+    return False
+
+
+def _floats(value: list[Any]) -> list[Any]:
+    return [_floats(v) if isinstance(v, list) else float(v) if type(v) is int else v for v in value]

@@ -23,7 +23,9 @@ status, status_text, url_final, response_headers, response_body} or {url, method
 error}), "timer" (ms), and "settled" (the seq of the call whose result reached the function then:
 results arrive in the order the host settles them, not the order of the calls). A call the
 request ended before has "abandoned": true and neither result nor error. An error is what the
-function's Error got: {name, message, ...} (sqlstate, timeout). `entropy` is the part of the
+function's Error got: {name, message, ...} (sqlstate, timeout). Bytes are written one character
+per byte (U+0000 to U+00FF): a db event's "binary" lists the parameters that were bytes.
+`entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
 A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
 HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
@@ -378,11 +380,13 @@ class _Run:
             span.duration_ms = self.clock.now_ms() - span.start
 
     async def _db(self, span: Span, args: dict[str, Any], seq: int) -> Any:
-        sql, params = args["sql"], args["params"]
+        sql, params, binary = args["sql"], args["params"], args.get("binary")
         span.name = db_span_name(sql)
         span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": sql})
-        event: dict[str, Any] = {"sql": sql, "params": params}
+        event: dict[str, Any] = {"sql": sql, "params": params, **({"binary": binary} if binary else {})}
         self.host_events.append([seq, "db", event])
+        if binary:  # bytea parameters: one character per byte (prelude.js)
+            params = [p.encode("latin-1") if i in binary else p for i, p in enumerate(params)]
         try:
             result = await self.db.query(sql, params)
         except asyncio.CancelledError:

@@ -6,7 +6,7 @@ attributes every write of the request; `finish(commit=...)` commits or rolls bac
 are serialised: a request's queries share one connection, in the order the function issued them.
 Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused (the rules on
 a statement's text are `sqltext`'s), and the connection's session state is reset before another
-request gets it. How values cross is `dbvalues`'.
+request gets it. How values cross, both ways, is `dbvalues`'.
 
 `Transport` is the seam for outbound calls: `AiohttpTransport` in production (aiohttp costs
 about a fifth of httpx's CPU per call, and outbound calls were most of the gateway's Python
@@ -34,13 +34,12 @@ from psycopg import pq
 from psycopg.abc import Buffer, PQGen
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.pq.abc import PGconn, PGresult
-from psycopg.types.json import Jsonb
 from psycopg.waiting import Ready, Wait
 from psycopg_pool import AsyncConnectionPool
 
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.project import FetchConfig
-from flux.runtime.dbvalues import LoadContext, ResultTypes, json_ready
+from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready
 from flux.runtime.sqltext import refusal
 
 _VERB = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
@@ -160,13 +159,17 @@ class DbSession:
             if refused is not None:
                 raise HostCallError({"name": "FluxError", "message": refused, "sqlstate": None})
             try:
+                adapted = [adapt_param(p, n) for n, p in enumerate(params, 1)]
+            except ParamError as exc:
+                raise HostCallError({"name": "TypeError", "message": str(exc)}) from None
+            try:
                 first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
                 if self._conn is None:
                     self._conn = await self._pool.getconn()
                 conn = self._conn
                 encoding = conn.info.encoding
                 transformer = Transformer(LoadContext(self._types.adapters, conn))
-                values = transformer.dump_sequence([_adapt(p) for p in params], [PyFormat.AUTO] * len(params))
+                values = transformer.dump_sequence(adapted, [PyFormat.AUTO] * len(adapted))
                 sql_bytes = sql.encode(encoding)
 
                 def statements() -> list[_Statement]:
@@ -517,15 +520,6 @@ def _until_sync(pgconn: PGconn) -> PQGen[list[PGresult]]:
         if result.status == pq.ExecStatus.PIPELINE_SYNC:
             return results
         results.append(result)
-
-
-def _adapt(value: Any) -> Any:
-    # JS objects are jsonb parameters; arrays of scalars stay Postgres arrays.
-    if isinstance(value, dict):
-        return Jsonb(value)
-    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
-        return Jsonb(value)
-    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,6 +222,26 @@
     return err;
   }
 
+  // JSON would send NaN and the infinities as null: SQL NULL, silently.
+  const nonFinite = (n) => `${n}, which a parameter cannot carry (JSON has no such number): pass null, or the string ` +
+    `'${n}' for a float column`;
+  // What JSON.stringify meets inside an array or object parameter (after toJSON).
+  function checkParam(_key, value) {
+    if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
+    if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
+      throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
+    }
+    return value;
+  }
+
+  // Bytes cross the bridge (JSON) as a string of one character per byte, U+0000 to U+00FF: exact,
+  // and a secret in ASCII stays visible to redaction (base64 would hide it).
+  function bytesToLatin1(bytes) {
+    let out = "";
+    for (let i = 0; i < bytes.length; i += 8192) out += String.fromCharCode.apply(null, bytes.subarray(i, i + 8192));
+    return out;
+  }
+
   function makeResponse(r) {
     const headers = r.headers || {};
     return Object.freeze({
@@ -296,14 +316,29 @@
           if (params !== undefined && !Array.isArray(params)) {
             throw new TypeError("ctx.db.query(sql, params): params must be an array (use $1, $2 ... placeholders)");
           }
-          // A BigInt goes as its decimal text, which PostgreSQL reads into any numeric column.
-          params = (params || []).map((p) => (typeof p === "bigint" ? p.toString() : p));
-          try {
-            JSON.stringify(params);
-          } catch (e) {
-            throw new TypeError(`ctx.db.query(sql, params): the params cannot be sent as JSON: ${e.message}`);
-          }
-          return hostCall("db", { sql, params }, currentParent(bound));
+          const binary = [];
+          params = (params || []).map((p, i) => {
+            // A BigInt goes as its decimal text, which PostgreSQL reads into any numeric column.
+            if (typeof p === "bigint") return p.toString();
+            if (typeof p === "number" && !Number.isFinite(p)) throw new TypeError(`ctx.db.query(sql, params): $${i + 1} is ${nonFinite(p)}`);
+            if (ArrayBuffer.isView(p) && !(p instanceof Uint8Array)) {
+              throw new TypeError(`ctx.db.query(sql, params): $${i + 1} is a ${p.constructor.name}: pass Array.from(it) for an ` +
+                "array of numbers, or a Uint8Array of its bytes for bytea");
+            }
+            if (p instanceof Uint8Array || p instanceof ArrayBuffer) {
+              binary.push(i); // bytea: its bytes cross as one character each
+              return bytesToLatin1(p instanceof ArrayBuffer ? new Uint8Array(p) : p);
+            }
+            if (p !== null && typeof p === "object") {
+              try {
+                JSON.stringify(p, checkParam);
+              } catch (e) {
+                throw new TypeError(`ctx.db.query(sql, params): $${i + 1} cannot be sent: ${e.message}`);
+              }
+            }
+            return p;
+          });
+          return hostCall("db", binary.length ? { sql, params, binary } : { sql, params }, currentParent(bound));
         },
       }),
       fetch(url, init) {

@@ -761,6 +761,63 @@ def test_a_bigint_param_is_sent_as_its_decimal_text(tmp_path, dsn, conn):
     assert run1(tmp_path, "big", dsn=dsn).body == str(2**70 + 1)
 
 
+@pytest.mark.parametrize("param", ["NaN", "Infinity", "-Infinity", "[1, NaN]", "{x: Infinity}"])
+def test_a_non_finite_number_param_is_a_type_error_not_null(tmp_path, dsn, conn, param):
+    """JSON would carry it as null: SQL NULL, silently."""
+    write_project(tmp_path, {"nan": f"""
+        export default async function (req, ctx) {{
+          try {{ await ctx.db.query("SELECT $1::text AS v", [{param}]); }}
+          catch (e) {{ return {{status: 200, body: e.name + ": " + e.message}}; }}
+          return {{status: 200, body: "sent"}};
+        }}
+    """})
+    body = run1(tmp_path, "nan", dsn=dsn).body
+    assert body.startswith("TypeError: ctx.db.query(sql, params): $1 ") and "which a parameter cannot carry" in body
+
+
+def test_array_params_are_postgresql_arrays_of_one_type(tmp_path, dsn, conn):
+    """Numbers of one array are one type, nested arrays are multi-dimensional, objects are jsonb."""
+    write_project(tmp_path, {"arrays": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query(
+            "SELECT $1::float8[] AS mixed, $2::int[] AS grid, $3::jsonb AS objects, $4::text[] AS texts",
+            [[0.5, 1], [[1, 2], [3, 4]], [{a: 1}, [2]], ["x", null]]);
+          return {status: 200, body: rows[0]};
+        }
+    """})
+    assert run1(tmp_path, "arrays", dsn=dsn).body == {"mixed": [0.5, 1], "grid": [[1, 2], [3, 4]], "objects": [{"a": 1}, [2]],
+                                                      "texts": ["x", None]}
+
+
+def test_an_array_param_of_strings_and_numbers_is_a_type_error(tmp_path, dsn, conn):
+    write_project(tmp_path, {"mixed": """
+        export default async function (req, ctx) {
+          try { await ctx.db.query("SELECT $1::text[] AS v", [["a", 1]]); }
+          catch (e) { return {status: 200, body: e.name + ": " + e.message}; }
+        }
+    """})
+    assert run1(tmp_path, "mixed", dsn=dsn).body == (
+        "TypeError: ctx.db.query: $1 is an array of numbers and strings; a PostgreSQL array holds values of one type")
+
+
+def test_a_uint8array_param_is_bytea_byte_for_byte(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE blobs (b bytea)")
+    write_project(tmp_path, {"bytes": """
+        export default async function (req, ctx) {
+          const bytes = new Uint8Array([0, 1, 127, 128, 255]);
+          await ctx.db.query("INSERT INTO blobs VALUES ($1)", [bytes]);
+          await ctx.db.query("INSERT INTO blobs VALUES ($1)", [bytes.buffer]);
+          let nested;
+          try { await ctx.db.query("SELECT $1::jsonb", [{b: bytes}]); } catch (e) { nested = e.name; }
+          const { rows } = await ctx.db.query("SELECT $1::bytea = '\\\\x00017f80ff'::bytea AS same", [bytes]);
+          return {status: 200, body: {same: rows[0].same, nested}};
+        }
+    """})
+    result = run1(tmp_path, "bytes", dsn=dsn)
+    assert result.body == {"same": True, "nested": "TypeError"}
+    assert conn.execute("SELECT b FROM blobs").fetchall() == [(b"\x00\x01\x7f\x80\xff",)] * 2
+
+
 def test_a_response_header_http_refuses_is_a_500_and_its_writes_roll_back(tmp_path, dsn, conn):
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
     write_project(tmp_path, {"split": """

@@ -23,9 +23,9 @@ status, status_text, url_final, response_headers, response_body} or {url, method
 error}), "timer" (ms), and "settled" (the seq of the call whose result reached the function then:
 results arrive in the order the host settles them, not the order of the calls). A call the
 request ended before has "abandoned": true and neither result nor error. An error is what the
-function's Error got: {name, message, ...} (sqlstate, timeout). Bytes are written one character
-per byte (U+0000 to U+00FF): a db event's "binary" lists the parameters that were bytes.
-`entropy` is the part of the
+function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
+Bytes are written one character per byte (U+0000 to U+00FF): a db event's "binary" lists the
+parameters that were bytes. `entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
 A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
 HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the

@@ -224,10 +224,16 @@ class DbSession:
                 detail = (diag.message_primary or str(exc).strip()) if diag else str(exc)
                 if exc.sqlstate != _IN_FAILED_TRANSACTION:
                     self.aborted_by = f"{db_span_name(sql)}: {detail}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
-                raise HostCallError({
+                info: dict[str, Any] = {
                     "name": "DatabaseError", "message": f"{detail} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else detail,
                     "sqlstate": exc.sqlstate, "detail": diag.message_detail if diag else None,
-                }) from None
+                }
+                # What PostgreSQL adds: the key of a unique violation, a RAISE's DETAIL and HINT, where in the SQL.
+                if diag and diag.message_hint:
+                    info["hint"] = diag.message_hint
+                if diag and diag.statement_position:
+                    info["position"] = int(diag.statement_position)
+                raise HostCallError(info) from None
 
     async def _learn_types(self, conn: psycopg.AsyncConnection, unknown: list[int]) -> None:
         """Ask pg_type which of `unknown` are arrays (once per type and pool), so that their values

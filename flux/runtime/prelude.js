@@ -215,7 +215,7 @@
   function makeError(info, site) {
     const err = new Error(info.message);
     err.name = info.name || "Error";
-    for (const key of ["code", "sqlstate", "status", "timeout", "span"]) {
+    for (const key of ["code", "sqlstate", "detail", "hint", "position", "status", "timeout", "span"]) {
       if (info[key] !== undefined && info[key] !== null) err[key] = info[key];
     }
     if (site) err.stack = `${err.name}: ${err.message}\n    at ${site}`;

@@ -571,6 +571,31 @@ def test_a_numeric_secret_that_comes_back_as_a_number_is_redacted(tmp_path, dsn,
     assert leaks(conn, headers["x-flux-request-id"], ACME_PIN) == []
 
 
+def test_a_secret_in_a_database_errors_detail_and_hint_is_redacted(tmp_path, dsn, conn, users):
+    """PostgreSQL puts the values in them: a unique violation's key, a RAISE's HINT."""
+    conn.execute("CREATE FUNCTION fail_with(h text) RETURNS void LANGUAGE plpgsql AS "
+                 "$$ BEGIN RAISE EXCEPTION 'refused' USING HINT = h; END $$")
+    write_project(tmp_path, {"dup": """
+        export default async function (req, ctx) {
+          const token = ctx.secrets.ACME_TOKEN, seen = [];
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", [token]);
+          for (const sql of ["INSERT INTO users (email) VALUES ($1)", "SELECT fail_with($1)"]) {
+            await ctx.db.query("SAVEPOINT s");
+            try { await ctx.db.query(sql, [token]); } catch (e) { seen.push(e.detail ?? e.hint); }
+            await ctx.db.query("ROLLBACK TO SAVEPOINT s");
+          }
+          return { status: 409, body: seen };
+        }
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/dup", ACME)]))
+    assert status == 409 and json.loads(body) == [f"Key (email)=({ACME_TOKEN}) already exists.", ACME_TOKEN]
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN) == []
+    errors = [data["error"] for _, kind, data in stored(conn, headers["x-flux-request-id"])["recording"]["events"]
+              if kind == "db" and "error" in data]
+    assert [(e["detail"], e.get("hint")) for e in errors] == [("Key (email)=([secret:ACME_TOKEN]) already exists.", None),
+                                                              (None, "[secret:ACME_TOKEN]")]
+
+
 def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
     """The HTTP client's rewrite of the URL (a space as +, %2F as /) is not the secret's text."""
     write_project(tmp_path, {"call": f"""

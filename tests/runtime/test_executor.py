@@ -818,6 +818,24 @@ def test_a_uint8array_param_is_bytea_byte_for_byte(tmp_path, dsn, conn):
     assert conn.execute("SELECT b FROM blobs").fetchall() == [(b"\x00\x01\x7f\x80\xff",)] * 2
 
 
+def test_a_database_error_gives_the_function_its_detail_and_hint(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (email text UNIQUE)")
+    conn.execute("INSERT INTO users VALUES ('a@x')")
+    write_project(tmp_path, {"dup": """
+        export default async function (req, ctx) {
+          const errors = [];
+          for (const sql of ["INSERT INTO users (email) VALUES ('a@x')",
+                             "DO $$ BEGIN RAISE EXCEPTION 'no plan' USING DETAIL = 'plan 7 is gone', HINT = 'pick another'; END $$"]) {
+            try { await ctx.db.query("SAVEPOINT s"); await ctx.db.query(sql); }
+            catch (e) { errors.push({detail: e.detail, hint: e.hint ?? null}); await ctx.db.query("ROLLBACK TO SAVEPOINT s"); }
+          }
+          return {status: 200, body: errors};
+        }
+    """})
+    assert run1(tmp_path, "dup", dsn=dsn).body == [{"detail": "Key (email)=(a@x) already exists.", "hint": None},
+                                                   {"detail": "plan 7 is gone", "hint": "pick another"}]
+
+
 def test_a_response_header_http_refuses_is_a_500_and_its_writes_roll_back(tmp_path, dsn, conn):
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
     write_project(tmp_path, {"split": """

@@ -396,3 +396,25 @@ def test_a_caught_failure_before_any_write_loses_nothing(dsn, conn):
 def test_a_statement_with_a_nul_is_refused(dsn):
     """libpq would send only the statement's text before the NUL, while the span records all of it."""
     assert "NUL" in _refusal_of(dsn, "SELECT 1\x00; DROP TABLE users")
+
+
+def test_a_database_error_carries_detail_hint_and_position(dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    conn.execute("INSERT INTO users (email) VALUES ('dup@x')")
+    infos: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        for sql in ["INSERT INTO users (email) VALUES ('dup@x')",
+                    "DO $$ BEGIN RAISE EXCEPTION 'no plan' USING DETAIL = 'plan 7 is gone', HINT = 'pick another'; END $$",
+                    "SELECT nope FROM users"]:
+            session = DbSession(pool, CONTEXT)
+            with pytest.raises(HostCallError) as failed:
+                await session.query(sql, [])
+            infos.append(failed.value.info)
+            await session.finish(commit=False)
+
+    _on_pool(dsn, work)
+    unique, raised, missing = infos
+    assert unique["detail"] == "Key (email)=(dup@x) already exists."
+    assert (raised["detail"], raised["hint"]) == ("plan 7 is gone", "pick another")
+    assert (missing["sqlstate"], missing["position"]) == ("42703", 8)

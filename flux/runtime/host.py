@@ -40,7 +40,7 @@ from psycopg_pool import AsyncConnectionPool
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.project import FetchConfig
 from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready
-from flux.runtime.sqltext import refusal
+from flux.runtime.sqltext import read_scan, refusal
 
 _VERB = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
 _IDENT = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
@@ -142,6 +142,7 @@ class DbSession:
         self._lock = asyncio.Lock()
         self.statements = 0
         self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
+        self._unproven: set[str] = set()  # statements tagged as reads that may have written all the same
         self._types = _result_types(pool) if pool is not None else ResultTypes()
         self.aborted_by: str | None = None  # the failure that aborted it: "db.insert(users): duplicate key ... (SQLSTATE 23505)"
         self.lost_writes: str | None = None  # why the writes of a handler that returned were rolled back
@@ -197,7 +198,9 @@ class DbSession:
                     result = (await _exchange(conn, statements()))[-1]
                 self.statements += 1
                 command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
-                if command not in _READS:
+                if command in _MAY_READ:
+                    self._unproven.add(sql)  # a read, unless it wrote through a function or a data-modifying WITH
+                elif command not in _NO_WRITES:
                     self.writes += 1
                 rows: list[dict[str, Any]] = []
                 if result.status == pq.ExecStatus.TUPLES_OK:
@@ -222,7 +225,7 @@ class DbSession:
                 # Whole: a first line could hold part of a secret (a PEM key's first line) that
                 # redaction, which sees the trace at the end, could no longer recognise.
                 detail = (diag.message_primary or str(exc).strip()) if diag else str(exc)
-                if exc.sqlstate != _IN_FAILED_TRANSACTION:
+                if exc.sqlstate != _IN_FAILED_TRANSACTION and exc.sqlstate is not None:
                     self.aborted_by = f"{db_span_name(sql)}: {detail}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
                 info: dict[str, Any] = {
                     "name": "DatabaseError", "message": f"{detail} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else detail,
@@ -291,7 +294,7 @@ class DbSession:
                 else:
                     await _exchange(conn, [_Statement(b"ROLLBACK"), *reset] if status != pq.TransactionStatus.IDLE else reset)
                     self.outcome = "rolled_back"
-                    if commit and status == pq.TransactionStatus.INERROR and self.writes:
+                    if commit and status == pq.TransactionStatus.INERROR and (self.writes or await self._reads_wrote(conn)):
                         self.lost_writes = (
                             f"its transaction was rolled back: {self.aborted_by or 'a statement'} failed, and the function "
                             f"went on after catching that error, but PostgreSQL had aborted the transaction there, so what "
@@ -313,6 +316,28 @@ class DbSession:
                         await conn.close()
                 finally:
                     await self._pool.putconn(conn)
+
+    async def _reads_wrote(self, conn: psycopg.AsyncConnection) -> bool:
+        """Whether a statement tagged as a read, before the one that aborted the transaction, may
+        have written: its text says so, or a name in it is a volatile function (but for the
+        harmless built-in ones, such as random() and nextval()), or a view or a row security
+        policy that calls one. Asked only after a caught failure (the transaction rolled back, the
+        session reset), on the way to a success that would otherwise hide the loss. Whether the
+        transaction had an xid would not tell: the context message takes one at BEGIN."""
+        names: set[str] = set()
+        for sql in self._unproven:
+            writes, mentioned = read_scan(sql)
+            if writes:
+                return True
+            names |= mentioned
+        if not names:
+            return False
+        quoted = ",".join('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' for name in sorted(names))
+        try:
+            [result] = await _exchange(conn, [_Statement(_WRITES_THROUGH, [("{%s}" % quoted).encode(conn.info.encoding)], [0])])
+        except (psycopg.Error, UnicodeEncodeError):
+            return True
+        return result.get_value(0, 0) != b"f"
 
     def _cancel_commit(self, conn: psycopg.AsyncConnection) -> None:
         self.commit_timed_out = True
@@ -365,6 +390,36 @@ async def _cancel_on_server(conn: psycopg.AsyncConnection) -> bool:
 
 
 _CONTEXT_MESSAGE = b"SELECT pg_logical_emit_message(true, $1::text, $2::text)"
+# Whether names a read statement mentioned ($1) are volatile functions, or relations whose views
+# or row security policies use one (through other views too), but for the built-in volatile
+# functions that write nothing a rollback loses (random(), nextval(), advisory locks, sleeps ...).
+_WRITES_THROUGH = rb"""
+WITH RECURSIVE used(classid, objid) AS (
+    SELECT 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid, c.oid FROM pg_catalog.pg_class c
+    WHERE c.relname = ANY($1::pg_catalog.text[])
+  UNION
+    SELECT 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid, p.oid FROM pg_catalog.pg_proc p
+    WHERE p.proname = ANY($1::pg_catalog.text[])
+  UNION
+    SELECT d.refclassid, d.refobjid
+    FROM used u
+    JOIN (SELECT r.ev_class AS rel, 'pg_catalog.pg_rewrite'::pg_catalog.regclass::pg_catalog.oid AS classid, r.oid AS objid
+          FROM pg_catalog.pg_rewrite r WHERE r.ev_type = '1'
+          UNION ALL
+          SELECT p.polrelid, 'pg_catalog.pg_policy'::pg_catalog.regclass::pg_catalog.oid, p.oid FROM pg_catalog.pg_policy p) x
+      ON u.classid = 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid AND x.rel = u.objid
+    JOIN pg_catalog.pg_depend d ON d.classid = x.classid AND d.objid = x.objid
+)
+SELECT EXISTS (
+    SELECT FROM used u JOIN pg_catalog.pg_proc p ON p.oid = u.objid
+    WHERE u.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid AND p.provolatile = 'v'
+      AND NOT (p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace AND (
+          p.proname IN ('random', 'setseed', 'gen_random_uuid', 'uuidv4', 'uuidv7', 'clock_timestamp', 'timeofday',
+                        'nextval', 'setval', 'currval', 'lastval', 'set_config', 'txid_status', 'pg_xact_status',
+                        'current_query', 'pg_blocking_pids', 'pg_is_in_recovery', 'pg_jit_available')
+          OR p.proname LIKE ANY (ARRAY['pg\_sleep%', 'pg\_advisory\_%', 'pg\_try\_advisory\_%', 'pg\_stat\_get\_%',
+                                       'pg\_%\_size', 'pg\_current\_wal\_%'])))
+)"""
 _TEXT_OID = 25
 # Statements prepared per connection, at most; past it a statement runs unnamed (parsed each time).
 # Counted over the connection's life: a stale statement is forgotten but stays prepared on the server.
@@ -373,9 +428,13 @@ PREPARED_MAX = 64
 # column added under `SELECT *`), or it is gone. It is forgotten, and prepared again next time.
 _STALE_PREPARED = frozenset({"0A000", "26000"})
 
-# Command tags of statements that a rollback loses nothing of.
-_READS = frozenset({"SELECT", "SHOW", "FETCH", "EXPLAIN", "DECLARE", "MOVE", "CLOSE", "LOCK", "SAVEPOINT", "RELEASE",
-                    "ROLLBACK", "SET", "RESET"})
+# Command tags of statements that a rollback loses nothing of. FETCH and MOVE run a cursor's
+# query, which its DECLARE (in _MAY_READ) said.
+_NO_WRITES = frozenset({"SHOW", "FETCH", "MOVE", "CLOSE", "LOCK", "SAVEPOINT", "RELEASE", "ROLLBACK", "SET", "RESET",
+                        "LISTEN", "UNLISTEN"})
+# Tags of reads that can write all the same: WITH x AS (INSERT ...) SELECT, SELECT fn_that_writes(),
+# EXPLAIN ANALYZE. Any other tag is a write.
+_MAY_READ = frozenset({"SELECT", "DECLARE", "EXPLAIN"})
 # Session state a function can leave on a pooled connection, for the next request or tenant to see:
 # settings (SET, set_config(..., false)), its role, LISTEN, session advisory locks, temporary
 # tables, held cursors, sequences' currval. Sent after the COMMIT or ROLLBACK, in the same round

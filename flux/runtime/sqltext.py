@@ -1,9 +1,13 @@
-"""What Flux reads from a statement's text before PostgreSQL runs it: whether `ctx.db.query` refuses it.
+"""What Flux reads from a statement's text before or after PostgreSQL runs it: whether
+`ctx.db.query` refuses it, and what a statement PostgreSQL tagged as a read could have written.
 
-Pure functions over text, no I/O. They read SQL lexically (words, comments); they do not parse it.
+Pure functions over text, no I/O. They read SQL lexically (words, quoted identifiers, string
+literals, dollar quotes, comments); they do not parse it, and say so where it matters.
 """
 
 from __future__ import annotations
+
+import re
 
 _ENDS_TRANSACTION = frozenset({"BEGIN", "START", "COMMIT", "END", "ABORT", "ROLLBACK"})
 
@@ -75,3 +79,62 @@ def _block_comment_end(sql: str, i: int) -> int:
         else:
             i += 1
     return i
+
+
+# One lexical token: white space, a comment's start, a string or dollar quote's start, a quoted
+# identifier, a word, or any other character.
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<line>--[^\n]*)
+  | (?P<block>/\*)
+  | (?P<dollar>\$(?:[^\W\d]\w*)?\$)
+  | (?P<escaped>[eE]'(?:[^'\\]|\\.|'')*'?)
+  | (?P<string>'(?:[^']|'')*'?)
+  | (?P<quoted>"(?:[^"]|"")*"?)
+  | (?P<word>[^\W\d][\w$]*)
+  | (?P<other>.)
+""", re.X | re.S)
+
+# Statements that can be tagged SELECT (CREATE TABLE AS is too) and read only: their first word.
+_READ_STARTS = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "DECLARE", "EXPLAIN"})
+# Words that make a read-tagged statement write: a data-modifying WITH, SELECT INTO (a new table),
+# EXPLAIN ANALYZE (which runs the statement).
+_WRITE_WORDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "INTO", "ANALYZE", "ANALYSE"})
+
+
+def read_scan(sql: str) -> tuple[bool, set[str]]:
+    """For a statement PostgreSQL tagged as a read (SELECT, DECLARE CURSOR, EXPLAIN): whether its
+    text shows a write, and else the names it mentions (unquoted ones lower-cased), among which the
+    server can find the functions and views it uses. `FOR UPDATE` is a lock, not a write.
+
+    The text does not show a write made by a function it calls, a view or a row security
+    policy it reads through: the caller asks the server about the names. Nor one made by an
+    operator, a cast or a type's input function (no name of theirs is in the text)."""
+    first = leading_words(sql, 1)
+    if not (first[0] in _READ_STARTS if first else sql.lstrip(" \t\r\n;").startswith("(")):  # (SELECT ...) UNION ...
+        return True, set()
+    names: set[str] = set()
+    previous = ""
+    i, n = 0, len(sql)
+    while i < n:
+        m = _TOKEN.match(sql, i)
+        assert m is not None  # `other` matches any character
+        kind, i = m.lastgroup, m.end()
+        if kind == "word":
+            word = m.group()
+            upper = word.upper()
+            if upper in _WRITE_WORDS and not (upper == "UPDATE" and previous in ("FOR", "KEY")):
+                return True, set()
+            names.add(word.lower())
+            previous = upper
+        elif kind == "quoted":
+            names.add(m.group()[1:-1].replace('""', '"'))
+            previous = ""
+        elif kind == "block":
+            i = _block_comment_end(sql, m.start())
+        elif kind == "dollar":
+            end = sql.find(m.group(), i)
+            i = n if end < 0 else end + len(m.group())
+        elif kind != "space" and kind != "line":
+            previous = ""
+    return False, names

@@ -398,6 +398,37 @@ def test_a_statement_with_a_nul_is_refused(dsn):
     assert "NUL" in _refusal_of(dsn, "SELECT 1\x00; DROP TABLE users")
 
 
+@pytest.mark.parametrize("before", [
+    "WITH made AS (INSERT INTO users (email) VALUES ('cte@x') RETURNING id) SELECT id FROM made",
+    "SELECT add_user('fn@x')",
+    "SELECT * FROM users_made",
+    "SELECT 1 INTO TEMP made_here",
+], ids=["data-modifying-with", "writing-function", "view-over-writing-function", "select-into"])
+def test_a_write_in_a_statement_tagged_select_is_lost_too(dsn, conn, before):
+    """PostgreSQL tags these SELECT, yet they wrote: a success answered after a caught failure
+    would name rows that do not exist."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    conn.execute("INSERT INTO users (email) VALUES ('taken@x')")
+    conn.execute("CREATE FUNCTION add_user(e text) RETURNS int LANGUAGE sql AS "
+                 "$$ INSERT INTO users (email) VALUES (e) RETURNING id $$")
+    conn.execute("CREATE VIEW users_made AS SELECT add_user('view@x') AS id")
+    outcome, lost = _commit_after_a_caught_failure(dsn, [(before, [])], ("INSERT INTO users (email) VALUES ($1)", ["taken@x"]))
+    assert outcome == "rolled_back" and "SQLSTATE 23505" in lost
+
+
+def test_reads_through_functions_and_views_that_write_nothing_lose_nothing(dsn, conn):
+    """count(), now(), gen_random_uuid() and a plain view write nothing a rollback loses."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    conn.execute("INSERT INTO users (email) VALUES ('taken@x')")
+    conn.execute("CREATE VIEW emails AS SELECT lower(email) AS email FROM users")
+    outcome = _commit_after_a_caught_failure(dsn, [
+        ("SELECT count(*), now(), gen_random_uuid(), nextval(pg_get_serial_sequence('users', 'id')) FROM users", []),
+        ("SELECT email FROM emails WHERE email = $1", ["taken@x"]),
+        ("SELECT id FROM users WHERE email = $1 FOR UPDATE", ["taken@x"]),
+    ], ("INSERT INTO users (email) VALUES ($1)", ["taken@x"]))
+    assert outcome == ["rolled_back", None]
+
+
 def test_a_database_error_carries_detail_hint_and_position(dsn, conn):
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
     conn.execute("INSERT INTO users (email) VALUES ('dup@x')")

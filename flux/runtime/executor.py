@@ -25,7 +25,9 @@ results arrive in the order the host settles them, not the order of the calls). 
 request ended before has "abandoned": true and neither result nor error. An error is what the
 function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
 Bytes are written one character per byte (U+0000 to U+00FF): a db event's "binary" lists the
-parameters that were bytes. `entropy` is the part of the
+parameters that were bytes; a fetch event's "response_bytes", there when the response's bytes are
+not the UTF-8 of response_body (what text() gave), are what arrayBuffer() gave, cut at 1 MB like
+response_body. `entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
 A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
 HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
@@ -431,10 +433,22 @@ class _Run:
         if result.status >= 400:
             span.status = "error"
             span.error = f"HTTP {result.status} {result.reason}".strip()
-        body, truncated = as_text(result.body, MAX_RECORDED_FETCH_BODY, self.secret_forms)
+        response = {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.text, "url": url}
+        if result.set_cookies:
+            response["setCookie"] = list(result.set_cookies)
+        recorded, truncated = as_text(result.text, MAX_RECORDED_FETCH_BODY, self.secret_forms)
         event.update(status=result.status, status_text=result.reason, url_final=url, response_headers=redact_headers(result.headers),
-                     response_body=body, **({"response_truncated": True} if truncated else {}))
-        return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": url}
+                     response_body=recorded)
+        if result.text.encode("utf-8", "surrogatepass") != result.body:
+            # Bytes the text is not the UTF-8 of (binary, or another charset): arrayBuffer() gets
+            # them exactly, one character per byte, as JSON carries them and redaction reads them.
+            response["binary"] = result.body.decode("latin-1")
+            recorded, cut = as_text(response["binary"], MAX_RECORDED_FETCH_BODY, self.secret_forms)
+            event["response_bytes"] = recorded
+            truncated = truncated or cut
+        if truncated:
+            event["response_truncated"] = True
+        return response
 
     async def cancel_inflight(self) -> None:
         for task in self.inflight:

@@ -589,11 +589,20 @@ def _until_sync(pgconn: PGconn) -> PQGen[list[PGresult]]:
 
 @dataclass(frozen=True, slots=True)
 class FetchResult:
+    """An upstream response as `ctx.fetch` gives it. `headers` has lower-cased names, each value
+    its bytes as latin-1 (one character per byte, as fetch's Headers has them), and a repeated
+    header's values joined with ", " (as Headers.get joins them); `set_cookies` has each
+    Set-Cookie value, which a join would garble. `body` is the body's bytes (any Content-Encoding
+    undone); `text` is them decoded with the declared charset, else as UTF-8, a byte that does not
+    decode becoming U+FFFD."""
+
     status: int
     headers: dict[str, str]
-    body: str
+    body: bytes
+    text: str
     url: str
     reason: str = ""
+    set_cookies: tuple[str, ...] = ()
 
 
 class Transport(Protocol):
@@ -619,26 +628,44 @@ class AiohttpTransport:
                 method, url, headers=headers, data=body.encode() if body is not None else None,
                 allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
-                text = (await _read_capped(response)).decode(response.get_encoding(), errors="replace")
+                content = await _read_capped(response)
+                charset = response.charset
         except TimeoutError:  # aiohttp's timeouts are asyncio's, which are TimeoutError since 3.11
             raise TimeoutError(f"no response within {timeout_s * 1000:.0f} ms") from None
         except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot send to
             raise OSError(f"{type(exc).__name__}: {exc}") from None
-        return FetchResult(
-            status=response.status, headers={k.lower(): v for k, v in response.headers.items()},
-            body=text, url=str(response.url), reason=response.reason or "",
-        )
+        headers_in: dict[str, str] = {}
+        cookies: list[str] = []
+        # raw_headers: aiohttp's own values decode the bytes as UTF-8, a byte that is not becoming
+        # a lone surrogate, which JSON (and so the function) cannot take.
+        for raw_name, raw_value in response.raw_headers:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            if name == "set-cookie":
+                cookies.append(value)
+            headers_in[name] = f"{headers_in[name]}, {value}" if name in headers_in else value
+        return FetchResult(status=response.status, headers=headers_in, body=content, text=_decode(content, charset),
+                           url=str(response.url), reason=response.reason or "", set_cookies=tuple(cookies))
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
 
 
+def _decode(content: bytes, charset: str | None) -> str:
+    """The body as text: its declared charset, else UTF-8 (JSON's, and the web's default), never
+    failing. (aiohttp's get_encoding() guesses, and refuses a body read as a stream.)"""
+    if charset:
+        try:
+            return content.decode(charset, "replace")
+        except LookupError:  # a charset Python does not know
+            pass
+    return content.decode("utf-8", "replace")
+
+
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-    """The body, refused (OSError) past MAX_FETCH_RESPONSE_BYTES before it is all in memory."""
-    declared = response.content_length
-    if declared is not None and declared <= MAX_FETCH_RESPONSE_BYTES:
-        return await response.read()
+    """The body as the function gets it (decompressed), refused (OSError) past
+    MAX_FETCH_RESPONSE_BYTES before it is all in memory. Counted as it is decoded: a declared
+    Content-Length counts compressed bytes, and 30 KB of gzip can be 30 MB."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():

@@ -242,20 +242,50 @@
     return out;
   }
 
+  function latin1ToBytes(text) {
+    const bytes = new Uint8Array(text.length);
+    for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+    return bytes;
+  }
+
+  // The Response of ctx.fetch, as fetch's: `headers` a read-only Headers (names in any case,
+  // iterable in name order, Set-Cookie values apart), text()/json() the body as text, and
+  // arrayBuffer()/bytes() its bytes exactly. The body can be read any number of times.
   function makeResponse(r) {
-    const headers = r.headers || {};
+    const values = new Map(Object.entries(r.headers || {})); // a Map: a name such as "constructor" is only a name
+    const setCookie = r.setCookie || [];
+    const pairs = () => {
+      const out = [];
+      for (const name of [...values.keys()].sort()) {
+        if (name === "set-cookie") for (const v of setCookie) out.push([name, v]);
+        else out.push([name, values.get(name)]);
+      }
+      return out;
+    };
+    const headers = Object.freeze({
+      get: (name) => values.get(String(name).toLowerCase()) ?? null,
+      has: (name) => values.has(String(name).toLowerCase()),
+      getSetCookie: () => setCookie.slice(),
+      entries: () => pairs()[Symbol.iterator](),
+      keys: () => pairs().map(([k]) => k)[Symbol.iterator](),
+      values: () => pairs().map(([, v]) => v)[Symbol.iterator](),
+      forEach(callback, thisArg) {
+        for (const [k, v] of pairs()) callback.call(thisArg, v, k, headers);
+      },
+      [Symbol.iterator]: () => pairs()[Symbol.iterator](),
+    });
+    // The body's bytes: sent apart when the text is not their UTF-8 (binary, or another charset).
+    const bytes = () => (r.binary !== undefined ? latin1ToBytes(r.binary) : latin1ToBytes(unescape(encodeURIComponent(r.body))));
     return Object.freeze({
       status: r.status,
       statusText: r.statusText || "",
       ok: r.status >= 200 && r.status < 300,
       url: r.url,
-      headers: Object.freeze({
-        get: (name) => headers[String(name).toLowerCase()] ?? null,
-        has: (name) => String(name).toLowerCase() in headers,
-        entries: () => Object.entries(headers),
-      }),
+      headers,
       text: async () => r.body,
       json: async () => JSON.parse(r.body),
+      arrayBuffer: async () => bytes().buffer,
+      bytes: async () => bytes(),
     });
   }
 

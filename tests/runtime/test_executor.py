@@ -703,6 +703,62 @@ def test_a_fetch_response_over_the_size_limit_is_refused(tmp_path, stub: Stub, m
     assert "the response body is over" in run1(tmp_path, "big").body
 
 
+def test_a_fetch_response_with_no_length_or_charset_is_text(tmp_path, stub: Stub):
+    """A 204 without a content-type, a chunked text/html: no Content-Length, no charset, UTF-8."""
+    write_project(tmp_path, {"read": f"""
+        export default async function (req, ctx) {{
+          const gone = await ctx.fetch("{stub.url}/empty", {{method: "DELETE"}});
+          const page = await ctx.fetch("{stub.url}/chunked");
+          return {{status: 200, body: [gone.status, await gone.text(), await page.text()]}};
+        }}
+    """})
+    assert run1(tmp_path, "read").body == [204, "", "<p>héllo</p>"]
+
+
+def test_fetch_response_headers_keep_every_value_as_fetch_does(tmp_path, stub: Stub):
+    """Repeated headers joined (Set-Cookie apart, by getSetCookie), a latin-1 byte as its character,
+    a Headers object's iteration, and no name from Object.prototype."""
+    write_project(tmp_path, {"read": f"""
+        export default async function (req, ctx) {{
+          const h = (await ctx.fetch("{stub.url}/headers")).headers;
+          const seen = [];
+          h.forEach((value, name) => seen.push(name));
+          return {{status: 200, body: {{
+            multi: h.get("X-Multi"), cookies: h.getSetCookie(), cookie: h.get("set-cookie"), name: h.get("x-name"),
+            constructor: [h.has("constructor"), h.get("constructor"), h.get("__proto__")],
+            entries: [...h].filter(([name]) => name !== "date" && name !== "server"),
+            keys: Array.from(h.keys()).length === seen.length && seen.length === Array.from(h.values()).length,
+          }}}};
+        }}
+    """})
+    body = run1(tmp_path, "read").body
+    assert body == {
+        "multi": "one, two", "cookies": ["a=1; Path=/", "b=2; Path=/"], "cookie": "a=1; Path=/, b=2; Path=/", "name": "café",
+        "constructor": [False, None, None],
+        "entries": [["content-length", "0"], ["set-cookie", "a=1; Path=/"], ["set-cookie", "b=2; Path=/"],
+                    ["x-multi", "one, two"], ["x-name", "café"]],
+        "keys": True,
+    }
+
+
+def test_a_binary_fetch_response_reads_as_its_exact_bytes_and_is_on_the_tape(tmp_path, stub: Stub):
+    write_project(tmp_path, {"read": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("{stub.url}/bytes");
+          const buffer = await res.arrayBuffer(), bytes = await res.bytes();
+          const json = await (await ctx.fetch("{stub.url}/chunked")).bytes();
+          return {{status: 200, body: {{
+            length: buffer.byteLength, exact: bytes.every((b, i) => b === i), isView: bytes instanceof Uint8Array,
+            text: (await res.text()).length, utf8: Array.from(json.subarray(3, 6)),
+          }}}};
+        }}
+    """})
+    result = run1(tmp_path, "read")
+    assert result.body == {"length": 256, "exact": True, "isView": True, "text": 128 + 128, "utf8": [104, 0xC3, 0xA9]}
+    binary, text = [e[2] for e in result.recording["events"] if e[1] == "fetch"]
+    assert binary["response_bytes"] == bytes(range(256)).decode("latin-1") and "response_bytes" not in text
+
+
 def test_a_timer_longer_than_any_delay_waits_as_the_longest(tmp_path):
     write_project(tmp_path, {"later": """
         export default async function () {

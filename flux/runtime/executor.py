@@ -25,9 +25,9 @@ results arrive in the order the host settles them, not the order of the calls). 
 request ended before has "abandoned": true and neither result nor error. An error is what the
 function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
 Bytes are written one character per byte (U+0000 to U+00FF): a db event's "binary" lists the
-parameters that were bytes; a fetch event's "response_bytes", there when the response's bytes are
-not the UTF-8 of response_body (what text() gave), are what arrayBuffer() gave, cut at 1 MB like
-response_body. `entropy` is the part of the
+parameters that were bytes; a fetch event's "binary": true says its body was; its
+"response_bytes", there when the response's bytes are not the UTF-8 of response_body (what text()
+gave), are what arrayBuffer() gave, cut at 1 MB like response_body. `entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
 A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
 HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
@@ -404,9 +404,10 @@ class _Run:
         return result
 
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
-        url, method = args["url"], args["method"]
+        url, method, body, binary = args["url"], args["method"], args["body"], args.get("binary")
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
-        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]), "body": args["body"]}
+        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]), "body": body,
+                                 **({"binary": True} if binary else {})}
         self.host_events.append([seq, "fetch", event])
         policy = self.x.fetch_policy
         span.name = str(args.get("name") or "fetch")  # until the URL names the tool
@@ -416,7 +417,9 @@ class _Run:
             policy.check(host, hostport)
             timeout_ms = args.get("timeout_ms") or policy.config.timeout_ms
             try:
-                result = await self.x.transport.send(method, url, args["headers"], args["body"], timeout_ms / 1000)
+                # A binary body crossed as one character per byte (prelude.js).
+                sent = None if body is None else body.encode("latin-1" if binary else "utf-8")
+                result = await self.x.transport.send(method, url, args["headers"], sent, timeout_ms / 1000)
             except TimeoutError:
                 span.attributes["timeout"] = True
                 raise HostCallError({"name": "TimeoutError", "message": f"{span.name}: no response within {timeout_ms} ms",

@@ -608,24 +608,25 @@ class FetchResult:
 class Transport(Protocol):
     """Outbound HTTP. Raises `TimeoutError` on timeout and `OSError` when the call cannot be made."""
 
-    async def send(self, method: str, url: str, headers: dict[str, str], body: str | None, timeout_s: float) -> FetchResult: ...
+    async def send(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout_s: float) -> FetchResult: ...
 
 
 class AiohttpTransport:
     """`ctx.fetch` over one aiohttp session (its connection pool), made at the first call: it
     needs the running loop. Redirects are not followed, proxies from the environment are not
     used, and cookies are never kept: a cookie one request receives must not reach another's
-    call (another tenant's, even)."""
+    call (another tenant's, even). The request's content-type is the caller's alone (aiohttp
+    would add application/octet-stream to any body)."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
-    async def send(self, method: str, url: str, headers: dict[str, str], body: str | None, timeout_s: float) -> FetchResult:
+    async def send(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout_s: float) -> FetchResult:
         if self._session is None:
             self._session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
         try:
             async with self._session.request(
-                method, url, headers=headers, data=body.encode() if body is not None else None,
+                method, url, headers=headers, data=body, skip_auto_headers=_NO_AUTO_HEADERS,
                 allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
                 content = await _read_capped(response)
@@ -649,6 +650,9 @@ class AiohttpTransport:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+_NO_AUTO_HEADERS = frozenset({"Content-Type"})
 
 
 def _decode(content: bytes, charset: str | None) -> str:

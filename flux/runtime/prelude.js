@@ -241,7 +241,6 @@
     for (let i = 0; i < bytes.length; i += 8192) out += String.fromCharCode.apply(null, bytes.subarray(i, i + 8192));
     return out;
   }
-
   function latin1ToBytes(text) {
     const bytes = new Uint8Array(text.length);
     for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
@@ -287,6 +286,47 @@
       arrayBuffer: async () => bytes().buffer,
       bytes: async () => bytes(),
     });
+  }
+
+  // fetch's init.headers: an object, an array of [name, value] pairs, or anything iterable over
+  // pairs (a Response's headers); a name given twice gets its values joined, as Headers.append does.
+  function headerList(given) {
+    const headers = Object.create(null);
+    if (given === undefined || given === null) return headers;
+    if (typeof given !== "object") throw new TypeError("ctx.fetch: init.headers must be an object or an array of [name, value] pairs");
+    const pairs = Array.isArray(given) || typeof given[Symbol.iterator] === "function" ? Array.from(given) : Object.entries(given);
+    for (const pair of pairs) {
+      if (!Array.isArray(pair) || pair.length !== 2) {
+        throw new TypeError("ctx.fetch: each of init.headers must be a [name, value] pair");
+      }
+      const name = String(pair[0]).toLowerCase();
+      const value = String(pair[1]);
+      headers[name] = name in headers ? `${headers[name]}, ${value}` : value;
+    }
+    return headers;
+  }
+
+  // fetch's body: a string is text/plain;charset=UTF-8, bytes (an ArrayBuffer or a view of one)
+  // are sent as they are, anything else as JSON with application/json; a content-type the
+  // function set stands.
+  function requestBody(body, headers) {
+    if (body === undefined || body === null) return { body: null, binary: false };
+    if (body instanceof ArrayBuffer || ArrayBuffer.isView(body)) {
+      const view = body instanceof ArrayBuffer ? new Uint8Array(body) : new Uint8Array(body.buffer, body.byteOffset, body.byteLength);
+      return { body: bytesToLatin1(view), binary: true };
+    }
+    if (typeof body === "string") {
+      if (!("content-type" in headers)) headers["content-type"] = "text/plain;charset=UTF-8";
+      return { body, binary: false };
+    }
+    if (typeof body !== "object") {
+      if (!("content-type" in headers)) headers["content-type"] = "text/plain;charset=UTF-8";
+      return { body: String(body), binary: false };
+    }
+    const json = JSON.stringify(body);
+    if (json === undefined) return { body: null, binary: false }; // a toJSON() that gave undefined: no body
+    if (!("content-type" in headers)) headers["content-type"] = "application/json";
+    return { body: json, binary: false };
   }
 
   function currentParent(bound) {
@@ -373,16 +413,15 @@
       }),
       fetch(url, init) {
         init = init || {};
-        const headers = {};
-        for (const [k, v] of Object.entries(init.headers || {})) headers[String(k).toLowerCase()] = String(v);
-        let body = init.body;
-        if (body !== undefined && body !== null && typeof body !== "string") body = JSON.stringify(body);
+        const headers = headerList(init.headers);
+        const { body, binary } = requestBody(init.body, headers);
         const timeout = init.timeout_ms ?? init.timeout ?? null;
         if (timeout !== null && !(typeof timeout === "number" && timeout > 0 && timeout <= MAX_TIMER_MS)) {
           throw new TypeError(`ctx.fetch: timeout_ms must be a positive number of milliseconds, not ${String(timeout)}`);
         }
-        const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body: body ?? null,
+        const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body,
           name: init.name ?? null, timeout_ms: timeout };
+        if (binary) args.binary = true;
         return hostCall("fetch", args, currentParent(bound)).then(makeResponse);
       },
       log(...args) {

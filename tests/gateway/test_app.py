@@ -609,6 +609,25 @@ def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, 
     assert json.loads(body) is True  # the response's url is the one the function asked for, as on the tape
 
 
+def test_a_secret_in_binary_fetch_bodies_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
+    """Bytes are on the tape as one character per byte, where redaction finds an ASCII secret."""
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          const token = ctx.secrets.ACME_TOKEN;
+          const bytes = new Uint8Array([0xff, ...Array.from(token, (c) => c.charCodeAt(0))]);
+          const res = await ctx.fetch("{stub.url}/mirror", {{ method: "POST", body: bytes }});
+          const back = await res.bytes();
+          return {{ status: 200, body: back.length === bytes.length && back.every((b, i) => b === bytes[i]) }};
+        }}
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert status == 200 and json.loads(body) is True
+    assert stub.requests[0]["raw"] == b"\xff" + ACME_TOKEN.encode()
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN) == []
+    [event] = [data for _, kind, data in stored(conn, headers["x-flux-request-id"])["recording"]["events"] if kind == "fetch"]
+    assert event["body"] == event["response_bytes"] == "\xff[secret:ACME_TOKEN]" and event["binary"] is True
+
+
 def test_sensitive_headers_of_a_fetch_are_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
     """A Basic credential is the secret base64-encoded; a cookie the upstream sets is a credential too."""
     write_project(tmp_path, {"call": f"""

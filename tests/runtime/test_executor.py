@@ -759,6 +759,25 @@ def test_a_binary_fetch_response_reads_as_its_exact_bytes_and_is_on_the_tape(tmp
     assert binary["response_bytes"] == bytes(range(256)).decode("latin-1") and "response_bytes" not in text
 
 
+def test_fetch_request_bodies_and_headers_are_sent_as_fetch_sends_them(tmp_path, stub: Stub):
+    write_project(tmp_path, {"send": f"""
+        export default async function (req, ctx) {{
+          const bytes = new Uint8Array([0, 1, 255]);
+          for (const [body, headers] of [[bytes, {{}}], [bytes.buffer, [["X-A", "1"], ["x-a", "2"]]], ["héllo", {{}}],
+                                         [{{a: 1}}, {{}}], [{{a: 1}}, {{"Content-Type": "application/vnd.x+json"}}]]) {{
+            await ctx.fetch("{stub.url}/echo", {{method: "POST", body, headers}});
+          }}
+          return {{status: 200}};
+        }}
+    """})
+    assert run1(tmp_path, "send").status == 200
+    heads = [{k.lower(): v for k, v in r["headers"].items()} for r in stub.requests]
+    sent = [(r["raw"], h.get("content-type"), h.get("x-a")) for r, h in zip(stub.requests, heads)]
+    assert sent == [(b"\x00\x01\xff", None, None), (b"\x00\x01\xff", None, "1, 2"),
+                    ("héllo".encode(), "text/plain;charset=UTF-8", None), (b'{"a":1}', "application/json", None),
+                    (b'{"a":1}', "application/vnd.x+json", None)]
+
+
 def test_a_timer_longer_than_any_delay_waits_as_the_longest(tmp_path):
     write_project(tmp_path, {"later": """
         export default async function () {

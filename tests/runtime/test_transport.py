@@ -65,12 +65,13 @@ async def _echo_transport() -> AsyncIterator[tuple[AiohttpTransport, str]]:
 def test_a_call_returns_status_reason_lower_cased_headers_and_the_body_as_bytes_and_text():
     async def main() -> None:
         async with _echo_transport() as (transport, base):
-            result = await transport.send("POST", base + "/v1/charges", {"X-Key": "k"}, '{"amount": 5}', 5.0)
+            result = await transport.send("POST", base + "/v1/charges", {"X-Key": "k"}, b'{"amount": 5}', 5.0)
         assert (result.status, result.reason, result.url) == (201, "Created", base + "/v1/charges")
         assert result.headers["x-answer"] == "42" and result.headers["content-type"].startswith("application/json")
         sent = json.loads(result.text)
         assert (sent["target"], sent["body"], sent["headers"]["x-key"]) == ("/v1/charges", '{"amount": 5}', "k")
         assert result.body == result.text.encode()
+        assert "content-type" not in sent["headers"]  # the caller's to set: no application/octet-stream added
 
     asyncio.run(main())
 

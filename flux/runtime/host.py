@@ -688,7 +688,8 @@ class FetchPolicy:
 
     def parse(self, url: str) -> tuple[str, str]:
         """(host, host:port) of an absolute http(s) URL, the host spelled as in the URL (a secret
-        in it is then the text redaction knows); HostCallError otherwise."""
+        in it is then the text redaction knows), an IPv6 one in its brackets ("[::1]:8080", not
+        the ambiguous "::1:8080"); HostCallError otherwise."""
         try:
             parts = urlsplit(url)
             port = parts.port  # ValueError when out of range or not a number
@@ -698,13 +699,14 @@ class FetchPolicy:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch needs an absolute http(s) URL, not {url!r}"})
         # parts.hostname is lower-cased; the host as written is the netloc's, past any user info.
         written = parts.netloc.rpartition("@")[2]
-        host = written[1:written.find("]")] if written.startswith("[") else written.partition(":")[0]
+        host = written[:written.find("]") + 1] if written.startswith("[") else written.partition(":")[0]
         return host, f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
     def check(self, host: str, hostport: str) -> None:
-        """HostCallError unless the allow-list lets calls reach `host` (hosts match in any case)."""
+        """HostCallError unless the allow-list lets calls reach `host` (hosts match in any case;
+        an IPv6 host with or without its brackets)."""
         allow = self.config.allow
-        if allow is not None and host.lower() not in allow and hostport.lower() not in allow:
+        if allow is not None and not any(h in allow for h in (hostport.lower(), host.lower(), host.strip("[]").lower())):
             raise HostCallError({
                 "name": "FetchNotAllowed",
                 "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",
@@ -713,7 +715,8 @@ class FetchPolicy:
     def span_name(self, url: str, host: str, hostport: str, explicit: str | None) -> str:
         if explicit:
             return str(explicit)
-        tool = self.config.tools.get(hostport.lower()) or self.config.tools.get(host.lower())
+        tools = self.config.tools
+        tool = tools.get(hostport.lower()) or tools.get(host.lower()) or tools.get(host.strip("[]").lower())
         if tool is None:
             return f"fetch {hostport}"
         segments = [s for s in urlsplit(url).path.split("/") if s]

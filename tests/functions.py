@@ -2,7 +2,10 @@
 
 The stub is a real HTTP server on 127.0.0.1 (these machines have no internet): `/ok` answers
 JSON, `/slow` waits `?ms=` before answering, `/status/N` answers status N, `/echo` returns
-what it was sent, `/cookie` sets the cookie `session=<SESSION_COOKIE>`.
+what it was sent, `/cookie` sets the cookie `session=<SESSION_COOKIE>`. Answers framed as
+upstreams frame them: `/empty` is 204 with no content-type, `/chunked` chunked text/html (UTF-8,
+no charset), `/bytes` the 256 byte values (application/octet-stream), `/headers` repeated
+headers (two Set-Cookie, two X-Multi) and a latin-1 byte in X-Name, `/mirror` the bytes it was sent.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ def write_project(root: Path, functions: dict[str, str], toml: str = "") -> Path
     return root
 
 
+_FRAMED = {
+    "/empty": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "/chunked": b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"7\r\n<p>h\xc3\xa9l\r\n6\r\nlo</p>\r\n0\r\n\r\n",
+    "/bytes": b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 256\r\n\r\n" + bytes(range(256)),
+    "/headers": b"HTTP/1.1 200 OK\r\nset-cookie: a=1; Path=/\r\nset-cookie: b=2; Path=/\r\nx-multi: one\r\nx-multi: two\r\n"
+                b"x-name: caf\xe9\r\ncontent-length: 0\r\n\r\n",
+}
+
+
 class _StubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -35,7 +48,15 @@ class _StubHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
-        self.server.requests.append({"path": url.path, "method": self.command, "headers": dict(self.headers), "body": body.decode()})
+        self.server.requests.append({"path": url.path, "method": self.command, "headers": dict(self.headers),
+                                     "body": body.decode("utf-8", "replace"), "raw": body})
+        if url.path in _FRAMED:
+            self.wfile.write(_FRAMED[url.path])
+            return
+        if url.path == "/mirror":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            return
         status, payload = 200, {"id": "cus_123", "path": url.path}
         if url.path.startswith("/slow"):
             time.sleep(int(parse_qs(url.query).get("ms", ["2000"])[0]) / 1000)
@@ -43,7 +64,7 @@ class _StubHandler(BaseHTTPRequestHandler):
             status = int(url.path.rsplit("/", 1)[1])
             payload = {"error": "rate limited" if status == 429 else "failed"}
         elif url.path.startswith("/echo"):
-            payload = {"method": self.command, "body": body.decode(), "authorization": self.headers.get("authorization")}
+            payload = {"method": self.command, "body": body.decode("utf-8", "replace"), "authorization": self.headers.get("authorization")}
         data = json.dumps(payload).encode()
         try:
             self.send_response(status)

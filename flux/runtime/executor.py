@@ -23,7 +23,11 @@ status, status_text, url_final, response_headers, response_body} or {url, method
 error}), "timer" (ms), and "settled" (the seq of the call whose result reached the function then:
 results arrive in the order the host settles them, not the order of the calls). A call the
 request ended before has "abandoned": true and neither result nor error. An error is what the
-function's Error got: {name, message, ...} (sqlstate, timeout). `entropy` is the part of the
+function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
+Bytes are written one character per byte (U+0000 to U+00FF): a db event's "binary" lists the
+parameters that were bytes; a fetch event's "binary": true says its body was; its
+"response_bytes", there when the response's bytes are not the UTF-8 of response_body (what text()
+gave), are what arrayBuffer() gave, cut at 1 MB like response_body. `entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
 A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
 HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
@@ -421,11 +425,13 @@ class _Run:
             span.duration_ms = self.clock.now_ms() - span.start
 
     async def _db(self, span: Span, args: dict[str, Any], seq: int) -> Any:
-        sql, params = args["sql"], args["params"]
+        sql, params, binary = args["sql"], args["params"], args.get("binary")
         span.name = db_span_name(sql)
         span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": sql})
-        event: dict[str, Any] = {"sql": sql, "params": params}
+        event: dict[str, Any] = {"sql": sql, "params": params, **({"binary": binary} if binary else {})}
         self.host_events.append([seq, "db", event])
+        if binary:  # bytea parameters: one character per byte (prelude.js)
+            params = [p.encode("latin-1") if i in binary else p for i, p in enumerate(params)]
         try:
             result = await self.db.query(sql, params)
         except asyncio.CancelledError:
@@ -441,9 +447,10 @@ class _Run:
         return result
 
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
-        url, method = args["url"], args["method"]
+        url, method, body, binary = args["url"], args["method"], args["body"], args.get("binary")
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
-        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]), "body": args["body"]}
+        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]), "body": body,
+                                 **({"binary": True} if binary else {})}
         self.host_events.append([seq, "fetch", event])
         policy = self.x.fetch_policy
         span.name = str(args.get("name") or "fetch")  # until the URL names the tool
@@ -453,7 +460,9 @@ class _Run:
             policy.check(host, hostport)
             timeout_ms = args.get("timeout_ms") or policy.config.timeout_ms
             try:
-                result = await self.x.transport.send(method, url, args["headers"], args["body"], timeout_ms / 1000)
+                # A binary body crossed as one character per byte (prelude.js).
+                sent = None if body is None else body.encode("latin-1" if binary else "utf-8")
+                result = await self.x.transport.send(method, url, args["headers"], sent, timeout_ms / 1000)
             except TimeoutError:
                 span.attributes["timeout"] = True
                 raise HostCallError({"name": "TimeoutError", "message": f"{span.name}: no response within {timeout_ms} ms",
@@ -470,10 +479,22 @@ class _Run:
         if result.status >= 400:
             span.status = "error"
             span.error = f"HTTP {result.status} {result.reason}".strip()
-        body, truncated = as_text(result.body, MAX_RECORDED_FETCH_BODY, self.secret_forms)
+        response = {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.text, "url": url}
+        if result.set_cookies:
+            response["setCookie"] = list(result.set_cookies)
+        recorded, truncated = as_text(result.text, MAX_RECORDED_FETCH_BODY, self.secret_forms)
         event.update(status=result.status, status_text=result.reason, url_final=url, response_headers=redact_headers(result.headers),
-                     response_body=body, **({"response_truncated": True} if truncated else {}))
-        return {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.body, "url": url}
+                     response_body=recorded)
+        if result.text.encode("utf-8", "surrogatepass") != result.body:
+            # Bytes the text is not the UTF-8 of (binary, or another charset): arrayBuffer() gets
+            # them exactly, one character per byte, as JSON carries them and redaction reads them.
+            response["binary"] = result.body.decode("latin-1")
+            recorded, cut = as_text(response["binary"], MAX_RECORDED_FETCH_BODY, self.secret_forms)
+            event["response_bytes"] = recorded
+            truncated = truncated or cut
+        if truncated:
+            event["response_truncated"] = True
+        return response
 
     async def cancel_inflight(self) -> None:
         for task in self.inflight:

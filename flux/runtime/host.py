@@ -4,8 +4,9 @@
 (`pg_logical_emit_message`) carrying request_id, tenant and function, so the CDC engine
 attributes every write of the request; `finish(commit=...)` commits or rolls back. Statements
 are serialised: a request's queries share one connection, in the order the function issued them.
-Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused, and the
-connection's session state is reset before another request gets it.
+Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused (the rules on
+a statement's text are `sqltext`'s), and the connection's session state is reset before another
+request gets it. How values cross, both ways, is `dbvalues`'.
 
 `Transport` is the seam for outbound calls: `AiohttpTransport` in production (aiohttp costs
 about a fifth of httpx's CPU per call, and outbound calls were most of the gateway's Python
@@ -23,8 +24,6 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
-from decimal import Decimal
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -35,12 +34,13 @@ from psycopg import pq
 from psycopg.abc import Buffer, PQGen
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.pq.abc import PGconn, PGresult
-from psycopg.types.json import Jsonb
 from psycopg.waiting import Ready, Wait
 from psycopg_pool import AsyncConnectionPool
 
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.project import FetchConfig
+from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready
+from flux.runtime.sqltext import read_scan, refusal
 
 _VERB = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
 _IDENT = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
@@ -65,24 +65,6 @@ def db_span_name(sql: str) -> str:
     kind = verb.group(1).lower()
     table = _TABLE[kind].search(sql, verb.start(1))
     return f"db.{kind}({table.group(1).replace(chr(34), '')})" if table else f"db.{kind}"
-
-
-def to_json_value(value: Any) -> Any:
-    """orjson `default`: database values the way JS code expects them."""
-    if isinstance(value, Decimal):
-        return str(value)  # exact; a JS number would round
-    if isinstance(value, (bytes, memoryview)):
-        return "\\x" + bytes(value).hex()
-    if isinstance(value, timedelta):
-        return str(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
-
-
-def json_ready(value: Any) -> Any:
-    """Round-trip through orjson, so results hold only JSON types (for the tape and for JS)."""
-    return orjson.loads(orjson.dumps(value, default=to_json_value))
 
 
 @dataclass(slots=True)
@@ -160,6 +142,8 @@ class DbSession:
         self._lock = asyncio.Lock()
         self.statements = 0
         self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
+        self._unproven: set[str] = set()  # statements tagged as reads that may have written all the same
+        self._types = _result_types(pool) if pool is not None else ResultTypes()
         self.aborted_by: str | None = None  # the failure that aborted it: "db.insert(users): duplicate key ... (SQLSTATE 23505)"
         self.lost_writes: str | None = None  # why the writes of a handler that returned were rolled back
         self.outcome: str | None = None  # "committed" | "rolled_back" once finished
@@ -172,17 +156,21 @@ class DbSession:
         async with self._lock:
             if self.outcome is not None:
                 raise HostCallError({"name": "FluxError", "message": "ctx.db was used after the request finished"})
-            refusal = _refusal(sql)
-            if refusal is not None:
-                raise HostCallError({"name": "FluxError", "message": refusal, "sqlstate": None})
+            refused = refusal(sql)
+            if refused is not None:
+                raise HostCallError({"name": "FluxError", "message": refused, "sqlstate": None})
+            try:
+                adapted = [adapt_param(p, n) for n, p in enumerate(params, 1)]
+            except ParamError as exc:
+                raise HostCallError({"name": "TypeError", "message": str(exc)}) from None
             try:
                 first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
                 if self._conn is None:
                     self._conn = await self._pool.getconn()
                 conn = self._conn
                 encoding = conn.info.encoding
-                transformer = Transformer(conn)
-                values = transformer.dump_sequence([_adapt(p) for p in params], [PyFormat.AUTO] * len(params))
+                transformer = Transformer(LoadContext(self._types.adapters, conn))
+                values = transformer.dump_sequence(adapted, [PyFormat.AUTO] * len(adapted))
                 sql_bytes = sql.encode(encoding)
 
                 def statements() -> list[_Statement]:
@@ -210,11 +198,16 @@ class DbSession:
                     result = (await _exchange(conn, statements()))[-1]
                 self.statements += 1
                 command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
-                if command not in _READS:
+                if command in _MAY_READ:
+                    self._unproven.add(sql)  # a read, unless it wrote through a function or a data-modifying WITH
+                elif command not in _NO_WRITES:
                     self.writes += 1
                 rows: list[dict[str, Any]] = []
                 if result.status == pq.ExecStatus.TUPLES_OK:
                     _check_result_size(result)  # the statement ran: its writes stand unless the function throws
+                    unknown = self._types.unknown(result)
+                    if unknown:
+                        await self._learn_types(conn, unknown)
                     transformer.set_pgresult(result)
                     names = [(result.fname(i) or b"").decode(encoding, "replace") for i in range(result.nfields)]
                     rows = transformer.load_rows(0, result.ntuples, lambda values: dict(zip(names, values)))
@@ -232,12 +225,33 @@ class DbSession:
                 # Whole: a first line could hold part of a secret (a PEM key's first line) that
                 # redaction, which sees the trace at the end, could no longer recognise.
                 detail = (diag.message_primary or str(exc).strip()) if diag else str(exc)
-                if exc.sqlstate != _IN_FAILED_TRANSACTION:
+                if exc.sqlstate != _IN_FAILED_TRANSACTION and exc.sqlstate is not None:
                     self.aborted_by = f"{db_span_name(sql)}: {detail}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
-                raise HostCallError({
+                info: dict[str, Any] = {
                     "name": "DatabaseError", "message": f"{detail} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else detail,
                     "sqlstate": exc.sqlstate, "detail": diag.message_detail if diag else None,
-                }) from None
+                }
+                # What PostgreSQL adds: the key of a unique violation, a RAISE's DETAIL and HINT, where in the SQL.
+                if diag and diag.message_hint:
+                    info["hint"] = diag.message_hint
+                if diag and diag.statement_position:
+                    info["position"] = int(diag.statement_position)
+                raise HostCallError(info) from None
+
+    async def _learn_types(self, conn: psycopg.AsyncConnection, unknown: list[int]) -> None:
+        """Ask pg_type which of `unknown` are arrays (once per type and pool), so that their values
+        come back as lists. In a savepoint: the request's transaction must survive the lookup
+        failing (a role that may not read pg_type, a statement_timeout the function set), the
+        values then coming back as text."""
+        lookup = _Statement(ResultTypes.LEARN_QUERY, [b"{%s}" % b",".join(b"%d" % oid for oid in unknown)], [0], None)
+        try:
+            found = (await _exchange(conn, [_Statement(b"SAVEPOINT flux_types"), lookup, _Statement(b"RELEASE flux_types")]))[1]
+        except psycopg.Error:
+            await _exchange(conn, [_Statement(b"ROLLBACK TO flux_types"), _Statement(b"RELEASE flux_types")])
+            return
+        value = found.get_value
+        self._types.learn(unknown, [(int(value(r, 0)), int(value(r, 1)), value(r, 2).decode())  # type: ignore[union-attr]
+                                    for r in range(found.ntuples)])
 
     async def finish(self, *, commit: bool, deadline: float | None = None) -> None:
         """Commit or roll back, reset the session, and give the connection back. Never raises for
@@ -280,7 +294,7 @@ class DbSession:
                 else:
                     await _exchange(conn, [_Statement(b"ROLLBACK"), *reset] if status != pq.TransactionStatus.IDLE else reset)
                     self.outcome = "rolled_back"
-                    if commit and status == pq.TransactionStatus.INERROR and self.writes:
+                    if commit and status == pq.TransactionStatus.INERROR and (self.writes or await self._reads_wrote(conn)):
                         self.lost_writes = (
                             f"its transaction was rolled back: {self.aborted_by or 'a statement'} failed, and the function "
                             f"went on after catching that error, but PostgreSQL had aborted the transaction there, so what "
@@ -302,6 +316,28 @@ class DbSession:
                         await conn.close()
                 finally:
                     await self._pool.putconn(conn)
+
+    async def _reads_wrote(self, conn: psycopg.AsyncConnection) -> bool:
+        """Whether a statement tagged as a read, before the one that aborted the transaction, may
+        have written: its text says so, or a name in it is a volatile function (but for the
+        harmless built-in ones, such as random() and nextval()), or a view or a row security
+        policy that calls one. Asked only after a caught failure (the transaction rolled back, the
+        session reset), on the way to a success that would otherwise hide the loss. Whether the
+        transaction had an xid would not tell: the context message takes one at BEGIN."""
+        names: set[str] = set()
+        for sql in self._unproven:
+            writes, mentioned = read_scan(sql)
+            if writes:
+                return True
+            names |= mentioned
+        if not names:
+            return False
+        quoted = ",".join('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' for name in sorted(names))
+        try:
+            [result] = await _exchange(conn, [_Statement(_WRITES_THROUGH, [("{%s}" % quoted).encode(conn.info.encoding)], [0])])
+        except (psycopg.Error, UnicodeEncodeError):
+            return True
+        return result.get_value(0, 0) != b"f"
 
     def _cancel_commit(self, conn: psycopg.AsyncConnection) -> None:
         self.commit_timed_out = True
@@ -354,6 +390,36 @@ async def _cancel_on_server(conn: psycopg.AsyncConnection) -> bool:
 
 
 _CONTEXT_MESSAGE = b"SELECT pg_logical_emit_message(true, $1::text, $2::text)"
+# Whether names a read statement mentioned ($1) are volatile functions, or relations whose views
+# or row security policies use one (through other views too), but for the built-in volatile
+# functions that write nothing a rollback loses (random(), nextval(), advisory locks, sleeps ...).
+_WRITES_THROUGH = rb"""
+WITH RECURSIVE used(classid, objid) AS (
+    SELECT 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid, c.oid FROM pg_catalog.pg_class c
+    WHERE c.relname = ANY($1::pg_catalog.text[])
+  UNION
+    SELECT 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid, p.oid FROM pg_catalog.pg_proc p
+    WHERE p.proname = ANY($1::pg_catalog.text[])
+  UNION
+    SELECT d.refclassid, d.refobjid
+    FROM used u
+    JOIN (SELECT r.ev_class AS rel, 'pg_catalog.pg_rewrite'::pg_catalog.regclass::pg_catalog.oid AS classid, r.oid AS objid
+          FROM pg_catalog.pg_rewrite r WHERE r.ev_type = '1'
+          UNION ALL
+          SELECT p.polrelid, 'pg_catalog.pg_policy'::pg_catalog.regclass::pg_catalog.oid, p.oid FROM pg_catalog.pg_policy p) x
+      ON u.classid = 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid AND x.rel = u.objid
+    JOIN pg_catalog.pg_depend d ON d.classid = x.classid AND d.objid = x.objid
+)
+SELECT EXISTS (
+    SELECT FROM used u JOIN pg_catalog.pg_proc p ON p.oid = u.objid
+    WHERE u.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid AND p.provolatile = 'v'
+      AND NOT (p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace AND (
+          p.proname IN ('random', 'setseed', 'gen_random_uuid', 'uuidv4', 'uuidv7', 'clock_timestamp', 'timeofday',
+                        'nextval', 'setval', 'currval', 'lastval', 'set_config', 'txid_status', 'pg_xact_status',
+                        'current_query', 'pg_blocking_pids', 'pg_is_in_recovery', 'pg_jit_available')
+          OR p.proname LIKE ANY (ARRAY['pg\_sleep%', 'pg\_advisory\_%', 'pg\_try\_advisory\_%', 'pg\_stat\_get\_%',
+                                       'pg\_%\_size', 'pg\_current\_wal\_%'])))
+)"""
 _TEXT_OID = 25
 # Statements prepared per connection, at most; past it a statement runs unnamed (parsed each time).
 # Counted over the connection's life: a stale statement is forgotten but stays prepared on the server.
@@ -362,9 +428,13 @@ PREPARED_MAX = 64
 # column added under `SELECT *`), or it is gone. It is forgotten, and prepared again next time.
 _STALE_PREPARED = frozenset({"0A000", "26000"})
 
-# Command tags of statements that a rollback loses nothing of.
-_READS = frozenset({"SELECT", "SHOW", "FETCH", "EXPLAIN", "DECLARE", "MOVE", "CLOSE", "LOCK", "SAVEPOINT", "RELEASE",
-                    "ROLLBACK", "SET", "RESET"})
+# Command tags of statements that a rollback loses nothing of. FETCH and MOVE run a cursor's
+# query, which its DECLARE (in _MAY_READ) said.
+_NO_WRITES = frozenset({"SHOW", "FETCH", "MOVE", "CLOSE", "LOCK", "SAVEPOINT", "RELEASE", "ROLLBACK", "SET", "RESET",
+                        "LISTEN", "UNLISTEN"})
+# Tags of reads that can write all the same: WITH x AS (INSERT ...) SELECT, SELECT fn_that_writes(),
+# EXPLAIN ANALYZE. Any other tag is a write.
+_MAY_READ = frozenset({"SELECT", "DECLARE", "EXPLAIN"})
 # Session state a function can leave on a pooled connection, for the next request or tenant to see:
 # settings (SET, set_config(..., false)), its role, LISTEN, session advisory locks, temporary
 # tables, held cursors, sequences' currval. Sent after the COMMIT or ROLLBACK, in the same round
@@ -375,69 +445,6 @@ _SESSION_RESET = (b"RESET ALL", b"SET SESSION AUTHORIZATION DEFAULT", b"UNLISTEN
                   b"SELECT pg_advisory_unlock_all()", b"DISCARD TEMP", b"CLOSE ALL", b"DISCARD SEQUENCES")
 _FLUX_STATEMENTS = frozenset({_CONTEXT_MESSAGE, *_SESSION_RESET})  # the same for every tenant
 _IN_FAILED_TRANSACTION = "25P02"  # each statement after the one that aborted the transaction
-_ENDS_TRANSACTION = frozenset({"BEGIN", "START", "COMMIT", "END", "ABORT", "ROLLBACK"})
-
-
-def _refusal(sql: str) -> str | None:
-    """Why `ctx.db.query` refuses `sql`, if it does: it would end the request's transaction, so
-    that a later throw could no longer roll the request back and later writes would run outside
-    the transaction that carries the request's id; or it would leave a prepared statement on the
-    pooled connection; or libpq would cut it short."""
-    if "\x00" in sql:
-        return "ctx.db.query: the statement holds a NUL character, which PostgreSQL cannot take (libpq would cut it there)"
-    words = _leading_words(sql, 1)
-    if not words:
-        return None
-    first = words[0]
-    if first == "ROLLBACK" or first == "PREPARE":
-        words = _leading_words(sql, 4)
-        rest = words[1:]
-        if first == "ROLLBACK" and rest[:1] in (["WORK"], ["TRANSACTION"]):
-            rest = rest[1:]
-        if first == "ROLLBACK" and rest[:1] == ["TO"]:
-            return None  # back to the request's own savepoint: the transaction goes on
-        if first == "PREPARE" and rest[:1] == ["TRANSACTION"]:
-            first = "PREPARE TRANSACTION"
-    if first in _ENDS_TRANSACTION or first == "PREPARE TRANSACTION":
-        return (f"ctx.db.query cannot run {first}: a request's statements run in one transaction, which Flux commits "
-                f"when the handler returns and rolls back when it throws. To undo part of it, use SAVEPOINT name and "
-                f"ROLLBACK TO SAVEPOINT name.")
-    if first in ("PREPARE", "DEALLOCATE"):
-        return (f"ctx.db.query cannot run {first}: Flux prepares statements itself, and an SQL-level prepared "
-                f"statement would outlive the request on a pooled connection. Pass values as parameters ($1, $2 ...).")
-    return None
-
-
-def _leading_words(sql: str, count: int) -> list[str]:
-    """The first `count` words of a statement, upper-cased, past whitespace and comments (block
-    comments nest in PostgreSQL)."""
-    words: list[str] = []
-    i, n = 0, len(sql)
-    while i < n and len(words) < count:
-        c = sql[i]
-        if c.isspace():
-            i += 1
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            i = n if end < 0 else end + 1
-        elif sql.startswith("/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-        elif c.isalpha() or c == "_":
-            end = i + 1
-            while end < n and (sql[end].isalnum() or sql[end] in "_$"):
-                end += 1
-            words.append(sql[i:end].upper())
-            i = end
-        else:
-            break
-    return words
 
 
 @dataclass(slots=True)
@@ -469,6 +476,15 @@ class _Prepared:
 
 
 _PREPARED: weakref.WeakKeyDictionary[psycopg.AsyncConnection, _Prepared] = weakref.WeakKeyDictionary()
+# One database's types per pool: what its results load with, array types learned included.
+_RESULT_TYPES: weakref.WeakKeyDictionary[AsyncConnectionPool, ResultTypes] = weakref.WeakKeyDictionary()
+
+
+def _result_types(pool: AsyncConnectionPool) -> ResultTypes:
+    types = _RESULT_TYPES.get(pool)
+    if types is None:
+        types = _RESULT_TYPES[pool] = ResultTypes()
+    return types
 
 
 def _serve_tenant(conn: psycopg.AsyncConnection, tenant: str | None) -> bool:
@@ -571,67 +587,89 @@ def _until_sync(pgconn: PGconn) -> PQGen[list[PGresult]]:
         results.append(result)
 
 
-def _adapt(value: Any) -> Any:
-    # JS objects are jsonb parameters; arrays of scalars stay Postgres arrays.
-    if isinstance(value, dict):
-        return Jsonb(value)
-    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
-        return Jsonb(value)
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class FetchResult:
+    """An upstream response as `ctx.fetch` gives it. `headers` has lower-cased names, each value
+    its bytes as latin-1 (one character per byte, as fetch's Headers has them), and a repeated
+    header's values joined with ", " (as Headers.get joins them); `set_cookies` has each
+    Set-Cookie value, which a join would garble. `body` is the body's bytes (any Content-Encoding
+    undone); `text` is them decoded with the declared charset, else as UTF-8, a byte that does not
+    decode becoming U+FFFD."""
+
     status: int
     headers: dict[str, str]
-    body: str
+    body: bytes
+    text: str
     url: str
     reason: str = ""
+    set_cookies: tuple[str, ...] = ()
 
 
 class Transport(Protocol):
     """Outbound HTTP. Raises `TimeoutError` on timeout and `OSError` when the call cannot be made."""
 
-    async def send(self, method: str, url: str, headers: dict[str, str], body: str | None, timeout_s: float) -> FetchResult: ...
+    async def send(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout_s: float) -> FetchResult: ...
 
 
 class AiohttpTransport:
     """`ctx.fetch` over one aiohttp session (its connection pool), made at the first call: it
     needs the running loop. Redirects are not followed, proxies from the environment are not
     used, and cookies are never kept: a cookie one request receives must not reach another's
-    call (another tenant's, even)."""
+    call (another tenant's, even). The request's content-type is the caller's alone (aiohttp
+    would add application/octet-stream to any body)."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
-    async def send(self, method: str, url: str, headers: dict[str, str], body: str | None, timeout_s: float) -> FetchResult:
+    async def send(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout_s: float) -> FetchResult:
         if self._session is None:
             self._session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
         try:
             async with self._session.request(
-                method, url, headers=headers, data=body.encode() if body is not None else None,
+                method, url, headers=headers, data=body, skip_auto_headers=_NO_AUTO_HEADERS,
                 allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
-                text = (await _read_capped(response)).decode(response.get_encoding(), errors="replace")
+                content = await _read_capped(response)
+                charset = response.charset
         except TimeoutError:  # aiohttp's timeouts are asyncio's, which are TimeoutError since 3.11
             raise TimeoutError(f"no response within {timeout_s * 1000:.0f} ms") from None
         except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot send to
             raise OSError(f"{type(exc).__name__}: {exc}") from None
-        return FetchResult(
-            status=response.status, headers={k.lower(): v for k, v in response.headers.items()},
-            body=text, url=str(response.url), reason=response.reason or "",
-        )
+        headers_in: dict[str, str] = {}
+        cookies: list[str] = []
+        # raw_headers: aiohttp's own values decode the bytes as UTF-8, a byte that is not becoming
+        # a lone surrogate, which JSON (and so the function) cannot take.
+        for raw_name, raw_value in response.raw_headers:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            if name == "set-cookie":
+                cookies.append(value)
+            headers_in[name] = f"{headers_in[name]}, {value}" if name in headers_in else value
+        return FetchResult(status=response.status, headers=headers_in, body=content, text=_decode(content, charset),
+                           url=str(response.url), reason=response.reason or "", set_cookies=tuple(cookies))
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
 
 
+_NO_AUTO_HEADERS = frozenset({"Content-Type"})
+
+
+def _decode(content: bytes, charset: str | None) -> str:
+    """The body as text: its declared charset, else UTF-8 (JSON's, and the web's default), never
+    failing. (aiohttp's get_encoding() guesses, and refuses a body read as a stream.)"""
+    if charset:
+        try:
+            return content.decode(charset, "replace")
+        except LookupError:  # a charset Python does not know
+            pass
+    return content.decode("utf-8", "replace")
+
+
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-    """The body, refused (OSError) past MAX_FETCH_RESPONSE_BYTES before it is all in memory."""
-    declared = response.content_length
-    if declared is not None and declared <= MAX_FETCH_RESPONSE_BYTES:
-        return await response.read()
+    """The body as the function gets it (decompressed), refused (OSError) past
+    MAX_FETCH_RESPONSE_BYTES before it is all in memory. Counted as it is decoded: a declared
+    Content-Length counts compressed bytes, and 30 KB of gzip can be 30 MB."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():
@@ -650,7 +688,8 @@ class FetchPolicy:
 
     def parse(self, url: str) -> tuple[str, str]:
         """(host, host:port) of an absolute http(s) URL, the host spelled as in the URL (a secret
-        in it is then the text redaction knows); HostCallError otherwise."""
+        in it is then the text redaction knows), an IPv6 one in its brackets ("[::1]:8080", not
+        the ambiguous "::1:8080"); HostCallError otherwise."""
         try:
             parts = urlsplit(url)
             port = parts.port  # ValueError when out of range or not a number
@@ -660,13 +699,14 @@ class FetchPolicy:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch needs an absolute http(s) URL, not {url!r}"})
         # parts.hostname is lower-cased; the host as written is the netloc's, past any user info.
         written = parts.netloc.rpartition("@")[2]
-        host = written[1:written.find("]")] if written.startswith("[") else written.partition(":")[0]
+        host = written[:written.find("]") + 1] if written.startswith("[") else written.partition(":")[0]
         return host, f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
     def check(self, host: str, hostport: str) -> None:
-        """HostCallError unless the allow-list lets calls reach `host` (hosts match in any case)."""
+        """HostCallError unless the allow-list lets calls reach `host` (hosts match in any case;
+        an IPv6 host with or without its brackets)."""
         allow = self.config.allow
-        if allow is not None and host.lower() not in allow and hostport.lower() not in allow:
+        if allow is not None and not any(h in allow for h in (hostport.lower(), host.lower(), host.strip("[]").lower())):
             raise HostCallError({
                 "name": "FetchNotAllowed",
                 "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",
@@ -675,7 +715,8 @@ class FetchPolicy:
     def span_name(self, url: str, host: str, hostport: str, explicit: str | None) -> str:
         if explicit:
             return str(explicit)
-        tool = self.config.tools.get(hostport.lower()) or self.config.tools.get(host.lower())
+        tools = self.config.tools
+        tool = tools.get(hostport.lower()) or tools.get(host.lower()) or tools.get(host.strip("[]").lower())
         if tool is None:
             return f"fetch {hostport}"
         segments = [s for s in urlsplit(url).path.split("/") if s]

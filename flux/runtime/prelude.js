@@ -257,28 +257,118 @@
   function makeError(info, site) {
     const err = new Error(info.message);
     err.name = info.name || "Error";
-    for (const key of ["code", "sqlstate", "status", "timeout", "span"]) {
+    for (const key of ["code", "sqlstate", "detail", "hint", "position", "status", "timeout", "span"]) {
       if (info[key] !== undefined && info[key] !== null) err[key] = info[key];
     }
     if (site) err.stack = `${err.name}: ${err.message}\n    at ${site}`;
     return err;
   }
 
+  // JSON would send NaN and the infinities as null: SQL NULL, silently.
+  const nonFinite = (n) => `${n}, which a parameter cannot carry (JSON has no such number): pass null, or the string ` +
+    `'${n}' for a float column`;
+  // What JSON.stringify meets inside an array or object parameter (after toJSON).
+  function checkParam(_key, value) {
+    if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
+    if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
+      throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
+    }
+    return value;
+  }
+
+  // Bytes cross the bridge (JSON) as a string of one character per byte, U+0000 to U+00FF: exact,
+  // and a secret in ASCII stays visible to redaction (base64 would hide it).
+  function bytesToLatin1(bytes) {
+    let out = "";
+    for (let i = 0; i < bytes.length; i += 8192) out += String.fromCharCode.apply(null, bytes.subarray(i, i + 8192));
+    return out;
+  }
+  function latin1ToBytes(text) {
+    const bytes = new Uint8Array(text.length);
+    for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+    return bytes;
+  }
+
+  // The Response of ctx.fetch, as fetch's: `headers` a read-only Headers (names in any case,
+  // iterable in name order, Set-Cookie values apart), text()/json() the body as text, and
+  // arrayBuffer()/bytes() its bytes exactly. The body can be read any number of times.
   function makeResponse(r) {
-    const headers = r.headers || {};
+    const values = new Map(Object.entries(r.headers || {})); // a Map: a name such as "constructor" is only a name
+    const setCookie = r.setCookie || [];
+    const pairs = () => {
+      const out = [];
+      for (const name of [...values.keys()].sort()) {
+        if (name === "set-cookie") for (const v of setCookie) out.push([name, v]);
+        else out.push([name, values.get(name)]);
+      }
+      return out;
+    };
+    const headers = Object.freeze({
+      get: (name) => values.get(String(name).toLowerCase()) ?? null,
+      has: (name) => values.has(String(name).toLowerCase()),
+      getSetCookie: () => setCookie.slice(),
+      entries: () => pairs()[Symbol.iterator](),
+      keys: () => pairs().map(([k]) => k)[Symbol.iterator](),
+      values: () => pairs().map(([, v]) => v)[Symbol.iterator](),
+      forEach(callback, thisArg) {
+        for (const [k, v] of pairs()) callback.call(thisArg, v, k, headers);
+      },
+      [Symbol.iterator]: () => pairs()[Symbol.iterator](),
+    });
+    // The body's bytes: sent apart when the text is not their UTF-8 (binary, or another charset).
+    const bytes = () => (r.binary !== undefined ? latin1ToBytes(r.binary) : latin1ToBytes(unescape(encodeURIComponent(r.body))));
     return Object.freeze({
       status: r.status,
       statusText: r.statusText || "",
       ok: r.status >= 200 && r.status < 300,
       url: r.url,
-      headers: Object.freeze({
-        get: (name) => headers[String(name).toLowerCase()] ?? null,
-        has: (name) => String(name).toLowerCase() in headers,
-        entries: () => Object.entries(headers),
-      }),
+      headers,
       text: async () => r.body,
       json: async () => JSON.parse(r.body),
+      arrayBuffer: async () => bytes().buffer,
+      bytes: async () => bytes(),
     });
+  }
+
+  // fetch's init.headers: an object, an array of [name, value] pairs, or anything iterable over
+  // pairs (a Response's headers); a name given twice gets its values joined, as Headers.append does.
+  function headerList(given) {
+    const headers = Object.create(null);
+    if (given === undefined || given === null) return headers;
+    if (typeof given !== "object") throw new TypeError("ctx.fetch: init.headers must be an object or an array of [name, value] pairs");
+    const pairs = Array.isArray(given) || typeof given[Symbol.iterator] === "function" ? Array.from(given) : Object.entries(given);
+    for (const pair of pairs) {
+      if (!Array.isArray(pair) || pair.length !== 2) {
+        throw new TypeError("ctx.fetch: each of init.headers must be a [name, value] pair");
+      }
+      const name = String(pair[0]).toLowerCase();
+      const value = String(pair[1]);
+      headers[name] = name in headers ? `${headers[name]}, ${value}` : value;
+    }
+    return headers;
+  }
+
+  // fetch's body: a string is text/plain;charset=UTF-8, bytes (an ArrayBuffer or a view of one)
+  // are sent as they are, anything else as JSON with application/json; a content-type the
+  // function set stands.
+  function requestBody(body, headers) {
+    if (body === undefined || body === null) return { body: null, binary: false };
+    if (body instanceof ArrayBuffer || ArrayBuffer.isView(body)) {
+      const view = body instanceof ArrayBuffer ? new Uint8Array(body) : new Uint8Array(body.buffer, body.byteOffset, body.byteLength);
+      return { body: bytesToLatin1(view), binary: true };
+    }
+    if (typeof body === "string") {
+      if (!("content-type" in headers)) headers["content-type"] = "text/plain;charset=UTF-8";
+      return { body, binary: false };
+    }
+    if (typeof body !== "object") {
+      if (!("content-type" in headers)) headers["content-type"] = "text/plain;charset=UTF-8";
+      return { body: String(body), binary: false };
+    }
+    const json = JSON.stringify(body);
+    if (json === undefined) return { body: null, binary: false }; // a toJSON() that gave undefined: no body
+    if (!("content-type" in headers)) headers["content-type"] = "application/json";
+    return { body: json, binary: false };
   }
 
   function currentParent(bound) {
@@ -370,28 +460,42 @@
           if (params !== undefined && !Array.isArray(params)) {
             throw new TypeError("ctx.db.query(sql, params): params must be an array (use $1, $2 ... placeholders)");
           }
-          // A BigInt goes as its decimal text, which PostgreSQL reads into any numeric column.
-          params = (params || []).map((p) => (typeof p === "bigint" ? p.toString() : p));
-          try {
-            JSON.stringify(params);
-          } catch (e) {
-            throw new TypeError(`ctx.db.query(sql, params): the params cannot be sent as JSON: ${e.message}`);
-          }
-          return hostCall("db", { sql, params }, currentParent(bound));
+          const binary = [];
+          params = (params || []).map((p, i) => {
+            // A BigInt goes as its decimal text, which PostgreSQL reads into any numeric column.
+            if (typeof p === "bigint") return p.toString();
+            if (typeof p === "number" && !Number.isFinite(p)) throw new TypeError(`ctx.db.query(sql, params): $${i + 1} is ${nonFinite(p)}`);
+            if (ArrayBuffer.isView(p) && !(p instanceof Uint8Array)) {
+              throw new TypeError(`ctx.db.query(sql, params): $${i + 1} is a ${p.constructor.name}: pass Array.from(it) for an ` +
+                "array of numbers, or a Uint8Array of its bytes for bytea");
+            }
+            if (p instanceof Uint8Array || p instanceof ArrayBuffer) {
+              binary.push(i); // bytea: its bytes cross as one character each
+              return bytesToLatin1(p instanceof ArrayBuffer ? new Uint8Array(p) : p);
+            }
+            if (p !== null && typeof p === "object") {
+              try {
+                JSON.stringify(p, checkParam);
+              } catch (e) {
+                throw new TypeError(`ctx.db.query(sql, params): $${i + 1} cannot be sent: ${e.message}`);
+              }
+            }
+            return p;
+          });
+          return hostCall("db", binary.length ? { sql, params, binary } : { sql, params }, currentParent(bound));
         },
       }),
       fetch(url, init) {
         init = init || {};
-        const headers = {};
-        for (const [k, v] of Object.entries(init.headers || {})) headers[String(k).toLowerCase()] = String(v);
-        let body = init.body;
-        if (body !== undefined && body !== null && typeof body !== "string") body = JSON.stringify(body);
+        const headers = headerList(init.headers);
+        const { body, binary } = requestBody(init.body, headers);
         const timeout = init.timeout_ms ?? init.timeout ?? null;
         if (timeout !== null && !(typeof timeout === "number" && timeout > 0 && timeout <= MAX_TIMER_MS)) {
           throw new TypeError(`ctx.fetch: timeout_ms must be a positive number of milliseconds, not ${String(timeout)}`);
         }
-        const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body: body ?? null,
+        const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body,
           name: init.name ?? null, timeout_ms: timeout };
+        if (binary) args.binary = true;
         return hostCall("fetch", args, currentParent(bound)).then(makeResponse);
       },
       // ctx.log(message..., attrs): a last object is the event's attributes; an Error last (or

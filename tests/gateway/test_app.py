@@ -721,6 +721,31 @@ def test_a_secret_in_a_binary_body_is_redacted_before_it_is_recorded(tmp_path, d
     assert status == 200 and base64.b64decode(recorded) == b"\x00[secret:ACME_TOKEN]\xff"
 
 
+def test_a_secret_in_a_database_errors_detail_and_hint_is_redacted(tmp_path, dsn, conn, users):
+    """PostgreSQL puts the values in them: a unique violation's key, a RAISE's HINT."""
+    conn.execute("CREATE FUNCTION fail_with(h text) RETURNS void LANGUAGE plpgsql AS "
+                 "$$ BEGIN RAISE EXCEPTION 'refused' USING HINT = h; END $$")
+    write_project(tmp_path, {"dup": """
+        export default async function (req, ctx) {
+          const token = ctx.secrets.ACME_TOKEN, seen = [];
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", [token]);
+          for (const sql of ["INSERT INTO users (email) VALUES ($1)", "SELECT fail_with($1)"]) {
+            await ctx.db.query("SAVEPOINT s");
+            try { await ctx.db.query(sql, [token]); } catch (e) { seen.push(e.detail ?? e.hint); }
+            await ctx.db.query("ROLLBACK TO SAVEPOINT s");
+          }
+          return { status: 409, body: seen };
+        }
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/dup", ACME)]))
+    assert status == 409 and json.loads(body) == [f"Key (email)=({ACME_TOKEN}) already exists.", ACME_TOKEN]
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN) == []
+    errors = [data["error"] for _, kind, data in stored(conn, headers["x-flux-request-id"])["recording"]["events"]
+              if kind == "db" and "error" in data]
+    assert [(e["detail"], e.get("hint")) for e in errors] == [("Key (email)=([secret:ACME_TOKEN]) already exists.", None),
+                                                              (None, "[secret:ACME_TOKEN]")]
+
+
 def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
     """The HTTP client's rewrite of the URL (a space as +, %2F as /) is not the secret's text."""
     write_project(tmp_path, {"call": f"""
@@ -732,6 +757,25 @@ def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, 
     [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
     assert status == 200 and leaks(conn, headers["x-flux-request-id"], "secret_9z") == []
     assert json.loads(body) is True  # the response's url is the one the function asked for, as on the tape
+
+
+def test_a_secret_in_binary_fetch_bodies_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
+    """Bytes are on the tape as one character per byte, where redaction finds an ASCII secret."""
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          const token = ctx.secrets.ACME_TOKEN;
+          const bytes = new Uint8Array([0xff, ...Array.from(token, (c) => c.charCodeAt(0))]);
+          const res = await ctx.fetch("{stub.url}/mirror", {{ method: "POST", body: bytes }});
+          const back = await res.bytes();
+          return {{ status: 200, body: back.length === bytes.length && back.every((b, i) => b === bytes[i]) }};
+        }}
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert status == 200 and json.loads(body) is True
+    assert stub.requests[0]["raw"] == b"\xff" + ACME_TOKEN.encode()
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN) == []
+    [event] = [data for _, kind, data in stored(conn, headers["x-flux-request-id"])["recording"]["events"] if kind == "fetch"]
+    assert event["body"] == event["response_bytes"] == "\xff[secret:ACME_TOKEN]" and event["binary"] is True
 
 
 def test_sensitive_headers_of_a_fetch_are_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):

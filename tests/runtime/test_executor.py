@@ -703,6 +703,81 @@ def test_a_fetch_response_over_the_size_limit_is_refused(tmp_path, stub: Stub, m
     assert "the response body is over" in run1(tmp_path, "big").body
 
 
+def test_a_fetch_response_with_no_length_or_charset_is_text(tmp_path, stub: Stub):
+    """A 204 without a content-type, a chunked text/html: no Content-Length, no charset, UTF-8."""
+    write_project(tmp_path, {"read": f"""
+        export default async function (req, ctx) {{
+          const gone = await ctx.fetch("{stub.url}/empty", {{method: "DELETE"}});
+          const page = await ctx.fetch("{stub.url}/chunked");
+          return {{status: 200, body: [gone.status, await gone.text(), await page.text()]}};
+        }}
+    """})
+    assert run1(tmp_path, "read").body == [204, "", "<p>héllo</p>"]
+
+
+def test_fetch_response_headers_keep_every_value_as_fetch_does(tmp_path, stub: Stub):
+    """Repeated headers joined (Set-Cookie apart, by getSetCookie), a latin-1 byte as its character,
+    a Headers object's iteration, and no name from Object.prototype."""
+    write_project(tmp_path, {"read": f"""
+        export default async function (req, ctx) {{
+          const h = (await ctx.fetch("{stub.url}/headers")).headers;
+          const seen = [];
+          h.forEach((value, name) => seen.push(name));
+          return {{status: 200, body: {{
+            multi: h.get("X-Multi"), cookies: h.getSetCookie(), cookie: h.get("set-cookie"), name: h.get("x-name"),
+            constructor: [h.has("constructor"), h.get("constructor"), h.get("__proto__")],
+            entries: [...h].filter(([name]) => name !== "date" && name !== "server"),
+            keys: Array.from(h.keys()).length === seen.length && seen.length === Array.from(h.values()).length,
+          }}}};
+        }}
+    """})
+    body = run1(tmp_path, "read").body
+    assert body == {
+        "multi": "one, two", "cookies": ["a=1; Path=/", "b=2; Path=/"], "cookie": "a=1; Path=/, b=2; Path=/", "name": "café",
+        "constructor": [False, None, None],
+        "entries": [["content-length", "0"], ["set-cookie", "a=1; Path=/"], ["set-cookie", "b=2; Path=/"],
+                    ["x-multi", "one, two"], ["x-name", "café"]],
+        "keys": True,
+    }
+
+
+def test_a_binary_fetch_response_reads_as_its_exact_bytes_and_is_on_the_tape(tmp_path, stub: Stub):
+    write_project(tmp_path, {"read": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("{stub.url}/bytes");
+          const buffer = await res.arrayBuffer(), bytes = await res.bytes();
+          const json = await (await ctx.fetch("{stub.url}/chunked")).bytes();
+          return {{status: 200, body: {{
+            length: buffer.byteLength, exact: bytes.every((b, i) => b === i), isView: bytes instanceof Uint8Array,
+            text: (await res.text()).length, utf8: Array.from(json.subarray(3, 6)),
+          }}}};
+        }}
+    """})
+    result = run1(tmp_path, "read")
+    assert result.body == {"length": 256, "exact": True, "isView": True, "text": 128 + 128, "utf8": [104, 0xC3, 0xA9]}
+    binary, text = [e[2] for e in result.recording["events"] if e[1] == "fetch"]
+    assert binary["response_bytes"] == bytes(range(256)).decode("latin-1") and "response_bytes" not in text
+
+
+def test_fetch_request_bodies_and_headers_are_sent_as_fetch_sends_them(tmp_path, stub: Stub):
+    write_project(tmp_path, {"send": f"""
+        export default async function (req, ctx) {{
+          const bytes = new Uint8Array([0, 1, 255]);
+          for (const [body, headers] of [[bytes, {{}}], [bytes.buffer, [["X-A", "1"], ["x-a", "2"]]], ["héllo", {{}}],
+                                         [{{a: 1}}, {{}}], [{{a: 1}}, {{"Content-Type": "application/vnd.x+json"}}]]) {{
+            await ctx.fetch("{stub.url}/echo", {{method: "POST", body, headers}});
+          }}
+          return {{status: 200}};
+        }}
+    """})
+    assert run1(tmp_path, "send").status == 200
+    heads = [{k.lower(): v for k, v in r["headers"].items()} for r in stub.requests]
+    sent = [(r["raw"], h.get("content-type"), h.get("x-a")) for r, h in zip(stub.requests, heads)]
+    assert sent == [(b"\x00\x01\xff", None, None), (b"\x00\x01\xff", None, "1, 2"),
+                    ("héllo".encode(), "text/plain;charset=UTF-8", None), (b'{"a":1}', "application/json", None),
+                    (b'{"a":1}', "application/vnd.x+json", None)]
+
+
 def test_a_timer_longer_than_any_delay_waits_as_the_longest(tmp_path):
     write_project(tmp_path, {"later": """
         export default async function () {
@@ -774,6 +849,81 @@ def test_a_bigint_param_is_sent_as_its_decimal_text(tmp_path, dsn, conn):
         }
     """})
     assert run1(tmp_path, "big", dsn=dsn).body == str(2**70 + 1)
+
+
+@pytest.mark.parametrize("param", ["NaN", "Infinity", "-Infinity", "[1, NaN]", "{x: Infinity}"])
+def test_a_non_finite_number_param_is_a_type_error_not_null(tmp_path, dsn, conn, param):
+    """JSON would carry it as null: SQL NULL, silently."""
+    write_project(tmp_path, {"nan": f"""
+        export default async function (req, ctx) {{
+          try {{ await ctx.db.query("SELECT $1::text AS v", [{param}]); }}
+          catch (e) {{ return {{status: 200, body: e.name + ": " + e.message}}; }}
+          return {{status: 200, body: "sent"}};
+        }}
+    """})
+    body = run1(tmp_path, "nan", dsn=dsn).body
+    assert body.startswith("TypeError: ctx.db.query(sql, params): $1 ") and "which a parameter cannot carry" in body
+
+
+def test_array_params_are_postgresql_arrays_of_one_type(tmp_path, dsn, conn):
+    """Numbers of one array are one type, nested arrays are multi-dimensional, objects are jsonb."""
+    write_project(tmp_path, {"arrays": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query(
+            "SELECT $1::float8[] AS mixed, $2::int[] AS grid, $3::jsonb AS objects, $4::text[] AS texts",
+            [[0.5, 1], [[1, 2], [3, 4]], [{a: 1}, [2]], ["x", null]]);
+          return {status: 200, body: rows[0]};
+        }
+    """})
+    assert run1(tmp_path, "arrays", dsn=dsn).body == {"mixed": [0.5, 1], "grid": [[1, 2], [3, 4]], "objects": [{"a": 1}, [2]],
+                                                      "texts": ["x", None]}
+
+
+def test_an_array_param_of_strings_and_numbers_is_a_type_error(tmp_path, dsn, conn):
+    write_project(tmp_path, {"mixed": """
+        export default async function (req, ctx) {
+          try { await ctx.db.query("SELECT $1::text[] AS v", [["a", 1]]); }
+          catch (e) { return {status: 200, body: e.name + ": " + e.message}; }
+        }
+    """})
+    assert run1(tmp_path, "mixed", dsn=dsn).body == (
+        "TypeError: ctx.db.query: $1 is an array of numbers and strings; a PostgreSQL array holds values of one type")
+
+
+def test_a_uint8array_param_is_bytea_byte_for_byte(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE blobs (b bytea)")
+    write_project(tmp_path, {"bytes": """
+        export default async function (req, ctx) {
+          const bytes = new Uint8Array([0, 1, 127, 128, 255]);
+          await ctx.db.query("INSERT INTO blobs VALUES ($1)", [bytes]);
+          await ctx.db.query("INSERT INTO blobs VALUES ($1)", [bytes.buffer]);
+          let nested;
+          try { await ctx.db.query("SELECT $1::jsonb", [{b: bytes}]); } catch (e) { nested = e.name; }
+          const { rows } = await ctx.db.query("SELECT $1::bytea = '\\\\x00017f80ff'::bytea AS same", [bytes]);
+          return {status: 200, body: {same: rows[0].same, nested}};
+        }
+    """})
+    result = run1(tmp_path, "bytes", dsn=dsn)
+    assert result.body == {"same": True, "nested": "TypeError"}
+    assert conn.execute("SELECT b FROM blobs").fetchall() == [(b"\x00\x01\x7f\x80\xff",)] * 2
+
+
+def test_a_database_error_gives_the_function_its_detail_and_hint(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (email text UNIQUE)")
+    conn.execute("INSERT INTO users VALUES ('a@x')")
+    write_project(tmp_path, {"dup": """
+        export default async function (req, ctx) {
+          const errors = [];
+          for (const sql of ["INSERT INTO users (email) VALUES ('a@x')",
+                             "DO $$ BEGIN RAISE EXCEPTION 'no plan' USING DETAIL = 'plan 7 is gone', HINT = 'pick another'; END $$"]) {
+            try { await ctx.db.query("SAVEPOINT s"); await ctx.db.query(sql); }
+            catch (e) { errors.push({detail: e.detail, hint: e.hint ?? null}); await ctx.db.query("ROLLBACK TO SAVEPOINT s"); }
+          }
+          return {status: 200, body: errors};
+        }
+    """})
+    assert run1(tmp_path, "dup", dsn=dsn).body == [{"detail": "Key (email)=(a@x) already exists.", "hint": None},
+                                                   {"detail": "plan 7 is gone", "hint": "pick another"}]
 
 
 def test_a_response_header_http_refuses_is_a_500_and_its_writes_roll_back(tmp_path, dsn, conn):

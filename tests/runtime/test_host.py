@@ -14,7 +14,8 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from flux.runtime.host import _SESSION_RESET, DbSession, HostCallError
+from flux.project import FetchConfig
+from flux.runtime.host import _SESSION_RESET, DbSession, FetchPolicy, HostCallError
 
 CONTEXT = {"request_id": "r1", "tenant": "default", "function": "w"}
 
@@ -260,7 +261,8 @@ def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn
 
 
 @pytest.mark.parametrize("sql", ["COMMIT", "rollback", "ROLLBACK WORK", "/* why /* nested */ */ END", "-- done\nABORT",
-                                 "BEGIN", "start transaction", "PREPARE TRANSACTION 'x'"])
+                                 "BEGIN", "start transaction", "PREPARE TRANSACTION 'x'",
+                                 ";COMMIT", "/* x */ ; ; ROLLBACK", "-- c\n;\n; end", "; PREPARE TRANSACTION 'x'"])
 def test_a_statement_that_would_end_the_transaction_is_refused(dsn, conn, sql):
     """Otherwise a later throw could not roll the request back, and later writes would lose its id."""
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
@@ -395,3 +397,67 @@ def test_a_caught_failure_before_any_write_loses_nothing(dsn, conn):
 def test_a_statement_with_a_nul_is_refused(dsn):
     """libpq would send only the statement's text before the NUL, while the span records all of it."""
     assert "NUL" in _refusal_of(dsn, "SELECT 1\x00; DROP TABLE users")
+
+
+@pytest.mark.parametrize("before", [
+    "WITH made AS (INSERT INTO users (email) VALUES ('cte@x') RETURNING id) SELECT id FROM made",
+    "SELECT add_user('fn@x')",
+    "SELECT * FROM users_made",
+    "SELECT 1 INTO TEMP made_here",
+], ids=["data-modifying-with", "writing-function", "view-over-writing-function", "select-into"])
+def test_a_write_in_a_statement_tagged_select_is_lost_too(dsn, conn, before):
+    """PostgreSQL tags these SELECT, yet they wrote: a success answered after a caught failure
+    would name rows that do not exist."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    conn.execute("INSERT INTO users (email) VALUES ('taken@x')")
+    conn.execute("CREATE FUNCTION add_user(e text) RETURNS int LANGUAGE sql AS "
+                 "$$ INSERT INTO users (email) VALUES (e) RETURNING id $$")
+    conn.execute("CREATE VIEW users_made AS SELECT add_user('view@x') AS id")
+    outcome, lost = _commit_after_a_caught_failure(dsn, [(before, [])], ("INSERT INTO users (email) VALUES ($1)", ["taken@x"]))
+    assert outcome == "rolled_back" and "SQLSTATE 23505" in lost
+
+
+def test_reads_through_functions_and_views_that_write_nothing_lose_nothing(dsn, conn):
+    """count(), now(), gen_random_uuid() and a plain view write nothing a rollback loses."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    conn.execute("INSERT INTO users (email) VALUES ('taken@x')")
+    conn.execute("CREATE VIEW emails AS SELECT lower(email) AS email FROM users")
+    outcome = _commit_after_a_caught_failure(dsn, [
+        ("SELECT count(*), now(), gen_random_uuid(), nextval(pg_get_serial_sequence('users', 'id')) FROM users", []),
+        ("SELECT email FROM emails WHERE email = $1", ["taken@x"]),
+        ("SELECT id FROM users WHERE email = $1 FOR UPDATE", ["taken@x"]),
+    ], ("INSERT INTO users (email) VALUES ($1)", ["taken@x"]))
+    assert outcome == ["rolled_back", None]
+
+
+def test_a_database_error_carries_detail_hint_and_position(dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
+    conn.execute("INSERT INTO users (email) VALUES ('dup@x')")
+    infos: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        for sql in ["INSERT INTO users (email) VALUES ('dup@x')",
+                    "DO $$ BEGIN RAISE EXCEPTION 'no plan' USING DETAIL = 'plan 7 is gone', HINT = 'pick another'; END $$",
+                    "SELECT nope FROM users"]:
+            session = DbSession(pool, CONTEXT)
+            with pytest.raises(HostCallError) as failed:
+                await session.query(sql, [])
+            infos.append(failed.value.info)
+            await session.finish(commit=False)
+
+    _on_pool(dsn, work)
+    unique, raised, missing = infos
+    assert unique["detail"] == "Key (email)=(dup@x) already exists."
+    assert (raised["detail"], raised["hint"]) == ("plan 7 is gone", "pick another")
+    assert (missing["sqlstate"], missing["position"]) == ("42703", 8)
+
+
+@pytest.mark.parametrize("entry", ["[::1]:18351", "[::1]", "::1"])
+def test_an_ipv6_host_matches_its_allow_entry_and_is_named_in_brackets(entry):
+    policy = FetchPolicy(FetchConfig(allow=(entry,)))
+    host, hostport = policy.parse("http://[::1]:18351/v1")
+    assert hostport == "[::1]:18351"
+    policy.check(host, hostport)  # allowed: no error
+    with pytest.raises(HostCallError) as refused:
+        policy.check(*policy.parse("http://[::2]:18351/v1"))
+    assert refused.value.info["message"] == "outbound calls to [::2]:18351 are not allowed: add it to [fetch] allow in flux.toml"

@@ -1,0 +1,245 @@
+"""Values across `ctx.db`: query results as the JSON a function gets, and its parameters as psycopg dumps them.
+
+Results load with psycopg's loaders except where a Python value would lose or change what
+PostgreSQL said, or could not be made at all:
+- numeric is its exact text (a Decimal's str would write 0.0000001 as 1E-7);
+- float4/float8 NaN, Infinity and -Infinity are those strings (JSON has no such numbers, and
+  null would read as SQL NULL);
+- date, time, timestamp and timestamptz are psycopg's (ISO 8601 in JSON), except what Python's
+  types cannot hold: 'infinity', '-infinity', BC dates, years past 9999 and 24:00:00 come back as
+  PostgreSQL's text;
+- timetz is ISO 8601 text with its offset ("12:34:56+02:00");
+- interval is an ISO 8601 duration, as PostgreSQL writes it with IntervalStyle iso_8601 (the row
+  images of flux.state_mutations are written so): "P1Y2M3DT4H5M6.789S";
+- ranges and multiranges are PostgreSQL's text ("[1,5)");
+- an array of a type psycopg does not know (an enum, a domain, citext...) is a list of its
+  elements, once `ResultTypes` has learned from pg_type that the type is an array.
+
+Parameters: `adapt_param` makes a JS value one psycopg dumps as the PostgreSQL type it means.
+
+What this module does not do: it does no I/O. `ResultTypes.LEARN_QUERY` is run by the session.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import postgres, pq
+from psycopg.adapt import AdaptersMap, Buffer, Loader
+from psycopg.types.array import register_array
+from psycopg.types.json import Jsonb
+from psycopg.types import TypeInfo
+
+_TEXT = pq.Format.TEXT
+
+
+def _fast(oid: int, context: Any) -> Loader:
+    """psycopg's own (C) loader for `oid`, which ours fall back from."""
+    loader = postgres.adapters.get_loader(oid, _TEXT)
+    assert loader is not None
+    return loader(oid, context)
+
+
+class _ClockLoader(Loader):
+    """date, time, timestamp, timestamptz: psycopg's value, or PostgreSQL's text for what Python's
+    types cannot hold ('infinity', '-infinity', BC, past 9999, 24:00:00)."""
+
+    def __init__(self, oid: int, context: Any = None) -> None:
+        super().__init__(oid, context)
+        self._load = _fast(oid, context).load
+
+    def load(self, data: Buffer) -> Any:
+        try:
+            return self._load(data)
+        except psycopg.DataError:
+            return bytes(data).decode()
+
+
+class _TimetzLoader(_ClockLoader):
+    """ISO 8601 with the offset: JSON cannot carry a time with a zone (orjson refuses one)."""
+
+    def load(self, data: Buffer) -> Any:
+        try:
+            return self._load(data).isoformat()
+        except psycopg.DataError:
+            return bytes(data).decode()
+
+
+class _FloatLoader(Loader):
+    def __init__(self, oid: int, context: Any = None) -> None:
+        super().__init__(oid, context)
+        self._load = _fast(oid, context).load
+
+    def load(self, data: Buffer) -> Any:
+        if data[-1] in b"Ny":  # NaN, Infinity, -Infinity: no JSON number says them
+            return bytes(data).decode()
+        return self._load(data)
+
+
+class _TextLoader(Loader):
+    """PostgreSQL's own text: ranges, multiranges, numeric."""
+
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode()
+
+
+# IntervalStyle postgres (the default): "1 year 2 mons 3 days 04:05:06.789", "-1 years +3 days -00:00:01".
+_PG_INTERVAL = re.compile(r"(?:([+-]?\d+) years? ?)?(?:([+-]?\d+) mons? ?)?(?:([+-]?\d+) days? ?)?"
+                          r"(?:([+-]?)(\d+):(\d\d):(\d\d)(?:\.(\d+))?)?")
+
+
+class _IntervalLoader(Loader):
+    """An ISO 8601 duration, as PostgreSQL's iso_8601 IntervalStyle writes it (EncodeInterval):
+    each non-zero field with its own sign, the seconds' fraction without trailing zeros, PT0S for
+    zero. A timedelta would lose months and years. Text in another IntervalStyle (one the function
+    SET) is returned as it is."""
+
+    def load(self, data: Buffer) -> str:
+        text = bytes(data).decode()
+        m = _PG_INTERVAL.fullmatch(text)
+        if m is None or not text:
+            return text
+        years, months, days, sign, hours, minutes, seconds, fraction = m.groups()
+        neg = "-" if sign == "-" else ""
+        fraction = (fraction or "").rstrip("0")
+        out = ["P"]
+        for value, unit in ((years, "Y"), (months, "M"), (days, "D")):
+            if value and int(value):
+                out.append(f"{int(value)}{unit}")
+        if hours is not None and (int(hours) or int(minutes) or int(seconds) or fraction):
+            out.append("T")
+            for value, unit in ((hours, "H"), (minutes, "M")):
+                if int(value):
+                    out.append(f"{neg}{int(value)}{unit}")
+            if int(seconds) or fraction:
+                out.append(f"{neg}{int(seconds)}{'.' + fraction if fraction else ''}S")
+        return "".join(out) if len(out) > 1 else "PT0S"
+
+
+def _base_adapters() -> AdaptersMap:
+    adapters = AdaptersMap(postgres.adapters)
+    for name in ("date", "time", "timestamp", "timestamptz"):
+        adapters.register_loader(name, _ClockLoader)
+    adapters.register_loader("timetz", _TimetzLoader)
+    adapters.register_loader("float4", _FloatLoader)
+    adapters.register_loader("float8", _FloatLoader)
+    adapters.register_loader("interval", _IntervalLoader)
+    for name in ("numeric", "int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange",
+                 "int4multirange", "int8multirange", "nummultirange", "datemultirange", "tsmultirange", "tstzmultirange"):
+        adapters.register_loader(name, _TextLoader)
+    return adapters
+
+
+_BASE = _base_adapters()
+_KNOWN_CAP = 10_000  # type OIDs a pool remembers having looked up; past it, it starts over
+
+
+class ResultTypes:
+    """The loaders one database's results use (one per connection pool): the module's, and array
+    types learned from pg_type. psycopg knows the built-in types only; any other type comes back
+    as text, so an enum array would be the text "{sad,ok}" where text[] is a list. The session
+    runs `LEARN_QUERY` for a result with a type this pool has not met (once per type, not per
+    query), and `learn` registers what it found."""
+
+    # Each asked-for OID that is an array, with its element (under one domain) and the delimiter.
+    LEARN_QUERY = (b"SELECT t.oid::int8, CASE WHEN e.typtype = 'd' THEN e.typbasetype ELSE e.oid END::int8, e.typdelim::text"
+                   b" FROM pg_catalog.pg_type t JOIN pg_catalog.pg_type e ON e.oid = t.typelem"
+                   b" WHERE t.oid = ANY($1::pg_catalog.oid[]) AND t.typcategory = 'A'")
+
+    def __init__(self) -> None:
+        self.adapters = AdaptersMap(_BASE)
+        self._met: set[int] = set()  # looked up already: learned, or not an array
+
+    def unknown(self, result: psycopg.pq.abc.PGresult) -> list[int]:
+        """The type OIDs of `result`'s columns that this pool has neither a loader for nor looked up."""
+        loaders = self.adapters.get_loader
+        out = []
+        for i in range(result.nfields):
+            oid = result.ftype(i)
+            if oid not in self._met and loaders(oid, _TEXT) is None and oid not in out:
+                out.append(oid)
+        return out
+
+    def learn(self, asked: list[int], arrays: list[tuple[int, int, str]]) -> None:
+        """Register the arrays among `asked` (rows of LEARN_QUERY): their elements load as their
+        own type if psycopg knows it, else as text."""
+        if len(self._met) + len(asked) > _KNOWN_CAP:
+            self._met.clear()
+        for oid, element, delimiter in arrays:
+            register_array(TypeInfo(f"flux_{element}", element, oid, delimiter=delimiter), self.adapters)
+        self._met.update(asked)
+
+
+class LoadContext:
+    """What psycopg's Transformer takes its adapters and connection from (an AdaptContext)."""
+
+    __slots__ = ("adapters", "connection")
+
+    def __init__(self, adapters: AdaptersMap, connection: psycopg.AsyncConnection) -> None:
+        self.adapters = adapters
+        self.connection = connection
+
+
+def to_json_value(value: Any) -> Any:
+    """orjson `default`: database values the way JS code expects them."""
+    if isinstance(value, Decimal):
+        return str(value)  # exact; a JS number would round
+    if isinstance(value, (bytes, memoryview)):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def json_ready(value: Any) -> Any:
+    """Round-trip through orjson, so results hold only JSON types (for the tape and for JS)."""
+    return orjson.loads(orjson.dumps(value, default=to_json_value))
+
+
+class ParamError(ValueError):
+    """A parameter no PostgreSQL type takes as it is; the message says which and why."""
+
+
+def adapt_param(value: Any, number: int) -> Any:
+    """A JS value (as JSON brought it) as psycopg should dump it, `number` being its $n.
+
+    An object is jsonb, and so is an array holding an object at any depth. Other arrays are
+    PostgreSQL arrays, nested ones multi-dimensional; their numbers are one type (JSON gives 1.0
+    as 1, and psycopg dumps no list of ints and floats). Bytes (a Uint8Array) are bytea."""
+    if isinstance(value, dict):
+        return Jsonb(value)
+    if isinstance(value, list):
+        kinds: set[type] = set()
+        if _holds_object(value, kinds):
+            return Jsonb(value)
+        kinds.discard(type(None))
+        if kinds == {int, float}:
+            return _floats(value)
+        if len(kinds) > 1:
+            names = " and ".join(sorted({_JS_NAMES.get(k, k.__name__) for k in kinds}))
+            raise ParamError(f"ctx.db.query: ${number} is an array of {names}; a PostgreSQL array holds values of one type")
+    return value
+
+
+_JS_NAMES = {int: "numbers", float: "numbers", str: "strings", bool: "booleans", bytes: "bytes"}
+
+
+def _holds_object(value: list[Any], kinds: set[type]) -> bool:
+    """Whether `value` holds an object at any depth; gathers the types of its other leaves."""
+    for item in value:
+        if isinstance(item, dict):
+            return True
+        if isinstance(item, list):
+            if _holds_object(item, kinds):
+                return True
+        else:
+            kinds.add(type(item))
+    return False
+
+
+def _floats(value: list[Any]) -> list[Any]:
+    return [_floats(v) if isinstance(v, list) else float(v) if type(v) is int else v for v in value]

@@ -1,0 +1,126 @@
+"""Values across ctx.db against a real PostgreSQL: what a query's values come back as, and how parameters are sent."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from flux.runtime.host import DbSession, HostCallError
+
+CONTEXT = {"request_id": "r1", "tenant": "default", "function": "w"}
+
+
+def query(dsn: str, sql: str, params: list[Any] | None = None) -> dict[str, Any]:
+    """The first row `sql` returns through a request's session; a refusal or a failure as its HostCallError info."""
+    out: list[Any] = []
+
+    async def main() -> None:
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
+        await pool.open(wait=True)
+        try:
+            session = DbSession(pool, CONTEXT)
+            try:
+                out.append((await session.query(sql, params or []))["rows"][0])
+            except HostCallError as exc:
+                out.append({"error": exc.info})
+            await session.finish(commit=False)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+    return out[0]
+
+
+def test_timetz_is_iso_8601_text_with_its_offset(dsn):
+    assert query(dsn, "SELECT '12:34:56+02'::timetz AS t, '08:00:00.5-03:30'::timetz AS u") == {
+        "t": "12:34:56+02:00", "u": "08:00:00.500000-03:30"}
+
+
+@pytest.mark.parametrize(("sql", "text"), [
+    ("'infinity'::date", "infinity"), ("'-infinity'::date", "-infinity"), ("'infinity'::timestamp", "infinity"),
+    ("'-infinity'::timestamptz", "-infinity"), ("'0044-03-15 BC'::date", "0044-03-15 BC"),
+    ("'10000-01-01'::date", "10000-01-01"), ("'24:00:00'::time", "24:00:00"),
+])
+def test_dates_and_times_python_cannot_hold_come_back_as_postgresqls_text(dsn, sql, text):
+    assert query(dsn, f"SELECT {sql} AS v, ARRAY[{sql}] AS a") == {"v": text, "a": [text]}
+
+
+def test_ordinary_dates_and_timestamps_are_iso_8601(dsn):
+    row = query(dsn, "SELECT '2024-02-29'::date AS d, '2024-02-29 10:11:12.5+00'::timestamptz AT TIME ZONE 'UTC' AS ts")
+    assert row == {"d": "2024-02-29", "ts": "2024-02-29T10:11:12.500000"}
+
+
+def test_float_nan_and_infinities_are_strings_not_null(dsn):
+    row = query(dsn, "SELECT 'NaN'::float8 AS a, 'Infinity'::float8 AS b, '-Infinity'::float4 AS c, NULL::float8 AS d,"
+                     " ARRAY['NaN', '1.5', NULL]::float8[] AS e")
+    assert row == {"a": "NaN", "b": "Infinity", "c": "-Infinity", "d": None, "e": ["NaN", 1.5, None]}
+
+
+def test_numeric_is_its_exact_text(dsn):
+    assert query(dsn, "SELECT 0.0000001::numeric AS a, 12.50::numeric AS b, 'NaN'::numeric AS c") == {
+        "a": "0.0000001", "b": "12.50", "c": "NaN"}
+
+
+INTERVALS = ["1 year 2 months 3 days 4:05:06.789", "1 month", "-1 second", "1 day -1 second", "0",
+             "-1 year -2 months +3 days -04:05:06", "100 hours", "-1.5 seconds", "0.000001 s", "1 year -1 month", "-7 days"]
+
+
+def test_an_interval_is_the_iso_8601_duration_postgresql_writes(dsn, conn):
+    """As row images record it (IntervalStyle iso_8601), months and years kept."""
+    conn.execute("SET IntervalStyle = iso_8601")
+    expected = [conn.execute("SELECT %s::interval::text", (v,)).fetchone()[0] for v in INTERVALS]
+    sql = "SELECT " + ", ".join(f"$%d::interval AS v{i}" % (i + 1) for i in range(len(INTERVALS)))
+    row = query(dsn, sql, INTERVALS)
+    assert [row[f"v{i}"] for i in range(len(INTERVALS))] == expected
+    assert expected[:3] == ["P1Y2M3DT4H5M6.789S", "P1M", "PT-1S"]
+
+
+def test_ranges_come_back_as_postgresqls_text(dsn):
+    row = query(dsn, "SELECT '[1,5)'::int4range AS a, tstzrange('2024-01-01 00:00+00', NULL) AS b,"
+                     " ARRAY['[1,5)'::int4range] AS c, '{[1,2),[4,6)}'::int4multirange AS d, 'empty'::numrange AS e")
+    assert row == {"a": "[1,5)", "b": '["2024-01-01 00:00:00+00",)', "c": ["[1,5)"], "d": "{[1,2),[4,6)}", "e": "empty"}
+
+
+def test_an_array_of_an_enum_is_a_list_as_text_arrays_are(dsn, conn):
+    conn.execute("CREATE TYPE mood AS ENUM ('sad', 'ok')")
+    conn.execute("CREATE DOMAIN positive AS int CHECK (VALUE > 0)")
+    row = query(dsn, "SELECT '{sad,ok}'::mood[] AS moods, 'ok'::mood AS mood, ARRAY[1, 2]::positive[] AS ps,"
+                     " ARRAY['a', NULL]::text[] AS texts")
+    assert row == {"moods": ["sad", "ok"], "mood": "ok", "ps": [1, 2], "texts": ["a", None]}
+
+
+def test_a_type_lookup_that_fails_leaves_the_transaction_going(dsn, conn):
+    """The lookup runs in the request's transaction, as the function's role: one that may not
+    read pg_type gets the array as text, and its transaction is not aborted."""
+    role = f"flux_test_{uuid.uuid4().hex[:8]}"
+    conn.execute("CREATE TYPE mood AS ENUM ('sad', 'ok')")
+    conn.execute("CREATE TABLE notes (v text)")
+    conn.execute(f"CREATE ROLE {role} NOLOGIN")
+    conn.execute(f"GRANT INSERT ON notes TO {role}")
+    conn.execute("REVOKE SELECT ON pg_catalog.pg_type FROM PUBLIC")  # in this test's database only
+    out: list[Any] = []
+
+    async def main() -> None:
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
+        await pool.open(wait=True)
+        try:
+            session = DbSession(pool, CONTEXT)
+            await session.query(f"SET ROLE {role}", [])
+            out.append((await session.query("SELECT '{sad,ok}'::mood[] AS m", []))["rows"][0])
+            await session.query("INSERT INTO notes VALUES ('kept')", [])
+            await session.finish(commit=True)
+            out.append(session.outcome)
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+    assert out == [{"m": "{sad,ok}"}, "committed"]
+    assert conn.execute("SELECT v FROM notes").fetchall() == [("kept",)]

@@ -185,6 +185,10 @@ def attach(
                 # Creating it waits for transactions already running to finish.
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
                 result.created.append(f"replication slot {slot}")
+                # A new slot starts where it is made: progress recorded for an earlier slot of that
+                # name (a database restored on another server, a slot dropped by hand) would have
+                # the engine start past changes to come.
+                conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Attach failed", slot=slot, publication=publication) from exc
         result.warnings += slot_warnings(conn, slot)
@@ -248,7 +252,15 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
         publication = row[0]
         result = DetachResult(slot=slot, publication=publication)
         try:
-            active = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+            # Slot names are per cluster: a copy of an attached database (CREATE DATABASE ... TEMPLATE)
+            # holds the attachment's rows, but the slot is the original's, which must keep it.
+            active = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s"
+                                  " AND database = current_database()", (slot,)).fetchone()
+            elsewhere = conn.execute("SELECT database FROM pg_replication_slots WHERE slot_name = %s"
+                                     " AND database <> current_database()", (slot,)).fetchone()
+            if elsewhere:
+                result.warnings.append(f"Slot '{slot}' belongs to database {elsewhere[0]}, not this one (a copy of it?): "
+                                       "left alone; this database's publication and identities are undone.")
             if active and active[0]:
                 raise PreflightError(
                     f"A consumer is reading slot '{slot}' (pid {active[0]})",
@@ -287,14 +299,16 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
 def slot_warnings(conn: psycopg.Connection, slot: str, *, retained_limit: int = RETAINED_WAL_WARNING_BYTES) -> list[str]:
     row = conn.execute(
         """
-        SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status
-        FROM pg_replication_slots WHERE slot_name = %s
+        SELECT s.active, pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, s.wal_status, r.sync_state,
+               current_setting('synchronous_standby_names')
+        FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+        WHERE s.slot_name = %s AND s.database = current_database()
         """,
         (slot,),
     ).fetchone()
     if row is None:
         return []
-    active, retained, wal_status = row
+    active, retained, wal_status, sync_state, standby_names = row
     if wal_status == "lost":
         return [f"Slot '{slot}' was invalidated: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so "
                 "changes since the engine last kept up were not recorded. `flux detach` then `flux attach` start over."]
@@ -306,6 +320,10 @@ def slot_warnings(conn: psycopg.Connection, slot: str, *, retained_limit: int = 
         )
     if retained is not None and retained >= retained_limit:
         warnings.append(f"Slot '{slot}' retains {human_bytes(retained)} of WAL; the disk fills if this keeps growing.")
+    if sync_state is not None and sync_state != "async":
+        warnings.append(f"PostgreSQL counts Flux's engine as a synchronous standby (synchronous_standby_names = "
+                        f"'{standby_names}'), so every commit here waits until Flux has recorded it. Name your standbys "
+                        "in synchronous_standby_names instead of '*'; Flux's connection is named 'flux-cdc ...'.")
     if wal_status == "unreserved":
         warnings.append(f"Slot '{slot}' WAL status is 'unreserved': past max_slot_wal_keep_size, changes will be lost "
                         "unless the engine catches up.")

@@ -38,7 +38,7 @@ from flux.cdc.pipelined import Durable, PipelinedSink
 from flux.cdc.sink import PostgresCatalog, PostgresSink, Progress
 from flux.cdc.stream import ReplicationStream
 from flux.cdc.wire import Keepalive, format_lsn, parse_frame, xlogdata
-from flux.errors import DecodeError, FluxError, from_psycopg
+from flux.errors import DecodeError, FluxError, StreamError, from_psycopg
 
 log = logging.getLogger("flux.cdc")
 
@@ -154,6 +154,14 @@ class _Session:
         self.catalog = PostgresCatalog(dsn=cfg.dsn)
         self.progress = self.sink.load_progress(cfg.slot)
         start = self.progress.end_lsn if self.progress else 0
+        if start > (current := self.catalog.wal_lsn()):
+            # Asked to start there, the server would take it as confirmed: every change up to it
+            # (gigabytes of this server's WAL to come) would be skipped unrecorded.
+            raise StreamError(
+                f"The progress recorded for slot {cfg.slot} ({format_lsn(start)}) is ahead of this server's WAL "
+                f"({format_lsn(current)}): the database was restored or copied from another server",
+                hint=f"Start capture over on this server: `flux detach --slot {cfg.slot}`, then `flux attach` "
+                     "(recorded mutations are kept).", slot=cfg.slot)
         self.confirmed = start
         self.assembler = Assembler(catalog=self.catalog)
         # Read at each connection, not once at start: a server not up yet is retried like any other.

@@ -24,7 +24,7 @@ import psycopg
 
 from flux.cdc.assembler import COLUMNS, Backfill, MutationRow
 from flux.cdc.wire import format_lsn, parse_lsn
-from flux.errors import from_psycopg
+from flux.errors import ConnectionLostError, FluxError, from_psycopg
 from flux.store.schema import ensure_schema
 
 log = logging.getLogger("flux.cdc")
@@ -150,7 +150,10 @@ class PostgresSink:
             # converts to a database's own encoding).
             self._conn = psycopg.connect(dsn, autocommit=False, connect_timeout=connect_timeout, application_name="flux-sink",
                                          client_encoding="UTF8")
-            self._conn.execute("SET synchronous_commit = on")
+            # Flushed to this server's disk before the slot is acknowledged (exactly-once rests on it),
+            # never waiting for a synchronous standby: with synchronous_standby_names = '*' the
+            # engine's own walsender is one, and it acknowledges only after this commit (a deadlock).
+            self._conn.execute("SET synchronous_commit = local")
             self._conn.commit()
             self._autocommit_schema()
         except psycopg.Error as exc:
@@ -215,7 +218,7 @@ class PostgresSink:
             for chunk in encoded.chunks:
                 self._copy.write(chunk)
         except psycopg.Error as exc:
-            raise from_psycopg(exc, "Could not write mutations", commit_lsn=encoded.first_commit_lsn) from exc
+            raise _taken_over(exc) or from_psycopg(exc, "Could not write mutations", commit_lsn=encoded.first_commit_lsn) from exc
 
     def _finish_copy(self) -> None:
         """End the open COPY; waits for the server to have stored every row sent."""
@@ -237,7 +240,7 @@ class PostgresSink:
                 (backfill.request_id, backfill.context, backfill.commit_lsn, backfill.before_seq),
             )
         except psycopg.Error as exc:
-            raise from_psycopg(exc, "Could not attach a request context", commit_lsn=backfill.commit_lsn) from exc
+            raise _taken_over(exc) or from_psycopg(exc, "Could not attach a request context", commit_lsn=backfill.commit_lsn) from exc
 
     def commit(self, progress: Progress, *, mutations: int) -> None:
         try:
@@ -253,6 +256,9 @@ class PostgresSink:
                         commit_lsn = excluded.commit_lsn, end_lsn = excluded.end_lsn, commit_time = excluded.commit_time,
                         mutations = p.mutations + excluded.mutations, consumer_host = excluded.consumer_host,
                         consumer_pid = excluded.consumer_pid, heartbeat_at = now(), updated_at = now()
+                    -- Never backwards: an engine that stalled while another took the slot over must
+                    -- not move the progress back when it wakes (the next start would redo changes).
+                    WHERE p.end_lsn <= excluded.end_lsn
                     """,
                     (
                         progress.slot_name, format_lsn(progress.commit_lsn), format_lsn(progress.end_lsn),
@@ -261,7 +267,7 @@ class PostgresSink:
                 )
                 self._conn.commit()
         except psycopg.Error as exc:
-            raise from_psycopg(exc, "Could not commit mutations", lsn=format_lsn(progress.commit_lsn)) from exc
+            raise _taken_over(exc) or from_psycopg(exc, "Could not commit mutations", lsn=format_lsn(progress.commit_lsn)) from exc
 
     def rollback(self) -> None:
         context, self._copy, self._copy_context, self._cursor = self._copy_context, None, None, None
@@ -281,6 +287,18 @@ class PostgresSink:
             self._conn.close()
         except psycopg.Error:
             pass
+
+
+def _taken_over(exc: psycopg.Error) -> FluxError | None:
+    """A change already recorded, met on write: another engine recorded it (two consumers of one
+    slot, one of them stalled while the other took over). Retryable: the reconnect reloads the
+    progress and resumes past what is recorded."""
+    if getattr(exc, "sqlstate", None) == "23505" and getattr(exc.diag, "constraint_name", None) == "state_mutations_pkey":
+        return ConnectionLostError(
+            "These changes are already recorded: another engine consumed this slot meanwhile",
+            hint="Run one engine per slot (`flux cdc status` names the consumer); this one reloads its progress and goes on.",
+            retryable=True)
+    return None
 
 
 class PostgresCatalog:
@@ -316,6 +334,13 @@ class PostgresCatalog:
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not read the attachment", slot=slot) from exc
         return row[0] if row else None
+
+    def wal_lsn(self) -> int:
+        """The server's current WAL position."""
+        try:
+            return parse_lsn(self._conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not read the server's WAL position") from exc
 
     def is_partitioned(self, relation_id: int) -> bool:
         try:

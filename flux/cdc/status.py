@@ -29,6 +29,9 @@ class CdcStatus:
     lag_bytes: int | None = None
     lag_seconds: float | None = None
     lag_is_upper_bound: bool = False  # lag_seconds is the age of the newest recorded commit, not a measure
+    # How long ago the newest recorded transaction committed. While the engine catches up, the
+    # server's measure (lag_seconds) counts only from when it decoded the WAL, so it reads low.
+    last_commit_age_seconds: float | None = None
     retained_wal_bytes: int | None = None
     wal_status: str | None = None
     publication: str | None = None
@@ -54,7 +57,7 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, s.wal_status,
                    extract(epoch FROM r.flush_lag)::float8, r.application_name
             FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
-            WHERE s.slot_name = %s
+            WHERE s.slot_name = %s AND s.database = current_database()
             """,
             (slot,),
         ).fetchone()
@@ -83,13 +86,15 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
                 ).fetchone()[0]
             progress = conn.execute(
                 "SELECT mutations, commit_lsn::text, commit_time, updated_at,"
-                " CASE WHEN %s::bigint > 0 THEN extract(epoch FROM now() - commit_time)::float8 END"
+                " extract(epoch FROM now() - commit_time)::float8"
                 " FROM flux.cdc_progress WHERE slot_name = %s",
-                (status.lag_bytes or 0, slot),
+                (slot,),
             ).fetchone()
             if progress:
                 (status.mutations_recorded, status.last_commit_lsn, status.last_commit_time,
-                 status.last_recorded_at, behind) = progress
+                 status.last_recorded_at, age) = progress
+                status.last_commit_age_seconds = age
+                behind = age if status.lag_bytes else None
                 if status.lag_seconds is None and behind is not None:
                     # No walsender measure (no consumer, or none reported since the WAL it is behind on
                     # was written): the age of the newest recorded commit bounds the lag.
@@ -101,7 +106,11 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
         if has_schema and status.publication is not None:
             status.warnings += capture_gaps(conn, slot, status.publication)
         if not status.slot_exists:
-            status.warnings.append(f"Slot '{slot}' does not exist: nothing is being captured. Run `flux attach`.")
+            elsewhere = conn.execute("SELECT database FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+            status.warnings.append(
+                f"Slot '{slot}' belongs to database {elsewhere[0]}, not {database}: nothing is being captured here (a copy "
+                f"of an attached database?). `flux attach --slot NAME` with a name of this database's own starts capture."
+                if elsewhere else f"Slot '{slot}' does not exist: nothing is being captured. Run `flux attach`.")
         return status
 
 

@@ -72,6 +72,17 @@ def _bytes(n: int | None) -> str:
     return "-" if n is None else human_bytes(n)
 
 
+def _lag(s: CdcStatus) -> str:
+    if s.lag_seconds is None:
+        return _bytes(s.lag_bytes)
+    text = f"{_bytes(s.lag_bytes)} · {'at most ' if s.lag_is_upper_bound else ''}{s.lag_seconds:.1f}s"
+    age = s.last_commit_age_seconds
+    if s.lag_bytes and not s.lag_is_upper_bound and age is not None and age > s.lag_seconds + 1:
+        # Catching up, the server's seconds count from when it decoded the WAL: say how old the data is.
+        text += f" (server's measure; the newest recorded commit is {age:.0f}s old)"
+    return text
+
+
 def render_status(s: CdcStatus) -> None:
     console.print(f"[bold]CDC[/]  slot [cyan]{s.slot}[/] on database [cyan]{s.database}[/]")
     if not s.consumer_running:
@@ -86,8 +97,7 @@ def render_status(s: CdcStatus) -> None:
         ("publication", f"{s.publication} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})" if s.publication else "-"),
         ("confirmed LSN", s.confirmed_lsn or "-"),
         ("server LSN", s.current_lsn or "-"),
-        ("lag", _bytes(s.lag_bytes) if s.lag_seconds is None
-         else f"{_bytes(s.lag_bytes)} · {'at most ' if s.lag_is_upper_bound else ''}{s.lag_seconds:.1f}s"),
+        ("lag", _lag(s)),
         ("retained WAL", f"{_bytes(s.retained_wal_bytes)}" + (f" ({s.wal_status})" if s.wal_status else "")),
         ("mutations", f"{s.mutations_recorded:,}"),
         ("last commit", f"{s.last_commit_time:%Y-%m-%d %H:%M:%S} UTC at {s.last_commit_lsn}" if s.last_commit_time else "-"),

@@ -8,7 +8,10 @@ import pytest
 from flux.cdc.attach import NO_TRIGGER_WARNING, PARTITION_TRUNCATE_WARNING, attach, detach
 from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.publication import captured_tables, published_schemas
-from flux.errors import ConfigError, NotFoundError, PreflightError
+from flux.cdc.engine import Engine, EngineConfig
+from flux.cdc.status import cdc_status
+from flux.errors import ConfigError, NotFoundError, PreflightError, StreamError
+from flux.store.schema import ensure_schema
 from tests.support import table_owner_role
 
 
@@ -201,3 +204,51 @@ def test_narrowing_all_tables_to_a_list_restores_the_identity_of_the_tables_left
     attach(dsn, tables=["a"])
     assert identities(conn, "a", "b") == {"a": "f", "b": "d"}
     assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+
+
+@pytest.fixture
+def copy_of_attached(dsn, conn):
+    """A second database holding an attachment's rows whose slot belongs to the first, as a copy made
+    with CREATE DATABASE ... TEMPLATE holds them; yields its DSN."""
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    attach(dsn, tables=["users"])
+    conn.execute("CREATE DATABASE attached_copy")
+    copy_dsn = dsn.rsplit("/", 1)[0] + "/attached_copy"
+    try:
+        with psycopg.connect(copy_dsn, autocommit=True) as copy:
+            ensure_schema(copy)
+            copy.execute("INSERT INTO flux.attachments (slot_name, publication_name, all_tables) VALUES ('flux', 'flux', false)")
+        yield copy_dsn
+    finally:
+        conn.execute("DROP DATABASE attached_copy")
+
+
+def test_detach_in_a_copy_leaves_the_original_databases_slot(conn, copy_of_attached):
+    result = detach(copy_of_attached)
+    assert conn.execute("SELECT database FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone() == (conn.info.dbname,)
+    assert not any("slot" in dropped for dropped in result.dropped)
+    assert [w for w in result.warnings if f"belongs to database {conn.info.dbname}" in w]
+
+
+def test_status_in_a_copy_says_the_slot_is_another_databases(conn, copy_of_attached):
+    status = cdc_status(copy_of_attached)
+    assert status.slot_exists is False
+    assert [w for w in status.warnings if f"Slot 'flux' belongs to database {conn.info.dbname}, not attached_copy" in w]
+
+
+def test_attach_creating_a_slot_forgets_progress_recorded_for_an_earlier_one(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    attach(dsn, tables=["users"])
+    conn.execute("INSERT INTO flux.cdc_progress (slot_name, commit_lsn, end_lsn) VALUES ('flux', 'FF/0', 'FF/10')")
+    conn.execute("SELECT pg_drop_replication_slot('flux')")  # as on a server the database was restored to
+    attach(dsn, tables=["users"])
+    assert conn.execute("SELECT count(*) FROM flux.cdc_progress WHERE slot_name = 'flux'").fetchone() == (0,)
+
+
+def test_the_engine_refuses_progress_ahead_of_the_servers_wal(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    attach(dsn, tables=["users"])
+    conn.execute("INSERT INTO flux.cdc_progress (slot_name, commit_lsn, end_lsn) VALUES ('flux', 'FF/0', 'FF/10')")
+    with pytest.raises(StreamError) as caught:
+        Engine(EngineConfig(dsn=dsn)).run(install_signal_handlers=False)
+    assert "ahead of this server's WAL" in str(caught.value) and "flux detach --slot flux" in caught.value.hint

@@ -795,3 +795,41 @@ def test_copy_text_fast_path_stores_exactly_what_write_row_stores(dsn, conn):
     query = f"SELECT {columns} FROM {{}} ORDER BY seq"
     fast, reference = (conn.execute(query.format(table)).fetchall() for table in ("fast", "reference"))
     assert len(fast) == 2000 and fast == reference
+
+
+def test_synchronous_standby_names_star_makes_commits_wait_for_the_engine_but_never_deadlocks_it(tmp_path_factory):
+    """With '*', PostgreSQL counts the engine's walsender as a synchronous standby: a commit waits
+    until the engine acknowledges it, which it does only after its own sink commit. That commit
+    must not wait for a standby in turn (it waited for itself, and every commit hung)."""
+    from flux.cdc.status import cdc_status
+    from tests.conftest import TEST_SETTINGS
+
+    state = tmp_path_factory.mktemp("sync_standby")
+    state.chmod(0o755)
+    cluster = Cluster(state_dir=state, settings=TEST_SETTINGS)
+    info = cluster.start()
+    try:
+        with psycopg.connect(info.dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+            attach(info.dsn, tables=["users"])
+            running = start_engine(info.dsn)
+            try:
+                conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+                conn.execute("SELECT pg_reload_conf()")
+                deadline = time.monotonic() + 20
+                while conn.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone()[0] == 0:
+                    assert time.monotonic() < deadline, "the engine never became a synchronous standby"
+                    time.sleep(0.1)
+                conn.execute("SET statement_timeout = '15s'")  # a hung commit gives up waiting after it, with a warning
+                started = time.monotonic()
+                conn.execute("INSERT INTO users VALUES (1)")
+                assert time.monotonic() - started < 10
+                running.caught_up()
+                assert [m["new"] for m in mutations(info.dsn, "users")] == [{"id": 1}]
+                assert [w for w in cdc_status(info.dsn).warnings if "as a synchronous standby" in w]
+            finally:
+                conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+                conn.execute("SELECT pg_reload_conf()")
+                running.stop()
+    finally:
+        cluster.destroy()

@@ -149,3 +149,29 @@ def test_a_failed_pipelined_commit_is_raised_and_never_reported_done(dsn, blocke
     finally:
         sink.close()
     assert recorded(dsn) == []
+
+
+def test_progress_never_moves_back_when_a_stalled_engine_commits_late(dsn):
+    ahead, late = PostgresSink(dsn=dsn), PostgresSink(dsn=dsn)
+    try:
+        ahead.load_progress("s")
+        ahead.commit(progress(0x200), mutations=0)
+        late.commit(progress(0x100), mutations=0)  # the stalled one wakes up
+        assert PostgresSink(dsn=dsn).load_progress("s") == progress(0x200)
+    finally:
+        ahead.close()
+        late.close()
+
+
+def test_changes_another_engine_recorded_meanwhile_are_a_retryable_error_that_says_so(dsn):
+    first, second = PostgresSink(dsn=dsn), PostgresSink(dsn=dsn)
+    try:
+        first.write([row("0/10", 0)])
+        first.commit(progress(0x10), mutations=1)
+        second.write([row("0/10", 0)])
+        with pytest.raises(ConnectionLostError) as caught:
+            second.commit(progress(0x10), mutations=1)
+        assert caught.value.retryable and "another engine consumed this slot" in str(caught.value)
+    finally:
+        first.close()
+        second.close()

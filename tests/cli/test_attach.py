@@ -279,7 +279,7 @@ def test_status_of_running_engine_reports_consumer_mutations_and_no_lag(dsn, con
     assert data["walsender_pid"] == conn.execute(
         "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] != os.getpid()
     assert f"running (pid {os.getpid()} on {socket.gethostname()})" in invoke("cdc", "status", "--database", dsn).stdout
-    assert data["mutations_recorded"] == 10
+    assert data["mutations_recorded"] == 10 and 0 <= data["last_commit_age_seconds"] < 60
     assert data["last_commit_lsn"] and data["lag_bytes"] is not None
     assert not any("no consumer" in w for w in data["warnings"])
 
@@ -358,3 +358,14 @@ def test_tables_are_split_on_commas_outside_quoted_names(dsn, conn):
     result = invoke("attach", "--database", dsn, "--tables", '"sp ace"."Tä.b,le", plain', "--json")
     assert result.exit_code == 0, result.output
     assert sorted(json.loads(result.stdout)["tables"]) == ["public.plain", "sp ace.Tä.b,le"]
+
+
+def test_status_text_says_how_old_the_newest_commit_is_when_the_servers_seconds_read_low():
+    from flux.cdc.status import CdcStatus
+    from flux.cli.cdc import _lag
+
+    catching_up = CdcStatus(slot="flux", database="app", slot_exists=True, lag_bytes=400_000_000, lag_seconds=2.2,
+                            last_commit_age_seconds=56.0)
+    assert _lag(catching_up).endswith(" · 2.2s (server's measure; the newest recorded commit is 56s old)")
+    idle = CdcStatus(slot="flux", database="app", slot_exists=True, lag_bytes=0, lag_seconds=0.0, last_commit_age_seconds=3600.0)
+    assert _lag(idle).endswith(" · 0.0s")

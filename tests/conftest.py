@@ -100,3 +100,12 @@ def capture(dsn: str) -> Iterator[Callable[..., RunningEngine]]:
     for engine in running:
         engine.engine.stop()
         engine.thread.join(timeout=30)
+
+
+@pytest.fixture
+def seeded(conn: psycopg.Connection) -> psycopg.Connection:
+    """A fresh database holding the trace and mutation-log rows of `tests.traces_seed`."""
+    from tests.traces_seed import seed
+
+    seed(conn)
+    return conn

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -10,6 +9,7 @@ import psycopg
 
 from flux.cdc.attach import connect, slot_warnings
 from flux.cdc.publication import SYSTEM_SCHEMAS
+from flux.cdc.stream import consumer_of
 from flux.errors import NotFoundError
 
 
@@ -43,9 +43,6 @@ class CdcStatus:
     warnings: list[str] = field(default_factory=list)
 
 
-_CONSUMER = re.compile(r"flux-cdc (\d+)@(.*)")  # flux.cdc.stream.consumer_name
-
-
 def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
     with connect(dsn) as conn:
         database, current = conn.execute("SELECT current_database(), pg_current_wal_lsn()::text").fetchone()
@@ -73,9 +70,9 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
             (status.active, status.walsender_pid, status.confirmed_lsn, status.lag_bytes,
              status.retained_wal_bytes, status.wal_status, flush_lag, status.consumer_application) = row
             status.consumer_running = bool(status.active)
-            named = _CONSUMER.fullmatch(status.consumer_application or "")
+            named = consumer_of(status.consumer_application)
             if status.consumer_running and named:
-                status.consumer_pid, status.consumer_host = int(named[1]), named[2]
+                status.consumer_pid, status.consumer_host = named
             status.lag_seconds = flush_lag
         if has_schema:
             attached = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import select
 import os
+import re
 import socket
 import time
 
@@ -32,6 +33,15 @@ def consumer_name() -> str:
     """The replication connection's application_name: who holds the slot, for `flux cdc status`
     (the server knows only its own walsender's pid). PostgreSQL keeps 63 bytes of it."""
     return f"flux-cdc {os.getpid()}@{socket.gethostname()}"[:63]
+
+
+_CONSUMER_NAME = re.compile(r"flux-cdc (\d+)@(.*)")
+
+
+def consumer_of(application_name: str | None) -> tuple[int, str] | None:
+    """The pid and host a `consumer_name` names; None for any other application_name."""
+    named = _CONSUMER_NAME.fullmatch(application_name or "")
+    return (int(named[1]), named[2]) if named else None
 
 
 def quote_ident(name: str) -> str:

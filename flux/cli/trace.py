@@ -20,7 +20,6 @@ from rich.markup import escape
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, print_json
 from flux.cli.state import history_command, shell_word
-from flux.errors import ConfigError
 from flux.project import parse_duration
 from flux.store import traces
 from flux.store.queries import format_table, key_text

@@ -85,26 +85,27 @@ def prune(
         result = PruneResult(cutoff=cutoff, dry_run=dry_run, traces=None, mutations=None, seconds=0.0)
         batches = _Batches(conn, batch_rows, progress, stop or threading.Event())
         if traces:
-            result.traces = _prune_traces(conn, cutoff, dry_run, batches)
+            result.traces = _prune_traces(cutoff, dry_run, batches)
         if mutations:
-            result.mutations = _prune_mutations(conn, cutoff, dry_run, batches)
+            result.mutations = _prune_mutations(cutoff, dry_run, batches)
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     result.seconds = round(time.monotonic() - started, 3)
     return result
 
 
-def _prune_traces(conn: psycopg.Connection, cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
+def _prune_traces(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     count = "SELECT count(*) FROM flux.trace_requests WHERE started_at < %s"
     if dry_run:
-        return conn.execute(count, (cutoff,)).fetchone()[0]
+        return batches.conn.execute(count, (cutoff,)).fetchone()[0]
     return batches.delete("traces", count, """
         DELETE FROM flux.trace_requests WHERE id IN (
             SELECT id FROM flux.trace_requests WHERE started_at < %s ORDER BY started_at LIMIT %s)
         """, cutoff)
 
 
-def _prune_mutations(conn: psycopg.Connection, cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
+def _prune_mutations(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
+    conn = batches.conn
     cut = first_lsn_at_or_after(conn, cutoff)
     if cut is None:  # every recorded mutation is older than the cutoff
         cut = conn.execute("SELECT (max(commit_lsn) + 1::numeric)::text FROM flux.state_mutations").fetchone()[0]

@@ -30,7 +30,6 @@ from flux.store.schema import SCHEMA_VERSION, schema_version
 
 MIN_PREFIX = 4
 MAX_CANDIDATES = queries.MAX_CANDIDATES
-MAX_SINCE = MAX_DURATION
 STATUS_FILTERS = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # or an exact code such as "500"
 _NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")  # \u0000 not itself escaped (\\u0000 is text)
 
@@ -303,8 +302,8 @@ def list_traces(
     """Recent requests, newest first. `status`: "2xx" / "4xx" / "5xx" / ..., "500", or "error" (4xx, 5xx or
     an error recorded); `since`: started within that long before the database's now()."""
     queries.check_limit(limit)
-    if since is not None and not timedelta(0) <= since <= MAX_SINCE:
-        raise ConfigError("--since is out of range", hint=f"Give a window from 0 to {MAX_SINCE.days} days.")
+    if since is not None and not timedelta(0) <= since <= MAX_DURATION:
+        raise ConfigError("--since is out of range", hint=f"Give a window from 0 to {MAX_DURATION.days} days.")
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit}
     if status is not None:

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from datetime import timedelta
 
-import psycopg
 import pytest
 from typer.testing import CliRunner
 
@@ -27,12 +26,6 @@ from tests.traces_seed import (
     span,
     trace,
 )
-
-
-@pytest.fixture
-def seeded(conn: psycopg.Connection) -> psycopg.Connection:
-    seed(conn)
-    return conn
 
 
 def invoke(dsn: str, *args: str):

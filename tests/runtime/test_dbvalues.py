@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,25 +15,32 @@ from flux.runtime.host import DbSession, HostCallError
 CONTEXT = {"request_id": "r1", "tenant": "default", "function": "w"}
 
 
-def query(dsn: str, sql: str, params: list[Any] | None = None) -> dict[str, Any]:
-    """The first row `sql` returns through a request's session; a refusal or a failure as its HostCallError info."""
-    out: list[Any] = []
+def in_session(dsn: str, work: Callable[[DbSession], Awaitable[Any]]) -> Any:
+    """What `work` returns from a request's session of its own, on a pool of one connection."""
 
-    async def main() -> None:
+    async def main() -> Any:
         pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
         await pool.open(wait=True)
         try:
-            session = DbSession(pool, CONTEXT)
-            try:
-                out.append((await session.query(sql, params or []))["rows"][0])
-            except HostCallError as exc:
-                out.append({"error": exc.info})
-            await session.finish(commit=False)
+            return await work(DbSession(pool, CONTEXT))
         finally:
             await pool.close()
 
-    asyncio.run(main())
-    return out[0]
+    return asyncio.run(main())
+
+
+def query(dsn: str, sql: str, params: list[Any] | None = None) -> dict[str, Any]:
+    """The first row `sql` returns through a request's session; a refusal or a failure as its HostCallError info."""
+
+    async def first_row(session: DbSession) -> dict[str, Any]:
+        try:
+            row = (await session.query(sql, params or []))["rows"][0]
+        except HostCallError as exc:
+            row = {"error": exc.info}
+        await session.finish(commit=False)
+        return row
+
+    return in_session(dsn, first_row)
 
 
 def test_timetz_is_iso_8601_text_with_its_offset(dsn):
@@ -102,23 +110,16 @@ def test_a_type_lookup_that_fails_leaves_the_transaction_going(dsn, conn):
     conn.execute(f"CREATE ROLE {role} NOLOGIN")
     conn.execute(f"GRANT INSERT ON notes TO {role}")
     conn.execute("REVOKE SELECT ON pg_catalog.pg_type FROM PUBLIC")  # in this test's database only
-    out: list[Any] = []
 
-    async def main() -> None:
-        pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
-        await pool.open(wait=True)
-        try:
-            session = DbSession(pool, CONTEXT)
-            await session.query(f"SET ROLE {role}", [])
-            out.append((await session.query("SELECT '{sad,ok}'::mood[] AS m", []))["rows"][0])
-            await session.query("INSERT INTO notes VALUES ('kept')", [])
-            await session.finish(commit=True)
-            out.append(session.outcome)
-        finally:
-            await pool.close()
+    async def as_role(session: DbSession) -> list[Any]:
+        await session.query(f"SET ROLE {role}", [])
+        row = (await session.query("SELECT '{sad,ok}'::mood[] AS m", []))["rows"][0]
+        await session.query("INSERT INTO notes VALUES ('kept')", [])
+        await session.finish(commit=True)
+        return [row, session.outcome]
 
     try:
-        asyncio.run(main())
+        out = in_session(dsn, as_role)
     finally:
         conn.execute(f"DROP OWNED BY {role}")
         conn.execute(f"DROP ROLE {role}")

@@ -19,13 +19,7 @@ from flux.store.traces import (
     insert_traces,
     list_traces,
 )
-from tests.traces_seed import FAIL, NO_TRACE, NOW, OK, OK2, fail_trace, mutation, seed, trace
-
-
-@pytest.fixture
-def seeded(conn: psycopg.Connection) -> psycopg.Connection:
-    seed(conn)
-    return conn
+from tests.traces_seed import FAIL, NO_TRACE, NOW, OK, OK2, fail_trace, mutation, trace
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import psycopg
 import pytest
 
 from flux.errors import ConfigError
@@ -22,16 +21,9 @@ from tests.traces_seed import (
     nested_spans,
     retry_spans,
     returned_spans,
-    seed,
     span,
     trace,
 )
-
-
-@pytest.fixture
-def seeded(conn: psycopg.Connection) -> psycopg.Connection:
-    seed(conn)
-    return conn
 
 
 # -- mutations -------------------------------------------------------------------------------

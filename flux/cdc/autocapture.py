@@ -12,6 +12,7 @@ Two mechanisms, the first preferred:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -179,6 +180,10 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
     return changed
 
 
+WARN_AGAIN_S = 600.0
+_warned: dict[tuple[str, str], float] = {}  # (what, why) -> when it was last logged as a warning
+
+
 def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callable[[], object]) -> None:
     """One reconcile step in its own transaction: a table dropped meanwhile, or not ours, is
     logged and retried next round rather than stopping the engine."""
@@ -191,7 +196,13 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             why += (" (to capture it, the engine's role must own it and the publication, as a member of the role that "
                     "ran `flux attach` does; otherwise run `flux attach` again, as that role, after creating tables)")
-        log.warning("cannot capture %s yet: %s", what, why)
+        # Retried every pass (about 10 s); said again only every WARN_AGAIN_S, not with each retry.
+        now = time.monotonic()
+        if now - _warned.get((what, why), -WARN_AGAIN_S) >= WARN_AGAIN_S:
+            _warned[(what, why)] = now
+            log.warning("cannot capture %s yet: %s", what, why)
+        else:
+            log.debug("cannot capture %s yet: %s", what, why)
 
 
 def reconcile_new_tables(dsn: str, *, slot: str) -> list[str]:

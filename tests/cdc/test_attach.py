@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
 
@@ -296,3 +298,22 @@ def test_attach_without_create_names_the_database_in_its_grant(dsn, conn):
     finally:
         conn.execute("DROP ROLE attach_nocreate")
     assert raised.value.hint == f'As the database owner run: GRANT CREATE ON DATABASE "{conn.info.dbname}" TO "attach_nocreate";'
+
+
+def test_a_table_reconcile_may_not_capture_is_warned_of_once_with_the_fix_not_every_pass(dsn, conn, caplog):
+    table = f"not_ours_{uuid.uuid4().hex[:8]}"  # warnings are remembered per process, by table
+    with table_owner_role(conn, dsn, "app_owner") as app:
+        try:
+            with psycopg.connect(app, autocommit=True) as app_conn:
+                app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+                attach(app, all_tables=True)
+            conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY)")  # the superuser's
+            with caplog.at_level("WARNING", logger="flux.cdc"):
+                for _ in range(3):
+                    assert reconcile_new_tables(app, slot="flux") == []
+        finally:
+            detach(dsn, drop_data=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"cannot capture public.{table} yet: must be owner of table {table}")
+    assert "otherwise run `flux attach` again" in warnings[0]

@@ -285,3 +285,14 @@ def test_at_shutdown_started_functions_finish_and_queued_requests_are_answered_5
     assert len(statuses) == 6 and set(statuses) <= {201, 503}, statuses  # every request recorded
     assert 503 in statuses and statuses.count(201) == created  # a 503 never ran; a 201 committed
     assert answered == statuses
+
+
+def test_an_engine_that_stops_in_the_stack_says_so_when_it_stops(dsn, caplog):
+    from flux.errors import NotFoundError
+
+    with caplog.at_level("ERROR", logger="flux"), pytest.raises(NotFoundError):  # not attached: no slot
+        run_stack(dsn=dsn, root=None, host="127.0.0.1", port=0, workers=1, pool_size=1, record=False, reload=False,
+                  engine=True)
+    # Before: nothing until the process stopped, while a gateway served on without capture.
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the CDC engine stopped: ")]
+    assert len(stopped) == 1 and "Replication slot 'flux' does not exist" in stopped[0] and "(hint: Run `flux attach`" in stopped[0]

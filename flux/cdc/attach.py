@@ -242,6 +242,15 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
     with connect(dsn) as conn:
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
         row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+        if not row and drop_data and has_schema and not conn.execute("SELECT 1 FROM flux.attachments").fetchone():
+            # Detached earlier with its data kept: nothing is captured any more, and --drop-data drops that data.
+            try:
+                conn.execute("DROP SCHEMA flux CASCADE")
+            except psycopg.Error as exc:
+                raise from_psycopg(exc, "Could not drop the flux schema",
+                                   hint="Run it as the role that ran `flux attach` (it owns the flux schema).") from exc
+            return DetachResult(slot=slot, publication=publication or "", dropped=["schema flux (all recorded data)"],
+                                data_dropped=True)
         if not row:  # never drop a slot or a publication Flux did not make
             raise NotFoundError(
                 f"No Flux attachment uses slot {slot} in this database",

@@ -39,7 +39,8 @@ MIN_SERVER_VERSION = 140000
 RETAINED_WAL_WARNING_BYTES = 1 << 30
 NO_TRIGGER_WARNING = (
     "Not a superuser, so no event trigger: the running engine captures tables created later within "
-    "about 10 s, and writes to such a table before then are not captured."
+    "about 10 s if its role owns them and the publication (this role, or a member of it; otherwise run "
+    "`flux attach` again after creating tables), and writes to such a table before then are not captured."
 )
 
 
@@ -108,10 +109,11 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
             hint=f'As a superuser run: ALTER ROLE "{user}" WITH REPLICATION;',
             role=user,
         )
-    if not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
+    may_create, database = conn.execute("SELECT has_database_privilege(current_database(), 'CREATE'), current_database()").fetchone()
+    if not may_create:
         raise PreflightError(
             f"Role '{user}' may not create schemas or publications in this database",
-            hint=f'As the database owner run: GRANT CREATE ON DATABASE "<db>" TO "{user}";',
+            hint=f'As the database owner run: GRANT CREATE ON DATABASE "{database}" TO "{user}";',
             role=user,
         )
     exists = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
@@ -240,6 +242,15 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
     with connect(dsn) as conn:
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
         row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+        if not row and drop_data and has_schema and not conn.execute("SELECT 1 FROM flux.attachments").fetchone():
+            # Detached earlier with its data kept: nothing is captured any more, and --drop-data drops that data.
+            try:
+                conn.execute("DROP SCHEMA flux CASCADE")
+            except psycopg.Error as exc:
+                raise from_psycopg(exc, "Could not drop the flux schema",
+                                   hint="Run it as the role that ran `flux attach` (it owns the flux schema).") from exc
+            return DetachResult(slot=slot, publication=publication or "", dropped=["schema flux (all recorded data)"],
+                                data_dropped=True)
         if not row:  # never drop a slot or a publication Flux did not make
             raise NotFoundError(
                 f"No Flux attachment uses slot {slot} in this database",
@@ -267,33 +278,44 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                     hint="Stop `flux cdc run` (or `flux dev`) first, then detach.",
                     slot=slot,
                 )
-            if active:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                result.dropped.append(f"replication slot {slot}")
-            if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone():
-                conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
-                result.dropped.append(f"publication {publication}")
-            if has_schema:
-                for schema, table in conn.execute(
-                    "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
-                ).fetchall():
-                    restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored)
-                conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
-                conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
-                remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]
-                if not remaining and autocapture.drop_event_trigger(conn):
-                    result.dropped.append(f"event trigger {autocapture.EVENT_TRIGGER}")
-                if drop_data:
-                    others = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]
-                    if others:
-                        result.warnings.append(f"Kept the flux schema: {others} other attachment(s) still use it.")
-                    else:
-                        conn.execute("DROP SCHEMA flux CASCADE")
-                        result.data_dropped = True
-                        result.dropped.append("schema flux (all recorded data)")
+            # All or nothing: a role refused one step (it does not own the publication or a table, or
+            # may not replicate) leaves the attachment whole, rather than without its slot.
+            with conn.transaction():
+                if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone():
+                    conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
+                    result.dropped.append(f"publication {publication}")
+                if has_schema:
+                    _forget_attachment(conn, slot, result, drop_data=drop_data)
+                if active:
+                    # Last: dropping a slot is not undone by a rollback, so nothing may fail after it.
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                    result.dropped.insert(0, f"replication slot {slot}")
         except psycopg.Error as exc:
-            raise from_psycopg(exc, "Detach failed", slot=slot) from exc
+            hint = ("Run `flux detach` as the role that ran `flux attach` (it owns the publication, the flux schema and, "
+                    "through its owner, the tables); nothing was changed." if exc.sqlstate == "42501" else None)
+            raise from_psycopg(exc, "Detach failed", hint=hint, slot=slot) from exc
         return result
+
+
+def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult, *, drop_data: bool) -> None:
+    """The flux schema's part of detach: identities restored, the attachment forgotten, its data
+    dropped with `drop_data` when no other attachment uses it."""
+    for schema, table in conn.execute(
+        "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
+    ).fetchall():
+        restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored)
+    conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
+    conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
+    remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]
+    if not remaining and autocapture.drop_event_trigger(conn):
+        result.dropped.append(f"event trigger {autocapture.EVENT_TRIGGER}")
+    if drop_data:
+        if remaining:
+            result.warnings.append(f"Kept the flux schema: {remaining} other attachment(s) still use it.")
+        else:
+            conn.execute("DROP SCHEMA flux CASCADE")
+            result.data_dropped = True
+            result.dropped.append("schema flux (all recorded data)")
 
 
 def slot_warnings(conn: psycopg.Connection, slot: str, *, retained_limit: int = RETAINED_WAL_WARNING_BYTES) -> list[str]:

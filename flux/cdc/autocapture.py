@@ -12,6 +12,7 @@ Two mechanisms, the first preferred:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -130,11 +131,16 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
     # Partitions created or attached later need FULL identity too, whatever the attach mode.
     for schema, name in conn.execute(
         """
-        WITH roots AS MATERIALIZED (  -- filter first: the cast must only see published names
-            SELECT format('%%I.%%I', schemaname, tablename) AS name FROM pg_publication_tables WHERE pubname = %s
+        -- By oid, not by a ::regclass cast of the name: that lookup needs USAGE on the table's
+        -- schema, which an engine role that reads no application table does not have.
+        WITH roots AS MATERIALIZED (
+            SELECT rc.oid FROM pg_publication_tables pt
+            JOIN pg_namespace rn ON rn.nspname = pt.schemaname
+            JOIN pg_class rc ON rc.relnamespace = rn.oid AND rc.relname = pt.tablename
+            WHERE pt.pubname = %s
         )
         SELECT DISTINCT n.nspname, c.relname FROM roots
-        CROSS JOIN LATERAL pg_partition_tree(roots.name::regclass) t
+        CROSS JOIN LATERAL pg_partition_tree(roots.oid) t
         JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE t.level > 0 AND c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
         """,
@@ -174,6 +180,10 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
     return changed
 
 
+WARN_AGAIN_S = 600.0
+_warned: dict[tuple[str, str], float] = {}  # (what, why) -> when it was last logged as a warning
+
+
 def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callable[[], object]) -> None:
     """One reconcile step in its own transaction: a table dropped meanwhile, or not ours, is
     logged and retried next round rather than stopping the engine."""
@@ -182,7 +192,17 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
             action()
         changed.append(what)
     except psycopg.Error as exc:
-        log.warning("cannot capture %s yet: %s", what, str(exc).strip().splitlines()[0])
+        why = str(exc).strip().splitlines()[0]
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            why += (" (to capture it, the engine's role must own it and the publication, as a member of the role that "
+                    "ran `flux attach` does; otherwise run `flux attach` again, as that role, after creating tables)")
+        # Retried every pass (about 10 s); said again only every WARN_AGAIN_S, not with each retry.
+        now = time.monotonic()
+        if now - _warned.get((what, why), -WARN_AGAIN_S) >= WARN_AGAIN_S:
+            _warned[(what, why)] = now
+            log.warning("cannot capture %s yet: %s", what, why)
+        else:
+            log.debug("cannot capture %s yet: %s", what, why)
 
 
 def reconcile_new_tables(dsn: str, *, slot: str) -> list[str]:

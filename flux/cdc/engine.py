@@ -38,7 +38,7 @@ from flux.cdc.pipelined import Durable, PipelinedSink
 from flux.cdc.sink import PostgresCatalog, PostgresSink, Progress
 from flux.cdc.stream import ReplicationStream
 from flux.cdc.wire import Keepalive, format_lsn, parse_frame, xlogdata
-from flux.errors import DecodeError, FluxError, StreamError, from_psycopg
+from flux.errors import ConnectionLostError, DecodeError, FluxError, StreamError, from_psycopg
 
 log = logging.getLogger("flux.cdc")
 
@@ -149,9 +149,12 @@ class _Session:
 
     def open(self) -> None:
         cfg = self.config
+        self.catalog = PostgresCatalog(dsn=cfg.dsn)
+        # Before anything reads or writes: a missing privilege is one line with its GRANT now, not a
+        # stop hours later on the rare statement that needs it.
+        self.catalog.require_engine_role(cfg.slot)
         # Queue at most one batch: a sink slower than the stream holds the engine back, not its memory.
         self.sink = PipelinedSink(PostgresSink(dsn=cfg.dsn), max_queued_rows=cfg.batch_rows)
-        self.catalog = PostgresCatalog(dsn=cfg.dsn)
         self.progress = self.sink.load_progress(cfg.slot)
         start = self.progress.end_lsn if self.progress else 0
         if start > (current := self.catalog.wal_lsn()):
@@ -355,8 +358,14 @@ class _Session:
 
         try:
             added = reconcile_new_tables(self.config.dsn, slot=self.config.slot)
-        except psycopg.Error as exc:  # not every query in there is wrapped; a dropped connection is retried
-            raise from_psycopg(exc, "Could not check for new tables", slot=self.config.slot) from exc
+        except psycopg.Error as exc:  # not every query in there is wrapped
+            error = from_psycopg(exc, "Could not check for new tables", slot=self.config.slot)
+            if isinstance(error, ConnectionLostError):
+                raise error from exc  # retried with the rest of the session
+            # Capturing new tables is a side task: refused (a privilege), it must not stop the capture
+            # of every other table. Tried again next round.
+            log.warning("%s", error)
+            return
         for name in added:
             log.info("now capturing new table %s", name)
 

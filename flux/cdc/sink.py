@@ -23,6 +23,7 @@ from typing import Protocol
 import psycopg
 
 from flux.cdc.assembler import COLUMNS, Backfill, MutationRow
+from flux.cdc.roles import require_engine_role
 from flux.cdc.wire import format_lsn, parse_lsn
 from flux.errors import ConnectionLostError, FluxError, from_psycopg
 from flux.store.schema import ensure_schema
@@ -324,6 +325,13 @@ class PostgresCatalog:
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not read a primary key from the catalog", relation_id=relation_id) from exc
         return tuple(r[0] for r in rows) or None
+
+    def require_engine_role(self, slot: str) -> None:
+        """Refuse a role that could not stream the slot or record what it reads (`flux.cdc.roles`)."""
+        try:
+            require_engine_role(self._conn, slot=slot)
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "Could not read the engine role's privileges", slot=slot) from exc
 
     def attached_publication(self, slot: str) -> str | None:
         """The publication `flux attach` recorded for `slot`, if any."""

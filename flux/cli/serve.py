@@ -46,7 +46,10 @@ def run_stack(
         def target() -> None:
             try:
                 cdc.run(install_signal_handlers=False)
-            except BaseException as exc:  # reported after the gateway stops
+            except BaseException as exc:  # raised again after the gateway stops; said now, since it serves on
+                hint = getattr(exc, "hint", None)
+                log.error("the CDC engine stopped: %s%s. Requests are still served; their row changes wait in the "
+                          "slot until an engine runs again.", exc, f" (hint: {hint})" if hint else "")
                 errors.append(exc)
 
         thread = threading.Thread(target=target, name="flux-engine", daemon=True)
@@ -107,9 +110,9 @@ def serve(
     with reaching(db):
         if attach_all:
             attach(dsn, all_tables=True)
-        elif engine:
+        if engine:
             _require_attached(dsn)
-        ensure_store(dsn)
+        ensure_store(dsn, record=record)
 
     def ready(url: str | None) -> None:
         console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
@@ -121,15 +124,18 @@ def serve(
 def _require_attached(dsn: str) -> None:
     import psycopg
 
+    from flux.cdc.roles import require_engine_role
     from flux.errors import ConfigError, from_psycopg
 
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             slot = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()
+            if slot is None:
+                raise ConfigError(
+                    "Flux is not attached to this database (no replication slot 'flux')",
+                    hint="Run `flux attach --all-tables` (or --tables a,b) first, pass --attach, or use --no-engine.",
+                )
+            # The engine runs in this process with this role: refused now, not after the gateway serves.
+            require_engine_role(conn, slot="flux")
     except psycopg.Error as exc:
         raise from_psycopg(exc, "Could not read the replication slots") from exc
-    if slot is None:
-        raise ConfigError(
-            "Flux is not attached to this database (no replication slot 'flux')",
-            hint="Run `flux attach --all-tables` (or --tables a,b) first, pass --attach, or use --no-engine.",
-        )

@@ -37,7 +37,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 
-from flux.errors import FluxError, NotFoundError
+from flux.errors import FluxError, NotFoundError, from_psycopg
 from flux.gateway.traces import TraceSink
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
@@ -552,10 +552,14 @@ async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
     except FluxError as exc:
         status = 404 if isinstance(exc, NotFoundError) else 400
         return Response(orjson.dumps({"error": exc.message, "hint": exc.hint}), status=status, content_type="application/json")
-    except psycopg.Error as exc:
+    except psycopg.OperationalError as exc:
         log.warning("reading traces for tenant %s failed: %s", tenant.name, exc)
         return Response(orjson.dumps({"error": "reading traces failed: the database did not answer"}), status=503,
                         content_type="application/json")
+    except psycopg.Error as exc:  # it answered, and refused (a privilege the role lacks): not worth a retry
+        log.error("reading traces for tenant %s failed: %s", tenant.name, from_psycopg(exc, "the database refused"))
+        return Response(orjson.dumps({"error": "reading traces failed: the database refused the query (the server's log says why)"}),
+                        status=500, content_type="application/json")
     return Response(orjson.dumps(data, default=str), content_type="application/json")
 
 

@@ -51,14 +51,19 @@ class ServeConfig:
     drain_timeout: float = 10.0
 
 
-def ensure_store(dsn: str) -> None:
+def ensure_store(dsn: str, *, record: bool = True) -> None:
+    """The flux schema, created or upgraded, and the role's privileges on it checked (`flux.cdc.roles`)."""
+    from flux.cdc.roles import require_gateway_role
     from flux.store.schema import ensure_schema
 
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
+            require_gateway_role(conn, record=record)
             ensure_schema(conn)
     except psycopg.Error as exc:
-        raise from_psycopg(exc, "Could not prepare the flux schema", hint="Check --database / FLUX_DATABASE_URL.") from exc
+        hint = ("`flux attach` creates and upgrades the flux schema: run it (again, after upgrading Flux) as the role that "
+                "attached, then start this." if exc.sqlstate == "42501" else "Check --database / FLUX_DATABASE_URL.")
+        raise from_psycopg(exc, "Could not prepare the flux schema", hint=hint) from exc
 
 
 def trace_reader(dsn: str) -> Callable[[str, str | None, dict[str, str]], Awaitable[Any]]:
@@ -159,7 +164,7 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
 
 
 async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None) -> None:
-    ensure_store(config.dsn)
+    ensure_store(config.dsn, record=config.record)
     project = load_project(config.root)
     gateway, stop = await build(config, project)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
 
@@ -10,7 +12,7 @@ from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.publication import captured_tables, published_schemas
 from flux.cdc.engine import Engine, EngineConfig
 from flux.cdc.status import cdc_status
-from flux.errors import ConfigError, NotFoundError, PreflightError, StreamError
+from flux.errors import ConfigError, DatabaseError, NotFoundError, PreflightError, StreamError
 from flux.store.schema import ensure_schema
 from tests.support import table_owner_role
 
@@ -252,3 +254,66 @@ def test_the_engine_refuses_progress_ahead_of_the_servers_wal(dsn, conn):
     with pytest.raises(StreamError) as caught:
         Engine(EngineConfig(dsn=dsn)).run(install_signal_handlers=False)
     assert "ahead of this server's WAL" in str(caught.value) and "flux detach --slot flux" in caught.value.hint
+
+
+def test_detach_as_a_role_refused_one_step_changes_nothing(dsn, conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    conn.execute("CREATE ROLE detach_repl LOGIN REPLICATION")
+    try:
+        conn.execute("GRANT USAGE ON SCHEMA flux TO detach_repl; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO detach_repl")
+        with pytest.raises(DatabaseError) as raised:  # not the publication's owner
+            detach(dsn.replace("postgres@", "detach_repl@"))
+    finally:
+        conn.execute("DROP OWNED BY detach_repl")
+        conn.execute("DROP ROLE detach_repl")
+    # Before: the slot was dropped first, and the attachment left without it.
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone() == (1,)
+    assert conn.execute("SELECT count(*) FROM pg_publication WHERE pubname = 'flux'").fetchone() == (1,)
+    assert identities(conn, "t") == {"t": "f"}
+    assert "must be owner of publication flux" in raised.value.message and "nothing was changed" in raised.value.hint
+    assert detach(dsn).restored == [{"table": "public.t", "restored": "DEFAULT"}]
+
+
+def test_reconcile_as_a_role_without_usage_on_the_captured_schemas_does_not_fail(dsn, conn):
+    conn.execute("CREATE SCHEMA shop")
+    conn.execute("CREATE TABLE shop.m (id int, t date, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
+    attach(dsn, tables=["shop.m"])
+    conn.execute("CREATE ROLE engine_only_flux LOGIN REPLICATION")
+    try:
+        conn.execute("GRANT USAGE ON SCHEMA flux TO engine_only_flux; GRANT SELECT ON flux.attachments TO engine_only_flux")
+        # Before: the names of captured tables were cast to regclass, which needs USAGE on their
+        # schema, and the engine stopped at its first idle check for new tables.
+        assert reconcile_new_tables(dsn.replace("postgres@", "engine_only_flux@"), slot="flux") == []
+    finally:
+        conn.execute("DROP OWNED BY engine_only_flux")
+        conn.execute("DROP ROLE engine_only_flux")
+
+
+def test_attach_without_create_names_the_database_in_its_grant(dsn, conn):
+    conn.execute("CREATE ROLE attach_nocreate LOGIN REPLICATION")
+    try:
+        with pytest.raises(PreflightError) as raised:
+            attach(dsn.replace("postgres@", "attach_nocreate@"), all_tables=True)
+    finally:
+        conn.execute("DROP ROLE attach_nocreate")
+    assert raised.value.hint == f'As the database owner run: GRANT CREATE ON DATABASE "{conn.info.dbname}" TO "attach_nocreate";'
+
+
+def test_a_table_reconcile_may_not_capture_is_warned_of_once_with_the_fix_not_every_pass(dsn, conn, caplog):
+    table = f"not_ours_{uuid.uuid4().hex[:8]}"  # warnings are remembered per process, by table
+    with table_owner_role(conn, dsn, "app_owner") as app:
+        try:
+            with psycopg.connect(app, autocommit=True) as app_conn:
+                app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+                attach(app, all_tables=True)
+            conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY)")  # the superuser's
+            with caplog.at_level("WARNING", logger="flux.cdc"):
+                for _ in range(3):
+                    assert reconcile_new_tables(app, slot="flux") == []
+        finally:
+            detach(dsn, drop_data=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"cannot capture public.{table} yet: must be owner of table {table}")
+    assert "otherwise run `flux attach` again" in warnings[0]

@@ -256,6 +256,17 @@ def test_detach_with_drop_data_removes_the_flux_schema(dsn, conn):
     assert conn.execute("SELECT to_regnamespace('flux')").fetchone()[0] is None
 
 
+def test_detach_with_drop_data_after_a_detach_that_kept_the_data_drops_it(dsn, conn):
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    assert invoke("detach", "--database", dsn).exit_code == 0
+    # Before: "No Flux attachment uses slot flux", and the data could only go by hand.
+    result = invoke("detach", "--database", dsn, "--drop-data")
+    assert result.exit_code == 0 and "- schema flux (all recorded data)" in result.stdout
+    assert conn.execute("SELECT to_regnamespace('flux')").fetchone()[0] is None
+    assert run_flux("detach", "--database", dsn, "--drop-data").returncode == 3  # nothing left
+
+
 def test_status_reports_inactive_slot_with_warning(dsn, conn):
     conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
     invoke("attach", "--database", dsn, "--tables", "users")

@@ -95,6 +95,26 @@ def test_serve_refuses_a_database_flux_is_not_attached_to(tmp_path, dsn):
     assert "not attached" in result.stderr and "flux attach" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_with_its_engine_refuses_a_role_that_may_not_replicate_before_it_serves(tmp_path, dsn, conn):
+    write_project(tmp_path, {"hello": HELLO})
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    subprocess.run([sys.executable, "-m", "flux", "attach", "--database", dsn, "--tables", "t"], check=True, capture_output=True)
+    conn.execute("CREATE ROLE serve_norepl LOGIN")
+    try:
+        conn.execute("GRANT USAGE ON SCHEMA flux TO serve_norepl;"
+                     " GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA flux TO serve_norepl")
+        # Before: it served, and its engine retried the walsender's refusal forever.
+        result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn.replace("postgres@", "serve_norepl@"),
+                                 "--port", str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    finally:
+        conn.execute("DROP OWNED BY serve_norepl")
+        conn.execute("DROP ROLE serve_norepl")
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: Role 'serve_norepl' may not use replication, which the engine needs to read the slot (role=serve_norepl, slot=flux)",
+        'hint: As a superuser run: ALTER ROLE "serve_norepl" WITH REPLICATION;']
+
+
 def test_serve_on_a_port_in_use_says_so_before_attaching(tmp_path, dsn, conn, taken_port):
     write_project(tmp_path, {"hello": HELLO})
     result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--attach", "--port", str(taken_port)],
@@ -265,3 +285,14 @@ def test_at_shutdown_started_functions_finish_and_queued_requests_are_answered_5
     assert len(statuses) == 6 and set(statuses) <= {201, 503}, statuses  # every request recorded
     assert 503 in statuses and statuses.count(201) == created  # a 503 never ran; a 201 committed
     assert answered == statuses
+
+
+def test_an_engine_that_stops_in_the_stack_says_so_when_it_stops(dsn, caplog):
+    from flux.errors import NotFoundError
+
+    with caplog.at_level("ERROR", logger="flux"), pytest.raises(NotFoundError):  # not attached: no slot
+        run_stack(dsn=dsn, root=None, host="127.0.0.1", port=0, workers=1, pool_size=1, record=False, reload=False,
+                  engine=True)
+    # Before: nothing until the process stopped, while a gateway served on without capture.
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the CDC engine stopped: ")]
+    assert len(stopped) == 1 and "Replication slot 'flux' does not exist" in stopped[0] and "(hint: Run `flux attach`" in stopped[0]

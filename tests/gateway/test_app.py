@@ -836,3 +836,25 @@ def test_a_function_sees_no_api_key_in_any_header(tmp_path, dsn, conn, users):
     assert status == 200 and stored(conn, headers["x-flux-request-id"])["tenant"] == "acme"
     assert "key-" not in body.decode()
     assert leaks(conn, headers["x-flux-request-id"], "key-acme", "key-globex") == []
+
+
+def test_reading_traces_a_role_may_not_read_is_a_refusal_not_an_unanswering_database(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"})
+    conn.execute("CREATE ROLE trace_unreader LOGIN")
+    conn.execute("GRANT USAGE ON SCHEMA flux TO trace_unreader")
+
+    async def scenario():
+        from flux.gateway.server import trace_reader
+
+        async with running_gateway(tmp_path, dsn) as (gateway, client):
+            gateway.trace_reader = trace_reader(dsn.replace("postgres@", "trace_unreader@"))
+            answer = await client.get("/_flux/requests")
+            return answer.status_code, await answer.get_json()
+
+    try:
+        status, body = run(scenario())
+    finally:
+        conn.execute("DROP OWNED BY trace_unreader")
+        conn.execute("DROP ROLE trace_unreader")
+    # Before: 503 "the database did not answer", for a permission denied.
+    assert (status, body) == (500, {"error": "reading traces failed: the database refused the query (the server's log says why)"})

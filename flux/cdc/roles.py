@@ -1,0 +1,81 @@
+"""What the engine's and the gateway's roles need, checked before they start, with the fix.
+
+A team may run `flux attach`, `flux cdc run` and the gateway (`flux serve --no-engine`) as three
+roles (README, "Least privilege"). The attaching role is checked by `attach.check_server`; this
+module checks the other two, once, at start: a privilege found missing only when a rare path
+first needs it (a context message after 500 rows, which updates rows already written) would
+stop the engine hours later. It does not check privileges on the application's tables: the
+engine reads none, and what a function may do is the project's business.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from flux.errors import PreflightError
+from flux.store.schema import SCHEMA
+
+# Table of the flux schema -> privileges. SELECT where a statement reads the table too: an
+# UPDATE's WHERE, an INSERT's ON CONFLICT, the engine's FOR SHARE read of its progress.
+ENGINE_TABLES: dict[str, tuple[str, ...]] = {
+    "meta": ("SELECT",),
+    "attachments": ("SELECT",),
+    "cdc_progress": ("SELECT", "INSERT", "UPDATE"),
+    "state_mutations": ("SELECT", "INSERT", "UPDATE"),
+}
+GATEWAY_TABLES: dict[str, tuple[str, ...]] = {
+    "meta": ("SELECT",),
+    "trace_requests": ("SELECT", "INSERT"),  # INSERT ... ON CONFLICT, and GET /_flux/requests
+}
+
+
+def missing_grants(conn: psycopg.Connection, needs: dict[str, tuple[str, ...]]) -> list[str]:
+    """The GRANT statements the current role lacks for `needs`; none when there is no flux schema
+    yet (whoever creates it owns it). Looked up by oid: a name lookup would itself need USAGE."""
+    role = conn.execute("SELECT current_user").fetchone()[0]
+    quoted = '"' + role.replace('"', '""') + '"'
+    usage = conn.execute("SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = %s", (SCHEMA,)).fetchone()
+    if usage is None:
+        return []
+    grants = [] if usage[0] else [f"GRANT USAGE ON SCHEMA {SCHEMA} TO {quoted};"]
+    by_privileges: dict[tuple[str, ...], list[str]] = {}
+    for table, privileges in needs.items():
+        row = conn.execute(
+            "SELECT array(SELECT p FROM unnest(%s::text[]) p WHERE NOT has_table_privilege(c.oid, p))"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (list(privileges), SCHEMA, table),
+        ).fetchone()
+        if row is not None and row[0]:  # a table an older schema lacks comes with its upgrade
+            by_privileges.setdefault(tuple(row[0]), []).append(f"{SCHEMA}.{table}")
+    for privileges, tables in by_privileges.items():
+        grants.append(f"GRANT {', '.join(privileges)} ON {', '.join(tables)} TO {quoted};")
+    return grants
+
+
+def require_engine_role(conn: psycopg.Connection, *, slot: str) -> None:
+    """Raise PreflightError unless the current role may stream the slot and write what it records."""
+    role, can_replicate = conn.execute(
+        "SELECT current_user, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if not can_replicate:
+        raise PreflightError(
+            f"Role '{role}' may not use replication, which the engine needs to read the slot",
+            hint=f'As a superuser run: ALTER ROLE "{role}" WITH REPLICATION;', role=role, slot=slot,
+        )
+    grants = missing_grants(conn, ENGINE_TABLES)
+    if grants:
+        raise PreflightError(
+            f"Role '{role}' lacks privileges the engine needs on the flux schema",
+            hint="As the role that ran `flux attach` (it owns the flux schema) run: " + " ".join(grants), role=role, slot=slot,
+        )
+
+
+def require_gateway_role(conn: psycopg.Connection, *, record: bool) -> None:
+    """Raise PreflightError unless the current role may write and read traces (with `record`)."""
+    grants = missing_grants(conn, GATEWAY_TABLES if record else {"meta": GATEWAY_TABLES["meta"]})
+    if grants:
+        role = conn.execute("SELECT current_user").fetchone()[0]
+        raise PreflightError(
+            f"Role '{role}' lacks privileges the gateway needs on the flux schema to record requests",
+            hint="As the role that ran `flux attach` (it owns the flux schema) run: " + " ".join(grants), role=role,
+        )

@@ -14,14 +14,17 @@ replay tape and the response. The executor does not write traces, and redacts on
 summarises (a V8 error's first line) or cuts (a fetch body); the gateway redacts the whole
 record, once.
 
-Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v2:
-    {"v": 2, "truncated": bool, "entropy": hex, "events": [[seq, kind, data], ...]}
+Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v3:
+    {"v": 3, "truncated": bool, "entropy": hex, "env": {time_zone, locale, v8}, "events": [[seq, kind, data], ...]}
 and "incomplete": true when the request ended before the function did. `seq` is one counter over
 everything the function observed, in order. Kinds: "now" (ms), "random" (float), "uuid" (str),
 "random_bytes" (hex), "db" ({sql, params, result | error}), "fetch" ({url, method, headers, body,
 status, status_text, url_final, response_headers, response_body} or {url, method, headers, body,
-error}), "timer" (ms), and "settled" (the seq of the call whose result reached the function then:
-results arrive in the order the host settles them, not the order of the calls). A call the
+error}), "timer" (ms), and "settled" (the seqs of the calls whose results reached the function
+together, in one turn, in order: results arrive in the order the host settles them, not the order
+of the calls, and whether two came in one turn changes how their callbacks interleave). `env` is
+what the function reads of the machine without a call: the default time zone and locale (Date's
+local time, toLocaleString) and the V8 version (its ICU data formats them). A call the
 request ended before has "abandoned": true and neither result nor error. An error is what the
 function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
 Bytes are written one character per byte (U+0000 to U+00FF): a db event's "binary" lists the
@@ -32,7 +35,8 @@ host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in
 A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
 HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
 response's `url` the function got; in `headers` and `response_headers`, sensitive headers
-(authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text.
+(authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text;
+`set_cookies` has one "[redacted]" per Set-Cookie value (getSetCookie() and iteration give each).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import orjson
 from py_mini_racer import JSEvalException, JSOOMException
 
 from flux.project import Limits
-from flux.redaction import Redactor, as_text, one_line, redact_headers
+from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.host import (
     MAX_RECORDED_FETCH_BODY, Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, db_span_name,
 )
@@ -59,7 +63,7 @@ from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
 
 log = logging.getLogger("flux.runtime")
 
-RECORDING_VERSION = 2
+RECORDING_VERSION = 3
 MAX_TAPE_EVENTS = 10_000  # as prelude.js: the JS side stops recording there, and so does the host
 SALVAGE_S = 0.1  # past the deadline, for the last drain of a request cut short (about 1 ms)
 ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the isolate at start
@@ -482,6 +486,7 @@ class _Run:
         response = {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.text, "url": url}
         if result.set_cookies:
             response["setCookie"] = list(result.set_cookies)
+            event["set_cookies"] = [REDACTED] * len(result.set_cookies)  # as many as getSetCookie() gave
         recorded, truncated = as_text(result.text, MAX_RECORDED_FETCH_BODY, self.secret_forms)
         event.update(status=result.status, status_text=result.reason, url_final=url, response_headers=redact_headers(result.headers),
                      response_body=recorded)
@@ -532,7 +537,7 @@ class _Run:
         truncated = self.truncated or len(events) > MAX_TAPE_EVENTS
         # Only the entropy the function consumed: replay supplies the same bytes in the same order.
         recording = {"v": RECORDING_VERSION, "truncated": truncated, "entropy": self.entropy_used,
-                     "events": events[:MAX_TAPE_EVENTS]}
+                     "env": self.compiled.environment, "events": events[:MAX_TAPE_EVENTS]}
         if not self.finished:  # a time limit, a memory limit, a Promise nothing settles: up to the last step
             recording["incomplete"] = True
         return recording

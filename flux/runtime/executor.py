@@ -27,16 +27,18 @@ what the function reads of the machine without a call: the default time zone and
 local time, toLocaleString) and the V8 version (its ICU data formats them). A call the
 request ended before has "abandoned": true and neither result nor error. An error is what the
 function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
-Bytes are written one character per byte (U+0000 to U+00FF): a db event's "binary" lists the
+Bytes are written one character per byte (U+0001 to U+00FF, and a 0 byte as U+0100, since jsonb
+cannot hold U+0000): a db event's "binary" lists the
 parameters that were bytes; a fetch event's "binary": true says its body was; its
 "response_bytes", there when the response's bytes are not the UTF-8 of response_body (what text()
-gave), are what arrayBuffer() gave, cut at 1 MB like response_body. `entropy` is the part of the
+gave) or that text holds U+0000, are what arrayBuffer() gave, cut at 1 MB like response_body. `entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
 A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
 HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
 response's `url` the function got; in `headers` and `response_headers`, sensitive headers
 (authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text;
 `set_cookies` has one "[redacted]" per Set-Cookie value (getSetCookie() and iteration give each).
+A db event's `columns` are its rows' keys in their order, which jsonb (storing the trace) does not keep.
 """
 
 from __future__ import annotations
@@ -433,6 +435,8 @@ class _Run:
         span.name = db_span_name(sql)
         span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": sql})
         event: dict[str, Any] = {"sql": sql, "params": params, **({"binary": binary} if binary else {})}
+        if binary:
+            event["params"] = [_tape_bytes(p) if i in binary else p for i, p in enumerate(params)]
         self.host_events.append([seq, "db", event])
         if binary:  # bytea parameters: one character per byte (prelude.js)
             params = [p.encode("latin-1") if i in binary else p for i, p in enumerate(params)]
@@ -448,13 +452,15 @@ class _Run:
             raise
         span.attributes["db.rows"] = result["rowCount"]
         event["result"] = result
+        if result["rows"]:  # jsonb, which stores the trace, keeps an object's keys in an order of its own
+            event["columns"] = list(result["rows"][0])
         return result
 
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         url, method, body, binary = args["url"], args["method"], args["body"], args.get("binary")
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
-        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]), "body": body,
-                                 **({"binary": True} if binary else {})}
+        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]),
+                                 "body": _tape_bytes(body) if binary else body, **({"binary": True} if binary else {})}
         self.host_events.append([seq, "fetch", event])
         policy = self.x.fetch_policy
         span.name = str(args.get("name") or "fetch")  # until the URL names the tool
@@ -490,12 +496,13 @@ class _Run:
         recorded, truncated = as_text(result.text, MAX_RECORDED_FETCH_BODY, self.secret_forms)
         event.update(status=result.status, status_text=result.reason, url_final=url, response_headers=redact_headers(result.headers),
                      response_body=recorded)
-        if result.text.encode("utf-8", "surrogatepass") != result.body:
+        if result.text.encode("utf-8", "surrogatepass") != result.body or "\x00" in result.text:
             # Bytes the text is not the UTF-8 of (binary, or another charset): arrayBuffer() gets
             # them exactly, one character per byte, as JSON carries them and redaction reads them.
+            # So do bytes whose text holds U+0000, which the stored tape (jsonb) makes U+FFFD.
             response["binary"] = result.body.decode("latin-1")
             recorded, cut = as_text(response["binary"], MAX_RECORDED_FETCH_BODY, self.secret_forms)
-            event["response_bytes"] = recorded
+            event["response_bytes"] = _tape_bytes(recorded)
             truncated = truncated or cut
         if truncated:
             event["response_truncated"] = True
@@ -541,6 +548,13 @@ class _Run:
         if not self.finished:  # a time limit, a memory limit, a Promise nothing settles: up to the last step
             recording["incomplete"] = True
         return recording
+
+
+def _tape_bytes(text: str) -> str:
+    """Bytes as the tape writes them, one character per byte, a 0 byte as U+0100: jsonb, which
+    stores the trace, cannot hold U+0000 (the store would make it U+FFFD, another byte), and no
+    other byte is written U+0100."""
+    return text.replace("\x00", "\u0100") if "\x00" in text else text
 
 
 def _cover_children(steps: list[dict[str, Any]], spans: list[dict[str, Any]]) -> None:

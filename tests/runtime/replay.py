@@ -66,6 +66,19 @@ def _prelude(recording: dict[str, Any]) -> str:
     return source.replace("__FEED__", orjson.dumps(feed).decode())
 
 
+def _bytes(text: str) -> str:
+    """Bytes as the tape writes them (a 0 byte as U+0100) as the function had them."""
+    return text.replace("\u0100", "\x00")
+
+
+def _result_of(event: dict[str, Any]) -> dict[str, Any]:
+    """A db result as the function got it: its rows' keys in their order (a stored tape is jsonb)."""
+    result = event["result"]
+    if "columns" in event:
+        result = {**result, "rows": [{k: row[k] for k in event["columns"]} for row in result["rows"]]}
+    return result
+
+
 def _response_of(event: dict[str, Any]) -> dict[str, Any]:
     """The Response the host handed the function, rebuilt from a fetch event."""
     headers = event["response_headers"]
@@ -76,7 +89,7 @@ def _response_of(event: dict[str, Any]) -> dict[str, Any]:
     elif "set-cookie" in headers:  # a v2 tape: how many values there were is not on it
         r["setCookie"] = [headers["set-cookie"]]
     if "response_bytes" in event:
-        r["binary"] = event["response_bytes"]
+        r["binary"] = _bytes(event["response_bytes"])
     return r
 
 
@@ -141,7 +154,7 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                     elif "error" in event[2]:
                         settled.append([call_id, False, event[2]["error"]])
                     elif op == "db":
-                        settled.append([call_id, True, event[2]["result"]])
+                        settled.append([call_id, True, _result_of(event[2])])
                     else:
                         settled.append([call_id, True, _response_of(event[2])])
                 last = max(last, nxt[0] - 1)  # the JS side records the settled event itself
@@ -168,9 +181,11 @@ def _check_call(event: list[Any] | None, seq: int, op: str, args: dict[str, Any]
         raise Diverged(f"seq {seq}: the function called {op}, the tape has {event}")
     recorded = event[2]
     if op == "db":
-        same = (recorded["sql"], recorded["params"]) == (args["sql"], args["params"])
+        params = [_bytes(p) if i in recorded.get("binary", ()) else p for i, p in enumerate(recorded["params"])]
+        same = (recorded["sql"], params) == (args["sql"], args["params"])
     else:
-        same = (recorded["url"], recorded["method"], recorded["headers"], recorded["body"]) == (
+        body = _bytes(recorded["body"]) if recorded.get("binary") else recorded["body"]
+        same = (recorded["url"], recorded["method"], recorded["headers"], body) == (
             args["url"], args["method"], redact_headers(args["headers"]), args["body"])
     if not same:
         raise Diverged(f"seq {seq}: the function's {op} call {args} is not the tape's {recorded}")

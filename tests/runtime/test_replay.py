@@ -5,6 +5,8 @@ and must answer the same, make the same calls and read the same values at the sa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from flux.redaction import Redactor
 from flux.runtime.executor import Execution, Executor, Invocation
 from flux.runtime.host import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
+from flux.store.schema import ensure_schema
+from flux.store.traces import TraceRecord, get_trace, insert_traces
 from tests.functions import Stub, write_project
 from tests.runtime.replay import assert_replays, replay
 
@@ -236,6 +240,26 @@ def test_date_now_taken_from_its_property_descriptor_replays(tmp_path):
     compiled, execution, request = record(tmp_path, "desc")
     assert [e[1] for e in execution.recording["events"]] == ["now", "now"]
     assert_replays(compiled, execution, request)
+
+
+def test_a_tape_read_back_from_the_trace_store_replays_row_order_and_zero_bytes(tmp_path, dsn, conn, stub: Stub):
+    """The store keeps the tape as jsonb, which sorts an object's keys and cannot hold U+0000: a
+    row's column order and a 0 byte (written one character per byte) came back otherwise."""
+    write_project(tmp_path, {"stored": f"""
+        export default async function (req, ctx) {{
+          const {{ rows }} = await ctx.db.query("SELECT 'x' AS zeta, 1 AS a, $1::bytea AS b", [new Uint8Array([0, 1])]);
+          const r = await ctx.fetch("{stub.url}/mirror", {{method: "POST", body: new Uint8Array([0, 7, 0])}});
+          return {{status: 200, body: {{row: JSON.stringify(rows[0]), bytes: Array.from(await r.bytes())}}}};
+        }}
+    """})
+    compiled, execution, request = record(tmp_path, "stored", dsn=dsn)
+    assert execution.body["row"].startswith('{"zeta":"x","a":1,"b":') and execution.body["bytes"] == [0, 7, 0], execution.error
+    ensure_schema(conn)
+    insert_traces(conn, [TraceRecord(id="req-0", tenant="default", function="stored", method="POST", path="/stored",
+                                     status=execution.status, duration_ms=1.0, started_at=datetime.now(timezone.utc),
+                                     error=execution.error, spans=[], request={}, response={}, recording=execution.recording)])
+    conn.commit()
+    assert_replays(compiled, dataclasses.replace(execution, recording=get_trace(conn, "req-0").recording), request)
 
 
 def test_a_redacted_secret_is_what_a_replay_hands_the_function(tmp_path, stub: Stub):

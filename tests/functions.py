@@ -5,11 +5,12 @@ JSON, `/slow` waits `?ms=` before answering, `/status/N` answers status N, `/ech
 what it was sent, `/cookie` sets the cookie `session=<SESSION_COOKIE>`. Answers framed as
 upstreams frame them: `/empty` is 204 with no content-type, `/chunked` chunked text/html (UTF-8,
 no charset), `/bytes` the 256 byte values (application/octet-stream), `/headers` repeated
-headers (two Set-Cookie, two X-Multi) and a latin-1 byte in X-Name, `/mirror` the bytes it was sent.
+headers (two Set-Cookie, two X-Multi) and a latin-1 byte in X-Name, `/mirror` the bytes it was sent, `/gzip` gzip-encoded JSON.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import textwrap
 import threading
@@ -31,11 +32,14 @@ def write_project(root: Path, functions: dict[str, str], toml: str = "") -> Path
     return root
 
 
+_GZIPPED = gzip.compress(b'{"zipped": "caf\xc3\xa9"}', mtime=0)
 _FRAMED = {
     "/empty": b"HTTP/1.1 204 No Content\r\n\r\n",
     "/chunked": b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ntransfer-encoding: chunked\r\n\r\n"
                 b"7\r\n<p>h\xc3\xa9l\r\n6\r\nlo</p>\r\n0\r\n\r\n",
     "/bytes": b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 256\r\n\r\n" + bytes(range(256)),
+    "/gzip": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
+             % (len(_GZIPPED), _GZIPPED),
     "/headers": b"HTTP/1.1 200 OK\r\nset-cookie: a=1; Path=/\r\nset-cookie: b=2; Path=/\r\nx-multi: one\r\nx-multi: two\r\n"
                 b"x-name: caf\xe9\r\ncontent-length: 0\r\n\r\n",
 }

@@ -14,25 +14,31 @@ replay tape and the response. The executor does not write traces, and redacts on
 summarises (a V8 error's first line) or cuts (a fetch body); the gateway redacts the whole
 record, once.
 
-Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v2:
-    {"v": 2, "truncated": bool, "entropy": hex, "events": [[seq, kind, data], ...]}
+Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v3:
+    {"v": 3, "truncated": bool, "entropy": hex, "env": {time_zone, locale, v8}, "events": [[seq, kind, data], ...]}
 and "incomplete": true when the request ended before the function did. `seq` is one counter over
 everything the function observed, in order. Kinds: "now" (ms), "random" (float), "uuid" (str),
 "random_bytes" (hex), "db" ({sql, params, result | error}), "fetch" ({url, method, headers, body,
 status, status_text, url_final, response_headers, response_body} or {url, method, headers, body,
-error}), "timer" (ms), and "settled" (the seq of the call whose result reached the function then:
-results arrive in the order the host settles them, not the order of the calls). A call the
+error}), "timer" (ms), and "settled" (the seqs of the calls whose results reached the function
+together, in one turn, in order: results arrive in the order the host settles them, not the order
+of the calls, and whether two came in one turn changes how their callbacks interleave). `env` is
+what the function reads of the machine without a call: the default time zone and locale (Date's
+local time, toLocaleString) and the V8 version (its ICU data formats them). A call the
 request ended before has "abandoned": true and neither result nor error. An error is what the
 function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
-Bytes are written one character per byte (U+0000 to U+00FF): a db event's "binary" lists the
+Bytes are written one character per byte (U+0001 to U+00FF, and a 0 byte as U+0100, since jsonb
+cannot hold U+0000): a db event's "binary" lists the
 parameters that were bytes; a fetch event's "binary": true says its body was; its
 "response_bytes", there when the response's bytes are not the UTF-8 of response_body (what text()
-gave), are what arrayBuffer() gave, cut at 1 MB like response_body. `entropy` is the part of the
+gave) or that text holds U+0000, are what arrayBuffer() gave, cut at 1 MB like response_body. `entropy` is the part of the
 host-supplied randomness that crypto.randomUUID and getRandomValues consumed, in order (hex).
 A fetch's `url_final` is its `url` as the function wrote it (redirects are not followed, and the
 HTTP client's rewrite of a URL would hide a secret in it from redaction), which is also the
 response's `url` the function got; in `headers` and `response_headers`, sensitive headers
-(authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text.
+(authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text;
+`set_cookies` has one "[redacted]" per Set-Cookie value (getSetCookie() and iteration give each).
+A db event's `columns` are its rows' keys in their order, which jsonb (storing the trace) does not keep.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import orjson
 from py_mini_racer import JSEvalException, JSOOMException
 
 from flux.project import Limits
-from flux.redaction import Redactor, as_text, one_line, redact_headers
+from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.host import (
     MAX_RECORDED_FETCH_BODY, Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, db_span_name,
 )
@@ -59,7 +65,7 @@ from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
 
 log = logging.getLogger("flux.runtime")
 
-RECORDING_VERSION = 2
+RECORDING_VERSION = 3
 MAX_TAPE_EVENTS = 10_000  # as prelude.js: the JS side stops recording there, and so does the host
 SALVAGE_S = 0.1  # past the deadline, for the last drain of a request cut short (about 1 ms)
 ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the isolate at start
@@ -429,6 +435,8 @@ class _Run:
         span.name = db_span_name(sql)
         span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": sql})
         event: dict[str, Any] = {"sql": sql, "params": params, **({"binary": binary} if binary else {})}
+        if binary:
+            event["params"] = [_tape_bytes(p) if i in binary else p for i, p in enumerate(params)]
         self.host_events.append([seq, "db", event])
         if binary:  # bytea parameters: one character per byte (prelude.js)
             params = [p.encode("latin-1") if i in binary else p for i, p in enumerate(params)]
@@ -444,13 +452,15 @@ class _Run:
             raise
         span.attributes["db.rows"] = result["rowCount"]
         event["result"] = result
+        if result["rows"]:  # jsonb, which stores the trace, keeps an object's keys in an order of its own
+            event["columns"] = list(result["rows"][0])
         return result
 
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         url, method, body, binary = args["url"], args["method"], args["body"], args.get("binary")
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
-        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]), "body": body,
-                                 **({"binary": True} if binary else {})}
+        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]),
+                                 "body": _tape_bytes(body) if binary else body, **({"binary": True} if binary else {})}
         self.host_events.append([seq, "fetch", event])
         policy = self.x.fetch_policy
         span.name = str(args.get("name") or "fetch")  # until the URL names the tool
@@ -482,15 +492,17 @@ class _Run:
         response = {"status": result.status, "statusText": result.reason, "headers": result.headers, "body": result.text, "url": url}
         if result.set_cookies:
             response["setCookie"] = list(result.set_cookies)
+            event["set_cookies"] = [REDACTED] * len(result.set_cookies)  # as many as getSetCookie() gave
         recorded, truncated = as_text(result.text, MAX_RECORDED_FETCH_BODY, self.secret_forms)
         event.update(status=result.status, status_text=result.reason, url_final=url, response_headers=redact_headers(result.headers),
                      response_body=recorded)
-        if result.text.encode("utf-8", "surrogatepass") != result.body:
+        if result.text.encode("utf-8", "surrogatepass") != result.body or "\x00" in result.text:
             # Bytes the text is not the UTF-8 of (binary, or another charset): arrayBuffer() gets
             # them exactly, one character per byte, as JSON carries them and redaction reads them.
+            # So do bytes whose text holds U+0000, which the stored tape (jsonb) makes U+FFFD.
             response["binary"] = result.body.decode("latin-1")
             recorded, cut = as_text(response["binary"], MAX_RECORDED_FETCH_BODY, self.secret_forms)
-            event["response_bytes"] = recorded
+            event["response_bytes"] = _tape_bytes(recorded)
             truncated = truncated or cut
         if truncated:
             event["response_truncated"] = True
@@ -532,10 +544,17 @@ class _Run:
         truncated = self.truncated or len(events) > MAX_TAPE_EVENTS
         # Only the entropy the function consumed: replay supplies the same bytes in the same order.
         recording = {"v": RECORDING_VERSION, "truncated": truncated, "entropy": self.entropy_used,
-                     "events": events[:MAX_TAPE_EVENTS]}
+                     "env": self.compiled.environment, "events": events[:MAX_TAPE_EVENTS]}
         if not self.finished:  # a time limit, a memory limit, a Promise nothing settles: up to the last step
             recording["incomplete"] = True
         return recording
+
+
+def _tape_bytes(text: str) -> str:
+    """Bytes as the tape writes them, one character per byte, a 0 byte as U+0100: jsonb, which
+    stores the trace, cannot hold U+0000 (the store would make it U+FFFD, another byte), and no
+    other byte is written U+0100."""
+    return text.replace("\x00", "\u0100") if "\x00" in text else text
 
 
 def _cover_children(steps: list[dict[str, Any]], spans: list[dict[str, Any]]) -> None:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -72,6 +72,10 @@ class CompiledFunction:
     function: Function
     script: str | None
     error: str | None = None  # "functions/x.js:3: SyntaxError: Unexpected token"
+    # What the function's JS sees of the machine without reading it through a recorded call: the
+    # default time zone and locale (from TZ, LANG and LC_ALL when V8 started) and the V8 version,
+    # whose ICU data formats dates and numbers. On the tape as `env`: a replay needs the same.
+    environment: dict[str, str] | None = field(default=None, hash=False)
 
     @property
     def name(self) -> str:
@@ -114,6 +118,7 @@ async def _compile(function: Function, script: str, memory_mb: int, timeout_ms: 
     # runs: the stopped eval's answer then lands on a live loop, not a closed one.
     with mini_racer(asyncio.get_running_loop()) as mr:
         mr.set_hard_memory_limit(memory_mb * 1024 * 1024)
+        environment = {**orjson.loads(await mr.eval_cancelable(_ENVIRONMENT)), "v8": mr.v8_version}
         await mr.eval_cancelable(PRELUDE)  # a prelude error is Flux's bug: let it raise
         try:
             async with asyncio.timeout(timeout_ms / 1000):
@@ -122,7 +127,11 @@ async def _compile(function: Function, script: str, memory_mb: int, timeout_ms: 
             return CompiledFunction(function, None, f"{function.display_path}: its top-level code did not finish within {timeout_ms} ms")
         except JSEvalException as exc:
             return CompiledFunction(function, None, _load_error(function, exc))
-    return CompiledFunction(function, script)
+    return CompiledFunction(function, script, environment=environment)
+
+
+_ENVIRONMENT = ("(() => { const o = new Intl.DateTimeFormat().resolvedOptions(); "
+                "return JSON.stringify({time_zone: o.timeZone, locale: o.locale}); })()")
 
 
 def _load_error(function: Function, exc: JSEvalException) -> str:

@@ -73,6 +73,12 @@
     get(target, prop, receiver) {
       return prop === "now" ? now : Reflect.get(target, prop, receiver);
     },
+    // Object.getOwnPropertyDescriptor(Date, "now").value would otherwise be the real, unrecorded clock.
+    getOwnPropertyDescriptor(target, prop) {
+      const desc = Reflect.getOwnPropertyDescriptor(target, prop);
+      if (prop === "now" && desc && "value" in desc) desc.value = now;
+      return desc;
+    },
   });
   // An instance's constructor would otherwise hand out the real, unrecorded Date.
   Object.defineProperty(RealDate.prototype, "constructor", { value: g.Date, writable: true, configurable: true });
@@ -141,6 +147,12 @@
   };
 
   function takeEntropy(n) {
+    // The file's top-level code runs before a request (when the function loads, and when its fresh
+    // context is made), and the host's randomness comes with the request.
+    if (!started) {
+      throw new Error("Flux: crypto.randomUUID() and crypto.getRandomValues() work inside the handler, not in the file's " +
+        "top-level code, which runs before the request: make the value in the handler");
+    }
     if (entropyAt + 2 * n > entropy.length) {
       throw new Error("Flux: this request used up its 1 KB of randomness (64 crypto.randomUUID() calls, or getRandomValues bytes)");
     }
@@ -659,16 +671,20 @@
   }
 
   // Results reach the function in the order the host settles them, which need not be the order of
-  // the calls: the tape says when each one arrived ("settled", with the call's seq).
+  // the calls, and several may reach it in one turn, before any callback of theirs runs: the tape
+  // says when and together with which ("settled", the seqs of the calls of one turn, in order).
+  // Whether two results came together changes how the callbacks waiting on them interleave.
   function settle(input) {
+    const turn = [];
     for (const [id, ok, value] of JSON.parse(input)) {
       const p = pending.get(id);
       if (!p) continue;
       pending.delete(id);
-      record("settled", p.callSeq);
+      turn.push(p.callSeq);
       if (ok) p.resolve(value);
       else p.reject(makeError(value, p.site));
     }
+    if (turn.length) record("settled", turn);
   }
 
   const operations = { start, drain, settle };

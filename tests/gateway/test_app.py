@@ -71,7 +71,7 @@ def test_every_answer_carries_a_request_id_that_names_its_trace_row(tmp_path, ds
     assert trace["error"] is None and trace["replay_of"] is None and trace["duration_ms"] > 0
     assert [s["name"] for s in trace["spans"]] == ["gateway", "create_user", "db.insert(users)"]
     assert trace["request"]["body"] == {"email": "a@x"} and trace["response"]["body"] == {"id": 1}
-    assert len(trace["code_version"]) == 16 and trace["recording"]["v"] == 2
+    assert len(trace["code_version"]) == 16 and trace["recording"]["v"] == 3
 
 
 def http(method: str, path: str, headers: list[tuple[str, str]] = (), body: bytes = b"") -> bytes:

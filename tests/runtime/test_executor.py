@@ -536,12 +536,12 @@ def test_recording_has_time_random_uuid_db_and_fetch_in_order(tmp_path, dsn, con
     """})
     result = run1(tmp_path, "all", dsn=dsn)
     tape = result.recording
-    assert tape["v"] == 2 and tape["truncated"] is False and "incomplete" not in tape
+    assert tape["v"] == 3 and tape["truncated"] is False and "incomplete" not in tape
     kinds = [e[1] for e in tape["events"]]
     assert kinds == ["now", "now", "random", "uuid", "db", "settled", "fetch", "settled", "timer", "settled"]
     assert [e[0] for e in tape["events"]] == sorted(e[0] for e in tape["events"])
     calls = [e[0] for e in tape["events"] if e[1] in ("db", "fetch", "timer")]
-    assert [e[2] for e in tape["events"] if e[1] == "settled"] == calls  # each result arrived before the next call
+    assert [e[2] for e in tape["events"] if e[1] == "settled"] == [[c] for c in calls]  # each result arrived before the next call
     values = {e[1]: e[2] for e in tape["events"]}
     body = result.body
     assert tape["events"][0][2] == body["t"] and values["random"] == body["r"] and values["uuid"] == body["u"]
@@ -572,6 +572,52 @@ def test_every_clock_the_function_can_read_is_recorded(tmp_path):
     assert body["year"] == str(time.gmtime(events[2][2] / 1000).tm_year)
     assert body["parts"] == str(time.gmtime(events[3][2] / 1000).tm_year)
     assert body["sameFormat"] is True and body["temporal"] == "undefined"
+
+
+def test_the_tape_says_the_time_zone_locale_and_v8_the_function_saw(tmp_path):
+    # Local time and locale formats come from the machine (TZ, LANG), not from a recorded call.
+    write_project(tmp_path, {"env": """
+        export default async function () {
+          const o = new Intl.DateTimeFormat().resolvedOptions();
+          return {status: 200, body: {time_zone: o.timeZone, locale: o.locale, local: new Date(0).toString()}};
+        }
+    """})
+    result = run1(tmp_path, "env")
+    env = result.recording["env"]
+    assert {"time_zone": env["time_zone"], "locale": env["locale"]} == {k: result.body[k] for k in ("time_zone", "locale")}
+    assert env["v8"].count(".") == 3
+
+
+def test_date_now_taken_from_its_property_descriptor_is_recorded(tmp_path):
+    write_project(tmp_path, {"desc": """
+        export default async function () {
+          return {status: 200, body: Object.getOwnPropertyDescriptor(Date, "now").value()};
+        }
+    """})
+    result = run1(tmp_path, "desc")
+    assert result.recording["events"] == [[0, "now", result.body]]
+
+
+def test_a_fetch_on_the_tape_says_how_many_set_cookie_values_it_got(tmp_path, stub: Stub):
+    write_project(tmp_path, {"cookies": f"""
+        export default async function (req, ctx) {{
+          return {{status: 200, body: (await ctx.fetch("{stub.url}/headers")).headers.getSetCookie().length}};
+        }}
+    """})
+    result = run1(tmp_path, "cookies")
+    [event] = [e[2] for e in result.recording["events"] if e[1] == "fetch"]
+    assert result.body == 2 and event["set_cookies"] == ["[redacted]", "[redacted]"]
+
+
+def test_crypto_in_top_level_code_is_a_load_error_that_says_why(tmp_path):
+    # Top-level code runs before the request that brings the host's randomness; it used to be
+    # told it had "used up its 1 KB of randomness".
+    write_project(tmp_path, {"early": """
+        const id = crypto.randomUUID();
+        export default async function () { return {status: 200, body: id}; }
+    """})
+    result = run1(tmp_path, "early")
+    assert result.status == 500 and "work inside the handler, not in the file's top-level code" in result.error
 
 
 def test_recording_off_keeps_no_tape(tmp_path):
@@ -756,7 +802,8 @@ def test_a_binary_fetch_response_reads_as_its_exact_bytes_and_is_on_the_tape(tmp
     result = run1(tmp_path, "read")
     assert result.body == {"length": 256, "exact": True, "isView": True, "text": 128 + 128, "utf8": [104, 0xC3, 0xA9]}
     binary, text = [e[2] for e in result.recording["events"] if e[1] == "fetch"]
-    assert binary["response_bytes"] == bytes(range(256)).decode("latin-1") and "response_bytes" not in text
+    # One character per byte, a 0 byte as U+0100 (the stored tape is jsonb, which cannot hold U+0000).
+    assert binary["response_bytes"] == "\u0100" + bytes(range(1, 256)).decode("latin-1") and "response_bytes" not in text
 
 
 def test_fetch_request_bodies_and_headers_are_sent_as_fetch_sends_them(tmp_path, stub: Stub):
@@ -1056,7 +1103,7 @@ def test_the_tape_says_when_each_result_reached_the_function(tmp_path, stub: Stu
     assert result.body == ["fast", "slow"]
     events = result.recording["events"]
     [slow_call, fast_call] = [e[0] for e in events if e[1] == "fetch"]
-    assert [e[2] for e in events if e[1] == "settled"] == [fast_call, slow_call]
+    assert [e[2] for e in events if e[1] == "settled"] == [[fast_call], [slow_call]]
 
 
 def test_a_request_cut_short_keeps_its_recording_and_steps_up_to_its_last_step(tmp_path, dsn, conn):

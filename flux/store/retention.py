@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 
@@ -81,7 +81,8 @@ def prune(
         raise InUseError("Another `flux prune` is running on this database",
                          hint="Wait for it to finish; running two at once only makes them compete.")
     try:
-        cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0]
+        # The database's clock, in UTC: psycopg gives a timestamptz in the session's TimeZone.
+        cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0].astimezone(timezone.utc)
         result = PruneResult(cutoff=cutoff, dry_run=dry_run, traces=None, mutations=None, seconds=0.0)
         batches = _Batches(conn, batch_rows, progress, stop or threading.Event())
         if traces:
@@ -114,10 +115,7 @@ def _prune_mutations(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     count = "SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn"
     if dry_run:
         return conn.execute(count, (cut,)).fetchone()[0]
-    return batches.delete("mutations", count, """
-        DELETE FROM flux.state_mutations WHERE (commit_lsn, seq) IN (
-            SELECT commit_lsn, seq FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn ORDER BY commit_lsn, seq LIMIT %s)
-        """, cut)
+    return batches.delete_transactions(count, cut)
 
 
 def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | None:
@@ -157,19 +155,53 @@ class _Batches:
     stop: threading.Event
 
     def delete(self, what: str, count: str, delete: str, bound: object) -> int:
-        """Run `delete` (its parameters: `bound`, then the batch size) until a batch comes back short.
-        The total for the progress report is counted only when someone watches (a count is a
-        scan of an index, long on a large log)."""
-        total = self.conn.execute(count, (bound,)).fetchone()[0] if self.progress is not None else 0
+        """Run `delete` (its parameters: `bound`, then the batch size) until a batch comes back short."""
+        total = self._total(count, bound)
         deleted = 0
         while not self.stop.is_set():
             batch = self.conn.execute(delete, (bound, self.rows)).rowcount
             deleted += batch
-            if self.progress is not None:
-                self.progress(what, deleted, max(total, deleted))
+            self._report(what, deleted, total)
             if batch < self.rows:
                 break
         return deleted
+
+    def delete_transactions(self, count: str, cut: str) -> int:
+        """Delete the mutations before the LSN `cut`, whole transactions per batch: a batch ends
+        before the transaction its row `rows + 1` belongs to, so no reader (and no interrupted
+        prune) ever sees part of a transaction gone. A transaction larger than a batch goes alone,
+        in one statement. Each batch starts at the previous one's end, so the primary key's scan
+        never walks back over the entries of rows already deleted (dead until vacuumed)."""
+        total = self._total(count, cut)
+        deleted, low = 0, "0/0"
+        while not self.stop.is_set():
+            first, end = self.conn.execute("""
+                SELECT min(commit_lsn)::text, (SELECT commit_lsn FROM flux.state_mutations
+                    WHERE commit_lsn >= %(low)s::pg_lsn AND commit_lsn < %(cut)s::pg_lsn
+                    ORDER BY commit_lsn, seq OFFSET %(rows)s LIMIT 1)::text
+                FROM flux.state_mutations WHERE commit_lsn >= %(low)s::pg_lsn AND commit_lsn < %(cut)s::pg_lsn
+                """, {"low": low, "cut": cut, "rows": self.rows}).fetchone()
+            if first is None:
+                break
+            # Up to the transaction row `rows + 1` is in; that transaction alone when it is the first.
+            end = cut if end is None else end
+            op = "<=" if end == first else "<"
+            deleted += self.conn.execute(
+                f"DELETE FROM flux.state_mutations WHERE commit_lsn >= %s::pg_lsn AND commit_lsn {op} %s::pg_lsn",
+                (first, end)).rowcount
+            self._report("mutations", deleted, total)
+            if end == cut:
+                break
+            low = end
+        return deleted
+
+    def _total(self, count: str, bound: object) -> int:
+        # Counted only when someone watches: a count is a scan of an index, long on a large log.
+        return self.conn.execute(count, (bound,)).fetchone()[0] if self.progress is not None else 0
+
+    def _report(self, what: str, deleted: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, deleted, max(total, deleted))
 
 
 # `[retention]` in flux.toml: `flux serve` and `flux dev` prune this often, the first time soon
@@ -204,7 +236,7 @@ async def keep(dsn: str, current: Callable[[], Retention], *, every_s: float = K
                 stop.set()  # cancelled (the server stops): the thread ends after its batch in hand
             deleted = result.traces if what == "traces" else result.mutations
             if deleted:
-                log.info("retention: deleted %d %s recorded before %s", deleted, what, f"{result.cutoff:%Y-%m-%d %H:%M:%S}")
+                log.info("retention: deleted %d %s recorded before %s", deleted, what, f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC")
         await asyncio.sleep(every_s)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from typer.testing import CliRunner
 
@@ -43,3 +43,13 @@ def test_prune_needs_a_duration_it_can_read(dsn, conn):
     result = runner.invoke(app, ["prune", "--older-than", "a month", "--database", dsn])
     assert isinstance(result.exception, ConfigError) and "--older-than 'a month' is not a duration" in str(result.exception)
     assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (2,)
+
+
+def test_prune_text_gives_the_cutoff_in_utc_whatever_the_servers_time_zone(dsn, conn):
+    seed(conn)
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET TimeZone = 'Pacific/Chatham'")  # UTC+12:45 or +13:45
+    result = runner.invoke(app, ["prune", "--older-than", "30d", "--dry-run", "--database", dsn])
+    assert result.exit_code == 0, result.output
+    printed = datetime.strptime(result.stdout.split(" recorded before ")[1][:19], "%Y-%m-%d %H:%M:%S")
+    expected = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=30)
+    assert abs(printed - expected) < timedelta(minutes=5), result.stdout

@@ -78,7 +78,41 @@ def test_prune_deletes_in_batches_and_reports_each(recorded):
         transaction(recorded, 0x10 + lsn, 50)
     seen.clear()
     prune(recorded, older_than=timedelta(days=30), batch_rows=100, progress=lambda *p: seen.append(p))
-    assert seen == [("traces", 0, 0), ("mutations", 100, 200), ("mutations", 200, 200), ("mutations", 200, 200)]
+    assert seen == [("traces", 0, 0), ("mutations", 100, 200), ("mutations", 200, 200)]
+
+
+def stopped_after_first_batch(conn: psycopg.Connection, batch_rows: int) -> int:
+    """Prune mutations older than 30 days, stopping after the first batch; how many it deleted."""
+    stop = threading.Event()
+    return prune(conn, older_than=timedelta(days=30), traces=False, batch_rows=batch_rows,
+                 progress=lambda *_: stop.set(), stop=stop).mutations
+
+
+def partial_transactions(conn: psycopg.Connection) -> list:
+    return conn.execute("SELECT commit_lsn::text, count(*) FROM flux.state_mutations GROUP BY 1"
+                        " HAVING count(*) <> max(seq) + 1").fetchall()
+
+
+def test_a_batch_ends_at_a_transaction_boundary(conn):
+    ensure_schema(conn)
+    for lsn in range(100):
+        transaction(conn, 0x10 + lsn, 50, rows=3)
+    assert stopped_after_first_batch(conn, 100) == 99  # 33 transactions: the 34th would not fit
+    assert partial_transactions(conn) == []
+
+
+def test_a_transaction_larger_than_a_batch_goes_in_one(conn):
+    ensure_schema(conn)
+    transaction(conn, 0x10, 50, rows=250)
+    transaction(conn, 0x20, 50, rows=1)
+    assert stopped_after_first_batch(conn, 100) == 250
+    assert conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone() == (1,)
+
+
+def test_the_cutoff_is_in_utc_whatever_the_sessions_time_zone(recorded):
+    recorded.execute("SET TimeZone = 'Pacific/Chatham'")
+    result = prune(recorded, older_than=timedelta(days=30), dry_run=True)
+    assert result.cutoff.utcoffset() == timedelta(0)
 
 
 def test_the_cut_lsn_is_the_first_transaction_committed_at_or_after_the_cutoff(conn):

@@ -99,6 +99,7 @@ def _prune_traces(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     count = "SELECT count(*) FROM flux.trace_requests WHERE started_at < %s"
     if dry_run:
         return batches.conn.execute(count, (cutoff,)).fetchone()[0]
+    _record_cutoff(batches.conn, "traces", cutoff)
     return batches.delete("traces", count, """
         DELETE FROM flux.trace_requests WHERE id IN (
             SELECT id FROM flux.trace_requests WHERE started_at < %s ORDER BY started_at LIMIT %s)
@@ -115,7 +116,35 @@ def _prune_mutations(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     count = "SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn"
     if dry_run:
         return conn.execute(count, (cut,)).fetchone()[0]
+    _record_cutoff(conn, "mutations", cutoff)
     return batches.delete_transactions(count, cut)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """The latest cutoff each log has been pruned at (None: never): what was recorded before it
+    may be gone. Readers use it to say "deleted by retention" rather than "never recorded"."""
+
+    traces: datetime | None = None
+    mutations: datetime | None = None
+
+
+def pruned_before(conn: psycopg.Connection) -> Pruned:
+    row = conn.execute(
+        "SELECT (value->>'traces')::timestamptz, (value->>'mutations')::timestamptz FROM flux.meta"
+        " WHERE key = 'pruned_before'").fetchone()
+    if row is None:
+        return Pruned()
+    return Pruned(*(t.astimezone(timezone.utc) if t is not None else None for t in row))
+
+
+def _record_cutoff(conn: psycopg.Connection, what: str, cutoff: datetime) -> None:
+    # Before the first batch, so that an interrupted prune is covered too; never moved back.
+    conn.execute("""
+        INSERT INTO flux.meta AS m (key, value) VALUES ('pruned_before', jsonb_build_object(%(what)s::text, %(cutoff)s::timestamptz))
+        ON CONFLICT (key) DO UPDATE SET value = m.value || jsonb_build_object(%(what)s::text,
+            greatest((m.value->>%(what)s::text)::timestamptz, %(cutoff)s::timestamptz))
+        """, {"what": what, "cutoff": cutoff})
 
 
 def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | None:

@@ -50,6 +50,7 @@ class PruneResult:
     traces: int | None  # deleted (or, for a dry run, to delete); None when not asked for
     mutations: int | None
     seconds: float
+    stopped: bool = False  # `stop` was set before it finished: what is left goes next time
 
 
 def prune(
@@ -69,6 +70,8 @@ def prune(
         raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
     if not traces and not mutations:
         raise ConfigError("Nothing to prune", hint="Leave out --no-traces or --no-mutations.")
+    if batch_rows < 1:
+        raise ConfigError(f"--batch-rows {batch_rows} is not a positive number of rows", hint="The default is 5000.")
     version = schema_version(conn)
     if version is None:
         raise NotFoundError("This database has no flux schema: nothing was recorded here",
@@ -84,11 +87,13 @@ def prune(
         # The database's clock, in UTC: psycopg gives a timestamptz in the session's TimeZone.
         cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0].astimezone(timezone.utc)
         result = PruneResult(cutoff=cutoff, dry_run=dry_run, traces=None, mutations=None, seconds=0.0)
-        batches = _Batches(conn, batch_rows, progress, stop or threading.Event())
+        stop = stop or threading.Event()
+        batches = _Batches(conn, batch_rows, progress, stop)
         if traces:
             result.traces = _prune_traces(cutoff, dry_run, batches)
         if mutations:
-            result.mutations = _prune_mutations(cutoff, dry_run, batches)
+            result.mutations = 0 if batches.stopping() else _prune_mutations(cutoff, dry_run, batches)
+        result.stopped = batches.stopped
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     result.seconds = round(time.monotonic() - started, 3)
@@ -182,12 +187,13 @@ class _Batches:
     rows: int
     progress: Progress | None
     stop: threading.Event
+    stopped: bool = False  # a delete loop ended because `stop` was set
 
     def delete(self, what: str, count: str, delete: str, bound: object) -> int:
         """Run `delete` (its parameters: `bound`, then the batch size) until a batch comes back short."""
         total = self._total(count, bound)
         deleted = 0
-        while not self.stop.is_set():
+        while not self.stopping():
             batch = self.conn.execute(delete, (bound, self.rows)).rowcount
             deleted += batch
             self._report(what, deleted, total)
@@ -203,7 +209,7 @@ class _Batches:
         never walks back over the entries of rows already deleted (dead until vacuumed)."""
         total = self._total(count, cut)
         deleted, low = 0, "0/0"
-        while not self.stop.is_set():
+        while not self.stopping():
             first, end = self.conn.execute("""
                 SELECT min(commit_lsn)::text, (SELECT commit_lsn FROM flux.state_mutations
                     WHERE commit_lsn >= %(low)s::pg_lsn AND commit_lsn < %(cut)s::pg_lsn
@@ -223,6 +229,10 @@ class _Batches:
                 break
             low = end
         return deleted
+
+    def stopping(self) -> bool:
+        self.stopped = self.stopped or self.stop.is_set()
+        return self.stopped
 
     def _total(self, count: str, bound: object) -> int:
         # Counted only when someone watches: a count is a scan of an index, long on a large log.

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime, timedelta, timezone
 
 from typer.testing import CliRunner
@@ -53,3 +57,24 @@ def test_prune_text_gives_the_cutoff_in_utc_whatever_the_servers_time_zone(dsn, 
     printed = datetime.strptime(result.stdout.split(" recorded before ")[1][:19], "%Y-%m-%d %H:%M:%S")
     expected = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=30)
     assert abs(printed - expected) < timedelta(minutes=5), result.stdout
+
+
+def test_ctrl_c_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn):
+    ensure_schema(conn)
+    total = 200_000  # one row per transaction; 2,000 batches of 100: far longer than the wait below
+    conn.execute(
+        "INSERT INTO flux.state_mutations (schema_name, table_name, op, row_key, xid, commit_lsn, commit_time, seq)"
+        " SELECT 'public', 'users', 'insert', jsonb_build_object('id', s), s, '0/0'::pg_lsn + s::numeric,"
+        " now() - interval '40 days', 0 FROM generate_series(1, %s) s", (total,))
+    proc = subprocess.Popen([sys.executable, "-m", "flux", "prune", "--older-than", "30d", "--batch-rows", "100",
+                             "--json", "--database", dsn], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0] == total:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    data = json.loads(out)
+    left = conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0]
+    assert data["stopped"] is True and 0 < data["mutations"] == total - left < total

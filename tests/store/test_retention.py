@@ -179,3 +179,23 @@ def test_keep_applies_the_projects_retention_until_cancelled(recorded, dsn):
             await keeper
 
     asyncio.run(main())
+
+
+def test_a_prune_stopped_before_it_finished_says_so(recorded):
+    stop = threading.Event()
+    result = prune(recorded, older_than=timedelta(days=30), progress=lambda *_: stop.set(), stop=stop)
+    assert (result.traces, result.mutations, result.stopped) == (2, 0, True)
+    assert prune(recorded, older_than=timedelta(days=30)).stopped is False
+
+
+def test_prune_refuses_a_batch_of_no_rows(recorded):
+    stop = threading.Event()  # set after a few batches, should a batch of no rows be tried: it never comes back short
+    calls: list[int] = []
+
+    def progress(*_) -> None:
+        calls.append(1)
+        if len(calls) > 5:
+            stop.set()
+
+    with pytest.raises(ConfigError):
+        prune(recorded, older_than=timedelta(days=30), batch_rows=0, progress=progress, stop=stop)

@@ -262,8 +262,15 @@ async def keep(dsn: str, current: Callable[[], Retention], *, every_s: float = K
             if period is None:
                 continue
             stop = threading.Event()
+            opened: list[psycopg.Connection] = []
             try:
-                result = await asyncio.to_thread(_prune_one, dsn, what, period, stop)
+                result = await asyncio.to_thread(_prune_one, dsn, what, period, stop, opened)
+            except asyncio.CancelledError:
+                # The server stops: the pass ends now, not once a statement waiting on a lock (or a
+                # slow server) lets it; the batch in hand rolls back.
+                stop.set()
+                _cancel(opened)
+                raise
             except InUseError:
                 log.debug("retention: another prune is running on this database; %s left to it", what)
                 continue
@@ -271,14 +278,24 @@ async def keep(dsn: str, current: Callable[[], Retention], *, every_s: float = K
                 hint = f" (hint: {exc.hint})" if isinstance(exc, FluxError) and exc.hint else ""
                 log.warning("retention: pruning %s failed, tried again in %.0f s: %s%s", what, every_s, exc, hint)
                 continue
-            finally:
-                stop.set()  # cancelled (the server stops): the thread ends after its batch in hand
             deleted = result.traces if what == "traces" else result.mutations
             if deleted:
                 log.info("retention: deleted %d %s recorded before %s", deleted, what, f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC")
         await asyncio.sleep(every_s)
 
 
-def _prune_one(dsn: str, what: str, period: timedelta, stop: threading.Event) -> PruneResult:
+def _prune_one(dsn: str, what: str, period: timedelta, stop: threading.Event,
+               opened: list[psycopg.Connection]) -> PruneResult:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="flux-retention") as conn:
+        opened.append(conn)
+        if stop.is_set():  # cancelled while connecting: _cancel found no connection to cancel
+            raise InUseError("The server is stopping")  # nobody waits for this pass's result any more
         return prune(conn, older_than=period, traces=what == "traces", mutations=what == "mutations", stop=stop)
+
+
+def _cancel(opened: list[psycopg.Connection]) -> None:
+    for conn in opened:
+        try:
+            conn.cancel_safe(timeout=5)
+        except (psycopg.Error, OSError) as exc:  # the statement then ends when the server lets it
+            log.debug("retention: could not cancel the pass in hand: %s", exc)

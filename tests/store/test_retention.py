@@ -199,3 +199,29 @@ def test_prune_refuses_a_batch_of_no_rows(recorded):
 
     with pytest.raises(ConfigError):
         prune(recorded, older_than=timedelta(days=30), batch_rows=0, progress=progress, stop=stop)
+
+
+def test_a_stopping_server_ends_a_pass_waiting_on_a_lock_at_once(recorded, dsn):
+    with psycopg.connect(dsn) as locker:
+        locker.execute("LOCK TABLE flux.trace_requests IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(20, locker.rollback)  # without a cancel, the pass would wait this long
+        release.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flux-retention' AND wait_event_type = 'Lock'"
+
+        async def main() -> None:
+            keeper = asyncio.create_task(keep(dsn, lambda: Retention(traces=timedelta(days=30)), first_after_s=0))
+            deadline = time.monotonic() + 10
+            while recorded.execute(waiting).fetchone() != (1,):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            keeper.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await keeper
+
+        started = time.monotonic()
+        asyncio.run(main())  # returns once the pass's worker thread has ended
+        stopped_in = time.monotonic() - started
+        release.cancel()
+        locker.rollback()
+    assert stopped_in < 8
+    assert remaining(recorded)[0] == [40, 31, 29, 1]  # the batch in hand rolled back

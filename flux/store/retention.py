@@ -30,13 +30,16 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 
-from flux.errors import ConfigError, FluxError, InUseError, NotFoundError
+from flux.errors import ConfigError, FluxError, InUseError, NotFoundError, from_psycopg
 from flux.project import Retention
 from flux.store.schema import SCHEMA_VERSION, schema_version
 
 log = logging.getLogger("flux.retention")
 
 DEFAULT_BATCH_ROWS = 5_000
+_GRANTS = ("A prune deletes from flux.trace_requests and flux.state_mutations and records its cutoff in flux.meta: "
+           "run it as the role that ran `flux attach`, or GRANT DELETE ON flux.trace_requests, flux.state_mutations "
+           "TO <role>; GRANT INSERT, UPDATE ON flux.meta TO <role>; (--dry-run only reads).")
 _LOCK = "flux.prune"
 
 # (what, deleted so far, to delete in all): called after each batch
@@ -94,6 +97,8 @@ def prune(
         if mutations:
             result.mutations = 0 if batches.stopping() else _prune_mutations(cutoff, dry_run, batches)
         result.stopped = batches.stopped
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise from_psycopg(exc, "Pruning failed", hint=_GRANTS) from exc
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     result.seconds = round(time.monotonic() - started, 3)

@@ -11,7 +11,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from flux.errors import ConfigError, InUseError, NotFoundError
+from flux.errors import ConfigError, DatabaseError, InUseError, NotFoundError
 from flux.project import Retention
 from flux.store.retention import first_lsn_at_or_after, keep, prune
 from flux.store.schema import ensure_schema
@@ -225,3 +225,18 @@ def test_a_stopping_server_ends_a_pass_waiting_on_a_lock_at_once(recorded, dsn):
         locker.rollback()
     assert stopped_in < 8
     assert remaining(recorded)[0] == [40, 31, 29, 1]  # the batch in hand rolled back
+
+
+def test_a_role_that_may_only_read_is_told_which_grants_a_prune_needs(recorded, dsn):
+    role = f"reader_{recorded.info.dbname}"
+    recorded.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        recorded.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO {role}")
+        with psycopg.connect(dsn.replace("postgres@", f"{role}@"), autocommit=True) as reader:
+            assert prune(reader, older_than=timedelta(days=30), dry_run=True).traces == 2  # reading is enough
+            with pytest.raises(DatabaseError) as caught:
+                prune(reader, older_than=timedelta(days=30))
+        assert caught.value.context["sqlstate"] == "42501" and "GRANT DELETE ON flux.trace_requests" in caught.value.hint
+        assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])
+    finally:
+        recorded.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")

@@ -100,7 +100,8 @@ def prune(
     except psycopg.errors.InsufficientPrivilege as exc:
         raise from_psycopg(exc, "Pruning failed", hint=_GRANTS) from exc
     finally:
-        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
+        if not conn.closed:  # a lost session has released its lock, and its error is the one to report
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     result.seconds = round(time.monotonic() - started, 3)
     return result
 

@@ -240,3 +240,17 @@ def test_a_role_that_may_only_read_is_told_which_grants_a_prune_needs(recorded, 
         assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])
     finally:
         recorded.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_lost_connection_is_reported_as_such_not_as_the_unlock_that_followed(recorded, dsn):
+    for lsn in range(300):
+        transaction(recorded, 0x10 + lsn, 50)
+    with psycopg.connect(dsn, autocommit=True) as pruner:
+        pid = pruner.info.backend_pid
+
+        def progress(*_) -> None:  # after the first batch, the server ends the session
+            recorded.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+        with pytest.raises(psycopg.OperationalError) as caught:
+            prune(pruner, older_than=timedelta(days=30), traces=False, batch_rows=100, progress=progress)
+    assert "the connection is closed" not in str(caught.value), caught.value

@@ -204,8 +204,8 @@ def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation
         # The trace started before the transaction committed: a commit before the cutoff means a trace before it.
         if pruned.traces is not None and any(m.commit_time < pruned.traces for m in mutations):
             return [(
-                f"Its trace was deleted by retention (traces that started before {_utc(pruned.traces)} are pruned);"
-                f" its {mutation_count:,} row change(s) remain."
+                f"No trace is kept for this request, only its {mutation_count:,} row change(s): traces that started"
+                f" before {_utc(pruned.traces)} were deleted by retention."
             )]
         return [(
             f"No trace was recorded for this request, only its {mutation_count:,} row change(s): it was served with"

@@ -355,7 +355,8 @@ def test_explain_says_a_trace_deleted_by_retention_was_deleted(conn):
     old_request(conn, 40)
     prune(conn, older_than=timedelta(days=30), mutations=False)
     (note,) = explain(conn, OK).notes
-    assert note.startswith("Its trace was deleted by retention (traces that started before ") and "lost" not in note
+    assert note.startswith("No trace is kept for this request, only its 1 row change(s): traces that started before ")
+    assert note.endswith(" UTC were deleted by retention.")
 
 
 def test_explain_says_row_changes_deleted_by_retention_were_deleted(conn):

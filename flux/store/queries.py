@@ -479,7 +479,7 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None
     elif exists:
         hint = _capture_hint(conn, schema, table) + _pruned_note(conn)
     else:
-        hint = "No such table either. Is it captured? See `flux attach --tables`."
+        hint = "No such table either. Is it captured? See `flux attach --tables`." + _pruned_note(conn)
     raise NotFoundError(f"No recorded mutations for table {name}", hint=hint, table=name)
 
 

@@ -10,8 +10,13 @@ How old is decided:
 - a mutation by its transaction's commit time. There is no index on `commit_time`, but commit
   order is LSN order, so commit times rise with `commit_lsn`, the primary key's first column: a
   binary search over the key finds the first LSN at or past the cutoff, and everything before it
-  goes (a whole transaction at a time, since its rows share one commit LSN). Commit times of
-  concurrent transactions can be a few microseconds out of LSN order; the cut follows the LSN.
+  goes, in batches that end between transactions (its rows share one commit LSN). Commit times
+  of concurrent transactions can be a few microseconds out of LSN order; the cut follows the LSN.
+- "now" is the database server's clock; the cutoff is returned in UTC.
+
+Before deleting from a log it records the cutoff in `flux.meta` (`pruned_before`), so that
+readers (`flux why`, `flux trace`, `flux state`) can say "deleted by retention" rather than
+imply that something was never recorded.
 
 What it does not do: it does not VACUUM (autovacuum reclaims the space in time; a manual
 `VACUUM flux.state_mutations` returns it at once), and it does not touch user tables or the
@@ -39,7 +44,7 @@ log = logging.getLogger("flux.retention")
 DEFAULT_BATCH_ROWS = 5_000
 _GRANTS = ("A prune deletes from flux.trace_requests and flux.state_mutations and records its cutoff in flux.meta: "
            "run it as the role that ran `flux attach`, or GRANT DELETE ON flux.trace_requests, flux.state_mutations "
-           "TO <role>; GRANT INSERT, UPDATE ON flux.meta TO <role>; (--dry-run only reads).")
+           "TO <role>; GRANT INSERT, UPDATE ON flux.meta TO <role>. --dry-run only reads.")
 _LOCK = "flux.prune"
 
 # (what, deleted so far, to delete in all): called after each batch
@@ -68,7 +73,8 @@ def prune(
     stop: threading.Event | None = None,
 ) -> PruneResult:
     """Delete traces and mutations older than `older_than`; `conn` must be in autocommit mode.
-    Once `stop` is set, it returns after the batch in hand, with what it has deleted."""
+    Once `stop` is set, it returns after the batch in hand, with what it has deleted and
+    `stopped` set."""
     if older_than <= timedelta(0):
         raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
     if not traces and not mutations:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -24,25 +28,48 @@ def prune(
     database: DatabaseOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Delete traces and row changes recorded longer ago than --older-than, in short batches."""
+    """Delete traces and row changes recorded longer ago than --older-than, in short batches.
+    Ctrl-C stops it after the batch in hand (a second one at once); running it again continues."""
     window = parse_duration(older_than, "--older-than")
-    with connect(database, failing="Pruning failed") as conn:
+    stop = threading.Event()
+    with connect(database, failing="Pruning failed") as conn, _stop_on_ctrl_c(stop):
         if json or not err_console.is_terminal:
             result = retention.prune(conn, older_than=window, traces=traces, mutations=mutations,
-                                     batch_rows=batch_rows, dry_run=dry_run)
+                                     batch_rows=batch_rows, dry_run=dry_run, stop=stop)
         else:
-            result = _with_progress_bars(conn, window, traces, mutations, batch_rows, dry_run)
+            result = _with_progress_bars(conn, window, traces, mutations, batch_rows, dry_run, stop)
     if json:
         print_json(result)
+    else:
+        verb = "Would delete" if result.dry_run else "Stopped after deleting" if result.stopped else "Deleted"
+        counts = [f"{n:,} {what}" for what, n in (("traces", result.traces), ("mutations", result.mutations)) if n is not None]
+        console.print(f"{verb} {' and '.join(counts)} recorded before {result.cutoff:%Y-%m-%d %H:%M:%S} UTC "
+                      f"({result.seconds:.1f}s)." + (" Run it again to delete the rest." if result.stopped else ""))
+    if result.stopped:
+        raise typer.Exit(130)
+
+
+@contextmanager
+def _stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl-C sets `stop` (the prune ends after its batch in hand and says what it did);
+    a second one interrupts at once, as the default handler does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    verb = "Would delete" if result.dry_run else "Deleted"
-    counts = [f"{n:,} {what}" for what, n in (("traces", result.traces), ("mutations", result.mutations)) if n is not None]
-    console.print(f"{verb} {' and '.join(counts)} recorded before {result.cutoff:%Y-%m-%d %H:%M:%S} UTC "
-                  f"({result.seconds:.1f}s).")
+
+    def first(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _with_progress_bars(conn, window, traces: bool, mutations: bool, batch_rows: int,
-                        dry_run: bool) -> retention.PruneResult:
+                        dry_run: bool, stop: threading.Event) -> retention.PruneResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -55,6 +82,6 @@ def _with_progress_bars(conn, window, traces: bool, mutations: bool, batch_rows:
             bars.update(tasks[what], completed=done, total=total)
 
         return retention.prune(conn, older_than=window, traces=traces, mutations=mutations, batch_rows=batch_rows,
-                               dry_run=dry_run, progress=progress)
+                               dry_run=dry_run, progress=progress, stop=stop)
 
 

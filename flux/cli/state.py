@@ -136,6 +136,8 @@ def render_history(h: RowHistory) -> None:
         console.print(f"  [dim]newest {len(h.mutations)} of {h.total} changes · times UTC[/]")
     if h.matched_on == "images":
         console.print("  [dim]no primary key: matched on row values[/]")
+    if h.pruned_before is not None:
+        console.print(f"  [dim]its changes committed before {h.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
     width = max([8, *(len(c) for m in h.mutations for c in (m.new or m.old or {}))])
     for m in h.mutations:
         console.print()
@@ -242,6 +244,8 @@ def render_row_blame(b: RowBlame) -> None:
         console.print(f"[dim]{line}[/]" if b.deleted else line)
     if any(not c.certain for c in b.columns):
         console.print("  [dim]≤: set by this change or an earlier one (the old row was not fully known)[/]")
+    if b.pruned_before is not None:
+        console.print(f"  [dim]changes committed before {b.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
     console.print()
 
 

@@ -22,9 +22,10 @@ from flux.cli.output import console, print_json
 from flux.cli.state import history_command, shell_word
 from flux.project import parse_duration
 from flux.store import traces
+from flux.store.retention import pruned_before
 from flux.store.queries import format_table, key_text
 from flux.store.traces import TraceRecord, TraceSummary
-from flux.store.why import MAX_ROWS, RowChange, Why, error_label, explain
+from flux.store.why import MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned
 
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
@@ -38,10 +39,13 @@ def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption
     with _connect(database) as conn:
         record = traces.get_trace(conn, id_or_prefix)
         writes = traces.count_mutations(conn, record.id)
+        pruned = pruned_before(conn)
+    # None of its row changes left, and it ended before the log's cutoff: how many it made is unknown.
+    writes_pruned = writes == 0 and mutations_pruned(record, pruned)
     if json:
-        print_json({**dataclasses.asdict(record), "db_writes": writes})
+        print_json({**dataclasses.asdict(record), "db_writes": writes, "db_writes_pruned": writes_pruned})
     else:
-        render_trace(record, writes)
+        render_trace(record, writes, pruned.mutations if writes_pruned else None)
 
 
 def why(
@@ -170,7 +174,7 @@ def _origin_failures(spans: list[dict[str, Any]]) -> int:
     return sum(1 for s in spans if _failed_here(s, children))
 
 
-def render_trace(t: TraceRecord, db_writes: int) -> None:
+def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime | None = None) -> None:
     roots, children = _children(t.spans)
     color = _status_color(t.status)
     console.print()
@@ -180,7 +184,9 @@ def render_trace(t: TraceRecord, db_writes: int) -> None:
         for line in _span_lines([(lead, span) for lead, _, span in _walk(roots, children)], children):
             console.print(line)
     # Errors counts failures where they started, not the spans that failed because of them.
-    console.print(f"  [dim]── Spans: {len(t.spans)}  ·  Errors: {_origin_failures(t.spans)}  ·  DB writes: {db_writes}[/]")
+    writes = (f"{db_writes}" if writes_pruned_before is None else
+              f"unknown (row changes committed before {writes_pruned_before:%Y-%m-%d %H:%M:%S} UTC were pruned)")
+    console.print(f"  [dim]── Spans: {len(t.spans)}  ·  Errors: {_origin_failures(t.spans)}  ·  DB writes: {writes}[/]")
     console.print()
 
 

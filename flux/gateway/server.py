@@ -199,7 +199,7 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     try:
         await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)
     finally:
-        pruner.cancel()  # a pass on its worker thread finishes its batch; the next never starts
+        pruner.cancel()  # a pass on its worker thread has its statement cancelled; the next never starts
         if watcher is not None:
             watcher.cancel()
 

@@ -39,6 +39,7 @@ import psycopg
 from psycopg import sql
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
+from flux.store.retention import pruned_before
 from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
 
 DEFAULT_SCHEMA = "public"
@@ -96,6 +97,9 @@ class RowHistory:
     total: int  # mutations of the row in the log; `mutations` may hold only the newest of them
     mutations: tuple[Mutation, ...]  # oldest first
     key: dict[str, Any] | None = None  # the primary key as recorded (typed), when matched on it
+    # The log's last prune cutoff, when the row's recorded history starts with a change other than
+    # its insert: its earlier changes, committed before this, were deleted by retention.
+    pruned_before: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,7 @@ class RowBlame:
     columns: tuple[ColumnBlame, ...]  # current values; when deleted, the values it had
     moved_to: dict[str, Any] | None = None  # deleted_by changed the row's primary key to this one
     key: dict[str, Any] | None = None  # the primary key as recorded (typed), when matched on it
+    pruned_before: datetime | None = None  # as RowHistory's: some values were set by changes since pruned
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,9 +477,9 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None
         parent = format_table(*root)
         hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {parent} ...`."
     elif exists:
-        hint = _capture_hint(conn, schema, table)
+        hint = _capture_hint(conn, schema, table) + _pruned_note(conn)
     else:
-        hint = "No such table either. Is it captured? See `flux attach --tables`."
+        hint = "No such table either. Is it captured? See `flux attach --tables`." + _pruned_note(conn)
     raise NotFoundError(f"No recorded mutations for table {name}", hint=hint, table=name)
 
 
@@ -633,18 +638,32 @@ def row_history(
     m = _row_match(conn, schema, table, id_value, key)
     total, mutations = _fetch_row(conn, schema, table, m, limit)
     if not mutations:
-        _no_row(schema, table, m)
+        _no_row(conn, schema, table, m)
+    whole = total == len(mutations)  # else the oldest shown is not the oldest recorded
     return RowHistory(schema=schema, table=table, match=m.match, matched_on=m.matched_on, total=total,
-                      mutations=tuple(mutations), key=_recorded_as(m, mutations))
+                      mutations=tuple(mutations), key=_recorded_as(m, mutations),
+                      pruned_before=_pruned_history(conn, mutations) if whole else None)
 
 
-def _no_row(schema: str, table: str, m: _RowMatch) -> None:
+def _no_row(conn: psycopg.Connection, schema: str, table: str, m: _RowMatch) -> None:
     where = _describe(schema, table, m.match)
     raise NotFoundError(
         f"No recorded mutations for row {where}",
-        hint=f"The table has recorded changes, but none of this row. `flux state blame {format_table(schema, table)}` lists recently changed rows.",
+        hint=f"The table has recorded changes, but none of this row. `flux state blame {format_table(schema, table)}` lists recently changed rows."
+        + _pruned_note(conn),
         table=format_table(schema, table),
     )
+
+
+def _pruned_history(conn: psycopg.Connection, mutations: list[Mutation]) -> datetime | None:
+    """The last prune's cutoff, when a row's recorded changes (oldest first) do not start with its insert."""
+    return pruned_before(conn).mutations if mutations and mutations[0].op != "insert" else None
+
+
+def _pruned_note(conn: psycopg.Connection) -> str:
+    """A sentence for a hint about missing changes: those before the last prune's cutoff are gone."""
+    pruned = pruned_before(conn).mutations
+    return f" Changes committed before {pruned:%Y-%m-%d %H:%M:%S} UTC were deleted by retention." if pruned else ""
 
 
 # -- blame -----------------------------------------------------------------------------------
@@ -663,8 +682,12 @@ def row_blame(
     m = _row_match(conn, schema, table, id_value, key)
     _, mutations = _fetch_row(conn, schema, table, m, None)
     if not mutations:
-        _no_row(schema, table, m)
-    return _blame(schema, table, m.match, _with_earlier_keys(conn, schema, table, mutations), key=_recorded_as(m, mutations))
+        _no_row(conn, schema, table, m)
+    mutations = _with_earlier_keys(conn, schema, table, mutations)
+    blame = _blame(schema, table, m.match, mutations, key=_recorded_as(m, mutations))
+    if any(c.set_by is None for c in blame.columns):
+        blame = dataclasses.replace(blame, pruned_before=_pruned_history(conn, mutations))
+    return blame
 
 
 MAX_KEY_HOPS = 16  # how many primary-key changes blame follows back

@@ -10,8 +10,13 @@ How old is decided:
 - a mutation by its transaction's commit time. There is no index on `commit_time`, but commit
   order is LSN order, so commit times rise with `commit_lsn`, the primary key's first column: a
   binary search over the key finds the first LSN at or past the cutoff, and everything before it
-  goes (a whole transaction at a time, since its rows share one commit LSN). Commit times of
-  concurrent transactions can be a few microseconds out of LSN order; the cut follows the LSN.
+  goes, in batches that end between transactions (its rows share one commit LSN). Commit times
+  of concurrent transactions can be a few microseconds out of LSN order; the cut follows the LSN.
+- "now" is the database server's clock; the cutoff is returned in UTC.
+
+Before deleting from a log it records the cutoff in `flux.meta` (`pruned_before`), so that
+readers (`flux why`, `flux trace`, `flux state`) can say "deleted by retention" rather than
+imply that something was never recorded.
 
 What it does not do: it does not VACUUM (autovacuum reclaims the space in time; a manual
 `VACUUM flux.state_mutations` returns it at once), and it does not touch user tables or the
@@ -26,17 +31,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 
-from flux.errors import ConfigError, FluxError, InUseError, NotFoundError
+from flux.errors import ConfigError, FluxError, InUseError, NotFoundError, from_psycopg
 from flux.project import Retention
 from flux.store.schema import SCHEMA_VERSION, schema_version
 
 log = logging.getLogger("flux.retention")
 
 DEFAULT_BATCH_ROWS = 5_000
+_GRANTS = ("A prune deletes from flux.trace_requests and flux.state_mutations and records its cutoff in flux.meta: "
+           "run it as the role that ran `flux attach`, or GRANT DELETE ON flux.trace_requests, flux.state_mutations "
+           "TO <role>; GRANT INSERT, UPDATE ON flux.meta TO <role>. --dry-run only reads.")
 _LOCK = "flux.prune"
 
 # (what, deleted so far, to delete in all): called after each batch
@@ -50,6 +58,7 @@ class PruneResult:
     traces: int | None  # deleted (or, for a dry run, to delete); None when not asked for
     mutations: int | None
     seconds: float
+    stopped: bool = False  # `stop` was set before it finished: what is left goes next time
 
 
 def prune(
@@ -64,11 +73,14 @@ def prune(
     stop: threading.Event | None = None,
 ) -> PruneResult:
     """Delete traces and mutations older than `older_than`; `conn` must be in autocommit mode.
-    Once `stop` is set, it returns after the batch in hand, with what it has deleted."""
+    Once `stop` is set, it returns after the batch in hand, with what it has deleted and
+    `stopped` set."""
     if older_than <= timedelta(0):
         raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
     if not traces and not mutations:
         raise ConfigError("Nothing to prune", hint="Leave out --no-traces or --no-mutations.")
+    if batch_rows < 1:
+        raise ConfigError(f"--batch-rows {batch_rows} is not a positive number of rows", hint="The default is 5000.")
     version = schema_version(conn)
     if version is None:
         raise NotFoundError("This database has no flux schema: nothing was recorded here",
@@ -81,15 +93,21 @@ def prune(
         raise InUseError("Another `flux prune` is running on this database",
                          hint="Wait for it to finish; running two at once only makes them compete.")
     try:
-        cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0]
+        # The database's clock, in UTC: psycopg gives a timestamptz in the session's TimeZone.
+        cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0].astimezone(timezone.utc)
         result = PruneResult(cutoff=cutoff, dry_run=dry_run, traces=None, mutations=None, seconds=0.0)
-        batches = _Batches(conn, batch_rows, progress, stop or threading.Event())
+        stop = stop or threading.Event()
+        batches = _Batches(conn, batch_rows, progress, stop)
         if traces:
             result.traces = _prune_traces(cutoff, dry_run, batches)
         if mutations:
-            result.mutations = _prune_mutations(cutoff, dry_run, batches)
+            result.mutations = 0 if batches.stopping() else _prune_mutations(cutoff, dry_run, batches)
+        result.stopped = batches.stopped
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise from_psycopg(exc, "Pruning failed", hint=_GRANTS) from exc
     finally:
-        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
+        if not conn.closed:  # a lost session has released its lock, and its error is the one to report
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     result.seconds = round(time.monotonic() - started, 3)
     return result
 
@@ -98,6 +116,7 @@ def _prune_traces(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     count = "SELECT count(*) FROM flux.trace_requests WHERE started_at < %s"
     if dry_run:
         return batches.conn.execute(count, (cutoff,)).fetchone()[0]
+    _record_cutoff(batches.conn, "traces", cutoff)
     return batches.delete("traces", count, """
         DELETE FROM flux.trace_requests WHERE id IN (
             SELECT id FROM flux.trace_requests WHERE started_at < %s ORDER BY started_at LIMIT %s)
@@ -114,10 +133,35 @@ def _prune_mutations(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     count = "SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn"
     if dry_run:
         return conn.execute(count, (cut,)).fetchone()[0]
-    return batches.delete("mutations", count, """
-        DELETE FROM flux.state_mutations WHERE (commit_lsn, seq) IN (
-            SELECT commit_lsn, seq FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn ORDER BY commit_lsn, seq LIMIT %s)
-        """, cut)
+    _record_cutoff(conn, "mutations", cutoff)
+    return batches.delete_transactions(count, cut)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """The latest cutoff each log has been pruned at (None: never): what was recorded before it
+    may be gone. Readers use it to say "deleted by retention" rather than "never recorded"."""
+
+    traces: datetime | None = None
+    mutations: datetime | None = None
+
+
+def pruned_before(conn: psycopg.Connection) -> Pruned:
+    row = conn.execute(
+        "SELECT (value->>'traces')::timestamptz, (value->>'mutations')::timestamptz FROM flux.meta"
+        " WHERE key = 'pruned_before'").fetchone()
+    if row is None:
+        return Pruned()
+    return Pruned(*(t.astimezone(timezone.utc) if t is not None else None for t in row))
+
+
+def _record_cutoff(conn: psycopg.Connection, what: str, cutoff: datetime) -> None:
+    # Before the first batch, so that an interrupted prune is covered too; never moved back.
+    conn.execute("""
+        INSERT INTO flux.meta AS m (key, value) VALUES ('pruned_before', jsonb_build_object(%(what)s::text, %(cutoff)s::timestamptz))
+        ON CONFLICT (key) DO UPDATE SET value = m.value || jsonb_build_object(%(what)s::text,
+            greatest((m.value->>%(what)s::text)::timestamptz, %(cutoff)s::timestamptz))
+        """, {"what": what, "cutoff": cutoff})
 
 
 def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | None:
@@ -155,21 +199,60 @@ class _Batches:
     rows: int
     progress: Progress | None
     stop: threading.Event
+    stopped: bool = False  # a delete loop ended because `stop` was set
 
     def delete(self, what: str, count: str, delete: str, bound: object) -> int:
-        """Run `delete` (its parameters: `bound`, then the batch size) until a batch comes back short.
-        The total for the progress report is counted only when someone watches (a count is a
-        scan of an index, long on a large log)."""
-        total = self.conn.execute(count, (bound,)).fetchone()[0] if self.progress is not None else 0
+        """Run `delete` (its parameters: `bound`, then the batch size) until a batch comes back short."""
+        total = self._total(count, bound)
         deleted = 0
-        while not self.stop.is_set():
+        while not self.stopping():
             batch = self.conn.execute(delete, (bound, self.rows)).rowcount
             deleted += batch
-            if self.progress is not None:
-                self.progress(what, deleted, max(total, deleted))
+            self._report(what, deleted, total)
             if batch < self.rows:
                 break
         return deleted
+
+    def delete_transactions(self, count: str, cut: str) -> int:
+        """Delete the mutations before the LSN `cut`, whole transactions per batch: a batch ends
+        before the transaction its row `rows + 1` belongs to, so no reader (and no interrupted
+        prune) ever sees part of a transaction gone. A transaction larger than a batch goes alone,
+        in one statement. Each batch starts at the previous one's end, so the primary key's scan
+        never walks back over the entries of rows already deleted (dead until vacuumed)."""
+        total = self._total(count, cut)
+        deleted, low = 0, "0/0"
+        while not self.stopping():
+            first, end = self.conn.execute("""
+                SELECT min(commit_lsn)::text, (SELECT commit_lsn FROM flux.state_mutations
+                    WHERE commit_lsn >= %(low)s::pg_lsn AND commit_lsn < %(cut)s::pg_lsn
+                    ORDER BY commit_lsn, seq OFFSET %(rows)s LIMIT 1)::text
+                FROM flux.state_mutations WHERE commit_lsn >= %(low)s::pg_lsn AND commit_lsn < %(cut)s::pg_lsn
+                """, {"low": low, "cut": cut, "rows": self.rows}).fetchone()
+            if first is None:
+                break
+            # Up to the transaction row `rows + 1` is in; that transaction alone when it is the first.
+            end = cut if end is None else end
+            op = "<=" if end == first else "<"
+            deleted += self.conn.execute(
+                f"DELETE FROM flux.state_mutations WHERE commit_lsn >= %s::pg_lsn AND commit_lsn {op} %s::pg_lsn",
+                (first, end)).rowcount
+            self._report("mutations", deleted, total)
+            if end == cut:
+                break
+            low = end
+        return deleted
+
+    def stopping(self) -> bool:
+        self.stopped = self.stopped or self.stop.is_set()
+        return self.stopped
+
+    def _total(self, count: str, bound: object) -> int:
+        # Counted only when someone watches: a count is a scan of an index, long on a large log.
+        return self.conn.execute(count, (bound,)).fetchone()[0] if self.progress is not None else 0
+
+    def _report(self, what: str, deleted: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, deleted, max(total, deleted))
 
 
 # `[retention]` in flux.toml: `flux serve` and `flux dev` prune this often, the first time soon
@@ -191,8 +274,15 @@ async def keep(dsn: str, current: Callable[[], Retention], *, every_s: float = K
             if period is None:
                 continue
             stop = threading.Event()
+            opened: list[psycopg.Connection] = []
             try:
-                result = await asyncio.to_thread(_prune_one, dsn, what, period, stop)
+                result = await asyncio.to_thread(_prune_one, dsn, what, period, stop, opened)
+            except asyncio.CancelledError:
+                # The server stops: the pass ends now, not once a statement waiting on a lock (or a
+                # slow server) lets it; the batch in hand rolls back.
+                stop.set()
+                _cancel(opened)
+                raise
             except InUseError:
                 log.debug("retention: another prune is running on this database; %s left to it", what)
                 continue
@@ -200,14 +290,24 @@ async def keep(dsn: str, current: Callable[[], Retention], *, every_s: float = K
                 hint = f" (hint: {exc.hint})" if isinstance(exc, FluxError) and exc.hint else ""
                 log.warning("retention: pruning %s failed, tried again in %.0f s: %s%s", what, every_s, exc, hint)
                 continue
-            finally:
-                stop.set()  # cancelled (the server stops): the thread ends after its batch in hand
             deleted = result.traces if what == "traces" else result.mutations
             if deleted:
-                log.info("retention: deleted %d %s recorded before %s", deleted, what, f"{result.cutoff:%Y-%m-%d %H:%M:%S}")
+                log.info("retention: deleted %d %s recorded before %s", deleted, what, f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC")
         await asyncio.sleep(every_s)
 
 
-def _prune_one(dsn: str, what: str, period: timedelta, stop: threading.Event) -> PruneResult:
+def _prune_one(dsn: str, what: str, period: timedelta, stop: threading.Event,
+               opened: list[psycopg.Connection]) -> PruneResult:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="flux-retention") as conn:
+        opened.append(conn)
+        if stop.is_set():  # cancelled while connecting: _cancel found no connection to cancel
+            raise InUseError("The server is stopping")  # nobody waits for this pass's result any more
         return prune(conn, older_than=period, traces=what == "traces", mutations=what == "mutations", stop=stop)
+
+
+def _cancel(opened: list[psycopg.Connection]) -> None:
+    for conn in opened:
+        try:
+            conn.cancel_safe(timeout=5)
+        except (psycopg.Error, OSError) as exc:  # the statement then ends when the server lets it
+            log.debug("retention: could not cancel the pass in hand: %s", exc)

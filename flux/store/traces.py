@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.project import MAX_DURATION
-from flux.store import queries
+from flux.store import queries, retention
 from flux.store.schema import SCHEMA_VERSION, schema_version
 
 MIN_PREFIX = 4
@@ -268,9 +268,11 @@ def get_trace(conn: psycopg.Connection, id_or_prefix: str, *, tenant: str | None
     record = _fetch(conn, request_id) if request_id else None
     if record is None:
         scope = f" of tenant {tenant!r}" if tenant is not None else ""
+        pruned = retention.pruned_before(conn).traces
+        gone = f" Traces that started before {pruned:%Y-%m-%d %H:%M:%S} UTC were deleted by retention." if pruned else ""
         raise NotFoundError(
             f"No trace{scope} with id starting {prefix!r}",
-            hint="`flux requests` lists recent requests; `flux why ID` also looks in the mutation log.",
+            hint="`flux requests` lists recent requests; `flux why ID` also looks in the mutation log." + gone,
             request_id=prefix,
         )
     return record

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
 from flux.errors import ConfigError
 from flux.store import queries, traces
+from flux.store.retention import Pruned, pruned_before
 from flux.store.traces import TraceRecord
 
 MAX_ROWS = 20  # row changes `explain` gives by default; Why.mutation_count and Why.tables count them all
@@ -181,7 +182,7 @@ def explain(conn: psycopg.Connection, id_or_prefix: str, *, rows: int = MAX_ROWS
     return Why(
         request_id=request_id, function=function, trace=trace, mutations=mutations, mutation_count=count,
         mutations_truncated=count > len(mutations), tables=tables, cause=cause,
-        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others), notes=tuple(_notes(trace, count)),
+        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others), notes=tuple(_notes(trace, mutations, count, pruned_before(conn))),
         not_run=not_run(trace) if trace else None,
     )
 
@@ -198,8 +199,14 @@ def not_run(trace: TraceRecord) -> str | None:
     return _GATEWAY_ANSWERS.get(trace.status, f"the gateway answered {trace.status}")
 
 
-def _notes(trace: TraceRecord | None, mutation_count: int) -> list[str]:
+def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation_count: int, pruned: Pruned) -> list[str]:
     if trace is None:
+        # The trace started before the transaction committed: a commit before the cutoff means a trace before it.
+        if pruned.traces is not None and any(m.commit_time < pruned.traces for m in mutations):
+            return [(
+                f"No trace is kept for this request, only its {mutation_count:,} row change(s): traces that started"
+                f" before {_utc(pruned.traces)} were deleted by retention."
+            )]
         return [(
             f"No trace was recorded for this request, only its {mutation_count:,} row change(s): it was served with"
             " tracing off, by another Flux, or its trace was lost before it was written."
@@ -217,10 +224,24 @@ def _notes(trace: TraceRecord | None, mutation_count: int) -> list[str]:
         return ["The request changed no rows."]
     if outcome == "rolled_back" or (outcome is None and trace.status >= 500):
         return ["The request changed no rows: its transaction was rolled back."]
+    if mutations_pruned(trace, pruned):
+        return [(
+            f"The trace shows {len(writes)} write(s); its row changes were deleted by retention (changes committed"
+            f" before {_utc(pruned.mutations)} are pruned)."
+        )]
     return [(
         f"The trace shows {len(writes)} write(s) but the mutation log has no row change of this request:"
         " are those tables captured (`flux attach`), and has the engine caught up?"
     )]
+
+
+def mutations_pruned(trace: TraceRecord, pruned: Pruned) -> bool:
+    """Whether the request ended (so its transaction committed) before the mutation log's cutoff."""
+    return pruned.mutations is not None and trace.started_at + timedelta(milliseconds=trace.duration_ms) < pruned.mutations
+
+
+def _utc(t: datetime | None) -> str:
+    return f"{t:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _depths(spans: list[dict[str, Any]]) -> dict[str, int]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
 
 from typer.testing import CliRunner
 
@@ -43,3 +47,34 @@ def test_prune_needs_a_duration_it_can_read(dsn, conn):
     result = runner.invoke(app, ["prune", "--older-than", "a month", "--database", dsn])
     assert isinstance(result.exception, ConfigError) and "--older-than 'a month' is not a duration" in str(result.exception)
     assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (2,)
+
+
+def test_prune_text_gives_the_cutoff_in_utc_whatever_the_servers_time_zone(dsn, conn):
+    seed(conn)
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET TimeZone = 'Pacific/Chatham'")  # UTC+12:45 or +13:45
+    result = runner.invoke(app, ["prune", "--older-than", "30d", "--dry-run", "--database", dsn])
+    assert result.exit_code == 0, result.output
+    printed = datetime.strptime(result.stdout.split(" recorded before ")[1][:19], "%Y-%m-%d %H:%M:%S")
+    expected = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=30)
+    assert abs(printed - expected) < timedelta(minutes=5), result.stdout
+
+
+def test_ctrl_c_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn):
+    ensure_schema(conn)
+    total = 200_000  # one row per transaction; 2,000 batches of 100: far longer than the wait below
+    conn.execute(
+        "INSERT INTO flux.state_mutations (schema_name, table_name, op, row_key, xid, commit_lsn, commit_time, seq)"
+        " SELECT 'public', 'users', 'insert', jsonb_build_object('id', s), s, '0/0'::pg_lsn + s::numeric,"
+        " now() - interval '40 days', 0 FROM generate_series(1, %s) s", (total,))
+    proc = subprocess.Popen([sys.executable, "-m", "flux", "prune", "--older-than", "30d", "--batch-rows", "100",
+                             "--json", "--database", dsn], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0] == total:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    data = json.loads(out)
+    left = conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0]
+    assert data["stopped"] is True and 0 < data["mutations"] == total - left < total

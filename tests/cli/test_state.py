@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from flux.cli.state import app, history_command
 from flux.errors import ConfigError, NotFoundError
+from flux.store.retention import prune
 from flux.store.schema import ensure_schema
 
 T0 = datetime(2026, 3, 10, 14, 20, 11, tzinfo=timezone.utc)
@@ -367,3 +368,35 @@ def test_every_command_has_help():
     for command in ("history", "blame"):
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "--database" in result.output
+
+
+def prune_before(conn: psycopg.Connection, cutoff: datetime) -> None:
+    """Prune the mutation log at about `cutoff` (the prune's own cutoff is the database's now() minus a window)."""
+    prune(conn, older_than=datetime.now(timezone.utc) - cutoff, traces=False)
+
+
+def test_history_whose_first_changes_were_pruned_says_so(users, dsn):
+    prune_before(users, T0 + timedelta(seconds=30))  # the insert goes
+    result = invoke(dsn, "history", "users", "--id", "42")
+    assert "  its changes committed before 2026-03-10 14:20:" in result.output and " UTC were deleted by retention" in result.output
+    data = json.loads(invoke(dsn, "history", "users", "--id", "42", "--json").stdout)
+    assert data["pruned_before"].startswith("2026-03-10T14:20:")
+
+
+def test_history_of_a_row_recorded_from_its_insert_does_not_mention_retention(users, dsn):
+    prune_before(users, T0 - timedelta(days=1))
+    assert json.loads(invoke(dsn, "history", "users", "--id", "42", "--json").stdout)["pruned_before"] is None
+
+
+def test_blame_of_values_set_by_pruned_changes_says_they_were_pruned(users, dsn):
+    prune_before(users, T0 + timedelta(seconds=30))
+    result = invoke(dsn, "blame", "users", "--id", "42")
+    assert "(set before the recorded history)" in result.output
+    assert " UTC were deleted by retention" in result.output
+
+
+def test_history_of_a_table_whose_changes_were_all_pruned_says_so(users, dsn):
+    prune_before(users, datetime.now(timezone.utc) - timedelta(hours=1))
+    result = invoke(dsn, "history", "users", "--id", "42")
+    assert isinstance(result.exception, NotFoundError)
+    assert " UTC were deleted by retention." in result.exception.hint

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from flux.cli import app
 from flux.cli.trace import parse_since
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
+from flux.store.retention import prune
 from flux.store.schema import ensure_schema
 from flux.store.traces import TraceRecord, insert_traces
 from tests.traces_seed import (
@@ -73,6 +74,22 @@ def test_trace_json_is_the_record_with_db_writes(seeded, dsn):
     assert data["id"] == OK and data["status"] == 200 and data["db_writes"] == 1
     assert [s["name"] for s in data["spans"]][:2] == ["gateway", "create_order"]
     assert data["recording"]["v"] == 2
+
+
+def test_trace_whose_row_changes_were_pruned_says_its_db_writes_are_unknown(seeded, dsn):
+    insert_traces(seeded, [trace("c0ffee00-0000-4000-8000-000000000006", ago=timedelta(days=40))])
+    prune(seeded, older_than=timedelta(days=30), traces=False)
+    out = invoke(dsn, "trace", "c0ffee00").output
+    assert "DB writes: unknown (row changes committed before " in out and " UTC were pruned)" in out
+    assert json.loads(invoke(dsn, "trace", "c0ffee00", "--json").stdout)["db_writes_pruned"] is True
+    assert json.loads(invoke(dsn, "trace", OK, "--json").stdout)["db_writes_pruned"] is False
+
+
+def test_trace_not_found_after_a_prune_says_traces_were_deleted_by_retention(seeded, dsn):
+    prune(seeded, older_than=timedelta(days=1), mutations=False)
+    result = invoke(dsn, "trace", OK2)
+    assert isinstance(result.exception, NotFoundError)
+    assert "were deleted by retention" in result.exception.hint
 
 
 def test_trace_ambiguous_prefix_names_the_candidates(seeded, dsn):

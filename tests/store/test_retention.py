@@ -11,7 +11,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from flux.errors import ConfigError, InUseError, NotFoundError
+from flux.errors import ConfigError, DatabaseError, InUseError, NotFoundError
 from flux.project import Retention
 from flux.store.retention import first_lsn_at_or_after, keep, prune
 from flux.store.schema import ensure_schema
@@ -78,7 +78,41 @@ def test_prune_deletes_in_batches_and_reports_each(recorded):
         transaction(recorded, 0x10 + lsn, 50)
     seen.clear()
     prune(recorded, older_than=timedelta(days=30), batch_rows=100, progress=lambda *p: seen.append(p))
-    assert seen == [("traces", 0, 0), ("mutations", 100, 200), ("mutations", 200, 200), ("mutations", 200, 200)]
+    assert seen == [("traces", 0, 0), ("mutations", 100, 200), ("mutations", 200, 200)]
+
+
+def stopped_after_first_batch(conn: psycopg.Connection, batch_rows: int) -> int:
+    """Prune mutations older than 30 days, stopping after the first batch; how many it deleted."""
+    stop = threading.Event()
+    return prune(conn, older_than=timedelta(days=30), traces=False, batch_rows=batch_rows,
+                 progress=lambda *_: stop.set(), stop=stop).mutations
+
+
+def partial_transactions(conn: psycopg.Connection) -> list:
+    return conn.execute("SELECT commit_lsn::text, count(*) FROM flux.state_mutations GROUP BY 1"
+                        " HAVING count(*) <> max(seq) + 1").fetchall()
+
+
+def test_a_batch_ends_at_a_transaction_boundary(conn):
+    ensure_schema(conn)
+    for lsn in range(100):
+        transaction(conn, 0x10 + lsn, 50, rows=3)
+    assert stopped_after_first_batch(conn, 100) == 99  # 33 transactions: the 34th would not fit
+    assert partial_transactions(conn) == []
+
+
+def test_a_transaction_larger_than_a_batch_goes_in_one(conn):
+    ensure_schema(conn)
+    transaction(conn, 0x10, 50, rows=250)
+    transaction(conn, 0x20, 50, rows=1)
+    assert stopped_after_first_batch(conn, 100) == 250
+    assert conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone() == (1,)
+
+
+def test_the_cutoff_is_in_utc_whatever_the_sessions_time_zone(recorded):
+    recorded.execute("SET TimeZone = 'Pacific/Chatham'")
+    result = prune(recorded, older_than=timedelta(days=30), dry_run=True)
+    assert result.cutoff.utcoffset() == timedelta(0)
 
 
 def test_the_cut_lsn_is_the_first_transaction_committed_at_or_after_the_cutoff(conn):
@@ -145,3 +179,78 @@ def test_keep_applies_the_projects_retention_until_cancelled(recorded, dsn):
             await keeper
 
     asyncio.run(main())
+
+
+def test_a_prune_stopped_before_it_finished_says_so(recorded):
+    stop = threading.Event()
+    result = prune(recorded, older_than=timedelta(days=30), progress=lambda *_: stop.set(), stop=stop)
+    assert (result.traces, result.mutations, result.stopped) == (2, 0, True)
+    assert prune(recorded, older_than=timedelta(days=30)).stopped is False
+
+
+def test_prune_refuses_a_batch_of_no_rows(recorded):
+    stop = threading.Event()  # set after a few batches, should a batch of no rows be tried: it never comes back short
+    calls: list[int] = []
+
+    def progress(*_) -> None:
+        calls.append(1)
+        if len(calls) > 5:
+            stop.set()
+
+    with pytest.raises(ConfigError):
+        prune(recorded, older_than=timedelta(days=30), batch_rows=0, progress=progress, stop=stop)
+
+
+def test_a_stopping_server_ends_a_pass_waiting_on_a_lock_at_once(recorded, dsn):
+    with psycopg.connect(dsn) as locker:
+        locker.execute("LOCK TABLE flux.trace_requests IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(20, locker.rollback)  # without a cancel, the pass would wait this long
+        release.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flux-retention' AND wait_event_type = 'Lock'"
+
+        async def main() -> None:
+            keeper = asyncio.create_task(keep(dsn, lambda: Retention(traces=timedelta(days=30)), first_after_s=0))
+            deadline = time.monotonic() + 10
+            while recorded.execute(waiting).fetchone() != (1,):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            keeper.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await keeper
+
+        started = time.monotonic()
+        asyncio.run(main())  # returns once the pass's worker thread has ended
+        stopped_in = time.monotonic() - started
+        release.cancel()
+        locker.rollback()
+    assert stopped_in < 8
+    assert remaining(recorded)[0] == [40, 31, 29, 1]  # the batch in hand rolled back
+
+
+def test_a_role_that_may_only_read_is_told_which_grants_a_prune_needs(recorded, dsn):
+    role = f"reader_{recorded.info.dbname}"
+    recorded.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        recorded.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO {role}")
+        with psycopg.connect(dsn.replace("postgres@", f"{role}@"), autocommit=True) as reader:
+            assert prune(reader, older_than=timedelta(days=30), dry_run=True).traces == 2  # reading is enough
+            with pytest.raises(DatabaseError) as caught:
+                prune(reader, older_than=timedelta(days=30))
+        assert caught.value.context["sqlstate"] == "42501" and "GRANT DELETE ON flux.trace_requests" in caught.value.hint
+        assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])
+    finally:
+        recorded.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_lost_connection_is_reported_as_such_not_as_the_unlock_that_followed(recorded, dsn):
+    for lsn in range(300):
+        transaction(recorded, 0x10 + lsn, 50)
+    with psycopg.connect(dsn, autocommit=True) as pruner:
+        pid = pruner.info.backend_pid
+
+        def progress(*_) -> None:  # after the first batch, the server ends the session
+            recorded.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+        with pytest.raises(psycopg.OperationalError) as caught:
+            prune(pruner, older_than=timedelta(days=30), traces=False, batch_rows=100, progress=progress)
+    assert "the connection is closed" not in str(caught.value), caught.value

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 
 from flux.errors import ConfigError
 from flux.gateway.traces import TraceWriter
+from flux.store.retention import prune
 from flux.store.schema import ensure_schema
 from flux.store.traces import TraceRecord, insert_traces
 from flux.store.why import MAX_FAILURES, MAX_ROWS, explain, request_mutations, root_cause
@@ -337,3 +339,36 @@ def test_explain_lists_at_most_ten_failures_and_counts_them_all(conn):
     why = explain(conn, OK)
     assert [f.span for f in why.failures] == [f"call.{n}" for n in range(MAX_FAILURES)]
     assert (MAX_FAILURES, why.failure_count) == (10, 15)
+
+
+def old_request(conn, days: int) -> None:
+    """OK, started `days` days ago, and the row it inserted then."""
+    ensure_schema(conn)
+    insert_traces(conn, [trace(OK, ago=timedelta(days=days))])
+    conn.execute(
+        "INSERT INTO flux.state_mutations (request_id, schema_name, table_name, op, row_key, new, xid, commit_lsn,"
+        " commit_time, seq) VALUES (%s, 'public', 'orders', 'insert', '{\"id\": 1}', '{\"id\": 1}', 7, '0/100',"
+        " now() - make_interval(days => %s) + interval '1 second', 0)", (OK, days))
+
+
+def test_explain_says_a_trace_deleted_by_retention_was_deleted(conn):
+    old_request(conn, 40)
+    prune(conn, older_than=timedelta(days=30), mutations=False)
+    (note,) = explain(conn, OK).notes
+    assert note.startswith("No trace is kept for this request, only its 1 row change(s): traces that started before ")
+    assert note.endswith(" UTC were deleted by retention.")
+
+
+def test_explain_says_row_changes_deleted_by_retention_were_deleted(conn):
+    old_request(conn, 40)
+    prune(conn, older_than=timedelta(days=30), traces=False)
+    (note,) = explain(conn, OK).notes
+    assert "its row changes were deleted by retention" in note and "flux attach" not in note
+
+
+def test_explain_of_a_request_newer_than_the_cutoff_does_not_blame_retention(conn):
+    old_request(conn, 20)
+    conn.execute("DELETE FROM flux.state_mutations")
+    prune(conn, older_than=timedelta(days=30))
+    (note,) = explain(conn, OK).notes
+    assert "flux attach" in note

@@ -284,15 +284,18 @@ async def keep(dsn: str, current: Callable[[], Retention], *, every_s: float = K
                 _cancel(opened)
                 raise
             except InUseError:
-                log.debug("retention: another prune is running on this database; %s left to it", what)
+                log.debug("another prune is running on this database; %s left to it", what)
                 continue
             except (FluxError, psycopg.Error) as exc:
                 hint = f" (hint: {exc.hint})" if isinstance(exc, FluxError) and exc.hint else ""
-                log.warning("retention: pruning %s failed, tried again in %.0f s: %s%s", what, every_s, exc, hint)
+                log.warning("pruning %s failed, tried again in %.0f s: %s%s", what, every_s, exc, hint)
+                continue
+            except Exception:  # a bug in Flux: said, and tried again, never the end of retention for good
+                log.exception("pruning %s failed unexpectedly, tried again in %.0f s", what, every_s)
                 continue
             deleted = result.traces if what == "traces" else result.mutations
             if deleted:
-                log.info("retention: deleted %d %s recorded before %s", deleted, what, f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC")
+                log.info("deleted %d %s recorded before %s", deleted, what, f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC")
         await asyncio.sleep(every_s)
 
 
@@ -310,4 +313,4 @@ def _cancel(opened: list[psycopg.Connection]) -> None:
         try:
             conn.cancel_safe(timeout=5)
         except (psycopg.Error, OSError) as exc:  # the statement then ends when the server lets it
-            log.debug("retention: could not cancel the pass in hand: %s", exc)
+            log.debug("could not cancel the pass in hand: %s", exc)

@@ -181,6 +181,27 @@ def test_keep_applies_the_projects_retention_until_cancelled(recorded, dsn):
     asyncio.run(main())
 
 
+def test_keep_logs_a_pass_that_fails_unexpectedly_and_goes_on(recorded, dsn, caplog):
+    # A period of the wrong type stands for any bug of Flux's in a pass: neither a FluxError nor a
+    # database error. It must not end retention for good, nor stop the other log's pass.
+    periods = Retention(traces="30d", mutations=timedelta(days=35))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        keeper = asyncio.create_task(keep(dsn, lambda: periods, every_s=0.05, first_after_s=0))
+        deadline = time.monotonic() + 10
+        while remaining(recorded)[1] != [31, 29, 29, 1] or len(caplog.records) < 2:
+            assert time.monotonic() < deadline, (remaining(recorded), caplog.records)
+            await asyncio.sleep(0.05)
+        assert not keeper.done()
+        keeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await keeper
+
+    with caplog.at_level("ERROR", logger="flux.retention"):
+        asyncio.run(main())
+    assert all(r.getMessage().startswith("pruning traces failed unexpectedly") and r.exc_info for r in caplog.records)
+
+
 def test_a_prune_stopped_before_it_finished_says_so(recorded):
     stop = threading.Event()
     result = prune(recorded, older_than=timedelta(days=30), progress=lambda *_: stop.set(), stop=stop)

@@ -125,11 +125,20 @@ def _require_attached(dsn: str) -> None:
 
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
-            slot = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()
+            slot = conn.execute("SELECT database, current_database() FROM pg_replication_slots"
+                                " WHERE slot_name = 'flux'").fetchone()
     except psycopg.Error as exc:
         raise from_psycopg(exc, "Could not read the replication slots") from exc
     if slot is None:
         raise ConfigError(
             "Flux is not attached to this database (no replication slot 'flux')",
             hint="Run `flux attach --all-tables` (or --tables a,b) first, pass --attach, or use --no-engine.",
+        )
+    # Slot names are per cluster: the engine would fight another database's engine for it, forever.
+    owner, here = slot
+    if owner != here:
+        raise ConfigError(
+            f"Flux is not attached to database {here}: the server's replication slot 'flux' is database {owner}'s",
+            hint=f"flux serve always uses slot flux: serve database {owner}, or run `flux cdc run --slot NAME` for this"
+                 " one (after `flux attach --slot NAME`) and serve it with --no-engine.",
         )

@@ -265,3 +265,16 @@ def test_at_shutdown_started_functions_finish_and_queued_requests_are_answered_5
     assert len(statuses) == 6 and set(statuses) <= {201, 503}, statuses  # every request recorded
     assert 503 in statuses and statuses.count(201) == created  # a 503 never ran; a 201 committed
     assert answered == statuses
+
+
+def test_serve_refuses_a_database_whose_server_has_another_databases_flux_slot(tmp_path, dsn, pg_info):
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"})
+    with psycopg.connect(pg_info.dsn, autocommit=True) as admin:  # the cluster's own database, not the test's
+        admin.execute("SELECT pg_create_logical_replication_slot('flux', 'pgoutput')")
+        try:
+            result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=60)
+        finally:
+            admin.execute("SELECT pg_drop_replication_slot('flux')")
+    assert result.returncode == 2, result.stderr
+    assert "slot 'flux' is database postgres's" in result.stderr and "--no-engine" in result.stderr

@@ -80,12 +80,17 @@ def project_cluster_meta(start: Path | None = None) -> tuple[Path, dict] | None:
 def checked_dsn(dsn: str, source: str) -> str:
     """`dsn` if libpq can parse it; a malformed one is a usage error, not a failed connection."""
     try:
-        conninfo_to_dict(dsn)
+        params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
             f"{source} is not a valid PostgreSQL DSN: {_first_line(exc)}",
             hint="Write a URL, postgresql://USER@HOST:PORT/DBNAME, or key=value pairs, 'host=HOST port=PORT dbname=DBNAME'.",
         ) from exc
+    # libpq checks a port only when it connects, and then fails as an unreachable server would (exit 4).
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"{source} is not a valid PostgreSQL DSN: port {port!r} is not a number from 1 to 65535",
+                              hint="Fix the port in the DSN (5432 is PostgreSQL's default).")
     return dsn
 
 

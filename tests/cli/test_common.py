@@ -64,3 +64,11 @@ def test_a_malformed_dsn_is_a_usage_error_with_a_hint(tmp_path, args):
     assert result.returncode == 2, result.stderr
     assert "--database is not a valid PostgreSQL DSN" in result.stderr
     assert "hint: Write a URL, postgresql://USER@HOST:PORT/DBNAME" in result.stderr
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://postgres@127.0.0.1:abc/postgres", "host=127.0.0.1 port=99999",
+                                 "host=a,b port=5432,0"])
+def test_a_dsn_with_an_impossible_port_is_a_usage_error_not_an_unreachable_server(tmp_path, dsn):
+    result = flux(tmp_path, "requests", "--database", dsn)
+    assert result.returncode == 2, result.stderr
+    assert "--database is not a valid PostgreSQL DSN: port" in result.stderr and "hint: Fix the port" in result.stderr

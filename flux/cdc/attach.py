@@ -218,6 +218,14 @@ def _check_names_are_flux(conn: psycopg.Connection, slot: str, publication: str)
     existing = conn.execute("SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     if existing is not None and (mine is None or existing != (conn.info.dbname, "pgoutput")):
         database, plugin = existing
+        if database != conn.info.dbname and plugin == "pgoutput":  # most likely Flux's, of another database
+            raise PreflightError(
+                f"The server's replication slot {slot} is database {database}'s, not {conn.info.dbname}'s"
+                " (slot names are per server)",
+                hint="`flux attach --slot NAME` gives this database its own slot; `flux dev` and `flux serve`"
+                     " always use slot flux, so serve this database with --no-engine beside `flux cdc run --slot NAME`.",
+                slot=slot,
+            )
         raise PreflightError(
             f"A replication slot named {slot} exists (database {database}, plugin {plugin}), and Flux did not make it here",
             hint="Another tool may read it: pass --slot NAME to give Flux its own.",

@@ -183,12 +183,12 @@ def _check_keys(table: dict, known: Any, where: str, section: str | None) -> Non
             continue
         close = difflib.get_close_matches(key, list(known), n=1)
         if section is None:
-            what = f"Unknown table [{key}]" if isinstance(table[key], dict) else f"Unknown top-level key {key!r}"
+            what = f"Unknown table [{key}] in" if isinstance(table[key], dict) else f"Unknown top-level key {key!r} in"
             hint = f"Did you mean [{close[0]}]?" if close else "flux.toml holds " + ", ".join(f"[{k}]" for k in known) + "."
         else:
-            what = f"Unknown key {key!r} in [{section}]"
+            what = f"Unknown key {key!r} in [{section}] of"
             hint = f"Did you mean {close[0]}?" if close else f"[{section}] holds " + ", ".join(sorted(known)) + "."
-        raise ConfigError(f"{what} in {where}", hint=f'{hint} See README.md, "flux.toml".', file=where)
+        raise ConfigError(f"{what} {where}", hint=f'{hint} See README.md, "flux.toml".')
 
 
 def _table(config: dict, key: str, where: str) -> dict:
@@ -202,7 +202,7 @@ def _string(table: dict, key: str, default: str, where: str, section: str) -> st
     value = table.get(key, default)
     if not isinstance(value, str):
         raise ConfigError(f"[{section}] {key} in {where} must be a string, not {value!r}",
-                          hint=f'Write it in quotes: {key} = "..."', file=where)
+                          hint=f'Write it in quotes: {key} = "..."')
     return value
 
 
@@ -241,7 +241,7 @@ def _routes(table: dict, functions: dict[str, Function], where: str) -> dict[tup
             )
         if not isinstance(target, str):
             raise ConfigError(f'Route "{spec}" in {where} must name one function, not {target!r}',
-                              hint='Write routes like "POST /signup" = "create_user".', file=where)
+                              hint='Write routes like "POST /signup" = "create_user".')
         if target not in functions:
             raise ConfigError(
                 f'Route "{spec}" points at function "{target}", which has no file',
@@ -250,7 +250,7 @@ def _routes(table: dict, functions: dict[str, Function], where: str) -> dict[tup
         key = (method, path.rstrip("/") or "/")
         if key in given and routes[key] != target:
             raise ConfigError(f'Routes "{given[key]}" and "{spec}" in {where} are the same route, to two functions',
-                              hint="Methods match in any case and a trailing / is ignored: keep one of them.", file=where)
+                              hint="Methods match in any case and a trailing / is ignored: keep one of them.")
         given[key] = spec
         routes[key] = target
     return routes
@@ -319,7 +319,7 @@ def _fetch(table: dict, tools: dict, where: str) -> FetchConfig:
     for host, tool in tools.items():
         if not isinstance(tool, str) or not tool:
             raise ConfigError(f'[tools] "{host}" in {where} must be a tool name, not {tool!r}',
-                              hint='Map host[:port] to a name: "api.stripe.com" = "stripe"', file=where)
+                              hint='Map host[:port] to a name: "api.stripe.com" = "stripe"')
     return FetchConfig(
         allow=tuple(h.lower() for h in allow) if allow is not None else None,
         timeout_ms=_positive_int(table, "timeout_ms", FetchConfig().timeout_ms, where),
@@ -371,7 +371,7 @@ def _tenants(table: dict, shared: dict[str, str], where: str) -> dict[str, Tenan
         raise ConfigError(
             f"[tenants] in {where} gives no tenant api_keys, so every request would be served as tenant "
             f"{DEFAULT_TENANT}, which it does not define",
-            hint=f'Give each tenant api_keys = ["..."], or name the one tenant [tenants.{DEFAULT_TENANT}].', file=where)
+            hint=f'Give each tenant api_keys = ["..."], or name the one tenant [tenants.{DEFAULT_TENANT}].')
     return tenants
 
 

@@ -164,12 +164,16 @@ def _run_setup_sql(dsn: str, path: Path) -> None:
 
     if not path.is_file():
         raise ConfigError(f"[dev] setup_sql names {path}, which does not exist", hint="Fix the path in flux.toml.")
+    text = path.read_text(encoding="utf-8")
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             try:
-                conn.execute(path.read_text())
+                conn.execute(text)
             except psycopg.Error as exc:
-                error = from_psycopg(exc, f"Running {path.name} failed")
+                # PostgreSQL says where in the text a statement it could not parse or plan went wrong.
+                position = exc.diag.statement_position
+                where = f" (line {text[:int(position) - 1].count(chr(10)) + 1})" if position and position.isdigit() else ""
+                error = from_psycopg(exc, f"Running {path.name}{where} failed")
                 if error.retryable:  # the connection dropped, or a transient conflict: not the SQL's fault
                     raise error from exc
                 raise ConfigError(error.message, hint="Fix the SQL; it runs at every `flux dev` start.",

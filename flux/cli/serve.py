@@ -28,7 +28,7 @@ WorkersOption = Annotated[
                  "further requests wait for a free slot. One process serves them all."),
 ]
 PoolOption = Annotated[int, typer.Option("--pool-size", help="Warm isolates kept ready per function.")]
-ProjectOption = Annotated[Path, typer.Option("--project", help="The project directory (holding flux.toml); by default, "
+ProjectOption = Annotated[Path | None, typer.Option("--project", help="The project directory (holding flux.toml); by default, "
                                              "the one enclosing the current directory.", show_default=False)]
 RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write a trace row (spans and replay tape) per request.")]
 
@@ -81,7 +81,7 @@ def run_stack(
 
 def serve(
     database: DatabaseOption = None,
-    project: ProjectOption = Path("."),
+    project: ProjectOption = None,
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
     workers: WorkersOption = 64,
@@ -102,7 +102,7 @@ def serve(
     setup_logging(verbose)
     db = resolve_database(database)
     dsn = db.dsn
-    root = find_project_root(project)
+    root = find_project_root() if project is None else _given_project(project)
     check_port(host, port)  # before attach changes anything
     with reaching(db):
         if attach_all:
@@ -116,6 +116,17 @@ def serve(
 
     run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=record,
               reload=reload, engine=engine, on_ready=ready)
+
+
+def _given_project(directory: Path) -> Path:
+    """--project names the project itself: a directory inside one is not it (its parents are not searched)."""
+    from flux.errors import ConfigError
+    from flux.project import CONFIG_FILE
+
+    if not (directory / CONFIG_FILE).is_file():
+        raise ConfigError(f"--project {directory} has no {CONFIG_FILE}",
+                          hint="Name the directory that holds flux.toml, or leave out --project inside it.")
+    return directory.resolve()
 
 
 def _require_attached(dsn: str) -> None:

@@ -278,3 +278,11 @@ def test_serve_refuses_a_database_whose_server_has_another_databases_flux_slot(t
             admin.execute("SELECT pg_drop_replication_slot('flux')")
     assert result.returncode == 2, result.stderr
     assert "slot 'flux' is database postgres's" in result.stderr and "--no-engine" in result.stderr
+
+
+def test_serve_project_names_the_directory_holding_flux_toml_not_one_inside_it(tmp_path, dsn):
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"})
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--project", "functions"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "--project functions has no flux.toml" in result.stderr

@@ -237,7 +237,8 @@ def _routes(table: dict, functions: dict[str, Function], where: str) -> dict[tup
         path = path.strip()
         if method not in _METHODS or not path.startswith("/"):
             raise ConfigError(
-                f'Route "{spec}" in {where} is not "METHOD /path"', hint='Write routes like "POST /signup" = "create_user".'
+                f'Route "{spec}" in {where} is not "METHOD /path"',
+                hint='Write routes like "POST /signup" = "create_user"; METHOD is one of ' + ", ".join(sorted(_METHODS)) + ".",
             )
         if not isinstance(target, str):
             raise ConfigError(f'Route "{spec}" in {where} must name one function, not {target!r}',

@@ -29,6 +29,13 @@ def test_a_route_to_a_missing_function_is_a_config_error_with_a_hint(tmp_path):
     assert "create_user" in str(info.value) and "functions/create_user.js" in info.value.hint
 
 
+def test_a_route_with_a_method_flux_does_not_serve_is_a_config_error_listing_the_methods(tmp_path):
+    write_project(tmp_path, {"hello": FN}, '[routes]\n"ANY /hi" = "hello"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_project(tmp_path)
+    assert "METHOD /path" in caught.value.message and "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT" in caught.value.hint
+
+
 def test_a_malformed_route_is_a_config_error(tmp_path):
     write_project(tmp_path, {"hello": FN}, '[routes]\n"signup" = "hello"\n')
     with pytest.raises(ConfigError, match="METHOD /path"):

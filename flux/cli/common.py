@@ -55,8 +55,11 @@ class Database:
                 hint="Start `flux dev` in that project, or pass --database DSN.",
             )
         where = "the database given by --database" if self.source == FROM_FLAG else f"the database in ${ENV_DSN}"
+        # libpq gives no SQLSTATE for a refused login (an unknown role or database, a wrong password),
+        # so it cannot be told from a server that is down: the hint covers both.
         return ServerNotReadyError(f"Cannot reach {where}: {detail}",
-                                   hint="Check that the server is running and the DSN is right.")
+                                   hint="Check that the server is running, and the DSN's host, port, user, password"
+                                        " and database.")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -85,7 +85,10 @@ def dev(
             else:
                 console.print(f"  gateway {url}")
                 names = ", ".join(sorted(load_project(root).functions)) if root else ""
-                console.print(f"  functions: {rich_escape(names)}  (reloaded when their files change)")
+                if names:
+                    console.print(f"  functions: {rich_escape(names)}  (reloaded when their files change)")
+                else:  # every route would answer 404, with nothing here to say why
+                    console.print("  functions: none yet: add functions/NAME.js (served at POST /NAME as soon as it is saved)")
                 console.print("  Then: flux requests · flux trace ID · flux why ID")
             stops_server = info is not None and info.started
             console.print("  Ctrl-C stops everything" + (" and the embedded PostgreSQL." if stops_server else "."))

@@ -219,3 +219,11 @@ def test_an_error_in_schema_sql_names_its_line(dsn, tmp_path):
     with pytest.raises(ConfigError) as caught:
         _run_setup_sql(dsn, schema)
     assert caught.value.message.startswith("Running schema.sql (line 4) failed: type \"txt\" does not exist")
+
+
+def test_dev_in_a_project_without_functions_says_where_to_add_one(project):
+    (project / "flux.toml").write_text('[project]\nname = "t"\n')
+    printed: list[str] = []
+    proc, _ = start_dev(project, "--port", str(free_port()), lines=printed)
+    out = stop_dev(proc)
+    assert "functions: none yet: add functions/NAME.js" in "".join(printed) + out

@@ -167,7 +167,11 @@ def _run_setup_sql(dsn: str, path: Path) -> None:
 
     if not path.is_file():
         raise ConfigError(f"[dev] setup_sql names {path}, which does not exist", hint="Fix the path in flux.toml.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path.name} is not UTF-8 text: {exc.reason} at byte {exc.start}",
+                          hint="Save it as UTF-8.") from None
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             try:

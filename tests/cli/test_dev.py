@@ -227,3 +227,13 @@ def test_dev_in_a_project_without_functions_says_where_to_add_one(project):
     proc, _ = start_dev(project, "--port", str(free_port()), lines=printed)
     out = stop_dev(proc)
     assert "functions: none yet: add functions/NAME.js" in "".join(printed) + out
+
+
+def test_a_schema_sql_that_is_not_utf8_is_a_config_error(dsn, tmp_path):
+    from flux.cli.dev import _run_setup_sql
+    from flux.errors import ConfigError
+
+    schema = tmp_path / "schema.sql"
+    schema.write_bytes(b"INSERT INTO t VALUES ('caf\xe9');\n")
+    with pytest.raises(ConfigError, match="schema.sql is not UTF-8"):
+        _run_setup_sql(dsn, schema)

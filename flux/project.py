@@ -11,6 +11,7 @@ errors: the project still loads, the broken function is reported, and its route 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -127,36 +128,81 @@ def load_project(root: Path) -> Project:
     root = root.resolve()
     config_path = root / CONFIG_FILE
     try:
-        config = tomllib.loads(config_path.read_text())
+        config = tomllib.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"No {CONFIG_FILE} in {root}", hint="Run `flux init` to create a project.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path} is not UTF-8 text: {exc.reason} at byte {exc.start}",
+                          hint="Save the file as UTF-8 (TOML requires it).") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_path} is not valid TOML: {exc}", hint="Fix the file and retry.") from None
     where = str(config_path)
+    _check_keys(config, _TABLES, where, None)
     functions = _load_functions(root)
-    routes = _routes(config.get("routes", {}), functions, where)
+    routes = _routes(_table(config, "routes", where), functions, where)
     shared_secrets = _secrets(config.get("secrets", {}), where, "secrets")
-    tenants = _tenants(config.get("tenants", {}), shared_secrets, where)
+    tenants = _tenants(_table(config, "tenants", where), shared_secrets, where)
     dev = _table(config, "dev", where)
-    setup_sql = root / dev["setup_sql"] if dev.get("setup_sql") else None
+    _check_keys(dev, _TABLES["dev"], where, "dev")
+    project = _table(config, "project", where)
+    _check_keys(project, _TABLES["project"], where, "project")
     return Project(
         root=root,
-        name=str(_table(config, "project", where).get("name", root.name)),
+        name=_string(project, "name", root.name, where, "project"),
         functions=functions,
         routes=routes,
         limits=_limits(_table(config, "limits", where), where),
         fetch=_fetch(_table(config, "fetch", where), _table(config, "tools", where), where),
         tenants=tenants,
         git_commit=git_commit(root),
-        setup_sql=setup_sql,
+        setup_sql=root / dev["setup_sql"] if _string(dev, "setup_sql", "", where, "dev") else None,
         retention=_retention(_table(config, "retention", where), where),
     )
+
+
+# The tables flux.toml may hold, each with the keys it may hold (None: any key, e.g. route specs).
+_TABLES: dict[str, set[str] | None] = {
+    "project": {"name"},
+    "routes": None,
+    "limits": {"timeout_ms", "memory_mb", "max_body_bytes", "record_body_bytes"},
+    "fetch": {"allow", "timeout_ms"},
+    "tools": None,
+    "secrets": None,
+    "tenants": None,
+    "retention": {"traces", "mutations"},
+    "dev": {"setup_sql"},
+}
+_TENANT_KEYS = {"api_keys", "secrets"}
+
+
+def _check_keys(table: dict, known: Any, where: str, section: str | None) -> None:
+    """A key Flux does not read is most likely a typo (`[limit]`, `alow`): refuse it rather than
+    silently run with the default (an ignored `[fetch] allow` would allow every host)."""
+    for key in table:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, list(known), n=1)
+        if section is None:
+            what = f"Unknown table [{key}] in" if isinstance(table[key], dict) else f"Unknown top-level key {key!r} in"
+            hint = f"Did you mean [{close[0]}]?" if close else "flux.toml holds " + ", ".join(f"[{k}]" for k in known) + "."
+        else:
+            what = f"Unknown key {key!r} in [{section}] of"
+            hint = f"Did you mean {close[0]}?" if close else f"[{section}] holds " + ", ".join(sorted(known)) + "."
+        raise ConfigError(f"{what} {where}", hint=f'{hint} See README.md, "flux.toml".')
 
 
 def _table(config: dict, key: str, where: str) -> dict:
     value = config.get(key, {})
     if not isinstance(value, dict):
         raise ConfigError(f"[{key}] in {where} must be a table", hint=f"Write it as [{key}] with key = value lines.")
+    return value
+
+
+def _string(table: dict, key: str, default: str, where: str, section: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"[{section}] {key} in {where} must be a string, not {value!r}",
+                          hint=f'Write it in quotes: {key} = "..."')
     return value
 
 
@@ -169,7 +215,14 @@ def _load_functions(root: Path) -> dict[str, Function]:
                 f"Function file name {path.name} is not a valid function name",
                 hint="Use letters, digits, _ and -, starting with a letter.", file=str(path),
             )
-        source = path.read_text()
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{FUNCTIONS_DIR}/{path.name} is not UTF-8 text: {exc.reason} at byte {exc.start}",
+                              hint="Save the file as UTF-8.", file=str(path)) from None
+        except OSError as exc:  # a directory named x.js, a file that cannot be read
+            raise ConfigError(f"Cannot read {FUNCTIONS_DIR}/{path.name}: {exc.strerror or exc}",
+                              hint="Function files are readable .js files in functions/.", file=str(path)) from None
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         functions[name] = Function(name=name, path=path, source=source, code_version=digest)
     return functions
@@ -177,20 +230,30 @@ def _load_functions(root: Path) -> dict[str, Function]:
 
 def _routes(table: dict, functions: dict[str, Function], where: str) -> dict[tuple[str, str], str]:
     routes = {("POST", f"/{name}"): name for name in functions}
+    given: dict[tuple[str, str], str] = {}  # route -> its spec in flux.toml
     for spec, target in table.items():
         method, _, path = str(spec).strip().partition(" ")
         method = method.upper()
         path = path.strip()
         if method not in _METHODS or not path.startswith("/"):
             raise ConfigError(
-                f'Route "{spec}" in {where} is not "METHOD /path"', hint='Write routes like "POST /signup" = "create_user".'
+                f'Route "{spec}" in {where} is not "METHOD /path"',
+                hint='Write routes like "POST /signup" = "create_user"; METHOD is one of ' + ", ".join(sorted(_METHODS)) + ".",
             )
+        if not isinstance(target, str):
+            raise ConfigError(f'Route "{spec}" in {where} must name one function, not {target!r}',
+                              hint='Write routes like "POST /signup" = "create_user".')
         if target not in functions:
             raise ConfigError(
                 f'Route "{spec}" points at function "{target}", which has no file',
                 hint=f"Create {FUNCTIONS_DIR}/{target}.js or fix the route.", file=where,
             )
-        routes[(method, path.rstrip("/") or "/")] = str(target)
+        key = (method, path.rstrip("/") or "/")
+        if key in given and routes[key] != target:
+            raise ConfigError(f'Routes "{given[key]}" and "{spec}" in {where} are the same route, to two functions',
+                              hint="Methods match in any case and a trailing / is ignored: keep one of them.")
+        given[key] = spec
+        routes[key] = target
     return routes
 
 
@@ -202,6 +265,7 @@ def _positive_int(table: dict, key: str, default: int, where: str) -> int:
 
 
 def _limits(table: dict, where: str) -> Limits:
+    _check_keys(table, _TABLES["limits"], where, "limits")
     d = Limits()
     return Limits(
         timeout_ms=_positive_int(table, "timeout_ms", d.timeout_ms, where),
@@ -252,10 +316,15 @@ def _fetch(table: dict, tools: dict, where: str) -> FetchConfig:
     allow = table.get("allow")
     if allow is not None and (not isinstance(allow, list) or not all(isinstance(h, str) for h in allow)):
         raise ConfigError(f"[fetch] allow in {where} must be a list of hosts", hint='For example: allow = ["api.stripe.com"]')
+    _check_keys(table, _TABLES["fetch"], where, "fetch")
+    for host, tool in tools.items():
+        if not isinstance(tool, str) or not tool:
+            raise ConfigError(f'[tools] "{host}" in {where} must be a tool name, not {tool!r}',
+                              hint='Map host[:port] to a name: "api.stripe.com" = "stripe"')
     return FetchConfig(
         allow=tuple(h.lower() for h in allow) if allow is not None else None,
         timeout_ms=_positive_int(table, "timeout_ms", FetchConfig().timeout_ms, where),
-        tools={str(host).lower(): str(tool) for host, tool in tools.items()},
+        tools={host.lower(): tool for host, tool in tools.items()},
     )
 
 
@@ -266,7 +335,7 @@ def _secrets(table: Any, where: str, key: str) -> dict[str, str]:
     for name, spec in table.items():
         if isinstance(spec, str):
             value = spec
-        elif isinstance(spec, dict) and isinstance(spec.get("env"), str):
+        elif isinstance(spec, dict) and set(spec) == {"env"} and isinstance(spec["env"], str):
             value = os.environ.get(spec["env"])
             if value is None:
                 raise ConfigError(
@@ -274,7 +343,7 @@ def _secrets(table: Any, where: str, key: str) -> dict[str, str]:
                     hint=f"export {spec['env']}=... before starting Flux.", file=where,
                 )
         else:
-            raise ConfigError(f"Secret {name} in [{key}] must be a string or {{ env = \"VAR\" }}", hint="See README: Secrets.")
+            raise ConfigError(f"Secret {name} in [{key}] must be a string or {{ env = \"VAR\" }}", hint='See README.md, "flux.toml".')
         if not value:
             raise ConfigError(f"Secret {name} in [{key}] is empty", hint="An empty secret cannot be redacted; give it a value.")
         secrets[str(name)] = value
@@ -289,6 +358,7 @@ def _tenants(table: dict, shared: dict[str, str], where: str) -> dict[str, Tenan
     for name, spec in table.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"[tenants.{name}] in {where} must be a table", hint='api_keys = ["..."]')
+        _check_keys(spec, _TENANT_KEYS, where, f"tenants.{name}")
         keys = spec.get("api_keys", [])
         if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
             raise ConfigError(f"tenants.{name}.api_keys in {where} must be a list of strings", hint='api_keys = ["..."]')
@@ -302,7 +372,7 @@ def _tenants(table: dict, shared: dict[str, str], where: str) -> dict[str, Tenan
         raise ConfigError(
             f"[tenants] in {where} gives no tenant api_keys, so every request would be served as tenant "
             f"{DEFAULT_TENANT}, which it does not define",
-            hint=f'Give each tenant api_keys = ["..."], or name the one tenant [tenants.{DEFAULT_TENANT}].', file=where)
+            hint=f'Give each tenant api_keys = ["..."], or name the one tenant [tenants.{DEFAULT_TENANT}].')
     return tenants
 
 

@@ -29,6 +29,13 @@ def test_a_route_to_a_missing_function_is_a_config_error_with_a_hint(tmp_path):
     assert "create_user" in str(info.value) and "functions/create_user.js" in info.value.hint
 
 
+def test_a_route_with_a_method_flux_does_not_serve_is_a_config_error_listing_the_methods(tmp_path):
+    write_project(tmp_path, {"hello": FN}, '[routes]\n"ANY /hi" = "hello"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_project(tmp_path)
+    assert "METHOD /path" in caught.value.message and "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT" in caught.value.hint
+
+
 def test_a_malformed_route_is_a_config_error(tmp_path):
     write_project(tmp_path, {"hello": FN}, '[routes]\n"signup" = "hello"\n')
     with pytest.raises(ConfigError, match="METHOD /path"):
@@ -140,3 +147,56 @@ def test_a_retention_setting_that_is_not_a_positive_duration_is_a_config_error(t
     with pytest.raises(ConfigError) as caught:
         load_project(tmp_path)
     assert "[retention]" in str(caught.value) and caught.value.hint
+
+
+@pytest.mark.parametrize(("toml", "named", "suggested"), [
+    ("[limit]\ntimeout_ms = 100\n", "[limit]", "[limits]"),
+    ("[limits]\ntimeout = 100\n", "'timeout' in [limits]", "timeout_ms"),
+    ('[fetch]\nalow = ["127.0.0.1:4010"]\n', "'alow' in [fetch]", "allow"),
+    ('[tenants.acme]\napi_key = ["k"]\n', "'api_key' in [tenants.acme]", "api_keys"),
+    ('[project]\nnmae = "x"\n', "'nmae' in [project]", "name"),
+    ('[dev]\nsetup = "schema.sql"\n', "'setup' in [dev]", "setup_sql"),
+    ('name = "x"\n', "top-level key 'name'", "[project]"),
+])
+def test_a_key_flux_does_not_read_is_a_config_error_that_names_the_key_it_resembles(tmp_path, toml, named, suggested):
+    write_project(tmp_path, {"hello": FN}, toml)
+    with pytest.raises(ConfigError) as caught:
+        load_project(tmp_path)
+    assert named in caught.value.message and suggested in caught.value.hint
+
+
+@pytest.mark.parametrize(("toml", "named"), [
+    ('[routes]\n"POST /x" = ["hello"]\n', 'Route "POST /x"'),
+    ('[routes]\n"POST /x" = 3\n', 'Route "POST /x"'),
+    ('routes = "POST /x"\n', "[routes]"),
+    ('tenants = "acme"\n', "[tenants]"),
+    ("[dev]\nsetup_sql = 3\n", "[dev] setup_sql"),
+    ('[tools]\n"127.0.0.1:4010" = 3\n', "[tools]"),
+    ("[project]\nname = 3\n", "[project] name"),
+    ('[secrets]\nA = { env = "HOME", default = "x" }\n', "Secret A"),
+])
+def test_a_value_of_the_wrong_type_is_a_config_error_not_a_crash(tmp_path, toml, named):
+    write_project(tmp_path, {"hello": FN}, toml)
+    with pytest.raises(ConfigError) as caught:
+        load_project(tmp_path)
+    assert named in caught.value.message and caught.value.hint
+
+
+def test_two_spellings_of_one_route_to_two_functions_are_a_config_error(tmp_path):
+    write_project(tmp_path, {"a": FN, "b": FN}, '[routes]\n"POST /x" = "a"\n"post /x/" = "b"\n')
+    with pytest.raises(ConfigError, match="same route"):
+        load_project(tmp_path)
+
+
+def test_a_function_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
+    write_project(tmp_path, {"hello": FN})
+    (tmp_path / "functions" / "latin.js").write_bytes(b"export default async function () { return {body: 'caf\xe9'}; }")
+    with pytest.raises(ConfigError, match="functions/latin.js is not UTF-8"):
+        load_project(tmp_path)
+
+
+def test_a_flux_toml_that_is_not_utf8_is_a_config_error(tmp_path):
+    write_project(tmp_path, {"hello": FN})
+    (tmp_path / "flux.toml").write_bytes(b'[project]\nname = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_project(tmp_path)

@@ -30,6 +30,7 @@ from flux.cdc.publication import (
     user_schemas,
     with_partitions,
 )
+from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
 from flux.store.schema import ensure_schema
 
@@ -219,6 +220,14 @@ def _check_names_are_flux(conn: psycopg.Connection, slot: str, publication: str)
     existing = conn.execute("SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     if existing is not None and (mine is None or existing != (conn.info.dbname, "pgoutput")):
         database, plugin = existing
+        if database != conn.info.dbname and plugin == "pgoutput":  # most likely Flux's, of another database
+            raise PreflightError(
+                f"The server's replication slot {slot} is database {database}'s, not {conn.info.dbname}'s"
+                " (slot names are per server)",
+                hint="`flux attach --slot NAME` gives this database its own slot; `flux dev` and `flux serve`"
+                     " always use slot flux, so serve this database with --no-engine beside `flux cdc run --slot NAME`.",
+                slot=slot,
+            )
         raise PreflightError(
             f"A replication slot named {slot} exists (database {database}, plugin {plugin}), and Flux did not make it here",
             hint="Another tool may read it: pass --slot NAME to give Flux its own.",
@@ -265,16 +274,21 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
         try:
             # Slot names are per cluster: a copy of an attached database (CREATE DATABASE ... TEMPLATE)
             # holds the attachment's rows, but the slot is the original's, which must keep it.
-            active = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s"
-                                  " AND database = current_database()", (slot,)).fetchone()
+            active = conn.execute("SELECT s.active_pid, r.application_name FROM pg_replication_slots s"
+                                  " LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid"
+                                  " WHERE s.slot_name = %s AND s.database = current_database()", (slot,)).fetchone()
             elsewhere = conn.execute("SELECT database FROM pg_replication_slots WHERE slot_name = %s"
                                      " AND database <> current_database()", (slot,)).fetchone()
             if elsewhere:
                 result.warnings.append(f"Slot '{slot}' belongs to database {elsewhere[0]}, not this one (a copy of it?): "
                                        "left alone; this database's publication and identities are undone.")
             if active and active[0]:
+                # active_pid is the server's walsender: name the engine's own pid and host, as status does.
+                engine = consumer_of(active[1])
+                who = (f"A Flux engine (pid {engine[0]} on {engine[1]})" if engine
+                       else f"A consumer ({active[1] or 'unnamed'}, served by walsender pid {active[0]})")
                 raise PreflightError(
-                    f"A consumer is reading slot '{slot}' (pid {active[0]})",
+                    f"{who} is reading slot '{slot}'",
                     hint="Stop `flux cdc run` (or `flux dev`) first, then detach.",
                     slot=slot,
                 )

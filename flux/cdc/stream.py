@@ -95,11 +95,13 @@ class ReplicationStream:
                 message = pgconn.error_message.decode(errors="replace").strip() or "the server sent no result"
                 self.close()
                 raise ConnectionLostError(f"START_REPLICATION failed: {message}", hint=hint, slot=self.slot)
-            self.close()
             # Classified by SQLSTATE like every other server error: a backend terminated or shutting
             # down (57P01, 57P03) is a lost connection, a slot still held by a dying consumer
             # (55006) is transient, a missing slot or publication is not.
             exc = psycopg.errors.error_from_result(result)
+            if isinstance(exc, psycopg.errors.ObjectInUse):
+                hint = self._holder_hint() or hint
+            self.close()
             if isinstance(exc, psycopg.errors.UndefinedObject):
                 raise NotFoundError(
                     f"Replication slot {self.slot!r} does not exist",
@@ -115,6 +117,27 @@ class ReplicationStream:
             raise from_psycopg(exc, failing, hint=hint, slot=self.slot, publication=self.publication)
         pgconn.nonblocking = 1
         self._pgconn = pgconn
+
+    def _holder_hint(self) -> str | None:
+        """Who holds the slot, for the hint: the server's message names only its own walsender's pid."""
+        assert self._conn is not None
+        pgconn = self._conn.pgconn
+        try:
+            while pgconn.get_result() is not None:  # the end of the refused START_REPLICATION's answer
+                pass
+        except psycopg.Error:
+            return None
+        try:  # a replication connection takes SQL by the simple protocol only: no parameters
+            row = self._conn.execute(
+                "SELECT r.application_name FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid"
+                f" WHERE s.slot_name = {quote_literal(self.slot)}").fetchone()
+        except psycopg.Error:
+            return None
+        holder = consumer_of(row[0]) if row else None
+        if holder is None:
+            return None
+        return (f"The slot is held by the Flux engine of pid {holder[0]} on {holder[1]} (`flux cdc run`, `flux dev` or"
+                " `flux serve`): one engine per slot, so stop one of them. Retrying, in case that one is on its way out.")
 
     def _check_wal_level(self) -> None:
         """Refuse a server that cannot decode logically, with the fix, before asking for the slot

@@ -55,8 +55,11 @@ class Database:
                 hint="Start `flux dev` in that project, or pass --database DSN.",
             )
         where = "the database given by --database" if self.source == FROM_FLAG else f"the database in ${ENV_DSN}"
+        # libpq gives no SQLSTATE for a refused login (an unknown role or database, a wrong password),
+        # so it cannot be told from a server that is down: the hint covers both.
         return ServerNotReadyError(f"Cannot reach {where}: {detail}",
-                                   hint="Check that the server is running and the DSN is right.")
+                                   hint="Check that the server is running, and the DSN's host, port, user, password"
+                                        " and database.")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -80,12 +83,17 @@ def project_cluster_meta(start: Path | None = None) -> tuple[Path, dict] | None:
 def checked_dsn(dsn: str, source: str) -> str:
     """`dsn` if libpq can parse it; a malformed one is a usage error, not a failed connection."""
     try:
-        conninfo_to_dict(dsn)
+        params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
             f"{source} is not a valid PostgreSQL DSN: {_first_line(exc)}",
             hint="Write a URL, postgresql://USER@HOST:PORT/DBNAME, or key=value pairs, 'host=HOST port=PORT dbname=DBNAME'.",
         ) from exc
+    # libpq checks a port only when it connects, and then fails as an unreachable server would (exit 4).
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"{source} is not a valid PostgreSQL DSN: port {port!r} is not a number from 1 to 65535",
+                              hint="Fix the port in the DSN (5432 is PostgreSQL's default).")
     return dsn
 
 

@@ -85,7 +85,10 @@ def dev(
             else:
                 console.print(f"  gateway {url}")
                 names = ", ".join(sorted(load_project(root).functions)) if root else ""
-                console.print(f"  functions: {rich_escape(names)}  (reloaded when their files change)")
+                if names:
+                    console.print(f"  functions: {rich_escape(names)}  (reloaded when their files change)")
+                else:  # every route would answer 404, with nothing here to say why
+                    console.print("  functions: none yet: add functions/NAME.js (served at POST /NAME as soon as it is saved)")
                 console.print("  Then: flux requests · flux trace ID · flux why ID")
             stops_server = info is not None and info.started
             console.print("  Ctrl-C stops everything" + (" and the embedded PostgreSQL." if stops_server else "."))
@@ -165,11 +168,19 @@ def _run_setup_sql(dsn: str, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"[dev] setup_sql names {path}, which does not exist", hint="Fix the path in flux.toml.")
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path.name} is not UTF-8 text: {exc.reason} at byte {exc.start}",
+                          hint="Save it as UTF-8.") from None
+    try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             try:
-                conn.execute(path.read_text())
+                conn.execute(text)
             except psycopg.Error as exc:
-                error = from_psycopg(exc, f"Running {path.name} failed")
+                # PostgreSQL says where in the text a statement it could not parse or plan went wrong.
+                position = exc.diag.statement_position
+                where = f" (line {text[:int(position) - 1].count(chr(10)) + 1})" if position and position.isdigit() else ""
+                error = from_psycopg(exc, f"Running {path.name}{where} failed")
                 if error.retryable:  # the connection dropped, or a transient conflict: not the SQL's fault
                     raise error from exc
                 raise ConfigError(error.message, hint="Fix the SQL; it runs at every `flux dev` start.",

@@ -28,7 +28,7 @@ WorkersOption = Annotated[
                  "further requests wait for a free slot. One process serves them all."),
 ]
 PoolOption = Annotated[int, typer.Option("--pool-size", help="Warm isolates kept ready per function.")]
-ProjectOption = Annotated[Path, typer.Option("--project", help="The project directory (holding flux.toml); by default, "
+ProjectOption = Annotated[Path | None, typer.Option("--project", help="The project directory (holding flux.toml); by default, "
                                              "the one enclosing the current directory.", show_default=False)]
 RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write a trace row (spans and replay tape) per request.")]
 
@@ -84,7 +84,7 @@ def run_stack(
 
 def serve(
     database: DatabaseOption = None,
-    project: ProjectOption = Path("."),
+    project: ProjectOption = None,
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
     workers: WorkersOption = 64,
@@ -105,7 +105,7 @@ def serve(
     setup_logging(verbose)
     db = resolve_database(database)
     dsn = db.dsn
-    root = find_project_root(project)
+    root = find_project_root() if project is None else _given_project(project)
     check_port(host, port)  # before attach changes anything
     with reaching(db):
         if attach_all:
@@ -121,6 +121,17 @@ def serve(
               reload=reload, engine=engine, on_ready=ready)
 
 
+def _given_project(directory: Path) -> Path:
+    """--project names the project itself: a directory inside one is not it (its parents are not searched)."""
+    from flux.errors import ConfigError
+    from flux.project import CONFIG_FILE
+
+    if not (directory / CONFIG_FILE).is_file():
+        raise ConfigError(f"--project {directory} has no {CONFIG_FILE}",
+                          hint="Name the directory that holds flux.toml, or leave out --project inside it.")
+    return directory.resolve()
+
+
 def _require_attached(dsn: str) -> None:
     import psycopg
 
@@ -129,11 +140,20 @@ def _require_attached(dsn: str) -> None:
 
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
-            slot = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()
+            slot = conn.execute("SELECT database, current_database() FROM pg_replication_slots"
+                                " WHERE slot_name = 'flux'").fetchone()
             if slot is None:
                 raise ConfigError(
                     "Flux is not attached to this database (no replication slot 'flux')",
                     hint="Run `flux attach --all-tables` (or --tables a,b) first, pass --attach, or use --no-engine.",
+                )
+            # Slot names are per cluster: the engine would fight another database's engine for it, forever.
+            owner, here = slot
+            if owner != here:
+                raise ConfigError(
+                    f"Flux is not attached to database {here}: the server's replication slot 'flux' is database {owner}'s",
+                    hint=f"flux serve always uses slot flux: serve database {owner}, or run `flux cdc run --slot NAME` for this"
+                         " one (after `flux attach --slot NAME`) and serve it with --no-engine.",
                 )
             # The engine runs in this process with this role: refused now, not after the gateway serves.
             require_engine_role(conn, slot="flux")

@@ -223,14 +223,17 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
     seen = gateway.project.fingerprint()
     while not shutdown.is_set():
         await asyncio.sleep(interval)
-        current = gateway.project.fingerprint()
-        if current == seen:
-            continue
-        seen = current
         try:
+            current = gateway.project.fingerprint()
+            if current == seen:
+                continue
+            seen = current
             project = load_project(gateway.project.root)
         except ConfigError as exc:
             log.error("not reloaded: %s%s", exc, f" (hint: {exc.hint})" if exc.hint else "")
+            continue
+        except Exception:  # noqa: BLE001 -- a file gone mid-scan, or a bug: the watcher must outlive it
+            log.exception("not reloaded")
             continue
         errors = gateway.reload(project)
         freeze_heap()

@@ -171,6 +171,34 @@ def test_attach_refuses_a_second_attachment_in_the_same_database(dsn, conn):
         attach(dsn, tables=["t"], slot="second", publication="second")
 
 
+def test_detach_while_an_engine_reads_the_slot_names_the_engines_pid_not_the_walsenders(dsn, conn, capture):
+    """The slot's active_pid is the server's walsender: a user who kills that pid kills a backend."""
+    import os
+    import socket
+    import time
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    capture(tables=["t"])
+    for _ in range(300):  # until the engine's replication connection holds the slot
+        if conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0]:
+            break
+        time.sleep(0.05)
+    with pytest.raises(PreflightError) as caught:
+        detach(dsn)
+    assert f"A Flux engine (pid {os.getpid()} on {socket.gethostname()})" in caught.value.message
+
+
+def test_attach_where_the_servers_slot_is_another_databases_says_whose_and_how_to_get_one(dsn, pg_info):
+    with psycopg.connect(pg_info.dsn, autocommit=True) as admin:  # the cluster's own database, not the test's
+        admin.execute("SELECT pg_create_logical_replication_slot('flux', 'pgoutput')")
+        try:
+            with pytest.raises(PreflightError) as caught:
+                attach(dsn, all_tables=True)
+        finally:
+            admin.execute("SELECT pg_drop_replication_slot('flux')")
+    assert "slot flux is database postgres's" in caught.value.message and "--slot NAME" in caught.value.hint
+
+
 def test_detach_leaves_a_slot_flux_did_not_make(dsn, conn):
     conn.execute("SELECT pg_create_logical_replication_slot('tool', 'test_decoding')")
     with pytest.raises(NotFoundError, match="No Flux attachment uses slot tool"):

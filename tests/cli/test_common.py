@@ -47,7 +47,14 @@ def test_an_unreachable_database_flag_asks_to_check_the_server_and_exits_4(tmp_p
     result = flux(tmp_path, "requests", "--database", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     assert result.returncode == 4, result.stderr
     assert "Cannot reach the database given by --database" in result.stderr
-    assert "hint: Check that the server is running and the DSN is right." in result.stderr
+    assert "hint: Check that the server is running, and the DSN's host, port, user, password" in result.stderr
+
+
+def test_a_role_the_server_does_not_know_is_reported_with_a_hint_that_names_the_user(tmp_path, pg_info):
+    """libpq gives no SQLSTATE for a refused connection, so this cannot be told from a server that is down."""
+    result = flux(tmp_path, "requests", "--database", f"postgresql://nosuchrole@127.0.0.1:{pg_info.port}/postgres")
+    assert result.returncode == 4, result.stderr
+    assert 'role "nosuchrole" does not exist' in result.stderr and "user, password and database" in result.stderr
 
 
 def test_an_unreachable_environment_dsn_is_named_as_the_source(tmp_path):
@@ -64,3 +71,11 @@ def test_a_malformed_dsn_is_a_usage_error_with_a_hint(tmp_path, args):
     assert result.returncode == 2, result.stderr
     assert "--database is not a valid PostgreSQL DSN" in result.stderr
     assert "hint: Write a URL, postgresql://USER@HOST:PORT/DBNAME" in result.stderr
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://postgres@127.0.0.1:abc/postgres", "host=127.0.0.1 port=99999",
+                                 "host=a,b port=5432,0"])
+def test_a_dsn_with_an_impossible_port_is_a_usage_error_not_an_unreachable_server(tmp_path, dsn):
+    result = flux(tmp_path, "requests", "--database", dsn)
+    assert result.returncode == 2, result.stderr
+    assert "--database is not a valid PostgreSQL DSN: port" in result.stderr and "hint: Fix the port" in result.stderr

@@ -196,7 +196,7 @@ def test_dev_with_a_bad_schema_sql_is_a_config_error(project):
     (project / "schema.sql").write_text("CREATE TABLEX oops;\n")
     result = run_dev(project, "--port", str(free_port()))
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "error: Running schema.sql failed: syntax error" in result.stderr and "hint: Fix the SQL" in result.stderr
+    assert "error: Running schema.sql (line 1) failed: syntax error" in result.stderr and "hint: Fix the SQL" in result.stderr
     assert "Embedded PostgreSQL stopped" in result.stdout
 
 
@@ -208,3 +208,32 @@ def test_dev_against_an_unreachable_database_says_so_rather_than_blaming_the_sql
     assert result.returncode == 4, result.stdout + result.stderr
     assert "Cannot reach the database given by --database" in result.stderr
     assert "Check that the server is running" in result.stderr and "Fix the SQL" not in result.stderr
+
+
+def test_an_error_in_schema_sql_names_its_line(dsn, tmp_path):
+    from flux.cli.dev import _run_setup_sql
+    from flux.errors import ConfigError
+
+    schema = tmp_path / "schema.sql"
+    schema.write_text("CREATE TABLE IF NOT EXISTS a (id int);\n\nCREATE TABLE b (id int,\n  name txt);\n")
+    with pytest.raises(ConfigError) as caught:
+        _run_setup_sql(dsn, schema)
+    assert caught.value.message.startswith("Running schema.sql (line 4) failed: type \"txt\" does not exist")
+
+
+def test_dev_in_a_project_without_functions_says_where_to_add_one(project):
+    (project / "flux.toml").write_text('[project]\nname = "t"\n')
+    printed: list[str] = []
+    proc, _ = start_dev(project, "--port", str(free_port()), lines=printed)
+    out = stop_dev(proc)
+    assert "functions: none yet: add functions/NAME.js" in "".join(printed) + out
+
+
+def test_a_schema_sql_that_is_not_utf8_is_a_config_error(dsn, tmp_path):
+    from flux.cli.dev import _run_setup_sql
+    from flux.errors import ConfigError
+
+    schema = tmp_path / "schema.sql"
+    schema.write_bytes(b"INSERT INTO t VALUES ('caf\xe9');\n")
+    with pytest.raises(ConfigError, match="schema.sql is not UTF-8"):
+        _run_setup_sql(dsn, schema)

@@ -58,3 +58,57 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error_not_a_traceback(tmp_path)
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "Argument 2 is not valid UTF-8: abcd\\udcff" in result.stderr and "hint:" in result.stderr
+
+
+def _commands():
+    """Every leaf command of `flux`, as (["cdc", "run"], click command)."""
+    import typer.main
+
+    from flux.cli import app
+
+    def walk(command, path):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, command
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def _readme_rows(path: list[str]) -> str:
+    """The README's CLI-table row of a command; for `flux serve`, its own option table."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    if path == ["serve"]:
+        return readme[readme.index("`flux serve --database DSN` runs"):readme.index("`compose.yaml` runs")]
+    cli = readme[readme.index("\n## CLI\n"):readme.index("\n## Development\n")]
+    name = " ".join(["flux", *path])
+    return "\n".join(line for line in cli.splitlines() if line.startswith((f"| `{name} ", f"| `{name}`")))
+
+
+def test_every_command_and_each_of_its_options_is_in_the_readme_cli_reference():
+    import re
+
+    missing = []
+    for path, command in _commands():
+        row = _readme_rows(path)
+        if not row:
+            missing.append(" ".join(path))
+            continue
+        for param in command.params:
+            names = [*param.opts, *param.secondary_opts]
+            if not names[0].startswith("-") or "--help" in names or "--database" in names:  # --database: said once for all
+                continue
+            if not any(re.search(re.escape(n) + r"(?![\w-])", row) for n in names):
+                missing.append(f"{' '.join(path)} {names[0]}")
+    assert not missing
+
+
+def test_every_command_has_help_that_exits_0():
+    from typer.testing import CliRunner
+
+    from flux.cli import app
+
+    for path, _ in _commands():
+        result = CliRunner().invoke(app, [*path, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, path

@@ -296,3 +296,24 @@ def test_an_engine_that_stops_in_the_stack_says_so_when_it_stops(dsn, caplog):
     # Before: nothing until the process stopped, while a gateway served on without capture.
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the CDC engine stopped: ")]
     assert len(stopped) == 1 and "Replication slot 'flux' does not exist" in stopped[0] and "(hint: Run `flux attach`" in stopped[0]
+
+
+def test_serve_refuses_a_database_whose_server_has_another_databases_flux_slot(tmp_path, dsn, pg_info):
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"})
+    with psycopg.connect(pg_info.dsn, autocommit=True) as admin:  # the cluster's own database, not the test's
+        admin.execute("SELECT pg_create_logical_replication_slot('flux', 'pgoutput')")
+        try:
+            result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=60)
+        finally:
+            admin.execute("SELECT pg_drop_replication_slot('flux')")
+    assert result.returncode == 2, result.stderr
+    assert "slot 'flux' is database postgres's" in result.stderr and "--no-engine" in result.stderr
+
+
+def test_serve_project_names_the_directory_holding_flux_toml_not_one_inside_it(tmp_path, dsn):
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"})
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--project", "functions"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "--project functions has no flux.toml" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 import weakref
 
@@ -33,6 +34,34 @@ def test_changed_function_files_are_reloaded_and_requests_use_the_new_code(tmp_p
             return first, second, added
 
     assert asyncio.run(scenario()) == ("one", "two", "new")
+
+
+def test_a_flux_toml_of_the_wrong_shape_is_not_reloaded_and_later_fixes_still_are(tmp_path, caplog):
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
+    caplog.set_level(logging.INFO)
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, client):
+            shutdown = asyncio.Event()
+            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "flux.toml").write_text('[routes]\n"POST /x" = ["v"]\n')
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if "not reloaded" in caplog.text:
+                    break
+            (tmp_path / "flux.toml").write_text('[routes]\n"POST /x" = "v"\n')
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if gateway.project.route("POST", "/x"):
+                    break
+            answer = await (await client.post("/x")).get_data(as_text=True)
+            shutdown.set()
+            watcher.cancel()
+            return answer
+
+    assert asyncio.run(scenario()) == "one"
+    assert 'Route "POST /x"' in caplog.text
 
 
 def test_a_reload_that_breaks_a_function_keeps_serving_the_others(tmp_path):

@@ -1,0 +1,27 @@
+"""`flux.cdc.stream`: what opening the replication stream says when it cannot."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from flux.cdc.stream import ReplicationStream
+from flux.errors import FluxError
+
+
+def test_a_slot_another_engine_holds_is_retryable_and_the_hint_names_that_engine(dsn, conn, capture):
+    """The server's message names its own walsender's pid, which is not the process to stop."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    capture(tables=["t"])
+    for _ in range(300):  # until the engine's replication connection holds the slot
+        if conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0]:
+            break
+        time.sleep(0.05)
+    second = ReplicationStream(dsn=dsn, slot="flux", publication="flux", start_lsn=0)
+    with pytest.raises(FluxError) as caught:
+        second.open()
+    assert caught.value.retryable
+    assert f"held by the Flux engine of pid {os.getpid()} on {socket.gethostname()}" in caught.value.hint

@@ -294,13 +294,29 @@ def parse_duration(text: str, what: str) -> timedelta:
     return window
 
 
+def parse_retention_period(text: str, what: str) -> timedelta:
+    """A retention period: a duration in hours or days. Minutes and seconds are refused: "6m"
+    read as six months would delete almost everything recorded."""
+    period = parse_duration(text, what)
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match and match.group(2) in "sm":
+        amount, unit = match.group(1), _UNITS[match.group(2)]
+        months = f" or {float(amount) * 30:g}d for {amount} months" if unit == "minutes" else ""
+        raise ConfigError(
+            f"{what} {text!r} is {amount} {unit}: a retention period is given in hours or days",
+            hint=f"Write {amount}d for {amount} days{months}; to mean {amount} {unit}, give it in hours "
+                 f"({period.total_seconds() / 3600:.4g}h).",
+        )
+    return period
+
+
 def _retention(table: dict, where: str) -> Retention:
     periods = {}
     for key in ("traces", "mutations"):
         value = table.get(key)
         if value is None:
             continue
-        period = parse_duration(value, f"[retention] {key} in {where}") if isinstance(value, str) else None
+        period = parse_retention_period(value, f"[retention] {key} in {where}") if isinstance(value, str) else None
         if period is None or period <= timedelta(0):
             raise ConfigError(f"[retention] {key} in {where} must be a positive duration, not {value!r}",
                               hint=f'For example: {key} = "30d"')

@@ -141,7 +141,7 @@ def test_retention_periods_are_read_from_flux_toml(tmp_path):
     assert load_project(tmp_path).retention.traces is None  # kept for good unless configured
 
 
-@pytest.mark.parametrize("setting", ['traces = "a month"', "traces = 30", 'traces = "0d"', 'trace = "30d"'])
+@pytest.mark.parametrize("setting", ['traces = "a month"', "traces = 30", 'traces = "0d"', 'trace = "30d"', 'mutations = "6m"'])
 def test_a_retention_setting_that_is_not_a_positive_duration_is_a_config_error(tmp_path, setting):
     write_project(tmp_path, {"a": FN}, f"[retention]\n{setting}\n")
     with pytest.raises(ConfigError) as caught:

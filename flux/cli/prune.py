@@ -12,13 +12,13 @@ import typer
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, err_console, print_json
-from flux.project import parse_duration
+from flux.project import parse_retention_period
 from flux.store import retention
 
 
 def prune(
     older_than: Annotated[str, typer.Option("--older-than", help="Delete what was recorded longer ago than this: "
-                                            "30d, 12h, 90m.", show_default=False)],
+                                            "30d, 12h (hours or days).", show_default=False)],
     traces: Annotated[bool, typer.Option("--traces/--no-traces", help="Prune request traces (by start time).")] = True,
     mutations: Annotated[bool, typer.Option("--mutations/--no-mutations",
                                             help="Prune row changes (by commit time).")] = True,
@@ -30,7 +30,7 @@ def prune(
 ) -> None:
     """Delete traces and row changes recorded longer ago than --older-than, in short batches.
     Ctrl-C stops it after the batch in hand (a second one at once); running it again continues."""
-    window = parse_duration(older_than, "--older-than")
+    window = parse_retention_period(older_than, "--older-than")
     stop = threading.Event()
     with connect(database, failing="Pruning failed") as conn, _stop_on_ctrl_c(stop):
         if json or not err_console.is_terminal:

@@ -49,6 +49,14 @@ def test_prune_needs_a_duration_it_can_read(dsn, conn):
     assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (2,)
 
 
+def test_prune_refuses_minutes_which_a_user_may_mean_as_months(dsn, conn):
+    seed(conn)
+    result = runner.invoke(app, ["prune", "--older-than", "6m", "--database", dsn])
+    assert isinstance(result.exception, ConfigError) and "'6m' is 6 minutes" in str(result.exception)
+    assert "180d for 6 months" in result.exception.hint and "0.1h" in result.exception.hint
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (2,)
+
+
 def test_prune_text_gives_the_cutoff_in_utc_whatever_the_servers_time_zone(dsn, conn):
     seed(conn)
     conn.execute(f"ALTER DATABASE {conn.info.dbname} SET TimeZone = 'Pacific/Chatham'")  # UTC+12:45 or +13:45

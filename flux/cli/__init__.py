@@ -14,6 +14,22 @@ import typer
 from flux.cli import attach, cdc, dev, init, prune, serve, state, trace
 from flux.cli.output import fail, print_json
 
+
+def _hide_flag_types() -> None:
+    """Typer's rich help prints a flag's type ("--json <bool>"), which reads as if the flag took
+    a value; click's plain help leaves it out, and so does this."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None:  # another Typer: its own rendering
+        return
+
+    def display_type_rich(self: typer.core.TyperOption, ctx: object) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
 app = typer.Typer(
     name="flux",
     help="Flux: a function runtime with built-in debugging. Every change is keyed by request_id.",

@@ -169,7 +169,13 @@ def _load_functions(root: Path) -> dict[str, Function]:
                 f"Function file name {path.name} is not a valid function name",
                 hint="Use letters, digits, _ and -, starting with a letter.", file=str(path),
             )
-        source = path.read_text()
+        try:
+            source = path.read_text(encoding="utf-8")
+        except FileNotFoundError:  # deleted since the listing (an editor's save, a checkout): not a function now
+            continue
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"functions/{path.name} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                              hint="Save the file as UTF-8.", file=str(path)) from None
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         functions[name] = Function(name=name, path=path, source=source, code_version=digest)
     return functions

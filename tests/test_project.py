@@ -140,3 +140,11 @@ def test_a_retention_setting_that_is_not_a_positive_duration_is_a_config_error(t
     with pytest.raises(ConfigError) as caught:
         load_project(tmp_path)
     assert "[retention]" in str(caught.value) and caught.value.hint
+
+
+def test_a_function_file_that_is_not_utf8_is_a_config_error_that_names_it(tmp_path):
+    write_project(tmp_path, {"ok": FN})
+    (tmp_path / "functions" / "latin.js").write_bytes(b"export default async function () { return {body: '\xe9'}; }\n")
+    with pytest.raises(ConfigError, match=r"functions/latin\.js is not UTF-8") as caught:
+        load_project(tmp_path)
+    assert caught.value.hint == "Save the file as UTF-8."

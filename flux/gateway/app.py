@@ -87,6 +87,11 @@ class Functions:
         for pool in self.pools.values():
             pool.warm_now()
 
+    async def warm_async(self) -> None:
+        """`warm`, with each isolate made on a worker thread: the loop keeps serving."""
+        for pool in self.pools.values():
+            await pool.warm_async()
+
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
@@ -124,12 +129,20 @@ class Gateway:
     def project(self) -> Project:
         return self.functions.project
 
-    def reload(self, project: Project) -> list[str]:
-        """Swap in a new version of the project; requests in flight finish on the old one."""
-        old = self.functions
-        self.functions = Functions(project, pool_size=self.pool_size)
+    async def reload(self, project: Project) -> list[str]:
+        """Swap in a new version of the project; requests in flight finish on the old one.
+
+        The new functions are compiled and their isolates made off the loop (top-level code may
+        run up to its time limit per function), so requests keep being served meanwhile; the swap
+        itself is one step on the loop, every function at once."""
+        functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size)
+        try:
+            await functions.warm_async()
+        except BaseException:
+            functions.close()
+            raise
+        old, self.functions = self.functions, functions
         self.executor = self._executor(project)
-        self.functions.warm()
         old.close()
         for hook in self.reload_hooks:
             hook(project)

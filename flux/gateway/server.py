@@ -224,10 +224,13 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
         seen = current
         try:
             project = load_project(gateway.project.root)
+            errors = await gateway.reload(project)
         except ConfigError as exc:
             log.error("not reloaded: %s%s", exc, f" (hint: {exc.hint})" if exc.hint else "")
             continue
-        errors = gateway.reload(project)
+        except Exception:  # noqa: BLE001 -- a watcher that died would ignore every later edit, silently
+            log.exception("not reloaded: Flux failed while loading the project (still serving the previous version)")
+            continue
         freeze_heap()
         log.info("reloaded %d function(s)%s", len(project.functions), f"; {len(errors)} failed to load" if errors else "")
         for error in errors:

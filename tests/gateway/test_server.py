@@ -42,7 +42,7 @@ def test_a_reload_that_breaks_a_function_keeps_serving_the_others(tmp_path):
     async def scenario():
         async with running_gateway(tmp_path, None) as (gateway, client):
             (tmp_path / "functions" / "a.js").write_text("export default async function () {\n  return {;\n}\n")
-            errors = gateway.reload(gateway.project.reload())
+            errors = await gateway.reload(gateway.project.reload())
             return errors, (await client.post("/a")).status_code, await (await client.post("/b")).get_data(as_text=True)
 
     errors, broken, ok = asyncio.run(scenario())
@@ -59,7 +59,7 @@ def test_a_reload_applies_a_changed_body_limit(tmp_path):
         async with running_gateway(tmp_path, None) as (gateway, client):
             before = (await client.post("/echo", **body)).status_code
             (tmp_path / "flux.toml").write_text("[limits]\nmax_body_bytes = 4096\n")
-            gateway.reload(gateway.project.reload())
+            await gateway.reload(gateway.project.reload())
             after = await client.post("/echo", **body)
             return before, after.status_code, await after.get_data(as_text=True)
 
@@ -107,3 +107,69 @@ def test_a_reload_leaves_the_replaced_functions_collectable(tmp_path):
         assert asyncio.run(scenario()) == ("replaced", True)
     finally:
         gc.unfreeze()
+
+
+def _wait_for(condition, timeout: float = 10.0):
+    async def wait() -> bool:
+        for _ in range(int(timeout / 0.05)):
+            if condition():
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    return wait()
+
+
+def test_the_watcher_keeps_reloading_after_a_file_it_cannot_read(tmp_path):
+    # A function file that is not UTF-8 once stopped the watcher for good, with no word: every
+    # later edit was ignored until flux dev restarted.
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, client):
+            shutdown = asyncio.Event()
+            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+            await asyncio.sleep(0.1)  # the watcher has taken the files' fingerprint
+            bad = tmp_path / "functions" / "bad.js"
+            bad.write_bytes(b"export default async function () { return {body: '\xe9'}; }\n")
+            await asyncio.sleep(0.3)
+            bad.unlink()
+            (tmp_path / "functions" / "w.js").write_text("export default async function () { return {status: 200, body: 'new'}; }\n")
+            reloaded = await _wait_for(lambda: "w" in gateway.functions.compiled)
+            alive = not watcher.done()
+            shutdown.set()
+            watcher.cancel()
+            return reloaded, alive, await (await client.post("/w")).get_data(as_text=True)
+
+    assert asyncio.run(scenario()) == (True, True, "new")
+
+
+def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):
+    # A reload compiled every function and made its isolates on the loop: top-level code running
+    # to its time limit stopped every request for that long.
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"},
+                  "[limits]\ntimeout_ms = 1500\n")
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, client):
+            shutdown = asyncio.Event()
+            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+            await asyncio.sleep(0.1)
+            (tmp_path / "functions" / "spin.js").write_text(
+                "for (;;) {}\nexport default async function () { return {status: 200}; }\n")
+            slowest = 0.0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 2.5
+            while loop.time() < end:
+                started = loop.time()
+                answer = await client.post("/v")
+                assert answer.status_code == 200
+                slowest = max(slowest, loop.time() - started)
+                await asyncio.sleep(0.02)
+            reloaded = await _wait_for(lambda: "spin" in gateway.functions.compiled)
+            shutdown.set()
+            watcher.cancel()
+            return reloaded, slowest, gateway.functions.load_errors
+
+    reloaded, slowest, errors = asyncio.run(scenario())
+    assert reloaded and errors == ["functions/spin.js: its top-level code did not finish within 1500 ms"]
+    assert slowest < 0.5

@@ -528,8 +528,9 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
     @app.get("/_flux/health")
     async def _health() -> Response:
+        traces = gateway.sink.status() if gateway.sink is not None and gateway.record else None
         return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled),
-                                      "load_errors": gateway.functions.load_errors, **gateway.load()}),
+                                      "load_errors": gateway.functions.load_errors, **gateway.load(), "traces": traces}),
                         content_type="application/json")
 
     @app.get("/_flux/requests")

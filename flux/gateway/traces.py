@@ -7,13 +7,14 @@ through.
 `TraceWriter` takes records from the gateway with `submit()` (never awaits, never blocks a
 response) and writes them in batches, one round trip per batch. `close()` drains the queue.
 What a hard crash can lose: the records still queued, at most `max_queue`, typically the
-last `flush_interval` seconds of requests. A full queue (the database is down or too slow)
-drops new records with an error log that counts them; it never slows responses down.
+last `flush_interval` seconds of requests. A database that cannot take records now (down,
+read-only, locked) keeps them queued and retried; a full queue drops new records with an error
+log that counts them; it never slows responses down. `status()` says all of it for /_flux/health.
 
 No record can stop the writer. A batch is one jsonb document, which PostgreSQL caps at 256 MB,
 so a record over `MAX_RECORD_BYTES` is stored without its recording (a query can return
 hundreds of megabytes), and batches are cut at `MAX_BATCH_BYTES`. A batch the database refuses
-for what it holds rather than for being unreachable is written record by record, and a record
+for what it holds rather than for its own state is written record by record, and a record
 refused on its own is logged with its request id and counted in `failed`, never retried.
 """
 
@@ -37,8 +38,17 @@ MAX_BATCH_BYTES = 32 * 1024 * 1024
 SHRUNK_STRING_CHARS = 4096  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
 
 
+STALL_LOG_SECONDS = 10.0  # a batch the database has not taken after this long is logged (a lock?), and again
+# Refused for what a record holds (data exception, integrity, program limit, internal): find the
+# record and leave it out. Anything else is about the database, not the records (unreachable,
+# read-only after a failover, locked, out of disk, a privilege revoked): keep them and retry.
+_RECORD_SQLSTATE_CLASSES = ("22", "23", "54", "XX")
+
+
 class TraceSink(Protocol):
     def submit(self, record: TraceRecord) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 class TraceWriter:
@@ -57,11 +67,19 @@ class TraceWriter:
         self.failed = 0  # refused by the database on their own
         self.shrunk = 0  # stored without their recording, over MAX_RECORD_BYTES
         self._last_drop_log = 0.0
+        self.last_error: str | None = None  # the last failure to write, cleared by the next write
+        self._waiting_since: float | None = None  # monotonic time the batch in hand was first sent
 
     @property
     def pending(self) -> int:
         """Records submitted and not yet written or given up: queued, and the batch in flight."""
         return self._queue._unfinished_tasks  # type: ignore[attr-defined]  # done only once written
+
+    def status(self) -> dict[str, Any]:
+        """For /_flux/health: what waits, what was lost, and for how long the database has not taken records."""
+        waiting = 0.0 if self._waiting_since is None else time.monotonic() - self._waiting_since
+        return {"pending": self.pending, "written": self.written, "dropped": self.dropped, "failed": self.failed,
+                "waiting_seconds": round(waiting, 1), "last_error": self.last_error}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="flux-trace-writer")
@@ -117,24 +135,30 @@ class TraceWriter:
                 pending = [chunk]
                 while pending:
                     part = pending.pop()
+                    if self._waiting_since is None:
+                        self._waiting_since = time.monotonic()
                     try:
                         if conn is None or conn.closed:
                             # UTF-8: the records go as JSON already encoded (the server converts to its own).
                             conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8")
-                        await insert_encoded_traces_async(conn, [encoded for _, encoded in part])
+                        await self._insert(conn, part)
                         self.written += len(part)
                         self.batches += 1
+                        self._waiting_since = self.last_error = None
                         delay = 0.2
-                    except psycopg.OperationalError as exc:  # unreachable, restarting, out of connections
-                        log.warning("%s; retrying %d records in %.1fs", from_psycopg(exc, "writing trace records failed"),
-                                    len(part), delay)
-                        if conn is not None:
-                            await conn.close()
-                            conn = None
-                        pending.append(part)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 10.0)
-                    except psycopg.Error as exc:  # refused for what the batch holds: find the record
+                    except psycopg.Error as exc:
+                        if not _about_the_records(exc):
+                            self.last_error = str(from_psycopg(exc, "writing trace records failed"))
+                            log.warning("%s; retrying %d records in %.1fs (%d more queued)", self.last_error, len(part),
+                                        delay, self._queue.qsize())
+                            if conn is not None:
+                                await conn.close()
+                                conn = None
+                            pending.append(part)
+                            await asyncio.sleep(delay)
+                            delay = min(delay * 2, 10.0)
+                            continue
+                        # Refused for what the batch holds: find the record.
                         if len(part) > 1:
                             pending.extend([part[len(part) // 2:], part[:len(part) // 2]])
                             continue
@@ -143,6 +167,19 @@ class TraceWriter:
                                   part[0][0])
             for _ in batch:
                 self._queue.task_done()
+
+    async def _insert(self, conn: psycopg.AsyncConnection, part: list[tuple[str, bytes]]) -> None:
+        """One batch, saying every STALL_LOG_SECONDS while the database has not taken it (a lock on
+        the table, a server that stopped answering): the queue grows meanwhile."""
+        insert = asyncio.ensure_future(insert_encoded_traces_async(conn, [encoded for _, encoded in part]))
+        try:
+            while not (await asyncio.wait({insert}, timeout=STALL_LOG_SECONDS))[0]:
+                log.warning("%d trace records have waited %.0fs for the database to take them (a lock on "
+                            "flux.trace_requests?); %d more queued", len(part), time.monotonic() - (self._waiting_since or 0),
+                            self._queue.qsize())
+        finally:
+            insert.cancel()  # a no-op once done; the writer's own cancellation stops the statement too
+        insert.result()
 
     def _encode(self, record: TraceRecord) -> bytes:
         encoded = encode_trace(record)
@@ -158,6 +195,13 @@ class TraceWriter:
         return encode_trace(dataclasses.replace(
             record, recording=recording, spans=_shrink(record.spans), request=_shrink(record.request),
             response=_shrink(record.response), error=_shrink(record.error)))
+
+
+def _about_the_records(exc: psycopg.Error) -> bool:
+    """Whether the database refused a batch for what its records hold, rather than for its own state."""
+    if isinstance(exc, psycopg.OperationalError):
+        return False
+    return exc.sqlstate is None or exc.sqlstate[:2] in _RECORD_SQLSTATE_CLASSES
 
 
 def _shrink(value: Any) -> Any:

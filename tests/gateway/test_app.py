@@ -836,3 +836,20 @@ def test_a_function_sees_no_api_key_in_any_header(tmp_path, dsn, conn, users):
     assert status == 200 and stored(conn, headers["x-flux-request-id"])["tenant"] == "acme"
     assert "key-" not in body.decode()
     assert leaks(conn, headers["x-flux-request-id"], "key-acme", "key-globex") == []
+
+
+def test_health_reports_traces_waiting_and_dropped(tmp_path):
+    """An SRE's probe saw `ok` and nothing else while the database took no traces and the queue dropped them."""
+    write_project(tmp_path, {"hi": "export default async function () { return {status: 200}; }"})
+    writer = TraceWriter("postgresql://nobody@127.0.0.1:1/none", max_queue=1)  # not started: nothing is written
+
+    async def main() -> dict:
+        async with running_gateway(tmp_path, None, sink=writer) as (_, client):
+            for _ in range(3):
+                assert (await client.post("/hi")).status_code == 200
+            return await (await client.get("/_flux/health")).get_json()
+
+    health = run(main())
+    assert health["ok"] is True
+    assert {k: health["traces"][k] for k in ("pending", "written", "dropped", "failed")} == {
+        "pending": 1, "written": 0, "dropped": 2, "failed": 0}

@@ -219,7 +219,10 @@ class Gateway:
         work.add_done_callback(self._running.discard)
         try:
             execution = await asyncio.shield(work)
-        except asyncio.CancelledError:  # the client went away: see the module's doc
+        except asyncio.CancelledError:
+            if work.cancelled() and not asyncio.current_task().cancelling():  # a stop cut it short, the client is there
+                return self._reply(trace, tenant, function, _cut_off())
+            # The client went away: see the module's doc.
             work.add_done_callback(lambda done: self._record_detached(done, trace, tenant, function))
             raise
         return self._reply(trace, tenant, function, execution)
@@ -236,9 +239,7 @@ class Gateway:
 
     def _record_detached(self, done: asyncio.Future[Execution], trace: _Trace, tenant: Tenant | None, function: str) -> None:
         if done.cancelled():  # cut off by a shutdown that could not wait for it
-            execution = _error(503, "the server stopped before the function finished (its span and the mutation log say "
-                                    "what became of its transaction)", "Stop the server with SIGTERM or Ctrl-C, which "
-                                    "waits for functions in flight up to their time limit.")
+            execution = _cut_off()
         else:
             execution = done.result()
         self._reply(trace, tenant, function, execution, client_gone=True)
@@ -250,6 +251,14 @@ class Gateway:
     def stop_starting(self) -> None:
         """From now on, requests still waiting for a worker are answered 503 and run nothing."""
         self._stopping = True
+
+    def cut_short(self) -> int:
+        """Stop now (a second Ctrl-C): cancel the functions running (they roll back and are answered
+        and recorded 503) and answer queued requests 503. Returns how many functions it cancelled."""
+        self.stop_starting()
+        for work in self._running:
+            work.cancel()
+        return len(self._running)
 
     async def settle(self, timeout: float) -> None:
         """At shutdown, before traces are drained: let every started function finish (whether or not
@@ -500,6 +509,12 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left fi
 def _error(status: int, message: str, hint: str) -> Execution:
     phrase = "Client Closed Request" if status == CLIENT_CLOSED_REQUEST else HTTPStatus(status).phrase
     return Execution(status=status, headers=[], body={"error": message, "hint": hint, "status": phrase}, error=message)
+
+
+def _cut_off() -> Execution:
+    return _error(503, "the server stopped before the function finished (its span and the mutation log say "
+                       "what became of its transaction)", "Stop the server with one SIGTERM or Ctrl-C, which "
+                       "waits for functions in flight up to their time limit.")
 
 
 def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = None) -> Quart:

@@ -5,6 +5,9 @@
     bind the port -> schema -> db pool -> trace writer -> app (isolate pools warm) -> hypercorn ... signal
     -> stop accepting -> finish requests in flight -> drain traces -> close pools
 
+A second signal cuts the waits short: running functions are cancelled (503) and the drain gets
+HURRIED_DRAIN_SECONDS. Traces left unwritten at the end are a DatabaseError (exit code 1).
+
 One process, one asyncio loop. `workers` bounds how many function executions run at the
 same time (each in its own isolate, on its own V8 thread); requests beyond that wait for a
 slot. `pool_size` is the number of warm isolates kept per function.
@@ -28,7 +31,7 @@ from hypercorn.config import Config as HypercornConfig
 from psycopg_pool import AsyncConnectionPool
 
 from flux import STOP_SIGNALS
-from flux.errors import ConfigError, InUseError, from_psycopg
+from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
 from flux.gateway.app import Gateway, create_app
 from flux.gateway.traces import TraceWriter
 from flux.project import Project, load_project
@@ -36,6 +39,8 @@ from flux.runtime.host import AiohttpTransport
 from flux.store import retention
 
 log = logging.getLogger("flux.gateway")
+
+HURRIED_DRAIN_SECONDS = 1.0  # after a second stop signal, what the trace drain still gets
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +99,11 @@ def _expected_discard(record: logging.LogRecord) -> bool:
 logging.getLogger("psycopg.pool").addFilter(_expected_discard)
 
 
-async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
-    """A started Gateway and the coroutine function that stops it (drains traces, closes pools)."""
+async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event | None = None,
+                ) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
+    """A started Gateway and the coroutine function that stops it (drains traces, closes pools).
+    The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
+    hurry = hurry or asyncio.Event()
     db_pool = AsyncConnectionPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
                                   kwargs={"autocommit": True})  # DbSession runs BEGIN itself
     try:
@@ -111,12 +119,21 @@ async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callabl
 
     async def stop() -> None:
         if writer is not None:
-            try:
-                await asyncio.wait_for(writer.close(), config.drain_timeout)
-            except TimeoutError:
+            closing = asyncio.ensure_future(writer.close())
+            hurried = asyncio.ensure_future(hurry.wait())
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait({closing, hurried}, timeout=config.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
+            hurried.cancel()
+            if not closing.done() and hurry.is_set():  # a healthy database still takes the queue in this time
+                left = config.drain_timeout - (asyncio.get_running_loop().time() - started)
+                await asyncio.wait({closing}, timeout=max(0.0, min(HURRIED_DRAIN_SECONDS, left)))
+            if not closing.done():
+                closing.cancel()
                 # `pending` counts the batch being retried too, which the queue's size leaves out.
-                log.error("gave up draining traces after %.0fs: %d records not written", config.drain_timeout,
-                          writer.pending)
+                log.error("gave up draining traces after %.0fs%s: %d records not written%s",
+                          asyncio.get_running_loop().time() - started, " (stopped at once)" if hurry.is_set() else "",
+                          writer.pending, f" ({writer.sending} of them sent, which the server may still commit)"
+                          if writer.sending else "")
                 if writer.dropped:  # close() reports these when it finishes; it did not
                     log.error("%d trace records were dropped because the queue was full", writer.dropped)
         await transport.aclose()
@@ -161,7 +178,8 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
 async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None) -> None:
     ensure_store(config.dsn)
     project = load_project(config.root)
-    gateway, stop = await build(config, project)
+    hurry = asyncio.Event()
+    gateway, stop = await build(config, project, hurry=hurry)
 
     async def started() -> None:
         freeze_heap()
@@ -171,6 +189,15 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     loop = asyncio.get_running_loop()
 
     def begin_shutdown() -> None:
+        if shutdown.is_set():  # a second signal: stop waiting
+            if not hurry.is_set():
+                hurry.set()
+                log.warning("stopping now: %d running function(s) cancelled (rolled back, answered and recorded 503); "
+                            "traces not yet written are given up and counted", gateway.cut_short())
+            return
+        load = gateway.load()
+        log.info("stopping: %d function(s) running, %d request(s) queued (answered 503), %d trace(s) to write; "
+                 "again to stop at once", load["running"], load["queued"], gateway.sink.status()["pending"] if gateway.sink else 0)
         gateway.stop_starting()  # queued requests get their 503 while their clients still listen
         shutdown.set()
 
@@ -197,6 +224,11 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
         pruner.cancel()  # a pass on its worker thread finishes its batch; the next never starts
         if watcher is not None:
             watcher.cancel()
+    lost = gateway.sink.status()["pending"] if gateway.sink is not None else 0
+    if lost:  # logged as it happened; the exit code says it too, to whatever supervises the process
+        raise DatabaseError(f"Stopped with {lost} trace record(s) not written: the database did not take them in time",
+                            hint="Their row changes are in flux.state_mutations (the engine reads them from the WAL); "
+                                 "`flux why` says which requests have no trace.")
 
 
 def freeze_heap() -> None:

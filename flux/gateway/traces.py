@@ -69,6 +69,7 @@ class TraceWriter:
         self._last_drop_log = 0.0
         self.last_error: str | None = None  # the last failure to write, cleared by the next write
         self._waiting_since: float | None = None  # monotonic time the batch in hand was first sent
+        self.sending = 0  # records in a statement sent and not answered: a writer cut off now may still see them committed
 
     @property
     def pending(self) -> int:
@@ -172,6 +173,7 @@ class TraceWriter:
         """One batch, saying every STALL_LOG_SECONDS while the database has not taken it (a lock on
         the table, a server that stopped answering): the queue grows meanwhile."""
         insert = asyncio.ensure_future(insert_encoded_traces_async(conn, [encoded for _, encoded in part]))
+        self.sending = len(part)
         try:
             while not (await asyncio.wait({insert}, timeout=STALL_LOG_SECONDS))[0]:
                 log.warning("%d trace records have waited %.0fs for the database to take them (a lock on "
@@ -179,6 +181,8 @@ class TraceWriter:
                             self._queue.qsize())
         finally:
             insert.cancel()  # a no-op once done; the writer's own cancellation stops the statement too
+            if insert.done():
+                self.sending = 0
         insert.result()
 
     def _encode(self, record: TraceRecord) -> bytes:

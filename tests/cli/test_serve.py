@@ -319,3 +319,13 @@ def test_a_stop_that_leaves_traces_unwritten_exits_1_and_says_how_many(tmp_path,
         conn.rollback()
     assert proc.returncode == 1, out
     assert "error: Stopped with 3 trace record(s) not written" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("option", [["--workers", "0"], ["--pool-size", "-1"]])
+def test_serve_refuses_workers_below_one_and_a_negative_pool_size(tmp_path, option):
+    """--workers 0 was accepted, and every request then waited for a worker forever."""
+    write_project(tmp_path, {"hello": HELLO})
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", "postgresql://x@127.0.0.1:1/x", *option],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert option[0] in result.stderr and "Traceback" not in result.stderr

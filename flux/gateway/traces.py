@@ -6,7 +6,7 @@ through.
 
 `TraceWriter` takes records from the gateway with `submit()` (never awaits, never blocks a
 response) and writes them in batches, one round trip per batch. `close()` drains the queue.
-What a hard crash can lose: the records still queued, at most `max_queue`, typically the
+What a hard crash can lose: the records still queued, at most `max_queue` and `max_queue_bytes`, typically the
 last `flush_interval` seconds of requests. A database that cannot take records now (down,
 read-only, locked) keeps them queued and retried; a full queue drops new records with an error
 log that counts them; it never slows responses down. `status()` says all of it for /_flux/health.
@@ -35,6 +35,7 @@ log = logging.getLogger("flux.gateway")
 
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 MAX_BATCH_BYTES = 32 * 1024 * 1024
+MAX_QUEUE_BYTES = 256 * 1024 * 1024  # what waits for the database, at most (with at most max_queue records)
 SHRUNK_STRING_CHARS = 4096  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
 
 
@@ -54,11 +55,16 @@ class TraceSink(Protocol):
 class TraceWriter:
     """Batches trace records into `flux.trace_requests` from one background task."""
 
-    def __init__(self, dsn: str, *, batch_size: int = 500, flush_interval: float = 0.05, max_queue: int = 20_000) -> None:
+    def __init__(self, dsn: str, *, batch_size: int = 500, flush_interval: float = 0.05, max_queue: int = 20_000,
+                 max_queue_bytes: int = MAX_QUEUE_BYTES) -> None:
         self.dsn = dsn
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        self._queue: asyncio.Queue[TraceRecord] = asyncio.Queue(maxsize=max_queue)
+        # Records encoded as they come (the writer would encode them on this same loop anyway), so
+        # that what waits is bounded in bytes as well as in number: a record may be megabytes.
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=max_queue)
+        self.max_queue_bytes = max_queue_bytes
+        self.pending_bytes = 0  # of records submitted and not yet written or given up
         self._task: asyncio.Task | None = None
         self._closing = False
         self.written = 0
@@ -79,20 +85,23 @@ class TraceWriter:
     def status(self) -> dict[str, Any]:
         """For /_flux/health: what waits, what was lost, and for how long the database has not taken records."""
         waiting = 0.0 if self._waiting_since is None else time.monotonic() - self._waiting_since
-        return {"pending": self.pending, "written": self.written, "dropped": self.dropped, "failed": self.failed,
+        return {"pending": self.pending, "pending_bytes": self.pending_bytes, "written": self.written, "dropped": self.dropped, "failed": self.failed,
                 "waiting_seconds": round(waiting, 1), "last_error": self.last_error}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="flux-trace-writer")
 
     def submit(self, record: TraceRecord) -> None:
-        try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
+        encoded = self._encode(record)
+        if self._queue.full() or self.pending_bytes + len(encoded) > self.max_queue_bytes:
             self.dropped += 1
             if time.monotonic() - self._last_drop_log > 5:
                 self._last_drop_log = time.monotonic()
-                log.error("trace queue full: %d trace records dropped so far (is the database reachable?)", self.dropped)
+                log.error("trace queue full (%d records, %d MB): %d trace records dropped so far (is the database "
+                          "reachable?)", self._queue.qsize(), self.pending_bytes >> 20, self.dropped)
+            return
+        self._queue.put_nowait((record.id, encoded))
+        self.pending_bytes += len(encoded)
 
     async def flushed(self) -> None:
         """Wait until everything submitted so far is written (for tests and the bench)."""
@@ -125,12 +134,11 @@ class TraceWriter:
                 batch.append(self._queue.get_nowait())
             chunks: list[list[tuple[str, bytes]]] = [[]]
             size = 0
-            for record in batch:
-                encoded = self._encode(record)
+            for request_id, encoded in batch:
                 if chunks[-1] and size + len(encoded) > MAX_BATCH_BYTES:
                     chunks.append([])
                     size = 0
-                chunks[-1].append((record.id, encoded))
+                chunks[-1].append((request_id, encoded))
                 size += len(encoded)
             for chunk in chunks:
                 pending = [chunk]
@@ -166,7 +174,8 @@ class TraceWriter:
                         self.failed += 1
                         log.error("%s; trace of request %s not stored", from_psycopg(exc, "writing a trace record failed"),
                                   part[0][0])
-            for _ in batch:
+            for _, encoded in batch:
+                self.pending_bytes -= len(encoded)
                 self._queue.task_done()
 
     async def _insert(self, conn: psycopg.AsyncConnection, part: list[tuple[str, bytes]]) -> None:

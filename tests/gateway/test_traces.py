@@ -182,3 +182,14 @@ def test_a_batch_waiting_on_a_locked_table_is_logged_and_shown_in_the_status(dsn
     assert held["pending"] == 1 and held["waiting_seconds"] >= 0.5
     assert any("waited" in r.getMessage() and "flux.trace_requests" in r.getMessage() for r in caplog.records)
     assert writer.written == 1 and writer.status()["waiting_seconds"] == 0.0
+
+
+def test_the_queue_is_bounded_in_bytes_and_drops_what_would_pass_the_bound():
+    """Bounded in number only, 20,000 waiting records of a megabyte each were 20 GB held while the
+    database was away."""
+    big = {"v": 2, "truncated": False, "entropy": "", "events": [[0, "db", {"sql": "SELECT", "result": "x" * 1_000_000}]]}
+    writer = TraceWriter("postgresql://nobody@127.0.0.1:1/none", max_queue_bytes=3_500_000)  # not started
+    for n in range(5):
+        writer.submit(dataclasses.replace(_record(n), recording=big))
+    assert (writer.pending, writer.dropped) == (3, 2)
+    assert 3_000_000 < writer.pending_bytes <= 3_500_000

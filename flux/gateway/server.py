@@ -33,7 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 from flux import STOP_SIGNALS
 from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
 from flux.gateway.app import Gateway, create_app
-from flux.gateway.traces import TraceWriter
+from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, load_project
 from flux.runtime.host import AiohttpTransport
 from flux.store import retention
@@ -60,7 +60,7 @@ def ensure_store(dsn: str) -> None:
     from flux.store.schema import ensure_schema
 
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             ensure_schema(conn)
     except psycopg.Error as exc:
         raise from_psycopg(exc, "Could not prepare the flux schema", hint="Check --database / FLUX_DATABASE_URL.") from exc
@@ -73,7 +73,9 @@ def trace_reader(dsn: str) -> Callable[[str, str | None, dict[str, str]], Awaita
     from flux.store import traces
 
     def read(tenant: str, request_id: str | None, args: dict[str, str]) -> Any:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        # Bounded: a server that accepts and says nothing would hold a thread of the loop's default
+        # executor, which also makes and frees isolates, for good.
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             if request_id is not None:
                 return traces.get_trace(conn, request_id, tenant=tenant)
             since = args.get("since_seconds")
@@ -105,7 +107,7 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
     The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
     hurry = hurry or asyncio.Event()
     db_pool = AsyncConnectionPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
-                                  kwargs={"autocommit": True})  # DbSession runs BEGIN itself
+                                  kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT})  # DbSession runs BEGIN itself
     try:
         await db_pool.open(wait=True, timeout=15)
     except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged

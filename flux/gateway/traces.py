@@ -35,6 +35,7 @@ log = logging.getLogger("flux.gateway")
 
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 MAX_BATCH_BYTES = 32 * 1024 * 1024
+CONNECT_TIMEOUT = 10  # seconds; a server that accepted and says nothing must not hold the writer for good
 MAX_QUEUE_BYTES = 256 * 1024 * 1024  # what waits for the database, at most (with at most max_queue records)
 SHRUNK_STRING_CHARS = 4096  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
 
@@ -56,8 +57,9 @@ class TraceWriter:
     """Batches trace records into `flux.trace_requests` from one background task."""
 
     def __init__(self, dsn: str, *, batch_size: int = 500, flush_interval: float = 0.05, max_queue: int = 20_000,
-                 max_queue_bytes: int = MAX_QUEUE_BYTES) -> None:
+                 max_queue_bytes: int = MAX_QUEUE_BYTES, connect_timeout: int = CONNECT_TIMEOUT) -> None:
         self.dsn = dsn
+        self.connect_timeout = connect_timeout
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         # Records encoded as they come (the writer would encode them on this same loop anyway), so
@@ -149,7 +151,8 @@ class TraceWriter:
                     try:
                         if conn is None or conn.closed:
                             # UTF-8: the records go as JSON already encoded (the server converts to its own).
-                            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8")
+                            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8",
+                                                                        connect_timeout=self.connect_timeout)
                         await self._insert(conn, part)
                         self.written += len(part)
                         self.batches += 1

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import time
 import weakref
 
+import psycopg
+import pytest
+
+from flux.gateway import server
 from flux.gateway.server import _watch, freeze_heap
 from tests.functions import running_gateway, write_project
 
@@ -173,3 +178,17 @@ def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):
     reloaded, slowest, errors = asyncio.run(scenario())
     assert reloaded and errors == ["functions/spin.js: its top-level code did not finish within 1500 ms"]
     assert slowest < 0.5
+
+
+def test_reading_traces_from_a_server_that_says_nothing_fails_within_the_connect_timeout(monkeypatch):
+    """Each GET /_flux/requests held a thread of the loop's default executor (which also makes
+    isolates) for as long as the server stayed silent."""
+    monkeypatch.setattr(server, "CONNECT_TIMEOUT", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        read = server.trace_reader(f"postgresql://nobody@127.0.0.1:{silent.getsockname()[1]}/none")
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="timeout"):
+            asyncio.run(asyncio.wait_for(read("default", None, {}), 10))
+    assert time.monotonic() - started < 5

@@ -193,3 +193,26 @@ def test_the_queue_is_bounded_in_bytes_and_drops_what_would_pass_the_bound():
         writer.submit(dataclasses.replace(_record(n), recording=big))
     assert (writer.pending, writer.dropped) == (3, 2)
     assert 3_000_000 < writer.pending_bytes <= 3_500_000
+
+
+def test_a_server_that_accepts_and_says_nothing_is_a_failed_connection_retried_not_a_wait_for_good():
+    """Without a connect timeout the writer waited on such a server forever, writing nothing again."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nothing ever answers
+        port = silent.getsockname()[1]
+
+        async def main() -> dict:
+            writer = TraceWriter(f"postgresql://nobody@127.0.0.1:{port}/none", flush_interval=0.01, connect_timeout=1)
+            await writer.start()
+            writer.submit(_record(1))
+            for _ in range(60):
+                await asyncio.sleep(0.1)
+                if writer.last_error:
+                    break
+            status = writer.status()
+            writer._task.cancel()
+            return status
+
+        status = asyncio.run(main())
+    assert status["pending"] == 1 and "timeout" in status["last_error"]

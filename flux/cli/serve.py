@@ -98,12 +98,13 @@ def serve(
     from flux.cdc.attach import attach
     from flux.cli.cdc import setup_logging
     from flux.gateway.server import check_port, ensure_store
-    from flux.project import find_project_root
+    from flux.project import find_project_root, load_project
 
     setup_logging(verbose)
     db = resolve_database(database)
     dsn = db.dsn
     root = find_project_root(project)
+    load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
     check_port(host, port)  # before attach changes anything
     with reaching(db):
         if attach_all:

@@ -329,3 +329,13 @@ def test_serve_refuses_workers_below_one_and_a_negative_pool_size(tmp_path, opti
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert option[0] in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_an_invalid_flux_toml_says_so_before_attaching_or_starting_the_engine(tmp_path, dsn, conn):
+    """It attached and started the engine first, then failed on flux.toml."""
+    write_project(tmp_path, {"hello": HELLO}, "[limits\n")
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--attach", "--port", str(free_port())],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "flux.toml is not valid TOML" in result.stderr and "streaming slot" not in result.stderr
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone() == (0,)

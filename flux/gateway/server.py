@@ -28,14 +28,13 @@ from typing import Any
 import psycopg
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
-from psycopg_pool import AsyncConnectionPool
 
 from flux import STOP_SIGNALS
 from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
 from flux.gateway.app import Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, load_project
-from flux.runtime.host import AiohttpTransport
+from flux.runtime.host import AiohttpTransport, DbPool
 from flux.store import retention
 
 log = logging.getLogger("flux.gateway")
@@ -106,7 +105,7 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
     """A started Gateway and the coroutine function that stops it (drains traces, closes pools).
     The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
     hurry = hurry or asyncio.Event()
-    db_pool = AsyncConnectionPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
+    db_pool = DbPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
                                   kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT})  # DbSession runs BEGIN itself
     try:
         await db_pool.open(wait=True, timeout=15)

@@ -853,3 +853,43 @@ def test_health_reports_traces_waiting_and_dropped(tmp_path):
     assert health["ok"] is True
     assert {k: health["traces"][k] for k in ("pending", "written", "dropped", "failed")} == {
         "pending": 1, "written": 0, "dropped": 2, "failed": 0}
+
+
+@pytest.mark.slow
+def test_while_the_database_is_away_ctx_db_fails_within_a_second_and_recovers_when_it_is_back(tmp_path):
+    """A request waited for a connection to its time limit and answered 504, as if the function were slow."""
+    from flux.pg.cluster import Cluster
+
+    cluster = Cluster(state_dir=tmp_path / "pg")
+    project = write_project(tmp_path / "app", {"q": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT 1 AS one", []);
+          return { status: 200, body: rows[0] };
+        }
+    """}, "[limits]\ntimeout_ms = 5000\n")
+
+    async def ask(client) -> tuple[int, float, dict]:
+        started = time.monotonic()
+        answer = await client.post("/q")
+        return answer.status_code, time.monotonic() - started, await answer.get_json()
+
+    async def main():
+        async with running_gateway(project, info.dsn) as (_, client):
+            before = await ask(client)
+            await asyncio.to_thread(cluster.stop, mode="immediate")
+            await ask(client)  # the pool's idle connection is found broken: a DatabaseError of its own
+            await asyncio.sleep(1.5)  # the pool has tried to reconnect, and failed
+            away = await ask(client)
+            await asyncio.to_thread(cluster.start)
+            back = await ask(client)
+            return before, away, back
+
+    try:
+        info = cluster.start()
+        before, away, back = run(main())
+    finally:
+        cluster.destroy()
+    assert before[0] == 200 and back[0] == 200, (before, back)
+    status, took, body = away
+    assert status == 500 and took < 3, away
+    assert "ctx.db: no connection to the database within 1 s" in body["error"]

@@ -108,6 +108,10 @@ class HostCallError(Exception):
 
 
 FAILING_POOL_WAIT_S = 1.0  # a request's wait for a connection once the pool's last attempt to connect failed
+# psycopg_pool retries a failed connection with a backoff that doubles for up to this long, then
+# gives up until a request needs a connection, which starts a new attempt at once. Its default
+# (5 minutes) let the backoff reach a minute or more: the gateway came back that long after the database.
+RECONNECT_WINDOW_S = 5.0
 
 
 class DbPool(AsyncConnectionPool):
@@ -115,11 +119,13 @@ class DbPool(AsyncConnectionPool):
 
     While the database is away, a request waiting on a pool that cannot connect waited out its
     whole time limit and answered 504, as if the function were slow. A request on a failing pool
-    waits FAILING_POOL_WAIT_S instead (its wait also makes the pool try again at once, so it
-    recovers as soon as the database is back), then `ctx.db` throws an error that says so.
+    waits FAILING_POOL_WAIT_S instead, then `ctx.db` throws an error that says so. The pool's
+    attempts give up after RECONNECT_WINDOW_S and the next request starts another, so it finds the
+    database back within about that long.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("reconnect_timeout", RECONNECT_WINDOW_S)
         super().__init__(*args, configure=self._connected, **kwargs)
         self._errors_at_success = 0
 

@@ -893,3 +893,38 @@ def test_while_the_database_is_away_ctx_db_fails_within_a_second_and_recovers_wh
     status, took, body = away
     assert status == 500 and took < 3, away
     assert "ctx.db: no connection to the database within 1 s" in body["error"]
+
+
+@pytest.mark.slow
+def test_after_a_long_outage_requests_succeed_again_within_seconds_of_the_database_return(tmp_path):
+    """psycopg_pool's backoff doubled for five minutes: after 20 s away, the gateway found the
+    database back about 10 s after it was."""
+    from flux.pg.cluster import Cluster
+
+    cluster = Cluster(state_dir=tmp_path / "pg")
+    project = write_project(tmp_path / "app", {"q": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT 1 AS one", []);
+          return { status: 200, body: rows[0] };
+        }
+    """})
+
+    async def main() -> float:
+        async with running_gateway(project, info.dsn) as (_, client):
+            assert (await client.post("/q")).status_code == 200
+            await asyncio.to_thread(cluster.stop, mode="immediate")
+            for _ in range(4):  # requests come and fail meanwhile
+                await client.post("/q")
+                await asyncio.sleep(5)
+            await asyncio.to_thread(cluster.start)
+            back = time.monotonic()
+            while (await client.post("/q")).status_code != 200:
+                assert time.monotonic() - back < 30
+                await asyncio.sleep(0.2)
+            return time.monotonic() - back
+
+    try:
+        info = cluster.start()
+        assert run(main()) < 4
+    finally:
+        cluster.destroy()

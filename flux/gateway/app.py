@@ -141,6 +141,9 @@ class Gateway:
         except BaseException:
             functions.close()
             raise
+        if self._stopping:  # stopped meanwhile: the stop closes the functions it knows, not these
+            functions.close()
+            return functions.load_errors
         old, self.functions = self.functions, functions
         self.executor = self._executor(project)
         old.close()

@@ -192,3 +192,22 @@ def test_reading_traces_from_a_server_that_says_nothing_fails_within_the_connect
         with pytest.raises(psycopg.OperationalError, match="timeout"):
             asyncio.run(asyncio.wait_for(read("default", None, {}), 10))
     assert time.monotonic() - started < 5
+
+
+def test_a_reload_that_ends_after_the_stop_began_is_not_swapped_in(tmp_path):
+    # The stop closes the functions it finds; a set swapped in after that would keep its isolates.
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"},
+                  "[limits]\ntimeout_ms = 1000\n")
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, _):
+            before = gateway.functions
+            (tmp_path / "functions" / "spin.js").write_text("for (;;) {}\nexport default async function () {}\n")
+            (tmp_path / "functions" / "w.js").write_text("export default async function () { return {status: 200}; }\n")
+            reload = asyncio.create_task(gateway.reload(gateway.project.reload()))
+            await asyncio.sleep(0.2)  # compiling spin.js, up to its time limit
+            gateway.stop_starting()
+            await reload
+            return gateway.functions is before
+
+    assert asyncio.run(scenario())

@@ -38,7 +38,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 
 from flux.errors import FluxError, NotFoundError
-from flux.gateway.traces import TraceSink
+from flux.gateway.traces import TraceSink, cap_depth
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
@@ -305,7 +305,12 @@ class Gateway:
             if not typed:
                 headers.append(("content-type", "text/plain; charset=utf-8"))
         else:
-            payload = orjson.dumps(body)
+            try:
+                payload = orjson.dumps(body)
+            except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (254 levels)
+                return self._reply(trace, tenant, function, _error(
+                    500, f"the return value's body cannot be sent as JSON: {exc}",
+                    "Return a body nested less deeply; the function's transaction has committed."), client_gone=client_gone)
             if not typed:
                 headers.append(("content-type", "application/json"))
         if self.sink is not None and self.record:
@@ -372,7 +377,10 @@ class _Trace:
                      or (CLIENT_GONE if client_gone else None),
         }
         # Every tenant's secrets, not only this one's; without a tenant (a 401), all as `[secret]`.
-        record = redactor.redact(record, secrets)
+        try:
+            record = redactor.redact(record, secrets)
+        except RecursionError:  # a body or result nested deeper than a walk can go: the rest is still recorded
+            record = redactor.redact(cap_depth(record), secrets)
         # One line each, cut only now that no secret is left to cut into.
         if record["error"] is not None:
             record["error"] = one_line(record["error"])
@@ -497,13 +505,32 @@ def _parse_body(raw: bytes, content_type: str) -> tuple[Any, str]:
         return raw, ""
 
 
+MAX_BODY_DEPTH = 200  # JSON nesting a request body may have: orjson writes 254 levels at most, and the runtime adds some
+
+
 def _json(raw: bytes) -> Any:
     if not raw:
         return None
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ValueError(str(exc).split(":")[0]) from None
+    # Counting brackets first keeps the walk off every ordinary body.
+    if raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH and _deeper_than(value, MAX_BODY_DEPTH):
+        raise ValueError(f"it is nested deeper than {MAX_BODY_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and objects deeper than `limit` (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left first; never sent

@@ -37,7 +37,8 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 CONNECT_TIMEOUT = 10  # seconds; a server that accepted and says nothing must not hold the writer for good
 MAX_QUEUE_BYTES = 256 * 1024 * 1024  # what waits for the database, at most (with at most max_queue records)
-SHRUNK_STRING_CHARS = 4096  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
+SHRUNK_STRING_CHARS = 4096
+MAX_RECORD_DEPTH = 64  # a record part nested too deep to walk or encode keeps this many levels  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
 
 
 STALL_LOG_SECONDS = 10.0  # a batch the database has not taken after this long is logged (a lock?), and again
@@ -94,7 +95,12 @@ class TraceWriter:
         self._task = asyncio.create_task(self._run(), name="flux-trace-writer")
 
     def submit(self, record: TraceRecord) -> None:
-        encoded = self._encode(record)
+        try:
+            encoded = self._encode(record)
+        except Exception:  # noqa: BLE001 -- a Flux bug; never the response's failure
+            self.failed += 1
+            log.exception("trace of request %s could not be encoded: not stored", record.id)
+            return
         if self._queue.full() or self.pending_bytes + len(encoded) > self.max_queue_bytes:
             self.dropped += 1
             if time.monotonic() - self._last_drop_log > 5:
@@ -198,7 +204,14 @@ class TraceWriter:
         insert.result()
 
     def _encode(self, record: TraceRecord) -> bytes:
-        encoded = encode_trace(record)
+        try:
+            encoded = encode_trace(record)
+        except (TypeError, ValueError, RecursionError):  # nested deeper than a JSON encoder goes (orjson: 254)
+            log.warning("trace of request %s: what is nested deeper than %d levels is not recorded", record.id,
+                        MAX_RECORD_DEPTH)
+            record = dataclasses.replace(record, spans=cap_depth(record.spans), request=cap_depth(record.request),
+                                         response=cap_depth(record.response), recording=cap_depth(record.recording))
+            encoded = encode_trace(record)
         if len(encoded) <= MAX_RECORD_BYTES:
             return encoded
         self.shrunk += 1
@@ -218,6 +231,17 @@ def _about_the_records(exc: psycopg.Error) -> bool:
     if isinstance(exc, psycopg.OperationalError):
         return False
     return exc.sqlstate is None or exc.sqlstate[:2] in _RECORD_SQLSTATE_CLASSES
+
+
+def cap_depth(value: Any, depth: int = MAX_RECORD_DEPTH) -> Any:
+    """`value` with what is nested deeper than `depth` replaced by a note that says so."""
+    if not isinstance(value, (dict, list)):
+        return value
+    if depth == 0:
+        return f"[not recorded: nested deeper than {MAX_RECORD_DEPTH} levels]"
+    if isinstance(value, dict):
+        return {k: cap_depth(v, depth - 1) for k, v in value.items()}
+    return [cap_depth(v, depth - 1) for v in value]
 
 
 def _shrink(value: Any) -> Any:

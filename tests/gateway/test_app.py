@@ -928,3 +928,26 @@ def test_after_a_long_outage_requests_succeed_again_within_seconds_of_the_databa
         assert run(main()) < 4
     finally:
         cluster.destroy()
+
+
+def test_a_request_body_nested_too_deep_is_a_400_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store):
+    """It was Quart's HTML 500, with no request id and no trace: redacting the record overflowed the stack."""
+    write_project(tmp_path, {"hi": "export default async function () { return {status: 200}; }"})
+    deep = b"[" * 1000 + b"]" * 1000
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/hi", {"data": deep, "headers": {"content-type": "application/json"}})]))
+    assert status == 400 and "nested deeper than 200 levels" in json.loads(body)["error"]
+    trace = stored(conn, headers["x-flux-request-id"])
+    assert trace["status"] == 400 and "[not recorded: nested deeper than 64 levels]" in json.dumps(trace["request"]["body"])
+
+
+def test_a_function_returning_a_body_nested_too_deep_is_a_500_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store):
+    """It was Quart's HTML 500, with no request id and no trace."""
+    write_project(tmp_path, {"deep": """
+        export default async function () {
+          let v = []; for (let i = 0; i < 1000; i++) v = [v];
+          return {status: 200, body: v};
+        }
+    """})
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/deep", {})]))
+    assert status == 500 and "the return value's body cannot be sent as JSON" in json.loads(body)["error"]
+    assert stored(conn, headers["x-flux-request-id"])["status"] == 500

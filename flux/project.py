@@ -217,6 +217,8 @@ def _load_functions(root: Path) -> dict[str, Function]:
             )
         try:
             source = path.read_text(encoding="utf-8")
+        except FileNotFoundError:  # deleted since the listing (an editor's save, a checkout): not a function now
+            continue
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{FUNCTIONS_DIR}/{path.name} is not UTF-8 text: {exc.reason} at byte {exc.start}",
                               hint="Save the file as UTF-8.", file=str(path)) from None

@@ -109,15 +109,13 @@ class Stub:
 
 @asynccontextmanager
 async def _gateway_app(root: Path, dsn: str | None, *, sink: Any, workers: int, pool_size: int, record: bool):
-    from psycopg_pool import AsyncConnectionPool
-
     from flux.gateway.app import Gateway, create_app
     from flux.project import load_project
-    from flux.runtime.host import AiohttpTransport
+    from flux.runtime.host import AiohttpTransport, DbPool
 
     pool = None
     if dsn is not None:
-        pool = AsyncConnectionPool(dsn, min_size=1, max_size=16, open=False)
+        pool = DbPool(dsn, min_size=1, max_size=16, open=False)
         await pool.open(wait=True)
     transport = AiohttpTransport()
     gateway = Gateway(load_project(root), transport=transport, db_pool=pool, sink=sink, workers=workers,

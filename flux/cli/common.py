@@ -54,12 +54,24 @@ class Database:
                 f"Cannot reach the embedded database of {self.project}: {detail}",
                 hint="Start `flux dev` in that project, or pass --database DSN.",
             )
-        where = "the database given by --database" if self.source == FROM_FLAG else f"the database in ${ENV_DSN}"
-        # libpq gives no SQLSTATE for a refused login (an unknown role or database, a wrong password),
-        # so it cannot be told from a server that is down: the hint covers both.
-        return ServerNotReadyError(f"Cannot reach {where}: {detail}",
+        # A login refused without a password asked or used (an unknown role or database under trust
+        # authentication) carries no SQLSTATE and no libpq flag: it reads like a server that is
+        # down, so the hint covers both.
+        return ServerNotReadyError(f"Cannot reach {self._where()}: {detail}",
                                    hint="Check that the server is running, and the DSN's host, port, user, password"
                                         " and database.")
+
+    def refused(self, exc: BaseException) -> ConfigError:
+        """The error for a server that answered and refused the login: no retry or restart fixes that."""
+        where = self._where()
+        return ConfigError(f"{where[0].upper()}{where[1:]} refused the connection: {_first_line(exc.__cause__ or exc)}",
+                           hint="The server is up: check the user, the password (in the DSN, PGPASSWORD or ~/.pgpass) "
+                                "and the database name.")
+
+    def _where(self) -> str:
+        if self.source == FROM_EMBEDDED:
+            return f"the embedded database of {self.project}"
+        return "the database given by --database" if self.source == FROM_FLAG else f"the database in ${ENV_DSN}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -121,7 +133,18 @@ def reaching(db: Database) -> Iterator[None]:
     try:
         yield
     except ConnectionLostError as exc:
+        if _login_refused(exc.__cause__):
+            raise db.refused(exc) from exc
         raise db.unreachable(exc) from exc
+
+
+def _login_refused(cause: BaseException | None) -> bool:
+    """Whether a failed connection got as far as the login: libpq says whether the server asked for a
+    password (none given) or one was sent (and the server still closed the connection). A connect
+    failure carries no SQLSTATE, and its message text is the server's, in its language."""
+    pgconn = getattr(cause, "pgconn", None)
+    return isinstance(cause, psycopg.OperationalError) and pgconn is not None and bool(
+        pgconn.needs_password or pgconn.used_password)
 
 
 @contextmanager

@@ -24,10 +24,11 @@ HostOption = Annotated[str, typer.Option("--host", help="Interface to listen on 
 PortOption = Annotated[int, typer.Option("--port", "-p", help="TCP port to listen on.")]
 WorkersOption = Annotated[
     int,
-    typer.Option("--workers", help="How many function executions may run at once (each in its own V8 isolate and thread); "
-                 "further requests wait for a free slot. One process serves them all."),
+    typer.Option("--workers", min=1, help="How many function executions may run at once (each in its own V8 isolate and "
+                 "thread); further requests wait for a free slot. One process serves them all. At most 32 of them hold "
+                 "a database connection at once."),
 ]
-PoolOption = Annotated[int, typer.Option("--pool-size", help="Warm isolates kept ready per function.")]
+PoolOption = Annotated[int, typer.Option("--pool-size", min=0, help="Warm isolates kept ready per function.")]
 ProjectOption = Annotated[Path | None, typer.Option("--project", help="The project directory (holding flux.toml); by default, "
                                              "the one enclosing the current directory.", show_default=False)]
 RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write a trace row (spans and replay tape) per request.")]
@@ -100,12 +101,13 @@ def serve(
     from flux.cdc.attach import attach
     from flux.cli.cdc import setup_logging
     from flux.gateway.server import check_port, ensure_store
-    from flux.project import find_project_root
+    from flux.project import find_project_root, load_project
 
     setup_logging(verbose)
     db = resolve_database(database)
     dsn = db.dsn
     root = find_project_root() if project is None else _given_project(project)
+    load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
     check_port(host, port)  # before attach changes anything
     with reaching(db):
         if attach_all:

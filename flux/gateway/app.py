@@ -38,7 +38,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 
 from flux.errors import FluxError, NotFoundError, from_psycopg
-from flux.gateway.traces import TraceSink
+from flux.gateway.traces import TraceSink, cap_depth
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
@@ -87,6 +87,11 @@ class Functions:
         for pool in self.pools.values():
             pool.warm_now()
 
+    async def warm_async(self) -> None:
+        """`warm`, with each isolate made on a worker thread: the loop keeps serving."""
+        for pool in self.pools.values():
+            await pool.warm_async()
+
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
@@ -124,12 +129,23 @@ class Gateway:
     def project(self) -> Project:
         return self.functions.project
 
-    def reload(self, project: Project) -> list[str]:
-        """Swap in a new version of the project; requests in flight finish on the old one."""
-        old = self.functions
-        self.functions = Functions(project, pool_size=self.pool_size)
+    async def reload(self, project: Project) -> list[str]:
+        """Swap in a new version of the project; requests in flight finish on the old one.
+
+        The new functions are compiled and their isolates made off the loop (top-level code may
+        run up to its time limit per function), so requests keep being served meanwhile; the swap
+        itself is one step on the loop, every function at once."""
+        functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size)
+        try:
+            await functions.warm_async()
+        except BaseException:
+            functions.close()
+            raise
+        if self._stopping:  # stopped meanwhile: the stop closes the functions it knows, not these
+            functions.close()
+            return functions.load_errors
+        old, self.functions = self.functions, functions
         self.executor = self._executor(project)
-        self.functions.warm()
         old.close()
         for hook in self.reload_hooks:
             hook(project)
@@ -206,7 +222,10 @@ class Gateway:
         work.add_done_callback(self._running.discard)
         try:
             execution = await asyncio.shield(work)
-        except asyncio.CancelledError:  # the client went away: see the module's doc
+        except asyncio.CancelledError:
+            if work.cancelled() and not asyncio.current_task().cancelling():  # a stop cut it short, the client is there
+                return self._reply(trace, tenant, function, _cut_off())
+            # The client went away: see the module's doc.
             work.add_done_callback(lambda done: self._record_detached(done, trace, tenant, function))
             raise
         return self._reply(trace, tenant, function, execution)
@@ -223,9 +242,7 @@ class Gateway:
 
     def _record_detached(self, done: asyncio.Future[Execution], trace: _Trace, tenant: Tenant | None, function: str) -> None:
         if done.cancelled():  # cut off by a shutdown that could not wait for it
-            execution = _error(503, "the server stopped before the function finished (its span and the mutation log say "
-                                    "what became of its transaction)", "Stop the server with SIGTERM or Ctrl-C, which "
-                                    "waits for functions in flight up to their time limit.")
+            execution = _cut_off()
         else:
             execution = done.result()
         self._reply(trace, tenant, function, execution, client_gone=True)
@@ -237,6 +254,14 @@ class Gateway:
     def stop_starting(self) -> None:
         """From now on, requests still waiting for a worker are answered 503 and run nothing."""
         self._stopping = True
+
+    def cut_short(self) -> int:
+        """Stop now (a second Ctrl-C): cancel the functions running (they roll back and are answered
+        and recorded 503) and answer queued requests 503. Returns how many functions it cancelled."""
+        self.stop_starting()
+        for work in self._running:
+            work.cancel()
+        return len(self._running)
 
     async def settle(self, timeout: float) -> None:
         """At shutdown, before traces are drained: let every started function finish (whether or not
@@ -280,7 +305,12 @@ class Gateway:
             if not typed:
                 headers.append(("content-type", "text/plain; charset=utf-8"))
         else:
-            payload = orjson.dumps(body)
+            try:
+                payload = orjson.dumps(body)
+            except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (254 levels)
+                return self._reply(trace, tenant, function, _error(
+                    500, f"the return value's body cannot be sent as JSON: {exc}",
+                    "Return a body nested less deeply; the function's transaction has committed."), client_gone=client_gone)
             if not typed:
                 headers.append(("content-type", "application/json"))
         if self.sink is not None and self.record:
@@ -347,7 +377,10 @@ class _Trace:
                      or (CLIENT_GONE if client_gone else None),
         }
         # Every tenant's secrets, not only this one's; without a tenant (a 401), all as `[secret]`.
-        record = redactor.redact(record, secrets)
+        try:
+            record = redactor.redact(record, secrets)
+        except RecursionError:  # a body or result nested deeper than a walk can go: the rest is still recorded
+            record = redactor.redact(cap_depth(record), secrets)
         # One line each, cut only now that no secret is left to cut into.
         if record["error"] is not None:
             record["error"] = one_line(record["error"])
@@ -472,13 +505,32 @@ def _parse_body(raw: bytes, content_type: str) -> tuple[Any, str]:
         return raw, ""
 
 
+MAX_BODY_DEPTH = 200  # JSON nesting a request body may have: orjson writes 254 levels at most, and the runtime adds some
+
+
 def _json(raw: bytes) -> Any:
     if not raw:
         return None
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ValueError(str(exc).split(":")[0]) from None
+    # Counting brackets first keeps the walk off every ordinary body.
+    if raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH and _deeper_than(value, MAX_BODY_DEPTH):
+        raise ValueError(f"it is nested deeper than {MAX_BODY_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and objects deeper than `limit` (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left first; never sent
@@ -487,6 +539,12 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left fi
 def _error(status: int, message: str, hint: str) -> Execution:
     phrase = "Client Closed Request" if status == CLIENT_CLOSED_REQUEST else HTTPStatus(status).phrase
     return Execution(status=status, headers=[], body={"error": message, "hint": hint, "status": phrase}, error=message)
+
+
+def _cut_off() -> Execution:
+    return _error(503, "the server stopped before the function finished (its span and the mutation log say "
+                       "what became of its transaction)", "Stop the server with one SIGTERM or Ctrl-C, which "
+                       "waits for functions in flight up to their time limit.")
 
 
 def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = None) -> Quart:
@@ -515,8 +573,9 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
     @app.get("/_flux/health")
     async def _health() -> Response:
+        traces = gateway.sink.status() if gateway.sink is not None and gateway.record else None
         return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled),
-                                      "load_errors": gateway.functions.load_errors, **gateway.load()}),
+                                      "load_errors": gateway.functions.load_errors, **gateway.load(), "traces": traces}),
                         content_type="application/json")
 
     @app.get("/_flux/requests")

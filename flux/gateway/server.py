@@ -5,6 +5,9 @@
     bind the port -> schema -> db pool -> trace writer -> app (isolate pools warm) -> hypercorn ... signal
     -> stop accepting -> finish requests in flight -> drain traces -> close pools
 
+A second signal cuts the waits short: running functions are cancelled (503) and the drain gets
+HURRIED_DRAIN_SECONDS. Traces left unwritten at the end are a DatabaseError (exit code 1).
+
 One process, one asyncio loop. `workers` bounds how many function executions run at the
 same time (each in its own isolate, on its own V8 thread); requests beyond that wait for a
 slot. `pool_size` is the number of warm isolates kept per function.
@@ -25,17 +28,18 @@ from typing import Any
 import psycopg
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
-from psycopg_pool import AsyncConnectionPool
 
 from flux import STOP_SIGNALS
-from flux.errors import ConfigError, InUseError, from_psycopg
+from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
 from flux.gateway.app import Gateway, create_app
-from flux.gateway.traces import TraceWriter
+from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, load_project
-from flux.runtime.host import AiohttpTransport
+from flux.runtime.host import AiohttpTransport, DbPool
 from flux.store import retention
 
 log = logging.getLogger("flux.gateway")
+
+HURRIED_DRAIN_SECONDS = 1.0  # after a second stop signal, what the trace drain still gets
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +61,7 @@ def ensure_store(dsn: str, *, record: bool = True) -> None:
     from flux.store.schema import ensure_schema
 
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             require_gateway_role(conn, record=record)
             ensure_schema(conn)
     except psycopg.Error as exc:
@@ -73,7 +77,9 @@ def trace_reader(dsn: str) -> Callable[[str, str | None, dict[str, str]], Awaita
     from flux.store import traces
 
     def read(tenant: str, request_id: str | None, args: dict[str, str]) -> Any:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        # Bounded: a server that accepts and says nothing would hold a thread of the loop's default
+        # executor, which also makes and frees isolates, for good.
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             if request_id is not None:
                 return traces.get_trace(conn, request_id, tenant=tenant)
             since = args.get("since_seconds")
@@ -99,10 +105,13 @@ def _expected_discard(record: logging.LogRecord) -> bool:
 logging.getLogger("psycopg.pool").addFilter(_expected_discard)
 
 
-async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
-    """A started Gateway and the coroutine function that stops it (drains traces, closes pools)."""
-    db_pool = AsyncConnectionPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
-                                  kwargs={"autocommit": True})  # DbSession runs BEGIN itself
+async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event | None = None,
+                ) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
+    """A started Gateway and the coroutine function that stops it (drains traces, closes pools).
+    The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
+    hurry = hurry or asyncio.Event()
+    db_pool = DbPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
+                                  kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT})  # DbSession runs BEGIN itself
     try:
         await db_pool.open(wait=True, timeout=15)
     except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged
@@ -116,12 +125,21 @@ async def build(config: ServeConfig, project: Project) -> tuple[Gateway, Callabl
 
     async def stop() -> None:
         if writer is not None:
-            try:
-                await asyncio.wait_for(writer.close(), config.drain_timeout)
-            except TimeoutError:
+            closing = asyncio.ensure_future(writer.close())
+            hurried = asyncio.ensure_future(hurry.wait())
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait({closing, hurried}, timeout=config.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
+            hurried.cancel()
+            if not closing.done() and hurry.is_set():  # a healthy database still takes the queue in this time
+                left = config.drain_timeout - (asyncio.get_running_loop().time() - started)
+                await asyncio.wait({closing}, timeout=max(0.0, min(HURRIED_DRAIN_SECONDS, left)))
+            if not closing.done():
+                closing.cancel()
                 # `pending` counts the batch being retried too, which the queue's size leaves out.
-                log.error("gave up draining traces after %.0fs: %d records not written", config.drain_timeout,
-                          writer.pending)
+                log.error("gave up draining traces after %.0fs%s: %d records not written%s",
+                          asyncio.get_running_loop().time() - started, " (stopped at once)" if hurry.is_set() else "",
+                          writer.pending, f" ({writer.sending} of them sent, which the server may still commit)"
+                          if writer.sending else "")
                 if writer.dropped:  # close() reports these when it finishes; it did not
                     log.error("%d trace records were dropped because the queue was full", writer.dropped)
         await transport.aclose()
@@ -166,7 +184,8 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
 async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None) -> None:
     ensure_store(config.dsn, record=config.record)
     project = load_project(config.root)
-    gateway, stop = await build(config, project)
+    hurry = asyncio.Event()
+    gateway, stop = await build(config, project, hurry=hurry)
 
     async def started() -> None:
         freeze_heap()
@@ -176,6 +195,15 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     loop = asyncio.get_running_loop()
 
     def begin_shutdown() -> None:
+        if shutdown.is_set():  # a second signal: stop waiting
+            if not hurry.is_set():
+                hurry.set()
+                log.warning("stopping now: %d running function(s) cancelled (rolled back, answered and recorded 503); "
+                            "traces not yet written are given up and counted", gateway.cut_short())
+            return
+        load = gateway.load()
+        log.info("stopping: %d function(s) running, %d request(s) queued (answered 503), %d trace(s) to write; "
+                 "again to stop at once", load["running"], load["queued"], gateway.sink.status()["pending"] if gateway.sink else 0)
         gateway.stop_starting()  # queued requests get their 503 while their clients still listen
         shutdown.set()
 
@@ -202,6 +230,11 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
         pruner.cancel()  # a pass on its worker thread has its statement cancelled; the next never starts
         if watcher is not None:
             watcher.cancel()
+    lost = gateway.sink.status()["pending"] if gateway.sink is not None else 0
+    if lost:  # logged as it happened; the exit code says it too, to whatever supervises the process
+        raise DatabaseError(f"Stopped with {lost} trace record(s) not written: the database did not take them in time",
+                            hint="Their row changes are in flux.state_mutations (the engine reads them from the WAL); "
+                                 "`flux why` says which requests have no trace.")
 
 
 def freeze_heap() -> None:
@@ -229,13 +262,13 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
                 continue
             seen = current
             project = load_project(gateway.project.root)
+            errors = await gateway.reload(project)
         except ConfigError as exc:
             log.error("not reloaded: %s%s", exc, f" (hint: {exc.hint})" if exc.hint else "")
             continue
-        except Exception:  # noqa: BLE001 -- a file gone mid-scan, or a bug: the watcher must outlive it
-            log.exception("not reloaded")
+        except Exception:  # noqa: BLE001 -- a watcher that died would ignore every later edit, silently
+            log.exception("not reloaded: Flux failed while loading the project (still serving the previous version)")
             continue
-        errors = gateway.reload(project)
         freeze_heap()
         log.info("reloaded %d function(s)%s", len(project.functions), f"; {len(errors)} failed to load" if errors else "")
         for error in errors:

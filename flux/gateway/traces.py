@@ -6,14 +6,15 @@ through.
 
 `TraceWriter` takes records from the gateway with `submit()` (never awaits, never blocks a
 response) and writes them in batches, one round trip per batch. `close()` drains the queue.
-What a hard crash can lose: the records still queued, at most `max_queue`, typically the
-last `flush_interval` seconds of requests. A full queue (the database is down or too slow)
-drops new records with an error log that counts them; it never slows responses down.
+What a hard crash can lose: the records still queued, at most `max_queue` and `max_queue_bytes`, typically the
+last `flush_interval` seconds of requests. A database that cannot take records now (down,
+read-only, locked) keeps them queued and retried; a full queue drops new records with an error
+log that counts them; it never slows responses down. `status()` says all of it for /_flux/health.
 
 No record can stop the writer. A batch is one jsonb document, which PostgreSQL caps at 256 MB,
 so a record over `MAX_RECORD_BYTES` is stored without its recording (a query can return
 hundreds of megabytes), and batches are cut at `MAX_BATCH_BYTES`. A batch the database refuses
-for what it holds rather than for being unreachable is written record by record, and a record
+for what it holds rather than for its own state is written record by record, and a record
 refused on its own is logged with its request id and counted in `failed`, never retried.
 """
 
@@ -34,21 +35,39 @@ log = logging.getLogger("flux.gateway")
 
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 MAX_BATCH_BYTES = 32 * 1024 * 1024
-SHRUNK_STRING_CHARS = 4096  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
+CONNECT_TIMEOUT = 10  # seconds; a server that accepted and says nothing must not hold the writer for good
+MAX_QUEUE_BYTES = 256 * 1024 * 1024  # what waits for the database, at most (with at most max_queue records)
+SHRUNK_STRING_CHARS = 4096
+MAX_RECORD_DEPTH = 64  # a record part nested too deep to walk or encode keeps this many levels  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
+
+
+STALL_LOG_SECONDS = 10.0  # a batch the database has not taken after this long is logged (a lock?), and again
+# Refused for what a record holds (data exception, integrity, program limit, internal): find the
+# record and leave it out. Anything else is about the database, not the records (unreachable,
+# read-only after a failover, locked, out of disk, a privilege revoked): keep them and retry.
+_RECORD_SQLSTATE_CLASSES = ("22", "23", "54", "XX")
 
 
 class TraceSink(Protocol):
     def submit(self, record: TraceRecord) -> None: ...
 
+    def status(self) -> dict[str, Any]: ...
+
 
 class TraceWriter:
     """Batches trace records into `flux.trace_requests` from one background task."""
 
-    def __init__(self, dsn: str, *, batch_size: int = 500, flush_interval: float = 0.05, max_queue: int = 20_000) -> None:
+    def __init__(self, dsn: str, *, batch_size: int = 500, flush_interval: float = 0.05, max_queue: int = 20_000,
+                 max_queue_bytes: int = MAX_QUEUE_BYTES, connect_timeout: int = CONNECT_TIMEOUT) -> None:
         self.dsn = dsn
+        self.connect_timeout = connect_timeout
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        self._queue: asyncio.Queue[TraceRecord] = asyncio.Queue(maxsize=max_queue)
+        # Records encoded as they come (the writer would encode them on this same loop anyway), so
+        # that what waits is bounded in bytes as well as in number: a record may be megabytes.
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=max_queue)
+        self.max_queue_bytes = max_queue_bytes
+        self.pending_bytes = 0  # of records submitted and not yet written or given up
         self._task: asyncio.Task | None = None
         self._closing = False
         self.written = 0
@@ -57,23 +76,40 @@ class TraceWriter:
         self.failed = 0  # refused by the database on their own
         self.shrunk = 0  # stored without their recording, over MAX_RECORD_BYTES
         self._last_drop_log = 0.0
+        self.last_error: str | None = None  # the last failure to write, cleared by the next write
+        self._waiting_since: float | None = None  # monotonic time the batch in hand was first sent
+        self.sending = 0  # records in a statement sent and not answered: a writer cut off now may still see them committed
 
     @property
     def pending(self) -> int:
         """Records submitted and not yet written or given up: queued, and the batch in flight."""
         return self._queue._unfinished_tasks  # type: ignore[attr-defined]  # done only once written
 
+    def status(self) -> dict[str, Any]:
+        """For /_flux/health: what waits, what was lost, and for how long the database has not taken records."""
+        waiting = 0.0 if self._waiting_since is None else time.monotonic() - self._waiting_since
+        return {"pending": self.pending, "pending_bytes": self.pending_bytes, "written": self.written, "dropped": self.dropped, "failed": self.failed,
+                "waiting_seconds": round(waiting, 1), "last_error": self.last_error}
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="flux-trace-writer")
 
     def submit(self, record: TraceRecord) -> None:
         try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
+            encoded = self._encode(record)
+        except Exception:  # noqa: BLE001 -- a Flux bug; never the response's failure
+            self.failed += 1
+            log.exception("trace of request %s could not be encoded: not stored", record.id)
+            return
+        if self._queue.full() or self.pending_bytes + len(encoded) > self.max_queue_bytes:
             self.dropped += 1
             if time.monotonic() - self._last_drop_log > 5:
                 self._last_drop_log = time.monotonic()
-                log.error("trace queue full: %d trace records dropped so far (is the database reachable?)", self.dropped)
+                log.error("trace queue full (%d records, %d MB): %d trace records dropped so far (is the database "
+                          "reachable?)", self._queue.qsize(), self.pending_bytes >> 20, self.dropped)
+            return
+        self._queue.put_nowait((record.id, encoded))
+        self.pending_bytes += len(encoded)
 
     async def flushed(self) -> None:
         """Wait until everything submitted so far is written (for tests and the bench)."""
@@ -106,46 +142,76 @@ class TraceWriter:
                 batch.append(self._queue.get_nowait())
             chunks: list[list[tuple[str, bytes]]] = [[]]
             size = 0
-            for record in batch:
-                encoded = self._encode(record)
+            for request_id, encoded in batch:
                 if chunks[-1] and size + len(encoded) > MAX_BATCH_BYTES:
                     chunks.append([])
                     size = 0
-                chunks[-1].append((record.id, encoded))
+                chunks[-1].append((request_id, encoded))
                 size += len(encoded)
             for chunk in chunks:
                 pending = [chunk]
                 while pending:
                     part = pending.pop()
+                    if self._waiting_since is None:
+                        self._waiting_since = time.monotonic()
                     try:
                         if conn is None or conn.closed:
                             # UTF-8: the records go as JSON already encoded (the server converts to its own).
-                            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8")
-                        await insert_encoded_traces_async(conn, [encoded for _, encoded in part])
+                            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8",
+                                                                        connect_timeout=self.connect_timeout)
+                        await self._insert(conn, part)
                         self.written += len(part)
                         self.batches += 1
+                        self._waiting_since = self.last_error = None
                         delay = 0.2
-                    except psycopg.OperationalError as exc:  # unreachable, restarting, out of connections
-                        log.warning("%s; retrying %d records in %.1fs", from_psycopg(exc, "writing trace records failed"),
-                                    len(part), delay)
-                        if conn is not None:
-                            await conn.close()
-                            conn = None
-                        pending.append(part)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 10.0)
-                    except psycopg.Error as exc:  # refused for what the batch holds: find the record
+                    except psycopg.Error as exc:
+                        if not _about_the_records(exc):
+                            self.last_error = str(from_psycopg(exc, "writing trace records failed"))
+                            log.warning("%s; retrying %d records in %.1fs (%d more queued)", self.last_error, len(part),
+                                        delay, self._queue.qsize())
+                            if conn is not None:
+                                await conn.close()
+                                conn = None
+                            pending.append(part)
+                            await asyncio.sleep(delay)
+                            delay = min(delay * 2, 10.0)
+                            continue
+                        # Refused for what the batch holds: find the record.
                         if len(part) > 1:
                             pending.extend([part[len(part) // 2:], part[:len(part) // 2]])
                             continue
                         self.failed += 1
                         log.error("%s; trace of request %s not stored", from_psycopg(exc, "writing a trace record failed"),
                                   part[0][0])
-            for _ in batch:
+            for _, encoded in batch:
+                self.pending_bytes -= len(encoded)
                 self._queue.task_done()
 
+    async def _insert(self, conn: psycopg.AsyncConnection, part: list[tuple[str, bytes]]) -> None:
+        """One batch, saying every STALL_LOG_SECONDS while the database has not taken it (a lock on
+        the table, a server that stopped answering): the queue grows meanwhile."""
+        insert = asyncio.ensure_future(insert_encoded_traces_async(conn, [encoded for _, encoded in part]))
+        self.sending = len(part)
+        try:
+            while not (await asyncio.wait({insert}, timeout=STALL_LOG_SECONDS))[0]:
+                log.warning("%d trace records have waited %.0fs for the database to take them (a lock on "
+                            "flux.trace_requests?); %d more queued", len(part), time.monotonic() - (self._waiting_since or 0),
+                            self._queue.qsize())
+        finally:
+            insert.cancel()  # a no-op once done; the writer's own cancellation stops the statement too
+            if insert.done():
+                self.sending = 0
+        insert.result()
+
     def _encode(self, record: TraceRecord) -> bytes:
-        encoded = encode_trace(record)
+        try:
+            encoded = encode_trace(record)
+        except (TypeError, ValueError, RecursionError):  # nested deeper than a JSON encoder goes (orjson: 254)
+            log.warning("trace of request %s: what is nested deeper than %d levels is not recorded", record.id,
+                        MAX_RECORD_DEPTH)
+            record = dataclasses.replace(record, spans=cap_depth(record.spans), request=cap_depth(record.request),
+                                         response=cap_depth(record.response), recording=cap_depth(record.recording))
+            encoded = encode_trace(record)
         if len(encoded) <= MAX_RECORD_BYTES:
             return encoded
         self.shrunk += 1
@@ -158,6 +224,24 @@ class TraceWriter:
         return encode_trace(dataclasses.replace(
             record, recording=recording, spans=_shrink(record.spans), request=_shrink(record.request),
             response=_shrink(record.response), error=_shrink(record.error)))
+
+
+def _about_the_records(exc: psycopg.Error) -> bool:
+    """Whether the database refused a batch for what its records hold, rather than for its own state."""
+    if isinstance(exc, psycopg.OperationalError):
+        return False
+    return exc.sqlstate is None or exc.sqlstate[:2] in _RECORD_SQLSTATE_CLASSES
+
+
+def cap_depth(value: Any, depth: int = MAX_RECORD_DEPTH) -> Any:
+    """`value` with what is nested deeper than `depth` replaced by a note that says so."""
+    if not isinstance(value, (dict, list)):
+        return value
+    if depth == 0:
+        return f"[not recorded: nested deeper than {MAX_RECORD_DEPTH} levels]"
+    if isinstance(value, dict):
+        return {k: cap_depth(v, depth - 1) for k, v in value.items()}
+    return [cap_depth(v, depth - 1) for v in value]
 
 
 def _shrink(value: Any) -> Any:

@@ -35,7 +35,7 @@ from psycopg.abc import Buffer, PQGen
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.pq.abc import PGconn, PGresult
 from psycopg.waiting import Ready, Wait
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.project import FetchConfig
@@ -107,6 +107,36 @@ class HostCallError(Exception):
         self.info = info
 
 
+FAILING_POOL_WAIT_S = 1.0  # a request's wait for a connection once the pool's last attempt to connect failed
+# psycopg_pool retries a failed connection with a backoff that doubles for up to this long, then
+# gives up until a request needs a connection, which starts a new attempt at once. Its default
+# (5 minutes) let the backoff reach a minute or more: the gateway came back that long after the database.
+RECONNECT_WINDOW_S = 5.0
+
+
+class DbPool(AsyncConnectionPool):
+    """The functions' connection pool, which knows whether its last attempt to connect failed.
+
+    While the database is away, a request waiting on a pool that cannot connect waited out its
+    whole time limit and answered 504, as if the function were slow. A request on a failing pool
+    waits FAILING_POOL_WAIT_S instead, then `ctx.db` throws an error that says so. The pool's
+    attempts give up after RECONNECT_WINDOW_S and the next request starts another, so it finds the
+    database back within about that long.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("reconnect_timeout", RECONNECT_WINDOW_S)
+        super().__init__(*args, configure=self._connected, **kwargs)
+        self._errors_at_success = 0
+
+    async def _connected(self, conn: psycopg.AsyncConnection) -> None:
+        self._errors_at_success = self.get_stats().get("connections_errors", 0)
+
+    @property
+    def failing(self) -> bool:
+        return self.get_stats().get("connections_errors", 0) > self._errors_at_success
+
+
 class DbSession:
     """One request's database transaction, opened at the first query.
 
@@ -166,7 +196,15 @@ class DbSession:
             try:
                 first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
                 if self._conn is None:
-                    self._conn = await self._pool.getconn()
+                    failing = getattr(self._pool, "failing", False)
+                    try:
+                        self._conn = await self._pool.getconn(timeout=FAILING_POOL_WAIT_S if failing else None)
+                    except PoolTimeout:
+                        if not failing:
+                            raise
+                        raise HostCallError({"name": "DatabaseError", "sqlstate": None, "message": (
+                            f"ctx.db: no connection to the database within {FAILING_POOL_WAIT_S:g} s: the gateway's "
+                            "attempts to connect are failing (its log says why)")}) from None
                 conn = self._conn
                 encoding = conn.info.encoding
                 transformer = Transformer(LoadContext(self._types.adapters, conn))

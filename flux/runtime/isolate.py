@@ -504,6 +504,12 @@ class IsolatePool:
             self._park(new_isolate(self.compiled, memory_mb=self.memory_mb))
             self.made += 1
 
+    async def warm_async(self) -> None:
+        """`warm_now` off the loop: each isolate made on a worker thread, for the running loop."""
+        while len(self._warm) < self.size and not self._closed:
+            self._park(await new_isolate_async(self.compiled, memory_mb=self.memory_mb))
+            self.made += 1
+
     async def acquire(self) -> Isolate:
         started = time.perf_counter()
         isolate: Isolate | None = None

@@ -79,3 +79,30 @@ def test_a_dsn_with_an_impossible_port_is_a_usage_error_not_an_unreachable_serve
     result = flux(tmp_path, "requests", "--database", dsn)
     assert result.returncode == 2, result.stderr
     assert "--database is not a valid PostgreSQL DSN: port" in result.stderr and "hint: Fix the port" in result.stderr
+
+
+@pytest.fixture
+def password_role(pg_info):
+    """A role the session cluster logs in only with its password (scram), beside its trust rules."""
+    import psycopg
+
+    hba = Path(pg_info.data_dir) / "pg_hba.conf"
+    before = hba.read_text()
+    hba.write_text("host all flux_pw_test 127.0.0.1/32 scram-sha-256\n" + before)
+    with psycopg.connect(pg_info.dsn, autocommit=True) as conn:
+        conn.execute("CREATE ROLE flux_pw_test LOGIN PASSWORD 'right'")
+        conn.execute("SELECT pg_reload_conf()")
+    yield f"127.0.0.1:{pg_info.port}/postgres"
+    hba.write_text(before)
+    with psycopg.connect(pg_info.dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("DROP ROLE flux_pw_test")
+
+
+@pytest.mark.parametrize("login", ["flux_pw_test:wrong", "flux_pw_test"], ids=["wrong password", "no password"])
+def test_a_server_that_refuses_the_login_is_a_config_error_not_an_unreachable_server(tmp_path, password_role, login):
+    """It said `Cannot reach the database` with exit 4 (server not ready), sending an operator to a server that is up."""
+    result = flux(tmp_path, "requests", "--database", f"postgresql://{login}@{password_role}", env={"PGPASSWORD": ""})
+    assert result.returncode == 2, result.stderr
+    assert "error: The database given by --database refused the connection" in result.stderr
+    assert "hint: The server is up: check the user, the password" in result.stderr and "Traceback" not in result.stderr

@@ -317,3 +317,77 @@ def test_serve_project_names_the_directory_holding_flux_toml_not_one_inside_it(t
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "--project functions has no flux.toml" in result.stderr
+
+
+LONG_SIGNUP = """
+    export default async function (req, ctx) {
+      await ctx.db.query("INSERT INTO users (email) VALUES ($1)", [req.body.email]);
+      await ctx.db.query("SELECT pg_sleep(20)", []);
+      return { status: 201, body: "created" };
+    }
+"""
+
+
+def test_a_second_stop_signal_stops_at_once_and_the_cut_function_rolls_back_answered_503(tmp_path, dsn, conn):
+    """A second Ctrl-C was ignored: the server waited for every running function up to its time limit."""
+    import concurrent.futures
+
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"signup": LONG_SIGNUP}, "[limits]\ntimeout_ms = 30000\n")
+    proc, port = start_serve(project, "--database", dsn, "--no-engine")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(httpx.post, f"http://127.0.0.1:{port}/signup", json={"email": "a@x"}, timeout=60)
+        _wait_for_load(port, running=1, queued=0)
+        time.sleep(0.3)  # into its pg_sleep
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - stopped_at
+        answer = sent.result()
+    assert took < 8, out
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert "stopping: 1 function(s) running" in out and "stopping now: 1 running function(s) cancelled" in out, out
+    assert answer.status_code == 503 and "stopped before the function finished" in answer.json()["error"]
+    assert [row[0] for row in _traces_of(dsn, "signup", 1)] == [503]
+    assert conn.execute("SELECT count(*) FROM users").fetchone() == (0,)
+
+
+def test_a_stop_that_leaves_traces_unwritten_exits_1_and_says_how_many(tmp_path, dsn, conn):
+    """It exited 0, as after a clean stop, with the loss only in a log line."""
+    project = write_project(tmp_path, {"hello": HELLO})
+    proc, port = start_serve(project, "--database", dsn, "--no-engine")
+    conn.autocommit = False
+    conn.execute("LOCK TABLE flux.trace_requests")  # the writer's batch waits on it
+    try:
+        for _ in range(3):
+            assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # no need to wait out the drain's 10 s
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        conn.rollback()
+    assert proc.returncode == 1, out
+    assert "error: Stopped with 3 trace record(s) not written" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("option", [["--workers", "0"], ["--pool-size", "-1"]])
+def test_serve_refuses_workers_below_one_and_a_negative_pool_size(tmp_path, option):
+    """--workers 0 was accepted, and every request then waited for a worker forever."""
+    write_project(tmp_path, {"hello": HELLO})
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", "postgresql://x@127.0.0.1:1/x", *option],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert option[0] in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_an_invalid_flux_toml_says_so_before_attaching_or_starting_the_engine(tmp_path, dsn, conn):
+    """It attached and started the engine first, then failed on flux.toml."""
+    write_project(tmp_path, {"hello": HELLO}, "[limits\n")
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--attach", "--port", str(free_port())],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "flux.toml is not valid TOML" in result.stderr and "streaming slot" not in result.stderr
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone() == (0,)

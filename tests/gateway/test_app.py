@@ -858,3 +858,118 @@ def test_reading_traces_a_role_may_not_read_is_a_refusal_not_an_unanswering_data
         conn.execute("DROP ROLE trace_unreader")
     # Before: 503 "the database did not answer", for a permission denied.
     assert (status, body) == (500, {"error": "reading traces failed: the database refused the query (the server's log says why)"})
+
+
+def test_health_reports_traces_waiting_and_dropped(tmp_path):
+    """An SRE's probe saw `ok` and nothing else while the database took no traces and the queue dropped them."""
+    write_project(tmp_path, {"hi": "export default async function () { return {status: 200}; }"})
+    writer = TraceWriter("postgresql://nobody@127.0.0.1:1/none", max_queue=1)  # not started: nothing is written
+
+    async def main() -> dict:
+        async with running_gateway(tmp_path, None, sink=writer) as (_, client):
+            for _ in range(3):
+                assert (await client.post("/hi")).status_code == 200
+            return await (await client.get("/_flux/health")).get_json()
+
+    health = run(main())
+    assert health["ok"] is True
+    assert {k: health["traces"][k] for k in ("pending", "written", "dropped", "failed")} == {
+        "pending": 1, "written": 0, "dropped": 2, "failed": 0}
+
+
+@pytest.mark.slow
+def test_while_the_database_is_away_ctx_db_fails_within_a_second_and_recovers_when_it_is_back(tmp_path):
+    """A request waited for a connection to its time limit and answered 504, as if the function were slow."""
+    from flux.pg.cluster import Cluster
+
+    cluster = Cluster(state_dir=tmp_path / "pg")
+    project = write_project(tmp_path / "app", {"q": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT 1 AS one", []);
+          return { status: 200, body: rows[0] };
+        }
+    """}, "[limits]\ntimeout_ms = 5000\n")
+
+    async def ask(client) -> tuple[int, float, dict]:
+        started = time.monotonic()
+        answer = await client.post("/q")
+        return answer.status_code, time.monotonic() - started, await answer.get_json()
+
+    async def main():
+        async with running_gateway(project, info.dsn) as (_, client):
+            before = await ask(client)
+            await asyncio.to_thread(cluster.stop, mode="immediate")
+            await ask(client)  # the pool's idle connection is found broken: a DatabaseError of its own
+            await asyncio.sleep(1.5)  # the pool has tried to reconnect, and failed
+            away = await ask(client)
+            await asyncio.to_thread(cluster.start)
+            back = await ask(client)
+            return before, away, back
+
+    try:
+        info = cluster.start()
+        before, away, back = run(main())
+    finally:
+        cluster.destroy()
+    assert before[0] == 200 and back[0] == 200, (before, back)
+    status, took, body = away
+    assert status == 500 and took < 3, away
+    assert "ctx.db: no connection to the database within 1 s" in body["error"]
+
+
+@pytest.mark.slow
+def test_after_a_long_outage_requests_succeed_again_within_seconds_of_the_database_return(tmp_path):
+    """psycopg_pool's backoff doubled for five minutes: after 20 s away, the gateway found the
+    database back about 10 s after it was."""
+    from flux.pg.cluster import Cluster
+
+    cluster = Cluster(state_dir=tmp_path / "pg")
+    project = write_project(tmp_path / "app", {"q": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT 1 AS one", []);
+          return { status: 200, body: rows[0] };
+        }
+    """})
+
+    async def main() -> float:
+        async with running_gateway(project, info.dsn) as (_, client):
+            assert (await client.post("/q")).status_code == 200
+            await asyncio.to_thread(cluster.stop, mode="immediate")
+            for _ in range(4):  # requests come and fail meanwhile
+                await client.post("/q")
+                await asyncio.sleep(5)
+            await asyncio.to_thread(cluster.start)
+            back = time.monotonic()
+            while (await client.post("/q")).status_code != 200:
+                assert time.monotonic() - back < 30
+                await asyncio.sleep(0.2)
+            return time.monotonic() - back
+
+    try:
+        info = cluster.start()
+        assert run(main()) < 4
+    finally:
+        cluster.destroy()
+
+
+def test_a_request_body_nested_too_deep_is_a_400_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store):
+    """It was Quart's HTML 500, with no request id and no trace: redacting the record overflowed the stack."""
+    write_project(tmp_path, {"hi": "export default async function () { return {status: 200}; }"})
+    deep = b"[" * 1000 + b"]" * 1000
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/hi", {"data": deep, "headers": {"content-type": "application/json"}})]))
+    assert status == 400 and "nested deeper than 200 levels" in json.loads(body)["error"]
+    trace = stored(conn, headers["x-flux-request-id"])
+    assert trace["status"] == 400 and "[not recorded: nested deeper than 64 levels]" in json.dumps(trace["request"]["body"])
+
+
+def test_a_function_returning_a_body_nested_too_deep_is_a_500_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store):
+    """It was Quart's HTML 500, with no request id and no trace."""
+    write_project(tmp_path, {"deep": """
+        export default async function () {
+          let v = []; for (let i = 0; i < 1000; i++) v = [v];
+          return {status: 200, body: v};
+        }
+    """})
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/deep", {})]))
+    assert status == 500 and "the return value's body cannot be sent as JSON" in json.loads(body)["error"]
+    assert stored(conn, headers["x-flux-request-id"])["status"] == 500

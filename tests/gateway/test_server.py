@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
 import time
 import weakref
 
+import psycopg
+import pytest
+
+from flux.gateway import server
 from flux.gateway.server import _watch, freeze_heap
 from tests.functions import running_gateway, write_project
 
@@ -71,7 +76,7 @@ def test_a_reload_that_breaks_a_function_keeps_serving_the_others(tmp_path):
     async def scenario():
         async with running_gateway(tmp_path, None) as (gateway, client):
             (tmp_path / "functions" / "a.js").write_text("export default async function () {\n  return {;\n}\n")
-            errors = gateway.reload(gateway.project.reload())
+            errors = await gateway.reload(gateway.project.reload())
             return errors, (await client.post("/a")).status_code, await (await client.post("/b")).get_data(as_text=True)
 
     errors, broken, ok = asyncio.run(scenario())
@@ -88,7 +93,7 @@ def test_a_reload_applies_a_changed_body_limit(tmp_path):
         async with running_gateway(tmp_path, None) as (gateway, client):
             before = (await client.post("/echo", **body)).status_code
             (tmp_path / "flux.toml").write_text("[limits]\nmax_body_bytes = 4096\n")
-            gateway.reload(gateway.project.reload())
+            await gateway.reload(gateway.project.reload())
             after = await client.post("/echo", **body)
             return before, after.status_code, await after.get_data(as_text=True)
 
@@ -136,3 +141,102 @@ def test_a_reload_leaves_the_replaced_functions_collectable(tmp_path):
         assert asyncio.run(scenario()) == ("replaced", True)
     finally:
         gc.unfreeze()
+
+
+def _wait_for(condition, timeout: float = 10.0):
+    async def wait() -> bool:
+        for _ in range(int(timeout / 0.05)):
+            if condition():
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    return wait()
+
+
+def test_the_watcher_keeps_reloading_after_a_file_it_cannot_read(tmp_path):
+    # A function file that is not UTF-8 once stopped the watcher for good, with no word: every
+    # later edit was ignored until flux dev restarted.
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, client):
+            shutdown = asyncio.Event()
+            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+            await asyncio.sleep(0.1)  # the watcher has taken the files' fingerprint
+            bad = tmp_path / "functions" / "bad.js"
+            bad.write_bytes(b"export default async function () { return {body: '\xe9'}; }\n")
+            await asyncio.sleep(0.3)
+            bad.unlink()
+            (tmp_path / "functions" / "w.js").write_text("export default async function () { return {status: 200, body: 'new'}; }\n")
+            reloaded = await _wait_for(lambda: "w" in gateway.functions.compiled)
+            alive = not watcher.done()
+            shutdown.set()
+            watcher.cancel()
+            return reloaded, alive, await (await client.post("/w")).get_data(as_text=True)
+
+    assert asyncio.run(scenario()) == (True, True, "new")
+
+
+def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):
+    # A reload compiled every function and made its isolates on the loop: top-level code running
+    # to its time limit stopped every request for that long.
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"},
+                  "[limits]\ntimeout_ms = 1500\n")
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, client):
+            shutdown = asyncio.Event()
+            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+            await asyncio.sleep(0.1)
+            (tmp_path / "functions" / "spin.js").write_text(
+                "for (;;) {}\nexport default async function () { return {status: 200}; }\n")
+            slowest = 0.0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 2.5
+            while loop.time() < end:
+                started = loop.time()
+                answer = await client.post("/v")
+                assert answer.status_code == 200
+                slowest = max(slowest, loop.time() - started)
+                await asyncio.sleep(0.02)
+            reloaded = await _wait_for(lambda: "spin" in gateway.functions.compiled)
+            shutdown.set()
+            watcher.cancel()
+            return reloaded, slowest, gateway.functions.load_errors
+
+    reloaded, slowest, errors = asyncio.run(scenario())
+    assert reloaded and errors == ["functions/spin.js: its top-level code did not finish within 1500 ms"]
+    assert slowest < 0.5
+
+
+def test_reading_traces_from_a_server_that_says_nothing_fails_within_the_connect_timeout(monkeypatch):
+    """Each GET /_flux/requests held a thread of the loop's default executor (which also makes
+    isolates) for as long as the server stayed silent."""
+    monkeypatch.setattr(server, "CONNECT_TIMEOUT", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        read = server.trace_reader(f"postgresql://nobody@127.0.0.1:{silent.getsockname()[1]}/none")
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="timeout"):
+            asyncio.run(asyncio.wait_for(read("default", None, {}), 10))
+    assert time.monotonic() - started < 5
+
+
+def test_a_reload_that_ends_after_the_stop_began_is_not_swapped_in(tmp_path):
+    # The stop closes the functions it finds; a set swapped in after that would keep its isolates.
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"},
+                  "[limits]\ntimeout_ms = 1000\n")
+
+    async def scenario():
+        async with running_gateway(tmp_path, None) as (gateway, _):
+            before = gateway.functions
+            (tmp_path / "functions" / "spin.js").write_text("for (;;) {}\nexport default async function () {}\n")
+            (tmp_path / "functions" / "w.js").write_text("export default async function () { return {status: 200}; }\n")
+            reload = asyncio.create_task(gateway.reload(gateway.project.reload()))
+            await asyncio.sleep(0.2)  # compiling spin.js, up to its time limit
+            gateway.stop_starting()
+            await reload
+            return gateway.functions is before
+
+    assert asyncio.run(scenario())

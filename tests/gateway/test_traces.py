@@ -131,3 +131,88 @@ def test_pending_counts_the_batch_being_retried():
 
     assert asyncio.run(main()) == 3
 
+
+
+def test_records_a_read_only_database_refuses_are_kept_and_written_once_it_takes_writes(dsn, conn: psycopg.Connection):
+    """A read-only server (a standby during a failover) refuses every record alike: that is the
+    database's state, not the records'. They were once left out one by one, all of them lost."""
+    ensure_schema(conn)
+    dbname = conn.info.dbname
+    conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+
+    async def main() -> tuple[dict, TraceWriter]:
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        for n in range(3):
+            writer.submit(_record(n))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if writer.last_error:
+                break
+        refused = writer.status()
+        await asyncio.to_thread(conn.execute, f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+        await asyncio.wait_for(writer.close(), 30)
+        return refused, writer
+
+    refused, writer = asyncio.run(main())
+    assert refused["pending"] == 3 and "read-only" in refused["last_error"]
+    assert (writer.written, writer.failed) == (3, 0)
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0] == 3
+
+
+def test_a_batch_waiting_on_a_locked_table_is_logged_and_shown_in_the_status(dsn, conn: psycopg.Connection,
+                                                                               monkeypatch, caplog):
+    """Another session's LOCK TABLE held the writer with no word while the queue grew."""
+    ensure_schema(conn)
+    monkeypatch.setattr(traces, "STALL_LOG_SECONDS", 0.2)
+    conn.autocommit = False
+    conn.execute("LOCK TABLE flux.trace_requests")
+
+    async def main() -> tuple[dict, TraceWriter]:
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        writer.submit(_record(1))
+        await asyncio.sleep(0.7)
+        held = writer.status()
+        await asyncio.to_thread(conn.commit)
+        await asyncio.wait_for(writer.close(), 30)
+        return held, writer
+
+    held, writer = asyncio.run(main())
+    assert held["pending"] == 1 and held["waiting_seconds"] >= 0.5
+    assert any("waited" in r.getMessage() and "flux.trace_requests" in r.getMessage() for r in caplog.records)
+    assert writer.written == 1 and writer.status()["waiting_seconds"] == 0.0
+
+
+def test_the_queue_is_bounded_in_bytes_and_drops_what_would_pass_the_bound():
+    """Bounded in number only, 20,000 waiting records of a megabyte each were 20 GB held while the
+    database was away."""
+    big = {"v": 2, "truncated": False, "entropy": "", "events": [[0, "db", {"sql": "SELECT", "result": "x" * 1_000_000}]]}
+    writer = TraceWriter("postgresql://nobody@127.0.0.1:1/none", max_queue_bytes=3_500_000)  # not started
+    for n in range(5):
+        writer.submit(dataclasses.replace(_record(n), recording=big))
+    assert (writer.pending, writer.dropped) == (3, 2)
+    assert 3_000_000 < writer.pending_bytes <= 3_500_000
+
+
+def test_a_server_that_accepts_and_says_nothing_is_a_failed_connection_retried_not_a_wait_for_good():
+    """Without a connect timeout the writer waited on such a server forever, writing nothing again."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nothing ever answers
+        port = silent.getsockname()[1]
+
+        async def main() -> dict:
+            writer = TraceWriter(f"postgresql://nobody@127.0.0.1:{port}/none", flush_interval=0.01, connect_timeout=1)
+            await writer.start()
+            writer.submit(_record(1))
+            for _ in range(60):
+                await asyncio.sleep(0.1)
+                if writer.last_error:
+                    break
+            status = writer.status()
+            writer._task.cancel()
+            return status
+
+        status = asyncio.run(main())
+    assert status["pending"] == 1 and "timeout" in status["last_error"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import psycopg
 
 from flux.errors import PreflightError
+from flux.project import Retention
 from flux.store.schema import SCHEMA
 
 # Table of the flux schema -> privileges. SELECT where a statement reads the table too: an
@@ -70,12 +71,28 @@ def require_engine_role(conn: psycopg.Connection, *, slot: str) -> None:
         )
 
 
-def require_gateway_role(conn: psycopg.Connection, *, record: bool) -> None:
-    """Raise PreflightError unless the current role may write and read traces (with `record`)."""
-    grants = missing_grants(conn, GATEWAY_TABLES if record else {"meta": GATEWAY_TABLES["meta"]})
+def gateway_needs(*, record: bool, retention: Retention | None = None) -> dict[str, tuple[str, ...]]:
+    """What the gateway's role needs: traces to write with `record`, and the logs its hourly
+    prune deletes from (and `flux.meta`, where a prune records its cutoff) with `retention`."""
+    needs = {table: list(privileges) for table, privileges in GATEWAY_TABLES.items() if record or table == "meta"}
+    prunes = {"trace_requests": retention and retention.traces, "state_mutations": retention and retention.mutations}
+    for table, period in prunes.items():
+        if period:
+            needs.setdefault(table, ["SELECT"])
+            needs[table].append("DELETE")
+    if any(prunes.values()):
+        needs["meta"] += ["INSERT", "UPDATE"]
+    return {table: tuple(dict.fromkeys(privileges)) for table, privileges in needs.items()}
+
+
+def require_gateway_role(conn: psycopg.Connection, *, record: bool, retention: Retention | None = None) -> None:
+    """Raise PreflightError unless the current role may write and read traces (with `record`) and
+    prune what `retention` keeps for a time."""
+    grants = missing_grants(conn, gateway_needs(record=record, retention=retention))
     if grants:
         role = conn.execute("SELECT current_user").fetchone()[0]
+        what = "to record requests" + (" and prune what [retention] keeps for a time" if retention and (retention.traces or retention.mutations) else "")
         raise PreflightError(
-            f"Role '{role}' lacks privileges the gateway needs on the flux schema to record requests",
+            f"Role '{role}' lacks privileges the gateway needs on the flux schema {what}",
             hint="As the role that ran `flux attach` (it owns the flux schema) run: " + " ".join(grants), role=role,
         )

@@ -107,14 +107,14 @@ def serve(
     db = resolve_database(database)
     dsn = db.dsn
     root = find_project_root() if project is None else _given_project(project)
-    load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
+    project_config = load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
     check_port(host, port)  # before attach changes anything
     with reaching(db):
         if attach_all:
             attach(dsn, all_tables=True)
         if engine:
             _require_attached(dsn)
-        ensure_store(dsn, record=record)
+        ensure_store(dsn, record=record, retention=project_config.retention)
 
     def ready(url: str | None) -> None:
         console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")

@@ -33,7 +33,7 @@ from flux import STOP_SIGNALS
 from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
 from flux.gateway.app import Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
-from flux.project import Project, load_project
+from flux.project import Project, Retention, load_project
 from flux.runtime.host import AiohttpTransport, DbPool
 from flux.store import retention
 
@@ -55,14 +55,14 @@ class ServeConfig:
     drain_timeout: float = 10.0
 
 
-def ensure_store(dsn: str, *, record: bool = True) -> None:
+def ensure_store(dsn: str, *, record: bool = True, retention: Retention | None = None) -> None:
     """The flux schema, created or upgraded, and the role's privileges on it checked (`flux.cdc.roles`)."""
     from flux.cdc.roles import require_gateway_role
     from flux.store.schema import ensure_schema
 
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
-            require_gateway_role(conn, record=record)
+            require_gateway_role(conn, record=record, retention=retention)
             ensure_schema(conn)
     except psycopg.Error as exc:
         hint = ("`flux attach` creates and upgrades the flux schema: run it (again, after upgrading Flux) as the role that "
@@ -182,8 +182,8 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
 
 
 async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None) -> None:
-    ensure_store(config.dsn, record=config.record)
     project = load_project(config.root)
+    ensure_store(config.dsn, record=config.record, retention=project.retention)
     hurry = asyncio.Event()
     gateway, stop = await build(config, project, hurry=hurry)
 

@@ -183,3 +183,26 @@ def test_the_gateway_refuses_at_start_a_role_that_could_not_record_its_traces(ds
             ensure_store(role_dsn)
         ensure_store(role_dsn, record=False)  # no traces, nothing more to grant
     assert raised.value.hint.endswith(f'run: GRANT SELECT, INSERT ON flux.trace_requests TO "{role}";')
+
+
+def test_the_gateway_refuses_at_start_a_role_that_could_not_prune_what_retention_asks(dsn, conn):
+    from datetime import timedelta
+
+    from flux.project import Retention
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    with engine_role(conn, dsn, replication=False) as role_dsn:
+        role = role_dsn.split("://")[1].split("@")[0]
+        conn.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON flux.meta TO {role};"
+                     f" GRANT SELECT, INSERT ON flux.trace_requests TO {role}")
+        ensure_store(role_dsn)  # recording alone: granted
+        # Before: it started, and its hourly prune then failed, hour after hour, in its log only.
+        with pytest.raises(PreflightError) as raised:
+            ensure_store(role_dsn, retention=Retention(traces=timedelta(days=30), mutations=timedelta(days=90)))
+        conn.execute(f"GRANT DELETE ON flux.trace_requests TO {role}; GRANT INSERT, UPDATE ON flux.meta TO {role}")
+        ensure_store(role_dsn, retention=Retention(traces=timedelta(days=30)))  # traces only: granted now
+    assert "and prune what [retention] keeps for a time" in raised.value.message
+    assert raised.value.hint.endswith(
+        f'run: GRANT INSERT, UPDATE ON flux.meta TO "{role}"; GRANT DELETE ON flux.trace_requests TO "{role}"; '
+        f'GRANT SELECT, DELETE ON flux.state_mutations TO "{role}";')

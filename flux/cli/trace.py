@@ -20,7 +20,7 @@ from rich.markup import escape
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, print_json
 from flux.cli.state import history_command, shell_word
-from flux.project import parse_duration
+from flux.project import DEFAULT_TENANT, parse_duration
 from flux.store import traces
 from flux.store.retention import pruned_before
 from flux.store.queries import format_table, key_text
@@ -332,14 +332,17 @@ def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None
     if not rows:
         console.print("[dim]No recorded request matches these filters.[/]" if filtered else "[dim]No requests recorded yet.[/]")
         return
+    # A project of one tenant (flux dev's "default") needs no tenant column; one of several does.
+    tenants = any(r.tenant != DEFAULT_TENANT for r in rows)
     cells = [
-        (r.id[:SHORT_ID], _time(r.started_at), f"{r.method} {r.path}", r.function or "—", str(r.status),
-         duration(r.duration_ms), _clip(r.error or ""))
+        (r.id[:SHORT_ID], _time(r.started_at), *((r.tenant or "—",) if tenants else ()), f"{r.method} {r.path}",
+         r.function or "—", str(r.status), duration(r.duration_ms), _clip(r.error or ""))
         for r in rows
     ]
-    header = ("ID", "TIME (UTC)", "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR")
+    header = ("ID", "TIME (UTC)", *(("TENANT",) if tenants else ()), "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR")
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
-    right = {4, 5}
+    status_at = header.index("STATUS")
+    right = {status_at, status_at + 1}
 
     def line(values: tuple[str, ...], styles: tuple[str | None, ...]) -> str:
         out = []
@@ -350,7 +353,9 @@ def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None
 
     console.print(f"[dim]{line(header, (None,) * len(header))}[/]")
     for r, c in zip(rows, cells):
-        console.print(line(c, ("bold", None, None, None, _status_color(r.status), None, "red")))
+        styles = ["bold", *[None] * (len(header) - 2), "red"]
+        styles[status_at] = _status_color(r.status)
+        console.print(line(c, tuple(styles)))
 
 
 def _clip(text: str) -> str:

@@ -315,10 +315,17 @@ def test_requests_lists_newest_first_with_every_column(seeded, dsn):
     result = invoke(dsn, "requests")
     assert result.exit_code == 0, result.output
     out = lines(result.output)
-    assert out[0].split() == ["ID", "TIME", "(UTC)", "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR"]
+    assert out[0].split() == ["ID", "TIME", "(UTC)", "TENANT", "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR"]
     assert [line.split()[0] for line in out[1:]] == [OK[:8], FAIL[:8], OK2[:8]]
     fail = out[2].split()
-    assert fail[3:] == ["POST", "/signup", "create_user", "500", "44ms", "Stripe", "API", "timeout"]
+    assert fail[3:] == ["acme", "POST", "/signup", "create_user", "500", "44ms", "Stripe", "API", "timeout"]
+    assert out[1].split()[3] == "default"
+
+
+def test_requests_of_a_single_tenant_project_leave_the_tenant_column_out(seeded, dsn):
+    out = lines(invoke(dsn, "requests", "--tenant", "default").output)
+    assert out[0].split() == ["ID", "TIME", "(UTC)", "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR"]
+    assert [line.split()[0] for line in out[1:]] == [OK[:8]]
 
 
 def test_requests_filters_by_status_function_tenant_and_since(seeded, dsn):

@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 
 from flux.errors import ConfigError, NotFoundError, PreflightError
-from flux.store.queries import split_table_name
+from flux.store.names import split_table_name
 from flux.store.schema import SCHEMA
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast", SCHEMA)

@@ -16,8 +16,9 @@ from rich.markup import escape
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, print_json
 from flux.errors import ConfigError
-from flux.store import queries
-from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Writer, key_text
+from flux.store import names, queries
+from flux.store.names import key_text
+from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Writer
 
 app = typer.Typer(help="Row history and blame from the mutation log.", no_args_is_help=True)
 
@@ -43,7 +44,7 @@ def history(
     database: DatabaseOption = None,
 ) -> None:
     """Every recorded change of one row, oldest first."""
-    schema, name = queries.parse_table(table)
+    schema, name = names.parse_table(table)
     keys = parse_keys(key)
     with _connect(database) as conn:
         result = queries.row_history(conn, schema, name, id_value=id_value, key=keys, limit=limit)
@@ -65,7 +66,7 @@ def blame(
     database: DatabaseOption = None,
 ) -> None:
     """Who last changed each column of a row; without a row, the most recently changed rows."""
-    schema, name = queries.parse_table(table)
+    schema, name = names.parse_table(table)
     keys = parse_keys(key)
     if limit is not None and (id_value is not None or keys):
         raise ConfigError(
@@ -124,8 +125,8 @@ def _who(w: Writer | Mutation) -> str:
 
 def _row_title(schema: str, table: str, match: dict[str, str], key: dict[str, Any] | None) -> str:
     """The row: by its key as recorded (shown as everywhere else), or by the values given."""
-    cols = _key(key) if key is not None else ", ".join(f"{c} = {queries.given_text(v)}" for c, v in match.items())
-    return escape(f"{queries.format_table(schema, table)} / {cols}")
+    cols = _key(key) if key is not None else ", ".join(f"{c} = {names.given_text(v)}" for c, v in match.items())
+    return escape(f"{names.format_table(schema, table)} / {cols}")
 
 
 def render_history(h: RowHistory) -> None:
@@ -184,11 +185,11 @@ def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[st
 
 def history_command(schema: str, table: str, row_key: dict[str, Any]) -> str:
     """`flux state history` of the row with this primary key."""
-    name = shell_word(queries.format_table(schema, table))
+    name = shell_word(names.format_table(schema, table))
     if len(row_key) == 1:
         (value,) = row_key.values()
-        return f"flux state history {name} --id {shell_word(queries.key_arg(value))}"
-    keys = " ".join(f"--key {shell_word(f'{col}={queries.key_arg(v)}')}" for col, v in row_key.items())
+        return f"flux state history {name} --id {shell_word(names.key_arg(value))}"
+    keys = " ".join(f"--key {shell_word(f'{col}={names.key_arg(v)}')}" for col, v in row_key.items())
     return f"flux state history {name} {keys}"
 
 
@@ -202,7 +203,7 @@ def shell_word(text: str) -> str:
     shows as spaces, a newline breaks the line): then bash's $'...' form, with each such
     character escaped as its UTF-8 bytes (\\xHH, which bash reads back in any locale; zsh too).
     """
-    if not any(queries.hidden(c) for c in text):
+    if not any(names.hidden(c) for c in text):
         return shlex.quote(text)
     return "$'" + "".join(map(_dollar_escape, text)) + "'"
 
@@ -210,7 +211,7 @@ def shell_word(text: str) -> str:
 def _dollar_escape(char: str) -> str:
     if char in _ESCAPES:
         return _ESCAPES[char]
-    if queries.hidden(char):
+    if names.hidden(char):
         return "".join(f"\\x{b:02x}" for b in char.encode("utf-8", "surrogatepass"))
     return char
 
@@ -251,7 +252,7 @@ def render_row_blame(b: RowBlame) -> None:
 
 def render_table_blame(schema: str, table: str, rows: list[RecentChange]) -> None:
     console.print()
-    console.print(f"  [bold]Recently changed[/]  {escape(queries.format_table(schema, table))}")
+    console.print(f"  [bold]Recently changed[/]  {escape(names.format_table(schema, table))}")
     console.print(f"  [dim]{RULE}[/]")
     for r in rows:
         w = r.writer

@@ -23,7 +23,7 @@ from flux.cli.state import history_command, shell_word
 from flux.project import DEFAULT_TENANT, parse_duration
 from flux.store import traces
 from flux.store.retention import pruned_before
-from flux.store.queries import format_table, key_text
+from flux.store.names import format_table, key_text
 from flux.store.traces import TraceRecord, TraceSummary
 from flux.store.why import MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned
 

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from flux.errors import ConfigError
-from flux.store import queries, traces
+from flux.store import names, queries, traces
 from flux.store.retention import Pruned, pruned_before
 from flux.store.traces import TraceRecord
 
@@ -135,7 +135,7 @@ def request_mutations(conn: psycopg.Connection, request_id: str, *, limit: int |
             catalog = queries._catalog(conn, s, t)
             key_order[(s, t)] = (catalog.primary_key or ()) if catalog else ()
     return [
-        RowChange(schema=s, table=t, op=op, row_key=queries._in_order(queries.load_json(key), key_order[(s, t)]),
+        RowChange(schema=s, table=t, op=op, row_key=queries._in_order(names.load_json(key), key_order[(s, t)]),
                   changed_columns=tuple(changed) if changed is not None else None, commit_time=time, function=fn)
         for s, t, op, key, changed, time, fn in rows
     ]

@@ -111,7 +111,8 @@ class Stub:
 async def _gateway_app(root: Path, dsn: str | None, *, sink: Any, workers: int, pool_size: int, record: bool):
     from flux.gateway.app import Gateway, create_app
     from flux.project import load_project
-    from flux.runtime.host import AiohttpTransport, DbPool
+    from flux.runtime.fetch import AiohttpTransport
+    from flux.runtime.host import DbPool
 
     pool = None
     if dsn is not None:

@@ -42,7 +42,8 @@ from flux.gateway.traces import TraceSink, cap_depth
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
-from flux.runtime.host import Clock, FetchPolicy, Span, Transport
+from flux.runtime.fetch import FetchPolicy, Transport
+from flux.runtime.host import Clock, Span
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
 from flux.store.traces import TraceRecord
 

@@ -34,7 +34,8 @@ from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
 from flux.gateway.app import Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, Retention, load_project
-from flux.runtime.host import AiohttpTransport, DbPool
+from flux.runtime.fetch import AiohttpTransport
+from flux.runtime.host import DbPool
 from flux.store import retention
 
 log = logging.getLogger("flux.gateway")

@@ -58,9 +58,8 @@ from py_mini_racer import JSEvalException, JSOOMException
 
 from flux.project import Limits
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
-from flux.runtime.host import (
-    MAX_RECORDED_FETCH_BODY, Clock, DbSession, FetchPolicy, HostCallError, Span, Transport, db_span_name,
-)
+from flux.runtime.fetch import MAX_RECORDED_FETCH_BODY, FetchPolicy, Transport
+from flux.runtime.host import Clock, DbSession, HostCallError, Span, db_span_name
 from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
 
 log = logging.getLogger("flux.runtime")

@@ -12,8 +12,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from flux.project import load_project
 from flux.runtime.executor import Execution, Executor, Invocation
-from flux.runtime import host
-from flux.runtime.host import AiohttpTransport, FetchPolicy
+from flux.runtime import fetch, host
+from flux.runtime.fetch import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import IsolatePool, compile_function
 from tests.functions import Stub, write_project
 
@@ -739,7 +739,7 @@ def test_an_invalid_fetch_url_or_timeout_is_an_error_the_function_can_catch(tmp_
 
 def test_a_fetch_response_over_the_size_limit_is_refused(tmp_path, stub: Stub, monkeypatch):
     """The response is read into the gateway's memory, which the isolate's limit does not cover."""
-    monkeypatch.setattr(host, "MAX_FETCH_RESPONSE_BYTES", 10)
+    monkeypatch.setattr(fetch, "MAX_FETCH_RESPONSE_BYTES", 10)
     write_project(tmp_path, {"big": f"""
         export default async function (req, ctx) {{
           try {{ await ctx.fetch("{stub.url}/ok"); }} catch (e) {{ return {{status: 200, body: e.name + ": " + e.message}}; }}

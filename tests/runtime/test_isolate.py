@@ -17,7 +17,7 @@ from py_mini_racer._context import context_count
 from flux.project import FetchConfig, Function, Limits
 from flux.runtime import isolate as isolate_module
 from flux.runtime.executor import Execution, Executor, Invocation
-from flux.runtime.host import AiohttpTransport, FetchPolicy
+from flux.runtime.fetch import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import Isolate, IsolatePool, compile_function
 from flux.runtime.realm import on_isolate_thread
 

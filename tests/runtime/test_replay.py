@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from flux.project import load_project
 from flux.redaction import Redactor
 from flux.runtime.executor import Execution, Executor, Invocation
-from flux.runtime.host import AiohttpTransport, FetchPolicy
+from flux.runtime.fetch import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
 from flux.store.schema import ensure_schema
 from flux.store.traces import TraceRecord, get_trace, insert_traces

@@ -1,4 +1,4 @@
-"""The `Transport` contract behind `ctx.fetch`, against a real local HTTP server."""
+"""`flux.runtime.fetch`: the allow-list, and the `Transport` contract behind `ctx.fetch` against a real local HTTP server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from contextlib import asynccontextmanager
 import pytest
 
 from flux.pg.cluster import free_port
-from flux.runtime.host import AiohttpTransport
+from flux.project import FetchConfig
+from flux.runtime.fetch import AiohttpTransport, FetchPolicy
+from flux.runtime.host import HostCallError
 
 
 async def _server(reply: Callable[[str, dict[str, str], bytes], bytes]) -> tuple[asyncio.Server, str]:
@@ -135,9 +137,9 @@ GZIPPED = gzip.compress(b"x" * 3000)
                          ids=["declared", "undeclared", "gzip"])
 def test_a_response_body_over_the_cap_raises_os_error_however_it_is_framed(monkeypatch, framing):
     """Counted as decoded: a gzip body's Content-Length counts its compressed bytes."""
-    from flux.runtime import host
+    from flux.runtime import fetch
 
-    monkeypatch.setattr(host, "MAX_FETCH_RESPONSE_BYTES", 100)
+    monkeypatch.setattr(fetch, "MAX_FETCH_RESPONSE_BYTES", 100)
     assert len(GZIPPED) < 100
 
     def reply(target: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -188,3 +190,14 @@ def test_header_values_are_latin_1_and_repeated_ones_are_all_kept():
     status, headers, cookies, body, _ = asyncio.run(_answer(raw))
     assert (headers["x-name"], headers["x-multi"], headers["set-cookie"]) == ("café", "one, two", "a=1, b=2; Path=/")
     assert cookies == ("a=1", "b=2; Path=/") and body == b""
+
+
+@pytest.mark.parametrize("entry", ["[::1]:18351", "[::1]", "::1"])
+def test_an_ipv6_host_matches_its_allow_entry_and_is_named_in_brackets(entry):
+    policy = FetchPolicy(FetchConfig(allow=(entry,)))
+    host, hostport = policy.parse("http://[::1]:18351/v1")
+    assert hostport == "[::1]:18351"
+    policy.check(host, hostport)  # allowed: no error
+    with pytest.raises(HostCallError) as refused:
+        policy.check(*policy.parse("http://[::2]:18351/v1"))
+    assert refused.value.info["message"] == "outbound calls to [::2]:18351 are not allowed: add it to [fetch] allow in flux.toml"

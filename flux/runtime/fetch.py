@@ -1,0 +1,160 @@
+"""`ctx.fetch` on the host: the allow-list, the span's tool name, and the outbound call itself.
+
+`Transport` is the seam for outbound calls: `AiohttpTransport` in production (aiohttp costs
+about a fifth of httpx's CPU per call, and outbound calls were most of the gateway's Python
+work). `FetchPolicy` applies the allow-list of flux.toml's [fetch] and names spans after [tools].
+The request protocol around a call (its span, its tape entry, the function's Response) is the
+executor's and the prelude's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from flux.project import FetchConfig
+from flux.runtime.host import HostCallError
+
+MAX_RECORDED_FETCH_BODY = 1024 * 1024
+# A ctx.fetch response is read whole into the gateway's memory (the isolate's limit does not cover
+# it), so it is refused past this.
+MAX_FETCH_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """An upstream response as `ctx.fetch` gives it. `headers` has lower-cased names, each value
+    its bytes as latin-1 (one character per byte, as fetch's Headers has them), and a repeated
+    header's values joined with ", " (as Headers.get joins them); `set_cookies` has each
+    Set-Cookie value, which a join would garble. `body` is the body's bytes (any Content-Encoding
+    undone); `text` is them decoded with the declared charset, else as UTF-8, a byte that does not
+    decode becoming U+FFFD."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    text: str
+    url: str
+    reason: str = ""
+    set_cookies: tuple[str, ...] = ()
+
+
+class Transport(Protocol):
+    """Outbound HTTP. Raises `TimeoutError` on timeout and `OSError` when the call cannot be made."""
+
+    async def send(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout_s: float) -> FetchResult: ...
+
+
+class AiohttpTransport:
+    """`ctx.fetch` over one aiohttp session (its connection pool), made at the first call: it
+    needs the running loop. Redirects are not followed, proxies from the environment are not
+    used, and cookies are never kept: a cookie one request receives must not reach another's
+    call (another tenant's, even). The request's content-type is the caller's alone (aiohttp
+    would add application/octet-stream to any body)."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def send(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout_s: float) -> FetchResult:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+        try:
+            async with self._session.request(
+                method, url, headers=headers, data=body, skip_auto_headers=_NO_AUTO_HEADERS,
+                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                content = await _read_capped(response)
+                charset = response.charset
+        except TimeoutError:  # aiohttp's timeouts are asyncio's, which are TimeoutError since 3.11
+            raise TimeoutError(f"no response within {timeout_s * 1000:.0f} ms") from None
+        except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot send to
+            raise OSError(f"{type(exc).__name__}: {exc}") from None
+        headers_in: dict[str, str] = {}
+        cookies: list[str] = []
+        # raw_headers: aiohttp's own values decode the bytes as UTF-8, a byte that is not becoming
+        # a lone surrogate, which JSON (and so the function) cannot take.
+        for raw_name, raw_value in response.raw_headers:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            if name == "set-cookie":
+                cookies.append(value)
+            headers_in[name] = f"{headers_in[name]}, {value}" if name in headers_in else value
+        return FetchResult(status=response.status, headers=headers_in, body=content, text=_decode(content, charset),
+                           url=str(response.url), reason=response.reason or "", set_cookies=tuple(cookies))
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+_NO_AUTO_HEADERS = frozenset({"Content-Type"})
+
+
+def _decode(content: bytes, charset: str | None) -> str:
+    """The body as text: its declared charset, else UTF-8 (JSON's, and the web's default), never
+    failing. (aiohttp's get_encoding() guesses, and refuses a body read as a stream.)"""
+    if charset:
+        try:
+            return content.decode(charset, "replace")
+        except LookupError:  # a charset Python does not know
+            pass
+    return content.decode("utf-8", "replace")
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The body as the function gets it (decompressed), refused (OSError) past
+    MAX_FETCH_RESPONSE_BYTES before it is all in memory. Counted as it is decoded: a declared
+    Content-Length counts compressed bytes, and 30 KB of gzip can be 30 MB."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_FETCH_RESPONSE_BYTES:
+            raise OSError(f"the response body is over {MAX_FETCH_RESPONSE_BYTES // (1024 * 1024)} MB, the most ctx.fetch reads")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class FetchPolicy:
+    """The allow-list and the host-to-tool map of flux.toml [fetch] and [tools]."""
+
+    def __init__(self, config: FetchConfig) -> None:
+        self.config = config
+
+    def parse(self, url: str) -> tuple[str, str]:
+        """(host, host:port) of an absolute http(s) URL, the host spelled as in the URL (a secret
+        in it is then the text redaction knows), an IPv6 one in its brackets ("[::1]:8080", not
+        the ambiguous "::1:8080"); HostCallError otherwise."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # ValueError when out of range or not a number
+        except ValueError as exc:
+            raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {url!r} is not a valid URL ({exc})"}) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise HostCallError({"name": "TypeError", "message": f"ctx.fetch needs an absolute http(s) URL, not {url!r}"})
+        # parts.hostname is lower-cased; the host as written is the netloc's, past any user info.
+        written = parts.netloc.rpartition("@")[2]
+        host = written[:written.find("]") + 1] if written.startswith("[") else written.partition(":")[0]
+        return host, f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
+
+    def check(self, host: str, hostport: str) -> None:
+        """HostCallError unless the allow-list lets calls reach `host` (hosts match in any case;
+        an IPv6 host with or without its brackets)."""
+        allow = self.config.allow
+        if allow is not None and not any(h in allow for h in (hostport.lower(), host.lower(), host.strip("[]").lower())):
+            raise HostCallError({
+                "name": "FetchNotAllowed",
+                "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",
+            })
+
+    def span_name(self, url: str, host: str, hostport: str, explicit: str | None) -> str:
+        if explicit:
+            return str(explicit)
+        tools = self.config.tools
+        tool = tools.get(hostport.lower()) or tools.get(host.lower()) or tools.get(host.strip("[]").lower())
+        if tool is None:
+            return f"fetch {hostport}"
+        segments = [s for s in urlsplit(url).path.split("/") if s]
+        return f"{tool}.{segments[-1]}" if segments else tool

@@ -87,11 +87,22 @@ class Engine:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        """The first signal stops after a flush of what is complete (up to FLUSH_TIMEOUT, waiting on
+        the store: a lock someone holds on it holds the stop too); a second one stops at once.
+        Either way nothing is lost: what the store has not committed is rolled back with its
+        connection, and the slot, never confirmed past it, sends it again on the next start."""
+        if self.stopping:
+            log.warning("stopping at once: what is not committed is recorded on the next start")
+            raise KeyboardInterrupt
+        log.info("stopping: committing what is complete (a second signal stops at once)")
+        self.stop()
+
     def run(self, *, install_signal_handlers: bool = True) -> EngineStats:
         """Consume until stopped, reconnecting with capped exponential backoff."""
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
-                signal.signal(sig, lambda *_: self.stop())
+                signal.signal(sig, self._on_stop_signal)
         delay = self.config.backoff_initial
         last_logged = 0.0
         while not self.stopping:

@@ -664,6 +664,38 @@ def test_sigterm_mid_stream_exits_zero_promptly_and_restart_loses_nothing(dsn, c
     assert_matches_truth(dsn, workload)
 
 
+def test_a_second_sigterm_stops_an_engine_whose_store_is_locked_at_once_and_nothing_is_lost(dsn, conn, engine):
+    """The first SIGTERM waits for the store to commit what is complete (up to a minute), which a
+    lock someone holds on flux.state_mutations holds up; a second one stops at once (exit 130),
+    and the next start records the change exactly once."""
+    _attached(conn, dsn)
+    proc = engine()
+    proc.start()
+    proc.wait_streaming()
+    with psycopg.connect(dsn) as locker:
+        locker.execute("LOCK TABLE flux.state_mutations IN ACCESS EXCLUSIVE MODE")
+        conn.execute("INSERT INTO events (id, kind) VALUES (1, 'locked out')")
+        waiting = SINK.replace("SELECT pid", "SELECT count(*)") + " AND wait_event_type = 'Lock'"
+        deadline = time.monotonic() + 30
+        while not conn.execute(waiting).fetchone()[0]:
+            assert time.monotonic() < deadline, f"the sink never waited on the lock\n{proc.log_tail()}"
+            time.sleep(0.02)
+        proc.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        proc.assert_alive()  # the first signal waits for the store
+        began = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        code = proc.proc.wait(timeout=10)
+        took = time.monotonic() - began
+        locker.rollback()
+    assert code == 130 and took < 3, (code, took, proc.log_tail())
+    assert "a second signal stops at once" in proc.log_path.read_text()
+    proc.start()
+    proc.caught_up()
+    assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE new->>'kind' = 'locked out'").fetchone() == (1,)
+    assert proc.terminate()[0] == 0
+
+
 def test_walsender_gone_before_start_replication_is_retried(dsn, conn, monkeypatch):
     """A walsender terminated between connecting and START_REPLICATION (a server shutting down,
     an operator's pg_terminate_backend) is a lost connection: retried, not the end of the engine."""

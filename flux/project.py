@@ -313,6 +313,7 @@ def parse_retention_period(text: str, what: str) -> timedelta:
 
 
 def _retention(table: dict, where: str) -> Retention:
+    _check_keys(table, _TABLES["retention"], where, "retention")
     periods = {}
     for key in ("traces", "mutations"):
         value = table.get(key)
@@ -323,10 +324,6 @@ def _retention(table: dict, where: str) -> Retention:
             raise ConfigError(f"[retention] {key} in {where} must be a positive duration, not {value!r}",
                               hint=f'For example: {key} = "30d"')
         periods[key] = period
-    unknown = set(table) - {"traces", "mutations"}
-    if unknown:
-        raise ConfigError(f"[retention] in {where} has unknown keys: {', '.join(sorted(unknown))}",
-                          hint='Use traces = "30d" and mutations = "90d".')
     return Retention(**periods)
 
 

@@ -156,6 +156,7 @@ def test_a_retention_setting_that_is_not_a_positive_duration_is_a_config_error(t
     ('[tenants.acme]\napi_key = ["k"]\n', "'api_key' in [tenants.acme]", "api_keys"),
     ('[project]\nnmae = "x"\n', "'nmae' in [project]", "name"),
     ('[dev]\nsetup = "schema.sql"\n', "'setup' in [dev]", "setup_sql"),
+    ('[retention]\ntrace = "30d"\n', "'trace' in [retention]", "traces"),
     ('name = "x"\n', "top-level key 'name'", "[project]"),
 ])
 def test_a_key_flux_does_not_read_is_a_config_error_that_names_the_key_it_resembles(tmp_path, toml, named, suggested):

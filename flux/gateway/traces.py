@@ -4,10 +4,10 @@ The records it takes are redacted already: the gateway applies `flux.redaction` 
 record (path, spans, tape, request, response, error), so no per-field rule can let a secret slip
 through.
 
-`TraceWriter` takes records from the gateway with `submit()` (never awaits, never blocks a
-response) and writes them in batches, one round trip per batch. `close()` drains the queue.
-What a hard crash can lose: the records still queued, at most `max_queue` and `max_queue_bytes`, typically the
-last `flush_interval` seconds of requests. A database that cannot take records now (down,
+`TraceWriter` takes records from the gateway with `submit()` (never awaits; it encodes the
+record, the one cost it puts before the response) and writes them in batches, one round trip
+per batch. `close()` drains the queue. What a hard crash can lose: the records still queued, at
+most `max_queue` and `max_queue_bytes`, typically the last `flush_interval` seconds of requests. A database that cannot take records now (down,
 read-only, locked) keeps them queued and retried; a full queue drops new records with an error
 log that counts them; it never slows responses down. `status()` says all of it for /_flux/health.
 

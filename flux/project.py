@@ -299,9 +299,11 @@ def parse_duration(text: str, what: str) -> timedelta:
 def parse_retention_period(text: str, what: str) -> timedelta:
     """A retention period: a duration in hours or days. Minutes and seconds are refused: "6m"
     read as six months would delete almost everything recorded."""
-    period = parse_duration(text, what)
     match = _DURATION.fullmatch(text.strip().lower())
-    if match and match.group(2) in "sm":
+    if not match:  # parse_duration's hint would offer the minutes and seconds refused below
+        raise ConfigError(f"{what} {text!r} is not a duration", hint="Write a number and a unit, d or h: 30d, 12h.")
+    period = parse_duration(text, what)
+    if match.group(2) in "sm":
         amount, unit = match.group(1), _UNITS[match.group(2)]
         months = f" or {float(amount) * 30:g}d for {amount} months" if unit == "minutes" else ""
         raise ConfigError(
@@ -313,6 +315,7 @@ def parse_retention_period(text: str, what: str) -> timedelta:
 
 
 def _retention(table: dict, where: str) -> Retention:
+    _check_keys(table, _TABLES["retention"], where, "retention")
     periods = {}
     for key in ("traces", "mutations"):
         value = table.get(key)
@@ -323,10 +326,6 @@ def _retention(table: dict, where: str) -> Retention:
             raise ConfigError(f"[retention] {key} in {where} must be a positive duration, not {value!r}",
                               hint=f'For example: {key} = "30d"')
         periods[key] = period
-    unknown = set(table) - {"traces", "mutations"}
-    if unknown:
-        raise ConfigError(f"[retention] in {where} has unknown keys: {', '.join(sorted(unknown))}",
-                          hint='Use traces = "30d" and mutations = "90d".')
     return Retention(**periods)
 
 

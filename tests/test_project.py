@@ -149,6 +149,15 @@ def test_a_retention_setting_that_is_not_a_positive_duration_is_a_config_error(t
     assert "[retention]" in str(caught.value) and caught.value.hint
 
 
+def test_a_retention_period_that_is_no_duration_is_offered_only_the_units_it_may_use():
+    from flux.project import parse_retention_period
+
+    with pytest.raises(ConfigError) as caught:
+        parse_retention_period("a month", "--older-than")
+    assert "is not a duration" in caught.value.message
+    assert "30d" in caught.value.hint and "10m" not in caught.value.hint and "30s" not in caught.value.hint
+
+
 @pytest.mark.parametrize(("toml", "named", "suggested"), [
     ("[limit]\ntimeout_ms = 100\n", "[limit]", "[limits]"),
     ("[limits]\ntimeout = 100\n", "'timeout' in [limits]", "timeout_ms"),
@@ -156,6 +165,7 @@ def test_a_retention_setting_that_is_not_a_positive_duration_is_a_config_error(t
     ('[tenants.acme]\napi_key = ["k"]\n', "'api_key' in [tenants.acme]", "api_keys"),
     ('[project]\nnmae = "x"\n', "'nmae' in [project]", "name"),
     ('[dev]\nsetup = "schema.sql"\n', "'setup' in [dev]", "setup_sql"),
+    ('[retention]\ntrace = "30d"\n', "'trace' in [retention]", "traces"),
     ('name = "x"\n', "top-level key 'name'", "[project]"),
 ])
 def test_a_key_flux_does_not_read_is_a_config_error_that_names_the_key_it_resembles(tmp_path, toml, named, suggested):

@@ -21,6 +21,8 @@ from flux.store.schema import SCHEMA
 ENGINE_TABLES: dict[str, tuple[str, ...]] = {
     "meta": ("SELECT",),
     "attachments": ("SELECT",),
+    # Reconcile reads it to find tables a superuser's attach (whole schemas) left without FULL identity.
+    "replica_identity_changes": ("SELECT",),
     "cdc_progress": ("SELECT", "INSERT", "UPDATE"),
     "state_mutations": ("SELECT", "INSERT", "UPDATE"),
 }

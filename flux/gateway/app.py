@@ -522,15 +522,22 @@ def _json(raw: bytes) -> Any:
     return value
 
 
+ORJSON_MAX_DEPTH = 254  # the most levels orjson.dumps writes; past them it raises "Recursion limit reached"
+
+
 def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether `value` nests lists and objects deeper than `limit` (without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    """Whether `value` (as orjson.loads gave it) nests lists and objects deeper than `limit`.
+
+    Asked of orjson itself, at C speed: `value` wrapped in ORJSON_MAX_DEPTH - `limit` lists
+    can be written only if it holds at most `limit` levels. A walk in Python took 0.25 ms for a
+    4 KB body of 100 small objects, on every request whose body has over 200 brackets."""
+    probe = value
+    for _ in range(ORJSON_MAX_DEPTH - limit):
+        probe = [probe]
+    try:
+        orjson.dumps(probe)
+    except orjson.JSONEncodeError:  # what orjson.loads gave, it writes back: only depth fails it
+        return True
     return False
 
 

@@ -112,7 +112,7 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
     The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
     hurry = hurry or asyncio.Event()
     db_pool = DbPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
-                                  kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT})  # DbSession runs BEGIN itself
+                     kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT})  # DbSession runs BEGIN itself
     try:
         await db_pool.open(wait=True, timeout=15)
     except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged

@@ -4,10 +4,10 @@ The records it takes are redacted already: the gateway applies `flux.redaction` 
 record (path, spans, tape, request, response, error), so no per-field rule can let a secret slip
 through.
 
-`TraceWriter` takes records from the gateway with `submit()` (never awaits, never blocks a
-response) and writes them in batches, one round trip per batch. `close()` drains the queue.
-What a hard crash can lose: the records still queued, at most `max_queue` and `max_queue_bytes`, typically the
-last `flush_interval` seconds of requests. A database that cannot take records now (down,
+`TraceWriter` takes records from the gateway with `submit()` (never awaits; it encodes the
+record, the one cost it puts before the response) and writes them in batches, one round trip
+per batch. `close()` drains the queue. What a hard crash can lose: the records still queued, at
+most `max_queue` and `max_queue_bytes`, typically the last `flush_interval` seconds of requests. A database that cannot take records now (down,
 read-only, locked) keeps them queued and retried; a full queue drops new records with an error
 log that counts them; it never slows responses down. `status()` says all of it for /_flux/health.
 
@@ -37,8 +37,8 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 CONNECT_TIMEOUT = 10  # seconds; a server that accepted and says nothing must not hold the writer for good
 MAX_QUEUE_BYTES = 256 * 1024 * 1024  # what waits for the database, at most (with at most max_queue records)
-SHRUNK_STRING_CHARS = 4096
-MAX_RECORD_DEPTH = 64  # a record part nested too deep to walk or encode keeps this many levels  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
+SHRUNK_STRING_CHARS = 4096  # a record still over MAX_RECORD_BYTES without its recording keeps this much of each string
+MAX_RECORD_DEPTH = 64  # a record part nested too deep to walk or encode keeps this many levels
 
 
 STALL_LOG_SECONDS = 10.0  # a batch the database has not taken after this long is logged (a lock?), and again
@@ -181,6 +181,8 @@ class TraceWriter:
                             pending.extend([part[len(part) // 2:], part[:len(part) // 2]])
                             continue
                         self.failed += 1
+                        # The database answered: it is not what the records wait for (/_flux/health).
+                        self._waiting_since = None
                         log.error("%s; trace of request %s not stored", from_psycopg(exc, "writing a trace record failed"),
                                   part[0][0])
             for _, encoded in batch:

@@ -42,9 +42,11 @@ from flux.store.schema import SCHEMA_VERSION, schema_version
 log = logging.getLogger("flux.retention")
 
 DEFAULT_BATCH_ROWS = 5_000
+# SELECT too: a DELETE with a WHERE reads the rows it deletes, and the cutoff's upsert reads flux.meta.
 _GRANTS = ("A prune deletes from flux.trace_requests and flux.state_mutations and records its cutoff in flux.meta: "
-           "run it as the role that ran `flux attach`, or GRANT DELETE ON flux.trace_requests, flux.state_mutations "
-           "TO <role>; GRANT INSERT, UPDATE ON flux.meta TO <role>. --dry-run only reads.")
+           "run it as the role that ran `flux attach`, or GRANT USAGE ON SCHEMA flux TO <role>; GRANT SELECT, DELETE "
+           "ON flux.trace_requests, flux.state_mutations TO <role>; GRANT SELECT, INSERT, UPDATE ON flux.meta TO <role>;"
+           " --dry-run only reads.")
 _LOCK = "flux.prune"
 
 # (what, deleted so far, to delete in all): called after each batch

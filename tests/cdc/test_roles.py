@@ -166,10 +166,28 @@ def test_the_engine_names_every_grant_it_lacks_before_it_reads_the_slot(dsn, con
             Engine(EngineConfig(dsn=role_dsn)).run(install_signal_handlers=False)
     assert raised.value.message == f"Role '{role}' lacks privileges the engine needs on the flux schema"
     assert raised.value.hint == (
-        f'As the role that ran `flux attach` (it owns the flux schema) run: GRANT SELECT ON flux.meta, flux.attachments TO "{role}"; '
+        f'As the role that ran `flux attach` (it owns the flux schema) run: GRANT SELECT ON flux.meta, flux.attachments, '
+        f'flux.replica_identity_changes TO "{role}"; '
         f'GRANT SELECT, INSERT, UPDATE ON flux.cdc_progress TO "{role}"; GRANT SELECT, UPDATE ON flux.state_mutations TO "{role}";')
     assert conn.execute("SELECT confirmed_flush_lsn IS NOT NULL, NOT active FROM pg_replication_slots"
                         " WHERE slot_name = 'flux'").fetchone() == (True, True)
+
+
+def test_an_engine_granted_what_its_start_check_asks_can_look_for_new_tables_of_a_superusers_attachment(dsn, conn):
+    """A superuser's attach publishes whole schemas, and reconcile then reads flux.replica_identity_changes:
+    refused, the engine logged "Could not check for new tables" every pass (about 10 s), for good."""
+    from flux.cdc.autocapture import reconcile
+    from flux.cdc.roles import ENGINE_TABLES, missing_grants, require_engine_role
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, all_tables=True)
+    assert conn.execute("SELECT count(*) FROM pg_publication_namespace").fetchone()[0] > 0  # whole schemas
+    with engine_role(conn, dsn) as role_dsn:
+        with psycopg.connect(role_dsn, autocommit=True) as engine:
+            for grant in missing_grants(engine, ENGINE_TABLES):
+                conn.execute(grant)
+            require_engine_role(engine, slot="flux")
+            assert reconcile(engine, slot="flux") == []
 
 
 def test_the_gateway_refuses_at_start_a_role_that_could_not_record_its_traces(dsn, conn):

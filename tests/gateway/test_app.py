@@ -962,6 +962,33 @@ def test_a_request_body_nested_too_deep_is_a_400_with_its_request_id_and_recorde
     assert trace["status"] == 400 and "[not recorded: nested deeper than 64 levels]" in json.dumps(trace["request"]["body"])
 
 
+def _nested(levels: int, container: str) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value] if container == "list" else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("container", ["list", "object"])
+def test_a_body_is_refused_past_200_levels_and_not_before(container):
+    from flux.gateway.app import MAX_BODY_DEPTH, _deeper_than
+
+    assert not _deeper_than(_nested(MAX_BODY_DEPTH, container), MAX_BODY_DEPTH)
+    assert _deeper_than(_nested(MAX_BODY_DEPTH + 1, container), MAX_BODY_DEPTH)
+    assert not _deeper_than({"items": [{"id": n, "tags": ["a"], "meta": {"x": [1]}} for n in range(500)]}, MAX_BODY_DEPTH)
+
+
+def test_the_depth_check_knows_how_deep_orjson_writes():
+    """The check asks orjson.dumps, so it rests on orjson's limit: another orjson must not move it silently."""
+    import orjson
+
+    from flux.gateway.app import ORJSON_MAX_DEPTH
+
+    orjson.dumps(_nested(ORJSON_MAX_DEPTH, "list"))
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(_nested(ORJSON_MAX_DEPTH + 1, "list"))
+
+
 def test_a_function_returning_a_body_nested_too_deep_is_a_500_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store):
     """It was Quart's HTML 500, with no request id and no trace."""
     write_project(tmp_path, {"deep": """

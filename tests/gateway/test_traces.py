@@ -88,6 +88,24 @@ def test_a_record_the_database_refuses_is_left_out_and_the_rest_are_written(dsn,
     assert any(refused.id in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
 
 
+def test_a_refused_record_leaves_no_wait_in_the_status(dsn, conn: psycopg.Connection):
+    """The database answered it: /_flux/health must not go on saying the database has not taken records."""
+    ensure_schema(conn)
+
+    async def main() -> dict:
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        writer.submit(dataclasses.replace(_record(1), status=2**40))  # past the integer column
+        await writer.flushed()
+        await asyncio.sleep(0.3)  # idle, nothing pending
+        status = writer.status()
+        await writer.close()
+        return status
+
+    status = asyncio.run(main())
+    assert (status["pending"], status["failed"], status["waiting_seconds"]) == (0, 1, 0.0)
+
+
 def test_a_record_over_the_size_limit_is_stored_without_its_recording(dsn, conn: psycopg.Connection, monkeypatch):
     """A query can return hundreds of megabytes, and a batch is one jsonb document (256 MB at most)."""
     ensure_schema(conn)

@@ -198,11 +198,13 @@ def assert_replays(compiled: CompiledFunction, execution: Execution, request: di
     assert recording is not None
     result = replay(compiled, recording, request, **kw)
     recorded_js = [e for e in recording["events"] if e[1] in ("now", "random", "uuid", "random_bytes", "settled")]
-    assert result.js_events[:len(recorded_js)] == recorded_js
+    cut = recording.get("incomplete") or recording.get("truncated")
+    # A whole tape is matched whole: a replay that read the clock once more did not do the same.
+    assert (result.js_events[:len(recorded_js)] if cut else result.js_events) == recorded_js
     recorded_calls = [[e[0], e[1]] for e in recording["events"] if e[1] in ("db", "fetch", "timer")]
     replayed_calls = [[seq, op] for seq, op, _ in result.calls if op != "timer" or seq in {e[0] for e in recording["events"]}]
     assert replayed_calls == recorded_calls
-    if recording.get("incomplete") or recording.get("truncated"):
+    if cut:
         assert result.incomplete or result.status is not None
         return result
     assert not result.incomplete, "the tape ran out before the function finished"

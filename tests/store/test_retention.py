@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 import time
 from datetime import timedelta
@@ -257,8 +258,30 @@ def test_a_role_that_may_only_read_is_told_which_grants_a_prune_needs(recorded, 
             assert prune(reader, older_than=timedelta(days=30), dry_run=True).traces == 2  # reading is enough
             with pytest.raises(DatabaseError) as caught:
                 prune(reader, older_than=timedelta(days=30))
-        assert caught.value.context["sqlstate"] == "42501" and "GRANT DELETE ON flux.trace_requests" in caught.value.hint
+        assert caught.value.context["sqlstate"] == "42501" and "DELETE ON flux.trace_requests" in caught.value.hint
         assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])
+    finally:
+        recorded.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_the_grants_the_hint_gives_are_enough_to_prune(recorded, dsn):
+    """A DELETE with a WHERE reads what it deletes: a hint without SELECT sends the role to a second refusal."""
+    role = f"granted_{recorded.info.dbname}"
+    recorded.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        recorded.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO {role}")
+        with psycopg.connect(dsn.replace("postgres@", f"{role}@"), autocommit=True) as reader:
+            with pytest.raises(DatabaseError) as caught:
+                prune(reader, older_than=timedelta(days=30))
+        recorded.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA flux FROM {role}; REVOKE USAGE ON SCHEMA flux FROM {role}")
+        grants = re.findall(r"GRANT .+? TO <role>", caught.value.hint)
+        assert grants
+        for grant in grants:
+            recorded.execute(grant.replace("<role>", role))
+        with psycopg.connect(dsn.replace("postgres@", f"{role}@"), autocommit=True) as granted:
+            result = prune(granted, older_than=timedelta(days=30))
+        assert (result.traces, result.mutations) == (2, 4)
+        assert remaining(recorded) == ([29, 1], [29, 29, 1])
     finally:
         recorded.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 

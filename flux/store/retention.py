@@ -283,7 +283,7 @@ async def keep(dsn: str, current: Callable[[], Retention], *, every_s: float = K
                 # The server stops: the pass ends now, not once a statement waiting on a lock (or a
                 # slow server) lets it; the batch in hand rolls back.
                 stop.set()
-                _cancel(opened)
+                await asyncio.to_thread(_cancel, opened)  # off the loop: a cancel waits up to 5 s for an unanswering server
                 raise
             except InUseError:
                 log.debug("another prune is running on this database; %s left to it", what)

@@ -16,6 +16,10 @@ A client that goes away does not stop its function: once started, a function run
 that leaves before the function starts (while its body arrives, or while it waits for a worker)
 is recorded as a 499 and nothing runs. At shutdown the gateway lets started functions finish
 and answers queued requests 503 (`Gateway.settle`).
+
+The wait for a worker is bounded: beyond `max_queue` waiting requests (or after `queue_timeout`
+seconds of waiting, if set) a request is answered 503 with `Retry-After` and recorded, and
+nothing runs. Each waiting request holds its body, so an unbounded queue was memory without limit.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ class Gateway:
     def __init__(
         self, project: Project, *, transport: Transport, db_pool: Any | None, sink: TraceSink | None,
         workers: int = 64, pool_size: int = 4, record: bool = True, trace_reader: Any = None,
+        max_queue: int | None = None, queue_timeout: float | None = None,
     ) -> None:
         self.transport = transport
         self.trace_reader = trace_reader  # async (tenant, request_id | None, args) -> data
@@ -116,6 +121,9 @@ class Gateway:
         self._slots = asyncio.Semaphore(workers)
         self._running: set[asyncio.Future[Execution]] = set()  # executions started, their client there or not
         self._queued = 0  # requests waiting for a worker slot
+        self.max_queue = QUEUE_PER_WORKER * workers if max_queue is None else max_queue
+        self.queue_timeout = queue_timeout  # seconds a request may wait for a slot; None: as long as its client waits
+        self.refused = 0  # requests answered 503 because the queue was full or their wait too long
         self._stopping = False
         self.reload_hooks: list[Callable[[Project], None]] = []  # app settings that follow flux.toml
         for error in self.functions.load_errors:
@@ -203,9 +211,23 @@ class Gateway:
         )
         # A worker slot first, in the request's own task: a client that leaves while it waits
         # leaves nothing running behind it (under overload, abandoned requests are shed).
+        # With a free slot, `acquire` returns at once: an empty queue costs these two checks.
+        busy = self._slots.locked()
+        if busy and self._queued >= self.max_queue:
+            self.refused += 1
+            return self._reply(trace, tenant, function, _at_capacity(
+                f"the server is at capacity: {self._queued} request(s) already wait for one of {self.workers} workers"))
         self._queued += 1
         try:
-            await self._slots.acquire()
+            if busy and self.queue_timeout is not None:
+                async with asyncio.timeout(self.queue_timeout):
+                    await self._slots.acquire()
+            else:
+                await self._slots.acquire()
+        except TimeoutError:
+            self.refused += 1
+            return self._reply(trace, tenant, function, _at_capacity(
+                f"the server is at capacity: no worker came free within {self.queue_timeout:g} s"))
         except asyncio.CancelledError:
             self._reply(trace, tenant, function, _error(
                 CLIENT_CLOSED_REQUEST, "the client disconnected while its request waited for a free worker",
@@ -248,8 +270,10 @@ class Gateway:
         self._reply(trace, tenant, function, execution, client_gone=True)
 
     def load(self) -> dict[str, int]:
-        """Functions running now (their clients there or not) and requests waiting for a worker."""
-        return {"running": len(self._running), "queued": self._queued, "workers": self.workers}
+        """Functions running now (their clients there or not), requests waiting for a worker, the
+        queue's bounds, and how many requests were refused at capacity since the start."""
+        return {"running": len(self._running), "queued": self._queued, "workers": self.workers,
+                "max_queue": self.max_queue, "queue_timeout_seconds": self.queue_timeout, "refused": self.refused}
 
     def stop_starting(self) -> None:
         """From now on, requests still waiting for a worker are answered 503 and run nothing."""
@@ -533,12 +557,23 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+QUEUE_PER_WORKER = 4  # the default bound on requests waiting for a worker: 4 per worker
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left first; never sent
 
 
 def _error(status: int, message: str, hint: str) -> Execution:
     phrase = "Client Closed Request" if status == CLIENT_CLOSED_REQUEST else HTTPStatus(status).phrase
     return Execution(status=status, headers=[], body={"error": message, "hint": hint, "status": phrase}, error=message)
+
+
+RETRY_AFTER_SECONDS = 1  # what a 503 at capacity asks: soon, a worker frees within a function's time
+
+
+def _at_capacity(message: str) -> Execution:
+    answer = _error(503, message, "Nothing ran. Send it again after Retry-After (or to another instance); "
+                                  "to queue more, raise --workers or --max-queue.")
+    answer.headers.append(("retry-after", str(RETRY_AFTER_SECONDS)))
+    return answer
 
 
 def _cut_off() -> Execution:

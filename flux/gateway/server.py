@@ -10,7 +10,7 @@ HURRIED_DRAIN_SECONDS. Traces left unwritten at the end are a DatabaseError (exi
 
 One process, one asyncio loop. `workers` bounds how many function executions run at the
 same time (each in its own isolate, on its own V8 thread); requests beyond that wait for a
-slot. `pool_size` is the number of warm isolates kept per function.
+slot, up to `max_queue` of them (then 503). `pool_size` is the number of warm isolates kept per function.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class ServeConfig:
     record: bool = True
     reload: bool = False
     drain_timeout: float = 10.0
+    max_queue: int | None = None  # requests that may wait for a worker; None: 4 per worker (see Gateway)
+    queue_timeout: float | None = None  # seconds one may wait; None: as long as its client does
 
 
 def ensure_store(dsn: str, *, record: bool = True, retention: Retention | None = None) -> None:
@@ -121,7 +123,8 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
         await writer.start()
     transport = AiohttpTransport()
     gateway = Gateway(project, transport=transport, db_pool=db_pool, sink=writer, workers=config.workers,
-                      pool_size=config.pool_size, record=config.record, trace_reader=trace_reader(config.dsn))
+                      pool_size=config.pool_size, record=config.record, trace_reader=trace_reader(config.dsn),
+                      max_queue=config.max_queue, queue_timeout=config.queue_timeout)
 
     async def stop() -> None:
         if writer is not None:

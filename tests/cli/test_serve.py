@@ -391,3 +391,17 @@ def test_serve_with_an_invalid_flux_toml_says_so_before_attaching_or_starting_th
     assert result.returncode == 2, result.stdout + result.stderr
     assert "flux.toml is not valid TOML" in result.stderr and "streaming slot" not in result.stderr
     assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone() == (0,)
+
+
+def test_serve_bounds_its_worker_queue_as_its_flags_say_and_health_reports_it(tmp_path, dsn, conn):
+    project = write_project(tmp_path, {"hello": HELLO})
+    proc, port = start_serve(project, "--database", dsn, "--no-engine", "--workers", "2", "--max-queue", "3",
+                             "--queue-timeout", "2.5")
+    try:
+        health = httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert {k: health[k] for k in ("workers", "max_queue", "queue_timeout_seconds", "refused")} == {
+        "workers": 2, "max_queue": 3, "queue_timeout_seconds": 2.5, "refused": 0}
+

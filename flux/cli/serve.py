@@ -71,7 +71,7 @@ def run_stack(
 
             config = ServeConfig(root=root, dsn=dsn, host=host, port=port, workers=workers, pool_size=pool_size,
                                  record=record, reload=reload, max_queue=max_queue, queue_timeout=queue_timeout)
-            asyncio.run(serve(config, on_ready=on_ready))
+            asyncio.run(serve(config, on_ready=on_ready, engine_status=cdc.status if cdc is not None else None))
         elif cdc is not None:
             import signal
 

@@ -108,9 +108,11 @@ class Gateway:
         self, project: Project, *, transport: Transport, db_pool: Any | None, sink: TraceSink | None,
         workers: int = 64, pool_size: int = 4, record: bool = True, trace_reader: Any = None,
         max_queue: int | None = None, queue_timeout: float | None = None,
+        engine_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.transport = transport
         self.trace_reader = trace_reader  # async (tenant, request_id | None, args) -> data
+        self.engine_status = engine_status  # the CDC engine run in this process, if one is (`Engine.status`)
         self.db_pool = db_pool
         self.sink = sink
         self.record = record
@@ -610,7 +612,8 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     async def _health() -> Response:
         traces = gateway.sink.status() if gateway.sink is not None and gateway.record else None
         return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled),
-                                      "load_errors": gateway.functions.load_errors, **gateway.load(), "traces": traces}),
+                                      "load_errors": gateway.functions.load_errors, **gateway.load(), "traces": traces,
+                                      "engine": gateway.engine_status() if gateway.engine_status else None}),
                         content_type="application/json")
 
     @app.get("/_flux/requests")

@@ -108,7 +108,7 @@ logging.getLogger("psycopg.pool").addFilter(_expected_discard)
 
 
 async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event | None = None,
-                ) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
+                engine_status: Callable[[], dict[str, Any]] | None = None) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
     """A started Gateway and the coroutine function that stops it (drains traces, closes pools).
     The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
     hurry = hurry or asyncio.Event()
@@ -124,7 +124,7 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
     transport = AiohttpTransport()
     gateway = Gateway(project, transport=transport, db_pool=db_pool, sink=writer, workers=config.workers,
                       pool_size=config.pool_size, record=config.record, trace_reader=trace_reader(config.dsn),
-                      max_queue=config.max_queue, queue_timeout=config.queue_timeout)
+                      max_queue=config.max_queue, queue_timeout=config.queue_timeout, engine_status=engine_status)
 
     async def stop() -> None:
         if writer is not None:
@@ -174,21 +174,24 @@ def check_port(host: str, port: int) -> None:
         sock.close()
 
 
-async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
+async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None,
+                engine_status: Callable[[], dict[str, Any]] | None = None) -> None:
+    """Serve until a stop signal. `engine_status`: the CDC engine run beside it, for /_flux/health."""
     # Bound first, and held: a port taken meanwhile fails here, before anything starts or says it serves.
     sockets = bind_sockets(config.host, config.port)
     try:
-        await _serve(config, sockets, on_ready)
+        await _serve(config, sockets, on_ready, engine_status)
     finally:
         for sock in sockets:
             sock.close()  # a no-op for those handed to hypercorn
 
 
-async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None) -> None:
+async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None,
+                 engine_status: Callable[[], dict[str, Any]] | None) -> None:
     project = load_project(config.root)
     ensure_store(config.dsn, record=config.record, retention=project.retention)
     hurry = asyncio.Event()
-    gateway, stop = await build(config, project, hurry=hurry)
+    gateway, stop = await build(config, project, hurry=hurry, engine_status=engine_status)
 
     async def started() -> None:
         freeze_heap()

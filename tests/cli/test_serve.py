@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -405,3 +406,45 @@ def test_serve_bounds_its_worker_queue_as_its_flags_say_and_health_reports_it(tm
     assert {k: health[k] for k in ("workers", "max_queue", "queue_timeout_seconds", "refused")} == {
         "workers": 2, "max_queue": 3, "queue_timeout_seconds": 2.5, "refused": 0}
 
+
+def _engine_of(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5).json()["engine"]
+
+
+def _wait_for_engine(port: int, state: str) -> dict:
+    deadline = time.monotonic() + 30
+    while (engine := _engine_of(port))["state"] != state:
+        assert time.monotonic() < deadline, engine
+        time.sleep(0.1)
+    return engine
+
+
+def test_a_second_serve_on_one_database_stands_by_and_its_engine_takes_over_when_the_first_stops(tmp_path, dsn, conn):
+    """Scaled out behind a load balancer, the second's engine warned every 10 s, forever, that the slot was held."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    project = write_project(tmp_path, {"hello": HELLO})
+    first, first_port = start_serve(project, "--database", dsn, "--attach")
+    second = None
+    try:
+        assert _wait_for_engine(first_port, "active")["holder"] is None
+        second, second_port = start_serve(project, "--database", dsn)
+        standby = _wait_for_engine(second_port, "standby")
+        status = subprocess.run([sys.executable, "-m", "flux", "cdc", "status", "--database", dsn, "--json"],
+                                capture_output=True, text=True, timeout=60)
+        first.send_signal(signal.SIGTERM)
+        first_out, _ = first.communicate(timeout=60)
+        _wait_for_engine(second_port, "active")
+        conn.execute("INSERT INTO t VALUES (1)")
+        wait_caught_up(dsn)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        second_out = second.communicate(timeout=60)[0] if second is not None else ""
+    assert standby == {"state": "standby", "slot": "flux", "holder": {"pid": first.pid, "host": socket.gethostname()}}
+    reported = json.loads(status.stdout)
+    assert (reported["consumer_pid"], reported["standbys"]) == (first.pid, [{"pid": second.pid, "host": socket.gethostname()}])
+    assert first.returncode == 0 and second.returncode == 0, first_out + second_out
+    assert "WARNING" not in second_out and "Traceback" not in second_out, second_out
+    assert f"standing by: slot flux is held by the Flux engine of pid {first.pid}" in second_out
+    assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE table_name = 't'").fetchone() == (1,)

@@ -20,6 +20,8 @@ from flux.cli.output import console, rich_escape
 
 log = logging.getLogger("flux")
 
+ENGINE_STOP_SECONDS = 30  # after the gateway has stopped, what the engine gets to commit what it has read
+
 HostOption = Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for all).")]
 PortOption = Annotated[int, typer.Option("--port", "-p", help="TCP port to listen on.")]
 WorkersOption = Annotated[
@@ -87,7 +89,7 @@ def run_stack(
     finally:
         if cdc is not None and thread is not None:
             cdc.stop()
-            thread.join(timeout=30)
+            thread.join(timeout=ENGINE_STOP_SECONDS)
             log.info("engine stopped")
     if errors:
         raise errors[0]

@@ -127,6 +127,7 @@ class Gateway:
         self.queue_timeout = queue_timeout  # seconds a request may wait for a slot; None: as long as its client waits
         self.refused = 0  # requests answered 503 because the queue was full or their wait too long
         self._stopping = False
+        self._stop_began: float | None = None  # the loop's time when the stop began
         self.reload_hooks: list[Callable[[Project], None]] = []  # app settings that follow flux.toml
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
@@ -280,6 +281,8 @@ class Gateway:
     def stop_starting(self) -> None:
         """From now on, requests still waiting for a worker are answered 503 and run nothing."""
         self._stopping = True
+        if self._stop_began is None:
+            self._stop_began = asyncio.get_running_loop().time()
 
     def cut_short(self) -> int:
         """Stop now (a second Ctrl-C): cancel the functions running (they roll back and are answered
@@ -292,9 +295,10 @@ class Gateway:
     async def settle(self, timeout: float) -> None:
         """At shutdown, before traces are drained: let every started function finish (whether or not
         its client or the HTTP server is still there), and answer queued requests 503 without
-        running them. Functions still running after `timeout` are cancelled (they roll back)."""
+        running them. Functions still running `timeout` seconds after the stop began (not after the
+        HTTP server's own grace period) are cancelled, and get 5 s to roll back."""
         self.stop_starting()
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = self._stop_began + timeout
         while self._running or self._queued:
             if self._running:
                 await asyncio.wait(set(self._running), timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
@@ -307,7 +311,7 @@ class Gateway:
         for work in late:
             work.cancel()
         if late:
-            await asyncio.wait(late, timeout=5)
+            await asyncio.wait(late, timeout=LATE_CANCEL_SECONDS)
 
     def _reply(self, trace: _Trace, tenant: Tenant | None, function: str | None, execution: Execution,
                *, client_gone: bool = False) -> Response:
@@ -559,6 +563,8 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+SETTLE_GRACE_SECONDS = 6.0  # past the time limit: a COMMIT or a cancel at the deadline may take up to 5 s to reach the server
+LATE_CANCEL_SECONDS = 5.0  # what a function cancelled at the end of the settle gets to roll back
 QUEUE_PER_WORKER = 4  # the default bound on requests waiting for a worker: 4 per worker
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left first; never sent
 
@@ -603,7 +609,7 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     async def _stop() -> None:
         # Functions run on past their request (a client gone, the HTTP server's grace period over):
         # their traces go in the drain.
-        await gateway.settle(timeout=gateway.project.limits.timeout_ms / 1000 + 5)
+        await gateway.settle(timeout=gateway.project.limits.timeout_ms / 1000 + SETTLE_GRACE_SECONDS)
         if on_shutdown is not None:
             await on_shutdown()
         gateway.functions.close()

@@ -5,6 +5,9 @@
     bind the port -> schema -> db pool -> trace writer -> app (isolate pools warm) -> hypercorn ... signal
     -> stop accepting -> finish requests in flight -> drain traces -> close pools
 
+One signal's stop is bounded by `stop_bound()`: the function time limit + 6 s from the signal for
+functions in flight, 5 s for one cancelled then to roll back, the drain (10 s), 5 s to close
+pools; with the default drain, timeout_ms + 26 s. Hypercorn's own timeouts are set to fit it.
 A second signal cuts the waits short: running functions are cancelled (503) and the drain gets
 HURRIED_DRAIN_SECONDS. Traces left unwritten at the end are a DatabaseError (exit code 1).
 
@@ -31,7 +34,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from flux import STOP_SIGNALS
 from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
-from flux.gateway.app import Gateway, create_app
+from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, Retention, load_project
 from flux.runtime.host import AiohttpTransport, DbPool
@@ -40,6 +43,24 @@ from flux.store import retention
 log = logging.getLogger("flux.gateway")
 
 HURRIED_DRAIN_SECONDS = 1.0  # after a second stop signal, what the trace drain still gets
+CLOSE_SECONDS = 5.0  # closing the database pool (psycopg_pool's own default)
+
+
+def stop_bound(timeout_ms: int, drain_timeout: float) -> float:
+    """The longest one stop signal keeps the gateway: functions in flight get their time limit and
+    the grace (counted from the signal), one cancelled then its rollback, traces the drain, then the
+    pools close."""
+    return timeout_ms / 1000 + SETTLE_GRACE_SECONDS + LATE_CANCEL_SECONDS + drain_timeout + CLOSE_SECONDS
+
+
+def set_stop_timeouts(hc: HypercornConfig, timeout_ms: int, drain_timeout: float) -> None:
+    """Hypercorn's own limits on a stop, from the function time limit (again on each reload: it reads
+    them when it stops). `graceful_timeout`: requests in flight end within their time limit and the
+    grace. `shutdown_timeout` bounds the app's shutdown (`Gateway.settle`, then the trace drain):
+    left at its default of 60 s, it cut both short, with a traceback and traces lost, whenever a
+    function with a longer time limit ran on with its client gone."""
+    hc.graceful_timeout = timeout_ms / 1000 + SETTLE_GRACE_SECONDS
+    hc.shutdown_timeout = stop_bound(timeout_ms, drain_timeout) + 10  # never reached: settle and drain end first
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,9 +244,8 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn serves the sockets bound above
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    # Requests in flight end within their time limit, their COMMIT included; a cancel at the
-    # deadline may take up to 5 s more to reach the server.
-    hc.graceful_timeout = project.limits.timeout_ms / 1000 + 6
+    set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout)
+    gateway.reload_hooks.append(lambda project: set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout))
     watcher = asyncio.create_task(_watch(gateway, shutdown)) if config.reload else None
     pruner = asyncio.create_task(retention.keep(config.dsn, lambda: gateway.project.retention))
     if on_ready is not None:

@@ -448,3 +448,37 @@ def test_a_second_serve_on_one_database_stands_by_and_its_engine_takes_over_when
     assert "WARNING" not in second_out and "Traceback" not in second_out, second_out
     assert f"standing by: slot flux is held by the Flux engine of pid {first.pid}" in second_out
     assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE table_name = 't'").fetchone() == (1,)
+
+
+MINUTE_SIGNUP = """
+    export default async function (req, ctx) {
+      await ctx.db.query("INSERT INTO users (email) VALUES ($1)", [req.body.email]);
+      await ctx.db.query("SELECT pg_sleep(62)", []);
+      return { status: 201, body: "created" };
+    }
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_waits_for_a_function_whose_time_limit_is_past_a_minute_then_writes_its_trace(tmp_path, dsn, conn):
+    """Hypercorn gives the app's shutdown (finishing functions, then the trace drain) 60 s of its own: with
+    a longer time limit, a function whose client had gone was cut off there, with a traceback, its trace lost."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"signup": MINUTE_SIGNUP}, "[limits]\ntimeout_ms = 70000\n")
+    proc, port = start_serve(project, "--database", dsn, "--no-engine")
+    body = b'{"email": "a@x"}'
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"POST /signup HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        _wait_for_load(port, running=1, queued=0)
+    time.sleep(0.5)  # the gateway has seen its client go: the function runs on, detached
+    stopped_at = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    took = time.monotonic() - stopped_at
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert 60 < took < 70 + 30, took  # its time limit, then the drain: within the documented bound
+    [(status, error, attributes)] = _traces_of(dsn, "signup", 1)
+    assert (status, error, attributes["flux.client_disconnected"]) == (
+        201, "the client disconnected before the response was sent", True)
+    assert conn.execute("SELECT count(*) FROM users").fetchone() == (1,)

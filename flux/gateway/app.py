@@ -17,9 +17,9 @@ that leaves before the function starts (while its body arrives, or while it wait
 is recorded as a 499 and nothing runs. At shutdown the gateway lets started functions finish
 and answers queued requests 503 (`Gateway.settle`).
 
-The wait for a worker is bounded: beyond `max_queue` waiting requests (or after `queue_timeout`
-seconds of waiting, if set) a request is answered 503 with `Retry-After` and recorded, and
-nothing runs. Each waiting request holds its body, so an unbounded queue was memory without limit.
+The wait for a worker is bounded: beyond `max_queue` waiting requests (checked before its body is
+read, and again before it joins the queue), or after `queue_timeout` seconds of waiting if set, a
+request is answered 503 with `Retry-After` and recorded, and nothing runs. Each waiting request holds its body, so an unbounded queue was memory without limit.
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ class Gateway:
                                "Routes come from [routes] in flux.toml; the default is POST /<function>."))
         pool = functions.pools[function]
         trace.function = functions.compiled[function]
+        if self._full():  # refused before its body is read: under overload, no time or memory spent on it
+            return self._refuse(trace, tenant, function)
         limit = project.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return self._reply(trace, tenant, function, _error(413, f"the request body is over the {limit}-byte limit",
@@ -214,15 +216,12 @@ class Gateway:
         )
         # A worker slot first, in the request's own task: a client that leaves while it waits
         # leaves nothing running behind it (under overload, abandoned requests are shed).
-        # With a free slot, `acquire` returns at once: an empty queue costs these two checks.
-        busy = self._slots.locked()
-        if busy and self._queued >= self.max_queue:
-            self.refused += 1
-            return self._reply(trace, tenant, function, _at_capacity(
-                f"the server is at capacity: {self._queued} request(s) already wait for one of {self.workers} workers"))
+        # With a free slot, `acquire` returns at once: an empty queue costs a check here and one above.
+        if self._full():  # filled while its body arrived
+            return self._refuse(trace, tenant, function)
         self._queued += 1
         try:
-            if busy and self.queue_timeout is not None:
+            if self.queue_timeout is not None and self._slots.locked():
                 async with asyncio.timeout(self.queue_timeout):
                     await self._slots.acquire()
             else:
@@ -254,6 +253,15 @@ class Gateway:
             work.add_done_callback(lambda done: self._record_detached(done, trace, tenant, function))
             raise
         return self._reply(trace, tenant, function, execution)
+
+    def _full(self) -> bool:
+        """No free worker, and `max_queue` requests already wait for one."""
+        return self._queued >= self.max_queue and self._slots.locked()
+
+    def _refuse(self, trace: _Trace, tenant: Tenant, function: str) -> Response:
+        self.refused += 1
+        return self._reply(trace, tenant, function, _at_capacity(
+            f"the server is at capacity: {self._queued} request(s) already wait for one of {self.workers} workers"))
 
     async def _execute(self, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
         try:

@@ -482,3 +482,29 @@ def test_a_stop_waits_for_a_function_whose_time_limit_is_past_a_minute_then_writ
     assert (status, error, attributes["flux.client_disconnected"]) == (
         201, "the client disconnected before the response was sent", True)
     assert conn.execute("SELECT count(*) FROM users").fetchone() == (1,)
+
+
+def test_with_the_worker_queue_full_a_request_is_refused_503_before_its_body_arrives(tmp_path, dsn, conn):
+    """A request beyond the queue's bound was kept until its body arrived, only to wait on."""
+    import threading
+
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"signup": LONG_SIGNUP})  # 504 after the default 5 s
+    proc, port = start_serve(project, "--database", dsn, "--no-engine", "--workers", "1", "--max-queue", "0")
+    try:
+        first = threading.Thread(target=httpx.post, args=(f"http://127.0.0.1:{port}/signup",),
+                                 kwargs={"json": {"email": "first@x"}, "timeout": 30})
+        first.start()
+        _wait_for_load(port, running=1, queued=0)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.settimeout(3)  # the body never comes: the answer must not wait for it
+            client.sendall(b"POST /signup HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: 100\r\n\r\n")
+            head = client.recv(65536).decode("latin-1")
+        first.join()
+        statuses = sorted(row[0] for row in _traces_of(dsn, "signup", 2))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert head.startswith("HTTP/1.1 503") and "retry-after: 1" in head.lower() and "x-flux-request-id" in head.lower(), head
+    assert statuses == [503, 504]

@@ -96,6 +96,12 @@ class InUseError(FluxError):
     exit_code = 2
 
 
+class SlotHeldError(InUseError):
+    """Another Flux engine streams the replication slot: this one stands by until it frees."""
+
+    retryable = True
+
+
 class ClusterError(FluxError):
     """The embedded PostgreSQL cluster could not be found, created or started."""
 

@@ -108,7 +108,7 @@ class Stub:
 
 
 @asynccontextmanager
-async def _gateway_app(root: Path, dsn: str | None, *, sink: Any, workers: int, pool_size: int, record: bool):
+async def _gateway_app(root: Path, dsn: str | None, *, sink: Any, workers: int, pool_size: int, record: bool, **queue: Any):
     from flux.gateway.app import Gateway, create_app
     from flux.project import load_project
     from flux.runtime.fetch import AiohttpTransport
@@ -120,7 +120,7 @@ async def _gateway_app(root: Path, dsn: str | None, *, sink: Any, workers: int, 
         await pool.open(wait=True)
     transport = AiohttpTransport()
     gateway = Gateway(load_project(root), transport=transport, db_pool=pool, sink=sink, workers=workers,
-                      pool_size=pool_size, record=record)
+                      pool_size=pool_size, record=record, **queue)
     try:
         yield gateway, create_app(gateway)
     finally:
@@ -130,9 +130,11 @@ async def _gateway_app(root: Path, dsn: str | None, *, sink: Any, workers: int, 
 
 
 @asynccontextmanager
-async def running_gateway(root: Path, dsn: str | None, *, sink: Any = None, workers: int = 64, pool_size: int = 2, record: bool = True):
-    """A Gateway over a real database pool and real HTTP, with its Quart test client."""
-    async with _gateway_app(root, dsn, sink=sink, workers=workers, pool_size=pool_size, record=record) as (gateway, app):
+async def running_gateway(root: Path, dsn: str | None, *, sink: Any = None, workers: int = 64, pool_size: int = 2,
+                          record: bool = True, **queue: Any):
+    """A Gateway over a real database pool and real HTTP, with its Quart test client. `queue`:
+    the Gateway's max_queue and queue_timeout."""
+    async with _gateway_app(root, dsn, sink=sink, workers=workers, pool_size=pool_size, record=record, **queue) as (gateway, app):
         async with app.test_app() as test_app:
             yield gateway, test_app.test_client()
 

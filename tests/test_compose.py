@@ -88,3 +88,15 @@ def test_payments_stub_shares_the_flux_network_so_the_example_reaches_it_on_loca
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".flux", ".git"} <= ignored
+
+
+def test_flux_is_given_the_time_a_stop_takes_before_docker_kills_it(services):
+    """Docker's default of 10 s killed a stop that waits for functions and writes their traces."""
+    from flux.cli.serve import ENGINE_STOP_SECONDS
+    from flux.gateway.server import ServeConfig, stop_bound
+    from flux.project import load_project
+
+    limits = load_project(REPO / "examples" / "app").limits
+    grace = int(services["flux"]["stop_grace_period"].removesuffix("s"))
+    drain = ServeConfig.__dataclass_fields__["drain_timeout"].default
+    assert grace >= stop_bound(limits.timeout_ms, drain) + ENGINE_STOP_SECONDS

@@ -13,6 +13,9 @@ Delivery is exactly once in `flux.state_mutations`:
 Rows stream into one open COPY per sink transaction, at most `WRITE_ROWS` held in memory, so a
 huge source transaction needs bounded memory and becomes visible atomically at its commit.
 
+Of two engines on one slot, one streams and the other stands by (`flux.cdc.standby`), taking
+over when the slot frees.
+
 Decoding and assembling run on the engine's thread; COPY formatting and the sink's round trips
 on the sink's worker thread (one GIL: they overlap where the worker waits on the server). The
 server's walsender and the sink's backend work in their own processes.
@@ -36,9 +39,10 @@ from flux.cdc import pgoutput as pg
 from flux.cdc.assembler import Assembler, MutationRow, TransactionEnd
 from flux.cdc.pipelined import Durable, PipelinedSink
 from flux.cdc.sink import PostgresCatalog, PostgresSink, Progress
+from flux.cdc.standby import wait_while_held
 from flux.cdc.stream import ReplicationStream
 from flux.cdc.wire import Keepalive, format_lsn, parse_frame, xlogdata
-from flux.errors import ConnectionLostError, DecodeError, FluxError, StreamError, from_psycopg
+from flux.errors import ConnectionLostError, DecodeError, FluxError, SlotHeldError, StreamError, from_psycopg
 
 log = logging.getLogger("flux.cdc")
 
@@ -61,6 +65,7 @@ class EngineConfig:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     reconcile_interval: float = 10.0  # seconds between idle checks for tables and partitions created since attach
+    standby_interval: float = 1.0  # seconds between looks at a slot another Flux engine holds
 
 
 @dataclass
@@ -78,6 +83,8 @@ class Engine:
         self.config = config
         self.stats = EngineStats()
         self._stop = threading.Event()
+        self.state = "starting"
+        self.holder: tuple[int, str] | None = None  # pid and host of the engine holding the slot, while this one stands by
 
     def stop(self) -> None:
         """Ask `run()` to flush what is complete and return. Safe from any thread or signal handler."""
@@ -98,37 +105,70 @@ class Engine:
         log.info("stopping: committing what is complete (a second signal stops at once)")
         self.stop()
 
+    def status(self) -> dict[str, Any]:
+        """What this engine does now: `state` is starting, active (it streams the slot), standby
+        (another Flux engine does: `holder` names it), retrying (after an error) or stopped."""
+        holder = None if self.holder is None else {"pid": self.holder[0], "host": self.holder[1]}
+        return {"state": self.state, "slot": self.config.slot, "holder": holder}
+
     def run(self, *, install_signal_handlers: bool = True) -> EngineStats:
-        """Consume until stopped, reconnecting with capped exponential backoff."""
+        """Consume until stopped, reconnecting with capped exponential backoff; while another Flux
+        engine holds the slot, standing by (`flux.cdc.standby`) without a warning."""
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._on_stop_signal)
         delay = self.config.backoff_initial
         last_logged = 0.0
-        while not self.stopping:
-            session = _Session(self.config, self.stats, self._stop)
-            try:
-                session.open()
-                delay = self.config.backoff_initial
-                session.consume()
-            except FluxError as exc:
-                if not exc.retryable:
-                    session.close(flush=False)
-                    raise
-                self.stats.reconnects += 1
-                now = time.monotonic()
-                if now - last_logged > 10 or delay <= self.config.backoff_initial:  # rate-limit repeated errors
-                    log.warning("%s; reconnecting in %.1fs%s", exc, delay, f" (hint: {exc.hint})" if exc.hint else "")
-                    last_logged = now
-                session.close(flush=False)
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.config.backoff_max)
-                continue
-            except BaseException:
+        try:
+            while not self.stopping:
+                delay, last_logged = self._session(delay, last_logged)
+        finally:
+            self.state = "stopped"
+        return self.stats
+
+    def _session(self, delay: float, last_logged: float) -> tuple[float, float]:
+        """One session, from open to its end; the backoff and the time of the last warning after it."""
+        session = _Session(self.config, self.stats, self._stop)
+        try:
+            if self.state == "standby":
+                wait_while_held(self.config.dsn, self.config.slot, self._stop, interval=self.config.standby_interval)
+                if self.stopping:
+                    return delay, last_logged
+            session.open()
+            if self.state == "standby":
+                log.info("took over slot %s from the Flux engine of pid %d on %s", self.config.slot, *self.holder)
+            self.state, self.holder = "active", None
+            delay = self.config.backoff_initial
+            session.consume()
+        except SlotHeldError as exc:
+            session.close(flush=False)
+            holder = (exc.context["holder_pid"], exc.context["holder_host"])
+            if (self.state, self.holder) != ("standby", holder):  # said once per holder; then a debug line per look
+                log.info("standing by: slot %s is held by the Flux engine of pid %d on %s; this engine takes over when "
+                         "it frees", self.config.slot, *holder)
+            else:
+                log.debug("slot %s was taken again by the Flux engine of pid %d on %s; standing by", self.config.slot, *holder)
+            self.state, self.holder = "standby", holder
+            return self.config.backoff_initial, last_logged
+        except FluxError as exc:
+            if not exc.retryable:
                 session.close(flush=False)
                 raise
-            session.close(flush=True)
-        return self.stats
+            self.stats.reconnects += 1
+            if self.state != "standby":  # a standby keeps waiting for the slot once the database is back
+                self.state = "retrying"
+            now = time.monotonic()
+            if now - last_logged > 10 or delay <= self.config.backoff_initial:  # rate-limit repeated errors
+                log.warning("%s; reconnecting in %.1fs%s", exc, delay, f" (hint: {exc.hint})" if exc.hint else "")
+                last_logged = now
+            session.close(flush=False)
+            self._stop.wait(delay)
+            return min(delay * 2, self.config.backoff_max), last_logged
+        except BaseException:
+            session.close(flush=False)
+            raise
+        session.close(flush=True)
+        return delay, last_logged
 
 
 class _Session:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import psycopg
 
 from flux.cdc.attach import connect, slot_warnings
 from flux.cdc.publication import SYSTEM_SCHEMAS
+from flux.cdc.standby import standbys
 from flux.cdc.stream import consumer_of
 from flux.errors import NotFoundError
 
@@ -24,6 +26,7 @@ class CdcStatus:
     consumer_host: str | None = None
     consumer_application: str | None = None  # that connection's application_name, whoever the consumer is
     walsender_pid: int | None = None  # the server process streaming to it
+    standbys: list[dict[str, Any]] = field(default_factory=list)  # {pid, host} of Flux engines waiting to take over
     confirmed_lsn: str | None = None
     current_lsn: str | None = None
     lag_bytes: int | None = None
@@ -74,6 +77,7 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
             if status.consumer_running and named:
                 status.consumer_pid, status.consumer_host = named
             status.lag_seconds = flush_lag
+            status.standbys = [{"pid": pid, "host": host} for pid, host in standbys(conn, slot)]
         if has_schema:
             attached = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
             if attached:

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import pq
 
 from flux.cdc.wire import format_lsn, pg_now_us, standby_status
-from flux.errors import ConnectionLostError, NotFoundError, PreflightError, from_psycopg
+from flux.errors import ConnectionLostError, NotFoundError, PreflightError, SlotHeldError, from_psycopg
 
 WALSENDER_OPTIONS = (
     "-c DateStyle=ISO,YMD -c TimeZone=UTC -c IntervalStyle=iso_8601"
@@ -96,12 +96,17 @@ class ReplicationStream:
                 self.close()
                 raise ConnectionLostError(f"START_REPLICATION failed: {message}", hint=hint, slot=self.slot)
             # Classified by SQLSTATE like every other server error: a backend terminated or shutting
-            # down (57P01, 57P03) is a lost connection, a slot still held by a dying consumer
-            # (55006) is transient, a missing slot or publication is not.
+            # down (57P01, 57P03) is a lost connection, a slot held (55006) is transient (by another Flux
+            # engine: this one stands by, `flux.cdc.standby`), a missing slot or publication is not.
             exc = psycopg.errors.error_from_result(result)
-            if isinstance(exc, psycopg.errors.ObjectInUse):
-                hint = self._holder_hint() or hint
+            holder = self._holder() if isinstance(exc, psycopg.errors.ObjectInUse) else None
             self.close()
+            if holder is not None:
+                raise SlotHeldError(
+                    f"Replication slot {self.slot!r} is held by the Flux engine of pid {holder[0]} on {holder[1]}",
+                    hint="One engine streams a slot at a time: this one stands by and takes over when that one stops "
+                         "(`flux cdc status` says which is active).", slot=self.slot, holder_pid=holder[0],
+                    holder_host=holder[1]) from exc
             if isinstance(exc, psycopg.errors.UndefinedObject):
                 raise NotFoundError(
                     f"Replication slot {self.slot!r} does not exist",
@@ -118,8 +123,9 @@ class ReplicationStream:
         pgconn.nonblocking = 1
         self._pgconn = pgconn
 
-    def _holder_hint(self) -> str | None:
-        """Who holds the slot, for the hint: the server's message names only its own walsender's pid."""
+    def _holder(self) -> tuple[int, str] | None:
+        """The pid and host of the Flux engine that holds the slot, if one does: the server's message
+        names only its own walsender's pid."""
         assert self._conn is not None
         pgconn = self._conn.pgconn
         try:
@@ -133,11 +139,7 @@ class ReplicationStream:
                 f" WHERE s.slot_name = {quote_literal(self.slot)}").fetchone()
         except psycopg.Error:
             return None
-        holder = consumer_of(row[0]) if row else None
-        if holder is None:
-            return None
-        return (f"The slot is held by the Flux engine of pid {holder[0]} on {holder[1]} (`flux cdc run`, `flux dev` or"
-                " `flux serve`): one engine per slot, so stop one of them. Retrying, in case that one is on its way out.")
+        return consumer_of(row[0]) if row else None
 
     def _check_wal_level(self) -> None:
         """Refuse a server that cannot decode logically, with the fix, before asking for the slot

@@ -94,6 +94,7 @@ def render_status(s: CdcStatus) -> None:
     rows = [
         ("slot", "exists" if s.slot_exists else "[red]missing[/]"),
         ("consumer", consumer),
+        ("standby", ", ".join(f"pid {e['pid']} on {rich_escape(e['host'])}" for e in s.standbys) or "-"),
         ("publication", f"{s.publication} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})" if s.publication else "-"),
         ("confirmed LSN", s.confirmed_lsn or "-"),
         ("server LSN", s.current_lsn or "-"),

@@ -20,13 +20,25 @@ from flux.cli.output import console, rich_escape
 
 log = logging.getLogger("flux")
 
+ENGINE_STOP_SECONDS = 30  # after the gateway has stopped, what the engine gets to commit what it has read
+
 HostOption = Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for all).")]
 PortOption = Annotated[int, typer.Option("--port", "-p", help="TCP port to listen on.")]
 WorkersOption = Annotated[
     int,
     typer.Option("--workers", min=1, help="How many function executions may run at once (each in its own V8 isolate and "
-                 "thread); further requests wait for a free slot. One process serves them all. At most 32 of them hold "
+                 "thread); further requests wait for a free slot (see --max-queue). One process serves them all. At most 32 of them hold "
                  "a database connection at once."),
+]
+MaxQueueOption = Annotated[
+    int | None,
+    typer.Option("--max-queue", min=0, show_default=False, help="How many requests may wait for a worker (each holding its "
+                 "body); beyond them a request is answered 503 with Retry-After at once. Default: 4 per worker."),
+]
+QueueTimeoutOption = Annotated[
+    float | None,
+    typer.Option("--queue-timeout", min=0.001, show_default=False, help="Seconds a request may wait for a worker before "
+                 "it is answered 503 with Retry-After. Default: as long as its client waits."),
 ]
 PoolOption = Annotated[int, typer.Option("--pool-size", min=0, help="Warm isolates kept ready per function.")]
 ProjectOption = Annotated[Path | None, typer.Option("--project", help="The project directory (holding flux.toml); by default, "
@@ -36,7 +48,7 @@ RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write 
 
 def run_stack(
     *, dsn: str, root: Path | None, host: str, port: int, workers: int, pool_size: int, record: bool,
-    reload: bool, engine: bool, on_ready=None,
+    reload: bool, engine: bool, on_ready=None, max_queue: int | None = None, queue_timeout: float | None = None,
 ) -> None:
     from flux.cdc.engine import Engine, EngineConfig
 
@@ -60,8 +72,8 @@ def run_stack(
             from flux.gateway.server import ServeConfig, serve
 
             config = ServeConfig(root=root, dsn=dsn, host=host, port=port, workers=workers, pool_size=pool_size,
-                                 record=record, reload=reload)
-            asyncio.run(serve(config, on_ready=on_ready))
+                                 record=record, reload=reload, max_queue=max_queue, queue_timeout=queue_timeout)
+            asyncio.run(serve(config, on_ready=on_ready, engine_status=cdc.status if cdc is not None else None))
         elif cdc is not None:
             import signal
 
@@ -77,7 +89,7 @@ def run_stack(
     finally:
         if cdc is not None and thread is not None:
             cdc.stop()
-            thread.join(timeout=30)
+            thread.join(timeout=ENGINE_STOP_SECONDS)
             log.info("engine stopped")
     if errors:
         raise errors[0]
@@ -89,6 +101,8 @@ def serve(
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
     workers: WorkersOption = 64,
+    max_queue: MaxQueueOption = None,
+    queue_timeout: QueueTimeoutOption = None,
     pool_size: PoolOption = 4,
     record: RecordOption = True,
     attach_all: Annotated[bool, typer.Option("--attach", help="First attach Flux to every table of the database (idempotent; "
@@ -120,7 +134,7 @@ def serve(
         console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
 
     run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=record,
-              reload=reload, engine=engine, on_ready=ready)
+              reload=reload, engine=engine, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout)
 
 
 def _given_project(directory: Path) -> Path:

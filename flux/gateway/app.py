@@ -16,6 +16,10 @@ A client that goes away does not stop its function: once started, a function run
 that leaves before the function starts (while its body arrives, or while it waits for a worker)
 is recorded as a 499 and nothing runs. At shutdown the gateway lets started functions finish
 and answers queued requests 503 (`Gateway.settle`).
+
+The wait for a worker is bounded: beyond `max_queue` waiting requests (checked before its body is
+read, and again before it joins the queue), or after `queue_timeout` seconds of waiting if set, a
+request is answered 503 with `Retry-After` and recorded, and nothing runs. Each waiting request holds its body, so an unbounded queue was memory without limit.
 """
 
 from __future__ import annotations
@@ -104,9 +108,12 @@ class Gateway:
     def __init__(
         self, project: Project, *, transport: Transport, db_pool: Any | None, sink: TraceSink | None,
         workers: int = 64, pool_size: int = 4, record: bool = True, trace_reader: Any = None,
+        max_queue: int | None = None, queue_timeout: float | None = None,
+        engine_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.transport = transport
         self.trace_reader = trace_reader  # async (tenant, request_id | None, args) -> data
+        self.engine_status = engine_status  # the CDC engine run in this process, if one is (`Engine.status`)
         self.db_pool = db_pool
         self.sink = sink
         self.record = record
@@ -117,7 +124,11 @@ class Gateway:
         self._slots = asyncio.Semaphore(workers)
         self._running: set[asyncio.Future[Execution]] = set()  # executions started, their client there or not
         self._queued = 0  # requests waiting for a worker slot
+        self.max_queue = QUEUE_PER_WORKER * workers if max_queue is None else max_queue
+        self.queue_timeout = queue_timeout  # seconds a request may wait for a slot; None: as long as its client waits
+        self.refused = 0  # requests answered 503 because the queue was full or their wait too long
         self._stopping = False
+        self._stop_began: float | None = None  # the loop's time when the stop began
         self.reload_hooks: list[Callable[[Project], None]] = []  # app settings that follow flux.toml
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
@@ -175,6 +186,8 @@ class Gateway:
                                "Routes come from [routes] in flux.toml; the default is POST /<function>."))
         pool = functions.pools[function]
         trace.function = functions.compiled[function]
+        if self._full():  # refused before its body is read: under overload, no time or memory spent on it
+            return self._refuse(trace, tenant, function)
         limit = project.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return self._reply(trace, tenant, function, _error(413, f"the request body is over the {limit}-byte limit",
@@ -204,9 +217,20 @@ class Gateway:
         )
         # A worker slot first, in the request's own task: a client that leaves while it waits
         # leaves nothing running behind it (under overload, abandoned requests are shed).
+        # With a free slot, `acquire` returns at once: an empty queue costs a check here and one above.
+        if self._full():  # filled while its body arrived
+            return self._refuse(trace, tenant, function)
         self._queued += 1
         try:
-            await self._slots.acquire()
+            if self.queue_timeout is not None and self._slots.locked():
+                async with asyncio.timeout(self.queue_timeout):
+                    await self._slots.acquire()
+            else:
+                await self._slots.acquire()
+        except TimeoutError:
+            self.refused += 1
+            return self._reply(trace, tenant, function, _at_capacity(
+                f"the server is at capacity: no worker came free within {self.queue_timeout:g} s"))
         except asyncio.CancelledError:
             self._reply(trace, tenant, function, _error(
                 CLIENT_CLOSED_REQUEST, "the client disconnected while its request waited for a free worker",
@@ -231,6 +255,15 @@ class Gateway:
             raise
         return self._reply(trace, tenant, function, execution)
 
+    def _full(self) -> bool:
+        """No free worker, and `max_queue` requests already wait for one."""
+        return self._queued >= self.max_queue and self._slots.locked()
+
+    def _refuse(self, trace: _Trace, tenant: Tenant, function: str) -> Response:
+        self.refused += 1
+        return self._reply(trace, tenant, function, _at_capacity(
+            f"the server is at capacity: {self._queued} request(s) already wait for one of {self.workers} workers"))
+
     async def _execute(self, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
         try:
             return await self.executor.run(pool, invocation)
@@ -249,12 +282,16 @@ class Gateway:
         self._reply(trace, tenant, function, execution, client_gone=True)
 
     def load(self) -> dict[str, int]:
-        """Functions running now (their clients there or not) and requests waiting for a worker."""
-        return {"running": len(self._running), "queued": self._queued, "workers": self.workers}
+        """Functions running now (their clients there or not), requests waiting for a worker, the
+        queue's bounds, and how many requests were refused at capacity since the start."""
+        return {"running": len(self._running), "queued": self._queued, "workers": self.workers,
+                "max_queue": self.max_queue, "queue_timeout_seconds": self.queue_timeout, "refused": self.refused}
 
     def stop_starting(self) -> None:
         """From now on, requests still waiting for a worker are answered 503 and run nothing."""
         self._stopping = True
+        if self._stop_began is None:
+            self._stop_began = asyncio.get_running_loop().time()
 
     def cut_short(self) -> int:
         """Stop now (a second Ctrl-C): cancel the functions running (they roll back and are answered
@@ -267,9 +304,10 @@ class Gateway:
     async def settle(self, timeout: float) -> None:
         """At shutdown, before traces are drained: let every started function finish (whether or not
         its client or the HTTP server is still there), and answer queued requests 503 without
-        running them. Functions still running after `timeout` are cancelled (they roll back)."""
+        running them. Functions still running `timeout` seconds after the stop began (not after the
+        HTTP server's own grace period) are cancelled, and get 5 s to roll back."""
         self.stop_starting()
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = self._stop_began + timeout
         while self._running or self._queued:
             if self._running:
                 await asyncio.wait(set(self._running), timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
@@ -282,7 +320,7 @@ class Gateway:
         for work in late:
             work.cancel()
         if late:
-            await asyncio.wait(late, timeout=5)
+            await asyncio.wait(late, timeout=LATE_CANCEL_SECONDS)
 
     def _reply(self, trace: _Trace, tenant: Tenant | None, function: str | None, execution: Execution,
                *, client_gone: bool = False) -> Response:
@@ -541,12 +579,25 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+SETTLE_GRACE_SECONDS = 6.0  # past the time limit: a COMMIT or a cancel at the deadline may take up to 5 s to reach the server
+LATE_CANCEL_SECONDS = 5.0  # what a function cancelled at the end of the settle gets to roll back
+QUEUE_PER_WORKER = 4  # the default bound on requests waiting for a worker: 4 per worker
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left first; never sent
 
 
 def _error(status: int, message: str, hint: str) -> Execution:
     phrase = "Client Closed Request" if status == CLIENT_CLOSED_REQUEST else HTTPStatus(status).phrase
     return Execution(status=status, headers=[], body={"error": message, "hint": hint, "status": phrase}, error=message)
+
+
+RETRY_AFTER_SECONDS = 1  # what a 503 at capacity asks: soon, a worker frees within a function's time
+
+
+def _at_capacity(message: str) -> Execution:
+    answer = _error(503, message, "Nothing ran. Send it again after Retry-After (or to another instance); "
+                                  "to queue more, raise --workers or --max-queue.")
+    answer.headers.append(("retry-after", str(RETRY_AFTER_SECONDS)))
+    return answer
 
 
 def _cut_off() -> Execution:
@@ -574,7 +625,7 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     async def _stop() -> None:
         # Functions run on past their request (a client gone, the HTTP server's grace period over):
         # their traces go in the drain.
-        await gateway.settle(timeout=gateway.project.limits.timeout_ms / 1000 + 5)
+        await gateway.settle(timeout=gateway.project.limits.timeout_ms / 1000 + SETTLE_GRACE_SECONDS)
         if on_shutdown is not None:
             await on_shutdown()
         gateway.functions.close()
@@ -583,7 +634,8 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     async def _health() -> Response:
         traces = gateway.sink.status() if gateway.sink is not None and gateway.record else None
         return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled),
-                                      "load_errors": gateway.functions.load_errors, **gateway.load(), "traces": traces}),
+                                      "load_errors": gateway.functions.load_errors, **gateway.load(), "traces": traces,
+                                      "engine": gateway.engine_status() if gateway.engine_status else None}),
                         content_type="application/json")
 
     @app.get("/_flux/requests")

@@ -5,12 +5,15 @@
     bind the port -> schema -> db pool -> trace writer -> app (isolate pools warm) -> hypercorn ... signal
     -> stop accepting -> finish requests in flight -> drain traces -> close pools
 
+One signal's stop is bounded by `stop_bound()`: the function time limit + 6 s from the signal for
+functions in flight, 5 s for one cancelled then to roll back, the drain (10 s), 5 s to close
+pools; with the default drain, timeout_ms + 26 s. Hypercorn's own timeouts are set to fit it.
 A second signal cuts the waits short: running functions are cancelled (503) and the drain gets
 HURRIED_DRAIN_SECONDS. Traces left unwritten at the end are a DatabaseError (exit code 1).
 
 One process, one asyncio loop. `workers` bounds how many function executions run at the
 same time (each in its own isolate, on its own V8 thread); requests beyond that wait for a
-slot. `pool_size` is the number of warm isolates kept per function.
+slot, up to `max_queue` of them (then 503). `pool_size` is the number of warm isolates kept per function.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from flux import STOP_SIGNALS
 from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
-from flux.gateway.app import Gateway, create_app
+from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, Retention, load_project
 from flux.runtime.fetch import AiohttpTransport
@@ -41,6 +44,24 @@ from flux.store import retention
 log = logging.getLogger("flux.gateway")
 
 HURRIED_DRAIN_SECONDS = 1.0  # after a second stop signal, what the trace drain still gets
+CLOSE_SECONDS = 5.0  # closing the database pool (psycopg_pool's own default)
+
+
+def stop_bound(timeout_ms: int, drain_timeout: float) -> float:
+    """The longest one stop signal keeps the gateway: functions in flight get their time limit and
+    the grace (counted from the signal), one cancelled then its rollback, traces the drain, then the
+    pools close."""
+    return timeout_ms / 1000 + SETTLE_GRACE_SECONDS + LATE_CANCEL_SECONDS + drain_timeout + CLOSE_SECONDS
+
+
+def set_stop_timeouts(hc: HypercornConfig, timeout_ms: int, drain_timeout: float) -> None:
+    """Hypercorn's own limits on a stop, from the function time limit (again on each reload: it reads
+    them when it stops). `graceful_timeout`: requests in flight end within their time limit and the
+    grace. `shutdown_timeout` bounds the app's shutdown (`Gateway.settle`, then the trace drain):
+    left at its default of 60 s, it cut both short, with a traceback and traces lost, whenever a
+    function with a longer time limit ran on with its client gone."""
+    hc.graceful_timeout = timeout_ms / 1000 + SETTLE_GRACE_SECONDS
+    hc.shutdown_timeout = stop_bound(timeout_ms, drain_timeout) + 10  # never reached: settle and drain end first
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +75,8 @@ class ServeConfig:
     record: bool = True
     reload: bool = False
     drain_timeout: float = 10.0
+    max_queue: int | None = None  # requests that may wait for a worker; None: 4 per worker (see Gateway)
+    queue_timeout: float | None = None  # seconds one may wait; None: as long as its client does
 
 
 def ensure_store(dsn: str, *, record: bool = True, retention: Retention | None = None) -> None:
@@ -107,7 +130,7 @@ logging.getLogger("psycopg.pool").addFilter(_expected_discard)
 
 
 async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event | None = None,
-                ) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
+                engine_status: Callable[[], dict[str, Any]] | None = None) -> tuple[Gateway, Callable[[], Awaitable[None]]]:
     """A started Gateway and the coroutine function that stops it (drains traces, closes pools).
     The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
     hurry = hurry or asyncio.Event()
@@ -122,7 +145,8 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
         await writer.start()
     transport = AiohttpTransport()
     gateway = Gateway(project, transport=transport, db_pool=db_pool, sink=writer, workers=config.workers,
-                      pool_size=config.pool_size, record=config.record, trace_reader=trace_reader(config.dsn))
+                      pool_size=config.pool_size, record=config.record, trace_reader=trace_reader(config.dsn),
+                      max_queue=config.max_queue, queue_timeout=config.queue_timeout, engine_status=engine_status)
 
     async def stop() -> None:
         if writer is not None:
@@ -172,21 +196,24 @@ def check_port(host: str, port: int) -> None:
         sock.close()
 
 
-async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
+async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None,
+                engine_status: Callable[[], dict[str, Any]] | None = None) -> None:
+    """Serve until a stop signal. `engine_status`: the CDC engine run beside it, for /_flux/health."""
     # Bound first, and held: a port taken meanwhile fails here, before anything starts or says it serves.
     sockets = bind_sockets(config.host, config.port)
     try:
-        await _serve(config, sockets, on_ready)
+        await _serve(config, sockets, on_ready, engine_status)
     finally:
         for sock in sockets:
             sock.close()  # a no-op for those handed to hypercorn
 
 
-async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None) -> None:
+async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Callable[[str], None] | None,
+                 engine_status: Callable[[], dict[str, Any]] | None) -> None:
     project = load_project(config.root)
     ensure_store(config.dsn, record=config.record, retention=project.retention)
     hurry = asyncio.Event()
-    gateway, stop = await build(config, project, hurry=hurry)
+    gateway, stop = await build(config, project, hurry=hurry, engine_status=engine_status)
 
     async def started() -> None:
         freeze_heap()
@@ -218,9 +245,8 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn serves the sockets bound above
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    # Requests in flight end within their time limit, their COMMIT included; a cancel at the
-    # deadline may take up to 5 s more to reach the server.
-    hc.graceful_timeout = project.limits.timeout_ms / 1000 + 6
+    set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout)
+    gateway.reload_hooks.append(lambda project: set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout))
     watcher = asyncio.create_task(_watch(gateway, shutdown)) if config.reload else None
     pruner = asyncio.create_task(retention.keep(config.dsn, lambda: gateway.project.retention))
     if on_ready is not None:

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from flux.cdc.stream import ReplicationStream
-from flux.errors import FluxError
+from flux.errors import SlotHeldError
 
 
-def test_a_slot_another_engine_holds_is_retryable_and_the_hint_names_that_engine(dsn, conn, capture):
+def test_a_slot_another_engine_holds_is_a_retryable_slot_held_error_naming_that_engine(dsn, conn, capture):
     """The server's message names its own walsender's pid, which is not the process to stop."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     capture(tables=["t"])
@@ -21,7 +21,8 @@ def test_a_slot_another_engine_holds_is_retryable_and_the_hint_names_that_engine
             break
         time.sleep(0.05)
     second = ReplicationStream(dsn=dsn, slot="flux", publication="flux", start_lsn=0)
-    with pytest.raises(FluxError) as caught:
+    with pytest.raises(SlotHeldError) as caught:  # the engine stands by on it
         second.open()
     assert caught.value.retryable
-    assert f"held by the Flux engine of pid {os.getpid()} on {socket.gethostname()}" in caught.value.hint
+    assert f"held by the Flux engine of pid {os.getpid()} on {socket.gethostname()}" in caught.value.message
+    assert (caught.value.context["holder_pid"], caught.value.context["holder_host"]) == (os.getpid(), socket.gethostname())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -391,3 +392,119 @@ def test_serve_with_an_invalid_flux_toml_says_so_before_attaching_or_starting_th
     assert result.returncode == 2, result.stdout + result.stderr
     assert "flux.toml is not valid TOML" in result.stderr and "streaming slot" not in result.stderr
     assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone() == (0,)
+
+
+def test_serve_bounds_its_worker_queue_as_its_flags_say_and_health_reports_it(tmp_path, dsn, conn):
+    project = write_project(tmp_path, {"hello": HELLO})
+    proc, port = start_serve(project, "--database", dsn, "--no-engine", "--workers", "2", "--max-queue", "3",
+                             "--queue-timeout", "2.5")
+    try:
+        health = httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert {k: health[k] for k in ("workers", "max_queue", "queue_timeout_seconds", "refused")} == {
+        "workers": 2, "max_queue": 3, "queue_timeout_seconds": 2.5, "refused": 0}
+
+
+def _engine_of(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5).json()["engine"]
+
+
+def _wait_for_engine(port: int, state: str) -> dict:
+    deadline = time.monotonic() + 30
+    while (engine := _engine_of(port))["state"] != state:
+        assert time.monotonic() < deadline, engine
+        time.sleep(0.1)
+    return engine
+
+
+def test_a_second_serve_on_one_database_stands_by_and_its_engine_takes_over_when_the_first_stops(tmp_path, dsn, conn):
+    """Scaled out behind a load balancer, the second's engine warned every 10 s, forever, that the slot was held."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    project = write_project(tmp_path, {"hello": HELLO})
+    first, first_port = start_serve(project, "--database", dsn, "--attach")
+    second = None
+    try:
+        assert _wait_for_engine(first_port, "active")["holder"] is None
+        second, second_port = start_serve(project, "--database", dsn)
+        standby = _wait_for_engine(second_port, "standby")
+        status = subprocess.run([sys.executable, "-m", "flux", "cdc", "status", "--database", dsn, "--json"],
+                                capture_output=True, text=True, timeout=60)
+        first.send_signal(signal.SIGTERM)
+        first_out, _ = first.communicate(timeout=60)
+        _wait_for_engine(second_port, "active")
+        conn.execute("INSERT INTO t VALUES (1)")
+        wait_caught_up(dsn)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        second_out = second.communicate(timeout=60)[0] if second is not None else ""
+    assert standby == {"state": "standby", "slot": "flux", "holder": {"pid": first.pid, "host": socket.gethostname()}}
+    reported = json.loads(status.stdout)
+    assert (reported["consumer_pid"], reported["standbys"]) == (first.pid, [{"pid": second.pid, "host": socket.gethostname()}])
+    assert first.returncode == 0 and second.returncode == 0, first_out + second_out
+    assert "WARNING" not in second_out and "Traceback" not in second_out, second_out
+    assert f"standing by: slot flux is held by the Flux engine of pid {first.pid}" in second_out
+    assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE table_name = 't'").fetchone() == (1,)
+
+
+MINUTE_SIGNUP = """
+    export default async function (req, ctx) {
+      await ctx.db.query("INSERT INTO users (email) VALUES ($1)", [req.body.email]);
+      await ctx.db.query("SELECT pg_sleep(62)", []);
+      return { status: 201, body: "created" };
+    }
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_waits_for_a_function_whose_time_limit_is_past_a_minute_then_writes_its_trace(tmp_path, dsn, conn):
+    """Hypercorn gives the app's shutdown (finishing functions, then the trace drain) 60 s of its own: with
+    a longer time limit, a function whose client had gone was cut off there, with a traceback, its trace lost."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"signup": MINUTE_SIGNUP}, "[limits]\ntimeout_ms = 70000\n")
+    proc, port = start_serve(project, "--database", dsn, "--no-engine")
+    body = b'{"email": "a@x"}'
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"POST /signup HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        _wait_for_load(port, running=1, queued=0)
+    time.sleep(0.5)  # the gateway has seen its client go: the function runs on, detached
+    stopped_at = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    took = time.monotonic() - stopped_at
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert 60 < took < 70 + 30, took  # its time limit, then the drain: within the documented bound
+    [(status, error, attributes)] = _traces_of(dsn, "signup", 1)
+    assert (status, error, attributes["flux.client_disconnected"]) == (
+        201, "the client disconnected before the response was sent", True)
+    assert conn.execute("SELECT count(*) FROM users").fetchone() == (1,)
+
+
+def test_with_the_worker_queue_full_a_request_is_refused_503_before_its_body_arrives(tmp_path, dsn, conn):
+    """A request beyond the queue's bound was kept until its body arrived, only to wait on."""
+    import threading
+
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    project = write_project(tmp_path, {"signup": LONG_SIGNUP})  # 504 after the default 5 s
+    proc, port = start_serve(project, "--database", dsn, "--no-engine", "--workers", "1", "--max-queue", "0")
+    try:
+        first = threading.Thread(target=httpx.post, args=(f"http://127.0.0.1:{port}/signup",),
+                                 kwargs={"json": {"email": "first@x"}, "timeout": 30})
+        first.start()
+        _wait_for_load(port, running=1, queued=0)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.settimeout(3)  # the body never comes: the answer must not wait for it
+            client.sendall(b"POST /signup HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: 100\r\n\r\n")
+            head = client.recv(65536).decode("latin-1")
+        first.join()
+        statuses = sorted(row[0] for row in _traces_of(dsn, "signup", 2))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert head.startswith("HTTP/1.1 503") and "retry-after: 1" in head.lower() and "x-flux-request-id" in head.lower(), head
+    assert statuses == [503, 504]

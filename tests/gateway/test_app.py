@@ -1000,3 +1000,57 @@ def test_a_function_returning_a_body_nested_too_deep_is_a_500_with_its_request_i
     [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/deep", {})]))
     assert status == 500 and "the return value's body cannot be sent as JSON" in json.loads(body)["error"]
     assert stored(conn, headers["x-flux-request-id"])["status"] == 500
+
+
+SLOW = "export default async function () { await new Promise(r => setTimeout(r, 1000)); return {status: 200}; }"
+
+
+async def _three_at_once(root: Path, dsn: str, **queue) -> tuple[list, dict]:
+    """Three requests at once on one worker; each answer with when it came (seconds), then the health."""
+    writer = TraceWriter(dsn, flush_interval=0.01)
+    await writer.start()
+    async with running_gateway(root, dsn, sink=writer, workers=1, **queue) as (_, client):
+        started = time.monotonic()
+
+        async def one() -> tuple:
+            response = await client.post("/slow")
+            return response.status_code, dict(response.headers), await response.get_json(), time.monotonic() - started
+
+        answers = await asyncio.gather(one(), one(), one())
+        health = await (await client.get("/_flux/health")).get_json()
+    await writer.close()
+    return sorted(answers, key=lambda a: a[0]), health
+
+
+def test_beyond_max_queue_a_request_is_answered_503_at_once_with_retry_after_and_recorded(tmp_path, dsn, conn, trace_store):
+    """The wait for a worker had no bound: every request beyond --workers waited, holding its body."""
+    write_project(tmp_path, {"slow": SLOW})
+    answers, health = run(_three_at_once(tmp_path, dsn, max_queue=1))
+    assert [a[0] for a in answers] == [200, 200, 503]
+    _, headers, body, took = answers[2]
+    assert took < 0.9  # at once, not after the running function's second
+    assert headers["retry-after"] == "1"
+    assert body == {"error": "the server is at capacity: 1 request(s) already wait for one of 1 workers",
+                    "hint": "Nothing ran. Send it again after Retry-After (or to another instance); to queue more, "
+                            "raise --workers or --max-queue.", "status": "Service Unavailable",
+                    "request_id": headers["x-flux-request-id"]}
+    row = stored(conn, headers["x-flux-request-id"])
+    assert (row["status"], row["function"], row["error"]) == (503, "slow", body["error"])
+    assert (health["max_queue"], health["refused"], health["queue_timeout_seconds"]) == (1, 1, None)
+
+
+def test_a_request_that_waits_past_queue_timeout_is_answered_503_and_recorded(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"slow": SLOW})
+    answers, health = run(_three_at_once(tmp_path, dsn, queue_timeout=0.3))
+    assert [a[0] for a in answers] == [200, 503, 503]
+    for _, headers, body, took in answers[1:]:
+        assert 0.3 <= took < 0.9 and headers["retry-after"] == "1"
+        assert body["error"] == "the server is at capacity: no worker came free within 0.3 s"
+        assert stored(conn, headers["x-flux-request-id"])["status"] == 503
+    assert (health["max_queue"], health["refused"], health["queue_timeout_seconds"]) == (4, 2, 0.3)  # 4 per worker by default
+
+
+def test_requests_within_max_queue_wait_for_a_worker_and_run(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"slow": SLOW})
+    answers, health = run(_three_at_once(tmp_path, dsn, max_queue=2))
+    assert [a[0] for a in answers] == [200, 200, 200] and health["refused"] == 0

@@ -34,6 +34,15 @@ def wait_caught_up(dsn: str, *, slot: str = "flux", timeout: float = 30.0, alive
             time.sleep(0.05)
 
 
+def wait_slot_held(conn: psycopg.Connection, *, slot: str = "flux", timeout: float = 15.0) -> None:
+    """Block until a replication connection holds the slot (an engine started streaming it)."""
+    deadline = time.monotonic() + timeout
+    while not conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing held slot {slot} within {timeout}s")
+        time.sleep(0.05)
+
+
 @dataclass
 class RunningEngine:
     dsn: str

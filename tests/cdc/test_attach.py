@@ -14,7 +14,7 @@ from flux.cdc.engine import Engine, EngineConfig
 from flux.cdc.status import cdc_status
 from flux.errors import ConfigError, DatabaseError, NotFoundError, PreflightError, StreamError
 from flux.store.schema import ensure_schema
-from tests.support import table_owner_role
+from tests.support import table_owner_role, wait_slot_held
 
 
 def identities(conn, *names: str) -> dict[str, str]:
@@ -175,14 +175,10 @@ def test_detach_while_an_engine_reads_the_slot_names_the_engines_pid_not_the_wal
     """The slot's active_pid is the server's walsender: a user who kills that pid kills a backend."""
     import os
     import socket
-    import time
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     capture(tables=["t"])
-    for _ in range(300):  # until the engine's replication connection holds the slot
-        if conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0]:
-            break
-        time.sleep(0.05)
+    wait_slot_held(conn)
     with pytest.raises(PreflightError) as caught:
         detach(dsn)
     assert f"A Flux engine (pid {os.getpid()} on {socket.gethostname()})" in caught.value.message

@@ -131,11 +131,12 @@ def test_the_readmes_least_privilege_roles_attach_record_serve_and_detach(dsn, c
 
 
 @contextmanager
-def engine_role(conn: psycopg.Connection, dsn: str, *, replication: bool = True) -> Iterator[str]:
+def engine_role(conn: psycopg.Connection, dsn: str, *, replication: bool = True) -> Iterator[tuple[str, str]]:
+    """A new login role with no privilege: (its name, a DSN that logs in as it)."""
     name = f"engine_{uuid.uuid4().hex[:8]}"
     conn.execute(f"CREATE ROLE {name} LOGIN {'REPLICATION' if replication else ''}")
     try:
-        yield as_role(dsn, name)
+        yield name, as_role(dsn, name)
     finally:
         conn.execute(f"DROP OWNED BY {name}")
         conn.execute(f"DROP ROLE {name}")
@@ -144,8 +145,7 @@ def engine_role(conn: psycopg.Connection, dsn: str, *, replication: bool = True)
 def test_cdc_run_refuses_a_role_without_replication_at_once_with_the_alter_role_fix(dsn, conn):
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     attach(dsn, tables=["t"])
-    with engine_role(conn, dsn, replication=False) as role_dsn:
-        role = role_dsn.split("://")[1].split("@")[0]
+    with engine_role(conn, dsn, replication=False) as (role, role_dsn):
         conn.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA flux TO {role}")
         # Before: the walsender's refusal was a lost connection, retried forever without a hint.
         proc = subprocess.run([sys.executable, "-m", "flux", "cdc", "run", "--database", role_dsn],
@@ -159,8 +159,7 @@ def test_cdc_run_refuses_a_role_without_replication_at_once_with_the_alter_role_
 def test_the_engine_names_every_grant_it_lacks_before_it_reads_the_slot(dsn, conn):
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     attach(dsn, tables=["t"])
-    with engine_role(conn, dsn) as role_dsn:
-        role = role_dsn.split("://")[1].split("@")[0]
+    with engine_role(conn, dsn) as (role, role_dsn):
         conn.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT INSERT ON flux.state_mutations TO {role}")
         with pytest.raises(PreflightError) as raised:
             Engine(EngineConfig(dsn=role_dsn)).run(install_signal_handlers=False)
@@ -182,7 +181,7 @@ def test_an_engine_granted_what_its_start_check_asks_can_look_for_new_tables_of_
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     attach(dsn, all_tables=True)
     assert conn.execute("SELECT count(*) FROM pg_publication_namespace").fetchone()[0] > 0  # whole schemas
-    with engine_role(conn, dsn) as role_dsn:
+    with engine_role(conn, dsn) as (_, role_dsn):
         with psycopg.connect(role_dsn, autocommit=True) as engine:
             for grant in missing_grants(engine, ENGINE_TABLES):
                 conn.execute(grant)
@@ -193,8 +192,7 @@ def test_an_engine_granted_what_its_start_check_asks_can_look_for_new_tables_of_
 def test_the_gateway_refuses_at_start_a_role_that_could_not_record_its_traces(dsn, conn):
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     attach(dsn, tables=["t"])
-    with engine_role(conn, dsn, replication=False) as role_dsn:
-        role = role_dsn.split("://")[1].split("@")[0]
+    with engine_role(conn, dsn, replication=False) as (role, role_dsn):
         conn.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON flux.meta TO {role}")
         # Before: it started, and then every request logged that its trace was refused.
         with pytest.raises(PreflightError) as raised:
@@ -210,8 +208,7 @@ def test_the_gateway_refuses_at_start_a_role_that_could_not_prune_what_retention
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     attach(dsn, tables=["t"])
-    with engine_role(conn, dsn, replication=False) as role_dsn:
-        role = role_dsn.split("://")[1].split("@")[0]
+    with engine_role(conn, dsn, replication=False) as (role, role_dsn):
         conn.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON flux.meta TO {role};"
                      f" GRANT SELECT, INSERT ON flux.trace_requests TO {role}")
         ensure_store(role_dsn)  # recording alone: granted

@@ -7,10 +7,8 @@ import os
 import socket
 import time
 
-import psycopg
-
 from flux.cdc.status import cdc_status
-from tests.support import mutations, start_engine
+from tests.support import mutations, start_engine, wait_slot_held
 
 
 def _until(check, timeout: float = 30.0) -> None:
@@ -20,15 +18,11 @@ def _until(check, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _holds_slot(conn: psycopg.Connection) -> bool:
-    return conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0]
-
-
 def test_a_second_engine_stands_by_quietly_and_takes_over_when_the_first_stops(dsn, conn, capture, caplog):
     """It retried the held slot forever, a warning every 10 s."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     first = capture(tables=["t"])
-    _until(lambda: _holds_slot(conn))
+    wait_slot_held(conn)
     conn.execute("INSERT INTO t VALUES (1)")
     first.caught_up()
     with caplog.at_level(logging.DEBUG, logger="flux.cdc"):
@@ -56,7 +50,7 @@ def test_a_second_engine_stands_by_quietly_and_takes_over_when_the_first_stops(d
 def test_cdc_status_names_the_active_engine_and_those_standing_by(dsn, conn, capture):
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     capture(tables=["t"])
-    _until(lambda: _holds_slot(conn))
+    wait_slot_held(conn)
     second = start_engine(dsn, standby_interval=0.1)
     try:
         _until(lambda: second.engine.status()["state"] == "standby")

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
 
 from flux.cdc.stream import ReplicationStream
 from flux.errors import SlotHeldError
+from tests.support import wait_slot_held
 
 
 def test_a_slot_another_engine_holds_is_a_retryable_slot_held_error_naming_that_engine(dsn, conn, capture):
     """The server's message names its own walsender's pid, which is not the process to stop."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     capture(tables=["t"])
-    for _ in range(300):  # until the engine's replication connection holds the slot
-        if conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0]:
-            break
-        time.sleep(0.05)
+    wait_slot_held(conn)
     second = ReplicationStream(dsn=dsn, slot="flux", publication="flux", start_lsn=0)
     with pytest.raises(SlotHeldError) as caught:  # the engine stands by on it
         second.open()

@@ -7,6 +7,8 @@ import random
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import psycopg
@@ -249,28 +251,32 @@ def test_a_stopping_server_ends_a_pass_waiting_on_a_lock_at_once(recorded, dsn):
     assert remaining(recorded)[0] == [40, 31, 29, 1]  # the batch in hand rolled back
 
 
-def test_a_role_that_may_only_read_is_told_which_grants_a_prune_needs(recorded, dsn):
-    role = f"reader_{recorded.info.dbname}"
-    recorded.execute(f"CREATE ROLE {role} LOGIN")
+@contextmanager
+def reader_role(conn: psycopg.Connection, dsn: str) -> Iterator[tuple[str, str]]:
+    """A login role that may read the flux schema and nothing more: (its name, a DSN for it)."""
+    role = f"reader_{conn.info.dbname}"
+    conn.execute(f"CREATE ROLE {role} LOGIN")
     try:
-        recorded.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO {role}")
-        with psycopg.connect(dsn.replace("postgres@", f"{role}@"), autocommit=True) as reader:
+        conn.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO {role}")
+        yield role, dsn.replace("postgres@", f"{role}@")
+    finally:
+        conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_role_that_may_only_read_is_told_which_grants_a_prune_needs(recorded, dsn):
+    with reader_role(recorded, dsn) as (_, role_dsn):
+        with psycopg.connect(role_dsn, autocommit=True) as reader:
             assert prune(reader, older_than=timedelta(days=30), dry_run=True).traces == 2  # reading is enough
             with pytest.raises(DatabaseError) as caught:
                 prune(reader, older_than=timedelta(days=30))
         assert caught.value.context["sqlstate"] == "42501" and "DELETE ON flux.trace_requests" in caught.value.hint
         assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])
-    finally:
-        recorded.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 def test_the_grants_the_hint_gives_are_enough_to_prune(recorded, dsn):
     """A DELETE with a WHERE reads what it deletes: a hint without SELECT sends the role to a second refusal."""
-    role = f"granted_{recorded.info.dbname}"
-    recorded.execute(f"CREATE ROLE {role} LOGIN")
-    try:
-        recorded.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO {role}")
-        with psycopg.connect(dsn.replace("postgres@", f"{role}@"), autocommit=True) as reader:
+    with reader_role(recorded, dsn) as (role, role_dsn):
+        with psycopg.connect(role_dsn, autocommit=True) as reader:
             with pytest.raises(DatabaseError) as caught:
                 prune(reader, older_than=timedelta(days=30))
         recorded.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA flux FROM {role}; REVOKE USAGE ON SCHEMA flux FROM {role}")
@@ -278,12 +284,10 @@ def test_the_grants_the_hint_gives_are_enough_to_prune(recorded, dsn):
         assert grants
         for grant in grants:
             recorded.execute(grant.replace("<role>", role))
-        with psycopg.connect(dsn.replace("postgres@", f"{role}@"), autocommit=True) as granted:
+        with psycopg.connect(role_dsn, autocommit=True) as granted:
             result = prune(granted, older_than=timedelta(days=30))
         assert (result.traces, result.mutations) == (2, 4)
         assert remaining(recorded) == ([29, 1], [29, 29, 1])
-    finally:
-        recorded.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 def test_a_lost_connection_is_reported_as_such_not_as_the_unlock_that_followed(recorded, dsn):

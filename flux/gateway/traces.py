@@ -15,7 +15,9 @@ No record can stop the writer. A batch is one jsonb document, which PostgreSQL c
 so a record over `MAX_RECORD_BYTES` is stored without its recording (a query can return
 hundreds of megabytes), and batches are cut at `MAX_BATCH_BYTES`. A batch the database refuses
 for what it holds rather than for its own state is written record by record, and a record
-refused on its own is logged with its request id and counted in `failed`, never retried.
+refused on its own is logged with its request id and counted in `failed`, never retried. A batch
+cut off by a `statement_timeout` (common on production roles) is retried in halves, and later
+batches stay that small for a while: records are never dropped for being slow to insert.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ STALL_LOG_SECONDS = 10.0  # a batch the database has not taken after this long i
 # record and leave it out. Anything else is about the database, not the records (unreachable,
 # read-only after a failover, locked, out of disk, a privilege revoked): keep them and retry.
 _RECORD_SQLSTATE_CLASSES = ("22", "23", "54", "XX")
+_QUERY_CANCELED = "57014"  # statement_timeout, or an administrator's pg_cancel_backend
+CANCELED_RECORD_HINT = ("a single trace record took longer than the statement_timeout of the gateway's role or "
+                        "database: exempt that role with ALTER ROLE <role> SET statement_timeout = 0")
+GROW_AFTER_BATCHES = 20  # batches written within a cut-down size before the size may double again
 
 
 class TraceSink(Protocol):
@@ -79,6 +85,10 @@ class TraceWriter:
         self.last_error: str | None = None  # the last failure to write, cleared by the next write
         self._waiting_since: float | None = None  # monotonic time the batch in hand was first sent
         self.sending = 0  # records in a statement sent and not answered: a writer cut off now may still see them committed
+        # At most this many records per statement: batch_size, halved at each statement the server
+        # cancels (a statement_timeout), doubled again after GROW_AFTER_BATCHES written.
+        self.batch_cap = batch_size
+        self._written_at_cap = 0
 
     @property
     def pending(self) -> int:
@@ -143,7 +153,7 @@ class TraceWriter:
             chunks: list[list[tuple[str, bytes]]] = [[]]
             size = 0
             for request_id, encoded in batch:
-                if chunks[-1] and size + len(encoded) > MAX_BATCH_BYTES:
+                if chunks[-1] and (size + len(encoded) > MAX_BATCH_BYTES or len(chunks[-1]) >= self.batch_cap):
                     chunks.append([])
                     size = 0
                 chunks[-1].append((request_id, encoded))
@@ -162,11 +172,22 @@ class TraceWriter:
                         await self._insert(conn, part)
                         self.written += len(part)
                         self.batches += 1
+                        self._grow_batch_cap()
                         self._waiting_since = self.last_error = None
                         delay = 0.2
                     except psycopg.Error as exc:
+                        if exc.sqlstate == _QUERY_CANCELED and len(part) > 1:
+                            # The server answered (nothing to wait for): smaller statements, now and for a while.
+                            self.batch_cap = max(1, len(part) // 2)
+                            self._written_at_cap = 0
+                            log.warning("%s; retrying its %d records %d at a time", from_psycopg(exc, "a trace batch was cancelled"),
+                                        len(part), self.batch_cap)
+                            pending.extend([part[len(part) // 2:], part[:len(part) // 2]])
+                            continue
                         if not _about_the_records(exc):
                             self.last_error = str(from_psycopg(exc, "writing trace records failed"))
+                            if exc.sqlstate == _QUERY_CANCELED:
+                                self.last_error += f" ({CANCELED_RECORD_HINT})"
                             log.warning("%s; retrying %d records in %.1fs (%d more queued)", self.last_error, len(part),
                                         delay, self._queue.qsize())
                             if conn is not None:
@@ -188,6 +209,14 @@ class TraceWriter:
             for _, encoded in batch:
                 self.pending_bytes -= len(encoded)
                 self._queue.task_done()
+
+    def _grow_batch_cap(self) -> None:
+        if self.batch_cap >= self.batch_size:
+            return
+        self._written_at_cap += 1
+        if self._written_at_cap >= GROW_AFTER_BATCHES:
+            self.batch_cap = min(self.batch_size, self.batch_cap * 2)
+            self._written_at_cap = 0
 
     async def _insert(self, conn: psycopg.AsyncConnection, part: list[tuple[str, bytes]]) -> None:
         """One batch, saying every STALL_LOG_SECONDS while the database has not taken it (a lock on

@@ -220,17 +220,81 @@ def test_a_server_that_accepts_and_says_nothing_is_a_failed_connection_retried_n
         silent.listen()  # the kernel completes the handshake; nothing ever answers
         port = silent.getsockname()[1]
 
-        async def main() -> dict:
-            writer = TraceWriter(f"postgresql://nobody@127.0.0.1:{port}/none", flush_interval=0.01, connect_timeout=1)
-            await writer.start()
-            writer.submit(_record(1))
-            for _ in range(60):
-                await asyncio.sleep(0.1)
-                if writer.last_error:
-                    break
-            status = writer.status()
-            writer._task.cancel()
-            return status
-
-        status = asyncio.run(main())
+        status = _status_at_first_failure(TraceWriter(f"postgresql://nobody@127.0.0.1:{port}/none", flush_interval=0.01,
+                                                      connect_timeout=1))
     assert status["pending"] == 1 and "timeout" in status["last_error"]
+
+
+def _status_at_first_failure(writer: TraceWriter) -> dict:
+    """The writer's status once it has failed to write one record (within 6 s), the writer then stopped."""
+    async def main() -> dict:
+        await writer.start()
+        writer.submit(_record(1))
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if writer.last_error:
+                break
+        status = writer.status()
+        writer._task.cancel()
+        return status
+
+    return asyncio.run(main())
+
+
+def _slow_inserts(conn: psycopg.Connection, seconds_per_record: float) -> None:
+    """Each statement into flux.trace_requests takes `seconds_per_record` for every record it holds."""
+    conn.execute(f"""
+        CREATE FUNCTION slow_traces() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep({seconds_per_record} * (SELECT count(*) FROM added)); RETURN NULL; END $$;
+        CREATE TRIGGER slow AFTER INSERT ON flux.trace_requests REFERENCING NEW TABLE AS added
+            FOR EACH STATEMENT EXECUTE FUNCTION slow_traces();
+    """)
+
+
+def test_a_batch_a_statement_timeout_cuts_off_is_written_in_smaller_statements(dsn, conn: psycopg.Connection, caplog):
+    """A role's statement_timeout cancelled every full batch, and the same batch was retried whole
+    forever: nothing was written again, and the queue filled until records were dropped."""
+    ensure_schema(conn)
+    _slow_inserts(conn, 0.02)  # 30 records: 0.6 s; 8 records: 0.16 s
+
+    async def main() -> TraceWriter:
+        writer = TraceWriter(dsn + "?options=-c%20statement_timeout%3D250", flush_interval=0.05)
+        await writer.start()
+        for n in range(30):
+            writer.submit(_record(n))
+        await asyncio.wait_for(writer.close(), 30)
+        return writer
+
+    writer = asyncio.run(main())
+    assert (writer.written, writer.failed, writer.dropped, writer.last_error) == (30, 0, 0, None)
+    assert writer.batch_cap < 30
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0] == 30
+    assert any("statement timeout" in r.getMessage() and "at a time" in r.getMessage() for r in caplog.records)
+
+
+def test_after_smaller_statements_the_batch_size_grows_back(dsn, conn: psycopg.Connection, monkeypatch):
+    ensure_schema(conn)
+    monkeypatch.setattr(traces, "GROW_AFTER_BATCHES", 2)
+
+    async def main() -> list[int]:
+        writer = TraceWriter(dsn, flush_interval=0.01, batch_size=8)
+        writer.batch_cap = 2  # as after cancelled statements
+        await writer.start()
+        caps = []
+        for n in range(4):
+            writer.submit(_record(n))
+            await writer.flushed()
+            caps.append(writer.batch_cap)
+        await writer.close()
+        return caps
+
+    assert asyncio.run(main()) == [2, 4, 4, 8]
+
+
+def test_a_single_record_over_the_statement_timeout_is_kept_and_retried_with_a_hint(dsn, conn: psycopg.Connection):
+    ensure_schema(conn)
+    _slow_inserts(conn, 0.5)
+
+    status = _status_at_first_failure(TraceWriter(dsn + "?options=-c%20statement_timeout%3D100", flush_interval=0.01))
+    assert status["pending"] == 1 and status["failed"] == 0
+    assert "statement timeout" in status["last_error"] and "ALTER ROLE <role> SET statement_timeout = 0" in status["last_error"]

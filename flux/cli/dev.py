@@ -18,7 +18,8 @@ import typer
 
 from flux.cli.common import CONNECT_TIMEOUT, ENV_DSN, FROM_EMBEDDED, FROM_FLAG, STATE_DIR, Database, checked_dsn, reaching
 from flux.cli.output import console, rich_escape
-from flux.cli.serve import HostOption, PoolOption, PortOption, WorkersOption, run_stack
+from flux.cli.serve import (HostOption, MaxQueueOption, PoolOption, PortOption, QueueTimeoutOption, WorkersOption,
+                             run_stack)
 
 LOCK_FILE = "dev.lock"
 
@@ -31,6 +32,8 @@ def dev(
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
     workers: WorkersOption = 16,
+    max_queue: MaxQueueOption = None,
+    queue_timeout: QueueTimeoutOption = None,
     pool_size: PoolOption = 2,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -94,7 +97,7 @@ def dev(
             console.print("  Ctrl-C stops everything" + (" and the embedded PostgreSQL." if stops_server else "."))
 
         run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=True,
-                  reload=True, engine=True, on_ready=ready)
+                  reload=True, engine=True, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout)
         logging.getLogger("flux").info("stopped")
     finally:
         if info is not None and info.started:

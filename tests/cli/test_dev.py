@@ -158,6 +158,25 @@ def test_dev_with_functions_stops_cleanly_on_a_closed_terminal_or_sigterm(projec
     assert not Cluster(state_dir=project / ".flux").is_running()
 
 
+def test_dev_bounds_its_worker_queue_as_its_flags_say(project):
+    write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
+    port = free_port()
+    proc, _ = start_dev(project, "--port", str(port), "--workers", "2", "--max-queue", "3", "--queue-timeout", "2.5")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5).json()
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the gateway did not start"
+                time.sleep(0.1)
+    finally:
+        stop_dev(proc)
+    assert {k: health[k] for k in ("workers", "max_queue", "queue_timeout_seconds")} == {
+        "workers": 2, "max_queue": 3, "queue_timeout_seconds": 2.5}
+
+
 def test_dev_without_functions_stops_cleanly_on_sighup(project):
     proc, _ = start_dev(project)
     proc.send_signal(signal.SIGHUP)

@@ -33,7 +33,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
 from flux import STOP_SIGNALS
-from flux.errors import ConfigError, DatabaseError, InUseError, from_psycopg
+from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, from_psycopg
 from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, Retention, load_project
@@ -247,7 +247,7 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     hc.errorlog = logging.getLogger("hypercorn.error")
     set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout)
     gateway.reload_hooks.append(lambda project: set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout))
-    watcher = asyncio.create_task(_watch(gateway, shutdown)) if config.reload else None
+    watcher = asyncio.create_task(_watch(gateway, shutdown, dsn=config.dsn)) if config.reload else None
     pruner = asyncio.create_task(retention.keep(config.dsn, lambda: gateway.project.retention))
     if on_ready is not None:
         loop.call_soon(on_ready, f"http://{config.host}:{port}")
@@ -278,8 +278,9 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.5) -> None:
-    """Reload functions and flux.toml when their files change (flux dev)."""
+async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.5, *, dsn: str | None = None) -> None:
+    """Reload functions and flux.toml when their files change (flux dev). With `dsn`, a changed
+    `[retention]` has the grants it needs checked as at start."""
     seen = gateway.project.fingerprint()
     while not shutdown.is_set():
         await asyncio.sleep(interval)
@@ -289,6 +290,7 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
                 continue
             seen = current
             project = load_project(gateway.project.root)
+            previous = gateway.project.retention
             errors = await gateway.reload(project)
         except ConfigError as exc:
             log.error("not reloaded: %s%s", exc, f" (hint: {exc.hint})" if exc.hint else "")
@@ -300,3 +302,22 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
         log.info("reloaded %d function(s)%s", len(project.functions), f"; {len(errors)} failed to load" if errors else "")
         for error in errors:
             log.error("function failed to load: %s", error)
+        if dsn is not None and project.retention != previous:
+            await _check_prune_grants(dsn, record=gateway.record, retention=project.retention)
+
+
+async def _check_prune_grants(dsn: str, *, record: bool, retention: Retention) -> None:
+    """The start check of the gateway's role, for a `[retention]` a reload changed: said in the log
+    now (serving goes on), rather than by the hourly prune failing later."""
+    from flux.cdc.roles import require_gateway_role
+
+    def check() -> None:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+            require_gateway_role(conn, record=record, retention=retention)
+
+    try:
+        await asyncio.to_thread(check)
+    except FluxError as exc:
+        log.error("the changed [retention] cannot be applied: %s%s", exc, f" (hint: {exc.hint})" if exc.hint else "")
+    except psycopg.Error as exc:
+        log.warning("the changed [retention]: %s", from_psycopg(exc, "its grants could not be checked"))

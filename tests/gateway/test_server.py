@@ -41,6 +41,15 @@ def test_changed_function_files_are_reloaded_and_requests_use_the_new_code(tmp_p
     assert asyncio.run(scenario()) == ("one", "two", "new")
 
 
+async def _rewrite_until(path, text: str, done) -> None:
+    """Write `text` to `path`, then wait (up to 5 s) until `done()`: the watcher has acted on it."""
+    path.write_text(text)
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if done():
+            return
+
+
 def test_a_flux_toml_of_the_wrong_shape_is_not_reloaded_and_later_fixes_still_are(tmp_path, caplog):
     write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
     caplog.set_level(logging.INFO)
@@ -50,16 +59,9 @@ def test_a_flux_toml_of_the_wrong_shape_is_not_reloaded_and_later_fixes_still_ar
             shutdown = asyncio.Event()
             watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
             await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
-            (tmp_path / "flux.toml").write_text('[routes]\n"POST /x" = ["v"]\n')
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if "not reloaded" in caplog.text:
-                    break
-            (tmp_path / "flux.toml").write_text('[routes]\n"POST /x" = "v"\n')
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if gateway.project.route("POST", "/x"):
-                    break
+            await _rewrite_until(tmp_path / "flux.toml", '[routes]\n"POST /x" = ["v"]\n', lambda: "not reloaded" in caplog.text)
+            await _rewrite_until(tmp_path / "flux.toml", '[routes]\n"POST /x" = "v"\n',
+                                 lambda: gateway.project.route("POST", "/x"))
             answer = await (await client.post("/x")).get_data(as_text=True)
             shutdown.set()
             watcher.cancel()
@@ -240,3 +242,31 @@ def test_a_reload_that_ends_after_the_stop_began_is_not_swapped_in(tmp_path):
             return gateway.functions is before
 
     assert asyncio.run(scenario())
+
+
+def test_a_reload_that_sets_retention_says_at_once_what_the_role_lacks_to_prune(tmp_path, dsn, conn, caplog):
+    """The start check covers [retention]; a reload that added it was found wanting only by the
+    hourly prune, an hour later, in a warning."""
+    from flux.cdc.attach import attach
+    from tests.cdc.test_roles import engine_role
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200}; }"})
+    with engine_role(conn, dsn, replication=False) as (role, role_dsn):
+        conn.execute(f"GRANT USAGE ON SCHEMA flux TO {role}; GRANT SELECT ON flux.meta TO {role};"
+                     f" GRANT SELECT, INSERT ON flux.trace_requests TO {role}")
+
+        async def scenario() -> None:
+            async with running_gateway(tmp_path, None) as (gateway, _):
+                shutdown = asyncio.Event()
+                watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05, dsn=role_dsn))
+                await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+                await _rewrite_until(tmp_path / "flux.toml", '[retention]\ntraces = "30d"\n', lambda: "[retention]" in caplog.text)
+                shutdown.set()
+                watcher.cancel()
+
+        asyncio.run(scenario())
+    [said] = [r for r in caplog.records if "[retention]" in r.getMessage()]
+    assert said.levelname == "ERROR" and "cannot be applied" in said.getMessage()
+    assert f'GRANT DELETE ON flux.trace_requests TO "{role}"' in said.getMessage()

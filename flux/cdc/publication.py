@@ -41,7 +41,7 @@ def resolve_tables(conn: psycopg.Connection, names: list[str]) -> list[TableRef]
         schema, table = split_table_name(name)
         row = conn.execute(
             """
-            SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            SELECT n.nspname, c.relname, c.relpersistence FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relname = %s AND c.relkind IN ('r', 'p')
               AND (n.nspname = %s OR (%s::text IS NULL AND n.oid = ANY (current_schemas(false)::regnamespace[])))
             ORDER BY array_position(current_schemas(false), n.nspname::name) LIMIT 1
@@ -52,6 +52,15 @@ def resolve_tables(conn: psycopg.Connection, names: list[str]) -> list[TableRef]
             raise NotFoundError(f"No table {name!r} in this database", hint="Check the name; qualify it as SCHEMA.TABLE if needed.", table=name)
         if row[0] == SCHEMA:
             raise ConfigError("Flux never captures its own schema", hint="Choose tables outside the 'flux' schema.", table=name)
+        if row[2] != "p":
+            ident = sql.Identifier(row[0], row[1]).as_string(conn)
+            raise ConfigError(
+                f"{row[0]}.{row[1]} is {'UNLOGGED' if row[2] == 'u' else 'TEMPORARY'}: PostgreSQL writes none of its changes "
+                "to the WAL, so they cannot be captured",
+                hint=f"ALTER TABLE {ident} SET LOGGED, or leave it out of --tables." if row[2] == "u"
+                else "Leave it out of --tables.",
+                table=name,
+            )
         found.append(TableRef(row[0], row[1]))
     return sorted(set(found), key=str)
 

@@ -146,6 +146,13 @@ def test_application_role_can_still_create_tables_under_the_event_trigger(dsn, c
         conn.execute("DROP ROLE app_user")
 
 
+def test_attach_refuses_an_unlogged_table_with_the_statement_that_makes_it_capturable(dsn, conn):
+    conn.execute("CREATE UNLOGGED TABLE cache (id int PRIMARY KEY)")
+    with pytest.raises(ConfigError, match="public.cache is UNLOGGED") as caught:
+        attach(dsn, tables=["cache"])
+    assert caught.value.hint == 'ALTER TABLE "public"."cache" SET LOGGED, or leave it out of --tables.'
+
+
 def test_attach_refuses_a_publication_flux_did_not_make(dsn, conn):
     """Taking it over would change what another tool publishes."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")

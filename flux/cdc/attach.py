@@ -23,6 +23,7 @@ from flux.cdc.publication import (
     TableRef,
     all_user_tables,
     check_ownership,
+    record_listed_tables,
     resolve_tables,
     restore_identity,
     set_full_identity,
@@ -177,6 +178,7 @@ def attach(
                     if len(parts) > 1:
                         result.warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
                 _record_attachment(conn, slot, publication, all_tables)
+                record_listed_tables(conn, slot, None if all_tables else chosen)
                 if superuser:
                     created = autocapture.install_event_trigger(conn)
                     if created:
@@ -319,6 +321,7 @@ def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult
     ).fetchall():
         restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored)
     conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
+    record_listed_tables(conn, slot, None)
     conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
     remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]
     if not remaining and autocapture.drop_event_trigger(conn):

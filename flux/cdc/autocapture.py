@@ -6,7 +6,8 @@ Two mechanisms, the first preferred:
   schemas, so even the rows of CREATE TABLE AS are captured), adds new schemas, and gives
   REPLICA IDENTITY FULL to new tables and to partitions of any captured table;
 - `reconcile()`, which the engine runs every few seconds when idle, for roles that cannot own an
-  event trigger. Changes to a table in the seconds before it runs are not captured.
+  event trigger, and for a table of an attachment's list that was dropped and created again (or
+  replaced by a rename). Changes to a table in the seconds before it runs are not captured.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
     all_user_tables,
+    listed_tables_not_captured,
     published_schemas,
     published_tables,
     set_full_identity,
@@ -149,6 +151,10 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
         table = TableRef(schema, name)
         _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: set_full_identity(conn, slot, t))
     if not all_tables:
+        # A listed table dropped and created again, or replaced by a rename, is a new table the
+        # publication does not hold: captured again by its name.
+        for table in listed_tables_not_captured(conn, slot, publication):
+            _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t))
         return changed
     schemas = published_schemas(conn, publication)
     if schemas:  # schema mode: new schemas, and FULL identity for tables the trigger did not see
@@ -171,13 +177,14 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
             _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: [set_full_identity(conn, slot, p) for p in with_partitions(conn, t)])
         return changed
     for table in sorted(set(all_user_tables(conn)) - set(published_tables(conn, publication)), key=str):
-        def capture(table: TableRef = table) -> None:
-            for part in with_partitions(conn, table):
-                set_full_identity(conn, slot, part)
-            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table.ident))
-
-        _try(conn, changed, str(table), capture)
+        _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t))
     return changed
+
+
+def _capture(conn: psycopg.Connection, slot: str, publication: str, table: TableRef) -> None:
+    for part in with_partitions(conn, table):
+        set_full_identity(conn, slot, part)
+    conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table.ident))
 
 
 WARN_AGAIN_S = 600.0

@@ -35,3 +35,13 @@ def test_status_has_no_unlogged_warning_when_every_captured_table_is_logged(dsn,
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     attach(dsn, all_tables=True)
     assert unlogged_warnings(dsn) == []
+
+
+def test_status_warns_of_a_listed_table_created_again_since_attach(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    attach(dsn, tables=["a", "b"])
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    [warning] = [w for w in cdc_status(dsn).warnings if "created again" in w]
+    assert warning.startswith("1 listed table(s) were created again since attach") and ": public.a." in warning

@@ -168,6 +168,9 @@ def attach(
                     result.created.append("schema flux")
                 _check_names_are_flux(conn, slot, publication)
                 schemas = user_schemas(conn) if schema_mode else None
+                # Before the publication changes: the event trigger must not take a table left out
+                # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
+                record_listed_tables(conn, slot, None if all_tables else chosen)
                 result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot)
                 for table in chosen:
                     parts = with_partitions(conn, table)
@@ -178,7 +181,6 @@ def attach(
                     if len(parts) > 1:
                         result.warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
                 _record_attachment(conn, slot, publication, all_tables)
-                record_listed_tables(conn, slot, None if all_tables else chosen)
                 if superuser:
                     created = autocapture.install_event_trigger(conn)
                     if created:
@@ -316,12 +318,12 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
 def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult, *, drop_data: bool) -> None:
     """The flux schema's part of detach: identities restored, the attachment forgotten, its data
     dropped with `drop_data` when no other attachment uses it."""
+    record_listed_tables(conn, slot, None)  # first: restoring an identity below is an ALTER TABLE the trigger sees
     for schema, table in conn.execute(
         "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
     ).fetchall():
         restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored)
     conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
-    record_listed_tables(conn, slot, None)
     conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
     remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]
     if not remaining and autocapture.drop_event_trigger(conn):

@@ -131,10 +131,44 @@ def test_reconcile_does_nothing_for_an_explicit_table_list(dsn, conn):
     assert reconcile_new_tables(dsn, slot="flux") == []
 
 
+def test_event_trigger_captures_again_a_listed_table_created_again_in_its_own_transaction(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    with psycopg.connect(dsn) as c:
+        c.execute("DROP TABLE a")
+        c.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
+        assert [str(t) for t in captured_tables(c, "flux")] == ["public.a"]
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")  # never listed: left alone
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+    assert identities(conn, "a", "other") == {"a": "f", "other": "d"}
+
+
+def test_event_trigger_captures_again_a_listed_table_replaced_by_a_rename(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE TABLE a_new (id bigint PRIMARY KEY)")
+    conn.execute("ALTER TABLE a RENAME TO a_old")
+    conn.execute("ALTER TABLE a_new RENAME TO a")
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a", "public.a_old"]
+    conn.execute("ALTER TABLE a REPLICA IDENTITY DEFAULT")  # a user's change to a captured table stays theirs
+    assert identities(conn, "a") == {"a": "d"}
+
+
+def test_attach_brings_an_older_event_trigger_function_up_to_date(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE OR REPLACE FUNCTION flux.capture_new_tables() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END'")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+
+
 def test_reconcile_captures_again_a_listed_table_that_was_dropped_and_created_again(dsn, conn):
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
     conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
     attach(dsn, tables=["a"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that cannot own one
     conn.execute("DROP TABLE a")
     conn.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
     conn.execute("DROP TABLE other")
@@ -149,6 +183,7 @@ def test_reconcile_captures_again_a_listed_table_replaced_by_a_rename(dsn, conn)
     # The swap of an online schema change: a copy built beside the table takes its name.
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
     attach(dsn, tables=["a"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")
     conn.execute("CREATE TABLE a_new (id bigint PRIMARY KEY)")
     conn.execute("ALTER TABLE a RENAME TO a_old")
     conn.execute("ALTER TABLE a_new RENAME TO a")

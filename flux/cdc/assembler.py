@@ -46,6 +46,7 @@ MAX_RAW_CONTEXT = 4096
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 log = logging.getLogger("flux.cdc")
+_IDENTITY_NAMES = {"d": "DEFAULT", "n": "NOTHING", "i": "USING INDEX"}
 TupleValueNotToast: TypeAlias = str | bytes | None  # a pgoutput tuple value other than UNCHANGED_TOAST
 
 
@@ -214,6 +215,13 @@ class Assembler:
         )
 
     def relation(self, msg: pg.Relation) -> None:
+        previous = self._tables.get(msg.relation_id)
+        if msg.replica_identity != "f" and (previous is None or previous.full_identity):
+            # Said once per change of identity (a Relation comes again after any DDL): `flux cdc
+            # status` says it too, but only to whoever asks.
+            log.warning("%s.%s is REPLICA IDENTITY %s, not FULL: the old rows of its updates and deletes are recorded "
+                        "by key only (old_complete false) until it is FULL again (`flux attach` sets it)",
+                        msg.namespace, msg.name, _IDENTITY_NAMES.get(msg.replica_identity, msg.replica_identity))
         unknown = [c.type_oid for c in msg.columns if self.types.converter(c.type_oid) is None]
         if unknown:
             self.catalog.learn_types(self.types, unknown)

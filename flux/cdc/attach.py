@@ -23,6 +23,7 @@ from flux.cdc.publication import (
     TableRef,
     all_user_tables,
     check_ownership,
+    record_listed_tables,
     resolve_tables,
     restore_identity,
     set_full_identity,
@@ -167,6 +168,9 @@ def attach(
                     result.created.append("schema flux")
                 _check_names_are_flux(conn, slot, publication)
                 schemas = user_schemas(conn) if schema_mode else None
+                # Before the publication changes: the event trigger must not take a table left out
+                # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
+                record_listed_tables(conn, slot, None if all_tables else chosen)
                 result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot)
                 for table in chosen:
                     parts = with_partitions(conn, table)
@@ -314,6 +318,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
 def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult, *, drop_data: bool) -> None:
     """The flux schema's part of detach: identities restored, the attachment forgotten, its data
     dropped with `drop_data` when no other attachment uses it."""
+    record_listed_tables(conn, slot, None)  # first: restoring an identity below is an ALTER TABLE the trigger sees
     for schema, table in conn.execute(
         "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
     ).fetchall():

@@ -3,10 +3,12 @@
 Two mechanisms, the first preferred:
 - an event trigger (superuser only), which acts inside the DDL's own transaction: it publishes
   a new table for `--all-tables` attachments (on PostgreSQL 15+ the publication covers whole
-  schemas, so even the rows of CREATE TABLE AS are captured), adds new schemas, and gives
-  REPLICA IDENTITY FULL to new tables and to partitions of any captured table;
+  schemas, so even the rows of CREATE TABLE AS are captured) and a table created again (or
+  renamed) in the place of a listed one, adds new schemas, and gives REPLICA IDENTITY FULL to
+  new tables and to partitions of any captured table;
 - `reconcile()`, which the engine runs every few seconds when idle, for roles that cannot own an
-  event trigger. Changes to a table in the seconds before it runs are not captured.
+  event trigger, and for a table of an attachment's list that was dropped and created again (or
+  replaced by a rename). Changes to a table in the seconds before it runs are not captured.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
     all_user_tables,
+    listed_tables_not_captured,
     published_schemas,
     published_tables,
     set_full_identity,
@@ -64,7 +67,14 @@ BEGIN
                 JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
                   AND n.nspname NOT IN ('flux', 'pg_catalog', 'information_schema')
-                  AND (obj.command_tag <> 'ALTER TABLE' OR t.level > 0)
+                  AND (obj.command_tag <> 'ALTER TABLE' OR t.level > 0
+                       -- a table renamed into the place of a listed one (an online schema change's swap)
+                       OR (NOT c.relispartition AND EXISTS (
+                               SELECT 1 FROM flux.attachments a JOIN flux.meta m ON m.key = 'listed_tables:' || a.slot_name
+                               WHERE m.value @> jsonb_build_array(jsonb_build_array(n.nspname::text, c.relname::text))
+                                 AND EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = a.publication_name)
+                                 AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt WHERE pt.pubname = a.publication_name
+                                                 AND pt.schemaname = n.nspname AND pt.tablename = c.relname))))
             LOOP
                 SELECT n.nspname, c.relname INTO root
                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -73,7 +83,10 @@ BEGIN
                 FOR att IN SELECT * FROM flux.attachments LOOP
                     published := EXISTS (SELECT 1 FROM pg_publication_tables pt WHERE pt.pubname = att.publication_name
                                          AND pt.schemaname = root.nspname AND pt.tablename = root.relname);
-                    IF NOT published AND att.all_tables AND NOT rel.relispartition THEN
+                    IF NOT published AND NOT rel.relispartition AND (att.all_tables OR EXISTS (
+                            -- a listed table created again: the publication held the old one by oid
+                            SELECT 1 FROM flux.meta m WHERE m.key = 'listed_tables:' || att.slot_name
+                            AND m.value @> jsonb_build_array(jsonb_build_array(rel.nspname::text, rel.relname::text)))) THEN
                         EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I', att.publication_name, rel.nspname, rel.relname);
                         published := true;
                     END IF;
@@ -96,13 +109,14 @@ $fn$;
 
 
 def install_event_trigger(conn: psycopg.Connection) -> str | None:
-    """Install the trigger if missing. Returns a description of what it created, or None."""
+    """Install the trigger if missing, and its function in this version's form in any case.
+    Returns a description of what it created, or None."""
+    conn.execute(_TRIGGER_FUNCTION)  # CREATE OR REPLACE: an older attach's function is brought up to date
     if conn.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (EVENT_TRIGGER,)).fetchone():
         return None
     tags = ["CREATE TABLE", "CREATE TABLE AS", "SELECT INTO", "ALTER TABLE"]
     if conn.info.server_version >= SCHEMA_PUBLICATION_VERSION:
         tags.append("CREATE SCHEMA")
-    conn.execute(_TRIGGER_FUNCTION)
     conn.execute(
         sql.SQL("CREATE EVENT TRIGGER {} ON ddl_command_end WHEN TAG IN ({}) EXECUTE FUNCTION flux.capture_new_tables()").format(
             sql.Identifier(EVENT_TRIGGER), sql.SQL(", ").join(map(sql.Literal, tags))
@@ -149,6 +163,10 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
         table = TableRef(schema, name)
         _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: set_full_identity(conn, slot, t))
     if not all_tables:
+        # A listed table dropped and created again, or replaced by a rename, is a new table the
+        # publication does not hold: captured again by its name.
+        for table in listed_tables_not_captured(conn, slot, publication):
+            _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t))
         return changed
     schemas = published_schemas(conn, publication)
     if schemas:  # schema mode: new schemas, and FULL identity for tables the trigger did not see
@@ -171,13 +189,14 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
             _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: [set_full_identity(conn, slot, p) for p in with_partitions(conn, t)])
         return changed
     for table in sorted(set(all_user_tables(conn)) - set(published_tables(conn, publication)), key=str):
-        def capture(table: TableRef = table) -> None:
-            for part in with_partitions(conn, table):
-                set_full_identity(conn, slot, part)
-            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table.ident))
-
-        _try(conn, changed, str(table), capture)
+        _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t))
     return changed
+
+
+def _capture(conn: psycopg.Connection, slot: str, publication: str, table: TableRef) -> None:
+    for part in with_partitions(conn, table):
+        set_full_identity(conn, slot, part)
+    conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table.ident))
 
 
 WARN_AGAIN_S = 600.0

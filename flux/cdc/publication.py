@@ -7,6 +7,7 @@ create the slot.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import psycopg
@@ -41,7 +42,7 @@ def resolve_tables(conn: psycopg.Connection, names: list[str]) -> list[TableRef]
         schema, table = split_table_name(name)
         row = conn.execute(
             """
-            SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            SELECT n.nspname, c.relname, c.relpersistence FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relname = %s AND c.relkind IN ('r', 'p')
               AND (n.nspname = %s OR (%s::text IS NULL AND n.oid = ANY (current_schemas(false)::regnamespace[])))
             ORDER BY array_position(current_schemas(false), n.nspname::name) LIMIT 1
@@ -52,6 +53,15 @@ def resolve_tables(conn: psycopg.Connection, names: list[str]) -> list[TableRef]
             raise NotFoundError(f"No table {name!r} in this database", hint="Check the name; qualify it as SCHEMA.TABLE if needed.", table=name)
         if row[0] == SCHEMA:
             raise ConfigError("Flux never captures its own schema", hint="Choose tables outside the 'flux' schema.", table=name)
+        if row[2] != "p":
+            ident = sql.Identifier(row[0], row[1]).as_string(conn)
+            raise ConfigError(
+                f"{row[0]}.{row[1]} is {'UNLOGGED' if row[2] == 'u' else 'TEMPORARY'}: PostgreSQL writes none of its changes "
+                "to the WAL, so they cannot be captured",
+                hint=f"ALTER TABLE {ident} SET LOGGED, or leave it out of --tables." if row[2] == "u"
+                else "Leave it out of --tables.",
+                table=name,
+            )
         found.append(TableRef(row[0], row[1]))
     return sorted(set(found), key=str)
 
@@ -80,6 +90,41 @@ def published_tables(conn: psycopg.Connection, publication: str) -> list[TableRe
         WHERE p.pubname = %s ORDER BY 1, 2
         """,
         (publication,),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]
+
+
+def _listed_key(slot: str) -> str:
+    return f"listed_tables:{slot}"
+
+
+def record_listed_tables(conn: psycopg.Connection, slot: str, tables: list[TableRef] | None) -> None:
+    """Remember, in `flux.meta`, the tables an attachment with a table list captures (None: it
+    has none). A publication holds a table by oid, so one dropped and created again, or replaced
+    by a rename (an online schema change's swap), would drop out of capture without a word;
+    by the names the user gave, `listed_tables_not_captured` finds it again."""
+    if tables is None:
+        conn.execute("DELETE FROM flux.meta WHERE key = %s", (_listed_key(slot),))
+        return
+    conn.execute(
+        "INSERT INTO flux.meta (key, value) VALUES (%s, %s::jsonb) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        (_listed_key(slot), json.dumps([[t.schema, t.name] for t in tables])),
+    )
+
+
+def listed_tables_not_captured(conn: psycopg.Connection, slot: str, publication: str) -> list[TableRef]:
+    """Tables of the attachment's list that exist but are not in its publication: created again
+    (or renamed into place) since attach."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM flux.meta m CROSS JOIN LATERAL jsonb_array_elements(m.value) e
+        JOIN pg_namespace n ON n.nspname = e->>0 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = e->>1
+        WHERE m.key = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+          AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt
+                          WHERE pt.pubname = %s AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
+        ORDER BY 1, 2
+        """,
+        (_listed_key(slot), publication),
     ).fetchall()
     return [TableRef(s, t) for s, t in rows]
 

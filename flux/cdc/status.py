@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from flux.cdc.attach import connect, slot_warnings
-from flux.cdc.publication import SYSTEM_SCHEMAS
+from flux.cdc.publication import SYSTEM_SCHEMAS, listed_tables_not_captured
 from flux.cdc.standby import standbys
 from flux.cdc.stream import consumer_of
 from flux.errors import NotFoundError
@@ -120,8 +120,10 @@ _GAPS_SHOWN = 10
 
 def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[str]:
     """What the attachment should capture and does not: tables that `--all-tables` left out (the
-    engine re-checks every few seconds, but cannot take a table its role does not own), and
-    captured tables or partitions whose old rows are logged by key only (identity not FULL)."""
+    engine re-checks every few seconds, but cannot take a table its role does not own), listed
+    tables created again since attach (the same, for a table list), UNLOGGED
+    tables and partitions in its scope, and captured tables or partitions whose old rows are
+    logged by key only (identity not FULL)."""
     all_tables = conn.execute("SELECT all_tables FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
     warnings = []
     if all_tables and all_tables[0]:
@@ -148,6 +150,38 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
                    + ": make it the owner (ALTER TABLE ... OWNER TO ...), or attach as the owner.") if not_owned else \
                   " The engine adds new tables within seconds; run `flux attach --all-tables` if these stay."
             warnings.append(f"{len(missing)} table(s) are not captured, so their changes are not recorded: {listed}{more}.{why}")
+    if all_tables and not all_tables[0]:
+        gone = listed_tables_not_captured(conn, slot, publication)
+        if gone:
+            listed = ", ".join(str(t) for t in gone[:_GAPS_SHOWN])
+            more = f" and {len(gone) - _GAPS_SHOWN} more" if len(gone) > _GAPS_SHOWN else ""
+            warnings.append(
+                f"{len(gone)} listed table(s) were created again since attach (dropped and re-created, or replaced by a "
+                f"rename), so their changes are not recorded: {listed}{more}. The engine captures them again within "
+                "seconds if its role owns them and the publication; otherwise run `flux attach --tables ...` again.")
+    # PostgreSQL writes no WAL for an UNLOGGED table, so nothing decodes its changes: a table
+    # `--all-tables` would capture, or a partition of a captured table (neither of which
+    # PostgreSQL stops from being UNLOGGED), loses every change without a word.
+    unlogged = conn.execute(
+        """
+        SELECT format('%%I.%%I', n.nspname, c.relname)
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' AND (
+            (%s AND NOT c.relispartition AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%')
+            OR c.oid IN (SELECT t.relid FROM pg_publication_tables pt
+                         JOIN pg_namespace rn ON rn.nspname = pt.schemaname
+                         JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = pt.tablename
+                         CROSS JOIN LATERAL pg_partition_tree(r.oid) t
+                         WHERE pt.pubname = %s))
+        ORDER BY 1
+        """,
+        (bool(all_tables and all_tables[0]), list(SYSTEM_SCHEMAS), publication),
+    ).fetchall()
+    if unlogged:
+        listed = ", ".join(name for (name,) in unlogged[:_GAPS_SHOWN])
+        more = f" and {len(unlogged) - _GAPS_SHOWN} more" if len(unlogged) > _GAPS_SHOWN else ""
+        warnings.append(f"{len(unlogged)} table(s) or partition(s) are UNLOGGED: PostgreSQL writes none of their changes to "
+                        f"the WAL, so none are recorded: {listed}{more}. `ALTER TABLE ... SET LOGGED` to capture them.")
     key_only = conn.execute(
         """
         SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname)

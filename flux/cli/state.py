@@ -118,6 +118,9 @@ def _time(t: datetime) -> str:
 
 def _who(w: Writer | Mutation) -> str:
     if w.request_id is None:
+        problem = w.malformed_context if isinstance(w, Writer) else queries.malformed_context(w)
+        if problem is not None:  # a context message was sent: say so, or its sender never learns it is broken
+            return f"[dim]xid:{w.xid}[/] [yellow](malformed request context: {escape(problem)})[/]"
         return f"[dim]xid:{w.xid} (no request context)[/]"
     fn = f"  [dim]{escape(w.function)}[/]" if w.function else ""
     return f"[bold]req:{escape(w.request_id[:SHORT_ID])}[/]{fn}"

@@ -108,6 +108,8 @@ class Writer:
     xid: int
     commit_lsn: str
     seq: int
+    # No request id because the transaction's `flux` message was malformed: what was wrong with it.
+    malformed_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,15 @@ def _in_order(image: dict[str, Any] | None, columns: tuple[str, ...]) -> dict[st
 
 def _writer(m: Mutation) -> Writer:
     return Writer(op=m.op, request_id=m.request_id, function=m.function, commit_time=m.commit_time,
-                  xid=m.xid, commit_lsn=m.commit_lsn, seq=m.seq)
+                  xid=m.xid, commit_lsn=m.commit_lsn, seq=m.seq, malformed_context=malformed_context(m))
+
+
+def malformed_context(m: Mutation) -> str | None:
+    """Why a change has no request id although its transaction sent a `flux` message (the engine
+    keeps such a message as `{"malformed": why, "raw": ...}`); None otherwise."""
+    if m.request_id is None and isinstance(m.context, dict) and isinstance(m.context.get("malformed"), str):
+        return m.context["malformed"]
+    return None
 
 
 # -- finding a row ---------------------------------------------------------------------------

@@ -343,9 +343,12 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
         found = sorted(set(_trace_ids(conn, prefix, None)) | set(queries._request_ids(conn, prefix)))
     request_id = _pick(prefix, found, "requests")
     if request_id is None:
+        hint = "`flux requests` lists recent requests."
+        if re.fullmatch(r"xid:\d+", prefix, re.IGNORECASE):  # copied from `flux state`, which names such writers so
+            hint = (f"{prefix} is a transaction that sent no request context (a write made outside Flux): there is no "
+                    "request to explain. `flux state history` and `flux state blame` of its rows show what it changed.")
         raise NotFoundError(
-            f"No request with id starting {prefix!r}: neither a trace nor a row change",
-            hint="`flux requests` lists recent requests.", request_id=prefix,
+            f"No request with id starting {prefix!r}: neither a trace nor a row change", hint=hint, request_id=prefix,
         )
     return request_id, _fetch(conn, request_id)
 

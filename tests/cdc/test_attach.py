@@ -131,6 +131,74 @@ def test_reconcile_does_nothing_for_an_explicit_table_list(dsn, conn):
     assert reconcile_new_tables(dsn, slot="flux") == []
 
 
+def test_event_trigger_captures_again_a_listed_table_created_again_in_its_own_transaction(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    with psycopg.connect(dsn) as c:
+        c.execute("DROP TABLE a")
+        c.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
+        assert [str(t) for t in captured_tables(c, "flux")] == ["public.a"]
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")  # never listed: left alone
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+    assert identities(conn, "a", "other") == {"a": "f", "other": "d"}
+
+
+def test_event_trigger_captures_again_a_listed_table_replaced_by_a_rename(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE TABLE a_new (id bigint PRIMARY KEY)")
+    conn.execute("ALTER TABLE a RENAME TO a_old")
+    conn.execute("ALTER TABLE a_new RENAME TO a")
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a", "public.a_old"]
+    conn.execute("ALTER TABLE a REPLICA IDENTITY DEFAULT")  # a user's change to a captured table stays theirs
+    assert identities(conn, "a") == {"a": "d"}
+
+
+def test_attach_brings_an_older_event_trigger_function_up_to_date(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE OR REPLACE FUNCTION flux.capture_new_tables() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END'")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+
+
+def test_reconcile_captures_again_a_listed_table_that_was_dropped_and_created_again(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that cannot own one
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    conn.execute("DROP TABLE other")
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")  # never listed: left alone
+    assert reconcile_new_tables(dsn, slot="flux") == ["public.a"]
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+    assert identities(conn, "a", "other") == {"a": "f", "other": "d"}
+    assert reconcile_new_tables(dsn, slot="flux") == []
+
+
+def test_reconcile_captures_again_a_listed_table_replaced_by_a_rename(dsn, conn):
+    # The swap of an online schema change: a copy built beside the table takes its name.
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")
+    conn.execute("CREATE TABLE a_new (id bigint PRIMARY KEY)")
+    conn.execute("ALTER TABLE a RENAME TO a_old")
+    conn.execute("ALTER TABLE a_new RENAME TO a")
+    conn.execute("DROP TABLE a_old")
+    assert reconcile_new_tables(dsn, slot="flux") == ["public.a"]
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+
+
+def test_detach_forgets_the_listed_tables(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    detach(dsn)
+    assert conn.execute("SELECT key FROM flux.meta WHERE key LIKE 'listed_tables:%'").fetchall() == []
+
+
 def test_application_role_can_still_create_tables_under_the_event_trigger(dsn, conn):
     attach(dsn, all_tables=True)
     conn.execute("CREATE ROLE app_user LOGIN")
@@ -144,6 +212,13 @@ def test_application_role_can_still_create_tables_under_the_event_trigger(dsn, c
         conn.execute("DROP TABLE IF EXISTS public.made_by_app")
         conn.execute("REVOKE CREATE ON SCHEMA public FROM app_user")
         conn.execute("DROP ROLE app_user")
+
+
+def test_attach_refuses_an_unlogged_table_with_the_statement_that_makes_it_capturable(dsn, conn):
+    conn.execute("CREATE UNLOGGED TABLE cache (id int PRIMARY KEY)")
+    with pytest.raises(ConfigError, match="public.cache is UNLOGGED") as caught:
+        attach(dsn, tables=["cache"])
+    assert caught.value.hint == 'ALTER TABLE "public"."cache" SET LOGGED, or leave it out of --tables.'
 
 
 def test_attach_refuses_a_publication_flux_did_not_make(dsn, conn):
@@ -305,7 +380,9 @@ def test_reconcile_as_a_role_without_usage_on_the_captured_schemas_does_not_fail
     attach(dsn, tables=["shop.m"])
     conn.execute("CREATE ROLE engine_only_flux LOGIN REPLICATION")
     try:
-        conn.execute("GRANT USAGE ON SCHEMA flux TO engine_only_flux; GRANT SELECT ON flux.attachments TO engine_only_flux")
+        # What of the flux schema reconcile reads (the engine's start check requires these and more).
+        conn.execute("GRANT USAGE ON SCHEMA flux TO engine_only_flux;"
+                     " GRANT SELECT ON flux.attachments, flux.meta TO engine_only_flux")
         # Before: the names of captured tables were cast to regclass, which needs USAGE on their
         # schema, and the engine stopped at its first idle check for new tables.
         assert reconcile_new_tables(dsn.replace("postgres@", "engine_only_flux@"), slot="flux") == []

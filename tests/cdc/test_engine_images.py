@@ -340,6 +340,22 @@ def test_update_without_full_identity_records_key_only_old_image_marked_incomple
     assert m["row_key"] == {"id": 1}
 
 
+def test_a_table_set_back_from_full_identity_is_warned_of_in_the_engine_log_once(dsn, conn, capture, caplog):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+    running = capture(tables=["t"])
+    write(dsn, "UPDATE t SET v = 'full'")
+    running.caught_up()
+    assert not [r for r in caplog.records if "not FULL" in r.getMessage()]
+    conn.execute("ALTER TABLE t REPLICA IDENTITY DEFAULT")
+    write(dsn, "UPDATE t SET v = 'key only'")
+    conn.execute("ALTER TABLE t ADD COLUMN w int")  # another DDL: the Relation comes again, still DEFAULT
+    write(dsn, "UPDATE t SET v = 'still key only'")
+    running.caught_up()
+    [warning] = [r.getMessage() for r in caplog.records if "not FULL" in r.getMessage()]
+    assert warning.startswith("public.t is REPLICA IDENTITY DEFAULT, not FULL: the old rows of its updates and deletes")
+
+
 def test_delete_without_full_identity_records_key_only_old_image_marked_incomplete(dsn, conn, capture):
     conn.execute("CREATE TABLE plans (a int, b text, name text, PRIMARY KEY (a, b))")
     conn.execute("INSERT INTO plans VALUES (1, 'x', 'free')")

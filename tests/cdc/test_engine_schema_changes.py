@@ -3,8 +3,11 @@ partitions created after `attach --all-tables` (captured through the event trigg
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
+from flux.cdc.publication import captured_tables
 from tests.support import mutations, start_engine
 
 
@@ -165,3 +168,23 @@ def test_table_created_with_create_table_as_after_attach_all_tables_captures_its
     assert [(op, (new or old)["id"]) for op, old, new in images(dsn, "copied")] == [
         ("insert", 1), ("insert", 2), ("insert", 3), ("update", 1),
     ]
+
+
+def test_a_listed_table_replaced_by_a_rename_is_captured_again_under_its_name(dsn, conn, capture):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+    running = capture(tables=["t"], reconcile_interval=0.1)
+    with psycopg.connect(dsn) as c:  # an online schema change's swap, in one transaction
+        c.execute("CREATE TABLE t_new (LIKE t INCLUDING ALL)")
+        c.execute("ALTER TABLE t_new ADD COLUMN w int")
+        c.execute("INSERT INTO t_new SELECT *, 0 FROM t")
+        c.execute("ALTER TABLE t RENAME TO t_old")
+        c.execute("ALTER TABLE t_new RENAME TO t")
+        c.execute("DROP TABLE t_old")
+    deadline = time.monotonic() + 15
+    while [str(t) for t in captured_tables(conn, "flux")] != ["public.t"]:
+        assert time.monotonic() < deadline, "the engine did not capture the new t"
+        time.sleep(0.05)
+    conn.execute("UPDATE t SET v = 'after the swap'")
+    running.caught_up()
+    assert images(dsn, "t") == [("update", {"id": 1, "v": "a", "w": 0}, {"id": 1, "v": "after the swap", "w": 0})]

@@ -24,10 +24,12 @@ RID3 = "7b1d3f9a-0000-4000-8000-000000000003"
 
 def record(conn: psycopg.Connection, table: str, op: str, *, schema: str = "public", request_id: str | None = None,
            function: str | None = None, key: Any = None, old: Any = None, new: Any = None,
-           old_complete: bool | None = None, changed: list[str] | None = None, old_key: Any = None) -> None:
+           old_complete: bool | None = None, changed: list[str] | None = None, old_key: Any = None,
+           context: Any = None) -> None:
     """Write one mutation in its own transaction, a minute after the previous one; JSON text passes as is."""
     n = conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0]
-    context = {"request_id": request_id, "function": function} if request_id else None
+    if request_id:
+        context = {"request_id": request_id, "function": function}
     conn.execute(
         "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, old, new,"
         " old_complete, changed_columns, xid, commit_lsn, commit_time, seq, old_row_key)"
@@ -130,6 +132,24 @@ def test_history_shows_truncate(users, dsn):
     out = invoke(dsn, "history", "users", "--id", "42").output
     assert "- truncated" in out
     assert "xid:" in out and "(no request context)" in out
+
+
+def test_history_and_blame_say_a_change_without_request_id_had_a_malformed_context_message(users, dsn):
+    # What the engine records for `pg_logical_emit_message(true, 'flux', 'not json')`.
+    record(users, "users", "update", key={"id": 42}, old_complete=True, changed=["plan"],
+           old={"id": 42, "email": "alice@example.com", "plan": "pro"},
+           new={"id": 42, "email": "alice@example.com", "plan": "team"},
+           context={"malformed": "content is not a JSON object", "raw": "not json"})
+    history = invoke(dsn, "history", "users", "--id", "42").output
+    blame = invoke(dsn, "blame", "users", "--id", "42").output
+    recent = invoke(dsn, "blame", "users").output
+    for out in (history, blame, recent):
+        assert "(malformed request context: content is not a JSON object)" in out, out
+        assert "no request context" not in out
+    data = json.loads(invoke(dsn, "blame", "users", "--id", "42", "--json").stdout)
+    set_by = {c["column"]: c["set_by"] for c in data["columns"]}
+    assert set_by["plan"]["malformed_context"] == "content is not a JSON object"
+    assert set_by["email"]["malformed_context"] is None
 
 
 def test_history_of_quoted_schema_and_table_names(conn, dsn):

@@ -184,6 +184,13 @@ def test_find_request_of_an_unknown_request_is_not_found(seeded):
         find_request(seeded, "deadbeef")
 
 
+def test_find_request_of_a_transaction_id_from_flux_state_says_it_has_no_request(seeded):
+    # `flux state` names a writer without request context `xid:N`; `flux why xid:N` is the next thing tried.
+    with pytest.raises(NotFoundError) as err:
+        find_request(seeded, "xid:1203")
+    assert err.value.hint.startswith("xid:1203 is a transaction that sent no request context")
+
+
 def test_count_mutations_counts_the_requests_rows(seeded):
     assert (count_mutations(seeded, OK), count_mutations(seeded, FAIL)) == (1, 0)
 

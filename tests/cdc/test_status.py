@@ -1,0 +1,48 @@
+"""`flux cdc status` on the library level: the warnings of what an attachment does not capture."""
+
+from __future__ import annotations
+
+from flux.cdc.attach import attach
+from flux.cdc.status import cdc_status
+
+
+def unlogged_warnings(dsn: str) -> list[str]:
+    return [w for w in cdc_status(dsn).warnings if "UNLOGGED" in w]
+
+
+def test_status_warns_of_a_table_all_tables_captures_that_was_made_unlogged(dsn, conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+    attach(dsn, all_tables=True)
+    # A schema publication does not stop this, and the table's changes then never reach the WAL.
+    conn.execute("ALTER TABLE t SET UNLOGGED")
+    conn.execute("CREATE UNLOGGED TABLE scratch (id int)")
+    [warning] = unlogged_warnings(dsn)
+    assert "2 table(s)" in warning and "public.scratch, public.t." in warning and "SET LOGGED" in warning
+
+
+def test_status_warns_of_an_unlogged_partition_of_a_listed_table(dsn, conn):
+    conn.execute("CREATE TABLE p (k int PRIMARY KEY) PARTITION BY RANGE (k)")
+    conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10)")
+    conn.execute("CREATE UNLOGGED TABLE elsewhere (id int)")  # not in a --tables capture: not a gap
+    attach(dsn, tables=["p"])
+    conn.execute("CREATE UNLOGGED TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)")
+    [warning] = unlogged_warnings(dsn)
+    assert "1 table(s) or partition(s)" in warning and "public.p2." in warning
+
+
+def test_status_has_no_unlogged_warning_when_every_captured_table_is_logged(dsn, conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, all_tables=True)
+    assert unlogged_warnings(dsn) == []
+
+
+def test_status_warns_of_a_listed_table_created_again_since_attach(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    attach(dsn, tables=["a", "b"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that cannot own one
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    [warning] = [w for w in cdc_status(dsn).warnings if "created again" in w]
+    assert warning.startswith("1 listed table(s) were created again since attach") and ": public.a." in warning

@@ -38,7 +38,7 @@ import orjson
 import psycopg
 from quart import Quart, Response, request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 
 from flux.errors import FluxError, NotFoundError, from_psycopg
@@ -182,8 +182,14 @@ class Gateway:
         trace.tenant = tenant
         function = project.route(method, path)
         if function is None:
-            return self._reply(trace, tenant, None, _error(404, f"no function is routed at {method} {path}",
-                               "Routes come from [routes] in flux.toml; the default is POST /<function>."))
+            allowed = project.methods_at(path)
+            if not allowed:
+                return self._reply(trace, tenant, None, _error(404, f"no function is routed at {method} {path}",
+                                   "Routes come from [routes] in flux.toml; the default is POST /<function>."))
+            answer = _error(405, f"no function is routed at {method} {path}; the routes at this path take {', '.join(allowed)}",
+                            "Send one of those methods, or route this one in [routes] in flux.toml.")
+            answer.headers.append(("allow", ", ".join(allowed)))  # RFC 9110: a 405 lists what the path takes
+            return self._reply(trace, tenant, None, answer)
         pool = functions.pools[function]
         trace.function = functions.compiled[function]
         if self._full():  # refused before its body is read: under overload, no time or memory spent on it
@@ -650,6 +656,12 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     @app.route("/<path:path>", methods=_METHODS)
     async def _function(path: str) -> Response:
         return await gateway.handle(request.method, "/" + path)
+
+    @app.errorhandler(MethodNotAllowed)
+    async def _other_method(_: MethodNotAllowed) -> Response:
+        # A method no rule lists (PROPFIND, TRACE, ...): Quart's answer was an HTML 405 with no request
+        # id, unrecorded, whose Allow named every method. The gateway answers it as any unrouted request.
+        return await gateway.handle(request.method, request.path)
 
     return app
 

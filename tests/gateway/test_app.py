@@ -1054,3 +1054,29 @@ def test_requests_within_max_queue_wait_for_a_worker_and_run(tmp_path, dsn, conn
     write_project(tmp_path, {"slow": SLOW})
     answers, health = run(_three_at_once(tmp_path, dsn, max_queue=2))
     assert [a[0] for a in answers] == [200, 200, 200] and health["refused"] == 0
+
+
+ECHO_BODY = """
+export default async function (req) {
+  return {status: 200, body: {body: req.body instanceof Uint8Array ? Array.from(req.body) : req.body}};
+}
+"""
+
+
+@pytest.mark.parametrize("method", ["DELETE", "HEAD", "OPTIONS", "PROPFIND", "FOO"])
+def test_a_method_the_path_has_no_route_for_is_a_405_that_lists_the_routed_methods_and_is_recorded(tmp_path, dsn, conn, trace_store, method):
+    write_project(tmp_path, {"echo": ECHO_BODY}, '[routes]\n"GET /echo" = "echo"\n')
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http(method, "/echo/")]))
+    assert (status, dict(headers)["allow"]) == (405, "GET, POST")
+    assert method == "HEAD" or json.loads(body)["error"].startswith(f"no function is routed at {method} /echo/;")
+    trace = stored(conn, dict(headers)["x-flux-request-id"])
+    assert (trace["method"], trace["status"], trace["function"], trace["response"]["headers"]["allow"]) == (method, 405, None, "GET, POST")
+
+
+@pytest.mark.parametrize("method", ["GET", "PROPFIND"])
+def test_a_path_with_no_route_is_a_404_for_any_method_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store, method):
+    write_project(tmp_path, {"echo": ECHO_BODY})
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http(method, "/nowhere")]))
+    assert status == 404 and "allow" not in dict(headers)
+    assert json.loads(body)["error"] == f"no function is routed at {method} /nowhere"
+    assert stored(conn, dict(headers)["x-flux-request-id"])["status"] == 404

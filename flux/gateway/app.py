@@ -539,7 +539,7 @@ def _parse_body(raw: bytes, content_type: str) -> tuple[Any, str]:
         return _json(raw), "utf-8"
     mimetype, options = parse_options_header(content_type)
     mimetype = mimetype.lower()
-    if "json" in mimetype:  # JSON is UTF-8 (RFC 8259); application/json defines no charset
+    if _is_json(mimetype):  # JSON is UTF-8 (RFC 8259); application/json defines no charset
         return _json(raw), "utf-8"
     if mimetype in _BINARY_TYPES or mimetype.startswith(_BINARY_FAMILIES):
         return raw, ""
@@ -548,6 +548,13 @@ def _parse_body(raw: bytes, content_type: str) -> tuple[Any, str]:
         return raw.decode(charset), charset
     except (LookupError, ValueError):  # not valid in its charset, or a charset Python does not know
         return raw, ""
+
+
+def _is_json(mimetype: str) -> bool:
+    """application/json, text/json and the +json types (RFC 6839: vnd.api+json, problem+json). Not every
+    type that says json: JSON Lines (x-ndjson, jsonl) and json-seq are several documents, read as text."""
+    _, _, subtype = mimetype.partition("/")
+    return subtype in ("json", "x-json") or subtype.endswith("+json")
 
 
 MAX_BODY_DEPTH = 200  # JSON nesting a request body may have: orjson writes 254 levels at most, and the runtime adds some

@@ -1080,3 +1080,22 @@ def test_a_path_with_no_route_is_a_404_for_any_method_with_its_request_id_and_re
     assert status == 404 and "allow" not in dict(headers)
     assert json.loads(body)["error"] == f"no function is routed at {method} /nowhere"
     assert stored(conn, dict(headers)["x-flux-request-id"])["status"] == 404
+
+
+@pytest.mark.parametrize(("content_type", "seen"), [
+    ("application/x-ndjson", {"text": '{"a":1}\n{"a":2}\n'}),
+    ("application/jsonl", {"text": '{"a":1}\n{"a":2}\n'}),
+    ("application/json-seq", {"text": '{"a":1}\n{"a":2}\n'}),
+])
+def test_a_json_lines_body_is_text_not_one_json_document(tmp_path, dsn, conn, trace_store, content_type, seen):
+    write_project(tmp_path, {"body": BODY})
+    [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": b'{"a":1}\n{"a":2}\n', "headers": {"content-type": content_type}})]))
+    assert (status, json.loads(body)) == (200, seen)
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json", "Text/JSON"])
+def test_a_json_type_in_any_form_is_parsed(tmp_path, dsn, conn, trace_store, content_type):
+    write_project(tmp_path, {"body": BODY})
+    [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {"data": b'{"a": 1}', "headers": {"content-type": content_type}})]))
+    assert (status, json.loads(body)) == (200, {"text": {"a": 1}})

@@ -175,6 +175,10 @@ class Gateway:
         client = request.scope.get("client")
         trace = _Trace(request_id, started_at, clock, gateway, method, path, headers, functions, _query(request.args),
                        client[0] if client else None)
+        # Until its body is read, an answer leaves a body behind, and Hypercorn then closes an HTTP/1.1
+        # connection: the answer says so (`connection: close`), or a keep-alive client would reuse it.
+        trace.body_pending = request.http_version == "1.1" and (
+            bool(request.content_length) or "chunked" in headers.get("transfer-encoding", "").lower())
         tenant = project.tenant_for_key(_api_key(headers))
         if tenant is None:
             return self._reply(trace, None, None, _error(401, "missing or invalid API key",
@@ -208,6 +212,7 @@ class Gateway:
                         "Nothing ran. The client (or a proxy in front of Flux) closed the connection."), client_gone=True)
             raise
         trace.raw_body = raw
+        trace.body_pending = False
         try:
             body, trace.charset = _parse_body(raw, headers.get("content-type", ""))
         except ValueError as exc:
@@ -335,6 +340,8 @@ class Gateway:
         headers = [(k, v) for k, v in execution.headers if k != REQUEST_ID_HEADER]
         typed = any(k == "content-type" for k, _ in headers)  # the function's content-type wins
         headers.append((REQUEST_ID_HEADER, trace.request_id))
+        if trace.body_pending:
+            headers.append(("connection", "close"))
         secrets = tenant.secrets if tenant else {}
         body = execution.body
         if execution.error is not None:  # Flux's own error bodies
@@ -388,6 +395,7 @@ class _Trace:
         self.raw_body: bytes | None = None
         self.body: Any = None  # bytes for a body that is not text
         self.charset = "utf-8"  # a text body's
+        self.body_pending = False  # an HTTP/1.1 body not read (yet): an answer now closes the connection
 
     def record(self, execution: Execution, function: str | None, status: int, headers: list[tuple[str, str]],
                payload: bytes, secrets: dict[str, str], *, client_gone: bool = False) -> TraceRecord:

@@ -1099,3 +1099,25 @@ def test_a_json_type_in_any_form_is_parsed(tmp_path, dsn, conn, trace_store, con
     write_project(tmp_path, {"body": BODY})
     [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {"data": b'{"a": 1}', "headers": {"content-type": content_type}})]))
     assert (status, json.loads(body)) == (200, {"text": {"a": 1}})
+
+
+@pytest.mark.parametrize("path", ["/echo", "/nowhere"])
+def test_an_answer_given_before_the_body_is_read_tells_the_client_the_connection_closes(tmp_path, dsn, conn, trace_store, path):
+    # A 413 (the announced length is over the limit) or a 404 does not read the body; the server then
+    # closes the connection, and a keep-alive client (a proxy's pool) must be told not to reuse it.
+    write_project(tmp_path, {"echo": ECHO_BODY}, "[limits]\nmax_body_bytes = 1024\n")
+    head = f"POST {path} HTTP/1.1\r\nhost: flux\r\ncontent-type: text/plain\r\ncontent-length: 1000000\r\n\r\n".encode()
+    [(status, headers, _)] = run(on_the_wire(tmp_path, dsn, [head]))  # the body never comes
+    assert status in (404, 413) and dict(headers)["connection"] == "close"
+    trace = stored(conn, dict(headers)["x-flux-request-id"])
+    assert trace["status"] == status and trace["response"]["headers"]["connection"] == "close"
+
+
+def test_an_answer_after_the_body_was_read_keeps_the_connection_open(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"echo": ECHO_BODY})
+
+    requests = (b"POST /echo HTTP/1.1\r\nhost: flux\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nhi"
+                + http("POST", "/nowhere", body=b"x"))
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [requests]))
+    assert status == 200 and "connection" not in dict(headers)
+    assert b"HTTP/1.1 404" in body  # the second answer came on the same connection

@@ -29,6 +29,7 @@ import base64
 import logging
 import re
 import uuid
+import zlib
 from datetime import datetime, timezone
 from http import HTTPStatus
 from collections.abc import Callable
@@ -213,6 +214,23 @@ class Gateway:
             raise
         trace.raw_body = raw
         trace.body_pending = False
+        coding = headers.get("content-encoding", "").strip().lower()
+        if coding and coding != "identity":
+            trace.body = raw  # recorded as sent (base64) unless it decodes
+            if coding not in _DECODERS:
+                answer = _error(415, f"the request body's content-encoding {coding!r} is not supported",
+                                "Send it uncompressed, or compressed with gzip or deflate (see accept-encoding).")
+                answer.headers.append(("accept-encoding", "gzip, deflate"))  # RFC 9110: the codings taken
+                return self._reply(trace, tenant, function, answer)
+            try:
+                raw = trace.raw_body = _decompress(raw, coding, limit)
+            except _TooLarge:
+                return self._reply(trace, tenant, function, _error(
+                    413, f"the request body is over the {limit}-byte limit once decompressed",
+                    "Raise [limits] max_body_bytes in flux.toml, or send less."))
+            except ValueError as exc:
+                return self._reply(trace, tenant, function, _error(
+                    400, f"the request body is not valid {coding}: {exc}", "Send it as its content-encoding says."))
         try:
             body, trace.charset = _parse_body(raw, headers.get("content-type", ""))
         except ValueError as exc:
@@ -530,6 +548,35 @@ def _carries_api_key(value: str, api_keys: frozenset[str]) -> bool:
 def _is_api_key(value: str, api_keys: frozenset[str]) -> bool:
     value = value.strip()
     return value in api_keys or (value[:7].lower() == "bearer " and value[7:].strip() in api_keys)
+
+
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # wbits per coding
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _decompress(raw: bytes, coding: str, limit: int) -> bytes:
+    """A gzip or deflate (zlib) request body, decompressed: at most `limit` bytes of it are made, so a
+    small body that expands a thousandfold stops there (`_TooLarge`). A ValueError says why it does not
+    decode. Concatenated gzip members are one body, as gunzip reads them."""
+    out = bytearray()
+    data = raw
+    while data:
+        decoder = zlib.decompressobj(_DECODERS[coding])
+        try:
+            out += decoder.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise ValueError(str(exc).removeprefix("Error -3 while decompressing data: ")) from None
+        if len(out) > limit:
+            raise _TooLarge
+        if not decoder.eof:
+            raise ValueError("it ends before its compressed data does")
+        data = decoder.unused_data
+        if data and coding == "deflate":
+            raise ValueError("data follows the end of its compressed data")
+    return bytes(out)
 
 
 # Types whose bodies are bytes, whatever they hold: a function gets them exact, never as text.

@@ -1121,3 +1121,50 @@ def test_an_answer_after_the_body_was_read_keeps_the_connection_open(tmp_path, d
     [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [requests]))
     assert status == 200 and "connection" not in dict(headers)
     assert b"HTTP/1.1 404" in body  # the second answer came on the same connection
+
+
+def test_a_gzip_or_deflate_body_reaches_the_function_and_the_trace_decompressed(tmp_path, dsn, conn, trace_store):
+    import gzip
+    import zlib
+
+    write_project(tmp_path, {"body": BODY})
+    results = run(call(tmp_path, dsn, [
+        ("POST", "/body", {"data": gzip.compress(b'{"a": 1}'), "headers": {"content-type": "application/json", "content-encoding": "gzip"}}),
+        ("POST", "/body", {"data": gzip.compress(b"one ") + gzip.compress(b"two"),
+                           "headers": {"content-type": "text/plain", "content-encoding": "GZIP"}}),
+        ("POST", "/body", {"data": zlib.compress(b"caf\xe9"), "headers": {"content-type": "text/plain; charset=latin-1",
+                                                                          "content-encoding": "deflate"}}),
+    ]))
+    assert [(status, json.loads(body)) for status, _, body in results] == [
+        (200, {"text": {"a": 1}}), (200, {"text": "one two"}), (200, {"text": "caf\u00e9"})]
+    assert stored(conn, results[0][1]["x-flux-request-id"])["request"]["body"] == {"a": 1}
+
+
+def test_a_compressed_body_over_the_limit_once_decompressed_is_413_without_decompressing_the_rest(tmp_path, dsn, conn, trace_store):
+    import gzip
+
+    write_project(tmp_path, {"body": BODY}, "[limits]\nmax_body_bytes = 65536\n")
+    bomb = gzip.compress(bytes(50_000_000))  # 48 KB that expands to 50 MB
+    started = time.monotonic()
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": bomb, "headers": {"content-type": "application/octet-stream", "content-encoding": "gzip"}})]))
+    assert status == 413 and json.loads(body)["error"] == "the request body is over the 65536-byte limit once decompressed"
+    assert time.monotonic() - started < 5  # 50 MB is never made
+    assert stored(conn, headers["x-flux-request-id"])["status"] == 413
+
+
+@pytest.mark.parametrize(("coding", "data", "status", "error"), [
+    ("br", b"\x0b\x02\x80hi\x03", 415, "the request body's content-encoding 'br' is not supported"),
+    ("gzip, gzip", b"x", 415, "the request body's content-encoding 'gzip, gzip' is not supported"),
+    ("gzip", b"not gzip at all", 400, "the request body is not valid gzip: incorrect header check"),
+    ("gzip", __import__("gzip").compress(b"cut short")[:-9], 400, "the request body is not valid gzip: it ends before its compressed data does"),
+], ids=["br", "two-codings", "not-gzip", "cut-short"])
+def test_a_body_in_a_coding_flux_cannot_decode_is_refused_and_recorded_as_sent(tmp_path, dsn, conn, trace_store, coding, data, status, error):
+    write_project(tmp_path, {"body": BODY})
+    [(got, headers, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": data, "headers": {"content-type": "text/plain", "content-encoding": coding}})]))
+    assert (got, json.loads(body)["error"]) == (status, error)
+    assert status == 400 or headers["accept-encoding"] == "gzip, deflate"
+    trace = stored(conn, headers["x-flux-request-id"])
+    assert (trace["status"], trace["error"], trace["function"]) == (status, error, "body")
+    assert base64.b64decode(trace["request"]["body"]) == data

@@ -39,7 +39,7 @@ import orjson
 import psycopg
 from quart import Quart, Response, request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge, RequestTimeout
 from werkzeug.http import parse_options_header
 
 from flux.errors import FluxError, NotFoundError, from_psycopg
@@ -208,6 +208,9 @@ class Gateway:
         except RequestEntityTooLarge:
             return self._reply(trace, tenant, function, _error(413, f"the request body is over the {limit}-byte limit",
                                "Raise [limits] max_body_bytes in flux.toml, or send less."))
+        except RequestTimeout:  # Quart's BODY_TIMEOUT: its own answer was an HTML 408, unrecorded
+            return self._reply(trace, tenant, function, _error(
+                408, f"the request body did not arrive within {request.body_timeout:g} s", "Nothing ran. Send the body faster."))
         except asyncio.CancelledError:
             self._reply(trace, tenant, function, _error(CLIENT_CLOSED_REQUEST, "the client disconnected before its request body arrived",
                         "Nothing ran. The client (or a proxy in front of Flux) closed the connection."), client_gone=True)

@@ -1168,3 +1168,25 @@ def test_a_body_in_a_coding_flux_cannot_decode_is_refused_and_recorded_as_sent(t
     trace = stored(conn, headers["x-flux-request-id"])
     assert (trace["status"], trace["error"], trace["function"]) == (status, error, "body")
     assert base64.b64decode(trace["request"]["body"]) == data
+
+
+def test_a_body_slower_than_the_body_timeout_is_a_408_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store):
+    """It was Quart's HTML 408, with no request id and no trace."""
+    write_project(tmp_path, {"body": BODY})
+
+    async def scenario():
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        async with running_gateway(tmp_path, dsn, sink=writer) as (_, client):
+            client.app.config["BODY_TIMEOUT"] = 0.5  # Quart's default is 60 s
+            async with client.request("/body", method="POST", headers={"content-type": "text/plain"}) as connection:
+                await connection.send(b"the first part, and never the rest")
+                body = await asyncio.wait_for(connection.receive(), 5)
+        await writer.close()
+        return connection.status_code, body
+
+    status, body = run(scenario())
+    error = "the request body did not arrive within 0.5 s"
+    assert status == 408 and json.loads(body)["error"] == error
+    trace = stored(conn, json.loads(body)["request_id"])
+    assert (trace["status"], trace["function"], trace["error"]) == (408, "body", error)

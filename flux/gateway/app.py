@@ -227,6 +227,7 @@ class Gateway:
                 return self._reply(trace, tenant, function, answer)
             try:
                 raw = trace.raw_body = _decompress(raw, coding, limit)
+                trace.body = None  # recorded as any body is, from here
             except _TooLarge:
                 return self._reply(trace, tenant, function, _error(
                     413, f"the request body is over the {limit}-byte limit once decompressed",

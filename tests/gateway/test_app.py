@@ -1190,3 +1190,14 @@ def test_a_body_slower_than_the_body_timeout_is_a_408_with_its_request_id_and_re
     assert status == 408 and json.loads(body)["error"] == error
     trace = stored(conn, json.loads(body)["request_id"])
     assert (trace["status"], trace["function"], trace["error"]) == (408, "body", error)
+
+
+def test_a_compressed_body_that_is_not_json_once_decompressed_is_a_400_recorded_as_its_text(tmp_path, dsn, conn, trace_store):
+    import gzip
+
+    write_project(tmp_path, {"body": BODY})
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": gzip.compress(b"{not json"), "headers": {"content-type": "application/json", "content-encoding": "gzip"}})]))
+    assert status == 400 and json.loads(body)["error"].startswith("the request body is not valid JSON")
+    recorded = stored(conn, headers["x-flux-request-id"])["request"]
+    assert (recorded["body"], recorded["body_bytes"], "body_encoding" in recorded) == ("{not json", 9, False)

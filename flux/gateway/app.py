@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import logging
 import re
 import uuid
@@ -604,9 +605,16 @@ def _parse_body(raw: bytes, content_type: str) -> tuple[Any, str]:
         return raw, ""
     charset = options.get("charset") or "utf-8"
     try:
+        if codecs.lookup(charset).name in _NOT_CHARSETS:
+            raise LookupError(charset)
         return raw.decode(charset), charset
     except (LookupError, ValueError):  # not valid in its charset, or a charset Python does not know
         return raw, ""
+
+
+# Python's codecs that are no charset: they rewrite the bytes they read (`\x41` into `A`), so a body
+# declared in one would reach the function with bytes lost. Such a body is its bytes.
+_NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined"})
 
 
 def _is_json(mimetype: str) -> bool:

@@ -1201,3 +1201,11 @@ def test_a_compressed_body_that_is_not_json_once_decompressed_is_a_400_recorded_
     assert status == 400 and json.loads(body)["error"].startswith("the request body is not valid JSON")
     recorded = stored(conn, headers["x-flux-request-id"])["request"]
     assert (recorded["body"], recorded["body_bytes"], "body_encoding" in recorded) == ("{not json", 9, False)
+
+
+@pytest.mark.parametrize("charset", ["unicode_escape", "raw-unicode-escape", "idna", "punycode"])
+def test_a_body_declared_in_a_python_codec_that_is_no_charset_reaches_the_function_as_its_bytes(tmp_path, dsn, conn, trace_store, charset):
+    write_project(tmp_path, {"body": BODY})
+    [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": b"\\x41-b", "headers": {"content-type": f"text/plain; charset={charset}"}})]))
+    assert (status, json.loads(body)) == (200, {"bytes": list(b"\\x41-b")})

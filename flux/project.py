@@ -104,6 +104,11 @@ class Project:
     def route(self, method: str, path: str) -> str | None:
         return self.routes.get((method.upper(), path.rstrip("/") or "/"))
 
+    def methods_at(self, path: str) -> list[str]:
+        """The methods routed at `path`, sorted: what a 405's Allow lists (empty: the path has no route)."""
+        path = path.rstrip("/") or "/"
+        return sorted(method for method, at in self.routes if at == path)
+
     def reload(self) -> Project:
         return load_project(self.root)
 

@@ -40,6 +40,11 @@ QueueTimeoutOption = Annotated[
     typer.Option("--queue-timeout", min=0.001, show_default=False, help="Seconds a request may wait for a worker before "
                  "it is answered 503 with Retry-After. Default: as long as its client waits."),
 ]
+KeepAliveOption = Annotated[
+    float,
+    typer.Option("--keep-alive", min=0.1, help="Seconds an idle HTTP/1.1 connection stays open: keep it above the idle "
+                 "timeout of a load balancer in front (60 s for AWS ALB and nginx), or it may reuse one just closed (a 502)."),
+]
 PoolOption = Annotated[int, typer.Option("--pool-size", min=0, help="Warm isolates kept ready per function.")]
 ProjectOption = Annotated[Path | None, typer.Option("--project", help="The project directory (holding flux.toml); by default, "
                                              "the one enclosing the current directory.", show_default=False)]
@@ -49,6 +54,7 @@ RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write 
 def run_stack(
     *, dsn: str, root: Path | None, host: str, port: int, workers: int, pool_size: int, record: bool,
     reload: bool, engine: bool, on_ready=None, max_queue: int | None = None, queue_timeout: float | None = None,
+    keep_alive: float | None = None,
 ) -> None:
     from flux.cdc.engine import Engine, EngineConfig
 
@@ -72,7 +78,8 @@ def run_stack(
             from flux.gateway.server import ServeConfig, serve
 
             config = ServeConfig(root=root, dsn=dsn, host=host, port=port, workers=workers, pool_size=pool_size,
-                                 record=record, reload=reload, max_queue=max_queue, queue_timeout=queue_timeout)
+                                 record=record, reload=reload, max_queue=max_queue, queue_timeout=queue_timeout,
+                                 **({} if keep_alive is None else {"keep_alive": keep_alive}))
             asyncio.run(serve(config, on_ready=on_ready, engine_status=cdc.status if cdc is not None else None))
         elif cdc is not None:
             import signal
@@ -103,6 +110,7 @@ def serve(
     workers: WorkersOption = 64,
     max_queue: MaxQueueOption = None,
     queue_timeout: QueueTimeoutOption = None,
+    keep_alive: KeepAliveOption = 75.0,
     pool_size: PoolOption = 4,
     record: RecordOption = True,
     attach_all: Annotated[bool, typer.Option("--attach", help="First attach Flux to every table of the database (idempotent; "
@@ -134,7 +142,8 @@ def serve(
         console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
 
     run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=record,
-              reload=reload, engine=engine, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout)
+              reload=reload, engine=engine, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout,
+              keep_alive=keep_alive)
 
 
 def _given_project(directory: Path) -> Path:

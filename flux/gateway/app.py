@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import logging
 import re
 import uuid
+import zlib
 from datetime import datetime, timezone
 from http import HTTPStatus
 from collections.abc import Callable
@@ -38,7 +40,7 @@ import orjson
 import psycopg
 from quart import Quart, Response, request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge, RequestTimeout
 from werkzeug.http import parse_options_header
 
 from flux.errors import FluxError, NotFoundError, from_psycopg
@@ -175,6 +177,10 @@ class Gateway:
         client = request.scope.get("client")
         trace = _Trace(request_id, started_at, clock, gateway, method, path, headers, functions, _query(request.args),
                        client[0] if client else None)
+        # Until its body is read, an answer leaves a body behind, and Hypercorn then closes an HTTP/1.1
+        # connection: the answer says so (`connection: close`), or a keep-alive client would reuse it.
+        trace.body_pending = request.http_version == "1.1" and (
+            bool(request.content_length) or "chunked" in headers.get("transfer-encoding", "").lower())
         tenant = project.tenant_for_key(_api_key(headers))
         if tenant is None:
             return self._reply(trace, None, None, _error(401, "missing or invalid API key",
@@ -182,8 +188,14 @@ class Gateway:
         trace.tenant = tenant
         function = project.route(method, path)
         if function is None:
-            return self._reply(trace, tenant, None, _error(404, f"no function is routed at {method} {path}",
-                               "Routes come from [routes] in flux.toml; the default is POST /<function>."))
+            allowed = project.methods_at(path)
+            if not allowed:
+                return self._reply(trace, tenant, None, _error(404, f"no function is routed at {method} {path}",
+                                   "Routes come from [routes] in flux.toml; the default is POST /<function>."))
+            answer = _error(405, f"no function is routed at {method} {path}; the routes at this path take {', '.join(allowed)}",
+                            "Send one of those methods, or route this one in [routes] in flux.toml.")
+            answer.headers.append(("allow", ", ".join(allowed)))  # RFC 9110: a 405 lists what the path takes
+            return self._reply(trace, tenant, None, answer)
         pool = functions.pools[function]
         trace.function = functions.compiled[function]
         if self._full():  # refused before its body is read: under overload, no time or memory spent on it
@@ -197,11 +209,33 @@ class Gateway:
         except RequestEntityTooLarge:
             return self._reply(trace, tenant, function, _error(413, f"the request body is over the {limit}-byte limit",
                                "Raise [limits] max_body_bytes in flux.toml, or send less."))
+        except RequestTimeout:  # Quart's BODY_TIMEOUT: its own answer was an HTML 408, unrecorded
+            return self._reply(trace, tenant, function, _error(
+                408, f"the request body did not arrive within {request.body_timeout:g} s", "Nothing ran. Send the body faster."))
         except asyncio.CancelledError:
             self._reply(trace, tenant, function, _error(CLIENT_CLOSED_REQUEST, "the client disconnected before its request body arrived",
                         "Nothing ran. The client (or a proxy in front of Flux) closed the connection."), client_gone=True)
             raise
         trace.raw_body = raw
+        trace.body_pending = False
+        coding = headers.get("content-encoding", "").strip().lower()
+        if coding and coding != "identity":
+            trace.body = raw  # recorded as sent (base64) unless it decodes
+            if coding not in _DECODERS:
+                answer = _error(415, f"the request body's content-encoding {coding!r} is not supported",
+                                "Send it uncompressed, or compressed with gzip or deflate (see accept-encoding).")
+                answer.headers.append(("accept-encoding", "gzip, deflate"))  # RFC 9110: the codings taken
+                return self._reply(trace, tenant, function, answer)
+            try:
+                raw = trace.raw_body = _decompress(raw, coding, limit)
+                trace.body = None  # recorded as any body is, from here
+            except _TooLarge:
+                return self._reply(trace, tenant, function, _error(
+                    413, f"the request body is over the {limit}-byte limit once decompressed",
+                    "Raise [limits] max_body_bytes in flux.toml, or send less."))
+            except ValueError as exc:
+                return self._reply(trace, tenant, function, _error(
+                    400, f"the request body is not valid {coding}: {exc}", "Send it as its content-encoding says."))
         try:
             body, trace.charset = _parse_body(raw, headers.get("content-type", ""))
         except ValueError as exc:
@@ -329,6 +363,8 @@ class Gateway:
         headers = [(k, v) for k, v in execution.headers if k != REQUEST_ID_HEADER]
         typed = any(k == "content-type" for k, _ in headers)  # the function's content-type wins
         headers.append((REQUEST_ID_HEADER, trace.request_id))
+        if trace.body_pending:
+            headers.append(("connection", "close"))
         secrets = tenant.secrets if tenant else {}
         body = execution.body
         if execution.error is not None:  # Flux's own error bodies
@@ -382,6 +418,7 @@ class _Trace:
         self.raw_body: bytes | None = None
         self.body: Any = None  # bytes for a body that is not text
         self.charset = "utf-8"  # a text body's
+        self.body_pending = False  # an HTTP/1.1 body not read (yet): an answer now closes the connection
 
     def record(self, execution: Execution, function: str | None, status: int, headers: list[tuple[str, str]],
                payload: bytes, secrets: dict[str, str], *, client_gone: bool = False) -> TraceRecord:
@@ -518,6 +555,35 @@ def _is_api_key(value: str, api_keys: frozenset[str]) -> bool:
     return value in api_keys or (value[:7].lower() == "bearer " and value[7:].strip() in api_keys)
 
 
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # wbits per coding
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _decompress(raw: bytes, coding: str, limit: int) -> bytes:
+    """A gzip or deflate (zlib) request body, decompressed: at most `limit` bytes of it are made, so a
+    small body that expands a thousandfold stops there (`_TooLarge`). A ValueError says why it does not
+    decode. Concatenated gzip members are one body, as gunzip reads them."""
+    out = bytearray()
+    data = raw
+    while data:
+        decoder = zlib.decompressobj(_DECODERS[coding])
+        try:
+            out += decoder.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise ValueError(str(exc).removeprefix("Error -3 while decompressing data: ")) from None
+        if len(out) > limit:
+            raise _TooLarge
+        if not decoder.eof:
+            raise ValueError("it ends before its compressed data does")
+        data = decoder.unused_data
+        if data and coding == "deflate":
+            raise ValueError("data follows the end of its compressed data")
+    return bytes(out)
+
+
 # Types whose bodies are bytes, whatever they hold: a function gets them exact, never as text.
 _BINARY_TYPES = frozenset({"application/octet-stream", "application/pdf", "application/zip", "application/gzip",
                            "application/wasm", "application/protobuf", "application/x-protobuf", "application/msgpack"})
@@ -533,15 +599,29 @@ def _parse_body(raw: bytes, content_type: str) -> tuple[Any, str]:
         return _json(raw), "utf-8"
     mimetype, options = parse_options_header(content_type)
     mimetype = mimetype.lower()
-    if "json" in mimetype:  # JSON is UTF-8 (RFC 8259); application/json defines no charset
+    if _is_json(mimetype):  # JSON is UTF-8 (RFC 8259); application/json defines no charset
         return _json(raw), "utf-8"
     if mimetype in _BINARY_TYPES or mimetype.startswith(_BINARY_FAMILIES):
         return raw, ""
     charset = options.get("charset") or "utf-8"
     try:
+        if codecs.lookup(charset).name in _NOT_CHARSETS:
+            raise LookupError(charset)
         return raw.decode(charset), charset
     except (LookupError, ValueError):  # not valid in its charset, or a charset Python does not know
         return raw, ""
+
+
+# Python's codecs that are no charset: they rewrite the bytes they read (`\x41` into `A`), so a body
+# declared in one would reach the function with bytes lost. Such a body is its bytes.
+_NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined"})
+
+
+def _is_json(mimetype: str) -> bool:
+    """application/json, text/json and the +json types (RFC 6839: vnd.api+json, problem+json). Not every
+    type that says json: JSON Lines (x-ndjson, jsonl) and json-seq are several documents, read as text."""
+    _, _, subtype = mimetype.partition("/")
+    return subtype in ("json", "x-json") or subtype.endswith("+json")
 
 
 MAX_BODY_DEPTH = 200  # JSON nesting a request body may have: orjson writes 254 levels at most, and the runtime adds some
@@ -650,6 +730,12 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     @app.route("/<path:path>", methods=_METHODS)
     async def _function(path: str) -> Response:
         return await gateway.handle(request.method, "/" + path)
+
+    @app.errorhandler(MethodNotAllowed)
+    async def _other_method(_: MethodNotAllowed) -> Response:
+        # A method no rule lists (PROPFIND, TRACE, ...): Quart's answer was an HTML 405 with no request
+        # id, unrecorded, whose Allow named every method. The gateway answers it as any unrouted request.
+        return await gateway.handle(request.method, request.path)
 
     return app
 

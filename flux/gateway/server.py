@@ -43,6 +43,10 @@ from flux.store import retention
 
 log = logging.getLogger("flux.gateway")
 
+# Idle HTTP/1.1 connections stay open longer than the load balancers in front keep theirs (AWS ALB
+# and nginx: 60 s): with Hypercorn's 5 s, a balancer reused a connection the gateway had just closed,
+# and answered its client 502.
+KEEP_ALIVE_SECONDS = 75.0
 HURRIED_DRAIN_SECONDS = 1.0  # after a second stop signal, what the trace drain still gets
 CLOSE_SECONDS = 5.0  # closing the database pool (psycopg_pool's own default)
 
@@ -77,6 +81,7 @@ class ServeConfig:
     drain_timeout: float = 10.0
     max_queue: int | None = None  # requests that may wait for a worker; None: 4 per worker (see Gateway)
     queue_timeout: float | None = None  # seconds one may wait; None: as long as its client does
+    keep_alive: float = KEEP_ALIVE_SECONDS  # seconds an idle HTTP/1.1 connection stays open
 
 
 def ensure_store(dsn: str, *, record: bool = True, retention: Retention | None = None) -> None:
@@ -245,6 +250,7 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn serves the sockets bound above
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.keep_alive_timeout = config.keep_alive
     set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout)
     gateway.reload_hooks.append(lambda project: set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout))
     watcher = asyncio.create_task(_watch(gateway, shutdown, dsn=config.dsn)) if config.reload else None

@@ -508,3 +508,36 @@ def test_with_the_worker_queue_full_a_request_is_refused_503_before_its_body_arr
         proc.communicate(timeout=60)
     assert head.startswith("HTTP/1.1 503") and "retry-after: 1" in head.lower() and "x-flux-request-id" in head.lower(), head
     assert statuses == [503, 504]
+
+
+def _idle_connection_open_after(port: int, idle: float) -> bool:
+    """Whether a keep-alive connection that served one request still serves a second after `idle` seconds."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/_flux/health")
+        assert conn.getresponse().read()
+        time.sleep(idle)
+        try:
+            conn.request("GET", "/_flux/health")  # on the same connection: http.client opens no other
+            return conn.getresponse().status == 200
+        except (http.client.RemoteDisconnected, ConnectionError):  # the server had closed it
+            return False
+    finally:
+        conn.close()
+
+
+def test_serve_keeps_an_idle_connection_past_hypercorns_5_s_and_as_long_as_keep_alive_says(tmp_path, dsn):
+    """Behind a load balancer whose idle timeout is 60 s, a connection closed after 5 s idle was one
+    the balancer could reuse as it closed: its client got a 502."""
+    project = write_project(tmp_path, {"hello": HELLO})
+    results = []
+    for args, idle in [((), 6.0), (("--keep-alive", "1"), 2.0)]:
+        proc, port = start_serve(project, "--database", dsn, "--no-engine", *args)
+        try:
+            results.append(_idle_connection_open_after(port, idle))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    assert results == [True, False]

@@ -1054,3 +1054,158 @@ def test_requests_within_max_queue_wait_for_a_worker_and_run(tmp_path, dsn, conn
     write_project(tmp_path, {"slow": SLOW})
     answers, health = run(_three_at_once(tmp_path, dsn, max_queue=2))
     assert [a[0] for a in answers] == [200, 200, 200] and health["refused"] == 0
+
+
+ECHO_BODY = """
+export default async function (req) {
+  return {status: 200, body: {body: req.body instanceof Uint8Array ? Array.from(req.body) : req.body}};
+}
+"""
+
+
+@pytest.mark.parametrize("method", ["DELETE", "HEAD", "OPTIONS", "PROPFIND", "FOO"])
+def test_a_method_the_path_has_no_route_for_is_a_405_that_lists_the_routed_methods_and_is_recorded(tmp_path, dsn, conn, trace_store, method):
+    write_project(tmp_path, {"echo": ECHO_BODY}, '[routes]\n"GET /echo" = "echo"\n')
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http(method, "/echo/")]))
+    assert (status, dict(headers)["allow"]) == (405, "GET, POST")
+    assert method == "HEAD" or json.loads(body)["error"].startswith(f"no function is routed at {method} /echo/;")
+    trace = stored(conn, dict(headers)["x-flux-request-id"])
+    assert (trace["method"], trace["status"], trace["function"], trace["response"]["headers"]["allow"]) == (method, 405, None, "GET, POST")
+
+
+@pytest.mark.parametrize("method", ["GET", "PROPFIND"])
+def test_a_path_with_no_route_is_a_404_for_any_method_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store, method):
+    write_project(tmp_path, {"echo": ECHO_BODY})
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http(method, "/nowhere")]))
+    assert status == 404 and "allow" not in dict(headers)
+    assert json.loads(body)["error"] == f"no function is routed at {method} /nowhere"
+    assert stored(conn, dict(headers)["x-flux-request-id"])["status"] == 404
+
+
+@pytest.mark.parametrize(("content_type", "seen"), [
+    ("application/x-ndjson", {"text": '{"a":1}\n{"a":2}\n'}),
+    ("application/jsonl", {"text": '{"a":1}\n{"a":2}\n'}),
+    ("application/json-seq", {"text": '{"a":1}\n{"a":2}\n'}),
+])
+def test_a_json_lines_body_is_text_not_one_json_document(tmp_path, dsn, conn, trace_store, content_type, seen):
+    write_project(tmp_path, {"body": BODY})
+    [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": b'{"a":1}\n{"a":2}\n', "headers": {"content-type": content_type}})]))
+    assert (status, json.loads(body)) == (200, seen)
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json", "Text/JSON"])
+def test_a_json_type_in_any_form_is_parsed(tmp_path, dsn, conn, trace_store, content_type):
+    write_project(tmp_path, {"body": BODY})
+    [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {"data": b'{"a": 1}', "headers": {"content-type": content_type}})]))
+    assert (status, json.loads(body)) == (200, {"text": {"a": 1}})
+
+
+@pytest.mark.parametrize("path", ["/echo", "/nowhere"])
+def test_an_answer_given_before_the_body_is_read_tells_the_client_the_connection_closes(tmp_path, dsn, conn, trace_store, path):
+    # A 413 (the announced length is over the limit) or a 404 does not read the body; the server then
+    # closes the connection, and a keep-alive client (a proxy's pool) must be told not to reuse it.
+    write_project(tmp_path, {"echo": ECHO_BODY}, "[limits]\nmax_body_bytes = 1024\n")
+    head = f"POST {path} HTTP/1.1\r\nhost: flux\r\ncontent-type: text/plain\r\ncontent-length: 1000000\r\n\r\n".encode()
+    [(status, headers, _)] = run(on_the_wire(tmp_path, dsn, [head]))  # the body never comes
+    assert status in (404, 413) and dict(headers)["connection"] == "close"
+    trace = stored(conn, dict(headers)["x-flux-request-id"])
+    assert trace["status"] == status and trace["response"]["headers"]["connection"] == "close"
+
+
+def test_an_answer_after_the_body_was_read_keeps_the_connection_open(tmp_path, dsn, conn, trace_store):
+    write_project(tmp_path, {"echo": ECHO_BODY})
+
+    requests = (b"POST /echo HTTP/1.1\r\nhost: flux\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nhi"
+                + http("POST", "/nowhere", body=b"x"))
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [requests]))
+    assert status == 200 and "connection" not in dict(headers)
+    assert b"HTTP/1.1 404" in body  # the second answer came on the same connection
+
+
+def test_a_gzip_or_deflate_body_reaches_the_function_and_the_trace_decompressed(tmp_path, dsn, conn, trace_store):
+    import gzip
+    import zlib
+
+    write_project(tmp_path, {"body": BODY})
+    results = run(call(tmp_path, dsn, [
+        ("POST", "/body", {"data": gzip.compress(b'{"a": 1}'), "headers": {"content-type": "application/json", "content-encoding": "gzip"}}),
+        ("POST", "/body", {"data": gzip.compress(b"one ") + gzip.compress(b"two"),
+                           "headers": {"content-type": "text/plain", "content-encoding": "GZIP"}}),
+        ("POST", "/body", {"data": zlib.compress(b"caf\xe9"), "headers": {"content-type": "text/plain; charset=latin-1",
+                                                                          "content-encoding": "deflate"}}),
+    ]))
+    assert [(status, json.loads(body)) for status, _, body in results] == [
+        (200, {"text": {"a": 1}}), (200, {"text": "one two"}), (200, {"text": "caf\u00e9"})]
+    assert stored(conn, results[0][1]["x-flux-request-id"])["request"]["body"] == {"a": 1}
+
+
+def test_a_compressed_body_over_the_limit_once_decompressed_is_413_without_decompressing_the_rest(tmp_path, dsn, conn, trace_store):
+    import gzip
+
+    write_project(tmp_path, {"body": BODY}, "[limits]\nmax_body_bytes = 65536\n")
+    bomb = gzip.compress(bytes(50_000_000))  # 48 KB that expands to 50 MB
+    started = time.monotonic()
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": bomb, "headers": {"content-type": "application/octet-stream", "content-encoding": "gzip"}})]))
+    assert status == 413 and json.loads(body)["error"] == "the request body is over the 65536-byte limit once decompressed"
+    assert time.monotonic() - started < 5  # 50 MB is never made
+    assert stored(conn, headers["x-flux-request-id"])["status"] == 413
+
+
+@pytest.mark.parametrize(("coding", "data", "status", "error"), [
+    ("br", b"\x0b\x02\x80hi\x03", 415, "the request body's content-encoding 'br' is not supported"),
+    ("gzip, gzip", b"x", 415, "the request body's content-encoding 'gzip, gzip' is not supported"),
+    ("gzip", b"not gzip at all", 400, "the request body is not valid gzip: incorrect header check"),
+    ("gzip", __import__("gzip").compress(b"cut short")[:-9], 400, "the request body is not valid gzip: it ends before its compressed data does"),
+], ids=["br", "two-codings", "not-gzip", "cut-short"])
+def test_a_body_in_a_coding_flux_cannot_decode_is_refused_and_recorded_as_sent(tmp_path, dsn, conn, trace_store, coding, data, status, error):
+    write_project(tmp_path, {"body": BODY})
+    [(got, headers, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": data, "headers": {"content-type": "text/plain", "content-encoding": coding}})]))
+    assert (got, json.loads(body)["error"]) == (status, error)
+    assert status == 400 or headers["accept-encoding"] == "gzip, deflate"
+    trace = stored(conn, headers["x-flux-request-id"])
+    assert (trace["status"], trace["error"], trace["function"]) == (status, error, "body")
+    assert base64.b64decode(trace["request"]["body"]) == data
+
+
+def test_a_body_slower_than_the_body_timeout_is_a_408_with_its_request_id_and_recorded(tmp_path, dsn, conn, trace_store):
+    """It was Quart's HTML 408, with no request id and no trace."""
+    write_project(tmp_path, {"body": BODY})
+
+    async def scenario():
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        async with running_gateway(tmp_path, dsn, sink=writer) as (_, client):
+            client.app.config["BODY_TIMEOUT"] = 0.5  # Quart's default is 60 s
+            async with client.request("/body", method="POST", headers={"content-type": "text/plain"}) as connection:
+                await connection.send(b"the first part, and never the rest")
+                body = await asyncio.wait_for(connection.receive(), 5)
+        await writer.close()
+        return connection.status_code, body
+
+    status, body = run(scenario())
+    error = "the request body did not arrive within 0.5 s"
+    assert status == 408 and json.loads(body)["error"] == error
+    trace = stored(conn, json.loads(body)["request_id"])
+    assert (trace["status"], trace["function"], trace["error"]) == (408, "body", error)
+
+
+def test_a_compressed_body_that_is_not_json_once_decompressed_is_a_400_recorded_as_its_text(tmp_path, dsn, conn, trace_store):
+    import gzip
+
+    write_project(tmp_path, {"body": BODY})
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": gzip.compress(b"{not json"), "headers": {"content-type": "application/json", "content-encoding": "gzip"}})]))
+    assert status == 400 and json.loads(body)["error"].startswith("the request body is not valid JSON")
+    recorded = stored(conn, headers["x-flux-request-id"])["request"]
+    assert (recorded["body"], recorded["body_bytes"], "body_encoding" in recorded) == ("{not json", 9, False)
+
+
+@pytest.mark.parametrize("charset", ["unicode_escape", "raw-unicode-escape", "idna", "punycode"])
+def test_a_body_declared_in_a_python_codec_that_is_no_charset_reaches_the_function_as_its_bytes(tmp_path, dsn, conn, trace_store, charset):
+    write_project(tmp_path, {"body": BODY})
+    [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
+        "data": b"\\x41-b", "headers": {"content-type": f"text/plain; charset={charset}"}})]))
+    assert (status, json.loads(body)) == (200, {"bytes": list(b"\\x41-b")})

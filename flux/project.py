@@ -102,12 +102,16 @@ class Project:
         return None
 
     def route(self, method: str, path: str) -> str | None:
-        return self.routes.get((method.upper(), path.rstrip("/") or "/"))
+        """The function routed at `method path`. A GET route answers HEAD too, as RFC 9110 asks of a
+        server (the function sees `req.method` HEAD); a `"HEAD /path"` route of its own comes first."""
+        method, path = method.upper(), path.rstrip("/") or "/"
+        return self.routes.get((method, path)) or (self.routes.get(("GET", path)) if method == "HEAD" else None)
 
     def methods_at(self, path: str) -> list[str]:
         """The methods routed at `path`, sorted: what a 405's Allow lists (empty: the path has no route)."""
         path = path.rstrip("/") or "/"
-        return sorted(method for method, at in self.routes if at == path)
+        methods = {method for method, at in self.routes if at == path}
+        return sorted(methods | {"HEAD"} if "GET" in methods else methods)
 
     def reload(self) -> Project:
         return load_project(self.root)

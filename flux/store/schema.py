@@ -31,6 +31,11 @@ schema, so writing traces never feeds the engine.
 
 Versions: `flux.meta.schema_version`. `ensure_schema` creates the current version, or upgrades
 an older one in place (`_MIGRATIONS`), under an advisory lock so concurrent starts do it once.
+An upgrade builds its indexes CONCURRENTLY, step by idempotent step, so that it neither holds
+the engine's and the gateway's writes back nor leaves anything half done that a re-run would not
+finish. Not guaranteed: a catalog change (ADD COLUMN, the v4 primary-key swap) still takes ACCESS
+EXCLUSIVE for a moment, and gives up after `_LOCK_TRIES` waits of LOCK_TIMEOUT behind a long
+transaction (the next start tries again).
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ CREATE TABLE IF NOT EXISTS flux.trace_requests (
 CREATE INDEX IF NOT EXISTS trace_requests_started_idx ON flux.trace_requests (started_at);
 CREATE INDEX IF NOT EXISTS trace_requests_tenant_started_idx ON flux.trace_requests (tenant, started_at);
 CREATE INDEX IF NOT EXISTS trace_requests_function_started_idx ON flux.trace_requests (function, started_at);
+CREATE INDEX IF NOT EXISTS trace_requests_status_started_idx ON flux.trace_requests (status, started_at);
 """
 
 
@@ -172,8 +178,10 @@ _MIGRATIONS: dict[int, tuple[_Sql | _Index | _DropIndex, ...]] = {
     # v5 records the old key of a key-changing UPDATE (a nullable column: a catalog change only).
     5: (_Sql("ALTER TABLE flux.state_mutations ADD COLUMN IF NOT EXISTS old_row_key jsonb"),
         _Index("state_mutations_old_row_hash_idx")),
-    # v6 indexes truncates, for row histories.
-    6: (_Index("state_mutations_truncate_idx"),),
+    # v6 indexes truncates, for row histories, and traces by status: `flux requests --status 418`
+    # (or a class no recent request had) read every trace.
+    6: (_Index("state_mutations_truncate_idx"),
+        _Index("trace_requests_status_started_idx", "ON flux.trace_requests (status, started_at)")),
 }
 
 DDL = """

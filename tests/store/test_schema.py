@@ -15,6 +15,7 @@ from flux.store.schema import SCHEMA_VERSION, ensure_schema, schema_version
 # Each older version as its DDL left the log: a current schema taken back step by step.
 V5_LOG = """
 DROP INDEX flux.state_mutations_truncate_idx;
+DROP INDEX flux.trace_requests_status_started_idx;
 UPDATE flux.meta SET value = '5' WHERE key = 'schema_version';
 """
 
@@ -131,6 +132,7 @@ def test_ensure_schema_upgrades_v5_to_v6_indexing_truncates_and_keeps_the_log(co
     assert ensure_schema(conn) is True
     assert schema_version(conn) == SCHEMA_VERSION
     assert "state_mutations_truncate_idx" in _indexes(conn)
+    assert _valid(conn, "trace_requests_status_started_idx") is True
     history = queries.row_history(conn, "public", "users", id_value="7")
     assert [m.new for m in history.mutations] == [{"id": 7}]
 

@@ -334,6 +334,29 @@ def test_an_upgrade_stopped_after_its_primary_key_swap_resumes_without_rebuildin
     assert "state_mutations_table_lsn_idx" not in _indexes(conn)
 
 
+def test_an_upgrade_waiting_for_its_moment_of_exclusive_lock_gives_way_to_writes_between_tries(conn, dsn, monkeypatch):
+    """v5's ADD COLUMN behind a long reader: a lock request that waited for good would queue every
+    write of the engine behind it; a try waits LOCK_TIMEOUT, then the request is withdrawn a while."""
+    monkeypatch.setattr(schema, "LOCK_TIMEOUT", "200ms")
+    _with_one_recorded_user(conn, _as_v4)
+    with psycopg.connect(dsn) as reading, psycopg.connect(dsn, autocommit=True) as upgrading:
+        reading.execute("SELECT count(*) FROM flux.state_mutations")  # holds ACCESS SHARE until it ends
+        pid = upgrading.info.backend_pid
+        waits: list[bool] = []
+        with ThreadPoolExecutor(1) as pool:
+            upgrade = pool.submit(ensure_schema, upgrading)
+            try:
+                deadline = time.monotonic() + 2
+                while time.monotonic() < deadline:
+                    waits.append(("AccessExclusiveLock", False) in _locks(conn, pid))
+                    time.sleep(0.01)
+            finally:
+                reading.rollback()
+            assert upgrade.result(timeout=30) is True
+    assert True in waits and False in waits[waits.index(True):]  # it waited, then let go
+    assert schema_version(conn) == SCHEMA_VERSION
+
+
 def test_an_upgrade_in_a_callers_transaction_builds_its_indexes_in_it(conn):
     _with_one_recorded_user(conn, _as_v4)
     with conn.transaction():

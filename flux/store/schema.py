@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import errors, pq
 
-from flux.errors import ConfigError
+from flux.errors import ConfigError, from_psycopg
 
 SCHEMA = "flux"
 SCHEMA_VERSION = 6
@@ -364,9 +364,13 @@ def _run(conn: psycopg.Connection, step: _Sql | _Index | _DropIndex, *, concurre
                     conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                     conn.execute(step.text)
                 return
-            except errors.LockNotAvailable:
+            except errors.LockNotAvailable as exc:
                 if attempt == _LOCK_TRIES:
-                    raise
+                    raise from_psycopg(
+                        exc, "Could not upgrade the flux schema: a long transaction holds its tables",
+                        hint="Find it in pg_stat_activity and let it end, then start again: the upgrade resumes where it stopped.",
+                        retryable=True,
+                    ) from exc
                 time.sleep(0.5)
 
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from flux.errors import ConfigError
+from flux.errors import ConfigError, DatabaseError
 from flux.store import queries, schema
 from flux.store.schema import SCHEMA_VERSION, ensure_schema, schema_version
 
@@ -355,6 +355,19 @@ def test_an_upgrade_waiting_for_its_moment_of_exclusive_lock_gives_way_to_writes
             assert upgrade.result(timeout=30) is True
     assert True in waits and False in waits[waits.index(True):]  # it waited, then let go
     assert schema_version(conn) == SCHEMA_VERSION
+
+
+def test_an_upgrade_that_never_gets_its_moment_of_exclusive_lock_says_what_holds_it_back(conn, dsn, monkeypatch):
+    monkeypatch.setattr(schema, "LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(schema, "_LOCK_TRIES", 2)
+    _with_one_recorded_user(conn, _as_v4)
+    with psycopg.connect(dsn) as reading:
+        reading.execute("SELECT count(*) FROM flux.state_mutations")
+        with pytest.raises(DatabaseError) as err:
+            ensure_schema(conn)
+    assert err.value.retryable and "pg_stat_activity" in err.value.hint
+    assert schema_version(conn) == 4
+    assert ensure_schema(conn) is True  # the next start resumes
 
 
 def test_an_upgrade_in_a_callers_transaction_builds_its_indexes_in_it(conn):

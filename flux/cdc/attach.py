@@ -33,7 +33,7 @@ from flux.cdc.publication import (
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
-from flux.store.schema import ensure_schema
+from flux.store.schema import ensure_schema, schema_version
 
 log = logging.getLogger("flux.cdc")
 
@@ -161,10 +161,13 @@ def attach(
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
         schema_mode = all_tables and superuser and conn.info.server_version >= SCHEMA_PUBLICATION_VERSION
         try:
+            # An older schema is upgraded outside the transaction below, so that its indexes are
+            # built concurrently (the engine keeps writing); an upgrade stopped half-way is resumed.
+            upgraded = schema_version(conn) is not None and ensure_schema(conn)
             # One transaction: no instant where a table is half set up (e.g. moved from the
             # table list to a schema entry) and a write slips through uncaptured.
             with conn.transaction():
-                if ensure_schema(conn):
+                if ensure_schema(conn) or upgraded:
                     result.created.append("schema flux")
                 _check_names_are_flux(conn, slot, publication)
                 schemas = user_schemas(conn) if schema_mode else None

@@ -15,6 +15,7 @@ import typer
 from psycopg.conninfo import conninfo_to_dict
 
 from flux.errors import ConfigError, ConnectionLostError, ServerNotReadyError, from_psycopg
+from flux.store.queries import no_jit
 
 DatabaseOption = Annotated[
     str | None,
@@ -154,6 +155,7 @@ def connect(database: str | None, *, failing: str) -> Iterator[psycopg.Connectio
     with reaching(db):
         try:
             with psycopg.connect(db.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                no_jit(conn)
                 yield conn
         except psycopg.Error as exc:
             raise from_psycopg(exc, failing) from exc

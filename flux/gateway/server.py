@@ -36,6 +36,7 @@ from flux import STOP_SIGNALS
 from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, from_psycopg
 from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
+from flux.store.queries import no_jit
 from flux.project import Project, Retention, load_project
 from flux.runtime.fetch import AiohttpTransport
 from flux.runtime.host import DbPool
@@ -109,6 +110,7 @@ def trace_reader(dsn: str) -> Callable[[str, str | None, dict[str, str]], Awaita
         # Bounded: a server that accepts and says nothing would hold a thread of the loop's default
         # executor, which also makes and frees isolates, for good.
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+            no_jit(conn)
             if request_id is not None:
                 return traces.get_trace(conn, request_id, tenant=tenant)
             since = args.get("since_seconds")

@@ -31,16 +31,25 @@ schema, so writing traces never feeds the engine.
 
 Versions: `flux.meta.schema_version`. `ensure_schema` creates the current version, or upgrades
 an older one in place (`_MIGRATIONS`), under an advisory lock so concurrent starts do it once.
+An upgrade builds its indexes CONCURRENTLY, step by idempotent step, so that it neither holds
+the engine's and the gateway's writes back nor leaves anything half done that a re-run would not
+finish. Not guaranteed: a catalog change (ADD COLUMN, the v4 primary-key swap) still takes ACCESS
+EXCLUSIVE for a moment, and gives up after `_LOCK_TRIES` waits of LOCK_TIMEOUT behind a long
+transaction (the next start tries again).
 """
 
 from __future__ import annotations
 
-import psycopg
+import time
+from dataclasses import dataclass
 
-from flux.errors import ConfigError
+import psycopg
+from psycopg import errors, pq
+
+from flux.errors import ConfigError, from_psycopg
 
 SCHEMA = "flux"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # jsonb_hash_extended and hashtextextended are the functions hash partitioning relies on, so
 # their values are stable across PostgreSQL versions.
@@ -48,36 +57,42 @@ ROW_HASH = """
 CREATE OR REPLACE FUNCTION flux.row_hash(schema_name text, table_name text, row_key jsonb) RETURNS bigint
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN hashtextextended(table_name, jsonb_hash_extended(row_key, hashtextextended(schema_name, 0)));
--- History of one row, in order; readers also compare schema, table and row_key exactly.
-CREATE INDEX IF NOT EXISTS state_mutations_row_hash_idx
-    ON flux.state_mutations (flux.row_hash(schema_name, table_name, row_key), commit_lsn, seq);
--- Everything one request did; text_pattern_ops also serves request-id prefix lookups.
-CREATE INDEX IF NOT EXISTS state_mutations_request_idx
-    ON flux.state_mutations (request_id text_pattern_ops) WHERE request_id IS NOT NULL;
 """
 
-# The indexes v4 added; its migration also moves the primary key to (commit_lsn, seq).
 TABLE_HASH = """
 CREATE OR REPLACE FUNCTION flux.table_hash(schema_name text, table_name text) RETURNS bigint
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN hashtextextended(table_name, hashtextextended(schema_name, 0));
--- Blame without a key: the latest changes of a table (scanned backwards); readers also compare the names.
-CREATE INDEX IF NOT EXISTS state_mutations_table_hash_idx
-    ON flux.state_mutations (flux.table_hash(schema_name, table_name), commit_lsn, seq);
--- Lookups by id: ids increase in insert order, so block ranges summarise them well.
-CREATE INDEX IF NOT EXISTS state_mutations_id_idx ON flux.state_mutations USING brin (id);
 """
 
-# v5: an UPDATE that changes the primary key also carries the old key, so that the history of
-# the old key ends with it. Few rows have one, so the index is partial and costs the engine
-# nothing per row otherwise.
-OLD_ROW_KEY_INDEX = """
-CREATE INDEX IF NOT EXISTS state_mutations_old_row_hash_idx
-    ON flux.state_mutations (flux.row_hash(schema_name, table_name, old_row_key), commit_lsn, seq)
-    WHERE old_row_key IS NOT NULL;
-"""
+# The log's indexes, by name: what follows `CREATE INDEX name`. A migration builds them
+# CONCURRENTLY, the DDL of a new schema (an empty log) in its transaction.
+INDEXES: dict[str, str] = {
+    # History of one row, in order; readers also compare schema, table and row_key exactly.
+    "state_mutations_row_hash_idx":
+        "ON flux.state_mutations (flux.row_hash(schema_name, table_name, row_key), commit_lsn, seq)",
+    # Everything one request did; text_pattern_ops also serves request-id prefix lookups.
+    "state_mutations_request_idx":
+        "ON flux.state_mutations (request_id text_pattern_ops) WHERE request_id IS NOT NULL",
+    # Blame without a key: the latest changes of a table (scanned backwards); readers also compare the names (v4).
+    "state_mutations_table_hash_idx":
+        "ON flux.state_mutations (flux.table_hash(schema_name, table_name), commit_lsn, seq)",
+    # Lookups by id: ids increase in insert order, so block ranges summarise them well (v4).
+    "state_mutations_id_idx": "ON flux.state_mutations USING brin (id)",
+    # v5: an UPDATE that changes the primary key also carries the old key, so that the history of
+    # the old key ends with it. Few rows have one, so the index is partial and costs the engine
+    # nothing per row otherwise.
+    "state_mutations_old_row_hash_idx":
+        "ON flux.state_mutations (flux.row_hash(schema_name, table_name, old_row_key), commit_lsn, seq)"
+        " WHERE old_row_key IS NOT NULL",
+    # v6: the truncates of a table, which a row's history lists after its first change. Without it
+    # that lookup read every change of the table (or the whole log); truncates are rare, so the
+    # partial index is nearly empty and costs the engine nothing per ordinary row.
+    "state_mutations_truncate_idx":
+        "ON flux.state_mutations (flux.table_hash(schema_name, table_name), commit_lsn, seq) WHERE op = 'truncate'",
+}
 
-# Shared by the DDL and the v2 -> v3 migration.
+# Shared by the DDL and the v2 -> v3 migration (a new, empty table: built in its transaction).
 TRACES = """
 CREATE TABLE IF NOT EXISTS flux.trace_requests (
     id            text COLLATE "C" PRIMARY KEY,   -- the request_id (uuid4 text); "C" so prefix LIKE uses the PK
@@ -101,28 +116,72 @@ CREATE TABLE IF NOT EXISTS flux.trace_requests (
 CREATE INDEX IF NOT EXISTS trace_requests_started_idx ON flux.trace_requests (started_at);
 CREATE INDEX IF NOT EXISTS trace_requests_tenant_started_idx ON flux.trace_requests (tenant, started_at);
 CREATE INDEX IF NOT EXISTS trace_requests_function_started_idx ON flux.trace_requests (function, started_at);
+CREATE INDEX IF NOT EXISTS trace_requests_status_started_idx ON flux.trace_requests (status, started_at);
 """
 
-_MIGRATIONS: dict[int, str] = {
+
+
+@dataclass(frozen=True, slots=True)
+class _Sql:
+    """DDL run in a short transaction of its own: catalog changes, and locks taken briefly."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """An index of INDEXES (or `body`), built CONCURRENTLY: the engine keeps writing meanwhile."""
+
+    name: str
+    body: str = ""
+    unique: bool = False
+    done: str = ""  # SQL: true when what the index is for is already in place (so it is not built again)
+
+
+@dataclass(frozen=True, slots=True)
+class _DropIndex:
+    name: str
+
+
+# v4's primary key, (commit_lsn, seq): its unique index is built concurrently under this name,
+# then becomes the constraint (renamed to state_mutations_pkey) in a moment's lock.
+_NEW_PKEY = "state_mutations_commit_lsn_seq_pkey"
+_PKEY_DONE = (
+    "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flux.state_mutations'::regclass"
+    " AND conname = 'state_mutations_pkey' AND pg_get_constraintdef(oid) = 'PRIMARY KEY (commit_lsn, seq)')"
+)
+_SWAP_PKEY = f"""
+DO $$
+BEGIN
+    IF to_regclass('flux.{_NEW_PKEY}') IS NOT NULL THEN
+        ALTER TABLE flux.state_mutations
+            DROP CONSTRAINT IF EXISTS state_mutations_pkey,
+            DROP CONSTRAINT IF EXISTS state_mutations_commit_lsn_seq_key,
+            ADD CONSTRAINT state_mutations_pkey PRIMARY KEY USING INDEX {_NEW_PKEY};
+    END IF;
+END $$;
+"""
+
+# Each version's steps, in order. Every step is idempotent, so an upgrade interrupted anywhere
+# (the version is bumped only after its last step) is resumed by the next start.
+_MIGRATIONS: dict[int, tuple[_Sql | _Index | _DropIndex, ...]] = {
     # v1 indexed the jsonb key itself and the table by DESC order.
-    2: ROW_HASH + """
-CREATE INDEX IF NOT EXISTS state_mutations_table_lsn_idx
-    ON flux.state_mutations (schema_name, table_name, commit_lsn, seq);
-DROP INDEX IF EXISTS flux.state_mutations_row_idx;
-DROP INDEX IF EXISTS flux.state_mutations_table_idx;
-""",
+    2: (_Sql(ROW_HASH), _Index("state_mutations_row_hash_idx"), _Index("state_mutations_request_idx"),
+        _Index("state_mutations_table_lsn_idx", "ON flux.state_mutations (schema_name, table_name, commit_lsn, seq)"),
+        _DropIndex("state_mutations_row_idx"), _DropIndex("state_mutations_table_idx")),
     # v3 records traces.
-    3: TRACES,
+    3: (_Sql(TRACES),),
     # v4 makes the log cheaper to write: hashed table index, (commit_lsn, seq) as the primary key.
-    4: TABLE_HASH + """
-DROP INDEX IF EXISTS flux.state_mutations_table_lsn_idx;
-ALTER TABLE flux.state_mutations
-    DROP CONSTRAINT state_mutations_pkey,
-    DROP CONSTRAINT state_mutations_commit_lsn_seq_key,
-    ADD CONSTRAINT state_mutations_pkey PRIMARY KEY (commit_lsn, seq);
-""",
-    # v5 records the old key of a key-changing UPDATE.
-    5: "ALTER TABLE flux.state_mutations ADD COLUMN IF NOT EXISTS old_row_key jsonb;\n" + OLD_ROW_KEY_INDEX,
+    4: (_Sql(TABLE_HASH), _Index("state_mutations_table_hash_idx"), _Index("state_mutations_id_idx"),
+        _Index(_NEW_PKEY, "ON flux.state_mutations (commit_lsn, seq)", unique=True, done=_PKEY_DONE), _Sql(_SWAP_PKEY),
+        _DropIndex("state_mutations_table_lsn_idx")),
+    # v5 records the old key of a key-changing UPDATE (a nullable column: a catalog change only).
+    5: (_Sql("ALTER TABLE flux.state_mutations ADD COLUMN IF NOT EXISTS old_row_key jsonb"),
+        _Index("state_mutations_old_row_hash_idx")),
+    # v6 indexes truncates, for row histories, and traces by status: `flux requests --status 418`
+    # (or a class no recent request had) read every trace.
+    6: (_Index("state_mutations_truncate_idx"),
+        _Index("trace_requests_status_started_idx", "ON flux.trace_requests (status, started_at)")),
 }
 
 DDL = """
@@ -155,9 +214,8 @@ CREATE TABLE IF NOT EXISTS flux.state_mutations (
     CONSTRAINT state_mutations_pkey PRIMARY KEY (commit_lsn, seq)
 );
 
-{row_hash}
-{table_hash}
-{old_row_key_index}
+{functions}
+{indexes}
 
 -- The engine's progress, written in the same transaction as the mutations it covers.
 CREATE TABLE IF NOT EXISTS flux.cdc_progress (
@@ -192,7 +250,8 @@ CREATE TABLE IF NOT EXISTS flux.replica_identity_changes (
 );
 
 {traces}
-""".replace("{row_hash}", ROW_HASH).replace("{table_hash}", TABLE_HASH).replace("{old_row_key_index}", OLD_ROW_KEY_INDEX) \
+""".replace("{functions}", ROW_HASH + TABLE_HASH) \
+   .replace("{indexes}", "".join(f"CREATE INDEX IF NOT EXISTS {name} {body};\n" for name, body in INDEXES.items())) \
    .replace("{traces}", TRACES)
 
 
@@ -207,8 +266,11 @@ def schema_version(conn: psycopg.Connection) -> int | None:
 def ensure_schema(conn: psycopg.Connection) -> bool:
     """Create the `flux` schema and tables, or upgrade them. Returns True when anything changed.
 
-    An upgrade rebuilds indexes, which takes a lock that holds the engine's writes back for as
-    long as that takes on a large log; it happens once, at the first start of a newer Flux.
+    On a connection that is not in a transaction, an upgrade builds its indexes CONCURRENTLY: the
+    engine and the gateway keep writing meanwhile, and readers keep reading. A stronger lock is
+    taken only for a catalog change, for a moment (a try waits at most LOCK_TIMEOUT for it, so
+    that writes never queue behind a long wait). In a caller's transaction it cannot: there the
+    indexes are built in that transaction, holding the log's writes back for as long as that takes.
     """
     # The tables every version has: a schema with them is upgraded, never re-created, so tables
     # a later version added (trace_requests) come from its migration and the version is bumped.
@@ -220,13 +282,18 @@ def ensure_schema(conn: psycopg.Connection) -> bool:
         return _upgrade(conn)
     with conn.transaction():
         # Serialize concurrent first runs; CREATE ... IF NOT EXISTS alone races on catalogs.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux.schema'))")
+        conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK})")
         conn.execute(DDL)
         conn.execute(
             "INSERT INTO flux.meta (key, value) VALUES ('schema_version', %s::jsonb) ON CONFLICT (key) DO NOTHING",
             (str(SCHEMA_VERSION),),
         )
     return True
+
+
+_LOCK = "hashtext('flux.schema')"
+LOCK_TIMEOUT = "2s"
+_LOCK_TRIES = 30  # a catalog change that waited this many times LOCK_TIMEOUT gives up (and is retried at the next start)
 
 
 def _upgrade(conn: psycopg.Connection) -> bool:
@@ -239,18 +306,77 @@ def _upgrade(conn: psycopg.Connection) -> bool:
         )
     if version == SCHEMA_VERSION:
         return False
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux.schema'))")
-        version = schema_version(conn)  # a concurrent start may have upgraded while we waited
-        assert version is not None
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            conn.execute(_MIGRATIONS[target])
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        with conn.transaction():
+            conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK})")
+            return _migrate(conn, concurrently=False)
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    try:
+        # A session lock, taken by polling: a session waiting in pg_advisory_lock() holds a snapshot,
+        # which a CREATE INDEX CONCURRENTLY of the holder would wait for in turn.
+        while not conn.execute(f"SELECT pg_try_advisory_lock({_LOCK})").fetchone()[0]:
+            time.sleep(0.2)
+        try:
+            return _migrate(conn, concurrently=True)
+        finally:
+            conn.execute(f"SELECT pg_advisory_unlock({_LOCK})")
+    finally:
+        conn.autocommit = autocommit
+
+
+def _migrate(conn: psycopg.Connection, *, concurrently: bool) -> bool:
+    version = schema_version(conn)  # a concurrent start may have upgraded while we waited
+    assert version is not None
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        for step in _MIGRATIONS[target]:
+            _run(conn, step, concurrently=concurrently)
         conn.execute(
             "INSERT INTO flux.meta (key, value) VALUES ('schema_version', %s::jsonb)"
             " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-            (str(SCHEMA_VERSION),),
+            (str(target),),
         )
+    if version < SCHEMA_VERSION:
+        # A new column and a new expression index have no statistics until an analyze, which
+        # autovacuum starts only after a tenth of the log more is written; until then the planner
+        # guesses, and read row histories by scanning the whole log (1.4 s at 5 million rows).
+        conn.execute("ANALYZE flux.state_mutations, flux.trace_requests")
     return version < SCHEMA_VERSION
+
+
+def _run(conn: psycopg.Connection, step: _Sql | _Index | _DropIndex, *, concurrently: bool) -> None:
+    how = "CONCURRENTLY " if concurrently else ""
+    if isinstance(step, _DropIndex):
+        conn.execute(f"DROP INDEX {how}IF EXISTS flux.{step.name}")
+    elif isinstance(step, _Index):
+        if step.done and conn.execute(step.done).fetchone()[0]:
+            return
+        valid = conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (f"flux.{step.name}",)
+        ).fetchone()
+        if valid is not None and not valid[0]:
+            # What an interrupted concurrent build leaves: INVALID, not used by reads, but still
+            # written by every insert. IF NOT EXISTS would keep it; it is built anew.
+            conn.execute(f"DROP INDEX {how}flux.{step.name}")
+        unique = "UNIQUE " if step.unique else ""
+        conn.execute(f"CREATE {unique}INDEX {how}IF NOT EXISTS {step.name} {step.body or INDEXES[step.name]}")
+    elif not concurrently:
+        conn.execute(step.text)
+    else:
+        for attempt in range(1, _LOCK_TRIES + 1):
+            try:
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                    conn.execute(step.text)
+                return
+            except errors.LockNotAvailable as exc:
+                if attempt == _LOCK_TRIES:
+                    raise from_psycopg(
+                        exc, "Could not upgrade the flux schema: a long transaction holds its tables",
+                        hint="Find it in pg_stat_activity and let it end, then start again: the upgrade resumes where it stopped.",
+                        retryable=True,
+                    ) from exc
+                time.sleep(0.5)
 
 
 def drop_schema(conn: psycopg.Connection) -> None:

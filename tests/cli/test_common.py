@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flux.cli.common import connect
 from flux.pg.cluster import Cluster, free_port
 
 
@@ -106,3 +107,9 @@ def test_a_server_that_refuses_the_login_is_a_config_error_not_an_unreachable_se
     assert result.returncode == 2, result.stderr
     assert "error: The database given by --database refused the connection" in result.stderr
     assert "hint: The server is up: check the user, the password" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_commands_read_with_jit_off(dsn):
+    """At 5 million logged rows, compiling a history query for JIT took 1 to 2.4 s of its 1.1 to 2.7 s."""
+    with connect(dsn, failing="reading") as conn:
+        assert conn.execute("SHOW jit").fetchone()[0] == "off"

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
+from flux.store import traces
 from flux.store.schema import drop_schema, ensure_schema
 from flux.store.traces import (
     count_mutations,
@@ -154,6 +155,21 @@ def test_list_traces_filters_by_function_tenant_and_since(seeded):
     late = datetime.now(UTC) - NOW  # NOW is fixed at import; the suite may reach this test minutes later
     assert [t.id for t in list_traces(seeded, since=timedelta(hours=1) + late)] == [OK, FAIL]
     assert [t.id for t in list_traces(seeded, since=timedelta(minutes=2) + late)] == [OK]
+
+
+def test_list_traces_by_a_status_no_trace_has_reads_the_status_index_not_every_trace(conn):
+    """Without it, `flux requests --status 418` read all of trace_requests (0.85 s for 500k traces)."""
+    ensure_schema(conn)
+    conn.execute(
+        "INSERT INTO flux.trace_requests (id, tenant, function, method, path, status, duration_ms, started_at, spans, request, response)"
+        " SELECT md5(i::text), 't' || i % 5, 'f' || i % 7, 'GET', '/', CASE WHEN i % 50 = 0 THEN 500 ELSE 200 END, 1,"
+        "        now() - i * interval '1 s', '[]', '{}', '{}' FROM generate_series(1, 20000) i"
+    )
+    conn.execute("ANALYZE flux.trace_requests")
+    query, params = traces._list_query(function=None, status="418", since=None, tenant=None, limit=50)
+    plan = json.dumps(conn.execute("EXPLAIN (FORMAT JSON) " + query, params).fetchone()[0])
+    assert "trace_requests_status_started_idx" in plan and "Seq Scan" not in plan
+    assert list_traces(conn, status="418") == []
 
 
 def test_list_traces_limit(seeded):

@@ -120,7 +120,6 @@ CREATE INDEX IF NOT EXISTS trace_requests_status_started_idx ON flux.trace_reque
 """
 
 
-
 @dataclass(frozen=True, slots=True)
 class _Sql:
     """DDL run in a short transaction of its own: catalog changes, and locks taken briefly."""

@@ -36,11 +36,11 @@ from flux import STOP_SIGNALS
 from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, from_psycopg
 from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
-from flux.store.queries import no_jit
 from flux.project import Project, Retention, load_project
 from flux.runtime.fetch import AiohttpTransport
 from flux.runtime.host import DbPool
 from flux.store import retention
+from flux.store.queries import no_jit
 
 log = logging.getLogger("flux.gateway")
 

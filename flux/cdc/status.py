@@ -118,6 +118,12 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
 _GAPS_SHOWN = 10
 
 
+def _some(names: list[str]) -> str:
+    """The first _GAPS_SHOWN of `names`, and how many more there are."""
+    more = f" and {len(names) - _GAPS_SHOWN} more" if len(names) > _GAPS_SHOWN else ""
+    return ", ".join(names[:_GAPS_SHOWN]) + more
+
+
 def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[str]:
     """What the attachment should capture and does not: tables that `--all-tables` left out (the
     engine re-checks every few seconds, but cannot take a table its role does not own), listed
@@ -142,22 +148,20 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
             (publication, list(SYSTEM_SCHEMAS), publication),
         ).fetchall()
         if missing:
-            listed = ", ".join(f"{name} (owner {owner})" for name, owner, _ in missing[:_GAPS_SHOWN])
-            more = f" and {len(missing) - _GAPS_SHOWN} more" if len(missing) > _GAPS_SHOWN else ""
+            listed = _some([f"{name} (owner {owner})" for name, owner, _ in missing])
             not_owned = [name for name, _, owned in missing if not owned]
             why = (" The role Flux attached as does not own "
                    + ("them" if len(not_owned) == len(missing) else f"{len(not_owned)} of them")
                    + ": make it the owner (ALTER TABLE ... OWNER TO ...), or attach as the owner.") if not_owned else \
                   " The engine adds new tables within seconds; run `flux attach --all-tables` if these stay."
-            warnings.append(f"{len(missing)} table(s) are not captured, so their changes are not recorded: {listed}{more}.{why}")
+            warnings.append(f"{len(missing)} table(s) are not captured, so their changes are not recorded: {listed}.{why}")
     if all_tables and not all_tables[0]:
         gone = listed_tables_not_captured(conn, slot, publication)
         if gone:
-            listed = ", ".join(str(t) for t in gone[:_GAPS_SHOWN])
-            more = f" and {len(gone) - _GAPS_SHOWN} more" if len(gone) > _GAPS_SHOWN else ""
+            listed = _some([str(t) for t in gone])
             warnings.append(
                 f"{len(gone)} listed table(s) were created again since attach (dropped and re-created, or replaced by a "
-                f"rename), so their changes are not recorded: {listed}{more}. The engine captures them again within "
+                f"rename), so their changes are not recorded: {listed}. The engine captures them again within "
                 "seconds if its role owns them and the publication; otherwise run `flux attach --tables ...` again.")
     # PostgreSQL writes no WAL for an UNLOGGED table, so nothing decodes its changes: a table
     # `--all-tables` would capture, or a partition of a captured table (neither of which
@@ -178,10 +182,9 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
         (bool(all_tables and all_tables[0]), list(SYSTEM_SCHEMAS), publication),
     ).fetchall()
     if unlogged:
-        listed = ", ".join(name for (name,) in unlogged[:_GAPS_SHOWN])
-        more = f" and {len(unlogged) - _GAPS_SHOWN} more" if len(unlogged) > _GAPS_SHOWN else ""
+        listed = _some([name for (name,) in unlogged])
         warnings.append(f"{len(unlogged)} table(s) or partition(s) are UNLOGGED: PostgreSQL writes none of their changes to "
-                        f"the WAL, so none are recorded: {listed}{more}. `ALTER TABLE ... SET LOGGED` to capture them.")
+                        f"the WAL, so none are recorded: {listed}. `ALTER TABLE ... SET LOGGED` to capture them.")
     key_only = conn.execute(
         """
         SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname)
@@ -196,8 +199,7 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
         (publication,),
     ).fetchall()
     if key_only:
-        listed = ", ".join(name for (name,) in key_only[:_GAPS_SHOWN])
-        more = f" and {len(key_only) - _GAPS_SHOWN} more" if len(key_only) > _GAPS_SHOWN else ""
+        listed = _some([name for (name,) in key_only])
         warnings.append(f"{len(key_only)} captured table(s) are not REPLICA IDENTITY FULL, so their old rows are recorded "
-                        f"by key only: {listed}{more}. `flux attach` sets FULL (it needs to own them).")
+                        f"by key only: {listed}. `flux attach` sets FULL (it needs to own them).")
     return warnings

@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 import weakref
+from contextlib import asynccontextmanager
 
 import psycopg
 import pytest
@@ -21,9 +22,7 @@ def test_changed_function_files_are_reloaded_and_requests_use_the_new_code(tmp_p
     write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
 
     async def scenario():
-        async with running_gateway(tmp_path, None) as (gateway, client):
-            shutdown = asyncio.Event()
-            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+        async with _watched(tmp_path) as (gateway, client, watcher):
             first = await (await client.post("/v")).get_data(as_text=True)
             time.sleep(0.01)  # a distinct mtime
             (tmp_path / "functions" / "v.js").write_text("export default async function () { return {status: 200, body: 'two'}; }\n")
@@ -34,20 +33,22 @@ def test_changed_function_files_are_reloaded_and_requests_use_the_new_code(tmp_p
                     break
             second = await (await client.post("/v")).get_data(as_text=True)
             added = await (await client.post("/w")).get_data(as_text=True)
-            shutdown.set()
-            watcher.cancel()
             return first, second, added
 
     assert asyncio.run(scenario()) == ("one", "two", "new")
 
 
-async def _rewrite_until(path, text: str, done) -> None:
-    """Write `text` to `path`, then wait (up to 5 s) until `done()`: the watcher has acted on it."""
-    path.write_text(text)
-    for _ in range(100):
-        await asyncio.sleep(0.05)
-        if done():
-            return
+@asynccontextmanager
+async def _watched(root, **watch):
+    """A gateway serving `root` whose watcher looks for changes every 50 ms: (gateway, client, watcher)."""
+    async with running_gateway(root, None) as (gateway, client):
+        shutdown = asyncio.Event()
+        watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05, **watch))
+        try:
+            yield gateway, client, watcher
+        finally:
+            shutdown.set()
+            watcher.cancel()
 
 
 def test_a_flux_toml_of_the_wrong_shape_is_not_reloaded_and_later_fixes_still_are(tmp_path, caplog):
@@ -55,16 +56,13 @@ def test_a_flux_toml_of_the_wrong_shape_is_not_reloaded_and_later_fixes_still_ar
     caplog.set_level(logging.INFO)
 
     async def scenario():
-        async with running_gateway(tmp_path, None) as (gateway, client):
-            shutdown = asyncio.Event()
-            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+        async with _watched(tmp_path) as (gateway, client, watcher):
             await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
-            await _rewrite_until(tmp_path / "flux.toml", '[routes]\n"POST /x" = ["v"]\n', lambda: "not reloaded" in caplog.text)
-            await _rewrite_until(tmp_path / "flux.toml", '[routes]\n"POST /x" = "v"\n',
-                                 lambda: gateway.project.route("POST", "/x"))
+            (tmp_path / "flux.toml").write_text('[routes]\n"POST /x" = ["v"]\n')
+            await _wait_for(lambda: "not reloaded" in caplog.text, 5)
+            (tmp_path / "flux.toml").write_text('[routes]\n"POST /x" = "v"\n')
+            await _wait_for(lambda: gateway.project.route("POST", "/x"), 5)
             answer = await (await client.post("/x")).get_data(as_text=True)
-            shutdown.set()
-            watcher.cancel()
             return answer
 
     assert asyncio.run(scenario()) == "one"
@@ -161,9 +159,7 @@ def test_the_watcher_keeps_reloading_after_a_file_it_cannot_read(tmp_path):
     write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
 
     async def scenario():
-        async with running_gateway(tmp_path, None) as (gateway, client):
-            shutdown = asyncio.Event()
-            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+        async with _watched(tmp_path) as (gateway, client, watcher):
             await asyncio.sleep(0.1)  # the watcher has taken the files' fingerprint
             bad = tmp_path / "functions" / "bad.js"
             bad.write_bytes(b"export default async function () { return {body: '\xe9'}; }\n")
@@ -172,8 +168,6 @@ def test_the_watcher_keeps_reloading_after_a_file_it_cannot_read(tmp_path):
             (tmp_path / "functions" / "w.js").write_text("export default async function () { return {status: 200, body: 'new'}; }\n")
             reloaded = await _wait_for(lambda: "w" in gateway.functions.compiled)
             alive = not watcher.done()
-            shutdown.set()
-            watcher.cancel()
             return reloaded, alive, await (await client.post("/w")).get_data(as_text=True)
 
     assert asyncio.run(scenario()) == (True, True, "new")
@@ -186,9 +180,7 @@ def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):
                   "[limits]\ntimeout_ms = 1500\n")
 
     async def scenario():
-        async with running_gateway(tmp_path, None) as (gateway, client):
-            shutdown = asyncio.Event()
-            watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05))
+        async with _watched(tmp_path) as (gateway, client, watcher):
             await asyncio.sleep(0.1)
             (tmp_path / "functions" / "spin.js").write_text(
                 "for (;;) {}\nexport default async function () { return {status: 200}; }\n")
@@ -202,8 +194,6 @@ def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):
                 slowest = max(slowest, loop.time() - started)
                 await asyncio.sleep(0.02)
             reloaded = await _wait_for(lambda: "spin" in gateway.functions.compiled)
-            shutdown.set()
-            watcher.cancel()
             return reloaded, slowest, gateway.functions.load_errors
 
     reloaded, slowest, errors = asyncio.run(scenario())
@@ -258,13 +248,10 @@ def test_a_reload_that_sets_retention_says_at_once_what_the_role_lacks_to_prune(
                      f" GRANT SELECT, INSERT ON flux.trace_requests TO {role}")
 
         async def scenario() -> None:
-            async with running_gateway(tmp_path, None) as (gateway, _):
-                shutdown = asyncio.Event()
-                watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05, dsn=role_dsn))
+            async with _watched(tmp_path, dsn=role_dsn) as (gateway, _, _):
                 await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
-                await _rewrite_until(tmp_path / "flux.toml", '[retention]\ntraces = "30d"\n', lambda: "[retention]" in caplog.text)
-                shutdown.set()
-                watcher.cancel()
+                (tmp_path / "flux.toml").write_text('[retention]\ntraces = "30d"\n')
+                await _wait_for(lambda: "[retention]" in caplog.text, 5)
 
         asyncio.run(scenario())
     [said] = [r for r in caplog.records if "[retention]" in r.getMessage()]

@@ -198,7 +198,8 @@ def test_ensure_schema_refuses_a_newer_schema(conn):
     assert "Upgrade Flux" in err.value.hint
 
 
-def test_row_history_finds_the_row_through_the_hash_index(conn):
+def _users_and_orders(conn: psycopg.Connection) -> None:
+    """20,000 recorded inserts into each of public.users and public.orders (the table exists: row matching reads its key)."""
     ensure_schema(conn)
     conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
     conn.execute(
@@ -207,10 +208,20 @@ def test_row_history_finds_the_row_through_the_hash_index(conn):
         "        ('0/' || to_hex(i * 16 + length(t)))::pg_lsn, now(), 0"
         "   FROM generate_series(1, 20000) i, unnest(ARRAY['users', 'orders']) t"
     )
+
+
+def _user_history_plan(conn: psycopg.Connection) -> str:
+    """The plan of user 42's history, as JSON text, once the log is analyzed."""
     conn.execute("ANALYZE flux.state_mutations")
     match = queries._row_match(conn, "public", "users", "42", None)
     query, params = queries._row_query("public", "users", match, None)
     plan = json.dumps(conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()[0])
+    return plan
+
+
+def test_row_history_finds_the_row_through_the_hash_index(conn):
+    _users_and_orders(conn)
+    plan = _user_history_plan(conn)
     assert "state_mutations_row_hash_idx" in plan and "state_mutations_old_row_hash_idx" in plan
     assert "Seq Scan" not in plan
 
@@ -262,24 +273,15 @@ def test_an_upgrade_leaves_statistics_for_its_new_column_and_indexes(conn):
 def test_row_history_finds_later_truncates_through_the_truncate_index(conn):
     """Without it, the truncates after a row's first change were looked for among all of its
     table's changes, or by a scan of the whole log (1 to 4 s at 5 million rows)."""
-    ensure_schema(conn)
-    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
-    conn.execute(
-        "INSERT INTO flux.state_mutations (schema_name, table_name, op, row_key, new, xid, commit_lsn, commit_time, seq)"
-        " SELECT 'public', t, 'insert', jsonb_build_object('id', i), jsonb_build_object('id', i), 1,"
-        "        ('0/' || to_hex(i * 16 + length(t)))::pg_lsn, now(), 0"
-        "   FROM generate_series(1, 20000) i, unnest(ARRAY['users', 'orders']) t"
-    )
+    _users_and_orders(conn)
     conn.execute(
         "INSERT INTO flux.state_mutations (schema_name, table_name, op, xid, commit_lsn, commit_time, seq)"
         " VALUES ('public', 'users', 'truncate', 2, '1/0', now(), 0)"
     )
-    conn.execute("ANALYZE flux.state_mutations")
-    match = queries._row_match(conn, "public", "users", "42", None)
-    query, params = queries._row_query("public", "users", match, None)
-    plan = json.dumps(conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()[0])
+    plan = _user_history_plan(conn)
     assert "state_mutations_truncate_idx" in plan
     assert "Seq Scan" not in plan
+    match = queries._row_match(conn, "public", "users", "42", None)
     assert [m.op for m in queries._fetch_row(conn, "public", "users", match, None)[1]] == ["insert", "truncate"]
 
 

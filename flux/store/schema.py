@@ -40,6 +40,7 @@ transaction (the next start tries again).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ import psycopg
 from psycopg import errors, pq
 
 from flux.errors import ConfigError, from_psycopg
+
+log = logging.getLogger("flux.store")
 
 SCHEMA = "flux"
 SCHEMA_VERSION = 6
@@ -314,8 +317,7 @@ def _upgrade(conn: psycopg.Connection) -> bool:
     try:
         # A session lock, taken by polling: a session waiting in pg_advisory_lock() holds a snapshot,
         # which a CREATE INDEX CONCURRENTLY of the holder would wait for in turn.
-        while not conn.execute(f"SELECT pg_try_advisory_lock({_LOCK})").fetchone()[0]:
-            time.sleep(0.2)
+        _take_upgrade_lock(conn, version)
         try:
             return _migrate(conn, concurrently=True)
         finally:
@@ -324,9 +326,42 @@ def _upgrade(conn: psycopg.Connection) -> bool:
         conn.autocommit = autocommit
 
 
+UPGRADE_WAIT_LOG_EVERY = 30.0  # seconds between the lines saying this start still waits
+
+
+def _take_upgrade_lock(conn: psycopg.Connection, version: int) -> None:
+    """Take the upgrade's session lock, saying (as a warning: `flux attach` shows only those) who
+    holds it when it is not free at once, and every UPGRADE_WAIT_LOG_EVERY seconds after: an
+    upgrade of a large log by another start can take minutes, during which this one looked hung."""
+    started = time.monotonic()
+    next_say = 0.0
+    while not conn.execute(f"SELECT pg_try_advisory_lock({_LOCK})").fetchone()[0]:
+        waited = time.monotonic() - started
+        if waited >= next_say:
+            holder = conn.execute(
+                # client_addr is NULL for a local socket, and for another role's session without pg_read_all_stats
+                "SELECT a.pid, nullif(a.application_name, ''), host(a.client_addr)"
+                " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+                f" AND l.objid = ({_LOCK}::bigint & 4294967295)::oid"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ).fetchone()
+            who = "another session"
+            if holder:
+                pid, application, address = holder
+                about = ", ".join(part for part in (application, address and f"from {address}") if part)
+                who = f"the session of pid {pid}" + (f" ({about})" if about else "")
+            log.warning("%s %s to finish upgrading the flux schema from v%d to v%d; this start goes on when it is done",
+                        f"still waiting ({waited:.0f} s) for" if waited >= 1 else "waiting for", who, version, SCHEMA_VERSION)
+            next_say = waited + UPGRADE_WAIT_LOG_EVERY
+        time.sleep(0.2)
+
+
 def _migrate(conn: psycopg.Connection, *, concurrently: bool) -> bool:
     version = schema_version(conn)  # a concurrent start may have upgraded while we waited
     assert version is not None
+    if version < SCHEMA_VERSION:
+        log.info("upgrading the flux schema from v%d to v%d", version, SCHEMA_VERSION)
     for target in range(version + 1, SCHEMA_VERSION + 1):
         for step in _MIGRATIONS[target]:
             _run(conn, step, concurrently=concurrently)

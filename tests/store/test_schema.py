@@ -388,3 +388,26 @@ def test_an_upgrade_in_a_callers_transaction_builds_its_indexes_in_it(conn):
         assert ensure_schema(conn) is True
     assert schema_version(conn) == SCHEMA_VERSION
     assert {"state_mutations_old_row_hash_idx", "state_mutations_truncate_idx"} <= _indexes(conn)
+
+
+def test_a_start_waiting_for_another_starts_upgrade_says_who_it_waits_for(conn, dsn, caplog):
+    """It polled the lock in silence: a start behind another's upgrade of a large log looked hung."""
+    _with_one_recorded_user(conn, _as_v5)
+    with psycopg.connect(dsn, autocommit=True, application_name="flux-upgrading") as upgrading, \
+            psycopg.connect(dsn, autocommit=True) as starting:
+        upgrading.execute(f"SELECT pg_advisory_lock({schema._LOCK})")
+        holder = upgrading.info.backend_pid
+        with ThreadPoolExecutor(1) as pool, caplog.at_level("WARNING", logger="flux.store"):
+            start = pool.submit(ensure_schema, starting)
+            try:
+                deadline = time.monotonic() + 10
+                while not caplog.records:
+                    assert time.monotonic() < deadline, "the waiting start said nothing"
+                    time.sleep(0.02)
+            finally:
+                upgrading.execute(f"SELECT pg_advisory_unlock({schema._LOCK})")
+            assert start.result(timeout=30) is True
+    message = caplog.records[0].getMessage()
+    assert f"waiting for the session of pid {holder} (flux-upgrading" in message
+    assert f"from v5 to v{SCHEMA_VERSION}" in message
+    assert schema_version(conn) == SCHEMA_VERSION

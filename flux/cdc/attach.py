@@ -292,7 +292,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
             if active and active[0]:
                 # active_pid is the server's walsender: name the engine's own pid and host, as status does.
                 engine = consumer_of(active[1])
-                who = (f"A Flux engine (pid {engine[0]} on {engine[1]})" if engine
+                who = (f"A Flux engine (pid {engine.pid} on {engine.host})" if engine
                        else f"A consumer ({active[1] or 'unnamed'}, served by walsender pid {active[0]})")
                 raise PreflightError(
                     f"{who} is reading slot '{slot}'",

@@ -40,7 +40,7 @@ from flux.cdc.assembler import Assembler, MutationRow, TransactionEnd
 from flux.cdc.pipelined import Durable, PipelinedSink
 from flux.cdc.sink import PostgresCatalog, PostgresSink, Progress
 from flux.cdc.standby import wait_while_held
-from flux.cdc.stream import ReplicationStream
+from flux.cdc.stream import ReplicationStream, new_consumer_token
 from flux.cdc.wire import Keepalive, format_lsn, parse_frame, xlogdata
 from flux.errors import ConnectionLostError, DecodeError, FluxError, SlotHeldError, StreamError, from_psycopg
 
@@ -85,6 +85,7 @@ class Engine:
         self._stop = threading.Event()
         self.state = "starting"
         self.holder: tuple[int, str] | None = None  # pid and host of the engine holding the slot, while this one stands by
+        self.consumer_token = new_consumer_token()  # names its replication connections, as its own, in every session
 
     def stop(self) -> None:
         """Ask `run()` to flush what is complete and return. Safe from any thread or signal handler."""
@@ -128,7 +129,7 @@ class Engine:
 
     def _session(self, delay: float, last_logged: float) -> tuple[float, float]:
         """One session, from open to its end; the backoff and the time of the last warning after it."""
-        session = _Session(self.config, self.stats, self._stop)
+        session = _Session(self.config, self.stats, self._stop, self.consumer_token)
         try:
             if self.state == "standby":
                 wait_while_held(self.config.dsn, self.config.slot, self._stop, interval=self.config.standby_interval)
@@ -174,8 +175,9 @@ class Engine:
 class _Session:
     """One connection's worth of consuming: state here is discarded on reconnect."""
 
-    def __init__(self, config: EngineConfig, stats: EngineStats, stop: threading.Event) -> None:
+    def __init__(self, config: EngineConfig, stats: EngineStats, stop: threading.Event, consumer_token: str) -> None:
         self.config = config
+        self.consumer_token = consumer_token
         self.stats = stats
         self._stop = stop
         self.sink: PipelinedSink | None = None
@@ -220,7 +222,8 @@ class _Session:
         self.assembler = Assembler(catalog=self.catalog)
         # Read at each connection, not once at start: a server not up yet is retried like any other.
         publication = cfg.publication or self.catalog.attached_publication(cfg.slot) or "flux"
-        self.stream = ReplicationStream(dsn=cfg.dsn, slot=cfg.slot, publication=publication, start_lsn=start)
+        self.stream = ReplicationStream(dsn=cfg.dsn, slot=cfg.slot, publication=publication, start_lsn=start,
+                                          consumer_token=self.consumer_token)
         self.stream.open()
         log.info("streaming slot %s from %s", cfg.slot, format_lsn(start))
 

@@ -75,7 +75,7 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
             status.consumer_running = bool(status.active)
             named = consumer_of(status.consumer_application)
             if status.consumer_running and named:
-                status.consumer_pid, status.consumer_host = named
+                status.consumer_pid, status.consumer_host = named.pid, named.host
             status.lag_seconds = flush_lag
             status.standbys = [{"pid": pid, "host": host} for pid, host in standbys(conn, slot)]
         if has_schema:

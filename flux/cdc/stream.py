@@ -11,17 +11,22 @@ round-trippable floats, hex bytea), so `flux.cdc.values` can rely on them.
 
 from __future__ import annotations
 
-import select
+import logging
 import os
 import re
+import secrets
+import select
 import socket
 import time
+from typing import NamedTuple
 
 import psycopg
-from psycopg import pq
+from psycopg import generators, pq
 
 from flux.cdc.wire import format_lsn, pg_now_us, standby_status
 from flux.errors import ConnectionLostError, NotFoundError, PreflightError, SlotHeldError, from_psycopg
+
+log = logging.getLogger("flux.cdc")
 
 WALSENDER_OPTIONS = (
     "-c DateStyle=ISO,YMD -c TimeZone=UTC -c IntervalStyle=iso_8601"
@@ -29,19 +34,31 @@ WALSENDER_OPTIONS = (
 )
 
 
-def consumer_name() -> str:
+def new_consumer_token() -> str:
+    """What tells one engine's connections from another's: engines in one process share its pid."""
+    return secrets.token_hex(4)
+
+
+def consumer_name(token: str) -> str:
     """The replication connection's application_name: who holds the slot, for `flux cdc status`
-    (the server knows only its own walsender's pid). PostgreSQL keeps 63 bytes of it."""
-    return f"flux-cdc {os.getpid()}@{socket.gethostname()}"[:63]
+    (the server knows only its own walsender's pid). PostgreSQL keeps 63 bytes of it: the host,
+    last, is what a long name loses."""
+    return f"flux-cdc {token} {os.getpid()}@{socket.gethostname()}"[:63]
 
 
-_CONSUMER_NAME = re.compile(r"flux-cdc (\d+)@(.*)")
+_CONSUMER_NAME = re.compile(r"flux-cdc (?:([0-9a-f]{8}) )?(\d+)@(.*)")  # without a token: an older Flux
 
 
-def consumer_of(application_name: str | None) -> tuple[int, str] | None:
-    """The pid and host a `consumer_name` names; None for any other application_name."""
+class Consumer(NamedTuple):
+    pid: int
+    host: str
+    token: str | None
+
+
+def consumer_of(application_name: str | None) -> Consumer | None:
+    """The engine a `consumer_name` names; None for any other application_name."""
     named = _CONSUMER_NAME.fullmatch(application_name or "")
-    return (int(named[1]), named[2]) if named else None
+    return Consumer(int(named[2]), named[3], named[1]) if named else None
 
 
 def quote_ident(name: str) -> str:
@@ -55,8 +72,10 @@ def quote_literal(value: str) -> str:
 class ReplicationStream:
     """One logical replication session on `slot`, publishing `publication` with pgoutput v1."""
 
-    def __init__(self, *, dsn: str, slot: str, publication: str, start_lsn: int = 0, connect_timeout: int = 10) -> None:
+    def __init__(self, *, dsn: str, slot: str, publication: str, start_lsn: int = 0, connect_timeout: int = 10,
+                 consumer_token: str | None = None) -> None:
         self.dsn = dsn
+        self.consumer_token = consumer_token or new_consumer_token()  # the engine's, kept across its sessions
         self.slot = slot
         self.publication = publication
         self.start_lsn = start_lsn
@@ -65,6 +84,12 @@ class ReplicationStream:
         self._pgconn: pq.abc.PGconn | None = None
 
     def open(self) -> None:
+        if not self._open(end_own_walsender=True):
+            self._open(end_own_walsender=False)  # once more, the slot freed of this engine's previous connection
+
+    def _open(self, *, end_own_walsender: bool) -> bool:
+        """Open the stream: True. False when the slot was held by this engine's own previous
+        connection and that was ended (the connection is closed then; a new one can stream)."""
         try:
             self._conn = psycopg.connect(
                 self.dsn,
@@ -72,7 +97,7 @@ class ReplicationStream:
                 replication="database",
                 client_encoding="UTF8",  # pgoutput sends text in the client's encoding: the decoder reads UTF-8
                 options=WALSENDER_OPTIONS,
-                application_name=consumer_name(),
+                application_name=consumer_name(self.consumer_token),
                 connect_timeout=self.connect_timeout,
             )
         except psycopg.Error as exc:
@@ -85,8 +110,12 @@ class ReplicationStream:
         )
         hint = "Check that the slot and publication exist (`flux attach`) and that no other consumer holds the slot."
         try:
+            # Waited for through psycopg, which releases the GIL: libpq's own blocking wait (a bare
+            # get_result) holds it, freezing every thread of the process (the gateway's, in `flux
+            # serve`) for as long as the server takes to answer.
             pgconn.send_query(command.encode())
-            result = pgconn.get_result()
+            results = self._conn.wait(generators.execute(pgconn))
+            result = results[-1] if results else None
         except psycopg.Error as exc:  # the server went away between connecting and this command
             self.close()
             raise from_psycopg(exc, "START_REPLICATION failed", hint=hint, slot=self.slot) from exc
@@ -100,13 +129,24 @@ class ReplicationStream:
             # engine: this one stands by, `flux.cdc.standby`), a missing slot or publication is not.
             exc = psycopg.errors.error_from_result(result)
             holder = self._holder() if isinstance(exc, psycopg.errors.ObjectInUse) else None
+            if holder is not None and holder[0].token == self.consumer_token:
+                if end_own_walsender and self._end_own_walsender(holder[1]):
+                    return False
+                self.close()
+                raise ConnectionLostError(
+                    f"Replication slot {self.slot!r} is still held by this engine's previous connection (walsender pid "
+                    f"{holder[1]}), which the server has not noticed is gone",
+                    hint="PostgreSQL ends it within wal_sender_timeout (60 s by default) and the engine retries until "
+                         "then; a role that may signal it (the same role, or one granted pg_signal_backend) ends it at "
+                         "once.", slot=self.slot, walsender_pid=holder[1]) from exc
             self.close()
             if holder is not None:
+                engine = holder[0]
                 raise SlotHeldError(
-                    f"Replication slot {self.slot!r} is held by the Flux engine of pid {holder[0]} on {holder[1]}",
+                    f"Replication slot {self.slot!r} is held by the Flux engine of pid {engine.pid} on {engine.host}",
                     hint="One engine streams a slot at a time: this one stands by and takes over when that one stops "
-                         "(`flux cdc status` says which is active).", slot=self.slot, holder_pid=holder[0],
-                    holder_host=holder[1]) from exc
+                         "(`flux cdc status` says which is active).", slot=self.slot, holder_pid=engine.pid,
+                    holder_host=engine.host) from exc
             if isinstance(exc, psycopg.errors.UndefinedObject):
                 raise NotFoundError(
                     f"Replication slot {self.slot!r} does not exist",
@@ -122,24 +162,39 @@ class ReplicationStream:
             raise from_psycopg(exc, failing, hint=hint, slot=self.slot, publication=self.publication)
         pgconn.nonblocking = 1
         self._pgconn = pgconn
+        return True
 
-    def _holder(self) -> tuple[int, str] | None:
-        """The pid and host of the Flux engine that holds the slot, if one does: the server's message
-        names only its own walsender's pid."""
+    def _holder(self) -> tuple[Consumer, int] | None:
+        """The Flux engine that holds the slot, if one does (the server's message names only its own
+        walsender's pid), and that walsender's pid."""
         assert self._conn is not None
-        pgconn = self._conn.pgconn
-        try:
-            while pgconn.get_result() is not None:  # the end of the refused START_REPLICATION's answer
-                pass
-        except psycopg.Error:
-            return None
         try:  # a replication connection takes SQL by the simple protocol only: no parameters
             row = self._conn.execute(
-                "SELECT r.application_name FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid"
+                "SELECT r.application_name, r.pid FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid"
                 f" WHERE s.slot_name = {quote_literal(self.slot)}").fetchone()
         except psycopg.Error:
             return None
-        return consumer_of(row[0]) if row else None
+        engine = consumer_of(row[0]) if row else None
+        return (engine, row[1]) if engine else None
+
+    def _end_own_walsender(self, walsender_pid: int) -> bool:
+        """The slot is held by this engine's own previous connection: lost on this side (a network
+        blip, a proxy's idle cut) while the server has not noticed yet, which takes it up to
+        wal_sender_timeout. Standing by for it would wait for nothing: it is ended. True when it
+        was (this connection is closed then)."""
+        assert self._conn is not None
+        try:  # waits (up to 5 s) for the walsender to exit, which frees the slot
+            ended = self._conn.execute(f"SELECT pg_terminate_backend({int(walsender_pid)}, 5000)").fetchone()[0]
+        except psycopg.Error as exc:
+            log.warning("slot %s is still held by this engine's previous connection (walsender pid %d), which could "
+                        "not be ended: %s", self.slot, walsender_pid, str(exc).strip())
+            return False
+        if ended:
+            log.warning("slot %s was still held by this engine's previous connection (walsender pid %d), which the "
+                        "server had not noticed was gone: ended it, streaming again (nothing is lost)",
+                        self.slot, walsender_pid)
+            self.close()
+        return ended
 
     def _check_wal_level(self) -> None:
         """Refuse a server that cannot decode logically, with the fix, before asking for the slot

@@ -7,7 +7,9 @@ import os
 import socket
 import time
 
+from flux.cdc.attach import attach
 from flux.cdc.status import cdc_status
+from tests.proxy import ProxyProcess
 from tests.support import mutations, start_engine, wait_slot_held
 
 
@@ -62,3 +64,30 @@ def test_cdc_status_names_the_active_engine_and_those_standing_by(dsn, conn, cap
     assert (status.consumer_pid, status.consumer_host) == (me["pid"], me["host"])
     assert status.standbys == [me]
     assert cdc_status(dsn).standbys == []  # stopped, it no longer waits
+
+
+def test_a_slot_still_held_by_the_engines_own_lost_connection_is_freed_not_stood_by_for(dsn, conn, caplog):
+    """After a blip the engine found its slot held by its own previous connection, stood by for "the
+    Flux engine of pid <its own pid>", and streamed again only when wal_sender_timeout ended it."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    proxy = ProxyProcess(dsn)
+    running = start_engine(proxy.dsn, backoff_initial=0.1)
+    try:
+        wait_slot_held(conn)
+        ghost = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0]
+        with caplog.at_level(logging.INFO, logger="flux.cdc"):
+            proxy.cut_replication()
+            conn.execute("INSERT INTO t VALUES (1)")
+            running.caught_up(timeout=15)  # well within the 60 s of wal_sender_timeout
+        states = running.engine.status()["state"]
+    finally:
+        running.stop()
+        proxy.close()
+    assert states == "active"
+    assert conn.execute("SELECT count(*) FROM pg_stat_replication WHERE pid = %s", (ghost,)).fetchone()[0] == 0
+    assert not [m for m in caplog.messages if "standing by" in m]
+    assert any(f"still held by this engine's previous connection (walsender pid {ghost})" in m and "ended it" in m
+               for m in caplog.messages)
+    assert not [m for m in caplog.messages if "reconnecting" in m and "held" in m]  # streamed at once
+    assert [m["row_key"] for m in mutations(dsn, "t")] == [{"id": 1}]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 
 import pytest
 
 from flux.cdc.stream import ReplicationStream
 from flux.errors import SlotHeldError
+from flux.cdc.attach import attach
+from tests.proxy import ProxyProcess
 from tests.support import wait_slot_held
 
 
@@ -23,3 +27,27 @@ def test_a_slot_another_engine_holds_is_a_retryable_slot_held_error_naming_that_
     assert caught.value.retryable
     assert f"held by the Flux engine of pid {os.getpid()} on {socket.gethostname()}" in caught.value.message
     assert (caught.value.context["holder_pid"], caught.value.context["holder_host"]) == (os.getpid(), socket.gethostname())
+
+
+def test_other_threads_run_while_the_server_takes_its_time_to_answer_start_replication(dsn, conn):
+    """libpq's blocking wait for the answer held the GIL: every thread of the process (the gateway's
+    loop, in `flux serve`) stopped until the server answered."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    proxy = ProxyProcess(dsn, hold_answer_to="START_REPLICATION", release_after=2.0)
+    stream = ReplicationStream(dsn=proxy.dsn, slot="flux", publication="flux")
+    opening = threading.Thread(target=stream.open, daemon=True)
+    gaps = []
+    try:
+        started = last = time.monotonic()
+        opening.start()
+        while opening.is_alive() and last - started < 10:
+            time.sleep(0.05)
+            gaps.append(time.monotonic() - last)
+            last += gaps[-1]
+        took = last - started
+    finally:
+        stream.close()
+        proxy.close()
+    assert took >= 1.5  # the answer was held back
+    assert max(gaps) < 1.0

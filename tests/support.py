@@ -124,4 +124,3 @@ def table_owner_role(conn: psycopg.Connection, dsn: str, name: str) -> Iterator[
         conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {name}")
         conn.execute(f'REVOKE CREATE ON DATABASE "{db}" FROM {name}')
         conn.execute(f"DROP ROLE {name}")
-

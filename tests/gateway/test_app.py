@@ -759,6 +759,21 @@ def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, 
     assert json.loads(body) is True  # the response's url is the one the function asked for, as on the tape
 
 
+def test_a_fetch_url_with_credentials_is_refused_so_no_basic_form_of_a_secret_reaches_the_tape(tmp_path, dsn, conn, users, stub: Stub):
+    """aiohttp would send `user:SECRET@` as `Authorization: Basic base64(...)`, which /echo answers
+    back onto the tape, where redaction cannot know it."""
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          try {{ await ctx.fetch("http://user:" + ctx.secrets.ACME_TOKEN + "@{stub.host}/echo"); }} catch (e) {{ return {{ status: 200, body: e.name }}; }}
+          return {{ status: 200, body: "sent" }};
+        }}
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert (status, body) == (200, b"TypeError") and stub.requests == []
+    basic = base64.b64encode(f"user:{ACME_TOKEN}".encode()).decode()
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN, basic[8:-4]) == []
+
+
 def test_a_secret_in_binary_fetch_bodies_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
     """Bytes are on the tape as one character per byte, where redaction finds an ASCII secret."""
     write_project(tmp_path, {"call": f"""

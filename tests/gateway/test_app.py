@@ -746,6 +746,30 @@ def test_a_secret_in_a_database_errors_detail_and_hint_is_redacted(tmp_path, dsn
                                                               (None, "[secret:ACME_TOKEN]")]
 
 
+def test_a_long_secret_that_postgresql_cuts_in_its_errors_is_redacted(tmp_path, dsn, conn, users):
+    """A 107-character API key (a Stripe live key's length) in a row that breaks a NOT NULL
+    constraint: the DETAIL holds its first 64 bytes; as an identifier, its first 63."""
+    key = "sk_live_" + "51HxQ2eZvKYlo2C" * 6 + "abcdefghi"
+    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, api_key text, name text NOT NULL)")
+    write_project(tmp_path, {"save": """
+        export default async function (req, ctx) {
+          const seen = [];
+          for (const [sql, params] of [["INSERT INTO accounts VALUES (1, $1, NULL)", [ctx.secrets.STRIPE_KEY]],
+                                       ['SELECT * FROM "' + ctx.secrets.STRIPE_KEY + '"', []]]) {
+            await ctx.db.query("SAVEPOINT s");
+            try { await ctx.db.query(sql, params); } catch (e) { seen.push(e.detail ?? e.message); }
+            await ctx.db.query("ROLLBACK TO SAVEPOINT s");
+          }
+          ctx.log("failed", { seen });
+          return { status: 200, body: seen };
+        }
+    """}, f'[tenants.acme]\napi_keys = ["key-acme"]\n[tenants.acme.secrets]\nSTRIPE_KEY = "{key}"\n')
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/save", ACME)]))
+    assert status == 200 and json.loads(body) == [f"Failing row contains (1, {key[:64]}..., null).",
+                                                  f'relation "{key[:63]}" does not exist (SQLSTATE 42P01)']
+    assert leaks(conn, headers["x-flux-request-id"], key[:40]) == []
+
+
 def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
     """The HTTP client's rewrite of the URL (a space as +, %2F as /) is not the secret's text."""
     write_project(tmp_path, {"call": f"""

@@ -39,6 +39,7 @@ MIN_LINE_CHARS = 12  # a line of a multi-line secret at least this long is redac
 PG_CUTS = (63, 64)
 ERROR_CHARS = 500  # the most a one-line error summary keeps
 
+_URI_SAFE = ";,/?:@&=+$-_.!~*'()#"  # what encodeURI leaves as it is
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _LABEL = re.compile(r"\[secret(?::[^\]]*)?\]")
 
@@ -51,7 +52,10 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
 def secret_forms(value: str) -> tuple[str, ...]:
     """A secret's value as it may appear in what Flux records, longest first:
     - as is, and lower-cased (yarl and aiohttp lower-case a URL's host in what they say);
-    - percent-encoded as `encodeURIComponent` and `URLSearchParams` do, the ways to put it in a URL;
+    - percent-encoded as `encodeURIComponent` and `URLSearchParams` do, the ways to put it in a URL,
+      and as `encodeURI` does, which is also how the HTTP client (yarl) encodes a secret written
+      raw in a URL's path, and in its query but for a space, which it sends as `+`: an upstream
+      that echoes the URL it was sent (an error's "no such path") answers it so;
     - each line of a multi-line secret (a PEM key) of at least MIN_LINE_CHARS, so that text cut
       after one of its lines, by Flux or by anything before it, keeps none of it;
     - a secret longer than 63 bytes as PostgreSQL cuts it in its errors (PG_CUTS): a long API
@@ -60,7 +64,8 @@ def secret_forms(value: str) -> tuple[str, ...]:
       and thrown non-Error values)."""
     if not value:
         return ()
-    base = [value, value.lower(), quote(value, safe="-_.!~*'()"), quote_plus(value, safe="-_.*")]
+    uri = quote(value, safe=_URI_SAFE)
+    base = [value, value.lower(), quote(value, safe="-_.!~*'()"), quote_plus(value, safe="-_.*"), uri, uri.replace("%20", "+")]
     lines = value.splitlines()
     if len(lines) > 1:
         base += [line for line in lines if len(line) >= MIN_LINE_CHARS]

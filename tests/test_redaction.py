@@ -87,3 +87,11 @@ def test_a_long_secret_as_postgresql_cuts_it_in_an_error_is_redacted():
     redacted = Redactor([secret]).redact([f'relation "{identifier}" does not exist', f"Failing row contains (1, {value}..., null)."],
                                          {"KEY": secret})
     assert redacted == ['relation "[secret:KEY]" does not exist', "Failing row contains (1, [secret:KEY]..., null)."]
+
+
+def test_a_secret_percent_encoded_as_the_http_client_sends_it_in_a_url_is_redacted():
+    """yarl encodes a raw URL as encodeURI does, a space in the query as +: an upstream's echo of
+    the URL holds that form."""
+    secret = "odd sec:ret@v&al=1"
+    redacted = Redactor([secret]).redact(['{"path": "/ok/odd%20sec:ret@v&al=1"}', "GET /v1?k=odd+sec:ret@v&al=1"], {"K": secret})
+    assert redacted == ['{"path": "/ok/[secret:K]"}', "GET /v1?k=[secret:K]"]

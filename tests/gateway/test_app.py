@@ -798,6 +798,21 @@ def test_a_fetch_url_with_credentials_is_refused_so_no_basic_form_of_a_secret_re
     assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN, basic[8:-4]) == []
 
 
+def test_a_secret_in_a_fetch_url_is_redacted_from_an_upstreams_echo_of_the_url(tmp_path, dsn, conn, users, stub: Stub):
+    """The HTTP client sends a raw URL percent-encoded as encodeURI would (`odd%20sec:ret@...`),
+    and /ok answers the path it got."""
+    secret = "odd sec:ret@v&al=1"
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("{stub.url}/ok/" + ctx.secrets.ODD);
+          return {{ status: 200, body: (await res.json()).path }};
+        }}
+    """}, f'[tenants.acme]\napi_keys = ["key-acme"]\n[tenants.acme.secrets]\nODD = "{secret}"\n')
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert (status, body) == (200, b"/ok/odd%20sec:ret@v&al=1")  # what the upstream got
+    assert leaks(conn, headers["x-flux-request-id"], "sec:ret@v") == []
+
+
 def test_a_secret_in_binary_fetch_bodies_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
     """Bytes are on the tape as one character per byte, where redaction finds an ASCII secret."""
     write_project(tmp_path, {"call": f"""

@@ -746,6 +746,17 @@ def test_a_secret_in_a_database_errors_detail_and_hint_is_redacted(tmp_path, dsn
                                                               (None, "[secret:ACME_TOKEN]")]
 
 
+def test_a_secret_sent_as_the_http_method_is_redacted_from_the_method_column(tmp_path, dsn, conn, trace_store):
+    """Any HTTP token is a method, and reaches the gateway's 405 (the server upper-cases it)."""
+    secret = "SK-UPPER-77QX9ZT3"
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"},
+                  f'[tenants.acme]\napi_keys = ["key-acme"]\n[tenants.acme.secrets]\nUP = "{secret}"\n')
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http(secret, "/f", [("x-flux-api-key", "key-acme")])]))
+    request_id = dict(headers)["x-flux-request-id"]
+    assert status == 405 and secret not in body.decode()
+    assert leaks(conn, request_id, secret) == [] and stored(conn, request_id)["method"] == "[secret:UP]"
+
+
 def test_a_long_secret_that_postgresql_cuts_in_its_errors_is_redacted(tmp_path, dsn, conn, users):
     """A 107-character API key (a Stripe live key's length) in a row that breaks a NOT NULL
     constraint: the DETAIL holds its first 64 bytes; as an identifier, its first 63."""

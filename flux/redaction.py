@@ -13,8 +13,8 @@ Text is redacted before it is summarised: `one_line` and `as_text` shorten text 
 inside a secret or a label, so no part of a secret is left for redaction to miss.
 
 What it does not do: recognise a secret transformed otherwise (base64, hashed, split across
-values, a number that lost digits), or a line of a multi-line secret shorter than
-`MIN_LINE_CHARS` (too common to be told apart from other text).
+values, a number that lost digits, cut elsewhere than PostgreSQL's known cuts), or a line of a
+multi-line secret shorter than `MIN_LINE_CHARS` (too common to be told apart from other text).
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie",
 REDACTED = "[redacted]"
 OTHER_SECRET = "[secret]"  # another tenant's secret: neither its name nor its owner is said
 MIN_LINE_CHARS = 12  # a line of a multi-line secret at least this long is redacted on its own
+# Where PostgreSQL cuts a value in what it says, in bytes: an identifier at NAMEDATALEN - 1
+# (`relation "..." does not exist`), a row's values in an error at 64 ("Failing row contains").
+PG_CUTS = (63, 64)
 ERROR_CHARS = 500  # the most a one-line error summary keeps
 
+_URI_SAFE = ";,/?:@&=+$-_.!~*'()#"  # what encodeURI leaves as it is
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _LABEL = re.compile(r"\[secret(?::[^\]]*)?\]")
 
@@ -48,17 +52,25 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
 def secret_forms(value: str) -> tuple[str, ...]:
     """A secret's value as it may appear in what Flux records, longest first:
     - as is, and lower-cased (yarl and aiohttp lower-case a URL's host in what they say);
-    - percent-encoded as `encodeURIComponent` and `URLSearchParams` do, the ways to put it in a URL;
+    - percent-encoded as `encodeURIComponent` and `URLSearchParams` do, the ways to put it in a URL,
+      and as `encodeURI` does, which is also how the HTTP client (yarl) encodes a secret written
+      raw in a URL's path, and in its query but for a space, which it sends as `+`: an upstream
+      that echoes the URL it was sent (an error's "no such path") answers it so;
     - each line of a multi-line secret (a PEM key) of at least MIN_LINE_CHARS, so that text cut
       after one of its lines, by Flux or by anything before it, keeps none of it;
+    - a secret longer than 63 bytes as PostgreSQL cuts it in its errors (PG_CUTS): a long API
+      key in a row that breaks a NOT NULL or CHECK constraint, or used as an identifier;
     - each of these escaped by JSON once or twice (Flux JSON-encodes log arguments, fetch bodies
       and thrown non-Error values)."""
     if not value:
         return ()
-    base = [value, value.lower(), quote(value, safe="-_.!~*'()"), quote_plus(value, safe="-_.*")]
+    uri = quote(value, safe=_URI_SAFE)
+    base = [value, value.lower(), quote(value, safe="-_.!~*'()"), quote_plus(value, safe="-_.*"), uri, uri.replace("%20", "+")]
     lines = value.splitlines()
     if len(lines) > 1:
         base += [line for line in lines if len(line) >= MIN_LINE_CHARS]
+    encoded = value.encode("utf-8", "surrogatepass")
+    base += [encoded[:cut].decode("utf-8", "ignore") for cut in PG_CUTS if len(encoded) > cut]  # whole characters, as pg_mbcliplen
     forms: dict[str, None] = {}
     for form in base:
         forms[form] = None

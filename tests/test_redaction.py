@@ -77,3 +77,21 @@ def test_one_line_keeps_the_first_line_and_never_cuts_a_label():
     assert one_line("  first\nsecond") == "first"
     assert one_line("x" * 495 + "[secret:TOKEN] tail") == "x" * 495
     assert one_line("x" * 600) == "x" * 500
+
+
+def test_a_long_secret_as_postgresql_cuts_it_in_an_error_is_redacted():
+    """An identifier is cut at 63 bytes, a row's value in "Failing row contains" at 64 (whole characters)."""
+    secret = "sk_live_" + "x" * 54 + "é" + "0123456789" * 5  # its é is bytes 62 and 63
+    encoded = secret.encode()
+    identifier, value = encoded[:63].decode(errors="ignore"), encoded[:64].decode(errors="ignore")
+    redacted = Redactor([secret]).redact([f'relation "{identifier}" does not exist', f"Failing row contains (1, {value}..., null)."],
+                                         {"KEY": secret})
+    assert redacted == ['relation "[secret:KEY]" does not exist', "Failing row contains (1, [secret:KEY]..., null)."]
+
+
+def test_a_secret_percent_encoded_as_the_http_client_sends_it_in_a_url_is_redacted():
+    """yarl encodes a raw URL as encodeURI does, a space in the query as +: an upstream's echo of
+    the URL holds that form."""
+    secret = "odd sec:ret@v&al=1"
+    redacted = Redactor([secret]).redact(['{"path": "/ok/odd%20sec:ret@v&al=1"}', "GET /v1?k=odd+sec:ret@v&al=1"], {"K": secret})
+    assert redacted == ['{"path": "/ok/[secret:K]"}', "GET /v1?k=[secret:K]"]

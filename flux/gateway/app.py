@@ -443,6 +443,7 @@ class _Trace:
         api_keys = self.functions.api_keys
         request_headers = {k: REDACTED if _carries_api_key(v, api_keys) else v for k, v in redact_headers(self.headers).items()}
         record = {
+            "method": self.method,  # the client's: any HTTP token reaches a 405
             "path": self.path,
             "spans": spans,
             "request": {"headers": request_headers, "query": self.query, "ip": self.ip,
@@ -464,7 +465,7 @@ class _Trace:
             record["spans"][0]["error"] = one_line(record["spans"][0]["error"])
         return TraceRecord(
             id=self.request_id, tenant=self.tenant.name if self.tenant else None, function=function,
-            method=self.method, path=record["path"], status=status, duration_ms=round(span.duration_ms, 3),
+            method=record["method"], path=record["path"], status=status, duration_ms=round(span.duration_ms, 3),
             started_at=self.started_at, error=record["error"], spans=record["spans"], request=record["request"],
             response=record["response"], recording=record["recording"],
             code_version=self.function.function.code_version if self.function else None,

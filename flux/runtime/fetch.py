@@ -134,8 +134,12 @@ class FetchPolicy:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {url!r} is not a valid URL ({exc})"}) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HostCallError({"name": "TypeError", "message": f"ctx.fetch needs an absolute http(s) URL, not {url!r}"})
-        # parts.hostname is lower-cased; the host as written is the netloc's, past any user info.
-        written = parts.netloc.rpartition("@")[2]
+        if "@" in parts.netloc:
+            # As the Fetch standard refuses them. The HTTP client would send them base64-encoded
+            # (Basic auth), a form of a secret that redaction cannot know, and an upstream may echo it.
+            raise HostCallError({"name": "TypeError", "message": "ctx.fetch: a URL with credentials (user:password@host) "
+                                 "is refused, as fetch refuses it; send them in an authorization header"})
+        written = parts.netloc  # the host as written (parts.hostname is lower-cased)
         host = written[:written.find("]") + 1] if written.startswith("[") else written.partition(":")[0]
         return host, f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 

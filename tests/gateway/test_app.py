@@ -746,6 +746,41 @@ def test_a_secret_in_a_database_errors_detail_and_hint_is_redacted(tmp_path, dsn
                                                               (None, "[secret:ACME_TOKEN]")]
 
 
+def test_a_secret_sent_as_the_http_method_is_redacted_from_the_method_column(tmp_path, dsn, conn, trace_store):
+    """Any HTTP token is a method, and reaches the gateway's 405 (the server upper-cases it)."""
+    secret = "SK-UPPER-77QX9ZT3"
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"},
+                  f'[tenants.acme]\napi_keys = ["key-acme"]\n[tenants.acme.secrets]\nUP = "{secret}"\n')
+    [(status, headers, body)] = run(on_the_wire(tmp_path, dsn, [http(secret, "/f", [("x-flux-api-key", "key-acme")])]))
+    request_id = dict(headers)["x-flux-request-id"]
+    assert status == 405 and secret not in body.decode()
+    assert leaks(conn, request_id, secret) == [] and stored(conn, request_id)["method"] == "[secret:UP]"
+
+
+def test_a_long_secret_that_postgresql_cuts_in_its_errors_is_redacted(tmp_path, dsn, conn, users):
+    """A 107-character API key (a Stripe live key's length) in a row that breaks a NOT NULL
+    constraint: the DETAIL holds its first 64 bytes; as an identifier, its first 63."""
+    key = "sk_live_" + "51HxQ2eZvKYlo2C" * 6 + "abcdefghi"
+    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, api_key text, name text NOT NULL)")
+    write_project(tmp_path, {"save": """
+        export default async function (req, ctx) {
+          const seen = [];
+          for (const [sql, params] of [["INSERT INTO accounts VALUES (1, $1, NULL)", [ctx.secrets.STRIPE_KEY]],
+                                       ['SELECT * FROM "' + ctx.secrets.STRIPE_KEY + '"', []]]) {
+            await ctx.db.query("SAVEPOINT s");
+            try { await ctx.db.query(sql, params); } catch (e) { seen.push(e.detail ?? e.message); }
+            await ctx.db.query("ROLLBACK TO SAVEPOINT s");
+          }
+          ctx.log("failed", { seen });
+          return { status: 200, body: seen };
+        }
+    """}, f'[tenants.acme]\napi_keys = ["key-acme"]\n[tenants.acme.secrets]\nSTRIPE_KEY = "{key}"\n')
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/save", ACME)]))
+    assert status == 200 and json.loads(body) == [f"Failing row contains (1, {key[:64]}..., null).",
+                                                  f'relation "{key[:63]}" does not exist (SQLSTATE 42P01)']
+    assert leaks(conn, headers["x-flux-request-id"], key[:40]) == []
+
+
 def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):
     """The HTTP client's rewrite of the URL (a space as +, %2F as /) is not the secret's text."""
     write_project(tmp_path, {"call": f"""
@@ -757,6 +792,36 @@ def test_a_secret_in_a_fetch_url_is_redacted_from_the_tape(tmp_path, dsn, conn, 
     [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
     assert status == 200 and leaks(conn, headers["x-flux-request-id"], "secret_9z") == []
     assert json.loads(body) is True  # the response's url is the one the function asked for, as on the tape
+
+
+def test_a_fetch_url_with_credentials_is_refused_so_no_basic_form_of_a_secret_reaches_the_tape(tmp_path, dsn, conn, users, stub: Stub):
+    """aiohttp would send `user:SECRET@` as `Authorization: Basic base64(...)`, which /echo answers
+    back onto the tape, where redaction cannot know it."""
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          try {{ await ctx.fetch("http://user:" + ctx.secrets.ACME_TOKEN + "@{stub.host}/echo"); }} catch (e) {{ return {{ status: 200, body: e.name }}; }}
+          return {{ status: 200, body: "sent" }};
+        }}
+    """}, SECRETS)
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert (status, body) == (200, b"TypeError") and stub.requests == []
+    basic = base64.b64encode(f"user:{ACME_TOKEN}".encode()).decode()
+    assert leaks(conn, headers["x-flux-request-id"], ACME_TOKEN, basic[8:-4]) == []
+
+
+def test_a_secret_in_a_fetch_url_is_redacted_from_an_upstreams_echo_of_the_url(tmp_path, dsn, conn, users, stub: Stub):
+    """The HTTP client sends a raw URL percent-encoded as encodeURI would (`odd%20sec:ret@...`),
+    and /ok answers the path it got."""
+    secret = "odd sec:ret@v&al=1"
+    write_project(tmp_path, {"call": f"""
+        export default async function (req, ctx) {{
+          const res = await ctx.fetch("{stub.url}/ok/" + ctx.secrets.ODD);
+          return {{ status: 200, body: (await res.json()).path }};
+        }}
+    """}, f'[tenants.acme]\napi_keys = ["key-acme"]\n[tenants.acme.secrets]\nODD = "{secret}"\n')
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/call", ACME)]))
+    assert (status, body) == (200, b"/ok/odd%20sec:ret@v&al=1")  # what the upstream got
+    assert leaks(conn, headers["x-flux-request-id"], "sec:ret@v") == []
 
 
 def test_a_secret_in_binary_fetch_bodies_is_redacted_from_the_tape(tmp_path, dsn, conn, users, stub: Stub):

@@ -201,3 +201,12 @@ def test_an_ipv6_host_matches_its_allow_entry_and_is_named_in_brackets(entry):
     with pytest.raises(HostCallError) as refused:
         policy.check(*policy.parse("http://[::2]:18351/v1"))
     assert refused.value.info["message"] == "outbound calls to [::2]:18351 are not allowed: add it to [fetch] allow in flux.toml"
+
+
+@pytest.mark.parametrize("url", ["http://usr:pw-9Kq@127.0.0.1:18351/v1", "http://pw-9Kq@127.0.0.1:18351/v1", "https://:pw-9Kq@example.com/"])
+def test_a_url_with_credentials_is_refused_as_fetch_refuses_it(url):
+    """The HTTP client would send them as Basic auth: the secret base64-encoded, which redaction cannot know."""
+    with pytest.raises(HostCallError) as refused:
+        FetchPolicy(FetchConfig()).parse(url)
+    assert refused.value.info["name"] == "TypeError" and "credentials" in refused.value.info["message"]
+    assert "pw-9Kq" not in refused.value.info["message"]

@@ -19,6 +19,8 @@ from pytest_postgresql.janitor import DatabaseJanitor
 from flux.cdc.attach import attach
 from flux.errors import ClusterError
 from flux.pg.cluster import SUPERUSER, Cluster, ClusterInfo
+from tests.pgbouncer import INSTALL_HINT as PGBOUNCER_HINT
+from tests.pgbouncer import PgBouncer, ServerHop
 from tests.support import RunningEngine, start_engine
 
 # fsync off: these clusters are throwaway; the engine's own durability is tested by killing
@@ -109,3 +111,30 @@ def seeded(conn: psycopg.Connection) -> psycopg.Connection:
 
     seed(conn)
     return conn
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_info: ClusterInfo) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the session cluster (`tests.pgbouncer`); never skipped."""
+    bouncer = PgBouncer(server_port=pg_info.port)
+    try:
+        bouncer.start()
+    except RuntimeError as exc:
+        pytest.fail(f"{exc} -- {PGBOUNCER_HINT}")
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def bouncer_dsn(dsn: str, pgbouncer: PgBouncer) -> str:
+    """The per-test database through PgBouncer in transaction mode."""
+    return pgbouncer.dsn_for(dsn)
+
+
+@pytest.fixture
+def server_hop(bouncer_dsn: str) -> Iterator[ServerHop]:
+    """Called between transactions through `bouncer_dsn`, moves the next to another server connection."""
+    hop = ServerHop(bouncer_dsn)
+    yield hop
+    hop.close()
+

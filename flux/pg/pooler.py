@@ -18,8 +18,7 @@ import psycopg
 _BACKEND_PID = "SELECT pg_backend_pid()"
 
 # The hint for what a pooler cannot carry: a replication connection, a lock held across transactions.
-DIRECT_DSN_HINT = ("Give this a DSN that reaches PostgreSQL directly (its own host and port, not PgBouncer's); "
-                   "the gateway's ctx.db and trace writes may still go through the pooler.")
+DIRECT_DSN_HINT = "Give it a DSN that reaches PostgreSQL directly (the server's own host and port, not the pooler's)."
 
 
 def behind_pooler(conn: psycopg.Connection) -> bool:

@@ -8,6 +8,9 @@ they are never skipped, in CI or elsewhere.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +25,8 @@ from flux.pg.cluster import SUPERUSER, Cluster, ClusterInfo
 from tests.pgbouncer import INSTALL_HINT as PGBOUNCER_HINT
 from tests.pgbouncer import PgBouncer, ServerHop
 from tests.support import RunningEngine, start_engine
+from tests.tls import INSTALL_HINT as TLS_HINT
+from tests.tls import make_certificates, tls_settings
 
 # fsync off: these clusters are throwaway; the engine's own durability is tested by killing
 # the engine, not the machine.
@@ -137,4 +142,29 @@ def server_hop(bouncer_dsn: str) -> Iterator[ServerHop]:
     hop = ServerHop(bouncer_dsn)
     yield hop
     hop.close()
+
+
+@pytest.fixture(scope="session")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClusterInfo, Path]]:
+    """A second cluster with ssl = on (`tests.tls`): its info and the directory of its certificates."""
+    certificates = Path(tempfile.mkdtemp(prefix="flux-tls-"))  # the server account cannot traverse pytest's
+    try:
+        make_certificates(certificates)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"Could not make test certificates: {exc} -- {TLS_HINT}")
+    cluster = Cluster(state_dir=tmp_path_factory.mktemp("tls-cluster"), settings={**TEST_SETTINGS, **tls_settings(certificates)})
+    try:
+        info = cluster.start()
+    except ClusterError as exc:
+        pytest.fail(f"These tests need a PostgreSQL 14+ server: {exc} -- {exc.hint}")
+    yield info, certificates
+    cluster.destroy()
+    shutil.rmtree(certificates, ignore_errors=True)
+
+
+@pytest.fixture
+def tls_dsn(tls_cluster: tuple[ClusterInfo, Path]) -> str:
+    """The TLS cluster's own database, verifying its certificate (verify-full) against the test CA."""
+    info, certificates = tls_cluster
+    return f"postgresql://{SUPERUSER}@localhost:{info.port}/postgres?sslmode=verify-full&sslrootcert={certificates / 'ca.crt'}"
 

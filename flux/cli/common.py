@@ -15,6 +15,7 @@ import typer
 from psycopg.conninfo import conninfo_to_dict
 
 from flux.errors import ConfigError, ConnectionLostError, ServerNotReadyError, from_psycopg
+from flux.pg.tls import certificate_refused
 from flux.store.queries import no_jit
 
 DatabaseOption = Annotated[
@@ -136,6 +137,9 @@ def reaching(db: Database) -> Iterator[None]:
     except ConnectionLostError as exc:
         if _login_refused(exc.__cause__):
             raise db.refused(exc) from exc
+        refused = certificate_refused(db.dsn, exc.__cause__)
+        if refused is not None:
+            raise refused from exc
         raise db.unreachable(exc) from exc
 
 

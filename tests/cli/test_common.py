@@ -113,3 +113,27 @@ def test_commands_read_with_jit_off(dsn):
     """At 5 million logged rows, compiling a history query for JIT took 1 to 2.4 s of its 1.1 to 2.7 s."""
     with connect(dsn, failing="reading") as conn:
         assert conn.execute("SHOW jit").fetchone()[0] == "off"
+
+
+def _untrusted_ca(tls_dsn: str) -> str:
+    return tls_dsn.replace("/ca.crt", "/other-ca.crt")
+
+
+def _host_not_in_certificate(tls_dsn: str) -> str:
+    return tls_dsn.replace("@localhost:", "@db.invalid:") + "&hostaddr=127.0.0.1"  # the same server, by another name
+
+
+def test_commands_reach_a_tls_server_with_verify_full(tmp_path, tls_dsn):
+    result = flux(tmp_path, "requests", "--database", tls_dsn, "--json")
+    assert result.returncode in (0, 3), result.stderr  # 3: no flux schema there; what matters is the connection
+    assert "certificate" not in result.stderr and "Cannot reach" not in result.stderr
+
+
+@pytest.mark.parametrize("refused", [_untrusted_ca, _host_not_in_certificate])
+def test_a_server_certificate_the_dsn_does_not_accept_is_a_config_error_with_a_tls_hint(tmp_path, tls_dsn, refused):
+    """libpq's refusal has no SQLSTATE: it read as a server that is down ('check that the server is running', exit 4)."""
+    result = flux(tmp_path, "requests", "--database", refused(tls_dsn))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: The database server's TLS certificate was not accepted (sslmode=verify-full):")
+    assert lines[1].startswith("hint: Give sslrootcert the certificate of the CA")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def checked_dsn(dsn: str, source: str) -> str:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
-            f"{source} is not a valid PostgreSQL DSN: {_first_line(exc)}",
+            f"{source} is not a valid PostgreSQL DSN: {_without_secrets(_first_line(exc), dsn)}",
             hint="Write a URL, postgresql://USER@HOST:PORT/DBNAME, or key=value pairs, 'host=HOST port=PORT dbname=DBNAME'.",
         ) from exc
     # libpq checks a port only when it connects, and then fails as an unreachable server would (exit 4).
@@ -109,6 +110,20 @@ def checked_dsn(dsn: str, source: str) -> str:
             raise ConfigError(f"{source} is not a valid PostgreSQL DSN: port {port!r} is not a number from 1 to 65535",
                               hint="Fix the port in the DSN (5432 is PostgreSQL's default).")
     return dsn
+
+
+def _without_secrets(message: str, dsn: str) -> str:
+    """libpq's parse error quotes the part of the DSN it choked on, which can be (part of) the
+    password: `invalid percent-encoded token: "s3cr%t"`, `missing "=" after "secret"`. A quoted
+    part is kept only when it holds no letter or digit, or is a key of the DSN (`invalid URI query
+    parameter: "sslmod"`), which is no secret."""
+    def part(match: re.Match[str]) -> str:
+        text = match.group(1)
+        if not any(c.isalnum() for c in text) or re.search(rf"(?:^|[\s?&]){re.escape(text)}\s*=", dsn):
+            return match.group(0)
+        return '"[redacted]"'
+
+    return re.sub(r'"([^"]*)"', part, message)
 
 
 def resolve_database(flag: str | None) -> Database:

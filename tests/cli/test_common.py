@@ -74,6 +74,18 @@ def test_a_malformed_dsn_is_a_usage_error_with_a_hint(tmp_path, args):
     assert "hint: Write a URL, postgresql://USER@HOST:PORT/DBNAME" in result.stderr
 
 
+@pytest.mark.parametrize(("dsn", "said"), [
+    ("postgresql://app:s3cr%zzet@127.0.0.1/app", 'invalid percent-encoded token: "[redacted]"'),
+    ("host=127.0.0.1 user=app password=hunter2 s3cret dbname=app", 'missing "=" after "[redacted]"'),
+    ("postgresql://app:s3cret@127.0.0.1/app?sslmod=require", 'invalid URI query parameter: "sslmod"'),
+], ids=["uri", "key-value", "a-key-is-kept"])
+def test_a_malformed_dsn_error_never_shows_the_password(tmp_path, dsn, said):
+    """libpq quotes the part of the DSN it could not parse, which may be the password."""
+    result = flux(tmp_path, "requests", "--database", dsn)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr and "s3cr" not in result.stderr
+
+
 @pytest.mark.parametrize("dsn", ["postgresql://postgres@127.0.0.1:abc/postgres", "host=127.0.0.1 port=99999",
                                  "host=a,b port=5432,0"])
 def test_a_dsn_with_an_impossible_port_is_a_usage_error_not_an_unreachable_server(tmp_path, dsn):

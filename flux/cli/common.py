@@ -46,7 +46,7 @@ class Database:
     """A DSN and where it came from; `project` is the directory whose `flux dev` owns an embedded one."""
 
     dsn: str
-    source: str  # FROM_FLAG, FROM_ENV or FROM_EMBEDDED
+    source: str  # FROM_FLAG (or another flag, such as --engine-database), FROM_ENV or FROM_EMBEDDED
     project: Path | None = None
 
     def unreachable(self, exc: BaseException) -> ServerNotReadyError:
@@ -74,7 +74,7 @@ class Database:
     def _where(self) -> str:
         if self.source == FROM_EMBEDDED:
             return f"the embedded database of {self.project}"
-        return "the database given by --database" if self.source == FROM_FLAG else f"the database in ${ENV_DSN}"
+        return f"the database given by {self.source}" if self.source.startswith("--") else f"the database in ${ENV_DSN}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -109,7 +109,14 @@ def checked_dsn(dsn: str, source: str) -> str:
         if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ConfigError(f"{source} is not a valid PostgreSQL DSN: port {port!r} is not a number from 1 to 65535",
                               hint="Fix the port in the DSN (5432 is PostgreSQL's default).")
+    sslmode = params.get("sslmode")  # the same: "connection is bad: invalid sslmode value", read as a server that is down
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise ConfigError(f"{source} is not a valid PostgreSQL DSN: sslmode {sslmode!r} is not one of {', '.join(_SSLMODES)}",
+                          hint="require encrypts; verify-ca and verify-full also check the server's certificate (sslrootcert).")
     return dsn
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 def _without_secrets(message: str, dsn: str) -> str:

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from flux.cli.common import CONNECT_TIMEOUT, DatabaseOption, checked_dsn, reaching, resolve_database
+from flux.cli.common import CONNECT_TIMEOUT, Database, DatabaseOption, checked_dsn, reaching, resolve_database
 from flux.cli.output import console, rich_escape
 
 log = logging.getLogger("flux")
@@ -131,15 +131,17 @@ def serve(
     setup_logging(verbose)
     db = resolve_database(database)
     dsn = db.dsn
-    engine_dsn = checked_dsn(engine_database, "--engine-database") if engine_database else dsn
+    engine_db = Database(checked_dsn(engine_database, "--engine-database"), "--engine-database") if engine_database else db
+    engine_dsn = engine_db.dsn
     root = find_project_root() if project is None else _given_project(project)
     project_config = load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
     check_port(host, port)  # before attach changes anything
-    with reaching(db):
+    with reaching(engine_db):
         if attach_all:
             attach(engine_dsn, all_tables=True)
         if engine:
             _require_attached(engine_dsn)
+    with reaching(db):
         ensure_store(dsn, record=record, retention=project_config.retention)
 
     def ready(url: str | None) -> None:

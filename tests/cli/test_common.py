@@ -86,6 +86,12 @@ def test_a_malformed_dsn_error_never_shows_the_password(tmp_path, dsn, said):
     assert said in result.stderr and "s3cr" not in result.stderr
 
 
+def test_a_dsn_with_an_unknown_sslmode_is_a_usage_error_not_an_unreachable_server(tmp_path):
+    result = flux(tmp_path, "requests", "--database", "postgresql://postgres@127.0.0.1/postgres?sslmode=verify")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --database is not a valid PostgreSQL DSN: sslmode 'verify' is not one of")
+
+
 @pytest.mark.parametrize("dsn", ["postgresql://postgres@127.0.0.1:abc/postgres", "host=127.0.0.1 port=99999",
                                  "host=a,b port=5432,0"])
 def test_a_dsn_with_an_impossible_port_is_a_usage_error_not_an_unreachable_server(tmp_path, dsn):

@@ -571,3 +571,13 @@ def test_serve_runs_its_engine_on_engine_database_and_the_gateway_through_pgboun
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE request_id IS NOT NULL").fetchone()[0] == 4
+
+
+def test_an_engine_database_that_cannot_be_reached_is_named_as_such(tmp_path, dsn):
+    write_project(tmp_path, {"hello": HELLO})
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--engine-database", closed,
+                             "--port", str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.startswith("error: Cannot reach the database given by --engine-database:")
+

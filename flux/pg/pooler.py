@@ -14,6 +14,7 @@ the ids differ, since session mode only makes it give up a little speed.
 from __future__ import annotations
 
 import psycopg
+from psycopg import pq
 
 _BACKEND_PID = "SELECT pg_backend_pid()"
 
@@ -22,12 +23,19 @@ DIRECT_DSN_HINT = "Give it a DSN that reaches PostgreSQL directly (the server's 
 
 
 def behind_pooler(conn: psycopg.Connection) -> bool:
-    """Whether `conn` talks to a pooler rather than to the server process that runs its queries."""
+    """Whether `conn` talks to a pooler rather than to the server process that runs its queries.
+    An idle connection is left idle (the transaction a non-autocommit one opened is rolled back)."""
+    idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
     row = conn.execute(_BACKEND_PID, prepare=False).fetchone()
+    if idle and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        conn.rollback()
     return row is not None and row[0] != conn.info.backend_pid
 
 
 async def behind_pooler_async(conn: psycopg.AsyncConnection) -> bool:
     """`behind_pooler` for an async connection."""
+    idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
     row = await (await conn.execute(_BACKEND_PID, prepare=False)).fetchone()
+    if idle and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        await conn.rollback()
     return row is not None and row[0] != conn.info.backend_pid

@@ -159,8 +159,9 @@ class DbSession:
     Every statement uses the extended protocol, so a query string holds one statement and its
     values travel apart from it. A statement a connection runs a second time is prepared on it
     (in the same round trip), as psycopg does after five: the server then skips parsing and
-    planning it (measured: 15 to 45 us of the server's CPU per request of the bench). Prepared
-    statements do not outlive a tenant on a connection: the first round trip of a request of
+    planning it (measured: 15 to 45 us of the server's CPU per request of the bench); not on a
+    connection through a pooler such as PgBouncer (`DbPool`), whose next transaction may run on
+    another server connection. Prepared statements do not outlive a tenant on a connection: the first round trip of a request of
     another tenant starts with DEALLOCATE ALL, since any session can read their text (a secret
     inlined in the SQL) in `pg_prepared_statements`. A connection whose exchange was interrupted
     (a time limit, a client gone) is closed rather than reused: its protocol state is unknown.

@@ -16,6 +16,7 @@ import typer
 from psycopg.conninfo import conninfo_to_dict
 
 from flux.errors import ConfigError, ConnectionLostError, ServerNotReadyError, from_psycopg
+from flux.pg.pooler import behind_pooler
 from flux.pg.tls import certificate_refused
 from flux.store.queries import no_jit
 
@@ -182,6 +183,10 @@ def connect(database: str | None, *, failing: str) -> Iterator[psycopg.Connectio
         try:
             with psycopg.connect(db.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                 no_jit(conn)
+                # Each statement may run on another server connection there, without what psycopg
+                # prepared at a statement's fifth run (blame following a row's key changes, a prune).
+                if behind_pooler(conn):
+                    conn.prepare_threshold = None
                 yield conn
         except psycopg.Error as exc:
             raise from_psycopg(exc, failing) from exc

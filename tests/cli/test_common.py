@@ -155,3 +155,12 @@ def test_a_server_certificate_the_dsn_does_not_accept_is_a_config_error_with_a_t
     lines = result.stderr.splitlines()
     assert lines[0].startswith("error: The database server's TLS certificate was not accepted (sslmode=verify-full):")
     assert lines[1].startswith("hint: Give sslrootcert the certificate of the CA")
+
+
+def test_a_command_connected_through_pgbouncer_prepares_nothing(bouncer_dsn, server_hop):
+    """psycopg prepares a statement at its fifth run (blame following a row's key changes runs one
+    per change); the next transaction, on another server connection, would not find it."""
+    with connect(bouncer_dsn, failing="test") as conn:
+        for _ in range(8):
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            server_hop()

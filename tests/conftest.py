@@ -8,6 +8,9 @@ they are never skipped, in CI or elsewhere.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +22,11 @@ from pytest_postgresql.janitor import DatabaseJanitor
 from flux.cdc.attach import attach
 from flux.errors import ClusterError
 from flux.pg.cluster import SUPERUSER, Cluster, ClusterInfo
+from tests.pgbouncer import INSTALL_HINT as PGBOUNCER_HINT
+from tests.pgbouncer import PgBouncer, ServerHop
 from tests.support import RunningEngine, start_engine
+from tests.tls import INSTALL_HINT as TLS_HINT
+from tests.tls import make_certificates, tls_settings
 
 # fsync off: these clusters are throwaway; the engine's own durability is tested by killing
 # the engine, not the machine.
@@ -109,3 +116,55 @@ def seeded(conn: psycopg.Connection) -> psycopg.Connection:
 
     seed(conn)
     return conn
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_info: ClusterInfo) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the session cluster (`tests.pgbouncer`); never skipped."""
+    bouncer = PgBouncer(server_port=pg_info.port)
+    try:
+        bouncer.start()
+    except RuntimeError as exc:
+        pytest.fail(f"{exc} -- {PGBOUNCER_HINT}")
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def bouncer_dsn(dsn: str, pgbouncer: PgBouncer) -> str:
+    """The per-test database through PgBouncer in transaction mode."""
+    return pgbouncer.dsn_for(dsn)
+
+
+@pytest.fixture
+def server_hop(bouncer_dsn: str) -> Iterator[ServerHop]:
+    """Called between transactions through `bouncer_dsn`, moves the next to another server connection."""
+    hop = ServerHop(bouncer_dsn)
+    yield hop
+    hop.close()
+
+
+@pytest.fixture(scope="session")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClusterInfo, Path]]:
+    """A second cluster with ssl = on (`tests.tls`): its info and the directory of its certificates."""
+    certificates = Path(tempfile.mkdtemp(prefix="flux-tls-"))  # the server account cannot traverse pytest's
+    try:
+        make_certificates(certificates)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"Could not make test certificates: {exc} -- {TLS_HINT}")
+    cluster = Cluster(state_dir=tmp_path_factory.mktemp("tls-cluster"), settings={**TEST_SETTINGS, **tls_settings(certificates)})
+    try:
+        info = cluster.start()
+    except ClusterError as exc:
+        pytest.fail(f"These tests need a PostgreSQL 14+ server: {exc} -- {exc.hint}")
+    yield info, certificates
+    cluster.destroy()
+    shutil.rmtree(certificates, ignore_errors=True)
+
+
+@pytest.fixture
+def tls_dsn(tls_cluster: tuple[ClusterInfo, Path]) -> str:
+    """The TLS cluster's own database, verifying its certificate (verify-full) against the test CA."""
+    info, certificates = tls_cluster
+    return f"postgresql://{SUPERUSER}@localhost:{info.port}/postgres?sslmode=verify-full&sslrootcert={certificates / 'ca.crt'}"
+

@@ -43,6 +43,7 @@ from flux.cdc.standby import wait_while_held
 from flux.cdc.stream import ReplicationStream, new_consumer_token
 from flux.cdc.wire import Keepalive, format_lsn, parse_frame, xlogdata
 from flux.errors import ConnectionLostError, DecodeError, FluxError, SlotHeldError, StreamError, from_psycopg
+from flux.pg.tls import certificate_refused
 
 log = logging.getLogger("flux.cdc")
 
@@ -155,6 +156,11 @@ class Engine:
             if not exc.retryable:
                 session.close(flush=False)
                 raise
+            # No retry makes a certificate acceptable: said once, not retried forever as if the server were down.
+            refused = certificate_refused(self.config.dsn, exc.__cause__) if isinstance(exc, ConnectionLostError) else None
+            if refused is not None:
+                session.close(flush=False)
+                raise refused from exc
             self.stats.reconnects += 1
             if self.state != "standby":  # a standby keeps waiting for the slot once the database is back
                 self.state = "retrying"

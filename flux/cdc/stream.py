@@ -24,7 +24,8 @@ import psycopg
 from psycopg import generators, pq
 
 from flux.cdc.wire import format_lsn, pg_now_us, standby_status
-from flux.errors import ConnectionLostError, NotFoundError, PreflightError, SlotHeldError, from_psycopg
+from flux.errors import ConfigError, ConnectionLostError, NotFoundError, PreflightError, SlotHeldError, from_psycopg
+from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 
 log = logging.getLogger("flux.cdc")
 
@@ -69,6 +70,44 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def open_replication(dsn: str, *, slot: str, application_name: str, connect_timeout: int = 10) -> psycopg.Connection:
+    """A `replication=database` connection to `dsn`.
+
+    A connection pooler (PgBouncer before 1.23, or in transaction mode) refuses the replication
+    startup parameter, and its refusal carries no SQLSTATE: it would read as a server that is
+    down, retried forever. So when the connection fails and a plain one to the same DSN turns out
+    to reach a pooler (`flux.pg.pooler`), the error says so, and is not retried.
+    """
+    try:
+        return psycopg.connect(
+            dsn,
+            autocommit=True,
+            replication="database",
+            client_encoding="UTF8",  # pgoutput sends text in the client's encoding: the decoder reads UTF-8
+            options=WALSENDER_OPTIONS,
+            application_name=application_name,
+            connect_timeout=connect_timeout,
+        )
+    except psycopg.Error as exc:
+        error = from_psycopg(exc, "Could not open the replication connection", slot=slot)
+        if isinstance(error, ConnectionLostError) and _reaches_pooler(dsn, connect_timeout):
+            raise ConfigError(
+                f"The engine's DSN reaches PostgreSQL through a connection pooler (PgBouncer?), which refused its "
+                f"replication connection: {str(exc).strip().splitlines()[0]}",
+                hint=f"{DIRECT_DSN_HINT} For the engine: `flux cdc run --database DSN`, or `flux serve --engine-database "
+                     "DSN` (the gateway's --database may stay the pooler's).",
+                slot=slot) from exc
+        raise error from exc
+
+
+def _reaches_pooler(dsn: str, connect_timeout: int) -> bool:
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout) as conn:
+            return behind_pooler(conn)
+    except psycopg.Error:
+        return False  # the replication connection's own error is the one to report
+
+
 class ReplicationStream:
     """One logical replication session on `slot`, publishing `publication` with pgoutput v1."""
 
@@ -90,18 +129,8 @@ class ReplicationStream:
     def _open(self, *, end_own_walsender: bool) -> bool:
         """Open the stream: True. False when the slot was held by this engine's own previous
         connection and that was ended (the connection is closed then; a new one can stream)."""
-        try:
-            self._conn = psycopg.connect(
-                self.dsn,
-                autocommit=True,
-                replication="database",
-                client_encoding="UTF8",  # pgoutput sends text in the client's encoding: the decoder reads UTF-8
-                options=WALSENDER_OPTIONS,
-                application_name=consumer_name(self.consumer_token),
-                connect_timeout=self.connect_timeout,
-            )
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "Could not open the replication connection", slot=self.slot) from exc
+        self._conn = open_replication(self.dsn, slot=self.slot, application_name=consumer_name(self.consumer_token),
+                                      connect_timeout=self.connect_timeout)
         self._check_wal_level()
         pgconn = self._conn.pgconn
         command = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import typer
 from psycopg.conninfo import conninfo_to_dict
 
 from flux.errors import ConfigError, ConnectionLostError, ServerNotReadyError, from_psycopg
+from flux.pg.pooler import behind_pooler
+from flux.pg.tls import certificate_refused
 from flux.store.queries import no_jit
 
 DatabaseOption = Annotated[
@@ -44,7 +47,7 @@ class Database:
     """A DSN and where it came from; `project` is the directory whose `flux dev` owns an embedded one."""
 
     dsn: str
-    source: str  # FROM_FLAG, FROM_ENV or FROM_EMBEDDED
+    source: str  # FROM_FLAG (or another flag, such as --engine-database), FROM_ENV or FROM_EMBEDDED
     project: Path | None = None
 
     def unreachable(self, exc: BaseException) -> ServerNotReadyError:
@@ -72,7 +75,7 @@ class Database:
     def _where(self) -> str:
         if self.source == FROM_EMBEDDED:
             return f"the embedded database of {self.project}"
-        return "the database given by --database" if self.source == FROM_FLAG else f"the database in ${ENV_DSN}"
+        return f"the database given by {self.source}" if self.source.startswith("--") else f"the database in ${ENV_DSN}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -99,7 +102,7 @@ def checked_dsn(dsn: str, source: str) -> str:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
-            f"{source} is not a valid PostgreSQL DSN: {_first_line(exc)}",
+            f"{source} is not a valid PostgreSQL DSN: {_without_secrets(_first_line(exc), dsn)}",
             hint="Write a URL, postgresql://USER@HOST:PORT/DBNAME, or key=value pairs, 'host=HOST port=PORT dbname=DBNAME'.",
         ) from exc
     # libpq checks a port only when it connects, and then fails as an unreachable server would (exit 4).
@@ -107,7 +110,28 @@ def checked_dsn(dsn: str, source: str) -> str:
         if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ConfigError(f"{source} is not a valid PostgreSQL DSN: port {port!r} is not a number from 1 to 65535",
                               hint="Fix the port in the DSN (5432 is PostgreSQL's default).")
+    sslmode = params.get("sslmode")  # the same: "connection is bad: invalid sslmode value", read as a server that is down
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise ConfigError(f"{source} is not a valid PostgreSQL DSN: sslmode {sslmode!r} is not one of {', '.join(_SSLMODES)}",
+                          hint="require encrypts; verify-ca and verify-full also check the server's certificate (sslrootcert).")
     return dsn
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _without_secrets(message: str, dsn: str) -> str:
+    """libpq's parse error quotes the part of the DSN it choked on, which can be (part of) the
+    password: `invalid percent-encoded token: "s3cr%t"`, `missing "=" after "secret"`. A quoted
+    part is kept only when it holds no letter or digit, or is a key of the DSN (`invalid URI query
+    parameter: "sslmod"`), which is no secret."""
+    def part(match: re.Match[str]) -> str:
+        text = match.group(1)
+        if not any(c.isalnum() for c in text) or re.search(rf"(?:^|[\s?&]){re.escape(text)}\s*=", dsn):
+            return match.group(0)
+        return '"[redacted]"'
+
+    return re.sub(r'"([^"]*)"', part, message)
 
 
 def resolve_database(flag: str | None) -> Database:
@@ -136,6 +160,9 @@ def reaching(db: Database) -> Iterator[None]:
     except ConnectionLostError as exc:
         if _login_refused(exc.__cause__):
             raise db.refused(exc) from exc
+        refused = certificate_refused(db.dsn, exc.__cause__)
+        if refused is not None:
+            raise refused from exc
         raise db.unreachable(exc) from exc
 
 
@@ -156,6 +183,10 @@ def connect(database: str | None, *, failing: str) -> Iterator[psycopg.Connectio
         try:
             with psycopg.connect(db.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                 no_jit(conn)
+                # Each statement may run on another server connection there, without what psycopg
+                # prepared at a statement's fifth run (blame following a row's key changes, a prune).
+                if behind_pooler(conn):
+                    conn.prepare_threshold = None
                 yield conn
         except psycopg.Error as exc:
             raise from_psycopg(exc, failing) from exc

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from flux.cli.common import CONNECT_TIMEOUT, DatabaseOption, reaching, resolve_database
+from flux.cli.common import CONNECT_TIMEOUT, Database, DatabaseOption, checked_dsn, reaching, resolve_database
 from flux.cli.output import console, rich_escape
 
 log = logging.getLogger("flux")
@@ -54,11 +54,11 @@ RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write 
 def run_stack(
     *, dsn: str, root: Path | None, host: str, port: int, workers: int, pool_size: int, record: bool,
     reload: bool, engine: bool, on_ready=None, max_queue: int | None = None, queue_timeout: float | None = None,
-    keep_alive: float | None = None,
+    keep_alive: float | None = None, engine_dsn: str | None = None,
 ) -> None:
     from flux.cdc.engine import Engine, EngineConfig
 
-    cdc = Engine(EngineConfig(dsn=dsn, slot="flux")) if engine else None
+    cdc = Engine(EngineConfig(dsn=engine_dsn or dsn, slot="flux")) if engine else None
     errors: list[BaseException] = []
     thread = None
     if cdc is not None:
@@ -116,6 +116,9 @@ def serve(
     attach_all: Annotated[bool, typer.Option("--attach", help="First attach Flux to every table of the database (idempotent; "
                                              "see `flux attach --all-tables`).")] = False,
     engine: Annotated[bool, typer.Option("--engine/--no-engine", help="Also run the CDC engine in this process.")] = True,
+    engine_database: Annotated[str | None, typer.Option(
+        "--engine-database", show_default=False, help="The engine's DSN, when it differs from --database: a direct one "
+        "when --database goes through PgBouncer, which cannot carry the engine's replication connection.")] = None,
     reload: Annotated[bool, typer.Option("--reload", help="Reload functions when their files change.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -128,14 +131,17 @@ def serve(
     setup_logging(verbose)
     db = resolve_database(database)
     dsn = db.dsn
+    engine_db = Database(checked_dsn(engine_database, "--engine-database"), "--engine-database") if engine_database else db
+    engine_dsn = engine_db.dsn
     root = find_project_root() if project is None else _given_project(project)
     project_config = load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
     check_port(host, port)  # before attach changes anything
-    with reaching(db):
+    with reaching(engine_db):
         if attach_all:
-            attach(dsn, all_tables=True)
+            attach(engine_dsn, all_tables=True)
         if engine:
-            _require_attached(dsn)
+            _require_attached(engine_dsn)
+    with reaching(db):
         ensure_store(dsn, record=record, retention=project_config.retention)
 
     def ready(url: str | None) -> None:
@@ -143,7 +149,7 @@ def serve(
 
     run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=record,
               reload=reload, engine=engine, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout,
-              keep_alive=keep_alive)
+              keep_alive=keep_alive, engine_dsn=engine_dsn)
 
 
 def _given_project(directory: Path) -> Path:
@@ -161,6 +167,7 @@ def _require_attached(dsn: str) -> None:
     import psycopg
 
     from flux.cdc.roles import require_engine_role
+    from flux.cdc.stream import open_replication
     from flux.errors import ConfigError, from_psycopg
 
     try:
@@ -182,5 +189,7 @@ def _require_attached(dsn: str) -> None:
                 )
             # The engine runs in this process with this role: refused now, not after the gateway serves.
             require_engine_role(conn, slot="flux")
+        # Not through a pooler, either: its refusal is said now, not by an engine thread once serving.
+        open_replication(dsn, slot="flux", application_name="flux-serve-check", connect_timeout=CONNECT_TIMEOUT).close()
     except psycopg.Error as exc:
         raise from_psycopg(exc, "Could not read the replication slots") from exc

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import psycopg
 
 from flux.errors import from_psycopg
+from flux.pg.pooler import behind_pooler_async
 from flux.store.traces import TraceRecord, encode_trace, insert_encoded_traces_async
 
 log = logging.getLogger("flux.gateway")
@@ -169,6 +170,8 @@ class TraceWriter:
                             # UTF-8: the records go as JSON already encoded (the server converts to its own).
                             conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8",
                                                                         connect_timeout=self.connect_timeout)
+                            if await behind_pooler_async(conn):  # psycopg's statement prepared after 5 batches would go missing
+                                conn.prepare_threshold = None
                         await self._insert(conn, part)
                         self.written += len(part)
                         self.batches += 1

@@ -17,6 +17,7 @@ redacts the whole trace at the end, once, so nothing can slip past a per-field r
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import weakref
@@ -34,8 +35,11 @@ from psycopg.waiting import Ready, Wait
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from flux.cdc.assembler import CONTEXT_PREFIX
+from flux.pg.pooler import behind_pooler_async
 from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready
 from flux.runtime.sqltext import read_scan, refusal
+
+log = logging.getLogger("flux.runtime")
 
 _VERB = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
 _IDENT = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
@@ -119,8 +123,20 @@ class DbPool(AsyncConnectionPool):
         kwargs.setdefault("reconnect_timeout", RECONNECT_WINDOW_S)
         super().__init__(*args, configure=self._connected, **kwargs)
         self._errors_at_success = 0
+        self.pooler: bool | None = None  # the database is reached through PgBouncer or the like; None: not known yet
 
     async def _connected(self, conn: psycopg.AsyncConnection) -> None:
+        # Through a pooler in transaction mode a statement prepared in one transaction is not
+        # there in the next ("prepared statement does not exist"), or another client's of the
+        # same name is ("already exists"): such a connection prepares nothing, nor does psycopg.
+        if await behind_pooler_async(conn):
+            conn.prepare_threshold = None
+            _POOLED.add(conn)
+            if not self.pooler:
+                log.info("the database is reached through a connection pooler (PgBouncer?): ctx.db prepares no statements")
+            self.pooler = True
+        elif self.pooler is None:
+            self.pooler = False
         self._errors_at_success = self.get_stats().get("connections_errors", 0)
 
     @property
@@ -143,8 +159,9 @@ class DbSession:
     Every statement uses the extended protocol, so a query string holds one statement and its
     values travel apart from it. A statement a connection runs a second time is prepared on it
     (in the same round trip), as psycopg does after five: the server then skips parsing and
-    planning it (measured: 15 to 45 us of the server's CPU per request of the bench). Prepared
-    statements do not outlive a tenant on a connection: the first round trip of a request of
+    planning it (measured: 15 to 45 us of the server's CPU per request of the bench); not on a
+    connection through a pooler such as PgBouncer (`DbPool`), whose next transaction may run on
+    another server connection. Prepared statements do not outlive a tenant on a connection: the first round trip of a request of
     another tenant starts with DEALLOCATE ALL, since any session can read their text (a secret
     inlined in the SQL) in `pg_prepared_statements`. A connection whose exchange was interrupted
     (a time limit, a client gone) is closed rather than reused: its protocol state is unknown.
@@ -495,16 +512,18 @@ class _Statement:
 class _Prepared:
     """What Flux has prepared on one connection, by (SQL, parameter types), and for which tenant."""
 
-    __slots__ = ("names", "seen", "made", "tenant")
+    __slots__ = ("names", "seen", "made", "tenant", "limit")
 
-    def __init__(self, tenant: str | None = None) -> None:
+    def __init__(self, tenant: str | None = None, *, prepares: bool = True) -> None:
         self.names: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
         self.seen: set[tuple[bytes, tuple[int, ...]]] = set()
         self.made = 0
         self.tenant = tenant
+        self.limit = PREPARED_MAX if prepares else 0  # 0 through a pooler (`DbPool`)
 
 
 _PREPARED: weakref.WeakKeyDictionary[psycopg.AsyncConnection, _Prepared] = weakref.WeakKeyDictionary()
+_POOLED: weakref.WeakSet[psycopg.AsyncConnection] = weakref.WeakSet()  # connections through a pooler: none prepared
 # One database's types per pool: what its results load with, array types learned included.
 _RESULT_TYPES: weakref.WeakKeyDictionary[AsyncConnectionPool, ResultTypes] = weakref.WeakKeyDictionary()
 
@@ -524,11 +543,11 @@ def _serve_tenant(conn: psycopg.AsyncConnection, tenant: str | None) -> bool:
     so that a pool shared by tenants in turn keeps them prepared."""
     cache = _PREPARED.get(conn)
     if cache is None:
-        _PREPARED[conn] = _Prepared(tenant)
+        _PREPARED[conn] = _Prepared(tenant, prepares=conn not in _POOLED)
         return False
     if cache.tenant == tenant:
         return False
-    _PREPARED[conn] = fresh = _Prepared(tenant)
+    _PREPARED[conn] = fresh = _Prepared(tenant, prepares=bool(cache.limit))
     fresh.seen = {key for key in cache.seen if key[0] in _FLUX_STATEMENTS}
     return True
 
@@ -538,13 +557,13 @@ def _statement(conn: psycopg.AsyncConnection, sql: bytes, values: Sequence[Buffe
     """`sql` as a statement on `conn`: executed by name once prepared there, prepared at its second use."""
     cache = _PREPARED.get(conn)
     if cache is None:
-        cache = _PREPARED[conn] = _Prepared()
+        cache = _PREPARED[conn] = _Prepared(prepares=conn not in _POOLED)
     statement = _Statement(sql, values, types, formats)
     key = statement.key
     name = cache.names.get(key)
     if name is not None:
         statement.name, statement.cache = name, cache
-    elif key in cache.seen and cache.made < PREPARED_MAX:
+    elif key in cache.seen and cache.made < cache.limit:
         cache.made += 1
         statement.name, statement.prepare, statement.cache = b"flux_%d" % cache.made, True, cache
     else:

@@ -18,6 +18,11 @@ Before deleting from a log it records the cutoff in `flux.meta` (`pruned_before`
 readers (`flux why`, `flux trace`, `flux state`) can say "deleted by retention" rather than
 imply that something was never recorded.
 
+One prune runs at a time per database (an advisory lock; another is refused with InUseError).
+Through a connection pooler (PgBouncer in transaction mode), where a session lock would stay on
+whichever server connection took it, each batch takes the lock in its own transaction instead:
+two prunes started together there are told apart batch by batch.
+
 What it does not do: it does not VACUUM (autovacuum reclaims the space in time; a manual
 `VACUUM flux.state_mutations` returns it at once), and it does not touch user tables or the
 replication slot.
@@ -36,6 +41,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 
 from flux.errors import ConfigError, FluxError, InUseError, NotFoundError, from_psycopg
+from flux.pg.pooler import behind_pooler
 from flux.project import Retention
 from flux.store.schema import SCHEMA_VERSION, schema_version
 
@@ -48,6 +54,7 @@ _GRANTS = ("A prune deletes from flux.trace_requests and flux.state_mutations an
            "ON flux.trace_requests, flux.state_mutations TO <role>; GRANT SELECT, INSERT, UPDATE ON flux.meta TO <role>;"
            " --dry-run only reads.")
 _LOCK = "flux.prune"
+_TRY_XACT_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(%s))"
 
 # (what, deleted so far, to delete in all): called after each batch
 Progress = Callable[[str, int, int], None]
@@ -91,15 +98,17 @@ def prune(
         raise ConfigError(f"The flux schema is version {version}; this Flux prunes version {SCHEMA_VERSION}",
                           hint="Run the Flux release that matches the schema (a newer Flux upgrades it at start).")
     started = time.monotonic()
-    if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_LOCK,)).fetchone()[0]:
-        raise InUseError("Another `flux prune` is running on this database",
-                         hint="Wait for it to finish; running two at once only makes them compete.")
+    pooled = behind_pooler(conn)
+    if pooled:  # each statement may run on another server connection, which lacks what psycopg prepared
+        conn.prepare_threshold = None
+    if not _try_lock(conn, pooled):
+        raise _running()
     try:
         # The database's clock, in UTC: psycopg gives a timestamptz in the session's TimeZone.
         cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0].astimezone(timezone.utc)
         result = PruneResult(cutoff=cutoff, dry_run=dry_run, traces=None, mutations=None, seconds=0.0)
         stop = stop or threading.Event()
-        batches = _Batches(conn, batch_rows, progress, stop)
+        batches = _Batches(conn, batch_rows, progress, stop, pooled)
         if traces:
             result.traces = _prune_traces(cutoff, dry_run, batches)
         if mutations:
@@ -108,10 +117,25 @@ def prune(
     except psycopg.errors.InsufficientPrivilege as exc:
         raise from_psycopg(exc, "Pruning failed", hint=_GRANTS) from exc
     finally:
-        if not conn.closed:  # a lost session has released its lock, and its error is the one to report
+        if not conn.closed and not pooled:  # a lost session has released its lock, and its error is the one to report
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _try_lock(conn: psycopg.Connection, pooled: bool) -> bool:
+    """The prune's lock: a session lock held to the end, or through a pooler (`flux.pg.pooler`), where
+    a session lock would stay on the server connection that took it and the unlock would run on
+    another, one in this transaction only (each batch takes it again: `_Batches`)."""
+    if pooled:
+        with conn.transaction():
+            return conn.execute(_TRY_XACT_LOCK, (_LOCK,)).fetchone()[0]
+    return conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_LOCK,)).fetchone()[0]
+
+
+def _running() -> InUseError:
+    return InUseError("Another `flux prune` is running on this database",
+                      hint="Wait for it to finish; running two at once only makes them compete.")
 
 
 def _prune_traces(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
@@ -201,14 +225,23 @@ class _Batches:
     rows: int
     progress: Progress | None
     stop: threading.Event
+    pooled: bool = False  # through a pooler: each batch takes the lock in its own transaction (`_try_lock`)
     stopped: bool = False  # a delete loop ended because `stop` was set
+
+    def _delete(self, sql: str, params: object) -> int:
+        if not self.pooled:
+            return self.conn.execute(sql, params).rowcount
+        with self.conn.transaction():
+            if not self.conn.execute(_TRY_XACT_LOCK, (_LOCK,)).fetchone()[0]:
+                raise _running()
+            return self.conn.execute(sql, params).rowcount
 
     def delete(self, what: str, count: str, delete: str, bound: object) -> int:
         """Run `delete` (its parameters: `bound`, then the batch size) until a batch comes back short."""
         total = self._total(count, bound)
         deleted = 0
         while not self.stopping():
-            batch = self.conn.execute(delete, (bound, self.rows)).rowcount
+            batch = self._delete(delete, (bound, self.rows))
             deleted += batch
             self._report(what, deleted, total)
             if batch < self.rows:
@@ -235,9 +268,9 @@ class _Batches:
             # Up to the transaction row `rows + 1` is in; that transaction alone when it is the first.
             end = cut if end is None else end
             op = "<=" if end == first else "<"
-            deleted += self.conn.execute(
+            deleted += self._delete(
                 f"DELETE FROM flux.state_mutations WHERE commit_lsn >= %s::pg_lsn AND commit_lsn {op} %s::pg_lsn",
-                (first, end)).rowcount
+                (first, end))
             self._report("mutations", deleted, total)
             if end == cut:
                 break

@@ -35,7 +35,9 @@ An upgrade builds its indexes CONCURRENTLY, step by idempotent step, so that it 
 the engine's and the gateway's writes back nor leaves anything half done that a re-run would not
 finish. Not guaranteed: a catalog change (ADD COLUMN, the v4 primary-key swap) still takes ACCESS
 EXCLUSIVE for a moment, and gives up after `_LOCK_TRIES` waits of LOCK_TIMEOUT behind a long
-transaction (the next start tries again).
+transaction (the next start tries again). Through a connection pooler (`flux.pg.pooler`) an
+upgrade is refused: the session lock it holds across transactions would stay on whichever server
+connection took it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import psycopg
 from psycopg import errors, pq
 
 from flux.errors import ConfigError, from_psycopg
+from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 
 log = logging.getLogger("flux.store")
 
@@ -315,6 +318,12 @@ def _upgrade(conn: psycopg.Connection) -> bool:
     autocommit = conn.autocommit
     conn.autocommit = True
     try:
+        if behind_pooler(conn):
+            raise ConfigError(
+                f"The flux schema is version {version}; this Flux upgrades it to {SCHEMA_VERSION}, which it cannot do through "
+                "a connection pooler (PgBouncer?): the upgrade holds a lock across transactions, which the pooler does not "
+                "keep", hint=f"{DIRECT_DSN_HINT} Run `flux attach`, or this command, once that way; then start it through "
+                "the pooler again.", schema_version=version)
         # A session lock, taken by polling: a session waiting in pg_advisory_lock() holds a snapshot,
         # which a CREATE INDEX CONCURRENTLY of the holder would wait for in turn.
         _take_upgrade_lock(conn, version)

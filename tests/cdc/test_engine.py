@@ -9,6 +9,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from flux.cdc.attach import attach
+from flux.errors import ConfigError
 from tests.support import mutations, start_engine
 
 
@@ -135,3 +136,14 @@ def test_a_database_that_is_not_utf8_is_captured_in_its_own_characters(dsn, conn
         with psycopg.connect(latin, autocommit=True) as c:
             c.execute("SELECT pg_drop_replication_slot('flux')")
         conn.execute(f"DROP DATABASE {name}")
+
+
+def test_an_engine_whose_dsn_refuses_the_servers_certificate_stops_at_once_with_a_tls_hint(tls_dsn):
+    """Retrying would never make the certificate acceptable: it retried forever, as for a server that is down."""
+    running = start_engine(tls_dsn.replace("/ca.crt", "/other-ca.crt"))
+    running.thread.join(timeout=15)
+    if running.thread.is_alive():
+        running.engine.stop()
+        running.thread.join(timeout=15)
+    assert len(running.errors) == 1 and isinstance(running.errors[0], ConfigError), running.errors
+    assert "TLS certificate was not accepted" in str(running.errors[0]) and "sslrootcert" in running.errors[0].hint

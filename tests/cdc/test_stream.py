@@ -10,7 +10,7 @@ import time
 import pytest
 
 from flux.cdc.stream import ReplicationStream
-from flux.errors import SlotHeldError
+from flux.errors import ConfigError, SlotHeldError
 from flux.cdc.attach import attach
 from tests.proxy import ProxyProcess
 from tests.support import wait_slot_held
@@ -51,3 +51,14 @@ def test_other_threads_run_while_the_server_takes_its_time_to_answer_start_repli
         proxy.close()
     assert took >= 1.5  # the answer was held back
     assert max(gaps) < 1.0
+
+
+def test_a_dsn_through_pgbouncer_is_refused_at_once_with_a_hint_to_give_a_direct_one(bouncer_dsn, conn):
+    """PgBouncer refuses the replication startup parameter without a SQLSTATE: the engine took it
+    for a server that is down and retried it forever."""
+    stream = ReplicationStream(dsn=bouncer_dsn, slot="flux", publication="flux")
+    with pytest.raises(ConfigError) as caught:
+        stream.open()
+    assert not caught.value.retryable
+    assert "through a connection pooler" in caught.value.message
+    assert "directly" in caught.value.hint and "--engine-database" in caught.value.hint

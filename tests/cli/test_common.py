@@ -74,6 +74,24 @@ def test_a_malformed_dsn_is_a_usage_error_with_a_hint(tmp_path, args):
     assert "hint: Write a URL, postgresql://USER@HOST:PORT/DBNAME" in result.stderr
 
 
+@pytest.mark.parametrize(("dsn", "said"), [
+    ("postgresql://app:s3cr%zzet@127.0.0.1/app", 'invalid percent-encoded token: "[redacted]"'),
+    ("host=127.0.0.1 user=app password=hunter2 s3cret dbname=app", 'missing "=" after "[redacted]"'),
+    ("postgresql://app:s3cret@127.0.0.1/app?sslmod=require", 'invalid URI query parameter: "sslmod"'),
+], ids=["uri", "key-value", "a-key-is-kept"])
+def test_a_malformed_dsn_error_never_shows_the_password(tmp_path, dsn, said):
+    """libpq quotes the part of the DSN it could not parse, which may be the password."""
+    result = flux(tmp_path, "requests", "--database", dsn)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr and "s3cr" not in result.stderr
+
+
+def test_a_dsn_with_an_unknown_sslmode_is_a_usage_error_not_an_unreachable_server(tmp_path):
+    result = flux(tmp_path, "requests", "--database", "postgresql://postgres@127.0.0.1/postgres?sslmode=verify")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --database is not a valid PostgreSQL DSN: sslmode 'verify' is not one of")
+
+
 @pytest.mark.parametrize("dsn", ["postgresql://postgres@127.0.0.1:abc/postgres", "host=127.0.0.1 port=99999",
                                  "host=a,b port=5432,0"])
 def test_a_dsn_with_an_impossible_port_is_a_usage_error_not_an_unreachable_server(tmp_path, dsn):
@@ -113,3 +131,36 @@ def test_commands_read_with_jit_off(dsn):
     """At 5 million logged rows, compiling a history query for JIT took 1 to 2.4 s of its 1.1 to 2.7 s."""
     with connect(dsn, failing="reading") as conn:
         assert conn.execute("SHOW jit").fetchone()[0] == "off"
+
+
+def _untrusted_ca(tls_dsn: str) -> str:
+    return tls_dsn.replace("/ca.crt", "/other-ca.crt")
+
+
+def _host_not_in_certificate(tls_dsn: str) -> str:
+    return tls_dsn.replace("@localhost:", "@db.invalid:") + "&hostaddr=127.0.0.1"  # the same server, by another name
+
+
+def test_commands_reach_a_tls_server_with_verify_full(tmp_path, tls_dsn):
+    result = flux(tmp_path, "requests", "--database", tls_dsn, "--json")
+    assert result.returncode in (0, 3), result.stderr  # 3: no flux schema there; what matters is the connection
+    assert "certificate" not in result.stderr and "Cannot reach" not in result.stderr
+
+
+@pytest.mark.parametrize("refused", [_untrusted_ca, _host_not_in_certificate])
+def test_a_server_certificate_the_dsn_does_not_accept_is_a_config_error_with_a_tls_hint(tmp_path, tls_dsn, refused):
+    """libpq's refusal has no SQLSTATE: it read as a server that is down ('check that the server is running', exit 4)."""
+    result = flux(tmp_path, "requests", "--database", refused(tls_dsn))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: The database server's TLS certificate was not accepted (sslmode=verify-full):")
+    assert lines[1].startswith("hint: Give sslrootcert the certificate of the CA")
+
+
+def test_a_command_connected_through_pgbouncer_prepares_nothing(bouncer_dsn, server_hop):
+    """psycopg prepares a statement at its fifth run (blame following a row's key changes runs one
+    per change); the next transaction, on another server connection, would not find it."""
+    with connect(bouncer_dsn, failing="test") as conn:
+        for _ in range(8):
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            server_hop()

@@ -541,3 +541,43 @@ def test_serve_keeps_an_idle_connection_past_hypercorns_5_s_and_as_long_as_keep_
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
     assert results == [True, False]
+
+
+def test_serve_through_pgbouncer_refuses_to_start_its_engine_there_before_it_serves(tmp_path, dsn, bouncer_dsn, conn):
+    write_project(tmp_path, {"hello": HELLO})
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    subprocess.run([sys.executable, "-m", "flux", "attach", "--database", dsn, "--tables", "t"], check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", bouncer_dsn, "--port", str(free_port())],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "through a connection pooler" in result.stderr and "--engine-database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_runs_its_engine_on_engine_database_and_the_gateway_through_pgbouncer(tmp_path, dsn, bouncer_dsn, conn):
+    write_project(tmp_path, {"add": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO t (id) VALUES ($1)", [req.body.id]);
+          return {status: 200, body: "ok"};
+        }"""})
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    subprocess.run([sys.executable, "-m", "flux", "attach", "--database", dsn, "--tables", "t"], check=True, capture_output=True)
+    proc, port = start_serve(tmp_path, "--database", bouncer_dsn, "--engine-database", dsn)
+    try:
+        for n in range(4):
+            assert httpx.post(f"http://127.0.0.1:{port}/add", json={"id": n}, timeout=10).status_code == 200
+        wait_caught_up(dsn)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE request_id IS NOT NULL").fetchone()[0] == 4
+
+
+def test_an_engine_database_that_cannot_be_reached_is_named_as_such(tmp_path, dsn):
+    write_project(tmp_path, {"hello": HELLO})
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--engine-database", closed,
+                             "--port", str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.startswith("error: Cannot reach the database given by --engine-database:")
+

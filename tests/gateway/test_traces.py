@@ -298,3 +298,24 @@ def test_a_single_record_over_the_statement_timeout_is_kept_and_retried_with_a_h
     status = _status_at_first_failure(TraceWriter(dsn + "?options=-c%20statement_timeout%3D100", flush_interval=0.01))
     assert status["pending"] == 1 and status["failed"] == 0
     assert "statement timeout" in status["last_error"] and "ALTER ROLE <role> SET statement_timeout = 0" in status["last_error"]
+
+
+def test_behind_pgbouncer_in_transaction_mode_every_batch_is_written_at_the_first_try(dsn, bouncer_dsn, server_hop, conn,
+                                                                                    caplog):
+    """psycopg prepares a statement run 5 times on a connection; through PgBouncer the next batch
+    may run on another server connection, which lacks it ("_pg3_0 does not exist"): retried, late."""
+    ensure_schema(conn)
+
+    async def main() -> int:
+        writer = TraceWriter(bouncer_dsn, flush_interval=0.01)
+        await writer.start()
+        for n in range(8):
+            writer.submit(_record(n))
+            await writer.flushed()
+            server_hop()
+        await writer.close()
+        return writer.written
+
+    assert asyncio.run(main()) == 8
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0] == 8

@@ -14,7 +14,7 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from flux.runtime.host import _SESSION_RESET, DbSession, HostCallError
+from flux.runtime.host import _SESSION_RESET, DbPool, DbSession, HostCallError
 
 CONTEXT = {"request_id": "r1", "tenant": "default", "function": "w"}
 
@@ -449,3 +449,33 @@ def test_a_database_error_carries_detail_hint_and_position(dsn, conn):
     assert unique["detail"] == "Key (email)=(dup@x) already exists."
     assert (raised["detail"], raised["hint"]) == ("plan 7 is gone", "pick another")
     assert (missing["sqlstate"], missing["position"]) == ("42703", 8)
+
+
+def test_behind_pgbouncer_in_transaction_mode_a_statement_run_again_still_runs(bouncer_dsn, server_hop, conn):
+    """Each transaction may run on another server connection, where a statement prepared in an
+    earlier one does not exist (26000) or another client's of the same name does (42P05): a
+    connection through a pooler prepares nothing."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    failures: list[str] = []
+
+    async def main() -> None:
+        pool = DbPool(bouncer_dsn, min_size=1, max_size=1, open=False, kwargs={"autocommit": True})
+        await pool.open(wait=True)
+        try:
+            for n in range(6):
+                session = DbSession(pool, CONTEXT)
+                try:  # a second statement: a failed first one is retried, unseen (see the stale statement's test)
+                    await session.query("INSERT INTO users (email) VALUES ($1)", [f"{n}@x"])
+                    await session.query("SELECT count(*) FROM users WHERE email = $1", [f"{n}@x"])
+                except HostCallError as exc:
+                    failures.append(exc.info["message"])
+                await session.finish(commit=True)
+                server_hop()
+            assert pool.pooler is True
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+    assert failures == []
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 6
+    assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] == 0

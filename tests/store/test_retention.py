@@ -302,3 +302,23 @@ def test_a_lost_connection_is_reported_as_such_not_as_the_unlock_that_followed(r
         with pytest.raises(psycopg.OperationalError) as caught:
             prune(pruner, older_than=timedelta(days=30), traces=False, batch_rows=100, progress=progress)
     assert "the connection is closed" not in str(caught.value), caught.value
+
+
+def test_behind_pgbouncer_in_transaction_mode_a_prune_leaves_no_lock_behind(recorded, bouncer_dsn, server_hop, dsn):
+    """A session advisory lock taken through PgBouncer stays on the server connection that ran it,
+    and the unlock, run on another, releases nothing: later prunes were refused as 'running'."""
+    for n in range(12):
+        transaction(recorded, 0x10 + n, 50)
+    with psycopg.connect(bouncer_dsn, autocommit=True) as pooled:
+        result = prune(pooled, older_than=timedelta(days=30), batch_rows=2, progress=lambda *_: server_hop())
+    assert (result.traces, result.mutations) == (2, 16)
+    assert recorded.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0
+    assert prune(recorded, older_than=timedelta(days=30)).mutations == 0  # not refused as if another were running
+
+
+def test_behind_pgbouncer_a_prune_is_refused_while_another_holds_the_lock(recorded, bouncer_dsn, dsn):
+    with psycopg.connect(dsn, autocommit=True) as other, psycopg.connect(bouncer_dsn, autocommit=True) as pooled:
+        other.execute("SELECT pg_advisory_lock(hashtext('flux.prune'))")
+        with pytest.raises(InUseError):
+            prune(pooled, older_than=timedelta(days=30))
+    assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])

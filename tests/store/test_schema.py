@@ -411,3 +411,17 @@ def test_a_start_waiting_for_another_starts_upgrade_says_who_it_waits_for(conn, 
     assert f"waiting for the session of pid {holder} (flux-upgrading" in message
     assert f"from v5 to v{SCHEMA_VERSION}" in message
     assert schema_version(conn) == SCHEMA_VERSION
+
+
+def test_an_upgrade_through_pgbouncer_is_refused_with_a_hint_to_give_a_direct_dsn(conn, bouncer_dsn, server_hop, monkeypatch):
+    """Its session lock would stay on the server connection that took it, held after the upgrade
+    (the unlock runs on another), and would not keep a second upgrade out meanwhile."""
+    _with_one_recorded_user(conn, _as_v5)
+    migrate = schema._migrate
+    monkeypatch.setattr(schema, "_migrate", lambda c, **kw: (server_hop(), migrate(c, **kw))[1])
+    with psycopg.connect(bouncer_dsn, autocommit=True) as pooled:
+        with pytest.raises(ConfigError, match="connection pooler") as caught:
+            ensure_schema(pooled)
+    assert "directly" in caught.value.hint
+    assert schema_version(conn) == 5
+    assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0

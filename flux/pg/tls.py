@@ -1,0 +1,45 @@
+"""Telling a server certificate the client refused from a server that cannot be reached.
+
+libpq reports both as a failed connection with no SQLSTATE ("SSL error: certificate verify
+failed", "root certificate file ... does not exist", a host name the certificate does not hold),
+so a bad certificate read like a server that is down: retried forever by the engine, with a hint
+to check that the server runs. When a DSN that verifies the certificate (`sslmode=verify-ca` or
+`verify-full`, from the DSN or PGSSLMODE) fails to connect, `certificate_refused` connects again
+with `sslmode=require`, encrypted but unverified: if that succeeds, the certificate was the
+failure. It costs a connection, only on such a failure; nothing is sent over the unverified one.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from flux.errors import ConfigError
+
+_VERIFYING = (b"verify-ca", b"verify-full")
+_NO_ROOT_CERTIFICATE = "/nonexistent/flux-probe-root.crt"
+PROBE_TIMEOUT = 5  # seconds: the server just answered, or this is not the certificate
+
+
+def certificate_refused(dsn: str, exc: BaseException | None) -> ConfigError | None:
+    """A ConfigError when `exc`, a failed connection to `dsn`, was this client refusing the server's certificate."""
+    pgconn = getattr(exc, "pgconn", None)
+    if not isinstance(exc, psycopg.OperationalError) or pgconn is None:
+        return None
+    try:
+        sslmode = next((opt.val for opt in pgconn.info if opt.keyword == b"sslmode"), None)
+    except psycopg.Error:
+        return None
+    if sslmode not in _VERIFYING:
+        return None
+    try:
+        # libpq verifies under `require` too when a root certificate file exists: one that does not.
+        with psycopg.connect(dsn, sslmode="require", sslrootcert=_NO_ROOT_CERTIFICATE, connect_timeout=PROBE_TIMEOUT):
+            pass
+    except psycopg.Error:
+        return None  # down, or refusing the login: the original error says which
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(
+        f"The database server's TLS certificate was not accepted (sslmode={sslmode.decode()}): {detail}",
+        hint="Give sslrootcert the certificate of the CA that signed the server's (the default is ~/.postgresql/root.crt);"
+             " with verify-full the DSN's host must also be a name the certificate holds. sslmode=require encrypts"
+             " without verifying the server.")

@@ -5,8 +5,11 @@ failed", "root certificate file ... does not exist", a host name the certificate
 so a bad certificate read like a server that is down: retried forever by the engine, with a hint
 to check that the server runs. When a DSN that verifies the certificate (`sslmode=verify-ca` or
 `verify-full`, from the DSN or PGSSLMODE) fails to connect, `certificate_refused` connects again
-with `sslmode=require`, encrypted but unverified: if that succeeds, the certificate was the
-failure. It costs a connection, only on such a failure; nothing is sent over the unverified one.
+with `sslmode=require`, encrypted but unverified: if the server answers there, the certificate was
+the failure. It costs a connection attempt, only on such a failure. The server it reaches is not
+verified (it may be an impostor: that is what verify-full guards against), so the attempt carries
+none of the DSN's credentials: a made-up role, no password, no password file. A server that
+refuses that role, or asks for a password, has answered through TLS all the same.
 """
 
 from __future__ import annotations
@@ -31,15 +34,28 @@ def certificate_refused(dsn: str, exc: BaseException | None) -> ConfigError | No
         return None
     if sslmode not in _VERIFYING:
         return None
-    try:
-        # libpq verifies under `require` too when a root certificate file exists: one that does not.
-        with psycopg.connect(dsn, sslmode="require", sslrootcert=_NO_ROOT_CERTIFICATE, connect_timeout=PROBE_TIMEOUT):
-            pass
-    except psycopg.Error:
-        return None  # down, or refusing the login: the original error says which
+    if not _answers_through_tls(dsn):
+        return None  # down, or another failure: the original error says which
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ConfigError(
         f"The database server's TLS certificate was not accepted (sslmode={sslmode.decode()}): {detail}",
         hint="Give sslrootcert the certificate of the CA that signed the server's (the default is ~/.postgresql/root.crt);"
              " with verify-full the DSN's host must also be a name the certificate holds. sslmode=require encrypts"
              " without verifying the server.")
+
+
+_PROBE_ROLE = "flux_tls_probe"
+
+
+def _answers_through_tls(dsn: str) -> bool:
+    try:
+        # libpq verifies under `require` too when a root certificate file exists: one that does not.
+        with psycopg.connect(dsn, sslmode="require", sslrootcert=_NO_ROOT_CERTIFICATE, connect_timeout=PROBE_TIMEOUT,
+                             user=_PROBE_ROLE, dbname=_PROBE_ROLE, password="", passfile=_NO_PASSWORD_FILE):
+            return True
+    except psycopg.Error as exc:
+        # Refused (no such role, a password asked for and not given): the handshake was done all the same.
+        return bool(getattr(getattr(exc, "pgconn", None), "ssl_in_use", False))
+
+
+_NO_PASSWORD_FILE = "/nonexistent/flux-probe-pgpass"

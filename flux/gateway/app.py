@@ -72,9 +72,12 @@ class Functions:
     """The project's compiled functions and their isolate pools, and what every request needs of
     its config worked out once (every secret's forms, every API key); swapped whole on reload."""
 
-    def __init__(self, project: Project, *, pool_size: int) -> None:
+    def __init__(self, project: Project, *, pool_size: int, earlier_secrets: frozenset[str] = frozenset()) -> None:
         self.project = project
-        self.redactor = Redactor.of(project)
+        # A secret rotated by a reload stays redacted for the life of the process: the old value is
+        # often still valid for a while, and can still arrive (an upstream's echo, a row written with it).
+        self.secret_values = earlier_secrets | {v for tenant in project.tenants.values() for v in tenant.secrets.values()}
+        self.redactor = Redactor(self.secret_values)
         self.api_keys = frozenset(key for tenant in project.tenants.values() for key in tenant.api_keys)
         self.compiled: dict[str, CompiledFunction] = {
             name: compile_function(fn, memory_mb=project.limits.memory_mb, timeout_ms=project.limits.timeout_ms)
@@ -149,7 +152,8 @@ class Gateway:
         The new functions are compiled and their isolates made off the loop (top-level code may
         run up to its time limit per function), so requests keep being served meanwhile; the swap
         itself is one step on the loop, every function at once."""
-        functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size)
+        functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size,
+                                            earlier_secrets=self.functions.secret_values)
         try:
             await functions.warm_async()
         except BaseException:

@@ -1289,3 +1289,26 @@ def test_a_body_declared_in_a_python_codec_that_is_no_charset_reaches_the_functi
     [(status, _, body)] = run(call(tmp_path, dsn, [("POST", "/body", {
         "data": b"\\x41-b", "headers": {"content-type": f"text/plain; charset={charset}"}})]))
     assert (status, json.loads(body)) == (200, {"bytes": list(b"\\x41-b")})
+
+
+def test_a_secret_rotated_by_a_reload_stays_redacted(tmp_path, dsn, conn, trace_store):
+    """The old value left the redaction with the reload, though it is often still valid for a while,
+    and can still arrive: here in the request body, as an upstream's echo would bring it."""
+    old, new = "rotated-out-4f1e9c2a", "rotated-in-8b7d6e5f"
+    tenant = '[tenants.acme]\napi_keys = ["key-acme"]\n[tenants.acme.secrets]\nTOKEN = "{}"\n'
+    write_project(tmp_path, {"echo": "export default async function (req) { return {status: 200, body: req.body}; }"},
+                  tenant.format(old))
+
+    async def scenario() -> str:
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        async with running_gateway(tmp_path, dsn, sink=writer) as (gateway, client):
+            (tmp_path / "flux.toml").write_text(tenant.format(new))
+            assert not await gateway.reload(gateway.project.reload())
+            answer = await client.post("/echo", json={"seen": old}, headers={"x-flux-api-key": "key-acme"})
+        await writer.close()
+        return answer.headers["x-flux-request-id"]
+
+    request_id = run(scenario())
+    assert leaks(conn, request_id, old) == []
+    assert stored(conn, request_id)["request"]["body"] == {"seen": "[secret]"}

@@ -20,6 +20,8 @@ from flux.errors import ConfigError
 
 _VERIFYING = (b"verify-ca", b"verify-full")
 _NO_ROOT_CERTIFICATE = "/nonexistent/flux-probe-root.crt"
+_NO_PASSWORD_FILE = "/nonexistent/flux-probe-pgpass"
+_PROBE_ROLE = "flux_tls_probe"  # made up: the probe's server is not verified, so none of the DSN's credentials go to it
 PROBE_TIMEOUT = 5  # seconds: the server just answered, or this is not the certificate
 
 
@@ -44,9 +46,6 @@ def certificate_refused(dsn: str, exc: BaseException | None) -> ConfigError | No
              " without verifying the server.")
 
 
-_PROBE_ROLE = "flux_tls_probe"
-
-
 def _answers_through_tls(dsn: str) -> bool:
     try:
         # libpq verifies under `require` too when a root certificate file exists: one that does not.
@@ -56,6 +55,3 @@ def _answers_through_tls(dsn: str) -> bool:
     except psycopg.Error as exc:
         # Refused (no such role, a password asked for and not given): the handshake was done all the same.
         return bool(getattr(getattr(exc, "pgconn", None), "ssl_in_use", False))
-
-
-_NO_PASSWORD_FILE = "/nonexistent/flux-probe-pgpass"

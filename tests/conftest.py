@@ -33,6 +33,14 @@ from tests.tls import make_certificates, tls_settings
 TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "shared_buffers": "'256MB'", "max_wal_size": "'4GB'"}
 
 
+def _start(cluster: Cluster) -> ClusterInfo:
+    """Start `cluster`; a machine without a usable server fails the test, never skips it."""
+    try:
+        return cluster.start()
+    except ClusterError as exc:
+        pytest.fail(f"These tests need a PostgreSQL 14+ server: {exc} -- {exc.hint}")
+
+
 @pytest.fixture(scope="session")
 def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state_dir = tmp_path_factory.mktemp("cluster")
@@ -42,10 +50,7 @@ def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             break
         os.chmod(parent, os.stat(parent).st_mode | 0o011)
     cluster = Cluster(state_dir=state_dir, settings=TEST_SETTINGS)
-    try:
-        cluster.start()
-    except ClusterError as exc:
-        pytest.fail(f"These tests need a PostgreSQL 14+ server: {exc} -- {exc.hint}")
+    _start(cluster)
     yield cluster
     cluster.destroy()
 
@@ -153,11 +158,7 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clus
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.fail(f"Could not make test certificates: {exc} -- {TLS_HINT}")
     cluster = Cluster(state_dir=tmp_path_factory.mktemp("tls-cluster"), settings={**TEST_SETTINGS, **tls_settings(certificates)})
-    try:
-        info = cluster.start()
-    except ClusterError as exc:
-        pytest.fail(f"These tests need a PostgreSQL 14+ server: {exc} -- {exc.hint}")
-    yield info, certificates
+    yield _start(cluster), certificates
     cluster.destroy()
     shutil.rmtree(certificates, ignore_errors=True)
 

@@ -76,8 +76,11 @@ def open_replication(dsn: str, *, slot: str, application_name: str, connect_time
     A connection pooler (PgBouncer before 1.23, or in transaction mode) refuses the replication
     startup parameter, and its refusal carries no SQLSTATE: it would read as a server that is
     down, retried forever. So when the connection fails and a plain one to the same DSN turns out
-    to reach a pooler (`flux.pg.pooler`), the error says so, and is not retried.
+    to reach a pooler (`flux.pg.pooler`), the error says so, and is not retried. A pooler refuses
+    at once: an attempt that ran out its whole connect timeout met a silent host, and is not
+    probed (that second connect would double every retry's wait against a host dropping packets).
     """
+    started = time.monotonic()
     try:
         return psycopg.connect(
             dsn,
@@ -90,7 +93,8 @@ def open_replication(dsn: str, *, slot: str, application_name: str, connect_time
         )
     except psycopg.Error as exc:
         error = from_psycopg(exc, "Could not open the replication connection", slot=slot)
-        if isinstance(error, ConnectionLostError) and _reaches_pooler(dsn, connect_timeout):
+        answered = connect_timeout <= 0 or time.monotonic() - started < connect_timeout
+        if isinstance(error, ConnectionLostError) and answered and _reaches_pooler(dsn, connect_timeout):
             raise ConfigError(
                 f"The engine's DSN reaches PostgreSQL through a connection pooler (PgBouncer?), which refused its "
                 f"replication connection: {str(exc).strip().splitlines()[0]}",

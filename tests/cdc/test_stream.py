@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from flux.cdc.stream import ReplicationStream
-from flux.errors import ConfigError, SlotHeldError
+from flux.cdc.stream import ReplicationStream, open_replication
+from flux.errors import ConfigError, ConnectionLostError, SlotHeldError
 from flux.cdc.attach import attach
 from tests.proxy import ProxyProcess
 from tests.support import wait_slot_held
@@ -62,3 +62,29 @@ def test_a_dsn_through_pgbouncer_is_refused_at_once_with_a_hint_to_give_a_direct
     assert not caught.value.retryable
     assert "through a connection pooler" in caught.value.message
     assert "directly" in caught.value.hint and "--engine-database" in caught.value.hint
+
+
+def test_a_host_that_never_answers_is_tried_once_per_attempt_not_probed_for_a_pooler_too():
+    """A pooler refuses at once; probing a silent host for one doubled every retry's wait."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def accept_and_stay_silent():
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:  # closed: the test is over
+                return
+
+    threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        with pytest.raises(ConnectionLostError):
+            open_replication(f"host=127.0.0.1 port={port} user=flux dbname=flux", slot="flux",
+                             application_name="test", connect_timeout=2)
+        time.sleep(0.2)  # a probe's connection would have been accepted by now
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+    assert len(accepted) == 1

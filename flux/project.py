@@ -222,7 +222,7 @@ def _load_functions(root: Path) -> dict[str, Function]:
         if not _NAME.match(name):
             raise ConfigError(
                 f"Function file name {path.name} is not a valid function name",
-                hint="Use letters, digits, _ and -, starting with a letter.", file=str(path),
+                hint="Use letters, digits, _ and -, starting with a letter or _.", file=str(path),
             )
         try:
             source = path.read_text(encoding="utf-8")

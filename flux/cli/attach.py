@@ -70,7 +70,7 @@ def detach(
     database: DatabaseOption = None,
     slot: SlotOption = "flux",
     publication: Annotated[str | None, typer.Option("--publication", help="Publication name (default: the one attach recorded).")] = None,
-    drop_data: Annotated[bool, typer.Option("--drop-data", help="Also drop the flux schema and every recorded mutation.")] = False,
+    drop_data: Annotated[bool, typer.Option("--drop-data", help="Also drop the flux schema: every recorded mutation and trace.")] = False,
     json: JsonOption = False,
 ) -> None:
     """Drop the slot and publication and restore replica identities. Keeps recorded data unless --drop-data."""

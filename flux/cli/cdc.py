@@ -38,7 +38,7 @@ def run(
     batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows per sink commit under load (several source transactions share one commit); also the most rows queued for the sink.")] = 10_000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """Consume the slot and record every change into flux.state_mutations until SIGINT/SIGTERM."""
+    """Consume the slot and record every change into flux.state_mutations until SIGINT, SIGTERM or SIGHUP."""
     from flux.cdc.engine import Engine, EngineConfig
 
     db = resolve_database(database)

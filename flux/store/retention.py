@@ -142,6 +142,9 @@ def _prune_traces(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     count = "SELECT count(*) FROM flux.trace_requests WHERE started_at < %s"
     if dry_run:
         return batches.conn.execute(count, (cutoff,)).fetchone()[0]
+    if not batches.conn.execute("SELECT EXISTS (SELECT FROM flux.trace_requests WHERE started_at < %s)", (cutoff,)).fetchone()[0]:
+        batches._report("traces", 0, 0)  # nothing to delete, so no cutoff to record (`_record_cutoff`)
+        return 0
     _record_cutoff(batches.conn, "traces", cutoff)
     return batches.delete("traces", count, """
         DELETE FROM flux.trace_requests WHERE id IN (
@@ -159,6 +162,8 @@ def _prune_mutations(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     count = "SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn"
     if dry_run:
         return conn.execute(count, (cut,)).fetchone()[0]
+    if not conn.execute("SELECT EXISTS (SELECT FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn)", (cut,)).fetchone()[0]:
+        return 0  # nothing to delete, so no cutoff to record (`_record_cutoff`)
     _record_cutoff(conn, "mutations", cutoff)
     return batches.delete_transactions(count, cut)
 
@@ -182,7 +187,10 @@ def pruned_before(conn: psycopg.Connection) -> Pruned:
 
 
 def _record_cutoff(conn: psycopg.Connection, what: str, cutoff: datetime) -> None:
-    # Before the first batch, so that an interrupted prune is covered too; never moved back.
+    # Before the first batch, so that an interrupted prune is covered too; never moved back. Only
+    # by a prune that has something to delete: readers tell the user that what was recorded
+    # before the cutoff was deleted by retention, which a prune that found nothing older (the
+    # first passes of [retention] in a young database) has not done.
     conn.execute("""
         INSERT INTO flux.meta AS m (key, value) VALUES ('pruned_before', jsonb_build_object(%(what)s::text, %(cutoff)s::timestamptz))
         ON CONFLICT (key) DO UPDATE SET value = m.value || jsonb_build_object(%(what)s::text,

@@ -307,7 +307,8 @@ def _upgrade(conn: psycopg.Connection) -> bool:
     if version > SCHEMA_VERSION:
         raise ConfigError(
             f"The flux schema is version {version}, newer than this Flux understands ({SCHEMA_VERSION})",
-            hint="Upgrade Flux (pip install -U flux) on this machine.", schema_version=version,
+            hint="Upgrade Flux on this machine to the version that upgraded the schema, from its source as the README installs it "
+                 "(pip install -e . in an up-to-date checkout).", schema_version=version,
         )
     if version == SCHEMA_VERSION:
         return False

@@ -77,7 +77,12 @@ def test_trace_json_is_the_record_with_db_writes(seeded, dsn):
 
 
 def test_trace_whose_row_changes_were_pruned_says_its_db_writes_are_unknown(seeded, dsn):
-    insert_traces(seeded, [trace("c0ffee00-0000-4000-8000-000000000006", ago=timedelta(days=40))])
+    old = "c0ffee00-0000-4000-8000-000000000006"
+    insert_traces(seeded, [trace(old, ago=timedelta(days=40))])
+    seeded.execute(  # its row change, which the prune deletes
+        "INSERT INTO flux.state_mutations (request_id, schema_name, table_name, op, row_key, new, xid, commit_lsn,"
+        " commit_time, seq) VALUES (%s, 'public', 'orders', 'insert', '{\"id\": 9}', '{\"id\": 9}', 7, '0/10',"
+        " now() - interval '40 days', 0)", (old,))
     prune(seeded, older_than=timedelta(days=30), traces=False)
     out = invoke(dsn, "trace", "c0ffee00").output
     assert "DB writes: unknown (row changes committed before " in out and " UTC were pruned)" in out

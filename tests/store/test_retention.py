@@ -16,7 +16,7 @@ import pytest
 
 from flux.errors import ConfigError, DatabaseError, InUseError, NotFoundError
 from flux.project import Retention
-from flux.store.retention import first_lsn_at_or_after, keep, prune
+from flux.store.retention import Pruned, first_lsn_at_or_after, keep, prune, pruned_before
 from flux.store.schema import ensure_schema
 from flux.store.traces import insert_traces
 from tests.traces_seed import NOW, trace
@@ -71,6 +71,22 @@ def test_prune_can_leave_either_log_alone(recorded):
 def test_a_cutoff_past_every_mutation_deletes_them_all(recorded):
     assert prune(recorded, older_than=timedelta(hours=1)).mutations == 7
     assert remaining(recorded) == ([], [])
+
+
+def test_a_prune_that_finds_nothing_older_records_no_cutoff(recorded):
+    # Readers would say that what came before it was deleted by retention: [retention]'s first pass
+    # in a young database said so of every trace not found and every row older than the attachment.
+    result = prune(recorded, older_than=timedelta(days=50))
+    assert (result.traces, result.mutations) == (0, 0)
+    assert pruned_before(recorded) == Pruned()
+
+
+def test_a_later_prune_that_finds_nothing_older_keeps_the_earlier_cutoff(recorded):
+    prune(recorded, older_than=timedelta(days=30))
+    earlier = pruned_before(recorded)
+    assert earlier.traces is not None and earlier.mutations is not None
+    prune(recorded, older_than=timedelta(days=30))  # a later now(), and nothing left before it
+    assert pruned_before(recorded) == earlier
 
 
 def test_prune_deletes_in_batches_and_reports_each(recorded):

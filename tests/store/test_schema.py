@@ -195,7 +195,8 @@ def test_ensure_schema_refuses_a_newer_schema(conn):
     conn.execute("UPDATE flux.meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     with pytest.raises(ConfigError) as err:
         ensure_schema(conn)
-    assert "Upgrade Flux" in err.value.hint
+    # Flux installs from its source: `pip install -U flux` would fetch whatever PyPI has by that name.
+    assert "Upgrade Flux" in err.value.hint and "pip install -e ." in err.value.hint and "-U flux" not in err.value.hint
 
 
 def _users_and_orders(conn: psycopg.Connection) -> None:

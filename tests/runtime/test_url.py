@@ -183,3 +183,21 @@ def test_a_function_in_the_isolates_own_context_has_url_too(tmp_path, monkeypatc
     monkeypatch.setattr(isolate, "HOOK", None)
     body = _run(tmp_path, 'return {status: 200, body: {v: new URL("?q=1", "https://a.example/p").searchParams.get("q")}};')
     assert body == {"v": "1"}
+
+
+def test_url_is_there_for_top_level_code_and_when_the_function_replaced_eval(tmp_path):
+    """The implementation is compiled on first use (url.js) with the eval taken before the function ran."""
+    write_project(tmp_path, {"u": """
+        globalThis.eval = () => { throw new Error("no eval here"); };
+        const BASE = new URL("https://api.example.com/v2/");
+        export default async function () {
+          return {status: 200, body: {v: new URL("items?id=7", BASE).href, p: new URLSearchParams("a=1").get("a")}};
+        }
+    """})
+    result = run1(tmp_path, "u")
+    assert (result.status, result.body) == (200, {"v": "https://api.example.com/v2/items?id=7", "p": "1"})
+
+
+def test_a_function_may_replace_the_url_global_with_its_own(tmp_path):
+    body = _run(tmp_path, 'globalThis.URL = function Mine() {}; return {status: 200, body: {v: URL.name}};')
+    assert body == {"v": "Mine"}

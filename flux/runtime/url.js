@@ -218,19 +218,29 @@
     return String.fromCodePoint(...points);
   }
 
-  // Domain to ASCII, an approximation of UTS #46 (see the header).
+  // Domain to ASCII, an approximation of UTS #46 (see the header): its mapping by lower-casing
+  // and NFKC, its "ignored" code points dropped, and the code points it disallows approximated by
+  // their general categories (unassigned, private use, controls, format characters, line and
+  // paragraph separators; ZWJ and ZWNJ, which UTS #46 allows after a virama, always).
+  const IGNORED = /[\u00ad\u034f\u180b-\u180f\u200b\u2060\u2064\ufe00-\ufe0f\ufeff\u{e0100}-\u{e01ef}]/gu;
+  const DISALLOWED = /[\p{Cc}\p{Cf}\p{Cn}\p{Co}\p{Cs}\p{Zl}\p{Zp}\ufffd]/u;
+  const isAscii = (text) => /^[\x00-\x7f]*$/.test(text);
+
   function domainToAscii(domain) {
     let result;
-    if (/^[\x00-\x7f]*$/.test(domain)) result = domain.toLowerCase();
+    if (isAscii(domain)) result = domain.toLowerCase();
     else {
-      const mapped = domain.toLowerCase().normalize("NFKC").toLowerCase().replace(/[\u3002\uff0e\uff61]/g, ".").normalize("NFC");
-      if (mapped.includes("\ufffd")) return FAILURE; // UTS #46 disallows U+FFFD (from bytes that were not UTF-8)
-      result = mapped.split(".").map((label) => (/^[\x00-\x7f]*$/.test(label) ? label : "xn--" + punycodeEncode(label))).join(".");
+      const mapped = domain.toLowerCase().replace(IGNORED, "").normalize("NFKC").toLowerCase()
+        .replace(/[\u3002\uff0e\uff61]/g, ".").normalize("NFC");
+      if (DISALLOWED.test(mapped.replace(/[\x00-\x7f]/g, ""))) return FAILURE; // ASCII: the forbidden code points' check
+      const labels = mapped.split(".");
+      if (labels.some((label) => !isAscii(label) && label.startsWith("xn--"))) return FAILURE; // "xn--" only ever prefixes ASCII
+      result = labels.map((label) => (isAscii(label) ? label : "xn--" + punycodeEncode(label))).join(".");
     }
     for (const label of result.split(".")) {
       if (!label.startsWith("xn--")) continue;
       const decoded = punycodeDecode(label.slice(4));
-      if (decoded === FAILURE || decoded === "" || /^[\x00-\x7f]*$/.test(decoded) || /[\x00-\x9f]/.test(decoded.replace(/[a-z0-9-]/g, "")) ||
+      if (decoded === FAILURE || decoded === "" || DISALLOWED.test(decoded.replace(/[\x00-\x7f]/g, "")) ||
           decoded !== decoded.normalize("NFC") || decoded !== decoded.toLowerCase()) return FAILURE;
     }
     if (result === "") return FAILURE;
@@ -945,7 +955,8 @@
         throw new TypeError("Invalid URL: " + usv(url) + (base === undefined ? "" : " (against the base " + usv(base) + ")"));
       }
       this.#url = parsed;
-      this.#query = new URLSearchParams(parsed.query ?? "");
+      this.#query = new URLSearchParams(); // the query parsed as it is: a leading "?" in it is data
+      setParams(this.#query, parsed.query === null ? [] : parseForm(parsed.query));
       linkParams(this.#query, this);
     }
 
@@ -1066,7 +1077,8 @@
       const input = value.startsWith("?") ? value.slice(1) : value;
       url.query = "";
       basicParse(input, null, url, S.QUERY);
-      setParams(this.#query, parseForm(input));
+      // The query as set (tabs and newlines dropped, as Node and browsers do), not the raw input.
+      setParams(this.#query, parseForm(url.query));
     }
 
     get searchParams() {

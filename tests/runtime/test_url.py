@@ -22,7 +22,7 @@ CASES = json.loads(CASES_TEXT)
 # inputs hold a lone surrogate, which JSON text can carry escaped but a request body cannot.
 PARTS_JS = """
 const PARTS = ["href", "origin", "protocol", "username", "password", "host", "hostname", "port", "pathname", "search", "hash"];
-const parts = (url) => Object.fromEntries(PARTS.map((k) => [k, url[k]]));
+const parts = (url) => ({...Object.fromEntries(PARTS.map((k) => [k, url[k]])), searchParams: [...url.searchParams]});
 """
 
 
@@ -201,3 +201,10 @@ def test_url_is_there_for_top_level_code_and_when_the_function_replaced_eval(tmp
 def test_a_function_may_replace_the_url_global_with_its_own(tmp_path):
     body = _run(tmp_path, 'globalThis.URL = function Mine() {}; return {status: 200, body: {v: URL.name}};')
     assert body == {"v": "Mine"}
+
+
+@pytest.mark.parametrize(("input_", "href"), [("sc://h/a/../..", "sc://h/"), ("data:/..", "data:/"), ("sc:/a/..", "sc:/")])
+def test_a_double_dot_ending_a_non_special_path_leaves_its_slash(tmp_path, input_, href):
+    """The standard's path state: "for input /usr/.. the result is / and not a lack of a path".
+    Not in the Node table: Node 20 drops the slash here ("sc://h")."""
+    assert _run(tmp_path, f"return {{status: 200, body: {{v: new URL({json.dumps(input_)}).href}}}};") == {"v": href}

@@ -7,7 +7,7 @@
 "use strict";
 
 const PARTS = ["href", "origin", "protocol", "username", "password", "host", "hostname", "port", "pathname", "search", "hash"];
-const parts = (url) => Object.fromEntries(PARTS.map((k) => [k, url[k]]));
+const parts = (url) => ({ ...Object.fromEntries(PARTS.map((k) => [k, url[k]])), searchParams: [...url.searchParams] });
 
 const PARSE = [
   // relative resolution against bases
@@ -47,12 +47,17 @@ const PARSE = [
   ["http://m%C3%BCnchen.de/", undefined], ["http://%ff.com/", undefined], ["http://a%20b/", undefined], ["http://a<b/", undefined],
   ["http://a^b/", undefined], ["http://a|b/", undefined], ["http://a%25b/", undefined], ["http://exa mple.com/", undefined],
   ["http://example.com./", undefined], ["http://.example.com/", undefined], ["http:///", undefined], ["http://a..b/", undefined],
+  ["http://a\u00adb.com/", undefined], ["http://\u2163.com/", undefined], ["http://\u0130.com/", undefined], ["http://xn--abc-/", undefined],
+  ["http://xn--ls8h.la/", undefined], ["http://xn--Mnchen-3ya.de/", undefined], ["http://xn--\u00e9.de/", undefined], ["http://a'\u00e9.com/", undefined],
+  ["http://\u00e9\u200d.com/", undefined], ["http://\ue000.com/", undefined], ["http://\u0378.com/", undefined], ["http://a\u0080b.com/", undefined],
+  ["http://xn--localhostexample/", undefined], ["http://xn--ls8h.xn--/", undefined], ["http://\u00e9\u2163.com/", undefined],
   ["sc://ExAmPlE%41/", undefined], ["sc://a b/", undefined], ["sc://a%zz/", undefined], ["sc://ü/", undefined], ["sc://a<b/", undefined],
   // percent-encode sets, each component
   ["http://h/a b\"<>`{}|^\\?x", undefined], ["http://h/é/%41/%zz", undefined], ["http://h/?a b\"#", undefined],
   ["http://h/?q='<>\"`{}|é", undefined], ["sc://h/?q='<>\"`{}é", undefined], ["http://h/#a b\"<>`{}|é#", undefined],
   ["http://us er:p\"w<>@h/", undefined], ["http://u;=[]^|:p@h/", undefined], ["http://h/\u0000\u001f\u007f", undefined],
-  ["http://h/?\u0000\u007f", undefined], ["http://h/\ud83d\ude00?\ud83d\ude00#\ud83d\ude00", undefined], ["http://h/\ud800", undefined],
+  ["http://h/?\u0000\u007f", undefined], ["http://h/\ud83d\ude00?\ud83d\ude00#\ud83d\ude00", undefined], ["http://h/\ud800", undefined], ["http://h/??a=1&?b", undefined],
+  ["http://h/?a=%zz&b=%C3%A9+x", undefined],
   // file URLs
   ["file:///etc/passwd", undefined], ["file://localhost/etc/", undefined], ["file://LOCALHOST/x", undefined], ["file://server/share/f", undefined],
   ["file:/x/y", undefined], ["file:x", undefined], ["file:///C:/dir/../../..", undefined], ["file:///C|/x", undefined],
@@ -89,7 +94,7 @@ const SETTERS = [
   ["https://a.com/p", "pathname", "/x y/../z"], ["https://a.com/p", "pathname", "rel"], ["https://a.com/p", "pathname", "?#"],
   ["sc://h/p", "pathname", ""], ["sc:/p", "pathname", "x"], ["mailto:x", "pathname", "y"], ["file:///C:/x", "pathname", "/.."],
   ["https://a.com/p?q", "search", "a=1&b=2"], ["https://a.com/p?q", "search", "?c d#e"], ["https://a.com/p?q", "search", ""],
-  ["https://a.com/p?q", "search", "?"], ["data:,a  ?q#f", "search", ""], ["data:,a  ?q", "search", ""],
+  ["https://a.com/p?q", "search", "?"], ["https://a.com/p?q", "search", "a=\t1&\nb=2"], ["https://a.com/p?q", "search", "??x=1"], ["data:,a  ?q#f", "search", ""], ["data:,a  ?q", "search", ""],
   ["https://a.com/p#f", "hash", "g h"], ["https://a.com/p#f", "hash", "#"], ["https://a.com/p#f", "hash", ""], ["data:,a  #f", "hash", ""],
 ];
 

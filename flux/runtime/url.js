@@ -10,9 +10,9 @@
 // The string is String.raw: the code inside must hold no backquote.
 //
 // Where it differs from the standard (README, Functions): domain to ASCII approximates UTS #46
-// (lower-casing, NFKC, the ideographic full stops, then NFC and punycode; no UTS #46 mapping
-// table, no Bidi or ContextJ checks, `xn--` labels checked only for decoding); the only encoding
-// is UTF-8.
+// without its tables (see domainToAscii; no Bidi or ContextJ checks, ZWJ and ZWNJ refused); the
+// only encoding is UTF-8. Its tests compare it with Node 20, except where Node departs from the
+// standard (tests/runtime/test_url.py).
 (() => {
   "use strict";
   // Taken before the function's own code runs, which may replace them.

@@ -1112,6 +1112,12 @@
   }
 
   Object.defineProperty(URL.prototype, Symbol.toStringTag, { value: "URL", configurable: true });
+  // WebIDL: attributes and operations are enumerable (for-in over a URL lists href, origin, ...).
+  for (const target of [URL, URL.prototype, URLSearchParams.prototype]) {
+    for (const key of Object.getOwnPropertyNames(target)) {
+      if (!["constructor", "prototype", "length", "name"].includes(key)) Object.defineProperty(target, key, { enumerable: true });
+    }
+  }
 
   return { URL, URLSearchParams };
 })()`;

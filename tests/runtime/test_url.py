@@ -135,12 +135,18 @@ def test_url_and_url_search_params_behave_as_built_ins_and_hide_their_state(tmp_
               ...Object.getOwnPropertyNames(url.searchParams)],
         enumerableGlobals: Object.keys(globalThis).filter((k) => k.startsWith("URL")),
         lengths: [URL.length, URLSearchParams.length], brand,
+        enumerable: [Object.keys(URL).sort(), Object.keys(URL.prototype).sort(), Object.keys(URLSearchParams.prototype).sort()],
       }};
     """)
     assert body == {"string": "https://example.com/a?b=1", "template": "https://example.com/a?b=1",
                     "json": '{"url":"https://example.com/a?b=1"}', "instance": True,
                     "tags": ["[object URL]", "[object URLSearchParams]"], "own": [], "enumerableGlobals": [],
-                    "lengths": [1, 0], "brand": "TypeError"}
+                    "lengths": [1, 0], "brand": "TypeError",
+                    "enumerable": [["canParse", "parse"],
+                                   sorted(["href", "origin", "protocol", "username", "password", "host", "hostname", "port", "pathname",
+                                           "search", "searchParams", "hash", "toJSON", "toString"]),
+                                   sorted(["size", "append", "delete", "get", "getAll", "has", "set", "sort", "entries", "forEach", "keys",
+                                           "values", "toString"])]}
 
 
 @pytest.mark.parametrize(("call", "expected"), [

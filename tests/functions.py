@@ -52,7 +52,7 @@ class _StubHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
-        self.server.requests.append({"path": url.path, "method": self.command, "headers": dict(self.headers),
+        self.server.requests.append({"path": url.path, "query": url.query, "method": self.command, "headers": dict(self.headers),
                                      "body": body.decode("utf-8", "replace"), "raw": body})
         if url.path in _FRAMED:
             self.wfile.write(_FRAMED[url.path])

@@ -61,7 +61,7 @@ from flux.project import Function
 
 log = logging.getLogger("flux.runtime")
 
-PRELUDE = resources.files("flux.runtime").joinpath("prelude.js").read_text()
+PRELUDE = "\n".join(resources.files("flux.runtime").joinpath(n).read_text() for n in ("url.js", "prelude.js"))
 _EXPORT_DEFAULT = re.compile(r"^(\s*)export\s+default\s+", re.MULTILINE)
 
 
@@ -177,7 +177,9 @@ def _bridge_in_own_context() -> tuple[str, str]:
     binds it. A lexical binding at a script's top level is no property of the global object, so
     the function's code can reach it only by its name, which is random."""
     name = f"__flux_{secrets.token_hex(16)}"
-    return name, f"const {name} = (\n{PRELUDE.rstrip().removesuffix(';')}\n);"
+    # An indirect eval gives the completion value of PRELUDE, a script of several files (statements),
+    # as a realm's evaluate does: wrapping it in parentheses would take one expression only.
+    return name, f"const {name} = (0, eval)({orjson.dumps(PRELUDE).decode()});"
 
 
 # mini-racer answers every eval through a ctypes callback on the isolate's thread, and ctypes

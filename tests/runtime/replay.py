@@ -109,7 +109,8 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
         env = recording.get("env") or here  # a v2 tape does not say
         if env != here:
             raise Diverged(f"the tape was made with {env}, this replay would run with {here}")
-        mr.eval(f"const __b = (\n{_prelude(recording).rstrip().removesuffix(';')}\n);")
+        # PRELUDE is several files (statements): an indirect eval gives the last one's value, the bridge.
+        mr.eval(f"const __b = (0, eval)({orjson.dumps(_prelude(recording)).decode()});")
         mr.eval(compiled.script)
         start = {"entropy": recording["entropy"], "span_id": "0" * 16, "file": compiled.function.display_path,
                  "request": request, "request_id": request_id, "tenant": tenant, "function": compiled.name,

@@ -61,7 +61,7 @@ from flux.project import Function
 
 log = logging.getLogger("flux.runtime")
 
-PRELUDE = "\n".join(resources.files("flux.runtime").joinpath(n).read_text() for n in ("url.js", "prelude.js"))
+PRELUDE = "\n".join(resources.files("flux.runtime").joinpath(n).read_text() for n in ("webapi.js", "url.js", "prelude.js"))
 _EXPORT_DEFAULT = re.compile(r"^(\s*)export\s+default\s+", re.MULTILINE)
 
 

@@ -175,8 +175,11 @@ class Executor:
                 return self._out_of_memory(span, clock, run)
             return self._finish_error(span, clock, 500, "FunctionStuck", str(exc), "", run=run)
         except JSEvalException as exc:
+            exhausted = isolate.memory_exhausted()  # stopped for its ArrayBuffers (flux.runtime.external)
             pool.discard(isolate)
             await run.cancel()
+            if exhausted:
+                return self._out_of_memory(span, clock, run)
             # Redacted whole, then cut to its first line: a cut secret (a PEM key's first line) is
             # past what redaction recognises.
             message = one_line(self.redactor.redact(str(exc), call.secrets))

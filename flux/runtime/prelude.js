@@ -100,21 +100,87 @@
   // can reproduce.
   delete g.WeakRef;
   if (g.Atomics) delete g.Atomics.waitAsync;
+  // Shared memory (a SharedArrayBuffer, a shared WebAssembly memory) is the process's, not the
+  // isolate's: the memory limit does not see it (flux.runtime.external), and with no other thread
+  // there is nothing to share it with. A module that declares a shared memory is refused with it.
+  delete g.SharedArrayBuffer;
   if (g.WebAssembly) {
     const W = g.WebAssembly;
-    const toModule = (source) => (source instanceof W.Module ? source : new W.Module(source));
+    const RealMemory = W.Memory;
+    const RealModule = W.Module;
+    const noShared = (what) => new TypeError(`${what}: shared memory is not available in Flux (nothing runs beside the function to share it with)`);
+    // The descriptor read once, into an object without a prototype: a getter or an inherited
+    // `shared` cannot answer one thing here and another to V8.
+    const Memory = new Proxy(RealMemory, {
+      construct(target, args, newTarget) {
+        const given = args[0];
+        const descriptor = Object.create(null);
+        if (given !== null && typeof given === "object") {
+          for (const key of ["initial", "minimum", "maximum", "address", "index", "shared"]) {
+            const value = given[key];
+            if (value !== undefined) descriptor[key] = value;
+          }
+        }
+        if (descriptor.shared) throw noShared("WebAssembly.Memory");
+        return Reflect.construct(target, [given !== null && typeof given === "object" ? descriptor : given], newTarget);
+      },
+    });
+    // The module's bytes copied once, then read for a memory section entry with the shared flag.
+    const Module = new Proxy(RealModule, {
+      construct(target, args, newTarget) {
+        const source = args[0];
+        const bytes = source instanceof ArrayBuffer ? new Uint8Array(source).slice()
+          : ArrayBuffer.isView(source) ? new Uint8Array(source.buffer, source.byteOffset, source.byteLength).slice() : source;
+        if (bytes instanceof Uint8Array && declaresSharedMemory(bytes)) throw noShared("WebAssembly.Module");
+        return Reflect.construct(target, [bytes, ...args.slice(1)], newTarget);
+      },
+    });
+    Object.defineProperty(RealMemory.prototype, "constructor", { value: Memory, writable: true, configurable: true });
+    Object.defineProperty(RealModule.prototype, "constructor", { value: Module, writable: true, configurable: true });
+    W.Memory = Memory;
+    W.Module = Module;
+    const toModule = (source) => (source instanceof Module ? source : new Module(source));
     W.compile = function compile(bytes) {
-      return Promise.resolve().then(() => new W.Module(bytes));
+      return Promise.resolve().then(() => new Module(bytes));
     };
     W.instantiate = function instantiate(source, imports) {
       return Promise.resolve().then(() => {
         const module = toModule(source);
         const instance = new W.Instance(module, imports);
-        return source instanceof W.Module ? instance : { module, instance };
+        return source instanceof Module ? instance : { module, instance };
       });
     };
     delete W.compileStreaming;
     delete W.instantiateStreaming;
+  }
+
+  // Whether a WebAssembly binary's memory section declares a shared memory (its limits' flag
+  // 0x02). A binary this misreads is one V8 refuses to compile anyway.
+  function declaresSharedMemory(bytes) {
+    let at = 8; // past the magic number and the version
+    const leb = () => {
+      let value = 0;
+      for (let shift = 0; at < bytes.length; shift += 7) {
+        const byte = bytes[at++];
+        value += (byte & 0x7f) * 2 ** shift;
+        if (!(byte & 0x80)) break;
+      }
+      return value;
+    };
+    while (at < bytes.length) {
+      const id = bytes[at++];
+      const end = leb() + at;
+      if (id === 5) {
+        for (let count = leb(); count > 0 && at < end; count--) {
+          const flags = leb();
+          if (flags & 0x02) return true;
+          leb();
+          if (flags & 0x01) leb();
+        }
+      }
+      at = end;
+    }
+    return false;
   }
 
   // Intl's format() and formatToParts() without a date read the clock too.

@@ -1181,3 +1181,25 @@ def test_weak_references_are_not_there(tmp_path):
     """deref() would tell when V8 collected the target: GC timing, which no replay reproduces."""
     write_project(tmp_path, {"weak": "export default async function () { return {status: 200, body: typeof WeakRef}; }"})
     assert run1(tmp_path, "weak").body == "undefined"
+
+
+def test_shared_memory_is_not_there(tmp_path):
+    """A SharedArrayBuffer and a shared WebAssembly memory are the process's, outside any isolate's memory limit."""
+    write_project(tmp_path, {"shared": """
+        export default async function () {
+          const tried = (make) => { try { return make().buffer.constructor.name; } catch (e) { return e.constructor.name; } };
+          const sharedModule = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 5, 4, 1, 3, 1, 2]); // (memory 1 2 shared)
+          const plainModule = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 5, 4, 1, 1, 1, 2]); // (memory 1 2)
+          const exported = (bytes) => new WebAssembly.Instance(new WebAssembly.Module(bytes)).exports;
+          return {status: 200, body: [
+            typeof SharedArrayBuffer,
+            tried(() => new WebAssembly.Memory({initial: 1, maximum: 2, shared: true})),
+            tried(() => new (new WebAssembly.Memory({initial: 1})).constructor({initial: 1, maximum: 2, shared: true})),
+            tried(() => ({buffer: exported(sharedModule)})),
+            await WebAssembly.instantiate(sharedModule).then(() => "instantiated", (e) => e.constructor.name),
+            tried(() => new WebAssembly.Memory({initial: 1, maximum: 2})),
+            typeof exported(plainModule),
+          ]};
+        }
+    """})
+    assert run1(tmp_path, "shared").body == ["undefined", "TypeError", "TypeError", "TypeError", "TypeError", "ArrayBuffer", "object"]

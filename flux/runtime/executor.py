@@ -205,7 +205,7 @@ class Executor:
                                       error.get("stack", ""), run=run)
         try:
             status, headers, body = _response(_from_js(done["value"]))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON deeper than the prelude lets through
             await run.cancel()
             return self._finish_error(span, clock, 500, "InvalidResponse", str(exc), "", run=run)
         await run.cancel_inflight()

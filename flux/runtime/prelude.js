@@ -639,9 +639,14 @@
   // the value's holder as `this`, before it descends into the value. `paths` names each object
   // descended into (`body.items[2]`, "" for the value itself) for the error; `parents` chains
   // them, for cycles. A header's number is sent as its JS text (`1e-7`, not Python's `1e-07`).
+  // Nesting is refused past what the gateway can send (MAX_RETURN_DEPTH), before the transaction
+  // commits: the host's JSON readers stop at about 1,000 levels, and a response must not fail
+  // once its writes are in.
+  const MAX_RETURN_DEPTH = 255; // the return value's levels: a body of 254, the most orjson writes
   function serialize(value) {
     const paths = new Map();
     const parents = new Map();
+    const levels = new Map();
     let headers = null;
     const pathOf = (holder, key) => {
       const at = paths.get(holder);
@@ -663,6 +668,12 @@
       for (let h = this; h !== undefined; h = parents.get(h)) {
         if (h === v) throw refuse(this, key, "refers back to itself (a cycle)");
       }
+      const level = (levels.get(this) ?? 0) + 1;
+      if (level > MAX_RETURN_DEPTH) {
+        throw new TypeError(`the return value is nested deeper than ${MAX_RETURN_DEPTH} levels (a body deeper than ` +
+          `${MAX_RETURN_DEPTH - 1}), more than a response can carry`);
+      }
+      levels.set(v, level);
       const proto = Object.getPrototypeOf(v);
       if (proto !== Object.prototype && proto !== null && !Array.isArray(v)) {
         throw refuse(this, key, `is a ${v.constructor?.name || "non-plain object"}, which JSON cannot represent`);

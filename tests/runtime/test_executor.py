@@ -1203,3 +1203,23 @@ def test_shared_memory_is_not_there(tmp_path):
         }
     """})
     assert run1(tmp_path, "shared").body == ["undefined", "TypeError", "TypeError", "TypeError", "TypeError", "ArrayBuffer", "object"]
+
+
+@pytest.mark.parametrize("levels", [255, 1100])
+def test_a_body_nested_deeper_than_a_response_carries_is_a_500_and_its_writes_roll_back(tmp_path, dsn, conn, levels):
+    """Found before the commit: past about 1,000 levels the host could not even read it, and the
+    request's transaction and connection were left open."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          let body = 1;
+          for (let i = 0; i < req.body; i++) body = [body];
+          return {status: 200, body};
+        }
+    """})
+    [deep, fine] = [run1(tmp_path, "deep", n, dsn=dsn) for n in (levels, 254)]
+    assert (deep.status, deep.error) == (500, "NonSerializableReturn: the return value is nested deeper than 255 levels "
+                                              "(a body deeper than 254), more than a response can carry")
+    assert fine.status == 200
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 1

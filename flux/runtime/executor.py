@@ -394,6 +394,9 @@ class _Run:
         self.js_events.extend(out.get("events", ()))
         self.open_steps = out.get("open", [])
         self.truncated = self.truncated or bool(out.get("truncated"))
+        for key in ("events_dropped", "steps_dropped"):  # past the prelude's limits: counted, not kept
+            if key in out:
+                self.span.attributes[f"flux.{key}"] = out[key]
         self.entropy_used += out.get("entropy", "")
         return out
 

@@ -23,6 +23,15 @@
   // ctx calls and timers waiting at once: each is a task on the host's loop, which other requests share.
   const MAX_PENDING_CALLS = 1000;
   const MAX_TIMER_MS = 2147483647; // as browsers: a longer delay would overflow
+  // What a request records of its logs and steps, at most: the gateway redacts, encodes and queues
+  // each trace in memory that every tenant shares, and a full queue drops other requests' traces.
+  // Past a limit, what comes next is counted on the function span, not kept (nor cut: a secret cut
+  // in two is past what redaction recognises).
+  const MAX_EVENTS = 1000;
+  const MAX_EVENT_CHARS = 2 * 1024 * 1024; // of the kept events' attributes, as JSON
+  const MAX_STEPS = 1000;
+  const MAX_LOG_DEPTH = 64; // a log's attributes nested deeper are noted, as a stored trace notes them
+  const MAX_PARAM_DEPTH = 254; // the most levels the host writes a jsonb parameter with (orjson)
 
   const outbox = [];
   const pending = new Map();
@@ -45,6 +54,11 @@
   let done = null;
   let reported = false; // unhandled rejections, once the handler has finished
   let started = false;
+  let eventsKept = 0;
+  let eventChars = 0;
+  let eventsDropped = 0;
+  let stepsKept = 0;
+  let stepsDropped = 0;
 
   function record(kind, value) {
     const s = seq++;
@@ -314,7 +328,7 @@
   function reportUnhandled() {
     for (const reason of unhandled.values()) {
       const text = reason instanceof RealError ? `${reason.name}: ${reason.message}` : formatArgs([reason]);
-      functionEvents.push({ name: "log", time: realNow(), attributes: {
+      keepEvent(functionEvents, { name: "log", time: realNow(), attributes: {
         message: `Unhandled promise rejection: ${text}`, level: "error",
         ...(reason instanceof RealError ? exceptionAttributes(reason) : {}) } });
     }
@@ -345,13 +359,21 @@
   // JSON would send NaN and the infinities as null: SQL NULL, silently.
   const nonFinite = (n) => `${n}, which a parameter cannot carry (JSON has no such number): pass null, or the string ` +
     `'${n}' for a float column`;
-  // What JSON.stringify meets inside an array or object parameter (after toJSON).
-  function checkParam(_key, value) {
-    if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
-    if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
-      throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
-    }
-    return value;
+  // What JSON.stringify meets inside an array or object parameter (after toJSON), one checker per parameter.
+  function paramChecker() {
+    const levels = new Map();
+    return function checkParam(_key, value) {
+      if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
+      if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
+        throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
+      }
+      if (value !== null && typeof value === "object") {
+        const level = (levels.get(this) ?? 0) + 1;
+        if (level > MAX_PARAM_DEPTH) throw new TypeError(`it is nested deeper than ${MAX_PARAM_DEPTH} levels`);
+        levels.set(value, level);
+      }
+      return value;
+    };
   }
 
   // Bytes cross the bridge (JSON) as a string of one character per byte, U+0000 to U+00FF: exact,
@@ -513,8 +535,18 @@
   // as `attributes.<name>`, so nothing the function logs is lost and nothing overrides the message.
   const LOG_KEYS = new Set(["message", "level", "exception.type", "exception.message", "exception.stacktrace"]);
   function logAttributes(event, attrs) {
+    const levels = new Map();
+    const plainValue = function (key, value) {
+      value = errorsAsText(key, value);
+      if (value !== null && typeof value === "object") {
+        const level = (levels.get(this) ?? 0) + 1;
+        if (level > MAX_LOG_DEPTH) return `[not recorded: nested deeper than ${MAX_LOG_DEPTH} levels]`;
+        levels.set(value, level);
+      }
+      return value;
+    };
     let plain;
-    try { plain = JSON.parse(JSON.stringify(attrs, errorsAsText)); } catch (e) { plain = { "attributes.error": String(e) }; }
+    try { plain = JSON.parse(JSON.stringify(attrs, plainValue)); } catch (e) { plain = { "attributes.error": String(e) }; }
     for (const [k, v] of Object.entries(plain)) event[LOG_KEYS.has(k) ? `attributes.${k}` : k] = v;
     return event;
   }
@@ -522,7 +554,19 @@
   function addEvent(parent, name, attributes) {
     const event = { name, time: realNow(), attributes };
     const step = openSteps.find((s) => s.id === parent);
-    (step ? step.events : functionEvents).push(event);
+    keepEvent(step ? step.events : functionEvents, event);
+  }
+
+  // An event kept while the request's events are under MAX_EVENTS and MAX_EVENT_CHARS, else counted.
+  function keepEvent(list, event) {
+    const size = JSON.stringify(event.attributes).length; // plain JSON by now: strings, and logAttributes' output
+    if (eventsKept >= MAX_EVENTS || eventChars + size > MAX_EVENT_CHARS) {
+      eventsDropped++;
+      return;
+    }
+    eventsKept++;
+    eventChars += size;
+    list.push(event);
   }
 
   function makeCtx(info, bound) {
@@ -553,7 +597,7 @@
             }
             if (p !== null && typeof p === "object") {
               try {
-                JSON.stringify(p, checkParam);
+                JSON.stringify(p, paramChecker());
               } catch (e) {
                 throw new TypeError(`ctx.db.query(sql, params): $${i + 1} cannot be sent: ${e.message}`);
               }
@@ -579,6 +623,7 @@
       // ctx.log(message..., attrs): a last object is the event's attributes; an Error last (or
       // before them) is its exception attributes, and the message is what comes before it.
       log(...args) {
+        if (eventsKept >= MAX_EVENTS) return void eventsDropped++; // not even formatted
         const last = args[args.length - 1];
         const attrs = args.length > 1 && last && typeof last === "object" && !(last instanceof RealError) ? args.pop() : null;
         const error = args[args.length - 1] instanceof RealError ? args[args.length - 1] : null;
@@ -589,6 +634,11 @@
       },
       async step(name, fn) {
         if (typeof fn !== "function") throw new TypeError("ctx.step(name, fn): fn must be a function");
+        if (stepsKept >= MAX_STEPS) { // runs as a step, unrecorded: its calls and logs go where this ctx's do
+          stepsDropped++;
+          return await fn(makeCtx(info, bound));
+        }
+        stepsKept++;
         const span = { id: spanId(), parent: currentParent(bound), name: String(name), kind: "internal", start: realNow(),
           duration_ms: 0, status: "ok", error: null, attributes: { "flux.kind": "step" }, events: [] };
         openSteps.push(span);
@@ -598,7 +648,7 @@
           const d = describe(e);
           span.status = "error";
           span.error = d.message;
-          span.events.push({ name: "exception", time: realNow(),
+          keepEvent(span.events, { name: "exception", time: realNow(),
             attributes: { "exception.type": d.name, "exception.message": d.message, "exception.stacktrace": d.stack } });
           throw e;
         } finally {
@@ -632,7 +682,8 @@
     else outbox.splice(at, 1);
   };
   g.console = Object.freeze(Object.fromEntries(["log", "info", "warn", "error", "debug"].map((level) =>
-    [level, (...args) => addEvent(currentParent(null), "log", { message: formatArgs(args), level })])));
+    [level, (...args) => (eventsKept >= MAX_EVENTS ? void eventsDropped++
+      : addEvent(currentParent(null), "log", { message: formatArgs(args), level }))])));
 
   // The return value as JSON, refusing what JSON.stringify would silently change, in one pass:
   // JSON.stringify calls each value's toJSON (once, as it always does) and then the replacer, with
@@ -740,6 +791,8 @@
     if (functionEvents.length) out.events = functionEvents.splice(0, functionEvents.length);
     if (openSteps.length) out.open = openSteps;
     if (truncated) out.truncated = true;
+    if (eventsDropped) out.events_dropped = eventsDropped;
+    if (stepsDropped) out.steps_dropped = stepsDropped;
     if (entropyAt > entropySent) {
       out.entropy = entropy.slice(entropySent, entropyAt);
       entropySent = entropyAt;

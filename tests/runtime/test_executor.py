@@ -1223,3 +1223,80 @@ def test_a_body_nested_deeper_than_a_response_carries_is_a_500_and_its_writes_ro
                                               "(a body deeper than 254), more than a response can carry")
     assert fine.status == 200
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 1
+
+
+def test_a_db_param_nested_deeper_than_the_host_writes_is_an_error_the_function_can_catch(tmp_path):
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          let param = {};
+          for (let i = 0; i < 1100; i++) param = {a: param};
+          try { await ctx.db.query("SELECT $1::jsonb", [param]); } catch (e) { return {status: 200, body: `${e.name}: ${e.message}`}; }
+        }
+    """})
+    result = run1(tmp_path, "deep")
+    assert (result.status, result.body) == (200, "TypeError: ctx.db.query(sql, params): $1 cannot be sent: it is nested deeper than 254 levels")
+
+
+def test_logs_past_the_limit_are_counted_on_the_function_span_not_kept(tmp_path):
+    """Every tenant's traces share the gateway's memory and its trace queue: 300,000 logs made a 27 MB trace."""
+    write_project(tmp_path, {"chatty": """
+        export default async function (req, ctx) {
+          for (let i = 0; i < 1200; i++) ctx.log(`line ${i}`);
+          await ctx.step("inside", async (step) => { step.log("in a step"); console.log("to the console"); });
+          ctx.log("x".repeat(3 << 20));  // past the events' 2 MB, on its own
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "chatty")
+    function, inside = result.spans[0], spans_by_name(result)["inside"]
+    assert [e["attributes"]["message"] for e in function["events"]] == [f"line {i}" for i in range(1000)]
+    assert inside["events"] == [] and function["attributes"]["flux.events_dropped"] == 200 + 3
+
+
+def test_a_big_log_past_the_events_size_limit_is_dropped_whole(tmp_path):
+    """Never cut: a secret cut in two is past what redaction recognises."""
+    write_project(tmp_path, {"big": """
+        export default async function (req, ctx) {
+          const line = "y".repeat(1 << 20);
+          for (let i = 0; i < 3; i++) ctx.log(line);
+          return {status: 200};
+        }
+    """})
+    function = run1(tmp_path, "big").spans[0]
+    assert [len(e["attributes"]["message"]) for e in function["events"]] == [1 << 20]
+    assert function["attributes"]["flux.events_dropped"] == 2
+
+
+def test_steps_past_the_limit_run_unrecorded_and_are_counted(tmp_path):
+    write_project(tmp_path, {"steps": """
+        export default async function (req, ctx) {
+          let ran = 0;
+          await ctx.step("outer", async (outer) => {
+            for (let i = 0; i < 1100; i++) await outer.step(`s${i}`, async (s) => { ran++; if (i === 1050) s.log("late"); });
+          });
+          return {status: 200, body: ran};
+        }
+    """})
+    result = run1(tmp_path, "steps")
+    steps = [s for s in result.spans if s["attributes"].get("flux.kind") == "step"]
+    assert result.body == 1100 and len(steps) == 1000 and result.spans[0]["attributes"]["flux.steps_dropped"] == 101
+    # A log in an unrecorded step goes where the step's own ctx would put it: the step around it.
+    assert [e["attributes"]["message"] for e in spans_by_name(result)["outer"]["events"]] == ["late"]
+
+
+def test_log_attributes_nested_too_deep_are_noted_where_they_stop(tmp_path):
+    """Past about 1,000 levels the host could not read the drain: an internal error, and no trace."""
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          let v = 1;
+          for (let i = 0; i < 1100; i++) v = [v];
+          ctx.log("deep", {v});
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "deep")
+    [event] = result.spans[0]["events"]
+    v = event["attributes"]["v"]
+    for _ in range(62):  # the attributes are the first level, `v` the second
+        [v] = v
+    assert result.status == 200 and v == ["[not recorded: nested deeper than 64 levels]"]

@@ -66,6 +66,12 @@ log = logging.getLogger("flux.runtime")
 
 RECORDING_VERSION = 3
 MAX_TAPE_EVENTS = 10_000  # as prelude.js: the JS side stops recording there, and so does the host
+# What the host keeps of a request's db and fetch events (SQL, parameters, results, bodies), in
+# characters of their JSON: held in the gateway's memory, which no isolate limit covers, until the
+# trace is written; and a stored trace holds 8 MB at most (flux.gateway.traces), a larger tape
+# being left out of it anyway. Past it the tape is cut, as at MAX_TAPE_EVENTS.
+MAX_TAPE_CHARS = 8 * 1024 * 1024
+MAX_SPAN_TEXT = 64 * 1024  # of a span's db.statement or http.url; the tape has them whole, within MAX_TAPE_CHARS
 SALVAGE_S = 0.1  # past the deadline, for the last drain of a request cut short (about 1 ms)
 ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the isolate at start
 
@@ -317,6 +323,8 @@ class _Run:
         self.timers: dict[int, list[Any]] = {}  # call id -> its tape event, for timers not yet settled
         self.client_spans: list[Span] = []
         self.host_events: list[list[Any]] = []
+        self.tape_chars = 0  # of the db and fetch events in host_events
+        self.tape_cut: int | None = None  # the seq from which the tape is cut, past MAX_TAPE_CHARS
         # What the JS side has handed over, drain by drain: kept when the request is cut short.
         self.js_tape: list[list[Any]] = []
         self.js_spans: list[dict[str, Any]] = []
@@ -409,7 +417,7 @@ class _Run:
         span = Span(id=new_span_id(), parent=parent or self.span.id, name=name, kind="client", start=self.clock.now_ms(),
                     attributes={"flux.abandoned": True, **({"code.location": site} if site else {})})
         self.client_spans.append(span)
-        self.host_events.append([seq, op, {**args, "abandoned": True}])
+        self._on_tape([seq, op, {**args, "abandoned": True}])
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
         if op == "timer":
@@ -438,11 +446,12 @@ class _Run:
     async def _db(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         sql, params, binary = args["sql"], args["params"], args.get("binary")
         span.name = db_span_name(sql)
-        span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": sql})
+        span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": self._span_text(sql)})
         event: dict[str, Any] = {"sql": sql, "params": params, **({"binary": binary} if binary else {})}
         if binary:
             event["params"] = [_tape_bytes(p) if i in binary else p for i, p in enumerate(params)]
-        self.host_events.append([seq, "db", event])
+        entry = [seq, "db", event]
+        self._on_tape(entry)
         if binary:  # bytea parameters: one character per byte (prelude.js)
             params = [p.encode("latin-1") if i in binary else p for i, p in enumerate(params)]
         try:
@@ -457,16 +466,18 @@ class _Run:
             raise
         span.attributes["db.rows"] = result["rowCount"]
         event["result"] = result
+        self._grew(entry, result)
         if result["rows"]:  # jsonb, which stores the trace, keeps an object's keys in an order of its own
             event["columns"] = list(result["rows"][0])
         return result
 
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         url, method, body, binary = args["url"], args["method"], args["body"], args.get("binary")
-        span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": url})
+        span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": self._span_text(url)})
         event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]),
                                  "body": _tape_bytes(body) if binary else body, **({"binary": True} if binary else {})}
-        self.host_events.append([seq, "fetch", event])
+        entry = [seq, "fetch", event]
+        self._on_tape(entry)
         policy = self.x.fetch_policy
         span.name = str(args.get("name") or "fetch")  # until the URL names the tool
         try:
@@ -511,7 +522,35 @@ class _Run:
             truncated = truncated or cut
         if truncated:
             event["response_truncated"] = True
+        self._grew(entry, [event.get("response_headers"), event.get("response_body"), event.get("response_bytes")])
         return response
+
+    def _span_text(self, text: str) -> str:
+        """A span's copy of a statement or URL, cut at MAX_SPAN_TEXT (never inside a secret)."""
+        return as_text(text, MAX_SPAN_TEXT, self.secret_forms)[0]
+
+    def _on_tape(self, entry: list[Any]) -> None:
+        """A db or fetch event onto the tape while the tape is under MAX_TAPE_CHARS; else the tape is cut there."""
+        if self.tape_cut is None:
+            self.tape_chars += len(orjson.dumps(entry[2]))
+            if self.tape_chars <= MAX_TAPE_CHARS:
+                self.host_events.append(entry)
+                return
+        self._cut_tape(entry[0])
+
+    def _grew(self, entry: list[Any], added: Any) -> None:
+        """What a call's answer added to its event on the tape; past MAX_TAPE_CHARS the event leaves it."""
+        if self.tape_cut is not None and entry[0] >= self.tape_cut:
+            return
+        self.tape_chars += len(orjson.dumps(added))
+        if self.tape_chars > MAX_TAPE_CHARS:
+            self._cut_tape(entry[0])
+
+    def _cut_tape(self, seq: int) -> None:
+        """The tape ends before `seq`: the events from there leave the host's memory now, and the recording says truncated."""
+        if self.tape_cut is None or seq < self.tape_cut:
+            self.tape_cut = seq
+            self.host_events = [event for event in self.host_events if event[0] < seq]
 
     async def cancel_inflight(self) -> None:
         for task in self.inflight:
@@ -547,6 +586,9 @@ class _Run:
             return None
         events = sorted([*self.js_tape, *self.host_events], key=lambda e: e[0])
         truncated = self.truncated or len(events) > MAX_TAPE_EVENTS
+        if self.tape_cut is not None:  # past MAX_TAPE_CHARS
+            events = [event for event in events if event[0] < self.tape_cut]
+            truncated = True
         # Only the entropy the function consumed: replay supplies the same bytes in the same order.
         recording = {"v": RECORDING_VERSION, "truncated": truncated, "entropy": self.entropy_used,
                      "env": self.compiled.environment, "events": events[:MAX_TAPE_EVENTS]}

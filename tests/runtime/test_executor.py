@@ -1300,3 +1300,35 @@ def test_log_attributes_nested_too_deep_are_noted_where_they_stop(tmp_path):
     for _ in range(62):  # the attributes are the first level, `v` the second
         [v] = v
     assert result.status == 200 and v == ["[not recorded: nested deeper than 64 levels]"]
+
+
+def test_the_tape_is_cut_where_its_db_and_fetch_events_pass_its_size_limit(tmp_path):
+    """The host held every call's SQL, parameters and results until the trace was written: 20 MB
+    parameters sent 11 times in 3 s made a 230 MB tape in the gateway's memory."""
+    write_project(tmp_path, {"big": """
+        export default async function (req, ctx) {
+          const big = "p".repeat(3 << 20);
+          for (let i = 0; i < 4; i++) { try { await ctx.db.query("SELECT $1", [big]); } catch (e) {} }
+          return {status: 200, body: Date.now() > 0};
+        }
+    """})
+    result = run1(tmp_path, "big")
+    kinds = [kind for _, kind, _ in result.recording["events"]]
+    assert result.status == 200 and result.recording["truncated"] is True
+    # 6 MB of the 8 MB; the third passes it, and the tape ends before it (the Date.now() after it too).
+    assert kinds == ["db", "settled", "db", "settled"]
+    assert [len(data["params"][0]) for _, kind, data in result.recording["events"] if kind == "db"] == [3 << 20] * 2
+
+
+def test_a_db_span_keeps_the_start_of_a_long_statement(tmp_path):
+    write_project(tmp_path, {"long": """
+        export default async function (req, ctx) {
+          try { await ctx.db.query("SELECT 1 -- " + "s".repeat(200000)); } catch (e) {}
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "long")
+    [db] = [span for span in result.spans if span["attributes"].get("flux.kind") == "db"]
+    statement, taped = db["attributes"]["db.statement"], result.recording["events"][0][2]["sql"]
+    assert (len(statement), statement.startswith("SELECT 1 -- s")) == (64 * 1024, True)
+    assert len(taped) == len("SELECT 1 -- ") + 200000  # the tape has it whole

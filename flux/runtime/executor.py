@@ -71,6 +71,9 @@ MAX_TAPE_EVENTS = 10_000  # as prelude.js: the JS side stops recording there, an
 # trace is written; and a stored trace holds 8 MB at most (flux.gateway.traces), a larger tape
 # being left out of it anyway. Past it the tape is cut, as at MAX_TAPE_EVENTS.
 MAX_TAPE_CHARS = 8 * 1024 * 1024
+# ctx.db and ctx.fetch spans a request records, at most (as the prelude's MAX_STEPS): past it they
+# are counted on the function span (`flux.spans_dropped`), for the gateway's memory and trace queue.
+MAX_CLIENT_SPANS = 1000
 MAX_SPAN_TEXT = 64 * 1024  # of a span's db.statement or http.url; the tape has them whole, within MAX_TAPE_CHARS
 SALVAGE_S = 0.1  # past the deadline, for the last drain of a request cut short (about 1 ms)
 ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the isolate at start
@@ -416,7 +419,7 @@ class _Run:
         name = db_span_name(args.get("sql", "")) if op == "db" else op
         span = Span(id=new_span_id(), parent=parent or self.span.id, name=name, kind="client", start=self.clock.now_ms(),
                     attributes={"flux.abandoned": True, **({"code.location": site} if site else {})})
-        self.client_spans.append(span)
+        self._keep_span(span)
         self._on_tape([seq, op, {**args, "abandoned": True}])
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
@@ -426,7 +429,7 @@ class _Run:
         span = Span(id=new_span_id(), parent=parent or self.span.id, name=op, kind="client", start=self.clock.now_ms())
         if site:
             span.attributes["code.location"] = site
-        self.client_spans.append(span)
+        self._keep_span(span)
         try:
             if op == "db":
                 return True, await self._db(span, args, seq)
@@ -524,6 +527,12 @@ class _Run:
             event["response_truncated"] = True
         self._grew(entry, [event.get("response_headers"), event.get("response_body"), event.get("response_bytes")])
         return response
+
+    def _keep_span(self, span: Span) -> None:
+        if len(self.client_spans) < MAX_CLIENT_SPANS:
+            self.client_spans.append(span)
+        else:
+            self.span.attributes["flux.spans_dropped"] = self.span.attributes.get("flux.spans_dropped", 0) + 1
 
     def _span_text(self, text: str) -> str:
         """A span's copy of a statement or URL, cut at MAX_SPAN_TEXT (never inside a secret)."""

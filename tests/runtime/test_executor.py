@@ -1332,3 +1332,17 @@ def test_a_db_span_keeps_the_start_of_a_long_statement(tmp_path):
     statement, taped = db["attributes"]["db.statement"], result.recording["events"][0][2]["sql"]
     assert (len(statement), statement.startswith("SELECT 1 -- s")) == (64 * 1024, True)
     assert len(taped) == len("SELECT 1 -- ") + 200000  # the tape has it whole
+
+
+def test_db_and_fetch_spans_past_the_limit_are_counted_on_the_function_span(tmp_path):
+    write_project(tmp_path, {"calls": """
+        export default async function (req, ctx) {
+          for (let i = 0; i < 3; i++) {
+            await Promise.all(Array.from({length: 400}, () => ctx.db.query("SELECT 1").catch(() => 0)));
+          }
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "calls")
+    clients = [span for span in result.spans if span["kind"] == "client"]
+    assert len(clients) == 1000 and result.spans[0]["attributes"]["flux.spans_dropped"] == 200

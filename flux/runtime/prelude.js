@@ -493,13 +493,23 @@
       .map((line) => line.replace("globalThis.__flux_handler", "default")).join("\n");
   }
 
+  // What the function threw, as text: never throws itself (a getter or toString of the thrown value
+  // may), or the request would never finish and end as a Promise nothing settles.
   function describe(e) {
-    if (e instanceof Error) {
-      return { name: e.name, message: String(e.message), stack: userStack(e.stack), sqlstate: e.sqlstate ?? null };
+    try {
+      if (e instanceof Error) {
+        return { name: String(e.name), message: String(e.message), stack: userStack(e.stack),
+          sqlstate: e.sqlstate === undefined || e.sqlstate === null ? null : String(e.sqlstate) };
+      }
+      let text;
+      try { text = JSON.stringify(e); } catch (_) { text = String(e); }
+      return { name: "NonErrorThrown", message: `the function threw a non-Error value: ${text}`, stack: "", sqlstate: null };
+    } catch (failure) {
+      let why;
+      try { why = failure instanceof Error ? `${failure.name}: ${failure.message}` : String(failure); } catch (_) { why = "a value that cannot be read"; }
+      return { name: "UnreadableThrow", message: `the function threw a value that could not be read (reading it threw ${why})`,
+        stack: "", sqlstate: null };
     }
-    let text;
-    try { text = JSON.stringify(e); } catch (_) { text = String(e); }
-    return { name: "NonErrorThrown", message: `the function threw a non-Error value: ${text}`, stack: "", sqlstate: null };
   }
 
   // Log arguments as Node's console writes them: an Error as "Name: message", its stack frames and

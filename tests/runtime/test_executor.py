@@ -1346,3 +1346,28 @@ def test_db_and_fetch_spans_past_the_limit_are_counted_on_the_function_span(tmp_
     result = run1(tmp_path, "calls")
     clients = [span for span in result.spans if span["kind"] == "client"]
     assert len(clients) == 1000 and result.spans[0]["attributes"]["flux.spans_dropped"] == 200
+
+
+@pytest.mark.parametrize("thrown, said", [
+    ('Object.defineProperty(new Error("x"), "message", {get() { throw new RangeError("no message"); }})', "RangeError: no message"),
+    ("{toJSON() { throw 1; }, toString() { throw 2; }}", "2"),
+])
+def test_a_thrown_value_that_cannot_be_read_is_a_500_that_says_so(tmp_path, thrown, said):
+    """It answered "awaits a Promise that nothing will settle", which hid what the function did."""
+    write_project(tmp_path, {"odd": f"export default async function () {{ throw {thrown}; }}"})
+    result = run1(tmp_path, "odd")
+    assert (result.status, result.error) == (
+        500, f"UnreadableThrow: the function threw a value that could not be read (reading it threw {said})")
+
+
+def test_an_error_name_that_is_not_text_is_written_as_text(tmp_path):
+    """A deep object as the name reached the host as it was: past about 1,000 levels, an internal error."""
+    write_project(tmp_path, {"named": """
+        export default async function () {
+          let name = 1;
+          for (let i = 0; i < 1100; i++) name = [name];
+          throw Object.assign(new Error("x"), {name});
+        }
+    """})
+    result = run1(tmp_path, "named")
+    assert (result.status, result.error) == (500, "1: x")

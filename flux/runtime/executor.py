@@ -74,7 +74,12 @@ MAX_TAPE_CHARS = 8 * 1024 * 1024
 # ctx.db and ctx.fetch spans a request records, at most (as the prelude's MAX_STEPS): past it they
 # are counted on the function span (`flux.spans_dropped`), for the gateway's memory and trace queue.
 MAX_CLIENT_SPANS = 1000
-MAX_SPAN_TEXT = 64 * 1024  # of a span's db.statement or http.url; the tape has them whole, within MAX_TAPE_CHARS
+MAX_SPAN_TEXT = 64 * 1024
+# ctx.fetch calls of one request on the wire at once; the others wait their turn. The HTTP client's
+# connections (aiohttp's 100) serve every request, and each response is read whole into the
+# gateway's memory (up to 16 MB): one request with 100 fetches in flight held every connection
+# (another tenant's fetch waited out its timeout) and 1.5 GB.
+MAX_CONCURRENT_FETCHES = 16  # of a span's db.statement or http.url; the tape has them whole, within MAX_TAPE_CHARS
 SALVAGE_S = 0.1  # past the deadline, for the last drain of a request cut short (about 1 ms)
 ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the isolate at start
 
@@ -323,6 +328,7 @@ class _Run:
         })
         self.secret_forms = executor.redactor.forms
         self.inflight: dict[asyncio.Task, int] = {}
+        self.fetch_turns = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
         self.timers: dict[int, list[Any]] = {}  # call id -> its tape event, for timers not yet settled
         self.client_spans: list[Span] = []
         self.host_events: list[list[Any]] = []
@@ -491,7 +497,8 @@ class _Run:
             try:
                 # A binary body crossed as one character per byte (prelude.js).
                 sent = None if body is None else body.encode("latin-1" if binary else "utf-8")
-                result = await self.x.transport.send(method, url, args["headers"], sent, timeout_ms / 1000)
+                async with self.fetch_turns:  # its timeout counts from its turn
+                    result = await self.x.transport.send(method, url, args["headers"], sent, timeout_ms / 1000)
             except TimeoutError:
                 span.attributes["timeout"] = True
                 raise HostCallError({"name": "TimeoutError", "message": f"{span.name}: no response within {timeout_ms} ms",

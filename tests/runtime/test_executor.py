@@ -1371,3 +1371,21 @@ def test_an_error_name_that_is_not_text_is_written_as_text(tmp_path):
     """})
     result = run1(tmp_path, "named")
     assert (result.status, result.error) == (500, "1: x")
+
+
+def test_one_request_cannot_take_every_outbound_connection(tmp_path, stub: Stub):
+    """The gateway's HTTP client has 100 connections for every request; a request with 100 slow
+    fetches in flight held them all, and another request's fetch waited out its timeout."""
+    write_project(tmp_path, {"fan": f"""
+        export default async function (req, ctx) {{
+          if (req.body === "hog") {{
+            await Promise.all(Array.from({{length: 100}}, () => ctx.fetch("{stub.url}/slow?ms=1500").catch(() => 0)));
+            return {{status: 200, body: "hogged"}};
+          }}
+          await new Promise((resolve) => setTimeout(resolve, 200));  // once the hog's calls are out
+          const answer = await ctx.fetch("{stub.url}/ok", {{timeout_ms: 1000}});
+          return {{status: 200, body: answer.status}};
+        }}
+    """}, '[limits]\ntimeout_ms = 2500\n')
+    [[_, other]] = execute_waves(tmp_path, "fan", [["hog", "other"]], size=2)
+    assert (other.status, other.body) == (200, 200)

@@ -220,6 +220,56 @@
     value: function formatToParts(date) { return realFormatToParts.call(this, date === undefined ? now() : date); },
   });
 
+  // ICU's objects behind Intl live outside V8's heap, and V8 counts them nowhere: a Date's
+  // toLocaleString with a locale or options left 27 KB each until a garbage collection, which a
+  // heap barely growing never brings (500 MB in 2.5 s), and kept formatters were never freed
+  // (a memory limit of 64 MB held 1.2 GB of them). Each Intl object, and each call that makes one
+  // for itself, allocates beside it its weight in the heap (about what ICU holds for it, measured
+  // with V8 14's ICU): kept formatters then count against the memory limit, and made ones bring
+  // the collections that free them.
+  const weights = new WeakMap(); // an Intl object -> its weight, alive as long as it is
+  let weighed = null; // a call's weight: garbage at once, but it cannot be optimised away
+  const weigh = (kilobytes) => new Array(kilobytes * 256); // 256 slots of 4 bytes (8 uncompressed)
+  function weighted(Real, kilobytes) {
+    const make = (target, args, newTarget) => {
+      const made = Reflect.construct(target, args, newTarget);
+      weights.set(made, weigh(kilobytes));
+      return made;
+    };
+    const Weighted = new Proxy(Real, {
+      construct: make,
+      apply: (target, thisArg, args) => make(target, args, target), // Intl.DateTimeFormat() makes one too
+    });
+    Object.defineProperty(Real.prototype, "constructor", { value: Weighted, writable: true, configurable: true });
+    return Weighted;
+  }
+  const INTL_KILOBYTES = { DateTimeFormat: 28, RelativeTimeFormat: 8, Segmenter: 7, PluralRules: 4, Collator: 2,
+    DisplayNames: 2, DurationFormat: 2, NumberFormat: 1, ListFormat: 1, Locale: 1 };
+  for (const [name, kilobytes] of Object.entries(INTL_KILOBYTES)) {
+    if (typeof Intl[name] === "function") Intl[name] = weighted(Intl[name], kilobytes);
+  }
+  function weighCalls(proto, names, kilobytes, whenArgs) {
+    for (const name of names) {
+      const real = proto[name];
+      if (typeof real !== "function") continue;
+      const call = {
+        [name](...args) {
+          if (!whenArgs || args[0] !== undefined || args[1] !== undefined) weighed = weigh(kilobytes);
+          return Reflect.apply(real, this, args);
+        },
+      }[name];
+      Object.defineProperty(call, "length", { value: real.length });
+      Object.defineProperty(proto, name, { value: call, writable: true, configurable: true });
+    }
+  }
+  // Without a locale or options V8 formats with one cached formatter: nothing to weigh.
+  weighCalls(RealDate.prototype, ["toLocaleString", "toLocaleDateString", "toLocaleTimeString"], 28, true);
+  weighCalls(Number.prototype, ["toLocaleString"], 1, true);
+  if (typeof BigInt === "function") weighCalls(BigInt.prototype, ["toLocaleString"], 1, true);
+  if (Intl.Segmenter) {
+    weighCalls(Intl.Segmenter.prototype, ["segment"], 9, false);
+  }
+
   Math.random = function random() {
     const v = realRandom();
     record("random", v);

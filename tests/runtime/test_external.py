@@ -63,3 +63,36 @@ def test_a_buffer_bomb_after_the_handler_returned_is_a_memory_error(tmp_path):
     """}, FAST)
     [result] = execute(tmp_path, "later")
     assert (result.status, result.error) == (500, "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)")
+
+
+def test_kept_intl_formatters_count_against_the_limit(tmp_path):
+    """ICU's objects live outside V8's heap: 300,000 kept formatters held 1.2 GB under a 64 MB limit."""
+    write_project(tmp_path, {"formats": """
+        export default async function () {
+          const kept = [];
+          for (let i = 0; i < 20000; i++) kept.push(new Intl.DateTimeFormat("en-US", {timeZone: i % 2 ? "UTC" : "Europe/Paris"}));
+          return {status: 200, body: kept.length};
+        }
+    """}, FAST)
+    [result] = execute(tmp_path, "formats")
+    assert (result.status, result.error) == (500, "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)")
+
+
+def test_intl_objects_keep_their_behaviour(tmp_path):
+    write_project(tmp_path, {"intl": """
+        class Money extends Intl.NumberFormat { euros(n) { return this.format(n); } }
+        export default async function () {
+          return {status: 200, body: [
+            Intl.DateTimeFormat("en-US", {timeZone: "UTC"}).format(0),
+            new Intl.DateTimeFormat() instanceof Intl.DateTimeFormat,
+            new Intl.Collator().constructor === Intl.Collator,
+            new Money("de-DE", {style: "currency", currency: "EUR"}).euros(1.5),
+            new Date(0).toLocaleDateString("en-US", {timeZone: "UTC"}),
+            (1234.5).toLocaleString("de-DE"),
+            [...new Intl.Segmenter("en", {granularity: "word"}).segment("hi there")].length,
+            [Intl.Segmenter.prototype.segment.length, Date.prototype.toLocaleString.name],
+          ]};
+        }
+    """})
+    [result] = execute(tmp_path, "intl")
+    assert result.body == ["1/1/1970", True, True, "1,50\xa0€", "1/1/1970", "1.234,5", 3, [1, "toLocaleString"]]

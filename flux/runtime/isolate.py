@@ -120,15 +120,24 @@ async def _compile(function: Function, script: str, memory_mb: int, timeout_ms: 
     # runs: the stopped eval's answer then lands on a live loop, not a closed one.
     with mini_racer(asyncio.get_running_loop()) as mr:
         mr.set_hard_memory_limit(memory_mb * 1024 * 1024)
-        environment = {**orjson.loads(await mr.eval_cancelable(_ENVIRONMENT)), "v8": mr.v8_version}
-        await mr.eval_cancelable(PRELUDE)  # a prelude error is Flux's bug: let it raise
+        # ArrayBuffers the top-level code makes count too (flux.runtime.external).
+        v8_isolate = WATCH.install(mr._ctx, memory_mb * 1024 * 1024) if WATCH is not None else None
         try:
-            async with asyncio.timeout(timeout_ms / 1000):
-                await mr.eval_cancelable(script)
-        except TimeoutError:
-            return CompiledFunction(function, None, f"{function.display_path}: its top-level code did not finish within {timeout_ms} ms")
-        except JSEvalException as exc:
-            return CompiledFunction(function, None, _load_error(function, exc))
+            environment = {**orjson.loads(await mr.eval_cancelable(_ENVIRONMENT)), "v8": mr.v8_version}
+            await mr.eval_cancelable(PRELUDE)  # a prelude error is Flux's bug: let it raise
+            try:
+                async with asyncio.timeout(timeout_ms / 1000):
+                    await mr.eval_cancelable(script)
+            except TimeoutError:
+                return CompiledFunction(function, None, f"{function.display_path}: its top-level code did not finish within {timeout_ms} ms")
+            except JSEvalException as exc:
+                if (WATCH is not None and WATCH.exhausted(v8_isolate)) or mr.was_hard_memory_limit_reached():
+                    return CompiledFunction(function, None, f"{function.display_path}: its top-level code exceeded the memory "
+                                                            f"limit ({memory_mb} MB)")
+                return CompiledFunction(function, None, _load_error(function, exc))
+        finally:
+            if WATCH is not None:
+                WATCH.forget(v8_isolate)
     return CompiledFunction(function, script, environment=environment)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from flux.project import load_project
 from flux.runtime.external import WATCH
+from flux.runtime.isolate import compile_function
 from tests.functions import write_project
 from tests.runtime.test_executor import FAST, execute
 
@@ -96,3 +98,13 @@ def test_intl_objects_keep_their_behaviour(tmp_path):
     """})
     [result] = execute(tmp_path, "intl")
     assert result.body == ["1/1/1970", True, True, "1,50\xa0€", "1/1/1970", "1.234,5", 3, [1, "toLocaleString"]]
+
+
+def test_top_level_code_past_the_limit_is_a_load_error(tmp_path):
+    write_project(tmp_path, {"heavy": """
+        const kept = [];
+        for (let i = 0; i < 16; i++) { const b = new Uint8Array(16 << 20); b.fill(1); kept.push(b); }
+        export default async function () { return {status: 200, body: kept.length}; }
+    """}, FAST)
+    compiled = compile_function(load_project(tmp_path).functions["heavy"], memory_mb=32)
+    assert compiled.error == "functions/heavy.js: its top-level code exceeded the memory limit (32 MB)"

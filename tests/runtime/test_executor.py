@@ -1389,3 +1389,26 @@ def test_one_request_cannot_take_every_outbound_connection(tmp_path, stub: Stub)
     """}, '[limits]\ntimeout_ms = 2500\n')
     [[_, other]] = execute_waves(tmp_path, "fan", [["hog", "other"]], size=2)
     assert (other.status, other.body) == (200, 200)
+
+
+def test_steps_nested_a_thousand_deep_are_covered_in_one_pass():
+    """It runs on the loop every request shares: a pass per level took seconds for a chain of 1,000."""
+    from flux.runtime.executor import _cover_children
+
+    steps = [{"id": f"s{i}", "parent": f"s{i - 1}" if i else "fn", "start": 1000.0 + i, "duration_ms": 1.0} for i in range(1000)]
+    call = {"id": "c", "parent": "s999", "start": 900.0, "duration_ms": 2000.0}
+    started = time.perf_counter()
+    _cover_children(steps, [*steps, call])
+    assert time.perf_counter() - started < 0.5
+    assert {(step["start"], step["duration_ms"]) for step in steps} == {(900.0, 2000.0)}
+
+
+def test_a_step_is_stretched_over_its_children_and_theirs():
+    from flux.runtime.executor import _cover_children
+
+    outer = {"id": "o", "parent": "fn", "start": 100.0, "duration_ms": 10.0}
+    inner = {"id": "i", "parent": "o", "start": 102.0, "duration_ms": 1.0}
+    beside = {"id": "b", "parent": "fn", "start": 100.0, "duration_ms": 1.0}
+    calls = [{"id": "c1", "parent": "i", "start": 101.5, "duration_ms": 12.0}, {"id": "c2", "parent": "o", "start": 99.0, "duration_ms": 1.0}]
+    _cover_children([inner, outer, beside], [inner, outer, beside, *calls])
+    assert [(s["start"], s["duration_ms"]) for s in (outer, inner, beside)] == [(99.0, 14.5), (101.5, 12.0), (100.0, 1.0)]

@@ -409,7 +409,8 @@ class _Run:
         self.js_tape.extend(out.get("tape", ()))
         self.js_spans.extend(out.get("spans", ()))
         self.js_events.extend(out.get("events", ()))
-        self.open_steps = out.get("open", [])
+        if "open" in out:  # only when they changed
+            self.open_steps = out["open"]
         self.truncated = self.truncated or bool(out.get("truncated"))
         for key in ("events_dropped", "steps_dropped"):  # past the prelude's limits: counted, not kept
             if key in out:

@@ -42,6 +42,9 @@
   const spans = [];          // step spans finished since the last drain
   const functionEvents = []; // ctx.log / console events on the function span, since the last drain
   const openSteps = [];
+  // Whether openSteps (or an open step's events) changed since the last drain: only then does the
+  // drain carry them, since the host reads every drain on the loop all requests share.
+  let openChanged = false;
   let taped = 0;
   let entropySent = 0;
   let truncated = false;
@@ -624,6 +627,7 @@
   function addEvent(parent, name, attributes) {
     const event = { name, time: realNow(), attributes };
     const step = openSteps.find((s) => s.id === parent);
+    if (step) openChanged = true;
     keepEvent(step ? step.events : functionEvents, event);
   }
 
@@ -712,6 +716,7 @@
         const span = { id: spanId(), parent: currentParent(bound), name: String(name), kind: "internal", start: realNow(),
           duration_ms: 0, status: "ok", error: null, attributes: { "flux.kind": "step" }, events: [] };
         openSteps.push(span);
+        openChanged = true;
         try {
           return await fn(makeCtx(info, span.id));
         } catch (e) {
@@ -724,6 +729,7 @@
         } finally {
           span.duration_ms = realNow() - span.start;
           openSteps.splice(openSteps.indexOf(span), 1);
+          openChanged = true;
           spans.push(span);
         }
       },
@@ -859,7 +865,10 @@
     if (tape.length) out.tape = tape.splice(0, tape.length);
     if (spans.length) out.spans = spans.splice(0, spans.length);
     if (functionEvents.length) out.events = functionEvents.splice(0, functionEvents.length);
-    if (openSteps.length) out.open = openSteps;
+    if (openChanged) {
+      out.open = openSteps;
+      openChanged = false;
+    }
     if (truncated) out.truncated = true;
     if (eventsDropped) out.events_dropped = eventsDropped;
     if (stepsDropped) out.steps_dropped = stepsDropped;

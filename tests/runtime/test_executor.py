@@ -1412,3 +1412,25 @@ def test_a_step_is_stretched_over_its_children_and_theirs():
     calls = [{"id": "c1", "parent": "i", "start": 101.5, "duration_ms": 12.0}, {"id": "c2", "parent": "o", "start": 99.0, "duration_ms": 1.0}]
     _cover_children([inner, outer, beside], [inner, outer, beside, *calls])
     assert [(s["start"], s["duration_ms"]) for s in (outer, inner, beside)] == [(99.0, 14.5), (101.5, 12.0), (100.0, 1.0)]
+
+
+def test_a_drain_carries_the_open_steps_only_when_they_changed(tmp_path, monkeypatch):
+    """The host reads every drain on the loop all requests share: a step holding 2 MB of logs open
+    across a thousand timer turns made it read 2 GB."""
+    from flux.runtime import executor
+
+    read: list[int] = []
+    real = executor._from_js
+    monkeypatch.setattr(executor, "_from_js", lambda text: read.append(len(text)) or real(text))
+    write_project(tmp_path, {"open": """
+        export default async function (req, ctx) {
+          await ctx.step("holder", async (step) => {
+            for (let i = 0; i < 1000; i++) step.log("e".repeat(1000));
+            for (let i = 0; i < 50; i++) await new Promise((resolve) => setTimeout(resolve, 0));
+          });
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "open")
+    assert len(spans_by_name(result)["holder"]["events"]) == 1000
+    assert sum(read) < 3_000_000  # the 1 MB of logs once (with the step's end), not once per turn

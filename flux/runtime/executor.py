@@ -110,11 +110,45 @@ def new_span_id() -> str:
     return secrets_module.token_hex(8)
 
 
-async def _then_drain(isolate: Isolate, op: str, arg: Any) -> dict[str, Any]:
-    """Run the bridge's `op` with `arg`, then its drain once the microtasks `op` queued have run:
-    what the function did meanwhile. Microtasks run only when an eval ends, so the drain is an
-    eval of its own."""
-    return _from_js(await isolate.eval_then(f'{isolate.bridge}("{op}",{_eval_arg(arg)})', isolate.drain_code))
+# The most characters an eval's code may have. V8 makes no string longer than 2^29 - 24 UTF-16
+# units, and mini-racer then aborts the whole process (a fatal ToLocalChecked), every tenant's
+# requests with it: 16 fetch responses of 16 MB of quotes, settled in one turn, are 1 G characters
+# once written as JSON inside a JS string literal. Half of V8's limit, for text two units a character.
+MAX_EVAL_CHARS = 256 * 1024 * 1024
+
+
+class _EvalTooLarge(Exception):
+    pass
+
+
+async def _then_drain(isolate: Isolate, op: str, arg: Any, *, literal: str | None = None) -> dict[str, Any]:
+    """Run the bridge's `op` with `arg` (`literal`: `arg` already as `_eval_arg` writes it), then
+    its drain once the microtasks `op` queued have run: what the function did meanwhile. Microtasks
+    run only when an eval ends, so the drain is an eval of its own."""
+    literal = _eval_arg(arg) if literal is None else literal
+    if len(literal) > MAX_EVAL_CHARS:
+        raise _EvalTooLarge(f"{len(literal):,} characters")
+    return _from_js(await isolate.eval_then(f'{isolate.bridge}("{op}",{literal})', isolate.drain_code))
+
+
+def _within_eval_limit(settled: list[list[Any]]) -> tuple[list[list[Any]], str]:
+    """`settled` as the function can get it in one eval, and `_eval_arg`'s text of it: the largest
+    results past MAX_EVAL_CHARS become a RangeError for their call."""
+    literal = _eval_arg(settled)
+    if len(literal) <= MAX_EVAL_CHARS:
+        return settled, literal
+    sizes = [len(_eval_arg(item)) for item in settled]
+    total = sum(sizes)
+    fitted = list(settled)
+    for index in sorted(range(len(settled)), key=sizes.__getitem__, reverse=True):
+        if total <= MAX_EVAL_CHARS // 2:  # the list's own commas and escapes, with room to spare
+            break
+        call_id = settled[index][0]
+        fitted[index] = [call_id, False, {"name": "RangeError", "message": (
+            f"this result is {sizes[index]:,} characters as the function would receive it, more than the "
+            f"{MAX_EVAL_CHARS:,} that can reach it in one turn with the results that came with it")}]
+        total -= sizes[index]
+    return fitted, _eval_arg(fitted)
 
 
 def _from_js(text: str) -> Any:
@@ -181,6 +215,11 @@ class Executor:
             pool.discard(isolate)
             await run.cancel()
             return self._out_of_memory(span, clock, run)
+        except _EvalTooLarge as exc:  # the request itself, with a max_body_bytes far above the default
+            pool.discard(isolate)
+            await run.cancel()
+            return self._finish_error(span, clock, 413, "PayloadTooLarge", f"the request is too large to hand to the "
+                                      f"function ({exc} as JSON, over {MAX_EVAL_CHARS:,}): lower max_body_bytes", "", run=run)
         except _Stuck as exc:
             exhausted = isolate.memory_exhausted()  # V8 stopped a microtask at the limit, so nothing settles
             pool.discard(isolate)
@@ -380,7 +419,8 @@ class _Run:
             for call_id, *_ in settled:
                 if call_id in self.timers:
                     self.host_events.append(self.timers.pop(call_id))
-            out = self._take(await _then_drain(isolate, "settle", settled))
+            settled, literal = _within_eval_limit(settled)
+            out = self._take(await _then_drain(isolate, "settle", settled, literal=literal))
 
     def _clear(self, call_ids: list[int]) -> None:
         """Timers the function cleared once they were on the host: their tasks end now, unsettled,

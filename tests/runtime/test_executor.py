@@ -1434,3 +1434,32 @@ def test_a_drain_carries_the_open_steps_only_when_they_changed(tmp_path, monkeyp
     result = run1(tmp_path, "open")
     assert len(spans_by_name(result)["holder"]["events"]) == 1000
     assert sum(read) < 3_000_000  # the 1 MB of logs once (with the step's end), not once per turn
+
+
+def test_results_too_large_to_hand_to_the_function_in_one_turn_reject_its_call(tmp_path, stub: Stub, monkeypatch):
+    """Past V8's longest string mini-racer aborts the process (every tenant's requests with it): 16
+    fetches of 15 MB of quotes, settled together, did. The limit is lowered here to keep the test small."""
+    from flux.runtime import executor
+
+    monkeypatch.setattr(executor, "MAX_EVAL_CHARS", 200_000)
+    write_project(tmp_path, {"big": f"""
+        export default async function (req, ctx) {{
+          const small = await ctx.fetch("{stub.url}/mirror", {{body: "fine"}});
+          try {{ await ctx.fetch("{stub.url}/mirror", {{body: '"'.repeat(60000)}}); }}
+          catch (e) {{ return {{status: 200, body: [await small.text(), e.name, e.message]}}; }}
+        }}
+    """})
+    small, name, message = run1(tmp_path, "big").body
+    assert (small, name) == ("fine", "RangeError") and message.startswith("this result is 240,")
+    assert message.endswith(" characters as the function would receive it, more than the 200,000 that can reach it in one "
+                            "turn with the results that came with it")
+
+
+def test_a_request_too_large_to_hand_to_the_function_is_a_413(tmp_path, monkeypatch):
+    from flux.runtime import executor
+
+    monkeypatch.setattr(executor, "MAX_EVAL_CHARS", 200_000)
+    write_project(tmp_path, {"echo": "export default async function (req) { return {status: 200, body: req.body.length}; }"})
+    assert run1(tmp_path, "echo", "a" * 1000).body == 1000
+    result = run1(tmp_path, "echo", '"' * 60000)
+    assert result.status == 413 and result.error.startswith("PayloadTooLarge: the request is too large to hand to the function")

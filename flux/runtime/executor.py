@@ -16,7 +16,8 @@ record, once.
 
 Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v3:
     {"v": 3, "truncated": bool, "entropy": hex, "env": {time_zone, locale, v8}, "events": [[seq, kind, data], ...]}
-and "incomplete": true when the request ended before the function did. `seq` is one counter over
+and "incomplete": true when the request ended before the function did; "truncated": true when the
+tape stopped, past MAX_TAPE_EVENTS events or MAX_TAPE_CHARS of db and fetch events. `seq` is one counter over
 everything the function observed, in order. Kinds: "now" (ms), "random" (float), "uuid" (str),
 "random_bytes" (hex), "db" ({sql, params, result | error}), "fetch" ({url, method, headers, body,
 status, status_text, url_final, response_headers, response_body} or {url, method, headers, body,
@@ -74,12 +75,12 @@ MAX_TAPE_CHARS = 8 * 1024 * 1024
 # ctx.db and ctx.fetch spans a request records, at most (as the prelude's MAX_STEPS): past it they
 # are counted on the function span (`flux.spans_dropped`), for the gateway's memory and trace queue.
 MAX_CLIENT_SPANS = 1000
-MAX_SPAN_TEXT = 64 * 1024
+MAX_SPAN_TEXT = 64 * 1024  # of a span's db.statement or http.url; the tape has them whole, within MAX_TAPE_CHARS
 # ctx.fetch calls of one request on the wire at once; the others wait their turn. The HTTP client's
 # connections (aiohttp's 100) serve every request, and each response is read whole into the
 # gateway's memory (up to 16 MB): one request with 100 fetches in flight held every connection
 # (another tenant's fetch waited out its timeout) and 1.5 GB.
-MAX_CONCURRENT_FETCHES = 16  # of a span's db.statement or http.url; the tape has them whole, within MAX_TAPE_CHARS
+MAX_CONCURRENT_FETCHES = 16
 SALVAGE_S = 0.1  # past the deadline, for the last drain of a request cut short (about 1 ms)
 ENTROPY_BYTES = 1024  # 64 crypto.randomUUID() calls per request; sent to the isolate at start
 

@@ -241,7 +241,11 @@
     };
     const Weighted = new Proxy(Real, {
       construct: make,
-      apply: (target, thisArg, args) => make(target, args, target), // Intl.DateTimeFormat() makes one too
+      apply(target, thisArg, args) { // Intl.DateTimeFormat() makes one too; Intl.Locale() throws, as it did
+        const made = Reflect.apply(target, thisArg, args);
+        if (made !== null && typeof made === "object" && !weights.has(made)) weights.set(made, weigh(kilobytes));
+        return made;
+      },
     });
     Object.defineProperty(Real.prototype, "constructor", { value: Weighted, writable: true, configurable: true });
     return Weighted;

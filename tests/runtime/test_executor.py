@@ -1463,3 +1463,16 @@ def test_a_request_too_large_to_hand_to_the_function_is_a_413(tmp_path, monkeypa
     assert run1(tmp_path, "echo", "a" * 1000).body == 1000
     result = run1(tmp_path, "echo", '"' * 60000)
     assert result.status == 413 and result.error.startswith("PayloadTooLarge: the request is too large to hand to the function")
+
+
+def test_a_db_result_nested_deeper_than_the_host_writes_rejects_its_query(tmp_path, dsn, conn):
+    """It raised out of the executor: an internal error, with a traceback in the gateway's log."""
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          const ok = await ctx.db.query("SELECT 1 AS one");
+          try { await ctx.db.query("SELECT (repeat('[', 300) || repeat(']', 300))::jsonb AS deep"); }
+          catch (e) { return {status: 200, body: [ok.rows[0].one, e.name, e.message]}; }
+        }
+    """})
+    result = run1(tmp_path, "deep", dsn=dsn)
+    assert result.body == [1, "RangeError", "ctx.db.query: the result is nested deeper than 254 levels, the most that can reach the function"]

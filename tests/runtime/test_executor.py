@@ -1476,3 +1476,22 @@ def test_a_db_result_nested_deeper_than_the_host_writes_rejects_its_query(tmp_pa
     """})
     result = run1(tmp_path, "deep", dsn=dsn)
     assert result.body == [1, "RangeError", "ctx.db.query: the result is nested deeper than 254 levels, the most that can reach the function"]
+
+
+def test_work_queued_from_inside_the_last_drain_counts_within_the_request(tmp_path):
+    """The drain runs built-ins the function can replace: a JSON.stringify that queued a microtask
+    let the function run on after its 200, and the next request waited for it."""
+    write_project(tmp_path, {"after": """
+        export default async function (req) {
+          if (req.body !== "poison") return {status: 200, body: "fine"};
+          const stringify = JSON.stringify;
+          JSON.stringify = function (value, ...rest) {
+            if (value && value.done) Promise.resolve().then(() => { const t = Date.now(); while (Date.now() - t < 2000) {} });
+            return stringify(value, ...rest);
+          };
+          return {status: 200, body: "returned"};
+        }
+    """}, FAST)
+    [[poisoned], [after]] = execute_waves(tmp_path, "after", [["poison"], ["ok"]], size=1)
+    assert (poisoned.status, poisoned.error) == (504, "TimeoutError: the function exceeded its time limit (1000 ms)")
+    assert (after.status, after.body) == (200, "fine")

@@ -59,6 +59,7 @@ from py_mini_racer import JSEvalException, JSOOMException
 
 from flux.project import Limits
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
+from flux.runtime.drain import BrokenBridge, check
 from flux.runtime.fetch import MAX_RECORDED_FETCH_BODY, FetchPolicy, Transport
 from flux.runtime.host import Clock, DbSession, HostCallError, Span, db_span_name
 from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
@@ -221,6 +222,11 @@ class Executor:
             pool.discard(isolate)
             await run.cancel()
             return self._out_of_memory(span, clock, run)
+        except BrokenBridge as exc:  # see flux.runtime.drain
+            pool.discard(isolate)
+            await run.cancel()
+            return self._finish_error(span, clock, 500, "BrokenBridge", f"the function replaced a built-in the runtime relies "
+                                      f"on (JSON.stringify, Array.prototype.splice, a toJSON ...): {exc}", "", run=run)
         except _EvalTooLarge as exc:  # the request itself, with a max_body_bytes far above the default
             pool.discard(isolate)
             await run.cancel()
@@ -446,12 +452,16 @@ class _Run:
         text = await isolate.salvage(isolate.drain_code, timeout_s=SALVAGE_S)
         if text is None:
             return
-        out = self._take(_from_js(text))
+        try:
+            out = self._take(_from_js(text))
+        except (BrokenBridge, ValueError, RecursionError):  # the request has ended anyway: keep what came before
+            return
         for _, *call in out.get("calls", ()):
             self._abandoned(*call)
 
-    def _take(self, out: dict[str, Any]) -> dict[str, Any]:
-        """Keep what a drain handed over of the recording and the spans."""
+    def _take(self, out: Any) -> dict[str, Any]:
+        """Keep what a drain handed over of the recording and the spans, once it is checked (flux.runtime.drain)."""
+        out = check(out, set(self.inflight.values()))
         self.js_tape.extend(out.get("tape", ()))
         self.js_spans.extend(out.get("spans", ()))
         self.js_events.extend(out.get("events", ()))

@@ -262,6 +262,15 @@ class Executor:
             await run.cancel()
             return self._out_of_memory(span, clock, run)
         pool.release(isolate)
+        try:
+            return await self._answer(run, span, clock, done, deadline)
+        except Exception:  # a bug in Flux: its transaction must not stay open, holding its connection and locks
+            if run.db.outcome is None:
+                await run.cancel()
+            raise
+
+    async def _answer(self, run: _Run, span: Span, clock: Clock, done: dict[str, Any], deadline: float) -> Execution:
+        """The request once the function is done and its isolate released: its response, and its COMMIT."""
         if not done["ok"]:
             await run.cancel()
             error = done["error"]
@@ -329,6 +338,8 @@ def _response(value: dict[str, Any]) -> tuple[int, list[tuple[str, str]], Any]:
     the HTTP server would refuse must not leave a write behind it. Header names come back lower-cased
     (HTTP's are case-insensitive), one pair per value: an array is a repeated header, and so are
     case variants of one name. The prelude has made numbers their JS text."""
+    if not isinstance(value, dict):  # the prelude never hands over anything else; a drain the function shaped could
+        raise ValueError("the handler must return {status, headers, body}")
     status = value.get("status", 200)
     # A 1xx is an interim answer (101 switches protocols): sent as the final one, it breaks the
     # connection after the transaction has committed.

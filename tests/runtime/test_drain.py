@@ -77,3 +77,12 @@ def eval_js(text: str):
     import re
 
     return json.loads(re.sub(r"([{,]\s*)(\w+):", r'\1"\2":', text))
+
+
+def test_a_forged_result_that_is_no_object_is_an_invalid_response_rolled_back(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    forging(tmp_path, 'if (value.done) value.done = {ok: true, value: "5"};',
+            then='await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);')
+    result = run1(tmp_path, "forge", dsn=dsn)
+    assert (result.status, result.error) == (500, "InvalidResponse: the handler must return {status, headers, body}")
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0

@@ -17,8 +17,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 MAX_PENDING_CALLS = 1000  # as prelude.js
 MAX_TIMER_MS = 2147483647  # as prelude.js
+# What the prelude hands over over a whole request, at most (as prelude.js): tape entries, step
+# spans, log events on the function span, and the hex of the entropy it used (ENTROPY_BYTES).
+MAX_TAPE_EVENTS = 10_000
+MAX_STEPS = 1000
+MAX_EVENTS = 1000
+MAX_ENTROPY_HEX = 2 * 1024
+# Characters of JSON the host keeps of a request's tape, steps and logs from its drains: the
+# prelude's limits keep them under about 12 MB (2 MB of logs, 1,000 steps, 10,000 small entries).
+MAX_KEPT_CHARS = 32 * 1024 * 1024
 _OPS = frozenset({"db", "fetch", "timer"})
 
 
@@ -51,6 +62,30 @@ def check(out: Any, pending: set[int]) -> dict[str, Any]:
     for key in ("events_dropped", "steps_dropped"):
         _require(_is_int(out.get(key, 0)), key)
     return out
+
+
+class Kept:
+    """What the host has kept of one request's drains, against what the prelude can hand over in all."""
+
+    __slots__ = ("chars", "entropy", "events", "steps", "tape")
+
+    def __init__(self) -> None:
+        self.tape = self.steps = self.events = self.entropy = self.chars = 0
+
+    def add(self, out: dict[str, Any]) -> None:
+        """Count a checked drain's `out`; BrokenBridge once a request's drains hold more than the prelude sends."""
+        self.tape += len(out.get("tape", ()))
+        self.steps += len(out.get("spans", ()))
+        self.events += len(out.get("events", ()))
+        self.entropy += len(out.get("entropy", ""))
+        kept = [out[key] for key in ("tape", "spans", "events") if out.get(key)]
+        if kept:
+            self.chars += len(orjson.dumps(kept))
+        for count, limit, what in ((self.tape, MAX_TAPE_EVENTS, "tape entries"), (self.steps, MAX_STEPS, "steps"),
+                                   (self.events, MAX_EVENTS, "log events"), (self.entropy, MAX_ENTROPY_HEX, "entropy"),
+                                   (self.chars, MAX_KEPT_CHARS, "characters of tape, steps and logs")):
+            if count > limit:
+                raise BrokenBridge(f"the drains handed over {count:,} {what}, past the {limit:,} the runtime sends")
 
 
 def _require(ok: bool, what: str) -> None:

@@ -59,7 +59,7 @@ from py_mini_racer import JSEvalException, JSOOMException
 
 from flux.project import Limits
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
-from flux.runtime.drain import BrokenBridge, check
+from flux.runtime.drain import BrokenBridge, Kept, check
 from flux.runtime.fetch import MAX_RECORDED_FETCH_BODY, FetchPolicy, Transport
 from flux.runtime.host import Clock, DbSession, HostCallError, Span, db_span_name
 from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
@@ -398,6 +398,7 @@ class _Run:
         self.tape_cut: int | None = None  # the seq from which the tape is cut, past MAX_TAPE_CHARS
         # What the JS side has handed over, drain by drain: kept when the request is cut short.
         self.js_tape: list[list[Any]] = []
+        self.kept = Kept()
         self.js_spans: list[dict[str, Any]] = []
         self.js_events: list[dict[str, Any]] = []
         self.open_steps: list[dict[str, Any]] = []
@@ -473,6 +474,7 @@ class _Run:
     def _take(self, out: Any) -> dict[str, Any]:
         """Keep what a drain handed over of the recording and the spans, once it is checked (flux.runtime.drain)."""
         out = check(out, set(self.inflight.values()))
+        self.kept.add(out)  # before it is kept: a forged drain leaves nothing in memory
         self.js_tape.extend(out.get("tape", ()))
         self.js_spans.extend(out.get("spans", ()))
         self.js_events.extend(out.get("events", ()))

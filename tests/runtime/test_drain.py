@@ -86,3 +86,26 @@ def test_a_forged_result_that_is_no_object_is_an_invalid_response_rolled_back(tm
     result = run1(tmp_path, "forge", dsn=dsn)
     assert (result.status, result.error) == (500, "InvalidResponse: the handler must return {status, headers, body}")
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_tape_entries_past_what_the_runtime_sends_end_the_request(tmp_path):
+    """The host kept every drain's tape, steps and logs until the trace was written: a drain the
+    function shaped could add a million entries a turn to the gateway's memory."""
+    forging(tmp_path, 'value.tape = Array.from({length: 20000}, (_, i) => [i, "now", i]);')
+    result = run1(tmp_path, "forge")
+    assert (result.status, result.error.rsplit(": ", 1)[-1]) == (500, "the drains handed over 20,000 tape entries, past the 10,000 the runtime sends")
+
+
+def test_a_request_with_many_logs_steps_and_random_values_is_no_broken_bridge(tmp_path):
+    """The host's limits are the prelude's own: what the prelude sends at its limits passes."""
+    write_project(tmp_path, {"busy": """
+        export default async function (req, ctx) {
+          for (let i = 0; i < 1500; i++) ctx.log("line " + i);
+          for (let i = 0; i < 1100; i++) await ctx.step("s" + i, async () => Math.random());
+          for (let i = 0; i < 12000; i++) Date.now();
+          for (let i = 0; i < 64; i++) crypto.randomUUID();
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "busy")
+    assert result.status == 200 and result.recording["truncated"] is True

@@ -56,7 +56,7 @@ def check(out: Any, pending: set[int]) -> dict[str, Any]:
     _require(_list_of(out.get("tape", []), lambda e: isinstance(e, list) and len(e) == 3 and _is_int(e[0]) and isinstance(e[1], str)),
              "tape")
     _require(_list_of(out.get("spans", []), _is_step), "spans")
-    _require(_list_of(out.get("open", []), _is_step), "open")
+    _require(_list_of(out.get("open", []), _is_step) and len(out.get("open", [])) <= MAX_STEPS, "open")
     _require(_list_of(out.get("events", []), _is_event), "events")
     _require(isinstance(out.get("entropy", ""), str), "entropy")
     for key in ("events_dropped", "steps_dropped"):

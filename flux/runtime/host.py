@@ -260,7 +260,11 @@ class DbSession:
                     row_count = result.ntuples
                 else:
                     row_count = result.command_tuples if result.command_tuples is not None else -1
-                return json_ready({"rows": rows, "rowCount": row_count, "command": command})
+                try:
+                    return json_ready({"rows": rows, "rowCount": row_count, "command": command})
+                except orjson.JSONEncodeError:  # a json or jsonb value of 255 levels: the statement ran, as past the size cap
+                    raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
+                        "ctx.db.query: the result is nested deeper than 254 levels, the most that can reach the function")}) from None
             except UnicodeEncodeError as exc:
                 raise HostCallError({
                     "name": "DatabaseError", "message": f"the query has a character the database's encoding "

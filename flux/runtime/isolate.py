@@ -52,10 +52,12 @@ try:  # mini-racer's own internal seams (pinned: mini-racer 0.14); see Isolate
     from py_mini_racer._context import _UNCANCELABLE_TASK_CALLBACK_ID
     from py_mini_racer._mini_racer import _make_context
 
+    from flux.runtime.external import WATCH
     from flux.runtime.realm import HOOK, on_isolate_thread
 except ImportError:  # another mini-racer: isolates are then made on the loop thread, one per request
     _make_context = None
     HOOK = None
+    WATCH = None
 
 from flux.project import Function
 
@@ -118,15 +120,24 @@ async def _compile(function: Function, script: str, memory_mb: int, timeout_ms: 
     # runs: the stopped eval's answer then lands on a live loop, not a closed one.
     with mini_racer(asyncio.get_running_loop()) as mr:
         mr.set_hard_memory_limit(memory_mb * 1024 * 1024)
-        environment = {**orjson.loads(await mr.eval_cancelable(_ENVIRONMENT)), "v8": mr.v8_version}
-        await mr.eval_cancelable(PRELUDE)  # a prelude error is Flux's bug: let it raise
+        # ArrayBuffers the top-level code makes count too (flux.runtime.external).
+        v8_isolate = WATCH.install(mr._ctx, memory_mb * 1024 * 1024) if WATCH is not None else None
         try:
-            async with asyncio.timeout(timeout_ms / 1000):
-                await mr.eval_cancelable(script)
-        except TimeoutError:
-            return CompiledFunction(function, None, f"{function.display_path}: its top-level code did not finish within {timeout_ms} ms")
-        except JSEvalException as exc:
-            return CompiledFunction(function, None, _load_error(function, exc))
+            environment = {**orjson.loads(await mr.eval_cancelable(_ENVIRONMENT)), "v8": mr.v8_version}
+            await mr.eval_cancelable(PRELUDE)  # a prelude error is Flux's bug: let it raise
+            try:
+                async with asyncio.timeout(timeout_ms / 1000):
+                    await mr.eval_cancelable(script)
+            except TimeoutError:
+                return CompiledFunction(function, None, f"{function.display_path}: its top-level code did not finish within {timeout_ms} ms")
+            except JSEvalException as exc:
+                if (WATCH is not None and WATCH.exhausted(v8_isolate)) or mr.was_hard_memory_limit_reached():
+                    return CompiledFunction(function, None, f"{function.display_path}: its top-level code exceeded the memory "
+                                                            f"limit ({memory_mb} MB)")
+                return CompiledFunction(function, None, _load_error(function, exc))
+        finally:
+            if WATCH is not None:
+                WATCH.forget(v8_isolate)
     return CompiledFunction(function, script, environment=environment)
 
 
@@ -220,10 +231,10 @@ class Isolate:
     """
 
     __slots__ = ("_closing", "_maker", "bridge", "context", "drain_code", "memory_limit", "parked_at", "posted", "renewable", "served",
-                 "thread_state")
+                 "thread_state", "v8_isolate")
 
     def __init__(self, context: Any, maker: Any, *, bridge: str, renewable: bool = False, memory_limit: int = 0,
-                 thread_state: int | None = None) -> None:
+                 thread_state: int | None = None, v8_isolate: int | None = None) -> None:
         self.context = context  # py_mini_racer's Context, or a MiniRacer where its internals are missing
         self.bridge = bridge  # the name of the prelude's bridge(op, input) in the isolate's own context
         self.drain_code = f'{bridge}("drain")'
@@ -235,10 +246,14 @@ class Isolate:
         self.served = 0
         self.parked_at = 0.0  # time.monotonic() when it last became ready for a request
         self.posted: int | None = None  # mini-racer's task id of eval_then's last `code`
+        self.v8_isolate = v8_isolate  # V8's Isolate*, where its external memory is watched (flux.runtime.external)
 
     def memory_exhausted(self) -> bool:
-        """Whether V8 reached the hard memory limit: it then stops the JS running, which may have
-        been a microtask after the eval that started it had answered."""
+        """Whether V8 reached the hard memory limit, in its heap or with the ArrayBuffers and
+        WebAssembly memories outside it (`flux.runtime.external`): it then stops the JS running,
+        which may have been a microtask after the eval that started it had answered."""
+        if WATCH is not None and WATCH.exhausted(self.v8_isolate):
+            return True
         return bool(self.context.was_hard_memory_limit_reached())
 
     async def eval_cancelable(self, code: str) -> object:
@@ -340,6 +355,8 @@ class Isolate:
                 maker.__exit__(None, None, None)  # returns once the isolate's thread has ended
                 if state is not None:
                     _free_thread_state(state)
+                if WATCH is not None:
+                    WATCH.forget(self.v8_isolate)
             elif isinstance(self.context, MiniRacer):
                 self.context.close()
 
@@ -395,13 +412,15 @@ def _make_loaded(compiled: CompiledFunction, memory_mb: int, loop: asyncio.Abstr
     memory_limit = memory_mb * 1024 * 1024
     try:
         context.set_hard_memory_limit(memory_limit)
+        v8_isolate = WATCH.install(context, memory_limit) if WATCH is not None else None
         renewable, bridge = _load(context, compiled)
         # An isolate serving one request gets few callbacks: it keeps no thread state.
         thread_state = on_isolate_thread(context, _keep_thread_state) if renewable else None
     except BaseException:
         maker.__exit__(None, None, None)
         raise
-    return Isolate(context, maker, bridge=bridge, renewable=renewable, memory_limit=memory_limit, thread_state=thread_state)
+    return Isolate(context, maker, bridge=bridge, renewable=renewable, memory_limit=memory_limit, thread_state=thread_state,
+                   v8_isolate=v8_isolate)
 
 
 def new_isolate(compiled: CompiledFunction, *, memory_mb: int) -> Isolate:

@@ -23,6 +23,15 @@
   // ctx calls and timers waiting at once: each is a task on the host's loop, which other requests share.
   const MAX_PENDING_CALLS = 1000;
   const MAX_TIMER_MS = 2147483647; // as browsers: a longer delay would overflow
+  // What a request records of its logs and steps, at most: the gateway redacts, encodes and queues
+  // each trace in memory that every tenant shares, and a full queue drops other requests' traces.
+  // Past a limit, what comes next is counted on the function span, not kept (nor cut: a secret cut
+  // in two is past what redaction recognises).
+  const MAX_EVENTS = 1000;
+  const MAX_EVENT_CHARS = 2 * 1024 * 1024; // of the kept events' attributes, as JSON
+  const MAX_STEPS = 1000;
+  const MAX_LOG_DEPTH = 64; // a log's attributes nested deeper are noted, as a stored trace notes them
+  const MAX_PARAM_DEPTH = 254; // the most levels the host writes a jsonb parameter with (orjson)
 
   const outbox = [];
   const pending = new Map();
@@ -33,6 +42,9 @@
   const spans = [];          // step spans finished since the last drain
   const functionEvents = []; // ctx.log / console events on the function span, since the last drain
   const openSteps = [];
+  // Whether openSteps (or an open step's events) changed since the last drain: only then does the
+  // drain carry them, since the host reads every drain on the loop all requests share.
+  let openChanged = false;
   let taped = 0;
   let entropySent = 0;
   let truncated = false;
@@ -45,6 +57,11 @@
   let done = null;
   let reported = false; // unhandled rejections, once the handler has finished
   let started = false;
+  let eventsKept = 0;
+  let eventChars = 0;
+  let eventsDropped = 0;
+  let stepsKept = 0;
+  let stepsDropped = 0;
 
   function record(kind, value) {
     const s = seq++;
@@ -100,21 +117,87 @@
   // can reproduce.
   delete g.WeakRef;
   if (g.Atomics) delete g.Atomics.waitAsync;
+  // Shared memory (a SharedArrayBuffer, a shared WebAssembly memory) is the process's, not the
+  // isolate's: the memory limit does not see it (flux.runtime.external), and with no other thread
+  // there is nothing to share it with. A module that declares a shared memory is refused with it.
+  delete g.SharedArrayBuffer;
   if (g.WebAssembly) {
     const W = g.WebAssembly;
-    const toModule = (source) => (source instanceof W.Module ? source : new W.Module(source));
+    const RealMemory = W.Memory;
+    const RealModule = W.Module;
+    const noShared = (what) => new TypeError(`${what}: shared memory is not available in Flux (nothing runs beside the function to share it with)`);
+    // The descriptor read once, into an object without a prototype: a getter or an inherited
+    // `shared` cannot answer one thing here and another to V8.
+    const Memory = new Proxy(RealMemory, {
+      construct(target, args, newTarget) {
+        const given = args[0];
+        const descriptor = Object.create(null);
+        if (given !== null && typeof given === "object") {
+          for (const key of ["initial", "minimum", "maximum", "address", "index", "shared"]) {
+            const value = given[key];
+            if (value !== undefined) descriptor[key] = value;
+          }
+        }
+        if (descriptor.shared) throw noShared("WebAssembly.Memory");
+        return Reflect.construct(target, [given !== null && typeof given === "object" ? descriptor : given], newTarget);
+      },
+    });
+    // The module's bytes copied once, then read for a memory section entry with the shared flag.
+    const Module = new Proxy(RealModule, {
+      construct(target, args, newTarget) {
+        const source = args[0];
+        const bytes = source instanceof ArrayBuffer ? new Uint8Array(source).slice()
+          : ArrayBuffer.isView(source) ? new Uint8Array(source.buffer, source.byteOffset, source.byteLength).slice() : source;
+        if (bytes instanceof Uint8Array && declaresSharedMemory(bytes)) throw noShared("WebAssembly.Module");
+        return Reflect.construct(target, [bytes, ...args.slice(1)], newTarget);
+      },
+    });
+    Object.defineProperty(RealMemory.prototype, "constructor", { value: Memory, writable: true, configurable: true });
+    Object.defineProperty(RealModule.prototype, "constructor", { value: Module, writable: true, configurable: true });
+    W.Memory = Memory;
+    W.Module = Module;
+    const toModule = (source) => (source instanceof Module ? source : new Module(source));
     W.compile = function compile(bytes) {
-      return Promise.resolve().then(() => new W.Module(bytes));
+      return Promise.resolve().then(() => new Module(bytes));
     };
     W.instantiate = function instantiate(source, imports) {
       return Promise.resolve().then(() => {
         const module = toModule(source);
         const instance = new W.Instance(module, imports);
-        return source instanceof W.Module ? instance : { module, instance };
+        return source instanceof Module ? instance : { module, instance };
       });
     };
     delete W.compileStreaming;
     delete W.instantiateStreaming;
+  }
+
+  // Whether a WebAssembly binary's memory section declares a shared memory (its limits' flag
+  // 0x02). A binary this misreads is one V8 refuses to compile anyway.
+  function declaresSharedMemory(bytes) {
+    let at = 8; // past the magic number and the version
+    const leb = () => {
+      let value = 0;
+      for (let shift = 0; at < bytes.length; shift += 7) {
+        const byte = bytes[at++];
+        value += (byte & 0x7f) * 2 ** shift;
+        if (!(byte & 0x80)) break;
+      }
+      return value;
+    };
+    while (at < bytes.length) {
+      const id = bytes[at++];
+      const end = leb() + at;
+      if (id === 5) {
+        for (let count = leb(); count > 0 && at < end; count--) {
+          const flags = leb();
+          if (flags & 0x02) return true;
+          leb();
+          if (flags & 0x01) leb();
+        }
+      }
+      at = end;
+    }
+    return false;
   }
 
   // Intl's format() and formatToParts() without a date read the clock too.
@@ -139,6 +222,70 @@
     writable: true,
     value: function formatToParts(date) { return realFormatToParts.call(this, date === undefined ? now() : date); },
   });
+
+  // ICU's objects behind Intl live outside V8's heap, and V8 counts them nowhere: a Date's
+  // toLocaleString with a locale or options left 27 KB each until a garbage collection, which a
+  // heap barely growing never brings (500 MB in 2.5 s), and kept formatters were never freed
+  // (a memory limit of 64 MB held 1.2 GB of them). Each Intl object, and each call that makes one
+  // for itself, allocates beside it its weight in the heap (about what ICU holds for it, measured
+  // with V8 14's ICU): kept formatters then count against the memory limit, and made ones bring
+  // the collections that free them.
+  const weights = new WeakMap(); // an Intl object -> its weight, alive as long as it is
+  let weighed = null; // a call's weight: garbage at once, but it cannot be optimised away
+  const weigh = (kilobytes) => new Array(kilobytes * 256); // 256 slots of 4 bytes (8 uncompressed)
+  function weighted(Real, kilobytes) {
+    const make = (target, args, newTarget) => {
+      const made = Reflect.construct(target, args, newTarget);
+      weights.set(made, weigh(kilobytes));
+      return made;
+    };
+    const Weighted = new Proxy(Real, {
+      construct: make,
+      apply(target, thisArg, args) { // Intl.DateTimeFormat() makes one too; Intl.Locale() throws, as it did
+        const made = Reflect.apply(target, thisArg, args);
+        if (made !== null && typeof made === "object" && !weights.has(made)) weights.set(made, weigh(kilobytes));
+        return made;
+      },
+    });
+    Object.defineProperty(Real.prototype, "constructor", { value: Weighted, writable: true, configurable: true });
+    return Weighted;
+  }
+  const INTL_KILOBYTES = { DateTimeFormat: 28, RelativeTimeFormat: 8, Segmenter: 7, PluralRules: 4, Collator: 2,
+    DisplayNames: 2, DurationFormat: 2, NumberFormat: 1, ListFormat: 1, Locale: 1 };
+  // The constructors are wrapped at the first read of `Intl`, not in every fresh realm: wrapping
+  // them all there cost about 0.1 ms of each request.
+  const RealIntl = Intl;
+  const settleIntl = (value) => Reflect.defineProperty(g, "Intl", { value, writable: true, enumerable: false, configurable: true });
+  Reflect.defineProperty(g, "Intl", {
+    configurable: true,
+    enumerable: false,
+    get() {
+      settleIntl(RealIntl);
+      for (const [name, kilobytes] of Object.entries(INTL_KILOBYTES)) {
+        if (typeof RealIntl[name] === "function") RealIntl[name] = weighted(RealIntl[name], kilobytes);
+      }
+      if (RealIntl.Segmenter) weighCall(RealIntl.Segmenter.prototype, "segment", 9, false);
+      return RealIntl;
+    },
+    set(value) { settleIntl(value); },
+  });
+  // A method that makes a formatter of its own each call; `arguments` keeps its length as it was.
+  function weighCall(proto, name, kilobytes, whenArgs) {
+    const real = proto[name];
+    if (typeof real !== "function") return;
+    const call = name === "segment"
+      ? { segment(string) { return weighThen(real, this, arguments, kilobytes, whenArgs); } }.segment
+      : { [name]() { return weighThen(real, this, arguments, kilobytes, whenArgs); } }[name];
+    Reflect.defineProperty(proto, name, { value: call, writable: true, enumerable: false, configurable: true });
+  }
+  function weighThen(real, self, args, kilobytes, whenArgs) {
+    if (!whenArgs || args[0] !== undefined || args[1] !== undefined) weighed = weigh(kilobytes);
+    return Reflect.apply(real, self, args);
+  }
+  // Without a locale or options V8 formats with one cached formatter: nothing to weigh.
+  for (const name of ["toLocaleString", "toLocaleDateString", "toLocaleTimeString"]) weighCall(RealDate.prototype, name, 28, true);
+  weighCall(Number.prototype, "toLocaleString", 1, true);
+  if (typeof BigInt === "function") weighCall(BigInt.prototype, "toLocaleString", 1, true);
 
   Math.random = function random() {
     const v = realRandom();
@@ -248,7 +395,7 @@
   function reportUnhandled() {
     for (const reason of unhandled.values()) {
       const text = reason instanceof RealError ? `${reason.name}: ${reason.message}` : formatArgs([reason]);
-      functionEvents.push({ name: "log", time: realNow(), attributes: {
+      keepEvent(functionEvents, { name: "log", time: realNow(), attributes: {
         message: `Unhandled promise rejection: ${text}`, level: "error",
         ...(reason instanceof RealError ? exceptionAttributes(reason) : {}) } });
     }
@@ -279,13 +426,21 @@
   // JSON would send NaN and the infinities as null: SQL NULL, silently.
   const nonFinite = (n) => `${n}, which a parameter cannot carry (JSON has no such number): pass null, or the string ` +
     `'${n}' for a float column`;
-  // What JSON.stringify meets inside an array or object parameter (after toJSON).
-  function checkParam(_key, value) {
-    if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
-    if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
-      throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
-    }
-    return value;
+  // What JSON.stringify meets inside an array or object parameter (after toJSON), one checker per parameter.
+  function paramChecker() {
+    const levels = new Map();
+    return function checkParam(_key, value) {
+      if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
+      if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
+        throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
+      }
+      if (value !== null && typeof value === "object") {
+        const level = (levels.get(this) ?? 0) + 1;
+        if (level > MAX_PARAM_DEPTH) throw new TypeError(`it is nested deeper than ${MAX_PARAM_DEPTH} levels`);
+        levels.set(value, level);
+      }
+      return value;
+    };
   }
 
   // Bytes cross the bridge (JSON) as a string of one character per byte, U+0000 to U+00FF: exact,
@@ -405,13 +560,23 @@
       .map((line) => line.replace("globalThis.__flux_handler", "default")).join("\n");
   }
 
+  // What the function threw, as text: never throws itself (a getter or toString of the thrown value
+  // may), or the request would never finish and end as a Promise nothing settles.
   function describe(e) {
-    if (e instanceof Error) {
-      return { name: e.name, message: String(e.message), stack: userStack(e.stack), sqlstate: e.sqlstate ?? null };
+    try {
+      if (e instanceof Error) {
+        return { name: String(e.name), message: String(e.message), stack: userStack(e.stack),
+          sqlstate: e.sqlstate === undefined || e.sqlstate === null ? null : String(e.sqlstate) };
+      }
+      let text;
+      try { text = JSON.stringify(e); } catch (_) { text = String(e); }
+      return { name: "NonErrorThrown", message: `the function threw a non-Error value: ${text}`, stack: "", sqlstate: null };
+    } catch (failure) {
+      let why;
+      try { why = failure instanceof Error ? `${failure.name}: ${failure.message}` : String(failure); } catch (_) { why = "a value that cannot be read"; }
+      return { name: "UnreadableThrow", message: `the function threw a value that could not be read (reading it threw ${why})`,
+        stack: "", sqlstate: null };
     }
-    let text;
-    try { text = JSON.stringify(e); } catch (_) { text = String(e); }
-    return { name: "NonErrorThrown", message: `the function threw a non-Error value: ${text}`, stack: "", sqlstate: null };
   }
 
   // Log arguments as Node's console writes them: an Error as "Name: message", its stack frames and
@@ -447,8 +612,18 @@
   // as `attributes.<name>`, so nothing the function logs is lost and nothing overrides the message.
   const LOG_KEYS = new Set(["message", "level", "exception.type", "exception.message", "exception.stacktrace"]);
   function logAttributes(event, attrs) {
+    const levels = new Map();
+    const plainValue = function (key, value) {
+      value = errorsAsText(key, value);
+      if (value !== null && typeof value === "object") {
+        const level = (levels.get(this) ?? 0) + 1;
+        if (level > MAX_LOG_DEPTH) return `[not recorded: nested deeper than ${MAX_LOG_DEPTH} levels]`;
+        levels.set(value, level);
+      }
+      return value;
+    };
     let plain;
-    try { plain = JSON.parse(JSON.stringify(attrs, errorsAsText)); } catch (e) { plain = { "attributes.error": String(e) }; }
+    try { plain = JSON.parse(JSON.stringify(attrs, plainValue)); } catch (e) { plain = { "attributes.error": String(e) }; }
     for (const [k, v] of Object.entries(plain)) event[LOG_KEYS.has(k) ? `attributes.${k}` : k] = v;
     return event;
   }
@@ -456,7 +631,20 @@
   function addEvent(parent, name, attributes) {
     const event = { name, time: realNow(), attributes };
     const step = openSteps.find((s) => s.id === parent);
-    (step ? step.events : functionEvents).push(event);
+    if (step) openChanged = true;
+    keepEvent(step ? step.events : functionEvents, event);
+  }
+
+  // An event kept while the request's events are under MAX_EVENTS and MAX_EVENT_CHARS, else counted.
+  function keepEvent(list, event) {
+    const size = JSON.stringify(event.attributes).length; // plain JSON by now: strings, and logAttributes' output
+    if (eventsKept >= MAX_EVENTS || eventChars + size > MAX_EVENT_CHARS) {
+      eventsDropped++;
+      return;
+    }
+    eventsKept++;
+    eventChars += size;
+    list.push(event);
   }
 
   function makeCtx(info, bound) {
@@ -487,7 +675,7 @@
             }
             if (p !== null && typeof p === "object") {
               try {
-                JSON.stringify(p, checkParam);
+                JSON.stringify(p, paramChecker());
               } catch (e) {
                 throw new TypeError(`ctx.db.query(sql, params): $${i + 1} cannot be sent: ${e.message}`);
               }
@@ -513,6 +701,7 @@
       // ctx.log(message..., attrs): a last object is the event's attributes; an Error last (or
       // before them) is its exception attributes, and the message is what comes before it.
       log(...args) {
+        if (eventsKept >= MAX_EVENTS) return void eventsDropped++; // not even formatted
         const last = args[args.length - 1];
         const attrs = args.length > 1 && last && typeof last === "object" && !(last instanceof RealError) ? args.pop() : null;
         const error = args[args.length - 1] instanceof RealError ? args[args.length - 1] : null;
@@ -523,21 +712,28 @@
       },
       async step(name, fn) {
         if (typeof fn !== "function") throw new TypeError("ctx.step(name, fn): fn must be a function");
+        if (stepsKept >= MAX_STEPS) { // runs as a step, unrecorded: its calls and logs go where this ctx's do
+          stepsDropped++;
+          return await fn(makeCtx(info, bound));
+        }
+        stepsKept++;
         const span = { id: spanId(), parent: currentParent(bound), name: String(name), kind: "internal", start: realNow(),
           duration_ms: 0, status: "ok", error: null, attributes: { "flux.kind": "step" }, events: [] };
         openSteps.push(span);
+        openChanged = true;
         try {
           return await fn(makeCtx(info, span.id));
         } catch (e) {
           const d = describe(e);
           span.status = "error";
           span.error = d.message;
-          span.events.push({ name: "exception", time: realNow(),
+          keepEvent(span.events, { name: "exception", time: realNow(),
             attributes: { "exception.type": d.name, "exception.message": d.message, "exception.stacktrace": d.stack } });
           throw e;
         } finally {
           span.duration_ms = realNow() - span.start;
           openSteps.splice(openSteps.indexOf(span), 1);
+          openChanged = true;
           spans.push(span);
         }
       },
@@ -566,16 +762,22 @@
     else outbox.splice(at, 1);
   };
   g.console = Object.freeze(Object.fromEntries(["log", "info", "warn", "error", "debug"].map((level) =>
-    [level, (...args) => addEvent(currentParent(null), "log", { message: formatArgs(args), level })])));
+    [level, (...args) => (eventsKept >= MAX_EVENTS ? void eventsDropped++
+      : addEvent(currentParent(null), "log", { message: formatArgs(args), level }))])));
 
   // The return value as JSON, refusing what JSON.stringify would silently change, in one pass:
   // JSON.stringify calls each value's toJSON (once, as it always does) and then the replacer, with
   // the value's holder as `this`, before it descends into the value. `paths` names each object
   // descended into (`body.items[2]`, "" for the value itself) for the error; `parents` chains
   // them, for cycles. A header's number is sent as its JS text (`1e-7`, not Python's `1e-07`).
+  // Nesting is refused past what the gateway can send (MAX_RETURN_DEPTH), before the transaction
+  // commits: the host's JSON readers stop at about 1,000 levels, and a response must not fail
+  // once its writes are in.
+  const MAX_RETURN_DEPTH = 255; // the return value's levels: a body of 254, the most orjson writes
   function serialize(value) {
     const paths = new Map();
     const parents = new Map();
+    const levels = new Map();
     let headers = null;
     const pathOf = (holder, key) => {
       const at = paths.get(holder);
@@ -597,6 +799,12 @@
       for (let h = this; h !== undefined; h = parents.get(h)) {
         if (h === v) throw refuse(this, key, "refers back to itself (a cycle)");
       }
+      const level = (levels.get(this) ?? 0) + 1;
+      if (level > MAX_RETURN_DEPTH) {
+        throw new TypeError(`the return value is nested deeper than ${MAX_RETURN_DEPTH} levels (a body deeper than ` +
+          `${MAX_RETURN_DEPTH - 1}), more than a response can carry`);
+      }
+      levels.set(v, level);
       const proto = Object.getPrototypeOf(v);
       if (proto !== Object.prototype && proto !== null && !Array.isArray(v)) {
         throw refuse(this, key, `is a ${v.constructor?.name || "non-plain object"}, which JSON cannot represent`);
@@ -661,8 +869,13 @@
     if (tape.length) out.tape = tape.splice(0, tape.length);
     if (spans.length) out.spans = spans.splice(0, spans.length);
     if (functionEvents.length) out.events = functionEvents.splice(0, functionEvents.length);
-    if (openSteps.length) out.open = openSteps;
+    if (openChanged) {
+      out.open = openSteps;
+      openChanged = false;
+    }
     if (truncated) out.truncated = true;
+    if (eventsDropped) out.events_dropped = eventsDropped;
+    if (stepsDropped) out.steps_dropped = stepsDropped;
     if (entropyAt > entropySent) {
       out.entropy = entropy.slice(entropySent, entropyAt);
       entropySent = entropyAt;

@@ -1065,7 +1065,7 @@ def test_a_function_returning_a_body_nested_too_deep_is_a_500_with_its_request_i
         }
     """})
     [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/deep", {})]))
-    assert status == 500 and "the return value's body cannot be sent as JSON" in json.loads(body)["error"]
+    assert status == 500 and "the return value is nested deeper than 255 levels" in json.loads(body)["error"]
     assert stored(conn, headers["x-flux-request-id"])["status"] == 500
 
 

@@ -221,3 +221,15 @@ def test_a_function_may_replace_the_url_global_with_its_own(tmp_path):
 ], ids=["double-dot", "double-dot-opaque-scheme", "port-setter", "form-decoding"])
 def test_where_node_20_departs_from_the_standard_the_standard_holds(tmp_path, expression, expected):
     assert _run(tmp_path, f"return {{status: 200, body: {{v: {expression}}}}};") == {"v": expected}
+
+
+def test_a_search_params_fetch_body_is_sent_as_a_form(tmp_path, stub: Stub):
+    """As fetch sends one: its text, typed application/x-www-form-urlencoded unless the call says otherwise."""
+    _run(tmp_path, f"""
+      await ctx.fetch("{stub.url}/form", {{method: "POST", body: new URLSearchParams({{q: "a b", n: "é"}})}});
+      await ctx.fetch("{stub.url}/typed", {{method: "POST", body: new URLSearchParams("x=1"), headers: {{"content-type": "text/plain"}}}});
+      return {{status: 200, body: {{}}}};
+    """)
+    form, typed = ({**r, "type": {k.lower(): v for k, v in r["headers"].items()}["content-type"]} for r in stub.requests)
+    assert (form["body"], form["type"]) == ("q=a+b&n=%C3%A9", "application/x-www-form-urlencoded;charset=UTF-8")
+    assert (typed["body"], typed["type"]) == ("x=1", "text/plain")

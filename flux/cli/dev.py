@@ -102,12 +102,21 @@ def dev(
     finally:
         if info is not None and info.started:
             cluster.stop()
-            _say("Embedded PostgreSQL stopped (data kept in .flux/).")
+            _say(f"Embedded PostgreSQL stopped (data kept in {rich_escape(_shown(Path(info.data_dir)))}).")
         elif info is not None:  # someone else started it, and may still use it
             _say("Embedded PostgreSQL left running: it was running before this flux dev started"
                  f" ({rich_escape(cluster.stop_command())} stops it).")
         if lock is not None:
             lock.close()
+
+
+def _shown(path: Path) -> str:
+    """`path` as the user would type it from here: relative below the working directory (.flux/pgdata),
+    else whole (run as root, the data may live under /var/tmp/flux-clusters)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _say(text: str) -> None:

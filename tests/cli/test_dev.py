@@ -78,6 +78,16 @@ def test_dev_records_changes_made_through_the_printed_dsn_and_stops_cleanly(proj
     assert not Cluster(state_dir=project / ".flux").is_running()
 
 
+def test_dev_says_where_it_kept_the_data_when_it_stops(project):
+    """As root the server account cannot reach a project under /tmp/pytest-of-root: the data moves
+    to /var/tmp/flux-clusters, and 'data kept in .flux/' sent the user to the wrong place."""
+    proc, _ = start_dev(project)
+    out = stop_dev(proc)
+    data_dir = Path(json.loads((project / ".flux" / "cluster.json").read_text())["data_dir"])
+    shown = data_dir.relative_to(project) if data_dir.is_relative_to(project) else data_dir  # flux dev runs in the project
+    assert f"data kept in {shown})" in " ".join(out.split()), out
+
+
 def test_dev_reuses_the_cluster_and_its_data_on_the_next_run(project):
     proc, dsn = start_dev(project)
     try:

@@ -73,6 +73,7 @@ class EncodingSink(MutationSink, Protocol):
     def write_encoded(self, encoded: EncodedRows) -> None: ...
 
 
+_NO_TIMEOUTS = ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout", "transaction_timeout")  # the last: PG 17+
 _COPY_COLUMNS = COLUMNS  # `_copy_text` writes in MutationRow's field order
 _COPY_SQL = f"COPY flux.state_mutations ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
 _COPY_CHUNK = 1 << 20  # characters per copy.write(): bounds the text held on top of the rows
@@ -155,6 +156,13 @@ class PostgresSink:
             # never waiting for a synchronous standby: with synchronous_standby_names = '*' the
             # engine's own walsender is one, and it acknowledges only after this commit (a deadlock).
             self._conn.execute("SET synchronous_commit = local")
+            # An application's timeouts (set on its role or database) are not the store's: the COPY
+            # of a sink transaction stays open while the engine reads the rest of a source
+            # transaction, so a transaction streaming for longer would be cancelled on every retry
+            # and never recorded. A lock held on the store holds the engine up instead (a second
+            # stop signal stops it at once).
+            for setting in _NO_TIMEOUTS[: 4 if self._conn.info.server_version >= 170000 else 3]:
+                self._conn.execute(f"SET {setting} = 0")
             self._conn.commit()
             self._autocommit_schema()
         except psycopg.Error as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import psycopg
@@ -162,3 +163,24 @@ def test_a_transaction_streaming_longer_than_the_databases_statement_timeout_is_
     assert running.engine.stats.reconnects == 0
     with psycopg.connect(dsn, autocommit=True) as c:
         assert c.execute("SELECT count(*) FROM flux.state_mutations WHERE table_name = 'big'").fetchone() == (200_000,)
+
+
+def test_an_idle_session_timeout_the_database_sets_does_not_end_the_engines_connections(dsn, conn, capture):
+    """With idle_session_timeout set on the database, the server ended the sink's and catalog's
+    connections between two quiet writes: a change after a pause cost a reconnect, a warning and
+    a resend of what was not confirmed."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_session_timeout = 200')
+    running = capture(tables=["a"], backoff_initial=0.1)
+    conn.execute("SET idle_session_timeout = 0")
+    conn.execute("INSERT INTO a VALUES (1)")
+    running.caught_up()
+    own = ("SELECT application_name, pid FROM pg_stat_activity WHERE application_name IN ('flux-sink', 'flux-catalog')"
+           " AND datname = current_database() ORDER BY 1")
+    before = conn.execute(own).fetchall()
+    time.sleep(1.0)  # quiet: longer than the timeout
+    assert conn.execute(own).fetchall() == before and len(before) == 2
+    conn.execute("INSERT INTO a VALUES (2)")
+    running.caught_up()
+    assert running.engine.stats.reconnects == 0
+    assert [m["row_key"] for m in mutations(dsn, "a")] == [{"id": 1}, {"id": 2}]

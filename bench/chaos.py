@@ -122,6 +122,8 @@ class Monitor(threading.Thread):
         self.restart_moves = 0
         self.samples = 0
         self.last_restart = 0
+        self.last_move = time.monotonic()
+        self.longest_stall = 0.0
 
     def run(self) -> None:
         while not self.halt.wait(1.0):
@@ -136,9 +138,11 @@ class Monitor(threading.Thread):
             self.samples += 1
             self.max_retained = max(self.max_retained, current - restart)
             self.max_restart_behind_confirmed = max(self.max_restart_behind_confirmed, confirmed - restart)
+            now = time.monotonic()
             if restart > self.last_restart:
                 self.restart_moves += 1
-                self.last_restart = restart
+                self.last_restart, self.last_move = restart, now
+            self.longest_stall = max(self.longest_stall, now - self.last_move)
 
 
 def hold_lock(dsn: str, table: str, seconds: float) -> None:
@@ -159,13 +163,14 @@ def terminate(dsn: str, query: str) -> int:
         return 0
 
 
-def wait_caught_up(dsn: str, engine: EngineProcess, timeout: float) -> float:
+def wait_caught_up(dsn: str, engines: list[EngineProcess], timeout: float) -> float:
     began = time.monotonic()
     with psycopg.connect(dsn, autocommit=True) as conn:
         target = lsn(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
         while lsn(conn.execute(SLOT).fetchone()[0]) < target:
-            if not engine.alive():
-                engine.start()
+            for engine in engines:
+                if not engine.alive():
+                    engine.start()
             if time.monotonic() - began > timeout:
                 raise TimeoutError(f"the slot did not confirm {target:X} within {timeout}s")
             time.sleep(0.2)
@@ -186,8 +191,9 @@ def run(args: argparse.Namespace) -> dict:
     cluster = Cluster(state_dir=scratch, settings=SETTINGS)
     info = cluster.start()
     dsn = info.dsn
-    proxy = engine = workload = monitor = None
-    report: dict = {"seed": args.seed, "args": vars(args), "faults": [], "engine_exits": [], "sigterm": []}
+    proxy = workload = monitor = None
+    engines: list[EngineProcess] = []
+    report: dict = {"seed": args.seed, "args": vars(args), "faults": [], "engine_exits": [], "sigterm": [], "stops": []}
     began = time.monotonic()
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -200,12 +206,14 @@ def run(args: argparse.Namespace) -> dict:
         if args.engine == "serve":  # the engine inside the gateway's process; its DSN alone goes through the proxy
             subprocess.run([sys.executable, "-m", "flux", "init", str(scratch / "project")], check=True, capture_output=True,
                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-            command = ["serve", "--project", str(scratch / "project"), "--database", dsn, "--engine-database", engine_dsn,
-                       "--port", str(args.port + 2), "--pool-size", "0"]
+            commands = [["serve", "--project", str(scratch / "project"), "--database", dsn, "--engine-database", engine_dsn,
+                         "--port", str(args.port + 2 + i), "--pool-size", "0"] for i in range(args.engines)]
         else:
-            command = ["cdc", "run", "--database", engine_dsn, "--batch-rows", str(args.batch_rows)]
-        engine = EngineProcess(command, scratch / "engine.log")
-        engine.start()
+            commands = [["cdc", "run", "--database", engine_dsn, "--batch-rows", str(args.batch_rows)]] * args.engines
+        # Two or more: one streams, the others stand by and take over when it stops.
+        engines = [EngineProcess(command, scratch / f"engine{i}.log") for i, command in enumerate(commands)]
+        for engine in engines:
+            engine.start()
         workload = Workload(dsn, writers=args.writers, seed=args.seed, large_every=args.large_every).start()
         monitor = Monitor(dsn)
         monitor.start()
@@ -216,22 +224,33 @@ def run(args: argparse.Namespace) -> dict:
             for at in moments:
                 time.sleep(max(0.0, start + at - time.monotonic()))
                 fault = rng.choice(faults)
-                detail = inject(fault, rng, dsn, cluster, proxy, engine, report)
+                detail = inject(fault, rng, dsn, cluster, proxy, engines, report)
                 report["faults"].append({"round": round_, "fault": fault, "at": round(time.monotonic() - began, 2), **detail})
                 print(f"round {round_:3d} t={time.monotonic() - began:7.1f}s {fault} {detail}", flush=True)
             time.sleep(max(0.0, start + length - time.monotonic()))
-            if not engine.alive():  # it exited on its own: a defect unless a fault stopped it
+            for engine in engines:
+                if engine.alive():
+                    continue
                 if args.engine == "serve" and engine.proc.returncode == 4:  # `flux serve` refuses to start on a server that is down
                     report["serve_refused_to_start"] = report.get("serve_refused_to_start", 0) + 1
-                    engine.start()
-                    continue
-                report["engine_exits"].append({"round": round_, "code": engine.proc.returncode, "log": engine.tail()})
-                print(f"round {round_}: the engine exited on its own (code {engine.proc.returncode})\n{engine.tail()}", flush=True)
+                else:  # it exited on its own: a defect
+                    report["engine_exits"].append({"round": round_, "code": engine.proc.returncode, "log": engine.tail()})
+                    print(f"round {round_}: an engine exited on its own (code {engine.proc.returncode})\n{engine.tail()}", flush=True)
                 engine.start()
             if workload.errors:
                 raise workload.errors[0]
+        # A healthy phase: the same load, no faults. restart_lsn must keep moving (WAL not piling up).
+        healthy = Monitor(dsn)
+        healthy.start()
+        time.sleep(args.healthy_seconds)
+        healthy.halt.set()
+        healthy.join()
+        report["healthy"] = {"seconds": args.healthy_seconds, "restart_lsn_moves": healthy.restart_moves,
+                             "max_retained_wal_bytes": healthy.max_retained,
+                             "max_restart_lsn_behind_confirmed_bytes": healthy.max_restart_behind_confirmed,
+                             "longest_restart_lsn_stall_seconds": healthy.longest_stall}
         workload.stop()
-        report["catch_up_seconds"] = round(wait_caught_up(dsn, engine, args.catch_up_timeout), 2)
+        report["catch_up_seconds"] = round(wait_caught_up(dsn, engines, args.catch_up_timeout), 2)
         report["slot"] = slot_liveness(dsn)
         monitor.halt.set()
         report["slot"].update(max_retained_wal_bytes=monitor.max_retained, restart_lsn_moves=monitor.restart_moves,
@@ -239,25 +258,33 @@ def run(args: argparse.Namespace) -> dict:
                               samples=monitor.samples)
         report["volumes"] = workload.volumes()
         report["problems"] = compare(dsn, workload)
-        report["engine_starts"] = engine.starts
-        if engine.alive():
-            code, took = engine.signal(signal.SIGTERM)
-            report["sigterm"].append({"final": True, "code": code, "seconds": round(took, 2)})
+        if report["slot"]["restart_lsn_pinned"]:
+            report["problems"]["restart_lsn pinned while idle"] = report["slot"]
+        if report["healthy"]["longest_restart_lsn_stall_seconds"] > 60:
+            report["problems"]["restart_lsn stalled under healthy load"] = report["healthy"]
+        if past := confirmed_past_store(dsn, report["stops"]):
+            report["problems"]["confirmed before recorded (at a stop)"] = past
+        report["stops_checked"] = sum("confirmed" in s for s in report["stops"])
+        del report["stops"]
+        report["engine_starts"] = sum(engine.starts for engine in engines)
+        for engine in engines:
+            if engine.alive():
+                code, took = engine.signal(signal.SIGTERM)
+                report["sigterm"].append({"final": True, "code": code, "seconds": round(took, 2)})
     finally:
         if monitor is not None:
             monitor.halt.set()
         if workload is not None:
             workload.stop()
-        if engine is not None:
+        for engine in engines:
             engine.stop()
         if proxy is not None:
             proxy.close()
         if args.keep:
             cluster.stop()
         else:
-            log = scratch / "engine.log"
-            if log.exists():
-                shutil.copy(log, Path(args.scratch) / f"chaos-s{args.seed}-engine.log")
+            for log in scratch.glob("engine*.log"):
+                shutil.copy(log, Path(args.scratch) / f"chaos-s{args.seed}-{log.name}")
             cluster.destroy()
             shutil.rmtree(scratch, ignore_errors=True)
     report["seconds"] = round(time.monotonic() - began, 1)
@@ -272,21 +299,24 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def inject(fault: str, rng: random.Random, dsn: str, cluster: Cluster, proxy: ProxyProcess, engine: EngineProcess,
+def inject(fault: str, rng: random.Random, dsn: str, cluster: Cluster, proxy: ProxyProcess, engines: list[EngineProcess],
            report: dict) -> dict:
     if fault in ("kill9", "sigterm"):
+        engine = rng.choice(engines)
         if not engine.alive():
             engine.start()
             return {"skipped": "engine was not running"}
         if fault == "kill9":
             os.kill(engine.proc.pid, signal.SIGKILL)
             engine.proc.wait()
+            report["stops"].append(recorded_at_stop(dsn, single=len(engines) == 1))
             pause = rng.uniform(0, 1.0)
             time.sleep(pause)
             engine.start()
             return {"restart_after": round(pause, 2)}
         code, took = engine.signal(signal.SIGTERM)
         report["sigterm"].append({"code": code, "seconds": round(took, 2)})
+        report["stops"].append(recorded_at_stop(dsn, single=len(engines) == 1))
         engine.start()
         return {"exit": code, "seconds": round(took, 2)}
     if fault == "pg_immediate":
@@ -319,11 +349,53 @@ def inject(fault: str, rng: random.Random, dsn: str, cluster: Cluster, proxy: Pr
     raise ValueError(fault)
 
 
-def slot_liveness(dsn: str, wait: float = 40.0) -> dict:
-    """With the engine healthy and idle, restart_lsn must come close to the WAL's end (nothing pinned)."""
+CONFIRMED_WINDOW = 512 * 2**20  # bytes of WAL before the confirmed position whose transactions are checked
+
+
+def recorded_at_stop(dsn: str, *, single: bool) -> dict:
+    """Right after the engine stopped: the slot's confirmed position, and the transactions the
+    store held just before it. Every one recorded later with a commit before that position must be
+    among them: the server does not send again what was confirmed, so one missing was acknowledged
+    before it was durable (`confirmed_past_store`)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            deadline = time.monotonic() + 10
+            while single and conn.execute(SLOT).fetchone()[2] and time.monotonic() < deadline:
+                time.sleep(0.02)  # the walsender has not noticed yet: it may still take an acknowledgement
+            confirmed = conn.execute(SLOT).fetchone()[0]
+            xids = [r[0] for r in conn.execute(
+                "SELECT DISTINCT xid FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn AND commit_lsn >= %s::pg_lsn",
+                (confirmed, format_lsn(max(0, lsn(confirmed) - CONFIRMED_WINDOW)))).fetchall()]
+    except psycopg.Error:
+        return {"skipped": "server down"}
+    return {"confirmed": confirmed, "xids": xids}
+
+
+def confirmed_past_store(dsn: str, stops: list[dict]) -> list[dict]:
+    out = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for stop in stops:
+            if "confirmed" not in stop:
+                continue
+            low = format_lsn(max(0, lsn(stop["confirmed"]) - CONFIRMED_WINDOW))
+            later = conn.execute(
+                "SELECT DISTINCT xid, commit_lsn::text FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn"
+                " AND commit_lsn >= %s::pg_lsn AND NOT xid = ANY(%s)", (stop["confirmed"], low, stop["xids"])).fetchall()
+            if later:
+                out.append({"confirmed": stop["confirmed"], "recorded_later": later[:5], "count": len(later)})
+    return out
+
+
+def format_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def slot_liveness(dsn: str, wait: float = 60.0) -> dict:
+    """With the engine healthy and idle, restart_lsn must come close to the WAL's end (nothing pinned)
+    on its own: the server logs the running transactions every 15 s, which lets it move."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         first = conn.execute(SLOT).fetchone()
-        conn.execute("CHECKPOINT")  # logs the running transactions, which lets restart_lsn move
+        began = time.monotonic()
         deadline = time.monotonic() + wait
         while True:
             confirmed, restart, active, current = conn.execute(SLOT).fetchone()
@@ -332,7 +404,8 @@ def slot_liveness(dsn: str, wait: float = 40.0) -> dict:
                 break
             time.sleep(1.0)
     return {"restart_lsn_at_end": restart, "restart_lsn_before_idle": first[1], "confirmed_flush_lsn": confirmed,
-            "retained_wal_bytes_idle": retained, "restart_lsn_pinned": retained >= 16 * 2**20}
+            "retained_wal_bytes_idle": retained, "restart_lsn_pinned": retained >= 16 * 2**20,
+            "idle_seconds_to_release": round(time.monotonic() - began, 1)}
 
 
 def main() -> None:
@@ -344,9 +417,11 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=500, help="the engine's --batch-rows")
     parser.add_argument("--large-every", type=int, default=60, help="about one transaction in N is large")
     parser.add_argument("--engine", choices=["cdc", "serve"], default="cdc", help="`flux cdc run`, or the engine in `flux serve`")
+    parser.add_argument("--engines", type=int, default=1, help="engine processes on the one slot (one streams, the others stand by)")
     parser.add_argument("--faults", help=f"comma-separated subset of {','.join(FAULTS)}")
     parser.add_argument("--port", type=int, default=56800, help="the cluster's port; the proxy takes the next one")
     parser.add_argument("--scratch", default="/tmp/flux-chaos", help="where the cluster and the engine's log go")
+    parser.add_argument("--healthy-seconds", type=float, default=60.0, help="the load without faults, at the end")
     parser.add_argument("--catch-up-timeout", type=float, default=300.0)
     parser.add_argument("--keep", action="store_true", help="keep the cluster (stopped) and its data for a post-mortem")
     parser.add_argument("--out", help="JSON path (default bench/results/chaos-<date>-<time>-s<seed>.json)")
@@ -363,6 +438,7 @@ def main() -> None:
     print(f"\nseed {args.seed}: {args.rounds} rounds in {report['seconds']}s; faults {counts}")
     print(f"volumes {report.get('volumes')}")
     print(f"slot {report.get('slot')}")
+    print(f"healthy phase {report.get('healthy')}")
     print(f"problems: {json.dumps(report.get('problems'), default=str)[:4000] if report.get('problems') else 'none'}")
     print(f"written to {out}")
     sys.exit(1 if report.get("problems") else 0)

@@ -38,7 +38,7 @@ from flux.cdc.attach import attach  # noqa: E402
 from flux.pg.cluster import Cluster  # noqa: E402
 from tests.proxy import ProxyProcess  # noqa: E402
 
-FAULTS = ("kill9", "sigterm", "pg_immediate", "cut", "sink_kill", "walsender_kill", "lock_store", "store_fail")
+FAULTS = ("kill9", "sigterm", "stall", "pg_immediate", "cut", "sink_kill", "walsender_kill", "lock_store", "store_fail")
 # The store failing (disk full) for a while: as its COPY starts, or at its COMMIT (a deferred trigger).
 STORE_FAIL = """
 CREATE TABLE chaos_fail (mode text PRIMARY KEY, until timestamptz NOT NULL);
@@ -301,6 +301,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def inject(fault: str, rng: random.Random, dsn: str, cluster: Cluster, proxy: ProxyProcess, engines: list[EngineProcess],
            report: dict) -> dict:
+    if fault == "stall":  # a paused process (a VM frozen, a long GC): its walsender times out meanwhile
+        engine = rng.choice(engines)
+        if not engine.alive():
+            return {"skipped": "engine was not running"}
+        seconds = rng.uniform(1.0, 15.0)
+        os.kill(engine.proc.pid, signal.SIGSTOP)
+        threading.Timer(seconds, lambda proc=engine.proc: proc.poll() is None and proc.send_signal(signal.SIGCONT)).start()
+        return {"engine": engines.index(engine), "seconds": round(seconds, 2)}
     if fault in ("kill9", "sigterm"):
         engine = rng.choice(engines)
         if not engine.alive():

@@ -22,18 +22,22 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 
 class _Proxy:
-    def __init__(self, upstream: tuple[str, int], hold_answer_to: bytes | None, release_after: float) -> None:
+    def __init__(self, upstream: tuple[str, int], hold_answer_to: bytes | None, release_after: float, port: int = 0) -> None:
         self.upstream = upstream
         self.hold_answer_to = hold_answer_to
         self.release_after = release_after
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.replication: list[tuple[socket.socket, socket.socket]] = []
         self.cut: set[socket.socket] = set()
 
     def serve(self) -> None:
         while True:
             client, _ = self.listener.accept()
-            server = socket.create_connection(self.upstream)
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:  # the server is down (restarting): refused to the client, as without a proxy
+                client.close()
+                continue
             hold_until: list[float] = []  # the instant this connection's answers flow again, once held
             threading.Thread(target=self._pump, args=(client, server, True, hold_until), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False, hold_until), daemon=True).start()
@@ -53,14 +57,21 @@ class _Proxy:
                 target.sendall(data)
             except OSError:
                 if source not in self.cut and target not in self.cut:  # an ordinary close: passed on
-                    source.close()
-                    target.close()
+                    for sock in (source, target):
+                        try:  # shutdown first: close() alone sends nothing while the other pump reads the socket
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        sock.close()
                 return
 
     def cut_replication(self) -> None:
         for client, server in self.replication:
             self.cut.update((client, server))
-            client.shutdown(socket.SHUT_RDWR)
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed already, by either side (an engine restarted, a server restart)
+                pass
             client.close()
         self.replication.clear()
 
@@ -68,9 +79,9 @@ class _Proxy:
 class ProxyProcess:
     """The proxy in a process of its own; `dsn` reaches the server through it."""
 
-    def __init__(self, dsn: str, *, hold_answer_to: str | None = None, release_after: float = 0.0) -> None:
+    def __init__(self, dsn: str, *, hold_answer_to: str | None = None, release_after: float = 0.0, port: int = 0) -> None:
         params = conninfo_to_dict(dsn)
-        args = [sys.executable, "-m", "tests.proxy", params["host"], str(params["port"])]
+        args = [sys.executable, "-m", "tests.proxy", params["host"], str(params["port"]), "--listen-port", str(port)]
         if hold_answer_to:
             args += ["--hold-answer-to", hold_answer_to, "--release-after", str(release_after)]
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -93,8 +104,9 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--hold-answer-to")
     parser.add_argument("--release-after", type=float, default=0.0)
+    parser.add_argument("--listen-port", type=int, default=0, help="the port to listen on (default: any free one)")
     args = parser.parse_args()
-    proxy = _Proxy((args.host, args.port), args.hold_answer_to and args.hold_answer_to.encode(), args.release_after)
+    proxy = _Proxy((args.host, args.port), args.hold_answer_to and args.hold_answer_to.encode(), args.release_after, args.listen_port)
     threading.Thread(target=proxy.serve, daemon=True).start()
     print(proxy.listener.getsockname()[1], flush=True)
     for command in sys.stdin:  # until the test closes it

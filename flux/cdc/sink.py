@@ -73,6 +73,28 @@ class EncodingSink(MutationSink, Protocol):
     def write_encoded(self, encoded: EncodedRows) -> None: ...
 
 
+# Timeouts an application may set on its role or database, and the server version that has each:
+# the engine's own sessions turn them off (`turn_off_timeouts`).
+_TIMEOUTS = {"statement_timeout": 0, "lock_timeout": 0, "idle_in_transaction_session_timeout": 0,
+             "idle_session_timeout": 140000, "transaction_timeout": 170000}
+
+
+def turn_off_timeouts(conn: psycopg.Connection) -> None:
+    """Turn off, for this session, the timeouts set for applications on the role or database.
+
+    They are not the store's: the COPY of a sink transaction stays open while the engine reads the
+    rest of a source transaction, so one streaming for longer than a statement or transaction
+    timeout was cancelled on every retry and never recorded; an idle session timeout ended the
+    sink's and the catalog's connections between quiet writes (a reconnect, a warning and a resend
+    each time). A lock held on the store holds the engine up instead (a second stop signal stops
+    it at once).
+    """
+    version = conn.info.server_version
+    for name, since in _TIMEOUTS.items():
+        if version >= since:
+            conn.execute(f"SET {name} = 0")
+
+
 _COPY_COLUMNS = COLUMNS  # `_copy_text` writes in MutationRow's field order
 _COPY_SQL = f"COPY flux.state_mutations ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
 _COPY_CHUNK = 1 << 20  # characters per copy.write(): bounds the text held on top of the rows
@@ -155,6 +177,7 @@ class PostgresSink:
             # never waiting for a synchronous standby: with synchronous_standby_names = '*' the
             # engine's own walsender is one, and it acknowledges only after this commit (a deadlock).
             self._conn.execute("SET synchronous_commit = local")
+            turn_off_timeouts(self._conn)
             self._conn.commit()
             self._autocommit_schema()
         except psycopg.Error as exc:
@@ -308,6 +331,7 @@ class PostgresCatalog:
     def __init__(self, *, dsn: str, connect_timeout: int = 10) -> None:
         try:
             self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout, application_name="flux-catalog")
+            turn_off_timeouts(self._conn)
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not open the catalog connection") from exc
 

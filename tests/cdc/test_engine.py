@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import psycopg
@@ -147,3 +148,39 @@ def test_an_engine_whose_dsn_refuses_the_servers_certificate_stops_at_once_with_
         running.thread.join(timeout=15)
     assert len(running.errors) == 1 and isinstance(running.errors[0], ConfigError), running.errors
     assert "TLS certificate was not accepted" in str(running.errors[0]) and "sslrootcert" in running.errors[0].hint
+
+
+def test_a_transaction_streaming_longer_than_the_databases_statement_timeout_is_recorded(dsn, conn, capture):
+    """A statement_timeout set on the database (for its applications) applied to the sink, whose
+    COPY stays open while a large transaction streams: it was cancelled, retried, cancelled again,
+    and the engine never got past that transaction."""
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET statement_timeout = 300')
+    running = capture(tables=["big"], backoff_initial=0.1, backoff_max=0.5)
+    conn.execute("SET statement_timeout = 0")  # this session's own insert may take longer
+    conn.execute("INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 200000) g")
+    running.caught_up(timeout=30)  # observed: 3 s
+    assert running.engine.stats.reconnects == 0
+    with psycopg.connect(dsn, autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM flux.state_mutations WHERE table_name = 'big'").fetchone() == (200_000,)
+
+
+def test_an_idle_session_timeout_the_database_sets_does_not_end_the_engines_connections(dsn, conn, capture):
+    """With idle_session_timeout set on the database, the server ended the sink's and catalog's
+    connections between two quiet writes: a change after a pause cost a reconnect, a warning and
+    a resend of what was not confirmed."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_session_timeout = 200')
+    running = capture(tables=["a"], backoff_initial=0.1)
+    conn.execute("SET idle_session_timeout = 0")
+    conn.execute("INSERT INTO a VALUES (1)")
+    running.caught_up()
+    own = ("SELECT application_name, pid FROM pg_stat_activity WHERE application_name IN ('flux-sink', 'flux-catalog')"
+           " AND datname = current_database() ORDER BY 1")
+    before = conn.execute(own).fetchall()
+    time.sleep(1.0)  # quiet: longer than the timeout
+    assert conn.execute(own).fetchall() == before and len(before) == 2
+    conn.execute("INSERT INTO a VALUES (2)")
+    running.caught_up()
+    assert running.engine.stats.reconnects == 0
+    assert [m["row_key"] for m in mutations(dsn, "a")] == [{"id": 1}, {"id": 2}]

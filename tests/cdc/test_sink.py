@@ -175,3 +175,25 @@ def test_changes_another_engine_recorded_meanwhile_are_a_retryable_error_that_sa
     finally:
         first.close()
         second.close()
+
+
+def test_a_statement_timeout_the_database_sets_does_not_cancel_a_sink_transaction_the_engine_keeps_open(dsn, conn):
+    """Applications set statement_timeout (and idle_in_transaction_session_timeout) on their role or
+    database. The sink's COPY stays open while the engine reads the rest of a source transaction,
+    so a transaction that streams for longer than that was cancelled on every retry: the engine
+    never got past it (WAL piled up for ever). The sink's session turns both off."""
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET statement_timeout = 200')
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_in_transaction_session_timeout = 200')
+    sink = PostgresSink(dsn=dsn)
+    try:
+        sink.load_progress("s")
+        sink.write([row("0/10", 0)])
+        time.sleep(0.5)  # the engine decoding the next rows of a large transaction
+        sink.write([row("0/10", 1)])
+        sink.backfill(Backfill("0/10", 2, "late", '{"request_id": "late"}'))
+        time.sleep(0.5)  # idle in the sink transaction after the backfill's UPDATE
+        sink.write([row("0/10", 2)])
+        sink.commit(progress(0x10), mutations=3)
+    finally:
+        sink.close()
+    assert recorded(dsn) == [("0/10", 0, "late"), ("0/10", 1, "late"), ("0/10", 2, None)]

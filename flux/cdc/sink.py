@@ -26,6 +26,7 @@ from flux.cdc.assembler import COLUMNS, Backfill, MutationRow
 from flux.cdc.roles import require_engine_role
 from flux.cdc.wire import format_lsn, parse_lsn
 from flux.errors import ConnectionLostError, FluxError, from_psycopg
+from flux.pg.keepalive import dead_peer_options
 from flux.store.schema import ensure_schema
 
 log = logging.getLogger("flux.cdc")
@@ -172,7 +173,7 @@ class PostgresSink:
             # UTF-8 as the stream: the images are written as JSON already encoded (the server
             # converts to a database's own encoding).
             self._conn = psycopg.connect(dsn, autocommit=False, connect_timeout=connect_timeout, application_name="flux-sink",
-                                         client_encoding="UTF8")
+                                         client_encoding="UTF8", **dead_peer_options(dsn))
             # Flushed to this server's disk before the slot is acknowledged (exactly-once rests on it),
             # never waiting for a synchronous standby: with synchronous_standby_names = '*' the
             # engine's own walsender is one, and it acknowledges only after this commit (a deadlock).
@@ -330,7 +331,8 @@ class PostgresCatalog:
 
     def __init__(self, *, dsn: str, connect_timeout: int = 10) -> None:
         try:
-            self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout, application_name="flux-catalog")
+            self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout, application_name="flux-catalog",
+                                         **dead_peer_options(dsn))
             turn_off_timeouts(self._conn)
         except psycopg.Error as exc:
             raise from_psycopg(exc, "Could not open the catalog connection") from exc

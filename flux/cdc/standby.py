@@ -20,6 +20,7 @@ import threading
 import psycopg
 
 from flux.errors import from_psycopg
+from flux.pg.keepalive import dead_peer_options
 
 log = logging.getLogger("flux.cdc")
 
@@ -49,7 +50,8 @@ def wait_while_held(dsn: str, slot: str, stop: threading.Event, *, interval: flo
     """Return when `slot` is free (or gone: the next session says so), or `stop` is set. A lost
     connection is a retryable FluxError, for the engine's backoff."""
     try:
-        with psycopg.connect(dsn, autocommit=True, application_name=standby_name(slot), connect_timeout=10) as conn:
+        with psycopg.connect(dsn, autocommit=True, application_name=standby_name(slot), connect_timeout=10,
+                             **dead_peer_options(dsn)) as conn:
             while not stop.wait(interval):
                 row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
                 if row is None or not row[0]:

@@ -25,6 +25,7 @@ from psycopg import generators, pq
 
 from flux.cdc.wire import format_lsn, pg_now_us, standby_status
 from flux.errors import ConfigError, ConnectionLostError, NotFoundError, PreflightError, SlotHeldError, from_psycopg
+from flux.pg.keepalive import dead_peer_options
 from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 
 log = logging.getLogger("flux.cdc")
@@ -90,6 +91,7 @@ def open_replication(dsn: str, *, slot: str, application_name: str, connect_time
             options=WALSENDER_OPTIONS,
             application_name=application_name,
             connect_timeout=connect_timeout,
+            **dead_peer_options(dsn),  # days of waiting on the server: a partition must not be waited out
         )
     except psycopg.Error as exc:
         error = from_psycopg(exc, "Could not open the replication connection", slot=slot)

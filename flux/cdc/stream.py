@@ -91,7 +91,7 @@ def open_replication(dsn: str, *, slot: str, application_name: str, connect_time
             options=WALSENDER_OPTIONS,
             application_name=application_name,
             connect_timeout=connect_timeout,
-            **dead_peer_options(dsn),  # days of waiting on the server: a partition must not be waited out
+            **dead_peer_options(dsn),  # it lives for days: a silent partition must not be waited out
         )
     except psycopg.Error as exc:
         error = from_psycopg(exc, "Could not open the replication connection", slot=slot)

@@ -54,7 +54,7 @@ RecordOption = Annotated[bool, typer.Option("--record/--no-record", help="Write 
 def run_stack(
     *, dsn: str, root: Path | None, host: str, port: int, workers: int, pool_size: int, record: bool,
     reload: bool, engine: bool, on_ready=None, max_queue: int | None = None, queue_timeout: float | None = None,
-    keep_alive: float | None = None, engine_dsn: str | None = None,
+    keep_alive: float | None = None, engine_dsn: str | None = None, functions_dsn: str | None = None,
 ) -> None:
     from flux.cdc.engine import Engine, EngineConfig
 
@@ -79,7 +79,7 @@ def run_stack(
 
             config = ServeConfig(root=root, dsn=dsn, host=host, port=port, workers=workers, pool_size=pool_size,
                                  record=record, reload=reload, max_queue=max_queue, queue_timeout=queue_timeout,
-                                 **({} if keep_alive is None else {"keep_alive": keep_alive}))
+                                 functions_dsn=functions_dsn, **({} if keep_alive is None else {"keep_alive": keep_alive}))
             asyncio.run(serve(config, on_ready=on_ready, engine_status=cdc.status if cdc is not None else None))
         elif cdc is not None:
             import signal
@@ -119,13 +119,17 @@ def serve(
     engine_database: Annotated[str | None, typer.Option(
         "--engine-database", show_default=False, help="The engine's DSN, when it differs from --database: a direct one "
         "when --database goes through PgBouncer, which cannot carry the engine's replication connection.")] = None,
+    functions_database: Annotated[str | None, typer.Option(
+        "--functions-database", show_default=False, help="The DSN functions' ctx.db connects with, when it differs from "
+        "--database: a role with the application's privileges and none on the flux schema, so that no function reads "
+        "or writes what Flux recorded.")] = None,
     reload: Annotated[bool, typer.Option("--reload", help="Reload functions when their files change.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Serve the project's functions over HTTP against --database, recording every request, with the CDC engine."""
     from flux.cdc.attach import attach
     from flux.cli.cdc import setup_logging
-    from flux.gateway.server import check_port, ensure_store
+    from flux.gateway.server import check_port, ensure_store, warn_if_functions_reach_the_store
     from flux.project import find_project_root, load_project
 
     setup_logging(verbose)
@@ -133,6 +137,8 @@ def serve(
     dsn = db.dsn
     engine_db = Database(checked_dsn(engine_database, "--engine-database"), "--engine-database") if engine_database else db
     engine_dsn = engine_db.dsn
+    functions_db = (Database(checked_dsn(functions_database, "--functions-database"), "--functions-database")
+                    if functions_database else None)
     root = find_project_root() if project is None else _given_project(project)
     project_config = load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
     check_port(host, port)  # before attach changes anything
@@ -143,13 +149,16 @@ def serve(
             _require_attached(engine_dsn)
     with reaching(db):
         ensure_store(dsn, record=record, retention=project_config.retention)
+    if functions_db is not None:
+        with reaching(functions_db):
+            warn_if_functions_reach_the_store(functions_db.dsn)
 
     def ready(url: str | None) -> None:
         console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
 
     run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=record,
               reload=reload, engine=engine, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout,
-              keep_alive=keep_alive, engine_dsn=engine_dsn)
+              keep_alive=keep_alive, engine_dsn=engine_dsn, functions_dsn=functions_db.dsn if functions_db else None)
 
 
 def _given_project(directory: Path) -> Path:

@@ -83,6 +83,25 @@ class ServeConfig:
     max_queue: int | None = None  # requests that may wait for a worker; None: 4 per worker (see Gateway)
     queue_timeout: float | None = None  # seconds one may wait; None: as long as its client does
     keep_alive: float = KEEP_ALIVE_SECONDS  # seconds an idle HTTP/1.1 connection stays open
+    functions_dsn: str | None = None  # what ctx.db connects with; None: dsn
+
+
+def warn_if_functions_reach_the_store(dsn: str) -> list[str]:
+    """The flux tables the role of `dsn` (functions' ctx.db, given apart) may use, each said in a
+    warning: what it can read there is every tenant's traces and row images."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+        role, reachable = conn.execute("""
+            SELECT current_user, coalesce(array_agg(c.relname::text ORDER BY c.relname), '{}')
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'flux' AND c.relkind IN ('r', 'p')
+              AND has_schema_privilege('flux', 'USAGE')
+              AND has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')""").fetchone()
+    if reachable:
+        log.warning("functions' ctx.db (--functions-database, role %s) may use %s: a function can read or change every "
+                    "tenant's recordings there. REVOKE ALL ON ALL TABLES IN SCHEMA flux FROM %s; REVOKE USAGE ON SCHEMA "
+                    "flux FROM %s (a superuser reaches them anyway)", role, ", ".join(f"flux.{t}" for t in reachable),
+                    role, role)
+    return reachable
 
 
 def ensure_store(dsn: str, *, record: bool = True, retention: Retention | None = None) -> None:
@@ -141,12 +160,13 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
     """A started Gateway and the coroutine function that stops it (drains traces, closes pools).
     The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
     hurry = hurry or asyncio.Event()
-    db_pool = DbPool(config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
+    db_pool = DbPool(config.functions_dsn or config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
                      kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT})  # DbSession runs BEGIN itself
     try:
         await db_pool.open(wait=True, timeout=15)
     except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged
-        raise ConfigError(f"Could not connect to the database: {exc}", hint="Check --database / FLUX_DATABASE_URL.") from exc
+        given = "--functions-database" if config.functions_dsn else "--database / FLUX_DATABASE_URL"
+        raise ConfigError(f"Could not connect to the database: {exc}", hint=f"Check {given}.") from exc
     writer = TraceWriter(config.dsn) if config.record else None
     if writer is not None:
         await writer.start()

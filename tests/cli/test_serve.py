@@ -581,3 +581,42 @@ def test_an_engine_database_that_cannot_be_reached_is_named_as_such(tmp_path, ds
     assert result.returncode == 4, result.stderr
     assert result.stderr.startswith("error: Cannot reach the database given by --engine-database:")
 
+
+
+def test_functions_database_runs_ctx_db_as_a_role_that_cannot_read_the_recordings(tmp_path, dsn, conn):
+    """With one role for both, every function could read every tenant's traces and row images."""
+    from tests.cdc.test_roles import engine_role
+
+    write_project(tmp_path, {"peek": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO t (id) VALUES ($1)", [req.body.id]);
+          await ctx.db.query("SAVEPOINT peek");
+          try { await ctx.db.query("SELECT count(*) FROM flux.trace_requests"); return {status: 200, body: "read the traces"}; }
+          catch (e) { await ctx.db.query("ROLLBACK TO SAVEPOINT peek"); return {status: 200, body: e.sqlstate}; }
+        }"""})
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    subprocess.run([sys.executable, "-m", "flux", "attach", "--database", dsn, "--tables", "t"], check=True, capture_output=True)
+    with engine_role(conn, dsn, replication=False) as (role, role_dsn):
+        conn.execute(f"GRANT SELECT, INSERT ON t TO {role}")
+        proc, port = start_serve(tmp_path, "--database", dsn, "--functions-database", role_dsn)
+        try:
+            answer = httpx.post(f"http://127.0.0.1:{port}/peek", json={"id": 1}, timeout=10)
+            wait_caught_up(dsn)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=60)[0]
+    assert (answer.status_code, answer.text) == (200, "42501"), out  # insufficient_privilege
+    request_id = answer.headers["x-flux-request-id"]
+    assert conn.execute("SELECT count(*) FROM flux.trace_requests WHERE id = %s", (request_id,)).fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE request_id = %s", (request_id,)).fetchone()[0] == 1
+    assert "may use" not in out  # the role reaches no flux table: nothing to warn of
+
+
+def test_functions_database_whose_role_reaches_the_recordings_is_warned_of(tmp_path, dsn, conn):
+    write_project(tmp_path, {"hello": HELLO})
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    subprocess.run([sys.executable, "-m", "flux", "attach", "--database", dsn, "--tables", "t"], check=True, capture_output=True)
+    proc, _ = start_serve(tmp_path, "--database", dsn, "--functions-database", dsn)  # the superuser reaches everything
+    proc.send_signal(signal.SIGTERM)
+    out = " ".join(proc.communicate(timeout=60)[0].split())
+    assert "functions' ctx.db (--functions-database, role" in out and "flux.trace_requests" in out, out

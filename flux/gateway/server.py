@@ -97,10 +97,11 @@ def warn_if_functions_reach_the_store(dsn: str) -> list[str]:
               AND has_schema_privilege('flux', 'USAGE')
               AND has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')""").fetchone()
     if reachable:
+        quoted = '"' + role.replace('"', '""') + '"'
         log.warning("functions' ctx.db (--functions-database, role %s) may use %s: a function can read or change every "
                     "tenant's recordings there. REVOKE ALL ON ALL TABLES IN SCHEMA flux FROM %s; REVOKE USAGE ON SCHEMA "
                     "flux FROM %s (a superuser reaches them anyway)", role, ", ".join(f"flux.{t}" for t in reachable),
-                    role, role)
+                    quoted, quoted)
     return reachable
 
 

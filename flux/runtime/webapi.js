@@ -429,7 +429,9 @@
     }
     if (is(brands.weakMapHas, value, {}) || is(brands.weakSetHas, value, {}) || value instanceof Promise) throw uncloneable(value);
     copy = keep(Array.isArray(value) ? new Array(value.length) : {});
-    for (const key of Object.keys(value)) copy[key] = clone(value[key], memory);
+    for (const key of Object.keys(value)) {  // defined, not assigned: an own "__proto__" stays a property
+      Object.defineProperty(copy, key, { value: clone(value[key], memory), writable: true, enumerable: true, configurable: true });
+    }
     return copy;
   }
 

@@ -127,6 +127,14 @@ def test_structured_clone_keeps_types_cycles_and_shared_buffers(tmp_path):
                     "error": [True, "bad", "why"]}
 
 
+def test_structured_clone_keeps_an_own_proto_key_as_a_property(tmp_path):
+    body = _run(tmp_path, """
+      const c = structuredClone(JSON.parse('{"__proto__": {"polluted": true}, "a": 1}'));
+      return {status: 200, body: {proto: Object.getPrototypeOf(c) === Object.prototype, own: Object.keys(c), polluted: c.polluted ?? null}};
+    """)
+    assert body == {"proto": True, "own": ["__proto__", "a"], "polluted": None}
+
+
 @pytest.mark.parametrize(("value", "said"), [
     ("() => 1", "() => 1 could not be cloned."),
     ("{s: Symbol('x')}", "Symbol(x) could not be cloned."),

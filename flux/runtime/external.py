@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from pathlib import Path
 from typing import Any
 
-import py_mini_racer
+from flux.runtime.realm import GET_CURRENT, LIBRARY_PATH, on_isolate_thread
 
 log = logging.getLogger("flux.runtime")
 
 # V8 14 (mini-racer 0.14), Itanium C++ ABI.
-_GET_CURRENT = "_ZN2v87Isolate10GetCurrentEv"
 _ADD_EPILOGUE = "_ZN2v87Isolate21AddGCEpilogueCallbackEPFvPS0_NS_6GCTypeENS_15GCCallbackFlagsEPvES4_S2_"
 _HEAP_STATISTICS = "_ZN2v87Isolate17GetHeapStatisticsEPNS_14HeapStatisticsE"
 _NEW_HEAP_STATISTICS = "_ZN2v814HeapStatisticsC1Ev"
@@ -51,7 +49,7 @@ class ExternalMemoryWatch:
     """The GC callback, shared by every isolate: each passes its limit, in bytes, as the callback's data."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._get_current = getattr(library, _GET_CURRENT)
+        self._get_current = getattr(library, GET_CURRENT)
         self._get_current.argtypes = []
         self._get_current.restype = ctypes.c_void_p
         self._add_epilogue = getattr(library, _ADD_EPILOGUE)
@@ -85,7 +83,6 @@ class ExternalMemoryWatch:
     def install(self, context: Any, limit: int) -> int:
         """Watch the isolate of `context` (a mini-racer Context no one else uses yet) against `limit`
         bytes; V8's Isolate*, by which `exhausted` and `forget` know it."""
-        from flux.runtime.realm import on_isolate_thread
 
         def add() -> int:
             isolate = self._get_current()
@@ -106,9 +103,8 @@ class ExternalMemoryWatch:
 
 
 def _load() -> ExternalMemoryWatch | None:
-    library_path = Path(py_mini_racer.__file__).with_name("libmini_racer.so")
     try:
-        return ExternalMemoryWatch(ctypes.CDLL(str(library_path)))
+        return ExternalMemoryWatch(ctypes.CDLL(str(LIBRARY_PATH)))
     except (OSError, AttributeError) as exc:  # another platform's library, or another V8
         log.warning("memory outside the JS heap (ArrayBuffers, WebAssembly memory) is not counted against the "
                     "isolates' memory limit: %s", exc)

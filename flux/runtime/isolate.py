@@ -63,7 +63,20 @@ from flux.project import Function
 
 log = logging.getLogger("flux.runtime")
 
-PRELUDE = "\n".join(resources.files("flux.runtime").joinpath(n).read_text() for n in ("webapi.js", "url.js", "prelude.js"))
+_SOURCES = resources.files("flux.runtime")
+# The Web APIs (each file's value an object of globals), by the globals each defines: compiled
+# in a realm on first use (lazy.js).
+_ON_FIRST_USE = {
+    "webapi.js": ("DOMException", "atob", "btoa", "TextEncoder", "TextDecoder", "queueMicrotask", "structuredClone"),
+    "url.js": ("URL", "URLSearchParams"),
+}
+_LAZY_GLOBALS = "{}({}, {});".format(
+    _SOURCES.joinpath("lazy.js").read_text().rstrip(),
+    orjson.dumps([_SOURCES.joinpath(name).read_text() for name in _ON_FIRST_USE]).decode(),
+    orjson.dumps([[glob, at] for at, globs in enumerate(_ON_FIRST_USE.values()) for glob in globs]).decode(),
+)
+# What every realm runs first; its value (the prelude's, the last statement's) is the host bridge.
+PRELUDE = f"{_LAZY_GLOBALS}\n{_SOURCES.joinpath('prelude.js').read_text()}"
 _EXPORT_DEFAULT = re.compile(r"^(\s*)export\s+default\s+", re.MULTILINE)
 
 

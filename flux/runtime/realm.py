@@ -33,8 +33,10 @@ from py_mini_racer._context import _UNCANCELABLE_TASK_CALLBACK_ID
 log = logging.getLogger("flux.runtime")
 T = TypeVar("T")
 
+# mini-racer's library, whose V8 symbols Flux calls (here and flux.runtime.external).
+LIBRARY_PATH = Path(py_mini_racer.__file__).with_name("libmini_racer.so")
 # V8 14 (mini-racer 0.14), Itanium C++ ABI.
-_GET_CURRENT = "_ZN2v87Isolate10GetCurrentEv"
+GET_CURRENT = "_ZN2v87Isolate10GetCurrentEv"
 _SET_HOOK = "_ZN2v87Isolate39SetHostCreateShadowRealmContextCallbackEPFNS_10MaybeLocalINS_7ContextEEENS_5LocalIS2_EEE"
 _CONTEXT_NEW = (
     "_ZN2v87Context3NewEPNS_7IsolateEPNS_22ExtensionConfigurationENS_10MaybeLocalINS_14ObjectTemplateEEE"
@@ -56,7 +58,7 @@ class RealmHook:
     """V8's ShadowRealm hook, set per isolate."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._get_current = getattr(library, _GET_CURRENT)
+        self._get_current = getattr(library, GET_CURRENT)
         self._get_current.argtypes = []
         self._get_current.restype = ctypes.c_void_p
         self._set_hook = getattr(library, _SET_HOOK)
@@ -124,9 +126,8 @@ def _load() -> RealmHook | None:
     if os.environ.get("FLUX_REALMS", "").strip().lower() in ("0", "off", "false", "no"):
         log.info("FLUX_REALMS is off: each isolate serves one request")
         return None
-    library_path = Path(py_mini_racer.__file__).with_name("libmini_racer.so")
     try:
-        return RealmHook(ctypes.CDLL(str(library_path)))
+        return RealmHook(ctypes.CDLL(str(LIBRARY_PATH)))
     except (OSError, AttributeError) as exc:  # another platform's library, or another V8
         log.info("fresh contexts in reused isolates are unavailable (%s); each isolate serves one request", exc)
         return None

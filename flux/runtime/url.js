@@ -1,41 +1,14 @@
 // WHATWG URL and URLSearchParams (https://url.spec.whatwg.org/), written from the standard's
-// algorithms for Flux functions, whose V8 has no Web APIs. Evaluated in every request's fresh
-// realm before the prelude (isolate.py).
-//
-// Why the implementation is a string: V8 runs with --no-lazy (isolate.py), so every function of a
-// script is compiled when the script is, in each realm anew. Compiled at load, this file made
-// every realm about 0.06 to 0.13 ms slower (a tenth of its cost); as a string it is only scanned,
-// and compiled (an indirect eval, allowed in realms by --allow-unsafe-function-constructor) the
-// first time a request reads URL or URLSearchParams. Until then the two globals are accessors.
-// The string is String.raw: the code inside must hold no backquote.
+// algorithms for Flux functions, whose V8 has no Web APIs. The file is one expression, the object
+// of the two classes, compiled in a realm the first time a request reads URL or URLSearchParams
+// (lazy.js, isolate.py): compiled in every realm at its start, it made each about 0.06 to 0.13 ms
+// slower.
 //
 // Where it differs from the standard (README, Functions): domain to ASCII approximates UTS #46
 // without its tables (see domainToAscii; no Bidi or ContextJ checks, ZWJ and ZWNJ refused); the
 // only encoding is UTF-8. Its tests compare it with Node 20, except where Node departs from the
 // standard (tests/runtime/test_url.py).
 (() => {
-  "use strict";
-  // Taken before the function's own code runs, which may replace them.
-  const evaluate = globalThis.eval;
-  const define = Object.defineProperty;
-  let classes = null;
-  const install = (name, value) => define(globalThis, name, { value, writable: true, configurable: true, enumerable: false });
-  for (const name of ["URL", "URLSearchParams"]) {
-    define(globalThis, name, {
-      get() {
-        classes ??= evaluate(IMPLEMENTATION);
-        install(name, classes[name]);
-        return classes[name];
-      },
-      set(value) {
-        install(name, value);
-      },
-      configurable: true,
-      enumerable: false,
-    });
-  }
-
-  const IMPLEMENTATION = String.raw`(() => {
   "use strict";
   const FAILURE = null;
   const SPECIAL = { __proto__: null, ftp: 21, file: null, http: 80, https: 443, ws: 80, wss: 443 };
@@ -1120,5 +1093,4 @@
   }
 
   return { URL, URLSearchParams };
-})()`;
 })();

@@ -1,38 +1,14 @@
 // Web APIs that runtimes add to JavaScript and V8 leaves out: DOMException, atob and btoa,
-// TextEncoder and TextDecoder, queueMicrotask, structuredClone. Evaluated in every request's
-// fresh realm before the prelude (isolate.py). As url.js, and for its reason (V8 runs with
-// --no-lazy: a script's every function is compiled with it, in each realm anew), the
-// implementation is a string, compiled the first time a request reads one of these globals;
-// until then they are accessors. It holds no backquote. Nothing here observes time or
-// randomness, so nothing of it goes on the tape.
+// TextEncoder and TextDecoder, queueMicrotask, structuredClone. The file is one expression, the
+// object of those globals, compiled in a realm the first time a request reads one of them
+// (lazy.js, isolate.py). Nothing here observes time or randomness, so nothing of it goes on the
+// tape.
 //
 // Each global is as the standard defines it (WHATWG Encoding, HTML, Web IDL), down to the
 // errors: a non-enumerable property of the global object. Departures, all stated in the README:
 // TextDecoder knows UTF-8, UTF-16LE/BE and windows-1252 (latin-1 and ASCII are its labels), as
 // Node's build without full ICU does; structuredClone cannot tell a Proxy from its target.
 (() => {
-  "use strict";
-  // Taken before the function's own code runs, which may replace it.
-  const evaluate = globalThis.eval;
-  let made = null;
-  const install = (name, value) =>
-    Object.defineProperty(globalThis, name, { value, writable: true, configurable: true, enumerable: false });
-  for (const name of ["DOMException", "atob", "btoa", "TextEncoder", "TextDecoder", "queueMicrotask", "structuredClone"]) {
-    Object.defineProperty(globalThis, name, {
-      get() {
-        made ??= evaluate(IMPLEMENTATION);
-        install(name, made[name]);
-        return made[name];
-      },
-      set(value) {
-        install(name, value);
-      },
-      configurable: true,
-      enumerable: false,
-    });
-  }
-
-  const IMPLEMENTATION = String.raw`(() => {
   "use strict";
   const g = globalThis;
   const exported = {};
@@ -240,7 +216,12 @@
     decode(input, options = {}) {
       const stream = Boolean(options?.stream);
       const view = bytesOf(input);
-      const bytes = this.#pending.length ? Uint8Array.from([...this.#pending, ...view]) : view;
+      let bytes = view;
+      if (this.#pending.length) {  // the unfinished character's bytes first, without spreading the input
+        bytes = new Uint8Array(this.#pending.length + view.length);
+        bytes.set(this.#pending);
+        bytes.set(view, this.#pending.length);
+      }
       this.#pending = [];
       // A BOM is dropped at the start of a stream only (windows-1252 has none).
       const codes = new Sink(!this.#ignoreBOM && !this.#bomSeen && this.#encoding !== "windows-1252");
@@ -450,5 +431,4 @@
     return copy;
   });
   return exported;
-})()`;
 })();

@@ -192,7 +192,7 @@ def test_a_function_in_the_isolates_own_context_has_url_too(tmp_path, monkeypatc
 
 
 def test_url_is_there_for_top_level_code_and_when_the_function_replaced_eval(tmp_path):
-    """The implementation is compiled on first use (url.js) with the eval taken before the function ran."""
+    """The implementation is compiled on first use (lazy.js) with the eval taken before the function ran."""
     write_project(tmp_path, {"u": """
         globalThis.eval = () => { throw new Error("no eval here"); };
         const BASE = new URL("https://api.example.com/v2/");

@@ -194,7 +194,7 @@ def test_queue_microtask_runs_before_a_timer_and_its_error_is_logged_on_the_func
 
 
 def test_the_globals_serve_top_level_code_are_not_enumerable_and_can_be_replaced(tmp_path):
-    """Compiled on first use with the eval taken before the function ran (webapi.js), as url.js is."""
+    """Compiled on first use with the eval taken before the function ran (lazy.js)."""
     write_project(tmp_path, {"w": """
         globalThis.eval = () => { throw new Error("no eval here"); };
         const ENCODED = new TextEncoder().encode("é");

@@ -27,6 +27,8 @@ MAX_FAILURES = 10  # failed calls listed besides the root cause; Why.failure_cou
 _OPS = ("insert", "update", "delete", "truncate")
 _FRAME_LOCATION = re.compile(r"(functions/[^\s():]+:\d+(?::\d+)?)")
 _DB_WRITE = re.compile(r"^db\.(insert|update|delete|merge)\b")
+# The error the runtime gives a step still open when Flux ended the request (flux.runtime.executor).
+_STEP_CUT = "the request ended before this step did"
 # The answers the gateway gives without running a function, by status (README, "The gateway").
 _GATEWAY_ANSWERS = {
     401: "no valid API key",
@@ -356,10 +358,13 @@ def root_cause(trace: TraceRecord) -> RootCause | None:
         return _root(max(scored, key=lambda t: t[:2])[2], "same_error", exception=thrown, thrown_at=thrown_at)
     # Steps the error passed through carry it too: they are where it was thrown, not failures before it.
     carriers = [s for s in trace.spans if _kind(s) == "step" and (_exception(s) or {}).get("exception.message") == message]
-    before = [s for s in failed if s not in carriers]
+    # A step the end of the request cut short failed because of it, never before it.
+    before = [s for s in failed if s not in carriers and s.get("error") != _STEP_CUT]
     code_threw = bool(exc.get("exception.stacktrace")) or name == "NonErrorThrown"  # else Flux stopped the function
     if code_threw and before:
         return _root(max(before, key=_end), "failed_before", exception=thrown, thrown_at=thrown_at)
+    if not code_threw:  # Flux stopped the function (time limit, memory): where it was is the steps it left open
+        carriers += [s for s in trace.spans if _kind(s) == "step" and s.get("error") == _STEP_CUT]
     depth = _depths(trace.spans)
     where = max(carriers, key=lambda s: depth[s["id"]]) if carriers else function
     return _root(where, "own", exception=thrown, thrown_at=thrown_at)

@@ -225,6 +225,33 @@ def test_an_error_flux_raised_itself_is_the_functions_own_not_an_earlier_failure
     assert cause is not None and (cause.span, cause.link, cause.exception) == ("slow", "own", f"TimeoutError: {message}")
 
 
+def test_the_time_limit_inside_nested_steps_names_the_innermost_step_it_was_in():
+    """Spans as the runtime writes them for a loop in a step in a step: the steps left open are
+    failed "the request ended before this step did", and the function carries the TimeoutError."""
+    message = "the function exceeded its time limit (50 ms)"
+    cut = "the request ended before this step did"
+    gw = span("gateway", "server", "gateway", ms=51, error=f"TimeoutError: {message}", http__status_code=504)
+    fn = span("spin", "internal", "function", parent=gw, ms=51, error=f"TimeoutError: {message}",
+              events=[exception(message, at=51, type_="TimeoutError")])
+    outer = span("outer", "internal", "step", parent=fn, start=1, ms=50, error=cut)
+    inner = span("inner", "internal", "step", parent=outer, start=2, ms=49, error=cut)
+    done = span("db.select", "client", "db", parent=inner, start=3, ms=1)
+    why = failed(FAIL, [gw, fn, outer, inner, done], status=504)
+    cause = root_cause(why)
+    assert cause is not None and (cause.span, cause.kind, cause.link, cause.exception) == (
+        "inner", "step", "own", f"TimeoutError: {message}")
+
+
+def test_a_step_left_running_when_the_function_threw_is_not_where_it_threw():
+    cut = "the request ended before this step did"
+    gw = span("gateway", "server", "gateway", ms=5, error="boom", http__status_code=500)
+    fn = span("bg", "internal", "function", parent=gw, ms=5, error="boom",
+              events=[exception("boom", at=4, frames="    at default (functions/bg.js:3:9)")])
+    background = span("poll", "internal", "step", parent=fn, start=1, ms=3, error=cut)  # cut as the error ended it
+    cause = root_cause(failed(FAIL, [gw, fn, background]))
+    assert cause is not None and (cause.span, cause.link, cause.thrown_at) == ("bg", "own", "functions/bg.js:3:9")
+
+
 def test_a_success_whose_transaction_a_caught_error_aborted_names_that_statement():
     error = 'duplicate key value violates unique constraint "tags_pkey" (SQLSTATE 23505)'
     message = (f"the handler returned 200, but its transaction was rolled back: db.insert(tags): {error} failed,"

@@ -15,6 +15,7 @@ from http import HTTPStatus
 from typing import Annotated, Any
 
 import typer
+from rich.cells import cell_len
 from rich.markup import escape
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
@@ -158,13 +159,14 @@ def _walk(roots: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]
 def _span_lines(rows: list[tuple[str, dict[str, Any]]], children: dict[str, list[dict[str, Any]]]) -> list[str]:
     """`  <prefix><name>   <label>` with the labels right-aligned in one column."""
     labels = [_label(span, children) for _, span in rows]
-    width = max(len(lead) + len(span.get("name") or "") for lead, span in rows) + 3
-    lwidth = max(len(text) for text, _ in labels)
+    # Widths in terminal cells: a CJK character or an emoji takes two.
+    width = max(cell_len(lead) + cell_len(span.get("name") or "?") for lead, span in rows) + 3
+    lwidth = max(cell_len(text) for text, _ in labels)
     lines = []
     for (lead, span), (text, color) in zip(rows, labels):
         name = span.get("name") or "?"
-        pad = " " * (width - len(lead) - len(name))
-        shown = escape(text.rjust(lwidth))
+        pad = " " * (width - cell_len(lead) - cell_len(name))
+        shown = escape(" " * (lwidth - cell_len(text)) + text)
         lines.append(f"  {lead}{escape(name)}{pad}{f'[{color}]{shown}[/]' if color else shown}")
     return lines
 
@@ -340,14 +342,15 @@ def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None
         for r in rows
     ]
     header = ("ID", "TIME (UTC)", *(("TENANT",) if tenants else ()), "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR")
-    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    widths = [max(cell_len(c[i]) for c in [header, *cells]) for i in range(len(header))]
     status_at = header.index("STATUS")
     right = {status_at, status_at + 1}
 
     def line(values: tuple[str, ...], styles: tuple[str | None, ...]) -> str:
         out = []
         for i, (value, width, style) in enumerate(zip(values, widths, styles)):
-            text = escape(value.rjust(width) if i in right else value if i == len(values) - 1 else value.ljust(width))
+            pad = " " * (width - cell_len(value))  # in terminal cells, as the widths are
+            text = escape(pad + value if i in right else value if i == len(values) - 1 else value + pad)
             out.append(f"[{style}]{text}[/]" if style and value else text)
         return "  " + "  ".join(out).rstrip()
 

@@ -6,6 +6,7 @@ import sys
 from datetime import timedelta
 
 import pytest
+from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from flux.cli import app
@@ -53,6 +54,28 @@ def test_trace_draws_the_span_tree_with_right_aligned_durations(seeded, dsn):
     assert tree[2].startswith("     ├─ ")
     assert {len(line) for line in tree} == {len(tree[0])}  # one right-aligned column
     assert tree[4].endswith(" 429")
+
+
+def test_trace_aligns_durations_after_wide_characters_in_span_names(conn, dsn):
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("order", "internal", "function", parent=gw, ms=8)
+    wide = span("注文を作成する🚀", "internal", "step", parent=fn, start=1, ms=5)  # 2 cells a character
+    spans = [gw, fn, wide, span("db.insert(orders)", "client", "db", parent=wide, start=2, ms=3)]
+    insert_traces(conn, [trace(OK, spans=spans)])
+    for command in ("trace", "why"):
+        out = lines(invoke(dsn, command, OK).output)
+        rows = [line for line in out if line.endswith("ms") and "·" not in line]
+        assert len(rows) == (4 if command == "trace" else 3)
+        assert {cell_len(line) for line in rows} == {cell_len(rows[0])}, out  # one right-aligned column
+
+
+def test_requests_aligns_columns_after_wide_characters(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(OK, path="/注文"), trace(OK2, path="/orders", ago=timedelta(minutes=2))])
+    out = lines(invoke(dsn, "requests").output)
+    assert len({line.index("create_order") for line in out[1:]}) == 2  # in characters, not cells
+    assert len({cell_len(line[:line.index("create_order")]) for line in out[1:]}) == 1
 
 
 def test_trace_summary_counts_spans_failures_and_db_writes(seeded, dsn):

@@ -26,7 +26,8 @@ from flux.store import traces
 from flux.store.retention import pruned_before
 from flux.store.names import format_table, key_text
 from flux.store.traces import TraceRecord, TraceSummary
-from flux.store.why import MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned
+from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned, record_cuts,
+                            unlogged_writes)
 
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
@@ -43,10 +44,12 @@ def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption
         pruned = pruned_before(conn)
     # None of its row changes left, and it ended before the log's cutoff: how many it made is unknown.
     writes_pruned = writes == 0 and mutations_pruned(record, pruned)
+    unlogged = unlogged_writes(record, writes, pruned)
+    notes = [*([unlogged] if unlogged else []), *record_cuts(record)]
     if json:
-        print_json({**dataclasses.asdict(record), "db_writes": writes, "db_writes_pruned": writes_pruned})
+        print_json({**dataclasses.asdict(record), "db_writes": writes, "db_writes_pruned": writes_pruned, "notes": notes})
     else:
-        render_trace(record, writes, pruned.mutations if writes_pruned else None)
+        render_trace(record, writes, pruned.mutations if writes_pruned else None, notes)
 
 
 def why(
@@ -176,7 +179,8 @@ def _origin_failures(spans: list[dict[str, Any]]) -> int:
     return sum(1 for s in spans if _failed_here(s, children))
 
 
-def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime | None = None) -> None:
+def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime | None = None,
+                 notes: list[str] | tuple[str, ...] = ()) -> None:
     roots, children = _children(t.spans)
     color = _status_color(t.status)
     console.print()
@@ -189,6 +193,8 @@ def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime 
     writes = (f"{db_writes}" if writes_pruned_before is None else
               f"unknown (row changes committed before {writes_pruned_before:%Y-%m-%d %H:%M:%S} UTC were pruned)")
     console.print(f"  [dim]── Spans: {len(t.spans)}  ·  Errors: {_origin_failures(t.spans)}  ·  DB writes: {writes}[/]")
+    for note in notes:
+        console.print(f"  [yellow]note:[/] {escape(note)}")
     console.print()
 
 

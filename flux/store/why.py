@@ -184,7 +184,8 @@ def explain(conn: psycopg.Connection, id_or_prefix: str, *, rows: int = MAX_ROWS
     return Why(
         request_id=request_id, function=function, trace=trace, mutations=mutations, mutation_count=count,
         mutations_truncated=count > len(mutations), tables=tables, cause=cause,
-        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others), notes=tuple(_notes(trace, mutations, count, pruned_before(conn))),
+        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others),
+        notes=tuple(_notes(trace, mutations, count, pruned_before(conn)) + (record_cuts(trace) if trace else [])),
         not_run=not_run(trace) if trace else None,
     )
 
@@ -215,26 +216,63 @@ def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation
         )]
     if mutation_count:
         return []
-    function_span = _function_span(trace.spans)
-    outcome = ((function_span or {}).get("attributes") or {}).get("db.transaction")
-    # Statements the trace names as writes and that succeeded; one its name hides (a write in a CTE
-    # or in a called function) is not counted, so the note then says less, never something false.
-    writes = [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
-    if function_span is None:
+    writes = _writes(trace)
+    if _function_span(trace.spans) is None:
         return ["The request changed no rows: it ended at the gateway and never ran a function."]
     if not writes:  # db.transaction says rolled_back after reads too: there was nothing to undo
         return ["The request changed no rows."]
-    if outcome == "rolled_back" or (outcome is None and trace.status >= 500):
+    if _rolled_back(trace):
         return ["The request changed no rows: its transaction was rolled back."]
     if mutations_pruned(trace, pruned):
         return [(
             f"The trace shows {len(writes)} write(s); its row changes were deleted by retention (changes committed"
             f" before {_utc(pruned.mutations)} are pruned)."
         )]
-    return [(
-        f"The trace shows {len(writes)} write(s) but the mutation log has no row change of this request:"
-        " are those tables captured (`flux attach`), and has the engine caught up?"
-    )]
+    return [_unlogged(len(writes))]
+
+
+def _unlogged(writes: int) -> str:
+    return (f"The trace shows {writes} write(s) but the mutation log has no row change of this request: are those"
+            " tables captured (`flux attach`), and has the engine caught up (`flux cdc status` shows its lag)?")
+
+
+def unlogged_writes(trace: TraceRecord, mutation_count: int, pruned: Pruned) -> str | None:
+    """For `flux trace`: the note that the trace shows committed writes the mutation log has none of
+    (yet: the engine may be behind; or the tables are not captured); None when that is not so. A
+    count of 0 alone would read as "wrote nothing"."""
+    writes = _writes(trace)
+    if mutation_count or not writes or _rolled_back(trace) or mutations_pruned(trace, pruned):
+        return None
+    return _unlogged(len(writes))
+
+
+def _writes(trace: TraceRecord) -> list[dict[str, Any]]:
+    """Statements the trace names as writes and that succeeded; one its name hides (a write in a CTE
+    or in a called function) is not counted, so a note then says less, never something false."""
+    return [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
+
+
+def _rolled_back(trace: TraceRecord) -> bool:
+    outcome = ((_function_span(trace.spans) or {}).get("attributes") or {}).get("db.transaction")
+    return outcome == "rolled_back" or (outcome is None and trace.status >= 500)
+
+
+def record_cuts(trace: TraceRecord) -> list[str]:
+    """What the trace left out past its limits (README, "What is recorded"): spans, steps and logs
+    past 1,000 each, counted on the function span, and the replay tape cut or left out."""
+    attrs = (_function_span(trace.spans) or {}).get("attributes") or {}
+    notes = []
+    for key, what in (("flux.spans_dropped", "ctx.db and ctx.fetch calls"), ("flux.steps_dropped", "steps"),
+                      ("flux.events_dropped", "logs")):
+        if isinstance(attrs.get(key), int) and attrs[key] > 0:
+            notes.append(f"{attrs[key]:,} {what} past the first 1,000 are not in the trace, only counted.")
+    tape = trace.recording or {}
+    if tape.get("omitted"):
+        notes.append(f"The recording's events were left out: {tape['omitted']}.")
+    elif tape.get("truncated"):
+        notes.append(f"The recording is cut short: it holds the first {len(tape.get('events') or ()):,} events"
+                     " (at most 10,000, and 8 MB of db and fetch events); what came after is not on it.")
+    return notes
 
 
 def mutations_pruned(trace: TraceRecord, pruned: Pruned) -> bool:

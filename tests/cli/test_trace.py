@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -88,6 +89,35 @@ def test_trace_of_a_timeout_shows_timeout_and_the_status_phrase(seeded, dsn):
     assert "  POST /signup · 500 Internal Server Error · 44ms" in out
     assert any(line.startswith("     └─ stripe.create") and line.endswith("timeout") for line in out)
     assert "  ── Spans: 4  ·  Errors: 1  ·  DB writes: 0" in out
+
+
+def test_trace_says_what_the_record_left_out_past_its_limits(conn, dsn):
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("many", "internal", "function", parent=gw, ms=8, flux__spans_dropped=100, flux__steps_dropped=5)
+    record = trace(OK, spans=[gw, fn])
+    tape = {**record.recording, "truncated": True, "events": [[n, "random", 0.5] for n in range(10_000)]}
+    insert_traces(conn, [dataclasses.replace(record, recording=tape)])
+    out = invoke(dsn, "trace", OK).output
+    assert "note: 100 ctx.db and ctx.fetch calls past the first 1,000 are not in the trace, only counted." in out
+    assert "note: 5 steps past the first 1,000 are not in the trace, only counted." in out
+    assert "note: The recording is cut short: it holds the first 10,000 events" in out
+    assert len(json.loads(invoke(dsn, "trace", OK, "--json").stdout)["notes"]) == 3
+    assert "5 steps past the first 1,000" in invoke(dsn, "why", OK).output
+
+
+def test_trace_of_committed_writes_the_mutation_log_lacks_says_so_rather_than_only_zero(conn, dsn):
+    ensure_schema(conn)  # the engine behind (or the table not captured): the insert has no row change yet
+    insert_traces(conn, [trace(OK)])
+    out = invoke(dsn, "trace", OK).output
+    assert "DB writes: 0" in out
+    assert "note: The trace shows 1 write(s) but the mutation log has no row change of this request" in out
+    assert "has the engine caught up" in json.loads(invoke(dsn, "trace", OK, "--json").stdout)["notes"][0]
+
+
+def test_trace_of_a_rolled_back_or_logged_request_has_no_notes(seeded, dsn):
+    assert json.loads(invoke(dsn, "trace", FAIL, "--json").stdout)["notes"] == []  # rolled back: nothing to log
+    assert json.loads(invoke(dsn, "trace", OK, "--json").stdout)["notes"] == []  # its write is logged
 
 
 def test_trace_json_is_the_record_with_db_writes(seeded, dsn):

@@ -197,9 +197,14 @@ def _function_span(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def not_run(trace: TraceRecord) -> str | None:
     """Why the gateway answered without running a function ("no valid API key", ...); None when one ran."""
-    if _function_span(trace.spans) is not None:
+    if _function_span(trace.spans) is not None or _failed_inside_flux(trace):
         return None
     return _GATEWAY_ANSWERS.get(trace.status, f"the gateway answered {trace.status}")
+
+
+def _failed_inside_flux(trace: TraceRecord) -> bool:
+    """The gateway ran the function and Flux failed (a bug): no function span was kept, but it ran."""
+    return trace.error == traces.INTERNAL_ERROR and bool(trace.function)
 
 
 def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation_count: int, pruned: Pruned) -> list[str]:
@@ -217,6 +222,9 @@ def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation
     if mutation_count:
         return []
     writes = _writes(trace)
+    if _failed_inside_flux(trace):  # its transaction is rolled back (flux.runtime.executor)
+        return ["The request changed no rows: Flux failed while running the function, and rolled its transaction"
+                " back. The gateway's log has the details under this request id; its spans were not kept."]
     if _function_span(trace.spans) is None:
         return ["The request changed no rows: it ended at the gateway and never ran a function."]
     if not writes:  # db.transaction says rolled_back after reads too: there was nothing to undo

@@ -399,3 +399,17 @@ def test_explain_of_a_request_newer_than_the_cutoff_does_not_blame_retention(con
     prune(conn, older_than=timedelta(days=30))
     (note,) = explain(conn, OK).notes
     assert "flux attach" in note
+
+
+def test_a_request_flux_failed_inside_ran_its_function_and_says_where_the_details_are(conn):
+    """Only the gateway's span is kept when running the function raised inside Flux: the function
+    ran (and was rolled back), which "not run" and "never ran a function" denied."""
+    ensure_schema(conn)
+    error = "Flux failed while running the function (an internal error)"
+    gw = span("gateway", "server", "gateway", ms=5, error=error, http__status_code=500)
+    insert_traces(conn, [trace(FAIL, function="call", status=500, error=error, spans=[gw])])
+    why = explain(conn, FAIL)
+    assert why.not_run is None and why.cause is not None and why.cause.link == "gateway"
+    assert why.notes == ("The request changed no rows: Flux failed while running the function, and rolled its"
+                         " transaction back. The gateway's log has the details under this request id; its spans were"
+                         " not kept.",)

@@ -251,6 +251,8 @@ def _why_cause(w: Why, t: TraceRecord) -> None:
     if c.link == "failed_before":
         how = "threw" if c.exception else f"returned {t.status}"
         qualifier = f"the last call that failed before the function {how}"
+    elif c.link == "aborted":
+        qualifier = "it aborted the transaction; the function went on, and threw a later statement's refusal"
     elif c.link == "own" and c.exception is None and t.status < 500:
         qualifier = "the function's own answer"
     else:
@@ -260,7 +262,7 @@ def _why_cause(w: Why, t: TraceRecord) -> None:
         console.print(f"    {escape(c.span)}  [red]{escape(c.exception)}[/]")
     else:
         console.print(f"    {escape(c.span)}  {_failure(c.label, c.error)}")
-    if c.link == "failed_before":
+    if c.link in ("failed_before", "aborted"):
         if c.call_site:
             console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
         if c.exception:

@@ -27,6 +27,7 @@ MAX_FAILURES = 10  # failed calls listed besides the root cause; Why.failure_cou
 _OPS = ("insert", "update", "delete", "truncate")
 _FRAME_LOCATION = re.compile(r"(functions/[^\s():]+:\d+(?::\d+)?)")
 _DB_WRITE = re.compile(r"^db\.(insert|update|delete|merge)\b")
+_IN_FAILED_TRANSACTION = "25P02"  # "current transaction is aborted, commands ignored until end of transaction block"
 # The error the runtime gives a step still open when Flux ended the request (flux.runtime.executor).
 _STEP_CUT = "the request ended before this step did"
 # The answers the gateway gives without running a function, by status (README, "The gateway").
@@ -85,6 +86,8 @@ class RootCause:
       in its own, or thrown where the call was made).
     - "failed_before": the function threw an error of its own, or returned a 5xx, after this call
       failed; the last call that failed before that. Likely the cause, not certainly.
+    - "aborted": this statement failed and aborted the transaction; the function went on, and
+      threw the error of a later statement refused for that (SQLSTATE 25P02).
     - "own": the function's own doing, with no call to blame: it threw (in the function, or in
       the step named), Flux stopped it (time limit, memory), or it returned the status itself (a
       4xx always counts as its answer, whatever failed before it).
@@ -96,7 +99,7 @@ class RootCause:
     kind: str | None  # attributes["flux.kind"]: gateway | function | step | db | fetch
     error: str | None  # the span's own error ("timeout after 3000 ms"; "returned 404: no such widget 7")
     label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"; the status returned
-    link: str  # same_error | failed_before | own | gateway
+    link: str  # same_error | aborted | failed_before | own | gateway
     exception: str | None  # what the function threw ("Error: Stripe API timeout"); None when it returned
     thrown_at: str | None  # first frame in the function's source: "functions/signup.js:7:11"
     call_site: str | None  # where the failing call was made: the span's code.location
@@ -370,6 +373,17 @@ def _same_error(span: dict[str, Any], message: str, thrown_at: str | None) -> in
     return 0
 
 
+def _aborted_by(call: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """For a statement refused because the transaction was already aborted (SQLSTATE 25P02), the
+    statement whose failure aborted it: the last one that failed before it otherwise. A request's
+    ctx.db calls are one transaction, so that failure, caught and gone past, is the cause."""
+    if (call.get("attributes") or {}).get("db.sqlstate") != _IN_FAILED_TRANSACTION:
+        return None
+    earlier = [s for s in failed if _kind(s) == "db" and _end(s) <= (call.get("start") or 0)
+               and (s.get("attributes") or {}).get("db.sqlstate") not in (None, _IN_FAILED_TRANSACTION)]
+    return max(earlier, key=_end) if earlier else None
+
+
 def root_cause(trace: TraceRecord) -> RootCause | None:
     """What ended a request that failed; None when it succeeded. See `RootCause` for the links.
 
@@ -401,7 +415,11 @@ def root_cause(trace: TraceRecord) -> RootCause | None:
     scored = [(score, _end(s), s) for s in failed if s.get("kind") == "client"
               and (score := _same_error(s, message, thrown_at))]
     if scored:
-        return _root(max(scored, key=lambda t: t[:2])[2], "same_error", exception=thrown, thrown_at=thrown_at)
+        thrown_call = max(scored, key=lambda t: t[:2])[2]
+        aborting = _aborted_by(thrown_call, failed)
+        if aborting is not None:
+            return _root(aborting, "aborted", exception=thrown, thrown_at=thrown_at)
+        return _root(thrown_call, "same_error", exception=thrown, thrown_at=thrown_at)
     # Steps the error passed through carry it too: they are where it was thrown, not failures before it.
     carriers = [s for s in trace.spans if _kind(s) == "step" and (_exception(s) or {}).get("exception.message") == message]
     # A step the end of the request cut short failed because of it, never before it.

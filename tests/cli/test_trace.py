@@ -21,6 +21,7 @@ from tests.traces_seed import (
     NO_TRACE,
     OK,
     OK2,
+    aborted_spans,
     bulk_mutations,
     nested_spans,
     retry_spans,
@@ -476,3 +477,16 @@ def test_requests_since_past_a_hundred_years_is_a_usage_error(seeded, dsn, since
 def test_requests_limit_past_the_maximum_is_a_usage_error_not_a_database_error(seeded, dsn):
     result = invoke(dsn, "requests", "-n", "99999999999999999999")
     assert isinstance(result.exception, ConfigError) and "--limit" in str(result.exception)
+
+
+def test_why_of_a_refusal_by_an_aborted_transaction_names_the_statement_that_aborted_it(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(FAIL, status=500, spans=aborted_spans(), error="DatabaseError: current transaction is aborted")])
+    out = lines(invoke(dsn, "why", FAIL).output)
+    at = out.index("  Root cause  (it aborted the transaction; the function went on, and threw a later statement's refusal)")
+    assert out[at + 1] == '    db.insert(items)  duplicate key value violates unique constraint "items_pkey" (SQLSTATE 23505)'
+    assert out[at + 2:at + 5] == [
+        "    call made at functions/save.js:3:18",
+        "    then the function threw  DatabaseError: current transaction is aborted, commands ignored until end of"
+        " transaction block (SQLSTATE 25P02)",
+        "    thrown at functions/save.js:7:16"]

@@ -18,6 +18,7 @@ from tests.traces_seed import (
     FAIL,
     NO_TRACE,
     OK,
+    aborted_spans,
     bulk_mutations,
     exception,
     nested_spans,
@@ -413,3 +414,16 @@ def test_a_request_flux_failed_inside_ran_its_function_and_says_where_the_detail
     assert why.notes == ("The request changed no rows: Flux failed while running the function, and rolled its"
                          " transaction back. The gateway's log has the details under this request id; its spans were"
                          " not kept.",)
+
+
+def test_a_statement_the_aborted_transaction_refused_names_the_one_that_aborted_it():
+    cause = root_cause(failed(FAIL, aborted_spans()))
+    assert cause is not None
+    assert (cause.span, cause.label, cause.link, cause.call_site, cause.thrown_at) == (
+        "db.insert(items)", "23505", "aborted", "functions/save.js:3:18", "functions/save.js:7:16")
+    assert cause.exception.startswith("DatabaseError: current transaction is aborted")
+
+
+def test_a_refusal_with_no_earlier_failure_on_record_is_the_cause_itself():
+    cause = root_cause(failed(FAIL, aborted_spans(caught=False)))
+    assert cause is not None and (cause.span, cause.link) == ("db.select", "same_error")

@@ -32,6 +32,7 @@ from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, muta
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
 ERROR_CLIP = 60
+RUN_SHOWN = 5  # like sibling calls shown one by one; a longer run is shown as its ends and one line for the rest
 _SQLSTATE = re.compile(r"\(SQLSTATE [0-9A-Z]{5}\)")  # how the runtime ends a database error's message
 _DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
 
@@ -140,6 +141,8 @@ def _failed_here(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]
 
 def _label(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> tuple[str, str | None]:
     """What the right-hand column shows, and its colour: the failure where it started, else the duration."""
+    if "collapsed" in span:
+        return span["collapsed"], None
     if _failed_here(span, children) and (span.get("attributes") or {}).get("flux.kind") not in _DURATION_KINDS:
         return error_label(span), "red"
     return duration(span.get("duration_ms") or 0), "red" if span.get("status") == "error" else None
@@ -151,12 +154,51 @@ def _walk(roots: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]
     def visit(span: dict[str, Any], lead: str, last: bool, depth: int) -> Iterator[tuple[str, int, dict[str, Any]]]:
         yield (lead + ("└─ " if last else "├─ ") if depth else ""), depth, span
         below = lead + ("   " if last else "│  ") if depth else ""
-        kids = children.get(span["id"], [])
+        kids = _collapse_runs(children.get(span.get("id"), []), children)
         for i, child in enumerate(kids):
             yield from visit(child, below, i == len(kids) - 1, depth + 1)
 
     for root in roots:
         yield from visit(root, "", True, 0)
+
+
+def _collapse_runs(kids: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Siblings with a run of more than RUN_SHOWN like calls (of one kind, succeeded, nothing under
+    them: a query in a loop) shown as the run's first two, one line for the rest with their
+    durations' range, and its last: a thousand of them would bury the rest of the tree. A failed
+    call is never hidden."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(kids):
+        j = i
+        while j < len(kids) and _alike(kids[i], kids[j], children):
+            j += 1
+        if j - i > RUN_SHOWN:
+            hidden = kids[i + 2:j - 1]
+            times = [s.get("duration_ms") or 0 for s in hidden]
+            names = [s.get("name") or "?" for s in hidden]
+            what = names[0] if len(set(names)) == 1 else f"{_KIND_NAMES.get(_kind(hidden[0]), 'calls')} ({names[0]} to {names[-1]})"
+            out += [*kids[i:i + 2], {
+                "name": f"… {len(hidden):,} more {what}, --json has each",
+                "collapsed": f"{duration(min(times))} to {duration(max(times))}" if min(times) != max(times)
+                else duration(times[0])}, kids[j - 1]]
+        else:
+            out += kids[i:max(j, i + 1)]
+        i = max(j, i + 1)
+    return out
+
+
+def _alike(first: dict[str, Any], span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> bool:
+    """Of one kind (db, fetch, step), succeeded, with nothing under them."""
+    return (_kind(span) == _kind(first) and span.get("status") != "error" and first.get("status") != "error"
+            and not children.get(span["id"]))
+
+
+def _kind(span: dict[str, Any]) -> str | None:
+    return (span.get("attributes") or {}).get("flux.kind")
+
+
+_KIND_NAMES = {"db": "queries", "fetch": "fetches", "step": "steps"}
 
 
 def _span_lines(rows: list[tuple[str, dict[str, Any]]], children: dict[str, list[dict[str, Any]]]) -> list[str]:

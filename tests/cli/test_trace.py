@@ -80,6 +80,29 @@ def test_requests_aligns_columns_after_wide_characters(conn, dsn):
     assert len({cell_len(line[:line.index("create_order")]) for line in out[1:]}) == 1
 
 
+def test_trace_of_a_query_in_a_loop_shows_the_runs_ends_and_one_line_for_the_rest(conn, dsn):
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=900, http__status_code=500)
+    fn = span("loop", "internal", "function", parent=gw, ms=899)
+    queries = [span("db.select", "client", "db", parent=fn, start=n, ms=0.5 if n != 7 else 40) for n in range(1000)]
+    queries[500] = span("db.select", "client", "db", parent=fn, start=500, ms=1, error="boom (SQLSTATE 22012)",
+                        db__sqlstate="22012")
+    insert_traces(conn, [trace(OK, status=500, spans=[gw, fn, *queries])])
+    out = lines(invoke(dsn, "trace", OK).output)
+    tree = out[out.index("  Trace Graph  91a3f1c2") + 2:out.index("  ── Spans: 1002  ·  Errors: 1  ·  DB writes: 0")]
+    assert [line.split()[-1] for line in tree] == ["900ms", "899ms", "0.5ms", "0.5ms", "40ms", "0.5ms", "22012", "0.5ms",
+                                                   "0.5ms", "0.5ms", "0.5ms"]
+    assert tree[4].split("─ ")[1].startswith("… 497 more db.select, --json has each") and tree[4].endswith("0.5ms to 40ms")
+    assert tree[9].split("─ ")[1].startswith("… 496 more db.select, --json has each")
+    assert tree[6].endswith("22012")  # a failure is never folded away
+    assert len(json.loads(invoke(dsn, "trace", OK, "--json").stdout)["spans"]) == 1002
+
+
+def test_trace_shows_a_short_run_of_like_calls_one_by_one(seeded, dsn):
+    out = lines(invoke(dsn, "trace", OK).output)
+    assert not any("more" in line for line in out)
+
+
 def test_trace_summary_counts_spans_failures_and_db_writes(seeded, dsn):
     out = invoke(dsn, "trace", OK).output
     assert "── Spans: 5  ·  Errors: 1  ·  DB writes: 1" in out

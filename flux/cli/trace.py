@@ -257,6 +257,7 @@ def render_why(w: Why) -> None:
     if w.cause is not None and t is not None:
         _why_cause(w, t)
     _why_failures(w)
+    _why_logged(w)
     if w.mutations:
         _why_rows(w)
     for note in w.notes:
@@ -332,6 +333,18 @@ def _why_failures(w: Why) -> None:
         console.print(f"    {escape(f.span)}  {_failure(f.label, f.error)}{site}")
     if w.failure_count > len(w.failures):
         console.print(f"    [dim]… and {w.failure_count - len(w.failures):,} more (flux trace shows them all)[/]")
+
+
+def _why_logged(w: Why) -> None:
+    if not w.logged_errors:
+        return
+    console.print("  [bold]Errors logged[/]")
+    for e in w.logged_errors:
+        message = e.message.splitlines()[0] if e.message else ""  # an Error logged whole has its stack below
+        at = f"  [dim]at {escape(e.at)}[/]" if e.at else ""
+        console.print(f"    {escape(e.span)}  [red]{escape(message)}[/]{at}")
+    if w.logged_error_count > len(w.logged_errors):
+        console.print(f"    [dim]… and {w.logged_error_count - len(w.logged_errors):,} more (flux trace --json has them)[/]")
 
 
 def _failure(label: str, error: str | None) -> str:

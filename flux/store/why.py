@@ -78,6 +78,16 @@ class FailedCall:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggedError:
+    """A log event at level error, or carrying an Error (`console.error`, `ctx.log("...", err)`, an
+    unhandled rejection Flux logged): what a request that succeeded may still have hit."""
+
+    span: str  # the span it was logged on: the function or a step
+    message: str
+    at: str | None  # the logged Error's first frame in the function's source
+
+
+@dataclass(frozen=True, slots=True)
 class RootCause:
     """What ended the request: the span named as its cause, how it is tied to that end, and what the
     function threw and where. `link` says how sure that is:
@@ -121,6 +131,8 @@ class Why:
     failure_count: int  # how many failed besides the cause, listed or not
     notes: tuple[str, ...]  # what is missing and what that may mean
     not_run: str | None = None  # why the gateway answered without running a function; None when one ran
+    logged_errors: tuple[LoggedError, ...] = ()  # in the order they were logged; at most MAX_FAILURES
+    logged_error_count: int = 0  # listed or not
 
 
 # -- the request's row changes -----------------------------------------------------------------
@@ -184,13 +196,33 @@ def explain(conn: psycopg.Connection, id_or_prefix: str, *, rows: int = MAX_ROWS
     function = trace.function if trace else next((m.function for m in mutations if m.function), None)
     cause = root_cause(trace) if trace else None
     others = [f for f in failed_calls(trace.spans) if cause is None or f.span_id != cause.span_id] if trace else []
+    logged = logged_errors(trace.spans) if trace else []
     return Why(
         request_id=request_id, function=function, trace=trace, mutations=mutations, mutation_count=count,
         mutations_truncated=count > len(mutations), tables=tables, cause=cause,
         failures=tuple(others[:MAX_FAILURES]), failure_count=len(others),
         notes=tuple(_notes(trace, mutations, count, pruned_before(conn)) + (record_cuts(trace) if trace else [])),
         not_run=not_run(trace) if trace else None,
+        logged_errors=tuple(logged[:MAX_FAILURES]), logged_error_count=len(logged),
     )
+
+
+def logged_errors(spans: list[dict[str, Any]]) -> list[LoggedError]:
+    """The request's log events at level error or carrying an Error, in the order they were logged."""
+    found = []
+    for span in spans:
+        for event in span.get("events") or ():
+            attrs = event.get("attributes") or {}
+            if event.get("name") == "log" and (attrs.get("level") == "error" or attrs.get("exception.type")):
+                message = str(attrs.get("message") or "")
+                error = f"{attrs.get('exception.type')}: {attrs.get('exception.message')}" if attrs.get("exception.type") else ""
+                if error and error not in message:  # ctx.log("charge failed", err): the message, then the error
+                    message = f"{message}: {error}" if message else error
+                # The Error's stack, or its frames in the message: console.error writes an Error so.
+                frame = _FRAME_LOCATION.search(str(attrs.get("exception.stacktrace") or "")) or _FRAME_LOCATION.search(message)
+                found.append((event.get("time") or 0, LoggedError(span=span.get("name") or "?", message=message,
+                                                                  at=frame.group(1) if frame else None)))
+    return [e for _, e in sorted(found, key=lambda t: t[0])]
 
 
 def _function_span(spans: list[dict[str, Any]]) -> dict[str, Any] | None:

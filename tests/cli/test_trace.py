@@ -513,3 +513,18 @@ def test_why_of_a_refusal_by_an_aborted_transaction_names_the_statement_that_abo
         "    then the function threw  DatabaseError: current transaction is aborted, commands ignored until end of"
         " transaction block (SQLSTATE 25P02)",
         "    thrown at functions/save.js:7:16"]
+
+
+def test_why_lists_the_errors_a_request_that_succeeded_logged(conn, dsn):
+    ensure_schema(conn)
+    rejection = {"level": "error", "message": "Unhandled promise rejection: Error: in a timer", "exception.type": "Error",
+                 "exception.message": "in a timer", "exception.stacktrace": "Error: in a timer\n    at eval (functions/t.js:2:28)"}
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("t", "internal", "function", parent=gw, ms=8, events=[
+        {"name": "log", "time": 1764880000005.0, "attributes": rejection}])
+    insert_traces(conn, [trace(OK, spans=[gw, fn])])
+    out = lines(invoke(dsn, "why", OK).output)
+    at = out.index("  Errors logged")
+    assert out[at + 1] == "    t  Unhandled promise rejection: Error: in a timer  at functions/t.js:2:28"
+    data = json.loads(invoke(dsn, "why", OK, "--json").stdout)
+    assert data["logged_error_count"] == 1 and data["logged_errors"][0]["at"] == "functions/t.js:2:28"

@@ -427,3 +427,32 @@ def test_a_statement_the_aborted_transaction_refused_names_the_one_that_aborted_
 def test_a_refusal_with_no_earlier_failure_on_record_is_the_cause_itself():
     cause = root_cause(failed(FAIL, aborted_spans(caught=False)))
     assert cause is not None and (cause.span, cause.link) == ("db.select", "same_error")
+
+
+def test_errors_logged_by_a_request_that_succeeded_are_listed_in_order_with_where(conn):
+    """Events as the runtime writes them: console.error, ctx.log with an Error, an Error logged in a
+    step, an unhandled rejection Flux logged; an info or warn log is not an error."""
+    ensure_schema(conn)
+    rejection = {"level": "error", "message": "Unhandled promise rejection: Error: in a timer", "exception.type": "Error",
+                 "exception.message": "in a timer", "exception.stacktrace": "Error: in a timer\n    at eval (functions/t.js:2:28)"}
+    logged = {"message": "config unreadable", "exception.type": "SyntaxError", "exception.message": "Unexpected token",
+              "exception.stacktrace": "SyntaxError: Unexpected token\n    at default (functions/t.js:3:14)"}
+
+    def log(at: float, **attributes) -> dict:
+        return {"name": "log", "time": 1764880000000.0 + at, "attributes": attributes}
+
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("t", "internal", "function", parent=gw, ms=8, events=[
+        log(1, level="error", message="cache miss storm"), log(2, **logged), log(3, message="just info"),
+        log(4, level="warn", message="a warning"), log(7, **rejection)])
+    step = span("warm", "internal", "step", parent=fn, start=4, ms=1, events=[
+        log(5, level="error", message="Error: warm failed\n    at eval (functions/t.js:4:54)")])
+    insert_traces(conn, [trace(OK, spans=[gw, fn, step])])
+    why = explain(conn, OK)
+    assert why.cause is None and why.logged_error_count == 4
+    assert [(e.span, e.message, e.at) for e in why.logged_errors] == [
+        ("t", "cache miss storm", None),
+        ("t", "config unreadable: SyntaxError: Unexpected token", "functions/t.js:3:14"),
+        ("warm", "Error: warm failed\n    at eval (functions/t.js:4:54)", "functions/t.js:4:54"),
+        ("t", "Unhandled promise rejection: Error: in a timer", "functions/t.js:2:28"),
+    ]

@@ -35,7 +35,12 @@ _GATEWAY_ANSWERS = {
     401: "no valid API key",
     404: "no route",
     400: "the request body is not valid JSON",
+    405: "no route for this method",
+    408: "the request body did not arrive in time",
     413: "the request body is over max_body_bytes",
+    415: "the request body's content-encoding is not one Flux decodes",
+    499: "the client disconnected before its body arrived",
+    503: "the server was at capacity, or stopping",
 }
 
 

@@ -363,6 +363,14 @@ def test_why_of_a_request_stopped_at_the_gateway_says_the_function_did_not_run(c
     assert "  POST /hello  →  function: hello  (not run: the request body is not valid JSON)" in not_json
 
 
+def test_why_of_a_request_refused_at_capacity_says_so_in_its_not_run(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [gateway_only("a0000503-0000-4000-8000-000000000001", 503,
+                                      "the server is at capacity: 0 request(s) already wait for one of 2 workers")])
+    out = lines(invoke(dsn, "why", "a0000503").output)
+    assert "  POST /hello  →  function: hello  (not run: the server was at capacity, or stopping)" in out
+
+
 def test_why_says_a_returned_4xx_was_the_functions_own_answer_in_text_and_json(conn, dsn):
     ensure_schema(conn)
     insert_traces(conn, [trace(FAIL, status=404, error="no such widget 7", spans=returned_spans(404, "no such widget 7"))])

@@ -32,6 +32,7 @@ from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, muta
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
 ERROR_CLIP = 60
+NAME_CELLS = 80  # of a span's name in the tree; --json has it whole
 RUN_SHOWN = 5  # like sibling calls shown one by one; a longer run is shown as its ends and one line for the rest
 _SQLSTATE = re.compile(r"\(SQLSTATE [0-9A-Z]{5}\)")  # how the runtime ends a database error's message
 _DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
@@ -204,16 +205,29 @@ _KIND_NAMES = {"db": "queries", "fetch": "fetches", "step": "steps"}
 def _span_lines(rows: list[tuple[str, dict[str, Any]]], children: dict[str, list[dict[str, Any]]]) -> list[str]:
     """`  <prefix><name>   <label>` with the labels right-aligned in one column."""
     labels = [_label(span, children) for _, span in rows]
+    names = [_fit(span.get("name") or "?", NAME_CELLS) for _, span in rows]
     # Widths in terminal cells: a CJK character or an emoji takes two.
-    width = max(cell_len(lead) + cell_len(span.get("name") or "?") for lead, span in rows) + 3
+    width = max(cell_len(lead) + cell_len(name) for (lead, _), name in zip(rows, names)) + 3
     lwidth = max(cell_len(text) for text, _ in labels)
     lines = []
-    for (lead, span), (text, color) in zip(rows, labels):
-        name = span.get("name") or "?"
+    for (lead, span), name, (text, color) in zip(rows, names, labels):
         pad = " " * (width - cell_len(lead) - cell_len(name))
         shown = escape(" " * (lwidth - cell_len(text)) + text)
         lines.append(f"  {lead}{escape(name)}{pad}{f'[{color}]{shown}[/]' if color else shown}")
     return lines
+
+
+def _fit(text: str, cells: int) -> str:
+    """`text` cut to at most `cells` terminal cells, ending in "…" when cut: one long span name
+    would push every line's duration that far right."""
+    if cell_len(text) <= cells:
+        return text
+    used = 0
+    for i, char in enumerate(text):
+        used += cell_len(char)
+        if used > cells - 1:
+            return text[:i] + "…"
+    return text
 
 
 def _origin_failures(spans: list[dict[str, Any]]) -> int:

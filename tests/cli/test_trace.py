@@ -72,6 +72,19 @@ def test_trace_aligns_durations_after_wide_characters_in_span_names(conn, dsn):
         assert {cell_len(line) for line in rows} == {cell_len(rows[0])}, out  # one right-aligned column
 
 
+def test_trace_cuts_a_long_span_name_rather_than_push_every_duration_right(conn, dsn):
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("order", "internal", "function", parent=gw, ms=8)
+    long = span("reconcile " + "x" * 500, "internal", "step", parent=fn, start=1, ms=5)
+    insert_traces(conn, [trace(OK, spans=[gw, fn, long])])
+    out = lines(invoke(dsn, "trace", OK).output)
+    rows = [line for line in out if line.endswith("ms") and "·" not in line]
+    assert len(rows) == 3 and max(len(line) for line in rows) < 100
+    assert "x…" in rows[2]
+    assert json.loads(invoke(dsn, "trace", OK, "--json").stdout)["spans"][2]["name"] == "reconcile " + "x" * 500
+
+
 def test_requests_aligns_columns_after_wide_characters(conn, dsn):
     ensure_schema(conn)
     insert_traces(conn, [trace(OK, path="/注文"), trace(OK2, path="/orders", ago=timedelta(minutes=2))])

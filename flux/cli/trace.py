@@ -144,6 +144,8 @@ def _label(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> t
     """What the right-hand column shows, and its colour: the failure where it started, else the duration."""
     if "collapsed" in span:
         return span["collapsed"], None
+    if (span.get("attributes") or {}).get("flux.abandoned"):  # the request ended before it did: no answer came
+        return "abandoned", "yellow"
     if _failed_here(span, children) and (span.get("attributes") or {}).get("flux.kind") not in _DURATION_KINDS:
         return error_label(span), "red"
     return duration(span.get("duration_ms") or 0), "red" if span.get("status") == "error" else None
@@ -190,9 +192,12 @@ def _collapse_runs(kids: list[dict[str, Any]], children: dict[str, list[dict[str
 
 
 def _alike(first: dict[str, Any], span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> bool:
-    """Of one kind (db, fetch, step), succeeded, with nothing under them."""
-    return (_kind(span) == _kind(first) and span.get("status") != "error" and first.get("status") != "error"
-            and not children.get(span["id"]))
+    """Of one kind (db, fetch, step), succeeded (not failed, nor cut short), with nothing under them."""
+    return (_kind(span) == _kind(first) and _plain(first) and _plain(span) and not children.get(span["id"]))
+
+
+def _plain(span: dict[str, Any]) -> bool:
+    return span.get("status") != "error" and not (span.get("attributes") or {}).get("flux.abandoned")
 
 
 def _kind(span: dict[str, Any]) -> str | None:
@@ -333,6 +338,11 @@ def _why_cause(w: Why, t: TraceRecord) -> None:
         console.print(f"    thrown at {escape(c.thrown_at)}")
     if c.call_site and c.call_site != c.thrown_at:
         console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
+    if c.in_flight:
+        console.print("    calls in flight when it was stopped, cut short:")
+    for f in c.in_flight:
+        site = f"  [dim]at {escape(f.call_site)}[/]" if f.call_site else ""
+        console.print(f"      {escape(f.span)}  [yellow]{duration(f.duration_ms or 0)}[/]{site}")
 
 
 def _why_failures(w: Why) -> None:

@@ -10,6 +10,7 @@ rendering is the CLI's job.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -72,7 +73,8 @@ class TableChanges:
 
 @dataclass(frozen=True, slots=True)
 class FailedCall:
-    """A call or step that failed where it started (not only because a call inside it failed)."""
+    """A call or step that failed where it started (not only because a call inside it failed); or,
+    in `RootCause.in_flight`, a call cut short."""
 
     span_id: str
     span: str  # its name
@@ -80,6 +82,7 @@ class FailedCall:
     error: str | None  # the span's own error, e.g. "HTTP 429 Too Many Requests"
     label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"
     call_site: str | None  # where in the function the call was made: the span's code.location
+    duration_ms: float | None = None  # how long it ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,9 @@ class RootCause:
     exception: str | None  # what the function threw ("Error: Stripe API timeout"); None when it returned
     thrown_at: str | None  # first frame in the function's source: "functions/signup.js:7:11"
     call_site: str | None  # where the failing call was made: the span's code.location
+    # Calls still running when Flux stopped the function (time limit, memory), cut short: at a time
+    # limit, most often what it was waiting on. `label` "abandoned", `error` None.
+    in_flight: tuple[FailedCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +394,8 @@ def _failed_here(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def failed_calls(spans: list[dict[str, Any]]) -> list[FailedCall]:
     """Every call and step that failed where it started, in the order they started."""
     return [FailedCall(span_id=s["id"], span=s.get("name") or "?", kind=_kind(s), error=s.get("error"),
-                       label=error_label(s), call_site=(s.get("attributes") or {}).get("code.location"))
+                       label=error_label(s), call_site=(s.get("attributes") or {}).get("code.location"),
+                       duration_ms=s.get("duration_ms"))
             for s in _failed_here(spans)]
 
 
@@ -468,7 +475,15 @@ def root_cause(trace: TraceRecord) -> RootCause | None:
         carriers += [s for s in trace.spans if _kind(s) == "step" and s.get("error") == _STEP_CUT]
     depth = _depths(trace.spans)
     where = max(carriers, key=lambda s: depth[s["id"]]) if carriers else function
-    return _root(where, "own", exception=thrown, thrown_at=thrown_at)
+    cause = _root(where, "own", exception=thrown, thrown_at=thrown_at)
+    if code_threw:
+        return cause
+    # Cancelled as the request ended, after running a while (one the end kept from starting ran for 0 ms).
+    cut = [s for s in trace.spans if (s.get("attributes") or {}).get("flux.abandoned") and (s.get("duration_ms") or 0) > 0]
+    return dataclasses.replace(cause, in_flight=tuple(
+        FailedCall(span_id=s["id"], span=s.get("name") or "?", kind=_kind(s), error=None, label="abandoned",
+                   call_site=(s.get("attributes") or {}).get("code.location"), duration_ms=s.get("duration_ms"))
+        for s in sorted(cut, key=lambda s: s.get("start") or 0)))
 
 
 def _root(span: dict[str, Any], link: str, *, error: str | None = None, label: str | None = None,

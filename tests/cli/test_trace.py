@@ -29,6 +29,7 @@ from tests.traces_seed import (
     seed,
     span,
     trace,
+    waiting_spans,
 )
 
 
@@ -549,3 +550,15 @@ def test_why_lists_the_errors_a_request_that_succeeded_logged(conn, dsn):
     assert out[at + 1] == "    t  Unhandled promise rejection: Error: in a timer  at functions/t.js:2:28"
     data = json.loads(invoke(dsn, "why", OK, "--json").stdout)
     assert data["logged_error_count"] == 1 and data["logged_errors"][0]["at"] == "functions/t.js:2:28"
+
+
+def test_why_and_trace_of_a_time_limit_show_the_call_it_was_waiting_on_as_abandoned(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(FAIL, status=504, spans=waiting_spans(), error="TimeoutError: ...")])
+    out = lines(invoke(dsn, "why", FAIL).output)
+    at = out.index("    calls in flight when it was stopped, cut short:")
+    assert out[at + 1] == "      stripe.charge  3.00s  at functions/pay.js:4:15"
+    tree = lines(invoke(dsn, "trace", FAIL).output)
+    assert any(line.startswith("     │  └─ stripe.charge") and line.endswith("abandoned") for line in tree), tree
+    cause = json.loads(invoke(dsn, "why", FAIL, "--json").stdout)["cause"]
+    assert [f["span"] for f in cause["in_flight"]] == ["stripe.charge"]

@@ -26,6 +26,7 @@ from tests.traces_seed import (
     returned_spans,
     span,
     trace,
+    waiting_spans,
 )
 
 
@@ -456,3 +457,15 @@ def test_errors_logged_by_a_request_that_succeeded_are_listed_in_order_with_wher
         ("warm", "Error: warm failed\n    at eval (functions/t.js:4:54)", "functions/t.js:4:54"),
         ("t", "Unhandled promise rejection: Error: in a timer", "functions/t.js:2:28"),
     ]
+
+
+def test_the_time_limit_names_the_calls_in_flight_when_flux_stopped_the_function():
+    cause = root_cause(failed(FAIL, waiting_spans(), status=504))
+    assert cause is not None and (cause.span, cause.link) == ("charge", "own")
+    assert [(f.span, f.duration_ms, f.call_site) for f in cause.in_flight] == [
+        ("stripe.charge", 3000, "functions/pay.js:4:15")]
+
+
+def test_a_function_that_threw_has_no_calls_in_flight_named():
+    cause = root_cause(failed(FAIL, retry_spans()))
+    assert cause is not None and cause.in_flight == ()

@@ -12,6 +12,7 @@ import orjson
 from rich.console import Console
 
 from flux.errors import FluxError
+from flux.store.names import visible
 
 console = Console(highlight=False, soft_wrap=True, emoji=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
@@ -52,3 +53,10 @@ def rich_escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+def escape(text: str) -> str:
+    """Text for rich markup, with what a terminal would not show as itself made visible (`\\n`,
+    `\\u001b`): a path, an error, a span or function name is the client's, the function's or a
+    writer's, and its escape sequences must not reach the reader's terminal and act there."""
+    return rich_escape(visible(text))

@@ -11,10 +11,9 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
-from flux.cli.output import console, print_json
+from flux.cli.output import console, escape, print_json
 from flux.errors import ConfigError
 from flux.store import names, queries
 from flux.store.names import key_text

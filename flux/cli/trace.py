@@ -16,15 +16,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.cells import cell_len
-from rich.markup import escape
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
-from flux.cli.output import console, print_json
+from flux.cli.output import console, escape, print_json
 from flux.cli.state import history_command, shell_word
 from flux.project import DEFAULT_TENANT, parse_duration
 from flux.store import traces
 from flux.store.retention import pruned_before
-from flux.store.names import format_table, key_text
+from flux.store.names import format_table, key_text, visible
 from flux.store.traces import TraceRecord, TraceSummary
 from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned, record_cuts,
                             unlogged_writes)
@@ -210,7 +209,7 @@ _KIND_NAMES = {"db": "queries", "fetch": "fetches", "step": "steps"}
 def _span_lines(rows: list[tuple[str, dict[str, Any]]], children: dict[str, list[dict[str, Any]]]) -> list[str]:
     """`  <prefix><name>   <label>` with the labels right-aligned in one column."""
     labels = [_label(span, children) for _, span in rows]
-    names = [_fit(span.get("name") or "?", NAME_CELLS) for _, span in rows]
+    names = [_fit(visible(span.get("name") or "?"), NAME_CELLS) for _, span in rows]
     # Widths in terminal cells: a CJK character or an emoji takes two.
     width = max(cell_len(lead) + cell_len(name) for (lead, _), name in zip(rows, names)) + 3
     lwidth = max(cell_len(text) for text, _ in labels)
@@ -423,9 +422,9 @@ def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None
         return
     # A project of one tenant (flux dev's "default") needs no tenant column; one of several does.
     tenants = any(r.tenant != DEFAULT_TENANT for r in rows)
-    cells = [
-        (r.id[:SHORT_ID], _time(r.started_at), *((r.tenant or "—",) if tenants else ()), f"{r.method} {r.path}",
-         r.function or "—", str(r.status), duration(r.duration_ms), _clip(r.error or ""))
+    cells = [tuple(map(visible, (
+        r.id[:SHORT_ID], _time(r.started_at), *((r.tenant or "—",) if tenants else ()), f"{r.method} {r.path}",
+        r.function or "—", str(r.status), duration(r.duration_ms), _clip(r.error or ""))))
         for r in rows
     ]
     header = ("ID", "TIME (UTC)", *(("TENANT",) if tenants else ()), "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR")

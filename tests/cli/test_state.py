@@ -420,3 +420,13 @@ def test_history_of_a_table_whose_changes_were_all_pruned_says_so(users, dsn):
     result = invoke(dsn, "history", "users", "--id", "42")
     assert isinstance(result.exception, NotFoundError)
     assert " UTC were deleted by retention." in result.exception.hint
+
+
+def test_history_shows_a_forged_function_name_escape_sequences_as_escapes(conn, dsn):
+    """Any transaction can send a request context: its function name reaches the reader's terminal."""
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text)")
+    record(conn, "users", "insert", request_id=RID1, function="x\x1b]0;pwned\x07", key={"id": 1}, new={"id": 1, "email": "a"})
+    out = invoke(dsn, "history", "users", "--id", "1").output
+    assert "\x1b" not in out and "\x07" not in out
+    assert "x\\u001b]0;pwned\\u0007" in out

@@ -23,6 +23,7 @@ from tests.traces_seed import (
     OK2,
     aborted_spans,
     bulk_mutations,
+    exception,
     nested_spans,
     retry_spans,
     returned_spans,
@@ -562,3 +563,22 @@ def test_why_and_trace_of_a_time_limit_show_the_call_it_was_waiting_on_as_abando
     assert any(line.startswith("     │  └─ stripe.charge") and line.endswith("abandoned") for line in tree), tree
     cause = json.loads(invoke(dsn, "why", FAIL, "--json").stdout)["cause"]
     assert [f["span"] for f in cause["in_flight"]] == ["stripe.charge"]
+
+
+def test_requests_trace_and_why_never_pass_a_clients_escape_sequences_to_the_terminal(conn, dsn):
+    """A path (and the 404 quoting it) is the client's, a span name or error the function's: ESC,
+    BEL and the like are shown as their escapes, or they would recolour, retitle or worse the
+    reader's terminal."""
+    ensure_schema(conn)
+    path = "/\x1b[31mRED\x1b]0;pwned\x07"
+    gw = span("gateway", "server", "gateway", ms=1, http__status_code=500, error="boom\x1b[2J")
+    fn = span("f", "internal", "function", parent=gw, ms=1, error="boom\x1b[2J",
+              events=[exception("boom\x1b[2J", at=1, frames="    at default (functions/f.js:2:9)")])
+    step = span("step\x1b]8;;http://evil\x07", "internal", "step", parent=fn, ms=1)
+    insert_traces(conn, [trace(FAIL, status=500, path=path, error="boom\x1b[2J", spans=[gw, fn, step])])
+    for args in (("requests",), ("trace", FAIL), ("why", FAIL)):
+        out = invoke(dsn, *args).output
+        assert "\x1b" not in out and "\x07" not in out, (args, out)
+        assert "\\u001b" in out
+    assert "/\\u001b[31mRED\\u001b]0;pwned\\u0007" in invoke(dsn, "requests").output
+    assert json.loads(invoke(dsn, "trace", FAIL, "--json").stdout)["path"] == path  # --json has it as it is

@@ -43,9 +43,9 @@ def fail(exc: FluxError) -> NoReturn:
     """The CLI's single exit path for errors: one line, a hint, a non-zero code, no traceback."""
     if "--json" in sys.argv[1:]:
         sys.stdout.buffer.write(orjson.dumps(exc.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
-    err_console.print(f"[bold red]error:[/] {rich_escape(str(exc))}")
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}")  # it may quote recorded text (ids, names)
     if exc.hint:
-        err_console.print(f"[dim]hint:[/] {rich_escape(exc.hint)}")
+        err_console.print(f"[dim]hint:[/] {escape(exc.hint)}")
     sys.exit(exc.exit_code)
 
 

@@ -582,3 +582,14 @@ def test_requests_trace_and_why_never_pass_a_clients_escape_sequences_to_the_ter
         assert "\\u001b" in out
     assert "/\\u001b[31mRED\\u001b]0;pwned\\u0007" in invoke(dsn, "requests").output
     assert json.loads(invoke(dsn, "trace", FAIL, "--json").stdout)["path"] == path  # --json has it as it is
+
+
+def test_an_ambiguous_prefix_error_shows_a_forged_ids_escape_sequences_as_escapes(conn, dsn):
+    """A request id in the mutation log is what a transaction's context said: any writer's text."""
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 1, request_id="abcd\x1b]0;pwned\x07")
+    bulk_mutations(conn, "users", "insert", 1, request_id="abcd-2", first_id=2)
+    proc = subprocess.run([sys.executable, "-m", "flux", "why", "abcd", "--database", dsn],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == AmbiguousError.exit_code
+    assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr and "abcd\\u001b]0;pwned\\u0007" in proc.stderr

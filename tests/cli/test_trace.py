@@ -593,3 +593,17 @@ def test_an_ambiguous_prefix_error_shows_a_forged_ids_escape_sequences_as_escape
                           check=False, capture_output=True, text=True)
     assert proc.returncode == AmbiguousError.exit_code
     assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr and "abcd\\u001b]0;pwned\\u0007" in proc.stderr
+
+
+def test_the_readme_documents_every_key_of_the_json_of_why_and_requests():
+    import re
+    from pathlib import Path
+
+    from flux.store.traces import TraceSummary
+    from flux.store.why import FailedCall, LoggedError, RootCause, RowChange, TableChanges, Why
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z_]+)`", readme))
+    for kind in (Why, RootCause, FailedCall, LoggedError, RowChange, TableChanges, TraceSummary):
+        missing = {f.name for f in dataclasses.fields(kind)} - documented
+        assert not missing, (kind.__name__, missing)

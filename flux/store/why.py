@@ -419,8 +419,8 @@ def _same_error(span: dict[str, Any], message: str, thrown_at: str | None) -> in
 
 def _aborted_by(call: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any] | None:
     """For a statement refused because the transaction was already aborted (SQLSTATE 25P02), the
-    statement whose failure aborted it: the last one that failed before it otherwise. A request's
-    ctx.db calls are one transaction, so that failure, caught and gone past, is the cause."""
+    statement whose failure aborted it: the last one that failed, with another SQLSTATE, before it.
+    A request's ctx.db calls are one transaction, so that failure, caught and gone past, is the cause."""
     if (call.get("attributes") or {}).get("db.sqlstate") != _IN_FAILED_TRANSACTION:
         return None
     earlier = [s for s in failed if _kind(s) == "db" and _end(s) <= (call.get("start") or 0)

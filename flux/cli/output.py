@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any, NoReturn
 
 import orjson
+from rich.cells import cell_len
 from rich.console import Console
 
 from flux.errors import FluxError
@@ -53,6 +54,17 @@ def rich_escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+def width(text: str) -> int:
+    """How many terminal cells `text` takes as `escape` shows it (a CJK character or an emoji: two)."""
+    return cell_len(visible(text))
+
+
+def pad(text: str, cells: int) -> str:
+    """`text` as `escape` shows it, padded with spaces to `cells` terminal cells."""
+    shown = visible(text)
+    return shown + " " * (cells - cell_len(shown))
 
 
 def escape(text: str) -> str:

@@ -68,6 +68,36 @@ def exception(message: str, *, at: float, type_: str = "Error", frames: str = ""
         "exception.stacktrace": f"{type_}: {message}\n{frames}" if frames else ""}}
 
 
+def aborted_spans(*, caught: bool = True) -> list[dict]:
+    """Captured from the runtime: an insert that failed 23505, caught, then a select the aborted
+    transaction refused (25P02), which the function threw."""
+    refused = "current transaction is aborted, commands ignored until end of transaction block (SQLSTATE 25P02)"
+    gw = span("gateway", "server", "gateway", ms=5, error=f"DatabaseError: {refused}", http__status_code=500)
+    fn = span("save", "internal", "function", parent=gw, ms=4, error=f"DatabaseError: {refused}", events=[
+        exception(refused, at=4, type_="DatabaseError", frames="    at functions/save.js:7:16")])
+    insert = span("db.insert(items)", "client", "db", parent=fn, start=1, ms=1, db__sqlstate="23505",
+                  error='duplicate key value violates unique constraint "items_pkey" (SQLSTATE 23505)',
+                  code__location="functions/save.js:3:18")
+    select = span("db.select", "client", "db", parent=fn, start=3, ms=0.3, error=refused, db__sqlstate="25P02",
+                  code__location="functions/save.js:7:16")
+    return [gw, fn, *([insert] if caught else []), select]
+
+
+def waiting_spans() -> list[dict]:
+    """Captured from the runtime: the time limit hit while a step awaited a slow fetch, which the
+    end of the request cancelled after 3 s (abandoned), and a call it kept from starting (0 ms)."""
+    message = "the function exceeded its time limit (3000 ms)"
+    gw = span("gateway", "server", "gateway", ms=3010, error=f"TimeoutError: {message}", http__status_code=504)
+    fn = span("pay", "internal", "function", parent=gw, ms=3010, error=f"TimeoutError: {message}",
+              events=[exception(message, at=3010, type_="TimeoutError")])
+    step = span("charge", "internal", "step", parent=fn, start=5, ms=3005, error="the request ended before this step did")
+    fetch = span("stripe.charge", "client", "fetch", parent=step, start=6, ms=3000, flux__abandoned=True,
+                 code__location="functions/pay.js:4:15")
+    never = span("db.insert(audit)", "client", "db", parent=fn, start=3010, ms=0, flux__abandoned=True,
+                 code__location="functions/pay.js:9:9")
+    return [gw, fn, step, fetch, never]
+
+
 def retry_spans() -> list[dict[str, Any]]:
     """A function that got a 429, retried it successfully, then threw an uncaught duplicate-key error
     (a ctx error's stack is the call site). Captured from the runtime's spans for the same code."""

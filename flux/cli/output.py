@@ -9,9 +9,11 @@ from decimal import Decimal
 from typing import Any, NoReturn
 
 import orjson
+from rich.cells import cell_len
 from rich.console import Console
 
 from flux.errors import FluxError
+from flux.store.names import visible
 
 console = Console(highlight=False, soft_wrap=True, emoji=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
@@ -42,9 +44,9 @@ def fail(exc: FluxError) -> NoReturn:
     """The CLI's single exit path for errors: one line, a hint, a non-zero code, no traceback."""
     if "--json" in sys.argv[1:]:
         sys.stdout.buffer.write(orjson.dumps(exc.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
-    err_console.print(f"[bold red]error:[/] {rich_escape(str(exc))}")
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}")  # it may quote recorded text (ids, names)
     if exc.hint:
-        err_console.print(f"[dim]hint:[/] {rich_escape(exc.hint)}")
+        err_console.print(f"[dim]hint:[/] {escape(exc.hint)}")
     sys.exit(exc.exit_code)
 
 
@@ -52,3 +54,21 @@ def rich_escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+def width(text: str) -> int:
+    """How many terminal cells `text` takes as `escape` shows it (a CJK character or an emoji: two)."""
+    return cell_len(visible(text))
+
+
+def pad(text: str, cells: int) -> str:
+    """`text` as `escape` shows it, padded with spaces to `cells` terminal cells."""
+    shown = visible(text)
+    return shown + " " * (cells - cell_len(shown))
+
+
+def escape(text: str) -> str:
+    """Text for rich markup, with what a terminal would not show as itself made visible (`\\n`,
+    `\\u001b`): a path, an error, a span or function name is the client's, the function's or a
+    writer's, and its escape sequences must not reach the reader's terminal and act there."""
+    return rich_escape(visible(text))

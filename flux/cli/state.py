@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
-from flux.cli.output import console, print_json
+from flux.cli.output import console, escape, pad, print_json
+from flux.cli.output import width as text_width
 from flux.errors import ConfigError
 from flux.store import names, queries
 from flux.store.names import key_text
@@ -142,7 +142,7 @@ def render_history(h: RowHistory) -> None:
         console.print("  [dim]no primary key: matched on row values[/]")
     if h.pruned_before is not None:
         console.print(f"  [dim]its changes committed before {h.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
-    width = max([8, *(len(c) for m in h.mutations for c in (m.new or m.old or {}))])
+    width = max([8, *(text_width(c) for m in h.mutations for c in (m.new or m.old or {}))])
     for m in h.mutations:
         console.print()
         console.print(f"  {_time(m.commit_time)}  {_who(m)}")
@@ -153,7 +153,7 @@ def render_history(h: RowHistory) -> None:
 
 def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[str]:
     def col(name: str) -> str:
-        return escape(name.ljust(width))
+        return escape(pad(name, width))
 
     def image(values: dict[str, Any] | None) -> list[tuple[str, Any]]:  # the header names the key already
         return [(c, v) for c, v in (values or {}).items() if c not in (m.row_key or {})]
@@ -235,16 +235,16 @@ def render_row_blame(b: RowBlame) -> None:
                           f"{escape(history_command(b.schema, b.table, b.moved_to).replace('history', 'blame', 1))}[/]")
         if b.columns:
             console.print("  [dim]values before it:[/]")
-    width = max([8, *(len(c.column) for c in b.columns)])
-    vwidth = min(40, max([4, *(len(key_text(c.value)) for c in b.columns)]))
+    width = max([8, *(text_width(c.column) for c in b.columns)])
+    vwidth = min(40, max([4, *(text_width(key_text(c.value)) for c in b.columns)]))
     for c in b.columns:
-        value = escape(key_text(c.value).ljust(vwidth))
+        value = escape(pad(key_text(c.value), vwidth))
         if c.set_by is None:
             origin = "[dim](set before the recorded history)[/]"
         else:
             maybe = "[dim]≤[/] " if not c.certain else ""
             origin = f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by)}  [dim]{c.set_by.op}[/]"
-        line = f"  {escape(c.column.ljust(width))}  {value}  {origin}"
+        line = f"  {escape(pad(c.column, width))}  {value}  {origin}"
         console.print(f"[dim]{line}[/]" if b.deleted else line)
     if any(not c.certain for c in b.columns):
         console.print("  [dim]≤: set by this change or an earlier one (the old row was not fully known)[/]")

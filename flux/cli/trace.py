@@ -15,21 +15,24 @@ from http import HTTPStatus
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
+from rich.cells import cell_len
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
-from flux.cli.output import console, print_json
+from flux.cli.output import console, escape, print_json
 from flux.cli.state import history_command, shell_word
 from flux.project import DEFAULT_TENANT, parse_duration
 from flux.store import traces
 from flux.store.retention import pruned_before
-from flux.store.names import format_table, key_text
+from flux.store.names import format_table, key_text, visible
 from flux.store.traces import TraceRecord, TraceSummary
-from flux.store.why import MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned
+from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned, record_cuts,
+                            unlogged_writes)
 
 IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
 ERROR_CLIP = 60
+NAME_CELLS = 80  # of a span's name in the tree; --json has it whole
+RUN_SHOWN = 5  # like sibling calls shown one by one; a longer run is shown as its ends and one line for the rest
 _SQLSTATE = re.compile(r"\(SQLSTATE [0-9A-Z]{5}\)")  # how the runtime ends a database error's message
 _DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
 
@@ -42,10 +45,12 @@ def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption
         pruned = pruned_before(conn)
     # None of its row changes left, and it ended before the log's cutoff: how many it made is unknown.
     writes_pruned = writes == 0 and mutations_pruned(record, pruned)
+    unlogged = unlogged_writes(record, writes, pruned)
+    notes = [*([unlogged] if unlogged else []), *record_cuts(record)]
     if json:
-        print_json({**dataclasses.asdict(record), "db_writes": writes, "db_writes_pruned": writes_pruned})
+        print_json({**dataclasses.asdict(record), "db_writes": writes, "db_writes_pruned": writes_pruned, "notes": notes})
     else:
-        render_trace(record, writes, pruned.mutations if writes_pruned else None)
+        render_trace(record, writes, pruned.mutations if writes_pruned else None, notes)
 
 
 def why(
@@ -136,6 +141,10 @@ def _failed_here(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]
 
 def _label(span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> tuple[str, str | None]:
     """What the right-hand column shows, and its colour: the failure where it started, else the duration."""
+    if "collapsed" in span:
+        return span["collapsed"], None
+    if (span.get("attributes") or {}).get("flux.abandoned"):  # the request ended before it did: no answer came
+        return "abandoned", "yellow"
     if _failed_here(span, children) and (span.get("attributes") or {}).get("flux.kind") not in _DURATION_KINDS:
         return error_label(span), "red"
     return duration(span.get("duration_ms") or 0), "red" if span.get("status") == "error" else None
@@ -147,7 +156,7 @@ def _walk(roots: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]
     def visit(span: dict[str, Any], lead: str, last: bool, depth: int) -> Iterator[tuple[str, int, dict[str, Any]]]:
         yield (lead + ("└─ " if last else "├─ ") if depth else ""), depth, span
         below = lead + ("   " if last else "│  ") if depth else ""
-        kids = children.get(span["id"], [])
+        kids = _collapse_runs(children.get(span.get("id"), []), children)
         for i, child in enumerate(kids):
             yield from visit(child, below, i == len(kids) - 1, depth + 1)
 
@@ -155,18 +164,74 @@ def _walk(roots: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]
         yield from visit(root, "", True, 0)
 
 
+def _collapse_runs(kids: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Siblings with a run of more than RUN_SHOWN like calls (of one kind, succeeded, nothing under
+    them: a query in a loop) shown as the run's first two, one line for the rest with their
+    durations' range, and its last: a thousand of them would bury the rest of the tree. A failed
+    call is never hidden."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(kids):
+        j = i
+        while j < len(kids) and _alike(kids[i], kids[j], children):
+            j += 1
+        if j - i > RUN_SHOWN:
+            hidden = kids[i + 2:j - 1]
+            times = [s.get("duration_ms") or 0 for s in hidden]
+            names = [s.get("name") or "?" for s in hidden]
+            what = names[0] if len(set(names)) == 1 else f"{_KIND_NAMES.get(_kind(hidden[0]), 'calls')} ({names[0]} to {names[-1]})"
+            out += [*kids[i:i + 2], {
+                "name": f"… {len(hidden):,} more {what}, --json has each",
+                "collapsed": f"{duration(min(times))} to {duration(max(times))}" if min(times) != max(times)
+                else duration(times[0])}, kids[j - 1]]
+        else:
+            out += kids[i:max(j, i + 1)]
+        i = max(j, i + 1)
+    return out
+
+
+def _alike(first: dict[str, Any], span: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> bool:
+    """Of one kind (db, fetch, step), succeeded (not failed, nor cut short), with nothing under them."""
+    return (_kind(span) == _kind(first) and _plain(first) and _plain(span) and not children.get(span["id"]))
+
+
+def _plain(span: dict[str, Any]) -> bool:
+    return span.get("status") != "error" and not (span.get("attributes") or {}).get("flux.abandoned")
+
+
+def _kind(span: dict[str, Any]) -> str | None:
+    return (span.get("attributes") or {}).get("flux.kind")
+
+
+_KIND_NAMES = {"db": "queries", "fetch": "fetches", "step": "steps"}
+
+
 def _span_lines(rows: list[tuple[str, dict[str, Any]]], children: dict[str, list[dict[str, Any]]]) -> list[str]:
     """`  <prefix><name>   <label>` with the labels right-aligned in one column."""
     labels = [_label(span, children) for _, span in rows]
-    width = max(len(lead) + len(span.get("name") or "") for lead, span in rows) + 3
-    lwidth = max(len(text) for text, _ in labels)
+    names = [_fit(visible(span.get("name") or "?"), NAME_CELLS) for _, span in rows]
+    # Widths in terminal cells: a CJK character or an emoji takes two.
+    width = max(cell_len(lead) + cell_len(name) for (lead, _), name in zip(rows, names)) + 3
+    lwidth = max(cell_len(text) for text, _ in labels)
     lines = []
-    for (lead, span), (text, color) in zip(rows, labels):
-        name = span.get("name") or "?"
-        pad = " " * (width - len(lead) - len(name))
-        shown = escape(text.rjust(lwidth))
+    for (lead, span), name, (text, color) in zip(rows, names, labels):
+        pad = " " * (width - cell_len(lead) - cell_len(name))
+        shown = escape(" " * (lwidth - cell_len(text)) + text)
         lines.append(f"  {lead}{escape(name)}{pad}{f'[{color}]{shown}[/]' if color else shown}")
     return lines
+
+
+def _fit(text: str, cells: int) -> str:
+    """`text` cut to at most `cells` terminal cells, ending in "…" when cut: one long span name
+    would push every line's duration that far right."""
+    if cell_len(text) <= cells:
+        return text
+    used = 0
+    for i, char in enumerate(text):
+        used += cell_len(char)
+        if used > cells - 1:
+            return text[:i] + "…"
+    return text
 
 
 def _origin_failures(spans: list[dict[str, Any]]) -> int:
@@ -174,7 +239,8 @@ def _origin_failures(spans: list[dict[str, Any]]) -> int:
     return sum(1 for s in spans if _failed_here(s, children))
 
 
-def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime | None = None) -> None:
+def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime | None = None,
+                 notes: list[str] | tuple[str, ...] = ()) -> None:
     roots, children = _children(t.spans)
     color = _status_color(t.status)
     console.print()
@@ -187,6 +253,8 @@ def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime 
     writes = (f"{db_writes}" if writes_pruned_before is None else
               f"unknown (row changes committed before {writes_pruned_before:%Y-%m-%d %H:%M:%S} UTC were pruned)")
     console.print(f"  [dim]── Spans: {len(t.spans)}  ·  Errors: {_origin_failures(t.spans)}  ·  DB writes: {writes}[/]")
+    for note in notes:
+        console.print(f"  [yellow]note:[/] {escape(note)}")
     console.print()
 
 
@@ -207,6 +275,7 @@ def render_why(w: Why) -> None:
     if w.cause is not None and t is not None:
         _why_cause(w, t)
     _why_failures(w)
+    _why_logged(w)
     if w.mutations:
         _why_rows(w)
     for note in w.notes:
@@ -243,6 +312,8 @@ def _why_cause(w: Why, t: TraceRecord) -> None:
     if c.link == "failed_before":
         how = "threw" if c.exception else f"returned {t.status}"
         qualifier = f"the last call that failed before the function {how}"
+    elif c.link == "aborted":
+        qualifier = "it aborted the transaction; the function went on, and threw a later statement's refusal"
     elif c.link == "own" and c.exception is None and t.status < 500:
         qualifier = "the function's own answer"
     else:
@@ -252,7 +323,7 @@ def _why_cause(w: Why, t: TraceRecord) -> None:
         console.print(f"    {escape(c.span)}  [red]{escape(c.exception)}[/]")
     else:
         console.print(f"    {escape(c.span)}  {_failure(c.label, c.error)}")
-    if c.link == "failed_before":
+    if c.link in ("failed_before", "aborted"):
         if c.call_site:
             console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
         if c.exception:
@@ -266,6 +337,11 @@ def _why_cause(w: Why, t: TraceRecord) -> None:
         console.print(f"    thrown at {escape(c.thrown_at)}")
     if c.call_site and c.call_site != c.thrown_at:
         console.print(f"    [dim]call made at {escape(c.call_site)}[/]")
+    if c.in_flight:
+        console.print("    calls in flight when it was stopped, cut short:")
+    for f in c.in_flight:
+        site = f"  [dim]at {escape(f.call_site)}[/]" if f.call_site else ""
+        console.print(f"      {escape(f.span)}  [yellow]{duration(f.duration_ms or 0)}[/]{site}")
 
 
 def _why_failures(w: Why) -> None:
@@ -280,6 +356,18 @@ def _why_failures(w: Why) -> None:
         console.print(f"    {escape(f.span)}  {_failure(f.label, f.error)}{site}")
     if w.failure_count > len(w.failures):
         console.print(f"    [dim]… and {w.failure_count - len(w.failures):,} more (flux trace shows them all)[/]")
+
+
+def _why_logged(w: Why) -> None:
+    if not w.logged_errors:
+        return
+    console.print("  [bold]Errors logged[/]")
+    for e in w.logged_errors:
+        message = e.message.splitlines()[0] if e.message else ""  # an Error logged whole has its stack below
+        at = f"  [dim]at {escape(e.at)}[/]" if e.at else ""
+        console.print(f"    {escape(e.span)}  [red]{escape(message)}[/]{at}")
+    if w.logged_error_count > len(w.logged_errors):
+        console.print(f"    [dim]… and {w.logged_error_count - len(w.logged_errors):,} more (flux trace --json has them)[/]")
 
 
 def _failure(label: str, error: str | None) -> str:
@@ -334,20 +422,21 @@ def render_requests(rows: list[TraceSummary], *, filtered: bool = False) -> None
         return
     # A project of one tenant (flux dev's "default") needs no tenant column; one of several does.
     tenants = any(r.tenant != DEFAULT_TENANT for r in rows)
-    cells = [
-        (r.id[:SHORT_ID], _time(r.started_at), *((r.tenant or "—",) if tenants else ()), f"{r.method} {r.path}",
-         r.function or "—", str(r.status), duration(r.duration_ms), _clip(r.error or ""))
+    cells = [tuple(map(visible, (
+        r.id[:SHORT_ID], _time(r.started_at), *((r.tenant or "—",) if tenants else ()), f"{r.method} {r.path}",
+        r.function or "—", str(r.status), duration(r.duration_ms), _clip(r.error or ""))))
         for r in rows
     ]
     header = ("ID", "TIME (UTC)", *(("TENANT",) if tenants else ()), "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR")
-    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    widths = [max(cell_len(c[i]) for c in [header, *cells]) for i in range(len(header))]
     status_at = header.index("STATUS")
     right = {status_at, status_at + 1}
 
     def line(values: tuple[str, ...], styles: tuple[str | None, ...]) -> str:
         out = []
         for i, (value, width, style) in enumerate(zip(values, widths, styles)):
-            text = escape(value.rjust(width) if i in right else value if i == len(values) - 1 else value.ljust(width))
+            pad = " " * (width - cell_len(value))  # in terminal cells, as the widths are
+            text = escape(pad + value if i in right else value if i == len(values) - 1 else value + pad)
             out.append(f"[{style}]{text}[/]" if style and value else text)
         return "  " + "  ".join(out).rstrip()
 

@@ -51,7 +51,7 @@ from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
 from flux.runtime.fetch import FetchPolicy, Transport
 from flux.runtime.host import Clock, Span
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
-from flux.store.traces import TraceRecord
+from flux.store.traces import INTERNAL_ERROR, TraceRecord
 
 log = logging.getLogger("flux.gateway")
 
@@ -307,7 +307,7 @@ class Gateway:
             return await self.executor.run(pool, invocation)
         except Exception:  # a bug in Flux: the request still gets its id, a clear answer and a trace
             log.exception("request %s: running %s failed inside Flux", invocation.request_id, function)
-            return _error(500, "Flux failed while running the function (an internal error)",
+            return _error(500, INTERNAL_ERROR,
                           "The gateway's log has the details, under this request id.")
         finally:
             self._slots.release()

@@ -196,8 +196,39 @@ def to_json_value(value: Any) -> Any:
 
 
 def json_ready(value: Any) -> Any:
-    """Round-trip through orjson, so results hold only JSON types (for the tape and for JS)."""
-    return orjson.loads(orjson.dumps(value, default=to_json_value))
+    """Round-trip through orjson, so results hold only JSON types (for the tape and for JS). An
+    integer past 64 bits (in a json or jsonb value), which orjson does not write, becomes the
+    double JS's JSON.parse makes of it."""
+    try:
+        return orjson.loads(orjson.dumps(value, default=to_json_value))
+    except orjson.JSONEncodeError:
+        try:
+            doubled = _wide_ints_as_doubles(value)
+        except RecursionError:  # nested past what this walks: the caller's error for depth stands
+            raise orjson.JSONEncodeError("nested too deep") from None
+        if doubled is value:
+            raise  # not a wide integer: too deep for orjson
+        return orjson.loads(orjson.dumps(doubled, default=to_json_value))
+
+
+_INT64 = range(-(2 ** 63), 2 ** 64)  # what orjson writes
+
+
+def _wide_ints_as_doubles(value: Any) -> Any:
+    """`value` with each int orjson cannot write as the double JSON.parse gives (Infinity past a
+    double's range, which JSON writes as null); `value` itself when it holds none."""
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    if isinstance(value, dict):
+        items = {k: _wide_ints_as_doubles(v) for k, v in value.items()}
+        return items if any(items[k] is not v for k, v in value.items()) else value
+    if isinstance(value, (list, tuple)):
+        items = [_wide_ints_as_doubles(v) for v in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    return value
 
 
 class ParamError(ValueError):

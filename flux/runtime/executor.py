@@ -130,7 +130,18 @@ async def _then_drain(isolate: Isolate, op: str, arg: Any, *, literal: str | Non
     literal = _eval_arg(arg) if literal is None else literal
     if len(literal) > MAX_EVAL_CHARS:
         raise _EvalTooLarge(f"{len(literal):,} characters")
-    return _from_js(await isolate.eval_then(f'{isolate.bridge}("{op}",{literal})', isolate.drain_code))
+    return _drain(await isolate.eval_then(f'{isolate.bridge}("{op}",{literal})', isolate.drain_code))
+
+
+def _drain(text: Any) -> Any:
+    """A drain's JSON text as data. A JSON.stringify the function replaced can give anything (text
+    that is no JSON, a number, undefined): that is a broken bridge, not an error of Flux's."""
+    if not isinstance(text, str):
+        raise BrokenBridge(f"the drain is {type(text).__name__}, not JSON text")
+    try:
+        return _from_js(text)
+    except (ValueError, RecursionError) as exc:
+        raise BrokenBridge(f"the drain is not JSON ({exc})") from exc
 
 
 def _within_eval_limit(settled: list[list[Any]]) -> tuple[list[list[Any]], str]:
@@ -465,7 +476,7 @@ class _Run:
         if text is None:
             return
         try:
-            out = self._take(_from_js(text))
+            out = self._take(_drain(text))
         except (BrokenBridge, ValueError, RecursionError):  # the request has ended anyway: keep what came before
             return
         for _, *call in out.get("calls", ()):

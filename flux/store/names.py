@@ -99,6 +99,18 @@ def hidden(char: str) -> bool:
     return category in ("Cc", "Cf", "Cs", "Zl", "Zp") or (category == "Zs" and char != " ")
 
 
+def visible(text: str) -> str:
+    """`text` with each character a terminal does not show as itself written as its escape (`\\n`,
+    `\\u001b`): recorded text (a path, an error, a span name) is the client's or the function's,
+    and an escape sequence in it would otherwise reach the reader's terminal and act there."""
+    if not any(map(hidden, text)):
+        return text
+    return "".join(_SHORT_ESCAPES.get(c) or _json_escape(c) if hidden(c) else c for c in text)
+
+
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 # -- values as text --------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ rendering is the CLI's job.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,12 +28,20 @@ MAX_FAILURES = 10  # failed calls listed besides the root cause; Why.failure_cou
 _OPS = ("insert", "update", "delete", "truncate")
 _FRAME_LOCATION = re.compile(r"(functions/[^\s():]+:\d+(?::\d+)?)")
 _DB_WRITE = re.compile(r"^db\.(insert|update|delete|merge)\b")
+_IN_FAILED_TRANSACTION = "25P02"  # "current transaction is aborted, commands ignored until end of transaction block"
+# The error the runtime gives a step still open when Flux ended the request (flux.runtime.executor).
+_STEP_CUT = "the request ended before this step did"
 # The answers the gateway gives without running a function, by status (README, "The gateway").
 _GATEWAY_ANSWERS = {
     401: "no valid API key",
     404: "no route",
     400: "the request body is not valid JSON",
+    405: "no route for this method",
+    408: "the request body did not arrive in time",
     413: "the request body is over max_body_bytes",
+    415: "the request body's content-encoding is not one Flux decodes",
+    499: "the client disconnected before its body arrived",
+    503: "the server was at capacity, or stopping",
 }
 
 
@@ -64,7 +73,8 @@ class TableChanges:
 
 @dataclass(frozen=True, slots=True)
 class FailedCall:
-    """A call or step that failed where it started (not only because a call inside it failed)."""
+    """A call or step that failed where it started (not only because a call inside it failed); or,
+    in `RootCause.in_flight`, a call cut short."""
 
     span_id: str
     span: str  # its name
@@ -72,6 +82,17 @@ class FailedCall:
     error: str | None  # the span's own error, e.g. "HTTP 429 Too Many Requests"
     label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"
     call_site: str | None  # where in the function the call was made: the span's code.location
+    duration_ms: float | None = None  # how long it ran
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedError:
+    """A log event at level error, or carrying an Error (`console.error`, `ctx.log("...", err)`, an
+    unhandled rejection Flux logged): what a request that succeeded may still have hit."""
+
+    span: str  # the span it was logged on: the function or a step
+    message: str
+    at: str | None  # the logged Error's first frame in the function's source
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +104,8 @@ class RootCause:
       in its own, or thrown where the call was made).
     - "failed_before": the function threw an error of its own, or returned a 5xx, after this call
       failed; the last call that failed before that. Likely the cause, not certainly.
+    - "aborted": this statement failed and aborted the transaction; the function went on, and
+      threw the error of a later statement refused for that (SQLSTATE 25P02).
     - "own": the function's own doing, with no call to blame: it threw (in the function, or in
       the step named), Flux stopped it (time limit, memory), or it returned the status itself (a
       4xx always counts as its answer, whatever failed before it).
@@ -94,10 +117,13 @@ class RootCause:
     kind: str | None  # attributes["flux.kind"]: gateway | function | step | db | fetch
     error: str | None  # the span's own error ("timeout after 3000 ms"; "returned 404: no such widget 7")
     label: str  # short form shown in the span tree: "timeout", "429", "23505", "error"; the status returned
-    link: str  # same_error | failed_before | own | gateway
+    link: str  # same_error | aborted | failed_before | own | gateway
     exception: str | None  # what the function threw ("Error: Stripe API timeout"); None when it returned
     thrown_at: str | None  # first frame in the function's source: "functions/signup.js:7:11"
     call_site: str | None  # where the failing call was made: the span's code.location
+    # Calls still running when Flux stopped the function (time limit, memory), cut short: at a time
+    # limit, most often what it was waiting on. `label` "abandoned", `error` None.
+    in_flight: tuple[FailedCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +142,8 @@ class Why:
     failure_count: int  # how many failed besides the cause, listed or not
     notes: tuple[str, ...]  # what is missing and what that may mean
     not_run: str | None = None  # why the gateway answered without running a function; None when one ran
+    logged_errors: tuple[LoggedError, ...] = ()  # in the order they were logged; at most MAX_FAILURES
+    logged_error_count: int = 0  # listed or not
 
 
 # -- the request's row changes -----------------------------------------------------------------
@@ -179,12 +207,33 @@ def explain(conn: psycopg.Connection, id_or_prefix: str, *, rows: int = MAX_ROWS
     function = trace.function if trace else next((m.function for m in mutations if m.function), None)
     cause = root_cause(trace) if trace else None
     others = [f for f in failed_calls(trace.spans) if cause is None or f.span_id != cause.span_id] if trace else []
+    logged = logged_errors(trace.spans) if trace else []
     return Why(
         request_id=request_id, function=function, trace=trace, mutations=mutations, mutation_count=count,
         mutations_truncated=count > len(mutations), tables=tables, cause=cause,
-        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others), notes=tuple(_notes(trace, mutations, count, pruned_before(conn))),
+        failures=tuple(others[:MAX_FAILURES]), failure_count=len(others),
+        notes=tuple(_notes(trace, mutations, count, pruned_before(conn)) + (record_cuts(trace) if trace else [])),
         not_run=not_run(trace) if trace else None,
+        logged_errors=tuple(logged[:MAX_FAILURES]), logged_error_count=len(logged),
     )
+
+
+def logged_errors(spans: list[dict[str, Any]]) -> list[LoggedError]:
+    """The request's log events at level error or carrying an Error, in the order they were logged."""
+    found = []
+    for span in spans:
+        for event in span.get("events") or ():
+            attrs = event.get("attributes") or {}
+            if event.get("name") == "log" and (attrs.get("level") == "error" or attrs.get("exception.type")):
+                message = str(attrs.get("message") or "")
+                error = f"{attrs.get('exception.type')}: {attrs.get('exception.message')}" if attrs.get("exception.type") else ""
+                if error and error not in message:  # ctx.log("charge failed", err): the message, then the error
+                    message = f"{message}: {error}" if message else error
+                # The Error's stack, or its frames in the message: console.error writes an Error so.
+                frame = _FRAME_LOCATION.search(str(attrs.get("exception.stacktrace") or "")) or _FRAME_LOCATION.search(message)
+                found.append((event.get("time") or 0, LoggedError(span=span.get("name") or "?", message=message,
+                                                                  at=frame.group(1) if frame else None)))
+    return [e for _, e in sorted(found, key=lambda t: t[0])]
 
 
 def _function_span(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -194,9 +243,14 @@ def _function_span(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def not_run(trace: TraceRecord) -> str | None:
     """Why the gateway answered without running a function ("no valid API key", ...); None when one ran."""
-    if _function_span(trace.spans) is not None:
+    if _function_span(trace.spans) is not None or _failed_inside_flux(trace):
         return None
     return _GATEWAY_ANSWERS.get(trace.status, f"the gateway answered {trace.status}")
+
+
+def _failed_inside_flux(trace: TraceRecord) -> bool:
+    """The gateway ran the function and Flux failed (a bug): no function span was kept, but it ran."""
+    return trace.error == traces.INTERNAL_ERROR and bool(trace.function)
 
 
 def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation_count: int, pruned: Pruned) -> list[str]:
@@ -213,26 +267,66 @@ def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation
         )]
     if mutation_count:
         return []
-    function_span = _function_span(trace.spans)
-    outcome = ((function_span or {}).get("attributes") or {}).get("db.transaction")
-    # Statements the trace names as writes and that succeeded; one its name hides (a write in a CTE
-    # or in a called function) is not counted, so the note then says less, never something false.
-    writes = [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
-    if function_span is None:
+    writes = _writes(trace)
+    if _failed_inside_flux(trace):  # its transaction is rolled back (flux.runtime.executor)
+        return ["The request changed no rows: Flux failed while running the function, and rolled its transaction"
+                " back. The gateway's log has the details under this request id; its spans were not kept."]
+    if _function_span(trace.spans) is None:
         return ["The request changed no rows: it ended at the gateway and never ran a function."]
     if not writes:  # db.transaction says rolled_back after reads too: there was nothing to undo
         return ["The request changed no rows."]
-    if outcome == "rolled_back" or (outcome is None and trace.status >= 500):
+    if _rolled_back(trace):
         return ["The request changed no rows: its transaction was rolled back."]
     if mutations_pruned(trace, pruned):
         return [(
             f"The trace shows {len(writes)} write(s); its row changes were deleted by retention (changes committed"
             f" before {_utc(pruned.mutations)} are pruned)."
         )]
-    return [(
-        f"The trace shows {len(writes)} write(s) but the mutation log has no row change of this request:"
-        " are those tables captured (`flux attach`), and has the engine caught up?"
-    )]
+    return [_unlogged(len(writes))]
+
+
+def _unlogged(writes: int) -> str:
+    return (f"The trace shows {writes} write(s) but the mutation log has no row change of this request: are those"
+            " tables captured (`flux attach`), and has the engine caught up (`flux cdc status` shows its lag)?")
+
+
+def unlogged_writes(trace: TraceRecord, mutation_count: int, pruned: Pruned) -> str | None:
+    """For `flux trace`: the note that the trace shows committed writes the mutation log has none of
+    (yet: the engine may be behind; or the tables are not captured); None when that is not so. A
+    count of 0 alone would read as "wrote nothing"."""
+    writes = _writes(trace)
+    if mutation_count or not writes or _rolled_back(trace) or mutations_pruned(trace, pruned):
+        return None
+    return _unlogged(len(writes))
+
+
+def _writes(trace: TraceRecord) -> list[dict[str, Any]]:
+    """Statements the trace names as writes and that succeeded; one its name hides (a write in a CTE
+    or in a called function) is not counted, so a note then says less, never something false."""
+    return [s for s in trace.spans if _DB_WRITE.match(s.get("name") or "") and s.get("status") == "ok"]
+
+
+def _rolled_back(trace: TraceRecord) -> bool:
+    outcome = ((_function_span(trace.spans) or {}).get("attributes") or {}).get("db.transaction")
+    return outcome == "rolled_back" or (outcome is None and trace.status >= 500)
+
+
+def record_cuts(trace: TraceRecord) -> list[str]:
+    """What the trace left out past its limits (README, "What is recorded"): spans, steps and logs
+    past 1,000 each, counted on the function span, and the replay tape cut or left out."""
+    attrs = (_function_span(trace.spans) or {}).get("attributes") or {}
+    notes = []
+    for key, what in (("flux.spans_dropped", "ctx.db and ctx.fetch calls"), ("flux.steps_dropped", "steps"),
+                      ("flux.events_dropped", "logs")):
+        if isinstance(attrs.get(key), int) and attrs[key] > 0:
+            notes.append(f"{attrs[key]:,} {what} past the first 1,000 are not in the trace, only counted.")
+    tape = trace.recording or {}
+    if tape.get("omitted"):
+        notes.append(f"The recording's events were left out: {tape['omitted']}.")
+    elif tape.get("truncated"):
+        notes.append(f"The recording is cut short: it holds the first {len(tape.get('events') or ()):,} events"
+                     " (at most 10,000, and 8 MB of db and fetch events); what came after is not on it.")
+    return notes
 
 
 def mutations_pruned(trace: TraceRecord, pruned: Pruned) -> bool:
@@ -300,7 +394,8 @@ def _failed_here(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def failed_calls(spans: list[dict[str, Any]]) -> list[FailedCall]:
     """Every call and step that failed where it started, in the order they started."""
     return [FailedCall(span_id=s["id"], span=s.get("name") or "?", kind=_kind(s), error=s.get("error"),
-                       label=error_label(s), call_site=(s.get("attributes") or {}).get("code.location"))
+                       label=error_label(s), call_site=(s.get("attributes") or {}).get("code.location"),
+                       duration_ms=s.get("duration_ms"))
             for s in _failed_here(spans)]
 
 
@@ -320,6 +415,17 @@ def _same_error(span: dict[str, Any], message: str, thrown_at: str | None) -> in
     if attrs.get("db.sqlstate") and re.search(rf"\b{re.escape(str(attrs['db.sqlstate']))}\b", message):
         return 1
     return 0
+
+
+def _aborted_by(call: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """For a statement refused because the transaction was already aborted (SQLSTATE 25P02), the
+    statement whose failure aborted it: the last one that failed, with another SQLSTATE, before it.
+    A request's ctx.db calls are one transaction, so that failure, caught and gone past, is the cause."""
+    if (call.get("attributes") or {}).get("db.sqlstate") != _IN_FAILED_TRANSACTION:
+        return None
+    earlier = [s for s in failed if _kind(s) == "db" and _end(s) <= (call.get("start") or 0)
+               and (s.get("attributes") or {}).get("db.sqlstate") not in (None, _IN_FAILED_TRANSACTION)]
+    return max(earlier, key=_end) if earlier else None
 
 
 def root_cause(trace: TraceRecord) -> RootCause | None:
@@ -353,16 +459,31 @@ def root_cause(trace: TraceRecord) -> RootCause | None:
     scored = [(score, _end(s), s) for s in failed if s.get("kind") == "client"
               and (score := _same_error(s, message, thrown_at))]
     if scored:
-        return _root(max(scored, key=lambda t: t[:2])[2], "same_error", exception=thrown, thrown_at=thrown_at)
+        thrown_call = max(scored, key=lambda t: t[:2])[2]
+        aborting = _aborted_by(thrown_call, failed)
+        if aborting is not None:
+            return _root(aborting, "aborted", exception=thrown, thrown_at=thrown_at)
+        return _root(thrown_call, "same_error", exception=thrown, thrown_at=thrown_at)
     # Steps the error passed through carry it too: they are where it was thrown, not failures before it.
     carriers = [s for s in trace.spans if _kind(s) == "step" and (_exception(s) or {}).get("exception.message") == message]
-    before = [s for s in failed if s not in carriers]
+    # A step the end of the request cut short failed because of it, never before it.
+    before = [s for s in failed if s not in carriers and s.get("error") != _STEP_CUT]
     code_threw = bool(exc.get("exception.stacktrace")) or name == "NonErrorThrown"  # else Flux stopped the function
     if code_threw and before:
         return _root(max(before, key=_end), "failed_before", exception=thrown, thrown_at=thrown_at)
+    if not code_threw:  # Flux stopped the function (time limit, memory): where it was is the steps it left open
+        carriers += [s for s in trace.spans if _kind(s) == "step" and s.get("error") == _STEP_CUT]
     depth = _depths(trace.spans)
     where = max(carriers, key=lambda s: depth[s["id"]]) if carriers else function
-    return _root(where, "own", exception=thrown, thrown_at=thrown_at)
+    cause = _root(where, "own", exception=thrown, thrown_at=thrown_at)
+    if code_threw:
+        return cause
+    # Cancelled as the request ended, after running a while (one the end kept from starting ran for 0 ms).
+    cut = [s for s in trace.spans if (s.get("attributes") or {}).get("flux.abandoned") and (s.get("duration_ms") or 0) > 0]
+    return dataclasses.replace(cause, in_flight=tuple(
+        FailedCall(span_id=s["id"], span=s.get("name") or "?", kind=_kind(s), error=None, label="abandoned",
+                   call_site=(s.get("attributes") or {}).get("code.location"), duration_ms=s.get("duration_ms"))
+        for s in sorted(cut, key=lambda s: s.get("start") or 0)))
 
 
 def _root(span: dict[str, Any], link: str, *, error: str | None = None, label: str | None = None,

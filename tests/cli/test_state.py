@@ -420,3 +420,26 @@ def test_history_of_a_table_whose_changes_were_all_pruned_says_so(users, dsn):
     result = invoke(dsn, "history", "users", "--id", "42")
     assert isinstance(result.exception, NotFoundError)
     assert " UTC were deleted by retention." in result.exception.hint
+
+
+def test_history_shows_a_forged_function_name_escape_sequences_as_escapes(conn, dsn):
+    """Any transaction can send a request context: its function name reaches the reader's terminal."""
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text)")
+    record(conn, "users", "insert", request_id=RID1, function="x\x1b]0;pwned\x07", key={"id": 1}, new={"id": 1, "email": "a"})
+    out = invoke(dsn, "history", "users", "--id", "1").output
+    assert "\x1b" not in out and "\x07" not in out
+    assert "x\\u001b]0;pwned\\u0007" in out
+
+
+def test_blame_aligns_its_columns_after_wide_characters(conn, dsn):
+    from rich.cells import cell_len
+
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text, 名前 text)")
+    record(conn, "users", "insert", request_id=RID1, function="create_user", key={"id": 1},
+           new={"id": 1, "email": "a@example.com", "名前": "注文番号の確認"})
+    out = invoke(dsn, "blame", "users", "--id", "1").output
+    rows = [line for line in out.splitlines() if "req:4f9a3b2c" in line]
+    assert len(rows) == 3
+    assert len({cell_len(line[:line.index("2026-")]) for line in rows}) == 1, rows

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from datetime import timedelta
 
 import pytest
+from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from flux.cli import app
@@ -19,13 +21,16 @@ from tests.traces_seed import (
     NO_TRACE,
     OK,
     OK2,
+    aborted_spans,
     bulk_mutations,
+    exception,
     nested_spans,
     retry_spans,
     returned_spans,
     seed,
     span,
     trace,
+    waiting_spans,
 )
 
 
@@ -55,6 +60,64 @@ def test_trace_draws_the_span_tree_with_right_aligned_durations(seeded, dsn):
     assert tree[4].endswith(" 429")
 
 
+def test_trace_aligns_durations_after_wide_characters_in_span_names(conn, dsn):
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("order", "internal", "function", parent=gw, ms=8)
+    wide = span("注文を作成する🚀", "internal", "step", parent=fn, start=1, ms=5)  # 2 cells a character
+    spans = [gw, fn, wide, span("db.insert(orders)", "client", "db", parent=wide, start=2, ms=3)]
+    insert_traces(conn, [trace(OK, spans=spans)])
+    for command in ("trace", "why"):
+        out = lines(invoke(dsn, command, OK).output)
+        rows = [line for line in out if line.endswith("ms") and "·" not in line]
+        assert len(rows) == (4 if command == "trace" else 3)
+        assert {cell_len(line) for line in rows} == {cell_len(rows[0])}, out  # one right-aligned column
+
+
+def test_trace_cuts_a_long_span_name_rather_than_push_every_duration_right(conn, dsn):
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("order", "internal", "function", parent=gw, ms=8)
+    long = span("reconcile " + "x" * 500, "internal", "step", parent=fn, start=1, ms=5)
+    insert_traces(conn, [trace(OK, spans=[gw, fn, long])])
+    out = lines(invoke(dsn, "trace", OK).output)
+    rows = [line for line in out if line.endswith("ms") and "·" not in line]
+    assert len(rows) == 3 and max(len(line) for line in rows) < 100
+    assert "x…" in rows[2]
+    assert json.loads(invoke(dsn, "trace", OK, "--json").stdout)["spans"][2]["name"] == "reconcile " + "x" * 500
+
+
+def test_requests_aligns_columns_after_wide_characters(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(OK, path="/注文"), trace(OK2, path="/orders", ago=timedelta(minutes=2))])
+    out = lines(invoke(dsn, "requests").output)
+    assert len({line.index("create_order") for line in out[1:]}) == 2  # in characters, not cells
+    assert len({cell_len(line[:line.index("create_order")]) for line in out[1:]}) == 1
+
+
+def test_trace_of_a_query_in_a_loop_shows_the_runs_ends_and_one_line_for_the_rest(conn, dsn):
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=900, http__status_code=500)
+    fn = span("loop", "internal", "function", parent=gw, ms=899)
+    queries = [span("db.select", "client", "db", parent=fn, start=n, ms=0.5 if n != 7 else 40) for n in range(1000)]
+    queries[500] = span("db.select", "client", "db", parent=fn, start=500, ms=1, error="boom (SQLSTATE 22012)",
+                        db__sqlstate="22012")
+    insert_traces(conn, [trace(OK, status=500, spans=[gw, fn, *queries])])
+    out = lines(invoke(dsn, "trace", OK).output)
+    tree = out[out.index("  Trace Graph  91a3f1c2") + 2:out.index("  ── Spans: 1002  ·  Errors: 1  ·  DB writes: 0")]
+    assert [line.split()[-1] for line in tree] == ["900ms", "899ms", "0.5ms", "0.5ms", "40ms", "0.5ms", "22012", "0.5ms",
+                                                   "0.5ms", "0.5ms", "0.5ms"]
+    assert tree[4].split("─ ")[1].startswith("… 497 more db.select, --json has each") and tree[4].endswith("0.5ms to 40ms")
+    assert tree[9].split("─ ")[1].startswith("… 496 more db.select, --json has each")
+    assert tree[6].endswith("22012")  # a failure is never folded away
+    assert len(json.loads(invoke(dsn, "trace", OK, "--json").stdout)["spans"]) == 1002
+
+
+def test_trace_shows_a_short_run_of_like_calls_one_by_one(seeded, dsn):
+    out = lines(invoke(dsn, "trace", OK).output)
+    assert not any("more" in line for line in out)
+
+
 def test_trace_summary_counts_spans_failures_and_db_writes(seeded, dsn):
     out = invoke(dsn, "trace", OK).output
     assert "── Spans: 5  ·  Errors: 1  ·  DB writes: 1" in out
@@ -65,6 +128,35 @@ def test_trace_of_a_timeout_shows_timeout_and_the_status_phrase(seeded, dsn):
     assert "  POST /signup · 500 Internal Server Error · 44ms" in out
     assert any(line.startswith("     └─ stripe.create") and line.endswith("timeout") for line in out)
     assert "  ── Spans: 4  ·  Errors: 1  ·  DB writes: 0" in out
+
+
+def test_trace_says_what_the_record_left_out_past_its_limits(conn, dsn):
+    ensure_schema(conn)
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("many", "internal", "function", parent=gw, ms=8, flux__spans_dropped=100, flux__steps_dropped=5)
+    record = trace(OK, spans=[gw, fn])
+    tape = {**record.recording, "truncated": True, "events": [[n, "random", 0.5] for n in range(10_000)]}
+    insert_traces(conn, [dataclasses.replace(record, recording=tape)])
+    out = invoke(dsn, "trace", OK).output
+    assert "note: 100 ctx.db and ctx.fetch calls past the first 1,000 are not in the trace, only counted." in out
+    assert "note: 5 steps past the first 1,000 are not in the trace, only counted." in out
+    assert "note: The recording is cut short: it holds the first 10,000 events" in out
+    assert len(json.loads(invoke(dsn, "trace", OK, "--json").stdout)["notes"]) == 3
+    assert "5 steps past the first 1,000" in invoke(dsn, "why", OK).output
+
+
+def test_trace_of_committed_writes_the_mutation_log_lacks_says_so_rather_than_only_zero(conn, dsn):
+    ensure_schema(conn)  # the engine behind (or the table not captured): the insert has no row change yet
+    insert_traces(conn, [trace(OK)])
+    out = invoke(dsn, "trace", OK).output
+    assert "DB writes: 0" in out
+    assert "note: The trace shows 1 write(s) but the mutation log has no row change of this request" in out
+    assert "has the engine caught up" in json.loads(invoke(dsn, "trace", OK, "--json").stdout)["notes"][0]
+
+
+def test_trace_of_a_rolled_back_or_logged_request_has_no_notes(seeded, dsn):
+    assert json.loads(invoke(dsn, "trace", FAIL, "--json").stdout)["notes"] == []  # rolled back: nothing to log
+    assert json.loads(invoke(dsn, "trace", OK, "--json").stdout)["notes"] == []  # its write is logged
 
 
 def test_trace_json_is_the_record_with_db_writes(seeded, dsn):
@@ -286,6 +378,14 @@ def test_why_of_a_request_stopped_at_the_gateway_says_the_function_did_not_run(c
     assert "  POST /hello  →  function: hello  (not run: the request body is not valid JSON)" in not_json
 
 
+def test_why_of_a_request_refused_at_capacity_says_so_in_its_not_run(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [gateway_only("a0000503-0000-4000-8000-000000000001", 503,
+                                      "the server is at capacity: 0 request(s) already wait for one of 2 workers")])
+    out = lines(invoke(dsn, "why", "a0000503").output)
+    assert "  POST /hello  →  function: hello  (not run: the server was at capacity, or stopping)" in out
+
+
 def test_why_says_a_returned_4xx_was_the_functions_own_answer_in_text_and_json(conn, dsn):
     ensure_schema(conn)
     insert_traces(conn, [trace(FAIL, status=404, error="no such widget 7", spans=returned_spans(404, "no such widget 7"))])
@@ -423,3 +523,87 @@ def test_requests_since_past_a_hundred_years_is_a_usage_error(seeded, dsn, since
 def test_requests_limit_past_the_maximum_is_a_usage_error_not_a_database_error(seeded, dsn):
     result = invoke(dsn, "requests", "-n", "99999999999999999999")
     assert isinstance(result.exception, ConfigError) and "--limit" in str(result.exception)
+
+
+def test_why_of_a_refusal_by_an_aborted_transaction_names_the_statement_that_aborted_it(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(FAIL, status=500, spans=aborted_spans(), error="DatabaseError: current transaction is aborted")])
+    out = lines(invoke(dsn, "why", FAIL).output)
+    at = out.index("  Root cause  (it aborted the transaction; the function went on, and threw a later statement's refusal)")
+    assert out[at + 1] == '    db.insert(items)  duplicate key value violates unique constraint "items_pkey" (SQLSTATE 23505)'
+    assert out[at + 2:at + 5] == [
+        "    call made at functions/save.js:3:18",
+        "    then the function threw  DatabaseError: current transaction is aborted, commands ignored until end of"
+        " transaction block (SQLSTATE 25P02)",
+        "    thrown at functions/save.js:7:16"]
+
+
+def test_why_lists_the_errors_a_request_that_succeeded_logged(conn, dsn):
+    ensure_schema(conn)
+    rejection = {"level": "error", "message": "Unhandled promise rejection: Error: in a timer", "exception.type": "Error",
+                 "exception.message": "in a timer", "exception.stacktrace": "Error: in a timer\n    at eval (functions/t.js:2:28)"}
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("t", "internal", "function", parent=gw, ms=8, events=[
+        {"name": "log", "time": 1764880000005.0, "attributes": rejection}])
+    insert_traces(conn, [trace(OK, spans=[gw, fn])])
+    out = lines(invoke(dsn, "why", OK).output)
+    at = out.index("  Errors logged")
+    assert out[at + 1] == "    t  Unhandled promise rejection: Error: in a timer  at functions/t.js:2:28"
+    data = json.loads(invoke(dsn, "why", OK, "--json").stdout)
+    assert data["logged_error_count"] == 1 and data["logged_errors"][0]["at"] == "functions/t.js:2:28"
+
+
+def test_why_and_trace_of_a_time_limit_show_the_call_it_was_waiting_on_as_abandoned(conn, dsn):
+    ensure_schema(conn)
+    insert_traces(conn, [trace(FAIL, status=504, spans=waiting_spans(), error="TimeoutError: ...")])
+    out = lines(invoke(dsn, "why", FAIL).output)
+    at = out.index("    calls in flight when it was stopped, cut short:")
+    assert out[at + 1] == "      stripe.charge  3.00s  at functions/pay.js:4:15"
+    tree = lines(invoke(dsn, "trace", FAIL).output)
+    assert any(line.startswith("     │  └─ stripe.charge") and line.endswith("abandoned") for line in tree), tree
+    cause = json.loads(invoke(dsn, "why", FAIL, "--json").stdout)["cause"]
+    assert [f["span"] for f in cause["in_flight"]] == ["stripe.charge"]
+
+
+def test_requests_trace_and_why_never_pass_a_clients_escape_sequences_to_the_terminal(conn, dsn):
+    """A path (and the 404 quoting it) is the client's, a span name or error the function's: ESC,
+    BEL and the like are shown as their escapes, or they would recolour, retitle or worse the
+    reader's terminal."""
+    ensure_schema(conn)
+    path = "/\x1b[31mRED\x1b]0;pwned\x07"
+    gw = span("gateway", "server", "gateway", ms=1, http__status_code=500, error="boom\x1b[2J")
+    fn = span("f", "internal", "function", parent=gw, ms=1, error="boom\x1b[2J",
+              events=[exception("boom\x1b[2J", at=1, frames="    at default (functions/f.js:2:9)")])
+    step = span("step\x1b]8;;http://evil\x07", "internal", "step", parent=fn, ms=1)
+    insert_traces(conn, [trace(FAIL, status=500, path=path, error="boom\x1b[2J", spans=[gw, fn, step])])
+    for args in (("requests",), ("trace", FAIL), ("why", FAIL)):
+        out = invoke(dsn, *args).output
+        assert "\x1b" not in out and "\x07" not in out, (args, out)
+        assert "\\u001b" in out
+    assert "/\\u001b[31mRED\\u001b]0;pwned\\u0007" in invoke(dsn, "requests").output
+    assert json.loads(invoke(dsn, "trace", FAIL, "--json").stdout)["path"] == path  # --json has it as it is
+
+
+def test_an_ambiguous_prefix_error_shows_a_forged_ids_escape_sequences_as_escapes(conn, dsn):
+    """A request id in the mutation log is what a transaction's context said: any writer's text."""
+    ensure_schema(conn)
+    bulk_mutations(conn, "users", "insert", 1, request_id="abcd\x1b]0;pwned\x07")
+    bulk_mutations(conn, "users", "insert", 1, request_id="abcd-2", first_id=2)
+    proc = subprocess.run([sys.executable, "-m", "flux", "why", "abcd", "--database", dsn],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == AmbiguousError.exit_code
+    assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr and "abcd\\u001b]0;pwned\\u0007" in proc.stderr
+
+
+def test_the_readme_documents_every_key_of_the_json_of_why_and_requests():
+    import re
+    from pathlib import Path
+
+    from flux.store.traces import TraceSummary
+    from flux.store.why import FailedCall, LoggedError, RootCause, RowChange, TableChanges, Why
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z_]+)`", readme))
+    for kind in (Why, RootCause, FailedCall, LoggedError, RowChange, TableChanges, TraceSummary):
+        missing = {f.name for f in dataclasses.fields(kind)} - documented
+        assert not missing, (kind.__name__, missing)

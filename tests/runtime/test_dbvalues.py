@@ -125,3 +125,10 @@ def test_a_type_lookup_that_fails_leaves_the_transaction_going(dsn, conn):
         conn.execute(f"DROP ROLE {role}")
     assert out == [{"m": "{sad,ok}"}, "committed"]
     assert conn.execute("SELECT v FROM notes").fetchall() == [("kept",)]
+
+
+def test_an_integer_past_64_bits_in_jsonb_is_the_double_json_parse_makes_of_it(dsn):
+    """It failed the query as "nested deeper than 254 levels", which flux why then named as the cause."""
+    row = query(dsn, """SELECT '{"x": 123456789012345678901234567890, "small": 7, "list": [18446744073709551616, 1]}'::jsonb AS j,"""
+                     " '-99999999999999999999'::json AS k")
+    assert row == {"j": {"x": 1.2345678901234568e29, "small": 7, "list": [1.8446744073709552e19, 1]}, "k": -1e20}

@@ -109,3 +109,20 @@ def test_a_request_with_many_logs_steps_and_random_values_is_no_broken_bridge(tm
     """})
     result = run1(tmp_path, "busy")
     assert result.status == 200 and result.recording["truncated"] is True
+
+
+@pytest.mark.parametrize("replacement", ['() => "garbage"', "() => 5", "() => undefined"], ids=["text", "number", "undefined"])
+def test_a_drain_that_is_not_json_is_a_broken_bridge_rolled_back(tmp_path, dsn, conn, replacement):
+    """A JSON.stringify that returns no JSON at all: the host's read of the drain raised out of the
+    executor, answered as an internal error of Flux's with no function span in the trace."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    write_project(tmp_path, {"garble": f"""
+        export default async function (req, ctx) {{
+          JSON.stringify = {replacement};
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          return {{status: 200}};
+        }}
+    """}, FAST)
+    result = run1(tmp_path, "garble", dsn=dsn)
+    assert result.status == 500 and result.error.startswith("BrokenBridge: the function replaced a built-in the runtime relies on")
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0

@@ -18,6 +18,7 @@ from tests.traces_seed import (
     FAIL,
     NO_TRACE,
     OK,
+    aborted_spans,
     bulk_mutations,
     exception,
     nested_spans,
@@ -25,6 +26,7 @@ from tests.traces_seed import (
     returned_spans,
     span,
     trace,
+    waiting_spans,
 )
 
 
@@ -225,6 +227,33 @@ def test_an_error_flux_raised_itself_is_the_functions_own_not_an_earlier_failure
     assert cause is not None and (cause.span, cause.link, cause.exception) == ("slow", "own", f"TimeoutError: {message}")
 
 
+def test_the_time_limit_inside_nested_steps_names_the_innermost_step_it_was_in():
+    """Spans as the runtime writes them for a loop in a step in a step: the steps left open are
+    failed "the request ended before this step did", and the function carries the TimeoutError."""
+    message = "the function exceeded its time limit (50 ms)"
+    cut = "the request ended before this step did"
+    gw = span("gateway", "server", "gateway", ms=51, error=f"TimeoutError: {message}", http__status_code=504)
+    fn = span("spin", "internal", "function", parent=gw, ms=51, error=f"TimeoutError: {message}",
+              events=[exception(message, at=51, type_="TimeoutError")])
+    outer = span("outer", "internal", "step", parent=fn, start=1, ms=50, error=cut)
+    inner = span("inner", "internal", "step", parent=outer, start=2, ms=49, error=cut)
+    done = span("db.select", "client", "db", parent=inner, start=3, ms=1)
+    why = failed(FAIL, [gw, fn, outer, inner, done], status=504)
+    cause = root_cause(why)
+    assert cause is not None and (cause.span, cause.kind, cause.link, cause.exception) == (
+        "inner", "step", "own", f"TimeoutError: {message}")
+
+
+def test_a_step_left_running_when_the_function_threw_is_not_where_it_threw():
+    cut = "the request ended before this step did"
+    gw = span("gateway", "server", "gateway", ms=5, error="boom", http__status_code=500)
+    fn = span("bg", "internal", "function", parent=gw, ms=5, error="boom",
+              events=[exception("boom", at=4, frames="    at default (functions/bg.js:3:9)")])
+    background = span("poll", "internal", "step", parent=fn, start=1, ms=3, error=cut)  # cut as the error ended it
+    cause = root_cause(failed(FAIL, [gw, fn, background]))
+    assert cause is not None and (cause.span, cause.link, cause.thrown_at) == ("bg", "own", "functions/bg.js:3:9")
+
+
 def test_a_success_whose_transaction_a_caught_error_aborted_names_that_statement():
     error = 'duplicate key value violates unique constraint "tags_pkey" (SQLSTATE 23505)'
     message = (f"the handler returned 200, but its transaction was rolled back: db.insert(tags): {error} failed,"
@@ -372,3 +401,71 @@ def test_explain_of_a_request_newer_than_the_cutoff_does_not_blame_retention(con
     prune(conn, older_than=timedelta(days=30))
     (note,) = explain(conn, OK).notes
     assert "flux attach" in note
+
+
+def test_a_request_flux_failed_inside_ran_its_function_and_says_where_the_details_are(conn):
+    """Only the gateway's span is kept when running the function raised inside Flux: the function
+    ran (and was rolled back), which "not run" and "never ran a function" denied."""
+    ensure_schema(conn)
+    error = "Flux failed while running the function (an internal error)"
+    gw = span("gateway", "server", "gateway", ms=5, error=error, http__status_code=500)
+    insert_traces(conn, [trace(FAIL, function="call", status=500, error=error, spans=[gw])])
+    why = explain(conn, FAIL)
+    assert why.not_run is None and why.cause is not None and why.cause.link == "gateway"
+    assert why.notes == ("The request changed no rows: Flux failed while running the function, and rolled its"
+                         " transaction back. The gateway's log has the details under this request id; its spans were"
+                         " not kept.",)
+
+
+def test_a_statement_the_aborted_transaction_refused_names_the_one_that_aborted_it():
+    cause = root_cause(failed(FAIL, aborted_spans()))
+    assert cause is not None
+    assert (cause.span, cause.label, cause.link, cause.call_site, cause.thrown_at) == (
+        "db.insert(items)", "23505", "aborted", "functions/save.js:3:18", "functions/save.js:7:16")
+    assert cause.exception.startswith("DatabaseError: current transaction is aborted")
+
+
+def test_a_refusal_with_no_earlier_failure_on_record_is_the_cause_itself():
+    cause = root_cause(failed(FAIL, aborted_spans(caught=False)))
+    assert cause is not None and (cause.span, cause.link) == ("db.select", "same_error")
+
+
+def test_errors_logged_by_a_request_that_succeeded_are_listed_in_order_with_where(conn):
+    """Events as the runtime writes them: console.error, ctx.log with an Error, an Error logged in a
+    step, an unhandled rejection Flux logged; an info or warn log is not an error."""
+    ensure_schema(conn)
+    rejection = {"level": "error", "message": "Unhandled promise rejection: Error: in a timer", "exception.type": "Error",
+                 "exception.message": "in a timer", "exception.stacktrace": "Error: in a timer\n    at eval (functions/t.js:2:28)"}
+    logged = {"message": "config unreadable", "exception.type": "SyntaxError", "exception.message": "Unexpected token",
+              "exception.stacktrace": "SyntaxError: Unexpected token\n    at default (functions/t.js:3:14)"}
+
+    def log(at: float, **attributes) -> dict:
+        return {"name": "log", "time": 1764880000000.0 + at, "attributes": attributes}
+
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("t", "internal", "function", parent=gw, ms=8, events=[
+        log(1, level="error", message="cache miss storm"), log(2, **logged), log(3, message="just info"),
+        log(4, level="warn", message="a warning"), log(7, **rejection)])
+    step = span("warm", "internal", "step", parent=fn, start=4, ms=1, events=[
+        log(5, level="error", message="Error: warm failed\n    at eval (functions/t.js:4:54)")])
+    insert_traces(conn, [trace(OK, spans=[gw, fn, step])])
+    why = explain(conn, OK)
+    assert why.cause is None and why.logged_error_count == 4
+    assert [(e.span, e.message, e.at) for e in why.logged_errors] == [
+        ("t", "cache miss storm", None),
+        ("t", "config unreadable: SyntaxError: Unexpected token", "functions/t.js:3:14"),
+        ("warm", "Error: warm failed\n    at eval (functions/t.js:4:54)", "functions/t.js:4:54"),
+        ("t", "Unhandled promise rejection: Error: in a timer", "functions/t.js:2:28"),
+    ]
+
+
+def test_the_time_limit_names_the_calls_in_flight_when_flux_stopped_the_function():
+    cause = root_cause(failed(FAIL, waiting_spans(), status=504))
+    assert cause is not None and (cause.span, cause.link) == ("charge", "own")
+    assert [(f.span, f.duration_ms, f.call_site) for f in cause.in_flight] == [
+        ("stripe.charge", 3000, "functions/pay.js:4:15")]
+
+
+def test_a_function_that_threw_has_no_calls_in_flight_named():
+    cause = root_cause(failed(FAIL, retry_spans()))
+    assert cause is not None and cause.in_flight == ()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -57,7 +58,11 @@ def run_stack(
     keep_alive: float | None = None, engine_dsn: str | None = None, functions_dsn: str | None = None,
 ) -> None:
     from flux.cdc.engine import Engine, EngineConfig
+    from flux.signals import hold_while_stopping, received
 
+    if received() is not None:  # during the start before this (flux.signals): nothing is started
+        log.info("stopped before serving: %s arrived while starting", signal.Signals(received()).name)
+        return
     cdc = Engine(EngineConfig(dsn=engine_dsn or dsn, slot="flux")) if engine else None
     errors: list[BaseException] = []
     thread = None
@@ -80,10 +85,11 @@ def run_stack(
             config = ServeConfig(root=root, dsn=dsn, host=host, port=port, workers=workers, pool_size=pool_size,
                                  record=record, reload=reload, max_queue=max_queue, queue_timeout=queue_timeout,
                                  functions_dsn=functions_dsn, **({} if keep_alive is None else {"keep_alive": keep_alive}))
-            asyncio.run(serve(config, on_ready=on_ready, engine_status=cdc.status if cdc is not None else None))
+            try:
+                asyncio.run(serve(config, on_ready=on_ready, engine_status=cdc.status if cdc is not None else None))
+            finally:  # the loop's handlers are gone (the defaults kill): a signal now stops the rest at once
+                hold_while_stopping()
         elif cdc is not None:
-            import signal
-
             from flux import STOP_SIGNALS
 
             stop = threading.Event()
@@ -93,6 +99,7 @@ def run_stack(
                 on_ready(None)
             while not stop.wait(0.5) and thread is not None and thread.is_alive():
                 pass
+            hold_while_stopping()
     finally:
         if cdc is not None and thread is not None:
             cdc.stop()

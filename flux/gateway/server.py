@@ -22,6 +22,7 @@ import asyncio
 import errno
 import gc
 import logging
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, Retention, load_project
 from flux.runtime.fetch import AiohttpTransport
 from flux.runtime.host import DbPool
+from flux.signals import received as held_signal
 from flux.store import retention
 from flux.store.queries import no_jit
 
@@ -268,6 +270,9 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
             loop.add_signal_handler(sig, begin_shutdown)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    if held_signal() is not None:  # it came while this started (flux.signals): stop without serving
+        log.info("%s arrived while starting", signal.Signals(held_signal()).name)
+        begin_shutdown()
     port = sockets[0].getsockname()[1]  # the real one, should --port be 0
     hc = HypercornConfig()
     hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn serves the sockets bound above
@@ -278,7 +283,7 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     gateway.reload_hooks.append(lambda project: set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout))
     watcher = asyncio.create_task(_watch(gateway, shutdown, dsn=config.dsn)) if config.reload else None
     pruner = asyncio.create_task(retention.keep(config.dsn, lambda: gateway.project.retention))
-    if on_ready is not None:
+    if on_ready is not None and not shutdown.is_set():
         loop.call_soon(on_ready, f"http://{config.host}:{port}")
     try:
         await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)

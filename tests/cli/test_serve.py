@@ -19,6 +19,7 @@ from flux.cli.serve import run_stack
 from flux.errors import InUseError
 from flux.pg.cluster import Cluster, free_port
 from tests.functions import write_project
+from tests.proxy import ProxyProcess
 from tests.support import wait_caught_up
 
 HELLO = "export default async function () { return {status: 200, body: 'hi'}; }"
@@ -86,6 +87,29 @@ def test_serve_answers_http_and_drains_its_traces_on_sigterm(tmp_path, dsn, conn
     with psycopg.connect(dsn) as check:
         assert check.execute("SELECT status FROM flux.trace_requests WHERE id = %s", (request_id,)).fetchone() == (201,)
         assert check.execute("SELECT request_id FROM flux.state_mutations").fetchall() == [(request_id,)]
+
+
+def test_a_sigterm_while_serve_starts_stops_it_cleanly_before_it_serves(tmp_path, dsn, conn):
+    """Before, the default action killed the process (exit -15, nothing said) until the gateway's handlers were in place."""
+    write_project(tmp_path, {"hello": HELLO})
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    subprocess.run([sys.executable, "-m", "flux", "attach", "--database", dsn, "--tables", "t"], check=True, capture_output=True)
+    proxy = ProxyProcess(dsn, hold_answer_to="flux-serve-check", release_after=2)  # holds its start check a while
+    port = free_port()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "flux", "serve", "--database", proxy.dsn, "--port", str(port)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while not conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'flux-serve-check'").fetchone():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, out
+    assert "stopped before serving: SIGTERM arrived while starting" in out and "Traceback" not in out, out
+    assert "serving" not in out.replace("stopped before serving", "")
 
 
 def test_serve_refuses_a_database_flux_is_not_attached_to(tmp_path, dsn):

@@ -176,6 +176,9 @@ class TraceWriter:
                         self.written += len(part)
                         self.batches += 1
                         self._grow_batch_cap()
+                        if self.last_error is not None:  # its failures were logged: say they are over
+                            log.info("trace records are written again, after %.0fs (%d more queued)",
+                                     time.monotonic() - (self._waiting_since or time.monotonic()), self._queue.qsize())
                         self._waiting_since = self.last_error = None
                         delay = 0.2
                     except psycopg.Error as exc:

@@ -24,6 +24,7 @@ import gc
 import logging
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,17 +328,26 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
             previous = gateway.project.retention
             errors = await gateway.reload(project)
         except ConfigError as exc:
-            log.error("not reloaded: %s%s", exc, f" (hint: {exc.hint})" if exc.hint else "")
+            gateway.reload_error = f"not reloaded: {exc}; still serving the version of {_clock(gateway.loaded_at)}"
+            log.error("%s%s", gateway.reload_error, f" (hint: {exc.hint})" if exc.hint else "")
             continue
         except Exception:  # noqa: BLE001 -- a watcher that died would ignore every later edit, silently
-            log.exception("not reloaded: Flux failed while loading the project (still serving the previous version)")
+            gateway.reload_error = (f"not reloaded: Flux failed while loading the project; still serving the version of "
+                                    f"{_clock(gateway.loaded_at)}")
+            log.exception(gateway.reload_error)
             continue
+        gateway.reload_error = None
         freeze_heap()
         log.info("reloaded %d function(s)%s", len(project.functions), f"; {len(errors)} failed to load" if errors else "")
         for error in errors:
             log.error("function failed to load: %s", error)
         if dsn is not None and project.retention != previous:
             await _check_prune_grants(dsn, record=gateway.record, retention=project.retention)
+
+
+def _clock(at: float) -> str:
+    """A wall-clock time of this process's, as its log lines write it (local time)."""
+    return time.strftime("%H:%M:%S", time.localtime(at))
 
 
 async def _check_prune_grants(dsn: str, *, record: bool, retention: Retention) -> None:

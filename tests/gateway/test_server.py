@@ -69,6 +69,28 @@ def test_a_flux_toml_of_the_wrong_shape_is_not_reloaded_and_later_fixes_still_ar
     assert 'Route "POST /x"' in caplog.text
 
 
+def test_health_says_while_an_invalid_flux_toml_keeps_the_previous_version_serving(tmp_path):
+    """The log said `not reloaded`; /_flux/health showed no error, as if the files on disk were what served
+    (a function added meanwhile answered 404 with nothing saying why)."""
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "flux.toml").write_text("[project\n")
+            await _wait_for(lambda: gateway.reload_error, 5)
+            broken = (await (await client.get("/_flux/health")).get_json())["reload_error"]
+            served = await (await client.post("/v")).get_data(as_text=True)
+            (tmp_path / "flux.toml").write_text('[project]\nname = "fixed"\n')
+            await _wait_for(lambda: gateway.project.name == "fixed", 5)
+            return broken, served, (await (await client.get("/_flux/health")).get_json())["reload_error"]
+
+    broken, served, fixed = asyncio.run(scenario())
+    assert broken.startswith("not reloaded: ") and "flux.toml is not valid TOML" in broken
+    assert "still serving the version of" in broken
+    assert served == "one" and fixed is None
+
+
 def test_a_reload_that_breaks_a_function_keeps_serving_the_others(tmp_path):
     write_project(tmp_path, {"a": "export default async function () { return {status: 200, body: 'a'}; }",
                              "b": "export default async function () { return {status: 200, body: 'b'}; }"})

@@ -30,4 +30,4 @@ def test_a_sigterm_in_the_first_instant_of_cdc_run_stops_it_cleanly(tmp_path, ds
     proc.send_signal(signal.SIGTERM)  # the first instant it is caught: Python is still importing the CLI
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert "stopping: SIGTERM arrived while starting" in out and "Traceback" not in out, out
+    assert "SIGTERM arrived while starting" in out and "Traceback" not in out, out

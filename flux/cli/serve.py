@@ -16,7 +16,8 @@ from typing import Annotated
 
 import typer
 
-from flux.cli.common import CONNECT_TIMEOUT, Database, DatabaseOption, checked_dsn, reaching, resolve_database
+from flux.cli.common import (CONNECT_TIMEOUT, WAIT_FOR_DATABASE, Database, DatabaseOption, WaitOption, checked_dsn, reaching,
+                              resolve_database, wait_for_database)
 from flux.cli.output import console, rich_escape
 
 log = logging.getLogger("flux")
@@ -131,6 +132,7 @@ def serve(
         "--database: a role with the application's privileges and none on the flux schema, so that no function reads "
         "or writes what Flux recorded.")] = None,
     reload: Annotated[bool, typer.Option("--reload", help="Reload functions when their files change.")] = False,
+    wait_for: WaitOption = WAIT_FOR_DATABASE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Serve the project's functions over HTTP against --database, recording every request, with the CDC engine."""
@@ -138,6 +140,7 @@ def serve(
     from flux.cli.cdc import setup_logging
     from flux.gateway.server import check_port, ensure_store, warn_if_functions_reach_the_store
     from flux.project import find_project_root, load_project
+    from flux.signals import received
 
     setup_logging(verbose)
     db = resolve_database(database)
@@ -149,6 +152,10 @@ def serve(
     root = find_project_root() if project is None else _given_project(project)
     project_config = load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
     check_port(host, port)  # before attach changes anything
+    for each in dict.fromkeys(d for d in (engine_db if attach_all or engine else None, db, functions_db) if d is not None):
+        if not wait_for_database(each, wait_for, stopped=lambda: received() is not None):
+            log.info("stopped before serving: %s arrived while starting", signal.Signals(received()).name)
+            return
     with reaching(engine_db):
         if attach_all:
             attach(engine_dsn, all_tables=True)

@@ -35,7 +35,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
 from flux import STOP_SIGNALS
-from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, from_psycopg
+from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, ServerNotReadyError, from_psycopg
 from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.project import Project, Retention, load_project
@@ -169,8 +169,10 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
     try:
         await db_pool.open(wait=True, timeout=15)
     except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged
+        # Reached a moment before (ensure_store): gone since, not misconfigured (exit 4, not 2).
         given = "--functions-database" if config.functions_dsn else "--database / FLUX_DATABASE_URL"
-        raise ConfigError(f"Could not connect to the database: {exc}", hint=f"Check {given}.") from exc
+        raise ServerNotReadyError(f"Could not connect to the database: {exc}",
+                                  hint=f"Check that the server is running, and {given}.") from exc
     writer = TraceWriter(config.dsn) if config.record else None
     if writer is not None:
         await writer.start()

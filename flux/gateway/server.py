@@ -299,6 +299,11 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
         raise DatabaseError(f"Stopped with {lost} trace record(s) not written: the database did not take them in time",
                             hint="Their row changes are in flux.state_mutations (the engine reads them from the WAL); "
                                  "`flux why` says which requests have no trace.")
+    # The stop's last word: without it the log ended at `stopping: ...`, the same as a stop that hung.
+    status = gateway.sink.status() if gateway.sink is not None else None
+    log.info("gateway stopped: %s", "no traces recorded (--no-record)" if status is None else
+             f"trace queue drained ({status['written']} written this run, {status['dropped']} dropped by a full "
+             f"queue, {status['failed']} refused by the database)")
 
 
 def freeze_heap() -> None:

@@ -154,6 +154,19 @@ def test_serve_whose_database_stays_unreachable_exits_4_once_its_wait_is_over(tm
     assert result.stderr.splitlines()[-2].endswith("Connection refused (waited 1.5 s, --wait-for-database)")
 
 
+def test_a_stop_that_wrote_every_trace_says_so_last(tmp_path, dsn):
+    """The log ended at `stopping: ...`, as a stop that hung or was killed would leave it."""
+    write_project(tmp_path, {"hello": HELLO})
+    proc, port = start_serve(tmp_path, "--database", dsn, "--no-engine")
+    assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=10).status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert out.splitlines()[-1].endswith(
+        "INFO flux.gateway: gateway stopped: trace queue drained (1 written this run, 0 dropped by a full queue, 0 refused by "
+        "the database)")
+
+
 def test_serve_refuses_a_database_flux_is_not_attached_to(tmp_path, dsn):
     write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"})
     result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn], cwd=tmp_path,

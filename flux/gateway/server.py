@@ -38,6 +38,7 @@ from flux import STOP_SIGNALS
 from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, ServerNotReadyError, from_psycopg
 from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
+from flux.pg.keepalive import dead_peer_options
 from flux.project import Project, Retention, load_project
 from flux.runtime.fetch import AiohttpTransport
 from flux.runtime.host import DbPool
@@ -164,8 +165,11 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
     """A started Gateway and the coroutine function that stops it (drains traces, closes pools).
     The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
     hurry = hurry or asyncio.Event()
-    db_pool = DbPool(config.functions_dsn or config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
-                     kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT})  # DbSession runs BEGIN itself
+    functions_dsn = config.functions_dsn or config.dsn
+    # DbSession runs BEGIN itself. Pooled connections live for days: they find a dead peer within a
+    # minute (flux.pg.keepalive), rather than a function's statement waiting on one to its time limit.
+    db_pool = DbPool(functions_dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
+                     kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, **dead_peer_options(functions_dsn)})
     try:
         await db_pool.open(wait=True, timeout=15)
     except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged

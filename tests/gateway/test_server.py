@@ -15,6 +15,7 @@ import pytest
 
 from flux.gateway import server
 from flux.gateway.server import _watch, freeze_heap
+from flux.project import load_project
 from tests.functions import running_gateway, write_project
 
 
@@ -89,6 +90,24 @@ def test_health_says_while_an_invalid_flux_toml_keeps_the_previous_version_servi
     assert broken.startswith("not reloaded: ") and "flux.toml is not valid TOML" in broken
     assert "still serving the version of" in broken
     assert served == "one" and fixed is None
+
+
+def test_functions_pooled_connections_find_a_dead_peer_within_a_minute(tmp_path, dsn):
+    """They live for days; behind a silent partition a statement on one waited to the function's time limit
+    (a 504 per pooled connection), and TCP itself took about 15 minutes to give up."""
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200}; }"})
+
+    async def options() -> dict[bytes, bytes | None]:
+        gateway, stop = await server.build(server.ServeConfig(root=tmp_path, dsn=dsn, record=False), load_project(tmp_path))
+        try:
+            async with gateway.db_pool.connection() as conn:
+                return {option.keyword: option.val for option in conn.pgconn.info}
+        finally:
+            await stop()
+            gateway.functions.close()
+
+    found = asyncio.run(options())
+    assert (found[b"keepalives_idle"], found[b"keepalives_count"], found[b"tcp_user_timeout"]) == (b"30", b"3", b"60000")
 
 
 def test_a_reload_that_breaks_a_function_keeps_serving_the_others(tmp_path):

@@ -15,6 +15,7 @@ handlers only when called; importing it changes nothing.
 
 from __future__ import annotations
 
+import os
 import signal
 
 from flux import STOP_SIGNALS
@@ -57,5 +58,10 @@ def received() -> int | None:
 def _on_signal(signum: int, frame: object) -> None:
     if _received or _stopping:
         raise KeyboardInterrupt
-    # Said by the command when it looks: a write here could re-enter one the signal interrupted.
     _received.append(signum)
+    try:  # at once, or a first Ctrl-C during a long step (attach waiting on a transaction) seemed to do nothing;
+        # to the descriptor, since a write to sys.stderr could re-enter one this signal interrupted
+        os.write(2, f"{signal.Signals(signum).name} received while starting: stopping once the current step ends "
+                    "(again to stop at once)\n".encode())
+    except OSError:  # a closed terminal (the SIGHUP itself)
+        pass

@@ -217,6 +217,10 @@ def _string(table: dict, key: str, default: str, where: str, section: str) -> st
 
 def _load_functions(root: Path) -> dict[str, Function]:
     functions = {}
+    if (root / FUNCTIONS_DIR).exists() and not (root / FUNCTIONS_DIR).is_dir():  # it served no function, saying nothing
+        raise ConfigError(f"{FUNCTIONS_DIR} in {root} is not a directory",
+                          hint=f"{FUNCTIONS_DIR}/ is a directory holding one NAME.js file per function.",
+                          file=str(root / FUNCTIONS_DIR))
     for path in sorted((root / FUNCTIONS_DIR).glob("*.js")):
         name = path.stem
         if not _NAME.match(name):

@@ -205,6 +205,14 @@ def test_a_function_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
         load_project(tmp_path)
 
 
+def test_a_functions_path_that_is_a_file_is_a_config_error(tmp_path):
+    """It served no function, and flux dev said `functions: none yet: add functions/NAME.js`."""
+    (tmp_path / "flux.toml").write_text('[project]\nname = "t"\n')
+    (tmp_path / "functions").write_text("export default async function () {}\n")
+    with pytest.raises(ConfigError, match="^functions in .* is not a directory "):
+        load_project(tmp_path)
+
+
 def test_a_flux_toml_that_is_not_utf8_is_a_config_error(tmp_path):
     write_project(tmp_path, {"hello": FN})
     (tmp_path / "flux.toml").write_bytes(b'[project]\nname = "caf\xe9"\n')

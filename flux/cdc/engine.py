@@ -44,6 +44,7 @@ from flux.cdc.stream import ReplicationStream, new_consumer_token
 from flux.cdc.wire import Keepalive, format_lsn, parse_frame, xlogdata
 from flux.errors import ConnectionLostError, DecodeError, FluxError, SlotHeldError, StreamError, from_psycopg
 from flux.pg.tls import certificate_refused
+from flux.signals import received as held_signal
 
 log = logging.getLogger("flux.cdc")
 
@@ -119,6 +120,9 @@ class Engine:
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._on_stop_signal)
+            if held_signal() is not None:  # it came while `flux cdc run` started (flux.signals)
+                log.info("stopping: %s arrived while starting", signal.Signals(held_signal()).name)
+                self.stop()
         delay = self.config.backoff_initial
         last_logged = 0.0
         try:

@@ -54,7 +54,9 @@ def main() -> None:
     import psycopg
 
     from flux.errors import ConfigError, FluxError, from_psycopg
+    from flux.signals import hold_for_command
 
+    hold_for_command(sys.argv[1:])  # again for a script that calls this directly: idempotent
     try:
         _check_encoding(sys.argv[1:])
         code = app(standalone_mode=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Annotated
 
 import psycopg
@@ -10,7 +11,8 @@ import typer
 
 from flux.cdc.attach import human_bytes
 from flux.cdc.status import CdcStatus, cdc_status
-from flux.cli.common import DatabaseOption, JsonOption, reaching, resolve_database
+from flux.cli.common import (WAIT_FOR_DATABASE, DatabaseOption, JsonOption, WaitOption, reaching, resolve_database,
+                              wait_for_database)
 from flux.cli.output import console, print_json, rich_escape
 from flux.errors import NotFoundError, from_psycopg
 
@@ -36,14 +38,20 @@ def run(
     slot: SlotOption = "flux",
     publication: Annotated[str | None, typer.Option("--publication", help="Publication (default: the one attach recorded).")] = None,
     batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows per sink commit under load (several source transactions share one commit); also the most rows queued for the sink.")] = 10_000,
+    wait_for: WaitOption = WAIT_FOR_DATABASE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Consume the slot and record every change into flux.state_mutations until SIGINT, SIGTERM or SIGHUP."""
     from flux.cdc.engine import Engine, EngineConfig
+    from flux.signals import received
 
     db = resolve_database(database)
     setup_logging(verbose)
-    # A server that is not up yet is retried with backoff (boot order under systemd or compose).
+    # A server not up yet is waited for, within a bound (boot order under systemd or compose); a refused
+    # login is said at once. Once it has started, the engine waits out any loss of the server by itself.
+    if not wait_for_database(db, wait_for, stopped=lambda: received() is not None):
+        logging.getLogger("flux.cdc").info("stopped: %s arrived while starting", signal.Signals(received()).name)
+        return
     engine = Engine(EngineConfig(dsn=db.dsn, slot=slot, publication=publication, batch_rows=batch_rows))
     stats = engine.run()
     logging.getLogger("flux.cdc").info(

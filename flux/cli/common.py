@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +175,57 @@ def _login_refused(cause: BaseException | None) -> bool:
     pgconn = getattr(cause, "pgconn", None)
     return isinstance(cause, psycopg.OperationalError) and pgconn is not None and bool(
         pgconn.needs_password or pgconn.used_password)
+
+
+WAIT_FOR_DATABASE = 60.0  # seconds `flux serve` and `flux cdc run` wait at start for a database not up yet
+WAIT_LOG_SECONDS = 10.0  # while waiting, how often the log says why
+WaitOption = Annotated[
+    float,
+    typer.Option("--wait-for-database", min=0, metavar="SECONDS",
+                 help="At start, how long to wait for a database that cannot be reached (not up yet, restarting), "
+                      "saying why every 10 s, before exiting 4 for a supervisor to restart it. A login the server "
+                      "refuses exits 2 at once. 0: exit at once."),
+]
+
+
+def wait_for_database(db: Database, seconds: float, *, stopped: Callable[[], bool] = lambda: False) -> bool:
+    """Return True once `db` accepts a connection, waiting up to `seconds` for a server that cannot be
+    reached (not up yet at boot, restarting, in recovery); False if `stopped()` turns true meanwhile.
+
+    Past the wait, ServerNotReadyError (exit 4): a supervisor restarts the process, which an exit at
+    once (0.9 s) made a tight loop that systemd gives up on (5 starts in 10 s). A login the server
+    refuses, or a certificate this client refuses, raise ConfigError at once: waiting fixes neither.
+    """
+    log = logging.getLogger("flux")
+    deadline = time.monotonic() + seconds
+    delay, said = 0.5, None  # said: when the log last said why it waits
+    while not stopped():
+        left = deadline - time.monotonic()
+        try:
+            with reaching(db):
+                try:
+                    psycopg.connect(db.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT).close()
+                except psycopg.Error as exc:
+                    raise from_psycopg(exc, "Could not connect") from exc
+            if said is not None:  # it said it waited: say that the wait is over
+                log.info("reached the database after %.1f s", time.monotonic() - (deadline - seconds))
+            return True
+        except ServerNotReadyError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if seconds > 0:
+                    exc.message += f" (waited {seconds:g} s, --wait-for-database)"
+                raise
+            if said is None or time.monotonic() - said >= WAIT_LOG_SECONDS:
+                log.warning("waiting for the database, %.0f s more (--wait-for-database): %s", left, exc.message)
+                said = time.monotonic()
+            until = time.monotonic() + min(delay, left)
+            while time.monotonic() < until:  # in short steps: a stop signal ends the wait
+                if stopped():
+                    return False
+                time.sleep(0.05)
+            delay = min(delay * 2, 5.0)
+    return False
 
 
 @contextmanager

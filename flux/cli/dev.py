@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import IO, Annotated
 
@@ -44,6 +45,7 @@ def dev(
     from flux.gateway.server import check_port, ensure_store
     from flux.pg.cluster import Cluster
     from flux.project import find_project_root, load_project
+    from flux.signals import received
 
     setup_logging(verbose)
     try:
@@ -59,11 +61,21 @@ def dev(
         if root is not None:
             check_port(host, port)  # before the database starts: nothing to undo
         _warn_about_env_dsn(given)
+        if received() is not None:  # during Python's start (flux.signals): nothing to start, nothing to stop
+            logging.getLogger("flux").info("stopped before starting: %s arrived", signal.Signals(received()).name)
+            return
         if given is None:
             cluster = Cluster(state_dir=state_dir)
-            verb = "Using the embedded PostgreSQL already running" if cluster.is_running() else "Starting embedded PostgreSQL"
+            running = cluster.is_running()
+            verb = "Using the embedded PostgreSQL already running" if running else "Starting embedded PostgreSQL"
             console.print(f"{verb} in {rich_escape(str(state_dir))} …")
-            info = cluster.start()
+            try:
+                info = cluster.start()
+            except KeyboardInterrupt:  # a second signal while it started: it is ours to stop all the same
+                if not running:
+                    cluster.stop()
+                    _say("Embedded PostgreSQL stopped.")
+                raise
             db = Database(info.dsn, FROM_EMBEDDED, project_dir)
         else:
             db = Database(given, FROM_FLAG)

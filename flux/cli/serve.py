@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from flux.cli.common import CONNECT_TIMEOUT, Database, DatabaseOption, checked_dsn, reaching, resolve_database
+from flux.cli.common import (CONNECT_TIMEOUT, WAIT_FOR_DATABASE, Database, DatabaseOption, WaitOption, checked_dsn, reaching,
+                              resolve_database, wait_for_database)
 from flux.cli.output import console, rich_escape
 
 log = logging.getLogger("flux")
@@ -57,7 +59,11 @@ def run_stack(
     keep_alive: float | None = None, engine_dsn: str | None = None, functions_dsn: str | None = None,
 ) -> None:
     from flux.cdc.engine import Engine, EngineConfig
+    from flux.signals import hold_while_stopping, received
 
+    if received() is not None:  # during the start before this (flux.signals): nothing is started
+        log.info("stopped before serving: %s arrived while starting", signal.Signals(received()).name)
+        return
     cdc = Engine(EngineConfig(dsn=engine_dsn or dsn, slot="flux")) if engine else None
     errors: list[BaseException] = []
     thread = None
@@ -80,10 +86,11 @@ def run_stack(
             config = ServeConfig(root=root, dsn=dsn, host=host, port=port, workers=workers, pool_size=pool_size,
                                  record=record, reload=reload, max_queue=max_queue, queue_timeout=queue_timeout,
                                  functions_dsn=functions_dsn, **({} if keep_alive is None else {"keep_alive": keep_alive}))
-            asyncio.run(serve(config, on_ready=on_ready, engine_status=cdc.status if cdc is not None else None))
+            try:
+                asyncio.run(serve(config, on_ready=on_ready, engine_status=cdc.status if cdc is not None else None))
+            finally:  # the loop's handlers are gone (the defaults kill): a signal now stops the rest at once
+                hold_while_stopping()
         elif cdc is not None:
-            import signal
-
             from flux import STOP_SIGNALS
 
             stop = threading.Event()
@@ -93,6 +100,7 @@ def run_stack(
                 on_ready(None)
             while not stop.wait(0.5) and thread is not None and thread.is_alive():
                 pass
+            hold_while_stopping()
     finally:
         if cdc is not None and thread is not None:
             cdc.stop()
@@ -124,6 +132,7 @@ def serve(
         "--database: a role with the application's privileges and none on the flux schema, so that no function reads "
         "or writes what Flux recorded.")] = None,
     reload: Annotated[bool, typer.Option("--reload", help="Reload functions when their files change.")] = False,
+    wait_for: WaitOption = WAIT_FOR_DATABASE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Serve the project's functions over HTTP against --database, recording every request, with the CDC engine."""
@@ -131,6 +140,7 @@ def serve(
     from flux.cli.cdc import setup_logging
     from flux.gateway.server import check_port, ensure_store, warn_if_functions_reach_the_store
     from flux.project import find_project_root, load_project
+    from flux.signals import received
 
     setup_logging(verbose)
     db = resolve_database(database)
@@ -142,6 +152,10 @@ def serve(
     root = find_project_root() if project is None else _given_project(project)
     project_config = load_project(root)  # flux.toml's errors before attach changes anything or the engine starts
     check_port(host, port)  # before attach changes anything
+    for each in dict.fromkeys(d for d in (engine_db if attach_all or engine else None, db, functions_db) if d is not None):
+        if not wait_for_database(each, wait_for, stopped=lambda: received() is not None):
+            log.info("stopped before serving: %s arrived while starting", signal.Signals(received()).name)
+            return
     with reaching(engine_db):
         if attach_all:
             attach(engine_dsn, all_tables=True)

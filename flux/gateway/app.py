@@ -29,6 +29,7 @@ import base64
 import codecs
 import logging
 import re
+import time
 import uuid
 import zlib
 from datetime import datetime, timezone
@@ -135,6 +136,8 @@ class Gateway:
         self._stopping = False
         self._stop_began: float | None = None  # the loop's time when the stop began
         self.reload_hooks: list[Callable[[Project], None]] = []  # app settings that follow flux.toml
+        self.reload_error: str | None = None  # why the project's files on disk are not what serves (flux dev, --reload)
+        self.loaded_at = time.time()  # when the version serving now was loaded
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
 
@@ -163,6 +166,7 @@ class Gateway:
             functions.close()
             return functions.load_errors
         old, self.functions = self.functions, functions
+        self.loaded_at = time.time()
         self.executor = self._executor(project)
         old.close()
         for hook in self.reload_hooks:
@@ -719,7 +723,8 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     async def _health() -> Response:
         traces = gateway.sink.status() if gateway.sink is not None and gateway.record else None
         return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled),
-                                      "load_errors": gateway.functions.load_errors, **gateway.load(), "traces": traces,
+                                      "load_errors": gateway.functions.load_errors, "reload_error": gateway.reload_error,
+                                      **gateway.load(), "traces": traces,
                                       "engine": gateway.engine_status() if gateway.engine_status else None}),
                         content_type="application/json")
 

@@ -22,7 +22,9 @@ import asyncio
 import errno
 import gc
 import logging
+import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,14 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
 from flux import STOP_SIGNALS
-from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, from_psycopg
+from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, ServerNotReadyError, from_psycopg
 from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
+from flux.pg.keepalive import dead_peer_options
 from flux.project import Project, Retention, load_project
 from flux.runtime.fetch import AiohttpTransport
 from flux.runtime.host import DbPool
+from flux.signals import received as held_signal
 from flux.store import retention
 from flux.store.queries import no_jit
 
@@ -161,13 +165,18 @@ async def build(config: ServeConfig, project: Project, *, hurry: asyncio.Event |
     """A started Gateway and the coroutine function that stops it (drains traces, closes pools).
     The drain waits up to `config.drain_timeout`, or until `hurry` is set (a second Ctrl-C)."""
     hurry = hurry or asyncio.Event()
-    db_pool = DbPool(config.functions_dsn or config.dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
-                     kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT})  # DbSession runs BEGIN itself
+    functions_dsn = config.functions_dsn or config.dsn
+    # DbSession runs BEGIN itself. Pooled connections live for days: they find a dead peer within a
+    # minute (flux.pg.keepalive), rather than a function's statement waiting on one to its time limit.
+    db_pool = DbPool(functions_dsn, min_size=1, max_size=max(2, min(config.workers, 32)), open=False,
+                     kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, **dead_peer_options(functions_dsn)})
     try:
         await db_pool.open(wait=True, timeout=15)
     except Exception as exc:  # noqa: BLE001 -- psycopg_pool raises PoolTimeout with the cause logged
+        # Reached a moment before (ensure_store): gone since, not misconfigured (exit 4, not 2).
         given = "--functions-database" if config.functions_dsn else "--database / FLUX_DATABASE_URL"
-        raise ConfigError(f"Could not connect to the database: {exc}", hint=f"Check {given}.") from exc
+        raise ServerNotReadyError(f"Could not connect to the database: {exc}",
+                                  hint=f"Check that the server is running, and {given}.") from exc
     writer = TraceWriter(config.dsn) if config.record else None
     if writer is not None:
         await writer.start()
@@ -268,6 +277,9 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
             loop.add_signal_handler(sig, begin_shutdown)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    if held_signal() is not None:  # it came while this started (flux.signals): stop without serving
+        log.info("%s arrived while starting", signal.Signals(held_signal()).name)
+        begin_shutdown()
     port = sockets[0].getsockname()[1]  # the real one, should --port be 0
     hc = HypercornConfig()
     hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn serves the sockets bound above
@@ -278,7 +290,7 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     gateway.reload_hooks.append(lambda project: set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout))
     watcher = asyncio.create_task(_watch(gateway, shutdown, dsn=config.dsn)) if config.reload else None
     pruner = asyncio.create_task(retention.keep(config.dsn, lambda: gateway.project.retention))
-    if on_ready is not None:
+    if on_ready is not None and not shutdown.is_set():
         loop.call_soon(on_ready, f"http://{config.host}:{port}")
     try:
         await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)
@@ -291,6 +303,11 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
         raise DatabaseError(f"Stopped with {lost} trace record(s) not written: the database did not take them in time",
                             hint="Their row changes are in flux.state_mutations (the engine reads them from the WAL); "
                                  "`flux why` says which requests have no trace.")
+    # The stop's last word: without it the log ended at `stopping: ...`, the same as a stop that hung.
+    status = gateway.sink.status() if gateway.sink is not None else None
+    log.info("gateway stopped: %s", "no traces recorded (--no-record)" if status is None else
+             f"trace queue drained ({status['written']} written this run, {status['dropped']} dropped by a full "
+             f"queue, {status['failed']} refused by the database)")
 
 
 def freeze_heap() -> None:
@@ -322,17 +339,26 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
             previous = gateway.project.retention
             errors = await gateway.reload(project)
         except ConfigError as exc:
-            log.error("not reloaded: %s%s", exc, f" (hint: {exc.hint})" if exc.hint else "")
+            gateway.reload_error = f"not reloaded: {exc}; still serving the version of {_clock(gateway.loaded_at)}"
+            log.error("%s%s", gateway.reload_error, f" (hint: {exc.hint})" if exc.hint else "")
             continue
         except Exception:  # noqa: BLE001 -- a watcher that died would ignore every later edit, silently
-            log.exception("not reloaded: Flux failed while loading the project (still serving the previous version)")
+            gateway.reload_error = (f"not reloaded: Flux failed while loading the project; still serving the version of "
+                                    f"{_clock(gateway.loaded_at)}")
+            log.exception(gateway.reload_error)
             continue
+        gateway.reload_error = None
         freeze_heap()
         log.info("reloaded %d function(s)%s", len(project.functions), f"; {len(errors)} failed to load" if errors else "")
         for error in errors:
             log.error("function failed to load: %s", error)
         if dsn is not None and project.retention != previous:
             await _check_prune_grants(dsn, record=gateway.record, retention=project.retention)
+
+
+def _clock(at: float) -> str:
+    """A wall-clock time of this process's, as its log lines write it (local time)."""
+    return time.strftime("%H:%M:%S", time.localtime(at))
 
 
 async def _check_prune_grants(dsn: str, *, record: bool, retention: Retention) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import psycopg
 
 from flux.errors import from_psycopg
+from flux.pg.keepalive import dead_peer_options
 from flux.pg.pooler import behind_pooler_async
 from flux.store.traces import TraceRecord, encode_trace, insert_encoded_traces_async
 
@@ -167,15 +168,14 @@ class TraceWriter:
                         self._waiting_since = time.monotonic()
                     try:
                         if conn is None or conn.closed:
-                            # UTF-8: the records go as JSON already encoded (the server converts to its own).
-                            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8",
-                                                                        connect_timeout=self.connect_timeout)
-                            if await behind_pooler_async(conn):  # psycopg's statement prepared after 5 batches would go missing
-                                conn.prepare_threshold = None
+                            conn = await self.connect()
                         await self._insert(conn, part)
                         self.written += len(part)
                         self.batches += 1
                         self._grow_batch_cap()
+                        if self.last_error is not None:  # its failures were logged: say they are over
+                            log.info("trace records are written again, after %.0fs (%d more queued)",
+                                     time.monotonic() - (self._waiting_since or time.monotonic()), self._queue.qsize())
                         self._waiting_since = self.last_error = None
                         delay = 0.2
                     except psycopg.Error as exc:
@@ -212,6 +212,17 @@ class TraceWriter:
             for _, encoded in batch:
                 self.pending_bytes -= len(encoded)
                 self._queue.task_done()
+
+    async def connect(self) -> psycopg.AsyncConnection:
+        """The writer's connection, which lives as long as the server. UTF-8: the records go as JSON
+        already encoded (the server converts to its own). It finds a dead peer within about a minute
+        (`flux.pg.keepalive`): behind a silent partition (a host gone in a failover) a batch sent on it
+        waited for TCP to give up, about 15 minutes, while the queue filled and dropped records."""
+        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, client_encoding="UTF8",
+                                                    connect_timeout=self.connect_timeout, **dead_peer_options(self.dsn))
+        if await behind_pooler_async(conn):  # psycopg's statement prepared after 5 batches would go missing
+            conn.prepare_threshold = None
+        return conn
 
     def _grow_batch_cap(self) -> None:
         if self.batch_cap >= self.batch_size:

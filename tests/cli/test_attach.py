@@ -111,7 +111,7 @@ def test_cdc_run_refuses_wal_level_replica_with_the_fix_and_exit_4(replica_clust
 
 
 def test_cdc_run_started_before_its_server_waits_for_it_rather_than_exiting():
-    """Boot order under systemd or compose: the engine may start first."""
+    """Boot order under systemd or compose: the engine may start first (and waits --wait-for-database, 60 s)."""
     import signal
     import subprocess
     import sys
@@ -126,7 +126,7 @@ def test_cdc_run_started_before_its_server_waits_for_it_rather_than_exiting():
         # Until it says it retries (a fixed sleep sent the signal before the handlers were in place
         # on a loaded machine), then a while longer: it retries rather than exiting.
         deadline = time.monotonic() + 60
-        while not any("reconnecting in" in line for line in seen) and time.monotonic() < deadline:
+        while not any("waiting for the database" in line for line in seen) and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
@@ -138,7 +138,7 @@ def test_cdc_run_started_before_its_server_waits_for_it_rather_than_exiting():
         out, _ = proc.communicate(timeout=30)
     out = "".join(seen) + out
     assert proc.returncode == 0, out
-    assert "reconnecting in" in out and "Traceback" not in out
+    assert "waiting for the database, 60 s more (--wait-for-database)" in out and "Traceback" not in out
 
 
 def test_cdc_run_without_attach_names_the_missing_slot_and_exits_3(dsn):

@@ -127,6 +127,15 @@ def test_a_server_that_refuses_the_login_is_a_config_error_not_an_unreachable_se
     assert "hint: The server is up: check the user, the password" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cdc_run_with_a_wrong_password_exits_2_at_once_rather_than_retrying(tmp_path, password_role):
+    """It logged the refusal and retried forever (every 30 s), as if the server were down; flux serve exited 2."""
+    result = subprocess.run([sys.executable, "-m", "flux", "cdc", "run", "--database", f"postgresql://flux_pw_test:wrong@{password_role}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30, env={**os.environ, "PGPASSWORD": ""})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: The database given by --database refused the connection")
+    assert "waiting for the database" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_commands_read_with_jit_off(dsn):
     """At 5 million logged rows, compiling a history query for JIT took 1 to 2.4 s of its 1.1 to 2.7 s."""
     with connect(dsn, failing="reading") as conn:

@@ -168,6 +168,21 @@ def test_dev_with_functions_stops_cleanly_on_a_closed_terminal_or_sigterm(projec
     assert not Cluster(state_dir=project / ".flux").is_running()
 
 
+def test_a_sigterm_while_dev_starts_its_database_stops_it_cleanly_without_serving(project):
+    """Before, the default action killed the process (exit -15) and left the embedded server running."""
+    write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
+    proc = subprocess.Popen([sys.executable, "-m", "flux", "dev", "--port", str(free_port())], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    first = proc.stdout.readline()
+    assert first.startswith("Starting embedded PostgreSQL"), first
+    proc.send_signal(signal.SIGTERM)  # while the server starts: its handlers are not in place yet
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped before serving: SIGTERM arrived while starting" in out and "Embedded PostgreSQL stopped" in out, out
+    assert "gateway http" not in out and "Traceback" not in out
+    assert not Cluster(state_dir=project / ".flux").is_running()
+
+
 def test_dev_bounds_its_worker_queue_as_its_flags_say(project):
     write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
     port = free_port()

@@ -14,11 +14,13 @@ from collections.abc import Iterator
 import httpx
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from flux.cli.serve import run_stack
 from flux.errors import InUseError
 from flux.pg.cluster import Cluster, free_port
 from tests.functions import write_project
+from tests.proxy import ProxyProcess
 from tests.support import wait_caught_up
 
 HELLO = "export default async function () { return {status: 200, body: 'hi'}; }"
@@ -86,6 +88,83 @@ def test_serve_answers_http_and_drains_its_traces_on_sigterm(tmp_path, dsn, conn
     with psycopg.connect(dsn) as check:
         assert check.execute("SELECT status FROM flux.trace_requests WHERE id = %s", (request_id,)).fetchone() == (201,)
         assert check.execute("SELECT request_id FROM flux.state_mutations").fetchall() == [(request_id,)]
+
+
+def test_a_sigterm_while_serve_starts_stops_it_cleanly_before_it_serves(tmp_path, dsn, conn):
+    """Before, the default action killed the process (exit -15, nothing said) until the gateway's handlers were in place."""
+    write_project(tmp_path, {"hello": HELLO})
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    subprocess.run([sys.executable, "-m", "flux", "attach", "--database", dsn, "--tables", "t"], check=True, capture_output=True)
+    proxy = ProxyProcess(dsn, hold_answer_to="flux-serve-check", release_after=2)  # holds its start check a while
+    port = free_port()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "flux", "serve", "--database", proxy.dsn, "--port", str(port)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while not conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'flux-serve-check'").fetchone():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, out
+    assert "stopped before serving: SIGTERM arrived while starting" in out and "Traceback" not in out, out
+    assert "serving" not in out.replace("stopped before serving", "")
+
+
+def test_serve_started_before_its_database_waits_for_it_then_serves(tmp_path, dsn):
+    """Boot order: it exited 4 at once (0.9 s), a restart loop that systemd gives up on after 5 starts in 10 s."""
+    write_project(tmp_path, {"hello": HELLO})
+    database_port, port = free_port(), free_port()
+    down = make_conninfo(dsn, port=database_port)  # nothing listens there yet
+    proc = subprocess.Popen([sys.executable, "-m", "flux", "serve", "--database", down, "--no-engine", "--port", str(port)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proxy = None
+    try:
+        line = proc.stdout.readline()
+        assert "waiting for the database, 60 s more (--wait-for-database): Cannot reach" in line, line
+        proxy = ProxyProcess(dsn, port=database_port)  # the server comes up at that address
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5).text == "hi"
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        if proxy is not None:
+            proxy.close()
+    assert proc.returncode == 0, out
+    assert "reached the database after" in out and "Traceback" not in out
+
+
+def test_serve_whose_database_stays_unreachable_exits_4_once_its_wait_is_over(tmp_path):
+    write_project(tmp_path, {"hello": HELLO})
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", down, "--wait-for-database", "1.5",
+                             "--port", str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4, result.stderr
+    assert 1.5 < time.monotonic() - started < 30
+    assert "WARNING flux: waiting for the database, " in result.stderr
+    assert result.stderr.splitlines()[-2].endswith("Connection refused (waited 1.5 s, --wait-for-database)")
+
+
+def test_a_stop_that_wrote_every_trace_says_so_last(tmp_path, dsn):
+    """The log ended at `stopping: ...`, as a stop that hung or was killed would leave it."""
+    write_project(tmp_path, {"hello": HELLO})
+    proc, port = start_serve(tmp_path, "--database", dsn, "--no-engine")
+    assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=10).status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert out.splitlines()[-1].endswith(
+        "INFO flux.gateway: gateway stopped: trace queue drained (1 written this run, 0 dropped by a full queue, 0 refused by "
+        "the database)")
 
 
 def test_serve_refuses_a_database_flux_is_not_attached_to(tmp_path, dsn):
@@ -577,7 +656,8 @@ def test_an_engine_database_that_cannot_be_reached_is_named_as_such(tmp_path, ds
     write_project(tmp_path, {"hello": HELLO})
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", dsn, "--engine-database", closed,
-                             "--port", str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                             "--wait-for-database", "0", "--port", str(free_port())], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 4, result.stderr
     assert result.stderr.startswith("error: Cannot reach the database given by --engine-database:")
 

@@ -15,6 +15,7 @@ import pytest
 
 from flux.gateway import server
 from flux.gateway.server import _watch, freeze_heap
+from flux.project import load_project
 from tests.functions import running_gateway, write_project
 
 
@@ -67,6 +68,46 @@ def test_a_flux_toml_of_the_wrong_shape_is_not_reloaded_and_later_fixes_still_ar
 
     assert asyncio.run(scenario()) == "one"
     assert 'Route "POST /x"' in caplog.text
+
+
+def test_health_says_while_an_invalid_flux_toml_keeps_the_previous_version_serving(tmp_path):
+    """The log said `not reloaded`; /_flux/health showed no error, as if the files on disk were what served
+    (a function added meanwhile answered 404 with nothing saying why)."""
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "flux.toml").write_text("[project\n")
+            await _wait_for(lambda: gateway.reload_error, 5)
+            broken = (await (await client.get("/_flux/health")).get_json())["reload_error"]
+            served = await (await client.post("/v")).get_data(as_text=True)
+            (tmp_path / "flux.toml").write_text('[project]\nname = "fixed"\n')
+            await _wait_for(lambda: gateway.project.name == "fixed", 5)
+            return broken, served, (await (await client.get("/_flux/health")).get_json())["reload_error"]
+
+    broken, served, fixed = asyncio.run(scenario())
+    assert broken.startswith("not reloaded: ") and "flux.toml is not valid TOML" in broken
+    assert "still serving the version of" in broken
+    assert served == "one" and fixed is None
+
+
+def test_functions_pooled_connections_find_a_dead_peer_within_a_minute(tmp_path, dsn):
+    """They live for days; behind a silent partition a statement on one waited to the function's time limit
+    (a 504 per pooled connection), and TCP itself took about 15 minutes to give up."""
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200}; }"})
+
+    async def options() -> dict[bytes, bytes | None]:
+        gateway, stop = await server.build(server.ServeConfig(root=tmp_path, dsn=dsn, record=False), load_project(tmp_path))
+        try:
+            async with gateway.db_pool.connection() as conn:
+                return {option.keyword: option.val for option in conn.pgconn.info}
+        finally:
+            await stop()
+            gateway.functions.close()
+
+    found = asyncio.run(options())
+    assert (found[b"keepalives_idle"], found[b"keepalives_count"], found[b"tcp_user_timeout"]) == (b"30", b"3", b"60000")
 
 
 def test_a_reload_that_breaks_a_function_keeps_serving_the_others(tmp_path):

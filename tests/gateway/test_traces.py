@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
 from datetime import datetime, timezone
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from flux.gateway import traces
 from flux.gateway.traces import TraceWriter
@@ -176,6 +178,42 @@ def test_records_a_read_only_database_refuses_are_kept_and_written_once_it_takes
     assert refused["pending"] == 3 and "read-only" in refused["last_error"]
     assert (writer.written, writer.failed) == (3, 0)
     assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone()[0] == 3
+
+
+def test_once_the_database_takes_records_again_after_failures_the_log_says_so(dsn, conn: psycopg.Connection, caplog):
+    """Each failed write is a warning; their end had no word, so a log read later could not tell
+    whether the writer ever recovered."""
+    ensure_schema(conn)
+    dbname = conn.info.dbname
+    conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    caplog.set_level(logging.INFO, logger="flux.gateway")
+
+    async def main() -> None:
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        writer.submit(_record(1))
+        while not writer.last_error:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(conn.execute, f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+        await asyncio.wait_for(writer.close(), 30)
+
+    asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "flux.gateway"]
+    assert said[0].startswith("writing trace records failed") and said[-1].startswith("trace records are written again, after")
+
+
+def test_the_writers_connection_finds_a_dead_peer_within_a_minute_unless_the_dsn_says_otherwise(dsn):
+    """With the kernel's defaults, a batch sent to a host gone silent (a failover) waited about 15 minutes."""
+    async def options(dsn: str) -> dict[bytes, bytes | None]:
+        conn = await TraceWriter(dsn).connect()
+        try:
+            return {option.keyword: option.val for option in conn.pgconn.info}
+        finally:
+            await conn.close()
+
+    default = asyncio.run(options(dsn))
+    assert (default[b"keepalives_idle"], default[b"keepalives_count"], default[b"tcp_user_timeout"]) == (b"30", b"3", b"60000")
+    assert asyncio.run(options(make_conninfo(dsn, tcp_user_timeout=5000)))[b"tcp_user_timeout"] == b"5000"
 
 
 def test_a_batch_waiting_on_a_locked_table_is_logged_and_shown_in_the_status(dsn, conn: psycopg.Connection,

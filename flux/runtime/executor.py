@@ -26,7 +26,8 @@ together, in one turn, in order: results arrive in the order the host settles th
 of the calls, and whether two came in one turn changes how their callbacks interleave). `env` is
 what the function reads of the machine without a call: the default time zone and locale (Date's
 local time, toLocaleString) and the V8 version (its ICU data formats them). A call the
-request ended before has "abandoned": true and neither result nor error. An error is what the
+request ended before has "abandoned": true and neither result nor error; one that finished after
+the function returned keeps its outcome and is in no "settled" event (the function never got it). An error is what the
 function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
 Bytes are written one character per byte (U+0001 to U+00FF, and a 0 byte as U+0100, since jsonb
 cannot hold U+0000): a db event's "binary" lists the
@@ -496,7 +497,9 @@ class _Run:
         span = Span(id=new_span_id(), parent=parent or self.span.id, name=name, kind="client", start=self.clock.now_ms(),
                     attributes={"flux.abandoned": True, **({"code.location": site} if site else {})})
         self._keep_span(span)
-        self._on_tape([seq, op, {**args, "abandoned": True}])
+        # Written as a call that ran is: its sensitive headers redacted, its bytes as the tape writes them.
+        event = _db_event(args) if op == "db" else _fetch_event(args)
+        self._on_tape([seq, op, {**event, "abandoned": True}])
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
         if op == "timer":
@@ -526,9 +529,7 @@ class _Run:
         sql, params, binary = args["sql"], args["params"], args.get("binary")
         span.name = db_span_name(sql)
         span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": self._span_text(sql)})
-        event: dict[str, Any] = {"sql": sql, "params": params, **({"binary": binary} if binary else {})}
-        if binary:
-            event["params"] = [_tape_bytes(p) if i in binary else p for i, p in enumerate(params)]
+        event = _db_event(args)
         entry = [seq, "db", event]
         self._on_tape(entry)
         if binary:  # bytea parameters: one character per byte (prelude.js)
@@ -553,8 +554,7 @@ class _Run:
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         url, method, body, binary = args["url"], args["method"], args["body"], args.get("binary")
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": self._span_text(url)})
-        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]),
-                                 "body": _tape_bytes(body) if binary else body, **({"binary": True} if binary else {})}
+        event = _fetch_event(args)
         entry = [seq, "fetch", event]
         self._on_tape(entry)
         policy = self.x.fetch_policy
@@ -681,6 +681,23 @@ class _Run:
         if not self.finished:  # a time limit, a memory limit, a Promise nothing settles: up to the last step
             recording["incomplete"] = True
         return recording
+
+
+def _db_event(args: dict[str, Any]) -> dict[str, Any]:
+    """A db call's tape event before its answer: bytea parameters one character per byte."""
+    params, binary = args["params"], args.get("binary")
+    if not binary:
+        return {"sql": args["sql"], "params": params}
+    return {"sql": args["sql"], "params": [_tape_bytes(p) if i in binary else p for i, p in enumerate(params)], "binary": binary}
+
+
+def _fetch_event(args: dict[str, Any]) -> dict[str, Any]:
+    """A fetch call's tape event before its answer: sensitive headers redacted, a body of bytes one
+    character per byte."""
+    event = {"url": args["url"], "method": args["method"], "headers": redact_headers(args["headers"]), "body": args["body"]}
+    if args.get("binary"):
+        event.update(body=_tape_bytes(args["body"]), binary=True)
+    return event
 
 
 def _tape_bytes(text: str) -> str:

@@ -1163,6 +1163,23 @@ def test_a_call_the_function_did_not_wait_for_is_recorded_as_abandoned(tmp_path,
     assert stub.requests == []
 
 
+def test_a_call_never_run_is_taped_as_a_run_one_is_its_sensitive_headers_redacted_and_its_bytes_escaped(tmp_path, stub: Stub):
+    """A call still in the outbox when the function returned was written as the function passed
+    it: an Authorization header in clear, and a 0 byte as U+0000 (the trace store makes it U+FFFD)."""
+    write_project(tmp_path, {"leave": f"""
+        export default async function (req, ctx) {{
+          ctx.fetch("{stub.url}/mirror", {{method: "PUT", headers: {{authorization: "Bearer tok_123"}}, body: new Uint8Array([0, 1])}});
+          ctx.db.query("SELECT $1::bytea", [new Uint8Array([0, 2])]);
+          return {{status: 200}};
+        }}
+    """})
+    result = run1(tmp_path, "leave")
+    events = {e[1]: e[2] for e in result.recording["events"]}
+    assert events["fetch"] == {"url": f"{stub.url}/mirror", "method": "PUT", "headers": {"authorization": "[redacted]"},
+                               "body": "\u0100\u0001", "binary": True, "abandoned": True}
+    assert events["db"] == {"sql": "SELECT $1::bytea", "params": ["\u0100\u0002"], "binary": [0], "abandoned": True}
+
+
 def test_a_step_span_covers_the_calls_made_in_it(tmp_path, stub: Stub):
     """Steps are timed by Date.now()'s whole milliseconds, calls to the microsecond."""
     write_project(tmp_path, {"steps": f"""

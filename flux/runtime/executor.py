@@ -219,7 +219,7 @@ class Executor:
                 span, clock, 504, "TimeoutError", f"the function exceeded its time limit ({self.limits.timeout_ms} ms)", "",
                 run=run,
             )
-        except JSOOMException:
+        except (JSOOMException, _MemoryExhausted):
             pool.discard(isolate)
             await run.cancel()
             return self._out_of_memory(span, clock, run)
@@ -329,6 +329,10 @@ class _Stuck(Exception):
     pass
 
 
+class _MemoryExhausted(Exception):
+    pass
+
+
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL and other controls
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's to set
@@ -416,7 +420,7 @@ class _Run:
         if isinstance(self.call.request.get("body"), bytes):  # JSON carries bytes as base64; JS gets a Uint8Array
             start["request"] = {**self.call.request, "body": base64.b64encode(self.call.request["body"]).decode()}
             start["body_base64"] = True
-        out = self._take(await _then_drain(isolate, "start", start))
+        out = await self._turn(isolate, "start", start)
         while True:
             calls = out["calls"]
             if "cancel" in out:
@@ -445,7 +449,16 @@ class _Run:
                 if call_id in self.timers:
                     self.host_events.append(self.timers.pop(call_id))
             settled, literal = _within_eval_limit(settled)
-            out = self._take(await _then_drain(isolate, "settle", settled, literal=literal))
+            out = await self._turn(isolate, "settle", settled, literal=literal)
+
+    async def _turn(self, isolate: Isolate, op: str, arg: Any, *, literal: str | None = None) -> dict[str, Any]:
+        """One turn of the function: `op`, then its drain, kept. A microtask that reached the memory
+        limit was stopped by V8, but the drain behind it answers: the request ends here, or the
+        host would settle the function's calls and run its callbacks (timers, fetches) past the limit."""
+        out = self._take(await _then_drain(isolate, op, arg, literal=literal))
+        if isolate.memory_exhausted():
+            raise _MemoryExhausted()
+        return out
 
     def _clear(self, call_ids: list[int]) -> None:
         """Timers the function cleared once they were on the host: their tasks end now, unsettled,

@@ -1087,6 +1087,23 @@ def test_running_out_of_memory_in_a_microtask_after_returning_is_a_memory_error(
     assert result.status == 500 and result.error == "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)"
 
 
+def test_nothing_of_the_function_runs_after_v8_stopped_it_at_the_memory_limit(tmp_path, stub: Stub):
+    """V8 stops the microtask that reached the limit, and the drain after it answers: the host went
+    on settling the function's calls, so a timer's callback ran after the limit and sent a fetch."""
+    write_project(tmp_path, {"grow": f"""
+        export default async function (req, ctx) {{
+          setTimeout(() => {{ Math.random(); ctx.fetch("{stub.url}/ok"); }}, 0);
+          await null;
+          const kept = [];
+          for (;;) kept.push(new Array(200000).fill(kept.length));
+        }}
+    """}, FAST)
+    result = run1(tmp_path, "grow")
+    assert result.status == 500 and result.error == "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)"
+    assert stub.requests == []
+    assert result.recording["incomplete"] is True and [e[1] for e in result.recording["events"]] == []
+
+
 def test_the_tape_says_when_each_result_reached_the_function(tmp_path, stub: Stub):
     """Results arrive in the order the host settles them, not the order of the calls: a replay
     that settled them by call order would run the function differently."""

@@ -40,7 +40,10 @@ HTTP client's rewrite of a URL would hide a secret in it from redaction), which 
 response's `url` the function got; in `headers` and `response_headers`, sensitive headers
 (authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text;
 `set_cookies` has one "[redacted]" per Set-Cookie value (getSetCookie() and iteration give each).
-A db event's `columns` are its rows' keys in their order, which jsonb (storing the trace) does not keep.
+A db event's `columns` are its rows' keys in their order, which jsonb (storing the trace) does not keep,
+and its `negative_zeros`, there when a float in its rows was -0.0 (jsonb's numbers have no negative
+zero: a stored tape has 0 there), the paths of those floats: [row index, column, keys and indexes
+inside the value...]. A tape written before `negative_zeros` has a -0.0 from the database as 0.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import os
 import re
 import secrets as secrets_module
@@ -559,9 +563,14 @@ class _Run:
             raise
         span.attributes["db.rows"] = result["rowCount"]
         event["result"] = result
-        self._grew(entry, result)
+        dumped = orjson.dumps(result)
+        self._grew(entry, result, size=len(dumped))
         if result["rows"]:  # jsonb, which stores the trace, keeps an object's keys in an order of its own
             event["columns"] = list(result["rows"][0])
+        if b"-0.0" in dumped:  # orjson's only text for a float's negative zero, which jsonb (numeric) makes 0
+            zeros = _negative_zeros(result["rows"], [])
+            if zeros:
+                event["negative_zeros"] = zeros
         return result
 
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
@@ -637,11 +646,12 @@ class _Run:
                 return
         self._cut_tape(entry[0])
 
-    def _grew(self, entry: list[Any], added: Any) -> None:
-        """What a call's answer added to its event on the tape; past MAX_TAPE_CHARS the event leaves it."""
+    def _grew(self, entry: list[Any], added: Any, *, size: int | None = None) -> None:
+        """What a call's answer added to its event on the tape (`size`: its JSON's, when known); past
+        MAX_TAPE_CHARS the event leaves it."""
         if self.tape_cut is not None and entry[0] >= self.tape_cut:
             return
-        self.tape_chars += len(orjson.dumps(added))
+        self.tape_chars += len(orjson.dumps(added)) if size is None else size
         if self.tape_chars > MAX_TAPE_CHARS:
             self._cut_tape(entry[0])
 
@@ -711,6 +721,16 @@ def _fetch_event(args: dict[str, Any]) -> dict[str, Any]:
     if args.get("binary"):
         event.update(body=_tape_bytes(args["body"]), binary=True)
     return event
+
+
+def _negative_zeros(value: Any, path: list[Any]) -> list[list[Any]]:
+    """The paths (row index, column, then keys and indexes inside a value) of the floats in `value`
+    that are -0.0: jsonb, which stores the trace, has no negative zero, and a function can tell
+    one (`Object.is(x, -0)`, `1 / x`)."""
+    if isinstance(value, float):
+        return [path] if value == 0 and math.copysign(1.0, value) < 0 else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [found for key, item in items for found in _negative_zeros(item, [*path, key])]
 
 
 def _tape_bytes(text: str) -> str:

@@ -72,10 +72,17 @@ def _bytes(text: str) -> str:
 
 
 def _result_of(event: dict[str, Any]) -> dict[str, Any]:
-    """A db result as the function got it: its rows' keys in their order (a stored tape is jsonb)."""
+    """A db result as the function got it: its rows' keys in their order and its negative zeros (a
+    stored tape is jsonb)."""
     result = event["result"]
     if "columns" in event:
         result = {**result, "rows": [{k: row[k] for k in event["columns"]} for row in result["rows"]]}
+    for path in event.get("negative_zeros", ()):  # jsonb keeps no negative zero
+        *inside, last = path
+        holder = result["rows"]
+        for key in inside:
+            holder = holder[key]
+        holder[last] = -0.0
     return result
 
 

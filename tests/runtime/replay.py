@@ -47,6 +47,10 @@ class Diverged(AssertionError):
     pass
 
 
+class _PastTheEnd(Exception):
+    pass
+
+
 @dataclass
 class Replay:
     """What the function did when replayed: its response (as Execution's status, headers, body, or
@@ -114,6 +118,9 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
     assert compiled.script is not None
     by_seq = {e[0]: e for e in recording["events"]}
     order = sorted(by_seq)
+    # A tape cut short (a time limit, past its 10,000 events) ends there: a call the function makes
+    # past its last event ends the replay (its reads past the end already threw, which it may catch).
+    end = order[-1] if order and (recording.get("incomplete") or recording.get("truncated")) else None
     mr = MiniRacer()
     try:
         here = {**orjson.loads(mr.eval(_ENVIRONMENT)), "v8": mr.v8_version}
@@ -142,6 +149,8 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                 out.js_events.append(e)
                 last = max(last, e[0])
             for call_id, op_, args, _, seq, _ in drained.get("calls", ()):
+                if end is not None and seq > end:
+                    raise _PastTheEnd()
                 calls[seq] = [call_id, op_, args]
                 out.calls.append([seq, op_, args])
                 # A stored tape is redacted: so are the calls it is compared with.
@@ -171,7 +180,7 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                         settled.append([call_id, True, _response_of(event[2])])
                 last = max(last, nxt[0] - 1)  # the JS side records the settled event itself
                 drained = bridge("settle", settled)
-        except JSTimeoutException:
+        except (JSTimeoutException, _PastTheEnd):
             out.incomplete = True
             return out
         done = drained["done"]

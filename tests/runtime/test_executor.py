@@ -1509,7 +1509,23 @@ def test_a_db_result_nested_deeper_than_the_host_writes_rejects_its_query(tmp_pa
         }
     """})
     result = run1(tmp_path, "deep", dsn=dsn)
-    assert result.body == [1, "RangeError", "ctx.db.query: the result is nested deeper than 254 levels, the most that can reach the function"]
+    assert result.body == [1, "RangeError", "ctx.db.query: a value of the result is nested deeper than 249 levels, the most that "
+                                            "can reach the function"]
+
+
+def test_a_db_value_nested_as_deep_as_can_reach_the_function_reaches_it_and_one_level_more_is_refused(tmp_path, dsn, conn):
+    """A value of 250 or 251 levels passed the host's check, then failed as the host wrote the
+    results for the function, deeper by their own two levels: a TypeError out of the executor."""
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          const depth = (v) => (Array.isArray(v) ? 1 + depth(v[0]) : 0);
+          const { rows } = await ctx.db.query("SELECT (repeat('[', 249) || repeat(']', 249))::jsonb AS deep");
+          try { await ctx.db.query("SELECT (repeat('[', 250) || repeat(']', 250))::jsonb AS deep"); }
+          catch (e) { return {status: 200, body: [depth(rows[0].deep), e.name]}; }
+        }
+    """})
+    result = run1(tmp_path, "deep", dsn=dsn)
+    assert result.body == [249, "RangeError"], result.error
 
 
 def test_work_queued_from_inside_the_last_drain_counts_within_the_request(tmp_path):

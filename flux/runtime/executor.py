@@ -27,8 +27,9 @@ of the calls, and whether two came in one turn changes how their callbacks inter
 what the function reads of the machine without a call: the default time zone and locale (Date's
 local time, toLocaleString) and the V8 version (its ICU data formats them). A call the
 request ended before has "abandoned": true and neither result nor error; one that finished after
-the function returned keeps its outcome and is in no "settled" event (the function never got it). An error is what the
-function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
+the function returned keeps its outcome and is in no "settled" event (the function never got it).
+An error is what the function's Error got: {name, message, ...} (sqlstate, detail, hint, position,
+timeout).
 Bytes are written one character per byte (U+0001 to U+00FF, and a 0 byte as U+0100, since jsonb
 cannot hold U+0000): a db event's "binary" lists the
 parameters that were bytes; a fetch event's "binary": true says its body was; its

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from py_mini_racer import JSTimeoutException, MiniRacer
+from py_mini_racer import JSEvalException, JSTimeoutException, MiniRacer
 
 from flux.redaction import Redactor, redact_headers
 from flux.runtime.executor import Execution, _from_js, _response
@@ -118,9 +118,12 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
     assert compiled.script is not None
     by_seq = {e[0]: e for e in recording["events"]}
     order = sorted(by_seq)
-    # A tape cut short (a time limit, past its 10,000 events) ends there: a call the function makes
-    # past its last event ends the replay (its reads past the end already threw, which it may catch).
-    end = order[-1] if order and (recording.get("incomplete") or recording.get("truncated")) else None
+    # A tape cut short (a time or memory limit, past its 10,000 events) ends there: a call the function
+    # makes past its last event ends the replay (its reads past the end already threw, which it may
+    # catch), and so does a read past it in the file's top-level code (a first turn that ran out of
+    # memory leaves no event, not even those of the top-level code before it).
+    cut = bool(recording.get("incomplete") or recording.get("truncated"))
+    end = (order[-1] if order else -1) if cut else None
     mr = MiniRacer()
     try:
         here = {**orjson.loads(mr.eval(_ENVIRONMENT)), "v8": mr.v8_version}
@@ -129,7 +132,12 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
             raise Diverged(f"the tape was made with {env}, this replay would run with {here}")
         # PRELUDE is several files (statements): an indirect eval gives the last one's value, the bridge.
         mr.eval(f"const __b = (0, eval)({orjson.dumps(_prelude(recording)).decode()});")
-        mr.eval(compiled.script)
+        try:
+            mr.eval(compiled.script)
+        except JSEvalException:
+            if not cut:
+                raise
+            return Replay(incomplete=True)
         start = {"entropy": recording["entropy"], "span_id": "0" * 16, "file": compiled.function.display_path,
                  "request": request, "request_id": request_id, "tenant": tenant, "function": compiled.name,
                  "replay": False, "secrets": secrets or {}}

@@ -1,8 +1,9 @@
 """A randomized check that the tape is enough to replay a request: generated functions
 (tests/runtime/fuzzgen.py) run once for real, against PostgreSQL and a stub whose delays are
 random per run, then again from their recording alone (tests/runtime/replay.py), read back from
-jsonb as the trace store keeps it, with the stub gone and the database changed. Each replay must
-read the same values at the same points, make the same calls and answer the same.
+jsonb as the trace store keeps it, with the stub gone, the database changed and no socket able to
+connect. Each replay must read the same values at the same points, make the same calls and answer
+the same.
 
 The checked-in seeds (0 to 99) run in 10 to 20 s. `FLUX_REPLAY_SEEDS=N FLUX_REPLAY_SEED_FROM=S`
 runs seeds S to S+N-1 instead, to search by hand; a failure names its seed and shows the function,
@@ -14,10 +15,12 @@ import asyncio
 import dataclasses
 import json
 import os
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from flux.project import load_project
@@ -71,7 +74,7 @@ def run_all(root: Path, names: list[str], dsn: str) -> list[tuple[CompiledFuncti
     return asyncio.run(main())
 
 
-def check_seeds(seeds: range, tmp_path: Path, dsn: str, conn: Any) -> None:
+def check_seeds(seeds: range, tmp_path: Path, dsn: str, conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     conn.execute(SCHEMA)
     ensure_schema(conn)
     stub = Stub()
@@ -96,11 +99,18 @@ def check_seeds(seeds: range, tmp_path: Path, dsn: str, conn: Any) -> None:
         try:
             # A replay stops where its tape does; the time limit is for one that spins without reading it, and
             # a spin cut at the time limit (1.5 s) may take longer to replay on a busy machine.
-            assert_replays(compiled, dataclasses.replace(execution, recording=stored), request, timeout_ms=20_000)
+            with monkeypatch.context() as offline:  # nor could one connect anywhere (the database, the stub, DNS)
+                offline.setattr(socket.socket, "connect", _no_connection)
+                offline.setattr(socket.socket, "connect_ex", _no_connection)
+                assert_replays(compiled, dataclasses.replace(execution, recording=stored), request, timeout_ms=20_000)
         except AssertionError as exc:
             raise AssertionError(f"seed {seed} diverged: {exc}\n--- functions/fz{seed}.js\n{sources[f'fz{seed}']}\n"
                                  f"--- ran: {execution.status} {execution.error or ''}\n{json.dumps(stored['events'])[:20_000]}\n"
                                  f"--- replayed: {_replayed(compiled, stored, request)}") from exc
+
+
+def _no_connection(sock: socket.socket, address: Any) -> None:
+    raise AssertionError(f"the replay connected to {address}")
 
 
 def _replayed(compiled: CompiledFunction, recording: dict[str, Any], request: dict[str, Any]) -> str:
@@ -123,5 +133,5 @@ def _stored(conn: Any, request_id: str, execution: Execution) -> dict[str, Any]:
     return recording
 
 
-def test_generated_functions_replay_exactly_from_their_tape(tmp_path, dsn, conn):
-    check_seeds(SEEDS, tmp_path, dsn, conn)
+def test_generated_functions_replay_exactly_from_their_tape(tmp_path, dsn, conn, monkeypatch):
+    check_seeds(SEEDS, tmp_path, dsn, conn, monkeypatch)

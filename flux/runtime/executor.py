@@ -462,6 +462,8 @@ class _Run:
         host would settle the function's calls and run its callbacks (timers, fetches) past the limit."""
         out = self._take(await _then_drain(isolate, op, arg, literal=literal))
         if isolate.memory_exhausted():
+            for _, *call in out["calls"]:  # made in that turn, never run: on the tape as a time limit leaves them
+                self._abandoned(*call)
             raise _MemoryExhausted()
         return out
 

@@ -138,8 +138,8 @@ class FunctionGenerator:
         pad = "  " * depth
         t = self.tag()
         kinds = ["await", "unawaited", "dropped", "all", "race", "allSettled", "any", "read", "timer", "clear",
-                 "hold", "await_held", "microtask", "iife", "timer_call", "concurrent_steps", "for_await", "stuck", "spin"]
-        weights = [4, 2, 1, 1.5, 1.5, 1.5, 1, 2, 1.5, 1, 1, 1, 1, 1, 1, 0.7, 0.5, 0.04, 0.03]
+                 "hold", "await_held", "microtask", "iife", "timer_call", "concurrent_steps", "for_await", "stuck", "spin", "hog"]
+        weights = [4, 2, 1, 1.5, 1.5, 1.5, 1, 2, 1.5, 1, 1, 1, 1, 1, 1, 0.7, 0.5, 0.04, 0.03, 0.03]
         if depth < 3:
             kinds.append("step")
             weights.append(2)
@@ -190,6 +190,9 @@ class FunctionGenerator:
             return [f'{pad}await new Promise(() => {{}});']
         if kind == "spin":  # the time or memory limit stops it mid-loop, past the tape's 10,000 events
             return [f'{pad}for (;;) {{ note("{t}", {self.read()}); if (out.length > 20000) out.length = 0; }}']
+        if kind == "hog":  # the memory limit stops a microtask, with the function's calls and timers pending
+            return [f'{pad}Promise.resolve().then(() => {{ note("{t}", {self.read()}); const heap = []; '
+                    f'for (;;) heap.push(new Array(100000).fill(heap.length)); }});']
         if kind == "iife":
             return [f'{pad}(async () => {{ await null; note("{t}", {self.read()}); note("{t}", await {self.atom(c)}); }})()'
                     f'.catch((e) => note("{t}", err(e)));']

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from py_mini_racer import JSEvalException, JSTimeoutException, MiniRacer
+from py_mini_racer import JSEvalException, JSOOMException, JSTimeoutException, MiniRacer
 
 from flux.redaction import Redactor, redact_headers
 from flux.runtime.executor import Execution, _from_js, _response
@@ -114,7 +114,7 @@ def _turns(data: Any) -> list[int]:
 
 def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[str, Any], *,
            secrets: dict[str, str] | None = None, request_id: str = "req-0", tenant: str = "default",
-           timeout_ms: int = 2000, redactor: Redactor | None = None) -> Replay:
+           timeout_ms: int = 2000, memory_mb: int = 128, redactor: Redactor | None = None) -> Replay:
     assert compiled.script is not None
     by_seq = {e[0]: e for e in recording["events"]}
     order = sorted(by_seq)
@@ -125,6 +125,7 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
     cut = bool(recording.get("incomplete") or recording.get("truncated"))
     end = (order[-1] if order else -1) if cut else None
     mr = MiniRacer()
+    mr.set_hard_memory_limit(memory_mb * 1024 * 1024)  # the function's: a tape a memory limit cut ends where it did
     try:
         here = {**orjson.loads(mr.eval(_ENVIRONMENT)), "v8": mr.v8_version}
         env = recording.get("env") or here  # a v2 tape does not say
@@ -164,6 +165,8 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                 # A stored tape is redacted: so are the calls it is compared with.
                 _check_call(by_seq.get(seq), seq, op_, redactor.redact(args, secrets) if redactor else args)
                 last = max(last, seq)
+            if mr.was_hard_memory_limit_reached():  # V8 stopped the turn; the executor ends the request there
+                raise _PastTheEnd()
             return drained
 
         try:
@@ -188,7 +191,7 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                         settled.append([call_id, True, _response_of(event[2])])
                 last = max(last, nxt[0] - 1)  # the JS side records the settled event itself
                 drained = bridge("settle", settled)
-        except (JSTimeoutException, _PastTheEnd):
+        except (JSTimeoutException, JSOOMException, _PastTheEnd):
             out.incomplete = True
             return out
         done = drained["done"]

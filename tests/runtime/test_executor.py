@@ -1094,6 +1094,7 @@ def test_nothing_of_the_function_runs_after_v8_stopped_it_at_the_memory_limit(tm
         export default async function (req, ctx) {{
           setTimeout(() => {{ Math.random(); ctx.fetch("{stub.url}/ok"); }}, 0);
           await null;
+          ctx.fetch("{stub.url}/ok?in-the-last-turn");  // made in the turn the limit stops: never sent
           const kept = [];
           for (;;) kept.push(new Array(200000).fill(kept.length));
         }}
@@ -1101,7 +1102,8 @@ def test_nothing_of_the_function_runs_after_v8_stopped_it_at_the_memory_limit(tm
     result = run1(tmp_path, "grow")
     assert result.status == 500 and result.error == "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)"
     assert stub.requests == []
-    assert result.recording["incomplete"] is True and [e[1] for e in result.recording["events"]] == []
+    assert result.recording["incomplete"] is True
+    assert [(e[1], e[2]["url"], e[2].get("abandoned")) for e in result.recording["events"]] == [("fetch", f"{stub.url}/ok?in-the-last-turn", True)]
 
 
 def test_the_tape_says_when_each_result_reached_the_function(tmp_path, stub: Stub):

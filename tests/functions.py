@@ -1,7 +1,10 @@
 """Helpers for runtime and gateway tests: projects on disk, a real local HTTP stub, a gateway to call.
 
 The stub is a real HTTP server on 127.0.0.1 (these machines have no internet): `/ok` answers
-JSON, `/slow` waits `?ms=` before answering, `/status/N` answers status N, `/echo` returns
+JSON, `/slow` waits `?ms=` before answering, `/jitter` waits a random time up to `?max=` ms (drawn
+afresh each call, so that overlapping calls settle in an order of their own each run) and answers
+status `?status=` (200 by default) with what it waited and a random token,
+`/status/N` answers status N, `/echo` returns
 what it was sent, `/cookie` sets the cookie `session=<SESSION_COOKIE>`. Answers framed as
 upstreams frame them: `/empty` is 204 with no content-type, `/chunked` chunked text/html (UTF-8,
 no charset), `/bytes` the 256 byte values (application/octet-stream), `/headers` repeated
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import textwrap
 import threading
 import time
@@ -64,6 +68,12 @@ class _StubHandler(BaseHTTPRequestHandler):
         status, payload = 200, {"id": "cus_123", "path": url.path}
         if url.path.startswith("/slow"):
             time.sleep(int(parse_qs(url.query).get("ms", ["2000"])[0]) / 1000)
+        elif url.path == "/jitter":
+            query = parse_qs(url.query)
+            slept = random.uniform(0, float(query.get("max", ["20"])[0]))
+            time.sleep(slept / 1000)
+            status = int(query.get("status", ["200"])[0])
+            payload = {"slept": round(slept, 3), "token": random.getrandbits(32), "query": url.query}
         elif url.path.startswith("/status/"):
             status = int(url.path.rsplit("/", 1)[1])
             payload = {"error": "rate limited" if status == 429 else "failed"}

@@ -26,8 +26,10 @@ together, in one turn, in order: results arrive in the order the host settles th
 of the calls, and whether two came in one turn changes how their callbacks interleave). `env` is
 what the function reads of the machine without a call: the default time zone and locale (Date's
 local time, toLocaleString) and the V8 version (its ICU data formats them). A call the
-request ended before has "abandoned": true and neither result nor error. An error is what the
-function's Error got: {name, message, ...} (sqlstate, detail, hint, position, timeout).
+request ended before has "abandoned": true and neither result nor error; one that finished after
+the function returned keeps its outcome and is in no "settled" event (the function never got it).
+An error is what the function's Error got: {name, message, ...} (sqlstate, detail, hint, position,
+timeout).
 Bytes are written one character per byte (U+0001 to U+00FF, and a 0 byte as U+0100, since jsonb
 cannot hold U+0000): a db event's "binary" lists the
 parameters that were bytes; a fetch event's "binary": true says its body was; its
@@ -39,7 +41,10 @@ HTTP client's rewrite of a URL would hide a secret in it from redaction), which 
 response's `url` the function got; in `headers` and `response_headers`, sensitive headers
 (authorization, cookies, API keys) are "[redacted]", so a replay hands the function that text;
 `set_cookies` has one "[redacted]" per Set-Cookie value (getSetCookie() and iteration give each).
-A db event's `columns` are its rows' keys in their order, which jsonb (storing the trace) does not keep.
+A db event's `columns` are its rows' keys in their order, which jsonb (storing the trace) does not keep,
+and its `negative_zeros`, there when a float in its rows was -0.0 (jsonb's numbers have no negative
+zero: a stored tape has 0 there), the paths of those floats: [row index, column, keys and indexes
+inside the value...]. A tape written before `negative_zeros` has a -0.0 from the database as 0.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import os
 import re
 import secrets as secrets_module
@@ -229,7 +235,7 @@ class Executor:
                 span, clock, 504, "TimeoutError", f"the function exceeded its time limit ({self.limits.timeout_ms} ms)", "",
                 run=run,
             )
-        except JSOOMException:
+        except (JSOOMException, _MemoryExhausted):
             pool.discard(isolate)
             await run.cancel()
             return self._out_of_memory(span, clock, run)
@@ -339,6 +345,10 @@ class _Stuck(Exception):
     pass
 
 
+class _MemoryExhausted(Exception):
+    pass
+
+
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL and other controls
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's to set
@@ -426,7 +436,7 @@ class _Run:
         if isinstance(self.call.request.get("body"), bytes):  # JSON carries bytes as base64; JS gets a Uint8Array
             start["request"] = {**self.call.request, "body": base64.b64encode(self.call.request["body"]).decode()}
             start["body_base64"] = True
-        out = self._take(await _then_drain(isolate, "start", start))
+        out = await self._turn(isolate, "start", start)
         while True:
             calls = out["calls"]
             if "cancel" in out:
@@ -455,7 +465,18 @@ class _Run:
                 if call_id in self.timers:
                     self.host_events.append(self.timers.pop(call_id))
             settled, literal = _within_eval_limit(settled)
-            out = self._take(await _then_drain(isolate, "settle", settled, literal=literal))
+            out = await self._turn(isolate, "settle", settled, literal=literal)
+
+    async def _turn(self, isolate: Isolate, op: str, arg: Any, *, literal: str | None = None) -> dict[str, Any]:
+        """One turn of the function: `op`, then its drain, kept. A microtask that reached the memory
+        limit was stopped by V8, but the drain behind it answers: the request ends here, or the
+        host would settle the function's calls and run its callbacks (timers, fetches) past the limit."""
+        out = self._take(await _then_drain(isolate, op, arg, literal=literal))
+        if isolate.memory_exhausted():
+            for _, *call in out["calls"]:  # made in that turn, never run: on the tape as a time limit leaves them
+                self._abandoned(*call)
+            raise _MemoryExhausted()
+        return out
 
     def _clear(self, call_ids: list[int]) -> None:
         """Timers the function cleared once they were on the host: their tasks end now, unsettled,
@@ -507,7 +528,9 @@ class _Run:
         span = Span(id=new_span_id(), parent=parent or self.span.id, name=name, kind="client", start=self.clock.now_ms(),
                     attributes={"flux.abandoned": True, **({"code.location": site} if site else {})})
         self._keep_span(span)
-        self._on_tape([seq, op, {**args, "abandoned": True}])
+        # Written as a call that ran is: its sensitive headers redacted, its bytes as the tape writes them.
+        event = _db_event(args) if op == "db" else _fetch_event(args)
+        self._on_tape([seq, op, {**event, "abandoned": True}])
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
         if op == "timer":
@@ -537,9 +560,7 @@ class _Run:
         sql, params, binary = args["sql"], args["params"], args.get("binary")
         span.name = db_span_name(sql)
         span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": self._span_text(sql)})
-        event: dict[str, Any] = {"sql": sql, "params": params, **({"binary": binary} if binary else {})}
-        if binary:
-            event["params"] = [_tape_bytes(p) if i in binary else p for i, p in enumerate(params)]
+        event = _db_event(args)
         entry = [seq, "db", event]
         self._on_tape(entry)
         if binary:  # bytea parameters: one character per byte (prelude.js)
@@ -556,16 +577,20 @@ class _Run:
             raise
         span.attributes["db.rows"] = result["rowCount"]
         event["result"] = result
-        self._grew(entry, result)
+        dumped = orjson.dumps(result)
+        self._grew(entry, result, size=len(dumped))
         if result["rows"]:  # jsonb, which stores the trace, keeps an object's keys in an order of its own
             event["columns"] = list(result["rows"][0])
+        if b"-0.0" in dumped:  # orjson's only text for a float's negative zero, which jsonb (numeric) makes 0
+            zeros = _negative_zeros(result["rows"], [])
+            if zeros:
+                event["negative_zeros"] = zeros
         return result
 
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         url, method, body, binary = args["url"], args["method"], args["body"], args.get("binary")
         span.attributes.update({"flux.kind": "fetch", "http.method": method, "http.url": self._span_text(url)})
-        event: dict[str, Any] = {"url": url, "method": method, "headers": redact_headers(args["headers"]),
-                                 "body": _tape_bytes(body) if binary else body, **({"binary": True} if binary else {})}
+        event = _fetch_event(args)
         entry = [seq, "fetch", event]
         self._on_tape(entry)
         policy = self.x.fetch_policy
@@ -635,11 +660,12 @@ class _Run:
                 return
         self._cut_tape(entry[0])
 
-    def _grew(self, entry: list[Any], added: Any) -> None:
-        """What a call's answer added to its event on the tape; past MAX_TAPE_CHARS the event leaves it."""
+    def _grew(self, entry: list[Any], added: Any, *, size: int | None = None) -> None:
+        """What a call's answer added to its event on the tape (`size`: its JSON's, when known); past
+        MAX_TAPE_CHARS the event leaves it."""
         if self.tape_cut is not None and entry[0] >= self.tape_cut:
             return
-        self.tape_chars += len(orjson.dumps(added))
+        self.tape_chars += len(orjson.dumps(added)) if size is None else size
         if self.tape_chars > MAX_TAPE_CHARS:
             self._cut_tape(entry[0])
 
@@ -692,6 +718,33 @@ class _Run:
         if not self.finished:  # a time limit, a memory limit, a Promise nothing settles: up to the last step
             recording["incomplete"] = True
         return recording
+
+
+def _db_event(args: dict[str, Any]) -> dict[str, Any]:
+    """A db call's tape event before its answer: bytea parameters one character per byte."""
+    params, binary = args["params"], args.get("binary")
+    if not binary:
+        return {"sql": args["sql"], "params": params}
+    return {"sql": args["sql"], "params": [_tape_bytes(p) if i in binary else p for i, p in enumerate(params)], "binary": binary}
+
+
+def _fetch_event(args: dict[str, Any]) -> dict[str, Any]:
+    """A fetch call's tape event before its answer: sensitive headers redacted, a body of bytes one
+    character per byte."""
+    event = {"url": args["url"], "method": args["method"], "headers": redact_headers(args["headers"]), "body": args["body"]}
+    if args.get("binary"):
+        event.update(body=_tape_bytes(args["body"]), binary=True)
+    return event
+
+
+def _negative_zeros(value: Any, path: list[Any]) -> list[list[Any]]:
+    """The paths (row index, column, then keys and indexes inside a value) of the floats in `value`
+    that are -0.0: jsonb, which stores the trace, has no negative zero, and a function can tell
+    one (`Object.is(x, -0)`, `1 / x`)."""
+    if isinstance(value, float):
+        return [path] if value == 0 and math.copysign(1.0, value) < 0 else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [found for key, item in items for found in _negative_zeros(item, [*path, key])]
 
 
 def _tape_bytes(text: str) -> str:

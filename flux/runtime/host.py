@@ -261,10 +261,12 @@ class DbSession:
                 else:
                     row_count = result.command_tuples if result.command_tuples is not None else -1
                 try:
-                    return json_ready({"rows": rows, "rowCount": row_count, "command": command})
-                except orjson.JSONEncodeError:  # a json or jsonb value of 255 levels: the statement ran, as past the size cap
+                    # Checked as the settle writes it, [[call id, ok, result]]: orjson's 254 levels count those two.
+                    return json_ready([[0, True, {"rows": rows, "rowCount": row_count, "command": command}]])[0][2]
+                except orjson.JSONEncodeError:  # a json or jsonb value of 250 levels: the statement ran, as past the size cap
                     raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
-                        "ctx.db.query: the result is nested deeper than 254 levels, the most that can reach the function")}) from None
+                        "ctx.db.query: a value of the result is nested deeper than 249 levels, the most that can reach "
+                        "the function")}) from None
             except UnicodeEncodeError as exc:
                 raise HostCallError({
                     "name": "DatabaseError", "message": f"the query has a character the database's encoding "

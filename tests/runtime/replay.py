@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from py_mini_racer import JSTimeoutException, MiniRacer
+from py_mini_racer import JSEvalException, JSOOMException, JSTimeoutException, MiniRacer
 
 from flux.redaction import Redactor, redact_headers
 from flux.runtime.executor import Execution, _from_js, _response
@@ -39,7 +39,15 @@ _PATCHES = (
 _ENVIRONMENT = "JSON.stringify({time_zone: Intl.DateTimeFormat().resolvedOptions().timeZone, locale: Intl.DateTimeFormat().resolvedOptions().locale})"
 
 
+# Errors the COMMIT makes of a function's answer once it has returned (flux.runtime.executor._answer).
+_AFTER_THE_FUNCTION = frozenset({"DatabaseError", "TransactionAborted"})
+
+
 class Diverged(AssertionError):
+    pass
+
+
+class _PastTheEnd(Exception):
     pass
 
 
@@ -72,10 +80,17 @@ def _bytes(text: str) -> str:
 
 
 def _result_of(event: dict[str, Any]) -> dict[str, Any]:
-    """A db result as the function got it: its rows' keys in their order (a stored tape is jsonb)."""
+    """A db result as the function got it: its rows' keys in their order and its negative zeros (a
+    stored tape is jsonb)."""
     result = event["result"]
     if "columns" in event:
         result = {**result, "rows": [{k: row[k] for k in event["columns"]} for row in result["rows"]]}
+    for path in event.get("negative_zeros", ()):  # jsonb keeps no negative zero
+        *inside, last = path
+        holder = result["rows"]
+        for key in inside:
+            holder = holder[key]
+        holder[last] = -0.0
     return result
 
 
@@ -99,11 +114,18 @@ def _turns(data: Any) -> list[int]:
 
 def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[str, Any], *,
            secrets: dict[str, str] | None = None, request_id: str = "req-0", tenant: str = "default",
-           timeout_ms: int = 2000, redactor: Redactor | None = None) -> Replay:
+           timeout_ms: int = 2000, memory_mb: int = 128, redactor: Redactor | None = None) -> Replay:
     assert compiled.script is not None
     by_seq = {e[0]: e for e in recording["events"]}
     order = sorted(by_seq)
+    # A tape cut short (a time or memory limit, past its 10,000 events) ends there: a call the function
+    # makes past its last event ends the replay (its reads past the end already threw, which it may
+    # catch), and so does a read past it in the file's top-level code (a first turn that ran out of
+    # memory leaves no event, not even those of the top-level code before it).
+    cut = bool(recording.get("incomplete") or recording.get("truncated"))
+    end = (order[-1] if order else -1) if cut else None
     mr = MiniRacer()
+    mr.set_hard_memory_limit(memory_mb * 1024 * 1024)  # the function's: a tape a memory limit cut ends where it did
     try:
         here = {**orjson.loads(mr.eval(_ENVIRONMENT)), "v8": mr.v8_version}
         env = recording.get("env") or here  # a v2 tape does not say
@@ -111,7 +133,12 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
             raise Diverged(f"the tape was made with {env}, this replay would run with {here}")
         # PRELUDE is several files (statements): an indirect eval gives the last one's value, the bridge.
         mr.eval(f"const __b = (0, eval)({orjson.dumps(_prelude(recording)).decode()});")
-        mr.eval(compiled.script)
+        try:
+            mr.eval(compiled.script)
+        except JSEvalException:
+            if not cut:
+                raise
+            return Replay(incomplete=True)
         start = {"entropy": recording["entropy"], "span_id": "0" * 16, "file": compiled.function.display_path,
                  "request": request, "request_id": request_id, "tenant": tenant, "function": compiled.name,
                  "replay": False, "secrets": secrets or {}}
@@ -131,11 +158,15 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                 out.js_events.append(e)
                 last = max(last, e[0])
             for call_id, op_, args, _, seq, _ in drained.get("calls", ()):
+                if end is not None and seq > end:
+                    raise _PastTheEnd()
                 calls[seq] = [call_id, op_, args]
                 out.calls.append([seq, op_, args])
                 # A stored tape is redacted: so are the calls it is compared with.
                 _check_call(by_seq.get(seq), seq, op_, redactor.redact(args, secrets) if redactor else args)
                 last = max(last, seq)
+            if mr.was_hard_memory_limit_reached():  # V8 stopped the turn; the executor ends the request there
+                raise _PastTheEnd()
             return drained
 
         try:
@@ -160,7 +191,7 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                         settled.append([call_id, True, _response_of(event[2])])
                 last = max(last, nxt[0] - 1)  # the JS side records the settled event itself
                 drained = bridge("settle", settled)
-        except JSTimeoutException:
+        except (JSTimeoutException, JSOOMException, _PastTheEnd):
             out.incomplete = True
             return out
         done = drained["done"]
@@ -209,6 +240,11 @@ def assert_replays(compiled: CompiledFunction, execution: Execution, request: di
         assert result.incomplete or result.status is not None
         return result
     assert not result.incomplete, "the tape ran out before the function finished"
+    if execution.error is not None and execution.body.get("type") in _AFTER_THE_FUNCTION and result.error is None:
+        # The function returned; its answer became this error at the COMMIT, which is the host's
+        # and not on the tape (the trace's status and error say it).
+        assert result.status is not None
+        return result
     if execution.error is None:
         assert (result.status, result.headers, result.body) == (execution.status, execution.headers, execution.body)
     else:

@@ -1087,6 +1087,25 @@ def test_running_out_of_memory_in_a_microtask_after_returning_is_a_memory_error(
     assert result.status == 500 and result.error == "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)"
 
 
+def test_nothing_of_the_function_runs_after_v8_stopped_it_at_the_memory_limit(tmp_path, stub: Stub):
+    """V8 stops the microtask that reached the limit, and the drain after it answers: the host went
+    on settling the function's calls, so a timer's callback ran after the limit and sent a fetch."""
+    write_project(tmp_path, {"grow": f"""
+        export default async function (req, ctx) {{
+          setTimeout(() => {{ Math.random(); ctx.fetch("{stub.url}/ok"); }}, 0);
+          await null;
+          ctx.fetch("{stub.url}/ok?in-the-last-turn");  // made in the turn the limit stops: never sent
+          const kept = [];
+          for (;;) kept.push(new Array(200000).fill(kept.length));
+        }}
+    """}, FAST)
+    result = run1(tmp_path, "grow")
+    assert result.status == 500 and result.error == "MemoryLimitExceeded: the function exceeded its memory limit (32 MB)"
+    assert stub.requests == []
+    assert result.recording["incomplete"] is True
+    assert [(e[1], e[2]["url"], e[2].get("abandoned")) for e in result.recording["events"]] == [("fetch", f"{stub.url}/ok?in-the-last-turn", True)]
+
+
 def test_the_tape_says_when_each_result_reached_the_function(tmp_path, stub: Stub):
     """Results arrive in the order the host settles them, not the order of the calls: a replay
     that settled them by call order would run the function differently."""
@@ -1161,6 +1180,23 @@ def test_a_call_the_function_did_not_wait_for_is_recorded_as_abandoned(tmp_path,
     [span] = [s for s in result.spans if s["kind"] == "client"]
     assert span["attributes"]["flux.abandoned"] is True
     assert stub.requests == []
+
+
+def test_a_call_never_run_is_taped_as_a_run_one_is_its_sensitive_headers_redacted_and_its_bytes_escaped(tmp_path, stub: Stub):
+    """A call still in the outbox when the function returned was written as the function passed
+    it: an Authorization header in clear, and a 0 byte as U+0000 (the trace store makes it U+FFFD)."""
+    write_project(tmp_path, {"leave": f"""
+        export default async function (req, ctx) {{
+          ctx.fetch("{stub.url}/mirror", {{method: "PUT", headers: {{authorization: "Bearer tok_123"}}, body: new Uint8Array([0, 1])}});
+          ctx.db.query("SELECT $1::bytea", [new Uint8Array([0, 2])]);
+          return {{status: 200}};
+        }}
+    """})
+    result = run1(tmp_path, "leave")
+    events = {e[1]: e[2] for e in result.recording["events"]}
+    assert events["fetch"] == {"url": f"{stub.url}/mirror", "method": "PUT", "headers": {"authorization": "[redacted]"},
+                               "body": "\u0100\u0001", "binary": True, "abandoned": True}
+    assert events["db"] == {"sql": "SELECT $1::bytea", "params": ["\u0100\u0002"], "binary": [0], "abandoned": True}
 
 
 def test_a_step_span_covers_the_calls_made_in_it(tmp_path, stub: Stub):
@@ -1475,7 +1511,23 @@ def test_a_db_result_nested_deeper_than_the_host_writes_rejects_its_query(tmp_pa
         }
     """})
     result = run1(tmp_path, "deep", dsn=dsn)
-    assert result.body == [1, "RangeError", "ctx.db.query: the result is nested deeper than 254 levels, the most that can reach the function"]
+    assert result.body == [1, "RangeError", "ctx.db.query: a value of the result is nested deeper than 249 levels, the most that "
+                                            "can reach the function"]
+
+
+def test_a_db_value_nested_as_deep_as_can_reach_the_function_reaches_it_and_one_level_more_is_refused(tmp_path, dsn, conn):
+    """A value of 250 or 251 levels passed the host's check, then failed as the host wrote the
+    results for the function, deeper by their own two levels: a TypeError out of the executor."""
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          const depth = (v) => (Array.isArray(v) ? 1 + depth(v[0]) : 0);
+          const { rows } = await ctx.db.query("SELECT (repeat('[', 249) || repeat(']', 249))::jsonb AS deep");
+          try { await ctx.db.query("SELECT (repeat('[', 250) || repeat(']', 250))::jsonb AS deep"); }
+          catch (e) { return {status: 200, body: [depth(rows[0].deep), e.name]}; }
+        }
+    """})
+    result = run1(tmp_path, "deep", dsn=dsn)
+    assert result.body == [249, "RangeError"], result.error
 
 
 def test_work_queued_from_inside_the_last_drain_counts_within_the_request(tmp_path):

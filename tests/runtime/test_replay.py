@@ -279,3 +279,21 @@ def test_a_redacted_secret_is_what_a_replay_hands_the_function(tmp_path, stub: S
     stored = redactor.redact(execution.recording, {"KEY": "sk_live_abcdefghijkl"})
     result = replay(compiled, stored, request, secrets={"KEY": "sk_live_abcdefghijkl"}, redactor=redactor)
     assert result.body == "key=[secret:KEY]"
+
+
+def test_a_negative_zero_from_the_database_replays_from_the_trace_store(tmp_path, dsn, conn):
+    """jsonb numbers are numeric, which has no negative zero: a float8 -0 read back as 0."""
+    write_project(tmp_path, {"negzero": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT '-0'::float8 AS z, ceil(-0.5::float8) AS c, ARRAY[1, '-0'::float8] AS a");
+          return {status: 200, body: [Object.is(rows[0].z, -0), Object.is(rows[0].c, -0), Object.is(rows[0].a[1], -0), Math.sign(1 / rows[0].z)]};
+        }
+    """})
+    compiled, execution, request = record(tmp_path, "negzero", dsn=dsn)
+    assert execution.body == [True, True, True, -1], execution.error
+    ensure_schema(conn)
+    insert_traces(conn, [TraceRecord(id="req-0", tenant="default", function="negzero", method="POST", path="/negzero",
+                                     status=execution.status, duration_ms=1.0, started_at=datetime.now(timezone.utc),
+                                     error=execution.error, spans=[], request={}, response={}, recording=execution.recording)])
+    conn.commit()
+    assert_replays(compiled, dataclasses.replace(execution, recording=get_trace(conn, "req-0").recording), request)

@@ -9,6 +9,8 @@ executor's and the prelude's.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -71,7 +73,7 @@ class AiohttpTransport:
         except TimeoutError:  # aiohttp's timeouts are asyncio's, which are TimeoutError since 3.11
             raise TimeoutError(f"no response within {timeout_s * 1000:.0f} ms") from None
         except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot send to
-            raise OSError(f"{type(exc).__name__}: {exc}") from None
+            raise OSError(_client_error_text(exc)) from None
         headers_in: dict[str, str] = {}
         cookies: list[str] = []
         # raw_headers: aiohttp's own values decode the bytes as UTF-8, a byte that is not becoming
@@ -87,6 +89,26 @@ class AiohttpTransport:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _client_error_text(exc: Exception) -> str:
+    """The HTTP client's error as the function and `flux why` show it. A connect error names the
+    host and the system's reason ("connection refused"), not aiohttp's own text ("Cannot connect to
+    host ... ssl:default [Connect call failed ...]")."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"could not connect to {exc.host}:{exc.port}: its TLS certificate was refused ({exc.certificate_error})"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        cause = exc.os_error
+        if isinstance(cause, socket.gaierror):  # its errno is the resolver's, which os.strerror does not know
+            reason = f"its name did not resolve ({cause.strerror})"
+        elif cause.errno:
+            reason = os.strerror(cause.errno).lower()  # asyncio's own text quotes the address as a tuple
+        else:
+            reason = str(cause) or type(cause).__name__
+        return f"could not connect to {exc.host}:{exc.port}: {reason}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without an answer"
+    return f"{type(exc).__name__}: {exc}"
 
 
 _NO_AUTO_HEADERS = frozenset({"Content-Type"})

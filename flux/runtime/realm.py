@@ -2,7 +2,7 @@
 
 Why: a mini-racer isolate per request costs about 1.5 ms of CPU to make, load and free, and
 freeing it hands memory back to the OS with `munmap`, which flushes the TLB of the CPU serving
-requests (README, gateway benchmark). A new V8 context in a live isolate, loaded with the prelude
+requests (bench/README.md, "Gateway: the runs ..."). A new V8 context in a live isolate, loaded with the prelude
 and the function, costs 0.3 to 0.45 ms and returns no memory to the OS.
 
 How: `new ShadowRealm()` is a new native context (its own global object and its own built-ins)

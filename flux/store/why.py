@@ -266,7 +266,8 @@ def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation
             " tracing off, by another Flux, or its trace was lost before it was written."
         )]
     if mutation_count:
-        return []
+        partial = _partly_logged(trace, mutation_count, pruned)
+        return [partial] if partial else []
     writes = _writes(trace)
     if _failed_inside_flux(trace):  # its transaction is rolled back (flux.runtime.executor)
         return ["The request changed no rows: Flux failed while running the function, and rolled its transaction"
@@ -291,13 +292,30 @@ def _unlogged(writes: int) -> str:
 
 
 def unlogged_writes(trace: TraceRecord, mutation_count: int, pruned: Pruned) -> str | None:
-    """For `flux trace`: the note that the trace shows committed writes the mutation log has none of
-    (yet: the engine may be behind; or the tables are not captured); None when that is not so. A
-    count of 0 alone would read as "wrote nothing"."""
+    """For `flux trace`: the note that the trace shows committed writes the mutation log has none
+    or only some of (yet: the engine may be behind; or the tables are not captured); None when that
+    is not so. A count of 0 alone would read as "wrote nothing", a count too low as all there was."""
+    if mutation_count:
+        return _partly_logged(trace, mutation_count, pruned)
     writes = _writes(trace)
-    if mutation_count or not writes or _rolled_back(trace) or mutations_pruned(trace, pruned):
+    if not writes or _rolled_back(trace) or mutations_pruned(trace, pruned):
         return None
     return _unlogged(len(writes))
+
+
+def _partly_logged(trace: TraceRecord, mutation_count: int, pruned: Pruned) -> str | None:
+    """The note that the trace's write statements reported more rows changed (`db.rows`) than the
+    mutation log holds for the request; None when it holds as many or more (triggers and cascades
+    add row changes no statement reports)."""
+    if _rolled_back(trace) or mutations_pruned(trace, pruned):
+        return None
+    reported = sum(rows for s in _writes(trace)
+                   if isinstance(rows := (s.get("attributes") or {}).get("db.rows"), int) and rows > 0)
+    if mutation_count >= reported:
+        return None
+    return (f"The trace's statements reported {reported:,} row change(s); the mutation log has {mutation_count:,} of"
+            " this request: has the engine caught up (`flux cdc status` shows its lag), and are all of those tables"
+            " captured (`flux attach`)? A temporary or unlogged table's rows never are.")
 
 
 def _writes(trace: TraceRecord) -> list[dict[str, Any]]:

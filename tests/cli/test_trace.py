@@ -24,7 +24,9 @@ from tests.traces_seed import (
     aborted_spans,
     bulk_mutations,
     exception,
+    mutation,
     nested_spans,
+    ok_spans,
     retry_spans,
     returned_spans,
     seed,
@@ -152,6 +154,18 @@ def test_trace_of_committed_writes_the_mutation_log_lacks_says_so_rather_than_on
     assert "DB writes: 0" in out
     assert "note: The trace shows 1 write(s) but the mutation log has no row change of this request" in out
     assert "has the engine caught up" in json.loads(invoke(dsn, "trace", OK, "--json").stdout)["notes"][0]
+
+
+def test_trace_of_a_write_the_mutation_log_holds_part_of_says_so(conn, dsn):
+    """"DB writes: 1" for an insert that reported 2 rows read as all there was."""
+    ensure_schema(conn)
+    spans = ok_spans()
+    spans[2]["attributes"]["db.rows"] = 2
+    insert_traces(conn, [trace(OK, spans=spans)])
+    mutation(conn, "orders", "insert", request_id=OK, key={"id": 1}, new={"id": 1})
+    out = invoke(dsn, "trace", OK).output
+    assert "DB writes: 1" in out
+    assert "note: The trace's statements reported 2 row change(s); the mutation log has 1 of this request" in out
 
 
 def test_trace_of_a_rolled_back_or_logged_request_has_no_notes(seeded, dsn):

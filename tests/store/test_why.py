@@ -20,6 +20,7 @@ from tests.traces_seed import (
     OK,
     aborted_spans,
     bulk_mutations,
+    mutation,
     exception,
     nested_spans,
     retry_spans,
@@ -144,6 +145,31 @@ def test_explain_notes_writes_the_log_did_not_record(seeded):
     (note,) = explain(seeded, "c0ffee00").notes
     assert "flux attach" in note
 
+
+PARTLY = "c0ffee00-0000-4000-8000-000000000006"
+
+
+def _three_rows_written(conn, logged: int) -> None:
+    """A committed request whose insert reported 3 rows, `logged` of them in the mutation log."""
+    gw = span("gateway", "server", "gateway", http__status_code=200)
+    fn = span("f", "internal", "function", parent=gw, db__transaction="committed")
+    insert_traces(conn, [trace(PARTLY, spans=[gw, fn, span("db.insert(items)", "client", "db", parent=fn, db__rows=3)])])
+    for n in range(logged):
+        mutation(conn, "items", "insert", request_id=PARTLY, key={"id": n}, new={"id": n}, tx=900, seq=n)
+
+
+def test_explain_notes_a_log_that_holds_fewer_rows_than_the_statements_reported(conn):
+    """The count alone read as all there was: "1 row changed" while the engine had not caught up."""
+    ensure_schema(conn)
+    _three_rows_written(conn, logged=1)
+    (note,) = explain(conn, PARTLY).notes
+    assert note.startswith("The trace's statements reported 3 row change(s); the mutation log has 1 of this request")
+
+
+def test_explain_has_no_note_when_the_log_holds_every_row_the_statements_reported(conn):
+    ensure_schema(conn)
+    _three_rows_written(conn, logged=3)
+    assert explain(conn, PARTLY).notes == ()
 
 def test_explain_of_a_gateway_only_request_blames_the_gateway(conn):
     ensure_schema(conn)

@@ -9,8 +9,9 @@ How a row is found:
 - `--key COL=VALUE ...` names all primary-key columns (matched on `row_key`), or, for a table
   without a primary key, any columns, matched on the row images (`new` or `old` contains them).
 - Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
-  `42` matches a recorded `42`, `42.0` or `"42"`, and a uuid in any form PostgreSQL reads
-  (no hyphens, braces, upper case) matches its canonical text.
+  `42` matches a recorded `42`, `42.0` or `"42"`, a uuid in any form PostgreSQL reads
+  (no hyphens, braces, upper case) matches its canonical text, `t`/`yes`/`on` a boolean, and a
+  timestamp as psql prints it or in any zone the engine's UTC text.
 - A primary key is looked up through the row hash index, once per combination of its columns'
   forms. Past 64 combinations (7 or more columns whose text could be a number, a boolean or a
   uuid) the columns are compared one by one instead, over all of the table's mutations.
@@ -29,7 +30,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -53,6 +54,8 @@ _TABLE_IS = (
 )
 
 # As PostgreSQL reads a uuid: optionally in braces, a hyphen allowed after any group of four digits.
+_BOOLEANS = {w: "true" for w in ("t", "true", "y", "yes", "on")} | {w: "false" for w in ("f", "false", "n", "no", "off")}
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,6})?)?\s*(Z|[+-]\d\d(:?\d\d)?)?", re.IGNORECASE)
 _UUID = re.compile(r"(\{)?[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}(?(1)\})")
 
 
@@ -217,14 +220,35 @@ def _value_forms(value: str) -> list[str]:
     text = value.strip()
     if NUMBER.fullmatch(text):
         forms.append(str(Decimal(text)))
-    elif text in ("true", "false", "null"):
+    elif text == "null":
         forms.append(text)
+    elif text.lower() in _BOOLEANS:  # as PostgreSQL reads a boolean, psql's `t` included
+        forms.append(_BOOLEANS[text.lower()])
+    elif (moment := _timestamp_form(text)) is not None and json.dumps(moment) != forms[0]:
+        forms.append(json.dumps(moment))
     if _UUID.fullmatch(text):
         digits = re.sub(r"[{}-]", "", text).lower()
         canonical = json.dumps(f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}")
         if canonical != forms[0]:
             forms.append(canonical)
     return forms
+
+
+def _timestamp_form(text: str) -> str | None:
+    """A timestamp as the engine records it (flux.cdc.values: UTC, `T`, `+00:00`, the fraction as
+    PostgreSQL prints it), from any spelling PostgreSQL and psql use: `2026-01-02 03:04:05+00`,
+    `...Z`, another offset. None for text that is not a date and a time."""
+    if not _TIMESTAMP.fullmatch(text):
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    zone = ""
+    if moment.tzinfo is not None:
+        moment, zone = moment.astimezone(timezone.utc), "+00:00"
+    fraction = f".{moment.microsecond:06d}".rstrip("0") if moment.microsecond else ""
+    return f"{moment:%Y-%m-%dT%H:%M:%S}{fraction}{zone}"
 
 
 def _object_forms(forms: dict[str, list[str]]) -> list[str]:
@@ -600,8 +624,11 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
                 next_state[col] = ColumnBlame(col, value, w, True)
             elif before is not None and (changed is not None or before.value == value):
                 next_state[col] = ColumnBlame(col, value, before.set_by, before.certain)
-            elif changed is not None:  # unchanged, but first seen now: set before capture
+            elif changed is not None and not state:  # unchanged, first seen now: set before capture
                 next_state[col] = ColumnBlame(col, value, None, True)
+            elif changed is not None:  # unchanged, yet not in the row's earlier image: a column renamed
+                # or added since, its value set by an earlier change or by the DDL (not recorded)
+                next_state[col] = ColumnBlame(col, value, w, False)
             elif before is not None:  # old image incomplete, value differs: this update set it
                 next_state[col] = ColumnBlame(col, value, w, True)
             else:  # no earlier value and no way to tell whether this update changed it

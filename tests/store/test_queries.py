@@ -168,6 +168,25 @@ def test_history_finds_a_uuid_key_given_in_any_form_postgres_reads(log, given):
     assert ops(row_history(log, "public", "docs", id_value=given)) == [("insert", "r1")]
 
 
+@pytest.mark.parametrize("given", ["2026-01-02 03:04:05.5+00", "2026-01-02T03:04:05.500Z", "2026-01-02 05:04:05.5+02:00"])
+def test_history_finds_a_timestamptz_key_as_psql_prints_it_or_in_another_zone(conn, capture, given):
+    conn.execute("CREATE TABLE public.ticks (at timestamptz PRIMARY KEY, v text)")
+    running = capture(tables=["ticks"])
+    conn.execute("INSERT INTO ticks VALUES ('2026-01-02 03:04:05.5+00', 'one')")
+    running.caught_up()
+    history = row_history(conn, "public", "ticks", id_value=given)
+    assert [m.op for m in history.mutations] == ["insert"] and history.key == {"at": "2026-01-02T03:04:05.5+00:00"}
+
+
+@pytest.mark.parametrize("given", ["t", "TRUE", "yes", "on"])
+def test_history_finds_a_boolean_key_as_psql_prints_it(conn, capture, given):
+    conn.execute("CREATE TABLE public.flags (on_ boolean PRIMARY KEY, v text)")
+    running = capture(tables=["flags"])
+    conn.execute("INSERT INTO flags VALUES (true, 'one'), (false, 'two')")
+    running.caught_up()
+    assert [m.new for m in row_history(conn, "public", "flags", id_value=given).mutations] == [{"on_": True, "v": "one"}]
+
+
 def test_history_with_id_on_composite_key_says_to_use_key(log):
     log.execute("CREATE TABLE public.members (org int, id text, PRIMARY KEY (org, id))")
     record(log, "members", "insert", key={"org": 1, "id": "a"}, new={"org": 1, "id": "a"})
@@ -402,6 +421,19 @@ def test_table_blame_lists_a_row_inserted_under_a_key_another_row_left(log):
     _moved_twice(log)
     record(log, "users", "insert", request_id="r6", key={"id": 1}, new={"id": 1, "email": "c", "plan": "free"})
     assert [(r.row_key, r.writer.request_id) for r in table_blame(log, "public", "users")] == [({"id": 1}, "r6"), ({"id": 3}, "r5")]
+
+
+def test_blame_of_a_renamed_column_does_not_say_it_was_set_before_the_recorded_history(conn, capture):
+    conn.execute("CREATE TABLE public.notes (id int PRIMARY KEY, body text, title text)")
+    running = capture(tables=["notes"])
+    conn.execute("INSERT INTO notes VALUES (1, 'b1', 't1')")
+    conn.execute("ALTER TABLE notes RENAME COLUMN title TO headline")
+    conn.execute("UPDATE notes SET body = 'b2'")
+    running.caught_up()
+    blame = {c.column: c for c in row_blame(conn, "public", "notes", id_value="1").columns}
+    # Set by the insert (as title), which the update cannot tell: that update or an earlier change.
+    assert blame["headline"].set_by is not None and blame["headline"].set_by.op == "update"
+    assert not blame["headline"].certain
 
 
 # -- request ids -------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def render_row_blame(b: RowBlame) -> None:
     width = max([8, *(text_width(c.column) for c in b.columns)])
     vwidth = min(40, max([4, *(text_width(_value(c.value)) for c in b.columns)]))
     for c in b.columns:
-        value = escape(pad(_value(c.value), vwidth))
+        value = escape(pad(_value(c.value), vwidth)) if c.known else "[dim]" + pad("?", vwidth) + "[/]"
         if c.set_by is None:
             origin = "[dim](set before the recorded history)[/]"
         else:
@@ -255,6 +255,9 @@ def render_row_blame(b: RowBlame) -> None:
             origin = f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by)}  [dim]{c.set_by.op}[/]"
         line = f"  {escape(pad(c.column, width))}  {value}  {origin}"
         console.print(f"[dim]{line}[/]" if b.deleted else line)
+    if any(not c.known for c in b.columns):
+        console.print("  [dim]?: value not in the log (unchanged and TOASTed while the old row was not fully "
+                      "known, or too large to record: `missing_columns`)[/]")
     if any(not c.certain for c in b.columns):
         console.print("  [dim]≤: set by this change or an earlier one (the old row was not fully known, "
                       "or the column was renamed or added since)[/]")

@@ -121,6 +121,9 @@ class ColumnBlame:
     value: Any
     set_by: Writer | None  # None: set before capture started
     certain: bool  # False: the old image was incomplete, so it was set by `set_by` or earlier
+    # False: no recorded image holds its value (an unchanged TOASTed value without a full old row,
+    # before any image had it); `value` is then None, which is not its value.
+    known: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -636,6 +639,10 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
         for col in missing:
             if col in state:
                 next_state[col] = state[col]
+            elif mut.op == "insert" or (changed is not None and col in changed):  # too large to record
+                next_state[col] = ColumnBlame(col, None, w, True, known=False)
+            else:  # listed though unknown: blame must not drop a column
+                next_state[col] = ColumnBlame(col, None, w if state else None, not state, known=False)
         state = next_state
     return RowBlame(
         schema=schema, table=table, match=match, deleted=deleted_by is not None, deleted_by=deleted_by,

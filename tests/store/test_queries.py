@@ -436,6 +436,18 @@ def test_blame_of_a_renamed_column_does_not_say_it_was_set_before_the_recorded_h
     assert not blame["headline"].certain
 
 
+def test_blame_lists_an_unchanged_toasted_column_it_never_saw_as_unknown(conn, capture):
+    conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text, hits int)")
+    conn.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")  # stored out of line: TOASTed
+    conn.execute("INSERT INTO docs VALUES (1, repeat('y', 5000), 0)")
+    running = capture(tables=["docs"])
+    conn.execute("ALTER TABLE docs REPLICA IDENTITY DEFAULT")  # old rows by key only: TOAST left out
+    conn.execute("UPDATE docs SET hits = 1")
+    running.caught_up()
+    body = {c.column: c for c in row_blame(conn, "public", "docs", id_value="1").columns}["body"]
+    assert (body.known, body.value, body.set_by) == (False, None, None)
+
+
 # -- request ids -------------------------------------------------------------------------------
 
 

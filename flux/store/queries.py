@@ -371,11 +371,28 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None
     elif root is not None and root != (schema, table):
         parent = format_table(*root)
         hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {parent} ...`."
+    elif not exists and (elsewhere := _in_other_schemas(conn, schema, table)):
+        hint = (f"There is no table {name}; did you mean " + " or ".join(f"'{s}'" for s in elsewhere)
+                + "? Name the schema: a name without one is public's.")
     elif exists:
         hint = _capture_hint(conn, schema, table) + _pruned_note(conn)
     else:
         hint = "No such table either. Is it captured? See `flux attach --tables`." + _pruned_note(conn)
     raise NotFoundError(f"No recorded mutations for table {name}", hint=hint, table=name)
+
+
+def _in_other_schemas(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
+    """Tables of this name (in any case) in other schemas than the one asked for, Flux's and the system's aside."""
+    return [
+        format_table(s, t)
+        for s, t in conn.execute(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE lower(c.relname) = lower(%s) AND c.relkind IN ('r', 'p') AND n.nspname <> %s"
+            " AND n.nspname NOT IN (%s, 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'"
+            " ORDER BY 1, 2 LIMIT 5",
+            (table, schema, SCHEMA),
+        ).fetchall()
+    ]
 
 
 def _capture_hint(conn: psycopg.Connection, schema: str, table: str) -> str:

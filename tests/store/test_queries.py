@@ -299,6 +299,14 @@ def test_history_suggests_the_mixed_case_name(log):
     assert '"Users"' in err.value.hint
 
 
+def test_history_of_a_table_only_in_another_schema_suggests_it(log):
+    log.execute("CREATE SCHEMA sales; CREATE TABLE sales.orders (id int PRIMARY KEY)")
+    record(log, "orders", "insert", schema="sales", key={"id": 1}, new={"id": 1})
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "orders", id_value="1")
+    assert "'sales.orders'" in err.value.hint
+
+
 def test_history_without_flux_schema_says_to_attach(conn):
     with pytest.raises(NotFoundError) as err:
         row_history(conn, "public", "users", id_value="1")

@@ -642,14 +642,14 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
                 continue
             if mut.op == "insert" or (changed is not None and col in changed):
                 next_state[col] = ColumnBlame(col, value, w, True)
-            elif before is not None and (changed is not None or before.value == value):
+            elif before is not None and (changed is not None or before.known and before.value == value):
                 next_state[col] = ColumnBlame(col, value, before.set_by, before.certain)
             elif changed is not None and not state:  # unchanged, first seen now: set before capture
                 next_state[col] = ColumnBlame(col, value, None, True)
             elif changed is not None:  # unchanged, yet not in the row's earlier image: a column renamed
                 # or added since, its value set by an earlier change or by the DDL (not recorded)
                 next_state[col] = ColumnBlame(col, value, w, False)
-            elif before is not None:  # old image incomplete, value differs: this update set it
+            elif before is not None and before.known:  # old image incomplete, value differs: this update set it
                 next_state[col] = ColumnBlame(col, value, w, True)
             else:  # no earlier value and no way to tell whether this update changed it
                 next_state[col] = ColumnBlame(col, value, w, False)

@@ -456,6 +456,16 @@ def test_blame_lists_an_unchanged_toasted_column_it_never_saw_as_unknown(conn, c
     assert (body.known, body.value, body.set_by) == (False, None, None)
 
 
+def test_blame_of_a_column_first_seen_null_after_it_was_unknown_shows_its_value(log):
+    log.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text)")
+    record(log, "docs", "update", request_id="r1", key={"id": 1}, old={"id": 1}, old_complete=False, new={"id": 1})
+    log.execute("UPDATE flux.state_mutations SET missing_columns = '{body}'")
+    record(log, "docs", "update", request_id="r2", key={"id": 1}, old={"id": 1}, old_complete=False,
+           new={"id": 1, "body": None})
+    body = {c.column: c for c in row_blame(log, "public", "docs", id_value="1").columns}["body"]
+    assert (body.known, body.value, body.set_by.request_id, body.certain) == (True, None, "r2", False)
+
+
 # -- request ids -------------------------------------------------------------------------------
 
 

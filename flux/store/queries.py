@@ -595,11 +595,31 @@ def row_blame(
     _, mutations = _fetch_row(conn, schema, table, m, None)
     if not mutations:
         _no_row(conn, schema, table, m)
+    if m.matched_on == "images":
+        _one_row(schema, table, m, mutations)
     mutations = _with_earlier_keys(conn, schema, table, mutations)
     blame = _blame(schema, table, m.match, mutations, key=_recorded_as(m, mutations))
     if any(c.set_by is None for c in blame.columns):
         blame = dataclasses.replace(blame, pruned_before=_pruned_history(conn, mutations))
     return blame
+
+
+def _one_row(schema: str, table: str, m: _RowMatch, mutations: list[Mutation]) -> None:
+    """Without a primary key, the values given may match several rows: blame of them all merged
+    would pass off one row's writers as another's. Several rows are seen when an insert matches
+    while an earlier inserted one is still there."""
+    alive = most = 0
+    for mut in mutations:
+        alive = 0 if mut.op == "truncate" else max(0, alive + {"insert": 1, "delete": -1}.get(mut.op, 0))
+        most = max(most, alive)
+    if most > 1:
+        columns = ", ".join(c for c in m.columns if c not in m.match) or "COL"
+        raise AmbiguousError(
+            f"{_describe(schema, table, m.match)} matches {most} rows (the table has no primary key)",
+            hint=f"Add --key COL=VALUE for more of its columns ({columns}) to name one row; "
+                 f"`flux state history` lists the changes of them all.",
+            table=format_table(schema, table),
+        )
 
 
 MAX_KEY_HOPS = 16  # how many primary-key changes blame follows back

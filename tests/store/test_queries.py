@@ -466,6 +466,17 @@ def test_blame_of_a_column_first_seen_null_after_it_was_unknown_shows_its_value(
     assert (body.known, body.value, body.set_by.request_id, body.certain) == (True, None, "r2", False)
 
 
+def test_blame_of_values_that_match_two_rows_of_a_table_without_primary_key_is_ambiguous(conn, capture):
+    conn.execute("CREATE TABLE public.events (kind int, note text)")
+    running = capture(tables=["events"])
+    conn.execute("INSERT INTO events VALUES (1, 'one'), (1, 'uno')")
+    running.caught_up()
+    with pytest.raises(AmbiguousError) as err:
+        row_blame(conn, "public", "events", key={"kind": "1"})
+    assert "matches 2 rows" in str(err.value) and "note" in err.value.hint
+    assert row_blame(conn, "public", "events", key={"kind": "1", "note": "uno"}).columns[1].value == "uno"
+
+
 # -- request ids -------------------------------------------------------------------------------
 
 

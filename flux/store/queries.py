@@ -559,9 +559,12 @@ def row_history(
 
 def _no_row(conn: psycopg.Connection, schema: str, table: str, m: _RowMatch) -> None:
     where = _describe(schema, table, m.match)
+    unknown = [c for c in m.match if m.columns and c not in m.columns]
+    # A misspelt column of a table without a primary key matches nothing: say so, not just "no row".
+    columns = (f" It has no column {', '.join(unknown)} (its columns: {', '.join(m.columns)})." if unknown else "")
     raise NotFoundError(
         f"No recorded mutations for row {where}",
-        hint=f"The table has recorded changes, but none of this row. `flux state blame {format_table(schema, table)}` lists recently changed rows."
+        hint=f"The table has recorded changes, but none of this row.{columns} `flux state blame {format_table(schema, table)}` lists recently changed rows."
         + _pruned_note(conn),
         table=format_table(schema, table),
     )

@@ -307,6 +307,14 @@ def test_history_of_a_table_only_in_another_schema_suggests_it(log):
     assert "'sales.orders'" in err.value.hint
 
 
+def test_history_by_a_column_a_table_without_primary_key_lacks_names_its_columns(log):
+    log.execute("CREATE TABLE public.events (kind int, note text)")
+    record(log, "events", "insert", new={"kind": 1, "note": "a"})
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "events", key={"knd": "1"})
+    assert "It has no column knd (its columns: kind, note)." in err.value.hint
+
+
 def test_history_without_flux_schema_says_to_attach(conn):
     with pytest.raises(NotFoundError) as err:
         row_history(conn, "public", "users", id_value="1")

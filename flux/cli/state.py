@@ -32,6 +32,7 @@ RULE = "─" * 40
 SHORT_ID = 8
 BLAME_ROWS = 20  # rows `blame TABLE` lists by default
 ROW_CLIP = 80  # a keyless row in `blame TABLE` is shown by its image, clipped
+VALUE_CLIP = 200  # a column value in history and blame: a long text would bury the lines around it
 
 
 @app.command()
@@ -160,19 +161,19 @@ def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[st
 
     lines: list[str] = []
     if m.op == "insert":
-        lines = [f"  [green]+[/] {col(c)} → {escape(key_text(v))}" for c, v in image(m.new)] or ["  [green]+[/] inserted"]
+        lines = [f"  [green]+[/] {col(c)} → {escape(_value(v))}" for c, v in image(m.new)] or ["  [green]+[/] inserted"]
     elif m.op == "update":
         new, old = m.new or {}, m.old or {}
         missing = set(m.missing_columns or ())
         names = m.changed_columns if m.changed_columns is not None else [c for c, _ in image(new) if c not in missing]
         for c in names:
-            was = f"  [dim](was {escape(key_text(old[c]))})[/]" if m.old_complete and c in old else ""
-            lines.append(f"    {col(c)} → {escape(key_text(new.get(c)))}{was}")
+            was = f"  [dim](was {escape(_value(old[c]))})[/]" if m.old_complete and c in old else ""
+            lines.append(f"    {col(c)} → {escape(_value(new.get(c)))}{was}")
         if not names:
             lines.append("    [dim](no column changed)[/]")
     elif m.op == "delete":
         lines = ["  [red]-[/] deleted"]
-        lines += [f"    [dim]{col(c)}   {escape(key_text(v))}[/]" for c, v in image(m.old)]
+        lines += [f"    [dim]{col(c)}   {escape(_value(v))}[/]" for c, v in image(m.old)]
     else:
         lines = ["  [red]-[/] truncated [dim](every row of the table)[/]"]
     if m.op in ("update", "delete") and m.old_complete is False:
@@ -219,6 +220,14 @@ def _dollar_escape(char: str) -> str:
     return char
 
 
+def _value(value: Any) -> str:
+    """A column value as shown: clipped past VALUE_CLIP characters, saying how long it is."""
+    text = key_text(value)
+    if len(text) <= VALUE_CLIP:
+        return text
+    return f"{text[:VALUE_CLIP - 1]}… ({len(text):,} characters; whole in --json)"
+
+
 def _key(row_key: dict[str, Any]) -> str:
     return ", ".join(f"{c} = {key_text(v)}" for c, v in row_key.items())
 
@@ -236,9 +245,9 @@ def render_row_blame(b: RowBlame) -> None:
         if b.columns:
             console.print("  [dim]values before it:[/]")
     width = max([8, *(text_width(c.column) for c in b.columns)])
-    vwidth = min(40, max([4, *(text_width(key_text(c.value)) for c in b.columns)]))
+    vwidth = min(40, max([4, *(text_width(_value(c.value)) for c in b.columns)]))
     for c in b.columns:
-        value = escape(pad(key_text(c.value), vwidth))
+        value = escape(pad(_value(c.value), vwidth)) if c.known else "[dim]" + pad("?", vwidth) + "[/]"
         if c.set_by is None:
             origin = "[dim](set before the recorded history)[/]"
         else:
@@ -246,8 +255,12 @@ def render_row_blame(b: RowBlame) -> None:
             origin = f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by)}  [dim]{c.set_by.op}[/]"
         line = f"  {escape(pad(c.column, width))}  {value}  {origin}"
         console.print(f"[dim]{line}[/]" if b.deleted else line)
+    if any(not c.known for c in b.columns):
+        console.print("  [dim]?: value not in the log (unchanged and TOASTed while the old row was not fully "
+                      "known, or too large to record: `missing_columns`)[/]")
     if any(not c.certain for c in b.columns):
-        console.print("  [dim]≤: set by this change or an earlier one (the old row was not fully known)[/]")
+        console.print("  [dim]≤: set by this change or an earlier one (the old row was not fully known, "
+                      "or the column was renamed or added since)[/]")
     if b.pruned_before is not None:
         console.print(f"  [dim]changes committed before {b.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
     console.print()

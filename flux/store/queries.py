@@ -9,8 +9,9 @@ How a row is found:
 - `--key COL=VALUE ...` names all primary-key columns (matched on `row_key`), or, for a table
   without a primary key, any columns, matched on the row images (`new` or `old` contains them).
 - Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
-  `42` matches a recorded `42`, `42.0` or `"42"`, and a uuid in any form PostgreSQL reads
-  (no hyphens, braces, upper case) matches its canonical text.
+  `42` matches a recorded `42`, `42.0` or `"42"`, a uuid in any form PostgreSQL reads
+  (no hyphens, braces, upper case) matches its canonical text, `t`/`yes`/`on` a boolean, and a
+  timestamp as psql prints it or in any zone the engine's UTC text.
 - A primary key is looked up through the row hash index, once per combination of its columns'
   forms. Past 64 combinations (7 or more columns whose text could be a number, a boolean or a
   uuid) the columns are compared one by one instead, over all of the table's mutations.
@@ -29,7 +30,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -53,6 +54,8 @@ _TABLE_IS = (
 )
 
 # As PostgreSQL reads a uuid: optionally in braces, a hyphen allowed after any group of four digits.
+_BOOLEANS = {w: "true" for w in ("t", "true", "y", "yes", "on")} | {w: "false" for w in ("f", "false", "n", "no", "off")}
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,6})?)?\s*(Z|[+-]\d\d(:?\d\d)?)?", re.IGNORECASE)
 _UUID = re.compile(r"(\{)?[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}(?(1)\})")
 
 
@@ -118,6 +121,9 @@ class ColumnBlame:
     value: Any
     set_by: Writer | None  # None: set before capture started
     certain: bool  # False: the old image was incomplete, so it was set by `set_by` or earlier
+    # False: no recorded image holds its value (an unchanged TOASTed value without a full old row,
+    # before any image had it); `value` is then None, which is not its value.
+    known: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,14 +223,35 @@ def _value_forms(value: str) -> list[str]:
     text = value.strip()
     if NUMBER.fullmatch(text):
         forms.append(str(Decimal(text)))
-    elif text in ("true", "false", "null"):
+    elif text == "null":
         forms.append(text)
+    elif text.lower() in _BOOLEANS:  # as PostgreSQL reads a boolean, psql's `t` included
+        forms.append(_BOOLEANS[text.lower()])
+    elif (moment := _timestamp_form(text)) is not None and json.dumps(moment) != forms[0]:
+        forms.append(json.dumps(moment))
     if _UUID.fullmatch(text):
         digits = re.sub(r"[{}-]", "", text).lower()
         canonical = json.dumps(f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}")
         if canonical != forms[0]:
             forms.append(canonical)
     return forms
+
+
+def _timestamp_form(text: str) -> str | None:
+    """A timestamp as the engine records it (flux.cdc.values: UTC, `T`, `+00:00`, the fraction as
+    PostgreSQL prints it), from any spelling PostgreSQL and psql use: `2026-01-02 03:04:05+00`,
+    `...Z`, another offset. None for text that is not a date and a time."""
+    if not _TIMESTAMP.fullmatch(text):
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    zone = ""
+    if moment.tzinfo is not None:
+        moment, zone = moment.astimezone(timezone.utc), "+00:00"
+    fraction = f".{moment.microsecond:06d}".rstrip("0") if moment.microsecond else ""
+    return f"{moment:%Y-%m-%dT%H:%M:%S}{fraction}{zone}"
 
 
 def _object_forms(forms: dict[str, list[str]]) -> list[str]:
@@ -344,11 +371,28 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None
     elif root is not None and root != (schema, table):
         parent = format_table(*root)
         hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {parent} ...`."
+    elif not exists and (elsewhere := _in_other_schemas(conn, schema, table)):
+        hint = (f"There is no table {name}; did you mean " + " or ".join(f"'{s}'" for s in elsewhere)
+                + "? Name the schema: a name without one is public's.")
     elif exists:
         hint = _capture_hint(conn, schema, table) + _pruned_note(conn)
     else:
         hint = "No such table either. Is it captured? See `flux attach --tables`." + _pruned_note(conn)
     raise NotFoundError(f"No recorded mutations for table {name}", hint=hint, table=name)
+
+
+def _in_other_schemas(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
+    """Tables of this name (in any case) in other schemas than the one asked for, Flux's and the system's aside."""
+    return [
+        format_table(s, t)
+        for s, t in conn.execute(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE lower(c.relname) = lower(%s) AND c.relkind IN ('r', 'p') AND n.nspname <> %s"
+            " AND n.nspname NOT IN (%s, 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'"
+            " ORDER BY 1, 2 LIMIT 5",
+            (table, schema, SCHEMA),
+        ).fetchall()
+    ]
 
 
 def _capture_hint(conn: psycopg.Connection, schema: str, table: str) -> str:
@@ -515,9 +559,12 @@ def row_history(
 
 def _no_row(conn: psycopg.Connection, schema: str, table: str, m: _RowMatch) -> None:
     where = _describe(schema, table, m.match)
+    unknown = [c for c in m.match if m.columns and c not in m.columns]
+    # A misspelt column of a table without a primary key matches nothing: say so, not just "no row".
+    columns = (f" It has no column {', '.join(unknown)} (its columns: {', '.join(m.columns)})." if unknown else "")
     raise NotFoundError(
         f"No recorded mutations for row {where}",
-        hint=f"The table has recorded changes, but none of this row. `flux state blame {format_table(schema, table)}` lists recently changed rows."
+        hint=f"The table has recorded changes, but none of this row.{columns} `flux state blame {format_table(schema, table)}` lists recently changed rows."
         + _pruned_note(conn),
         table=format_table(schema, table),
     )
@@ -551,11 +598,31 @@ def row_blame(
     _, mutations = _fetch_row(conn, schema, table, m, None)
     if not mutations:
         _no_row(conn, schema, table, m)
+    if m.matched_on == "images":
+        _one_row(schema, table, m, mutations)
     mutations = _with_earlier_keys(conn, schema, table, mutations)
     blame = _blame(schema, table, m.match, mutations, key=_recorded_as(m, mutations))
     if any(c.set_by is None for c in blame.columns):
         blame = dataclasses.replace(blame, pruned_before=_pruned_history(conn, mutations))
     return blame
+
+
+def _one_row(schema: str, table: str, m: _RowMatch, mutations: list[Mutation]) -> None:
+    """Without a primary key, the values given may match several rows: blame of them all merged
+    would pass off one row's writers as another's. Several rows are seen when an insert matches
+    while an earlier inserted one is still there."""
+    alive = most = 0
+    for mut in mutations:
+        alive = 0 if mut.op == "truncate" else max(0, alive + {"insert": 1, "delete": -1}.get(mut.op, 0))
+        most = max(most, alive)
+    if most > 1:
+        columns = ", ".join(c for c in m.columns if c not in m.match) or "COL"
+        raise AmbiguousError(
+            f"{_describe(schema, table, m.match)} matches {most} rows (the table has no primary key)",
+            hint=f"Add --key COL=VALUE for more of its columns ({columns}) to name one row; "
+                 f"`flux state history` lists the changes of them all.",
+            table=format_table(schema, table),
+        )
 
 
 MAX_KEY_HOPS = 16  # how many primary-key changes blame follows back
@@ -598,17 +665,24 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
                 continue
             if mut.op == "insert" or (changed is not None and col in changed):
                 next_state[col] = ColumnBlame(col, value, w, True)
-            elif before is not None and (changed is not None or before.value == value):
+            elif before is not None and (changed is not None or before.known and before.value == value):
                 next_state[col] = ColumnBlame(col, value, before.set_by, before.certain)
-            elif changed is not None:  # unchanged, but first seen now: set before capture
+            elif changed is not None and not state:  # unchanged, first seen now: set before capture
                 next_state[col] = ColumnBlame(col, value, None, True)
-            elif before is not None:  # old image incomplete, value differs: this update set it
+            elif changed is not None:  # unchanged, yet not in the row's earlier image: a column renamed
+                # or added since, its value set by an earlier change or by the DDL (not recorded)
+                next_state[col] = ColumnBlame(col, value, w, False)
+            elif before is not None and before.known:  # old image incomplete, value differs: this update set it
                 next_state[col] = ColumnBlame(col, value, w, True)
             else:  # no earlier value and no way to tell whether this update changed it
                 next_state[col] = ColumnBlame(col, value, w, False)
         for col in missing:
             if col in state:
                 next_state[col] = state[col]
+            elif mut.op == "insert" or (changed is not None and col in changed):  # too large to record
+                next_state[col] = ColumnBlame(col, None, w, True, known=False)
+            else:  # listed though unknown: blame must not drop a column
+                next_state[col] = ColumnBlame(col, None, w if state else None, not state, known=False)
         state = next_state
     return RowBlame(
         schema=schema, table=table, match=match, deleted=deleted_by is not None, deleted_by=deleted_by,

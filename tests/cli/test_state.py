@@ -443,3 +443,28 @@ def test_blame_aligns_its_columns_after_wide_characters(conn, dsn):
     rows = [line for line in out.splitlines() if "req:4f9a3b2c" in line]
     assert len(rows) == 3
     assert len({cell_len(line[:line.index("2026-")]) for line in rows}) == 1, rows
+
+
+def test_history_and_blame_clip_a_long_value_and_say_how_long_it_is(conn, dsn):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text)")
+    body = "a" * 4990 + "END"
+    record(conn, "docs", "insert", request_id=RID1, key={"id": 1}, new={"id": 1, "body": body})
+    for command in ("history", "blame"):
+        result = invoke(dsn, command, "docs", "--id", "1")
+        assert result.exit_code == 0, result.output
+        assert "END" not in result.output and "… (4,993 characters; whole in --json)" in result.output
+    assert json.loads(invoke(dsn, "history", "docs", "--id", "1", "--json").output)["mutations"][0]["new"]["body"] == body
+
+
+def test_blame_text_shows_a_column_whose_value_the_log_lacks_as_unknown(conn, dsn):
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text, hits int)")
+    record(conn, "docs", "update", request_id=RID1, key={"id": 1}, old={"id": 1}, old_complete=False,
+           new={"id": 1, "hits": 1})
+    conn.execute("UPDATE flux.state_mutations SET missing_columns = '{body}'")
+    result = invoke(dsn, "blame", "docs", "--id", "1")
+    assert result.exit_code == 0, result.output
+    lines = [line.rstrip() for line in result.output.splitlines()]
+    assert "  body      ?     (set before the recorded history)" in lines
+    assert any(line.startswith("  ?: value not in the log") for line in lines)

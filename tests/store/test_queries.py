@@ -168,6 +168,25 @@ def test_history_finds_a_uuid_key_given_in_any_form_postgres_reads(log, given):
     assert ops(row_history(log, "public", "docs", id_value=given)) == [("insert", "r1")]
 
 
+@pytest.mark.parametrize("given", ["2026-01-02 03:04:05.5+00", "2026-01-02T03:04:05.500Z", "2026-01-02 05:04:05.5+02:00"])
+def test_history_finds_a_timestamptz_key_as_psql_prints_it_or_in_another_zone(conn, capture, given):
+    conn.execute("CREATE TABLE public.ticks (at timestamptz PRIMARY KEY, v text)")
+    running = capture(tables=["ticks"])
+    conn.execute("INSERT INTO ticks VALUES ('2026-01-02 03:04:05.5+00', 'one')")
+    running.caught_up()
+    history = row_history(conn, "public", "ticks", id_value=given)
+    assert [m.op for m in history.mutations] == ["insert"] and history.key == {"at": "2026-01-02T03:04:05.5+00:00"}
+
+
+@pytest.mark.parametrize("given", ["t", "TRUE", "yes", "on"])
+def test_history_finds_a_boolean_key_as_psql_prints_it(conn, capture, given):
+    conn.execute("CREATE TABLE public.flags (on_ boolean PRIMARY KEY, v text)")
+    running = capture(tables=["flags"])
+    conn.execute("INSERT INTO flags VALUES (true, 'one'), (false, 'two')")
+    running.caught_up()
+    assert [m.new for m in row_history(conn, "public", "flags", id_value=given).mutations] == [{"on_": True, "v": "one"}]
+
+
 def test_history_with_id_on_composite_key_says_to_use_key(log):
     log.execute("CREATE TABLE public.members (org int, id text, PRIMARY KEY (org, id))")
     record(log, "members", "insert", key={"org": 1, "id": "a"}, new={"org": 1, "id": "a"})
@@ -278,6 +297,22 @@ def test_history_suggests_the_mixed_case_name(log):
     with pytest.raises(NotFoundError) as err:
         row_history(log, "public", "users", id_value="1")
     assert '"Users"' in err.value.hint
+
+
+def test_history_of_a_table_only_in_another_schema_suggests_it(log):
+    log.execute("CREATE SCHEMA sales; CREATE TABLE sales.orders (id int PRIMARY KEY)")
+    record(log, "orders", "insert", schema="sales", key={"id": 1}, new={"id": 1})
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "orders", id_value="1")
+    assert "'sales.orders'" in err.value.hint
+
+
+def test_history_by_a_column_a_table_without_primary_key_lacks_names_its_columns(log):
+    log.execute("CREATE TABLE public.events (kind int, note text)")
+    record(log, "events", "insert", new={"kind": 1, "note": "a"})
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "events", key={"knd": "1"})
+    assert "It has no column knd (its columns: kind, note)." in err.value.hint
 
 
 def test_history_without_flux_schema_says_to_attach(conn):
@@ -402,6 +437,52 @@ def test_table_blame_lists_a_row_inserted_under_a_key_another_row_left(log):
     _moved_twice(log)
     record(log, "users", "insert", request_id="r6", key={"id": 1}, new={"id": 1, "email": "c", "plan": "free"})
     assert [(r.row_key, r.writer.request_id) for r in table_blame(log, "public", "users")] == [({"id": 1}, "r6"), ({"id": 3}, "r5")]
+
+
+def test_blame_of_a_renamed_column_does_not_say_it_was_set_before_the_recorded_history(conn, capture):
+    conn.execute("CREATE TABLE public.notes (id int PRIMARY KEY, body text, title text)")
+    running = capture(tables=["notes"])
+    conn.execute("INSERT INTO notes VALUES (1, 'b1', 't1')")
+    conn.execute("ALTER TABLE notes RENAME COLUMN title TO headline")
+    conn.execute("UPDATE notes SET body = 'b2'")
+    running.caught_up()
+    blame = {c.column: c for c in row_blame(conn, "public", "notes", id_value="1").columns}
+    # Set by the insert (as title), which the update cannot tell: that update or an earlier change.
+    assert blame["headline"].set_by is not None and blame["headline"].set_by.op == "update"
+    assert not blame["headline"].certain
+
+
+def test_blame_lists_an_unchanged_toasted_column_it_never_saw_as_unknown(conn, capture):
+    conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text, hits int)")
+    conn.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")  # stored out of line: TOASTed
+    conn.execute("INSERT INTO docs VALUES (1, repeat('y', 5000), 0)")
+    running = capture(tables=["docs"])
+    conn.execute("ALTER TABLE docs REPLICA IDENTITY DEFAULT")  # old rows by key only: TOAST left out
+    conn.execute("UPDATE docs SET hits = 1")
+    running.caught_up()
+    body = {c.column: c for c in row_blame(conn, "public", "docs", id_value="1").columns}["body"]
+    assert (body.known, body.value, body.set_by) == (False, None, None)
+
+
+def test_blame_of_a_column_first_seen_null_after_it_was_unknown_shows_its_value(log):
+    log.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text)")
+    record(log, "docs", "update", request_id="r1", key={"id": 1}, old={"id": 1}, old_complete=False, new={"id": 1})
+    log.execute("UPDATE flux.state_mutations SET missing_columns = '{body}'")
+    record(log, "docs", "update", request_id="r2", key={"id": 1}, old={"id": 1}, old_complete=False,
+           new={"id": 1, "body": None})
+    body = {c.column: c for c in row_blame(log, "public", "docs", id_value="1").columns}["body"]
+    assert (body.known, body.value, body.set_by.request_id, body.certain) == (True, None, "r2", False)
+
+
+def test_blame_of_values_that_match_two_rows_of_a_table_without_primary_key_is_ambiguous(conn, capture):
+    conn.execute("CREATE TABLE public.events (kind int, note text)")
+    running = capture(tables=["events"])
+    conn.execute("INSERT INTO events VALUES (1, 'one'), (1, 'uno')")
+    running.caught_up()
+    with pytest.raises(AmbiguousError) as err:
+        row_blame(conn, "public", "events", key={"kind": "1"})
+    assert "matches 2 rows" in str(err.value) and "note" in err.value.hint
+    assert row_blame(conn, "public", "events", key={"kind": "1", "note": "uno"}).columns[1].value == "uno"
 
 
 # -- request ids -------------------------------------------------------------------------------

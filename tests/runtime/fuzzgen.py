@@ -28,6 +28,11 @@ export default async function (req, ctx) {
 """
 
 
+def _noted(pad: str, tag: str, expr: str) -> str:
+    """A statement noting what `expr` gives, or the error it throws."""
+    return f'{pad}try {{ note("{tag}", {expr}); }} catch (e) {{ note("{tag}", err(e)); }}'
+
+
 class FunctionGenerator:
     def __init__(self, seed: int, stub_url: str) -> None:
         self.r = random.Random(seed)
@@ -145,7 +150,7 @@ class FunctionGenerator:
             weights.append(2)
         kind = r.choices(kinds, weights)[0]
         if kind == "await":
-            return [f'{pad}try {{ note("{t}", await {self.atom(c)}); }} catch (e) {{ note("{t}", err(e)); }}']
+            return [_noted(pad, t, f"await {self.atom(c)}")]
         if kind == "unawaited":
             return [f'{pad}{self.atom(c)}.then((v) => note("{t}", v), (e) => note("{t}", err(e)));']
         if kind == "dropped":
@@ -154,7 +159,7 @@ class FunctionGenerator:
             parts = ", ".join(self.atom(c) for _ in range(r.randint(2, 4)))
             shape = ('.then((s) => s.map((x) => (x.status === "fulfilled" ? ["ok", x.value] : ["no", err(x.reason)])))'
                      if kind == "allSettled" else "")
-            return [f'{pad}try {{ note("{t}", await Promise.{kind}([{parts}]){shape}); }} catch (e) {{ note("{t}", err(e)); }}']
+            return [_noted(pad, t, f"await Promise.{kind}([{parts}]){shape}")]
         if kind == "read":
             return [f'{pad}note("{t}", {self.read()});']
         if kind == "timer":
@@ -172,7 +177,7 @@ class FunctionGenerator:
         if kind == "await_held":
             if not self.held:
                 return [f'{pad}note("{t}", await null);']
-            return [f'{pad}try {{ note("{t}", await {r.choice(self.held)}); }} catch (e) {{ note("{t}", err(e)); }}']
+            return [_noted(pad, t, f"await {r.choice(self.held)}")]
         if kind == "microtask":
             return [f'{pad}queueMicrotask(() => note("{t}a", {self.read()}));',
                     f'{pad}Promise.resolve().then(() => note("{t}b", {self.read()})).then(() => note("{t}c", {self.read()}));']
@@ -182,7 +187,7 @@ class FunctionGenerator:
         if kind == "concurrent_steps":
             steps = ", ".join(f'{c}.step("{t}.{i}", async (s) => {{ note("{t}.{i}", {self.read()}); return await {self.atom("s")}; }})'
                               for i in range(r.randint(2, 3)))
-            return [f'{pad}try {{ note("{t}", await Promise.all([{steps}])); }} catch (e) {{ note("{t}", err(e)); }}']
+            return [_noted(pad, t, f"await Promise.all([{steps}])")]
         if kind == "for_await":
             parts = ", ".join(self.atom(c) for _ in range(r.randint(2, 3)))
             return [f'{pad}try {{ for await (const x of [{parts}]) note("{t}", [x, {self.read()}]); }} catch (e) {{ note("{t}", err(e)); }}']

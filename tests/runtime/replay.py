@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from py_mini_racer import JSEvalException, JSOOMException, JSTimeoutException, M
 from flux.redaction import Redactor, redact_headers
 from flux.runtime.executor import Execution, _from_js, _response
 from flux.runtime.isolate import PRELUDE, CompiledFunction
+from flux.store.traces import TraceRecord, get_trace, insert_traces
 
 _PATCHES = (
     # The clock and Math.random read the tape at the function's current position in the order.
@@ -251,3 +253,15 @@ def assert_replays(compiled: CompiledFunction, execution: Execution, request: di
         assert result.error is not None
         assert [result.error.get("name"), result.error.get("message")] == [execution.body["type"], execution.body["error"].removeprefix(f"{execution.body['type']}: ")]
     return result
+
+
+def stored_recording(conn: Any, request_id: str, execution: Execution) -> dict[str, Any]:
+    """`execution`'s recording as the trace store gives it back (jsonb: keys reordered, U+0000 made
+    U+FFFD), stored under `request_id` in a schema `conn` already has."""
+    insert_traces(conn, [TraceRecord(id=request_id, tenant="default", function="f", method="POST", path="/f",
+                                     status=execution.status, duration_ms=1.0, started_at=datetime.now(timezone.utc),
+                                     error=execution.error, spans=[], request={}, response={}, recording=execution.recording)])
+    conn.commit()
+    recording = get_trace(conn, request_id).recording
+    assert recording is not None
+    return recording

@@ -106,48 +106,38 @@ def test_a_call_without_an_answer_in_time_raises_timeout_error():
     asyncio.run(main())
 
 
+async def _failure(url: str) -> str:
+    """The text of the OSError a call to `url` raises, from a transport of its own."""
+    transport = AiohttpTransport()
+    try:
+        with pytest.raises(OSError) as failed:
+            await transport.send("GET", url, {}, None, 5.0)
+    finally:
+        await transport.aclose()
+    return str(failed.value)
+
+
 def test_a_call_that_cannot_connect_raises_os_error_naming_the_host_and_the_reason():
     """It quoted aiohttp's text: "ClientConnectorError: Cannot connect to host 127.0.0.1:N
     ssl:default [Connect call failed ('127.0.0.1', N)]"."""
     port = free_port()
-
-    async def main() -> None:
-        transport = AiohttpTransport()
-        try:
-            with pytest.raises(OSError) as failed:
-                await transport.send("GET", f"http://127.0.0.1:{port}/", {}, None, 5.0)
-        finally:
-            await transport.aclose()
-        assert str(failed.value) == f"could not connect to 127.0.0.1:{port}: connection refused"
-
-    asyncio.run(main())
+    assert asyncio.run(_failure(f"http://127.0.0.1:{port}/")) == f"could not connect to 127.0.0.1:{port}: connection refused"
 
 
 def test_a_host_whose_name_does_not_resolve_is_said_so():
-    async def main() -> None:
-        transport = AiohttpTransport()
-        try:
-            with pytest.raises(OSError) as failed:
-                await transport.send("GET", "http://flux-test.invalid/", {}, None, 5.0)  # .invalid never resolves (RFC 6761)
-        finally:
-            await transport.aclose()
-        assert str(failed.value).startswith("could not connect to flux-test.invalid:80: its name did not resolve (")
+    text = asyncio.run(_failure("http://flux-test.invalid/"))  # .invalid never resolves (RFC 6761)
+    assert text.startswith("could not connect to flux-test.invalid:80: its name did not resolve (")
 
-    asyncio.run(main())
 
 def test_a_server_that_closes_without_answering_is_said_so():
-    async def main() -> None:
+    async def main() -> str:
         server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
-        transport = AiohttpTransport()
         try:
-            with pytest.raises(OSError) as failed:
-                await transport.send("GET", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", {}, None, 5.0)
+            return await _failure(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
         finally:
-            await transport.aclose()
             server.close()
-        assert str(failed.value) == "the server closed the connection without an answer"
 
-    asyncio.run(main())
+    assert asyncio.run(main()) == "the server closed the connection without an answer"
 
 
 def test_proxies_from_the_environment_are_not_used(monkeypatch):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,8 @@ from flux.runtime.executor import Execution, Executor, Invocation
 from flux.runtime.fetch import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
 from flux.store.schema import ensure_schema
-from flux.store.traces import TraceRecord, get_trace, insert_traces
 from tests.functions import Stub, write_project
-from tests.runtime.replay import assert_replays, replay
+from tests.runtime.replay import assert_replays, replay, stored_recording
 
 
 def record(root: Path, name: str, body: Any = None, *, dsn: str | None = None, secrets: dict[str, str] | None = None,
@@ -255,11 +253,7 @@ def test_a_tape_read_back_from_the_trace_store_replays_row_order_and_zero_bytes(
     compiled, execution, request = record(tmp_path, "stored", dsn=dsn)
     assert execution.body["row"].startswith('{"zeta":"x","a":1,"b":') and execution.body["bytes"] == [0, 7, 0], execution.error
     ensure_schema(conn)
-    insert_traces(conn, [TraceRecord(id="req-0", tenant="default", function="stored", method="POST", path="/stored",
-                                     status=execution.status, duration_ms=1.0, started_at=datetime.now(timezone.utc),
-                                     error=execution.error, spans=[], request={}, response={}, recording=execution.recording)])
-    conn.commit()
-    assert_replays(compiled, dataclasses.replace(execution, recording=get_trace(conn, "req-0").recording), request)
+    assert_replays(compiled, dataclasses.replace(execution, recording=stored_recording(conn, "req-0", execution)), request)
 
 
 def test_a_redacted_secret_is_what_a_replay_hands_the_function(tmp_path, stub: Stub):
@@ -292,8 +286,4 @@ def test_a_negative_zero_from_the_database_replays_from_the_trace_store(tmp_path
     compiled, execution, request = record(tmp_path, "negzero", dsn=dsn)
     assert execution.body == [True, True, True, -1], execution.error
     ensure_schema(conn)
-    insert_traces(conn, [TraceRecord(id="req-0", tenant="default", function="negzero", method="POST", path="/negzero",
-                                     status=execution.status, duration_ms=1.0, started_at=datetime.now(timezone.utc),
-                                     error=execution.error, spans=[], request={}, response={}, recording=execution.recording)])
-    conn.commit()
-    assert_replays(compiled, dataclasses.replace(execution, recording=get_trace(conn, "req-0").recording), request)
+    assert_replays(compiled, dataclasses.replace(execution, recording=stored_recording(conn, "req-0", execution)), request)

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import socket
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,9 @@ from flux.runtime.executor import Execution, Executor, Invocation
 from flux.runtime.fetch import AiohttpTransport, FetchPolicy
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
 from flux.store.schema import ensure_schema
-from flux.store.traces import TraceRecord, get_trace, insert_traces
 from tests.functions import Stub, write_project
 from tests.runtime.fuzzgen import SCHEMA, FunctionGenerator
-from tests.runtime.replay import assert_replays, replay
+from tests.runtime.replay import assert_replays, replay, stored_recording
 
 # The checked-in seeds; FLUX_REPLAY_SEEDS=N (from FLUX_REPLAY_SEED_FROM, default 0) runs others, by hand.
 SEED_FROM = int(os.environ.get("FLUX_REPLAY_SEED_FROM", "0"))
@@ -95,7 +93,7 @@ def check_seeds(seeds: range, tmp_path: Path, dsn: str, conn: Any, monkeypatch: 
                                       "recording": execution.recording}) + "\n")
         # Redacted as the gateway redacts a record (the functions never see the secret: nothing changes).
         recorded = redactor.redact(execution.recording, {"KEY": SECRET})
-        stored = _stored(conn, f"req-{seed}", dataclasses.replace(execution, recording=recorded))
+        stored = stored_recording(conn, f"req-{seed}", dataclasses.replace(execution, recording=recorded))
         try:
             # A replay stops where its tape does; the time limit is for one that spins without reading it, and
             # a spin cut at the time limit (1.5 s) may take longer to replay on a busy machine.
@@ -120,17 +118,6 @@ def _replayed(compiled: CompiledFunction, recording: dict[str, Any], request: di
         return str(exc)
     return (f"{got.status} {got.error or ''} incomplete={got.incomplete}\n{json.dumps(got.js_events)[:20_000]}\n"
             f"{json.dumps(got.calls)[:20_000]}")
-
-
-def _stored(conn: Any, request_id: str, execution: Execution) -> dict[str, Any]:
-    """The recording as the trace store gives it back (jsonb: keys reordered, U+0000 made U+FFFD)."""
-    insert_traces(conn, [TraceRecord(id=request_id, tenant="default", function="fz", method="POST", path="/fz",
-                                     status=execution.status, duration_ms=1.0, started_at=datetime.now(timezone.utc),
-                                     error=execution.error, spans=[], request={}, response={}, recording=execution.recording)])
-    conn.commit()
-    recording = get_trace(conn, request_id).recording
-    assert recording is not None
-    return recording
 
 
 def test_generated_functions_replay_exactly_from_their_tape(tmp_path, dsn, conn, monkeypatch):

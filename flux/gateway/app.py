@@ -45,6 +45,7 @@ from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge, Request
 from werkzeug.http import parse_options_header
 
 from flux.errors import FluxError, NotFoundError, from_psycopg
+from flux.gateway.health import DatabaseProbe
 from flux.gateway.traces import TraceSink, cap_depth
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
@@ -121,6 +122,7 @@ class Gateway:
         self.trace_reader = trace_reader  # async (tenant, request_id | None, args) -> data
         self.engine_status = engine_status  # the CDC engine run in this process, if one is (`Engine.status`)
         self.db_pool = db_pool
+        self.database_probe = None if db_pool is None else DatabaseProbe(db_pool.conninfo, db_pool.kwargs)
         self.sink = sink
         self.record = record
         self.workers = workers
@@ -717,12 +719,15 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
         await gateway.settle(timeout=gateway.project.limits.timeout_ms / 1000 + SETTLE_GRACE_SECONDS)
         if on_shutdown is not None:
             await on_shutdown()
+        if gateway.database_probe is not None:
+            gateway.database_probe.close()
         gateway.functions.close()
 
     @app.get("/_flux/health")
     async def _health() -> Response:
         traces = gateway.sink.status() if gateway.sink is not None and gateway.record else None
-        return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled),
+        database = await gateway.database_probe.status() if gateway.database_probe is not None else None
+        return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled), "database": database,
                                       "load_errors": gateway.functions.load_errors, "reload_error": gateway.reload_error,
                                       **gateway.load(), "traces": traces,
                                       "engine": gateway.engine_status() if gateway.engine_status else None}),

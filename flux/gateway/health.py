@@ -1,0 +1,73 @@
+"""/_flux/health's view of the database the functions use: can the gateway reach it now.
+
+Why a probe of its own: the trace writer and the functions' pool only find the database gone when
+they use it, so an idle gateway reported a database that was down as if nothing were wrong. A
+fresh connection (login included: a rotated password shows) answering `SELECT 1` is the check.
+
+Health probes come often and from many load balancers: a result serves every probe for
+PROBE_TTL_S, one probe runs at a time, and a health answer waits for it at most PROBE_WAIT_S
+(a database that does not answer must not make the health check itself time out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+
+PROBE_TTL_S = 2.0
+PROBE_WAIT_S = 1.0
+PROBE_CONNECT_TIMEOUT_S = 3
+
+
+class DatabaseProbe:
+    def __init__(self, conninfo: str, connect_kwargs: dict[str, Any] | None = None) -> None:
+        self._conninfo = conninfo
+        # The pool's options (keepalives, TLS files passed as arguments), not its session settings.
+        self._kwargs = {**(connect_kwargs or {}), "autocommit": True, "connect_timeout": PROBE_CONNECT_TIMEOUT_S}
+        self._task: asyncio.Task[None] | None = None
+        self._reachable: bool | None = None  # None: not checked yet
+        self._error: str | None = None
+        self._round_trip_ms: float | None = None
+        self._checked_at: float | None = None  # time.monotonic() of the last finished check
+        self._started_at = 0.0  # time.monotonic() when the check in hand began
+
+    async def status(self) -> dict[str, Any]:
+        """The last check's result, checking again first when it is older than PROBE_TTL_S."""
+        stale = self._checked_at is None or time.monotonic() - self._checked_at >= PROBE_TTL_S
+        if stale and self._task is None:
+            self._task = asyncio.create_task(self._check(), name="flux-health-database")
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=PROBE_WAIT_S)  # never cancels it: the next answer has it
+        checking = self._task is not None
+        return {
+            "reachable": self._reachable,
+            "error": self._error,
+            "round_trip_ms": self._round_trip_ms,
+            "checked_seconds_ago": None if self._checked_at is None else round(time.monotonic() - self._checked_at, 1),
+            "checking_seconds": round(time.monotonic() - self._started_at, 1) if checking else None,
+        }
+
+    async def _check(self) -> None:
+        self._started_at = time.monotonic()
+        try:
+            async with await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs) as conn:
+                await conn.execute("SELECT 1")
+            self._reachable, self._error = True, None
+            self._round_trip_ms = round((time.monotonic() - self._started_at) * 1000, 1)
+        except (psycopg.Error, OSError) as exc:
+            self._reachable, self._round_trip_ms = False, None
+            self._error = _one_line(exc)
+        finally:
+            self._checked_at = time.monotonic()
+            self._task = None
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -102,6 +102,12 @@ class SlotHeldError(InUseError):
     retryable = True
 
 
+class LockTimeoutError(InUseError):
+    """A table Flux must alter stayed locked by another transaction longer than Flux may wait without stopping its traffic."""
+
+    retryable = True
+
+
 class ClusterError(FluxError):
     """The embedded PostgreSQL cluster could not be found, created or started."""
 

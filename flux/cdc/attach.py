@@ -18,10 +18,12 @@ import psycopg
 from psycopg import sql
 
 from flux.cdc import autocapture
+from flux.cdc.locks import DEFAULT_LOCK_TIMEOUT_S, bound_lock_waits, with_lock_retries
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
     all_user_tables,
+    captured_tables,
     check_ownership,
     record_listed_tables,
     resolve_tables,
@@ -150,6 +152,7 @@ def attach(
     all_tables: bool = False,
     slot: str = "flux",
     publication: str = "flux",
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> AttachResult:
     if bool(tables) == bool(all_tables):
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
@@ -164,32 +167,46 @@ def attach(
             # An older schema is upgraded outside the transaction below, so that its indexes are
             # built concurrently (the engine keeps writing); an upgrade stopped half-way is resumed.
             upgraded = schema_version(conn) is not None and ensure_schema(conn)
-            # One transaction: no instant where a table is half set up (e.g. moved from the
-            # table list to a schema entry) and a write slips through uncaptured.
-            with conn.transaction():
-                if ensure_schema(conn) or upgraded:
-                    result.created.append("schema flux")
-                _check_names_are_flux(conn, slot, publication)
-                schemas = user_schemas(conn) if schema_mode else None
-                # Before the publication changes: the event trigger must not take a table left out
-                # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
-                record_listed_tables(conn, slot, None if all_tables else chosen)
-                result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot)
-                for table in chosen:
-                    parts = with_partitions(conn, table)
-                    for part in parts:
-                        change = set_full_identity(conn, slot, part)
-                        if change:
-                            result.replica_identity_changed.append(change)
-                    if len(parts) > 1:
-                        result.warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
-                _record_attachment(conn, slot, publication, all_tables)
-                if superuser:
-                    created = autocapture.install_event_trigger(conn)
-                    if created:
-                        result.created.append(created)
-                elif all_tables:
-                    result.warnings.append(NO_TRIGGER_WARNING)
+
+            def set_up() -> tuple[list[str], list[dict], list[str]]:
+                # One transaction: no instant where a table is half set up (e.g. moved from the
+                # table list to a schema entry) and a write slips through uncaptured.
+                created: list[str] = []
+                identities: list[dict] = []
+                warnings: list[str] = []
+                with conn.transaction():
+                    if ensure_schema(conn) or upgraded:
+                        created.append("schema flux")
+                    _check_names_are_flux(conn, slot, publication)
+                    bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
+                    schemas = user_schemas(conn) if schema_mode else None
+                    # Before the publication changes: the event trigger must not take a table left out
+                    # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
+                    record_listed_tables(conn, slot, None if all_tables else chosen)
+                    created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot)
+                    for table in chosen:
+                        parts = with_partitions(conn, table)
+                        for part in parts:
+                            change = set_full_identity(conn, slot, part)
+                            if change:
+                                identities.append(change)
+                        if len(parts) > 1:
+                            warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
+                    _record_attachment(conn, slot, publication, all_tables)
+                    if superuser:
+                        trigger = autocapture.install_event_trigger(conn)
+                        if trigger:
+                            created.append(trigger)
+                    elif all_tables:
+                        warnings.append(NO_TRIGGER_WARNING)
+                return created, identities, warnings
+
+            created, identities, warnings = with_lock_retries(
+                conn, set_up, action="Attach", command="flux attach", seconds=lock_timeout,
+                tables=lambda: _tables_touched(conn, slot, publication, chosen))
+            result.created += created
+            result.replica_identity_changed += identities
+            result.warnings += warnings
             if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
                 # Last: the slot's stream starts once the publication and identities exist.
                 # Creating it waits for transactions already running to finish.
@@ -203,6 +220,16 @@ def attach(
             raise from_psycopg(exc, "Attach failed", slot=slot, publication=publication) from exc
         result.warnings += slot_warnings(conn, slot)
         return result
+
+
+def _tables_touched(conn: psycopg.Connection, slot: str, publication: str, chosen: list[TableRef]) -> list[TableRef]:
+    """The tables attach or detach may lock: those chosen and published, their partitions, and those whose identity Flux changed."""
+    tables = set(chosen) | set(captured_tables(conn, publication))
+    if conn.execute("SELECT to_regclass('flux.replica_identity_changes') IS NOT NULL").fetchone()[0]:
+        tables |= {TableRef(schema, name) for schema, name in conn.execute(
+            "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s", (slot,)).fetchall()}
+    exists = [t for t in tables if conn.execute("SELECT to_regclass(%s)", (sql.Identifier(t.schema, t.name).as_string(conn),)).fetchone()[0]]
+    return sorted({part for table in exists for part in with_partitions(conn, table)}, key=str)
 
 
 def _check_names_are_flux(conn: psycopg.Connection, slot: str, publication: str) -> None:
@@ -254,7 +281,8 @@ def _record_attachment(conn: psycopg.Connection, slot: str, publication: str, al
         )
 
 
-def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop_data: bool = False) -> DetachResult:
+def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop_data: bool = False,
+           lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> DetachResult:
     with connect(dsn) as conn:
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
         row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
@@ -299,18 +327,25 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                     hint="Stop `flux cdc run` (or `flux dev`) first, then detach.",
                     slot=slot,
                 )
-            # All or nothing: a role refused one step (it does not own the publication or a table, or
-            # may not replicate) leaves the attachment whole, rather than without its slot.
-            with conn.transaction():
-                if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone():
-                    conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
-                    result.dropped.append(f"publication {publication}")
-                if has_schema:
-                    _forget_attachment(conn, slot, result, drop_data=drop_data)
-                if active:
-                    # Last: dropping a slot is not undone by a rollback, so nothing may fail after it.
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                    result.dropped.insert(0, f"replication slot {slot}")
+            def take_down() -> DetachResult:
+                # All or nothing: a role refused one step (it does not own the publication or a table, or
+                # may not replicate) leaves the attachment whole, rather than without its slot.
+                done = DetachResult(slot=slot, publication=publication, warnings=list(result.warnings))
+                with conn.transaction():
+                    bound_lock_waits(conn, lock_timeout)
+                    if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone():
+                        conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
+                        done.dropped.append(f"publication {publication}")
+                    if has_schema:
+                        _forget_attachment(conn, slot, done, drop_data=drop_data)
+                    if active:
+                        # Last: dropping a slot is not undone by a rollback, so nothing may fail after it.
+                        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                        done.dropped.insert(0, f"replication slot {slot}")
+                return done
+
+            result = with_lock_retries(conn, take_down, action="Detach", command="flux detach", seconds=lock_timeout,
+                                       tables=lambda: _tables_touched(conn, slot, publication, []))
         except psycopg.Error as exc:
             hint = ("Run `flux detach` as the role that ran `flux attach` (it owns the publication, the flux schema and, "
                     "through its owner, the tables); nothing was changed." if exc.sqlstate == "42501" else None)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+from flux.cdc.locks import ENGINE_LOCK_TIMEOUT_S, bound_lock_waits, holders
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
@@ -161,12 +162,12 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
         (publication,),
     ).fetchall():
         table = TableRef(schema, name)
-        _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: set_full_identity(conn, slot, t))
+        _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: set_full_identity(conn, slot, t), table)
     if not all_tables:
         # A listed table dropped and created again, or replaced by a rename, is a new table the
         # publication does not hold: captured again by its name.
         for table in listed_tables_not_captured(conn, slot, publication):
-            _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t))
+            _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t), table)
         return changed
     schemas = published_schemas(conn, publication)
     if schemas:  # schema mode: new schemas, and FULL identity for tables the trigger did not see
@@ -186,10 +187,10 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
             (publication, slot),
         ).fetchall():
             table = TableRef(schema, name)
-            _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: [set_full_identity(conn, slot, p) for p in with_partitions(conn, t)])
+            _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: [set_full_identity(conn, slot, p) for p in with_partitions(conn, t)], table)
         return changed
     for table in sorted(set(all_user_tables(conn)) - set(published_tables(conn, publication)), key=str):
-        _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t))
+        _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t), table)
     return changed
 
 
@@ -203,22 +204,31 @@ WARN_AGAIN_S = 600.0
 _warned: dict[tuple[str, str], float] = {}  # (what, why) -> when it was last logged as a warning
 
 
-def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callable[[], object]) -> None:
+def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callable[[], object], table: TableRef | None = None) -> None:
     """One reconcile step in its own transaction: a table dropped meanwhile, or not ours, is
     logged and retried next round rather than stopping the engine."""
     try:
         with conn.transaction():
+            bound_lock_waits(conn, ENGINE_LOCK_TIMEOUT_S)
             action()
         changed.append(what)
     except psycopg.Error as exc:
         why = str(exc).strip().splitlines()[0]
+        repeat_key = (what, why)  # the holders below change every pass: not part of what counts as said already
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            try:
+                held = holders(conn, with_partitions(conn, table)) if table is not None else []
+            except psycopg.Error:  # dropped since, or in a schema this role may not look up by name
+                held = []
+            why = (f"another transaction holds the table, and waiting longer than {ENGINE_LOCK_TIMEOUT_S:g} s would stop its "
+                   f"other queries behind the engine's ALTER ({'; '.join(held) or 'it has ended since'})")
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             why += (" (to capture it, the engine's role must own it and the publication, as a member of the role that "
                     "ran `flux attach` does; otherwise run `flux attach` again, as that role, after creating tables)")
         # Retried every pass (about 10 s); said again only every WARN_AGAIN_S, not with each retry.
         now = time.monotonic()
-        if now - _warned.get((what, why), -WARN_AGAIN_S) >= WARN_AGAIN_S:
-            _warned[(what, why)] = now
+        if now - _warned.get(repeat_key, -WARN_AGAIN_S) >= WARN_AGAIN_S:
+            _warned[repeat_key] = now
             log.warning("cannot capture %s yet: %s", what, why)
         else:
             log.debug("cannot capture %s yet: %s", what, why)

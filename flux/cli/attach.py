@@ -12,6 +12,9 @@ from flux.cli.output import console, err_console, print_json, rich_escape
 
 SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
 PublicationOption = Annotated[str, typer.Option("--publication", help="Publication name.")]
+LockTimeoutOption = Annotated[float, typer.Option(
+    "--lock-timeout", min=0.1, max=3600, metavar="SECONDS",
+    help="Longest wait for a table's lock before trying again (3 tries); the table's other queries wait as long meanwhile.")]
 
 
 def attach(
@@ -20,6 +23,7 @@ def attach(
     all_tables: Annotated[bool, typer.Option("--all-tables", help="Capture every table outside system schemas and `flux`, including tables created later.")] = False,
     slot: SlotOption = "flux",
     publication: PublicationOption = "flux",
+    lock_timeout: LockTimeoutOption = lib.DEFAULT_LOCK_TIMEOUT_S,
     json: JsonOption = False,
 ) -> None:
     """Check the server, then create the flux schema, publication, REPLICA IDENTITY FULL and slot. Idempotent."""
@@ -28,7 +32,8 @@ def attach(
     if not json:
         err_console.print("[dim]Checking the server and setting up capture (creating the slot waits for open transactions to end) …[/]")
     with reaching(db):
-        result = lib.attach(db.dsn, tables=names, all_tables=all_tables, slot=slot, publication=publication)
+        result = lib.attach(db.dsn, tables=names, all_tables=all_tables, slot=slot, publication=publication,
+                            lock_timeout=lock_timeout)
     if json:
         print_json(result)
         return
@@ -71,12 +76,13 @@ def detach(
     slot: SlotOption = "flux",
     publication: Annotated[str | None, typer.Option("--publication", help="Publication name (default: the one attach recorded).")] = None,
     drop_data: Annotated[bool, typer.Option("--drop-data", help="Also drop the flux schema: every recorded mutation and trace.")] = False,
+    lock_timeout: LockTimeoutOption = lib.DEFAULT_LOCK_TIMEOUT_S,
     json: JsonOption = False,
 ) -> None:
     """Drop the slot and publication and restore replica identities. Keeps recorded data unless --drop-data."""
     db = resolve_database(database)
     with reaching(db):
-        result = lib.detach(db.dsn, slot=slot, publication=publication, drop_data=drop_data)
+        result = lib.detach(db.dsn, slot=slot, publication=publication, drop_data=drop_data, lock_timeout=lock_timeout)
     if json:
         print_json(result)
         return

@@ -1,0 +1,85 @@
+"""Bounded waits for the locks Flux takes on the user's tables, and who holds a table when it cannot.
+
+`ALTER TABLE ... REPLICA IDENTITY` (attach, detach, the engine capturing a new table or partition)
+takes an ACCESS EXCLUSIVE lock; `ALTER PUBLICATION ... ADD TABLE` a SHARE UPDATE EXCLUSIVE one.
+Waiting for the first behind a long transaction queues every later query of the table behind the
+ALTER: on a production database the table stops answering for as long as that transaction runs.
+So Flux waits for such a lock a few seconds at most (`lock_timeout`), tries again, and then gives
+up having changed nothing, naming the sessions that hold the table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
+from psycopg import errors, sql
+
+from flux.cdc.publication import TableRef
+from flux.errors import LockTimeoutError
+
+DEFAULT_LOCK_TIMEOUT_S = 3.0  # attach and detach (`--lock-timeout`)
+ENGINE_LOCK_TIMEOUT_S = 1.0  # the engine's capture of new tables, which it retries every pass anyway
+LOCK_TRIES = 3
+RETRY_PAUSE_S = 1.0
+
+T = TypeVar("T")
+
+
+def bound_lock_waits(conn: psycopg.Connection, seconds: float) -> None:
+    """Every lock this transaction waits for, it waits `seconds` at most (SQLSTATE 55P03 after)."""
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{max(1, round(seconds * 1000))}ms")))
+
+
+def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action: str, command: str, seconds: float,
+                      tables: Callable[[], list[TableRef]], sleep: Callable[[float], None] = time.sleep) -> T:
+    """`step` (one transaction that calls `bound_lock_waits`), tried LOCK_TRIES times while a lock
+    wait times out; then a LockTimeoutError naming who holds `tables()`."""
+    for attempt in range(1, LOCK_TRIES + 1):
+        try:
+            return step()
+        except errors.LockNotAvailable:
+            if attempt < LOCK_TRIES:
+                sleep(RETRY_PAUSE_S)
+    held = holders(conn, tables())
+    who = "; ".join(held) if held else "a transaction that has ended since"
+    first_pid = next((h.split()[1] for h in held if h.startswith("pid ")), None)
+    end_it = f" (or end it: SELECT pg_terminate_backend({first_pid});)" if first_pid else ""
+    raise LockTimeoutError(
+        f"{action} changed nothing: a table it must alter is in use by another transaction, and waiting for it would stop "
+        f"the table's other queries (waited {seconds:g} s, {LOCK_TRIES} times): {who}",
+        hint=f"Let that transaction finish{end_it}, then run `{command}` again; or pass --lock-timeout SECONDS to wait longer "
+             "(the table's other queries wait as long meanwhile).",
+    )
+
+
+def holders(conn: psycopg.Connection, tables: list[TableRef]) -> list[str]:
+    """The sessions holding a lock on any of `tables`, longest-running first, one line each."""
+    if not tables:
+        return []
+    names = [sql.Identifier(t.schema, t.name).as_string(conn) for t in tables]
+    rows = conn.execute(
+        """
+        SELECT n.nspname || '.' || c.relname, l.mode, a.pid, a.usename, a.application_name, a.state,
+               extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::bigint,
+               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120), l.virtualtransaction
+        FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'relation' AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid()
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
+        ORDER BY 7 DESC NULLS LAST, 3
+        """,
+        (names,),
+    ).fetchall()
+    described = []
+    for table, mode, pid, user, application, state, seconds, query, vxid in rows:
+        if pid is None:  # PREPARE TRANSACTION: no session, it waits for COMMIT PREPARED or ROLLBACK PREPARED
+            described.append(f"a prepared transaction ({vxid}) holds {table} ({mode}): see pg_prepared_xacts")
+            continue
+        who = ", ".join(part for part in (user, application) if part)
+        doing = f"{state} for {seconds} s" if seconds is not None else state or "?"
+        described.append(f"pid {pid} ({who}) holds {table} ({mode}), {doing}: {query!r}")
+    return described

@@ -11,14 +11,16 @@ Tables created later are handled by `flux.cdc.autocapture`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
 
 from flux.cdc import autocapture
-from flux.cdc.locks import DEFAULT_LOCK_TIMEOUT_S, bound_lock_waits, with_lock_retries
+from flux.cdc.locks import DEFAULT_LOCK_TIMEOUT_S, BlockerWatch, bound_lock_waits, with_lock_retries
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
@@ -153,7 +155,10 @@ def attach(
     slot: str = "flux",
     publication: str = "flux",
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+    on_wait: Callable[[list[str]], None] | None = None,
 ) -> AttachResult:
+    """`on_wait(lines)`: told which sessions the slot's creation waits for (it waits for every
+    transaction running when it starts), after 2 s and whenever they change."""
     if bool(tables) == bool(all_tables):
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
     with connect(dsn) as conn:
@@ -210,7 +215,8 @@ def attach(
             if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
                 # Last: the slot's stream starts once the publication and identities exist.
                 # Creating it waits for transactions already running to finish.
-                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+                with BlockerWatch(dsn, conn.info.backend_pid, on_wait) if on_wait else contextlib.nullcontext():
+                    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
                 result.created.append(f"replication slot {slot}")
                 # A new slot starts where it is made: progress recorded for an earlier slot of that
                 # name (a database restored on another server, a slot dropped by hand) would have

@@ -10,6 +10,7 @@ up having changed nothing, naming the sessions that hold the table.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -74,12 +75,63 @@ def holders(conn: psycopg.Connection, tables: list[TableRef]) -> list[str]:
         """,
         (names,),
     ).fetchall()
-    described = []
-    for table, mode, pid, user, application, state, seconds, query, vxid in rows:
-        if pid is None:  # PREPARE TRANSACTION: no session, it waits for COMMIT PREPARED or ROLLBACK PREPARED
-            described.append(f"a prepared transaction ({vxid}) holds {table} ({mode}): see pg_prepared_xacts")
-            continue
-        who = ", ".join(part for part in (user, application) if part)
-        doing = f"{state} for {seconds} s" if seconds is not None else state or "?"
-        described.append(f"pid {pid} ({who}) holds {table} ({mode}), {doing}: {query!r}")
-    return described
+    return [_session_line(pid, user, application, state, seconds, query, f"holds {table} ({mode})")
+            if pid is not None  # PREPARE TRANSACTION: no session; it waits for COMMIT PREPARED or ROLLBACK PREPARED
+            else f"a prepared transaction ({vxid}) holds {table} ({mode}): see pg_prepared_xacts"
+            for table, mode, pid, user, application, state, seconds, query, vxid in rows]
+
+
+def blocking_sessions(conn: psycopg.Connection, pid: int) -> list[str]:
+    """The sessions that the backend `pid` waits for, one line each (pg_blocking_pids)."""
+    rows = conn.execute(
+        """
+        SELECT b.pid, a.usename, a.application_name, a.state,
+               extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::bigint,
+               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120)
+        FROM unnest(pg_blocking_pids(%s)) AS b(pid) LEFT JOIN pg_stat_activity a ON a.pid = b.pid
+        ORDER BY 5 DESC NULLS LAST, 1
+        """,
+        (pid,),
+    ).fetchall()
+    return [_session_line(*row, "") for row in rows]
+
+
+def _session_line(pid: int, user: str | None, application: str | None, state: str | None, seconds: int | None,
+                  query: str | None, what: str) -> str:
+    who = ", ".join(part for part in (user, application) if part) or "?"
+    doing = f"{state} for {seconds} s" if seconds is not None else state or "?"
+    return f"pid {pid} ({who}){' ' + what if what else ''}, {doing}: {query!r}"
+
+
+class BlockerWatch:
+    """While a statement of backend `pid` runs, reports (`report(lines)`) the sessions it has waited
+    for longer than `after` seconds, each time they change: on another connection, in a thread."""
+
+    def __init__(self, dsn: str, pid: int, report: Callable[[list[str]], None], *, after: float = 2.0, every: float = 1.0) -> None:
+        self._dsn, self._pid, self._report, self._after, self._every = dsn, pid, report, after, every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="flux-blocker-watch", daemon=True)
+
+    def __enter__(self) -> BlockerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        if self._done.wait(self._after):
+            return
+        reported: set[int] = set()
+        try:
+            with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10, application_name="flux attach (watching)") as conn:
+                while not self._done.is_set():
+                    lines = blocking_sessions(conn, self._pid)
+                    pids = {int(line.split()[1]) for line in lines}
+                    if pids and pids != reported and not self._done.is_set():
+                        self._report(lines)
+                    reported = pids
+                    self._done.wait(self._every)
+        except psycopg.Error:  # only a report: the statement it watches goes on, and says its own errors
+            return

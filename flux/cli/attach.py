@@ -33,7 +33,7 @@ def attach(
         err_console.print("[dim]Checking the server and setting up capture (creating the slot waits for open transactions to end) …[/]")
     with reaching(db):
         result = lib.attach(db.dsn, tables=names, all_tables=all_tables, slot=slot, publication=publication,
-                            lock_timeout=lock_timeout)
+                            lock_timeout=lock_timeout, on_wait=_say_slot_waits)
     if json:
         print_json(result)
         return
@@ -52,6 +52,14 @@ def attach(
         )
     for warning in result.warnings:
         console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
+
+
+def _say_slot_waits(sessions: list[str]) -> None:
+    # On stderr, also with --json: what attach waits for, since it can be a long time.
+    err_console.print("[yellow]Creating the slot waits for these transactions to end[/] (those that began before it; Ctrl-C "
+                      "stops here, and `flux attach` again finishes the job):")
+    for line in sessions:
+        err_console.print(f"  {rich_escape(line)}")
 
 
 def split_table_list(text: str) -> list[str]:

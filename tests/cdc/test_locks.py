@@ -103,3 +103,24 @@ def test_attach_cli_says_so_in_one_line_with_the_hint_and_exit_2(dsn, conn):
         blocker.close()
     assert proc.returncode == 2, proc.stderr
     assert "Attach changed nothing" in proc.stderr and "--lock-timeout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_attach_says_which_transactions_its_slot_waits_for(dsn, conn):
+    """Creating a slot waits for every transaction running when it starts: attach hung with no word of which."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int)")
+    writer = psycopg.connect(dsn, application_name="batch-job")
+    writer.execute("INSERT INTO other VALUES (1)")  # a transaction with an xid, left open
+    told: list[list[str]] = []
+
+    def report(lines: list[str]) -> None:
+        told.append(lines)
+        writer.commit()  # the job ends: the slot can be made
+
+    try:
+        result = attach(dsn, tables=["orders"], on_wait=report)
+        pid = writer.info.backend_pid
+    finally:
+        writer.close()
+    assert "replication slot flux" in result.created
+    assert len(told) == 1 and told[0][0].startswith(f"pid {pid} (postgres, batch-job), idle in transaction for "), told

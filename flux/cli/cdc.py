@@ -11,25 +11,15 @@ import typer
 
 from flux.cdc.attach import human_bytes
 from flux.cdc.status import CdcStatus, cdc_status
-from flux.cli.common import (WAIT_FOR_DATABASE, DatabaseOption, JsonOption, WaitOption, reaching, resolve_database,
-                              wait_for_database)
+from flux.cli.common import (WAIT_FOR_DATABASE, DatabaseOption, JsonOption, LogFormat, LogFormatOption, WaitOption, reaching,
+                              resolve_database, wait_for_database)
 from flux.cli.output import console, print_json, rich_escape
+from flux.logs import setup_logging
 from flux.errors import NotFoundError, from_psycopg
 
 app = typer.Typer(help="The change-data-capture engine.", no_args_is_help=True)
 
 SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-    )
-    # One line per outbound call or served request is noise; traces record every one of them.
-    for chatty in ("aiohttp.client", "hypercorn.access"):
-        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.command("run")
@@ -40,13 +30,14 @@ def run(
     batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows per sink commit under load (several source transactions share one commit); also the most rows queued for the sink.")] = 10_000,
     wait_for: WaitOption = WAIT_FOR_DATABASE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Consume the slot and record every change into flux.state_mutations until SIGINT, SIGTERM or SIGHUP."""
     from flux.cdc.engine import Engine, EngineConfig
     from flux.signals import received
 
     db = resolve_database(database)
-    setup_logging(verbose)
+    setup_logging(verbose, log_format.value)
     # A server not up yet is waited for, within a bound (boot order under systemd or compose); a refused
     # login is said at once. Once it has started, the engine waits out any loss of the server by itself.
     if not wait_for_database(db, wait_for, stopped=lambda: received() is not None):

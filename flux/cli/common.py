@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -179,6 +180,16 @@ def _login_refused(cause: BaseException | None) -> bool:
 
 WAIT_FOR_DATABASE = 60.0  # seconds `flux serve` and `flux cdc run` wait at start for a database not up yet
 WAIT_LOG_SECONDS = 10.0  # while waiting, how often the log says why
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option("--log-format", envvar="FLUX_LOG_FORMAT", case_sensitive=False,
+                 help="text, or json: one JSON object per line (time, level, logger, message, exception) for a log pipeline."),
+]
 WaitOption = Annotated[
     float,
     typer.Option("--wait-for-database", min=0, metavar="SECONDS",

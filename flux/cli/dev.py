@@ -40,7 +40,7 @@ def dev(
 ) -> None:
     """Start (or reuse) the embedded PostgreSQL in .flux/, record every row change, and serve this project's functions."""
     from flux.cdc.attach import attach
-    from flux.cli.cdc import setup_logging
+    from flux.logs import setup_logging
     from flux.errors import ConfigError
     from flux.gateway.server import check_port, ensure_store
     from flux.pg.cluster import Cluster

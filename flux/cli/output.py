@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from datetime import date, datetime
 from decimal import Decimal
@@ -42,6 +43,12 @@ def print_json(data: Any) -> None:
 
 def fail(exc: FluxError) -> NoReturn:
     """The CLI's single exit path for errors: one line, a hint, a non-zero code, no traceback."""
+    from flux.logs import json_logs
+
+    if json_logs():  # a server logging JSON lines: its last line, the reason it stopped, is one too
+        logging.getLogger("flux").error(str(exc), extra={"error": type(exc).__name__, "hint": exc.hint,
+                                                         "retryable": exc.retryable, "exit_code": exc.exit_code})
+        sys.exit(exc.exit_code)
     if "--json" in sys.argv[1:]:
         sys.stdout.buffer.write(orjson.dumps(exc.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}")  # it may quote recorded text (ids, names)

@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 
-from flux.cli.common import (CONNECT_TIMEOUT, WAIT_FOR_DATABASE, Database, DatabaseOption, WaitOption, checked_dsn, reaching,
-                              resolve_database, wait_for_database)
+from flux.cli.common import (CONNECT_TIMEOUT, WAIT_FOR_DATABASE, Database, DatabaseOption, LogFormat, LogFormatOption,
+                              WaitOption, checked_dsn, reaching, resolve_database, wait_for_database)
 from flux.cli.output import console, rich_escape
 
 log = logging.getLogger("flux")
@@ -134,15 +134,16 @@ def serve(
     reload: Annotated[bool, typer.Option("--reload", help="Reload functions when their files change.")] = False,
     wait_for: WaitOption = WAIT_FOR_DATABASE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Serve the project's functions over HTTP against --database, recording every request, with the CDC engine."""
     from flux.cdc.attach import attach
-    from flux.cli.cdc import setup_logging
+    from flux.logs import json_logs, setup_logging
     from flux.gateway.server import check_port, ensure_store, warn_if_functions_reach_the_store
     from flux.project import find_project_root, load_project
     from flux.signals import received
 
-    setup_logging(verbose)
+    setup_logging(verbose, log_format.value)
     db = resolve_database(database)
     dsn = db.dsn
     engine_db = Database(checked_dsn(engine_database, "--engine-database"), "--engine-database") if engine_database else db
@@ -168,7 +169,10 @@ def serve(
             warn_if_functions_reach_the_store(functions_db.dsn)
 
     def ready(url: str | None) -> None:
-        console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
+        if json_logs():  # a log pipeline reads stderr's JSON lines: the line that says it serves is one of them
+            log.info("serving %s on %s", root, url, extra={"url": url, "project": str(root)})
+        else:
+            console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
 
     run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=record,
               reload=reload, engine=engine, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout,

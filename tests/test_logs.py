@@ -1,0 +1,60 @@
+"""Logs for a pipeline: `--log-format json` / FLUX_LOG_FORMAT, one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from flux.logs import JsonFormatter
+from tests.cli.test_serve import HELLO, start_serve
+from tests.functions import write_project
+
+
+def _lines(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.strip()]
+
+
+def test_a_json_line_has_time_level_logger_message_extras_and_the_traceback_on_one_line():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("flux.cdc", logging.ERROR, __file__, 1, "request %s failed:\n\x1b[31m%s", ("r1", "x"),
+                                   sys.exc_info())
+    record.request_id = "r1"
+    text = JsonFormatter().format(record)
+    line = json.loads(text)
+    assert "\n" not in text and "\x1b" not in text  # a message's newline or escape cannot start or forge a line
+    assert line["message"] == "request r1 failed:\n\x1b[31mx" and line["level"] == "ERROR" and line["logger"] == "flux.cdc"
+    assert line["time"].endswith("Z") and len(line["time"]) == len("2026-12-07T11:30:00.123Z")
+    assert line["request_id"] == "r1" and line["exception"].endswith("ValueError: boom")
+
+
+def test_a_command_that_fails_at_start_logs_its_error_as_a_json_line_with_its_hint(dsn):
+    """A slot not attached: `flux cdc run` exits 3; the reason must reach the log pipeline as JSON too."""
+    proc = subprocess.run([sys.executable, "-m", "flux", "cdc", "run", "--database", dsn, "--log-format", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    last = _lines(proc.stderr)[-1]
+    assert last["level"] == "ERROR" and last["error"] == "NotFoundError" and last["exit_code"] == 3
+    assert "flux attach" in last["hint"]
+
+
+def test_flux_log_format_in_the_environment_chooses_json(dsn):
+    proc = subprocess.run([sys.executable, "-m", "flux", "cdc", "run", "--database", dsn], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "FLUX_LOG_FORMAT": "json"})
+    assert proc.returncode == 3 and _lines(proc.stderr)[-1]["error"] == "NotFoundError", proc.stderr
+
+
+def test_serve_logging_json_says_where_it_serves_in_a_json_line_and_every_line_is_json(tmp_path, dsn):
+    write_project(tmp_path, {"hello": HELLO})
+    proc, port = start_serve(tmp_path, "--database", dsn, "--no-engine", "--log-format", "json")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)  # stderr is merged into stdout by start_serve
+    assert proc.returncode == 0, out
+    lines = _lines(out)
+    serving = [line for line in lines if line["message"].startswith("serving ")]
+    assert serving and serving[0]["url"] == f"http://127.0.0.1:{port}"

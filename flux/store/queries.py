@@ -10,8 +10,9 @@ How a row is found:
   without a primary key, any columns, matched on the row images (`new` or `old` contains them).
 - Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
   `42` matches a recorded `42`, `42.0` or `"42"`, a uuid in any form PostgreSQL reads
-  (no hyphens, braces, upper case) matches its canonical text, `t`/`yes`/`on` a boolean, and a
-  timestamp as psql prints it or in any zone the engine's UTC text.
+  (no hyphens, braces, upper case) matches its canonical text, `t`/`yes`/`on` a boolean, a
+  timestamp as psql prints it or in any zone the engine's UTC text, and a bytea's `\\x` hex in
+  either case the engine's lower-case hex.
 - A primary key is looked up through the row hash index, once per combination of its columns'
   forms. Past 64 combinations (7 or more columns whose text could be a number, a boolean or a
   uuid) the columns are compared one by one instead, over all of the table's mutations.
@@ -53,9 +54,11 @@ _TABLE_IS = (
     " AND schema_name = %(schema)s AND table_name = %(table)s"
 )
 
-# As PostgreSQL reads a uuid: optionally in braces, a hyphen allowed after any group of four digits.
 _BOOLEANS = {w: "true" for w in ("t", "true", "y", "yes", "on")} | {w: "false" for w in ("f", "false", "n", "no", "off")}
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,6})?)?\s*(Z|[+-]\d\d(:?\d\d)?)?", re.IGNORECASE)
+# As PostgreSQL reads bytea's hex form: digits of either case, whitespace allowed between pairs.
+_BYTEA_INPUT = re.compile(r"\\x([ \t\n\r]*[0-9a-fA-F]{2})*[ \t\n\r]*")
+# As PostgreSQL reads a uuid: optionally in braces, a hyphen allowed after any group of four digits.
 _UUID = re.compile(r"(\{)?[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}(?(1)\})")
 
 
@@ -229,6 +232,10 @@ def _value_forms(value: str) -> list[str]:
         forms.append(_BOOLEANS[text.lower()])
     elif (moment := _timestamp_form(text)) is not None and json.dumps(moment) != forms[0]:
         forms.append(json.dumps(moment))
+    if _BYTEA_INPUT.fullmatch(value):  # the engine's form: lower case, no spaces (flux.cdc.values)
+        canonical = json.dumps("\\x" + re.sub(r"[ \t\n\r]", "", value[2:]).lower())
+        if canonical != forms[0]:
+            forms.append(canonical)
     if _UUID.fullmatch(text):
         digits = re.sub(r"[{}-]", "", text).lower()
         canonical = json.dumps(f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}")

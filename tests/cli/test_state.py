@@ -496,3 +496,37 @@ def test_history_of_a_table_without_primary_key_finds_a_bytea_value_in_either_ca
     result = invoke(dsn, "history", "chunks", "--key", "data=\\xCAFE", "--json")
     assert result.exit_code == 0, result.output
     assert [m["new"] for m in json.loads(result.stdout)["mutations"]] == [{"data": "\\xcafe", "n": 1}]
+
+
+def test_history_and_blame_under_a_renamed_tables_new_name_say_where_its_earlier_changes_are(conn, dsn, capture):
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text, w text)")
+    running = capture(tables=["a"])
+    conn.execute("INSERT INTO a VALUES (1, 'x', 'w0')")
+    conn.execute("ALTER TABLE a RENAME TO b")  # the log keeps each change under the name its table had then
+    conn.execute("UPDATE b SET v = 'z'")
+    running.caught_up()
+    history = " ".join(invoke(dsn, "history", "b", "--id", "1").output.split())
+    assert ("its first recorded change is not its insert: the row was inserted before capture started, or, if the table "
+            "was renamed since, its earlier changes are recorded under the table's former name: "
+            "flux state history OLD_NAME --id 1") in history
+    blame = " ".join(invoke(dsn, "blame", "b", "--id", "1").output.split())
+    assert "w w0 (set before the recorded history)" in blame
+    assert "recorded under the table's former name: flux state blame OLD_NAME --id 1" in blame
+    assert "+ w        → w0" in invoke(dsn, "history", "a", "--id", "1").output
+
+
+def test_history_marks_an_insert_of_a_key_no_recorded_change_removed(conn, dsn, capture):
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text)")
+    running = capture(all_tables=True)
+    conn.execute("INSERT INTO a VALUES (1, 'old')")
+    conn.execute("DELETE FROM a")
+    conn.execute("INSERT INTO a VALUES (1, 'again')")  # after a recorded delete: nothing to say
+    running.caught_up()  # the engine reads the key from the catalog: a table dropped first has none
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text)")  # another table, under the same name
+    conn.execute("INSERT INTO a VALUES (1, 'new')")
+    running.caught_up()
+    out = invoke(dsn, "history", "a", "--id", "1").output
+    assert out.count("no recorded change removed the earlier row of this key") == 1
+    assert out.index("no recorded change removed") > out.index("+ v        → new")
+    assert "first recorded change is not its insert" not in out

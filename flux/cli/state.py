@@ -140,7 +140,7 @@ def render_history(h: RowHistory) -> None:
     if h.total > len(h.mutations):
         console.print(f"  [dim]newest {len(h.mutations)} of {h.total} changes · times UTC[/]")
     if h.matched_on == "images":
-        console.print("  [dim]no primary key: matched on row values[/]")
+        console.print("  [dim]no primary key recorded: matched on row values[/]")
     if h.pruned_before is not None:
         console.print(f"  [dim]its changes committed before {h.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
     elif h.key is not None and h.total == len(h.mutations) and h.mutations[0].op in ("update", "delete") \

@@ -7,7 +7,9 @@ How a row is found:
 - `--id VALUE` names the single-column primary key. The key column comes from the catalog,
   or, when the table no longer exists, from the keys recorded in `row_key`.
 - `--key COL=VALUE ...` names all primary-key columns (matched on `row_key`), or, for a table
-  without a primary key, any columns, matched on the row images (`new` or `old` contains them).
+  without a primary key, any columns, matched on the row images (`new` or `old` contains them);
+  so are other columns than the key's, when some of the table's changes were recorded without a
+  key (its key columns were renamed, or the table dropped, before the engine read them).
 - Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
   `42` matches a recorded `42`, `42.0` or `"42"`, a uuid in any form PostgreSQL reads
   (no hyphens, braces, upper case) matches its canonical text, `t`/`yes`/`on` a boolean, a
@@ -437,8 +439,10 @@ def _row_match(
                           table=name)
     if id_value is not None:
         if pk is None:
+            # A table that is gone: its latest change was recorded without a key (dropped before the engine read it).
+            what = "has no primary key" if catalog else "no longer exists, and its changes were recorded without a primary key"
             raise ConfigError(
-                f"Table {name} has no primary key, so --id has nothing to match",
+                f"Table {name} {what}, so --id has nothing to match",
                 hint="Name the row by its values: --key COL=VALUE (repeatable).", table=name,
             )
         if len(pk) > 1:
@@ -450,11 +454,12 @@ def _row_match(
         key = {pk[0]: id_value}
     assert key is not None
     if pk is None:
-        forms = {c: _value_forms(v) for c, v in key.items()}
-        where = sql.SQL("{table_is} AND ({new} OR {old})").format(
-            table_is=sql.SQL(_TABLE_IS), new=_columns_match("new", forms, whole=False), old=_columns_match("old", forms, whole=False))
-        return _RowMatch(dict(key), "images", where, _column_params(forms), columns, (), _loaded(forms))
+        return _image_match(key, columns)
     if set(key) != set(pk):
+        if _has_unkeyed(conn, schema, table):
+            # Changes recorded without a key (its key columns were renamed or dropped before the engine
+            # read them): found by their values, under the column names they were recorded with.
+            return _image_match(key, columns)
         example = " ".join(f"--key {c}=..." for c in pk)
         raise ConfigError(
             f"--key must name exactly the primary-key columns of {name}: {', '.join(pk)}",
@@ -480,6 +485,24 @@ def _row_match(
         table_is=sql.SQL(_TABLE_IS), key=_columns_match("row_key", forms, whole=True),
         old_key=_columns_match("old_row_key", forms, whole=True))
     return _RowMatch(ordered, "row_key", where, _column_params(forms), columns, pk, _loaded(forms))
+
+
+def _image_match(key: dict[str, str], columns: tuple[str, ...]) -> _RowMatch:
+    """The changes whose new or old image holds each given value (a table without a primary key)."""
+    forms = {c: _value_forms(v) for c, v in key.items()}
+    where = sql.SQL("{table_is} AND ({new} OR {old})").format(
+        table_is=sql.SQL(_TABLE_IS), new=_columns_match("new", forms, whole=False), old=_columns_match("old", forms, whole=False))
+    return _RowMatch(dict(key), "images", where, _column_params(forms), columns, (), _loaded(forms))
+
+
+def _has_unkeyed(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    """Whether some row change of a table with a primary key was recorded without one: the engine
+    reads the key from the catalog, which no longer had it (see flux.cdc.assembler). Asked only on
+    the way to refusing --key columns other than the key's, as it may read all of the table's changes."""
+    return conn.execute(
+        f"SELECT EXISTS (SELECT 1 FROM flux.state_mutations WHERE {_TABLE_IS} AND op <> 'truncate' AND row_key IS NULL)",
+        {"schema": schema, "table": table},
+    ).fetchone()[0]
 
 
 def _loaded(forms: dict[str, list[str]]) -> dict[str, list[Any]]:
@@ -625,7 +648,7 @@ def _one_row(schema: str, table: str, m: _RowMatch, mutations: list[Mutation]) -
     if most > 1:
         columns = ", ".join(c for c in m.columns if c not in m.match) or "COL"
         raise AmbiguousError(
-            f"{_describe(schema, table, m.match)} matches {most} rows (the table has no primary key)",
+            f"{_describe(schema, table, m.match)} matches {most} rows (matched on row values: no primary key recorded)",
             hint=f"Add --key COL=VALUE for more of its columns ({columns}) to name one row; "
                  f"`flux state history` lists the changes of them all.",
             table=format_table(schema, table),

@@ -415,7 +415,8 @@ def _capture_hint(conn: psycopg.Connection, schema: str, table: str) -> str:
     if publication is not None:
         return (f"{name} is captured (publication {publication[0]}), but no change of it is recorded yet: changes made "
                 "before `flux attach` are not recorded, later ones once `flux cdc run` has read them (`flux cdc status` "
-                "shows how far it is).")
+                "shows how far it is). A change is recorded under the name its table had then: if the table was renamed "
+                "since, its earlier changes are under its former name.")
     if conn.execute("SELECT EXISTS (SELECT 1 FROM flux.attachments)").fetchone()[0]:
         return (f"{name} is not captured: give it to `flux attach --tables` with the other tables to capture (the list "
                 "replaces the current one), or use `flux attach --all-tables`.")

@@ -557,3 +557,15 @@ def test_history_of_a_dropped_table_recorded_without_key_says_why_id_has_nothing
     with pytest.raises(ConfigError, match="Table t no longer exists, and its changes were recorded without a primary key"):
         row_history(conn, "public", "t", id_value="1")
     assert [m.new for m in row_history(conn, "public", "t", key={"id": "1"}).mutations] == [{"id": 1, "v": "a"}]
+
+
+def test_history_of_a_renamed_table_not_changed_since_points_to_its_former_name(conn, capture):
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+    running = capture(tables=["a"])
+    conn.execute("INSERT INTO a VALUES (1)")
+    conn.execute("ALTER TABLE a RENAME TO b")
+    running.caught_up()
+    with pytest.raises(NotFoundError) as err:
+        row_history(conn, "public", "b", id_value="1")
+    assert err.value.hint.startswith("b is captured (publication flux)")
+    assert "if the table was renamed since, its earlier changes are under its former name" in err.value.hint

@@ -683,6 +683,8 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
         w = _writer(mut)
         if mut.op in ("delete", "truncate") or mut.key_change == "out":
             deleted_by, moved_to = w, mut.row_key if mut.key_change == "out" else None
+            if not state and mut.old:  # its first recorded change: the values it had are in the old image
+                state = {col: ColumnBlame(col, value, None, True) for col, value in mut.old.items()}
             continue
         image = mut.new or {}
         missing = set(mut.missing_columns or ())

@@ -569,3 +569,14 @@ def test_history_of_a_renamed_table_not_changed_since_points_to_its_former_name(
         row_history(conn, "public", "b", id_value="1")
     assert err.value.hint.startswith("b is captured (publication flux)")
     assert "if the table was renamed since, its earlier changes are under its former name" in err.value.hint
+
+
+def test_blame_of_a_row_whose_first_recorded_change_deleted_it_lists_the_values_it_had(conn, capture):
+    conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")  # before capture
+    running = capture(tables=["t"])
+    conn.execute("DELETE FROM t")
+    running.caught_up()
+    blame = row_blame(conn, "public", "t", id_value="1")
+    assert blame.deleted and blame.deleted_by is not None and blame.deleted_by.op == "delete"
+    assert [(c.column, c.value, c.set_by) for c in blame.columns] == [("id", 1, None), ("v", "a", None)]

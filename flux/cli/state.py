@@ -140,16 +140,31 @@ def render_history(h: RowHistory) -> None:
     if h.total > len(h.mutations):
         console.print(f"  [dim]newest {len(h.mutations)} of {h.total} changes · times UTC[/]")
     if h.matched_on == "images":
-        console.print("  [dim]no primary key: matched on row values[/]")
+        console.print("  [dim]no primary key recorded: matched on row values[/]")
     if h.pruned_before is not None:
         console.print(f"  [dim]its changes committed before {h.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
+    elif h.key is not None and h.total == len(h.mutations) and h.mutations[0].op in ("update", "delete") \
+            and h.mutations[0].key_change is None:
+        console.print(f"  [dim]its first recorded change is not its insert: {escape(_earlier_changes('history', h.key))}[/]")
     width = max([8, *(text_width(c) for m in h.mutations for c in (m.new or m.old or {}))])
+    alive = False  # the log's changes so far leave a row with this key in the table
     for m in h.mutations:
         console.print()
         console.print(f"  {_time(m.commit_time)}  {_who(m)}")
         for line in _mutation_lines(m, width, h.schema, h.table):
             console.print(line)
+        if m.op == "insert" and alive and h.matched_on == "row_key":
+            console.print("    [yellow]no recorded change removed the earlier row of this key[/] [dim](removed unrecorded, "
+                          "or this is another table: the one of this name was dropped or renamed)[/]")
+        alive = m.op in ("insert", "update") and m.key_change != "out"
     console.print()
+
+
+def _earlier_changes(command: str, key: dict[str, Any]) -> str:
+    """Where a row's changes before its first recorded one are: the log keeps each change under
+    the name its table had then, and a rename is DDL, which it does not record."""
+    return ("the row was inserted before capture started, or, if the table was renamed since, its earlier changes "
+            f"are recorded under the table's former name: flux state {command} OLD_NAME {_row_args(key)}")
 
 
 def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[str]:
@@ -189,12 +204,15 @@ def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[st
 
 def history_command(schema: str, table: str, row_key: dict[str, Any]) -> str:
     """`flux state history` of the row with this primary key."""
-    name = shell_word(names.format_table(schema, table))
+    return f"flux state history {shell_word(names.format_table(schema, table))} {_row_args(row_key)}"
+
+
+def _row_args(row_key: dict[str, Any]) -> str:
+    """`--id VALUE`, or `--key COL=VALUE ...` for a composite key, as the shell takes them."""
     if len(row_key) == 1:
         (value,) = row_key.values()
-        return f"flux state history {name} --id {shell_word(names.key_arg(value))}"
-    keys = " ".join(f"--key {shell_word(f'{col}={names.key_arg(v)}')}" for col, v in row_key.items())
-    return f"flux state history {name} {keys}"
+        return f"--id {shell_word(names.key_arg(value))}"
+    return " ".join(f"--key {shell_word(f'{col}={names.key_arg(v)}')}" for col, v in row_key.items())
 
 
 _ESCAPES = {"\\": "\\\\", "'": "\\'", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -263,6 +281,8 @@ def render_row_blame(b: RowBlame) -> None:
                       "or the column was renamed or added since)[/]")
     if b.pruned_before is not None:
         console.print(f"  [dim]changes committed before {b.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
+    elif b.key is not None and any(c.set_by is None for c in b.columns):
+        console.print(f"  [dim]set before the recorded history: {escape(_earlier_changes('blame', b.key))}[/]")
     console.print()
 
 

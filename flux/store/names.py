@@ -21,6 +21,7 @@ from flux.errors import ConfigError
 DEFAULT_SCHEMA = "public"
 NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")  # text that `--id` also tries as a number
 _PLAIN_IDENT = re.compile(r"[^\W\dA-Z][\w$]*")  # needs no quotes (ASCII upper case folds)
+BYTEA_HEX = re.compile(r"\\x(?:[0-9a-fA-F]{2})*")  # bytea as psql prints it (the engine: lower case)
 _INT64 = 2**63
 
 
@@ -120,7 +121,8 @@ def key_text(value: Any) -> str:
 
     Misread: text that is empty, has spaces at either end, holds a character JSON escapes or a
     terminal does not show as itself, holds `, ` (which separates key columns), or that `--id`
-    would also try as a number, boolean or null (`"42"`, `"true"`).
+    would also try as a number, boolean or null (`"42"`, `"true"`). A `bytea` value (`\\x00ff`,
+    its backslash one JSON escapes) is shown bare, as psql shows it: JSON would double the backslash.
     """
     if isinstance(value, str) and _plain(value) and not (NUMBER.fullmatch(value) or value in ("true", "false", "null")):
         return value
@@ -144,6 +146,8 @@ def key_arg(value: Any) -> str:
 
 
 def _plain(text: str) -> bool:
+    if BYTEA_HEX.fullmatch(text):
+        return True
     return (text != "" and text == text.strip() and ", " not in text and not any(map(hidden, text))
             and json.dumps(text, ensure_ascii=False) == f'"{text}"')
 

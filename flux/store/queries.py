@@ -7,11 +7,14 @@ How a row is found:
 - `--id VALUE` names the single-column primary key. The key column comes from the catalog,
   or, when the table no longer exists, from the keys recorded in `row_key`.
 - `--key COL=VALUE ...` names all primary-key columns (matched on `row_key`), or, for a table
-  without a primary key, any columns, matched on the row images (`new` or `old` contains them).
+  without a primary key, any columns, matched on the row images (`new` or `old` contains them);
+  so are other columns than the key's, when some of the table's changes were recorded without a
+  key (its key columns were renamed, or the table dropped, before the engine read them).
 - Values arrive as text; each is tried in its typed JSON forms (string, number, boolean), so
   `42` matches a recorded `42`, `42.0` or `"42"`, a uuid in any form PostgreSQL reads
-  (no hyphens, braces, upper case) matches its canonical text, `t`/`yes`/`on` a boolean, and a
-  timestamp as psql prints it or in any zone the engine's UTC text.
+  (no hyphens, braces, upper case) matches its canonical text, `t`/`yes`/`on` a boolean, a
+  timestamp as psql prints it or in any zone the engine's UTC text, and a bytea's `\\x` hex in
+  either case the engine's lower-case hex.
 - A primary key is looked up through the row hash index, once per combination of its columns'
   forms. Past 64 combinations (7 or more columns whose text could be a number, a boolean or a
   uuid) the columns are compared one by one instead, over all of the table's mutations.
@@ -53,9 +56,11 @@ _TABLE_IS = (
     " AND schema_name = %(schema)s AND table_name = %(table)s"
 )
 
-# As PostgreSQL reads a uuid: optionally in braces, a hyphen allowed after any group of four digits.
 _BOOLEANS = {w: "true" for w in ("t", "true", "y", "yes", "on")} | {w: "false" for w in ("f", "false", "n", "no", "off")}
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,6})?)?\s*(Z|[+-]\d\d(:?\d\d)?)?", re.IGNORECASE)
+# As PostgreSQL reads bytea's hex form: digits of either case, whitespace allowed between pairs.
+_BYTEA_INPUT = re.compile(r"\\x([ \t\n\r]*[0-9a-fA-F]{2})*[ \t\n\r]*")
+# As PostgreSQL reads a uuid: optionally in braces, a hyphen allowed after any group of four digits.
 _UUID = re.compile(r"(\{)?[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}(?(1)\})")
 
 
@@ -229,6 +234,10 @@ def _value_forms(value: str) -> list[str]:
         forms.append(_BOOLEANS[text.lower()])
     elif (moment := _timestamp_form(text)) is not None and json.dumps(moment) != forms[0]:
         forms.append(json.dumps(moment))
+    if _BYTEA_INPUT.fullmatch(value):  # the engine's form: lower case, no spaces (flux.cdc.values)
+        canonical = json.dumps("\\x" + re.sub(r"[ \t\n\r]", "", value[2:]).lower())
+        if canonical != forms[0]:
+            forms.append(canonical)
     if _UUID.fullmatch(text):
         digits = re.sub(r"[{}-]", "", text).lower()
         canonical = json.dumps(f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}")
@@ -406,7 +415,8 @@ def _capture_hint(conn: psycopg.Connection, schema: str, table: str) -> str:
     if publication is not None:
         return (f"{name} is captured (publication {publication[0]}), but no change of it is recorded yet: changes made "
                 "before `flux attach` are not recorded, later ones once `flux cdc run` has read them (`flux cdc status` "
-                "shows how far it is).")
+                "shows how far it is). A change is recorded under the name its table had then: if the table was renamed "
+                "since, its earlier changes are under its former name.")
     if conn.execute("SELECT EXISTS (SELECT 1 FROM flux.attachments)").fetchone()[0]:
         return (f"{name} is not captured: give it to `flux attach --tables` with the other tables to capture (the list "
                 "replaces the current one), or use `flux attach --all-tables`.")
@@ -430,8 +440,10 @@ def _row_match(
                           table=name)
     if id_value is not None:
         if pk is None:
+            # A table that is gone: its latest change was recorded without a key (dropped before the engine read it).
+            what = "has no primary key" if catalog else "no longer exists, and its changes were recorded without a primary key"
             raise ConfigError(
-                f"Table {name} has no primary key, so --id has nothing to match",
+                f"Table {name} {what}, so --id has nothing to match",
                 hint="Name the row by its values: --key COL=VALUE (repeatable).", table=name,
             )
         if len(pk) > 1:
@@ -443,11 +455,12 @@ def _row_match(
         key = {pk[0]: id_value}
     assert key is not None
     if pk is None:
-        forms = {c: _value_forms(v) for c, v in key.items()}
-        where = sql.SQL("{table_is} AND ({new} OR {old})").format(
-            table_is=sql.SQL(_TABLE_IS), new=_columns_match("new", forms, whole=False), old=_columns_match("old", forms, whole=False))
-        return _RowMatch(dict(key), "images", where, _column_params(forms), columns, (), _loaded(forms))
+        return _image_match(key, columns)
     if set(key) != set(pk):
+        if _has_unkeyed(conn, schema, table):
+            # Changes recorded without a key (its key columns were renamed or dropped before the engine
+            # read them): found by their values, under the column names they were recorded with.
+            return _image_match(key, columns)
         example = " ".join(f"--key {c}=..." for c in pk)
         raise ConfigError(
             f"--key must name exactly the primary-key columns of {name}: {', '.join(pk)}",
@@ -473,6 +486,24 @@ def _row_match(
         table_is=sql.SQL(_TABLE_IS), key=_columns_match("row_key", forms, whole=True),
         old_key=_columns_match("old_row_key", forms, whole=True))
     return _RowMatch(ordered, "row_key", where, _column_params(forms), columns, pk, _loaded(forms))
+
+
+def _image_match(key: dict[str, str], columns: tuple[str, ...]) -> _RowMatch:
+    """The changes whose new or old image holds each given value (a table without a primary key)."""
+    forms = {c: _value_forms(v) for c, v in key.items()}
+    where = sql.SQL("{table_is} AND ({new} OR {old})").format(
+        table_is=sql.SQL(_TABLE_IS), new=_columns_match("new", forms, whole=False), old=_columns_match("old", forms, whole=False))
+    return _RowMatch(dict(key), "images", where, _column_params(forms), columns, (), _loaded(forms))
+
+
+def _has_unkeyed(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    """Whether some row change of a table with a primary key was recorded without one: the engine
+    reads the key from the catalog, which no longer had it (see flux.cdc.assembler). Asked only on
+    the way to refusing --key columns other than the key's, as it may read all of the table's changes."""
+    return conn.execute(
+        f"SELECT EXISTS (SELECT 1 FROM flux.state_mutations WHERE {_TABLE_IS} AND op <> 'truncate' AND row_key IS NULL)",
+        {"schema": schema, "table": table},
+    ).fetchone()[0]
 
 
 def _loaded(forms: dict[str, list[str]]) -> dict[str, list[Any]]:
@@ -618,7 +649,7 @@ def _one_row(schema: str, table: str, m: _RowMatch, mutations: list[Mutation]) -
     if most > 1:
         columns = ", ".join(c for c in m.columns if c not in m.match) or "COL"
         raise AmbiguousError(
-            f"{_describe(schema, table, m.match)} matches {most} rows (the table has no primary key)",
+            f"{_describe(schema, table, m.match)} matches {most} rows (matched on row values: no primary key recorded)",
             hint=f"Add --key COL=VALUE for more of its columns ({columns}) to name one row; "
                  f"`flux state history` lists the changes of them all.",
             table=format_table(schema, table),
@@ -652,6 +683,8 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
         w = _writer(mut)
         if mut.op in ("delete", "truncate") or mut.key_change == "out":
             deleted_by, moved_to = w, mut.row_key if mut.key_change == "out" else None
+            if not state and mut.old:  # its first recorded change: the values it had are in the old image
+                state = {col: ColumnBlame(col, value, None, True) for col, value in mut.old.items()}
             continue
         image = mut.new or {}
         missing = set(mut.missing_columns or ())

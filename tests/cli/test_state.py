@@ -468,3 +468,65 @@ def test_blame_text_shows_a_column_whose_value_the_log_lacks_as_unknown(conn, ds
     lines = [line.rstrip() for line in result.output.splitlines()]
     assert "  body      ?     (set before the recorded history)" in lines
     assert any(line.startswith("  ?: value not in the log") for line in lines)
+
+
+def test_history_and_blame_show_bytea_as_psql_does_and_find_it_by_its_hex(conn, dsn, capture):
+    conn.execute("CREATE TABLE public.blobs (k bytea PRIMARY KEY, data bytea)")
+    running = capture(tables=["blobs"])
+    conn.execute("INSERT INTO blobs VALUES ('\\x00ff', decode(repeat('ab', 150), 'hex'))")  # 302 characters as hex
+    conn.execute("UPDATE blobs SET data = '\\xdeadbeef'")
+    running.caught_up()
+    history = invoke(dsn, "history", "blobs", "--id", "\\x00FF")  # psql reads either case; the engine writes lower
+    assert history.exit_code == 0, history.output
+    lines = [line.rstrip() for line in history.output.splitlines()]
+    assert "  Row  blobs / k = \\x00ff" in lines
+    assert f"  + data     → \\x{'ab' * 98}a… (302 characters; whole in --json)" in lines
+    assert f"    data     → \\xdeadbeef  (was \\x{'ab' * 98}a… (302 characters; whole in --json))" in lines
+    blame = invoke(dsn, "blame", "blobs", "--key", "k=\\x00 ff").output  # whitespace between pairs, as psql allows
+    assert any(line.startswith("  data      \\xdeadbeef  ") and line.endswith("update") for line in blame.splitlines()), blame
+    data = json.loads(invoke(dsn, "history", "blobs", "--id", "\\x00ff", "--json").stdout)
+    assert data["key"] == {"k": "\\x00ff"} and data["mutations"][1]["new"]["data"] == "\\xdeadbeef"
+
+
+def test_history_of_a_table_without_primary_key_finds_a_bytea_value_in_either_case(conn, dsn, capture):
+    conn.execute("CREATE TABLE public.chunks (data bytea, n int)")
+    running = capture(tables=["chunks"])
+    conn.execute("INSERT INTO chunks VALUES ('\\xcafe', 1), ('\\xbeef', 2)")
+    running.caught_up()
+    result = invoke(dsn, "history", "chunks", "--key", "data=\\xCAFE", "--json")
+    assert result.exit_code == 0, result.output
+    assert [m["new"] for m in json.loads(result.stdout)["mutations"]] == [{"data": "\\xcafe", "n": 1}]
+
+
+def test_history_and_blame_under_a_renamed_tables_new_name_say_where_its_earlier_changes_are(conn, dsn, capture):
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text, w text)")
+    running = capture(tables=["a"])
+    conn.execute("INSERT INTO a VALUES (1, 'x', 'w0')")
+    conn.execute("ALTER TABLE a RENAME TO b")  # the log keeps each change under the name its table had then
+    conn.execute("UPDATE b SET v = 'z'")
+    running.caught_up()
+    history = " ".join(invoke(dsn, "history", "b", "--id", "1").output.split())
+    assert ("its first recorded change is not its insert: the row was inserted before capture started, or, if the table "
+            "was renamed since, its earlier changes are recorded under the table's former name: "
+            "flux state history OLD_NAME --id 1") in history
+    blame = " ".join(invoke(dsn, "blame", "b", "--id", "1").output.split())
+    assert "w w0 (set before the recorded history)" in blame
+    assert "recorded under the table's former name: flux state blame OLD_NAME --id 1" in blame
+    assert "+ w        → w0" in invoke(dsn, "history", "a", "--id", "1").output
+
+
+def test_history_marks_an_insert_of_a_key_no_recorded_change_removed(conn, dsn, capture):
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text)")
+    running = capture(all_tables=True)
+    conn.execute("INSERT INTO a VALUES (1, 'old')")
+    conn.execute("DELETE FROM a")
+    conn.execute("INSERT INTO a VALUES (1, 'again')")  # after a recorded delete: nothing to say
+    running.caught_up()  # the engine reads the key from the catalog: a table dropped first has none
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text)")  # another table, under the same name
+    conn.execute("INSERT INTO a VALUES (1, 'new')")
+    running.caught_up()
+    out = invoke(dsn, "history", "a", "--id", "1").output
+    assert out.count("no recorded change removed the earlier row of this key") == 1
+    assert out.index("no recorded change removed") > out.index("+ v        → new")
+    assert "first recorded change is not its insert" not in out

@@ -41,6 +41,7 @@ def test_parse_table_rejects_malformed_names():
     ("42", '"42"'), ("-1.5e3", '"-1.5e3"'), ("true", '"true"'), ("null", '"null"'), ("", '""'), (" lead space", '" lead space"'),
     ("trail ", '"trail "'), ("a, b", '"a, b"'), ('say "hi"', '"say \\"hi\\""'), ("tab\there", '"tab\\there"'),
     ("zero\u200bwidth\u0085", '"zero\\u200bwidth\\u0085"'), ({"a": [1, "x"]}, '{"a":[1,"x"]}'),
+    ("\\x00ff", "\\x00ff"), ("\\x", "\\x"), ("\\x0", '"\\\\x0"'), ("a\\b", '"a\\\\b"'),
 ], ids=repr)
 def test_key_text_quotes_text_that_could_be_misread_and_nothing_else(value, shown):
     assert key_text(value) == shown

@@ -19,6 +19,7 @@ from flux.store.queries import (
     table_blame,
 )
 from flux.store.schema import ensure_schema
+from tests.support import start_engine
 
 T0 = datetime(2026, 3, 10, 14, 20, 11, tzinfo=timezone.utc)
 _tx = itertools.count(1)
@@ -525,3 +526,57 @@ def test_request_id_prefix_treats_like_wildcards_literally(log):
     record(log, "users", "insert", request_id="a_c", key={"id": 1}, new={"id": 1})
     record(log, "users", "insert", request_id="abc", key={"id": 2}, new={"id": 2})
     assert resolve_request_id(log, "a_") == "a_c"
+
+
+def test_history_finds_a_row_recorded_without_key_by_its_key_column_of_then(conn, dsn):
+    conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
+    attach(dsn, tables=["t"])
+    conn.execute("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    conn.execute("ALTER TABLE t RENAME COLUMN id TO uid")  # before the engine reads the inserts: no key in the catalog
+    running = start_engine(dsn)
+    try:
+        running.caught_up()
+    finally:
+        running.stop()
+    history = row_history(conn, "public", "t", key={"id": "1"})
+    assert history.matched_on == "images"
+    assert [(m.op, m.row_key, m.new) for m in history.mutations] == [("insert", None, {"id": 1, "v": "a"})]
+    assert {c.column: c.value for c in row_blame(conn, "public", "t", key={"id": "2"}).columns} == {"id": 2, "v": "b"}
+
+
+def test_history_of_a_dropped_table_recorded_without_key_says_why_id_has_nothing_to_match(conn, dsn):
+    conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
+    attach(dsn, tables=["t"])
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+    conn.execute("DROP TABLE t")
+    running = start_engine(dsn)
+    try:
+        running.caught_up()
+    finally:
+        running.stop()
+    with pytest.raises(ConfigError, match="Table t no longer exists, and its changes were recorded without a primary key"):
+        row_history(conn, "public", "t", id_value="1")
+    assert [m.new for m in row_history(conn, "public", "t", key={"id": "1"}).mutations] == [{"id": 1, "v": "a"}]
+
+
+def test_history_of_a_renamed_table_not_changed_since_points_to_its_former_name(conn, capture):
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+    running = capture(tables=["a"])
+    conn.execute("INSERT INTO a VALUES (1)")
+    conn.execute("ALTER TABLE a RENAME TO b")
+    running.caught_up()
+    with pytest.raises(NotFoundError) as err:
+        row_history(conn, "public", "b", id_value="1")
+    assert err.value.hint.startswith("b is captured (publication flux)")
+    assert "if the table was renamed since, its earlier changes are under its former name" in err.value.hint
+
+
+def test_blame_of_a_row_whose_first_recorded_change_deleted_it_lists_the_values_it_had(conn, capture):
+    conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")  # before capture
+    running = capture(tables=["t"])
+    conn.execute("DELETE FROM t")
+    running.caught_up()
+    blame = row_blame(conn, "public", "t", id_value="1")
+    assert blame.deleted and blame.deleted_by is not None and blame.deleted_by.op == "delete"
+    assert [(c.column, c.value, c.set_by) for c in blame.columns] == [("id", 1, None), ("v", "a", None)]

@@ -312,7 +312,8 @@ class Gateway:
         try:
             return await self.executor.run(pool, invocation)
         except Exception:  # a bug in Flux: the request still gets its id, a clear answer and a trace
-            log.exception("request %s: running %s failed inside Flux", invocation.request_id, function)
+            log.exception("request %s: running %s failed inside Flux", invocation.request_id, function,
+                          extra={"request_id": invocation.request_id, "function": function})
             return _error(500, INTERNAL_ERROR,
                           "The gateway's log has the details, under this request id.")
         finally:

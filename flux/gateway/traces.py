@@ -111,7 +111,7 @@ class TraceWriter:
             encoded = self._encode(record)
         except Exception:  # noqa: BLE001 -- a Flux bug; never the response's failure
             self.failed += 1
-            log.exception("trace of request %s could not be encoded: not stored", record.id)
+            log.exception("trace of request %s could not be encoded: not stored", record.id, extra={"request_id": record.id})
             return
         if self._queue.full() or self.pending_bytes + len(encoded) > self.max_queue_bytes:
             self.dropped += 1
@@ -208,7 +208,7 @@ class TraceWriter:
                         # The database answered: it is not what the records wait for (/_flux/health).
                         self._waiting_since = None
                         log.error("%s; trace of request %s not stored", from_psycopg(exc, "writing a trace record failed"),
-                                  part[0][0])
+                                  part[0][0], extra={"request_id": part[0][0]})
             for _, encoded in batch:
                 self.pending_bytes -= len(encoded)
                 self._queue.task_done()
@@ -253,7 +253,7 @@ class TraceWriter:
             encoded = encode_trace(record)
         except (TypeError, ValueError, RecursionError):  # nested deeper than a JSON encoder goes (orjson: 254)
             log.warning("trace of request %s: what is nested deeper than %d levels is not recorded", record.id,
-                        MAX_RECORD_DEPTH)
+                        MAX_RECORD_DEPTH, extra={"request_id": record.id})
             record = dataclasses.replace(record, spans=cap_depth(record.spans), request=cap_depth(record.request),
                                          response=cap_depth(record.response), recording=cap_depth(record.recording))
             encoded = encode_trace(record)
@@ -261,7 +261,7 @@ class TraceWriter:
             return encoded
         self.shrunk += 1
         note = f"not stored: this trace was {len(encoded)} bytes, over the {MAX_RECORD_BYTES}-byte limit of a stored trace"
-        log.warning("trace of request %s: %s", record.id, note)
+        log.warning("trace of request %s: %s", record.id, note, extra={"request_id": record.id})
         recording = record.recording and {"v": record.recording.get("v"), "truncated": True, "omitted": note, "events": []}
         smaller = encode_trace(dataclasses.replace(record, recording=recording))
         if len(smaller) <= MAX_RECORD_BYTES:

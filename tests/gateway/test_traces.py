@@ -121,6 +121,16 @@ def test_a_record_over_the_size_limit_is_stored_without_its_recording(dsn, conn:
     assert response == {"body": "ok"}
 
 
+def test_a_log_line_about_one_request_carries_its_request_id_as_a_field(dsn, conn: psycopg.Connection, monkeypatch, caplog):
+    """For a log pipeline (--log-format json), which joins it to the trace by this field, not by parsing the message."""
+    ensure_schema(conn)
+    monkeypatch.setattr(traces, "MAX_RECORD_BYTES", 20_000)
+    big = dataclasses.replace(_record(1), response={"body": "x" * 30_000})
+    _write(dsn, [big])
+    [line] = [r for r in caplog.records if "over the 20000-byte limit" in r.getMessage()]
+    assert line.request_id == big.id
+
+
 def test_records_are_written_in_batches_under_the_size_limit(dsn, conn: psycopg.Connection, monkeypatch):
     ensure_schema(conn)
     monkeypatch.setattr(traces, "MAX_BATCH_BYTES", 3_000)

@@ -255,6 +255,10 @@ def _routes(table: dict, functions: dict[str, Function], where: str) -> dict[tup
                 f'Route "{spec}" in {where} is not "METHOD /path"',
                 hint='Write routes like "POST /signup" = "create_user"; METHOD is one of ' + ", ".join(sorted(_METHODS)) + ".",
             )
+        if path.rstrip("/") == "/_flux" or path.startswith("/_flux/"):
+            raise ConfigError(f'Route "{spec}" in {where} is under /_flux/, which Flux keeps for its own endpoints '
+                              "(/_flux/health, /_flux/metrics, /_flux/requests): the route would never be reached",
+                              hint="Route the function at another path.")
         if not isinstance(target, str):
             raise ConfigError(f'Route "{spec}" in {where} must name one function, not {target!r}',
                               hint='Write routes like "POST /signup" = "create_user".')

@@ -42,6 +42,14 @@ def test_a_malformed_route_is_a_config_error(tmp_path):
         load_project(tmp_path)
 
 
+@pytest.mark.parametrize("path", ["/_flux/metrics", "/_flux", "/_flux/mine/"])
+def test_a_route_under_flux_own_endpoints_is_a_config_error(tmp_path, path):
+    """Flux's /_flux/ endpoints are matched first: such a route was never reached, and nothing said so."""
+    write_project(tmp_path, {"hello": FN}, f'[routes]\n"GET {path}" = "hello"\n')
+    with pytest.raises(ConfigError, match="under /_flux/, which Flux keeps for its own endpoints"):
+        load_project(tmp_path)
+
+
 def test_without_tenants_every_request_is_the_default_tenant_with_shared_secrets(tmp_path):
     write_project(tmp_path, {"hello": FN}, '[secrets]\nKEY = "v"\n')
     project = load_project(tmp_path)

@@ -46,6 +46,7 @@ from werkzeug.http import parse_options_header
 
 from flux.errors import FluxError, NotFoundError, from_psycopg
 from flux.gateway.health import DatabaseProbe
+from flux.gateway.metrics import Metrics
 from flux.gateway.traces import TraceSink, cap_depth
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
@@ -123,6 +124,7 @@ class Gateway:
         self.engine_status = engine_status  # the CDC engine run in this process, if one is (`Engine.status`)
         self.db_pool = db_pool
         self.database_probe = None if db_pool is None else DatabaseProbe(db_pool.conninfo, db_pool.kwargs)
+        self.metrics = Metrics()
         self.sink = sink
         self.record = record
         self.workers = workers
@@ -326,6 +328,14 @@ class Gateway:
             execution = done.result()
         self._reply(trace, tenant, function, execution, client_gone=True)
 
+    async def health(self) -> dict[str, Any]:
+        """What /_flux/health answers (and /_flux/metrics reads its gauges from)."""
+        traces = self.sink.status() if self.sink is not None and self.record else None
+        database = await self.database_probe.status() if self.database_probe is not None else None
+        return {"ok": True, "functions": sorted(self.functions.compiled), "database": database,
+                "load_errors": self.functions.load_errors, "reload_error": self.reload_error, **self.load(),
+                "traces": traces, "engine": self.engine_status() if self.engine_status else None}
+
     def load(self) -> dict[str, int]:
         """Functions running now (their clients there or not), requests waiting for a worker, the
         queue's bounds, and how many requests were refused at capacity since the start."""
@@ -399,6 +409,7 @@ class Gateway:
                     "Return a body nested less deeply; the function's transaction has committed."), client_gone=client_gone)
             if not typed:
                 headers.append(("content-type", "application/json"))
+        self.metrics.observe(function, status, (trace.clock.now_ms() - trace.span.start) / 1000)
         if self.sink is not None and self.record:
             self.sink.submit(trace.record(execution, function, status, headers, payload, secrets, client_gone=client_gone))
         # To a HEAD request the HTTP server sends these headers, the length included, and no body.
@@ -726,13 +737,11 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
     @app.get("/_flux/health")
     async def _health() -> Response:
-        traces = gateway.sink.status() if gateway.sink is not None and gateway.record else None
-        database = await gateway.database_probe.status() if gateway.database_probe is not None else None
-        return Response(orjson.dumps({"ok": True, "functions": sorted(gateway.functions.compiled), "database": database,
-                                      "load_errors": gateway.functions.load_errors, "reload_error": gateway.reload_error,
-                                      **gateway.load(), "traces": traces,
-                                      "engine": gateway.engine_status() if gateway.engine_status else None}),
-                        content_type="application/json")
+        return Response(orjson.dumps(await gateway.health()), content_type="application/json")
+
+    @app.get("/_flux/metrics")
+    async def _metrics() -> Response:
+        return Response(gateway.metrics.render(await gateway.health()), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/_flux/requests")
     async def _requests() -> Response:

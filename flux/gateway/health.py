@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 PROBE_TTL_S = 2.0
-PROBE_WAIT_S = 1.0
+PROBE_WAIT_S = 0.25  # below the 1 s that orchestrators give a probe by default (Kubernetes timeoutSeconds)
 PROBE_CONNECT_TIMEOUT_S = 3
 
 

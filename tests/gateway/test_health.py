@@ -19,12 +19,22 @@ async def _health(client) -> dict:
     return await (await client.get("/_flux/health")).get_json()
 
 
+async def _checked(client) -> dict:
+    """Health's `database` once a check has answered: a probe waits only 0.25 s for one."""
+    for _ in range(50):
+        database = (await _health(client))["database"]
+        if database["reachable"] is not None:
+            return database
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no check answered in 5 s: {database}")
+
+
 def test_health_says_the_database_is_reachable_with_its_round_trip(tmp_path, dsn):
     write_project(tmp_path, {"hello": HELLO})
 
     async def scenario():
         async with running_gateway(tmp_path, dsn) as (_, client):
-            return (await _health(client))["database"]
+            return await _checked(client)
 
     database = asyncio.run(scenario())
     assert database["reachable"] is True and database["error"] is None
@@ -38,7 +48,7 @@ def test_an_idle_gateway_whose_database_went_away_says_so(tmp_path, dsn):
 
     async def scenario():
         async with running_gateway(tmp_path, proxy.dsn) as (_, client):
-            before = (await _health(client))["database"]
+            before = await _checked(client)
             proxy.close()  # the server's address now refuses connections
             deadline = time.monotonic() + 10
             while True:
@@ -77,13 +87,15 @@ def test_a_database_that_never_answers_does_not_hold_the_health_answer_up(tmp_pa
         first, answered_in, last = asyncio.run(scenario())
     finally:
         silent.close()
-    assert first["reachable"] is None and first["checking_seconds"] >= 0.9 and answered_in < 2, first
+    assert first["reachable"] is None and first["checking_seconds"] >= 0.2 and answered_in < 1, first
     assert last is not None and last["reachable"] is False and "timeout" in last["error"].lower(), last
 
 
 def test_health_probes_within_the_time_to_live_share_one_check(tmp_path, dsn):
     async def scenario():
         probe = DatabaseProbe(dsn)
+        while (await probe.status())["reachable"] is None:
+            await asyncio.sleep(0.05)
         answers = await asyncio.gather(*(probe.status() for _ in range(20)))
         again = await probe.status()
         return answers, again

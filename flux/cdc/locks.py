@@ -44,7 +44,10 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
         except errors.LockNotAvailable:
             if attempt < LOCK_TRIES:
                 sleep(RETRY_PAUSE_S)
-    held = holders(conn, tables())
+    try:
+        held = holders(conn, tables())
+    except psycopg.Error:  # who holds it is a courtesy: the timeout is what to report
+        held = []
     who = "; ".join(held) if held else "a transaction that has ended since"
     first_pid = next((h.split()[1] for h in held if h.startswith("pid ")), None)
     end_it = f" (or end it: SELECT pg_terminate_backend({first_pid});)" if first_pid else ""

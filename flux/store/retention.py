@@ -40,6 +40,7 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 
+from flux.cdc.wire import format_lsn
 from flux.errors import ConfigError, FluxError, InUseError, NotFoundError, from_psycopg
 from flux.pg.pooler import behind_pooler
 from flux.project import Retention
@@ -154,11 +155,9 @@ def _prune_traces(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
 
 def _prune_mutations(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     conn = batches.conn
-    cut = first_lsn_at_or_after(conn, cutoff)
-    if cut is None:  # every recorded mutation is older than the cutoff
-        cut = conn.execute("SELECT (max(commit_lsn) + 1::numeric)::text FROM flux.state_mutations").fetchone()[0]
-        if cut is None:  # nothing recorded at all
-            return 0
+    cut = first_lsn_at_or_after(conn, cutoff, or_past_newest=True)
+    if cut is None:  # nothing recorded at all
+        return 0
     count = "SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn"
     if dry_run:
         return conn.execute(count, (cut,)).fetchone()[0]
@@ -198,10 +197,12 @@ def _record_cutoff(conn: psycopg.Connection, what: str, cutoff: datetime) -> Non
         """, {"what": what, "cutoff": cutoff})
 
 
-def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | None:
+def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime, *, or_past_newest: bool = False) -> str | None:
     """The commit LSN of the first recorded transaction committed at or after `cutoff`, or None
     when there is none: a binary search over the primary key (index probes, about two per bit of
-    the LSN range), since commit times rise with commit LSNs."""
+    the LSN range), since commit times rise with commit LSNs. With `or_past_newest`, when every
+    recorded transaction is older, the LSN just past the newest of them as this read it (None only
+    for an empty log): a transaction the engine records meanwhile comes after it, and stays."""
     probe = """
         SELECT commit_lsn - '0/0'::pg_lsn, commit_time FROM flux.state_mutations
         WHERE commit_lsn >= '0/0'::pg_lsn + %s::numeric ORDER BY commit_lsn LIMIT 1
@@ -212,7 +213,7 @@ def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | N
         return None
     answer, committed = conn.execute(probe, (highest,)).fetchone()
     if committed < cutoff:
-        return None
+        return format_lsn(int(highest) + 1) if or_past_newest else None
     answer, low, high = int(answer), int(lowest), int(answer)  # rows in [low, high) are not known yet
     while low < high:
         middle = (low + high) // 2
@@ -224,7 +225,7 @@ def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | N
             low = lsn + 1
         else:
             answer = high = lsn
-    return conn.execute("SELECT ('0/0'::pg_lsn + %s::numeric)::text", (answer,)).fetchone()[0]
+    return format_lsn(answer)
 
 
 @dataclass

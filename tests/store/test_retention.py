@@ -149,6 +149,27 @@ def test_the_cut_lsn_is_the_first_transaction_committed_at_or_after_the_cutoff(c
         assert first_lsn_at_or_after(conn, cutoff) == expected, cutoff_days
 
 
+def test_a_transaction_recorded_while_a_prune_finds_every_one_older_is_kept(conn, dsn):
+    """Every recorded transaction older than the cutoff: the cut was the newest LSN plus one, read
+    again after the search, so a transaction the engine recorded in between was deleted with them."""
+    ensure_schema(conn)
+    transaction(conn, 0x1000, 40)
+
+    class EngineCommitsMeanwhile(psycopg.Cursor):
+        recorded = False
+
+        def execute(self, query, params=None, **kwargs):
+            result = super().execute(query, params, **kwargs)
+            if "flux.state_mutations" in str(query) and not EngineCommitsMeanwhile.recorded:
+                EngineCommitsMeanwhile.recorded = True  # after the prune's first read of the log
+                transaction(conn, 0x2000, 0)
+            return result
+
+    with psycopg.connect(dsn, autocommit=True, cursor_factory=EngineCommitsMeanwhile) as pruner:
+        assert prune(pruner, older_than=timedelta(days=30), traces=False).mutations == 1
+    assert conn.execute("SELECT commit_lsn::text FROM flux.state_mutations").fetchall() == [("0/2000",)]
+
+
 def test_a_second_prune_at_the_same_time_is_refused(recorded, dsn):
     with psycopg.connect(dsn, autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(hashtext('flux.prune'))")

@@ -40,8 +40,9 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 
+from flux.cdc.roles import missing_grants, prune_needs
 from flux.cdc.wire import format_lsn
-from flux.errors import ConfigError, FluxError, InUseError, NotFoundError, from_psycopg
+from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, NotFoundError, from_psycopg
 from flux.pg.pooler import behind_pooler
 from flux.project import Retention
 from flux.store.schema import SCHEMA_VERSION, schema_version
@@ -91,6 +92,7 @@ def prune(
         raise ConfigError("Nothing to prune", hint="Leave out --no-traces or --no-mutations.")
     if batch_rows < 1:
         raise ConfigError(f"--batch-rows {batch_rows} is not a positive number of rows", hint="The default is 5000.")
+    _require_grants(conn, traces=traces, mutations=mutations, dry_run=dry_run)
     version = schema_version(conn)
     if version is None:
         raise NotFoundError("This database has no flux schema: nothing was recorded here",
@@ -132,6 +134,22 @@ def _try_lock(conn: psycopg.Connection, pooled: bool) -> bool:
         with conn.transaction():
             return conn.execute(_TRY_XACT_LOCK, (_LOCK,)).fetchone()[0]
     return conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_LOCK,)).fetchone()[0]
+
+
+def _require_grants(conn: psycopg.Connection, *, traces: bool, mutations: bool, dry_run: bool) -> None:
+    """Checked before anything is deleted or recorded: a role that could delete traces but not
+    mutations deleted the traces, recorded a mutations cutoff it never pruned at (readers then
+    said of kept changes that they were deleted by retention), and only then was refused."""
+    needs = prune_needs(traces=traces, mutations=mutations)
+    if dry_run:
+        needs = {table: ("SELECT",) for table in needs}
+    grants = missing_grants(conn, needs)
+    if grants:
+        role = conn.execute("SELECT current_user").fetchone()[0]
+        raise DatabaseError(f"Role '{role}' may not {'count what a prune deletes' if dry_run else 'prune'}: it lacks "
+                            "privileges on the flux schema", role=role, sqlstate="42501",
+                            hint="As the role that ran `flux attach` (it owns the flux schema) run: " + " ".join(grants)
+                                 + ("" if dry_run else " --dry-run only reads."))
 
 
 def _running() -> InUseError:

@@ -313,18 +313,31 @@ def test_a_role_that_may_only_read_is_told_which_grants_a_prune_needs(recorded, 
 def test_the_grants_the_hint_gives_are_enough_to_prune(recorded, dsn):
     """A DELETE with a WHERE reads what it deletes: a hint without SELECT sends the role to a second refusal."""
     with reader_role(recorded, dsn) as (role, role_dsn):
+        recorded.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA flux FROM {role}; REVOKE USAGE ON SCHEMA flux FROM {role}")
         with psycopg.connect(role_dsn, autocommit=True) as reader:
             with pytest.raises(DatabaseError) as caught:
                 prune(reader, older_than=timedelta(days=30))
-        recorded.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA flux FROM {role}; REVOKE USAGE ON SCHEMA flux FROM {role}")
-        grants = re.findall(r"GRANT .+? TO <role>", caught.value.hint)
+        grants = re.findall(r"GRANT .+?;", caught.value.hint)
         assert grants
         for grant in grants:
-            recorded.execute(grant.replace("<role>", role))
+            recorded.execute(grant)
         with psycopg.connect(role_dsn, autocommit=True) as granted:
             result = prune(granted, older_than=timedelta(days=30))
         assert (result.traces, result.mutations) == (2, 4)
         assert remaining(recorded) == ([29, 1], [29, 29, 1])
+
+
+def test_a_role_that_may_prune_one_log_but_not_the_other_deletes_and_records_nothing(recorded, dsn):
+    """It deleted the traces, recorded a mutations cutoff (readers then said the kept changes
+    before it were deleted by retention), and only then was refused."""
+    with reader_role(recorded, dsn) as (role, role_dsn):
+        recorded.execute(f"GRANT DELETE ON flux.trace_requests TO {role}; GRANT INSERT, UPDATE ON flux.meta TO {role}")
+        with psycopg.connect(role_dsn, autocommit=True) as pruner:
+            with pytest.raises(DatabaseError) as caught:
+                prune(pruner, older_than=timedelta(days=30))
+        assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])
+        assert pruned_before(recorded) == Pruned()
+        assert caught.value.hint.endswith(f'run: GRANT DELETE ON flux.state_mutations TO "{role}"; --dry-run only reads.')
 
 
 def test_a_lost_connection_is_reported_as_such_not_as_the_unlock_that_followed(recorded, dsn):

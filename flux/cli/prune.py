@@ -31,6 +31,7 @@ def prune(
     """Delete traces and row changes recorded longer ago than --older-than, in short batches.
     Ctrl-C stops it after the batch in hand (a second one at once); running it again continues."""
     window = parse_retention_period(older_than, "--older-than")
+    retention.check_arguments(older_than=window, traces=traces, mutations=mutations, batch_rows=batch_rows)
     stop = threading.Event()
     with connect(database, failing="Pruning failed") as conn, _stop_on_ctrl_c(stop):
         if json or not err_console.is_terminal:

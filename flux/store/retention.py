@@ -86,12 +86,7 @@ def prune(
     """Delete traces and mutations older than `older_than`; `conn` must be in autocommit mode.
     Once `stop` is set, it returns after the batch in hand, with what it has deleted and
     `stopped` set."""
-    if older_than <= timedelta(0):
-        raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
-    if not traces and not mutations:
-        raise ConfigError("Nothing to prune", hint="Leave out --no-traces or --no-mutations.")
-    if batch_rows < 1:
-        raise ConfigError(f"--batch-rows {batch_rows} is not a positive number of rows", hint="The default is 5000.")
+    check_arguments(older_than=older_than, traces=traces, mutations=mutations, batch_rows=batch_rows)
     _require_grants(conn, traces=traces, mutations=mutations, dry_run=dry_run)
     version = schema_version(conn)
     if version is None:
@@ -134,6 +129,17 @@ def _try_lock(conn: psycopg.Connection, pooled: bool) -> bool:
         with conn.transaction():
             return conn.execute(_TRY_XACT_LOCK, (_LOCK,)).fetchone()[0]
     return conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_LOCK,)).fetchone()[0]
+
+
+def check_arguments(*, older_than: timedelta, traces: bool, mutations: bool, batch_rows: int) -> None:
+    """What `prune` refuses before it touches the database (the CLI checks it before connecting:
+    a mistyped flag is exit 2 whether or not the server answers)."""
+    if older_than <= timedelta(0):
+        raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
+    if not traces and not mutations:
+        raise ConfigError("Nothing to prune", hint="Leave out --no-traces or --no-mutations.")
+    if batch_rows < 1:
+        raise ConfigError(f"--batch-rows {batch_rows} is not a positive number of rows", hint="The default is 5000.")
 
 
 def _require_grants(conn: psycopg.Connection, *, traces: bool, mutations: bool, dry_run: bool) -> None:

@@ -86,3 +86,14 @@ def test_ctrl_c_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn
     data = json.loads(out)
     left = conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0]
     assert data["stopped"] is True and 0 < data["mutations"] == total - left < total
+
+
+def test_a_period_of_nothing_or_nothing_to_prune_is_refused_before_connecting():
+    """Both were refused only once connected: a server that did not answer made them exit 4, as if
+    the command had been right, and `0d` was not said to be --older-than's."""
+    unreachable = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=1"
+    for args, said in ((["--older-than", "0d"], "--older-than '0d' is not a positive duration"),
+                       (["--older-than", "30d", "--no-traces", "--no-mutations"], "Nothing to prune")):
+        proc = subprocess.run([sys.executable, "-m", "flux", "prune", *args, "--database", unreachable],
+                              capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, said in proc.stderr) == (2, True), proc.stderr

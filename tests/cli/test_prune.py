@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -32,6 +33,15 @@ def test_prune_json_says_what_it_deleted(dsn, conn):
     data = json.loads(result.stdout)
     assert (data["traces"], data["mutations"], data["dry_run"]) == (1, 0, False)
     assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (1,)
+
+
+def test_every_key_of_prune_json_is_in_the_readme(dsn, conn):
+    seed(conn)
+    data = json.loads(runner.invoke(app, ["prune", "--older-than", "30d", "--dry-run", "--database", dsn, "--json"]).stdout)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Retention: `flux prune`"):]
+    section = section[:section.index("\n## ")]
+    assert [key for key in data if f"`{key}`" not in section] == []
 
 
 def test_prune_dry_run_text_says_what_it_would_delete(dsn, conn):

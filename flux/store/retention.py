@@ -101,6 +101,7 @@ def prune(
         conn.prepare_threshold = None
     if not _try_lock(conn, pooled):
         raise _running()
+    timeouts = {} if pooled else _turn_off_timeouts(conn)
     try:
         # The database's clock, in UTC: psycopg gives a timestamptz in the session's TimeZone.
         cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0].astimezone(timezone.utc)
@@ -117,8 +118,28 @@ def prune(
     finally:
         if not conn.closed and not pooled:  # a lost session has released its lock, and its error is the one to report
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
+            for name, value in timeouts.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+# Timeouts a database or role may set for its applications. A prune's batches are short, but a
+# transaction larger than a batch goes in one statement, and a count for the progress bars scans a
+# whole log: under a statement_timeout the same statement was cancelled at every run, and no prune
+# ever got past that transaction again. Its statements lock only rows nobody else writes.
+_TIMEOUTS = ("statement_timeout", "transaction_timeout")  # the second: PostgreSQL 17 and later
+
+
+def _turn_off_timeouts(conn: psycopg.Connection) -> dict[str, str]:
+    """Turn the timeouts off for this session; what they were, to set back."""
+    was = {}
+    for name in _TIMEOUTS:
+        value = conn.execute("SELECT current_setting(%s, true)", (name,)).fetchone()[0]
+        if value is not None and value != "0":
+            conn.execute("SELECT set_config(%s, '0', false)", (name,))
+            was[name] = value
+    return was
 
 
 def _try_lock(conn: psycopg.Connection, pooled: bool) -> bool:
@@ -267,6 +288,9 @@ class _Batches:
         with self.conn.transaction():
             if not self.conn.execute(_TRY_XACT_LOCK, (_LOCK,)).fetchone()[0]:
                 raise _running()
+            for name in _TIMEOUTS:  # for this transaction only: the server connection is shared (`_TIMEOUTS`)
+                self.conn.execute("SELECT set_config(%s, '0', true) WHERE current_setting(%s, true) IS NOT NULL",
+                                  (name, name))
             return self.conn.execute(sql, params).rowcount
 
     def delete(self, what: str, count: str, delete: str, bound: object) -> int:

@@ -170,6 +170,17 @@ def test_a_transaction_recorded_while_a_prune_finds_every_one_older_is_kept(conn
     assert conn.execute("SELECT commit_lsn::text FROM flux.state_mutations").fetchall() == [("0/2000",)]
 
 
+def test_a_transaction_longer_to_delete_than_the_databases_statement_timeout_is_deleted(conn, dsn):
+    """A transaction larger than a batch goes in one statement: under the database's statement_timeout
+    it was cancelled at every run, and no prune ever got past it."""
+    ensure_schema(conn)
+    transaction(conn, 0x10, 40, rows=100_000)
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET statement_timeout = 20')
+    with psycopg.connect(dsn, autocommit=True) as pruner:
+        assert prune(pruner, older_than=timedelta(days=30), batch_rows=100).mutations == 100_000
+        assert pruner.execute("SHOW statement_timeout").fetchone() == ("20ms",)  # the session's own, set back
+
+
 def test_a_second_prune_at_the_same_time_is_refused(recorded, dsn):
     with psycopg.connect(dsn, autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(hashtext('flux.prune'))")

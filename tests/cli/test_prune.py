@@ -10,6 +10,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flux.cli import app
@@ -77,7 +78,10 @@ def test_prune_text_gives_the_cutoff_in_utc_whatever_the_servers_time_zone(dsn, 
     assert abs(printed - expected) < timedelta(minutes=5), result.stdout
 
 
-def test_ctrl_c_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn, stop_signal):
+    """SIGTERM (`timeout`, a stopping systemd unit) killed the prune outright, and a cron job's log
+    had no word of what it had done."""
     ensure_schema(conn)
     total = 200_000  # one row per transaction; 2,000 batches of 100: far longer than the wait below
     conn.execute(
@@ -90,7 +94,7 @@ def test_ctrl_c_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn
     while conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0] == total:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     data = json.loads(out)

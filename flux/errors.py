@@ -126,14 +126,18 @@ class StreamError(FluxError):
 _CONNECTION_SQLSTATE_CLASSES = ("08", "57")  # connection exception; operator intervention (shutdown, terminate)
 # Transient by nature: serialization failures and deadlocks, insufficient resources, lock timeouts.
 _TRANSIENT_SQLSTATE_CLASSES = ("40", "53")
-_TRANSIENT_SQLSTATES = ("55P03", "55006")
+# A statement timeout or pg_cancel_backend: the statement ended, the connection did not. It was read
+# as a lost connection, and the CLI said the server could not be reached (exit 4).
+_QUERY_CANCELED = "57014"
+_TRANSIENT_SQLSTATES = ("55P03", "55006", _QUERY_CANCELED)
 
 
 def from_psycopg(exc: psycopg.Error, message: str, *, hint: str | None = None, **context: Any) -> FluxError:
     """Wrap a psycopg error, choosing the class by SQLSTATE rather than by message text."""
     sqlstate = getattr(exc, "sqlstate", None)
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, psycopg.OperationalError) and (sqlstate is None or sqlstate[:2] in _CONNECTION_SQLSTATE_CLASSES):
+    if (isinstance(exc, psycopg.OperationalError) and sqlstate != _QUERY_CANCELED
+            and (sqlstate is None or sqlstate[:2] in _CONNECTION_SQLSTATE_CLASSES)):
         return ConnectionLostError(f"{message}: {detail}", hint=hint, sqlstate=sqlstate, **context)
     if hint is None and sqlstate == "42501":
         hint = ("Connect as a role with that privilege, such as the one that ran `flux attach`. To let a role read what "

@@ -328,6 +328,8 @@ def parse_retention_period(text: str, what: str) -> timedelta:
             hint=f"Write {amount}d for {amount} days{months}; to mean {amount} {unit}, give it in hours "
                  f"({period.total_seconds() / 3600:.4g}h).",
         )
+    if period <= timedelta(0):  # now() minus nothing: everything recorded until now
+        raise ConfigError(f"{what} {text!r} is not a positive duration", hint="Give a duration such as 30d or 12h.")
     return period
 
 
@@ -338,11 +340,10 @@ def _retention(table: dict, where: str) -> Retention:
         value = table.get(key)
         if value is None:
             continue
-        period = parse_retention_period(value, f"[retention] {key} in {where}") if isinstance(value, str) else None
-        if period is None or period <= timedelta(0):
+        if not isinstance(value, str):
             raise ConfigError(f"[retention] {key} in {where} must be a positive duration, not {value!r}",
                               hint=f'For example: {key} = "30d"')
-        periods[key] = period
+        periods[key] = parse_retention_period(value, f"[retention] {key} in {where}")
     return Retention(**periods)
 
 

@@ -73,17 +73,21 @@ def require_engine_role(conn: psycopg.Connection, *, slot: str) -> None:
         )
 
 
+def prune_needs(*, traces: bool, mutations: bool) -> dict[str, tuple[str, ...]]:
+    """What a prune (`flux.store.retention`) of the logs asked for needs: SELECT and DELETE on each
+    (a DELETE with a WHERE reads what it deletes), and the upsert of its cutoff into `flux.meta`."""
+    needs = {table: ("SELECT", "DELETE") for table, asked in (("trace_requests", traces), ("state_mutations", mutations))
+             if asked}
+    return {**needs, "meta": ("SELECT", "INSERT", "UPDATE")} if needs else {}
+
+
 def gateway_needs(*, record: bool, retention: Retention | None = None) -> dict[str, tuple[str, ...]]:
-    """What the gateway's role needs: traces to write with `record`, and the logs its hourly
-    prune deletes from (and `flux.meta`, where a prune records its cutoff) with `retention`."""
+    """What the gateway's role needs: traces to write with `record`, and what its hourly prune
+    needs with `retention`."""
     needs = {table: list(privileges) for table, privileges in GATEWAY_TABLES.items() if record or table == "meta"}
-    prunes = {"trace_requests": retention and retention.traces, "state_mutations": retention and retention.mutations}
-    for table, period in prunes.items():
-        if period:
-            needs.setdefault(table, ["SELECT"])
-            needs[table].append("DELETE")
-    if any(prunes.values()):
-        needs["meta"] += ["INSERT", "UPDATE"]
+    prunes = prune_needs(traces=bool(retention and retention.traces), mutations=bool(retention and retention.mutations))
+    for table, privileges in prunes.items():
+        needs.setdefault(table, []).extend(privileges)
     return {table: tuple(dict.fromkeys(privileges)) for table, privileges in needs.items()}
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from flux import STOP_SIGNALS
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, err_console, print_json
 from flux.project import parse_retention_period
@@ -29,10 +30,11 @@ def prune(
     json: JsonOption = False,
 ) -> None:
     """Delete traces and row changes recorded longer ago than --older-than, in short batches.
-    Ctrl-C stops it after the batch in hand (a second one at once); running it again continues."""
+    Ctrl-C (or SIGTERM) stops it after the batch in hand (a second one at once); running it again continues."""
     window = parse_retention_period(older_than, "--older-than")
+    retention.check_arguments(older_than=window, traces=traces, mutations=mutations, batch_rows=batch_rows)
     stop = threading.Event()
-    with connect(database, failing="Pruning failed") as conn, _stop_on_ctrl_c(stop):
+    with connect(database, failing="Pruning failed") as conn, _stop_on_signals(stop):
         if json or not err_console.is_terminal:
             result = retention.prune(conn, older_than=window, traces=traces, mutations=mutations,
                                      batch_rows=batch_rows, dry_run=dry_run, stop=stop)
@@ -50,22 +52,28 @@ def prune(
 
 
 @contextmanager
-def _stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
-    """The first Ctrl-C sets `stop` (the prune ends after its batch in hand and says what it did);
-    a second one interrupts at once, as the default handler does."""
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl-C, SIGTERM or SIGHUP sets `stop` (the prune ends after its batch in hand and
+    says what it did); a second one interrupts at once (the batch in hand rolls back). SIGTERM is
+    what `timeout` and a stopping systemd unit send: it killed the prune without a word in its log."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def first(signum: int, frame: object) -> None:
         stop.set()
-        signal.signal(signal.SIGINT, previous)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, again)
 
-    previous = signal.signal(signal.SIGINT, first)
+    def again(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, first) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _with_progress_bars(conn, window, traces: bool, mutations: bool, batch_rows: int,

@@ -40,7 +40,9 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 
-from flux.errors import ConfigError, FluxError, InUseError, NotFoundError, from_psycopg
+from flux.cdc.roles import missing_grants, prune_needs
+from flux.cdc.wire import format_lsn
+from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, NotFoundError, from_psycopg
 from flux.pg.pooler import behind_pooler
 from flux.project import Retention
 from flux.store.schema import SCHEMA_VERSION, schema_version
@@ -84,12 +86,8 @@ def prune(
     """Delete traces and mutations older than `older_than`; `conn` must be in autocommit mode.
     Once `stop` is set, it returns after the batch in hand, with what it has deleted and
     `stopped` set."""
-    if older_than <= timedelta(0):
-        raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
-    if not traces and not mutations:
-        raise ConfigError("Nothing to prune", hint="Leave out --no-traces or --no-mutations.")
-    if batch_rows < 1:
-        raise ConfigError(f"--batch-rows {batch_rows} is not a positive number of rows", hint="The default is 5000.")
+    check_arguments(older_than=older_than, traces=traces, mutations=mutations, batch_rows=batch_rows)
+    _require_grants(conn, traces=traces, mutations=mutations, dry_run=dry_run)
     version = schema_version(conn)
     if version is None:
         raise NotFoundError("This database has no flux schema: nothing was recorded here",
@@ -103,6 +101,7 @@ def prune(
         conn.prepare_threshold = None
     if not _try_lock(conn, pooled):
         raise _running()
+    timeouts = {} if pooled else _turn_off_timeouts(conn)
     try:
         # The database's clock, in UTC: psycopg gives a timestamptz in the session's TimeZone.
         cutoff = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()[0].astimezone(timezone.utc)
@@ -119,8 +118,28 @@ def prune(
     finally:
         if not conn.closed and not pooled:  # a lost session has released its lock, and its error is the one to report
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
+            for name, value in timeouts.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+# Timeouts a database or role may set for its applications. A prune's batches are short, but a
+# transaction larger than a batch goes in one statement, and a count for the progress bars scans a
+# whole log: under a statement_timeout the same statement was cancelled at every run, and no prune
+# ever got past that transaction again. Its statements lock only rows nobody else writes.
+_TIMEOUTS = ("statement_timeout", "transaction_timeout")  # the second: PostgreSQL 17 and later
+
+
+def _turn_off_timeouts(conn: psycopg.Connection) -> dict[str, str]:
+    """Turn the timeouts off for this session; what they were, to set back."""
+    was = {}
+    for name in _TIMEOUTS:
+        value = conn.execute("SELECT current_setting(%s, true)", (name,)).fetchone()[0]
+        if value is not None and value != "0":
+            conn.execute("SELECT set_config(%s, '0', false)", (name,))
+            was[name] = value
+    return was
 
 
 def _try_lock(conn: psycopg.Connection, pooled: bool) -> bool:
@@ -131,6 +150,33 @@ def _try_lock(conn: psycopg.Connection, pooled: bool) -> bool:
         with conn.transaction():
             return conn.execute(_TRY_XACT_LOCK, (_LOCK,)).fetchone()[0]
     return conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_LOCK,)).fetchone()[0]
+
+
+def check_arguments(*, older_than: timedelta, traces: bool, mutations: bool, batch_rows: int) -> None:
+    """What `prune` refuses before it touches the database (the CLI checks it before connecting:
+    a mistyped flag is exit 2 whether or not the server answers)."""
+    if older_than <= timedelta(0):
+        raise ConfigError("The retention period must be positive", hint="Give a duration such as 30d or 12h.")
+    if not traces and not mutations:
+        raise ConfigError("Nothing to prune", hint="Leave out --no-traces or --no-mutations.")
+    if batch_rows < 1:
+        raise ConfigError(f"--batch-rows {batch_rows} is not a positive number of rows", hint="The default is 5000.")
+
+
+def _require_grants(conn: psycopg.Connection, *, traces: bool, mutations: bool, dry_run: bool) -> None:
+    """Checked before anything is deleted or recorded: a role that could delete traces but not
+    mutations deleted the traces, recorded a mutations cutoff it never pruned at (readers then
+    said of kept changes that they were deleted by retention), and only then was refused."""
+    needs = prune_needs(traces=traces, mutations=mutations)
+    if dry_run:
+        needs = {table: ("SELECT",) for table in needs}
+    grants = missing_grants(conn, needs)
+    if grants:
+        role = conn.execute("SELECT current_user").fetchone()[0]
+        raise DatabaseError(f"Role '{role}' may not {'count what a prune deletes' if dry_run else 'prune'}: it lacks "
+                            "privileges on the flux schema", role=role, sqlstate="42501",
+                            hint="As the role that ran `flux attach` (it owns the flux schema) run: " + " ".join(grants)
+                                 + ("" if dry_run else " --dry-run only reads."))
 
 
 def _running() -> InUseError:
@@ -154,11 +200,9 @@ def _prune_traces(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
 
 def _prune_mutations(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
     conn = batches.conn
-    cut = first_lsn_at_or_after(conn, cutoff)
-    if cut is None:  # every recorded mutation is older than the cutoff
-        cut = conn.execute("SELECT (max(commit_lsn) + 1::numeric)::text FROM flux.state_mutations").fetchone()[0]
-        if cut is None:  # nothing recorded at all
-            return 0
+    cut = first_lsn_at_or_after(conn, cutoff, or_past_newest=True)
+    if cut is None:  # nothing recorded at all
+        return 0
     count = "SELECT count(*) FROM flux.state_mutations WHERE commit_lsn < %s::pg_lsn"
     if dry_run:
         return conn.execute(count, (cut,)).fetchone()[0]
@@ -198,10 +242,12 @@ def _record_cutoff(conn: psycopg.Connection, what: str, cutoff: datetime) -> Non
         """, {"what": what, "cutoff": cutoff})
 
 
-def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | None:
+def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime, *, or_past_newest: bool = False) -> str | None:
     """The commit LSN of the first recorded transaction committed at or after `cutoff`, or None
     when there is none: a binary search over the primary key (index probes, about two per bit of
-    the LSN range), since commit times rise with commit LSNs."""
+    the LSN range), since commit times rise with commit LSNs. With `or_past_newest`, when every
+    recorded transaction is older, the LSN just past the newest of them as this read it (None only
+    for an empty log): a transaction the engine records meanwhile comes after it, and stays."""
     probe = """
         SELECT commit_lsn - '0/0'::pg_lsn, commit_time FROM flux.state_mutations
         WHERE commit_lsn >= '0/0'::pg_lsn + %s::numeric ORDER BY commit_lsn LIMIT 1
@@ -212,7 +258,7 @@ def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | N
         return None
     answer, committed = conn.execute(probe, (highest,)).fetchone()
     if committed < cutoff:
-        return None
+        return format_lsn(int(highest) + 1) if or_past_newest else None
     answer, low, high = int(answer), int(lowest), int(answer)  # rows in [low, high) are not known yet
     while low < high:
         middle = (low + high) // 2
@@ -224,7 +270,7 @@ def first_lsn_at_or_after(conn: psycopg.Connection, cutoff: datetime) -> str | N
             low = lsn + 1
         else:
             answer = high = lsn
-    return conn.execute("SELECT ('0/0'::pg_lsn + %s::numeric)::text", (answer,)).fetchone()[0]
+    return format_lsn(answer)
 
 
 @dataclass
@@ -242,6 +288,9 @@ class _Batches:
         with self.conn.transaction():
             if not self.conn.execute(_TRY_XACT_LOCK, (_LOCK,)).fetchone()[0]:
                 raise _running()
+            for name in _TIMEOUTS:  # for this transaction only: the server connection is shared (`_TIMEOUTS`)
+                self.conn.execute("SELECT set_config(%s, '0', true) WHERE current_setting(%s, true) IS NOT NULL",
+                                  (name, name))
             return self.conn.execute(sql, params).rowcount
 
     def delete(self, what: str, count: str, delete: str, bound: object) -> int:

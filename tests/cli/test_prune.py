@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flux.cli import app
@@ -32,6 +34,15 @@ def test_prune_json_says_what_it_deleted(dsn, conn):
     data = json.loads(result.stdout)
     assert (data["traces"], data["mutations"], data["dry_run"]) == (1, 0, False)
     assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (1,)
+
+
+def test_every_key_of_prune_json_is_in_the_readme(dsn, conn):
+    seed(conn)
+    data = json.loads(runner.invoke(app, ["prune", "--older-than", "30d", "--dry-run", "--database", dsn, "--json"]).stdout)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Retention: `flux prune`"):]
+    section = section[:section.index("\n## ")]
+    assert [key for key in data if f"`{key}`" not in section] == []
 
 
 def test_prune_dry_run_text_says_what_it_would_delete(dsn, conn):
@@ -67,7 +78,10 @@ def test_prune_text_gives_the_cutoff_in_utc_whatever_the_servers_time_zone(dsn, 
     assert abs(printed - expected) < timedelta(minutes=5), result.stdout
 
 
-def test_ctrl_c_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn, stop_signal):
+    """SIGTERM (`timeout`, a stopping systemd unit) killed the prune outright, and a cron job's log
+    had no word of what it had done."""
     ensure_schema(conn)
     total = 200_000  # one row per transaction; 2,000 batches of 100: far longer than the wait below
     conn.execute(
@@ -80,9 +94,20 @@ def test_ctrl_c_stops_after_the_batch_in_hand_and_says_what_it_deleted(dsn, conn
     while conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0] == total:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     data = json.loads(out)
     left = conn.execute("SELECT count(*) FROM flux.state_mutations").fetchone()[0]
     assert data["stopped"] is True and 0 < data["mutations"] == total - left < total
+
+
+def test_a_period_of_nothing_or_nothing_to_prune_is_refused_before_connecting():
+    """Both were refused only once connected: a server that did not answer made them exit 4, as if
+    the command had been right, and `0d` was not said to be --older-than's."""
+    unreachable = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=1"
+    for args, said in ((["--older-than", "0d"], "--older-than '0d' is not a positive duration"),
+                       (["--older-than", "30d", "--no-traces", "--no-mutations"], "Nothing to prune")):
+        proc = subprocess.run([sys.executable, "-m", "flux", "prune", *args, "--database", unreachable],
+                              capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, said in proc.stderr) == (2, True), proc.stderr

@@ -149,6 +149,38 @@ def test_the_cut_lsn_is_the_first_transaction_committed_at_or_after_the_cutoff(c
         assert first_lsn_at_or_after(conn, cutoff) == expected, cutoff_days
 
 
+def test_a_transaction_recorded_while_a_prune_finds_every_one_older_is_kept(conn, dsn):
+    """Every recorded transaction older than the cutoff: the cut was the newest LSN plus one, read
+    again after the search, so a transaction the engine recorded in between was deleted with them."""
+    ensure_schema(conn)
+    transaction(conn, 0x1000, 40)
+
+    class EngineCommitsMeanwhile(psycopg.Cursor):
+        recorded = False
+
+        def execute(self, query, params=None, **kwargs):
+            result = super().execute(query, params, **kwargs)
+            if "flux.state_mutations" in str(query) and not EngineCommitsMeanwhile.recorded:
+                EngineCommitsMeanwhile.recorded = True  # after the prune's first read of the log
+                transaction(conn, 0x2000, 0)
+            return result
+
+    with psycopg.connect(dsn, autocommit=True, cursor_factory=EngineCommitsMeanwhile) as pruner:
+        assert prune(pruner, older_than=timedelta(days=30), traces=False).mutations == 1
+    assert conn.execute("SELECT commit_lsn::text FROM flux.state_mutations").fetchall() == [("0/2000",)]
+
+
+def test_a_transaction_longer_to_delete_than_the_databases_statement_timeout_is_deleted(conn, dsn):
+    """A transaction larger than a batch goes in one statement: under the database's statement_timeout
+    it was cancelled at every run, and no prune ever got past it."""
+    ensure_schema(conn)
+    transaction(conn, 0x10, 40, rows=100_000)
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET statement_timeout = 20')
+    with psycopg.connect(dsn, autocommit=True) as pruner:
+        assert prune(pruner, older_than=timedelta(days=30), batch_rows=100).mutations == 100_000
+        assert pruner.execute("SHOW statement_timeout").fetchone() == ("20ms",)  # the session's own, set back
+
+
 def test_a_second_prune_at_the_same_time_is_refused(recorded, dsn):
     with psycopg.connect(dsn, autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(hashtext('flux.prune'))")
@@ -292,18 +324,31 @@ def test_a_role_that_may_only_read_is_told_which_grants_a_prune_needs(recorded, 
 def test_the_grants_the_hint_gives_are_enough_to_prune(recorded, dsn):
     """A DELETE with a WHERE reads what it deletes: a hint without SELECT sends the role to a second refusal."""
     with reader_role(recorded, dsn) as (role, role_dsn):
+        recorded.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA flux FROM {role}; REVOKE USAGE ON SCHEMA flux FROM {role}")
         with psycopg.connect(role_dsn, autocommit=True) as reader:
             with pytest.raises(DatabaseError) as caught:
                 prune(reader, older_than=timedelta(days=30))
-        recorded.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA flux FROM {role}; REVOKE USAGE ON SCHEMA flux FROM {role}")
-        grants = re.findall(r"GRANT .+? TO <role>", caught.value.hint)
+        grants = re.findall(r"GRANT .+?;", caught.value.hint)
         assert grants
         for grant in grants:
-            recorded.execute(grant.replace("<role>", role))
+            recorded.execute(grant)
         with psycopg.connect(role_dsn, autocommit=True) as granted:
             result = prune(granted, older_than=timedelta(days=30))
         assert (result.traces, result.mutations) == (2, 4)
         assert remaining(recorded) == ([29, 1], [29, 29, 1])
+
+
+def test_a_role_that_may_prune_one_log_but_not_the_other_deletes_and_records_nothing(recorded, dsn):
+    """It deleted the traces, recorded a mutations cutoff (readers then said the kept changes
+    before it were deleted by retention), and only then was refused."""
+    with reader_role(recorded, dsn) as (role, role_dsn):
+        recorded.execute(f"GRANT DELETE ON flux.trace_requests TO {role}; GRANT INSERT, UPDATE ON flux.meta TO {role}")
+        with psycopg.connect(role_dsn, autocommit=True) as pruner:
+            with pytest.raises(DatabaseError) as caught:
+                prune(pruner, older_than=timedelta(days=30))
+        assert remaining(recorded) == ([40, 31, 29, 1], [40, 40, 40, 31, 29, 29, 1])
+        assert pruned_before(recorded) == Pruned()
+        assert caught.value.hint.endswith(f'run: GRANT DELETE ON flux.state_mutations TO "{role}"; --dry-run only reads.')
 
 
 def test_a_lost_connection_is_reported_as_such_not_as_the_unlock_that_followed(recorded, dsn):

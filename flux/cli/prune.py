@@ -44,7 +44,8 @@ def prune(
         print_json(result)
     else:
         verb = "Would delete" if result.dry_run else "Stopped after deleting" if result.stopped else "Deleted"
-        counts = [f"{n:,} {what}" for what, n in (("traces", result.traces), ("mutations", result.mutations)) if n is not None]
+        counts = [f"{n:,} {what}{'' if n == 1 else 's'}" for what, n in (("trace", result.traces), ("mutation", result.mutations))
+                  if n is not None]
         console.print(f"{verb} {' and '.join(counts)} recorded before {result.cutoff:%Y-%m-%d %H:%M:%S} UTC "
                       f"({result.seconds:.1f}s)." + (" Run it again to delete the rest." if result.stopped else ""))
     if result.stopped:

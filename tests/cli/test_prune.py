@@ -49,7 +49,7 @@ def test_prune_dry_run_text_says_what_it_would_delete(dsn, conn):
     seed(conn)
     result = runner.invoke(app, ["prune", "--older-than", "2d", "--dry-run", "--no-mutations", "--database", dsn])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("Would delete 1 traces recorded before ")
+    assert result.stdout.startswith("Would delete 1 trace recorded before ")
     assert conn.execute("SELECT count(*) FROM flux.trace_requests").fetchone() == (2,)
 
 

@@ -100,7 +100,7 @@ def prune(
     if pooled:  # each statement may run on another server connection, which lacks what psycopg prepared
         conn.prepare_threshold = None
     if not _try_lock(conn, pooled):
-        raise _running()
+        raise _running(conn)
     timeouts = {} if pooled else _turn_off_timeouts(conn)
     try:
         # The database's clock, in UTC: psycopg gives a timestamptz in the session's TimeZone.
@@ -179,9 +179,29 @@ def _require_grants(conn: psycopg.Connection, *, traces: bool, mutations: bool, 
                                  + ("" if dry_run else " --dry-run only reads."))
 
 
-def _running() -> InUseError:
-    return InUseError("Another `flux prune` is running on this database",
-                      hint="Wait for it to finish; running two at once only makes them compete.")
+def _running(conn: psycopg.Connection) -> InUseError:
+    """Refused: another session holds the prune's lock; named, as it may be a server's `[retention]` pass."""
+    try:
+        holder = conn.execute(
+            """
+            SELECT a.pid, a.application_name, host(a.client_addr), extract(epoch FROM now() - a.query_start)::bigint
+            FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid <> pg_backend_pid()
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%s)::bigint
+            """,
+            (_LOCK,),
+        ).fetchone()
+    except psycopg.Error:  # only a courtesy
+        holder = None
+    who = ""
+    if holder is not None:
+        pid, application, client, seconds = holder
+        where = f" from {client}" if client else ""
+        who = f" (pid {pid}, {application or 'no application name'}{where}, its last statement began {seconds} s ago)"
+    return InUseError(f"Another `flux prune` is running on this database{who}",
+                      hint="Wait for it to finish; running two at once only makes them compete. A `flux serve` or "
+                           "`flux dev` with [retention] prunes on its own, every hour.")
 
 
 def _prune_traces(cutoff: datetime, dry_run: bool, batches: _Batches) -> int:
@@ -287,7 +307,7 @@ class _Batches:
             return self.conn.execute(sql, params).rowcount
         with self.conn.transaction():
             if not self.conn.execute(_TRY_XACT_LOCK, (_LOCK,)).fetchone()[0]:
-                raise _running()
+                raise _running(self.conn)
             for name in _TIMEOUTS:  # for this transaction only: the server connection is shared (`_TIMEOUTS`)
                 self.conn.execute("SELECT set_config(%s, '0', true) WHERE current_setting(%s, true) IS NOT NULL",
                                   (name, name))

@@ -181,11 +181,12 @@ def test_a_transaction_longer_to_delete_than_the_databases_statement_timeout_is_
         assert pruner.execute("SHOW statement_timeout").fetchone() == ("20ms",)  # the session's own, set back
 
 
-def test_a_second_prune_at_the_same_time_is_refused(recorded, dsn):
-    with psycopg.connect(dsn, autocommit=True) as other:
+def test_a_second_prune_at_the_same_time_is_refused_naming_the_session_that_prunes(recorded, dsn):
+    with psycopg.connect(dsn, autocommit=True, application_name="flux serve retention") as other:
         other.execute("SELECT pg_advisory_lock(hashtext('flux.prune'))")
-        with pytest.raises(InUseError):
+        with pytest.raises(InUseError) as refused:
             prune(recorded, older_than=timedelta(days=30))
+        assert f"(pid {other.info.backend_pid}, flux serve retention from 127.0.0.1, " in refused.value.message
         other.execute("SELECT pg_advisory_unlock(hashtext('flux.prune'))")
         assert prune(recorded, older_than=timedelta(days=30)).traces == 2
 

@@ -19,12 +19,21 @@ def missing(path: str) -> list[str]:
     return proc.stdout.split()
 
 
-def test_a_machine_without_python_gets_python_its_venv_module_and_its_headers(tmp_path):
-    bin_dir = tmp_path / "bin"
+def bare_path(tmp_path: Path) -> str:
+    """A PATH with only the tools the script itself runs: a machine with none of the packages."""
+    bin_dir = tmp_path / "bare"
     bin_dir.mkdir()
     for tool in ("ls", "id"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    assert {"python3", "python3-venv", "python3-dev"} <= set(missing(str(bin_dir)))
+    return str(bin_dir)
+
+
+def test_a_machine_without_python_gets_python_its_venv_module_and_its_headers(tmp_path):
+    assert {"python3", "python3-venv", "python3-dev"} <= set(missing(bare_path(tmp_path)))
+
+
+def test_a_machine_without_git_gets_git(tmp_path):
+    assert "git" in missing(bare_path(tmp_path))
 
 
 def test_a_python_without_ensurepip_gets_its_venv_package(tmp_path):

@@ -2,7 +2,7 @@
 //
 //   curl -s localhost:8000/hello -H 'content-type: application/json' -d '{"name": "Ada"}'
 //
-// `new Date()` is recorded, so a replay of this request sees the same time.
+// `new Date()` is recorded on the request's trace (its replay tape), so a replay can give it the same time.
 export default async function (req, ctx) {
   return {
     status: 200,

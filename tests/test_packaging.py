@@ -86,9 +86,14 @@ def test_wheel_ships_the_runtime_js_the_scaffold_and_py_typed(built):
     assert {"flux/py.typed", "flux/runtime/prelude.js", "flux/scaffold/gitignore", "flux/scaffold/stubs/payments.py"} <= built.wheel
 
 
+def test_wheel_carries_the_license_its_metadata_names(built):
+    """pyproject declares Apache-2.0; the wheel's metadata carries its text (PEP 639 license files)."""
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in built.wheel)
+
+
 def test_sdist_holds_the_package_and_what_builds_it_but_no_tests_or_benchmarks(built):
     metadata = {"PKG-INFO", "setup.cfg"} | {name for name in built.sdist if name.startswith("flux.egg-info/")}
-    assert built.sdist - metadata == package_files() | {"README.md", "pyproject.toml", "MANIFEST.in"}
+    assert built.sdist - metadata == package_files() | {"README.md", "LICENSE", "pyproject.toml", "MANIFEST.in"}
 
 
 def test_build_raises_no_setuptools_deprecation(built):

@@ -297,7 +297,7 @@ class Isolate:
         except JSEvalException:
             self._raise_posted_error()
             raise
-        self._raise_posted_error()
+        self._raise_posted_error(answered=result)
         return result
 
     async def salvage(self, code: str, *, timeout_s: float) -> object | None:
@@ -315,11 +315,17 @@ class Isolate:
         except (TimeoutError, JSEvalException):
             return None
 
-    def _raise_posted_error(self) -> None:
-        """`code`'s error, if it failed (eval_then)."""
+    def _raise_posted_error(self, *, answered: object = None) -> None:
+        """`code`'s error, if it failed (eval_then), carrying as `then_result` what `then` answered
+        all the same (`answered`): a drain still reads what the function did before V8 stopped it
+        at the memory limit."""
         results = self.context._non_cancelable_mr_task_results_queue
         if not results.empty():
-            self.context._value_handle_to_python(results.get_nowait())
+            try:
+                self.context._value_handle_to_python(results.get_nowait())
+            except JSEvalException as exc:
+                exc.then_result = answered  # type: ignore[attr-defined]
+                raise
 
     async def renew(self, *, timeout_s: float) -> bool:
         """Replace the used realm with a fresh one; False when the isolate was retired instead.

@@ -121,6 +121,27 @@ def test_a_record_over_the_size_limit_is_stored_without_its_recording(dsn, conn:
     assert response == {"body": "ok"}
 
 
+def _nested(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_a_tape_capped_for_depth_stops_before_the_event_it_capped_and_says_truncated(dsn, conn: psycopg.Connection):
+    """A record part too deep to encode caps every part at 64 levels: the tape's db result became a
+    note a replay would hand the function, on a tape that still said it was whole."""
+    ensure_schema(conn)
+    events = [[0, "now", 1], [1, "db", {"sql": "SELECT", "params": [], "result": {"rows": [{"j": _nested(70)}]}}],
+              [2, "settled", [1]], [3, "random", 0.5]]
+    recording = {"v": 4, "truncated": False, "entropy": "", "events": events}
+    deep = dataclasses.replace(_record(1), spans=[{"attributes": {"x": _nested(1100)}}], recording=recording)
+    _write(dsn, [deep])
+    stored, spans = conn.execute("SELECT recording, spans FROM flux.trace_requests WHERE id = %s", [deep.id]).fetchone()
+    assert "[not recorded: nested deeper than 64 levels]" in str(spans)
+    assert (stored["truncated"], stored["events"]) == (True, [[0, "now", 1]])
+
+
 def test_records_are_written_in_batches_under_the_size_limit(dsn, conn: psycopg.Connection, monkeypatch):
     ensure_schema(conn)
     monkeypatch.setattr(traces, "MAX_BATCH_BYTES", 3_000)

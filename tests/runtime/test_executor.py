@@ -536,7 +536,8 @@ def test_recording_has_time_random_uuid_db_and_fetch_in_order(tmp_path, dsn, con
     """})
     result = run1(tmp_path, "all", dsn=dsn)
     tape = result.recording
-    assert tape["v"] == 3 and tape["truncated"] is False and "incomplete" not in tape
+    assert tape["v"] == 4 and tape["truncated"] is False and "incomplete" not in tape
+    assert tape["commit"] == {"transaction": "committed"}
     kinds = [e[1] for e in tape["events"]]
     assert kinds == ["now", "now", "random", "uuid", "db", "settled", "fetch", "settled", "timer", "settled"]
     assert [e[0] for e in tape["events"]] == sorted(e[0] for e in tape["events"])
@@ -1547,3 +1548,23 @@ def test_work_queued_from_inside_the_last_drain_counts_within_the_request(tmp_pa
     [[poisoned], [after]] = execute_waves(tmp_path, "after", [["poison"], ["ok"]], size=1)
     assert (poisoned.status, poisoned.error) == (504, "TimeoutError: the function exceeded its time limit (1000 ms)")
     assert (after.status, after.body) == (200, "fine")
+
+
+def test_a_db_param_nested_as_deep_as_allowed_runs_and_is_on_the_tape(tmp_path, dsn):
+    """254 levels may be sent; past 252 the tape's sizing of the call's event (orjson, 254 levels
+    with the event's own two) raised inside Flux: an internal error, and a trace with no tape."""
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          let param = {};
+          for (let i = 1; i < 254; i++) param = [param];
+          const { rows } = await ctx.db.query("SELECT jsonb_typeof($1::jsonb) AS t", [param]);
+          return {status: 200, body: rows[0].t};
+        }
+    """})
+    result = run1(tmp_path, "deep", dsn=dsn)
+    assert (result.status, result.body) == (200, "array"), result.error
+    [db] = [e for e in result.recording["events"] if e[1] == "db"]
+    value, levels = db[2]["params"][0], 0
+    while isinstance(value, list):
+        value, levels = value[0], levels + 1
+    assert (levels, value, db[2]["result"]["rows"]) == (253, {}, [{"t": "array"}])

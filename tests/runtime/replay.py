@@ -15,6 +15,7 @@ holds it).
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -37,6 +38,8 @@ _PATCHES = (
      "    return e[1];\n  }\n"),
 )
 
+
+_PAST_THE_END = re.compile(r"replay diverged at seq (\d+): ")  # what replayed() throws
 
 _ENVIRONMENT = "JSON.stringify({time_zone: Intl.DateTimeFormat().resolvedOptions().timeZone, locale: Intl.DateTimeFormat().resolvedOptions().locale})"
 
@@ -119,7 +122,8 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
     order = sorted(by_seq)
     # A tape cut short (a time or memory limit, past its 10,000 events) ends there: a call the function
     # makes past its last event ends the replay (its reads past the end already threw, which it may
-    # catch), and so does a read past it in the file's top-level code (a tape with no event).
+    # catch; uncaught, the replay ends there too), and so does a read past it in the file's
+    # top-level code (a tape with no event).
     cut = bool(recording.get("incomplete") or recording.get("truncated"))
     end = (order[-1] if order else -1) if cut else None
     mr = MiniRacer()
@@ -153,8 +157,8 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
             if arg is not None:
                 try:
                     mr.eval(f"__b({orjson.dumps(op).decode()}, {orjson.dumps(orjson.dumps(arg).decode()).decode()})", timeout=timeout_ms)
-                except JSOOMException as exc:  # the executor drains all the same: what came before the limit is on the tape
-                    stopped = exc
+                except (JSOOMException, JSTimeoutException) as exc:  # the executor drains all the same (a salvage at the
+                    stopped = exc                                          # time limit): what came before is on the tape
             drained = orjson.loads(mr.eval('__b("drain")', timeout=timeout_ms))
             for e in drained.get("tape", ()):
                 out.js_events.append(e)
@@ -197,6 +201,10 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
             out.incomplete = True
             return out
         done = drained["done"]
+        past = None if done["ok"] else _PAST_THE_END.match(str(done["error"].get("message")))
+        if end is not None and past is not None and int(past[1]) > end:  # a read past the end of a tape cut short, uncaught
+            out.incomplete = True
+            return out
         commit = recording.get("commit") or {}
         if done["ok"] and "error" in commit:  # the COMMIT made the function's answer this error (the host's)
             _response(_from_js(done["value"]))  # the answer it replaced passed the host's checks, as it had

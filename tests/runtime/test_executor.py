@@ -1143,13 +1143,30 @@ def test_a_request_cut_short_keeps_its_recording_and_steps_up_to_its_last_step(t
     assert result.status == 504
     tape = result.recording
     assert tape["incomplete"] is True
-    # The step that spun (the INSERT's result arriving, then the loop) never handed anything over.
-    assert [e[1] for e in tape["events"]] == ["now", "random", "db"]
+    # The INSERT's result reached the function, in the turn that spun (in a microtask, after the
+    # await): that turn is on the tape too, stopped where it was.
+    assert [e[1] for e in tape["events"]] == ["now", "random", "db", "settled"]
     step = next(s for s in result.spans if s["name"] == "spinning")
     assert step["status"] == "error" and step["error"] == "the request ended before this step did"
     assert [e["attributes"]["message"] for e in step["events"]] == ["about to spin"]
     [db] = [s for s in result.spans if s["name"] == "db.insert(users)"]
     assert db["parent"] == step["id"]
+
+
+def test_a_loop_after_an_await_cut_at_the_time_limit_keeps_the_reads_of_its_turn(tmp_path):
+    """Code after an `await` runs in a microtask, after its eval has answered: cancelling the eval
+    did not stop it, the drain behind it waited past its budget, and the turn's reads (all of a
+    first turn's, the top-level code's included) were lost."""
+    write_project(tmp_path, {"spin": """
+        const loaded = Date.now();
+        export default async function () {
+          await null;
+          const r = Math.random();
+          for (;;) { if (r + loaded < 0) break; }
+        }
+    """}, FAST)
+    result = run1(tmp_path, "spin")
+    assert result.status == 504 and [e[1] for e in result.recording["events"]] == ["now", "random"]
 
 
 def test_a_fetch_error_on_the_tape_is_what_the_functions_error_got(tmp_path, stub: Stub):

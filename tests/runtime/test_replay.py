@@ -336,3 +336,16 @@ def test_a_first_turn_that_ran_out_of_memory_keeps_the_reads_before_it(tmp_path)
     assert execution.status == 500 and execution.body["type"] == "MemoryLimitExceeded"
     assert [e[1] for e in execution.recording["events"]] == ["now", "random"] and execution.recording["incomplete"] is True
     assert assert_replays(compiled, execution, request, memory_mb=32).incomplete
+
+
+def test_a_first_turn_cut_at_its_time_limit_replays_its_reads_the_top_level_codes_included(tmp_path):
+    write_project(tmp_path, {"spin": """
+        const loaded = Date.now();
+        export default async function () {
+          const seed = Math.random();
+          for (;;) { if (seed + loaded < 0) break; }
+        }
+    """}, "[limits]\ntimeout_ms = 300\n")
+    compiled, execution, request = record(tmp_path, "spin")
+    assert execution.status == 504 and [e[1] for e in execution.recording["events"]] == ["now", "random"]
+    assert assert_replays(compiled, execution, request, timeout_ms=300).incomplete

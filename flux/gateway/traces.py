@@ -262,7 +262,9 @@ class TraceWriter:
         self.shrunk += 1
         note = f"not stored: this trace was {len(encoded)} bytes, over the {MAX_RECORD_BYTES}-byte limit of a stored trace"
         log.warning("trace of request %s: %s", record.id, note)
-        recording = record.recording and {"v": record.recording.get("v"), "truncated": True, "omitted": note, "events": []}
+        # Its other keys say what a replay needs besides the events (commit, incomplete, env): a few
+        # hundred bytes, but for a COMMIT's error, which quotes the row, cut as the trace's error is.
+        recording = record.recording and _shrink({**record.recording, "truncated": True, "omitted": note, "events": []})
         smaller = encode_trace(dataclasses.replace(record, recording=recording))
         if len(smaller) <= MAX_RECORD_BYTES:
             return smaller

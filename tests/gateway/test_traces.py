@@ -112,12 +112,14 @@ def test_a_record_over_the_size_limit_is_stored_without_its_recording(dsn, conn:
     """A query can return hundreds of megabytes, and a batch is one jsonb document (256 MB at most)."""
     ensure_schema(conn)
     monkeypatch.setattr(traces, "MAX_RECORD_BYTES", 20_000)
-    recording = {"v": 2, "truncated": False, "entropy": "", "events": [[0, "db", {"sql": "SELECT", "result": "x" * 30_000}]]}
+    recording = {"v": 4, "truncated": False, "entropy": "", "commit": {"transaction": "committed"},
+                 "events": [[0, "db", {"sql": "SELECT", "result": "x" * 30_000}]]}
     big = dataclasses.replace(_record(1), recording=recording, response={"body": "ok"})
     writer = _write(dsn, [big, _record(2)])
     assert (writer.written, writer.shrunk) == (2, 1)
     stored, response = conn.execute("SELECT recording, response FROM flux.trace_requests WHERE id = %s", [big.id]).fetchone()
     assert stored["truncated"] is True and stored["events"] == [] and "over the 20000-byte limit" in stored["omitted"]
+    assert stored["commit"] == {"transaction": "committed"}  # what the COMMIT made of the answer stays
     assert response == {"body": "ok"}
 
 

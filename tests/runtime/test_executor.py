@@ -287,6 +287,8 @@ def test_a_commit_that_outruns_the_time_limit_is_cancelled_rolled_back_and_answe
     first, second = execute(tmp_path, "slow", dsn=dsn, times=2)
     assert time.monotonic() - started < 4  # two requests, each cut at its limit rather than after 5 s
     assert (first.status, first.db_outcome) == (504, "rolled_back") and "while its transaction committed" in first.error
+    commit = first.recording["commit"]  # the function returned 201: only the tape's commit says what became of it
+    assert (commit["transaction"], commit["status"], commit["error"]["name"]) == ("rolled_back", 504, "TimeoutError")
     assert second.status == 504  # a cancel at the deadline leaves the pool able to serve the next request
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
 

@@ -47,7 +47,7 @@ from werkzeug.http import parse_options_header
 from flux.errors import FluxError, NotFoundError, from_psycopg
 from flux.gateway.health import DatabaseProbe
 from flux.gateway.metrics import Metrics
-from flux.gateway.traces import TraceSink, cap_depth
+from flux.gateway.traces import TraceSink, cap_depth, cap_recording
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
@@ -479,7 +479,8 @@ class _Trace:
         try:
             record = redactor.redact(record, secrets)
         except RecursionError:  # a body or result nested deeper than a walk can go: the rest is still recorded
-            record = redactor.redact(cap_depth(record), secrets)
+            record = redactor.redact({key: cap_recording(value) if key == "recording" else cap_depth(value)
+                                      for key, value in record.items()}, secrets)
         # One line each, cut only now that no secret is left to cut into.
         if record["error"] is not None:
             record["error"] = one_line(record["error"])

@@ -255,14 +255,16 @@ class TraceWriter:
             log.warning("trace of request %s: what is nested deeper than %d levels is not recorded", record.id,
                         MAX_RECORD_DEPTH, extra={"request_id": record.id})
             record = dataclasses.replace(record, spans=cap_depth(record.spans), request=cap_depth(record.request),
-                                         response=cap_depth(record.response), recording=cap_depth(record.recording))
+                                         response=cap_depth(record.response), recording=cap_recording(record.recording))
             encoded = encode_trace(record)
         if len(encoded) <= MAX_RECORD_BYTES:
             return encoded
         self.shrunk += 1
         note = f"not stored: this trace was {len(encoded)} bytes, over the {MAX_RECORD_BYTES}-byte limit of a stored trace"
         log.warning("trace of request %s: %s", record.id, note, extra={"request_id": record.id})
-        recording = record.recording and {"v": record.recording.get("v"), "truncated": True, "omitted": note, "events": []}
+        # Its other keys say what a replay needs besides the events (commit, incomplete, env): a few
+        # hundred bytes, but for a COMMIT's error, which quotes the row, cut as the trace's error is.
+        recording = record.recording and _shrink({**record.recording, "truncated": True, "omitted": note, "events": []})
         smaller = encode_trace(dataclasses.replace(record, recording=recording))
         if len(smaller) <= MAX_RECORD_BYTES:
             return smaller
@@ -287,6 +289,33 @@ def cap_depth(value: Any, depth: int = MAX_RECORD_DEPTH) -> Any:
     if isinstance(value, dict):
         return {k: cap_depth(v, depth - 1) for k, v in value.items()}
     return [cap_depth(v, depth - 1) for v in value]
+
+
+def cap_recording(recording: Any) -> Any:
+    """A replay tape within MAX_RECORD_DEPTH levels: it stops before its first event nested deeper,
+    and says `truncated`. cap_depth's note in place of a value would be handed to a replay as if the
+    function had got it, on a tape that says it is whole."""
+    if not isinstance(recording, dict) or not isinstance(recording.get("events"), list):
+        return cap_depth(recording)
+    capped = {key: cap_depth(value, MAX_RECORD_DEPTH - 1) for key, value in recording.items() if key != "events"}
+    events = []
+    for event in recording["events"]:
+        if _deeper_than(event, MAX_RECORD_DEPTH - 2):  # the recording and its events list are two levels
+            capped["truncated"] = True
+            break
+        events.append(event)
+    capped["events"] = events
+    return capped
+
+
+def _deeper_than(value: Any, depth: int) -> bool:
+    """Whether `value` nests lists and objects more than `depth` levels (cap_depth would change it);
+    it walks no deeper than that."""
+    if not isinstance(value, (dict, list)):
+        return False
+    if depth == 0:
+        return True
+    return any(_deeper_than(item, depth - 1) for item in (value.values() if isinstance(value, dict) else value))
 
 
 def _shrink(value: Any) -> Any:

@@ -80,7 +80,10 @@ class Kept:
         self.entropy += len(out.get("entropy", ""))
         kept = [out[key] for key in ("tape", "spans", "events") if out.get(key)]
         if kept:
-            self.chars += len(orjson.dumps(kept))
+            try:
+                self.chars += len(orjson.dumps(kept))
+            except orjson.JSONEncodeError:  # past 254 levels: the prelude's entries, steps and logs are a few levels deep
+                raise BrokenBridge("the drain's tape, steps or logs nest deeper than the runtime makes them") from None
         for count, limit, what in ((self.tape, MAX_TAPE_EVENTS, "tape entries"), (self.steps, MAX_STEPS, "steps"),
                                    (self.events, MAX_EVENTS, "log events"), (self.entropy, MAX_ENTROPY_HEX, "entropy"),
                                    (self.chars, MAX_KEPT_CHARS, "characters of tape, steps and logs")):

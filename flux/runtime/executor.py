@@ -14,10 +14,14 @@ replay tape and the response. The executor does not write traces, and redacts on
 summarises (a V8 error's first line) or cuts (a fetch body); the gateway redacts the whole
 record, once.
 
-Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v3:
-    {"v": 3, "truncated": bool, "entropy": hex, "env": {time_zone, locale, v8}, "events": [[seq, kind, data], ...]}
+Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v4:
+    {"v": 4, "truncated": bool, "entropy": hex, "env": {time_zone, locale, v8}, "events": [[seq, kind, data], ...]}
 and "incomplete": true when the request ended before the function did; "truncated": true when the
-tape stopped, past MAX_TAPE_EVENTS events or MAX_TAPE_CHARS of db and fetch events. `seq` is one counter over
+tape stopped, past MAX_TAPE_EVENTS events or MAX_TAPE_CHARS of db and fetch events; "commit" once
+the function's answer went to its COMMIT: {"transaction": "committed" | "rolled_back" | null (no
+statement)}, or, when the host answered an error instead (the COMMIT failed or timed out, or a
+caught failure had aborted the transaction), {"transaction": "rolled_back", "status", "error"}:
+the request's answer, which a replay of the function alone cannot tell. `seq` is one counter over
 everything the function observed, in order. Kinds: "now" (ms), "random" (float), "uuid" (str),
 "random_bytes" (hex), "db" ({sql, params, result | error}), "fetch" ({url, method, headers, body,
 status, status_text, url_final, response_headers, response_body} or {url, method, headers, body,
@@ -72,7 +76,7 @@ from flux.runtime.isolate import CompiledFunction, Isolate, IsolatePool
 
 log = logging.getLogger("flux.runtime")
 
-RECORDING_VERSION = 3
+RECORDING_VERSION = 4  # README, "The replay tape": when the version goes up
 MAX_TAPE_EVENTS = 10_000  # as prelude.js: the JS side stops recording there, and so does the host
 # What the host keeps of a request's db and fetch events (SQL, parameters, results, bodies), in
 # characters of their JSON: held in the gateway's memory, which no isolate limit covers, until the
@@ -300,17 +304,24 @@ class Executor:
             await run.cancel()
             return self._finish_error(span, clock, 500, "InvalidResponse", str(exc), "", run=run)
         await run.cancel_inflight()
+
+        def not_committed(status: int, name: str, message: str, sqlstate: str | None = None) -> Execution:
+            # The function's answer is replaced by the host's: on the tape, which a replay of the
+            # function alone could not tell (it ends with the function's answer).
+            error = {"name": name, "message": message, **({"sqlstate": sqlstate} if sqlstate else {})}
+            run.commit = {"transaction": "rolled_back", "status": status, "error": error}
+            return self._finish_error(span, clock, status, name, message, "", run=run)
+
         try:
             await run.db.finish(commit=True, deadline=deadline)
         except HostCallError as exc:
             if run.db.commit_timed_out and exc.info.get("sqlstate") == "57014":  # cancelled at the deadline: rolled back
-                return self._finish_error(
-                    span, clock, 504, "TimeoutError", f"the function exceeded its time limit ({self.limits.timeout_ms} ms) "
-                    "while its transaction committed (deferred triggers run then); it was rolled back", "", run=run)
-            return self._finish_error(span, clock, 500, "DatabaseError", str(exc), "", run=run)
+                return not_committed(504, "TimeoutError", f"the function exceeded its time limit ({self.limits.timeout_ms} ms) "
+                                     "while its transaction committed (deferred triggers run then); it was rolled back")
+            return not_committed(500, "DatabaseError", str(exc), exc.info.get("sqlstate"))
         if run.db.lost_writes is not None and status < 400:  # never answer a success whose writes are gone
-            return self._finish_error(span, clock, 500, "TransactionAborted",
-                                      f"the handler returned {status}, but {run.db.lost_writes}", "", run=run)
+            return not_committed(500, "TransactionAborted", f"the handler returned {status}, but {run.db.lost_writes}")
+        run.commit = {"transaction": run.db.outcome if run.db.statements else None}
         span.duration_ms = clock.now_ms() - span.start
         span.attributes["db.transaction"] = run.db.outcome if run.db.statements else None
         span.attributes = {k: v for k, v in span.attributes.items() if v is not None}
@@ -426,6 +437,7 @@ class _Run:
         self.truncated = False
         self.entropy_used = ""
         self.finished = False  # the function ran to its end (returned or threw)
+        self.commit: dict[str, Any] | None = None  # what the COMMIT made of the function's answer (the tape's "commit")
 
     async def loop(self, isolate: Isolate) -> dict[str, Any]:
         start = {
@@ -471,7 +483,11 @@ class _Run:
         """One turn of the function: `op`, then its drain, kept. A microtask that reached the memory
         limit was stopped by V8, but the drain behind it answers: the request ends here, or the
         host would settle the function's calls and run its callbacks (timers, fetches) past the limit."""
-        out = self._take(await _then_drain(isolate, op, arg, literal=literal))
+        try:
+            out = self._take(await _then_drain(isolate, op, arg, literal=literal))
+        except JSEvalException as exc:  # V8 stopped `op` (at the memory limit): the drain behind it may still have answered
+            self._keep_last(getattr(exc, "then_result", None))
+            raise
         if isolate.memory_exhausted():
             for _, *call in out["calls"]:  # made in that turn, never run: on the tape as a time limit leaves them
                 self._abandoned(*call)
@@ -493,7 +509,12 @@ class _Run:
         """After the deadline: what the function did since the last drain (its logs, tape, spans, the
         steps it was in), so that a function stopped mid-loop still shows where it was. Calls it
         made meanwhile never ran: they are recorded as abandoned."""
-        text = await isolate.salvage(isolate.drain_code, timeout_s=SALVAGE_S)
+        self._keep_last(await isolate.salvage(isolate.drain_code, timeout_s=SALVAGE_S))
+
+    def _keep_last(self, text: object) -> None:
+        """The last drain of a request that has ended (None: there is none): its tape, logs and
+        spans kept, its calls recorded as abandoned. Without it the first turn's reads, the file's
+        top-level code's among them, were lost with a memory limit reached in that turn."""
         if text is None:
             return
         try:
@@ -654,7 +675,7 @@ class _Run:
     def _on_tape(self, entry: list[Any]) -> None:
         """A db or fetch event onto the tape while the tape is under MAX_TAPE_CHARS; else the tape is cut there."""
         if self.tape_cut is None:
-            self.tape_chars += len(orjson.dumps(entry[2]))
+            self.tape_chars += _json_size(entry[2])
             if self.tape_chars <= MAX_TAPE_CHARS:
                 self.host_events.append(entry)
                 return
@@ -717,6 +738,8 @@ class _Run:
                      "env": self.compiled.environment, "events": events[:MAX_TAPE_EVENTS]}
         if not self.finished:  # a time limit, a memory limit, a Promise nothing settles: up to the last step
             recording["incomplete"] = True
+        if self.commit is not None:
+            recording["commit"] = self.commit
         return recording
 
 
@@ -735,6 +758,15 @@ def _fetch_event(args: dict[str, Any]) -> dict[str, Any]:
     if args.get("binary"):
         event.update(body=_tape_bytes(args["body"]), binary=True)
     return event
+
+
+def _json_size(value: Any) -> int:
+    """Characters of `value` as JSON. A parameter may nest 254 levels (prelude.js), as many as orjson
+    writes, and its event holds it two levels down: the standard library's encoder goes deeper."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return len(json.dumps(value, ensure_ascii=False))
 
 
 def _negative_zeros(value: Any, path: list[Any]) -> list[list[Any]]:

@@ -77,6 +77,7 @@ class ExternalMemoryWatch:
                 stopped.add(isolate)
                 terminate(isolate)
 
+        self._terminate = terminate
         self._callback = _CallbackType(after_gc)  # kept alive here: V8 holds only the raw pointer
         self._callback_address = ctypes.cast(self._callback, ctypes.c_void_p).value
 
@@ -93,6 +94,10 @@ class ExternalMemoryWatch:
         if not isolate:
             raise RuntimeError("could not read the V8 isolate of a mini-racer context")
         return isolate
+
+    def terminate(self, isolate: int) -> None:
+        """Stop the JS running in `isolate` now (V8 allows it from any thread), or else the next JS it runs."""
+        self._terminate(isolate)
 
     def exhausted(self, isolate: int | None) -> bool:
         return isolate is not None and isolate in self.stopped

@@ -177,6 +177,9 @@ def _load_error(function: Function, exc: JSEvalException) -> str:
 COLLECT_EVERY = 32
 RETIRE_AFTER = 10_000
 RETIRE_AT_HEAP_FRACTION = 0.25
+# How long an eval of nothing may take to answer, in a salvage, before the JS ahead of it is taken
+# to be a loop in a microtask and stopped (a free isolate answers in about 0.05 ms).
+PROBE_S = 0.01
 
 # The isolate's own context holds only this: each request's code runs in a fresh realm made by
 # __flux_fresh, and `__flux` calls the prelude's bridge there (a wrapped function: strings cross a
@@ -297,7 +300,7 @@ class Isolate:
         except JSEvalException:
             self._raise_posted_error()
             raise
-        self._raise_posted_error()
+        self._raise_posted_error(answered=result)
         return result
 
     async def salvage(self, code: str, *, timeout_s: float) -> object | None:
@@ -311,15 +314,42 @@ class Isolate:
             self.context._dll.mr_cancel_task(self.context._ctx, self.posted)  # ignored if it has ended
         try:
             async with asyncio.timeout(timeout_s):
-                return await self.context.eval_cancelable(code)
-        except (TimeoutError, JSEvalException):
+                await self._stop_microtasks()
+                # A stop that found no JS running stops the next JS instead: this drain, as it
+                # starts, before it reads anything. The second one runs.
+                for _ in range(2):
+                    try:
+                        return await self.context.eval_cancelable(code)
+                    except JSEvalException:
+                        continue
+                return None
+        except TimeoutError:
             return None
 
-    def _raise_posted_error(self) -> None:
-        """`code`'s error, if it failed (eval_then)."""
+    async def _stop_microtasks(self) -> None:
+        """Stop JS still running in the microtasks of an eval that has answered (a loop after an
+        `await`), which cancelling the eval does not reach, and which would hold every eval behind
+        it: an eval of nothing that does not answer at once says so, and V8 stops what runs."""
+        probe = asyncio.ensure_future(self.context.eval_cancelable("0"))
+        answered, _ = await asyncio.wait({probe}, timeout=PROBE_S)
+        if not answered and WATCH is not None and self.v8_isolate is not None:
+            WATCH.terminate(self.v8_isolate)
+        try:
+            await probe
+        except JSEvalException:  # it was stopped itself, having found nothing else running
+            pass
+
+    def _raise_posted_error(self, *, answered: object = None) -> None:
+        """`code`'s error, if it failed (eval_then), carrying as `then_result` what `then` answered
+        all the same (`answered`): a drain still reads what the function did before V8 stopped it
+        at the memory limit."""
         results = self.context._non_cancelable_mr_task_results_queue
         if not results.empty():
-            self.context._value_handle_to_python(results.get_nowait())
+            try:
+                self.context._value_handle_to_python(results.get_nowait())
+            except JSEvalException as exc:
+                exc.then_result = answered  # type: ignore[attr-defined]
+                raise
 
     async def renew(self, *, timeout_s: float) -> bool:
         """Replace the used realm with a fresh one; False when the isolate was retired instead.

@@ -113,7 +113,7 @@ CREATE TABLE IF NOT EXISTS flux.trace_requests (
     spans         jsonb NOT NULL,       -- flat list of spans (below), parents before children
     request       jsonb NOT NULL,       -- {"headers": {...redacted}, "query": {...}, "ip": str|null, "body": <json|str|null>, ["body_encoding": "base64",] "body_truncated": bool, "body_bytes": int}
     response      jsonb NOT NULL,       -- {"headers": {...}, "body": ..., "body_truncated": bool, "body_bytes": int}
-    recording     jsonb,                -- the replay tape (below); NULL when recording is off or the function never ran
+    recording     jsonb,                -- the replay tape (README); NULL when recording is off, the function never ran, or its run had no end of its own (a failure inside Flux, a stop that could not wait)
     code_version  text,                 -- sha256 of the function source, first 16 hex chars
     git_commit    text,                 -- HEAD commit of the project when it is a git repo
     replay_of     text,                 -- NULL; set by the replay engine later

@@ -343,7 +343,8 @@ def record_cuts(trace: TraceRecord) -> list[str]:
         notes.append(f"The recording's events were left out: {tape['omitted']}.")
     elif tape.get("truncated"):
         notes.append(f"The recording is cut short: it holds the first {len(tape.get('events') or ()):,} events"
-                     " (at most 10,000, and 8 MB of db and fetch events); what came after is not on it.")
+                     " (at most 10,000, 8 MB of db and fetch events, and none nested too deep to store); what came after"
+                     " is not on it.")
     return notes
 
 

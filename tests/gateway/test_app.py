@@ -71,7 +71,7 @@ def test_every_answer_carries_a_request_id_that_names_its_trace_row(tmp_path, ds
     assert trace["error"] is None and trace["replay_of"] is None and trace["duration_ms"] > 0
     assert [s["name"] for s in trace["spans"]] == ["gateway", "create_user", "db.insert(users)"]
     assert trace["request"]["body"] == {"email": "a@x"} and trace["response"]["body"] == {"id": 1}
-    assert len(trace["code_version"]) == 16 and trace["recording"]["v"] == 3
+    assert len(trace["code_version"]) == 16 and trace["recording"]["v"] == 4
 
 
 def http(method: str, path: str, headers: list[tuple[str, str]] = (), body: bytes = b"") -> bytes:
@@ -1027,6 +1027,32 @@ def test_a_request_body_nested_too_deep_is_a_400_with_its_request_id_and_recorde
     assert status == 400 and "nested deeper than 200 levels" in json.loads(body)["error"]
     trace = stored(conn, headers["x-flux-request-id"])
     assert trace["status"] == 400 and "[not recorded: nested deeper than 64 levels]" in json.dumps(trace["request"]["body"])
+
+
+def test_a_tape_capped_for_depth_with_the_rest_of_the_record_stops_there_and_says_truncated(tmp_path, dsn, conn, trace_store):
+    """A step the function forged through JSON.stringify, nested too deep to redact, capped the whole
+    record at 64 levels: the tape's 70-level query result became a note, on a tape still whole."""
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          const t = Date.now();
+          await ctx.db.query("SELECT (repeat('[', 70) || repeat(']', 70))::jsonb AS k");
+          const stringify = JSON.stringify;
+          JSON.stringify = function (value, ...rest) {
+            if (value && Array.isArray(value.calls)) {
+              let deep = ctx.secrets.KEY;
+              for (let i = 0; i < 900; i++) deep = [deep];
+              value.open = [{id: "x", parent: null, start: 1, duration_ms: 1, attributes: {deep}, events: []}];
+              JSON.stringify = stringify;
+            }
+            return stringify(value, ...rest);
+          };
+          await new Promise((resolve) => setTimeout(resolve, 1));
+          return {status: 200, body: t};
+        }
+    """}, '[secrets]\nKEY = "sk_live_abcdefghijkl"\n')
+    [(status, headers, body)] = run(call(tmp_path, dsn, [("POST", "/deep", {})]))
+    recording = stored(conn, headers["x-flux-request-id"])["recording"]
+    assert status == 200 and (recording["truncated"], recording["events"]) == (True, [[0, "now", json.loads(body)]])
 
 
 def _nested(levels: int, container: str) -> object:

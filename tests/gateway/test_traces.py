@@ -112,12 +112,14 @@ def test_a_record_over_the_size_limit_is_stored_without_its_recording(dsn, conn:
     """A query can return hundreds of megabytes, and a batch is one jsonb document (256 MB at most)."""
     ensure_schema(conn)
     monkeypatch.setattr(traces, "MAX_RECORD_BYTES", 20_000)
-    recording = {"v": 2, "truncated": False, "entropy": "", "events": [[0, "db", {"sql": "SELECT", "result": "x" * 30_000}]]}
+    recording = {"v": 4, "truncated": False, "entropy": "", "commit": {"transaction": "committed"},
+                 "events": [[0, "db", {"sql": "SELECT", "result": "x" * 30_000}]]}
     big = dataclasses.replace(_record(1), recording=recording, response={"body": "ok"})
     writer = _write(dsn, [big, _record(2)])
     assert (writer.written, writer.shrunk) == (2, 1)
     stored, response = conn.execute("SELECT recording, response FROM flux.trace_requests WHERE id = %s", [big.id]).fetchone()
     assert stored["truncated"] is True and stored["events"] == [] and "over the 20000-byte limit" in stored["omitted"]
+    assert stored["commit"] == {"transaction": "committed"}  # what the COMMIT made of the answer stays
     assert response == {"body": "ok"}
 
 
@@ -129,6 +131,27 @@ def test_a_log_line_about_one_request_carries_its_request_id_as_a_field(dsn, con
     _write(dsn, [big])
     [line] = [r for r in caplog.records if "over the 20000-byte limit" in r.getMessage()]
     assert line.request_id == big.id
+
+
+def _nested(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_a_tape_capped_for_depth_stops_before_the_event_it_capped_and_says_truncated(dsn, conn: psycopg.Connection):
+    """A record part too deep to encode caps every part at 64 levels: the tape's db result became a
+    note a replay would hand the function, on a tape that still said it was whole."""
+    ensure_schema(conn)
+    events = [[0, "now", 1], [1, "db", {"sql": "SELECT", "params": [], "result": {"rows": [{"j": _nested(70)}]}}],
+              [2, "settled", [1]], [3, "random", 0.5]]
+    recording = {"v": 4, "truncated": False, "entropy": "", "events": events}
+    deep = dataclasses.replace(_record(1), spans=[{"attributes": {"x": _nested(1100)}}], recording=recording)
+    _write(dsn, [deep])
+    stored, spans = conn.execute("SELECT recording, spans FROM flux.trace_requests WHERE id = %s", [deep.id]).fetchone()
+    assert "[not recorded: nested deeper than 64 levels]" in str(spans)
+    assert (stored["truncated"], stored["events"]) == (True, [[0, "now", 1]])
 
 
 def test_records_are_written_in_batches_under_the_size_limit(dsn, conn: psycopg.Connection, monkeypatch):

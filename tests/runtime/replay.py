@@ -15,6 +15,7 @@ holds it).
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -38,11 +39,9 @@ _PATCHES = (
 )
 
 
+_PAST_THE_END = re.compile(r"replay diverged at seq (\d+): ")  # what replayed() throws
+
 _ENVIRONMENT = "JSON.stringify({time_zone: Intl.DateTimeFormat().resolvedOptions().timeZone, locale: Intl.DateTimeFormat().resolvedOptions().locale})"
-
-
-# Errors the COMMIT makes of a function's answer once it has returned (flux.runtime.executor._answer).
-_AFTER_THE_FUNCTION = frozenset({"DatabaseError", "TransactionAborted"})
 
 
 class Diverged(AssertionError):
@@ -56,7 +55,8 @@ class _PastTheEnd(Exception):
 @dataclass
 class Replay:
     """What the function did when replayed: its response (as Execution's status, headers, body, or
-    the error it ended with), its calls ([seq, op, args]) and the events it produced on the JS side."""
+    the error it ended with; the host's, from the tape's `commit`, when its COMMIT replaced the
+    function's answer), its calls ([seq, op, args]) and the events it produced on the JS side."""
 
     status: int | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
@@ -122,8 +122,8 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
     order = sorted(by_seq)
     # A tape cut short (a time or memory limit, past its 10,000 events) ends there: a call the function
     # makes past its last event ends the replay (its reads past the end already threw, which it may
-    # catch), and so does a read past it in the file's top-level code (a first turn that ran out of
-    # memory leaves no event, not even those of the top-level code before it).
+    # catch; uncaught, the replay ends there too), and so does a read past it in the file's
+    # top-level code (a tape with no event).
     cut = bool(recording.get("incomplete") or recording.get("truncated"))
     end = (order[-1] if order else -1) if cut else None
     mr = MiniRacer()
@@ -153,8 +153,12 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
 
         def bridge(op: str, arg: Any = None) -> dict[str, Any]:
             nonlocal last
+            stopped = None
             if arg is not None:
-                mr.eval(f"__b({orjson.dumps(op).decode()}, {orjson.dumps(orjson.dumps(arg).decode()).decode()})", timeout=timeout_ms)
+                try:
+                    mr.eval(f"__b({orjson.dumps(op).decode()}, {orjson.dumps(orjson.dumps(arg).decode()).decode()})", timeout=timeout_ms)
+                except (JSOOMException, JSTimeoutException) as exc:  # the executor drains all the same (a salvage at the
+                    stopped = exc                                          # time limit): what came before is on the tape
             drained = orjson.loads(mr.eval('__b("drain")', timeout=timeout_ms))
             for e in drained.get("tape", ()):
                 out.js_events.append(e)
@@ -167,7 +171,7 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                 # A stored tape is redacted: so are the calls it is compared with.
                 _check_call(by_seq.get(seq), seq, op_, redactor.redact(args, secrets) if redactor else args)
                 last = max(last, seq)
-            if mr.was_hard_memory_limit_reached():  # V8 stopped the turn; the executor ends the request there
+            if stopped is not None or mr.was_hard_memory_limit_reached():  # V8 stopped the turn; the executor ends the request there
                 raise _PastTheEnd()
             return drained
 
@@ -197,7 +201,15 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
             out.incomplete = True
             return out
         done = drained["done"]
-        if done["ok"]:
+        past = None if done["ok"] else _PAST_THE_END.match(str(done["error"].get("message")))
+        if end is not None and past is not None and int(past[1]) > end:  # a read past the end of a tape cut short, uncaught
+            out.incomplete = True
+            return out
+        commit = recording.get("commit") or {}
+        if done["ok"] and "error" in commit:  # the COMMIT made the function's answer this error (the host's)
+            _response(_from_js(done["value"]))  # the answer it replaced passed the host's checks, as it had
+            out.status, out.error = commit["status"], commit["error"]
+        elif done["ok"]:
             out.status, out.headers, out.body = _response(_from_js(done["value"]))
         else:
             out.status, out.error = 500, done["error"]
@@ -242,15 +254,10 @@ def assert_replays(compiled: CompiledFunction, execution: Execution, request: di
         assert result.incomplete or result.status is not None
         return result
     assert not result.incomplete, "the tape ran out before the function finished"
-    if execution.error is not None and execution.body.get("type") in _AFTER_THE_FUNCTION and result.error is None:
-        # The function returned; its answer became this error at the COMMIT, which is the host's
-        # and not on the tape (the trace's status and error say it).
-        assert result.status is not None
-        return result
     if execution.error is None:
         assert (result.status, result.headers, result.body) == (execution.status, execution.headers, execution.body)
     else:
-        assert result.error is not None
+        assert result.error is not None and result.status == execution.status
         assert [result.error.get("name"), result.error.get("message")] == [execution.body["type"], execution.body["error"].removeprefix(f"{execution.body['type']}: ")]
     return result
 

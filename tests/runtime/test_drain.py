@@ -96,6 +96,14 @@ def test_tape_entries_past_what_the_runtime_sends_end_the_request(tmp_path):
     assert (result.status, result.error.rsplit(": ", 1)[-1]) == (500, "the drains handed over 20,000 tape entries, past the 10,000 the runtime sends")
 
 
+def test_a_tape_entry_nested_deeper_than_the_runtime_makes_ends_the_request(tmp_path):
+    """Counting its size raised inside Flux (orjson writes 254 levels): an internal error, no tape."""
+    forging(tmp_path, 'let deep = 1; for (let i = 0; i < 600; i++) deep = [deep]; (value.tape = value.tape || []).push([90, "now", deep]);')
+    result = run1(tmp_path, "forge")
+    assert (result.status, result.error.rsplit(": ", 1)[-1]) == (500, "the drain's tape, steps or logs nest deeper than the runtime makes them")
+    assert result.recording is not None
+
+
 def test_a_request_with_many_logs_steps_and_random_values_is_no_broken_bridge(tmp_path):
     """The host's limits are the prelude's own: what the prelude sends at its limits passes."""
     write_project(tmp_path, {"busy": """

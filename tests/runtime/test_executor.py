@@ -287,6 +287,8 @@ def test_a_commit_that_outruns_the_time_limit_is_cancelled_rolled_back_and_answe
     first, second = execute(tmp_path, "slow", dsn=dsn, times=2)
     assert time.monotonic() - started < 4  # two requests, each cut at its limit rather than after 5 s
     assert (first.status, first.db_outcome) == (504, "rolled_back") and "while its transaction committed" in first.error
+    commit = first.recording["commit"]  # the function returned 201: only the tape's commit says what became of it
+    assert (commit["transaction"], commit["status"], commit["error"]["name"]) == ("rolled_back", 504, "TimeoutError")
     assert second.status == 504  # a cancel at the deadline leaves the pool able to serve the next request
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
 
@@ -536,7 +538,8 @@ def test_recording_has_time_random_uuid_db_and_fetch_in_order(tmp_path, dsn, con
     """})
     result = run1(tmp_path, "all", dsn=dsn)
     tape = result.recording
-    assert tape["v"] == 3 and tape["truncated"] is False and "incomplete" not in tape
+    assert tape["v"] == 4 and tape["truncated"] is False and "incomplete" not in tape
+    assert tape["commit"] == {"transaction": "committed"}
     kinds = [e[1] for e in tape["events"]]
     assert kinds == ["now", "now", "random", "uuid", "db", "settled", "fetch", "settled", "timer", "settled"]
     assert [e[0] for e in tape["events"]] == sorted(e[0] for e in tape["events"])
@@ -1142,13 +1145,30 @@ def test_a_request_cut_short_keeps_its_recording_and_steps_up_to_its_last_step(t
     assert result.status == 504
     tape = result.recording
     assert tape["incomplete"] is True
-    # The step that spun (the INSERT's result arriving, then the loop) never handed anything over.
-    assert [e[1] for e in tape["events"]] == ["now", "random", "db"]
+    # The INSERT's result reached the function, in the turn that spun (in a microtask, after the
+    # await): that turn is on the tape too, stopped where it was.
+    assert [e[1] for e in tape["events"]] == ["now", "random", "db", "settled"]
     step = next(s for s in result.spans if s["name"] == "spinning")
     assert step["status"] == "error" and step["error"] == "the request ended before this step did"
     assert [e["attributes"]["message"] for e in step["events"]] == ["about to spin"]
     [db] = [s for s in result.spans if s["name"] == "db.insert(users)"]
     assert db["parent"] == step["id"]
+
+
+def test_a_loop_after_an_await_cut_at_the_time_limit_keeps_the_reads_of_its_turn(tmp_path):
+    """Code after an `await` runs in a microtask, after its eval has answered: cancelling the eval
+    did not stop it, the drain behind it waited past its budget, and the turn's reads (all of a
+    first turn's, the top-level code's included) were lost."""
+    write_project(tmp_path, {"spin": """
+        const loaded = Date.now();
+        export default async function () {
+          await null;
+          const r = Math.random();
+          for (;;) { if (r + loaded < 0) break; }
+        }
+    """}, FAST)
+    result = run1(tmp_path, "spin")
+    assert result.status == 504 and [e[1] for e in result.recording["events"]] == ["now", "random"]
 
 
 def test_a_fetch_error_on_the_tape_is_what_the_functions_error_got(tmp_path, stub: Stub):
@@ -1547,3 +1567,23 @@ def test_work_queued_from_inside_the_last_drain_counts_within_the_request(tmp_pa
     [[poisoned], [after]] = execute_waves(tmp_path, "after", [["poison"], ["ok"]], size=1)
     assert (poisoned.status, poisoned.error) == (504, "TimeoutError: the function exceeded its time limit (1000 ms)")
     assert (after.status, after.body) == (200, "fine")
+
+
+def test_a_db_param_nested_as_deep_as_allowed_runs_and_is_on_the_tape(tmp_path, dsn):
+    """254 levels may be sent; past 252 the tape's sizing of the call's event (orjson, 254 levels
+    with the event's own two) raised inside Flux: an internal error, and a trace with no tape."""
+    write_project(tmp_path, {"deep": """
+        export default async function (req, ctx) {
+          let param = {};
+          for (let i = 1; i < 254; i++) param = [param];
+          const { rows } = await ctx.db.query("SELECT jsonb_typeof($1::jsonb) AS t", [param]);
+          return {status: 200, body: rows[0].t};
+        }
+    """})
+    result = run1(tmp_path, "deep", dsn=dsn)
+    assert (result.status, result.body) == (200, "array"), result.error
+    [db] = [e for e in result.recording["events"] if e[1] == "db"]
+    value, levels = db[2]["params"][0], 0
+    while isinstance(value, list):
+        value, levels = value[0], levels + 1
+    assert (levels, value, db[2]["result"]["rows"]) == (253, {}, [{"t": "array"}])

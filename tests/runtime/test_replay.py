@@ -287,3 +287,65 @@ def test_a_negative_zero_from_the_database_replays_from_the_trace_store(tmp_path
     assert execution.body == [True, True, True, -1], execution.error
     ensure_schema(conn)
     assert_replays(compiled, dataclasses.replace(execution, recording=stored_recording(conn, "req-0", execution)), request)
+
+
+def test_a_commit_that_failed_after_the_function_returned_is_on_the_tape_and_replays_as_answered(tmp_path, dsn, conn):
+    """The handler returned 201; its deferred foreign key failed at the COMMIT, which made the answer
+    a 500. The tape said nothing of it: a replay answered 201 and could not tell it had not committed."""
+    conn.execute("CREATE TABLE parent (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (id int PRIMARY KEY, parent int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)")
+    write_project(tmp_path, {"orphan": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO child VALUES (1, 99)");
+          return {status: 201, body: {at: Date.now()}};
+        }
+    """})
+    compiled, execution, request = record(tmp_path, "orphan", dsn=dsn)
+    assert execution.status == 500 and execution.error.startswith("DatabaseError: commit failed"), execution.error
+    commit = execution.recording["commit"]
+    assert (commit["transaction"], commit["status"], commit["error"]["name"], commit["error"]["sqlstate"]) == (
+        "rolled_back", 500, "DatabaseError", "23503")
+    result = assert_replays(compiled, execution, request)
+    assert (result.status, result.error) == (500, commit["error"])
+
+
+def test_a_commit_that_went_through_is_on_the_tape_and_so_is_a_request_without_statements(tmp_path, dsn, conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    write_project(tmp_path, {"w": """
+        export default async function (req, ctx) {
+          if (req.body.write) await ctx.db.query("INSERT INTO t VALUES (1)");
+          return {status: 200, body: "ok"};
+        }
+    """})
+    assert record(tmp_path, "w", {"write": True}, dsn=dsn)[1].recording["commit"] == {"transaction": "committed"}
+    assert record(tmp_path, "w", {"write": False}, dsn=dsn)[1].recording["commit"] == {"transaction": None}
+
+
+def test_a_first_turn_that_ran_out_of_memory_keeps_the_reads_before_it(tmp_path):
+    """The tape had no event: the top-level code's clock read and the handler's, made before the
+    memory bomb, were in the drain that V8's stop of the turn left unread."""
+    write_project(tmp_path, {"bomb": """
+        const loaded = Date.now();
+        export default async function () {
+          const seed = Math.random();
+          globalThis.kept = [];
+          for (;;) globalThis.kept.push(new Array(1e5).fill(seed + loaded));
+        }
+    """}, "[limits]\nmemory_mb = 32\n")
+    compiled, execution, request = record(tmp_path, "bomb")
+    assert execution.status == 500 and execution.body["type"] == "MemoryLimitExceeded"
+    assert [e[1] for e in execution.recording["events"]] == ["now", "random"] and execution.recording["incomplete"] is True
+    assert assert_replays(compiled, execution, request, memory_mb=32).incomplete
+
+
+def test_a_first_turn_cut_at_its_time_limit_replays_its_reads_the_top_level_codes_included(tmp_path):
+    write_project(tmp_path, {"spin": """
+        const loaded = Date.now();
+        export default async function () {
+          const seed = Math.random();
+          for (;;) { if (seed + loaded < 0) break; }
+        }
+    """}, "[limits]\ntimeout_ms = 300\n")
+    compiled, execution, request = record(tmp_path, "spin")
+    assert execution.status == 504 and [e[1] for e in execution.recording["events"]] == ["now", "random"]
+    assert assert_replays(compiled, execution, request, timeout_ms=300).incomplete

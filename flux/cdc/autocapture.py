@@ -20,7 +20,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from flux.cdc.locks import ENGINE_LOCK_TIMEOUT_S, bound_lock_waits, holders
+from flux.cdc.locks import ENGINE_LOCK_TIMEOUT_S, MAX_NAMED, bound_lock_waits, holders
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
@@ -221,7 +221,7 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
             except psycopg.Error:  # dropped since, or in a schema this role may not look up by name
                 held = []
             why = (f"another transaction holds the table, and waiting longer than {ENGINE_LOCK_TIMEOUT_S:g} s would stop its "
-                   f"other queries behind the engine's ALTER ({'; '.join(held) or 'it has ended since'})")
+                   f"other queries behind the engine's ALTER ({'; '.join(held[:MAX_NAMED]) or 'it has ended since'})")
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             why += (" (to capture it, the engine's role must own it and the publication, as a member of the role that "
                     "ran `flux attach` does; otherwise run `flux attach` again, as that role, after creating tables)")

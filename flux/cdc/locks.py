@@ -25,6 +25,7 @@ DEFAULT_LOCK_TIMEOUT_S = 3.0  # attach and detach (`--lock-timeout`)
 ENGINE_LOCK_TIMEOUT_S = 1.0  # the engine's capture of new tables, which it retries every pass anyway
 LOCK_TRIES = 3
 RETRY_PAUSE_S = 1.0
+MAX_NAMED = 5  # sessions named in an error, the longest-running first: on a busy table the rest are its traffic
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ def bound_lock_waits(conn: psycopg.Connection, seconds: float) -> None:
 
 
 def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action: str, command: str, seconds: float,
-                      tables: Callable[[], list[TableRef]], sleep: Callable[[float], None] = time.sleep) -> T:
+                      tables: Callable[[], list[TableRef]]) -> T:
     """`step` (one transaction that calls `bound_lock_waits`), tried LOCK_TRIES times while a lock
     wait times out; then a LockTimeoutError naming who holds `tables()`."""
     for attempt in range(1, LOCK_TRIES + 1):
@@ -43,12 +44,13 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
             return step()
         except errors.LockNotAvailable:
             if attempt < LOCK_TRIES:
-                sleep(RETRY_PAUSE_S)
+                time.sleep(RETRY_PAUSE_S)
     try:
         held = holders(conn, tables())
     except psycopg.Error:  # who holds it is a courtesy: the timeout is what to report
         held = []
-    who = "; ".join(held) if held else "a transaction that has ended since"
+    shown = held[:MAX_NAMED] + ([f"and {len(held) - MAX_NAMED} more"] if len(held) > MAX_NAMED else [])
+    who = "; ".join(shown) if held else "a transaction that has ended since"
     first_pid = next((h.split()[1] for h in held if h.startswith("pid ")), None)
     end_it = f" (or end it: SELECT pg_terminate_backend({first_pid});)" if first_pid else ""
     raise LockTimeoutError(

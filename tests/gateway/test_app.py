@@ -1338,3 +1338,29 @@ def test_a_secret_rotated_by_a_reload_stays_redacted(tmp_path, dsn, conn, trace_
     request_id = run(scenario())
     assert leaks(conn, request_id, old) == []
     assert stored(conn, request_id)["request"]["body"] == {"seen": "[secret]"}
+
+
+def test_a_key_a_reload_revokes_is_refused_while_the_reload_still_compiles(tmp_path):
+    """A revoked key was served until every function had compiled and warmed: here about a second,
+    and with slow top-level code, many functions and a large --pool-size, minutes."""
+    slow = "const t0 = Date.now(); while (Date.now() - t0 < 400) {}\nexport default async function () { return {status: 200}; }"
+    who = "export default async function (req, ctx) { return {status: 200, body: ctx.tenant}; }"
+    tenants = '[tenants.acme]\napi_keys = [{}]\n[tenants.globex]\napi_keys = ["key-globex"]\n'
+    write_project(tmp_path, {"slow": slow, "who": who}, tenants.format('"key-acme", "key-acme-leaked"'))
+
+    async def scenario() -> tuple[dict[str, int], bool, int]:
+        async with running_gateway(tmp_path, None, pool_size=1) as (gateway, client):
+            (tmp_path / "flux.toml").write_text(tenants.format('"key-acme"'))
+            reload = asyncio.ensure_future(gateway.reload(gateway.project.reload()))
+            await asyncio.sleep(0.1)  # flux.toml is read; the functions compile on a worker thread
+            answers = {key: (await client.post("/who", headers={"x-flux-api-key": key})).status_code
+                       for key in ("key-acme", "key-acme-leaked", "key-globex")}
+            under_way = not reload.done()
+            assert await reload == []
+            after = (await client.post("/who", headers={"x-flux-api-key": "key-acme-leaked"})).status_code
+            return answers, under_way, after
+
+    answers, under_way, after = run(scenario())
+    assert under_way  # the answers above came while the old version still served
+    assert answers == {"key-acme": 200, "key-acme-leaked": 401, "key-globex": 200}
+    assert after == 401

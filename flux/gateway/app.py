@@ -212,8 +212,7 @@ class Gateway:
                        client[0] if client else None)
         # Until its body is read, an answer leaves a body behind, and Hypercorn then closes an HTTP/1.1
         # connection: the answer says so (`connection: close`), or a keep-alive client would reuse it.
-        trace.body_pending = request.http_version == "1.1" and (
-            bool(request.content_length) or "chunked" in headers.get("transfer-encoding", "").lower())
+        trace.body_pending = _body_unread()
         tenant = self.tenant_for(project, _api_key(headers))
         if tenant is None:
             return self._reply(trace, None, None, _error(401, "missing or invalid API key",
@@ -759,19 +758,19 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
     @app.get("/_flux/health")
     async def _health() -> Response:
-        return Response(orjson.dumps(await gateway.health()), content_type="application/json")
+        return _own(Response(orjson.dumps(await gateway.health()), content_type="application/json"))
 
     @app.get("/_flux/metrics")
     async def _metrics() -> Response:
-        return Response(gateway.metrics.render(await gateway.health()), content_type="text/plain; version=0.0.4; charset=utf-8")
+        return _own(Response(gateway.metrics.render(await gateway.health()), content_type="text/plain; version=0.0.4; charset=utf-8"))
 
     @app.get("/_flux/requests")
     async def _requests() -> Response:
-        return await _tenant_traces(gateway, None)
+        return _own(await _tenant_traces(gateway, None))
 
     @app.get("/_flux/requests/<request_id>")
     async def _request(request_id: str) -> Response:
-        return await _tenant_traces(gateway, request_id)
+        return _own(await _tenant_traces(gateway, request_id))
 
     @app.route("/", defaults={"path": ""}, methods=_METHODS)
     @app.route("/<path:path>", methods=_METHODS)
@@ -785,6 +784,22 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
         return await gateway.handle(request.method, request.path)
 
     return app
+
+
+def _body_unread() -> bool:
+    """Whether the request is HTTP/1.1 with a body not read yet: an answer now leaves it behind, and
+    Hypercorn then closes the connection."""
+    return request.http_version == "1.1" and (
+        bool(request.content_length) or "chunked" in request.headers.get("transfer-encoding", "").lower())
+
+
+def _own(response: Response) -> Response:
+    """An answer of Flux's own endpoints, which read no body: to a request that has one it says
+    `connection: close`, as the gateway's answers do, or a keep-alive client (a proxy's pool,
+    shared by every tenant's requests) would send the next request on a connection being closed."""
+    if _body_unread():
+        response.headers["connection"] = "close"
+    return response
 
 
 async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:

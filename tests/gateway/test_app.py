@@ -1219,6 +1219,16 @@ def test_an_answer_given_before_the_body_is_read_tells_the_client_the_connection
     assert trace["status"] == status and trace["response"]["headers"]["connection"] == "close"
 
 
+@pytest.mark.parametrize("path", ["/_flux/requests", "/_flux/requests/abcd", "/_flux/health", "/_flux/metrics"])
+def test_flux_endpoints_tell_a_client_whose_body_they_leave_unread_that_the_connection_closes(tmp_path, dsn, conn, trace_store, path):
+    # They read no body, and the server closes such a connection: a proxy's pool reused it for
+    # the next request, another client's or tenant's, which then failed.
+    write_project(tmp_path, {"echo": ECHO_BODY}, '[tenants.acme]\napi_keys = ["key-acme"]\n')
+    head = f"GET {path} HTTP/1.1\r\nhost: flux\r\nx-flux-api-key: key-acme\r\ncontent-length: 1000000\r\n\r\n".encode()
+    [(status, headers, _)] = run(on_the_wire(tmp_path, dsn, [head]))  # the body never comes
+    assert status in (200, 404) and dict(headers)["connection"] == "close"
+
+
 def test_an_answer_after_the_body_was_read_keeps_the_connection_open(tmp_path, dsn, conn, trace_store):
     write_project(tmp_path, {"echo": ECHO_BODY})
 

@@ -385,6 +385,11 @@ def _secrets(table: Any, where: str, key: str) -> dict[str, str]:
     return secrets
 
 
+# What every client can present as an API key, as the gateway reads headers: printable ASCII (tabs and
+# spaces inside), without the outer whitespace the HTTP server strips.
+_HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?")
+
+
 def _tenants(table: dict, shared: dict[str, str], where: str) -> dict[str, Tenant]:
     if not table:
         return {DEFAULT_TENANT: Tenant(DEFAULT_TENANT, (), dict(shared))}
@@ -398,6 +403,12 @@ def _tenants(table: dict, shared: dict[str, str], where: str) -> dict[str, Tenan
         if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
             raise ConfigError(f"tenants.{name}.api_keys in {where} must be a list of strings", hint='api_keys = ["..."]')
         for key in keys:
+            if not _HEADER_SAFE_KEY.fullmatch(key):  # never quoted: a key is a credential
+                raise ConfigError(
+                    f"An API key of tenant {name} in {where} is not printable ASCII, or starts or ends with a space",
+                    hint="HTTP servers strip a header's outer spaces, and clients send other characters as bytes "
+                         "the gateway reads otherwise (one character per byte, latin-1): give keys of ASCII "
+                         "letters, digits and punctuation.")
             if key in seen_keys:
                 raise ConfigError(f"An API key is shared by tenants {seen_keys[key]} and {name}", hint="Give each tenant its own keys.")
             seen_keys[key] = name

@@ -100,6 +100,17 @@ def test_an_api_key_shared_by_two_tenants_is_refused(tmp_path):
         load_project(tmp_path)
 
 
+@pytest.mark.parametrize("key", [" k-acme", "k-acme ", "cl\u00e9-acme", "k-acme\u2028"])
+def test_an_api_key_clients_cannot_present_as_it_is_is_refused(tmp_path, key):
+    """It loaded, and requests with it were 401s: HTTP servers strip a header's outer spaces, and
+    the gateway reads a header one character per byte (curl's UTF-8 `\u00e9` arrives as two; a
+    `\u2028` no client can send)."""
+    write_project(tmp_path, {"hello": FN}, f'[tenants.acme]\napi_keys = ["{key}"]\n')
+    with pytest.raises(ConfigError, match="An API key of tenant acme") as info:
+        load_project(tmp_path)
+    assert key.strip() not in str(info.value) + info.value.hint  # a key is a credential: never quoted
+
+
 def test_a_secret_from_an_unset_environment_variable_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("FLUX_TEST_UNSET", raising=False)
     write_project(tmp_path, {"hello": FN}, '[secrets]\nKEY = { env = "FLUX_TEST_UNSET" }\n')

@@ -141,6 +141,7 @@ class Gateway:
         self._stop_began: float | None = None  # the loop's time when the stop began
         self.reload_hooks: list[Callable[[Project], None]] = []  # app settings that follow flux.toml
         self.reload_error: str | None = None  # why the project's files on disk are not what serves (flux dev, --reload)
+        self._incoming: Project | None = None  # the version a reload is compiling and warming, until it serves
         self.loaded_at = time.time()  # when the version serving now was loaded
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
@@ -158,14 +159,20 @@ class Gateway:
 
         The new functions are compiled and their isolates made off the loop (top-level code may
         run up to its time limit per function), so requests keep being served meanwhile; the swap
-        itself is one step on the loop, every function at once."""
-        functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size,
-                                            earlier_secrets=self.functions.secret_values)
+        itself is one step on the loop, every function at once. Meanwhile the new version's
+        API keys already apply (`tenant_for`): a key it revokes is refused at once."""
+        self._incoming = project
         try:
-            await functions.warm_async()
-        except BaseException:
-            functions.close()
-            raise
+            functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size,
+                                                earlier_secrets=self.functions.secret_values)
+            try:
+                await functions.warm_async()
+            except BaseException:
+                functions.close()
+                raise
+        finally:
+            if self._incoming is project:
+                self._incoming = None
         if self._stopping:  # stopped meanwhile: the stop closes the functions it knows, not these
             functions.close()
             return functions.load_errors
@@ -176,6 +183,20 @@ class Gateway:
         for hook in self.reload_hooks:
             hook(project)
         return self.functions.load_errors
+
+    def tenant_for(self, project: Project, key: str | None) -> Tenant | None:
+        """The tenant of `project` (the version serving the request) that API key `key` is served as.
+
+        While a reload compiles and warms the next version (seconds, with slow top-level code), a
+        key must also name the same tenant in that version's flux.toml: one it removes, or gives to
+        another tenant, is refused from the moment it is read, not once every function is ready.
+        A key it adds is taken once the reload is done, with the tenant's new secrets."""
+        tenant = project.tenant_for_key(key)
+        incoming = self._incoming
+        if tenant is None or incoming is None or incoming is project:
+            return tenant
+        again = incoming.tenant_for_key(key)
+        return tenant if again is not None and again.name == tenant.name else None
 
     async def handle(self, method: str, path: str) -> Response:
         clock = Clock()
@@ -191,9 +212,8 @@ class Gateway:
                        client[0] if client else None)
         # Until its body is read, an answer leaves a body behind, and Hypercorn then closes an HTTP/1.1
         # connection: the answer says so (`connection: close`), or a keep-alive client would reuse it.
-        trace.body_pending = request.http_version == "1.1" and (
-            bool(request.content_length) or "chunked" in headers.get("transfer-encoding", "").lower())
-        tenant = project.tenant_for_key(_api_key(headers))
+        trace.body_pending = _body_unread()
+        tenant = self.tenant_for(project, _api_key(headers))
         if tenant is None:
             return self._reply(trace, None, None, _error(401, "missing or invalid API key",
                                "Send the tenant's key as `Authorization: Bearer KEY` or `x-flux-api-key: KEY`."))
@@ -738,19 +758,19 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
 
     @app.get("/_flux/health")
     async def _health() -> Response:
-        return Response(orjson.dumps(await gateway.health()), content_type="application/json")
+        return _own(Response(orjson.dumps(await gateway.health()), content_type="application/json"))
 
     @app.get("/_flux/metrics")
     async def _metrics() -> Response:
-        return Response(gateway.metrics.render(await gateway.health()), content_type="text/plain; version=0.0.4; charset=utf-8")
+        return _own(Response(gateway.metrics.render(await gateway.health()), content_type="text/plain; version=0.0.4; charset=utf-8"))
 
     @app.get("/_flux/requests")
     async def _requests() -> Response:
-        return await _tenant_traces(gateway, None)
+        return _own(await _tenant_traces(gateway, None))
 
     @app.get("/_flux/requests/<request_id>")
     async def _request(request_id: str) -> Response:
-        return await _tenant_traces(gateway, request_id)
+        return _own(await _tenant_traces(gateway, request_id))
 
     @app.route("/", defaults={"path": ""}, methods=_METHODS)
     @app.route("/<path:path>", methods=_METHODS)
@@ -766,9 +786,25 @@ def create_app(gateway: Gateway, *, on_startup: Any = None, on_shutdown: Any = N
     return app
 
 
+def _body_unread() -> bool:
+    """Whether the request is HTTP/1.1 with a body not read yet: an answer now leaves it behind, and
+    Hypercorn then closes the connection."""
+    return request.http_version == "1.1" and (
+        bool(request.content_length) or "chunked" in request.headers.get("transfer-encoding", "").lower())
+
+
+def _own(response: Response) -> Response:
+    """An answer of Flux's own endpoints, which read no body: to a request that has one it says
+    `connection: close`, as the gateway's answers do, or a keep-alive client (a proxy's pool,
+    shared by every tenant's requests) would send the next request on a connection being closed."""
+    if _body_unread():
+        response.headers["connection"] = "close"
+    return response
+
+
 async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
     """A tenant's own traces, by API key; never another tenant's."""
-    tenant = gateway.project.tenant_for_key(_api_key(_request_headers(request.scope["headers"])))
+    tenant = gateway.tenant_for(gateway.project, _api_key(_request_headers(request.scope["headers"])))
     if tenant is None:
         return Response(orjson.dumps({"error": "missing or invalid API key"}), status=401, content_type="application/json")
     reader = gateway.trace_reader

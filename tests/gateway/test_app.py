@@ -1219,6 +1219,16 @@ def test_an_answer_given_before_the_body_is_read_tells_the_client_the_connection
     assert trace["status"] == status and trace["response"]["headers"]["connection"] == "close"
 
 
+@pytest.mark.parametrize("path", ["/_flux/requests", "/_flux/requests/abcd", "/_flux/health", "/_flux/metrics"])
+def test_flux_endpoints_tell_a_client_whose_body_they_leave_unread_that_the_connection_closes(tmp_path, dsn, conn, trace_store, path):
+    # They read no body, and the server closes such a connection: a proxy's pool reused it for
+    # the next request, another client's or tenant's, which then failed.
+    write_project(tmp_path, {"echo": ECHO_BODY}, '[tenants.acme]\napi_keys = ["key-acme"]\n')
+    head = f"GET {path} HTTP/1.1\r\nhost: flux\r\nx-flux-api-key: key-acme\r\ncontent-length: 1000000\r\n\r\n".encode()
+    [(status, headers, _)] = run(on_the_wire(tmp_path, dsn, [head]))  # the body never comes
+    assert status in (200, 404) and dict(headers)["connection"] == "close"
+
+
 def test_an_answer_after_the_body_was_read_keeps_the_connection_open(tmp_path, dsn, conn, trace_store):
     write_project(tmp_path, {"echo": ECHO_BODY})
 
@@ -1338,3 +1348,29 @@ def test_a_secret_rotated_by_a_reload_stays_redacted(tmp_path, dsn, conn, trace_
     request_id = run(scenario())
     assert leaks(conn, request_id, old) == []
     assert stored(conn, request_id)["request"]["body"] == {"seen": "[secret]"}
+
+
+def test_a_key_a_reload_revokes_is_refused_while_the_reload_still_compiles(tmp_path):
+    """A revoked key was served until every function had compiled and warmed: here about a second,
+    and with slow top-level code, many functions and a large --pool-size, minutes."""
+    slow = "const t0 = Date.now(); while (Date.now() - t0 < 400) {}\nexport default async function () { return {status: 200}; }"
+    who = "export default async function (req, ctx) { return {status: 200, body: ctx.tenant}; }"
+    tenants = '[tenants.acme]\napi_keys = [{}]\n[tenants.globex]\napi_keys = ["key-globex"]\n'
+    write_project(tmp_path, {"slow": slow, "who": who}, tenants.format('"key-acme", "key-acme-leaked"'))
+
+    async def scenario() -> tuple[dict[str, int], bool, int]:
+        async with running_gateway(tmp_path, None, pool_size=1) as (gateway, client):
+            (tmp_path / "flux.toml").write_text(tenants.format('"key-acme"'))
+            reload = asyncio.ensure_future(gateway.reload(gateway.project.reload()))
+            await asyncio.sleep(0.1)  # flux.toml is read; the functions compile on a worker thread
+            answers = {key: (await client.post("/who", headers={"x-flux-api-key": key})).status_code
+                       for key in ("key-acme", "key-acme-leaked", "key-globex")}
+            under_way = not reload.done()
+            assert await reload == []
+            after = (await client.post("/who", headers={"x-flux-api-key": "key-acme-leaked"})).status_code
+            return answers, under_way, after
+
+    answers, under_way, after = run(scenario())
+    assert under_way  # the answers above came while the old version still served
+    assert answers == {"key-acme": 200, "key-acme-leaked": 401, "key-globex": 200}
+    assert after == 401

@@ -806,6 +806,7 @@ async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
     """A tenant's own traces, by API key; never another tenant's."""
     tenant = gateway.tenant_for(gateway.project, _api_key(_request_headers(request.scope["headers"])))
     if tenant is None:
+        gateway.metrics.traces_api_refused += 1  # unrecorded (no trace of a read), so counted: key guessing shows
         return Response(orjson.dumps({"error": "missing or invalid API key"}), status=401, content_type="application/json")
     reader = gateway.trace_reader
     if reader is None:

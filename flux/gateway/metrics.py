@@ -30,6 +30,7 @@ class Metrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
         self.durations: dict[str, _Histogram] = {}
+        self.traces_api_refused = 0  # /_flux/requests answered 401: a missing or wrong API key
 
     def observe(self, function: str | None, status: int, seconds: float) -> None:
         key = (function or "", status)
@@ -60,6 +61,8 @@ class Metrics:
         _gauge(lines, "flux_requests_queued", "Requests waiting for a worker.", health.get("queued"))
         _gauge(lines, "flux_workers", "Functions that may execute at once (--workers).", health.get("workers"))
         _family(lines, "flux_requests_refused_total", "counter", "Requests answered 503 at capacity.", [("", health.get("refused"))])
+        _family(lines, "flux_traces_api_refused_total", "counter", "Reads of /_flux/requests refused 401: a missing or wrong API key.",
+                [("", self.traces_api_refused)])
         _gauge(lines, "flux_function_load_errors", "Functions that failed to load.", len(health.get("load_errors") or ()))
         _gauge(lines, "flux_reload_failing", "1 while the project's files on disk failed to reload (reload_error).",
                int(health.get("reload_error") is not None))

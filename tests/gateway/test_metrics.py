@@ -60,3 +60,17 @@ def test_the_engine_state_is_one_gauge_per_state_with_the_current_one_at_1():
     samples = _samples(Metrics().render({"engine": {"state": "standby", "slot": "flux", "holder": None}}))
     assert samples['flux_engine_state{state="standby"}'] == 1
     assert samples['flux_engine_state{state="active"}'] == 0
+
+
+def test_a_read_of_the_trace_api_refused_for_its_key_is_counted(tmp_path, dsn):
+    """Such a 401 leaves no trace row, unlike a function route's: key guessing there showed nowhere."""
+    write_project(tmp_path, {"hello": HELLO}, '[tenants.acme]\napi_keys = ["key-acme"]\n')
+
+    async def scenario():
+        async with running_gateway(tmp_path, dsn) as (_, client):
+            guess = await client.get("/_flux/requests", headers={"x-flux-api-key": "guess"})
+            return guess.status_code, await (await client.get("/_flux/metrics")).get_data(as_text=True)
+
+    guessed, text = asyncio.run(scenario())
+    assert guessed == 401
+    assert _samples(text)["flux_traces_api_refused_total"] == 1

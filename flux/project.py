@@ -85,6 +85,16 @@ class Project:
     git_commit: str | None
     setup_sql: Path | None = None
     retention: Retention = Retention()
+    # API key -> tenant. A lookup by hash: comparing a presented key with each configured one in turn
+    # takes longer the more leading characters match, a timing a caller could measure.
+    _tenant_by_key: dict[str, Tenant] = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        by_key: dict[str, Tenant] = {}
+        for tenant in self.tenants.values():
+            for key in tenant.api_keys:
+                by_key.setdefault(key, tenant)
+        object.__setattr__(self, "_tenant_by_key", by_key)
 
     @property
     def requires_api_key(self) -> bool:
@@ -96,10 +106,7 @@ class Project:
             return self.tenants.get(DEFAULT_TENANT)  # load_project makes sure there is one
         if not key:
             return None
-        for tenant in self.tenants.values():
-            if key in tenant.api_keys:
-                return tenant
-        return None
+        return self._tenant_by_key.get(key)
 
     def route(self, method: str, path: str) -> str | None:
         """The function routed at `method path`. A GET route answers HEAD too, as RFC 9110 asks of a

@@ -94,6 +94,14 @@ def test_finding_a_tenant_never_raises(tmp_path):
     assert project.tenant_for_key(None) is None and project.tenant_for_key("k") is None
 
 
+def test_a_project_built_with_other_tenants_finds_them_by_their_keys(tmp_path):
+    """Keys are looked up by hash, in an index the project builds itself: one made by other code must have it too."""
+    write_project(tmp_path, {"hello": FN}, '[tenants.a]\napi_keys = ["key-a"]\n')
+    project = dataclasses.replace(load_project(tmp_path), tenants={"b": Tenant("b", ("key-b",))})
+    assert project.tenant_for_key("key-b").name == "b"
+    assert project.tenant_for_key("key-a") is None and project.tenant_for_key("key-") is None
+
+
 def test_an_api_key_shared_by_two_tenants_is_refused(tmp_path):
     write_project(tmp_path, {"hello": FN}, '[tenants.a]\napi_keys = ["k"]\n[tenants.b]\napi_keys = ["k"]\n')
     with pytest.raises(ConfigError, match="shared by tenants a and b"):

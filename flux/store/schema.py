@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import errors, pq
 
-from flux.errors import ConfigError, from_psycopg
+from flux.errors import ConfigError, PreflightError, from_psycopg
 from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 
 log = logging.getLogger("flux.store")
@@ -288,12 +288,35 @@ def ensure_schema(conn: psycopg.Connection) -> bool:
     with conn.transaction():
         # Serialize concurrent first runs; CREATE ... IF NOT EXISTS alone races on catalogs.
         conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK})")
+        _refuse_a_schema_not_fluxs(conn)
         conn.execute(DDL)
         conn.execute(
             "INSERT INTO flux.meta (key, value) VALUES ('schema_version', %s::jsonb) ON CONFLICT (key) DO NOTHING",
             (str(SCHEMA_VERSION),),
         )
     return True
+
+
+def _refuse_a_schema_not_fluxs(conn: psycopg.Connection) -> None:
+    """A `flux` schema holding objects but none of Flux's tables is the application's own: Flux's
+    tables would be created among its tables (and `flux detach --drop-data` drops the schema)."""
+    row = conn.execute(
+        """
+        SELECT n.nspowner::regrole::text,
+               (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S'))
+               + (SELECT count(*) FROM pg_proc p WHERE p.pronamespace = n.oid)
+               + (SELECT count(*) FROM pg_type t WHERE t.typnamespace = n.oid AND t.typrelid = 0 AND t.typcategory <> 'A')
+        FROM pg_namespace n WHERE n.nspname = %s AND to_regclass('flux.meta') IS NULL
+          AND to_regclass('flux.state_mutations') IS NULL
+        """,
+        (SCHEMA,),
+    ).fetchone()
+    if row is not None and row[1]:
+        raise PreflightError(
+            f"This database has a schema named {SCHEMA} (owner {row[0]}, {row[1]} object(s)) that is not Flux's: Flux keeps "
+            f"its own tables in a schema of that name, and would mix them with yours",
+            hint=f"Flux's schema name is fixed: rename yours (ALTER SCHEMA {SCHEMA} RENAME TO ...; and the code that uses "
+                 "it), or attach Flux to another database. Nothing was changed.", schema=SCHEMA)
 
 
 _LOCK = "hashtext('flux.schema')"

@@ -418,3 +418,24 @@ def test_a_table_reconcile_may_not_capture_is_warned_of_once_with_the_fix_not_ev
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"cannot capture public.{table} yet: must be owner of table {table}")
     assert "otherwise run `flux attach` again" in warnings[0]
+
+
+def nothing_of_fluxs(conn) -> tuple:
+    """What a refused attach must not leave behind: slots, publications, Flux's tables, the event trigger."""
+    return (conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone()[0],
+            conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0],
+            conn.execute("SELECT to_regclass('flux.state_mutations')").fetchone()[0],
+            conn.execute("SELECT count(*) FROM pg_event_trigger").fetchone()[0])
+
+
+def test_attach_refuses_an_application_schema_named_flux_and_leaves_it_as_it_was(dsn, conn):
+    """Before: Flux created its tables among the application's, and `detach --drop-data` dropped them all."""
+    conn.execute("CREATE SCHEMA flux")
+    conn.execute("CREATE TABLE flux.jobs (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    with pytest.raises(PreflightError) as refused:
+        attach(dsn, tables=["users"])
+    assert "schema named flux (owner postgres, 1 object(s)) that is not Flux's" in refused.value.message
+    assert "ALTER SCHEMA flux RENAME TO" in refused.value.hint
+    assert nothing_of_fluxs(conn) == (0, 0, None, 0)
+    assert conn.execute("SELECT relname FROM pg_class WHERE relnamespace = 'flux'::regnamespace AND relkind = 'r'").fetchall() == [("jobs",)]

@@ -174,7 +174,8 @@ def attach(
                 # Before the publication changes: the event trigger must not take a table left out
                 # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
                 record_listed_tables(conn, slot, None if all_tables else chosen)
-                result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot)
+                result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
+                                                   warnings=result.warnings)
                 for table in chosen:
                     parts = with_partitions(conn, table)
                     for part in parts:
@@ -325,7 +326,7 @@ def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult
     for schema, table in conn.execute(
         "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
     ).fetchall():
-        restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored)
+        restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored, warnings=result.warnings)
     conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
     conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
     remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]

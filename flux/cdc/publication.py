@@ -205,7 +205,10 @@ def set_full_identity(conn: psycopg.Connection, slot: str, table: TableRef) -> d
     conn.execute(
         """
         INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous, previous_index)
-        VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING
+        VALUES (%s, %s, %s, %s, %s)
+        -- Not FULL although recorded: changed by hand since Flux set FULL. Detach restores that, the last choice made.
+        ON CONFLICT (slot_name, schema_name, table_name) DO UPDATE
+        SET previous = EXCLUDED.previous, previous_index = EXCLUDED.previous_index, changed_at = now()
         """,
         (slot, table.schema, table.name, current, index),
     )
@@ -218,11 +221,13 @@ def identity_name(code: str, index: str | None) -> str:
 
 
 def sync_publication(
-    conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None, slot: str
+    conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None, slot: str,
+    warnings: list[str] | None = None,
 ) -> list[str]:
     """Make the publication publish exactly `chosen`, or with `schemas` those whole schemas.
 
-    Returns what changed. Tables no longer published get their replica identity restored.
+    Returns what changed. Tables no longer published get their replica identity restored (what
+    cannot be restored is said in `warnings`).
     """
     changes: list[str] = []
     name = sql.Identifier(publication)
@@ -254,7 +259,7 @@ def sync_publication(
     for table in sorted(current - wanted, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, table.ident))
         if not schemas or table.schema not in set(schemas or []):
-            restore_identity(conn, slot, table, result_list=[])
+            restore_identity(conn, slot, table, result_list=[], warnings=warnings)
             changes.append(f"publication {publication}: removed {table}")
     current_schemas = set(published_schemas(conn, publication))
     wanted_schemas = set(schemas or [])
@@ -272,34 +277,66 @@ def sync_publication(
             (slot, schema),
         ).fetchall():
             if TableRef(schema, table_name) not in keep:
-                restore_identity(conn, slot, TableRef(schema, table_name), result_list=[])
+                restore_identity(conn, slot, TableRef(schema, table_name), result_list=[], warnings=warnings)
     return changes
 
 
-def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, result_list: list[dict]) -> None:
+def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, result_list: list[dict],
+                     warnings: list[str] | None = None) -> None:
+    """Give `table` back the identity recorded before Flux set FULL, and forget the record.
+
+    Only Flux's own setting is undone: a table whose identity was changed by hand since is left
+    as it is, and so is one whose earlier index is gone (an ALTER refused there would fail the
+    whole detach, for good). Each is said in `warnings`. Run in a transaction (a savepoint here).
+    """
     row = conn.execute(
-        "SELECT previous, previous_index FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s AND table_name = %s",
+        """
+        SELECT r.previous, r.previous_index, c.relreplident,
+               (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                WHERE i.indrelid = c.oid AND i.indisreplident),
+               EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                       WHERE i.indrelid = c.oid AND ic.relname = r.previous_index)
+        FROM flux.replica_identity_changes r
+        LEFT JOIN pg_namespace n ON n.nspname = r.schema_name
+        LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name AND c.relkind IN ('r', 'p')
+        WHERE r.slot_name = %s AND r.schema_name = %s AND r.table_name = %s
+        """,
         (slot, table.schema, table.name),
     ).fetchone()
     if row is None:
         return
-    previous, index = row
-    exists = conn.execute("SELECT to_regclass(%s)", (sql.Identifier(table.schema, table.name).as_string(conn),)).fetchone()[0]
-    if exists:
+    previous, index, current, current_index, index_exists = row
+    notes = warnings if warnings is not None else []
+    was = identity_name(previous, index)
+    if current is None:
+        pass  # dropped since: nothing to restore
+    elif current != "f":
+        notes.append(f"{table}: REPLICA IDENTITY was changed to {identity_name(current, current_index)} since Flux set "
+                     f"FULL; left as it is (before attach it was {was}).")
+    elif previous == "i" and not index_exists:
+        notes.append(f"{table}: left REPLICA IDENTITY FULL: before attach it was {was}, and that index no longer exists. "
+                     f"Choose one: ALTER TABLE {table.ident.as_string(conn)} REPLICA IDENTITY DEFAULT;")
+    else:
         clause = {
             "d": sql.SQL("DEFAULT"),
             "n": sql.SQL("NOTHING"),
             "f": sql.SQL("FULL"),
             "i": sql.SQL("USING INDEX {}").format(sql.Identifier(index or "")),
         }[previous]
-        conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table.ident, clause))
-        result_list.append({"table": str(table), "restored": identity_name(previous, index)})
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table.ident, clause))
+        except psycopg.Error as exc:
+            if exc.sqlstate == "42501":  # a privilege: the caller's all-or-nothing refusal
+                raise
+            notes.append(f"{table}: left REPLICA IDENTITY FULL: PostgreSQL refused {was} "
+                         f"({str(exc).strip().splitlines()[0]}).")
+        else:
+            result_list.append({"table": str(table), "restored": was})
     conn.execute(
         "DELETE FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s AND table_name = %s",
         (slot, table.schema, table.name),
     )
-
-
 
 
 def captured_tables(conn: psycopg.Connection, publication: str) -> list[TableRef]:

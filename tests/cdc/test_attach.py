@@ -439,3 +439,56 @@ def test_attach_refuses_an_application_schema_named_flux_and_leaves_it_as_it_was
     assert "ALTER SCHEMA flux RENAME TO" in refused.value.hint
     assert nothing_of_fluxs(conn) == (0, 0, None, 0)
     assert conn.execute("SELECT relname FROM pg_class WHERE relnamespace = 'flux'::regnamespace AND relkind = 'r'").fetchall() == [("jobs",)]
+
+
+def identity_by_index(conn, table: str, index: str) -> None:
+    conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, u int NOT NULL)")
+    conn.execute(f"CREATE UNIQUE INDEX {index} ON {table} (u)")
+    conn.execute(f"ALTER TABLE {table} REPLICA IDENTITY USING INDEX {index}")
+
+
+def test_detach_leaves_full_a_table_whose_index_of_before_attach_is_gone_and_says_so(dsn, conn):
+    """Before: ALTER TABLE ... USING INDEX of a dropped index failed the whole detach, every time."""
+    identity_by_index(conn, "a", "a_u_idx")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    attach(dsn, tables=["a", "b"])
+    conn.execute("DROP INDEX a_u_idx")
+    result = detach(dsn)
+    assert result.restored == [{"table": "public.b", "restored": "DEFAULT"}]
+    [warning] = result.warnings
+    assert warning.startswith("public.a: left REPLICA IDENTITY FULL: before attach it was USING INDEX a_u_idx, and that index")
+    assert warning.endswith('ALTER TABLE "public"."a" REPLICA IDENTITY DEFAULT;')
+    assert identities(conn, "a", "b") == {"a": "f", "b": "d"}
+    assert nothing_of_fluxs(conn)[:2] == (0, 0)
+
+
+def test_detach_of_a_listed_table_created_again_restores_the_identity_the_new_table_had(dsn, conn):
+    identity_by_index(conn, "a", "a_u_idx")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")  # captured again by the event trigger
+    assert identities(conn, "a") == {"a": "f"}
+    assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"}]
+    assert identities(conn, "a") == {"a": "d"}
+
+
+def test_detach_leaves_a_replica_identity_changed_by_hand_since_attach_and_says_so(dsn, conn):
+    identity_by_index(conn, "a", "a_u_idx")
+    attach(dsn, tables=["a"])
+    conn.execute("ALTER TABLE a REPLICA IDENTITY DEFAULT")  # the team's choice, made while attached
+    result = detach(dsn)
+    assert result.restored == [] and identities(conn, "a") == {"a": "d"}
+    assert result.warnings == ["public.a: REPLICA IDENTITY was changed to DEFAULT since Flux set FULL; left as it is "
+                               "(before attach it was USING INDEX a_u_idx)."]
+
+
+def test_attach_again_after_a_hand_change_says_what_detach_then_restores(dsn, conn):
+    """Before: attach said detach restores the hand-set identity, and detach restored the one of before."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY, u int NOT NULL)")
+    conn.execute("CREATE UNIQUE INDEX a_u_idx ON a (u)")
+    attach(dsn, tables=["a"])
+    conn.execute("ALTER TABLE a REPLICA IDENTITY USING INDEX a_u_idx")
+    [change] = attach(dsn, tables=["a"]).replica_identity_changed
+    assert change["previous"] == "USING INDEX a_u_idx"
+    assert detach(dsn).restored == [{"table": "public.a", "restored": change["previous"]}]
+    assert identities(conn, "a") == {"a": "i"}

@@ -191,11 +191,20 @@ def attach(
                         result.created.append(created)
                 elif all_tables:
                     result.warnings.append(NO_TRIGGER_WARNING)
-            if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
+            existing = conn.execute("SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                                    (slot,)).fetchone()
+            replaced = ""
+            if existing is not None and existing[0] == "lost":
+                # Invalidated (max_slot_wal_keep_size): it can never be read again, and kept, attach
+                # would say nothing changed while nothing is captured. What it lost is lost already.
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                replaced = (f" (replaces the one PostgreSQL invalidated: changes committed after {existing[1]} until now"
+                            " were not recorded)")
+            if existing is None or replaced:
                 # Last: the slot's stream starts once the publication and identities exist.
                 # Creating it waits for transactions already running to finish.
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-                result.created.append(f"replication slot {slot}")
+                result.created.append(f"replication slot {slot}{replaced}")
                 # A new slot starts where it is made: progress recorded for an earlier slot of that
                 # name (a database restored on another server, a slot dropped by hand) would have
                 # the engine start past changes to come.
@@ -356,7 +365,8 @@ def slot_warnings(conn: psycopg.Connection, slot: str, *, retained_limit: int = 
     active, retained, wal_status, sync_state, standby_names = row
     if wal_status == "lost":
         return [f"Slot '{slot}' was invalidated: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so "
-                "changes since the engine last kept up were not recorded. `flux detach` then `flux attach` start over."]
+                "changes since the engine last kept up were not recorded, and none are now. `flux attach` again (or "
+                "`flux detach` then `flux attach`) starts over with a new slot."]
     warnings = []
     if not active:
         warnings.append(

@@ -190,9 +190,12 @@ class ReplicationStream:
                 ) from exc
             detail = exc.diag.message_detail
             if detail and "invalidated" in detail:  # PostgreSQL removed WAL the slot still needed
-                hint = ("The slot fell further behind than max_slot_wal_keep_size allows, so the changes made since the "
-                        "engine last kept up were never recorded. `flux detach` then `flux attach` start capture over; "
-                        "the gap cannot be recovered.")
+                since = f"after {format_lsn(self.start_lsn)}, the last recorded," if self.start_lsn else "since attach"
+                hint = (f"The slot fell further behind than max_slot_wal_keep_size allows, so the changes committed {since} "
+                        "until now were never recorded, and the gap cannot be recovered. `flux attach` again (or `flux "
+                        "detach` then `flux attach`) starts capture over with a new slot.")
+                raise from_psycopg(exc, f"Replication slot {self.slot!r} was invalidated by PostgreSQL ({detail})",
+                                   hint=hint, slot=self.slot)
             failing = "START_REPLICATION failed" + (f" ({detail})" if detail else "")
             raise from_psycopg(exc, failing, hint=hint, slot=self.slot, publication=self.publication)
         pgconn.nonblocking = 1

@@ -22,7 +22,7 @@ from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
     all_user_tables,
-    check_ownership,
+    not_owned,
     record_listed_tables,
     resolve_tables,
     restore_identity,
@@ -91,7 +91,8 @@ def require_server_version(version_num: int, version: str) -> None:
 
 
 def check_server(conn: psycopg.Connection, *, slot: str) -> None:
-    """Raise PreflightError with the exact fix for the first requirement the server misses."""
+    """Raise PreflightError with the exact fix for the first requirement the server misses (the
+    role's are `check_role`'s)."""
     version_num, version = conn.execute("SELECT current_setting('server_version_num')::int, current_setting('server_version')").fetchone()
     require_server_version(version_num, version)
     wal_level = conn.execute("SHOW wal_level").fetchone()[0]
@@ -101,22 +102,6 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
             hint="Run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL "
             "(e.g. `systemctl restart postgresql` or `pg_ctl restart -D <datadir>`). A reload is not enough.",
             wal_level=wal_level,
-        )
-    user, is_super, can_replicate = conn.execute(
-        "SELECT current_user, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    if not (is_super or can_replicate):
-        raise PreflightError(
-            f"Role '{user}' may not use replication",
-            hint=f'As a superuser run: ALTER ROLE "{user}" WITH REPLICATION;',
-            role=user,
-        )
-    may_create, database = conn.execute("SELECT has_database_privilege(current_database(), 'CREATE'), current_database()").fetchone()
-    if not may_create:
-        raise PreflightError(
-            f"Role '{user}' may not create schemas or publications in this database",
-            hint=f'As the database owner run: GRANT CREATE ON DATABASE "{database}" TO "{user}";',
-            role=user,
         )
     exists = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     if not exists:
@@ -132,6 +117,34 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
                 slots_in_use=used,
                 inactive_slots=", ".join(inactive) or None,
             )
+
+
+def check_role(conn: psycopg.Connection, tables: list[TableRef]) -> None:
+    """Raise PreflightError naming everything the attaching role lacks at once, each with its
+    statement: one refusal at a time would make a DBA grant, retry and be refused again."""
+    user, may_replicate, may_create, database = conn.execute(
+        "SELECT current_user, rolsuper OR rolreplication, has_database_privilege(current_database(), 'CREATE'),"
+        " current_database() FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    role = sql.Identifier(user).as_string(conn)
+    gaps: list[tuple[str, str]] = []  # (what it may not do, the statement that lets it)
+    if not may_replicate:
+        gaps.append(("may not use replication", f"As a superuser run: ALTER ROLE {role} WITH REPLICATION;"))
+    if not may_create:
+        gaps.append(("may not create schemas or publications in this database",
+                     f"As the database owner run: GRANT CREATE ON DATABASE {sql.Identifier(database).as_string(conn)} TO {role};"))
+    unowned = not_owned(conn, tables)
+    if unowned:
+        listed = ", ".join(f"{s}.{t} (owner {o})" for s, t, o in unowned[:10])
+        more = f" and {len(unowned) - 10} more" if len(unowned) > 10 else ""
+        owners = ", ".join(sql.Identifier(o).as_string(conn) for o in sorted({o for _, _, o in unowned}))
+        gaps.append((f"needs to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: "
+                     f"{listed}{more}",
+                     f"As a superuser run: GRANT {owners} TO {role}; (membership gives it everything those roles own), "
+                     "or attach as the owner, or leave these tables out (--tables)."))
+    if gaps:
+        raise PreflightError(f"Role '{user}' " + "; it ".join(what for what, _ in gaps), hint=" ".join(fix for _, fix in gaps),
+                             role=user, tables=len(unowned) or None)
 
 
 # pgoutput publishes a partitioned table's changes under its own name (publish_via_partition_root,
@@ -156,7 +169,7 @@ def attach(
     with connect(dsn) as conn:
         check_server(conn, slot=slot)
         chosen = all_user_tables(conn) if all_tables else resolve_tables(conn, tables or [])
-        check_ownership(conn, chosen)
+        check_role(conn, chosen)
         result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
         schema_mode = all_tables and superuser and conn.info.server_version >= SCHEMA_PUBLICATION_VERSION

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from flux.errors import ConfigError, NotFoundError, PreflightError
+from flux.errors import ConfigError, NotFoundError
 from flux.store.names import split_table_name
 from flux.store.schema import SCHEMA
 
@@ -129,29 +129,21 @@ def listed_tables_not_captured(conn: psycopg.Connection, slot: str, publication:
     return [TableRef(s, t) for s, t in rows]
 
 
-def check_ownership(conn: psycopg.Connection, tables: list[TableRef]) -> None:
+def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[str, str, str]]:
+    """(schema, table, owner) of each of `tables` the current role neither owns nor is a member of the owner of."""
     if not tables:
-        return
-    rows = conn.execute(
+        return []
+    return conn.execute(
         """
         SELECT n.nspname, c.relname, pg_get_userbyid(c.relowner)
         FROM unnest(%s::text[], %s::text[]) AS t(s, r)
         JOIN pg_namespace n ON n.nspname = t.s
         JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
         WHERE NOT pg_has_role(current_user, c.relowner, 'USAGE')
+        ORDER BY 1, 2
         """,
         ([t.schema for t in tables], [t.name for t in tables]),
     ).fetchall()
-    if rows:
-        listed = ", ".join(f"{s}.{r} (owner {o})" for s, r, o in rows[:10])
-        owner = rows[0][2]
-        raise PreflightError(
-            f"Setting REPLICA IDENTITY and publishing needs table ownership; the current role does not own: {listed}",
-            hint=f"Attach as the owner, make the attaching role the owner (ALTER TABLE ... OWNER TO ...), or leave these "
-                 f"tables out (--tables). Membership in the owning role (GRANT \"{owner}\" TO ...) also works, but gives "
-                 f"the attaching role everything that role owns.",
-            tables=len(rows),
-        )
 
 
 def with_partitions(conn: psycopg.Connection, table: TableRef) -> list[TableRef]:

@@ -492,3 +492,26 @@ def test_attach_again_after_a_hand_change_says_what_detach_then_restores(dsn, co
     assert change["previous"] == "USING INDEX a_u_idx"
     assert detach(dsn).restored == [{"table": "public.a", "restored": change["previous"]}]
     assert identities(conn, "a") == {"a": "i"}
+
+
+def test_attach_names_everything_its_role_lacks_at_once_with_each_statement_and_changes_nothing(dsn, conn):
+    """Before: one refusal at a time, and for tables of several owners a GRANT of the first owner "TO ..."."""
+    conn.execute("CREATE ROLE attach_bare LOGIN; CREATE ROLE owner_one; CREATE ROLE owner_two")
+    try:
+        conn.execute("CREATE TABLE a (id int PRIMARY KEY); ALTER TABLE a OWNER TO owner_one")
+        conn.execute("CREATE TABLE b (id int PRIMARY KEY); ALTER TABLE b OWNER TO owner_two")
+        with pytest.raises(PreflightError) as refused:
+            attach(dsn.replace("postgres@", "attach_bare@"), tables=["a", "b"])
+    finally:
+        conn.execute("DROP TABLE IF EXISTS a, b")
+        conn.execute("DROP ROLE attach_bare; DROP ROLE owner_one; DROP ROLE owner_two")
+    assert refused.value.message == (
+        "Role 'attach_bare' may not use replication; it may not create schemas or publications in this database; it needs "
+        "to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: public.a (owner "
+        "owner_one), public.b (owner owner_two)")
+    assert refused.value.hint == (
+        'As a superuser run: ALTER ROLE "attach_bare" WITH REPLICATION; '
+        f'As the database owner run: GRANT CREATE ON DATABASE "{conn.info.dbname}" TO "attach_bare"; '
+        'As a superuser run: GRANT "owner_one", "owner_two" TO "attach_bare"; (membership gives it everything those roles '
+        'own), or attach as the owner, or leave these tables out (--tables).')
+    assert nothing_of_fluxs(conn) == (0, 0, None, 0)

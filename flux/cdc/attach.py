@@ -223,7 +223,9 @@ def attach(
                 # the engine start past changes to come.
                 conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
         except psycopg.Error as exc:
-            raise from_psycopg(exc, "Attach failed", slot=slot, publication=publication) from exc
+            hint = ("Nothing was changed. The attaching role needs REPLICATION, CREATE on the database and ownership of the "
+                    "captured tables and their partitions (README, \"Least privilege\")." if exc.sqlstate == "42501" else None)
+            raise from_psycopg(exc, "Attach failed", hint=hint, slot=slot, publication=publication) from exc
         result.warnings += slot_warnings(conn, slot)
         return result
 

@@ -130,16 +130,19 @@ def listed_tables_not_captured(conn: psycopg.Connection, slot: str, publication:
 
 
 def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[str, str, str]]:
-    """(schema, table, owner) of each of `tables` the current role neither owns nor is a member of the owner of."""
+    """(schema, table, owner) of each of `tables`, and of their partitions (which attach sets FULL
+    too), that the current role neither owns nor is a member of the owner of."""
     if not tables:
         return []
     return conn.execute(
         """
-        SELECT n.nspname, c.relname, pg_get_userbyid(c.relowner)
+        SELECT DISTINCT n.nspname, c.relname, pg_get_userbyid(c.relowner)
         FROM unnest(%s::text[], %s::text[]) AS t(s, r)
-        JOIN pg_namespace n ON n.nspname = t.s
-        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
-        WHERE NOT pg_has_role(current_user, c.relowner, 'USAGE')
+        JOIN pg_namespace rn ON rn.nspname = t.s
+        JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r
+        CROSS JOIN LATERAL (SELECT r.oid AS relid UNION SELECT relid FROM pg_partition_tree(r.oid)) p  -- empty for plain tables
+        JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE')
         ORDER BY 1, 2
         """,
         ([t.schema for t in tables], [t.name for t in tables]),

@@ -515,3 +515,21 @@ def test_attach_names_everything_its_role_lacks_at_once_with_each_statement_and_
         'As a superuser run: GRANT "owner_one", "owner_two" TO "attach_bare"; (membership gives it everything those roles '
         'own), or attach as the owner, or leave these tables out (--tables).')
     assert nothing_of_fluxs(conn) == (0, 0, None, 0)
+
+
+def test_attach_names_a_partition_its_role_does_not_own_before_changing_anything(dsn, conn):
+    """Before: `must be owner of table m1` mid-transaction, with a hint about reading Flux's tables."""
+    conn.execute("CREATE ROLE attach_parts LOGIN REPLICATION; CREATE ROLE parts_owner")
+    try:
+        conn.execute(f'GRANT CREATE ON DATABASE "{conn.info.dbname}" TO attach_parts')
+        conn.execute("CREATE TABLE m (id int, t int, PRIMARY KEY (id, t)) PARTITION BY RANGE (t); ALTER TABLE m OWNER TO attach_parts")
+        conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10); ALTER TABLE m1 OWNER TO parts_owner")
+        with pytest.raises(PreflightError) as refused:
+            attach(dsn.replace("postgres@", "attach_parts@"), tables=["m"])
+    finally:
+        conn.execute("DROP TABLE IF EXISTS m")
+        conn.execute(f'REVOKE CREATE ON DATABASE "{conn.info.dbname}" FROM attach_parts')
+        conn.execute("DROP ROLE attach_parts; DROP ROLE parts_owner")
+    assert refused.value.message.endswith("does not own: public.m1 (owner parts_owner)")
+    assert refused.value.hint.startswith('As a superuser run: GRANT "parts_owner" TO "attach_parts";')
+    assert nothing_of_fluxs(conn) == (0, 0, None, 0)

@@ -54,11 +54,12 @@ class AttachResult:
     tables: list[str]
     created: list[str] = field(default_factory=list)  # what this run created or changed
     replica_identity_changed: list[dict] = field(default_factory=list)  # table, previous, restored_by_detach
+    replica_identity_restored: list[dict] = field(default_factory=list)  # table, restored: tables no longer captured
     warnings: list[str] = field(default_factory=list)
 
     @property
     def changed_anything(self) -> bool:
-        return bool(self.created or self.replica_identity_changed)
+        return bool(self.created or self.replica_identity_changed or self.replica_identity_restored)
 
 
 @dataclass
@@ -188,7 +189,7 @@ def attach(
                 # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
                 record_listed_tables(conn, slot, None if all_tables else chosen)
                 result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
-                                                   warnings=result.warnings)
+                                                   warnings=result.warnings, restored=result.replica_identity_restored)
                 for table in chosen:
                     parts = with_partitions(conn, table)
                     for part in parts:

@@ -217,13 +217,14 @@ def identity_name(code: str, index: str | None) -> str:
 
 def sync_publication(
     conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None, slot: str,
-    warnings: list[str] | None = None,
+    warnings: list[str] | None = None, restored: list[dict] | None = None,
 ) -> list[str]:
     """Make the publication publish exactly `chosen`, or with `schemas` those whole schemas.
 
-    Returns what changed. Tables no longer published get their replica identity restored (what
-    cannot be restored is said in `warnings`).
+    Returns what changed. Tables no longer published get their replica identity restored (listed
+    in `restored`; what cannot be restored is said in `warnings`).
     """
+    restored = restored if restored is not None else []
     changes: list[str] = []
     name = sql.Identifier(publication)
     exists = conn.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
@@ -254,7 +255,7 @@ def sync_publication(
     for table in sorted(current - wanted, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, table.ident))
         if not schemas or table.schema not in set(schemas or []):
-            restore_identity(conn, slot, table, result_list=[], warnings=warnings)
+            restore_identity(conn, slot, table, result_list=restored, warnings=warnings)
             changes.append(f"publication {publication}: removed {table}")
     current_schemas = set(published_schemas(conn, publication))
     wanted_schemas = set(schemas or [])
@@ -272,7 +273,7 @@ def sync_publication(
             (slot, schema),
         ).fetchall():
             if TableRef(schema, table_name) not in keep:
-                restore_identity(conn, slot, TableRef(schema, table_name), result_list=[], warnings=warnings)
+                restore_identity(conn, slot, TableRef(schema, table_name), result_list=restored, warnings=warnings)
     return changes
 
 

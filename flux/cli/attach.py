@@ -45,6 +45,8 @@ def attach(
             f"  [yellow]~[/] {rich_escape(change['table'])}: REPLICA IDENTITY {change['previous']} → FULL"
             f"  [dim](`flux detach` restores {change['previous']})[/]"
         )
+    for item in result.replica_identity_restored:
+        console.print(f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']} again  [dim](no longer captured)[/]")
     for warning in result.warnings:
         console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
 

@@ -48,6 +48,7 @@ def test_attach_with_other_tables_updates_the_publication_and_restores_dropped_i
     assert [str(t) for t in captured_tables(conn, "flux")] == ["public.b"]
     assert "publication flux: removed public.a" in result.created
     assert identities(conn, "a", "b") == {"a": "d", "b": "f"}
+    assert result.replica_identity_restored == [{"table": "public.a", "restored": "DEFAULT"}]
 
 
 def test_partitions_get_full_identity_on_attach(dsn, conn):
@@ -302,9 +303,11 @@ def test_narrowing_all_tables_to_a_list_restores_the_identity_of_the_tables_left
     conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
     attach(dsn, all_tables=True)
     assert identities(conn, "a", "b") == {"a": "f", "b": "f"}
-    attach(dsn, tables=["a"])
+    narrowed = attach(dsn, tables=["a"])
     assert identities(conn, "a", "b") == {"a": "f", "b": "d"}
     assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+    # Before: restored without a word (only "removed schema public" was said).
+    assert narrowed.replica_identity_restored == [{"table": "public.b", "restored": "DEFAULT"}]
 
 
 @pytest.fixture

@@ -219,6 +219,10 @@ def attach(
                 # Creating it waits for transactions already running to finish.
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
                 result.created.append(f"replication slot {slot}{replaced}")
+                if replaced:  # `flux dev` and `flux serve --attach` show warnings only
+                    result.warnings.append(f"Slot '{slot}' had been invalidated by PostgreSQL (max_slot_wal_keep_size): "
+                                           f"changes committed after {existing[1]} until now were not recorded. A new "
+                                           "slot replaces it: capture starts over from now.")
                 # A new slot starts where it is made: progress recorded for an earlier slot of that
                 # name (a database restored on another server, a slot dropped by hand) would have
                 # the engine start past changes to come.

@@ -33,7 +33,7 @@ from flux.cdc.publication import (
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
-from flux.store.schema import ensure_schema, schema_version
+from flux.store.schema import SCHEMA, ensure_schema, schema_version, tables_not_fluxs
 
 log = logging.getLogger("flux.cdc")
 
@@ -231,8 +231,32 @@ def attach(
             hint = ("Nothing was changed. The attaching role needs REPLICATION, CREATE on the database and ownership of the "
                     "captured tables and their partitions (README, \"Least privilege\")." if exc.sqlstate == "42501" else None)
             raise from_psycopg(exc, "Attach failed", hint=hint, slot=slot, publication=publication) from exc
-        result.warnings += slot_warnings(conn, slot)
+        result.warnings += slot_warnings(conn, slot) + role_named_flux_warnings(conn)
         return result
+
+
+def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
+    """A role named flux whose search_path starts with "$user" now finds Flux's schema first: its
+    unqualified names reach Flux's tables (an application's `attachments` or `meta`), and the
+    tables it creates land there, which `flux detach --drop-data` would drop."""
+    row = conn.execute(
+        """
+        SELECT (SELECT cfg FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) cfg
+                WHERE s.setrole = r.oid AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+                  AND cfg LIKE 'search\\_path=%%' ORDER BY s.setdatabase DESC LIMIT 1),
+               current_setting('search_path')
+        FROM pg_roles r WHERE r.rolname = %s
+        """,
+        (SCHEMA,),
+    ).fetchone()
+    if row is None:
+        return []
+    path = row[0].split("=", 1)[1] if row[0] else row[1]  # the role's own setting, else this database's
+    if "$user" not in path:
+        return []
+    return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
+            f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
+            f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]
 
 
 def _check_names_are_flux(conn: psycopg.Connection, slot: str, publication: str) -> None:
@@ -287,6 +311,8 @@ def _record_attachment(conn: psycopg.Connection, slot: str, publication: str, al
 def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop_data: bool = False) -> DetachResult:
     with connect(dsn) as conn:
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
+        if drop_data and has_schema:
+            _refuse_to_drop_tables_not_fluxs(conn)
         row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
         if not row and drop_data and has_schema and not conn.execute("SELECT 1 FROM flux.attachments").fetchone():
             # Detached earlier with its data kept: nothing is captured any more, and --drop-data drops that data.
@@ -346,6 +372,19 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                     "through its owner, the tables); nothing was changed." if exc.sqlstate == "42501" else None)
             raise from_psycopg(exc, "Detach failed", hint=hint, slot=slot) from exc
         return result
+
+
+def _refuse_to_drop_tables_not_fluxs(conn: psycopg.Connection) -> None:
+    """DROP SCHEMA flux CASCADE would drop an application's tables made there too (by a role named
+    flux, whose "$user" search_path puts them there), which no one asked for."""
+    foreign = tables_not_fluxs(conn)
+    if foreign:
+        moves = " ".join(f"ALTER TABLE {name} SET SCHEMA public;" for name in foreign[:10])
+        raise PreflightError(
+            f"The flux schema holds {len(foreign)} table(s) Flux did not make, which --drop-data would drop with it: "
+            + ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""),
+            hint=f"Move them out first ({moves}), or drop them yourself, then run it again. Nothing was changed.",
+        )
 
 
 def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult, *, drop_data: bool) -> None:

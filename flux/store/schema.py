@@ -56,6 +56,8 @@ log = logging.getLogger("flux.store")
 
 SCHEMA = "flux"
 SCHEMA_VERSION = 6
+# Every table any version makes in it: anything else there is someone else's.
+TABLES = ("meta", "state_mutations", "cdc_progress", "attachments", "replica_identity_changes", "trace_requests")
 
 # jsonb_hash_extended and hashtextextended are the functions hash partitioning relies on, so
 # their values are stable across PostgreSQL versions.
@@ -444,6 +446,17 @@ def _run(conn: psycopg.Connection, step: _Sql | _Index | _DropIndex, *, concurre
                         retryable=True,
                     ) from exc
                 time.sleep(0.5)
+
+
+def tables_not_fluxs(conn: psycopg.Connection) -> list[str]:
+    """Tables (and materialized views) in the flux schema that Flux did not make: an application's,
+    which dropping the schema would drop with it."""
+    rows = conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'm') AND NOT c.relispartition AND c.relname <> ALL (%s) ORDER BY 1",
+        (SCHEMA, list(TABLES)),
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 def drop_schema(conn: psycopg.Connection) -> None:

@@ -536,3 +536,32 @@ def test_attach_names_a_partition_its_role_does_not_own_before_changing_anything
     assert refused.value.message.endswith("does not own: public.m1 (owner parts_owner)")
     assert refused.value.hint.startswith('As a superuser run: GRANT "parts_owner" TO "attach_parts";')
     assert nothing_of_fluxs(conn) == (0, 0, None, 0)
+
+
+def test_detach_drop_data_refuses_while_the_flux_schema_holds_an_applications_table(dsn, conn):
+    """A role named flux creates its unqualified tables in Flux's schema: DROP SCHEMA flux CASCADE dropped them."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE TABLE flux.invoices (id int PRIMARY KEY)")
+    with pytest.raises(PreflightError) as refused:
+        detach(dsn, drop_data=True)
+    assert refused.value.message.endswith("which --drop-data would drop with it: flux.invoices")
+    assert "ALTER TABLE flux.invoices SET SCHEMA public;" in refused.value.hint and "Nothing was changed" in refused.value.hint
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone() == (1,)
+    conn.execute("ALTER TABLE flux.invoices SET SCHEMA public")
+    assert detach(dsn, drop_data=True).data_dropped
+    assert conn.execute("SELECT to_regclass('public.invoices') IS NOT NULL").fetchone() == (True,)
+
+
+def test_attach_warns_that_a_role_named_flux_would_find_fluxs_schema_first(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE ROLE flux")  # roles are per cluster: dropped at once below
+    try:
+        warned = [w for w in attach(dsn, tables=["a"]).warnings if "A role named flux" in w]
+        conn.execute("ALTER ROLE flux SET search_path = public")
+        fixed = [w for w in attach(dsn, tables=["a"]).warnings if "A role named flux" in w]
+    finally:
+        conn.execute("DROP ROLE flux")
+    assert len(warned) == 1 and warned[0].endswith("Run: ALTER ROLE flux SET search_path = public;")
+    assert 'its search_path ("$user", public)' in warned[0]
+    assert fixed == []

@@ -169,11 +169,11 @@ def attach(
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
     with connect(dsn) as conn:
         check_server(conn, slot=slot)
-        chosen = all_user_tables(conn) if all_tables else resolve_tables(conn, tables or [])
-        check_role(conn, chosen)
-        result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
         schema_mode = all_tables and superuser and conn.info.server_version >= SCHEMA_PUBLICATION_VERSION
+        chosen = all_user_tables(conn, extensions=schema_mode) if all_tables else resolve_tables(conn, tables or [])
+        check_role(conn, chosen)
+        result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
         try:
             # An older schema is upgraded outside the transaction below, so that its indexes are
             # built concurrently (the engine keeps writing); an upgrade stopped half-way is resumed.

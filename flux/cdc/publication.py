@@ -66,16 +66,24 @@ def resolve_tables(conn: psycopg.Connection, names: list[str]) -> list[TableRef]
     return sorted(set(found), key=str)
 
 
-def all_user_tables(conn: psycopg.Connection) -> list[TableRef]:
-    """Ordinary and partitioned tables outside system schemas and `flux`; partitions come via their root."""
+# An extension's own table (PostGIS's spatial_ref_sys): the extension's, not the application's,
+# and owned by whoever installed it (often a superuser), so an attaching role cannot capture it.
+NOT_AN_EXTENSIONS = ("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
+                     " AND d.objid = c.oid AND d.deptype = 'e')")
+
+
+def all_user_tables(conn: psycopg.Connection, *, extensions: bool = False) -> list[TableRef]:
+    """Ordinary and partitioned tables outside system schemas and `flux`, and without `extensions`
+    not an extension's (a schema publication holds those anyway); partitions come via their root."""
     rows = conn.execute(
         """
         SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
           AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_temp%%' AND n.nspname NOT LIKE 'pg\\_toast%%'
+          AND (%s OR """ + NOT_AN_EXTENSIONS + """)
         ORDER BY 1, 2
         """,
-        (list(SYSTEM_SCHEMAS),),
+        (list(SYSTEM_SCHEMAS), extensions),
     ).fetchall()
     return [TableRef(s, t) for s, t in rows]
 

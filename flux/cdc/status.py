@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from flux.cdc.attach import connect, slot_warnings
-from flux.cdc.publication import SYSTEM_SCHEMAS, listed_tables_not_captured
+from flux.cdc.publication import NOT_AN_EXTENSIONS, SYSTEM_SCHEMAS, listed_tables_not_captured
 from flux.cdc.standby import standbys
 from flux.cdc.stream import consumer_of
 from flux.errors import NotFoundError
@@ -140,7 +140,7 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
                    pg_has_role((SELECT pubowner FROM pg_publication WHERE pubname = %s), c.relowner, 'USAGE')
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
-              AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%'
+              AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%' AND """ + NOT_AN_EXTENSIONS + """
               AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt
                               WHERE pt.pubname = %s AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
             ORDER BY 1

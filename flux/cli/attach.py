@@ -17,7 +17,7 @@ PublicationOption = Annotated[str, typer.Option("--publication", help="Publicati
 def attach(
     database: DatabaseOption = None,
     tables: Annotated[str | None, typer.Option("--tables", help="Comma-separated tables to capture (SCHEMA.TABLE allowed).")] = None,
-    all_tables: Annotated[bool, typer.Option("--all-tables", help="Capture every table outside system schemas and `flux`, including tables created later.")] = False,
+    all_tables: Annotated[bool, typer.Option("--all-tables", help="Capture every table outside system schemas and `flux` (and, unless a superuser attaches, an extension's own), including tables created later.")] = False,
     slot: SlotOption = "flux",
     publication: PublicationOption = "flux",
     json: JsonOption = False,

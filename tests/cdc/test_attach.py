@@ -565,3 +565,21 @@ def test_attach_warns_that_a_role_named_flux_would_find_fluxs_schema_first(dsn, 
     assert len(warned) == 1 and warned[0].endswith("Run: ALTER ROLE flux SET search_path = public;")
     assert 'its search_path ("$user", public)' in warned[0]
     assert fixed == []
+
+
+def test_all_tables_as_a_non_superuser_leaves_an_extensions_own_table_out(dsn, conn):
+    """PostGIS's spatial_ref_sys, owned by whoever installed it: before, `--all-tables` was refused for it,
+    with a hint to grant the attaching role membership in that (often superuser) role."""
+    conn.execute("CREATE TABLE ext_table (srid int PRIMARY KEY)")
+    conn.execute("ALTER EXTENSION plpgsql ADD TABLE ext_table")  # as an extension's script makes it its own
+    with table_owner_role(conn, dsn, "ext_app_owner") as app:
+        try:
+            with psycopg.connect(app, autocommit=True) as app_conn:
+                app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+            assert attach(app, all_tables=True).tables == ["public.a"]
+            assert not [w for w in cdc_status(dsn).warnings if "not captured" in w]
+            assert reconcile_new_tables(app, slot="flux") == []
+        finally:
+            detach(dsn, drop_data=True)
+            conn.execute("ALTER EXTENSION plpgsql DROP TABLE ext_table")
+    assert identities(conn, "ext_table") == {"ext_table": "d"}

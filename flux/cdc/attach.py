@@ -173,6 +173,7 @@ def attach(
         schema_mode = all_tables and superuser and conn.info.server_version >= SCHEMA_PUBLICATION_VERSION
         chosen = all_user_tables(conn, extensions=schema_mode) if all_tables else resolve_tables(conn, tables or [])
         check_role(conn, chosen)
+        orphaned = _slot_lost_its_publication(conn, slot, publication)
         result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
         try:
             # An older schema is upgraded outside the transaction below, so that its indexes are
@@ -207,22 +208,23 @@ def attach(
                     result.warnings.append(NO_TRIGGER_WARNING)
             existing = conn.execute("SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                                     (slot,)).fetchone()
-            replaced = ""
+            why = None
             if existing is not None and existing[0] == "lost":
                 # Invalidated (max_slot_wal_keep_size): it can never be read again, and kept, attach
                 # would say nothing changed while nothing is captured. What it lost is lost already.
+                why = "PostgreSQL had invalidated it (max_slot_wal_keep_size)"
+            elif existing is not None and orphaned:
+                why = f"its publication {publication} had been dropped, and it cannot decode a change made meanwhile"
+            if why:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                replaced = (f" (replaces the one PostgreSQL invalidated: changes committed after {existing[1]} until now"
-                            " were not recorded)")
-            if existing is None or replaced:
+            if existing is None or why:
                 # Last: the slot's stream starts once the publication and identities exist.
                 # Creating it waits for transactions already running to finish.
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-                result.created.append(f"replication slot {slot}{replaced}")
-                if replaced:  # `flux dev` and `flux serve --attach` show warnings only
-                    result.warnings.append(f"Slot '{slot}' had been invalidated by PostgreSQL (max_slot_wal_keep_size): "
-                                           f"changes committed after {existing[1]} until now were not recorded. A new "
-                                           "slot replaces it: capture starts over from now.")
+                result.created.append(f"replication slot {slot}" + (f" (replaces the old one: {why})" if why else ""))
+                if why:  # `flux dev` and `flux serve --attach` show warnings only
+                    result.warnings.append(f"Slot '{slot}' was replaced, as {why}: changes committed after {existing[1]} "
+                                           "until now were not recorded. Capture starts over from now.")
                 # A new slot starts where it is made: progress recorded for an earlier slot of that
                 # name (a database restored on another server, a slot dropped by hand) would have
                 # the engine start past changes to come.
@@ -257,6 +259,26 @@ def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
     return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
             f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
             f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]
+
+
+def _slot_lost_its_publication(conn: psycopg.Connection, slot: str, publication: str) -> bool:
+    """The attachment's slot exists and its publication does not (dropped by hand). pgoutput reads
+    the publication as of each change, so that slot fails on every change made while it was
+    missing, even once attach creates it again: the slot must be replaced, and not while read."""
+    if not conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]:
+        return False
+    row = conn.execute(
+        "SELECT s.active FROM flux.attachments a JOIN pg_replication_slots s ON s.slot_name = a.slot_name"
+        " AND s.database = current_database() WHERE a.slot_name = %s AND a.publication_name = %s"
+        " AND NOT EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = a.publication_name)",
+        (slot, publication),
+    ).fetchone()
+    if row is not None and row[0]:
+        raise PreflightError(
+            f"Publication {publication} was dropped, and a consumer still reads slot {slot}",
+            hint="Stop `flux cdc run` (or `flux dev`) first: it can record nothing more through that slot. Then run "
+                 "`flux attach` again, which replaces the slot. Nothing was changed.", slot=slot, publication=publication)
+    return row is not None
 
 
 def _check_names_are_flux(conn: psycopg.Connection, slot: str, publication: str) -> None:

@@ -272,6 +272,13 @@ class ReplicationStream:
             if nbytes == -1:  # COPY ended: the server closed the stream (shutdown, terminate)
                 result = pgconn.get_result()
                 message = result.error_message.decode(errors="replace").strip() if result is not None else ""
+                if result is not None and result.error_field(pq.DiagnosticField.SQLSTATE) == b"42704":
+                    # The publication was dropped: the slot fails on this change at every retry, for good.
+                    raise NotFoundError(
+                        f"The replication stream stopped: {message.splitlines()[0]}",
+                        hint=f"The publication {self.publication} was dropped. This slot cannot decode the changes made "
+                             "while it was missing, even once it exists again: `flux attach` again replaces the slot "
+                             "(those changes are not recorded).", slot=self.slot, publication=self.publication)
                 raise self._lost(message or "the server ended the replication stream")
             if nbytes < -1:
                 raise self._lost(pgconn.error_message.decode(errors="replace").strip())

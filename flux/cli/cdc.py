@@ -72,7 +72,7 @@ def status(database: DatabaseOption = None, slot: SlotOption = "flux", json: Jso
         print_json(result)
     else:
         render_status(result)
-    if not result.slot_exists or result.wal_status == "lost":  # for scripts and health checks: nothing is being captured
+    if not result.slot_exists or result.wal_status == "lost" or result.publication_exists is False:  # nothing is being captured
         raise typer.Exit(NotFoundError.exit_code)
 
 
@@ -104,7 +104,8 @@ def render_status(s: CdcStatus) -> None:
                  if s.slot_exists else "[red]missing[/]"),
         ("consumer", consumer),
         ("standby", ", ".join(f"pid {e['pid']} on {rich_escape(e['host'])}" for e in s.standbys) or "-"),
-        ("publication", f"{s.publication} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})" if s.publication else "-"),
+        ("publication", "-" if not s.publication else f"{s.publication} [red](missing)[/]" if s.publication_exists is False
+         else f"{s.publication} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})"),
         ("confirmed LSN", s.confirmed_lsn or "-"),
         ("server LSN", s.current_lsn or "-"),
         ("lag", _lag(s)),

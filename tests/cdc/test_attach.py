@@ -583,3 +583,64 @@ def test_all_tables_as_a_non_superuser_leaves_an_extensions_own_table_out(dsn, c
             detach(dsn, drop_data=True)
             conn.execute("ALTER EXTENSION plpgsql DROP TABLE ext_table")
     assert identities(conn, "ext_table") == {"ext_table": "d"}
+
+
+@pytest.fixture
+def publication_dropped(dsn, conn):
+    """An attachment whose publication was dropped by hand, with a change made meanwhile."""
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    attach(dsn, tables=["users"])
+    conn.execute("DROP PUBLICATION flux")
+    conn.execute("INSERT INTO users VALUES (1)")
+    return dsn
+
+
+def test_the_engine_stops_with_the_fix_when_its_publication_was_dropped(publication_dropped):
+    """Before: 'Replication connection lost', retried and logged twice a second, for good."""
+    from tests.support import start_engine
+
+    running = start_engine(publication_dropped, backoff_initial=0.1)
+    running.thread.join(timeout=15)
+    assert not running.thread.is_alive(), "the engine kept retrying a change it can never decode"
+    [error] = running.errors
+    assert isinstance(error, NotFoundError) and 'publication "flux" does not exist' in error.message
+    assert "`flux attach` again replaces the slot" in error.hint
+
+
+def test_status_says_the_publication_is_missing_and_nothing_is_captured(publication_dropped):
+    status = cdc_status(publication_dropped)
+    assert status.publication_exists is False
+    assert [w for w in status.warnings if w.startswith("Publication 'flux' does not exist (dropped by hand?)")]
+    assert not [w for w in status.warnings if "created again" in w]  # before: the table was blamed
+
+
+def test_attach_again_after_the_publication_was_dropped_replaces_the_slot_and_captures_again(publication_dropped, conn):
+    """Before: attach made the publication again and kept the slot, which failed on the change made meanwhile."""
+    from tests.support import mutations, start_engine
+
+    created = attach(publication_dropped, tables=["users"]).created
+    assert "replication slot flux (replaces the old one: its publication flux had been dropped, and it cannot decode a " \
+           "change made meanwhile)" in created
+    running = start_engine(publication_dropped)
+    try:
+        conn.execute("INSERT INTO users VALUES (2)")
+        running.caught_up()
+    finally:
+        running.stop()
+    assert [m["new"] for m in mutations(publication_dropped)] == [{"id": 2}]
+
+
+def test_attach_refuses_to_replace_a_slot_without_its_publication_while_it_is_read(publication_dropped, conn):
+    from flux.cdc.stream import ReplicationStream
+
+    # Streaming from the server's position, past the change the slot cannot decode: it stays held.
+    now = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+    holder = ReplicationStream(dsn=publication_dropped, slot="flux", publication="flux", start_lsn=int(now))
+    holder.open()
+    try:
+        wait_slot_held(conn)
+        with pytest.raises(PreflightError, match="Publication flux was dropped, and a consumer still reads slot flux"):
+            attach(publication_dropped, tables=["users"])
+    finally:
+        holder.close()
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)

@@ -224,12 +224,13 @@ def test_attach_again_replaces_an_invalidated_slot_and_says_what_was_not_recorde
     attach_and_lose_the_slot(dsn, "relost")
     data = json.loads(invoke("attach", "--database", dsn, "--tables", "users", "--slot", "relost", "--json").stdout)
     [created] = data["created"]
-    assert created.startswith("replication slot relost (replaces the one PostgreSQL invalidated: changes committed after ")
+    assert created == "replication slot relost (replaces the old one: PostgreSQL had invalidated it (max_slot_wal_keep_size))"
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'relost'").fetchone() == ("reserved",)
         assert conn.execute("SELECT count(*) FROM flux.cdc_progress WHERE slot_name = 'relost'").fetchone() == (0,)
     [warning] = [w for w in data["warnings"] if "invalidated" in w]  # what `flux dev` shows of an attach
-    assert warning.startswith("Slot 'relost' had been invalidated by PostgreSQL") and "capture starts over" in warning
+    assert warning.startswith("Slot 'relost' was replaced, as PostgreSQL had invalidated it (max_slot_wal_keep_size): "
+                              "changes committed after ") and "Capture starts over from now" in warning
     assert invoke("cdc", "status", "--database", dsn, "--slot", "relost").exit_code == 0
 
 

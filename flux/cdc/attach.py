@@ -163,12 +163,13 @@ def attach(
     tables: list[str] | None = None,
     all_tables: bool = False,
     slot: str = "flux",
-    publication: str = "flux",
+    publication: str | None = None,  # None: the one this slot's attachment records, else "flux"
 ) -> AttachResult:
     if bool(tables) == bool(all_tables):
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
     with connect(dsn) as conn:
         check_server(conn, slot=slot)
+        publication = _attached_publication(conn, slot, publication)
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
         schema_mode = all_tables and superuser and conn.info.server_version >= SCHEMA_PUBLICATION_VERSION
         chosen = all_user_tables(conn, extensions=schema_mode) if all_tables else resolve_tables(conn, tables or [])
@@ -259,6 +260,18 @@ def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
     return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
             f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
             f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]
+
+
+def _attached_publication(conn: psycopg.Connection, slot: str, asked: str | None) -> str:
+    """The publication to attach through: the one the slot's attachment records (another would
+    be left behind, published and never dropped), else `asked`, else "flux"."""
+    recorded = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0] and conn.execute(
+        "SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+    if recorded and asked is not None and asked != recorded[0]:
+        raise ConfigError(f"Slot {slot}'s attachment publishes through {recorded[0]}, not {asked}",
+                          hint=f"Leave out --publication, or pass --publication {recorded[0]}; to publish through "
+                               f"{asked} instead, `flux detach --slot {slot}` first.", slot=slot)
+    return recorded[0] if recorded else asked or "flux"
 
 
 def _slot_lost_its_publication(conn: psycopg.Connection, slot: str, publication: str) -> bool:

@@ -11,7 +11,7 @@ from flux.cli.common import DatabaseOption, JsonOption, reaching, resolve_databa
 from flux.cli.output import console, err_console, print_json, rich_escape
 
 SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
-PublicationOption = Annotated[str, typer.Option("--publication", help="Publication name.")]
+PublicationOption = Annotated[str | None, typer.Option("--publication", help="Publication name (default: the one attach recorded for the slot, else flux).")]
 
 
 def attach(
@@ -19,7 +19,7 @@ def attach(
     tables: Annotated[str | None, typer.Option("--tables", help="Comma-separated tables to capture (SCHEMA.TABLE allowed).")] = None,
     all_tables: Annotated[bool, typer.Option("--all-tables", help="Capture every table outside system schemas and `flux` (and, unless a superuser attaches, an extension's own), including tables created later.")] = False,
     slot: SlotOption = "flux",
-    publication: PublicationOption = "flux",
+    publication: PublicationOption = None,
     json: JsonOption = False,
 ) -> None:
     """Check the server, then create the flux schema, publication, REPLICA IDENTITY FULL and slot. Idempotent."""
@@ -33,7 +33,7 @@ def attach(
         print_json(result)
         return
     scope = "all tables" if result.all_tables else f"{len(result.tables)} table(s)"
-    console.print(f"[bold]Attached[/]  slot [cyan]{slot}[/] · publication [cyan]{publication}[/] · {scope}")
+    console.print(f"[bold]Attached[/]  slot [cyan]{slot}[/] · publication [cyan]{result.publication}[/] · {scope}")
     for table in result.tables:
         console.print(f"  captures {rich_escape(table)}")
     if not result.changed_anything:

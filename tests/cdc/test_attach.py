@@ -644,3 +644,15 @@ def test_attach_refuses_to_replace_a_slot_without_its_publication_while_it_is_re
     finally:
         holder.close()
     assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+
+
+def test_attach_again_through_another_publication_is_refused_rather_than_leaving_the_first_behind(dsn, conn):
+    """Before: a second publication was made and recorded, and the first stayed, published, past detach."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"], publication="first")
+    with pytest.raises(ConfigError, match="Slot flux's attachment publishes through first, not other") as refused:
+        attach(dsn, tables=["a"], publication="other")
+    assert "`flux detach --slot flux` first" in refused.value.hint
+    assert attach(dsn, tables=["a"]).publication == "first"  # without --publication: the recorded one
+    detach(dsn)
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)

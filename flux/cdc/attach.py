@@ -359,11 +359,14 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
             return DetachResult(slot=slot, publication=publication or "", dropped=["schema flux (all recorded data)"],
                                 data_dropped=True)
         if not row:  # never drop a slot or a publication Flux did not make
-            raise NotFoundError(
-                f"No Flux attachment uses slot {slot} in this database",
-                hint="`flux cdc status --slot NAME` shows an attachment; there is nothing of Flux's to detach here.",
-                slot=slot,
-            )
+            hint = "`flux cdc status --slot NAME` shows an attachment; there is nothing of Flux's to detach here."
+            left = conn.execute("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
+                                (slot,)).fetchone()
+            if left is not None:  # the flux schema dropped by hand, say: the slot still pins WAL
+                hint = (f"A replication slot {slot} (plugin {left[0]}) exists here, which no attachment records (was the flux "
+                        f"schema dropped?), and it keeps WAL until it is dropped. If it is Flux's and nothing reads it: "
+                        f"SELECT pg_drop_replication_slot('{slot}'); and DROP PUBLICATION of its publication, by hand.")
+            raise NotFoundError(f"No Flux attachment uses slot {slot} in this database", hint=hint, slot=slot)
         if publication is not None and publication != row[0]:
             raise ConfigError(f"Slot {slot}'s attachment publishes through {row[0]}, not {publication}",
                               hint=f"Leave out --publication, or pass --publication {row[0]}.")

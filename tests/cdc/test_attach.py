@@ -656,3 +656,14 @@ def test_attach_again_through_another_publication_is_refused_rather_than_leaving
     assert attach(dsn, tables=["a"]).publication == "first"  # without --publication: the recorded one
     detach(dsn)
     assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+
+
+def test_detach_after_the_flux_schema_was_dropped_by_hand_says_the_slot_still_keeps_wal(dsn, conn):
+    """Before: "nothing of Flux's to detach here", while the slot it left pinned WAL."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP SCHEMA flux CASCADE")
+    with pytest.raises(NotFoundError) as refused:
+        detach(dsn)
+    assert "keeps WAL until it is dropped" in refused.value.hint and "SELECT pg_drop_replication_slot('flux');" in refused.value.hint
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone() == (1,)  # left alone

@@ -107,7 +107,7 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
         if status.lag_seconds is None and status.lag_bytes == 0:
             status.lag_seconds = 0.0
         status.warnings = slot_warnings(conn, slot)
-        if status.publication_exists is False:
+        if status.publication_exists is False and status.slot_exists:  # without a slot, what it says below is the fix
             status.warnings.append(
                 f"Publication '{status.publication}' does not exist (dropped by hand?): nothing is captured, and slot "
                 f"'{slot}' cannot decode the changes made since, even once it exists again. `flux attach` again "

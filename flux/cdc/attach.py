@@ -138,11 +138,18 @@ def check_role(conn: psycopg.Connection, tables: list[TableRef]) -> None:
     if unowned:
         listed = ", ".join(f"{s}.{t} (owner {o})" for s, t, o in unowned[:10])
         more = f" and {len(unowned) - 10} more" if len(unowned) > 10 else ""
-        owners = ", ".join(sql.Identifier(o).as_string(conn) for o in sorted({o for _, _, o in unowned}))
+        supers = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolsuper AND rolname = ANY(%s)",
+                                              (list({o for _, _, o in unowned}),)).fetchall()}
+        fixes = []
+        owners = sorted({o for _, _, o in unowned} - supers)
+        if owners:
+            fixes.append(f"GRANT {', '.join(sql.Identifier(o).as_string(conn) for o in owners)} TO {role}; (membership "
+                         "gives it everything those roles own).")
+        # Membership in a superuser role would make it one: those tables change owner instead.
+        fixes += [f"ALTER TABLE {sql.Identifier(s, t).as_string(conn)} OWNER TO {role};" for s, t, o in unowned if o in supers][:10]
         gaps.append((f"needs to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: "
                      f"{listed}{more}",
-                     f"As a superuser run: GRANT {owners} TO {role}; (membership gives it everything those roles own), "
-                     "or attach as the owner, or leave these tables out (--tables)."))
+                     f"As a superuser run: {' '.join(fixes)} Or attach as the owner, or leave these tables out (--tables)."))
     if gaps:
         raise PreflightError(f"Role '{user}' " + "; it ".join(what for what, _ in gaps), hint=" ".join(fix for _, fix in gaps),
                              role=user, tables=len(unowned) or None)

@@ -517,7 +517,7 @@ def test_attach_names_everything_its_role_lacks_at_once_with_each_statement_and_
         'As a superuser run: ALTER ROLE "attach_bare" WITH REPLICATION; '
         f'As the database owner run: GRANT CREATE ON DATABASE "{conn.info.dbname}" TO "attach_bare"; '
         'As a superuser run: GRANT "owner_one", "owner_two" TO "attach_bare"; (membership gives it everything those roles '
-        'own), or attach as the owner, or leave these tables out (--tables).')
+        'own). Or attach as the owner, or leave these tables out (--tables).')
     assert nothing_of_fluxs(conn) == (0, 0, None, 0)
 
 
@@ -668,3 +668,18 @@ def test_detach_after_the_flux_schema_was_dropped_by_hand_says_the_slot_still_ke
         detach(dsn)
     assert "keeps WAL until it is dropped" in refused.value.hint and "SELECT pg_drop_replication_slot('flux');" in refused.value.hint
     assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone() == (1,)  # left alone
+
+
+def test_attach_asks_to_change_the_owner_of_a_superusers_table_rather_than_grant_the_superuser_role(dsn, conn):
+    """Membership in a superuser role makes a role able to act as a superuser."""
+    conn.execute("CREATE ROLE attach_nosuper LOGIN REPLICATION")
+    try:
+        conn.execute(f'GRANT CREATE ON DATABASE "{conn.info.dbname}" TO attach_nosuper')
+        conn.execute("CREATE TABLE dba_table (id int PRIMARY KEY)")  # the superuser's
+        with pytest.raises(PreflightError) as refused:
+            attach(dsn.replace("postgres@", "attach_nosuper@"), tables=["dba_table"])
+    finally:
+        conn.execute(f'REVOKE CREATE ON DATABASE "{conn.info.dbname}" FROM attach_nosuper')
+        conn.execute("DROP ROLE attach_nosuper")
+    assert refused.value.hint == ('As a superuser run: ALTER TABLE "public"."dba_table" OWNER TO "attach_nosuper"; Or attach '
+                                  'as the owner, or leave these tables out (--tables).')

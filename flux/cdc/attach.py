@@ -26,7 +26,7 @@ from flux.cdc.publication import (
     TableRef,
     all_user_tables,
     captured_tables,
-    check_ownership,
+    not_owned,
     record_listed_tables,
     resolve_tables,
     restore_identity,
@@ -37,7 +37,7 @@ from flux.cdc.publication import (
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
-from flux.store.schema import ensure_schema, schema_version
+from flux.store.schema import SCHEMA, ensure_schema, schema_version, tables_not_fluxs
 
 log = logging.getLogger("flux.cdc")
 
@@ -58,11 +58,12 @@ class AttachResult:
     tables: list[str]
     created: list[str] = field(default_factory=list)  # what this run created or changed
     replica_identity_changed: list[dict] = field(default_factory=list)  # table, previous, restored_by_detach
+    replica_identity_restored: list[dict] = field(default_factory=list)  # table, restored: tables no longer captured
     warnings: list[str] = field(default_factory=list)
 
     @property
     def changed_anything(self) -> bool:
-        return bool(self.created or self.replica_identity_changed)
+        return bool(self.created or self.replica_identity_changed or self.replica_identity_restored)
 
 
 @dataclass
@@ -95,7 +96,8 @@ def require_server_version(version_num: int, version: str) -> None:
 
 
 def check_server(conn: psycopg.Connection, *, slot: str) -> None:
-    """Raise PreflightError with the exact fix for the first requirement the server misses."""
+    """Raise PreflightError with the exact fix for the first requirement the server misses (the
+    role's are `check_role`'s)."""
     version_num, version = conn.execute("SELECT current_setting('server_version_num')::int, current_setting('server_version')").fetchone()
     require_server_version(version_num, version)
     wal_level = conn.execute("SHOW wal_level").fetchone()[0]
@@ -105,22 +107,6 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
             hint="Run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL "
             "(e.g. `systemctl restart postgresql` or `pg_ctl restart -D <datadir>`). A reload is not enough.",
             wal_level=wal_level,
-        )
-    user, is_super, can_replicate = conn.execute(
-        "SELECT current_user, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    if not (is_super or can_replicate):
-        raise PreflightError(
-            f"Role '{user}' may not use replication",
-            hint=f'As a superuser run: ALTER ROLE "{user}" WITH REPLICATION;',
-            role=user,
-        )
-    may_create, database = conn.execute("SELECT has_database_privilege(current_database(), 'CREATE'), current_database()").fetchone()
-    if not may_create:
-        raise PreflightError(
-            f"Role '{user}' may not create schemas or publications in this database",
-            hint=f'As the database owner run: GRANT CREATE ON DATABASE "{database}" TO "{user}";',
-            role=user,
         )
     exists = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     if not exists:
@@ -138,6 +124,41 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
             )
 
 
+def check_role(conn: psycopg.Connection, tables: list[TableRef]) -> None:
+    """Raise PreflightError naming everything the attaching role lacks at once, each with its
+    statement: one refusal at a time would make a DBA grant, retry and be refused again."""
+    user, may_replicate, may_create, database = conn.execute(
+        "SELECT current_user, rolsuper OR rolreplication, has_database_privilege(current_database(), 'CREATE'),"
+        " current_database() FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    role = sql.Identifier(user).as_string(conn)
+    gaps: list[tuple[str, str]] = []  # (what it may not do, the statement that lets it)
+    if not may_replicate:
+        gaps.append(("may not use replication", f"As a superuser run: ALTER ROLE {role} WITH REPLICATION;"))
+    if not may_create:
+        gaps.append(("may not create schemas or publications in this database",
+                     f"As the database owner run: GRANT CREATE ON DATABASE {sql.Identifier(database).as_string(conn)} TO {role};"))
+    unowned = not_owned(conn, tables)
+    if unowned:
+        listed = ", ".join(f"{s}.{t} (owner {o})" for s, t, o in unowned[:10])
+        more = f" and {len(unowned) - 10} more" if len(unowned) > 10 else ""
+        supers = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolsuper AND rolname = ANY(%s)",
+                                              (list({o for _, _, o in unowned}),)).fetchall()}
+        fixes = []
+        owners = sorted({o for _, _, o in unowned} - supers)
+        if owners:
+            fixes.append(f"GRANT {', '.join(sql.Identifier(o).as_string(conn) for o in owners)} TO {role}; (membership "
+                         "gives it everything those roles own).")
+        # Membership in a superuser role would make it one: those tables change owner instead.
+        fixes += [f"ALTER TABLE {sql.Identifier(s, t).as_string(conn)} OWNER TO {role};" for s, t, o in unowned if o in supers][:10]
+        gaps.append((f"needs to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: "
+                     f"{listed}{more}",
+                     f"As a superuser run: {' '.join(fixes)} Or attach as the owner, or leave these tables out (--tables)."))
+    if gaps:
+        raise PreflightError(f"Role '{user}' " + "; it ".join(what for what, _ in gaps), hint=" ".join(fix for _, fix in gaps),
+                             role=user, tables=len(unowned) or None)
+
+
 # pgoutput publishes a partitioned table's changes under its own name (publish_via_partition_root,
 # so that history follows the table rather than its partitions), and then leaves out a TRUNCATE of
 # one of its partitions.
@@ -153,7 +174,7 @@ def attach(
     tables: list[str] | None = None,
     all_tables: bool = False,
     slot: str = "flux",
-    publication: str = "flux",
+    publication: str | None = None,  # None: the one this slot's attachment records, else "flux"
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
     on_wait: Callable[[list[str]], None] | None = None,
 ) -> AttachResult:
@@ -163,21 +184,25 @@ def attach(
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
     with connect(dsn) as conn:
         check_server(conn, slot=slot)
-        chosen = all_user_tables(conn) if all_tables else resolve_tables(conn, tables or [])
-        check_ownership(conn, chosen)
-        result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
+        publication = _attached_publication(conn, slot, publication)
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
         schema_mode = all_tables and superuser and conn.info.server_version >= SCHEMA_PUBLICATION_VERSION
+        chosen = all_user_tables(conn, extensions=schema_mode) if all_tables else resolve_tables(conn, tables or [])
+        check_role(conn, chosen)
+        orphaned = _slot_lost_its_publication(conn, slot, publication)
+        result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
         try:
             # An older schema is upgraded outside the transaction below, so that its indexes are
             # built concurrently (the engine keeps writing); an upgrade stopped half-way is resumed.
             upgraded = schema_version(conn) is not None and ensure_schema(conn)
 
-            def set_up() -> tuple[list[str], list[dict], list[str]]:
+            def set_up() -> tuple[list[str], list[dict], list[dict], list[str]]:
                 # One transaction: no instant where a table is half set up (e.g. moved from the
-                # table list to a schema entry) and a write slips through uncaptured.
+                # table list to a schema entry) and a write slips through uncaptured. Tried again
+                # whole after a lock timeout: what a try collects is its own.
                 created: list[str] = []
                 identities: list[dict] = []
+                restored: list[dict] = []
                 warnings: list[str] = []
                 with conn.transaction():
                     if ensure_schema(conn) or upgraded:
@@ -188,7 +213,8 @@ def attach(
                     # Before the publication changes: the event trigger must not take a table left out
                     # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
                     record_listed_tables(conn, slot, None if all_tables else chosen)
-                    created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot)
+                    created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
+                                                warnings=warnings, restored=restored)
                     for table in chosen:
                         parts = with_partitions(conn, table)
                         for part in parts:
@@ -204,27 +230,44 @@ def attach(
                             created.append(trigger)
                     elif all_tables:
                         warnings.append(NO_TRIGGER_WARNING)
-                return created, identities, warnings
+                return created, identities, restored, warnings
 
-            created, identities, warnings = with_lock_retries(
+            created, identities, restored, warnings = with_lock_retries(
                 conn, set_up, action="Attach", command="flux attach", seconds=lock_timeout,
                 tables=lambda: _tables_touched(conn, slot, publication, chosen))
             result.created += created
             result.replica_identity_changed += identities
+            result.replica_identity_restored += restored
             result.warnings += warnings
-            if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
+            existing = conn.execute("SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                                    (slot,)).fetchone()
+            why = None
+            if existing is not None and existing[0] == "lost":
+                # Invalidated (max_slot_wal_keep_size): it can never be read again, and kept, attach
+                # would say nothing changed while nothing is captured. What it lost is lost already.
+                why = "PostgreSQL had invalidated it (max_slot_wal_keep_size)"
+            elif existing is not None and orphaned:
+                why = f"its publication {publication} had been dropped, and it cannot decode a change made meanwhile"
+            if why:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            if existing is None or why:
                 # Last: the slot's stream starts once the publication and identities exist.
                 # Creating it waits for transactions already running to finish.
                 with BlockerWatch(dsn, conn.info.backend_pid, on_wait) if on_wait else contextlib.nullcontext():
                     conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-                result.created.append(f"replication slot {slot}")
+                result.created.append(f"replication slot {slot}" + (f" (replaces the old one: {why})" if why else ""))
+                if why:  # `flux dev` and `flux serve --attach` show warnings only
+                    result.warnings.append(f"Slot '{slot}' was replaced, as {why}: changes committed after {existing[1]} "
+                                           "until now were not recorded. Capture starts over from now.")
                 # A new slot starts where it is made: progress recorded for an earlier slot of that
                 # name (a database restored on another server, a slot dropped by hand) would have
                 # the engine start past changes to come.
                 conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
         except psycopg.Error as exc:
-            raise from_psycopg(exc, "Attach failed", slot=slot, publication=publication) from exc
-        result.warnings += slot_warnings(conn, slot)
+            hint = ("Nothing was changed. The attaching role needs REPLICATION, CREATE on the database and ownership of the "
+                    "captured tables and their partitions (README, \"Least privilege\")." if exc.sqlstate == "42501" else None)
+            raise from_psycopg(exc, "Attach failed", hint=hint, slot=slot, publication=publication) from exc
+        result.warnings += slot_warnings(conn, slot) + role_named_flux_warnings(conn)
         return result
 
 
@@ -236,6 +279,62 @@ def _tables_touched(conn: psycopg.Connection, slot: str, publication: str, chose
             "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s", (slot,)).fetchall()}
     exists = [t for t in tables if conn.execute("SELECT to_regclass(%s)", (sql.Identifier(t.schema, t.name).as_string(conn),)).fetchone()[0]]
     return sorted({part for table in exists for part in with_partitions(conn, table)}, key=str)
+
+
+def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
+    """A role named flux whose search_path starts with "$user" now finds Flux's schema first: its
+    unqualified names reach Flux's tables (an application's `attachments` or `meta`), and the
+    tables it creates land there, which `flux detach --drop-data` would drop."""
+    row = conn.execute(
+        """
+        SELECT (SELECT cfg FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) cfg
+                WHERE s.setrole = r.oid AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+                  AND cfg LIKE 'search\\_path=%%' ORDER BY s.setdatabase DESC LIMIT 1),
+               current_setting('search_path')
+        FROM pg_roles r WHERE r.rolname = %s
+        """,
+        (SCHEMA,),
+    ).fetchone()
+    if row is None:
+        return []
+    path = row[0].split("=", 1)[1] if row[0] else row[1]  # the role's own setting, else this database's
+    if "$user" not in path:
+        return []
+    return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
+            f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
+            f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]
+
+
+def _attached_publication(conn: psycopg.Connection, slot: str, asked: str | None) -> str:
+    """The publication to attach through: the one the slot's attachment records (another would
+    be left behind, published and never dropped), else `asked`, else "flux"."""
+    recorded = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0] and conn.execute(
+        "SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
+    if recorded and asked is not None and asked != recorded[0]:
+        raise ConfigError(f"Slot {slot}'s attachment publishes through {recorded[0]}, not {asked}",
+                          hint=f"Leave out --publication, or pass --publication {recorded[0]}; to publish through "
+                               f"{asked} instead, `flux detach --slot {slot}` first.", slot=slot)
+    return recorded[0] if recorded else asked or "flux"
+
+
+def _slot_lost_its_publication(conn: psycopg.Connection, slot: str, publication: str) -> bool:
+    """The attachment's slot exists and its publication does not (dropped by hand). pgoutput reads
+    the publication as of each change, so that slot fails on every change made while it was
+    missing, even once attach creates it again: the slot must be replaced, and not while read."""
+    if not conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]:
+        return False
+    row = conn.execute(
+        "SELECT s.active FROM flux.attachments a JOIN pg_replication_slots s ON s.slot_name = a.slot_name"
+        " AND s.database = current_database() WHERE a.slot_name = %s AND a.publication_name = %s"
+        " AND NOT EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = a.publication_name)",
+        (slot, publication),
+    ).fetchone()
+    if row is not None and row[0]:
+        raise PreflightError(
+            f"Publication {publication} was dropped, and a consumer still reads slot {slot}",
+            hint="Stop `flux cdc run` (or `flux dev`) first: it can record nothing more through that slot. Then run "
+                 "`flux attach` again, which replaces the slot. Nothing was changed.", slot=slot, publication=publication)
+    return row is not None
 
 
 def _check_names_are_flux(conn: psycopg.Connection, slot: str, publication: str) -> None:
@@ -291,6 +390,8 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
            lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> DetachResult:
     with connect(dsn) as conn:
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
+        if drop_data and has_schema:
+            _refuse_to_drop_tables_not_fluxs(conn)
         row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
         if not row and drop_data and has_schema and not conn.execute("SELECT 1 FROM flux.attachments").fetchone():
             # Detached earlier with its data kept: nothing is captured any more, and --drop-data drops that data.
@@ -302,11 +403,14 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
             return DetachResult(slot=slot, publication=publication or "", dropped=["schema flux (all recorded data)"],
                                 data_dropped=True)
         if not row:  # never drop a slot or a publication Flux did not make
-            raise NotFoundError(
-                f"No Flux attachment uses slot {slot} in this database",
-                hint="`flux cdc status --slot NAME` shows an attachment; there is nothing of Flux's to detach here.",
-                slot=slot,
-            )
+            hint = "`flux cdc status --slot NAME` shows an attachment; there is nothing of Flux's to detach here."
+            left = conn.execute("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
+                                (slot,)).fetchone()
+            if left is not None:  # the flux schema dropped by hand, say: the slot still pins WAL
+                hint = (f"A replication slot {slot} (plugin {left[0]}) exists here, which no attachment records (was the flux "
+                        f"schema dropped?), and it keeps WAL until it is dropped. If it is Flux's and nothing reads it: "
+                        f"SELECT pg_drop_replication_slot('{slot}'); and DROP PUBLICATION of its publication, by hand.")
+            raise NotFoundError(f"No Flux attachment uses slot {slot} in this database", hint=hint, slot=slot)
         if publication is not None and publication != row[0]:
             raise ConfigError(f"Slot {slot}'s attachment publishes through {row[0]}, not {publication}",
                               hint=f"Leave out --publication, or pass --publication {row[0]}.")
@@ -333,6 +437,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                     hint="Stop `flux cdc run` (or `flux dev`) first, then detach.",
                     slot=slot,
                 )
+
             def take_down() -> DetachResult:
                 # All or nothing: a role refused one step (it does not own the publication or a table, or
                 # may not replicate) leaves the attachment whole, rather than without its slot.
@@ -359,6 +464,19 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
         return result
 
 
+def _refuse_to_drop_tables_not_fluxs(conn: psycopg.Connection) -> None:
+    """DROP SCHEMA flux CASCADE would drop an application's tables made there too (by a role named
+    flux, whose "$user" search_path puts them there), which no one asked for."""
+    foreign = tables_not_fluxs(conn)
+    if foreign:
+        moves = " ".join(f"ALTER TABLE {name} SET SCHEMA public;" for name in foreign[:10])
+        raise PreflightError(
+            f"The flux schema holds {len(foreign)} table(s) Flux did not make, which --drop-data would drop with it: "
+            + ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""),
+            hint=f"Move them out first ({moves}), or drop them yourself, then run it again. Nothing was changed.",
+        )
+
+
 def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult, *, drop_data: bool) -> None:
     """The flux schema's part of detach: identities restored, the attachment forgotten, its data
     dropped with `drop_data` when no other attachment uses it."""
@@ -366,7 +484,7 @@ def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult
     for schema, table in conn.execute(
         "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
     ).fetchall():
-        restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored)
+        restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored, warnings=result.warnings)
     conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
     conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
     remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]
@@ -396,7 +514,8 @@ def slot_warnings(conn: psycopg.Connection, slot: str, *, retained_limit: int = 
     active, retained, wal_status, sync_state, standby_names = row
     if wal_status == "lost":
         return [f"Slot '{slot}' was invalidated: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so "
-                "changes since the engine last kept up were not recorded. `flux detach` then `flux attach` start over."]
+                "changes since the engine last kept up were not recorded, and none are now. `flux attach` again (or "
+                "`flux detach` then `flux attach`) starts over with a new slot."]
     warnings = []
     if not active:
         warnings.append(

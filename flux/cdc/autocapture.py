@@ -92,8 +92,13 @@ BEGIN
                         published := true;
                     END IF;
                     IF published AND rel.relreplident <> 'f' THEN
-                        INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous)
-                        VALUES (att.slot_name, rel.nspname, rel.relname, rel.relreplident) ON CONFLICT DO NOTHING;
+                        -- The identity it has now (a record left by a table of that name dropped since is stale).
+                        INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous, previous_index)
+                        VALUES (att.slot_name, rel.nspname, rel.relname, rel.relreplident,
+                                (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                                 WHERE i.indrelid = rel.oid AND i.indisreplident))
+                        ON CONFLICT (slot_name, schema_name, table_name) DO UPDATE
+                        SET previous = EXCLUDED.previous, previous_index = EXCLUDED.previous_index, changed_at = now();
                         EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', rel.nspname, rel.relname);
                         rel.relreplident := 'f';
                     END IF;

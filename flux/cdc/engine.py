@@ -54,6 +54,10 @@ WRITE_ROWS = 500
 PROGRESS_LOG_INTERVAL = 10.0  # seconds between "recorded N mutations" log lines while busy
 DURABLE_POLL = 0.01  # seconds an idle read waits while a sink commit is in flight, to acknowledge it soon
 FLUSH_TIMEOUT = 60.0  # seconds a clean stop waits for the sink's last commits
+# Seconds a session must stream before its failure counts as a new one (backoff from the start),
+# unless it recorded something: one that fails right after every open without recording anything
+# (a store refusing the first write) backs off as if it never opened.
+STABLE_SESSION = 10.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class Engine:
     def _session(self, delay: float, last_logged: float) -> tuple[float, float]:
         """One session, from open to its end; the backoff and the time of the last warning after it."""
         session = _Session(self.config, self.stats, self._stop, self.consumer_token)
+        opened_at, recorded_before = None, self.stats.mutations
         try:
             if self.state == "standby":
                 wait_while_held(self.config.dsn, self.config.slot, self._stop, interval=self.config.standby_interval)
@@ -144,7 +149,7 @@ class Engine:
             if self.state == "standby":
                 log.info("took over slot %s from the Flux engine of pid %d on %s", self.config.slot, *self.holder)
             self.state, self.holder = "active", None
-            delay = self.config.backoff_initial
+            opened_at = time.monotonic()
             session.consume()
         except SlotHeldError as exc:
             session.close(flush=False)
@@ -169,6 +174,8 @@ class Engine:
             if self.state != "standby":  # a standby keeps waiting for the slot once the database is back
                 self.state = "retrying"
             now = time.monotonic()
+            if opened_at is not None and (now - opened_at >= STABLE_SESSION or self.stats.mutations > recorded_before):
+                delay = self.config.backoff_initial
             if now - last_logged > 10 or delay <= self.config.backoff_initial:  # rate-limit repeated errors
                 log.warning("%s; reconnecting in %.1fs%s", exc, delay, f" (hint: {exc.hint})" if exc.hint else "")
                 last_logged = now

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from flux.errors import ConfigError, NotFoundError, PreflightError
+from flux.errors import ConfigError, NotFoundError
 from flux.store.names import split_table_name
 from flux.store.schema import SCHEMA
 
@@ -66,16 +66,24 @@ def resolve_tables(conn: psycopg.Connection, names: list[str]) -> list[TableRef]
     return sorted(set(found), key=str)
 
 
-def all_user_tables(conn: psycopg.Connection) -> list[TableRef]:
-    """Ordinary and partitioned tables outside system schemas and `flux`; partitions come via their root."""
+# An extension's own table (PostGIS's spatial_ref_sys): the extension's, not the application's,
+# and owned by whoever installed it (often a superuser), so an attaching role cannot capture it.
+NOT_AN_EXTENSIONS = ("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
+                     " AND d.objid = c.oid AND d.deptype = 'e')")
+
+
+def all_user_tables(conn: psycopg.Connection, *, extensions: bool = False) -> list[TableRef]:
+    """Ordinary and partitioned tables outside system schemas and `flux`, and without `extensions`
+    not an extension's (a schema publication holds those anyway); partitions come via their root."""
     rows = conn.execute(
         """
         SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
           AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_temp%%' AND n.nspname NOT LIKE 'pg\\_toast%%'
+          AND (%s OR """ + NOT_AN_EXTENSIONS + """)
         ORDER BY 1, 2
         """,
-        (list(SYSTEM_SCHEMAS),),
+        (list(SYSTEM_SCHEMAS), extensions),
     ).fetchall()
     return [TableRef(s, t) for s, t in rows]
 
@@ -129,29 +137,24 @@ def listed_tables_not_captured(conn: psycopg.Connection, slot: str, publication:
     return [TableRef(s, t) for s, t in rows]
 
 
-def check_ownership(conn: psycopg.Connection, tables: list[TableRef]) -> None:
+def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[str, str, str]]:
+    """(schema, table, owner) of each of `tables`, and of their partitions (which attach sets FULL
+    too), that the current role neither owns nor is a member of the owner of."""
     if not tables:
-        return
-    rows = conn.execute(
+        return []
+    return conn.execute(
         """
-        SELECT n.nspname, c.relname, pg_get_userbyid(c.relowner)
+        SELECT DISTINCT n.nspname, c.relname, pg_get_userbyid(c.relowner)
         FROM unnest(%s::text[], %s::text[]) AS t(s, r)
-        JOIN pg_namespace n ON n.nspname = t.s
-        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
-        WHERE NOT pg_has_role(current_user, c.relowner, 'USAGE')
+        JOIN pg_namespace rn ON rn.nspname = t.s
+        JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r
+        CROSS JOIN LATERAL (SELECT r.oid AS relid UNION SELECT relid FROM pg_partition_tree(r.oid)) p  -- empty for plain tables
+        JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE')
+        ORDER BY 1, 2
         """,
         ([t.schema for t in tables], [t.name for t in tables]),
     ).fetchall()
-    if rows:
-        listed = ", ".join(f"{s}.{r} (owner {o})" for s, r, o in rows[:10])
-        owner = rows[0][2]
-        raise PreflightError(
-            f"Setting REPLICA IDENTITY and publishing needs table ownership; the current role does not own: {listed}",
-            hint=f"Attach as the owner, make the attaching role the owner (ALTER TABLE ... OWNER TO ...), or leave these "
-                 f"tables out (--tables). Membership in the owning role (GRANT \"{owner}\" TO ...) also works, but gives "
-                 f"the attaching role everything that role owns.",
-            tables=len(rows),
-        )
 
 
 def with_partitions(conn: psycopg.Connection, table: TableRef) -> list[TableRef]:
@@ -205,7 +208,10 @@ def set_full_identity(conn: psycopg.Connection, slot: str, table: TableRef) -> d
     conn.execute(
         """
         INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous, previous_index)
-        VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING
+        VALUES (%s, %s, %s, %s, %s)
+        -- Not FULL although recorded: changed by hand since Flux set FULL. Detach restores that, the last choice made.
+        ON CONFLICT (slot_name, schema_name, table_name) DO UPDATE
+        SET previous = EXCLUDED.previous, previous_index = EXCLUDED.previous_index, changed_at = now()
         """,
         (slot, table.schema, table.name, current, index),
     )
@@ -218,12 +224,15 @@ def identity_name(code: str, index: str | None) -> str:
 
 
 def sync_publication(
-    conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None, slot: str
+    conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None, slot: str,
+    warnings: list[str] | None = None, restored: list[dict] | None = None,
 ) -> list[str]:
     """Make the publication publish exactly `chosen`, or with `schemas` those whole schemas.
 
-    Returns what changed. Tables no longer published get their replica identity restored.
+    Returns what changed. Tables no longer published get their replica identity restored (listed
+    in `restored`; what cannot be restored is said in `warnings`).
     """
+    restored = restored if restored is not None else []
     changes: list[str] = []
     name = sql.Identifier(publication)
     exists = conn.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
@@ -254,7 +263,7 @@ def sync_publication(
     for table in sorted(current - wanted, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, table.ident))
         if not schemas or table.schema not in set(schemas or []):
-            restore_identity(conn, slot, table, result_list=[])
+            restore_identity(conn, slot, table, result_list=restored, warnings=warnings)
             changes.append(f"publication {publication}: removed {table}")
     current_schemas = set(published_schemas(conn, publication))
     wanted_schemas = set(schemas or [])
@@ -272,34 +281,68 @@ def sync_publication(
             (slot, schema),
         ).fetchall():
             if TableRef(schema, table_name) not in keep:
-                restore_identity(conn, slot, TableRef(schema, table_name), result_list=[])
+                restore_identity(conn, slot, TableRef(schema, table_name), result_list=restored, warnings=warnings)
     return changes
 
 
-def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, result_list: list[dict]) -> None:
+def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, result_list: list[dict],
+                     warnings: list[str] | None = None) -> None:
+    """Give `table` back the identity recorded before Flux set FULL, and forget the record.
+
+    Only Flux's own setting is undone: a table whose identity was changed by hand since is left
+    as it is, and so is one whose earlier index is gone (an ALTER refused there would fail the
+    whole detach, for good). Each is said in `warnings`. Run in a transaction (a savepoint here).
+    """
     row = conn.execute(
-        "SELECT previous, previous_index FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s AND table_name = %s",
+        """
+        SELECT r.previous, r.previous_index, c.relreplident,
+               (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                WHERE i.indrelid = c.oid AND i.indisreplident),
+               EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                       WHERE i.indrelid = c.oid AND ic.relname = r.previous_index)
+        FROM flux.replica_identity_changes r
+        LEFT JOIN pg_namespace n ON n.nspname = r.schema_name
+        LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name AND c.relkind IN ('r', 'p')
+        WHERE r.slot_name = %s AND r.schema_name = %s AND r.table_name = %s
+        """,
         (slot, table.schema, table.name),
     ).fetchone()
     if row is None:
         return
-    previous, index = row
-    exists = conn.execute("SELECT to_regclass(%s)", (sql.Identifier(table.schema, table.name).as_string(conn),)).fetchone()[0]
-    if exists:
+    previous, index, current, current_index, index_exists = row
+    notes = warnings if warnings is not None else []
+    was = identity_name(previous, index)
+    if current is None:
+        pass  # dropped since: nothing to restore
+    elif current != "f":
+        notes.append(f"{table}: REPLICA IDENTITY was changed to {identity_name(current, current_index)} since Flux set "
+                     f"FULL; left as it is (before attach it was {was}).")
+    elif previous == "i" and not index_exists:
+        notes.append(f"{table}: left REPLICA IDENTITY FULL: before attach it was {was}, and that index no longer exists. "
+                     f"Choose one: ALTER TABLE {table.ident.as_string(conn)} REPLICA IDENTITY DEFAULT;")
+    else:
         clause = {
             "d": sql.SQL("DEFAULT"),
             "n": sql.SQL("NOTHING"),
             "f": sql.SQL("FULL"),
             "i": sql.SQL("USING INDEX {}").format(sql.Identifier(index or "")),
         }[previous]
-        conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table.ident, clause))
-        result_list.append({"table": str(table), "restored": identity_name(previous, index)})
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table.ident, clause))
+        except psycopg.Error as exc:
+            # A privilege: the caller's all-or-nothing refusal. A lock timeout: the caller tries the
+            # whole transaction again (flux.cdc.locks), then refuses, rather than leave FULL behind.
+            if exc.sqlstate in ("42501", "55P03"):
+                raise
+            notes.append(f"{table}: left REPLICA IDENTITY FULL: PostgreSQL refused {was} "
+                         f"({str(exc).strip().splitlines()[0]}).")
+        else:
+            result_list.append({"table": str(table), "restored": was})
     conn.execute(
         "DELETE FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s AND table_name = %s",
         (slot, table.schema, table.name),
     )
-
-
 
 
 def captured_tables(conn: psycopg.Connection, publication: str) -> list[TableRef]:

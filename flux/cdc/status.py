@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from flux.cdc.attach import connect, slot_warnings
-from flux.cdc.publication import SYSTEM_SCHEMAS, listed_tables_not_captured
+from flux.cdc.publication import NOT_AN_EXTENSIONS, SYSTEM_SCHEMAS, listed_tables_not_captured
 from flux.cdc.standby import standbys
 from flux.cdc.stream import consumer_of
 from flux.errors import NotFoundError
@@ -38,6 +38,7 @@ class CdcStatus:
     retained_wal_bytes: int | None = None
     wal_status: str | None = None
     publication: str | None = None
+    publication_exists: bool | None = None  # False: dropped by hand, nothing is captured
     published_tables: int | None = None
     mutations_recorded: int = 0
     last_commit_lsn: str | None = None
@@ -82,6 +83,8 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
             attached = conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
             if attached:
                 status.publication = attached[0]
+                status.publication_exists = bool(conn.execute(
+                    "SELECT 1 FROM pg_publication WHERE pubname = %s", (attached[0],)).fetchone())
                 status.published_tables = conn.execute(
                     "SELECT count(*) FROM pg_publication_tables WHERE pubname = %s", (attached[0],)
                 ).fetchone()[0]
@@ -104,7 +107,12 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
         if status.lag_seconds is None and status.lag_bytes == 0:
             status.lag_seconds = 0.0
         status.warnings = slot_warnings(conn, slot)
-        if has_schema and status.publication is not None:
+        if status.publication_exists is False and status.slot_exists:  # without a slot, what it says below is the fix
+            status.warnings.append(
+                f"Publication '{status.publication}' does not exist (dropped by hand?): nothing is captured, and slot "
+                f"'{slot}' cannot decode the changes made since, even once it exists again. `flux attach` again "
+                "re-creates it and replaces the slot.")
+        elif has_schema and status.publication is not None:
             status.warnings += capture_gaps(conn, slot, status.publication)
         if not status.slot_exists:
             elsewhere = conn.execute("SELECT database FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
@@ -140,7 +148,7 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
                    pg_has_role((SELECT pubowner FROM pg_publication WHERE pubname = %s), c.relowner, 'USAGE')
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
-              AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%'
+              AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%' AND """ + NOT_AN_EXTENSIONS + """
               AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt
                               WHERE pt.pubname = %s AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
             ORDER BY 1

@@ -190,9 +190,12 @@ class ReplicationStream:
                 ) from exc
             detail = exc.diag.message_detail
             if detail and "invalidated" in detail:  # PostgreSQL removed WAL the slot still needed
-                hint = ("The slot fell further behind than max_slot_wal_keep_size allows, so the changes made since the "
-                        "engine last kept up were never recorded. `flux detach` then `flux attach` start capture over; "
-                        "the gap cannot be recovered.")
+                since = f"after {format_lsn(self.start_lsn)}, the last recorded," if self.start_lsn else "since attach"
+                hint = (f"The slot fell further behind than max_slot_wal_keep_size allows, so the changes committed {since} "
+                        "until now were never recorded, and the gap cannot be recovered. `flux attach` again (or `flux "
+                        "detach` then `flux attach`) starts capture over with a new slot.")
+                raise from_psycopg(exc, f"Replication slot {self.slot!r} was invalidated by PostgreSQL ({detail})",
+                                   hint=hint, slot=self.slot)
             failing = "START_REPLICATION failed" + (f" ({detail})" if detail else "")
             raise from_psycopg(exc, failing, hint=hint, slot=self.slot, publication=self.publication)
         pgconn.nonblocking = 1
@@ -269,6 +272,13 @@ class ReplicationStream:
             if nbytes == -1:  # COPY ended: the server closed the stream (shutdown, terminate)
                 result = pgconn.get_result()
                 message = result.error_message.decode(errors="replace").strip() if result is not None else ""
+                if result is not None and result.error_field(pq.DiagnosticField.SQLSTATE) == b"42704":
+                    # The publication was dropped: the slot fails on this change at every retry, for good.
+                    raise NotFoundError(
+                        f"The replication stream stopped: {message.splitlines()[0]}",
+                        hint=f"The publication {self.publication} was dropped. This slot cannot decode the changes made "
+                             "while it was missing, even once it exists again: `flux attach` again replaces the slot "
+                             "(those changes are not recorded).", slot=self.slot, publication=self.publication)
                 raise self._lost(message or "the server ended the replication stream")
             if nbytes < -1:
                 raise self._lost(pgconn.error_message.decode(errors="replace").strip())

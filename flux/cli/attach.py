@@ -11,7 +11,7 @@ from flux.cli.common import DatabaseOption, JsonOption, reaching, resolve_databa
 from flux.cli.output import console, err_console, print_json, rich_escape
 
 SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
-PublicationOption = Annotated[str, typer.Option("--publication", help="Publication name.")]
+PublicationOption = Annotated[str | None, typer.Option("--publication", help="Publication name (default: the one attach recorded for the slot, else flux).")]
 LockTimeoutOption = Annotated[float, typer.Option(
     "--lock-timeout", min=0.1, max=3600, metavar="SECONDS",
     help="Longest wait for a table's lock before trying again (3 tries); the table's other queries wait as long meanwhile.")]
@@ -20,9 +20,9 @@ LockTimeoutOption = Annotated[float, typer.Option(
 def attach(
     database: DatabaseOption = None,
     tables: Annotated[str | None, typer.Option("--tables", help="Comma-separated tables to capture (SCHEMA.TABLE allowed).")] = None,
-    all_tables: Annotated[bool, typer.Option("--all-tables", help="Capture every table outside system schemas and `flux`, including tables created later.")] = False,
+    all_tables: Annotated[bool, typer.Option("--all-tables", help="Capture every table outside system schemas and `flux` (and, unless a superuser attaches, an extension's own), including tables created later.")] = False,
     slot: SlotOption = "flux",
-    publication: PublicationOption = "flux",
+    publication: PublicationOption = None,
     lock_timeout: LockTimeoutOption = lib.DEFAULT_LOCK_TIMEOUT_S,
     json: JsonOption = False,
 ) -> None:
@@ -38,7 +38,7 @@ def attach(
         print_json(result)
         return
     scope = "all tables" if result.all_tables else f"{len(result.tables)} table(s)"
-    console.print(f"[bold]Attached[/]  slot [cyan]{slot}[/] · publication [cyan]{publication}[/] · {scope}")
+    console.print(f"[bold]Attached[/]  slot [cyan]{slot}[/] · publication [cyan]{result.publication}[/] · {scope}")
     for table in result.tables:
         console.print(f"  captures {rich_escape(table)}")
     if not result.changed_anything:
@@ -50,6 +50,8 @@ def attach(
             f"  [yellow]~[/] {rich_escape(change['table'])}: REPLICA IDENTITY {change['previous']} → FULL"
             f"  [dim](`flux detach` restores {change['previous']})[/]"
         )
+    for item in result.replica_identity_restored:
+        console.print(f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']} again  [dim](no longer captured)[/]")
     for warning in result.warnings:
         console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
 

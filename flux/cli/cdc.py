@@ -63,7 +63,7 @@ def status(database: DatabaseOption = None, slot: SlotOption = "flux", json: Jso
         print_json(result)
     else:
         render_status(result)
-    if not result.slot_exists:  # for scripts and health checks: nothing is being captured
+    if not result.slot_exists or result.wal_status == "lost" or result.publication_exists is False:  # nothing is being captured
         raise typer.Exit(NotFoundError.exit_code)
 
 
@@ -91,10 +91,12 @@ def render_status(s: CdcStatus) -> None:
     else:  # not a Flux engine, or one that does not name itself
         consumer = f"running ({rich_escape(s.consumer_application or 'unnamed')}, walsender pid {s.walsender_pid})"
     rows = [
-        ("slot", "exists" if s.slot_exists else "[red]missing[/]"),
+        ("slot", ("[red]lost[/] (invalidated: nothing is captured)" if s.wal_status == "lost" else "exists")
+                 if s.slot_exists else "[red]missing[/]"),
         ("consumer", consumer),
         ("standby", ", ".join(f"pid {e['pid']} on {rich_escape(e['host'])}" for e in s.standbys) or "-"),
-        ("publication", f"{s.publication} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})" if s.publication else "-"),
+        ("publication", "-" if not s.publication else f"{s.publication} [red](missing)[/]" if s.publication_exists is False
+         else f"{s.publication} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})"),
         ("confirmed LSN", s.confirmed_lsn or "-"),
         ("server LSN", s.current_lsn or "-"),
         ("lag", _lag(s)),

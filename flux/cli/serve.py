@@ -159,7 +159,9 @@ def serve(
             return
     with reaching(engine_db):
         if attach_all:
-            attach(engine_dsn, all_tables=True)
+            for warning in attach(engine_dsn, all_tables=True).warnings:
+                if "no consumer" not in warning:  # the engine starts right below
+                    log.warning("%s", warning)
         if engine:
             _require_attached(engine_dsn)
     with reaching(db):

@@ -49,13 +49,15 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import errors, pq
 
-from flux.errors import ConfigError, from_psycopg
+from flux.errors import ConfigError, PreflightError, from_psycopg
 from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 
 log = logging.getLogger("flux.store")
 
 SCHEMA = "flux"
 SCHEMA_VERSION = 6
+# Every table any version makes in it: anything else there is someone else's.
+TABLES = ("meta", "state_mutations", "cdc_progress", "attachments", "replica_identity_changes", "trace_requests")
 
 # jsonb_hash_extended and hashtextextended are the functions hash partitioning relies on, so
 # their values are stable across PostgreSQL versions.
@@ -288,12 +290,35 @@ def ensure_schema(conn: psycopg.Connection) -> bool:
     with conn.transaction():
         # Serialize concurrent first runs; CREATE ... IF NOT EXISTS alone races on catalogs.
         conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK})")
+        _refuse_a_schema_not_fluxs(conn)
         conn.execute(DDL)
         conn.execute(
             "INSERT INTO flux.meta (key, value) VALUES ('schema_version', %s::jsonb) ON CONFLICT (key) DO NOTHING",
             (str(SCHEMA_VERSION),),
         )
     return True
+
+
+def _refuse_a_schema_not_fluxs(conn: psycopg.Connection) -> None:
+    """A `flux` schema holding objects but none of Flux's tables is the application's own: Flux's
+    tables would be created among its tables (and `flux detach --drop-data` drops the schema)."""
+    row = conn.execute(
+        """
+        SELECT n.nspowner::regrole::text,
+               (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S'))
+               + (SELECT count(*) FROM pg_proc p WHERE p.pronamespace = n.oid)
+               + (SELECT count(*) FROM pg_type t WHERE t.typnamespace = n.oid AND t.typrelid = 0 AND t.typcategory <> 'A')
+        FROM pg_namespace n WHERE n.nspname = %s AND to_regclass('flux.meta') IS NULL
+          AND to_regclass('flux.state_mutations') IS NULL
+        """,
+        (SCHEMA,),
+    ).fetchone()
+    if row is not None and row[1]:
+        raise PreflightError(
+            f"This database has a schema named {SCHEMA} (owner {row[0]}, {row[1]} object(s)) that is not Flux's: Flux keeps "
+            f"its own tables in a schema of that name, and would mix them with yours",
+            hint=f"Flux's schema name is fixed: rename yours (ALTER SCHEMA {SCHEMA} RENAME TO ...; and the code that uses "
+                 "it), or attach Flux to another database. Nothing was changed.", schema=SCHEMA)
 
 
 _LOCK = "hashtext('flux.schema')"
@@ -421,6 +446,17 @@ def _run(conn: psycopg.Connection, step: _Sql | _Index | _DropIndex, *, concurre
                         retryable=True,
                     ) from exc
                 time.sleep(0.5)
+
+
+def tables_not_fluxs(conn: psycopg.Connection) -> list[str]:
+    """Tables (and materialized views) in the flux schema that Flux did not make: an application's,
+    which dropping the schema would drop with it."""
+    rows = conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'm') AND NOT c.relispartition AND c.relname <> ALL (%s) ORDER BY 1",
+        (SCHEMA, list(TABLES)),
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 def drop_schema(conn: psycopg.Connection) -> None:

@@ -48,6 +48,7 @@ def test_attach_with_other_tables_updates_the_publication_and_restores_dropped_i
     assert [str(t) for t in captured_tables(conn, "flux")] == ["public.b"]
     assert "publication flux: removed public.a" in result.created
     assert identities(conn, "a", "b") == {"a": "d", "b": "f"}
+    assert result.replica_identity_restored == [{"table": "public.a", "restored": "DEFAULT"}]
 
 
 def test_partitions_get_full_identity_on_attach(dsn, conn):
@@ -302,9 +303,11 @@ def test_narrowing_all_tables_to_a_list_restores_the_identity_of_the_tables_left
     conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
     attach(dsn, all_tables=True)
     assert identities(conn, "a", "b") == {"a": "f", "b": "f"}
-    attach(dsn, tables=["a"])
+    narrowed = attach(dsn, tables=["a"])
     assert identities(conn, "a", "b") == {"a": "f", "b": "d"}
     assert [str(t) for t in captured_tables(conn, "flux")] == ["public.a"]
+    # Before: restored without a word (only "removed schema public" was said).
+    assert narrowed.replica_identity_restored == [{"table": "public.b", "restored": "DEFAULT"}]
 
 
 @pytest.fixture
@@ -335,6 +338,7 @@ def test_status_in_a_copy_says_the_slot_is_another_databases(conn, copy_of_attac
     status = cdc_status(copy_of_attached)
     assert status.slot_exists is False
     assert [w for w in status.warnings if f"Slot 'flux' belongs to database {conn.info.dbname}, not attached_copy" in w]
+    assert not [w for w in status.warnings if "Publication" in w]  # replacing the slot is not the fix here
 
 
 def test_attach_creating_a_slot_forgets_progress_recorded_for_an_earlier_one(dsn, conn):
@@ -418,3 +422,264 @@ def test_a_table_reconcile_may_not_capture_is_warned_of_once_with_the_fix_not_ev
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"cannot capture public.{table} yet: must be owner of table {table}")
     assert "otherwise run `flux attach` again" in warnings[0]
+
+
+def nothing_of_fluxs(conn) -> tuple:
+    """What a refused attach must not leave behind: slots, publications, Flux's tables, the event trigger."""
+    return (conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone()[0],
+            conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0],
+            conn.execute("SELECT to_regclass('flux.state_mutations')").fetchone()[0],
+            conn.execute("SELECT count(*) FROM pg_event_trigger").fetchone()[0])
+
+
+def test_attach_refuses_an_application_schema_named_flux_and_leaves_it_as_it_was(dsn, conn):
+    """Before: Flux created its tables among the application's, and `detach --drop-data` dropped them all."""
+    conn.execute("CREATE SCHEMA flux")
+    conn.execute("CREATE TABLE flux.jobs (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    with pytest.raises(PreflightError) as refused:
+        attach(dsn, tables=["users"])
+    assert "schema named flux (owner postgres, 1 object(s)) that is not Flux's" in refused.value.message
+    assert "ALTER SCHEMA flux RENAME TO" in refused.value.hint
+    assert nothing_of_fluxs(conn) == (0, 0, None, 0)
+    assert conn.execute("SELECT relname FROM pg_class WHERE relnamespace = 'flux'::regnamespace AND relkind = 'r'").fetchall() == [("jobs",)]
+
+
+def identity_by_index(conn, table: str, index: str) -> None:
+    conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, u int NOT NULL)")
+    conn.execute(f"CREATE UNIQUE INDEX {index} ON {table} (u)")
+    conn.execute(f"ALTER TABLE {table} REPLICA IDENTITY USING INDEX {index}")
+
+
+def test_detach_leaves_full_a_table_whose_index_of_before_attach_is_gone_and_says_so(dsn, conn):
+    """Before: ALTER TABLE ... USING INDEX of a dropped index failed the whole detach, every time."""
+    identity_by_index(conn, "a", "a_u_idx")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    attach(dsn, tables=["a", "b"])
+    conn.execute("DROP INDEX a_u_idx")
+    result = detach(dsn)
+    assert result.restored == [{"table": "public.b", "restored": "DEFAULT"}]
+    [warning] = result.warnings
+    assert warning.startswith("public.a: left REPLICA IDENTITY FULL: before attach it was USING INDEX a_u_idx, and that index")
+    assert warning.endswith('ALTER TABLE "public"."a" REPLICA IDENTITY DEFAULT;')
+    assert identities(conn, "a", "b") == {"a": "f", "b": "d"}
+    assert nothing_of_fluxs(conn)[:2] == (0, 0)
+
+
+def test_detach_of_a_listed_table_created_again_restores_the_identity_the_new_table_had(dsn, conn):
+    identity_by_index(conn, "a", "a_u_idx")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP TABLE a")
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")  # captured again by the event trigger
+    assert identities(conn, "a") == {"a": "f"}
+    assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"}]
+    assert identities(conn, "a") == {"a": "d"}
+
+
+def test_detach_leaves_a_replica_identity_changed_by_hand_since_attach_and_says_so(dsn, conn):
+    identity_by_index(conn, "a", "a_u_idx")
+    attach(dsn, tables=["a"])
+    conn.execute("ALTER TABLE a REPLICA IDENTITY DEFAULT")  # the team's choice, made while attached
+    result = detach(dsn)
+    assert result.restored == [] and identities(conn, "a") == {"a": "d"}
+    assert result.warnings == ["public.a: REPLICA IDENTITY was changed to DEFAULT since Flux set FULL; left as it is "
+                               "(before attach it was USING INDEX a_u_idx)."]
+
+
+def test_attach_again_after_a_hand_change_says_what_detach_then_restores(dsn, conn):
+    """Before: attach said detach restores the hand-set identity, and detach restored the one of before."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY, u int NOT NULL)")
+    conn.execute("CREATE UNIQUE INDEX a_u_idx ON a (u)")
+    attach(dsn, tables=["a"])
+    conn.execute("ALTER TABLE a REPLICA IDENTITY USING INDEX a_u_idx")
+    [change] = attach(dsn, tables=["a"]).replica_identity_changed
+    assert change["previous"] == "USING INDEX a_u_idx"
+    assert detach(dsn).restored == [{"table": "public.a", "restored": change["previous"]}]
+    assert identities(conn, "a") == {"a": "i"}
+
+
+def test_attach_names_everything_its_role_lacks_at_once_with_each_statement_and_changes_nothing(dsn, conn):
+    """Before: one refusal at a time, and for tables of several owners a GRANT of the first owner "TO ..."."""
+    conn.execute("CREATE ROLE attach_bare LOGIN; CREATE ROLE owner_one; CREATE ROLE owner_two")
+    try:
+        conn.execute("CREATE TABLE a (id int PRIMARY KEY); ALTER TABLE a OWNER TO owner_one")
+        conn.execute("CREATE TABLE b (id int PRIMARY KEY); ALTER TABLE b OWNER TO owner_two")
+        with pytest.raises(PreflightError) as refused:
+            attach(dsn.replace("postgres@", "attach_bare@"), tables=["a", "b"])
+    finally:
+        conn.execute("DROP TABLE IF EXISTS a, b")
+        conn.execute("DROP ROLE attach_bare; DROP ROLE owner_one; DROP ROLE owner_two")
+    assert refused.value.message == (
+        "Role 'attach_bare' may not use replication; it may not create schemas or publications in this database; it needs "
+        "to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: public.a (owner "
+        "owner_one), public.b (owner owner_two)")
+    assert refused.value.hint == (
+        'As a superuser run: ALTER ROLE "attach_bare" WITH REPLICATION; '
+        f'As the database owner run: GRANT CREATE ON DATABASE "{conn.info.dbname}" TO "attach_bare"; '
+        'As a superuser run: GRANT "owner_one", "owner_two" TO "attach_bare"; (membership gives it everything those roles '
+        'own). Or attach as the owner, or leave these tables out (--tables).')
+    assert nothing_of_fluxs(conn) == (0, 0, None, 0)
+
+
+def test_attach_names_a_partition_its_role_does_not_own_before_changing_anything(dsn, conn):
+    """Before: `must be owner of table m1` mid-transaction, with a hint about reading Flux's tables."""
+    conn.execute("CREATE ROLE attach_parts LOGIN REPLICATION; CREATE ROLE parts_owner")
+    try:
+        conn.execute(f'GRANT CREATE ON DATABASE "{conn.info.dbname}" TO attach_parts')
+        conn.execute("CREATE TABLE m (id int, t int, PRIMARY KEY (id, t)) PARTITION BY RANGE (t); ALTER TABLE m OWNER TO attach_parts")
+        conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10); ALTER TABLE m1 OWNER TO parts_owner")
+        with pytest.raises(PreflightError) as refused:
+            attach(dsn.replace("postgres@", "attach_parts@"), tables=["m"])
+    finally:
+        conn.execute("DROP TABLE IF EXISTS m")
+        conn.execute(f'REVOKE CREATE ON DATABASE "{conn.info.dbname}" FROM attach_parts')
+        conn.execute("DROP ROLE attach_parts; DROP ROLE parts_owner")
+    assert refused.value.message.endswith("does not own: public.m1 (owner parts_owner)")
+    assert refused.value.hint.startswith('As a superuser run: GRANT "parts_owner" TO "attach_parts";')
+    assert nothing_of_fluxs(conn) == (0, 0, None, 0)
+
+
+def test_detach_drop_data_refuses_while_the_flux_schema_holds_an_applications_table(dsn, conn):
+    """A role named flux creates its unqualified tables in Flux's schema: DROP SCHEMA flux CASCADE dropped them."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE TABLE flux.invoices (id int PRIMARY KEY)")
+    with pytest.raises(PreflightError) as refused:
+        detach(dsn, drop_data=True)
+    assert refused.value.message.endswith("which --drop-data would drop with it: flux.invoices")
+    assert "ALTER TABLE flux.invoices SET SCHEMA public;" in refused.value.hint and "Nothing was changed" in refused.value.hint
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone() == (1,)
+    conn.execute("ALTER TABLE flux.invoices SET SCHEMA public")
+    assert detach(dsn, drop_data=True).data_dropped
+    assert conn.execute("SELECT to_regclass('public.invoices') IS NOT NULL").fetchone() == (True,)
+
+
+def test_attach_warns_that_a_role_named_flux_would_find_fluxs_schema_first(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE ROLE flux")  # roles are per cluster: dropped at once below
+    try:
+        warned = [w for w in attach(dsn, tables=["a"]).warnings if "A role named flux" in w]
+        conn.execute("ALTER ROLE flux SET search_path = public")
+        fixed = [w for w in attach(dsn, tables=["a"]).warnings if "A role named flux" in w]
+    finally:
+        conn.execute("DROP ROLE flux")
+    assert len(warned) == 1 and warned[0].endswith("Run: ALTER ROLE flux SET search_path = public;")
+    assert 'its search_path ("$user", public)' in warned[0]
+    assert fixed == []
+
+
+def test_all_tables_as_a_non_superuser_leaves_an_extensions_own_table_out(dsn, conn):
+    """PostGIS's spatial_ref_sys, owned by whoever installed it: before, `--all-tables` was refused for it,
+    with a hint to grant the attaching role membership in that (often superuser) role."""
+    conn.execute("CREATE TABLE ext_table (srid int PRIMARY KEY)")
+    conn.execute("ALTER EXTENSION plpgsql ADD TABLE ext_table")  # as an extension's script makes it its own
+    with table_owner_role(conn, dsn, "ext_app_owner") as app:
+        try:
+            with psycopg.connect(app, autocommit=True) as app_conn:
+                app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+            assert attach(app, all_tables=True).tables == ["public.a"]
+            assert not [w for w in cdc_status(dsn).warnings if "not captured" in w]
+            assert reconcile_new_tables(app, slot="flux") == []
+        finally:
+            detach(dsn, drop_data=True)
+            conn.execute("ALTER EXTENSION plpgsql DROP TABLE ext_table")
+    assert identities(conn, "ext_table") == {"ext_table": "d"}
+
+
+@pytest.fixture
+def publication_dropped(dsn, conn):
+    """An attachment whose publication was dropped by hand, with a change made meanwhile."""
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    attach(dsn, tables=["users"])
+    conn.execute("DROP PUBLICATION flux")
+    conn.execute("INSERT INTO users VALUES (1)")
+    return dsn
+
+
+def test_the_engine_stops_with_the_fix_when_its_publication_was_dropped(publication_dropped):
+    """Before: 'Replication connection lost', retried and logged twice a second, for good."""
+    from tests.support import start_engine
+
+    running = start_engine(publication_dropped, backoff_initial=0.1)
+    running.thread.join(timeout=15)
+    assert not running.thread.is_alive(), "the engine kept retrying a change it can never decode"
+    [error] = running.errors
+    assert isinstance(error, NotFoundError) and 'publication "flux" does not exist' in error.message
+    assert "`flux attach` again replaces the slot" in error.hint
+
+
+def test_status_says_the_publication_is_missing_and_nothing_is_captured(publication_dropped):
+    status = cdc_status(publication_dropped)
+    assert status.publication_exists is False
+    assert [w for w in status.warnings if w.startswith("Publication 'flux' does not exist (dropped by hand?)")]
+    assert not [w for w in status.warnings if "created again" in w]  # before: the table was blamed
+
+
+def test_attach_again_after_the_publication_was_dropped_replaces_the_slot_and_captures_again(publication_dropped, conn):
+    """Before: attach made the publication again and kept the slot, which failed on the change made meanwhile."""
+    from tests.support import mutations, start_engine
+
+    created = attach(publication_dropped, tables=["users"]).created
+    assert "replication slot flux (replaces the old one: its publication flux had been dropped, and it cannot decode a " \
+           "change made meanwhile)" in created
+    running = start_engine(publication_dropped)
+    try:
+        conn.execute("INSERT INTO users VALUES (2)")
+        running.caught_up()
+    finally:
+        running.stop()
+    assert [m["new"] for m in mutations(publication_dropped)] == [{"id": 2}]
+
+
+def test_attach_refuses_to_replace_a_slot_without_its_publication_while_it_is_read(publication_dropped, conn):
+    from flux.cdc.stream import ReplicationStream
+
+    # Streaming from the server's position, past the change the slot cannot decode: it stays held.
+    now = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+    holder = ReplicationStream(dsn=publication_dropped, slot="flux", publication="flux", start_lsn=int(now))
+    holder.open()
+    try:
+        wait_slot_held(conn)
+        with pytest.raises(PreflightError, match="Publication flux was dropped, and a consumer still reads slot flux"):
+            attach(publication_dropped, tables=["users"])
+    finally:
+        holder.close()
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+
+
+def test_attach_again_through_another_publication_is_refused_rather_than_leaving_the_first_behind(dsn, conn):
+    """Before: a second publication was made and recorded, and the first stayed, published, past detach."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"], publication="first")
+    with pytest.raises(ConfigError, match="Slot flux's attachment publishes through first, not other") as refused:
+        attach(dsn, tables=["a"], publication="other")
+    assert "`flux detach --slot flux` first" in refused.value.hint
+    assert attach(dsn, tables=["a"]).publication == "first"  # without --publication: the recorded one
+    detach(dsn)
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+
+
+def test_detach_after_the_flux_schema_was_dropped_by_hand_says_the_slot_still_keeps_wal(dsn, conn):
+    """Before: "nothing of Flux's to detach here", while the slot it left pinned WAL."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP SCHEMA flux CASCADE")
+    with pytest.raises(NotFoundError) as refused:
+        detach(dsn)
+    assert "keeps WAL until it is dropped" in refused.value.hint and "SELECT pg_drop_replication_slot('flux');" in refused.value.hint
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone() == (1,)  # left alone
+
+
+def test_attach_asks_to_change_the_owner_of_a_superusers_table_rather_than_grant_the_superuser_role(dsn, conn):
+    """Membership in a superuser role makes a role able to act as a superuser."""
+    conn.execute("CREATE ROLE attach_nosuper LOGIN REPLICATION")
+    try:
+        conn.execute(f'GRANT CREATE ON DATABASE "{conn.info.dbname}" TO attach_nosuper')
+        conn.execute("CREATE TABLE dba_table (id int PRIMARY KEY)")  # the superuser's
+        with pytest.raises(PreflightError) as refused:
+            attach(dsn.replace("postgres@", "attach_nosuper@"), tables=["dba_table"])
+    finally:
+        conn.execute(f'REVOKE CREATE ON DATABASE "{conn.info.dbname}" FROM attach_nosuper')
+        conn.execute("DROP ROLE attach_nosuper")
+    assert refused.value.hint == ('As a superuser run: ALTER TABLE "public"."dba_table" OWNER TO "attach_nosuper"; Or attach '
+                                  'as the owner, or leave these tables out (--tables).')

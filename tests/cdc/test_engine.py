@@ -184,3 +184,25 @@ def test_an_idle_session_timeout_the_database_sets_does_not_end_the_engines_conn
     running.caught_up()
     assert running.engine.stats.reconnects == 0
     assert [m["row_key"] for m in mutations(dsn, "a")] == [{"id": 1}, {"id": 2}]
+
+
+def test_a_failure_right_after_each_reconnect_backs_off_and_is_logged_once(dsn, conn, capture, caplog):
+    """The backoff was reset as soon as a session opened, so a store failing on the first write of
+    every session was retried at the initial delay for good, and logged at each try."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    running = capture(tables=["a"], backoff_initial=0.1)
+    running.caught_up()
+    conn.execute("""
+        CREATE FUNCTION flux.refuse() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN RAISE EXCEPTION 'store is full' USING ERRCODE = 'disk_full'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON flux.state_mutations FOR EACH STATEMENT EXECUTE FUNCTION flux.refuse();
+    """)
+    with caplog.at_level("WARNING", logger="flux.cdc"):
+        conn.execute("INSERT INTO a VALUES (1)")
+        time.sleep(4)  # 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s of backoff: 5 or 6 tries, not 20 to 40
+        tries = running.engine.stats.reconnects
+    conn.execute("DROP TRIGGER refuse ON flux.state_mutations")
+    running.caught_up()  # the failure ends: recorded, once
+    assert 2 <= tries <= 7, tries
+    assert len([r for r in caplog.records if "reconnecting in" in r.getMessage()]) == 1
+    assert [m["row_key"] for m in mutations(dsn, "a")] == [{"id": 1}]

@@ -148,24 +148,34 @@ def test_cdc_run_without_attach_names_the_missing_slot_and_exits_3(dsn):
 
 
 @pytest.fixture(scope="module")
-def lost_slot_dsn(tmp_path_factory) -> str:
-    """A database whose slot PostgreSQL invalidated: it fell further behind than max_slot_wal_keep_size."""
+def small_wal_keep_cluster(tmp_path_factory) -> str:
+    """A cluster that invalidates a slot more than 1 MB of WAL behind (max_slot_wal_keep_size); its DSN."""
     state = tmp_path_factory.mktemp("small_wal_keep_cluster")
     state.chmod(0o755)
     cluster = Cluster(state_dir=state, settings={"fsync": "off", "max_slot_wal_keep_size": "'1MB'"})
-    dsn = cluster.start().dsn
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
-            assert invoke("attach", "--database", dsn, "--tables", "users").exit_code == 0
-            for n in range(4):  # WAL segments the slot still needs, then a checkpoint removes them
-                conn.execute("INSERT INTO users SELECT g FROM generate_series(%s::int, %s::int) g", (n * 1000, n * 1000 + 999))
-                conn.execute("SELECT pg_switch_wal()")
-            conn.execute("CHECKPOINT")
-            assert conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == "lost"
-        yield dsn
+        yield cluster.start().dsn
     finally:
         cluster.destroy()
+
+
+def attach_and_lose_the_slot(dsn: str, slot: str = "flux") -> None:
+    """Attach, then write past max_slot_wal_keep_size with no engine running: PostgreSQL invalidates the slot."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+        assert invoke("attach", "--database", dsn, "--tables", "users", "--slot", slot).exit_code == 0
+        for n in range(4):  # WAL segments the slot still needs, then a checkpoint removes them
+            conn.execute("INSERT INTO users SELECT g FROM generate_series(%s::int, %s::int) g", (n * 1000, n * 1000 + 999))
+            conn.execute("SELECT pg_switch_wal()")
+        conn.execute("CHECKPOINT")
+        assert conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()[0] == "lost"
+
+
+@pytest.fixture(scope="module")
+def lost_slot_dsn(small_wal_keep_cluster) -> str:
+    """A database whose slot PostgreSQL invalidated: it fell further behind than max_slot_wal_keep_size."""
+    attach_and_lose_the_slot(small_wal_keep_cluster)
+    return small_wal_keep_cluster
 
 
 def test_cdc_run_on_an_invalidated_slot_says_the_gap_is_lost_and_how_to_start_over(lost_slot_dsn):
@@ -180,6 +190,48 @@ def test_cdc_status_warns_that_an_invalidated_slot_lost_changes(lost_slot_dsn):
     data = json.loads(invoke("cdc", "status", "--database", lost_slot_dsn, "--json").stdout)
     assert data["wal_status"] == "lost"
     assert [w for w in data["warnings"] if "was invalidated" in w and "not recorded" in w]
+
+
+def test_cdc_status_of_an_invalidated_slot_exits_3_as_nothing_is_captured(lost_slot_dsn):
+    """Before: exit 0 and "slot exists", so a health check passed while nothing was captured."""
+    result = invoke("cdc", "status", "--database", lost_slot_dsn)
+    assert result.exit_code == 3
+    assert "lost (invalidated: nothing is captured)" in result.stdout
+
+
+def test_cdc_run_on_an_invalidated_slot_says_which_changes_were_not_recorded(small_wal_keep_cluster):
+    with psycopg.connect(small_wal_keep_cluster, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE lost_after_progress")
+    dsn = small_wal_keep_cluster.rsplit("/", 1)[0] + "/lost_after_progress"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+        invoke("attach", "--database", dsn, "--tables", "users", "--slot", "progressed")
+        conn.execute("INSERT INTO flux.cdc_progress (slot_name, commit_lsn, end_lsn) VALUES ('progressed', '0/10', '0/20')")
+        conn.execute("DROP TABLE users")
+    attach_and_lose_the_slot(dsn, "progressed")  # attach keeps the progress: the slot exists
+    proc = run_flux("cdc", "run", "--database", dsn, "--slot", "progressed")
+    assert proc.returncode == 1, proc.stderr
+    error, hint = proc.stderr.strip().splitlines()
+    assert error.startswith("error: Replication slot 'progressed' was invalidated by PostgreSQL (")
+    assert "changes committed after 0/20, the last recorded, until now were never recorded" in hint
+
+
+def test_attach_again_replaces_an_invalidated_slot_and_says_what_was_not_recorded(small_wal_keep_cluster):
+    """Before: "Nothing changed: already attached this way", leaving the dead slot and capturing nothing."""
+    with psycopg.connect(small_wal_keep_cluster, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE lost_then_attached")
+    dsn = small_wal_keep_cluster.rsplit("/", 1)[0] + "/lost_then_attached"
+    attach_and_lose_the_slot(dsn, "relost")
+    data = json.loads(invoke("attach", "--database", dsn, "--tables", "users", "--slot", "relost", "--json").stdout)
+    [created] = data["created"]
+    assert created == "replication slot relost (replaces the old one: PostgreSQL had invalidated it (max_slot_wal_keep_size))"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'relost'").fetchone() == ("reserved",)
+        assert conn.execute("SELECT count(*) FROM flux.cdc_progress WHERE slot_name = 'relost'").fetchone() == (0,)
+    [warning] = [w for w in data["warnings"] if "invalidated" in w]  # what `flux dev` shows of an attach
+    assert warning.startswith("Slot 'relost' was replaced, as PostgreSQL had invalidated it (max_slot_wal_keep_size): "
+                              "changes committed after ") and "Capture starts over from now" in warning
+    assert invoke("cdc", "status", "--database", dsn, "--slot", "relost").exit_code == 0
 
 
 def test_attach_refuses_role_without_replication(dsn, conn):

@@ -110,6 +110,10 @@ def run_stack(
         raise errors[0]
 
 
+def _log_slot_waits(sessions: list[str]) -> None:
+    log.warning("creating the replication slot waits for these transactions to end: %s", "; ".join(sessions))
+
+
 def serve(
     database: DatabaseOption = None,
     project: ProjectOption = None,
@@ -159,7 +163,7 @@ def serve(
             return
     with reaching(engine_db):
         if attach_all:
-            for warning in attach(engine_dsn, all_tables=True).warnings:
+            for warning in attach(engine_dsn, all_tables=True, on_wait=_log_slot_waits).warnings:
                 if "no consumer" not in warning:  # the engine starts right below
                     log.warning("%s", warning)
         if engine:

@@ -11,6 +11,7 @@ shared memory block tied to the directory) still refuses a second server.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -43,8 +44,9 @@ def pid_file_port(data_dir: Path) -> int | None:
 def stale_pid_file(data_dir: Path) -> str | None:
     """Why `postmaster.pid` cannot be a live server's (a sentence), or None when it may be (or is absent).
 
-    Stale: empty or garbled (a crash while it was written), or naming a process that is gone or is
-    not a PostgreSQL server (its pid reused since the server died).
+    Stale: empty or garbled (a crash while it was written), or naming a process that is gone, is not
+    a PostgreSQL server, or is one that does not listen on the file's port (its pid reused since the
+    server died, by another program or another cluster's server).
     """
     fields = pid_file_fields(data_dir)
     if fields is None:
@@ -58,7 +60,24 @@ def stale_pid_file(data_dir: Path) -> str | None:
     name = process_name(pid_number)
     if name is not None and name not in SERVER_NAMES:
         return f"process {pid_number} is now another program ({name}), not a PostgreSQL server"
+    port = pid_file_port(data_dir)
+    if int(pid) > 0 and port is not None and not _listening(fields, port):
+        # A server listens from its first moments, before recovery: this is another cluster's, its pid reused.
+        return f"process {pid_number} is a PostgreSQL server that does not listen on this cluster's port {port}"
     return None
+
+
+def _listening(fields: list[str], port: int) -> bool:
+    address = fields[5].split()[0] if len(fields) > 5 and fields[5].split() else "127.0.0.1"
+    if address in ("*", "0.0.0.0", "::"):
+        address = "127.0.0.1"
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except OSError:  # unreachable, timed out: cannot tell, so not stale
+        return True
 
 
 def process_name(pid: int) -> str | None:

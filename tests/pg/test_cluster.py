@@ -140,6 +140,26 @@ def test_a_postmaster_pid_left_by_a_crash_naming_another_process_does_not_pass_f
         cluster.destroy()
 
 
+def test_a_postmaster_pid_left_by_a_crash_naming_another_clusters_server_does_not_pass_for_this_one(open_dir, pg_cluster):
+    """The pid reused by the server of another cluster (another project's): pg_ctl said this one ran, and
+    adopting it would have stopped the other project's server."""
+    other_pid = int((Path(pg_cluster.start().data_dir) / "postmaster.pid").read_text().split()[0])
+    cluster = Cluster(state_dir=open_dir / ".flux")
+    try:
+        info = cluster.start()
+        pid_file = Path(info.data_dir) / "postmaster.pid"
+        fields = pid_file.read_text().splitlines()
+        cluster.stop()
+        pid_file.write_text("\n".join([str(other_pid), *fields[1:]]) + "\n")
+        os.chown(pid_file, _server_uid(cluster), -1)
+        assert not cluster.is_running()
+        again = cluster.start()
+        assert again.started and "does not listen on this cluster's port" in again.stale_pid_file
+        assert alive(other_pid) and pg_cluster.is_running()
+    finally:
+        cluster.destroy()
+
+
 def test_a_server_whose_starter_died_is_adopted_by_the_next_start(open_dir):
     """flux dev killed with kill -9 leaves its server running: the next flux dev took it for someone else's and
     left it running for ever."""

@@ -3,7 +3,7 @@
 In a directory with flux.toml it serves the project's functions on http://127.0.0.1:PORT,
 reloading them when their files change. Elsewhere it runs the database and the engine only.
 One `flux dev` runs per project on its embedded database (`.flux/dev.lock`), and it stops
-the embedded server only if it started it.
+the embedded server only if it started it, or adopted it from a process that died (Cluster.start).
 """
 
 from __future__ import annotations

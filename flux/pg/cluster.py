@@ -202,7 +202,9 @@ class Cluster:
             kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
             env["HOME"] = self._user.pw_dir
         try:
-            proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd="/", timeout=timeout, **kwargs)
+            # errors="replace": the tools echo paths, which need not be UTF-8 (a latin-1 directory name)
+            proc = subprocess.run(args, capture_output=True, text=True, errors="replace", env=env, cwd="/",
+                                  timeout=timeout, **kwargs)
         except (OSError, subprocess.SubprocessError) as exc:
             raise ClusterError(f"Could not run {Path(args[0]).name}: {exc}", hint=INSTALL_HINT) from exc
         if check and proc.returncode != 0:
@@ -246,7 +248,8 @@ class Cluster:
         lines = [f"{k} = {v}" for k, v in {**self.settings, "port": str(port)}.items()]
         lines.append(f"unix_socket_directories = {conf_string(socket_directory(data_dir, port))}")
         conf = data_dir / "postgresql.auto.conf"
-        conf.write_text("# Written by Flux on every start.\n" + "\n".join(lines) + "\n")
+        text = "# Written by Flux on every start.\n" + "\n".join(lines) + "\n"
+        conf.write_bytes(text.encode("utf-8", "surrogateescape"))  # a path's bytes as they are, UTF-8 or not
         self._chown_for_server(conf)
 
     def _status_running(self, data_dir: Path) -> bool:

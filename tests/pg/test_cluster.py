@@ -91,6 +91,16 @@ def test_a_project_path_too_long_for_a_unix_socket_starts_on_tcp(open_dir):
         cluster.destroy()
 
 
+def test_a_project_path_that_is_not_utf8_starts(open_dir):
+    """A latin-1 directory name: initdb's output, which echoes the path, failed to decode (a traceback)."""
+    cluster = Cluster(state_dir=open_dir / os.fsdecode(b"caf\xe9") / ".flux")
+    try:
+        with psycopg.connect(cluster.start().dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        cluster.destroy()
+
+
 def test_an_initdb_cut_short_leaves_nothing_the_next_start_takes_for_a_cluster(open_dir):
     """initdb writes PG_VERSION first: killed later (Ctrl-C, kill -9, a full disk), it left a directory every
     later start took for a made cluster ('database "postgres" does not exist', for ever)."""

@@ -109,6 +109,7 @@ class ClusterInfo:
     adopted_from: int | None = None  # the pid of the dead process that had started the server this one adopted
     moved_from: int | None = None  # the port recorded last time, taken by another program since
     stale_pid_file: str | None = None  # why a postmaster.pid left by a server that died was removed
+    remade: bool = False  # cluster.json named a cluster that is gone (deleted, or /var/tmp cleaned): this one is new
 
     @property
     def dsn(self) -> str:
@@ -269,7 +270,9 @@ class Cluster:
         """
         meta = self._load_meta()
         data_dir = self._data_dir(meta)
+        remade = False
         if not self._exists(data_dir):
+            remade = bool(meta.get("data_dir"))
             self._init(data_dir)
         stale = stale_pid_file(data_dir)
         if stale is not None:  # the server would refuse to start while it exists
@@ -303,7 +306,7 @@ class Cluster:
                                data_dir=str(data_dir)) from exc
         self._postmaster = pid_file_pid(data_dir)
         return ClusterInfo(data_dir=str(data_dir), port=port, bindir=str(self.bindir), started=True,
-                           moved_from=moved_from, stale_pid_file=stale)
+                           moved_from=moved_from, stale_pid_file=stale, remade=remade)
 
     def stop(self, *, mode: str = "fast") -> bool:
         """Stop the server; False when there was none to stop.

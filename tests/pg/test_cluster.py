@@ -215,6 +215,18 @@ def test_a_server_whose_data_directory_was_deleted_while_it_ran_is_stopped(open_
     assert not alive(pid)
 
 
+def test_a_cluster_gone_since_the_last_run_is_made_anew_and_said(open_dir):
+    """Its directory deleted, or cleaned from /var/tmp: a new, empty cluster was made without a word."""
+    cluster = Cluster(state_dir=open_dir / ".flux")
+    try:
+        assert cluster.start().remade is False
+        cluster.stop()
+        shutil.rmtree(cluster._data_dir(cluster._load_meta()))
+        assert cluster.start().remade is True
+    finally:
+        cluster.destroy()
+
+
 def test_a_cluster_made_by_another_major_version_is_refused_with_what_to_install(tmp_path):
     """Opened with whatever binaries were found first (pg_config's, the newest), it failed as 'pg_ctl failed:
     Examine the log output.'"""

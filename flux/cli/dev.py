@@ -142,7 +142,7 @@ def dev(
 def _say_how_it_started(info: ClusterInfo) -> None:
     """What start() did that the user would otherwise wonder about: a server adopted, a port moved, a crash's leftovers."""
     if info.remade:
-        console.print(f"  (the cluster .flux/cluster.json named in {rich_escape(_shown(Path(info.data_dir)))} was gone:"
+        console.print(f"  (.flux/cluster.json named a cluster in {rich_escape(_shown(Path(info.data_dir)))} that is gone:"
                       " this is a new, empty one)")
     if info.adopted_from is not None:
         console.print(f"  (left running by a flux dev that ended abruptly, pid {info.adopted_from}: this one stops it)")

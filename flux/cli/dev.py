@@ -3,7 +3,7 @@
 In a directory with flux.toml it serves the project's functions on http://127.0.0.1:PORT,
 reloading them when their files change. Elsewhere it runs the database and the engine only.
 One `flux dev` runs per project on its embedded database (`.flux/dev.lock`), and it stops
-the embedded server only if it started it.
+the embedded server only if it started it, or adopted it from a process that died (Cluster.start).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,6 +21,9 @@ from flux.cli.common import CONNECT_TIMEOUT, ENV_DSN, FROM_EMBEDDED, FROM_FLAG, 
 from flux.cli.output import console, rich_escape
 from flux.cli.serve import (HostOption, MaxQueueOption, PoolOption, PortOption, QueueTimeoutOption, WorkersOption,
                              run_stack)
+
+if TYPE_CHECKING:
+    from flux.pg.cluster import ClusterInfo
 
 LOCK_FILE = "dev.lock"
 
@@ -41,7 +44,7 @@ def dev(
     """Start (or reuse) the embedded PostgreSQL in .flux/, record every row change, and serve this project's functions."""
     from flux.cdc.attach import attach
     from flux.logs import setup_logging
-    from flux.errors import ConfigError
+    from flux.errors import ClusterError, ConfigError
     from flux.gateway.server import check_port, ensure_store
     from flux.pg.cluster import Cluster
     from flux.project import find_project_root, load_project
@@ -76,6 +79,17 @@ def dev(
                     cluster.stop()
                     _say("Embedded PostgreSQL stopped.")
                 raise
+            except ClusterError:
+                if received() is None:
+                    raise
+                # Ctrl-C reaches initdb and pg_ctl too (one process group): their failure is the user's stop.
+                # initdb leaves nothing half-made (Cluster._init); a server pg_ctl had launched is ours to stop.
+                logging.getLogger("flux").info("stopped before serving: %s arrived while starting",
+                                               signal.Signals(received()).name)
+                if not running and cluster.stop():
+                    _say("Embedded PostgreSQL stopped.")
+                return
+            _say_how_it_started(info)
             db = Database(info.dsn, FROM_EMBEDDED, project_dir)
         else:
             db = Database(given, FROM_FLAG)
@@ -113,13 +127,29 @@ def dev(
         logging.getLogger("flux").info("stopped")
     finally:
         if info is not None and info.started:
+            kept = (Path(info.data_dir) / "PG_VERSION").exists()
             cluster.stop()
-            _say(f"Embedded PostgreSQL stopped (data kept in {rich_escape(_shown(Path(info.data_dir)))}).")
+            _say(f"Embedded PostgreSQL stopped (data kept in {rich_escape(_shown(Path(info.data_dir)))})." if kept else
+                 f"Embedded PostgreSQL stopped (its data directory {rich_escape(_shown(Path(info.data_dir)))} was deleted"
+                 " while it ran: the next flux dev makes a new, empty one).")
         elif info is not None:  # someone else started it, and may still use it
             _say("Embedded PostgreSQL left running: it was running before this flux dev started"
                  f" ({rich_escape(cluster.stop_command())} stops it).")
         if lock is not None:
             lock.close()
+
+
+def _say_how_it_started(info: ClusterInfo) -> None:
+    """What start() did that the user would otherwise wonder about: a server adopted, a port moved, a crash's leftovers."""
+    if info.remade:
+        console.print(f"  (.flux/cluster.json named a cluster in {rich_escape(_shown(Path(info.data_dir)))} that is gone:"
+                      " this is a new, empty one)")
+    if info.adopted_from is not None:
+        console.print(f"  (left running by a flux dev that ended abruptly, pid {info.adopted_from}: this one stops it)")
+    if info.stale_pid_file is not None:
+        console.print(f"  (removed the postmaster.pid left by a server that did not stop cleanly: {rich_escape(info.stale_pid_file)})")
+    if info.moved_from is not None:
+        console.print(f"  (port {info.moved_from} is taken by another program now: PostgreSQL listens on {info.port})")
 
 
 def _shown(path: Path) -> str:
@@ -147,9 +177,13 @@ def hold_project_lock(state_dir: Path) -> IO[str]:
     however it ends, so a crash leaves no stale lock; the file keeps the holder's pid for the message.
     """
     from flux.errors import InUseError
+    from flux.pg.cluster import unwritable_error
 
-    state_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held until the process ends
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held until the process ends
+    except OSError as exc:  # read-only, or made by another account (sudo flux dev, then flux dev)
+        raise unwritable_error(Path(exc.filename or state_dir), exc, owned=state_dir) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

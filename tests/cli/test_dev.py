@@ -281,3 +281,44 @@ def test_a_schema_sql_that_is_not_utf8_is_a_config_error(dsn, tmp_path):
     schema.write_bytes(b"INSERT INTO t VALUES ('caf\xe9');\n")
     with pytest.raises(ConfigError, match="schema.sql is not UTF-8"):
         _run_setup_sql(dsn, schema)
+
+
+def test_dev_where_a_file_stands_in_the_way_of_flux_says_so_in_one_line(project):
+    """Any OSError making .flux/ or its lock (a read-only project, one made by another account) was a traceback."""
+    (project / ".flux").write_text("not a directory\n")
+    result = run_dev(project)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"error: Cannot write {project / '.flux'}: a file is in the way" in result.stderr
+    assert "hint: flux dev keeps its database in the project's .flux/ directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    (project / ".flux").unlink()  # for the fixture's clean-up
+
+
+def test_a_ctrl_c_during_initdb_stops_dev_without_an_error(project):
+    """The terminal's SIGINT reaches initdb too (one process group): its failure was reported as flux dev's own,
+    'initdb failed: initdb: removing contents of data directory', exit 1."""
+    data_dir = Cluster(state_dir=project / ".flux")._data_dir({})
+    proc = subprocess.Popen([sys.executable, "-m", "flux", "dev"], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env={**os.environ, "COLUMNS": "200"})
+    deadline = time.monotonic() + 30
+    while not list(data_dir.parent.glob(f"{data_dir.name}*/global/pg_control")):  # initdb is bootstrapping
+        assert time.monotonic() < deadline and proc.poll() is None, "initdb did not start"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped before serving: SIGINT arrived while starting" in out and "error" not in out, out
+    assert not Cluster(state_dir=project / ".flux").is_running()
+
+
+def test_dev_adopts_the_server_a_killed_dev_left_and_stops_it(project):
+    """After kill -9 the next flux dev took the server for someone else's and left it running when it stopped."""
+    first, _ = start_dev(project)
+    first.kill()
+    first.wait()
+    printed: list[str] = []
+    second, dsn = start_dev(project, lines=printed)
+    out = stop_dev(second)
+    assert f"(left running by a flux dev that ended abruptly, pid {first.pid}: this one stops it)" in "".join(printed)
+    assert second.returncode == 0 and "Embedded PostgreSQL stopped" in out, out
+    assert not Cluster(state_dir=project / ".flux").is_running()

@@ -154,7 +154,7 @@ def _say_how_it_started(info: ClusterInfo) -> None:
 
 def _shown(path: Path) -> str:
     """`path` as the user would type it from here: relative below the working directory (.flux/pgdata),
-    else whole (run as root, the data may live under /var/tmp/flux-clusters)."""
+    else whole (run as root, the data may live under /var/lib/flux/clusters)."""
     try:
         return str(path.relative_to(Path.cwd()))
     except ValueError:

@@ -109,14 +109,18 @@ class ClusterInfo:
     adopted_from: int | None = None  # the pid of the dead process that had started the server this one adopted
     moved_from: int | None = None  # the port recorded last time, taken by another program since
     stale_pid_file: str | None = None  # why a postmaster.pid left by a server that died was removed
-    remade: bool = False  # cluster.json named a cluster that is gone (deleted, or /var/tmp cleaned): this one is new
+    remade: bool = False  # cluster.json named a cluster that is gone (deleted, or cleaned from /var/tmp): this one is new
 
     @property
     def dsn(self) -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}"
 
 
-RELOCATED_ROOT = Path("/var/tmp/flux-clusters")  # data directories the server account cannot keep under state_dir
+# Data directories the server account cannot keep under state_dir. Not /var/tmp, where they were
+# before: systemd-tmpfiles deletes files there untouched for 30 days, a project's cluster among them,
+# file by file, and leaves it corrupt. Clusters made there earlier stay where cluster.json says.
+RELOCATED_ROOT = Path("/var/lib/flux/clusters")
+_EARLIER_RELOCATED_ROOTS = (Path("/var/tmp/flux-clusters"),)
 
 
 class Cluster:
@@ -124,7 +128,7 @@ class Cluster:
 
     `state_dir` keeps `cluster.json` (port, data directory, the pid that started the server) so a
     later run reuses the same cluster and port. When the server account cannot reach `state_dir`
-    (e.g. under /root), the data directory moves to /var/tmp/flux-clusters/<hash> and
+    (e.g. under /root), the data directory moves to /var/lib/flux/clusters/<hash> and
     `cluster.json` records where.
     """
 
@@ -343,7 +347,7 @@ class Cluster:
         data_dir = self._data_dir(meta)
         self.stop(mode="immediate")
         shutil.rmtree(data_dir, ignore_errors=True)
-        if data_dir.parent.parent == RELOCATED_ROOT:
+        if data_dir.parent.parent in (RELOCATED_ROOT, *_EARLIER_RELOCATED_ROOTS):
             try:
                 data_dir.parent.rmdir()  # the relocated cluster's own directory, now empty
             except OSError:

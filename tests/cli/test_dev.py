@@ -80,7 +80,7 @@ def test_dev_records_changes_made_through_the_printed_dsn_and_stops_cleanly(proj
 
 def test_dev_says_where_it_kept_the_data_when_it_stops(project):
     """As root the server account cannot reach a project under /tmp/pytest-of-root: the data moves
-    to /var/tmp/flux-clusters, and 'data kept in .flux/' sent the user to the wrong place."""
+    to /var/lib/flux/clusters, and 'data kept in .flux/' sent the user to the wrong place."""
     proc, _ = start_dev(project)
     out = stop_dev(proc)
     data_dir = Path(json.loads((project / ".flux" / "cluster.json").read_text())["data_dir"])

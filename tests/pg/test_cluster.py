@@ -34,13 +34,27 @@ def test_start_is_idempotent_and_keeps_port(pg_cluster):
 
 
 def test_destroy_leaves_no_directory_behind(tmp_path):
-    """Not the data directory, nor, where it had to move under /var/tmp/flux-clusters, its own one."""
+    """Not the data directory, nor, where it had to move under /var/lib/flux/clusters, its own one."""
     cluster = Cluster(state_dir=tmp_path / "state")
     cluster.start()
     data_dir = cluster._data_dir(cluster._load_meta())
     cluster.destroy()
     assert not data_dir.exists()
     assert not (data_dir.parent.parent == RELOCATED_ROOT and data_dir.parent.exists())
+
+
+def test_a_cluster_the_server_account_cannot_keep_in_the_project_lives_where_no_tmp_cleaner_deletes_it(tmp_path):
+    """It lived in /var/tmp, whose files systemd-tmpfiles deletes after 30 days unused: a project left
+    for a month found its cluster's files partly gone, and the cluster corrupt. (As root, pytest's
+    temp tree is closed to the server account, so the cluster moves; as a user it stays.)"""
+    state = tmp_path / "state"
+    cluster = Cluster(state_dir=state)
+    try:
+        data_dir = Path(cluster.start().data_dir)
+        assert data_dir.is_relative_to(state) or data_dir.parent.parent == RELOCATED_ROOT
+        assert not data_dir.is_relative_to(Path("/var/tmp")) and RELOCATED_ROOT.is_relative_to(Path("/var/lib"))
+    finally:
+        cluster.destroy()
 
 
 def test_start_says_whether_it_started_the_server_or_found_it_running(tmp_path):
@@ -55,7 +69,7 @@ def test_start_says_whether_it_started_the_server_or_found_it_running(tmp_path):
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A directory the server account can reach (as root, pytest's temp tree is closed to it, and the
-    data would move to /var/tmp/flux-clusters, away from the path under test)."""
+    data would move to /var/lib/flux/clusters, away from the path under test)."""
     directory = Path(tempfile.mkdtemp(prefix="flux-cluster-"))
     directory.chmod(0o755)
     yield directory

@@ -21,12 +21,12 @@ from psycopg import sql
 
 from flux.cdc import autocapture
 from flux.cdc.locks import DEFAULT_LOCK_TIMEOUT_S, BlockerWatch, bound_lock_waits, with_lock_retries
+from flux.cdc.roles import check_role, role_named_flux_warnings
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
     all_user_tables,
     captured_tables,
-    not_owned,
     record_listed_tables,
     resolve_tables,
     restore_identity,
@@ -37,7 +37,7 @@ from flux.cdc.publication import (
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
-from flux.store.schema import SCHEMA, ensure_schema, schema_version, tables_not_fluxs
+from flux.store.schema import ensure_schema, schema_version, tables_not_fluxs
 
 log = logging.getLogger("flux.cdc")
 
@@ -122,41 +122,6 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
                 slots_in_use=used,
                 inactive_slots=", ".join(inactive) or None,
             )
-
-
-def check_role(conn: psycopg.Connection, tables: list[TableRef]) -> None:
-    """Raise PreflightError naming everything the attaching role lacks at once, each with its
-    statement: one refusal at a time would make a DBA grant, retry and be refused again."""
-    user, may_replicate, may_create, database = conn.execute(
-        "SELECT current_user, rolsuper OR rolreplication, has_database_privilege(current_database(), 'CREATE'),"
-        " current_database() FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    role = sql.Identifier(user).as_string(conn)
-    gaps: list[tuple[str, str]] = []  # (what it may not do, the statement that lets it)
-    if not may_replicate:
-        gaps.append(("may not use replication", f"As a superuser run: ALTER ROLE {role} WITH REPLICATION;"))
-    if not may_create:
-        gaps.append(("may not create schemas or publications in this database",
-                     f"As the database owner run: GRANT CREATE ON DATABASE {sql.Identifier(database).as_string(conn)} TO {role};"))
-    unowned = not_owned(conn, tables)
-    if unowned:
-        listed = ", ".join(f"{s}.{t} (owner {o})" for s, t, o in unowned[:10])
-        more = f" and {len(unowned) - 10} more" if len(unowned) > 10 else ""
-        supers = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolsuper AND rolname = ANY(%s)",
-                                              (list({o for _, _, o in unowned}),)).fetchall()}
-        fixes = []
-        owners = sorted({o for _, _, o in unowned} - supers)
-        if owners:
-            fixes.append(f"GRANT {', '.join(sql.Identifier(o).as_string(conn) for o in owners)} TO {role}; (membership "
-                         "gives it everything those roles own).")
-        # Membership in a superuser role would make it one: those tables change owner instead.
-        fixes += [f"ALTER TABLE {sql.Identifier(s, t).as_string(conn)} OWNER TO {role};" for s, t, o in unowned if o in supers][:10]
-        gaps.append((f"needs to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: "
-                     f"{listed}{more}",
-                     f"As a superuser run: {' '.join(fixes)} Or attach as the owner, or leave these tables out (--tables)."))
-    if gaps:
-        raise PreflightError(f"Role '{user}' " + "; it ".join(what for what, _ in gaps), hint=" ".join(fix for _, fix in gaps),
-                             role=user, tables=len(unowned) or None)
 
 
 # pgoutput publishes a partitioned table's changes under its own name (publish_via_partition_root,
@@ -279,30 +244,6 @@ def _tables_touched(conn: psycopg.Connection, slot: str, publication: str, chose
             "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s", (slot,)).fetchall()}
     exists = [t for t in tables if conn.execute("SELECT to_regclass(%s)", (sql.Identifier(t.schema, t.name).as_string(conn),)).fetchone()[0]]
     return sorted({part for table in exists for part in with_partitions(conn, table)}, key=str)
-
-
-def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
-    """A role named flux whose search_path starts with "$user" now finds Flux's schema first: its
-    unqualified names reach Flux's tables (an application's `attachments` or `meta`), and the
-    tables it creates land there, which `flux detach --drop-data` would drop."""
-    row = conn.execute(
-        """
-        SELECT (SELECT cfg FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) cfg
-                WHERE s.setrole = r.oid AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
-                  AND cfg LIKE 'search\\_path=%%' ORDER BY s.setdatabase DESC LIMIT 1),
-               current_setting('search_path')
-        FROM pg_roles r WHERE r.rolname = %s
-        """,
-        (SCHEMA,),
-    ).fetchone()
-    if row is None:
-        return []
-    path = row[0].split("=", 1)[1] if row[0] else row[1]  # the role's own setting, else this database's
-    if "$user" not in path:
-        return []
-    return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
-            f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
-            f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]
 
 
 def _attached_publication(conn: psycopg.Connection, slot: str, asked: str | None) -> str:

@@ -4,8 +4,10 @@
 takes an ACCESS EXCLUSIVE lock; `ALTER PUBLICATION ... ADD TABLE` a SHARE UPDATE EXCLUSIVE one.
 Waiting for the first behind a long transaction queues every later query of the table behind the
 ALTER: on a production database the table stops answering for as long as that transaction runs.
-So Flux waits for such a lock a few seconds at most (`lock_timeout`), tries again, and then gives
-up having changed nothing, naming the sessions that hold the table.
+So Flux waits for such a lock a second at most (`lock_timeout`), then steps aside, so that the
+queries queued behind it run, and tries again after a pause that doubles each time; after
+LOCK_TRIES tries it gives up having changed nothing, naming the sessions that hold the table.
+A table is held up a second at a time, never for as long as the transaction in the way lasts.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from psycopg import errors, sql
 from flux.cdc.publication import TableRef
 from flux.errors import LockTimeoutError
 
-DEFAULT_LOCK_TIMEOUT_S = 3.0  # attach and detach (`--lock-timeout`)
+DEFAULT_LOCK_TIMEOUT_S = 1.0  # attach and detach (`--lock-timeout`)
 ENGINE_LOCK_TIMEOUT_S = 1.0  # the engine's capture of new tables, which it retries every pass anyway
-LOCK_TRIES = 3
-RETRY_PAUSE_S = 1.0
+LOCK_TRIES = 5  # with the default timeout, pauses of 1, 2, 4 and 8 s between them: about 20 s in all
 MAX_NAMED = 5  # sessions named in an error, the longest-running first: on a busy table the rest are its traffic
 
 T = TypeVar("T")
@@ -39,12 +40,13 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
                       tables: Callable[[], list[TableRef]]) -> T:
     """`step` (one transaction that calls `bound_lock_waits`), tried LOCK_TRIES times while a lock
     wait times out; then a LockTimeoutError naming who holds `tables()`."""
+    started = time.monotonic()
     for attempt in range(1, LOCK_TRIES + 1):
         try:
             return step()
         except errors.LockNotAvailable:
             if attempt < LOCK_TRIES:
-                time.sleep(RETRY_PAUSE_S)
+                time.sleep(seconds * 2 ** (attempt - 1))  # the queries queued behind the try run meanwhile
     try:
         held = holders(conn, tables())
     except psycopg.Error:  # who holds it is a courtesy: the timeout is what to report
@@ -55,7 +57,7 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
     end_it = f" (or end it: SELECT pg_terminate_backend({first_pid});)" if first_pid else ""
     raise LockTimeoutError(
         f"{action} changed nothing: a table it must alter is in use by another transaction, and waiting for it would stop "
-        f"the table's other queries (waited {seconds:g} s, {LOCK_TRIES} times): {who}",
+        f"the table's other queries (waited {seconds:g} s, {LOCK_TRIES} times over {time.monotonic() - started:.0f} s): {who}",
         hint=f"Let that transaction finish{end_it}, then run `{command}` again; or pass --lock-timeout SECONDS to wait longer "
              "(the table's other queries wait as long meanwhile).",
     )

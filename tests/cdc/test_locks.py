@@ -48,6 +48,27 @@ def test_attach_behind_a_long_transaction_gives_up_having_changed_nothing_and_na
     assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == 0
 
 
+def test_while_attach_waits_for_a_lock_the_tables_other_queries_wait_one_try_at_most(dsn, conn):
+    """The point of the bound: before, a query of the table waited behind attach's ALTER for as long
+    as the transaction in the way lasted (here: until the application's statement_timeout)."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    blocker = _holding(dsn, "orders")
+    outcome: list = []
+    attaching = threading.Thread(target=lambda: outcome.append(attach(dsn, tables=["orders"])), daemon=True)
+    try:
+        attaching.start()
+        time.sleep(0.3)
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("SET statement_timeout = '3s'")  # a try lasts 1 s (the default --lock-timeout)
+            for _ in range(4):
+                assert app.execute("SELECT count(*) FROM orders").fetchone() == (0,)
+                time.sleep(0.4)
+    finally:
+        blocker.close()  # the report ends: attach's next try goes through
+    attaching.join(timeout=30)
+    assert outcome and outcome[0].tables == ["public.orders"] and _identity(conn, "orders") == "f"
+
+
 def test_attach_goes_through_once_the_transaction_holding_the_table_ends_between_tries(dsn, conn):
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
     blocker = _holding(dsn, "orders")

@@ -12,6 +12,7 @@ Tables created later are handled by `flux.cdc.autocapture`.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import psycopg
@@ -39,6 +40,8 @@ log = logging.getLogger("flux.cdc")
 
 MIN_SERVER_VERSION = 140000
 RETAINED_WAL_WARNING_BYTES = 1 << 30
+LOCK_TIMEOUT = "1s"  # per try at the locks attach takes; LOCK_WAIT seconds of tries in all
+LOCK_WAIT = 30.0
 NO_TRIGGER_WARNING = (
     "Not a superuser, so no event trigger: the running engine captures tables created later within "
     "about 10 s if its role owns them and the publication (this role, or a member of it; otherwise run "
@@ -171,6 +174,7 @@ def attach(
     all_tables: bool = False,
     slot: str = "flux",
     publication: str | None = None,  # None: the one this slot's attachment records, else "flux"
+    lock_wait: float = LOCK_WAIT,
 ) -> AttachResult:
     if bool(tables) == bool(all_tables):
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
@@ -182,38 +186,38 @@ def attach(
         chosen = all_user_tables(conn, extensions=schema_mode) if all_tables else resolve_tables(conn, tables or [])
         check_role(conn, chosen)
         orphaned = _slot_lost_its_publication(conn, slot, publication)
-        result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
         try:
             # An older schema is upgraded outside the transaction below, so that its indexes are
             # built concurrently (the engine keeps writing); an upgrade stopped half-way is resumed.
             upgraded = schema_version(conn) is not None and ensure_schema(conn)
-            # One transaction: no instant where a table is half set up (e.g. moved from the
-            # table list to a schema entry) and a write slips through uncaptured.
-            with conn.transaction():
-                if ensure_schema(conn) or upgraded:
-                    result.created.append("schema flux")
-                _check_names_are_flux(conn, slot, publication)
-                schemas = user_schemas(conn) if schema_mode else None
-                # Before the publication changes: the event trigger must not take a table left out
-                # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
-                record_listed_tables(conn, slot, None if all_tables else chosen)
-                result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
-                                                   warnings=result.warnings, restored=result.replica_identity_restored)
-                for table in chosen:
-                    parts = with_partitions(conn, table)
-                    for part in parts:
-                        change = set_full_identity(conn, slot, part)
-                        if change:
-                            result.replica_identity_changed.append(change)
-                    if len(parts) > 1:
-                        result.warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
-                _record_attachment(conn, slot, publication, all_tables)
-                if superuser:
-                    created = autocapture.install_event_trigger(conn)
-                    if created:
-                        result.created.append(created)
-                elif all_tables:
-                    result.warnings.append(NO_TRIGGER_WARNING)
+            deadline, said = time.monotonic() + lock_wait, False
+            while True:
+                result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
+                try:
+                    # One transaction: no instant where a table is half set up (e.g. moved from the
+                    # table list to a schema entry) and a write slips through uncaptured.
+                    with conn.transaction():
+                        # REPLICA IDENTITY takes an exclusive lock: waiting for it in the queue behind a
+                        # long transaction would hold every later query on the table back meanwhile.
+                        conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                        _set_up(conn, result, chosen, slot=slot, publication=publication, all_tables=all_tables,
+                                schema_mode=schema_mode, superuser=superuser, upgraded=upgraded)
+                    break
+                except psycopg.errors.LockNotAvailable:
+                    holders = _lock_holders(conn, chosen)
+                    if time.monotonic() >= deadline:
+                        raise PreflightError(
+                            f"Could not lock the tables to capture within {lock_wait:g} s: open transactions hold them"
+                            + (f" ({holders})" if holders else ""),
+                            hint=f"Setting REPLICA IDENTITY FULL needs a moment's exclusive lock, which attach tries for "
+                                 f"{LOCK_TIMEOUT} at a time so that your queries never queue behind it. Run it again when "
+                                 "they end, or end them (SELECT pg_terminate_backend(pid)). Nothing was changed.",
+                            retryable=True, slot=slot)
+                    if not said:
+                        log.warning("waiting for open transactions that hold the tables to capture%s; retrying for up "
+                                    "to %g s", f" ({holders})" if holders else "", lock_wait)
+                        said = True
+                    time.sleep(0.2)
             existing = conn.execute("SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                                     (slot,)).fetchone()
             why = None
@@ -228,6 +232,7 @@ def attach(
             if existing is None or why:
                 # Last: the slot's stream starts once the publication and identities exist.
                 # Creating it waits for transactions already running to finish.
+                _warn_of_open_transactions(conn)
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
                 result.created.append(f"replication slot {slot}" + (f" (replaces the old one: {why})" if why else ""))
                 if why:  # `flux dev` and `flux serve --attach` show warnings only
@@ -243,6 +248,35 @@ def attach(
             raise from_psycopg(exc, "Attach failed", hint=hint, slot=slot, publication=publication) from exc
         result.warnings += slot_warnings(conn, slot) + role_named_flux_warnings(conn)
         return result
+
+
+def _set_up(conn: psycopg.Connection, result: AttachResult, chosen: list[TableRef], *, slot: str, publication: str,
+            all_tables: bool, schema_mode: bool, superuser: bool, upgraded: bool) -> None:
+    """Attach's one transaction: the schema, the publication, the identities, the attachment's record."""
+    if ensure_schema(conn) or upgraded:
+        result.created.append("schema flux")
+    _check_names_are_flux(conn, slot, publication)
+    schemas = user_schemas(conn) if schema_mode else None
+    # Before the publication changes: the event trigger must not take a table left out
+    # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
+    record_listed_tables(conn, slot, None if all_tables else chosen)
+    result.created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
+                                       warnings=result.warnings, restored=result.replica_identity_restored)
+    for table in chosen:
+        parts = with_partitions(conn, table)
+        for part in parts:
+            change = set_full_identity(conn, slot, part)
+            if change:
+                result.replica_identity_changed.append(change)
+        if len(parts) > 1:
+            result.warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
+    _record_attachment(conn, slot, publication, all_tables)
+    if superuser:
+        created = autocapture.install_event_trigger(conn)
+        if created:
+            result.created.append(created)
+    elif all_tables:
+        result.warnings.append(NO_TRIGGER_WARNING)
 
 
 def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
@@ -267,6 +301,42 @@ def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
     return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
             f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
             f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]
+
+
+def _lock_holders(conn: psycopg.Connection, tables: list[TableRef]) -> str:
+    """The sessions holding locks on `tables` (or their partitions), as 'pid N (state, open S s)'."""
+    rows = conn.execute(
+        """
+        SELECT DISTINCT a.pid, coalesce(a.state, 'state not visible to this role'),
+               extract(epoch FROM now() - a.xact_start)::int
+        FROM unnest(%s::text[], %s::text[]) AS t(s, r)
+        JOIN pg_namespace rn ON rn.nspname = t.s JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r
+        CROSS JOIN LATERAL (SELECT r.oid AS relid UNION SELECT relid FROM pg_partition_tree(r.oid)) p
+        JOIN pg_locks l ON l.locktype = 'relation' AND l.relation = p.relid AND l.granted
+        JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE a.pid <> pg_backend_pid() ORDER BY 3 DESC NULLS LAST LIMIT 5
+        """,
+        ([t.schema for t in tables], [t.name for t in tables]),
+    ).fetchall()
+    return ", ".join(f"pid {pid} ({state}, open {age} s)" for pid, state, age in rows)
+
+
+OPEN_TRANSACTION_WARNING_S = 2  # seconds a transaction has been open when attach names it as holding the slot up
+
+
+def _warn_of_open_transactions(conn: psycopg.Connection) -> None:
+    """Creating a logical slot waits for every transaction that has an xid to end: name those open
+    for a while (a session left idle in transaction holds attach up for as long as it stays so)."""
+    rows = conn.execute(
+        "SELECT pid, coalesce(state, 'state not visible to this role'), extract(epoch FROM now() - xact_start)::int"
+        " FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()"
+        " AND xact_start < now() - make_interval(secs => %s) ORDER BY xact_start LIMIT 5",
+        (OPEN_TRANSACTION_WARNING_S,),
+    ).fetchall()
+    if rows:
+        log.warning("creating the replication slot waits for these open transactions to end: %s. It goes on once they do "
+                    "(SELECT pg_terminate_backend(pid) ends one).",
+                    ", ".join(f"pid {pid} ({state}, open {age} s)" for pid, state, age in rows))
 
 
 def _attached_publication(conn: psycopg.Connection, slot: str, asked: str | None) -> str:

@@ -683,3 +683,64 @@ def test_attach_asks_to_change_the_owner_of_a_superusers_table_rather_than_grant
         conn.execute("DROP ROLE attach_nosuper")
     assert refused.value.hint == ('As a superuser run: ALTER TABLE "public"."dba_table" OWNER TO "attach_nosuper"; Or attach '
                                   'as the owner, or leave these tables out (--tables).')
+
+
+def test_attach_names_the_open_transaction_its_slot_waits_for(dsn, conn, caplog):
+    """Before: it waited without a word for as long as a session stayed idle in transaction."""
+    import threading
+    import time
+
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    with psycopg.connect(dsn) as idle:
+        idle.execute("INSERT INTO other VALUES (1)")  # an xid, and then idle in transaction
+        idle_pid = idle.info.backend_pid
+        time.sleep(2.2)
+        done = threading.Event()
+        with caplog.at_level("WARNING", logger="flux.cdc"):
+            attaching = threading.Thread(target=lambda: (attach(dsn, tables=["a"]), done.set()), daemon=True)
+            attaching.start()
+            deadline = time.monotonic() + 15
+            while not [r for r in caplog.records if "waits for these open transactions" in r.getMessage()]:
+                assert time.monotonic() < deadline and not done.is_set(), "no word of the transaction it waits for"
+                time.sleep(0.05)
+        assert not done.is_set()
+        idle.commit()
+    attaching.join(timeout=15)
+    assert done.is_set()
+    [warning] = [r.getMessage() for r in caplog.records if "waits for these open transactions" in r.getMessage()]
+    assert f"pid {idle_pid} (idle in transaction, open " in warning and "pg_terminate_backend(pid)" in warning
+
+
+def test_attach_waiting_for_a_lock_never_holds_the_applications_queries_back(dsn, conn):
+    """Before: ALTER TABLE ... REPLICA IDENTITY waited in the lock queue behind an open transaction,
+    and every later query on the table waited behind it: an outage for as long as that transaction."""
+    import threading
+    import time
+
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    outcome: list = []
+    with psycopg.connect(dsn) as idle:
+        idle.execute("INSERT INTO a VALUES (1)")  # holds a lock on a, idle in transaction
+        attaching = threading.Thread(target=lambda: outcome.append(attach(dsn, tables=["a"])), daemon=True)
+        attaching.start()
+        time.sleep(0.5)
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("SET statement_timeout = '3s'")  # one try of attach's lasts 1 s
+            for _ in range(3):
+                assert app.execute("SELECT count(*) FROM a").fetchone() == (0,)
+                time.sleep(0.3)
+        idle.commit()
+    attaching.join(timeout=20)
+    assert outcome and outcome[0].tables == ["public.a"]
+
+
+def test_attach_gives_up_on_a_lock_held_too_long_naming_who_holds_it_and_changes_nothing(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    with psycopg.connect(dsn) as idle:
+        idle.execute("INSERT INTO a VALUES (1)")
+        with pytest.raises(PreflightError) as refused:
+            attach(dsn, tables=["a"], lock_wait=2)
+        assert f"pid {idle.info.backend_pid} (idle in transaction, open " in refused.value.message
+    assert "pg_terminate_backend(pid)" in refused.value.hint and refused.value.retryable
+    assert nothing_of_fluxs(conn) == (0, 0, None, 0)

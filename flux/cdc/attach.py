@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -190,34 +191,18 @@ def attach(
             # An older schema is upgraded outside the transaction below, so that its indexes are
             # built concurrently (the engine keeps writing); an upgrade stopped half-way is resumed.
             upgraded = schema_version(conn) is not None and ensure_schema(conn)
-            deadline, said = time.monotonic() + lock_wait, False
-            while True:
-                result = AttachResult(slot=slot, publication=publication, all_tables=all_tables, tables=[str(t) for t in chosen])
-                try:
-                    # One transaction: no instant where a table is half set up (e.g. moved from the
-                    # table list to a schema entry) and a write slips through uncaptured.
-                    with conn.transaction():
-                        # REPLICA IDENTITY takes an exclusive lock: waiting for it in the queue behind a
-                        # long transaction would hold every later query on the table back meanwhile.
-                        conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                        _set_up(conn, result, chosen, slot=slot, publication=publication, all_tables=all_tables,
-                                schema_mode=schema_mode, superuser=superuser, upgraded=upgraded)
-                    break
-                except psycopg.errors.LockNotAvailable:
-                    holders = _lock_holders(conn, chosen)
-                    if time.monotonic() >= deadline:
-                        raise PreflightError(
-                            f"Could not lock the tables to capture within {lock_wait:g} s: open transactions hold them"
-                            + (f" ({holders})" if holders else ""),
-                            hint=f"Setting REPLICA IDENTITY FULL needs a moment's exclusive lock, which attach tries for "
-                                 f"{LOCK_TIMEOUT} at a time so that your queries never queue behind it. Run it again when "
-                                 "they end, or end them (SELECT pg_terminate_backend(pid)). Nothing was changed.",
-                            retryable=True, slot=slot)
-                    if not said:
-                        log.warning("waiting for open transactions that hold the tables to capture%s; retrying for up "
-                                    "to %g s", f" ({holders})" if holders else "", lock_wait)
-                        said = True
-                    time.sleep(0.2)
+            attempts: list[AttachResult] = []
+
+            def set_up() -> None:
+                attempts.append(AttachResult(slot=slot, publication=publication, all_tables=all_tables,
+                                             tables=[str(t) for t in chosen]))
+                _set_up(conn, attempts[-1], chosen, slot=slot, publication=publication, all_tables=all_tables,
+                        schema_mode=schema_mode, superuser=superuser, upgraded=upgraded)
+
+            # One transaction: no instant where a table is half set up (e.g. moved from the table
+            # list to a schema entry) and a write slips through uncaptured.
+            _in_one_transaction(conn, set_up, lambda: chosen, lock_wait=lock_wait, what="lock the tables to capture", slot=slot)
+            result = attempts[-1]
             existing = conn.execute("SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                                     (slot,)).fetchone()
             why = None
@@ -301,6 +286,33 @@ def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
     return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
             f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
             f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]
+
+
+def _in_one_transaction(conn: psycopg.Connection, run: Callable[[], None], tables: Callable[[], list[TableRef]], *,
+                        lock_wait: float, what: str, slot: str) -> None:
+    """`run()` in one transaction, whose locks are waited for LOCK_TIMEOUT at a time, for up to
+    `lock_wait` seconds of tries. REPLICA IDENTITY takes an exclusive lock: waiting for it in the
+    queue behind a long transaction would hold every later query on the table back meanwhile."""
+    deadline, said = time.monotonic() + lock_wait, False
+    while True:
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                run()
+            return
+        except psycopg.errors.LockNotAvailable:
+            holders = _lock_holders(conn, tables())
+            if time.monotonic() >= deadline:
+                raise PreflightError(
+                    f"Could not {what} within {lock_wait:g} s: open transactions hold them" + (f" ({holders})" if holders else ""),
+                    hint=f"REPLICA IDENTITY needs a moment's exclusive lock, tried for {LOCK_TIMEOUT} at a time so that your "
+                         "queries never queue behind it. Run it again when they end, or end them (SELECT "
+                         "pg_terminate_backend(pid)). Nothing was changed.", retryable=True, slot=slot)
+            if not said:
+                log.warning("waiting for open transactions that hold the tables%s; retrying for up to %g s",
+                            f" ({holders})" if holders else "", lock_wait)
+                said = True
+            time.sleep(0.2)
 
 
 def _lock_holders(conn: psycopg.Connection, tables: list[TableRef]) -> str:
@@ -420,7 +432,8 @@ def _record_attachment(conn: psycopg.Connection, slot: str, publication: str, al
         )
 
 
-def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop_data: bool = False) -> DetachResult:
+def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop_data: bool = False,
+           lock_wait: float = LOCK_WAIT) -> DetachResult:
     with connect(dsn) as conn:
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
         if drop_data and has_schema:
@@ -470,9 +483,10 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                     hint="Stop `flux cdc run` (or `flux dev`) first, then detach.",
                     slot=slot,
                 )
-            # All or nothing: a role refused one step (it does not own the publication or a table, or
-            # may not replicate) leaves the attachment whole, rather than without its slot.
-            with conn.transaction():
+            warned = list(result.warnings)
+
+            def undo() -> None:
+                result.dropped, result.restored, result.warnings, result.data_dropped = [], [], list(warned), False
                 if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone():
                     conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
                     result.dropped.append(f"publication {publication}")
@@ -482,11 +496,21 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                     # Last: dropping a slot is not undone by a rollback, so nothing may fail after it.
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                     result.dropped.insert(0, f"replication slot {slot}")
+
+            # All or nothing: a role refused one step (it does not own the publication or a table, or
+            # may not replicate) leaves the attachment whole, rather than without its slot.
+            _in_one_transaction(conn, undo, lambda: _recorded_tables(conn, slot) if has_schema else [],
+                                lock_wait=lock_wait, what="lock the captured tables", slot=slot)
         except psycopg.Error as exc:
             hint = ("Run `flux detach` as the role that ran `flux attach` (it owns the publication, the flux schema and, "
                     "through its owner, the tables); nothing was changed." if exc.sqlstate == "42501" else None)
             raise from_psycopg(exc, "Detach failed", hint=hint, slot=slot) from exc
         return result
+
+
+def _recorded_tables(conn: psycopg.Connection, slot: str) -> list[TableRef]:
+    return [TableRef(s, t) for s, t in conn.execute(
+        "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s", (slot,)).fetchall()]
 
 
 def _refuse_to_drop_tables_not_fluxs(conn: psycopg.Connection) -> None:

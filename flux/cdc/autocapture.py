@@ -231,7 +231,10 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
 
 def reconcile_new_tables(dsn: str, *, slot: str) -> list[str]:
     """`reconcile` on a connection of its own (the engine calls this when idle)."""
-    from flux.cdc.attach import connect
+    from flux.cdc.attach import LOCK_TIMEOUT, connect
 
     with connect(dsn) as conn:
+        # Its ALTER TABLE ... REPLICA IDENTITY must not wait in the lock queue behind an application's
+        # transaction, holding every later query on the table back: refused, it is tried next pass.
+        conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
         return reconcile(conn, slot=slot)

@@ -331,7 +331,7 @@ def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, re
             with conn.transaction():
                 conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table.ident, clause))
         except psycopg.Error as exc:
-            if exc.sqlstate == "42501":  # a privilege: the caller's all-or-nothing refusal
+            if exc.sqlstate in ("42501", "55P03"):  # a privilege, a lock timeout: the caller's to refuse or retry
                 raise
             notes.append(f"{table}: left REPLICA IDENTITY FULL: PostgreSQL refused {was} "
                          f"({str(exc).strip().splitlines()[0]}).")

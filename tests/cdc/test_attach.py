@@ -744,3 +744,42 @@ def test_attach_gives_up_on_a_lock_held_too_long_naming_who_holds_it_and_changes
         assert f"pid {idle.info.backend_pid} (idle in transaction, open " in refused.value.message
     assert "pg_terminate_backend(pid)" in refused.value.hint and refused.value.retryable
     assert nothing_of_fluxs(conn) == (0, 0, None, 0)
+
+
+def test_detach_waiting_for_a_lock_never_holds_the_applications_queries_back(dsn, conn):
+    import threading
+    import time
+
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    outcome: list = []
+    with psycopg.connect(dsn) as idle:
+        idle.execute("INSERT INTO a VALUES (1)")  # holds a lock on a, idle in transaction
+        detaching = threading.Thread(target=lambda: outcome.append(detach(dsn)), daemon=True)
+        detaching.start()
+        time.sleep(0.5)
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("SET statement_timeout = '3s'")
+            for _ in range(3):
+                assert app.execute("SELECT count(*) FROM a").fetchone() == (0,)
+                time.sleep(0.3)
+        idle.commit()
+    detaching.join(timeout=20)
+    assert outcome and outcome[0].restored == [{"table": "public.a", "restored": "DEFAULT"}]
+
+
+def test_reconcile_waiting_for_a_lock_never_holds_the_applications_queries_back(dsn, conn):
+    conn.execute("CREATE TABLE m (id int, t int, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
+    attach(dsn, tables=["m"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that cannot own one
+    conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+    import threading
+
+    with psycopg.connect(dsn) as idle:
+        idle.execute("INSERT INTO m VALUES (1, 1)")  # holds a lock on m1, idle in transaction
+        passes: list = []
+        reconciling = threading.Thread(target=lambda: passes.append(reconcile_new_tables(dsn, slot="flux")), daemon=True)
+        reconciling.start()
+        reconciling.join(timeout=5)
+        assert passes == [[]], "reconcile waited in the lock queue"  # it gave way: tried again next pass
+    assert reconcile_new_tables(dsn, slot="flux") == ["REPLICA IDENTITY FULL on public.m1"]

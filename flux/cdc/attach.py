@@ -4,16 +4,16 @@
 creates the `flux` schema, a publication for the chosen tables (never the `flux` schema) and
 REPLICA IDENTITY FULL on them; then the pgoutput slot. Every step is idempotent: a second run
 changes nothing. Replica identities it changed are recorded in `flux.replica_identity_changes`,
-so `detach()` restores exactly those.
+so `detach()` restores those that are still as Flux set them.
 
-Tables created later are handled by `flux.cdc.autocapture`.
+The attaching role is checked by `flux.cdc.roles`; locks are taken as `flux.cdc.locks` says, so
+that the application's queries never queue behind attach or detach. Tables created later are
+handled by `flux.cdc.autocapture`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -24,7 +24,6 @@ from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
     all_user_tables,
-    not_owned,
     record_listed_tables,
     resolve_tables,
     restore_identity,
@@ -33,16 +32,16 @@ from flux.cdc.publication import (
     user_schemas,
     with_partitions,
 )
+from flux.cdc.locks import LOCK_WAIT, in_one_transaction, warn_of_open_transactions
+from flux.cdc.roles import check_role, role_named_flux_warnings
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
-from flux.store.schema import SCHEMA, ensure_schema, schema_version, tables_not_fluxs
+from flux.store.schema import ensure_schema, schema_version, tables_not_fluxs
 
 log = logging.getLogger("flux.cdc")
 
 MIN_SERVER_VERSION = 140000
 RETAINED_WAL_WARNING_BYTES = 1 << 30
-LOCK_TIMEOUT = "1s"  # per try at the locks attach takes; LOCK_WAIT seconds of tries in all
-LOCK_WAIT = 30.0
 NO_TRIGGER_WARNING = (
     "Not a superuser, so no event trigger: the running engine captures tables created later within "
     "about 10 s if its role owns them and the publication (this role, or a member of it; otherwise run "
@@ -124,41 +123,6 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
             )
 
 
-def check_role(conn: psycopg.Connection, tables: list[TableRef]) -> None:
-    """Raise PreflightError naming everything the attaching role lacks at once, each with its
-    statement: one refusal at a time would make a DBA grant, retry and be refused again."""
-    user, may_replicate, may_create, database = conn.execute(
-        "SELECT current_user, rolsuper OR rolreplication, has_database_privilege(current_database(), 'CREATE'),"
-        " current_database() FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    role = sql.Identifier(user).as_string(conn)
-    gaps: list[tuple[str, str]] = []  # (what it may not do, the statement that lets it)
-    if not may_replicate:
-        gaps.append(("may not use replication", f"As a superuser run: ALTER ROLE {role} WITH REPLICATION;"))
-    if not may_create:
-        gaps.append(("may not create schemas or publications in this database",
-                     f"As the database owner run: GRANT CREATE ON DATABASE {sql.Identifier(database).as_string(conn)} TO {role};"))
-    unowned = not_owned(conn, tables)
-    if unowned:
-        listed = ", ".join(f"{s}.{t} (owner {o})" for s, t, o in unowned[:10])
-        more = f" and {len(unowned) - 10} more" if len(unowned) > 10 else ""
-        supers = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolsuper AND rolname = ANY(%s)",
-                                              (list({o for _, _, o in unowned}),)).fetchall()}
-        fixes = []
-        owners = sorted({o for _, _, o in unowned} - supers)
-        if owners:
-            fixes.append(f"GRANT {', '.join(sql.Identifier(o).as_string(conn) for o in owners)} TO {role}; (membership "
-                         "gives it everything those roles own).")
-        # Membership in a superuser role would make it one: those tables change owner instead.
-        fixes += [f"ALTER TABLE {sql.Identifier(s, t).as_string(conn)} OWNER TO {role};" for s, t, o in unowned if o in supers][:10]
-        gaps.append((f"needs to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: "
-                     f"{listed}{more}",
-                     f"As a superuser run: {' '.join(fixes)} Or attach as the owner, or leave these tables out (--tables)."))
-    if gaps:
-        raise PreflightError(f"Role '{user}' " + "; it ".join(what for what, _ in gaps), hint=" ".join(fix for _, fix in gaps),
-                             role=user, tables=len(unowned) or None)
-
-
 # pgoutput publishes a partitioned table's changes under its own name (publish_via_partition_root,
 # so that history follows the table rather than its partitions), and then leaves out a TRUNCATE of
 # one of its partitions.
@@ -201,7 +165,7 @@ def attach(
 
             # One transaction: no instant where a table is half set up (e.g. moved from the table
             # list to a schema entry) and a write slips through uncaptured.
-            _in_one_transaction(conn, set_up, lambda: chosen, lock_wait=lock_wait, what="lock the tables to capture", slot=slot)
+            in_one_transaction(conn, set_up, lambda: chosen, lock_wait=lock_wait, what="lock the tables to capture", slot=slot)
             result = attempts[-1]
             existing = conn.execute("SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                                     (slot,)).fetchone()
@@ -217,7 +181,7 @@ def attach(
             if existing is None or why:
                 # Last: the slot's stream starts once the publication and identities exist.
                 # Creating it waits for transactions already running to finish.
-                _warn_of_open_transactions(conn)
+                warn_of_open_transactions(conn)
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
                 result.created.append(f"replication slot {slot}" + (f" (replaces the old one: {why})" if why else ""))
                 if why:  # `flux dev` and `flux serve --attach` show warnings only
@@ -262,93 +226,6 @@ def _set_up(conn: psycopg.Connection, result: AttachResult, chosen: list[TableRe
             result.created.append(created)
     elif all_tables:
         result.warnings.append(NO_TRIGGER_WARNING)
-
-
-def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
-    """A role named flux whose search_path starts with "$user" now finds Flux's schema first: its
-    unqualified names reach Flux's tables (an application's `attachments` or `meta`), and the
-    tables it creates land there, which `flux detach --drop-data` would drop."""
-    row = conn.execute(
-        """
-        SELECT (SELECT cfg FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) cfg
-                WHERE s.setrole = r.oid AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
-                  AND cfg LIKE 'search\\_path=%%' ORDER BY s.setdatabase DESC LIMIT 1),
-               current_setting('search_path')
-        FROM pg_roles r WHERE r.rolname = %s
-        """,
-        (SCHEMA,),
-    ).fetchone()
-    if row is None:
-        return []
-    path = row[0].split("=", 1)[1] if row[0] else row[1]  # the role's own setting, else this database's
-    if "$user" not in path:
-        return []
-    return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
-            f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
-            f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]
-
-
-def _in_one_transaction(conn: psycopg.Connection, run: Callable[[], None], tables: Callable[[], list[TableRef]], *,
-                        lock_wait: float, what: str, slot: str) -> None:
-    """`run()` in one transaction, whose locks are waited for LOCK_TIMEOUT at a time, for up to
-    `lock_wait` seconds of tries. REPLICA IDENTITY takes an exclusive lock: waiting for it in the
-    queue behind a long transaction would hold every later query on the table back meanwhile."""
-    deadline, said = time.monotonic() + lock_wait, False
-    while True:
-        try:
-            with conn.transaction():
-                conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                run()
-            return
-        except psycopg.errors.LockNotAvailable:
-            holders = _lock_holders(conn, tables())
-            if time.monotonic() >= deadline:
-                raise PreflightError(
-                    f"Could not {what} within {lock_wait:g} s: open transactions hold them" + (f" ({holders})" if holders else ""),
-                    hint=f"REPLICA IDENTITY needs a moment's exclusive lock, tried for {LOCK_TIMEOUT} at a time so that your "
-                         "queries never queue behind it. Run it again when they end, or end them (SELECT "
-                         "pg_terminate_backend(pid)). Nothing was changed.", retryable=True, slot=slot)
-            if not said:
-                log.warning("waiting for open transactions that hold the tables%s; retrying for up to %g s",
-                            f" ({holders})" if holders else "", lock_wait)
-                said = True
-            time.sleep(0.2)
-
-
-def _lock_holders(conn: psycopg.Connection, tables: list[TableRef]) -> str:
-    """The sessions holding locks on `tables` (or their partitions), as 'pid N (state, open S s)'."""
-    rows = conn.execute(
-        """
-        SELECT DISTINCT a.pid, coalesce(a.state, 'state not visible to this role'),
-               extract(epoch FROM now() - a.xact_start)::int
-        FROM unnest(%s::text[], %s::text[]) AS t(s, r)
-        JOIN pg_namespace rn ON rn.nspname = t.s JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r
-        CROSS JOIN LATERAL (SELECT r.oid AS relid UNION SELECT relid FROM pg_partition_tree(r.oid)) p
-        JOIN pg_locks l ON l.locktype = 'relation' AND l.relation = p.relid AND l.granted
-        JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE a.pid <> pg_backend_pid() ORDER BY 3 DESC NULLS LAST LIMIT 5
-        """,
-        ([t.schema for t in tables], [t.name for t in tables]),
-    ).fetchall()
-    return ", ".join(f"pid {pid} ({state}, open {age} s)" for pid, state, age in rows)
-
-
-OPEN_TRANSACTION_WARNING_S = 2  # seconds a transaction has been open when attach names it as holding the slot up
-
-
-def _warn_of_open_transactions(conn: psycopg.Connection) -> None:
-    """Creating a logical slot waits for every transaction that has an xid to end: name those open
-    for a while (a session left idle in transaction holds attach up for as long as it stays so)."""
-    rows = conn.execute(
-        "SELECT pid, coalesce(state, 'state not visible to this role'), extract(epoch FROM now() - xact_start)::int"
-        " FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()"
-        " AND xact_start < now() - make_interval(secs => %s) ORDER BY xact_start LIMIT 5",
-        (OPEN_TRANSACTION_WARNING_S,),
-    ).fetchall()
-    if rows:
-        log.warning("creating the replication slot waits for these open transactions to end: %s. It goes on once they do "
-                    "(SELECT pg_terminate_backend(pid) ends one).",
-                    ", ".join(f"pid {pid} ({state}, open {age} s)" for pid, state, age in rows))
 
 
 def _attached_publication(conn: psycopg.Connection, slot: str, asked: str | None) -> str:
@@ -499,7 +376,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
 
             # All or nothing: a role refused one step (it does not own the publication or a table, or
             # may not replicate) leaves the attachment whole, rather than without its slot.
-            _in_one_transaction(conn, undo, lambda: _recorded_tables(conn, slot) if has_schema else [],
+            in_one_transaction(conn, undo, lambda: _recorded_tables(conn, slot) if has_schema else [],
                                 lock_wait=lock_wait, what="lock the captured tables", slot=slot)
         except psycopg.Error as exc:
             hint = ("Run `flux detach` as the role that ran `flux attach` (it owns the publication, the flux schema and, "

@@ -231,7 +231,8 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
 
 def reconcile_new_tables(dsn: str, *, slot: str) -> list[str]:
     """`reconcile` on a connection of its own (the engine calls this when idle)."""
-    from flux.cdc.attach import LOCK_TIMEOUT, connect
+    from flux.cdc.attach import connect
+    from flux.cdc.locks import LOCK_TIMEOUT
 
     with connect(dsn) as conn:
         # Its ALTER TABLE ... REPLICA IDENTITY must not wait in the lock queue behind an application's

@@ -1,8 +1,9 @@
-"""What the engine's and the gateway's roles need, checked before they start, with the fix.
+"""What each part's role needs, checked before it acts, with the fix.
 
 A team may run `flux attach`, `flux cdc run` and the gateway (`flux serve --no-engine`) as three
-roles (README, "Least privilege"). The attaching role is checked by `attach.check_server`; this
-module checks the other two, once, at start: a privilege found missing only when a rare path
+roles (README, "Least privilege"). `check_role` checks the attaching role before attach changes
+anything (with `role_named_flux_warnings`, a role whose search_path would reach Flux's schema); the
+engine's and the gateway's are checked once, at start: a privilege found missing only when a rare path
 first needs it (a context message after 500 rows, which updates rows already written) would
 stop the engine hours later. It does not check privileges on the application's tables: the
 engine reads none, and what a function may do is the project's business.
@@ -11,7 +12,9 @@ engine reads none, and what a function may do is the project's business.
 from __future__ import annotations
 
 import psycopg
+from psycopg import sql
 
+from flux.cdc.publication import TableRef, not_owned
 from flux.errors import PreflightError
 from flux.project import Retention
 from flux.store.schema import SCHEMA
@@ -98,3 +101,62 @@ def require_gateway_role(conn: psycopg.Connection, *, record: bool, retention: R
             f"Role '{role}' lacks privileges the gateway needs on the flux schema {what}",
             hint="As the role that ran `flux attach` (it owns the flux schema) run: " + " ".join(grants), role=role,
         )
+
+
+def check_role(conn: psycopg.Connection, tables: list[TableRef]) -> None:
+    """Raise PreflightError naming everything the attaching role lacks at once, each with its
+    statement: one refusal at a time would make a DBA grant, retry and be refused again."""
+    user, may_replicate, may_create, database = conn.execute(
+        "SELECT current_user, rolsuper OR rolreplication, has_database_privilege(current_database(), 'CREATE'),"
+        " current_database() FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    role = sql.Identifier(user).as_string(conn)
+    gaps: list[tuple[str, str]] = []  # (what it may not do, the statement that lets it)
+    if not may_replicate:
+        gaps.append(("may not use replication", f"As a superuser run: ALTER ROLE {role} WITH REPLICATION;"))
+    if not may_create:
+        gaps.append(("may not create schemas or publications in this database",
+                     f"As the database owner run: GRANT CREATE ON DATABASE {sql.Identifier(database).as_string(conn)} TO {role};"))
+    unowned = not_owned(conn, tables)
+    if unowned:
+        listed = ", ".join(f"{s}.{t} (owner {o})" for s, t, o in unowned[:10])
+        more = f" and {len(unowned) - 10} more" if len(unowned) > 10 else ""
+        supers = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolsuper AND rolname = ANY(%s)",
+                                              (list({o for _, _, o in unowned}),)).fetchall()}
+        fixes = []
+        owners = sorted({o for _, _, o in unowned} - supers)
+        if owners:
+            fixes.append(f"GRANT {', '.join(sql.Identifier(o).as_string(conn) for o in owners)} TO {role}; (membership "
+                         "gives it everything those roles own).")
+        # Membership in a superuser role would make it one: those tables change owner instead.
+        fixes += [f"ALTER TABLE {sql.Identifier(s, t).as_string(conn)} OWNER TO {role};" for s, t, o in unowned if o in supers][:10]
+        gaps.append((f"needs to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: "
+                     f"{listed}{more}",
+                     f"As a superuser run: {' '.join(fixes)} Or attach as the owner, or leave these tables out (--tables)."))
+    if gaps:
+        raise PreflightError(f"Role '{user}' " + "; it ".join(what for what, _ in gaps), hint=" ".join(fix for _, fix in gaps),
+                             role=user, tables=len(unowned) or None)
+
+
+def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:
+    """A role named flux whose search_path starts with "$user" now finds Flux's schema first: its
+    unqualified names reach Flux's tables (an application's `attachments` or `meta`), and the
+    tables it creates land there, which `flux detach --drop-data` would drop."""
+    row = conn.execute(
+        """
+        SELECT (SELECT cfg FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) cfg
+                WHERE s.setrole = r.oid AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+                  AND cfg LIKE 'search\\_path=%%' ORDER BY s.setdatabase DESC LIMIT 1),
+               current_setting('search_path')
+        FROM pg_roles r WHERE r.rolname = %s
+        """,
+        (SCHEMA,),
+    ).fetchone()
+    if row is None:
+        return []
+    path = row[0].split("=", 1)[1] if row[0] else row[1]  # the role's own setting, else this database's
+    if "$user" not in path:
+        return []
+    return [f'A role named {SCHEMA} exists, and its search_path ({path}) puts "$user", so schema {SCHEMA} (Flux\'s) first: '
+            f"its unqualified table names reach Flux's tables before yours (attachments, meta, ...), and the tables it creates "
+            f"land in Flux's schema, which `flux detach --drop-data` drops. Run: ALTER ROLE {SCHEMA} SET search_path = public;"]

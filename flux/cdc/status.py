@@ -106,6 +106,8 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
                     status.lag_is_upper_bound = True
         if status.lag_seconds is None and status.lag_bytes == 0:
             status.lag_seconds = 0.0
+        if status.wal_status == "lost":  # it will never catch up: a time behind would read as if it might
+            status.lag_seconds, status.lag_is_upper_bound = None, False
         status.warnings = slot_warnings(conn, slot)
         if status.publication_exists is False and status.slot_exists:  # without a slot, what it says below is the fix
             status.warnings.append(

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from typer.testing import CliRunner
 
 from flux.cdc.attach import require_server_version
 from flux.cli import app
 from flux.errors import PreflightError
 from flux.pg.cluster import Cluster
-from tests.support import table_owner_role
+from tests.support import start_engine, table_owner_role
 
 runner = CliRunner()
 
@@ -190,6 +191,33 @@ def test_cdc_status_warns_that_an_invalidated_slot_lost_changes(lost_slot_dsn):
     data = json.loads(invoke("cdc", "status", "--database", lost_slot_dsn, "--json").stdout)
     assert data["wal_status"] == "lost"
     assert [w for w in data["warnings"] if "was invalidated" in w and "not recorded" in w]
+
+
+def test_cdc_status_of_an_invalidated_slot_gives_no_time_behind(small_wal_keep_cluster):
+    """With a change recorded before the slot was lost, it said "at most N s" behind, as if the
+    engine could still catch up."""
+    with psycopg.connect(small_wal_keep_cluster, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE recorded_then_lost")
+    dsn = make_conninfo(small_wal_keep_cluster, dbname="recorded_then_lost")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE early (id int PRIMARY KEY)")
+        assert invoke("attach", "--database", dsn, "--tables", "early", "--slot", "recorded").exit_code == 0
+        engine = start_engine(dsn, slot="recorded")
+        conn.execute("INSERT INTO early VALUES (1)")
+        engine.caught_up()
+        engine.stop()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for n in range(4):  # past max_slot_wal_keep_size, with no engine running
+                conn.execute("INSERT INTO early SELECT g FROM generate_series(%s::int, %s::int) g", (n * 1000 + 2, n * 1000 + 1001))
+                conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+        data = json.loads(invoke("cdc", "status", "--database", dsn, "--slot", "recorded", "--json").stdout)
+    finally:
+        with psycopg.connect(small_wal_keep_cluster, autocommit=True) as admin:
+            admin.execute("SELECT pg_drop_replication_slot('recorded')")
+    assert data["wal_status"] == "lost" and data["mutations_recorded"] >= 1
+    assert (data["lag_seconds"], data["lag_is_upper_bound"]) == (None, False)
 
 
 def test_cdc_status_of_an_invalidated_slot_exits_3_as_nothing_is_captured(lost_slot_dsn):

@@ -58,3 +58,25 @@ def test_serve_logging_json_says_where_it_serves_in_a_json_line_and_every_line_i
     lines = _lines(out)
     serving = [line for line in lines if line["message"].startswith("serving ")]
     assert serving and serving[0]["url"] == f"http://127.0.0.1:{port}"
+
+
+def test_warnings_thread_errors_and_errors_in_del_are_json_lines_too():
+    """Python printed these to stderr as lines of text of its own, past the JSON handler."""
+    script = """
+import threading, warnings
+from flux.logs import setup_logging
+setup_logging(False, "json")
+warnings.warn("a library's warning", DeprecationWarning)
+thread = threading.Thread(target=lambda: 1 / 0, name="isolate-1")
+thread.start(); thread.join()
+class Leaky:
+    def __del__(self):
+        raise RuntimeError("in del")
+Leaky()
+"""
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=60)
+    lines = _lines(proc.stderr)  # every line parses
+    assert [line["level"] for line in lines] == ["WARNING", "CRITICAL", "ERROR"], proc.stderr
+    assert "a library's warning" in lines[0]["message"] and lines[0]["logger"] == "py.warnings"
+    assert "isolate-1" in lines[1]["message"] and lines[1]["exception"].endswith("ZeroDivisionError: division by zero")
+    assert lines[2]["exception"].endswith("RuntimeError: in del")

@@ -80,3 +80,21 @@ Leaky()
     assert "a library's warning" in lines[0]["message"] and lines[0]["logger"] == "py.warnings"
     assert "isolate-1" in lines[1]["message"] and lines[1]["exception"].endswith("ZeroDivisionError: division by zero")
     assert lines[2]["exception"].endswith("RuntimeError: in del")
+
+
+def test_a_stop_signal_while_starting_is_said_in_a_json_line():
+    """Said by the signal handler straight to the descriptor: it was plain text in a JSON log."""
+    script = """
+import os, signal
+from flux.logs import setup_logging
+from flux.signals import hold, received
+setup_logging(False, "json")
+hold()
+os.kill(os.getpid(), signal.SIGTERM)
+assert received() == signal.SIGTERM
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = _lines(proc.stderr)
+    assert len(lines) == 1 and lines[0]["message"].startswith("SIGTERM received while starting"), proc.stderr
+    assert lines[0]["level"] == "INFO" and lines[0]["logger"] == "flux"

@@ -93,10 +93,11 @@ def _log_unraisable(unraisable: Any) -> None:
                                     exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
 
-def json_line(level: str, logger: str, message: str) -> str:
+def json_line(level: str, logger: str, message: str, **fields: Any) -> str:
     """One JSON log line made without the logging machinery: for a signal handler, which must not
     take the handler's lock that the code it interrupted may hold."""
-    record = logging.makeLogRecord({"levelname": level, "levelno": logging.getLevelName(level), "name": logger, "msg": message})
+    record = logging.makeLogRecord({"levelname": level, "levelno": logging.getLevelName(level), "name": logger, "msg": message,
+                                  **fields})
     return JsonFormatter().format(record)
 
 

@@ -98,3 +98,13 @@ assert received() == signal.SIGTERM
     lines = _lines(proc.stderr)
     assert len(lines) == 1 and lines[0]["message"].startswith("SIGTERM received while starting"), proc.stderr
     assert lines[0]["level"] == "INFO" and lines[0]["logger"] == "flux"
+
+
+def test_a_usage_error_of_a_server_logging_json_is_a_json_line():
+    """A wrong flag in a deployment's command line: click's usage text reached the JSON log."""
+    proc = subprocess.run([sys.executable, "-m", "flux", "serve", "--port", "abc"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "FLUX_LOG_FORMAT": "json"})
+    lines = _lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0]["level"] == "ERROR" and "--port" in lines[0]["message"]
+    assert lines[0]["error"] == "UsageError" and lines[0]["exit_code"] == 2

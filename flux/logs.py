@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from datetime import datetime, timezone
 from typing import Any
 
@@ -61,6 +62,11 @@ def setup_logging(verbose: bool, log_format: str = "text") -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     if _json:  # an unexpected error's traceback is one JSON line too, not many lines of text
         sys.excepthook = _log_uncaught
+        # Python writes these to stderr as text of its own, not through logging: a library's
+        # warning, an error in a thread (an isolate's, the engine's), one raised in a __del__.
+        logging.captureWarnings(True)
+        threading.excepthook = _log_thread_error
+        sys.unraisablehook = _log_unraisable
     # One line per outbound call or served request is noise; traces record every one of them.
     for chatty in ("aiohttp.client", "hypercorn.access"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -71,6 +77,28 @@ def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: An
         sys.__excepthook__(kind, value, traceback)
         return
     logging.getLogger("flux").critical("unexpected error: %s", value, exc_info=(kind, value, traceback))
+
+
+def _log_thread_error(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("flux").critical("unexpected error in thread %s: %s", name, args.exc_value,
+                                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    what = unraisable.err_msg or "Exception ignored in"
+    logging.getLogger("flux").error("%s: %r", what, unraisable.object,
+                                    exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+
+def json_line(level: str, logger: str, message: str, **fields: Any) -> str:
+    """One JSON log line made without the logging machinery: for a signal handler, which must not
+    take the handler's lock that the code it interrupted may hold."""
+    record = logging.makeLogRecord({"levelname": level, "levelno": logging.getLevelName(level), "name": logger, "msg": message,
+                                  **fields})
+    return JsonFormatter().format(record)
 
 
 def json_logs() -> bool:

@@ -19,6 +19,7 @@ import os
 import signal
 
 from flux import STOP_SIGNALS
+from flux.logs import json_line, json_logs
 
 SERVER_COMMANDS = (("serve",), ("dev",), ("cdc", "run"))
 
@@ -61,7 +62,7 @@ def _on_signal(signum: int, frame: object) -> None:
     _received.append(signum)
     try:  # at once, or a first Ctrl-C during a long step (attach waiting on a transaction) seemed to do nothing;
         # to the descriptor, since a write to sys.stderr could re-enter one this signal interrupted
-        os.write(2, f"{signal.Signals(signum).name} received while starting: stopping once the current step ends "
-                    "(again to stop at once)\n".encode())
+        said = f"{signal.Signals(signum).name} received while starting: stopping once the current step ends (again to stop at once)"
+        os.write(2, (json_line("INFO", "flux", said) if json_logs() else said).encode() + b"\n")
     except OSError:  # a closed terminal (the SIGHUP itself)
         pass

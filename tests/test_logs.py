@@ -58,3 +58,53 @@ def test_serve_logging_json_says_where_it_serves_in_a_json_line_and_every_line_i
     lines = _lines(out)
     serving = [line for line in lines if line["message"].startswith("serving ")]
     assert serving and serving[0]["url"] == f"http://127.0.0.1:{port}"
+
+
+def test_warnings_thread_errors_and_errors_in_del_are_json_lines_too():
+    """Python printed these to stderr as lines of text of its own, past the JSON handler."""
+    script = """
+import threading, warnings
+from flux.logs import setup_logging
+setup_logging(False, "json")
+warnings.warn("a library's warning", DeprecationWarning)
+thread = threading.Thread(target=lambda: 1 / 0, name="isolate-1")
+thread.start(); thread.join()
+class Leaky:
+    def __del__(self):
+        raise RuntimeError("in del")
+Leaky()
+"""
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=60)
+    lines = _lines(proc.stderr)  # every line parses
+    assert [line["level"] for line in lines] == ["WARNING", "CRITICAL", "ERROR"], proc.stderr
+    assert "a library's warning" in lines[0]["message"] and lines[0]["logger"] == "py.warnings"
+    assert "isolate-1" in lines[1]["message"] and lines[1]["exception"].endswith("ZeroDivisionError: division by zero")
+    assert lines[2]["exception"].endswith("RuntimeError: in del")
+
+
+def test_a_stop_signal_while_starting_is_said_in_a_json_line():
+    """Said by the signal handler straight to the descriptor: it was plain text in a JSON log."""
+    script = """
+import os, signal
+from flux.logs import setup_logging
+from flux.signals import hold, received
+setup_logging(False, "json")
+hold()
+os.kill(os.getpid(), signal.SIGTERM)
+assert received() == signal.SIGTERM
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = _lines(proc.stderr)
+    assert len(lines) == 1 and lines[0]["message"].startswith("SIGTERM received while starting"), proc.stderr
+    assert lines[0]["level"] == "INFO" and lines[0]["logger"] == "flux"
+
+
+def test_a_usage_error_of_a_server_logging_json_is_a_json_line():
+    """A wrong flag in a deployment's command line: click's usage text reached the JSON log."""
+    proc = subprocess.run([sys.executable, "-m", "flux", "serve", "--port", "abc"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "FLUX_LOG_FORMAT": "json"})
+    lines = _lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0]["level"] == "ERROR" and "--port" in lines[0]["message"]
+    assert lines[0]["error"] == "UsageError" and lines[0]["exit_code"] == 2

@@ -72,6 +72,12 @@ def main() -> None:
     except Exception as exc:
         if not _is_click_exception(exc):
             raise
+        if _logs_json(sys.argv[1:]) and hasattr(exc, "format_message"):  # before setup_logging: said as it would have
+            from flux.logs import json_line
+
+            sys.stderr.write(json_line("ERROR", "flux", exc.format_message(), error="UsageError",
+                                       hint="See the command's --help.", exit_code=exc.exit_code) + "\n")
+            sys.exit(exc.exit_code)
         if "--json" in sys.argv[1:] and exc.exit_code == ConfigError.exit_code and hasattr(exc, "format_message"):
             print_json({"error": "UsageError", "message": exc.format_message(), "hint": "See the command's --help.",
                         "retryable": False, "context": {}})
@@ -94,6 +100,20 @@ def _check_encoding(args: list[str]) -> None:
             raise ConfigError(f"Argument {position} is not valid UTF-8: {arg.encode('utf-8', 'backslashreplace').decode()}",
                               hint="Flux reads arguments as UTF-8 text; check the terminal's locale (LANG) and the "
                                    "value's encoding.") from None
+
+
+def _logs_json(args: list[str]) -> bool:
+    """A server command asked for JSON log lines (`--log-format json`, FLUX_LOG_FORMAT=json), read
+    from the arguments themselves: a usage error comes before they are parsed."""
+    import os
+
+    from flux.signals import SERVER_COMMANDS
+
+    if not any(tuple(args[:len(command)]) == command for command in SERVER_COMMANDS):
+        return False
+    given = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--log-format"]
+    given += [arg.split("=", 1)[1] for arg in args if arg.startswith("--log-format=")]
+    return (given[-1] if given else os.environ.get("FLUX_LOG_FORMAT", "")).lower() == "json"
 
 
 def _is_click_exception(exc: Exception) -> bool:

@@ -20,11 +20,16 @@ import psycopg
 PROBE_TTL_S = 2.0
 PROBE_WAIT_S = 0.25  # below the 1 s that orchestrators give a probe by default (Kubernetes timeoutSeconds)
 PROBE_CONNECT_TIMEOUT_S = 3
+# The whole check, login and SELECT 1: a server (or a PgBouncer out of server connections) that
+# logs in but does not answer must read as unreachable, not as the last check's answer for minutes.
+PROBE_TIMEOUT_S = 5.0
 
 
 class DatabaseProbe:
-    def __init__(self, conninfo: str, connect_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, conninfo: str, connect_kwargs: dict[str, Any] | None = None, *,
+                 timeout: float = PROBE_TIMEOUT_S) -> None:
         self._conninfo = conninfo
+        self._timeout = timeout
         # The pool's options (keepalives, TLS files passed as arguments), not its session settings.
         self._kwargs = {**(connect_kwargs or {}), "autocommit": True, "connect_timeout": PROBE_CONNECT_TIMEOUT_S}
         self._task: asyncio.Task[None] | None = None
@@ -53,10 +58,14 @@ class DatabaseProbe:
     async def _check(self) -> None:
         self._started_at = time.monotonic()
         try:
-            async with await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs) as conn:
-                await conn.execute("SELECT 1")
+            async with asyncio.timeout(self._timeout):
+                async with await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs) as conn:
+                    await conn.execute("SELECT 1")
             self._reachable, self._error = True, None
             self._round_trip_ms = round((time.monotonic() - self._started_at) * 1000, 1)
+        except TimeoutError:  # before OSError, its base class
+            self._reachable, self._round_trip_ms = False, None
+            self._error = f"no answer to the login and SELECT 1 in {self._timeout:g} s"
         except (psycopg.Error, OSError) as exc:
             self._reachable, self._round_trip_ms = False, None
             self._error = _one_line(exc)

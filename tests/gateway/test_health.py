@@ -113,3 +113,25 @@ def test_a_gateway_without_a_database_reports_none(tmp_path):
             return await _health(client)
 
     assert asyncio.run(scenario())["database"] is None
+
+
+def test_a_database_that_logs_in_but_never_answers_select_1_reads_as_unreachable(dsn):
+    """A PgBouncer out of server connections logs in and holds the query: the check never ended,
+    so health kept saying the last check's answer (or none) for as long as it held."""
+    proxy = ProxyProcess(dsn, hold_answer_to="SELECT 1", release_after=60)
+
+    async def scenario():
+        probe = DatabaseProbe(proxy.dsn, timeout=1)
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            status = await probe.status()
+            if status["reachable"] is not None:
+                return status
+            await asyncio.sleep(0.2)
+        return status
+
+    try:
+        status = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    assert status["reachable"] is False and "no answer" in status["error"], status

@@ -225,8 +225,12 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
                 held = holders(conn, with_partitions(conn, table)) if table is not None else []
             except psycopg.Error:  # dropped since, or in a schema this role may not look up by name
                 held = []
-            why = (f"another transaction holds the table, and waiting longer than {ENGINE_LOCK_TIMEOUT_S:g} s would stop its "
-                   f"other queries behind the engine's ALTER ({'; '.join(held[:MAX_NAMED]) or 'it has ended since'})")
+            if table is None:  # a schema step (ALTER PUBLICATION ... ADD TABLES IN SCHEMA)
+                why = (f"another transaction holds a lock this step needs, and waiting longer than {ENGINE_LOCK_TIMEOUT_S:g} s "
+                       "would hold other queries up behind it")
+            else:
+                why = (f"another transaction holds the table, and waiting longer than {ENGINE_LOCK_TIMEOUT_S:g} s would stop its "
+                       f"other queries behind the engine's ALTER ({'; '.join(held[:MAX_NAMED]) or 'it has ended since'})")
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             why += (" (to capture it, the engine's role must own it and the publication, as a member of the role that "
                     "ran `flux attach` does; otherwise run `flux attach` again, as that role, after creating tables)")

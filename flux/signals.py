@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 from flux import STOP_SIGNALS
-from flux.logs import json_line, json_logs
 
 SERVER_COMMANDS = (("serve",), ("dev",), ("cdc", "run"))
 
@@ -63,6 +63,10 @@ def _on_signal(signum: int, frame: object) -> None:
     try:  # at once, or a first Ctrl-C during a long step (attach waiting on a transaction) seemed to do nothing;
         # to the descriptor, since a write to sys.stderr could re-enter one this signal interrupted
         said = f"{signal.Signals(signum).name} received while starting: stopping once the current step ends (again to stop at once)"
-        os.write(2, (json_line("INFO", "flux", said) if json_logs() else said).encode() + b"\n")
+        # flux.logs is not imported here, where it would add its imports (orjson) to the start-up these
+        # handlers cover; until it is imported, logging is not set up, so not as JSON either.
+        logs = sys.modules.get("flux.logs")
+        line = logs.json_line("INFO", "flux", said) if logs is not None and logs.json_logs() else said
+        os.write(2, line.encode() + b"\n")
     except OSError:  # a closed terminal (the SIGHUP itself)
         pass

@@ -83,6 +83,15 @@ def start_engine(dsn: str, **config) -> RunningEngine:
     return RunningEngine(dsn, engine, thread, errors)
 
 
+def record_pending(dsn: str, **config) -> None:
+    """Run an engine until it has recorded everything written so far, then stop it."""
+    running = start_engine(dsn, **config)
+    try:
+        running.caught_up()
+    finally:
+        running.stop()
+
+
 def mutations(dsn: str, table: str | None = None) -> list[dict]:
     """Recorded mutations in log order, images parsed with exact numerics."""
     import json

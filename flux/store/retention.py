@@ -45,7 +45,7 @@ from flux.cdc.wire import format_lsn
 from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, NotFoundError, from_psycopg
 from flux.pg.pooler import behind_pooler
 from flux.project import Retention
-from flux.store.schema import SCHEMA_VERSION, schema_version
+from flux.store.schema import SCHEMA_VERSION, advisory_lock_holder, schema_version
 
 log = logging.getLogger("flux.retention")
 
@@ -182,16 +182,7 @@ def _require_grants(conn: psycopg.Connection, *, traces: bool, mutations: bool, 
 def _running(conn: psycopg.Connection) -> InUseError:
     """Refused: another session holds the prune's lock; named, as it may be a server's `[retention]` pass."""
     try:
-        holder = conn.execute(
-            """
-            SELECT a.pid, a.application_name, host(a.client_addr), extract(epoch FROM now() - a.query_start)::bigint
-            FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid <> pg_backend_pid()
-              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%s)::bigint
-            """,
-            (_LOCK,),
-        ).fetchone()
+        holder = advisory_lock_holder(conn, f"hashtext('{_LOCK}')")
     except psycopg.Error:  # only a courtesy
         holder = None
     who = ""

@@ -373,23 +373,30 @@ def _take_upgrade_lock(conn: psycopg.Connection, version: int) -> None:
     while not conn.execute(f"SELECT pg_try_advisory_lock({_LOCK})").fetchone()[0]:
         waited = time.monotonic() - started
         if waited >= next_say:
-            holder = conn.execute(
-                # client_addr is NULL for a local socket, and for another role's session without pg_read_all_stats
-                "SELECT a.pid, nullif(a.application_name, ''), host(a.client_addr)"
-                " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
-                f" AND l.objid = ({_LOCK}::bigint & 4294967295)::oid"
-                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            ).fetchone()
+            holder = advisory_lock_holder(conn, _LOCK)
             who = "another session"
             if holder:
-                pid, application, address = holder
+                pid, application, address, _ = holder
                 about = ", ".join(part for part in (application, address and f"from {address}") if part)
                 who = f"the session of pid {pid}" + (f" ({about})" if about else "")
             log.warning("%s %s to finish upgrading the flux schema from v%d to v%d; this start goes on when it is done",
                         f"still waiting ({waited:.0f} s) for" if waited >= 1 else "waiting for", who, version, SCHEMA_VERSION)
             next_say = waited + UPGRADE_WAIT_LOG_EVERY
         time.sleep(0.2)
+
+
+def advisory_lock_holder(conn: psycopg.Connection, key_sql: str) -> tuple[int, str | None, str | None, int | None] | None:
+    """The other session holding the session advisory lock whose bigint key `key_sql` (SQL, a constant
+    of the caller's) gives: its pid, application, address and how long ago its last statement began."""
+    return conn.execute(
+        # client_addr is NULL for a local socket, and for another role's session without pg_read_all_stats
+        "SELECT a.pid, nullif(a.application_name, ''), host(a.client_addr),"
+        " extract(epoch FROM now() - a.query_start)::bigint"
+        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid <> pg_backend_pid()"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        f" AND ((l.classid::bigint << 32) | l.objid::bigint) = ({key_sql})::bigint"
+    ).fetchone()
 
 
 def _migrate(conn: psycopg.Connection, *, concurrently: bool) -> bool:

@@ -17,7 +17,7 @@ from flux.cdc.attach import require_server_version
 from flux.cli import app
 from flux.errors import PreflightError
 from flux.pg.cluster import Cluster
-from tests.support import start_engine, table_owner_role
+from tests.support import record_pending, table_owner_role
 
 runner = CliRunner()
 
@@ -202,10 +202,8 @@ def test_cdc_status_of_an_invalidated_slot_gives_no_time_behind(small_wal_keep_c
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE early (id int PRIMARY KEY)")
         assert invoke("attach", "--database", dsn, "--tables", "early", "--slot", "recorded").exit_code == 0
-        engine = start_engine(dsn, slot="recorded")
         conn.execute("INSERT INTO early VALUES (1)")
-        engine.caught_up()
-        engine.stop()
+        record_pending(dsn, slot="recorded")
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             for n in range(4):  # past max_slot_wal_keep_size, with no engine running

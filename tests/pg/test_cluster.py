@@ -76,6 +76,12 @@ def open_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def _answers(dsn: str) -> bool:
+    """Whether the server at `dsn` takes a connection and answers a query."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def _server_uid(cluster: Cluster) -> int:
     return cluster._user.pw_uid if cluster._user is not None else os.geteuid()
 
@@ -86,8 +92,7 @@ def test_a_project_path_with_a_quote_starts(open_dir):
     try:
         info = cluster.start()
         assert info.data_dir.startswith(str(open_dir / "bob's project"))
-        with psycopg.connect(info.dsn) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert _answers(info.dsn)
     finally:
         cluster.destroy()
 
@@ -99,8 +104,7 @@ def test_a_project_path_too_long_for_a_unix_socket_starts_on_tcp(open_dir):
     try:
         info = cluster.start()
         assert len(os.fsencode(Path(info.data_dir) / f".s.PGSQL.{info.port}")) > 107
-        with psycopg.connect(info.dsn) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert _answers(info.dsn)
     finally:
         cluster.destroy()
 
@@ -109,8 +113,7 @@ def test_a_project_path_that_is_not_utf8_starts(open_dir):
     """A latin-1 directory name: initdb's output, which echoes the path, failed to decode (a traceback)."""
     cluster = Cluster(state_dir=open_dir / os.fsdecode(b"caf\xe9") / ".flux")
     try:
-        with psycopg.connect(cluster.start().dsn) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert _answers(cluster.start().dsn)
     finally:
         cluster.destroy()
 
@@ -132,8 +135,7 @@ def test_an_initdb_cut_short_leaves_nothing_the_next_start_takes_for_a_cluster(o
         Cluster(state_dir=state_dir, bindir=killed).start()
     cluster = Cluster(state_dir=state_dir)
     try:
-        with psycopg.connect(cluster.start().dsn) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert _answers(cluster.start().dsn)
     finally:
         cluster.destroy()
 
@@ -154,8 +156,7 @@ def test_a_postmaster_pid_left_by_a_crash_naming_another_process_does_not_pass_f
             assert not cluster.is_running()
             again = cluster.start()
             assert again.started and "sleep" in again.stale_pid_file
-            with psycopg.connect(again.dsn) as conn:
-                assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert _answers(again.dsn)
             assert other.poll() is None  # untouched
         finally:
             other.kill()

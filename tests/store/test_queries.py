@@ -19,7 +19,7 @@ from flux.store.queries import (
     table_blame,
 )
 from flux.store.schema import ensure_schema
-from tests.support import start_engine
+from tests.support import record_pending
 
 T0 = datetime(2026, 3, 10, 14, 20, 11, tzinfo=timezone.utc)
 _tx = itertools.count(1)
@@ -533,11 +533,7 @@ def test_history_finds_a_row_recorded_without_key_by_its_key_column_of_then(conn
     attach(dsn, tables=["t"])
     conn.execute("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
     conn.execute("ALTER TABLE t RENAME COLUMN id TO uid")  # before the engine reads the inserts: no key in the catalog
-    running = start_engine(dsn)
-    try:
-        running.caught_up()
-    finally:
-        running.stop()
+    record_pending(dsn)
     history = row_history(conn, "public", "t", key={"id": "1"})
     assert history.matched_on == "images"
     assert [(m.op, m.row_key, m.new) for m in history.mutations] == [("insert", None, {"id": 1, "v": "a"})]
@@ -549,11 +545,7 @@ def test_history_of_a_dropped_table_recorded_without_key_says_why_id_has_nothing
     attach(dsn, tables=["t"])
     conn.execute("INSERT INTO t VALUES (1, 'a')")
     conn.execute("DROP TABLE t")
-    running = start_engine(dsn)
-    try:
-        running.caught_up()
-    finally:
-        running.stop()
+    record_pending(dsn)
     with pytest.raises(ConfigError, match="Table t no longer exists, and its changes were recorded without a primary key"):
         row_history(conn, "public", "t", id_value="1")
     assert [m.new for m in row_history(conn, "public", "t", key={"id": "1"}).mutations] == [{"id": 1, "v": "a"}]

@@ -362,9 +362,11 @@ class Rig:
         wait_listening(port, proc)
         return proc
 
-    def spawn_flux(self, port: int, extra: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        """`flux serve` without the engine, as the bench runs it; `env` may point PYTHONPATH at another tree."""
-        proc = self.spawn([sys.executable, "-m", "flux", "serve", "--database", self.dsn, "--no-engine", "--workers", "64",
+    def spawn_flux(self, port: int, extra: list[str], env: dict[str, str] | None = None,
+                   dsn: str | None = None) -> subprocess.Popen:
+        """`flux serve` without the engine, as the bench runs it; `env` may point PYTHONPATH at another
+        tree, and `dsn` at another database."""
+        proc = self.spawn([sys.executable, "-m", "flux", "serve", "--database", dsn or self.dsn, "--no-engine", "--workers", "64",
                            "--port", str(port), "--pool-size", "8", *extra], port, env)
         self.flux.append(proc)
         return proc

@@ -22,8 +22,9 @@ same code on both sides) shows what difference is noise: on 2026-12-06, 4 sessio
 back to back (B lower in 24 of 40 blocks) and -0.02 ms of loop CPU per request, so an effect
 smaller than that needs more sessions. Results are saved under bench/results/.
 
-Both sides serve one database, so both must use the same `flux` schema version: a tree from before
-a schema change (v5 came with cf537d6) refuses the newer schema its peer created, and exits 2.
+Each side serves a database of its own on the same cluster (`flux serve` creates its `flux` schema),
+so trees of different schema versions compare: a tree from before a schema change refuses a newer
+schema, and before 2026-12-07 both sides shared one database and had to match.
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ def measure(pid: int, port: int, count: int) -> tuple[float, float, float]:
     return pct(times, 0.5), loop / count, max(0.0, process_cpu_ms(pid) - process_before - loop) / count
 
 
+def side_database(dsn: str, name: str) -> str:
+    """A fresh database on the rig's cluster with the bench's table; its DSN."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    side = make_conninfo(dsn, dbname=name)
+    with psycopg.connect(side, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id bigserial PRIMARY KEY, n bigint NOT NULL)")
+    return side
+
+
 KEYS = ("p50_ms", "loop_cpu_ms", "other_cpu_ms", "light_p50_ms")
 
 
@@ -110,12 +124,14 @@ def main() -> None:
                 made.append(trees[name])
         print(f"A: {args.a} ({trees['A']})\nB: {args.b} ({trees['B']})\nstarting PostgreSQL …", flush=True)
         rig.start()
+        dsns = {name: side_database(rig.dsn, f"bench_{name.lower()}") for name in ("A", "B")}
         asyncio.run(throughput(rig.bare_port, "/item", 16, 2.0))
         for session in range(args.sessions):
             servers = {"bare": (rig.bare.pid, rig.bare_port)}
             for name in ("A", "B") if session % 2 == 0 else ("B", "A"):
                 port = free_port()
-                proc = rig.spawn_flux(port, ["--project", str(rig.project)], {"PYTHONPATH": str(trees[name])})
+                proc = rig.spawn_flux(port, ["--project", str(rig.project)], {"PYTHONPATH": str(trees[name])},
+                                      dsn=dsns[name])
                 servers[name] = (proc.pid, port)
                 asyncio.run(throughput(port, "/item", 16, 2.0))  # warm-up, not counted
             for block in range(args.blocks):

@@ -225,12 +225,9 @@ class Executor:
         deadline = asyncio.get_running_loop().time() + self.limits.timeout_ms / 1000  # the COMMIT too
         try:
             async with asyncio.timeout_at(deadline):
+                # Microtasks the function queued from inside its last drain count within its limits
+                # too: eval_then answers once they have run.
                 done = await run.loop(isolate)
-                # Microtasks the function queued from inside the last drain (which runs built-ins it
-                # can replace, JSON.stringify among them) run after the drain has answered: this
-                # eval answers once they are done, so that they count within this request's limits,
-                # not in the next request's wait for a fresh realm.
-                await isolate.eval_cancelable("0")
         except TimeoutError:
             await run.salvage(isolate)
             pool.discard(isolate)  # stops JS even mid-microtask

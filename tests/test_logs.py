@@ -108,3 +108,12 @@ def test_a_usage_error_of_a_server_logging_json_is_a_json_line():
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0]["level"] == "ERROR" and "--port" in lines[0]["message"]
     assert lines[0]["error"] == "UsageError" and lines[0]["exit_code"] == 2
+
+
+def test_a_usage_error_of_flux_dev_is_text_whatever_flux_log_format_says(tmp_path):
+    """flux dev has no --log-format and logs text: a FLUX_LOG_FORMAT=json exported for a server made
+    its usage error, alone of its output, a JSON line."""
+    proc = subprocess.run([sys.executable, "-m", "flux", "dev", "--port", "abc"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env={**os.environ, "FLUX_LOG_FORMAT": "json"})
+    assert proc.returncode == 2 and "Usage:" in proc.stderr and "--port" in proc.stderr, proc.stderr
+    assert not proc.stderr.lstrip().startswith("{"), proc.stderr

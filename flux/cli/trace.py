@@ -70,7 +70,7 @@ def why(
 
 def requests(
     function: Annotated[str | None, typer.Option("--function", "-f", help="Only requests to this function.", show_default=False)] = None,
-    status: Annotated[str | None, typer.Option("--status", "-s", help="2xx, 4xx, 5xx, an exact code (500), or `error` (4xx/5xx).", show_default=False)] = None,
+    status: Annotated[str | None, typer.Option("--status", "-s", help="2xx, 4xx, 5xx, an exact code (500), or `error` (a 4xx, a 5xx or an error recorded).", show_default=False)] = None,
     since: Annotated[str | None, typer.Option("--since", help="Only requests this recent: 30s, 10m, 2h, 1d.", show_default=False)] = None,
     tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only requests of this tenant.", show_default=False)] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N requests.")] = 50,

@@ -28,7 +28,7 @@ from flux.store.traces import TraceRecord, TraceSummary
 from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned, record_cuts,
                             unlogged_writes)
 
-IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
+IdArg = Annotated[str, typer.Argument(metavar="ID", help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
 ERROR_CLIP = 60
 NAME_CELLS = 80  # of a span's name in the tree; --json has it whole

@@ -108,3 +108,21 @@ def test_a_usage_error_of_a_server_logging_json_is_a_json_line():
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0]["level"] == "ERROR" and "--port" in lines[0]["message"]
     assert lines[0]["error"] == "UsageError" and lines[0]["exit_code"] == 2
+
+
+def test_a_usage_error_of_flux_dev_is_text_whatever_flux_log_format_says(tmp_path):
+    """flux dev has no --log-format and logs text: a FLUX_LOG_FORMAT=json exported for a server made
+    its usage error, alone of its output, a JSON line."""
+    proc = subprocess.run([sys.executable, "-m", "flux", "dev", "--port", "abc"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env={**os.environ, "FLUX_LOG_FORMAT": "json"})
+    assert proc.returncode == 2 and "Usage:" in proc.stderr and "--port" in proc.stderr, proc.stderr
+    assert not proc.stderr.lstrip().startswith("{"), proc.stderr
+
+
+def test_cdc_run_says_a_malformed_dsn_in_a_json_line():
+    """The DSN was resolved before logging was set up, so its error was plain text in a JSON log (serve's was not)."""
+    proc = subprocess.run([sys.executable, "-m", "flux", "cdc", "run", "--log-format", "json", "--database", "host=h port=abc"],
+                          capture_output=True, text=True, timeout=60)
+    lines = _lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0]["error"] == "ConfigError" and "port 'abc'" in lines[0]["message"] and lines[0]["exit_code"] == 2

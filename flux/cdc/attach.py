@@ -145,7 +145,10 @@ def attach(
 ) -> AttachResult:
     """`on_wait(lines)`: told which sessions the slot's creation waits for (it waits for every
     transaction running when it starts), after 2 s and whenever they change."""
-    if bool(tables) == bool(all_tables):
+    if tables and all_tables:  # "Choose what to capture" said to one who chose twice
+        raise ConfigError("--tables and --all-tables exclude each other",
+                          hint="Pass --tables a,b to capture those tables, or --all-tables for every table.")
+    if not tables and not all_tables:
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
     with connect(dsn) as conn:
         check_server(conn, slot=slot)

@@ -102,14 +102,17 @@ def _check_encoding(args: list[str]) -> None:
                                    "value's encoding.") from None
 
 
+# The commands that take --log-format. Not `flux dev`, which logs text: a FLUX_LOG_FORMAT=json exported
+# for a server made its usage errors JSON lines, the rest of its output text.
+LOG_FORMAT_COMMANDS = (("serve",), ("cdc", "run"))
+
+
 def _logs_json(args: list[str]) -> bool:
     """A server command asked for JSON log lines (`--log-format json`, FLUX_LOG_FORMAT=json), read
     from the arguments themselves: a usage error comes before they are parsed."""
     import os
 
-    from flux.signals import SERVER_COMMANDS
-
-    if not any(tuple(args[:len(command)]) == command for command in SERVER_COMMANDS):
+    if not any(tuple(args[:len(command)]) == command for command in LOG_FORMAT_COMMANDS):
         return False
     given = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--log-format"]
     given += [arg.split("=", 1)[1] for arg in args if arg.startswith("--log-format=")]

@@ -36,8 +36,8 @@ def run(
     from flux.cdc.engine import Engine, EngineConfig
     from flux.signals import received
 
+    setup_logging(verbose, log_format.value)  # first: an error in the DSN is a JSON line too with --log-format json
     db = resolve_database(database)
-    setup_logging(verbose, log_format.value)
     # A server not up yet is waited for, within a bound (boot order under systemd or compose); a refused
     # login is said at once. Once it has started, the engine waits out any loss of the server by itself.
     if not wait_for_database(db, wait_for, stopped=lambda: received() is not None):

@@ -130,7 +130,7 @@ def _merge_lines(path: Path, template: bytes) -> bool:
 
 
 def init(
-    directory: Annotated[Path, typer.Argument(help="Where to create the project; created if missing.")] = Path("."),
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Where to create the project; created if missing.")] = Path("."),
     force: Annotated[bool, typer.Option("--force", help="Overwrite template files that already exist.")] = False,
     json: JsonOption = False,
 ) -> None:

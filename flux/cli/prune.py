@@ -30,7 +30,7 @@ def prune(
     json: JsonOption = False,
 ) -> None:
     """Delete traces and row changes recorded longer ago than --older-than, in short batches.
-    Ctrl-C (or SIGTERM) stops it after the batch in hand (a second one at once); running it again continues."""
+    Ctrl-C (or SIGTERM or SIGHUP) stops it after the batch in hand (a second one at once); running it again continues."""
     window = parse_retention_period(older_than, "--older-than")
     retention.check_arguments(older_than=window, traces=traces, mutations=mutations, batch_rows=batch_rows)
     stop = threading.Event()

@@ -135,7 +135,7 @@ def serve(
         "--functions-database", show_default=False, help="The DSN functions' ctx.db connects with, when it differs from "
         "--database: a role with the application's privileges and none on the flux schema, so that no function reads "
         "or writes what Flux recorded.")] = None,
-    reload: Annotated[bool, typer.Option("--reload", help="Reload functions when their files change.")] = False,
+    reload: Annotated[bool, typer.Option("--reload", help="Reload functions and flux.toml when their files change.")] = False,
     wait_for: WaitOption = WAIT_FOR_DATABASE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
     log_format: LogFormatOption = LogFormat.text,

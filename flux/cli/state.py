@@ -22,7 +22,7 @@ from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Wri
 
 app = typer.Typer(help="Row history and blame from the mutation log.", no_args_is_help=True)
 
-TableArg = Annotated[str, typer.Argument(help='Table: NAME or SCHEMA.NAME; quote odd names: \'"my schema"."My Table"\'.', show_default=False)]
+TableArg = Annotated[str, typer.Argument(metavar="TABLE", help='Table: NAME or SCHEMA.NAME; quote odd names: \'"my schema"."My Table"\'.', show_default=False)]
 IdOption = Annotated[str | None, typer.Option("--id", help="Value of the table's single-column primary key.", show_default=False)]
 KeyOption = Annotated[
     list[str] | None,

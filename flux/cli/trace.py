@@ -28,7 +28,7 @@ from flux.store.traces import TraceRecord, TraceSummary
 from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned, record_cuts,
                             unlogged_writes)
 
-IdArg = Annotated[str, typer.Argument(help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
+IdArg = Annotated[str, typer.Argument(metavar="ID", help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 SHORT_ID = 8
 ERROR_CLIP = 60
 NAME_CELLS = 80  # of a span's name in the tree; --json has it whole
@@ -70,7 +70,7 @@ def why(
 
 def requests(
     function: Annotated[str | None, typer.Option("--function", "-f", help="Only requests to this function.", show_default=False)] = None,
-    status: Annotated[str | None, typer.Option("--status", "-s", help="2xx, 4xx, 5xx, an exact code (500), or `error` (4xx/5xx).", show_default=False)] = None,
+    status: Annotated[str | None, typer.Option("--status", "-s", help="2xx, 4xx, 5xx, an exact code (500), or `error` (a 4xx, a 5xx or an error recorded).", show_default=False)] = None,
     since: Annotated[str | None, typer.Option("--since", help="Only requests this recent: 30s, 10m, 2h, 1d.", show_default=False)] = None,
     tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only requests of this tenant.", show_default=False)] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N requests.")] = 50,

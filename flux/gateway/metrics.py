@@ -12,7 +12,7 @@ import bisect
 from collections.abc import Iterable
 from typing import Any
 
-# Seconds: from a fast function's answer to the default 10 s time limit and beyond.
+# Seconds: from a fast function's answer to past the default 5 s time limit (timeout_ms).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ENGINE_STATES = ("starting", "active", "standby", "retrying", "stopped")
 

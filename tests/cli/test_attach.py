@@ -97,6 +97,11 @@ def test_attach_without_table_choice_is_a_usage_error(dsn):
     assert proc.returncode == 2 and "--all-tables" in proc.stderr
 
 
+def test_attach_with_both_tables_and_all_tables_says_they_exclude_each_other(dsn):
+    proc = run_flux("attach", "--database", dsn, "--tables", "users", "--all-tables")
+    assert proc.returncode == 2 and "--tables and --all-tables exclude each other" in proc.stderr, proc.stderr
+
+
 def test_attach_refuses_wal_level_replica_and_shows_the_fix(replica_cluster):
     proc = run_flux("attach", "--database", replica_cluster.start().dsn, "--all-tables")
     assert proc.returncode == 4

@@ -104,6 +104,19 @@ def test_every_command_and_each_of_its_options_is_in_the_readme_cli_reference():
     assert not missing
 
 
+def test_every_command_names_its_arguments_in_help_as_the_readme_does():
+    """`flux trace ID` in the README; the help said `{id_or_prefix}`, the parameter's name."""
+    import re
+
+    differ = []
+    for path, command in _commands():
+        row = _readme_rows(path)
+        for param in command.params:
+            if param.param_type_name == "argument" and not (param.metavar and re.search(rf"\b{param.metavar}\b", row)):
+                differ.append(f"{' '.join(path)} {param.metavar or param.name}")
+    assert not differ
+
+
 def test_every_command_has_help_that_exits_0():
     from typer.testing import CliRunner
 

@@ -417,7 +417,8 @@ class _Session:
             if now - self.last_progress_log >= PROGRESS_LOG_INTERVAL and self.stats.mutations != self.logged_mutations:
                 # Progress on long work (a backlog drain) without a line per transaction.
                 rate = (self.stats.mutations - self.logged_mutations) / max(now - self.last_progress_log, 1e-9)
-                log.info("recorded %d mutations (%.0f/s), confirmed %s", self.stats.mutations, rate, format_lsn(self.confirmed))
+                log.info("recorded %d mutation%s (%.0f/s), confirmed %s", self.stats.mutations, "" if self.stats.mutations == 1 else "s",
+                         rate, format_lsn(self.confirmed))
                 self.logged_mutations = self.stats.mutations
                 self.last_progress_log = now
 

@@ -266,13 +266,15 @@ def publication_locks(conn: psycopg.Connection, publication: str, chosen: list[T
         return ([] if schemas else list(chosen)), []
     current = set(published_tables(conn, publication))
     wanted = set() if schemas else set(chosen)
-    restored = {t for t in current - wanted if not schemas or t.schema not in schemas}
+    restored = {part for table in current - wanted if not schemas or table.schema not in schemas
+                for part in with_partitions(conn, table)}
     dropped_schemas = sorted(set(published_schemas(conn, publication)) - set(schemas or []))
     if dropped_schemas:
-        keep = {part for table in chosen for part in with_partitions(conn, table)}
         restored |= {TableRef(s, t) for s, t in conn.execute(
             "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = ANY (%s)",
-            (slot, dropped_schemas)).fetchall()} - keep
+            (slot, dropped_schemas)).fetchall()}
+    if restored:
+        restored -= {part for table in chosen for part in with_partitions(conn, table)}
     return sorted(current ^ wanted, key=str), restorable(conn, slot, sorted(restored, key=str))
 
 
@@ -310,21 +312,24 @@ def sync_publication(
         changes.append(f"publication {publication}: publish = insert, update, delete, truncate")
     current = set(published_tables(conn, publication))
     wanted = set() if schemas else set(chosen)
+    current_schemas = set(published_schemas(conn, publication))
+    wanted_schemas = set(schemas or [])
+    dropped_schemas = sorted(current_schemas - wanted_schemas)
+    # Still captured, as a chosen table or one of its partitions: its identity stays FULL.
+    keep = {part for table in chosen for part in with_partitions(conn, table)} if current - wanted or dropped_schemas else set()
     for table in sorted(wanted - current, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(name, table.ident))
         changes.append(f"publication {publication}: added {table}")
     for table in sorted(current - wanted, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, table.ident))
         if not schemas or table.schema not in set(schemas or []):
-            restore_identity(conn, slot, table, result_list=restored, warnings=warnings)
+            for part in with_partitions(conn, table):  # its partitions were set FULL with it
+                if part not in keep:
+                    restore_identity(conn, slot, part, result_list=restored, warnings=warnings)
             changes.append(f"publication {publication}: removed {table}")
-    current_schemas = set(published_schemas(conn, publication))
-    wanted_schemas = set(schemas or [])
     for schema in sorted(wanted_schemas - current_schemas):
         conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
         changes.append(f"publication {publication}: added schema {schema}")
-    dropped_schemas = sorted(current_schemas - wanted_schemas)
-    keep = {part for table in chosen for part in with_partitions(conn, table)} if dropped_schemas else set()
     for schema in dropped_schemas:
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
         changes.append(f"publication {publication}: removed schema {schema}")

@@ -20,14 +20,17 @@ import psycopg
 from psycopg import sql
 
 from flux.cdc import autocapture
-from flux.cdc.locks import DEFAULT_LOCK_TIMEOUT_S, BlockerWatch, bound_lock_waits, with_lock_retries
+from flux.cdc.locks import DEFAULT_LOCK_TIMEOUT_S, BlockerWatch, LockBudget, bound_lock_waits, lock_up_front, with_lock_retries
 from flux.cdc.roles import check_role, role_named_flux_warnings
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
     all_user_tables,
     captured_tables,
+    not_full,
+    publication_locks,
     record_listed_tables,
+    restorable,
     resolve_tables,
     restore_identity,
     set_full_identity,
@@ -163,6 +166,7 @@ def attach(
             # An older schema is upgraded outside the transaction below, so that its indexes are
             # built concurrently (the engine keeps writing); an upgrade stopped half-way is resumed.
             upgraded = schema_version(conn) is not None and ensure_schema(conn)
+            budget = LockBudget(lock_timeout)
 
             def set_up() -> tuple[list[str], list[dict], list[dict], list[str]]:
                 # One transaction: no instant where a table is half set up (e.g. moved from the
@@ -178,18 +182,21 @@ def attach(
                     _check_names_are_flux(conn, slot, publication)
                     bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
                     schemas = user_schemas(conn) if schema_mode else None
+                    # Every table lock the try needs, before any change: the ALTERs below then wait for none.
+                    parts = {table: with_partitions(conn, table) for table in chosen}
+                    moved, to_restore = publication_locks(conn, publication, chosen, schemas=schemas, slot=slot)
+                    lock_up_front(conn, budget, not_full(conn, [p for ps in parts.values() for p in ps]) + to_restore, moved)
                     # Before the publication changes: the event trigger must not take a table left out
                     # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
                     record_listed_tables(conn, slot, None if all_tables else chosen)
                     created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
                                                 warnings=warnings, restored=restored)
                     for table in chosen:
-                        parts = with_partitions(conn, table)
-                        for part in parts:
+                        for part in parts[table]:
                             change = set_full_identity(conn, slot, part)
                             if change:
                                 identities.append(change)
-                        if len(parts) > 1:
+                        if len(parts[table]) > 1:
                             warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
                     _record_attachment(conn, slot, publication, all_tables)
                     if superuser:
@@ -201,7 +208,7 @@ def attach(
                 return created, identities, restored, warnings
 
             created, identities, restored, warnings = with_lock_retries(
-                conn, set_up, action="Attach", command="flux attach", seconds=lock_timeout,
+                conn, set_up, action="Attach", command="flux attach", budget=budget,
                 tables=lambda: _tables_touched(conn, slot, publication, chosen))
             result.created += created
             result.replica_identity_changed += identities
@@ -382,12 +389,16 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                     slot=slot,
                 )
 
+            budget = LockBudget(lock_timeout)
+
             def take_down() -> DetachResult:
                 # All or nothing: a role refused one step (it does not own the publication or a table, or
                 # may not replicate) leaves the attachment whole, rather than without its slot.
                 done = DetachResult(slot=slot, publication=publication, warnings=list(result.warnings))
                 with conn.transaction():
                     bound_lock_waits(conn, lock_timeout)
+                    # The tables whose identity is restored, all before the first ALTER (DROP PUBLICATION locks none).
+                    lock_up_front(conn, budget, restorable(conn, slot) if has_schema else [])
                     if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone():
                         conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
                         done.dropped.append(f"publication {publication}")
@@ -399,7 +410,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                         done.dropped.insert(0, f"replication slot {slot}")
                 return done
 
-            result = with_lock_retries(conn, take_down, action="Detach", command="flux detach", seconds=lock_timeout,
+            result = with_lock_retries(conn, take_down, action="Detach", command="flux detach", budget=budget,
                                        tables=lambda: _tables_touched(conn, slot, publication, []))
         except psycopg.Error as exc:
             hint = ("Run `flux detach` as the role that ran `flux attach` (it owns the publication, the flux schema and, "

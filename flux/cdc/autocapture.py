@@ -20,12 +20,13 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from flux.cdc.locks import ENGINE_LOCK_TIMEOUT_S, MAX_NAMED, bound_lock_waits, holders
+from flux.cdc.locks import ENGINE_LOCK_TIMEOUT_S, MAX_NAMED, LockBudget, bound_lock_waits, holders, lock_up_front
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
     all_user_tables,
     listed_tables_not_captured,
+    not_full,
     published_schemas,
     published_tables,
     set_full_identity,
@@ -192,15 +193,31 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
             (publication, slot),
         ).fetchall():
             table = TableRef(schema, name)
-            _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: [set_full_identity(conn, slot, p) for p in with_partitions(conn, t)], table)
+            _try(conn, changed, f"REPLICA IDENTITY FULL on {table}", lambda t=table: _full_identity(conn, slot, t), table)
         return changed
     for table in sorted(set(all_user_tables(conn)) - set(published_tables(conn, publication)), key=str):
         _try(conn, changed, str(table), lambda t=table: _capture(conn, slot, publication, t), table)
     return changed
 
 
+# A new table and all its partitions in one transaction, their locks taken up front (flux.cdc.locks):
+# the publication then never holds the table with a partition not FULL yet (whose updates would be
+# recorded key-only), and a refusal (a busy partition, a privilege) leaves nothing half-changed for
+# the next pass. Locking partition by partition, one transaction each, would hold no table while
+# waiting at all, but would leave partitions FULL under a table that is not captured; the up-front
+# wait gives up before deadlock_timeout, so an application's transaction is never the one aborted.
+def _full_identity(conn: psycopg.Connection, slot: str, table: TableRef) -> None:
+    parts = with_partitions(conn, table)
+    lock_up_front(conn, LockBudget(ENGINE_LOCK_TIMEOUT_S), not_full(conn, parts))
+    for part in parts:
+        set_full_identity(conn, slot, part)
+
+
 def _capture(conn: psycopg.Connection, slot: str, publication: str, table: TableRef) -> None:
-    for part in with_partitions(conn, table):
+    parts = with_partitions(conn, table)
+    exclusive = not_full(conn, parts)
+    lock_up_front(conn, LockBudget(ENGINE_LOCK_TIMEOUT_S), exclusive, [] if table in exclusive else [table])
+    for part in parts:
         set_full_identity(conn, slot, part)
     conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table.ident))
 

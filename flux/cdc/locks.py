@@ -8,13 +8,21 @@ So Flux waits for such a lock a second at most (`lock_timeout`), then steps asid
 queries queued behind it run, and tries again after a pause that doubles each time; after
 LOCK_TRIES tries it gives up having changed nothing, naming the sessions that hold the table.
 A table is held up a second at a time, never for as long as the transaction in the way lasts.
+
+A try takes all its tables' locks up front (`lock_up_front`), before any ALTER, and waits for them a
+bounded time in all. With several tables, while it waits for one it holds the others, and an
+application transaction taking two of them in the other order closes a cycle: the try then gives up
+before the server's `deadlock_timeout`, so it is gone when PostgreSQL's deadlock check runs and
+chooses a backend to abort, and the application's transaction waits a moment and goes on.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import psycopg
@@ -27,6 +35,9 @@ DEFAULT_LOCK_TIMEOUT_S = 1.0  # attach and detach (`--lock-timeout`)
 ENGINE_LOCK_TIMEOUT_S = 1.0  # the engine's capture of new tables, which it retries every pass anyway
 LOCK_TRIES = 5  # with the default timeout, pauses of 1, 2, 4 and 8 s between them: about 20 s in all
 MAX_NAMED = 5  # sessions named in an error, the longest-running first: on a busy table the rest are its traffic
+# A try holding tables while it waits gives up at this share of deadlock_timeout: the margin covers
+# its rollback and the timers' slack, so that it has let go before another backend's deadlock check.
+DEADLOCK_SHARE = 0.8
 
 T = TypeVar("T")
 
@@ -36,11 +47,66 @@ def bound_lock_waits(conn: psycopg.Connection, seconds: float) -> None:
     conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{max(1, round(seconds * 1000))}ms")))
 
 
-def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action: str, command: str, seconds: float,
+@dataclass
+class LockBudget:
+    """How long a try waits for locks: `seconds` (`--lock-timeout`), or less when it holds tables
+    while waiting (`lock_up_front` says how long it waited in `waited`)."""
+
+    seconds: float
+    waited: float | None = None
+
+
+# One statement, so that the wait is bounded server-side and no round trip falls inside it: each
+# LOCK waits at most what is left of the try's budget (1 ms once it is spent: a free lock is still
+# granted at once). ONLY: a partition is listed itself when its own identity changes. A table this
+# role does not own (or that is gone) is left to the statement that changes it, whose refusal says
+# so ("must be owner of table"), where LOCK's would say "permission denied".
+_LOCK_IN_TURN = """
+DO $flux$
+DECLARE
+    deadline timestamptz := clock_timestamp() + current_setting('flux.lock_budget_ms')::int * interval '1 ms';
+    t record;
+BEGIN
+    FOR t IN SELECT e->>0 AS schema_name, e->>1 AS table_name, e->>2 AS mode
+             FROM jsonb_array_elements(current_setting('flux.lock_list')::jsonb) WITH ORDINALITY AS l(e, i)
+             JOIN pg_namespace n ON n.nspname = e->>0 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = e->>1
+             WHERE pg_has_role(c.relowner, 'USAGE') ORDER BY i LOOP
+        PERFORM set_config('lock_timeout',
+                           greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000))::int || 'ms', true);
+        EXECUTE format('LOCK TABLE ONLY %I.%I IN %s MODE', t.schema_name, t.table_name, t.mode);
+    END LOOP;
+END
+$flux$
+"""
+
+
+def lock_up_front(conn: psycopg.Connection, budget: LockBudget, exclusive: Iterable[TableRef],
+                  share_update: Iterable[TableRef] = ()) -> None:
+    """In the current transaction, before any ALTER: ACCESS EXCLUSIVE on `exclusive` (their identity
+    changes), SHARE UPDATE EXCLUSIVE on `share_update` (they join or leave the publication), one
+    after another. With one table, it waits `budget.seconds` (it holds no other table meanwhile);
+    with more, DEADLOCK_SHARE of the server's deadlock_timeout at most, in all. A later wait of the
+    transaction (a lock this did not foresee) is bounded the same. 55P03 when the time is up."""
+    modes = {t: "SHARE UPDATE EXCLUSIVE" for t in share_update} | {t: "ACCESS EXCLUSIVE" for t in exclusive}
+    seconds = budget.seconds
+    if len(modes) > 1:
+        deadlock_ms = conn.execute("SELECT setting::float FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
+        seconds = min(seconds, DEADLOCK_SHARE * deadlock_ms / 1000)
+    budget.waited = seconds
+    if modes:
+        listed = [[t.schema, t.name, mode] for t, mode in sorted(modes.items(), key=lambda item: str(item[0]))]
+        conn.execute("SELECT set_config('flux.lock_budget_ms', %s, true), set_config('flux.lock_list', %s, true)",
+                     (str(max(1, round(seconds * 1000))), json.dumps(listed)))
+        conn.execute(_LOCK_IN_TURN)
+    bound_lock_waits(conn, seconds)
+
+
+def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action: str, command: str, budget: LockBudget,
                       tables: Callable[[], list[TableRef]]) -> T:
-    """`step` (one transaction that calls `bound_lock_waits`), tried LOCK_TRIES times while a lock
+    """`step` (one transaction that calls `lock_up_front`), tried LOCK_TRIES times while a lock
     wait times out; then a LockTimeoutError naming who holds `tables()`."""
     started = time.monotonic()
+    seconds = budget.seconds
     for attempt in range(1, LOCK_TRIES + 1):
         try:
             return step()
@@ -55,11 +121,19 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
     who = "; ".join(shown) if held else "a transaction that has ended since"
     first_pid = next((h.split()[1] for h in held if h.startswith("pid ")), None)
     end_it = f" (or end it: SELECT pg_terminate_backend({first_pid});)" if first_pid else ""
+    waited = budget.waited if budget.waited is not None else seconds
+    if waited >= seconds:
+        hint = (f"Let that transaction finish{end_it}, then run `{command}` again; or pass --lock-timeout SECONDS to wait "
+                "longer (the table's other queries wait as long meanwhile).")
+    else:
+        hint = (f"Let that transaction finish{end_it}, then run `{command}` again, at a quieter moment or for fewer tables "
+                f"at a time: a try holding some of its tables while it waits for the others gives up within {waited:g} s, "
+                "before the server's deadlock_timeout (so that no application transaction is aborted for it), "
+                "whatever --lock-timeout says.")
     raise LockTimeoutError(
         f"{action} changed nothing: a table it must alter is in use by another transaction, and waiting for it would stop "
-        f"the table's other queries (waited {seconds:g} s, {LOCK_TRIES} times over {time.monotonic() - started:.0f} s): {who}",
-        hint=f"Let that transaction finish{end_it}, then run `{command}` again; or pass --lock-timeout SECONDS to wait longer "
-             "(the table's other queries wait as long meanwhile).",
+        f"the table's other queries (waited {waited:g} s, {LOCK_TRIES} times over {time.monotonic() - started:.0f} s): {who}",
+        hint=hint,
     )
 
 

@@ -219,8 +219,63 @@ def set_full_identity(conn: psycopg.Connection, slot: str, table: TableRef) -> d
     return {"table": str(table), "previous": identity_name(current, index), "restored_by_detach": True}
 
 
+def not_full(conn: psycopg.Connection, tables: list[TableRef]) -> list[TableRef]:
+    """Those of `tables` whose identity is not FULL: the ones `set_full_identity` alters."""
+    rows = conn.execute(
+        """
+        SELECT t.s, t.r FROM unnest(%s::text[], %s::text[]) AS t(s, r)
+        JOIN pg_namespace n ON n.nspname = t.s JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
+        WHERE c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
+        ORDER BY 1, 2
+        """,
+        ([t.schema for t in tables], [t.name for t in tables]),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]
+
+
+def restorable(conn: psycopg.Connection, slot: str, tables: list[TableRef] | None = None) -> list[TableRef]:
+    """Of the tables whose identity Flux changed (`tables` of them, or all), those `restore_identity`
+    alters: still FULL, and with the recorded index, if any, still there."""
+    rows = conn.execute(
+        """
+        SELECT r.schema_name, r.table_name FROM flux.replica_identity_changes r
+        JOIN pg_namespace n ON n.nspname = r.schema_name
+        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name AND c.relkind IN ('r', 'p')
+        WHERE r.slot_name = %s AND c.relreplident = 'f'
+          AND (r.previous <> 'i' OR EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                                            WHERE i.indrelid = c.oid AND ic.relname = r.previous_index))
+          AND (%s::text[] IS NULL OR (r.schema_name, r.table_name) IN (SELECT * FROM unnest(%s::text[], %s::text[])))
+        ORDER BY 1, 2
+        """,
+        (slot, None if tables is None else [str(t) for t in tables],
+         [t.schema for t in tables or []], [t.name for t in tables or []]),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]
+
+
 def identity_name(code: str, index: str | None) -> str:
     return {"d": "DEFAULT", "n": "NOTHING", "f": "FULL", "i": f"USING INDEX {index}"}.get(code, code)
+
+
+def publication_locks(conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None,
+                      slot: str) -> tuple[list[TableRef], list[TableRef]]:
+    """The tables `sync_publication` (same arguments) will lock, so that they are locked up front:
+    those it adds to or drops from the publication by name (SHARE UPDATE EXCLUSIVE; a schema's
+    tables are not locked), and those whose identity it restores (ACCESS EXCLUSIVE)."""
+    if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone() is None:
+        return ([] if schemas else list(chosen)), []
+    current = set(published_tables(conn, publication))
+    wanted = set() if schemas else set(chosen)
+    restored = {part for table in current - wanted if not schemas or table.schema not in schemas
+                for part in with_partitions(conn, table)}
+    dropped_schemas = sorted(set(published_schemas(conn, publication)) - set(schemas or []))
+    if dropped_schemas:
+        restored |= {TableRef(s, t) for s, t in conn.execute(
+            "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = ANY (%s)",
+            (slot, dropped_schemas)).fetchall()}
+    if restored:
+        restored -= {part for table in chosen for part in with_partitions(conn, table)}
+    return sorted(current ^ wanted, key=str), restorable(conn, slot, sorted(restored, key=str))
 
 
 def sync_publication(
@@ -257,21 +312,24 @@ def sync_publication(
         changes.append(f"publication {publication}: publish = insert, update, delete, truncate")
     current = set(published_tables(conn, publication))
     wanted = set() if schemas else set(chosen)
+    current_schemas = set(published_schemas(conn, publication))
+    wanted_schemas = set(schemas or [])
+    dropped_schemas = sorted(current_schemas - wanted_schemas)
+    # Still captured, as a chosen table or one of its partitions: its identity stays FULL.
+    keep = {part for table in chosen for part in with_partitions(conn, table)} if current - wanted or dropped_schemas else set()
     for table in sorted(wanted - current, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(name, table.ident))
         changes.append(f"publication {publication}: added {table}")
     for table in sorted(current - wanted, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, table.ident))
         if not schemas or table.schema not in set(schemas or []):
-            restore_identity(conn, slot, table, result_list=restored, warnings=warnings)
+            for part in with_partitions(conn, table):  # its partitions were set FULL with it
+                if part not in keep:
+                    restore_identity(conn, slot, part, result_list=restored, warnings=warnings)
             changes.append(f"publication {publication}: removed {table}")
-    current_schemas = set(published_schemas(conn, publication))
-    wanted_schemas = set(schemas or [])
     for schema in sorted(wanted_schemas - current_schemas):
         conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
         changes.append(f"publication {publication}: added schema {schema}")
-    dropped_schemas = sorted(current_schemas - wanted_schemas)
-    keep = {part for table in chosen for part in with_partitions(conn, table)} if dropped_schemas else set()
     for schema in dropped_schemas:
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
         changes.append(f"publication {publication}: removed schema {schema}")

@@ -683,3 +683,26 @@ def test_attach_asks_to_change_the_owner_of_a_superusers_table_rather_than_grant
         conn.execute("DROP ROLE attach_nosuper")
     assert refused.value.hint == ('As a superuser run: ALTER TABLE "public"."dba_table" OWNER TO "attach_nosuper"; Or attach '
                                   'as the owner, or leave these tables out (--tables).')
+
+
+def test_a_partitioned_table_left_out_of_the_list_gets_back_its_partitions_identities_too(dsn, conn):
+    """Only the partitioned table itself was restored: its partitions stayed FULL until detach."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+    attach(dsn, tables=["a", "m"])
+    narrowed = attach(dsn, tables=["a"])
+    assert identities(conn, "a", "m", "m1") == {"a": "f", "m": "d", "m1": "d"}
+    assert narrowed.replica_identity_restored == [{"table": "public.m", "restored": "DEFAULT"},
+                                                  {"table": "public.m1", "restored": "DEFAULT"}]
+
+
+def test_a_partition_listed_by_itself_stays_full_when_its_partitioned_table_is_listed_instead(dsn, conn):
+    """The partition, leaving the publication by name, was restored and set FULL again in the same run:
+    reported restored, though still FULL and captured through its root."""
+    conn.execute("CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+    attach(dsn, tables=["m1"])
+    widened = attach(dsn, tables=["m"])
+    assert identities(conn, "m", "m1") == {"m": "f", "m1": "f"}
+    assert widened.replica_identity_restored == []

@@ -145,3 +145,154 @@ def test_attach_says_which_transactions_its_slot_waits_for(dsn, conn):
         writer.close()
     assert "replication slot flux" in result.created
     assert len(told) == 1 and told[0][0].startswith(f"pid {pid} (postgres, batch-job), idle in transaction for "), told
+
+
+def _until(conn, query: str, params: tuple = (), timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not conn.execute(query, params).fetchone()[0]:
+        assert time.monotonic() < deadline, f"never true: {query}"
+        time.sleep(0.01)
+
+
+def _in_thread(target) -> tuple[threading.Thread, list]:
+    """`target()` in a thread; the list gets its result, or the exception it raised."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(target())
+        except Exception as exc:  # the test asserts on it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _taking_the_tables_in_the_other_order(dsn: str, conn, flux_step) -> tuple[object, object]:
+    """The application's transaction holds c, then asks for a, which Flux holds while it waits for b
+    (a report's) and then c: a cycle. Flux must be the one that steps aside, and the application's
+    transaction commit. Returns what the application's query and `flux_step` came to."""
+    conn.execute("INSERT INTO c VALUES (1)")
+    report = _holding(dsn, "b")
+    app = psycopg.connect(dsn, application_name="checkout")
+    try:
+        app.execute("DELETE FROM c")  # holds c (and, unlike an INSERT into a partition, not its parent)
+        flux, flux_outcome = _in_thread(flux_step)
+        _until(conn, "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 'a'::regclass AND mode = 'AccessExclusiveLock'"
+                     " AND granted)")
+        query, query_outcome = _in_thread(lambda: app.execute("SELECT count(*) FROM a").fetchone())
+        _until(conn, "SELECT EXISTS (SELECT FROM pg_locks WHERE pid = %s AND NOT granted)", (app.info.backend_pid,))
+        time.sleep(0.2)  # the application has waited a while when Flux gets b and asks for c
+        report.commit()
+        query.join(timeout=10)
+        if query_outcome and not isinstance(query_outcome[0], Exception):
+            app.commit()
+        flux.join(timeout=30)
+    finally:
+        report.close()
+        app.close()
+    if query_outcome[0] == (0,):
+        assert conn.execute("SELECT count(*) FROM c").fetchone() == (0,)  # the application's transaction committed
+    return query_outcome[0], flux_outcome[0]
+
+
+def test_an_application_transaction_taking_attachs_tables_in_the_other_order_is_not_the_one_aborted(dsn, conn):
+    """Attach altered a, waited for b, then c, holding a all along: PostgreSQL's deadlock check ran
+    first in the application's backend, which had waited longer, and aborted its transaction (40P01)."""
+    for table in "abc":
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    query, result = _taking_the_tables_in_the_other_order(dsn, conn, lambda: attach(dsn, tables=["a", "b", "c"]))
+    assert query == (0,), query
+    assert not isinstance(result, Exception), result
+    assert [_identity(conn, table) for table in "abc"] == ["f", "f", "f"]
+
+
+def test_an_application_transaction_taking_detachs_tables_in_the_other_order_is_not_the_one_aborted(dsn, conn):
+    for table in "abc":
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    attach(dsn, tables=["a", "b", "c"])
+    query, result = _taking_the_tables_in_the_other_order(dsn, conn, lambda: detach(dsn))
+    assert query == (0,), query
+    assert not isinstance(result, Exception), result
+    assert [_identity(conn, table) for table in "abc"] == ["d", "d", "d"]
+
+
+def _waits_on_a_table_held_while_flux_waits_for_another(dsn: str, conn, flux_step) -> float:
+    """The longest a query of a waited while Flux, which needs a and b, waited for b (a report's)."""
+    report = _holding(dsn, "b")
+    flux, outcome = _in_thread(flux_step)
+    longest = 0.0
+    try:
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("SET statement_timeout = '2s'")
+            until = time.monotonic() + 2.5  # --lock-timeout 2: the first try and part of the pause after it
+            while time.monotonic() < until:
+                started = time.monotonic()
+                app.execute("SELECT count(*) FROM a")
+                longest = max(longest, time.monotonic() - started)
+                time.sleep(0.02)
+    finally:
+        report.close()  # the report ends: the next try goes through
+    flux.join(timeout=30)
+    assert outcome and not isinstance(outcome[0], Exception), outcome
+    return longest
+
+
+def _one_try_at_most(conn) -> float:
+    """The longest a try holding some tables waits for the others: before the server's deadlock_timeout."""
+    deadlock_ms = conn.execute("SELECT setting::float FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
+    return 0.8 * deadlock_ms / 1000 + 0.2  # and a little for the rollback and this test's own round trips
+
+
+def test_while_attach_waits_for_one_table_a_table_it_holds_waits_one_bounded_try_at_most(dsn, conn):
+    """Attach held a (altered) for as long as it waited for b: --lock-timeout, 2 s here."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    longest = _waits_on_a_table_held_while_flux_waits_for_another(
+        dsn, conn, lambda: attach(dsn, tables=["a", "b"], lock_timeout=2))
+    assert longest < _one_try_at_most(conn), longest
+    assert [_identity(conn, table) for table in "ab"] == ["f", "f"]
+
+
+def test_while_detach_waits_for_one_table_a_table_it_holds_waits_one_bounded_try_at_most(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    attach(dsn, tables=["a", "b"])
+    longest = _waits_on_a_table_held_while_flux_waits_for_another(dsn, conn, lambda: detach(dsn, lock_timeout=2))
+    assert longest < _one_try_at_most(conn), longest
+    assert [_identity(conn, table) for table in "ab"] == ["d", "d"]
+
+
+def test_the_engines_capture_of_a_partitioned_table_steps_aside_for_an_application_taking_its_partitions_in_the_other_order(
+        dsn, conn):
+    """The engine set FULL on the partitions one after another in one transaction, holding a while it
+    waited for b, then c: the application's transaction was the one aborted (40P01)."""
+    conn.execute("CREATE TABLE late (id int PRIMARY KEY)")
+    attach(dsn, tables=["late"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that may not own one
+    conn.execute("DROP TABLE late")  # and created again, partitioned: the engine captures it by its name
+    conn.execute("CREATE TABLE late (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    for table, values in (("a", "10) TO (20"), ("b", "20) TO (30"), ("c", "0) TO (10")):
+        conn.execute(f"CREATE TABLE {table} PARTITION OF late FOR VALUES FROM ({values})")
+    query, changed = _taking_the_tables_in_the_other_order(dsn, conn, lambda: reconcile_new_tables(dsn, slot="flux"))
+    assert query == (0,), query
+    assert changed == []  # it gave way, and captures the table on its next pass:
+    assert reconcile_new_tables(dsn, slot="flux") == ["public.late"]
+    assert [_identity(conn, table) for table in ("late", "a", "b", "c")] == ["f", "f", "f", "f"]
+
+
+def test_attach_of_several_tables_gives_up_within_deadlock_timeout_and_says_a_longer_lock_timeout_would_not_help(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET deadlock_timeout = '100ms'")  # attach's sessions see it
+    blocker = _holding(dsn, "b")
+    try:
+        with pytest.raises(LockTimeoutError) as raised:
+            attach(dsn, tables=["a", "b"], lock_timeout=0.1)
+    finally:
+        blocker.close()
+    assert "(waited 0.08 s, 5 times" in raised.value.message
+    assert "gives up within 0.08 s, before the server's deadlock_timeout" in raised.value.hint
+    assert "pass --lock-timeout" not in raised.value.hint
+    assert [_identity(conn, table) for table in "ab"] == ["d", "d"]

@@ -160,6 +160,9 @@ def render_history(h: RowHistory) -> None:
         console.print("  [dim]no primary key recorded: matched on row values[/]")
     if line := _earlier_names(list(h.mutations), h.schema, h.table):
         console.print(line)
+    if h.renamed_to is not None and h.key is not None:
+        console.print(f"  [dim]the table was renamed {escape(h.renamed_to)} since; its changes under both names: "
+                      f"{escape(history_command(*names.parse_table(h.renamed_to), h.key))}[/]")
     if h.pruned_before is not None:
         console.print(f"  [dim]its changes committed before {h.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
     elif h.key is not None and h.total == len(h.mutations) and h.mutations[0].op in ("update", "delete") \
@@ -277,6 +280,9 @@ def render_row_blame(b: RowBlame) -> None:
     writers = [w for w in (b.deleted_by, *(c.set_by for c in b.columns)) if w is not None]
     if line := _earlier_names(writers, b.schema, b.table):
         console.print(line)
+    if b.renamed_to is not None and b.key is not None:
+        command = history_command(*names.parse_table(b.renamed_to), b.key).replace("history", "blame", 1)
+        console.print(f"  [dim]the table was renamed {escape(b.renamed_to)} since; blame of the row now: {escape(command)}[/]")
     if b.deleted and b.deleted_by is not None:
         how = "truncated" if b.deleted_by.op == "truncate" else "moved" if b.moved_to is not None else "deleted"
         console.print(f"  [red]{how}[/]  {_time(b.deleted_by.commit_time)}  {_who(b.deleted_by)}"

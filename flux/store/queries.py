@@ -49,7 +49,7 @@ from psycopg import sql
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.names import NUMBER, format_table, given_text, key_arg, load_json
 from flux.store.retention import pruned_before
-from flux.store.renames import NO_NAMES, Names, table_names
+from flux.store.renames import NO_NAMES, Names, renamed_to, table_names
 from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
 
 REQUEST_PREFIX = "req:"
@@ -111,6 +111,7 @@ class RowHistory:
     # The log's last prune cutoff, when the row's recorded history starts with a change other than
     # its insert: its earlier changes, committed before this, were deleted by retention.
     pruned_before: datetime | None = None
+    renamed_to: str | None = None  # no table has this name now: the one that had it is now named so
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,7 @@ class RowBlame:
     moved_to: dict[str, Any] | None = None  # deleted_by changed the row's primary key to this one
     key: dict[str, Any] | None = None  # the primary key as recorded (typed), when matched on it
     pruned_before: datetime | None = None  # as RowHistory's: some values were set by changes since pruned
+    renamed_to: str | None = None  # as RowHistory's
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,7 +618,8 @@ def row_history(
     whole = total == len(mutations)  # else the oldest shown is not the oldest recorded
     return RowHistory(schema=schema, table=table, match=m.match, matched_on=m.matched_on, total=total,
                       mutations=tuple(mutations), key=_recorded_as(m, mutations),
-                      pruned_before=_pruned_history(conn, mutations) if whole else None)
+                      pruned_before=_pruned_history(conn, mutations) if whole else None,
+                      renamed_to=_renamed_to(conn, schema, table, names))
 
 
 def _no_row(conn: psycopg.Connection, schema: str, table: str, m: _RowMatch) -> None:
@@ -666,7 +669,15 @@ def row_blame(
     blame = _blame(schema, table, m.match, mutations, key=_recorded_as(m, mutations))
     if any(c.set_by is None for c in blame.columns):
         blame = dataclasses.replace(blame, pruned_before=_pruned_history(conn, mutations))
-    return blame
+    return dataclasses.replace(blame, renamed_to=_renamed_to(conn, schema, table, names))
+
+
+def _renamed_to(conn: psycopg.Connection, schema: str, table: str, names: Names) -> str | None:
+    """The name a table is known by now, when it no longer has this one (renamed since)."""
+    if names.relid is not None:  # a table has this name now
+        return None
+    now = renamed_to(conn, schema, table)
+    return format_table(*now) if now else None
 
 
 def _one_row(schema: str, table: str, m: _RowMatch, mutations: list[Mutation]) -> None:

@@ -89,3 +89,23 @@ def table_names(conn: psycopg.Connection, schema: str, table: str) -> Names:
         earlier.append((s, t))
         bound = (first, first_seq)
     return Names(relid, tuple(earlier))
+
+
+def renamed_to(conn: psycopg.Connection, schema: str, table: str) -> tuple[str, str] | None:
+    """For a name no table has now: the table that had it, by the oid of its latest change, when that
+    table's walk back through its earlier names (`table_names`) reaches this one; else None."""
+    if conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p'))", (schema, table),
+    ).fetchone()[0]:
+        return None
+    row = conn.execute(
+        "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'p') AND c.oid = ("
+        "   SELECT relid FROM flux.state_mutations WHERE flux.table_hash(schema_name, table_name) = flux.table_hash(%s, %s)"
+        "      AND schema_name = %s AND table_name = %s ORDER BY commit_lsn DESC, seq DESC LIMIT 1)",
+        (schema, table, schema, table),
+    ).fetchone()
+    if row is None or (schema, table) not in table_names(conn, row[0], row[1]).earlier:
+        return None
+    return row[0], row[1]

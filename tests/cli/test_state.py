@@ -531,6 +531,17 @@ def test_history_and_blame_json_say_the_name_each_change_was_recorded_under(conn
     assert [(r["row_key"], r["writer"]["recorded_as"]) for r in rows] == [({"id": 2}, "b"), ({"id": 1}, "b")]
 
 
+def test_history_and_blame_under_the_former_name_say_what_the_table_is_named_now(conn, dsn, capture):
+    _renamed_a_to_b(conn, capture)
+    history = " ".join(invoke(dsn, "history", "a", "--id", "1").output.split())
+    assert "the table was renamed b since; its changes under both names: flux state history b --id 1" in history
+    assert "v → z" not in history  # only what was recorded as a
+    blame = " ".join(invoke(dsn, "blame", "a", "--id", "1").output.split())
+    assert "the table was renamed b since; blame of the row now: flux state blame b --id 1" in blame
+    assert json.loads(invoke(dsn, "history", "a", "--id", "1", "--json").stdout)["renamed_to"] == "b"
+    assert json.loads(invoke(dsn, "history", "b", "--id", "1", "--json").stdout)["renamed_to"] is None
+
+
 def test_changes_recorded_without_the_tables_oid_are_still_pointed_to_under_the_former_name(conn, dsn, capture):
     """Changes recorded before schema v7 have no `relid`: the hint of then stays."""
     _renamed_a_to_b(conn, capture)

@@ -14,7 +14,7 @@ from flux.cdc.attach import attach
 from flux.errors import NotFoundError
 from flux.pg.cluster import find_bindir
 from flux.store.queries import row_history
-from flux.store.renames import Names, table_names
+from flux.store.renames import Names, renamed_to, table_names
 from flux.store.schema import ensure_schema
 
 
@@ -115,3 +115,13 @@ def test_a_log_restored_from_a_dump_follows_no_oid_recorded_before_the_restore(c
                       " commit_time, seq, relid) VALUES ('public', 'd', 'insert', '{\"id\": 1}', '{\"id\": 1}', 1, '9/0',"
                       " now(), 0, 'public.c'::regclass)")  # recorded since, in this database: c was named d then
         assert [m.recorded_as for m in row_history(copy, "public", "c", id_value="1").mutations] == ["d"]
+
+
+def test_a_former_name_is_said_to_be_renamed_only_when_the_walk_back_reaches_it(log):
+    oid = _oid(log, "b")
+    record(log, "a", "insert", oid)
+    record(log, "b", "update", oid)
+    assert renamed_to(log, "public", "a") == ("public", "b")
+    assert renamed_to(log, "public", "b") is None  # a table has that name
+    record(log, "a", "delete", oid)  # under a again after b began: another table's oid
+    assert renamed_to(log, "public", "a") is None

@@ -48,8 +48,8 @@ from psycopg import sql
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.names import NUMBER, format_table, given_text, key_arg, load_json
-from flux.store.retention import pruned_before
 from flux.store.renames import NO_NAMES, Names, renamed_to, table_names
+from flux.store.retention import pruned_before
 from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
 
 REQUEST_PREFIX = "req:"
@@ -363,7 +363,8 @@ def _recorded_key(conn: psycopg.Connection, schema: str, table: str) -> tuple[st
 
 
 def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> Names:
-    """Where the table's changes are recorded (`flux.store.renames.table_names`); NotFoundError, with a hint, when nowhere."""
+    """Where the table's changes are recorded (`flux.store.renames.table_names`); NotFoundError, with
+    a hint, when nowhere."""
     _require_log(conn)
     names = table_names(conn, schema, table)
     if names.earlier or conn.execute(

@@ -64,8 +64,9 @@ def table_names(conn: psycopg.Connection, schema: str, table: str) -> Names:
 
     Followed back one name at a time, newest first, while each name's changes with the oid all
     come before the first of the name after it (see above), and only through oids recorded in this
-    database (`relids_from`): a name whose first change with the oid is older ends the walk. Two names of one oid sharing a table hash (64 bits) would be taken for one; the names
-    are those of its first change.
+    database (`relids_from`): a name whose first change with the oid is older ends the walk. Two
+    names of one oid sharing a table hash (64 bits) would be taken for one; the names are those of
+    its first change.
     """
     row = conn.execute(
         "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"

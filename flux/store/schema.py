@@ -156,8 +156,9 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value WHERE flux.meta.value->'l
 
 def claim_relids(conn: psycopg.Connection) -> None:
     """Take the table oids the log records from now on for this database's (see CLAIM_RELIDS); a
-    no-op where the log already has them."""
-    conn.execute(CLAIM_RELIDS)
+    no-op, which reads only `flux.meta`, where the log already has them."""
+    if relids_from(conn) is None:
+        conn.execute(CLAIM_RELIDS)
 
 
 def relids_from(conn: psycopg.Connection) -> int | None:

@@ -83,18 +83,19 @@ class MutationRow:
     commit_time: datetime
     seq: int
     old_row_key: str | None = None  # an UPDATE that changed the primary key: the old one (row_key is the new)
+    relid: int | None = None  # the table's oid, from its Relation message (the root's, for a partition)
 
     def as_tuple(self) -> tuple:
         return (
             self.request_id, self.context, self.schema_name, self.table_name, self.op, self.row_key,
             self.old, self.new, self.old_complete, self.missing_columns, self.changed_columns,
-            self.xid, self.commit_lsn, self.commit_time, self.seq, self.old_row_key,
+            self.xid, self.commit_lsn, self.commit_time, self.seq, self.old_row_key, self.relid,
         )
 
 
 COLUMNS = (
     "request_id", "context", "schema_name", "table_name", "op", "row_key", "old", "new", "old_complete",
-    "missing_columns", "changed_columns", "xid", "commit_lsn", "commit_time", "seq", "old_row_key",
+    "missing_columns", "changed_columns", "xid", "commit_lsn", "commit_time", "seq", "old_row_key", "relid",
 )
 
 
@@ -420,6 +421,7 @@ class Assembler:
             txn.request_id, txn.context, rel.namespace, rel.name, op, row_key,
             None if old_json is None else old_json.decode(), None if new_json is None else new_json.decode(),
             old_complete, missing, changed, txn.xid, txn.commit_lsn_text, txn.commit_time, seq, old_row_key,
+            rel.relation_id,
         )  # fmt: skip
 
     def _primary_key(self, table: _Table) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ from flux.cdc.publication import (
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
-from flux.store.schema import ensure_schema, schema_version, tables_not_fluxs
+from flux.store.schema import claim_relids, ensure_schema, schema_version, tables_not_fluxs
 
 log = logging.getLogger("flux.cdc")
 
@@ -180,6 +180,7 @@ def attach(
                     if ensure_schema(conn) or upgraded:
                         created.append("schema flux")
                     _check_names_are_flux(conn, slot, publication)
+                    claim_relids(conn)  # a restored copy's log: the oids recorded from now on are this database's
                     bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
                     schemas = user_schemas(conn) if schema_mode else None
                     # Every table lock the try needs, before any change: the ALTERs below then wait for none.

@@ -130,9 +130,10 @@ def _copy_text(rows: Sequence[MutationRow]) -> Iterator[str]:
     Built here rather than by `copy.write_row`: psycopg's generic dumpers (its list dumper
     above all) cost about three times as much per row, and this loop bounds the engine's
     throughput on large transactions. Values that repeat row after row (request ids, contexts,
-    names, a transaction's xid, LSN and time) are escaped once per call.
+    names, table oids, a transaction's xid, LSN and time) are escaped once per call.
     """
     arrays: dict[tuple[str, ...], str] = {}
+    relids: dict[int | None, str] = {}
     repeated: dict[str | None, str] = {None: "\\N"}
     last_lsn: str | None = None
     txn_text = ""
@@ -150,7 +151,8 @@ def _copy_text(rows: Sequence[MutationRow]) -> Iterator[str]:
             *head, r.op, _text(r.row_key), _text(r.old), _text(r.new),
             "\\N" if complete is None else ("t" if complete else "f"),
             _array(r.missing_columns, arrays), _array(r.changed_columns, arrays), txn_text,
-        )) + str(r.seq) + ("\t\\N\n" if r.old_row_key is None else f"\t{_text(r.old_row_key)}\n")
+        )) + str(r.seq) + ("\t\\N\t" if r.old_row_key is None else f"\t{_text(r.old_row_key)}\t") \
+            + (relids.get(r.relid) or relids.setdefault(r.relid, "\\N\n" if r.relid is None else f"{r.relid}\n"))
         lines.append(line)
         size += len(line)
         if size >= _COPY_CHUNK:

@@ -127,6 +127,23 @@ def _who(w: Writer | Mutation) -> str:
     return f"[bold]req:{escape(w.request_id[:SHORT_ID])}[/]{fn}"
 
 
+def _recorded_as(w: Writer | Mutation, schema: str, table: str) -> str:
+    """For a change recorded under another name of the table (before a rename): which."""
+    if not w.recorded_as or w.recorded_as == names.format_table(schema, table):
+        return ""
+    return f"  [dim](recorded as {escape(w.recorded_as)})[/]"
+
+
+def _earlier_names(changes: list[Writer] | list[Mutation], schema: str, table: str) -> str:
+    """A line saying which earlier names of the table these changes were recorded under, or ''."""
+    current = names.format_table(schema, table)
+    earlier = list(dict.fromkeys(c.recorded_as for c in changes if c.recorded_as and c.recorded_as != current))
+    if not earlier:
+        return ""
+    return (f"  [dim]with its changes recorded under its earlier name{'s' if len(earlier) > 1 else ''} "
+            f"{escape(', '.join(earlier))} (the table of the same oid, renamed since)[/]")
+
+
 def _row_title(schema: str, table: str, match: dict[str, str], key: dict[str, Any] | None) -> str:
     """The row: by its key as recorded (shown as everywhere else), or by the values given."""
     cols = _key(key) if key is not None else ", ".join(f"{c} = {names.given_text(v)}" for c, v in match.items())
@@ -141,6 +158,11 @@ def render_history(h: RowHistory) -> None:
         console.print(f"  [dim]newest {len(h.mutations)} of {h.total} changes · times UTC[/]")
     if h.matched_on == "images":
         console.print("  [dim]no primary key recorded: matched on row values[/]")
+    if line := _earlier_names(list(h.mutations), h.schema, h.table):
+        console.print(line)
+    if h.renamed_to is not None and h.key is not None:
+        console.print(f"  [dim]the table was renamed {escape(h.renamed_to)} since; its changes under both names: "
+                      f"{escape(history_command(*names.parse_table(h.renamed_to), h.key))}[/]")
     if h.pruned_before is not None:
         console.print(f"  [dim]its changes committed before {h.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
     elif h.key is not None and h.total == len(h.mutations) and h.mutations[0].op in ("update", "delete") \
@@ -150,7 +172,7 @@ def render_history(h: RowHistory) -> None:
     alive = False  # the log's changes so far leave a row with this key in the table
     for m in h.mutations:
         console.print()
-        console.print(f"  {_time(m.commit_time)}  {_who(m)}")
+        console.print(f"  {_time(m.commit_time)}  {_who(m)}{_recorded_as(m, h.schema, h.table)}")
         for line in _mutation_lines(m, width, h.schema, h.table):
             console.print(line)
         if m.op == "insert" and alive and h.matched_on == "row_key":
@@ -164,7 +186,8 @@ def _earlier_changes(command: str, key: dict[str, Any]) -> str:
     """Where a row's changes before its first recorded one are: the log keeps each change under
     the name its table had then, and a rename is DDL, which it does not record."""
     return ("the row was inserted before capture started, or, if the table was renamed since, its earlier changes "
-            f"are recorded under the table's former name: flux state {command} OLD_NAME {_row_args(key)}")
+            "are recorded under the table's former name (followed from schema v7 on, by the table's oid; not for changes "
+            f"recorded before): flux state {command} OLD_NAME {_row_args(key)}")
 
 
 def _mutation_lines(m: Mutation, width: int, schema: str, table: str) -> list[str]:
@@ -254,9 +277,16 @@ def render_row_blame(b: RowBlame) -> None:
     console.print()
     console.print(f"  [bold]Blame[/]  {_row_title(b.schema, b.table, b.match, b.key)}")
     console.print(f"  [dim]{RULE}[/]")
+    writers = [w for w in (b.deleted_by, *(c.set_by for c in b.columns)) if w is not None]
+    if line := _earlier_names(writers, b.schema, b.table):
+        console.print(line)
+    if b.renamed_to is not None and b.key is not None:
+        command = history_command(*names.parse_table(b.renamed_to), b.key).replace("history", "blame", 1)
+        console.print(f"  [dim]the table was renamed {escape(b.renamed_to)} since; blame of the row now: {escape(command)}[/]")
     if b.deleted and b.deleted_by is not None:
         how = "truncated" if b.deleted_by.op == "truncate" else "moved" if b.moved_to is not None else "deleted"
-        console.print(f"  [red]{how}[/]  {_time(b.deleted_by.commit_time)}  {_who(b.deleted_by)}")
+        console.print(f"  [red]{how}[/]  {_time(b.deleted_by.commit_time)}  {_who(b.deleted_by)}"
+                      f"{_recorded_as(b.deleted_by, b.schema, b.table)}")
         if b.moved_to is not None:
             console.print(f"  [dim]its primary key became {escape(_key(b.moved_to))}: "
                           f"{escape(history_command(b.schema, b.table, b.moved_to).replace('history', 'blame', 1))}[/]")
@@ -270,7 +300,8 @@ def render_row_blame(b: RowBlame) -> None:
             origin = "[dim](set before the recorded history)[/]"
         else:
             maybe = "[dim]≤[/] " if not c.certain else ""
-            origin = f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by)}  [dim]{c.set_by.op}[/]"
+            origin = (f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by)}  [dim]{c.set_by.op}[/]"
+                      f"{_recorded_as(c.set_by, b.schema, b.table)}")
         line = f"  {escape(pad(c.column, width))}  {value}  {origin}"
         console.print(f"[dim]{line}[/]" if b.deleted else line)
     if any(not c.known for c in b.columns):
@@ -290,6 +321,8 @@ def render_table_blame(schema: str, table: str, rows: list[RecentChange]) -> Non
     console.print()
     console.print(f"  [bold]Recently changed[/]  {escape(names.format_table(schema, table))}")
     console.print(f"  [dim]{RULE}[/]")
+    if line := _earlier_names([r.writer for r in rows], schema, table):
+        console.print(line)
     for r in rows:
         w = r.writer
         if w.op == "truncate":
@@ -301,5 +334,5 @@ def render_table_blame(schema: str, table: str, rows: list[RecentChange]) -> Non
         else:
             row = key_text(r.row or {})
             what = escape(row if len(row) <= ROW_CLIP else row[: ROW_CLIP - 1] + "…")
-        console.print(f"  {_time(w.commit_time)}  {w.op:<8}  {what}  {_who(w)}")
+        console.print(f"  {_time(w.commit_time)}  {w.op:<8}  {what}  {_who(w)}{_recorded_as(w, schema, table)}")
     console.print()

@@ -19,6 +19,10 @@ How a row is found:
   forms. Past 64 combinations (7 or more columns whose text could be a number, a boolean or a
   uuid) the columns are compared one by one instead, over all of the table's mutations.
 
+Across a rename: history and blame of an existing table also take the changes recorded under
+its earlier names with its oid (`flux.store.renames`), each saying the name it was recorded under
+(`recorded_as`).
+
 Not guaranteed: a row of a table without a primary key is followed only while its images
 contain the given values (an update that changes them ends the trail); blame of a column
 whose last writer predates capture has no writer; a truncate is attributed to every row of
@@ -28,10 +32,12 @@ its table that had a mutation before it.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -42,6 +48,7 @@ from psycopg import sql
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.names import NUMBER, format_table, given_text, key_arg, load_json
+from flux.store.renames import NO_NAMES, Names, renamed_to, table_names
 from flux.store.retention import pruned_before
 from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
 
@@ -89,6 +96,7 @@ class Mutation:
     # In a row's history, for an update that changed its primary key: "out" when it moved the row
     # away from the key asked for (to `row_key`), "in" when it brought the row there (from `old_row_key`).
     key_change: str | None = None
+    recorded_as: str = ""  # the table's name when the change was recorded, as `flux state` takes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +111,7 @@ class RowHistory:
     # The log's last prune cutoff, when the row's recorded history starts with a change other than
     # its insert: its earlier changes, committed before this, were deleted by retention.
     pruned_before: datetime | None = None
+    renamed_to: str | None = None  # no table has this name now: the one that had it is now named so
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +127,7 @@ class Writer:
     seq: int
     # No request id because the transaction's `flux` message was malformed: what was wrong with it.
     malformed_context: str | None = None
+    recorded_as: str = ""  # the table's name when the change was recorded (an earlier one, after a rename)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,7 @@ class RowBlame:
     moved_to: dict[str, Any] | None = None  # deleted_by changed the row's primary key to this one
     key: dict[str, Any] | None = None  # the primary key as recorded (typed), when matched on it
     pruned_before: datetime | None = None  # as RowHistory's: some values were set by changes since pruned
+    renamed_to: str | None = None  # as RowHistory's
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +181,13 @@ def check_limit(limit: int) -> None:
 
 _MUTATION_COLUMNS = sql.SQL(
     "op, request_id, context->>'function', context::text, xid, commit_lsn::text, commit_time, seq,"
-    " row_key::text, old::text, new::text, old_complete, missing_columns, changed_columns, old_row_key::text"
+    " row_key::text, old::text, new::text, old_complete, missing_columns, changed_columns, old_row_key::text,"
+    " schema_name, table_name"
 )
 
 
 def _mutation(row: tuple, columns: tuple[str, ...] = (), key_columns: tuple[str, ...] = ()) -> Mutation:
-    op, rid, fn, ctx, xid, lsn, time, seq, key, old, new, complete, missing, changed, old_key = row[:15]
+    op, rid, fn, ctx, xid, lsn, time, seq, key, old, new, complete, missing, changed, old_key, schema, table = row[:17]
     return Mutation(
         op=op, request_id=rid, function=fn, context=load_json(ctx), xid=xid, commit_lsn=lsn,
         commit_time=time, seq=seq, row_key=_in_order(load_json(key), key_columns),
@@ -183,7 +195,7 @@ def _mutation(row: tuple, columns: tuple[str, ...] = (), key_columns: tuple[str,
         old_complete=complete,
         missing_columns=tuple(missing) if missing is not None else None,
         changed_columns=tuple(changed) if changed is not None else None,
-        old_row_key=_in_order(load_json(old_key), key_columns),
+        old_row_key=_in_order(load_json(old_key), key_columns), recorded_as=format_table(schema, table),
     )
 
 
@@ -197,7 +209,8 @@ def _in_order(image: dict[str, Any] | None, columns: tuple[str, ...]) -> dict[st
 
 def _writer(m: Mutation) -> Writer:
     return Writer(op=m.op, request_id=m.request_id, function=m.function, commit_time=m.commit_time,
-                  xid=m.xid, commit_lsn=m.commit_lsn, seq=m.seq, malformed_context=malformed_context(m))
+                  xid=m.xid, commit_lsn=m.commit_lsn, seq=m.seq, malformed_context=malformed_context(m),
+                  recorded_as=m.recorded_as)
 
 
 def malformed_context(m: Mutation) -> str | None:
@@ -349,12 +362,15 @@ def _recorded_key(conn: psycopg.Connection, schema: str, table: str) -> tuple[st
     return tuple(key) if key else None
 
 
-def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> None:
+def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> Names:
+    """Where the table's changes are recorded (`flux.store.renames.table_names`); NotFoundError, with
+    a hint, when nowhere."""
     _require_log(conn)
-    if conn.execute(
+    names = table_names(conn, schema, table)
+    if names.earlier or conn.execute(
         f"SELECT EXISTS (SELECT 1 FROM flux.state_mutations WHERE {_TABLE_IS})", {"schema": schema, "table": table}
     ).fetchone()[0]:
-        return
+        return names
     name = format_table(schema, table)
     # Spelled differently only in case: asked of the catalog, as the log has no index for it.
     similar = [
@@ -416,7 +432,8 @@ def _capture_hint(conn: psycopg.Connection, schema: str, table: str) -> str:
         return (f"{name} is captured (publication {publication[0]}), but no change of it is recorded yet: changes made "
                 "before `flux attach` are not recorded, later ones once `flux cdc run` has read them (`flux cdc status` "
                 "shows how far it is). A change is recorded under the name its table had then: if the table was renamed "
-                "since, its earlier changes are under its former name.")
+                "since, its earlier changes are under its former name (those recorded before schema v7, which have no table "
+                "oid to follow it by).")
     if conn.execute("SELECT EXISTS (SELECT 1 FROM flux.attachments)").fetchone()[0]:
         return (f"{name} is not captured: give it to `flux attach --tables` with the other tables to capture (the list "
                 "replaces the current one), or use `flux attach --all-tables`.")
@@ -525,34 +542,51 @@ def _recorded_as(m: _RowMatch, mutations: list[Mutation]) -> dict[str, Any] | No
     return None
 
 
-def _row_query(schema: str, table: str, m: _RowMatch, limit: int | None) -> tuple[sql.Composed, dict[str, Any]]:
-    """The row's mutations and the truncates after its first one, newest first, with the total."""
+def _under_name(where: sql.Composable, i: int) -> sql.SQL:
+    """`where` (written for the table's name, `%(schema)s` and `%(table)s`) for its earlier name number `i`."""
+    text = where.as_string(None)
+    return sql.SQL(text.replace("%(schema)s", f"%(schema{i})s").replace("%(table)s", f"%(table{i})s"))
+
+
+def _row_query(schema: str, table: str, m: _RowMatch, limit: int | None,
+               names: Names = NO_NAMES) -> tuple[sql.Composed, dict[str, Any]]:
+    """The row's mutations and the truncates after its first one, newest first, with the total:
+    under the table's name, and under each earlier name of its oid with that oid."""
+    params: dict[str, Any] = {"schema": schema, "table": table, "limit": limit, "relid": names.relid, **m.params}
+    row_parts = [sql.SQL(
+        "SELECT commit_lsn AS lsn, seq AS pos, {cols} FROM flux.state_mutations"
+        " WHERE schema_name = %(schema)s AND table_name = %(table)s AND op <> 'truncate' AND {where}"
+    ).format(cols=_MUTATION_COLUMNS, where=m.where)]
+    truncate_parts = [sql.SQL(
+        "SELECT commit_lsn, seq, {cols} FROM flux.state_mutations, first_m f"
+        " WHERE {table_is} AND op = 'truncate' AND (commit_lsn, seq) > (f.lsn, f.pos)"
+    ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS))]
+    for i, (earlier_schema, earlier_table) in enumerate(names.earlier, 1):
+        params[f"schema{i}"], params[f"table{i}"] = earlier_schema, earlier_table
+        row_parts.append(_under_name(row_parts[0], i) + sql.SQL(" AND relid = %(relid)s"))
+        truncate_parts.append(_under_name(truncate_parts[0], i) + sql.SQL(" AND relid = %(relid)s"))
     query = sql.SQL(
         """
         WITH row_m AS MATERIALIZED (
-            SELECT commit_lsn AS lsn, seq AS pos, {cols}
-              FROM flux.state_mutations
-             WHERE schema_name = %(schema)s AND table_name = %(table)s AND op <> 'truncate' AND {where}
+            {row_parts}
         ), first_m AS (
             SELECT lsn, pos FROM row_m ORDER BY lsn, pos LIMIT 1
         ), history AS (
             SELECT * FROM row_m
             UNION ALL
-            SELECT commit_lsn, seq, {cols}
-              FROM flux.state_mutations, first_m f
-             WHERE {table_is} AND op = 'truncate' AND (commit_lsn, seq) > (f.lsn, f.pos)
+            {truncate_parts}
         )
         SELECT *, count(*) OVER () FROM history ORDER BY lsn DESC, pos DESC LIMIT %(limit)s
         """
-    ).format(cols=_MUTATION_COLUMNS, where=m.where, table_is=sql.SQL(_TABLE_IS))
-    return query, {"schema": schema, "table": table, "limit": limit, **m.params}
+    ).format(row_parts=sql.SQL(" UNION ALL ").join(row_parts), truncate_parts=sql.SQL(" UNION ALL ").join(truncate_parts))
+    return query, params
 
 
 def _fetch_row(
-    conn: psycopg.Connection, schema: str, table: str, m: _RowMatch, limit: int | None
+    conn: psycopg.Connection, schema: str, table: str, m: _RowMatch, limit: int | None, names: Names = NO_NAMES
 ) -> tuple[int, list[Mutation]]:
     """The row's mutations and the truncates after its first one, newest `limit`, oldest first."""
-    rows = conn.execute(*_row_query(schema, table, m, limit)).fetchall()
+    rows = conn.execute(*_row_query(schema, table, m, limit, names)).fetchall()
     total = rows[0][-1] if rows else 0
     mutations = [_mutation(r[2:], m.columns, m.key_columns) for r in reversed(rows)]
     if m.matched_on == "row_key":
@@ -577,15 +611,16 @@ def row_history(
     """Every recorded change of one row, oldest first; with `limit`, only the newest N."""
     if limit is not None:
         check_limit(limit)
-    _require_recorded(conn, schema, table)
+    names = _require_recorded(conn, schema, table)
     m = _row_match(conn, schema, table, id_value, key)
-    total, mutations = _fetch_row(conn, schema, table, m, limit)
+    total, mutations = _fetch_row(conn, schema, table, m, limit, names)
     if not mutations:
         _no_row(conn, schema, table, m)
     whole = total == len(mutations)  # else the oldest shown is not the oldest recorded
     return RowHistory(schema=schema, table=table, match=m.match, matched_on=m.matched_on, total=total,
                       mutations=tuple(mutations), key=_recorded_as(m, mutations),
-                      pruned_before=_pruned_history(conn, mutations) if whole else None)
+                      pruned_before=_pruned_history(conn, mutations) if whole else None,
+                      renamed_to=_renamed_to(conn, schema, table, names))
 
 
 def _no_row(conn: psycopg.Connection, schema: str, table: str, m: _RowMatch) -> None:
@@ -624,18 +659,26 @@ def row_blame(
     key: dict[str, str] | None = None,
 ) -> RowBlame:
     """Each column's current value and the mutation that last set it."""
-    _require_recorded(conn, schema, table)
+    names = _require_recorded(conn, schema, table)
     m = _row_match(conn, schema, table, id_value, key)
-    _, mutations = _fetch_row(conn, schema, table, m, None)
+    _, mutations = _fetch_row(conn, schema, table, m, None, names)
     if not mutations:
         _no_row(conn, schema, table, m)
     if m.matched_on == "images":
         _one_row(schema, table, m, mutations)
-    mutations = _with_earlier_keys(conn, schema, table, mutations)
+    mutations = _with_earlier_keys(conn, schema, table, mutations, names)
     blame = _blame(schema, table, m.match, mutations, key=_recorded_as(m, mutations))
     if any(c.set_by is None for c in blame.columns):
         blame = dataclasses.replace(blame, pruned_before=_pruned_history(conn, mutations))
-    return blame
+    return dataclasses.replace(blame, renamed_to=_renamed_to(conn, schema, table, names))
+
+
+def _renamed_to(conn: psycopg.Connection, schema: str, table: str, names: Names) -> str | None:
+    """The name a table is known by now, when it no longer has this one (renamed since)."""
+    if names.relid is not None:  # a table has this name now
+        return None
+    now = renamed_to(conn, schema, table)
+    return format_table(*now) if now else None
 
 
 def _one_row(schema: str, table: str, m: _RowMatch, mutations: list[Mutation]) -> None:
@@ -660,7 +703,7 @@ MAX_KEY_HOPS = 16  # how many primary-key changes blame follows back
 
 
 def _with_earlier_keys(conn: psycopg.Connection, schema: str, table: str, mutations: list[Mutation],
-                       hops: int = MAX_KEY_HOPS) -> list[Mutation]:
+                       names: Names = NO_NAMES, hops: int = MAX_KEY_HOPS) -> list[Mutation]:
     """The current row's changes: when an update brought it to this key from another one, the
     changes it had under that key come first (as `git log --follow` does), back to its insert."""
     arrivals = [i for i, mut in enumerate(mutations) if mut.key_change == "in"]
@@ -669,9 +712,9 @@ def _with_earlier_keys(conn: psycopg.Connection, schema: str, table: str, mutati
     arrival = mutations[arrivals[-1]]
     assert arrival.old_row_key is not None
     before = _row_match(conn, schema, table, None, {c: key_arg(v) for c, v in arrival.old_row_key.items()})
-    _, earlier = _fetch_row(conn, schema, table, before, None)
+    _, earlier = _fetch_row(conn, schema, table, before, None, names)
     at = next((i for i, mut in enumerate(earlier) if (mut.commit_lsn, mut.seq) == (arrival.commit_lsn, arrival.seq)), 0)
-    return _with_earlier_keys(conn, schema, table, earlier[:at], hops - 1) + mutations[arrivals[-1]:]
+    return _with_earlier_keys(conn, schema, table, earlier[:at], names, hops - 1) + mutations[arrivals[-1]:]
 
 
 def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutation], *,
@@ -729,52 +772,62 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
     Walks the log backwards. A truncate ends the walk: every older row was removed by it, so it
     is listed once as the last writer of all of them. A row whose primary key changed is listed
     under its new key only (`moved_from` on the change that moved it, when that is its latest):
-    no row has the old key any more, unless a later change of that key put one there.
+    no row has the old key any more, unless a later change of that key put one there. Changes
+    recorded under the table's earlier names (with its oid) are walked too, in one order with its own.
     """
     check_limit(limit)
-    _require_recorded(conn, schema, table)
+    names = _require_recorded(conn, schema, table)
     catalog = _catalog(conn, schema, table)
     columns = catalog.columns if catalog else ()
     key_columns = (catalog.primary_key if catalog else _recorded_key(conn, schema, table)) or ()
+    walks = [_newest_first(conn, schema, table, None)]
+    walks += [_newest_first(conn, s, t, names.relid) for s, t in names.earlier]
     seen: set[str] = set()
     out: list[RecentChange] = []
-    after: tuple[str, int] | None = None
-    while len(out) < limit:
-        rows = conn.execute(
-            _recent_query(paged=after is not None),
-            {"schema": schema, "table": table, "lsn": after[0] if after else None, "seq": after[1] if after else None,
-             "batch": _TABLE_BLAME_BATCH},
-        ).fetchall()
-        for row in rows:
-            mut = _mutation(row, columns, key_columns)
-            if mut.old_row_key is not None:  # older changes of the old key are of this row, now moved
-                seen.add(_ident(mut.old_row_key))
-            if mut.row_key is not None:
-                ident = _ident(mut.row_key)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-            out.append(RecentChange(row_key=mut.row_key, row=mut.new if mut.new is not None else mut.old, writer=_writer(mut),
-                                    moved_from=mut.old_row_key))
-            if mut.op == "truncate" or len(out) >= limit:
-                return out
-        if len(rows) < _TABLE_BLAME_BATCH:
+    for row in heapq.merge(*walks, key=lambda row: (row[-1], row[7]), reverse=True):
+        mut = _mutation(row, columns, key_columns)
+        if mut.old_row_key is not None:  # older changes of the old key are of this row, now moved
+            seen.add(_ident(mut.old_row_key))
+        if mut.row_key is not None:
+            ident = _ident(mut.row_key)
+            if ident in seen:
+                continue
+            seen.add(ident)
+        out.append(RecentChange(row_key=mut.row_key, row=mut.new if mut.new is not None else mut.old, writer=_writer(mut),
+                                moved_from=mut.old_row_key))
+        if mut.op == "truncate" or len(out) >= limit:
             break
-        after = (rows[-1][5], rows[-1][7])
     return out
 
 
-def _recent_query(*, paged: bool) -> sql.Composed:
-    """A batch of a table's mutations, newest first, read backwards through the table hash index.
+def _newest_first(conn: psycopg.Connection, schema: str, table: str, relid: int | None) -> Iterator[tuple]:
+    """The changes recorded under one name (with oid `relid`, when given), newest first, in batches."""
+    after: tuple[str, int] | None = None
+    while True:
+        rows = conn.execute(
+            _recent_query(paged=after is not None, relid=relid is not None),
+            {"schema": schema, "table": table, "lsn": after[0] if after else None, "seq": after[1] if after else None,
+             "batch": _TABLE_BLAME_BATCH, "relid": relid},
+        ).fetchall()
+        yield from rows
+        if len(rows) < _TABLE_BLAME_BATCH:
+            return
+        after = (rows[-1][5], rows[-1][7])
+
+
+def _recent_query(*, paged: bool, relid: bool = False) -> sql.Composed:
+    """A batch of a table's mutations, newest first, read backwards through the table hash index;
+    each row ends with its commit LSN as a number, to merge the walks of several names by.
 
     The order names the table's column: a bare `commit_lsn` would be the select list's text
     (`commit_lsn::text`), which sorts 0/1000 before 0/F00 and cannot use the index.
     """
     page = sql.SQL("AND (m.commit_lsn, m.seq) < (%(lsn)s::pg_lsn, %(seq)s)") if paged else sql.SQL("")
+    oid = sql.SQL("AND m.relid = %(relid)s") if relid else sql.SQL("")
     return sql.SQL(
-        "SELECT {cols} FROM flux.state_mutations m WHERE {table_is} {page}"
+        "SELECT {cols}, m.commit_lsn - '0/0'::pg_lsn FROM flux.state_mutations m WHERE {table_is} {oid} {page}"
         " ORDER BY m.commit_lsn DESC, m.seq DESC LIMIT %(batch)s"
-    ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), page=page)
+    ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), oid=oid, page=page)
 
 
 def _ident(row_key: dict[str, Any]) -> str:

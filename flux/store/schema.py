@@ -12,6 +12,13 @@ This module owns the DDL and its version. It does not decide what is captured (t
 - `changed_columns` is NULL when it cannot be known (old image incomplete).
 - `old_row_key` is the old primary key of an UPDATE that changed it (`row_key` is the new one);
   NULL otherwise (v5).
+- `relid` is the table's oid as the change's Relation message gave it (the partitioned root's
+  for a partition), so that a table's history follows it across renames; NULL for changes
+  recorded before v7. An oid names a table only while the table exists: PostgreSQL may give it
+  to a new table once that one is dropped (see flux.store.queries on how readers guard that).
+  And they are this database's oids only: a dump restored elsewhere has new oids throughout, the
+  old ones naming other tables or none. `relids` in `flux.meta` says which of them are this
+  database's (`claim_relids`).
 
 Its indexes are chosen for write cost as much as for reads: the engine appends every row
 change, so each index is paid for per row. History by row goes through `flux.row_hash()`, an
@@ -55,7 +62,7 @@ from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 log = logging.getLogger("flux.store")
 
 SCHEMA = "flux"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Every table any version makes in it: anything else there is someone else's.
 TABLES = ("meta", "state_mutations", "cdc_progress", "attachments", "replica_identity_changes", "trace_requests")
 
@@ -98,6 +105,11 @@ INDEXES: dict[str, str] = {
     # partial index is nearly empty and costs the engine nothing per ordinary row.
     "state_mutations_truncate_idx":
         "ON flux.state_mutations (flux.table_hash(schema_name, table_name), commit_lsn, seq) WHERE op = 'truncate'",
+    # v7: the names a table's oid was recorded under, and where each starts and ends, for history and
+    # blame across a rename. One more entry per row, appended at the right end of its (oid, name)
+    # as the table hash index's are at its name's; rows recorded before v7 are left out.
+    "state_mutations_relid_idx":
+        "ON flux.state_mutations (relid, flux.table_hash(schema_name, table_name), commit_lsn, seq) WHERE relid IS NOT NULL",
 }
 
 # Shared by the DDL and the v2 -> v3 migration (a new, empty table: built in its transaction).
@@ -126,6 +138,37 @@ CREATE INDEX IF NOT EXISTS trace_requests_tenant_started_idx ON flux.trace_reque
 CREATE INDEX IF NOT EXISTS trace_requests_function_started_idx ON flux.trace_requests (function, started_at);
 CREATE INDEX IF NOT EXISTS trace_requests_status_started_idx ON flux.trace_requests (status, started_at);
 """
+
+
+# The log's own oid, and the first id recorded since the log had it: every `relid` from that id on is
+# this database's. A dump restored elsewhere (or in another database) gives the log a new oid, so
+# a reader sees that the relids it holds are another database's; `flux attach` there claims the
+# log again, from its next id on. A copy by CREATE DATABASE ... TEMPLATE, pg_upgrade and a promoted
+# standby keep the oids, the log's too.
+RELIDS_KEY = "relids"
+CLAIM_RELIDS = """
+INSERT INTO flux.meta (key, value)
+SELECT 'relids', jsonb_build_object('log', 'flux.state_mutations'::regclass::oid::bigint, 'from_id',
+       coalesce(pg_sequence_last_value(pg_get_serial_sequence('flux.state_mutations', 'id')::regclass), 0) + 1)
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value WHERE flux.meta.value->'log' IS DISTINCT FROM EXCLUDED.value->'log'
+"""
+
+
+def claim_relids(conn: psycopg.Connection) -> None:
+    """Take the table oids the log records from now on for this database's (see CLAIM_RELIDS); a
+    no-op, which reads only `flux.meta`, where the log already has them."""
+    if relids_from(conn) is None:
+        conn.execute(CLAIM_RELIDS)
+
+
+def relids_from(conn: psycopg.Connection) -> int | None:
+    """The first id of the log whose `relid` is this database's oid; None when none is (the log was
+    restored from a dump of another database, and `flux attach` has not run here since)."""
+    row = conn.execute(
+        "SELECT (value->>'from_id')::bigint FROM flux.meta WHERE key = %s"
+        " AND (value->>'log')::bigint = 'flux.state_mutations'::regclass::oid::bigint", (RELIDS_KEY,)
+    ).fetchone()
+    return row[0] if row else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +232,9 @@ _MIGRATIONS: dict[int, tuple[_Sql | _Index | _DropIndex, ...]] = {
     # (or a class no recent request had) read every trace.
     6: (_Index("state_mutations_truncate_idx"),
         _Index("trace_requests_status_started_idx", "ON flux.trace_requests (status, started_at)")),
+    # v7 records the table's oid (a nullable column: a catalog change only), and indexes it.
+    7: (_Sql("ALTER TABLE flux.state_mutations ADD COLUMN IF NOT EXISTS relid oid"), _Sql(CLAIM_RELIDS),
+        _Index("state_mutations_relid_idx")),
 }
 
 DDL = """
@@ -218,6 +264,7 @@ CREATE TABLE IF NOT EXISTS flux.state_mutations (
     seq             integer NOT NULL,
     recorded_at     timestamptz NOT NULL DEFAULT now(),
     old_row_key     jsonb,
+    relid           oid,
     CONSTRAINT state_mutations_pkey PRIMARY KEY (commit_lsn, seq)
 );
 
@@ -296,6 +343,7 @@ def ensure_schema(conn: psycopg.Connection) -> bool:
             "INSERT INTO flux.meta (key, value) VALUES ('schema_version', %s::jsonb) ON CONFLICT (key) DO NOTHING",
             (str(SCHEMA_VERSION),),
         )
+        claim_relids(conn)
     return True
 
 

@@ -206,3 +206,22 @@ def test_a_failure_right_after_each_reconnect_backs_off_and_is_logged_once(dsn, 
     assert 2 <= tries <= 7, tries
     assert len([r for r in caplog.records if "reconnecting in" in r.getMessage()]) == 1
     assert [m["row_key"] for m in mutations(dsn, "a")] == [{"id": 1}]
+
+
+def test_each_change_records_its_tables_oid_and_a_partitions_the_roots(dsn, conn, capture):
+    """The oid lets history follow a table across a rename (schema v7); a partition's changes are
+    published, and recorded, under its root."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE p (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100)")
+    running = capture(tables=["a", "p"])
+    conn.execute("INSERT INTO a VALUES (1)")
+    conn.execute("ALTER TABLE a RENAME TO b")
+    conn.execute("UPDATE b SET id = 2")
+    conn.execute("INSERT INTO p VALUES (5)")
+    conn.execute("TRUNCATE b")
+    running.caught_up()
+    oids = dict(conn.execute("SELECT relname::text, oid::int FROM pg_class WHERE relname IN ('b', 'p')").fetchall())
+    rows = conn.execute("SELECT table_name, op, relid::int FROM flux.state_mutations ORDER BY commit_lsn, seq").fetchall()
+    assert rows == [("a", "insert", oids["b"]), ("b", "update", oids["b"]), ("p", "insert", oids["p"]),
+                    ("b", "truncate", oids["b"])]

@@ -811,7 +811,7 @@ def test_copy_text_fast_path_stores_exactly_what_write_row_stores(dsn, conn):
             rng.choice([None, True, False]), maybe(lambda: [text() for _ in range(rng.randint(0, 3))]),
             maybe(lambda: [text() for _ in range(rng.randint(0, 3))]), rng.randint(0, 2**32 - 1), f"0/{i:X}",
             datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=rng.randint(0, 10**12)), i,
-            maybe(lambda: orjson.dumps({"k": text()}).decode()),
+            maybe(lambda: orjson.dumps({"k": text()}).decode()), maybe(lambda: rng.randint(1, 2**32 - 1)),
         )
         for i in range(2000)
     ]

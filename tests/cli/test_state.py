@@ -498,20 +498,62 @@ def test_history_of_a_table_without_primary_key_finds_a_bytea_value_in_either_ca
     assert [m["new"] for m in json.loads(result.stdout)["mutations"]] == [{"data": "\\xcafe", "n": 1}]
 
 
-def test_history_and_blame_under_a_renamed_tables_new_name_say_where_its_earlier_changes_are(conn, dsn, capture):
+def _renamed_a_to_b(conn, capture) -> None:
+    """Row 1 inserted into a, which is renamed b; then row 1 updated and row 2 inserted under b."""
     conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text, w text)")
     running = capture(tables=["a"])
     conn.execute("INSERT INTO a VALUES (1, 'x', 'w0')")
     conn.execute("ALTER TABLE a RENAME TO b")  # the log keeps each change under the name its table had then
     conn.execute("UPDATE b SET v = 'z'")
+    conn.execute("INSERT INTO b VALUES (2, 'y', 'w1')")
     running.caught_up()
+
+
+def test_history_and_blame_under_a_renamed_tables_new_name_include_its_changes_under_the_former_name(conn, dsn, capture):
+    _renamed_a_to_b(conn, capture)
+    history = " ".join(invoke(dsn, "history", "b", "--id", "1").output.split())
+    assert "with its changes recorded under its earlier name a (the table of the same oid, renamed since)" in history
+    assert "(no request context) (recorded as a) + v → x + w → w0" in history
+    assert "v → z (was x)" in history and "first recorded change is not its insert" not in history
+    blame = " ".join(invoke(dsn, "blame", "b", "--id", "1").output.split())
+    assert "(no request context) insert (recorded as a)" in blame and "set before the recorded history" not in blame
+    table = " ".join(invoke(dsn, "blame", "b").output.split())
+    assert "id = 2" in table and "id = 1" in table and "recorded as" not in table  # both rows' latest change is b's
+
+
+def test_history_and_blame_json_say_the_name_each_change_was_recorded_under(conn, dsn, capture):
+    _renamed_a_to_b(conn, capture)
+    history = json.loads(invoke(dsn, "history", "b", "--id", "1", "--json").stdout)
+    assert [(m["op"], m["recorded_as"]) for m in history["mutations"]] == [("insert", "a"), ("update", "b")]
+    blame = json.loads(invoke(dsn, "blame", "b", "--id", "1", "--json").stdout)
+    assert {c["column"]: c["set_by"]["recorded_as"] for c in blame["columns"]} == {"id": "a", "v": "b", "w": "a"}
+    rows = json.loads(invoke(dsn, "blame", "b", "--json").stdout)["rows"]
+    assert [(r["row_key"], r["writer"]["recorded_as"]) for r in rows] == [({"id": 2}, "b"), ({"id": 1}, "b")]
+
+
+def test_history_and_blame_under_the_former_name_say_what_the_table_is_named_now(conn, dsn, capture):
+    _renamed_a_to_b(conn, capture)
+    history = " ".join(invoke(dsn, "history", "a", "--id", "1").output.split())
+    assert "the table was renamed b since; its changes under both names: flux state history b --id 1" in history
+    assert "v → z" not in history  # only what was recorded as a
+    blame = " ".join(invoke(dsn, "blame", "a", "--id", "1").output.split())
+    assert "the table was renamed b since; blame of the row now: flux state blame b --id 1" in blame
+    assert json.loads(invoke(dsn, "history", "a", "--id", "1", "--json").stdout)["renamed_to"] == "b"
+    assert json.loads(invoke(dsn, "history", "b", "--id", "1", "--json").stdout)["renamed_to"] is None
+
+
+def test_changes_recorded_without_the_tables_oid_are_still_pointed_to_under_the_former_name(conn, dsn, capture):
+    """Changes recorded before schema v7 have no `relid`: the hint of then stays."""
+    _renamed_a_to_b(conn, capture)
+    conn.execute("UPDATE flux.state_mutations SET relid = NULL")
     history = " ".join(invoke(dsn, "history", "b", "--id", "1").output.split())
     assert ("its first recorded change is not its insert: the row was inserted before capture started, or, if the table "
-            "was renamed since, its earlier changes are recorded under the table's former name: "
-            "flux state history OLD_NAME --id 1") in history
+            "was renamed since, its earlier changes are recorded under the table's former name (followed from schema v7 "
+            "on, by the table's oid; not for changes recorded before): flux state history OLD_NAME --id 1") in history
+    assert "recorded as" not in history
     blame = " ".join(invoke(dsn, "blame", "b", "--id", "1").output.split())
     assert "w w0 (set before the recorded history)" in blame
-    assert "recorded under the table's former name: flux state blame OLD_NAME --id 1" in blame
+    assert "recorded before): flux state blame OLD_NAME --id 1" in blame
     assert "+ w        → w0" in invoke(dsn, "history", "a", "--id", "1").output
 
 

@@ -41,6 +41,7 @@ def record(
     seq: int = 0,
     tx: int | None = None,
     old_key: dict | None = None,
+    relid: int | None = None,
 ) -> int:
     """Write one mutation as the engine would: each call its own transaction unless `tx` is given.
 
@@ -54,11 +55,11 @@ def record(
     context = {"request_id": request_id, "function": function} if request_id else None
     conn.execute(
         "INSERT INTO flux.state_mutations (request_id, context, schema_name, table_name, op, row_key, old, new,"
-        " old_complete, changed_columns, xid, commit_lsn, commit_time, seq, old_row_key)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s, %s)",
+        " old_complete, changed_columns, xid, commit_lsn, commit_time, seq, old_row_key, relid)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s, %s, %s)",
         (
             request_id, _j(context), schema, table, op, _j(key), _j(old), _j(new), old_complete, changed,
-            1000 + n, f"0/{n * 0x100:X}", T0 + timedelta(seconds=n), seq, _j(old_key),
+            1000 + n, f"0/{n * 0x100:X}", T0 + timedelta(seconds=n), seq, _j(old_key), relid,
         ),
     )
     return n
@@ -551,24 +552,42 @@ def test_history_of_a_dropped_table_recorded_without_key_says_why_id_has_nothing
     assert [m.new for m in row_history(conn, "public", "t", key={"id": "1"}).mutations] == [{"id": 1, "v": "a"}]
 
 
-def test_history_of_a_renamed_table_not_changed_since_points_to_its_former_name(conn, capture):
+def test_history_of_a_renamed_table_not_changed_since_has_the_changes_under_its_former_name(conn, capture):
     conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
     running = capture(tables=["a"])
     conn.execute("INSERT INTO a VALUES (1)")
     conn.execute("ALTER TABLE a RENAME TO b")
     running.caught_up()
+    assert [(m.op, m.recorded_as) for m in row_history(conn, "public", "b", id_value="1").mutations] == [("insert", "a")]
+    assert [(c.row_key, c.writer.recorded_as) for c in table_blame(conn, "public", "b")] == [({"id": 1}, "a")]
+
+
+def test_a_renamed_table_recorded_without_its_oid_and_not_changed_since_points_to_its_former_name(conn, capture):
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+    running = capture(tables=["a"])
+    conn.execute("INSERT INTO a VALUES (1)")
+    conn.execute("ALTER TABLE a RENAME TO b")
+    running.caught_up()
+    conn.execute("UPDATE flux.state_mutations SET relid = NULL")  # as recorded before schema v7
     with pytest.raises(NotFoundError) as err:
         row_history(conn, "public", "b", id_value="1")
     assert err.value.hint.startswith("b is captured (publication flux)")
     assert "if the table was renamed since, its earlier changes are under its former name" in err.value.hint
 
 
-def test_blame_of_a_row_whose_first_recorded_change_deleted_it_lists_the_values_it_had(conn, capture):
-    conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
-    conn.execute("INSERT INTO t VALUES (1, 'a')")  # before capture
-    running = capture(tables=["t"])
-    conn.execute("DELETE FROM t")
+def test_history_follows_a_table_back_through_each_of_its_renames_and_schemas(conn, capture):
+    conn.execute("CREATE SCHEMA archive")
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v int)")
+    running = capture(all_tables=True)
+    conn.execute("INSERT INTO a VALUES (1, 0)")
+    conn.execute("ALTER TABLE a RENAME TO b")
+    conn.execute("UPDATE b SET v = 1")
+    conn.execute("ALTER TABLE b SET SCHEMA archive")
+    conn.execute("TRUNCATE archive.b")
+    conn.execute("INSERT INTO archive.b VALUES (1, 2)")
     running.caught_up()
-    blame = row_blame(conn, "public", "t", id_value="1")
-    assert blame.deleted and blame.deleted_by is not None and blame.deleted_by.op == "delete"
-    assert [(c.column, c.value, c.set_by) for c in blame.columns] == [("id", 1, None), ("v", "a", None)]
+    history = row_history(conn, "archive", "b", id_value="1")
+    assert [(m.op, m.recorded_as) for m in history.mutations] == [
+        ("insert", "a"), ("update", "b"), ("truncate", "archive.b"), ("insert", "archive.b")]
+    assert {c.column: (c.value, c.set_by.recorded_as) for c in row_blame(conn, "archive", "b", id_value="1").columns} == {
+        "id": (1, "archive.b"), "v": (2, "archive.b")}

@@ -9,10 +9,17 @@ import psycopg
 import pytest
 
 from flux.errors import ConfigError, DatabaseError
-from flux.store import queries, schema
+from flux.store import queries, renames, schema
 from flux.store.schema import SCHEMA_VERSION, ensure_schema, schema_version
 
 # Each older version as its DDL left the log: a current schema taken back step by step.
+V6_LOG = """
+DELETE FROM flux.meta WHERE key = 'relids';
+DROP INDEX flux.state_mutations_relid_idx;
+ALTER TABLE flux.state_mutations DROP COLUMN relid;
+UPDATE flux.meta SET value = '6' WHERE key = 'schema_version';
+"""
+
 V5_LOG = """
 DROP INDEX flux.state_mutations_truncate_idx;
 DROP INDEX flux.trace_requests_status_started_idx;
@@ -67,8 +74,13 @@ def _insert(conn: psycopg.Connection, table: str, key: int, lsn: int) -> None:
     )
 
 
-def _as_v5(conn: psycopg.Connection) -> None:
+def _as_v6(conn: psycopg.Connection) -> None:
     ensure_schema(conn)
+    conn.execute(V6_LOG)
+
+
+def _as_v5(conn: psycopg.Connection) -> None:
+    _as_v6(conn)
     conn.execute(V5_LOG)
 
 
@@ -105,7 +117,7 @@ def _has_traces(conn: psycopg.Connection) -> bool:
 
 def test_ensure_schema_creates_the_current_version_then_changes_nothing(conn):
     assert ensure_schema(conn) is True
-    assert schema_version(conn) == SCHEMA_VERSION == 6
+    assert schema_version(conn) == SCHEMA_VERSION == 7
     assert _has_traces(conn)
     assert ensure_schema(conn) is False
 
@@ -125,6 +137,17 @@ def _constraints(conn: psycopg.Connection) -> dict[str, str]:
         " AND contype IN ('p', 'u')"
     )
     return dict(rows.fetchall())
+
+
+def test_ensure_schema_upgrades_v6_to_v7_recording_table_oids_and_keeps_the_log(conn):
+    _with_one_recorded_user(conn, _as_v6)
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert _valid(conn, "state_mutations_relid_idx") is True
+    assert conn.execute("SELECT relid FROM flux.state_mutations").fetchall() == [(None,)]  # not known for it
+    assert schema.relids_from(conn) == 2  # the oids recorded from the upgrade on are this database's
+    history = queries.row_history(conn, "public", "users", id_value="7")
+    assert [(m.new, m.recorded_as) for m in history.mutations] == [({"id": 7}, "users")]
 
 
 def test_ensure_schema_upgrades_v5_to_v6_indexing_truncates_and_keeps_the_log(conn):
@@ -225,6 +248,35 @@ def test_row_history_finds_the_row_through_the_hash_index(conn):
     plan = _user_history_plan(conn)
     assert "state_mutations_row_hash_idx" in plan and "state_mutations_old_row_hash_idx" in plan
     assert "Seq Scan" not in plan
+
+
+def _renamed_users_and_orders(conn: psycopg.Connection) -> int:
+    """`_users_and_orders`, with users' changes recorded under its oid and a former name, `people`, for its older half."""
+    _users_and_orders(conn)
+    oid = conn.execute("SELECT 'public.users'::regclass::oid::int").fetchone()[0]
+    conn.execute("UPDATE flux.state_mutations SET relid = %s WHERE table_name = 'users'", (oid,))
+    conn.execute("UPDATE flux.state_mutations SET table_name = 'people' WHERE table_name = 'users'"
+                 " AND (row_key->>'id')::int <= 10000")
+    conn.execute("ANALYZE flux.state_mutations")
+    return oid
+
+
+def test_the_former_names_of_a_table_are_found_through_the_relid_index(conn):
+    oid = _renamed_users_and_orders(conn)
+    plan = json.dumps(conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) " + renames.OID_NAMES), {"relid": oid}).fetchone()[0])
+    assert "state_mutations_relid_idx" in plan
+    assert "Seq Scan" not in plan and "Sort" not in plan
+    assert renames.table_names(conn, "public", "users") == renames.Names(oid, (("public", "people"),))
+
+
+def test_row_history_under_a_former_name_finds_the_row_through_the_hash_index(conn):
+    _renamed_users_and_orders(conn)
+    names = renames.table_names(conn, "public", "users")
+    match = queries._row_match(conn, "public", "users", "42", None)
+    query, params = queries._row_query("public", "users", match, None, names)
+    plan = json.dumps(conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()[0])
+    assert "state_mutations_row_hash_idx" in plan and "Seq Scan" not in plan
+    assert [m.recorded_as for m in queries._fetch_row(conn, "public", "users", match, None, names)[1]] == ["people"]
 
 
 def test_table_blame_reads_the_latest_changes_through_the_table_hash_index(conn):

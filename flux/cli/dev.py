@@ -2,7 +2,7 @@
 
 In a directory with flux.toml it serves the project's functions on http://127.0.0.1:PORT,
 reloading them when their files change. Elsewhere it runs the database and the engine only.
-One `flux dev` runs per project on its embedded database (`.flux/dev.lock`), and it stops
+One `flux dev` runs per project on its embedded database (a lock on the project's directory), and it stops
 the embedded server only if it started it, or adopted it from a process that died (Cluster.start).
 """
 
@@ -169,35 +169,76 @@ def _say(text: str) -> None:
         pass
 
 
-def hold_project_lock(state_dir: Path) -> IO[str]:
-    """An exclusive lock on .flux/dev.lock, held for the life of the process: one `flux dev` per project.
+class ProjectLock:
+    """What `hold_project_lock` holds: the lock on the project's directory, and the pid file beside it."""
+
+    def __init__(self, directory: int, pid_file: IO[str]) -> None:
+        self._directory = directory
+        self._pid_file = pid_file
+
+    def close(self) -> None:
+        self._pid_file.close()
+        os.close(self._directory)  # releases the flock
+
+
+def hold_project_lock(state_dir: Path) -> ProjectLock:
+    """An exclusive lock on the project's directory (`state_dir`'s parent), held for the life of the
+    process: one `flux dev` per project. `.flux/dev.lock` keeps the holder's pid for the message.
 
     A second one would reuse the running cluster, fight the first engine for the replication slot,
     and stop the first one's database when it exits. The OS releases a flock when its process ends,
-    however it ends, so a crash leaves no stale lock; the file keeps the holder's pid for the message.
+    however it ends, so a crash leaves no stale lock. The lock is on the directory, not on a file in
+    `.flux/`: deleting `.flux/` (or its dev.lock) while flux dev runs removed a locked file, and a
+    second flux dev then locked a new one and started beside the first, on the same cluster.
     """
     from flux.errors import InUseError
     from flux.pg.cluster import unwritable_error
 
+    project_dir = state_dir.parent
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held until the process ends
+        directory = os.open(project_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:  # read-only, or made by another account (sudo flux dev, then flux dev)
         raise unwritable_error(Path(exc.filename or state_dir), exc, owned=state_dir) from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
+        holder = _lock_holder(state_dir / LOCK_FILE, directory)
+        os.close(directory)
         raise InUseError(
             f"flux dev is already running for this project (pid {holder})",
-            hint=f"Use that one (every command run in {state_dir.parent} reads its database), or stop it first.",
+            hint=f"Use that one (every command run in {project_dir} reads its database), or stop it first.",
         ) from None
-    handle.truncate(0)
+    try:
+        handle = open(state_dir / LOCK_FILE, "w")  # noqa: SIM115 -- held until the process ends
+    except OSError as exc:
+        os.close(directory)
+        raise unwritable_error(Path(exc.filename or state_dir), exc, owned=state_dir) from None
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    return handle
+    return ProjectLock(directory, handle)
+
+
+def _lock_holder(pid_file: Path, directory: int) -> str:
+    """The pid of the flux dev holding the lock: its pid file's, or, with that deleted, the kernel's
+    list of locks (/proc/locks, Linux) for the directory; "unknown" when neither says."""
+    try:
+        written = pid_file.read_text().strip()
+    except OSError:
+        written = ""
+    if written.isdigit():
+        return written
+    try:
+        st = os.fstat(directory)
+        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+                    return fields[4]
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _warn_about_env_dsn(given: str | None) -> None:

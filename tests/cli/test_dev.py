@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -127,6 +128,28 @@ def test_a_second_dev_in_the_same_project_refuses_at_once_and_leaves_the_first_r
         assert "hint:" in second.stderr and "Traceback" not in second.stderr
         with psycopg.connect(dsn, autocommit=True) as conn:  # the first one's database is still up
             assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        stop_dev(first)
+    assert first.returncode == 0
+
+
+@pytest.mark.parametrize("deleted", ["dev.lock", ".flux"])
+def test_a_second_dev_refuses_even_when_the_first_ones_lock_file_or_flux_dir_was_deleted(project, deleted):
+    """The lock was a flock on .flux/dev.lock: deleting it (or .flux/, `git clean -fdx`) while dev ran removed the
+    locked file, and a second flux dev started beside the first, on the same cluster."""
+    first, dsn = start_dev(project)
+    try:
+        shutil.rmtree(project / ".flux") if deleted == ".flux" else (project / ".flux" / "dev.lock").unlink()
+        second = subprocess.Popen([sys.executable, "-m", "flux", "dev"], cwd=project, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+        try:
+            out, err = second.communicate(timeout=20)
+        except subprocess.TimeoutExpired:  # it started: stopped as a user would, so that it leaves no server behind
+            out = stop_dev(second)
+            pytest.fail("a second flux dev started beside the first:\n" + out)
+        assert second.returncode == 2, out + err
+        assert f"flux dev is already running for this project (pid {first.pid})" in err
+        assert "Starting embedded PostgreSQL" not in out
     finally:
         stop_dev(first)
     assert first.returncode == 0

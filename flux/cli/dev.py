@@ -44,7 +44,7 @@ def dev(
     """Start (or reuse) the embedded PostgreSQL in .flux/, record every row change, and serve this project's functions."""
     from flux.cdc.attach import attach
     from flux.logs import setup_logging
-    from flux.errors import ClusterError, ConfigError
+    from flux.errors import ClusterError, ConfigError, InUseError
     from flux.gateway.server import check_port, ensure_store
     from flux.pg.cluster import Cluster
     from flux.project import find_project_root, load_project
@@ -62,7 +62,15 @@ def dev(
     cluster = info = None
     try:
         if root is not None:
-            check_port(host, port)  # before the database starts: nothing to undo
+            try:
+                check_port(host, port)  # before the database starts: nothing to undo
+            except InUseError:
+                # Its own server, left running there: "stop the process that listens there" would be a riddle.
+                embedded = Cluster(state_dir=state_dir) if given is None else None
+                if embedded is not None and embedded.recorded_port() == port and embedded.is_running():
+                    raise InUseError(f"Port {port} is this project's embedded PostgreSQL's, which is running",
+                                     hint="Pass another --port for the gateway.") from None
+                raise
         _warn_about_env_dsn(given)
         if received() is not None:  # during Python's start (flux.signals): nothing to start, nothing to stop
             logging.getLogger("flux").info("stopped before starting: %s arrived", signal.Signals(received()).name)
@@ -73,7 +81,7 @@ def dev(
             verb = "Using the embedded PostgreSQL already running" if running else "Starting embedded PostgreSQL"
             console.print(f"{verb} in {rich_escape(str(state_dir))} …")
             try:
-                info = cluster.start()
+                info = cluster.start(avoid=port if root is not None else None)
             except KeyboardInterrupt:  # a second signal while it started: it is ours to stop all the same
                 if not running:
                     cluster.stop()
@@ -89,7 +97,7 @@ def dev(
                 if not running and cluster.stop():
                     _say("Embedded PostgreSQL stopped.")
                 return
-            _say_how_it_started(info)
+            _say_how_it_started(info, port if root is not None else None)
             db = Database(info.dsn, FROM_EMBEDDED, project_dir)
         else:
             db = Database(given, FROM_FLAG)
@@ -110,6 +118,9 @@ def dev(
         def ready(url: str | None) -> None:
             console.print(f"  psql {rich_escape(dsn)}")
             if url is None:
+                # Said, or a project whose flux.toml is missing (misnamed, not created yet) just serves nothing.
+                console.print(f"  no gateway: no flux.toml in {rich_escape(str(project_dir))} or its parents, so no functions"
+                              " are served (flux init makes a project)")
                 console.print("  Change rows in any table, then: flux state history TABLE --id ID")
             else:
                 console.print(f"  gateway {url}")
@@ -139,7 +150,7 @@ def dev(
             lock.close()
 
 
-def _say_how_it_started(info: ClusterInfo) -> None:
+def _say_how_it_started(info: ClusterInfo, gateway_port: int | None) -> None:
     """What start() did that the user would otherwise wonder about: a server adopted, a port moved, a crash's leftovers."""
     if info.remade:
         console.print(f"  (.flux/cluster.json named a cluster in {rich_escape(_shown(Path(info.data_dir)))} that is gone:"
@@ -148,7 +159,9 @@ def _say_how_it_started(info: ClusterInfo) -> None:
         console.print(f"  (left running by a flux dev that ended abruptly, pid {info.adopted_from}: this one stops it)")
     if info.stale_pid_file is not None:
         console.print(f"  (removed the postmaster.pid left by a server that did not stop cleanly: {rich_escape(info.stale_pid_file)})")
-    if info.moved_from is not None:
+    if info.moved_from is not None and info.moved_from == gateway_port:
+        console.print(f"  (port {info.moved_from} is the gateway's --port: PostgreSQL listens on {info.port} now)")
+    elif info.moved_from is not None:
         console.print(f"  (port {info.moved_from} is taken by another program now: PostgreSQL listens on {info.port})")
 
 

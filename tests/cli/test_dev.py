@@ -247,6 +247,45 @@ def test_dev_on_a_port_in_use_says_so_before_starting_the_database(project):
     assert not Cluster(state_dir=project / ".flux").is_running()
 
 
+def test_dev_on_its_embedded_servers_recorded_port_moves_the_server_and_serves_there(project):
+    """The gateway's port was checked free (the server was stopped), then the server started on it, and the
+    gateway said "Port N is in use ... stop the process that listens there": its own PostgreSQL."""
+    write_project(project, {"hello": "export default async function () { return {status: 200, body: 'hi'}; }"})
+    cluster = Cluster(state_dir=project / ".flux")
+    port = cluster.start().port
+    cluster.stop()
+    printed: list[str] = []
+    proc, dsn = start_dev(project, "--port", str(port), lines=printed)
+    try:
+        assert f"(port {port} is the gateway's --port: PostgreSQL listens on" in "".join(printed)
+        assert f":{port}/" not in dsn
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5).text == "hi"
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the gateway did not listen"
+                time.sleep(0.2)
+    finally:
+        out = stop_dev(proc)
+    assert proc.returncode == 0, "".join(printed) + out
+
+
+def test_dev_on_the_port_of_its_embedded_server_already_running_says_so(project):
+    write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
+    cluster = Cluster(state_dir=project / ".flux")
+    port = cluster.start().port
+    try:
+        result = run_dev(project, "--port", str(port))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"error: Port {port} is this project's embedded PostgreSQL's, which is running" in result.stderr
+        assert "hint: Pass another --port for the gateway." in result.stderr
+        assert cluster.is_running()  # not its to stop
+    finally:
+        cluster.stop()
+
+
 def test_dev_warns_that_other_commands_read_flux_database_url(project):
     elsewhere = f"postgresql://postgres@127.0.0.1:{free_port()}/production"
     printed: list[str] = []
@@ -294,6 +333,17 @@ def test_dev_in_a_project_without_functions_says_where_to_add_one(project):
     proc, _ = start_dev(project, "--port", str(free_port()), lines=printed)
     out = stop_dev(proc)
     assert "functions: none yet: add functions/NAME.js" in "".join(printed) + out
+
+
+def test_dev_outside_a_project_says_why_it_serves_no_functions(project):
+    """It ran the database and the engine only, silently: a project whose flux.toml was missing served nothing."""
+    (project / "functions").mkdir()
+    (project / "functions" / "hello.js").write_text("export default async function () { return {status: 200}; }")
+    printed: list[str] = []
+    proc, _ = start_dev(project, lines=printed)
+    out = "".join(printed) + stop_dev(proc)
+    assert f"no gateway: no flux.toml in {project} or its parents, so no functions are served" in out, out
+    assert "flux init makes a project" in out
 
 
 def test_a_schema_sql_that_is_not_utf8_is_a_config_error(dsn, tmp_path):

@@ -18,6 +18,9 @@ from typing import Any
 
 import psycopg
 
+# The gateway's answer when running a function raised inside Flux (a bug): the function may have run.
+INTERNAL_ERROR = "Flux failed while running the function (an internal error)"
+
 
 class FluxError(Exception):
     """Root of every error Flux raises on purpose."""

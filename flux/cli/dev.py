@@ -2,7 +2,7 @@
 
 In a directory with flux.toml it serves the project's functions on http://127.0.0.1:PORT,
 reloading them when their files change. Elsewhere it runs the database and the engine only.
-One `flux dev` runs per project on its embedded database (`.flux/dev.lock`), and it stops
+One `flux dev` runs per project on its embedded database (a lock on the project's directory), and it stops
 the embedded server only if it started it, or adopted it from a process that died (Cluster.start).
 """
 
@@ -44,7 +44,7 @@ def dev(
     """Start (or reuse) the embedded PostgreSQL in .flux/, record every row change, and serve this project's functions."""
     from flux.cdc.attach import attach
     from flux.logs import setup_logging
-    from flux.errors import ClusterError, ConfigError
+    from flux.errors import ClusterError, ConfigError, InUseError
     from flux.gateway.server import check_port, ensure_store
     from flux.pg.cluster import Cluster
     from flux.project import find_project_root, load_project
@@ -62,7 +62,15 @@ def dev(
     cluster = info = None
     try:
         if root is not None:
-            check_port(host, port)  # before the database starts: nothing to undo
+            try:
+                check_port(host, port)  # before the database starts: nothing to undo
+            except InUseError:
+                # Its own server, left running there: "stop the process that listens there" would be a riddle.
+                embedded = Cluster(state_dir=state_dir) if given is None else None
+                if embedded is not None and embedded.recorded_port() == port and embedded.is_running():
+                    raise InUseError(f"Port {port} is this project's embedded PostgreSQL's, which is running",
+                                     hint="Pass another --port for the gateway.") from None
+                raise
         _warn_about_env_dsn(given)
         if received() is not None:  # during Python's start (flux.signals): nothing to start, nothing to stop
             logging.getLogger("flux").info("stopped before starting: %s arrived", signal.Signals(received()).name)
@@ -73,7 +81,7 @@ def dev(
             verb = "Using the embedded PostgreSQL already running" if running else "Starting embedded PostgreSQL"
             console.print(f"{verb} in {rich_escape(str(state_dir))} …")
             try:
-                info = cluster.start()
+                info = cluster.start(avoid=port if root is not None else None)
             except KeyboardInterrupt:  # a second signal while it started: it is ours to stop all the same
                 if not running:
                     cluster.stop()
@@ -89,7 +97,7 @@ def dev(
                 if not running and cluster.stop():
                     _say("Embedded PostgreSQL stopped.")
                 return
-            _say_how_it_started(info)
+            _say_how_it_started(info, port if root is not None else None)
             db = Database(info.dsn, FROM_EMBEDDED, project_dir)
         else:
             db = Database(given, FROM_FLAG)
@@ -110,6 +118,9 @@ def dev(
         def ready(url: str | None) -> None:
             console.print(f"  psql {rich_escape(dsn)}")
             if url is None:
+                # Said, or a project whose flux.toml is missing (misnamed, not created yet) just serves nothing.
+                console.print(f"  no gateway: no flux.toml in {rich_escape(str(project_dir))} or its parents, so no functions"
+                              " are served (flux init makes a project)")
                 console.print("  Change rows in any table, then: flux state history TABLE --id ID")
             else:
                 console.print(f"  gateway {url}")
@@ -139,7 +150,7 @@ def dev(
             lock.close()
 
 
-def _say_how_it_started(info: ClusterInfo) -> None:
+def _say_how_it_started(info: ClusterInfo, gateway_port: int | None) -> None:
     """What start() did that the user would otherwise wonder about: a server adopted, a port moved, a crash's leftovers."""
     if info.remade:
         console.print(f"  (.flux/cluster.json named a cluster in {rich_escape(_shown(Path(info.data_dir)))} that is gone:"
@@ -148,7 +159,9 @@ def _say_how_it_started(info: ClusterInfo) -> None:
         console.print(f"  (left running by a flux dev that ended abruptly, pid {info.adopted_from}: this one stops it)")
     if info.stale_pid_file is not None:
         console.print(f"  (removed the postmaster.pid left by a server that did not stop cleanly: {rich_escape(info.stale_pid_file)})")
-    if info.moved_from is not None:
+    if info.moved_from is not None and info.moved_from == gateway_port:
+        console.print(f"  (port {info.moved_from} is the gateway's --port: PostgreSQL listens on {info.port} now)")
+    elif info.moved_from is not None:
         console.print(f"  (port {info.moved_from} is taken by another program now: PostgreSQL listens on {info.port})")
 
 
@@ -169,35 +182,76 @@ def _say(text: str) -> None:
         pass
 
 
-def hold_project_lock(state_dir: Path) -> IO[str]:
-    """An exclusive lock on .flux/dev.lock, held for the life of the process: one `flux dev` per project.
+class ProjectLock:
+    """What `hold_project_lock` holds: the lock on the project's directory, and the pid file beside it."""
+
+    def __init__(self, directory: int, pid_file: IO[str]) -> None:
+        self._directory = directory
+        self._pid_file = pid_file
+
+    def close(self) -> None:
+        self._pid_file.close()
+        os.close(self._directory)  # releases the flock
+
+
+def hold_project_lock(state_dir: Path) -> ProjectLock:
+    """An exclusive lock on the project's directory (`state_dir`'s parent), held for the life of the
+    process: one `flux dev` per project. `.flux/dev.lock` keeps the holder's pid for the message.
 
     A second one would reuse the running cluster, fight the first engine for the replication slot,
     and stop the first one's database when it exits. The OS releases a flock when its process ends,
-    however it ends, so a crash leaves no stale lock; the file keeps the holder's pid for the message.
+    however it ends, so a crash leaves no stale lock. The lock is on the directory, not on a file in
+    `.flux/`: deleting `.flux/` (or its dev.lock) while flux dev runs removed a locked file, and a
+    second flux dev then locked a new one and started beside the first, on the same cluster.
     """
     from flux.errors import InUseError
     from flux.pg.cluster import unwritable_error
 
+    project_dir = state_dir.parent
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held until the process ends
+        directory = os.open(project_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:  # read-only, or made by another account (sudo flux dev, then flux dev)
         raise unwritable_error(Path(exc.filename or state_dir), exc, owned=state_dir) from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
+        holder = _lock_holder(state_dir / LOCK_FILE, directory)
+        os.close(directory)
         raise InUseError(
             f"flux dev is already running for this project (pid {holder})",
-            hint=f"Use that one (every command run in {state_dir.parent} reads its database), or stop it first.",
+            hint=f"Use that one (every command run in {project_dir} reads its database), or stop it first.",
         ) from None
-    handle.truncate(0)
+    try:
+        handle = open(state_dir / LOCK_FILE, "w")  # noqa: SIM115 -- held until the process ends
+    except OSError as exc:
+        os.close(directory)
+        raise unwritable_error(Path(exc.filename or state_dir), exc, owned=state_dir) from None
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    return handle
+    return ProjectLock(directory, handle)
+
+
+def _lock_holder(pid_file: Path, directory: int) -> str:
+    """The pid of the flux dev holding the lock: its pid file's, or, with that deleted, the kernel's
+    list of locks (/proc/locks, Linux) for the directory; "unknown" when neither says."""
+    try:
+        written = pid_file.read_text().strip()
+    except OSError:
+        written = ""
+    if written.isdigit():
+        return written
+    try:
+        st = os.fstat(directory)
+        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+                    return fields[4]
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _warn_about_env_dsn(given: str | None) -> None:

@@ -175,6 +175,10 @@ def serve(
             warn_if_functions_reach_the_store(functions_db.dsn)
 
     def ready(url: str | None) -> None:
+        if not project_config.functions:  # every request would be a 404, with nothing here to say why
+            later = "each is served as soon as it is saved" if reload else "then restart flux serve, or serve with --reload"
+            log.warning("no functions in %s: every request is answered 404 until one is added (functions/NAME.js; %s)",
+                        root / "functions", later)
         if json_logs():  # a log pipeline reads stderr's JSON lines: the line that says it serves is one of them
             log.info("serving %s on %s", root, url, extra={"url": url, "project": str(root)})
         else:

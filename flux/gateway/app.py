@@ -44,17 +44,17 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge, RequestTimeout
 from werkzeug.http import parse_options_header
 
-from flux.errors import FluxError, NotFoundError, from_psycopg
+from flux.errors import INTERNAL_ERROR, FluxError, NotFoundError, from_psycopg
 from flux.gateway.health import DatabaseProbe
 from flux.gateway.metrics import Metrics
 from flux.gateway.traces import TraceSink, cap_depth, cap_recording
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
-from flux.runtime.executor import Execution, Executor, Invocation, new_span_id
+from flux.runtime.executor import CutShort, Execution, Executor, FailedInsideFlux, Invocation, new_span_id
 from flux.runtime.fetch import FetchPolicy, Transport
 from flux.runtime.host import Clock, Span
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
-from flux.store.traces import INTERNAL_ERROR, TraceRecord
+from flux.store.traces import TraceRecord
 
 log = logging.getLogger("flux.gateway")
 
@@ -333,11 +333,18 @@ class Gateway:
     async def _execute(self, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
         try:
             return await self.executor.run(pool, invocation)
-        except Exception:  # a bug in Flux: the request still gets its id, a clear answer and a trace
-            log.exception("request %s: running %s failed inside Flux", invocation.request_id, function,
-                          extra={"request_id": invocation.request_id, "function": function})
-            return _error(500, INTERNAL_ERROR,
-                          "The gateway's log has the details, under this request id.")
+        except CutShort as exc:  # a stop that could not wait (only a stop cancels this task): answered 503, with its tape
+            answer = _cut_off()
+            answer.recording = exc.partial.recording
+            return answer
+        except Exception as exc:  # a bug in Flux: the request still gets its id, a clear answer and a trace
+            cause = exc.__cause__ if isinstance(exc, FailedInsideFlux) and exc.__cause__ is not None else exc
+            log.error("request %s: running %s failed inside Flux", invocation.request_id, function, exc_info=cause,
+                      extra={"request_id": invocation.request_id, "function": function})
+            answer = _error(500, INTERNAL_ERROR, "The gateway's log has the details, under this request id.")
+            if isinstance(exc, FailedInsideFlux):  # the tape up to the failure: what a replay needs most
+                answer.recording = exc.partial.recording
+            return answer
         finally:
             self._slots.release()
 

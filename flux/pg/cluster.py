@@ -107,7 +107,7 @@ class ClusterInfo:
     bindir: str
     started: bool = False  # this start() started the server (or adopted it); False: it was running already
     adopted_from: int | None = None  # the pid of the dead process that had started the server this one adopted
-    moved_from: int | None = None  # the port recorded last time, taken by another program since
+    moved_from: int | None = None  # the port recorded last time, taken by another program since (or `avoid`ed)
     stale_pid_file: str | None = None  # why a postmaster.pid left by a server that died was removed
     remade: bool = False  # cluster.json named a cluster that is gone (deleted, or cleaned from /var/tmp): this one is new
 
@@ -151,6 +151,11 @@ class Cluster:
     @property
     def _meta_path(self) -> Path:
         return self.state_dir / "cluster.json"
+
+    def recorded_port(self) -> int | None:
+        """The server's port as cluster.json last recorded it (the one it listens on while it runs)."""
+        port = self._load_meta().get("port")
+        return port if isinstance(port, int) and port > 0 else None
 
     def _load_meta(self) -> dict:
         try:
@@ -266,8 +271,11 @@ class Cluster:
             return False
         return stale_pid_file(data_dir) is None and self._status_running(data_dir)
 
-    def start(self) -> ClusterInfo:
+    def start(self, *, avoid: int | None = None) -> ClusterInfo:
         """Create the cluster if needed and start it; reuse a running one. Idempotent.
+
+        `avoid`: a port the server must not take (flux dev's gateway's, free until the gateway binds it):
+        a recorded port equal to it moves, as one another program took does.
 
         `started` on the result says which: whoever reused a running server did not start it,
         and should leave stopping it to whoever did, unless that one is gone (`adopted_from`).
@@ -291,9 +299,11 @@ class Cluster:
                              "started_by": os.getpid() if adopted else starter})
             return ClusterInfo(data_dir=str(data_dir), port=port, bindir=str(self.bindir), started=adopted,
                                adopted_from=starter if adopted else None)
-        moved_from = port if port and not _port_is_free(port) else None
+        moved_from = port if port and (port == avoid or not _port_is_free(port)) else None
         if not port or moved_from:
             port = free_port()
+            while port == avoid:
+                port = free_port()
         self._write_settings(data_dir, port)
         # Recorded first: a start cut short may still leave a server running, which the next run then adopts.
         self._save_meta({"data_dir": str(data_dir), "port": port, "started_by": os.getpid()})

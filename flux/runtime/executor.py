@@ -16,7 +16,8 @@ record, once.
 
 Recording format (`Execution.recording`, stored in `flux.trace_requests.recording`), v4:
     {"v": 4, "truncated": bool, "entropy": hex, "env": {time_zone, locale, v8}, "events": [[seq, kind, data], ...]}
-and "incomplete": true when the request ended before the function did; "truncated": true when the
+and "incomplete": true when the request ended before the function did (a limit, or a failure inside Flux or a
+stop, whose tape reaches the gateway in FailedInsideFlux or CutShort); "truncated": true when the
 tape stopped, past MAX_TAPE_EVENTS events or MAX_TAPE_CHARS of db and fetch events; "commit" once
 the function's answer went to its COMMIT: {"transaction": "committed" | "rolled_back" | null (no
 statement)}, or, when the host answered an error instead (the COMMIT failed or timed out, or a
@@ -67,6 +68,7 @@ from typing import Any
 import orjson
 from py_mini_racer import JSEvalException, JSOOMException
 
+from flux.errors import INTERNAL_ERROR
 from flux.project import Limits
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.drain import BrokenBridge, Kept, check
@@ -267,14 +269,15 @@ class Executor:
             # past what redaction recognises.
             message = one_line(self.redactor.redact(str(exc), call.secrets))
             return self._finish_error(span, clock, 500, type(exc).__name__, message, "", run=run)
-        except asyncio.CancelledError:  # the client went away or the server stops: free the isolate, roll back
+        except asyncio.CancelledError:  # the server stops without waiting for it: free the isolate, roll back
             pool.discard(isolate)
             await asyncio.shield(run.cancel())
-            raise
-        except Exception:  # a bug in Flux: the isolate is not reused and the pool stays counted; the gateway reports it
+            raise CutShort(self._finish_error(span, clock, 503, "Stopped", "the server stopped before the function finished",
+                                              "", run=run)) from None
+        except Exception as exc:  # a bug in Flux: the isolate is not reused and the pool stays counted; the gateway reports it
             pool.discard(isolate)
             await run.cancel()
-            raise
+            raise FailedInsideFlux(self._finish_error(span, clock, 500, "InternalError", INTERNAL_ERROR, "", run=run)) from exc
         if isolate.memory_exhausted():  # the limit was hit in a microtask, after the handler's result
             pool.discard(isolate)
             await run.cancel()
@@ -282,10 +285,13 @@ class Executor:
         pool.release(isolate)
         try:
             return await self._answer(run, span, clock, done, deadline)
-        except Exception:  # a bug in Flux: its transaction must not stay open, holding its connection and locks
+        except Exception as exc:  # a bug in Flux: its transaction must not stay open, holding its connection and locks
             if run.db.outcome is None:
                 await run.cancel()
-            raise
+            # The function had answered: the tape says the host answered this instead, as for a failed COMMIT.
+            run.commit = {"transaction": run.db.outcome if run.db.statements else None, "status": 500,
+                          "error": {"name": "InternalError", "message": INTERNAL_ERROR}}
+            raise FailedInsideFlux(self._finish_error(span, clock, 500, "InternalError", INTERNAL_ERROR, "", run=run)) from exc
 
     async def _answer(self, run: _Run, span: Span, clock: Clock, done: dict[str, Any], deadline: float) -> Execution:
         """The request once the function is done and its isolate released: its response, and its COMMIT."""
@@ -347,6 +353,27 @@ class Executor:
                          spans=run.spans() if run else [span.to_dict()],
                          recording=run.recording() if run else None,
                          db_outcome=run.db.outcome if run and run.db.statements else None)
+
+
+class FailedInsideFlux(Exception):
+    """Running a request failed inside Flux (a bug; the cause is the original error). `partial` is
+    the request as far as it got: its tape up to the failure (`incomplete` when the function had
+    not finished; `commit` naming the host's 500 when it had), for the trace of the gateway's 500."""
+
+    def __init__(self, partial: Execution) -> None:
+        super().__init__(INTERNAL_ERROR)
+        self.partial = partial
+
+
+class CutShort(asyncio.CancelledError):
+    """The request was cancelled while its function ran (a stop that could not wait for it), and
+    rolled back: `partial` holds its tape up to there, `incomplete`. A cancel during the COMMIT
+    is a plain CancelledError: whether the COMMIT went through is not known, so there is no tape
+    that could say what became of the function's answer."""
+
+    def __init__(self, partial: Execution) -> None:
+        super().__init__("the request was cancelled while its function ran")
+        self.partial = partial
 
 
 class _Stuck(Exception):
@@ -585,13 +612,13 @@ class _Run:
             params = [p.encode("latin-1") if i in binary else p for i, p in enumerate(params)]
         try:
             result = await self.db.query(sql, params)
-        except asyncio.CancelledError:
-            event["abandoned"] = True
-            raise
         except HostCallError as exc:
             event["error"] = exc.info
             if exc.info.get("sqlstate"):
                 span.attributes["db.sqlstate"] = exc.info["sqlstate"]
+            raise
+        except BaseException:  # cancelled, or a failure inside Flux: the request ends before this call did
+            event["abandoned"] = True
             raise
         span.attributes["db.rows"] = result["rowCount"]
         event["result"] = result
@@ -632,7 +659,7 @@ class _Run:
         except HostCallError as exc:
             event["error"] = exc.info  # what the function's Error got
             raise
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or a failure inside Flux: the request ends before this call did
             event["abandoned"] = True
             raise
         span.attributes["http.status_code"] = result.status

@@ -84,7 +84,7 @@ class AiohttpTransport:
                 cookies.append(value)
             headers_in[name] = f"{headers_in[name]}, {value}" if name in headers_in else value
         return FetchResult(status=response.status, headers=headers_in, body=content, text=_decode(content, charset),
-                           url=str(response.url), reason=response.reason or "", set_cookies=tuple(cookies))
+                           url=str(response.url), reason=_reason(response.reason or ""), set_cookies=tuple(cookies))
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -112,6 +112,17 @@ def _client_error_text(exc: Exception) -> str:
 
 
 _NO_AUTO_HEADERS = frozenset({"Content-Type"})
+
+
+def _reason(text: str) -> str:
+    """The status line's reason phrase. aiohttp reads it as UTF-8, a byte that is not becoming a lone
+    surrogate (an old server's latin-1 "Non trouv\xe9"), which JSON cannot carry to the function: writing
+    the settle raised inside Flux, a 500. Such a phrase is read one character per byte, as headers are."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("latin-1")
+    return text
 
 
 def _decode(content: bytes, charset: str | None) -> str:

@@ -30,8 +30,6 @@ from flux.store.schema import SCHEMA_VERSION, schema_version
 
 MIN_PREFIX = 4
 MAX_CANDIDATES = queries.MAX_CANDIDATES
-# The gateway's answer when running a function raised inside Flux (a bug): the function may have run.
-INTERNAL_ERROR = "Flux failed while running the function (an internal error)"
 STATUS_FILTERS = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # or an exact code such as "500"
 _NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")  # \u0000 not itself escaped (\\u0000 is text)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from flux.errors import ConfigError
+from flux.errors import INTERNAL_ERROR, ConfigError
 from flux.store import names, queries, traces
 from flux.store.retention import Pruned, pruned_before
 from flux.store.traces import TraceRecord
@@ -250,7 +250,7 @@ def not_run(trace: TraceRecord) -> str | None:
 
 def _failed_inside_flux(trace: TraceRecord) -> bool:
     """The gateway ran the function and Flux failed (a bug): no function span was kept, but it ran."""
-    return trace.error == traces.INTERNAL_ERROR and bool(trace.function)
+    return trace.error == INTERNAL_ERROR and bool(trace.function)
 
 
 def _notes(trace: TraceRecord | None, mutations: tuple[RowChange, ...], mutation_count: int, pruned: Pruned) -> list[str]:

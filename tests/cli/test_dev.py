@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,28 @@ def test_a_second_dev_in_the_same_project_refuses_at_once_and_leaves_the_first_r
     assert first.returncode == 0
 
 
+@pytest.mark.parametrize("deleted", ["dev.lock", ".flux"])
+def test_a_second_dev_refuses_even_when_the_first_ones_lock_file_or_flux_dir_was_deleted(project, deleted):
+    """The lock was a flock on .flux/dev.lock: deleting it (or .flux/, `git clean -fdx`) while dev ran removed the
+    locked file, and a second flux dev started beside the first, on the same cluster."""
+    first, dsn = start_dev(project)
+    try:
+        shutil.rmtree(project / ".flux") if deleted == ".flux" else (project / ".flux" / "dev.lock").unlink()
+        second = subprocess.Popen([sys.executable, "-m", "flux", "dev"], cwd=project, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+        try:
+            out, err = second.communicate(timeout=20)
+        except subprocess.TimeoutExpired:  # it started: stopped as a user would, so that it leaves no server behind
+            out = stop_dev(second)
+            pytest.fail("a second flux dev started beside the first:\n" + out)
+        assert second.returncode == 2, out + err
+        assert f"flux dev is already running for this project (pid {first.pid})" in err
+        assert "Starting embedded PostgreSQL" not in out
+    finally:
+        stop_dev(first)
+    assert first.returncode == 0
+
+
 def test_dev_leaves_running_an_embedded_server_it_did_not_start_and_prints_a_command_that_stops_it(project):
     cluster = Cluster(state_dir=project / ".flux")
     cluster.start()  # started by someone else, who may still be using it
@@ -224,6 +247,45 @@ def test_dev_on_a_port_in_use_says_so_before_starting_the_database(project):
     assert not Cluster(state_dir=project / ".flux").is_running()
 
 
+def test_dev_on_its_embedded_servers_recorded_port_moves_the_server_and_serves_there(project):
+    """The gateway's port was checked free (the server was stopped), then the server started on it, and the
+    gateway said "Port N is in use ... stop the process that listens there": its own PostgreSQL."""
+    write_project(project, {"hello": "export default async function () { return {status: 200, body: 'hi'}; }"})
+    cluster = Cluster(state_dir=project / ".flux")
+    port = cluster.start().port
+    cluster.stop()
+    printed: list[str] = []
+    proc, dsn = start_dev(project, "--port", str(port), lines=printed)
+    try:
+        assert f"(port {port} is the gateway's --port: PostgreSQL listens on" in "".join(printed)
+        assert f":{port}/" not in dsn
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5).text == "hi"
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the gateway did not listen"
+                time.sleep(0.2)
+    finally:
+        out = stop_dev(proc)
+    assert proc.returncode == 0, "".join(printed) + out
+
+
+def test_dev_on_the_port_of_its_embedded_server_already_running_says_so(project):
+    write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
+    cluster = Cluster(state_dir=project / ".flux")
+    port = cluster.start().port
+    try:
+        result = run_dev(project, "--port", str(port))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"error: Port {port} is this project's embedded PostgreSQL's, which is running" in result.stderr
+        assert "hint: Pass another --port for the gateway." in result.stderr
+        assert cluster.is_running()  # not its to stop
+    finally:
+        cluster.stop()
+
+
 def test_dev_warns_that_other_commands_read_flux_database_url(project):
     elsewhere = f"postgresql://postgres@127.0.0.1:{free_port()}/production"
     printed: list[str] = []
@@ -271,6 +333,17 @@ def test_dev_in_a_project_without_functions_says_where_to_add_one(project):
     proc, _ = start_dev(project, "--port", str(free_port()), lines=printed)
     out = stop_dev(proc)
     assert "functions: none yet: add functions/NAME.js" in "".join(printed) + out
+
+
+def test_dev_outside_a_project_says_why_it_serves_no_functions(project):
+    """It ran the database and the engine only, silently: a project whose flux.toml was missing served nothing."""
+    (project / "functions").mkdir()
+    (project / "functions" / "hello.js").write_text("export default async function () { return {status: 200}; }")
+    printed: list[str] = []
+    proc, _ = start_dev(project, lines=printed)
+    out = "".join(printed) + stop_dev(proc)
+    assert f"no gateway: no flux.toml in {project} or its parents, so no functions are served" in out, out
+    assert "flux init makes a project" in out
 
 
 def test_a_schema_sql_that_is_not_utf8_is_a_config_error(dsn, tmp_path):

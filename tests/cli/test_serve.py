@@ -399,6 +399,25 @@ def test_serve_project_names_the_directory_holding_flux_toml_not_one_inside_it(t
     assert "--project functions has no flux.toml" in result.stderr
 
 
+@pytest.mark.parametrize("reload", [False, True], ids=["plain", "reload"])
+def test_serve_of_a_project_without_functions_says_every_request_is_a_404(tmp_path, dsn, reload):
+    """It served and answered every request 404, with nothing in its output to say why."""
+    (tmp_path / "flux.toml").write_text('[project]\nname = "t"\n')
+    proc, _ = start_serve(tmp_path, "--database", dsn, "--no-engine", *(["--reload"] if reload else []))
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    said = f"no functions in {tmp_path / 'functions'}: every request is answered 404 until one is added (functions/NAME.js; "
+    assert said + ("each is served as soon as it is saved)" if reload else "then restart flux serve, or serve with --reload)") in out
+
+
+def test_serve_outside_a_project_says_so_before_touching_the_database(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", f"postgresql://postgres@127.0.0.1:{free_port()}/x"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: No flux.toml in {tmp_path} or its parents" in result.stderr and "hint: Run `flux init`" in result.stderr
+
+
 LONG_SIGNUP = """
     export default async function (req, ctx) {
       await ctx.db.query("INSERT INTO users (email) VALUES ($1)", [req.body.email]);

@@ -559,6 +559,69 @@ def test_a_failure_inside_flux_still_answers_with_its_request_id_and_is_recorded
     assert (trace["status"], trace["function"], trace["error"]) == (500, "call", body["error"])
 
 
+def test_a_failure_inside_flux_keeps_the_tape_up_to_the_failure(tmp_path, dsn, conn, trace_store, stub: Stub):
+    """The trace of Flux's own 500 was stored with no recording: the one a replay needs most. Here a
+    real upstream's answer (a charset Python cannot decode with) failed inside Flux mid-request."""
+    conn.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text)")
+    write_project(tmp_path, {"odd": f"""
+        export default async function (req, ctx) {{
+          const at = Date.now();
+          await ctx.db.query("INSERT INTO notes (body) VALUES ($1)", [String(at)]);
+          await ctx.fetch("{stub.url}/undefined-charset");
+          return {{status: 200}};
+        }}
+    """})
+
+    async def scenario():
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        async with running_gateway(tmp_path, dsn, sink=writer) as (_, client):
+            response = await client.post("/odd")
+            answer = (response.status_code, response.headers.get("x-flux-request-id"))
+        await writer.close()
+        return answer
+
+    status, request_id = run(scenario())
+    trace = stored(conn, request_id)
+    recording = trace["recording"]
+    assert (status, trace["error"]) == (500, "Flux failed while running the function (an internal error)")
+    assert (recording["v"], recording["incomplete"], "commit" in recording) == (4, True, False)
+    assert [kind for _, kind, _ in recording["events"]] == ["now", "db", "settled", "fetch"]
+    fetch = recording["events"][3][2]
+    assert (fetch["url"], fetch["abandoned"], "status" in fetch) == (f"{stub.url}/undefined-charset", True, False)
+    assert conn.execute("SELECT count(*) FROM notes").fetchone()[0] == 0  # rolled back, as the tape's lack of commit says
+
+
+def test_a_request_a_stop_cuts_short_keeps_its_tape_up_to_there(tmp_path, dsn, conn, trace_store, stub: Stub):
+    """A second Ctrl-C cancels the functions still running: their 503 was stored with no recording."""
+    write_project(tmp_path, {"slow": f"""
+        export default async function (req, ctx) {{
+          const at = Date.now();
+          await ctx.fetch("{stub.url}/slow?ms=3000");
+          return {{status: 200, body: at}};
+        }}
+    """})
+
+    async def scenario():
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        async with running_gateway(tmp_path, dsn, sink=writer) as (gateway, client):
+            sent = asyncio.ensure_future(client.post("/slow"))
+            while not stub.requests:
+                await asyncio.sleep(0.01)
+            assert gateway.cut_short() == 1
+            response = await sent
+            answer = (response.status_code, response.headers.get("x-flux-request-id"))
+        await writer.close()
+        return answer
+
+    status, request_id = run(scenario())
+    recording = stored(conn, request_id)["recording"]
+    assert status == 503 and recording["incomplete"] is True
+    assert [(kind, data.get("abandoned") if kind == "fetch" else None) for _, kind, data in recording["events"]] == [
+        ("now", None), ("fetch", True)]
+
+
 @pytest.mark.parametrize("query", ["?limit=abc", "?limit=0", "?since_seconds=nan", "?since_seconds=1e20", "?function=%00",
                                    "/%00%00%00%00"])
 def test_a_bad_trace_query_is_a_400_with_the_reason(tmp_path, dsn, conn, trace_store, query):

@@ -182,13 +182,7 @@ def test_a_response_body_over_the_cap_raises_os_error_however_it_is_framed(monke
 
 async def _answer(raw: bytes) -> tuple[int, dict[str, str], tuple[str, ...], bytes, str]:
     """What the transport makes of `raw`, an upstream's whole answer to any request."""
-    server, base = await _server(lambda target, headers, body: raw)
-    transport = AiohttpTransport()
-    try:
-        result = await transport.send("GET", base + "/", {}, None, 5.0)
-    finally:
-        await transport.aclose()
-        server.close()
+    result = await _transport_result(raw)
     return result.status, result.headers, result.set_cookies, result.body, result.text
 
 
@@ -212,6 +206,23 @@ def test_header_values_are_latin_1_and_repeated_ones_are_all_kept():
     status, headers, cookies, body, _ = asyncio.run(_answer(raw))
     assert (headers["x-name"], headers["x-multi"], headers["set-cookie"]) == ("café", "one, two", "a=1, b=2; Path=/")
     assert cookies == ("a=1", "b=2; Path=/") and body == b""
+
+
+@pytest.mark.parametrize(("reason", "text"), [(b"Non trouv\xe9", "Non trouvé"), (b"Caf\xc3\xa9", "Café")], ids=["latin-1", "utf-8"])
+def test_a_reason_phrase_that_is_not_utf_8_is_read_one_character_per_byte(reason, text):
+    """aiohttp made its byte a lone surrogate, which the settle could not write for the function: a 500 of Flux's own."""
+    result = asyncio.run(_transport_result(b"HTTP/1.1 404 " + reason + b"\r\ncontent-length: 0\r\n\r\n"))
+    assert (result.status, result.reason) == (404, text)
+
+
+async def _transport_result(raw: bytes):
+    server, base = await _server(lambda target, headers, body: raw)
+    transport = AiohttpTransport()
+    try:
+        return await transport.send("GET", base + "/", {}, None, 5.0)
+    finally:
+        await transport.aclose()
+        server.close()
 
 
 @pytest.mark.parametrize("entry", ["[::1]:18351", "[::1]", "::1"])

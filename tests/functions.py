@@ -44,8 +44,6 @@ _FRAMED = {
     "/bytes": b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 256\r\n\r\n" + bytes(range(256)),
     "/gzip": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
              % (len(_GZIPPED), _GZIPPED),
-    # A charset Python's codecs name but cannot decode with: reading it raised inside Flux.
-    "/undefined-charset": b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=undefined\r\ncontent-length: 2\r\n\r\nok",
     "/headers": b"HTTP/1.1 200 OK\r\nset-cookie: a=1; Path=/\r\nset-cookie: b=2; Path=/\r\nx-multi: one\r\nx-multi: two\r\n"
                 b"x-name: caf\xe9\r\ncontent-length: 0\r\n\r\n",
 }

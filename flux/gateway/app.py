@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import codecs
 import logging
 import re
 import time
@@ -51,7 +50,7 @@ from flux.gateway.traces import TraceSink, cap_depth, cap_recording
 from flux.project import Project, Tenant
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
 from flux.runtime.executor import CutShort, Execution, Executor, FailedInsideFlux, Invocation, new_span_id
-from flux.runtime.fetch import FetchPolicy, Transport
+from flux.runtime.fetch import FetchPolicy, Transport, text_codec
 from flux.runtime.host import Clock, Span
 from flux.runtime.isolate import CompiledFunction, IsolatePool, compile_function
 from flux.store.traces import TraceRecord
@@ -655,17 +654,12 @@ def _parse_body(raw: bytes, content_type: str) -> tuple[Any, str]:
     if mimetype in _BINARY_TYPES or mimetype.startswith(_BINARY_FAMILIES):
         return raw, ""
     charset = options.get("charset") or "utf-8"
-    try:
-        if codecs.lookup(charset).name in _NOT_CHARSETS:
-            raise LookupError(charset)
-        return raw.decode(charset), charset
-    except (LookupError, ValueError):  # not valid in its charset, or a charset Python does not know
+    if text_codec(charset) is None:  # a charset Python does not know, or a codec that is no charset (it would lose bytes)
         return raw, ""
-
-
-# Python's codecs that are no charset: they rewrite the bytes they read (`\x41` into `A`), so a body
-# declared in one would reach the function with bytes lost. Such a body is its bytes.
-_NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined"})
+    try:
+        return raw.decode(charset), charset
+    except ValueError:  # not valid in its charset
+        return raw, ""
 
 
 def _is_json(mimetype: str) -> bool:

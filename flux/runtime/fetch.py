@@ -9,6 +9,7 @@ executor's and the prelude's.
 
 from __future__ import annotations
 
+import codecs
 import os
 import socket
 from dataclasses import dataclass
@@ -128,12 +129,26 @@ def _reason(text: str) -> str:
 def _decode(content: bytes, charset: str | None) -> str:
     """The body as text: its declared charset, else UTF-8 (JSON's, and the web's default), never
     failing. (aiohttp's get_encoding() guesses, and refuses a body read as a stream.)"""
-    if charset:
-        try:
-            return content.decode(charset, "replace")
-        except LookupError:  # a charset Python does not know
-            pass
-    return content.decode("utf-8", "replace")
+    codec = text_codec(charset) if charset else None
+    return content.decode(codec or "utf-8", "replace")
+
+
+# Python's codecs that are no charset: they rewrite the bytes they read (`\x41` into `A`), or
+# refuse every byte whatever the error handler says (`undefined`, `idna` and `punycode` raise
+# UnicodeError: a declared `charset=undefined` failed inside Flux, a 500).
+NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined"})
+
+
+def text_codec(charset: str) -> str | None:
+    """Python's codec for a declared charset; None for one Python does not know, or a codec that is
+    no charset (NOT_CHARSETS, and bytes-to-bytes codecs such as base64)."""
+    try:
+        info = codecs.lookup(charset)
+    except LookupError:
+        return None
+    if info.name in NOT_CHARSETS or not getattr(info, "_is_text_encoding", True):
+        return None
+    return info.name
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:

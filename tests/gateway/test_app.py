@@ -560,14 +560,14 @@ def test_a_failure_inside_flux_still_answers_with_its_request_id_and_is_recorded
 
 
 def test_a_failure_inside_flux_keeps_the_tape_up_to_the_failure(tmp_path, dsn, conn, trace_store, stub: Stub):
-    """The trace of Flux's own 500 was stored with no recording: the one a replay needs most. Here a
-    real upstream's answer (a charset Python cannot decode with) failed inside Flux mid-request."""
+    """The trace of Flux's own 500 was stored with no recording: the one a replay needs most. Here
+    the transport fails inside Flux mid-request, after the function's query."""
     conn.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text)")
     write_project(tmp_path, {"odd": f"""
         export default async function (req, ctx) {{
           const at = Date.now();
           await ctx.db.query("INSERT INTO notes (body) VALUES ($1)", [String(at)]);
-          await ctx.fetch("{stub.url}/undefined-charset");
+          await ctx.fetch("{stub.url}/ok");
           return {{status: 200}};
         }}
     """})
@@ -575,7 +575,8 @@ def test_a_failure_inside_flux_keeps_the_tape_up_to_the_failure(tmp_path, dsn, c
     async def scenario():
         writer = TraceWriter(dsn, flush_interval=0.01)
         await writer.start()
-        async with running_gateway(tmp_path, dsn, sink=writer) as (_, client):
+        async with running_gateway(tmp_path, dsn, sink=writer) as (gateway, client):
+            gateway.executor.transport = _BrokenTransport()
             response = await client.post("/odd")
             answer = (response.status_code, response.headers.get("x-flux-request-id"))
         await writer.close()
@@ -588,7 +589,7 @@ def test_a_failure_inside_flux_keeps_the_tape_up_to_the_failure(tmp_path, dsn, c
     assert (recording["v"], recording["incomplete"], "commit" in recording) == (4, True, False)
     assert [kind for _, kind, _ in recording["events"]] == ["now", "db", "settled", "fetch"]
     fetch = recording["events"][3][2]
-    assert (fetch["url"], fetch["abandoned"], "status" in fetch) == (f"{stub.url}/undefined-charset", True, False)
+    assert (fetch["url"], fetch["abandoned"], "status" in fetch) == (f"{stub.url}/ok", True, False)
     assert conn.execute("SELECT count(*) FROM notes").fetchone()[0] == 0  # rolled back, as the tape's lack of commit says
 
 

@@ -215,6 +215,15 @@ def test_a_reason_phrase_that_is_not_utf_8_is_read_one_character_per_byte(reason
     assert (result.status, result.reason) == (404, text)
 
 
+@pytest.mark.parametrize("charset", ["undefined", "idna", "punycode", "base64", "no-such-charset"])
+def test_a_body_declared_in_a_codec_that_is_no_charset_is_read_as_utf_8(charset):
+    """`charset=undefined` (Python names the codec but it refuses every byte) raised inside Flux: a 500 of its own."""
+    body = "café".encode()
+    result = asyncio.run(_transport_result(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=" + charset.encode()
+                                           + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body))
+    assert (result.status, result.text) == (200, "café")
+
+
 async def _transport_result(raw: bytes):
     server, base = await _server(lambda target, headers, body: raw)
     transport = AiohttpTransport()

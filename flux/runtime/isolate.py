@@ -335,8 +335,8 @@ class Isolate:
     def _handle(self, code: str) -> Any:
         """mini-racer's handle of `code`, one of the few evals posted every step (the drain, an eval
         of nothing): making one is a call into mini-racer and a copy of the text (measured: about
-        8 us each on a busy machine). mini-racer only reads a handle's text when the eval runs, and frees it by the
-        context's id, which is safe after the context has closed."""
+        8 us each on a busy machine). mini-racer only reads a handle's text when the eval runs, and
+        frees it by the context's id, which is safe after the context has closed."""
         handle = self._handles.get(code)
         if handle is None:
             handle = self._handles[code] = self.context._python_to_value_handle(code)
@@ -344,9 +344,9 @@ class Isolate:
 
     async def salvage(self, code: str, *, timeout_s: float) -> object | None:
         """For a request its deadline cut short, before the isolate is discarded: stop JS still
-        running in eval_then's `code` (cancelling `then` does not reach it), then run `code` in
-        what is left; None if that fails or overruns. V8 stops a running script without undoing
-        what it did, so the function's state is as it was at the deadline."""
+        running in eval_then's `code` or `then` (cancelling the eval that answers does not reach
+        them), then run `code` in what is left; None if that fails or overruns. V8 stops a running
+        script without undoing what it did, so the function's state is as it was at the deadline."""
         if isinstance(self.context, MiniRacer):  # no task ids without mini-racer's internals
             return None
         for task in (self.posted, self.posted_then):

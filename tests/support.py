@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -133,3 +134,24 @@ def table_owner_role(conn: psycopg.Connection, dsn: str, name: str) -> Iterator[
         conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {name}")
         conn.execute(f'REVOKE CREATE ON DATABASE "{db}" FROM {name}')
         conn.execute(f"DROP ROLE {name}")
+
+
+def communicate(proc: subprocess.Popen, timeout: float = 60.0) -> str:
+    """The rest of what `proc` prints (stdout, text), once it has exited. `proc.communicate(timeout=...)`
+    reads the pipe's descriptor itself, so text that an earlier `proc.stdout.readline()` had read
+    ahead into the file's buffer was lost: a test that read up to one line and then stopped the
+    process missed the lines printed in the same write."""
+    out: list[str] = []
+    if proc.stdout is None:
+        proc.wait(timeout=timeout)
+        return ""
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    reader.join(timeout)
+    return "".join(out)

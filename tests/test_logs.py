@@ -12,6 +12,7 @@ import sys
 from flux.logs import JsonFormatter
 from tests.cli.test_serve import HELLO, start_serve
 from tests.functions import write_project
+from tests.support import communicate
 
 
 def _lines(stderr: str) -> list[dict]:
@@ -53,7 +54,7 @@ def test_serve_logging_json_says_where_it_serves_in_a_json_line_and_every_line_i
     write_project(tmp_path, {"hello": HELLO})
     proc, port = start_serve(tmp_path, "--database", dsn, "--no-engine", "--log-format", "json")
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)  # stderr is merged into stdout by start_serve
+    out = communicate(proc)  # stderr is merged into stdout by start_serve
     assert proc.returncode == 0, out
     lines = _lines(out)
     serving = [line for line in lines if line["message"].startswith("serving ")]

@@ -114,24 +114,27 @@ def dev(
                 console.print(f"[yellow]warning:[/] {rich_escape(warning)}")
         console.print(f"[bold green]Flux dev[/]  database [cyan]{rich_escape(dsn)}[/]")
 
-        # Printed once Ctrl-C is handled: a script that reads these lines may stop us at once.
+        # Printed once Ctrl-C is handled: a script that reads these lines may stop us at once. So they
+        # go out in one write: a stop signal that came while they were printed one by one cut them
+        # short after the first (its handler runs between any two of Python's steps).
         def ready(url: str | None) -> None:
-            console.print(f"  psql {rich_escape(dsn)}")
+            lines = [f"  psql {rich_escape(dsn)}"]
             if url is None:
                 # Said, or a project whose flux.toml is missing (misnamed, not created yet) just serves nothing.
-                console.print(f"  no gateway: no flux.toml in {rich_escape(str(project_dir))} or its parents, so no functions"
-                              " are served (flux init makes a project)")
-                console.print("  Change rows in any table, then: flux state history TABLE --id ID")
+                lines.append(f"  no gateway: no flux.toml in {rich_escape(str(project_dir))} or its parents, so no functions"
+                             " are served (flux init makes a project)")
+                lines.append("  Change rows in any table, then: flux state history TABLE --id ID")
             else:
-                console.print(f"  gateway {url}")
+                lines.append(f"  gateway {url}")
                 names = ", ".join(sorted(load_project(root).functions)) if root else ""
                 if names:
-                    console.print(f"  functions: {rich_escape(names)}  (reloaded when their files change)")
+                    lines.append(f"  functions: {rich_escape(names)}  (reloaded when their files change)")
                 else:  # every route would answer 404, with nothing here to say why
-                    console.print("  functions: none yet: add functions/NAME.js (served at POST /NAME as soon as it is saved)")
-                console.print("  Then: flux requests · flux trace ID · flux why ID")
+                    lines.append("  functions: none yet: add functions/NAME.js (served at POST /NAME as soon as it is saved)")
+                lines.append("  Then: flux requests · flux trace ID · flux why ID")
             stops_server = info is not None and info.started
-            console.print("  Ctrl-C stops everything" + (" and the embedded PostgreSQL." if stops_server else "."))
+            lines.append("  Ctrl-C stops everything" + (" and the embedded PostgreSQL." if stops_server else "."))
+            console.print("\n".join(lines))
 
         run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=True,
                   reload=True, engine=True, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout)

@@ -18,7 +18,7 @@ import pytest
 
 from flux.pg.cluster import Cluster, free_port
 from tests.functions import write_project
-from tests.support import wait_caught_up
+from tests.support import communicate, wait_caught_up
 
 
 def start_dev(project: Path, *args: str, env: dict[str, str] | None = None, lines: list[str] | None = None) -> tuple[subprocess.Popen, str]:
@@ -48,7 +48,7 @@ def run_dev(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 def stop_dev(proc: subprocess.Popen) -> str:
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    out = communicate(proc)
     return out
 
 
@@ -185,7 +185,7 @@ def test_dev_with_functions_stops_cleanly_on_a_closed_terminal_or_sigterm(projec
             assert time.monotonic() < deadline, "the gateway did not start"
             time.sleep(0.1)
     proc.send_signal(stop_signal)
-    out, _ = proc.communicate(timeout=60)
+    out = communicate(proc)
     assert proc.returncode == 0, out
     assert "Embedded PostgreSQL stopped" in out, out
     assert not Cluster(state_dir=project / ".flux").is_running()
@@ -199,7 +199,7 @@ def test_a_sigterm_while_dev_starts_its_database_stops_it_cleanly_without_servin
     first = proc.stdout.readline()
     assert first.startswith("Starting embedded PostgreSQL"), first
     proc.send_signal(signal.SIGTERM)  # while the server starts: its handlers are not in place yet
-    out, _ = proc.communicate(timeout=60)
+    out = communicate(proc)
     assert proc.returncode == 0, out
     assert "stopped before serving: SIGTERM arrived while starting" in out and "Embedded PostgreSQL stopped" in out, out
     assert "gateway http" not in out and "Traceback" not in out
@@ -228,7 +228,7 @@ def test_dev_bounds_its_worker_queue_as_its_flags_say(project):
 def test_dev_without_functions_stops_cleanly_on_sighup(project):
     proc, _ = start_dev(project)
     proc.send_signal(signal.SIGHUP)
-    out, _ = proc.communicate(timeout=60)
+    out = communicate(proc)
     assert proc.returncode == 0 and "Embedded PostgreSQL stopped" in out, out
     assert not Cluster(state_dir=project / ".flux").is_running()
 
@@ -378,7 +378,7 @@ def test_a_ctrl_c_during_initdb_stops_dev_without_an_error(project):
         assert time.monotonic() < deadline and proc.poll() is None, "initdb did not start"
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does
-    out, _ = proc.communicate(timeout=60)
+    out = communicate(proc)
     assert proc.returncode == 0, out
     assert "stopped before serving: SIGINT arrived while starting" in out and "error" not in out, out
     assert not Cluster(state_dir=project / ".flux").is_running()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from flux.pg.cluster import Cluster, free_port
-from tests.support import wait_caught_up
+from tests.support import communicate, wait_caught_up
 
 
 def flux(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -104,6 +104,6 @@ def test_the_quickstart_story(demo: Path):
     finally:
         stub.kill()
         dev.send_signal(signal.SIGINT)
-        out, _ = dev.communicate(timeout=60)
+        out = communicate(dev)
     assert dev.returncode == 0, out
     assert "Traceback" not in out

@@ -21,7 +21,7 @@ from flux.errors import InUseError
 from flux.pg.cluster import Cluster, free_port
 from tests.functions import write_project
 from tests.proxy import ProxyProcess
-from tests.support import wait_caught_up
+from tests.support import communicate, wait_caught_up
 
 HELLO = "export default async function () { return {status: 200, body: 'hi'}; }"
 
@@ -82,7 +82,7 @@ def test_serve_answers_http_and_drains_its_traces_on_sigterm(tmp_path, dsn, conn
         wait_caught_up(dsn)  # the engine in the same process recorded the insert
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = communicate(proc)
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     with psycopg.connect(dsn) as check:
@@ -105,7 +105,7 @@ def test_a_sigterm_while_serve_starts_stops_it_cleanly_before_it_serves(tmp_path
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = communicate(proc)
     finally:
         proxy.close()
     assert proc.returncode == 0, out
@@ -135,7 +135,7 @@ def test_serve_started_before_its_database_waits_for_it_then_serves(tmp_path, ds
                 time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = communicate(proc)
         if proxy is not None:
             proxy.close()
     assert proc.returncode == 0, out
@@ -160,7 +160,7 @@ def test_a_stop_that_wrote_every_trace_says_so_last(tmp_path, dsn):
     proc, port = start_serve(tmp_path, "--database", dsn, "--no-engine")
     assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=10).status_code == 200
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out = communicate(proc)
     assert proc.returncode == 0, out
     assert out.splitlines()[-1].endswith(
         "INFO flux.gateway: gateway stopped: trace queue drained (1 written this run, 0 dropped by a full queue, 0 refused by "
@@ -228,7 +228,7 @@ def test_serve_counts_the_batch_it_was_retrying_among_the_traces_it_could_not_wr
             time.sleep(1)  # the writer has taken the three as a batch and retries it: none is queued
         finally:
             proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
+            out = communicate(proc)
     finally:
         cluster.destroy()
     assert "gave up draining traces after 10s: 3 records not written" in out, out
@@ -262,7 +262,7 @@ def test_a_client_that_hangs_up_does_not_stop_its_function_which_commits_and_is_
         [(status, error, attributes)] = _traces_of(dsn, "slow_signup", 1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = communicate(proc)
     assert proc.returncode == 0 and "Traceback" not in out, out
     assert (status, error) == (201, "the client disconnected before the response was sent")
     assert attributes["flux.client_disconnected"] is True
@@ -286,7 +286,7 @@ def test_a_client_that_hangs_up_before_its_body_arrives_is_recorded_as_499_and_n
         [(status, error, attributes)] = _traces_of(dsn, "signup", 1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        communicate(proc)
     assert (status, error) == (499, "the client disconnected before its request body arrived")
     assert attributes["flux.client_disconnected"] is True
     assert conn.execute("SELECT count(*) FROM users").fetchone() == (0,)
@@ -333,7 +333,7 @@ def test_a_client_that_hangs_up_while_waiting_for_a_worker_is_recorded_as_499_an
         rows = sorted(_traces_of(dsn, "signup", 2), key=lambda r: r[0])
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        communicate(proc)
     assert [(status, error) for status, error, _ in rows] == [
         (201, None), (499, "the client disconnected while its request waited for a free worker")]
     assert conn.execute("SELECT email FROM users").fetchall() == [("first@x",)]
@@ -356,7 +356,7 @@ def test_at_shutdown_started_functions_finish_and_queued_requests_are_answered_5
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         concurrent.futures.wait(sent)
-    out, _ = proc.communicate(timeout=60)
+    out = communicate(proc)
     assert proc.returncode == 0 and "Traceback" not in out, out
     answered = sorted(request.result().status_code for request in sent)  # each client got its answer
     with psycopg.connect(dsn, autocommit=True) as check:
@@ -405,7 +405,7 @@ def test_serve_of_a_project_without_functions_says_every_request_is_a_404(tmp_pa
     (tmp_path / "flux.toml").write_text('[project]\nname = "t"\n')
     proc, _ = start_serve(tmp_path, "--database", dsn, "--no-engine", *(["--reload"] if reload else []))
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out = communicate(proc)
     assert proc.returncode == 0, out
     said = f"no functions in {tmp_path / 'functions'}: every request is answered 404 until one is added (functions/NAME.js; "
     assert said + ("each is served as soon as it is saved)" if reload else "then restart flux serve, or serve with --reload)") in out
@@ -442,7 +442,7 @@ def test_a_second_stop_signal_stops_at_once_and_the_cut_function_rolls_back_answ
         time.sleep(0.5)
         stopped_at = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = communicate(proc)
         took = time.monotonic() - stopped_at
         answer = sent.result()
     assert took < 8, out
@@ -465,7 +465,7 @@ def test_a_stop_that_leaves_traces_unwritten_exits_1_and_says_how_many(tmp_path,
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)  # no need to wait out the drain's 10 s
-        out, _ = proc.communicate(timeout=60)
+        out = communicate(proc)
     finally:
         conn.rollback()
     assert proc.returncode == 1, out
@@ -500,7 +500,7 @@ def test_serve_bounds_its_worker_queue_as_its_flags_say_and_health_reports_it(tm
         health = httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5).json()
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        communicate(proc)
     assert {k: health[k] for k in ("workers", "max_queue", "queue_timeout_seconds", "refused")} == {
         "workers": 2, "max_queue": 3, "queue_timeout_seconds": 2.5, "refused": 0}
 
@@ -530,7 +530,7 @@ def test_a_second_serve_on_one_database_stands_by_and_its_engine_takes_over_when
         status = subprocess.run([sys.executable, "-m", "flux", "cdc", "status", "--database", dsn, "--json"],
                                 capture_output=True, text=True, timeout=60)
         first.send_signal(signal.SIGTERM)
-        first_out, _ = first.communicate(timeout=60)
+        first_out = communicate(first)
         _wait_for_engine(second_port, "active")
         conn.execute("INSERT INTO t VALUES (1)")
         wait_caught_up(dsn)
@@ -603,7 +603,7 @@ def test_with_the_worker_queue_full_a_request_is_refused_503_before_its_body_arr
         statuses = sorted(row[0] for row in _traces_of(dsn, "signup", 2))
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        communicate(proc)
     assert head.startswith("HTTP/1.1 503") and "retry-after: 1" in head.lower() and "x-flux-request-id" in head.lower(), head
     assert statuses == [503, 504]
 
@@ -637,7 +637,7 @@ def test_serve_keeps_an_idle_connection_past_hypercorns_5_s_and_as_long_as_keep_
             results.append(_idle_connection_open_after(port, idle))
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=60)
+            communicate(proc)
     assert results == [True, False]
 
 

@@ -114,9 +114,8 @@ def dev(
                 console.print(f"[yellow]warning:[/] {rich_escape(warning)}")
         console.print(f"[bold green]Flux dev[/]  database [cyan]{rich_escape(dsn)}[/]")
 
-        # Printed once Ctrl-C is handled: a script that reads these lines may stop us at once. So they
-        # go out in one write: a stop signal that came while they were printed one by one cut them
-        # short after the first (its handler runs between any two of Python's steps).
+        # Printed once Ctrl-C is handled: a script that reads these lines may stop us at once. They go
+        # out in one write, so that a reader that acts on the `psql` line has the others already.
         def ready(url: str | None) -> None:
             lines = [f"  psql {rich_escape(dsn)}"]
             if url is None:

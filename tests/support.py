@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg
 
@@ -155,3 +156,22 @@ def communicate(proc: subprocess.Popen, timeout: float = 60.0) -> str:
         raise
     reader.join(timeout)
     return "".join(out)
+
+
+T = TypeVar("T")
+
+
+def first_answer(send: Callable[[], T], *, proc: subprocess.Popen | None = None, seconds: float = 30.0) -> T:
+    """`send()`, an HTTP call to a server starting up, once it listens: retried while the
+    connection is refused, for `seconds` at most and while `proc` (the server, if given) runs."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return send()
+        except httpx.ConnectError:
+            if proc is not None:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else f"the server exited {proc.returncode}"
+            assert time.monotonic() < deadline, f"the server did not listen within {seconds:g} s"
+            time.sleep(0.1)

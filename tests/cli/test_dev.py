@@ -18,7 +18,7 @@ import pytest
 
 from flux.pg.cluster import Cluster, free_port
 from tests.functions import write_project
-from tests.support import communicate, wait_caught_up
+from tests.support import communicate, first_answer, wait_caught_up
 
 
 def start_dev(project: Path, *args: str, env: dict[str, str] | None = None, lines: list[str] | None = None) -> tuple[subprocess.Popen, str]:
@@ -176,14 +176,8 @@ def test_dev_with_functions_stops_cleanly_on_a_closed_terminal_or_sigterm(projec
     write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
     port = free_port()
     proc, _ = start_dev(project, "--port", str(port))
-    deadline = time.monotonic() + 30
-    while True:  # serving, so the signal finds the gateway running
-        try:
-            assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5).status_code == 200
-            break
-        except httpx.ConnectError:
-            assert time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.1)
+    # serving, so the signal finds the gateway running
+    assert first_answer(lambda: httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5)).status_code == 200
     proc.send_signal(stop_signal)
     out = communicate(proc)
     assert proc.returncode == 0, out
@@ -211,14 +205,7 @@ def test_dev_bounds_its_worker_queue_as_its_flags_say(project):
     port = free_port()
     proc, _ = start_dev(project, "--port", str(port), "--workers", "2", "--max-queue", "3", "--queue-timeout", "2.5")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5).json()
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline, "the gateway did not start"
-                time.sleep(0.1)
+        health = first_answer(lambda: httpx.get(f"http://127.0.0.1:{port}/_flux/health", timeout=5)).json()
     finally:
         stop_dev(proc)
     assert {k: health[k] for k in ("workers", "max_queue", "queue_timeout_seconds")} == {
@@ -259,14 +246,7 @@ def test_dev_on_its_embedded_servers_recorded_port_moves_the_server_and_serves_t
     try:
         assert f"(port {port} is the gateway's --port: PostgreSQL listens on" in "".join(printed)
         assert f":{port}/" not in dsn
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5).text == "hi"
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline, "the gateway did not listen"
-                time.sleep(0.2)
+        assert first_answer(lambda: httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5)).text == "hi"
     finally:
         out = stop_dev(proc)
     assert proc.returncode == 0, "".join(printed) + out

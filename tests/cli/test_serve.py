@@ -21,7 +21,7 @@ from flux.errors import InUseError
 from flux.pg.cluster import Cluster, free_port
 from tests.functions import write_project
 from tests.proxy import ProxyProcess
-from tests.support import communicate, wait_caught_up
+from tests.support import communicate, first_answer, wait_caught_up
 
 HELLO = "export default async function () { return {status: 200, body: 'hi'}; }"
 
@@ -68,15 +68,8 @@ def test_serve_answers_http_and_drains_its_traces_on_sigterm(tmp_path, dsn, conn
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = httpx.post(f"http://127.0.0.1:{port}/create_user", json={"email": "a@x"}, timeout=5)
-                break
-            except httpx.ConnectError:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline, "flux serve did not start listening"
-                time.sleep(0.2)
+        response = first_answer(lambda: httpx.post(f"http://127.0.0.1:{port}/create_user", json={"email": "a@x"}, timeout=5),
+                                proc=proc, seconds=60)
         assert response.status_code == 201 and response.json() == {"id": 1}
         request_id = response.headers["x-flux-request-id"]
         wait_caught_up(dsn)  # the engine in the same process recorded the insert
@@ -125,14 +118,7 @@ def test_serve_started_before_its_database_waits_for_it_then_serves(tmp_path, ds
         line = proc.stdout.readline()
         assert "waiting for the database, 60 s more (--wait-for-database): Cannot reach" in line, line
         proxy = ProxyProcess(dsn, port=database_port)  # the server comes up at that address
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5).text == "hi"
-                break
-            except httpx.ConnectError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.1)
+        assert first_answer(lambda: httpx.post(f"http://127.0.0.1:{port}/hello", timeout=5), proc=proc).text == "hi"
     finally:
         proc.send_signal(signal.SIGTERM)
         out = communicate(proc)

@@ -539,20 +539,26 @@ class _BrokenTransport:
         pass
 
 
-def test_a_failure_inside_flux_still_answers_with_its_request_id_and_is_recorded(tmp_path, dsn, conn, trace_store, stub: Stub):
-    write_project(tmp_path, {"call": f'export default async function (req, ctx) {{ await ctx.fetch("{stub.url}/ok"); return {{status: 200}}; }}'})
-
+def _post_with_a_broken_transport(tmp_path, dsn, path: str) -> tuple[int, str | None, dict]:
+    """POST `path` to a gateway whose transport fails inside Flux, its traces written: the status, the
+    request id and the body."""
     async def scenario():
         writer = TraceWriter(dsn, flush_interval=0.01)
         await writer.start()
         async with running_gateway(tmp_path, dsn, sink=writer) as (gateway, client):
             gateway.executor.transport = _BrokenTransport()
-            response = await client.post("/call")
+            response = await client.post(path)
             answer = (response.status_code, response.headers.get("x-flux-request-id"), await response.get_json())
         await writer.close()
         return answer
 
-    status, request_id, body = run(scenario())
+    return run(scenario())
+
+
+def test_a_failure_inside_flux_still_answers_with_its_request_id_and_is_recorded(tmp_path, dsn, conn, trace_store, stub: Stub):
+    write_project(tmp_path, {"call": f'export default async function (req, ctx) {{ await ctx.fetch("{stub.url}/ok"); return {{status: 200}}; }}'})
+
+    status, request_id, body = _post_with_a_broken_transport(tmp_path, dsn, "/call")
     assert status == 500 and body["error"] == "Flux failed while running the function (an internal error)"
     assert body["request_id"] == request_id
     trace = stored(conn, request_id)
@@ -572,17 +578,7 @@ def test_a_failure_inside_flux_keeps_the_tape_up_to_the_failure(tmp_path, dsn, c
         }}
     """})
 
-    async def scenario():
-        writer = TraceWriter(dsn, flush_interval=0.01)
-        await writer.start()
-        async with running_gateway(tmp_path, dsn, sink=writer) as (gateway, client):
-            gateway.executor.transport = _BrokenTransport()
-            response = await client.post("/odd")
-            answer = (response.status_code, response.headers.get("x-flux-request-id"))
-        await writer.close()
-        return answer
-
-    status, request_id = run(scenario())
+    status, request_id, _ = _post_with_a_broken_transport(tmp_path, dsn, "/odd")
     trace = stored(conn, request_id)
     recording = trace["recording"]
     assert (status, trace["error"]) == (500, "Flux failed while running the function (an internal error)")

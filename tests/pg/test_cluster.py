@@ -140,19 +140,24 @@ def test_an_initdb_cut_short_leaves_nothing_the_next_start_takes_for_a_cluster(o
         cluster.destroy()
 
 
+def _stop_leaving_a_pid_file_naming(cluster: Cluster, data_dir: str, pid: int) -> None:
+    """Stop `cluster`'s running server, then put back its postmaster.pid naming `pid`, as a crash leaves it."""
+    pid_file = Path(data_dir) / "postmaster.pid"
+    fields = pid_file.read_text().splitlines()
+    cluster.stop()
+    pid_file.write_text("\n".join([str(pid), *fields[1:]]) + "\n")
+    os.chown(pid_file, _server_uid(cluster), -1)
+
+
 def test_a_postmaster_pid_left_by_a_crash_naming_another_process_does_not_pass_for_a_server(open_dir):
     """After a crash (or a reboot) the file's pid may belong to another program of the same account: pg_ctl
     said the server ran, flux dev 'used' it and could not connect, and its stop command signalled that program."""
     cluster = Cluster(state_dir=open_dir / ".flux")
     try:
         info = cluster.start()
-        pid_file = Path(info.data_dir) / "postmaster.pid"
-        fields = pid_file.read_text().splitlines()
-        cluster.stop()
         other = subprocess.Popen(["sleep", "60"], user=_server_uid(cluster))
         try:
-            pid_file.write_text("\n".join([str(other.pid), *fields[1:]]) + "\n")  # as the killed server left it
-            os.chown(pid_file, _server_uid(cluster), -1)
+            _stop_leaving_a_pid_file_naming(cluster, info.data_dir, other.pid)
             assert not cluster.is_running()
             again = cluster.start()
             assert again.started and "sleep" in again.stale_pid_file
@@ -172,11 +177,7 @@ def test_a_postmaster_pid_left_by_a_crash_naming_another_clusters_server_does_no
     cluster = Cluster(state_dir=open_dir / ".flux")
     try:
         info = cluster.start()
-        pid_file = Path(info.data_dir) / "postmaster.pid"
-        fields = pid_file.read_text().splitlines()
-        cluster.stop()
-        pid_file.write_text("\n".join([str(other_pid), *fields[1:]]) + "\n")
-        os.chown(pid_file, _server_uid(cluster), -1)
+        _stop_leaving_a_pid_file_naming(cluster, info.data_dir, other_pid)
         assert not cluster.is_running()
         again = cluster.start()
         assert again.started and "does not listen on this cluster's port" in again.stale_pid_file

@@ -552,22 +552,23 @@ def test_history_of_a_dropped_table_recorded_without_key_says_why_id_has_nothing
     assert [m.new for m in row_history(conn, "public", "t", key={"id": "1"}).mutations] == [{"id": 1, "v": "a"}]
 
 
-def test_history_of_a_renamed_table_not_changed_since_has_the_changes_under_its_former_name(conn, capture):
+def _insert_into_a_then_rename_it_b(conn, capture) -> None:
+    """Table a, captured, gets row 1 and is renamed b; the engine has recorded all of it."""
     conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
     running = capture(tables=["a"])
     conn.execute("INSERT INTO a VALUES (1)")
     conn.execute("ALTER TABLE a RENAME TO b")
     running.caught_up()
+
+
+def test_history_of_a_renamed_table_not_changed_since_has_the_changes_under_its_former_name(conn, capture):
+    _insert_into_a_then_rename_it_b(conn, capture)
     assert [(m.op, m.recorded_as) for m in row_history(conn, "public", "b", id_value="1").mutations] == [("insert", "a")]
     assert [(c.row_key, c.writer.recorded_as) for c in table_blame(conn, "public", "b")] == [({"id": 1}, "a")]
 
 
 def test_a_renamed_table_recorded_without_its_oid_and_not_changed_since_points_to_its_former_name(conn, capture):
-    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
-    running = capture(tables=["a"])
-    conn.execute("INSERT INTO a VALUES (1)")
-    conn.execute("ALTER TABLE a RENAME TO b")
-    running.caught_up()
+    _insert_into_a_then_rename_it_b(conn, capture)
     conn.execute("UPDATE flux.state_mutations SET relid = NULL")  # as recorded before schema v7
     with pytest.raises(NotFoundError) as err:
         row_history(conn, "public", "b", id_value="1")

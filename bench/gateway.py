@@ -235,6 +235,17 @@ async def throughput(port: int, path: str, concurrency: int, seconds: float) -> 
     return len(times) / (time.perf_counter() - started), times
 
 
+def python_loop_seconds() -> float:
+    """How fast this machine runs Python now: a loop of 10 million additions (1.15 to 1.8 s in the
+    slow spells since 2026-12-06; not measured before). Saved with each run, before and after its
+    rounds, so that a run's figures can be read against the machine's spell."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(10_000_000):
+        total += i
+    return round(time.perf_counter() - started, 3)
+
+
 def save_results(out: Path | None, stem: str, data: dict, suffix: str = "") -> None:
     """`data` as JSON at `out`, or under bench/results/ as STEM-TIME(UTC)SUFFIX.json."""
     out = out or ROOT / "bench" / "results" / f"{stem}-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}{suffix}.json"
@@ -414,6 +425,8 @@ def main() -> None:
 
     rig = Rig("flux-bench-gateway-")
     try:
+        loop_before = python_loop_seconds()
+        print(f"a Python loop of 10 million additions: {loop_before:.2f} s", flush=True)
         print("starting PostgreSQL …", flush=True)
         rig.start()
         dsn, project = rig.dsn, rig.project
@@ -522,8 +535,11 @@ def main() -> None:
             if light_ms is not None and b2b_ms is not None:
                 print(f"  {label:55} {light_ms:6.2f} | {b2b_ms:6.2f}")
 
+        loop_after = python_loop_seconds()
+        print(f"a Python loop of 10 million additions: {loop_before:.2f} s before the rounds, {loop_after:.2f} s after")
         save_results(args.out, "gateway", {
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "python_loop_10m_s": {"before": loop_before, "after": loop_after}},
             "config": {"concurrency": args.concurrency, "seconds": seconds, "rounds": rounds, "latency_requests": latency_count,
                        "phases": "latency rounds (alternating order), then throughput rounds",
                        "light_rate_per_s": LIGHT_RATE, "light_requests": light_count},

@@ -587,8 +587,8 @@
 
   // The innermost step or the handler on the stack, or null when the stack reaches neither (V8
   // keeps no async frames into a timer's callback, a `.then` callback on a CallPromise or one
-  // nothing awaits, what Promise.race settles, an async function nothing awaits) or cannot be
-  // read (the function froze Error). All frames are read, whatever the function's own
+  // nothing awaits, an async function that nothing awaits or only Promise.race does) or cannot
+  // be read (the function froze Error). All frames are read, whatever the function's own
   // Error.stackTraceLimit, so that a deep stack of its own cannot hide a marker.
   function parentOnStack() {
     const frames = stackFrames(parentOnStack, Infinity);

@@ -816,7 +816,7 @@ def _cover_children(steps: list[dict[str, Any]], spans: list[dict[str, Any]]) ->
 
     One pass, deepest steps first, so that a stretched child stretches its parent in turn: this runs
     on the loop every request shares, and a pass per level took seconds for a chain of 1,000 steps
-    (steps started together through the root ctx nest in each other)."""
+    (each started inside the one before)."""
     ends: dict[str, tuple[float, float]] = {}  # a parent's id -> the extent of its children so far
     step_ids = {step["id"] for step in steps}
 

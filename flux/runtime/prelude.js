@@ -336,34 +336,56 @@
   const fromBase64 = Uint8Array.fromBase64;
 
   // --- the host bridge ------------------------------------------------------------------
-  // Where in the function's file a ctx call was made ("functions/x.js:LINE:COL"). Read from
-  // structured frames: formatting the whole stack as text (`new Error().stack`) cost about 0.09 ms
-  // per call in a fresh isolate, on the request path. The hook is set on the real Error and
-  // restored around one synchronous capture; if the function made that impossible (froze Error),
-  // the call simply has no location.
+  // V8's structured frames of the stack below `below` (at most `limit` of them; null: the
+  // function's own Error.stackTraceLimit), or null when the function made that impossible (froze
+  // Error). Read from structured frames: formatting the whole stack as text (`new Error().stack`)
+  // cost about 0.09 ms per call in a fresh isolate, on the request path. The prelude's hook and
+  // limit are set on the real Error for one synchronous capture and the function's own put back,
+  // by descriptor, so that none of the function's code (a setter, a getter) runs meanwhile. The
+  // frames' methods are V8's, which the function cannot replace (non-writable, non-configurable).
   const RealError = Error;
   const captureStackTrace = Error.captureStackTrace;
+  const { defineProperty, deleteProperty, getOwnPropertyDescriptor } = Reflect;
+  const isArray = Array.isArray;
   const structuredFrames = (_, frames) => frames;
+
+  function setOwn(object, key, value) {
+    const own = getOwnPropertyDescriptor(object, key);
+    return defineProperty(object, key, own ? { value } : { value, writable: true, configurable: true });
+  }
+
+  function putBack(object, key, own) {
+    if (own) defineProperty(object, key, own);
+    else deleteProperty(object, key);
+  }
+
+  function stackFrames(below, limit) {
+    const hook = getOwnPropertyDescriptor(RealError, "prepareStackTrace");
+    const depth = getOwnPropertyDescriptor(RealError, "stackTraceLimit");
+    try {
+      if (!setOwn(RealError, "prepareStackTrace", structuredFrames)) return null;
+      if (limit !== null && !setOwn(RealError, "stackTraceLimit", limit)) return null;
+      const holder = {};
+      captureStackTrace(holder, below);
+      const frames = holder.stack;
+      return isArray(frames) ? frames : null;
+    } finally {
+      putBack(RealError, "prepareStackTrace", hook);
+      putBack(RealError, "stackTraceLimit", depth);
+    }
+  }
+
+  // Where in the function's file a ctx call was made ("functions/x.js:LINE:COL"), within the
+  // function's own Error.stackTraceLimit; null if the stack cannot be read.
   function callsite() {
     if (!fileName) return null;
-    const previous = RealError.prepareStackTrace;
-    try {
-      RealError.prepareStackTrace = structuredFrames;
-    } catch (_) {
-      return null;
+    const frames = stackFrames(hostCall, null);
+    if (frames === null) return null;
+    for (let i = 0; i < frames.length; i++) {
+      const frame = frames[i];
+      if (frame.getScriptNameOrSourceURL() === fileName) return `${fileName}:${frame.getLineNumber()}:${frame.getColumnNumber()}`;
     }
-    try {
-      const holder = {};
-      captureStackTrace(holder, hostCall);
-      const frames = holder.stack;
-      if (!Array.isArray(frames)) return null;
-      for (const frame of frames) {
-        if (frame.getScriptNameOrSourceURL() === fileName) return `${fileName}:${frame.getLineNumber()}:${frame.getColumnNumber()}`;
-      }
-      return null;
-    } finally {
-      RealError.prepareStackTrace = previous;
-    }
+    return null;
   }
 
   // A ctx call's promise is a CallPromise, so that the prelude can tell whether anything took up
@@ -545,14 +567,49 @@
     return { body: json, binary: false };
   }
 
+  // Where a call through the root ctx (or the console) nests: under the innermost open step whose
+  // callback it is made in, synchronously or after awaits, or under the function span when it is
+  // made in the handler outside any step. V8's async stack frames say which: each step runs its
+  // callback in a function named by its marker, and the handler runs in one named HANDLER_MARK.
+  // Only while a step is open: the common request, with none, captures no stack.
   function currentParent(bound) {
     if (bound) return bound;
-    // Calls through the root ctx nest under the open step only when steps are not concurrent.
+    if (!openSteps.length) return functionSpanId;
+    return parentOnStack() ?? chainParent();
+  }
+
+  // Markers no code of the function's can name by chance: a nonce of this context's. A function
+  // can read one off its own stack, but a function it names so only points its calls at one of
+  // its own open steps, as handing it that step's ctx would.
+  const HANDLER_MARK = `flux_handler_${spanId()}`;
+  const STEP_MARK = `flux_step_${spanId()}_`;
+  const stepsByMark = new Map(); // an open step's marker -> its span
+
+  // The innermost step or the handler on the stack, or null when the stack reaches neither (V8
+  // keeps no async frames into a timer's callback, a `.then` callback on a CallPromise or one
+  // nothing awaits, an async function that nothing awaits or only Promise.race does) or cannot
+  // be read (the function froze Error). All frames are read, whatever the function's own
+  // Error.stackTraceLimit, so that a deep stack of its own cannot hide a marker.
+  function parentOnStack() {
+    const frames = stackFrames(parentOnStack, Infinity);
+    if (frames === null) return null;
+    for (let i = 0; i < frames.length; i++) {
+      const name = frames[i].getFunctionName();
+      if (name === HANDLER_MARK) return functionSpanId;
+      const step = stepsByMark.get(name);
+      if (step !== undefined) return step.id;
+    }
+    return null;
+  }
+
+  // Where the stack says nothing: under the open step while the open steps form a chain (each
+  // started inside the one before), else under the function span.
+  function chainParent() {
     for (let i = 0; i < openSteps.length; i++) {
       const expected = i === 0 ? functionSpanId : openSteps[i - 1].id;
       if (openSteps[i].parent !== expected) return functionSpanId;
     }
-    return openSteps.length ? openSteps[openSteps.length - 1].id : functionSpanId;
+    return openSteps[openSteps.length - 1].id;
   }
 
   function spanId() {
@@ -654,6 +711,45 @@
     list.push(event);
   }
 
+  async function rejectWith(e) {
+    throw e;
+  }
+
+  // A step past MAX_STEPS runs as a step, unrecorded: its calls and logs go where this ctx's do.
+  async function unrecordedStep(fn, info, bound) {
+    if (typeof fn !== "function") throw new TypeError("ctx.step(name, fn): fn must be a function");
+    stepsDropped++;
+    return await fn(makeCtx(info, bound));
+  }
+
+  // Runs a step's callback in a function named by the step's marker, which V8's stack frames then
+  // show below every call made in the callback, synchronously or after an await.
+  function runStep(span, fn, stepCtx) {
+    const mark = STEP_MARK + span.id;
+    const run = { async [mark]() {
+      try {
+        return await fn(stepCtx);
+      } catch (e) {
+        const d = describe(e);
+        span.status = "error";
+        span.error = d.message;
+        keepEvent(span.events, { name: "exception", time: realNow(),
+          attributes: { "exception.type": d.name, "exception.message": d.message, "exception.stacktrace": d.stack } });
+        throw e;
+      } finally {
+        span.duration_ms = realNow() - span.start;
+        openSteps.splice(openSteps.indexOf(span), 1);
+        stepsByMark.delete(mark);
+        openChanged = true;
+        spans.push(span);
+      }
+    } }[mark];
+    openSteps.push(span);
+    stepsByMark.set(mark, span);
+    openChanged = true;
+    return run();
+  }
+
   function makeCtx(info, bound) {
     const ctx = {
       requestId: info.request_id,
@@ -717,32 +813,18 @@
         if (error) Object.assign(event, exceptionAttributes(error));
         addEvent(currentParent(bound), "log", attrs ? logAttributes(event, attrs) : event);
       },
-      async step(name, fn) {
-        if (typeof fn !== "function") throw new TypeError("ctx.step(name, fn): fn must be a function");
-        if (stepsKept >= MAX_STEPS) { // runs as a step, unrecorded: its calls and logs go where this ctx's do
-          stepsDropped++;
-          return await fn(makeCtx(info, bound));
+      step(name, fn) {
+        if (typeof fn !== "function" || stepsKept >= MAX_STEPS) return unrecordedStep(fn, info, bound);
+        let spanName;
+        try {
+          spanName = String(name);
+        } catch (e) {
+          return rejectWith(e); // as an async function's throw: ctx.step always returns a promise
         }
         stepsKept++;
-        const span = { id: spanId(), parent: currentParent(bound), name: String(name), kind: "internal", start: realNow(),
+        const span = { id: spanId(), parent: currentParent(bound), name: spanName, kind: "internal", start: realNow(),
           duration_ms: 0, status: "ok", error: null, attributes: { "flux.kind": "step" }, events: [] };
-        openSteps.push(span);
-        openChanged = true;
-        try {
-          return await fn(makeCtx(info, span.id));
-        } catch (e) {
-          const d = describe(e);
-          span.status = "error";
-          span.error = d.message;
-          keepEvent(span.events, { name: "exception", time: realNow(),
-            attributes: { "exception.type": d.name, "exception.message": d.message, "exception.stacktrace": d.stack } });
-          throw e;
-        } finally {
-          span.duration_ms = realNow() - span.start;
-          openSteps.splice(openSteps.indexOf(span), 1);
-          openChanged = true;
-          spans.push(span);
-        }
+        return runStep(span, fn, makeCtx(info, span.id));
       },
     };
     return Object.freeze(ctx);
@@ -845,14 +927,17 @@
       return;
     }
     const ctx = makeCtx(info, null);
-    let result;
-    try {
-      result = handler(info.request, ctx);
-    } catch (e) {
-      finish(false, describe(e));
-      return;
-    }
-    Promise.resolve(result).then((value) => {
+    // Named HANDLER_MARK so that V8's stack frames show it below every call the handler makes (see
+    // currentParent). Awaiting the handler's value takes the turns `Promise.resolve(value).then`
+    // took before, so results and callbacks interleave as they did.
+    const run = { async [HANDLER_MARK]() {
+      let value;
+      try {
+        value = await handler(info.request, ctx);
+      } catch (e) {
+        finish(false, describe(e));
+        return;
+      }
       try {
         if (value === undefined || value === null || typeof value !== "object" || Array.isArray(value)) {
           throw new TypeError(`the handler must return {status, headers, body}, not ${value === null ? "null" : Array.isArray(value) ? "an array" : typeof value}`);
@@ -861,7 +946,8 @@
       } catch (e) {
         finish(false, { ...describe(e), name: "NonSerializableReturn" });
       }
-    }, (e) => finish(false, describe(e)));
+    } }[HANDLER_MARK];
+    run();
   }
 
   // What the function did since the last drain. Microtasks run only when an eval ends, so the host

@@ -416,6 +416,20 @@ def test_spans_nest_steps_and_name_db_and_tool_calls(tmp_path, dsn, conn, stub: 
         assert set(span) == {"id", "parent", "name", "kind", "start", "duration_ms", "status", "error", "attributes", "events"}
 
 
+def test_a_statement_behind_leading_comments_is_named_by_its_verb_and_table(tmp_path, dsn, conn):
+    """Query tools and ORMs put comments first (sqlc's `-- name: ...`, sqlcommenter's `/* ... */`)."""
+    conn.execute("CREATE TABLE orders (id serial PRIMARY KEY, total int)")
+    write_project(tmp_path, {"create_order": """
+        export default async function (req, ctx) {
+          await ctx.db.query("-- name: CreateOrder :exec\\nINSERT INTO orders (total) VALUES ($1)", [10]);
+          await ctx.db.query("/* app='web' */ ; SELECT * FROM orders", []);
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "create_order", dsn=dsn)
+    assert {s["name"] for s in result.spans} == {"create_order", "db.insert(orders)", "db.select(orders)"}
+
+
 def test_a_fetch_timeout_rejects_with_a_timeout_error_span(tmp_path, stub: Stub):
     write_project(tmp_path, {"slow": f"""
         export default async function (req, ctx) {{

@@ -1090,6 +1090,16 @@ def test_an_export_default_that_is_not_at_a_line_start_is_named_in_the_load_erro
     assert compiled.error == "functions/inline.js: put `export default` at the start of a line (Flux finds the handler there)"
 
 
+def test_a_default_export_that_is_not_a_function_is_a_load_error(tmp_path):
+    """It failed every call with a TypeError, while the load said nothing (health listed no error)."""
+    write_project(tmp_path, {"number": "export default 42;\n", "nothing": "let handler;\nexport default handler;\n"})
+    functions = load_project(tmp_path).functions
+    assert compile_function(functions["number"]).error == \
+        "functions/number.js: its default export is a number, not `async function (req, ctx)`"
+    assert compile_function(functions["nothing"]).error == \
+        "functions/nothing.js: its default export is undefined, not `async function (req, ctx)`"
+
+
 def test_running_out_of_memory_in_a_microtask_after_returning_is_a_memory_error(tmp_path):
     """V8 stops the microtask at the limit after the handler's eval has answered; the isolate is not reused."""
     write_project(tmp_path, {"grow": """

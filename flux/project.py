@@ -124,8 +124,10 @@ class Project:
         return load_project(self.root)
 
     def fingerprint(self) -> tuple:
-        """Changes whenever flux.toml or a function file changes; `flux dev` polls it."""
-        files = [self.root / CONFIG_FILE, *sorted((self.root / FUNCTIONS_DIR).glob("*.js"))]
+        """Changes whenever flux.toml or a function file changes, or the git repository's HEAD moves
+        (a commit, a checkout): `flux dev` polls it, and a reload reads `git_commit` again, so that
+        traces name the commit that holds their code, not the one before it."""
+        files = [self.root / CONFIG_FILE, *sorted((self.root / FUNCTIONS_DIR).glob("*.js")), *git_head_files(self.root)]
         return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
 
 
@@ -427,6 +429,31 @@ def _tenants(table: dict, shared: dict[str, str], where: str) -> dict[str, Tenan
             f"{DEFAULT_TENANT}, which it does not define",
             hint=f'Give each tenant api_keys = ["..."], or name the one tenant [tenants.{DEFAULT_TENANT}].')
     return tenants
+
+
+def git_head_files(root: Path) -> list[Path]:
+    """The files that change when HEAD moves, in the git repository holding `root`: HEAD, the ref it
+    names (a linked worktree's refs are in the common directory) and packed-refs. Empty outside one."""
+    try:
+        for directory in [root, *root.parents]:
+            dot_git = directory / ".git"
+            if dot_git.is_dir():
+                git_dir = dot_git
+                break
+            if dot_git.is_file():  # a linked worktree or a submodule: "gitdir: PATH"
+                git_dir = directory / dot_git.read_text(encoding="utf-8").removeprefix("gitdir:").strip()
+                break
+        else:
+            return []
+        common = git_dir / (git_dir / "commondir").read_text(encoding="utf-8").strip() \
+            if (git_dir / "commondir").is_file() else git_dir
+        head = (git_dir / "HEAD").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    files = [git_dir / "HEAD", common / "packed-refs"]
+    if head.startswith("ref:"):
+        files.append(common / head.removeprefix("ref:").strip())
+    return files
 
 
 def git_commit(root: Path) -> str | None:

@@ -152,6 +152,13 @@ def test_git_commit_is_recorded_when_the_project_is_a_repository(tmp_path):
     assert load_project(tmp_path).git_commit == head
 
 
+def test_without_limits_a_project_gets_the_documented_defaults(tmp_path):
+    """README's flux.toml: 5000 ms per request, 128 MB per isolate, 1 MiB bodies, 64 KiB recorded."""
+    write_project(tmp_path, {"hello": FN})
+    limits = load_project(tmp_path).limits
+    assert (limits.timeout_ms, limits.memory_mb, limits.max_body_bytes, limits.record_body_bytes) == (5000, 128, 1048576, 65536)
+
+
 def test_invalid_limits_are_config_errors(tmp_path):
     write_project(tmp_path, {"hello": FN}, "[limits]\ntimeout_ms = 0\n")
     with pytest.raises(ConfigError, match="timeout_ms"):

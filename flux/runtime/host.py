@@ -37,11 +37,11 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.pg.pooler import behind_pooler_async
 from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready
-from flux.runtime.sqltext import read_scan, refusal
+from flux.runtime.sqltext import read_scan, refusal, statement_start
 
 log = logging.getLogger("flux.runtime")
 
-_VERB = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
+_VERB = re.compile(r"(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|SELECT|MERGE)\b", re.IGNORECASE | re.DOTALL)
 _IDENT = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
 _TABLE = {
     "insert": re.compile(r"\bINSERT\s+INTO\s+" + _IDENT, re.IGNORECASE),
@@ -54,7 +54,7 @@ _TABLE = {
 
 def db_span_name(sql: str) -> str:
     """`db.insert(users)`, `db.select(orders)`; `db.query` when the statement is something else."""
-    verb = _VERB.match(sql)
+    verb = _VERB.match(sql, statement_start(sql))
     if not verb:
         return "db.query"
     kind = verb.group(1).lower()

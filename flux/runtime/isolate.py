@@ -148,10 +148,19 @@ async def _compile(function: Function, script: str, memory_mb: int, timeout_ms: 
                     return CompiledFunction(function, None, f"{function.display_path}: its top-level code exceeded the memory "
                                                             f"limit ({memory_mb} MB)")
                 return CompiledFunction(function, None, _load_error(function, exc))
+            exported = await mr.eval_cancelable("typeof globalThis.__flux_handler")
+            if exported != "function":  # `export default 42`: every call would fail the same way
+                return CompiledFunction(function, None, f"{function.display_path}: its default export is {_a(exported)}, not "
+                                                        f"`async function (req, ctx)`")
         finally:
             if WATCH is not None:
                 WATCH.forget(v8_isolate)
     return CompiledFunction(function, script, environment=environment)
+
+
+def _a(js_type: str) -> str:
+    """`typeof`'s answer as a noun: "a number", "an object", "undefined"."""
+    return js_type if js_type == "undefined" else ("an " if js_type[0] in "aeiou" else "a ") + js_type
 
 
 _ENVIRONMENT = ("(() => { const o = new Intl.DateTimeFormat().resolvedOptions(); "

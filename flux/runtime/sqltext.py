@@ -49,24 +49,38 @@ def leading_words(sql: str, count: int) -> list[str]:
     statement, which the server refuses in one query)."""
     words: list[str] = []
     i, n = 0, len(sql)
-    while i < n and len(words) < count:
-        c = sql[i]
-        if c.isspace() or (c == ";" and not words):
+    while len(words) < count:
+        i = _past_blanks(sql, i, semicolons=not words)
+        if i == n or not (sql[i].isalpha() or sql[i] == "_"):
+            break
+        end = i + 1
+        while end < n and (sql[end].isalnum() or sql[end] in "_$"):
+            end += 1
+        words.append(sql[i:end].upper())
+        i = end
+    return words
+
+
+def statement_start(sql: str) -> int:
+    """Where the statement's first word starts: past white space, comments and empty statements,
+    as the server skips them (a query tool's or ORM's leading `/* ... */` or `-- name: ...`)."""
+    return _past_blanks(sql, 0, semicolons=True)
+
+
+def _past_blanks(sql: str, i: int, *, semicolons: bool) -> int:
+    """The index past the white space and comments at `i` (and the `;`s, with `semicolons`)."""
+    n = len(sql)
+    while i < n:
+        if sql[i].isspace() or (semicolons and sql[i] == ";"):
             i += 1
         elif sql.startswith("--", i):
             end = sql.find("\n", i)
             i = n if end < 0 else end + 1
         elif sql.startswith("/*", i):
             i = _block_comment_end(sql, i)
-        elif c.isalpha() or c == "_":
-            end = i + 1
-            while end < n and (sql[end].isalnum() or sql[end] in "_$"):
-                end += 1
-            words.append(sql[i:end].upper())
-            i = end
         else:
             break
-    return words
+    return i
 
 
 def _block_comment_end(sql: str, i: int) -> int:

@@ -360,6 +360,20 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
     return request_id, _fetch(conn, request_id)
 
 
+def ambiguous_prefixes(conn: psycopg.Connection, shown: dict[str, str]) -> set[str]:
+    """Those of the prefixes in `shown` (request id -> a prefix of it) that start another request's
+    id too, in the traces or the row changes, where `find_request` looks ids up. One round trip;
+    each prefix is three index range scans that stop at the first id, past the request's own
+    (however many row changes it has)."""
+    if not shown:
+        return set()
+    part = ("SELECT %s WHERE EXISTS (SELECT FROM flux.trace_requests WHERE id LIKE %s AND id <> %s)"
+            " OR EXISTS (SELECT FROM flux.state_mutations WHERE request_id LIKE %s AND request_id ~<~ %s)"
+            " OR EXISTS (SELECT FROM flux.state_mutations WHERE request_id LIKE %s AND request_id ~>~ %s)")
+    params = [v for request_id, prefix in shown.items() for v in (prefix, *(_like(prefix), request_id) * 3)]
+    return {row[0] for row in conn.execute(" UNION ALL ".join([part] * len(shown)), params).fetchall()}
+
+
 def count_mutations(conn: psycopg.Connection, request_id: str) -> int:
     """How many row changes the mutation log holds for a request ("DB writes" of `flux trace`)."""
     return conn.execute("SELECT count(*) FROM flux.state_mutations WHERE request_id = %s", (request_id,)).fetchone()[0]

@@ -104,6 +104,15 @@ def test_every_command_and_each_of_its_options_is_in_the_readme_cli_reference():
     assert not missing
 
 
+def test_every_command_but_the_servers_has_json():
+    """Issue 3: every command has --json; the README: where it prints data. The servers (dev, serve,
+    cdc run) print log lines, whose JSON form is --log-format json."""
+    servers = [["dev"], ["serve"], ["cdc", "run"]]
+    without = [" ".join(path) for path, command in _commands()
+               if path not in servers and not any("--json" in param.opts for param in command.params)]
+    assert not without
+
+
 def test_every_command_names_its_arguments_in_help_as_the_readme_does():
     """`flux trace ID` in the README; the help said `{id_or_prefix}`, the parameter's name."""
     import re

@@ -441,6 +441,17 @@ def test_requests_lists_newest_first_with_every_column(seeded, dsn):
     assert out[1].split()[3] == "default"
 
 
+def test_requests_shows_an_id_longer_where_another_requests_id_starts_the_same(seeded, dsn):
+    """Among the 500,000 traces of "At scale" about 29 pairs share their first 8 characters: shown as
+    8, each of them was an id that `flux trace` and `flux why` refuse as ambiguous."""
+    twin, mutations_only = OK[:8] + "-ffff-4000-8000-000000000009", FAIL[:13] + "-ffff-000000000000"
+    insert_traces(seeded, [trace(twin)])
+    mutation(seeded, "orders", "insert", request_id=mutations_only, key={"id": 9}, function="create_order")
+    shown = [line.split()[0] for line in lines(invoke(dsn, "requests").output)[1:]]
+    assert sorted(shown) == sorted([OK[:13], twin[:13], FAIL, OK2[:8]])
+    assert all(invoke(dsn, "why", prefix).exit_code == 0 for prefix in shown)
+
+
 def test_requests_of_a_single_tenant_project_leave_the_tenant_column_out(seeded, dsn):
     out = lines(invoke(dsn, "requests", "--tenant", "default").output)
     assert out[0].split() == ["ID", "TIME", "(UTC)", "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR"]

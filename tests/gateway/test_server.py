@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import socket
+import subprocess
 import time
 import weakref
 from contextlib import asynccontextmanager
@@ -50,6 +51,32 @@ async def _watched(root, **watch):
         finally:
             shutdown.set()
             watcher.cancel()
+
+
+def test_a_commit_reloads_the_project_so_traces_name_the_commit_that_holds_the_code(tmp_path):
+    """A function edited (and reloaded) then committed, with no file changed by the commit: traces
+    named the commit before, whose code is not what runs."""
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }"})
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@x", "-c", "user.name=t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one")
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            git("commit", "-q", "--allow-empty", "-m", "two")
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if gateway.functions.project.git_commit == git("rev-parse", "HEAD"):
+                    break
+            return gateway.functions.project.git_commit
+
+    assert asyncio.run(scenario()) == git("rev-parse", "HEAD")
 
 
 def test_a_flux_toml_of_the_wrong_shape_is_not_reloaded_and_later_fixes_still_are(tmp_path, caplog):

@@ -416,6 +416,20 @@ def test_spans_nest_steps_and_name_db_and_tool_calls(tmp_path, dsn, conn, stub: 
         assert set(span) == {"id", "parent", "name", "kind", "start", "duration_ms", "status", "error", "attributes", "events"}
 
 
+def test_a_statement_behind_leading_comments_is_named_by_its_verb_and_table(tmp_path, dsn, conn):
+    """Query tools and ORMs put comments first (sqlc's `-- name: ...`, sqlcommenter's `/* ... */`)."""
+    conn.execute("CREATE TABLE orders (id serial PRIMARY KEY, total int)")
+    write_project(tmp_path, {"create_order": """
+        export default async function (req, ctx) {
+          await ctx.db.query("-- name: CreateOrder :exec\\nINSERT INTO orders (total) VALUES ($1)", [10]);
+          await ctx.db.query("/* app='web' */ ; SELECT * FROM orders", []);
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "create_order", dsn=dsn)
+    assert {s["name"] for s in result.spans} == {"create_order", "db.insert(orders)", "db.select(orders)"}
+
+
 def test_a_fetch_timeout_rejects_with_a_timeout_error_span(tmp_path, stub: Stub):
     write_project(tmp_path, {"slow": f"""
         export default async function (req, ctx) {{
@@ -1074,6 +1088,16 @@ def test_an_export_default_that_is_not_at_a_line_start_is_named_in_the_load_erro
     write_project(tmp_path, {"inline": "const f = 1; export default async function () { return {status: 200}; }\n"})
     compiled = compile_function(load_project(tmp_path).functions["inline"])
     assert compiled.error == "functions/inline.js: put `export default` at the start of a line (Flux finds the handler there)"
+
+
+def test_a_default_export_that_is_not_a_function_is_a_load_error(tmp_path):
+    """It failed every call with a TypeError, while the load said nothing (health listed no error)."""
+    write_project(tmp_path, {"number": "export default 42;\n", "nothing": "let handler;\nexport default handler;\n"})
+    functions = load_project(tmp_path).functions
+    assert compile_function(functions["number"]).error == \
+        "functions/number.js: its default export is a number, not `async function (req, ctx)`"
+    assert compile_function(functions["nothing"]).error == \
+        "functions/nothing.js: its default export is undefined, not `async function (req, ctx)`"
 
 
 def test_running_out_of_memory_in_a_microtask_after_returning_is_a_memory_error(tmp_path):

@@ -12,8 +12,9 @@ A table is held up a second at a time, never for as long as the transaction in t
 A try takes all its tables' locks up front (`lock_up_front`), before any ALTER, and waits for them a
 bounded time in all. With several tables, while it waits for one it holds the others, and an
 application transaction taking two of them in the other order closes a cycle: the try then gives up
-before the server's `deadlock_timeout`, so it is gone when PostgreSQL's deadlock check runs and
-chooses a backend to abort, and the application's transaction waits a moment and goes on.
+before the shortest `deadlock_timeout` a session of the database starts with (the server's, or one
+set for a role or the database), so it is gone when PostgreSQL's deadlock check runs and chooses a
+backend to abort, and the application's transaction waits a moment and goes on.
 """
 
 from __future__ import annotations
@@ -80,18 +81,52 @@ $flux$
 """
 
 
+# The deadlock check runs in the backend that waits, after its own deadlock_timeout: an application
+# role or database given a shorter one (ALTER ROLE / ALTER DATABASE ... SET) checks sooner than the
+# server's setting says. PostgreSQL reads each such value itself, as lock_timeout (the same unit and
+# parser), so that every form it accepts ('100ms', '0.1s', '100', '1min') counts as it does.
+_SHORTEST_DEADLOCK_TIMEOUT = """
+DO $flux$
+DECLARE
+    shortest float := (SELECT setting::float FROM pg_settings WHERE name = 'deadlock_timeout');
+    saved text := current_setting('lock_timeout');
+    value text;
+BEGIN
+    FOR value IN SELECT substr(e, strpos(e, '=') + 1)
+                 FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) AS e
+                 WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+                   AND lower(split_part(e, '=', 1)) = 'deadlock_timeout' LOOP
+        PERFORM set_config('lock_timeout', value, true);
+        shortest := least(shortest, (SELECT setting::float FROM pg_settings WHERE name = 'lock_timeout'));
+    END LOOP;
+    PERFORM set_config('lock_timeout', saved, true);
+    PERFORM set_config('flux.deadlock_timeout_ms', shortest::text, true);
+END
+$flux$
+"""
+
+
+def shortest_deadlock_timeout_ms(conn: psycopg.Connection) -> float:
+    """The shortest deadlock_timeout a session of this database can start with, in ms: this session's
+    (the server's, unless one is set for Flux's own role, which then hides it), and every one set for
+    a role, for this database or all, or for a role in this database (pg_db_role_setting, which any
+    role may read). Not one a session SETs itself (a superuser, or a role granted SET on the
+    parameter). In the current transaction, whose lock_timeout it leaves as it was."""
+    conn.execute(_SHORTEST_DEADLOCK_TIMEOUT)
+    return float(conn.execute("SELECT current_setting('flux.deadlock_timeout_ms')").fetchone()[0])
+
+
 def lock_up_front(conn: psycopg.Connection, budget: LockBudget, exclusive: Iterable[TableRef],
                   share_update: Iterable[TableRef] = ()) -> None:
     """In the current transaction, before any ALTER: ACCESS EXCLUSIVE on `exclusive` (their identity
     changes), SHARE UPDATE EXCLUSIVE on `share_update` (they join or leave the publication), one
     after another. With one table, it waits `budget.seconds` (it holds no other table meanwhile);
-    with more, DEADLOCK_SHARE of the server's deadlock_timeout at most, in all. A later wait of the
+    with more, DEADLOCK_SHARE of `shortest_deadlock_timeout_ms` at most, in all. A later wait of the
     transaction (a lock this did not foresee) is bounded the same. 55P03 when the time is up."""
     modes = {t: "SHARE UPDATE EXCLUSIVE" for t in share_update} | {t: "ACCESS EXCLUSIVE" for t in exclusive}
     seconds = budget.seconds
     if len(modes) > 1:
-        deadlock_ms = conn.execute("SELECT setting::float FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
-        seconds = min(seconds, DEADLOCK_SHARE * deadlock_ms / 1000)
+        seconds = min(seconds, DEADLOCK_SHARE * shortest_deadlock_timeout_ms(conn) / 1000)
     budget.waited = seconds
     if modes:
         listed = [[t.schema, t.name, mode] for t, mode in sorted(modes.items(), key=lambda item: str(item[0]))]
@@ -128,8 +163,8 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
     else:
         hint = (f"Let that transaction finish{end_it}, then run `{command}` again, at a quieter moment or for fewer tables "
                 f"at a time: a try holding some of its tables while it waits for the others gives up within {waited:g} s, "
-                "before the server's deadlock_timeout (so that no application transaction is aborted for it), "
-                "whatever --lock-timeout says.")
+                "before deadlock_timeout (the shortest the database's sessions start with, so that no application "
+                "transaction is aborted for it), whatever --lock-timeout says.")
     raise LockTimeoutError(
         f"{action} changed nothing: a table it must alter is in use by another transaction, and waiting for it would stop "
         f"the table's other queries (waited {waited:g} s, {LOCK_TRIES} times over {time.monotonic() - started:.0f} s): {who}",

@@ -6,12 +6,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
 
 from flux.cdc.attach import attach, detach
 from flux.cdc.autocapture import reconcile_new_tables
+from flux.cdc.locks import shortest_deadlock_timeout_ms
 from flux.errors import LockTimeoutError
 from tests.cli.test_attach import run_flux
 
@@ -240,7 +244,7 @@ def _waits_on_a_table_held_while_flux_waits_for_another(dsn: str, conn, flux_ste
 
 
 def _one_try_at_most(conn) -> float:
-    """The longest a try holding some tables waits for the others: before the server's deadlock_timeout."""
+    """The longest a try holding some tables waits for the others: before deadlock_timeout (here the server's)."""
     deadlock_ms = conn.execute("SELECT setting::float FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
     return 0.8 * deadlock_ms / 1000 + 0.2  # and a little for the rollback and this test's own round trips
 
@@ -293,6 +297,100 @@ def test_attach_of_several_tables_gives_up_within_deadlock_timeout_and_says_a_lo
     finally:
         blocker.close()
     assert "(waited 0.08 s, 5 times" in raised.value.message
-    assert "gives up within 0.08 s, before the server's deadlock_timeout" in raised.value.hint
+    assert "gives up within 0.08 s, before deadlock_timeout (the shortest the database's sessions" in raised.value.hint
     assert "pass --lock-timeout" not in raised.value.hint
     assert [_identity(conn, table) for table in "ab"] == ["d", "d"]
+
+
+@contextmanager
+def _application_role(conn, dsn: str, deadlock_timeout: str) -> Iterator[str]:
+    """A login role given its own deadlock_timeout (`ALTER ROLE ... SET`), which may use a and b:
+    a DSN that logs in as it."""
+    name = f"checkout_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {name} LOGIN")
+    try:
+        conn.execute(f"ALTER ROLE {name} SET deadlock_timeout = '{deadlock_timeout}'")
+        conn.execute(f"GRANT SELECT, DELETE ON a, b TO {name}")
+        yield dsn.replace("postgres@", f"{name}@")
+    finally:
+        conn.execute(f"DROP OWNED BY {name}")
+        conn.execute(f"DROP ROLE {name}")
+
+
+def _cycle_closed_by_an_application_role(dsn: str, conn, flux_step) -> tuple[object, object]:
+    """The application's role has a deadlock_timeout of 500 ms, the server 1 s. Its transaction holds
+    b, and asks for a once Flux, which locks a then b, holds a and waits for b: a cycle, which the
+    application's backend checks for first. Returns what its query and `flux_step` came to."""
+    assert conn.execute("SHOW deadlock_timeout").fetchone() == ("1s",)
+    conn.execute("INSERT INTO b VALUES (1)")
+    with _application_role(conn, dsn, "500ms") as app_dsn:
+        app = psycopg.connect(app_dsn, application_name="checkout")
+        try:
+            assert app.execute("SHOW deadlock_timeout").fetchone() == ("500ms",)
+            app.execute("DELETE FROM b")
+            flux, flux_outcome = _in_thread(flux_step)
+            _until(conn, "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 'a'::regclass AND mode = 'AccessExclusiveLock'"
+                         " AND granted)", timeout=10)
+            asked = time.monotonic()
+            query, query_outcome = _in_thread(lambda: app.execute("SELECT count(*) FROM a").fetchone())
+            query.join(timeout=10)
+            assert time.monotonic() - asked > 0.1  # it waited behind Flux: the cycle was closed
+            if query_outcome and not isinstance(query_outcome[0], Exception):
+                app.commit()
+            flux.join(timeout=30)
+        finally:
+            app.close()
+    if query_outcome[0] == (0,):
+        assert conn.execute("SELECT count(*) FROM b").fetchone() == (0,)  # the application's transaction committed
+    return query_outcome[0], flux_outcome[0]
+
+
+def test_an_application_role_with_a_shorter_deadlock_timeout_is_not_the_one_aborted_by_attach(dsn, conn):
+    """Attach's try gave up at 80% of the server's deadlock_timeout (0.8 s): a role whose own was
+    500 ms ran its deadlock check first, and its transaction was aborted (40P01)."""
+    for table in "ab":
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    query, result = _cycle_closed_by_an_application_role(dsn, conn, lambda: attach(dsn, tables=["a", "b"]))
+    assert query == (0,), query
+    assert not isinstance(result, Exception), result
+    assert [_identity(conn, table) for table in "ab"] == ["f", "f"]
+
+
+def test_an_application_role_with_a_shorter_deadlock_timeout_is_not_the_one_aborted_by_the_engines_capture(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that may not own one
+    conn.execute("DROP TABLE a")  # and created again, partitioned: the engine captures it and b by its name
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE b PARTITION OF a FOR VALUES FROM (0) TO (10)")
+    query, changed = _cycle_closed_by_an_application_role(dsn, conn, lambda: reconcile_new_tables(dsn, slot="flux"))
+    assert query == (0,), query
+    assert changed == []  # it gave way, and captures the table on its next pass:
+    assert reconcile_new_tables(dsn, slot="flux") == ["public.a"]
+    assert [_identity(conn, table) for table in "ab"] == ["f", "f"]
+
+
+@pytest.mark.parametrize(("setting", "ms"), [
+    ("ALTER ROLE {role} SET deadlock_timeout = '0.25s'", 250),
+    ("ALTER ROLE {role} IN DATABASE {db} SET deadlock_timeout = 200", 200),  # a plain number is ms
+    ("ALTER DATABASE {db} SET deadlock_timeout = '0.3s'", 300),
+    ("ALTER ROLE ALL SET deadlock_timeout = '90 ms'", 90),
+    ("ALTER ROLE ALL IN DATABASE {db} SET deadlock_timeout = '1500us'", 2),  # PostgreSQL rounds to whole ms
+    ("ALTER ROLE {role} IN DATABASE postgres SET deadlock_timeout = '100ms'", 1000),  # another database's: the server's
+])
+def test_the_deadlock_bound_is_the_shortest_any_session_of_the_database_starts_with_read_by_a_plain_role(
+        dsn, conn, setting, ms):
+    """A role without privileges, as flux_attach has none on the catalogs, reads them all."""
+    reader, role = (f"{what}_{uuid.uuid4().hex[:8]}" for what in ("reader", "app"))
+    conn.execute(f"CREATE ROLE {reader} LOGIN")
+    conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        conn.execute(setting.format(role=role, db=conn.info.dbname))
+        with psycopg.connect(dsn.replace("postgres@", f"{reader}@")) as flux:
+            assert shortest_deadlock_timeout_ms(flux) == ms
+            assert flux.execute("SHOW lock_timeout").fetchone() == ("0",)  # left as it was
+    finally:
+        conn.execute("ALTER ROLE ALL RESET deadlock_timeout")
+        conn.execute(f"ALTER ROLE ALL IN DATABASE {conn.info.dbname} RESET deadlock_timeout")
+        conn.execute(f"DROP ROLE {reader}")
+        conn.execute(f"DROP ROLE {role}")

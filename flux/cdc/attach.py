@@ -20,7 +20,15 @@ import psycopg
 from psycopg import sql
 
 from flux.cdc import autocapture
-from flux.cdc.locks import DEFAULT_LOCK_TIMEOUT_S, BlockerWatch, LockBudget, bound_lock_waits, lock_up_front, with_lock_retries
+from flux.cdc.locks import (
+    DEFAULT_LOCK_TIMEOUT_S,
+    BlockerWatch,
+    LockBudget,
+    bound_lock_waits,
+    lock_up_front,
+    own_waits,
+    with_lock_retries,
+)
 from flux.cdc.roles import check_role, role_named_flux_warnings
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
@@ -154,6 +162,7 @@ def attach(
     if not tables and not all_tables:
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
     with connect(dsn) as conn:
+        own_waits(conn)
         check_server(conn, slot=slot)
         publication = _attached_publication(conn, slot, publication)
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
@@ -341,6 +350,7 @@ def _record_attachment(conn: psycopg.Connection, slot: str, publication: str, al
 def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop_data: bool = False,
            lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> DetachResult:
     with connect(dsn) as conn:
+        own_waits(conn)
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
         if drop_data and has_schema:
             _refuse_to_drop_tables_not_fluxs(conn)

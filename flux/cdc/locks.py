@@ -30,7 +30,9 @@ import psycopg
 from psycopg import errors, sql
 
 from flux.cdc.publication import TableRef
+from flux.cdc.sink import turn_off_timeouts
 from flux.errors import LockTimeoutError
+from flux.pg.pooler import behind_pooler
 
 DEFAULT_LOCK_TIMEOUT_S = 1.0  # attach and detach (`--lock-timeout`)
 ENGINE_LOCK_TIMEOUT_S = 1.0  # the engine's capture of new tables, which it retries every pass anyway
@@ -41,6 +43,19 @@ MAX_NAMED = 5  # sessions named in an error, the longest-running first: on a bus
 DEADLOCK_SHARE = 0.8
 
 T = TypeVar("T")
+
+
+def own_waits(conn: psycopg.Connection) -> None:
+    """Attach and detach bound their own waits: a lock a second at a time (as above), the slot's
+    creation for as long as the transactions running then last, said as it waits (BlockerWatch). So
+    the timeouts a role or database sets for its applications are turned off for their sessions: a
+    lock_timeout or statement_timeout cancelled the slot's creation behind any longer transaction,
+    with nothing to say why, a statement_timeout shorter than a try cut it short unretried, and an
+    idle_session_timeout ended the session in the pause between two tries (and the watch's between
+    two looks). Not through a pooler, whose server connection would keep the setting for its other
+    clients."""
+    if not behind_pooler(conn):
+        turn_off_timeouts(conn)
 
 
 def bound_lock_waits(conn: psycopg.Connection, seconds: float) -> None:
@@ -242,6 +257,7 @@ class BlockerWatch:
         reported: set[int] = set()
         try:
             with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10, application_name="flux attach (watching)") as conn:
+                own_waits(conn)
                 while not self._done.is_set():
                     lines = blocking_sessions(conn, self._pid)
                     pids = {int(line.split()[1]) for line in lines}

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from flux.cdc.attach import attach, detach
+from flux.cdc.attach import AttachResult, attach, detach
 from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.locks import shortest_deadlock_timeout_ms
 from flux.errors import LockTimeoutError
@@ -29,6 +29,24 @@ def _holding(dsn: str, table: str) -> psycopg.Connection:
     blocker = psycopg.connect(dsn, application_name="long-report")
     blocker.execute(f"SELECT count(*) FROM {table}")
     return blocker
+
+
+def _ends_after(seconds: float, session: psycopg.Connection) -> threading.Timer:
+    ender = threading.Timer(seconds, session.commit)
+    ender.start()
+    return ender
+
+
+def _attach_behind_a_transaction_that_ends(dsn: str, after: float, **options) -> AttachResult:
+    """attach(orders) while a session idle in a transaction (which no idle_session_timeout ends)
+    holds it, for `after` seconds."""
+    blocker = _holding(dsn, "orders")
+    ender = _ends_after(after, blocker)
+    try:
+        return attach(dsn, tables=["orders"], **options)
+    finally:
+        ender.join()
+        blocker.close()
 
 
 def test_attach_behind_a_long_transaction_gives_up_having_changed_nothing_and_names_it(dsn, conn):
@@ -75,14 +93,7 @@ def test_while_attach_waits_for_a_lock_the_tables_other_queries_wait_one_try_at_
 
 def test_attach_goes_through_once_the_transaction_holding_the_table_ends_between_tries(dsn, conn):
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
-    blocker = _holding(dsn, "orders")
-    ender = threading.Timer(0.5, blocker.commit)
-    ender.start()
-    try:
-        result = attach(dsn, tables=["orders"], lock_timeout=0.2)
-    finally:
-        ender.join()
-        blocker.close()
+    result = _attach_behind_a_transaction_that_ends(dsn, 0.5, lock_timeout=0.2)
     assert result.tables == ["public.orders"] and _identity(conn, "orders") == "f"
 
 
@@ -149,6 +160,82 @@ def test_attach_says_which_transactions_its_slot_waits_for(dsn, conn):
         writer.close()
     assert "replication slot flux" in result.created
     assert len(told) == 1 and told[0][0].startswith(f"pid {pid} (postgres, batch-job), idle in transaction for "), told
+
+
+@pytest.mark.parametrize("timeout", ["lock_timeout", "statement_timeout"])
+def test_attach_waits_for_its_slot_past_the_databases_timeout_for_applications(dsn, conn, timeout):
+    """The slot waits for the transactions running when it is made, which blocks nobody: a
+    lock_timeout or statement_timeout set for the database's applications cancelled it."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET {timeout} = '500ms'")
+    writer = psycopg.connect(dsn, application_name="batch-job")
+    writer.execute("INSERT INTO other VALUES (1)")  # a transaction with an xid, left open
+    try:
+        result = attach(dsn, tables=["orders"], on_wait=lambda lines: writer.commit())  # after 2 s
+    finally:
+        writer.close()
+    assert "replication slot flux" in result.created
+
+
+def test_attach_outlasts_the_databases_idle_session_timeout_between_tries(dsn, conn):
+    """The session idled in the pause between two tries (1 s, then 2 s), and the server ended it."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET idle_session_timeout = '500ms'")
+    result = _attach_behind_a_transaction_that_ends(dsn, 1.5)  # during the second try's pause
+    assert result.tables == ["public.orders"] and _identity(conn, "orders") == "f"
+
+
+def test_detach_outlasts_the_databases_idle_session_timeout_between_tries(dsn, conn):
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    attach(dsn, tables=["orders"])
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET idle_session_timeout = '500ms'")
+    blocker = _holding(dsn, "orders")
+    ender = _ends_after(1.5, blocker)
+    try:
+        result = detach(dsn)
+    finally:
+        ender.join()
+        blocker.close()
+    assert result.restored == [{"table": "public.orders", "restored": "DEFAULT"}]
+
+
+def test_attach_through_a_pooler_leaves_the_databases_timeouts_to_its_other_clients(dsn, conn, bouncer_dsn):
+    """Its server connection goes on serving others: a timeout turned off there would stay off."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET statement_timeout = '1min'")
+    attach(bouncer_dsn, tables=["orders"])
+    with psycopg.connect(bouncer_dsn, autocommit=True) as other:  # PgBouncer hands on the connection released last
+        assert other.execute("SHOW statement_timeout").fetchone() == ("1min",)
+
+
+def test_the_slots_watch_outlasts_the_databases_idle_session_timeout(dsn, conn):
+    """The watch's session idled a second between two looks, and the server ended it: attach said
+    nothing more of what its slot waited for."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET idle_session_timeout = '500ms'")
+    writers = {}
+    for job in ("job-1", "job-2"):  # two transactions with an xid, left open
+        writer = psycopg.connect(dsn, application_name=job)
+        writer.execute("INSERT INTO other VALUES (1)")
+        writers[writer.info.backend_pid] = writer
+    told: list[list[str]] = []
+
+    def report(lines: list[str]) -> None:
+        told.append(lines)
+        writers[int(lines[0].split()[1])].commit()  # the job it names ends
+
+    enders = [_ends_after(10, writer) for writer in writers.values()]  # should the watch fall silent
+    try:
+        result = attach(dsn, tables=["orders"], on_wait=report)
+    finally:
+        for ender in enders:
+            ender.cancel()
+        for writer in writers.values():
+            writer.close()
+    assert "replication slot flux" in result.created
+    assert len(told) == 2, told
 
 
 def _until(conn, query: str, params: tuple = (), timeout: float = 5) -> None:

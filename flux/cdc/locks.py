@@ -188,17 +188,22 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
 
 
 def holders(conn: psycopg.Connection, tables: list[TableRef]) -> list[str]:
-    """The sessions holding a lock on any of `tables`, longest-running first, one line each."""
+    """The sessions (and prepared transactions) holding a lock on any of `tables`, longest-running
+    first, one line each."""
     if not tables:
         return []
     names = [sql.Identifier(t.schema, t.name).as_string(conn) for t in tables]
+    # A prepared transaction's locks have no pid; its xid lock, of the same virtual transaction, leads to its gid.
     rows = conn.execute(
         """
         SELECT n.nspname || '.' || c.relname, l.mode, a.pid, a.usename, a.application_name, a.state,
-               extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::bigint,
-               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120), l.virtualtransaction
+               extract(epoch FROM now() - coalesce(a.xact_start, a.query_start, p.prepared))::bigint,
+               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120), p.gid, p.owner, p.database
         FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+        LEFT JOIN pg_locks x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
+                            AND x.virtualtransaction = l.virtualtransaction
+        LEFT JOIN pg_prepared_xacts p ON p.transaction = x.transactionid
         WHERE l.locktype = 'relation' AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid()
           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND l.relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
@@ -207,24 +212,34 @@ def holders(conn: psycopg.Connection, tables: list[TableRef]) -> list[str]:
         (names,),
     ).fetchall()
     return [_session_line(pid, user, application, state, seconds, query, f"holds {table} ({mode})")
-            if pid is not None  # PREPARE TRANSACTION: no session; it waits for COMMIT PREPARED or ROLLBACK PREPARED
-            else f"a prepared transaction ({vxid}) holds {table} ({mode}): see pg_prepared_xacts"
-            for table, mode, pid, user, application, state, seconds, query, vxid in rows]
+            if pid is not None
+            else _prepared_line(gid, owner, database, seconds, f"holds {table} ({mode})") if gid is not None
+            else f"a prepared transaction holds {table} ({mode}): see pg_prepared_xacts"  # ended as this looked
+            for table, mode, pid, user, application, state, seconds, query, gid, owner, database in rows]
 
 
-def blocking_sessions(conn: psycopg.Connection, pid: int) -> list[str]:
-    """The sessions that the backend `pid` waits for, one line each (pg_blocking_pids)."""
+def blocking_sessions(conn: psycopg.Connection, pid: int) -> dict[int | str, str]:
+    """What the backend `pid` waits for (pg_blocking_pids), one line each: sessions by pid, prepared
+    transactions by gid. pg_blocking_pids gives 0 for a prepared transaction, without saying which:
+    every one is named (the slot's creation, which BlockerWatch watches, waits for all of them, in
+    every database)."""
     rows = conn.execute(
         """
-        SELECT b.pid, a.usename, a.application_name, a.state,
+        SELECT b.pid, NULL, a.usename, a.application_name, a.state,
                extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::bigint,
                left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120)
-        FROM unnest(pg_blocking_pids(%s)) AS b(pid) LEFT JOIN pg_stat_activity a ON a.pid = b.pid
-        ORDER BY 5 DESC NULLS LAST, 1
+        FROM unnest(pg_blocking_pids(%(pid)s)) AS b(pid) LEFT JOIN pg_stat_activity a ON a.pid = b.pid WHERE b.pid <> 0
+        UNION ALL
+        SELECT NULL, p.gid, p.owner, p.database, NULL, extract(epoch FROM now() - p.prepared)::bigint, NULL
+        FROM pg_prepared_xacts p WHERE 0 = ANY (pg_blocking_pids(%(pid)s))
+        ORDER BY 6 DESC NULLS LAST, 1, 2
         """,
-        (pid,),
+        {"pid": pid},
     ).fetchall()
-    return [_session_line(*row, "") for row in rows]
+    return {blocker if blocker is not None else gid:
+            _session_line(blocker, user, application, state, seconds, query, "") if blocker is not None
+            else _prepared_line(gid, user, application, seconds, "")
+            for blocker, gid, user, application, state, seconds, query in rows}
 
 
 def _session_line(pid: int, user: str | None, application: str | None, state: str | None, seconds: int | None,
@@ -232,6 +247,14 @@ def _session_line(pid: int, user: str | None, application: str | None, state: st
     who = ", ".join(part for part in (user, application) if part) or "?"
     doing = f"{state} for {seconds} s" if seconds is not None else state or "?"
     return f"pid {pid} ({who}){' ' + what if what else ''}, {doing}: {query!r}"
+
+
+def _prepared_line(gid: str, owner: str, database: str, seconds: int | None, what: str) -> str:
+    """A transaction PREPAREd for a two-phase commit and left: no session, and it never ends by itself."""
+    quoted = "'" + gid.replace("'", "''") + "'"
+    return (f"prepared transaction {quoted} ({owner}, database {database}){' ' + what if what else ''}, prepared "
+            f"{seconds} s ago: it ends only with COMMIT PREPARED {quoted} or ROLLBACK PREPARED {quoted}, run in database "
+            f"{database}")
 
 
 class BlockerWatch:
@@ -254,16 +277,15 @@ class BlockerWatch:
     def _watch(self) -> None:
         if self._done.wait(self._after):
             return
-        reported: set[int] = set()
+        reported: set[int | str] = set()
         try:
             with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10, application_name="flux attach (watching)") as conn:
                 own_waits(conn)
                 while not self._done.is_set():
-                    lines = blocking_sessions(conn, self._pid)
-                    pids = {int(line.split()[1]) for line in lines}
-                    if pids and pids != reported and not self._done.is_set():
-                        self._report(lines)
-                    reported = pids
+                    blockers = blocking_sessions(conn, self._pid)
+                    if blockers and set(blockers) != reported and not self._done.is_set():
+                        self._report(list(blockers.values()))
+                    reported = set(blockers)
                     self._done.wait(self._every)
         except psycopg.Error:  # only a report: the statement it watches goes on, and says its own errors
             return

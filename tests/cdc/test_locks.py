@@ -238,6 +238,52 @@ def test_the_slots_watch_outlasts_the_databases_idle_session_timeout(dsn, conn):
     assert len(told) == 2, told
 
 
+@contextmanager
+def _prepared(dsn: str, conn, statement: str) -> Iterator[str]:
+    """A transaction that ran `statement` and was PREPAREd for a two-phase commit, then left: its
+    gid. Rolled back afterwards if it is still there."""
+    gid = f"xa-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as session:
+        session.execute("BEGIN")
+        session.execute(statement)
+        session.execute(f"PREPARE TRANSACTION '{gid}'")
+    try:
+        yield gid
+    finally:
+        if conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,)).fetchone():
+            conn.execute(f"ROLLBACK PREPARED '{gid}'")
+
+
+def test_attach_behind_a_prepared_transaction_names_it_with_what_ends_it(dsn, conn):
+    """It said 'a prepared transaction (4/2) ... see pg_prepared_xacts': a virtual transaction id,
+    which that view does not show."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    with _prepared(dsn, conn, "SELECT count(*) FROM orders") as gid:
+        with pytest.raises(LockTimeoutError) as raised:
+            attach(dsn, tables=["orders"], lock_timeout=0.1)
+    assert (f"prepared transaction '{gid}' (postgres, database {conn.info.dbname}) holds public.orders (AccessShareLock), "
+            "prepared ") in raised.value.message
+    assert f"it ends only with COMMIT PREPARED '{gid}' or ROLLBACK PREPARED '{gid}', run in database" in raised.value.message
+
+
+def test_attach_says_its_slot_waits_for_a_prepared_transaction_and_what_ends_it(dsn, conn):
+    """pg_blocking_pids gives 0 for a prepared transaction: attach said 'pid 0 (?), ?: None'."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int)")
+    told: list[list[str]] = []
+
+    def report(lines: list[str]) -> None:
+        told.append(lines)
+        conn.execute(f"ROLLBACK PREPARED '{gid}'")
+
+    with _prepared(dsn, conn, "INSERT INTO other VALUES (1)") as gid:
+        result = attach(dsn, tables=["orders"], on_wait=report)
+    assert "replication slot flux" in result.created
+    assert len(told) == 1 and len(told[0]) == 1, told
+    assert told[0][0].startswith(f"prepared transaction '{gid}' (postgres, database {conn.info.dbname}), prepared "), told
+    assert f"ROLLBACK PREPARED '{gid}'" in told[0][0]
+
+
 def _until(conn, query: str, params: tuple = (), timeout: float = 5) -> None:
     deadline = time.monotonic() + timeout
     while not conn.execute(query, params).fetchone()[0]:

@@ -219,7 +219,7 @@ def attach(
 
             created, identities, restored, warnings = with_lock_retries(
                 conn, set_up, action="Attach", command="flux attach", budget=budget,
-                tables=lambda: _tables_touched(conn, slot, publication, chosen))
+                tables=lambda: _tables_touched(conn, slot, publication, chosen), slot=slot, publication=publication)
             result.created += created
             result.replica_identity_changed += identities
             result.replica_identity_restored += restored
@@ -422,7 +422,8 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                 return done
 
             result = with_lock_retries(conn, take_down, action="Detach", command="flux detach", budget=budget,
-                                       tables=lambda: _tables_touched(conn, slot, publication, []))
+                                       tables=lambda: _tables_touched(conn, slot, publication, []), slot=slot,
+                                       publication=publication)
         except psycopg.Error as exc:
             hint = ("Run `flux detach` as the role that ran `flux attach` (it owns the publication, the flux schema and, "
                     "through its owner, the tables); nothing was changed." if exc.sqlstate == "42501" else None)

@@ -152,9 +152,9 @@ def lock_up_front(conn: psycopg.Connection, budget: LockBudget, exclusive: Itera
 
 
 def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action: str, command: str, budget: LockBudget,
-                      tables: Callable[[], list[TableRef]]) -> T:
+                      tables: Callable[[], list[TableRef]], **context: str) -> T:
     """`step` (one transaction that calls `lock_up_front`), tried LOCK_TRIES times while a lock
-    wait times out; then a LockTimeoutError naming who holds `tables()`."""
+    wait times out; then a LockTimeoutError naming who holds `tables()`, with `context` (slot, publication)."""
     started = time.monotonic()
     seconds = budget.seconds
     for attempt in range(1, LOCK_TRIES + 1):
@@ -183,7 +183,7 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
     raise LockTimeoutError(
         f"{action} changed nothing: a table it must alter is in use by another transaction, and waiting for it would stop "
         f"the table's other queries (waited {waited:g} s, {LOCK_TRIES} times over {time.monotonic() - started:.0f} s): {who}",
-        hint=hint,
+        hint=hint, **context,
     )
 
 

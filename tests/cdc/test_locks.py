@@ -65,6 +65,7 @@ def test_attach_behind_a_long_transaction_gives_up_having_changed_nothing_and_na
     assert took < 10
     assert f"pid {pid} (postgres, long-report) holds public.orders (AccessShareLock), idle in transaction" in raised.value.message
     assert f"pg_terminate_backend({pid})" in raised.value.hint and raised.value.exit_code == 2
+    assert raised.value.context == {"slot": "flux", "publication": "flux"}
     assert _identity(conn, "orders") == "d"
     assert conn.execute("SELECT count(*) FROM pg_publication WHERE pubname = 'flux'").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == 0
@@ -102,10 +103,11 @@ def test_detach_behind_a_long_transaction_leaves_the_attachment_whole(dsn, conn)
     attach(dsn, tables=["orders"])
     blocker = _holding(dsn, "orders")
     try:
-        with pytest.raises(LockTimeoutError, match="Detach changed nothing"):
+        with pytest.raises(LockTimeoutError, match="Detach changed nothing") as raised:
             detach(dsn, lock_timeout=0.2)
     finally:
         blocker.close()
+    assert raised.value.context == {"slot": "flux", "publication": "flux"}
     assert _identity(conn, "orders") == "f"
     assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == 1
     assert detach(dsn).restored == [{"table": "public.orders", "restored": "DEFAULT"}]

@@ -111,6 +111,20 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
     role's are `check_role`'s)."""
     version_num, version = conn.execute("SELECT current_setting('server_version_num')::int, current_setting('server_version')").fetchone()
     require_server_version(version_num, version)
+    standby, read_only, role = conn.execute(
+        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', current_user").fetchone()
+    if standby:
+        raise PreflightError(
+            "This server is a standby (in recovery), where nothing can be written",
+            hint="Attach the primary: the flux schema, the publication and the tables' replica identities are written there.",
+        )
+    if read_only:  # autocommit: each statement's transaction starts as default_transaction_read_only says
+        raise PreflightError(
+            "Flux's session is read-only: default_transaction_read_only is on for its role or database",
+            hint=f"If the database is to stay read-only for now, attach later. Otherwise, for Flux's role alone: ALTER ROLE "
+                 f"{sql.Identifier(role).as_string(conn)} IN DATABASE {sql.Identifier(conn.info.dbname).as_string(conn)} "
+                 "SET default_transaction_read_only = off;",
+        )
     wal_level = conn.execute("SHOW wal_level").fetchone()[0]
     if wal_level != "logical":
         raise PreflightError(

@@ -222,6 +222,18 @@ def test_attach_refuses_an_unlogged_table_with_the_statement_that_makes_it_captu
     assert caught.value.hint == 'ALTER TABLE "public"."cache" SET LOGGED, or leave it out of --tables.'
 
 
+def test_attach_to_a_read_only_session_says_so_before_changing_anything(dsn, conn):
+    """It failed at its first write, 'Attach failed: cannot execute CREATE SCHEMA in a read-only
+    transaction', with no hint (a standby answers the same)."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET default_transaction_read_only = on")
+    with pytest.raises(PreflightError) as raised:
+        attach(dsn, tables=["orders"])
+    assert raised.value.message.startswith("Flux's session is read-only: default_transaction_read_only is on")
+    assert "ALTER ROLE" in raised.value.hint and "default_transaction_read_only = off" in raised.value.hint
+    assert raised.value.exit_code == 4
+
+
 def test_attach_refuses_a_publication_flux_did_not_make(dsn, conn):
     """Taking it over would change what another tool publishes."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")

@@ -66,10 +66,12 @@ def bound_lock_waits(conn: psycopg.Connection, seconds: float) -> None:
 @dataclass
 class LockBudget:
     """How long a try waits for locks: `seconds` (`--lock-timeout`), or less when it holds tables
-    while waiting (`lock_up_front` says how long it waited in `waited`)."""
+    while waiting (`lock_up_front` says how long it waited in `waited`, and the deadlock_timeout
+    that bounded it in `deadlock_ms`)."""
 
     seconds: float
     waited: float | None = None
+    deadlock_ms: float | None = None
 
 
 # One statement, so that the wait is bounded server-side and no round trip falls inside it: each
@@ -141,7 +143,8 @@ def lock_up_front(conn: psycopg.Connection, budget: LockBudget, exclusive: Itera
     modes = {t: "SHARE UPDATE EXCLUSIVE" for t in share_update} | {t: "ACCESS EXCLUSIVE" for t in exclusive}
     seconds = budget.seconds
     if len(modes) > 1:
-        seconds = min(seconds, DEADLOCK_SHARE * shortest_deadlock_timeout_ms(conn) / 1000)
+        budget.deadlock_ms = shortest_deadlock_timeout_ms(conn)
+        seconds = min(seconds, DEADLOCK_SHARE * budget.deadlock_ms / 1000)
     budget.waited = seconds
     if modes:
         listed = [[t.schema, t.name, mode] for t, mode in sorted(modes.items(), key=lambda item: str(item[0]))]
@@ -178,8 +181,9 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
     else:
         hint = (f"Let that transaction finish{end_it}, then run `{command}` again, at a quieter moment or for fewer tables "
                 f"at a time: a try holding some of its tables while it waits for the others gives up within {waited:g} s, "
-                "before deadlock_timeout (the shortest the database's sessions start with, so that no application "
-                "transaction is aborted for it), whatever --lock-timeout says.")
+                f"before deadlock_timeout ({budget.deadlock_ms:g} ms, the shortest a session of the database starts with: "
+                "the server's, or one set for a role or the database, which psql's \\drds lists), so that no application "
+                "transaction is aborted for it, whatever --lock-timeout says.")
     raise LockTimeoutError(
         f"{action} changed nothing: a table it must alter is in use by another transaction, and waiting for it would stop "
         f"the table's other queries (waited {waited:g} s, {LOCK_TRIES} times over {time.monotonic() - started:.0f} s): {who}",

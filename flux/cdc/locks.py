@@ -222,6 +222,17 @@ def holders(conn: psycopg.Connection, tables: list[TableRef]) -> list[str]:
             for table, mode, pid, user, application, state, seconds, query, gid, owner, database in rows]
 
 
+def holding_transactions(conn: psycopg.Connection, tables: list[TableRef]) -> set[str]:
+    """The transactions (virtual transaction ids, a prepared one's too) holding a lock on any of `tables`."""
+    if not tables:
+        return set()
+    names = [sql.Identifier(t.schema, t.name).as_string(conn) for t in tables]
+    return {vxid for (vxid,) in conn.execute(
+        "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation' AND granted"
+        " AND pid IS DISTINCT FROM pg_backend_pid() AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)", (names,)).fetchall()}
+
+
 def blocking_sessions(conn: psycopg.Connection, pid: int) -> dict[int | str, str]:
     """What the backend `pid` waits for (pg_blocking_pids), one line each: sessions by pid, prepared
     transactions by gid. pg_blocking_pids gives 0 for a prepared transaction, without saying which:

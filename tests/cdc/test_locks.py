@@ -132,6 +132,24 @@ def test_the_engines_capture_of_a_new_table_does_not_wait_behind_a_long_transact
     assert reconcile_new_tables(dsn, slot="flux") == ["REPLICA IDENTITY FULL on public.late"]
 
 
+def test_the_engines_capture_does_not_queue_again_behind_the_transaction_it_gave_way_to(dsn, conn):
+    """Each pass (about every 10 s) queued its ALTER behind the same long transaction for a second:
+    the table's other queries stopped a second in every ten for as long as that transaction ran."""
+    attach(dsn, all_tables=True)
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that may not own one
+    conn.execute("CREATE TABLE late (id int PRIMARY KEY)")
+    blocker = _holding(dsn, "late")
+    try:
+        assert reconcile_new_tables(dsn, slot="flux") == []  # it waited its second, and gave way
+        started = time.monotonic()
+        assert reconcile_new_tables(dsn, slot="flux") == []
+        took = time.monotonic() - started
+    finally:
+        blocker.close()
+    assert took < 0.5, took
+    assert reconcile_new_tables(dsn, slot="flux") == ["REPLICA IDENTITY FULL on public.late"]  # that transaction ended
+
+
 def test_attach_cli_says_so_in_one_line_with_the_hint_and_exit_2(dsn, conn):
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
     blocker = _holding(dsn, "orders")

@@ -48,7 +48,7 @@ from flux.cdc.publication import (
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
-from flux.store.schema import claim_relids, ensure_schema, schema_version, tables_not_fluxs
+from flux.store.schema import SCHEMA, TABLES, claim_relids, ensure_schema, schema_version, tables_not_fluxs
 
 log = logging.getLogger("flux.cdc")
 
@@ -371,11 +371,20 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
         row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
         if not row and drop_data and has_schema and not conn.execute("SELECT 1 FROM flux.attachments").fetchone():
             # Detached earlier with its data kept: nothing is captured any more, and --drop-data drops that data.
+            # Its lock waits bounded as detach's are: behind a reader of what Flux recorded, the DROP would
+            # queue the gateway's trace writes for as long as that reader ran.
+            def drop_schema() -> None:
+                with conn.transaction():
+                    bound_lock_waits(conn, lock_timeout)
+                    conn.execute("DROP SCHEMA flux CASCADE")
+
             try:
-                conn.execute("DROP SCHEMA flux CASCADE")
+                with_lock_retries(conn, drop_schema, action="Detach", command="flux detach --drop-data",
+                                  budget=LockBudget(lock_timeout), tables=lambda: [TableRef(SCHEMA, t) for t in TABLES],
+                                  slot=slot)
             except psycopg.Error as exc:
-                raise from_psycopg(exc, "Could not drop the flux schema",
-                                   hint="Run it as the role that ran `flux attach` (it owns the flux schema).") from exc
+                hint = "Run it as the role that ran `flux attach` (it owns the flux schema)." if exc.sqlstate == "42501" else None
+                raise from_psycopg(exc, "Could not drop the flux schema", hint=hint) from exc
             return DetachResult(slot=slot, publication=publication or "", dropped=["schema flux (all recorded data)"],
                                 data_dropped=True)
         if not row:  # never drop a slot or a publication Flux did not make

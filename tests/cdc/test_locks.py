@@ -113,6 +113,26 @@ def test_detach_behind_a_long_transaction_leaves_the_attachment_whole(dsn, conn)
     assert detach(dsn).restored == [{"table": "public.orders", "restored": "DEFAULT"}]
 
 
+def test_detach_drop_data_of_the_kept_data_behind_a_long_reader_gives_up_and_names_it(dsn, conn):
+    """Dropping the data an earlier detach kept waited as long as a reader of it held a table, and
+    the gateway's trace writes queued behind the DROP meanwhile."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    attach(dsn, tables=["orders"])
+    detach(dsn)  # the recorded data kept
+    blocker = _holding(dsn, "flux.state_mutations")
+    try:
+        dropping, outcome = _in_thread(lambda: detach(dsn, drop_data=True, lock_timeout=0.1))
+        dropping.join(timeout=15)
+        pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    dropping.join(timeout=30)
+    assert outcome and isinstance(outcome[0], LockTimeoutError), outcome
+    assert f"pid {pid} (postgres, long-report) holds flux.state_mutations (AccessShareLock)" in outcome[0].message
+    assert conn.execute("SELECT to_regnamespace('flux') IS NOT NULL").fetchone() == (True,)
+    assert detach(dsn, drop_data=True).data_dropped
+
+
 def test_the_engines_capture_of_a_new_table_does_not_wait_behind_a_long_transaction(dsn, conn, caplog):
     attach(dsn, all_tables=True)
     conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that may not own one

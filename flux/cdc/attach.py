@@ -380,8 +380,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
 
             try:
                 with_lock_retries(conn, drop_schema, action="Detach", command="flux detach --drop-data",
-                                  budget=LockBudget(lock_timeout), tables=lambda: [TableRef(SCHEMA, t) for t in TABLES],
-                                  slot=slot)
+                                  budget=LockBudget(lock_timeout), tables=_fluxs_tables, slot=slot)
             except psycopg.Error as exc:
                 hint = "Run it as the role that ran `flux attach` (it owns the flux schema)." if exc.sqlstate == "42501" else None
                 raise from_psycopg(exc, "Could not drop the flux schema", hint=hint) from exc
@@ -444,14 +443,19 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                         done.dropped.insert(0, f"replication slot {slot}")
                 return done
 
+            # --drop-data drops the flux schema in the same transaction: a reader of it holds detach up too.
             result = with_lock_retries(conn, take_down, action="Detach", command="flux detach", budget=budget,
-                                       tables=lambda: _tables_touched(conn, slot, publication, []), slot=slot,
-                                       publication=publication)
+                                       tables=lambda: _tables_touched(conn, slot, publication, [])
+                                       + (_fluxs_tables() if drop_data else []), slot=slot, publication=publication)
         except psycopg.Error as exc:
             hint = ("Run `flux detach` as the role that ran `flux attach` (it owns the publication, the flux schema and, "
                     "through its owner, the tables); nothing was changed." if exc.sqlstate == "42501" else None)
             raise from_psycopg(exc, "Detach failed", hint=hint, slot=slot) from exc
         return result
+
+
+def _fluxs_tables() -> list[TableRef]:
+    return [TableRef(SCHEMA, table) for table in TABLES]
 
 
 def _refuse_to_drop_tables_not_fluxs(conn: psycopg.Connection) -> None:

@@ -133,6 +133,21 @@ def test_detach_drop_data_of_the_kept_data_behind_a_long_reader_gives_up_and_nam
     assert detach(dsn, drop_data=True).data_dropped
 
 
+def test_detach_drop_data_behind_a_long_reader_of_the_recorded_data_names_it(dsn, conn):
+    """It named the holders of the captured tables only: 'a transaction that has ended since'."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    attach(dsn, tables=["orders"])
+    blocker = _holding(dsn, "flux.state_mutations")
+    try:
+        with pytest.raises(LockTimeoutError) as raised:
+            detach(dsn, drop_data=True, lock_timeout=0.1)
+        pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    assert f"pid {pid} (postgres, long-report) holds flux.state_mutations (AccessShareLock)" in raised.value.message
+    assert _identity(conn, "orders") == "f"  # changed nothing
+
+
 def test_the_engines_capture_of_a_new_table_does_not_wait_behind_a_long_transaction(dsn, conn, caplog):
     attach(dsn, all_tables=True)
     conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that may not own one

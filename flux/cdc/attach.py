@@ -48,6 +48,7 @@ from flux.cdc.publication import (
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
+from flux.pg.pooler import behind_pooler
 from flux.store.schema import SCHEMA, TABLES, claim_relids, ensure_schema, schema_version, tables_not_fluxs
 
 log = logging.getLogger("flux.cdc")
@@ -88,9 +89,17 @@ class DetachResult:
 
 
 def connect(dsn: str) -> psycopg.Connection:
+    conn = None
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="flux")
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="flux")
+        # Through a pooler each statement may run on another server connection, which lacks what
+        # psycopg prepared at a statement's fifth run (a lookup attach runs once per table).
+        if behind_pooler(conn):
+            conn.prepare_threshold = None
+        return conn
     except psycopg.Error as exc:
+        if conn is not None:
+            conn.close()
         raise from_psycopg(exc, "Could not connect to the database", hint="Check the DSN, and that the server is running.") from exc
 
 

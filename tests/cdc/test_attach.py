@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from flux.cdc.attach import NO_TRIGGER_WARNING, PARTITION_TRUNCATE_WARNING, attach, detach
+from flux.cdc.attach import NO_TRIGGER_WARNING, PARTITION_TRUNCATE_WARNING, attach, connect, detach
 from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.publication import captured_tables, published_schemas
 from flux.cdc.engine import Engine, EngineConfig
@@ -223,6 +223,15 @@ def test_attach_refuses_an_unlogged_table_with_the_statement_that_makes_it_captu
     with pytest.raises(ConfigError, match="public.cache is UNLOGGED") as caught:
         attach(dsn, tables=["cache"])
     assert caught.value.hint == 'ALTER TABLE "public"."cache" SET LOGGED, or leave it out of --tables.'
+
+
+def test_the_connection_of_attach_detach_and_status_through_pgbouncer_prepares_nothing(bouncer_dsn, server_hop):
+    """psycopg prepares a statement at its fifth run (attach looks up each table's partitions, one
+    statement per table); the next transaction, on another server connection, did not find it."""
+    with connect(bouncer_dsn) as conn:
+        for _ in range(8):
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            server_hop()
 
 
 def test_attach_to_a_read_only_session_says_so_before_changing_anything(dsn, conn):

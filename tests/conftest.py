@@ -29,8 +29,10 @@ from tests.tls import INSTALL_HINT as TLS_HINT
 from tests.tls import make_certificates, tls_settings
 
 # fsync off: these clusters are throwaway; the engine's own durability is tested by killing
-# the engine, not the machine.
-TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "shared_buffers": "'256MB'", "max_wal_size": "'4GB'"}
+# the engine, not the machine. Prepared transactions: what a two-phase commit left behind holds
+# tables and the slot's creation up, and Flux must say so.
+TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "shared_buffers": "'256MB'", "max_wal_size": "'4GB'",
+                 "max_prepared_transactions": "4"}
 
 
 def _start(cluster: Cluster) -> ClusterInfo:

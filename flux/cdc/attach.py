@@ -20,7 +20,15 @@ import psycopg
 from psycopg import sql
 
 from flux.cdc import autocapture
-from flux.cdc.locks import DEFAULT_LOCK_TIMEOUT_S, BlockerWatch, LockBudget, bound_lock_waits, lock_up_front, with_lock_retries
+from flux.cdc.locks import (
+    DEFAULT_LOCK_TIMEOUT_S,
+    BlockerWatch,
+    LockBudget,
+    bound_lock_waits,
+    lock_up_front,
+    own_waits,
+    with_lock_retries,
+)
 from flux.cdc.roles import check_role, role_named_flux_warnings
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
@@ -40,7 +48,8 @@ from flux.cdc.publication import (
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
-from flux.store.schema import claim_relids, ensure_schema, schema_version, tables_not_fluxs
+from flux.pg.pooler import behind_pooler
+from flux.store.schema import SCHEMA, TABLES, claim_relids, ensure_schema, schema_version, tables_not_fluxs
 
 log = logging.getLogger("flux.cdc")
 
@@ -80,9 +89,17 @@ class DetachResult:
 
 
 def connect(dsn: str) -> psycopg.Connection:
+    conn = None
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="flux")
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="flux")
+        # Through a pooler each statement may run on another server connection, which lacks what
+        # psycopg prepared at a statement's fifth run (a lookup attach runs once per table).
+        if behind_pooler(conn):
+            conn.prepare_threshold = None
+        return conn
     except psycopg.Error as exc:
+        if conn is not None:
+            conn.close()
         raise from_psycopg(exc, "Could not connect to the database", hint="Check the DSN, and that the server is running.") from exc
 
 
@@ -103,6 +120,20 @@ def check_server(conn: psycopg.Connection, *, slot: str) -> None:
     role's are `check_role`'s)."""
     version_num, version = conn.execute("SELECT current_setting('server_version_num')::int, current_setting('server_version')").fetchone()
     require_server_version(version_num, version)
+    standby, read_only, role = conn.execute(
+        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', current_user").fetchone()
+    if standby:
+        raise PreflightError(
+            "This server is a standby (in recovery), where nothing can be written",
+            hint="Attach the primary: the flux schema, the publication and the tables' replica identities are written there.",
+        )
+    if read_only:  # autocommit: each statement's transaction starts as default_transaction_read_only says
+        raise PreflightError(
+            "Flux's session is read-only: default_transaction_read_only is on for its role or database",
+            hint=f"If the database is to stay read-only for now, attach later. Otherwise, for Flux's role alone: ALTER ROLE "
+                 f"{sql.Identifier(role).as_string(conn)} IN DATABASE {sql.Identifier(conn.info.dbname).as_string(conn)} "
+                 "SET default_transaction_read_only = off;",
+        )
     wal_level = conn.execute("SHOW wal_level").fetchone()[0]
     if wal_level != "logical":
         raise PreflightError(
@@ -154,6 +185,7 @@ def attach(
     if not tables and not all_tables:
         raise ConfigError("Choose what to capture", hint="Pass --tables a,b or --all-tables.")
     with connect(dsn) as conn:
+        own_waits(conn)
         check_server(conn, slot=slot)
         publication = _attached_publication(conn, slot, publication)
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
@@ -210,7 +242,7 @@ def attach(
 
             created, identities, restored, warnings = with_lock_retries(
                 conn, set_up, action="Attach", command="flux attach", budget=budget,
-                tables=lambda: _tables_touched(conn, slot, publication, chosen))
+                tables=lambda: _tables_touched(conn, slot, publication, chosen), slot=slot, publication=publication)
             result.created += created
             result.replica_identity_changed += identities
             result.replica_identity_restored += restored
@@ -341,17 +373,26 @@ def _record_attachment(conn: psycopg.Connection, slot: str, publication: str, al
 def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop_data: bool = False,
            lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> DetachResult:
     with connect(dsn) as conn:
+        own_waits(conn)
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
         if drop_data and has_schema:
             _refuse_to_drop_tables_not_fluxs(conn)
         row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()
         if not row and drop_data and has_schema and not conn.execute("SELECT 1 FROM flux.attachments").fetchone():
             # Detached earlier with its data kept: nothing is captured any more, and --drop-data drops that data.
+            # Its lock waits bounded as detach's are: behind a reader of what Flux recorded, the DROP would
+            # queue the gateway's trace writes for as long as that reader ran.
+            def drop_schema() -> None:
+                with conn.transaction():
+                    bound_lock_waits(conn, lock_timeout)
+                    conn.execute("DROP SCHEMA flux CASCADE")
+
             try:
-                conn.execute("DROP SCHEMA flux CASCADE")
+                with_lock_retries(conn, drop_schema, action="Detach", command="flux detach --drop-data",
+                                  budget=LockBudget(lock_timeout), tables=_fluxs_tables, slot=slot)
             except psycopg.Error as exc:
-                raise from_psycopg(exc, "Could not drop the flux schema",
-                                   hint="Run it as the role that ran `flux attach` (it owns the flux schema).") from exc
+                hint = "Run it as the role that ran `flux attach` (it owns the flux schema)." if exc.sqlstate == "42501" else None
+                raise from_psycopg(exc, "Could not drop the flux schema", hint=hint) from exc
             return DetachResult(slot=slot, publication=publication or "", dropped=["schema flux (all recorded data)"],
                                 data_dropped=True)
         if not row:  # never drop a slot or a publication Flux did not make
@@ -411,13 +452,19 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                         done.dropped.insert(0, f"replication slot {slot}")
                 return done
 
+            # --drop-data drops the flux schema in the same transaction: a reader of it holds detach up too.
             result = with_lock_retries(conn, take_down, action="Detach", command="flux detach", budget=budget,
-                                       tables=lambda: _tables_touched(conn, slot, publication, []))
+                                       tables=lambda: _tables_touched(conn, slot, publication, [])
+                                       + (_fluxs_tables() if drop_data else []), slot=slot, publication=publication)
         except psycopg.Error as exc:
             hint = ("Run `flux detach` as the role that ran `flux attach` (it owns the publication, the flux schema and, "
                     "through its owner, the tables); nothing was changed." if exc.sqlstate == "42501" else None)
             raise from_psycopg(exc, "Detach failed", hint=hint, slot=slot) from exc
         return result
+
+
+def _fluxs_tables() -> list[TableRef]:
+    return [TableRef(SCHEMA, table) for table in TABLES]
 
 
 def _refuse_to_drop_tables_not_fluxs(conn: psycopg.Connection) -> None:

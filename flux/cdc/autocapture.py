@@ -20,7 +20,15 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from flux.cdc.locks import ENGINE_LOCK_TIMEOUT_S, MAX_NAMED, LockBudget, bound_lock_waits, holders, lock_up_front
+from flux.cdc.locks import (
+    ENGINE_LOCK_TIMEOUT_S,
+    MAX_NAMED,
+    LockBudget,
+    bound_lock_waits,
+    holders,
+    holding_transactions,
+    lock_up_front,
+)
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
@@ -224,12 +232,21 @@ def _capture(conn: psycopg.Connection, slot: str, publication: str, table: Table
 
 WARN_AGAIN_S = 600.0
 _warned: dict[tuple[str, str], float] = {}  # (what, why) -> when it was last logged as a warning
+# what -> the transactions that held its table when a try gave way. The next passes do not queue
+# behind them again: each try stops the table's other queries for as long as it waits, and behind
+# a transaction of an hour, a try every pass stopped them a second in every ten, all hour long.
+_gave_way_to: dict[str, set[str]] = {}
 
 
 def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callable[[], object], table: TableRef | None = None) -> None:
     """One reconcile step in its own transaction: a table dropped meanwhile, or not ours, is
     logged and retried next round rather than stopping the engine."""
     try:
+        if table is not None and what in _gave_way_to:
+            if _gave_way_to[what] & holding_transactions(conn, with_partitions(conn, table)):
+                log.debug("not capturing %s yet: a transaction it gave way to still holds the table", what)
+                return
+            del _gave_way_to[what]
         with conn.transaction():
             bound_lock_waits(conn, ENGINE_LOCK_TIMEOUT_S)
             action()
@@ -239,7 +256,10 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
         repeat_key = (what, why)  # the holders below change every pass: not part of what counts as said already
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             try:
-                held = holders(conn, with_partitions(conn, table)) if table is not None else []
+                parts = with_partitions(conn, table) if table is not None else []
+                held = holders(conn, parts)
+                if table is not None:
+                    _gave_way_to[what] = holding_transactions(conn, parts)
             except psycopg.Error:  # dropped since, or in a schema this role may not look up by name
                 held = []
             if table is None:  # a schema step (ALTER PUBLICATION ... ADD TABLES IN SCHEMA)

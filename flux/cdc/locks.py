@@ -12,8 +12,9 @@ A table is held up a second at a time, never for as long as the transaction in t
 A try takes all its tables' locks up front (`lock_up_front`), before any ALTER, and waits for them a
 bounded time in all. With several tables, while it waits for one it holds the others, and an
 application transaction taking two of them in the other order closes a cycle: the try then gives up
-before the server's `deadlock_timeout`, so it is gone when PostgreSQL's deadlock check runs and
-chooses a backend to abort, and the application's transaction waits a moment and goes on.
+before the shortest `deadlock_timeout` a session of the database starts with (the server's, or one
+set for a role or the database), so it is gone when PostgreSQL's deadlock check runs and chooses a
+backend to abort, and the application's transaction waits a moment and goes on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import psycopg
 from psycopg import errors, sql
 
 from flux.cdc.publication import TableRef
+from flux.cdc.sink import turn_off_timeouts
 from flux.errors import LockTimeoutError
+from flux.pg.pooler import behind_pooler
 
 DEFAULT_LOCK_TIMEOUT_S = 1.0  # attach and detach (`--lock-timeout`)
 ENGINE_LOCK_TIMEOUT_S = 1.0  # the engine's capture of new tables, which it retries every pass anyway
@@ -42,6 +45,19 @@ DEADLOCK_SHARE = 0.8
 T = TypeVar("T")
 
 
+def own_waits(conn: psycopg.Connection) -> None:
+    """Attach and detach bound their own waits: a lock a second at a time (as above), the slot's
+    creation for as long as the transactions running then last, said as it waits (BlockerWatch). So
+    the timeouts a role or database sets for its applications are turned off for their sessions: a
+    lock_timeout or statement_timeout cancelled the slot's creation behind any longer transaction,
+    with nothing to say why, a statement_timeout shorter than a try cut it short unretried, and an
+    idle_session_timeout ended the session in the pause between two tries (and the watch's between
+    two looks). Not through a pooler, whose server connection would keep the setting for its other
+    clients."""
+    if not behind_pooler(conn):
+        turn_off_timeouts(conn)
+
+
 def bound_lock_waits(conn: psycopg.Connection, seconds: float) -> None:
     """Every lock this transaction waits for, it waits `seconds` at most (SQLSTATE 55P03 after)."""
     conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{max(1, round(seconds * 1000))}ms")))
@@ -50,10 +66,12 @@ def bound_lock_waits(conn: psycopg.Connection, seconds: float) -> None:
 @dataclass
 class LockBudget:
     """How long a try waits for locks: `seconds` (`--lock-timeout`), or less when it holds tables
-    while waiting (`lock_up_front` says how long it waited in `waited`)."""
+    while waiting (`lock_up_front` says how long it waited in `waited`, and the deadlock_timeout
+    that bounded it in `deadlock_ms`)."""
 
     seconds: float
     waited: float | None = None
+    deadlock_ms: float | None = None
 
 
 # One statement, so that the wait is bounded server-side and no round trip falls inside it: each
@@ -80,18 +98,53 @@ $flux$
 """
 
 
+# The deadlock check runs in the backend that waits, after its own deadlock_timeout: an application
+# role or database given a shorter one (ALTER ROLE / ALTER DATABASE ... SET) checks sooner than the
+# server's setting says. PostgreSQL reads each such value itself, as lock_timeout (the same unit and
+# parser), so that every form it accepts ('100ms', '0.1s', '100', '1min') counts as it does.
+_SHORTEST_DEADLOCK_TIMEOUT = """
+DO $flux$
+DECLARE
+    shortest float := (SELECT setting::float FROM pg_settings WHERE name = 'deadlock_timeout');
+    saved text := current_setting('lock_timeout');
+    value text;
+BEGIN
+    FOR value IN SELECT substr(e, strpos(e, '=') + 1)
+                 FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) AS e
+                 WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+                   AND lower(split_part(e, '=', 1)) = 'deadlock_timeout' LOOP
+        PERFORM set_config('lock_timeout', value, true);
+        shortest := least(shortest, (SELECT setting::float FROM pg_settings WHERE name = 'lock_timeout'));
+    END LOOP;
+    PERFORM set_config('lock_timeout', saved, true);
+    PERFORM set_config('flux.deadlock_timeout_ms', shortest::text, true);
+END
+$flux$
+"""
+
+
+def shortest_deadlock_timeout_ms(conn: psycopg.Connection) -> float:
+    """The shortest deadlock_timeout a session of this database can start with, in ms: this session's
+    (the server's, unless one is set for Flux's own role, which then hides it), and every one set for
+    a role, for this database or all, or for a role in this database (pg_db_role_setting, which any
+    role may read). Not one a session SETs itself (a superuser, or a role granted SET on the
+    parameter). In the current transaction, whose lock_timeout it leaves as it was."""
+    conn.execute(_SHORTEST_DEADLOCK_TIMEOUT)
+    return float(conn.execute("SELECT current_setting('flux.deadlock_timeout_ms')").fetchone()[0])
+
+
 def lock_up_front(conn: psycopg.Connection, budget: LockBudget, exclusive: Iterable[TableRef],
                   share_update: Iterable[TableRef] = ()) -> None:
     """In the current transaction, before any ALTER: ACCESS EXCLUSIVE on `exclusive` (their identity
     changes), SHARE UPDATE EXCLUSIVE on `share_update` (they join or leave the publication), one
     after another. With one table, it waits `budget.seconds` (it holds no other table meanwhile);
-    with more, DEADLOCK_SHARE of the server's deadlock_timeout at most, in all. A later wait of the
+    with more, DEADLOCK_SHARE of `shortest_deadlock_timeout_ms` at most, in all. A later wait of the
     transaction (a lock this did not foresee) is bounded the same. 55P03 when the time is up."""
     modes = {t: "SHARE UPDATE EXCLUSIVE" for t in share_update} | {t: "ACCESS EXCLUSIVE" for t in exclusive}
     seconds = budget.seconds
     if len(modes) > 1:
-        deadlock_ms = conn.execute("SELECT setting::float FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
-        seconds = min(seconds, DEADLOCK_SHARE * deadlock_ms / 1000)
+        budget.deadlock_ms = shortest_deadlock_timeout_ms(conn)
+        seconds = min(seconds, DEADLOCK_SHARE * budget.deadlock_ms / 1000)
     budget.waited = seconds
     if modes:
         listed = [[t.schema, t.name, mode] for t, mode in sorted(modes.items(), key=lambda item: str(item[0]))]
@@ -102,9 +155,9 @@ def lock_up_front(conn: psycopg.Connection, budget: LockBudget, exclusive: Itera
 
 
 def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action: str, command: str, budget: LockBudget,
-                      tables: Callable[[], list[TableRef]]) -> T:
+                      tables: Callable[[], list[TableRef]], **context: str) -> T:
     """`step` (one transaction that calls `lock_up_front`), tried LOCK_TRIES times while a lock
-    wait times out; then a LockTimeoutError naming who holds `tables()`."""
+    wait times out; then a LockTimeoutError naming who holds `tables()`, with `context` (slot, publication)."""
     started = time.monotonic()
     seconds = budget.seconds
     for attempt in range(1, LOCK_TRIES + 1):
@@ -128,27 +181,33 @@ def with_lock_retries(conn: psycopg.Connection, step: Callable[[], T], *, action
     else:
         hint = (f"Let that transaction finish{end_it}, then run `{command}` again, at a quieter moment or for fewer tables "
                 f"at a time: a try holding some of its tables while it waits for the others gives up within {waited:g} s, "
-                "before the server's deadlock_timeout (so that no application transaction is aborted for it), "
-                "whatever --lock-timeout says.")
+                f"before deadlock_timeout ({budget.deadlock_ms:g} ms, the shortest a session of the database starts with: "
+                "the server's, or one set for a role or the database, which psql's \\drds lists), so that no application "
+                "transaction is aborted for it, whatever --lock-timeout says.")
     raise LockTimeoutError(
         f"{action} changed nothing: a table it must alter is in use by another transaction, and waiting for it would stop "
         f"the table's other queries (waited {waited:g} s, {LOCK_TRIES} times over {time.monotonic() - started:.0f} s): {who}",
-        hint=hint,
+        hint=hint, **context,
     )
 
 
 def holders(conn: psycopg.Connection, tables: list[TableRef]) -> list[str]:
-    """The sessions holding a lock on any of `tables`, longest-running first, one line each."""
+    """The sessions (and prepared transactions) holding a lock on any of `tables`, longest-running
+    first, one line each."""
     if not tables:
         return []
     names = [sql.Identifier(t.schema, t.name).as_string(conn) for t in tables]
+    # A prepared transaction's locks have no pid; its xid lock, of the same virtual transaction, leads to its gid.
     rows = conn.execute(
         """
         SELECT n.nspname || '.' || c.relname, l.mode, a.pid, a.usename, a.application_name, a.state,
-               extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::bigint,
-               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120), l.virtualtransaction
+               extract(epoch FROM now() - coalesce(a.xact_start, a.query_start, p.prepared))::bigint,
+               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120), p.gid, p.owner, p.database
         FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+        LEFT JOIN pg_locks x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
+                            AND x.virtualtransaction = l.virtualtransaction
+        LEFT JOIN pg_prepared_xacts p ON p.transaction = x.transactionid
         WHERE l.locktype = 'relation' AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid()
           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND l.relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
@@ -157,24 +216,45 @@ def holders(conn: psycopg.Connection, tables: list[TableRef]) -> list[str]:
         (names,),
     ).fetchall()
     return [_session_line(pid, user, application, state, seconds, query, f"holds {table} ({mode})")
-            if pid is not None  # PREPARE TRANSACTION: no session; it waits for COMMIT PREPARED or ROLLBACK PREPARED
-            else f"a prepared transaction ({vxid}) holds {table} ({mode}): see pg_prepared_xacts"
-            for table, mode, pid, user, application, state, seconds, query, vxid in rows]
+            if pid is not None
+            else _prepared_line(gid, owner, database, seconds, f"holds {table} ({mode})") if gid is not None
+            else f"a prepared transaction holds {table} ({mode}): see pg_prepared_xacts"  # ended as this looked
+            for table, mode, pid, user, application, state, seconds, query, gid, owner, database in rows]
 
 
-def blocking_sessions(conn: psycopg.Connection, pid: int) -> list[str]:
-    """The sessions that the backend `pid` waits for, one line each (pg_blocking_pids)."""
+def holding_transactions(conn: psycopg.Connection, tables: list[TableRef]) -> set[str]:
+    """The transactions (virtual transaction ids, a prepared one's too) holding a lock on any of `tables`."""
+    if not tables:
+        return set()
+    names = [sql.Identifier(t.schema, t.name).as_string(conn) for t in tables]
+    return {vxid for (vxid,) in conn.execute(
+        "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation' AND granted"
+        " AND pid IS DISTINCT FROM pg_backend_pid() AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)", (names,)).fetchall()}
+
+
+def blocking_sessions(conn: psycopg.Connection, pid: int) -> dict[int | str, str]:
+    """What the backend `pid` waits for (pg_blocking_pids), one line each: sessions by pid, prepared
+    transactions by gid. pg_blocking_pids gives 0 for a prepared transaction, without saying which:
+    every one is named (the slot's creation, which BlockerWatch watches, waits for all of them, in
+    every database)."""
     rows = conn.execute(
         """
-        SELECT b.pid, a.usename, a.application_name, a.state,
+        SELECT b.pid, NULL, a.usename, a.application_name, a.state,
                extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::bigint,
                left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120)
-        FROM unnest(pg_blocking_pids(%s)) AS b(pid) LEFT JOIN pg_stat_activity a ON a.pid = b.pid
-        ORDER BY 5 DESC NULLS LAST, 1
+        FROM unnest(pg_blocking_pids(%(pid)s)) AS b(pid) LEFT JOIN pg_stat_activity a ON a.pid = b.pid WHERE b.pid <> 0
+        UNION ALL
+        SELECT NULL, p.gid, p.owner, p.database, NULL, extract(epoch FROM now() - p.prepared)::bigint, NULL
+        FROM pg_prepared_xacts p WHERE 0 = ANY (pg_blocking_pids(%(pid)s))
+        ORDER BY 6 DESC NULLS LAST, 1, 2
         """,
-        (pid,),
+        {"pid": pid},
     ).fetchall()
-    return [_session_line(*row, "") for row in rows]
+    return {blocker if blocker is not None else gid:
+            _session_line(blocker, user, application, state, seconds, query, "") if blocker is not None
+            else _prepared_line(gid, user, application, seconds, "")
+            for blocker, gid, user, application, state, seconds, query in rows}
 
 
 def _session_line(pid: int, user: str | None, application: str | None, state: str | None, seconds: int | None,
@@ -182,6 +262,14 @@ def _session_line(pid: int, user: str | None, application: str | None, state: st
     who = ", ".join(part for part in (user, application) if part) or "?"
     doing = f"{state} for {seconds} s" if seconds is not None else state or "?"
     return f"pid {pid} ({who}){' ' + what if what else ''}, {doing}: {query!r}"
+
+
+def _prepared_line(gid: str, owner: str, database: str, seconds: int | None, what: str) -> str:
+    """A transaction PREPAREd for a two-phase commit and left: no session, and it never ends by itself."""
+    quoted = "'" + gid.replace("'", "''") + "'"
+    return (f"prepared transaction {quoted} ({owner}, database {database}){' ' + what if what else ''}, prepared "
+            f"{seconds} s ago: it ends only with COMMIT PREPARED {quoted} or ROLLBACK PREPARED {quoted}, run in database "
+            f"{database}")
 
 
 class BlockerWatch:
@@ -204,15 +292,15 @@ class BlockerWatch:
     def _watch(self) -> None:
         if self._done.wait(self._after):
             return
-        reported: set[int] = set()
+        reported: set[int | str] = set()
         try:
             with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10, application_name="flux attach (watching)") as conn:
+                own_waits(conn)
                 while not self._done.is_set():
-                    lines = blocking_sessions(conn, self._pid)
-                    pids = {int(line.split()[1]) for line in lines}
-                    if pids and pids != reported and not self._done.is_set():
-                        self._report(lines)
-                    reported = pids
+                    blockers = blocking_sessions(conn, self._pid)
+                    if blockers and set(blockers) != reported and not self._done.is_set():
+                        self._report(list(blockers.values()))
+                    reported = set(blockers)
                     self._done.wait(self._every)
         except psycopg.Error:  # only a report: the statement it watches goes on, and says its own errors
             return

@@ -14,9 +14,9 @@ SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slo
 PublicationOption = Annotated[str | None, typer.Option("--publication", help="Publication name (default: the one attach recorded for the slot, else flux).")]
 LockTimeoutOption = Annotated[float, typer.Option(
     "--lock-timeout", min=0.1, max=3600, metavar="SECONDS",
-    help="Longest wait for the tables' locks in one try, in all (with more than one table, 80% of the server's "
-         "deadlock_timeout at most); 5 tries, the pause between them doubling from this. The tables' other queries "
-         "wait as long meanwhile.")]
+    help="Longest wait for the tables' locks in one try, in all (with more than one table, 80% of the shortest "
+         "deadlock_timeout of the database's sessions at most); 5 tries, the pause between them doubling from this. "
+         "The tables' other queries wait as long meanwhile.")]
 
 
 def attach(

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from flux.cdc.attach import NO_TRIGGER_WARNING, PARTITION_TRUNCATE_WARNING, attach, detach
+from flux.cdc.attach import NO_TRIGGER_WARNING, PARTITION_TRUNCATE_WARNING, attach, connect, detach
 from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.publication import captured_tables, published_schemas
 from flux.cdc.engine import Engine, EngineConfig
 from flux.cdc.status import cdc_status
 from flux.errors import ConfigError, DatabaseError, NotFoundError, PreflightError, StreamError
+from flux.pg.cluster import Cluster
 from flux.store.schema import ensure_schema
 from tests.support import table_owner_role, wait_slot_held
 
@@ -220,6 +223,52 @@ def test_attach_refuses_an_unlogged_table_with_the_statement_that_makes_it_captu
     with pytest.raises(ConfigError, match="public.cache is UNLOGGED") as caught:
         attach(dsn, tables=["cache"])
     assert caught.value.hint == 'ALTER TABLE "public"."cache" SET LOGGED, or leave it out of --tables.'
+
+
+def test_the_connection_of_attach_detach_and_status_through_pgbouncer_prepares_nothing(bouncer_dsn, server_hop):
+    """psycopg prepares a statement at its fifth run (attach looks up each table's partitions, one
+    statement per table); the next transaction, on another server connection, did not find it."""
+    with connect(bouncer_dsn) as conn:
+        for _ in range(8):
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            server_hop()
+
+
+def test_attach_to_a_read_only_session_says_so_before_changing_anything(dsn, conn):
+    """It failed at its first write, 'Attach failed: cannot execute CREATE SCHEMA in a read-only
+    transaction', with no hint (a standby answers the same)."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET default_transaction_read_only = on")
+    with pytest.raises(PreflightError) as raised:
+        attach(dsn, tables=["orders"])
+    assert raised.value.message.startswith("Flux's session is read-only: default_transaction_read_only is on")
+    assert "ALTER ROLE" in raised.value.hint and "default_transaction_read_only = off" in raised.value.hint
+    assert raised.value.exit_code == 4
+
+
+def test_attach_to_a_standby_says_to_attach_the_primary(tmp_path_factory, pg_cluster):
+    """A standby read the same as a read-only session: it failed at its first write."""
+    from tests.conftest import TEST_SETTINGS
+
+    state = tmp_path_factory.mktemp("standby")
+    state.chmod(0o755)
+    cluster = Cluster(state_dir=state, settings=TEST_SETTINGS)
+    primary = cluster.start()
+    data_dir = Path(primary.data_dir)
+    try:
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+        cluster.stop()
+        signal = data_dir / "standby.signal"  # in recovery from its start: a standby that waits for WAL
+        signal.touch()
+        os.chown(signal, data_dir.stat().st_uid, data_dir.stat().st_gid)
+        info = cluster.start()
+        with pytest.raises(PreflightError) as raised:
+            attach(info.dsn, tables=["orders"])
+    finally:
+        cluster.destroy()
+    assert raised.value.message == "This server is a standby (in recovery), where nothing can be written"
+    assert raised.value.hint.startswith("Attach the primary")
 
 
 def test_attach_refuses_a_publication_flux_did_not_make(dsn, conn):

@@ -6,12 +6,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
 
-from flux.cdc.attach import attach, detach
+from flux.cdc.attach import AttachResult, attach, detach
 from flux.cdc.autocapture import reconcile_new_tables
+from flux.cdc.locks import shortest_deadlock_timeout_ms
 from flux.errors import LockTimeoutError
 from tests.cli.test_attach import run_flux
 
@@ -25,6 +29,24 @@ def _holding(dsn: str, table: str) -> psycopg.Connection:
     blocker = psycopg.connect(dsn, application_name="long-report")
     blocker.execute(f"SELECT count(*) FROM {table}")
     return blocker
+
+
+def _ends_after(seconds: float, session: psycopg.Connection) -> threading.Timer:
+    ender = threading.Timer(seconds, session.commit)
+    ender.start()
+    return ender
+
+
+def _attach_behind_a_transaction_that_ends(dsn: str, after: float, **options) -> AttachResult:
+    """attach(orders) while a session idle in a transaction (which no idle_session_timeout ends)
+    holds it, for `after` seconds."""
+    blocker = _holding(dsn, "orders")
+    ender = _ends_after(after, blocker)
+    try:
+        return attach(dsn, tables=["orders"], **options)
+    finally:
+        ender.join()
+        blocker.close()
 
 
 def test_attach_behind_a_long_transaction_gives_up_having_changed_nothing_and_names_it(dsn, conn):
@@ -43,6 +65,7 @@ def test_attach_behind_a_long_transaction_gives_up_having_changed_nothing_and_na
     assert took < 10
     assert f"pid {pid} (postgres, long-report) holds public.orders (AccessShareLock), idle in transaction" in raised.value.message
     assert f"pg_terminate_backend({pid})" in raised.value.hint and raised.value.exit_code == 2
+    assert raised.value.context == {"slot": "flux", "publication": "flux"}
     assert _identity(conn, "orders") == "d"
     assert conn.execute("SELECT count(*) FROM pg_publication WHERE pubname = 'flux'").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == 0
@@ -71,14 +94,7 @@ def test_while_attach_waits_for_a_lock_the_tables_other_queries_wait_one_try_at_
 
 def test_attach_goes_through_once_the_transaction_holding_the_table_ends_between_tries(dsn, conn):
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
-    blocker = _holding(dsn, "orders")
-    ender = threading.Timer(0.5, blocker.commit)
-    ender.start()
-    try:
-        result = attach(dsn, tables=["orders"], lock_timeout=0.2)
-    finally:
-        ender.join()
-        blocker.close()
+    result = _attach_behind_a_transaction_that_ends(dsn, 0.5, lock_timeout=0.2)
     assert result.tables == ["public.orders"] and _identity(conn, "orders") == "f"
 
 
@@ -87,13 +103,49 @@ def test_detach_behind_a_long_transaction_leaves_the_attachment_whole(dsn, conn)
     attach(dsn, tables=["orders"])
     blocker = _holding(dsn, "orders")
     try:
-        with pytest.raises(LockTimeoutError, match="Detach changed nothing"):
+        with pytest.raises(LockTimeoutError, match="Detach changed nothing") as raised:
             detach(dsn, lock_timeout=0.2)
     finally:
         blocker.close()
+    assert raised.value.context == {"slot": "flux", "publication": "flux"}
     assert _identity(conn, "orders") == "f"
     assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == 1
     assert detach(dsn).restored == [{"table": "public.orders", "restored": "DEFAULT"}]
+
+
+def test_detach_drop_data_of_the_kept_data_behind_a_long_reader_gives_up_and_names_it(dsn, conn):
+    """Dropping the data an earlier detach kept waited as long as a reader of it held a table, and
+    the gateway's trace writes queued behind the DROP meanwhile."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    attach(dsn, tables=["orders"])
+    detach(dsn)  # the recorded data kept
+    blocker = _holding(dsn, "flux.state_mutations")
+    try:
+        dropping, outcome = _in_thread(lambda: detach(dsn, drop_data=True, lock_timeout=0.1))
+        dropping.join(timeout=15)
+        pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    dropping.join(timeout=30)
+    assert outcome and isinstance(outcome[0], LockTimeoutError), outcome
+    assert f"pid {pid} (postgres, long-report) holds flux.state_mutations (AccessShareLock)" in outcome[0].message
+    assert conn.execute("SELECT to_regnamespace('flux') IS NOT NULL").fetchone() == (True,)
+    assert detach(dsn, drop_data=True).data_dropped
+
+
+def test_detach_drop_data_behind_a_long_reader_of_the_recorded_data_names_it(dsn, conn):
+    """It named the holders of the captured tables only: 'a transaction that has ended since'."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    attach(dsn, tables=["orders"])
+    blocker = _holding(dsn, "flux.state_mutations")
+    try:
+        with pytest.raises(LockTimeoutError) as raised:
+            detach(dsn, drop_data=True, lock_timeout=0.1)
+        pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    assert f"pid {pid} (postgres, long-report) holds flux.state_mutations (AccessShareLock)" in raised.value.message
+    assert _identity(conn, "orders") == "f"  # changed nothing
 
 
 def test_the_engines_capture_of_a_new_table_does_not_wait_behind_a_long_transaction(dsn, conn, caplog):
@@ -113,6 +165,24 @@ def test_the_engines_capture_of_a_new_table_does_not_wait_behind_a_long_transact
     assert "cannot capture REPLICA IDENTITY FULL on public.late yet: another transaction holds the table" in caplog.text
     assert f"pid {pid} (postgres, long-report)" in caplog.text
     assert reconcile_new_tables(dsn, slot="flux") == ["REPLICA IDENTITY FULL on public.late"]
+
+
+def test_the_engines_capture_does_not_queue_again_behind_the_transaction_it_gave_way_to(dsn, conn):
+    """Each pass (about every 10 s) queued its ALTER behind the same long transaction for a second:
+    the table's other queries stopped a second in every ten for as long as that transaction ran."""
+    attach(dsn, all_tables=True)
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that may not own one
+    conn.execute("CREATE TABLE late (id int PRIMARY KEY)")
+    blocker = _holding(dsn, "late")
+    try:
+        assert reconcile_new_tables(dsn, slot="flux") == []  # it waited its second, and gave way
+        started = time.monotonic()
+        assert reconcile_new_tables(dsn, slot="flux") == []
+        took = time.monotonic() - started
+    finally:
+        blocker.close()
+    assert took < 0.5, took
+    assert reconcile_new_tables(dsn, slot="flux") == ["REPLICA IDENTITY FULL on public.late"]  # that transaction ended
 
 
 def test_attach_cli_says_so_in_one_line_with_the_hint_and_exit_2(dsn, conn):
@@ -145,6 +215,128 @@ def test_attach_says_which_transactions_its_slot_waits_for(dsn, conn):
         writer.close()
     assert "replication slot flux" in result.created
     assert len(told) == 1 and told[0][0].startswith(f"pid {pid} (postgres, batch-job), idle in transaction for "), told
+
+
+@pytest.mark.parametrize("timeout", ["lock_timeout", "statement_timeout"])
+def test_attach_waits_for_its_slot_past_the_databases_timeout_for_applications(dsn, conn, timeout):
+    """The slot waits for the transactions running when it is made, which blocks nobody: a
+    lock_timeout or statement_timeout set for the database's applications cancelled it."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET {timeout} = '500ms'")
+    writer = psycopg.connect(dsn, application_name="batch-job")
+    writer.execute("INSERT INTO other VALUES (1)")  # a transaction with an xid, left open
+    try:
+        result = attach(dsn, tables=["orders"], on_wait=lambda lines: writer.commit())  # after 2 s
+    finally:
+        writer.close()
+    assert "replication slot flux" in result.created
+
+
+def test_attach_outlasts_the_databases_idle_session_timeout_between_tries(dsn, conn):
+    """The session idled in the pause between two tries (1 s, then 2 s), and the server ended it."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET idle_session_timeout = '500ms'")
+    result = _attach_behind_a_transaction_that_ends(dsn, 1.5)  # during the second try's pause
+    assert result.tables == ["public.orders"] and _identity(conn, "orders") == "f"
+
+
+def test_detach_outlasts_the_databases_idle_session_timeout_between_tries(dsn, conn):
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    attach(dsn, tables=["orders"])
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET idle_session_timeout = '500ms'")
+    blocker = _holding(dsn, "orders")
+    ender = _ends_after(1.5, blocker)
+    try:
+        result = detach(dsn)
+    finally:
+        ender.join()
+        blocker.close()
+    assert result.restored == [{"table": "public.orders", "restored": "DEFAULT"}]
+
+
+def test_attach_through_a_pooler_leaves_the_databases_timeouts_to_its_other_clients(dsn, conn, bouncer_dsn):
+    """Its server connection goes on serving others: a timeout turned off there would stay off."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET statement_timeout = '1min'")
+    attach(bouncer_dsn, tables=["orders"])
+    with psycopg.connect(bouncer_dsn, autocommit=True) as other:  # PgBouncer hands on the connection released last
+        assert other.execute("SHOW statement_timeout").fetchone() == ("1min",)
+
+
+def test_the_slots_watch_outlasts_the_databases_idle_session_timeout(dsn, conn):
+    """The watch's session idled a second between two looks, and the server ended it: attach said
+    nothing more of what its slot waited for."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET idle_session_timeout = '500ms'")
+    writers = {}
+    for job in ("job-1", "job-2"):  # two transactions with an xid, left open
+        writer = psycopg.connect(dsn, application_name=job)
+        writer.execute("INSERT INTO other VALUES (1)")
+        writers[writer.info.backend_pid] = writer
+    told: list[list[str]] = []
+
+    def report(lines: list[str]) -> None:
+        told.append(lines)
+        writers[int(lines[0].split()[1])].commit()  # the job it names ends
+
+    enders = [_ends_after(10, writer) for writer in writers.values()]  # should the watch fall silent
+    try:
+        result = attach(dsn, tables=["orders"], on_wait=report)
+    finally:
+        for ender in enders:
+            ender.cancel()
+        for writer in writers.values():
+            writer.close()
+    assert "replication slot flux" in result.created
+    assert len(told) == 2, told
+
+
+@contextmanager
+def _prepared(dsn: str, conn, statement: str) -> Iterator[str]:
+    """A transaction that ran `statement` and was PREPAREd for a two-phase commit, then left: its
+    gid. Rolled back afterwards if it is still there."""
+    gid = f"xa-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as session:
+        session.execute("BEGIN")
+        session.execute(statement)
+        session.execute(f"PREPARE TRANSACTION '{gid}'")
+    try:
+        yield gid
+    finally:
+        if conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,)).fetchone():
+            conn.execute(f"ROLLBACK PREPARED '{gid}'")
+
+
+def test_attach_behind_a_prepared_transaction_names_it_with_what_ends_it(dsn, conn):
+    """It said 'a prepared transaction (4/2) ... see pg_prepared_xacts': a virtual transaction id,
+    which that view does not show."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    with _prepared(dsn, conn, "SELECT count(*) FROM orders") as gid:
+        with pytest.raises(LockTimeoutError) as raised:
+            attach(dsn, tables=["orders"], lock_timeout=0.1)
+    assert (f"prepared transaction '{gid}' (postgres, database {conn.info.dbname}) holds public.orders (AccessShareLock), "
+            "prepared ") in raised.value.message
+    assert f"it ends only with COMMIT PREPARED '{gid}' or ROLLBACK PREPARED '{gid}', run in database" in raised.value.message
+
+
+def test_attach_says_its_slot_waits_for_a_prepared_transaction_and_what_ends_it(dsn, conn):
+    """pg_blocking_pids gives 0 for a prepared transaction: attach said 'pid 0 (?), ?: None'."""
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int)")
+    told: list[list[str]] = []
+
+    def report(lines: list[str]) -> None:
+        told.append(lines)
+        conn.execute(f"ROLLBACK PREPARED '{gid}'")
+
+    with _prepared(dsn, conn, "INSERT INTO other VALUES (1)") as gid:
+        result = attach(dsn, tables=["orders"], on_wait=report)
+    assert "replication slot flux" in result.created
+    assert len(told) == 1 and len(told[0]) == 1, told
+    assert told[0][0].startswith(f"prepared transaction '{gid}' (postgres, database {conn.info.dbname}), prepared "), told
+    assert f"ROLLBACK PREPARED '{gid}'" in told[0][0]
 
 
 def _until(conn, query: str, params: tuple = (), timeout: float = 5) -> None:
@@ -240,7 +432,7 @@ def _waits_on_a_table_held_while_flux_waits_for_another(dsn: str, conn, flux_ste
 
 
 def _one_try_at_most(conn) -> float:
-    """The longest a try holding some tables waits for the others: before the server's deadlock_timeout."""
+    """The longest a try holding some tables waits for the others: before deadlock_timeout (here the server's)."""
     deadlock_ms = conn.execute("SELECT setting::float FROM pg_settings WHERE name = 'deadlock_timeout'").fetchone()[0]
     return 0.8 * deadlock_ms / 1000 + 0.2  # and a little for the rollback and this test's own round trips
 
@@ -293,6 +485,101 @@ def test_attach_of_several_tables_gives_up_within_deadlock_timeout_and_says_a_lo
     finally:
         blocker.close()
     assert "(waited 0.08 s, 5 times" in raised.value.message
-    assert "gives up within 0.08 s, before the server's deadlock_timeout" in raised.value.hint
+    assert "gives up within 0.08 s, before deadlock_timeout (100 ms, the shortest a session of the database starts with:" \
+        in raised.value.hint
     assert "pass --lock-timeout" not in raised.value.hint
     assert [_identity(conn, table) for table in "ab"] == ["d", "d"]
+
+
+@contextmanager
+def _application_role(conn, dsn: str, deadlock_timeout: str) -> Iterator[str]:
+    """A login role given its own deadlock_timeout (`ALTER ROLE ... SET`), which may use a and b:
+    a DSN that logs in as it."""
+    name = f"checkout_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {name} LOGIN")
+    try:
+        conn.execute(f"ALTER ROLE {name} SET deadlock_timeout = '{deadlock_timeout}'")
+        conn.execute(f"GRANT SELECT, DELETE ON a, b TO {name}")
+        yield dsn.replace("postgres@", f"{name}@")
+    finally:
+        conn.execute(f"DROP OWNED BY {name}")
+        conn.execute(f"DROP ROLE {name}")
+
+
+def _cycle_closed_by_an_application_role(dsn: str, conn, flux_step) -> tuple[object, object]:
+    """The application's role has a deadlock_timeout of 500 ms, the server 1 s. Its transaction holds
+    b, and asks for a once Flux, which locks a then b, holds a and waits for b: a cycle, which the
+    application's backend checks for first. Returns what its query and `flux_step` came to."""
+    assert conn.execute("SHOW deadlock_timeout").fetchone() == ("1s",)
+    conn.execute("INSERT INTO b VALUES (1)")
+    with _application_role(conn, dsn, "500ms") as app_dsn:
+        app = psycopg.connect(app_dsn, application_name="checkout")
+        try:
+            assert app.execute("SHOW deadlock_timeout").fetchone() == ("500ms",)
+            app.execute("DELETE FROM b")
+            flux, flux_outcome = _in_thread(flux_step)
+            _until(conn, "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 'a'::regclass AND mode = 'AccessExclusiveLock'"
+                         " AND granted)", timeout=10)
+            asked = time.monotonic()
+            query, query_outcome = _in_thread(lambda: app.execute("SELECT count(*) FROM a").fetchone())
+            query.join(timeout=10)
+            assert time.monotonic() - asked > 0.1  # it waited behind Flux: the cycle was closed
+            if query_outcome and not isinstance(query_outcome[0], Exception):
+                app.commit()
+            flux.join(timeout=30)
+        finally:
+            app.close()
+    if query_outcome[0] == (0,):
+        assert conn.execute("SELECT count(*) FROM b").fetchone() == (0,)  # the application's transaction committed
+    return query_outcome[0], flux_outcome[0]
+
+
+def test_an_application_role_with_a_shorter_deadlock_timeout_is_not_the_one_aborted_by_attach(dsn, conn):
+    """Attach's try gave up at 80% of the server's deadlock_timeout (0.8 s): a role whose own was
+    500 ms ran its deadlock check first, and its transaction was aborted (40P01)."""
+    for table in "ab":
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    query, result = _cycle_closed_by_an_application_role(dsn, conn, lambda: attach(dsn, tables=["a", "b"]))
+    assert query == (0,), query
+    assert not isinstance(result, Exception), result
+    assert [_identity(conn, table) for table in "ab"] == ["f", "f"]
+
+
+def test_an_application_role_with_a_shorter_deadlock_timeout_is_not_the_one_aborted_by_the_engines_capture(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that may not own one
+    conn.execute("DROP TABLE a")  # and created again, partitioned: the engine captures it and b by its name
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE b PARTITION OF a FOR VALUES FROM (0) TO (10)")
+    query, changed = _cycle_closed_by_an_application_role(dsn, conn, lambda: reconcile_new_tables(dsn, slot="flux"))
+    assert query == (0,), query
+    assert changed == []  # it gave way, and captures the table on its next pass:
+    assert reconcile_new_tables(dsn, slot="flux") == ["public.a"]
+    assert [_identity(conn, table) for table in "ab"] == ["f", "f"]
+
+
+@pytest.mark.parametrize(("setting", "ms"), [
+    ("ALTER ROLE {role} SET deadlock_timeout = '0.25s'", 250),
+    ("ALTER ROLE {role} IN DATABASE {db} SET deadlock_timeout = 200", 200),  # a plain number is ms
+    ("ALTER DATABASE {db} SET deadlock_timeout = '0.3s'", 300),
+    ("ALTER ROLE ALL SET deadlock_timeout = '90 ms'", 90),
+    ("ALTER ROLE ALL IN DATABASE {db} SET deadlock_timeout = '1500us'", 2),  # PostgreSQL rounds to whole ms
+    ("ALTER ROLE {role} IN DATABASE postgres SET deadlock_timeout = '100ms'", 1000),  # another database's: the server's
+])
+def test_the_deadlock_bound_is_the_shortest_any_session_of_the_database_starts_with_read_by_a_plain_role(
+        dsn, conn, setting, ms):
+    """A role without privileges, as flux_attach has none on the catalogs, reads them all."""
+    reader, role = (f"{what}_{uuid.uuid4().hex[:8]}" for what in ("reader", "app"))
+    conn.execute(f"CREATE ROLE {reader} LOGIN")
+    conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        conn.execute(setting.format(role=role, db=conn.info.dbname))
+        with psycopg.connect(dsn.replace("postgres@", f"{reader}@")) as flux:
+            assert shortest_deadlock_timeout_ms(flux) == ms
+            assert flux.execute("SHOW lock_timeout").fetchone() == ("0",)  # left as it was
+    finally:
+        conn.execute("ALTER ROLE ALL RESET deadlock_timeout")
+        conn.execute(f"ALTER ROLE ALL IN DATABASE {conn.info.dbname} RESET deadlock_timeout")
+        conn.execute(f"DROP ROLE {reader}")
+        conn.execute(f"DROP ROLE {role}")

@@ -239,7 +239,7 @@ def python_loop_seconds() -> float:
     """How fast this machine runs Python now: 10 million additions at module level, as
     `python -c "s=0\nfor i in range(10_000_000): s+=i"` runs them (globals: about 2.6 times a
     function's locals), the figure bench/README.md quotes for the slow spells since 2026-12-06
-    (1.15 to 1.7 s). Saved with each run, before and after its rounds, so that a run's figures can
+    (1.15 to 1.8 s). Saved with each run, before and after its rounds, so that a run's figures can
     be read against the machine's spell."""
     started = time.perf_counter()
     exec("s = 0\nfor i in range(10_000_000): s += i", {})  # noqa: S102 -- a constant: module-level speed

@@ -81,24 +81,11 @@ def requests(
     window = parse_since(since) if since is not None else None
     with _connect(database) as conn:
         rows = traces.list_traces(conn, function=function, status=status, since=window, tenant=tenant, limit=limit)
-        shown = None if json else short_ids(conn, [r.id for r in rows])
+        shown = None if json else traces.unique_prefixes(conn, [r.id for r in rows], SHORT_ID)
     if json:
         print_json(rows)
     else:
         render_requests(rows, filtered=any(v is not None for v in (function, status, since, tenant)), shown=shown)
-
-
-def short_ids(conn: Any, ids: list[str]) -> dict[str, str]:
-    """Each id as `flux requests` shows it: its first 8 characters, or more when another request's
-    id starts with them too (as likely as not somewhere among 77,000 requests), so that every id
-    shown names one request to `flux trace` and `flux why`: 13 (a UUID's first two groups), else whole."""
-    shown = {i: i[:SHORT_ID] for i in ids}
-    pending = ids
-    for length in (13, None):
-        shared = traces.ambiguous_prefixes(conn, {i: shown[i] for i in pending if shown[i] != i})
-        pending = [i for i in pending if shown[i] in shared]
-        shown.update({i: i[:length] for i in pending})
-    return shown
 
 
 def parse_since(text: str) -> timedelta:
@@ -431,7 +418,7 @@ def history_hint(m: RowChange) -> str | None:
 
 def render_requests(rows: list[TraceSummary], *, filtered: bool = False, shown: dict[str, str] | None = None) -> None:
     """One line per request, columns sized to their contents (lines wrap rather than clip); `shown`:
-    the id to show for each (`short_ids`), else its first 8 characters."""
+    the id to show for each (`traces.unique_prefixes`), else its first 8 characters."""
     if not rows:
         console.print("[dim]No recorded request matches these filters.[/]" if filtered else "[dim]No requests recorded yet.[/]")
         return

@@ -360,7 +360,21 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
     return request_id, _fetch(conn, request_id)
 
 
-def ambiguous_prefixes(conn: psycopg.Connection, shown: dict[str, str]) -> set[str]:
+def unique_prefixes(conn: psycopg.Connection, ids: list[str], shortest: int) -> dict[str, str]:
+    """Each id's shortest prefix to show (`flux requests`): its first `shortest` characters, or more
+    when another request's id starts with them too (as likely as not somewhere among 77,000
+    requests for 8), so that every prefix names one request to `find_request`: 13 (a UUID's first
+    two groups), else the whole id."""
+    shown = {i: i[:shortest] for i in ids}
+    pending = ids
+    for length in (13, None):
+        shared = _ambiguous_prefixes(conn, {i: shown[i] for i in pending if shown[i] != i})
+        pending = [i for i in pending if shown[i] in shared]
+        shown.update({i: i[:length] for i in pending})
+    return shown
+
+
+def _ambiguous_prefixes(conn: psycopg.Connection, shown: dict[str, str]) -> set[str]:
     """Those of the prefixes in `shown` (request id -> a prefix of it) that start another request's
     id too, in the traces or the row changes, where `find_request` looks ids up. One round trip;
     each prefix is three index range scans that stop at the first id, past the request's own

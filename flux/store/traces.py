@@ -376,16 +376,27 @@ def unique_prefixes(conn: psycopg.Connection, ids: list[str], shortest: int) -> 
 
 def _ambiguous_prefixes(conn: psycopg.Connection, shown: dict[str, str]) -> set[str]:
     """Those of the prefixes in `shown` (request id -> a prefix of it) that start another request's
-    id too, in the traces or the row changes, where `find_request` looks ids up. One round trip;
-    each prefix is three index range scans that stop at the first id, past the request's own
-    (however many row changes it has)."""
+    id too, in the traces or the row changes, where `find_request` looks ids up. One statement,
+    whose parameters are two arrays however many ids there are (a statement's parameters are at
+    most 65,535). In byte order the ids a prefix starts are one run, from the prefix on, that holds
+    the request's own id: another is the last id before it, at or past the prefix, or the first id
+    after it. So each prefix is four index probes, which read one entry each however many row
+    changes the request has, or however many ids share the prefix."""
     if not shown:
         return set()
-    part = ("SELECT %s WHERE EXISTS (SELECT FROM flux.trace_requests WHERE id LIKE %s AND id <> %s)"
-            " OR EXISTS (SELECT FROM flux.state_mutations WHERE request_id LIKE %s AND request_id ~<~ %s)"
-            " OR EXISTS (SELECT FROM flux.state_mutations WHERE request_id LIKE %s AND request_id ~>~ %s)")
-    params = [v for request_id, prefix in shown.items() for v in (prefix, *(_like(prefix), request_id) * 3)]
-    return {row[0] for row in conn.execute(" UNION ALL ".join([part] * len(shown)), params).fetchall()}
+    return {row[0] for row in conn.execute(_AMBIGUOUS, [list(shown.values()), list(shown)]).fetchall()}
+
+
+# state_mutations' request_id index is text_pattern_ops: its operators compare bytes, as the
+# traces' "C" key does.
+_AMBIGUOUS = (
+    "SELECT prefix FROM unnest(%s::text[], %s::text[]) AS shown(prefix, own)"
+    " WHERE EXISTS (SELECT FROM flux.trace_requests WHERE id >= prefix AND id < own)"
+    " OR starts_with((SELECT id FROM flux.trace_requests WHERE id > own ORDER BY id LIMIT 1), prefix)"
+    " OR EXISTS (SELECT FROM flux.state_mutations WHERE request_id ~>=~ prefix AND request_id ~<~ own)"
+    " OR starts_with((SELECT request_id FROM flux.state_mutations WHERE request_id ~>~ own"
+    " ORDER BY request_id USING ~<~ LIMIT 1), prefix)"
+)
 
 
 def count_mutations(conn: psycopg.Connection, request_id: str) -> int:

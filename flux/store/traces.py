@@ -361,10 +361,10 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
 
 
 def unique_prefixes(conn: psycopg.Connection, ids: list[str], shortest: int) -> dict[str, str]:
-    """Each id's shortest prefix to show (`flux requests`): its first `shortest` characters, or more
-    when another request's id starts with them too (as likely as not somewhere among 77,000
-    requests for 8), so that every prefix names one request to `find_request`: 13 (a UUID's first
-    two groups), else the whole id."""
+    """Each id's shortest prefix to show (as `flux requests`, `trace`, `why` and `state` do): its
+    first `shortest` characters, or more when another request's id starts with them too (as likely
+    as not somewhere among 77,000 requests for 8), so that every prefix names one request to
+    `find_request`: 13 (a UUID's first two groups), else the whole id."""
     shown = {i: i[:shortest] for i in ids}
     pending = ids
     for length in (13, None):

@@ -15,7 +15,7 @@ from flux.cli.trace import parse_since
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.retention import prune
 from flux.store.schema import ensure_schema
-from flux.store.traces import TraceRecord, insert_traces
+from flux.store.traces import TraceRecord, find_request, get_trace, insert_traces
 from tests.traces_seed import (
     FAIL,
     NO_TRACE,
@@ -450,6 +450,20 @@ def test_requests_shows_an_id_longer_where_another_requests_id_starts_the_same(s
     shown = [line.split()[0] for line in lines(invoke(dsn, "requests").output)[1:]]
     assert sorted(shown) == sorted([OK[:13], twin[:13], FAIL, OK2[:8]])
     assert all(invoke(dsn, "why", prefix).exit_code == 0 for prefix in shown)
+
+
+def test_trace_and_why_head_their_output_with_an_id_that_names_one_request(seeded, dsn):
+    """Their headers showed the id's first 8 characters, which may start another request's id too."""
+    insert_traces(seeded, [trace(OK[:8] + "-ffff-4000-8000-000000000009")])
+    mutation(seeded, "orders", "insert", request_id=FAIL[:13] + "-ffff-000000000000", key={"id": 9}, function="create_order")
+    for request_id, shown in ((OK, OK[:13]), (FAIL, FAIL), (OK2, OK2[:8]), (NO_TRACE, NO_TRACE[:8])):
+        assert f"  Execution  {shown}" in lines(invoke(dsn, "why", request_id).output)
+        assert find_request(seeded, shown)[0] == request_id
+        assert json.loads(invoke(dsn, "why", request_id, "--json").stdout)["request_id"] == request_id
+        if request_id != NO_TRACE:
+            assert f"  Trace Graph  {shown}" in lines(invoke(dsn, "trace", request_id).output)
+            assert get_trace(seeded, shown).id == request_id
+            assert json.loads(invoke(dsn, "trace", request_id, "--json").stdout)["id"] == request_id
 
 
 def test_requests_of_a_single_tenant_project_leave_the_tenant_column_out(seeded, dsn):

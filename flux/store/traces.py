@@ -6,7 +6,7 @@ on). Every function here takes a psycopg connection and returns frozen dataclass
 the CLI's job.
 
 How a trace is found: by its request id or a unique prefix of it (at least `MIN_PREFIX`
-characters, optionally written `req:...` as `flux state` prints it). The primary key is
+characters, unless it is a whole id; optionally written `req:...` as `flux state` prints it). The primary key is
 `COLLATE "C"`, so the prefix `LIKE` is a range scan of it.
 """
 
@@ -209,11 +209,19 @@ def _prefix(id_or_prefix: str) -> str:
     text = id_or_prefix.strip()
     if text.lower().startswith(queries.REQUEST_PREFIX):
         text = text[len(queries.REQUEST_PREFIX):]
-    if len(text) < MIN_PREFIX:
-        raise ConfigError(
-            f"Request id {text!r} is too short to look up", hint=f"Give at least {MIN_PREFIX} characters of the id.",
-        )
     return text
+
+
+def _whole_if_short(prefix: str, found: list[str]) -> list[str]:
+    """`found`, or for a text shorter than MIN_PREFIX only the id it is whole: a writer that sends its
+    own request ids may send `42`, which `flux state` shows as `req:42`."""
+    if len(prefix) >= MIN_PREFIX:
+        return found
+    if prefix in found:
+        return [prefix]
+    raise ConfigError(
+        f"Request id {prefix!r} is too short to look up", hint=f"Give at least {MIN_PREFIX} characters of the id.",
+    )
 
 
 def _like(prefix: str) -> str:
@@ -252,7 +260,7 @@ def _resolve_trace(conn: psycopg.Connection, prefix: str, tenant: str | None) ->
     if not found and prefix != prefix.lower():  # uuids are stored in lower case
         prefix = prefix.lower()
         found = _trace_ids(conn, prefix, tenant)
-    return _pick(prefix, found, "traces")
+    return _pick(prefix, _whole_if_short(prefix, found), "traces")
 
 
 def _fetch(conn: psycopg.Connection, request_id: str) -> TraceRecord | None:
@@ -348,7 +356,7 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
     if not found and prefix != prefix.lower():
         prefix = prefix.lower()
         found = sorted(set(_trace_ids(conn, prefix, None)) | set(queries._request_ids(conn, prefix)))
-    request_id = _pick(prefix, found, "requests")
+    request_id = _pick(prefix, _whole_if_short(prefix, found), "requests")
     if request_id is None:
         hint = "`flux requests` lists recent requests."
         if re.fullmatch(r"xid:\d+", prefix, re.IGNORECASE):  # copied from `flux state`, which names such writers so

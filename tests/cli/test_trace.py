@@ -466,6 +466,15 @@ def test_trace_and_why_head_their_output_with_an_id_that_names_one_request(seede
             assert json.loads(invoke(dsn, "trace", request_id, "--json").stdout)["id"] == request_id
 
 
+def test_why_explains_a_request_whose_id_its_writer_made_shorter_than_four_characters(seeded, dsn):
+    """flux state showed `req:42`, and flux why refused it as too short to look up."""
+    mutation(seeded, "users", "insert", request_id="42", key={"id": 7}, function="import")
+    assert "req:42" in invoke(dsn, "state", "history", "users", "--id", "7").output
+    result = invoke(dsn, "why", "req:42")
+    assert result.exit_code == 0, result.output
+    assert "  Execution  42" in lines(result.output)
+
+
 def test_requests_of_a_single_tenant_project_leave_the_tenant_column_out(seeded, dsn):
     out = lines(invoke(dsn, "requests", "--tenant", "default").output)
     assert out[0].split() == ["ID", "TIME", "(UTC)", "REQUEST", "FUNCTION", "STATUS", "DURATION", "ERROR"]

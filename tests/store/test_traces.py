@@ -105,6 +105,17 @@ def test_get_trace_needs_four_characters(seeded):
     assert "at least 4" in err.value.hint
 
 
+def test_a_request_id_shorter_than_four_characters_is_found_whole(seeded):
+    """A writer that sends its own request ids may send `42`: `flux state` shows it `req:42`, which
+    was refused as too short to look up."""
+    insert_traces(seeded, [trace("a1")])
+    mutation(seeded, "users", "insert", request_id="42", key={"id": 7})
+    assert get_trace(seeded, "a1").id == "a1"
+    assert find_request(seeded, "req:42") == ("42", None)
+    with pytest.raises(ConfigError):  # a short prefix of a longer id still is
+        find_request(seeded, "a")
+
+
 def test_get_trace_with_tenant_sees_only_that_tenants_traces(seeded):
     assert get_trace(seeded, "91a3f", tenant="default").id == OK  # OK2 is acme's: no longer ambiguous
     with pytest.raises(NotFoundError):

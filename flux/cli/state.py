@@ -6,7 +6,6 @@ rich text or `--json`. Times are shown in UTC.
 
 from __future__ import annotations
 
-import shlex
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -18,7 +17,7 @@ from flux.cli.output import console, escape, pad, print_json
 from flux.cli.output import width as text_width
 from flux.errors import ConfigError
 from flux.store import names, queries, traces
-from flux.store.names import key_text
+from flux.store.names import key_text, shell_word
 from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Writer
 
 app = typer.Typer(help="Row history and blame from the mutation log.", no_args_is_help=True)
@@ -246,29 +245,6 @@ def _row_args(row_key: dict[str, Any]) -> str:
         (value,) = row_key.values()
         return f"--id {shell_word(names.key_arg(value))}"
     return " ".join(f"--key {shell_word(f'{col}={names.key_arg(v)}')}" for col, v in row_key.items())
-
-
-_ESCAPES = {"\\": "\\\\", "'": "\\'", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def shell_word(text: str) -> str:
-    """`text` as one shell word that survives being shown in a terminal and pasted back.
-
-    shlex.quote, unless the text holds a character a terminal does not show as itself (a tab
-    shows as spaces, a newline breaks the line): then bash's $'...' form, with each such
-    character escaped as its UTF-8 bytes (\\xHH, which bash reads back in any locale; zsh too).
-    """
-    if not any(names.hidden(c) for c in text):
-        return shlex.quote(text)
-    return "$'" + "".join(map(_dollar_escape, text)) + "'"
-
-
-def _dollar_escape(char: str) -> str:
-    if char in _ESCAPES:
-        return _ESCAPES[char]
-    if names.hidden(char):
-        return "".join(f"\\x{b:02x}" for b in char.encode("utf-8", "surrogatepass"))
-    return char
 
 
 def _value(value: Any) -> str:

@@ -19,11 +19,11 @@ from rich.cells import cell_len
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, escape, print_json
-from flux.cli.state import history_command, shell_word, shown_ids
+from flux.cli.state import history_command, shown_ids
 from flux.project import DEFAULT_TENANT, parse_duration
 from flux.store import traces
 from flux.store.retention import pruned_before
-from flux.store.names import format_table, key_text, visible
+from flux.store.names import format_table, key_text, shell_word, visible
 from flux.store.traces import TraceRecord, TraceSummary
 from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned, record_cuts,
                             unlogged_writes)

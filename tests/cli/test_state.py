@@ -275,6 +275,20 @@ def test_a_printed_pointer_to_an_odd_key_run_in_bash_finds_the_row(conn, dsn, ke
     assert [m["request_id"] for m in json.loads(found.stdout)["mutations"]] == [RID1, RID2]
 
 
+@pytest.mark.parametrize("row", [("--id", "2"), ()], ids=["row not found", "no row named"])
+def test_the_blame_command_an_error_hints_at_names_an_odd_table_as_the_shell_reads_it(conn, dsn, row):
+    """The hint said `flux state blame "My Table"`, which the shell passes as My Table: not found."""
+    ensure_schema(conn)
+    conn.execute('CREATE TABLE public."My Table" (id int PRIMARY KEY)')
+    record(conn, "My Table", "insert", request_id=RID1, key={"id": 1}, new={"id": 1})
+    result = invoke(dsn, "history", '"My Table"', *row)
+    assert isinstance(result.exception, (NotFoundError, ConfigError))
+    command = re.search(r"`(flux state blame [^`]+)`", result.exception.hint).group(1)
+    found = _bash(f'{command} --json --database "$DSN"', DSN=dsn)
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["table"] == "My Table"
+
+
 def test_blame_of_an_old_key_says_where_the_row_moved(users, dsn):
     _move_42_to_43(users)
     out = invoke(dsn, "blame", "users", "--id", "42").output

@@ -29,6 +29,7 @@ KeyOption = Annotated[
     typer.Option("--key", help="COL=VALUE; repeat for each primary-key column, or any columns of a table without one.", show_default=False),
 ]
 RULE = "─" * 40
+TIMES = "times UTC"  # said under each header: a commit time without its zone reads as the reader's own
 SHORT_ID = 8  # characters of a request id shown, or more where another request's id starts with them
 BLAME_ROWS = 20  # rows `blame TABLE` lists by default
 ROW_CLIP = 80  # a keyless row in `blame TABLE` is shown by its image, clipped
@@ -163,8 +164,8 @@ def render_history(h: RowHistory, shown: dict[str, str] | None = None) -> None:
     console.print()
     console.print(f"  [bold]Row[/]  {_row_title(h.schema, h.table, h.match, h.key)}")
     console.print(f"  [dim]{RULE}[/]")
-    if h.total > len(h.mutations):
-        console.print(f"  [dim]newest {len(h.mutations)} of {h.total} changes · times UTC[/]")
+    shown_part = f"newest {len(h.mutations)} of {h.total} changes · " if h.total > len(h.mutations) else ""
+    console.print(f"  [dim]{shown_part}{TIMES}[/]")
     if h.matched_on == "images":
         console.print("  [dim]no primary key recorded: matched on row values[/]")
     if line := _earlier_names(list(h.mutations), h.schema, h.table):
@@ -267,6 +268,7 @@ def render_row_blame(b: RowBlame, shown: dict[str, str] | None = None) -> None:
     console.print()
     console.print(f"  [bold]Blame[/]  {_row_title(b.schema, b.table, b.match, b.key)}")
     console.print(f"  [dim]{RULE}[/]")
+    console.print(f"  [dim]{TIMES}[/]")
     if line := _earlier_names(_writers(b), b.schema, b.table):
         console.print(line)
     if b.renamed_to is not None and b.key is not None:
@@ -310,6 +312,7 @@ def render_table_blame(schema: str, table: str, rows: list[RecentChange], shown:
     console.print()
     console.print(f"  [bold]Recently changed[/]  {escape(names.format_table(schema, table))}")
     console.print(f"  [dim]{RULE}[/]")
+    console.print(f"  [dim]{TIMES}[/]")
     if line := _earlier_names([r.writer for r in rows], schema, table):
         console.print(line)
     for r in rows:

@@ -80,6 +80,13 @@ def test_history_text_has_seed_like_lines(users, dsn):
     assert "    plan     → pro  (was null)" in lines
 
 
+@pytest.mark.parametrize("args", [("history", "users", "--id", "42"), ("blame", "users", "--id", "42"), ("blame", "users")])
+def test_history_and_blame_say_their_times_are_utc(users, dsn, args):
+    """They said so only for history cut by --limit: a reader east or west of UTC took 14:20 for their own time."""
+    out = [line.rstrip() for line in invoke(dsn, *args).output.splitlines()]
+    assert out[3] == "  times UTC" and "2026-03-10 14:2" in "".join(out[4:])
+
+
 def test_history_json_has_full_request_ids_and_fields(users, dsn):
     result = invoke(dsn, "history", "users", "--id", "42", "--json")
     assert result.exit_code == 0, result.output

@@ -276,11 +276,10 @@ def get_trace(conn: psycopg.Connection, id_or_prefix: str, *, tenant: str | None
     record = _fetch(conn, request_id) if request_id else None
     if record is None:
         scope = f" of tenant {tenant!r}" if tenant is not None else ""
-        pruned = retention.pruned_before(conn).traces
-        gone = f" Traces that started before {pruned:%Y-%m-%d %H:%M:%S} UTC were deleted by retention." if pruned else ""
         raise NotFoundError(
             f"No trace{scope} with id starting {prefix!r}",
-            hint="`flux requests` lists recent requests; `flux why ID` also looks in the mutation log." + gone,
+            hint="`flux requests` lists recent requests; `flux why ID` also looks in the mutation log."
+                 + _deleted_by_retention(conn, mutations=False),
             request_id=prefix,
         )
     return record
@@ -358,7 +357,7 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
         found = sorted(set(_trace_ids(conn, prefix, None)) | set(queries._request_ids(conn, prefix)))
     request_id = _pick(prefix, _whole_if_short(prefix, found), "requests")
     if request_id is None:
-        hint = "`flux requests` lists recent requests."
+        hint = "`flux requests` lists recent requests." + _deleted_by_retention(conn, mutations=True)
         if re.fullmatch(r"xid:\d+", prefix, re.IGNORECASE):  # copied from `flux state`, which names such writers so
             hint = (f"{prefix} is a transaction that sent no request context (a write made outside Flux): there is no "
                     "request to explain. `flux state history` and `flux state blame` of its rows show what it changed.")
@@ -366,6 +365,18 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
             f"No request with id starting {prefix!r}: neither a trace nor a row change", hint=hint, request_id=prefix,
         )
     return request_id, _fetch(conn, request_id)
+
+
+def _deleted_by_retention(conn: psycopg.Connection, *, mutations: bool) -> str:
+    """A sentence for the hint of an id not found: what the last prune deleted, or ''. An id copied
+    from an old ticket or log names a request whose records may be gone."""
+    pruned = retention.pruned_before(conn)
+    gone = [f"{what} before {cutoff:%Y-%m-%d %H:%M:%S} UTC" for what, cutoff in (
+        ("traces that started", pruned.traces), ("row changes committed", pruned.mutations if mutations else None)) if cutoff]
+    if not gone:
+        return ""
+    sentence = " and ".join(gone)
+    return f" {sentence[0].upper()}{sentence[1:]} were deleted by retention."
 
 
 def unique_prefixes(conn: psycopg.Connection, ids: list[str], shortest: int) -> dict[str, str]:

@@ -203,6 +203,20 @@ def test_trace_not_found_after_a_prune_says_traces_were_deleted_by_retention(see
     assert "were deleted by retention" in result.exception.hint
 
 
+def test_why_of_a_request_not_found_after_a_prune_says_what_retention_deleted(seeded, dsn):
+    """An id copied from an old ticket or log: flux trace said its trace may have been pruned, flux why did not."""
+    seeded.execute(  # a row change the prune deletes, so that it records its cutoff
+        "INSERT INTO flux.state_mutations (request_id, schema_name, table_name, op, row_key, xid, commit_lsn,"
+        " commit_time, seq) VALUES (%s, 'public', 'orders', 'insert', '{\"id\": 9}', 7, '0/10', now() - interval '40 days', 0)",
+        (OK2,))
+    prune(seeded, older_than=timedelta(days=1))
+    result = invoke(dsn, "why", OK2)
+    assert isinstance(result.exception, NotFoundError)
+    assert result.exception.hint.startswith("`flux requests` lists recent requests. Traces that started before ")
+    assert " UTC and row changes committed before " in result.exception.hint
+    assert result.exception.hint.endswith(" UTC were deleted by retention.")
+
+
 def test_trace_ambiguous_prefix_names_the_candidates(seeded, dsn):
     result = invoke(dsn, "trace", "91a3f")
     assert isinstance(result.exception, AmbiguousError)

@@ -31,6 +31,7 @@ from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, muta
 IdArg = Annotated[str, typer.Argument(metavar="ID", help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
 ERROR_CLIP = 60
 NAME_CELLS = 80  # of a span's name in the tree; --json has it whole
+REQUEST_CELLS = 80  # of a method and path in `flux requests`: one client's long path widened every line
 RUN_SHOWN = 5  # like sibling calls shown one by one; a longer run is shown as its ends and one line for the rest
 _SQLSTATE = re.compile(r"\(SQLSTATE [0-9A-Z]{5}\)")  # how the runtime ends a database error's message
 _DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
@@ -420,15 +421,17 @@ def history_hint(m: RowChange) -> str | None:
 
 
 def render_requests(rows: list[TraceSummary], *, filtered: bool = False, shown: dict[str, str] | None = None) -> None:
-    """One line per request, columns sized to their contents (lines wrap rather than clip); `shown`:
-    the id to show for each (`shown_ids`), else the whole id."""
+    """One line per request, columns sized to their contents (lines wrap rather than clip; a request
+    is cut at REQUEST_CELLS cells, an error at ERROR_CLIP characters: `flux trace` and --json have
+    them whole); `shown`: the id to show for each (`shown_ids`), else the whole id."""
     if not rows:
         console.print("[dim]No recorded request matches these filters.[/]" if filtered else "[dim]No requests recorded yet.[/]")
         return
     # A project of one tenant (flux dev's "default") needs no tenant column; one of several does.
     tenants = any(r.tenant != DEFAULT_TENANT for r in rows)
     cells = [tuple(map(visible, (
-        (shown or {}).get(r.id, r.id), _time(r.started_at), *((r.tenant or "—",) if tenants else ()), f"{r.method} {r.path}",
+        (shown or {}).get(r.id, r.id), _time(r.started_at), *((r.tenant or "—",) if tenants else ()),
+        _fit(visible(f"{r.method} {r.path}"), REQUEST_CELLS),
         r.function or "—", str(r.status), duration(r.duration_ms), _clip(r.error or ""))))
         for r in rows
     ]

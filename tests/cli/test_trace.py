@@ -97,6 +97,16 @@ def test_requests_aligns_columns_after_wide_characters(conn, dsn):
     assert len({cell_len(line[:line.index("create_order")]) for line in out[1:]}) == 1
 
 
+def test_requests_cuts_a_long_path_rather_than_widen_every_line(conn, dsn):
+    ensure_schema(conn)
+    long = "/" + "x" * 5000
+    insert_traces(conn, [trace(OK, path=long), trace(OK2, path="/orders", ago=timedelta(minutes=2))])
+    out = lines(invoke(dsn, "requests").output)
+    assert max(cell_len(line) for line in out) < 200
+    assert "POST /xxx" in out[1] and "x… " in out[1] and "POST /orders" in out[2]
+    assert json.loads(invoke(dsn, "requests", "--json").stdout)[0]["path"] == long
+
+
 def test_trace_of_a_query_in_a_loop_shows_the_runs_ends_and_one_line_for_the_rest(conn, dsn):
     ensure_schema(conn)
     gw = span("gateway", "server", "gateway", ms=900, http__status_code=500)

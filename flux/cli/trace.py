@@ -422,7 +422,7 @@ def history_hint(m: RowChange) -> str | None:
 
 def render_requests(rows: list[TraceSummary], *, filtered: bool = False, shown: dict[str, str] | None = None) -> None:
     """One line per request, columns sized to their contents (lines wrap rather than clip; a request
-    is cut at REQUEST_CELLS cells, an error at ERROR_CLIP characters: `flux trace` and --json have
+    is cut at REQUEST_CELLS cells, an error at ERROR_CLIP characters: `flux why` and --json have
     them whole); `shown`: the id to show for each (`shown_ids`), else the whole id."""
     if not rows:
         console.print("[dim]No recorded request matches these filters.[/]" if filtered else "[dim]No requests recorded yet.[/]")

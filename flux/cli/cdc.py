@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from datetime import UTC
 from typing import Annotated
 
 import psycopg
@@ -102,7 +103,9 @@ def render_status(s: CdcStatus) -> None:
         ("lag", _lag(s)),
         ("retained WAL", f"{_bytes(s.retained_wal_bytes)}" + (f" ({s.wal_status})" if s.wal_status else "")),
         ("mutations", f"{s.mutations_recorded:,}"),
-        ("last commit", f"{s.last_commit_time:%Y-%m-%d %H:%M:%S} UTC at {s.last_commit_lsn}" if s.last_commit_time else "-"),
+        # psycopg gives a timestamptz in the session's TimeZone, which a server or database may set to any.
+        ("last commit", f"{s.last_commit_time.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC at {s.last_commit_lsn}"
+         if s.last_commit_time else "-"),
     ]
     for label, value in rows:
         console.print(f"  {label:<14} {value}")

@@ -6,18 +6,18 @@ rich text or `--json`. Times are shown in UTC.
 
 from __future__ import annotations
 
-import shlex
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
+import psycopg
 import typer
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, escape, pad, print_json
 from flux.cli.output import width as text_width
 from flux.errors import ConfigError
-from flux.store import names, queries
-from flux.store.names import key_text
+from flux.store import names, queries, traces
+from flux.store.names import key_text, shell_word
 from flux.store.queries import Mutation, RecentChange, RowBlame, RowHistory, Writer
 
 app = typer.Typer(help="Row history and blame from the mutation log.", no_args_is_help=True)
@@ -29,7 +29,8 @@ KeyOption = Annotated[
     typer.Option("--key", help="COL=VALUE; repeat for each primary-key column, or any columns of a table without one.", show_default=False),
 ]
 RULE = "─" * 40
-SHORT_ID = 8
+TIMES = "times UTC"  # said under each header: a commit time without its zone reads as the reader's own
+SHORT_ID = 8  # characters of a request id shown, or more where another request's id starts with them
 BLAME_ROWS = 20  # rows `blame TABLE` lists by default
 ROW_CLIP = 80  # a keyless row in `blame TABLE` is shown by its image, clipped
 VALUE_CLIP = 200  # a column value in history and blame: a long text would bury the lines around it
@@ -49,10 +50,11 @@ def history(
     keys = parse_keys(key)
     with _connect(database) as conn:
         result = queries.row_history(conn, schema, name, id_value=id_value, key=keys, limit=limit)
+        shown = None if json else shown_ids(conn, [m.request_id for m in result.mutations])
     if json:
         print_json(result)
     else:
-        render_history(result)
+        render_history(result, shown)
 
 
 @app.command()
@@ -81,13 +83,14 @@ def blame(
             if json:
                 print_json({"schema": schema, "table": name, "rows": recent})
             else:
-                render_table_blame(schema, name, recent)
+                render_table_blame(schema, name, recent, shown_ids(conn, [r.writer.request_id for r in recent]))
             return
         result = queries.row_blame(conn, schema, name, id_value=id_value, key=keys)
+        shown = None if json else shown_ids(conn, [w.request_id for w in _writers(result)])
     if json:
         print_json(result)
     else:
-        render_row_blame(result)
+        render_row_blame(result, shown)
 
 
 def parse_keys(items: list[str] | None) -> dict[str, str] | None:
@@ -110,6 +113,12 @@ def _connect(database: str | None):
     return connect(database, failing="Reading the mutation log failed")
 
 
+def shown_ids(conn: psycopg.Connection, request_ids: list[str | None]) -> dict[str, str]:
+    """Each request id's shortest prefix that names it alone to `flux trace` and `flux why`
+    (`traces.unique_prefixes`), for all of a command's ids at once: one or two statements."""
+    return traces.unique_prefixes(conn, list(dict.fromkeys(i for i in request_ids if i is not None)), SHORT_ID)
+
+
 # -- rendering -------------------------------------------------------------------------------
 
 
@@ -117,14 +126,15 @@ def _time(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _who(w: Writer | Mutation) -> str:
+def _who(w: Writer | Mutation, shown: dict[str, str] | None) -> str:
+    """`req:` and the id as `shown_ids` shows it (whole without it), or the transaction of a write without one."""
     if w.request_id is None:
         problem = w.malformed_context if isinstance(w, Writer) else queries.malformed_context(w)
         if problem is not None:  # a context message was sent: say so, or its sender never learns it is broken
             return f"[dim]xid:{w.xid}[/] [yellow](malformed request context: {escape(problem)})[/]"
         return f"[dim]xid:{w.xid} (no request context)[/]"
     fn = f"  [dim]{escape(w.function)}[/]" if w.function else ""
-    return f"[bold]req:{escape(w.request_id[:SHORT_ID])}[/]{fn}"
+    return f"[bold]req:{escape((shown or {}).get(w.request_id, w.request_id))}[/]{fn}"
 
 
 def _recorded_as(w: Writer | Mutation, schema: str, table: str) -> str:
@@ -150,12 +160,12 @@ def _row_title(schema: str, table: str, match: dict[str, str], key: dict[str, An
     return escape(f"{names.format_table(schema, table)} / {cols}")
 
 
-def render_history(h: RowHistory) -> None:
+def render_history(h: RowHistory, shown: dict[str, str] | None = None) -> None:
     console.print()
     console.print(f"  [bold]Row[/]  {_row_title(h.schema, h.table, h.match, h.key)}")
     console.print(f"  [dim]{RULE}[/]")
-    if h.total > len(h.mutations):
-        console.print(f"  [dim]newest {len(h.mutations)} of {h.total} changes · times UTC[/]")
+    shown_part = f"newest {len(h.mutations)} of {h.total} changes · " if h.total > len(h.mutations) else ""
+    console.print(f"  [dim]{shown_part}{TIMES}[/]")
     if h.matched_on == "images":
         console.print("  [dim]no primary key recorded: matched on row values[/]")
     if line := _earlier_names(list(h.mutations), h.schema, h.table):
@@ -172,7 +182,7 @@ def render_history(h: RowHistory) -> None:
     alive = False  # the log's changes so far leave a row with this key in the table
     for m in h.mutations:
         console.print()
-        console.print(f"  {_time(m.commit_time)}  {_who(m)}{_recorded_as(m, h.schema, h.table)}")
+        console.print(f"  {_time(m.commit_time)}  {_who(m, shown)}{_recorded_as(m, h.schema, h.table)}")
         for line in _mutation_lines(m, width, h.schema, h.table):
             console.print(line)
         if m.op == "insert" and alive and h.matched_on == "row_key":
@@ -238,29 +248,6 @@ def _row_args(row_key: dict[str, Any]) -> str:
     return " ".join(f"--key {shell_word(f'{col}={names.key_arg(v)}')}" for col, v in row_key.items())
 
 
-_ESCAPES = {"\\": "\\\\", "'": "\\'", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def shell_word(text: str) -> str:
-    """`text` as one shell word that survives being shown in a terminal and pasted back.
-
-    shlex.quote, unless the text holds a character a terminal does not show as itself (a tab
-    shows as spaces, a newline breaks the line): then bash's $'...' form, with each such
-    character escaped as its UTF-8 bytes (\\xHH, which bash reads back in any locale; zsh too).
-    """
-    if not any(names.hidden(c) for c in text):
-        return shlex.quote(text)
-    return "$'" + "".join(map(_dollar_escape, text)) + "'"
-
-
-def _dollar_escape(char: str) -> str:
-    if char in _ESCAPES:
-        return _ESCAPES[char]
-    if names.hidden(char):
-        return "".join(f"\\x{b:02x}" for b in char.encode("utf-8", "surrogatepass"))
-    return char
-
-
 def _value(value: Any) -> str:
     """A column value as shown: clipped past VALUE_CLIP characters, saying how long it is."""
     text = key_text(value)
@@ -273,19 +260,23 @@ def _key(row_key: dict[str, Any]) -> str:
     return ", ".join(f"{c} = {key_text(v)}" for c, v in row_key.items())
 
 
-def render_row_blame(b: RowBlame) -> None:
+def _writers(b: RowBlame) -> list[Writer]:
+    return [w for w in (b.deleted_by, *(c.set_by for c in b.columns)) if w is not None]
+
+
+def render_row_blame(b: RowBlame, shown: dict[str, str] | None = None) -> None:
     console.print()
     console.print(f"  [bold]Blame[/]  {_row_title(b.schema, b.table, b.match, b.key)}")
     console.print(f"  [dim]{RULE}[/]")
-    writers = [w for w in (b.deleted_by, *(c.set_by for c in b.columns)) if w is not None]
-    if line := _earlier_names(writers, b.schema, b.table):
+    console.print(f"  [dim]{TIMES}[/]")
+    if line := _earlier_names(_writers(b), b.schema, b.table):
         console.print(line)
     if b.renamed_to is not None and b.key is not None:
         command = history_command(*names.parse_table(b.renamed_to), b.key).replace("history", "blame", 1)
         console.print(f"  [dim]the table was renamed {escape(b.renamed_to)} since; blame of the row now: {escape(command)}[/]")
     if b.deleted and b.deleted_by is not None:
         how = "truncated" if b.deleted_by.op == "truncate" else "moved" if b.moved_to is not None else "deleted"
-        console.print(f"  [red]{how}[/]  {_time(b.deleted_by.commit_time)}  {_who(b.deleted_by)}"
+        console.print(f"  [red]{how}[/]  {_time(b.deleted_by.commit_time)}  {_who(b.deleted_by, shown)}"
                       f"{_recorded_as(b.deleted_by, b.schema, b.table)}")
         if b.moved_to is not None:
             console.print(f"  [dim]its primary key became {escape(_key(b.moved_to))}: "
@@ -300,7 +291,7 @@ def render_row_blame(b: RowBlame) -> None:
             origin = "[dim](set before the recorded history)[/]"
         else:
             maybe = "[dim]≤[/] " if not c.certain else ""
-            origin = (f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by)}  [dim]{c.set_by.op}[/]"
+            origin = (f"{maybe}{_time(c.set_by.commit_time)}  {_who(c.set_by, shown)}  [dim]{c.set_by.op}[/]"
                       f"{_recorded_as(c.set_by, b.schema, b.table)}")
         line = f"  {escape(pad(c.column, width))}  {value}  {origin}"
         console.print(f"[dim]{line}[/]" if b.deleted else line)
@@ -317,10 +308,11 @@ def render_row_blame(b: RowBlame) -> None:
     console.print()
 
 
-def render_table_blame(schema: str, table: str, rows: list[RecentChange]) -> None:
+def render_table_blame(schema: str, table: str, rows: list[RecentChange], shown: dict[str, str] | None = None) -> None:
     console.print()
     console.print(f"  [bold]Recently changed[/]  {escape(names.format_table(schema, table))}")
     console.print(f"  [dim]{RULE}[/]")
+    console.print(f"  [dim]{TIMES}[/]")
     if line := _earlier_names([r.writer for r in rows], schema, table):
         console.print(line)
     for r in rows:
@@ -334,5 +326,5 @@ def render_table_blame(schema: str, table: str, rows: list[RecentChange]) -> Non
         else:
             row = key_text(r.row or {})
             what = escape(row if len(row) <= ROW_CLIP else row[: ROW_CLIP - 1] + "…")
-        console.print(f"  {_time(w.commit_time)}  {w.op:<8}  {what}  {_who(w)}{_recorded_as(w, schema, table)}")
+        console.print(f"  {_time(w.commit_time)}  {w.op:<8}  {what}  {_who(w, shown)}{_recorded_as(w, schema, table)}")
     console.print()

@@ -19,19 +19,19 @@ from rich.cells import cell_len
 
 from flux.cli.common import DatabaseOption, JsonOption, connect
 from flux.cli.output import console, escape, print_json
-from flux.cli.state import history_command, shell_word
+from flux.cli.state import history_command, shown_ids
 from flux.project import DEFAULT_TENANT, parse_duration
 from flux.store import traces
 from flux.store.retention import pruned_before
-from flux.store.names import format_table, key_text, visible
+from flux.store.names import format_table, key_text, shell_word, visible
 from flux.store.traces import TraceRecord, TraceSummary
 from flux.store.why import (MAX_ROWS, RowChange, Why, error_label, explain, mutations_pruned, record_cuts,
                             unlogged_writes)
 
 IdArg = Annotated[str, typer.Argument(metavar="ID", help="Request id, or a unique prefix of it (at least 4 characters).", show_default=False)]
-SHORT_ID = 8
 ERROR_CLIP = 60
 NAME_CELLS = 80  # of a span's name in the tree; --json has it whole
+REQUEST_CELLS = 80  # of a method and path in `flux requests`: one client's long path widened every line
 RUN_SHOWN = 5  # like sibling calls shown one by one; a longer run is shown as its ends and one line for the rest
 _SQLSTATE = re.compile(r"\(SQLSTATE [0-9A-Z]{5}\)")  # how the runtime ends a database error's message
 _DURATION_KINDS = ("function",)  # show their duration even when they failed: the status line says how
@@ -43,6 +43,7 @@ def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption
         record = traces.get_trace(conn, id_or_prefix)
         writes = traces.count_mutations(conn, record.id)
         pruned = pruned_before(conn)
+        shown = None if json else shown_ids(conn, [record.id])[record.id]
     # None of its row changes left, and it ended before the log's cutoff: how many it made is unknown.
     writes_pruned = writes == 0 and mutations_pruned(record, pruned)
     unlogged = unlogged_writes(record, writes, pruned)
@@ -50,7 +51,7 @@ def trace(id_or_prefix: IdArg, database: DatabaseOption = None, json: JsonOption
     if json:
         print_json({**dataclasses.asdict(record), "db_writes": writes, "db_writes_pruned": writes_pruned, "notes": notes})
     else:
-        render_trace(record, writes, pruned.mutations if writes_pruned else None, notes)
+        render_trace(record, writes, pruned.mutations if writes_pruned else None, notes, shown=shown)
 
 
 def why(
@@ -62,10 +63,11 @@ def why(
     """Why a request ended as it did: its spans, the root cause of a failure, and the rows it changed."""
     with _connect(database) as conn:
         result = explain(conn, id_or_prefix, rows=rows)
+        shown = None if json else shown_ids(conn, [result.request_id])[result.request_id]
     if json:
         print_json(result)
     else:
-        render_why(result)
+        render_why(result, shown=shown)
 
 
 def requests(
@@ -81,7 +83,7 @@ def requests(
     window = parse_since(since) if since is not None else None
     with _connect(database) as conn:
         rows = traces.list_traces(conn, function=function, status=status, since=window, tenant=tenant, limit=limit)
-        shown = None if json else traces.unique_prefixes(conn, [r.id for r in rows], SHORT_ID)
+        shown = None if json else shown_ids(conn, [r.id for r in rows])
     if json:
         print_json(rows)
     else:
@@ -241,11 +243,12 @@ def _origin_failures(spans: list[dict[str, Any]]) -> int:
 
 
 def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime | None = None,
-                 notes: list[str] | tuple[str, ...] = ()) -> None:
+                 notes: list[str] | tuple[str, ...] = (), *, shown: str | None = None) -> None:
+    """`shown`: the id to show (`shown_ids`), else the whole id."""
     roots, children = _children(t.spans)
     color = _status_color(t.status)
     console.print()
-    console.print(f"  [bold]Trace Graph[/]  {escape(t.id[:SHORT_ID])}")
+    console.print(f"  [bold]Trace Graph[/]  {escape(shown or t.id)}")
     console.print(f"  {escape(t.method)} {escape(t.path)} · [{color}]{escape(status_text(t.status))}[/] · {duration(t.duration_ms)}")
     if t.spans:
         for line in _span_lines([(lead, span) for lead, _, span in _walk(roots, children)], children):
@@ -259,10 +262,11 @@ def render_trace(t: TraceRecord, db_writes: int, writes_pruned_before: datetime 
     console.print()
 
 
-def render_why(w: Why) -> None:
+def render_why(w: Why, *, shown: str | None = None) -> None:
+    """`shown`: the id to show (`shown_ids`), else the whole id."""
     t = w.trace
     console.print()
-    console.print(f"  [bold]Execution[/]  {escape(w.request_id[:SHORT_ID])}")
+    console.print(f"  [bold]Execution[/]  {escape(shown or w.request_id)}")
     if t is None:
         fn = f"function: {escape(w.function)}  " if w.function else ""
         console.print(f"  {fn}[dim](no trace recorded)[/]")
@@ -417,15 +421,17 @@ def history_hint(m: RowChange) -> str | None:
 
 
 def render_requests(rows: list[TraceSummary], *, filtered: bool = False, shown: dict[str, str] | None = None) -> None:
-    """One line per request, columns sized to their contents (lines wrap rather than clip); `shown`:
-    the id to show for each (`traces.unique_prefixes`), else its first 8 characters."""
+    """One line per request, columns sized to their contents (lines wrap rather than clip; a request
+    is cut at REQUEST_CELLS cells, an error at ERROR_CLIP characters: `flux why` and --json have
+    them whole); `shown`: the id to show for each (`shown_ids`), else the whole id."""
     if not rows:
         console.print("[dim]No recorded request matches these filters.[/]" if filtered else "[dim]No requests recorded yet.[/]")
         return
     # A project of one tenant (flux dev's "default") needs no tenant column; one of several does.
     tenants = any(r.tenant != DEFAULT_TENANT for r in rows)
     cells = [tuple(map(visible, (
-        (shown or {}).get(r.id, r.id[:SHORT_ID]), _time(r.started_at), *((r.tenant or "—",) if tenants else ()), f"{r.method} {r.path}",
+        (shown or {}).get(r.id, r.id), _time(r.started_at), *((r.tenant or "—",) if tenants else ()),
+        _fit(visible(f"{r.method} {r.path}"), REQUEST_CELLS),
         r.function or "—", str(r.status), duration(r.duration_ms), _clip(r.error or ""))))
         for r in rows
     ]

@@ -2,14 +2,15 @@
 
 `flux state` and `flux why` take table names as PostgreSQL reads them (`users`,
 `billing.invoices`, `"my schema"."Tábla x"`) and key values as text; they show recorded values in
-one way everywhere (`key_text`), and hints in a form that pastes back (`key_arg`). Nothing here
-touches a database.
+one way everywhere (`key_text`), and hints in a form that pastes back (`key_arg`, `shell_word`).
+Nothing here touches a database.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import unicodedata
 from decimal import Decimal
 from typing import Any
@@ -110,6 +111,29 @@ def visible(text: str) -> str:
 
 
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+_DOLLAR_ESCAPES = {"\\": "\\\\", "'": "\\'", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def shell_word(text: str) -> str:
+    """`text` as one shell word that survives being shown in a terminal and pasted back.
+
+    shlex.quote, unless the text holds a character a terminal does not show as itself (a tab
+    shows as spaces, a newline breaks the line): then bash's $'...' form, with each such
+    character escaped as its UTF-8 bytes (\\xHH, which bash reads back in any locale; zsh too).
+    """
+    if not any(hidden(c) for c in text):
+        return shlex.quote(text)
+    return "$'" + "".join(map(_dollar_escape, text)) + "'"
+
+
+def _dollar_escape(char: str) -> str:
+    if char in _DOLLAR_ESCAPES:
+        return _DOLLAR_ESCAPES[char]
+    if hidden(char):
+        return "".join(f"\\x{b:02x}" for b in char.encode("utf-8", "surrogatepass"))
+    return char
 
 
 # -- values as text --------------------------------------------------------------------------

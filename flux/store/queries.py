@@ -47,7 +47,7 @@ import psycopg
 from psycopg import sql
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
-from flux.store.names import NUMBER, format_table, given_text, key_arg, load_json
+from flux.store.names import NUMBER, format_table, given_text, key_arg, load_json, shell_word
 from flux.store.renames import NO_NAMES, Names, renamed_to, table_names
 from flux.store.retention import pruned_before
 from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
@@ -395,7 +395,7 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> Name
         hint = "Did you mean " + " or ".join(f"'{s}'" for s in similar) + "? Quote mixed-case names."
     elif root is not None and root != (schema, table):
         parent = format_table(*root)
-        hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {parent} ...`."
+        hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {shell_word(parent)} ...`."
     elif not exists and (elsewhere := _in_other_schemas(conn, schema, table)):
         hint = (f"There is no table {name}; did you mean " + " or ".join(f"'{s}'" for s in elsewhere)
                 + "? Name the schema: a name without one is public's.")
@@ -437,7 +437,7 @@ def _capture_hint(conn: psycopg.Connection, schema: str, table: str) -> str:
     if conn.execute("SELECT EXISTS (SELECT 1 FROM flux.attachments)").fetchone()[0]:
         return (f"{name} is not captured: give it to `flux attach --tables` with the other tables to capture (the list "
                 "replaces the current one), or use `flux attach --all-tables`.")
-    return f"Nothing is captured in this database yet: `flux attach --tables {name}` (or `--all-tables`) starts recording."
+    return f"Nothing is captured in this database yet: `flux attach --tables {shell_word(name)}` (or `--all-tables`) starts recording."
 
 
 def _row_match(
@@ -453,7 +453,7 @@ def _row_match(
         if id_value is not None:
             raise ConfigError("Give either --id or --key, not both", hint=f"Name a row of {name} with {naming}.", table=name)
         raise ConfigError("Name a row with --id VALUE or --key COL=VALUE",
-                          hint=f"Name a row of {name} with {naming}; `flux state blame {name}` lists recently changed rows.",
+                          hint=f"Name a row of {name} with {naming}; `flux state blame {shell_word(name)}` lists recently changed rows.",
                           table=name)
     if id_value is not None:
         if pk is None:
@@ -630,7 +630,8 @@ def _no_row(conn: psycopg.Connection, schema: str, table: str, m: _RowMatch) -> 
     columns = (f" It has no column {', '.join(unknown)} (its columns: {', '.join(m.columns)})." if unknown else "")
     raise NotFoundError(
         f"No recorded mutations for row {where}",
-        hint=f"The table has recorded changes, but none of this row.{columns} `flux state blame {format_table(schema, table)}` lists recently changed rows."
+        hint=f"The table has recorded changes, but none of this row.{columns} "
+             f"`flux state blame {shell_word(format_table(schema, table))}` lists recently changed rows."
         + _pruned_note(conn),
         table=format_table(schema, table),
     )

@@ -6,7 +6,7 @@ on). Every function here takes a psycopg connection and returns frozen dataclass
 the CLI's job.
 
 How a trace is found: by its request id or a unique prefix of it (at least `MIN_PREFIX`
-characters, optionally written `req:...` as `flux state` prints it). The primary key is
+characters, unless it is a whole id; optionally written `req:...` as `flux state` prints it). The primary key is
 `COLLATE "C"`, so the prefix `LIKE` is a range scan of it.
 """
 
@@ -209,11 +209,19 @@ def _prefix(id_or_prefix: str) -> str:
     text = id_or_prefix.strip()
     if text.lower().startswith(queries.REQUEST_PREFIX):
         text = text[len(queries.REQUEST_PREFIX):]
-    if len(text) < MIN_PREFIX:
-        raise ConfigError(
-            f"Request id {text!r} is too short to look up", hint=f"Give at least {MIN_PREFIX} characters of the id.",
-        )
     return text
+
+
+def _whole_if_short(prefix: str, found: list[str]) -> list[str]:
+    """`found`, or for a text shorter than MIN_PREFIX only the id it is whole: a writer that sends its
+    own request ids may send `42`, which `flux state` shows as `req:42`."""
+    if len(prefix) >= MIN_PREFIX:
+        return found
+    if prefix in found:
+        return [prefix]
+    raise ConfigError(
+        f"Request id {prefix!r} is too short to look up", hint=f"Give at least {MIN_PREFIX} characters of the id.",
+    )
 
 
 def _like(prefix: str) -> str:
@@ -252,7 +260,7 @@ def _resolve_trace(conn: psycopg.Connection, prefix: str, tenant: str | None) ->
     if not found and prefix != prefix.lower():  # uuids are stored in lower case
         prefix = prefix.lower()
         found = _trace_ids(conn, prefix, tenant)
-    return _pick(prefix, found, "traces")
+    return _pick(prefix, _whole_if_short(prefix, found), "traces")
 
 
 def _fetch(conn: psycopg.Connection, request_id: str) -> TraceRecord | None:
@@ -268,11 +276,10 @@ def get_trace(conn: psycopg.Connection, id_or_prefix: str, *, tenant: str | None
     record = _fetch(conn, request_id) if request_id else None
     if record is None:
         scope = f" of tenant {tenant!r}" if tenant is not None else ""
-        pruned = retention.pruned_before(conn).traces
-        gone = f" Traces that started before {pruned:%Y-%m-%d %H:%M:%S} UTC were deleted by retention." if pruned else ""
         raise NotFoundError(
             f"No trace{scope} with id starting {prefix!r}",
-            hint="`flux requests` lists recent requests; `flux why ID` also looks in the mutation log." + gone,
+            hint="`flux requests` lists recent requests; `flux why ID` also looks in the mutation log."
+                 + _deleted_by_retention(conn, mutations=False),
             request_id=prefix,
         )
     return record
@@ -348,9 +355,9 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
     if not found and prefix != prefix.lower():
         prefix = prefix.lower()
         found = sorted(set(_trace_ids(conn, prefix, None)) | set(queries._request_ids(conn, prefix)))
-    request_id = _pick(prefix, found, "requests")
+    request_id = _pick(prefix, _whole_if_short(prefix, found), "requests")
     if request_id is None:
-        hint = "`flux requests` lists recent requests."
+        hint = "`flux requests` lists recent requests." + _deleted_by_retention(conn, mutations=True)
         if re.fullmatch(r"xid:\d+", prefix, re.IGNORECASE):  # copied from `flux state`, which names such writers so
             hint = (f"{prefix} is a transaction that sent no request context (a write made outside Flux): there is no "
                     "request to explain. `flux state history` and `flux state blame` of its rows show what it changed.")
@@ -360,11 +367,23 @@ def find_request(conn: psycopg.Connection, id_or_prefix: str) -> tuple[str, Trac
     return request_id, _fetch(conn, request_id)
 
 
+def _deleted_by_retention(conn: psycopg.Connection, *, mutations: bool) -> str:
+    """A sentence for the hint of an id not found: what the last prune deleted, or ''. An id copied
+    from an old ticket or log names a request whose records may be gone."""
+    pruned = retention.pruned_before(conn)
+    gone = [f"{what} before {cutoff:%Y-%m-%d %H:%M:%S} UTC" for what, cutoff in (
+        ("traces that started", pruned.traces), ("row changes committed", pruned.mutations if mutations else None)) if cutoff]
+    if not gone:
+        return ""
+    sentence = " and ".join(gone)
+    return f" {sentence[0].upper()}{sentence[1:]} were deleted by retention."
+
+
 def unique_prefixes(conn: psycopg.Connection, ids: list[str], shortest: int) -> dict[str, str]:
-    """Each id's shortest prefix to show (`flux requests`): its first `shortest` characters, or more
-    when another request's id starts with them too (as likely as not somewhere among 77,000
-    requests for 8), so that every prefix names one request to `find_request`: 13 (a UUID's first
-    two groups), else the whole id."""
+    """Each id's shortest prefix to show (as `flux requests`, `trace`, `why` and `state` do): its
+    first `shortest` characters, or more when another request's id starts with them too (as likely
+    as not somewhere among 77,000 requests for 8), so that every prefix names one request to
+    `find_request`: 13 (a UUID's first two groups), else the whole id."""
     shown = {i: i[:shortest] for i in ids}
     pending = ids
     for length in (13, None):
@@ -376,16 +395,27 @@ def unique_prefixes(conn: psycopg.Connection, ids: list[str], shortest: int) -> 
 
 def _ambiguous_prefixes(conn: psycopg.Connection, shown: dict[str, str]) -> set[str]:
     """Those of the prefixes in `shown` (request id -> a prefix of it) that start another request's
-    id too, in the traces or the row changes, where `find_request` looks ids up. One round trip;
-    each prefix is three index range scans that stop at the first id, past the request's own
-    (however many row changes it has)."""
+    id too, in the traces or the row changes, where `find_request` looks ids up. One statement,
+    whose parameters are two arrays however many ids there are (a statement's parameters are at
+    most 65,535). In byte order the ids a prefix starts are one run, from the prefix on, that holds
+    the request's own id: another is the last id before it, at or past the prefix, or the first id
+    after it. So each prefix is four index probes, which read one entry each however many row
+    changes the request has, or however many ids share the prefix."""
     if not shown:
         return set()
-    part = ("SELECT %s WHERE EXISTS (SELECT FROM flux.trace_requests WHERE id LIKE %s AND id <> %s)"
-            " OR EXISTS (SELECT FROM flux.state_mutations WHERE request_id LIKE %s AND request_id ~<~ %s)"
-            " OR EXISTS (SELECT FROM flux.state_mutations WHERE request_id LIKE %s AND request_id ~>~ %s)")
-    params = [v for request_id, prefix in shown.items() for v in (prefix, *(_like(prefix), request_id) * 3)]
-    return {row[0] for row in conn.execute(" UNION ALL ".join([part] * len(shown)), params).fetchall()}
+    return {row[0] for row in conn.execute(_AMBIGUOUS, [list(shown.values()), list(shown)]).fetchall()}
+
+
+# state_mutations' request_id index is text_pattern_ops: its operators compare bytes, as the
+# traces' "C" key does.
+_AMBIGUOUS = (
+    "SELECT prefix FROM unnest(%s::text[], %s::text[]) AS shown(prefix, own)"
+    " WHERE EXISTS (SELECT FROM flux.trace_requests WHERE id >= prefix AND id < own)"
+    " OR starts_with((SELECT id FROM flux.trace_requests WHERE id > own ORDER BY id LIMIT 1), prefix)"
+    " OR EXISTS (SELECT FROM flux.state_mutations WHERE request_id ~>=~ prefix AND request_id ~<~ own)"
+    " OR starts_with((SELECT request_id FROM flux.state_mutations WHERE request_id ~>~ own"
+    " ORDER BY request_id USING ~<~ LIMIT 1), prefix)"
+)
 
 
 def count_mutations(conn: psycopg.Connection, request_id: str) -> int:

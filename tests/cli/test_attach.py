@@ -371,6 +371,16 @@ def test_status_reports_inactive_slot_with_warning(dsn, conn):
     assert "not running" in text and "warning:" in text
 
 
+def test_status_shows_the_last_commit_in_utc_whatever_the_sessions_time_zone(dsn, conn):
+    """It printed the session's local time (a server or database set to another zone) labelled UTC."""
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--tables", "users")
+    conn.execute("INSERT INTO flux.cdc_progress (slot_name, commit_lsn, end_lsn, commit_time, mutations)"
+                 " VALUES ('flux', '0/10', '0/20', '2026-01-02 03:04:05+00', 1)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET timezone = 'Asia/Kolkata'")
+    assert "  last commit    2026-01-02 03:04:05 UTC at 0/10" in invoke("cdc", "status", "--database", dsn).stdout
+
+
 def test_status_of_running_engine_reports_consumer_mutations_and_no_lag(dsn, conn, capture):
     conn.execute("CREATE TABLE users (id int PRIMARY KEY)")
     running = capture(tables=["users"])

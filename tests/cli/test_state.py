@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,8 @@ from flux.cli.state import app, history_command
 from flux.errors import ConfigError, NotFoundError
 from flux.store.retention import prune
 from flux.store.schema import ensure_schema
+from flux.store.traces import find_request, insert_traces
+from tests.traces_seed import trace
 
 T0 = datetime(2026, 3, 10, 14, 20, 11, tzinfo=timezone.utc)
 RID1 = "4f9a3b2c-0000-4000-8000-000000000001"
@@ -75,6 +78,13 @@ def test_history_text_has_seed_like_lines(users, dsn):
     assert "  2026-03-10 14:21:11  req:550e8400  create_user" in lines
     assert "    plan     → null  (was free)" in lines
     assert "    plan     → pro  (was null)" in lines
+
+
+@pytest.mark.parametrize("args", [("history", "users", "--id", "42"), ("blame", "users", "--id", "42"), ("blame", "users")])
+def test_history_and_blame_say_their_times_are_utc(users, dsn, args):
+    """They said so only for history cut by --limit: a reader east or west of UTC took 14:20 for their own time."""
+    out = [line.rstrip() for line in invoke(dsn, *args).output.splitlines()]
+    assert out[3] == "  times UTC" and "2026-03-10 14:2" in "".join(out[4:])
 
 
 def test_history_json_has_full_request_ids_and_fields(users, dsn):
@@ -272,6 +282,20 @@ def test_a_printed_pointer_to_an_odd_key_run_in_bash_finds_the_row(conn, dsn, ke
     assert [m["request_id"] for m in json.loads(found.stdout)["mutations"]] == [RID1, RID2]
 
 
+@pytest.mark.parametrize("row", [("--id", "2"), ()], ids=["row not found", "no row named"])
+def test_the_blame_command_an_error_hints_at_names_an_odd_table_as_the_shell_reads_it(conn, dsn, row):
+    """The hint said `flux state blame "My Table"`, which the shell passes as My Table: not found."""
+    ensure_schema(conn)
+    conn.execute('CREATE TABLE public."My Table" (id int PRIMARY KEY)')
+    record(conn, "My Table", "insert", request_id=RID1, key={"id": 1}, new={"id": 1})
+    result = invoke(dsn, "history", '"My Table"', *row)
+    assert isinstance(result.exception, (NotFoundError, ConfigError))
+    command = re.search(r"`(flux state blame [^`]+)`", result.exception.hint).group(1)
+    found = _bash(f'{command} --json --database "$DSN"', DSN=dsn)
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["table"] == "My Table"
+
+
 def test_blame_of_an_old_key_says_where_the_row_moved(users, dsn):
     _move_42_to_43(users)
     out = invoke(dsn, "blame", "users", "--id", "42").output
@@ -351,6 +375,38 @@ def test_blame_without_key_lists_recently_changed_rows(users, dsn):
     assert [(r["row_key"], r["writer"]["request_id"]) for r in rows] == [({"id": 7}, RID2), ({"id": 42}, RID3)]
     text = invoke(dsn, "blame", "users", "--limit", "1").output
     assert "id = 7" in text and "id = 42" not in text
+
+
+def _twins_of_rid1_and_rid2(conn: psycopg.Connection) -> None:
+    """A request whose id shares RID1's first 13 characters (a row change), and one sharing RID2's
+    first 8 (a trace): as likely as not somewhere among 77,000 requests, for 8."""
+    record(conn, "orders", "insert", request_id=RID1[:13] + "-ffff-000000000000", function="create_order", key={"id": 1})
+    insert_traces(conn, [trace(RID2[:8] + "-ffff-4000-8000-000000000009")])
+
+
+def _shown_ids(conn: psycopg.Connection, output: str) -> list[tuple[str, str]]:
+    """Each request id the output shows (`req:...`), and the request `flux why` finds by it."""
+    return [(prefix, find_request(conn, prefix)[0]) for prefix in re.findall(r"req:(\S+)", output)]
+
+
+def test_history_shows_request_ids_that_name_one_request(users, dsn):
+    _twins_of_rid1_and_rid2(users)
+    result = invoke(dsn, "history", "users", "--id", "42")
+    assert result.exit_code == 0, result.output
+    assert _shown_ids(users, result.output) == [(RID1, RID1), (RID2[:13], RID2), (RID3[:8], RID3)]
+    mutations = json.loads(invoke(dsn, "history", "users", "--id", "42", "--json").stdout)["mutations"]
+    assert [m["request_id"] for m in mutations] == [RID1, RID2, RID3]
+
+
+def test_blame_shows_request_ids_that_name_one_request(users, dsn):
+    _twins_of_rid1_and_rid2(users)
+    record(users, "users", "insert", request_id=RID2, function="create_user", key={"id": 7}, new={"id": 7, "email": "b", "plan": "free"})
+    assert _shown_ids(users, invoke(dsn, "blame", "users", "--id", "42").output) == [(RID1, RID1), (RID1, RID1), (RID3[:8], RID3)]
+    assert _shown_ids(users, invoke(dsn, "blame", "users").output) == [(RID2[:13], RID2), (RID3[:8], RID3)]
+    rows = json.loads(invoke(dsn, "blame", "users", "--json").stdout)["rows"]
+    assert [r["writer"]["request_id"] for r in rows] == [RID2, RID3]
+    record(users, "users", "delete", request_id=RID2, function="purge", key={"id": 7}, old={"id": 7}, old_complete=False)
+    assert _shown_ids(users, invoke(dsn, "blame", "users", "--id", "7").output)[0] == (RID2[:13], RID2)
 
 
 def test_blame_of_a_row_refuses_a_limit(users, dsn):

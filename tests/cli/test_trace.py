@@ -15,7 +15,7 @@ from flux.cli.trace import parse_since
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.retention import prune
 from flux.store.schema import ensure_schema
-from flux.store.traces import TraceRecord, insert_traces
+from flux.store.traces import TraceRecord, find_request, get_trace, insert_traces
 from tests.traces_seed import (
     FAIL,
     NO_TRACE,
@@ -95,6 +95,16 @@ def test_requests_aligns_columns_after_wide_characters(conn, dsn):
     out = lines(invoke(dsn, "requests").output)
     assert len({line.index("create_order") for line in out[1:]}) == 2  # in characters, not cells
     assert len({cell_len(line[:line.index("create_order")]) for line in out[1:]}) == 1
+
+
+def test_requests_cuts_a_long_path_rather_than_widen_every_line(conn, dsn):
+    ensure_schema(conn)
+    long = "/" + "x" * 5000
+    insert_traces(conn, [trace(OK, path=long), trace(OK2, path="/orders", ago=timedelta(minutes=2))])
+    out = lines(invoke(dsn, "requests").output)
+    assert max(cell_len(line) for line in out) < 200
+    assert "POST /xxx" in out[1] and "x… " in out[1] and "POST /orders" in out[2]
+    assert json.loads(invoke(dsn, "requests", "--json").stdout)[0]["path"] == long
 
 
 def test_trace_of_a_query_in_a_loop_shows_the_runs_ends_and_one_line_for_the_rest(conn, dsn):
@@ -201,6 +211,20 @@ def test_trace_not_found_after_a_prune_says_traces_were_deleted_by_retention(see
     result = invoke(dsn, "trace", OK2)
     assert isinstance(result.exception, NotFoundError)
     assert "were deleted by retention" in result.exception.hint
+
+
+def test_why_of_a_request_not_found_after_a_prune_says_what_retention_deleted(seeded, dsn):
+    """An id copied from an old ticket or log: flux trace said its trace may have been pruned, flux why did not."""
+    seeded.execute(  # a row change the prune deletes, so that it records its cutoff
+        "INSERT INTO flux.state_mutations (request_id, schema_name, table_name, op, row_key, xid, commit_lsn,"
+        " commit_time, seq) VALUES (%s, 'public', 'orders', 'insert', '{\"id\": 9}', 7, '0/10', now() - interval '40 days', 0)",
+        (OK2,))
+    prune(seeded, older_than=timedelta(days=1))
+    result = invoke(dsn, "why", OK2)
+    assert isinstance(result.exception, NotFoundError)
+    assert result.exception.hint.startswith("`flux requests` lists recent requests. Traces that started before ")
+    assert " UTC and row changes committed before " in result.exception.hint
+    assert result.exception.hint.endswith(" UTC were deleted by retention.")
 
 
 def test_trace_ambiguous_prefix_names_the_candidates(seeded, dsn):
@@ -450,6 +474,29 @@ def test_requests_shows_an_id_longer_where_another_requests_id_starts_the_same(s
     shown = [line.split()[0] for line in lines(invoke(dsn, "requests").output)[1:]]
     assert sorted(shown) == sorted([OK[:13], twin[:13], FAIL, OK2[:8]])
     assert all(invoke(dsn, "why", prefix).exit_code == 0 for prefix in shown)
+
+
+def test_trace_and_why_head_their_output_with_an_id_that_names_one_request(seeded, dsn):
+    """Their headers showed the id's first 8 characters, which may start another request's id too."""
+    insert_traces(seeded, [trace(OK[:8] + "-ffff-4000-8000-000000000009")])
+    mutation(seeded, "orders", "insert", request_id=FAIL[:13] + "-ffff-000000000000", key={"id": 9}, function="create_order")
+    for request_id, shown in ((OK, OK[:13]), (FAIL, FAIL), (OK2, OK2[:8]), (NO_TRACE, NO_TRACE[:8])):
+        assert f"  Execution  {shown}" in lines(invoke(dsn, "why", request_id).output)
+        assert find_request(seeded, shown)[0] == request_id
+        assert json.loads(invoke(dsn, "why", request_id, "--json").stdout)["request_id"] == request_id
+        if request_id != NO_TRACE:
+            assert f"  Trace Graph  {shown}" in lines(invoke(dsn, "trace", request_id).output)
+            assert get_trace(seeded, shown).id == request_id
+            assert json.loads(invoke(dsn, "trace", request_id, "--json").stdout)["id"] == request_id
+
+
+def test_why_explains_a_request_whose_id_its_writer_made_shorter_than_four_characters(seeded, dsn):
+    """flux state showed `req:42`, and flux why refused it as too short to look up."""
+    mutation(seeded, "users", "insert", request_id="42", key={"id": 7}, function="import")
+    assert "req:42" in invoke(dsn, "state", "history", "users", "--id", "7").output
+    result = invoke(dsn, "why", "req:42")
+    assert result.exit_code == 0, result.output
+    assert "  Execution  42" in lines(result.output)
 
 
 def test_requests_of_a_single_tenant_project_leave_the_tenant_column_out(seeded, dsn):

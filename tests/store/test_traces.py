@@ -19,8 +19,9 @@ from flux.store.traces import (
     insert_encoded_traces_async,
     insert_traces,
     list_traces,
+    unique_prefixes,
 )
-from tests.traces_seed import FAIL, NO_TRACE, NOW, OK, OK2, fail_trace, mutation, trace
+from tests.traces_seed import FAIL, NO_TRACE, NOW, OK, OK2, bulk_mutations, fail_trace, mutation, trace
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -102,6 +103,17 @@ def test_get_trace_needs_four_characters(seeded):
     with pytest.raises(ConfigError) as err:
         get_trace(seeded, "91a")
     assert "at least 4" in err.value.hint
+
+
+def test_a_request_id_shorter_than_four_characters_is_found_whole(seeded):
+    """A writer that sends its own request ids may send `42`: `flux state` shows it `req:42`, which
+    was refused as too short to look up."""
+    insert_traces(seeded, [trace("a1")])
+    mutation(seeded, "users", "insert", request_id="42", key={"id": 7})
+    assert get_trace(seeded, "a1").id == "a1"
+    assert find_request(seeded, "req:42") == ("42", None)
+    with pytest.raises(ConfigError):  # a short prefix of a longer id still is
+        find_request(seeded, "a")
 
 
 def test_get_trace_with_tenant_sees_only_that_tenants_traces(seeded):
@@ -205,6 +217,34 @@ def test_find_request_of_a_transaction_id_from_flux_state_says_it_has_no_request
     with pytest.raises(NotFoundError) as err:
         find_request(seeded, "xid:1203")
     assert err.value.hint.startswith("xid:1203 is a transaction that sent no request context")
+
+
+def _logged(conn: psycopg.Connection, request_ids: list[str]) -> None:
+    """A row change of each request, in one statement."""
+    conn.execute("INSERT INTO flux.state_mutations (request_id, schema_name, table_name, op, xid, commit_lsn, commit_time, seq)"
+                 " SELECT r, 'public', 'users', 'insert', 1, '0/1', now(), n FROM unnest(%s::text[]) WITH ORDINALITY AS u(r, n)",
+                 [request_ids])
+
+
+def test_unique_prefixes_of_more_ids_than_a_statement_takes_parameters(seeded):
+    """`flux requests --limit 10000` failed: seven parameters an id, and a statement takes at most 65,535."""
+    ids = [f"{n:08x}-0000-4000-8000-000000000000" for n in range(10_000)] + [f"{9_999:08x}-ffff-4000-8000-000000000000"]
+    _logged(seeded, ids)
+    shown = unique_prefixes(seeded, ids, 8)
+    assert shown[ids[0]] == ids[0][:8] and shown[ids[-1]] == ids[-1][:13] and shown[ids[-2]] == ids[-2][:13]
+    assert all(find_request(seeded, prefix)[0] == request_id for request_id, prefix in shown.items())
+
+
+def test_unique_prefixes_never_show_a_prefix_that_is_another_requests_whole_id(seeded):
+    _logged(seeded, ["abcd1234", "abcd1234-0000-4000", "abcd1234-0000-4000-8000"])
+    assert unique_prefixes(seeded, ["abcd1234-0000-4000", "abcd1234", "abcd1234-0000-4000-8000"], 8) == {
+        "abcd1234-0000-4000": "abcd1234-0000-4000", "abcd1234": "abcd1234", "abcd1234-0000-4000-8000": "abcd1234-0000-4000-8000"}
+
+
+def test_unique_prefixes_look_past_the_many_row_changes_of_the_request_itself(seeded):
+    bulk_mutations(seeded, "users", "insert", 50_000, request_id=OK2[:8] + "-ffff")
+    shown = unique_prefixes(seeded, [OK, OK2, OK2[:8] + "-ffff"], 8)
+    assert shown == {OK: OK[:8], OK2: OK2[:13], OK2[:8] + "-ffff": OK2[:8] + "-ffff"}
 
 
 def test_count_mutations_counts_the_requests_rows(seeded):

@@ -128,6 +128,13 @@ def shell_word(text: str) -> str:
     return "$'" + "".join(map(_dollar_escape, text)) + "'"
 
 
+def quoted_word(text: str) -> str:
+    """`shell_word`, always quoted: a suggestion in a sentence ('sales.orders') reads as one, and
+    pastes back whatever it holds (a name with a quote in it was cut short in hand-made quotes)."""
+    word = shell_word(text)
+    return word if word.startswith(("'", "$'")) else f"'{word}'"
+
+
 def _dollar_escape(char: str) -> str:
     if char in _DOLLAR_ESCAPES:
         return _DOLLAR_ESCAPES[char]

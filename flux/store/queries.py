@@ -47,7 +47,7 @@ import psycopg
 from psycopg import sql
 
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
-from flux.store.names import NUMBER, format_table, given_text, key_arg, load_json, shell_word
+from flux.store.names import NUMBER, format_table, given_text, key_arg, load_json, quoted_word, shell_word
 from flux.store.renames import NO_NAMES, Names, renamed_to, table_names
 from flux.store.retention import pruned_before
 from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
@@ -392,12 +392,12 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> Name
     if schema == SCHEMA:
         hint = f"Tables of the {SCHEMA} schema are Flux's own records: Flux never captures them."
     elif similar:
-        hint = "Did you mean " + " or ".join(f"'{s}'" for s in similar) + "? Quote mixed-case names."
+        hint = "Did you mean " + " or ".join(map(quoted_word, similar)) + "? Quote mixed-case names."
     elif root is not None and root != (schema, table):
         parent = format_table(*root)
         hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {shell_word(parent)} ...`."
     elif not exists and (elsewhere := _in_other_schemas(conn, schema, table)):
-        hint = (f"There is no table {name}; did you mean " + " or ".join(f"'{s}'" for s in elsewhere)
+        hint = (f"There is no table {name}; did you mean " + " or ".join(map(quoted_word, elsewhere))
                 + "? Name the schema: a name without one is public's.")
     elif exists:
         hint = _capture_hint(conn, schema, table) + _pruned_note(conn)

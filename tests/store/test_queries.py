@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -592,3 +593,13 @@ def test_history_follows_a_table_back_through_each_of_its_renames_and_schemas(co
         ("insert", "a"), ("update", "b"), ("truncate", "archive.b"), ("insert", "archive.b")]
     assert {c.column: (c.value, c.set_by.recorded_as) for c in row_blame(conn, "archive", "b", id_value="1").columns} == {
         "id": (1, "archive.b"), "v": (2, "archive.b")}
+
+
+def test_history_suggests_a_name_holding_a_quote_as_the_shell_reads_it_back(log):
+    """The suggestion was put in quotes by hand: a name with a quote in it ended them early."""
+    log.execute("""CREATE TABLE public."O'Hara" (id int PRIMARY KEY)""")
+    record(log, "O'Hara", "insert", key={"id": 1}, new={"id": 1})
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "o'hara", id_value="1")
+    suggested = err.value.hint.removeprefix("Did you mean ").split("? ")[0]
+    assert shlex.split(suggested) == ['"O\'Hara"'], err.value.hint

@@ -11,7 +11,7 @@ PostgreSQL said, or could not be made at all:
 - timetz is ISO 8601 text with its offset ("12:34:56+02:00");
 - interval is an ISO 8601 duration, as PostgreSQL writes it with IntervalStyle iso_8601 (the row
   images of flux.state_mutations are written so): "P1Y2M3DT4H5M6.789S";
-- ranges and multiranges are PostgreSQL's text ("[1,5)");
+- ranges, multiranges, inet and cidr are PostgreSQL's text ("[1,5)", "::ffff:1.2.3.4");
 - an array of a type psycopg does not know (an enum, a domain, citext...) is a list of its
   elements, once `ResultTypes` has learned from pg_type that the type is an array;
 - an int8 past Number's safe range (2^53 - 1 either way) stays an exact int here: `json_ready` says
@@ -84,7 +84,8 @@ class _FloatLoader(Loader):
 
 
 class _TextLoader(Loader):
-    """PostgreSQL's own text: ranges, multiranges, numeric."""
+    """PostgreSQL's own text: ranges, multiranges, numeric, inet and cidr (Python's ipaddress writes
+    an IPv4-mapped address, ::ffff:1.2.3.4, as ::ffff:102:304)."""
 
     def load(self, data: Buffer) -> str:
         return bytes(data).decode()
@@ -131,7 +132,7 @@ def _base_adapters() -> AdaptersMap:
     adapters.register_loader("float4", _FloatLoader)
     adapters.register_loader("float8", _FloatLoader)
     adapters.register_loader("interval", _IntervalLoader)
-    for name in ("numeric", "int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange",
+    for name in ("numeric", "inet", "cidr", "int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange",
                  "int4multirange", "int8multirange", "nummultirange", "datemultirange", "tsmultirange", "tstzmultirange"):
         adapters.register_loader(name, _TextLoader)
     return adapters

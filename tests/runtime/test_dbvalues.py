@@ -171,3 +171,11 @@ def test_an_array_of_a_domain_over_int8_is_looked_at_too(dsn, conn):
     result = result_of(dsn, "SELECT 1234567890123456789::snowflake AS id, ARRAY[1234567890123456789]::snowflake[] AS ids")
     assert result["rows"] == [{"id": 1234567890123456789, "ids": [1234567890123456789]}]
     assert result["bigints"] == [[0, "id"], [0, "ids", 0]]
+
+
+def test_inet_and_cidr_are_postgresqls_text(dsn):
+    """An IPv4-mapped address came back as Python's ipaddress writes it, ::ffff:102:304."""
+    row = query(dsn, "SELECT '::ffff:1.2.3.4'::inet AS mapped, '2001:0db8::0001/64'::inet AS v6, '10.1.2.3'::inet AS v4,"
+                     " '::ffff:1.2.3.0/120'::cidr AS net, ARRAY['::ffff:10.0.0.1', NULL]::inet[] AS a")
+    assert row == {"mapped": "::ffff:1.2.3.4", "v6": "2001:db8::1/64", "v4": "10.1.2.3", "net": "::ffff:1.2.3.0/120",
+                   "a": ["::ffff:10.0.0.1", None]}

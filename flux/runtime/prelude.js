@@ -454,6 +454,9 @@
     const levels = new Map();
     return function checkParam(_key, value) {
       if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
+      if (typeof value === "bigint") {
+        throw new TypeError("it holds a BigInt, which JSON cannot carry: pass String(value) instead (an array of them as $1::int8[])");
+      }
       if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
         throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
       }

@@ -179,3 +179,9 @@ def test_inet_and_cidr_are_postgresqls_text(dsn):
                      " '::ffff:1.2.3.0/120'::cidr AS net, ARRAY['::ffff:10.0.0.1', NULL]::inet[] AS a")
     assert row == {"mapped": "::ffff:1.2.3.4", "v6": "2001:db8::1/64", "v4": "10.1.2.3", "net": "::ffff:1.2.3.0/120",
                    "a": ["::ffff:10.0.0.1", None]}
+
+
+def test_a_fractional_number_into_numeric_keeps_15_digits_and_its_string_keeps_all(dsn):
+    """As the README says: a float8 parameter, which PostgreSQL casts to numeric with 15 significant digits."""
+    row = query(dsn, "SELECT $1::float8::numeric::text AS cast, $2::numeric::text AS text, $1 AS back", [0.1 + 0.2, str(0.1 + 0.2)])
+    assert row == {"cast": "0.3", "text": "0.30000000000000004", "back": 0.30000000000000004}

@@ -185,3 +185,8 @@ def test_a_fractional_number_into_numeric_keeps_15_digits_and_its_string_keeps_a
     """As the README says: a float8 parameter, which PostgreSQL casts to numeric with 15 significant digits."""
     row = query(dsn, "SELECT $1::float8::numeric::text AS cast, $2::numeric::text AS text, $1 AS back", [0.1 + 0.2, str(0.1 + 0.2)])
     assert row == {"cast": "0.3", "text": "0.30000000000000004", "back": 0.30000000000000004}
+
+
+def test_a_json_number_past_a_doubles_range_is_null(dsn):
+    """As the README says: JSON has no Infinity, which is what JSON.parse would make of it."""
+    assert query(dsn, """SELECT '[1e400, -1e400, 1e308]'::jsonb AS j""") == {"j": [None, None, 1e308]}

@@ -11,9 +11,12 @@ PostgreSQL said, or could not be made at all:
 - timetz is ISO 8601 text with its offset ("12:34:56+02:00");
 - interval is an ISO 8601 duration, as PostgreSQL writes it with IntervalStyle iso_8601 (the row
   images of flux.state_mutations are written so): "P1Y2M3DT4H5M6.789S";
-- ranges and multiranges are PostgreSQL's text ("[1,5)");
+- ranges, multiranges, inet and cidr are PostgreSQL's text ("[1,5)", "::ffff:1.2.3.4");
 - an array of a type psycopg does not know (an enum, a domain, citext...) is a list of its
-  elements, once `ResultTypes` has learned from pg_type that the type is an array.
+  elements, once `ResultTypes` has learned from pg_type that the type is an array;
+- an int8 past Number's safe range (2^53 - 1 either way) stays an exact int here: `json_ready` says
+  when a result may hold one, `unsafe_int_paths` finds where, and `bigint_texts` gives the
+  function those values' exact text, which the prelude makes BigInts (JSON.parse would round them).
 
 Parameters: `adapt_param` makes a JS value one psycopg dumps as the PostgreSQL type it means.
 
@@ -81,7 +84,8 @@ class _FloatLoader(Loader):
 
 
 class _TextLoader(Loader):
-    """PostgreSQL's own text: ranges, multiranges, numeric."""
+    """PostgreSQL's own text: ranges, multiranges, numeric, inet and cidr (Python's ipaddress writes
+    an IPv4-mapped address, ::ffff:1.2.3.4, as ::ffff:102:304)."""
 
     def load(self, data: Buffer) -> str:
         return bytes(data).decode()
@@ -128,13 +132,14 @@ def _base_adapters() -> AdaptersMap:
     adapters.register_loader("float4", _FloatLoader)
     adapters.register_loader("float8", _FloatLoader)
     adapters.register_loader("interval", _IntervalLoader)
-    for name in ("numeric", "int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange",
+    for name in ("numeric", "inet", "cidr", "int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange",
                  "int4multirange", "int8multirange", "nummultirange", "datemultirange", "tsmultirange", "tstzmultirange"):
         adapters.register_loader(name, _TextLoader)
     return adapters
 
 
 _BASE = _base_adapters()
+_INT8, _INT8_ARRAY = 20, 1016
 _KNOWN_CAP = 10_000  # type OIDs a pool remembers having looked up; past it, it starts over
 
 
@@ -153,6 +158,7 @@ class ResultTypes:
     def __init__(self) -> None:
         self.adapters = AdaptersMap(_BASE)
         self._met: set[int] = set()  # looked up already: learned, or not an array
+        self._int8s = {_INT8, _INT8_ARRAY}  # and arrays of a domain over int8, once learned
 
     def unknown(self, result: psycopg.pq.abc.PGresult) -> list[int]:
         """The type OIDs of `result`'s columns that this pool has neither a loader for nor looked up."""
@@ -171,7 +177,16 @@ class ResultTypes:
             self._met.clear()
         for oid, element, delimiter in arrays:
             register_array(TypeInfo(f"flux_{element}", element, oid, delimiter=delimiter), self.adapters)
+            if element == _INT8:
+                self._int8s.add(oid)
         self._met.update(asked)
+
+    def int8_columns(self, result: psycopg.pq.abc.PGresult, names: list[str]) -> list[str]:
+        """The names of `result`'s columns that hold int8s (int8, its arrays, a domain's over it): the
+        only values loaded as ints that can be past Number's safe range. A name two columns have is
+        the last one's, as in the rows."""
+        types = dict(zip(names, (result.ftype(i) for i in range(result.nfields))))
+        return [name for name, oid in types.items() if oid in self._int8s]
 
 
 class LoadContext:
@@ -195,12 +210,18 @@ def to_json_value(value: Any) -> Any:
     return str(value)
 
 
-def json_ready(value: Any) -> Any:
-    """Round-trip through orjson, so results hold only JSON types (for the tape and for JS). An
-    integer past 64 bits (in a json or jsonb value), which orjson does not write, becomes the
-    double JS's JSON.parse makes of it."""
+def json_ready(value: Any) -> tuple[Any, bool]:
+    """Round-trip through orjson, so results hold only JSON types (for the tape and for JS), and
+    whether it may hold an integer past Number's safe range: orjson's strict mode refuses one,
+    which costs a result that holds none nothing (a strict dump that failed for depth says True
+    too). An integer past 64 bits (in a json or jsonb value), which orjson does not write, becomes
+    the double JS's JSON.parse makes of it."""
     try:
-        return orjson.loads(orjson.dumps(value, default=to_json_value))
+        return orjson.loads(orjson.dumps(value, default=to_json_value, option=orjson.OPT_STRICT_INTEGER)), False
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        return orjson.loads(orjson.dumps(value, default=to_json_value)), True
     except orjson.JSONEncodeError:
         try:
             doubled = _wide_ints_as_doubles(value)
@@ -208,7 +229,46 @@ def json_ready(value: Any) -> Any:
             raise orjson.JSONEncodeError("nested too deep") from None
         if doubled is value:
             raise  # not a wide integer: too deep for orjson
-        return orjson.loads(orjson.dumps(doubled, default=to_json_value))
+        return orjson.loads(orjson.dumps(doubled, default=to_json_value)), True
+
+
+_SAFE_INTS = range(-(2 ** 53 - 1), 2 ** 53)  # Number.MIN_SAFE_INTEGER to MAX_SAFE_INTEGER
+
+
+def unsafe_int_paths(rows: list[dict[str, Any]], columns: list[str]) -> list[list[Any]]:
+    """The paths, [row index, column, index inside an array ...], of the ints in `rows`' `columns`
+    (`ResultTypes.int8_columns`) past Number's safe range, which a JS number would round. A json
+    value's numbers are not looked at: they are what JSON.parse makes of them."""
+    paths: list[list[Any]] = []
+
+    def walk(value: Any, path: list[Any]) -> None:
+        if isinstance(value, list):  # an array, of any dimension
+            for index, item in enumerate(value):
+                walk(item, [*path, index])
+        elif type(value) is int and value not in _SAFE_INTS:
+            paths.append(path)
+
+    for index, row in enumerate(rows):
+        for column in columns:
+            value = row[column]
+            if type(value) is int:  # the common column, a scalar: no path made for a safe one
+                if value not in _SAFE_INTS:
+                    paths.append([index, column])
+            elif value is not None:
+                walk(value, [index, column])
+    return paths
+
+
+def bigint_texts(rows: list[dict[str, Any]], paths: list[list[Any]]) -> list[list[Any]]:
+    """[path, decimal text] of each int at `paths` in `rows`: what the prelude makes a BigInt of,
+    in place of the double JSON.parse gave."""
+    out = []
+    for path in paths:
+        value: Any = rows
+        for key in path:
+            value = value[key]
+        out.append([path, str(value)])
+    return out
 
 
 _INT64 = range(-(2 ** 63), 2 ** 64)  # what orjson writes

@@ -50,6 +50,10 @@ A db event's `columns` are its rows' keys in their order, which jsonb (storing t
 and its `negative_zeros`, there when a float in its rows was -0.0 (jsonb's numbers have no negative
 zero: a stored tape has 0 there), the paths of those floats: [row index, column, keys and indexes
 inside the value...]. A tape written before `negative_zeros` has a -0.0 from the database as 0.
+Its `bigints`, there when an int8 in its rows was past Number's safe range (the function got a
+BigInt; the tape has the exact integer), are those values' paths: [row index, column, array
+indexes...]. A tape written before `bigints` has none: such a value reached the function as the
+nearest double.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ from py_mini_racer import JSEvalException, JSOOMException
 from flux.errors import INTERNAL_ERROR
 from flux.project import Limits
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
+from flux.runtime.dbvalues import bigint_texts
 from flux.runtime.drain import BrokenBridge, Kept, check
 from flux.runtime.fetch import MAX_RECORDED_FETCH_BODY, FetchPolicy, Transport
 from flux.runtime.host import Clock, DbSession, HostCallError, Span, db_span_name
@@ -577,7 +582,8 @@ class _Run:
         event = _db_event(args) if op == "db" else _fetch_event(args)
         self._on_tape([seq, op, {**event, "abandoned": True}])
 
-    async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[bool, Any]:
+    async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[Any, ...]:
+        """(ok, result or error), what the settle hands the function; a db result with BigInts adds their texts."""
         if op == "timer":
             await asyncio.sleep(args["ms"] / 1000)
             return True, None
@@ -587,7 +593,7 @@ class _Run:
         self._keep_span(span)
         try:
             if op == "db":
-                return True, await self._db(span, args, seq)
+                return (True, *await self._db(span, args, seq))
             if op == "fetch":
                 return True, await self._fetch(span, args, seq)
             raise HostCallError({"name": "TypeError", "message": f"unknown ctx operation {op!r}"})
@@ -601,7 +607,7 @@ class _Run:
         finally:
             span.duration_ms = self.clock.now_ms() - span.start
 
-    async def _db(self, span: Span, args: dict[str, Any], seq: int) -> Any:
+    async def _db(self, span: Span, args: dict[str, Any], seq: int) -> tuple[Any, ...]:
         sql, params, binary = args["sql"], args["params"], args.get("binary")
         span.name = db_span_name(sql)
         span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": self._span_text(sql)})
@@ -621,6 +627,7 @@ class _Run:
             event["abandoned"] = True
             raise
         span.attributes["db.rows"] = result["rowCount"]
+        bigints = result.pop("bigints", None)
         event["result"] = result
         dumped = orjson.dumps(result)
         self._grew(entry, result, size=len(dumped))
@@ -630,7 +637,10 @@ class _Run:
             zeros = _negative_zeros(result["rows"], [])
             if zeros:
                 event["negative_zeros"] = zeros
-        return result
+        if bigints:  # int8s past 2^53, exact on the tape: the function gets BigInts of their text
+            event["bigints"] = bigints
+            return result, bigint_texts(result["rows"], bigints)
+        return (result,)
 
     async def _fetch(self, span: Span, args: dict[str, Any], seq: int) -> Any:
         url, method, body, binary = args["url"], args["method"], args["body"], args.get("binary")

@@ -36,7 +36,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.pg.pooler import behind_pooler_async
-from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready
+from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready, unsafe_int_paths
 from flux.runtime.sqltext import read_scan, refusal, statement_start
 
 log = logging.getLogger("flux.runtime")
@@ -189,6 +189,8 @@ class DbSession:
         self._commit_cancel: asyncio.Future[bool] | None = None  # held: a task nothing references may vanish
 
     async def query(self, sql: str, params: list[Any]) -> dict[str, Any]:
+        """Run one statement: {rows, rowCount, command} as the function gets it, and `bigints`, there
+        when int8 values are past Number's safe range: their paths in the rows (for the executor)."""
         if self._pool is None:
             raise HostCallError({"name": "FluxError", "message": "ctx.db is not configured: start Flux with a database"})
         async with self._lock:
@@ -249,6 +251,7 @@ class DbSession:
                 elif command not in _NO_WRITES:
                     self.writes += 1
                 rows: list[dict[str, Any]] = []
+                names: list[str] = []
                 if result.status == pq.ExecStatus.TUPLES_OK:
                     _check_result_size(result)  # the statement ran: its writes stand unless the function throws
                     unknown = self._types.unknown(result)
@@ -262,7 +265,13 @@ class DbSession:
                     row_count = result.command_tuples if result.command_tuples is not None else -1
                 try:
                     # Checked as the settle writes it, [[call id, ok, result]]: orjson's 254 levels count those two.
-                    return json_ready([[0, True, {"rows": rows, "rowCount": row_count, "command": command}]])[0][2]
+                    ready, wide = json_ready([[0, True, {"rows": rows, "rowCount": row_count, "command": command}]])
+                    value = ready[0][2]
+                    if wide and rows:  # rare: an integer past 2^53 somewhere; in an int8 column, the function gets a BigInt
+                        bigints = unsafe_int_paths(value["rows"], self._types.int8_columns(result, names))
+                        if bigints:
+                            value["bigints"] = bigints
+                    return value
                 except orjson.JSONEncodeError:  # a json or jsonb value of 250 levels: the statement ran, as past the size cap
                     raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
                         "ctx.db.query: a value of the result is nested deeper than 249 levels, the most that can reach "

@@ -19,6 +19,7 @@
   const RealDate = Date;
   const realNow = RealDate.now.bind(RealDate);
   const realRandom = Math.random.bind(Math);
+  const RealBigInt = BigInt;
   const MAX_TAPE_EVENTS = 10000;
   // ctx calls and timers waiting at once: each is a task on the host's loop, which other requests share.
   const MAX_PENDING_CALLS = 1000;
@@ -453,6 +454,9 @@
     const levels = new Map();
     return function checkParam(_key, value) {
       if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
+      if (typeof value === "bigint") {
+        throw new TypeError("it holds a BigInt, which JSON cannot carry: pass String(value) instead (an array of them as $1::int8[])");
+      }
       if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
         throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
       }
@@ -633,7 +637,7 @@
           sqlstate: e.sqlstate === undefined || e.sqlstate === null ? null : String(e.sqlstate) };
       }
       let text;
-      try { text = JSON.stringify(e); } catch (_) { text = String(e); }
+      try { text = logJson(e); } catch (_) { text = String(e); }
       return { name: "NonErrorThrown", message: `the function threw a non-Error value: ${text}`, stack: "", sqlstate: null };
     } catch (failure) {
       let why;
@@ -649,7 +653,7 @@
   function formatArgs(args) {
     return args.map((a) => {
       if (typeof a === "string") return a;
-      try { return a instanceof RealError ? errorText(a) : JSON.stringify(a, errorsAsText) ?? String(a); } catch (_) { return String(a); }
+      try { return a instanceof RealError ? errorText(a) : logJson(a) ?? String(a); } catch (_) { return String(a); }
     }).join(" ");
   }
 
@@ -657,12 +661,27 @@
     return value instanceof RealError ? `${value.name}: ${value.message}` : value;
   }
 
+  // JSON with errors as "Name: message" and a BigInt as Node writes it, 123n, where JSON.stringify
+  // throws: each goes through as a string marked with a nonce no value of the function's can hold
+  // by chance, unquoted at the end.
+  const BIGINT_MARK = `flux_bigint_${spanId()}_`;
+  const MARKED_BIGINT = new RegExp(`"${BIGINT_MARK}(-?\\d+)"`, "g");
+  function logJson(value) {
+    let marked = false;
+    const text = JSON.stringify(value, (key, v) => {
+      if (typeof v !== "bigint") return errorsAsText(key, v);
+      marked = true;
+      return BIGINT_MARK + v;
+    });
+    return marked ? text.replace(MARKED_BIGINT, "$1n") : text;
+  }
+
   function errorText(e) {
     const frames = userStack(e.stack).split("\n").filter((line) => /^\s+at /.test(line));
     const fields = Object.fromEntries(Object.entries(e).filter(([k]) => k !== "name" && k !== "message" && k !== "stack"));
     let own = "";
     if (Object.keys(fields).length) {
-      try { own = ` ${JSON.stringify(fields, errorsAsText)}`; } catch (_) { own = ""; }  // a BigInt field, say
+      try { own = ` ${logJson(fields)}`; } catch (_) { own = ""; }  // a getter that throws, say
     }
     return [`${e.name}: ${e.message}`, ...frames].join("\n") + own;
   }
@@ -678,6 +697,7 @@
   function logAttributes(event, attrs) {
     const levels = new Map();
     const plainValue = function (key, value) {
+      if (typeof value === "bigint") return String(value); // its exact digits: JSON has no BigInt
       value = errorsAsText(key, value);
       if (value !== null && typeof value === "object") {
         const level = (levels.get(this) ?? 0) + 1;
@@ -858,7 +878,7 @@
   // JSON.stringify calls each value's toJSON (once, as it always does) and then the replacer, with
   // the value's holder as `this`, before it descends into the value. `paths` names each object
   // descended into (`body.items[2]`, "" for the value itself) for the error; `parents` chains
-  // them, for cycles. A header's number is sent as its JS text (`1e-7`, not Python's `1e-07`).
+  // them, for cycles. A header's number or BigInt is sent as its JS text (`1e-7`, not Python's `1e-07`).
   // Nesting is refused past what the gateway can send (MAX_RETURN_DEPTH), before the transaction
   // commits: the host's JSON readers stop at about 1,000 levels, and a response must not fail
   // once its writes are in.
@@ -879,10 +899,14 @@
     return JSON.stringify(value, function (key, v) {
       const t = typeof v;
       if (v === null || v === undefined || t === "string" || t === "boolean") return v;
-      if (t === "number") {
-        if (!Number.isFinite(v)) throw refuse(this, key, `is ${v}, which JSON cannot represent`);
+      if (t === "number" || t === "bigint") {
+        if (t === "number" && !Number.isFinite(v)) throw refuse(this, key, `is ${v}, which JSON cannot represent`);
         const header = headers !== null && (this === headers || (parents.get(this) === headers && Array.isArray(this)));
-        return header ? String(v) : v;
+        if (header) return String(v);
+        if (t === "bigint") {
+          throw refuse(this, key, "is a BigInt, which JSON cannot represent: convert it with String() to send its exact digits");
+        }
+        return v;
       }
       if (t !== "object") throw refuse(this, key, `is a ${t}, which JSON cannot represent`);
       for (let h = this; h !== undefined; h = parents.get(h)) {
@@ -982,15 +1006,27 @@
   // Whether two results came together changes how the callbacks waiting on them interleave.
   function settle(input) {
     const turn = [];
-    for (const [id, ok, value] of JSON.parse(input)) {
+    for (const [id, ok, value, bigints] of JSON.parse(input)) {
       const p = pending.get(id);
       if (!p) continue;
       pending.delete(id);
       turn.push(p.callSeq);
+      if (bigints !== undefined) withBigInts(value.rows, bigints);
       if (ok) p.resolve(value);
       else p.reject(makeError(value, p.site));
     }
     if (turn.length) record("settled", turn);
+  }
+
+  // A db result's int8 values past Number's safe range, which JSON.parse rounded: the host sends
+  // [path, exact decimal text] for each (only those), and each becomes its BigInt.
+  function withBigInts(rows, bigints) {
+    for (let i = 0; i < bigints.length; i++) {
+      const [path, text] = bigints[i];
+      let holder = rows;
+      for (let k = 0; k < path.length - 1; k++) holder = holder[path[k]];
+      holder[path[path.length - 1]] = RealBigInt(text);
+    }
   }
 
   const operations = { start, drain, settle };

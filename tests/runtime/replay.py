@@ -24,6 +24,7 @@ import orjson
 from py_mini_racer import JSEvalException, JSOOMException, JSTimeoutException, MiniRacer
 
 from flux.redaction import Redactor, redact_headers
+from flux.runtime.dbvalues import bigint_texts
 from flux.runtime.executor import Execution, _from_js, _response
 from flux.runtime.isolate import PRELUDE, CompiledFunction
 from flux.store.traces import TraceRecord, get_trace, insert_traces
@@ -192,7 +193,10 @@ def replay(compiled: CompiledFunction, recording: dict[str, Any], request: dict[
                     elif "error" in event[2]:
                         settled.append([call_id, False, event[2]["error"]])
                     elif op == "db":
-                        settled.append([call_id, True, _result_of(event[2])])
+                        result = _result_of(event[2])
+                        # int8s past 2^53 reached the function as BigInts of the tape's exact integers
+                        bigints = [bigint_texts(result["rows"], event[2]["bigints"])] if "bigints" in event[2] else []
+                        settled.append([call_id, True, result, *bigints])
                     else:
                         settled.append([call_id, True, _response_of(event[2])])
                 last = max(last, nxt[0] - 1)  # the JS side records the settled event itself

@@ -132,3 +132,61 @@ def test_an_integer_past_64_bits_in_jsonb_is_the_double_json_parse_makes_of_it(d
     row = query(dsn, """SELECT '{"x": 123456789012345678901234567890, "small": 7, "list": [18446744073709551616, 1]}'::jsonb AS j,"""
                      " '-99999999999999999999'::json AS k")
     assert row == {"j": {"x": 1.2345678901234568e29, "small": 7, "list": [1.8446744073709552e19, 1]}, "k": -1e20}
+
+
+def result_of(dsn: str, sql: str) -> dict[str, Any]:
+    """The whole result of `sql` as DbSession.query gives it."""
+
+    async def run(session: DbSession) -> dict[str, Any]:
+        result = await session.query(sql, [])
+        await session.finish(commit=False)
+        return result
+
+    return in_session(dsn, run)
+
+
+def test_int8_values_past_2_53_are_exact_and_their_paths_are_given(dsn):
+    result = result_of(dsn, """
+        SELECT 9007199254740991::int8 AS safe, 9007199254740992::int8 AS past, '-9223372036854775808'::int8 AS lo,
+               ARRAY[1, NULL, 9223372036854775807]::int8[] AS a, '{{1,-9007199254740992},{NULL,2}}'::int8[] AS nested,
+               (2 ^ 62)::int8 AS power, count(*) AS n, '{"j": 9007199254740993}'::jsonb AS j, 9007199254740993::numeric AS num
+        UNION ALL SELECT -9007199254740991, NULL, 0, NULL, NULL, 1, 1, 'null', 1""")
+    assert result["rows"] == [
+        {"safe": 2 ** 53 - 1, "past": 2 ** 53, "lo": -2 ** 63, "a": [1, None, 2 ** 63 - 1], "nested": [[1, -2 ** 53], [None, 2]],
+         "power": 2 ** 62, "n": 1, "j": {"j": 2 ** 53 + 1}, "num": "9007199254740993"},
+        {"safe": -(2 ** 53 - 1), "past": None, "lo": 0, "a": None, "nested": None, "power": 1, "n": 1, "j": None, "num": "1"}]
+    # A json value's numbers are JSON.parse's to read; numeric is text already.
+    assert result["bigints"] == [[0, "past"], [0, "lo"], [0, "a", 2], [0, "nested", 0, 1], [0, "power"]]
+
+
+def test_a_result_of_safe_int8_values_has_no_bigints(dsn):
+    result = result_of(dsn, "SELECT x::int8 AS id, ARRAY[x, -x]::int8[] AS a, '{\"big\": 9007199254740993}'::json AS j"
+                            " FROM generate_series(9007199254740891, 9007199254740991) x")
+    assert len(result["rows"]) == 101 and "bigints" not in result
+
+
+def test_an_array_of_a_domain_over_int8_is_looked_at_too(dsn, conn):
+    conn.execute("CREATE DOMAIN snowflake AS int8")
+    conn.commit()
+    result = result_of(dsn, "SELECT 1234567890123456789::snowflake AS id, ARRAY[1234567890123456789]::snowflake[] AS ids")
+    assert result["rows"] == [{"id": 1234567890123456789, "ids": [1234567890123456789]}]
+    assert result["bigints"] == [[0, "id"], [0, "ids", 0]]
+
+
+def test_inet_and_cidr_are_postgresqls_text(dsn):
+    """An IPv4-mapped address came back as Python's ipaddress writes it, ::ffff:102:304."""
+    row = query(dsn, "SELECT '::ffff:1.2.3.4'::inet AS mapped, '2001:0db8::0001/64'::inet AS v6, '10.1.2.3'::inet AS v4,"
+                     " '::ffff:1.2.3.0/120'::cidr AS net, ARRAY['::ffff:10.0.0.1', NULL]::inet[] AS a")
+    assert row == {"mapped": "::ffff:1.2.3.4", "v6": "2001:db8::1/64", "v4": "10.1.2.3", "net": "::ffff:1.2.3.0/120",
+                   "a": ["::ffff:10.0.0.1", None]}
+
+
+def test_a_fractional_number_into_numeric_keeps_15_digits_and_its_string_keeps_all(dsn):
+    """As the README says: a float8 parameter, which PostgreSQL casts to numeric with 15 significant digits."""
+    row = query(dsn, "SELECT $1::float8::numeric::text AS cast, $2::numeric::text AS text, $1 AS back", [0.1 + 0.2, str(0.1 + 0.2)])
+    assert row == {"cast": "0.3", "text": "0.30000000000000004", "back": 0.30000000000000004}
+
+
+def test_a_json_number_past_a_doubles_range_is_null(dsn):
+    """As the README says: JSON has no Infinity, which is what JSON.parse would make of it."""
+    assert query(dsn, """SELECT '[1e400, -1e400, 1e308]'::jsonb AS j""") == {"j": [None, None, 1e308]}

@@ -116,3 +116,95 @@ def test_set_interval_is_not_there_like_any_other_missing_global(tmp_path):
         }
     """})
     assert run1(tmp_path, "interval").body == ["undefined", "ReferenceError"]
+
+
+def test_an_int8_past_numbers_safe_range_is_the_bigint_of_its_exact_value(tmp_path, dsn):
+    write_project(tmp_path, {"ids": """
+        export default async function (req, ctx) {
+          const { rows: [row] } = await ctx.db.query(`SELECT 9007199254740991::int8 AS max_safe, 9007199254740992::int8 AS two53,
+            9007199254740993::int8 AS above, '-9223372036854775808'::int8 AS lo, 9223372036854775807::int8 AS hi,
+            -9007199254740991::int8 AS min_safe, ARRAY[9007199254740993, NULL, 5]::int8[] AS a,
+            '{{1,-9007199254740993},{NULL,9223372036854775807}}'::int8[] AS nested, (2 ^ 62)::int8 AS power,
+            '{"n": 9007199254740993}'::jsonb AS j`);
+          const shown = (v) => Array.isArray(v) ? v.map(shown) : v === null ? null : `${typeof v} ${String(v)}`;
+          return {status: 200, body: Object.fromEntries(Object.entries(row).map(([k, v]) => [k, k === "j" ? shown(v.n) : shown(v)]))};
+        }
+    """})
+    result = run1(tmp_path, "ids", dsn=dsn)
+    assert result.status == 200, result.error
+    assert result.body == {
+        "max_safe": "number 9007199254740991", "two53": "bigint 9007199254740992", "above": "bigint 9007199254740993",
+        "lo": "bigint -9223372036854775808", "hi": "bigint 9223372036854775807", "min_safe": "number -9007199254740991",
+        "a": ["bigint 9007199254740993", None, "number 5"],
+        "nested": [["number 1", "bigint -9007199254740993"], [None, "bigint 9223372036854775807"]],
+        "power": "bigint 4611686018427387904",
+        "j": "number 9007199254740992",  # a json value's number is what JSON.parse makes of it
+    }
+
+
+def test_a_bigint_id_from_a_result_finds_its_own_row_again(tmp_path, dsn, conn):
+    # 1234567890123456800 is the double nearest 1234567890123456789: a rounded id would update it.
+    conn.execute("CREATE TABLE items (id int8 PRIMARY KEY, v text); INSERT INTO items VALUES (1234567890123456789, 'a'), (1234567890123456800, 'b')")
+    conn.commit()
+    write_project(tmp_path, {"touch": """
+        export default async function (req, ctx) {
+          const { rows: [row] } = await ctx.db.query("SELECT id FROM items WHERE v = 'a'");
+          const updated = await ctx.db.query("UPDATE items SET v = 'touched' WHERE id = $1", [row.id]);
+          const many = await ctx.db.query("SELECT count(*) AS n FROM items WHERE id = ANY($1::int8[])", [[String(row.id)]]);
+          return {status: 200, body: {updated: updated.rowCount, n: many.rows[0].n}};
+        }
+    """})
+    result = run1(tmp_path, "touch", dsn=dsn)
+    assert (result.status, result.body) == (200, {"updated": 1, "n": 1}), result.error
+    assert conn.execute("SELECT id, v FROM items ORDER BY id").fetchall() == [(1234567890123456789, "touched"), (1234567890123456800, "b")]
+
+
+def test_a_bigint_in_the_response_body_is_a_500_that_says_to_convert_it(tmp_path, dsn):
+    write_project(tmp_path, {"send": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT 1234567890123456789::int8 AS id");
+          return {status: 200, headers: {"x-id": rows[0].id}, body: {items: [{id: rows[0].id}]}};
+        }
+    """})
+    result = run1(tmp_path, "send", dsn=dsn)
+    assert result.status == 500
+    assert result.error == ("NonSerializableReturn: the return value's body.items[0].id is a BigInt, which JSON cannot represent: "
+                            "convert it with String() to send its exact digits")
+
+
+def test_a_bigint_header_is_sent_as_its_digits(tmp_path):
+    write_project(tmp_path, {"head": "export default async function () { return {status: 200, headers: {'x-id': 1234567890123456789n, 'x-n': [1n, 2]}}; }"})
+    result = run1(tmp_path, "head")
+    assert (result.status, result.headers) == (200, [("x-id", "1234567890123456789"), ("x-n", "1"), ("x-n", "2")]), result.error
+
+
+def test_logging_a_bigint_writes_it_as_node_does_and_never_throws(tmp_path, dsn):
+    write_project(tmp_path, {"log": """
+        export default async function (req, ctx) {
+          const { rows: [row] } = await ctx.db.query("SELECT 1234567890123456789::int8 AS id, ARRAY[-9007199254740993]::int8[] AS a, 'x' AS s");
+          console.log("row", row, 5n);
+          const err = new Error("boom"); err.id = row.id;
+          console.error(err);
+          ctx.log("charged", {id: row.id, a: row.a});
+          return {status: 200};
+        }
+    """})
+    result = run1(tmp_path, "log", dsn=dsn)
+    assert result.status == 200, result.error
+    assert logs(result) == [
+        {"message": 'row {"id":1234567890123456789n,"a":[-9007199254740993n],"s":"x"} 5n', "level": "log"},
+        {"message": 'Error: boom\n    at default (functions/log.js:4:15) {"id":1234567890123456789n}', "level": "error"},
+        {"message": "charged", "id": "1234567890123456789", "a": ["-9007199254740993"]},  # attributes: their exact digits
+    ]
+
+
+def test_a_bigint_inside_an_array_parameter_is_refused_with_what_to_pass(tmp_path, dsn):
+    write_project(tmp_path, {"ids": """
+        export default async function (req, ctx) {
+          try { await ctx.db.query("SELECT 1 WHERE 1 = ANY($1)", [[1234567890123456789n]]); } catch (e) { return {status: 200, body: e.message}; }
+          return {status: 200, body: "sent"};
+        }
+    """})
+    result = run1(tmp_path, "ids", dsn=dsn)
+    assert result.body == ("ctx.db.query(sql, params): $1 cannot be sent: it holds a BigInt, which JSON cannot carry: "
+                           "pass String(value) instead (an array of them as $1::int8[])"), result.error

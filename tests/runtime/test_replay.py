@@ -349,3 +349,20 @@ def test_a_first_turn_cut_at_its_time_limit_replays_its_reads_the_top_level_code
     compiled, execution, request = record(tmp_path, "spin")
     assert execution.status == 504 and [e[1] for e in execution.recording["events"]] == ["now", "random"]
     assert assert_replays(compiled, execution, request, timeout_ms=300).incomplete
+
+
+def test_an_int8_past_2_53_replays_as_the_same_bigint_from_the_trace_store(tmp_path, dsn, conn):
+    """The tape has the exact integer (jsonb's numbers are numeric) and where the function got a BigInt."""
+    ensure_schema(conn)
+    write_project(tmp_path, {"big": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT 1234567890123456789::int8 AS id, ARRAY[NULL, '-9223372036854775808']::int8[] AS a, 7::int8 AS n");
+          return {status: 200, body: [typeof rows[0].id, String(rows[0].id), typeof rows[0].a[1], String(rows[0].a[1]), typeof rows[0].n]};
+        }
+    """})
+    compiled, execution, request = record(tmp_path, "big", dsn=dsn)
+    assert execution.body == ["bigint", "1234567890123456789", "bigint", "-9223372036854775808", "number"], execution.error
+    [db] = [e[2] for e in execution.recording["events"] if e[1] == "db"]
+    assert (db["result"]["rows"], db["bigints"]) == ([{"id": 1234567890123456789, "a": [None, -2 ** 63], "n": 7}], [[0, "id"], [0, "a", 1]])
+    assert_replays(compiled, execution, request)
+    assert_replays(compiled, dataclasses.replace(execution, recording=stored_recording(conn, "req-0", execution)), request)

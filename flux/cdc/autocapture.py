@@ -35,6 +35,7 @@ from flux.cdc.publication import (
     all_user_tables,
     listed_tables_not_captured,
     not_full,
+    partition_trees,
     published_schemas,
     published_tables,
     set_full_identity,
@@ -162,16 +163,11 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
         """
         -- By oid, not by a ::regclass cast of the name: that lookup needs USAGE on the table's
         -- schema, which an engine role that reads no application table does not have.
-        WITH roots AS MATERIALIZED (
-            SELECT rc.oid FROM pg_publication_tables pt
-            JOIN pg_namespace rn ON rn.nspname = pt.schemaname
-            JOIN pg_class rc ON rc.relnamespace = rn.oid AND rc.relname = pt.tablename
-            WHERE pt.pubname = %s
-        )
-        SELECT DISTINCT n.nspname, c.relname FROM roots
-        CROSS JOIN LATERAL pg_partition_tree(roots.oid) t
-        JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE t.level > 0 AND c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
+        """ + partition_trees("SELECT rc.oid FROM pg_publication_tables pt JOIN pg_namespace rn ON rn.nspname = pt.schemaname"
+                              " JOIN pg_class rc ON rc.relnamespace = rn.oid AND rc.relname = pt.tablename WHERE pt.pubname = %s") + """
+        SELECT DISTINCT n.nspname, c.relname FROM tree
+        JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE tree.level > 0 AND c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
         """,
         (publication,),
     ).fetchall():

@@ -143,13 +143,10 @@ def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[st
     if not tables:
         return []
     return conn.execute(
-        """
+        partition_trees("SELECT r.oid FROM unnest(%s::text[], %s::text[]) AS t(s, r) JOIN pg_namespace rn ON rn.nspname = t.s"
+                        " JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r") + """
         SELECT DISTINCT n.nspname, c.relname, pg_get_userbyid(c.relowner)
-        FROM unnest(%s::text[], %s::text[]) AS t(s, r)
-        JOIN pg_namespace rn ON rn.nspname = t.s
-        JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r
-        CROSS JOIN LATERAL (SELECT r.oid AS relid UNION SELECT relid FROM pg_partition_tree(r.oid)) p  -- empty for plain tables
-        JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        FROM tree JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE')
         ORDER BY 1, 2
         """,
@@ -157,12 +154,25 @@ def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[st
     ).fetchall()
 
 
+def partition_trees(roots: str) -> str:
+    """SQL: `WITH RECURSIVE tree(root, relid, level)`, each relation whose oid the query `roots`
+    gives and its partitions at every level. Read in pg_inherits, which locks nothing:
+    pg_partition_tree() takes an ACCESS SHARE lock on every partition, held to the end of the
+    transaction (an entry of the server's lock table each, flux.cdc.locks.LockRoom), and waits
+    for one that another session holds ACCESS EXCLUSIVE."""
+    return ("WITH RECURSIVE tree(root, relid, level) AS (SELECT r.oid, r.oid, 0 FROM (" + roots + ") AS r(oid)"
+            " UNION ALL SELECT tree.root, i.inhrelid, tree.level + 1 FROM tree JOIN pg_inherits i ON i.inhparent = tree.relid"
+            " JOIN pg_class p ON p.oid = i.inhrelid WHERE p.relispartition) ")
+
+
 def with_partitions(conn: psycopg.Connection, table: TableRef) -> list[TableRef]:
+    """`table` and its partitions, at every level, the table first."""
     rows = conn.execute(
-        """
-        SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t
-        JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        partition_trees("SELECT %s::regclass::oid") + """
+        SELECT n.nspname, c.relname FROM tree
+        JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p')
+        ORDER BY tree.level, 1, 2
         """,
         (sql.Identifier(table.schema, table.name).as_string(conn),),
     ).fetchall()

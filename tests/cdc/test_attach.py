@@ -347,6 +347,7 @@ def test_attach_says_a_truncate_of_one_partition_is_not_recorded(dsn, conn):
     assert [w for w in warnings if "partition" in w] == [PARTITION_TRUNCATE_WARNING.format(table="public.parted")]
 
 
+
 def test_narrowing_all_tables_to_a_list_restores_the_identity_of_the_tables_left_out(dsn, conn):
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
     conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
@@ -755,3 +756,118 @@ def test_a_partition_listed_by_itself_stays_full_when_its_partitioned_table_is_l
     widened = attach(dsn, tables=["m"])
     assert identities(conn, "m", "m1") == {"m": "f", "m1": "f"}
     assert widened.replica_identity_restored == []
+
+
+# A server whose shared lock table holds about 160 locks (10 per backend slot, 16 slots), so that a
+# few hundred tables are more than one transaction may lock: 'out of shared memory' at about 260.
+SMALL_LOCK_TABLE = {"max_locks_per_transaction": "10", "max_connections": "10", "max_worker_processes": "2",
+                    "max_wal_senders": "2", "autovacuum_max_workers": "1", "max_prepared_transactions": "0"}
+MANY_TABLES = 400
+
+
+@pytest.fixture(scope="module")
+def small_lock_table(tmp_path_factory):
+    """The admin DSN of a cluster with a small lock table."""
+    from tests.conftest import TEST_SETTINGS
+
+    state = tmp_path_factory.mktemp("small-lock-table")
+    state.chmod(0o755)
+    cluster = Cluster(state_dir=state, settings={**TEST_SETTINGS, **SMALL_LOCK_TABLE})
+    yield cluster.start().dsn
+    cluster.destroy()
+
+
+@pytest.fixture
+def many_tables(small_lock_table):
+    """A database of MANY_TABLES tables (two partitioned in two) owned by a role that may attach, on the
+    small-lock-table cluster: its DSN as that role."""
+    dbname = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(small_lock_table, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {dbname}")
+        admin.execute("DO $$BEGIN CREATE ROLE many_owner LOGIN REPLICATION; EXCEPTION WHEN duplicate_object THEN NULL; END$$")
+        admin.execute(f"GRANT CREATE ON DATABASE {dbname} TO many_owner")
+    dsn = small_lock_table.rsplit("/", 1)[0] + f"/{dbname}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("GRANT CREATE ON SCHEMA public TO many_owner")
+    owner_dsn = dsn.replace("postgres@", "many_owner@")
+    with psycopg.connect(owner_dsn, autocommit=True) as conn:
+        for i in range(MANY_TABLES - 2):  # one table a statement: its locks fit
+            conn.execute(f"CREATE TABLE t{i} (id int PRIMARY KEY, v text)")
+        for name in ("p0", "p1"):
+            conn.execute(f"CREATE TABLE {name} (id int, v text) PARTITION BY RANGE (id)")
+            conn.execute(f"CREATE TABLE {name}_a PARTITION OF {name} FOR VALUES FROM (0) TO (10)")
+            conn.execute(f"CREATE TABLE {name}_b PARTITION OF {name} FOR VALUES FROM (10) TO (20)")
+    yield dsn, owner_dsn
+    _drop_slots(small_lock_table, dbname)
+    with psycopg.connect(small_lock_table, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {dbname} WITH (FORCE)")
+
+
+def _drop_slots(admin_dsn: str, dbname: str) -> None:
+    from tests.conftest import _drop_slots as drop
+
+    drop(admin_dsn, dbname)
+
+
+def full_identities(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                            " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relreplident = 'f'").fetchone()[0]
+
+
+@pytest.mark.parametrize("as_superuser", [False, True], ids=["table-list", "schema-publication"])
+def test_attach_and_detach_of_more_tables_than_the_lock_table_holds_work_in_batches(many_tables, as_superuser):
+    """One transaction locked every table: past the server's lock table, 'out of shared memory'
+    (and, near it, every other session's next lock failed too)."""
+    admin_dsn, owner_dsn = many_tables
+    dsn = admin_dsn if as_superuser else owner_dsn
+    result = attach(dsn, all_tables=True)
+    assert len(result.tables) == MANY_TABLES
+    assert full_identities(dsn) == MANY_TABLES + 4  # the partitions too
+    assert len(result.replica_identity_changed) == MANY_TABLES + 4
+    with connect(dsn) as conn:
+        assert len(captured_tables(conn, result.publication)) == MANY_TABLES
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == 1
+    assert attach(dsn, all_tables=True).changed_anything is False
+    detached = detach(dsn)
+    assert len(detached.restored) == MANY_TABLES + 4
+    assert full_identities(dsn) == 0
+    with connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == 0
+
+
+def test_narrowing_a_list_of_more_tables_than_the_lock_table_holds_restores_the_rest_in_batches(many_tables):
+    _, dsn = many_tables
+    attach(dsn, all_tables=True)
+    result = attach(dsn, tables=["t1", "p0"])
+    assert len(result.replica_identity_restored) == MANY_TABLES - 2 + 2  # p1 with its partitions
+    assert full_identities(dsn) == 2 + 2
+    with connect(dsn) as conn:
+        assert [str(t) for t in captured_tables(conn, "flux")] == ["public.p0", "public.t1"]
+
+
+def test_attach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(
+        small_lock_table):
+    """ALTER PUBLICATION ... ADD TABLE locks every partition at once: with 150, most of this server's
+    lock table, every other session's next lock could fail meanwhile."""
+    dbname = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(small_lock_table, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {dbname}")
+    dsn = small_lock_table.rsplit("/", 1)[0] + f"/{dbname}"
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE m (id int) PARTITION BY RANGE (id)")
+            for i in range(150):
+                conn.execute(f"CREATE TABLE m{i} PARTITION OF m FOR VALUES FROM ({i * 10}) TO ({i * 10 + 10})")
+        with pytest.raises(PreflightError) as raised:
+            attach(dsn, tables=["m"])
+        assert "would lock 151 tables at once" in raised.value.message
+        assert raised.value.message.startswith("Attach changed nothing")
+        assert "max_locks_per_transaction" in raised.value.hint
+        assert full_identities(dsn) == 0
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT to_regnamespace('flux')").fetchone()[0] is None
+    finally:
+        with psycopg.connect(small_lock_table, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {dbname} WITH (FORCE)")

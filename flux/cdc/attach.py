@@ -170,6 +170,20 @@ PARTITION_TRUNCATE_WARNING = (
     "{table} is partitioned: a TRUNCATE of one of its partitions is not recorded (PostgreSQL's pgoutput leaves it "
     "out); a TRUNCATE of {table} itself, and DELETEs, are."
 )
+PARTITIONS_TRUNCATE_WARNING = (
+    "{count} captured tables are partitioned ({tables}): a TRUNCATE of one of their partitions is not recorded "
+    "(PostgreSQL's pgoutput leaves it out); a TRUNCATE of the partitioned table itself, and DELETEs, are."
+)
+NAMED_IN_A_WARNING = 10  # tables a warning names, then how many more: a database may have thousands
+
+
+def partition_truncate_warning(partitioned: list[TableRef]) -> list[str]:
+    """One warning for all the partitioned tables captured, not one each."""
+    if len(partitioned) <= 1:
+        return [PARTITION_TRUNCATE_WARNING.format(table=table) for table in partitioned]
+    named = ", ".join(map(str, partitioned[:NAMED_IN_A_WARNING]))
+    more = f" and {len(partitioned) - NAMED_IN_A_WARNING} more" if len(partitioned) > NAMED_IN_A_WARNING else ""
+    return [PARTITIONS_TRUNCATE_WARNING.format(count=len(partitioned), tables=named + more)]
 
 
 def attach(
@@ -241,8 +255,7 @@ def attach(
                             change = set_full_identity(conn, slot, part)
                             if change:
                                 identities.append(change)
-                        if len(parts[table]) > 1:
-                            warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
+                    warnings += partition_truncate_warning([table for table in chosen if len(parts[table]) > 1])
                     _record_attachment(conn, slot, publication, all_tables)
                     if superuser:
                         trigger = autocapture.install_event_trigger(conn)

@@ -347,6 +347,16 @@ def test_attach_says_a_truncate_of_one_partition_is_not_recorded(dsn, conn):
     assert [w for w in warnings if "partition" in w] == [PARTITION_TRUNCATE_WARNING.format(table="public.parted")]
 
 
+def test_attach_says_it_of_many_partitioned_tables_in_one_warning(dsn, conn):
+    """One warning each: a database of hundreds of partitioned tables got hundreds of lines at every attach."""
+    for i in range(12):
+        conn.execute(f"CREATE TABLE parted{i:02} (id int, region text) PARTITION BY LIST (region)")
+        conn.execute(f"CREATE TABLE parted{i:02}_eu PARTITION OF parted{i:02} FOR VALUES IN ('eu')")
+    warnings = [w for w in attach(dsn, all_tables=True).warnings if "partition" in w]
+    assert warnings == [f"12 captured tables are partitioned ({', '.join(f'public.parted{i:02}' for i in range(10))} and 2 "
+                        "more): a TRUNCATE of one of their partitions is not recorded (PostgreSQL's pgoutput leaves it out); "
+                        "a TRUNCATE of the partitioned table itself, and DELETEs, are."]
+
 
 def test_narrowing_all_tables_to_a_list_restores_the_identity_of_the_tables_left_out(dsn, conn):
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")

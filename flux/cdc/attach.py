@@ -40,6 +40,7 @@ from flux.cdc.publication import (
     all_user_tables,
     captured_tables,
     not_full,
+    partitions_of,
     publication_locks,
     published_tables,
     record_listed_tables,
@@ -49,7 +50,6 @@ from flux.cdc.publication import (
     set_full_identity,
     sync_publication,
     user_schemas,
-    with_partitions,
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
@@ -237,11 +237,12 @@ def attach(
                     bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
                     schemas = user_schemas(conn) if schema_mode else None
                     # Every table lock the try needs, before any change: the ALTERs below then wait for none.
-                    parts = {table: with_partitions(conn, table) for table in chosen}
+                    parts = partitions_of(conn, chosen)
                     moved, to_restore = publication_locks(conn, publication, chosen, schemas=schemas, slot=slot)
-                    exclusive = not_full(conn, [p for ps in parts.values() for p in ps]) + to_restore
+                    to_full = not_full(conn, [p for ps in parts.values() for p in ps])
+                    exclusive = to_full + to_restore
                     # ALTER PUBLICATION locks a partitioned table's partitions too, and a table leaving it its entry.
-                    refuse_too_many_locks(room, len(set(exclusive) | {p for t in moved for p in with_partitions(conn, t)})
+                    refuse_too_many_locks(room, len(set(exclusive) | {p for ps in partitions_of(conn, moved).values() for p in ps})
                                           + len(moved), action=f"Attach {'stopped before its last step' if staged else 'changed nothing'}",
                                           slot=slot, publication=publication)
                     lock_up_front(conn, budget, exclusive, moved)
@@ -250,11 +251,7 @@ def attach(
                     record_listed_tables(conn, slot, None if all_tables else chosen)
                     created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
                                                 warnings=warnings, restored=restored)
-                    for table in chosen:
-                        for part in parts[table]:
-                            change = set_full_identity(conn, slot, part)
-                            if change:
-                                identities.append(change)
+                    identities += [change for change in (set_full_identity(conn, slot, part) for part in to_full) if change]
                     warnings += partition_truncate_warning([table for table in chosen if len(parts[table]) > 1])
                     _record_attachment(conn, slot, publication, all_tables)
                     if superuser:
@@ -314,14 +311,14 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
     What a batch did stays when a later one stops: `flux attach` again goes on from there, and
     `flux detach` undoes it (the attachment is recorded first). Nothing (False) when one batch holds it all."""
     slot, publication = result.slot, result.publication
-    parts = {table: with_partitions(conn, table) for table in chosen}
+    parts = partitions_of(conn, chosen)
     exclusive = not_full(conn, [p for ps in parts.values() for p in ps])
     published = set(published_tables(conn, publication))
     joining = [] if schema_mode else sorted(set(chosen) - published, key=str)
     # A schema publication's named tables leave it in the last transaction, which refuses if they are too many.
     leaving = [] if schema_mode else sorted(published - set(chosen), key=str)
     # A table leaving takes a lock for its publication entry too.
-    weight = {table: len(ps) for table, ps in parts.items()} | {table: 1 + len(with_partitions(conn, table)) for table in leaving}
+    weight = {table: len(ps) for table, ps in parts.items()} | {table: 1 + len(ps) for table, ps in partitions_of(conn, leaving).items()}
     if len(exclusive) + sum(weight[t] for t in joining + leaving) <= room.batch:
         return False
     # A table joins or leaves the publication with all its partitions at once: one too big for that
@@ -357,7 +354,7 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
                     lock_up_front(conn, budget, full)
                 else:
                     moved, to_restore = publication_locks(conn, publication, target, schemas=None, slot=slot)
-                    full = [] if kind == "leave" else not_full(conn, [p for t in batch for p in with_partitions(conn, t)])
+                    full = [] if kind == "leave" else not_full(conn, [p for ps in partitions_of(conn, batch).values() for p in ps])
                     lock_up_front(conn, budget, full + to_restore, moved)
                 identities += [change for change in (set_full_identity(conn, slot, t) for t in full) if change]
                 if kind != "full":
@@ -395,8 +392,8 @@ def _tables_touched(conn: psycopg.Connection, slot: str, publication: str, chose
     if conn.execute("SELECT to_regclass('flux.replica_identity_changes') IS NOT NULL").fetchone()[0]:
         tables |= {TableRef(schema, name) for schema, name in conn.execute(
             "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s", (slot,)).fetchall()}
-    exists = [t for t in tables if conn.execute("SELECT to_regclass(%s)", (sql.Identifier(t.schema, t.name).as_string(conn),)).fetchone()[0]]
-    return sorted({part for table in exists for part in with_partitions(conn, table)}, key=str)
+    # A table gone since is itself alone, which holders() then finds no lock on.
+    return sorted({part for parts in partitions_of(conn, sorted(tables, key=str)).values() for part in parts}, key=str)
 
 
 def _attached_publication(conn: psycopg.Connection, slot: str, asked: str | None) -> str:
@@ -591,7 +588,7 @@ def _restore_in_batches(conn: psycopg.Connection, result: DetachResult, *, lock_
     room = lock_room(conn)
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone() is not None
     named = published_tables(conn, publication) if exists else []
-    parts = {table: with_partitions(conn, table) for table in named}
+    parts = partitions_of(conn, named)
     weight = {table: 2 + len(ps) for table, ps in parts.items()}  # its lock and its publication entry's, its partitions'
     if len(restorable(conn, slot)) + sum(weight.values()) <= room.batch:
         return

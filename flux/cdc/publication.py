@@ -179,6 +179,25 @@ def with_partitions(conn: psycopg.Connection, table: TableRef) -> list[TableRef]
     return [TableRef(s, t) for s, t in rows] or [table]
 
 
+def partitions_of(conn: psycopg.Connection, tables: list[TableRef]) -> dict[TableRef, list[TableRef]]:
+    """`with_partitions` of each of `tables`, in one round trip (a database may have thousands); a
+    table that does not exist has itself alone."""
+    found: dict[TableRef, list[TableRef]] = {}
+    if tables:
+        for root_schema, root_name, schema, name in conn.execute(
+            partition_trees("SELECT to_regclass(name) FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NOT NULL") + """
+            SELECT rn.nspname, r.relname, n.nspname, c.relname FROM tree
+            JOIN pg_class r ON r.oid = tree.root JOIN pg_namespace rn ON rn.oid = r.relnamespace
+            JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p')
+            ORDER BY 1, 2, tree.level, 3, 4
+            """,
+            ([sql.Identifier(t.schema, t.name).as_string(conn) for t in tables],),
+        ).fetchall():
+            found.setdefault(TableRef(root_schema, root_name), []).append(TableRef(schema, name))
+    return {table: found.get(table) or [table] for table in tables}
+
+
 def user_schemas(conn: psycopg.Connection) -> list[str]:
     rows = conn.execute(
         """
@@ -276,15 +295,15 @@ def publication_locks(conn: psycopg.Connection, publication: str, chosen: list[T
         return ([] if schemas else list(chosen)), []
     current = set(published_tables(conn, publication))
     wanted = set() if schemas else set(chosen)
-    restored = {part for table in current - wanted if not schemas or table.schema not in schemas
-                for part in with_partitions(conn, table)}
+    restored = {part for table, parts in partitions_of(conn, sorted(current - wanted, key=str)).items()
+                if not schemas or table.schema not in schemas for part in parts}
     dropped_schemas = sorted(set(published_schemas(conn, publication)) - set(schemas or []))
     if dropped_schemas:
         restored |= {TableRef(s, t) for s, t in conn.execute(
             "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = ANY (%s)",
             (slot, dropped_schemas)).fetchall()}
     if restored:
-        restored -= {part for table in chosen for part in with_partitions(conn, table)}
+        restored -= {part for parts in partitions_of(conn, chosen).values() for part in parts}
     return sorted(current ^ wanted, key=str), restorable(conn, slot, sorted(restored, key=str))
 
 
@@ -326,7 +345,8 @@ def sync_publication(
     wanted_schemas = set(schemas or [])
     dropped_schemas = sorted(current_schemas - wanted_schemas)
     # Still captured, as a chosen table or one of its partitions: its identity stays FULL.
-    keep = {part for table in chosen for part in with_partitions(conn, table)} if current - wanted or dropped_schemas else set()
+    keep = ({part for parts in partitions_of(conn, chosen).values() for part in parts} if current - wanted or dropped_schemas
+            else set())
     for table in sorted(wanted - current, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(name, table.ident))
         changes.append(f"publication {publication}: added {table}")

@@ -235,6 +235,7 @@ def attach(
                     _check_names_are_flux(conn, slot, publication)
                     claim_relids(conn)  # a restored copy's log: the oids recorded from now on are this database's
                     bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
+                    autocapture.own_ddl(conn)
                     schemas = user_schemas(conn) if schema_mode else None
                     # Every table lock the try needs, before any change: the ALTERs below then wait for none.
                     parts = partitions_of(conn, chosen)
@@ -349,6 +350,7 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
             warnings: list[str] = []
             with conn.transaction():
                 bound_lock_waits(conn, lock_timeout)
+                autocapture.own_ddl(conn)
                 if kind == "full":
                     full = not_full(conn, batch)
                     lock_up_front(conn, budget, full)
@@ -549,6 +551,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                                     restored=list(result.restored), warnings=list(result.warnings))
                 with conn.transaction():
                     bound_lock_waits(conn, lock_timeout)
+                    autocapture.own_ddl(conn)
                     # The tables whose identity is restored, all before the first ALTER (DROP PUBLICATION locks no
                     # table; it takes a lock for each table it names, not waited for: `_restore_in_batches`).
                     lock_up_front(conn, budget, restorable(conn, slot) if has_schema else [])
@@ -619,6 +622,7 @@ def _restore_batch(conn: psycopg.Connection, result: DetachResult, leaving: list
         warnings: list[str] = []
         with conn.transaction():
             bound_lock_waits(conn, lock_timeout)
+            autocapture.own_ddl(conn)
             todo = restorable(conn, slot, parts)
             lock_up_front(conn, budget, todo, leaving)
             if leaving:

@@ -61,6 +61,10 @@ DECLARE
     root record;
     published boolean;
 BEGIN
+    -- Flux's own attach, detach and capture set up (or undo) capture themselves (own_ddl below).
+    IF current_setting('flux.own_ddl', true) = 'on' THEN
+        RETURN;
+    END IF;
     FOR obj IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         IF obj.object_type = 'schema' AND obj.command_tag = 'CREATE SCHEMA' THEN
             FOR att IN SELECT a.publication_name FROM flux.attachments a WHERE a.all_tables AND EXISTS (
@@ -122,6 +126,14 @@ EXCEPTION WHEN OTHERS THEN
 END
 $fn$;
 """
+
+
+def own_ddl(conn: psycopg.Connection) -> None:
+    """In the current transaction, the event trigger leaves Flux's ALTER TABLEs alone: attach,
+    detach and the engine's capture do what it would do themselves, and its look at the catalogs
+    (10 ms each among 3,000 tables) ran for every table they alter, while they held every one of
+    those tables ACCESS EXCLUSIVE: a detach of 3,000 tables took 30 s, all of them locked throughout."""
+    conn.execute("SELECT set_config('flux.own_ddl', 'on', true)")
 
 
 def install_event_trigger(conn: psycopg.Connection) -> str | None:
@@ -245,6 +257,7 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
             del _gave_way_to[what]
         with conn.transaction():
             bound_lock_waits(conn, ENGINE_LOCK_TIMEOUT_S)
+            own_ddl(conn)
             action()
         changed.append(what)
     except psycopg.Error as exc:

@@ -895,3 +895,36 @@ def test_attach_again_of_many_tables_makes_round_trips_by_the_dozen_not_by_the_t
                                                                                        execute(self, *args, **kwargs))[1])
     assert attach(dsn, all_tables=True).changed_anything is False
     assert len(statements) < 100
+
+
+
+def test_attach_and_detach_leave_the_event_trigger_out_of_their_own_alter_table(dsn, conn):
+    """It ran its look at the catalogs (10 ms among 3,000 tables) for each table they altered, while they held every
+    one ACCESS EXCLUSIVE: a detach of 3,000 tables took 30 s, 7 s without it. A spy trigger sees what Flux's does."""
+    conn.execute("CREATE TABLE spy (tag text, table_name text, own_ddl text)")
+    conn.execute("""CREATE FUNCTION spy() RETURNS event_trigger LANGUAGE plpgsql AS $$
+                    BEGIN
+                        INSERT INTO spy SELECT command_tag, object_identity, current_setting('flux.own_ddl', true)
+                        FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table';
+                    END $$""")
+    conn.execute("CREATE EVENT TRIGGER spy ON ddl_command_end WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION spy()")
+    for i in range(3):
+        conn.execute(f"CREATE TABLE t{i} (id int PRIMARY KEY)")
+    attach(dsn, all_tables=True)
+    attach(dsn, tables=["t0"])
+    detach(dsn)
+    seen = conn.execute("SELECT table_name, own_ddl FROM spy WHERE table_name <> 'public.spy' ORDER BY 1").fetchall()
+    assert len(seen) == 3 + 2 + 1 and {own for _, own in seen} == {"on"}  # FULL, two restored, one restored
+    conn.execute("ALTER TABLE t0 ADD COLUMN note text")  # an application's
+    assert conn.execute("SELECT own_ddl FROM spy WHERE table_name = 'public.t0' ORDER BY ctid DESC LIMIT 1").fetchone() == (None,)
+
+
+def test_the_event_trigger_leaves_a_transaction_marked_as_fluxs_own_alone(dsn, conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, all_tables=True)
+    with conn.transaction():
+        conn.execute("SELECT set_config('flux.own_ddl', 'on', true)")
+        conn.execute("CREATE TABLE p (id int) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10)")
+    conn.execute("CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)")
+    assert identities(conn, "p", "p1", "p2") == {"p": "d", "p1": "d", "p2": "f"}

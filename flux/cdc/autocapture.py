@@ -74,12 +74,16 @@ BEGIN
                                (SELECT nspname FROM pg_namespace WHERE oid = obj.objid));
             END LOOP;
         ELSIF obj.object_type = 'table' THEN
-            -- The new table; for ALTER TABLE (e.g. ATTACH PARTITION) the partitions below it.
+            -- The new table; for ALTER TABLE (e.g. ATTACH PARTITION) the partitions below it. Read in
+            -- pg_inherits, by index: a join with pg_partition_tree() read all of pg_class, 10 ms for every
+            -- CREATE or ALTER TABLE of a database of 3,000 tables, and locked every partition.
             FOR rel IN
+                WITH RECURSIVE t(relid, level) AS (
+                    SELECT obj.objid, 0
+                    UNION ALL SELECT i.inhrelid, t.level + 1 FROM t JOIN pg_inherits i ON i.inhparent = t.relid
+                    JOIN pg_class p ON p.oid = i.inhrelid WHERE p.relispartition)
                 SELECT c.oid, c.relispartition, c.relreplident, n.nspname, c.relname
-                FROM (SELECT obj.objid AS relid, 0 AS level  -- pg_partition_tree is empty for plain tables
-                      UNION SELECT p.relid, p.level FROM pg_partition_tree(obj.objid) p WHERE p.level > 0) t
-                JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                FROM t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
                   AND n.nspname NOT IN ('flux', 'pg_catalog', 'information_schema')
                   AND (obj.command_tag <> 'ALTER TABLE' OR t.level > 0

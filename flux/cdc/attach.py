@@ -595,6 +595,9 @@ def _restore_in_batches(conn: psycopg.Connection, result: DetachResult, *, lock_
     weight = {table: 2 + len(ps) for table, ps in parts.items()}  # its lock and its publication entry's, its partitions'
     if len(restorable(conn, slot)) + sum(weight.values()) <= room.batch:
         return
+    # A table leaves the publication with all its partitions at once: one too big for that is refused first.
+    refuse_too_many_locks(room, max(weight.values(), default=0), action="Detach changed nothing", slot=slot,
+                          publication=publication)
     with conn.transaction():
         record_listed_tables(conn, slot, None)  # first: the event trigger would publish a listed table again at its ALTER
     leaving = in_batches(named, weight.__getitem__, room.batch)

@@ -928,3 +928,28 @@ def test_the_event_trigger_leaves_a_transaction_marked_as_fluxs_own_alone(dsn, c
         conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10)")
     conn.execute("CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)")
     assert identities(conn, "p", "p1", "p2") == {"p": "d", "p1": "d", "p2": "f"}
+
+
+def test_detach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(
+        small_lock_table):
+    """Its leaving the publication locks every partition at once; its partitions came after attach."""
+    dbname = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(small_lock_table, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {dbname}")
+    dsn = small_lock_table.rsplit("/", 1)[0] + f"/{dbname}"
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE m (id int) PARTITION BY RANGE (id)")
+            attach(dsn, tables=["m"])
+            for i in range(150):  # FULL as each is created (the event trigger)
+                conn.execute(f"CREATE TABLE m{i} PARTITION OF m FOR VALUES FROM ({i * 10}) TO ({i * 10 + 10})")
+        with pytest.raises(PreflightError) as raised:
+            detach(dsn)
+        assert raised.value.message.startswith("Detach changed nothing") and "would lock 153 tables" in raised.value.message
+        assert full_identities(dsn) == 151
+        with connect(dsn) as conn:
+            assert [str(t) for t in captured_tables(conn, "flux")] == ["public.m"]
+    finally:
+        _drop_slots(small_lock_table, dbname)
+        with psycopg.connect(small_lock_table, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {dbname} WITH (FORCE)")

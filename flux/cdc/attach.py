@@ -47,7 +47,7 @@ from flux.cdc.publication import (
     restorable,
     resolve_tables,
     restore_identity,
-    set_full_identity,
+    set_full_identities,
     sync_publication,
     user_schemas,
 )
@@ -252,7 +252,7 @@ def attach(
                     record_listed_tables(conn, slot, None if all_tables else chosen)
                     created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
                                                 warnings=warnings, restored=restored)
-                    identities += [change for change in (set_full_identity(conn, slot, part) for part in to_full) if change]
+                    identities += set_full_identities(conn, slot, to_full)
                     warnings += partition_truncate_warning([table for table in chosen if len(parts[table]) > 1])
                     _record_attachment(conn, slot, publication, all_tables)
                     if superuser:
@@ -358,7 +358,7 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
                     moved, to_restore = publication_locks(conn, publication, target, schemas=None, slot=slot)
                     full = [] if kind == "leave" else not_full(conn, [p for ps in partitions_of(conn, batch).values() for p in ps])
                     lock_up_front(conn, budget, full + to_restore, moved)
-                identities += [change for change in (set_full_identity(conn, slot, t) for t in full) if change]
+                identities += set_full_identities(conn, slot, full)
                 if kind != "full":
                     created += sync_publication(conn, publication, target, schemas=None, slot=slot, warnings=warnings,
                                                 restored=restored)

@@ -46,7 +46,7 @@ from flux.cdc.publication import (
     record_listed_tables,
     restorable,
     resolve_tables,
-    restore_identity,
+    restore_identities,
     set_full_identities,
     sync_publication,
     user_schemas,
@@ -631,8 +631,7 @@ def _restore_batch(conn: psycopg.Connection, result: DetachResult, leaving: list
             if leaving:
                 conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
                     sql.Identifier(publication), sql.SQL(", ").join(t.ident for t in leaving)))
-            for table in todo:
-                restore_identity(conn, slot, table, result_list=restored, warnings=warnings)
+            restore_identities(conn, slot, todo, result_list=restored, warnings=warnings)
         return restored, warnings
 
     restored, warnings = with_lock_retries(
@@ -663,10 +662,9 @@ def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult
     """The flux schema's part of detach: identities restored, the attachment forgotten, its data
     dropped with `drop_data` when no other attachment uses it."""
     record_listed_tables(conn, slot, None)  # first: restoring an identity below is an ALTER TABLE the trigger sees
-    for schema, table in conn.execute(
+    restore_identities(conn, slot, [TableRef(schema, table) for schema, table in conn.execute(
         "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
-    ).fetchall():
-        restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored, warnings=result.warnings)
+    ).fetchall()], result_list=result.restored, warnings=result.warnings)
     conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
     conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
     remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]

@@ -422,63 +422,95 @@ def sync_publication(
     return changes
 
 
+# One statement for all the ALTERs, as _FULL_IN_TURN; each in a block of its own (a savepoint), so
+# that one PostgreSQL refuses is said and left FULL. A privilege or a lock timeout is the caller's.
+_RESTORE_IN_TURN = """
+DO $flux$
+DECLARE
+    t record;
+    failed jsonb := '[]';
+BEGIN
+    FOR t IN SELECT e->>0 AS schema_name, e->>1 AS table_name, e->>2 AS clause, i
+             FROM jsonb_array_elements(current_setting('flux.restore_list')::jsonb) WITH ORDINALITY AS l(e, i) ORDER BY i LOOP
+        BEGIN
+            EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY ', t.schema_name, t.table_name) || t.clause;
+        EXCEPTION WHEN insufficient_privilege OR lock_not_available THEN
+            RAISE;
+        WHEN OTHERS THEN
+            failed := failed || jsonb_build_array(jsonb_build_array(t.i, SQLERRM));
+        END;
+    END LOOP;
+    PERFORM set_config('flux.restore_failed', failed::text, true);
+END
+$flux$
+"""
+
+
 def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, result_list: list[dict],
                      warnings: list[str] | None = None) -> None:
-    """Give `table` back the identity recorded before Flux set FULL, and forget the record.
+    """`restore_identities` of one table."""
+    restore_identities(conn, slot, [table], result_list=result_list, warnings=warnings)
+
+
+def restore_identities(conn: psycopg.Connection, slot: str, tables: list[TableRef], *, result_list: list[dict],
+                       warnings: list[str] | None = None) -> None:
+    """Give each of `tables` back the identity recorded before Flux set FULL, and forget the record.
 
     Only Flux's own setting is undone: a table whose identity was changed by hand since is left
     as it is, and so is one whose earlier index is gone (an ALTER refused there would fail the
-    whole detach, for good). Each is said in `warnings`. Run in a transaction (a savepoint here).
+    whole detach, for good). Each is said in `warnings`. Run in a transaction. Four round trips
+    whatever the number of tables: the transaction holds them all ACCESS EXCLUSIVE meanwhile.
     """
-    row = conn.execute(
+    if not tables:
+        return
+    rows = conn.execute(
         """
-        SELECT r.previous, r.previous_index, c.relreplident,
+        SELECT r.schema_name, r.table_name, r.previous, r.previous_index, c.relreplident,
                (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                 WHERE i.indrelid = c.oid AND i.indisreplident),
                EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                        WHERE i.indrelid = c.oid AND ic.relname = r.previous_index)
-        FROM flux.replica_identity_changes r
+        FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(s, r, i)
+        JOIN flux.replica_identity_changes r ON r.slot_name = %s AND r.schema_name = t.s AND r.table_name = t.r
         LEFT JOIN pg_namespace n ON n.nspname = r.schema_name
         LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name AND c.relkind IN ('r', 'p')
-        WHERE r.slot_name = %s AND r.schema_name = %s AND r.table_name = %s
+        ORDER BY t.i
         """,
-        (slot, table.schema, table.name),
-    ).fetchone()
-    if row is None:
+        ([t.schema for t in tables], [t.name for t in tables], slot),
+    ).fetchall()
+    if not rows:
         return
-    previous, index, current, current_index, index_exists = row
     notes = warnings if warnings is not None else []
-    was = identity_name(previous, index)
-    if current is None:
-        pass  # dropped since: nothing to restore
-    elif current != "f":
-        notes.append(f"{table}: REPLICA IDENTITY was changed to {identity_name(current, current_index)} since Flux set "
-                     f"FULL; left as it is (before attach it was {was}).")
-    elif previous == "i" and not index_exists:
-        notes.append(f"{table}: left REPLICA IDENTITY FULL: before attach it was {was}, and that index no longer exists. "
-                     f"Choose one: ALTER TABLE {table.ident.as_string(conn)} REPLICA IDENTITY DEFAULT;")
-    else:
-        clause = {
-            "d": sql.SQL("DEFAULT"),
-            "n": sql.SQL("NOTHING"),
-            "f": sql.SQL("FULL"),
-            "i": sql.SQL("USING INDEX {}").format(sql.Identifier(index or "")),
-        }[previous]
-        try:
-            with conn.transaction():
-                conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table.ident, clause))
-        except psycopg.Error as exc:
-            # A privilege: the caller's all-or-nothing refusal. A lock timeout: the caller tries the
-            # whole transaction again (flux.cdc.locks), then refuses, rather than leave FULL behind.
-            if exc.sqlstate in ("42501", "55P03"):
-                raise
-            notes.append(f"{table}: left REPLICA IDENTITY FULL: PostgreSQL refused {was} "
-                         f"({str(exc).strip().splitlines()[0]}).")
+    to_alter: list[tuple[TableRef, str, str]] = []  # the table, its clause, what it was
+    for schema, name, previous, index, current, current_index, index_exists in rows:
+        table = TableRef(schema, name)
+        was = identity_name(previous, index)
+        if current is None:
+            pass  # dropped since: nothing to restore
+        elif current != "f":
+            notes.append(f"{table}: REPLICA IDENTITY was changed to {identity_name(current, current_index)} since Flux set "
+                         f"FULL; left as it is (before attach it was {was}).")
+        elif previous == "i" and not index_exists:
+            notes.append(f"{table}: left REPLICA IDENTITY FULL: before attach it was {was}, and that index no longer exists. "
+                         f"Choose one: ALTER TABLE {table.ident.as_string(conn)} REPLICA IDENTITY DEFAULT;")
         else:
-            result_list.append({"table": str(table), "restored": was})
+            clause = {"d": sql.SQL("DEFAULT"), "n": sql.SQL("NOTHING"), "f": sql.SQL("FULL"),
+                      "i": sql.SQL("USING INDEX {}").format(sql.Identifier(index or ""))}[previous]
+            to_alter.append((table, clause.as_string(conn), was))
+    if to_alter:
+        conn.execute("SELECT set_config('flux.restore_list', %s, true)",
+                     (json.dumps([[t.schema, t.name, clause] for t, clause, _ in to_alter]),))
+        conn.execute(_RESTORE_IN_TURN)
+        refused = dict(json.loads(conn.execute("SELECT current_setting('flux.restore_failed')").fetchone()[0]))
+        for number, (table, _, was) in enumerate(to_alter, start=1):
+            if number in refused:
+                notes.append(f"{table}: left REPLICA IDENTITY FULL: PostgreSQL refused {was} ({refused[number]}).")
+            else:
+                result_list.append({"table": str(table), "restored": was})
     conn.execute(
-        "DELETE FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s AND table_name = %s",
-        (slot, table.schema, table.name),
+        "DELETE FROM flux.replica_identity_changes WHERE slot_name = %s"
+        " AND (schema_name, table_name) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+        (slot, [r[0] for r in rows], [r[1] for r in rows]),
     )
 
 

@@ -219,7 +219,8 @@ def attach(
             upgraded = schema_version(conn) is not None and ensure_schema(conn)
             budget = LockBudget(lock_timeout)
             room = lock_room(conn)
-            staged = _prepare_in_batches(conn, result, chosen=chosen, schema_mode=schema_mode, room=room, lock_timeout=lock_timeout)
+            staged = _prepare_in_batches(conn, result, chosen=chosen, schema_mode=schema_mode, room=room,
+                                         lock_timeout=lock_timeout)
 
             def set_up() -> tuple[list[str], list[dict], list[dict], list[str]]:
                 # One transaction: no instant where a table is half set up (e.g. moved from the
@@ -243,9 +244,9 @@ def attach(
                     to_full = not_full(conn, [p for ps in parts.values() for p in ps])
                     exclusive = to_full + to_restore
                     # ALTER PUBLICATION locks a partitioned table's partitions too, and a table leaving it its entry.
-                    refuse_too_many_locks(room, len(set(exclusive) | {p for ps in partitions_of(conn, moved).values() for p in ps})
-                                          + len(moved), action=f"Attach {'stopped before its last step' if staged else 'changed nothing'}",
-                                          slot=slot, publication=publication)
+                    locked = set(exclusive) | {p for ps in partitions_of(conn, moved).values() for p in ps}
+                    refuse_too_many_locks(room, len(locked) + len(moved), slot=slot, publication=publication,
+                                          action=f"Attach {'stopped before its last step' if staged else 'changed nothing'}")
                     lock_up_front(conn, budget, exclusive, moved)
                     # Before the publication changes: the event trigger must not take a table left out
                     # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
@@ -319,7 +320,8 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
     # A schema publication's named tables leave it in the last transaction, which refuses if they are too many.
     leaving = [] if schema_mode else sorted(published - set(chosen), key=str)
     # A table leaving takes a lock for its publication entry too.
-    weight = {table: len(ps) for table, ps in parts.items()} | {table: 1 + len(ps) for table, ps in partitions_of(conn, leaving).items()}
+    weight = ({table: len(ps) for table, ps in parts.items()}
+              | {table: 1 + len(ps) for table, ps in partitions_of(conn, leaving).items()})
     if len(exclusive) + sum(weight[t] for t in joining + leaving) <= room.batch:
         return False
     # A table joins or leaves the publication with all its partitions at once: one too big for that

@@ -24,9 +24,13 @@ from flux.cdc.locks import (
     DEFAULT_LOCK_TIMEOUT_S,
     BlockerWatch,
     LockBudget,
+    LockRoom,
     bound_lock_waits,
+    in_batches,
+    lock_room,
     lock_up_front,
     own_waits,
+    refuse_too_many_locks,
     with_lock_retries,
 )
 from flux.cdc.roles import check_role, role_named_flux_warnings
@@ -36,15 +40,16 @@ from flux.cdc.publication import (
     all_user_tables,
     captured_tables,
     not_full,
+    partitions_of,
     publication_locks,
+    published_tables,
     record_listed_tables,
     restorable,
     resolve_tables,
-    restore_identity,
-    set_full_identity,
+    restore_identities,
+    set_full_identities,
     sync_publication,
     user_schemas,
-    with_partitions,
 )
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
@@ -165,6 +170,20 @@ PARTITION_TRUNCATE_WARNING = (
     "{table} is partitioned: a TRUNCATE of one of its partitions is not recorded (PostgreSQL's pgoutput leaves it "
     "out); a TRUNCATE of {table} itself, and DELETEs, are."
 )
+PARTITIONS_TRUNCATE_WARNING = (
+    "{count} captured tables are partitioned ({tables}): a TRUNCATE of one of their partitions is not recorded "
+    "(PostgreSQL's pgoutput leaves it out); a TRUNCATE of the partitioned table itself, and DELETEs, are."
+)
+NAMED_IN_A_WARNING = 10  # tables a warning names, then how many more: a database may have thousands
+
+
+def partition_truncate_warning(partitioned: list[TableRef]) -> list[str]:
+    """One warning for all the partitioned tables captured, not one each."""
+    if len(partitioned) <= 1:
+        return [PARTITION_TRUNCATE_WARNING.format(table=table) for table in partitioned]
+    named = ", ".join(map(str, partitioned[:NAMED_IN_A_WARNING]))
+    more = f" and {len(partitioned) - NAMED_IN_A_WARNING} more" if len(partitioned) > NAMED_IN_A_WARNING else ""
+    return [PARTITIONS_TRUNCATE_WARNING.format(count=len(partitioned), tables=named + more)]
 
 
 def attach(
@@ -199,6 +218,9 @@ def attach(
             # built concurrently (the engine keeps writing); an upgrade stopped half-way is resumed.
             upgraded = schema_version(conn) is not None and ensure_schema(conn)
             budget = LockBudget(lock_timeout)
+            room = lock_room(conn)
+            staged = _prepare_in_batches(conn, result, chosen=chosen, schema_mode=schema_mode, room=room,
+                                         lock_timeout=lock_timeout)
 
             def set_up() -> tuple[list[str], list[dict], list[dict], list[str]]:
                 # One transaction: no instant where a table is half set up (e.g. moved from the
@@ -214,23 +236,25 @@ def attach(
                     _check_names_are_flux(conn, slot, publication)
                     claim_relids(conn)  # a restored copy's log: the oids recorded from now on are this database's
                     bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
+                    autocapture.own_ddl(conn)
                     schemas = user_schemas(conn) if schema_mode else None
                     # Every table lock the try needs, before any change: the ALTERs below then wait for none.
-                    parts = {table: with_partitions(conn, table) for table in chosen}
+                    parts = partitions_of(conn, chosen)
                     moved, to_restore = publication_locks(conn, publication, chosen, schemas=schemas, slot=slot)
-                    lock_up_front(conn, budget, not_full(conn, [p for ps in parts.values() for p in ps]) + to_restore, moved)
+                    to_full = not_full(conn, [p for ps in parts.values() for p in ps])
+                    exclusive = to_full + to_restore
+                    # ALTER PUBLICATION locks a partitioned table's partitions too, and a table leaving it its entry.
+                    locked = set(exclusive) | {p for ps in partitions_of(conn, moved).values() for p in ps}
+                    refuse_too_many_locks(room, len(locked) + len(moved), slot=slot, publication=publication,
+                                          action=f"Attach {'stopped before its last step' if staged else 'changed nothing'}")
+                    lock_up_front(conn, budget, exclusive, moved)
                     # Before the publication changes: the event trigger must not take a table left out
                     # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
                     record_listed_tables(conn, slot, None if all_tables else chosen)
                     created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
                                                 warnings=warnings, restored=restored)
-                    for table in chosen:
-                        for part in parts[table]:
-                            change = set_full_identity(conn, slot, part)
-                            if change:
-                                identities.append(change)
-                        if len(parts[table]) > 1:
-                            warnings.append(PARTITION_TRUNCATE_WARNING.format(table=table))
+                    identities += set_full_identities(conn, slot, to_full)
+                    warnings += partition_truncate_warning([table for table in chosen if len(parts[table]) > 1])
                     _record_attachment(conn, slot, publication, all_tables)
                     if superuser:
                         trigger = autocapture.install_event_trigger(conn)
@@ -279,14 +303,101 @@ def attach(
         return result
 
 
+def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chosen: list[TableRef], schema_mode: bool,
+                        room: LockRoom, lock_timeout: float) -> bool:
+    """Attach's work on more tables than a batch of the server's lock table allows (`LockRoom.batch`),
+    done before its last transaction, batch by batch, each its own transaction and lock tries:
+    REPLICA IDENTITY FULL on the tables and partitions not FULL yet, then the tables joining or
+    leaving a table list's publication. A table joins it with its partitions FULL already, so none
+    is published with a key-only identity, and the slot is still made last, once all is set up.
+    What a batch did stays when a later one stops: `flux attach` again goes on from there, and
+    `flux detach` undoes it (the attachment is recorded first). Nothing (False) when one batch holds it all."""
+    slot, publication = result.slot, result.publication
+    parts = partitions_of(conn, chosen)
+    exclusive = not_full(conn, [p for ps in parts.values() for p in ps])
+    published = set(published_tables(conn, publication))
+    joining = [] if schema_mode else sorted(set(chosen) - published, key=str)
+    # A schema publication's named tables leave it in the last transaction, which refuses if they are too many.
+    leaving = [] if schema_mode else sorted(published - set(chosen), key=str)
+    # A table leaving takes a lock for its publication entry too.
+    weight = ({table: len(ps) for table, ps in parts.items()}
+              | {table: 1 + len(ps) for table, ps in partitions_of(conn, leaving).items()})
+    if len(exclusive) + sum(weight[t] for t in joining + leaving) <= room.batch:
+        return False
+    # A table joins or leaves the publication with all its partitions at once: one too big for that
+    # is refused before the first batch.
+    refuse_too_many_locks(room, max((weight[t] for t in joining + leaving), default=0), action="Attach changed nothing",
+                          slot=slot, publication=publication)
+    with conn.transaction():
+        if ensure_schema(conn):
+            result.created.append("schema flux")
+        _check_names_are_flux(conn, slot, publication)
+        claim_relids(conn)
+        record_listed_tables(conn, slot, None if result.all_tables else chosen)
+        _record_attachment(conn, slot, publication, result.all_tables)
+    steps: list[tuple[str, list[TableRef]]] = [("full", batch) for batch in in_batches(exclusive, lambda _: 1, room.batch)]
+    steps += [("join", batch) for batch in in_batches(joining, weight.__getitem__, room.batch)]
+    steps += [("leave", batch) for batch in in_batches(leaving, weight.__getitem__, room.batch)]
+    target = set(published)
+    counts = {"join": 0, "leave": 0}
+    for number, (kind, batch) in enumerate(steps, start=1):
+        target = target | set(batch) if kind == "join" else target - set(batch) if kind == "leave" else target
+        budget = LockBudget(lock_timeout)
+
+        def step(kind: str = kind, batch: list[TableRef] = batch, target: list[TableRef] = sorted(target, key=str),
+                 budget: LockBudget = budget) -> tuple[list[str], list[dict], list[dict], list[str]]:
+            created: list[str] = []
+            identities: list[dict] = []
+            restored: list[dict] = []
+            warnings: list[str] = []
+            with conn.transaction():
+                bound_lock_waits(conn, lock_timeout)
+                autocapture.own_ddl(conn)
+                if kind == "full":
+                    full = not_full(conn, batch)
+                    lock_up_front(conn, budget, full)
+                else:
+                    moved, to_restore = publication_locks(conn, publication, target, schemas=None, slot=slot)
+                    full = [] if kind == "leave" else not_full(conn, [p for ps in partitions_of(conn, batch).values() for p in ps])
+                    lock_up_front(conn, budget, full + to_restore, moved)
+                identities += set_full_identities(conn, slot, full)
+                if kind != "full":
+                    created += sync_publication(conn, publication, target, schemas=None, slot=slot, warnings=warnings,
+                                                restored=restored)
+            return created, identities, restored, warnings
+
+        created, identities, restored, warnings = with_lock_retries(
+            conn, step, action=f"Attach's batch {number} of {len(steps)} (those before it are done and stay; `flux attach` "
+            "again goes on from there)", command="flux attach", budget=budget, tables=lambda batch=batch: batch,
+            slot=slot, publication=publication)
+        # A table list of thousands: counted, not listed one line each.
+        for line in created:
+            if line.startswith(f"publication {publication}: added ") or line.startswith(f"publication {publication}: removed "):
+                counts["join" if ": added " in line else "leave"] += 1
+            elif line.startswith(f"publication {publication} ("):
+                result.created.append(f"publication {publication}")
+                counts["join"] += len(batch)
+            else:
+                result.created.append(line)
+        result.replica_identity_changed += identities
+        result.replica_identity_restored += restored
+        result.warnings += warnings
+    batches = sum(kind != "full" for kind, _ in steps)
+    if counts["join"]:
+        result.created.append(f"publication {publication}: added {counts['join']} tables, in {batches} transactions")
+    if counts["leave"]:
+        result.created.append(f"publication {publication}: removed {counts['leave']} tables, in {batches} transactions")
+    return True
+
+
 def _tables_touched(conn: psycopg.Connection, slot: str, publication: str, chosen: list[TableRef]) -> list[TableRef]:
     """The tables attach or detach may lock: those chosen and published, their partitions, and those whose identity Flux changed."""
     tables = set(chosen) | set(captured_tables(conn, publication))
     if conn.execute("SELECT to_regclass('flux.replica_identity_changes') IS NOT NULL").fetchone()[0]:
         tables |= {TableRef(schema, name) for schema, name in conn.execute(
             "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s", (slot,)).fetchall()}
-    exists = [t for t in tables if conn.execute("SELECT to_regclass(%s)", (sql.Identifier(t.schema, t.name).as_string(conn),)).fetchone()[0]]
-    return sorted({part for table in exists for part in with_partitions(conn, table)}, key=str)
+    # A table gone since is itself alone, which holders() then finds no lock on.
+    return sorted({part for parts in partitions_of(conn, sorted(tables, key=str)).values() for part in parts}, key=str)
 
 
 def _attached_publication(conn: psycopg.Connection, slot: str, asked: str | None) -> str:
@@ -432,14 +543,19 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
                 )
 
             budget = LockBudget(lock_timeout)
+            if has_schema:
+                _restore_in_batches(conn, result, lock_timeout=lock_timeout)
 
             def take_down() -> DetachResult:
                 # All or nothing: a role refused one step (it does not own the publication or a table, or
                 # may not replicate) leaves the attachment whole, rather than without its slot.
-                done = DetachResult(slot=slot, publication=publication, warnings=list(result.warnings))
+                done = DetachResult(slot=slot, publication=publication, dropped=list(result.dropped),
+                                    restored=list(result.restored), warnings=list(result.warnings))
                 with conn.transaction():
                     bound_lock_waits(conn, lock_timeout)
-                    # The tables whose identity is restored, all before the first ALTER (DROP PUBLICATION locks none).
+                    autocapture.own_ddl(conn)
+                    # The tables whose identity is restored, all before the first ALTER (DROP PUBLICATION locks no
+                    # table; it takes a lock for each table it names, not waited for: `_restore_in_batches`).
                     lock_up_front(conn, budget, restorable(conn, slot) if has_schema else [])
                     if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone():
                         conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
@@ -463,6 +579,70 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
         return result
 
 
+def _restore_in_batches(conn: psycopg.Connection, result: DetachResult, *, lock_timeout: float) -> None:
+    """Detach's work, when its one transaction would take more locks than a batch of the server's
+    lock table allows (`LockRoom.batch`): a table list's publication let go of its tables batch by
+    batch (DROP PUBLICATION takes a lock for each table it names), each batch's identities restored
+    in the same transaction, so that no table is still published once it is not FULL; then the
+    publication dropped, and the other identities restored batch by batch; each batch its own
+    transaction and lock tries. The last transaction (forget the attachment, drop the slot) follows
+    as before. When a batch stops, what was done stays: `flux detach` again goes on from there (the
+    slot, kept until then, captures only what its publication still holds). Nothing when one batch
+    holds it all."""
+    slot, publication = result.slot, result.publication
+    room = lock_room(conn)
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone() is not None
+    named = published_tables(conn, publication) if exists else []
+    parts = partitions_of(conn, named)
+    weight = {table: 2 + len(ps) for table, ps in parts.items()}  # its lock and its publication entry's, its partitions'
+    if len(restorable(conn, slot)) + sum(weight.values()) <= room.batch:
+        return
+    # A table leaves the publication with all its partitions at once: one too big for that is refused first.
+    refuse_too_many_locks(room, max(weight.values(), default=0), action="Detach changed nothing", slot=slot,
+                          publication=publication)
+    with conn.transaction():
+        record_listed_tables(conn, slot, None)  # first: the event trigger would publish a listed table again at its ALTER
+    leaving = in_batches(named, weight.__getitem__, room.batch)
+    for number, batch in enumerate(leaving, start=1):
+        _restore_batch(conn, result, batch, parts=[p for t in batch for p in parts[t]], lock_timeout=lock_timeout,
+                       action=f"Detach's batch {number} of {len(leaving)}")
+    if exists:
+        with conn.transaction():
+            conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
+        result.dropped.append(f"publication {publication}")
+    batches = in_batches(restorable(conn, slot), lambda _: 1, room.batch)
+    for number, batch in enumerate(batches, start=1):
+        _restore_batch(conn, result, [], parts=batch, lock_timeout=lock_timeout,
+                       action=f"Detach's batch {number} of {len(batches)} restoring identities")
+
+
+def _restore_batch(conn: psycopg.Connection, result: DetachResult, leaving: list[TableRef], *, parts: list[TableRef],
+                   lock_timeout: float, action: str) -> None:
+    """One of `_restore_in_batches`' transactions: `leaving` out of the publication, `parts` restored."""
+    slot, publication = result.slot, result.publication
+    budget = LockBudget(lock_timeout)
+
+    def step() -> tuple[list[dict], list[str]]:
+        restored: list[dict] = []
+        warnings: list[str] = []
+        with conn.transaction():
+            bound_lock_waits(conn, lock_timeout)
+            autocapture.own_ddl(conn)
+            todo = restorable(conn, slot, parts)
+            lock_up_front(conn, budget, todo, leaving)
+            if leaving:
+                conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                    sql.Identifier(publication), sql.SQL(", ").join(t.ident for t in leaving)))
+            restore_identities(conn, slot, todo, result_list=restored, warnings=warnings)
+        return restored, warnings
+
+    restored, warnings = with_lock_retries(
+        conn, step, action=f"{action} (those before it are done and stay; `flux detach` again goes on from there)",
+        command="flux detach", budget=budget, tables=lambda: leaving + parts, slot=slot, publication=publication)
+    result.restored += restored
+    result.warnings += warnings
+
+
 def _fluxs_tables() -> list[TableRef]:
     return [TableRef(SCHEMA, table) for table in TABLES]
 
@@ -484,10 +664,9 @@ def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult
     """The flux schema's part of detach: identities restored, the attachment forgotten, its data
     dropped with `drop_data` when no other attachment uses it."""
     record_listed_tables(conn, slot, None)  # first: restoring an identity below is an ALTER TABLE the trigger sees
-    for schema, table in conn.execute(
+    restore_identities(conn, slot, [TableRef(schema, table) for schema, table in conn.execute(
         "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
-    ).fetchall():
-        restore_identity(conn, slot, TableRef(schema, table), result_list=result.restored, warnings=result.warnings)
+    ).fetchall()], result_list=result.restored, warnings=result.warnings)
     conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
     conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
     remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]

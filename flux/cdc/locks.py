@@ -15,6 +15,9 @@ application transaction taking two of them in the other order closes a cycle: th
 before the shortest `deadlock_timeout` a session of the database starts with (the server's, or one
 set for a role or the database), so it is gone when PostgreSQL's deadlock check runs and chooses a
 backend to abort, and the application's transaction waits a moment and goes on.
+
+Each lock a transaction holds takes an entry of the server's shared lock table until it ends
+(`LockRoom`): attach and detach split work on more tables than a share of it allows into batches.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from psycopg import errors, sql
 
 from flux.cdc.publication import TableRef
 from flux.cdc.sink import turn_off_timeouts
-from flux.errors import LockTimeoutError
+from flux.errors import LockTimeoutError, PreflightError
 from flux.pg.pooler import behind_pooler
 
 DEFAULT_LOCK_TIMEOUT_S = 1.0  # attach and detach (`--lock-timeout`)
@@ -43,6 +46,73 @@ MAX_NAMED = 5  # sessions named in an error, the longest-running first: on a bus
 DEADLOCK_SHARE = 0.8
 
 T = TypeVar("T")
+
+# PostgreSQL sizes its shared lock table (all sessions' locks) for max_locks_per_transaction locks
+# per backend slot and prepared transaction; past it (and a little slack) every session's next lock
+# fails: 'out of shared memory', HINT 'You might need to increase max_locks_per_transaction'.
+# Backend slots: connections, autovacuum workers and launcher, background workers, WAL senders.
+_LOCK_TABLE = """
+SELECT current_setting('max_locks_per_transaction')::int
+       * (current_setting('max_connections')::int + current_setting('autovacuum_max_workers')::int + 1
+          + current_setting('max_worker_processes')::int + current_setting('max_wal_senders')::int
+          + current_setting('max_prepared_transactions')::int),
+       (SELECT count(*) FROM pg_locks WHERE NOT fastpath)
+"""
+LOCK_TABLE_SHARE = 0.25  # of the lock table, the most one batch of Flux's takes
+
+
+@dataclass(frozen=True)
+class LockRoom:
+    """The server's shared lock table: its `capacity` (as sized, before slack) and the entries
+    `in_use` (not fast-path) when looked at."""
+
+    capacity: int
+    in_use: int
+
+    @property
+    def batch(self) -> int:
+        """Tables one batch of many may lock: a quarter of the table, and no more than half of what
+        is free, so that the application's sessions keep room for theirs."""
+        return max(1, min(int(self.capacity * LOCK_TABLE_SHARE), self.most))
+
+    @property
+    def most(self) -> int:
+        """Tables one transaction that cannot be split may lock: half of what is free."""
+        return max(1, (self.capacity - self.in_use) // 2)
+
+
+def lock_room(conn: psycopg.Connection) -> LockRoom:
+    capacity, in_use = conn.execute(_LOCK_TABLE).fetchone()
+    return LockRoom(capacity=capacity, in_use=in_use)
+
+
+def in_batches(items: list[T], weight: Callable[[T], int], size: int) -> list[list[T]]:
+    """`items` in order, cut into batches whose weights (a table's: it and its partitions) add up to
+    `size` at most; an item heavier than that is a batch of its own."""
+    batches: list[list[T]] = []
+    total = 0
+    for item in items:
+        if not batches or total + weight(item) > size:
+            batches.append([])
+            total = 0
+        batches[-1].append(item)
+        total += weight(item)
+    return batches
+
+
+def refuse_too_many_locks(room: LockRoom, tables: int, *, action: str, **context: str) -> None:
+    """A transaction that cannot be split and would lock more than `room.most` tables: refused
+    before it locks anything, rather than fill the lock table for every session of the server.
+    `action` says what was done ("Attach changed nothing")."""
+    if tables > room.most:
+        raise PreflightError(
+            f"{action}: one of its transactions would lock {tables} tables at once (a partitioned table's partitions each "
+            f"count), and the server's "
+            f"shared lock table holds about {room.capacity} locks for all sessions ({room.in_use} in use): filling it "
+            "fails every session's next lock ('out of shared memory')",
+            hint=f"Raise max_locks_per_transaction (now {room.capacity} locks in all; e.g. ALTER SYSTEM SET "
+                 "max_locks_per_transaction = 256; then restart PostgreSQL), or attach fewer tables at a time "
+                 "(--tables; each run changes only what is new).", **context)
 
 
 def own_waits(conn: psycopg.Connection) -> None:

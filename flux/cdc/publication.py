@@ -143,13 +143,10 @@ def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[st
     if not tables:
         return []
     return conn.execute(
-        """
+        partition_trees("SELECT r.oid FROM unnest(%s::text[], %s::text[]) AS t(s, r) JOIN pg_namespace rn ON rn.nspname = t.s"
+                        " JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r") + """
         SELECT DISTINCT n.nspname, c.relname, pg_get_userbyid(c.relowner)
-        FROM unnest(%s::text[], %s::text[]) AS t(s, r)
-        JOIN pg_namespace rn ON rn.nspname = t.s
-        JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r
-        CROSS JOIN LATERAL (SELECT r.oid AS relid UNION SELECT relid FROM pg_partition_tree(r.oid)) p  -- empty for plain tables
-        JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        FROM tree JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE')
         ORDER BY 1, 2
         """,
@@ -157,16 +154,48 @@ def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[st
     ).fetchall()
 
 
+def partition_trees(roots: str) -> str:
+    """SQL: `WITH RECURSIVE tree(root, relid, level)`, each relation whose oid the query `roots`
+    gives and its partitions at every level. Read in pg_inherits, which locks nothing:
+    pg_partition_tree() takes an ACCESS SHARE lock on every partition, held to the end of the
+    transaction (an entry of the server's lock table each, flux.cdc.locks.LockRoom), and waits
+    for one that another session holds ACCESS EXCLUSIVE."""
+    return ("WITH RECURSIVE tree(root, relid, level) AS (SELECT r.oid, r.oid, 0 FROM (" + roots + ") AS r(oid)"
+            " UNION ALL SELECT tree.root, i.inhrelid, tree.level + 1 FROM tree JOIN pg_inherits i ON i.inhparent = tree.relid"
+            " JOIN pg_class p ON p.oid = i.inhrelid WHERE p.relispartition) ")
+
+
 def with_partitions(conn: psycopg.Connection, table: TableRef) -> list[TableRef]:
+    """`table` and its partitions, at every level, the table first."""
     rows = conn.execute(
-        """
-        SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t
-        JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        partition_trees("SELECT %s::regclass::oid") + """
+        SELECT n.nspname, c.relname FROM tree
+        JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p')
+        ORDER BY tree.level, 1, 2
         """,
         (sql.Identifier(table.schema, table.name).as_string(conn),),
     ).fetchall()
     return [TableRef(s, t) for s, t in rows] or [table]
+
+
+def partitions_of(conn: psycopg.Connection, tables: list[TableRef]) -> dict[TableRef, list[TableRef]]:
+    """`with_partitions` of each of `tables`, in one round trip (a database may have thousands); a
+    table that does not exist has itself alone."""
+    found: dict[TableRef, list[TableRef]] = {}
+    if tables:
+        for root_schema, root_name, schema, name in conn.execute(
+            partition_trees("SELECT to_regclass(name) FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NOT NULL") + """
+            SELECT rn.nspname, r.relname, n.nspname, c.relname FROM tree
+            JOIN pg_class r ON r.oid = tree.root JOIN pg_namespace rn ON rn.oid = r.relnamespace
+            JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p')
+            ORDER BY 1, 2, tree.level, 3, 4
+            """,
+            ([sql.Identifier(t.schema, t.name).as_string(conn) for t in tables],),
+        ).fetchall():
+            found.setdefault(TableRef(root_schema, root_name), []).append(TableRef(schema, name))
+    return {table: found.get(table) or [table] for table in tables}
 
 
 def user_schemas(conn: psycopg.Connection) -> list[str]:
@@ -219,6 +248,55 @@ def set_full_identity(conn: psycopg.Connection, slot: str, table: TableRef) -> d
     return {"table": str(table), "previous": identity_name(current, index), "restored_by_detach": True}
 
 
+# One statement for all the ALTERs: while they run, the transaction holds every one of its tables
+# ACCESS EXCLUSIVE, and a round trip each made that seconds for a few thousand tables.
+_FULL_IN_TURN = """
+DO $flux$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT e->>0 AS schema_name, e->>1 AS table_name
+             FROM jsonb_array_elements(current_setting('flux.full_list')::jsonb) WITH ORDINALITY AS l(e, i) ORDER BY i LOOP
+        EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', t.schema_name, t.table_name);
+    END LOOP;
+END
+$flux$
+"""
+
+
+def set_full_identities(conn: psycopg.Connection, slot: str, tables: list[TableRef]) -> list[dict]:
+    """`set_full_identity` of each of `tables`, in three round trips whatever their number; the changes
+    made, in the order of `tables`."""
+    if not tables:
+        return []
+    rows = conn.execute(
+        """
+        SELECT t.s, t.r, c.relreplident, (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                                          WHERE i.indrelid = c.oid AND i.indisreplident)
+        FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(s, r, i)
+        JOIN pg_namespace n ON n.nspname = t.s JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
+        WHERE c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
+        ORDER BY t.i
+        """,
+        ([t.schema for t in tables], [t.name for t in tables]),
+    ).fetchall()
+    if not rows:
+        return []
+    conn.execute(
+        """
+        INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous, previous_index)
+        SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])
+        ON CONFLICT (slot_name, schema_name, table_name) DO UPDATE  -- as in set_full_identity
+        SET previous = EXCLUDED.previous, previous_index = EXCLUDED.previous_index, changed_at = now()
+        """,
+        (slot, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]),
+    )
+    conn.execute("SELECT set_config('flux.full_list', %s, true)", (json.dumps([[r[0], r[1]] for r in rows]),))
+    conn.execute(_FULL_IN_TURN)
+    return [{"table": str(TableRef(schema, name)), "previous": identity_name(current, index), "restored_by_detach": True}
+            for schema, name, current, index in rows]
+
+
 def not_full(conn: psycopg.Connection, tables: list[TableRef]) -> list[TableRef]:
     """Those of `tables` whose identity is not FULL: the ones `set_full_identity` alters."""
     rows = conn.execute(
@@ -266,15 +344,15 @@ def publication_locks(conn: psycopg.Connection, publication: str, chosen: list[T
         return ([] if schemas else list(chosen)), []
     current = set(published_tables(conn, publication))
     wanted = set() if schemas else set(chosen)
-    restored = {part for table in current - wanted if not schemas or table.schema not in schemas
-                for part in with_partitions(conn, table)}
+    restored = {part for table, parts in partitions_of(conn, sorted(current - wanted, key=str)).items()
+                if not schemas or table.schema not in schemas for part in parts}
     dropped_schemas = sorted(set(published_schemas(conn, publication)) - set(schemas or []))
     if dropped_schemas:
         restored |= {TableRef(s, t) for s, t in conn.execute(
             "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = ANY (%s)",
             (slot, dropped_schemas)).fetchall()}
     if restored:
-        restored -= {part for table in chosen for part in with_partitions(conn, table)}
+        restored -= {part for parts in partitions_of(conn, chosen).values() for part in parts}
     return sorted(current ^ wanted, key=str), restorable(conn, slot, sorted(restored, key=str))
 
 
@@ -316,7 +394,8 @@ def sync_publication(
     wanted_schemas = set(schemas or [])
     dropped_schemas = sorted(current_schemas - wanted_schemas)
     # Still captured, as a chosen table or one of its partitions: its identity stays FULL.
-    keep = {part for table in chosen for part in with_partitions(conn, table)} if current - wanted or dropped_schemas else set()
+    keep = ({part for parts in partitions_of(conn, chosen).values() for part in parts} if current - wanted or dropped_schemas
+            else set())
     for table in sorted(wanted - current, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(name, table.ident))
         changes.append(f"publication {publication}: added {table}")
@@ -343,63 +422,95 @@ def sync_publication(
     return changes
 
 
+# One statement for all the ALTERs, as _FULL_IN_TURN; each in a block of its own (a savepoint), so
+# that one PostgreSQL refuses is said and left FULL. A privilege or a lock timeout is the caller's.
+_RESTORE_IN_TURN = """
+DO $flux$
+DECLARE
+    t record;
+    failed jsonb := '[]';
+BEGIN
+    FOR t IN SELECT e->>0 AS schema_name, e->>1 AS table_name, e->>2 AS clause, i
+             FROM jsonb_array_elements(current_setting('flux.restore_list')::jsonb) WITH ORDINALITY AS l(e, i) ORDER BY i LOOP
+        BEGIN
+            EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY ', t.schema_name, t.table_name) || t.clause;
+        EXCEPTION WHEN insufficient_privilege OR lock_not_available THEN
+            RAISE;
+        WHEN OTHERS THEN
+            failed := failed || jsonb_build_array(jsonb_build_array(t.i, SQLERRM));
+        END;
+    END LOOP;
+    PERFORM set_config('flux.restore_failed', failed::text, true);
+END
+$flux$
+"""
+
+
 def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, result_list: list[dict],
                      warnings: list[str] | None = None) -> None:
-    """Give `table` back the identity recorded before Flux set FULL, and forget the record.
+    """`restore_identities` of one table."""
+    restore_identities(conn, slot, [table], result_list=result_list, warnings=warnings)
+
+
+def restore_identities(conn: psycopg.Connection, slot: str, tables: list[TableRef], *, result_list: list[dict],
+                       warnings: list[str] | None = None) -> None:
+    """Give each of `tables` back the identity recorded before Flux set FULL, and forget the record.
 
     Only Flux's own setting is undone: a table whose identity was changed by hand since is left
     as it is, and so is one whose earlier index is gone (an ALTER refused there would fail the
-    whole detach, for good). Each is said in `warnings`. Run in a transaction (a savepoint here).
+    whole detach, for good). Each is said in `warnings`. Run in a transaction. Four round trips
+    whatever the number of tables: the transaction holds them all ACCESS EXCLUSIVE meanwhile.
     """
-    row = conn.execute(
+    if not tables:
+        return
+    rows = conn.execute(
         """
-        SELECT r.previous, r.previous_index, c.relreplident,
+        SELECT r.schema_name, r.table_name, r.previous, r.previous_index, c.relreplident,
                (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                 WHERE i.indrelid = c.oid AND i.indisreplident),
                EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                        WHERE i.indrelid = c.oid AND ic.relname = r.previous_index)
-        FROM flux.replica_identity_changes r
+        FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(s, r, i)
+        JOIN flux.replica_identity_changes r ON r.slot_name = %s AND r.schema_name = t.s AND r.table_name = t.r
         LEFT JOIN pg_namespace n ON n.nspname = r.schema_name
         LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name AND c.relkind IN ('r', 'p')
-        WHERE r.slot_name = %s AND r.schema_name = %s AND r.table_name = %s
+        ORDER BY t.i
         """,
-        (slot, table.schema, table.name),
-    ).fetchone()
-    if row is None:
+        ([t.schema for t in tables], [t.name for t in tables], slot),
+    ).fetchall()
+    if not rows:
         return
-    previous, index, current, current_index, index_exists = row
     notes = warnings if warnings is not None else []
-    was = identity_name(previous, index)
-    if current is None:
-        pass  # dropped since: nothing to restore
-    elif current != "f":
-        notes.append(f"{table}: REPLICA IDENTITY was changed to {identity_name(current, current_index)} since Flux set "
-                     f"FULL; left as it is (before attach it was {was}).")
-    elif previous == "i" and not index_exists:
-        notes.append(f"{table}: left REPLICA IDENTITY FULL: before attach it was {was}, and that index no longer exists. "
-                     f"Choose one: ALTER TABLE {table.ident.as_string(conn)} REPLICA IDENTITY DEFAULT;")
-    else:
-        clause = {
-            "d": sql.SQL("DEFAULT"),
-            "n": sql.SQL("NOTHING"),
-            "f": sql.SQL("FULL"),
-            "i": sql.SQL("USING INDEX {}").format(sql.Identifier(index or "")),
-        }[previous]
-        try:
-            with conn.transaction():
-                conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table.ident, clause))
-        except psycopg.Error as exc:
-            # A privilege: the caller's all-or-nothing refusal. A lock timeout: the caller tries the
-            # whole transaction again (flux.cdc.locks), then refuses, rather than leave FULL behind.
-            if exc.sqlstate in ("42501", "55P03"):
-                raise
-            notes.append(f"{table}: left REPLICA IDENTITY FULL: PostgreSQL refused {was} "
-                         f"({str(exc).strip().splitlines()[0]}).")
+    to_alter: list[tuple[TableRef, str, str]] = []  # the table, its clause, what it was
+    for schema, name, previous, index, current, current_index, index_exists in rows:
+        table = TableRef(schema, name)
+        was = identity_name(previous, index)
+        if current is None:
+            pass  # dropped since: nothing to restore
+        elif current != "f":
+            notes.append(f"{table}: REPLICA IDENTITY was changed to {identity_name(current, current_index)} since Flux set "
+                         f"FULL; left as it is (before attach it was {was}).")
+        elif previous == "i" and not index_exists:
+            notes.append(f"{table}: left REPLICA IDENTITY FULL: before attach it was {was}, and that index no longer exists. "
+                         f"Choose one: ALTER TABLE {table.ident.as_string(conn)} REPLICA IDENTITY DEFAULT;")
         else:
-            result_list.append({"table": str(table), "restored": was})
+            clause = {"d": sql.SQL("DEFAULT"), "n": sql.SQL("NOTHING"), "f": sql.SQL("FULL"),
+                      "i": sql.SQL("USING INDEX {}").format(sql.Identifier(index or ""))}[previous]
+            to_alter.append((table, clause.as_string(conn), was))
+    if to_alter:
+        conn.execute("SELECT set_config('flux.restore_list', %s, true)",
+                     (json.dumps([[t.schema, t.name, clause] for t, clause, _ in to_alter]),))
+        conn.execute(_RESTORE_IN_TURN)
+        refused = dict(json.loads(conn.execute("SELECT current_setting('flux.restore_failed')").fetchone()[0]))
+        for number, (table, _, was) in enumerate(to_alter, start=1):
+            if number in refused:
+                notes.append(f"{table}: left REPLICA IDENTITY FULL: PostgreSQL refused {was} ({refused[number]}).")
+            else:
+                result_list.append({"table": str(table), "restored": was})
     conn.execute(
-        "DELETE FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s AND table_name = %s",
-        (slot, table.schema, table.name),
+        "DELETE FROM flux.replica_identity_changes WHERE slot_name = %s"
+        " AND (schema_name, table_name) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+        (slot, [r[0] for r in rows], [r[1] for r in rows]),
     )
 
 

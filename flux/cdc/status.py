@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from flux.cdc.attach import connect, slot_warnings
-from flux.cdc.publication import NOT_AN_EXTENSIONS, SYSTEM_SCHEMAS, listed_tables_not_captured
+from flux.cdc.publication import NOT_AN_EXTENSIONS, SYSTEM_SCHEMAS, listed_tables_not_captured, partition_trees
 from flux.cdc.standby import standbys
 from flux.cdc.stream import consumer_of
 from flux.errors import NotFoundError
@@ -126,6 +126,9 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
 
 
 _GAPS_SHOWN = 10
+# The publication's tables and their partitions, without locking them (partition_trees).
+_PUBLISHED_TREES = partition_trees("SELECT r.oid FROM pg_publication_tables pt JOIN pg_namespace rn ON rn.nspname = pt.schemaname"
+                                   " JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = pt.tablename WHERE pt.pubname = %s")
 
 
 def _some(names: list[str]) -> str:
@@ -182,11 +185,7 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' AND (
             (%s AND NOT c.relispartition AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%')
-            OR c.oid IN (SELECT t.relid FROM pg_publication_tables pt
-                         JOIN pg_namespace rn ON rn.nspname = pt.schemaname
-                         JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = pt.tablename
-                         CROSS JOIN LATERAL pg_partition_tree(r.oid) t
-                         WHERE pt.pubname = %s))
+            OR c.oid IN (""" + _PUBLISHED_TREES + """ SELECT relid FROM tree))
         ORDER BY 1
         """,
         (bool(all_tables and all_tables[0]), list(SYSTEM_SCHEMAS), publication),
@@ -197,13 +196,10 @@ def capture_gaps(conn: psycopg.Connection, slot: str, publication: str) -> list[
                         f"the WAL, so none are recorded: {listed}. `ALTER TABLE ... SET LOGGED` to capture them.")
     key_only = conn.execute(
         """
+        """ + _PUBLISHED_TREES + """
         SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname)
-        FROM pg_publication_tables pt
-        JOIN pg_namespace rn ON rn.nspname = pt.schemaname
-        JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = pt.tablename
-        CROSS JOIN LATERAL (SELECT r.oid AS relid UNION SELECT relid FROM pg_partition_tree(r.oid)) t  -- empty for plain tables
-        JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE pt.pubname = %s AND c.relkind = 'r' AND c.relreplident <> 'f'
+        FROM tree JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'r' AND c.relreplident <> 'f'
         ORDER BY 1
         """,
         (publication,),

@@ -41,21 +41,27 @@ def attach(
         return
     scope = "all tables" if result.all_tables else f"{len(result.tables)} table(s)"
     console.print(f"[bold]Attached[/]  slot [cyan]{slot}[/] · publication [cyan]{result.publication}[/] · {scope}")
-    for table in result.tables:
-        console.print(f"  captures {rich_escape(table)}")
+    print_some([f"  captures {rich_escape(table)}" for table in result.tables])
     if not result.changed_anything:
         console.print("  Nothing changed: already attached this way.")
-    for item in result.created:
-        console.print(f"  [green]+[/] {rich_escape(item)}")
-    for change in result.replica_identity_changed:
-        console.print(
-            f"  [yellow]~[/] {rich_escape(change['table'])}: REPLICA IDENTITY {change['previous']} → FULL"
-            f"  [dim](`flux detach` restores {change['previous']})[/]"
-        )
-    for item in result.replica_identity_restored:
-        console.print(f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']} again  [dim](no longer captured)[/]")
+    print_some([f"  [green]+[/] {rich_escape(item)}" for item in result.created])
+    print_some([f"  [yellow]~[/] {rich_escape(change['table'])}: REPLICA IDENTITY {change['previous']} → FULL"
+                f"  [dim](`flux detach` restores {change['previous']})[/]" for change in result.replica_identity_changed])
+    print_some([f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']} again  [dim](no longer captured)[/]"
+                for item in result.replica_identity_restored])
     for warning in result.warnings:
         console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
+
+
+LINES_SHOWN = 20  # of a list that has a line per table; a database may have thousands
+
+
+def print_some(lines: list[str]) -> None:
+    """The first LINES_SHOWN of `lines`, then how many more: `--json` has them all."""
+    for line in lines[:LINES_SHOWN]:
+        console.print(line)
+    if len(lines) > LINES_SHOWN:
+        console.print(f"  [dim]… and {len(lines) - LINES_SHOWN} more like these (`--json` lists every one)[/]")
 
 
 def _say_slot_waits(sessions: list[str]) -> None:
@@ -101,8 +107,7 @@ def detach(
     console.print(f"[bold]Detached[/]  slot [cyan]{slot}[/]")
     for item in result.dropped:
         console.print(f"  [red]-[/] {rich_escape(item)}")
-    for item in result.restored:
-        console.print(f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']}")
+    print_some([f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']}" for item in result.restored])
     if not result.data_dropped:
         console.print("  Recorded mutations kept in schema flux (use --drop-data to remove them).")
     for warning in result.warnings:

@@ -46,3 +46,29 @@ def test_status_warns_of_a_listed_table_created_again_since_attach(dsn, conn):
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
     [warning] = [w for w in cdc_status(dsn).warnings if "created again" in w]
     assert warning.startswith("1 listed table(s) were created again since attach") and ": public.a." in warning
+
+
+def test_status_and_the_engines_reconcile_do_not_wait_behind_a_partitions_lock(dsn, conn):
+    """They read each captured table's partitions with pg_partition_tree(), which takes ACCESS SHARE on
+    every partition (one entry of the server's lock table each): they waited for as long as a
+    transaction held one partition ACCESS EXCLUSIVE (an ALTER, a TRUNCATE, a long DDL)."""
+    import threading
+
+    import psycopg
+
+    from flux.cdc.autocapture import reconcile_new_tables
+
+    conn.execute("CREATE TABLE p (k int PRIMARY KEY) PARTITION BY RANGE (k)")
+    conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10)")
+    attach(dsn, tables=["p"])
+    done: list[object] = []
+    with psycopg.connect(dsn) as locker:
+        locker.execute("LOCK TABLE p1 IN ACCESS EXCLUSIVE MODE")
+        threads = [threading.Thread(target=lambda: done.append(cdc_status(dsn)), daemon=True),
+                   threading.Thread(target=lambda: done.append(reconcile_new_tables(dsn, slot="flux")), daemon=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        locker.rollback()
+    assert len(done) == 2

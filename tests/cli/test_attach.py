@@ -72,6 +72,19 @@ def test_attach_text_output_lists_identity_changes_and_what_detach_restores(dsn,
     assert "restores DEFAULT" in out
 
 
+def test_attach_and_detach_text_of_many_tables_shows_twenty_a_list_and_how_many_more(dsn, conn):
+    """A line per table, twice (captured, set FULL): 6,000 lines for 3,000 tables, and 3,000 again at
+    every later attach that changed nothing."""
+    for i in range(25):
+        conn.execute(f"CREATE TABLE t{i:02} (id int PRIMARY KEY)")
+    out = invoke("attach", "--database", dsn, "--all-tables").stdout
+    assert out.count("  captures ") == 20 and out.count("REPLICA IDENTITY DEFAULT → FULL") == 20
+    assert out.count("… and 5 more like these (`--json` lists every one)") == 2
+    assert len(json.loads(invoke("attach", "--database", dsn, "--all-tables", "--json").stdout)["tables"]) == 25
+    detached = invoke("detach", "--database", dsn).stdout
+    assert detached.count(": REPLICA IDENTITY DEFAULT") == 20 and "… and 5 more like these" in detached
+
+
 def test_attach_all_tables_never_publishes_the_flux_schema(dsn, conn):
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
     invoke("attach", "--database", dsn, "--all-tables")

@@ -28,6 +28,7 @@ from flux.cdc.locks import (
     holders,
     holding_transactions,
     lock_up_front,
+    own_waits,
 )
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
@@ -294,8 +295,11 @@ def _try(conn: psycopg.Connection, changed: list[str], what: str, action: Callab
 
 
 def reconcile_new_tables(dsn: str, *, slot: str) -> list[str]:
-    """`reconcile` on a connection of its own (the engine calls this when idle)."""
+    """`reconcile` on a connection of its own (the engine calls this when idle), free of the timeouts
+    set for the database's applications, as the engine's other sessions are: a statement_timeout
+    under the lock bound cancelled a wait, which then did not count as giving way."""
     from flux.cdc.attach import connect
 
     with connect(dsn) as conn:
+        own_waits(conn)
         return reconcile(conn, slot=slot)

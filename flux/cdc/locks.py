@@ -52,8 +52,8 @@ T = TypeVar("T")
 # fails: 'out of shared memory', HINT 'You might need to increase max_locks_per_transaction'.
 # Backend slots: connections, autovacuum workers and launcher, background workers, WAL senders.
 _LOCK_TABLE = """
-SELECT current_setting('max_locks_per_transaction')::int
-       * (current_setting('max_connections')::int + current_setting('autovacuum_max_workers')::int + 1
+SELECT current_setting('max_locks_per_transaction')::int,
+       (current_setting('max_connections')::int + current_setting('autovacuum_max_workers')::int + 1
           + current_setting('max_worker_processes')::int + current_setting('max_wal_senders')::int
           + current_setting('max_prepared_transactions')::int),
        (SELECT count(*) FROM pg_locks WHERE NOT fastpath)
@@ -63,11 +63,17 @@ LOCK_TABLE_SHARE = 0.25  # of the lock table, the most one batch of Flux's takes
 
 @dataclass(frozen=True)
 class LockRoom:
-    """The server's shared lock table: its `capacity` (as sized, before slack) and the entries
-    `in_use` (not fast-path) when looked at."""
+    """The server's shared lock table: `per_slot` entries (max_locks_per_transaction) for each of
+    its `slots`, and the entries `in_use` (not fast-path) when looked at."""
 
-    capacity: int
+    per_slot: int
+    slots: int
     in_use: int
+
+    @property
+    def capacity(self) -> int:
+        """Entries as sized, before PostgreSQL's slack."""
+        return self.per_slot * self.slots
 
     @property
     def batch(self) -> int:
@@ -82,8 +88,8 @@ class LockRoom:
 
 
 def lock_room(conn: psycopg.Connection) -> LockRoom:
-    capacity, in_use = conn.execute(_LOCK_TABLE).fetchone()
-    return LockRoom(capacity=capacity, in_use=in_use)
+    per_slot, slots, in_use = conn.execute(_LOCK_TABLE).fetchone()
+    return LockRoom(per_slot=per_slot, slots=slots, in_use=in_use)
 
 
 def in_batches(items: list[T], weight: Callable[[T], int], size: int) -> list[list[T]]:
@@ -110,9 +116,17 @@ def refuse_too_many_locks(room: LockRoom, tables: int, *, action: str, **context
             f"count), and the server's "
             f"shared lock table holds about {room.capacity} locks for all sessions ({room.in_use} in use): filling it "
             "fails every session's next lock ('out of shared memory')",
-            hint=f"Raise max_locks_per_transaction (now {room.capacity} locks in all; e.g. ALTER SYSTEM SET "
-                 "max_locks_per_transaction = 256; then restart PostgreSQL), or attach fewer tables at a time "
-                 "(--tables; each run changes only what is new).", **context)
+            # Not "fewer tables": a partitioned table's partitions are locked with it, and detach has no choice.
+            hint=f"Raise max_locks_per_transaction, which sizes that table (now {room.per_slot}: ALTER SYSTEM SET "
+                 f"max_locks_per_transaction = {_enough_per_slot(room, tables)}, then restart PostgreSQL), and run it again.",
+            **context)
+
+
+def _enough_per_slot(room: LockRoom, tables: int) -> int:
+    """A max_locks_per_transaction under which `tables` is at most half of the room left free at
+    today's use (what `LockRoom.most` allows), rounded up to a multiple of 64."""
+    needed = -(-(room.in_use + 2 * tables) // room.slots)
+    return -(-max(needed, room.per_slot + 1) // 64) * 64
 
 
 def own_waits(conn: psycopg.Connection) -> None:

@@ -4,6 +4,7 @@ of new tables wait a bounded time, then say who holds the table."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -15,8 +16,8 @@ import pytest
 
 from flux.cdc.attach import AttachResult, attach, detach
 from flux.cdc.autocapture import reconcile_new_tables
-from flux.cdc.locks import shortest_deadlock_timeout_ms
-from flux.errors import LockTimeoutError
+from flux.cdc.locks import LockRoom, refuse_too_many_locks, shortest_deadlock_timeout_ms
+from flux.errors import LockTimeoutError, PreflightError
 from tests.cli.test_attach import run_flux
 
 
@@ -183,6 +184,26 @@ def test_the_engines_capture_does_not_queue_again_behind_the_transaction_it_gave
         blocker.close()
     assert took < 0.5, took
     assert reconcile_new_tables(dsn, slot="flux") == ["REPLICA IDENTITY FULL on public.late"]  # that transaction ended
+
+
+def test_the_engines_capture_gives_way_under_a_statement_timeout_the_database_sets_and_does_not_queue_again(dsn, conn):
+    """The idle pass's session kept the database's timeouts: a statement_timeout under its lock bound
+    cancelled the wait (57014, not a lock timeout), so the pass did not note whom it gave way to and
+    queued behind the same transaction at every pass."""
+    attach(dsn, all_tables=True)
+    conn.execute("DROP EVENT TRIGGER flux_capture_new_tables")  # as for a role that may not own one
+    conn.execute("CREATE TABLE late (id int PRIMARY KEY)")
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET statement_timeout = '300ms'")
+    blocker = _holding(dsn, "late")
+    try:
+        assert reconcile_new_tables(dsn, slot="flux") == []  # it waited, and gave way
+        started = time.monotonic()
+        assert reconcile_new_tables(dsn, slot="flux") == []
+        took = time.monotonic() - started
+    finally:
+        blocker.close()
+    assert took < 0.25, took
+    assert reconcile_new_tables(dsn, slot="flux") == ["REPLICA IDENTITY FULL on public.late"]
 
 
 def test_attach_cli_says_so_in_one_line_with_the_hint_and_exit_2(dsn, conn):
@@ -583,3 +604,13 @@ def test_the_deadlock_bound_is_the_shortest_any_session_of_the_database_starts_w
         conn.execute(f"ALTER ROLE ALL IN DATABASE {conn.info.dbname} RESET deadlock_timeout")
         conn.execute(f"DROP ROLE {reader}")
         conn.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize(("per_slot", "slots", "in_use", "tables"), [(64, 120, 100, 5000), (10, 20, 30, 151), (64, 120, 7000, 400)])
+def test_the_max_locks_per_transaction_a_refusal_suggests_makes_room_for_its_tables(per_slot, slots, in_use, tables):
+    room = LockRoom(per_slot=per_slot, slots=slots, in_use=in_use)
+    with pytest.raises(PreflightError) as raised:
+        refuse_too_many_locks(room, tables, action="Attach changed nothing")
+    suggested = int(re.search(r"max_locks_per_transaction = (\d+),", raised.value.hint).group(1))
+    assert suggested > per_slot and suggested % 64 == 0
+    refuse_too_many_locks(LockRoom(per_slot=suggested, slots=slots, in_use=in_use), tables, action="Attach changed nothing")

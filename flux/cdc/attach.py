@@ -357,13 +357,16 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
                     full = not_full(conn, batch)
                     lock_up_front(conn, budget, full)
                 else:
-                    moved, to_restore = publication_locks(conn, publication, target, schemas=None, slot=slot)
+                    # A schema the publication holds stays to the last transaction: dropped here, with the
+                    # first batch, it left every table of it not joined yet uncaptured until its own batch.
+                    moved, to_restore = publication_locks(conn, publication, target, schemas=None, slot=slot,
+                                                          keep_schemas=True)
                     full = [] if kind == "leave" else not_full(conn, [p for ps in partitions_of(conn, batch).values() for p in ps])
                     lock_up_front(conn, budget, full + to_restore, moved)
                 identities += set_full_identities(conn, slot, full)
                 if kind != "full":
                     created += sync_publication(conn, publication, target, schemas=None, slot=slot, warnings=warnings,
-                                                restored=restored)
+                                                restored=restored, keep_schemas=True)
             return created, identities, restored, warnings
 
         created, identities, restored, warnings = with_lock_retries(

@@ -857,6 +857,19 @@ def test_narrowing_a_list_of_more_tables_than_the_lock_table_holds_restores_the_
         assert [str(t) for t in captured_tables(conn, "flux")] == ["public.p0", "public.t1"]
 
 
+def test_turning_a_schema_publication_into_a_list_of_many_tables_keeps_every_table_captured_throughout(many_tables):
+    """The first batch joining the list dropped the schema from the publication: every table of a later batch
+    was left uncaptured (its identity restored) until its batch, and 400 tables' restores in that one
+    transaction failed with 'out of shared memory'."""
+    dsn, _ = many_tables
+    attach(dsn, all_tables=True)
+    result = attach(dsn, tables=[f"t{i}" for i in range(MANY_TABLES - 2)] + ["p0", "p1"])
+    assert result.replica_identity_restored == [] and result.replica_identity_changed == []
+    assert full_identities(dsn) == MANY_TABLES + 4
+    with connect(dsn) as conn:
+        assert len(captured_tables(conn, "flux")) == MANY_TABLES and published_schemas(conn, "flux") == []
+
+
 def test_attach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(
         small_lock_table):
     """ALTER PUBLICATION ... ADD TABLE locks every partition at once: with 150, most of this server's

@@ -238,9 +238,12 @@ def attach(
                     bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
                     autocapture.own_ddl(conn)
                     schemas = user_schemas(conn) if schema_mode else None
+                    # A schema publication holds every table of its schemas, those created since `chosen` was read
+                    # too (during the batches, or the lock tries: seconds): each is set FULL here with the rest.
+                    publishing = all_user_tables(conn, extensions=True) if schema_mode else chosen
                     # Every table lock the try needs, before any change: the ALTERs below then wait for none.
-                    parts = partitions_of(conn, chosen)
-                    moved, to_restore = publication_locks(conn, publication, chosen, schemas=schemas, slot=slot)
+                    parts = partitions_of(conn, publishing)
+                    moved, to_restore = publication_locks(conn, publication, publishing, schemas=schemas, slot=slot)
                     to_full = not_full(conn, [p for ps in parts.values() for p in ps])
                     exclusive = to_full + to_restore
                     # ALTER PUBLICATION locks a partitioned table's partitions too, and a table leaving it its entry.
@@ -248,13 +251,16 @@ def attach(
                     refuse_too_many_locks(room, len(locked) + len(moved), slot=slot, publication=publication,
                                           action=f"Attach {'stopped before its last step' if staged else 'changed nothing'}")
                     lock_up_front(conn, budget, exclusive, moved)
+                    if schema_mode:  # and those created while this try waited for its locks (their ALTERs wait as it did)
+                        schemas, parts = user_schemas(conn), partitions_of(conn, all_user_tables(conn, extensions=True))
+                        publishing, to_full = list(parts), not_full(conn, [p for ps in parts.values() for p in ps])
                     # Before the publication changes: the event trigger must not take a table left out
                     # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
                     record_listed_tables(conn, slot, None if all_tables else chosen)
-                    created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
+                    created += sync_publication(conn, publication, publishing, schemas=schemas, slot=slot,
                                                 warnings=warnings, restored=restored)
                     identities += set_full_identities(conn, slot, to_full)
-                    warnings += partition_truncate_warning([table for table in chosen if len(parts[table]) > 1])
+                    warnings += partition_truncate_warning([table for table in publishing if len(parts[table]) > 1])
                     _record_attachment(conn, slot, publication, all_tables)
                     if superuser:
                         trigger = autocapture.install_event_trigger(conn)

@@ -48,6 +48,7 @@ from flux.cdc.publication import (
     resolve_tables,
     restore_identities,
     set_full_identities,
+    still_there,
     sync_publication,
     user_schemas,
 )
@@ -254,6 +255,8 @@ def attach(
                     if schema_mode:  # and those created while this try waited for its locks (their ALTERs wait as it did)
                         schemas, parts = user_schemas(conn), partitions_of(conn, all_user_tables(conn, extensions=True))
                         publishing, to_full = list(parts), not_full(conn, [p for ps in parts.values() for p in ps])
+                    else:  # locked now, those still there stay: ADD TABLE of one dropped since failed the whole attach
+                        publishing = still_there(conn, publishing)
                     # Before the publication changes: the event trigger must not take a table left out
                     # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
                     record_listed_tables(conn, slot, None if all_tables else chosen)
@@ -369,6 +372,7 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
                                                           keep_schemas=True)
                     full = [] if kind == "leave" else not_full(conn, [p for ps in partitions_of(conn, batch).values() for p in ps])
                     lock_up_front(conn, budget, full + to_restore, moved)
+                    target = still_there(conn, target)
                 identities += set_full_identities(conn, slot, full)
                 if kind != "full":
                     created += sync_publication(conn, publication, target, schemas=None, slot=slot, warnings=warnings,

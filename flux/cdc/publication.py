@@ -297,6 +297,22 @@ def set_full_identities(conn: psycopg.Connection, slot: str, tables: list[TableR
             for schema, name, current, index in rows]
 
 
+def still_there(conn: psycopg.Connection, tables: list[TableRef]) -> list[TableRef]:
+    """Those of `tables` that exist, in their order: one dropped or renamed away while attach ran
+    (between its batches, or while a try waited for a lock) is no longer there to publish."""
+    if not tables:
+        return []
+    rows = conn.execute(
+        """
+        SELECT t.s, t.r FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(s, r, i)
+        JOIN pg_namespace n ON n.nspname = t.s JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
+        WHERE c.relkind IN ('r', 'p') ORDER BY t.i
+        """,
+        ([t.schema for t in tables], [t.name for t in tables]),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]
+
+
 def not_full(conn: psycopg.Connection, tables: list[TableRef]) -> list[TableRef]:
     """Those of `tables` whose identity is not FULL: the ones `set_full_identity` alters."""
     rows = conn.execute(

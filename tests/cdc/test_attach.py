@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -868,6 +870,30 @@ def test_turning_a_schema_publication_into_a_list_of_many_tables_keeps_every_tab
     assert full_identities(dsn) == MANY_TABLES + 4
     with connect(dsn) as conn:
         assert len(captured_tables(conn, "flux")) == MANY_TABLES and published_schemas(conn, "flux") == []
+
+
+def test_a_table_dropped_between_the_batches_of_a_non_superusers_attach_is_left_out_and_the_rest_attached(many_tables):
+    """A batch joining the list failed ('relation "public.t397" does not exist') after the earlier ones were done."""
+    admin_dsn, dsn = many_tables
+    report = psycopg.connect(admin_dsn, application_name="long-report")
+    report.execute("SELECT count(*) FROM t1")  # in the first batch: attach waits there, and retries
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(attach(dsn, all_tables=True)), daemon=True)
+    thread.start()
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        deadline = time.monotonic() + 10
+        while not conn.execute("SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity s USING (pid)"
+                               " WHERE s.application_name = 'flux' AND NOT l.granted)").fetchone()[0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        conn.execute("DROP TABLE t397, p1")
+    report.rollback()
+    report.close()
+    thread.join(timeout=60)
+    assert outcome and len(outcome[0].tables) == MANY_TABLES
+    with connect(dsn) as conn:
+        assert len(captured_tables(conn, "flux")) == MANY_TABLES - 2
+    assert full_identities(dsn) == MANY_TABLES - 2 + 2  # p0's partitions
 
 
 def test_attach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(

@@ -643,9 +643,10 @@ def _restore_batch(conn: psycopg.Connection, result: DetachResult, leaving: list
             autocapture.own_ddl(conn)
             todo = restorable(conn, slot, parts)
             lock_up_front(conn, budget, todo, leaving)
-            if leaving:
+            present = still_there(conn, leaving)  # locked now; one dropped since has left the publication already
+            if present:
                 conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                    sql.Identifier(publication), sql.SQL(", ").join(t.ident for t in leaving)))
+                    sql.Identifier(publication), sql.SQL(", ").join(t.ident for t in present)))
             restore_identities(conn, slot, todo, result_list=restored, warnings=warnings)
         return restored, warnings
 

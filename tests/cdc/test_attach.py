@@ -872,13 +872,13 @@ def test_turning_a_schema_publication_into_a_list_of_many_tables_keeps_every_tab
         assert len(captured_tables(conn, "flux")) == MANY_TABLES and published_schemas(conn, "flux") == []
 
 
-def test_a_table_dropped_between_the_batches_of_a_non_superusers_attach_is_left_out_and_the_rest_attached(many_tables):
-    """A batch joining the list failed ('relation "public.t397" does not exist') after the earlier ones were done."""
-    admin_dsn, dsn = many_tables
+def _dropping_while_it_waits(admin_dsn: str, flux_step, drop: str) -> list:
+    """`flux_step()` in a thread, its first batch held up by a report reading t1; `drop` run while it waits, then
+    the report ended. Returns what `flux_step` returned (nothing when it raised)."""
     report = psycopg.connect(admin_dsn, application_name="long-report")
-    report.execute("SELECT count(*) FROM t1")  # in the first batch: attach waits there, and retries
+    report.execute("SELECT count(*) FROM t1")
     outcome: list = []
-    thread = threading.Thread(target=lambda: outcome.append(attach(dsn, all_tables=True)), daemon=True)
+    thread = threading.Thread(target=lambda: outcome.append(flux_step()), daemon=True)
     thread.start()
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         deadline = time.monotonic() + 10
@@ -886,14 +886,32 @@ def test_a_table_dropped_between_the_batches_of_a_non_superusers_attach_is_left_
                                " WHERE s.application_name = 'flux' AND NOT l.granted)").fetchone()[0]:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        conn.execute("DROP TABLE t397, p1")
+        conn.execute(drop)
     report.rollback()
     report.close()
     thread.join(timeout=60)
+    return outcome
+
+
+def test_a_table_dropped_between_the_batches_of_a_non_superusers_attach_is_left_out_and_the_rest_attached(many_tables):
+    """A batch joining the list failed ('relation "public.t397" does not exist') after the earlier ones were done."""
+    admin_dsn, dsn = many_tables
+    outcome = _dropping_while_it_waits(admin_dsn, lambda: attach(dsn, all_tables=True), "DROP TABLE t397, p1")
     assert outcome and len(outcome[0].tables) == MANY_TABLES
     with connect(dsn) as conn:
         assert len(captured_tables(conn, "flux")) == MANY_TABLES - 2
     assert full_identities(dsn) == MANY_TABLES - 2 + 2  # p0's partitions
+
+
+def test_a_table_dropped_between_the_batches_of_a_detach_is_left_out_and_the_rest_detached(many_tables):
+    """A batch letting go of the table list failed ('relation "public.t397" does not exist') midway."""
+    admin_dsn, dsn = many_tables
+    attach(dsn, all_tables=True)
+    outcome = _dropping_while_it_waits(admin_dsn, lambda: detach(dsn), "DROP TABLE t397")
+    assert outcome and len(outcome[0].restored) == MANY_TABLES + 4 - 1
+    assert full_identities(dsn) == 0
+    with connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
 
 
 def test_attach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(

@@ -395,11 +395,11 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
         result.replica_identity_changed += identities
         result.replica_identity_restored += restored
         result.warnings += warnings
-    batches = sum(kind != "full" for kind, _ in steps)
+    batches = {kind: sum(each == kind for each, _ in steps) for kind in counts}
     if counts["join"]:
-        result.created.append(f"publication {publication}: added {counts['join']} tables, in {batches} transactions")
+        result.created.append(f"publication {publication}: added {counts['join']} tables, in {batches['join']} transactions")
     if counts["leave"]:
-        result.created.append(f"publication {publication}: removed {counts['leave']} tables, in {batches} transactions")
+        result.created.append(f"publication {publication}: removed {counts['leave']} tables, in {batches['leave']} transactions")
     return True
 
 

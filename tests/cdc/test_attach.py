@@ -914,6 +914,18 @@ def test_a_table_dropped_between_the_batches_of_a_detach_is_left_out_and_the_res
         assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
 
 
+def test_a_list_replaced_by_another_says_the_transactions_of_the_tables_joining_and_of_those_leaving_apart(many_tables):
+    """Each said the count of both: 'added 198 tables, in 15 transactions', 'removed 200 tables, in 15 transactions'.
+    A table leaving weighs twice one joining (its publication entry's lock), so its batches are more."""
+    _, dsn = many_tables
+    attach(dsn, tables=[f"t{i}" for i in range(200)])
+    said = [line for line in attach(dsn, tables=[f"t{i}" for i in range(200, MANY_TABLES - 2)]).created
+            if " tables, in " in line]
+    assert [line.split(":")[1].split(" tables")[0] for line in said] == [" added 198", " removed 200"]
+    joining, leaving = (int(line.split(" in ")[1].split()[0]) for line in said)
+    assert 1 < joining < leaving
+
+
 def test_attach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(
         small_lock_table):
     """ALTER PUBLICATION ... ADD TABLE locks every partition at once: with 150, most of this server's

@@ -267,6 +267,7 @@ $flux$
 def set_full_identities(conn: psycopg.Connection, slot: str, tables: list[TableRef]) -> list[dict]:
     """`set_full_identity` of each of `tables`, in three round trips whatever their number; the changes
     made, in the order of `tables`."""
+    tables = list(dict.fromkeys(tables))  # a partition listed itself and under its table: its record inserted once
     if not tables:
         return []
     rows = conn.execute(

@@ -770,6 +770,18 @@ def test_a_partition_listed_by_itself_stays_full_when_its_partitioned_table_is_l
     assert widened.replica_identity_restored == []
 
 
+def test_attach_of_a_partitioned_table_listed_with_its_partition_sets_each_full_once(dsn, conn):
+    """The partition came twice into one INSERT of the records: 'ON CONFLICT DO UPDATE command cannot affect row a
+    second time', and attach failed."""
+    conn.execute("CREATE TABLE p (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10)")
+    result = attach(dsn, tables=["p", "p1"])
+    assert sorted(change["table"] for change in result.replica_identity_changed) == ["public.p", "public.p1"]
+    assert identities(conn, "p", "p1") == {"p": "f", "p1": "f"}
+    assert sorted(item["table"] for item in detach(dsn).restored) == ["public.p", "public.p1"]
+    assert identities(conn, "p", "p1") == {"p": "d", "p1": "d"}
+
+
 # A server whose shared lock table holds about 160 locks (10 per backend slot, 16 slots), so that a
 # few hundred tables are more than one transaction may lock: 'out of shared memory' at about 260.
 SMALL_LOCK_TABLE = {"max_locks_per_transaction": "10", "max_connections": "10", "max_worker_processes": "2",

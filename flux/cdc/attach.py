@@ -616,9 +616,11 @@ def _restore_in_batches(conn: psycopg.Connection, result: DetachResult, *, lock_
     with conn.transaction():
         record_listed_tables(conn, slot, None)  # first: the event trigger would publish a listed table again at its ALTER
     leaving = in_batches(named, weight.__getitem__, room.batch)
+    # A partition the list also names by itself is published until the last batch naming it, or its table, is done.
+    last = {part: number for number, batch in enumerate(leaving, start=1) for table in batch for part in parts[table]}
     for number, batch in enumerate(leaving, start=1):
-        _restore_batch(conn, result, batch, parts=[p for t in batch for p in parts[t]], lock_timeout=lock_timeout,
-                       action=f"Detach's batch {number} of {len(leaving)}")
+        _restore_batch(conn, result, batch, parts=[p for t in batch for p in parts[t] if last[p] == number],
+                       lock_timeout=lock_timeout, action=f"Detach's batch {number} of {len(leaving)}")
     if exists:
         with conn.transaction():
             conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))

@@ -16,7 +16,7 @@ from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.publication import captured_tables, published_schemas
 from flux.cdc.engine import Engine, EngineConfig
 from flux.cdc.status import cdc_status
-from flux.errors import ConfigError, DatabaseError, NotFoundError, PreflightError, StreamError
+from flux.errors import ConfigError, DatabaseError, LockTimeoutError, NotFoundError, PreflightError, StreamError
 from flux.pg.cluster import Cluster
 from flux.store.schema import ensure_schema
 from tests.support import table_owner_role, wait_slot_held
@@ -936,6 +936,27 @@ def test_a_list_replaced_by_another_says_the_transactions_of_the_tables_joining_
     assert [line.split(":")[1].split(" tables")[0] for line in said] == [" added 198", " removed 200"]
     joining, leaving = (int(line.split(" in ")[1].split()[0]) for line in said)
     assert 1 < joining < leaving
+
+
+def test_a_detach_stopped_midway_leaves_no_partition_still_listed_with_its_identity_restored(many_tables):
+    """A partition listed by itself, in a later batch than its table, got its identity back with its table's batch:
+    stopped between the two, the publication held it key-only, which an engine run then would record so."""
+    admin_dsn, dsn = many_tables
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE z_part PARTITION OF p0 FOR VALUES FROM (20) TO (30)")  # its own batch is the last
+    attach(dsn, tables=[f"t{i}" for i in range(MANY_TABLES - 2)] + ["p0", "p1", "z_part"])
+    report = psycopg.connect(admin_dsn, application_name="long-report")
+    try:
+        report.execute("SELECT count(*) FROM t200")
+        with pytest.raises(LockTimeoutError):
+            detach(dsn, lock_timeout=0.1)
+    finally:
+        report.close()
+    with connect(dsn) as conn:
+        assert "public.z_part" in [str(t) for t in captured_tables(conn, "flux")]
+        assert identities(conn, "z_part") == {"z_part": "f"}
+    detach(dsn)
+    assert full_identities(dsn) == 0
 
 
 def test_attach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(

@@ -48,6 +48,7 @@ from flux.cdc.publication import (
     resolve_tables,
     restore_identities,
     set_full_identities,
+    still_there,
     sync_publication,
     user_schemas,
 )
@@ -238,9 +239,12 @@ def attach(
                     bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
                     autocapture.own_ddl(conn)
                     schemas = user_schemas(conn) if schema_mode else None
+                    # A schema publication holds every table of its schemas, those created since `chosen` was read
+                    # too (during the batches, or the lock tries: seconds): each is set FULL here with the rest.
+                    publishing = all_user_tables(conn, extensions=True) if schema_mode else chosen
                     # Every table lock the try needs, before any change: the ALTERs below then wait for none.
-                    parts = partitions_of(conn, chosen)
-                    moved, to_restore = publication_locks(conn, publication, chosen, schemas=schemas, slot=slot)
+                    parts = partitions_of(conn, publishing)
+                    moved, to_restore = publication_locks(conn, publication, publishing, schemas=schemas, slot=slot)
                     to_full = not_full(conn, [p for ps in parts.values() for p in ps])
                     exclusive = to_full + to_restore
                     # ALTER PUBLICATION locks a partitioned table's partitions too, and a table leaving it its entry.
@@ -248,13 +252,18 @@ def attach(
                     refuse_too_many_locks(room, len(locked) + len(moved), slot=slot, publication=publication,
                                           action=f"Attach {'stopped before its last step' if staged else 'changed nothing'}")
                     lock_up_front(conn, budget, exclusive, moved)
+                    if schema_mode:  # and those created while this try waited for its locks (their ALTERs wait as it did)
+                        schemas, parts = user_schemas(conn), partitions_of(conn, all_user_tables(conn, extensions=True))
+                        publishing, to_full = list(parts), not_full(conn, [p for ps in parts.values() for p in ps])
+                    else:  # locked now, those still there stay: ADD TABLE of one dropped since failed the whole attach
+                        publishing = still_there(conn, publishing)
                     # Before the publication changes: the event trigger must not take a table left out
                     # (whose identity is restored below, an ALTER TABLE) for a listed one created again.
                     record_listed_tables(conn, slot, None if all_tables else chosen)
-                    created += sync_publication(conn, publication, chosen, schemas=schemas, slot=slot,
+                    created += sync_publication(conn, publication, publishing, schemas=schemas, slot=slot,
                                                 warnings=warnings, restored=restored)
                     identities += set_full_identities(conn, slot, to_full)
-                    warnings += partition_truncate_warning([table for table in chosen if len(parts[table]) > 1])
+                    warnings += partition_truncate_warning([table for table in publishing if len(parts[table]) > 1])
                     _record_attachment(conn, slot, publication, all_tables)
                     if superuser:
                         trigger = autocapture.install_event_trigger(conn)
@@ -357,13 +366,17 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
                     full = not_full(conn, batch)
                     lock_up_front(conn, budget, full)
                 else:
-                    moved, to_restore = publication_locks(conn, publication, target, schemas=None, slot=slot)
+                    # A schema the publication holds stays to the last transaction: dropped here, with the
+                    # first batch, it left every table of it not joined yet uncaptured until its own batch.
+                    moved, to_restore = publication_locks(conn, publication, target, schemas=None, slot=slot,
+                                                          keep_schemas=True)
                     full = [] if kind == "leave" else not_full(conn, [p for ps in partitions_of(conn, batch).values() for p in ps])
                     lock_up_front(conn, budget, full + to_restore, moved)
+                    target = still_there(conn, target)
                 identities += set_full_identities(conn, slot, full)
                 if kind != "full":
                     created += sync_publication(conn, publication, target, schemas=None, slot=slot, warnings=warnings,
-                                                restored=restored)
+                                                restored=restored, keep_schemas=True)
             return created, identities, restored, warnings
 
         created, identities, restored, warnings = with_lock_retries(
@@ -382,11 +395,11 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
         result.replica_identity_changed += identities
         result.replica_identity_restored += restored
         result.warnings += warnings
-    batches = sum(kind != "full" for kind, _ in steps)
+    batches = {kind: sum(each == kind for each, _ in steps) for kind in counts}
     if counts["join"]:
-        result.created.append(f"publication {publication}: added {counts['join']} tables, in {batches} transactions")
+        result.created.append(f"publication {publication}: added {counts['join']} tables, in {batches['join']} transactions")
     if counts["leave"]:
-        result.created.append(f"publication {publication}: removed {counts['leave']} tables, in {batches} transactions")
+        result.created.append(f"publication {publication}: removed {counts['leave']} tables, in {batches['leave']} transactions")
     return True
 
 
@@ -603,9 +616,11 @@ def _restore_in_batches(conn: psycopg.Connection, result: DetachResult, *, lock_
     with conn.transaction():
         record_listed_tables(conn, slot, None)  # first: the event trigger would publish a listed table again at its ALTER
     leaving = in_batches(named, weight.__getitem__, room.batch)
+    # A partition the list also names by itself is published until the last batch naming it, or its table, is done.
+    last = {part: number for number, batch in enumerate(leaving, start=1) for table in batch for part in parts[table]}
     for number, batch in enumerate(leaving, start=1):
-        _restore_batch(conn, result, batch, parts=[p for t in batch for p in parts[t]], lock_timeout=lock_timeout,
-                       action=f"Detach's batch {number} of {len(leaving)}")
+        _restore_batch(conn, result, batch, parts=[p for t in batch for p in parts[t] if last[p] == number],
+                       lock_timeout=lock_timeout, action=f"Detach's batch {number} of {len(leaving)}")
     if exists:
         with conn.transaction():
             conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
@@ -630,9 +645,10 @@ def _restore_batch(conn: psycopg.Connection, result: DetachResult, leaving: list
             autocapture.own_ddl(conn)
             todo = restorable(conn, slot, parts)
             lock_up_front(conn, budget, todo, leaving)
-            if leaving:
+            present = still_there(conn, leaving)  # locked now; one dropped since has left the publication already
+            if present:
                 conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                    sql.Identifier(publication), sql.SQL(", ").join(t.ident for t in leaving)))
+                    sql.Identifier(publication), sql.SQL(", ").join(t.ident for t in present)))
             restore_identities(conn, slot, todo, result_list=restored, warnings=warnings)
         return restored, warnings
 

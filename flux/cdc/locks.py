@@ -175,7 +175,11 @@ BEGIN
              WHERE pg_has_role(c.relowner, 'USAGE') ORDER BY i LOOP
         PERFORM set_config('lock_timeout',
                            greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000))::int || 'ms', true);
-        EXECUTE format('LOCK TABLE ONLY %I.%I IN %s MODE', t.schema_name, t.table_name, t.mode);
+        BEGIN
+            EXECUTE format('LOCK TABLE ONLY %I.%I IN %s MODE', t.schema_name, t.table_name, t.mode);
+        EXCEPTION WHEN undefined_table THEN
+            NULL;  -- dropped while this waited for an earlier one: the statements after it skip it too
+        END;
     END LOOP;
 END
 $flux$

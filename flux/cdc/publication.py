@@ -267,6 +267,7 @@ $flux$
 def set_full_identities(conn: psycopg.Connection, slot: str, tables: list[TableRef]) -> list[dict]:
     """`set_full_identity` of each of `tables`, in three round trips whatever their number; the changes
     made, in the order of `tables`."""
+    tables = list(dict.fromkeys(tables))  # a partition listed itself and under its table: its record inserted once
     if not tables:
         return []
     rows = conn.execute(
@@ -295,6 +296,22 @@ def set_full_identities(conn: psycopg.Connection, slot: str, tables: list[TableR
     conn.execute(_FULL_IN_TURN)
     return [{"table": str(TableRef(schema, name)), "previous": identity_name(current, index), "restored_by_detach": True}
             for schema, name, current, index in rows]
+
+
+def still_there(conn: psycopg.Connection, tables: list[TableRef]) -> list[TableRef]:
+    """Those of `tables` that exist, in their order: one dropped or renamed away while attach ran
+    (between its batches, or while a try waited for a lock) is no longer there to publish."""
+    if not tables:
+        return []
+    rows = conn.execute(
+        """
+        SELECT t.s, t.r FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(s, r, i)
+        JOIN pg_namespace n ON n.nspname = t.s JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
+        WHERE c.relkind IN ('r', 'p') ORDER BY t.i
+        """,
+        ([t.schema for t in tables], [t.name for t in tables]),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]
 
 
 def not_full(conn: psycopg.Connection, tables: list[TableRef]) -> list[TableRef]:
@@ -336,7 +353,7 @@ def identity_name(code: str, index: str | None) -> str:
 
 
 def publication_locks(conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None,
-                      slot: str) -> tuple[list[TableRef], list[TableRef]]:
+                      slot: str, keep_schemas: bool = False) -> tuple[list[TableRef], list[TableRef]]:
     """The tables `sync_publication` (same arguments) will lock, so that they are locked up front:
     those it adds to or drops from the publication by name (SHARE UPDATE EXCLUSIVE; a schema's
     tables are not locked), and those whose identity it restores (ACCESS EXCLUSIVE)."""
@@ -344,9 +361,11 @@ def publication_locks(conn: psycopg.Connection, publication: str, chosen: list[T
         return ([] if schemas else list(chosen)), []
     current = set(published_tables(conn, publication))
     wanted = set() if schemas else set(chosen)
+    current_schemas = set(published_schemas(conn, publication))
+    kept_schemas = current_schemas if keep_schemas else set(schemas or [])
     restored = {part for table, parts in partitions_of(conn, sorted(current - wanted, key=str)).items()
-                if not schemas or table.schema not in schemas for part in parts}
-    dropped_schemas = sorted(set(published_schemas(conn, publication)) - set(schemas or []))
+                if table.schema not in kept_schemas for part in parts}
+    dropped_schemas = sorted(current_schemas - kept_schemas)
     if dropped_schemas:
         restored |= {TableRef(s, t) for s, t in conn.execute(
             "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = ANY (%s)",
@@ -358,9 +377,11 @@ def publication_locks(conn: psycopg.Connection, publication: str, chosen: list[T
 
 def sync_publication(
     conn: psycopg.Connection, publication: str, chosen: list[TableRef], *, schemas: list[str] | None, slot: str,
-    warnings: list[str] | None = None, restored: list[dict] | None = None,
+    warnings: list[str] | None = None, restored: list[dict] | None = None, keep_schemas: bool = False,
 ) -> list[str]:
-    """Make the publication publish exactly `chosen`, or with `schemas` those whole schemas.
+    """Make the publication publish exactly `chosen`, or with `schemas` those whole schemas; with
+    `keep_schemas`, name exactly `chosen` and leave the schemas it publishes as they are (attach's
+    batches: its last transaction changes those).
 
     Returns what changed. Tables no longer published get their replica identity restored (listed
     in `restored`; what cannot be restored is said in `warnings`).
@@ -391,7 +412,7 @@ def sync_publication(
     current = set(published_tables(conn, publication))
     wanted = set() if schemas else set(chosen)
     current_schemas = set(published_schemas(conn, publication))
-    wanted_schemas = set(schemas or [])
+    wanted_schemas = current_schemas if keep_schemas else set(schemas or [])
     dropped_schemas = sorted(current_schemas - wanted_schemas)
     # Still captured, as a chosen table or one of its partitions: its identity stays FULL.
     keep = ({part for parts in partitions_of(conn, chosen).values() for part in parts} if current - wanted or dropped_schemas
@@ -401,7 +422,7 @@ def sync_publication(
         changes.append(f"publication {publication}: added {table}")
     for table in sorted(current - wanted, key=str):
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, table.ident))
-        if not schemas or table.schema not in set(schemas or []):
+        if table.schema not in wanted_schemas:  # else still published through its schema
             for part in with_partitions(conn, table):  # its partitions were set FULL with it
                 if part not in keep:
                     restore_identity(conn, slot, part, result_list=restored, warnings=warnings)

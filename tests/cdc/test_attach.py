@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from flux.cdc.autocapture import reconcile_new_tables
 from flux.cdc.publication import captured_tables, published_schemas
 from flux.cdc.engine import Engine, EngineConfig
 from flux.cdc.status import cdc_status
-from flux.errors import ConfigError, DatabaseError, NotFoundError, PreflightError, StreamError
+from flux.errors import ConfigError, DatabaseError, LockTimeoutError, NotFoundError, PreflightError, StreamError
 from flux.pg.cluster import Cluster
 from flux.store.schema import ensure_schema
 from tests.support import table_owner_role, wait_slot_held
@@ -768,6 +770,18 @@ def test_a_partition_listed_by_itself_stays_full_when_its_partitioned_table_is_l
     assert widened.replica_identity_restored == []
 
 
+def test_attach_of_a_partitioned_table_listed_with_its_partition_sets_each_full_once(dsn, conn):
+    """The partition came twice into one INSERT of the records: 'ON CONFLICT DO UPDATE command cannot affect row a
+    second time', and attach failed."""
+    conn.execute("CREATE TABLE p (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10)")
+    result = attach(dsn, tables=["p", "p1"])
+    assert sorted(change["table"] for change in result.replica_identity_changed) == ["public.p", "public.p1"]
+    assert identities(conn, "p", "p1") == {"p": "f", "p1": "f"}
+    assert sorted(item["table"] for item in detach(dsn).restored) == ["public.p", "public.p1"]
+    assert identities(conn, "p", "p1") == {"p": "d", "p1": "d"}
+
+
 # A server whose shared lock table holds about 160 locks (10 per backend slot, 16 slots), so that a
 # few hundred tables are more than one transaction may lock: 'out of shared memory' at about 260.
 SMALL_LOCK_TABLE = {"max_locks_per_transaction": "10", "max_connections": "10", "max_worker_processes": "2",
@@ -855,6 +869,94 @@ def test_narrowing_a_list_of_more_tables_than_the_lock_table_holds_restores_the_
     assert full_identities(dsn) == 2 + 2
     with connect(dsn) as conn:
         assert [str(t) for t in captured_tables(conn, "flux")] == ["public.p0", "public.t1"]
+
+
+def test_turning_a_schema_publication_into_a_list_of_many_tables_keeps_every_table_captured_throughout(many_tables):
+    """The first batch joining the list dropped the schema from the publication: every table of a later batch
+    was left uncaptured (its identity restored) until its batch, and 400 tables' restores in that one
+    transaction failed with 'out of shared memory'."""
+    dsn, _ = many_tables
+    attach(dsn, all_tables=True)
+    result = attach(dsn, tables=[f"t{i}" for i in range(MANY_TABLES - 2)] + ["p0", "p1"])
+    assert result.replica_identity_restored == [] and result.replica_identity_changed == []
+    assert full_identities(dsn) == MANY_TABLES + 4
+    with connect(dsn) as conn:
+        assert len(captured_tables(conn, "flux")) == MANY_TABLES and published_schemas(conn, "flux") == []
+
+
+def _dropping_while_it_waits(admin_dsn: str, flux_step, drop: str) -> list:
+    """`flux_step()` in a thread, its first batch held up by a report reading t1; `drop` run while it waits, then
+    the report ended. Returns what `flux_step` returned (nothing when it raised)."""
+    report = psycopg.connect(admin_dsn, application_name="long-report")
+    report.execute("SELECT count(*) FROM t1")
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(flux_step()), daemon=True)
+    thread.start()
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        deadline = time.monotonic() + 10
+        while not conn.execute("SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity s USING (pid)"
+                               " WHERE s.application_name = 'flux' AND NOT l.granted)").fetchone()[0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        conn.execute(drop)
+    report.rollback()
+    report.close()
+    thread.join(timeout=60)
+    return outcome
+
+
+def test_a_table_dropped_between_the_batches_of_a_non_superusers_attach_is_left_out_and_the_rest_attached(many_tables):
+    """A batch joining the list failed ('relation "public.t397" does not exist') after the earlier ones were done."""
+    admin_dsn, dsn = many_tables
+    outcome = _dropping_while_it_waits(admin_dsn, lambda: attach(dsn, all_tables=True), "DROP TABLE t397, p1")
+    assert outcome and len(outcome[0].tables) == MANY_TABLES
+    with connect(dsn) as conn:
+        assert len(captured_tables(conn, "flux")) == MANY_TABLES - 2
+    assert full_identities(dsn) == MANY_TABLES - 2 + 2  # p0's partitions
+
+
+def test_a_table_dropped_between_the_batches_of_a_detach_is_left_out_and_the_rest_detached(many_tables):
+    """A batch letting go of the table list failed ('relation "public.t397" does not exist') midway."""
+    admin_dsn, dsn = many_tables
+    attach(dsn, all_tables=True)
+    outcome = _dropping_while_it_waits(admin_dsn, lambda: detach(dsn), "DROP TABLE t397")
+    assert outcome and len(outcome[0].restored) == MANY_TABLES + 4 - 1
+    assert full_identities(dsn) == 0
+    with connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+
+
+def test_a_list_replaced_by_another_says_the_transactions_of_the_tables_joining_and_of_those_leaving_apart(many_tables):
+    """Each said the count of both: 'added 198 tables, in 15 transactions', 'removed 200 tables, in 15 transactions'.
+    A table leaving weighs twice one joining (its publication entry's lock), so its batches are more."""
+    _, dsn = many_tables
+    attach(dsn, tables=[f"t{i}" for i in range(200)])
+    said = [line for line in attach(dsn, tables=[f"t{i}" for i in range(200, MANY_TABLES - 2)]).created
+            if " tables, in " in line]
+    assert [line.split(":")[1].split(" tables")[0] for line in said] == [" added 198", " removed 200"]
+    joining, leaving = (int(line.split(" in ")[1].split()[0]) for line in said)
+    assert 1 < joining < leaving
+
+
+def test_a_detach_stopped_midway_leaves_no_partition_still_listed_with_its_identity_restored(many_tables):
+    """A partition listed by itself, in a later batch than its table, got its identity back with its table's batch:
+    stopped between the two, the publication held it key-only, which an engine run then would record so."""
+    admin_dsn, dsn = many_tables
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE z_part PARTITION OF p0 FOR VALUES FROM (20) TO (30)")  # its own batch is the last
+    attach(dsn, tables=[f"t{i}" for i in range(MANY_TABLES - 2)] + ["p0", "p1", "z_part"])
+    report = psycopg.connect(admin_dsn, application_name="long-report")
+    try:
+        report.execute("SELECT count(*) FROM t200")
+        with pytest.raises(LockTimeoutError):
+            detach(dsn, lock_timeout=0.1)
+    finally:
+        report.close()
+    with connect(dsn) as conn:
+        assert "public.z_part" in [str(t) for t in captured_tables(conn, "flux")]
+        assert identities(conn, "z_part") == {"z_part": "f"}
+    detach(dsn)
+    assert full_identities(dsn) == 0
 
 
 def test_attach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(

@@ -802,15 +802,25 @@ def small_lock_table(tmp_path_factory):
 
 
 @pytest.fixture
-def many_tables(small_lock_table):
-    """A database of MANY_TABLES tables (two partitioned in two) owned by a role that may attach, on the
-    small-lock-table cluster: its DSN as that role."""
+def small_lock_db(small_lock_table):
+    """The DSN of a fresh database on the small-lock-table cluster, dropped with its slots after."""
     dbname = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(small_lock_table, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {dbname}")
+    yield small_lock_table.rsplit("/", 1)[0] + f"/{dbname}"
+    _drop_slots(small_lock_table, dbname)
+    with psycopg.connect(small_lock_table, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {dbname} WITH (FORCE)")
+
+
+@pytest.fixture
+def many_tables(small_lock_table, small_lock_db):
+    """A database of MANY_TABLES tables (two partitioned in two) owned by a role that may attach, on the
+    small-lock-table cluster: its DSN as that role."""
+    dsn = small_lock_db
+    with psycopg.connect(small_lock_table, autocommit=True) as admin:
         admin.execute("DO $$BEGIN CREATE ROLE many_owner LOGIN REPLICATION; EXCEPTION WHEN duplicate_object THEN NULL; END$$")
-        admin.execute(f"GRANT CREATE ON DATABASE {dbname} TO many_owner")
-    dsn = small_lock_table.rsplit("/", 1)[0] + f"/{dbname}"
+        admin.execute(f"GRANT CREATE ON DATABASE {dsn.rsplit('/', 1)[1]} TO many_owner")
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute("GRANT CREATE ON SCHEMA public TO many_owner")
     owner_dsn = dsn.replace("postgres@", "many_owner@")
@@ -821,10 +831,12 @@ def many_tables(small_lock_table):
             conn.execute(f"CREATE TABLE {name} (id int, v text) PARTITION BY RANGE (id)")
             conn.execute(f"CREATE TABLE {name}_a PARTITION OF {name} FOR VALUES FROM (0) TO (10)")
             conn.execute(f"CREATE TABLE {name}_b PARTITION OF {name} FOR VALUES FROM (10) TO (20)")
-    yield dsn, owner_dsn
-    _drop_slots(small_lock_table, dbname)
-    with psycopg.connect(small_lock_table, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {dbname} WITH (FORCE)")
+    return dsn, owner_dsn
+
+
+def _partitions(conn: psycopg.Connection, count: int) -> None:
+    for i in range(count):
+        conn.execute(f"CREATE TABLE m{i} PARTITION OF m FOR VALUES FROM ({i * 10}) TO ({i * 10 + 10})")
 
 
 def _drop_slots(admin_dsn: str, dbname: str) -> None:
@@ -960,29 +972,21 @@ def test_a_detach_stopped_midway_leaves_no_partition_still_listed_with_its_ident
 
 
 def test_attach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(
-        small_lock_table):
+        small_lock_db):
     """ALTER PUBLICATION ... ADD TABLE locks every partition at once: with 150, most of this server's
     lock table, every other session's next lock could fail meanwhile."""
-    dbname = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(small_lock_table, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {dbname}")
-    dsn = small_lock_table.rsplit("/", 1)[0] + f"/{dbname}"
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE m (id int) PARTITION BY RANGE (id)")
-            for i in range(150):
-                conn.execute(f"CREATE TABLE m{i} PARTITION OF m FOR VALUES FROM ({i * 10}) TO ({i * 10 + 10})")
-        with pytest.raises(PreflightError) as raised:
-            attach(dsn, tables=["m"])
-        assert "would lock 151 tables at once" in raised.value.message
-        assert raised.value.message.startswith("Attach changed nothing")
-        assert "(now 10: ALTER SYSTEM SET max_locks_per_transaction = 64, then restart PostgreSQL)" in raised.value.hint
-        assert full_identities(dsn) == 0
-        with psycopg.connect(dsn) as conn:
-            assert conn.execute("SELECT to_regnamespace('flux')").fetchone()[0] is None
-    finally:
-        with psycopg.connect(small_lock_table, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {dbname} WITH (FORCE)")
+    dsn = small_lock_db
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE m (id int) PARTITION BY RANGE (id)")
+        _partitions(conn, 150)
+    with pytest.raises(PreflightError) as raised:
+        attach(dsn, tables=["m"])
+    assert "would lock 151 tables at once" in raised.value.message
+    assert raised.value.message.startswith("Attach changed nothing")
+    assert "(now 10: ALTER SYSTEM SET max_locks_per_transaction = 64, then restart PostgreSQL)" in raised.value.hint
+    assert full_identities(dsn) == 0
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT to_regnamespace('flux')").fetchone()[0] is None
 
 
 def test_attach_and_detach_of_many_tables_make_round_trips_by_the_dozen_not_by_the_table(dsn, conn, monkeypatch):
@@ -1042,28 +1046,19 @@ def test_the_event_trigger_leaves_a_transaction_marked_as_fluxs_own_alone(dsn, c
 
 
 def test_detach_refuses_a_partitioned_table_whose_partitions_alone_would_fill_the_lock_table_changing_nothing(
-        small_lock_table):
+        small_lock_db):
     """Its leaving the publication locks every partition at once; its partitions came after attach."""
-    dbname = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(small_lock_table, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {dbname}")
-    dsn = small_lock_table.rsplit("/", 1)[0] + f"/{dbname}"
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE m (id int) PARTITION BY RANGE (id)")
-            attach(dsn, tables=["m"])
-            for i in range(150):  # FULL as each is created (the event trigger)
-                conn.execute(f"CREATE TABLE m{i} PARTITION OF m FOR VALUES FROM ({i * 10}) TO ({i * 10 + 10})")
-        with pytest.raises(PreflightError) as raised:
-            detach(dsn)
-        assert raised.value.message.startswith("Detach changed nothing") and "would lock 153 tables" in raised.value.message
-        assert full_identities(dsn) == 151
-        with connect(dsn) as conn:
-            assert [str(t) for t in captured_tables(conn, "flux")] == ["public.m"]
-    finally:
-        _drop_slots(small_lock_table, dbname)
-        with psycopg.connect(small_lock_table, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {dbname} WITH (FORCE)")
+    dsn = small_lock_db
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE m (id int) PARTITION BY RANGE (id)")
+        attach(dsn, tables=["m"])
+        _partitions(conn, 150)  # FULL as each is created (the event trigger)
+    with pytest.raises(PreflightError) as raised:
+        detach(dsn)
+    assert raised.value.message.startswith("Detach changed nothing") and "would lock 153 tables" in raised.value.message
+    assert full_identities(dsn) == 151
+    with connect(dsn) as conn:
+        assert [str(t) for t in captured_tables(conn, "flux")] == ["public.m"]
 
 
 def test_detach_says_which_identity_postgresql_refused_and_restores_the_others(dsn, conn):

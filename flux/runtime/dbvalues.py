@@ -291,6 +291,22 @@ def _wide_ints_as_doubles(value: Any) -> Any:
     return value
 
 
+def marked_bigints(value: Any, mark: str, path: list[Any], paths: list[list[Any]]) -> Any:
+    """`value` (a parameter the prelude sent as JSON text because it held a BigInt, decoded) with
+    each string `mark` + digits the exact int it stands for; each one's path, [parameter index,
+    key or index ...], goes onto `paths`."""
+    if isinstance(value, str):
+        if value.startswith(mark):
+            paths.append(path)
+            return int(value[len(mark):])
+        return value
+    if isinstance(value, list):
+        return [marked_bigints(item, mark, [*path, index], paths) for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {key: marked_bigints(item, mark, [*path, key], paths) for key, item in value.items()}
+    return value
+
+
 class ParamError(ValueError):
     """A parameter no PostgreSQL type takes as it is; the message says which and why."""
 
@@ -300,7 +316,8 @@ def adapt_param(value: Any, number: int) -> Any:
 
     An object is jsonb, and so is an array holding an object at any depth. Other arrays are
     PostgreSQL arrays, nested ones multi-dimensional; their numbers are one type (JSON gives 1.0
-    as 1, and psycopg dumps no list of ints and floats). Bytes (a Uint8Array) are bytea."""
+    as 1, and psycopg dumps no list of ints and floats): float8, or numeric when an int is past
+    Number's safe range (a BigInt's). Bytes (a Uint8Array) are bytea."""
     if isinstance(value, dict):
         return Jsonb(value)
     if isinstance(value, list):
@@ -309,7 +326,7 @@ def adapt_param(value: Any, number: int) -> Any:
             return Jsonb(value)
         kinds.discard(type(None))
         if kinds == {int, float}:
-            return _floats(value)
+            return _decimals(value) if _unsafe(value) else _floats(value)
         if len(kinds) > 1:
             names = " and ".join(sorted({_JS_NAMES.get(k, k.__name__) for k in kinds}))
             raise ParamError(f"ctx.db.query: ${number} is an array of {names}; a PostgreSQL array holds values of one type")
@@ -334,3 +351,15 @@ def _holds_object(value: list[Any], kinds: set[type]) -> bool:
 
 def _floats(value: list[Any]) -> list[Any]:
     return [_floats(v) if isinstance(v, list) else float(v) if type(v) is int else v for v in value]
+
+
+def _unsafe(value: list[Any]) -> bool:
+    """Whether `value` holds an int past Number's safe range (a BigInt's): float8 would keep 15 of
+    its digits going into a numeric column."""
+    return any(_unsafe(v) if isinstance(v, list) else type(v) is int and v not in _SAFE_INTS for v in value)
+
+
+def _decimals(value: list[Any]) -> list[Any]:
+    """numeric: ints exact, and each float as the shortest text that reads back as it (JS's too)."""
+    return [_decimals(v) if isinstance(v, list) else Decimal(v) if type(v) is int else Decimal(repr(v)) if type(v) is float
+            else v for v in value]

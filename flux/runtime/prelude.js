@@ -447,13 +447,19 @@
   // JSON would send NaN and the infinities as null: SQL NULL, silently.
   const nonFinite = (n) => `${n}, which a parameter cannot carry (JSON has no such number): pass null, or the string ` +
     `'${n}' for a float column`;
-  // What JSON.stringify meets inside an array or object parameter (after toJSON), one checker per parameter.
-  function paramChecker() {
+  // A BigInt inside an array or object parameter crosses as this mark and its digits, in the
+  // parameter's JSON text (JSON has no BigInt); the host makes each the exact integer. A nonce of
+  // this context's, so that no string of the function's (nor one its caller sent) can pass for one.
+  const PARAM_BIGINT_MARK = `flux_bigint_param_${spanId()}:`;
+  // What JSON.stringify meets inside an array or object parameter (after toJSON), one checker per
+  // parameter; `held.bigint` says whether it met a BigInt.
+  function paramChecker(held) {
     const levels = new Map();
     return function checkParam(_key, value) {
       if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
       if (typeof value === "bigint") {
-        throw new TypeError("it holds a BigInt, which JSON cannot carry: pass String(value) instead (an array of them as $1::int8[])");
+        held.bigint = true;
+        return `${PARAM_BIGINT_MARK}${value}`; // a template's ToString: no method of the function's runs
       }
       if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
         throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
@@ -795,6 +801,7 @@
             throw new TypeError("ctx.db.query(sql, params): params must be an array (use $1, $2 ... placeholders)");
           }
           const binary = [];
+          const marked = []; // sent as their JSON text, holding BigInts (PARAM_BIGINT_MARK)
           params = (params || []).map((p, i) => {
             // A BigInt goes as its decimal text, which PostgreSQL reads into any numeric column.
             if (typeof p === "bigint") return p.toString();
@@ -808,16 +815,24 @@
               return bytesToLatin1(p instanceof ArrayBuffer ? new Uint8Array(p) : p);
             }
             if (p !== null && typeof p === "object") {
+              const held = { bigint: false };
+              let text;
               try {
-                JSON.stringify(p, paramChecker());
+                text = JSON.stringify(p, paramChecker(held));
               } catch (e) {
                 throw new TypeError(`ctx.db.query(sql, params): $${i + 1} cannot be sent: ${e.message}`);
+              }
+              if (held.bigint) {
+                marked.push(i);
+                return text;
               }
             }
             return p;
           });
+          let args = binary.length ? { sql, params, binary } : { sql, params };
+          if (marked.length) args = { ...args, bigints: { mark: PARAM_BIGINT_MARK, params: marked } };
           const place = placeCall(bound); // indexed: spreading would run the function's Array iterator
-          return hostCall("db", binary.length ? { sql, params, binary } : { sql, params }, place[0], place[1]);
+          return hostCall("db", args, place[0], place[1]);
         },
       }),
       fetch(url, init) {

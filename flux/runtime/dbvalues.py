@@ -7,7 +7,7 @@ PostgreSQL said, or could not be made at all:
   null would read as SQL NULL);
 - date, time, timestamp and timestamptz are psycopg's (ISO 8601 in JSON), except what Python's
   types cannot hold: 'infinity', '-infinity', BC dates, years past 9999 and 24:00:00 come back as
-  PostgreSQL's text;
+  PostgreSQL's text; a timestamptz whose offset has seconds is in UTC (orjson writes minutes);
 - timetz is ISO 8601 text with its offset ("12:34:56+02:00");
 - interval is an ISO 8601 duration, as PostgreSQL writes it with IntervalStyle iso_8601 (the row
   images of flux.state_mutations are written so): "P1Y2M3DT4H5M6.789S";
@@ -26,6 +26,7 @@ What this module does not do: it does no I/O. `ResultTypes.LEARN_QUERY` is run b
 from __future__ import annotations
 
 import re
+from datetime import timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -38,6 +39,8 @@ from psycopg.types.json import Jsonb
 from psycopg.types import TypeInfo
 
 _TEXT = pq.Format.TEXT
+_UTC = timezone.utc
+_MINUTE = timedelta(minutes=1)
 
 
 def _fast(oid: int, context: Any) -> Loader:
@@ -56,10 +59,25 @@ class _ClockLoader(Loader):
         self._load = _fast(oid, context).load
 
     def load(self, data: Buffer) -> Any:
+        return self._load_or_text(data)
+
+    def _load_or_text(self, data: Buffer) -> Any:
         try:
             return self._load(data)
         except psycopg.DataError:
             return bytes(data).decode()
+
+
+class _TimestamptzLoader(_ClockLoader):
+    """In UTC when the session's zone had an offset with seconds (local mean time: Amsterdam's
+    +00:19:32 until 1937), which orjson would round to the minute (+00:20), 28 s off the instant."""
+
+    def load(self, data: Buffer) -> Any:
+        value = self._load_or_text(data)
+        if type(value) is str or value.tzinfo is _UTC:
+            return value
+        offset = value.utcoffset()
+        return value.astimezone(_UTC) if offset is not None and offset % _MINUTE else value
 
 
 class _TimetzLoader(_ClockLoader):
@@ -126,8 +144,9 @@ class _IntervalLoader(Loader):
 
 def _base_adapters() -> AdaptersMap:
     adapters = AdaptersMap(postgres.adapters)
-    for name in ("date", "time", "timestamp", "timestamptz"):
+    for name in ("date", "time", "timestamp"):
         adapters.register_loader(name, _ClockLoader)
+    adapters.register_loader("timestamptz", _TimestamptzLoader)
     adapters.register_loader("timetz", _TimetzLoader)
     adapters.register_loader("float4", _FloatLoader)
     adapters.register_loader("float8", _FloatLoader)

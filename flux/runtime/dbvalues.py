@@ -336,7 +336,8 @@ def adapt_param(value: Any, number: int) -> Any:
     An object is jsonb, and so is an array holding an object at any depth. Other arrays are
     PostgreSQL arrays, nested ones multi-dimensional; their numbers are one type (JSON gives 1.0
     as 1, and psycopg dumps no list of ints and floats): float8, or numeric when an int is past
-    Number's safe range (a BigInt's). Bytes (a Uint8Array) are bytea."""
+    Number's safe range (a BigInt's); the strings "NaN", "Infinity" and "-Infinity" among numbers
+    are those floats, as a float8[] result gives them. Bytes (a Uint8Array) are bytea."""
     if isinstance(value, dict):
         return Jsonb(value)
     if isinstance(value, list):
@@ -344,7 +345,10 @@ def adapt_param(value: Any, number: int) -> Any:
         if _holds_object(value, kinds):
             return Jsonb(value)
         kinds.discard(type(None))
-        if kinds == {int, float}:
+        if str in kinds and kinds & {int, float} and kinds - {str} <= {int, float} and _only_float_words(value):
+            kinds.discard(str)  # a float array's NaN and infinities, as its results give them
+            kinds.add(float)
+        if kinds == {int, float} or kinds == {float}:
             return _decimals(value) if _unsafe(value) else _floats(value)
         if len(kinds) > 1:
             names = " and ".join(sorted({_JS_NAMES.get(k, k.__name__) for k in kinds}))
@@ -368,8 +372,16 @@ def _holds_object(value: list[Any], kinds: set[type]) -> bool:
     return False
 
 
+_FLOAT_WORDS = frozenset(("NaN", "Infinity", "-Infinity"))
+
+
+def _only_float_words(value: list[Any]) -> bool:
+    """Whether each string in `value` is a float's NaN or infinity, as a float8[] result gives them."""
+    return all(_only_float_words(v) if isinstance(v, list) else type(v) is not str or v in _FLOAT_WORDS for v in value)
+
+
 def _floats(value: list[Any]) -> list[Any]:
-    return [_floats(v) if isinstance(v, list) else float(v) if type(v) is int else v for v in value]
+    return [_floats(v) if isinstance(v, list) else float(v) if type(v) in (int, str) else v for v in value]
 
 
 def _unsafe(value: list[Any]) -> bool:
@@ -380,5 +392,5 @@ def _unsafe(value: list[Any]) -> bool:
 
 def _decimals(value: list[Any]) -> list[Any]:
     """numeric: ints exact, and each float as the shortest text that reads back as it (JS's too)."""
-    return [_decimals(v) if isinstance(v, list) else Decimal(v) if type(v) is int else Decimal(repr(v)) if type(v) is float
-            else v for v in value]
+    return [_decimals(v) if isinstance(v, list) else Decimal(v) if type(v) in (int, str) else Decimal(repr(v))
+            if type(v) is float else v for v in value]

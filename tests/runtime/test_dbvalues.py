@@ -204,3 +204,8 @@ def test_a_timestamptz_whose_zone_offset_has_seconds_is_the_same_instant_in_utc(
     assert in_session(dsn, work) == {"t": "1900-01-01T00:00:00+00:00", "a": ["1936-06-30T12:00:00+00:00"],
                                      "now": "2024-02-29T11:00:00+01:00"}
 
+
+def test_a_float_arrays_nan_and_infinities_among_its_numbers_go_back_as_those_floats(dsn):
+    """A float8[] result gives them as strings beside its numbers; such an array was refused as numbers and strings."""
+    assert query(dsn, "SELECT $1::float8[]::text AS v, pg_typeof($1)::text AS t", [["NaN", 1.5, None, "-Infinity", 2]]) == {
+        "v": "{NaN,1.5,NULL,-Infinity,2}", "t": "double precision[]"}

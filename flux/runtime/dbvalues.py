@@ -7,7 +7,7 @@ PostgreSQL said, or could not be made at all:
   null would read as SQL NULL);
 - date, time, timestamp and timestamptz are psycopg's (ISO 8601 in JSON), except what Python's
   types cannot hold: 'infinity', '-infinity', BC dates, years past 9999 and 24:00:00 come back as
-  PostgreSQL's text;
+  PostgreSQL's text; a timestamptz whose offset has seconds is in UTC (orjson writes minutes);
 - timetz is ISO 8601 text with its offset ("12:34:56+02:00");
 - interval is an ISO 8601 duration, as PostgreSQL writes it with IntervalStyle iso_8601 (the row
   images of flux.state_mutations are written so): "P1Y2M3DT4H5M6.789S";
@@ -26,6 +26,7 @@ What this module does not do: it does no I/O. `ResultTypes.LEARN_QUERY` is run b
 from __future__ import annotations
 
 import re
+from datetime import timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -38,6 +39,8 @@ from psycopg.types.json import Jsonb
 from psycopg.types import TypeInfo
 
 _TEXT = pq.Format.TEXT
+_UTC = timezone.utc
+_MINUTE = timedelta(minutes=1)
 
 
 def _fast(oid: int, context: Any) -> Loader:
@@ -56,10 +59,25 @@ class _ClockLoader(Loader):
         self._load = _fast(oid, context).load
 
     def load(self, data: Buffer) -> Any:
+        return self._load_or_text(data)
+
+    def _load_or_text(self, data: Buffer) -> Any:
         try:
             return self._load(data)
         except psycopg.DataError:
             return bytes(data).decode()
+
+
+class _TimestamptzLoader(_ClockLoader):
+    """In UTC when the session's zone had an offset with seconds (local mean time: Amsterdam's
+    +00:19:32 until 1937), which orjson would round to the minute (+00:20), 28 s off the instant."""
+
+    def load(self, data: Buffer) -> Any:
+        value = self._load_or_text(data)
+        if type(value) is str or value.tzinfo is _UTC:
+            return value
+        offset = value.utcoffset()
+        return value.astimezone(_UTC) if offset is not None and offset % _MINUTE else value
 
 
 class _TimetzLoader(_ClockLoader):
@@ -126,8 +144,9 @@ class _IntervalLoader(Loader):
 
 def _base_adapters() -> AdaptersMap:
     adapters = AdaptersMap(postgres.adapters)
-    for name in ("date", "time", "timestamp", "timestamptz"):
+    for name in ("date", "time", "timestamp"):
         adapters.register_loader(name, _ClockLoader)
+    adapters.register_loader("timestamptz", _TimestamptzLoader)
     adapters.register_loader("timetz", _TimetzLoader)
     adapters.register_loader("float4", _FloatLoader)
     adapters.register_loader("float8", _FloatLoader)
@@ -291,6 +310,22 @@ def _wide_ints_as_doubles(value: Any) -> Any:
     return value
 
 
+def marked_bigints(value: Any, mark: str, path: list[Any], paths: list[list[Any]]) -> Any:
+    """`value` (a parameter the prelude sent as JSON text because it held a BigInt, decoded) with
+    each string `mark` + digits the exact int it stands for; each one's path, [parameter index,
+    key or index ...], goes onto `paths`."""
+    if isinstance(value, str):
+        if value.startswith(mark):
+            paths.append(path)
+            return int(value[len(mark):])
+        return value
+    if isinstance(value, list):
+        return [marked_bigints(item, mark, [*path, index], paths) for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {key: marked_bigints(item, mark, [*path, key], paths) for key, item in value.items()}
+    return value
+
+
 class ParamError(ValueError):
     """A parameter no PostgreSQL type takes as it is; the message says which and why."""
 
@@ -300,7 +335,9 @@ def adapt_param(value: Any, number: int) -> Any:
 
     An object is jsonb, and so is an array holding an object at any depth. Other arrays are
     PostgreSQL arrays, nested ones multi-dimensional; their numbers are one type (JSON gives 1.0
-    as 1, and psycopg dumps no list of ints and floats). Bytes (a Uint8Array) are bytea."""
+    as 1, and psycopg dumps no list of ints and floats): float8, or numeric when an int is past
+    Number's safe range (a BigInt's); the strings "NaN", "Infinity" and "-Infinity" among numbers
+    are those floats, as a float8[] result gives them. Bytes (a Uint8Array) are bytea."""
     if isinstance(value, dict):
         return Jsonb(value)
     if isinstance(value, list):
@@ -308,8 +345,11 @@ def adapt_param(value: Any, number: int) -> Any:
         if _holds_object(value, kinds):
             return Jsonb(value)
         kinds.discard(type(None))
-        if kinds == {int, float}:
-            return _floats(value)
+        if str in kinds and kinds & {int, float} and kinds - {str} <= {int, float} and _only_float_words(value):
+            kinds.discard(str)  # a float array's NaN and infinities, as its results give them
+            kinds.add(float)
+        if kinds == {int, float} or kinds == {float}:
+            return _decimals(value) if _unsafe(value) else _floats(value)
         if len(kinds) > 1:
             names = " and ".join(sorted({_JS_NAMES.get(k, k.__name__) for k in kinds}))
             raise ParamError(f"ctx.db.query: ${number} is an array of {names}; a PostgreSQL array holds values of one type")
@@ -332,5 +372,25 @@ def _holds_object(value: list[Any], kinds: set[type]) -> bool:
     return False
 
 
+_FLOAT_WORDS = frozenset(("NaN", "Infinity", "-Infinity"))
+
+
+def _only_float_words(value: list[Any]) -> bool:
+    """Whether each string in `value` is a float's NaN or infinity, as a float8[] result gives them."""
+    return all(_only_float_words(v) if isinstance(v, list) else type(v) is not str or v in _FLOAT_WORDS for v in value)
+
+
 def _floats(value: list[Any]) -> list[Any]:
-    return [_floats(v) if isinstance(v, list) else float(v) if type(v) is int else v for v in value]
+    return [_floats(v) if isinstance(v, list) else float(v) if type(v) in (int, str) else v for v in value]
+
+
+def _unsafe(value: list[Any]) -> bool:
+    """Whether `value` holds an int past Number's safe range (a BigInt's): float8 would keep 15 of
+    its digits going into a numeric column."""
+    return any(_unsafe(v) if isinstance(v, list) else type(v) is int and v not in _SAFE_INTS for v in value)
+
+
+def _decimals(value: list[Any]) -> list[Any]:
+    """numeric: ints exact, and each float as the shortest text that reads back as it (JS's too)."""
+    return [_decimals(v) if isinstance(v, list) else Decimal(v) if type(v) in (int, str) else Decimal(repr(v))
+            if type(v) is float else v for v in value]

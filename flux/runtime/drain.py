@@ -15,6 +15,7 @@ whether what is well-formed is true (a forged tape entry is the function's own r
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -122,13 +123,24 @@ def _is_call(call: Any) -> bool:
         return _is_number(args.get("ms")) and 0 <= args["ms"] <= MAX_TIMER_MS
     if op == "db":
         sql, params, binary = args.get("sql"), args.get("params"), args.get("binary", [])
+        marked = args.get("bigints", {"mark": "", "params": []})  # parameters sent as JSON text holding BigInts
         return (isinstance(sql, str) and isinstance(params, list) and isinstance(binary, list)
-                and all(_is_int(i) and 0 <= i < len(params) and _latin1(params[i]) for i in binary))
+                and all(_is_int(i) and 0 <= i < len(params) and _latin1(params[i]) for i in binary)
+                and isinstance(marked, dict) and isinstance(marked.get("mark"), str) and _list_of(marked.get("params"), _is_int)
+                and all(0 <= i < len(params) and _json_text(params[i]) for i in marked["params"]))
     headers, body, timeout = args.get("headers"), args.get("body"), args.get("timeout_ms")
     return (isinstance(args.get("url"), str) and isinstance(args.get("method"), str) and isinstance(headers, dict)
             and all(isinstance(value, str) for value in headers.values())
             and (body is None or (_latin1(body) if args.get("binary") else isinstance(body, str)))
             and (timeout is None or (_is_number(timeout) and 0 < timeout <= MAX_TIMER_MS)))
+
+
+def _json_text(text: Any) -> bool:
+    """An array or object parameter as the prelude sends one holding BigInts: its JSON text."""
+    try:
+        return isinstance(text, str) and isinstance(json.loads(text), (list, dict))
+    except (ValueError, RecursionError):
+        return False
 
 
 def _latin1(text: Any) -> bool:

@@ -75,7 +75,7 @@ from py_mini_racer import JSEvalException, JSOOMException
 from flux.errors import INTERNAL_ERROR
 from flux.project import Limits
 from flux.redaction import REDACTED, Redactor, as_text, one_line, redact_headers
-from flux.runtime.dbvalues import bigint_texts
+from flux.runtime.dbvalues import bigint_texts, marked_bigints
 from flux.runtime.drain import BrokenBridge, Kept, check
 from flux.runtime.fetch import MAX_RECORDED_FETCH_BODY, FetchPolicy, Transport
 from flux.runtime.host import Clock, DbSession, HostCallError, Span, db_span_name
@@ -579,7 +579,7 @@ class _Run:
                     attributes={"flux.abandoned": True, **({"code.location": site} if site else {})})
         self._keep_span(span)
         # Written as a call that ran is: its sensitive headers redacted, its bytes as the tape writes them.
-        event = _db_event(args) if op == "db" else _fetch_event(args)
+        event = _db_event(with_param_bigints(args)) if op == "db" else _fetch_event(args)
         self._on_tape([seq, op, {**event, "abandoned": True}])
 
     async def _host_call(self, op: str, args: dict[str, Any], parent: str | None, seq: int, site: str | None) -> tuple[Any, ...]:
@@ -608,6 +608,7 @@ class _Run:
             span.duration_ms = self.clock.now_ms() - span.start
 
     async def _db(self, span: Span, args: dict[str, Any], seq: int) -> tuple[Any, ...]:
+        args = with_param_bigints(args)
         sql, params, binary = args["sql"], args["params"], args.get("binary")
         span.name = db_span_name(sql)
         span.attributes.update({"flux.kind": "db", "db.system": "postgresql", "db.statement": self._span_text(sql)})
@@ -777,12 +778,28 @@ class _Run:
         return recording
 
 
+def with_param_bigints(args: dict[str, Any]) -> dict[str, Any]:
+    """A db call's `args` with each parameter the prelude sent as JSON text, an array or object
+    holding BigInts, decoded and those BigInts exact ints; their paths in `param_bigints`."""
+    marked = args.get("bigints")
+    if marked is None:
+        return args
+    params, paths = list(args["params"]), []
+    for index in marked["params"]:
+        params[index] = marked_bigints(_from_js(params[index]), marked["mark"], [index], paths)
+    return {**args, "params": params, "param_bigints": paths}
+
+
 def _db_event(args: dict[str, Any]) -> dict[str, Any]:
-    """A db call's tape event before its answer: bytea parameters one character per byte."""
+    """A db call's tape event before its answer: bytea parameters one character per byte, and where
+    BigInts were inside the parameters."""
     params, binary = args["params"], args.get("binary")
-    if not binary:
-        return {"sql": args["sql"], "params": params}
-    return {"sql": args["sql"], "params": [_tape_bytes(p) if i in binary else p for i, p in enumerate(params)], "binary": binary}
+    event = {"sql": args["sql"], "params": params}
+    if binary:
+        event.update(params=[_tape_bytes(p) if i in binary else p for i, p in enumerate(params)], binary=binary)
+    if "param_bigints" in args:
+        event["param_bigints"] = args["param_bigints"]
+    return event
 
 
 def _fetch_event(args: dict[str, Any]) -> dict[str, Any]:

@@ -377,12 +377,11 @@
   }
 
   // Where in the function's file a ctx call was made ("functions/x.js:LINE:COL"), within the
-  // function's own Error.stackTraceLimit; null if the stack cannot be read.
-  function callsite() {
-    if (!fileName) return null;
-    const frames = stackFrames(hostCall, null);
-    if (frames === null) return null;
-    for (let i = 0; i < frames.length; i++) {
+  // function's own Error.stackTraceLimit (the first `limit` of `frames`, when they were read past
+  // it); null if the stack cannot be read.
+  function callsite(frames, limit = Infinity) {
+    if (!fileName || frames === null) return null;
+    for (let i = 0; i < frames.length && i + 1 <= limit; i++) {
       const frame = frames[i];
       if (frame.getScriptNameOrSourceURL() === fileName) return `${fileName}:${frame.getLineNumber()}:${frame.getColumnNumber()}`;
     }
@@ -425,12 +424,11 @@
     unhandled.clear();
   }
 
-  function hostCall(op, args, parent) {
+  function hostCall(op, args, parent, site) {
     if (pending.size >= MAX_PENDING_CALLS) {
       throw new RangeError(`Flux: at most ${MAX_PENDING_CALLS} ctx calls and timers can be pending at once in a request`);
     }
     const id = nextCall++;
-    const site = callsite();
     const callSeq = seq++;
     outbox.push([id, op, args, parent, callSeq, site]);
     return new CallPromise((resolve, reject) => pending.set(id, { resolve, reject, site, callSeq }));
@@ -449,13 +447,19 @@
   // JSON would send NaN and the infinities as null: SQL NULL, silently.
   const nonFinite = (n) => `${n}, which a parameter cannot carry (JSON has no such number): pass null, or the string ` +
     `'${n}' for a float column`;
-  // What JSON.stringify meets inside an array or object parameter (after toJSON), one checker per parameter.
-  function paramChecker() {
+  // A BigInt inside an array or object parameter crosses as this mark and its digits, in the
+  // parameter's JSON text (JSON has no BigInt); the host makes each the exact integer. A nonce of
+  // this context's, so that no string of the function's (nor one its caller sent) can pass for one.
+  const PARAM_BIGINT_MARK = `flux_bigint_param_${spanId()}:`;
+  // What JSON.stringify meets inside an array or object parameter (after toJSON), one checker per
+  // parameter; `held.bigint` says whether it met a BigInt.
+  function paramChecker(held) {
     const levels = new Map();
     return function checkParam(_key, value) {
       if (typeof value === "number" && !Number.isFinite(value)) throw new TypeError(`it holds ${nonFinite(value)}`);
       if (typeof value === "bigint") {
-        throw new TypeError("it holds a BigInt, which JSON cannot carry: pass String(value) instead (an array of them as $1::int8[])");
+        held.bigint = true;
+        return `${PARAM_BIGINT_MARK}${value}`; // a template's ToString: no method of the function's runs
       }
       if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
         throw new TypeError("it holds bytes (an ArrayBuffer or a typed array): bytes can be a parameter of their own (bytea), not inside an array or object");
@@ -579,7 +583,21 @@
   function currentParent(bound) {
     if (bound) return bound;
     if (!openSteps.length) return functionSpanId;
-    return parentOnStack() ?? chainParent();
+    return parentOnStack(stackFrames(currentParent, Infinity)) ?? chainParent();
+  }
+
+  // A ctx.db or ctx.fetch call's [parent span, callsite]. While a step is open both come from one
+  // read of the whole stack (its callsite from the frames within the function's own
+  // Error.stackTraceLimit, as V8 would have read them); a second read only when that limit is not
+  // a plain number, which V8 reads its own way.
+  function placeCall(bound) {
+    if (bound || !openSteps.length) return [bound || functionSpanId, callsite(stackFrames(placeCall, null))];
+    const frames = stackFrames(placeCall, Infinity);
+    const parent = parentOnStack(frames) ?? chainParent();
+    const own = getOwnPropertyDescriptor(RealError, "stackTraceLimit");
+    const limit = own === undefined ? undefined : getOwnPropertyDescriptor(own, "value"); // no getter of the function's runs
+    if (limit === undefined || typeof limit.value !== "number") return [parent, callsite(stackFrames(placeCall, null))];
+    return [parent, callsite(frames, limit.value)];
   }
 
   // Markers no code of the function's can name by chance: a nonce of this context's. A function
@@ -594,8 +612,7 @@
   // nothing awaits, an async function that nothing awaits or only Promise.race does) or cannot
   // be read (the function froze Error). All frames are read, whatever the function's own
   // Error.stackTraceLimit, so that a deep stack of its own cannot hide a marker.
-  function parentOnStack() {
-    const frames = stackFrames(parentOnStack, Infinity);
+  function parentOnStack(frames) {
     if (frames === null) return null;
     for (let i = 0; i < frames.length; i++) {
       const name = frames[i].getFunctionName();
@@ -784,6 +801,7 @@
             throw new TypeError("ctx.db.query(sql, params): params must be an array (use $1, $2 ... placeholders)");
           }
           const binary = [];
+          const marked = []; // sent as their JSON text, holding BigInts (PARAM_BIGINT_MARK)
           params = (params || []).map((p, i) => {
             // A BigInt goes as its decimal text, which PostgreSQL reads into any numeric column.
             if (typeof p === "bigint") return p.toString();
@@ -797,15 +815,24 @@
               return bytesToLatin1(p instanceof ArrayBuffer ? new Uint8Array(p) : p);
             }
             if (p !== null && typeof p === "object") {
+              const held = { bigint: false };
+              let text;
               try {
-                JSON.stringify(p, paramChecker());
+                text = JSON.stringify(p, paramChecker(held));
               } catch (e) {
                 throw new TypeError(`ctx.db.query(sql, params): $${i + 1} cannot be sent: ${e.message}`);
+              }
+              if (held.bigint) {
+                marked.push(i);
+                return text;
               }
             }
             return p;
           });
-          return hostCall("db", binary.length ? { sql, params, binary } : { sql, params }, currentParent(bound));
+          let args = binary.length ? { sql, params, binary } : { sql, params };
+          if (marked.length) args = { ...args, bigints: { mark: PARAM_BIGINT_MARK, params: marked } };
+          const place = placeCall(bound); // indexed: spreading would run the function's Array iterator
+          return hostCall("db", args, place[0], place[1]);
         },
       }),
       fetch(url, init) {
@@ -819,7 +846,8 @@
         const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body,
           name: init.name ?? null, timeout_ms: timeout };
         if (binary) args.binary = true;
-        return hostCall("fetch", args, currentParent(bound)).then(makeResponse);
+        const place = placeCall(bound);
+        return hostCall("fetch", args, place[0], place[1]).then(makeResponse);
       },
       // ctx.log(message..., attrs): a last object is the event's attributes; an Error last (or
       // before them) is its exception attributes, and the message is what comes before it.
@@ -856,7 +884,7 @@
     const id = nextCall;
     const delay = Math.min(Math.max(0, Number(ms) || 0), MAX_TIMER_MS);
     timers.set(id, true);
-    hostCall("timer", { ms: delay }, null).then(() => {
+    hostCall("timer", { ms: delay }, null, callsite(stackFrames(setTimeout, null))).then(() => {
       if (timers.delete(id) && typeof fn === "function") fn(...args);
     });
     return id;

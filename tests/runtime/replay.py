@@ -25,7 +25,7 @@ from py_mini_racer import JSEvalException, JSOOMException, JSTimeoutException, M
 
 from flux.redaction import Redactor, redact_headers
 from flux.runtime.dbvalues import bigint_texts
-from flux.runtime.executor import Execution, _from_js, _response
+from flux.runtime.executor import Execution, _from_js, _response, with_param_bigints
 from flux.runtime.isolate import PRELUDE, CompiledFunction
 from flux.store.traces import TraceRecord, get_trace, insert_traces
 
@@ -231,6 +231,7 @@ def _check_call(event: list[Any] | None, seq: int, op: str, args: dict[str, Any]
         raise Diverged(f"seq {seq}: the function called {op}, the tape has {event}")
     recorded = event[2]
     if op == "db":
+        args = with_param_bigints(args)  # as the executor reads them: the BigInts' marks are the replay's own
         params = [_bytes(p) if i in recorded.get("binary", ()) else p for i, p in enumerate(recorded["params"])]
         same = (recorded["sql"], params) == (args["sql"], args["params"])
     else:

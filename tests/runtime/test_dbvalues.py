@@ -190,3 +190,22 @@ def test_a_fractional_number_into_numeric_keeps_15_digits_and_its_string_keeps_a
 def test_a_json_number_past_a_doubles_range_is_null(dsn):
     """As the README says: JSON has no Infinity, which is what JSON.parse would make of it."""
     assert query(dsn, """SELECT '[1e400, -1e400, 1e308]'::jsonb AS j""") == {"j": [None, None, 1e308]}
+
+
+def test_a_timestamptz_whose_zone_offset_has_seconds_is_the_same_instant_in_utc(dsn):
+    """Amsterdam's local mean time, +00:19:32 until 1937: JSON's writer would round it to +00:20, 28 s off."""
+    async def work(session: DbSession) -> dict[str, Any]:
+        await session.query("SET LOCAL TIME ZONE 'Europe/Amsterdam'", [])
+        row = (await session.query("SELECT '1900-01-01 00:00:00+00'::timestamptz AS t, ARRAY['1936-06-30 12:00+00'::timestamptz] AS a,"
+                                   " '2024-02-29 10:00+00'::timestamptz AS now", []))["rows"][0]
+        await session.finish(commit=False)
+        return row
+
+    assert in_session(dsn, work) == {"t": "1900-01-01T00:00:00+00:00", "a": ["1936-06-30T12:00:00+00:00"],
+                                     "now": "2024-02-29T11:00:00+01:00"}
+
+
+def test_a_float_arrays_nan_and_infinities_among_its_numbers_go_back_as_those_floats(dsn):
+    """A float8[] result gives them as strings beside its numbers; such an array was refused as numbers and strings."""
+    assert query(dsn, "SELECT $1::float8[]::text AS v, pg_typeof($1)::text AS t", [["NaN", 1.5, None, "-Infinity", 2]]) == {
+        "v": "{NaN,1.5,NULL,-Infinity,2}", "t": "double precision[]"}

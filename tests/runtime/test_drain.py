@@ -55,10 +55,11 @@ def test_a_forged_result_ends_the_request_and_rolls_its_writes_back(tmp_path, ds
     '[1, "timer", {ms: "soon"}, null, 0, null]',
     '[1, "db", {sql: "SELECT $1", params: [5], binary: [0]}, null, 0, null]',
     '[1, "db", {sql: "SELECT 1", params: "x"}, null, 0, null]',
+    '[1, "db", {sql: "SELECT $1", params: ["not json"], bigints: {mark: "m", params: [0]}}, null, 0, null]',
     '[1, "fetch", {url: "http://127.0.0.1:9/", method: "GET", headers: {a: 1}, body: null}, null, 0, null]',
     '[1, "exec", {}, null, 0, null]',
     '[1, "timer", {ms: 5}]',
-], ids=["timer ms", "bytes", "params", "header", "op", "short"])
+], ids=["timer ms", "bytes", "params", "bigints", "header", "op", "short"])
 def test_a_call_the_runtime_never_makes_is_refused(call):
     with pytest.raises(BrokenBridge, match="a ctx call is not one the runtime makes"):
         check({"calls": [eval_js(call)], "done": None}, set())

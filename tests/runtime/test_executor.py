@@ -1611,3 +1611,33 @@ def test_a_db_param_nested_as_deep_as_allowed_runs_and_is_on_the_tape(tmp_path, 
     while isinstance(value, list):
         value, levels = value[0], levels + 1
     assert (levels, value, db[2]["result"]["rows"]) == (253, {}, [{"t": "array"}])
+
+
+def test_bigints_inside_an_array_param_are_sent_exactly(tmp_path, dsn, conn):
+    """An int8[] a query gave, BigInts past 2^53 among its numbers, passed back whole finds its rows."""
+    conn.execute("CREATE TABLE big (id int8 PRIMARY KEY)")
+    conn.execute("INSERT INTO big VALUES (1234567890123456789), (1234567890123456790), (7), (9007199254740993)")
+    write_project(tmp_path, {"any": """
+        export default async function (req, ctx) {
+          const { rows: [{ ids }] } = await ctx.db.query("SELECT array_agg(id ORDER BY id) FILTER (WHERE id <> 1234567890123456790) AS ids FROM big");
+          const { rows } = await ctx.db.query("SELECT id::text FROM big WHERE id = ANY($1) ORDER BY big.id", [ids]);
+          const grid = await ctx.db.query("SELECT $1::numeric[]::text AS v", [[[2n ** 70n, null], [-3n, 0.5]]]);
+          return {status: 200, body: {types: ids.map((id) => typeof id), found: rows.map((r) => r.id), grid: grid.rows[0].v}};
+        }
+    """})
+    result = run1(tmp_path, "any", dsn=dsn)
+    assert result.body == {"types": ["number", "bigint", "bigint"], "found": ["7", "9007199254740993", "1234567890123456789"],
+                           "grid": "{{1180591620717411303424,NULL},{-3,0.5}}"}, result.error
+
+
+def test_a_bigint_inside_an_object_param_is_a_json_number_of_its_exact_digits(tmp_path, dsn, conn):
+    write_project(tmp_path, {"doc": """
+        export default async function (req, ctx) {
+          const doc = {id: 1234567890123456789n, list: [1n, {deep: -(2n ** 80n)}], text: "1234567890123456789n", n: 0.5};
+          const { rows } = await ctx.db.query("SELECT $1::jsonb::text AS v, jsonb_typeof($1::jsonb->'id') AS t", [doc]);
+          return {status: 200, body: rows[0]};
+        }
+    """})
+    assert run1(tmp_path, "doc", dsn=dsn).body == {
+        "v": '{"n": 0.5, "id": 1234567890123456789, "list": [1, {"deep": -1208925819614629174706176}], "text": "1234567890123456789n"}',
+        "t": "number"}

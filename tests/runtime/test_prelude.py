@@ -197,14 +197,3 @@ def test_logging_a_bigint_writes_it_as_node_does_and_never_throws(tmp_path, dsn)
         {"message": "charged", "id": "1234567890123456789", "a": ["-9007199254740993"]},  # attributes: their exact digits
     ]
 
-
-def test_a_bigint_inside_an_array_parameter_is_refused_with_what_to_pass(tmp_path, dsn):
-    write_project(tmp_path, {"ids": """
-        export default async function (req, ctx) {
-          try { await ctx.db.query("SELECT 1 WHERE 1 = ANY($1)", [[1234567890123456789n]]); } catch (e) { return {status: 200, body: e.message}; }
-          return {status: 200, body: "sent"};
-        }
-    """})
-    result = run1(tmp_path, "ids", dsn=dsn)
-    assert result.body == ("ctx.db.query(sql, params): $1 cannot be sent: it holds a BigInt, which JSON cannot carry: "
-                           "pass String(value) instead (an array of them as $1::int8[])"), result.error

@@ -366,3 +366,21 @@ def test_an_int8_past_2_53_replays_as_the_same_bigint_from_the_trace_store(tmp_p
     assert (db["result"]["rows"], db["bigints"]) == ([{"id": 1234567890123456789, "a": [None, -2 ** 63], "n": 7}], [[0, "id"], [0, "a", 1]])
     assert_replays(compiled, execution, request)
     assert_replays(compiled, dataclasses.replace(execution, recording=stored_recording(conn, "req-0", execution)), request)
+
+
+def test_bigints_inside_array_and_object_params_are_on_the_tape_exactly_and_replay(tmp_path, dsn, conn):
+    """The tape's parameters hold the exact integers, `param_bigints` says where BigInts were."""
+    ensure_schema(conn)
+    write_project(tmp_path, {"sent": """
+        export default async function (req, ctx) {
+          const { rows } = await ctx.db.query("SELECT $1::int8[]::text AS a, $2::jsonb->>'id' AS id",
+                                              [[1234567890123456789n, 7, null], {id: -(2n ** 70n), n: 1}]);
+          return {status: 200, body: rows[0]};
+        }
+    """})
+    compiled, execution, request = record(tmp_path, "sent", dsn=dsn)
+    assert execution.body == {"a": "{1234567890123456789,7,NULL}", "id": str(-2 ** 70)}, execution.error
+    [db] = [e[2] for e in execution.recording["events"] if e[1] == "db"]
+    assert (db["params"], db["param_bigints"]) == ([[1234567890123456789, 7, None], {"id": -2 ** 70, "n": 1}], [[0, 0], [1, "id"]])
+    assert_replays(compiled, execution, request)
+    assert_replays(compiled, dataclasses.replace(execution, recording=stored_recording(conn, "req-0", execution)), request)

@@ -236,3 +236,29 @@ def test_a_step_whose_name_cannot_be_read_rejects_rather_than_throws(tmp_path):
     """})
     result = run1(tmp_path, "badname")
     assert (result.status, result.body, len(result.spans)) == (200, "no name", 1)
+
+
+def test_a_root_ctx_call_in_a_step_is_located_within_the_functions_own_stack_trace_limit(tmp_path, stub: Stub):
+    """The stack read for the step is read once, past the function's Error.stackTraceLimit: the
+    call's location comes from the frames within the limit, as V8 would have captured them (the
+    prelude's ctx.fetch is the first frame, the function's helper the second)."""
+    write_project(tmp_path, {"limits": f"""
+        const go = (ctx, name) => ctx.fetch("{stub.url}/ok", {{name}});
+        export default async function (req, ctx) {{
+          await ctx.step("s", async () => {{
+            await go(ctx, "default");
+            Error.stackTraceLimit = 1;
+            await go(ctx, "one frame");
+            Error.stackTraceLimit = 2.5;
+            await go(ctx, "two frames");
+            Object.defineProperty(Error, "stackTraceLimit", {{get: () => 10, configurable: true}});
+            await go(ctx, "a getter");
+          }});
+          return {{status: 200}};
+        }}
+    """})
+    result = run1(tmp_path, "limits")
+    located = {s["name"]: s["attributes"].get("code.location") for s in result.spans[1:] if s["name"] != "s"}
+    assert located == {"default": "functions/limits.js:1:31", "one frame": None, "two frames": "functions/limits.js:1:31",
+                       "a getter": None}
+    assert parents(result) == {"s": "function", "default": "s", "one frame": "s", "two frames": "s", "a getter": "s"}

@@ -478,3 +478,32 @@ def test_an_upgrade_through_pgbouncer_is_refused_with_a_hint_to_give_a_direct_ds
     assert "directly" in caught.value.hint
     assert schema_version(conn) == 5
     assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0
+
+
+def test_an_upgrade_stopped_during_its_analyze_runs_it_again_at_the_next_start(conn, dsn):
+    """The version was bumped before the ANALYZE: an upgrade whose connection was lost during it
+    counted as done, and no start analyzed the log until autovacuum did."""
+    _with_one_recorded_user(conn, _as_v6)
+    with psycopg.connect(dsn) as holding, psycopg.connect(dsn, autocommit=True) as upgrading:
+        # ANALYZE reads trace_requests last: it waits there, the log's steps done.
+        holding.execute("LOCK TABLE flux.trace_requests IN SHARE UPDATE EXCLUSIVE MODE")
+        pid = upgrading.info.backend_pid
+        with ThreadPoolExecutor(1) as pool:
+            upgrade = pool.submit(ensure_schema, upgrading)
+            try:
+                deadline = time.monotonic() + 10
+                while not conn.execute("SELECT wait_event_type = 'Lock' AND query LIKE 'ANALYZE%%' FROM pg_stat_activity"
+                                       " WHERE pid = %s", (pid,)).fetchone()[0]:
+                    assert time.monotonic() < deadline, "the upgrade never reached its ANALYZE"
+                    time.sleep(0.02)
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            finally:
+                holding.rollback()
+            with pytest.raises(psycopg.OperationalError):
+                upgrade.result(timeout=30)
+    assert schema_version(conn) == SCHEMA_VERSION - 1
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    analyzed = conn.execute("SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables"
+                            " WHERE schemaname = 'flux' AND relname = 'trace_requests'").fetchone()[0]
+    assert analyzed

@@ -317,6 +317,26 @@ def schema_version(conn: psycopg.Connection) -> int | None:
     return int(row[0]) if row else 1
 
 
+def version_mismatch(version: int, *, doing: str = "runs") -> ConfigError:
+    """The error of a command that does not upgrade (`doing`: what it would do) on a schema of
+    another version than this Flux's; and of every command on a newer one."""
+    if version > SCHEMA_VERSION:
+        return ConfigError(
+            f"The flux schema is version {version}, newer than this Flux understands ({SCHEMA_VERSION})",
+            hint="Upgrade Flux on this machine to the version that upgraded the schema, from its source as the README installs it "
+                 "(pip install -e . in an up-to-date checkout).", schema_version=version,
+        )
+    # A newer CLI than the deployment's (a support engineer's) is the usual case: upgrading from it
+    # would keep the deployment's processes from starting again, so that is said.
+    return ConfigError(
+        f"The flux schema is version {version}, older than this Flux's ({SCHEMA_VERSION}), which {doing} only once the "
+        "schema is upgraded", schema_version=version,
+        hint=f"Use the Flux release that runs against this database (schema version {version}). Or upgrade the schema with "
+             "this Flux: `flux attach` as the role that owns the flux schema, or a start of `flux cdc run` or `flux serve`; "
+             "Flux processes of the older release keep running, but refuse to start again on it.",
+    )
+
+
 def ensure_schema(conn: psycopg.Connection) -> bool:
     """Create the `flux` schema and tables, or upgrade them. Returns True when anything changed.
 
@@ -378,11 +398,7 @@ def _upgrade(conn: psycopg.Connection) -> bool:
     version = schema_version(conn)
     assert version is not None
     if version > SCHEMA_VERSION:
-        raise ConfigError(
-            f"The flux schema is version {version}, newer than this Flux understands ({SCHEMA_VERSION})",
-            hint="Upgrade Flux on this machine to the version that upgraded the schema, from its source as the README installs it "
-                 "(pip install -e . in an up-to-date checkout).", schema_version=version,
-        )
+        raise version_mismatch(version)
     if version == SCHEMA_VERSION:
         return False
     if conn.info.transaction_status != pq.TransactionStatus.IDLE:

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import errors, pq
 
-from flux.errors import ConfigError, PreflightError, from_psycopg
+from flux.errors import ConfigError, PreflightError, SchemaVersionError, from_psycopg
 from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 
 log = logging.getLogger("flux.store")
@@ -317,18 +317,18 @@ def schema_version(conn: psycopg.Connection) -> int | None:
     return int(row[0]) if row else 1
 
 
-def version_mismatch(version: int, *, doing: str = "runs") -> ConfigError:
+def version_mismatch(version: int, *, doing: str = "runs") -> SchemaVersionError:
     """The error of a command that does not upgrade (`doing`: what it would do) on a schema of
     another version than this Flux's; and of every command on a newer one."""
     if version > SCHEMA_VERSION:
-        return ConfigError(
+        return SchemaVersionError(
             f"The flux schema is version {version}, newer than this Flux understands ({SCHEMA_VERSION})",
             hint="Upgrade Flux on this machine to the version that upgraded the schema, from its source as the README installs it "
                  "(pip install -e . in an up-to-date checkout).", schema_version=version,
         )
     # A newer CLI than the deployment's (a support engineer's) is the usual case: upgrading from it
     # would keep the deployment's processes from starting again, so that is said.
-    return ConfigError(
+    return SchemaVersionError(
         f"The flux schema is version {version}, older than this Flux's ({SCHEMA_VERSION}), which {doing} only once the "
         "schema is upgraded", schema_version=version,
         hint=f"Use the Flux release that runs against this database (schema version {version}). Or upgrade the schema with "

@@ -417,12 +417,33 @@ def _upgrade(conn: psycopg.Connection) -> bool:
         # A session lock, taken by polling: a session waiting in pg_advisory_lock() holds a snapshot,
         # which a CREATE INDEX CONCURRENTLY of the holder would wait for in turn.
         _take_upgrade_lock(conn, version)
+        timeouts = _turn_off_timeouts(conn)
         try:
             return _migrate(conn, concurrently=True)
         finally:
+            for name, value in timeouts.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
             conn.execute(f"SELECT pg_advisory_unlock({_LOCK})")
     finally:
         conn.autocommit = autocommit
+
+
+# Timeouts a role or database may set for its applications (the gateway's role, say), with the
+# server version that has each.
+_TIMEOUTS = {"statement_timeout": 0, "lock_timeout": 0, "transaction_timeout": 170000}
+
+
+def _turn_off_timeouts(conn: psycopg.Connection) -> dict[str, str]:
+    """Turn the applications' timeouts off for this session, returning their values to restore: an index
+    build takes as long as the log is large, and waits for every transaction running when it starts, so
+    one cancelled it midway, leaving its index INVALID (written by every insert, used by no read), and
+    every start after did the same. The catalog changes bound their lock waits themselves."""
+    version = conn.info.server_version
+    values = {name: conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
+              for name, since in _TIMEOUTS.items() if version >= since}
+    for name in values:
+        conn.execute(f"SET {name} = 0")
+    return values
 
 
 UPGRADE_WAIT_LOG_EVERY = 30.0  # seconds between the lines saying this start still waits

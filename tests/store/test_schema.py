@@ -535,3 +535,22 @@ def test_an_older_engines_writes_go_on_through_an_upgrade_to_v7_and_are_read_as_
     history = queries.row_history(conn, "public", "users", id_value="8")
     assert [(m.new, m.recorded_as) for m in history.mutations] == [({"id": 8}, "users"), ({"id": 8}, "users")]
     assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE relid IS NULL").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("timeout", ["statement_timeout", "lock_timeout"])
+def test_an_upgrade_builds_its_indexes_whatever_timeout_the_database_sets_for_applications(conn, dsn, timeout):
+    """The gateway's start (flux serve) upgrades on its role's session: a build longer than such a
+    timeout, or waiting that long for a transaction, was cancelled, its index left INVALID, and each
+    start after failed the same way."""
+    _with_one_recorded_user(conn, _as_v5)
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET {timeout} = '200ms'")
+    with psycopg.connect(dsn) as writing, psycopg.connect(dsn, autocommit=True) as upgrading:
+        _insert(writing, "users", 8, 0x200)  # in flight: the build waits for it longer than the timeout
+        with ThreadPoolExecutor(1) as pool:
+            upgrade = pool.submit(ensure_schema, upgrading)
+            time.sleep(1)
+            writing.commit()
+            assert upgrade.result(timeout=30) is True
+        assert upgrading.execute(f"SHOW {timeout}").fetchone()[0] == "200ms"  # the session's own again
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert _valid(conn, "state_mutations_truncate_idx") is True

@@ -58,6 +58,10 @@ class ConfigError(FluxError):
     exit_code = 2
 
 
+class SchemaVersionError(ConfigError):
+    """The flux schema is of another version than this Flux's: newer, or older and this command does not upgrade."""
+
+
 class NotFoundError(FluxError):
     """A row, request, slot or table the user named does not exist."""
 

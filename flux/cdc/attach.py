@@ -55,7 +55,16 @@ from flux.cdc.publication import (
 from flux.cdc.stream import consumer_of
 from flux.errors import ConfigError, NotFoundError, PreflightError, from_psycopg
 from flux.pg.pooler import behind_pooler
-from flux.store.schema import SCHEMA, TABLES, claim_relids, ensure_schema, schema_version, tables_not_fluxs
+from flux.store.schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    TABLES,
+    claim_relids,
+    ensure_schema,
+    schema_version,
+    tables_not_fluxs,
+    version_mismatch,
+)
 
 log = logging.getLogger("flux.cdc")
 
@@ -499,6 +508,9 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
     with connect(dsn) as conn:
         own_waits(conn)
         has_schema = conn.execute("SELECT to_regclass('flux.attachments') IS NOT NULL").fetchone()[0]
+        version = schema_version(conn) if has_schema else None
+        if version is not None and version > SCHEMA_VERSION:  # what a newer release set up, this one may undo only in part
+            raise version_mismatch(version, doing="detaches")
         if drop_data and has_schema:
             _refuse_to_drop_tables_not_fluxs(conn)
         row = has_schema and conn.execute("SELECT publication_name FROM flux.attachments WHERE slot_name = %s", (slot,)).fetchone()

@@ -13,6 +13,7 @@ from flux.cdc.publication import NOT_AN_EXTENSIONS, SYSTEM_SCHEMAS, listed_table
 from flux.cdc.standby import standbys
 from flux.cdc.stream import consumer_of
 from flux.errors import NotFoundError
+from flux.store.schema import SCHEMA_VERSION, schema_version, version_mismatch
 
 
 @dataclass
@@ -63,6 +64,9 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
             (slot,),
         ).fetchone()
         has_schema = conn.execute("SELECT to_regclass('flux.cdc_progress') IS NOT NULL").fetchone()[0]
+        version = schema_version(conn) if has_schema else None
+        if version is not None and version > SCHEMA_VERSION:  # what a newer release records, this one may misread
+            raise version_mismatch(version)
         if row is None and not has_schema:
             raise NotFoundError(
                 f"Flux is not attached to database '{database}' (no slot '{slot}')",
@@ -109,6 +113,11 @@ def cdc_status(dsn: str, *, slot: str = "flux") -> CdcStatus:
         if status.wal_status == "lost":  # it will never catch up: a time behind would read as if it might
             status.lag_seconds, status.lag_is_upper_bound = None, False
         status.warnings = slot_warnings(conn, slot)
+        if version is not None and version < SCHEMA_VERSION:
+            status.warnings.append(
+                f"The flux schema is version {version}, older than this Flux's ({SCHEMA_VERSION}): an older Flux records here, "
+                "or this one's engine has not started yet. A start of this Flux's engine or gateway, or `flux attach`, upgrades "
+                "it; Flux processes of the older release then refuse to start again on it.")
         if status.publication_exists is False and status.slot_exists:  # without a slot, what it says below is the fix
             status.warnings.append(
                 f"Publication '{status.publication}' does not exist (dropped by hand?): nothing is captured, and slot "

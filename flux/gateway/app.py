@@ -43,7 +43,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge, RequestTimeout
 from werkzeug.http import parse_options_header
 
-from flux.errors import INTERNAL_ERROR, FluxError, NotFoundError, from_psycopg
+from flux.errors import INTERNAL_ERROR, FluxError, NotFoundError, SchemaVersionError, from_psycopg
 from flux.gateway.health import DatabaseProbe
 from flux.gateway.metrics import Metrics
 from flux.gateway.traces import TraceSink, cap_depth, cap_recording
@@ -818,6 +818,12 @@ async def _tenant_traces(gateway: Gateway, request_id: str | None) -> Response:
         return Response(orjson.dumps({"error": problem}), status=400, content_type="application/json")
     try:
         data = await reader(tenant.name, request_id, args)
+    except SchemaVersionError as exc:
+        # The operator's to fix, not the tenant's: in a rolling deploy, a newer Flux upgraded the schema
+        # under this older one, whose replacement answers. Its hint (install Flux) is for the log.
+        log.warning("reading traces for tenant %s refused: %s. %s", tenant.name, exc, exc.hint)
+        return Response(orjson.dumps({"error": "reading traces failed: this server's Flux does not read the trace store's "
+                                               "version (an upgrade in progress?)"}), status=503, content_type="application/json")
     except FluxError as exc:
         status = 404 if isinstance(exc, NotFoundError) else 400
         return Response(orjson.dumps({"error": exc.message, "hint": exc.hint}), status=status, content_type="application/json")

@@ -50,7 +50,7 @@ from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.names import NUMBER, format_table, given_text, key_arg, load_json, quoted_word, shell_word
 from flux.store.renames import NO_NAMES, Names, renamed_to, table_names
 from flux.store.retention import pruned_before
-from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version
+from flux.store.schema import SCHEMA, SCHEMA_VERSION, schema_version, version_mismatch
 
 REQUEST_PREFIX = "req:"
 MAX_CANDIDATES = 10  # request ids listed in an AmbiguousError
@@ -314,13 +314,9 @@ def _require_log(conn: psycopg.Connection) -> None:
         raise NotFoundError("This database has no Flux mutation log", hint="Run `flux attach` to start recording changes.")
     version = schema_version(conn)
     if version != SCHEMA_VERSION:
-        # Reads never run DDL: the engine and `flux attach` upgrade the schema.
-        raise ConfigError(
-            f"The flux schema is version {version}; this Flux reads version {SCHEMA_VERSION}",
-            hint="Run `flux attach` (or restart `flux cdc run`) with this Flux to upgrade it."
-            if version is not None and version < SCHEMA_VERSION else "Use the Flux release that wrote this schema.",
-            schema_version=version,
-        )
+        # Reads never run DDL: the engine, the gateway and `flux attach` upgrade the schema. (A log
+        # without flux.meta predates versions.)
+        raise version_mismatch(version or 1, doing="reads the log")
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ from flux.cdc.wire import format_lsn
 from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, NotFoundError, from_psycopg
 from flux.pg.pooler import behind_pooler
 from flux.project import Retention
-from flux.store.schema import SCHEMA_VERSION, advisory_lock_holder, schema_version
+from flux.store.schema import SCHEMA_VERSION, advisory_lock_holder, schema_version, version_mismatch
 
 log = logging.getLogger("flux.retention")
 
@@ -93,8 +93,7 @@ def prune(
         raise NotFoundError("This database has no flux schema: nothing was recorded here",
                             hint="Check --database (or FLUX_DATABASE_URL).")
     if version != SCHEMA_VERSION:
-        raise ConfigError(f"The flux schema is version {version}; this Flux prunes version {SCHEMA_VERSION}",
-                          hint="Run the Flux release that matches the schema (a newer Flux upgrades it at start).")
+        raise version_mismatch(version, doing="prunes")
     started = time.monotonic()
     pooled = behind_pooler(conn)
     if pooled:  # each statement may run on another server connection, which lacks what psycopg prepared

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import errors, pq
 
-from flux.errors import ConfigError, PreflightError, from_psycopg
+from flux.errors import ConfigError, PreflightError, SchemaVersionError, from_psycopg
 from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 
 log = logging.getLogger("flux.store")
@@ -317,6 +317,26 @@ def schema_version(conn: psycopg.Connection) -> int | None:
     return int(row[0]) if row else 1
 
 
+def version_mismatch(version: int, *, doing: str = "runs") -> SchemaVersionError:
+    """The error of a command that does not upgrade (`doing`: what it would do) on a schema of
+    another version than this Flux's; and of every command on a newer one."""
+    if version > SCHEMA_VERSION:
+        return SchemaVersionError(
+            f"The flux schema is version {version}, newer than this Flux understands ({SCHEMA_VERSION})",
+            hint="Upgrade Flux on this machine to the version that upgraded the schema, from its source as the README installs it "
+                 "(pip install -e . in an up-to-date checkout).", schema_version=version,
+        )
+    # A newer CLI than the deployment's (a support engineer's) is the usual case: upgrading from it
+    # would keep the deployment's processes from starting again, so that is said.
+    return SchemaVersionError(
+        f"The flux schema is version {version}, older than this Flux's ({SCHEMA_VERSION}), which {doing} only once the "
+        "schema is upgraded", schema_version=version,
+        hint=f"Use the Flux release that runs against this database (schema version {version}). Or upgrade the schema with "
+             "this Flux: `flux attach` as the role that owns the flux schema, or a start of `flux cdc run` or `flux serve`; "
+             "Flux processes of the older release keep running, but refuse to start again on it.",
+    )
+
+
 def ensure_schema(conn: psycopg.Connection) -> bool:
     """Create the `flux` schema and tables, or upgrade them. Returns True when anything changed.
 
@@ -378,11 +398,7 @@ def _upgrade(conn: psycopg.Connection) -> bool:
     version = schema_version(conn)
     assert version is not None
     if version > SCHEMA_VERSION:
-        raise ConfigError(
-            f"The flux schema is version {version}, newer than this Flux understands ({SCHEMA_VERSION})",
-            hint="Upgrade Flux on this machine to the version that upgraded the schema, from its source as the README installs it "
-                 "(pip install -e . in an up-to-date checkout).", schema_version=version,
-        )
+        raise version_mismatch(version)
     if version == SCHEMA_VERSION:
         return False
     if conn.info.transaction_status != pq.TransactionStatus.IDLE:
@@ -401,12 +417,33 @@ def _upgrade(conn: psycopg.Connection) -> bool:
         # A session lock, taken by polling: a session waiting in pg_advisory_lock() holds a snapshot,
         # which a CREATE INDEX CONCURRENTLY of the holder would wait for in turn.
         _take_upgrade_lock(conn, version)
+        timeouts = _turn_off_timeouts(conn)
         try:
             return _migrate(conn, concurrently=True)
         finally:
+            for name, value in timeouts.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
             conn.execute(f"SELECT pg_advisory_unlock({_LOCK})")
     finally:
         conn.autocommit = autocommit
+
+
+# Timeouts a role or database may set for its applications (the gateway's role, say), with the
+# server version that has each.
+_TIMEOUTS = {"statement_timeout": 0, "lock_timeout": 0, "transaction_timeout": 170000}
+
+
+def _turn_off_timeouts(conn: psycopg.Connection) -> dict[str, str]:
+    """Turn the applications' timeouts off for this session, returning their values to restore: an index
+    build takes as long as the log is large, and waits for every transaction running when it starts, so
+    one cancelled it midway, leaving its index INVALID (written by every insert, used by no read), and
+    every start after did the same. The catalog changes bound their lock waits themselves."""
+    version = conn.info.server_version
+    values = {name: conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
+              for name, since in _TIMEOUTS.items() if version >= since}
+    for name in values:
+        conn.execute(f"SET {name} = 0")
+    return values
 
 
 UPGRADE_WAIT_LOG_EVERY = 30.0  # seconds between the lines saying this start still waits
@@ -455,16 +492,17 @@ def _migrate(conn: psycopg.Connection, *, concurrently: bool) -> bool:
     for target in range(version + 1, SCHEMA_VERSION + 1):
         for step in _MIGRATIONS[target]:
             _run(conn, step, concurrently=concurrently)
+        if target == SCHEMA_VERSION:
+            # A new column and a new expression index have no statistics until an analyze, which
+            # autovacuum starts only after a tenth of the log more is written; until then the planner
+            # guesses, and read row histories by scanning the whole log (1.4 s at 5 million rows).
+            # Before the last bump, so that an upgrade stopped during it runs it again at the next start.
+            conn.execute("ANALYZE flux.state_mutations, flux.trace_requests")
         conn.execute(
             "INSERT INTO flux.meta (key, value) VALUES ('schema_version', %s::jsonb)"
             " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             (str(target),),
         )
-    if version < SCHEMA_VERSION:
-        # A new column and a new expression index have no statistics until an analyze, which
-        # autovacuum starts only after a tenth of the log more is written; until then the planner
-        # guesses, and read row histories by scanning the whole log (1.4 s at 5 million rows).
-        conn.execute("ANALYZE flux.state_mutations, flux.trace_requests")
     return version < SCHEMA_VERSION
 
 

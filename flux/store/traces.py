@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.project import MAX_DURATION
 from flux.store import queries, retention
-from flux.store.schema import SCHEMA_VERSION, schema_version
+from flux.store.schema import SCHEMA_VERSION, schema_version, version_mismatch
 
 MIN_PREFIX = 4
 MAX_CANDIDATES = queries.MAX_CANDIDATES
@@ -197,12 +197,7 @@ def _require_traces(conn: psycopg.Connection) -> None:
         )
     if version != SCHEMA_VERSION:
         # Reads never run DDL: the gateway, the engine and `flux attach` upgrade the schema.
-        raise ConfigError(
-            f"The flux schema is version {version}; this Flux reads version {SCHEMA_VERSION}",
-            hint="Run `flux dev`, `flux attach` or `flux cdc run` with this Flux to upgrade it."
-            if version < SCHEMA_VERSION else "Use the Flux release that wrote this schema.",
-            schema_version=version,
-        )
+        raise version_mismatch(version, doing="reads traces")
 
 
 def _prefix(id_or_prefix: str) -> str:

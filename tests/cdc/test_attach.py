@@ -18,7 +18,7 @@ from flux.cdc.engine import Engine, EngineConfig
 from flux.cdc.status import cdc_status
 from flux.errors import ConfigError, DatabaseError, LockTimeoutError, NotFoundError, PreflightError, StreamError
 from flux.pg.cluster import Cluster
-from flux.store.schema import ensure_schema
+from flux.store.schema import SCHEMA_VERSION, ensure_schema
 from tests.support import table_owner_role, wait_slot_held
 
 
@@ -320,6 +320,19 @@ def test_attach_where_the_servers_slot_is_another_databases_says_whose_and_how_t
         finally:
             admin.execute("SELECT pg_drop_replication_slot('flux')")
     assert "slot flux is database postgres's" in caught.value.message and "--slot NAME" in caught.value.hint
+
+
+def test_detach_refuses_a_newer_schema_and_changes_nothing(dsn, conn):
+    """It undid what this release knows of a newer one's attachment (and --drop-data took a table a
+    newer release added for an application's)."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    conn.execute("UPDATE flux.meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    for drop_data in (False, True):
+        with pytest.raises(ConfigError, match="newer than this Flux"):
+            detach(dsn, drop_data=drop_data)
+    assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flux'").fetchone()[0] == 1
+    assert conn.execute("SELECT relreplident FROM pg_class WHERE oid = 'public.t'::regclass").fetchone()[0] == "f"
 
 
 def test_detach_leaves_a_slot_flux_did_not_make(dsn, conn):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from flux.cdc.attach import attach
 from flux.cdc.status import cdc_status
+from flux.errors import ConfigError
+from flux.store.schema import SCHEMA_VERSION
 
 
 def unlogged_warnings(dsn: str) -> list[str]:
@@ -72,3 +76,21 @@ def test_status_and_the_engines_reconcile_do_not_wait_behind_a_partitions_lock(d
             thread.join(timeout=10)
         locker.rollback()
     assert len(done) == 2
+
+
+def test_status_refuses_a_newer_schema_saying_to_upgrade_flux(dsn, conn):
+    """It read what a newer release records as if it were this one's, and said nothing of the mismatch."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    conn.execute("UPDATE flux.meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(ConfigError, match="newer than this Flux") as err:
+        cdc_status(dsn)
+    assert "Upgrade Flux" in err.value.hint
+
+
+def test_status_of_an_older_schema_says_who_upgrades_it_and_what_that_does_to_older_processes(dsn, conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    attach(dsn, tables=["t"])
+    conn.execute("UPDATE flux.meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION - 1),))
+    [warning] = [w for w in cdc_status(dsn).warnings if "schema" in w]
+    assert f"version {SCHEMA_VERSION - 1}, older" in warning and "`flux attach`" in warning and "refuse to start" in warning

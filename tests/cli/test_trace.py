@@ -679,3 +679,21 @@ def test_the_readme_documents_every_key_of_the_json_of_why_and_requests():
     for kind in (Why, RootCause, FailedCall, LoggedError, RowChange, TableChanges, TraceSummary):
         missing = {f.name for f in dataclasses.fields(kind)} - documented
         assert not missing, (kind.__name__, missing)
+
+
+# -- a role that may only read ---------------------------------------------------------------
+
+
+def test_the_read_commands_work_for_a_role_that_may_only_read_the_flux_schema(seeded, conn, dsn):
+    """A support engineer's role: USAGE on flux and SELECT on its tables, nothing else. The read
+    commands run no DDL and write nothing, so none needs more."""
+    conn.execute("CREATE ROLE flux_support LOGIN")
+    try:
+        conn.execute("GRANT USAGE ON SCHEMA flux TO flux_support; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO flux_support")
+        reader = dsn.replace("postgres@", "flux_support@")
+        for command in (["trace", OK[:8]], ["why", OK[:8]], ["requests"], ["state", "history", "users", "--id", "42"],
+                        ["state", "blame", "users"]):
+            result = invoke(reader, *command)
+            assert result.exit_code == 0, (command, result.output)
+    finally:
+        conn.execute("DROP OWNED BY flux_support; DROP ROLE flux_support")

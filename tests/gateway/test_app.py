@@ -985,6 +985,28 @@ def test_reading_traces_a_role_may_not_read_is_a_refusal_not_an_unanswering_data
     assert (status, body) == (500, {"error": "reading traces failed: the database refused the query (the server's log says why)"})
 
 
+def test_reading_traces_from_a_schema_a_newer_flux_upgraded_is_a_503_the_log_explains(tmp_path, dsn, conn, trace_store, caplog):
+    """A rolling deploy's older gateway answered its tenants 400, as if their query were wrong, with the
+    operator's hint to install Flux, and logged nothing."""
+    from flux.store.schema import SCHEMA_VERSION
+
+    write_project(tmp_path, {"f": "export default async function () { return {status: 200}; }"}, TENANTS)
+    conn.execute("UPDATE flux.meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+
+    async def scenario():
+        from flux.gateway.server import trace_reader
+
+        async with running_gateway(tmp_path, dsn) as (gateway, client):
+            gateway.trace_reader = trace_reader(dsn)
+            answer = await client.get("/_flux/requests", headers={"x-flux-api-key": "key-acme"})
+            return answer.status_code, await answer.get_json()
+
+    with caplog.at_level(logging.WARNING, logger="flux.gateway"):
+        status, body = run(scenario())
+    assert status == 503 and "version" in body["error"] and "hint" not in body
+    assert any("newer than this Flux" in r.getMessage() and "Upgrade Flux" in r.getMessage() for r in caplog.records)
+
+
 def test_health_reports_traces_waiting_and_dropped(tmp_path):
     """An SRE's probe saw `ok` and nothing else while the database took no traces and the queue dropped them."""
     write_project(tmp_path, {"hi": "export default async function () { return {status: 200}; }"})

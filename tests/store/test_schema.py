@@ -206,11 +206,13 @@ def test_ensure_schema_upgrades_v1_to_the_current_version_in_place_and_keeps_the
     assert [m.new for m in history.mutations] == [{"id": 7}]
 
 
-def test_reads_of_an_older_schema_say_how_to_upgrade(conn):
+def test_reads_of_an_older_schema_say_how_to_upgrade_and_what_that_does_to_older_processes(conn):
+    """A newer CLI's hint (a support engineer's) said only to upgrade: the deployment's older
+    processes then refuse to start again on the schema."""
     _as_v1(conn)
     with pytest.raises(ConfigError) as err:
         queries.row_history(conn, "public", "users", id_value="7")
-    assert "flux attach" in err.value.hint
+    assert "flux attach" in err.value.hint and "schema version 1" in err.value.hint and "refuse to start" in err.value.hint
 
 
 def test_ensure_schema_refuses_a_newer_schema(conn):
@@ -478,3 +480,77 @@ def test_an_upgrade_through_pgbouncer_is_refused_with_a_hint_to_give_a_direct_ds
     assert "directly" in caught.value.hint
     assert schema_version(conn) == 5
     assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0
+
+
+def test_an_upgrade_stopped_during_its_analyze_runs_it_again_at_the_next_start(conn, dsn):
+    """The version was bumped before the ANALYZE: an upgrade whose connection was lost during it
+    counted as done, and no start analyzed the log until autovacuum did."""
+    _with_one_recorded_user(conn, _as_v6)
+    with psycopg.connect(dsn) as holding, psycopg.connect(dsn, autocommit=True) as upgrading:
+        # ANALYZE reads trace_requests last: it waits there, the log's steps done.
+        holding.execute("LOCK TABLE flux.trace_requests IN SHARE UPDATE EXCLUSIVE MODE")
+        pid = upgrading.info.backend_pid
+        with ThreadPoolExecutor(1) as pool:
+            upgrade = pool.submit(ensure_schema, upgrading)
+            try:
+                deadline = time.monotonic() + 10
+                while not conn.execute("SELECT wait_event_type = 'Lock' AND query LIKE 'ANALYZE%%' FROM pg_stat_activity"
+                                       " WHERE pid = %s", (pid,)).fetchone()[0]:
+                    assert time.monotonic() < deadline, "the upgrade never reached its ANALYZE"
+                    time.sleep(0.02)
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            finally:
+                holding.rollback()
+            with pytest.raises(psycopg.OperationalError):
+                upgrade.result(timeout=30)
+    assert schema_version(conn) == SCHEMA_VERSION - 1
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    analyzed = conn.execute("SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables"
+                            " WHERE schemaname = 'flux' AND relname = 'trace_requests'").fetchone()[0]
+    assert analyzed
+
+
+def test_an_older_engines_writes_go_on_through_an_upgrade_to_v7_and_are_read_as_recorded_before_it(conn, dsn):
+    """A rolling deploy: v6's engine copies rows without `relid` while a newer Flux upgrades. Its
+    open transaction holds the ADD COLUMN back (a try waits LOCK_TIMEOUT, then gives way), and its
+    rows after the upgrade are recorded, relid NULL as before v7."""
+    from flux.cdc.assembler import COLUMNS
+    v6_columns = ", ".join(c for c in COLUMNS if c != "relid")
+    _with_one_recorded_user(conn, _as_v6)
+    values = "\t".join({"schema_name": "public", "table_name": "users", "op": "insert", "row_key": '{"id": 8}',
+                        "new": '{"id": 8}', "xid": "2", "commit_lsn": "0/200", "commit_time": "2026-01-01 00:00:00+00",
+                        "seq": "0"}.get(c, "\\N") for c in COLUMNS if c != "relid") + "\n"
+    with psycopg.connect(dsn) as old_engine, psycopg.connect(dsn, autocommit=True) as upgrading:
+        with old_engine.cursor().copy(f"COPY flux.state_mutations ({v6_columns}) FROM STDIN") as copy:
+            copy.write(values)
+        with ThreadPoolExecutor(1) as pool:
+            upgrade = pool.submit(ensure_schema, upgrading)
+            time.sleep(0.5)
+            old_engine.commit()  # its transaction ends, the upgrade goes on
+            assert upgrade.result(timeout=60) is True
+        with old_engine.cursor().copy(f"COPY flux.state_mutations ({v6_columns}) FROM STDIN") as copy:
+            copy.write(values.replace("0/200", "0/300"))
+        old_engine.commit()
+    history = queries.row_history(conn, "public", "users", id_value="8")
+    assert [(m.new, m.recorded_as) for m in history.mutations] == [({"id": 8}, "users"), ({"id": 8}, "users")]
+    assert conn.execute("SELECT count(*) FROM flux.state_mutations WHERE relid IS NULL").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("timeout", ["statement_timeout", "lock_timeout"])
+def test_an_upgrade_builds_its_indexes_whatever_timeout_the_database_sets_for_applications(conn, dsn, timeout):
+    """The gateway's start (flux serve) upgrades on its role's session: a build longer than such a
+    timeout, or waiting that long for a transaction, was cancelled, its index left INVALID, and each
+    start after failed the same way."""
+    _with_one_recorded_user(conn, _as_v5)
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET {timeout} = '200ms'")
+    with psycopg.connect(dsn) as writing, psycopg.connect(dsn, autocommit=True) as upgrading:
+        _insert(writing, "users", 8, 0x200)  # in flight: the build waits for it longer than the timeout
+        with ThreadPoolExecutor(1) as pool:
+            upgrade = pool.submit(ensure_schema, upgrading)
+            time.sleep(1)
+            writing.commit()
+            assert upgrade.result(timeout=30) is True
+        assert upgrading.execute(f"SHOW {timeout}").fetchone()[0] == "200ms"  # the session's own again
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert _valid(conn, "state_mutations_truncate_idx") is True

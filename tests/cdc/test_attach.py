@@ -538,6 +538,53 @@ def test_detach_of_a_listed_table_created_again_restores_the_identity_the_new_ta
     assert identities(conn, "a") == {"a": "d"}
 
 
+def test_detach_restores_the_identity_of_a_table_renamed_or_moved_to_another_schema_while_attached(dsn, conn):
+    """Before: the records were by name, so detach found neither and both stayed FULL, costing WAL for good."""
+    identity_by_index(conn, "a", "a_u_idx")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    conn.execute("CREATE SCHEMA archive")
+    attach(dsn, tables=["a", "b"])
+    conn.execute("ALTER TABLE a RENAME TO a2")
+    conn.execute("ALTER TABLE b SET SCHEMA archive")
+    assert detach(dsn).restored == [{"table": "archive.b", "restored": "DEFAULT"},
+                                    {"table": "public.a2", "restored": "USING INDEX a_u_idx"}]
+    assert identities(conn, "a2", "b") == {"a2": "i", "b": "d"}
+
+
+def test_detach_after_a_listed_table_was_swapped_for_a_copy_restores_both(dsn, conn):
+    """Before: the copy's record, under the same name, took the place of the original's, which stayed FULL."""
+    identity_by_index(conn, "a", "a_u_idx")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE TABLE a_new (id bigint PRIMARY KEY)")
+    conn.execute("ALTER TABLE a RENAME TO a_old")
+    conn.execute("ALTER TABLE a_new RENAME TO a")  # captured again by the event trigger
+    assert identities(conn, "a", "a_old") == {"a": "f", "a_old": "f"}
+    assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"},
+                                    {"table": "public.a_old", "restored": "USING INDEX a_u_idx"}]
+
+
+def test_detach_in_a_database_restored_from_a_dump_restores_by_the_recorded_names_not_the_originals_oids(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE c (id int PRIMARY KEY)")
+    conn.execute("ALTER TABLE c REPLICA IDENTITY FULL")  # FULL before attach, as the team chose
+    attach(dsn, tables=["a", "c"])
+    # As a restore leaves it: the log has a new oid, and the original's oid of a is c's here.
+    conn.execute("UPDATE flux.meta SET value = jsonb_set(value, '{log}', '0') WHERE key = 'relids'")
+    conn.execute("UPDATE flux.replica_identity_changes SET relid = 'c'::regclass")
+    assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"}]
+    assert identities(conn, "a", "c") == {"a": "d", "c": "f"}
+
+
+def test_detach_upgrades_an_older_schema_first(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("ALTER TABLE flux.replica_identity_changes DROP COLUMN relid,"
+                 " ADD PRIMARY KEY (slot_name, schema_name, table_name)")
+    conn.execute("UPDATE flux.meta SET value = '7' WHERE key = 'schema_version'")
+    assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"}]
+    assert identities(conn, "a") == {"a": "d"}
+
+
 def test_detach_leaves_a_replica_identity_changed_by_hand_since_attach_and_says_so(dsn, conn):
     identity_by_index(conn, "a", "a_u_idx")
     attach(dsn, tables=["a"])

@@ -33,7 +33,7 @@ from flux.cdc.locks import (
     refuse_too_many_locks,
     with_lock_retries,
 )
-from flux.cdc.roles import check_role, role_named_flux_warnings
+from flux.cdc.roles import check_detach_role, check_role, role_named_flux_warnings
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
@@ -563,6 +563,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
             if has_schema:
                 with conn.transaction():
                     rekey_a_restored_copys_records(conn)
+                check_detach_role(conn, restorable(conn, slot))
                 _restore_in_batches(conn, result, lock_timeout=lock_timeout)
 
             def take_down() -> DetachResult:

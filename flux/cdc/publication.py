@@ -137,9 +137,9 @@ def listed_tables_not_captured(conn: psycopg.Connection, slot: str, publication:
     return [TableRef(s, t) for s, t in rows]
 
 
-def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[str, str, str]]:
-    """(schema, table, owner) of each of `tables`, and of their partitions (which attach sets FULL
-    too), that the current role neither owns nor is a member of the owner of."""
+def not_owned(conn: psycopg.Connection, tables: list[TableRef], *, partitions: bool = True) -> list[tuple[str, str, str]]:
+    """(schema, table, owner) of each of `tables`, and with `partitions` of their partitions (which
+    attach sets FULL too), that the current role neither owns nor is a member of the owner of."""
     if not tables:
         return []
     return conn.execute(
@@ -147,10 +147,10 @@ def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[st
                         " JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r") + """
         SELECT DISTINCT n.nspname, c.relname, pg_get_userbyid(c.relowner)
         FROM tree JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE')
+        WHERE c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE') AND (%s OR tree.level = 0)
         ORDER BY 1, 2
         """,
-        ([t.schema for t in tables], [t.name for t in tables]),
+        ([t.schema for t in tables], [t.name for t in tables], partitions),
     ).fetchall()
 
 

@@ -427,9 +427,11 @@ def test_detach_as_a_role_refused_one_step_changes_nothing(dsn, conn):
     conn.execute("CREATE ROLE detach_repl LOGIN REPLICATION")
     try:
         conn.execute("GRANT USAGE ON SCHEMA flux TO detach_repl; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO detach_repl")
+        conn.execute("ALTER TABLE t OWNER TO detach_repl")
         with pytest.raises(DatabaseError) as raised:  # not the publication's owner
             detach(dsn.replace("postgres@", "detach_repl@"))
     finally:
+        conn.execute("REASSIGN OWNED BY detach_repl TO postgres")
         conn.execute("DROP OWNED BY detach_repl")
         conn.execute("DROP ROLE detach_repl")
     # Before: the slot was dropped first, and the attachment left without it.
@@ -438,6 +440,30 @@ def test_detach_as_a_role_refused_one_step_changes_nothing(dsn, conn):
     assert identities(conn, "t") == {"t": "f"}
     assert "must be owner of publication flux" in raised.value.message and "nothing was changed" in raised.value.hint
     assert detach(dsn).restored == [{"table": "public.t", "restored": "DEFAULT"}]
+
+
+def test_detach_as_a_role_that_no_longer_owns_a_table_names_it_with_the_grant_and_changes_nothing(dsn, conn):
+    """Before: PostgreSQL's 'must be owner of table b', with a hint to run detach as the role that ran
+    attach, which it was."""
+    conn.execute("CREATE ROLE b_owner")
+    try:
+        with table_owner_role(conn, dsn, "app_attach") as app:
+            with psycopg.connect(app, autocommit=True) as app_conn:
+                app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+                app_conn.execute("CREATE TABLE public.b (id int PRIMARY KEY)")
+                attach(app, tables=["a", "b"])
+                conn.execute("ALTER TABLE b OWNER TO b_owner")  # a DBA's change while attached
+                with pytest.raises(PreflightError) as refused:
+                    detach(app)
+                assert refused.value.message == ("Role 'app_attach' needs to own the tables whose replica identity detach "
+                                                 "restores, and does not own: public.b (owner b_owner)")
+                assert refused.value.hint.startswith('As a superuser run: GRANT "b_owner" TO "app_attach";')
+                assert identities(conn, "a", "b") == {"a": "f", "b": "f"}
+                conn.execute("GRANT b_owner TO app_attach")
+                assert [r["table"] for r in detach(app).restored] == ["public.a", "public.b"]
+    finally:
+        conn.execute("DROP OWNED BY b_owner")
+        conn.execute("DROP ROLE b_owner")
 
 
 def test_reconcile_as_a_role_without_usage_on_the_captured_schemas_does_not_fail(dsn, conn):

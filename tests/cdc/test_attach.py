@@ -93,6 +93,20 @@ def test_event_trigger_gives_full_identity_to_partitions_of_an_explicitly_listed
     assert identities(conn, "m1", "m2") == {"m1": "f", "m2": "f"}
 
 
+def test_a_partition_attached_with_its_own_partitions_then_detached_keeps_full_until_detach_restores_it(dsn, conn):
+    conn.execute("CREATE TABLE m (id int, t int, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
+    attach(dsn, tables=["m"])
+    conn.execute("CREATE TABLE m2 (id int, t int NOT NULL, PRIMARY KEY (id, t)) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE m2a PARTITION OF m2 FOR VALUES FROM (0) TO (10)")
+    conn.execute("ALTER TABLE m ATTACH PARTITION m2 FOR VALUES FROM (10) TO (20)")
+    assert identities(conn, "m2", "m2a") == {"m2": "f", "m2a": "f"}
+    conn.execute("ALTER TABLE m DETACH PARTITION m2")
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.m"]
+    assert identities(conn, "m2", "m2a") == {"m2": "f", "m2a": "f"}
+    assert {r["table"] for r in detach(dsn).restored} == {"public.m", "public.m2", "public.m2a"}
+    assert identities(conn, "m", "m2", "m2a") == {"m": "d", "m2": "d", "m2a": "d"}
+
+
 def test_event_trigger_leaves_tables_outside_the_capture_alone(dsn, conn):
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
     attach(dsn, tables=["a"])

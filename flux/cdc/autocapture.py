@@ -59,7 +59,6 @@ DECLARE
     obj record;
     att record;
     rel record;
-    root record;
     published boolean;
 BEGIN
     -- Flux's own attach, detach and capture set up (or undo) capture themselves (own_ddl below).
@@ -96,13 +95,13 @@ BEGIN
                                  AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt WHERE pt.pubname = a.publication_name
                                                  AND pt.schemaname = n.nspname AND pt.tablename = c.relname))))
             LOOP
-                SELECT n.nspname, c.relname INTO root
-                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE c.oid = COALESCE((SELECT a.relid FROM pg_partition_ancestors(rel.oid) a
-                                        JOIN pg_class ac ON ac.oid = a.relid WHERE NOT ac.relispartition), rel.oid);
                 FOR att IN SELECT * FROM flux.attachments LOOP
-                    published := EXISTS (SELECT 1 FROM pg_publication_tables pt WHERE pt.pubname = att.publication_name
-                                         AND pt.schemaname = root.nspname AND pt.tablename = root.relname);
+                    -- Captured as itself or through any of its ancestors: a listed table may be a partition
+                    -- (--tables p1), whose own new partitions its root, not listed, did not make FULL.
+                    published := EXISTS (SELECT 1 FROM pg_partition_ancestors(rel.oid) a
+                                         JOIN pg_class ac ON ac.oid = a.relid JOIN pg_namespace an ON an.oid = ac.relnamespace
+                                         JOIN pg_publication_tables pt ON pt.pubname = att.publication_name
+                                          AND pt.schemaname = an.nspname AND pt.tablename = ac.relname);
                     IF NOT published AND NOT rel.relispartition AND (att.all_tables OR EXISTS (
                             -- a listed table created again: the publication held the old one by oid
                             SELECT 1 FROM flux.meta m WHERE m.key = 'listed_tables:' || att.slot_name

@@ -93,6 +93,17 @@ def test_event_trigger_gives_full_identity_to_partitions_of_an_explicitly_listed
     assert identities(conn, "m1", "m2") == {"m1": "f", "m2": "f"}
 
 
+def test_event_trigger_gives_full_identity_to_new_partitions_of_a_listed_partition(dsn, conn):
+    """Before: it looked only at the topmost table, not listed, and left them key-only until the engine's pass."""
+    conn.execute("CREATE TABLE p (id int, t int, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
+    conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10) PARTITION BY RANGE (id)")
+    attach(dsn, tables=["p1"])
+    conn.execute("CREATE TABLE p1a PARTITION OF p1 FOR VALUES FROM (0) TO (10)")
+    conn.execute("CREATE TABLE p1b (id int, t int NOT NULL, PRIMARY KEY (id, t))")
+    conn.execute("ALTER TABLE p1 ATTACH PARTITION p1b FOR VALUES FROM (10) TO (20)")
+    assert identities(conn, "p", "p1a", "p1b") == {"p": "d", "p1a": "f", "p1b": "f"}
+
+
 def test_a_partition_attached_with_its_own_partitions_then_detached_keeps_full_until_detach_restores_it(dsn, conn):
     conn.execute("CREATE TABLE m (id int, t int, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
     attach(dsn, tables=["m"])

@@ -537,7 +537,6 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
         publication = row[0]
         result = DetachResult(slot=slot, publication=publication)
         try:
-            ensure_schema(conn)  # an older one is upgraded first: detach reads the records as this version keeps them
             # Slot names are per cluster: a copy of an attached database (CREATE DATABASE ... TEMPLATE)
             # holds the attachment's rows, but the slot is the original's, which must keep it.
             active = conn.execute("SELECT s.active_pid, r.application_name FROM pg_replication_slots s"
@@ -561,6 +560,7 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
 
             budget = LockBudget(lock_timeout)
             if has_schema:
+                ensure_schema(conn)  # an older one is upgraded first: detach reads the records as this version keeps them
                 with conn.transaction():
                     rekey_a_restored_copys_records(conn)
                 check_detach_role(conn, restorable(conn, slot))

@@ -4,7 +4,7 @@
 creates the `flux` schema, a publication for the chosen tables (never the `flux` schema) and
 REPLICA IDENTITY FULL on them; then the pgoutput slot. Every step is idempotent: a second run
 changes nothing. Replica identities it changed are recorded in `flux.replica_identity_changes`,
-so `detach()` restores exactly those.
+by table oid (which a rename keeps), so `detach()` restores exactly those.
 
 Tables created later are handled by `flux.cdc.autocapture`.
 """
@@ -33,7 +33,7 @@ from flux.cdc.locks import (
     refuse_too_many_locks,
     with_lock_retries,
 )
-from flux.cdc.roles import check_role, role_named_flux_warnings
+from flux.cdc.roles import check_detach_role, check_role, role_named_flux_warnings
 from flux.cdc.publication import (
     SCHEMA_PUBLICATION_VERSION,
     TableRef,
@@ -44,6 +44,8 @@ from flux.cdc.publication import (
     publication_locks,
     published_tables,
     record_listed_tables,
+    recorded_tables,
+    rekey_a_restored_copys_records,
     restorable,
     resolve_tables,
     restore_identities,
@@ -244,6 +246,7 @@ def attach(
                     if ensure_schema(conn) or upgraded:
                         created.append("schema flux")
                     _check_names_are_flux(conn, slot, publication)
+                    rekey_a_restored_copys_records(conn)
                     claim_relids(conn)  # a restored copy's log: the oids recorded from now on are this database's
                     bound_lock_waits(conn, lock_timeout)  # after the flux schema's own statements, which set theirs
                     autocapture.own_ddl(conn)
@@ -350,6 +353,7 @@ def _prepare_in_batches(conn: psycopg.Connection, result: AttachResult, *, chose
         if ensure_schema(conn):
             result.created.append("schema flux")
         _check_names_are_flux(conn, slot, publication)
+        rekey_a_restored_copys_records(conn)
         claim_relids(conn)
         record_listed_tables(conn, slot, None if result.all_tables else chosen)
         _record_attachment(conn, slot, publication, result.all_tables)
@@ -416,8 +420,7 @@ def _tables_touched(conn: psycopg.Connection, slot: str, publication: str, chose
     """The tables attach or detach may lock: those chosen and published, their partitions, and those whose identity Flux changed."""
     tables = set(chosen) | set(captured_tables(conn, publication))
     if conn.execute("SELECT to_regclass('flux.replica_identity_changes') IS NOT NULL").fetchone()[0]:
-        tables |= {TableRef(schema, name) for schema, name in conn.execute(
-            "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s", (slot,)).fetchall()}
+        tables |= set(recorded_tables(conn, slot))
     # A table gone since is itself alone, which holders() then finds no lock on.
     return sorted({part for parts in partitions_of(conn, sorted(tables, key=str)).values() for part in parts}, key=str)
 
@@ -569,6 +572,10 @@ def detach(dsn: str, *, slot: str = "flux", publication: str | None = None, drop
 
             budget = LockBudget(lock_timeout)
             if has_schema:
+                ensure_schema(conn)  # an older one is upgraded first: detach reads the records as this version keeps them
+                with conn.transaction():
+                    rekey_a_restored_copys_records(conn)
+                check_detach_role(conn, restorable(conn, slot))
                 _restore_in_batches(conn, result, lock_timeout=lock_timeout)
 
             def take_down() -> DetachResult:
@@ -692,9 +699,8 @@ def _forget_attachment(conn: psycopg.Connection, slot: str, result: DetachResult
     """The flux schema's part of detach: identities restored, the attachment forgotten, its data
     dropped with `drop_data` when no other attachment uses it."""
     record_listed_tables(conn, slot, None)  # first: restoring an identity below is an ALTER TABLE the trigger sees
-    restore_identities(conn, slot, [TableRef(schema, table) for schema, table in conn.execute(
-        "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s ORDER BY 1, 2", (slot,)
-    ).fetchall()], result_list=result.restored, warnings=result.warnings)
+    restore_identities(conn, slot, recorded_tables(conn, slot), result_list=result.restored, warnings=result.warnings)
+    conn.execute("DELETE FROM flux.replica_identity_changes WHERE slot_name = %s", (slot,))  # and those of tables dropped
     conn.execute("DELETE FROM flux.attachments WHERE slot_name = %s", (slot,))
     conn.execute("DELETE FROM flux.cdc_progress WHERE slot_name = %s", (slot,))
     remaining = conn.execute("SELECT count(*) FROM flux.attachments").fetchone()[0]

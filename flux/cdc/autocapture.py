@@ -59,7 +59,6 @@ DECLARE
     obj record;
     att record;
     rel record;
-    root record;
     published boolean;
 BEGIN
     -- Flux's own attach, detach and capture set up (or undo) capture themselves (own_ddl below).
@@ -96,13 +95,13 @@ BEGIN
                                  AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt WHERE pt.pubname = a.publication_name
                                                  AND pt.schemaname = n.nspname AND pt.tablename = c.relname))))
             LOOP
-                SELECT n.nspname, c.relname INTO root
-                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE c.oid = COALESCE((SELECT a.relid FROM pg_partition_ancestors(rel.oid) a
-                                        JOIN pg_class ac ON ac.oid = a.relid WHERE NOT ac.relispartition), rel.oid);
                 FOR att IN SELECT * FROM flux.attachments LOOP
-                    published := EXISTS (SELECT 1 FROM pg_publication_tables pt WHERE pt.pubname = att.publication_name
-                                         AND pt.schemaname = root.nspname AND pt.tablename = root.relname);
+                    -- Captured as itself or through any of its ancestors: a listed table may be a partition
+                    -- (--tables p1), whose own new partitions its root, not listed, did not make FULL.
+                    published := EXISTS (SELECT 1 FROM pg_partition_ancestors(rel.oid) a
+                                         JOIN pg_class ac ON ac.oid = a.relid JOIN pg_namespace an ON an.oid = ac.relnamespace
+                                         JOIN pg_publication_tables pt ON pt.pubname = att.publication_name
+                                          AND pt.schemaname = an.nspname AND pt.tablename = ac.relname);
                     IF NOT published AND NOT rel.relispartition AND (att.all_tables OR EXISTS (
                             -- a listed table created again: the publication held the old one by oid
                             SELECT 1 FROM flux.meta m WHERE m.key = 'listed_tables:' || att.slot_name
@@ -111,13 +110,15 @@ BEGIN
                         published := true;
                     END IF;
                     IF published AND rel.relreplident <> 'f' THEN
-                        -- The identity it has now (a record left by a table of that name dropped since is stale).
-                        INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous, previous_index)
-                        VALUES (att.slot_name, rel.nspname, rel.relname, rel.relreplident,
+                        -- The identity it has now, by oid (flux.cdc.publication.set_full_identity).
+                        INSERT INTO flux.replica_identity_changes
+                            (slot_name, relid, schema_name, table_name, previous, previous_index)
+                        VALUES (att.slot_name, rel.oid, rel.nspname, rel.relname, rel.relreplident,
                                 (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                                  WHERE i.indrelid = rel.oid AND i.indisreplident))
-                        ON CONFLICT (slot_name, schema_name, table_name) DO UPDATE
-                        SET previous = EXCLUDED.previous, previous_index = EXCLUDED.previous_index, changed_at = now();
+                        ON CONFLICT (slot_name, relid) DO UPDATE
+                        SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
+                            previous = EXCLUDED.previous, previous_index = EXCLUDED.previous_index, changed_at = now();
                         EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', rel.nspname, rel.relname);
                         rel.relreplident := 'f';
                     END IF;
@@ -139,6 +140,22 @@ def own_ddl(conn: psycopg.Connection) -> None:
     (10 ms each among 3,000 tables) ran for every table they alter, while they held every one of
     those tables ACCESS EXCLUSIVE: a detach of 3,000 tables took 30 s, all of them locked throughout."""
     conn.execute("SELECT set_config('flux.own_ddl', 'on', true)")
+
+
+def update_trigger_function(conn: psycopg.Connection) -> None:
+    """The installed trigger's function brought to this version's form (a schema upgrade's step, as
+    `flux cdc run` or `flux serve` may upgrade before `flux attach` runs again); none installed, nothing.
+    A role that may not replace it leaves it: it then warns at each DDL it cannot act on, and the
+    engine captures in its stead, until `flux attach` runs as its owner."""
+    row = conn.execute("SELECT pg_has_role(current_user, p.proowner, 'USAGE') FROM pg_proc p"
+                       " WHERE p.oid = to_regprocedure('flux.capture_new_tables()')").fetchone()
+    if row is None:
+        return
+    if row[0]:
+        conn.execute(_TRIGGER_FUNCTION)
+    else:
+        log.warning("the event trigger's function flux.capture_new_tables() is an older version's, which this role may not "
+                    "replace: run `flux attach` again as its owner (a superuser)")
 
 
 def install_event_trigger(conn: psycopg.Connection) -> str | None:
@@ -208,8 +225,7 @@ def reconcile(conn: psycopg.Connection, *, slot: str) -> list[str]:
             SELECT pt.schemaname, pt.tablename FROM pg_publication_tables pt
             JOIN pg_namespace n ON n.nspname = pt.schemaname JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
             WHERE pt.pubname = %s AND c.relreplident <> 'f' AND NOT EXISTS (
-                SELECT 1 FROM flux.replica_identity_changes r
-                WHERE r.slot_name = %s AND r.schema_name = pt.schemaname AND r.table_name = pt.tablename)
+                SELECT 1 FROM flux.replica_identity_changes r WHERE r.slot_name = %s AND r.relid = c.oid)
             """,
             (publication, slot),
         ).fetchall():

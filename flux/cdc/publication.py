@@ -15,7 +15,7 @@ from psycopg import sql
 
 from flux.errors import ConfigError, NotFoundError
 from flux.store.names import split_table_name
-from flux.store.schema import SCHEMA
+from flux.store.schema import SCHEMA, relids_from
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast", SCHEMA)
 # FOR TABLES IN SCHEMA (PostgreSQL 15+) publishes tables from the moment they exist,
@@ -137,9 +137,9 @@ def listed_tables_not_captured(conn: psycopg.Connection, slot: str, publication:
     return [TableRef(s, t) for s, t in rows]
 
 
-def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[str, str, str]]:
-    """(schema, table, owner) of each of `tables`, and of their partitions (which attach sets FULL
-    too), that the current role neither owns nor is a member of the owner of."""
+def not_owned(conn: psycopg.Connection, tables: list[TableRef], *, partitions: bool = True) -> list[tuple[str, str, str]]:
+    """(schema, table, owner) of each of `tables`, and with `partitions` of their partitions (which
+    attach sets FULL too), that the current role neither owns nor is a member of the owner of."""
     if not tables:
         return []
     return conn.execute(
@@ -147,10 +147,10 @@ def not_owned(conn: psycopg.Connection, tables: list[TableRef]) -> list[tuple[st
                         " JOIN pg_class r ON r.relnamespace = rn.oid AND r.relname = t.r") + """
         SELECT DISTINCT n.nspname, c.relname, pg_get_userbyid(c.relowner)
         FROM tree JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE')
+        WHERE c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE') AND (%s OR tree.level = 0)
         ORDER BY 1, 2
         """,
-        ([t.schema for t in tables], [t.name for t in tables]),
+        ([t.schema for t in tables], [t.name for t in tables], partitions),
     ).fetchall()
 
 
@@ -224,29 +224,19 @@ def published_schemas(conn: psycopg.Connection, publication: str) -> list[str]:
 
 def set_full_identity(conn: psycopg.Connection, slot: str, table: TableRef) -> dict | None:
     """REPLICA IDENTITY FULL on `table`, recording what it was. None when it already was FULL."""
-    current, index = conn.execute(
-        """
-        SELECT c.relreplident, (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-                                WHERE i.indrelid = c.oid AND i.indisreplident)
-        FROM pg_class c WHERE c.oid = %s::regclass
-        """,
-        (sql.Identifier(table.schema, table.name).as_string(conn),),
-    ).fetchone()
-    if current == "f":
-        return None
-    conn.execute(
-        """
-        INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous, previous_index)
-        VALUES (%s, %s, %s, %s, %s)
-        -- Not FULL although recorded: changed by hand since Flux set FULL. Detach restores that, the last choice made.
-        ON CONFLICT (slot_name, schema_name, table_name) DO UPDATE
-        SET previous = EXCLUDED.previous, previous_index = EXCLUDED.previous_index, changed_at = now()
-        """,
-        (slot, table.schema, table.name, current, index),
-    )
-    conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table.ident))
-    return {"table": str(table), "previous": identity_name(current, index), "restored_by_detach": True}
+    return (set_full_identities(conn, slot, [table]) or [None])[0]
 
+
+# By the table's oid, which a rename or SET SCHEMA keeps: by name, detach did not find a table renamed
+# while attached, and left it FULL. Not FULL although recorded: changed by hand since Flux set FULL;
+# detach restores that, the last choice made.
+_RECORD = """
+INSERT INTO flux.replica_identity_changes (slot_name, relid, schema_name, table_name, previous, previous_index)
+SELECT %s, * FROM unnest(%s::oid[], %s::text[], %s::text[], %s::text[], %s::text[])
+ON CONFLICT (slot_name, relid) DO UPDATE
+SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, previous = EXCLUDED.previous,
+    previous_index = EXCLUDED.previous_index, changed_at = now()
+"""
 
 # One statement for all the ALTERs: while they run, the transaction holds every one of its tables
 # ACCESS EXCLUSIVE, and a round trip each made that seconds for a few thousand tables.
@@ -265,15 +255,15 @@ $flux$
 
 
 def set_full_identities(conn: psycopg.Connection, slot: str, tables: list[TableRef]) -> list[dict]:
-    """`set_full_identity` of each of `tables`, in three round trips whatever their number; the changes
-    made, in the order of `tables`."""
+    """REPLICA IDENTITY FULL on each of `tables`, recording what it was, in a few round trips whatever
+    their number; the changes made, in the order of `tables` (one FULL already is left out)."""
     tables = list(dict.fromkeys(tables))  # a partition listed itself and under its table: its record inserted once
     if not tables:
         return []
     rows = conn.execute(
         """
-        SELECT t.s, t.r, c.relreplident, (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-                                          WHERE i.indrelid = c.oid AND i.indisreplident)
+        SELECT c.oid, t.s, t.r, c.relreplident, (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                                                 WHERE i.indrelid = c.oid AND i.indisreplident)
         FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(s, r, i)
         JOIN pg_namespace n ON n.nspname = t.s JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r
         WHERE c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
@@ -283,19 +273,55 @@ def set_full_identities(conn: psycopg.Connection, slot: str, tables: list[TableR
     ).fetchall()
     if not rows:
         return []
-    conn.execute(
-        """
-        INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous, previous_index)
-        SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])
-        ON CONFLICT (slot_name, schema_name, table_name) DO UPDATE  -- as in set_full_identity
-        SET previous = EXCLUDED.previous, previous_index = EXCLUDED.previous_index, changed_at = now()
-        """,
-        (slot, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]),
-    )
-    conn.execute("SELECT set_config('flux.full_list', %s, true)", (json.dumps([[r[0], r[1]] for r in rows]),))
+    forget_dropped(conn, slot)
+    conn.execute(_RECORD, (slot, *([row[i] for row in rows] for i in range(5))))
+    conn.execute("SELECT set_config('flux.full_list', %s, true)", (json.dumps([[r[1], r[2]] for r in rows]),))
     conn.execute(_FULL_IN_TURN)
     return [{"table": str(TableRef(schema, name)), "previous": identity_name(current, index), "restored_by_detach": True}
-            for schema, name, current, index in rows]
+            for _, schema, name, current, index in rows]
+
+
+def forget_dropped(conn: psycopg.Connection, slot: str) -> None:
+    """Forget the records of tables dropped since: nothing is left to restore, and PostgreSQL may give
+    their oid to a new table (once its 32-bit counter comes round), which detach would then alter."""
+    conn.execute("DELETE FROM flux.replica_identity_changes r WHERE r.slot_name = %s AND NOT EXISTS"
+                 " (SELECT 1 FROM pg_class c WHERE c.oid = r.relid AND c.relkind IN ('r', 'p'))", (slot,))
+
+
+def rekey_a_restored_copys_records(conn: psycopg.Connection) -> None:
+    """In a database restored from a dump, the records' oids are the original database's: other
+    tables here, or none, which detach would alter or miss. Their names are then what is left to go
+    by, as before v8: each record is moved to the oid of the table its names name now (of a slot's
+    records naming one table, the newest), the others forgotten. Nothing where the log's oids are this
+    database's (`relids_from`: a copy by CREATE DATABASE ... TEMPLATE keeps them). Before `claim_relids`."""
+    if relids_from(conn) is not None:
+        return
+    conn.execute(
+        """
+        WITH recorded AS (DELETE FROM flux.replica_identity_changes RETURNING *)
+        INSERT INTO flux.replica_identity_changes (slot_name, relid, schema_name, table_name, previous, previous_index, changed_at)
+        SELECT DISTINCT ON (r.slot_name, c.oid) r.slot_name, c.oid, r.schema_name, r.table_name, r.previous, r.previous_index,
+               r.changed_at
+        FROM recorded r JOIN pg_namespace n ON n.nspname = r.schema_name
+        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name AND c.relkind IN ('r', 'p')
+        ORDER BY r.slot_name, c.oid, r.changed_at DESC
+        """
+    )
+
+
+def recorded_tables(conn: psycopg.Connection, slot: str, *, schemas: list[str] | None = None) -> list[TableRef]:
+    """The tables whose identity Flux changed, by the names they have now (those in `schemas`, or all);
+    one dropped since is not there."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM flux.replica_identity_changes r
+        JOIN pg_class c ON c.oid = r.relid AND c.relkind IN ('r', 'p') JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE r.slot_name = %s AND (%s::text[] IS NULL OR n.nspname = ANY (%s::text[]))
+        ORDER BY 1, 2
+        """,
+        (slot, schemas, schemas),
+    ).fetchall()
+    return [TableRef(s, t) for s, t in rows]
 
 
 def still_there(conn: psycopg.Connection, tables: list[TableRef]) -> list[TableRef]:
@@ -330,16 +356,15 @@ def not_full(conn: psycopg.Connection, tables: list[TableRef]) -> list[TableRef]
 
 def restorable(conn: psycopg.Connection, slot: str, tables: list[TableRef] | None = None) -> list[TableRef]:
     """Of the tables whose identity Flux changed (`tables` of them, or all), those `restore_identity`
-    alters: still FULL, and with the recorded index, if any, still there."""
+    alters: still FULL, and with the recorded index, if any, still there. By the names they have now."""
     rows = conn.execute(
         """
-        SELECT r.schema_name, r.table_name FROM flux.replica_identity_changes r
-        JOIN pg_namespace n ON n.nspname = r.schema_name
-        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name AND c.relkind IN ('r', 'p')
+        SELECT n.nspname, c.relname FROM flux.replica_identity_changes r
+        JOIN pg_class c ON c.oid = r.relid AND c.relkind IN ('r', 'p') JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE r.slot_name = %s AND c.relreplident = 'f'
           AND (r.previous <> 'i' OR EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                                             WHERE i.indrelid = c.oid AND ic.relname = r.previous_index))
-          AND (%s::text[] IS NULL OR (r.schema_name, r.table_name) IN (SELECT * FROM unnest(%s::text[], %s::text[])))
+          AND (%s::text[] IS NULL OR (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[])))
         ORDER BY 1, 2
         """,
         (slot, None if tables is None else [str(t) for t in tables],
@@ -367,9 +392,7 @@ def publication_locks(conn: psycopg.Connection, publication: str, chosen: list[T
                 if table.schema not in kept_schemas for part in parts}
     dropped_schemas = sorted(current_schemas - kept_schemas)
     if dropped_schemas:
-        restored |= {TableRef(s, t) for s, t in conn.execute(
-            "SELECT schema_name, table_name FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = ANY (%s)",
-            (slot, dropped_schemas)).fetchall()}
+        restored |= set(recorded_tables(conn, slot, schemas=dropped_schemas))
     if restored:
         restored -= {part for parts in partitions_of(conn, chosen).values() for part in parts}
     return sorted(current ^ wanted, key=str), restorable(conn, slot, sorted(restored, key=str))
@@ -434,12 +457,9 @@ def sync_publication(
         conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLES IN SCHEMA {}").format(name, sql.Identifier(schema)))
         changes.append(f"publication {publication}: removed schema {schema}")
         # Its tables no longer captured get back the identity they had before Flux.
-        for (table_name,) in conn.execute(
-            "SELECT table_name FROM flux.replica_identity_changes WHERE slot_name = %s AND schema_name = %s ORDER BY 1",
-            (slot, schema),
-        ).fetchall():
-            if TableRef(schema, table_name) not in keep:
-                restore_identity(conn, slot, TableRef(schema, table_name), result_list=restored, warnings=warnings)
+        for table in recorded_tables(conn, slot, schemas=[schema]):
+            if table not in keep:
+                restore_identity(conn, slot, table, result_list=restored, warnings=warnings)
     return changes
 
 
@@ -475,7 +495,8 @@ def restore_identity(conn: psycopg.Connection, slot: str, table: TableRef, *, re
 
 def restore_identities(conn: psycopg.Connection, slot: str, tables: list[TableRef], *, result_list: list[dict],
                        warnings: list[str] | None = None) -> None:
-    """Give each of `tables` back the identity recorded before Flux set FULL, and forget the record.
+    """Give each of `tables` (by the names they have now) back the identity recorded before Flux set
+    FULL, and forget the record.
 
     Only Flux's own setting is undone: a table whose identity was changed by hand since is left
     as it is, and so is one whose earlier index is gone (an ALTER refused there would fail the
@@ -486,15 +507,15 @@ def restore_identities(conn: psycopg.Connection, slot: str, tables: list[TableRe
         return
     rows = conn.execute(
         """
-        SELECT r.schema_name, r.table_name, r.previous, r.previous_index, c.relreplident,
+        SELECT c.oid, t.s, t.r, r.previous, r.previous_index, c.relreplident,
                (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                 WHERE i.indrelid = c.oid AND i.indisreplident),
                EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                        WHERE i.indrelid = c.oid AND ic.relname = r.previous_index)
         FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(s, r, i)
-        JOIN flux.replica_identity_changes r ON r.slot_name = %s AND r.schema_name = t.s AND r.table_name = t.r
-        LEFT JOIN pg_namespace n ON n.nspname = r.schema_name
-        LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name AND c.relkind IN ('r', 'p')
+        JOIN pg_namespace n ON n.nspname = t.s
+        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r AND c.relkind IN ('r', 'p')
+        JOIN flux.replica_identity_changes r ON r.slot_name = %s AND r.relid = c.oid
         ORDER BY t.i
         """,
         ([t.schema for t in tables], [t.name for t in tables], slot),
@@ -503,12 +524,10 @@ def restore_identities(conn: psycopg.Connection, slot: str, tables: list[TableRe
         return
     notes = warnings if warnings is not None else []
     to_alter: list[tuple[TableRef, str, str]] = []  # the table, its clause, what it was
-    for schema, name, previous, index, current, current_index, index_exists in rows:
+    for _, schema, name, previous, index, current, current_index, index_exists in rows:
         table = TableRef(schema, name)
         was = identity_name(previous, index)
-        if current is None:
-            pass  # dropped since: nothing to restore
-        elif current != "f":
+        if current != "f":
             notes.append(f"{table}: REPLICA IDENTITY was changed to {identity_name(current, current_index)} since Flux set "
                          f"FULL; left as it is (before attach it was {was}).")
         elif previous == "i" and not index_exists:
@@ -528,11 +547,8 @@ def restore_identities(conn: psycopg.Connection, slot: str, tables: list[TableRe
                 notes.append(f"{table}: left REPLICA IDENTITY FULL: PostgreSQL refused {was} ({refused[number]}).")
             else:
                 result_list.append({"table": str(table), "restored": was})
-    conn.execute(
-        "DELETE FROM flux.replica_identity_changes WHERE slot_name = %s"
-        " AND (schema_name, table_name) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-        (slot, [r[0] for r in rows], [r[1] for r in rows]),
-    )
+    conn.execute("DELETE FROM flux.replica_identity_changes WHERE slot_name = %s AND relid = ANY (%s::oid[])",
+                 (slot, [r[0] for r in rows]))
 
 
 def captured_tables(conn: psycopg.Connection, publication: str) -> list[TableRef]:

@@ -123,23 +123,43 @@ def check_role(conn: psycopg.Connection, tables: list[TableRef]) -> None:
                      f"As the database owner run: GRANT CREATE ON DATABASE {sql.Identifier(database).as_string(conn)} TO {role};"))
     unowned = not_owned(conn, tables)
     if unowned:
-        listed = ", ".join(f"{s}.{t} (owner {o})" for s, t, o in unowned[:10])
-        more = f" and {len(unowned) - 10} more" if len(unowned) > 10 else ""
-        supers = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolsuper AND rolname = ANY(%s)",
-                                              (list({o for _, _, o in unowned}),)).fetchall()}
-        fixes = []
-        owners = sorted({o for _, _, o in unowned} - supers)
-        if owners:
-            fixes.append(f"GRANT {', '.join(sql.Identifier(o).as_string(conn) for o in owners)} TO {role}; (membership "
-                         "gives it everything those roles own).")
-        # Membership in a superuser role would make it one: those tables change owner instead.
-        fixes += [f"ALTER TABLE {sql.Identifier(s, t).as_string(conn)} OWNER TO {role};" for s, t, o in unowned if o in supers][:10]
+        listed, fixes = _ownership_fix(conn, role, unowned)
         gaps.append((f"needs to own the tables it captures (to set REPLICA IDENTITY and publish them), and does not own: "
-                     f"{listed}{more}",
-                     f"As a superuser run: {' '.join(fixes)} Or attach as the owner, or leave these tables out (--tables)."))
+                     f"{listed}", f"As a superuser run: {fixes} Or attach as the owner, or leave these tables out (--tables)."))
     if gaps:
         raise PreflightError(f"Role '{user}' " + "; it ".join(what for what, _ in gaps), hint=" ".join(fix for _, fix in gaps),
                              role=user, tables=len(unowned) or None)
+
+
+def _ownership_fix(conn: psycopg.Connection, role: str, unowned: list[tuple[str, str, str]]) -> tuple[str, str]:
+    """The tables of `unowned` (schema, table, owner) as a list to say, and the statements that give
+    `role` (quoted) their ownership."""
+    listed = ", ".join(f"{s}.{t} (owner {o})" for s, t, o in unowned[:10])
+    more = f" and {len(unowned) - 10} more" if len(unowned) > 10 else ""
+    supers = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolsuper AND rolname = ANY(%s)",
+                                          (list({o for _, _, o in unowned}),)).fetchall()}
+    fixes = []
+    owners = sorted({o for _, _, o in unowned} - supers)
+    if owners:
+        fixes.append(f"GRANT {', '.join(sql.Identifier(o).as_string(conn) for o in owners)} TO {role}; (membership "
+                     "gives it everything those roles own).")
+    # Membership in a superuser role would make it one: those tables change owner instead.
+    fixes += [f"ALTER TABLE {sql.Identifier(s, t).as_string(conn)} OWNER TO {role};" for s, t, o in unowned if o in supers][:10]
+    return listed + more, " ".join(fixes)
+
+
+def check_detach_role(conn: psycopg.Connection, tables: list[TableRef]) -> None:
+    """Raise PreflightError naming each of `tables` (those whose identity detach restores) that the
+    role does not own, with the statements that let it: an owner changed since attach failed detach,
+    all or nothing, with PostgreSQL's 'must be owner of table' for the first, and a hint to run it as
+    the role that attached, which it was."""
+    unowned = not_owned(conn, tables, partitions=False)  # each partition detach restores is among `tables`
+    if unowned:
+        user = conn.execute("SELECT current_user").fetchone()[0]
+        listed, fixes = _ownership_fix(conn, sql.Identifier(user).as_string(conn), unowned)
+        raise PreflightError(
+            f"Role '{user}' needs to own the tables whose replica identity detach restores, and does not own: {listed}",
+            hint=f"As a superuser run: {fixes} Or detach as a superuser. Nothing was changed.", role=user, tables=len(unowned))
 
 
 def role_named_flux_warnings(conn: psycopg.Connection) -> list[str]:

@@ -62,7 +62,7 @@ from flux.pg.pooler import DIRECT_DSN_HINT, behind_pooler
 log = logging.getLogger("flux.store")
 
 SCHEMA = "flux"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # Every table any version makes in it: anything else there is someone else's.
 TABLES = ("meta", "state_mutations", "cdc_progress", "attachments", "replica_identity_changes", "trace_requests")
 
@@ -212,9 +212,36 @@ BEGIN
 END $$;
 """
 
+# A record is keyed by the oid of the table its names name now (one renamed before the upgrade is no
+# longer found by them, as before); one whose names name no table has nothing left to restore. Small
+# table, one short transaction; done when the key is the oid.
+_IDENTITIES_BY_OID = """
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flux.replica_identity_changes'::regclass
+                   AND contype = 'p' AND pg_get_constraintdef(oid) = 'PRIMARY KEY (slot_name, relid)') THEN
+        ALTER TABLE flux.replica_identity_changes ADD COLUMN IF NOT EXISTS relid oid;
+        UPDATE flux.replica_identity_changes r SET relid = c.oid
+        FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind IN ('r', 'p')
+        WHERE n.nspname = r.schema_name AND c.relname = r.table_name;
+        DELETE FROM flux.replica_identity_changes WHERE relid IS NULL;
+        ALTER TABLE flux.replica_identity_changes
+            DROP CONSTRAINT replica_identity_changes_pkey,
+            ADD CONSTRAINT replica_identity_changes_pkey PRIMARY KEY (slot_name, relid);
+    END IF;
+END $$;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _EventTriggerFunction:
+    """The event trigger's function (`flux.cdc.autocapture`), brought up to date if installed: an
+    older one writes the records of `replica_identity_changes` as an older version kept them."""
+
+
 # Each version's steps, in order. Every step is idempotent, so an upgrade interrupted anywhere
 # (the version is bumped only after its last step) is resumed by the next start.
-_MIGRATIONS: dict[int, tuple[_Sql | _Index | _DropIndex, ...]] = {
+_MIGRATIONS: dict[int, tuple[_Sql | _Index | _DropIndex | _EventTriggerFunction, ...]] = {
     # v1 indexed the jsonb key itself and the table by DESC order.
     2: (_Sql(ROW_HASH), _Index("state_mutations_row_hash_idx"), _Index("state_mutations_request_idx"),
         _Index("state_mutations_table_lsn_idx", "ON flux.state_mutations (schema_name, table_name, commit_lsn, seq)"),
@@ -235,6 +262,9 @@ _MIGRATIONS: dict[int, tuple[_Sql | _Index | _DropIndex, ...]] = {
     # v7 records the table's oid (a nullable column: a catalog change only), and indexes it.
     7: (_Sql("ALTER TABLE flux.state_mutations ADD COLUMN IF NOT EXISTS relid oid"), _Sql(CLAIM_RELIDS),
         _Index("state_mutations_relid_idx")),
+    # v8 keys the replica identities Flux changed by the table's oid: by name, a table renamed while
+    # attached was not found by detach, and stayed FULL.
+    8: (_Sql(_IDENTITIES_BY_OID), _EventTriggerFunction()),
 }
 
 DDL = """
@@ -292,7 +322,8 @@ CREATE TABLE IF NOT EXISTS flux.attachments (
     attached_at      timestamptz NOT NULL DEFAULT now()
 );
 
--- Replica identities Flux changed, with the setting to restore on detach.
+-- Replica identities Flux changed, with the setting to restore on detach. By the table's oid (v8),
+-- which a rename or SET SCHEMA keeps; the names are the table's when Flux last set it FULL.
 CREATE TABLE IF NOT EXISTS flux.replica_identity_changes (
     slot_name        text NOT NULL,
     schema_name      text NOT NULL,
@@ -300,7 +331,8 @@ CREATE TABLE IF NOT EXISTS flux.replica_identity_changes (
     previous         text NOT NULL,       -- d (default), n (nothing), i (index), f (full)
     previous_index   text,                -- index name when previous = 'i'
     changed_at       timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (slot_name, schema_name, table_name)
+    relid            oid NOT NULL,
+    PRIMARY KEY (slot_name, relid)
 );
 
 {traces}
@@ -506,9 +538,14 @@ def _migrate(conn: psycopg.Connection, *, concurrently: bool) -> bool:
     return version < SCHEMA_VERSION
 
 
-def _run(conn: psycopg.Connection, step: _Sql | _Index | _DropIndex, *, concurrently: bool) -> None:
+def _run(conn: psycopg.Connection, step: _Sql | _Index | _DropIndex | _EventTriggerFunction, *, concurrently: bool) -> None:
     how = "CONCURRENTLY " if concurrently else ""
-    if isinstance(step, _DropIndex):
+    if isinstance(step, _EventTriggerFunction):
+        from flux.cdc.autocapture import update_trigger_function  # the capture layer owns it; store imports no cdc at load
+
+        with conn.transaction():
+            update_trigger_function(conn)
+    elif isinstance(step, _DropIndex):
         conn.execute(f"DROP INDEX {how}IF EXISTS flux.{step.name}")
     elif isinstance(step, _Index):
         if step.done and conn.execute(step.done).fetchone()[0]:

@@ -93,6 +93,31 @@ def test_event_trigger_gives_full_identity_to_partitions_of_an_explicitly_listed
     assert identities(conn, "m1", "m2") == {"m1": "f", "m2": "f"}
 
 
+def test_event_trigger_gives_full_identity_to_new_partitions_of_a_listed_partition(dsn, conn):
+    """Before: it looked only at the topmost table, not listed, and left them key-only until the engine's pass."""
+    conn.execute("CREATE TABLE p (id int, t int, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
+    conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10) PARTITION BY RANGE (id)")
+    attach(dsn, tables=["p1"])
+    conn.execute("CREATE TABLE p1a PARTITION OF p1 FOR VALUES FROM (0) TO (10)")
+    conn.execute("CREATE TABLE p1b (id int, t int NOT NULL, PRIMARY KEY (id, t))")
+    conn.execute("ALTER TABLE p1 ATTACH PARTITION p1b FOR VALUES FROM (10) TO (20)")
+    assert identities(conn, "p", "p1a", "p1b") == {"p": "d", "p1a": "f", "p1b": "f"}
+
+
+def test_a_partition_attached_with_its_own_partitions_then_detached_keeps_full_until_detach_restores_it(dsn, conn):
+    conn.execute("CREATE TABLE m (id int, t int, PRIMARY KEY (id, t)) PARTITION BY RANGE (t)")
+    attach(dsn, tables=["m"])
+    conn.execute("CREATE TABLE m2 (id int, t int NOT NULL, PRIMARY KEY (id, t)) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE m2a PARTITION OF m2 FOR VALUES FROM (0) TO (10)")
+    conn.execute("ALTER TABLE m ATTACH PARTITION m2 FOR VALUES FROM (10) TO (20)")
+    assert identities(conn, "m2", "m2a") == {"m2": "f", "m2a": "f"}
+    conn.execute("ALTER TABLE m DETACH PARTITION m2")
+    assert [str(t) for t in captured_tables(conn, "flux")] == ["public.m"]
+    assert identities(conn, "m2", "m2a") == {"m2": "f", "m2a": "f"}
+    assert {r["table"] for r in detach(dsn).restored} == {"public.m", "public.m2", "public.m2a"}
+    assert identities(conn, "m", "m2", "m2a") == {"m": "d", "m2": "d", "m2a": "d"}
+
+
 def test_event_trigger_leaves_tables_outside_the_capture_alone(dsn, conn):
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
     attach(dsn, tables=["a"])
@@ -440,9 +465,11 @@ def test_detach_as_a_role_refused_one_step_changes_nothing(dsn, conn):
     conn.execute("CREATE ROLE detach_repl LOGIN REPLICATION")
     try:
         conn.execute("GRANT USAGE ON SCHEMA flux TO detach_repl; GRANT SELECT ON ALL TABLES IN SCHEMA flux TO detach_repl")
+        conn.execute("ALTER TABLE t OWNER TO detach_repl")
         with pytest.raises(DatabaseError) as raised:  # not the publication's owner
             detach(dsn.replace("postgres@", "detach_repl@"))
     finally:
+        conn.execute("REASSIGN OWNED BY detach_repl TO postgres")
         conn.execute("DROP OWNED BY detach_repl")
         conn.execute("DROP ROLE detach_repl")
     # Before: the slot was dropped first, and the attachment left without it.
@@ -451,6 +478,30 @@ def test_detach_as_a_role_refused_one_step_changes_nothing(dsn, conn):
     assert identities(conn, "t") == {"t": "f"}
     assert "must be owner of publication flux" in raised.value.message and "nothing was changed" in raised.value.hint
     assert detach(dsn).restored == [{"table": "public.t", "restored": "DEFAULT"}]
+
+
+def test_detach_as_a_role_that_no_longer_owns_a_table_names_it_with_the_grant_and_changes_nothing(dsn, conn):
+    """Before: PostgreSQL's 'must be owner of table b', with a hint to run detach as the role that ran
+    attach, which it was."""
+    conn.execute("CREATE ROLE b_owner")
+    try:
+        with table_owner_role(conn, dsn, "app_attach") as app:
+            with psycopg.connect(app, autocommit=True) as app_conn:
+                app_conn.execute("CREATE TABLE public.a (id int PRIMARY KEY)")
+                app_conn.execute("CREATE TABLE public.b (id int PRIMARY KEY)")
+                attach(app, tables=["a", "b"])
+                conn.execute("ALTER TABLE b OWNER TO b_owner")  # a DBA's change while attached
+                with pytest.raises(PreflightError) as refused:
+                    detach(app)
+                assert refused.value.message == ("Role 'app_attach' needs to own the tables whose replica identity detach "
+                                                 "restores, and does not own: public.b (owner b_owner)")
+                assert refused.value.hint.startswith('As a superuser run: GRANT "b_owner" TO "app_attach";')
+                assert identities(conn, "a", "b") == {"a": "f", "b": "f"}
+                conn.execute("GRANT b_owner TO app_attach")
+                assert [r["table"] for r in detach(app).restored] == ["public.a", "public.b"]
+    finally:
+        conn.execute("DROP OWNED BY b_owner")
+        conn.execute("DROP ROLE b_owner")
 
 
 def test_reconcile_as_a_role_without_usage_on_the_captured_schemas_does_not_fail(dsn, conn):
@@ -547,6 +598,53 @@ def test_detach_of_a_listed_table_created_again_restores_the_identity_the_new_ta
     conn.execute("DROP TABLE a")
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")  # captured again by the event trigger
     assert identities(conn, "a") == {"a": "f"}
+    assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"}]
+    assert identities(conn, "a") == {"a": "d"}
+
+
+def test_detach_restores_the_identity_of_a_table_renamed_or_moved_to_another_schema_while_attached(dsn, conn):
+    """Before: the records were by name, so detach found neither and both stayed FULL, costing WAL for good."""
+    identity_by_index(conn, "a", "a_u_idx")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    conn.execute("CREATE SCHEMA archive")
+    attach(dsn, tables=["a", "b"])
+    conn.execute("ALTER TABLE a RENAME TO a2")
+    conn.execute("ALTER TABLE b SET SCHEMA archive")
+    assert detach(dsn).restored == [{"table": "archive.b", "restored": "DEFAULT"},
+                                    {"table": "public.a2", "restored": "USING INDEX a_u_idx"}]
+    assert identities(conn, "a2", "b") == {"a2": "i", "b": "d"}
+
+
+def test_detach_after_a_listed_table_was_swapped_for_a_copy_restores_both(dsn, conn):
+    """Before: the copy's record, under the same name, took the place of the original's, which stayed FULL."""
+    identity_by_index(conn, "a", "a_u_idx")
+    attach(dsn, tables=["a"])
+    conn.execute("CREATE TABLE a_new (id bigint PRIMARY KEY)")
+    conn.execute("ALTER TABLE a RENAME TO a_old")
+    conn.execute("ALTER TABLE a_new RENAME TO a")  # captured again by the event trigger
+    assert identities(conn, "a", "a_old") == {"a": "f", "a_old": "f"}
+    assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"},
+                                    {"table": "public.a_old", "restored": "USING INDEX a_u_idx"}]
+
+
+def test_detach_in_a_database_restored_from_a_dump_restores_by_the_recorded_names_not_the_originals_oids(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE c (id int PRIMARY KEY)")
+    conn.execute("ALTER TABLE c REPLICA IDENTITY FULL")  # FULL before attach, as the team chose
+    attach(dsn, tables=["a", "c"])
+    # As a restore leaves it: the log has a new oid, and the original's oid of a is c's here.
+    conn.execute("UPDATE flux.meta SET value = jsonb_set(value, '{log}', '0') WHERE key = 'relids'")
+    conn.execute("UPDATE flux.replica_identity_changes SET relid = 'c'::regclass")
+    assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"}]
+    assert identities(conn, "a", "c") == {"a": "d", "c": "f"}
+
+
+def test_detach_upgrades_an_older_schema_first(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    attach(dsn, tables=["a"])
+    conn.execute("ALTER TABLE flux.replica_identity_changes DROP COLUMN relid,"
+                 " ADD PRIMARY KEY (slot_name, schema_name, table_name)")
+    conn.execute("UPDATE flux.meta SET value = '7' WHERE key = 'schema_version'")
     assert detach(dsn).restored == [{"table": "public.a", "restored": "DEFAULT"}]
     assert identities(conn, "a") == {"a": "d"}
 

@@ -13,6 +13,12 @@ from flux.store import queries, renames, schema
 from flux.store.schema import SCHEMA_VERSION, ensure_schema, schema_version
 
 # Each older version as its DDL left the log: a current schema taken back step by step.
+V7_IDENTITIES = """
+ALTER TABLE flux.replica_identity_changes DROP COLUMN relid,
+    ADD CONSTRAINT replica_identity_changes_pkey PRIMARY KEY (slot_name, schema_name, table_name);
+UPDATE flux.meta SET value = '7' WHERE key = 'schema_version';
+"""
+
 V6_LOG = """
 DELETE FROM flux.meta WHERE key = 'relids';
 DROP INDEX flux.state_mutations_relid_idx;
@@ -74,8 +80,13 @@ def _insert(conn: psycopg.Connection, table: str, key: int, lsn: int) -> None:
     )
 
 
-def _as_v6(conn: psycopg.Connection) -> None:
+def _as_v7(conn: psycopg.Connection) -> None:
     ensure_schema(conn)
+    conn.execute(V7_IDENTITIES)
+
+
+def _as_v6(conn: psycopg.Connection) -> None:
+    _as_v7(conn)
     conn.execute(V6_LOG)
 
 
@@ -117,7 +128,7 @@ def _has_traces(conn: psycopg.Connection) -> bool:
 
 def test_ensure_schema_creates_the_current_version_then_changes_nothing(conn):
     assert ensure_schema(conn) is True
-    assert schema_version(conn) == SCHEMA_VERSION == 7
+    assert schema_version(conn) == SCHEMA_VERSION == 8
     assert _has_traces(conn)
     assert ensure_schema(conn) is False
 
@@ -137,6 +148,24 @@ def _constraints(conn: psycopg.Connection) -> dict[str, str]:
         " AND contype IN ('p', 'u')"
     )
     return dict(rows.fetchall())
+
+
+def test_ensure_schema_upgrades_v7_to_v8_keying_replica_identity_records_by_oid(conn):
+    _as_v7(conn)
+    conn.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    conn.execute("INSERT INTO flux.replica_identity_changes (slot_name, schema_name, table_name, previous)"
+                 " VALUES ('flux', 'public', 'users', 'd'), ('flux', 'public', 'gone', 'd')")
+    # An event trigger's function of before: it writes the records as v7 kept them.
+    conn.execute("CREATE FUNCTION flux.capture_new_tables() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END'")
+    assert ensure_schema(conn) is True
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert conn.execute("SELECT relid::regclass::text, previous FROM flux.replica_identity_changes").fetchall() == [
+        ("users", "d")]  # a record naming no table has nothing left to restore
+    assert conn.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'replica_identity_changes_pkey'"
+                        ).fetchone()[0] == "PRIMARY KEY (slot_name, relid)"
+    assert "ON CONFLICT (slot_name, relid)" in conn.execute(
+        "SELECT prosrc FROM pg_proc WHERE oid = 'flux.capture_new_tables()'::regprocedure").fetchone()[0]
+    assert ensure_schema(conn) is False
 
 
 def test_ensure_schema_upgrades_v6_to_v7_recording_table_oids_and_keeps_the_log(conn):

@@ -725,6 +725,8 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
     moved_to: dict[str, Any] | None = None
     for mut in mutations:
         w = _writer(mut)
+        if mut.op == "truncate" and deleted_by is not None:
+            continue  # the row was gone already: its delete or move removed it, not this truncate
         if mut.op in ("delete", "truncate") or mut.key_change == "out":
             deleted_by, moved_to = w, mut.row_key if mut.key_change == "out" else None
             if not state and mut.old:  # its first recorded change: the values it had are in the old image

@@ -366,6 +366,25 @@ def test_blame_of_truncated_row_is_deleted_by_the_truncate(log):
     assert b.deleted and b.deleted_by.op == "truncate" and b.deleted_by.request_id == "t"
 
 
+def test_blame_of_a_row_deleted_before_a_truncate_names_its_delete(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})
+    record(log, "users", "delete", request_id="r2", key={"id": 1}, old={"id": 1})
+    record(log, "users", "truncate", request_id="t")
+    b = row_blame(log, "public", "users", id_value="1")
+    assert b.deleted and (b.deleted_by.op, b.deleted_by.request_id) == ("delete", "r2")
+    assert b.last.request_id == "t"  # the truncate is still the row's latest change, as history lists it
+
+
+def test_blame_of_a_key_moved_away_before_a_truncate_says_where_it_moved(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})
+    record(log, "users", "update", request_id="r2", key={"id": 2}, old_key={"id": 1}, old={"id": 1}, new={"id": 2})
+    record(log, "users", "truncate", request_id="t")
+    b = row_blame(log, "public", "users", id_value="1")
+    assert b.deleted and b.deleted_by.request_id == "r2" and b.moved_to == {"id": 2}
+
+
 def _moved_twice(log) -> None:
     """users 1 is inserted and upgraded, becomes 2 (r3), is renamed, then becomes 3 (r5)."""
     log.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text, plan text)")

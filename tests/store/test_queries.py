@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import flux.context
 from flux.cdc.attach import attach
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.names import parse_table
@@ -505,6 +506,32 @@ def test_blame_of_values_that_match_two_rows_of_a_table_without_primary_key_is_a
         row_blame(conn, "public", "events", key={"kind": "1"})
     assert "matches 2 rows" in str(err.value) and "note" in err.value.hint
     assert row_blame(conn, "public", "events", key={"kind": "1", "note": "uno"}).columns[1].value == "uno"
+
+
+def test_blame_of_values_one_row_left_and_another_took_is_not_ambiguous(conn, capture):
+    conn.execute("CREATE TABLE public.events (kind int, note text)")
+    running = capture(tables=["events"])
+    conn.execute("INSERT INTO events VALUES (1, 'first')")
+    conn.execute("UPDATE events SET kind = 2 WHERE note = 'first'")
+    conn.execute("INSERT INTO events VALUES (1, 'second')")
+    running.caught_up()
+    b = row_blame(conn, "public", "events", key={"kind": "1"})
+    assert {c.column: c.value for c in b.columns} == {"kind": 1, "note": "second"} and not b.deleted
+
+
+def test_blame_of_a_row_that_took_values_another_left_keeps_none_of_its_writers(conn, capture):
+    conn.execute("CREATE TABLE public.events (kind int, note text)")
+    running = capture(tables=["events"])
+    for rid, statement in [("r1", "INSERT INTO events VALUES (1, 'one')"), ("r2", "INSERT INTO events VALUES (3, 'two')"),
+                           ("r3", "UPDATE events SET kind = 2 WHERE note = 'one'"),
+                           ("r4", "UPDATE events SET kind = 1 WHERE note = 'two'")]:
+        with flux.context.request(conn, rid) as req:
+            req.execute(statement)
+    running.caught_up()
+    b = row_blame(conn, "public", "events", key={"kind": "1"})
+    # note 'two' was set before the trail of kind = 1 that this row began (r2, under kind = 3), not by r1's row
+    assert {c.column: (c.value, c.set_by.request_id if c.set_by else None) for c in b.columns} == {
+        "kind": (1, "r4"), "note": ("two", None)}
 
 
 # -- request ids -------------------------------------------------------------------------------

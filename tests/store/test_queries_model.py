@@ -133,6 +133,12 @@ class Model:
         columns = {c: ((new[c], e.index) if new[c] != old[c] else before.columns[c]) for c in new}
         if moved:
             self.blame[(table, key)] = Blame(before.columns, last=e.index, deleted_by=e.index, moved_to=row_key(table, new))
+        elif new_key != key:
+            # Without a primary key a row is followed only while its images hold the values asked for
+            # (README): the trail of `key` ends at this update, as it left the row; that of `new_key`
+            # starts here, the columns it did not change set before that trail.
+            self.blame[(table, key)] = Blame(columns, last=e.index)
+            columns = {c: (new[c], e.index if new[c] != old[c] else None) for c in new}
         self.blame[(table, new_key)] = Blame(columns, last=e.index)
 
     def delete(self, table: str, key: tuple, rid: str | None, row: dict[str, Any] | None = None) -> None:
@@ -212,7 +218,7 @@ class Generator:
         candidates = {
             "ip": [{"id": i} for i in range(1, 9)],
             "cp": [{"k1": i, "k2": k} for i in range(1, 4) for k in ("x", "y")],
-            "nk": [{"a": i} for i in range(1, 7)],
+            "nk": [{"a": i} for i in (*range(1, 7), None)],
             "pt": [{"id": i} for i in (*range(1, 6), *range(11, 16))],
         }[table]
         free = [k for k in candidates if ident(table, k) not in live]
@@ -231,8 +237,6 @@ class Generator:
                               [5, 5, 2, 2, 1, 1, 0.3, 0.3])[0]
         if kind in ("update", "rekey", "delete", "reinsert", "churn") and not live:
             kind = "insert"
-        if kind == "rekey" and table == "nk":
-            kind = "update"
         if kind == "partition" and table != "pt":
             kind = "truncate"
         if kind == "insert":
@@ -284,12 +288,15 @@ def _insert(table: str, row: dict[str, Any]) -> tuple[str, tuple]:
 
 def _update(table: str, values: dict[str, Any], where: dict[str, Any]) -> tuple[str, tuple]:
     sets = ", ".join(f"{c} = %s" for c in values)
-    conds = " AND ".join(f"{c} = %s" for c in where)
-    return f"UPDATE {table} SET {sets} WHERE {conds}", (*values.values(), *where.values())
+    return f"UPDATE {table} SET {sets} WHERE {_where(where)}", (*values.values(), *where.values())
 
 
 def _delete(table: str, where: dict[str, Any]) -> tuple[str, tuple]:
-    return f"DELETE FROM {table} WHERE {' AND '.join(f'{c} = %s' for c in where)}", tuple(where.values())
+    return f"DELETE FROM {table} WHERE {_where(where)}", tuple(where.values())
+
+
+def _where(where: dict[str, Any]) -> str:
+    return " AND ".join(f"{c} IS NOT DISTINCT FROM %s" for c in where)  # nk's a may be NULL
 
 
 class RolledBack(Exception):
@@ -298,27 +305,55 @@ class RolledBack(Exception):
 
 def run(conn: psycopg.Connection, seed: int) -> tuple[Model, list[str], list[str]]:
     """Run the seed's transactions; the model of what committed, the requests that rolled back, and a
-    transcript to show on failure."""
+    transcript to show on failure. A transaction is one request, or none (no context), or one
+    rolled back; or a request with another nested in it (`flux.context.request` in a savepoint),
+    which commits or rolls back alone, the outer request's later changes its own again."""
     gen, model = Generator(seed), Model()
     rolled_back: list[str] = []
     transcript: list[str] = []
+
+    def steps(rid: str | None) -> list[tuple[str, tuple]]:
+        return [s for _ in range(gen.r.randint(1, 3)) for s in gen.step(model, rid)]
+
+    def execute(statements: list[tuple[str, tuple]]) -> None:
+        for q, p in statements:
+            conn.execute(q, p)
+
     for n in range(TRANSACTIONS):
-        kind = gen.r.choices(["request", "no context", "rollback"], [8, 1, 1])[0]
+        kind = gen.r.choices(["request", "no context", "rollback", "nested", "nested rollback"], [8, 1, 1, 1, 1])[0]
         rid = None if kind == "no context" else f"req-{seed}-{n:03d}"
+        inner_rid = f"req-{seed}-{n:03d}-inner"
         before = copy.deepcopy(model)
-        statements = [s for _ in range(gen.r.randint(1, 4)) for s in gen.step(model, rid)]
-        transcript.append(f"-- {kind} {rid}\n" + "\n".join(f"{q} {p}" for q, p in statements))
+        first = steps(rid)
+        inner: list[tuple[str, tuple]] = []
+        if kind.startswith("nested"):
+            before_inner = copy.deepcopy(model)
+            inner = steps(inner_rid)
+            if kind == "nested rollback":
+                model = before_inner
+                rolled_back.append(inner_rid)
+        last = steps(rid) if kind.startswith("nested") else []
+        transcript.append(f"-- {kind} {rid}\n" + "\n".join(f"{q} {p}" for q, p in first)
+                          + (f"\n-- inner {inner_rid}\n" + "\n".join(f"{q} {p}" for q, p in inner) + "\n-- outer again\n"
+                             + "\n".join(f"{q} {p}" for q, p in last) if kind.startswith("nested") else ""))
+        if rid is None:
+            with conn.transaction():
+                execute(first)
+            continue
         try:
-            if rid is None:
-                with conn.transaction():
-                    for q, p in statements:
-                        conn.execute(q, p)
-            else:
-                with flux.context.request(conn, rid, function=f"f{n % 3}"):
-                    for q, p in statements:
-                        conn.execute(q, p)
-                    if kind == "rollback":
-                        raise RolledBack
+            with flux.context.request(conn, rid, function=f"f{n % 3}"):
+                execute(first)
+                if kind.startswith("nested"):
+                    try:
+                        with flux.context.request(conn, inner_rid, function="inner"):
+                            execute(inner)
+                            if kind == "nested rollback":
+                                raise RolledBack
+                    except RolledBack:
+                        pass
+                    execute(last)
+                if kind == "rollback":
+                    raise RolledBack
         except RolledBack:
             rolled_back.append(rid)
             model = before
@@ -329,7 +364,7 @@ def run(conn: psycopg.Connection, seed: int) -> tuple[Model, list[str], list[str
 
 
 def _arguments(table: str, key: tuple) -> dict[str, Any]:
-    given = {c: str(v) for c, v in zip(KEYS[table], key)}
+    given = {c: "null" if v is None else str(v) for c, v in zip(KEYS[table], key)}
     return {"id_value": given["id"]} if table in ("ip", "pt") else {"key": given}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +26,14 @@ import psycopg
 import pytest
 
 import flux.context
+from flux.cli.trace import history_hint
 from flux.errors import NotFoundError
 from flux.store.queries import Writer, resolve_request_id, row_blame, row_history, table_blame
-from flux.store.why import request_mutations
+from flux.store.why import explain, request_mutations
 
 SEED_FROM = int(os.environ.get("FLUX_STATE_SEED_FROM", "0"))
-SEEDS = range(SEED_FROM, SEED_FROM + int(os.environ.get("FLUX_STATE_SEEDS", "4")))
-TRANSACTIONS = 40
+SEEDS = range(SEED_FROM, SEED_FROM + int(os.environ.get("FLUX_STATE_SEEDS", "6")))
+TRANSACTIONS = 50
 
 COLUMNS = {
     "ip": ("id", "a", "b"),
@@ -49,7 +51,9 @@ SETUP = (
     "CREATE TABLE pt_lo PARTITION OF pt FOR VALUES FROM (0) TO (10)",
     "CREATE TABLE pt_hi PARTITION OF pt FOR VALUES FROM (10) TO (20)",
 )
-TEXTS = ("x", "y", "zz", "", None)
+# A value stored out of line (TOAST): an update that leaves it alone does not send it again.
+LONG = "".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12_000))
+TEXTS = ("x", "y", "zz", "", None, LONG)
 
 
 @dataclass
@@ -217,7 +221,8 @@ class Generator:
         live = model.rows[table]
         candidates = {
             "ip": [{"id": i} for i in range(1, 9)],
-            "cp": [{"k1": i, "k2": k} for i in range(1, 4) for k in ("x", "y")],
+            # text that reads as a number, a boolean or JSON's null: --key tries each form, the text's matches
+            "cp": [{"k1": i, "k2": k} for i in range(1, 4) for k in ("x", "1", "", "null", "t")],
             "nk": [{"a": i} for i in (*range(1, 7), None)],
             "pt": [{"id": i} for i in (*range(1, 6), *range(11, 16))],
         }[table]
@@ -247,9 +252,11 @@ class Generator:
             row = {c: row[c] for c in COLUMNS[table]}
             model.insert(table, row, rid)
             return [_insert(table, row)]
-        if kind == "truncate":
-            model.truncate(table, rid)
-            return [(f"TRUNCATE {table}", ())]
+        if kind == "truncate":  # sometimes of two tables in one statement: one truncate recorded for each
+            tables = [table] + ([self.r.choice([t for t in COLUMNS if t != table])] if self.r.random() < 0.3 else [])
+            for t in tables:
+                model.truncate(t, rid)
+            return [(f"TRUNCATE {', '.join(tables)}", ())]
         if kind == "partition":
             low = self.r.random() < 0.5
             model.truncate_partition(low)
@@ -299,6 +306,10 @@ def _where(where: dict[str, Any]) -> str:
     return " AND ".join(f"{c} IS NOT DISTINCT FROM %s" for c in where)  # nk's a may be NULL
 
 
+def _short(params: tuple) -> tuple:
+    return tuple("LONG" if p == LONG else p for p in params)
+
+
 class RolledBack(Exception):
     pass
 
@@ -320,7 +331,8 @@ def run(conn: psycopg.Connection, seed: int) -> tuple[Model, list[str], list[str
             conn.execute(q, p)
 
     for n in range(TRANSACTIONS):
-        kind = gen.r.choices(["request", "no context", "rollback", "nested", "nested rollback"], [8, 1, 1, 1, 1])[0]
+        kind = gen.r.choices(["request", "no context", "rollback", "nested", "nested rollback", "late context"],
+                             [8, 1, 1, 1, 1, 1])[0]
         rid = None if kind == "no context" else f"req-{seed}-{n:03d}"
         inner_rid = f"req-{seed}-{n:03d}-inner"
         before = copy.deepcopy(model)
@@ -332,13 +344,20 @@ def run(conn: psycopg.Connection, seed: int) -> tuple[Model, list[str], list[str
             if kind == "nested rollback":
                 model = before_inner
                 rolled_back.append(inner_rid)
-        last = steps(rid) if kind.startswith("nested") else []
-        transcript.append(f"-- {kind} {rid}\n" + "\n".join(f"{q} {p}" for q, p in first)
-                          + (f"\n-- inner {inner_rid}\n" + "\n".join(f"{q} {p}" for q, p in inner) + "\n-- outer again\n"
-                             + "\n".join(f"{q} {p}" for q, p in last) if kind.startswith("nested") else ""))
+        last = steps(rid) if kind.startswith("nested") or kind == "late context" else []
+        parts = [(kind, rid, first)] + ([("inner", inner_rid, inner)] if kind.startswith("nested") else [])
+        parts += [("then", rid, last)] if last else []
+        transcript += [f"-- {what} {who}\n" + "\n".join(f"{q} {_short(p)}" for q, p in statements)
+                       for what, who, statements in parts]
         if rid is None:
             with conn.transaction():
                 execute(first)
+            continue
+        if kind == "late context":  # changes before a transaction's first message take it too
+            with conn.transaction():
+                execute(first)
+                flux.context.emit(conn, rid, function="late")
+                execute(last)
             continue
         try:
             with flux.context.request(conn, rid, function=f"f{n % 3}"):
@@ -363,6 +382,21 @@ def run(conn: psycopg.Connection, seed: int) -> tuple[Model, list[str], list[str
 # -- the comparison ----------------------------------------------------------------------------
 
 
+def _key_change(e: Event, key: tuple) -> str | None:
+    """As history marks an update that changed the primary key: "out" of the key asked for, or "in"."""
+    if e.old_key is None:
+        return None
+    return "out" if ident(e.table, e.old_key) == key else "in"
+
+
+def _hint_arguments(command: str) -> dict[str, Any]:
+    """The row of a `flux state history TABLE --id V` or `... --key C=V ...` command, as the shell splits it."""
+    words = shlex.split(command)[4:]
+    if words[0] == "--id":
+        return {"id_value": words[1]}
+    return {"key": dict(word.split("=", 1) for word in words[1::2])}
+
+
 def _arguments(table: str, key: tuple) -> dict[str, Any]:
     given = {c: "null" if v is None else str(v) for c, v in zip(KEYS[table], key)}
     return {"id_value": given["id"]} if table in ("ip", "pt") else {"key": given}
@@ -383,7 +417,7 @@ def test_history_blame_and_why_agree_with_a_model_of_random_transactions(dsn, co
         if isinstance(got, list) and isinstance(want, list):  # from the first difference on
             first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
             what, got, want = f"{what} (from item {first})", got[first:first + 3], want[first:first + 3]
-        failures.append(f"{what}:\n  flux:  {got}\n  model: {want}")
+        failures.append(f"{what}:\n  flux:  {got}\n  model: {want}".replace(LONG, "LONG"))
 
     # The log as a whole: one row per model event, in commit order. Writers are then named by position.
     recorded = conn.execute(
@@ -402,23 +436,45 @@ def test_history_blame_and_why_agree_with_a_model_of_random_transactions(dsn, co
         for key in sorted(keys, key=repr):
             name = f"{table} {dict(zip(KEYS[table], key))}"
             history = row_history(conn, "public", table, **_arguments(table, key))
-            check(f"history {name}", [position[(m.commit_lsn, m.seq)] for m in history.mutations],
-                  [e.index for e in model.history(table, key)])
+            want_history = [e.index for e in model.history(table, key)]
+            check(f"history {name}", [(position[(m.commit_lsn, m.seq)], m.key_change) for m in history.mutations],
+                  [(e.index, _key_change(e, key)) for e in model.history(table, key)])
+            recorded_key = dict(zip(KEYS[table], key)) if table in PRIMARY else None
+            check(f"history {name} key", (history.key, history.total, history.pruned_before), (recorded_key, len(want_history), None))
+            newest = row_history(conn, "public", table, limit=2, **_arguments(table, key))
+            check(f"history {name} --limit 2", ([position[(m.commit_lsn, m.seq)] for m in newest.mutations], newest.total),
+                  (want_history[-2:], len(want_history)))
             want = model.blame[(table, key)]
             blame = row_blame(conn, "public", table, **_arguments(table, key))
             check(f"blame {name}", ({c.column: (c.value, at(c.set_by)) for c in blame.columns}, at(blame.last),
                                     at(blame.deleted_by), blame.moved_to),
                   (want.columns, want.last, want.deleted_by, want.moved_to))
+            check(f"blame {name} key", (blame.key, blame.deleted), (recorded_key, want.deleted_by is not None))
             check(f"blame {name} certain and known", [(c.certain, c.known) for c in blame.columns],
                   [(True, True)] * len(blame.columns))
         if any(e.table == table for e in model.events):
             listed = table_blame(conn, "public", table, limit=1000)
-            check(f"table blame {table}", [(r.row_key, at(r.writer), r.moved_from) for r in listed], model.table_blame(table))
+            want_listed = model.table_blame(table)
+            check(f"table blame {table}", [(r.row_key, at(r.writer), r.moved_from) for r in listed], want_listed)
+            check(f"table blame {table} --limit 3", [(r.row_key, at(r.writer), r.moved_from)
+                                                     for r in table_blame(conn, "public", table, limit=3)], want_listed[:3])
 
     for rid in sorted({e.rid for e in model.events if e.rid is not None}):
-        rows = request_mutations(conn, rid)
-        check(f"why {rid}", [(r.table, r.op, r.row_key, r.changed_columns) for r in rows],
-              [(e.table, e.op, e.key, e.changed) for e in model.events if e.rid == rid])
+        mine = [e for e in model.events if e.rid == rid]
+        why = explain(conn, rid, rows=1000)  # an inner request's id starts with its outer one's: the whole id wins
+        check(f"why {rid}", (why.request_id, [(r.table, r.op, r.row_key, r.changed_columns) for r in why.mutations]),
+              (rid, [(e.table, e.op, e.key, e.changed) for e in mine]))
+        for i, row in enumerate(why.mutations):  # the command printed under each row finds its change
+            if row.row_key is not None:
+                found = row_history(conn, "public", row.table, **_hint_arguments(history_hint(row)))
+                check(f"why {rid} row {i}: {history_hint(row)}", mine[i].index in [position[(m.commit_lsn, m.seq)]
+                                                                                   for m in found.mutations], True)
+        counts: dict[str, dict[str, int]] = {}
+        for e in mine:
+            counts.setdefault(e.table, {}).setdefault(e.op, 0)
+            counts[e.table][e.op] += 1
+        check(f"why {rid} tables", (why.mutation_count, [(t.table, t.rows, t.ops) for t in why.tables]),
+              (len(mine), [(t, sum(ops.values()), ops) for t, ops in counts.items()]))
     for rid in rolled_back:
         check(f"why {rid} (rolled back)", request_mutations(conn, rid), [])
         with pytest.raises(NotFoundError):

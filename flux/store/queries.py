@@ -810,7 +810,7 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
     key_columns = (catalog.primary_key if catalog else _recorded_key(conn, schema, table)) or ()
     walks = [_newest_first(conn, schema, table, None)]
     walks += [_newest_first(conn, s, t, names.relid) for s, t in names.earlier]
-    seen: set[str] = set()
+    seen: set[Any] = set()
     out: list[RecentChange] = []
     for row in heapq.merge(*walks, key=lambda row: (row[-1], row[7]), reverse=True):
         mut = _mutation(row, columns, key_columns)
@@ -858,8 +858,15 @@ def _recent_query(*, paged: bool, relid: bool = False) -> sql.Composed:
     ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), oid=oid, page=page)
 
 
-def _ident(row_key: dict[str, Any]) -> str:
-    return json.dumps(row_key, sort_keys=True, default=str)
+def _ident(value: Any) -> Any:
+    """A recorded key as jsonb compares keys: numbers by value (1, 1.0 and 1.00 are one key, which
+    PostgreSQL keeps as written: a numeric key rewritten 2.5 to 2.50 stays the same row), never
+    equal to text or a boolean."""
+    if isinstance(value, dict):
+        return ("object", frozenset((k, _ident(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("array", tuple(map(_ident, value)))
+    return (_kind(value), value)  # int and Decimal compare (and hash) by value
 
 
 # -- request ids -----------------------------------------------------------------------------

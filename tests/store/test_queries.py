@@ -462,6 +462,16 @@ def test_table_blame_lists_a_row_inserted_under_a_key_another_row_left(log):
     assert [(r.row_key, r.writer.request_id) for r in table_blame(log, "public", "users")] == [({"id": 1}, "r6"), ({"id": 3}, "r5")]
 
 
+def test_table_blame_lists_a_numeric_key_rewritten_with_another_scale_once(conn, capture):
+    conn.execute("CREATE TABLE public.prices (id numeric PRIMARY KEY, v text)")
+    running = capture(tables=["prices"])
+    conn.execute("INSERT INTO prices VALUES (2.5, 'a')")
+    conn.execute("UPDATE prices SET id = 2.50 WHERE id = 2.5")  # the same key, which PostgreSQL keeps as written
+    running.caught_up()
+    rows = table_blame(conn, "public", "prices")
+    assert [(str(r.row_key["id"]), r.writer.op) for r in rows] == [("2.50", "update")]
+
+
 def test_blame_of_a_renamed_column_does_not_say_it_was_set_before_the_recorded_history(conn, capture):
     conn.execute("CREATE TABLE public.notes (id int PRIMARY KEY, body text, title text)")
     running = capture(tables=["notes"])

@@ -457,8 +457,10 @@ def test_history_blame_and_why_agree_with_a_model_of_random_transactions(dsn, co
         name = f"{table} {dict(zip(KEYS[table], key))}"
         history = row_history(conn, "public", table, **_arguments(table, key))
         want_history = [e.index for e in model.history(table, key)]
-        check(f"history {name}", [(position[(m.commit_lsn, m.seq)], m.key_change) for m in history.mutations],
-              [(e.index, _key_change(e, key)) for e in model.history(table, key)])
+        check(f"history {name}", [(position[(m.commit_lsn, m.seq)], m.key_change, m.op, m.request_id, m.row_key, m.old_row_key,
+                                   m.old, m.new, m.changed_columns) for m in history.mutations],
+              [(e.index, _key_change(e, key), e.op, e.rid, e.key, e.old_key, e.recorded_old, e.new, e.changed)
+               for e in model.history(table, key)])
         recorded_key = dict(zip(KEYS[table], key)) if table in PRIMARY else None
         check(f"history {name} key", (history.key, history.total, history.pruned_before), (recorded_key, len(want_history), None))
         newest = row_history(conn, "public", table, limit=2, **_arguments(table, key))
@@ -482,6 +484,8 @@ def test_history_blame_and_why_agree_with_a_model_of_random_transactions(dsn, co
         listed = table_blame(conn, "public", table, limit=1000)
         want_listed = model.table_blame(table)
         check(f"table blame {table}", [(r.row_key, at(r.writer), r.moved_from) for r in listed], want_listed)
+        check(f"table blame {table} rows", [r.row for r in listed],
+              [(e.new if e.new is not None else e.recorded_old) for e in (model.events[i] for _, i, _ in want_listed)])
         check(f"table blame {table} --limit 3", [(r.row_key, at(r.writer), r.moved_from)
                                                  for r in table_blame(conn, "public", table, limit=3)], want_listed[:3])
 

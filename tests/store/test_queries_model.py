@@ -1,10 +1,11 @@
 """A randomized, model-based check of the mutation log's read side against the real engine.
 
-Each seed generates a sequence of transactions over four captured tables (an int primary key, a
-composite one, none, and a partitioned table), each transaction attributed to a request id with
-`flux.context` (a few to none, a few rolled back). They run against PostgreSQL, the engine records
-them, and what `row_history`, `row_blame`, `table_blame` and `request_mutations` (the rows `flux
-why` lists) return is compared with a Python model of what each should be, for every row ever
+Each seed generates a sequence of transactions over five captured tables (an int primary key, a
+composite one, a numeric one, none, and a partitioned table), each transaction attributed to a
+request id with `flux.context` (a few to none, some nesting another request, a few rolled back).
+They run against PostgreSQL, the engine records them, and what `row_history`, `row_blame`,
+`table_blame` and `explain` (`flux why`: the rows it lists, their counts, the history command
+under each) return is compared with a Python model of what each should be, for every row ever
 touched and every request. The model follows the README's semantics, its Known limits included:
 a TRUNCATE of one partition is not recorded, an UPDATE that moves a row to another partition is a
 delete and an insert, an old row of a partitioned table whose non-key columns are all NULL is

@@ -24,7 +24,8 @@ its earlier names with its oid (`flux.store.renames`), each saying the name it w
 (`recorded_as`).
 
 Not guaranteed: a row of a table without a primary key is followed only while its images
-contain the given values (an update that changes them ends the trail); blame of a column
+contain the given values (an update that changes them ends the trail; blame of a row an update
+gave them starts at that update); blame of a column
 whose last writer predates capture has no writer; a truncate is attributed to every row of
 its table that had a mutation before it.
 """
@@ -304,9 +305,22 @@ def _kind(value: Any) -> str:
 
 def _is_key(key: dict[str, Any] | None, values: dict[str, list[Any]]) -> bool:
     """`key` is the row asked for: as `_columns_match(..., whole=True)` judges it in SQL."""
-    return key is not None and key.keys() == values.keys() and all(
-        any(_kind(key[c]) == _kind(v) and key[c] == v for v in vs) for c, vs in values.items()
+    return key is not None and key.keys() == values.keys() and _holds(key, values)
+
+
+def _holds(image: dict[str, Any] | None, values: dict[str, list[Any]]) -> bool:
+    """`image` holds each given value: as `_columns_match(..., whole=False)` judges it in SQL."""
+    return image is not None and all(
+        c in image and any(_kind(image[c]) == _kind(v) and image[c] == v for v in vs) for c, vs in values.items()
     )
+
+
+def _moves(mut: Mutation, values: dict[str, list[Any]]) -> int:
+    """Matched on images: 1 when an update brought a row to the given values, -1 when it took one
+    away from them, else 0 (an old image without all its columns cannot say)."""
+    if mut.op != "update" or not mut.old_complete:
+        return 0
+    return _holds(mut.new, values) - _holds(mut.old, values)
 
 
 def _require_log(conn: psycopg.Connection) -> None:
@@ -663,6 +677,7 @@ def row_blame(
         _no_row(conn, schema, table, m)
     if m.matched_on == "images":
         _one_row(schema, table, m, mutations)
+        mutations = _trail(mutations, m.values)
     mutations = _with_earlier_keys(conn, schema, table, mutations, names)
     blame = _blame(schema, table, m.match, mutations, key=_recorded_as(m, mutations))
     if any(c.set_by is None for c in blame.columns):
@@ -684,7 +699,8 @@ def _one_row(schema: str, table: str, m: _RowMatch, mutations: list[Mutation]) -
     while an earlier inserted one is still there."""
     alive = most = 0
     for mut in mutations:
-        alive = 0 if mut.op == "truncate" else max(0, alive + {"insert": 1, "delete": -1}.get(mut.op, 0))
+        step = _moves(mut, m.values) if mut.op == "update" else {"insert": 1, "delete": -1}.get(mut.op, 0)
+        alive = 0 if mut.op == "truncate" else max(0, alive + step)
         most = max(most, alive)
     if most > 1:
         columns = ", ".join(c for c in m.columns if c not in m.match) or "COL"
@@ -694,6 +710,15 @@ def _one_row(schema: str, table: str, m: _RowMatch, mutations: list[Mutation]) -
                  f"`flux state history` lists the changes of them all.",
             table=format_table(schema, table),
         )
+
+
+def _trail(mutations: list[Mutation], values: dict[str, list[Any]]) -> list[Mutation]:
+    """Matched on images, one row at a time (`_one_row`): the changes from the last update that
+    brought a row to the given values. The changes before it are of other rows (one that held
+    them and left, or was deleted), whose writers are not this row's; it is followed no further
+    back (README: without a primary key, a row is followed while its images hold the values)."""
+    arrivals = [i for i, mut in enumerate(mutations) if _moves(mut, values) > 0]
+    return mutations[arrivals[-1]:] if arrivals else mutations
 
 
 MAX_KEY_HOPS = 16  # how many primary-key changes blame follows back
@@ -721,6 +746,8 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
     moved_to: dict[str, Any] | None = None
     for mut in mutations:
         w = _writer(mut)
+        if mut.op == "truncate" and deleted_by is not None:
+            continue  # the row was gone already: its delete or move removed it, not this truncate
         if mut.op in ("delete", "truncate") or mut.key_change == "out":
             deleted_by, moved_to = w, mut.row_key if mut.key_change == "out" else None
             if not state and mut.old:  # its first recorded change: the values it had are in the old image
@@ -779,7 +806,7 @@ def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int
     key_columns = (catalog.primary_key if catalog else _recorded_key(conn, schema, table)) or ()
     walks = [_newest_first(conn, schema, table, None)]
     walks += [_newest_first(conn, s, t, names.relid) for s, t in names.earlier]
-    seen: set[str] = set()
+    seen: set[Any] = set()
     out: list[RecentChange] = []
     for row in heapq.merge(*walks, key=lambda row: (row[-1], row[7]), reverse=True):
         mut = _mutation(row, columns, key_columns)
@@ -827,8 +854,15 @@ def _recent_query(*, paged: bool, relid: bool = False) -> sql.Composed:
     ).format(cols=_MUTATION_COLUMNS, table_is=sql.SQL(_TABLE_IS), oid=oid, page=page)
 
 
-def _ident(row_key: dict[str, Any]) -> str:
-    return json.dumps(row_key, sort_keys=True, default=str)
+def _ident(value: Any) -> Any:
+    """A recorded key as jsonb compares keys: numbers by value (1, 1.0 and 1.00 are one key, which
+    PostgreSQL keeps as written: a numeric key rewritten 2.5 to 2.50 stays the same row), never
+    equal to text or a boolean."""
+    if isinstance(value, dict):
+        return ("object", frozenset((k, _ident(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("array", tuple(map(_ident, value)))
+    return (_kind(value), value)  # int and Decimal compare (and hash) by value
 
 
 # -- request ids -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import flux.context
 from flux.cdc.attach import attach
 from flux.errors import AmbiguousError, ConfigError, NotFoundError
 from flux.store.names import parse_table
@@ -366,6 +367,25 @@ def test_blame_of_truncated_row_is_deleted_by_the_truncate(log):
     assert b.deleted and b.deleted_by.op == "truncate" and b.deleted_by.request_id == "t"
 
 
+def test_blame_of_a_row_deleted_before_a_truncate_names_its_delete(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})
+    record(log, "users", "delete", request_id="r2", key={"id": 1}, old={"id": 1})
+    record(log, "users", "truncate", request_id="t")
+    b = row_blame(log, "public", "users", id_value="1")
+    assert b.deleted and (b.deleted_by.op, b.deleted_by.request_id) == ("delete", "r2")
+    assert b.last.request_id == "t"  # the truncate is still the row's latest change, as history lists it
+
+
+def test_blame_of_a_key_moved_away_before_a_truncate_says_where_it_moved(log):
+    log.execute("CREATE TABLE public.users (id int PRIMARY KEY)")
+    record(log, "users", "insert", request_id="r1", key={"id": 1}, new={"id": 1})
+    record(log, "users", "update", request_id="r2", key={"id": 2}, old_key={"id": 1}, old={"id": 1}, new={"id": 2})
+    record(log, "users", "truncate", request_id="t")
+    b = row_blame(log, "public", "users", id_value="1")
+    assert b.deleted and b.deleted_by.request_id == "r2" and b.moved_to == {"id": 2}
+
+
 def _moved_twice(log) -> None:
     """users 1 is inserted and upgraded, becomes 2 (r3), is renamed, then becomes 3 (r5)."""
     log.execute("CREATE TABLE public.users (id int PRIMARY KEY, email text, plan text)")
@@ -442,6 +462,16 @@ def test_table_blame_lists_a_row_inserted_under_a_key_another_row_left(log):
     assert [(r.row_key, r.writer.request_id) for r in table_blame(log, "public", "users")] == [({"id": 1}, "r6"), ({"id": 3}, "r5")]
 
 
+def test_table_blame_lists_a_numeric_key_rewritten_with_another_scale_once(conn, capture):
+    conn.execute("CREATE TABLE public.prices (id numeric PRIMARY KEY, v text)")
+    running = capture(tables=["prices"])
+    conn.execute("INSERT INTO prices VALUES (2.5, 'a')")
+    conn.execute("UPDATE prices SET id = 2.50 WHERE id = 2.5")  # the same key, which PostgreSQL keeps as written
+    running.caught_up()
+    rows = table_blame(conn, "public", "prices")
+    assert [(str(r.row_key["id"]), r.writer.op) for r in rows] == [("2.50", "update")]
+
+
 def test_blame_of_a_renamed_column_does_not_say_it_was_set_before_the_recorded_history(conn, capture):
     conn.execute("CREATE TABLE public.notes (id int PRIMARY KEY, body text, title text)")
     running = capture(tables=["notes"])
@@ -486,6 +516,32 @@ def test_blame_of_values_that_match_two_rows_of_a_table_without_primary_key_is_a
         row_blame(conn, "public", "events", key={"kind": "1"})
     assert "matches 2 rows" in str(err.value) and "note" in err.value.hint
     assert row_blame(conn, "public", "events", key={"kind": "1", "note": "uno"}).columns[1].value == "uno"
+
+
+def test_blame_of_values_one_row_left_and_another_took_is_not_ambiguous(conn, capture):
+    conn.execute("CREATE TABLE public.events (kind int, note text)")
+    running = capture(tables=["events"])
+    conn.execute("INSERT INTO events VALUES (1, 'first')")
+    conn.execute("UPDATE events SET kind = 2 WHERE note = 'first'")
+    conn.execute("INSERT INTO events VALUES (1, 'second')")
+    running.caught_up()
+    b = row_blame(conn, "public", "events", key={"kind": "1"})
+    assert {c.column: c.value for c in b.columns} == {"kind": 1, "note": "second"} and not b.deleted
+
+
+def test_blame_of_a_row_that_took_values_another_left_keeps_none_of_its_writers(conn, capture):
+    conn.execute("CREATE TABLE public.events (kind int, note text)")
+    running = capture(tables=["events"])
+    for rid, statement in [("r1", "INSERT INTO events VALUES (1, 'one')"), ("r2", "INSERT INTO events VALUES (3, 'two')"),
+                           ("r3", "UPDATE events SET kind = 2 WHERE note = 'one'"),
+                           ("r4", "UPDATE events SET kind = 1 WHERE note = 'two'")]:
+        with flux.context.request(conn, rid) as req:
+            req.execute(statement)
+    running.caught_up()
+    b = row_blame(conn, "public", "events", key={"kind": "1"})
+    # note 'two' was set before the trail of kind = 1 that this row began (r2, under kind = 3), not by r1's row
+    assert {c.column: (c.value, c.set_by.request_id if c.set_by else None) for c in b.columns} == {
+        "kind": (1, "r4"), "note": ("two", None)}
 
 
 # -- request ids -------------------------------------------------------------------------------

@@ -485,6 +485,25 @@ def test_blame_of_a_renamed_column_does_not_say_it_was_set_before_the_recorded_h
     assert not blame["headline"].certain
 
 
+def test_blame_does_not_credit_a_value_to_a_change_that_did_not_set_it_when_the_history_lacks_the_one_that_did(conn, capture):
+    """Renamed a to b and back: history of a follows none of b's changes (README), so blame of a sees
+    the insert set v to 'x', then an update whose old row holds v = 'y' leave it alone."""
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text, w text)")
+    running = capture(tables=["a"])
+    conn.execute("INSERT INTO a VALUES (1, 'x', 'w0')")
+    conn.execute("ALTER TABLE a RENAME TO b")
+    conn.execute("UPDATE b SET v = 'y'")
+    conn.execute("ALTER TABLE b RENAME TO a")
+    conn.execute("UPDATE a SET w = 'w1'")
+    running.caught_up()
+    blame = {c.column: c for c in row_blame(conn, "public", "a", id_value="1").columns}
+    assert [m.recorded_as for m in row_history(conn, "public", "a", id_value="1").mutations] == ["a", "a"]
+    # Set by b's update, which this history lacks: this update or an earlier change, never the insert.
+    assert (blame["v"].value, blame["v"].set_by.op, blame["v"].certain) == ("y", "update", False)
+    assert (blame["w"].set_by.op, blame["w"].certain) == ("update", True)
+    assert (blame["id"].set_by.op, blame["id"].certain) == ("insert", True)
+
+
 def test_blame_lists_an_unchanged_toasted_column_it_never_saw_as_unknown(conn, capture):
     conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text, hits int)")
     conn.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")  # stored out of line: TOASTed

@@ -652,6 +652,26 @@ def test_a_renamed_table_recorded_without_its_oid_and_not_changed_since_points_t
     assert "if the table was renamed since, its earlier changes are under its former name" in err.value.hint
 
 
+def test_a_partitioned_table_renamed_while_the_engine_streams_is_recorded_under_its_former_name_until_described_again(
+        conn, capture):
+    """README (Known limits): pgoutput describes a partitioned table once per partition and session."""
+    conn.execute("CREATE TABLE public.pt (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE public.pt_lo PARTITION OF public.pt FOR VALUES FROM (0) TO (10)")
+    conn.execute("CREATE TABLE public.pt_hi PARTITION OF public.pt FOR VALUES FROM (10) TO (20)")
+    running = capture(tables=["pt"])
+    conn.execute("INSERT INTO pt VALUES (1, 'a')")
+    running.caught_up()
+    conn.execute("ALTER TABLE pt RENAME TO pt2")
+    conn.execute("UPDATE pt2 SET v = 'b' WHERE id = 1")  # pt_lo, described before the rename
+    conn.execute("INSERT INTO pt2 VALUES (12, 'c')")  # pt_hi's first change: described with the new name
+    conn.execute("UPDATE pt2 SET v = 'd' WHERE id = 1")
+    running.caught_up()
+    history = row_history(conn, "public", "pt2", id_value="1")
+    assert [(m.op, m.recorded_as) for m in history.mutations] == [("insert", "pt"), ("update", "pt"), ("update", "pt2")]
+    blame = {c.column: c.set_by.recorded_as for c in row_blame(conn, "public", "pt2", id_value="1").columns}
+    assert blame == {"id": "pt", "v": "pt2"}
+
+
 def test_history_follows_a_table_back_through_each_of_its_renames_and_schemas(conn, capture):
     conn.execute("CREATE SCHEMA archive")
     conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v int)")

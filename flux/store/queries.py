@@ -402,13 +402,13 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> Name
     if schema == SCHEMA:
         hint = f"Tables of the {SCHEMA} schema are Flux's own records: Flux never captures them."
     elif similar:
-        hint = "Did you mean " + " or ".join(map(quoted_word, similar)) + "? Quote mixed-case names."
+        hint = "Did you mean " + " or ".join(map(quoted_word, similar)) + "? Quote mixed-case names." + _pruned_note(conn)
     elif root is not None and root != (schema, table):
         parent = format_table(*root)
         hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {shell_word(parent)} ...`."
     elif not exists and (elsewhere := _in_other_schemas(conn, schema, table)):
         hint = (f"There is no table {name}; did you mean " + " or ".join(map(quoted_word, elsewhere))
-                + "? Name the schema: a name without one is public's.")
+                + "? Name the schema: a name without one is public's." + _pruned_note(conn))
     elif exists:
         hint = _capture_hint(conn, schema, table) + _pruned_note(conn)
     else:

@@ -20,6 +20,7 @@ from flux.store.queries import (
     row_history,
     table_blame,
 )
+from flux.store.retention import prune
 from flux.store.schema import ensure_schema
 from tests.support import record_pending
 
@@ -650,6 +651,21 @@ def test_a_renamed_table_recorded_without_its_oid_and_not_changed_since_points_t
         row_history(conn, "public", "b", id_value="1")
     assert err.value.hint.startswith("b is captured (publication flux)")
     assert "if the table was renamed since, its earlier changes are under its former name" in err.value.hint
+
+
+@pytest.mark.parametrize(("create", "recorded", "suggested"), [
+    ("CREATE TABLE archive.t (id int PRIMARY KEY)", "t", "did you mean 'archive.t'?"),  # moved to archive since
+    ('CREATE TABLE public."T" (id int PRIMARY KEY)', "t", """Did you mean '"T"'?"""),  # another case
+])
+def test_a_name_whose_changes_were_all_pruned_says_so_beside_the_table_it_suggests(log, create, recorded, suggested):
+    """README (Retention): a table with no change left says so in its hint, whatever else it says."""
+    log.execute("CREATE SCHEMA archive")
+    log.execute(create)
+    record(log, recorded, "insert", key={"id": 1}, new={"id": 1})
+    prune(log, older_than=timedelta(days=1), traces=False)  # T0 is long before
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "t", id_value="1")
+    assert suggested in err.value.hint and " UTC were deleted by retention." in err.value.hint
 
 
 def test_a_partitioned_table_renamed_while_the_engine_streams_is_recorded_under_its_former_name_until_described_again(

@@ -434,8 +434,13 @@ def test_history_blame_and_why_follow_renames_multi_row_statements_and_prune(dsn
             check(f"history {label}", [(at_lsn[(m.commit_lsn, m.seq)], m.op, m.request_id, m.key_change, m.recorded_as)
                                        for m in got.mutations],
                   [(e.index, e.op, e.rid, _key_change(e, key), format_table(*e.name)) for e in want])
+            pruned = cutoff if cutoff and want[0].op != "insert" else None
             check(f"history {label} renamed_to, pruned_before", (got.renamed_to, got.pruned_before),
-                  (format_table(*moved_to) if moved_to else None, cutoff if cutoff and want[0].op != "insert" else None))
+                  (format_table(*moved_to) if moved_to else None, pruned))
+            newest = row_history(conn, *name, limit=2, **_arguments(table, key))
+            check(f"history {label} --limit 2", ([at_lsn[(m.commit_lsn, m.seq)] for m in newest.mutations], newest.total,
+                                                 newest.pruned_before),
+                  ([e.index for e in want[-2:]], len(want), pruned if len(want) <= 2 else None))
             state = blames[key]
             try:
                 blame = row_blame(conn, *name, **_arguments(table, key))
@@ -460,8 +465,10 @@ def test_history_blame_and_why_follow_renames_multi_row_statements_and_prune(dsn
             failures.append(f"table blame {format_table(*name)}: {exc!r}")
             continue
         want_listed = listed(mine)
-        check(f"table blame {format_table(*name)}", [(r.row_key, at(r.writer), r.moved_from, r.writer.recorded_as) for r in got_listed],
-              [(e.key, e.index, e.old_key, format_table(*e.name)) for e in want_listed])
+        check(f"table blame {format_table(*name)}", [(r.row_key, at(r.writer), r.moved_from, r.writer.recorded_as, r.row)
+                                                     for r in got_listed],
+              [(e.key, e.index, e.old_key, format_table(*e.name), e.new if e.new is not None else e.recorded_old)
+               for e in want_listed])
 
     for rid in sorted({e.rid for e in kept if e.rid is not None}):
         mine = [e for e in kept if e.rid == rid]

@@ -300,7 +300,7 @@ def render_row_blame(b: RowBlame, shown: dict[str, str] | None = None) -> None:
                       "known, or too large to record: `missing_columns`)[/]")
     if any(not c.certain for c in b.columns):
         console.print("  [dim]≤: set by this change or an earlier one (the old row was not fully known, "
-                      "or the column was renamed or added since)[/]")
+                      "the column was renamed or added since, or a change this history lacks set it)[/]")
     if b.pruned_before is not None:
         console.print(f"  [dim]changes committed before {b.pruned_before:%Y-%m-%d %H:%M:%S} UTC were deleted by retention[/]")
     elif b.key is not None and any(c.set_by is None for c in b.columns):

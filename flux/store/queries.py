@@ -402,13 +402,13 @@ def _require_recorded(conn: psycopg.Connection, schema: str, table: str) -> Name
     if schema == SCHEMA:
         hint = f"Tables of the {SCHEMA} schema are Flux's own records: Flux never captures them."
     elif similar:
-        hint = "Did you mean " + " or ".join(map(quoted_word, similar)) + "? Quote mixed-case names."
+        hint = "Did you mean " + " or ".join(map(quoted_word, similar)) + "? Quote mixed-case names." + _pruned_note(conn)
     elif root is not None and root != (schema, table):
         parent = format_table(*root)
         hint = f"{name} is a partition: its changes are recorded under its partitioned table, `flux state history {shell_word(parent)} ...`."
     elif not exists and (elsewhere := _in_other_schemas(conn, schema, table)):
         hint = (f"There is no table {name}; did you mean " + " or ".join(map(quoted_word, elsewhere))
-                + "? Name the schema: a name without one is public's.")
+                + "? Name the schema: a name without one is public's." + _pruned_note(conn))
     elif exists:
         hint = _capture_hint(conn, schema, table) + _pruned_note(conn)
     else:
@@ -765,6 +765,10 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
                 continue
             if mut.op == "insert" or (changed is not None and col in changed):
                 next_state[col] = ColumnBlame(col, value, w, True)
+            elif changed is not None and _unaccounted(before, mut, col):
+                # Unchanged here, yet the row held another value than its history left: a change this
+                # history lacks set it (one under a name not followed back, or not recorded).
+                next_state[col] = ColumnBlame(col, value, w, False)
             elif before is not None and (changed is not None or before.known and before.value == value):
                 next_state[col] = ColumnBlame(col, value, before.set_by, before.certain)
             elif changed is not None and not state:  # unchanged, first seen now: set before capture
@@ -788,6 +792,14 @@ def _blame(schema: str, table: str, match: dict[str, str], mutations: list[Mutat
         schema=schema, table=table, match=match, deleted=deleted_by is not None, deleted_by=deleted_by,
         last=_writer(mutations[-1]), columns=tuple(state.values()), moved_to=moved_to, key=key,
     )
+
+
+def _unaccounted(before: ColumnBlame | None, mut: Mutation, col: str) -> bool:
+    """The update's complete old row holds another value of `col` than the row's history left."""
+    if before is None or not before.known or not mut.old_complete or mut.old is None or col not in mut.old:
+        return False
+    old = mut.old[col]
+    return _kind(old) != _kind(before.value) or old != before.value
 
 
 def table_blame(conn: psycopg.Connection, schema: str, table: str, *, limit: int = 20) -> list[RecentChange]:

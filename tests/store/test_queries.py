@@ -20,6 +20,7 @@ from flux.store.queries import (
     row_history,
     table_blame,
 )
+from flux.store.retention import prune
 from flux.store.schema import ensure_schema
 from tests.support import record_pending
 
@@ -485,6 +486,25 @@ def test_blame_of_a_renamed_column_does_not_say_it_was_set_before_the_recorded_h
     assert not blame["headline"].certain
 
 
+def test_blame_does_not_credit_a_value_to_a_change_that_did_not_set_it_when_the_history_lacks_the_one_that_did(conn, capture):
+    """Renamed a to b and back: history of a follows none of b's changes (README), so blame of a sees
+    the insert set v to 'x', then an update whose old row holds v = 'y' leave it alone."""
+    conn.execute("CREATE TABLE public.a (id int PRIMARY KEY, v text, w text)")
+    running = capture(tables=["a"])
+    conn.execute("INSERT INTO a VALUES (1, 'x', 'w0')")
+    conn.execute("ALTER TABLE a RENAME TO b")
+    conn.execute("UPDATE b SET v = 'y'")
+    conn.execute("ALTER TABLE b RENAME TO a")
+    conn.execute("UPDATE a SET w = 'w1'")
+    running.caught_up()
+    blame = {c.column: c for c in row_blame(conn, "public", "a", id_value="1").columns}
+    assert [m.recorded_as for m in row_history(conn, "public", "a", id_value="1").mutations] == ["a", "a"]
+    # Set by b's update, which this history lacks: this update or an earlier change, never the insert.
+    assert (blame["v"].value, blame["v"].set_by.op, blame["v"].certain) == ("y", "update", False)
+    assert (blame["w"].set_by.op, blame["w"].certain) == ("update", True)
+    assert (blame["id"].set_by.op, blame["id"].certain) == ("insert", True)
+
+
 def test_blame_lists_an_unchanged_toasted_column_it_never_saw_as_unknown(conn, capture):
     conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text, hits int)")
     conn.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")  # stored out of line: TOASTed
@@ -631,6 +651,41 @@ def test_a_renamed_table_recorded_without_its_oid_and_not_changed_since_points_t
         row_history(conn, "public", "b", id_value="1")
     assert err.value.hint.startswith("b is captured (publication flux)")
     assert "if the table was renamed since, its earlier changes are under its former name" in err.value.hint
+
+
+@pytest.mark.parametrize(("create", "recorded", "suggested"), [
+    ("CREATE TABLE archive.t (id int PRIMARY KEY)", "t", "did you mean 'archive.t'?"),  # moved to archive since
+    ('CREATE TABLE public."T" (id int PRIMARY KEY)', "t", """Did you mean '"T"'?"""),  # another case
+])
+def test_a_name_whose_changes_were_all_pruned_says_so_beside_the_table_it_suggests(log, create, recorded, suggested):
+    """README (Retention): a table with no change left says so in its hint, whatever else it says."""
+    log.execute("CREATE SCHEMA archive")
+    log.execute(create)
+    record(log, recorded, "insert", key={"id": 1}, new={"id": 1})
+    prune(log, older_than=timedelta(days=1), traces=False)  # T0 is long before
+    with pytest.raises(NotFoundError) as err:
+        row_history(log, "public", "t", id_value="1")
+    assert suggested in err.value.hint and " UTC were deleted by retention." in err.value.hint
+
+
+def test_a_partitioned_table_renamed_while_the_engine_streams_is_recorded_under_its_former_name_until_described_again(
+        conn, capture):
+    """README (Known limits): pgoutput describes a partitioned table once per partition and session."""
+    conn.execute("CREATE TABLE public.pt (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE public.pt_lo PARTITION OF public.pt FOR VALUES FROM (0) TO (10)")
+    conn.execute("CREATE TABLE public.pt_hi PARTITION OF public.pt FOR VALUES FROM (10) TO (20)")
+    running = capture(tables=["pt"])
+    conn.execute("INSERT INTO pt VALUES (1, 'a')")
+    running.caught_up()
+    conn.execute("ALTER TABLE pt RENAME TO pt2")
+    conn.execute("UPDATE pt2 SET v = 'b' WHERE id = 1")  # pt_lo, described before the rename
+    conn.execute("INSERT INTO pt2 VALUES (12, 'c')")  # pt_hi's first change: described with the new name
+    conn.execute("UPDATE pt2 SET v = 'd' WHERE id = 1")
+    running.caught_up()
+    history = row_history(conn, "public", "pt2", id_value="1")
+    assert [(m.op, m.recorded_as) for m in history.mutations] == [("insert", "pt"), ("update", "pt"), ("update", "pt2")]
+    blame = {c.column: c.set_by.recorded_as for c in row_blame(conn, "public", "pt2", id_value="1").columns}
+    assert blame == {"id": "pt", "v": "pt2"}
 
 
 def test_history_follows_a_table_back_through_each_of_its_renames_and_schemas(conn, capture):

@@ -19,10 +19,12 @@ instead, to search by hand; a failure names its seed and the transactions it ran
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import random
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -171,6 +173,13 @@ class Model:
         for key in [k for k in self.rows["pt"] if (k[0] < 10) == low]:
             del self.rows["pt"][key]
 
+    def sql_name(self, table: str) -> str:
+        """The table's name in SQL now (a model of renames names it otherwise)."""
+        return table
+
+    def partition_name(self, low: bool) -> str:
+        return f"pt_{'lo' if low else 'hi'}"
+
     # -- what the log should answer ------------------------------------------------------------
 
     def history(self, table: str, key: tuple) -> list[Event]:
@@ -226,8 +235,9 @@ def row_key(table: str, row: dict[str, Any]) -> dict[str, Any] | None:
 class Generator:
     """Random single-row statements, applied to the model and returned as SQL to run."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, tables: tuple[str, ...] = tuple(COLUMNS)) -> None:
         self.r = random.Random(seed)
+        self.tables = tables
 
     def new_key(self, model: Model, table: str) -> dict[str, Any] | None:
         live = model.rows[table]
@@ -251,7 +261,7 @@ class Generator:
 
     def step(self, model: Model, rid: str | None) -> list[tuple[str, tuple]]:
         """One operation on the model; the statements that do it."""
-        table = self.r.choice(list(COLUMNS))
+        table = self.r.choice(self.tables)
         live = model.rows[table]
         kind = self.r.choices(["insert", "update", "rekey", "delete", "reinsert", "churn", "truncate", "partition"],
                               [5, 5, 2, 2, 1, 1, 0.3, 0.3])[0]
@@ -266,16 +276,16 @@ class Generator:
             row = {**key, **self.values(table)}
             row = {c: row[c] for c in COLUMNS[table]}
             model.insert(table, row, rid)
-            return [_insert(table, row)]
+            return [_insert(model.sql_name(table), row)]
         if kind == "truncate":  # sometimes of two tables in one statement: one truncate recorded for each
-            tables = [table] + ([self.r.choice([t for t in COLUMNS if t != table])] if self.r.random() < 0.3 else [])
+            tables = [table] + ([self.r.choice([t for t in self.tables if t != table])] if self.r.random() < 0.3 else [])
             for t in tables:
                 model.truncate(t, rid)
-            return [(f"TRUNCATE {', '.join(tables)}", ())]
+            return [(f"TRUNCATE {', '.join(map(model.sql_name, tables))}", ())]
         if kind == "partition":
             low = self.r.random() < 0.5
             model.truncate_partition(low)
-            return [(f"TRUNCATE pt_{'lo' if low else 'hi'}", ())]
+            return [(f"TRUNCATE {model.partition_name(low)}", ())]
         key = self.r.choice(sorted(live, key=repr))
         where = dict(zip(KEYS[table], key))
         if kind in ("update", "churn"):
@@ -283,13 +293,13 @@ class Generator:
             for _ in range(1 if kind == "update" else self.r.randint(2, 3)):
                 values = self.values(table)
                 model.update(table, key, values, rid)
-                out.append(_update(table, values, where))
+                out.append(_update(model.sql_name(table), values, where))
             return out
         if kind == "rekey" and table == "nm" and self.r.random() < 0.4:  # the same key, written with one more digit
             text = str(where["id"])
             values = {"id": Decimal(text + ("0" if "." in text else ".0"))}
             model.update(table, key, values, rid)
-            return [_update(table, values, where)]
+            return [_update(model.sql_name(table), values, where)]
         if kind == "rekey":
             target = self.new_key(model, table)
             if target is None:
@@ -297,14 +307,14 @@ class Generator:
             moved = {c: v for c, v in target.items() if v != where[c]} or target
             values = {**moved, **(self.values(table) if self.r.random() < 0.5 else {})}
             model.update(table, key, values, rid)
-            return [_update(table, values, where)]
+            return [_update(model.sql_name(table), values, where)]
         row = dict(live[key])
         model.delete(table, key, rid)
-        statements = [_delete(table, where)]
+        statements = [_delete(model.sql_name(table), where)]
         if kind == "reinsert":
             again = {**row, **self.values(table)}
             model.insert(table, again, rid)
-            statements.append(_insert(table, again))
+            statements.append(_insert(model.sql_name(table), again))
         return statements
 
 
@@ -334,63 +344,66 @@ class RolledBack(Exception):
     pass
 
 
-def run(conn: psycopg.Connection, seed: int) -> tuple[Model, list[str], list[str]]:
+# A statement to run: SQL and its parameters, and for a statement whose rows the model learns from
+# its RETURNING (a multi-row statement changes rows in an order only PostgreSQL knows, which is the
+# order of the log), what applies them to the model.
+Statement = tuple[str, tuple] | tuple[str, tuple, Callable[[list[tuple]], None]]
+
+
+def run(conn: psycopg.Connection, seed: int, gen: Generator | None = None, model: Model | None = None,
+        between: Callable[[int, Model], list[str]] | None = None) -> tuple[Model, list[str], list[str]]:
     """Run the seed's transactions; the model of what committed, the requests that rolled back, and a
     transcript to show on failure. A transaction is one request, or none (no context), or one
     rolled back; or a request with another nested in it (`flux.context.request` in a savepoint),
-    which commits or rolls back alone, the outer request's later changes its own again."""
-    gen, model = Generator(seed), Model()
+    which commits or rolls back alone, the outer request's later changes its own again. Each
+    operation is generated and run in turn; `between(n, model)` runs before transaction n, outside
+    any, and returns what it did for the transcript."""
+    gen, model = gen or Generator(seed), model or Model()
     rolled_back: list[str] = []
     transcript: list[str] = []
 
-    def steps(rid: str | None) -> list[tuple[str, tuple]]:
-        return [s for _ in range(gen.r.randint(1, 3)) for s in gen.step(model, rid)]
-
-    def execute(statements: list[tuple[str, tuple]]) -> None:
-        for q, p in statements:
-            conn.execute(q, p)
+    def steps(rid: str | None, what: str) -> None:
+        done: list[Statement] = []
+        for _ in range(gen.r.randint(1, 3)):
+            for statement in gen.step(model, rid):
+                rows = conn.execute(statement[0], statement[1])
+                if len(statement) > 2:
+                    statement[2](rows.fetchall())
+                done.append(statement)
+        transcript.append(f"-- {what} {rid}\n" + "\n".join(f"{s[0]} {_short(s[1])}" for s in done))
 
     for n in range(TRANSACTIONS):
+        if between is not None:
+            transcript += between(n, model)
         kind = gen.r.choices(["request", "no context", "rollback", "nested", "nested rollback", "late context"],
                              [8, 1, 1, 1, 1, 1])[0]
         rid = None if kind == "no context" else f"req-{seed}-{n:03d}"
         inner_rid = f"req-{seed}-{n:03d}-inner"
         before = copy.deepcopy(model)
-        first = steps(rid)
-        inner: list[tuple[str, tuple]] = []
-        if kind.startswith("nested"):
-            before_inner = copy.deepcopy(model)
-            inner = steps(inner_rid)
-            if kind == "nested rollback":
-                model = before_inner
-                rolled_back.append(inner_rid)
-        last = steps(rid) if kind.startswith("nested") or kind == "late context" else []
-        parts = [(kind, rid, first)] + ([("inner", inner_rid, inner)] if kind.startswith("nested") else [])
-        parts += [("then", rid, last)] if last else []
-        transcript += [f"-- {what} {who}\n" + "\n".join(f"{q} {_short(p)}" for q, p in statements)
-                       for what, who, statements in parts]
         if rid is None:
             with conn.transaction():
-                execute(first)
+                steps(rid, kind)
             continue
         if kind == "late context":  # changes before a transaction's first message take it too
             with conn.transaction():
-                execute(first)
+                steps(rid, kind)
                 flux.context.emit(conn, rid, function="late")
-                execute(last)
+                steps(rid, "then")
             continue
         try:
             with flux.context.request(conn, rid, function=f"f{n % 3}"):
-                execute(first)
+                steps(rid, kind)
                 if kind.startswith("nested"):
+                    before_inner = copy.deepcopy(model)
                     try:
                         with flux.context.request(conn, inner_rid, function="inner"):
-                            execute(inner)
+                            steps(inner_rid, "inner")
                             if kind == "nested rollback":
                                 raise RolledBack
                     except RolledBack:
-                        pass
-                    execute(last)
+                        model = before_inner
+                        rolled_back.append(inner_rid)
+                    steps(rid, "then")
                 if kind == "rollback":
                     raise RolledBack
         except RolledBack:
@@ -432,13 +445,7 @@ def test_history_blame_and_why_agree_with_a_model_of_random_transactions(dsn, co
     assert {e.table for e in model.events} == set(COLUMNS) and len(model.events) >= TRANSACTIONS, "the seed did little"
     failures: list[str] = []
 
-    def check(what: str, got: Any, want: Any) -> None:
-        if got == want:
-            return
-        if isinstance(got, list) and isinstance(want, list):  # from the first difference on
-            first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
-            what, got, want = f"{what} (from item {first})", got[first:first + 3], want[first:first + 3]
-        failures.append(f"{what}:\n  flux:  {got}\n  model: {want}".replace(LONG, "LONG"))
+    check = functools.partial(compare, failures)
 
     # The log as a whole: one row per model event, in commit order. Writers are then named by position.
     recorded = conn.execute(
@@ -513,6 +520,16 @@ def test_history_blame_and_why_agree_with_a_model_of_random_transactions(dsn, co
     assert not failures, _report(seed, transcript, failures)
 
 
-def _report(seed: int, transcript: list[str], failures: list[str]) -> str:
-    return (f"seed {seed}: {len(failures)} disagreements (rerun: FLUX_STATE_SEED_FROM={seed} FLUX_STATE_SEEDS=1)\n"
+def compare(failures: list[str], what: str, got: Any, want: Any) -> None:
+    """A disagreement unless `got` is `want`: of two lists, the first few items from the first that differs."""
+    if got == want:
+        return
+    if isinstance(got, list) and isinstance(want, list):
+        first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+        what, got, want = f"{what} (from item {first})", got[first:first + 3], want[first:first + 3]
+    failures.append(f"{what}:\n  flux:  {got}\n  model: {want}".replace(LONG, "LONG"))
+
+
+def _report(seed: int, transcript: list[str], failures: list[str], variables: str = "FLUX_STATE") -> str:
+    return (f"seed {seed}: {len(failures)} disagreements (rerun: {variables}_SEED_FROM={seed} {variables}_SEEDS=1)\n"
             + "\n".join(failures[:15]) + "\n\ntransactions:\n" + "\n".join(transcript))

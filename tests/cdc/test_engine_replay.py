@@ -115,6 +115,8 @@ class Generator:
         self.columns = {t: dict(c) for t, c in COLUMNS.items()}
         self.names = 0
         self.partitions = ["pt_lo", "pt_hi"]  # pt's partitions, each of ten ids from 0 on
+        self.tables = sorted(KEYS)  # those statements may write: not one a concurrent transaction writes
+        self.truncates = True  # not in a concurrent transaction: the other's reads would wait for its lock
 
     def literal(self, kind: str) -> str:
         return self.r.choice(LITERALS[kind])
@@ -140,14 +142,20 @@ class Generator:
             kind = self.columns[table][c]
             if kind in NUMBERS and self.r.random() < 0.3:
                 out.append(f"{c} = {c} + 1")
+            elif self.r.random() < 0.1:  # written anew, unchanged
+                out.append(f"{c} = {c}")
             else:
                 out.append(f"{c} = {self.literal(kind)}")
         return ", ".join(out)
 
     def statement(self) -> str | None:
-        table = self.r.choice(sorted(KEYS))
-        kind = self.r.choices(["insert", "update", "update many", "rekey", "delete", "delete many", "truncate"],
-                              [6, 6, 2, 2, 2, 1, 1])[0]
+        table = self.r.choice(self.tables)
+        kind = self.r.choices(["insert", "update", "update many", "rekey", "delete", "delete many", "truncate", "bulk"],
+                              [6, 6, 2, 2, 2, 1, 1, 0.3])[0]
+        if kind == "bulk" and "nk" not in self.tables or kind == "truncate" and not self.truncates:
+            kind = "insert"
+        if kind == "bulk":  # more rows than the engine holds before it hands them to the sink (500)
+            return f"INSERT INTO nk (a, {self.r.choice(sorted(self.columns['nk']))}) SELECT i % 7, NULL FROM generate_series(1, 700) i"
         live = self.live(table)
         if not live and kind not in ("insert", "truncate"):
             kind = "insert"
@@ -173,17 +181,19 @@ class Generator:
             return f"DELETE FROM {table} WHERE {self.where(table, self.r.choice(live))}"
         if kind == "delete many":
             return f"DELETE FROM {table} WHERE {KEYS[table][0]} % 3 = {self.r.randint(0, 2)}"
-        tables = sorted({table, self.r.choice(sorted(KEYS))}) if self.r.random() < 0.3 else [table]
+        tables = sorted({table, self.r.choice(self.tables)}) if self.r.random() < 0.3 else [table]
         return f"TRUNCATE {', '.join(tables)}"
 
     def unrecorded(self) -> str:
         """A statement the log does not record the effect of on existing rows: DDL, or a partition's TRUNCATE."""
-        table = self.r.choice(sorted(KEYS))
+        table = self.r.choice(self.tables)
         columns = self.columns[table]
         kind = self.r.choice(["add", "add default", "add volatile", "generated", "drop", "rename", "type",
                               "truncate partition", "new partition"])
         self.names += 1
         name = f"c{self.names}"
+        if kind in ("truncate partition", "new partition") and "pt" not in self.tables:
+            kind = "add"
         if kind == "truncate partition":
             return f"TRUNCATE {self.r.choice(self.partitions)}"
         if kind == "new partition":
@@ -271,41 +281,58 @@ class RolledBack(Exception):
     pass
 
 
-def run(conn: psycopg.Connection, seed: int) -> tuple[list[tuple], list[str]]:
+def run(conn: psycopg.Connection, other: psycopg.Connection, seed: int) -> tuple[list[tuple], list[str]]:
     """Run the seed's transactions. Returns the script to replay, in commit order: ("stretch", request
-    id, tables read at its end) and ("unrecorded", tables read after it); and a transcript."""
+    id, tables read at its end) and ("unrecorded", tables read after it); and a transcript. Now and
+    then a transaction on `other` writes one table while one on `conn` writes the others, and
+    commits after it."""
     gen = Generator(seed, conn)
     script: list[tuple] = []
     transcript: list[str] = []
+
+    def stretch(connection: psycopg.Connection, rid: str, savepoints: bool) -> None:
+        flux.context.emit(connection, rid)
+        transcript.append(f"-- {rid}")
+        for _ in range(gen.r.randint(1, 4)):
+            statement = gen.statement()
+            if statement is None:
+                continue
+            if savepoints and gen.r.random() < 0.1:  # in a savepoint rolled back: not recorded
+                with pytest.raises(RolledBack), connection.transaction():
+                    connection.execute(statement)
+                    raise RolledBack
+                transcript.append(f"{statement} -- rolled back to a savepoint")
+                continue
+            connection.execute(statement)
+            transcript.append(statement)
+
+    def unrecorded() -> None:
+        statement = gen.unrecorded()
+        conn.execute(statement)
+        transcript.append(statement)
+        script.append(("unrecorded", read_tables(conn)))
+
     for n in range(TRANSACTIONS):
         if gen.r.random() < 0.15:  # DDL between transactions, on its own
-            statement = gen.unrecorded()
-            conn.execute(statement)
-            transcript.append(statement)
-            script.append(("unrecorded", read_tables(conn)))
+            unrecorded()
+        concurrent = gen.r.choice(sorted(KEYS)) if gen.r.random() < 0.2 else None
+        if concurrent:
+            other.execute("BEGIN")
+            gen.conn, gen.tables, gen.truncates = other, [concurrent], False
+            stretch(other, f"t{n:02d}.other", savepoints=False)
+            gen.conn, gen.tables, gen.truncates = conn, sorted(set(KEYS) - {concurrent}), True
         with conn.transaction():
             for k in range(gen.r.choices([1, 2, 3], [6, 2, 1])[0]):
                 if k:
-                    statement = gen.unrecorded()
-                    conn.execute(statement)
-                    transcript.append(statement)
-                    script.append(("unrecorded", read_tables(conn)))
+                    unrecorded()
                 rid = f"t{n:02d}.{k}"
-                flux.context.emit(conn, rid)
-                transcript.append(f"-- {rid}")
-                for _ in range(gen.r.randint(1, 4)):
-                    statement = gen.statement()
-                    if statement is None:
-                        continue
-                    if gen.r.random() < 0.1:  # in a savepoint rolled back: not recorded
-                        with pytest.raises(RolledBack), conn.transaction():
-                            conn.execute(statement)
-                            raise RolledBack
-                        transcript.append(f"{statement} -- rolled back to a savepoint")
-                        continue
-                    conn.execute(statement)
-                    transcript.append(statement)
+                stretch(conn, rid, savepoints=True)
                 script.append(("stretch", rid, read_tables(conn)))
+        if concurrent:
+            other.execute("COMMIT")
+            transcript.append(f"-- t{n:02d}.other commits")
+            script.append(("stretch", f"t{n:02d}.other", read_tables(conn)))
+            gen.tables = sorted(KEYS)
     return script, [t.replace(LONG, "LONG") for t in transcript]
 
 
@@ -394,7 +421,8 @@ def test_replaying_the_log_rebuilds_every_table_after_every_transaction(dsn, con
     for statement in (*SETUP, *SESSION):
         conn.execute(statement)
     running = capture(tables=list(KEYS))
-    script, transcript = run(conn, seed)
+    with psycopg.connect(dsn, autocommit=True) as other:
+        script, transcript = run(conn, other, seed)
     running.caught_up()
     log = recorded(conn)
     assert len(log) >= TRANSACTIONS and {m["table"] for m in log} == set(KEYS), f"seed {seed} did little"

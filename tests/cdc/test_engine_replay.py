@@ -32,12 +32,14 @@ import json
 import os
 import random
 from decimal import Decimal
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 
 import flux.context
+from tests.support import start_engine
 
 SEED_FROM = int(os.environ.get("FLUX_REPLAY_SEED_FROM", "0"))
 SEEDS = range(SEED_FROM, SEED_FROM + int(os.environ.get("FLUX_REPLAY_SEEDS", "3")))
@@ -281,11 +283,12 @@ class RolledBack(Exception):
     pass
 
 
-def run(conn: psycopg.Connection, other: psycopg.Connection, seed: int) -> tuple[list[tuple], list[str]]:
+def run(conn: psycopg.Connection, other: psycopg.Connection, seed: int,
+        halfway: Callable[[], None]) -> tuple[list[tuple], list[str]]:
     """Run the seed's transactions. Returns the script to replay, in commit order: ("stretch", request
     id, tables read at its end) and ("unrecorded", tables read after it); and a transcript. Now and
     then a transaction on `other` writes one table while one on `conn` writes the others, and
-    commits after it."""
+    commits after it. `halfway` is called between two transactions halfway through."""
     gen = Generator(seed, conn)
     script: list[tuple] = []
     transcript: list[str] = []
@@ -313,6 +316,8 @@ def run(conn: psycopg.Connection, other: psycopg.Connection, seed: int) -> tuple
         script.append(("unrecorded", read_tables(conn)))
 
     for n in range(TRANSACTIONS):
+        if n == TRANSACTIONS // 2:
+            halfway()
         if gen.r.random() < 0.15:  # DDL between transactions, on its own
             unrecorded()
         concurrent = gen.r.choice(sorted(KEYS)) if gen.r.random() < 0.2 else None
@@ -420,10 +425,18 @@ def recorded(conn: psycopg.Connection) -> list[dict]:
 def test_replaying_the_log_rebuilds_every_table_after_every_transaction(dsn, conn, capture, seed):
     for statement in (*SETUP, *SESSION):
         conn.execute(statement)
-    running = capture(tables=list(KEYS))
-    with psycopg.connect(dsn, autocommit=True) as other:
-        script, transcript = run(conn, other, seed)
-    running.caught_up()
+    engines = [capture(tables=list(KEYS))]
+
+    def restart() -> None:  # stopped and started again mid-stream: what it had not recorded, recorded once
+        engines[-1].stop()
+        engines.append(start_engine(dsn))
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as other:
+            script, transcript = run(conn, other, seed, restart)
+        engines[-1].caught_up()
+    finally:
+        engines[-1].stop()
     log = recorded(conn)
     assert len(log) >= TRANSACTIONS and {m["table"] for m in log} == set(KEYS), f"seed {seed} did little"
     failures = replay(log, script)

@@ -5,15 +5,20 @@ one, none with REPLICA IDENTITY FULL, and a partitioned one): multi-row inserts,
 deletes, primary-key changes, TRUNCATE, NULLs, TOASTed values left alone by updates, a value of
 each common type, and DDL between and inside transactions (ADD COLUMN with no default, a constant
 or a volatile one, a generated column, DROP COLUMN, RENAME COLUMN, ALTER COLUMN TYPE int to bigint
-or numeric and text to varchar). Each stretch of a transaction between two DDL statements is
-tagged with a request id of its own (`flux.context.emit`), and the table is read with `to_jsonb`
-at its end, in the image format the README gives (the session set as the engine's walsender is).
+or numeric and text to varchar, partitions created and attached). Now and then a transaction on
+another connection writes one table and commits after one started later, a statement writes 700
+rows (more than the engine holds before the sink takes them), a statement is rolled back to a
+savepoint, and halfway through the engine is stopped and started again. Each stretch of a
+transaction between two DDL statements is tagged with a request id of its own
+(`flux.context.emit`), and the tables are read with `to_jsonb` at its end, in the image format the
+README gives (the session set as the engine's walsender is).
 
 The log is then replayed, stretch by stretch: an insert adds its new image, an update replaces
 the row its old image names, a delete removes it, a truncate clears the table. After each stretch
 the replayed tables must equal what was read. Each update's and delete's old image must be a row
-the table held (REPLICA IDENTITY FULL: whole), and `changed_columns` the columns whose value
-differs between the images. The model follows the README's documented limits:
+the table held (REPLICA IDENTITY FULL: whole), `changed_columns` the columns whose value
+differs between the images, `row_key` the key in the image and `old_row_key` the old image's key
+when an update changed it. Every change is recorded under the request id of its stretch. The model follows the README's documented limits:
 - DDL is not recorded (schema changes "apply from the next change on"): what ADD COLUMN, a
   volatile default, a type change or a rename does to existing rows is taken from the table as the
   DDL left it, read right after it;
@@ -31,8 +36,8 @@ from __future__ import annotations
 import json
 import os
 import random
-from decimal import Decimal
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -96,7 +101,7 @@ LITERALS = {
     "time": ("NULL", "'14:20:11.25'", "'24:00:00'"),
     "timetz": ("NULL", "'14:20:11+05:30'", "'00:00:00-08'"),
     "json": ("NULL", """'{"a": 1, "a": 2}'""", "' [1, 2.0e3, {\"k\": null}] '", """'"\\u00e9"'"""),
-    "numarr": ("NULL", "'{1.50,NULL,NaN,123456789012345678901234.5}'", "'{}'"),
+    "numarr": ("NULL", "'{1.50,NULL,NaN,123456789012345678901234.5}'", "'{}'", "'{Infinity,-Infinity}'"),
     "tsarr": ("NULL", "ARRAY['2024-02-29 23:59:59.5+00', NULL, 'infinity', '0044-03-15 12:00:00+00 BC']::timestamptz[]",),
     "jsonbarr": ("NULL", """ARRAY['{"k": [1]}'::jsonb, 'null'::jsonb, NULL]""",),
     "byteaarr": ("NULL", "ARRAY['\\xdead'::bytea, NULL, ''::bytea]",),
@@ -347,9 +352,12 @@ def replay(log: list[dict], script: list[tuple]) -> list[str]:
     by_request: dict[str, list[dict]] = {}
     for m in log:
         by_request.setdefault(m["request_id"], []).append(m)
-    stretches = {step[1] for step in script if step[0] == "stretch"}
-    for rid in sorted(set(by_request) - stretches, key=str):
+    stretches = [step[1] for step in script if step[0] == "stretch"]
+    for rid in sorted(set(by_request) - set(stretches), key=str):
         failures.append(f"{len(by_request[rid])} changes recorded under request {rid!r}, which wrote none")
+    in_log = [m["request_id"] for i, m in enumerate(log) if i == 0 or log[i - 1]["request_id"] != m["request_id"]]
+    if in_log != [rid for rid in stretches if rid in by_request]:  # commit order, each stretch's changes together
+        failures.append(f"the log's order of requests {in_log}, their commit order {stretches}")
     state: dict[str, list[dict]] = {t: [] for t in KEYS}
     for step in script:
         if step[0] == "unrecorded":

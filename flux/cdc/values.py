@@ -12,8 +12,8 @@ What the JSON image looks like:
 - integers are ints; `numeric` is an `orjson.Fragment` of its exact text (never a float);
 - float4/float8 are floats; NaN and the infinities of floats and numerics are strings;
 - bool is True/False; json/jsonb are `orjson.Fragment`s of their (already valid JSON) text;
-- timestamp/timestamptz become ISO 8601 with a `T` (and `+HH:MM` offsets); `infinity`,
-  `-infinity` and BC values stay as the server's text;
+- timestamp/timestamptz become ISO 8601 with a `T` (and `+HH:MM` offsets), as `to_jsonb` writes
+  them, BC values too (`0044-03-15T12:00:00+00:00 BC`); `infinity` and `-infinity` stay so;
 - arrays are (nested) lists of converted elements, NULL elements are None;
 - everything else (text, bytea's `\\x..`, uuid, date, time, interval, enum, ...) is the text.
 
@@ -91,14 +91,16 @@ def _json(text: str) -> Fragment | str:
 
 
 def _timestamp(text: str) -> str:
-    if text[-1] in "yC":  # infinity, -infinity, '... BC'
+    if text[-1] == "y":  # infinity, -infinity
         return text
-    return text.replace(" ", "T", 1)
+    return text.replace(" ", "T", 1)  # '0044-03-15 12:00:00 BC' too: its era stays after a space, as to_jsonb writes it
 
 
 def _timestamptz(text: str) -> str:
-    if text[-1] in "yC":
+    if text[-1] == "y":
         return text
+    if text[-1] == "C":  # '0044-03-15 12:00:00+00 BC': the offset as any other's, the era after it (to_jsonb's form)
+        return _timestamptz(text[:-3]) + " BC"
     text = text.replace(" ", "T", 1)
     if text[-3] in "+-":  # '+00', '-08' -> '+00:00'; '+05:30' and LMT's '+00:19:32' stay
         text += ":00"

@@ -269,9 +269,13 @@ def test_timestamp_infinities_stay_as_text(pg):
         assert [convert(pg, f"'{v}'", type_name) for v in ("infinity", "-infinity")] == ["infinity", "-infinity"]
 
 
-def test_bc_timestamps_stay_as_text(pg):
-    assert convert(pg, "'0044-03-15 12:00:00 BC'", "timestamp") == "0044-03-15 12:00:00 BC"
-    assert convert(pg, "'0044-03-15 12:00:00+00 BC'", "timestamptz") == "0044-03-15 12:00:00+00 BC"
+def test_bc_timestamps_are_written_as_to_jsonb_writes_them(pg):
+    # As any other timestamp: a 'T', an offset with minutes; the era after them.
+    for literal, type_name in (("0044-03-15 12:00:00 BC", "timestamp"), ("0044-03-15 12:00:00.5+00 BC", "timestamptz"),
+                               ("4713-11-24 00:00:00-05 BC", "timestamptz")):
+        [written] = pg.execute(f"SELECT to_jsonb('{literal}'::{type_name}) #>> '{{}}'").fetchone()
+        assert convert(pg, f"'{literal}'", type_name) == written
+    assert convert(pg, "'0044-03-15 12:00:00+00 BC'", "timestamptz") == "0044-03-15T12:00:00+00:00 BC"
 
 
 def test_timestamptz_array_elements_are_iso(pg):

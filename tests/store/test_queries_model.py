@@ -61,7 +61,7 @@ SETUP = (
     "CREATE TABLE nm (id numeric PRIMARY KEY, v text)",
 )
 # A value stored out of line (TOAST): an update that leaves it alone does not send it again.
-LONG = "".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12_000))
+LONG = "".join(random.Random(0).choices("abcdefghijklmnopqrstuvwxyz0123456789", k=12_000))
 TEXTS = ("x", "y", "zz", "", None, LONG)
 
 

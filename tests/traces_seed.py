@@ -166,6 +166,12 @@ def fail_trace() -> TraceRecord:
                  spans=fail_spans(), ms=44.0, tenant="acme", ago=timedelta(minutes=3))
 
 
+def new_tx() -> int:
+    """A transaction number of its own, for several `mutation` calls of one transaction: a fixed one
+    collided with the counter once a worker's earlier tests had drawn as many."""
+    return next(_tx)
+
+
 def mutation(conn: psycopg.Connection, table: str, op: str, *, request_id: str | None, key: dict | None,
              new: dict | None = None, function: str | None = None, seq: int = 0, tx: int | None = None) -> None:
     """One row of the mutation log as the engine writes it, each call its own transaction unless `tx` is given."""
@@ -200,5 +206,6 @@ def seed(conn: psycopg.Connection) -> None:
     conn.execute("CREATE TABLE public.members (org int, id text, role text, PRIMARY KEY (org, id))")
     insert_traces(conn, [trace(OK), trace(OK2, tenant="acme", ago=timedelta(days=2), function="list_orders"), fail_trace()])
     mutation(conn, "orders", "insert", request_id=OK, key={"id": 1}, new={"id": 1, "total": 40}, function="create_order")
-    mutation(conn, "members", "update", request_id=NO_TRACE, key={"org": 1, "id": "a"}, function="set_role", seq=0, tx=90)
-    mutation(conn, "users", "update", request_id=NO_TRACE, key={"id": 42}, function="set_role", seq=1, tx=90)
+    shared = new_tx()
+    mutation(conn, "members", "update", request_id=NO_TRACE, key={"org": 1, "id": "a"}, function="set_role", seq=0, tx=shared)
+    mutation(conn, "users", "update", request_id=NO_TRACE, key={"id": 42}, function="set_role", seq=1, tx=shared)

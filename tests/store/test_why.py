@@ -21,6 +21,7 @@ from tests.traces_seed import (
     aborted_spans,
     bulk_mutations,
     mutation,
+    new_tx,
     exception,
     nested_spans,
     retry_spans,
@@ -154,8 +155,9 @@ def _three_rows_written(conn, logged: int) -> None:
     gw = span("gateway", "server", "gateway", http__status_code=200)
     fn = span("f", "internal", "function", parent=gw, db__transaction="committed")
     insert_traces(conn, [trace(PARTLY, spans=[gw, fn, span("db.insert(items)", "client", "db", parent=fn, db__rows=3)])])
+    tx = new_tx()
     for n in range(logged):
-        mutation(conn, "items", "insert", request_id=PARTLY, key={"id": n}, new={"id": n}, tx=900, seq=n)
+        mutation(conn, "items", "insert", request_id=PARTLY, key={"id": n}, new={"id": n}, tx=tx, seq=n)
 
 
 def test_explain_notes_a_log_that_holds_fewer_rows_than_the_statements_reported(conn):

@@ -602,24 +602,30 @@ def test_the_max_locks_per_transaction_a_refusal_suggests_makes_room_for_its_tab
     refuse_too_many_locks(LockRoom(per_slot=suggested, slots=slots, in_use=in_use), tables, action="Attach changed nothing")
 
 
-def test_a_table_created_while_an_all_tables_attach_waits_for_a_lock_is_published_full(dsn, conn):
-    """A schema publication holds every table of its schemas: one created after attach had read them (while a
-    try waited, or between its batches) was published with its key-only identity, its updates recorded so."""
-    for table in "ab":
-        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+def _while_attach_waits_for_b(dsn: str, conn, run, statements: list[str]) -> None:
+    """Run `run` (an attach) while another session holds table b, run `statements` once it waits for
+    that lock, then let it go on; the attach must succeed."""
     report = _holding(dsn, "b")
     try:
-        flux, outcome = _in_thread(lambda: attach(dsn, all_tables=True))
+        flux, outcome = _in_thread(run)
         _until(conn, "SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity s USING (pid)"
                      " WHERE s.application_name = 'flux' AND NOT l.granted)")
-        conn.execute("CREATE TABLE c (id int PRIMARY KEY)")
-        conn.execute("CREATE SCHEMA later")
-        conn.execute("CREATE TABLE later.d (id int PRIMARY KEY)")
+        for statement in statements:
+            conn.execute(statement)
     finally:
         report.rollback()
         report.close()
     flux.join(timeout=30)
     assert not isinstance(outcome[0], Exception), outcome[0]
+
+
+def test_a_table_created_while_an_all_tables_attach_waits_for_a_lock_is_published_full(dsn, conn):
+    """A schema publication holds every table of its schemas: one created after attach had read them (while a
+    try waited, or between its batches) was published with its key-only identity, its updates recorded so."""
+    for table in "ab":
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    _while_attach_waits_for_b(dsn, conn, lambda: attach(dsn, all_tables=True), [
+        "CREATE TABLE c (id int PRIMARY KEY)", "CREATE SCHEMA later", "CREATE TABLE later.d (id int PRIMARY KEY)"])
     assert dict(conn.execute("SELECT relname, relreplident FROM pg_class WHERE relname IN ('a', 'b', 'c', 'd')").fetchall()) == {
         "a": "f", "b": "f", "c": "f", "d": "f"}
     assert conn.execute("SELECT count(*) FROM pg_publication_tables WHERE pubname = 'flux'").fetchone() == (4,)
@@ -629,16 +635,6 @@ def test_a_listed_table_dropped_while_attach_waits_for_a_lock_is_left_out_and_th
     """Attach failed whole ('relation "public.c" does not exist'), its try having read the list before the DROP."""
     for table in "abc":
         conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
-    report = _holding(dsn, "b")
-    try:
-        flux, outcome = _in_thread(lambda: attach(dsn, tables=["a", "b", "c"]))
-        _until(conn, "SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity s USING (pid)"
-                     " WHERE s.application_name = 'flux' AND NOT l.granted)")
-        conn.execute("DROP TABLE c")
-    finally:
-        report.rollback()
-        report.close()
-    flux.join(timeout=30)
-    assert not isinstance(outcome[0], Exception), outcome[0]
+    _while_attach_waits_for_b(dsn, conn, lambda: attach(dsn, tables=["a", "b", "c"]), ["DROP TABLE c"])
     assert conn.execute("SELECT tablename FROM pg_publication_tables WHERE pubname = 'flux' ORDER BY 1").fetchall() == [
         ("a",), ("b",)]

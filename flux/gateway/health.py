@@ -23,6 +23,7 @@ PROBE_CONNECT_TIMEOUT_S = 3
 # The whole check, login and SELECT 1: a server (or a PgBouncer out of server connections) that
 # logs in but does not answer must read as unreachable, not as the last check's answer for minutes.
 PROBE_TIMEOUT_S = 5.0
+CLOSE_WAIT_S = 15.0  # past psycopg's own bounds on a cancelled statement (5 s to cancel, 5 s for it to end)
 
 
 class DatabaseProbe:
@@ -70,12 +71,12 @@ class DatabaseProbe:
             self._answer(False, f"no answer to the login and SELECT 1 in {self._timeout:g} s")
             # psycopg, cancelled in a statement, sends the server a cancel and waits up to 10 s for the
             # statement to end: the answer above does not wait for that (it did, twice the timeout),
-            # and no other check connects until this one's connection is closed.
+            # and no other check connects until this one's connection is closed (or CLOSE_WAIT_S).
             attempt.cancel()
-            await asyncio.wait({attempt})
+            await asyncio.wait({attempt}, timeout=CLOSE_WAIT_S)
         finally:
-            if not attempt.done():  # the probe is closing
-                attempt.cancel()
+            if not attempt.done():  # the probe is closing, or psycopg's cleanup outlived CLOSE_WAIT_S
+                attempt.cancel()  # (again: psycopg then closes the connection at once)
             elif not attempt.cancelled():
                 attempt.exception()  # retrieved: an error after the timeout is not worth a log line
             self._task = None

@@ -45,8 +45,9 @@ class DatabaseProbe:
         """The last check's result, checking again first when it is older than PROBE_TTL_S."""
         stale = self._checked_at is None or time.monotonic() - self._checked_at >= PROBE_TTL_S
         if stale and self._task is None:
+            self._started_at, self._checking = time.monotonic(), True
             self._task = asyncio.create_task(self._check(), name="flux-health-database")
-        if self._task is not None:
+        if self._task is not None and self._checking:  # not while an answered check's connection closes
             await asyncio.wait({self._task}, timeout=PROBE_WAIT_S)  # never cancels it: the next answer has it
         return {
             "reachable": self._reachable,
@@ -57,7 +58,6 @@ class DatabaseProbe:
         }
 
     async def _check(self) -> None:
-        self._started_at, self._checking = time.monotonic(), True
         attempt = asyncio.ensure_future(self._login_and_select_1())
         try:
             await asyncio.wait({attempt}, timeout=self._timeout)

@@ -27,7 +27,7 @@ from flux.errors import ConfigError
 CONFIG_FILE = "flux.toml"
 FUNCTIONS_DIR = "functions"
 DEFAULT_TENANT = "default"
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")  # \Z: `$` also matches before a final newline
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
 

@@ -22,6 +22,15 @@ def test_every_function_gets_post_slash_name_and_flux_toml_adds_routes(tmp_path)
     assert project.route("GET", "/signup") is None
 
 
+def test_a_function_file_name_ending_in_a_newline_is_not_a_valid_function_name(tmp_path):
+    """`$` matches before a final newline: `x\\n.js` loaded as function "x\\n", a newline in its route, in
+    metrics' labels and in every log line about it."""
+    write_project(tmp_path, {"hello": FN})
+    (tmp_path / "functions" / "x\n.js").write_text(FN)
+    with pytest.raises(ConfigError, match="is not a valid function name"):
+        load_project(tmp_path)
+
+
 def test_a_route_to_a_missing_function_is_a_config_error_with_a_hint(tmp_path):
     write_project(tmp_path, {"hello": FN}, '[routes]\n"POST /signup" = "create_user"\n')
     with pytest.raises(ConfigError) as info:

@@ -69,7 +69,7 @@ class Metrics:
         traces = health.get("traces")
         if traces is not None:
             _gauge(lines, "flux_traces_pending", "Trace records not written yet.", traces["pending"])
-            _gauge(lines, "flux_traces_pending_bytes", "Their size.", traces["pending_bytes"])
+            _gauge(lines, "flux_traces_pending_bytes", "Bytes of the trace records not written yet.", traces["pending_bytes"])
             _gauge(lines, "flux_traces_waiting_seconds", "How long the database has not taken the batch in hand.", traces["waiting_seconds"])
             for key, text in (("written", "written"), ("dropped", "dropped: the queue was full"),
                               ("failed", "refused by the database for what they hold")):

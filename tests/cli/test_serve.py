@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -705,3 +706,35 @@ def test_functions_database_whose_role_reaches_the_recordings_is_warned_of(tmp_p
     proc.send_signal(signal.SIGTERM)
     out = " ".join(proc.communicate(timeout=60)[0].split())
     assert "functions' ctx.db (--functions-database, role" in out and "flux.trace_requests" in out, out
+
+
+def test_a_stopping_server_refuses_health_probes_while_its_functions_in_flight_finish(tmp_path, dsn):
+    """What a load balancer needs of a draining instance: its probe fails from the stop signal on, on a
+    new connection and on a kept-alive one, while the request in flight still gets its answer."""
+    write_project(tmp_path, {"slow": "export default async function () { await new Promise(r => setTimeout(r, 3000)); "
+                                     "return {status: 200, body: 'done'}; }"})
+    proc, port = start_serve(tmp_path, "--database", dsn, "--attach", "--no-engine")
+    base = f"http://127.0.0.1:{port}"
+    answers: list[int] = []
+    try:
+        with httpx.Client(base_url=base, timeout=10) as kept:
+            assert kept.get("/_flux/health").status_code == 200  # its connection stays open
+            slow = threading.Thread(target=lambda: answers.append(httpx.post(base + "/slow", timeout=20).status_code))
+            slow.start()
+            time.sleep(1)  # the function is running
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            probes = []
+            with httpx.Client(base_url=base, timeout=2) as new:
+                for client in (kept, new):
+                    try:
+                        probes.append(client.get("/_flux/health").status_code)
+                    except httpx.TransportError as exc:
+                        probes.append(type(exc).__name__)
+            slow.join(20)
+    finally:
+        if proc.poll() is None and not answers:  # stopped before the test's signal: stop it now
+            proc.kill()
+        out = communicate(proc)
+    assert probes == ["ConnectError", "ConnectError"], out
+    assert answers == [200], out

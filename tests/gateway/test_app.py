@@ -1231,6 +1231,25 @@ def test_requests_within_max_queue_wait_for_a_worker_and_run(tmp_path, dsn, conn
     assert [a[0] for a in answers] == [200, 200, 200] and health["refused"] == 0
 
 
+def test_health_answers_at_once_while_every_worker_is_busy_and_the_queue_is_full(tmp_path, dsn):
+    """A load balancer's probe must not wait behind the functions: it would take a busy instance for a dead one."""
+    write_project(tmp_path, {"slow": SLOW.replace("1000", "3000")})
+
+    async def scenario():
+        async with running_gateway(tmp_path, dsn, workers=1, max_queue=1) as (_, client):
+            busy = [asyncio.ensure_future(client.post("/slow")) for _ in range(2)]
+            await asyncio.sleep(0.3)  # one runs, one waits
+            started = time.monotonic()
+            response = await client.get("/_flux/health")
+            took = time.monotonic() - started
+            await asyncio.gather(*busy)
+            return response.status_code, await response.get_json(), took
+
+    status, health, took = run(scenario())
+    assert status == 200 and (health["running"], health["queued"]) == (1, 1)
+    assert took < 1.5  # not after the running function's 3 s (0.25 s at most for the database's check)
+
+
 ECHO_BODY = """
 export default async function (req) {
   return {status: 200, body: {body: req.body instanceof Uint8Array ? Array.from(req.body) : req.body}};

@@ -115,23 +115,38 @@ def test_a_gateway_without_a_database_reports_none(tmp_path):
     assert asyncio.run(scenario())["database"] is None
 
 
-def test_a_database_that_logs_in_but_never_answers_select_1_reads_as_unreachable(dsn):
+def test_a_database_that_logs_in_but_never_answers_select_1_reads_as_unreachable_at_the_timeout(dsn):
     """A PgBouncer out of server connections logs in and holds the query: the check never ended,
-    so health kept saying the last check's answer (or none) for as long as it held."""
-    proxy = ProxyProcess(dsn, hold_answer_to="SELECT 1", release_after=60)
+    so health kept saying the last check's answer (or none) for as long as it held. Then it said so
+    only once psycopg had sent a cancel and waited up to 5 s more for the statement to end: twice
+    the 5 s README states."""
+    status, answered_after, _ = asyncio.run(_held_select_1(dsn))
+    assert status["reachable"] is False and "no answer" in status["error"], status
+    assert status["checking_seconds"] is None
+    assert answered_after is not None and answered_after < 2.5, answered_after
 
-    async def scenario():
+
+def test_probes_do_not_wait_while_a_timed_out_checks_connection_closes(dsn):
+    """psycopg takes up to 10 s to cancel the held statement and close: the answer is known meanwhile."""
+    status, _, next_probe_took = asyncio.run(_held_select_1(dsn))
+    assert status["reachable"] is False and next_probe_took < 0.1, next_probe_took
+
+
+async def _held_select_1(dsn: str) -> tuple[dict, float | None, float | None]:
+    """A probe (1 s timeout) of a database that logs in and holds the answer to SELECT 1: its first
+    answer that says reachable or not, how long that took, and how long the next probe then took."""
+    proxy = ProxyProcess(dsn, hold_answer_to="SELECT 1", release_after=60)
+    try:
         probe = DatabaseProbe(proxy.dsn, timeout=1)
         started = time.monotonic()
-        while time.monotonic() - started < 10:
+        while time.monotonic() - started < 15:
             status = await probe.status()
             if status["reachable"] is not None:
-                return status
-            await asyncio.sleep(0.2)
-        return status
-
-    try:
-        status = asyncio.run(scenario())
+                answered_after = time.monotonic() - started
+                started = time.monotonic()
+                await probe.status()
+                return status, answered_after, time.monotonic() - started
+            await asyncio.sleep(0.1)
+        return status, None, None
     finally:
         proxy.close()
-    assert status["reachable"] is False and "no answer" in status["error"], status

@@ -1,0 +1,79 @@
+"""`flux.cli.output` as a terminal, a pipe or a script meets it: any stream encoding, a reader that leaves.
+
+Run as the real command (`python -m flux`), since both failed in what the interpreter does with
+stdout, which CliRunner replaces.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flux.errors import NotFoundError
+from tests.traces_seed import FAIL
+
+READER_GONE = 141  # 128 + SIGPIPE, as a shell reports for git or cat
+
+
+def flux(*args: str, encoding: str | None = None, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"PYTHONIOENCODING": encoding} if encoding else {})}
+    return subprocess.run([sys.executable, "-m", "flux", *args], env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=60)
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_trace_in_a_stream_without_its_drawing_characters_draws_them_in_ascii(seeded, dsn, encoding):
+    result = flux("trace", FAIL[:8], "--database", dsn, encoding=encoding)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    out = result.stdout.decode(encoding)
+    assert "  `- create_user " in out and "     |- db.insert(users) " in out
+
+
+def test_why_in_an_ascii_stream_draws_its_arrow_in_ascii(seeded, dsn):
+    result = flux("why", FAIL[:8], "--database", dsn, encoding="ascii")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert "  POST /signup  >  function: create_user" in result.stdout.decode("ascii")
+
+
+def test_recorded_text_an_ascii_stream_lacks_is_written_as_escapes(conn, dsn):
+    from flux.store.schema import ensure_schema
+    from flux.store.traces import insert_traces
+    from tests.traces_seed import trace
+
+    ensure_schema(conn)
+    insert_traces(conn, [trace(FAIL, path="/café/✓", status=500, error="échec")])
+    result = flux("why", FAIL[:8], "--database", dsn, encoding="ascii")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    out = result.stdout.decode("ascii")
+    assert "POST /caf\\xe9/\\u2713" in out and "500 - \\xe9chec" in out
+
+
+def closed_pipe() -> int:
+    """The write end of a pipe whose reader has already left (`| head` done, a pager quit): every write fails."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+@pytest.mark.parametrize("args", [["requests"], ["requests", "--json"], ["trace", FAIL[:8]], ["why", FAIL[:8], "--json"]],
+                         ids=" ".join)
+def test_a_reader_that_left_ends_the_command_quietly_with_141(seeded, dsn, args):
+    out = closed_pipe()
+    try:
+        result = flux(*args, "--database", dsn, stdout=out)
+    finally:
+        os.close(out)
+    assert (result.returncode, result.stderr) == (READER_GONE, b"")
+
+
+def test_an_error_whose_json_reader_left_says_it_on_stderr_with_its_exit_code(seeded, dsn):
+    out = closed_pipe()
+    try:
+        result = flux("trace", "deadbeef", "--database", dsn, "--json", stdout=out)
+    finally:
+        os.close(out)
+    assert result.returncode == NotFoundError.exit_code
+    assert result.stderr.decode().startswith("error: No trace with id starting 'deadbeef'"), result.stderr
+

@@ -15,7 +15,7 @@ import orjson
 from rich.cells import cell_len
 from rich.console import Console
 
-from flux.errors import FluxError
+from flux.errors import FluxError, OutputError
 from flux.store.names import visible
 
 EXIT_READER_GONE = 141  # 128 + SIGPIPE: what a shell reports for git or cat whose reader left first (`| head`)
@@ -32,14 +32,33 @@ def _stdout_to_devnull() -> None:
     """So that the flush at exit, of what is still buffered, does not fail again."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # no descriptor to point (a test's captured stdout)
+    except (OSError, ValueError, AttributeError):  # no descriptor to point (a test's captured stdout, or none)
         pass
+
+
+def _unwritable(exc: OSError | None) -> OutputError:
+    """The error for output that could not be written; stdout goes to /dev/null, so exit's flush does not fail too."""
+    _stdout_to_devnull()
+    why = "stdout is closed" if exc is None else exc.strerror or str(exc)
+    return OutputError(f"Could not write the output: {why}",
+                       hint="The output is missing or incomplete: check where stdout goes (a full disk, a closed descriptor), "
+                            "then run the command again.")
 
 
 class _Console(Console):
     def on_broken_pipe(self) -> None:  # rich's own exits 1
         self.quiet = True
         reader_gone()
+
+    def _check_buffer(self) -> None:
+        """rich's write of what was printed: a full disk raised OSError, a traceback. (rich's own name: were
+        it renamed, this is not called, and such a failure is a traceback again, no worse.)"""
+        try:
+            super()._check_buffer()
+        except OSError as exc:  # a reader gone is on_broken_pipe's, inside
+            if self.stderr:
+                raise
+            raise _unwritable(exc) from exc
 
 
 console = _Console(highlight=False, soft_wrap=True, emoji=False)
@@ -90,10 +109,22 @@ def to_json(data: Any) -> bytes:
 
 def print_json(data: Any) -> None:
     try:
-        sys.stdout.buffer.write(to_json(data) + b"\n")
-        sys.stdout.flush()
+        _write_stdout(to_json(data) + b"\n")
     except BrokenPipeError:
         reader_gone()
+
+
+def _write_stdout(data: bytes) -> None:
+    """`data` to stdout, whole; BrokenPipeError when its reader left, OutputError when it cannot be written."""
+    if sys.stdout is None:  # started with it closed (`>&-`)
+        raise _unwritable(None)
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _unwritable(exc) from exc
 
 
 def fail(exc: FluxError) -> NoReturn:
@@ -106,9 +137,8 @@ def fail(exc: FluxError) -> NoReturn:
         sys.exit(exc.exit_code)
     if "--json" in sys.argv[1:]:
         try:
-            sys.stdout.buffer.write(orjson.dumps(exc.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
-            sys.stdout.flush()
-        except BrokenPipeError:  # the reader left: the error still goes to stderr, with its own exit code
+            _write_stdout(orjson.dumps(exc.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        except (BrokenPipeError, OutputError):  # the error still goes to stderr, with its own exit code
             _stdout_to_devnull()
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}")  # it may quote recorded text (ids, names)
     if exc.hint:

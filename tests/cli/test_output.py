@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -18,9 +19,10 @@ from tests.traces_seed import FAIL
 READER_GONE = 141  # 128 + SIGPIPE, as a shell reports for git or cat
 
 
-def flux(*args: str, encoding: str | None = None, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess:
+def flux(*args: str, encoding: str | None = None, stdout: Any = subprocess.PIPE, **kwargs: Any) -> subprocess.CompletedProcess:
     env = {**os.environ, **({"PYTHONIOENCODING": encoding} if encoding else {})}
-    return subprocess.run([sys.executable, "-m", "flux", *args], env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=60)
+    return subprocess.run([sys.executable, "-m", "flux", *args], env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=60,
+                          **kwargs)
 
 
 @pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
@@ -77,3 +79,17 @@ def test_an_error_whose_json_reader_left_says_it_on_stderr_with_its_exit_code(se
     assert result.returncode == NotFoundError.exit_code
     assert result.stderr.decode().startswith("error: No trace with id starting 'deadbeef'"), result.stderr
 
+
+
+@pytest.mark.parametrize("args", [["trace", FAIL[:8]], ["requests", "--json"]], ids=" ".join)
+def test_output_to_a_full_disk_is_one_error_line_and_exit_1(seeded, dsn, args):
+    with open("/dev/full", "w") as full:  # every write fails ENOSPC, as a full disk's does
+        result = flux(*args, "--database", dsn, stdout=full)
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith("error: Could not write the output: No space left on device\nhint: ")
+
+
+def test_json_with_stdout_closed_is_one_error_line_and_exit_1(seeded, dsn):
+    result = flux("requests", "--json", "--database", dsn, stdout=None, preexec_fn=lambda: os.close(1))
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith("error: Could not write the output: stdout is closed\nhint: ")

@@ -61,8 +61,11 @@ class _Console(Console):
             raise _unwritable(exc) from exc
 
 
-console = _Console(highlight=False, soft_wrap=True, emoji=False)
-err_console = _Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+# NO_COLOR: no escape codes at all. rich's own reading of it drops the colours and keeps bold and dim,
+# escape codes still, which a screen reader or a log capture of a terminal session then has to strip.
+_COLORS = None if os.environ.get("NO_COLOR", "") != "" else "auto"
+console = _Console(highlight=False, soft_wrap=True, emoji=False, color_system=_COLORS)
+err_console = _Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, color_system=_COLORS)
 
 # The text output's own characters in ASCII, for a stream whose encoding lacks them (PYTHONIOENCODING=ascii,
 # a latin-1 locale, a Windows code page), each one character for one, since columns and trees were

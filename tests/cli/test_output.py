@@ -93,3 +93,34 @@ def test_json_with_stdout_closed_is_one_error_line_and_exit_1(seeded, dsn):
     result = flux("requests", "--json", "--database", dsn, stdout=None, preexec_fn=lambda: os.close(1))
     assert result.returncode == 1
     assert result.stderr.decode().startswith("error: Could not write the output: stdout is closed\nhint: ")
+
+
+def on_a_terminal(*args: str, **env: str) -> bytes:
+    """What `flux ARGS` writes to a terminal (a pseudo-terminal), with `env` added to the environment."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        try:  # its output is a few lines, well within what the terminal holds unread
+            subprocess.run([sys.executable, "-m", "flux", *args], env={**os.environ, "TERM": "xterm-256color", **env},
+                           stdout=follower, stderr=follower, timeout=60)
+        finally:
+            os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal is closed and read through
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        os.close(leader)
+
+
+def test_no_color_on_a_terminal_writes_no_escape_codes_at_all(seeded, dsn):
+    assert b"\x1b[" in on_a_terminal("why", FAIL[:8], "--database", dsn)  # bold, red: a terminal gets them
+    out = on_a_terminal("why", FAIL[:8], "--database", dsn, NO_COLOR="1")
+    assert b"Root cause" in out and b"\x1b" not in out

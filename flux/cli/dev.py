@@ -21,6 +21,7 @@ from flux.cli.common import CONNECT_TIMEOUT, ENV_DSN, FROM_EMBEDDED, FROM_FLAG, 
 from flux.cli.output import console, escape
 from flux.cli.serve import (HostOption, MaxQueueOption, PoolOption, PortOption, QueueTimeoutOption, WorkersOption,
                              run_stack)
+from flux.errors import OutputError
 
 if TYPE_CHECKING:
     from flux.pg.cluster import ClusterInfo
@@ -180,7 +181,7 @@ def _say(text: str) -> None:
     """A last word that a closed terminal (the SIGHUP that stopped us) cannot turn into a traceback."""
     try:
         console.print(text)
-    except OSError:
+    except (OSError, OutputError):  # OutputError: how the console reports the write that failed
         pass
 
 

@@ -1,7 +1,8 @@
-"""`flux.cli.output` as a terminal, a pipe or a script meets it: any stream encoding, a reader that leaves.
+"""`flux.cli.output` as a terminal, a pipe or a script meets it: any stream encoding, a reader that
+leaves, a write that fails, NO_COLOR.
 
-Run as the real command (`python -m flux`), since both failed in what the interpreter does with
-stdout, which CliRunner replaces.
+Run as the real command (`python -m flux`): each of these failed in what the interpreter or rich does
+with the real stdout, which CliRunner replaces.
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ def test_an_error_whose_json_reader_left_says_it_on_stderr_with_its_exit_code(se
         os.close(out)
     assert result.returncode == NotFoundError.exit_code
     assert result.stderr.decode().startswith("error: No trace with id starting 'deadbeef'"), result.stderr
-
 
 
 @pytest.mark.parametrize("args", [["trace", FAIL[:8]], ["requests", "--json"]], ids=" ".join)

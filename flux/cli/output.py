@@ -51,8 +51,12 @@ class _Console(Console):
         reader_gone()
 
     def _check_buffer(self) -> None:
-        """rich's write of what was printed: a full disk raised OSError, a traceback. (rich's own name: were
-        it renamed, this is not called, and such a failure is a traceback again, no worse.)"""
+        """rich's write of what was printed: a full disk raised OSError, a traceback; a closed stdout (`>&-`)
+        dropped it all, and the command exited 0. (rich's own name: were it renamed, this is not called, and
+        such failures are what they were, no worse.)"""
+        if sys.stdout is None and not self.stderr and self._buffer and not self.quiet:
+            del self._buffer[:]
+            raise _unwritable(None)
         try:
             super()._check_buffer()
         except OSError as exc:  # a reader gone is on_broken_pipe's, inside

@@ -89,8 +89,9 @@ def test_output_to_a_full_disk_is_one_error_line_and_exit_1(seeded, dsn, args):
     assert result.stderr.decode().startswith("error: Could not write the output: No space left on device\nhint: ")
 
 
-def test_json_with_stdout_closed_is_one_error_line_and_exit_1(seeded, dsn):
-    result = flux("requests", "--json", "--database", dsn, stdout=None, preexec_fn=lambda: os.close(1))
+@pytest.mark.parametrize("args", [["trace", FAIL[:8]], ["requests", "--json"]], ids=" ".join)
+def test_output_with_stdout_closed_is_one_error_line_and_exit_1(seeded, dsn, args):
+    result = flux(*args, "--database", dsn, stdout=None, preexec_fn=lambda: os.close(1))
     assert result.returncode == 1
     assert result.stderr.decode().startswith("error: Could not write the output: stdout is closed\nhint: ")
 

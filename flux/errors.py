@@ -115,6 +115,10 @@ class LockTimeoutError(InUseError):
     retryable = True
 
 
+class OutputError(FluxError):
+    """The command's output could not be written: a full disk, a closed stdout (a reader gone is no error: exit 141)."""
+
+
 class ClusterError(FluxError):
     """The embedded PostgreSQL cluster could not be found, created or started."""
 

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from flux.cli import attach, cdc, dev, init, prune, serve, state, trace
-from flux.cli.output import fail, print_json
+from flux.cli.output import fail, fit_streams, print_json
 
 
 def _hide_flag_types() -> None:
@@ -57,6 +57,7 @@ def main() -> None:
     from flux.signals import hold_for_command
 
     hold_for_command(sys.argv[1:])  # again for a script that calls this directly: idempotent
+    fit_streams()
     try:
         _check_encoding(sys.argv[1:])
         code = app(standalone_mode=False)

@@ -8,7 +8,7 @@ import typer
 
 from flux.cdc import attach as lib
 from flux.cli.common import DatabaseOption, JsonOption, reaching, resolve_database
-from flux.cli.output import console, err_console, print_json, rich_escape
+from flux.cli.output import console, err_console, escape, print_json
 
 SlotOption = Annotated[str, typer.Option("--slot", help="Logical replication slot name.")]
 PublicationOption = Annotated[str | None, typer.Option("--publication", help="Publication name (default: the one attach recorded for the slot, else flux).")]
@@ -40,17 +40,17 @@ def attach(
         print_json(result)
         return
     scope = "all tables" if result.all_tables else f"{len(result.tables)} table(s)"
-    console.print(f"[bold]Attached[/]  slot [cyan]{slot}[/] · publication [cyan]{result.publication}[/] · {scope}")
-    print_some([f"  captures {rich_escape(table)}" for table in result.tables])
+    console.print(f"[bold]Attached[/]  slot [cyan]{escape(slot)}[/] · publication [cyan]{escape(result.publication)}[/] · {scope}")
+    print_some([f"  captures {escape(table)}" for table in result.tables])
     if not result.changed_anything:
         console.print("  Nothing changed: already attached this way.")
-    print_some([f"  [green]+[/] {rich_escape(item)}" for item in result.created])
-    print_some([f"  [yellow]~[/] {rich_escape(change['table'])}: REPLICA IDENTITY {change['previous']} → FULL"
+    print_some([f"  [green]+[/] {escape(item)}" for item in result.created])
+    print_some([f"  [yellow]~[/] {escape(change['table'])}: REPLICA IDENTITY {change['previous']} → FULL"
                 f"  [dim](`flux detach` restores {change['previous']})[/]" for change in result.replica_identity_changed])
-    print_some([f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']} again  [dim](no longer captured)[/]"
+    print_some([f"  [yellow]~[/] {escape(item['table'])}: REPLICA IDENTITY {item['restored']} again  [dim](no longer captured)[/]"
                 for item in result.replica_identity_restored])
     for warning in result.warnings:
-        console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
+        console.print(f"  [yellow]warning:[/] {escape(warning)}")
 
 
 LINES_SHOWN = 20  # of a list that has a line per table; a database may have thousands
@@ -69,7 +69,7 @@ def _say_slot_waits(sessions: list[str]) -> None:
     err_console.print("[yellow]Creating the slot waits for these transactions to end[/] (those that began before it; Ctrl-C "
                       "stops here, and `flux attach` again finishes the job):")
     for line in sessions:
-        err_console.print(f"  {rich_escape(line)}")
+        err_console.print(f"  {escape(line)}")
 
 
 def split_table_list(text: str) -> list[str]:
@@ -104,11 +104,11 @@ def detach(
     if json:
         print_json(result)
         return
-    console.print(f"[bold]Detached[/]  slot [cyan]{slot}[/]")
+    console.print(f"[bold]Detached[/]  slot [cyan]{escape(slot)}[/]")
     for item in result.dropped:
-        console.print(f"  [red]-[/] {rich_escape(item)}")
-    print_some([f"  [yellow]~[/] {rich_escape(item['table'])}: REPLICA IDENTITY {item['restored']}" for item in result.restored])
+        console.print(f"  [red]-[/] {escape(item)}")
+    print_some([f"  [yellow]~[/] {escape(item['table'])}: REPLICA IDENTITY {item['restored']}" for item in result.restored])
     if not result.data_dropped:
         console.print("  Recorded mutations kept in schema flux (use --drop-data to remove them).")
     for warning in result.warnings:
-        console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
+        console.print(f"  [yellow]warning:[/] {escape(warning)}")

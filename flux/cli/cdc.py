@@ -14,7 +14,7 @@ from flux.cdc.attach import human_bytes
 from flux.cdc.status import CdcStatus, cdc_status
 from flux.cli.common import (WAIT_FOR_DATABASE, DatabaseOption, JsonOption, LogFormat, LogFormatOption, WaitOption, reaching,
                               resolve_database, wait_for_database)
-from flux.cli.output import console, print_json, rich_escape
+from flux.cli.output import console, escape, print_json
 from flux.logs import setup_logging
 from flux.errors import NotFoundError, from_psycopg
 
@@ -84,20 +84,21 @@ def _lag(s: CdcStatus) -> str:
 
 
 def render_status(s: CdcStatus) -> None:
-    console.print(f"[bold]CDC[/]  slot [cyan]{s.slot}[/] on database [cyan]{s.database}[/]")
+    # A database or publication name may hold `[/]` or an ESC: rich read it as markup (a MarkupError), the terminal as a command.
+    console.print(f"[bold]CDC[/]  slot [cyan]{escape(s.slot)}[/] on database [cyan]{escape(s.database)}[/]")
     if not s.consumer_running:
         consumer = "[red]not running[/]"
     elif s.consumer_pid is not None:
-        consumer = f"running (pid {s.consumer_pid} on {rich_escape(s.consumer_host or '?')})"
+        consumer = f"running (pid {s.consumer_pid} on {escape(s.consumer_host or '?')})"
     else:  # not a Flux engine, or one that does not name itself
-        consumer = f"running ({rich_escape(s.consumer_application or 'unnamed')}, walsender pid {s.walsender_pid})"
+        consumer = f"running ({escape(s.consumer_application or 'unnamed')}, walsender pid {s.walsender_pid})"
     rows = [
         ("slot", ("[red]lost[/] (invalidated: nothing is captured)" if s.wal_status == "lost" else "exists")
                  if s.slot_exists else "[red]missing[/]"),
         ("consumer", consumer),
-        ("standby", ", ".join(f"pid {e['pid']} on {rich_escape(e['host'])}" for e in s.standbys) or "-"),
-        ("publication", "-" if not s.publication else f"{s.publication} [red](missing)[/]" if s.publication_exists is False
-         else f"{s.publication} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})"),
+        ("standby", ", ".join(f"pid {e['pid']} on {escape(e['host'])}" for e in s.standbys) or "-"),
+        ("publication", "-" if not s.publication else f"{escape(s.publication)} [red](missing)[/]" if s.publication_exists is False
+         else f"{escape(s.publication)} ({s.published_tables} table{'' if s.published_tables == 1 else 's'})"),
         ("confirmed LSN", s.confirmed_lsn or "-"),
         ("server LSN", s.current_lsn or "-"),
         ("lag", _lag(s)),
@@ -110,4 +111,4 @@ def render_status(s: CdcStatus) -> None:
     for label, value in rows:
         console.print(f"  {label:<14} {value}")
     for warning in s.warnings:
-        console.print(f"  [yellow]warning:[/] {rich_escape(warning)}")
+        console.print(f"  [yellow]warning:[/] {escape(warning)}")

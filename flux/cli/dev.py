@@ -18,9 +18,10 @@ from typing import IO, TYPE_CHECKING, Annotated
 import typer
 
 from flux.cli.common import CONNECT_TIMEOUT, ENV_DSN, FROM_EMBEDDED, FROM_FLAG, STATE_DIR, Database, checked_dsn, reaching
-from flux.cli.output import console, rich_escape
+from flux.cli.output import console, escape
 from flux.cli.serve import (HostOption, MaxQueueOption, PoolOption, PortOption, QueueTimeoutOption, WorkersOption,
                              run_stack)
+from flux.errors import OutputError
 
 if TYPE_CHECKING:
     from flux.pg.cluster import ClusterInfo
@@ -79,7 +80,7 @@ def dev(
             cluster = Cluster(state_dir=state_dir)
             running = cluster.is_running()
             verb = "Using the embedded PostgreSQL already running" if running else "Starting embedded PostgreSQL"
-            console.print(f"{verb} in {rich_escape(str(state_dir))} …")
+            console.print(f"{verb} in {escape(str(state_dir))} …")
             try:
                 info = cluster.start(avoid=port if root is not None else None)
             except KeyboardInterrupt:  # a second signal while it started: it is ours to stop all the same
@@ -111,23 +112,23 @@ def dev(
             ensure_store(dsn)
         for warning in result.warnings:
             if "no consumer" not in warning:  # the engine starts right below
-                console.print(f"[yellow]warning:[/] {rich_escape(warning)}")
-        console.print(f"[bold green]Flux dev[/]  database [cyan]{rich_escape(dsn)}[/]")
+                console.print(f"[yellow]warning:[/] {escape(warning)}")
+        console.print(f"[bold green]Flux dev[/]  database [cyan]{escape(dsn)}[/]")
 
         # Printed once Ctrl-C is handled: a script that reads these lines may stop us at once. They go
         # out in one write, so that a reader that acts on the `psql` line has the others already.
         def ready(url: str | None) -> None:
-            lines = [f"  psql {rich_escape(dsn)}"]
+            lines = [f"  psql {escape(dsn)}"]
             if url is None:
                 # Said, or a project whose flux.toml is missing (misnamed, not created yet) just serves nothing.
-                lines.append(f"  no gateway: no flux.toml in {rich_escape(str(project_dir))} or its parents, so no functions"
+                lines.append(f"  no gateway: no flux.toml in {escape(str(project_dir))} or its parents, so no functions"
                              " are served (flux init makes a project)")
                 lines.append("  Change rows in any table, then: flux state history TABLE --id ID")
             else:
                 lines.append(f"  gateway {url}")
                 names = ", ".join(sorted(load_project(root).functions)) if root else ""
                 if names:
-                    lines.append(f"  functions: {rich_escape(names)}  (reloaded when their files change)")
+                    lines.append(f"  functions: {escape(names)}  (reloaded when their files change)")
                 else:  # every route would answer 404, with nothing here to say why
                     lines.append("  functions: none yet: add functions/NAME.js (served at POST /NAME as soon as it is saved)")
                 lines.append("  Then: flux requests · flux trace ID · flux why ID")
@@ -142,12 +143,12 @@ def dev(
         if info is not None and info.started:
             kept = (Path(info.data_dir) / "PG_VERSION").exists()
             cluster.stop()
-            _say(f"Embedded PostgreSQL stopped (data kept in {rich_escape(_shown(Path(info.data_dir)))})." if kept else
-                 f"Embedded PostgreSQL stopped (its data directory {rich_escape(_shown(Path(info.data_dir)))} was deleted"
+            _say(f"Embedded PostgreSQL stopped (data kept in {escape(_shown(Path(info.data_dir)))})." if kept else
+                 f"Embedded PostgreSQL stopped (its data directory {escape(_shown(Path(info.data_dir)))} was deleted"
                  " while it ran: the next flux dev makes a new, empty one).")
         elif info is not None:  # someone else started it, and may still use it
             _say("Embedded PostgreSQL left running: it was running before this flux dev started"
-                 f" ({rich_escape(cluster.stop_command())} stops it).")
+                 f" ({escape(cluster.stop_command())} stops it).")
         if lock is not None:
             lock.close()
 
@@ -155,12 +156,12 @@ def dev(
 def _say_how_it_started(info: ClusterInfo, gateway_port: int | None) -> None:
     """What start() did that the user would otherwise wonder about: a server adopted, a port moved, a crash's leftovers."""
     if info.remade:
-        console.print(f"  (.flux/cluster.json named a cluster in {rich_escape(_shown(Path(info.data_dir)))} that is gone:"
+        console.print(f"  (.flux/cluster.json named a cluster in {escape(_shown(Path(info.data_dir)))} that is gone:"
                       " this is a new, empty one)")
     if info.adopted_from is not None:
         console.print(f"  (left running by a flux dev that ended abruptly, pid {info.adopted_from}: this one stops it)")
     if info.stale_pid_file is not None:
-        console.print(f"  (removed the postmaster.pid left by a server that did not stop cleanly: {rich_escape(info.stale_pid_file)})")
+        console.print(f"  (removed the postmaster.pid left by a server that did not stop cleanly: {escape(info.stale_pid_file)})")
     if info.moved_from is not None and info.moved_from == gateway_port:
         console.print(f"  (port {info.moved_from} is the gateway's --port: PostgreSQL listens on {info.port} now)")
     elif info.moved_from is not None:
@@ -180,7 +181,7 @@ def _say(text: str) -> None:
     """A last word that a closed terminal (the SIGHUP that stopped us) cannot turn into a traceback."""
     try:
         console.print(text)
-    except OSError:
+    except (OSError, OutputError):  # OutputError: how the console reports the write that failed
         pass
 
 

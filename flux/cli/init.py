@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json as jsonlib
 import os
-import shlex
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -22,8 +21,9 @@ from typing import Annotated
 import typer
 
 from flux.cli.common import JsonOption
-from flux.cli.output import console, print_json, rich_escape
+from flux.cli.output import console, escape, print_json
 from flux.errors import ConfigError
+from flux.store.names import shell_word
 
 TEMPLATES = ("flux", "scaffold")  # package, directory inside it
 RENAMES = {"gitignore": ".gitignore"}
@@ -156,15 +156,15 @@ def _shown(root: Path) -> str:
 
 def render(result: ScaffoldResult) -> None:
     where = _shown(result.root)
-    console.print(f'[bold green]Created Flux project[/] "{rich_escape(result.name)}" in {rich_escape(where)}')
+    console.print(f'[bold green]Created Flux project[/] "{escape(result.name)}" in {escape(where)}')
     for rel in result.created:
-        console.print(f"  [green]+[/] {rich_escape(rel)}")
+        console.print(f"  [green]+[/] {escape(rel)}")
     for rel in result.overwritten:
-        console.print(f"  [yellow]![/] {rich_escape(rel)} [dim](overwritten)[/]")
+        console.print(f"  [yellow]![/] {escape(rel)} [dim](overwritten)[/]")
     for rel in result.updated:
-        console.print(f"  [cyan]~[/] {rich_escape(rel)} [dim](lines added)[/]")
+        console.print(f"  [cyan]~[/] {escape(rel)} [dim](lines added)[/]")
     json_header = "-H 'content-type: application/json'"
-    steps = [] if where == "." else [f"cd {rich_escape(shlex.quote(where))}"]
+    steps = [] if where == "." else [f"cd {escape(shell_word(where))}"]
     steps += [
         "flux dev                       [dim]# embedded PostgreSQL, runs schema.sql, serves functions/[/]",
         "",

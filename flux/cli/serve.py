@@ -18,7 +18,7 @@ import typer
 
 from flux.cli.common import (CONNECT_TIMEOUT, WAIT_FOR_DATABASE, Database, DatabaseOption, LogFormat, LogFormatOption,
                               WaitOption, checked_dsn, reaching, resolve_database, wait_for_database)
-from flux.cli.output import console, rich_escape
+from flux.cli.output import console, escape
 
 log = logging.getLogger("flux")
 
@@ -182,7 +182,7 @@ def serve(
         if json_logs():  # a log pipeline reads stderr's JSON lines: the line that says it serves is one of them
             log.info("serving %s on %s", root, url, extra={"url": url, "project": str(root)})
         else:
-            console.print(f"[bold green]Flux[/] serving [cyan]{rich_escape(str(root))}[/] on [cyan]{url}[/]")
+            console.print(f"[bold green]Flux[/] serving [cyan]{escape(str(root))}[/] on [cyan]{url}[/]")
 
     run_stack(dsn=dsn, root=root, host=host, port=port, workers=workers, pool_size=pool_size, record=record,
               reload=reload, engine=engine, on_ready=ready, max_queue=max_queue, queue_timeout=queue_timeout,

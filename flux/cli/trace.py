@@ -368,7 +368,9 @@ def _why_logged(w: Why) -> None:
         return
     console.print("  [bold]Errors logged[/]")
     for e in w.logged_errors:
-        message = e.message.splitlines()[0] if e.message else ""  # an Error logged whole has its stack below
+        # An Error logged whole has its stack below its first newline. Not splitlines(): a \r, a form feed
+        # or a U+2028 in the message is no line of the stack, and what follows it vanished.
+        message = e.message.split("\n", 1)[0] if e.message else ""
         at = f"  [dim]at {escape(e.at)}[/]" if e.at else ""
         console.print(f"    {escape(e.span)}  [red]{escape(message)}[/]{at}")
     if w.logged_error_count > len(w.logged_errors):

@@ -85,6 +85,30 @@ def test_attach_and_detach_text_of_many_tables_shows_twenty_a_list_and_how_many_
     assert detached.count(": REPLICA IDENTITY DEFAULT") == 20 and "… and 5 more like these" in detached
 
 
+HOSTILE_NAME = "p[/]\x1b[2J"  # rich's closing tag with nothing to close, and a terminal's clear-screen
+
+
+def test_attach_shows_a_publication_name_with_markup_and_an_escape_sequence_as_text(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    result = invoke("attach", "--database", dsn, "--tables", "a", "--publication", HOSTILE_NAME)
+    assert result.exit_code == 0
+    assert "publication p[/]\\u001b[2J" in result.stdout and "\x1b" not in result.stdout
+
+
+def test_attach_shows_a_table_name_with_an_escape_sequence_escaped(dsn, conn):
+    conn.execute('CREATE TABLE "t\x1b[2J" (id int PRIMARY KEY)')
+    out = invoke("attach", "--database", dsn, "--all-tables").stdout
+    assert "captures public.t\\u001b[2J" in out and "\x1b" not in out
+
+
+def test_cdc_status_shows_a_publication_name_with_markup_and_an_escape_sequence_as_text(dsn, conn):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    invoke("attach", "--database", dsn, "--tables", "a", "--publication", HOSTILE_NAME, "--json")
+    result = invoke("cdc", "status", "--database", dsn)
+    assert result.exit_code == 0
+    assert "publication    p[/]\\u001b[2J (1 table)" in result.stdout and "\x1b" not in result.stdout
+
+
 def test_attach_all_tables_never_publishes_the_flux_schema(dsn, conn):
     conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
     invoke("attach", "--database", dsn, "--all-tables")

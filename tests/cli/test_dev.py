@@ -220,6 +220,27 @@ def test_dev_without_functions_stops_cleanly_on_sighup(project):
     assert not Cluster(state_dir=project / ".flux").is_running()
 
 
+def test_dev_stops_cleanly_after_its_terminal_hung_up(project):
+    """Every write to a terminal that hung up fails (EIO): its last word about the embedded server is skipped,
+    and it still stops the server and exits 0."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "flux", "dev"], cwd=project, stdout=follower, stderr=follower,
+                            env={**os.environ, "COLUMNS": "200"})
+    os.close(follower)
+    out, deadline = b"", time.monotonic() + 60
+    while b"psql " not in out and time.monotonic() < deadline:
+        if select.select([leader], [], [], 1)[0]:
+            out += os.read(leader, 65536)
+    os.close(leader)  # the terminal is gone
+    assert b"psql " in out, out
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 0
+    assert not Cluster(state_dir=project / ".flux").is_running()
+
+
 def test_dev_on_a_port_in_use_says_so_before_starting_the_database(project):
     write_project(project, {"hello": "export default async function () { return {status: 200}; }"})
     with socket.socket() as taken:

@@ -110,6 +110,15 @@ def test_init_prints_what_it_created_and_the_next_steps(tmp_path):
     assert "curl -s http://127.0.0.1:8000/signup" in out and "ada@example.com" in out
 
 
+def test_init_in_a_directory_named_with_an_escape_sequence_shows_it_escaped_and_a_cd_that_pastes_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = init("app\x1b[2J\nx")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output
+    assert 'Created Flux project "app\\u001b[2J\\nx" in app\\u001b[2J\\nx' in result.output
+    assert "  cd $'app\\x1b[2J\\nx'" in result.output.splitlines()
+
+
 def test_every_curl_with_a_json_body_in_the_scaffold_says_it_is_json(project):
     # Without the header curl sends form data, which a function reads as text, not as JSON.
     calls = [line for path in project.rglob("*") if path.is_file() for line in path.read_text().splitlines()

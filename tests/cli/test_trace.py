@@ -625,6 +625,21 @@ def test_why_lists_the_errors_a_request_that_succeeded_logged(conn, dsn):
     assert data["logged_error_count"] == 1 and data["logged_errors"][0]["at"] == "functions/t.js:2:28"
 
 
+def test_why_shows_a_logged_errors_carriage_return_and_what_follows_it(conn, dsn):
+    """Only the stack, below the message's first newline, is left out: a carriage return (or a form feed,
+    a U+2028) is no line break there, and what a function logged after it must not vanish."""
+    ensure_schema(conn)
+    logged = {"level": "error", "message": "Error: paid\rnot paid\u2028really", "exception.type": "Error",
+              "exception.message": "paid\rnot paid\u2028really",
+              "exception.stacktrace": "Error: paid\rnot paid\u2028really\n    at eval (functions/t.js:2:28)"}
+    gw = span("gateway", "server", "gateway", ms=9, http__status_code=200)
+    fn = span("t", "internal", "function", parent=gw, ms=8, events=[
+        {"name": "log", "time": 1764880000005.0, "attributes": logged}])
+    insert_traces(conn, [trace(OK, spans=[gw, fn])])
+    out = lines(invoke(dsn, "why", OK).output)
+    assert out[out.index("  Errors logged") + 1] == "    t  Error: paid\\rnot paid\\u2028really  at functions/t.js:2:28"
+
+
 def test_why_and_trace_of_a_time_limit_show_the_call_it_was_waiting_on_as_abandoned(conn, dsn):
     ensure_schema(conn)
     insert_traces(conn, [trace(FAIL, status=504, spans=waiting_spans(), error="TimeoutError: ...")])

@@ -239,6 +239,15 @@ def test_a_function_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
         load_project(tmp_path)
 
 
+def test_hidden_files_in_functions_are_not_functions(tmp_path):
+    """An editor's lock file (Emacs's `.#hello.js`, a dangling symlink) or macOS's `._hello.js` was
+    read as a function whose name is a config error: the project did not load, nor reload."""
+    write_project(tmp_path, {"hello": FN})
+    (tmp_path / "functions" / ".#hello.js").symlink_to("user@host.4242:1700000000")
+    (tmp_path / "functions" / "._hello.js").write_bytes(b"\x00\x05\x16\x07")
+    assert list(load_project(tmp_path).functions) == ["hello"]
+
+
 def test_a_functions_path_that_is_a_file_is_a_config_error(tmp_path):
     """It served no function, and flux dev said `functions: none yet: add functions/NAME.js`."""
     (tmp_path / "flux.toml").write_text('[project]\nname = "t"\n')

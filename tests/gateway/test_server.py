@@ -241,6 +241,23 @@ def test_the_watcher_keeps_reloading_after_a_file_it_cannot_read(tmp_path):
     assert asyncio.run(scenario()) == (True, True, "new")
 
 
+def test_an_editors_lock_file_in_functions_does_not_stop_a_reload(tmp_path):
+    """Emacs keeps `.#NAME.js` beside a file with unsaved changes: read as a function, its name was a
+    config error, and every save of another file was `not reloaded` until the lock went."""
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }",
+                             "w": "export default async function () { return {status: 200}; }"})
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "functions" / ".#w.js").symlink_to("user@host.4242:1700000000")
+            (tmp_path / "functions" / "v.js").write_text("export default async function () { return {status: 200, body: 'two'}; }\n")
+            await _wait_for(lambda: gateway.project.functions["v"].source.find("two") > 0 or gateway.reload_error, 5)
+            return gateway.reload_error, await (await client.post("/v")).get_data(as_text=True)
+
+    assert asyncio.run(scenario()) == (None, "two")
+
+
 def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):
     # A reload compiled every function and made its isolates on the loop: top-level code running
     # to its time limit stopped every request for that long.

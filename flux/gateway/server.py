@@ -54,6 +54,8 @@ log = logging.getLogger("flux.gateway")
 KEEP_ALIVE_SECONDS = 75.0
 HURRIED_DRAIN_SECONDS = 1.0  # after a second stop signal, what the trace drain still gets
 CLOSE_SECONDS = 5.0  # closing the database pool (psycopg_pool's own default)
+SETTLE_SECONDS = 0.1  # with reload, how long the files must stay unchanged before they are read (a save, a checkout)
+SETTLE_LIMIT_SECONDS = 5.0  # files that keep changing are read anyway after this long
 
 
 def stop_bound(timeout_ms: int, drain_timeout: float) -> float:
@@ -324,9 +326,15 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.5, *, dsn: str | None = None) -> None:
+async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.5, *, dsn: str | None = None,
+                 quiet: float = SETTLE_SECONDS) -> None:
     """Reload functions and flux.toml when their files change (flux dev). With `dsn`, a changed
-    `[retention]` has the grants it needs checked as at start."""
+    `[retention]` has the grants it needs checked as at start.
+
+    A checkout, a deploy copying a tree or an editor's save writes several files, or one file
+    several times: a reload part-way served a mix of old and new files until the next one. So
+    the files are read once they have not changed for `quiet` seconds, and read again should they
+    change while they are read."""
     seen = gateway.project.fingerprint()
     while not shutdown.is_set():
         await asyncio.sleep(interval)
@@ -334,8 +342,16 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
             current = gateway.project.fingerprint()
             if current == seen:
                 continue
+            current = await _settled(gateway.project, current, quiet)
+            try:
+                project = await asyncio.to_thread(load_project, gateway.project.root)  # git and the files: off the loop
+            except Exception as exc:  # noqa: BLE001 -- reported below, unless it read a change part-way
+                project, failed = None, exc
+            if gateway.project.fingerprint() != current:  # changed while read: perhaps a mix; the next poll reads it again
+                continue
             seen = current
-            project = load_project(gateway.project.root)
+            if project is None:
+                raise failed
             previous = gateway.project.retention
             errors = await gateway.reload(project)
         except ConfigError as exc:
@@ -354,6 +370,19 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
             log.error("function failed to load: %s", error)
         if dsn is not None and project.retention != previous:
             await _check_prune_grants(dsn, record=gateway.record, retention=project.retention)
+
+
+async def _settled(project: Project, current: tuple, quiet: float) -> tuple:
+    """The files' fingerprint once it has held for `quiet` seconds (or, for files that never stop
+    changing, after SETTLE_LIMIT_SECONDS: they are read as they are then)."""
+    give_up = time.monotonic() + SETTLE_LIMIT_SECONDS
+    while time.monotonic() < give_up:
+        await asyncio.sleep(quiet)
+        again = project.fingerprint()
+        if again == current:
+            break
+        current = again
+    return current
 
 
 def _clock(at: float) -> str:

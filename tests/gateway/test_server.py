@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import socket
 import subprocess
 import time
@@ -239,6 +240,36 @@ def test_the_watcher_keeps_reloading_after_a_file_it_cannot_read(tmp_path):
             return reloaded, alive, await (await client.post("/w")).get_data(as_text=True)
 
     assert asyncio.run(scenario()) == (True, True, "new")
+
+
+def test_a_burst_of_writes_is_reloaded_once_it_has_settled_never_part_way(tmp_path):
+    """A deploy copying a tree (or a checkout, an editor's several writes) was read part-way: the
+    version swapped in had some files new and others old, and served that mix until the next poll."""
+    names = [f"f{i}" for i in range(10)]
+
+    def source(generation: int) -> str:
+        return f"export default async function () {{ return {{status: 200, body: 'g{generation}'}}; }}\n"
+
+    write_project(tmp_path, {name: source(0) for name in names})
+    swapped: list[set[str]] = []  # the generations each version swapped in holds
+
+    def copy_tree() -> None:
+        for generation in range(1, 6):
+            for name in names:
+                (tmp_path / "functions" / f"{name}.js").write_text(source(generation))
+                time.sleep(0.005)
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            gateway.reload_hooks.append(lambda project: swapped.append(
+                {re.search(r"'(g\d+)'", f.source).group(1) for f in project.functions.values()}))
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            await asyncio.to_thread(copy_tree)
+            await _wait_for(lambda: swapped and swapped[-1] == {"g5"})
+            return [await (await client.post(f"/{name}")).get_data(as_text=True) for name in names]
+
+    assert asyncio.run(scenario()) == ["g5"] * len(names)
+    assert all(len(generations) == 1 for generations in swapped), swapped
 
 
 def test_an_editors_lock_file_in_functions_does_not_stop_a_reload(tmp_path):

@@ -183,6 +183,12 @@ class Gateway:
             hook(project)
         return self.functions.load_errors
 
+    def expect(self, project: Project) -> None:
+        """A flux.toml read while a reload of an earlier version runs (`flux.gateway.server`): its API
+        keys apply at once too (`tenant_for`), rather than once that reload is done and the next one
+        has read it again. Until a later reload replaces it, also should that one not load."""
+        self._incoming = project
+
     def tenant_for(self, project: Project, key: str | None) -> Tenant | None:
         """The tenant of `project` (the version serving the request) that API key `key` is served as.
 

@@ -353,7 +353,7 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
             if project is None:
                 raise failed
             previous = gateway.project.retention
-            errors = await gateway.reload(project)
+            errors = await _reload(gateway, project, seen, interval, quiet)
         except ConfigError as exc:
             gateway.reload_error = f"not reloaded: {exc}; still serving the version of {_clock(gateway.loaded_at)}"
             log.error("%s%s", gateway.reload_error, f" (hint: {exc.hint})" if exc.hint else "")
@@ -370,6 +370,30 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
             log.error("function failed to load: %s", error)
         if dsn is not None and project.retention != previous:
             await _check_prune_grants(dsn, record=gateway.record, retention=project.retention)
+
+
+async def _reload(gateway: Gateway, project: Project, seen: tuple, interval: float, quiet: float) -> list[str]:
+    """`gateway.reload(project)`, the files still polled meanwhile (seconds, with slow top-level code):
+    a flux.toml saved meanwhile has its API keys apply at once (`Gateway.expect`), so a key it revokes
+    is refused then, not once this reload is done. The watcher's next poll reloads that version."""
+    reloading = asyncio.ensure_future(gateway.reload(project))
+    try:
+        while not (await asyncio.wait({reloading}, timeout=interval))[0]:
+            current = gateway.project.fingerprint()
+            if current == seen:
+                continue
+            current = await _settled(gateway.project, current, quiet)
+            try:
+                newer = await asyncio.to_thread(load_project, gateway.project.root)
+            except Exception:  # noqa: BLE001 -- revokes nothing; said when the watcher reads it for its reload
+                continue
+            if gateway.project.fingerprint() == current:
+                gateway.expect(newer)
+                seen = current
+    except asyncio.CancelledError:
+        reloading.cancel()
+        raise
+    return reloading.result()
 
 
 async def _settled(project: Project, current: tuple, quiet: float) -> tuple:

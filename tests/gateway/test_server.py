@@ -289,6 +289,31 @@ def test_an_editors_lock_file_in_functions_does_not_stop_a_reload(tmp_path):
     assert asyncio.run(scenario()) == (None, "two")
 
 
+def test_a_key_revoked_while_a_reload_runs_is_refused_before_that_reload_ends(tmp_path):
+    """The watcher read nothing while a reload warmed slow top-level code: a key removed meanwhile
+    was served for as long (5 s with the default time limit), and only then refused."""
+    toml = '[tenants.acme]\napi_keys = ["key-one", "key-two"]\n[limits]\ntimeout_ms = 3000\n'
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200}; }"}, toml)
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "functions" / "spin.js").write_text("for (;;) {}\nexport default async function () {}\n")
+            await _wait_for(lambda: gateway._incoming is not None, 5)  # the reload runs spin.js's top-level code
+            (tmp_path / "flux.toml").write_text(toml.replace('"key-one", ', ""))
+            loop = asyncio.get_running_loop()
+            written = loop.time()
+            while (await client.post("/v", headers={"x-flux-api-key": "key-one"})).status_code == 200:
+                await asyncio.sleep(0.02)
+            refused_after = loop.time() - written
+            await _wait_for(lambda: "spin" in gateway.functions.compiled)
+            kept = (await client.post("/v", headers={"x-flux-api-key": "key-two"})).status_code
+            return refused_after, "spin" in gateway.functions.compiled, kept
+
+    refused_after, reloaded, kept = asyncio.run(scenario())
+    assert refused_after < 1.5 and reloaded and kept == 200
+
+
 def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):
     # A reload compiled every function and made its isolates on the loop: top-level code running
     # to its time limit stopped every request for that long.

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -246,6 +249,33 @@ def test_hidden_files_in_functions_are_not_functions(tmp_path):
     (tmp_path / "functions" / ".#hello.js").symlink_to("user@host.4242:1700000000")
     (tmp_path / "functions" / "._hello.js").write_bytes(b"\x00\x05\x16\x07")
     assert list(load_project(tmp_path).functions) == ["hello"]
+
+
+def test_the_fingerprint_of_files_deleted_while_it_is_taken_leaves_them_out(tmp_path):
+    """A file deleted between its listing and its stat (a checkout) raised FileNotFoundError, and
+    the reload said `Flux failed while loading the project`, with a traceback."""
+    write_project(tmp_path, {"hello": FN})
+    project = load_project(tmp_path)
+    churned = [tmp_path / "functions" / f"churn{i}.js" for i in range(20)]
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            for path in churned:
+                path.write_text(FN)
+            for path in churned:
+                path.unlink()
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            project.fingerprint()
+    finally:
+        stop.set()
+        thread.join()
+    assert [Path(stamp[0]).name for stamp in project.fingerprint()] == ["flux.toml", "hello.js"]
 
 
 def test_a_functions_path_that_is_a_file_is_a_config_error(tmp_path):

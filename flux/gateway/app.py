@@ -72,15 +72,20 @@ class _Answer(Response):
 
 class Functions:
     """The project's compiled functions and their isolate pools, and what every request needs of
-    its config worked out once (every secret's forms, every API key); swapped whole on reload."""
+    its config worked out once (every secret's forms, every API key, the executor of its limits and
+    `[fetch]`); swapped whole on reload."""
 
-    def __init__(self, project: Project, *, pool_size: int, earlier_secrets: frozenset[str] = frozenset()) -> None:
+    def __init__(self, project: Project, *, pool_size: int, executor: Callable[[Project, Redactor], Executor],
+                 earlier_secrets: frozenset[str] = frozenset()) -> None:
         self.project = project
         # A secret rotated by a reload stays redacted for the life of the process: the old value is
         # often still valid for a while, and can still arrive (an upstream's echo, a row written with it).
         self.secret_values = earlier_secrets | {v for tenant in project.tenants.values() for v in tenant.secrets.values()}
         self.redactor = Redactor(self.secret_values)
         self.api_keys = frozenset(key for tenant in project.tenants.values() for key in tenant.api_keys)
+        # A request runs on the version it started on, limits and all: one that waited for a worker
+        # across a reload was held to the new flux.toml's timeout_ms (a 504 its own version never gave).
+        self.executor = executor(project, self.redactor)
         self.compiled: dict[str, CompiledFunction] = {
             name: compile_function(fn, memory_mb=project.limits.memory_mb, timeout_ms=project.limits.timeout_ms)
             for name, fn in project.functions.items()
@@ -128,8 +133,7 @@ class Gateway:
         self.record = record
         self.workers = workers
         self.pool_size = pool_size
-        self.functions = Functions(project, pool_size=pool_size)
-        self.executor = self._executor(project)
+        self.functions = Functions(project, pool_size=pool_size, executor=self._executor)
         self._slots = asyncio.Semaphore(workers)
         self._running: set[asyncio.Future[Execution]] = set()  # executions started, their client there or not
         self._queued = 0  # requests waiting for a worker slot
@@ -145,13 +149,17 @@ class Gateway:
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
 
-    def _executor(self, project: Project) -> Executor:
+    def _executor(self, project: Project, redactor: Redactor) -> Executor:
         return Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=self.transport,
-                        db_pool=self.db_pool, redactor=self.functions.redactor)
+                        db_pool=self.db_pool, redactor=redactor)
 
     @property
     def project(self) -> Project:
         return self.functions.project
+
+    @property
+    def executor(self) -> Executor:
+        return self.functions.executor
 
     async def reload(self, project: Project) -> list[str]:
         """Swap in a new version of the project; requests in flight finish on the old one.
@@ -162,7 +170,7 @@ class Gateway:
         API keys already apply (`tenant_for`): a key it revokes is refused at once."""
         self._incoming = project
         try:
-            functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size,
+            functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size, executor=self._executor,
                                                 earlier_secrets=self.functions.secret_values)
             try:
                 await functions.warm_async()
@@ -177,7 +185,6 @@ class Gateway:
             return functions.load_errors
         old, self.functions = self.functions, functions
         self.loaded_at = time.time()
-        self.executor = self._executor(project)
         old.close()
         for hook in self.reload_hooks:
             hook(project)
@@ -313,7 +320,7 @@ class Gateway:
             self._slots.release()
             return self._reply(trace, tenant, function, _error(503, "the server is stopping; the function did not run",
                                                                  "Send the request again (to another instance)."))
-        work = asyncio.ensure_future(self._execute(pool, invocation, function))  # releases the slot
+        work = asyncio.ensure_future(self._execute(functions.executor, pool, invocation, function))  # releases the slot
         self._running.add(work)
         work.add_done_callback(self._running.discard)
         try:
@@ -335,9 +342,9 @@ class Gateway:
         return self._reply(trace, tenant, function, _at_capacity(
             f"the server is at capacity: {self._queued} request(s) already wait for one of {self.workers} workers"))
 
-    async def _execute(self, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
+    async def _execute(self, executor: Executor, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
         try:
-            return await self.executor.run(pool, invocation)
+            return await executor.run(pool, invocation)
         except CutShort as exc:  # a stop that could not wait (only a stop cancels this task): answered 503, with its tape
             answer = _cut_off()
             answer.recording = exc.partial.recording

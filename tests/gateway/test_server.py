@@ -314,6 +314,30 @@ def test_a_key_revoked_while_a_reload_runs_is_refused_before_that_reload_ends(tm
     assert refused_after < 1.5 and reloaded and kept == 200
 
 
+def test_a_request_waiting_for_a_worker_across_a_reload_runs_under_its_own_versions_limits(tmp_path):
+    """It ran its own version's code under the new flux.toml's limits: a time limit lowered by the
+    reload answered it 504, which neither version would have given it."""
+    write_project(tmp_path, {"sl": """
+        export default async function (req) {
+          await new Promise((resolve) => setTimeout(resolve, Number(req.query.ms)));
+          return {status: 200, body: "slept"};
+        }"""}, "[limits]\ntimeout_ms = 5000\n")
+
+    async def scenario():
+        async with running_gateway(tmp_path, None, workers=1) as (gateway, client):
+            running = asyncio.create_task(client.post("/sl?ms=1000"))
+            await _wait_for(lambda: gateway.load()["running"] == 1, 5)
+            waiting = asyncio.create_task(client.post("/sl?ms=500"))
+            await _wait_for(lambda: gateway.load()["queued"] == 1, 5)
+            (tmp_path / "flux.toml").write_text("[limits]\ntimeout_ms = 200\n")
+            await gateway.reload(load_project(tmp_path))
+            answers = [await running, await waiting]
+            after = await client.post("/sl?ms=500")  # one that came after it: the new limit
+            return [answer.status_code for answer in answers], after.status_code
+
+    assert asyncio.run(scenario()) == ([200, 200], 504)
+
+
 def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):
     # A reload compiled every function and made its isolates on the loop: top-level code running
     # to its time limit stopped every request for that long.

@@ -17,7 +17,9 @@ import pytest
 
 from flux.gateway import server
 from flux.gateway.server import _watch, freeze_heap
+from flux.gateway.traces import TraceWriter
 from flux.project import load_project
+from flux.store.schema import ensure_schema
 from tests.functions import running_gateway, write_project
 
 
@@ -336,6 +338,34 @@ def test_a_request_waiting_for_a_worker_across_a_reload_runs_under_its_own_versi
             return [answer.status_code for answer in answers], after.status_code
 
     assert asyncio.run(scenario()) == ([200, 200], 504)
+
+
+def test_a_rotated_secret_is_redacted_from_the_moment_its_flux_toml_is_read(tmp_path, dsn, conn):
+    """While a reload warmed the new version (seconds, with slow top-level code), traces were redacted
+    with the serving version's secrets alone: a client already given the rotated value sent it, and
+    its trace kept it as it was."""
+    ensure_schema(conn)
+    rotated = "tok-rotated-7d1c9a2e"
+    toml = '[secrets]\nTOKEN = "{}"\n[limits]\ntimeout_ms = 1500\n'
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200}; }"}, toml.format("tok-old-52b8e0f4"))
+
+    async def scenario():
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        async with running_gateway(tmp_path, None, sink=writer) as (gateway, client):
+            (tmp_path / "functions" / "spin.js").write_text("for (;;) {}\nexport default async function () {}\n")
+            (tmp_path / "flux.toml").write_text(toml.format(rotated))
+            reload = asyncio.create_task(gateway.reload(load_project(tmp_path)))
+            await asyncio.sleep(0.2)  # the reload runs spin.js's top-level code, to its time limit
+            answer = await client.post(f"/v?token={rotated}", json={"token": rotated}, headers={"x-token": rotated})
+            warming = not reload.done()
+            await reload
+        await writer.close()
+        return warming, answer.headers["x-flux-request-id"]
+
+    warming, request_id = asyncio.run(scenario())
+    trace = conn.execute("SELECT to_jsonb(t)::text FROM flux.trace_requests t WHERE id = %s", (request_id,)).fetchone()[0]
+    assert warming and rotated not in trace and "[secret]" in trace
 
 
 def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):

@@ -124,11 +124,17 @@ class Project:
         return load_project(self.root)
 
     def fingerprint(self) -> tuple:
-        """Changes whenever flux.toml or a function file changes, or the git repository's HEAD moves
-        (a commit, a checkout): `flux dev` polls it, and a reload reads `git_commit` again, so that
-        traces name the commit that holds their code, not the one before it."""
-        files = [self.root / CONFIG_FILE, *function_files(self.root), *git_head_files(self.root)]
-        return tuple(stamp for stamp in map(_stamp, files) if stamp is not None)
+        return fingerprint(self.root)
+
+
+def fingerprint(root: Path) -> tuple:
+    """Changes whenever flux.toml or a function file changes, the git repository's HEAD moves (a
+    commit, a checkout), or `root`, a symlink, is pointed at another directory (a release swapped in):
+    `flux dev` polls it, and a reload reads `git_commit` again, so that traces name the commit that
+    holds their code, not the one before it."""
+    real = root.resolve()
+    files = [root / CONFIG_FILE, *function_files(root), *git_head_files(real)]
+    return (str(real), *(stamp for stamp in map(_stamp, files) if stamp is not None))
 
 
 def _stamp(path: Path) -> tuple[str, int, int] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -44,9 +45,9 @@ def test_changed_function_files_are_reloaded_and_requests_use_the_new_code(tmp_p
 
 
 @asynccontextmanager
-async def _watched(root, **watch):
-    """A gateway serving `root` whose watcher looks for changes every 50 ms: (gateway, client, watcher)."""
-    async with running_gateway(root, None) as (gateway, client):
+async def _watched(directory, **watch):
+    """A gateway serving `directory` whose watcher looks for changes every 50 ms: (gateway, client, watcher)."""
+    async with running_gateway(directory, None) as (gateway, client):
         shutdown = asyncio.Event()
         watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05, **watch))
         try:
@@ -366,6 +367,25 @@ def test_a_rotated_secret_is_redacted_from_the_moment_its_flux_toml_is_read(tmp_
     warming, request_id = asyncio.run(scenario())
     trace = conn.execute("SELECT to_jsonb(t)::text FROM flux.trace_requests t WHERE id = %s", (request_id,)).fetchone()[0]
     assert warming and rotated not in trace and "[secret]" in trace
+
+
+def test_a_project_served_through_a_symlink_is_reloaded_when_it_is_pointed_at_another_release(tmp_path):
+    """A deploy that swaps a `current` symlink to a new release was never seen: the watcher polled
+    the directory the symlink named at start, and served the old release until a restart."""
+    for release in ("v1", "v2"):
+        write_project(tmp_path / release, {"r": f"export default async function () {{ return {{status: 200, body: '{release}'}}; }}"})
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "v1")
+
+    async def scenario():
+        async with _watched(current, root=current) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "next").symlink_to(tmp_path / "v2")
+            os.replace(tmp_path / "next", current)  # atomic, as deploy tools swap it
+            await _wait_for(lambda: gateway.project.root == tmp_path / "v2", 5)
+            return await (await client.post("/r")).get_data(as_text=True)
+
+    assert asyncio.run(scenario()) == "v2"
 
 
 def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):

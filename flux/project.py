@@ -124,11 +124,34 @@ class Project:
         return load_project(self.root)
 
     def fingerprint(self) -> tuple:
-        """Changes whenever flux.toml or a function file changes, or the git repository's HEAD moves
-        (a commit, a checkout): `flux dev` polls it, and a reload reads `git_commit` again, so that
-        traces name the commit that holds their code, not the one before it."""
-        files = [self.root / CONFIG_FILE, *sorted((self.root / FUNCTIONS_DIR).glob("*.js")), *git_head_files(self.root)]
-        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+        return fingerprint(self.root)
+
+
+def fingerprint(root: Path) -> tuple:
+    """Changes whenever flux.toml or a function file changes, the git repository's HEAD moves (a
+    commit, a checkout), or `root`, a symlink, is pointed at another directory (a release swapped in):
+    `flux dev` polls it, and a reload reads `git_commit` again, so that traces name the commit that
+    holds their code, not the one before it."""
+    real = root.resolve()
+    files = [root / CONFIG_FILE, *function_files(root), *git_head_files(real)]
+    return (str(real), *(stamp for stamp in map(_stamp, files) if stamp is not None))
+
+
+def _stamp(path: Path) -> tuple[str, int, int] | None:
+    """A file's path, mtime and size, from one stat; None when it is gone (a checkout deleting it
+    between the listing and here)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+def function_files(root: Path) -> list[Path]:
+    """The function files of the project at `root`: functions/*.js, less hidden ones. Those are
+    editors' and the system's own, made while a file is edited (Emacs's lock `.#x.js`, macOS's `._x.js`):
+    read as functions, their names were a config error that stopped every reload meanwhile."""
+    return sorted(path for path in (root / FUNCTIONS_DIR).glob("*.js") if not path.name.startswith("."))
 
 
 def find_project_root(start: Path | None = None) -> Path:
@@ -230,7 +253,7 @@ def _load_functions(root: Path) -> dict[str, Function]:
         raise ConfigError(f"{FUNCTIONS_DIR} in {root} is not a directory",
                           hint=f"{FUNCTIONS_DIR}/ is a directory holding one NAME.js file per function.",
                           file=str(root / FUNCTIONS_DIR))
-    for path in sorted((root / FUNCTIONS_DIR).glob("*.js")):
+    for path in function_files(root):
         name = path.stem
         if not _NAME.match(name):
             raise ConfigError(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -246,6 +249,42 @@ def test_a_function_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
     (tmp_path / "functions" / "latin.js").write_bytes(b"export default async function () { return {body: 'caf\xe9'}; }")
     with pytest.raises(ConfigError, match="functions/latin.js is not UTF-8"):
         load_project(tmp_path)
+
+
+def test_hidden_files_in_functions_are_not_functions(tmp_path):
+    """An editor's lock file (Emacs's `.#hello.js`, a dangling symlink) or macOS's `._hello.js` was
+    read as a function whose name is a config error: the project did not load, nor reload."""
+    write_project(tmp_path, {"hello": FN})
+    (tmp_path / "functions" / ".#hello.js").symlink_to("user@host.4242:1700000000")
+    (tmp_path / "functions" / "._hello.js").write_bytes(b"\x00\x05\x16\x07")
+    assert list(load_project(tmp_path).functions) == ["hello"]
+
+
+def test_the_fingerprint_of_files_deleted_while_it_is_taken_leaves_them_out(tmp_path):
+    """A file deleted between its listing and its stat (a checkout) raised FileNotFoundError, and
+    the reload said `Flux failed while loading the project`, with a traceback."""
+    write_project(tmp_path, {"hello": FN})
+    project = load_project(tmp_path)
+    churned = [tmp_path / "functions" / f"churn{i}.js" for i in range(20)]
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            for path in churned:
+                path.write_text(FN)
+            for path in churned:
+                path.unlink()
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            project.fingerprint()
+    finally:
+        stop.set()
+        thread.join()
+    assert [Path(stamp[0]).name for stamp in project.fingerprint()[1:]] == ["flux.toml", "hello.js"]  # after the root
 
 
 def test_a_functions_path_that_is_a_file_is_a_config_error(tmp_path):

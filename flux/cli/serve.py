@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -197,7 +198,7 @@ def _given_project(directory: Path) -> Path:
     if not (directory / CONFIG_FILE).is_file():
         raise ConfigError(f"--project {directory} has no {CONFIG_FILE}",
                           hint="Name the directory that holds flux.toml, or leave out --project inside it.")
-    return directory.resolve()
+    return Path(os.path.abspath(directory))  # not resolved: with --reload, a symlink pointed at another release is followed
 
 
 def _require_attached(dsn: str) -> None:

@@ -72,15 +72,17 @@ class _Answer(Response):
 
 class Functions:
     """The project's compiled functions and their isolate pools, and what every request needs of
-    its config worked out once (every secret's forms, every API key); swapped whole on reload."""
+    its config worked out once (every secret's forms, every API key, the executor of its limits and
+    `[fetch]`); swapped whole on reload."""
 
-    def __init__(self, project: Project, *, pool_size: int, earlier_secrets: frozenset[str] = frozenset()) -> None:
+    def __init__(self, project: Project, *, pool_size: int, executor: Callable[[Project, Redactor], Executor],
+                 redactor: Redactor) -> None:
         self.project = project
-        # A secret rotated by a reload stays redacted for the life of the process: the old value is
-        # often still valid for a while, and can still arrive (an upstream's echo, a row written with it).
-        self.secret_values = earlier_secrets | {v for tenant in project.tenants.values() for v in tenant.secrets.values()}
-        self.redactor = Redactor(self.secret_values)
+        self.redactor = redactor  # the gateway's when this version was read: its secrets and every earlier one
         self.api_keys = frozenset(key for tenant in project.tenants.values() for key in tenant.api_keys)
+        # A request runs on the version it started on, limits and all: one that waited for a worker
+        # across a reload was held to the new flux.toml's timeout_ms (a 504 its own version never gave).
+        self.executor = executor(project, self.redactor)
         self.compiled: dict[str, CompiledFunction] = {
             name: compile_function(fn, memory_mb=project.limits.memory_mb, timeout_ms=project.limits.timeout_ms)
             for name, fn in project.functions.items()
@@ -128,8 +130,9 @@ class Gateway:
         self.record = record
         self.workers = workers
         self.pool_size = pool_size
-        self.functions = Functions(project, pool_size=pool_size)
-        self.executor = self._executor(project)
+        self.secret_values = _secrets_of(project)
+        self.redactor = Redactor(self.secret_values)  # every secret read so far (`_learn_secrets`)
+        self.functions = Functions(project, pool_size=pool_size, executor=self._executor, redactor=self.redactor)
         self._slots = asyncio.Semaphore(workers)
         self._running: set[asyncio.Future[Execution]] = set()  # executions started, their client there or not
         self._queued = 0  # requests waiting for a worker slot
@@ -145,13 +148,17 @@ class Gateway:
         for error in self.functions.load_errors:
             log.error("function failed to load: %s", error)
 
-    def _executor(self, project: Project) -> Executor:
+    def _executor(self, project: Project, redactor: Redactor) -> Executor:
         return Executor(limits=project.limits, fetch_policy=FetchPolicy(project.fetch), transport=self.transport,
-                        db_pool=self.db_pool, redactor=self.functions.redactor)
+                        db_pool=self.db_pool, redactor=redactor)
 
     @property
     def project(self) -> Project:
         return self.functions.project
+
+    @property
+    def executor(self) -> Executor:
+        return self.functions.executor
 
     async def reload(self, project: Project) -> list[str]:
         """Swap in a new version of the project; requests in flight finish on the old one.
@@ -161,9 +168,10 @@ class Gateway:
         itself is one step on the loop, every function at once. Meanwhile the new version's
         API keys already apply (`tenant_for`): a key it revokes is refused at once."""
         self._incoming = project
+        self._learn_secrets(project)
         try:
-            functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size,
-                                                earlier_secrets=self.functions.secret_values)
+            functions = await asyncio.to_thread(Functions, project, pool_size=self.pool_size, executor=self._executor,
+                                                redactor=self.redactor)
             try:
                 await functions.warm_async()
             except BaseException:
@@ -177,11 +185,28 @@ class Gateway:
             return functions.load_errors
         old, self.functions = self.functions, functions
         self.loaded_at = time.time()
-        self.executor = self._executor(project)
         old.close()
         for hook in self.reload_hooks:
             hook(project)
         return self.functions.load_errors
+
+    def expect(self, project: Project) -> None:
+        """A flux.toml read while a reload of an earlier version runs (`flux.gateway.server`): its API
+        keys apply at once too (`tenant_for`), rather than once that reload is done and the next one
+        has read it again. Until a later reload replaces it, also should that one not load."""
+        self._incoming = project
+        self._learn_secrets(project)
+
+    def _learn_secrets(self, project: Project) -> None:
+        """Redact the secrets of a version from the moment it is read, and for the life of the process.
+        Until the reload swaps it in (seconds, with slow top-level code), and for requests that finish
+        on the version before, a rotated value can already arrive (a client given it): their traces
+        recorded it as it was. A value rotated out stays too: it is often valid for a while yet, and can
+        still arrive (an upstream's echo, a row written with it)."""
+        values = self.secret_values | _secrets_of(project)
+        if values != self.secret_values:
+            self.secret_values = values
+            self.redactor = Redactor(values)
 
     def tenant_for(self, project: Project, key: str | None) -> Tenant | None:
         """The tenant of `project` (the version serving the request) that API key `key` is served as.
@@ -307,7 +332,7 @@ class Gateway:
             self._slots.release()
             return self._reply(trace, tenant, function, _error(503, "the server is stopping; the function did not run",
                                                                  "Send the request again (to another instance)."))
-        work = asyncio.ensure_future(self._execute(pool, invocation, function))  # releases the slot
+        work = asyncio.ensure_future(self._execute(functions.executor, pool, invocation, function))  # releases the slot
         self._running.add(work)
         work.add_done_callback(self._running.discard)
         try:
@@ -329,9 +354,9 @@ class Gateway:
         return self._reply(trace, tenant, function, _at_capacity(
             f"the server is at capacity: {self._queued} request(s) already wait for one of {self.workers} workers"))
 
-    async def _execute(self, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
+    async def _execute(self, executor: Executor, pool: IsolatePool, invocation: Invocation, function: str) -> Execution:
         try:
-            return await self.executor.run(pool, invocation)
+            return await executor.run(pool, invocation)
         except CutShort as exc:  # a stop that could not wait (only a stop cancels this task): answered 503, with its tape
             answer = _cut_off()
             answer.recording = exc.partial.recording
@@ -415,7 +440,7 @@ class Gateway:
         secrets = tenant.secrets if tenant else {}
         body = execution.body
         if execution.error is not None:  # Flux's own error bodies
-            body = trace.functions.redactor.redact({**body, "request_id": trace.request_id}, secrets)
+            body = self.redactor.redact({**body, "request_id": trace.request_id}, secrets)
         if status in (204, 304):  # HTTP allows neither a body nor its length on these
             if body is not None:
                 trace.span.attributes["flux.response_body_dropped"] = f"a {status} response has no body; the function's was not sent"
@@ -437,7 +462,8 @@ class Gateway:
                 headers.append(("content-type", "application/json"))
         self.metrics.observe(function, status, (trace.clock.now_ms() - trace.span.start) / 1000)
         if self.sink is not None and self.record:
-            self.sink.submit(trace.record(execution, function, status, headers, payload, secrets, client_gone=client_gone))
+            self.sink.submit(trace.record(execution, function, status, headers, payload, secrets, self.redactor,
+                                          client_gone=client_gone))
         # To a HEAD request the HTTP server sends these headers, the length included, and no body.
         response = _Answer(payload, status=status, headers=headers)
         if status in (204, 304):
@@ -469,7 +495,7 @@ class _Trace:
         self.body_pending = False  # an HTTP/1.1 body not read (yet): an answer now closes the connection
 
     def record(self, execution: Execution, function: str | None, status: int, headers: list[tuple[str, str]],
-               payload: bytes, secrets: dict[str, str], *, client_gone: bool = False) -> TraceRecord:
+               payload: bytes, secrets: dict[str, str], redactor: Redactor, *, client_gone: bool = False) -> TraceRecord:
         span = self.span
         span.duration_ms = self.clock.now_ms() - span.start
         span.attributes["http.status_code"] = status
@@ -487,7 +513,6 @@ class _Trace:
         else:
             spans = [span.to_dict(), *execution.spans]
         limit = self.project.limits.record_body_bytes
-        redactor = self.functions.redactor
         api_keys = self.functions.api_keys
         request_headers = {k: REDACTED if _carries_api_key(v, api_keys) else v for k, v in redact_headers(self.headers).items()}
         record = {
@@ -520,6 +545,10 @@ class _Trace:
             code_version=self.function.function.code_version if self.function else None,
             git_commit=self.project.git_commit if self.function else None, replay_of=None,
         )
+
+
+def _secrets_of(project: Project) -> frozenset[str]:
+    return frozenset(value for tenant in project.tenants.values() for value in tenant.secrets.values())
 
 
 def _header_record(pairs: list[tuple[str, str]]) -> dict[str, str | list[str]]:

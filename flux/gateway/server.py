@@ -39,7 +39,7 @@ from flux.errors import ConfigError, DatabaseError, FluxError, InUseError, Serve
 from flux.gateway.app import LATE_CANCEL_SECONDS, SETTLE_GRACE_SECONDS, Gateway, create_app
 from flux.gateway.traces import CONNECT_TIMEOUT, TraceWriter
 from flux.pg.keepalive import dead_peer_options
-from flux.project import Project, Retention, load_project
+from flux.project import Project, Retention, fingerprint, load_project
 from flux.runtime.fetch import AiohttpTransport
 from flux.runtime.host import DbPool
 from flux.signals import received as held_signal
@@ -54,6 +54,8 @@ log = logging.getLogger("flux.gateway")
 KEEP_ALIVE_SECONDS = 75.0
 HURRIED_DRAIN_SECONDS = 1.0  # after a second stop signal, what the trace drain still gets
 CLOSE_SECONDS = 5.0  # closing the database pool (psycopg_pool's own default)
+SETTLE_SECONDS = 0.1  # with reload, how long the files must stay unchanged before they are read (a save, a checkout)
+SETTLE_LIMIT_SECONDS = 5.0  # files that keep changing are read anyway after this long
 
 
 def stop_bound(timeout_ms: int, drain_timeout: float) -> float:
@@ -288,7 +290,7 @@ async def _serve(config: ServeConfig, sockets: list[socket.socket], on_ready: Ca
     hc.keep_alive_timeout = config.keep_alive
     set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout)
     gateway.reload_hooks.append(lambda project: set_stop_timeouts(hc, project.limits.timeout_ms, config.drain_timeout))
-    watcher = asyncio.create_task(_watch(gateway, shutdown, dsn=config.dsn)) if config.reload else None
+    watcher = asyncio.create_task(_watch(gateway, shutdown, dsn=config.dsn, root=config.root)) if config.reload else None
     pruner = asyncio.create_task(retention.keep(config.dsn, lambda: gateway.project.retention))
     if on_ready is not None and not shutdown.is_set():
         loop.call_soon(on_ready, f"http://{config.host}:{port}")
@@ -324,20 +326,38 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.5, *, dsn: str | None = None) -> None:
+async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.5, *, dsn: str | None = None,
+                 quiet: float = SETTLE_SECONDS, root: Path | None = None) -> None:
     """Reload functions and flux.toml when their files change (flux dev). With `dsn`, a changed
-    `[retention]` has the grants it needs checked as at start."""
-    seen = gateway.project.fingerprint()
+    `[retention]` has the grants it needs checked as at start.
+
+    A checkout, a deploy copying a tree or an editor's save writes several files, or one file
+    several times: a reload part-way served a mix of old and new files until the next one. So
+    the files are read once they have not changed for `quiet` seconds, and read again should they
+    change while they are read.
+
+    `root` is the project's directory as given (`--project`): a symlink pointed at another release
+    is followed (the project's own root is where it pointed when it loaded)."""
+    root = root or gateway.project.root
+    seen = fingerprint(root)
     while not shutdown.is_set():
         await asyncio.sleep(interval)
         try:
-            current = gateway.project.fingerprint()
+            current = fingerprint(root)
             if current == seen:
                 continue
+            current = await _settled(root, current, quiet)
+            try:
+                project = await asyncio.to_thread(load_project, root)  # git and the files: off the loop
+            except Exception as exc:  # noqa: BLE001 -- reported below, unless it read a change part-way
+                project, failed = None, exc
+            if fingerprint(root) != current:  # changed while read: perhaps a mix; the next poll reads it again
+                continue
             seen = current
-            project = load_project(gateway.project.root)
+            if project is None:
+                raise failed
             previous = gateway.project.retention
-            errors = await gateway.reload(project)
+            errors = await _reload(gateway, project, root, seen, interval, quiet)
         except ConfigError as exc:
             gateway.reload_error = f"not reloaded: {exc}; still serving the version of {_clock(gateway.loaded_at)}"
             log.error("%s%s", gateway.reload_error, f" (hint: {exc.hint})" if exc.hint else "")
@@ -354,6 +374,43 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
             log.error("function failed to load: %s", error)
         if dsn is not None and project.retention != previous:
             await _check_prune_grants(dsn, record=gateway.record, retention=project.retention)
+
+
+async def _reload(gateway: Gateway, project: Project, root: Path, seen: tuple, interval: float, quiet: float) -> list[str]:
+    """`gateway.reload(project)`, the files still polled meanwhile (seconds, with slow top-level code):
+    a flux.toml saved meanwhile has its API keys apply at once (`Gateway.expect`), so a key it revokes
+    is refused then, not once this reload is done. The watcher's next poll reloads that version."""
+    reloading = asyncio.ensure_future(gateway.reload(project))
+    try:
+        while not (await asyncio.wait({reloading}, timeout=interval))[0]:
+            current = fingerprint(root)
+            if current == seen:
+                continue
+            current = await _settled(root, current, quiet)
+            try:
+                newer = await asyncio.to_thread(load_project, root)
+            except Exception:  # noqa: BLE001 -- revokes nothing; said when the watcher reads it for its reload
+                continue
+            if fingerprint(root) == current:
+                gateway.expect(newer)
+                seen = current
+    except asyncio.CancelledError:
+        reloading.cancel()
+        raise
+    return reloading.result()
+
+
+async def _settled(root: Path, current: tuple, quiet: float) -> tuple:
+    """The files' fingerprint once it has held for `quiet` seconds (or, for files that never stop
+    changing, after SETTLE_LIMIT_SECONDS: they are read as they are then)."""
+    give_up = time.monotonic() + SETTLE_LIMIT_SECONDS
+    while time.monotonic() < give_up:
+        await asyncio.sleep(quiet)
+        again = fingerprint(root)
+        if again == current:
+            break
+        current = again
+    return current
 
 
 def _clock(at: float) -> str:

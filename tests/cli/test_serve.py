@@ -398,6 +398,26 @@ def test_serve_of_a_project_without_functions_says_every_request_is_a_404(tmp_pa
     assert said + ("each is served as soon as it is saved)" if reload else "then restart flux serve, or serve with --reload)") in out
 
 
+def test_serve_reload_follows_a_project_symlink_pointed_at_another_release(tmp_path, dsn):
+    """`--project /srv/app/current` was resolved at start: a deploy that swapped `current` to a new
+    release was never reloaded, and the old release served until a restart."""
+    for release in ("v1", "v2"):
+        write_project(tmp_path / release, {"r": f"export default async function () {{ return {{status: 200, body: '{release}'}}; }}"})
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "v1")
+    proc, port = start_serve(tmp_path, "--project", str(current), "--database", dsn, "--no-engine", "--reload")
+    try:
+        (tmp_path / "next").symlink_to(tmp_path / "v2")
+        os.replace(tmp_path / "next", current)  # atomic, as deploy tools swap it
+        deadline = time.monotonic() + 10
+        while (answer := httpx.post(f"http://127.0.0.1:{port}/r", timeout=5).text) != "v2" and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        communicate(proc)
+    assert answer == "v2"
+
+
 def test_serve_outside_a_project_says_so_before_touching_the_database(tmp_path):
     result = subprocess.run([sys.executable, "-m", "flux", "serve", "--database", f"postgresql://postgres@127.0.0.1:{free_port()}/x"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import re
 import socket
 import subprocess
 import time
@@ -16,7 +18,9 @@ import pytest
 
 from flux.gateway import server
 from flux.gateway.server import _watch, freeze_heap
+from flux.gateway.traces import TraceWriter
 from flux.project import load_project
+from flux.store.schema import ensure_schema
 from tests.functions import running_gateway, write_project
 
 
@@ -41,9 +45,9 @@ def test_changed_function_files_are_reloaded_and_requests_use_the_new_code(tmp_p
 
 
 @asynccontextmanager
-async def _watched(root, **watch):
-    """A gateway serving `root` whose watcher looks for changes every 50 ms: (gateway, client, watcher)."""
-    async with running_gateway(root, None) as (gateway, client):
+async def _watched(directory, **watch):
+    """A gateway serving `directory` whose watcher looks for changes every 50 ms: (gateway, client, watcher)."""
+    async with running_gateway(directory, None) as (gateway, client):
         shutdown = asyncio.Event()
         watcher = asyncio.create_task(_watch(gateway, shutdown, interval=0.05, **watch))
         try:
@@ -239,6 +243,149 @@ def test_the_watcher_keeps_reloading_after_a_file_it_cannot_read(tmp_path):
             return reloaded, alive, await (await client.post("/w")).get_data(as_text=True)
 
     assert asyncio.run(scenario()) == (True, True, "new")
+
+
+def test_a_burst_of_writes_is_reloaded_once_it_has_settled_never_part_way(tmp_path):
+    """A deploy copying a tree (or a checkout, an editor's several writes) was read part-way: the
+    version swapped in had some files new and others old, and served that mix until the next poll."""
+    names = [f"f{i}" for i in range(10)]
+
+    def source(generation: int) -> str:
+        return f"export default async function () {{ return {{status: 200, body: 'g{generation}'}}; }}\n"
+
+    write_project(tmp_path, {name: source(0) for name in names})
+    swapped: list[set[str]] = []  # the generations each version swapped in holds
+
+    def copy_tree() -> None:
+        for generation in range(1, 6):
+            for name in names:
+                (tmp_path / "functions" / f"{name}.js").write_text(source(generation))
+                time.sleep(0.005)
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            gateway.reload_hooks.append(lambda project: swapped.append(
+                {re.search(r"'(g\d+)'", f.source).group(1) for f in project.functions.values()}))
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            await asyncio.to_thread(copy_tree)
+            await _wait_for(lambda: swapped and swapped[-1] == {"g5"})
+            return [await (await client.post(f"/{name}")).get_data(as_text=True) for name in names]
+
+    assert asyncio.run(scenario()) == ["g5"] * len(names)
+    assert all(len(generations) == 1 for generations in swapped), swapped
+
+
+def test_an_editors_lock_file_in_functions_does_not_stop_a_reload(tmp_path):
+    """Emacs keeps `.#NAME.js` beside a file with unsaved changes: read as a function, its name was a
+    config error, and every save of another file was `not reloaded` until the lock went."""
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200, body: 'one'}; }",
+                             "w": "export default async function () { return {status: 200}; }"})
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "functions" / ".#w.js").symlink_to("user@host.4242:1700000000")
+            (tmp_path / "functions" / "v.js").write_text("export default async function () { return {status: 200, body: 'two'}; }\n")
+            await _wait_for(lambda: gateway.project.functions["v"].source.find("two") > 0 or gateway.reload_error, 5)
+            return gateway.reload_error, await (await client.post("/v")).get_data(as_text=True)
+
+    assert asyncio.run(scenario()) == (None, "two")
+
+
+def test_a_key_revoked_while_a_reload_runs_is_refused_before_that_reload_ends(tmp_path):
+    """The watcher read nothing while a reload warmed slow top-level code: a key removed meanwhile
+    was served for as long (5 s with the default time limit), and only then refused."""
+    toml = '[tenants.acme]\napi_keys = ["key-one", "key-two"]\n[limits]\ntimeout_ms = 3000\n'
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200}; }"}, toml)
+
+    async def scenario():
+        async with _watched(tmp_path) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "functions" / "spin.js").write_text("for (;;) {}\nexport default async function () {}\n")
+            await _wait_for(lambda: gateway._incoming is not None, 5)  # the reload runs spin.js's top-level code
+            (tmp_path / "flux.toml").write_text(toml.replace('"key-one", ', ""))
+            loop = asyncio.get_running_loop()
+            written = loop.time()
+            while (await client.post("/v", headers={"x-flux-api-key": "key-one"})).status_code == 200:
+                await asyncio.sleep(0.02)
+            refused_after = loop.time() - written
+            await _wait_for(lambda: "spin" in gateway.functions.compiled)
+            kept = (await client.post("/v", headers={"x-flux-api-key": "key-two"})).status_code
+            return refused_after, "spin" in gateway.functions.compiled, kept
+
+    refused_after, reloaded, kept = asyncio.run(scenario())
+    assert refused_after < 1.5 and reloaded and kept == 200
+
+
+def test_a_request_waiting_for_a_worker_across_a_reload_runs_under_its_own_versions_limits(tmp_path):
+    """It ran its own version's code under the new flux.toml's limits: a time limit lowered by the
+    reload answered it 504, which neither version would have given it."""
+    write_project(tmp_path, {"sl": """
+        export default async function (req) {
+          await new Promise((resolve) => setTimeout(resolve, Number(req.query.ms)));
+          return {status: 200, body: "slept"};
+        }"""}, "[limits]\ntimeout_ms = 5000\n")
+
+    async def scenario():
+        async with running_gateway(tmp_path, None, workers=1) as (gateway, client):
+            running = asyncio.create_task(client.post("/sl?ms=1000"))
+            await _wait_for(lambda: gateway.load()["running"] == 1, 5)
+            waiting = asyncio.create_task(client.post("/sl?ms=500"))
+            await _wait_for(lambda: gateway.load()["queued"] == 1, 5)
+            (tmp_path / "flux.toml").write_text("[limits]\ntimeout_ms = 200\n")
+            await gateway.reload(load_project(tmp_path))
+            answers = [await running, await waiting]
+            after = await client.post("/sl?ms=500")  # one that came after it: the new limit
+            return [answer.status_code for answer in answers], after.status_code
+
+    assert asyncio.run(scenario()) == ([200, 200], 504)
+
+
+def test_a_rotated_secret_is_redacted_from_the_moment_its_flux_toml_is_read(tmp_path, dsn, conn):
+    """While a reload warmed the new version (seconds, with slow top-level code), traces were redacted
+    with the serving version's secrets alone: a client already given the rotated value sent it, and
+    its trace kept it as it was."""
+    ensure_schema(conn)
+    rotated = "tok-rotated-7d1c9a2e"
+    toml = '[secrets]\nTOKEN = "{}"\n[limits]\ntimeout_ms = 1500\n'
+    write_project(tmp_path, {"v": "export default async function () { return {status: 200}; }"}, toml.format("tok-old-52b8e0f4"))
+
+    async def scenario():
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        async with running_gateway(tmp_path, None, sink=writer) as (gateway, client):
+            (tmp_path / "functions" / "spin.js").write_text("for (;;) {}\nexport default async function () {}\n")
+            (tmp_path / "flux.toml").write_text(toml.format(rotated))
+            reload = asyncio.create_task(gateway.reload(load_project(tmp_path)))
+            await asyncio.sleep(0.2)  # the reload runs spin.js's top-level code, to its time limit
+            answer = await client.post(f"/v?token={rotated}", json={"token": rotated}, headers={"x-token": rotated})
+            warming = not reload.done()
+            await reload
+        await writer.close()
+        return warming, answer.headers["x-flux-request-id"]
+
+    warming, request_id = asyncio.run(scenario())
+    trace = conn.execute("SELECT to_jsonb(t)::text FROM flux.trace_requests t WHERE id = %s", (request_id,)).fetchone()[0]
+    assert warming and rotated not in trace and "[secret]" in trace
+
+
+def test_a_project_served_through_a_symlink_is_reloaded_when_it_is_pointed_at_another_release(tmp_path):
+    """A deploy that swaps a `current` symlink to a new release was never seen: the watcher polled
+    the directory the symlink named at start, and served the old release until a restart."""
+    for release in ("v1", "v2"):
+        write_project(tmp_path / release, {"r": f"export default async function () {{ return {{status: 200, body: '{release}'}}; }}"})
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "v1")
+
+    async def scenario():
+        async with _watched(current, root=current) as (gateway, client, watcher):
+            await asyncio.sleep(0.1)  # the watcher has taken its first fingerprint
+            (tmp_path / "next").symlink_to(tmp_path / "v2")
+            os.replace(tmp_path / "next", current)  # atomic, as deploy tools swap it
+            await _wait_for(lambda: gateway.project.root == tmp_path / "v2", 5)
+            return await (await client.post("/r")).get_data(as_text=True)
+
+    assert asyncio.run(scenario()) == "v2"
 
 
 def test_requests_are_served_while_a_reload_runs_slow_top_level_code(tmp_path):

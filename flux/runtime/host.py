@@ -2,7 +2,8 @@
 
 `DbSession` is one request's transaction. Its first statement is the `flux` context message
 (`pg_logical_emit_message`) carrying request_id, tenant and function, so the CDC engine
-attributes every write of the request; `finish(commit=...)` commits or rolls back. Statements
+attributes every write of the request (statements that set the transaction's isolation level,
+which PostgreSQL takes only before any query, go ahead of it); `finish(commit=...)` commits or rolls back. Statements
 are serialised: a request's queries share one connection, in the order the function issued them.
 Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused (the rules on
 a statement's text are `sqltext`'s), and the connection's session state is reset before another
@@ -37,7 +38,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.pg.pooler import behind_pooler_async
 from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready, unsafe_int_paths
-from flux.runtime.sqltext import read_scan, refusal, statement_start
+from flux.runtime.sqltext import read_scan, refusal, sets_transaction, statement_start
 
 log = logging.getLogger("flux.runtime")
 
@@ -177,6 +178,8 @@ class DbSession:
         self._tenant = context.get("tenant")
         self._conn: psycopg.AsyncConnection | None = None
         self._begun = False  # BEGIN was sent on _conn
+        self._announced = False  # the context message was sent on _conn
+        self._leading: list[bytes] = []  # the SET TRANSACTION statements that ran before it, in order
         self._lock = asyncio.Lock()
         self.statements = 0
         self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
@@ -221,29 +224,39 @@ class DbSession:
                 values = transformer.dump_sequence(adapted, [PyFormat.AUTO] * len(adapted))
                 sql_bytes = sql.encode(encoding)
 
-                def statements() -> list[_Statement]:
+                # The context message goes with the first statement, unless that one sets the
+                # transaction's isolation level (or READ ONLY, DEFERRABLE), which PostgreSQL takes
+                # only before any query: then with the first statement that does not.
+                announce = not self._announced and not sets_transaction(sql)
+
+                def statements(*, again: bool = False) -> list[_Statement]:
                     statement = _statement(conn, sql_bytes, values, transformer.types, transformer.formats)
-                    if not first:
-                        return [statement]
-                    message = _statement(conn, _CONTEXT_MESSAGE, [CONTEXT_PREFIX.encode(), self._context], [_TEXT_OID] * 2, None)
-                    begin = [_Statement(b"BEGIN"), message, statement]
-                    return [_Statement(b"DEALLOCATE ALL"), *begin] if switched else begin
+                    sent = [_Statement(b"BEGIN"), *(_Statement(st) for st in self._leading)] if first or again else []
+                    if switched:
+                        sent.insert(0, _Statement(b"DEALLOCATE ALL"))
+                    if announce:
+                        sent.append(_statement(conn, _CONTEXT_MESSAGE, [CONTEXT_PREFIX.encode(), self._context], [_TEXT_OID] * 2, None))
+                    sent.append(statement)
+                    return sent
 
                 # Only now, once nothing can fail before BEGIN (and a DEALLOCATE) is sent.
                 switched = first and _serve_tenant(conn, self._tenant)
                 sent = statements()
                 self._begun = True
+                self._announced = self._announced or announce
                 try:
                     result = (await _exchange(conn, sent))[-1]
                 except psycopg.Error as exc:
                     # A stale prepared statement (a migration changed its result columns) in the
-                    # transaction's first exchange: nothing else ran in it, so it starts again,
-                    # with the statement prepared anew.
+                    # exchange that carries the context message: nothing but the transaction's
+                    # settings ran before it, so it starts again, with the statement prepared anew.
                     stale = exc.sqlstate in _STALE_PREPARED and any(st.name and not st.prepare for st in sent)
-                    if not (first and stale):
+                    if not (announce and stale):
                         raise
                     await _exchange(conn, [_Statement(b"ROLLBACK")])
-                    result = (await _exchange(conn, statements()))[-1]
+                    result = (await _exchange(conn, statements(again=True)))[-1]
+                if not self._announced:
+                    self._leading.append(sql_bytes)
                 self.statements += 1
                 command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
                 if command in _MAY_READ:
@@ -282,21 +295,12 @@ class DbSession:
                     f"({conn.info.parameter_status('client_encoding')}) cannot hold: {exc.object[exc.start:exc.end]!r}", "sqlstate": None,
                 }) from None
             except psycopg.Error as exc:
-                diag = exc.diag
-                # Whole: a first line could hold part of a secret (a PEM key's first line) that
-                # redaction, which sees the trace at the end, could no longer recognise.
-                detail = (diag.message_primary or str(exc).strip()) if diag else str(exc)
+                info = _database_error(exc)
                 if exc.sqlstate != _IN_FAILED_TRANSACTION and exc.sqlstate is not None:
-                    self.aborted_by = f"{db_span_name(sql)}: {detail}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
-                info: dict[str, Any] = {
-                    "name": "DatabaseError", "message": f"{detail} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else detail,
-                    "sqlstate": exc.sqlstate, "detail": diag.message_detail if diag else None,
-                }
-                # What PostgreSQL adds: the key of a unique violation, a RAISE's DETAIL and HINT, where in the SQL.
-                if diag and diag.message_hint:
-                    info["hint"] = diag.message_hint
-                if diag and diag.statement_position:
-                    info["position"] = int(diag.statement_position)
+                    self.aborted_by = f"{db_span_name(sql)}: {info['message']}"
+                if "hint" not in info and exc.sqlstate == _AFTER_A_QUERY and sets_transaction(sql):
+                    info["hint"] = ("Make it the request's first ctx.db statement: Flux runs the statements that set the "
+                                    "transaction's characteristics ahead of its context message only until another has run.")
                 raise HostCallError(info) from None
 
     async def _learn_types(self, conn: psycopg.AsyncConnection, unknown: list[int]) -> None:
@@ -368,7 +372,9 @@ class DbSession:
                     return
                 self.outcome = "rolled_back"
                 if commit:
-                    raise HostCallError({"name": "DatabaseError", "message": f"commit failed: {exc}", "sqlstate": exc.sqlstate}) from None
+                    # One line ending in its SQLSTATE, as a statement's error: a serialization failure
+                    # (40001) or a deferred constraint's violation (23505) at COMMIT is told by it.
+                    raise HostCallError(_database_error(exc, "commit failed: ")) from None
             finally:
                 try:
                     # Delivered before the connection serves anyone else; one that could not be
@@ -410,6 +416,22 @@ class DbSession:
         if conn is not None and conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
             await _cancel_on_server(conn)
         await self.finish(commit=False)
+
+
+def _database_error(exc: psycopg.Error, prefix: str = "") -> dict[str, Any]:
+    """What the function gets for a statement PostgreSQL refused: its primary message, whole (a
+    first line could hold part of a secret, a PEM key's, that redaction, which sees the trace at
+    the end, could no longer recognise), ending in its SQLSTATE, and what PostgreSQL adds: the key
+    of a unique violation, a RAISE's DETAIL and HINT, where in the SQL."""
+    diag = exc.diag
+    primary = prefix + (diag.message_primary or str(exc).strip())
+    info: dict[str, Any] = {"name": "DatabaseError", "message": f"{primary} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else primary,
+                            "sqlstate": exc.sqlstate, "detail": diag.message_detail}
+    if diag.message_hint:
+        info["hint"] = diag.message_hint
+    if diag.statement_position:
+        info["position"] = int(diag.statement_position)
+    return info
 
 
 # The most a query may hand a function, counted as the server sent it: a result is converted to
@@ -506,6 +528,7 @@ _SESSION_RESET = (b"RESET ALL", b"SET SESSION AUTHORIZATION DEFAULT", b"UNLISTEN
                   b"SELECT pg_advisory_unlock_all()", b"DISCARD TEMP", b"CLOSE ALL", b"DISCARD SEQUENCES")
 _FLUX_STATEMENTS = frozenset({_CONTEXT_MESSAGE, *_SESSION_RESET})  # the same for every tenant
 _IN_FAILED_TRANSACTION = "25P02"  # each statement after the one that aborted the transaction
+_AFTER_A_QUERY = "25001"  # an isolation level or DEFERRABLE set once the transaction has run a query
 
 
 @dataclass(slots=True)

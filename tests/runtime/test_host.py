@@ -74,9 +74,9 @@ def test_a_failed_first_statement_rolls_back_and_leaves_nothing(dsn, conn, tmp_p
     assert conn.execute("SELECT email FROM users ORDER BY id").fetchall() == [("a@x",)]
 
 
-def _on_pool(dsn: str, work: Callable[[AsyncConnectionPool], Awaitable[None]]) -> None:
+def _on_pool(dsn: str, work: Callable[[AsyncConnectionPool], Awaitable[None]], *, size: int = 1) -> None:
     async def main() -> None:
-        pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
+        pool = AsyncConnectionPool(dsn, min_size=size, max_size=size, open=False)
         await pool.open(wait=True)
         try:
             await work(pool)
@@ -234,16 +234,19 @@ def test_flux_keeps_its_own_statements_prepared_on_a_connection_tenants_share_in
     assert set(prepared) == {"SELECT pg_logical_emit_message(true, $1::text, $2::text)", *(sql.decode() for sql in _SESSION_RESET)}
 
 
-def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn):
-    """`SELECT *` prepared before a column was added: the server refuses it (0A000); as the
-    transaction's first statement it is prepared again and the request never sees the error."""
+def _reads_across_a_migration(dsn: str, conn: psycopg.Connection, first: list[str], then: str) -> list[list[dict]]:
+    """Requests that run `first`, then `SELECT * FROM users` and `then`: twice (prepared by then),
+    then twice after a column was added. The rows each gave."""
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
     conn.execute("INSERT INTO users (email) VALUES ('a@x')")
     rows: list[list[dict]] = []
 
     async def read(pool: AsyncConnectionPool) -> None:
         session = DbSession(pool, CONTEXT)
+        for sql in first:
+            await session.query(sql, [])
         rows.append((await session.query("SELECT * FROM users", []))["rows"])
+        rows.append((await session.query(then, []))["rows"])
         await session.finish(commit=True)
 
     async def work(pool: AsyncConnectionPool) -> None:
@@ -256,7 +259,14 @@ def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn
         await read(pool)
 
     _on_pool(dsn, work)
-    assert rows[-2] == rows[-1] == [{"id": 1, "email": "a@x", "plan": "free"}]
+    return rows
+
+
+def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn):
+    """`SELECT *` prepared before a column was added: the server refuses it (0A000); as the
+    transaction's first statement it is prepared again and the request never sees the error."""
+    rows = _reads_across_a_migration(dsn, conn, [], "SELECT 1 AS one")
+    assert rows[-4] == rows[-2] == [{"id": 1, "email": "a@x", "plan": "free"}]
 
 
 @pytest.mark.parametrize("sql", ["COMMIT", "rollback", "ROLLBACK WORK", "/* why /* nested */ */ END", "-- done\nABORT",
@@ -479,3 +489,83 @@ def test_behind_pgbouncer_in_transaction_mode_a_statement_run_again_still_runs(b
     assert failures == []
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 6
     assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] == 0
+
+
+def _first_statements_then(dsn: str, first: list[str], then: str) -> dict[str, Any]:
+    """Run `first`, then `then` in one session; the row `then` gave."""
+    seen: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        for sql in first:
+            await session.query(sql, [])
+        seen.append((await session.query(then, []))["rows"][0])
+        await session.finish(commit=True)
+
+    _on_pool(dsn, work)
+    return seen[0]
+
+
+@pytest.mark.parametrize("sql", ["SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+                                 "SET LOCAL transaction_isolation = 'serializable'"])
+def test_an_isolation_level_set_by_the_first_statement_holds_for_the_transaction(dsn, sql):
+    """PostgreSQL takes it only before the transaction's first query, and the context message was
+    one: SET TRANSACTION failed (25001) and no request could run SERIALIZABLE or REPEATABLE READ."""
+    assert _first_statements_then(dsn, [sql], "SELECT current_setting('transaction_isolation') AS iso") == {"iso": "serializable"}
+
+
+def test_statements_setting_the_transaction_may_come_one_after_another_before_the_first_query(dsn):
+    row = _first_statements_then(
+        dsn, ["SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "SET TRANSACTION READ ONLY", "SET TRANSACTION DEFERRABLE"],
+        "SELECT current_setting('transaction_isolation') AS iso, current_setting('transaction_read_only') AS ro,"
+        " current_setting('transaction_deferrable') AS deferrable")
+    assert row == {"iso": "serializable", "ro": "on", "deferrable": "on"}
+
+
+def test_an_isolation_level_set_after_a_query_says_to_set_it_first(dsn):
+    errors: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("SELECT 1", [])
+        with pytest.raises(HostCallError) as refused:
+            await session.query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", [])
+        errors.append(refused.value.info)
+        await session.finish(commit=False)
+
+    _on_pool(dsn, work)
+    assert errors[0]["sqlstate"] == "25001" and errors[0]["hint"].startswith("Make it the request's first ctx.db statement")
+
+
+def test_a_stale_prepared_statement_after_the_isolation_level_runs_again_under_that_level(dsn, conn):
+    """Its exchange carries the context message: the retry begins again with the level set."""
+    rows = _reads_across_a_migration(dsn, conn, ["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"],
+                                     "SELECT current_setting('transaction_isolation') AS iso")
+    assert rows[-2:] == [[{"id": 1, "email": "a@x", "plan": "free"}], [{"iso": "repeatable read"}]]
+
+
+def test_a_serialization_failure_at_commit_is_one_line_ending_in_its_sqlstate(dsn, conn):
+    """Two SERIALIZABLE transactions that each read what the other writes (write skew): the second
+    to commit fails. Its error read `commit failed: ...` with DETAIL and HINT lines and no SQLSTATE."""
+    conn.execute("CREATE TABLE oncall (id int PRIMARY KEY, on_duty bool)")
+    conn.execute("INSERT INTO oncall VALUES (1, true), (2, true)")
+    failures: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        sessions = [DbSession(pool, CONTEXT), DbSession(pool, CONTEXT)]
+        for session in sessions:
+            await session.query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", [])
+            await session.query("SELECT count(*) FROM oncall WHERE on_duty", [])
+        for n, session in enumerate(sessions, 1):
+            await session.query("UPDATE oncall SET on_duty = false WHERE id = $1", [n])
+        await sessions[0].finish(commit=True)
+        with pytest.raises(HostCallError) as failed:
+            await sessions[1].finish(commit=True)
+        failures.append(failed.value.info)
+
+    _on_pool(dsn, work, size=2)
+    [info] = failures
+    assert info["sqlstate"] == "40001" and info["hint"] == "The transaction might succeed if retried."
+    assert info["message"] == ("commit failed: could not serialize access due to read/write dependencies among "
+                               "transactions (SQLSTATE 40001)")
+    assert conn.execute("SELECT id FROM oncall WHERE NOT on_duty").fetchall() == [(1,)]

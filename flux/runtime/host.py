@@ -180,6 +180,8 @@ class DbSession:
         self._begun = False  # BEGIN was sent on _conn
         self._announced = False  # the context message was sent on _conn
         self._leading: list[bytes] = []  # the SET TRANSACTION statements that ran before it, in order
+        self._idle_from = 0.0  # when the last exchange ended: the transaction was idle since
+        self._lost: dict[str, Any] | None = None  # the error of the connection's loss, for every later statement
         self._lock = asyncio.Lock()
         self.statements = 0
         self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
@@ -202,6 +204,12 @@ class DbSession:
             refused = refusal(sql)
             if refused is not None:
                 raise HostCallError({"name": "FluxError", "message": refused, "sqlstate": None})
+            if len(params) > MAX_PARAMS:  # libpq would refuse it only once the transaction's connection is in use: lost
+                raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
+                    f"ctx.db.query: {len(params):,} parameters, more than the {MAX_PARAMS:,} PostgreSQL's protocol carries "
+                    f"in one statement; pass the values as arrays ($1::int[], with unnest) or in several statements")})
+            if self._lost is not None:
+                raise HostCallError(self._lost)
             try:
                 adapted = [adapt_param(p, n) for n, p in enumerate(params, 1)]
             except ParamError as exc:
@@ -247,6 +255,9 @@ class DbSession:
                 try:
                     result = (await _exchange(conn, sent))[-1]
                 except psycopg.Error as exc:
+                    if conn.closed:  # the connection broke: the server ended the session, or the network failed
+                        self._lost = _connection_lost(exc, None if first else time.monotonic() - self._idle_from)
+                        raise HostCallError(self._lost) from None
                     # A stale prepared statement (a migration changed its result columns) in the
                     # exchange that carries the context message: nothing but the transaction's
                     # settings ran before it, so it starts again, with the statement prepared anew.
@@ -257,6 +268,7 @@ class DbSession:
                     result = (await _exchange(conn, statements(again=True)))[-1]
                 if not self._announced:
                     self._leading.append(sql_bytes)
+                self._idle_from = time.monotonic()
                 self.statements += 1
                 command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
                 if command in _MAY_READ:
@@ -335,9 +347,14 @@ class DbSession:
                 self.outcome = self.outcome or ("committed" if commit else "rolled_back")
                 return
             assert self._pool is not None
-            if conn.closed:  # a query cut short closed it: whatever it had done is rolled back
+            if conn.closed:  # a query cut short closed it, or the connection broke: whatever it had done is rolled back
                 self.outcome = "rolled_back"
                 await self._pool.putconn(conn)
+                if commit and self._lost is not None:
+                    # A read may have written through a function or view; the server cannot be asked now.
+                    if self.writes or self._unproven:
+                        raise HostCallError({**self._lost, "message": f"the transaction could not commit: {self._lost['message']}"})
+                    return
                 if commit:
                     raise HostCallError({
                         "name": "DatabaseError", "sqlstate": None,
@@ -434,6 +451,17 @@ def _database_error(exc: psycopg.Error, prefix: str = "") -> dict[str, Any]:
     return info
 
 
+def _connection_lost(exc: psycopg.Error, idle_s: float | None) -> dict[str, Any]:
+    """The error of a statement whose connection broke (it had been `idle_s` idle in the transaction)."""
+    idle = "" if idle_s is None else (
+        f" after its transaction had been idle for {idle_s * 1000:,.0f} ms (a server's idle_in_transaction_session_timeout "
+        f"ends such a session: keep slow calls out of the transaction, or raise it for the functions' role)")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return {"name": "DatabaseError", "sqlstate": exc.sqlstate, "message": (
+        f"ctx.db: the connection to the database was lost{idle}: {reason}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
+        + "; the request's transaction was rolled back, and no later statement can run in it")}
+
+
 # The most a query may hand a function, counted as the server sent it: a result is converted to
 # Python objects and then to JSON in the gateway's memory, which no isolate limit covers (and one
 # past the isolate's heap could not reach the function anyway). Results of fewer cells than
@@ -504,6 +532,7 @@ SELECT EXISTS (
                                        'pg\_%\_size', 'pg\_current\_wal\_%'])))
 )"""
 _TEXT_OID = 25
+MAX_PARAMS = 65_535  # the protocol's Bind message counts a statement's parameters in 16 bits
 # Statements prepared per connection, at most; past it a statement runs unnamed (parsed each time).
 # Counted over the connection's life: a stale statement is forgotten but stays prepared on the server.
 PREPARED_MAX = 64

@@ -397,6 +397,28 @@ def test_a_commit_a_deferred_constraint_refuses_is_a_500_with_its_sqlstate(tmp_p
     assert result.recording["commit"]["error"]["sqlstate"] == "23505"
 
 
+def test_a_transaction_the_servers_idle_timeout_ended_is_named_as_such(tmp_path, dsn, conn):
+    """A DBA's idle_in_transaction_session_timeout, passed while the function awaited something
+    else: the error read `consuming input failed: server closed the connection unexpectedly`
+    over three lines, and naming neither the idle time nor the setting."""
+    conn.execute("CREATE TABLE users (id int)")
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_in_transaction_session_timeout = 200')
+    write_project(tmp_path, {"slow": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users VALUES (1)");
+          await new Promise((resolve) => setTimeout(resolve, 600));  // a slow call between two writes
+          await ctx.db.query("INSERT INTO users VALUES (2)");
+          return {status: 201};
+        }
+    """})
+    result = run1(tmp_path, "slow", dsn=dsn)
+    assert (result.status, result.db_outcome) == (500, "rolled_back")
+    assert result.error.startswith("DatabaseError: ctx.db: the connection to the database was lost after its transaction "
+                                   "had been idle for ") and "idle_in_transaction_session_timeout" in result.error
+    assert "\n" not in result.error
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
 def test_a_result_over_the_size_limit_is_refused_before_it_is_converted_and_its_writes_stand(tmp_path, dsn, conn, monkeypatch):
     monkeypatch.setattr(host, "MAX_QUERY_RESULT_BYTES", 100_000)
     conn.execute("CREATE TABLE items (id serial PRIMARY KEY, pad text)")

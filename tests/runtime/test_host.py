@@ -569,3 +569,65 @@ def test_a_serialization_failure_at_commit_is_one_line_ending_in_its_sqlstate(ds
     assert info["message"] == ("commit failed: could not serialize access due to read/write dependencies among "
                                "transactions (SQLSTATE 40001)")
     assert conn.execute("SELECT id FROM oncall WHERE NOT on_duty").fetchall() == [(1,)]
+
+
+def test_more_parameters_than_the_protocol_carries_are_refused_and_the_transaction_goes_on(dsn, conn):
+    """libpq refused the 65,536th parameter while sending, which closed the transaction's
+    connection: the request's earlier writes were lost, and its later statements failed with
+    `failed to enter pipeline mode`."""
+    conn.execute("CREATE TABLE users (id int)")
+    errors: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("INSERT INTO users VALUES (1)", [])
+        ok = await session.query("SELECT cardinality(ARRAY[%s]::int[]) AS n" % ",".join(f"${i}" for i in range(1, 65536)),
+                                 list(range(65535)))
+        assert ok["rows"] == [{"n": 65535}]
+        with pytest.raises(HostCallError) as refused:
+            await session.query("SELECT ARRAY[%s]::int[]" % ",".join(f"${i}" for i in range(1, 65537)), list(range(65536)))
+        errors.append(refused.value.info)
+        await session.query("INSERT INTO users VALUES (2)", [])
+        await session.finish(commit=True)
+
+    _on_pool(dsn, work)
+    assert errors[0]["name"] == "RangeError" and "65,536 parameters, more than the 65,535" in errors[0]["message"]
+    assert conn.execute("SELECT id FROM users ORDER BY id").fetchall() == [(1,), (2,)]
+
+
+def _after_the_server_ends_the_session(dsn: str, conn: psycopg.Connection, *, write: bool) -> list[dict[str, Any]]:
+    """A session whose first statement runs (a write, or a SET), then whose connection the server
+    ends; two more statements, then the commit. What each of those three raised."""
+    errors: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("INSERT INTO users VALUES (1)" if write else "SET LOCAL statement_timeout = '5s'", [])
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE datname = current_database() AND state = 'idle in transaction'")
+        for _ in range(2):
+            with pytest.raises(HostCallError) as lost:
+                await session.query("SELECT 1", [])
+            errors.append(lost.value.info)
+        try:
+            await session.finish(commit=True)
+        except HostCallError as exc:
+            errors.append(exc.info)
+
+    conn.execute("CREATE TABLE users (id int)")
+    _on_pool(dsn, work)
+    return errors
+
+
+def test_a_connection_the_server_ended_mid_transaction_is_named_lost_for_every_later_statement(dsn, conn):
+    first, second, commit = _after_the_server_ends_the_session(dsn, conn, write=True)
+    assert first["message"].startswith("ctx.db: the connection to the database was lost after its transaction had been idle for ")
+    assert "idle_in_transaction_session_timeout" in first["message"]
+    assert second == first  # not `failed to enter pipeline mode`
+    assert commit["message"] == f"the transaction could not commit: {first['message']}"  # not "a query was still running"
+
+
+def test_a_lost_connection_that_had_not_written_leaves_the_answer_alone(dsn, conn):
+    """Nothing was lost with it (a read could have written, through a function): a function that
+    caught the error and answered keeps its answer."""
+    assert len(_after_the_server_ends_the_session(dsn, conn, write=False)) == 2

@@ -199,121 +199,138 @@ class DbSession:
         if self._pool is None:
             raise HostCallError({"name": "FluxError", "message": "ctx.db is not configured: start Flux with a database"})
         async with self._lock:
-            if self.outcome is not None:
-                raise HostCallError({"name": "FluxError", "message": "ctx.db was used after the request finished"})
-            refused = refusal(sql)
-            if refused is not None:
-                raise HostCallError({"name": "FluxError", "message": refused, "sqlstate": None})
-            if len(params) > MAX_PARAMS:  # libpq would refuse it only once the transaction's connection is in use: lost
-                raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
-                    f"ctx.db.query: {len(params):,} parameters, more than the {MAX_PARAMS:,} PostgreSQL's protocol carries "
-                    f"in one statement; pass the values as arrays ($1::int[], with unnest) or in several statements")})
-            if self._lost is not None:
-                raise HostCallError(self._lost)
-            try:
-                adapted = [adapt_param(p, n) for n, p in enumerate(params, 1)]
-            except ParamError as exc:
-                raise HostCallError({"name": "TypeError", "message": str(exc)}) from None
-            try:
-                first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
-                if self._conn is None:
-                    failing = getattr(self._pool, "failing", False)
-                    try:
-                        self._conn = await self._pool.getconn(timeout=FAILING_POOL_WAIT_S if failing else None)
-                    except PoolTimeout:
-                        if not failing:
-                            raise
-                        raise HostCallError({"name": "DatabaseError", "sqlstate": None, "message": (
-                            f"ctx.db: no connection to the database within {FAILING_POOL_WAIT_S:g} s: the gateway's "
-                            "attempts to connect are failing (its log says why)")}) from None
-                conn = self._conn
-                encoding = conn.info.encoding
-                transformer = Transformer(LoadContext(self._types.adapters, conn))
-                values = transformer.dump_sequence(adapted, [PyFormat.AUTO] * len(adapted))
-                sql_bytes = sql.encode(encoding)
+            return await self._query(sql, params)
 
-                # The context message goes with the first statement, unless that one sets the
-                # transaction's isolation level (or READ ONLY, DEFERRABLE), which PostgreSQL takes
-                # only before any query: then with the first statement that does not.
-                announce = not self._announced and not sets_transaction(sql)
-
-                def statements(*, again: bool = False) -> list[_Statement]:
-                    statement = _statement(conn, sql_bytes, values, transformer.types, transformer.formats)
-                    sent = [_Statement(b"BEGIN"), *(_Statement(st) for st in self._leading)] if first or again else []
-                    if switched:
-                        sent.insert(0, _Statement(b"DEALLOCATE ALL"))
-                    if announce:
-                        sent.append(_statement(conn, _CONTEXT_MESSAGE, [CONTEXT_PREFIX.encode(), self._context], [_TEXT_OID] * 2, None))
-                    sent.append(statement)
-                    return sent
-
-                # Only now, once nothing can fail before BEGIN (and a DEALLOCATE) is sent.
-                switched = first and _serve_tenant(conn, self._tenant)
-                sent = statements()
-                self._begun = True
-                self._announced = self._announced or announce
+    async def _query(self, sql: str, params: list[Any], *, lost: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`query`, under the session's lock. `lost`: the first statement is run again, on another
+        connection, after its first connection was found closed (that error)."""
+        if self.outcome is not None:
+            raise HostCallError({"name": "FluxError", "message": "ctx.db was used after the request finished"})
+        refused = refusal(sql)
+        if refused is not None:
+            raise HostCallError({"name": "FluxError", "message": refused, "sqlstate": None})
+        if len(params) > MAX_PARAMS:  # libpq would refuse it only once the transaction's connection is in use: lost
+            raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
+                f"ctx.db.query: {len(params):,} parameters, more than the {MAX_PARAMS:,} PostgreSQL's protocol carries "
+                f"in one statement; pass the values as arrays ($1::int[], with unnest) or in several statements")})
+        if self._lost is not None:
+            raise HostCallError(self._lost)
+        try:
+            adapted = [adapt_param(p, n) for n, p in enumerate(params, 1)]
+        except ParamError as exc:
+            raise HostCallError({"name": "TypeError", "message": str(exc)}) from None
+        try:
+            first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
+            if self._conn is None:
+                failing = lost is not None or getattr(self._pool, "failing", False)
                 try:
-                    result = (await _exchange(conn, sent))[-1]
-                except psycopg.Error as exc:
-                    if conn.closed:  # the connection broke: the server ended the session, or the network failed
-                        self._lost = _connection_lost(exc, None if first else time.monotonic() - self._idle_from)
-                        raise HostCallError(self._lost) from None
-                    # A stale prepared statement (a migration changed its result columns) in the
-                    # exchange that carries the context message: nothing but the transaction's
-                    # settings ran before it, so it starts again, with the statement prepared anew.
-                    stale = exc.sqlstate in _STALE_PREPARED and any(st.name and not st.prepare for st in sent)
-                    if not (announce and stale):
+                    self._conn = await self._pool.getconn(timeout=FAILING_POOL_WAIT_S if failing else None)
+                except PoolTimeout:
+                    if lost is not None:
+                        self._lost = lost
+                        raise HostCallError(lost) from None
+                    if not failing:
                         raise
-                    await _exchange(conn, [_Statement(b"ROLLBACK")])
-                    result = (await _exchange(conn, statements(again=True)))[-1]
-                if not self._announced:
-                    self._leading.append(sql_bytes)
-                self._idle_from = time.monotonic()
-                self.statements += 1
-                command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
-                if command in _MAY_READ:
-                    self._unproven.add(sql)  # a read, unless it wrote through a function or a data-modifying WITH
-                elif command not in _NO_WRITES:
-                    self.writes += 1
-                rows: list[dict[str, Any]] = []
-                names: list[str] = []
-                if result.status == pq.ExecStatus.TUPLES_OK:
-                    _check_result_size(result)  # the statement ran: its writes stand unless the function throws
-                    unknown = self._types.unknown(result)
-                    if unknown:
-                        await self._learn_types(conn, unknown)
-                    transformer.set_pgresult(result)
-                    names = [(result.fname(i) or b"").decode(encoding, "replace") for i in range(result.nfields)]
-                    rows = transformer.load_rows(0, result.ntuples, lambda values: dict(zip(names, values)))
-                    row_count = result.ntuples
-                else:
-                    row_count = result.command_tuples if result.command_tuples is not None else -1
-                try:
-                    # Checked as the settle writes it, [[call id, ok, result]]: orjson's 254 levels count those two.
-                    ready, wide = json_ready([[0, True, {"rows": rows, "rowCount": row_count, "command": command}]])
-                    value = ready[0][2]
-                    if wide and rows:  # rare: an integer past 2^53 somewhere; in an int8 column, the function gets a BigInt
-                        bigints = unsafe_int_paths(value["rows"], self._types.int8_columns(result, names))
-                        if bigints:
-                            value["bigints"] = bigints
-                    return value
-                except orjson.JSONEncodeError:  # a json or jsonb value of 250 levels: the statement ran, as past the size cap
-                    raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
-                        "ctx.db.query: a value of the result is nested deeper than 249 levels, the most that can reach "
-                        "the function")}) from None
-            except UnicodeEncodeError as exc:
-                raise HostCallError({
-                    "name": "DatabaseError", "message": f"the query has a character the database's encoding "
-                    f"({conn.info.parameter_status('client_encoding')}) cannot hold: {exc.object[exc.start:exc.end]!r}", "sqlstate": None,
-                }) from None
+                    raise HostCallError({"name": "DatabaseError", "sqlstate": None, "message": (
+                        f"ctx.db: no connection to the database within {FAILING_POOL_WAIT_S:g} s: the gateway's "
+                        "attempts to connect are failing (its log says why)")}) from None
+            conn = self._conn
+            encoding = conn.info.encoding
+            transformer = Transformer(LoadContext(self._types.adapters, conn))
+            values = transformer.dump_sequence(adapted, [PyFormat.AUTO] * len(adapted))
+            sql_bytes = sql.encode(encoding)
+
+            # The context message goes with the first statement, unless that one sets the
+            # transaction's isolation level (or READ ONLY, DEFERRABLE), which PostgreSQL takes
+            # only before any query: then with the first statement that does not.
+            announce = not self._announced and not sets_transaction(sql)
+
+            def statements(*, again: bool = False) -> list[_Statement]:
+                statement = _statement(conn, sql_bytes, values, transformer.types, transformer.formats)
+                sent = [_Statement(b"BEGIN"), *(_Statement(st) for st in self._leading)] if first or again else []
+                if switched:
+                    sent.insert(0, _Statement(b"DEALLOCATE ALL"))
+                if announce:
+                    sent.append(_statement(conn, _CONTEXT_MESSAGE, [CONTEXT_PREFIX.encode(), self._context], [_TEXT_OID] * 2, None))
+                sent.append(statement)
+                return sent
+
+            # Only now, once nothing can fail before BEGIN (and a DEALLOCATE) is sent.
+            switched = first and _serve_tenant(conn, self._tenant)
+            sent = statements()
+            self._begun = True
+            self._announced = self._announced or announce
+            try:
+                result = (await _exchange(conn, sent))[-1]
             except psycopg.Error as exc:
-                info = _database_error(exc)
-                if exc.sqlstate != _IN_FAILED_TRANSACTION and exc.sqlstate is not None:
-                    self.aborted_by = f"{db_span_name(sql)}: {info['message']}"
-                if "hint" not in info and exc.sqlstate == _AFTER_A_QUERY and sets_transaction(sql):
-                    info["hint"] = ("Make it the request's first ctx.db statement: Flux runs the statements that set the "
-                                    "transaction's characteristics ahead of its context message only until another has run.")
-                raise HostCallError(info) from None
+                if conn.closed:  # the connection broke: the server ended the session, or the network failed
+                    broken = _connection_lost(exc, None if first else time.monotonic() - self._idle_from)
+                    if first and lost is None:
+                        # Nothing of the request ran: the server had closed the connection while it
+                        # was idle in the pool (idle_session_timeout, a restart, a proxy's idle limit),
+                        # and likely the pool's other idle ones too, which the pool checks.
+                        await self._pool.putconn(conn)
+                        self._conn, self._begun, self._announced = None, False, False
+                        await self._pool.check()
+                        return await self._query(sql, params, lost=broken)
+                    self._lost = broken
+                    raise HostCallError(broken) from None
+                # A stale prepared statement (a migration changed its result columns) in the
+                # exchange that carries the context message: nothing but the transaction's
+                # settings ran before it, so it starts again, with the statement prepared anew.
+                stale = exc.sqlstate in _STALE_PREPARED and any(st.name and not st.prepare for st in sent)
+                if not (announce and stale):
+                    raise
+                await _exchange(conn, [_Statement(b"ROLLBACK")])
+                result = (await _exchange(conn, statements(again=True)))[-1]
+            if not self._announced:
+                self._leading.append(sql_bytes)
+            self._idle_from = time.monotonic()
+            self.statements += 1
+            command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
+            if command in _MAY_READ:
+                self._unproven.add(sql)  # a read, unless it wrote through a function or a data-modifying WITH
+            elif command not in _NO_WRITES:
+                self.writes += 1
+            rows: list[dict[str, Any]] = []
+            names: list[str] = []
+            if result.status == pq.ExecStatus.TUPLES_OK:
+                _check_result_size(result)  # the statement ran: its writes stand unless the function throws
+                unknown = self._types.unknown(result)
+                if unknown:
+                    await self._learn_types(conn, unknown)
+                transformer.set_pgresult(result)
+                names = [(result.fname(i) or b"").decode(encoding, "replace") for i in range(result.nfields)]
+                rows = transformer.load_rows(0, result.ntuples, lambda values: dict(zip(names, values)))
+                row_count = result.ntuples
+            else:
+                row_count = result.command_tuples if result.command_tuples is not None else -1
+            try:
+                # Checked as the settle writes it, [[call id, ok, result]]: orjson's 254 levels count those two.
+                ready, wide = json_ready([[0, True, {"rows": rows, "rowCount": row_count, "command": command}]])
+                value = ready[0][2]
+                if wide and rows:  # rare: an integer past 2^53 somewhere; in an int8 column, the function gets a BigInt
+                    bigints = unsafe_int_paths(value["rows"], self._types.int8_columns(result, names))
+                    if bigints:
+                        value["bigints"] = bigints
+                return value
+            except orjson.JSONEncodeError:  # a json or jsonb value of 250 levels: the statement ran, as past the size cap
+                raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
+                    "ctx.db.query: a value of the result is nested deeper than 249 levels, the most that can reach "
+                    "the function")}) from None
+        except UnicodeEncodeError as exc:
+            raise HostCallError({
+                "name": "DatabaseError", "message": f"the query has a character the database's encoding "
+                f"({conn.info.parameter_status('client_encoding')}) cannot hold: {exc.object[exc.start:exc.end]!r}", "sqlstate": None,
+            }) from None
+        except psycopg.Error as exc:
+            info = _database_error(exc)
+            if exc.sqlstate != _IN_FAILED_TRANSACTION and exc.sqlstate is not None:
+                self.aborted_by = f"{db_span_name(sql)}: {info['message']}"
+            if "hint" not in info and exc.sqlstate == _AFTER_A_QUERY and sets_transaction(sql):
+                info["hint"] = ("Make it the request's first ctx.db statement: Flux runs the statements that set the "
+                                "transaction's characteristics ahead of its context message only until another has run.")
+            raise HostCallError(info) from None
 
     async def _learn_types(self, conn: psycopg.AsyncConnection, unknown: list[int]) -> None:
         """Ask pg_type which of `unknown` are arrays (once per type and pool), so that their values

@@ -631,3 +631,24 @@ def test_a_lost_connection_that_had_not_written_leaves_the_answer_alone(dsn, con
     """Nothing was lost with it (a read could have written, through a function): a function that
     caught the error and answered keeps its answer."""
     assert len(_after_the_server_ends_the_session(dsn, conn, write=False)) == 2
+
+
+def test_connections_the_server_closed_while_idle_in_the_pool_are_replaced_unseen(dsn, conn):
+    """A DBA's idle_session_timeout (or a restart, a proxy's idle limit) closed the pool's idle
+    connections: the first request after an idle spell failed with `server closed the connection
+    unexpectedly`, and so did the next ones, one per dead connection."""
+    conn.execute("CREATE TABLE users (id int)")
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_session_timeout = 200')
+    outcomes: list[str | None] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        for n in range(3):
+            session = DbSession(pool, CONTEXT)
+            await session.query("INSERT INTO users VALUES ($1)", [n])
+            await session.finish(commit=True)
+            outcomes.append(session.outcome)
+            await asyncio.sleep(0.6)  # past the timeout: the server closes the pool's idle connections
+
+    _on_pool(dsn, work, size=2)
+    assert outcomes == ["committed"] * 3
+    assert conn.execute("SELECT id FROM users ORDER BY id").fetchall() == [(0,), (1,), (2,)]

@@ -51,14 +51,20 @@ _TRANSACTION_SETTINGS = frozenset({"TRANSACTION", "TRANSACTION_ISOLATION", "TRAN
                                    "TRANSACTION_DEFERRABLE"})
 
 
+_FIRST_LETTER = re.compile(r"\s*([^\W\d_])")
+
+
 def sets_transaction(sql: str) -> bool:
     """Whether `sql` sets the transaction's characteristics (its isolation level, READ ONLY,
     DEFERRABLE, a snapshot): PostgreSQL wants those before any query, so `ctx.db` runs it ahead of
     the context message when it is among the request's first statements. Not `SET SESSION
     CHARACTERISTICS`, which is for later transactions, nor `set_config(...)` in a SELECT."""
-    words = leading_words(sql, 3)
-    if words[:1] != ["SET"]:
+    start = _FIRST_LETTER.match(sql)
+    if start is not None and start.group(1) not in "sS":  # most first statements, told at once (this runs per request)
         return False
+    if leading_words(sql, 1) != ["SET"]:
+        return False
+    words = leading_words(sql, 3)
     name = words[2:3] if words[1:2] in (["LOCAL"], ["SESSION"]) else words[1:2]
     return bool(name) and name[0] in _TRANSACTION_SETTINGS
 

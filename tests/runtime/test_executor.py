@@ -419,6 +419,25 @@ def test_a_transaction_the_servers_idle_timeout_ended_is_named_as_such(tmp_path,
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
 
 
+def test_a_statement_running_at_the_time_limit_is_stopped_on_the_server_and_its_locks_released(tmp_path, dsn, conn):
+    """Closing the connection alone would leave the server running it (PostgreSQL notices a gone
+    client only when it next writes), holding the request's row locks: psycopg cancels it first."""
+    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance int)")
+    conn.execute("INSERT INTO accounts VALUES (1, 100)")
+    write_project(tmp_path, {"slow": """
+        export default async function (req, ctx) {
+          await ctx.db.query("UPDATE accounts SET balance = balance - 1 WHERE id = 1");
+          await ctx.db.query("SELECT pg_sleep(30)");
+        }
+    """}, "[limits]\ntimeout_ms = 500\n")
+    started = time.monotonic()
+    assert run1(tmp_path, "slow", dsn=dsn).status == 504
+    assert time.monotonic() - started < 2
+    assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'").fetchone() == (0,)
+    conn.execute("SET lock_timeout = '1s'")
+    conn.execute("UPDATE accounts SET balance = 0 WHERE id = 1")  # the row is free: no LockNotAvailable
+
+
 def test_a_result_over_the_size_limit_is_refused_before_it_is_converted_and_its_writes_stand(tmp_path, dsn, conn, monkeypatch):
     monkeypatch.setattr(host, "MAX_QUERY_RESULT_BYTES", 100_000)
     conn.execute("CREATE TABLE items (id serial PRIMARY KEY, pad text)")

@@ -74,9 +74,13 @@ def test_a_failed_first_statement_rolls_back_and_leaves_nothing(dsn, conn, tmp_p
     assert conn.execute("SELECT email FROM users ORDER BY id").fetchall() == [("a@x",)]
 
 
-def _on_pool(dsn: str, work: Callable[[AsyncConnectionPool], Awaitable[None]], *, size: int = 1) -> None:
+def _on_pool(dsn: str, work: Callable[[AsyncConnectionPool], Awaitable[None]], *, size: int = 1, gateway: bool = False) -> None:
+    """`work(pool)` on a pool of `size` connections; with `gateway`, the gateway's own (`DbPool`, autocommit)."""
     async def main() -> None:
-        pool = AsyncConnectionPool(dsn, min_size=size, max_size=size, open=False)
+        if gateway:
+            pool = DbPool(dsn, min_size=size, max_size=size, open=False, kwargs={"autocommit": True})
+        else:
+            pool = AsyncConnectionPool(dsn, min_size=size, max_size=size, open=False)
         await pool.open(wait=True)
         try:
             await work(pool)
@@ -468,24 +472,19 @@ def test_behind_pgbouncer_in_transaction_mode_a_statement_run_again_still_runs(b
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
     failures: list[str] = []
 
-    async def main() -> None:
-        pool = DbPool(bouncer_dsn, min_size=1, max_size=1, open=False, kwargs={"autocommit": True})
-        await pool.open(wait=True)
-        try:
-            for n in range(6):
-                session = DbSession(pool, CONTEXT)
-                try:  # a second statement: a failed first one is retried, unseen (see the stale statement's test)
-                    await session.query("INSERT INTO users (email) VALUES ($1)", [f"{n}@x"])
-                    await session.query("SELECT count(*) FROM users WHERE email = $1", [f"{n}@x"])
-                except HostCallError as exc:
-                    failures.append(exc.info["message"])
-                await session.finish(commit=True)
-                server_hop()
-            assert pool.pooler is True
-        finally:
-            await pool.close()
+    async def work(pool: DbPool) -> None:
+        for n in range(6):
+            session = DbSession(pool, CONTEXT)
+            try:  # a second statement: a failed first one is retried, unseen (see the stale statement's test)
+                await session.query("INSERT INTO users (email) VALUES ($1)", [f"{n}@x"])
+                await session.query("SELECT count(*) FROM users WHERE email = $1", [f"{n}@x"])
+            except HostCallError as exc:
+                failures.append(exc.info["message"])
+            await session.finish(commit=True)
+            server_hop()
+        assert pool.pooler is True
 
-    asyncio.run(main())
+    _on_pool(bouncer_dsn, work, gateway=True)
     assert failures == []
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 6
     assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] == 0
@@ -652,3 +651,20 @@ def test_connections_the_server_closed_while_idle_in_the_pool_are_replaced_unsee
     _on_pool(dsn, work, size=2)
     assert outcomes == ["committed"] * 3
     assert conn.execute("SELECT id FROM users ORDER BY id").fetchall() == [(0,), (1,), (2,)]
+
+
+def test_behind_pgbouncer_in_transaction_mode_the_isolation_level_holds_across_round_trips(bouncer_dsn, server_hop, conn):
+    """The level is set in a round trip of its own, before the context message's: the pooler keeps
+    the transaction's server connection between them."""
+    levels: list[str] = []
+
+    async def work(pool: DbPool) -> None:
+        for _ in range(3):
+            session = DbSession(pool, CONTEXT)
+            await session.query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", [])
+            server_hop()  # takes the server connection released last: ours, were it released between round trips
+            levels.append((await session.query("SELECT current_setting('transaction_isolation') AS iso", []))["rows"][0]["iso"])
+            await session.finish(commit=True)
+
+    _on_pool(bouncer_dsn, work, gateway=True)
+    assert levels == ["serializable"] * 3

@@ -275,6 +275,7 @@ class DbSession:
                         return await self._query(sql, params, lost=broken)
                     self._lost = broken
                     raise HostCallError(broken) from None
+                self._idle_from = time.monotonic()  # a statement the server refused ends an exchange too
                 # A stale prepared statement (a migration changed its result columns) in the
                 # exchange that carries the context message: nothing but the transaction's
                 # settings ran before it, so it starts again, with the statement prepared anew.

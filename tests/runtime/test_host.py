@@ -668,3 +668,23 @@ def test_behind_pgbouncer_in_transaction_mode_the_isolation_level_holds_across_r
 
     _on_pool(bouncer_dsn, work, gateway=True)
     assert levels == ["serializable"] * 3
+
+
+def test_a_lost_connection_after_a_refused_statement_counts_the_idle_time_from_it(dsn, conn):
+    """The idle time counted from the last exchange that succeeded: here, from none at all."""
+    errors: list[str] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        with pytest.raises(HostCallError):
+            await session.query("SELECT no_such_column", [])
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        with pytest.raises(HostCallError) as lost:
+            await session.query("SELECT 1", [])
+        errors.append(lost.value.info["message"])
+        await session.finish(commit=False)
+
+    _on_pool(dsn, work)
+    idle_ms = float(errors[0].split("idle for ")[1].split(" ms")[0].replace(",", ""))
+    assert idle_ms < 5_000

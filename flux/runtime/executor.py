@@ -318,6 +318,8 @@ class Executor:
             # function alone could not tell (it ends with the function's answer).
             error = {"name": name, "message": message, **({"sqlstate": sqlstate} if sqlstate else {})}
             run.commit = {"transaction": "rolled_back", "status": status, "error": error}
+            if sqlstate:  # a COMMIT's failure, labelled by it in `flux why` as a statement's is
+                span.attributes["db.sqlstate"] = sqlstate
             return self._finish_error(span, clock, status, name, message, "", run=run)
 
         try:

@@ -2,7 +2,8 @@
 
 `DbSession` is one request's transaction. Its first statement is the `flux` context message
 (`pg_logical_emit_message`) carrying request_id, tenant and function, so the CDC engine
-attributes every write of the request; `finish(commit=...)` commits or rolls back. Statements
+attributes every write of the request (statements that set the transaction's isolation level,
+which PostgreSQL takes only before any query, go ahead of it); `finish(commit=...)` commits or rolls back. Statements
 are serialised: a request's queries share one connection, in the order the function issued them.
 Statements that would end the transaction early (COMMIT, ROLLBACK...) are refused (the rules on
 a statement's text are `sqltext`'s), and the connection's session state is reset before another
@@ -37,7 +38,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from flux.cdc.assembler import CONTEXT_PREFIX
 from flux.pg.pooler import behind_pooler_async
 from flux.runtime.dbvalues import LoadContext, ParamError, ResultTypes, adapt_param, json_ready, unsafe_int_paths
-from flux.runtime.sqltext import read_scan, refusal, statement_start
+from flux.runtime.sqltext import read_scan, refusal, sets_transaction, statement_start
 
 log = logging.getLogger("flux.runtime")
 
@@ -177,6 +178,10 @@ class DbSession:
         self._tenant = context.get("tenant")
         self._conn: psycopg.AsyncConnection | None = None
         self._begun = False  # BEGIN was sent on _conn
+        self._announced = False  # the context message was sent on _conn
+        self._leading: list[bytes] = []  # the SET TRANSACTION statements that ran before it, in order
+        self._idle_from = 0.0  # when the last exchange ended: the transaction was idle since
+        self._lost: dict[str, Any] | None = None  # the error of the connection's loss, for every later statement
         self._lock = asyncio.Lock()
         self.statements = 0
         self.writes = 0  # statements that succeeded and were not reads: what a commit would keep
@@ -194,110 +199,139 @@ class DbSession:
         if self._pool is None:
             raise HostCallError({"name": "FluxError", "message": "ctx.db is not configured: start Flux with a database"})
         async with self._lock:
-            if self.outcome is not None:
-                raise HostCallError({"name": "FluxError", "message": "ctx.db was used after the request finished"})
-            refused = refusal(sql)
-            if refused is not None:
-                raise HostCallError({"name": "FluxError", "message": refused, "sqlstate": None})
-            try:
-                adapted = [adapt_param(p, n) for n, p in enumerate(params, 1)]
-            except ParamError as exc:
-                raise HostCallError({"name": "TypeError", "message": str(exc)}) from None
-            try:
-                first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
-                if self._conn is None:
-                    failing = getattr(self._pool, "failing", False)
-                    try:
-                        self._conn = await self._pool.getconn(timeout=FAILING_POOL_WAIT_S if failing else None)
-                    except PoolTimeout:
-                        if not failing:
-                            raise
-                        raise HostCallError({"name": "DatabaseError", "sqlstate": None, "message": (
-                            f"ctx.db: no connection to the database within {FAILING_POOL_WAIT_S:g} s: the gateway's "
-                            "attempts to connect are failing (its log says why)")}) from None
-                conn = self._conn
-                encoding = conn.info.encoding
-                transformer = Transformer(LoadContext(self._types.adapters, conn))
-                values = transformer.dump_sequence(adapted, [PyFormat.AUTO] * len(adapted))
-                sql_bytes = sql.encode(encoding)
+            return await self._query(sql, params)
 
-                def statements() -> list[_Statement]:
-                    statement = _statement(conn, sql_bytes, values, transformer.types, transformer.formats)
-                    if not first:
-                        return [statement]
-                    message = _statement(conn, _CONTEXT_MESSAGE, [CONTEXT_PREFIX.encode(), self._context], [_TEXT_OID] * 2, None)
-                    begin = [_Statement(b"BEGIN"), message, statement]
-                    return [_Statement(b"DEALLOCATE ALL"), *begin] if switched else begin
-
-                # Only now, once nothing can fail before BEGIN (and a DEALLOCATE) is sent.
-                switched = first and _serve_tenant(conn, self._tenant)
-                sent = statements()
-                self._begun = True
+    async def _query(self, sql: str, params: list[Any], *, lost: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`query`, under the session's lock. `lost`: the first statement is run again, on another
+        connection, after its first connection was found closed (that error)."""
+        if self.outcome is not None:
+            raise HostCallError({"name": "FluxError", "message": "ctx.db was used after the request finished"})
+        refused = refusal(sql)
+        if refused is not None:
+            raise HostCallError({"name": "FluxError", "message": refused, "sqlstate": None})
+        if len(params) > MAX_PARAMS:  # libpq would refuse it only once the transaction's connection is in use: lost
+            raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
+                f"ctx.db.query: {len(params):,} parameters, more than the {MAX_PARAMS:,} PostgreSQL's protocol carries "
+                f"in one statement; pass the values as arrays ($1::int[], with unnest) or in several statements")})
+        if self._lost is not None:
+            raise HostCallError(self._lost)
+        try:
+            adapted = [adapt_param(p, n) for n, p in enumerate(params, 1)]
+        except ParamError as exc:
+            raise HostCallError({"name": "TypeError", "message": str(exc)}) from None
+        try:
+            first = not self._begun  # not `self._conn is None`: a query may fail before it is sent
+            if self._conn is None:
+                failing = lost is not None or getattr(self._pool, "failing", False)
                 try:
-                    result = (await _exchange(conn, sent))[-1]
-                except psycopg.Error as exc:
-                    # A stale prepared statement (a migration changed its result columns) in the
-                    # transaction's first exchange: nothing else ran in it, so it starts again,
-                    # with the statement prepared anew.
-                    stale = exc.sqlstate in _STALE_PREPARED and any(st.name and not st.prepare for st in sent)
-                    if not (first and stale):
+                    self._conn = await self._pool.getconn(timeout=FAILING_POOL_WAIT_S if failing else None)
+                except PoolTimeout:
+                    if lost is not None:
+                        self._lost = lost
+                        raise HostCallError(lost) from None
+                    if not failing:
                         raise
-                    await _exchange(conn, [_Statement(b"ROLLBACK")])
-                    result = (await _exchange(conn, statements()))[-1]
-                self.statements += 1
-                command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
-                if command in _MAY_READ:
-                    self._unproven.add(sql)  # a read, unless it wrote through a function or a data-modifying WITH
-                elif command not in _NO_WRITES:
-                    self.writes += 1
-                rows: list[dict[str, Any]] = []
-                names: list[str] = []
-                if result.status == pq.ExecStatus.TUPLES_OK:
-                    _check_result_size(result)  # the statement ran: its writes stand unless the function throws
-                    unknown = self._types.unknown(result)
-                    if unknown:
-                        await self._learn_types(conn, unknown)
-                    transformer.set_pgresult(result)
-                    names = [(result.fname(i) or b"").decode(encoding, "replace") for i in range(result.nfields)]
-                    rows = transformer.load_rows(0, result.ntuples, lambda values: dict(zip(names, values)))
-                    row_count = result.ntuples
-                else:
-                    row_count = result.command_tuples if result.command_tuples is not None else -1
-                try:
-                    # Checked as the settle writes it, [[call id, ok, result]]: orjson's 254 levels count those two.
-                    ready, wide = json_ready([[0, True, {"rows": rows, "rowCount": row_count, "command": command}]])
-                    value = ready[0][2]
-                    if wide and rows:  # rare: an integer past 2^53 somewhere; in an int8 column, the function gets a BigInt
-                        bigints = unsafe_int_paths(value["rows"], self._types.int8_columns(result, names))
-                        if bigints:
-                            value["bigints"] = bigints
-                    return value
-                except orjson.JSONEncodeError:  # a json or jsonb value of 250 levels: the statement ran, as past the size cap
-                    raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
-                        "ctx.db.query: a value of the result is nested deeper than 249 levels, the most that can reach "
-                        "the function")}) from None
-            except UnicodeEncodeError as exc:
-                raise HostCallError({
-                    "name": "DatabaseError", "message": f"the query has a character the database's encoding "
-                    f"({conn.info.parameter_status('client_encoding')}) cannot hold: {exc.object[exc.start:exc.end]!r}", "sqlstate": None,
-                }) from None
+                    raise HostCallError({"name": "DatabaseError", "sqlstate": None, "message": (
+                        f"ctx.db: no connection to the database within {FAILING_POOL_WAIT_S:g} s: the gateway's "
+                        "attempts to connect are failing (its log says why)")}) from None
+            conn = self._conn
+            encoding = conn.info.encoding
+            transformer = Transformer(LoadContext(self._types.adapters, conn))
+            values = transformer.dump_sequence(adapted, [PyFormat.AUTO] * len(adapted))
+            sql_bytes = sql.encode(encoding)
+
+            # The context message goes with the first statement, unless that one sets the
+            # transaction's isolation level (or READ ONLY, DEFERRABLE), which PostgreSQL takes
+            # only before any query: then with the first statement that does not.
+            announce = not self._announced and not sets_transaction(sql)
+
+            def statements(*, again: bool = False) -> list[_Statement]:
+                statement = _statement(conn, sql_bytes, values, transformer.types, transformer.formats)
+                sent = [_Statement(b"BEGIN"), *(_Statement(st) for st in self._leading)] if first or again else []
+                if switched:
+                    sent.insert(0, _Statement(b"DEALLOCATE ALL"))
+                if announce:
+                    sent.append(_statement(conn, _CONTEXT_MESSAGE, [CONTEXT_PREFIX.encode(), self._context], [_TEXT_OID] * 2, None))
+                sent.append(statement)
+                return sent
+
+            # Only now, once nothing can fail before BEGIN (and a DEALLOCATE) is sent.
+            switched = first and _serve_tenant(conn, self._tenant)
+            sent = statements()
+            self._begun = True
+            self._announced = self._announced or announce
+            try:
+                result = (await _exchange(conn, sent))[-1]
             except psycopg.Error as exc:
-                diag = exc.diag
-                # Whole: a first line could hold part of a secret (a PEM key's first line) that
-                # redaction, which sees the trace at the end, could no longer recognise.
-                detail = (diag.message_primary or str(exc).strip()) if diag else str(exc)
-                if exc.sqlstate != _IN_FAILED_TRANSACTION and exc.sqlstate is not None:
-                    self.aborted_by = f"{db_span_name(sql)}: {detail}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
-                info: dict[str, Any] = {
-                    "name": "DatabaseError", "message": f"{detail} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else detail,
-                    "sqlstate": exc.sqlstate, "detail": diag.message_detail if diag else None,
-                }
-                # What PostgreSQL adds: the key of a unique violation, a RAISE's DETAIL and HINT, where in the SQL.
-                if diag and diag.message_hint:
-                    info["hint"] = diag.message_hint
-                if diag and diag.statement_position:
-                    info["position"] = int(diag.statement_position)
-                raise HostCallError(info) from None
+                if conn.closed:  # the connection broke: the server ended the session, or the network failed
+                    broken = _connection_lost(exc, None if first else time.monotonic() - self._idle_from)
+                    if first and lost is None:
+                        # Nothing of the request ran: the server had closed the connection while it
+                        # was idle in the pool (idle_session_timeout, a restart, a proxy's idle limit),
+                        # and likely the pool's other idle ones too, which the pool checks.
+                        await self._pool.putconn(conn)
+                        self._conn, self._begun, self._announced = None, False, False
+                        await self._pool.check()
+                        return await self._query(sql, params, lost=broken)
+                    self._lost = broken
+                    raise HostCallError(broken) from None
+                self._idle_from = time.monotonic()  # a statement the server refused ends an exchange too
+                # A stale prepared statement (a migration changed its result columns) in the
+                # exchange that carries the context message: nothing but the transaction's
+                # settings ran before it, so it starts again, with the statement prepared anew.
+                stale = exc.sqlstate in _STALE_PREPARED and any(st.name and not st.prepare for st in sent)
+                if not (announce and stale):
+                    raise
+                await _exchange(conn, [_Statement(b"ROLLBACK")])
+                result = (await _exchange(conn, statements(again=True)))[-1]
+            if not self._announced:
+                self._leading.append(sql_bytes)
+            self._idle_from = time.monotonic()
+            self.statements += 1
+            command = (result.command_status or b"").decode(encoding, "replace").split(" ")[0]
+            if command in _MAY_READ:
+                self._unproven.add(sql)  # a read, unless it wrote through a function or a data-modifying WITH
+            elif command not in _NO_WRITES:
+                self.writes += 1
+            rows: list[dict[str, Any]] = []
+            names: list[str] = []
+            if result.status == pq.ExecStatus.TUPLES_OK:
+                _check_result_size(result)  # the statement ran: its writes stand unless the function throws
+                unknown = self._types.unknown(result)
+                if unknown:
+                    await self._learn_types(conn, unknown)
+                transformer.set_pgresult(result)
+                names = [(result.fname(i) or b"").decode(encoding, "replace") for i in range(result.nfields)]
+                rows = transformer.load_rows(0, result.ntuples, lambda values: dict(zip(names, values)))
+                row_count = result.ntuples
+            else:
+                row_count = result.command_tuples if result.command_tuples is not None else -1
+            try:
+                # Checked as the settle writes it, [[call id, ok, result]]: orjson's 254 levels count those two.
+                ready, wide = json_ready([[0, True, {"rows": rows, "rowCount": row_count, "command": command}]])
+                value = ready[0][2]
+                if wide and rows:  # rare: an integer past 2^53 somewhere; in an int8 column, the function gets a BigInt
+                    bigints = unsafe_int_paths(value["rows"], self._types.int8_columns(result, names))
+                    if bigints:
+                        value["bigints"] = bigints
+                return value
+            except orjson.JSONEncodeError:  # a json or jsonb value of 250 levels: the statement ran, as past the size cap
+                raise HostCallError({"name": "RangeError", "sqlstate": None, "message": (
+                    "ctx.db.query: a value of the result is nested deeper than 249 levels, the most that can reach "
+                    "the function")}) from None
+        except UnicodeEncodeError as exc:
+            raise HostCallError({
+                "name": "DatabaseError", "message": f"the query has a character the database's encoding "
+                f"({conn.info.parameter_status('client_encoding')}) cannot hold: {exc.object[exc.start:exc.end]!r}", "sqlstate": None,
+            }) from None
+        except psycopg.Error as exc:
+            info = _database_error(exc)
+            if exc.sqlstate != _IN_FAILED_TRANSACTION and exc.sqlstate is not None:
+                self.aborted_by = f"{db_span_name(sql)}: {info['message']}"
+            if "hint" not in info and exc.sqlstate == _AFTER_A_QUERY and sets_transaction(sql):
+                info["hint"] = ("Make it the request's first ctx.db statement: Flux runs the statements that set the "
+                                "transaction's characteristics ahead of its context message only until another has run.")
+            raise HostCallError(info) from None
 
     async def _learn_types(self, conn: psycopg.AsyncConnection, unknown: list[int]) -> None:
         """Ask pg_type which of `unknown` are arrays (once per type and pool), so that their values
@@ -331,9 +365,14 @@ class DbSession:
                 self.outcome = self.outcome or ("committed" if commit else "rolled_back")
                 return
             assert self._pool is not None
-            if conn.closed:  # a query cut short closed it: whatever it had done is rolled back
+            if conn.closed:  # a query cut short closed it, or the connection broke: whatever it had done is rolled back
                 self.outcome = "rolled_back"
                 await self._pool.putconn(conn)
+                if commit and self._lost is not None:
+                    # A read may have written through a function or view; the server cannot be asked now.
+                    if self.writes or self._unproven:
+                        raise HostCallError({**self._lost, "message": f"the transaction could not commit: {self._lost['message']}"})
+                    return
                 if commit:
                     raise HostCallError({
                         "name": "DatabaseError", "sqlstate": None,
@@ -368,7 +407,9 @@ class DbSession:
                     return
                 self.outcome = "rolled_back"
                 if commit:
-                    raise HostCallError({"name": "DatabaseError", "message": f"commit failed: {exc}", "sqlstate": exc.sqlstate}) from None
+                    # One line ending in its SQLSTATE, as a statement's error: a serialization failure
+                    # (40001) or a deferred constraint's violation (23505) at COMMIT is told by it.
+                    raise HostCallError(_database_error(exc, "commit failed: ")) from None
             finally:
                 try:
                     # Delivered before the connection serves anyone else; one that could not be
@@ -410,6 +451,33 @@ class DbSession:
         if conn is not None and conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
             await _cancel_on_server(conn)
         await self.finish(commit=False)
+
+
+def _database_error(exc: psycopg.Error, prefix: str = "") -> dict[str, Any]:
+    """What the function gets for a statement PostgreSQL refused: its primary message, whole (a
+    first line could hold part of a secret, a PEM key's, that redaction, which sees the trace at
+    the end, could no longer recognise), ending in its SQLSTATE, and what PostgreSQL adds: the key
+    of a unique violation, a RAISE's DETAIL and HINT, where in the SQL."""
+    diag = exc.diag
+    primary = prefix + (diag.message_primary or str(exc).strip())
+    info: dict[str, Any] = {"name": "DatabaseError", "message": f"{primary} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else primary,
+                            "sqlstate": exc.sqlstate, "detail": diag.message_detail}
+    if diag.message_hint:
+        info["hint"] = diag.message_hint
+    if diag.statement_position:
+        info["position"] = int(diag.statement_position)
+    return info
+
+
+def _connection_lost(exc: psycopg.Error, idle_s: float | None) -> dict[str, Any]:
+    """The error of a statement whose connection broke (it had been `idle_s` idle in the transaction)."""
+    idle = "" if idle_s is None else (
+        f" after its transaction had been idle for {idle_s * 1000:,.0f} ms (a server's idle_in_transaction_session_timeout "
+        f"ends such a session: keep slow calls out of the transaction, or raise it for the functions' role)")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return {"name": "DatabaseError", "sqlstate": exc.sqlstate, "message": (
+        f"ctx.db: the connection to the database was lost{idle}: {reason}" + (f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
+        + "; the request's transaction was rolled back, and no later statement can run in it")}
 
 
 # The most a query may hand a function, counted as the server sent it: a result is converted to
@@ -482,6 +550,7 @@ SELECT EXISTS (
                                        'pg\_%\_size', 'pg\_current\_wal\_%'])))
 )"""
 _TEXT_OID = 25
+MAX_PARAMS = 65_535  # the protocol's Bind message counts a statement's parameters in 16 bits
 # Statements prepared per connection, at most; past it a statement runs unnamed (parsed each time).
 # Counted over the connection's life: a stale statement is forgotten but stays prepared on the server.
 PREPARED_MAX = 64
@@ -506,6 +575,7 @@ _SESSION_RESET = (b"RESET ALL", b"SET SESSION AUTHORIZATION DEFAULT", b"UNLISTEN
                   b"SELECT pg_advisory_unlock_all()", b"DISCARD TEMP", b"CLOSE ALL", b"DISCARD SEQUENCES")
 _FLUX_STATEMENTS = frozenset({_CONTEXT_MESSAGE, *_SESSION_RESET})  # the same for every tenant
 _IN_FAILED_TRANSACTION = "25P02"  # each statement after the one that aborted the transaction
+_AFTER_A_QUERY = "25001"  # an isolation level or DEFERRABLE set once the transaction has run a query
 
 
 @dataclass(slots=True)

@@ -33,13 +33,40 @@ def refusal(sql: str) -> str | None:
         if first == "PREPARE" and rest[:1] == ["TRANSACTION"]:
             first = "PREPARE TRANSACTION"
     if first in _ENDS_TRANSACTION or first == "PREPARE TRANSACTION":
+        isolation = (" To choose its isolation level, run SET TRANSACTION ISOLATION LEVEL ... as the request's first "
+                     "statement." if first in ("BEGIN", "START") else "")
         return (f"ctx.db.query cannot run {first}: a request's statements run in one transaction, which Flux commits "
                 f"when the handler returns and rolls back when it throws. To undo part of it, use SAVEPOINT name and "
-                f"ROLLBACK TO SAVEPOINT name.")
+                f"ROLLBACK TO SAVEPOINT name.{isolation}")
     if first in ("PREPARE", "DEALLOCATE"):
         return (f"ctx.db.query cannot run {first}: Flux prepares statements itself, and an SQL-level prepared "
                 f"statement would outlive the request on a pooled connection. Pass values as parameters ($1, $2 ...).")
     return None
+
+
+# What a transaction's characteristics are set by: `SET [LOCAL | SESSION] TRANSACTION ...` and the
+# settings behind it. PostgreSQL takes an isolation level or DEFERRABLE only before the
+# transaction's first query.
+_TRANSACTION_SETTINGS = frozenset({"TRANSACTION", "TRANSACTION_ISOLATION", "TRANSACTION_READ_ONLY",
+                                   "TRANSACTION_DEFERRABLE"})
+
+
+_FIRST_LETTER = re.compile(r"\s*([^\W\d_])")
+
+
+def sets_transaction(sql: str) -> bool:
+    """Whether `sql` sets the transaction's characteristics (its isolation level, READ ONLY,
+    DEFERRABLE, a snapshot): PostgreSQL wants those before any query, so `ctx.db` runs it ahead of
+    the context message when it is among the request's first statements. Not `SET SESSION
+    CHARACTERISTICS`, which is for later transactions, nor `set_config(...)` in a SELECT."""
+    start = _FIRST_LETTER.match(sql)
+    if start is not None and start.group(1) not in "sS":  # most first statements, told at once (this runs per request)
+        return False
+    if leading_words(sql, 1) != ["SET"]:
+        return False
+    words = leading_words(sql, 3)
+    name = words[2:3] if words[1:2] in (["LOCAL"], ["SESSION"]) else words[1:2]
+    return bool(name) and name[0] in _TRANSACTION_SETTINGS
 
 
 def leading_words(sql: str, count: int) -> list[str]:

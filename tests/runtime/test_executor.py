@@ -358,6 +358,86 @@ def test_the_transaction_starts_with_the_flux_context_message(tmp_path, dsn, con
     assert body[1].startswith("table public.users: INSERT")
 
 
+def test_a_serializable_transaction_still_starts_with_the_flux_context_message(tmp_path, dsn, conn):
+    """The isolation level goes ahead of the message (PostgreSQL takes it only before a query); the
+    message still comes before the first write, so the engine attributes every write."""
+    conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
+    conn.execute("SELECT pg_create_logical_replication_slot('peek', 'test_decoding')")
+    write_project(tmp_path, {"w": """
+        export default async function (req, ctx) {
+          await ctx.db.query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE");
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1)", ["a@x"]);
+          const { rows } = await ctx.db.query("SELECT current_setting('transaction_isolation') AS iso");
+          return {status: 200, body: rows[0].iso};
+        }
+    """})
+    result = run1(tmp_path, "w", dsn=dsn)
+    assert (result.status, result.body, result.db_outcome) == (200, "serializable", "committed")
+    changes = [r[0] for r in conn.execute("SELECT data FROM pg_logical_slot_get_changes('peek', NULL, NULL)")]
+    body = [c for c in changes if not c.startswith(("BEGIN", "COMMIT"))]
+    assert body[0].startswith("message: transactional: 1 prefix: flux") and '"request_id":"req-0"' in body[0]
+    assert body[1].startswith("table public.users: INSERT")
+
+
+def test_a_commit_a_deferred_constraint_refuses_is_a_500_with_its_sqlstate(tmp_path, dsn, conn):
+    """The COMMIT's error was recorded as `commit failed: ...` with DETAIL and HINT lines, no SQLSTATE
+    in its text or on the span: `flux why` labelled it `error`, `flux requests` showed no code."""
+    conn.execute("CREATE TABLE users (email text UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    write_project(tmp_path, {"dup": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1), ($1)", ["a@x"]);
+          return {status: 201};
+        }
+    """})
+    result = run1(tmp_path, "dup", dsn=dsn)
+    assert (result.status, result.db_outcome) == (500, "rolled_back")
+    assert result.error == ('DatabaseError: commit failed: duplicate key value violates unique constraint '
+                            '"users_email_key" (SQLSTATE 23505)')
+    assert result.spans[0]["attributes"]["db.sqlstate"] == "23505"
+    assert result.recording["commit"]["error"]["sqlstate"] == "23505"
+
+
+def test_a_transaction_the_servers_idle_timeout_ended_is_named_as_such(tmp_path, dsn, conn):
+    """A DBA's idle_in_transaction_session_timeout, passed while the function awaited something
+    else: the error read `consuming input failed: server closed the connection unexpectedly`
+    over three lines, and naming neither the idle time nor the setting."""
+    conn.execute("CREATE TABLE users (id int)")
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_in_transaction_session_timeout = 200')
+    write_project(tmp_path, {"slow": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users VALUES (1)");
+          await new Promise((resolve) => setTimeout(resolve, 600));  // a slow call between two writes
+          await ctx.db.query("INSERT INTO users VALUES (2)");
+          return {status: 201};
+        }
+    """})
+    result = run1(tmp_path, "slow", dsn=dsn)
+    assert (result.status, result.db_outcome) == (500, "rolled_back")
+    assert result.error.startswith("DatabaseError: ctx.db: the connection to the database was lost after its transaction "
+                                   "had been idle for ") and "idle_in_transaction_session_timeout" in result.error
+    assert "\n" not in result.error
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_a_statement_running_at_the_time_limit_is_stopped_on_the_server_and_its_locks_released(tmp_path, dsn, conn):
+    """Closing the connection alone would leave the server running it (PostgreSQL notices a gone
+    client only when it next writes), holding the request's row locks: psycopg cancels it first."""
+    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance int)")
+    conn.execute("INSERT INTO accounts VALUES (1, 100)")
+    write_project(tmp_path, {"slow": """
+        export default async function (req, ctx) {
+          await ctx.db.query("UPDATE accounts SET balance = balance - 1 WHERE id = 1");
+          await ctx.db.query("SELECT pg_sleep(30)");
+        }
+    """}, "[limits]\ntimeout_ms = 500\n")
+    started = time.monotonic()
+    assert run1(tmp_path, "slow", dsn=dsn).status == 504
+    assert time.monotonic() - started < 2
+    assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'").fetchone() == (0,)
+    conn.execute("SET lock_timeout = '1s'")
+    conn.execute("UPDATE accounts SET balance = 0 WHERE id = 1")  # the row is free: no LockNotAvailable
+
+
 def test_a_result_over_the_size_limit_is_refused_before_it_is_converted_and_its_writes_stand(tmp_path, dsn, conn, monkeypatch):
     monkeypatch.setattr(host, "MAX_QUERY_RESULT_BYTES", 100_000)
     conn.execute("CREATE TABLE items (id serial PRIMARY KEY, pad text)")

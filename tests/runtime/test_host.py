@@ -74,9 +74,13 @@ def test_a_failed_first_statement_rolls_back_and_leaves_nothing(dsn, conn, tmp_p
     assert conn.execute("SELECT email FROM users ORDER BY id").fetchall() == [("a@x",)]
 
 
-def _on_pool(dsn: str, work: Callable[[AsyncConnectionPool], Awaitable[None]]) -> None:
+def _on_pool(dsn: str, work: Callable[[AsyncConnectionPool], Awaitable[None]], *, size: int = 1, gateway: bool = False) -> None:
+    """`work(pool)` on a pool of `size` connections; with `gateway`, the gateway's own (`DbPool`, autocommit)."""
     async def main() -> None:
-        pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
+        if gateway:
+            pool = DbPool(dsn, min_size=size, max_size=size, open=False, kwargs={"autocommit": True})
+        else:
+            pool = AsyncConnectionPool(dsn, min_size=size, max_size=size, open=False)
         await pool.open(wait=True)
         try:
             await work(pool)
@@ -234,16 +238,19 @@ def test_flux_keeps_its_own_statements_prepared_on_a_connection_tenants_share_in
     assert set(prepared) == {"SELECT pg_logical_emit_message(true, $1::text, $2::text)", *(sql.decode() for sql in _SESSION_RESET)}
 
 
-def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn):
-    """`SELECT *` prepared before a column was added: the server refuses it (0A000); as the
-    transaction's first statement it is prepared again and the request never sees the error."""
+def _reads_across_a_migration(dsn: str, conn: psycopg.Connection, first: list[str], then: str) -> list[list[dict]]:
+    """Requests that run `first`, then `SELECT * FROM users` and `then`: twice (prepared by then),
+    then twice after a column was added. The rows each gave."""
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
     conn.execute("INSERT INTO users (email) VALUES ('a@x')")
     rows: list[list[dict]] = []
 
     async def read(pool: AsyncConnectionPool) -> None:
         session = DbSession(pool, CONTEXT)
+        for sql in first:
+            await session.query(sql, [])
         rows.append((await session.query("SELECT * FROM users", []))["rows"])
+        rows.append((await session.query(then, []))["rows"])
         await session.finish(commit=True)
 
     async def work(pool: AsyncConnectionPool) -> None:
@@ -256,7 +263,14 @@ def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn
         await read(pool)
 
     _on_pool(dsn, work)
-    assert rows[-2] == rows[-1] == [{"id": 1, "email": "a@x", "plan": "free"}]
+    return rows
+
+
+def test_a_prepared_statement_a_migration_made_stale_runs_again_unseen(dsn, conn):
+    """`SELECT *` prepared before a column was added: the server refuses it (0A000); as the
+    transaction's first statement it is prepared again and the request never sees the error."""
+    rows = _reads_across_a_migration(dsn, conn, [], "SELECT 1 AS one")
+    assert rows[-4] == rows[-2] == [{"id": 1, "email": "a@x", "plan": "free"}]
 
 
 @pytest.mark.parametrize("sql", ["COMMIT", "rollback", "ROLLBACK WORK", "/* why /* nested */ */ END", "-- done\nABORT",
@@ -458,24 +472,219 @@ def test_behind_pgbouncer_in_transaction_mode_a_statement_run_again_still_runs(b
     conn.execute("CREATE TABLE users (id serial PRIMARY KEY, email text)")
     failures: list[str] = []
 
-    async def main() -> None:
-        pool = DbPool(bouncer_dsn, min_size=1, max_size=1, open=False, kwargs={"autocommit": True})
-        await pool.open(wait=True)
-        try:
-            for n in range(6):
-                session = DbSession(pool, CONTEXT)
-                try:  # a second statement: a failed first one is retried, unseen (see the stale statement's test)
-                    await session.query("INSERT INTO users (email) VALUES ($1)", [f"{n}@x"])
-                    await session.query("SELECT count(*) FROM users WHERE email = $1", [f"{n}@x"])
-                except HostCallError as exc:
-                    failures.append(exc.info["message"])
-                await session.finish(commit=True)
-                server_hop()
-            assert pool.pooler is True
-        finally:
-            await pool.close()
+    async def work(pool: DbPool) -> None:
+        for n in range(6):
+            session = DbSession(pool, CONTEXT)
+            try:  # a second statement: a failed first one is retried, unseen (see the stale statement's test)
+                await session.query("INSERT INTO users (email) VALUES ($1)", [f"{n}@x"])
+                await session.query("SELECT count(*) FROM users WHERE email = $1", [f"{n}@x"])
+            except HostCallError as exc:
+                failures.append(exc.info["message"])
+            await session.finish(commit=True)
+            server_hop()
+        assert pool.pooler is True
 
-    asyncio.run(main())
+    _on_pool(bouncer_dsn, work, gateway=True)
     assert failures == []
     assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 6
     assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] == 0
+
+
+def _first_statements_then(dsn: str, first: list[str], then: str) -> dict[str, Any]:
+    """Run `first`, then `then` in one session; the row `then` gave."""
+    seen: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        for sql in first:
+            await session.query(sql, [])
+        seen.append((await session.query(then, []))["rows"][0])
+        await session.finish(commit=True)
+
+    _on_pool(dsn, work)
+    return seen[0]
+
+
+@pytest.mark.parametrize("sql", ["SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+                                 "SET LOCAL transaction_isolation = 'serializable'"])
+def test_an_isolation_level_set_by_the_first_statement_holds_for_the_transaction(dsn, sql):
+    """PostgreSQL takes it only before the transaction's first query, and the context message was
+    one: SET TRANSACTION failed (25001) and no request could run SERIALIZABLE or REPEATABLE READ."""
+    assert _first_statements_then(dsn, [sql], "SELECT current_setting('transaction_isolation') AS iso") == {"iso": "serializable"}
+
+
+def test_statements_setting_the_transaction_may_come_one_after_another_before_the_first_query(dsn):
+    row = _first_statements_then(
+        dsn, ["SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "SET TRANSACTION READ ONLY", "SET TRANSACTION DEFERRABLE"],
+        "SELECT current_setting('transaction_isolation') AS iso, current_setting('transaction_read_only') AS ro,"
+        " current_setting('transaction_deferrable') AS deferrable")
+    assert row == {"iso": "serializable", "ro": "on", "deferrable": "on"}
+
+
+def test_an_isolation_level_set_after_a_query_says_to_set_it_first(dsn):
+    errors: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("SELECT 1", [])
+        with pytest.raises(HostCallError) as refused:
+            await session.query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", [])
+        errors.append(refused.value.info)
+        await session.finish(commit=False)
+
+    _on_pool(dsn, work)
+    assert errors[0]["sqlstate"] == "25001" and errors[0]["hint"].startswith("Make it the request's first ctx.db statement")
+
+
+def test_a_stale_prepared_statement_after_the_isolation_level_runs_again_under_that_level(dsn, conn):
+    """Its exchange carries the context message: the retry begins again with the level set."""
+    rows = _reads_across_a_migration(dsn, conn, ["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"],
+                                     "SELECT current_setting('transaction_isolation') AS iso")
+    assert rows[-2:] == [[{"id": 1, "email": "a@x", "plan": "free"}], [{"iso": "repeatable read"}]]
+
+
+def test_a_serialization_failure_at_commit_is_one_line_ending_in_its_sqlstate(dsn, conn):
+    """Two SERIALIZABLE transactions that each read what the other writes (write skew): the second
+    to commit fails. Its error read `commit failed: ...` with DETAIL and HINT lines and no SQLSTATE."""
+    conn.execute("CREATE TABLE oncall (id int PRIMARY KEY, on_duty bool)")
+    conn.execute("INSERT INTO oncall VALUES (1, true), (2, true)")
+    failures: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        sessions = [DbSession(pool, CONTEXT), DbSession(pool, CONTEXT)]
+        for session in sessions:
+            await session.query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", [])
+            await session.query("SELECT count(*) FROM oncall WHERE on_duty", [])
+        for n, session in enumerate(sessions, 1):
+            await session.query("UPDATE oncall SET on_duty = false WHERE id = $1", [n])
+        await sessions[0].finish(commit=True)
+        with pytest.raises(HostCallError) as failed:
+            await sessions[1].finish(commit=True)
+        failures.append(failed.value.info)
+
+    _on_pool(dsn, work, size=2)
+    [info] = failures
+    assert info["sqlstate"] == "40001" and info["hint"] == "The transaction might succeed if retried."
+    assert info["message"] == ("commit failed: could not serialize access due to read/write dependencies among "
+                               "transactions (SQLSTATE 40001)")
+    assert conn.execute("SELECT id FROM oncall WHERE NOT on_duty").fetchall() == [(1,)]
+
+
+def test_more_parameters_than_the_protocol_carries_are_refused_and_the_transaction_goes_on(dsn, conn):
+    """libpq refused the 65,536th parameter while sending, which closed the transaction's
+    connection: the request's earlier writes were lost, and its later statements failed with
+    `failed to enter pipeline mode`."""
+    conn.execute("CREATE TABLE users (id int)")
+    errors: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("INSERT INTO users VALUES (1)", [])
+        ok = await session.query("SELECT cardinality(ARRAY[%s]::int[]) AS n" % ",".join(f"${i}" for i in range(1, 65536)),
+                                 list(range(65535)))
+        assert ok["rows"] == [{"n": 65535}]
+        with pytest.raises(HostCallError) as refused:
+            await session.query("SELECT ARRAY[%s]::int[]" % ",".join(f"${i}" for i in range(1, 65537)), list(range(65536)))
+        errors.append(refused.value.info)
+        await session.query("INSERT INTO users VALUES (2)", [])
+        await session.finish(commit=True)
+
+    _on_pool(dsn, work)
+    assert errors[0]["name"] == "RangeError" and "65,536 parameters, more than the 65,535" in errors[0]["message"]
+    assert conn.execute("SELECT id FROM users ORDER BY id").fetchall() == [(1,), (2,)]
+
+
+def _after_the_server_ends_the_session(dsn: str, conn: psycopg.Connection, *, write: bool) -> list[dict[str, Any]]:
+    """A session whose first statement runs (a write, or a SET), then whose connection the server
+    ends; two more statements, then the commit. What each of those three raised."""
+    errors: list[dict[str, Any]] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        await session.query("INSERT INTO users VALUES (1)" if write else "SET LOCAL statement_timeout = '5s'", [])
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE datname = current_database() AND state = 'idle in transaction'")
+        for _ in range(2):
+            with pytest.raises(HostCallError) as lost:
+                await session.query("SELECT 1", [])
+            errors.append(lost.value.info)
+        try:
+            await session.finish(commit=True)
+        except HostCallError as exc:
+            errors.append(exc.info)
+
+    conn.execute("CREATE TABLE users (id int)")
+    _on_pool(dsn, work)
+    return errors
+
+
+def test_a_connection_the_server_ended_mid_transaction_is_named_lost_for_every_later_statement(dsn, conn):
+    first, second, commit = _after_the_server_ends_the_session(dsn, conn, write=True)
+    assert first["message"].startswith("ctx.db: the connection to the database was lost after its transaction had been idle for ")
+    assert "idle_in_transaction_session_timeout" in first["message"]
+    assert second == first  # not `failed to enter pipeline mode`
+    assert commit["message"] == f"the transaction could not commit: {first['message']}"  # not "a query was still running"
+
+
+def test_a_lost_connection_that_had_not_written_leaves_the_answer_alone(dsn, conn):
+    """Nothing was lost with it (a read could have written, through a function): a function that
+    caught the error and answered keeps its answer."""
+    assert len(_after_the_server_ends_the_session(dsn, conn, write=False)) == 2
+
+
+def test_connections_the_server_closed_while_idle_in_the_pool_are_replaced_unseen(dsn, conn):
+    """A DBA's idle_session_timeout (or a restart, a proxy's idle limit) closed the pool's idle
+    connections: the first request after an idle spell failed with `server closed the connection
+    unexpectedly`, and so did the next ones, one per dead connection."""
+    conn.execute("CREATE TABLE users (id int)")
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_session_timeout = 200')
+    outcomes: list[str | None] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        for n in range(3):
+            session = DbSession(pool, CONTEXT)
+            await session.query("INSERT INTO users VALUES ($1)", [n])
+            await session.finish(commit=True)
+            outcomes.append(session.outcome)
+            await asyncio.sleep(0.6)  # past the timeout: the server closes the pool's idle connections
+
+    _on_pool(dsn, work, size=2)
+    assert outcomes == ["committed"] * 3
+    assert conn.execute("SELECT id FROM users ORDER BY id").fetchall() == [(0,), (1,), (2,)]
+
+
+def test_behind_pgbouncer_in_transaction_mode_the_isolation_level_holds_across_round_trips(bouncer_dsn, server_hop, conn):
+    """The level is set in a round trip of its own, before the context message's: the pooler keeps
+    the transaction's server connection between them."""
+    levels: list[str] = []
+
+    async def work(pool: DbPool) -> None:
+        for _ in range(3):
+            session = DbSession(pool, CONTEXT)
+            await session.query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", [])
+            server_hop()  # takes the server connection released last: ours, were it released between round trips
+            levels.append((await session.query("SELECT current_setting('transaction_isolation') AS iso", []))["rows"][0]["iso"])
+            await session.finish(commit=True)
+
+    _on_pool(bouncer_dsn, work, gateway=True)
+    assert levels == ["serializable"] * 3
+
+
+def test_a_lost_connection_after_a_refused_statement_counts_the_idle_time_from_it(dsn, conn):
+    """The idle time counted from the last exchange that succeeded: here, from none at all."""
+    errors: list[str] = []
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        session = DbSession(pool, CONTEXT)
+        with pytest.raises(HostCallError):
+            await session.query("SELECT no_such_column", [])
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        with pytest.raises(HostCallError) as lost:
+            await session.query("SELECT 1", [])
+        errors.append(lost.value.info["message"])
+        await session.finish(commit=False)
+
+    _on_pool(dsn, work)
+    idle_ms = float(errors[0].split("idle for ")[1].split(" ms")[0].replace(",", ""))
+    assert idle_ms < 5_000

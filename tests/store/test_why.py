@@ -339,6 +339,20 @@ export default async function (req, ctx) {
 """
 
 
+def _request_id_of_a_call(root, dsn: str, path: str) -> str:
+    """POST `path` to a real gateway over `root`, whose trace is written before this returns."""
+
+    async def call() -> str:
+        writer = TraceWriter(dsn, flush_interval=0.01)
+        await writer.start()
+        async with running_gateway(root, dsn, sink=writer) as (_, client):
+            response = await client.post(path, json={})
+        await writer.close()
+        return response.headers["x-flux-request-id"]
+
+    return asyncio.run(call())
+
+
 def test_the_root_cause_of_a_real_trace_is_the_statement_whose_error_was_thrown(tmp_path, dsn, conn):
     """The audit's case end to end (real V8, gateway and HTTP stub): a 429 retried, then a duplicate key thrown."""
     ensure_schema(conn)
@@ -346,22 +360,29 @@ def test_the_root_cause_of_a_real_trace_is_the_statement_whose_error_was_thrown(
     stub = Stub()
     try:
         write_project(tmp_path, {"retry": RETRY.replace("STUB", stub.url)})
-
-        async def call() -> str:
-            writer = TraceWriter(dsn, flush_interval=0.01)
-            await writer.start()
-            async with running_gateway(tmp_path, dsn, sink=writer) as (_, client):
-                response = await client.post("/retry", json={})
-            await writer.close()
-            return response.headers["x-flux-request-id"]
-
-        why = explain(conn, asyncio.run(call()))
+        why = explain(conn, _request_id_of_a_call(tmp_path, dsn, "/retry"))
     finally:
         stub.close()
     assert why.cause is not None
     assert (why.cause.span, why.cause.label, why.cause.link, why.cause.thrown_at) == (
         "db.insert(tags)", "23505", "same_error", "functions/retry.js:5:16")
     assert [(f.span, f.label) for f in why.failures] == [("stub.limit", "429")]
+
+
+def test_a_commit_refused_by_the_database_is_labelled_by_its_sqlstate(tmp_path, dsn, conn):
+    """A deferred unique constraint fails at COMMIT, after the function returned: the cause is the
+    function, labelled 23505, not `error`."""
+    ensure_schema(conn)
+    conn.execute("CREATE TABLE users (email text UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    write_project(tmp_path, {"dup": """
+        export default async function (req, ctx) {
+          await ctx.db.query("INSERT INTO users (email) VALUES ($1), ($1)", ["a@x"]);
+          return {status: 201};
+        }
+    """})
+    why = explain(conn, _request_id_of_a_call(tmp_path, dsn, "/dup"))
+    assert why.cause is not None and (why.cause.span, why.cause.label, why.cause.link) == ("dup", "23505", "own")
+    assert why.cause.error.endswith("(SQLSTATE 23505)")
 
 
 # -- failed calls ----------------------------------------------------------------------------

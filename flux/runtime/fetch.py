@@ -9,14 +9,17 @@ executor's and the prelude's.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import functools
 import os
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 
 from flux.project import FetchConfig
 from flux.runtime.host import HostCallError
@@ -63,7 +66,10 @@ class AiohttpTransport:
 
     async def send(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout_s: float) -> FetchResult:
         if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+            connector = aiohttp.TCPConnector()
+            # The protocol each new connection gets (aiohttp has no public hook for it).
+            connector._factory = functools.partial(UpstreamConnection, loop=asyncio.get_running_loop())
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
         try:
             async with self._session.request(
                 method, url, headers=headers, data=body, skip_auto_headers=_NO_AUTO_HEADERS,
@@ -90,6 +96,47 @@ class AiohttpTransport:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+class UpstreamConnection(ResponseHandler):
+    """A connection to an upstream that is closed as soon as it receives bytes that answer no
+    request: an answer the server sent unasked, or past the end of the one asked for. aiohttp
+    parses whatever comes while a connection waits in its pool and queues it for the next request
+    sent on it: that request (another tenant's, even) read the stray answer as its own, and every
+    later request on the connection got the answer of the one before it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._awaiting = False  # a request was sent on this connection and its answer is not all in
+        self._answer: Any = None  # that answer's body, once its head came
+
+    def set_response_params(self, **params: Any) -> None:  # aiohttp calls it for each request it sends here
+        self._awaiting, self._answer = True, None
+        super().set_response_params(**params)
+
+    def feed_data(self, data: Any, size: int = 0) -> None:  # a parsed answer: (head, body)
+        code = data[0].code
+        if 100 <= code < 200 and code != 101:  # an interim answer (100 Continue, 103 Early Hints)
+            pass
+        elif self._awaiting and self._answer is None:
+            self._answer = data[1]
+        else:
+            self._stray()
+            return
+        super().feed_data(data, size)
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self._awaiting:
+            self._stray()
+            return
+        super().data_received(data)
+        if self._answer is not None and self._answer.is_eof():
+            self._awaiting = False
+
+    def _stray(self) -> None:
+        self._awaiting = False
+        if self.transport is not None:
+            self.transport.close()  # never reused: the pool takes only connected ones
 
 
 def _client_error_text(exc: Exception) -> str:

@@ -252,3 +252,60 @@ def test_a_url_with_credentials_is_refused_as_fetch_refuses_it(url):
         FetchPolicy(FetchConfig()).parse(url)
     assert refused.value.info["name"] == "TypeError" and "credentials" in refused.value.info["message"]
     assert "pw-9Kq" not in refused.value.info["message"]
+
+
+async def _calls_on_one_upstream(first: bytes, stray: bytes, paths: list[str]) -> tuple[list[bytes], int]:
+    """The bodies `paths`' calls get, one after another, from an upstream that answers the first
+    request with `first`, then sends `stray` unasked 50 ms later, and answers each later request
+    with the number of the connection it came on; and how many connections were made."""
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /first "):
+                    writer.write(first)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(stray)
+                else:
+                    writer.write(_response("200 OK", b"connection %d" % number))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    transport = AiohttpTransport()
+    try:
+        bodies = []
+        for path in paths:
+            bodies.append((await transport.send("GET", base + path, {}, None, 5.0)).body)
+            await asyncio.sleep(0.1)
+        return bodies, connections
+    finally:
+        await transport.aclose()
+        server.close()
+
+
+def test_an_answer_an_upstream_sends_unasked_never_reaches_the_next_call():
+    """aiohttp queued it on the pooled connection: the next call (another tenant's, even) got it
+    as its answer, and each call after that got the answer of the call before it."""
+    stray = _response("200 OK", b"tenant-a-charge")
+    bodies, connections = asyncio.run(_calls_on_one_upstream(_response("200 OK", b"first"), stray, ["/first", "/next", "/next"]))
+    assert bodies == [b"first", b"connection 2", b"connection 2"] and connections == 2
+
+
+def test_bytes_past_an_answers_content_length_close_its_connection():
+    first = _response("200 OK", b"abc")[:-3] + b"abc" + _response("200 OK", b"tenant-a-charge")
+    bodies, connections = asyncio.run(_calls_on_one_upstream(first, b"", ["/first", "/next"]))
+    assert bodies == [b"abc", b"connection 2"] and connections == 2
+
+
+def test_calls_one_after_another_share_one_kept_alive_connection():
+    bodies, connections = asyncio.run(_calls_on_one_upstream(b"", b"", ["/next", "/next", "/next"]))
+    assert bodies == [b"connection 1"] * 3 and connections == 1

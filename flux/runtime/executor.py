@@ -655,6 +655,7 @@ class _Run:
             host, hostport = policy.parse(url)
             span.name = policy.span_name(url, host, hostport, args.get("name"))
             policy.check(host, hostport)
+            policy.check_request(method, args["headers"])
             timeout_ms = args.get("timeout_ms") or policy.config.timeout_ms
             try:
                 # A binary body crossed as one character per byte (prelude.js).

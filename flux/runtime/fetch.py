@@ -13,6 +13,7 @@ import asyncio
 import codecs
 import functools
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -212,6 +213,13 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)
 
 
+# RFC 9110's token (a method, a header name), and what would end a header's line early.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_LINE_BREAKING = re.compile(r"[\0\r\n]")
+# fetch refuses them: CONNECT would open a tunnel, TRACE and TRACK echo the request's headers back.
+_FORBIDDEN_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
+
+
 class FetchPolicy:
     """The allow-list and the host-to-tool map of flux.toml [fetch] and [tools]."""
 
@@ -247,6 +255,21 @@ class FetchPolicy:
                 "name": "FetchNotAllowed",
                 "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",
             })
+
+    def check_request(self, method: str, headers: dict[str, str]) -> None:
+        """HostCallError (a TypeError, as fetch throws one) for a method or header HTTP cannot carry:
+        a name that is no token, a value with NUL, CR or LF (request splitting: the rest of the
+        value a header, or a request, of the function's making), or a method fetch forbids.
+        Checked here, not only in the prelude, whose builtins the function can replace."""
+        if not _TOKEN.fullmatch(method):
+            raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {method!r} is not a valid HTTP method"})
+        if method in _FORBIDDEN_METHODS:
+            raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {method} is a method fetch refuses"})
+        for name, value in headers.items():
+            if not _TOKEN.fullmatch(name):
+                raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {name!r} is not a valid header name"})
+            if _LINE_BREAKING.search(value):
+                raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: the value of header {name!r} holds a NUL, CR or LF"})
 
     def span_name(self, url: str, host: str, hostport: str, explicit: str | None) -> str:
         if explicit:

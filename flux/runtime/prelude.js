@@ -539,11 +539,13 @@
         throw new TypeError("ctx.fetch: each of init.headers must be a [name, value] pair");
       }
       const name = String(pair[0]).toLowerCase();
-      const value = String(pair[1]);
+      const value = String(pair[1]).replace(HTTP_SPACE_AROUND, ""); // as fetch trims it (a secret's final newline)
       headers[name] = name in headers ? `${headers[name]}, ${value}` : value;
     }
     return headers;
   }
+
+  const HTTP_SPACE_AROUND = /^[\t\n\r ]+|[\t\n\r ]+$/g;
 
   // fetch's body: a string is text/plain;charset=UTF-8, bytes (an ArrayBuffer or a view of one)
   // are sent as they are, anything else as JSON with application/json; a content-type the

@@ -842,6 +842,44 @@ def test_fetch_request_bodies_and_headers_are_sent_as_fetch_sends_them(tmp_path,
                     (b'{"a":1}', "application/vnd.x+json", None)]
 
 
+def test_a_header_or_method_that_would_split_the_request_is_a_type_error_and_nothing_is_sent(tmp_path, stub: Stub):
+    """aiohttp sent a header name with a space (`transfer-encoding : chunked`, which some servers
+    read as the framing header) and an empty one; CR, LF and NUL it refused as a FetchError."""
+    write_project(tmp_path, {"split": f"""
+        export default async function (req, ctx) {{
+          const errors = [];
+          for (const init of [{{headers: {{"x-a": "v\\r\\nx-injected: 1"}}}}, {{headers: {{"x-a": "v\\u0000w"}}}},
+                              {{headers: {{"transfer-encoding ": "chunked"}}}}, {{headers: [["", "v"]]}},
+                              {{method: "GET / HTTP/1.1\\r\\nX:"}}, {{method: "CONNECT"}}]) {{
+            try {{ await ctx.fetch("{stub.url}/echo", init); errors.push("sent"); }} catch (e) {{ errors.push(e.name + ": " + e.message); }}
+          }}
+          return {{status: 200, body: errors}};
+        }}
+    """})
+    result = run1(tmp_path, "split")
+    assert result.body == [
+        "TypeError: ctx.fetch: the value of header 'x-a' holds a NUL, CR or LF",
+        "TypeError: ctx.fetch: the value of header 'x-a' holds a NUL, CR or LF",
+        "TypeError: ctx.fetch: 'transfer-encoding ' is not a valid header name",
+        "TypeError: ctx.fetch: '' is not a valid header name",
+        "TypeError: ctx.fetch: 'GET / HTTP/1.1\\r\\nX:' is not a valid HTTP method",
+        "TypeError: ctx.fetch: CONNECT is a method fetch refuses",
+    ]
+    assert stub.requests == []
+
+
+def test_a_header_value_loses_its_surrounding_whitespace_as_fetch_trims_it(tmp_path, stub: Stub):
+    """A secret read with its final newline: aiohttp refused the line break inside Flux."""
+    write_project(tmp_path, {"trim": f"""
+        export default async function (req, ctx) {{
+          await ctx.fetch("{stub.url}/echo", {{headers: {{authorization: " Bearer tok-1\\n"}}}});
+          return {{status: 200}};
+        }}
+    """})
+    assert run1(tmp_path, "trim").status == 200
+    assert stub.requests[0]["headers"]["authorization"] == "Bearer tok-1"
+
+
 def test_a_timer_longer_than_any_delay_waits_as_the_longest(tmp_path):
     write_project(tmp_path, {"later": """
         export default async function () {

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import ContentEncodingError, ContentLengthError, HttpProcessingError, TransferEncodingError
 
 from flux.project import FetchConfig
 from flux.runtime.host import HostCallError
@@ -76,6 +77,10 @@ class AiohttpTransport:
                 method, url, headers=headers, data=body, skip_auto_headers=_NO_AUTO_HEADERS,
                 allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
+                if not 100 <= response.status <= 599 or response.status == 101:
+                    # Out of HTTP's range (RFC 9110), or a switch to another protocol on this connection,
+                    # which a function cannot speak: fetch fails either as a network error.
+                    raise OSError(f"the server's answer is not valid HTTP for fetch (status {response.status})")
                 content = await _read_capped(response)
                 charset = response.charset
         except TimeoutError:  # aiohttp's timeouts are asyncio's, which are TimeoutError since 3.11
@@ -157,6 +162,19 @@ def _client_error_text(exc: Exception) -> str:
         return f"could not connect to {exc.host}:{exc.port}: {reason}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection without an answer"
+    cause = exc.__cause__
+    while cause is not None and not isinstance(cause, HttpProcessingError):
+        cause = cause.__cause__
+    if cause is not None:  # the answer did not parse: aiohttp's text says "400", a status nobody sent
+        while isinstance(cause.__cause__, HttpProcessingError):  # the parser's own, with its own class
+            cause = cause.__cause__
+        # Its first line, without the bytes it quotes (a caret under a copy of the line, or a repr).
+        said = (cause.message or type(cause).__name__).split("\n")[0].split(": b'")[0].split(". Please install")[0].rstrip(":. ")
+        if isinstance(cause, (ContentLengthError, TransferEncodingError)):
+            return f"the server's response body ended early ({said})"
+        if isinstance(cause, ContentEncodingError):
+            return f"the server's response body did not decode ({said})"
+        return f"the server's answer is not valid HTTP ({said})"
     return f"{type(exc).__name__}: {exc}"
 
 

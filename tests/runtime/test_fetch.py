@@ -309,3 +309,50 @@ def test_bytes_past_an_answers_content_length_close_its_connection():
 def test_calls_one_after_another_share_one_kept_alive_connection():
     bodies, connections = asyncio.run(_calls_on_one_upstream(b"", b"", ["/next", "/next", "/next"]))
     assert bodies == [b"connection 1"] * 3 and connections == 1
+
+
+_OK = b"content-length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(("raw", "said"), [
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+     "the server's answer is not valid HTTP (Invalid character in chunk size)"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 5\r\n\r\nokxyz",
+     "the server's answer is not valid HTTP (Duplicate Content-Length)"),
+    (b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 100_000 + b"\r\n" + _OK,
+     "the server's answer is not valid HTTP (Got more than 8190 bytes when reading)"),
+    (b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(10_000)) + _OK,
+     "the server's answer is not valid HTTP (Too many headers received)"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n" + _OK, "the server's answer is not valid HTTP (Invalid header token)"),
+    (b"HTTP/1.1 1000 Weird\r\n" + _OK, "the server's answer is not valid HTTP (Bad status line)"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+     "the server's response body ended early (Not enough data to satisfy content length header (received 3 of 10 bytes))"),
+    (b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 5\r\n\r\nabcde",
+     "the server's response body did not decode (Can not decode content-encoding: gzip)"),
+], ids=["chunk-size", "content-lengths", "100-kb-header", "10000-headers", "no-colon", "status-1000", "short-body", "bad-gzip"])
+def test_an_answer_that_is_not_http_raises_os_error_saying_what_is_wrong_in_one_line(raw, said):
+    """aiohttp's text read "ClientResponseError: 400, message=..." (a status nobody sent), with the
+    URL, and the bytes it quoted under a caret on lines of their own."""
+    assert asyncio.run(_failure_of(raw)) == said
+
+
+@pytest.mark.parametrize("status", [b"099", b"600", b"999", b"101"])
+def test_a_status_out_of_http_range_or_a_protocol_switch_raises_os_error(status):
+    """They reached the function as a Response (a 101's connection switched to a protocol it cannot speak)."""
+    said = asyncio.run(_failure_of(b"HTTP/1.1 " + status + b" Odd\r\nupgrade: x\r\nconnection: upgrade\r\n" + _OK))
+    assert said == f"the server's answer is not valid HTTP for fetch (status {int(status)})"
+
+
+async def _failure_of(raw: bytes) -> str:
+    """The text of the OSError a call raises when the upstream answers `raw` and closes."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        return await _failure(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+    finally:
+        server.close()

@@ -655,11 +655,11 @@ class _Run:
             host, hostport = policy.parse(url)
             span.name = policy.span_name(url, host, hostport, args.get("name"))
             policy.check(host, hostport)
-            policy.check_request(method, args["headers"])
+            # A binary body crossed as one character per byte (prelude.js).
+            sent = None if body is None else body.encode("latin-1" if binary else "utf-8")
+            policy.check_request(url, method, args["headers"], len(sent or b""))
             timeout_ms = args.get("timeout_ms") or policy.config.timeout_ms
             try:
-                # A binary body crossed as one character per byte (prelude.js).
-                sent = None if body is None else body.encode("latin-1" if binary else "utf-8")
                 async with self.fetch_turns:  # its timeout counts from its turn
                     result = await self.x.transport.send(method, url, args["headers"], sent, timeout_ms / 1000)
             except TimeoutError:

@@ -236,6 +236,12 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _LINE_BREAKING = re.compile(r"[\0\r\n]")
 # fetch refuses them: CONNECT would open a tunnel, TRACE and TRACK echo the request's headers back.
 _FORBIDDEN_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
+# Headers that frame the body or manage the connection, which ctx.fetch refuses as undici does.
+_CLIENTS_HEADERS = ("transfer-encoding", "upgrade", "keep-alive")
+
+
+def _type_error(message: str) -> HostCallError:
+    return HostCallError({"name": "TypeError", "message": f"ctx.fetch: {message}"})
 
 
 class FetchPolicy:
@@ -274,20 +280,42 @@ class FetchPolicy:
                 "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",
             })
 
-    def check_request(self, method: str, headers: dict[str, str]) -> None:
-        """HostCallError (a TypeError, as fetch throws one) for a method or header HTTP cannot carry:
-        a name that is no token, a value with NUL, CR or LF (request splitting: the rest of the
-        value a header, or a request, of the function's making), or a method fetch forbids.
-        Checked here, not only in the prelude, whose builtins the function can replace."""
+    def check_request(self, url: str, method: str, headers: dict[str, str], body_size: int) -> None:
+        """HostCallError (a TypeError, as fetch throws one) for a request HTTP cannot carry as the
+        function wrote it: a method or header name that is no token, a value with NUL, CR or LF
+        (request splitting: the rest of the value a header, or a request, of the function's making),
+        a method fetch forbids, or framing of the function's own (below); FetchNotAllowed for a
+        `host` header naming a host outside the allow-list (the upstream would serve that host,
+        when it serves several: a CDN's, a proxy's). Checked on the host, where the function cannot
+        replace the builtins that check."""
         if not _TOKEN.fullmatch(method):
-            raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {method!r} is not a valid HTTP method"})
+            raise _type_error(f"{method!r} is not a valid HTTP method")
         if method in _FORBIDDEN_METHODS:
-            raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {method} is a method fetch refuses"})
+            raise _type_error(f"{method} is a method fetch refuses")
         for name, value in headers.items():
             if not _TOKEN.fullmatch(name):
-                raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: {name!r} is not a valid header name"})
+                raise _type_error(f"{name!r} is not a valid header name")
             if _LINE_BREAKING.search(value):
-                raise HostCallError({"name": "TypeError", "message": f"ctx.fetch: the value of header {name!r} holds a NUL, CR or LF"})
+                raise _type_error(f"the value of header {name!r} holds a NUL, CR or LF")
+        # The body's framing and the connection are the HTTP client's: aiohttp sent a
+        # content-length of the function's with the body cut to it, or short of it, and a
+        # transfer-encoding: chunked with the body unchunked and a content-length of its own, so
+        # an upstream read the rest of the body, or the next call on that kept-alive connection
+        # (another tenant's), as a request.
+        length = headers.get("content-length")
+        if length is not None and length != str(body_size):
+            raise _type_error(f"the content-length header says {length!r}, and the body is {body_size} bytes: leave it to ctx.fetch")
+        for name in _CLIENTS_HEADERS:
+            if name in headers:
+                raise _type_error(f"the {name} header is the HTTP client's to set")
+        if headers.get("connection", "close").lower() not in ("close", "keep-alive"):
+            raise _type_error("the connection header can only be close or keep-alive")
+        if "host" in headers and self.config.allow is not None:
+            try:
+                host, hostport = self.parse(f"{urlsplit(url).scheme}://{headers['host']}/")
+            except HostCallError:
+                raise _type_error(f"the host header {headers['host']!r} is no host[:port]") from None
+            self.check(host, hostport)
 
     def span_name(self, url: str, host: str, hostport: str, explicit: str | None) -> str:
         if explicit:

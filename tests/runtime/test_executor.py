@@ -842,30 +842,66 @@ def test_fetch_request_bodies_and_headers_are_sent_as_fetch_sends_them(tmp_path,
                     (b'{"a":1}', "application/vnd.x+json", None)]
 
 
-def test_a_header_or_method_that_would_split_the_request_is_a_type_error_and_nothing_is_sent(tmp_path, stub: Stub):
-    """aiohttp sent a header name with a space (`transfer-encoding : chunked`, which some servers
-    read as the framing header) and an empty one; CR, LF and NUL it refused as a FetchError."""
-    write_project(tmp_path, {"split": f"""
+def fetch_outcomes(tmp_path: Path, stub: Stub, inits: str, toml: str = "") -> list[str]:
+    """What each ctx.fetch to the stub, with each init of the JS array `inits`, came to: "sent",
+    or the error's name and message."""
+    write_project(tmp_path, {"calls": f"""
         export default async function (req, ctx) {{
-          const errors = [];
-          for (const init of [{{headers: {{"x-a": "v\\r\\nx-injected: 1"}}}}, {{headers: {{"x-a": "v\\u0000w"}}}},
-                              {{headers: {{"transfer-encoding ": "chunked"}}}}, {{headers: [["", "v"]]}},
-                              {{method: "GET / HTTP/1.1\\r\\nX:"}}, {{method: "CONNECT"}}]) {{
-            try {{ await ctx.fetch("{stub.url}/echo", init); errors.push("sent"); }} catch (e) {{ errors.push(e.name + ": " + e.message); }}
+          const out = [];
+          for (const init of {inits}) {{
+            try {{ await ctx.fetch("{stub.url}/echo", init); out.push("sent"); }} catch (e) {{ out.push(e.name + ": " + e.message); }}
           }}
-          return {{status: 200, body: errors}};
+          return {{status: 200, body: out}};
+        }}
+    """}, toml)
+    return run1(tmp_path, "calls").body
+
+
+@pytest.mark.parametrize(("init", "said"), [
+    ('{headers: {"x-a": "v\\r\\nx-injected: 1"}}', "the value of header 'x-a' holds a NUL, CR or LF"),
+    ('{headers: {"x-a": "v\\u0000w"}}', "the value of header 'x-a' holds a NUL, CR or LF"),
+    ('{headers: {"transfer-encoding ": "chunked"}}', "'transfer-encoding ' is not a valid header name"),
+    ('{headers: [["", "v"]]}', "'' is not a valid header name"),
+    ('{method: "GET / HTTP/1.1\\r\\nX:"}', "'GET / HTTP/1.1\\r\\nX:' is not a valid HTTP method"),
+    ('{method: "CONNECT"}', "CONNECT is a method fetch refuses"),
+    ('{method: "POST", body: "abcdef", headers: {"content-length": "3"}}',
+     "the content-length header says '3', and the body is 6 bytes: leave it to ctx.fetch"),
+    ('{method: "POST", body: "abc", headers: {"content-length": "10"}}',
+     "the content-length header says '10', and the body is 3 bytes: leave it to ctx.fetch"),
+    ('{method: "POST", body: "0\\r\\n\\r\\nGET /admin HTTP/1.1\\r\\nhost: x\\r\\n\\r\\n", headers: {"transfer-encoding": "chunked"}}',
+     "the transfer-encoding header is the HTTP client's to set"),
+    ('{headers: {upgrade: "h2c"}}', "the upgrade header is the HTTP client's to set"),
+    ('{headers: {connection: "upgrade"}}', "the connection header can only be close or keep-alive"),
+], ids=["crlf-value", "nul-value", "name-with-space", "empty-name", "method-with-crlf", "connect", "content-length-short",
+        "content-length-long", "chunked-smuggling", "upgrade", "connection-upgrade"])
+def test_a_request_http_cannot_carry_as_written_is_a_type_error_and_nothing_is_sent(tmp_path, stub: Stub, init, said):
+    """aiohttp sent a header name with a space (`transfer-encoding : chunked`, which some servers
+    read as the framing header) and an empty one, cut the body to a content-length of the
+    function's or sent less than it said (the upstream then read the next call on that connection
+    as the rest), and sent transfer-encoding: chunked with the body unchunked: a request smuggled
+    onto a connection other tenants share. CR, LF and NUL it refused, as a FetchError."""
+    assert fetch_outcomes(tmp_path, stub, f"[{init}]") == [f"TypeError: ctx.fetch: {said}"]
+    assert stub.requests == []
+
+
+def test_a_content_length_that_is_the_bodys_and_connection_close_are_sent(tmp_path, stub: Stub):
+    write_project(tmp_path, {"frame": f"""
+        export default async function (req, ctx) {{
+          await ctx.fetch("{stub.url}/echo", {{method: "POST", body: "héllo", headers: {{"content-length": "6", connection: "close"}}}});
+          return {{status: 200}};
         }}
     """})
-    result = run1(tmp_path, "split")
-    assert result.body == [
-        "TypeError: ctx.fetch: the value of header 'x-a' holds a NUL, CR or LF",
-        "TypeError: ctx.fetch: the value of header 'x-a' holds a NUL, CR or LF",
-        "TypeError: ctx.fetch: 'transfer-encoding ' is not a valid header name",
-        "TypeError: ctx.fetch: '' is not a valid header name",
-        "TypeError: ctx.fetch: 'GET / HTTP/1.1\\r\\nX:' is not a valid HTTP method",
-        "TypeError: ctx.fetch: CONNECT is a method fetch refuses",
-    ]
-    assert stub.requests == []
+    assert run1(tmp_path, "frame").status == 200
+    assert [r["raw"] for r in stub.requests] == ["héllo".encode()]
+
+
+def test_a_host_header_is_held_to_the_allow_list_as_the_url_is(tmp_path, stub: Stub):
+    """The upstream serves the host the header names, when it serves several (a CDN, a proxy):
+    `host: admin.internal` on a call to an allowed address reached a host the list leaves out."""
+    inits = f"""[{{headers: {{host: "admin.internal"}}}}, {{headers: {{host: "{stub.host}"}}}}, {{headers: {{host: "API.example:443"}}}}]"""
+    assert fetch_outcomes(tmp_path, stub, inits, f'[fetch]\nallow = ["{stub.host}", "api.example:443"]\n') == [
+        "FetchNotAllowed: outbound calls to admin.internal:80 are not allowed: add it to [fetch] allow in flux.toml", "sent", "sent"]
+    assert [r["headers"]["host"] for r in stub.requests] == [stub.host, "API.example:443"]
 
 
 def test_a_header_value_loses_its_surrounding_whitespace_as_fetch_trims_it(tmp_path, stub: Stub):

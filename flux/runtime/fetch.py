@@ -30,6 +30,8 @@ MAX_RECORDED_FETCH_BODY = 1024 * 1024
 # A ctx.fetch response is read whole into the gateway's memory (the isolate's limit does not cover
 # it), so it is refused past this.
 MAX_FETCH_RESPONSE_BYTES = 16 * 1024 * 1024
+# The gateway's outbound connections, for every request (aiohttp's default).
+MAX_CONNECTIONS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,9 @@ class AiohttpTransport:
 
     async def send(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout_s: float) -> FetchResult:
         if self._session is None:
-            connector = aiohttp.TCPConnector()
+            # A host that stops answering holds its connections until each call's timeout: it may
+            # hold half of them, so that calls to other hosts (other tenants') still get one.
+            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=MAX_CONNECTIONS // 2)
             # The protocol each new connection gets (aiohttp has no public hook for it).
             connector._factory = functools.partial(UpstreamConnection, loop=asyncio.get_running_loop())
             self._session = aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar())

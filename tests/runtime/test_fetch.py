@@ -356,3 +356,26 @@ async def _failure_of(raw: bytes) -> str:
         return await _failure(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
     finally:
         server.close()
+
+
+def test_a_host_that_never_answers_leaves_connections_for_calls_to_other_hosts():
+    """Its calls held all 100 connections until their timeouts: a call to a healthy host (another
+    tenant's) waited for one and timed out."""
+    async def main() -> int:
+        hung = await asyncio.start_server(lambda reader, writer: asyncio.sleep(30), "127.0.0.1", 0)
+        healthy, base = await _server(_echo)
+        transport = AiohttpTransport()
+        stuck = [asyncio.create_task(transport.send("GET", f"http://127.0.0.1:{hung.sockets[0].getsockname()[1]}/", {}, None, 30.0))
+                 for _ in range(110)]
+        try:
+            await asyncio.sleep(0.3)
+            return (await transport.send("GET", base + "/echo", {}, None, 2.0)).status
+        finally:
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
+            await transport.aclose()
+            hung.close()
+            healthy.close()
+
+    assert asyncio.run(main()) == 201

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import ContentEncodingError, ContentLengthError, HttpProcessingError, TransferEncodingError
 
@@ -248,11 +249,35 @@ def _type_error(message: str) -> HostCallError:
     return HostCallError({"name": "TypeError", "message": f"ctx.fetch: {message}"})
 
 
+def connected_host(host: str) -> str:
+    """A host as the HTTP client (yarl) connects to it: lower case, a non-ASCII name in punycode
+    (UTS #46), an IPv6 address in its shortest form; one it refuses, lower-cased."""
+    try:
+        return URL.build(scheme="http", host=host).raw_host or host.lower()
+    except ValueError:
+        return host.lower()
+
+
+def _allow_entry(entry: str) -> tuple[str, str | None]:
+    """An allow-list entry, host or host:port ([v6]:port, or a bare IPv6 address), as (connected
+    host, port or None)."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, None
+    return connected_host(host), port
+
+
 class FetchPolicy:
     """The allow-list and the host-to-tool map of flux.toml [fetch] and [tools]."""
 
     def __init__(self, config: FetchConfig) -> None:
         self.config = config
+        # The allow-list as (host, port or None), each host as the HTTP client connects to it.
+        self._allowed = None if config.allow is None else frozenset(map(_allow_entry, config.allow))
 
     def parse(self, url: str) -> tuple[str, str]:
         """(host, host:port) of an absolute http(s) URL, the host spelled as in the URL (a secret
@@ -275,10 +300,13 @@ class FetchPolicy:
         return host, f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
     def check(self, host: str, hostport: str) -> None:
-        """HostCallError unless the allow-list lets calls reach `host` (hosts match in any case;
-        an IPv6 host with or without its brackets)."""
-        allow = self.config.allow
-        if allow is not None and not any(h in allow for h in (hostport.lower(), host.lower(), host.strip("[]").lower())):
+        """HostCallError unless the allow-list lets calls reach `host`: compared as the HTTP client
+        connects to it, so hosts match in any case, an IPv6 host with or without its brackets, and
+        a non-ASCII one as written or in punycode (as a URL object gives it)."""
+        if self._allowed is None:
+            return
+        connected = connected_host(host.strip("[]"))
+        if (connected, None) not in self._allowed and (connected, hostport.rpartition(":")[2]) not in self._allowed:
             raise HostCallError({
                 "name": "FetchNotAllowed",
                 "message": f"outbound calls to {hostport} are not allowed: add it to [fetch] allow in flux.toml",

@@ -379,3 +379,29 @@ def test_a_host_that_never_answers_leaves_connections_for_calls_to_other_hosts()
             healthy.close()
 
     assert asyncio.run(main()) == 201
+
+
+@pytest.mark.parametrize(("entry", "url"), [
+    ("bücher.example", "http://xn--bcher-kva.example/v1"),  # what new URL("http://bücher.example/v1") gives
+    ("xn--bcher-kva.example", "http://BÜCHER.example/v1"),
+    ("bücher.example:8080", "http://Bücher.example:8080/v1"),
+    ("[::ffff:127.0.0.1]:80", "http://[::FFFF:7f00:1]/v1"),
+], ids=["unicode-entry", "punycode-entry", "mixed-case", "ipv6-forms"])
+def test_a_host_matches_its_allow_entry_as_the_http_client_connects_to_it(entry, url):
+    """An entry written in Unicode refused every call made with a URL object, which gives punycode."""
+    policy = FetchPolicy(FetchConfig(allow=(entry,)))
+    policy.check(*policy.parse(url))  # allowed: no error
+
+
+@pytest.mark.parametrize(("entry", "url"), [
+    ("faß.de", "http://fass.de/"),  # IDNA 2003 made them one name; the HTTP client does not
+    ("api.example", "http://api.example.evil/"),
+    ("api.example", "http://api.example./"),
+    ("api.example:443", "http://api.example/"),
+    ("127.0.0.1", "http://2130706433/"),
+    ("127.0.0.1:4010", "http://user@127.0.0.1:4010/"),
+], ids=["eszett", "suffix", "trailing-dot", "default-port", "decimal-ip", "userinfo"])
+def test_a_host_the_allow_list_does_not_name_is_refused_however_it_is_written(entry, url):
+    policy = FetchPolicy(FetchConfig(allow=(entry,)))
+    with pytest.raises(HostCallError):
+        policy.check(*policy.parse(url))

@@ -2,8 +2,9 @@
 
 `Transport` is the seam for outbound calls: `AiohttpTransport` in production (aiohttp costs
 about a fifth of httpx's CPU per call, and outbound calls were most of the gateway's Python
-work). `FetchPolicy` applies the allow-list of flux.toml's [fetch] and names spans after [tools].
-The request protocol around a call (its span, its tape entry, the function's Response) is the
+work); its connections are `UpstreamConnection`s, closed when bytes come that answer no request.
+`FetchPolicy` applies the allow-list of flux.toml's [fetch], refuses a request HTTP cannot carry as
+the function wrote it, and names spans after [tools]. The request protocol around a call (its span, its tape entry, the function's Response) is the
 executor's and the prelude's.
 """
 
@@ -20,9 +21,9 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
-from yarl import URL
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import ContentEncodingError, ContentLengthError, HttpProcessingError, TransferEncodingError
+from yarl import URL
 
 from flux.project import FetchConfig
 from flux.runtime.host import HostCallError

@@ -884,6 +884,34 @@ def test_a_request_http_cannot_carry_as_written_is_a_type_error_and_nothing_is_s
     assert stub.requests == []
 
 
+def test_a_fetch_with_a_bad_init_rejects_so_catch_takes_it_up_as_fetchs_does(tmp_path, stub: Stub):
+    """ctx.fetch threw at once: `ctx.fetch(...).catch(fallback)` did not catch it, and the request was a 500."""
+    write_project(tmp_path, {"bad": f"""
+        export default async function (req, ctx) {{
+          const fallback = (e) => e.name + ": " + e.message;
+          const timeout = await ctx.fetch("{stub.url}/ok", {{timeout_ms: -5}}).catch(fallback);
+          const getter = await ctx.fetch("{stub.url}/ok", {{get headers() {{ throw new RangeError("no headers"); }}}}).catch(fallback);
+          return {{status: 200, body: [timeout, getter]}};
+        }}
+    """})
+    result = run1(tmp_path, "bad")
+    assert result.body == ["TypeError: ctx.fetch: timeout_ms must be a positive number of milliseconds, not -5", "RangeError: no headers"]
+    assert stub.requests == []
+
+
+def test_a_bad_fetch_nothing_takes_up_is_logged_as_an_unhandled_rejection(tmp_path, stub: Stub):
+    write_project(tmp_path, {"bad": f"""
+        export default async function (req, ctx) {{
+          ctx.fetch("{stub.url}/ok", {{timeout_ms: "soon"}});
+          return {{status: 200}};
+        }}
+    """})
+    result = run1(tmp_path, "bad")
+    logged = [e["attributes"]["message"] for s in result.spans for e in s.get("events", []) if e["name"] == "log"]
+    assert result.status == 200
+    assert logged == ["Unhandled promise rejection: TypeError: ctx.fetch: timeout_ms must be a positive number of milliseconds, not soon"]
+
+
 def test_a_content_length_that_is_the_bodys_and_connection_close_are_sent(tmp_path, stub: Stub):
     write_project(tmp_path, {"frame": f"""
         export default async function (req, ctx) {{

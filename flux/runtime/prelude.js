@@ -557,7 +557,7 @@
       throw new TypeError(`ctx.fetch: timeout_ms must be a positive number of milliseconds, not ${String(timeout)}`);
     }
     const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body,
-      name: init.name ?? null, timeout_ms: timeout };
+      name: init.name == null ? null : String(init.name), timeout_ms: timeout };
     if (binary) args.binary = true;
     return args;
   }

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from flux.pg.cluster import free_port
 from flux.project import load_project
 from flux.runtime.executor import Execution, Executor, Invocation
 from flux.runtime import fetch, host
@@ -681,6 +682,25 @@ def test_a_refused_fetch_span_is_named_as_the_call_asked(tmp_path, stub: Stub):
     """}, f'[fetch]\nallow = ["{stub.host}"]\n')
     spans = run1(tmp_path, "out").spans
     assert [s["name"] for s in spans if s["kind"] == "client"] == ["stripe.create", "fetch 10.255.255.1:80"]
+
+
+def test_a_fetch_name_is_its_text_cut_to_a_span_names_length(tmp_path):
+    """A name of 1 MB was kept whole in every call's span and error (300 such calls held 300 MB),
+    and an object was named as Python writes a dict ("{'tool': 'x'}")."""
+    port = free_port()  # nothing listens there: each call fails at once, its error naming its span
+    write_project(tmp_path, {"named": f"""
+        export default async function (req, ctx) {{
+          const out = [];
+          for (const name of ["n".repeat(1000000), {{tool: "x"}}]) {{
+            try {{ await ctx.fetch("http://127.0.0.1:{port}/x", {{name}}); }} catch (e) {{ out.push(e.message.length); }}
+          }}
+          return {{status: 200, body: out}};
+        }}
+    """})
+    result = run1(tmp_path, "named")
+    reason = len(f": could not connect to 127.0.0.1:{port}: connection refused")
+    assert result.body == [1024 + reason, len("[object Object]") + reason]
+    assert [s["name"] for s in result.spans[1:]] == ["n" * 1024, "[object Object]"]
 
 
 def test_a_refused_fetch_names_its_host_as_the_url_spells_it(tmp_path, stub: Stub):

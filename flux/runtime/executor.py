@@ -94,6 +94,9 @@ MAX_TAPE_CHARS = 8 * 1024 * 1024
 # are counted on the function span (`flux.spans_dropped`), for the gateway's memory and trace queue.
 MAX_CLIENT_SPANS = 1000
 MAX_SPAN_TEXT = 64 * 1024  # of a span's db.statement or http.url; the tape has them whole, within MAX_TAPE_CHARS
+# Of a fetch's init.name, its span's name: the function's own text, held for every call and repeated
+# in its error (300 fetches named with a 1 MB string held 300 MB until the trace was written).
+MAX_FETCH_NAME = 1024
 # ctx.fetch calls of one request on the wire at once; the others wait their turn. The HTTP client's
 # connections (aiohttp's 100) serve every request, and each response is read whole into the
 # gateway's memory (up to 16 MB): one request with 100 fetches in flight held every connection
@@ -652,15 +655,17 @@ class _Run:
         entry = [seq, "fetch", event]
         self._on_tape(entry)
         policy = self.x.fetch_policy
-        span.name = str(args.get("name") or "fetch")  # until the URL names the tool
+        name = args.get("name") and as_text(str(args["name"]), MAX_FETCH_NAME, self.secret_forms)[0]
+        span.name = name or "fetch"  # until the URL names the tool
         try:
             host, hostport = policy.parse(url)
-            span.name = policy.span_name(url, host, hostport, args.get("name"))
+            span.name = policy.span_name(url, host, hostport, name)
             policy.check(host, hostport)
+            # A binary body crossed as one character per byte (prelude.js).
+            sent = None if body is None else body.encode("latin-1" if binary else "utf-8")
+            policy.check_request(url, method, args["headers"], len(sent or b""))
             timeout_ms = args.get("timeout_ms") or policy.config.timeout_ms
             try:
-                # A binary body crossed as one character per byte (prelude.js).
-                sent = None if body is None else body.encode("latin-1" if binary else "utf-8")
                 async with self.fetch_turns:  # its timeout counts from its turn
                     result = await self.x.transport.send(method, url, args["headers"], sent, timeout_ms / 1000)
             except TimeoutError:

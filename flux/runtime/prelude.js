@@ -539,10 +539,36 @@
         throw new TypeError("ctx.fetch: each of init.headers must be a [name, value] pair");
       }
       const name = String(pair[0]).toLowerCase();
-      const value = String(pair[1]);
+      const value = String(pair[1]).replace(HTTP_SPACE_AROUND, ""); // as fetch trims it (a secret's final newline)
       headers[name] = name in headers ? `${headers[name]}, ${value}` : value;
     }
     return headers;
+  }
+
+  const HTTP_SPACE_AROUND = /^[\t\n\r ]+|[\t\n\r ]+$/g;
+
+  // What a ctx.fetch call sends to the host, each part of `init` read once.
+  function fetchArgs(url, init) {
+    init = init || {};
+    const headers = headerList(init.headers);
+    const { body, binary } = requestBody(init.body, headers);
+    const timeout = init.timeout_ms ?? init.timeout ?? null;
+    if (timeout !== null && !(typeof timeout === "number" && timeout > 0 && timeout <= MAX_TIMER_MS)) {
+      throw new TypeError(`ctx.fetch: timeout_ms must be a positive number of milliseconds, not ${String(timeout)}`);
+    }
+    const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body,
+      name: init.name == null ? null : String(init.name), timeout_ms: timeout };
+    if (binary) args.binary = true;
+    return args;
+  }
+
+  // A CallPromise rejected with `reason`: reported as unhandled if nothing takes it up, as a call's
+  // is (rejected after it is made: a CallPromise rejected inside its executor is not tracked).
+  function rejectedCall(reason) {
+    let reject = null;
+    const promise = new CallPromise((_, rej) => { reject = rej; });
+    reject(reason);
+    return promise;
   }
 
   // fetch's body: a string is text/plain;charset=UTF-8, bytes (an ArrayBuffer or a view of one)
@@ -836,16 +862,12 @@
         },
       }),
       fetch(url, init) {
-        init = init || {};
-        const headers = headerList(init.headers);
-        const { body, binary } = requestBody(init.body, headers);
-        const timeout = init.timeout_ms ?? init.timeout ?? null;
-        if (timeout !== null && !(typeof timeout === "number" && timeout > 0 && timeout <= MAX_TIMER_MS)) {
-          throw new TypeError(`ctx.fetch: timeout_ms must be a positive number of milliseconds, not ${String(timeout)}`);
+        let args;
+        try {
+          args = fetchArgs(url, init);
+        } catch (e) {
+          return rejectedCall(e); // fetch rejects, never throws: `.catch` takes up a bad init (or its throwing getter) too
         }
-        const args = { url: String(url), method: String(init.method || "GET").toUpperCase(), headers, body,
-          name: init.name ?? null, timeout_ms: timeout };
-        if (binary) args.binary = true;
         const place = placeCall(bound);
         return hostCall("fetch", args, place[0], place[1]).then(makeResponse);
       },

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from flux.pg.cluster import free_port
 from flux.project import load_project
 from flux.runtime.executor import Execution, Executor, Invocation
 from flux.runtime import fetch, host
@@ -763,6 +764,25 @@ def test_a_refused_fetch_span_is_named_as_the_call_asked(tmp_path, stub: Stub):
     assert [s["name"] for s in spans if s["kind"] == "client"] == ["stripe.create", "fetch 10.255.255.1:80"]
 
 
+def test_a_fetch_name_is_its_text_cut_to_a_span_names_length(tmp_path):
+    """A name of 1 MB was kept whole in every call's span and error (300 such calls held 300 MB),
+    and an object was named as Python writes a dict ("{'tool': 'x'}")."""
+    port = free_port()  # nothing listens there: each call fails at once, its error naming its span
+    write_project(tmp_path, {"named": f"""
+        export default async function (req, ctx) {{
+          const out = [];
+          for (const name of ["n".repeat(1000000), {{tool: "x"}}]) {{
+            try {{ await ctx.fetch("http://127.0.0.1:{port}/x", {{name}}); }} catch (e) {{ out.push(e.message.length); }}
+          }}
+          return {{status: 200, body: out}};
+        }}
+    """})
+    result = run1(tmp_path, "named")
+    reason = len(f": could not connect to 127.0.0.1:{port}: connection refused")
+    assert result.body == [1024 + reason, len("[object Object]") + reason]
+    assert [s["name"] for s in result.spans[1:]] == ["n" * 1024, "[object Object]"]
+
+
 def test_a_refused_fetch_names_its_host_as_the_url_spells_it(tmp_path, stub: Stub):
     """A secret in the host is then the text redaction knows, not its lower-cased form."""
     write_project(tmp_path, {"out": """
@@ -920,6 +940,108 @@ def test_fetch_request_bodies_and_headers_are_sent_as_fetch_sends_them(tmp_path,
     assert sent == [(b"\x00\x01\xff", None, None), (b"\x00\x01\xff", None, "1, 2"),
                     ("héllo".encode(), "text/plain;charset=UTF-8", None), (b'{"a":1}', "application/json", None),
                     (b'{"a":1}', "application/vnd.x+json", None)]
+
+
+def fetch_outcomes(tmp_path: Path, stub: Stub, inits: str, toml: str = "") -> list[str]:
+    """What each ctx.fetch to the stub, with each init of the JS array `inits`, came to: "sent",
+    or the error's name and message."""
+    write_project(tmp_path, {"calls": f"""
+        export default async function (req, ctx) {{
+          const out = [];
+          for (const init of {inits}) {{
+            try {{ await ctx.fetch("{stub.url}/echo", init); out.push("sent"); }} catch (e) {{ out.push(e.name + ": " + e.message); }}
+          }}
+          return {{status: 200, body: out}};
+        }}
+    """}, toml)
+    return run1(tmp_path, "calls").body
+
+
+@pytest.mark.parametrize(("init", "said"), [
+    ('{headers: {"x-a": "v\\r\\nx-injected: 1"}}', "the value of header 'x-a' holds a NUL, CR or LF"),
+    ('{headers: {"x-a": "v\\u0000w"}}', "the value of header 'x-a' holds a NUL, CR or LF"),
+    ('{headers: {"transfer-encoding ": "chunked"}}', "'transfer-encoding ' is not a valid header name"),
+    ('{headers: [["", "v"]]}', "'' is not a valid header name"),
+    ('{method: "GET / HTTP/1.1\\r\\nX:"}', "'GET / HTTP/1.1\\r\\nX:' is not a valid HTTP method"),
+    ('{method: "CONNECT"}', "CONNECT is a method fetch refuses"),
+    ('{method: "POST", body: "abcdef", headers: {"content-length": "3"}}',
+     "the content-length header says '3', and the body is 6 bytes: leave it to ctx.fetch"),
+    ('{method: "POST", body: "abc", headers: {"content-length": "10"}}',
+     "the content-length header says '10', and the body is 3 bytes: leave it to ctx.fetch"),
+    ('{method: "POST", body: "0\\r\\n\\r\\nGET /admin HTTP/1.1\\r\\nhost: x\\r\\n\\r\\n", headers: {"transfer-encoding": "chunked"}}',
+     "the transfer-encoding header is the HTTP client's to set"),
+    ('{headers: {upgrade: "h2c"}}', "the upgrade header is the HTTP client's to set"),
+    ('{headers: {connection: "upgrade"}}', "the connection header can only be close or keep-alive"),
+], ids=["crlf-value", "nul-value", "name-with-space", "empty-name", "method-with-crlf", "connect", "content-length-short",
+        "content-length-long", "chunked-smuggling", "upgrade", "connection-upgrade"])
+def test_a_request_http_cannot_carry_as_written_is_a_type_error_and_nothing_is_sent(tmp_path, stub: Stub, init, said):
+    """aiohttp sent a header name with a space (`transfer-encoding : chunked`, which some servers
+    read as the framing header) and an empty one, cut the body to a content-length of the
+    function's or sent less than it said (the upstream then read the next call on that connection
+    as the rest), and sent transfer-encoding: chunked with the body unchunked: a request smuggled
+    onto a connection other tenants share. CR, LF and NUL it refused, as a FetchError."""
+    assert fetch_outcomes(tmp_path, stub, f"[{init}]") == [f"TypeError: ctx.fetch: {said}"]
+    assert stub.requests == []
+
+
+def test_a_fetch_with_a_bad_init_rejects_so_catch_takes_it_up_as_fetchs_does(tmp_path, stub: Stub):
+    """ctx.fetch threw at once: `ctx.fetch(...).catch(fallback)` did not catch it, and the request was a 500."""
+    write_project(tmp_path, {"bad": f"""
+        export default async function (req, ctx) {{
+          const fallback = (e) => e.name + ": " + e.message;
+          const timeout = await ctx.fetch("{stub.url}/ok", {{timeout_ms: -5}}).catch(fallback);
+          const getter = await ctx.fetch("{stub.url}/ok", {{get headers() {{ throw new RangeError("no headers"); }}}}).catch(fallback);
+          return {{status: 200, body: [timeout, getter]}};
+        }}
+    """})
+    result = run1(tmp_path, "bad")
+    assert result.body == ["TypeError: ctx.fetch: timeout_ms must be a positive number of milliseconds, not -5", "RangeError: no headers"]
+    assert stub.requests == []
+
+
+def test_a_bad_fetch_nothing_takes_up_is_logged_as_an_unhandled_rejection(tmp_path, stub: Stub):
+    write_project(tmp_path, {"bad": f"""
+        export default async function (req, ctx) {{
+          ctx.fetch("{stub.url}/ok", {{timeout_ms: "soon"}});
+          return {{status: 200}};
+        }}
+    """})
+    result = run1(tmp_path, "bad")
+    logged = [e["attributes"]["message"] for s in result.spans for e in s.get("events", []) if e["name"] == "log"]
+    assert result.status == 200
+    assert logged == ["Unhandled promise rejection: TypeError: ctx.fetch: timeout_ms must be a positive number of milliseconds, not soon"]
+
+
+def test_a_content_length_that_is_the_bodys_and_connection_close_are_sent(tmp_path, stub: Stub):
+    write_project(tmp_path, {"frame": f"""
+        export default async function (req, ctx) {{
+          await ctx.fetch("{stub.url}/echo", {{method: "POST", body: "héllo", headers: {{"content-length": "6", connection: "close"}}}});
+          return {{status: 200}};
+        }}
+    """})
+    assert run1(tmp_path, "frame").status == 200
+    assert [r["raw"] for r in stub.requests] == ["héllo".encode()]
+
+
+def test_a_host_header_is_held_to_the_allow_list_as_the_url_is(tmp_path, stub: Stub):
+    """The upstream serves the host the header names, when it serves several (a CDN, a proxy):
+    `host: admin.internal` on a call to an allowed address reached a host the list leaves out."""
+    inits = f"""[{{headers: {{host: "admin.internal"}}}}, {{headers: {{host: "{stub.host}"}}}}, {{headers: {{host: "API.example:443"}}}}]"""
+    assert fetch_outcomes(tmp_path, stub, inits, f'[fetch]\nallow = ["{stub.host}", "api.example:443"]\n') == [
+        "FetchNotAllowed: outbound calls to admin.internal:80 are not allowed: add it to [fetch] allow in flux.toml", "sent", "sent"]
+    assert [r["headers"]["host"] for r in stub.requests] == [stub.host, "API.example:443"]
+
+
+def test_a_header_value_loses_its_surrounding_whitespace_as_fetch_trims_it(tmp_path, stub: Stub):
+    """A secret read with its final newline: aiohttp refused the line break inside Flux."""
+    write_project(tmp_path, {"trim": f"""
+        export default async function (req, ctx) {{
+          await ctx.fetch("{stub.url}/echo", {{headers: {{authorization: " Bearer tok-1\\n"}}}});
+          return {{status: 200}};
+        }}
+    """})
+    assert run1(tmp_path, "trim").status == 200
+    assert stub.requests[0]["headers"]["authorization"] == "Bearer tok-1"
 
 
 def test_a_timer_longer_than_any_delay_waits_as_the_longest(tmp_path):

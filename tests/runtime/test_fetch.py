@@ -252,3 +252,156 @@ def test_a_url_with_credentials_is_refused_as_fetch_refuses_it(url):
         FetchPolicy(FetchConfig()).parse(url)
     assert refused.value.info["name"] == "TypeError" and "credentials" in refused.value.info["message"]
     assert "pw-9Kq" not in refused.value.info["message"]
+
+
+async def _calls_on_one_upstream(first: bytes, stray: bytes, paths: list[str]) -> tuple[list[bytes], int]:
+    """The bodies `paths`' calls get, one after another, from an upstream that answers the first
+    request with `first`, then sends `stray` unasked 50 ms later, and answers each later request
+    with the number of the connection it came on; and how many connections were made."""
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /first "):
+                    writer.write(first)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(stray)
+                else:
+                    writer.write(_response("200 OK", b"connection %d" % number))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    transport = AiohttpTransport()
+    try:
+        bodies = []
+        for path in paths:
+            bodies.append((await transport.send("GET", base + path, {}, None, 5.0)).body)
+            await asyncio.sleep(0.1)
+        return bodies, connections
+    finally:
+        await transport.aclose()
+        server.close()
+
+
+def test_an_answer_an_upstream_sends_unasked_never_reaches_the_next_call():
+    """aiohttp queued it on the pooled connection: the next call (another tenant's, even) got it
+    as its answer, and each call after that got the answer of the call before it."""
+    stray = _response("200 OK", b"tenant-a-charge")
+    bodies, connections = asyncio.run(_calls_on_one_upstream(_response("200 OK", b"first"), stray, ["/first", "/next", "/next"]))
+    assert bodies == [b"first", b"connection 2", b"connection 2"] and connections == 2
+
+
+def test_bytes_past_an_answers_content_length_close_its_connection():
+    first = _response("200 OK", b"abc")[:-3] + b"abc" + _response("200 OK", b"tenant-a-charge")
+    bodies, connections = asyncio.run(_calls_on_one_upstream(first, b"", ["/first", "/next"]))
+    assert bodies == [b"abc", b"connection 2"] and connections == 2
+
+
+def test_calls_one_after_another_share_one_kept_alive_connection():
+    bodies, connections = asyncio.run(_calls_on_one_upstream(b"", b"", ["/next", "/next", "/next"]))
+    assert bodies == [b"connection 1"] * 3 and connections == 1
+
+
+_OK = b"content-length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(("raw", "said"), [
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+     "the server's answer is not valid HTTP (Invalid character in chunk size)"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 5\r\n\r\nokxyz",
+     "the server's answer is not valid HTTP (Duplicate Content-Length)"),
+    (b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 100_000 + b"\r\n" + _OK,
+     "the server's answer is not valid HTTP (Got more than 8190 bytes when reading)"),
+    (b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(10_000)) + _OK,
+     "the server's answer is not valid HTTP (Too many headers received)"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n" + _OK, "the server's answer is not valid HTTP (Invalid header token)"),
+    (b"HTTP/1.1 1000 Weird\r\n" + _OK, "the server's answer is not valid HTTP (Bad status line)"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+     "the server's response body ended early (Not enough data to satisfy content length header (received 3 of 10 bytes))"),
+    (b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 5\r\n\r\nabcde",
+     "the server's response body did not decode (Can not decode content-encoding: gzip)"),
+], ids=["chunk-size", "content-lengths", "100-kb-header", "10000-headers", "no-colon", "status-1000", "short-body", "bad-gzip"])
+def test_an_answer_that_is_not_http_raises_os_error_saying_what_is_wrong_in_one_line(raw, said):
+    """aiohttp's text read "ClientResponseError: 400, message=..." (a status nobody sent), with the
+    URL, and the bytes it quoted under a caret on lines of their own."""
+    assert asyncio.run(_failure_of(raw)) == said
+
+
+@pytest.mark.parametrize("status", [b"099", b"600", b"999", b"101"])
+def test_a_status_out_of_http_range_or_a_protocol_switch_raises_os_error(status):
+    """They reached the function as a Response (a 101's connection switched to a protocol it cannot speak)."""
+    said = asyncio.run(_failure_of(b"HTTP/1.1 " + status + b" Odd\r\nupgrade: x\r\nconnection: upgrade\r\n" + _OK))
+    assert said == f"the server's answer is not valid HTTP for fetch (status {int(status)})"
+
+
+async def _failure_of(raw: bytes) -> str:
+    """The text of the OSError a call raises when the upstream answers `raw` and closes."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        return await _failure(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+    finally:
+        server.close()
+
+
+def test_a_host_that_never_answers_leaves_connections_for_calls_to_other_hosts():
+    """Its calls held all 100 connections until their timeouts: a call to a healthy host (another
+    tenant's) waited for one and timed out."""
+    async def main() -> int:
+        hung = await asyncio.start_server(lambda reader, writer: asyncio.sleep(30), "127.0.0.1", 0)
+        healthy, base = await _server(_echo)
+        transport = AiohttpTransport()
+        stuck = [asyncio.create_task(transport.send("GET", f"http://127.0.0.1:{hung.sockets[0].getsockname()[1]}/", {}, None, 30.0))
+                 for _ in range(110)]
+        try:
+            await asyncio.sleep(0.3)
+            return (await transport.send("GET", base + "/echo", {}, None, 2.0)).status
+        finally:
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
+            await transport.aclose()
+            hung.close()
+            healthy.close()
+
+    assert asyncio.run(main()) == 201
+
+
+@pytest.mark.parametrize(("entry", "url"), [
+    ("bücher.example", "http://xn--bcher-kva.example/v1"),  # what new URL("http://bücher.example/v1") gives
+    ("xn--bcher-kva.example", "http://BÜCHER.example/v1"),
+    ("bücher.example:8080", "http://Bücher.example:8080/v1"),
+    ("[::ffff:127.0.0.1]:80", "http://[::FFFF:7f00:1]/v1"),
+], ids=["unicode-entry", "punycode-entry", "mixed-case", "ipv6-forms"])
+def test_a_host_matches_its_allow_entry_as_the_http_client_connects_to_it(entry, url):
+    """An entry written in Unicode refused every call made with a URL object, which gives punycode."""
+    policy = FetchPolicy(FetchConfig(allow=(entry,)))
+    policy.check(*policy.parse(url))  # allowed: no error
+
+
+@pytest.mark.parametrize(("entry", "url"), [
+    ("faß.de", "http://fass.de/"),  # IDNA 2003 made them one name; the HTTP client does not
+    ("api.example", "http://api.example.evil/"),
+    ("api.example", "http://api.example./"),
+    ("api.example:443", "http://api.example/"),
+    ("127.0.0.1", "http://2130706433/"),
+    ("127.0.0.1:4010", "http://user@127.0.0.1:4010/"),
+], ids=["eszett", "suffix", "trailing-dot", "default-port", "decimal-ip", "userinfo"])
+def test_a_host_the_allow_list_does_not_name_is_refused_however_it_is_written(entry, url):
+    policy = FetchPolicy(FetchConfig(allow=(entry,)))
+    with pytest.raises(HostCallError):
+        policy.check(*policy.parse(url))

@@ -343,19 +343,12 @@ async def _watch(gateway: Gateway, shutdown: asyncio.Event, interval: float = 0.
     while not shutdown.is_set():
         await asyncio.sleep(interval)
         try:
-            current = fingerprint(root)
-            if current == seen:
+            change = await _read_change(root, seen, quiet)
+            if change is None:
                 continue
-            current = await _settled(root, current, quiet)
-            try:
-                project = await asyncio.to_thread(load_project, root)  # git and the files: off the loop
-            except Exception as exc:  # noqa: BLE001 -- reported below, unless it read a change part-way
-                project, failed = None, exc
-            if fingerprint(root) != current:  # changed while read: perhaps a mix; the next poll reads it again
-                continue
-            seen = current
-            if project is None:
-                raise failed
+            seen, project = change
+            if isinstance(project, Exception):
+                raise project
             previous = gateway.project.retention
             errors = await _reload(gateway, project, root, seen, interval, quiet)
         except ConfigError as exc:
@@ -383,21 +376,32 @@ async def _reload(gateway: Gateway, project: Project, root: Path, seen: tuple, i
     reloading = asyncio.ensure_future(gateway.reload(project))
     try:
         while not (await asyncio.wait({reloading}, timeout=interval))[0]:
-            current = fingerprint(root)
-            if current == seen:
-                continue
-            current = await _settled(root, current, quiet)
-            try:
-                newer = await asyncio.to_thread(load_project, root)
-            except Exception:  # noqa: BLE001 -- revokes nothing; said when the watcher reads it for its reload
-                continue
-            if fingerprint(root) == current:
+            change = await _read_change(root, seen, quiet)
+            # One that does not load revokes nothing; the watcher says why when it reads it for its reload.
+            if change is not None and not isinstance(change[1], Exception):
+                seen, newer = change
                 gateway.expect(newer)
-                seen = current
     except asyncio.CancelledError:
         reloading.cancel()
         raise
     return reloading.result()
+
+
+async def _read_change(root: Path, seen: tuple, quiet: float) -> tuple[tuple, Project | Exception] | None:
+    """The files of `root` read, once settled, if they changed since `seen`: (their fingerprint, the
+    project or the error loading it). None when nothing changed, or when they changed while read (a
+    mix, perhaps: the next poll reads them again)."""
+    current = fingerprint(root)
+    if current == seen:
+        return None
+    current = await _settled(root, current, quiet)
+    try:
+        read: Project | Exception = await asyncio.to_thread(load_project, root)  # git and the files: off the loop
+    except Exception as exc:  # noqa: BLE001 -- the caller's to report, unless it read a change part-way
+        read = exc
+    if fingerprint(root) != current:
+        return None
+    return current, read
 
 
 async def _settled(root: Path, current: tuple, quiet: float) -> tuple:
